@@ -1,0 +1,28 @@
+//! dsv3-engine: exact DeepSeek-V3 inference on CPU from the official checkpoint format.
+//!
+//! Library API: load a model directory ([`Engine::load`]), run batched steps over a paged
+//! latent KV cache ([`Model::forward`]), or generate ([`Engine::generate`]). Routed experts sit
+//! behind [`ExpertExecutor`], so the same model serves in one process or split across workers.
+
+pub mod checkpoint;
+pub mod config;
+pub mod engine;
+pub mod fp8;
+pub mod kv_cache;
+pub mod linear;
+pub mod mla;
+pub mod model;
+pub mod moe;
+pub mod ops;
+pub mod rope;
+pub mod sampling;
+pub mod synthetic;
+
+pub use checkpoint::{Checkpoint, ModelFiles};
+pub use config::ModelConfig;
+pub use engine::{Engine, EngineOptions, FinishReason, GenerateOutput, GenerateRequest, LoadProgress};
+pub use kv_cache::{KvCache, SeqId};
+pub use mla::MlaForm;
+pub use model::{Chunk, ChunkOutput, Model, Outputs, StepOptions, Trace};
+pub use moe::{ExpertExecutor, ExpertSelection, LocalExperts, TokenRoutes};
+pub use sampling::{SamplingParams, Sampler};
