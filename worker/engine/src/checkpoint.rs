@@ -41,8 +41,7 @@ impl ModelFiles {
                 if !path.is_file() {
                     return Ok(None);
                 }
-                let file = std::fs::File::open(&path)
-                    .with_context(|| format!("cannot open {}", path.display()))?;
+                let file = std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
                 // SAFETY: the checkpoint is treated as read-only; a file truncated or rewritten while
                 // mapped is outside what any mmap-based loader can defend against.
                 let map = unsafe { memmap2::Mmap::map(&file) }
@@ -103,7 +102,13 @@ impl TensorRef {
             );
         }
         if self.shape != shape {
-            bail!("tensor `{}` in {} has shape {:?}, expected {:?}", self.name, self.file, self.shape, shape);
+            bail!(
+                "tensor `{}` in {} has shape {:?}, expected {:?}",
+                self.name,
+                self.file,
+                self.shape,
+                shape
+            );
         }
         Ok(())
     }
@@ -164,8 +169,9 @@ impl Checkpoint {
             let bytes = files
                 .open(&file)?
                 .with_context(|| format!("shard {file} named by the index is missing from {source}"))?;
-            let (header_len, metadata) = SafeTensors::read_metadata((*bytes).as_ref())
-                .map_err(|e| anyhow::anyhow!("{source}/{file} is not a valid safetensors file (truncated or corrupt?): {e:?}"))?;
+            let (header_len, metadata) = SafeTensors::read_metadata((*bytes).as_ref()).map_err(|e| {
+                anyhow::anyhow!("{source}/{file} is not a valid safetensors file (truncated or corrupt?): {e:?}")
+            })?;
             let tensors: HashMap<String, safetensors::tensor::TensorInfo> = metadata
                 .tensors()
                 .into_iter()
@@ -174,9 +180,18 @@ impl Checkpoint {
             for name in tensors.keys() {
                 location.insert(name.clone(), shards.len());
             }
-            shards.push(Shard { file, bytes, data_start: 8 + header_len, tensors });
+            shards.push(Shard {
+                file,
+                bytes,
+                data_start: 8 + header_len,
+                tensors,
+            });
         }
-        Ok(Checkpoint { source, shards, location })
+        Ok(Checkpoint {
+            source,
+            shards,
+            location,
+        })
     }
 
     pub fn source(&self) -> &str {

@@ -127,16 +127,14 @@ impl<'a> Keys<'a> {
 
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read model config {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read model config {}", path.display()))?;
         Self::from_json_str(&text).with_context(|| format!("in {}", path.display()))
     }
 
     pub fn from_json_str(text: &str) -> Result<Self> {
         let value: Value = serde_json::from_str(text).context("config.json is not valid JSON")?;
-        let map = value
-            .as_object()
-            .context("config.json must hold a JSON object")?;
+        let map = value.as_object().context("config.json must hold a JSON object")?;
         Self::from_map(map)
     }
 
@@ -229,11 +227,14 @@ impl ModelConfig {
                 bail!("config.json: `{key}` must be positive");
             }
         }
-        if self.qk_rope_head_dim % 2 != 0 {
-            bail!("config.json: `qk_rope_head_dim` must be even (rotary pairs), got {}", self.qk_rope_head_dim);
+        if !self.qk_rope_head_dim.is_multiple_of(2) {
+            bail!(
+                "config.json: `qk_rope_head_dim` must be even (rotary pairs), got {}",
+                self.qk_rope_head_dim
+            );
         }
         if self.n_routed_experts > 0 {
-            if self.n_routed_experts % self.n_group != 0 {
+            if !self.n_routed_experts.is_multiple_of(self.n_group) {
                 bail!(
                     "config.json: `n_routed_experts` ({}) must be a multiple of `n_group` ({})",
                     self.n_routed_experts,
@@ -241,7 +242,11 @@ impl ModelConfig {
                 );
             }
             if self.topk_group == 0 || self.topk_group > self.n_group {
-                bail!("config.json: `topk_group` ({}) must be in 1..=n_group ({})", self.topk_group, self.n_group);
+                bail!(
+                    "config.json: `topk_group` ({}) must be in 1..=n_group ({})",
+                    self.topk_group,
+                    self.n_group
+                );
             }
             let per_group = self.n_routed_experts / self.n_group;
             if self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.topk_group * per_group {
@@ -273,9 +278,7 @@ impl ModelConfig {
     }
 
     pub fn is_moe_layer(&self, layer: usize) -> bool {
-        self.n_routed_experts > 0
-            && layer >= self.first_k_dense_replace
-            && layer % self.moe_layer_freq == 0
+        self.n_routed_experts > 0 && layer >= self.first_k_dense_replace && layer.is_multiple_of(self.moe_layer_freq)
     }
 
     /// Layers that hold attention (and so a KV cache): the main stack plus the MTP modules.
@@ -353,7 +356,11 @@ fn parse_quantization(k: &Keys) -> Result<Option<Fp8Quantization>> {
         None => vec![128, 128],
         Some(v) => v
             .as_array()
-            .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect::<Option<Vec<_>>>())
+            .and_then(|a| {
+                a.iter()
+                    .map(|x| x.as_u64().map(|x| x as usize))
+                    .collect::<Option<Vec<_>>>()
+            })
             .filter(|b| b.len() == 2 && b.iter().all(|&x| x > 0))
             .context("config.json: `quantization_config.weight_block_size` must be two positive integers")?,
     };

@@ -24,7 +24,13 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { cache_tokens: 8192, block_size: 16, max_step_tokens: 512, mla: MlaForm::Auto, experts: ExpertSelection::All }
+        EngineOptions {
+            cache_tokens: 8192,
+            block_size: 16,
+            max_step_tokens: 512,
+            mla: MlaForm::Auto,
+            experts: ExpertSelection::All,
+        }
     }
 }
 
@@ -88,19 +94,38 @@ impl Engine {
         let config_text = files
             .read_string("config.json")?
             .with_context(|| format!("{} has no config.json", files.describe()))?;
-        let config = ModelConfig::from_json_str(&config_text).with_context(|| format!("in {}/config.json", files.describe()))?;
+        let config =
+            ModelConfig::from_json_str(&config_text).with_context(|| format!("in {}/config.json", files.describe()))?;
         let ckpt = Checkpoint::open(files)?;
-        let moe_layers = (0..config.num_cache_layers()).filter(|&l| config.is_moe_layer(l) || l >= config.num_hidden_layers).count();
+        let moe_layers = (0..config.num_cache_layers())
+            .filter(|&l| config.is_moe_layer(l) || l >= config.num_hidden_layers)
+            .count();
         let total = config.num_cache_layers() + moe_layers;
         let mut done = 0;
         let mut tick = |stage: &'static str| {
             done += 1;
-            progress(LoadProgress { stage, done, total, elapsed_s: started.elapsed().as_secs_f64() });
+            progress(LoadProgress {
+                stage,
+                done,
+                total,
+                elapsed_s: started.elapsed().as_secs_f64(),
+            });
         };
         let model = Model::from_checkpoint(config.clone(), &ckpt, &mut |_| tick("layers"))?;
         let experts = LocalExperts::load(&ckpt, &config, &options.experts, |_| tick("experts"))?;
-        let cache = KvCache::new(&config, options.block_size, options.cache_tokens.div_ceil(options.block_size).max(1));
-        Ok(Engine { model, experts, cache, options, vocab_limit: None, next_seq: 1 })
+        let cache = KvCache::new(
+            &config,
+            options.block_size,
+            options.cache_tokens.div_ceil(options.block_size).max(1),
+        );
+        Ok(Engine {
+            model,
+            experts,
+            cache,
+            options,
+            vocab_limit: None,
+            next_seq: 1,
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -108,20 +133,27 @@ impl Engine {
     }
 
     pub fn step_options(&self) -> StepOptions {
-        StepOptions { mla: self.options.mla, trace: false }
+        StepOptions {
+            mla: self.options.mla,
+            trace: false,
+        }
     }
 
-    /// Bytes of weights one decode step reads at batch 1 (attention side + top-k routed experts
-    /// of each MoE layer, assuming average-size experts).
-    pub fn decode_weight_bytes(&self) -> usize {
-        let cfg = self.config();
-        let per_expert = self.experts.weight_bytes() / (cfg.n_routed_experts.max(1) * self.moe_layer_count().max(1));
-        self.model.weight_bytes() + per_expert * cfg.num_experts_per_tok * cfg.num_hidden_layers.saturating_sub(cfg.first_k_dense_replace)
-    }
-
-    fn moe_layer_count(&self) -> usize {
-        let cfg = self.config();
-        (0..cfg.num_cache_layers()).filter(|&l| cfg.is_moe_layer(l) || l >= cfg.num_hidden_layers).count()
+    /// Bytes of weights a step reads: everything but the routed experts, plus each routed expert
+    /// that `routes` (per MoE layer) touched once.
+    pub fn step_weight_bytes(&self, routes: &std::collections::BTreeMap<usize, crate::moe::TokenRoutes>) -> usize {
+        let experts: usize = routes
+            .iter()
+            .map(|(&layer, r)| {
+                let distinct: std::collections::BTreeSet<u32> = r.experts.iter().copied().collect();
+                distinct
+                    .iter()
+                    .filter_map(|&e| self.experts.expert(layer, e))
+                    .map(|m| m.weight_bytes())
+                    .sum::<usize>()
+            })
+            .sum();
+        self.model.weight_bytes() + experts
     }
 
     fn new_seq(&mut self) -> SeqId {
@@ -143,10 +175,17 @@ impl Engine {
                 bail!("request {i}: {e}");
             }
             if r.prompt.len() > cfg.max_position_embeddings {
-                bail!("request {i}: prompt of {} tokens exceeds the context of {}", r.prompt.len(), cfg.max_position_embeddings);
+                bail!(
+                    "request {i}: prompt of {} tokens exceeds the context of {}",
+                    r.prompt.len(),
+                    cfg.max_position_embeddings
+                );
             }
             if let Some(&bad) = r.prompt.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-                bail!("request {i}: token id {bad} is outside the vocabulary (size {})", cfg.vocab_size);
+                bail!(
+                    "request {i}: token id {bad} is outside the vocabulary (size {})",
+                    cfg.vocab_size
+                );
             }
         }
         let mut outputs: Vec<Option<GenerateOutput>> = vec![None; requests.len()];
@@ -156,7 +195,11 @@ impl Engine {
         while !waiting.is_empty() || !active.is_empty() {
             self.admit(requests, &mut waiting, &mut active)?;
             if active.is_empty() {
-                bail!("the KV cache ({} positions) cannot hold request {}", self.options.cache_tokens, waiting[0]);
+                bail!(
+                    "the KV cache ({} positions) cannot hold request {}",
+                    self.options.cache_tokens,
+                    waiting[0]
+                );
             }
             let mut budget = self.options.max_step_tokens.max(1);
             let mut chunk_tokens: Vec<(usize, Vec<u32>, usize, Outputs)> = Vec::new();
@@ -166,7 +209,11 @@ impl Engine {
                 }
                 if a.cached < a.prompt.len() {
                     let n = (a.prompt.len() - a.cached).min(budget);
-                    let outputs = if a.cached + n == a.prompt.len() { Outputs::Last } else { Outputs::None };
+                    let outputs = if a.cached + n == a.prompt.len() {
+                        Outputs::Last
+                    } else {
+                        Outputs::None
+                    };
                     chunk_tokens.push((a_index, a.prompt[a.cached..a.cached + n].to_vec(), a.cached, outputs));
                     budget -= n;
                 } else {
@@ -196,7 +243,8 @@ impl Engine {
                 let token = a.sampler.sample(&result.logits);
                 a.generated.push(token);
                 let params = a.sampler.params();
-                if params.stop_token_ids.contains(&token) || (!params.ignore_eos && cfg.eos_token_ids.contains(&token)) {
+                if params.stop_token_ids.contains(&token) || (!params.ignore_eos && cfg.eos_token_ids.contains(&token))
+                {
                     a.finish = Some(FinishReason::Stop);
                 } else if a.generated.len() >= params.max_tokens {
                     a.finish = Some(FinishReason::Length);
@@ -218,7 +266,12 @@ impl Engine {
         Ok(outputs)
     }
 
-    fn admit(&mut self, requests: &[GenerateRequest], waiting: &mut std::collections::VecDeque<usize>, active: &mut Vec<Active>) -> Result<()> {
+    fn admit(
+        &mut self,
+        requests: &[GenerateRequest],
+        waiting: &mut std::collections::VecDeque<usize>,
+        active: &mut Vec<Active>,
+    ) -> Result<()> {
         let block = self.cache.block_size();
         let mut reserved: usize = active
             .iter()
@@ -232,7 +285,10 @@ impl Engine {
                 break;
             }
             if need > self.cache.total_blocks() {
-                bail!("request {next} needs {worst} cache positions, the cache holds {}", self.cache.total_blocks() * block);
+                bail!(
+                    "request {next} needs {worst} cache positions, the cache holds {}",
+                    self.cache.total_blocks() * block
+                );
             }
             waiting.pop_front();
             reserved += need;

@@ -112,7 +112,11 @@ mod tests {
                     best_err = err;
                 }
             }
-            assert_eq!(E4M3_TO_F32[encode_e4m3(x) as usize], E4M3_TO_F32[best as usize], "value {x}");
+            assert_eq!(
+                E4M3_TO_F32[encode_e4m3(x) as usize],
+                E4M3_TO_F32[best as usize],
+                "value {x}"
+            );
             x += 0.013_7;
         }
     }

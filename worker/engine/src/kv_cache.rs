@@ -99,11 +99,18 @@ impl KvCache {
     /// Makes room for positions `0..positions` of `seq`, creating the sequence if new.
     pub fn reserve(&mut self, seq: SeqId, positions: usize) -> Result<(), CacheError> {
         if positions > self.max_positions {
-            return Err(CacheError::TooLong { seq, position: positions - 1, max: self.max_positions });
+            return Err(CacheError::TooLong {
+                seq,
+                position: positions - 1,
+                max: self.max_positions,
+            });
         }
         let needed = self.blocks_needed(seq, positions);
         if needed > self.free.len() {
-            return Err(CacheError::Full { needed, free: self.free.len() });
+            return Err(CacheError::Full {
+                needed,
+                free: self.free.len(),
+            });
         }
         let entry = self.seqs.entry(seq).or_default();
         for _ in 0..needed {
@@ -116,7 +123,11 @@ impl KvCache {
     pub fn begin_chunk(&mut self, seq: SeqId, start: usize, len: usize) -> Result<(), CacheError> {
         let cached = self.seqs.get(&seq).map_or(0, |s| s.len);
         if start > cached {
-            return Err(CacheError::Gap { seq, start, len: cached });
+            return Err(CacheError::Gap {
+                seq,
+                start,
+                len: cached,
+            });
         }
         self.reserve(seq, start + len)?;
         let entry = self.seqs.get_mut(&seq).expect("reserved above");
@@ -149,10 +160,11 @@ impl KvCache {
 
     pub fn write(&mut self, layer: usize, seq: SeqId, position: usize, row: &[f32]) -> Result<(), CacheError> {
         let entry = self.seqs.get(&seq).ok_or(CacheError::UnknownSequence(seq))?;
-        let block = *entry
-            .blocks
-            .get(position / self.block_size)
-            .ok_or(CacheError::Gap { seq, start: position, len: entry.len })?;
+        let block = *entry.blocks.get(position / self.block_size).ok_or(CacheError::Gap {
+            seq,
+            start: position,
+            len: entry.len,
+        })?;
         let at = self.offset(layer, block, position % self.block_size);
         self.data[at..at + self.width].copy_from_slice(row);
         Ok(())
@@ -162,7 +174,11 @@ impl KvCache {
     pub fn gather(&self, layer: usize, seq: SeqId, len: usize, out: &mut Vec<f32>) -> Result<(), CacheError> {
         let entry = self.seqs.get(&seq).ok_or(CacheError::UnknownSequence(seq))?;
         if len.div_ceil(self.block_size) > entry.blocks.len() {
-            return Err(CacheError::Gap { seq, start: len, len: entry.len });
+            return Err(CacheError::Gap {
+                seq,
+                start: len,
+                len: entry.len,
+            });
         }
         out.clear();
         out.reserve(len * self.width);
@@ -208,7 +224,14 @@ mod tests {
         cache.gather(1, 1, 5, &mut rows).expect("gather");
         assert_eq!(rows.len(), 20);
         assert_eq!(rows[16..], [4.0; 4]);
-        assert_eq!(cache.begin_chunk(1, 7, 1), Err(CacheError::Gap { seq: 1, start: 7, len: 5 }));
+        assert_eq!(
+            cache.begin_chunk(1, 7, 1),
+            Err(CacheError::Gap {
+                seq: 1,
+                start: 7,
+                len: 5
+            })
+        );
         cache.truncate(1, 3);
         assert_eq!(cache.used_blocks(), 1);
         cache.free_sequence(1);

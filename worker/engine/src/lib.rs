@@ -25,4 +25,4 @@ pub use kv_cache::{KvCache, SeqId};
 pub use mla::MlaForm;
 pub use model::{Chunk, ChunkOutput, Model, Outputs, StepOptions, Trace};
 pub use moe::{ExpertExecutor, ExpertSelection, LocalExperts, TokenRoutes};
-pub use sampling::{SamplingParams, Sampler};
+pub use sampling::{Sampler, SamplingParams};

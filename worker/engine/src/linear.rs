@@ -13,7 +13,12 @@ use safetensors::Dtype;
 enum Format {
     F32,
     Bf16,
-    Fp8 { scales: Vec<f32>, scale_cols: usize, block_rows: usize, block_cols: usize },
+    Fp8 {
+        scales: Vec<f32>,
+        scale_cols: usize,
+        block_rows: usize,
+        block_cols: usize,
+    },
 }
 
 /// A `[rows, cols]` weight (PyTorch `[out, in]` convention): `y = x · Wᵀ`.
@@ -32,7 +37,13 @@ const SMALL_BATCH: usize = 4;
 impl Matrix {
     /// Loads `name` with shape `[rows, cols]`. FP8 weights need their `name_scale_inv` companion
     /// with shape `[ceil(rows/br), ceil(cols/bc)]`.
-    pub fn load(ckpt: &Checkpoint, name: &str, rows: usize, cols: usize, quant: Option<&Fp8Quantization>) -> Result<Self> {
+    pub fn load(
+        ckpt: &Checkpoint,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        quant: Option<&Fp8Quantization>,
+    ) -> Result<Self> {
         let tensor = ckpt.get(name)?;
         tensor.expect(&[Dtype::F32, Dtype::BF16, Dtype::F8_E4M3], &[rows, cols])?;
         let format = match tensor.dtype {
@@ -41,21 +52,34 @@ impl Matrix {
             Dtype::F8_E4M3 => {
                 let (block_rows, block_cols) = quant.map(|q| (q.block_rows, q.block_cols)).unwrap_or((128, 128));
                 let scale_name = format!("{name}_scale_inv");
-                let scale = ckpt.get(&scale_name).map_err(|e| {
-                    anyhow::anyhow!("FP8 tensor `{name}` in {} needs its scale: {e}", tensor.file)
-                })?;
+                let scale = ckpt
+                    .get(&scale_name)
+                    .map_err(|e| anyhow::anyhow!("FP8 tensor `{name}` in {} needs its scale: {e}", tensor.file))?;
                 let scale_rows = rows.div_ceil(block_rows);
                 let scale_cols = cols.div_ceil(block_cols);
                 scale.expect(&[Dtype::F32, Dtype::BF16], &[scale_rows, scale_cols])?;
                 let scales = scale.to_f32_vec()?;
                 if let Some(bad) = scales.iter().position(|s| !s.is_finite()) {
-                    bail!("tensor `{scale_name}` in {} has a non-finite scale at index {bad}", scale.file);
+                    bail!(
+                        "tensor `{scale_name}` in {} has a non-finite scale at index {bad}",
+                        scale.file
+                    );
                 }
-                Format::Fp8 { scales, scale_cols, block_rows, block_cols }
+                Format::Fp8 {
+                    scales,
+                    scale_cols,
+                    block_rows,
+                    block_cols,
+                }
             }
             _ => unreachable!("dtype checked above"),
         };
-        Ok(Matrix { rows, cols, tensor, format })
+        Ok(Matrix {
+            rows,
+            cols,
+            tensor,
+            format,
+        })
     }
 
     /// Bytes of weight data (and scales) read by one full product.
@@ -88,7 +112,12 @@ impl Matrix {
                     *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
                 }
             }
-            Format::Fp8 { scales, scale_cols, block_rows, block_cols } => {
+            Format::Fp8 {
+                scales,
+                scale_cols,
+                block_rows,
+                block_cols,
+            } => {
                 let bytes = &data[r * cols..(r + 1) * cols];
                 let scale_row = &scales[(r / block_rows) * scale_cols..(r / block_rows + 1) * scale_cols];
                 for ((o, q), s) in out

@@ -73,11 +73,23 @@ impl Mla {
                 norm: load_norm(ckpt, &format!("{prefix}.q_a_layernorm.weight"), rank)?,
                 b: Matrix::load(ckpt, &format!("{prefix}.q_b_proj.weight"), heads * qk, rank, q)?,
             },
-            None => QueryProj::Full(Matrix::load(ckpt, &format!("{prefix}.q_proj.weight"), heads * qk, h, q)?),
+            None => QueryProj::Full(Matrix::load(
+                ckpt,
+                &format!("{prefix}.q_proj.weight"),
+                heads * qk,
+                h,
+                q,
+            )?),
         };
         Ok(Mla {
             query,
-            kv_a: Matrix::load(ckpt, &format!("{prefix}.kv_a_proj_with_mqa.weight"), lora + config.qk_rope_head_dim, h, q)?,
+            kv_a: Matrix::load(
+                ckpt,
+                &format!("{prefix}.kv_a_proj_with_mqa.weight"),
+                lora + config.qk_rope_head_dim,
+                h,
+                q,
+            )?,
             kv_norm: load_norm(ckpt, &format!("{prefix}.kv_a_layernorm.weight"), lora)?,
             kv_b: Matrix::load(
                 ckpt,
@@ -86,7 +98,13 @@ impl Mla {
                 lora,
                 q,
             )?,
-            o: Matrix::load(ckpt, &format!("{prefix}.o_proj.weight"), h, heads * config.v_head_dim, q)?,
+            o: Matrix::load(
+                ckpt,
+                &format!("{prefix}.o_proj.weight"),
+                h,
+                heads * config.v_head_dim,
+                q,
+            )?,
             heads,
             nope: config.qk_nope_head_dim,
             rope: config.qk_rope_head_dim,
@@ -191,21 +209,63 @@ impl Mla {
 
     /// Expands K/V for every cached position, then ordinary attention per head.
     #[allow(clippy::too_many_arguments)]
-    fn attend_naive(&self, q: &[f32], n: usize, start: usize, latents: &[f32], total: usize, kv_b: &[f32], par: bool) -> Vec<f32> {
+    fn attend_naive(
+        &self,
+        q: &[f32],
+        n: usize,
+        start: usize,
+        latents: &[f32],
+        total: usize,
+        kv_b: &[f32],
+        par: bool,
+    ) -> Vec<f32> {
         let (heads, nope, rope, v, lora) = (self.heads, self.nope, self.rope, self.v, self.lora);
         let qk = nope + rope;
         let width = lora + rope;
         let per_head = nope + v;
         // kvb[s, h*(nope+v) + j] = c_kv[s] · kv_b[h*(nope+v) + j]
         let mut kvb = vec![0.0f32; total * heads * per_head];
-        gemm_strided(total, heads * per_head, lora, &mut kvb, (heads * per_head, 1), latents, (width, 1), kv_b, (1, lora), par);
+        gemm_strided(
+            total,
+            heads * per_head,
+            lora,
+            &mut kvb,
+            (heads * per_head, 1),
+            latents,
+            (width, 1),
+            kv_b,
+            (1, lora),
+            par,
+        );
         let mut scores = vec![0.0f32; n * heads * total];
         for h in 0..heads {
             // scores[i, h, s] = q_nope_h[i] · k_nope_h[s] + q_pe_h[i] · k_pe[s]
             let out = &mut scores[h * total..];
-            gemm_strided(n, total, nope, out, (heads * total, 1), &q[h * qk..], (heads * qk, 1), &kvb[h * per_head..], (1, heads * per_head), par);
+            gemm_strided(
+                n,
+                total,
+                nope,
+                out,
+                (heads * total, 1),
+                &q[h * qk..],
+                (heads * qk, 1),
+                &kvb[h * per_head..],
+                (1, heads * per_head),
+                par,
+            );
             let mut pe = vec![0.0f32; n * total];
-            gemm_strided(n, total, rope, &mut pe, (total, 1), &q[h * qk + nope..], (heads * qk, 1), &latents[lora..], (1, width), par);
+            gemm_strided(
+                n,
+                total,
+                rope,
+                &mut pe,
+                (total, 1),
+                &q[h * qk + nope..],
+                (heads * qk, 1),
+                &latents[lora..],
+                (1, width),
+                par,
+            );
             for i in 0..n {
                 let row = &mut scores[(i * heads + h) * total..(i * heads + h + 1) * total];
                 for (s, p) in row.iter_mut().zip(&pe[i * total..(i + 1) * total]) {
@@ -216,14 +276,34 @@ impl Mla {
         self.causal_softmax(&mut scores, n, start, total);
         let mut out = vec![0.0f32; n * heads * v];
         for h in 0..heads {
-            gemm_strided(n, v, total, &mut out[h * v..], (heads * v, 1), &scores[h * total..], (heads * total, 1), &kvb[h * per_head + nope..], (heads * per_head, 1), par);
+            gemm_strided(
+                n,
+                v,
+                total,
+                &mut out[h * v..],
+                (heads * v, 1),
+                &scores[h * total..],
+                (heads * total, 1),
+                &kvb[h * per_head + nope..],
+                (heads * per_head, 1),
+                par,
+            );
         }
         out
     }
 
     /// Attends over the latent rows directly: MQA with one 576-wide key and 512-wide value.
     #[allow(clippy::too_many_arguments)]
-    fn attend_absorbed(&self, q: &[f32], n: usize, start: usize, latents: &[f32], total: usize, kv_b: &[f32], par: bool) -> Vec<f32> {
+    fn attend_absorbed(
+        &self,
+        q: &[f32],
+        n: usize,
+        start: usize,
+        latents: &[f32],
+        total: usize,
+        kv_b: &[f32],
+        par: bool,
+    ) -> Vec<f32> {
         let (heads, nope, rope, v, lora) = (self.heads, self.nope, self.rope, self.v, self.lora);
         let qk = nope + rope;
         let width = lora + rope;
@@ -231,7 +311,18 @@ impl Mla {
         // q_abs[i, h] = [W_UK^hᵀ q_nope_h[i] ; q_pe_h[i]]
         let mut q_abs = vec![0.0f32; n * heads * width];
         for h in 0..heads {
-            gemm_strided(n, lora, nope, &mut q_abs[h * width..], (heads * width, 1), &q[h * qk..], (heads * qk, 1), &kv_b[h * per_head * lora..], (lora, 1), par);
+            gemm_strided(
+                n,
+                lora,
+                nope,
+                &mut q_abs[h * width..],
+                (heads * width, 1),
+                &q[h * qk..],
+                (heads * qk, 1),
+                &kv_b[h * per_head * lora..],
+                (lora, 1),
+                par,
+            );
             for i in 0..n {
                 let dst = (i * heads + h) * width + lora;
                 let src = i * heads * qk + h * qk + nope;
@@ -239,14 +330,47 @@ impl Mla {
             }
         }
         let mut scores = vec![0.0f32; n * heads * total];
-        gemm_strided(n * heads, total, width, &mut scores, (total, 1), &q_abs, (width, 1), latents, (1, width), par);
+        gemm_strided(
+            n * heads,
+            total,
+            width,
+            &mut scores,
+            (total, 1),
+            &q_abs,
+            (width, 1),
+            latents,
+            (1, width),
+            par,
+        );
         self.causal_softmax(&mut scores, n, start, total);
         // o_lat[i, h] = Σ_s P[i,h,s] c_kv[s]; o[i, h] = W_UV^h o_lat[i, h]
         let mut o_lat = vec![0.0f32; n * heads * lora];
-        gemm_strided(n * heads, lora, total, &mut o_lat, (lora, 1), &scores, (total, 1), latents, (width, 1), par);
+        gemm_strided(
+            n * heads,
+            lora,
+            total,
+            &mut o_lat,
+            (lora, 1),
+            &scores,
+            (total, 1),
+            latents,
+            (width, 1),
+            par,
+        );
         let mut out = vec![0.0f32; n * heads * v];
         for h in 0..heads {
-            gemm_strided(n, v, lora, &mut out[h * v..], (heads * v, 1), &o_lat[h * lora..], (heads * lora, 1), &kv_b[(h * per_head + nope) * lora..], (1, lora), par);
+            gemm_strided(
+                n,
+                v,
+                lora,
+                &mut out[h * v..],
+                (heads * v, 1),
+                &o_lat[h * lora..],
+                (heads * lora, 1),
+                &kv_b[(h * per_head + nope) * lora..],
+                (1, lora),
+                par,
+            );
         }
         out
     }

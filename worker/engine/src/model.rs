@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashSet};
 
 enum Ffn {
     Dense(Mlp),
-    Moe { router: Router, shared: Option<Mlp> },
+    Moe { router: Box<Router>, shared: Option<Mlp> },
 }
 
 struct Block {
@@ -58,7 +58,13 @@ pub struct Chunk<'a> {
 
 impl<'a> Chunk<'a> {
     pub fn new(seq: SeqId, start: usize, tokens: &'a [u32], outputs: Outputs) -> Self {
-        Chunk { seq, start, tokens, outputs, prev_hidden: None }
+        Chunk {
+            seq,
+            start,
+            tokens,
+            outputs,
+            prev_hidden: None,
+        }
     }
 }
 
@@ -113,7 +119,10 @@ impl Block {
             } else {
                 None
             };
-            Ffn::Moe { router: Router::load(ckpt, &format!("{p}.mlp.gate"), config)?, shared }
+            Ffn::Moe {
+                router: Box::new(Router::load(ckpt, &format!("{p}.mlp.gate"), config)?),
+                shared,
+            }
         } else {
             Ffn::Dense(Mlp::load(ckpt, &format!("{p}.mlp"), config, config.intermediate_size)?)
         };
@@ -184,8 +193,8 @@ impl Model {
         let config_text = files
             .read_string("config.json")?
             .with_context(|| format!("{} has no config.json", files.describe()))?;
-        let config = ModelConfig::from_json_str(&config_text)
-            .with_context(|| format!("in {}/config.json", files.describe()))?;
+        let config =
+            ModelConfig::from_json_str(&config_text).with_context(|| format!("in {}/config.json", files.describe()))?;
         let ckpt = Checkpoint::open(files)?;
         Self::from_checkpoint(config, &ckpt, &mut on_layer)
     }
@@ -204,16 +213,28 @@ impl Model {
             on_layer(i);
         }
         let mtp_index = config.num_hidden_layers;
-        let mtp = if config.num_nextn_predict_layers > 0 && ckpt.contains(&format!("model.layers.{mtp_index}.eh_proj.weight")) {
+        let mtp = if config.num_nextn_predict_layers > 0
+            && ckpt.contains(&format!("model.layers.{mtp_index}.eh_proj.weight"))
+        {
             let p = format!("model.layers.{mtp_index}");
             let head_name = format!("{p}.shared_head.head.weight");
             let module = MtpModule {
                 enorm: load_vector(ckpt, &format!("{p}.enorm.weight"), h)?,
                 hnorm: load_vector(ckpt, &format!("{p}.hnorm.weight"), h)?,
-                eh_proj: Matrix::load(ckpt, &format!("{p}.eh_proj.weight"), h, 2 * h, config.quantization.as_ref())?,
+                eh_proj: Matrix::load(
+                    ckpt,
+                    &format!("{p}.eh_proj.weight"),
+                    h,
+                    2 * h,
+                    config.quantization.as_ref(),
+                )?,
                 block: Block::load(ckpt, &config, mtp_index).context("loading the MTP block")?,
                 head_norm: load_vector(ckpt, &format!("{p}.shared_head.norm.weight"), h)?,
-                head: if ckpt.contains(&head_name) { Some(Matrix::load(ckpt, &head_name, v, h, None)?) } else { None },
+                head: if ckpt.contains(&head_name) {
+                    Some(Matrix::load(ckpt, &head_name, v, h, None)?)
+                } else {
+                    None
+                },
             };
             on_layer(mtp_index);
             Some(module)
@@ -256,7 +277,11 @@ impl Model {
             ensure!(!c.tokens.is_empty(), "sequence {}: empty chunk", c.seq);
             ensure!(seen.insert(c.seq), "sequence {} appears twice in one step", c.seq);
             if let Some(&bad) = c.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-                bail!("sequence {}: token id {bad} is outside the vocabulary (size {})", c.seq, self.config.vocab_size);
+                bail!(
+                    "sequence {}: token id {bad} is outside the vocabulary (size {})",
+                    c.seq,
+                    self.config.vocab_size
+                );
             }
             let end = c.start + c.tokens.len();
             if end > self.config.max_position_embeddings {
@@ -281,9 +306,14 @@ impl Model {
         for c in chunks {
             for k in 0..c.tokens.len() {
                 let at = (row + k) * half;
-                self.rope.cos_sin(c.start + k, &mut cos[at..at + half], &mut sin[at..at + half]);
+                self.rope
+                    .cos_sin(c.start + k, &mut cos[at..at + half], &mut sin[at..at + half]);
             }
-            spans.push(ChunkSpan { seq: c.seq, start: c.start, rows: row..row + c.tokens.len() });
+            spans.push(ChunkSpan {
+                seq: c.seq,
+                start: c.start,
+                rows: row..row + c.tokens.len(),
+            });
             row += c.tokens.len();
         }
         (spans, cos, sin)
@@ -310,7 +340,17 @@ impl Model {
             t.hidden.push(h.clone());
         }
         for block in &self.blocks {
-            block.forward(&mut h, &spans, &cos, &sin, cache, experts, self.config.rms_norm_eps, opts, &mut trace)?;
+            block.forward(
+                &mut h,
+                &spans,
+                &cos,
+                &sin,
+                cache,
+                experts,
+                self.config.rms_norm_eps,
+                opts,
+                &mut trace,
+            )?;
             if let Some(t) = &mut trace {
                 t.hidden.push(h.clone());
             }
@@ -336,7 +376,11 @@ impl Model {
             }
             rms_norm(&mut hidden, norm, self.config.rms_norm_eps);
             let logits = head.forward(&hidden, wanted.len());
-            result.push(ChunkOutput { positions: wanted.iter().map(|k| c.start + k).collect(), logits, hidden });
+            result.push(ChunkOutput {
+                positions: wanted.iter().map(|k| c.start + k).collect(),
+                logits,
+                hidden,
+            });
             row += n;
         }
         result
@@ -358,8 +402,14 @@ impl Model {
         let eps = self.config.rms_norm_eps;
         let mut concat = Vec::new();
         for c in chunks {
-            let prev = c.prev_hidden.with_context(|| format!("sequence {}: MTP chunk without hidden states", c.seq))?;
-            ensure!(prev.len() == c.tokens.len() * width, "sequence {}: MTP hidden states have the wrong length", c.seq);
+            let prev = c
+                .prev_hidden
+                .with_context(|| format!("sequence {}: MTP chunk without hidden states", c.seq))?;
+            ensure!(
+                prev.len() == c.tokens.len() * width,
+                "sequence {}: MTP hidden states have the wrong length",
+                c.seq
+            );
             cache.reserve(c.seq, c.start + c.tokens.len())?;
             let e = self.embed_rows(c.tokens);
             for (e_row, h_row) in e.chunks_exact(width).zip(prev.chunks_exact(width)) {
@@ -370,7 +420,8 @@ impl Model {
         let rows = concat.len() / (2 * width);
         let mut h = mtp.eh_proj.forward(&concat, rows);
         let (spans, cos, sin) = self.layout(chunks);
-        mtp.block.forward(&mut h, &spans, &cos, &sin, cache, experts, eps, opts, &mut None)?;
+        mtp.block
+            .forward(&mut h, &spans, &cos, &sin, cache, experts, eps, opts, &mut None)?;
         Ok(self.outputs(chunks, &h, &mtp.head_norm, mtp.head.as_ref().unwrap_or(&self.lm_head)))
     }
 }

@@ -55,11 +55,7 @@ pub struct TokenRoutes {
 
 impl TokenRoutes {
     pub fn tokens(&self) -> usize {
-        if self.k == 0 {
-            0
-        } else {
-            self.experts.len() / self.k
-        }
+        self.experts.len().checked_div(self.k).unwrap_or(0)
     }
 }
 
@@ -102,7 +98,11 @@ impl Router {
 
     pub fn route(&self, x: &[f32], m: usize) -> TokenRoutes {
         let logits = self.logits(x, m);
-        let mut routes = TokenRoutes { k: self.top_k, experts: Vec::with_capacity(m * self.top_k), weights: Vec::new() };
+        let mut routes = TokenRoutes {
+            k: self.top_k,
+            experts: Vec::with_capacity(m * self.top_k),
+            weights: Vec::new(),
+        };
         for row in logits.chunks_exact(self.n_experts) {
             let (experts, weights) = self.route_token(row);
             routes.experts.extend(experts);
@@ -208,7 +208,8 @@ impl LocalExperts {
         mut on_layer: impl FnMut(usize),
     ) -> Result<Self> {
         let mut layers = BTreeMap::new();
-        let moe_layers = (0..config.num_cache_layers()).filter(|&l| config.is_moe_layer(l) || l >= config.num_hidden_layers);
+        let moe_layers =
+            (0..config.num_cache_layers()).filter(|&l| config.is_moe_layer(l) || l >= config.num_hidden_layers);
         for layer in moe_layers {
             let mut experts = BTreeMap::new();
             for e in 0..config.n_routed_experts as u32 {
@@ -222,11 +223,18 @@ impl LocalExperts {
             layers.insert(layer, experts);
             on_layer(layer);
         }
-        Ok(LocalExperts { hidden: config.hidden_size, layers })
+        Ok(LocalExperts {
+            hidden: config.hidden_size,
+            layers,
+        })
     }
 
     pub fn weight_bytes(&self) -> usize {
-        self.layers.values().flat_map(|l| l.values()).map(Mlp::weight_bytes).sum()
+        self.layers
+            .values()
+            .flat_map(|l| l.values())
+            .map(Mlp::weight_bytes)
+            .sum()
     }
 
     pub fn expert(&self, layer: usize, expert: u32) -> Option<&Mlp> {
@@ -238,13 +246,20 @@ impl ExpertExecutor for LocalExperts {
     fn routed_experts(&self, layer: usize, x: &[f32], routes: &TokenRoutes) -> Result<Vec<f32>> {
         let h = self.hidden;
         let tokens = x.len() / h;
-        anyhow::ensure!(routes.tokens() == tokens, "routes for {} tokens, activations for {tokens}", routes.tokens());
+        anyhow::ensure!(
+            routes.tokens() == tokens,
+            "routes for {} tokens, activations for {tokens}",
+            routes.tokens()
+        );
         // Group (token, weight) pairs by expert.
         let mut by_expert: BTreeMap<u32, Vec<(usize, f32)>> = BTreeMap::new();
         for t in 0..tokens {
             for j in 0..routes.k {
                 let i = t * routes.k + j;
-                by_expert.entry(routes.experts[i]).or_default().push((t, routes.weights[i]));
+                by_expert
+                    .entry(routes.experts[i])
+                    .or_default()
+                    .push((t, routes.weights[i]));
             }
         }
         let work: Vec<(u32, Vec<(usize, f32)>)> = by_expert.into_iter().collect();

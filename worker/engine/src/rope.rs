@@ -22,14 +22,18 @@ impl Rope {
         let dim = config.qk_rope_head_dim;
         let base = config.rope.theta as f32;
         // As transformers: base ** (arange(0, dim, 2) / dim) in fp32.
-        let pos_freqs: Vec<f32> = (0..dim / 2)
-            .map(|j| base.powf((2 * j) as f32 / dim as f32))
-            .collect();
+        let pos_freqs: Vec<f32> = (0..dim / 2).map(|j| base.powf((2 * j) as f32 / dim as f32)).collect();
         let (inv_freq, attention_factor) = match &config.rope.yarn {
             None => (pos_freqs.iter().map(|f| 1.0 / f).collect(), 1.0),
-            Some(yarn) => (yarn_inv_freq(yarn, &pos_freqs, dim, config.rope.theta), yarn_attention_factor(yarn)),
+            Some(yarn) => (
+                yarn_inv_freq(yarn, &pos_freqs, dim, config.rope.theta),
+                yarn_attention_factor(yarn),
+            ),
         };
-        Rope { inv_freq, attention_factor: attention_factor as f32 }
+        Rope {
+            inv_freq,
+            attention_factor: attention_factor as f32,
+        }
     }
 
     pub fn inv_freq(&self) -> &[f32] {
@@ -118,7 +122,8 @@ mod tests {
         .expect("V3 config parses")
     }
 
-    /// Values from spec §4.1 and §3.1 (computed independently by script).
+    /// Values from spec §4.1 and §3.1 (computed independently by script), quoted verbatim.
+    #[allow(clippy::excessive_precision)]
     #[test]
     fn v3_yarn_constants() {
         let cfg = v3_config();

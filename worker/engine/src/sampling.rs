@@ -21,14 +21,25 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None, max_tokens: 16, stop_token_ids: vec![], ignore_eos: false }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: None,
+            max_tokens: 16,
+            stop_token_ids: vec![],
+            ignore_eos: false,
+        }
     }
 }
 
 impl SamplingParams {
     pub fn validate(&self) -> Result<(), String> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(format!("temperature must be a finite number >= 0, got {}", self.temperature));
+            return Err(format!(
+                "temperature must be a finite number >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -49,9 +60,16 @@ impl Sampler {
         let rng = match params.seed {
             Some(seed) => ChaCha8Rng::seed_from_u64(seed),
             // std's hasher keys are drawn from the OS: a seed without another dependency.
-            None => ChaCha8Rng::seed_from_u64(std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8)),
+            None => ChaCha8Rng::seed_from_u64(std::hash::BuildHasher::hash_one(
+                &std::collections::hash_map::RandomState::new(),
+                0u8,
+            )),
         };
-        Sampler { params, rng, vocab_limit }
+        Sampler {
+            params,
+            rng,
+            vocab_limit,
+        }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -122,7 +140,13 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
-        SamplingParams { temperature, top_k, top_p, seed: Some(seed), ..Default::default() }
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed: Some(seed),
+            ..Default::default()
+        }
     }
 
     #[test]

@@ -52,13 +52,30 @@ impl Writer {
     }
 
     fn bf16(&mut self, name: String, shape: Vec<usize>, values: &[f32]) {
-        let data = values.iter().flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes()).collect();
-        self.tensors.insert(name, Tensor { dtype: Dtype::BF16, shape, data });
+        let data = values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes())
+            .collect();
+        self.tensors.insert(
+            name,
+            Tensor {
+                dtype: Dtype::BF16,
+                shape,
+                data,
+            },
+        );
     }
 
     fn f32(&mut self, name: String, shape: Vec<usize>, values: &[f32]) {
         let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.tensors.insert(name, Tensor { dtype: Dtype::F32, shape, data });
+        self.tensors.insert(
+            name,
+            Tensor {
+                dtype: Dtype::F32,
+                shape,
+                data,
+            },
+        );
     }
 
     fn norm(&mut self, name: String, len: usize) {
@@ -91,7 +108,14 @@ impl Writer {
             .map(|(i, v)| encode_e4m3(v / scales[(i / cols / 128) * sc + (i % cols) / 128]))
             .collect();
         debug_assert!(q.iter().all(|&b| E4M3_TO_F32[b as usize].is_finite()));
-        self.tensors.insert(name.clone(), Tensor { dtype: Dtype::F8_E4M3, shape: vec![rows, cols], data: q });
+        self.tensors.insert(
+            name.clone(),
+            Tensor {
+                dtype: Dtype::F8_E4M3,
+                shape: vec![rows, cols],
+                data: q,
+            },
+        );
         self.f32(format!("{name}_scale_inv"), vec![sr, sc], &scales);
     }
 
@@ -118,7 +142,11 @@ impl Writer {
         }
         self.projection(format!("{a}.kv_a_proj_with_mqa.weight"), cfg.kv_cache_width(), h);
         self.norm(format!("{a}.kv_a_layernorm.weight"), cfg.kv_lora_rank);
-        self.projection(format!("{a}.kv_b_proj.weight"), heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank);
+        self.projection(
+            format!("{a}.kv_b_proj.weight"),
+            heads * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+            cfg.kv_lora_rank,
+        );
         self.projection(format!("{a}.o_proj.weight"), h, heads * cfg.v_head_dim);
         if cfg.is_moe_layer(layer) || layer >= cfg.num_hidden_layers {
             let e = cfg.n_routed_experts;
@@ -130,7 +158,11 @@ impl Writer {
                 self.mlp(&format!("{p}.mlp.experts.{j}"), h, cfg.moe_intermediate_size);
             }
             if cfg.n_shared_experts > 0 {
-                self.mlp(&format!("{p}.mlp.shared_experts"), h, cfg.moe_intermediate_size * cfg.n_shared_experts);
+                self.mlp(
+                    &format!("{p}.mlp.shared_experts"),
+                    h,
+                    cfg.moe_intermediate_size * cfg.n_shared_experts,
+                );
             }
         } else {
             self.mlp(&format!("{p}.mlp"), h, cfg.intermediate_size);
@@ -150,7 +182,11 @@ pub fn write_checkpoint(dir: &Path, config: &serde_json::Value, fp8: bool, shard
     let cfg = ModelConfig::from_json_str(&config.to_string()).context("synthetic config")?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
-    let mut w = Writer { rng: ChaCha8Rng::seed_from_u64(seed), fp8, tensors: BTreeMap::new() };
+    let mut w = Writer {
+        rng: ChaCha8Rng::seed_from_u64(seed),
+        fp8,
+        tensors: BTreeMap::new(),
+    };
     let (v, h) = (cfg.vocab_size, cfg.hidden_size);
     let embed = w.normal(v * h, 1.0);
     w.bf16("model.embed_tokens.weight".into(), vec![v, h], &embed);
@@ -175,7 +211,11 @@ pub fn write_checkpoint(dir: &Path, config: &serde_json::Value, fp8: bool, shard
         size += t.data.len();
     }
     if groups.len() == 1 {
-        safetensors::serialize_to_file(groups[0].iter().map(|(n, t)| (n.as_str(), *t)), None, &dir.join("model.safetensors"))?;
+        safetensors::serialize_to_file(
+            groups[0].iter().map(|(n, t)| (n.as_str(), *t)),
+            None,
+            &dir.join("model.safetensors"),
+        )?;
         return Ok(());
     }
     let mut weight_map = serde_json::Map::new();
@@ -187,6 +227,9 @@ pub fn write_checkpoint(dir: &Path, config: &serde_json::Value, fp8: bool, shard
         safetensors::serialize_to_file(group.iter().map(|(n, t)| (n.as_str(), *t)), None, &dir.join(&file))?;
     }
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index)?)?;
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::to_string_pretty(&index)?,
+    )?;
     Ok(())
 }

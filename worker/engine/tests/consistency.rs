@@ -21,23 +21,41 @@ fn decode_through_cache_equals_full_forward_in_both_mla_forms() {
     let tokens = prompt(12, 0);
     let mut cache = KvCache::with_capacity(&model.config, 64);
     let (full, _) = model
-        .forward(&[Chunk::new(1, 0, &tokens, Outputs::All)], &mut cache, &experts, &opts(MlaForm::Naive))
+        .forward(
+            &[Chunk::new(1, 0, &tokens, Outputs::All)],
+            &mut cache,
+            &experts,
+            &opts(MlaForm::Naive),
+        )
         .expect("full forward");
     for form in [MlaForm::Absorbed, MlaForm::Naive] {
         let mut cache = KvCache::with_capacity(&model.config, 64);
         // 5-token prefix, then one token at a time.
         let (prefix, _) = model
-            .forward(&[Chunk::new(2, 0, &tokens[..5], Outputs::All)], &mut cache, &experts, &opts(form))
+            .forward(
+                &[Chunk::new(2, 0, &tokens[..5], Outputs::All)],
+                &mut cache,
+                &experts,
+                &opts(form),
+            )
             .expect("prefix");
         let mut logits = prefix[0].logits.clone();
         for p in 5..12 {
             let (step, _) = model
-                .forward(&[Chunk::new(2, p, &tokens[p..p + 1], Outputs::Last)], &mut cache, &experts, &opts(form))
+                .forward(
+                    &[Chunk::new(2, p, &tokens[p..p + 1], Outputs::Last)],
+                    &mut cache,
+                    &experts,
+                    &opts(form),
+                )
                 .expect("decode");
             logits.extend(&step[0].logits);
         }
         let diff = max_abs_diff(&full[0].logits, &logits);
-        assert!(diff < 1e-4, "{form:?}: cached decode differs from the full forward by {diff}");
+        assert!(
+            diff < 1e-4,
+            "{form:?}: cached decode differs from the full forward by {diff}"
+        );
     }
 }
 
@@ -50,13 +68,24 @@ fn a_batch_of_three_equals_each_alone() {
     for p in &prompts {
         let mut cache = KvCache::with_capacity(&model.config, 64);
         let (out, _) = model
-            .forward(&[Chunk::new(1, 0, p, Outputs::All)], &mut cache, &experts, &opts(MlaForm::Auto))
+            .forward(
+                &[Chunk::new(1, 0, p, Outputs::All)],
+                &mut cache,
+                &experts,
+                &opts(MlaForm::Auto),
+            )
             .expect("alone");
         alone.push(out[0].logits.clone());
     }
     let mut cache = KvCache::with_capacity(&model.config, 64);
-    let chunks: Vec<Chunk> = prompts.iter().enumerate().map(|(i, p)| Chunk::new(i as u64 + 10, 0, p, Outputs::All)).collect();
-    let (batched, _) = model.forward(&chunks, &mut cache, &experts, &opts(MlaForm::Auto)).expect("batch");
+    let chunks: Vec<Chunk> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Chunk::new(i as u64 + 10, 0, p, Outputs::All))
+        .collect();
+    let (batched, _) = model
+        .forward(&chunks, &mut cache, &experts, &opts(MlaForm::Auto))
+        .expect("batch");
     for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
         let diff = max_abs_diff(a, &b.logits);
         assert!(diff < 1e-4, "sequence {i}: batched logits differ by {diff}");
@@ -64,13 +93,23 @@ fn a_batch_of_three_equals_each_alone() {
     // Mixed step: sequence 10 decodes while a new sequence prefills.
     let next = [7u32];
     let fresh = prompt(4, 9);
-    let mixed = [Chunk::new(10, 3, &next, Outputs::Last), Chunk::new(20, 0, &fresh, Outputs::Last)];
-    let (out, _) = model.forward(&mixed, &mut cache, &experts, &opts(MlaForm::Auto)).expect("mixed");
+    let mixed = [
+        Chunk::new(10, 3, &next, Outputs::Last),
+        Chunk::new(20, 0, &fresh, Outputs::Last),
+    ];
+    let (out, _) = model
+        .forward(&mixed, &mut cache, &experts, &opts(MlaForm::Auto))
+        .expect("mixed");
     let mut solo_cache = KvCache::with_capacity(&model.config, 64);
     let mut seq = prompts[0].clone();
     seq.push(7);
     let (solo, _) = model
-        .forward(&[Chunk::new(1, 0, &seq, Outputs::Last)], &mut solo_cache, &experts, &opts(MlaForm::Auto))
+        .forward(
+            &[Chunk::new(1, 0, &seq, Outputs::Last)],
+            &mut solo_cache,
+            &experts,
+            &opts(MlaForm::Auto),
+        )
         .expect("solo");
     assert!(max_abs_diff(&out[0].logits, &solo[0].logits) < 1e-4);
 }
@@ -82,13 +121,23 @@ fn chunked_prefill_equals_one_chunk() {
     let tokens = prompt(20, 4);
     let mut cache = KvCache::with_capacity(&model.config, 64);
     let (whole, _) = model
-        .forward(&[Chunk::new(1, 0, &tokens, Outputs::Last)], &mut cache, &experts, &opts(MlaForm::Auto))
+        .forward(
+            &[Chunk::new(1, 0, &tokens, Outputs::Last)],
+            &mut cache,
+            &experts,
+            &opts(MlaForm::Auto),
+        )
         .expect("whole");
     let mut cache = KvCache::with_capacity(&model.config, 64);
     let mut last = Vec::new();
     for (start, piece) in [(0, 7), (7, 14), (14, 20)] {
         let (out, _) = model
-            .forward(&[Chunk::new(1, start, &tokens[start..piece], Outputs::Last)], &mut cache, &experts, &opts(MlaForm::Auto))
+            .forward(
+                &[Chunk::new(1, start, &tokens[start..piece], Outputs::Last)],
+                &mut cache,
+                &experts,
+                &opts(MlaForm::Auto),
+            )
             .expect("chunk");
         last = out[0].logits.clone();
     }
@@ -101,7 +150,11 @@ fn bad_steps_are_errors_not_panics() {
     let (model, experts) = synthetic_model(dir.path(), false, 1);
     let mut cache = KvCache::with_capacity(&model.config, 32);
     let err = |chunks: &[Chunk], cache: &mut KvCache| {
-        model.forward(chunks, cache, &experts, &StepOptions::default()).err().map(|e| format!("{e:#}")).unwrap_or_default()
+        model
+            .forward(chunks, cache, &experts, &StepOptions::default())
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default()
     };
     assert!(err(&[Chunk::new(1, 0, &[5000], Outputs::Last)], &mut cache).contains("token id 5000"));
     assert!(err(&[Chunk::new(1, 3, &[5], Outputs::Last)], &mut cache).contains("position 3"));
@@ -115,7 +168,12 @@ fn broken_checkpoints_name_the_tensor_and_file() {
     let dir = tempfile::tempdir().expect("tmp");
     dsv3_engine::synthetic::write_checkpoint(dir.path(), &tiny_config(), true, 2, 3).expect("write");
     let files = dsv3_engine::ModelFiles::Dir(dir.path().to_path_buf());
-    let load_err = || dsv3_engine::Model::load(&files, |_| {}).err().map(|e| format!("{e:#}")).unwrap_or_default();
+    let load_err = || {
+        dsv3_engine::Model::load(&files, |_| {})
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default()
+    };
 
     // A tensor the index names but no shard holds.
     let index_path = dir.path().join("model.safetensors.index.json");
@@ -123,7 +181,11 @@ fn broken_checkpoints_name_the_tensor_and_file() {
     let mut value: serde_json::Value = serde_json::from_str(&index).expect("json");
     value["weight_map"]["model.layers.9.bogus.weight"] = "model-00003-of-00002.safetensors".into();
     std::fs::write(&index_path, value.to_string()).expect("write");
-    assert!(load_err().contains("model-00003-of-00002.safetensors"), "{}", load_err());
+    assert!(
+        load_err().contains("model-00003-of-00002.safetensors"),
+        "{}",
+        load_err()
+    );
     std::fs::write(&index_path, &index).expect("restore");
 
     // A truncated shard.
@@ -131,7 +193,10 @@ fn broken_checkpoints_name_the_tensor_and_file() {
     let bytes = std::fs::read(&shard).expect("shard");
     std::fs::write(&shard, &bytes[..bytes.len() - 100]).expect("truncate");
     let e = load_err();
-    assert!(e.contains("model-00002-of-00002.safetensors") && e.contains("truncated"), "{e}");
+    assert!(
+        e.contains("model-00002-of-00002.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
     std::fs::write(&shard, &bytes).expect("restore");
 
     // A config whose shapes disagree with the tensors.

@@ -1,0 +1,118 @@
+//! `dsv3-worker generate`: one prompt, printed as JSON (`token_ids`, `prompt_last_logits`) or text.
+
+use crate::{model_source, progress};
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use dsv3_engine::{Engine, EngineOptions, GenerateRequest, MlaForm, SamplingParams};
+use std::path::PathBuf;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum MlaArg {
+    Auto,
+    Naive,
+    Absorbed,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// Model directory (config.json, safetensors shards, tokenizer). Default: the embedded tiny model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Prompt as comma-separated token ids, e.g. 0,5,77.
+    #[arg(long, value_delimiter = ',', conflicts_with = "prompt")]
+    prompt_token_ids: Option<Vec<u32>>,
+    /// Prompt as text (needs tokenizer.json in the model directory).
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Wrap --prompt as a user message with the model's chat template.
+    #[arg(long, requires = "prompt")]
+    chat: bool,
+    /// System message for --chat.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    #[arg(long, default_value_t = 16)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Do not stop at the model's end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print one JSON object: {"token_ids": [...], "prompt_last_logits": [...], ...}.
+    #[arg(long)]
+    json: bool,
+    /// MLA form: naive for prefill and absorbed for decode (auto), or one of them everywhere.
+    #[arg(long, value_enum, default_value_t = MlaArg::Auto)]
+    mla: MlaArg,
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let files = model_source::resolve(args.model.clone());
+    let tokenizer = model_source::tokenizer(&files)?;
+    let prompt: Vec<u32> = match (&args.prompt_token_ids, &args.prompt) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(text)) => {
+            let tok = tokenizer
+                .as_ref()
+                .with_context(|| format!("--prompt needs tokenizer.json in {}", files.describe()))?;
+            if args.chat {
+                let mut messages = Vec::new();
+                if let Some(system) = &args.system {
+                    messages.push(serde_json::json!({"role": "system", "content": system}));
+                }
+                messages.push(serde_json::json!({"role": "user", "content": text}));
+                tok.encode_chat(&messages, None, true)?
+            } else {
+                tok.encode(text, true)?
+            }
+        }
+        (None, None) => bail!("give the prompt with --prompt-token-ids or --prompt"),
+    };
+    let options = EngineOptions {
+        cache_tokens: (prompt.len() + args.max_tokens).max(16),
+        mla: match args.mla {
+            MlaArg::Auto => MlaForm::Auto,
+            MlaArg::Naive => MlaForm::Naive,
+            MlaArg::Absorbed => MlaForm::Absorbed,
+        },
+        ..EngineOptions::default()
+    };
+    let mut engine = Engine::load(&files, options, &mut progress::reporter(files.describe()))?;
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+        max_tokens: args.max_tokens,
+        stop_token_ids: vec![],
+        ignore_eos: args.ignore_eos,
+    };
+    params.validate().map_err(anyhow::Error::msg)?;
+    let output = engine
+        .generate(&[GenerateRequest { prompt, params }])?
+        .pop()
+        .flatten()
+        .context("the engine returned no output")?;
+    if args.json {
+        let finish = format!("{:?}", output.finish).to_lowercase();
+        let json = serde_json::json!({
+            "token_ids": output.tokens,
+            "prompt_last_logits": output.prompt_last_logits,
+            "finish_reason": finish,
+        });
+        println!("{json}");
+    } else if let Some(tok) = &tokenizer {
+        println!("{}", tok.decode(&output.tokens, true)?);
+    } else {
+        let ids: Vec<String> = output.tokens.iter().map(u32::to_string).collect();
+        println!("{}", ids.join(","));
+    }
+    Ok(())
+}
