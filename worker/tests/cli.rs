@@ -1,0 +1,144 @@
+//! `dsv3-worker generate` as a user runs it: the real binary on the golden checkpoints.
+
+use safetensors::SafeTensors;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn golden() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden")
+}
+
+fn reference(name: &str) -> (Vec<u32>, Vec<u32>, Vec<f32>) {
+    let bytes = std::fs::read(golden().join(name)).expect("reference");
+    let st = SafeTensors::deserialize(&bytes).expect("safetensors");
+    let ids = |n: &str| -> Vec<u32> {
+        st.tensor(n).expect(n).data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8")) as u32).collect()
+    };
+    let logits: Vec<f32> = st
+        .tensor("logits")
+        .expect("logits")
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    (ids("prompt_ids"), ids("greedy_ids"), logits)
+}
+
+fn generate(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dsv3-worker")).arg("generate").args(args).output().expect("run dsv3-worker");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn join(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+#[test]
+fn json_output_matches_the_transformers_reference() {
+    for (dir, reference_file) in [("tiny-bf16", "tiny-bf16.ref.safetensors"), ("tiny-fp8", "tiny-fp8.ref.safetensors")] {
+        let (prompt, greedy, logits) = reference(reference_file);
+        let model = golden().join(dir);
+        let (ok, stdout, stderr) = generate(&[
+            "--model",
+            model.to_str().expect("utf-8 path"),
+            "--prompt-token-ids",
+            &join(&prompt),
+            "--max-tokens",
+            "24",
+            "--temperature",
+            "0",
+            "--json",
+            "--ignore-eos",
+        ]);
+        assert!(ok, "{dir}: {stderr}");
+        assert!(stderr.contains("loading"), "{dir}: load progress is reported on stderr");
+        let json: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+        let ids: Vec<u32> = serde_json::from_value(json["token_ids"].clone()).expect("token_ids");
+        assert_eq!(ids, greedy, "{dir}: greedy tokens");
+        let last: Vec<f32> = serde_json::from_value(json["prompt_last_logits"].clone()).expect("prompt_last_logits");
+        let vocab = logits.len() / prompt.len();
+        assert_eq!(last.len(), vocab);
+        let expected = &logits[(prompt.len() - 1) * vocab..];
+        let diff = last.iter().zip(expected).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(diff < 2e-3, "{dir}: prompt_last_logits differ by {diff}");
+    }
+}
+
+#[test]
+fn generation_stops_at_eos_unless_told_otherwise() {
+    let (prompt, greedy, _) = reference("tiny-bf16.ref.safetensors");
+    let model = golden().join("tiny-bf16");
+    let (ok, stdout, stderr) =
+        generate(&["--model", model.to_str().expect("path"), "--prompt-token-ids", &join(&prompt), "--max-tokens", "24", "--json"]);
+    assert!(ok, "{stderr}");
+    let json: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json");
+    let ids: Vec<u32> = serde_json::from_value(json["token_ids"].clone()).expect("ids");
+    let eos_at = greedy.iter().position(|&t| t == 1).expect("the reference emits eos");
+    assert_eq!(ids, greedy[..=eos_at]);
+    assert_eq!(json["finish_reason"], "stop");
+}
+
+#[test]
+fn the_embedded_default_is_the_tiny_fp8_checkpoint() {
+    let (prompt, greedy, _) = reference("tiny-fp8.ref.safetensors");
+    let (ok, stdout, stderr) = generate(&["--prompt-token-ids", &join(&prompt), "--max-tokens", "24", "--json", "--ignore-eos"]);
+    assert!(ok, "{stderr}");
+    let json: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json");
+    let ids: Vec<u32> = serde_json::from_value(json["token_ids"].clone()).expect("ids");
+    assert_eq!(ids, greedy);
+}
+
+#[test]
+fn text_and_chat_prompts_use_the_tokenizer() {
+    let (ok, stdout, stderr) = generate(&["--prompt", "Hello, world! 你好，世界。", "--max-tokens", "3", "--json", "--ignore-eos"]);
+    assert!(ok, "{stderr}");
+    let json: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json");
+    assert_eq!(json["token_ids"].as_array().map(Vec::len), Some(3));
+    let (ok, _, stderr) = generate(&["--prompt", "Hi", "--chat", "--system", "Be brief.", "--max-tokens", "3"]);
+    assert!(ok, "{stderr}");
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let (ok, _, stderr) = generate(&["--prompt-token-ids", "5,99999", "--max-tokens", "2"]);
+    assert!(!ok);
+    assert!(stderr.contains("token id 99999") && stderr.contains("vocabulary"), "{stderr}");
+    let (ok, _, stderr) = generate(&["--model", "/nonexistent/model", "--prompt-token-ids", "5"]);
+    assert!(!ok);
+    assert!(stderr.contains("/nonexistent/model"), "{stderr}");
+    let (ok, _, stderr) = generate(&["--prompt-token-ids", "5", "--temperature", "-1"]);
+    assert!(!ok);
+    assert!(stderr.contains("temperature"), "{stderr}");
+    let (ok, _, stderr) = generate(&["--prompt-token-ids", "5", "--top-p", "0"]);
+    assert!(!ok);
+    assert!(stderr.contains("top_p"), "{stderr}");
+    let (ok, _, _) = generate(&[]);
+    assert!(!ok);
+}
+
+#[test]
+fn same_seed_same_sample() {
+    let run = |seed: &str| {
+        let (ok, stdout, stderr) = generate(&[
+            "--prompt-token-ids",
+            "5,6,7",
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "1.0",
+            "--top-k",
+            "50",
+            "--top-p",
+            "0.9",
+            "--seed",
+            seed,
+            "--json",
+            "--ignore-eos",
+        ]);
+        assert!(ok, "{stderr}");
+        let json: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json");
+        json["token_ids"].clone()
+    };
+    assert_eq!(run("11"), run("11"));
+    assert_ne!(run("11"), run("12"));
+}
