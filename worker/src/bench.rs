@@ -22,6 +22,10 @@ pub struct BenchArgs {
     /// Batch sizes.
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
     batches: Vec<usize>,
+    /// Where to write the synthetic small model (reused when it is already there); default: a
+    /// temporary directory.
+    #[arg(long)]
+    small_dir: Option<PathBuf>,
     /// Also write the table (markdown) to this file.
     #[arg(long)]
     output: Option<PathBuf>,
@@ -62,11 +66,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let targets: Vec<(String, ModelFiles)> = match &args.model {
         Some(dir) => vec![(dir.display().to_string(), ModelFiles::Dir(dir.clone()))],
         None => {
-            let dir = tempfile::tempdir().context("temporary directory for the synthetic model")?;
-            eprintln!("writing the synthetic small FP8 model to {}...", dir.path().display());
-            dsv3_engine::synthetic::write_checkpoint(dir.path(), &small_config(), true, 4, 1)?;
-            let files = ModelFiles::Dir(dir.path().to_path_buf());
-            _synthetic_dir = dir;
+            let path = match &args.small_dir {
+                Some(path) => path.clone(),
+                None => {
+                    let dir = tempfile::tempdir().context("temporary directory for the synthetic model")?;
+                    let path = dir.path().to_path_buf();
+                    _synthetic_dir = dir;
+                    path
+                }
+            };
+            if !path.join("config.json").exists() {
+                eprintln!("writing the synthetic small FP8 model to {}...", path.display());
+                dsv3_engine::synthetic::write_checkpoint(&path, &small_config(), true, 4, 1)?;
+            }
+            let files = ModelFiles::Dir(path);
             vec![
                 ("tiny (embedded, FP8)".to_string(), model_source::resolve(None)),
                 ("small (synthetic, FP8)".to_string(), files),
@@ -87,7 +100,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
 }
 
 fn measure(name: &str, files: &ModelFiles, batch: usize, args: &BenchArgs, bandwidth: f64) -> Result<Row> {
-    let positions = batch * (args.prompt_len + args.decode_steps + 1);
+    // Every sequence rounds up to whole blocks of 16.
+    let positions = batch * (args.prompt_len + args.decode_steps + 2).next_multiple_of(16);
     let options = EngineOptions {
         cache_tokens: positions + 64,
         max_step_tokens: usize::MAX,

@@ -12,7 +12,12 @@ fn reference(name: &str) -> (Vec<u32>, Vec<u32>, Vec<f32>) {
     let bytes = std::fs::read(golden().join(name)).expect("reference");
     let st = SafeTensors::deserialize(&bytes).expect("safetensors");
     let ids = |n: &str| -> Vec<u32> {
-        st.tensor(n).expect(n).data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8")) as u32).collect()
+        st.tensor(n)
+            .expect(n)
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8")) as u32)
+            .collect()
     };
     let logits: Vec<f32> = st
         .tensor("logits")
@@ -25,8 +30,16 @@ fn reference(name: &str) -> (Vec<u32>, Vec<u32>, Vec<f32>) {
 }
 
 fn generate(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_dsv3-worker")).arg("generate").args(args).output().expect("run dsv3-worker");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(env!("CARGO_BIN_EXE_dsv3-worker"))
+        .arg("generate")
+        .args(args)
+        .output()
+        .expect("run dsv3-worker");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn join(ids: &[u32]) -> String {
@@ -35,7 +48,10 @@ fn join(ids: &[u32]) -> String {
 
 #[test]
 fn json_output_matches_the_transformers_reference() {
-    for (dir, reference_file) in [("tiny-bf16", "tiny-bf16.ref.safetensors"), ("tiny-fp8", "tiny-fp8.ref.safetensors")] {
+    for (dir, reference_file) in [
+        ("tiny-bf16", "tiny-bf16.ref.safetensors"),
+        ("tiny-fp8", "tiny-fp8.ref.safetensors"),
+    ] {
         let (prompt, greedy, logits) = reference(reference_file);
         let model = golden().join(dir);
         let (ok, stdout, stderr) = generate(&[
@@ -59,7 +75,11 @@ fn json_output_matches_the_transformers_reference() {
         let vocab = logits.len() / prompt.len();
         assert_eq!(last.len(), vocab);
         let expected = &logits[(prompt.len() - 1) * vocab..];
-        let diff = last.iter().zip(expected).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let diff = last
+            .iter()
+            .zip(expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
         assert!(diff < 2e-3, "{dir}: prompt_last_logits differ by {diff}");
     }
 }
@@ -68,8 +88,15 @@ fn json_output_matches_the_transformers_reference() {
 fn generation_stops_at_eos_unless_told_otherwise() {
     let (prompt, greedy, _) = reference("tiny-bf16.ref.safetensors");
     let model = golden().join("tiny-bf16");
-    let (ok, stdout, stderr) =
-        generate(&["--model", model.to_str().expect("path"), "--prompt-token-ids", &join(&prompt), "--max-tokens", "24", "--json"]);
+    let (ok, stdout, stderr) = generate(&[
+        "--model",
+        model.to_str().expect("path"),
+        "--prompt-token-ids",
+        &join(&prompt),
+        "--max-tokens",
+        "24",
+        "--json",
+    ]);
     assert!(ok, "{stderr}");
     let json: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json");
     let ids: Vec<u32> = serde_json::from_value(json["token_ids"].clone()).expect("ids");
@@ -81,7 +108,14 @@ fn generation_stops_at_eos_unless_told_otherwise() {
 #[test]
 fn the_embedded_default_is_the_tiny_fp8_checkpoint() {
     let (prompt, greedy, _) = reference("tiny-fp8.ref.safetensors");
-    let (ok, stdout, stderr) = generate(&["--prompt-token-ids", &join(&prompt), "--max-tokens", "24", "--json", "--ignore-eos"]);
+    let (ok, stdout, stderr) = generate(&[
+        "--prompt-token-ids",
+        &join(&prompt),
+        "--max-tokens",
+        "24",
+        "--json",
+        "--ignore-eos",
+    ]);
     assert!(ok, "{stderr}");
     let json: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json");
     let ids: Vec<u32> = serde_json::from_value(json["token_ids"].clone()).expect("ids");
@@ -90,7 +124,14 @@ fn the_embedded_default_is_the_tiny_fp8_checkpoint() {
 
 #[test]
 fn text_and_chat_prompts_use_the_tokenizer() {
-    let (ok, stdout, stderr) = generate(&["--prompt", "Hello, world! 你好，世界。", "--max-tokens", "3", "--json", "--ignore-eos"]);
+    let (ok, stdout, stderr) = generate(&[
+        "--prompt",
+        "Hello, world! 你好，世界。",
+        "--max-tokens",
+        "3",
+        "--json",
+        "--ignore-eos",
+    ]);
     assert!(ok, "{stderr}");
     let json: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json");
     assert_eq!(json["token_ids"].as_array().map(Vec::len), Some(3));
@@ -102,7 +143,10 @@ fn text_and_chat_prompts_use_the_tokenizer() {
 fn bad_input_is_a_clear_error() {
     let (ok, _, stderr) = generate(&["--prompt-token-ids", "5,99999", "--max-tokens", "2"]);
     assert!(!ok);
-    assert!(stderr.contains("token id 99999") && stderr.contains("vocabulary"), "{stderr}");
+    assert!(
+        stderr.contains("token id 99999") && stderr.contains("vocabulary"),
+        "{stderr}"
+    );
     let (ok, _, stderr) = generate(&["--model", "/nonexistent/model", "--prompt-token-ids", "5"]);
     assert!(!ok);
     assert!(stderr.contains("/nonexistent/model"), "{stderr}");

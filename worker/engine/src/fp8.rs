@@ -53,7 +53,7 @@ pub fn encode_e4m3(value: f32) -> u8 {
         (magnitude * 512.0).round_ties_even() as u8
     } else {
         let exp = ((magnitude.to_bits() >> 23) as i32) - 127;
-        let mantissa = magnitude / 2f32.powi(exp) - 1.0;
+        let mantissa = magnitude / f32::from_bits(((exp + 127) as u32) << 23) - 1.0;
         let q = (mantissa * 8.0).round_ties_even() as i32;
         let (exp, q) = if q == 8 { (exp + 1, 0) } else { (exp, q) };
         (((exp + 7) as u8) << 3 | q as u8).min(0x7e)

@@ -16,6 +16,7 @@ pub mod moe;
 pub mod ops;
 pub mod rope;
 pub mod sampling;
+pub mod simd;
 pub mod synthetic;
 
 pub use checkpoint::{Checkpoint, ModelFiles};

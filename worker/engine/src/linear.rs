@@ -4,7 +4,6 @@
 
 use crate::checkpoint::{Checkpoint, TensorRef};
 use crate::config::Fp8Quantization;
-use crate::fp8::E4M3_TO_F32;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 use safetensors::Dtype;
@@ -106,12 +105,7 @@ impl Matrix {
                     *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
                 }
             }
-            Format::Bf16 => {
-                let bytes = &data[r * cols * 2..(r + 1) * cols * 2];
-                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
-                }
-            }
+            Format::Bf16 => crate::simd::bf16_to_f32(&data[r * cols * 2..(r + 1) * cols * 2], out),
             Format::Fp8 {
                 scales,
                 scale_cols,
@@ -125,9 +119,7 @@ impl Matrix {
                     .zip(bytes.chunks(*block_cols))
                     .zip(scale_row)
                 {
-                    for (o, &q) in o.iter_mut().zip(q) {
-                        *o = E4M3_TO_F32[q as usize] * s;
-                    }
+                    crate::simd::e4m3_to_f32(q, *s, o);
                 }
             }
         }
@@ -171,9 +163,7 @@ impl Matrix {
             let r0 = ci * chunk;
             for (i, out_row) in out.chunks_exact_mut(m).enumerate() {
                 self.decode_row(r0 + i, &mut buf);
-                for (j, o) in out_row.iter_mut().enumerate() {
-                    *o = dot(&buf, &x[j * cols..(j + 1) * cols]);
-                }
+                crate::simd::dot_many(&buf, x, out_row);
             }
         });
         for r in 0..rows {
@@ -234,21 +224,6 @@ impl SyncPtr {
     fn get(self) -> *mut f32 {
         self.0
     }
-}
-
-/// Dot product with independent partial sums so the compiler can vectorise it.
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let ca = a.chunks_exact(8);
-    let cb = b.chunks_exact(8);
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// `c[m, n] = a[m, k] · b[k, n]` for plain f32 data with explicit strides (row stride, column

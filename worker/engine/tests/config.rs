@@ -13,7 +13,8 @@ fn hub() -> ModelConfig {
 #[test]
 fn hub_and_transformers5_dialects_agree() {
     let hub = hub();
-    let v5 = ModelConfig::from_file(&golden_dir().join("config-rope-parameters.json")).expect("rope_parameters dialect");
+    let v5 =
+        ModelConfig::from_file(&golden_dir().join("config-rope-parameters.json")).expect("rope_parameters dialect");
     assert_eq!(hub.rope, v5.rope);
     assert_eq!(hub, v5);
     let yarn = hub.rope.yarn.as_ref().expect("YaRN active");
@@ -33,20 +34,33 @@ fn derived_constants_of_the_tiny_config() {
     assert_eq!(f.len(), 16);
     let base = |j: usize| 10000f64.powf(-(2.0 * j as f64) / 32.0);
     // j = 0 keeps its frequency, j >= 5 is divided by the factor, j = 2 blends with ramp 2/5.
-    let expected = [(0, base(0)), (2, base(2) * (0.6 + 0.4 / 4.0)), (5, base(5) / 4.0), (15, base(15) / 4.0)];
+    let expected = [
+        (0, base(0)),
+        (2, base(2) * (0.6 + 0.4 / 4.0)),
+        (5, base(5) / 4.0),
+        (15, base(15) / 4.0),
+    ];
     for (j, want) in expected {
-        assert!((f[j] as f64 - want).abs() <= 1e-6 * want, "inv_freq[{j}] = {}, expected {want}", f[j]);
+        assert!(
+            (f[j] as f64 - want).abs() <= 1e-6 * want,
+            "inv_freq[{j}] = {}, expected {want}",
+            f[j]
+        );
     }
 }
 
 #[test]
 fn missing_and_invalid_keys_are_named() {
     let base: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(golden_dir().join("tiny-bf16/config.json")).expect("read")).expect("json");
+        serde_json::from_str(&std::fs::read_to_string(golden_dir().join("tiny-bf16/config.json")).expect("read"))
+            .expect("json");
     let err = |edit: &dyn Fn(&mut serde_json::Value)| {
         let mut v = base.clone();
         edit(&mut v);
-        format!("{:#}", ModelConfig::from_json_str(&v.to_string()).expect_err("must fail"))
+        format!(
+            "{:#}",
+            ModelConfig::from_json_str(&v.to_string()).expect_err("must fail")
+        )
     };
     assert!(err(&|v| {
         v.as_object_mut().expect("obj").remove("kv_lora_rank");

@@ -218,19 +218,37 @@ fn an_expert_shard_holds_only_its_experts() {
     let dir = tempfile::tempdir().expect("tmp");
     let (model, all) = synthetic_model(dir.path(), true, 2);
     let ckpt = dsv3_engine::Checkpoint::open(&dsv3_engine::ModelFiles::Dir(dir.path().to_path_buf())).expect("open");
-    let shard = dsv3_engine::LocalExperts::load(&ckpt, &model.config, &dsv3_engine::ExpertSelection::Only(vec![0, 5]), |_| {})
-        .expect("shard");
+    let shard = dsv3_engine::LocalExperts::load(
+        &ckpt,
+        &model.config,
+        &dsv3_engine::ExpertSelection::Only(vec![0, 5]),
+        |_| {},
+    )
+    .expect("shard");
     assert!(shard.expert(2, 0).is_some() && shard.expert(3, 5).is_some());
     assert!(shard.expert(2, 1).is_none());
     assert!(shard.weight_bytes() * 8 == all.weight_bytes(), "2 of 16 experts");
     let h = model.config.hidden_size;
     let x = vec![0.1f32; h];
-    let routes = dsv3_engine::TokenRoutes { k: 2, experts: vec![0, 5], weights: vec![0.5, 0.5] };
+    let routes = dsv3_engine::TokenRoutes {
+        k: 2,
+        experts: vec![0, 5],
+        weights: vec![0.5, 0.5],
+    };
     use dsv3_engine::ExpertExecutor;
     let y = shard.routed_experts(2, &x, &routes).expect("held experts");
     let y_all = all.routed_experts(2, &x, &routes).expect("all experts");
     assert_eq!(y, y_all);
-    let missing = dsv3_engine::TokenRoutes { k: 2, experts: vec![0, 7], weights: vec![0.5, 0.5] };
-    let e = format!("{:#}", shard.routed_experts(2, &x, &missing).expect_err("expert 7 is elsewhere"));
+    let missing = dsv3_engine::TokenRoutes {
+        k: 2,
+        experts: vec![0, 7],
+        weights: vec![0.5, 0.5],
+    };
+    let e = format!(
+        "{:#}",
+        shard
+            .routed_experts(2, &x, &missing)
+            .expect_err("expert 7 is elsewhere")
+    );
     assert!(e.contains("routed expert 7 of layer 2"), "{e}");
 }
