@@ -2,8 +2,10 @@
 
 mod bench;
 mod generate;
+mod local_fleet;
 mod model_source;
 mod progress;
+mod roles;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -21,6 +23,16 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure prefill and decode speed on the tiny model and on synthetic configs.
     Bench(bench::BenchArgs),
+    /// The whole fleet in one process: OpenAI-compatible HTTP API over an in-process engine.
+    Serve(roles::ServeArgs),
+    /// The HTTP front end and scheduler, driving remote attention ranks.
+    Router(roles::RouterArgs),
+    /// An attention rank: everything but the routed experts, reached on expert shards.
+    Attention(roles::AttentionArgs),
+    /// An expert shard: the routed experts the placement plan gives this rank.
+    Expert(roles::ExpertArgs),
+    /// A local multi-process fleet on loopback: router, attention ranks, expert shards.
+    Fleet(local_fleet::FleetArgs),
 }
 
 fn main() -> ExitCode {
@@ -28,6 +40,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Serve(args) => roles::serve(args),
+        Command::Router(args) => roles::router(args),
+        Command::Attention(args) => roles::attention(args),
+        Command::Expert(args) => roles::expert(args),
+        Command::Fleet(args) => local_fleet::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

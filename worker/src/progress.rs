@@ -16,3 +16,19 @@ pub fn reporter(source: String) -> impl FnMut(LoadProgress) {
         }
     }
 }
+
+/// Progress of a role's load, counted in finished layers (attention layers and expert layers).
+pub fn layer_reporter(source: String, total: usize) -> impl FnMut(usize) {
+    let started = Instant::now();
+    let mut done = 0;
+    let mut report = reporter(source);
+    move |_layer| {
+        done += 1;
+        report(LoadProgress {
+            stage: "layers",
+            done: done.min(total),
+            total,
+            elapsed_s: started.elapsed().as_secs_f64(),
+        });
+    }
+}

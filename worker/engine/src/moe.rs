@@ -166,6 +166,9 @@ fn top_indices(values: &[f32], k: usize) -> Vec<usize> {
     order
 }
 
+/// A routing slot handled elsewhere (another expert shard): skipped.
+pub const NO_EXPERT: u32 = u32::MAX;
+
 /// Runs the routed experts of MoE layers for a batch of tokens.
 pub trait ExpertExecutor: Sync {
     /// For each token i: `Σ_j weights[i,j] · Expert_{experts[i,j]}(x_i)` for MoE layer `layer`
@@ -256,10 +259,12 @@ impl ExpertExecutor for LocalExperts {
         for t in 0..tokens {
             for j in 0..routes.k {
                 let i = t * routes.k + j;
-                by_expert
-                    .entry(routes.experts[i])
-                    .or_default()
-                    .push((t, routes.weights[i]));
+                if routes.experts[i] != NO_EXPERT {
+                    by_expert
+                        .entry(routes.experts[i])
+                        .or_default()
+                        .push((t, routes.weights[i]));
+                }
             }
         }
         let work: Vec<(u32, Vec<(usize, f32)>)> = by_expert.into_iter().collect();

@@ -1,0 +1,287 @@
+//! `POST /v1/chat/completions`: messages through the model's chat template.
+
+use std::time::Instant;
+
+use async_openai::types::chat::{
+    ChatChoice, ChatChoiceStream, ChatCompletionResponseMessage, ChatCompletionStreamResponseDelta, CompletionUsage,
+    CreateChatCompletionRequest, CreateChatCompletionResponse, CreateChatCompletionStreamResponse, FinishReason,
+    ResponseFormat, Role,
+};
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use dsv3_text::Tokenizer;
+use serde_json::{Map, Value};
+
+use crate::backend::GenerationRequest;
+use crate::error::ApiError;
+use crate::generation::{Finish, Generation, TokenOutput};
+use crate::logprobs::chat_logprobs;
+use crate::params::{check_prompt, prepare, SamplingInput};
+use crate::request::{parse_request, read_body, Parsed};
+use crate::server::{request_id, unix_now, AppState};
+use crate::streaming::{sse_response, usage_of, ChunkFormat};
+
+pub(crate) async fn create(State(state): State<AppState>, body: Body) -> Response {
+    match handle(state, body).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let bytes = read_body(body, state.config.max_body_bytes).await?;
+    let Parsed {
+        request: req,
+        extensions,
+        raw,
+    } = parse_request::<CreateChatCompletionRequest>(&bytes, &state.config.served_model_name)?;
+    state.check_model(&req.model)?;
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid("messages", "`messages` is empty"));
+    }
+    if req.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid("n", "only `n` = 1 is supported"));
+    }
+    if !matches!(req.response_format, None | Some(ResponseFormat::Text)) {
+        return Err(ApiError::invalid(
+            "response_format",
+            "only the `text` response format is supported",
+        ));
+    }
+    let logprobs = chat_logprobs_request(req.logprobs, req.top_logprobs, state.config.max_logprobs)?;
+    let tokenizer = state.tokenizer.as_ref().ok_or_else(|| {
+        ApiError::bad_request(
+            "this model has no tokenizer, so chat completions are not available: use /v1/completions with token ids",
+        )
+    })?;
+    let prompt = render_prompt(tokenizer, &raw, extensions.chat_template_kwargs.as_ref())?;
+
+    let config = state.backend.config();
+    check_prompt(&prompt, config, "messages")?;
+    let (max_tokens, seed) = deprecated_fields(&req);
+    let prepared = prepare(
+        &SamplingInput {
+            max_tokens,
+            default_max_tokens: None,
+            temperature: req.temperature,
+            top_p: req.top_p,
+            seed,
+            stop: req.stop.as_ref(),
+            presence_penalty: req.presence_penalty,
+            frequency_penalty: req.frequency_penalty,
+            has_logit_bias: req.logit_bias.as_ref().is_some_and(|b| !b.is_empty()),
+            extensions: &extensions,
+        },
+        prompt.len(),
+        config,
+        true,
+    )?;
+
+    let mut generation = Generation::start(
+        state.backend.as_ref(),
+        Some(tokenizer),
+        state.metrics.clone(),
+        GenerationRequest {
+            prompt,
+            params: prepared.params,
+            logprobs,
+        },
+        prepared.stops,
+        arrived,
+    )?;
+    let format = ChatChunks {
+        id: request_id("chatcmpl"),
+        created: unix_now(),
+        model: req.model,
+        tokenizer: tokenizer.clone(),
+        logprobs: logprobs.is_some(),
+    };
+    if req.stream == Some(true) {
+        let include_usage = req
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+        return Ok(sse_response(generation, format, include_usage));
+    }
+    let out = generation.collect().await?;
+    let body = format.response(out.text, &out.tokens, out.finish, usage_of(&generation));
+    Ok(Json(body).into_response())
+}
+
+/// `max_tokens` and `seed`, which OpenAI marks deprecated but clients still send; the token
+/// budget comes from `max_completion_tokens` first.
+#[allow(deprecated)]
+fn deprecated_fields(req: &CreateChatCompletionRequest) -> (Option<(u32, &'static str)>, Option<i64>) {
+    let max_tokens = match (req.max_completion_tokens, req.max_tokens) {
+        (Some(n), _) => Some((n, "max_completion_tokens")),
+        (None, Some(n)) => Some((n, "max_tokens")),
+        (None, None) => None,
+    };
+    (max_tokens, req.seed)
+}
+
+/// The backend's logprobs request from `logprobs` and `top_logprobs`.
+fn chat_logprobs_request(
+    logprobs: Option<bool>,
+    top_logprobs: Option<u8>,
+    max: usize,
+) -> Result<Option<usize>, ApiError> {
+    let top = top_logprobs.map(usize::from);
+    if let Some(n) = top {
+        if n > max {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                format!("`top_logprobs` must be at most {max}, got {n}"),
+            ));
+        }
+    }
+    match (logprobs.unwrap_or(false), top) {
+        (true, top) => Ok(Some(top.unwrap_or(0))),
+        (false, Some(n)) if n > 0 => Err(ApiError::invalid(
+            "top_logprobs",
+            "`top_logprobs` needs `logprobs` set to true",
+        )),
+        (false, _) => Ok(None),
+    }
+}
+
+/// Renders the messages as sent (all their fields reach the template) with the tools, and
+/// tokenizes the result. `developer` messages are given to the template as `system`.
+fn render_prompt(
+    tokenizer: &Tokenizer,
+    raw: &Value,
+    kwargs: Option<&Map<String, Value>>,
+) -> Result<Vec<u32>, ApiError> {
+    let template = tokenizer.chat_template().ok_or_else(|| {
+        ApiError::bad_request("the model's tokenizer has no chat template, so chat completions are not available")
+    })?;
+    let messages: Vec<Value> = raw
+        .get("messages")
+        .and_then(Value::as_array)
+        .map(|list| list.iter().map(developer_as_system).collect())
+        .unwrap_or_default();
+    let tools = raw.get("tools").filter(|t| !t.is_null());
+    let text = template
+        .render_with_kwargs(&messages, tools, true, kwargs)
+        .map_err(template_error)?;
+    tokenizer
+        .encode(&text, false)
+        .map_err(|e| ApiError::internal(format!("cannot tokenize the chat prompt: {e}")))
+}
+
+fn developer_as_system(message: &Value) -> Value {
+    let mut message = message.clone();
+    if let Some(obj) = message.as_object_mut() {
+        if obj.get("role").and_then(Value::as_str) == Some("developer") {
+            obj.insert("role".into(), Value::String("system".into()));
+        }
+    }
+    message
+}
+
+fn template_error(e: dsv3_text::Error) -> ApiError {
+    match e {
+        dsv3_text::Error::Chat(m) => ApiError::invalid("messages", m),
+        dsv3_text::Error::Template(m) => {
+            ApiError::invalid("messages", format!("the chat template refused the request: {m}"))
+        }
+        other => ApiError::internal(format!("cannot render the chat template: {other}")),
+    }
+}
+
+fn finish_reason(finish: Finish) -> FinishReason {
+    match finish {
+        Finish::Stop => FinishReason::Stop,
+        Finish::Length => FinishReason::Length,
+    }
+}
+
+/// Chunks and responses of one chat request.
+struct ChatChunks {
+    id: String,
+    created: u32,
+    model: String,
+    tokenizer: Tokenizer,
+    logprobs: bool,
+}
+
+impl ChatChunks {
+    fn envelope(&self, choices: Vec<ChatChoiceStream>, usage: Option<CompletionUsage>) -> String {
+        let chunk = CreateChatCompletionStreamResponse {
+            id: self.id.clone(),
+            choices,
+            created: self.created,
+            model: self.model.clone(),
+            object: "chat.completion.chunk".into(),
+            usage,
+            ..Default::default()
+        };
+        serde_json::to_string(&chunk).unwrap_or_default()
+    }
+
+    fn response(&self, text: String, tokens: &[TokenOutput], finish: Finish, usage: CompletionUsage) -> Value {
+        let body = CreateChatCompletionResponse {
+            id: self.id.clone(),
+            choices: vec![ChatChoice {
+                index: 0,
+                message: ChatCompletionResponseMessage {
+                    content: Some(text),
+                    role: Role::Assistant,
+                    ..Default::default()
+                },
+                finish_reason: Some(finish_reason(finish)),
+                logprobs: self.logprobs.then(|| chat_logprobs(Some(&self.tokenizer), tokens)),
+            }],
+            created: self.created,
+            model: self.model.clone(),
+            object: "chat.completion".into(),
+            usage: Some(usage),
+            ..Default::default()
+        };
+        serde_json::to_value(&body).unwrap_or(Value::Null)
+    }
+}
+
+impl ChunkFormat for ChatChunks {
+    fn opening(&mut self) -> Vec<String> {
+        let delta = ChatCompletionStreamResponseDelta {
+            role: Some(Role::Assistant),
+            content: Some(String::new()),
+            ..Default::default()
+        };
+        vec![self.envelope(
+            vec![ChatChoiceStream {
+                index: 0,
+                delta,
+                finish_reason: None,
+                logprobs: None,
+            }],
+            None,
+        )]
+    }
+
+    fn chunk(&mut self, text: String, tokens: &[TokenOutput], finish: Option<Finish>) -> String {
+        let delta = ChatCompletionStreamResponseDelta {
+            content: finish.is_none().then_some(text),
+            ..Default::default()
+        };
+        let logprobs = (self.logprobs && finish.is_none()).then(|| chat_logprobs(Some(&self.tokenizer), tokens));
+        self.envelope(
+            vec![ChatChoiceStream {
+                index: 0,
+                delta,
+                finish_reason: finish.map(finish_reason),
+                logprobs,
+            }],
+            None,
+        )
+    }
+
+    fn usage(&mut self, usage: CompletionUsage) -> String {
+        self.envelope(Vec::new(), Some(usage))
+    }
+}

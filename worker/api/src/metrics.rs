@@ -1,0 +1,289 @@
+//! Prometheus metrics (prometheus-client, Prometheus text format 0.0.4).
+//!
+//! Request-side metrics are recorded by the handlers; load figures (running, waiting, KV cache,
+//! expert load) are read from [`Backend::stats`] on each scrape. Label cardinality is bounded:
+//! finish reasons, HTTP statuses the server produces, and MoE layers (≤ 61); never one series
+//! per expert.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::backend::Backend;
+
+/// Why a request ended, as counted in `dsv3_requests_finished_total{finish_reason}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// End of sequence, stop token or stop string.
+    Stop,
+    /// max_tokens or the context.
+    Length,
+    /// The backend failed mid-request.
+    Error,
+    /// The client went away before the end.
+    Abort,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Stop => "stop",
+            Outcome::Length => "length",
+            Outcome::Error => "error",
+            Outcome::Abort => "abort",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FinishLabels {
+    finish_reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: u16,
+}
+
+/// The metrics of one front end.
+pub struct Metrics {
+    registry: Registry,
+    ttft: Histogram,
+    itl: Histogram,
+    e2e: Histogram,
+    prompt_tokens: Counter,
+    generation_tokens: Counter,
+    finished: Family<FinishLabels, Counter>,
+    http_errors: Family<StatusLabels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    pub fn new(backend: Arc<dyn Backend>) -> Self {
+        let mut registry = Registry::default();
+        // 1 ms .. ~65 s
+        let ttft = Histogram::new(exponential_buckets(0.001, 2.0, 17));
+        // 0.5 ms .. ~16 s
+        let itl = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        // 10 ms .. ~22 min
+        let e2e = Histogram::new(exponential_buckets(0.01, 2.0, 18));
+        let prompt_tokens = Counter::default();
+        let generation_tokens = Counter::default();
+        let finished = Family::<FinishLabels, Counter>::default();
+        let http_errors = Family::<StatusLabels, Counter>::default();
+        registry.register(
+            "dsv3_time_to_first_token_seconds",
+            "Time from receiving a request to its first generated token",
+            ttft.clone(),
+        );
+        registry.register(
+            "dsv3_inter_token_latency_seconds",
+            "Time between consecutive generated tokens of a request",
+            itl.clone(),
+        );
+        registry.register(
+            "dsv3_e2e_request_latency_seconds",
+            "Time from receiving a request to its end",
+            e2e.clone(),
+        );
+        registry.register(
+            "dsv3_prompt_tokens",
+            "Prompt tokens of admitted requests",
+            prompt_tokens.clone(),
+        );
+        registry.register("dsv3_generation_tokens", "Generated tokens", generation_tokens.clone());
+        registry.register(
+            "dsv3_requests_finished",
+            "Generation requests by how they ended (stop, length, error, abort)",
+            finished.clone(),
+        );
+        registry.register(
+            "dsv3_http_errors",
+            "Error responses by HTTP status",
+            http_errors.clone(),
+        );
+        registry.register_collector(Box::new(BackendCollector { backend }));
+        Metrics {
+            registry,
+            ttft,
+            itl,
+            e2e,
+            prompt_tokens,
+            generation_tokens,
+            finished,
+            http_errors,
+        }
+    }
+
+    pub fn request_admitted(&self, prompt_tokens: usize) {
+        self.prompt_tokens.inc_by(prompt_tokens as u64);
+    }
+
+    pub fn first_token(&self, since_arrival: Duration) {
+        self.ttft.observe(since_arrival.as_secs_f64());
+        self.generation_tokens.inc();
+    }
+
+    pub fn next_token(&self, since_previous: Duration) {
+        self.itl.observe(since_previous.as_secs_f64());
+        self.generation_tokens.inc();
+    }
+
+    pub fn request_finished(&self, outcome: Outcome, since_arrival: Duration) {
+        self.finished
+            .get_or_create(&FinishLabels {
+                finish_reason: outcome.label(),
+            })
+            .inc();
+        if matches!(outcome, Outcome::Stop | Outcome::Length) {
+            self.e2e.observe(since_arrival.as_secs_f64());
+        }
+    }
+
+    pub fn http_error(&self, status: u16) {
+        self.http_errors.get_or_create(&StatusLabels { status }).inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// `Content-Type` of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// Load figures read from the backend at scrape time.
+struct BackendCollector {
+    backend: Arc<dyn Backend>,
+}
+
+impl std::fmt::Debug for BackendCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for BackendCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = self.backend.stats();
+        const_gauge(
+            &mut encoder,
+            "dsv3_requests_running",
+            "Sequences being generated.",
+            stats.running as f64,
+        )?;
+        const_gauge(
+            &mut encoder,
+            "dsv3_requests_waiting",
+            "Sequences admitted and waiting for a slot.",
+            stats.waiting as f64,
+        )?;
+        let usage = if stats.cache_total_blocks == 0 {
+            0.0
+        } else {
+            stats.cache_used_blocks as f64 / stats.cache_total_blocks as f64
+        };
+        const_gauge(
+            &mut encoder,
+            "dsv3_kv_cache_usage_ratio",
+            "Fraction of KV cache blocks in use.",
+            usage,
+        )?;
+        const_gauge(
+            &mut encoder,
+            "dsv3_kv_cache_blocks",
+            "KV cache blocks in all.",
+            stats.cache_total_blocks as f64,
+        )?;
+
+        if stats.expert_tokens.is_empty() {
+            return Ok(());
+        }
+        let layers = moe_layer_numbers(self.backend.config(), stats.expert_tokens.len());
+        {
+            let probe = ConstCounter::new(0u64);
+            let mut family = encoder.encode_descriptor(
+                "dsv3_expert_tokens",
+                "Tokens routed to the experts of a MoE layer since start (each token counts once per chosen expert).",
+                None,
+                probe.metric_type(),
+            )?;
+            for (layer, experts) in layers.iter().zip(&stats.expert_tokens) {
+                let total: u64 = experts.iter().sum();
+                let labels = [("layer", layer.to_string())];
+                ConstCounter::new(total).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let probe = ConstGauge::new(0.0f64);
+        let mut family = encoder.encode_descriptor(
+            "dsv3_expert_load_imbalance",
+            "Max over mean of tokens per expert in a MoE layer since start (1 = balanced).",
+            None,
+            probe.metric_type(),
+        )?;
+        for (layer, experts) in layers.iter().zip(&stats.expert_tokens) {
+            let labels = [("layer", layer.to_string())];
+            ConstGauge::new(imbalance(experts)).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+fn const_gauge(encoder: &mut DescriptorEncoder<'_>, name: &str, help: &str, value: f64) -> Result<(), std::fmt::Error> {
+    let gauge = ConstGauge::new(value);
+    let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+    gauge.encode(metric)
+}
+
+/// max / mean of the per-expert counts; 1 when nothing was routed yet.
+pub fn imbalance(tokens_per_expert: &[u64]) -> f64 {
+    let total: u64 = tokens_per_expert.iter().sum();
+    if total == 0 || tokens_per_expert.is_empty() {
+        return 1.0;
+    }
+    let mean = total as f64 / tokens_per_expert.len() as f64;
+    let max = tokens_per_expert.iter().copied().max().unwrap_or(0) as f64;
+    max / mean
+}
+
+/// The layer numbers of the first `count` MoE layers (main stack, then MTP modules); plain
+/// ordinals when the config has fewer MoE layers than the stats report.
+fn moe_layer_numbers(config: &dsv3_engine::ModelConfig, count: usize) -> Vec<usize> {
+    let layers: Vec<usize> = (0..config.num_cache_layers())
+        .filter(|&l| config.is_moe_layer(l))
+        .take(count)
+        .collect();
+    if layers.len() == count {
+        layers
+    } else {
+        (0..count).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::imbalance;
+
+    #[test]
+    fn imbalance_is_max_over_mean() {
+        assert_eq!(imbalance(&[]), 1.0);
+        assert_eq!(imbalance(&[0, 0]), 1.0);
+        assert_eq!(imbalance(&[5, 5, 5, 5]), 1.0);
+        assert_eq!(imbalance(&[4, 0, 0, 0]), 4.0);
+    }
+}

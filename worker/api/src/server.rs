@@ -1,0 +1,202 @@
+//! The router: shared state, routes, the small endpoints (models, health, ready, metrics), error
+//! counting, and serving with graceful shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_openai::types::models::{ListModelResponse, Model};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use dsv3_text::Tokenizer;
+use serde_json::json;
+
+use crate::backend::Backend;
+use crate::config::ApiConfig;
+use crate::error::ApiError;
+use crate::metrics::{self, Metrics};
+use crate::{chat, completions};
+
+/// What every handler shares.
+pub(crate) struct Shared {
+    pub backend: Arc<dyn Backend>,
+    pub tokenizer: Option<Tokenizer>,
+    pub config: ApiConfig,
+    pub metrics: Arc<Metrics>,
+    /// When the server started (Unix seconds), shown as the model's `created`.
+    pub started: u32,
+}
+
+pub(crate) type AppState = Arc<Shared>;
+
+impl Shared {
+    /// 404 unless `model` is the served model.
+    pub fn check_model(&self, model: &str) -> Result<(), ApiError> {
+        if model == self.config.served_model_name {
+            Ok(())
+        } else {
+            Err(ApiError::model_not_found(model, &self.config.served_model_name))
+        }
+    }
+}
+
+/// The HTTP front end over `backend`.
+///
+/// `tokenizer`: the model directory's tokenizer; without one, text prompts and chat answer 400
+/// and token-id prompts still work (generated ids come back in `token_ids`).
+pub fn router(backend: Arc<dyn Backend>, tokenizer: Option<Tokenizer>, config: ApiConfig) -> Router {
+    let metrics = Arc::new(Metrics::new(backend.clone()));
+    let state: AppState = Arc::new(Shared {
+        backend,
+        tokenizer,
+        config,
+        metrics,
+        started: unix_now(),
+    });
+    Router::new()
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{*model}", get(get_model))
+        .route("/v1/completions", post(completions::create))
+        .route("/v1/chat/completions", post(chat::create))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics_text))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), count_errors))
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until ctrl-c or SIGTERM, then lets running requests finish.
+pub async fn serve(listener: tokio::net::TcpListener, router: Router) -> std::io::Result<()> {
+    serve_with_shutdown(listener, router, shutdown_signal()).await
+}
+
+/// Serves `router` on `listener` until `shutdown` completes, then lets running requests finish.
+pub async fn serve_with_shutdown(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+}
+
+/// Completes on ctrl-c or (on Unix) SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            // No handler could be installed: never complete from this branch.
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+pub(crate) fn unix_now() -> u32 {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    u32::try_from(secs).unwrap_or(u32::MAX)
+}
+
+/// A random request id such as `chatcmpl-3f0c9a1b2d4e5f60`.
+pub(crate) fn request_id(prefix: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS per process and advanced per instance.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    format!("{prefix}-{:016x}", h.finish())
+}
+
+fn model_card(state: &Shared) -> Model {
+    Model {
+        id: state.config.served_model_name.clone(),
+        object: "model".into(),
+        created: state.started,
+        owned_by: state.config.owned_by.clone(),
+        shutdown_date: None,
+    }
+}
+
+async fn list_models(State(state): State<AppState>) -> Json<ListModelResponse> {
+    Json(ListModelResponse {
+        object: "list".into(),
+        data: vec![model_card(&state)],
+    })
+}
+
+async fn get_model(State(state): State<AppState>, Path(model): Path<String>) -> Result<Json<Model>, ApiError> {
+    state.check_model(&model)?;
+    Ok(Json(model_card(&state)))
+}
+
+/// The process is alive.
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// 200 when the backend accepts requests, else 503 with what is degraded.
+async fn ready(State(state): State<AppState>) -> Response {
+    let health = state.backend.health();
+    let status = if health.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": if health.ready { "ready" } else { "not_ready" },
+        "detail": health.detail,
+    });
+    (status, Json(body)).into_response()
+}
+
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    match state.metrics.encode() {
+        Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
+        Err(_) => ApiError::internal("cannot encode metrics").into_response(),
+    }
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::not_found(uri.path())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::method_not_allowed()
+}
+
+/// Counts error responses by status (`dsv3_http_errors_total`); readiness probes' 503s are not
+/// errors of the API.
+async fn count_errors(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let probe = request.uri().path() == "/ready";
+    let response = next.run(request).await;
+    let status = response.status();
+    if !probe && (status.is_client_error() || status.is_server_error()) {
+        state.metrics.http_error(status.as_u16());
+    }
+    response
+}

@@ -1,0 +1,10 @@
+//! HTTP tests of dsv3-api over a scripted fake backend and the tiny model's tokenizer.
+
+mod common;
+
+mod cancellation;
+mod chat;
+mod completions;
+mod errors;
+mod metrics;
+mod streaming;

@@ -1,0 +1,420 @@
+//! The fleet's gRPC services and clients: an attention rank and an expert shard behind tonic,
+//! and the clients that make remote ones look local (`AttentionRank`, `ExpertExecutor`).
+
+use crate::placement::PlacementPlan;
+use crate::rank::{AttentionRank, ExpertBackend};
+use anyhow::{bail, Context, Result};
+use dsv3_engine::{ExpertExecutor, LocalExperts, TokenRoutes};
+use dsv3_proto::attention_client::AttentionClient;
+use dsv3_proto::attention_server::{Attention, AttentionServer};
+use dsv3_proto::expert_client::ExpertClient;
+use dsv3_proto::expert_server::{Expert, ExpertServer};
+use dsv3_proto::{
+    AttentionInfo, ExpertInfo, ExpertReply, ExpertRequest, InfoRequest, ReleaseReply, ReleaseRequest, StepReply,
+    StepRequest, Tensor, OTHER_SHARD,
+};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::runtime::Handle;
+use tonic::transport::{Channel, Endpoint, Server};
+use tonic::{Request, Response, Status};
+
+/// Activations of a whole batch fit easily; the default 4 MiB does not for long prompts.
+const MAX_MESSAGE_BYTES: usize = 1 << 30;
+
+fn internal(e: anyhow::Error) -> Status {
+    Status::internal(format!("{e:#}"))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("worker task failed: {e}")))?
+        .map_err(internal)
+}
+
+// ---------------------------------------------------------------- attention rank service
+
+pub struct AttentionService {
+    rank: Arc<dyn AttentionRank>,
+}
+
+#[tonic::async_trait]
+impl Attention for AttentionService {
+    async fn step(&self, request: Request<StepRequest>) -> Result<Response<StepReply>, Status> {
+        let rank = self.rank.clone();
+        let request = request.into_inner();
+        Ok(Response::new(blocking(move || rank.step(request)).await?))
+    }
+
+    async fn release(&self, request: Request<ReleaseRequest>) -> Result<Response<ReleaseReply>, Status> {
+        let rank = self.rank.clone();
+        let seqs = request.into_inner().seqs;
+        blocking(move || rank.release(&seqs)).await?;
+        Ok(Response::new(ReleaseReply {}))
+    }
+
+    async fn info(&self, _: Request<InfoRequest>) -> Result<Response<AttentionInfo>, Status> {
+        let rank = self.rank.clone();
+        Ok(Response::new(blocking(move || rank.info()).await?))
+    }
+}
+
+pub fn attention_server(rank: Arc<dyn AttentionRank>) -> AttentionServer<AttentionService> {
+    AttentionServer::new(AttentionService { rank })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// A remote attention rank, called from the scheduler's (non-async) thread.
+pub struct RemoteAttention {
+    address: String,
+    client: AttentionClient<Channel>,
+    handle: Handle,
+    step_timeout: Duration,
+}
+
+fn channel(address: &str) -> Result<Channel> {
+    let uri = if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    };
+    Ok(Endpoint::from_shared(uri.clone())
+        .with_context(|| format!("`{address}` is not a valid peer address"))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+impl RemoteAttention {
+    pub fn new(address: &str, handle: Handle, step_timeout: Duration) -> Result<Self> {
+        let _runtime = handle.enter(); // lazy channels spawn their connection task on it
+        let client = AttentionClient::new(channel(address)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(RemoteAttention {
+            address: address.to_string(),
+            client,
+            handle,
+            step_timeout,
+        })
+    }
+
+    fn call<T>(
+        &self,
+        timeout: Duration,
+        f: impl std::future::Future<Output = Result<Response<T>, Status>>,
+    ) -> Result<T> {
+        let result = self.handle.block_on(async { tokio::time::timeout(timeout, f).await });
+        match result {
+            Err(_) => bail!("attention rank at {} did not answer within {timeout:?}", self.address),
+            Ok(Err(status)) => bail!("attention rank at {}: {}", self.address, status.message()),
+            Ok(Ok(reply)) => Ok(reply.into_inner()),
+        }
+    }
+}
+
+impl AttentionRank for RemoteAttention {
+    fn step(&self, request: StepRequest) -> Result<StepReply> {
+        let mut client = self.client.clone();
+        self.call(self.step_timeout, async move { client.step(request).await })
+    }
+
+    fn release(&self, seqs: &[u64]) -> Result<()> {
+        let mut client = self.client.clone();
+        let request = ReleaseRequest { seqs: seqs.to_vec() };
+        self.call(Duration::from_secs(5), async move { client.release(request).await })
+            .map(|_| ())
+    }
+
+    fn info(&self) -> Result<AttentionInfo> {
+        let mut client = self.client.clone();
+        self.call(Duration::from_secs(2), async move { client.info(InfoRequest {}).await })
+    }
+}
+
+// ---------------------------------------------------------------- expert shard service
+
+pub struct ExpertService {
+    rank: u32,
+    experts: Arc<LocalExperts>,
+    held: Vec<u32>,
+    placement_version: String,
+}
+
+#[tonic::async_trait]
+impl Expert for ExpertService {
+    async fn compute(&self, request: Request<ExpertRequest>) -> Result<Response<ExpertReply>, Status> {
+        let request = request.into_inner();
+        let hidden = request
+            .hidden
+            .ok_or_else(|| Status::invalid_argument("ExpertRequest.hidden is missing"))?;
+        let x = hidden.to_f32().map_err(Status::invalid_argument)?;
+        let (tokens, width) = match hidden.shape[..] {
+            [t, w] => (t as usize, w as usize),
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "hidden must be 2-D, got shape {:?}",
+                    hidden.shape
+                )))
+            }
+        };
+        let k = request.k as usize;
+        if request.experts.len() != tokens * k || request.weights.len() != tokens * k {
+            return Err(Status::invalid_argument(format!(
+                "{tokens} tokens × k={k} need {} experts and weights, got {} and {}",
+                tokens * k,
+                request.experts.len(),
+                request.weights.len()
+            )));
+        }
+        let routes = TokenRoutes {
+            k,
+            experts: request.experts,
+            weights: request.weights,
+        };
+        let experts = self.experts.clone();
+        let layer = request.layer as usize;
+        let y = blocking(move || experts.routed_experts(layer, &x, &routes)).await?;
+        Ok(Response::new(ExpertReply {
+            output: Some(Tensor::from_f32(&[tokens, width], &y)),
+        }))
+    }
+
+    async fn info(&self, _: Request<InfoRequest>) -> Result<Response<ExpertInfo>, Status> {
+        Ok(Response::new(ExpertInfo {
+            rank: self.rank,
+            experts: self.held.clone(),
+            placement_version: self.placement_version.clone(),
+        }))
+    }
+}
+
+pub fn expert_server(
+    rank: u32,
+    experts: Arc<LocalExperts>,
+    plan: &PlacementPlan,
+) -> Result<ExpertServer<ExpertService>> {
+    let held = plan.shards.get(rank as usize).cloned().with_context(|| {
+        format!(
+            "expert rank {rank} is outside the placement plan ({} shards)",
+            plan.shards.len()
+        )
+    })?;
+    Ok(ExpertServer::new(ExpertService {
+        rank,
+        experts,
+        held,
+        placement_version: plan.version.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// Routed experts on remote shards: each token goes only to the shards that own its top-k
+/// experts (replicas spread by token), and the partial sums come back to be added up.
+pub struct RemoteExperts {
+    plan: PlacementPlan,
+    addresses: Vec<String>,
+    clients: Vec<ExpertClient<Channel>>,
+    handle: Handle,
+    timeout: Duration,
+}
+
+impl RemoteExperts {
+    pub fn new(plan: PlacementPlan, addresses: Vec<String>, handle: Handle, timeout: Duration) -> Result<Self> {
+        if addresses.len() != plan.shards.len() {
+            bail!(
+                "{} expert peers given, the placement plan has {} shards",
+                addresses.len(),
+                plan.shards.len()
+            );
+        }
+        let _runtime = handle.enter(); // lazy channels spawn their connection task on it
+        let clients = addresses
+            .iter()
+            .map(|a| {
+                Ok(ExpertClient::new(channel(a)?)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES))
+            })
+            .collect::<Result<_>>()?;
+        Ok(RemoteExperts {
+            plan,
+            addresses,
+            clients,
+            handle,
+            timeout,
+        })
+    }
+}
+
+impl ExpertExecutor for RemoteExperts {
+    fn routed_experts(&self, layer: usize, x: &[f32], routes: &TokenRoutes) -> Result<Vec<f32>> {
+        let tokens = routes.tokens();
+        let width = x.len() / tokens.max(1);
+        let k = routes.k;
+        let shards = self.plan.shards.len();
+        // Per shard: the token rows it gets and their routing slots (other shards' slots masked).
+        let mut rows: Vec<Vec<usize>> = vec![Vec::new(); shards];
+        let mut slots: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); shards];
+        for t in 0..tokens {
+            let mut mine: Vec<Option<usize>> = vec![None; k];
+            for (j, shard) in mine.iter_mut().enumerate() {
+                let owners = self.plan.owners(routes.experts[t * k + j]);
+                if owners.is_empty() {
+                    bail!(
+                        "expert {} of layer {layer} has no shard in the placement plan",
+                        routes.experts[t * k + j]
+                    );
+                }
+                *shard = Some(owners[t % owners.len()]);
+            }
+            for s in 0..shards {
+                if !mine.contains(&Some(s)) {
+                    continue;
+                }
+                rows[s].push(t);
+                for (j, shard) in mine.iter().enumerate() {
+                    let i = t * k + j;
+                    let (e, w) = if *shard == Some(s) {
+                        (routes.experts[i], routes.weights[i])
+                    } else {
+                        (OTHER_SHARD, 0.0)
+                    };
+                    slots[s].0.push(e);
+                    slots[s].1.push(w);
+                }
+            }
+        }
+        let mut calls = Vec::new();
+        for (s, (experts, weights)) in slots.into_iter().enumerate() {
+            if rows[s].is_empty() {
+                continue;
+            }
+            let mut hidden = Vec::with_capacity(rows[s].len() * width);
+            for &t in &rows[s] {
+                hidden.extend_from_slice(&x[t * width..(t + 1) * width]);
+            }
+            let request = ExpertRequest {
+                layer: layer as u32,
+                hidden: Some(Tensor::from_f32(&[rows[s].len(), width], &hidden)),
+                k: k as u32,
+                experts,
+                weights,
+            };
+            let mut client = self.clients[s].clone();
+            let timeout = self.timeout;
+            calls.push((s, async move {
+                tokio::time::timeout(timeout, client.compute(request)).await
+            }));
+        }
+        let (order, futures): (Vec<usize>, Vec<_>) = calls.into_iter().unzip();
+        let replies = self.handle.block_on(futures::future::join_all(futures));
+        let mut out = vec![0.0f32; x.len()];
+        for (s, reply) in order.into_iter().zip(replies) {
+            let reply = match reply {
+                Err(_) => bail!(
+                    "expert shard {s} at {} did not answer within {:?}",
+                    self.addresses[s],
+                    self.timeout
+                ),
+                Ok(Err(status)) => bail!("expert shard {s} at {}: {}", self.addresses[s], status.message()),
+                Ok(Ok(r)) => r.into_inner(),
+            };
+            let y = reply
+                .output
+                .context("expert reply without output")?
+                .to_f32()
+                .map_err(|e| anyhow::anyhow!("expert shard {s}: {e}"))?;
+            if y.len() != rows[s].len() * width {
+                bail!(
+                    "expert shard {s} returned {} values for {} tokens",
+                    y.len(),
+                    rows[s].len()
+                );
+            }
+            for (row, &t) in y.chunks_exact(width).zip(&rows[s]) {
+                for (o, v) in out[t * width..(t + 1) * width].iter_mut().zip(row) {
+                    *o += v;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl ExpertBackend for RemoteExperts {
+    fn ready(&self) -> Result<(), String> {
+        let probes: Vec<_> = self
+            .clients
+            .iter()
+            .map(|c| {
+                let mut c = c.clone();
+                async move { tokio::time::timeout(Duration::from_secs(1), c.info(InfoRequest {})).await }
+            })
+            .collect();
+        let answers = self.handle.block_on(futures::future::join_all(probes));
+        let mut problems = Vec::new();
+        for (s, answer) in answers.into_iter().enumerate() {
+            match answer {
+                Ok(Ok(info)) if info.get_ref().placement_version == self.plan.version => {}
+                Ok(Ok(info)) => problems.push(format!(
+                    "expert shard {s} runs placement {} but this rank uses {}",
+                    info.get_ref().placement_version,
+                    self.plan.version
+                )),
+                Ok(Err(status)) => problems.push(format!(
+                    "expert shard {s} at {}: {}",
+                    self.addresses[s],
+                    status.message()
+                )),
+                Err(_) => problems.push(format!("expert shard {s} at {} does not answer", self.addresses[s])),
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+
+    fn placement_version(&self) -> String {
+        self.plan.version.clone()
+    }
+}
+
+/// Serves an attention rank (plus the standard gRPC health service) until `shutdown` resolves.
+pub async fn serve_attention(
+    listener: tokio::net::TcpListener,
+    rank: Arc<dyn AttentionRank>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<AttentionServer<AttentionService>>().await;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    Server::builder()
+        .add_service(health)
+        .add_service(attention_server(rank))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Serves an expert shard (plus the standard gRPC health service) until `shutdown` resolves.
+pub async fn serve_expert(
+    listener: tokio::net::TcpListener,
+    server: ExpertServer<ExpertService>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<ExpertServer<ExpertService>>().await;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    Server::builder()
+        .add_service(health)
+        .add_service(server)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}

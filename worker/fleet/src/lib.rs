@@ -1,0 +1,13 @@
+//! dsv3-fleet: the serving side of dsv3. A continuous-batching scheduler ([`Fleet`], the HTTP
+//! [`dsv3_api::backend::Backend`]) drives attention ranks ([`rank::AttentionRank`]) that reach
+//! their routed experts through [`dsv3_engine::ExpertExecutor`] — all in one process (`serve`)
+//! or as separate processes over gRPC ([`grpc`]).
+
+pub mod grpc;
+pub mod placement;
+pub mod rank;
+pub mod scheduler;
+
+pub use placement::PlacementPlan;
+pub use rank::{AttentionRank, ExpertBackend, LocalAttention};
+pub use scheduler::{Fleet, SchedulerConfig};

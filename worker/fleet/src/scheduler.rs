@@ -1,0 +1,525 @@
+//! The router's scheduler: continuous batching over one or more attention ranks.
+//!
+//! Requests queue (bounded: a full queue is refused with 429), are admitted to the attention
+//! rank with the most free KV cache when their worst case (prompt + max_tokens) fits, and join
+//! the running batch between steps. Every step gives each running sequence either its next
+//! prefill chunk (under a per-rank token budget) or its last sampled token. Ranks step in
+//! parallel. A rank that fails ends the requests it carried with an error and is probed until
+//! it answers again; its sequences are released so its cache is clean when it comes back.
+
+use crate::rank::AttentionRank;
+use dsv3_api::backend::{Backend, BackendStats, GenerationEvent, GenerationRequest, Health, SubmitError, TokenLogprob};
+use dsv3_engine::{FinishReason, ModelConfig};
+use dsv3_proto::{SamplingSpec, StepItem, StepRequest};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedSender;
+
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// Requests that may wait for admission before new ones are refused.
+    pub max_waiting: usize,
+    /// Tokens one rank processes in one step (prefill is chunked to fit).
+    pub max_step_tokens: usize,
+    /// How often a failed rank is probed.
+    pub probe_interval: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            max_waiting: 256,
+            max_step_tokens: 512,
+            probe_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+struct Pending {
+    request: GenerationRequest,
+    events: UnboundedSender<GenerationEvent>,
+}
+
+struct Running {
+    seq: u64,
+    rank: usize,
+    prompt: Vec<u32>,
+    request: GenerationRequest,
+    events: UnboundedSender<GenerationEvent>,
+    /// Positions already in the rank's cache.
+    cached: usize,
+    generated: usize,
+    last_token: Option<u32>,
+    reserved_blocks: usize,
+}
+
+struct RankSlot {
+    rank: Arc<dyn AttentionRank>,
+    healthy: bool,
+    detail: String,
+    block_size: usize,
+    total_blocks: usize,
+    reserved_blocks: usize,
+    last_probe: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Shared {
+    stats: BackendStats,
+    health: Option<Health>,
+    expert_tokens: BTreeMap<u32, Vec<u64>>,
+}
+
+/// The scheduler as an HTTP [`Backend`]: `submit` queues, a dedicated thread runs the steps.
+pub struct Fleet {
+    config: ModelConfig,
+    commands: Mutex<mpsc::Sender<Pending>>,
+    waiting: Arc<AtomicUsize>,
+    max_waiting: usize,
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl Fleet {
+    pub fn start(config: ModelConfig, ranks: Vec<Arc<dyn AttentionRank>>, options: SchedulerConfig) -> Arc<Fleet> {
+        let (tx, rx) = mpsc::channel();
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let fleet = Arc::new(Fleet {
+            config: config.clone(),
+            commands: Mutex::new(tx),
+            waiting: waiting.clone(),
+            max_waiting: options.max_waiting,
+            shared: shared.clone(),
+        });
+        let slots = ranks
+            .into_iter()
+            .map(|rank| RankSlot {
+                rank,
+                healthy: false,
+                detail: "not probed yet".into(),
+                block_size: 16,
+                total_blocks: 0,
+                reserved_blocks: 0,
+                last_probe: None,
+            })
+            .collect();
+        let mut scheduler = Scheduler {
+            config,
+            options,
+            inbox: rx,
+            waiting_count: waiting,
+            shared,
+            ranks: slots,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_seq: 1,
+        };
+        std::thread::Builder::new()
+            .name("dsv3-scheduler".into())
+            .spawn(move || scheduler.run())
+            .expect("spawning the scheduler thread");
+        fleet
+    }
+}
+
+impl Backend for Fleet {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn submit(
+        &self,
+        request: GenerationRequest,
+    ) -> Result<tokio::sync::mpsc::UnboundedReceiver<GenerationEvent>, SubmitError> {
+        if request.prompt.is_empty() {
+            return Err(SubmitError::Invalid("the prompt is empty".into()));
+        }
+        if let Some(&bad) = request.prompt.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            return Err(SubmitError::Invalid(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                self.config.vocab_size
+            )));
+        }
+        if request.prompt.len() + request.params.max_tokens > self.config.max_position_embeddings {
+            return Err(SubmitError::Invalid(format!(
+                "prompt ({} tokens) + max_tokens ({}) exceeds the context of {} tokens",
+                request.prompt.len(),
+                request.params.max_tokens,
+                self.config.max_position_embeddings
+            )));
+        }
+        let health = self.health();
+        if !health.ready {
+            return Err(SubmitError::NotReady(health.detail));
+        }
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.max_waiting {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull);
+        }
+        let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let sent = self
+            .commands
+            .lock()
+            .map(|tx| tx.send(Pending { request, events }).is_ok())
+            .unwrap_or(false);
+        if !sent {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::NotReady("the scheduler has stopped".into()));
+        }
+        Ok(receiver)
+    }
+
+    fn health(&self) -> Health {
+        self.shared
+            .lock()
+            .ok()
+            .and_then(|s| s.health.clone())
+            .unwrap_or(Health {
+                ready: false,
+                detail: "starting: attention ranks not probed yet".into(),
+            })
+    }
+
+    fn stats(&self) -> BackendStats {
+        self.shared.lock().map(|s| s.stats.clone()).unwrap_or_default()
+    }
+}
+
+struct Scheduler {
+    config: ModelConfig,
+    options: SchedulerConfig,
+    inbox: mpsc::Receiver<Pending>,
+    waiting_count: Arc<AtomicUsize>,
+    shared: Arc<Mutex<Shared>>,
+    ranks: Vec<RankSlot>,
+    waiting: VecDeque<Pending>,
+    running: Vec<Running>,
+    next_seq: u64,
+}
+
+impl Scheduler {
+    fn run(&mut self) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                self.publish();
+                match self.inbox.recv_timeout(self.options.probe_interval) {
+                    Ok(p) => self.waiting.push_back(p),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            }
+            while let Ok(p) = self.inbox.try_recv() {
+                self.waiting.push_back(p);
+            }
+            self.probe_ranks();
+            self.drop_cancelled();
+            self.admit();
+            self.publish();
+            if !self.running.is_empty() {
+                self.step();
+            } else if !self.waiting.is_empty() {
+                // Nothing fits anywhere (all ranks down or full): wait for a probe to change that.
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    fn probe_ranks(&mut self) {
+        for slot in &mut self.ranks {
+            let due = slot
+                .last_probe
+                .is_none_or(|t| t.elapsed() >= self.options.probe_interval);
+            if !due {
+                continue;
+            }
+            slot.last_probe = Some(Instant::now());
+            match slot.rank.info() {
+                Ok(info) => {
+                    slot.block_size = info.block_size.max(1) as usize;
+                    slot.total_blocks = info.total_blocks as usize;
+                    slot.healthy = info.experts_ready;
+                    slot.detail = if info.experts_ready { String::new() } else { info.detail };
+                }
+                Err(e) => {
+                    slot.healthy = false;
+                    slot.detail = format!("{e:#}");
+                }
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let Ok(mut shared) = self.shared.lock() else { return };
+        let down: Vec<String> = self
+            .ranks
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.healthy)
+            .map(|(i, s)| format!("attention rank {i}: {}", s.detail))
+            .collect();
+        shared.health = if self.ranks.iter().all(|s| s.last_probe.is_none()) {
+            None
+        } else if down.is_empty() {
+            Some(Health {
+                ready: true,
+                detail: format!("{} attention ranks ready", self.ranks.len()),
+            })
+        } else {
+            Some(Health {
+                ready: false,
+                detail: format!("degraded: {}", down.join("; ")),
+            })
+        };
+        let expert_tokens = shared.expert_tokens.values().cloned().collect();
+        shared.stats = BackendStats {
+            running: self.running.len(),
+            waiting: self.waiting.len(),
+            cache_used_blocks: self.ranks.iter().map(|s| s.reserved_blocks).sum(),
+            cache_total_blocks: self.ranks.iter().map(|s| s.total_blocks).sum(),
+            expert_tokens,
+        };
+    }
+
+    fn drop_cancelled(&mut self) {
+        let (cancelled, kept): (Vec<Running>, Vec<Running>) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(|r| r.events.is_closed());
+        self.running = kept;
+        self.release(cancelled);
+        let before = self.waiting.len();
+        self.waiting.retain(|p| !p.events.is_closed());
+        self.waiting_count
+            .fetch_sub(before - self.waiting.len(), Ordering::SeqCst);
+    }
+
+    /// Frees the ranks' cache for finished, cancelled or failed sequences.
+    fn release(&mut self, done: Vec<Running>) {
+        let mut by_rank: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
+        for r in done {
+            self.ranks[r.rank].reserved_blocks -= r.reserved_blocks;
+            by_rank.entry(r.rank).or_default().push(r.seq);
+        }
+        for (rank, seqs) in by_rank {
+            // A rank that is down has lost its cache anyway.
+            let _ = self.ranks[rank].rank.release(&seqs);
+        }
+    }
+
+    fn admit(&mut self) {
+        while let Some(pending) = self.waiting.front() {
+            let worst = pending.request.prompt.len() + pending.request.params.max_tokens;
+            let choice = self
+                .ranks
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.healthy)
+                .map(|(i, s)| {
+                    (
+                        i,
+                        s.total_blocks.saturating_sub(s.reserved_blocks),
+                        worst.div_ceil(s.block_size),
+                    )
+                })
+                .filter(|&(_, free, need)| need <= free)
+                .max_by_key(|&(i, free, _)| (free, std::cmp::Reverse(i)));
+            let Some((rank, _, need)) = choice else {
+                let fits_somewhere = self
+                    .ranks
+                    .iter()
+                    .any(|s| worst.div_ceil(s.block_size) <= s.total_blocks);
+                if !fits_somewhere && self.ranks.iter().all(|s| s.healthy) {
+                    let p = self.waiting.pop_front().expect("front exists");
+                    self.waiting_count.fetch_sub(1, Ordering::SeqCst);
+                    let _ = p.events.send(GenerationEvent::Failed {
+                        message: format!(
+                            "the request needs {worst} cache positions; no attention rank holds that many"
+                        ),
+                    });
+                    continue;
+                }
+                break;
+            };
+            let p = self.waiting.pop_front().expect("front exists");
+            self.waiting_count.fetch_sub(1, Ordering::SeqCst);
+            self.ranks[rank].reserved_blocks += need;
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            self.running.push(Running {
+                seq,
+                rank,
+                prompt: p.request.prompt.clone(),
+                request: p.request,
+                events: p.events,
+                cached: 0,
+                generated: 0,
+                last_token: None,
+                reserved_blocks: need,
+            });
+        }
+    }
+
+    fn sampling_spec(r: &Running) -> SamplingSpec {
+        let p = &r.request.params;
+        SamplingSpec {
+            temperature: p.temperature,
+            top_k: p.top_k as u32,
+            top_p: p.top_p,
+            seed: p.seed,
+            logprobs: r.request.logprobs.map(|n| n as u32),
+        }
+    }
+
+    fn step(&mut self) {
+        // Build one request per rank, in admission order, under each rank's token budget.
+        let mut batches: Vec<StepRequest> = vec![StepRequest::default(); self.ranks.len()];
+        let mut budget = vec![self.options.max_step_tokens.max(1); self.ranks.len()];
+        let mut planned: Vec<(usize, usize)> = Vec::new(); // (running index, tokens this step)
+        for (i, r) in self.running.iter().enumerate() {
+            let b = &mut budget[r.rank];
+            if *b == 0 {
+                continue;
+            }
+            let item = if r.cached < r.prompt.len() {
+                let n = (r.prompt.len() - r.cached).min(*b);
+                let ends_prompt = r.cached + n == r.prompt.len();
+                StepItem {
+                    seq: r.seq,
+                    start: r.cached as u32,
+                    tokens: r.prompt[r.cached..r.cached + n].to_vec(),
+                    sample: ends_prompt.then(|| Self::sampling_spec(r)),
+                }
+            } else {
+                let Some(last) = r.last_token else { continue };
+                StepItem {
+                    seq: r.seq,
+                    start: r.cached as u32,
+                    tokens: vec![last],
+                    sample: Some(Self::sampling_spec(r)),
+                }
+            };
+            *b -= item.tokens.len();
+            planned.push((i, item.tokens.len()));
+            batches[r.rank].items.push(item);
+        }
+        let replies: Vec<Option<anyhow::Result<dsv3_proto::StepReply>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = batches
+                .into_iter()
+                .enumerate()
+                .map(|(i, batch)| {
+                    let rank = self.ranks[i].rank.clone();
+                    (!batch.items.is_empty()).then(|| scope.spawn(move || rank.step(batch)))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(anyhow::anyhow!("the step panicked on this rank")))
+                    })
+                })
+                .collect()
+        });
+        let mut failed_ranks: BTreeMap<usize, String> = BTreeMap::new();
+        let mut sampled: BTreeMap<u64, dsv3_proto::Sampled> = BTreeMap::new();
+        for (rank, reply) in replies.into_iter().enumerate() {
+            match reply {
+                None => {}
+                Some(Ok(reply)) => {
+                    if let Ok(mut shared) = self.shared.lock() {
+                        for load in reply.expert_load {
+                            let entry = shared.expert_tokens.entry(load.layer).or_default();
+                            entry.resize(entry.len().max(load.tokens_per_expert.len()), 0);
+                            for (e, n) in load.tokens_per_expert.iter().enumerate() {
+                                entry[e] += n;
+                            }
+                        }
+                    }
+                    for s in reply.sampled {
+                        sampled.insert(s.seq, s);
+                    }
+                }
+                Some(Err(e)) => {
+                    failed_ranks.insert(rank, format!("{e:#}"));
+                }
+            }
+        }
+        let mut finished: Vec<usize> = Vec::new();
+        for (i, n) in planned {
+            let r = &mut self.running[i];
+            if let Some(message) = failed_ranks.get(&r.rank) {
+                let _ = r.events.send(GenerationEvent::Failed {
+                    message: format!("attention rank {} failed: {message}", r.rank),
+                });
+                finished.push(i);
+                continue;
+            }
+            r.cached += n;
+            let Some(s) = sampled.remove(&r.seq) else { continue };
+            r.generated += 1;
+            r.last_token = Some(s.token);
+            let event = GenerationEvent::Token {
+                id: s.token,
+                logprob: s.logprob,
+                top_logprobs: s
+                    .top_logprobs
+                    .iter()
+                    .map(|t| TokenLogprob {
+                        id: t.id,
+                        logprob: t.logprob,
+                    })
+                    .collect(),
+            };
+            if r.events.send(event).is_err() {
+                finished.push(i); // the client went away
+                continue;
+            }
+            let params = &r.request.params;
+            let reason = if params.stop_token_ids.contains(&s.token)
+                || (!params.ignore_eos && self.config.eos_token_ids.contains(&s.token))
+            {
+                Some(FinishReason::Stop)
+            } else if r.generated >= params.max_tokens {
+                Some(FinishReason::Length)
+            } else if r.cached + 1 >= self.config.max_position_embeddings {
+                Some(FinishReason::ContextFull)
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                let _ = r.events.send(GenerationEvent::Finished { reason });
+                finished.push(i);
+            }
+        }
+        for (&rank, message) in &failed_ranks {
+            self.ranks[rank].healthy = false;
+            self.ranks[rank].detail = message.clone();
+            self.ranks[rank].last_probe = Some(Instant::now());
+        }
+        // Sequences on a failed rank that were not part of this step fail too: its cache is gone.
+        for (i, r) in self.running.iter().enumerate() {
+            if let Some(message) = failed_ranks.get(&r.rank) {
+                if !finished.contains(&i) {
+                    let _ = r.events.send(GenerationEvent::Failed {
+                        message: format!("attention rank {} failed: {message}", r.rank),
+                    });
+                    finished.push(i);
+                }
+            }
+        }
+        finished.sort_unstable();
+        let (mut done, mut kept) = (Vec::new(), Vec::new());
+        for (i, r) in std::mem::take(&mut self.running).into_iter().enumerate() {
+            if finished.binary_search(&i).is_ok() {
+                done.push(r);
+            } else {
+                kept.push(r);
+            }
+        }
+        self.running = kept;
+        self.release(done);
+    }
+}

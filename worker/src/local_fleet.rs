@@ -1,0 +1,161 @@
+//! `dsv3-worker fleet`: a router, A attention ranks and E expert shards as separate processes
+//! on loopback — the disaggregated fleet on one machine, for users and tests.
+
+use crate::roles::ModelArgs;
+use anyhow::{Context, Result};
+use clap::Args;
+use dsv3_fleet::PlacementPlan;
+use std::process::{Child, Command};
+
+#[derive(Args)]
+pub struct FleetArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Attention ranks.
+    #[arg(long, default_value_t = 2)]
+    attention: usize,
+    /// Expert shards.
+    #[arg(long, default_value_t = 3)]
+    experts: usize,
+    /// Extra copies of experts 0.. (a stand-in for measured hot experts) on other shards.
+    #[arg(long, default_value_t = 0)]
+    redundant_experts: usize,
+    /// Router HTTP port.
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    #[arg(long)]
+    served_model_name: Option<String>,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+struct Member {
+    role: &'static str,
+    rank: usize,
+    address: String,
+    args: Vec<String>,
+    child: Child,
+}
+
+pub fn run(args: FleetArgs) -> Result<()> {
+    let exe = std::env::current_exe().context("locating dsv3-worker")?;
+    let model_flag: Vec<String> = match &args.model.model {
+        Some(dir) => vec!["--model".into(), dir.display().to_string()],
+        None => vec![],
+    };
+    let config = {
+        let files = crate::model_source::resolve(args.model.model.clone());
+        let text = files
+            .read_string("config.json")?
+            .context("the model has no config.json")?;
+        dsv3_engine::ModelConfig::from_json_str(&text)?
+    };
+    let hot: Vec<u32> = (0..config.n_routed_experts as u32).collect();
+    let plan = PlacementPlan::round_robin(
+        config.n_routed_experts as u32,
+        args.experts,
+        args.redundant_experts,
+        &hot,
+    )?;
+    let dir = tempfile::tempdir().context("temporary directory for the placement plan")?;
+    let placement = dir.path().join("placement.json");
+    plan.save(&placement)?;
+    let placement = placement.display().to_string();
+
+    let mut members: Vec<Member> = Vec::new();
+    let mut spawn = |role: &'static str, rank: usize, port: u16, extra: Vec<String>| -> Result<()> {
+        let mut a = vec![role.to_string()];
+        a.extend(model_flag.iter().cloned());
+        a.extend(["--port".into(), port.to_string()]);
+        a.extend(extra);
+        let child = Command::new(&exe)
+            .args(&a)
+            .spawn()
+            .with_context(|| format!("starting {role} {rank}"))?;
+        let address = format!("127.0.0.1:{port}");
+        // One machine-readable line per member: tests kill and restart members by these.
+        println!(
+            "{}",
+            serde_json::json!({"role": role, "rank": rank, "pid": child.id(), "address": address, "args": a})
+        );
+        members.push(Member {
+            role,
+            rank,
+            address,
+            args: a,
+            child,
+        });
+        Ok(())
+    };
+    let mut expert_peers = Vec::new();
+    for r in 0..args.experts {
+        let port = free_port()?;
+        expert_peers.push(format!("127.0.0.1:{port}"));
+        spawn(
+            "expert",
+            r,
+            port,
+            vec!["--rank".into(), r.to_string(), "--placement".into(), placement.clone()],
+        )?;
+    }
+    let mut attention_peers = Vec::new();
+    for r in 0..args.attention {
+        let port = free_port()?;
+        attention_peers.push(format!("127.0.0.1:{port}"));
+        spawn(
+            "attention",
+            r,
+            port,
+            vec![
+                "--rank".into(),
+                r.to_string(),
+                "--placement".into(),
+                placement.clone(),
+                "--expert-peers".into(),
+                expert_peers.join(","),
+            ],
+        )?;
+    }
+    let mut router_args = vec!["--attention-peers".into(), attention_peers.join(",")];
+    if let Some(name) = &args.served_model_name {
+        router_args.extend(["--served-model-name".into(), name.clone()]);
+    }
+    spawn("router", 0, args.port, router_args)?;
+    eprintln!(
+        "fleet: router http://127.0.0.1:{} · {} attention ranks · {} expert shards (placement {})",
+        args.port, args.attention, args.experts, plan.version
+    );
+    supervise(members)
+}
+
+/// Waits until ctrl-c / SIGTERM, reporting members that exit; then stops them all.
+fn supervise(mut members: Vec<Member>) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+        let shutdown = dsv3_api::shutdown_signal();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tick.tick() => {
+                    for m in &mut members {
+                        if let Ok(Some(status)) = m.child.try_wait() {
+                            eprintln!("fleet: {} {} at {} exited ({status}); restart it with: dsv3-worker {}", m.role, m.rank, m.address, m.args.join(" "));
+                            // Keep reporting once only: replace with a finished dummy.
+                            m.role = "exited";
+                        }
+                    }
+                    members.retain(|m| m.role != "exited");
+                }
+            }
+        }
+    });
+    for m in &mut members {
+        let _ = m.child.kill();
+        let _ = m.child.wait();
+    }
+    Ok(())
+}

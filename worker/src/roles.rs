@@ -1,0 +1,268 @@
+//! The fleet roles: `serve` (all in one process), `router`, `attention`, `expert`, and `fleet`
+//! (a local multi-process fleet on loopback).
+
+use crate::{model_source, progress};
+use anyhow::{Context, Result};
+use clap::Args;
+use dsv3_engine::{Checkpoint, ExpertSelection, LocalExperts, ModelConfig, ModelFiles};
+use dsv3_fleet::grpc::{self, RemoteAttention, RemoteExperts};
+use dsv3_fleet::{AttentionRank, ExpertBackend, Fleet, PlacementPlan, SchedulerConfig};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// Model directory (config.json, safetensors, tokenizer). Default: the embedded tiny model.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+pub struct ListenArgs {
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long)]
+    pub port: u16,
+}
+
+#[derive(Args, Clone)]
+pub struct HttpArgs {
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// The model name clients send; default: the model directory's name.
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Requests that may queue before new ones get 429.
+    #[arg(long, default_value_t = 256)]
+    pub max_waiting: usize,
+    /// Tokens per attention rank per step (prefill is chunked to fit).
+    #[arg(long, default_value_t = 512)]
+    pub max_step_tokens: usize,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    http: HttpArgs,
+    /// KV cache positions.
+    #[arg(long, default_value_t = 16384)]
+    cache_tokens: usize,
+}
+
+#[derive(Args)]
+pub struct RouterArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    http: HttpArgs,
+    /// Attention ranks, host:port, comma-separated, in rank order.
+    #[arg(long, value_delimiter = ',', required = true)]
+    attention_peers: Vec<String>,
+    /// Seconds a step may take before its rank counts as failed.
+    #[arg(long, default_value_t = 120)]
+    step_timeout: u64,
+}
+
+#[derive(Args)]
+pub struct AttentionArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    listen: ListenArgs,
+    #[arg(long, default_value_t = 0)]
+    rank: u32,
+    /// Expert shards, host:port, comma-separated, in shard order.
+    #[arg(long, value_delimiter = ',', required = true)]
+    expert_peers: Vec<String>,
+    /// Placement plan (JSON); default: experts round-robin over the expert peers.
+    #[arg(long)]
+    placement: Option<PathBuf>,
+    /// Data plane between attention and experts (NCCL needs the CUDA backend).
+    #[arg(long, default_value = "grpc", value_parser = ["grpc"])]
+    data_plane: String,
+    #[arg(long, default_value_t = 16384)]
+    cache_tokens: usize,
+    /// Seconds an expert shard may take for one layer.
+    #[arg(long, default_value_t = 60)]
+    expert_timeout: u64,
+}
+
+#[derive(Args)]
+pub struct ExpertArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    listen: ListenArgs,
+    #[arg(long, default_value_t = 0)]
+    rank: u32,
+    /// Placement plan (JSON); default: round-robin over --expert-shards shards.
+    #[arg(long)]
+    placement: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    expert_shards: usize,
+}
+
+fn load_config(files: &ModelFiles) -> Result<ModelConfig> {
+    let text = files
+        .read_string("config.json")?
+        .with_context(|| format!("{} has no config.json", files.describe()))?;
+    ModelConfig::from_json_str(&text).with_context(|| format!("in {}/config.json", files.describe()))
+}
+
+fn served_name(model: &ModelArgs, http: &HttpArgs) -> String {
+    http.served_model_name.clone().unwrap_or_else(|| match &model.model {
+        Some(dir) => dir
+            .canonicalize()
+            .unwrap_or(dir.clone())
+            .file_name()
+            .map_or("model".into(), |n| n.to_string_lossy().into_owned()),
+        None => "dsv3-tiny".into(),
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn plan_for(placement: &Option<PathBuf>, num_experts: u32, shards: usize) -> Result<PlacementPlan> {
+    match placement {
+        Some(path) => PlacementPlan::load(path),
+        None => PlacementPlan::round_robin(num_experts, shards, 0, &[]),
+    }
+}
+
+/// Runs the HTTP front end over a backend until ctrl-c / SIGTERM.
+fn serve_http(
+    rt: &tokio::runtime::Runtime,
+    backend: Arc<Fleet>,
+    files: &ModelFiles,
+    name: String,
+    http: &HttpArgs,
+) -> Result<()> {
+    let tokenizer = model_source::tokenizer(files)?;
+    let router = dsv3_api::router(backend, tokenizer, dsv3_api::ApiConfig::new(name.clone()));
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind((http.host.as_str(), http.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", http.host, http.port))?;
+        eprintln!("serving `{name}` on http://{}", listener.local_addr()?);
+        dsv3_api::serve(listener, router).await.context("HTTP server")
+    })
+}
+
+fn scheduler_config(http: &HttpArgs) -> SchedulerConfig {
+    SchedulerConfig {
+        max_waiting: http.max_waiting,
+        max_step_tokens: http.max_step_tokens,
+        ..SchedulerConfig::default()
+    }
+}
+
+pub fn serve(args: ServeArgs) -> Result<()> {
+    let files = model_source::resolve(args.model.model.clone());
+    let config = load_config(&files)?;
+    let mut report = progress::layer_reporter(files.describe(), config.num_cache_layers() * 2);
+    let ckpt = Checkpoint::open(&files)?;
+    let experts = LocalExperts::load(&ckpt, &config, &ExpertSelection::All, &mut report)?;
+    let rank = dsv3_fleet::rank::load_rank(&files, 0, Arc::new(experts), args.cache_tokens, &mut report)?;
+    let fleet = Fleet::start(
+        config,
+        vec![Arc::new(rank) as Arc<dyn AttentionRank>],
+        scheduler_config(&args.http),
+    );
+    serve_http(
+        &runtime()?,
+        fleet,
+        &files,
+        served_name(&args.model, &args.http),
+        &args.http,
+    )
+}
+
+pub fn router(args: RouterArgs) -> Result<()> {
+    let files = model_source::resolve(args.model.model.clone());
+    let config = load_config(&files)?;
+    let rt = runtime()?;
+    let ranks = args
+        .attention_peers
+        .iter()
+        .map(|a| {
+            Ok(Arc::new(RemoteAttention::new(
+                a,
+                rt.handle().clone(),
+                Duration::from_secs(args.step_timeout),
+            )?) as Arc<dyn AttentionRank>)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let fleet = Fleet::start(config, ranks, scheduler_config(&args.http));
+    serve_http(&rt, fleet, &files, served_name(&args.model, &args.http), &args.http)
+}
+
+pub fn attention(args: AttentionArgs) -> Result<()> {
+    let files = model_source::resolve(args.model.model.clone());
+    let config = load_config(&files)?;
+    let plan = plan_for(&args.placement, config.n_routed_experts as u32, args.expert_peers.len())?;
+    let rt = runtime()?;
+    let experts = RemoteExperts::new(
+        plan,
+        args.expert_peers.clone(),
+        rt.handle().clone(),
+        Duration::from_secs(args.expert_timeout),
+    )?;
+    let mut report = progress::layer_reporter(files.describe(), config.num_cache_layers());
+    let rank = dsv3_fleet::rank::load_rank(
+        &files,
+        args.rank,
+        Arc::new(experts) as Arc<dyn ExpertBackend>,
+        args.cache_tokens,
+        &mut report,
+    )?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind((args.listen.host.as_str(), args.listen.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", args.listen.host, args.listen.port))?;
+        eprintln!("attention rank {} serving on {}", args.rank, listener.local_addr()?);
+        grpc::serve_attention(listener, Arc::new(rank), dsv3_api::shutdown_signal()).await
+    })
+}
+
+pub fn expert(args: ExpertArgs) -> Result<()> {
+    let files = model_source::resolve(args.model.model.clone());
+    let config = load_config(&files)?;
+    let plan = plan_for(&args.placement, config.n_routed_experts as u32, args.expert_shards)?;
+    let held = plan
+        .shards
+        .get(args.rank as usize)
+        .with_context(|| {
+            format!(
+                "--rank {} is outside the placement plan ({} shards)",
+                args.rank,
+                plan.shards.len()
+            )
+        })?
+        .clone();
+    let ckpt = Checkpoint::open(&files)?;
+    let mut report = progress::layer_reporter(files.describe(), config.num_cache_layers());
+    let experts = LocalExperts::load(&ckpt, &config, &ExpertSelection::Only(held.clone()), &mut report)?;
+    let server = grpc::expert_server(args.rank, Arc::new(experts), &plan)?;
+    runtime()?.block_on(async {
+        let listener = tokio::net::TcpListener::bind((args.listen.host.as_str(), args.listen.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", args.listen.host, args.listen.port))?;
+        eprintln!(
+            "expert shard {} ({} experts per layer) serving on {}",
+            args.rank,
+            held.len(),
+            listener.local_addr()?
+        );
+        grpc::serve_expert(listener, server, dsv3_api::shutdown_signal()).await
+    })
+}
