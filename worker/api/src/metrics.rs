@@ -211,6 +211,13 @@ impl Collector for BackendCollector {
             stats.cache_total_blocks as f64,
         )?;
 
+        const_gauge(
+            &mut encoder,
+            "dsv3_ready",
+            "1 when every worker of the fleet answers, 0 while degraded (see GET /ready for what is down).",
+            if self.backend.health().ready { 1.0 } else { 0.0 },
+        )?;
+
         if stats.expert_tokens.is_empty() {
             return Ok(());
         }

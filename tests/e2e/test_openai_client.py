@@ -1,0 +1,103 @@
+"""The official `openai` Python client against a real dsv3 fleet (router + 2 attention ranks +
+3 expert shards on loopback) and the all-in-one `serve`: chat, streaming and completions."""
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+
+import openai
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.environ.get("DSV3_WORKER", os.path.join(ROOT, "target", "debug", "dsv3-worker"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(base, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(base + "/ready") as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(base + " did not become ready")
+
+
+@pytest.fixture(scope="module", params=["fleet", "serve"])
+def client(request):
+    port = free_port()
+    args = [BIN, request.param, "--port", str(port)]
+    if request.param == "fleet":
+        args += ["--attention", "2", "--experts", "3"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base)
+        yield openai.OpenAI(base_url=base + "/v1", api_key="unused")
+    finally:
+        # The launcher's members are in its session: stop them all.
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+def test_models_lists_the_served_model(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["dsv3-tiny"]
+
+
+def test_chat(client):
+    r = client.chat.completions.create(
+        model="dsv3-tiny",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}],
+        max_tokens=8,
+        temperature=0,
+    )
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason in ("length", "stop")
+    assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 0
+
+
+def test_chat_streaming_matches_the_plain_answer(client):
+    kwargs = dict(model="dsv3-tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=10, temperature=0, seed=1)
+    plain = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 10
+
+
+def test_completions_text_and_token_ids(client):
+    r = client.completions.create(model="dsv3-tiny", prompt="Hello, world!", max_tokens=6, temperature=0)
+    assert r.choices[0].finish_reason in ("length", "stop")
+    ids = client.completions.create(
+        model="dsv3-tiny", prompt=[683, 13, 615], max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert ids.usage.completion_tokens == 4
+
+
+def test_logprobs(client):
+    r = client.chat.completions.create(
+        model="dsv3-tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) >= 1 and len(content[0].top_logprobs) == 2
+    assert content[0].logprob <= 0
+
+
+def test_errors_are_openai_errors(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="dsv3-tiny", prompt="x", max_tokens=5, temperature=-1)
+    assert "temperature" in str(e.value)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model", prompt="x", max_tokens=2)

@@ -1,0 +1,369 @@
+//! The fleet as users run it: `serve` and `fleet` (router + 2 attention ranks + 3 expert shards
+//! as separate processes on loopback), driven over HTTP. Compared token for token with
+//! `generate`; concurrent streams; workers killed and restarted mid-stream.
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_dsv3-worker");
+const PROMPT: [u32; 12] = [683, 13, 615, 533, 2, 222, 561, 256, 453, 312, 692, 298];
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A process group that is killed when the test ends, pass or fail.
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Member {
+    role: String,
+    pid: u32,
+    args: Vec<String>,
+}
+
+struct Fleet {
+    base: String,
+    _launcher: Proc,
+    members: Vec<Member>,
+    restarted: Vec<Proc>,
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for m in &self.members {
+            let _ = Command::new("kill")
+                .arg("-9")
+                .arg(m.pid.to_string())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+fn wait_ready(base: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(r) = ureq::get(&format!("{base}/ready")).call() {
+            if r.status() == 200 {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+fn start_serve() -> (Proc, String) {
+    let port = free_port();
+    let child = Command::new(BIN)
+        .args(["serve", "--port", &port.to_string()])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start serve");
+    let base = format!("http://127.0.0.1:{port}");
+    assert!(wait_ready(&base, Duration::from_secs(30)), "serve did not become ready");
+    (Proc(child), base)
+}
+
+fn start_fleet() -> Fleet {
+    let port = free_port();
+    let mut child = Command::new(BIN)
+        .args([
+            "fleet",
+            "--attention",
+            "2",
+            "--experts",
+            "3",
+            "--port",
+            &port.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start fleet");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut members = Vec::new();
+    for line in BufReader::new(stdout).lines().take(6) {
+        let v: Value = serde_json::from_str(&line.expect("line")).expect("member line is JSON");
+        members.push(Member {
+            role: v["role"].as_str().expect("role").to_string(),
+            pid: v["pid"].as_u64().expect("pid") as u32,
+            args: serde_json::from_value(v["args"].clone()).expect("args"),
+        });
+    }
+    let base = format!("http://127.0.0.1:{port}");
+    let fleet = Fleet {
+        base,
+        _launcher: Proc(child),
+        members,
+        restarted: Vec::new(),
+    };
+    assert!(
+        wait_ready(&fleet.base, Duration::from_secs(60)),
+        "fleet did not become ready"
+    );
+    fleet
+}
+
+fn post(base: &str, path: &str, body: Value) -> (u16, Value) {
+    match ureq::post(&format!("{base}{path}")).send_json(body) {
+        Ok(r) => (r.status(), r.into_json().expect("json body")),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
+        Err(e) => panic!("request failed: {e}"),
+    }
+}
+
+fn completion_ids(base: &str, body: Value) -> Vec<u32> {
+    let (status, v) = post(base, "/v1/completions", body);
+    assert_eq!(status, 200, "{v}");
+    serde_json::from_value(v["choices"][0]["token_ids"].clone()).expect("token_ids")
+}
+
+fn generate_ids(extra: &[&str]) -> Vec<u32> {
+    let prompt: Vec<String> = PROMPT.iter().map(u32::to_string).collect();
+    let out = Command::new(BIN)
+        .args(["generate", "--prompt-token-ids", &prompt.join(","), "--json"])
+        .args(extra)
+        .output()
+        .expect("generate");
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    serde_json::from_value(v["token_ids"].clone()).expect("ids")
+}
+
+/// Reads an SSE stream; returns (token ids, finish reason, error message).
+fn stream(base: &str, body: Value) -> (Vec<u32>, Option<String>, Option<String>) {
+    let response = ureq::post(&format!("{base}/v1/completions"))
+        .send_json(body)
+        .expect("stream request");
+    let mut ids = Vec::new();
+    let (mut finish, mut error) = (None, None);
+    for line in BufReader::new(response.into_reader()).lines() {
+        let Ok(line) = line else { break };
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(data).expect("chunk json");
+        if let Some(e) = v.get("error") {
+            error = Some(e["message"].as_str().unwrap_or_default().to_string());
+            continue;
+        }
+        if let Some(choice) = v["choices"].get(0) {
+            if let Some(t) = choice["token_ids"].as_array() {
+                ids.extend(t.iter().filter_map(|x| x.as_u64()).map(|x| x as u32));
+            }
+            if let Some(f) = choice["finish_reason"].as_str() {
+                finish = Some(f.to_string());
+            }
+        }
+    }
+    (ids, finish, error)
+}
+
+fn request(max_tokens: usize, extra: Value) -> Value {
+    let mut body = json!({"prompt": PROMPT, "max_tokens": max_tokens, "ignore_eos": true, "return_token_ids": true});
+    for (k, v) in extra.as_object().expect("object") {
+        body[k] = v.clone();
+    }
+    body
+}
+
+#[test]
+fn serve_and_fleet_give_the_tokens_of_generate() {
+    let greedy = generate_ids(&["--max-tokens", "24", "--ignore-eos"]);
+    let sampled = generate_ids(&[
+        "--max-tokens",
+        "24",
+        "--ignore-eos",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "42",
+    ]);
+    let (_serve, serve) = start_serve();
+    let fleet = start_fleet();
+    for base in [&serve, &fleet.base] {
+        assert_eq!(
+            completion_ids(base, request(24, json!({"temperature": 0}))),
+            greedy,
+            "{base}: greedy"
+        );
+        assert_eq!(
+            completion_ids(base, request(24, json!({"temperature": 0.8, "seed": 42}))),
+            sampled,
+            "{base}: seeded"
+        );
+        let (ids, finish, error) = stream(base, request(24, json!({"temperature": 0, "stream": true})));
+        assert_eq!(
+            (ids, finish.as_deref(), error),
+            (greedy.clone(), Some("length"), None),
+            "{base}: streamed"
+        );
+    }
+    // Expert load reaches the metrics, one series per MoE layer.
+    let metrics = ureq::get(&format!("{}/metrics", fleet.base))
+        .call()
+        .expect("metrics")
+        .into_string()
+        .expect("text");
+    assert!(metrics.contains("dsv3_expert_tokens_total{layer=\"2\"}"), "{metrics}");
+    assert!(metrics.contains("dsv3_ready 1"), "{metrics}");
+}
+
+#[test]
+fn sixty_four_concurrent_streams_complete_unmixed() {
+    let fleet = start_fleet();
+    // Each request has its own prompt; its greedy answer alone is the reference.
+    let prompts: Vec<Vec<u32>> = (0..64u32).map(|i| vec![683, 13, 100 + i * 7, 533, 2 + i]).collect();
+    let reference: Vec<Vec<u32>> = prompts
+        .iter()
+        .take(4)
+        .map(|p| {
+            completion_ids(
+                &fleet.base,
+                json!({"prompt": p, "max_tokens": 8, "temperature": 0, "ignore_eos": true, "return_token_ids": true}),
+            )
+        })
+        .collect();
+    let results: Vec<(Vec<u32>, Option<String>, Option<String>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let base = fleet.base.clone();
+                s.spawn(move || {
+                    stream(&base, json!({"prompt": p, "max_tokens": 8, "temperature": 0, "ignore_eos": true, "stream": true, "return_token_ids": true}))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("client thread")).collect()
+    });
+    for (i, (ids, finish, error)) in results.iter().enumerate() {
+        assert_eq!(error, &None, "stream {i}");
+        assert_eq!(finish.as_deref(), Some("length"), "stream {i}");
+        assert_eq!(ids.len(), 8, "stream {i}");
+        if i < 4 {
+            assert_eq!(ids, &reference[i], "stream {i} differs from the same prompt alone");
+        }
+    }
+    // Prompts differ, so answers differ: outputs were not mixed between requests.
+    let distinct: std::collections::HashSet<&Vec<u32>> = results.iter().map(|r| &r.0).collect();
+    assert!(distinct.len() > 32, "only {} distinct outputs", distinct.len());
+}
+
+fn kill(pid: u32) {
+    let _ = Command::new("kill")
+        .arg("-9")
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn restart(fleet: &mut Fleet, role: &str) {
+    let member = fleet.members.iter().find(|m| m.role == role).expect("member");
+    let child = Command::new(BIN)
+        .args(&member.args)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("restart");
+    fleet.restarted.push(Proc(child));
+}
+
+fn ready_status(base: &str) -> u16 {
+    match ureq::get(&format!("{base}/ready")).call() {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(code, _)) => code,
+        Err(_) => 0,
+    }
+}
+
+#[test]
+fn a_dead_worker_ends_its_requests_and_the_fleet_recovers() {
+    let mut fleet = start_fleet();
+    let greedy = completion_ids(&fleet.base, request(8, json!({"temperature": 0})));
+    for role in ["expert", "attention"] {
+        // A long stream; the worker dies under it.
+        let base = fleet.base.clone();
+        let long = std::thread::spawn(move || stream(&base, request(200, json!({"temperature": 0, "stream": true}))));
+        std::thread::sleep(Duration::from_millis(300));
+        let pid = fleet.members.iter().find(|m| m.role == role).expect("member").pid;
+        let killed = Instant::now();
+        kill(pid);
+        let (ids, _, error) = long.join().expect("stream thread");
+        assert!(
+            killed.elapsed() < Duration::from_secs(15),
+            "{role}: the stream took {:?} to end",
+            killed.elapsed()
+        );
+        assert!(ids.len() < 200, "{role}: the stream should not complete");
+        assert!(error.is_some(), "{role}: the stream ends with an error event");
+        // Degraded: /ready and the metrics say so, and new requests are refused cleanly.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ready_status(&fleet.base) != 503 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(ready_status(&fleet.base), 503, "{role}: /ready reports degraded");
+        let metrics = ureq::get(&format!("{}/metrics", fleet.base))
+            .call()
+            .expect("metrics")
+            .into_string()
+            .expect("text");
+        assert!(metrics.contains("dsv3_ready 0"), "{role}: metrics report degraded");
+        let (status, _) = post(&fleet.base, "/v1/completions", request(4, json!({})));
+        assert!(status == 503 || status == 500, "{role}: got {status}");
+        // The worker comes back; the other processes were never restarted.
+        restart(&mut fleet, role);
+        assert!(
+            wait_ready(&fleet.base, Duration::from_secs(30)),
+            "{role}: fleet did not recover"
+        );
+        assert_eq!(
+            completion_ids(&fleet.base, request(8, json!({"temperature": 0}))),
+            greedy,
+            "{role}: after recovery"
+        );
+    }
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_the_fleet_keeps_serving() {
+    let fleet = start_fleet();
+    let base = &fleet.base;
+    let raw = ureq::post(&format!("{base}/v1/completions"))
+        .set("content-type", "application/json")
+        .send_string("{not json");
+    assert!(matches!(raw, Err(ureq::Error::Status(400, _))));
+    let cases = [
+        (json!({"prompt": [5, 99999], "max_tokens": 2}), 400, "99999"),
+        (json!({"prompt": "hi", "max_tokens": 1000}), 400, "context"),
+        (json!({"prompt": "hi", "temperature": -1}), 400, "temperature"),
+        (json!({"prompt": "hi", "top_p": 0}), 400, "top_p"),
+        (json!({"prompt": "hi", "model": "gpt-9"}), 404, "gpt-9"),
+        (json!({"prompt": 17}), 400, "prompt"),
+    ];
+    for (body, status, needle) in cases {
+        let (got, v) = post(base, "/v1/completions", body.clone());
+        assert_eq!(got, status, "{body}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap_or_default().contains(needle),
+            "{body}: {v}"
+        );
+    }
+    let (got, v) = post(base, "/v1/chat/completions", json!({"messages": []}));
+    assert_eq!(got, 400, "{v}");
+    assert_eq!(completion_ids(base, request(4, json!({"temperature": 0}))).len(), 4);
+}
