@@ -367,3 +367,71 @@ fn bad_requests_get_clear_errors_and_the_fleet_keeps_serving() {
     assert_eq!(got, 400, "{v}");
     assert_eq!(completion_ids(base, request(4, json!({"temperature": 0}))).len(), 4);
 }
+
+fn metric(base: &str, name: &str) -> f64 {
+    let text = ureq::get(&format!("{base}/metrics"))
+        .call()
+        .expect("metrics")
+        .into_string()
+        .expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{name} missing from metrics"))
+}
+
+#[test]
+fn a_client_that_disconnects_frees_its_cache_at_once() {
+    let (_serve, base) = start_serve();
+    let response = ureq::post(&format!("{base}/v1/completions"))
+        .send_json(request(200, json!({"stream": true})))
+        .expect("stream");
+    let mut lines = BufReader::new(response.into_reader()).lines();
+    let _ = lines.next();
+    assert!(
+        metric(&base, "dsv3_kv_cache_usage_ratio") > 0.0,
+        "the running request holds cache blocks"
+    );
+    drop(lines);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&base, "dsv3_kv_cache_usage_ratio") > 0.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        metric(&base, "dsv3_kv_cache_usage_ratio"),
+        0.0,
+        "cache freed after the disconnect"
+    );
+    assert_eq!(metric(&base, "dsv3_requests_running"), 0.0);
+}
+
+#[test]
+fn a_full_queue_answers_429() {
+    let port = free_port();
+    // 256 positions hold one request of 12 + 200 tokens at a time; one more may wait.
+    let _serve = Proc(
+        Command::new(BIN)
+            .args([
+                "serve",
+                "--port",
+                &port.to_string(),
+                "--cache-tokens",
+                "256",
+                "--max-waiting",
+                "1",
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("serve"),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    assert!(wait_ready(&base, Duration::from_secs(30)));
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..6)
+            .map(|_| s.spawn(|| post(&base, "/v1/completions", request(200, json!({"temperature": 0}))).0))
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("thread")).collect()
+    });
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert!(statuses.contains(&200), "{statuses:?}");
+    assert!(statuses.iter().all(|&s| s == 200 || s == 429), "{statuses:?}");
+}

@@ -2,7 +2,7 @@
 //! and the clients that make remote ones look local (`AttentionRank`, `ExpertExecutor`).
 
 use crate::placement::PlacementPlan;
-use crate::rank::{AttentionRank, ExpertBackend};
+use crate::rank::{AttentionRank, ExpertBackend, TransportTotals};
 use anyhow::{bail, Context, Result};
 use dsv3_engine::{ExpertExecutor, LocalExperts, TokenRoutes};
 use dsv3_proto::attention_client::AttentionClient;
@@ -220,6 +220,7 @@ pub struct RemoteExperts {
     clients: Vec<ExpertClient<Channel>>,
     handle: Handle,
     timeout: Duration,
+    totals: std::sync::Mutex<TransportTotals>,
 }
 
 impl RemoteExperts {
@@ -246,6 +247,7 @@ impl RemoteExperts {
             clients,
             handle,
             timeout,
+            totals: Default::default(),
         })
     }
 }
@@ -311,7 +313,15 @@ impl ExpertExecutor for RemoteExperts {
             }));
         }
         let (order, futures): (Vec<usize>, Vec<_>) = calls.into_iter().unzip();
+        let sent: usize = order.iter().map(|&s| rows[s].len() * width * 4).sum();
+        let started = std::time::Instant::now();
         let replies = self.handle.block_on(futures::future::join_all(futures));
+        if let Ok(mut totals) = self.totals.lock() {
+            totals.seconds += started.elapsed().as_secs_f64();
+            totals.bytes_sent += sent as u64;
+            totals.bytes_received += sent as u64;
+            totals.calls += order.len() as u64;
+        }
         let mut out = vec![0.0f32; x.len()];
         for (s, reply) in order.into_iter().zip(replies) {
             let reply = match reply {
@@ -382,6 +392,10 @@ impl ExpertBackend for RemoteExperts {
 
     fn placement_version(&self) -> String {
         self.plan.version.clone()
+    }
+
+    fn transport(&self) -> TransportTotals {
+        self.totals.lock().map(|t| *t).unwrap_or_default()
     }
 }
 

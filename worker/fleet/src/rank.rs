@@ -22,6 +22,19 @@ pub trait ExpertBackend: ExpertExecutor + Send + Sync {
     /// `Ok(())` when every expert is reachable; otherwise what is missing.
     fn ready(&self) -> Result<(), String>;
     fn placement_version(&self) -> String;
+    /// Time and bytes spent reaching the experts so far (zero in process).
+    fn transport(&self) -> TransportTotals {
+        TransportTotals::default()
+    }
+}
+
+/// Cumulative dispatch/combine figures of a rank.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TransportTotals {
+    pub seconds: f64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub calls: u64,
 }
 
 impl ExpertBackend for dsv3_engine::LocalExperts {
@@ -36,6 +49,8 @@ impl ExpertBackend for dsv3_engine::LocalExperts {
 struct RankState {
     cache: KvCache,
     samplers: HashMap<u64, Sampler>,
+    steps: u64,
+    step_seconds: f64,
 }
 
 pub struct LocalAttention {
@@ -88,6 +103,8 @@ impl LocalAttention {
             state: Mutex::new(RankState {
                 cache,
                 samplers: HashMap::new(),
+                steps: 0,
+                step_seconds: 0.0,
             }),
         }
     }
@@ -105,6 +122,7 @@ impl LocalAttention {
 
 impl AttentionRank for LocalAttention {
     fn step(&self, request: StepRequest) -> Result<StepReply> {
+        let started = std::time::Instant::now();
         let mut state = self.lock()?;
         let chunks: Vec<Chunk> = request
             .items
@@ -172,6 +190,8 @@ impl AttentionRank for LocalAttention {
                 tokens_per_expert,
             })
             .collect();
+        state.steps += 1;
+        state.step_seconds += started.elapsed().as_secs_f64();
         Ok(reply)
     }
 
@@ -187,7 +207,14 @@ impl AttentionRank for LocalAttention {
     fn info(&self) -> Result<AttentionInfo> {
         let state = self.lock()?;
         let ready = self.experts.ready();
+        let transport = self.experts.transport();
         Ok(AttentionInfo {
+            steps: state.steps,
+            step_seconds: state.step_seconds,
+            expert_seconds: transport.seconds,
+            expert_bytes_sent: transport.bytes_sent,
+            expert_bytes_received: transport.bytes_received,
+            expert_calls: transport.calls,
             rank: self.rank,
             block_size: state.cache.block_size() as u32,
             total_blocks: state.cache.total_blocks() as u32,

@@ -1,0 +1,218 @@
+//! `dsv3-worker bench-fleet`: the same load against `serve` (one process) and `fleet` (router,
+//! attention ranks and expert shards as processes on loopback): tokens/s, per-step latency,
+//! activation bytes per MoE layer per step, and how step time splits into compute and transport.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Args)]
+pub struct BenchFleetArgs {
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Requests per client.
+    #[arg(long, default_value_t = 2)]
+    requests: usize,
+    #[arg(long, default_value_t = 32)]
+    prompt_len: usize,
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 2)]
+    attention: usize,
+    #[arg(long, default_value_t = 3)]
+    experts: usize,
+    /// Also write the table (markdown) to this file.
+    #[arg(long)]
+    output: Option<std::path::PathBuf>,
+}
+
+struct Running {
+    child: Child,
+    base: String,
+    attention: Vec<String>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // The launcher stops its members on SIGTERM.
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn start(mode: &str, args: &BenchFleetArgs) -> Result<Running> {
+    let exe = std::env::current_exe()?;
+    let port = free_port()?;
+    let mut cmd = Command::new(exe);
+    cmd.args([mode, "--port", &port.to_string()])
+        .stderr(Stdio::null())
+        .stdout(Stdio::piped());
+    if mode == "fleet" {
+        cmd.args([
+            "--attention",
+            &args.attention.to_string(),
+            "--experts",
+            &args.experts.to_string(),
+        ]);
+    }
+    let mut child = cmd.spawn().with_context(|| format!("starting {mode}"))?;
+    let mut attention = Vec::new();
+    if mode == "fleet" {
+        let stdout = child.stdout.take().context("fleet stdout")?;
+        for line in BufReader::new(stdout).lines().take(args.attention + args.experts + 1) {
+            let v: Value = serde_json::from_str(&line?)?;
+            if v["role"] == "attention" {
+                attention.push(v["address"].as_str().unwrap_or_default().to_string());
+            }
+        }
+    }
+    let running = Running {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+        attention,
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if ureq::get(&format!("{}/ready", running.base)).call().is_ok() {
+            return Ok(running);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("{mode} did not become ready")
+}
+
+fn metric_sum(base: &str, name: &str) -> Result<f64> {
+    let text = ureq::get(&format!("{base}/metrics")).call()?.into_string()?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0))
+}
+
+struct Row {
+    mode: String,
+    tokens_per_s: f64,
+    step_ms: f64,
+    bytes_per_layer_step: Option<f64>,
+    transport_share: Option<f64>,
+}
+
+fn run_load(mode: &str, args: &BenchFleetArgs, moe_layers: usize) -> Result<Row> {
+    let running = start(mode, args)?;
+    let body = |i: usize| {
+        let prompt: Vec<u32> = (0..args.prompt_len as u32)
+            .map(|t| (t * 37 + i as u32 * 11) % 980 + 2)
+            .collect();
+        json!({"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": true})
+    };
+    ureq::post(&format!("{}/v1/completions", running.base)).send_json(body(0))?; // warm-up
+    let (itl_sum0, itl_n0) = (
+        metric_sum(&running.base, "dsv3_inter_token_latency_seconds_sum")?,
+        metric_sum(&running.base, "dsv3_inter_token_latency_seconds_count")?,
+    );
+    let infos_before = attention_infos(&running.attention)?;
+    let started = Instant::now();
+    let generated: usize = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..args.clients)
+            .map(|c| {
+                let base = running.base.clone();
+                let body = &body;
+                s.spawn(move || -> Result<usize> {
+                    let mut n = 0;
+                    for r in 0..args.requests {
+                        let v: Value = ureq::post(&format!("{base}/v1/completions"))
+                            .send_json(body(c * 100 + r + 1))?
+                            .into_json()?;
+                        n += v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
+                    }
+                    Ok(n)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow::anyhow!("client panicked"))?)
+            .sum::<Result<usize>>()
+    })?;
+    let wall = started.elapsed().as_secs_f64();
+    let itl_sum = metric_sum(&running.base, "dsv3_inter_token_latency_seconds_sum")? - itl_sum0;
+    let itl_n = metric_sum(&running.base, "dsv3_inter_token_latency_seconds_count")? - itl_n0;
+    let infos_after = attention_infos(&running.attention)?;
+    let (mut bytes, mut steps, mut step_s, mut expert_s) = (0u64, 0u64, 0f64, 0f64);
+    for (a, b) in infos_after.iter().zip(&infos_before) {
+        bytes += (a.expert_bytes_sent + a.expert_bytes_received) - (b.expert_bytes_sent + b.expert_bytes_received);
+        steps += a.steps - b.steps;
+        step_s += a.step_seconds - b.step_seconds;
+        expert_s += a.expert_seconds - b.expert_seconds;
+    }
+    let remote = !running.attention.is_empty() && steps > 0;
+    Ok(Row {
+        mode: if remote {
+            format!("fleet ({} attention, {} expert shards)", args.attention, args.experts)
+        } else {
+            "serve".into()
+        },
+        tokens_per_s: generated as f64 / wall,
+        step_ms: if itl_n > 0.0 { itl_sum / itl_n * 1e3 } else { 0.0 },
+        bytes_per_layer_step: remote.then(|| bytes as f64 / steps as f64 / moe_layers as f64),
+        transport_share: remote.then(|| expert_s / step_s),
+    })
+}
+
+fn attention_infos(addresses: &[String]) -> Result<Vec<dsv3_proto::AttentionInfo>> {
+    if addresses.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut out = Vec::new();
+        for a in addresses {
+            let mut client = dsv3_proto::attention_client::AttentionClient::connect(format!("http://{a}")).await?;
+            out.push(client.info(dsv3_proto::InfoRequest {}).await?.into_inner());
+        }
+        Ok(out)
+    })
+}
+
+pub fn run(args: BenchFleetArgs) -> Result<()> {
+    let files = crate::model_source::resolve(None);
+    let config = dsv3_engine::ModelConfig::from_json_str(&files.read_string("config.json")?.context("config")?)?;
+    let moe_layers = (0..config.num_hidden_layers)
+        .filter(|&l| config.is_moe_layer(l))
+        .count();
+    let rows = vec![
+        run_load("serve", &args, moe_layers)?,
+        run_load("fleet", &args, moe_layers)?,
+    ];
+    let mut table = format!(
+        "Embedded tiny model, {} concurrent clients × {} requests, prompt {} tokens, {} generated tokens each (greedy); \
+         transport over gRPC on loopback.\n\n\
+         | mode | generated tok/s | mean step (inter-token) ms | activation bytes per MoE layer per step | step time waiting on expert shards |\n\
+         |---|---:|---:|---:|---:|\n",
+        args.clients, args.requests, args.prompt_len, args.max_tokens
+    );
+    for r in &rows {
+        table += &format!(
+            "| {} | {:.1} | {:.2} | {} | {} |\n",
+            r.mode,
+            r.tokens_per_s,
+            r.step_ms,
+            r.bytes_per_layer_step
+                .map_or("0 (in process)".into(), |b| format!("{:.1} KB", b / 1e3)),
+            r.transport_share.map_or("–".into(), |s| format!("{:.0}%", s * 100.0)),
+        );
+    }
+    println!("{table}");
+    if let Some(path) = &args.output {
+        std::fs::write(path, &table)?;
+    }
+    Ok(())
+}
