@@ -183,8 +183,7 @@ fn attention_infos(addresses: &[String]) -> Result<Vec<dsv3_proto::AttentionInfo
 }
 
 pub fn run(args: BenchFleetArgs) -> Result<()> {
-    let files = crate::model_source::resolve(None);
-    let config = dsv3_engine::ModelConfig::from_json_str(&files.read_string("config.json")?.context("config")?)?;
+    let config = dsv3_engine::ModelConfig::from_model_files(&crate::model_source::resolve(None))?;
     let moe_layers = (0..config.num_hidden_layers)
         .filter(|&l| config.is_moe_layer(l))
         .count();

@@ -107,13 +107,6 @@ pub struct ExpertArgs {
     expert_shards: usize,
 }
 
-fn load_config(files: &ModelFiles) -> Result<ModelConfig> {
-    let text = files
-        .read_string("config.json")?
-        .with_context(|| format!("{} has no config.json", files.describe()))?;
-    ModelConfig::from_json_str(&text).with_context(|| format!("in {}/config.json", files.describe()))
-}
-
 fn served_name(model: &ModelArgs, http: &HttpArgs) -> String {
     http.served_model_name.clone().unwrap_or_else(|| match &model.model {
         Some(dir) => dir
@@ -168,7 +161,7 @@ fn scheduler_config(http: &HttpArgs) -> SchedulerConfig {
 
 pub fn serve(args: ServeArgs) -> Result<()> {
     let files = model_source::resolve(args.model.model.clone());
-    let config = load_config(&files)?;
+    let config = ModelConfig::from_model_files(&files)?;
     let mut report = progress::layer_reporter(files.describe(), config.num_cache_layers() * 2);
     let ckpt = Checkpoint::open(&files)?;
     let experts = LocalExperts::load(&ckpt, &config, &ExpertSelection::All, &mut report)?;
@@ -189,7 +182,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
 
 pub fn router(args: RouterArgs) -> Result<()> {
     let files = model_source::resolve(args.model.model.clone());
-    let config = load_config(&files)?;
+    let config = ModelConfig::from_model_files(&files)?;
     let rt = runtime()?;
     let ranks = args
         .attention_peers
@@ -208,7 +201,7 @@ pub fn router(args: RouterArgs) -> Result<()> {
 
 pub fn attention(args: AttentionArgs) -> Result<()> {
     let files = model_source::resolve(args.model.model.clone());
-    let config = load_config(&files)?;
+    let config = ModelConfig::from_model_files(&files)?;
     let plan = plan_for(&args.placement, config.n_routed_experts as u32, args.expert_peers.len())?;
     let rt = runtime()?;
     let experts = RemoteExperts::new(
@@ -236,7 +229,7 @@ pub fn attention(args: AttentionArgs) -> Result<()> {
 
 pub fn expert(args: ExpertArgs) -> Result<()> {
     let files = model_source::resolve(args.model.model.clone());
-    let config = load_config(&files)?;
+    let config = ModelConfig::from_model_files(&files)?;
     let plan = plan_for(&args.placement, config.n_routed_experts as u32, args.expert_shards)?;
     let held = plan
         .shards

@@ -132,6 +132,14 @@ impl ModelConfig {
         Self::from_json_str(&text).with_context(|| format!("in {}", path.display()))
     }
 
+    /// `config.json` of a model directory (or the embedded model).
+    pub fn from_model_files(files: &crate::checkpoint::ModelFiles) -> Result<Self> {
+        let text = files
+            .read_string("config.json")?
+            .with_context(|| format!("{} has no config.json", files.describe()))?;
+        Self::from_json_str(&text).with_context(|| format!("in {}/config.json", files.describe()))
+    }
+
     pub fn from_json_str(text: &str) -> Result<Self> {
         let value: Value = serde_json::from_str(text).context("config.json is not valid JSON")?;
         let map = value.as_object().context("config.json must hold a JSON object")?;

@@ -8,7 +8,7 @@ use crate::mla::MlaForm;
 use crate::model::{Chunk, Model, Outputs, StepOptions};
 use crate::moe::{ExpertSelection, LocalExperts};
 use crate::sampling::{Sampler, SamplingParams};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::time::Instant;
 
 #[derive(Clone, Debug)]
@@ -91,11 +91,7 @@ struct Active {
 impl Engine {
     pub fn load(files: &ModelFiles, options: EngineOptions, progress: &mut dyn FnMut(LoadProgress)) -> Result<Self> {
         let started = Instant::now();
-        let config_text = files
-            .read_string("config.json")?
-            .with_context(|| format!("{} has no config.json", files.describe()))?;
-        let config =
-            ModelConfig::from_json_str(&config_text).with_context(|| format!("in {}/config.json", files.describe()))?;
+        let config = ModelConfig::from_model_files(files)?;
         let ckpt = Checkpoint::open(files)?;
         let moe_layers = (0..config.num_cache_layers())
             .filter(|&l| config.is_moe_layer(l) || l >= config.num_hidden_layers)

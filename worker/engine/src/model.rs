@@ -190,11 +190,7 @@ impl Block {
 impl Model {
     /// Loads everything except the routed experts, reporting each finished layer.
     pub fn load(files: &ModelFiles, mut on_layer: impl FnMut(usize)) -> Result<Self> {
-        let config_text = files
-            .read_string("config.json")?
-            .with_context(|| format!("{} has no config.json", files.describe()))?;
-        let config =
-            ModelConfig::from_json_str(&config_text).with_context(|| format!("in {}/config.json", files.describe()))?;
+        let config = ModelConfig::from_model_files(files)?;
         let ckpt = Checkpoint::open(files)?;
         Self::from_checkpoint(config, &ckpt, &mut on_layer)
     }
