@@ -33,13 +33,13 @@ pub struct HttpArgs {
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
     /// The model name clients send; default: the model directory's name.
-    #[arg(long)]
+    #[arg(long, env = "DSV3_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
     /// Requests that may queue before new ones get 429.
     #[arg(long, default_value_t = 256)]
     pub max_waiting: usize,
     /// Tokens per attention rank per step (prefill is chunked to fit).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, env = "DSV3_MAX_BATCH_TOKENS")]
     pub max_step_tokens: usize,
 }
 
@@ -66,6 +66,28 @@ pub struct RouterArgs {
     /// Seconds a step may take before its rank counts as failed.
     #[arg(long, default_value_t = 120)]
     step_timeout: u64,
+    #[command(flatten)]
+    data_plane: DataPlaneArgs,
+}
+
+#[derive(Args)]
+pub struct DataPlaneArgs {
+    /// Transport for activations between attention ranks and expert shards: gRPC (portable);
+    /// NCCL needs the CUDA backend, which this build does not have.
+    #[arg(long, default_value = "grpc", value_parser = ["grpc", "nccl"])]
+    data_plane: String,
+}
+
+impl DataPlaneArgs {
+    fn check(&self) -> Result<()> {
+        if self.data_plane != "grpc" {
+            anyhow::bail!(
+                "--data-plane {} needs the CUDA backend; this build serves over grpc only",
+                self.data_plane
+            );
+        }
+        Ok(())
+    }
 }
 
 #[derive(Args)]
@@ -82,9 +104,8 @@ pub struct AttentionArgs {
     /// Placement plan (JSON); default: experts round-robin over the expert peers.
     #[arg(long)]
     placement: Option<PathBuf>,
-    /// Data plane between attention and experts (NCCL needs the CUDA backend).
-    #[arg(long, default_value = "grpc", value_parser = ["grpc"])]
-    data_plane: String,
+    #[command(flatten)]
+    data_plane: DataPlaneArgs,
     #[arg(long, default_value_t = 16384)]
     cache_tokens: usize,
     /// Seconds an expert shard may take for one layer.
@@ -105,6 +126,12 @@ pub struct ExpertArgs {
     placement: Option<PathBuf>,
     #[arg(long, default_value_t = 1)]
     expert_shards: usize,
+    /// The fleet's expert shards (accepted so every worker can share one argument list; without
+    /// --placement their count is the number of shards).
+    #[arg(long, value_delimiter = ',')]
+    expert_peers: Vec<String>,
+    #[command(flatten)]
+    data_plane: DataPlaneArgs,
 }
 
 fn served_name(model: &ModelArgs, http: &HttpArgs) -> String {
@@ -181,6 +208,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
 }
 
 pub fn router(args: RouterArgs) -> Result<()> {
+    args.data_plane.check()?;
     let files = model_source::resolve(args.model.model.clone());
     let config = ModelConfig::from_model_files(&files)?;
     let rt = runtime()?;
@@ -200,6 +228,7 @@ pub fn router(args: RouterArgs) -> Result<()> {
 }
 
 pub fn attention(args: AttentionArgs) -> Result<()> {
+    args.data_plane.check()?;
     let files = model_source::resolve(args.model.model.clone());
     let config = ModelConfig::from_model_files(&files)?;
     let plan = plan_for(&args.placement, config.n_routed_experts as u32, args.expert_peers.len())?;
@@ -228,9 +257,15 @@ pub fn attention(args: AttentionArgs) -> Result<()> {
 }
 
 pub fn expert(args: ExpertArgs) -> Result<()> {
+    args.data_plane.check()?;
     let files = model_source::resolve(args.model.model.clone());
     let config = ModelConfig::from_model_files(&files)?;
-    let plan = plan_for(&args.placement, config.n_routed_experts as u32, args.expert_shards)?;
+    let shards = if args.expert_peers.is_empty() {
+        args.expert_shards
+    } else {
+        args.expert_peers.len()
+    };
+    let plan = plan_for(&args.placement, config.n_routed_experts as u32, shards)?;
     let held = plan
         .shards
         .get(args.rank as usize)

@@ -1,0 +1,917 @@
+//! The reconcile loop: plan, server-side apply, status, events. Thin on purpose; the decisions
+//! live in the pure [`crate::planner`] and [`compute_status`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::crd::{DeepSeekV3Deployment, DeepSeekV3DeploymentStatus, RoleStatus};
+use crate::metrics::{ErrorLabels, Metrics, PhaseLabels};
+use crate::planner::{self, ChildKind, Names, Plan, PlanError, PlanInput, Role, MANAGER, ROUTER_PORT};
+
+pub const FINALIZER: &str = "dsv3.io/teardown";
+
+pub const REQUEUE_READY: Duration = Duration::from_secs(300);
+pub const REQUEUE_PROGRESSING: Duration = Duration::from_secs(30);
+pub const REQUEUE_CUTOVER: Duration = Duration::from_secs(10);
+pub const REQUEUE_BLOCKED: Duration = Duration::from_secs(60);
+pub const BACKOFF_BASE: Duration = Duration::from_secs(5);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API error: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("serialization: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("the resource has no {0}")]
+    MissingMetadata(&'static str),
+}
+
+impl Error {
+    /// Bounded label for the error metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(_)) => "api",
+            Error::Kube(_) => "client",
+            Error::Finalizer(e) => match e.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(inner)
+                | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner.metric_label(),
+                _ => "finalizer",
+            },
+            Error::Json(_) => "serialization",
+            Error::MissingMetadata(_) => "metadata",
+        }
+    }
+}
+
+/// Shared state of the reconcilers.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// Consecutive failures per object, for exponential backoff.
+    pub failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, metrics: Arc<Metrics>, instance: Option<String>) -> Self {
+        let reporter = Reporter {
+            controller: MANAGER.into(),
+            instance,
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn reset_backoff(&self, key: &str) {
+        if let Ok(mut f) = self.failures.lock() {
+            f.remove(key);
+        }
+    }
+
+    /// Next delay for `key`: 5 s, 10 s, 20 s, ... capped at 5 minutes.
+    pub fn next_backoff(&self, key: &str) -> Duration {
+        let n = match self.failures.lock() {
+            Ok(mut f) => {
+                let n = f.entry(key.to_string()).or_insert(0);
+                *n = n.saturating_add(1);
+                *n
+            }
+            Err(_) => 1,
+        };
+        let factor = 1u32 << n.saturating_sub(1).min(16);
+        BACKOFF_BASE.saturating_mul(factor).min(BACKOFF_MAX)
+    }
+
+    async fn event(&self, cr: &DeepSeekV3Deployment, type_: EventType, reason: &str, note: String) {
+        let ev = KubeEvent {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &cr.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "could not publish event");
+        }
+    }
+}
+
+fn key(cr: &DeepSeekV3Deployment) -> String {
+    format!("{}/{}", cr.namespace().unwrap_or_default(), cr.name_any())
+}
+
+/// Reconcile one `DeepSeekV3Deployment`.
+pub async fn reconcile(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    ctx.metrics.reconciles.inc();
+    let ns = cr.namespace().ok_or(Error::MissingMetadata("namespace"))?;
+    let api: Api<DeepSeekV3Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let k = key(&cr);
+    let for_events = cr.clone();
+    let result = finalizer(&api, FINALIZER, cr, |event| async {
+        match event {
+            Finalizer::Apply(cr) => apply(cr, ctx.clone()).await,
+            Finalizer::Cleanup(cr) => cleanup(cr, ctx.clone()).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics.observe(started.elapsed());
+    match &result {
+        Ok(_) => ctx.reset_backoff(&k),
+        Err(e) => {
+            ctx.event(&for_events, EventType::Warning, "ReconcileFailed", e.to_string())
+                .await;
+        }
+    }
+    result
+}
+
+/// Requeue with per-object exponential backoff and count the failure.
+pub fn error_policy(cr: Arc<DeepSeekV3Deployment>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .failures
+        .get_or_create(&ErrorLabels {
+            error: error.metric_label().into(),
+        })
+        .inc();
+    let delay = ctx.next_backoff(&key(&cr));
+    tracing::warn!(object = %key(&cr), %error, ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// A reason the fleet cannot be built now although its spec is valid.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Blocker {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+async fn check_dependencies(cr: &DeepSeekV3Deployment, client: &Client, ns: &str) -> Result<Option<Blocker>, Error> {
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let src = &cr.spec.model.source;
+    let claim = src
+        .pvc
+        .as_ref()
+        .map(|p| p.claim_name.clone())
+        .or_else(|| src.hub.as_ref().map(|h| h.cache_claim_name.clone()));
+    if let Some(claim) = claim {
+        match pvcs.get_opt(&claim).await? {
+            None => {
+                return Ok(Some(Blocker {
+                    reason: "ModelVolumeNotFound",
+                    message: format!("PersistentVolumeClaim {ns}/{claim} (model.source) does not exist"),
+                }))
+            }
+            Some(pvc) if pvc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Lost") => {
+                return Ok(Some(Blocker {
+                    reason: "ModelVolumeLost",
+                    message: format!("PersistentVolumeClaim {ns}/{claim} lost its volume"),
+                }))
+            }
+            Some(_) => {}
+        }
+    }
+    let mut wanted = Vec::new();
+    if let Some(s) = &cr.spec.router.api_key_secret {
+        wanted.push(("router.apiKeySecret", s.name.clone()));
+    }
+    if let Some(s) = src.hub.as_ref().and_then(|h| h.token_secret.as_ref()) {
+        wanted.push(("model.source.hub.tokenSecret", s.name.clone()));
+    }
+    for (field, name) in wanted {
+        // Metadata only: the operator never reads secret data.
+        if secrets.get_metadata_opt(&name).await?.is_none() {
+            return Ok(Some(Blocker {
+                reason: "SecretNotFound",
+                message: format!("Secret {ns}/{name} ({field}) does not exist"),
+            }));
+        }
+    }
+    Ok(None)
+}
+
+fn sts_drained(sts: &StatefulSet) -> bool {
+    let spec_zero = sts.spec.as_ref().and_then(|s| s.replicas) == Some(0);
+    let status = sts.status.clone().unwrap_or_default();
+    let observed = status.observed_generation.unwrap_or(0) >= sts.metadata.generation.unwrap_or(0);
+    spec_zero && observed && status.replicas == 0
+}
+
+async fn server_side_apply<K>(client: &Client, ns: &str, obj: &K) -> Result<K, Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let name = obj.meta().name.clone().ok_or(Error::MissingMetadata("name"))?;
+    let mut value = serde_json::to_value(obj)?;
+    if let Some(map) = value.as_object_mut() {
+        map.insert("apiVersion".into(), K::api_version(&()).into());
+        map.insert("kind".into(), K::kind(&()).into());
+        map.remove("status");
+    }
+    let pp = PatchParams::apply(MANAGER).force();
+    Ok(api.patch(&name, &pp, &Patch::Apply(&value)).await?)
+}
+
+async fn delete_if_present<K>(client: &Client, ns: &str, name: &str) -> Result<bool, Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Observed state of the workloads, as the API server returned them.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    pub router: Option<Deployment>,
+    pub attention: Option<StatefulSet>,
+    pub experts: Option<StatefulSet>,
+}
+
+async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let client = &ctx.client;
+    let ns = cr.namespace().ok_or(Error::MissingMetadata("namespace"))?;
+    let name = cr.name_any();
+    let names = Names::new(&name);
+    let old_status = cr.status.clone().unwrap_or_default();
+    let now = Time(Timestamp::now());
+
+    if let Some(blocker) = check_dependencies(&cr, client, &ns).await? {
+        ctx.event(&cr, EventType::Warning, blocker.reason, blocker.message.clone())
+            .await;
+        let status = blocked_status(&cr, &blocker, &now);
+        patch_status(&ctx, &cr, &status).await?;
+        return Ok(Action::requeue(REQUEUE_BLOCKED));
+    }
+
+    let plan = match planner::plan(&cr, &PlanInput::default()) {
+        Ok(p) => p,
+        Err(e @ (PlanError::Placement(_) | PlanError::Negative(_))) => {
+            let blocker = Blocker {
+                reason: "InvalidTopology",
+                message: e.to_string(),
+            };
+            ctx.event(&cr, EventType::Warning, blocker.reason, blocker.message.clone())
+                .await;
+            patch_status(&ctx, &cr, &blocked_status(&cr, &blocker, &now)).await?;
+            return Ok(Action::requeue(REQUEUE_BLOCKED));
+        }
+        Err(PlanError::MissingMetadata(m)) => return Err(Error::MissingMetadata(m)),
+    };
+    let desired_version = plan.placement.version.clone();
+
+    // Never run two placement versions side by side: when the version changes, stop both worker
+    // sets first and start the new version only once no old pod is left.
+    let (plan, cutover, cutover_done) = match &old_status.placement_version {
+        Some(prev) if *prev != desired_version => {
+            let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+            let att = sts.get_opt(&names.role(Role::Attention)).await?;
+            let exp = sts.get_opt(&names.role(Role::Expert)).await?;
+            let drained = [att, exp].iter().all(|s| s.as_ref().is_none_or(sts_drained));
+            if drained {
+                (plan, false, true)
+            } else {
+                let p = planner::plan(
+                    &cr,
+                    &PlanInput {
+                        placement_cutover: true,
+                    },
+                )
+                .map_err(|_| Error::MissingMetadata("plan"))?;
+                (p, true, false)
+            }
+        }
+        _ => (plan, false, false),
+    };
+
+    let observed = apply_plan(client, &ns, &plan).await?;
+
+    if cutover_done {
+        collect_old_placements(client, &ns, &name, &plan).await?;
+        ctx.event(
+            &cr,
+            EventType::Normal,
+            "PlacementActivated",
+            format!("attention and expert pods now start with placement {desired_version}"),
+        )
+        .await;
+    }
+
+    let status = compute_status(&cr, &plan, &observed, cutover, &now);
+    publish_transition_events(&ctx, &cr, &old_status, &status, &plan, cutover).await;
+    patch_status(&ctx, &cr, &status).await?;
+
+    Ok(Action::requeue(match status.phase.as_deref() {
+        Some("Ready") => REQUEUE_READY,
+        _ if cutover => REQUEUE_CUTOVER,
+        _ => REQUEUE_PROGRESSING,
+    }))
+}
+
+/// Server-side apply every planned object (one field manager, forced) and delete unwanted ones.
+pub async fn apply_plan(client: &Client, ns: &str, plan: &Plan) -> Result<Observed, Error> {
+    server_side_apply(client, ns, &plan.service_account).await?;
+    server_side_apply(client, ns, &plan.placement_config).await?;
+    server_side_apply(client, ns, &plan.fleet_config).await?;
+    server_side_apply(client, ns, &plan.router_service).await?;
+    server_side_apply(client, ns, &plan.attention_service).await?;
+    server_side_apply(client, ns, &plan.expert_service).await?;
+    server_side_apply(client, ns, &plan.network_policy).await?;
+    let experts = server_side_apply(client, ns, &plan.expert_statefulset).await?;
+    let attention = server_side_apply(client, ns, &plan.attention_statefulset).await?;
+    let router = server_side_apply(client, ns, &plan.router_deployment).await?;
+    for p in &plan.pdbs {
+        server_side_apply(client, ns, p).await?;
+    }
+    for h in &plan.hpas {
+        server_side_apply(client, ns, h).await?;
+    }
+    for (kind, name) in &plan.absent {
+        match kind {
+            ChildKind::HorizontalPodAutoscaler => {
+                delete_if_present::<HorizontalPodAutoscaler>(client, ns, name).await?;
+            }
+        }
+    }
+    Ok(Observed {
+        router: Some(router),
+        attention: Some(attention),
+        experts: Some(experts),
+    })
+}
+
+async fn collect_old_placements(client: &Client, ns: &str, name: &str, plan: &Plan) -> Result<(), Error> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let selector = format!(
+        "{}={name},{}=placement",
+        planner::LABEL_INSTANCE,
+        planner::LABEL_COMPONENT
+    );
+    let current = plan.placement_config.metadata.name.clone().unwrap_or_default();
+    for cm in api.list(&ListParams::default().labels(&selector)).await? {
+        let cm_name = cm.name_any();
+        if cm_name != current {
+            delete_if_present::<ConfigMap>(client, ns, &cm_name).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn cleanup(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let client = &ctx.client;
+    let ns = cr.namespace().ok_or(Error::MissingMetadata("namespace"))?;
+    let names = Names::new(&cr.name_any());
+    ctx.event(
+        &cr,
+        EventType::Normal,
+        "Deleting",
+        "stopping the router, then the attention and expert workers".into(),
+    )
+    .await;
+    // Stop traffic first, then the workers; owner references collect the rest.
+    delete_if_present::<HorizontalPodAutoscaler>(client, &ns, &names.role(Role::Router)).await?;
+    delete_if_present::<Deployment>(client, &ns, &names.role(Role::Router)).await?;
+    delete_if_present::<HorizontalPodAutoscaler>(client, &ns, &names.role(Role::Attention)).await?;
+    delete_if_present::<StatefulSet>(client, &ns, &names.role(Role::Attention)).await?;
+    delete_if_present::<StatefulSet>(client, &ns, &names.role(Role::Expert)).await?;
+    ctx.reset_backoff(&key(&cr));
+    Ok(Action::await_change())
+}
+
+async fn patch_status(
+    ctx: &Context,
+    cr: &DeepSeekV3Deployment,
+    status: &DeepSeekV3DeploymentStatus,
+) -> Result<(), Error> {
+    let ns = cr.namespace().ok_or(Error::MissingMetadata("namespace"))?;
+    let api: Api<DeepSeekV3Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let body = serde_json::json!({
+        "apiVersion": DeepSeekV3Deployment::api_version(&()),
+        "kind": DeepSeekV3Deployment::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &cr.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    ctx.metrics
+        .status_phase
+        .get_or_create(&PhaseLabels {
+            phase: status.phase.clone().unwrap_or_default(),
+        })
+        .inc();
+    Ok(())
+}
+
+async fn publish_transition_events(
+    ctx: &Context,
+    cr: &DeepSeekV3Deployment,
+    old: &DeepSeekV3DeploymentStatus,
+    new: &DeepSeekV3DeploymentStatus,
+    plan: &Plan,
+    cutover: bool,
+) {
+    let generation = cr.metadata.generation.unwrap_or(0);
+    if old.observed_generation != Some(generation) {
+        let count = plan.objects().map(|o| o.len()).unwrap_or(0);
+        ctx.event(
+            cr,
+            EventType::Normal,
+            "Applied",
+            format!(
+                "applied generation {generation}: {count} objects, placement {}",
+                plan.placement.version
+            ),
+        )
+        .await;
+    }
+    let reason_of = |s: &DeepSeekV3DeploymentStatus, t: &str| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    if cutover && reason_of(old, "Progressing").map(|x| x.1) != Some("PlacementCutover".into()) {
+        ctx.event(
+            cr,
+            EventType::Normal,
+            "PlacementCutover",
+            format!(
+                "placement changes from {} to {}: stopping attention and expert pods before starting the new version",
+                old.placement_version.clone().unwrap_or_default(),
+                plan.placement.version
+            ),
+        )
+        .await;
+    }
+    let was = reason_of(old, "Ready").map(|x| x.0);
+    if let Some((now, reason)) = reason_of(new, "Ready") {
+        if was.as_deref() != Some(now.as_str()) {
+            let message = new
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Ready")
+                .map(|c| c.message.clone())
+                .unwrap_or_default();
+            if now == "True" {
+                ctx.event(cr, EventType::Normal, "Ready", message).await;
+            } else if was.as_deref() == Some("True") {
+                ctx.event(cr, EventType::Warning, &reason, message).await;
+            }
+        }
+    }
+    if let Some((s, reason)) = reason_of(new, "Degraded") {
+        if s == "True" && reason_of(old, "Degraded").map(|x| x.1) != Some(reason.clone()) {
+            ctx.event(cr, EventType::Warning, &reason, "fleet is degraded".into())
+                .await;
+        }
+    }
+}
+
+fn condition(
+    old: &[Condition],
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: i64,
+    now: &Time,
+) -> Condition {
+    let status = if status { "True" } else { "False" }.to_string();
+    let last_transition_time = old
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| now.clone());
+    Condition {
+        type_: type_.into(),
+        status,
+        reason: reason.into(),
+        message,
+        observed_generation: Some(generation),
+        last_transition_time,
+    }
+}
+
+fn role_from_deployment(d: Option<&Deployment>, planned: Option<i32>) -> RoleStatus {
+    let desired = d
+        .and_then(|d| d.spec.as_ref())
+        .and_then(|s| s.replicas)
+        .or(planned)
+        .unwrap_or(1);
+    let st = d.and_then(|d| d.status.clone()).unwrap_or_default();
+    role_status(
+        desired,
+        st.ready_replicas.unwrap_or(0),
+        st.updated_replicas.unwrap_or(0),
+    )
+}
+
+fn role_from_sts(s: Option<&StatefulSet>, planned: Option<i32>) -> RoleStatus {
+    let desired = s
+        .and_then(|d| d.spec.as_ref())
+        .and_then(|s| s.replicas)
+        .or(planned)
+        .unwrap_or(1);
+    let st = s.and_then(|d| d.status.clone()).unwrap_or_default();
+    role_status(
+        desired,
+        st.ready_replicas.unwrap_or(0),
+        st.updated_replicas.unwrap_or(0),
+    )
+}
+
+fn role_status(desired: i32, ready: i32, updated: i32) -> RoleStatus {
+    RoleStatus {
+        replicas: desired,
+        ready_replicas: ready,
+        updated_replicas: updated,
+        summary: format!("{ready}/{desired}"),
+    }
+}
+
+fn base_status(cr: &DeepSeekV3Deployment) -> DeepSeekV3DeploymentStatus {
+    let name = cr.name_any();
+    let ns = cr.namespace().unwrap_or_default();
+    DeepSeekV3DeploymentStatus {
+        observed_generation: cr.metadata.generation,
+        selector: Some(planner::selector_string(&name, Role::Attention)),
+        endpoint: Some(format!(
+            "http://{}.{ns}.svc:{ROUTER_PORT}/v1",
+            Names::new(&name).role(Role::Router)
+        )),
+        ..Default::default()
+    }
+}
+
+/// Status of a fleet that cannot be built yet.
+pub fn blocked_status(cr: &DeepSeekV3Deployment, b: &Blocker, now: &Time) -> DeepSeekV3DeploymentStatus {
+    let old = cr.status.clone().unwrap_or_default();
+    let g = cr.metadata.generation.unwrap_or(0);
+    let c = &old.conditions;
+    DeepSeekV3DeploymentStatus {
+        phase: Some("Blocked".into()),
+        ready_roles: old.ready_roles.clone().or(Some("0/3".into())),
+        replicas: old.replicas,
+        router: old.router.clone(),
+        attention: old.attention.clone(),
+        experts: old.experts.clone(),
+        placement_version: old.placement_version.clone(),
+        placement_config_map: old.placement_config_map.clone(),
+        conditions: vec![
+            condition(c, "Ready", false, b.reason, b.message.clone(), g, now),
+            condition(c, "Progressing", false, "Blocked", b.message.clone(), g, now),
+            condition(c, "Degraded", true, b.reason, b.message.clone(), g, now),
+        ],
+        ..base_status(cr)
+    }
+}
+
+/// Status from the observed workloads. Pure.
+///
+/// Ready: the fleet serves (a router, an attention rank and every expert shard are ready).
+/// Degraded: it serves below the desired strength, or it stopped serving after having served.
+/// Progressing: a rollout, a placement cut-over or a first start is under way.
+pub fn compute_status(
+    cr: &DeepSeekV3Deployment,
+    plan: &Plan,
+    observed: &Observed,
+    cutover: bool,
+    now: &Time,
+) -> DeepSeekV3DeploymentStatus {
+    let old = cr.status.clone().unwrap_or_default();
+    let g = cr.metadata.generation.unwrap_or(0);
+    let c = &old.conditions;
+    let router = role_from_deployment(
+        observed.router.as_ref(),
+        plan.router_deployment.spec.as_ref().and_then(|s| s.replicas),
+    );
+    let attention = role_from_sts(
+        observed.attention.as_ref(),
+        plan.attention_statefulset.spec.as_ref().and_then(|s| s.replicas),
+    );
+    let experts = role_from_sts(
+        observed.experts.as_ref(),
+        plan.expert_statefulset.spec.as_ref().and_then(|s| s.replicas),
+    );
+    let full = |r: &RoleStatus| r.replicas > 0 && r.ready_replicas >= r.replicas;
+    let rolling = |r: &RoleStatus| r.updated_replicas < r.replicas;
+    let ready_roles = [&router, &attention, &experts].iter().filter(|r| full(r)).count();
+    let serving = !cutover && router.ready_replicas >= 1 && attention.ready_replicas >= 1 && full(&experts);
+    let all_full = ready_roles == 3;
+    let any_rolling = [&router, &attention, &experts].iter().any(|r| rolling(r));
+    let was_serving = c.iter().any(|x| x.type_ == "Ready" && x.status == "True");
+    let summary = format!(
+        "router {}, attention {}, experts {}",
+        router.summary, attention.summary, experts.summary
+    );
+    let short_reason = if !full(&experts) {
+        "ExpertShardUnavailable"
+    } else if attention.ready_replicas < attention.replicas {
+        "AttentionRankUnavailable"
+    } else {
+        "RouterUnavailable"
+    };
+
+    let (phase, ready, progressing, degraded) = if cutover {
+        let msg = format!(
+            "stopping placement {} before starting {}",
+            old.placement_version.clone().unwrap_or_default(),
+            plan.placement.version
+        );
+        (
+            "Progressing",
+            (false, "PlacementCutover", msg.clone()),
+            (true, "PlacementCutover", msg),
+            (false, "AsExpected", String::new()),
+        )
+    } else if serving && all_full && !any_rolling {
+        (
+            "Ready",
+            (true, "AllRolesReady", summary.clone()),
+            (false, "RolloutComplete", summary),
+            (false, "AsExpected", String::new()),
+        )
+    } else if serving && any_rolling {
+        (
+            "Progressing",
+            (true, "Serving", summary.clone()),
+            (true, "RollingOut", summary),
+            (false, "AsExpected", String::new()),
+        )
+    } else if serving {
+        (
+            "Degraded",
+            (true, "Serving", summary.clone()),
+            (true, "Recovering", summary.clone()),
+            (true, short_reason, summary),
+        )
+    } else if was_serving {
+        (
+            "Degraded",
+            (false, short_reason, summary.clone()),
+            (true, "Recovering", summary.clone()),
+            (true, short_reason, summary),
+        )
+    } else {
+        let reason = if any_rolling { "RollingOut" } else { "WaitingForPods" };
+        (
+            "Progressing",
+            (false, "WaitingForPods", summary.clone()),
+            (true, reason, summary),
+            (false, "AsExpected", String::new()),
+        )
+    };
+    let placement_version = if cutover {
+        old.placement_version.clone()
+    } else {
+        Some(plan.placement.version.clone())
+    };
+    DeepSeekV3DeploymentStatus {
+        phase: Some(phase.into()),
+        ready_roles: Some(format!("{ready_roles}/3")),
+        replicas: attention.ready_replicas,
+        placement_config_map: placement_version
+            .as_ref()
+            .map(|v| Names::new(&cr.name_any()).placement_config(v)),
+        placement_version,
+        router: Some(router),
+        attention: Some(attention),
+        experts: Some(experts),
+        conditions: vec![
+            condition(c, "Ready", ready.0, ready.1, ready.2, g, now),
+            condition(c, "Progressing", progressing.0, progressing.1, progressing.2, g, now),
+            condition(c, "Degraded", degraded.0, degraded.1, degraded.2, g, now),
+        ],
+        ..base_status(cr)
+    }
+}
+
+/// Options of `dsv3-operator run`.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub namespace: Option<String>,
+    pub metrics_addr: std::net::SocketAddr,
+    pub leader_elect: bool,
+    pub lease_name: String,
+    pub lease_namespace: Option<String>,
+    pub identity: String,
+    pub concurrency: u16,
+}
+
+/// Run the controller until SIGTERM/SIGINT or loss of leadership.
+pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    let client = Client::try_default().await?;
+    let metrics = Arc::new(Metrics::default());
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = {
+        let metrics = metrics.clone();
+        let mut rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = crate::metrics::serve(opts.metrics_addr, metrics, shutdown).await {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        })
+    };
+
+    let crs: Api<DeepSeekV3Deployment> = match &opts.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    // The CRD and the RBAC rules may be applied after the operator starts (kubectl apply -f deploy/
+    // applies files in name order): wait for them for a while instead of crash-looping at once.
+    let mut attempt = 0u32;
+    while let Err(e) = crs.list(&ListParams::default().limit(1)).await {
+        attempt += 1;
+        if attempt >= 60 {
+            anyhow::bail!(
+                "cannot list DeepSeekV3Deployments ({e}); is the CRD installed (kubectl apply -f deploy/crd.yaml)?"
+            );
+        }
+        tracing::warn!(error = %e, "cannot list DeepSeekV3Deployments yet (CRD or RBAC missing?); retrying");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+
+    let signal = async {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = ctrl_c.await;
+        }
+    };
+
+    let (sig_tx, sig_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        signal.await;
+        tracing::info!("shutdown signal received");
+        let _ = sig_tx.send(true);
+    });
+    let signalled = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let mut lock = None;
+    let mut lost = None;
+    if opts.leader_elect {
+        let ns = opts
+            .lease_namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_string());
+        let l = Arc::new(crate::leader::LeaseLock::new(
+            Api::namespaced(client.clone(), &ns),
+            &opts.lease_name,
+            &opts.identity,
+            Duration::from_secs(15),
+        ));
+        tracing::info!(identity = %opts.identity, lease = %opts.lease_name, namespace = %ns, "waiting for leadership");
+        tokio::select! {
+            _ = crate::leader::acquire(&l, Duration::from_secs(2)) => {}
+            _ = signalled(sig_rx.clone()) => {
+                let _ = stop_tx.send(true);
+                let _ = server.await;
+                return Ok(());
+            }
+        }
+        metrics.leader.set(1);
+        tracing::info!("acquired leadership");
+        lost = Some(crate::leader::keep_renewing(
+            l.clone(),
+            Duration::from_secs(5),
+            Duration::from_secs(10),
+        ));
+        lock = Some(l);
+    }
+
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        metrics.clone(),
+        Some(opts.identity.clone()),
+    ));
+    fn scoped<K>(client: &Client, ns: &Option<String>) -> Api<K>
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+    {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let lost_for_shutdown = lost.clone();
+    let sig = sig_rx.clone();
+    let shutdown = async move {
+        match lost_for_shutdown {
+            Some(mut rx) => {
+                tokio::select! {
+                    _ = signalled(sig) => {}
+                    _ = rx.wait_for(|leading| !*leading) => {}
+                }
+            }
+            None => signalled(sig).await,
+        }
+    };
+    // Children are watched through a label selector, so the operator never caches the cluster's
+    // other ConfigMaps or Services. HPAs are not watched: the HPA controller rewrites their status
+    // every 15 s; the periodic requeue corrects drift on them.
+    let children = watcher::Config::default()
+        .labels(&format!("{}={MANAGER}", planner::LABEL_MANAGED_BY))
+        .any_semantic();
+    let ns = &opts.namespace;
+    Controller::new(crs, watcher::Config::default().any_semantic())
+        .owns(scoped::<StatefulSet>(&client, ns), children.clone())
+        .owns(scoped::<Deployment>(&client, ns), children.clone())
+        .owns(
+            scoped::<k8s_openapi::api::core::v1::Service>(&client, ns),
+            children.clone(),
+        )
+        .owns(scoped::<ConfigMap>(&client, ns), children.clone())
+        .owns(
+            scoped::<k8s_openapi::api::core::v1::ServiceAccount>(&client, ns),
+            children.clone(),
+        )
+        .owns(
+            scoped::<k8s_openapi::api::policy::v1::PodDisruptionBudget>(&client, ns),
+            children.clone(),
+        )
+        .owns(
+            scoped::<k8s_openapi::api::networking::v1::NetworkPolicy>(&client, ns),
+            children,
+        )
+        .with_config(kube::runtime::controller::Config::default().concurrency(opts.concurrency))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => tracing::debug!(object = %obj.name, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile error"),
+            }
+        })
+        .await;
+    tracing::info!("controller stopped");
+
+    let lost_leadership = lost.as_ref().is_some_and(|rx| !*rx.borrow());
+    if let Some(l) = lock {
+        if !lost_leadership {
+            if let Err(e) = l.release().await {
+                tracing::warn!(error = %e, "could not release the lease");
+            }
+        }
+    }
+    metrics.leader.set(0);
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    if lost_leadership {
+        anyhow::bail!("lost leadership");
+    }
+    Ok(())
+}

@@ -1,0 +1,509 @@
+//! Reconcile tests against the in-memory API server (kube-rs's tower-test pattern).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::runtime::controller::Action;
+use serde_json::{json, Value};
+
+use crate::controller::{
+    error_policy, reconcile, Context, BACKOFF_BASE, FINALIZER, REQUEUE_BLOCKED, REQUEUE_CUTOVER, REQUEUE_PROGRESSING,
+    REQUEUE_READY,
+};
+use crate::crd::DeepSeekV3Deployment;
+use crate::fixtures::FakeApi;
+use crate::metrics::Metrics;
+use crate::planner::{self, PlanInput};
+use crate::testutil::sample;
+
+fn cr_path(ns: &str, name: &str) -> String {
+    format!("/apis/dsv3.io/v1alpha1/namespaces/{ns}/deepseekv3deployments/{name}")
+}
+fn sts_path(ns: &str, name: &str) -> String {
+    format!("/apis/apps/v1/namespaces/{ns}/statefulsets/{name}")
+}
+fn deploy_path(ns: &str, name: &str) -> String {
+    format!("/apis/apps/v1/namespaces/{ns}/deployments/{name}")
+}
+fn core_path(ns: &str, kind: &str, name: &str) -> String {
+    format!("/api/v1/namespaces/{ns}/{kind}/{name}")
+}
+
+struct Harness {
+    fake: FakeApi,
+    ctx: Arc<Context>,
+    ns: String,
+    name: String,
+}
+
+impl Harness {
+    fn new(cr: &DeepSeekV3Deployment) -> Self {
+        let fake = FakeApi::default();
+        let ctx = Arc::new(Context::new(
+            fake.client(),
+            Arc::new(Metrics::default()),
+            Some("test".into()),
+        ));
+        let ns = cr.metadata.namespace.clone().expect("namespace");
+        let name = cr.metadata.name.clone().expect("name");
+        let value = serde_json::to_value(cr).expect("serializes");
+        fake.put(&cr_path(&ns, &name), value);
+        Self { fake, ctx, ns, name }
+    }
+
+    fn with_pvc(self, claim: &str) -> Self {
+        self.fake.put(
+            &core_path(&self.ns, "persistentvolumeclaims", claim),
+            json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                   "metadata": {"name": claim, "namespace": self.ns}, "status": {"phase": "Bound"}}),
+        );
+        self
+    }
+
+    fn with_secret(self, name: &str) -> Self {
+        self.fake.put(
+            &core_path(&self.ns, "secrets", name),
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": self.ns}}),
+        );
+        self
+    }
+
+    fn cr(&self) -> DeepSeekV3Deployment {
+        let v = self.fake.get(&cr_path(&self.ns, &self.name)).expect("CR stored");
+        serde_json::from_value(v).expect("CR deserializes")
+    }
+
+    fn status(&self) -> Value {
+        self.fake
+            .get(&cr_path(&self.ns, &self.name))
+            .and_then(|v| v.get("status").cloned())
+            .unwrap_or(Value::Null)
+    }
+
+    fn condition(&self, type_: &str) -> (String, String) {
+        let st = self.status();
+        let c = st["conditions"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["type"] == type_).cloned())
+            .unwrap_or_else(|| panic!("no {type_} condition in {st}"));
+        (
+            c["status"].as_str().unwrap_or_default().to_string(),
+            c["reason"].as_str().unwrap_or_default().to_string(),
+        )
+    }
+
+    async fn reconcile(&self) -> Result<Action, crate::controller::Error> {
+        reconcile(Arc::new(self.cr()), self.ctx.clone()).await
+    }
+
+    /// Finalizer first, then the first real apply.
+    async fn create(&self) -> Action {
+        let first = self.reconcile().await.expect("finalizer reconcile");
+        assert_eq!(
+            first,
+            Action::await_change(),
+            "adding the finalizer ends the first pass"
+        );
+        self.reconcile().await.expect("apply reconcile")
+    }
+
+    fn edit_spec(&self, f: impl FnOnce(&mut Value)) {
+        self.fake.edit(&cr_path(&self.ns, &self.name), |o| {
+            f(&mut o["spec"]);
+            let g = o["metadata"]["generation"].as_i64().unwrap_or(1);
+            o["metadata"]["generation"] = json!(g + 1);
+        });
+    }
+
+    fn set_sts_status(&self, role: &str, replicas: i64, ready: i64) {
+        let path = sts_path(&self.ns, &format!("{}-{role}", self.name));
+        self.fake.edit(&path, |o| {
+            let g = o["metadata"]["generation"].clone();
+            o["status"] = json!({"replicas": replicas, "readyReplicas": ready, "updatedReplicas": replicas,
+                                 "currentReplicas": replicas, "observedGeneration": g});
+        });
+    }
+
+    fn set_router_status(&self, ready: i64) {
+        let path = deploy_path(&self.ns, &format!("{}-router", self.name));
+        self.fake.edit(&path, |o| {
+            let g = o["metadata"]["generation"].clone();
+            o["status"] = json!({"replicas": ready, "readyReplicas": ready, "updatedReplicas": ready,
+                                 "availableReplicas": ready, "observedGeneration": g});
+        });
+    }
+
+    fn events(&self) -> Vec<(String, String)> {
+        self.fake
+            .log()
+            .into_iter()
+            .filter(|r| r.path.contains("/events"))
+            .filter_map(|r| {
+                let reason = r.body.get("reason")?.as_str()?.to_string();
+                let type_ = r.body.get("type")?.as_str()?.to_string();
+                Some((reason, type_))
+            })
+            .collect()
+    }
+
+    fn resource_versions(&self) -> Vec<(String, String)> {
+        self.fake
+            .paths()
+            .into_iter()
+            .filter(|p| !p.contains("deepseekv3deployments") && !p.contains("/events/"))
+            .map(|p| {
+                let rv = self
+                    .fake
+                    .get(&p)
+                    .and_then(|o| o["metadata"]["resourceVersion"].as_str().map(str::to_string))
+                    .unwrap_or_default();
+                (p, rv)
+            })
+            .collect()
+    }
+}
+
+fn changed_paths(before: &[(String, String)], after: &[(String, String)]) -> Vec<String> {
+    after
+        .iter()
+        .filter(|(p, rv)| before.iter().find(|(q, _)| q == p).is_none_or(|(_, old)| old != rv))
+        .map(|(p, _)| p.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn create_applies_every_child_with_one_field_manager_and_reports_progress() {
+    let cr = sample("tiny-cpu.yaml");
+    let h = Harness::new(&cr).with_pvc("dsv3-tiny-model");
+    let action = h.create().await;
+    assert_eq!(action, Action::requeue(REQUEUE_PROGRESSING));
+    assert_eq!(h.cr().metadata.finalizers, Some(vec![FINALIZER.to_string()]));
+
+    let plan = planner::plan(&h.cr(), &PlanInput::default()).expect("plan");
+    let applies: Vec<_> = h
+        .fake
+        .log()
+        .into_iter()
+        .filter(|r| r.method == "PATCH" && r.content_type.starts_with("application/apply-patch"))
+        .collect();
+    let objects = plan.objects().expect("objects");
+    // Every child once, plus the status.
+    assert_eq!(
+        applies.len(),
+        objects.len() + 1,
+        "{:#?}",
+        applies.iter().map(|r| &r.path).collect::<Vec<_>>()
+    );
+    for r in &applies {
+        assert!(r.query.contains("fieldManager=dsv3-operator"), "{}?{}", r.path, r.query);
+        assert!(r.query.contains("force=true"), "{}?{}", r.path, r.query);
+    }
+    for (kind, name) in [("statefulsets", "tiny-attention"), ("statefulsets", "tiny-expert")] {
+        let o = h
+            .fake
+            .get(&format!("/apis/apps/v1/namespaces/default/{kind}/{name}"))
+            .expect("child stored");
+        assert_eq!(o["metadata"]["ownerReferences"][0]["uid"], "uid-tiny-cpu.yaml");
+    }
+    assert!(h.fake.get(&deploy_path("default", "tiny-router")).is_some());
+    assert!(h
+        .fake
+        .get(&core_path(
+            "default",
+            "configmaps",
+            &format!("tiny-placement-{}", plan.placement.version)
+        ))
+        .is_some());
+
+    let st = h.status();
+    assert_eq!(st["phase"], "Progressing");
+    assert_eq!(st["observedGeneration"], 1);
+    assert_eq!(st["placementVersion"], plan.placement.version.as_str());
+    assert_eq!(
+        st["selector"],
+        planner::selector_string("tiny", planner::Role::Attention).as_str()
+    );
+    assert_eq!(h.condition("Ready"), ("False".into(), "WaitingForPods".into()));
+    assert_eq!(h.condition("Progressing").0, "True");
+    assert_eq!(h.condition("Degraded").0, "False");
+    assert!(
+        h.events().contains(&("Applied".into(), "Normal".into())),
+        "{:?}",
+        h.events()
+    );
+}
+
+#[tokio::test]
+async fn spec_change_rewrites_only_the_objects_that_changed() {
+    let h = Harness::new(&sample("tiny-cpu.yaml")).with_pvc("dsv3-tiny-model");
+    h.create().await;
+    let before = h.resource_versions();
+    h.fake.clear_log();
+    h.edit_spec(|s| s["router"]["replicas"] = json!(3));
+    h.reconcile().await.expect("reconcile");
+    let after = h.resource_versions();
+    assert_eq!(
+        changed_paths(&before, &after),
+        vec![deploy_path("default", "tiny-router")],
+        "server-side apply of unchanged objects is a no-op"
+    );
+    let d = h.fake.get(&deploy_path("default", "tiny-router")).expect("router");
+    assert_eq!(d["spec"]["replicas"], 3);
+    assert_eq!(h.status()["observedGeneration"], 2);
+    assert!(h.events().contains(&("Applied".into(), "Normal".into())));
+}
+
+#[tokio::test]
+async fn scaling_attention_keeps_expert_pods_untouched() {
+    let h = Harness::new(&sample("tiny-cpu.yaml")).with_pvc("dsv3-tiny-model");
+    h.create().await;
+    let before = h.resource_versions();
+    // What `kubectl scale deepseekv3deployment tiny --replicas=4` writes through the scale subresource.
+    h.edit_spec(|s| s["attention"]["replicas"] = json!(4));
+    h.reconcile().await.expect("reconcile");
+    let changed = changed_paths(&before, &h.resource_versions());
+    assert!(changed.contains(&sts_path("default", "tiny-attention")), "{changed:?}");
+    assert!(!changed.contains(&sts_path("default", "tiny-expert")), "{changed:?}");
+    let sts = h.fake.get(&sts_path("default", "tiny-attention")).expect("attention");
+    assert_eq!(sts["spec"]["replicas"], 4);
+    let router = h.fake.get(&deploy_path("default", "tiny-router")).expect("router");
+    let args = router["spec"]["template"]["spec"]["containers"][0]["args"].clone();
+    let peers = args
+        .as_array()
+        .and_then(|a| {
+            let i = a.iter().position(|x| x == "--attention-peers")?;
+            a.get(i + 1)?.as_str().map(str::to_string)
+        })
+        .expect("peers");
+    assert_eq!(peers.split(',').count(), 4);
+}
+
+#[tokio::test]
+async fn children_becoming_ready_make_the_fleet_ready_and_a_lost_shard_degrades_it() {
+    let h = Harness::new(&sample("tiny-cpu.yaml")).with_pvc("dsv3-tiny-model");
+    h.create().await;
+    h.set_sts_status("attention", 2, 2);
+    h.set_sts_status("expert", 4, 4);
+    h.set_router_status(1);
+    h.fake.clear_log();
+    let action = h.reconcile().await.expect("reconcile");
+    assert_eq!(action, Action::requeue(REQUEUE_READY));
+    let st = h.status();
+    assert_eq!(st["phase"], "Ready");
+    assert_eq!(st["readyRoles"], "3/3");
+    assert_eq!(st["replicas"], 2);
+    assert_eq!(st["experts"]["summary"], "4/4");
+    assert_eq!(h.condition("Ready"), ("True".into(), "AllRolesReady".into()));
+    assert_eq!(h.condition("Progressing"), ("False".into(), "RolloutComplete".into()));
+    assert!(
+        h.events().contains(&("Ready".into(), "Normal".into())),
+        "{:?}",
+        h.events()
+    );
+
+    // An expert pod dies: every shard is needed, so the fleet stops serving and says why.
+    h.set_sts_status("expert", 4, 3);
+    h.fake.clear_log();
+    h.reconcile().await.expect("reconcile");
+    let st = h.status();
+    assert_eq!(st["phase"], "Degraded");
+    assert_eq!(h.condition("Ready"), ("False".into(), "ExpertShardUnavailable".into()));
+    assert_eq!(
+        h.condition("Degraded"),
+        ("True".into(), "ExpertShardUnavailable".into())
+    );
+    assert!(h
+        .events()
+        .contains(&("ExpertShardUnavailable".into(), "Warning".into())));
+
+    // One attention rank short: still serving, but degraded.
+    h.set_sts_status("expert", 4, 4);
+    h.set_sts_status("attention", 2, 1);
+    h.reconcile().await.expect("reconcile");
+    assert_eq!(h.status()["phase"], "Degraded");
+    assert_eq!(h.condition("Ready"), ("True".into(), "Serving".into()));
+    assert_eq!(
+        h.condition("Degraded"),
+        ("True".into(), "AttentionRankUnavailable".into())
+    );
+}
+
+#[tokio::test]
+async fn placement_change_never_mixes_versions() {
+    let h = Harness::new(&sample("tiny-cpu.yaml")).with_pvc("dsv3-tiny-model");
+    h.create().await;
+    h.set_sts_status("attention", 2, 2);
+    h.set_sts_status("expert", 4, 4);
+    h.set_router_status(1);
+    h.reconcile().await.expect("reconcile");
+    let v1 = h.status()["placementVersion"].as_str().expect("version").to_string();
+
+    h.edit_spec(|s| s["experts"]["redundantExperts"] = json!(0));
+    h.fake.clear_log();
+    let action = h.reconcile().await.expect("reconcile");
+    assert_eq!(action, Action::requeue(REQUEUE_CUTOVER));
+    for role in ["attention", "expert"] {
+        let sts = h.fake.get(&sts_path("default", &format!("tiny-{role}"))).expect("sts");
+        assert_eq!(
+            sts["spec"]["replicas"], 0,
+            "{role} is stopped before the new plan starts"
+        );
+    }
+    assert_eq!(
+        h.status()["placementVersion"],
+        v1.as_str(),
+        "old version still recorded"
+    );
+    assert_eq!(h.condition("Progressing"), ("True".into(), "PlacementCutover".into()));
+    assert!(h.events().contains(&("PlacementCutover".into(), "Normal".into())));
+
+    // Pods still terminating: stay stopped.
+    h.reconcile().await.expect("reconcile");
+    let sts = h.fake.get(&sts_path("default", "tiny-expert")).expect("sts");
+    assert_eq!(sts["spec"]["replicas"], 0);
+
+    // Both sets drained: the new version starts on both.
+    h.set_sts_status("attention", 0, 0);
+    h.set_sts_status("expert", 0, 0);
+    h.fake.clear_log();
+    h.reconcile().await.expect("reconcile");
+    let v2 = h.status()["placementVersion"].as_str().expect("version").to_string();
+    assert_ne!(v1, v2);
+    for (role, n) in [("attention", 2), ("expert", 4)] {
+        let sts = h.fake.get(&sts_path("default", &format!("tiny-{role}"))).expect("sts");
+        assert_eq!(sts["spec"]["replicas"], n);
+        assert_eq!(
+            sts["spec"]["template"]["metadata"]["labels"]["dsv3.io/placement-version"],
+            v2.as_str()
+        );
+    }
+    assert!(h
+        .fake
+        .get(&core_path("default", "configmaps", &format!("tiny-placement-{v1}")))
+        .is_none());
+    assert!(h
+        .fake
+        .get(&core_path("default", "configmaps", &format!("tiny-placement-{v2}")))
+        .is_some());
+    assert!(h.events().contains(&("PlacementActivated".into(), "Normal".into())));
+}
+
+#[tokio::test]
+async fn delete_tears_down_in_order_and_releases_the_finalizer() {
+    let h = Harness::new(&sample("tiny-cpu.yaml")).with_pvc("dsv3-tiny-model");
+    h.create().await;
+    h.fake.edit(&cr_path("default", "tiny"), |o| {
+        o["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+    });
+    h.fake.clear_log();
+    let action = h.reconcile().await.expect("cleanup");
+    assert_eq!(action, Action::await_change());
+    let deletes: Vec<String> = h
+        .fake
+        .log()
+        .into_iter()
+        .filter(|r| r.method == "DELETE")
+        .map(|r| r.path)
+        .collect();
+    let pos = |p: String| deletes.iter().position(|d| *d == p).unwrap_or(usize::MAX);
+    let router = pos(deploy_path("default", "tiny-router"));
+    let attention = pos(sts_path("default", "tiny-attention"));
+    let experts = pos(sts_path("default", "tiny-expert"));
+    assert!(
+        router < attention && attention < experts && experts < usize::MAX,
+        "{deletes:?}"
+    );
+    assert!(
+        h.fake.get(&cr_path("default", "tiny")).is_none(),
+        "finalizer removed, object gone"
+    );
+    assert!(h.events().contains(&("Deleting".into(), "Normal".into())));
+}
+
+#[tokio::test]
+async fn api_errors_requeue_with_growing_backoff_and_are_counted() {
+    let h = Harness::new(&sample("tiny-cpu.yaml")).with_pvc("dsv3-tiny-model");
+    h.reconcile().await.expect("finalizer");
+    h.fake.fail("PATCH", "/statefulsets/", 500);
+    let cr = Arc::new(h.cr());
+    let err = h.reconcile().await.expect_err("apply fails");
+    assert_eq!(err.metric_label(), "api");
+    assert_eq!(
+        error_policy(cr.clone(), &err, h.ctx.clone()),
+        Action::requeue(BACKOFF_BASE)
+    );
+    let err = h.reconcile().await.expect_err("still failing");
+    assert_eq!(
+        error_policy(cr.clone(), &err, h.ctx.clone()),
+        Action::requeue(BACKOFF_BASE * 2)
+    );
+    assert_eq!(h.ctx.metrics.error_count("api"), 2);
+    assert!(h.events().contains(&("ReconcileFailed".into(), "Warning".into())));
+
+    // Recovery resets the backoff.
+    h.fake.clear_failures();
+    h.reconcile().await.expect("recovers");
+    let err = {
+        h.fake.fail("PATCH", "/statefulsets/", 503);
+        h.reconcile().await.expect_err("fails again")
+    };
+    assert_eq!(error_policy(cr, &err, h.ctx.clone()), Action::requeue(BACKOFF_BASE));
+    assert!(h
+        .ctx
+        .metrics
+        .render()
+        .contains("dsv3_operator_reconcile_errors_total{error=\"api\"} 3"));
+}
+
+#[tokio::test]
+async fn missing_pvc_blocks_with_a_reason_and_a_slow_requeue() {
+    let h = Harness::new(&sample("tiny-cpu.yaml"));
+    h.reconcile().await.expect("finalizer");
+    h.fake.clear_log();
+    let action = h.reconcile().await.expect("a missing PVC is not an error");
+    assert_eq!(action, Action::requeue(REQUEUE_BLOCKED));
+    assert!(REQUEUE_BLOCKED >= Duration::from_secs(30), "no hot loop");
+    assert_eq!(h.status()["phase"], "Blocked");
+    assert_eq!(h.condition("Ready"), ("False".into(), "ModelVolumeNotFound".into()));
+    assert_eq!(h.condition("Degraded"), ("True".into(), "ModelVolumeNotFound".into()));
+    let msg = h.status()["conditions"][0]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(msg.contains("dsv3-tiny-model"), "{msg}");
+    assert!(h.events().contains(&("ModelVolumeNotFound".into(), "Warning".into())));
+    assert!(
+        h.fake.get(&sts_path("default", "tiny-expert")).is_none(),
+        "nothing is built"
+    );
+
+    // The PVC appears: the fleet gets built.
+    let h = h.with_pvc("dsv3-tiny-model");
+    h.reconcile().await.expect("reconcile");
+    assert_eq!(h.status()["phase"], "Progressing");
+    assert!(h.fake.get(&sts_path("default", "tiny-expert")).is_some());
+}
+
+#[tokio::test]
+async fn missing_api_key_secret_blocks() {
+    let h = Harness::new(&sample("h200-single-node.yaml")).with_pvc("deepseek-v3-weights");
+    h.reconcile().await.expect("finalizer");
+    let action = h.reconcile().await.expect("not an error");
+    assert_eq!(action, Action::requeue(REQUEUE_BLOCKED));
+    assert_eq!(h.condition("Ready"), ("False".into(), "SecretNotFound".into()));
+    assert!(h.events().contains(&("SecretNotFound".into(), "Warning".into())));
+    let h = h.with_secret("deepseek-v3-api-key");
+    h.reconcile().await.expect("reconcile");
+    assert_eq!(h.status()["phase"], "Progressing");
+}
+
+#[tokio::test]
+async fn invalid_topology_that_slipped_past_admission_blocks_instead_of_crashing() {
+    let mut cr = sample("tiny-cpu.yaml");
+    cr.spec.experts.replicas = 3;
+    let h = Harness::new(&cr).with_pvc("dsv3-tiny-model");
+    h.reconcile().await.expect("finalizer");
+    let action = h.reconcile().await.expect("not an error");
+    assert_eq!(action, Action::requeue(REQUEUE_BLOCKED));
+    assert_eq!(h.condition("Ready"), ("False".into(), "InvalidTopology".into()));
+}

@@ -1,0 +1,647 @@
+//! The `DeepSeekV3Deployment` custom resource (`dsv3.io/v1alpha1`).
+//!
+//! The schema, defaults, printer columns, subresources and CEL rules all come from these types;
+//! `dsv3-operator crd` prints the resulting CustomResourceDefinition.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, EnvVar, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of every dsv3 resource.
+pub const GROUP: &str = "dsv3.io";
+/// Largest number of GPUs one pod may ask for (one node).
+pub const MAX_GPUS_PER_POD: i32 = 8;
+/// DeepSeek-V3 geometry.
+pub const DEFAULT_ROUTED_EXPERTS: i32 = 256;
+pub const DEFAULT_MOE_LAYERS: i32 = 58;
+pub const DEFAULT_IMAGE: &str = "ghcr.io/dsv3/dsv3-worker:0.1.0";
+
+/// A DeepSeek-V3 serving fleet: a router, attention workers (data-parallel ranks) and expert
+/// workers (expert-parallel ranks that hold the routed experts as the placement plan says).
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "dsv3.io",
+    version = "v1alpha1",
+    kind = "DeepSeekV3Deployment",
+    plural = "deepseekv3deployments",
+    singular = "deepseekv3deployment",
+    shortname = "dsv3",
+    category = "dsv3",
+    namespaced,
+    status = "DeepSeekV3DeploymentStatus",
+    derive = "PartialEq",
+    doc = "A DeepSeek-V3 serving fleet: router, attention workers and expert workers.",
+    scale(
+        spec_replicas_path = ".spec.attention.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.readyRoles",
+        description = "Roles at full strength / roles"
+    ),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Router",
+        type_ = "string",
+        json_path = ".status.router.summary",
+        priority = 1
+    ),
+    printcolumn(name = "Attention", type_ = "string", json_path = ".status.attention.summary"),
+    printcolumn(name = "Experts", type_ = "string", json_path = ".status.experts.summary"),
+    printcolumn(
+        name = "Placement",
+        type_ = "string",
+        json_path = ".status.placementVersion",
+        priority = 1
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = ::kube::core::Rule::new("size(self.metadata.name) <= 40")
+        .message("metadata.name must be at most 40 characters: it prefixes the StatefulSet and pod names")
+        .reason(::kube::core::Reason::FieldValueInvalid),
+    cel
+)]
+#[x_kube(
+    validation = ::kube::core::Rule::new(
+        "(self.model.numRoutedExperts + self.experts.redundantExperts) % self.experts.replicas == 0"
+    )
+    .message("expert pods must evenly host the expert slots: model.numRoutedExperts + experts.redundantExperts must be divisible by experts.replicas")
+    .field_path(".experts.replicas")
+    .reason(::kube::core::Reason::FieldValueInvalid),
+    validation = ::kube::core::Rule::new("self.experts.redundantExperts == 0 || self.experts.replicas >= 2")
+        .message("experts.redundantExperts needs at least 2 expert pods: a redundant copy must live on a different pod than the original")
+        .field_path(".experts.redundantExperts")
+        .reason(::kube::core::Reason::FieldValueInvalid),
+    validation = ::kube::core::Rule::new("self.experts.redundantExperts <= self.model.numRoutedExperts")
+        .message("experts.redundantExperts must not exceed model.numRoutedExperts (at most one redundant copy per expert)")
+        .field_path(".experts.redundantExperts")
+        .reason(::kube::core::Reason::FieldValueInvalid),
+    validation = ::kube::core::Rule::new(
+        "!has(self.experts.hotExperts) || self.experts.hotExperts.all(e, e < self.model.numRoutedExperts)"
+    )
+    .message("experts.hotExperts must be expert ids below model.numRoutedExperts")
+    .field_path(".experts.hotExperts")
+    .reason(::kube::core::Reason::FieldValueInvalid),
+    validation = ::kube::core::Rule::new(
+        "!has(self.experts.hotExperts) || self.experts.hotExperts.size() <= self.experts.redundantExperts"
+    )
+    .message("experts.hotExperts lists more experts than experts.redundantExperts has copies")
+    .field_path(".experts.hotExperts")
+    .reason(::kube::core::Reason::FieldValueInvalid),
+    validation = ::kube::core::Rule::new("self.dataPlane != 'nccl' || (self.attention.gpusPerPod > 0 && self.experts.gpusPerPod > 0)")
+        .message("dataPlane nccl needs GPUs: attention.gpusPerPod and experts.gpusPerPod must be at least 1 (use dataPlane grpc for CPU fleets)")
+        .field_path(".dataPlane")
+        .reason(::kube::core::Reason::FieldValueInvalid),
+    validation = ::kube::core::Rule::new("!self.mtp.enabled || (self.mtp.numSpeculativeTokens >= 1 && self.mtp.numSpeculativeTokens <= 4)")
+        .message("mtp.numSpeculativeTokens must be between 1 and 4 when MTP is enabled")
+        .field_path(".mtp.numSpeculativeTokens")
+        .reason(::kube::core::Reason::FieldValueInvalid),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DeepSeekV3DeploymentSpec {
+    /// Where the weights come from and the model geometry.
+    pub model: ModelSpec,
+
+    /// Worker image; it runs `dsv3-worker`.
+    #[serde(default = "default_image")]
+    pub image: String,
+
+    /// Image pull policy of every fleet container.
+    #[serde(default)]
+    pub image_pull_policy: PullPolicy,
+
+    /// Names of Secrets in the namespace used to pull the image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<String>,
+
+    /// The router: OpenAI-compatible HTTP front end, tokenizer, scheduler.
+    #[serde(default)]
+    pub router: RouterSpec,
+
+    /// Attention workers: one data-parallel rank per pod.
+    #[serde(default)]
+    pub attention: AttentionSpec,
+
+    /// Expert workers: one expert-parallel rank per pod.
+    #[serde(default)]
+    pub experts: ExpertSpec,
+
+    /// How attention and expert workers exchange activations.
+    #[serde(default)]
+    pub data_plane: DataPlane,
+
+    /// Scheduler limits of the router and the attention workers.
+    #[serde(default)]
+    pub batching: BatchingSpec,
+
+    /// Multi-token prediction (speculative decoding with the MTP module).
+    #[serde(default)]
+    pub mtp: MtpSpec,
+
+    /// Horizontal autoscaling of the router and of the attention workers. Absent: fixed replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+
+    /// Rolling-update limits.
+    #[serde(default)]
+    pub rollout: RolloutSpec,
+}
+
+fn default_image() -> String {
+    DEFAULT_IMAGE.to_string()
+}
+
+/// The model: where the checkpoint lives and the geometry the placement plan needs.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSpec {
+    /// Exactly one source of the Hugging Face checkpoint directory.
+    pub source: ModelSource,
+
+    /// Model name served under /v1/models. Default: the resource's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_model_name: Option<String>,
+
+    /// Number of routed experts per MoE layer (256 for DeepSeek-V3).
+    #[serde(default = "default_routed_experts")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub num_routed_experts: i32,
+
+    /// Number of MoE layers (58 for DeepSeek-V3).
+    #[serde(default = "default_moe_layers")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub num_moe_layers: i32,
+
+    /// Time a worker may take to load the model before its startup probe gives up.
+    #[serde(default = "default_load_timeout")]
+    #[schemars(range(min = 60, max = 86400))]
+    pub load_timeout_seconds: i32,
+}
+
+fn default_routed_experts() -> i32 {
+    DEFAULT_ROUTED_EXPERTS
+}
+fn default_moe_layers() -> i32 {
+    DEFAULT_MOE_LAYERS
+}
+fn default_load_timeout() -> i32 {
+    3600
+}
+
+/// Source of the model directory. Set exactly one field.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(
+    validation = ::kube::core::Rule::new("[has(self.pvc), has(self.hostPath), has(self.hub)].filter(x, x).size() == 1")
+        .message("model.source: set exactly one of pvc, hostPath, hub")
+        .reason(::kube::core::Reason::FieldValueInvalid)
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSource {
+    /// A PersistentVolumeClaim that holds the checkpoint (ReadOnlyMany or ReadWriteMany for
+    /// fleets that span nodes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<PvcSource>,
+    /// A directory on every node (pre-staged weights).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<HostPathSource>,
+    /// A Hugging Face hub repository, downloaded by an init container into a cache PVC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub: Option<HubSource>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PvcSource {
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: String,
+    /// Directory inside the volume that holds config.json and the safetensors shards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub_path: Option<String>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HostPathSource {
+    #[x_kube(validation = ::kube::core::Rule::new("self.startsWith('/')").message("hostPath.path must be absolute"))]
+    pub path: String,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HubSource {
+    /// Repository id, e.g. deepseek-ai/DeepSeek-V3-0324.
+    #[schemars(length(min = 1, max = 256))]
+    pub repo: String,
+    /// Branch, tag or commit.
+    #[serde(default = "default_revision")]
+    pub revision: String,
+    /// Secret holding a hub token (gated or private repositories).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret: Option<SecretKeyRef>,
+    /// PVC the init container downloads into; the workers mount it read-only.
+    #[schemars(length(min = 1, max = 253))]
+    pub cache_claim_name: String,
+}
+
+fn default_revision() -> String {
+    "main".to_string()
+}
+
+/// A key of a Secret in the resource's namespace.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[serde(default = "default_secret_key")]
+    pub key: String,
+}
+
+fn default_secret_key() -> String {
+    "token".to_string()
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PullPolicy {
+    Always,
+    #[default]
+    IfNotPresent,
+    Never,
+}
+
+impl PullPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Always => "Always",
+            PullPolicy::IfNotPresent => "IfNotPresent",
+            PullPolicy::Never => "Never",
+        }
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DataPlane {
+    /// Raw tensor bytes over gRPC: portable, works without GPUs.
+    #[default]
+    Grpc,
+    /// NCCL between GPUs, bootstrapped over gRPC.
+    Nccl,
+}
+
+impl DataPlane {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataPlane::Grpc => "grpc",
+            DataPlane::Nccl => "nccl",
+        }
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlacementStrategy {
+    /// Expert e goes to pod e mod P: neighbouring (often co-activated) experts spread out.
+    #[default]
+    RoundRobin,
+    /// Pod p holds a contiguous range of expert ids.
+    Contiguous,
+}
+
+impl PlacementStrategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlacementStrategy::RoundRobin => "round-robin",
+            PlacementStrategy::Contiguous => "contiguous",
+        }
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+impl ServiceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIP => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// Scheduling and container settings shared by every role.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSettings {
+    /// CPU and memory requests and limits. GPUs come from gpusPerPod, not from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// Extra environment variables of the worker container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// Extra pod annotations (e.g. for a metrics scraper or a gang scheduler).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_annotations: BTreeMap<String, String>,
+}
+
+/// The router role.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = ::kube::core::Rule::new("self.gpusPerPod >= 0 && self.gpusPerPod <= 8")
+    .message("router.gpusPerPod must be between 0 and 8 (one node)")
+    .reason(::kube::core::Reason::FieldValueInvalid))]
+#[serde(rename_all = "camelCase")]
+pub struct RouterSpec {
+    #[serde(default = "one")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+    #[serde(default)]
+    pub gpus_per_pod: i32,
+    /// Secret with the API key clients must send as a bearer token. Absent: no authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret: Option<SecretKeyRef>,
+    /// Type of the router Service.
+    #[serde(default)]
+    pub service_type: ServiceType,
+    #[serde(flatten)]
+    pub pod: PodSettings,
+}
+
+impl Default for RouterSpec {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            gpus_per_pod: 0,
+            api_key_secret: None,
+            service_type: ServiceType::ClusterIP,
+            pod: PodSettings::default(),
+        }
+    }
+}
+
+/// The attention role.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = ::kube::core::Rule::new("self.gpusPerPod >= 0 && self.gpusPerPod <= 8")
+    .message("attention.gpusPerPod must be between 0 and 8 (one node)")
+    .reason(::kube::core::Reason::FieldValueInvalid))]
+#[serde(rename_all = "camelCase")]
+pub struct AttentionSpec {
+    /// Data-parallel attention ranks (pods). This is what the scale subresource scales.
+    #[serde(default = "one")]
+    #[schemars(range(min = 0, max = 1024))]
+    pub replicas: i32,
+    #[serde(default)]
+    pub gpus_per_pod: i32,
+    #[serde(flatten)]
+    pub pod: PodSettings,
+}
+
+impl Default for AttentionSpec {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            gpus_per_pod: 0,
+            pod: PodSettings::default(),
+        }
+    }
+}
+
+/// The expert role.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = ::kube::core::Rule::new("self.gpusPerPod >= 0 && self.gpusPerPod <= 8")
+    .message("experts.gpusPerPod must be between 0 and 8 (one node)")
+    .reason(::kube::core::Reason::FieldValueInvalid))]
+#[serde(rename_all = "camelCase")]
+pub struct ExpertSpec {
+    /// Expert-parallel ranks (pods). Every pod hosts (numRoutedExperts + redundantExperts) / replicas
+    /// expert slots.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub replicas: i32,
+    #[serde(default)]
+    pub gpus_per_pod: i32,
+    /// Extra copies of hot experts, each on a different pod than the original.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 4096))]
+    pub redundant_experts: i32,
+    /// How experts are laid out over the expert pods.
+    #[serde(default)]
+    pub placement: PlacementStrategy,
+    /// Experts that get the redundant copies first (e.g. from load statistics). The rest are
+    /// spread evenly over the expert ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub hot_experts: Option<Vec<i32>>,
+    #[serde(flatten)]
+    pub pod: PodSettings,
+}
+
+impl Default for ExpertSpec {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            gpus_per_pod: 0,
+            redundant_experts: 0,
+            placement: PlacementStrategy::RoundRobin,
+            hot_experts: None,
+            pod: PodSettings::default(),
+        }
+    }
+}
+
+fn one() -> i32 {
+    1
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchingSpec {
+    /// Sequences decoded together per attention rank.
+    #[serde(default = "default_max_num_seqs")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub max_num_seqs: i32,
+    /// Tokens per forward step (prefill chunking).
+    #[serde(default = "default_max_batch_tokens")]
+    #[schemars(range(min = 1, max = 1048576))]
+    pub max_batch_tokens: i32,
+    /// Longest prompt plus completion.
+    #[serde(default = "default_max_model_len")]
+    #[schemars(range(min = 1, max = 1048576))]
+    pub max_model_len: i32,
+}
+
+fn default_max_num_seqs() -> i32 {
+    256
+}
+fn default_max_batch_tokens() -> i32 {
+    8192
+}
+fn default_max_model_len() -> i32 {
+    32768
+}
+
+impl Default for BatchingSpec {
+    fn default() -> Self {
+        Self {
+            max_num_seqs: default_max_num_seqs(),
+            max_batch_tokens: default_max_batch_tokens(),
+            max_model_len: default_max_model_len(),
+        }
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MtpSpec {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default = "one")]
+    pub num_speculative_tokens: i32,
+}
+
+impl Default for MtpSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            num_speculative_tokens: 1,
+        }
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router: Option<RoleAutoscaling>,
+    /// Attention ranks. The router is given peer addresses for maxReplicas ranks and treats the
+    /// absent ones as not ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention: Option<RoleAutoscaling>,
+}
+
+/// Bounds and target of one HorizontalPodAutoscaler.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = ::kube::core::Rule::new("self.minReplicas <= self.maxReplicas")
+    .message("autoscaling: minReplicas must not exceed maxReplicas")
+    .reason(::kube::core::Reason::FieldValueInvalid))]
+#[serde(rename_all = "camelCase")]
+pub struct RoleAutoscaling {
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub min_replicas: i32,
+    #[schemars(range(min = 1, max = 1024))]
+    pub max_replicas: i32,
+    /// Average CPU utilisation target in percent (used when no targetMetric is set; default 70).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub target_cpu_utilization: Option<i32>,
+    /// A per-pod custom metric (served by a metrics adapter), e.g. dsv3_running_requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_metric: Option<MetricTarget>,
+    /// Scale-down stabilisation window. Model loads are slow; do not flap.
+    #[serde(default = "default_stabilization")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_down_stabilization_seconds: i32,
+}
+
+fn default_stabilization() -> i32 {
+    600
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricTarget {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Target per-pod average, a Kubernetes quantity such as "8" or "500m".
+    #[schemars(length(min = 1, max = 64))]
+    pub average_value: String,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// Pods of a role that may be unavailable during a rolling update or a voluntary disruption.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub max_unavailable: i32,
+    /// Extra router pods during a rolling update.
+    #[serde(default = "one")]
+    #[schemars(range(min = 0, max = 1024))]
+    pub max_surge: i32,
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self {
+            max_unavailable: 1,
+            max_surge: 1,
+        }
+    }
+}
+
+/// Observed state, written by the operator only.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DeepSeekV3DeploymentStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Progressing, Ready, Degraded or Blocked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// Roles at full strength over all roles, e.g. "3/3".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_roles: Option<String>,
+    /// Ready attention ranks (the scale subresource's status replicas).
+    #[serde(default)]
+    pub replicas: i32,
+    /// Label selector of the attention pods (for the scale subresource).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router: Option<RoleStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention: Option<RoleStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experts: Option<RoleStatus>,
+    /// Version of the expert placement plan the attention and expert pods run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement_version: Option<String>,
+    /// ConfigMap that holds that placement plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement_config_map: Option<String>,
+    /// In-cluster URL of the OpenAI-compatible API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RoleStatus {
+    pub replicas: i32,
+    pub ready_replicas: i32,
+    pub updated_replicas: i32,
+    /// "ready/desired".
+    pub summary: String,
+}

@@ -1,0 +1,1094 @@
+//! The planner: `DeepSeekV3Deployment` → the objects the fleet needs. Pure: no I/O, no clock, no
+//! randomness, so the same spec always gives byte-identical objects and a change to the spec
+//! changes only the objects that depend on the changed fields.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment, RollingUpdateStatefulSetStrategy,
+    StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy,
+};
+use k8s_openapi::api::autoscaling::v2::{
+    CrossVersionObjectReference, HPAScalingRules, HorizontalPodAutoscaler, HorizontalPodAutoscalerBehavior,
+    HorizontalPodAutoscalerSpec, MetricIdentifier, MetricSpec, MetricTarget, PodsMetricSource, ResourceMetricSource,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, GRPCAction, HTTPGetAction, HostPathVolumeSource, LocalObjectReference, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, SecretKeySelector, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Toleration,
+    Volume, VolumeMount,
+};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, ObjectMeta, OwnerReference,
+};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+use serde::Serialize;
+
+use crate::crd::{
+    DataPlane, DeepSeekV3Deployment, DeepSeekV3DeploymentSpec, PodSettings, RoleAutoscaling, SecretKeyRef,
+};
+use crate::placement::{self, PlacementError, PlacementInput, PlacementPlan};
+
+pub const ROUTER_PORT: i32 = 8000;
+pub const WORKER_PORT: i32 = 50051;
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+/// Non-root user the containers run as.
+pub const RUN_AS_USER: i64 = 65532;
+pub const MODEL_DIR: &str = "/model";
+pub const PLACEMENT_DIR: &str = "/etc/dsv3/placement";
+pub const PLACEMENT_FILE: &str = "placement.json";
+
+pub const LABEL_NAME: &str = "app.kubernetes.io/name";
+pub const LABEL_INSTANCE: &str = "app.kubernetes.io/instance";
+pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub const LABEL_PART_OF: &str = "app.kubernetes.io/part-of";
+pub const LABEL_PLACEMENT_VERSION: &str = "dsv3.io/placement-version";
+/// Pod-index label Kubernetes puts on StatefulSet pods (beta 1.28, GA 1.32).
+pub const LABEL_POD_INDEX: &str = "apps.kubernetes.io/pod-index";
+pub const APP_NAME: &str = "dsv3";
+pub const MANAGER: &str = "dsv3-operator";
+
+/// The three roles of a fleet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    Router,
+    Attention,
+    Expert,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Router => "router",
+            Role::Attention => "attention",
+            Role::Expert => "expert",
+        }
+    }
+}
+
+/// What the controller knows about the cluster that changes the plan.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlanInput {
+    /// The placement version is changing and pods of the old version still run: both worker
+    /// StatefulSets are planned with zero replicas so the two versions never overlap.
+    pub placement_cutover: bool,
+}
+
+/// Kinds of object the planner produces, for deleting ones that are no longer wanted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ChildKind {
+    HorizontalPodAutoscaler,
+}
+
+/// The desired objects of one fleet.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub placement: PlacementPlan,
+    pub service_account: ServiceAccount,
+    pub fleet_config: ConfigMap,
+    pub placement_config: ConfigMap,
+    pub router_service: Service,
+    pub attention_service: Service,
+    pub expert_service: Service,
+    pub network_policy: NetworkPolicy,
+    pub expert_statefulset: StatefulSet,
+    pub attention_statefulset: StatefulSet,
+    pub router_deployment: Deployment,
+    pub pdbs: Vec<PodDisruptionBudget>,
+    pub hpas: Vec<HorizontalPodAutoscaler>,
+    /// Objects the fleet must not have (e.g. an HPA after autoscaling was switched off).
+    pub absent: Vec<(ChildKind, String)>,
+}
+
+/// One planned object in a uniform shape, for diffs and dumps.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannedObject {
+    pub kind: &'static str,
+    pub name: String,
+    pub value: serde_json::Value,
+}
+
+impl Plan {
+    /// All objects in apply order.
+    pub fn objects(&self) -> Result<Vec<PlannedObject>, serde_json::Error> {
+        let mut out = Vec::new();
+        push(&mut out, "ServiceAccount", &self.service_account)?;
+        push(&mut out, "ConfigMap", &self.placement_config)?;
+        push(&mut out, "ConfigMap", &self.fleet_config)?;
+        push(&mut out, "Service", &self.router_service)?;
+        push(&mut out, "Service", &self.attention_service)?;
+        push(&mut out, "Service", &self.expert_service)?;
+        push(&mut out, "NetworkPolicy", &self.network_policy)?;
+        push(&mut out, "StatefulSet", &self.expert_statefulset)?;
+        push(&mut out, "StatefulSet", &self.attention_statefulset)?;
+        push(&mut out, "Deployment", &self.router_deployment)?;
+        for p in &self.pdbs {
+            push(&mut out, "PodDisruptionBudget", p)?;
+        }
+        for h in &self.hpas {
+            push(&mut out, "HorizontalPodAutoscaler", h)?;
+        }
+        Ok(out)
+    }
+}
+
+fn push<K: Resource<DynamicType = ()> + Serialize>(
+    out: &mut Vec<PlannedObject>,
+    kind: &'static str,
+    obj: &K,
+) -> Result<(), serde_json::Error> {
+    let mut value = serde_json::to_value(obj)?;
+    if let Some(map) = value.as_object_mut() {
+        map.insert("apiVersion".into(), K::api_version(&()).into());
+        map.insert("kind".into(), K::kind(&()).into());
+    }
+    out.push(PlannedObject {
+        kind,
+        name: obj.meta().name.clone().unwrap_or_default(),
+        value,
+    });
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PlanError {
+    #[error("the resource has no {0}")]
+    MissingMetadata(&'static str),
+    #[error("invalid expert placement: {0}")]
+    Placement(#[from] PlacementError),
+    #[error("{0} must not be negative")]
+    Negative(&'static str),
+}
+
+/// Names of the children of a fleet called `name`.
+pub struct Names {
+    pub base: String,
+}
+
+impl Names {
+    pub fn new(base: &str) -> Self {
+        Self { base: base.to_string() }
+    }
+    pub fn role(&self, role: Role) -> String {
+        format!("{}-{}", self.base, role.as_str())
+    }
+    pub fn service_account(&self) -> String {
+        format!("{}-fleet", self.base)
+    }
+    pub fn fleet_config(&self) -> String {
+        format!("{}-fleet", self.base)
+    }
+    pub fn placement_config(&self, version: &str) -> String {
+        format!("{}-placement-{}", self.base, version)
+    }
+    pub fn network_policy(&self) -> String {
+        format!("{}-workers", self.base)
+    }
+}
+
+pub fn selector_labels(instance: &str, role: Role) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_NAME.to_string(), APP_NAME.to_string()),
+        (LABEL_INSTANCE.to_string(), instance.to_string()),
+        (LABEL_COMPONENT.to_string(), role.as_str().to_string()),
+    ])
+}
+
+fn labels(instance: &str, component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_NAME.to_string(), APP_NAME.to_string()),
+        (LABEL_INSTANCE.to_string(), instance.to_string()),
+        (LABEL_COMPONENT.to_string(), component.to_string()),
+        (LABEL_MANAGED_BY.to_string(), MANAGER.to_string()),
+        (LABEL_PART_OF.to_string(), APP_NAME.to_string()),
+    ])
+}
+
+/// Label selector string of the pods of one role (for the scale subresource).
+pub fn selector_string(instance: &str, role: Role) -> String {
+    selector_labels(instance, role)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+struct Ctx<'a> {
+    name: String,
+    namespace: String,
+    owner: OwnerReference,
+    spec: &'a DeepSeekV3DeploymentSpec,
+    names: Names,
+}
+
+impl Ctx<'_> {
+    fn meta(&self, name: String, component: &str) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name),
+            namespace: Some(self.namespace.clone()),
+            labels: Some(labels(&self.name, component)),
+            owner_references: Some(vec![self.owner.clone()]),
+            ..Default::default()
+        }
+    }
+
+    fn peer(&self, role: Role, i: i32) -> String {
+        let set = self.names.role(role);
+        format!("{set}-{i}.{set}.{}.svc:{WORKER_PORT}", self.namespace)
+    }
+
+    fn peers(&self, role: Role, count: i32) -> String {
+        (0..count).map(|i| self.peer(role, i)).collect::<Vec<_>>().join(",")
+    }
+
+    fn served_model_name(&self) -> String {
+        self.spec
+            .model
+            .served_model_name
+            .clone()
+            .unwrap_or_else(|| self.name.clone())
+    }
+
+    /// Attention ranks the router and the fleet config know about: the HPA's maximum when the
+    /// attention role autoscales, the replica count otherwise.
+    fn attention_peer_count(&self) -> i32 {
+        match self.spec.autoscaling.as_ref().and_then(|a| a.attention.as_ref()) {
+            Some(a) => a.max_replicas,
+            None => self.spec.attention.replicas,
+        }
+    }
+}
+
+/// Build every desired object of a fleet.
+pub fn plan(cr: &DeepSeekV3Deployment, input: &PlanInput) -> Result<Plan, PlanError> {
+    let name = cr.metadata.name.clone().ok_or(PlanError::MissingMetadata("name"))?;
+    let namespace = cr
+        .metadata
+        .namespace
+        .clone()
+        .ok_or(PlanError::MissingMetadata("namespace"))?;
+    let owner = cr.controller_owner_ref(&()).ok_or(PlanError::MissingMetadata("uid"))?;
+    let spec = &cr.spec;
+    for (v, what) in [
+        (spec.router.replicas, "router.replicas"),
+        (spec.attention.replicas, "attention.replicas"),
+        (spec.experts.redundant_experts, "experts.redundantExperts"),
+        (spec.model.num_routed_experts, "model.numRoutedExperts"),
+        (spec.model.num_moe_layers, "model.numMoeLayers"),
+    ] {
+        if v < 0 {
+            return Err(PlanError::Negative(what));
+        }
+    }
+    let hot: Vec<u32> = spec
+        .experts
+        .hot_experts
+        .iter()
+        .flatten()
+        .filter_map(|&e| u32::try_from(e).ok())
+        .collect();
+    let placement = placement::plan(&PlacementInput {
+        num_experts: spec.model.num_routed_experts as u32,
+        num_moe_layers: spec.model.num_moe_layers as u32,
+        pods: u32::try_from(spec.experts.replicas).unwrap_or(0),
+        redundant: spec.experts.redundant_experts as u32,
+        strategy: spec.experts.placement,
+        hot_experts: &hot,
+    })?;
+
+    let ctx = Ctx {
+        names: Names::new(&name),
+        name,
+        namespace,
+        owner,
+        spec,
+    };
+
+    let placement_json = serde_json::to_string_pretty(&placement).unwrap_or_default();
+    let placement_config = ConfigMap {
+        metadata: {
+            let mut m = ctx.meta(ctx.names.placement_config(&placement.version), "placement");
+            if let Some(l) = m.labels.as_mut() {
+                l.insert(LABEL_PLACEMENT_VERSION.into(), placement.version.clone());
+            }
+            m
+        },
+        immutable: Some(true),
+        data: Some(BTreeMap::from([(PLACEMENT_FILE.to_string(), placement_json.clone())])),
+        ..Default::default()
+    };
+
+    let fleet = fleet_config_json(&ctx, &placement);
+    let fleet_config = ConfigMap {
+        metadata: ctx.meta(ctx.names.fleet_config(), "config"),
+        data: Some(BTreeMap::from([
+            ("fleet.json".to_string(), fleet),
+            (PLACEMENT_FILE.to_string(), placement_json),
+        ])),
+        ..Default::default()
+    };
+
+    let service_account = ServiceAccount {
+        metadata: ctx.meta(ctx.names.service_account(), "fleet"),
+        automount_service_account_token: Some(false),
+        ..Default::default()
+    };
+
+    let router_service = Service {
+        metadata: ctx.meta(ctx.names.role(Role::Router), Role::Router.as_str()),
+        spec: Some(ServiceSpec {
+            type_: Some(spec.router.service_type.as_str().to_string()),
+            selector: Some(selector_labels(&ctx.name, Role::Router)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: ROUTER_PORT,
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let attention_service = headless_service(&ctx, Role::Attention);
+    let expert_service = headless_service(&ctx, Role::Expert);
+    let network_policy = network_policy(&ctx);
+
+    let worker_replicas = |role: Role| -> Option<i32> {
+        if input.placement_cutover {
+            return Some(0);
+        }
+        match role {
+            Role::Attention if autoscaling(spec, Role::Attention).is_some() => None,
+            Role::Attention => Some(spec.attention.replicas),
+            _ => Some(spec.experts.replicas),
+        }
+    };
+    let expert_statefulset = worker_statefulset(&ctx, Role::Expert, worker_replicas(Role::Expert), &placement);
+    let attention_statefulset = worker_statefulset(&ctx, Role::Attention, worker_replicas(Role::Attention), &placement);
+    let router_deployment = router_deployment(&ctx);
+
+    let pdbs = [Role::Router, Role::Attention, Role::Expert]
+        .into_iter()
+        .map(|role| pdb(&ctx, role))
+        .collect();
+    let mut hpas = Vec::new();
+    let mut absent = Vec::new();
+    for role in [Role::Router, Role::Attention] {
+        match autoscaling(spec, role) {
+            Some(a) => hpas.push(hpa(&ctx, role, a)),
+            None => absent.push((ChildKind::HorizontalPodAutoscaler, ctx.names.role(role))),
+        }
+    }
+
+    Ok(Plan {
+        placement,
+        service_account,
+        fleet_config,
+        placement_config,
+        router_service,
+        attention_service,
+        expert_service,
+        network_policy,
+        expert_statefulset,
+        attention_statefulset,
+        router_deployment,
+        pdbs,
+        hpas,
+        absent,
+    })
+}
+
+fn autoscaling(spec: &DeepSeekV3DeploymentSpec, role: Role) -> Option<&RoleAutoscaling> {
+    let a = spec.autoscaling.as_ref()?;
+    match role {
+        Role::Router => a.router.as_ref(),
+        Role::Attention => a.attention.as_ref(),
+        Role::Expert => None,
+    }
+}
+
+fn fleet_config_json(ctx: &Ctx<'_>, placement: &PlacementPlan) -> String {
+    let s = ctx.spec;
+    let v = serde_json::json!({
+        "name": ctx.name,
+        "servedModelName": ctx.served_model_name(),
+        "dataPlane": s.data_plane.as_str(),
+        "model": {
+            "dir": MODEL_DIR,
+            "numRoutedExperts": s.model.num_routed_experts,
+            "numMoeLayers": s.model.num_moe_layers,
+        },
+        "batching": {
+            "maxNumSeqs": s.batching.max_num_seqs,
+            "maxBatchTokens": s.batching.max_batch_tokens,
+            "maxModelLen": s.batching.max_model_len,
+        },
+        "mtp": { "enabled": s.mtp.enabled, "numSpeculativeTokens": s.mtp.num_speculative_tokens },
+        "router": {
+            "service": format!("{}.{}.svc:{ROUTER_PORT}", ctx.names.role(Role::Router), ctx.namespace),
+        },
+        "attention": {
+            "gpusPerPod": s.attention.gpus_per_pod,
+            "peers": ctx.peers(Role::Attention, ctx.attention_peer_count()).split(',').collect::<Vec<_>>(),
+        },
+        "experts": {
+            "gpusPerPod": s.experts.gpus_per_pod,
+            "peers": ctx.peers(Role::Expert, s.experts.replicas).split(',').collect::<Vec<_>>(),
+        },
+        "placementVersion": placement.version,
+        "placementConfigMap": ctx.names.placement_config(&placement.version),
+    });
+    serde_json::to_string_pretty(&v).unwrap_or_default()
+}
+
+fn headless_service(ctx: &Ctx<'_>, role: Role) -> Service {
+    Service {
+        metadata: ctx.meta(ctx.names.role(role), role.as_str()),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            // Ranks must find each other before they are ready (NCCL bootstrap, peer handshake).
+            publish_not_ready_addresses: Some(true),
+            selector: Some(selector_labels(&ctx.name, role)),
+            ports: Some(vec![ServicePort {
+                name: Some("grpc".into()),
+                port: WORKER_PORT,
+                target_port: Some(IntOrString::String("grpc".into())),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn network_policy(ctx: &Ctx<'_>) -> NetworkPolicy {
+    // gRPC data plane: only the worker port. NCCL over sockets uses ephemeral ports between
+    // ranks, so the fleet may reach every port of its own workers (nobody else may).
+    let ports = match ctx.spec.data_plane {
+        DataPlane::Grpc => Some(vec![NetworkPolicyPort {
+            port: Some(IntOrString::Int(WORKER_PORT)),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        DataPlane::Nccl => None,
+    };
+    NetworkPolicy {
+        metadata: ctx.meta(ctx.names.network_policy(), "network"),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([
+                    (LABEL_NAME.to_string(), APP_NAME.to_string()),
+                    (LABEL_INSTANCE.to_string(), ctx.name.clone()),
+                ])),
+                match_expressions: Some(vec![LabelSelectorRequirement {
+                    key: LABEL_COMPONENT.into(),
+                    operator: "In".into(),
+                    values: Some(vec![Role::Attention.as_str().into(), Role::Expert.as_str().into()]),
+                }]),
+            }),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                from: Some(vec![NetworkPolicyPeer {
+                    pod_selector: Some(LabelSelector {
+                        match_labels: Some(BTreeMap::from([
+                            (LABEL_NAME.to_string(), APP_NAME.to_string()),
+                            (LABEL_INSTANCE.to_string(), ctx.name.clone()),
+                        ])),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]),
+                ports,
+            }]),
+            ..Default::default()
+        }),
+    }
+}
+
+fn pdb(ctx: &Ctx<'_>, role: Role) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: ctx.meta(ctx.names.role(role), role.as_str()),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(ctx.spec.rollout.max_unavailable)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(&ctx.name, role)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn hpa(ctx: &Ctx<'_>, role: Role, a: &RoleAutoscaling) -> HorizontalPodAutoscaler {
+    let kind = if role == Role::Router {
+        "Deployment"
+    } else {
+        "StatefulSet"
+    };
+    let mut metrics = Vec::new();
+    if let Some(m) = &a.target_metric {
+        metrics.push(MetricSpec {
+            type_: "Pods".into(),
+            pods: Some(PodsMetricSource {
+                metric: MetricIdentifier {
+                    name: m.name.clone(),
+                    selector: None,
+                },
+                target: MetricTarget {
+                    type_: "AverageValue".into(),
+                    average_value: Some(Quantity(m.average_value.clone())),
+                    ..Default::default()
+                },
+            }),
+            ..Default::default()
+        });
+    }
+    if a.target_cpu_utilization.is_some() || a.target_metric.is_none() {
+        metrics.push(MetricSpec {
+            type_: "Resource".into(),
+            resource: Some(ResourceMetricSource {
+                name: "cpu".into(),
+                target: MetricTarget {
+                    type_: "Utilization".into(),
+                    average_utilization: Some(a.target_cpu_utilization.unwrap_or(70)),
+                    ..Default::default()
+                },
+            }),
+            ..Default::default()
+        });
+    }
+    HorizontalPodAutoscaler {
+        metadata: ctx.meta(ctx.names.role(role), role.as_str()),
+        spec: Some(HorizontalPodAutoscalerSpec {
+            scale_target_ref: CrossVersionObjectReference {
+                api_version: Some("apps/v1".into()),
+                kind: kind.into(),
+                name: ctx.names.role(role),
+            },
+            min_replicas: Some(a.min_replicas),
+            max_replicas: a.max_replicas,
+            metrics: Some(metrics),
+            behavior: Some(HorizontalPodAutoscalerBehavior {
+                scale_down: Some(HPAScalingRules {
+                    stabilization_window_seconds: Some(a.scale_down_stabilization_seconds),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        }),
+        ..Default::default()
+    }
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn secret_env(name: &str, s: &SecretKeyRef) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: s.name.clone(),
+                key: s.key.clone(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Settings every role reads from its environment (the worker's clap `env` fallbacks).
+fn common_env(ctx: &Ctx<'_>) -> Vec<EnvVar> {
+    let s = ctx.spec;
+    vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        env("DSV3_SERVED_MODEL_NAME", ctx.served_model_name()),
+        env("DSV3_MAX_NUM_SEQS", s.batching.max_num_seqs.to_string()),
+        env("DSV3_MAX_BATCH_TOKENS", s.batching.max_batch_tokens.to_string()),
+        env("DSV3_MAX_MODEL_LEN", s.batching.max_model_len.to_string()),
+        env("DSV3_MTP", s.mtp.enabled.to_string()),
+        env("DSV3_MTP_SPECULATIVE_TOKENS", s.mtp.num_speculative_tokens.to_string()),
+        env("HOME", "/tmp"),
+    ]
+}
+
+fn model_path(ctx: &Ctx<'_>) -> String {
+    match ctx.spec.model.source.pvc.as_ref().and_then(|p| p.sub_path.as_deref()) {
+        Some(sub) if !sub.trim_matches('/').is_empty() => format!("{MODEL_DIR}/{}", sub.trim_matches('/')),
+        _ => MODEL_DIR.to_string(),
+    }
+}
+
+fn model_volume(ctx: &Ctx<'_>) -> Volume {
+    let src = &ctx.spec.model.source;
+    let mut v = Volume {
+        name: "model".into(),
+        ..Default::default()
+    };
+    if let Some(p) = &src.pvc {
+        v.persistent_volume_claim = Some(PersistentVolumeClaimVolumeSource {
+            claim_name: p.claim_name.clone(),
+            read_only: Some(true),
+        });
+    } else if let Some(h) = &src.host_path {
+        v.host_path = Some(HostPathVolumeSource {
+            path: h.path.clone(),
+            type_: Some("Directory".into()),
+        });
+    } else if let Some(h) = &src.hub {
+        v.persistent_volume_claim = Some(PersistentVolumeClaimVolumeSource {
+            claim_name: h.cache_claim_name.clone(),
+            read_only: Some(false),
+        });
+    }
+    v
+}
+
+fn container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUN_AS_USER),
+        run_as_group: Some(RUN_AS_USER),
+        privileged: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUN_AS_USER),
+        run_as_group: Some(RUN_AS_USER),
+        fs_group: Some(RUN_AS_USER),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn resources(settings: &PodSettings, gpus: i32) -> Option<ResourceRequirements> {
+    let mut r = settings.resources.clone().unwrap_or_default();
+    if gpus > 0 {
+        r.limits
+            .get_or_insert_with(BTreeMap::new)
+            .insert(GPU_RESOURCE.into(), Quantity(gpus.to_string()));
+        if let Some(req) = r.requests.as_mut() {
+            req.insert(GPU_RESOURCE.into(), Quantity(gpus.to_string()));
+        }
+    } else {
+        for m in [r.limits.as_mut(), r.requests.as_mut()].into_iter().flatten() {
+            m.remove(GPU_RESOURCE);
+        }
+    }
+    if r == ResourceRequirements::default() {
+        None
+    } else {
+        Some(r)
+    }
+}
+
+fn tolerations(settings: &PodSettings, gpus: i32) -> Option<Vec<Toleration>> {
+    let mut t = settings.tolerations.clone();
+    if gpus > 0 && !t.iter().any(|x| x.key.as_deref() == Some(GPU_RESOURCE)) {
+        t.push(Toleration {
+            key: Some(GPU_RESOURCE.into()),
+            operator: Some("Exists".into()),
+            effect: Some("NoSchedule".into()),
+            ..Default::default()
+        });
+    }
+    (!t.is_empty()).then_some(t)
+}
+
+struct PodParts {
+    role: Role,
+    args: Vec<String>,
+    env: Vec<EnvVar>,
+    ports: Vec<ContainerPort>,
+    startup: Probe,
+    readiness: Probe,
+    liveness: Probe,
+    extra_volumes: Vec<Volume>,
+    extra_mounts: Vec<VolumeMount>,
+    gpus: i32,
+    extra_labels: BTreeMap<String, String>,
+    grace: i64,
+}
+
+fn pod_template(ctx: &Ctx<'_>, settings: &PodSettings, parts: PodParts) -> PodTemplateSpec {
+    let spec = ctx.spec;
+    let mut pod_labels = selector_labels(&ctx.name, parts.role);
+    pod_labels.insert(LABEL_MANAGED_BY.into(), MANAGER.into());
+    pod_labels.insert(LABEL_PART_OF.into(), APP_NAME.into());
+    pod_labels.extend(parts.extra_labels);
+
+    let mut envs = common_env(ctx);
+    envs.extend(parts.env);
+    envs.extend(settings.env.iter().cloned());
+
+    let mut volumes = vec![
+        model_volume(ctx),
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(Quantity("1Gi".into())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    ];
+    let mut mounts = vec![
+        VolumeMount {
+            name: "model".into(),
+            mount_path: MODEL_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+        VolumeMount {
+            name: "tmp".into(),
+            mount_path: "/tmp".into(),
+            ..Default::default()
+        },
+    ];
+    if parts.gpus > 0 {
+        // NCCL and CUDA IPC want a large /dev/shm; the container default is 64 MiB.
+        volumes.push(Volume {
+            name: "dshm".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("Memory".into()),
+                size_limit: Some(Quantity("16Gi".into())),
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: "dshm".into(),
+            mount_path: "/dev/shm".into(),
+            ..Default::default()
+        });
+    }
+    volumes.extend(parts.extra_volumes);
+    mounts.extend(parts.extra_mounts);
+
+    let mut init_containers = Vec::new();
+    if let Some(hub) = &spec.model.source.hub {
+        let mut init_env = vec![env("HOME", "/tmp"), env("HF_HUB_DISABLE_TELEMETRY", "1")];
+        if let Some(t) = &hub.token_secret {
+            init_env.push(secret_env("HF_TOKEN", t));
+        }
+        init_containers.push(Container {
+            name: "fetch-model".into(),
+            image: Some(spec.image.clone()),
+            image_pull_policy: Some(spec.image_pull_policy.as_str().into()),
+            command: Some(vec!["dsv3-worker".into()]),
+            args: Some(vec![
+                "download".into(),
+                "--repo".into(),
+                hub.repo.clone(),
+                "--revision".into(),
+                hub.revision.clone(),
+                "--dir".into(),
+                MODEL_DIR.into(),
+            ]),
+            env: Some(init_env),
+            volume_mounts: Some(vec![
+                VolumeMount {
+                    name: "model".into(),
+                    mount_path: MODEL_DIR.into(),
+                    ..Default::default()
+                },
+                VolumeMount {
+                    name: "tmp".into(),
+                    mount_path: "/tmp".into(),
+                    ..Default::default()
+                },
+            ]),
+            security_context: Some(container_security()),
+            ..Default::default()
+        });
+    }
+
+    let container = Container {
+        name: parts.role.as_str().into(),
+        image: Some(spec.image.clone()),
+        image_pull_policy: Some(spec.image_pull_policy.as_str().into()),
+        command: Some(vec!["dsv3-worker".into()]),
+        args: Some(parts.args),
+        env: Some(envs),
+        ports: Some(parts.ports),
+        resources: resources(settings, parts.gpus),
+        startup_probe: Some(parts.startup),
+        readiness_probe: Some(parts.readiness),
+        liveness_probe: Some(parts.liveness),
+        volume_mounts: Some(mounts),
+        security_context: Some(container_security()),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        ..Default::default()
+    };
+
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(pod_labels),
+            annotations: (!settings.pod_annotations.is_empty()).then(|| settings.pod_annotations.clone()),
+            ..Default::default()
+        }),
+        spec: Some(PodSpec {
+            service_account_name: Some(ctx.names.service_account()),
+            automount_service_account_token: Some(false),
+            security_context: Some(pod_security()),
+            init_containers: (!init_containers.is_empty()).then_some(init_containers),
+            containers: vec![container],
+            volumes: Some(volumes),
+            node_selector: (!settings.node_selector.is_empty()).then(|| settings.node_selector.clone()),
+            tolerations: tolerations(settings, parts.gpus),
+            affinity: settings.affinity.clone(),
+            priority_class_name: settings.priority_class_name.clone(),
+            image_pull_secrets: (!spec.image_pull_secrets.is_empty()).then(|| {
+                spec.image_pull_secrets
+                    .iter()
+                    .map(|n| LocalObjectReference { name: n.clone() })
+                    .collect()
+            }),
+            termination_grace_period_seconds: Some(parts.grace),
+            enable_service_links: Some(false),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Startup probe budget: the model's load timeout in 10-second periods.
+pub fn startup_failure_threshold(load_timeout_seconds: i32) -> i32 {
+    (load_timeout_seconds.max(10) + 9) / 10
+}
+
+fn grpc_probe(period: i32, failure: i32, timeout: i32) -> Probe {
+    Probe {
+        grpc: Some(GRPCAction {
+            port: WORKER_PORT,
+            service: None,
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failure),
+        timeout_seconds: Some(timeout),
+        ..Default::default()
+    }
+}
+
+fn http_probe(path: &str, period: i32, failure: i32, timeout: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failure),
+        timeout_seconds: Some(timeout),
+        ..Default::default()
+    }
+}
+
+fn worker_statefulset(ctx: &Ctx<'_>, role: Role, replicas: Option<i32>, placement: &PlacementPlan) -> StatefulSet {
+    let spec = ctx.spec;
+    let (settings, gpus) = match role {
+        Role::Attention => (&spec.attention.pod, spec.attention.gpus_per_pod),
+        _ => (&spec.experts.pod, spec.experts.gpus_per_pod),
+    };
+    let placement_file = format!("{PLACEMENT_DIR}/{PLACEMENT_FILE}");
+    let args = vec![
+        role.as_str().to_string(),
+        "--model".into(),
+        model_path(ctx),
+        "--host".into(),
+        "0.0.0.0".into(),
+        "--port".into(),
+        WORKER_PORT.to_string(),
+        "--rank".into(),
+        "$(DSV3_RANK)".into(),
+        "--expert-peers".into(),
+        ctx.peers(Role::Expert, spec.experts.replicas),
+        "--placement".into(),
+        placement_file,
+        "--data-plane".into(),
+        spec.data_plane.as_str().into(),
+    ];
+    // Expert pods answer whoever dispatches to them and get no attention peer list, so scaling
+    // the attention role never restarts them.
+    let startup = grpc_probe(10, startup_failure_threshold(spec.model.load_timeout_seconds), 5);
+    let parts = PodParts {
+        role,
+        args,
+        env: vec![field_env("DSV3_RANK", &format!("metadata.labels['{LABEL_POD_INDEX}']"))],
+        ports: vec![ContainerPort {
+            name: Some("grpc".into()),
+            container_port: WORKER_PORT,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }],
+        startup,
+        readiness: grpc_probe(10, 3, 5),
+        liveness: grpc_probe(20, 6, 10),
+        extra_volumes: vec![Volume {
+            name: "placement".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: ctx.names.placement_config(&placement.version),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        extra_mounts: vec![VolumeMount {
+            name: "placement".into(),
+            mount_path: PLACEMENT_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        }],
+        gpus,
+        extra_labels: BTreeMap::from([(LABEL_PLACEMENT_VERSION.to_string(), placement.version.clone())]),
+        grace: 30,
+    };
+    let template = pod_template(ctx, settings, parts);
+    StatefulSet {
+        metadata: {
+            let mut m = ctx.meta(ctx.names.role(role), role.as_str());
+            if let Some(l) = m.labels.as_mut() {
+                l.insert(LABEL_PLACEMENT_VERSION.into(), placement.version.clone());
+            }
+            m
+        },
+        spec: Some(StatefulSetSpec {
+            replicas,
+            service_name: Some(ctx.names.role(role)),
+            // All ranks start together: ranks wait for their peers, so ordered start would deadlock.
+            pod_management_policy: Some("Parallel".into()),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(&ctx.name, role)),
+                ..Default::default()
+            },
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateStatefulSetStrategy {
+                    max_unavailable: Some(IntOrString::Int(spec.rollout.max_unavailable)),
+                    partition: None,
+                }),
+            }),
+            template,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn router_deployment(ctx: &Ctx<'_>) -> Deployment {
+    let spec = ctx.spec;
+    let args = vec![
+        "router".to_string(),
+        "--model".into(),
+        model_path(ctx),
+        "--host".into(),
+        "0.0.0.0".into(),
+        "--port".into(),
+        ROUTER_PORT.to_string(),
+        "--attention-peers".into(),
+        ctx.peers(Role::Attention, ctx.attention_peer_count()),
+        "--data-plane".into(),
+        spec.data_plane.as_str().into(),
+    ];
+    let mut extra_env = Vec::new();
+    if let Some(k) = &spec.router.api_key_secret {
+        extra_env.push(secret_env("DSV3_API_KEY", k));
+    }
+    let parts = PodParts {
+        role: Role::Router,
+        args,
+        env: extra_env,
+        ports: vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: ROUTER_PORT,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }],
+        startup: http_probe(
+            "/health",
+            10,
+            startup_failure_threshold(spec.model.load_timeout_seconds),
+            5,
+        ),
+        readiness: http_probe("/ready", 5, 3, 5),
+        liveness: http_probe("/health", 20, 6, 10),
+        extra_volumes: vec![],
+        extra_mounts: vec![],
+        gpus: spec.router.gpus_per_pod,
+        extra_labels: BTreeMap::new(),
+        // Let streaming responses finish.
+        grace: 120,
+    };
+    let template = pod_template(ctx, &spec.router.pod, parts);
+    let replicas = if autoscaling(spec, Role::Router).is_some() {
+        None
+    } else {
+        Some(spec.router.replicas)
+    };
+    Deployment {
+        metadata: ctx.meta(ctx.names.role(Role::Router), Role::Router.as_str()),
+        spec: Some(DeploymentSpec {
+            replicas,
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(&ctx.name, Role::Router)),
+                ..Default::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(spec.rollout.max_surge)),
+                    max_unavailable: Some(IntOrString::Int(spec.rollout.max_unavailable)),
+                }),
+            }),
+            template,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}

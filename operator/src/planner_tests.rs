@@ -1,0 +1,601 @@
+//! Planner tests over every sample: objects, labels, owner references, probes, security, ranks,
+//! peers, placement, and which objects a spec change touches.
+
+use std::collections::BTreeSet;
+
+use k8s_openapi::api::core::v1::{Container, PodSpec};
+use serde_json::Value;
+
+use crate::crd::DeepSeekV3Deployment;
+use crate::placement::PlacementPlan;
+use crate::planner::{self, ChildKind, Plan, PlanInput, Role, GPU_RESOURCE, LABEL_PLACEMENT_VERSION, WORKER_PORT};
+use crate::testutil::{minimal, sample, SAMPLES};
+
+fn plan_of(cr: &DeepSeekV3Deployment) -> Plan {
+    planner::plan(cr, &PlanInput::default()).unwrap_or_else(|e| panic!("plan failed: {e}"))
+}
+
+fn pod_spec_sts(s: &k8s_openapi::api::apps::v1::StatefulSet) -> PodSpec {
+    s.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.clone())
+        .expect("statefulset has a pod spec")
+}
+
+fn pod_spec_deploy(d: &k8s_openapi::api::apps::v1::Deployment) -> PodSpec {
+    d.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.clone())
+        .expect("deployment has a pod spec")
+}
+
+fn main_container(p: &PodSpec) -> &Container {
+    p.containers.first().expect("one container")
+}
+
+fn arg_after(c: &Container, flag: &str) -> Option<String> {
+    let args = c.args.clone().unwrap_or_default();
+    let i = args.iter().position(|a| a == flag)?;
+    args.get(i + 1).cloned()
+}
+
+fn check_pod_hardening(what: &str, p: &PodSpec) {
+    let psc = p.security_context.as_ref().expect("pod security context");
+    assert_eq!(psc.run_as_non_root, Some(true), "{what}: runAsNonRoot");
+    assert_eq!(
+        psc.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
+        Some("RuntimeDefault"),
+        "{what}"
+    );
+    assert_eq!(
+        p.automount_service_account_token,
+        Some(false),
+        "{what}: no API token in fleet pods"
+    );
+    for c in p.containers.iter().chain(p.init_containers.iter().flatten()) {
+        let sc = c.security_context.as_ref().expect("container security context");
+        assert_eq!(sc.allow_privilege_escalation, Some(false), "{what}/{}", c.name);
+        assert_eq!(sc.read_only_root_filesystem, Some(true), "{what}/{}", c.name);
+        assert_eq!(sc.run_as_non_root, Some(true), "{what}/{}", c.name);
+        assert_eq!(
+            sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+            Some(vec!["ALL".to_string()]),
+            "{what}/{}: drops all capabilities",
+            c.name
+        );
+        let mounts: Vec<String> = c.volume_mounts.iter().flatten().map(|m| m.mount_path.clone()).collect();
+        assert!(
+            mounts.contains(&"/tmp".to_string()),
+            "{what}: writable /tmp with a read-only root"
+        );
+    }
+}
+
+fn gpu_limit(c: &Container) -> Option<String> {
+    c.resources
+        .as_ref()
+        .and_then(|r| r.limits.as_ref())
+        .and_then(|l| l.get(GPU_RESOURCE))
+        .map(|q| q.0.clone())
+}
+
+#[test]
+fn every_sample_plans_a_complete_fleet() {
+    for file in SAMPLES {
+        let cr = sample(file);
+        let plan = plan_of(&cr);
+        let name = cr.metadata.name.clone().expect("name");
+        let ns = cr.metadata.namespace.clone().expect("namespace");
+        let objects = plan.objects().expect("objects serialize");
+        let kinds: BTreeSet<(&str, String)> = objects.iter().map(|o| (o.kind, o.name.clone())).collect();
+        for (kind, suffix) in [
+            ("ServiceAccount", "fleet"),
+            ("ConfigMap", "fleet"),
+            ("Service", "router"),
+            ("Service", "attention"),
+            ("Service", "expert"),
+            ("NetworkPolicy", "workers"),
+            ("StatefulSet", "attention"),
+            ("StatefulSet", "expert"),
+            ("Deployment", "router"),
+            ("PodDisruptionBudget", "router"),
+            ("PodDisruptionBudget", "attention"),
+            ("PodDisruptionBudget", "expert"),
+        ] {
+            assert!(
+                kinds.contains(&(kind, format!("{name}-{suffix}"))),
+                "{file}: missing {kind} {name}-{suffix}"
+            );
+        }
+        assert!(kinds.contains(&("ConfigMap", format!("{name}-placement-{}", plan.placement.version))));
+
+        // Owner references, namespace and labels on everything.
+        let uid = cr.metadata.uid.clone().expect("uid");
+        for o in &objects {
+            let what = format!("{file}: {} {}", o.kind, o.name);
+            assert_eq!(o.value["metadata"]["namespace"], ns.as_str(), "{what}");
+            let owners = o.value["metadata"]["ownerReferences"].as_array().expect("owner refs");
+            assert_eq!(owners.len(), 1, "{what}");
+            assert_eq!(owners[0]["uid"], uid.as_str(), "{what}");
+            assert_eq!(owners[0]["kind"], "DeepSeekV3Deployment", "{what}");
+            assert_eq!(owners[0]["controller"], true, "{what}");
+            let labels = &o.value["metadata"]["labels"];
+            assert_eq!(labels["app.kubernetes.io/instance"], name.as_str(), "{what}");
+            assert_eq!(labels["app.kubernetes.io/managed-by"], "dsv3-operator", "{what}");
+            assert!(
+                o.value["apiVersion"].is_string() && o.value["kind"].is_string(),
+                "{what}"
+            );
+        }
+
+        // HPAs exactly where autoscaling is set.
+        let autoscaled: Vec<String> = plan
+            .hpas
+            .iter()
+            .map(|h| h.metadata.name.clone().unwrap_or_default())
+            .collect();
+        let a = cr.spec.autoscaling.clone().unwrap_or_default();
+        assert_eq!(
+            autoscaled.contains(&format!("{name}-router")),
+            a.router.is_some(),
+            "{file}"
+        );
+        assert_eq!(
+            autoscaled.contains(&format!("{name}-attention")),
+            a.attention.is_some(),
+            "{file}"
+        );
+        assert_eq!(plan.hpas.len() + plan.absent.len(), 2, "{file}");
+    }
+}
+
+#[test]
+fn pods_are_hardened_and_have_gpus_probes_ranks_and_peers() {
+    for file in SAMPLES {
+        let cr = sample(file);
+        let plan = plan_of(&cr);
+        let spec = &cr.spec;
+        let ns = cr.metadata.namespace.clone().expect("namespace");
+        let name = cr.metadata.name.clone().expect("name");
+
+        let router = pod_spec_deploy(&plan.router_deployment);
+        let attention = pod_spec_sts(&plan.attention_statefulset);
+        let experts = pod_spec_sts(&plan.expert_statefulset);
+        check_pod_hardening(&format!("{file} router"), &router);
+        check_pod_hardening(&format!("{file} attention"), &attention);
+        check_pod_hardening(&format!("{file} experts"), &experts);
+
+        // GPUs.
+        let want = |g: i32| (g > 0).then(|| g.to_string());
+        assert_eq!(
+            gpu_limit(main_container(&attention)),
+            want(spec.attention.gpus_per_pod),
+            "{file}"
+        );
+        assert_eq!(
+            gpu_limit(main_container(&experts)),
+            want(spec.experts.gpus_per_pod),
+            "{file}"
+        );
+        assert_eq!(
+            gpu_limit(main_container(&router)),
+            want(spec.router.gpus_per_pod),
+            "{file}"
+        );
+        if spec.experts.gpus_per_pod > 0 {
+            assert!(
+                experts
+                    .tolerations
+                    .iter()
+                    .flatten()
+                    .any(|t| t.key.as_deref() == Some(GPU_RESOURCE)),
+                "{file}: GPU pods tolerate the GPU taint"
+            );
+        }
+
+        // Probes: native gRPC on the workers, HTTP on the router; startup covers the load time.
+        for (what, p) in [("attention", &attention), ("experts", &experts)] {
+            let c = main_container(p);
+            for probe in [&c.startup_probe, &c.readiness_probe, &c.liveness_probe] {
+                let probe = probe.as_ref().expect("probe");
+                assert_eq!(probe.grpc.as_ref().map(|g| g.port), Some(WORKER_PORT), "{file} {what}");
+            }
+            let s = c.startup_probe.as_ref().expect("startup probe");
+            let budget = s.period_seconds.unwrap_or(10) * s.failure_threshold.unwrap_or(3);
+            assert!(
+                budget >= spec.model.load_timeout_seconds,
+                "{file} {what}: startup budget {budget}s"
+            );
+        }
+        let rc = main_container(&router);
+        let path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+            p.as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                .and_then(|h| h.path.clone())
+                .unwrap_or_default()
+        };
+        assert_eq!(path(&rc.readiness_probe), "/ready", "{file}");
+        assert_eq!(path(&rc.liveness_probe), "/health", "{file}");
+        assert_eq!(path(&rc.startup_probe), "/health", "{file}");
+
+        // Ranks from the StatefulSet ordinal.
+        for (role, p) in [(Role::Attention, &attention), (Role::Expert, &experts)] {
+            let c = main_container(p);
+            assert_eq!(
+                c.args.as_ref().and_then(|a| a.first()).map(String::as_str),
+                Some(role.as_str())
+            );
+            assert_eq!(arg_after(c, "--rank").as_deref(), Some("$(DSV3_RANK)"), "{file}");
+            let rank_env = c
+                .env
+                .iter()
+                .flatten()
+                .find(|e| e.name == "DSV3_RANK")
+                .expect("DSV3_RANK env");
+            let field = rank_env
+                .value_from
+                .as_ref()
+                .and_then(|v| v.field_ref.as_ref())
+                .map(|f| f.field_path.clone());
+            assert_eq!(
+                field.as_deref(),
+                Some("metadata.labels['apps.kubernetes.io/pod-index']")
+            );
+            assert_eq!(
+                arg_after(c, "--data-plane").as_deref(),
+                Some(spec.data_plane.as_str()),
+                "{file}"
+            );
+            assert_eq!(
+                arg_after(c, "--placement").as_deref(),
+                Some("/etc/dsv3/placement/placement.json")
+            );
+        }
+
+        // Peers: DNS names of the headless Services, one per rank.
+        let expert_peers = arg_after(main_container(&attention), "--expert-peers").expect("expert peers");
+        let list: Vec<&str> = expert_peers.split(',').collect();
+        assert_eq!(list.len() as i32, spec.experts.replicas, "{file}");
+        assert_eq!(list[0], format!("{name}-expert-0.{name}-expert.{ns}.svc:{WORKER_PORT}"));
+        let attention_peers = arg_after(main_container(&router), "--attention-peers").expect("attention peers");
+        let want_ranks = spec
+            .autoscaling
+            .as_ref()
+            .and_then(|a| a.attention.as_ref())
+            .map_or(spec.attention.replicas, |a| a.max_replicas);
+        assert_eq!(attention_peers.split(',').count() as i32, want_ranks, "{file}");
+        assert!(
+            arg_after(main_container(&experts), "--attention-peers").is_none(),
+            "expert pods do not depend on the attention width"
+        );
+
+        // Headless services publish not-ready ranks so peers can bootstrap.
+        for svc in [&plan.attention_service, &plan.expert_service] {
+            let s = svc.spec.as_ref().expect("service spec");
+            assert_eq!(s.cluster_ip.as_deref(), Some("None"));
+            assert_eq!(s.publish_not_ready_addresses, Some(true));
+        }
+        // StatefulSets start all ranks at once and use the headless services.
+        for sts in [&plan.attention_statefulset, &plan.expert_statefulset] {
+            let s = sts.spec.as_ref().expect("sts spec");
+            assert_eq!(s.pod_management_policy.as_deref(), Some("Parallel"));
+            assert_eq!(s.service_name.as_deref(), sts.metadata.name.as_deref());
+        }
+    }
+}
+
+#[test]
+fn placement_plan_is_mounted_and_versioned_identically_on_both_worker_sets() {
+    for file in SAMPLES {
+        let cr = sample(file);
+        let plan = plan_of(&cr);
+        let cm = &plan.placement_config;
+        assert_eq!(cm.immutable, Some(true), "{file}: placement ConfigMaps are immutable");
+        let text = cm
+            .data
+            .as_ref()
+            .and_then(|d| d.get("placement.json"))
+            .expect("placement.json");
+        let parsed: PlacementPlan = serde_json::from_str(text).expect("placement JSON parses");
+        assert_eq!(parsed, plan.placement);
+        assert_eq!(parsed.slots.len() as i32, cr.spec.experts.replicas);
+        assert_eq!(parsed.num_experts as i32, cr.spec.model.num_routed_experts);
+        let slots: usize = parsed.slots.iter().map(Vec::len).sum();
+        assert_eq!(
+            slots as i32,
+            cr.spec.model.num_routed_experts + cr.spec.experts.redundant_experts
+        );
+        for sts in [&plan.attention_statefulset, &plan.expert_statefulset] {
+            let t = &sts.spec.as_ref().expect("spec").template;
+            let label = t
+                .metadata
+                .as_ref()
+                .and_then(|m| m.labels.as_ref())
+                .and_then(|l| l.get(LABEL_PLACEMENT_VERSION))
+                .cloned();
+            assert_eq!(label.as_deref(), Some(plan.placement.version.as_str()), "{file}");
+            let vol = t
+                .spec
+                .as_ref()
+                .and_then(|s| s.volumes.as_ref())
+                .and_then(|v| v.iter().find(|v| v.name == "placement"))
+                .and_then(|v| v.config_map.as_ref())
+                .map(|c| c.name.clone());
+            assert_eq!(vol, cm.metadata.name, "{file}: both sets mount the same plan");
+        }
+        let fleet: Value = serde_json::from_str(
+            plan.fleet_config
+                .data
+                .as_ref()
+                .and_then(|d| d.get("fleet.json"))
+                .expect("fleet.json"),
+        )
+        .expect("fleet.json parses");
+        assert_eq!(fleet["placementVersion"], plan.placement.version.as_str());
+    }
+}
+
+#[test]
+fn network_policy_opens_worker_ports_only_to_the_fleet() {
+    let grpc = plan_of(&sample("tiny-cpu.yaml"));
+    let np = serde_json::to_value(&grpc.network_policy).expect("serializes");
+    let rule = &np["spec"]["ingress"][0];
+    assert_eq!(
+        rule["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"],
+        "tiny"
+    );
+    assert_eq!(rule["ports"][0]["port"], WORKER_PORT);
+    assert_eq!(
+        np["spec"]["podSelector"]["matchExpressions"][0]["values"],
+        serde_json::json!(["attention", "expert"])
+    );
+    let nccl = plan_of(&sample("h200-single-node.yaml"));
+    let np = serde_json::to_value(&nccl.network_policy).expect("serializes");
+    assert!(
+        np["spec"]["ingress"][0].get("ports").is_none(),
+        "NCCL needs every port within the fleet"
+    );
+    assert!(np["spec"]["ingress"][0]["from"][0]["podSelector"].is_object());
+}
+
+#[test]
+fn plans_are_deterministic() {
+    for file in SAMPLES {
+        assert_eq!(plan_of(&sample(file)), plan_of(&sample(file)), "{file}");
+    }
+}
+
+/// Names of the objects that differ between two plans.
+fn changed(a: &Plan, b: &Plan) -> BTreeSet<String> {
+    let oa = a.objects().expect("objects");
+    let ob = b.objects().expect("objects");
+    let mut out = BTreeSet::new();
+    for o in &ob {
+        match oa.iter().find(|x| x.kind == o.kind && x.name == o.name) {
+            Some(x) if x.value == o.value => {}
+            _ => {
+                out.insert(format!("{}/{}", o.kind, o.name));
+            }
+        }
+    }
+    for o in &oa {
+        if !ob.iter().any(|x| x.kind == o.kind && x.name == o.name) {
+            out.insert(format!("-{}/{}", o.kind, o.name));
+        }
+    }
+    out
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn spec_changes_touch_only_the_objects_that_depend_on_them() {
+    let base = sample("tiny-cpu.yaml");
+    let p0 = plan_of(&base);
+
+    let mut routers = base.clone();
+    routers.spec.router.replicas = 3;
+    assert_eq!(changed(&p0, &plan_of(&routers)), set(&["Deployment/tiny-router"]));
+
+    let mut wider = base.clone();
+    wider.spec.attention.replicas = 4;
+    assert_eq!(
+        changed(&p0, &plan_of(&wider)),
+        set(&[
+            "ConfigMap/tiny-fleet",
+            "Deployment/tiny-router",
+            "StatefulSet/tiny-attention"
+        ]),
+        "the expert pods must not restart when attention scales"
+    );
+
+    let mut batching = base.clone();
+    batching.spec.batching.max_num_seqs = 32;
+    assert_eq!(
+        changed(&p0, &plan_of(&batching)),
+        set(&[
+            "ConfigMap/tiny-fleet",
+            "Deployment/tiny-router",
+            "StatefulSet/tiny-attention",
+            "StatefulSet/tiny-expert"
+        ])
+    );
+
+    let mut replan = base.clone();
+    replan.spec.experts.redundant_experts = 0;
+    let p1 = plan_of(&replan);
+    assert_ne!(p0.placement.version, p1.placement.version);
+    let c = changed(&p0, &p1);
+    assert!(
+        c.contains("StatefulSet/tiny-attention") && c.contains("StatefulSet/tiny-expert"),
+        "{c:?}"
+    );
+    assert!(c.contains(&format!("ConfigMap/tiny-placement-{}", p1.placement.version)));
+    assert!(
+        !c.contains("Deployment/tiny-router"),
+        "router does not depend on the placement: {c:?}"
+    );
+}
+
+#[test]
+fn placement_cutover_stops_both_worker_sets_at_the_new_version() {
+    let cr = sample("h200-single-node.yaml");
+    let cut = planner::plan(
+        &cr,
+        &PlanInput {
+            placement_cutover: true,
+        },
+    )
+    .expect("plan");
+    let normal = plan_of(&cr);
+    for (c, n) in [
+        (&cut.attention_statefulset, &normal.attention_statefulset),
+        (&cut.expert_statefulset, &normal.expert_statefulset),
+    ] {
+        assert_eq!(c.spec.as_ref().and_then(|s| s.replicas), Some(0));
+        assert!(n.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0) > 0);
+        assert_eq!(
+            c.spec.as_ref().map(|s| &s.template),
+            n.spec.as_ref().map(|s| &s.template),
+            "same pod template, only the replica count differs"
+        );
+    }
+    assert_eq!(cut.router_deployment, normal.router_deployment);
+}
+
+#[test]
+fn autoscaled_roles_leave_replicas_to_the_hpa() {
+    let cr = sample("wide-ep-multinode.yaml");
+    let plan = plan_of(&cr);
+    assert_eq!(plan.attention_statefulset.spec.as_ref().and_then(|s| s.replicas), None);
+    assert_eq!(plan.router_deployment.spec.as_ref().and_then(|s| s.replicas), None);
+    assert_eq!(plan.expert_statefulset.spec.as_ref().and_then(|s| s.replicas), Some(96));
+    let hpa = plan
+        .hpas
+        .iter()
+        .find(|h| h.metadata.name.as_deref() == Some("deepseek-v3-wide-attention"))
+        .expect("attention HPA");
+    let s = hpa.spec.as_ref().expect("hpa spec");
+    assert_eq!((s.min_replicas, s.max_replicas), (Some(32), 48));
+    assert_eq!(s.scale_target_ref.kind, "StatefulSet");
+    let metrics = s.metrics.clone().unwrap_or_default();
+    assert_eq!(metrics[0].type_, "Pods");
+
+    let mut off = cr.clone();
+    off.spec.autoscaling = None;
+    let plan = plan_of(&off);
+    assert!(plan.hpas.is_empty());
+    assert_eq!(
+        plan.absent,
+        vec![
+            (
+                ChildKind::HorizontalPodAutoscaler,
+                "deepseek-v3-wide-router".to_string()
+            ),
+            (
+                ChildKind::HorizontalPodAutoscaler,
+                "deepseek-v3-wide-attention".to_string()
+            )
+        ]
+    );
+}
+
+#[test]
+fn hub_source_downloads_with_the_token_secret() {
+    let mut cr = minimal();
+    cr.spec.model.source.pvc = None;
+    cr.spec.model.source.hub = Some(crate::crd::HubSource {
+        repo: "deepseek-ai/DeepSeek-V3-0324".into(),
+        revision: "main".into(),
+        token_secret: Some(crate::crd::SecretKeyRef {
+            name: "hf".into(),
+            key: "token".into(),
+        }),
+        cache_claim_name: "hub-cache".into(),
+    });
+    let plan = plan_of(&cr);
+    let pod = pod_spec_sts(&plan.expert_statefulset);
+    let init = pod
+        .init_containers
+        .as_ref()
+        .and_then(|i| i.first())
+        .expect("init container");
+    assert_eq!(
+        arg_after(init, "--repo").as_deref(),
+        Some("deepseek-ai/DeepSeek-V3-0324")
+    );
+    let token = init
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "HF_TOKEN")
+        .expect("HF_TOKEN");
+    let sel = token
+        .value_from
+        .as_ref()
+        .and_then(|v| v.secret_key_ref.as_ref())
+        .expect("secret ref");
+    assert_eq!((sel.name.as_str(), sel.key.as_str()), ("hf", "token"));
+    let model = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "model")
+        .expect("model volume");
+    assert_eq!(
+        model.persistent_volume_claim.as_ref().map(|p| p.claim_name.as_str()),
+        Some("hub-cache")
+    );
+}
+
+#[test]
+fn router_api_key_comes_from_the_secret() {
+    let plan = plan_of(&sample("h200-single-node.yaml"));
+    let pod = pod_spec_deploy(&plan.router_deployment);
+    let key = main_container(&pod)
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "DSV3_API_KEY")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.secret_key_ref.as_ref())
+        .map(|s| (s.name.clone(), s.key.clone()));
+    assert_eq!(key, Some(("deepseek-v3-api-key".into(), "api-key".into())));
+}
+
+#[test]
+fn invalid_topology_is_a_plan_error_not_a_panic() {
+    let mut cr = minimal();
+    cr.spec.experts.replicas = 3;
+    assert!(matches!(
+        planner::plan(&cr, &PlanInput::default()),
+        Err(planner::PlanError::Placement(_))
+    ));
+    let mut no_uid = minimal();
+    no_uid.metadata.uid = None;
+    assert_eq!(
+        planner::plan(&no_uid, &PlanInput::default()),
+        Err(planner::PlanError::MissingMetadata("uid"))
+    );
+}
+
+/// Writes every planned object of every sample to $DSV3_PLANNED_DIR (used by
+/// operator/ci/check-manifests.sh to run kubernetes-validate --strict over the planner output).
+#[test]
+fn dump_planned_objects_for_offline_validation() {
+    let Some(dir) = std::env::var_os("DSV3_PLANNED_DIR") else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    std::fs::create_dir_all(&dir).expect("create dump dir");
+    for file in SAMPLES {
+        let plan = plan_of(&sample(file));
+        for o in plan.objects().expect("objects") {
+            let path = dir.join(format!("{}-{}-{}.yaml", file.trim_end_matches(".yaml"), o.kind, o.name));
+            let yaml = serde_yaml::to_string(&o.value).expect("yaml");
+            std::fs::write(&path, yaml).expect("write");
+        }
+    }
+}
