@@ -980,6 +980,8 @@ R1 flags normalized=true, special=false). Ids 1000..1023 are embedding padding (
 `tokenizer_config.json` is the real file verbatim (chat template, `add_bos_token: true`, bos/eos/pad).
 Note: transformers 5.24 loads it as `TokenizersBackend` (warning about `LlamaTokenizerFast` vs ByteLevel) and
 does **not** add BOS when encoding (the real file behaves the same); the chat template inserts BOS itself.
+dsv3's tokenizer follows transformers 4.x, vLLM and SGLang instead and adds BOS to plain-text prompts
+(`tests/golden/tokenizer/README.md`); the golden prompt ids here carry no BOS either way.
 
 Chat-template check: `{chat_text}` → `{chat_ids}`.
 
