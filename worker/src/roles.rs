@@ -38,6 +38,9 @@ pub struct HttpArgs {
     /// Requests that may queue before new ones get 429.
     #[arg(long, default_value_t = 256)]
     pub max_waiting: usize,
+    /// Require `Authorization: Bearer <key>` on the OpenAI routes.
+    #[arg(long, env = "DSV3_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// Tokens per attention rank per step (prefill is chunked to fit).
     #[arg(long, default_value_t = 512, env = "DSV3_MAX_BATCH_TOKENS")]
     pub max_step_tokens: usize,
@@ -168,7 +171,9 @@ fn serve_http(
     http: &HttpArgs,
 ) -> Result<()> {
     let tokenizer = model_source::tokenizer(files)?;
-    let router = dsv3_api::router(backend, tokenizer, dsv3_api::ApiConfig::new(name.clone()));
+    let mut config = dsv3_api::ApiConfig::new(name.clone());
+    config.api_key = http.api_key.clone().filter(|k| !k.is_empty());
+    let router = dsv3_api::router(backend, tokenizer, config);
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind((http.host.as_str(), http.port))
             .await

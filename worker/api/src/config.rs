@@ -15,6 +15,9 @@ pub struct ApiConfig {
     pub default_completion_max_tokens: usize,
     /// `owned_by` in `GET /v1/models`.
     pub owned_by: String,
+    /// When set, every `/v1/` request must carry `Authorization: Bearer <key>` (401 otherwise);
+    /// `/health`, `/ready` and `/metrics` stay open for probes and scrapers.
+    pub api_key: Option<String>,
 }
 
 impl ApiConfig {
@@ -35,6 +38,7 @@ impl Default for ApiConfig {
             max_logprobs: 20,
             default_completion_max_tokens: 16,
             owned_by: "dsv3".to_string(),
+            api_key: None,
         }
     }
 }

@@ -69,6 +69,17 @@ impl ApiError {
         }
     }
 
+    /// 401 `invalid_api_key`.
+    pub fn unauthorized() -> Self {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            message: "Incorrect or missing API key: send `Authorization: Bearer <key>`".into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("invalid_api_key"),
+        }
+    }
+
     /// 404 for a path that is not an endpoint.
     pub fn not_found(path: &str) -> Self {
         ApiError {

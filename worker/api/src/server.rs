@@ -67,8 +67,33 @@ pub fn router(backend: Arc<dyn Backend>, tokenizer: Option<Tokenizer>, config: A
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), require_api_key))
         .layer(middleware::from_fn_with_state(state.clone(), count_errors))
         .with_state(state)
+}
+
+/// With an API key configured, `/v1/` answers only requests bearing it.
+async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(key) = &state.config.api_key else {
+        return next.run(request).await;
+    };
+    if !request.uri().path().starts_with("/v1/") {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Compare in constant time: the length is not secret, the content is.
+    let matches = presented.is_some_and(|p| {
+        p.len() == key.len() && p.bytes().zip(key.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    });
+    if matches {
+        next.run(request).await
+    } else {
+        ApiError::unauthorized().into_response()
+    }
 }
 
 /// Serves `router` on `listener` until ctrl-c or SIGTERM, then lets running requests finish.

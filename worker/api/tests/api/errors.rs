@@ -403,3 +403,40 @@ async fn backend_failure_is_500_with_the_message() {
     .await;
     assert!(message(&e).contains("attention rank 1 died"), "{e}");
 }
+
+#[tokio::test]
+async fn an_api_key_guards_the_v1_routes_but_not_the_probes() {
+    let fake = Arc::new(Fake::new(vec![5, 6], Ending::Finish(FinishReason::Length)));
+    let mut config = ApiConfig::new(MODEL);
+    config.api_key = Some("s3cret".into());
+    let app = app_with(fake, Some(tokenizer()), config);
+    let body = serde_json::json!({"prompt": "hi", "max_tokens": 2}).to_string();
+    let call = |auth: Option<&'static str>| {
+        let mut builder = axum::http::Request::post("/v1/completions").header("content-type", "application/json");
+        if let Some(a) = auth {
+            builder = builder.header("authorization", a);
+        }
+        builder.body(axum::body::Body::from(body.clone())).expect("request")
+    };
+    use tower::ServiceExt;
+    let missing = app.clone().oneshot(call(None)).await.expect("response");
+    assert_eq!(missing.status(), 401);
+    let wrong = app.clone().oneshot(call(Some("Bearer nope"))).await.expect("response");
+    assert_eq!(wrong.status(), 401);
+    let right = app
+        .clone()
+        .oneshot(call(Some("Bearer s3cret")))
+        .await
+        .expect("response");
+    assert_eq!(right.status(), 200);
+    let health = app
+        .clone()
+        .oneshot(
+            axum::http::Request::get("/health")
+                .body(axum::body::Body::empty())
+                .expect("req"),
+        )
+        .await
+        .expect("response");
+    assert_eq!(health.status(), 200);
+}
