@@ -13,6 +13,26 @@ pub enum MlaArg {
     Absorbed,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    /// CUDA when a driver and a GPU are present, else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// Resolves `--device`: whether to run on the GPU. `cuda` without a usable GPU is an error.
+pub fn use_cuda(device: DeviceArg) -> Result<bool> {
+    match device {
+        DeviceArg::Cpu => Ok(false),
+        DeviceArg::Auto => Ok(dsv3_cuda::device_status().is_ok()),
+        DeviceArg::Cuda => match dsv3_cuda::device_status() {
+            Ok(_) => Ok(true),
+            Err(why) => bail!("--device cuda: {why}"),
+        },
+    }
+}
+
 #[derive(Args)]
 pub struct GenerateArgs {
     /// Model directory (config.json, safetensors shards, tokenizer). Default: the embedded tiny model.
@@ -51,6 +71,9 @@ pub struct GenerateArgs {
     /// MLA form: naive for prefill and absorbed for decode (auto), or one of them everywhere.
     #[arg(long, value_enum, default_value_t = MlaArg::Auto)]
     mla: MlaArg,
+    /// Where the model runs.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -75,16 +98,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
         (None, None) => bail!("give the prompt with --prompt-token-ids or --prompt"),
     };
-    let options = EngineOptions {
-        cache_tokens: (prompt.len() + args.max_tokens).max(16),
-        mla: match args.mla {
-            MlaArg::Auto => MlaForm::Auto,
-            MlaArg::Naive => MlaForm::Naive,
-            MlaArg::Absorbed => MlaForm::Absorbed,
-        },
-        ..EngineOptions::default()
-    };
-    let mut engine = Engine::load(&files, options, &mut progress::reporter(files.describe()))?;
     let params = SamplingParams {
         temperature: args.temperature,
         top_k: args.top_k,
@@ -95,11 +108,36 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ignore_eos: args.ignore_eos,
     };
     params.validate().map_err(anyhow::Error::msg)?;
-    let output = engine
-        .generate(&[GenerateRequest { prompt, params }])?
-        .pop()
-        .flatten()
-        .context("the engine returned no output")?;
+    let output = if use_cuda(args.device)? {
+        let cache_tokens = (prompt.len() + args.max_tokens).max(16);
+        let mut report = progress::reporter(files.describe());
+        let started = std::time::Instant::now();
+        let mut model = dsv3_cuda::CudaModel::load(&files, 0, cache_tokens, &mut |done, total| {
+            report(dsv3_engine::LoadProgress {
+                stage: "layers",
+                done,
+                total,
+                elapsed_s: started.elapsed().as_secs_f64(),
+            })
+        })?;
+        dsv3_cuda::generate::generate(&mut model, &prompt, params)?
+    } else {
+        let options = EngineOptions {
+            cache_tokens: (prompt.len() + args.max_tokens).max(16),
+            mla: match args.mla {
+                MlaArg::Auto => MlaForm::Auto,
+                MlaArg::Naive => MlaForm::Naive,
+                MlaArg::Absorbed => MlaForm::Absorbed,
+            },
+            ..EngineOptions::default()
+        };
+        let mut engine = Engine::load(&files, options, &mut progress::reporter(files.describe()))?;
+        engine
+            .generate(&[GenerateRequest { prompt, params }])?
+            .pop()
+            .flatten()
+            .context("the engine returned no output")?
+    };
     if args.json {
         let finish = format!("{:?}", output.finish).to_lowercase();
         let json = serde_json::json!({

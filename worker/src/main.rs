@@ -1,6 +1,7 @@
 //! `dsv3-worker`: one binary for every role of a dsv3 fleet, plus `generate` and `bench`.
 
 mod bench;
+mod bench_cuda;
 mod bench_fleet;
 mod generate;
 mod local_fleet;
@@ -24,6 +25,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure prefill and decode speed on the tiny model and on synthetic configs.
     Bench(bench::BenchArgs),
+    /// Full-width GPU benchmarks: one MoE layer and a 5-layer slice with random FP8 weights.
+    BenchCuda(bench_cuda::BenchCudaArgs),
     /// The same load against `serve` and a local multi-process fleet: tokens/s, step latency, transport.
     BenchFleet(bench_fleet::BenchFleetArgs),
     /// The whole fleet in one process: OpenAI-compatible HTTP API over an in-process engine.
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::BenchCuda(args) => bench_cuda::run(args),
         Command::BenchFleet(args) => bench_fleet::run(args),
         Command::Serve(args) => roles::serve(args),
         Command::Router(args) => roles::router(args),

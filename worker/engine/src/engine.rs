@@ -43,6 +43,27 @@ pub struct LoadProgress {
     pub elapsed_s: f64,
 }
 
+/// Why a sequence stops after sampling `token` as its `generated`-th token with `cached`
+/// positions in the cache, if it does: a stop id, end of sequence (unless ignored), the token
+/// budget, or the model's context.
+pub fn finish_reason(
+    params: &SamplingParams,
+    config: &ModelConfig,
+    token: u32,
+    generated: usize,
+    cached: usize,
+) -> Option<FinishReason> {
+    if params.stop_token_ids.contains(&token) || (!params.ignore_eos && config.eos_token_ids.contains(&token)) {
+        Some(FinishReason::Stop)
+    } else if generated >= params.max_tokens {
+        Some(FinishReason::Length)
+    } else if cached + 1 > config.max_position_embeddings {
+        Some(FinishReason::ContextFull)
+    } else {
+        None
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct GenerateRequest {
     pub prompt: Vec<u32>,
@@ -238,15 +259,7 @@ impl Engine {
                 }
                 let token = a.sampler.sample(&result.logits);
                 a.generated.push(token);
-                let params = a.sampler.params();
-                if params.stop_token_ids.contains(&token) || (!params.ignore_eos && cfg.eos_token_ids.contains(&token))
-                {
-                    a.finish = Some(FinishReason::Stop);
-                } else if a.generated.len() >= params.max_tokens {
-                    a.finish = Some(FinishReason::Length);
-                } else if a.cached + 1 > cfg.max_position_embeddings {
-                    a.finish = Some(FinishReason::ContextFull);
-                }
+                a.finish = finish_reason(a.sampler.params(), &cfg, token, a.generated.len(), a.cached);
             }
             let (finished, running): (Vec<Active>, Vec<Active>) = active.into_iter().partition(|a| a.finish.is_some());
             for a in finished {

@@ -21,7 +21,7 @@ pub mod synthetic;
 
 pub use checkpoint::{Checkpoint, ModelFiles};
 pub use config::ModelConfig;
-pub use engine::{Engine, EngineOptions, FinishReason, GenerateOutput, GenerateRequest, LoadProgress};
+pub use engine::{finish_reason, Engine, EngineOptions, FinishReason, GenerateOutput, GenerateRequest, LoadProgress};
 pub use kv_cache::{KvCache, SeqId};
 pub use mla::MlaForm;
 pub use model::{Chunk, ChunkOutput, Model, Outputs, StepOptions, Trace};

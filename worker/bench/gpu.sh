@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The GPU check-and-benchmark run for the CUDA backend, in one call on the GPU machine.
+#
+# Here (no GPU needed):   bash worker/bench/gpu.sh build     -> target/gpu-bundle/{dsv3-worker,gpu-tests}
+# There (repo root):      bash worker/bench/gpu.sh run [tests] [bench] [peer]
+#   tests  the ignored GPU tests (CUDA vs CPU on the golden fixture and full-width random layers,
+#          every allocation poisoned) and `generate --device cuda` against `--device cpu`
+#   bench  `dsv3-worker bench-cuda` (one MoE layer, 5-layer slice), FP8 matrix peak via torch
+#   peer   transformers on the same shapes (worker/bench/hf_gpu_peer.py), set beside ours
+# Logs and JSON go to $OUT (or target/gpu-out).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+bundle=target/gpu-bundle
+
+if [[ "${1:-}" == build ]]; then
+    export CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=true
+    cargo build --release -p dsv3-worker
+    tests=$(cargo test --release -p dsv3-cuda --test gpu --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "gpu" and m.get("executable"): print(m["executable"])')
+    mkdir -p "$bundle"
+    cp target/release/dsv3-worker "$bundle/"
+    cp "$tests" "$bundle/gpu-tests"
+    ls -la "$bundle"
+    exit 0
+fi
+[[ "${1:-}" == run ]] || { echo "usage: $0 build | run [tests] [bench] [peer]" >&2; exit 2; }
+shift
+out=${OUT:-target/gpu-out}
+mkdir -p "$out"
+# libcuda from the driver; libnvrtc and libcublas from the CUDA toolkit or its pip wheels.
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+    $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, "cu13", "lib") for p in nvidia.__path__))' 2>/dev/null); do
+    [[ -d "$d" ]] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+done
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
+export DSV3_REPO_ROOT=$PWD
+for step in "$@"; do
+    case $step in
+    tests)
+        "$bundle/gpu-tests" --ignored --nocapture --test-threads 1 2>&1 | tee "$out/tests.log"
+        for dev in cpu cuda; do
+            "$bundle/dsv3-worker" generate --model tests/golden/tiny-fp8 --prompt-token-ids 0,5,77,300,12 \
+                --max-tokens 24 --temperature 0 --json --device $dev > "$out/generate-$dev.json"
+        done
+        python3 - "$out" <<'PY'
+import json, sys
+cpu, gpu = (json.load(open(f"{sys.argv[1]}/generate-{d}.json")) for d in ("cpu", "cuda"))
+diff = max(abs(a - b) for a, b in zip(cpu["prompt_last_logits"], gpu["prompt_last_logits"]))
+print("generate cpu :", cpu["token_ids"]); print("generate cuda:", gpu["token_ids"])
+print(f"prompt logits max |cpu - cuda| = {diff:.2e}; tokens equal: {cpu['token_ids'] == gpu['token_ids']}")
+PY
+        ;;
+    bench)
+        python3 - <<'PY' | tee "$out/fp8_peak.txt"
+import torch
+n = 8192
+a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
+b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn).t()
+one = torch.tensor(1.0, device="cuda")
+f = lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+for _ in range(3): f()
+s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+s.record(); [f() for _ in range(20)]; e.record(); torch.cuda.synchronize()
+print(f"{2 * n**3 * 20 / (s.elapsed_time(e) / 1e3) / 1e12:.0f}")
+PY
+        peak=$(tail -1 "$out/fp8_peak.txt")
+        peer_arg=()
+        [[ -f "$out/hf.json" ]] && peer_arg=(--peer "$out/hf.json")
+        "$bundle/dsv3-worker" bench-cuda --fp8-tflops "$peak" --out "$out/dsv3.json" "${peer_arg[@]}" \
+            ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.md"
+        ;;
+    peer)
+        python3 worker/bench/hf_gpu_peer.py --out "$out/hf.json" ${PEER_ARGS:-} 2>&1 | tee "$out/hf.log"
+        ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+    esac
+done

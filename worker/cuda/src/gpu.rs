@@ -1,0 +1,418 @@
+//! One GPU: context, stream, the NVRTC-compiled kernel module and a cuBLAS handle. Kernels are
+//! launched with raw device addresses so buffers can be sliced freely; every launch checks its
+//! return code.
+
+use anyhow::{anyhow, bail, Context, Result};
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::{result as drv, sys as drv_sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Arc;
+
+pub const KERNEL_SOURCE: &str = include_str!("kernels.cu");
+
+/// Every `extern "C"` kernel in `kernels.cu`.
+pub const KERNELS: &[&str] = &[
+    "embed_rows",
+    "rms_norm",
+    "add_inplace",
+    "fill_f32",
+    "swiglu",
+    "rope_interleaved",
+    "f32_to_bf16_rows",
+    "dequant_bf16",
+    "random_fp8",
+    "random_f32",
+    "random_bf16",
+    "gemv_fp8",
+    "gemv_bf16",
+    "gemv_f32",
+    "grouped_gemv_fp8",
+    "gather_rows_bf16",
+    "gather_rows_f32",
+    "combine_experts",
+    "route_topk",
+    "mla_absorb_q",
+    "mla_absorb_out",
+    "cache_write",
+    "mla_attend",
+    "argmax_rows",
+    "gather_latents",
+    "build_kv",
+    "causal_softmax",
+];
+
+/// Whether the CUDA driver library can be loaded (cudarc panics on first use otherwise).
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { drv_sys::is_culib_present() }
+}
+
+/// Whether NVRTC can be loaded.
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Compiles the kernels to PTX for `arch` (e.g. "compute_90"). Used at start-up and by CI, which
+/// has NVRTC but no GPU.
+pub fn compile_kernels(arch: &'static str) -> Result<Ptx> {
+    if !nvrtc_present() {
+        bail!("NVRTC (libnvrtc) was not found: put the CUDA toolkit's lib directory on LD_LIBRARY_PATH");
+    }
+    let opts = CompileOptions {
+        arch: Some(arch),
+        options: vec!["--std=c++17".into(), "-default-device".into()],
+        ..Default::default()
+    };
+    compile_ptx_with_opts(KERNEL_SOURCE, opts).map_err(|e| anyhow!("compiling the CUDA kernels failed: {e}"))
+}
+
+/// Steps allocate their temporaries from the stream-ordered pool; by default the pool returns
+/// memory to the driver at every synchronisation, so each step would map it again. Keep it.
+fn keep_pool_memory(ctx: &CudaContext) -> Result<()> {
+    let mut pool: drv_sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: plain driver calls on the context's device with valid out-pointers.
+    unsafe {
+        drv_sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .context("reading the default memory pool")?;
+        drv_sys::cuMemPoolSetAttribute(
+            pool,
+            drv_sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut c_void,
+        )
+        .result()
+        .context("setting the memory pool's release threshold")?;
+    }
+    Ok(())
+}
+
+/// A kernel argument: a device address, an i32, an f32 or a u64, stored in one 8-byte slot (the
+/// driver copies as many bytes as the parameter has).
+#[derive(Clone, Copy, Debug)]
+pub enum Arg {
+    Ptr(u64),
+    I32(i32),
+    F32(f32),
+    U64(u64),
+}
+
+impl Arg {
+    fn word(self) -> u64 {
+        match self {
+            Arg::Ptr(p) | Arg::U64(p) => p,
+            Arg::I32(v) => v as u32 as u64,
+            Arg::F32(v) => v.to_bits() as u64,
+        }
+    }
+}
+
+pub fn ptr(p: u64) -> Arg {
+    Arg::Ptr(p)
+}
+pub fn int(v: usize) -> Arg {
+    Arg::I32(v as i32)
+}
+pub fn float(v: f32) -> Arg {
+    Arg::F32(v)
+}
+pub fn u64_arg(v: u64) -> Arg {
+    Arg::U64(v)
+}
+
+/// Device memory with its address kept at hand.
+pub struct DeviceBuf {
+    _mem: CudaSlice<u8>,
+    pub addr: u64,
+    pub bytes: usize,
+}
+
+impl DeviceBuf {
+    pub fn at(&self, offset_bytes: usize) -> u64 {
+        self.addr + offset_bytes as u64
+    }
+}
+
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    funcs: HashMap<&'static str, CudaFunction>,
+    blas: CudaBlas,
+    pub name: String,
+    pub sm_count: usize,
+    /// Fill new allocations with 0xFF (NaN as f32 and bf16) so reads of unwritten memory show up.
+    pub poison: bool,
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal`, compiles and loads the kernels.
+    pub fn open(ordinal: usize) -> Result<Self> {
+        if !driver_present() {
+            bail!("no CUDA driver found (libcuda could not be loaded)");
+        }
+        let count = CudaContext::device_count().context("querying CUDA devices")?;
+        if ordinal as i32 >= count {
+            bail!("CUDA device {ordinal} requested but {count} found");
+        }
+        let ctx = CudaContext::new(ordinal).context("creating the CUDA context")?;
+        // One stream, so the per-buffer event tracking only costs time.
+        // SAFETY: all work goes to the one stream below.
+        unsafe { ctx.disable_event_tracking() };
+        let (major, minor) = ctx.compute_capability()?;
+        let arch: &'static str = match (major, minor) {
+            (9, 0) => "compute_90",
+            (8, 9) => "compute_89",
+            (8, 0) => "compute_80",
+            (10, 0) => "compute_100",
+            (12, 0) => "compute_120",
+            _ => "compute_80",
+        };
+        let ptx = compile_kernels(arch)?;
+        let module = ctx.load_module(ptx).context("loading the CUDA kernels")?;
+        let mut funcs = HashMap::new();
+        for &name in KERNELS {
+            let f = module
+                .load_function(name)
+                .with_context(|| format!("kernel `{name}` missing from the module"))?;
+            funcs.insert(name, f);
+        }
+        keep_pool_memory(&ctx)?;
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(stream.clone()).context("creating the cuBLAS handle")?;
+        let name = ctx.name()?;
+        let sm_count = ctx.attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
+        let gpu = Gpu {
+            ctx,
+            stream,
+            funcs,
+            blas,
+            name,
+            sm_count,
+            poison: std::env::var_os("DSV3_CUDA_POISON").is_some_and(|v| v != "0"),
+        };
+        gpu.funcs["mla_attend"].set_attribute(
+            drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            160 * 1024,
+        )?;
+        Ok(gpu)
+    }
+
+    pub fn alloc(&self, bytes: usize) -> Result<DeviceBuf> {
+        // SAFETY: callers write before reading (tests poison buffers to check that).
+        let mem = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }
+            .with_context(|| format!("allocating {bytes} bytes on the GPU"))?;
+        let addr = {
+            let (a, _guard) = mem.device_ptr(&self.stream);
+            a
+        };
+        if self.poison {
+            // SAFETY: the range is the allocation just made.
+            unsafe { drv::memset_d8_async(addr, 0xff, bytes.max(1), self.stream.cu_stream())? };
+        }
+        Ok(DeviceBuf { _mem: mem, addr, bytes })
+    }
+
+    pub fn upload<T: Copy>(&self, data: &[T]) -> Result<DeviceBuf> {
+        let bytes = std::mem::size_of_val(data);
+        let buf = self.alloc(bytes)?;
+        self.copy_to(&buf, 0, data)?;
+        Ok(buf)
+    }
+
+    pub fn copy_to<T: Copy>(&self, buf: &DeviceBuf, offset_bytes: usize, data: &[T]) -> Result<()> {
+        let bytes = std::mem::size_of_val(data);
+        if offset_bytes + bytes > buf.bytes {
+            bail!(
+                "upload of {bytes} bytes at {offset_bytes} overflows a {}-byte buffer",
+                buf.bytes
+            );
+        }
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.ctx.bind_to_thread()?;
+        // SAFETY: bounds checked above; async copy ordered on our stream, host data copied
+        // before return because the source is pageable memory.
+        unsafe {
+            drv::memcpy_htod_async(
+                buf.at(offset_bytes),
+                std::slice::from_raw_parts(data.as_ptr() as *const u8, bytes),
+                self.stream.cu_stream(),
+            )?;
+        }
+        Ok(())
+    }
+
+    pub fn download<T: Copy + Default>(&self, addr: u64, len: usize) -> Result<Vec<T>> {
+        let mut out = vec![T::default(); len];
+        let bytes = std::mem::size_of_val(out.as_slice());
+        if bytes > 0 {
+            self.ctx.bind_to_thread()?;
+            // SAFETY: `out` has `bytes` bytes; the stream is synchronised before reading.
+            unsafe {
+                let dst = std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u8, bytes);
+                drv::memcpy_dtoh_async(dst, addr, self.stream.cu_stream())?;
+            }
+            self.sync()?;
+        }
+        Ok(out)
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.stream.synchronize().context("CUDA stream failed")
+    }
+
+    /// Launches kernel `name`; the return code is checked (asynchronous faults show at the next sync).
+    pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, smem: u32, args: &[Arg]) -> Result<()> {
+        let f = self
+            .funcs
+            .get(name)
+            .with_context(|| format!("unknown kernel `{name}`"))?;
+        self.ctx.bind_to_thread()?;
+        let mut words: Vec<u64> = args.iter().map(|a| a.word()).collect();
+        let mut params: Vec<*mut c_void> = words.iter_mut().map(|w| w as *mut u64 as *mut c_void).collect();
+        // SAFETY: argument count and kinds follow the kernel's signature (checked by the GPU tests).
+        unsafe {
+            drv::launch_kernel(
+                f.cu_function(),
+                grid,
+                (block, 1, 1),
+                smem,
+                self.stream.cu_stream(),
+                &mut params,
+            )
+            .with_context(|| format!("launching `{name}`"))?;
+        }
+        Ok(())
+    }
+
+    /// A 1-D launch over `n` elements.
+    pub fn launch_1d(&self, name: &str, n: usize, args: &[Arg]) -> Result<()> {
+        let blocks = n.div_ceil(256).max(1);
+        self.launch(name, (blocks as u32, 1, 1), 256, 0, args)
+    }
+
+    /// Row-major `y[m, n] (+)= x[m, k] · w[n, k]ᵀ` on the tensor cores: bf16 operands, f32 output.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_bf16(
+        &self,
+        y: u64,
+        ldy: usize,
+        x_bf16: u64,
+        w_bf16: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        let alpha = 1.0f32;
+        let beta = if accumulate { 1.0f32 } else { 0.0f32 };
+        // Column-major view: yᵀ[n, m] = w[n, k] · xᵀ[k, m].
+        // SAFETY: pointers cover the given shapes (callers allocate them so).
+        unsafe {
+            blas::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as *const c_void,
+                w_bf16 as *const c_void,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                x_bf16 as *const c_void,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                &beta as *const f32 as *const c_void,
+                y as *mut c_void,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                ldy as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+            .context("cuBLAS bf16 GEMM failed")?;
+        }
+        Ok(())
+    }
+
+    /// An event recorded now on the stream; pass it to [`Gpu::seconds_since`].
+    pub fn mark(&self) -> Result<cudarc::driver::CudaEvent> {
+        let e = self.ctx.new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        e.record(&self.stream)?;
+        Ok(e)
+    }
+
+    /// Seconds of stream time since `start`, waiting for the work in between.
+    pub fn seconds_since(&self, start: &cudarc::driver::CudaEvent) -> Result<f64> {
+        let end = self.mark()?;
+        end.synchronize()?;
+        Ok(start.elapsed_ms(&end)? as f64 / 1e3)
+    }
+
+    /// Column-major strided batched GEMM on bf16 operands with f32 output (cuBLAS argument order).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_batched_bf16(
+        &self,
+        trans_a: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: (u64, usize, usize),
+        b: (u64, usize, usize),
+        c: (u64, usize, usize),
+        batch: usize,
+    ) -> Result<()> {
+        let beta = 0.0f32;
+        let op_a = if trans_a {
+            blas_sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            blas_sys::cublasOperation_t::CUBLAS_OP_N
+        };
+        // SAFETY: (pointer, leading dimension, batch stride) triples cover the shapes (callers size them).
+        unsafe {
+            blas::gemm_strided_batched_ex(
+                *self.blas.handle(),
+                op_a,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                m as i32,
+                n as i32,
+                k as i32,
+                &alpha as *const f32 as *const c_void,
+                a.0 as *const c_void,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                a.1 as i32,
+                a.2 as i64,
+                b.0 as *const c_void,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                b.1 as i32,
+                b.2 as i64,
+                &beta as *const f32 as *const c_void,
+                c.0 as *mut c_void,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                c.1 as i32,
+                c.2 as i64,
+                batch as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+            .context("cuBLAS batched bf16 GEMM failed")?;
+        }
+        Ok(())
+    }
+
+    /// Seconds between two recorded events after `f` runs on the stream.
+    pub fn time<F: FnMut() -> Result<()>>(&self, mut f: F) -> Result<f64> {
+        let start = self.ctx.new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        let end = self.ctx.new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        start.record(&self.stream)?;
+        f()?;
+        end.record(&self.stream)?;
+        end.synchronize()?;
+        Ok(start.elapsed_ms(&end)? as f64 / 1e3)
+    }
+}

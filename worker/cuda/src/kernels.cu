@@ -1,0 +1,619 @@
+// dsv3 CUDA kernels, compiled at run time by NVRTC (no headers: NVRTC ships none by default).
+// Conventions: activations f32 row-major; bf16 stored as unsigned short; FP8 e4m3 weights as
+// bytes with one f32 scale per 128x128 tile (`weight_scale_inv`, spec §8.5).
+
+typedef unsigned char u8;
+typedef unsigned short bf16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define FMT_F32 0
+#define FMT_BF16 1
+#define FMT_FP8 2
+#define GEMV_MAXM 8
+#define QBLOCK 128
+#define INFINITY __int_as_float(0x7f800000)
+
+__device__ __forceinline__ float bf16_to_f32(u32 v) { return __uint_as_float(v << 16); }
+
+__device__ __forceinline__ bf16 f32_to_bf16(float f) {
+    u32 u = __float_as_uint(f);
+    u32 rounding = ((u >> 16) & 1u) + 0x7fffu;  // round to nearest even
+    return (bf16)((u + rounding) >> 16);
+}
+
+// e4m3 -> f32 without a table: the 7 magnitude bits placed at the top of an f32 mantissa give
+// 2^(e-127)(1+m/8) for normals and the right denormal for e == 0; 2^120 restores the bias of 7.
+__device__ __forceinline__ float e4m3_to_f32(u32 b) {
+    float f = __uint_as_float((b & 0x7fu) << 20) * __uint_as_float(0x7B800000u);
+    return (b & 0x80u) ? -f : f;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ float block_sum(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float total = 0.f;
+    for (int w = 0; w < warps; ++w) total += scratch[w];
+    return total;
+}
+
+// ---------------------------------------------------------------- elementwise and norms
+
+// out[r, :width] = in[r, :width] * rsqrt(mean(in^2) + eps) * w; rows strided by ld_in / ld_out.
+extern "C" __global__ void rms_norm(float* out, int ld_out, const float* in, int ld_in, const float* w, int width,
+                                    float eps) {
+    __shared__ float scratch[32];
+    const float* x = in + (size_t)blockIdx.x * ld_in;
+    float* y = out + (size_t)blockIdx.x * ld_out;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) ss += x[i] * x[i];
+    ss = block_sum(ss, scratch);
+    float inv = rsqrtf(ss / (float)width + eps);
+    for (int i = threadIdx.x; i < width; i += blockDim.x) y[i] = x[i] * inv * w[i];
+}
+
+extern "C" __global__ void add_inplace(float* y, const float* x, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] += x[i];
+}
+
+extern "C" __global__ void fill_f32(float* y, float v, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = v;
+}
+
+// act[r, j] = silu(gu[r, j]) * gu[r, inter + j]
+extern "C" __global__ void swiglu(float* act, const float* gu, int rows, int inter) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)rows * inter) return;
+    int r = (int)(i / inter), j = (int)(i % inter);
+    float g = gu[(size_t)r * 2 * inter + j], u = gu[(size_t)r * 2 * inter + inter + j];
+    act[i] = g / (1.f + expf(-g)) * u;
+}
+
+// Rotates interleaved pairs of `dim` values at `offset` inside each of `heads` vectors of each
+// row (row stride ld, head stride hs). cos/sin are [rows, dim/2] and already carry YaRN's factor.
+extern "C" __global__ void rope_interleaved(float* x, int ld, int heads, int hs, int offset, int dim,
+                                            const float* cos_t, const float* sin_t) {
+    int r = blockIdx.x, half = dim / 2;
+    for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
+        int h = i / half, j = i % half;
+        float* p = x + (size_t)r * ld + (size_t)h * hs + offset + 2 * j;
+        float c = cos_t[r * half + j], s = sin_t[r * half + j];
+        float a = p[0], b = p[1];
+        p[0] = a * c - b * s;
+        p[1] = a * s + b * c;
+    }
+}
+
+extern "C" __global__ void f32_to_bf16_rows(bf16* out, const float* in, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = f32_to_bf16(in[i]);
+}
+
+// ---------------------------------------------------------------- weights
+
+__device__ __forceinline__ float weight_at(int fmt, const void* w, const float* scale, int scale_cols, u64 r, u64 c,
+                                           int k) {
+    if (fmt == FMT_FP8) {
+        u32 b = ((const u8*)w)[r * k + c];
+        return e4m3_to_f32(b) * scale[(r / QBLOCK) * scale_cols + c / QBLOCK];
+    }
+    if (fmt == FMT_BF16) return bf16_to_f32(((const bf16*)w)[r * k + c]);
+    return ((const float*)w)[r * k + c];
+}
+
+extern "C" __global__ void embed_rows(float* out, int fmt, const void* table, const float* scale, const u32* ids,
+                                      int width) {
+    float* dst = out + (size_t)blockIdx.x * width;
+    int scale_cols = (width + QBLOCK - 1) / QBLOCK;
+    for (int i = threadIdx.x; i < width; i += blockDim.x)
+        dst[i] = weight_at(fmt, table, scale, scale_cols, ids[blockIdx.x], i, width);
+}
+
+// Dequantises rows [r0, r0+n) of a weight into bf16 for the tensor-core GEMM path.
+extern "C" __global__ void dequant_bf16(bf16* out, int fmt, const void* w, const float* scale, int r0, int n, int k) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)n * k) return;
+    u64 r = r0 + i / k, c = i % k;
+    int scale_cols = (k + QBLOCK - 1) / QBLOCK;
+    out[i] = f32_to_bf16(weight_at(fmt, w, scale, scale_cols, r, c, k));
+}
+
+// Deterministic random weights (for full-width benchmarks): a hash per element.
+__device__ __forceinline__ u32 hash_u32(u64 x) {
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ull;
+    x ^= x >> 33;
+    return (u32)x;
+}
+
+// e4m3 bytes with magnitudes in [2^-4, 2^3): random sign, exponent field 3..9, mantissa.
+extern "C" __global__ void random_fp8(u8* w, u64 n, u64 seed) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    u32 h = hash_u32(seed * 0x9E3779B97F4A7C15ull + i);
+    u32 exp = 3 + (h >> 8) % 7, mant = h & 7, sign = (h >> 16) & 1;
+    w[i] = (u8)((sign << 7) | (exp << 3) | mant);
+}
+
+// Uniform values in [lo, hi).
+extern "C" __global__ void random_f32(float* w, u64 n, u64 seed, float lo, float hi) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    u32 h = hash_u32(seed * 0x9E3779B97F4A7C15ull + i);
+    w[i] = lo + (hi - lo) * ((h >> 8) * (1.f / 16777216.f));
+}
+
+extern "C" __global__ void random_bf16(bf16* w, u64 n, u64 seed, float lo, float hi) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    u32 h = hash_u32(seed * 0x9E3779B97F4A7C15ull + i);
+    w[i] = f32_to_bf16(lo + (hi - lo) * ((h >> 8) * (1.f / 16777216.f)));
+}
+
+// ---------------------------------------------------------------- small-batch GEMV
+// y[r, n] (+)= sum_k x[r, k] * W[n, k] for up to GEMV_MAXM rows: one warp per output column,
+// 16-byte weight loads, the weight read once for all rows (decode is bound by weight bytes).
+// k must be a multiple of 16 (FP8), 8 (BF16) or 4 (F32); the loader checks it.
+
+template <int FMT>
+__device__ __forceinline__ void gemv_column(float acc[GEMV_MAXM], const float* x, const int* x_rows, int ldx, int m,
+                                            const void* w, const float* scale, u64 col, int k) {
+    int lane = threadIdx.x & 31;
+    int scale_cols = (k + QBLOCK - 1) / QBLOCK;
+    const int per = FMT == FMT_FP8 ? 16 : (FMT == FMT_BF16 ? 8 : 4);
+    for (int c = lane * per; c < k; c += 32 * per) {
+        float wv[16];
+        if (FMT == FMT_FP8) {
+            uint4 p = *(const uint4*)((const u8*)w + col * k + c);
+            float s = scale[(col / QBLOCK) * scale_cols + c / QBLOCK];
+            u32 words[4] = {p.x, p.y, p.z, p.w};
+#pragma unroll
+            for (int q = 0; q < 4; ++q)
+#pragma unroll
+                for (int b = 0; b < 4; ++b) wv[q * 4 + b] = e4m3_to_f32((words[q] >> (8 * b)) & 0xffu) * s;
+        } else if (FMT == FMT_BF16) {
+            uint4 p = *(const uint4*)((const bf16*)w + col * k + c);
+            u32 words[4] = {p.x, p.y, p.z, p.w};
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                wv[2 * q] = bf16_to_f32(words[q] & 0xffffu);
+                wv[2 * q + 1] = bf16_to_f32(words[q] >> 16);
+            }
+        } else {
+            float4 p = *(const float4*)((const float*)w + col * k + c);
+            wv[0] = p.x; wv[1] = p.y; wv[2] = p.z; wv[3] = p.w;
+        }
+#pragma unroll
+        for (int r = 0; r < GEMV_MAXM; ++r) {
+            if (r < m) {
+                const float* xr = x + (size_t)(x_rows ? x_rows[r] : r) * ldx + c;
+                float a = 0.f;
+#pragma unroll
+                for (int q = 0; q < per; q += 4) {
+                    float4 xv = *(const float4*)(xr + q);
+                    a += xv.x * wv[q] + xv.y * wv[q + 1] + xv.z * wv[q + 2] + xv.w * wv[q + 3];
+                }
+                acc[r] += a;
+            }
+        }
+    }
+}
+
+template <int FMT>
+__device__ void gemv_impl(float* y, int ldy, const float* x, int ldx, int m, const void* w, const float* scale,
+                          int n, int k, int accumulate) {
+    u64 col = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (col >= (u64)n) return;
+    for (int r0 = 0; r0 < m; r0 += GEMV_MAXM) {
+        float acc[GEMV_MAXM];
+#pragma unroll
+        for (int r = 0; r < GEMV_MAXM; ++r) acc[r] = 0.f;
+        int mm = min(GEMV_MAXM, m - r0);
+        gemv_column<FMT>(acc, x + (size_t)r0 * ldx, 0, ldx, mm, w, scale, col, k);
+#pragma unroll
+        for (int r = 0; r < GEMV_MAXM; ++r) {
+            float v = warp_sum(acc[r]);
+            if (r < mm && (threadIdx.x & 31) == 0) {
+                float* dst = y + (size_t)(r0 + r) * ldy + col;
+                *dst = accumulate ? *dst + v : v;
+            }
+        }
+    }
+}
+
+extern "C" __global__ void gemv_fp8(float* y, int ldy, const float* x, int ldx, int m, const void* w,
+                                    const float* scale, int n, int k, int accumulate) {
+    gemv_impl<FMT_FP8>(y, ldy, x, ldx, m, w, scale, n, k, accumulate);
+}
+extern "C" __global__ void gemv_bf16(float* y, int ldy, const float* x, int ldx, int m, const void* w,
+                                     const float* scale, int n, int k, int accumulate) {
+    gemv_impl<FMT_BF16>(y, ldy, x, ldx, m, w, scale, n, k, accumulate);
+}
+extern "C" __global__ void gemv_f32(float* y, int ldy, const float* x, int ldx, int m, const void* w,
+                                    const float* scale, int n, int k, int accumulate) {
+    gemv_impl<FMT_F32>(y, ldy, x, ldx, m, w, scale, n, k, accumulate);
+}
+
+// Routed experts, small groups: blockIdx.y = group g (one expert), slots offsets[g]..offsets[g+1]
+// in permuted order. Input row of slot s is x_rows[s] (token row, gate/up) or s (down).
+// Output row of slot s is s. Expert e's weight starts at w + e * w_stride (and its scales likewise).
+extern "C" __global__ void grouped_gemv_fp8(float* y, int ldy, const float* x, int ldx, const int* x_rows,
+                                            const u8* w, const float* scale, u64 w_stride, u64 scale_stride,
+                                            const int* group_expert, const int* offsets, int n, int k) {
+    int g = blockIdx.y;
+    u64 col = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (col >= (u64)n) return;
+    int e = group_expert[g];
+    const u8* we = w + (u64)e * w_stride;
+    const float* se = scale + (u64)e * scale_stride;
+    for (int s0 = offsets[g]; s0 < offsets[g + 1]; s0 += GEMV_MAXM) {
+        int mm = min(GEMV_MAXM, offsets[g + 1] - s0);
+        float acc[GEMV_MAXM];
+#pragma unroll
+        for (int r = 0; r < GEMV_MAXM; ++r) acc[r] = 0.f;
+        if (x_rows)
+            gemv_column<FMT_FP8>(acc, x, x_rows + s0, ldx, mm, we, se, col, k);
+        else
+            gemv_column<FMT_FP8>(acc, x + (size_t)s0 * ldx, 0, ldx, mm, we, se, col, k);
+#pragma unroll
+        for (int r = 0; r < GEMV_MAXM; ++r) {
+            float v = warp_sum(acc[r]);
+            if (r < mm && (threadIdx.x & 31) == 0) y[(size_t)(s0 + r) * ldy + col] = v;
+        }
+    }
+}
+
+// Gathers token rows into slot order as bf16 (input of the per-expert tensor-core GEMM).
+extern "C" __global__ void gather_rows_bf16(bf16* out, const float* x, int ldx, const int* rows, int width) {
+    const float* src = x + (size_t)rows[blockIdx.x] * ldx;
+    bf16* dst = out + (size_t)blockIdx.x * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) dst[i] = f32_to_bf16(src[i]);
+}
+
+// out[t, :] += sum_j weight[t, j] * y[slot[t, j], :] over the top-k slots of token t (-1 = skipped).
+extern "C" __global__ void combine_experts(float* out, const float* y, const int* slot, const float* weight, int top_k,
+                                           int width) {
+    int t = blockIdx.x;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        float acc = 0.f;
+        for (int j = 0; j < top_k; ++j) {
+            int s = slot[t * top_k + j];
+            if (s >= 0) acc += weight[t * top_k + j] * y[(size_t)s * width + i];
+        }
+        out[(size_t)t * width + i] += acc;
+    }
+}
+
+// ---------------------------------------------------------------- routing (spec §5)
+// One block per token, one thread per expert (n_experts <= 1024). Sigmoid scores; the bias is
+// used for selection only; groups ranked by the sum of their two best biased scores; top-k
+// inside the best groups; ties go to the lower index (as the CPU reference).
+__device__ __forceinline__ bool beats(float a, int ia, float b, int ib) { return a > b || (a == b && ia < ib); }
+
+extern "C" __global__ void route_topk(int* experts_out, float* weights_out, const float* logits, const float* bias,
+                                      int n_experts, int n_group, int topk_group, int top_k, int normalize,
+                                      float scaling) {
+    extern __shared__ float sm[];
+    float* score = sm;                    // [n_experts]
+    float* biased = sm + n_experts;       // [n_experts]
+    float* gscore = biased + n_experts;   // [n_group]
+    int* chosen = (int*)(gscore + n_group);  // [top_k]
+    int t = blockIdx.x, e = threadIdx.x, per = n_experts / n_group;
+    if (e < n_experts) {
+        float s = 1.f / (1.f + expf(-logits[(size_t)t * n_experts + e]));
+        score[e] = s;
+        biased[e] = s + bias[e];
+    }
+    __syncthreads();
+    if (e < n_group) {
+        float b0 = -INFINITY, b1 = -INFINITY;
+        for (int i = e * per; i < (e + 1) * per; ++i) {
+            float v = biased[i];
+            if (v > b0) { b1 = b0; b0 = v; } else if (v > b1) { b1 = v; }
+        }
+        gscore[e] = per == 1 ? b0 : b0 + b1;
+    }
+    __syncthreads();
+    if (e < n_experts) {
+        // group rank: how many groups beat mine
+        int g = e / per, rank = 0;
+        for (int o = 0; o < n_group; ++o) rank += beats(gscore[o], o, gscore[g], g);
+        float v = rank < topk_group ? biased[e] : -INFINITY;
+        biased[e] = v;
+    }
+    __syncthreads();
+    if (e < n_experts) {
+        int rank = 0;
+        float v = biased[e];
+        for (int o = 0; o < n_experts; ++o) rank += beats(biased[o], o, v, e);
+        if (rank < top_k && v != -INFINITY) chosen[rank] = e;
+    }
+    __syncthreads();
+    if (e == 0) {
+        // sort chosen ascending (as the CPU does) and weight from unbiased scores
+        int ids[32];
+        for (int j = 0; j < top_k; ++j) ids[j] = chosen[j];
+        for (int a = 1; a < top_k; ++a)
+            for (int b = a; b > 0 && ids[b - 1] > ids[b]; --b) { int tmp = ids[b]; ids[b] = ids[b - 1]; ids[b - 1] = tmp; }
+        float sum = 1e-20f;
+        for (int j = 0; j < top_k; ++j) sum += score[ids[j]];
+        for (int j = 0; j < top_k; ++j) {
+            float w = score[ids[j]];
+            if (normalize) w /= sum;
+            experts_out[t * top_k + j] = ids[j];
+            weights_out[t * top_k + j] = w * scaling;
+        }
+    }
+}
+
+// ---------------------------------------------------------------- MLA, weight-absorbed form
+// kv_b rows: head h owns rows h*(nope+v) + [0, nope) (W_UK) and + [nope, nope+v) (W_UV), each
+// row `lora` wide. Weights are FP8/BF16/F32 (fmt).
+
+// q_lat[t, h, c] = sum_d q[t, h, d] * W_UK[h][d, c]   (d < nope; q row stride heads*qk)
+// grid (heads, ceil(m / 8)), block = lora threads (<= 1024).
+extern "C" __global__ void mla_absorb_q(float* q_lat, const float* q, int m, int heads, int qk, int nope, int vdim,
+                                        int lora, int fmt, const void* w, const float* scale) {
+    __shared__ float qs[8][256];
+    int h = blockIdx.x, t0 = blockIdx.y * 8, c = threadIdx.x, mt = min(8, m - t0);
+    for (int i = threadIdx.x; i < 8 * nope; i += blockDim.x) {
+        int tt = i / nope, d = i % nope;
+        qs[tt][d] = tt < mt ? q[(size_t)(t0 + tt) * heads * qk + h * qk + d] : 0.f;
+    }
+    __syncthreads();
+    if (c >= lora) return;
+    int scale_cols = (lora + QBLOCK - 1) / QBLOCK;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int d = 0; d < nope; ++d) {
+        float wv = weight_at(fmt, w, scale, scale_cols, (u64)h * (nope + vdim) + d, c, lora);
+#pragma unroll
+        for (int tt = 0; tt < 8; ++tt) acc[tt] += qs[tt][d] * wv;
+    }
+    for (int tt = 0; tt < mt; ++tt) q_lat[((size_t)(t0 + tt) * heads + h) * lora + c] = acc[tt];
+}
+
+// out[t, h*vdim + j] = sum_c o_lat[t, h, c] * W_UV[h][j, c]; one warp per (h, j), 8 rows at a time.
+// grid (heads * vdim / 8, ceil(m / 8)), block 256.
+extern "C" __global__ void mla_absorb_out(float* out, const float* o_lat, int m, int heads, int nope, int vdim,
+                                          int lora, int fmt, const void* w, const float* scale) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int hj = blockIdx.x * 8 + warp;
+    if (hj >= heads * vdim) return;
+    int h = hj / vdim, j = hj % vdim, t0 = blockIdx.y * 8, mt = min(8, m - t0);
+    u64 row = (u64)h * (nope + vdim) + nope + j;
+    int scale_cols = (lora + QBLOCK - 1) / QBLOCK;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int c = lane; c < lora; c += 32) {
+        float wv = weight_at(fmt, w, scale, scale_cols, row, c, lora);
+#pragma unroll
+        for (int tt = 0; tt < 8; ++tt)
+            if (tt < mt) acc[tt] += o_lat[((size_t)(t0 + tt) * heads + h) * lora + c] * wv;
+    }
+#pragma unroll
+    for (int tt = 0; tt < 8; ++tt) {
+        float v = warp_sum(acc[tt]);
+        if (tt < mt && lane == 0) out[(size_t)(t0 + tt) * heads * vdim + hj] = v;
+    }
+}
+
+// Writes each row's latent [c_kv (normed) ; k_pe (roped)] into the paged cache as bf16.
+extern "C" __global__ void cache_write(bf16* cache, const float* latent, int ld, const int* slots, int width) {
+    const float* src = latent + (size_t)blockIdx.x * ld;
+    bf16* dst = cache + (size_t)slots[blockIdx.x] * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) dst[i] = f32_to_bf16(src[i]);
+}
+
+// Attention over the latent cache for HG heads of one token row per block, online softmax over
+// tiles of TILE positions; every cached latent is read once per head group, not once per head.
+//   scores[h, j] = scale * (q_lat[h] . c_j + q_pe[h] . kpe_j)     (c_j = cache[j][:lora])
+//   o_lat[h]     = sum_j softmax_j * c_j
+// Row r sees positions 0..lens[r]-1 of its sequence; position p lives in slot
+// tables[table_off[r] + p / block] * block + p % block. grid (heads / HG, m), block 256.
+#define MLA_HG 16
+#define MLA_TILE 32
+#define MLA_THREADS 256
+
+extern "C" __global__ void __launch_bounds__(MLA_THREADS)
+mla_attend(float* o_lat, const float* q_lat, const float* q, int qk, int nope, int heads, int hg, int lora, int rope,
+           const bf16* cache, const int* tables, const int* table_off, const int* lens, int block, float scale) {
+    extern __shared__ float sm[];
+    int width = lora + rope, pitch = width + 2;  // bf16 row pitch padded against bank conflicts
+    float* qs = sm;                                // [hg][width]
+    float* p = qs + hg * width;                    // [hg][TILE]
+    float* m_run = p + hg * MLA_TILE;              // [hg]
+    float* l_run = m_run + hg;                     // [hg]
+    float* corr = l_run + hg;                      // [hg]
+    bf16* tile = (bf16*)(corr + hg);               // [TILE][pitch]
+    int r = blockIdx.y, h0 = blockIdx.x * hg, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    for (int i = tid; i < hg * width; i += blockDim.x) {
+        int hh = i / width, c = i % width;
+        qs[i] = c < lora ? q_lat[((size_t)r * heads + h0 + hh) * lora + c]
+                         : q[(size_t)r * heads * qk + (size_t)(h0 + hh) * qk + nope + (c - lora)];
+    }
+    if (tid < hg) { m_run[tid] = -INFINITY; l_run[tid] = 0.f; }
+    int len = lens[r];
+    const int* tab = tables + table_off[r];
+    // this thread's output columns (lora <= 2 * MLA_THREADS)
+    int c0 = tid * 2;
+    float o[MLA_HG][2];
+#pragma unroll
+    for (int hh = 0; hh < MLA_HG; ++hh) { o[hh][0] = 0.f; o[hh][1] = 0.f; }
+    __syncthreads();
+    for (int base = 0; base < len; base += MLA_TILE) {
+        int n = min(MLA_TILE, len - base);
+        // load the tile (4-byte words; width is even)
+        int words = width / 2;
+        for (int i = tid; i < n * words; i += blockDim.x) {
+            int j = i / words, wd = i % words, pos = base + j;
+            u64 slot = (u64)tab[pos / block] * block + pos % block;
+            ((u32*)(tile + j * pitch))[wd] = ((const u32*)(cache + slot * width))[wd];
+        }
+        __syncthreads();
+        // scores: thread -> (position j = tid % TILE, heads hh = tid / TILE + k * 8)
+        {
+            int j = tid % MLA_TILE;
+            for (int hh = tid / MLA_TILE; hh < hg; hh += MLA_THREADS / MLA_TILE) {
+                float s = -INFINITY;
+                if (j < n) {
+                    const u32* row = (const u32*)(tile + j * pitch);
+                    const float* qh = qs + hh * width;
+                    float a = 0.f;
+                    for (int wd = 0; wd < words; ++wd) {
+                        u32 two = row[wd];
+                        a += qh[2 * wd] * bf16_to_f32(two & 0xffffu) + qh[2 * wd + 1] * bf16_to_f32(two >> 16);
+                    }
+                    s = a * scale;
+                }
+                p[hh * MLA_TILE + j] = s;
+            }
+        }
+        __syncthreads();
+        // online softmax per head: warp w handles heads w, w+8, ...
+        for (int hh = warp; hh < hg; hh += MLA_THREADS / 32) {
+            float s = p[hh * MLA_TILE + lane];  // MLA_TILE == 32
+            float mx = fmaxf(warp_max(s), m_run[hh]);
+            float e = (lane < n) ? expf(s - mx) : 0.f;
+            float sum = warp_sum(e);
+            p[hh * MLA_TILE + lane] = e;
+            __syncwarp();
+            if (lane == 0) {
+                float cr = expf(m_run[hh] - mx);  // exp(-inf) = 0 on the first tile
+                corr[hh] = cr;
+                l_run[hh] = l_run[hh] * cr + sum;
+                m_run[hh] = mx;
+            }
+        }
+        __syncthreads();
+        if (c0 < lora) {
+#pragma unroll
+            for (int hh = 0; hh < MLA_HG; ++hh)
+                if (hh < hg) { o[hh][0] *= corr[hh]; o[hh][1] *= corr[hh]; }
+            for (int j = 0; j < n; ++j) {
+                u32 two = *(const u32*)(tile + j * pitch + c0);
+                float a = bf16_to_f32(two & 0xffffu), b = bf16_to_f32(two >> 16);
+#pragma unroll
+                for (int hh = 0; hh < MLA_HG; ++hh)
+                    if (hh < hg) {
+                        float pj = p[hh * MLA_TILE + j];
+                        o[hh][0] += pj * a;
+                        o[hh][1] += pj * b;
+                    }
+            }
+        }
+        __syncthreads();
+    }
+    if (c0 < lora) {
+#pragma unroll
+        for (int hh = 0; hh < MLA_HG; ++hh)
+            if (hh < hg) {
+                float inv = 1.f / l_run[hh];
+                float* dst = o_lat + ((size_t)r * heads + h0 + hh) * lora + c0;
+                dst[0] = o[hh][0] * inv;
+                dst[1] = o[hh][1] * inv;
+            }
+    }
+}
+
+extern "C" __global__ void gather_rows_f32(float* out, const float* x, int ldx, const int* rows, int width) {
+    const float* src = x + (size_t)rows[blockIdx.x] * ldx;
+    float* dst = out + (size_t)blockIdx.x * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) dst[i] = src[i];
+}
+
+// Greedy sampling on the GPU: out[r] = argmax_j logits[r, j] (ties to the lower index).
+extern "C" __global__ void argmax_rows(int* out, const float* logits, int vocab) {
+    __shared__ float best_v[32];
+    __shared__ int best_i[32];
+    const float* row = logits + (size_t)blockIdx.x * vocab;
+    float bv = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+        float v = row[j];
+        if (v > bv) { bv = v; bi = j; }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) { best_v[warp] = bv; best_i[warp] = bi; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x >> 5); ++w)
+            if (best_v[w] > bv || (best_v[w] == bv && best_i[w] < bi)) { bv = best_v[w]; bi = best_i[w]; }
+        out[blockIdx.x] = bi;
+    }
+}
+
+// ---------------------------------------------------------------- MLA, naive form (prefill)
+// Latents of positions 0..total of one sequence from the paged cache, split into c_kv (f32,
+// [total, lora]) and k_pe (f32, [total, rope]).
+extern "C" __global__ void gather_latents(float* c_kv, float* k_pe, const bf16* cache, const int* table, int block,
+                                          int lora, int rope) {
+    int p = blockIdx.x, width = lora + rope;
+    const bf16* src = cache + ((size_t)table[p / block] * block + p % block) * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        float v = bf16_to_f32(src[i]);
+        if (i < lora) c_kv[(size_t)p * lora + i] = v;
+        else k_pe[(size_t)p * rope + (i - lora)] = v;
+    }
+}
+
+// From kv = c_kv · kv_bᵀ ([total, heads*(nope+v)]) and k_pe: K [total, heads, nope+rope] and
+// V [total, heads, v] in bf16 for the tensor-core attention products.
+extern "C" __global__ void build_kv(bf16* k, bf16* v, const float* kv, const float* k_pe, int heads, int nope, int rope,
+                                    int vdim) {
+    int p = blockIdx.x, qk = nope + rope, per = nope + vdim;
+    for (int i = threadIdx.x; i < heads * qk; i += blockDim.x) {
+        int h = i / qk, d = i % qk;
+        float x = d < nope ? kv[(size_t)p * heads * per + h * per + d] : k_pe[(size_t)p * rope + (d - nope)];
+        k[(size_t)p * heads * qk + i] = f32_to_bf16(x);
+    }
+    for (int i = threadIdx.x; i < heads * vdim; i += blockDim.x) {
+        int h = i / vdim, d = i % vdim;
+        v[(size_t)p * heads * vdim + i] = f32_to_bf16(kv[(size_t)p * heads * per + h * per + nope + d]);
+    }
+}
+
+// Causal softmax of scores s [rows = hc * n, total] (query i sits at position start + i and sees
+// 0..start+i) into bf16 probabilities, zero beyond the causal limit.
+extern "C" __global__ void causal_softmax(bf16* p, const float* s, int n, int total, int start) {
+    __shared__ float scratch[32];
+    int row = blockIdx.x, i = row % n, limit = start + i + 1;
+    const float* x = s + (size_t)row * total;
+    bf16* y = p + (size_t)row * total;
+    float mx = -INFINITY;
+    for (int j = threadIdx.x; j < limit; j += blockDim.x) mx = fmaxf(mx, x[j]);
+    mx = warp_max(mx);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = mx;
+    __syncthreads();
+    mx = -INFINITY;
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) mx = fmaxf(mx, scratch[w]);
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < limit; j += blockDim.x) sum += expf(x[j] - mx);
+    sum = block_sum(sum, scratch);
+    float inv = 1.f / sum;
+    for (int j = threadIdx.x; j < total; j += blockDim.x) y[j] = f32_to_bf16(j < limit ? expf(x[j] - mx) * inv : 0.f);
+}

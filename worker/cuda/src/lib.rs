@@ -1,0 +1,28 @@
+//! dsv3-cuda: the DeepSeek-V3 forward pass on NVIDIA GPUs.
+//!
+//! CUDA is loaded at run time (cudarc `dynamic-loading`), so the one `dsv3-worker` binary runs on
+//! machines without it; [`device_status`] says whether a GPU can be used before anything touches
+//! the driver. Kernels are CUDA C in `kernels.cu`, compiled by NVRTC at start-up; large products
+//! go through cuBLAS on bf16.
+
+pub mod bench;
+pub mod cache;
+pub mod generate;
+pub mod gpu;
+pub mod model;
+pub mod weights;
+
+pub use gpu::{compile_kernels, driver_present, nvrtc_present, Gpu, KERNELS, KERNEL_SOURCE};
+pub use model::{CudaModel, DeviceTrace};
+
+/// Whether a CUDA GPU is usable here: `Ok(count)` or why not.
+pub fn device_status() -> Result<usize, String> {
+    if !driver_present() {
+        return Err("no CUDA driver found (libcuda could not be loaded)".into());
+    }
+    match cudarc::driver::CudaContext::device_count() {
+        Ok(0) => Err("the CUDA driver reports no GPU".into()),
+        Ok(n) => Ok(n as usize),
+        Err(e) => Err(format!("the CUDA driver failed to initialise: {e}")),
+    }
+}

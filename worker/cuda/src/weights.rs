@@ -1,0 +1,309 @@
+//! Weights on the GPU in their checkpoint format: FP8 bytes with 128×128 f32 scales, bf16 or f32.
+
+use crate::gpu::{float, int, ptr, u64_arg, DeviceBuf, Gpu};
+use anyhow::{bail, Result};
+use dsv3_engine::Checkpoint;
+use safetensors::Dtype;
+
+pub const QBLOCK: usize = 128;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    F32 = 0,
+    Bf16 = 1,
+    Fp8 = 2,
+}
+
+impl Format {
+    pub fn element_bytes(self) -> usize {
+        match self {
+            Format::F32 => 4,
+            Format::Bf16 => 2,
+            Format::Fp8 => 1,
+        }
+    }
+
+    /// Columns one GEMV lane reads per 16-byte load.
+    fn lane_width(self) -> usize {
+        16 / self.element_bytes()
+    }
+}
+
+/// `[rows, cols]` row-major weight.
+pub struct DeviceMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub format: Format,
+    pub data: DeviceBuf,
+    /// FP8 only: `[ceil(rows/128), ceil(cols/128)]`.
+    pub scales: Option<DeviceBuf>,
+}
+
+pub fn scale_shape(rows: usize, cols: usize) -> (usize, usize) {
+    (rows.div_ceil(QBLOCK), cols.div_ceil(QBLOCK))
+}
+
+fn check_cols(name: &str, cols: usize, format: Format) -> Result<()> {
+    if cols % format.lane_width() != 0 {
+        bail!(
+            "tensor `{name}`: {cols} columns is not a multiple of {} as the CUDA kernels need",
+            format.lane_width()
+        );
+    }
+    Ok(())
+}
+
+impl DeviceMatrix {
+    /// Uploads `name` (shape `[rows, cols]`) and, for FP8, its `_scale_inv` companion.
+    pub fn load(gpu: &Gpu, ckpt: &Checkpoint, name: &str, rows: usize, cols: usize) -> Result<Self> {
+        let t = ckpt.get(name)?;
+        t.expect(&[Dtype::F32, Dtype::BF16, Dtype::F8_E4M3], &[rows, cols])?;
+        let format = match t.dtype {
+            Dtype::F32 => Format::F32,
+            Dtype::BF16 => Format::Bf16,
+            _ => Format::Fp8,
+        };
+        check_cols(name, cols, format)?;
+        let scales = if format == Format::Fp8 {
+            let s = ckpt.get(&format!("{name}_scale_inv"))?;
+            let (sr, sc) = scale_shape(rows, cols);
+            s.expect(&[Dtype::F32, Dtype::BF16], &[sr, sc])?;
+            let values = s.to_f32_vec()?;
+            if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
+                bail!(
+                    "tensor `{name}_scale_inv` in {} has a non-finite scale at index {bad}",
+                    s.file
+                );
+            }
+            Some(gpu.upload(&values)?)
+        } else {
+            None
+        };
+        Ok(DeviceMatrix {
+            rows,
+            cols,
+            format,
+            data: gpu.upload(t.data())?,
+            scales,
+        })
+    }
+
+    /// Random weights made on the GPU (benchmarks): entries of size about 1/sqrt(cols).
+    pub fn random(gpu: &Gpu, rows: usize, cols: usize, format: Format, seed: u64) -> Result<Self> {
+        check_cols("random", cols, format)?;
+        let n = rows * cols;
+        let data = gpu.alloc(n * format.element_bytes())?;
+        let std = 1.0 / (cols as f32).sqrt();
+        let scales = match format {
+            Format::Fp8 => {
+                gpu.launch_1d("random_fp8", n, &[ptr(data.addr), u64_arg(n as u64), u64_arg(seed)])?;
+                let (sr, sc) = scale_shape(rows, cols);
+                let s = gpu.alloc(sr * sc * 4)?;
+                // random_fp8 magnitudes have an RMS near 1.8
+                let base = std / 1.8;
+                gpu.launch_1d(
+                    "random_f32",
+                    sr * sc,
+                    &[
+                        ptr(s.addr),
+                        u64_arg((sr * sc) as u64),
+                        u64_arg(seed ^ 0x5ca1e),
+                        float(0.5 * base),
+                        float(1.5 * base),
+                    ],
+                )?;
+                Some(s)
+            }
+            Format::Bf16 => {
+                let a = std * 3f32.sqrt();
+                gpu.launch_1d(
+                    "random_bf16",
+                    n,
+                    &[ptr(data.addr), u64_arg(n as u64), u64_arg(seed), float(-a), float(a)],
+                )?;
+                None
+            }
+            Format::F32 => {
+                let a = std * 3f32.sqrt();
+                gpu.launch_1d(
+                    "random_f32",
+                    n,
+                    &[ptr(data.addr), u64_arg(n as u64), u64_arg(seed), float(-a), float(a)],
+                )?;
+                None
+            }
+        };
+        Ok(DeviceMatrix {
+            rows,
+            cols,
+            format,
+            data,
+            scales,
+        })
+    }
+
+    pub fn scale_addr(&self) -> u64 {
+        self.scales.as_ref().map_or(0, |s| s.addr)
+    }
+
+    /// Bytes one full product reads.
+    pub fn bytes(&self) -> usize {
+        self.data.bytes + self.scales.as_ref().map_or(0, |s| s.bytes)
+    }
+
+    /// Dequantises into `out` (bf16, at least rows*cols elements).
+    pub fn dequant_into(&self, gpu: &Gpu, out: u64) -> Result<()> {
+        let n = self.rows * self.cols;
+        gpu.launch_1d(
+            "dequant_bf16",
+            n,
+            &[
+                ptr(out),
+                int(self.format as usize),
+                ptr(self.data.addr),
+                ptr(self.scale_addr()),
+                int(0),
+                int(self.rows),
+                int(self.cols),
+            ],
+        )
+    }
+}
+
+/// An f32 vector on the GPU (norm weights, biases).
+pub fn load_vector(gpu: &Gpu, ckpt: &Checkpoint, name: &str, len: usize) -> Result<DeviceBuf> {
+    let t = ckpt.get(name)?;
+    t.expect(&[Dtype::F32, Dtype::BF16, Dtype::F16], &[len])?;
+    gpu.upload(&t.to_f32_vec()?)
+}
+
+pub fn random_vector(gpu: &Gpu, len: usize, lo: f32, hi: f32, seed: u64) -> Result<DeviceBuf> {
+    let b = gpu.alloc(len * 4)?;
+    gpu.launch_1d(
+        "random_f32",
+        len,
+        &[ptr(b.addr), u64_arg(len as u64), u64_arg(seed), float(lo), float(hi)],
+    )?;
+    Ok(b)
+}
+
+/// The routed experts of one layer, each matrix kind stacked `[experts, rows, cols]` (FP8).
+pub struct ExpertBank {
+    pub experts: usize,
+    pub gate: Stacked,
+    pub up: Stacked,
+    pub down: Stacked,
+}
+
+pub struct Stacked {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: DeviceBuf,
+    pub scales: DeviceBuf,
+}
+
+impl Stacked {
+    pub fn stride(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    pub fn scale_stride(&self) -> usize {
+        let (r, c) = scale_shape(self.rows, self.cols);
+        r * c
+    }
+
+    fn alloc(gpu: &Gpu, experts: usize, rows: usize, cols: usize) -> Result<Self> {
+        let (sr, sc) = scale_shape(rows, cols);
+        Ok(Stacked {
+            rows,
+            cols,
+            data: gpu.alloc(experts * rows * cols)?,
+            scales: gpu.alloc(experts * sr * sc * 4)?,
+        })
+    }
+
+    fn load_one(&self, gpu: &Gpu, ckpt: &Checkpoint, name: &str, e: usize) -> Result<()> {
+        let t = ckpt.get(name)?;
+        if t.dtype != Dtype::F8_E4M3 {
+            bail!(
+                "tensor `{name}` in {} is {:?}: the CUDA backend runs routed experts in FP8 (the official format)",
+                t.file,
+                t.dtype
+            );
+        }
+        t.expect(&[Dtype::F8_E4M3], &[self.rows, self.cols])?;
+        check_cols(name, self.cols, Format::Fp8)?;
+        gpu.copy_to(&self.data, e * self.stride(), t.data())?;
+        let s = ckpt.get(&format!("{name}_scale_inv"))?;
+        let (sr, sc) = scale_shape(self.rows, self.cols);
+        s.expect(&[Dtype::F32, Dtype::BF16], &[sr, sc])?;
+        gpu.copy_to(&self.scales, e * self.scale_stride() * 4, &s.to_f32_vec()?)
+    }
+
+    fn randomize(&self, gpu: &Gpu, experts: usize, seed: u64) -> Result<()> {
+        let n = experts * self.stride();
+        gpu.launch_1d(
+            "random_fp8",
+            n,
+            &[ptr(self.data.addr), u64_arg(n as u64), u64_arg(seed)],
+        )?;
+        let ns = experts * self.scale_stride();
+        let base = 1.0 / (self.cols as f32).sqrt() / 1.8;
+        gpu.launch_1d(
+            "random_f32",
+            ns,
+            &[
+                ptr(self.scales.addr),
+                u64_arg(ns as u64),
+                u64_arg(seed ^ 0x5ca1e),
+                float(0.5 * base),
+                float(1.5 * base),
+            ],
+        )
+    }
+
+    pub fn bytes_per_expert(&self) -> usize {
+        self.stride() + self.scale_stride() * 4
+    }
+}
+
+impl ExpertBank {
+    pub fn load(
+        gpu: &Gpu,
+        ckpt: &Checkpoint,
+        prefix: &str,
+        experts: usize,
+        hidden: usize,
+        inter: usize,
+    ) -> Result<Self> {
+        let bank = Self::alloc(gpu, experts, hidden, inter)?;
+        for e in 0..experts {
+            let p = format!("{prefix}.experts.{e}");
+            bank.gate.load_one(gpu, ckpt, &format!("{p}.gate_proj.weight"), e)?;
+            bank.up.load_one(gpu, ckpt, &format!("{p}.up_proj.weight"), e)?;
+            bank.down.load_one(gpu, ckpt, &format!("{p}.down_proj.weight"), e)?;
+        }
+        Ok(bank)
+    }
+
+    pub fn random(gpu: &Gpu, experts: usize, hidden: usize, inter: usize, seed: u64) -> Result<Self> {
+        let bank = Self::alloc(gpu, experts, hidden, inter)?;
+        bank.gate.randomize(gpu, experts, seed)?;
+        bank.up.randomize(gpu, experts, seed + 1)?;
+        bank.down.randomize(gpu, experts, seed + 2)?;
+        Ok(bank)
+    }
+
+    fn alloc(gpu: &Gpu, experts: usize, hidden: usize, inter: usize) -> Result<Self> {
+        Ok(ExpertBank {
+            experts,
+            gate: Stacked::alloc(gpu, experts, inter, hidden)?,
+            up: Stacked::alloc(gpu, experts, inter, hidden)?,
+            down: Stacked::alloc(gpu, experts, hidden, inter)?,
+        })
+    }
+
+    pub fn bytes_per_expert(&self) -> usize {
+        self.gate.bytes_per_expert() + self.up.bytes_per_expert() + self.down.bytes_per_expert()
+    }
+}

@@ -1,0 +1,171 @@
+//! The CUDA backend against the CPU reference. Needs an NVIDIA GPU, so ignored by default; run
+//! with `cargo test -p dsv3-cuda --release -- --ignored` (worker/bench/gpu.sh does, on the GPU
+//! machine). Every allocation is poisoned with NaN first, so a read of memory nothing wrote
+//! shows up as a NaN in the comparison.
+
+use dsv3_cuda::CudaModel;
+use dsv3_engine::{Checkpoint, Chunk, KvCache, LocalExperts, MlaForm, Model, ModelFiles, Outputs, StepOptions};
+use std::path::Path;
+
+fn poison() {
+    // SAFETY: set before any thread reads the environment in this process's tests.
+    unsafe { std::env::set_var("DSV3_CUDA_POISON", "1") };
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let (mut ab, mut aa, mut bb) = (0.0f64, 0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        ab += x as f64 * y as f64;
+        aa += x as f64 * x as f64;
+        bb += y as f64 * y as f64;
+    }
+    ab / (aa.sqrt() * bb.sqrt())
+}
+
+fn argmax(v: &[f32]) -> (usize, f32) {
+    let mut order: Vec<usize> = (0..v.len()).collect();
+    order.sort_by(|&a, &b| v[b].total_cmp(&v[a]));
+    (order[0], v[order[0]] - v[order[1]])
+}
+
+struct Cpu {
+    model: Model,
+    experts: LocalExperts,
+    cache: KvCache,
+}
+
+impl Cpu {
+    fn load(files: &ModelFiles) -> Self {
+        let model = Model::load(files, |_| {}).expect("CPU model");
+        let ckpt = Checkpoint::open(files).expect("open");
+        let experts = LocalExperts::load(&ckpt, &model.config, &Default::default(), |_| {}).expect("experts");
+        let cache = KvCache::with_capacity(&model.config, 512);
+        Cpu { model, experts, cache }
+    }
+}
+
+/// Runs one step on both backends; checks every layer's hidden states (cosine) and the logits.
+fn compare_step(cpu: &mut Cpu, gpu: &mut CudaModel, chunks: &[Chunk], label: &str) -> Vec<Vec<f32>> {
+    let opts = StepOptions {
+        mla: MlaForm::Auto,
+        trace: true,
+    };
+    let (cpu_out, cpu_trace) = cpu
+        .model
+        .forward(chunks, &mut cpu.cache, &cpu.experts, &opts)
+        .expect("CPU step");
+    let (gpu_out, gpu_trace) = gpu.forward(chunks, true).expect("GPU step");
+    let (cpu_trace, gpu_trace) = (cpu_trace.expect("trace"), gpu_trace.expect("trace"));
+    assert_eq!(cpu_trace.hidden.len(), gpu_trace.hidden.len());
+    let mut worst = 1.0f64;
+    for (l, (c, g)) in cpu_trace.hidden.iter().zip(&gpu_trace.hidden).enumerate() {
+        assert!(
+            g.iter().all(|v| v.is_finite()),
+            "{label}: layer {l} has non-finite GPU values"
+        );
+        let cos = cosine(c, g);
+        worst = worst.min(cos);
+        assert!(
+            cos >= 0.999,
+            "{label}: hidden state after layer {l} has cosine {cos:.6}"
+        );
+    }
+    let mut route_diffs = 0;
+    for (layer, gpu_routes) in &gpu_trace.routes {
+        let cpu_routes = &cpu_trace.routes[layer].experts;
+        route_diffs += cpu_routes.iter().zip(gpu_routes).filter(|(a, b)| a != b).count();
+    }
+    let mut logits = Vec::new();
+    for (c, g) in cpu_out.iter().zip(&gpu_out) {
+        assert_eq!(c.positions, g.positions);
+        assert!(g.logits.iter().all(|v| v.is_finite()), "{label}: non-finite logits");
+        let cos = cosine(&c.logits, &g.logits);
+        assert!(cos >= 0.999, "{label}: logits cosine {cos:.6}");
+        logits.push(c.logits.clone());
+        logits.push(g.logits.clone());
+    }
+    eprintln!("{label}: worst hidden cosine {worst:.6}, routing choices that differ: {route_diffs}");
+    logits
+}
+
+fn prompt(len: usize, salt: u32, vocab: u32) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| (i * 7919 + salt * 104729 + 3) % (vocab - 2) + 2)
+        .collect()
+}
+
+/// Prefill through each path, then greedy decode of two sequences together; tokens must agree
+/// while the CPU's top-2 margin is clear.
+fn check_model(files: &ModelFiles, decode_steps: usize) {
+    poison();
+    let mut cpu = Cpu::load(files);
+    let mut gpu = CudaModel::load(files, 0, 4096, &mut |_, _| {}).expect("GPU model");
+    let vocab = cpu.model.config.vocab_size as u32;
+    let (a, b, c) = (prompt(80, 1, vocab), prompt(7, 2, vocab), prompt(40, 3, vocab));
+    // 80 rows: naive MLA and cuBLAS; 7 rows: absorbed MLA and GEMV; 40: absorbed and cuBLAS
+    let la = compare_step(&mut cpu, &mut gpu, &[Chunk::new(1, 0, &a, Outputs::Last)], "prefill 80");
+    let lb = compare_step(&mut cpu, &mut gpu, &[Chunk::new(2, 0, &b, Outputs::Last)], "prefill 7");
+    compare_step(&mut cpu, &mut gpu, &[Chunk::new(3, 0, &c, Outputs::All)], "prefill 40");
+    let mut next = [(argmax(&la[0]), argmax(&la[1])), (argmax(&lb[0]), argmax(&lb[1]))];
+    let mut pos = [a.len(), b.len()];
+    let mut agreed = 0;
+    for step in 0..decode_steps {
+        for ((c, g), _) in next.iter().zip(0..) {
+            if c.0 != g.0 {
+                assert!(
+                    c.1 < 0.05,
+                    "step {step}: greedy tokens differ ({} vs {}) with a CPU margin of {}",
+                    c.0,
+                    g.0,
+                    c.1
+                );
+                eprintln!("step {step}: tokens differ within the margin; stopping the comparison");
+                return;
+            }
+        }
+        agreed += 1;
+        let ta = [next[0].0 .0 as u32];
+        let tb = [next[1].0 .0 as u32];
+        let chunks = [
+            Chunk::new(1, pos[0], &ta, Outputs::Last),
+            Chunk::new(2, pos[1], &tb, Outputs::Last),
+        ];
+        let l = compare_step(&mut cpu, &mut gpu, &chunks, &format!("decode {step}"));
+        next = [(argmax(&l[0]), argmax(&l[1])), (argmax(&l[2]), argmax(&l[3]))];
+        pos = [pos[0] + 1, pos[1] + 1];
+    }
+    eprintln!("{agreed} greedy decode steps agreed");
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn golden_tiny_fp8_matches_cpu() {
+    // The test binary may run on another machine: DSV3_REPO_ROOT points at the checkout there.
+    let root = std::env::var_os("DSV3_REPO_ROOT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
+    let dir = root.join("tests/golden/tiny-fp8");
+    check_model(&ModelFiles::Dir(dir), 24);
+}
+
+/// Full-width attention (hidden 7168, 128 heads, q_lora 1536, kv_lora 512) and experts of 2048,
+/// with fewer experts and a small vocabulary so the CPU reference stays quick.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn full_width_random_layers_match_cpu() {
+    let config = serde_json::json!({
+        "model_type": "deepseek_v3", "vocab_size": 2048, "hidden_size": 7168, "intermediate_size": 4096,
+        "moe_intermediate_size": 2048, "num_hidden_layers": 2, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+        "num_attention_heads": 128, "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": 16, "n_group": 8, "topk_group": 4,
+        "num_experts_per_tok": 8, "n_shared_experts": 1, "routed_scaling_factor": 2.5, "norm_topk_prob": true,
+        "rope_theta": 10000.0, "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "eos_token_id": 1,
+        "num_nextn_predict_layers": 0,
+        "rope_scaling": {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+    });
+    let dir = tempfile::tempdir().expect("tmp");
+    dsv3_engine::synthetic::write_checkpoint(dir.path(), &config, true, 2, 11).expect("write checkpoint");
+    check_model(&ModelFiles::Dir(dir.path().to_path_buf()), 4);
+}
