@@ -6,6 +6,7 @@
 #   tests  the ignored GPU tests (CUDA vs CPU on the golden fixture and full-width random layers,
 #          every allocation poisoned) and `generate --device cuda` against `--device cpu`
 #   bench  `dsv3-worker bench-cuda` (one MoE layer, 5-layer slice), FP8 matrix peak via torch
+#   profile the same with every launch synchronised and timed (where each step goes)
 #   peer   transformers on the same shapes (worker/bench/hf_gpu_peer.py), set beside ours
 # Logs and JSON go to $OUT (or target/gpu-out).
 set -euo pipefail
@@ -37,10 +38,11 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
 done
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
 export DSV3_REPO_ROOT=$PWD
+failed=0
 for step in "$@"; do
     case $step in
     tests)
-        "$bundle/gpu-tests" --ignored --nocapture --test-threads 1 2>&1 | tee "$out/tests.log"
+        "$bundle/gpu-tests" --ignored --nocapture --test-threads 1 2>&1 | tee "$out/tests.log" || failed=1
         for dev in cpu cuda; do
             "$bundle/dsv3-worker" generate --model tests/golden/tiny-fp8 --prompt-token-ids 0,5,77,300,12 \
                 --max-tokens 24 --temperature 0 --json --device $dev > "$out/generate-$dev.json"
@@ -72,9 +74,15 @@ PY
         "$bundle/dsv3-worker" bench-cuda --fp8-tflops "$peak" --out "$out/dsv3.json" "${peer_arg[@]}" \
             ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.md"
         ;;
+    profile)
+        DSV3_CUDA_PROFILE=1 "$bundle/dsv3-worker" bench-cuda --reps 3 --batches 1,8,64,256 --out "$out/profile.json" \
+            ${BENCH_ARGS:-} > "$out/profile.log" 2>&1
+        grep -E "^(profile|  )" "$out/profile.log" | head -120
+        ;;
     peer)
         python3 worker/bench/hf_gpu_peer.py --out "$out/hf.json" ${PEER_ARGS:-} 2>&1 | tee "$out/hf.log"
         ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
     esac
 done
+[[ $failed == 0 ]] || { echo "GPU tests FAILED (see tests.log)"; exit 1; }

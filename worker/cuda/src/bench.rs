@@ -50,6 +50,27 @@ struct Row {
     flops: f64,
 }
 
+/// With DSV3_CUDA_PROFILE=1: where the steps of one measurement went, per step.
+fn print_profile(model: &CudaModel, label: &str, steps: usize) {
+    let rows = model.gpu.take_profile();
+    if rows.is_empty() {
+        return;
+    }
+    let total: f64 = rows.iter().map(|r| r.2).sum();
+    eprintln!(
+        "profile {label}: {:.3} ms per step in kernels and copies",
+        total * 1e3 / steps as f64
+    );
+    for (name, calls, secs) in rows.iter().take(12) {
+        eprintln!(
+            "  {name:<22} {:>6} calls/step {:>9.3} ms/step {:>5.1}%",
+            calls / steps,
+            secs * 1e3 / steps as f64,
+            100.0 * secs / total
+        );
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -118,6 +139,7 @@ fn decode(model: &mut CudaModel, batch: usize, ctx: usize, reps: usize, with_hea
         .collect();
     let mut times = Vec::new();
     let mut touched = 0;
+    model.gpu.take_profile();
     for rep in 0..reps + 2 {
         let start = model.gpu.mark()?;
         if with_head {
@@ -134,6 +156,7 @@ fn decode(model: &mut CudaModel, batch: usize, ctx: usize, reps: usize, with_hea
             times.push(t);
         }
     }
+    print_profile(model, &format!("decode batch {batch}"), reps + 2);
     for &s in &seqs {
         model.free_sequence(s);
     }
@@ -167,6 +190,7 @@ fn prefill(model: &mut CudaModel, n: usize, reps: usize) -> Result<(f64, f64, f6
     let tokens: Vec<u32> = (0..n).map(|i| (i * 7919 % 120000 + 2) as u32).collect();
     let mut times = Vec::new();
     let mut touched = 0;
+    model.gpu.take_profile();
     for rep in 0..reps + 1 {
         let chunk = [Chunk::new(9_999, 0, &tokens, Outputs::None)];
         let start = model.gpu.mark()?;
@@ -178,6 +202,7 @@ fn prefill(model: &mut CudaModel, n: usize, reps: usize) -> Result<(f64, f64, f6
             times.push(t);
         }
     }
+    print_profile(model, &format!("prefill {n}"), reps + 1);
     let c = model.config.clone();
     let sh = Shapes::of(&c);
     let layers = c.num_hidden_layers as f64;

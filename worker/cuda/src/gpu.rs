@@ -41,6 +41,16 @@ pub const KERNELS: &[&str] = &[
     "gather_latents",
     "build_kv",
     "causal_softmax",
+    "mla_decode_tc",
+    "mla_combine",
+    "fp8_mma_n1",
+    "fp8_mma_n2",
+    "fp8_mma_n4",
+    "fp8_mma_n8",
+    "grouped_fp8_mma_n1",
+    "grouped_fp8_mma_n2",
+    "grouped_fp8_mma_n4",
+    "zero_rows",
 ];
 
 /// Whether the CUDA driver library can be loaded (cudarc panics on first use otherwise).
@@ -143,6 +153,9 @@ pub struct Gpu {
     blas: CudaBlas,
     pub name: String,
     pub sm_count: usize,
+    /// Per-kernel time (DSV3_CUDA_PROFILE=1): each launch is synchronised and timed, so the
+    /// totals show where a step goes (the step itself gets slower).
+    profile: Option<std::cell::RefCell<std::collections::BTreeMap<String, (usize, f64)>>>,
     /// Fill new allocations with 0xFF (NaN as f32 and bf16) so reads of unwritten memory show up.
     pub poison: bool,
 }
@@ -192,11 +205,16 @@ impl Gpu {
             name,
             sm_count,
             poison: std::env::var_os("DSV3_CUDA_POISON").is_some_and(|v| v != "0"),
+            profile: std::env::var_os("DSV3_CUDA_PROFILE")
+                .is_some_and(|v| v != "0")
+                .then(Default::default),
         };
-        gpu.funcs["mla_attend"].set_attribute(
-            drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            160 * 1024,
-        )?;
+        for name in ["mla_attend", "mla_decode_tc"] {
+            gpu.funcs[name].set_attribute(
+                drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                160 * 1024,
+            )?;
+        }
         Ok(gpu)
     }
 
@@ -220,6 +238,20 @@ impl Gpu {
         let buf = self.alloc(bytes)?;
         self.copy_to(&buf, 0, data)?;
         Ok(buf)
+    }
+
+    /// Uploads several 4-byte arrays with one copy; returns the buffer and each array's address.
+    pub fn upload_words(&self, parts: &[&[u32]]) -> Result<(DeviceBuf, Vec<u64>)> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let mut all = Vec::with_capacity(total);
+        let mut offsets = Vec::with_capacity(parts.len());
+        for p in parts {
+            offsets.push(all.len() * 4);
+            all.extend_from_slice(p);
+        }
+        let buf = self.upload(&all)?;
+        let addrs = offsets.into_iter().map(|o| buf.at(o)).collect();
+        Ok((buf, addrs))
     }
 
     pub fn copy_to<T: Copy>(&self, buf: &DeviceBuf, offset_bytes: usize, data: &[T]) -> Result<()> {
@@ -265,8 +297,41 @@ impl Gpu {
         self.stream.synchronize().context("CUDA stream failed")
     }
 
+    /// Runs `f`, timing it under `name` when profiling.
+    pub fn profiled<T>(&self, name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let Some(profile) = &self.profile else {
+            return f();
+        };
+        self.sync()?;
+        let started = std::time::Instant::now();
+        let out = f()?;
+        self.sync()?;
+        let mut p = profile.borrow_mut();
+        let e = p.entry(name.to_string()).or_default();
+        e.0 += 1;
+        e.1 += started.elapsed().as_secs_f64();
+        Ok(out)
+    }
+
+    /// The profile so far (name, calls, seconds), largest first, and a reset.
+    pub fn take_profile(&self) -> Vec<(String, usize, f64)> {
+        let Some(profile) = &self.profile else {
+            return vec![];
+        };
+        let mut rows: Vec<_> = std::mem::take(&mut *profile.borrow_mut())
+            .into_iter()
+            .map(|(k, (n, t))| (k, n, t))
+            .collect();
+        rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+        rows
+    }
+
     /// Launches kernel `name`; the return code is checked (asynchronous faults show at the next sync).
     pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, smem: u32, args: &[Arg]) -> Result<()> {
+        self.profiled(name, || self.launch_now(name, grid, block, smem, args))
+    }
+
+    fn launch_now(&self, name: &str, grid: (u32, u32, u32), block: u32, smem: u32, args: &[Arg]) -> Result<()> {
         let f = self
             .funcs
             .get(name)
@@ -312,7 +377,7 @@ impl Gpu {
         let beta = if accumulate { 1.0f32 } else { 0.0f32 };
         // Column-major view: yᵀ[n, m] = w[n, k] · xᵀ[k, m].
         // SAFETY: pointers cover the given shapes (callers allocate them so).
-        unsafe {
+        self.profiled("cublas_gemm", || unsafe {
             blas::gemm_ex(
                 *self.blas.handle(),
                 blas_sys::cublasOperation_t::CUBLAS_OP_T,
@@ -334,8 +399,8 @@ impl Gpu {
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
-            .context("cuBLAS bf16 GEMM failed")?;
-        }
+            .context("cuBLAS bf16 GEMM failed")
+        })?;
         Ok(())
     }
 
@@ -374,7 +439,7 @@ impl Gpu {
             blas_sys::cublasOperation_t::CUBLAS_OP_N
         };
         // SAFETY: (pointer, leading dimension, batch stride) triples cover the shapes (callers size them).
-        unsafe {
+        self.profiled("cublas_batched_gemm", || unsafe {
             blas::gemm_strided_batched_ex(
                 *self.blas.handle(),
                 op_a,
@@ -400,8 +465,8 @@ impl Gpu {
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
-            .context("cuBLAS batched bf16 GEMM failed")?;
-        }
+            .context("cuBLAS batched bf16 GEMM failed")
+        })?;
         Ok(())
     }
 

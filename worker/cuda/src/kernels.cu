@@ -617,3 +617,337 @@ extern "C" __global__ void causal_softmax(bf16* p, const float* s, int n, int to
     float inv = 1.f / sum;
     for (int j = threadIdx.x; j < total; j += blockDim.x) y[j] = f32_to_bf16(j < limit ? expf(x[j] - mx) * inv : 0.f);
 }
+
+// ---------------------------------------------------------------- MLA decode on the tensor cores
+// Absorbed-form attention for 16 heads of one row per block, positions split across gridDim.z
+// (flash-decoding): S = Q·Tᵀ and O += P·T[:, :lora] with mma.sync m16n8k16 (bf16 in, f32
+// accumulate), online softmax per tile of 64 positions. Partial results (unnormalised O, row
+// max, row sum) go to o_part / ml_part and mla_combine merges the splits.
+// Needs (lora + rope) % 16 == 0, lora % 32 == 0, lora <= 512. 4 warps; warp w computes scores
+// for positions w*16.. of each tile and owns output columns [w*lora/4, (w+1)*lora/4).
+#define TC_TILE 64
+#define TC_PAD 8
+
+__device__ __forceinline__ void mma_bf16(float c[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+    return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+mla_decode_tc(float* o_part, float* ml_part, const float* q_lat, const float* q, int qk, int nope, int heads, int hg,
+              int lora, int rope, const bf16* cache, const int* tables, const int* table_off, const int* lens,
+              int block, float scale, int split_len) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const int width = lora + rope, pitch = width + TC_PAD;  // bf16 elements per smem row
+    // Q and P are kept as bf16 hi + lo pairs (two products each), so the tensor cores lose no
+    // more precision than the bf16 cache itself.
+    bf16* qs = (bf16*)smem_raw;                             // [2][16][pitch] (hi, lo)
+    bf16* ts = qs + 2 * 16 * pitch;                         // [TC_TILE][pitch]
+    bf16* ps = ts + TC_TILE * pitch;                        // [2][16][TC_TILE + TC_PAD] (hi, lo)
+    float* red_max = (float*)(ps + 2 * 16 * (TC_TILE + TC_PAD));  // [4][16]
+    float* red_sum = red_max + 64;                          // [4][16]
+    float* m_run = red_sum + 64;                            // [16]
+    float* l_run = m_run + 16;                              // [16]
+    const int pp = TC_TILE + TC_PAD;
+    int r = blockIdx.y, h0 = blockIdx.x * hg, split = blockIdx.z, splits = gridDim.z;
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    for (int i = tid; i < 16 * width; i += blockDim.x) {
+        int hh = i / width, c = i % width;
+        float v = 0.f;
+        if (hh < hg)
+            v = c < lora ? q_lat[((size_t)r * heads + h0 + hh) * lora + c]
+                         : q[(size_t)r * heads * qk + (size_t)(h0 + hh) * qk + nope + (c - lora)];
+        bf16 hi = f32_to_bf16(v);
+        qs[hh * pitch + c] = hi;
+        qs[(16 + hh) * pitch + c] = f32_to_bf16(v - bf16_to_f32(hi));
+    }
+    if (tid < 16) { m_run[tid] = -INFINITY; l_run[tid] = 0.f; }
+    const int len = lens[r];
+    const int begin = split * split_len, end = min(len, begin + split_len);
+    const int* tab = tables + table_off[r];
+    const int cols = lora / 4, col0 = warp * cols, ntiles = cols / 8;
+    float acc[16][4];
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+    const u32* qw = (const u32*)qs;
+    const int pw = pitch / 2;  // u32 words per smem row
+    __syncthreads();
+    for (int base = begin; base < end; base += TC_TILE) {
+        int n = min(TC_TILE, end - base);
+        // tile load: 16-byte pieces, rows past n zero-filled (P is 0 there, but 0 * NaN is not)
+        int pieces = width / 8;
+        for (int j = warp; j < TC_TILE; j += 4) {
+            uint4* dst = (uint4*)(ts + j * pitch);
+            if (j < n) {
+                int pos = base + j;
+                const uint4* src = (const uint4*)(cache + ((size_t)tab[pos / block] * block + pos % block) * width);
+                for (int x = lane; x < pieces; x += 32) dst[x] = src[x];
+            } else {
+                for (int x = lane; x < pieces; x += 32) dst[x] = make_uint4(0, 0, 0, 0);
+            }
+        }
+        __syncthreads();
+        // scores for this warp's 16 positions (two n-tiles of 8)
+        float s[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
+        const u32* tw = (const u32*)ts;
+        for (int k0 = 0; k0 < width; k0 += 16) {
+            int kw = k0 / 2 + t;
+#pragma unroll
+            for (int part = 0; part < 2; ++part) {
+                const u32* qp = qw + part * 16 * pw;
+                u32 a0 = qp[g * pw + kw], a1 = qp[(g + 8) * pw + kw], a2 = qp[g * pw + kw + 4], a3 = qp[(g + 8) * pw + kw + 4];
+#pragma unroll
+                for (int nt = 0; nt < 2; ++nt) {
+                    int row = warp * 16 + nt * 8 + g;
+                    mma_bf16(s[nt], a0, a1, a2, a3, tw[row * pw + kw], tw[row * pw + kw + 4]);
+                }
+            }
+        }
+        // mask, scale, per-row max over this warp's positions
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                int j = warp * 16 + nt * 8 + 2 * t + (e & 1);
+                float v = j < n ? s[nt][e] * scale : -INFINITY;
+                s[nt][e] = v;
+                if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
+            }
+        for (int o = 1; o < 4; o <<= 1) {
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o));
+        }
+        if (t == 0) { red_max[warp * 16 + g] = mx0; red_max[warp * 16 + g + 8] = mx1; }
+        __syncthreads();
+        float tmax0 = fmaxf(fmaxf(red_max[g], red_max[16 + g]), fmaxf(red_max[32 + g], red_max[48 + g]));
+        float tmax1 = fmaxf(fmaxf(red_max[g + 8], red_max[24 + g]), fmaxf(red_max[40 + g], red_max[56 + g]));
+        float new0 = fmaxf(m_run[g], tmax0), new1 = fmaxf(m_run[g + 8], tmax1);
+        float corr0 = expf(m_run[g] - new0), corr1 = expf(m_run[g + 8] - new1);
+        float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+            float p0 = expf(s[nt][0] - new0), p1 = expf(s[nt][1] - new0);
+            float p2 = expf(s[nt][2] - new1), p3 = expf(s[nt][3] - new1);
+            sum0 += p0 + p1;
+            sum1 += p2 + p3;
+            int j = warp * 16 + nt * 8 + 2 * t;
+            u32 hi01 = pack_bf16(p0, p1), hi23 = pack_bf16(p2, p3);
+            *(u32*)(ps + g * pp + j) = hi01;
+            *(u32*)(ps + (g + 8) * pp + j) = hi23;
+            *(u32*)(ps + (16 + g) * pp + j) =
+                pack_bf16(p0 - bf16_to_f32(hi01 & 0xffffu), p1 - bf16_to_f32(hi01 >> 16));
+            *(u32*)(ps + (24 + g) * pp + j) =
+                pack_bf16(p2 - bf16_to_f32(hi23 & 0xffffu), p3 - bf16_to_f32(hi23 >> 16));
+        }
+        for (int o = 1; o < 4; o <<= 1) {
+            sum0 += __shfl_xor_sync(0xffffffffu, sum0, o);
+            sum1 += __shfl_xor_sync(0xffffffffu, sum1, o);
+        }
+        if (t == 0) { red_sum[warp * 16 + g] = sum0; red_sum[warp * 16 + g + 8] = sum1; }
+#pragma unroll
+        for (int nt = 0; nt < 16; ++nt) {
+            acc[nt][0] *= corr0; acc[nt][1] *= corr0;
+            acc[nt][2] *= corr1; acc[nt][3] *= corr1;
+        }
+        __syncthreads();
+        if (tid < 16) {
+            float tm = fmaxf(fmaxf(red_max[tid], red_max[16 + tid]), fmaxf(red_max[32 + tid], red_max[48 + tid]));
+            float nm = fmaxf(m_run[tid], tm);
+            float total = red_sum[tid] + red_sum[16 + tid] + red_sum[32 + tid] + red_sum[48 + tid];
+            l_run[tid] = l_run[tid] * expf(m_run[tid] - nm) + total;
+            m_run[tid] = nm;
+        }
+        // O[16, cols of this warp] += P[16, 64] · T[64, cols]
+        const u32* pw32 = (const u32*)ps;
+        for (int k0 = 0; k0 < TC_TILE; k0 += 16) {
+            int kw = k0 / 2 + t, hp = pp / 2;
+            u32 a0 = pw32[g * hp + kw], a1 = pw32[(g + 8) * hp + kw];
+            u32 a2 = pw32[g * hp + kw + 4], a3 = pw32[(g + 8) * hp + kw + 4];
+            u32 l0 = pw32[(16 + g) * hp + kw], l1 = pw32[(24 + g) * hp + kw];
+            u32 l2 = pw32[(16 + g) * hp + kw + 4], l3 = pw32[(24 + g) * hp + kw + 4];
+            const bf16* r0 = ts + (k0 + 2 * t) * pitch;
+#pragma unroll
+            for (int nt = 0; nt < 16; ++nt) {
+                if (nt < ntiles) {
+                    int c = col0 + nt * 8 + g;
+                    u32 b0 = (u32)r0[c] | ((u32)r0[pitch + c] << 16);
+                    u32 b1 = (u32)r0[8 * pitch + c] | ((u32)r0[9 * pitch + c] << 16);
+                    mma_bf16(acc[nt], a0, a1, a2, a3, b0, b1);
+                    mma_bf16(acc[nt], l0, l1, l2, l3, b0, b1);
+                }
+            }
+        }
+        __syncthreads();
+    }
+    // partial outputs: o_part[r, h, split, :lora], ml_part[r, h, split, 2]
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt) {
+        if (nt < ntiles) {
+            int c = col0 + nt * 8 + 2 * t;
+            if (g < hg) {
+                float* dst = o_part + (((size_t)r * heads + h0 + g) * splits + split) * lora + c;
+                dst[0] = acc[nt][0]; dst[1] = acc[nt][1];
+            }
+            if (g + 8 < hg) {
+                float* dst = o_part + (((size_t)r * heads + h0 + g + 8) * splits + split) * lora + c;
+                dst[0] = acc[nt][2]; dst[1] = acc[nt][3];
+            }
+        }
+    }
+    if (tid < hg) {
+        float* ml = ml_part + (((size_t)r * heads + h0 + tid) * splits + split) * 2;
+        ml[0] = m_run[tid];
+        ml[1] = l_run[tid];
+    }
+}
+
+// Merges the splits: o_lat[r, h, :] = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s. grid (heads, m).
+extern "C" __global__ void mla_combine(float* o_lat, const float* o_part, const float* ml_part, int heads, int splits,
+                                       int lora) {
+    int h = blockIdx.x, r = blockIdx.y;
+    const float* ml = ml_part + ((size_t)r * heads + h) * splits * 2;
+    float mx = -INFINITY;
+    for (int s = 0; s < splits; ++s) mx = fmaxf(mx, ml[2 * s]);
+    float denom = 0.f;
+    for (int s = 0; s < splits; ++s)
+        if (ml[2 * s + 1] > 0.f) denom += expf(ml[2 * s] - mx) * ml[2 * s + 1];
+    const float* op = o_part + ((size_t)r * heads + h) * splits * lora;
+    for (int c = threadIdx.x; c < lora; c += blockDim.x) {
+        float v = 0.f;
+        for (int s = 0; s < splits; ++s)
+            if (ml[2 * s + 1] > 0.f) v += expf(ml[2 * s] - mx) * op[(size_t)s * lora + c];
+        o_lat[((size_t)r * heads + h) * lora + c] = v / denom;
+    }
+}
+
+// ---------------------------------------------------------------- FP8 weights on the tensor cores
+// y[m, n] (+)= x[m, k] · W[n, k]ᵀ for FP8 W with 128x128 scales and bf16 x, for small m (decode
+// batches): each warp owns 16 output features and all of up to 8*NT tokens; mma.sync m16n8k16
+// with W as the A operand, converted exactly from e4m3 to bf16 in registers, the block scale
+// applied per 128-wide k chunk. Lane (g, t) reads 32 contiguous bytes of rows g and g+8 per chunk;
+// the k order inside a chunk is permuted identically for W and x (the sum does not care), so
+// every load is 16 bytes wide. k % 128 == 0 and n % 16 == 0; k chunks split over gridDim.z
+// (then y must be zeroed and partial sums are added atomically).
+// x rows: token j of the tile is row x_rows[j] (or j) of x.
+
+__device__ __forceinline__ u32 e4m3x2_to_bf16x2(u32 two) {
+    u32 lo = two & 0xffu, hi = (two >> 8) & 0xffu;
+    float flo = __uint_as_float((lo & 0x7fu) << 20) * __uint_as_float(0x7B800000u);
+    float fhi = __uint_as_float((hi & 0x7fu) << 20) * __uint_as_float(0x7B800000u);
+    // exact: e4m3 values have 3 mantissa bits, so the upper 16 bits of the f32 are the bf16
+    return ((__float_as_uint(flo) >> 16) | ((lo & 0x80u) << 8)) |
+           (((__float_as_uint(fhi) >> 16) | ((hi & 0x80u) << 8)) << 16);
+}
+
+template <int NT>
+__device__ void fp8_mma_impl(float* y, int ldy, const bf16* x, const int* x_rows, int ldx, int m, const u8* w,
+                             const float* scale, int n, int k, int mode) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int row0 = (blockIdx.x * (blockDim.x >> 5) + warp) * 16;
+    if (row0 >= n) return;
+    int chunks = k / 128, per = (chunks + gridDim.z - 1) / gridDim.z;
+    int c_begin = blockIdx.z * per, c_end = min(chunks, c_begin + per);
+    const u8* w0 = w + (size_t)(row0 + g) * k + 32 * t;
+    const u8* w1 = w0 + (size_t)8 * k;
+    const float* srow = scale + (size_t)(row0 / 128) * chunks;
+    const bf16* xr[NT];
+    bool live[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        int tok = 8 * j + g;
+        live[j] = tok < m;
+        xr[j] = x + (size_t)(live[j] ? (x_rows ? x_rows[tok] : tok) : 0) * ldx + 32 * t;
+    }
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    for (int ch = c_begin; ch < c_end; ++ch) {
+        size_t c0 = (size_t)ch * 128;
+        uint4 p0 = *(const uint4*)(w0 + c0), p1 = *(const uint4*)(w0 + c0 + 16);
+        uint4 q0 = *(const uint4*)(w1 + c0), q1 = *(const uint4*)(w1 + c0 + 16);
+        u32 ra[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
+        u32 rb[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+        u32 xv[NT][16];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            if (live[j]) {
+                const uint4* src = (const uint4*)(xr[j] + c0);
+#pragma unroll
+                for (int v = 0; v < 4; ++v) {
+                    uint4 u = src[v];
+                    xv[j][4 * v] = u.x; xv[j][4 * v + 1] = u.y; xv[j][4 * v + 2] = u.z; xv[j][4 * v + 3] = u.w;
+                }
+            } else {
+#pragma unroll
+                for (int v = 0; v < 16; ++v) xv[j][v] = 0u;
+            }
+        }
+        float part[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) part[j][0] = part[j][1] = part[j][2] = part[j][3] = 0.f;
+#pragma unroll
+        for (int s = 0; s < 8; ++s) {
+            u32 a0 = e4m3x2_to_bf16x2(ra[s] & 0xffffu), a2 = e4m3x2_to_bf16x2(ra[s] >> 16);
+            u32 a1 = e4m3x2_to_bf16x2(rb[s] & 0xffffu), a3 = e4m3x2_to_bf16x2(rb[s] >> 16);
+#pragma unroll
+            for (int j = 0; j < NT; ++j) mma_bf16(part[j], a0, a1, a2, a3, xv[j][2 * s], xv[j][2 * s + 1]);
+        }
+        float sc = srow[ch];
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[j][e] += sc * part[j][e];
+    }
+    // C fragment: (feature row0+g, tokens 8j+2t, +1) and (feature row0+g+8, same tokens)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            int tok = 8 * j + 2 * t + (e & 1), feat = row0 + g + (e >> 1) * 8;
+            if (tok < m) {
+                float* dst = y + (size_t)tok * ldy + feat;
+                if (mode == 2) atomicAdd(dst, acc[j][e]);
+                else *dst = mode == 1 ? *dst + acc[j][e] : acc[j][e];
+            }
+        }
+}
+
+// mode: 0 = store, 1 = add into y, 2 = atomic add (split k).
+#define FP8_MMA(NT)                                                                                             \
+    extern "C" __global__ void __launch_bounds__(128) fp8_mma_n##NT(                                            \
+        float* y, int ldy, const bf16* x, const int* x_rows, int ldx, int m, const u8* w, const float* scale,   \
+        int n, int k, int mode) {                                                                               \
+        fp8_mma_impl<NT>(y, ldy, x, x_rows, ldx, m, w, scale, n, k, mode);                                     \
+    }
+FP8_MMA(1)
+FP8_MMA(2)
+FP8_MMA(4)
+FP8_MMA(8)
+
+// Routed experts on the tensor cores: blockIdx.y = group (one expert, its slots offsets[g]..),
+// token rows of x from x_rows (gate/up) or the slots themselves (down); up to 8*NT slots per group.
+#define GROUPED_FP8_MMA(NT)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(128) grouped_fp8_mma_n##NT(                                    \
+        float* y, int ldy, const bf16* x, int ldx, const int* x_rows, const u8* w, const float* scale,          \
+        u64 w_stride, u64 scale_stride, const int* group_expert, const int* offsets, int n, int k) {            \
+        int gi = blockIdx.y, e = group_expert[gi], s0 = offsets[gi], cnt = offsets[gi + 1] - s0;                \
+        fp8_mma_impl<NT>(y + (size_t)s0 * ldy, ldy, x_rows ? x : x + (size_t)s0 * ldx, x_rows ? x_rows + s0 : 0, \
+                         ldx, cnt, w + (u64)e * w_stride, scale + (u64)e * scale_stride, n, k, 0);             \
+    }
+GROUPED_FP8_MMA(1)
+GROUPED_FP8_MMA(2)
+GROUPED_FP8_MMA(4)
+
+// Zeroes rows [0, m) x cols [0, n) of a strided f32 matrix (before a split-k product).
+extern "C" __global__ void zero_rows(float* y, int ldy, int m, int n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (u64)m * n) y[(i / n) * ldy + i % n] = 0.f;
+}

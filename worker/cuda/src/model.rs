@@ -17,6 +17,26 @@ const GROUPED_MAX_ROWS: usize = 32;
 const LATENT_NORM_EPS: f32 = 1e-6;
 const MLA_HEAD_GROUP: usize = 16;
 const MLA_TILE: usize = 32;
+/// Token rows the FP8 tensor-core kernel takes (below: the GEMV; above: cuBLAS).
+const TC_MIN_ROWS: usize = 3;
+const TC_MAX_ROWS: usize = 64;
+
+fn mma_fits(rows: usize, cols: usize) -> bool {
+    rows % 16 == 0 && cols % 128 == 0
+}
+
+/// The FP8 tensor-core kernel for `m` token rows (8 per n-tile).
+fn mma_kernel(m: usize) -> &'static str {
+    match m {
+        0..=8 => "fp8_mma_n1",
+        9..=16 => "fp8_mma_n2",
+        17..=32 => "fp8_mma_n4",
+        _ => "fp8_mma_n8",
+    }
+}
+
+/// Positions per tile of the tensor-core decode kernel.
+const TC_TILE: usize = 64;
 /// Steps whose chunks all have at least this many rows (prefill) use the naive MLA form.
 pub const NAIVE_MIN_ROWS: usize = 64;
 
@@ -74,6 +94,10 @@ pub struct CudaModel {
     /// bf16 scratch for dequantised weights on the cuBLAS path.
     dequant: DeviceBuf,
     experts_touched: std::cell::Cell<usize>,
+    /// Use the CUDA-core attention kernel instead of the tensor-core one (DSV3_MLA_SIMT=1).
+    simt_attention: bool,
+    /// Use the CUDA-core GEMV kernels for FP8 weights at every batch (DSV3_LINEAR_SIMT=1).
+    simt_linear: bool,
 }
 
 fn dense_matrices(config: &ModelConfig) -> Vec<(usize, usize)> {
@@ -182,6 +206,8 @@ impl CudaModel {
             cache,
             dequant,
             experts_touched: std::cell::Cell::new(0),
+            simt_attention: std::env::var_os("DSV3_MLA_SIMT").is_some_and(|v| v != "0"),
+            simt_linear: std::env::var_os("DSV3_LINEAR_SIMT").is_some_and(|v| v != "0"),
         })
     }
 
@@ -421,7 +447,7 @@ impl CudaModel {
                 int(self.embed.format as usize),
                 ptr(self.embed.data.addr),
                 ptr(self.embed.scale_addr()),
-                ptr(step.ids.addr),
+                ptr(step.ids),
                 int(width),
             ],
         )?;
@@ -471,16 +497,29 @@ impl CudaModel {
             });
             first_row += c.tokens.len();
         }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        let words = |v: &[i32]| v.iter().map(|&x| x as u32).collect::<Vec<u32>>();
+        let (buf, a) = g.upload_words(&[
+            &ids,
+            &bits(&cos),
+            &bits(&sin),
+            &words(&slots),
+            &words(&table_off),
+            &words(&lens),
+            &words(&tables),
+        ])?;
         Ok(StepLayout {
+            max_len: lens.iter().copied().max().unwrap_or(0) as usize,
             rows: ids.len(),
             spans,
-            ids: g.upload(&ids)?,
-            cos: g.upload(&cos)?,
-            sin: g.upload(&sin)?,
-            slots: g.upload(&slots)?,
-            table_off: g.upload(&table_off)?,
-            lens: g.upload(&lens)?,
-            tables: g.upload(&tables)?,
+            ids: a[0],
+            cos: a[1],
+            sin: a[2],
+            slots: a[3],
+            table_off: a[4],
+            lens: a[5],
+            tables: a[6],
+            _buf: buf,
         })
     }
 
@@ -531,6 +570,48 @@ impl CudaModel {
     /// `y[m, w.rows] (+)= x[m, w.cols] · wᵀ` (x contiguous, y with row stride ldy).
     fn linear(&self, y: u64, ldy: usize, x: u64, m: usize, w: &DeviceMatrix, accumulate: bool) -> Result<()> {
         let g = &self.gpu;
+        if w.format == Format::Fp8
+            && mma_fits(w.rows, w.cols)
+            && (TC_MIN_ROWS..=TC_MAX_ROWS).contains(&m)
+            && !self.simt_linear
+        {
+            let xb = g.alloc(m * w.cols * 2)?;
+            g.launch_1d(
+                "f32_to_bf16_rows",
+                m * w.cols,
+                &[ptr(xb.addr), ptr(x), u64_arg((m * w.cols) as u64)],
+            )?;
+            let blocks = w.rows.div_ceil(64);
+            let chunks = w.cols / 128;
+            let splits = (2 * g.sm_count).div_ceil(blocks).min(chunks).max(1);
+            let mode = if splits > 1 {
+                if !accumulate {
+                    g.launch_1d("zero_rows", m * w.rows, &[ptr(y), int(ldy), int(m), int(w.rows)])?;
+                }
+                2
+            } else {
+                accumulate as usize
+            };
+            return g.launch(
+                mma_kernel(m),
+                (blocks as u32, 1, splits as u32),
+                128,
+                0,
+                &[
+                    ptr(y),
+                    int(ldy),
+                    ptr(xb.addr),
+                    ptr(0),
+                    int(w.cols),
+                    int(m),
+                    ptr(w.data.addr),
+                    ptr(w.scale_addr()),
+                    int(w.rows),
+                    int(w.cols),
+                    int(mode),
+                ],
+            );
+        }
         if m <= GEMV_MAX_ROWS {
             let name = match w.format {
                 Format::Fp8 => "gemv_fp8",
@@ -651,8 +732,8 @@ impl CudaModel {
                 int(hs),
                 int(offset),
                 int(rope),
-                ptr(step.cos.addr),
-                ptr(step.sin.addr),
+                ptr(step.cos),
+                ptr(step.sin),
             ]
         };
         g.launch(
@@ -675,7 +756,7 @@ impl CudaModel {
             (m as u32, 1, 1),
             256,
             0,
-            &[ptr(cache), ptr(kv.addr), int(kv_w), ptr(step.slots.addr), int(kv_w)],
+            &[ptr(cache), ptr(kv.addr), int(kv_w), ptr(step.slots), int(kv_w)],
         )?;
         let attn = g.alloc(m * heads * vdim * 4)?;
         if step.spans.iter().all(|sp| sp.rows >= NAIVE_MIN_ROWS) {
@@ -729,30 +810,70 @@ impl CudaModel {
         let o_lat = g.alloc(m * heads * lora * 4)?;
         let hg = MLA_HEAD_GROUP.min(heads);
         ensure!(heads % hg == 0, "{heads} heads do not split into groups of {hg}");
-        let smem = (hg * kv_w + hg * MLA_TILE + 3 * hg) * 4 + MLA_TILE * (kv_w + 2) * 2;
-        g.launch(
-            "mla_attend",
-            ((heads / hg) as u32, m as u32, 1),
-            256,
-            smem as u32,
-            &[
-                ptr(o_lat.addr),
-                ptr(q_lat.addr),
-                ptr(q.addr),
-                int(qk),
-                int(nope),
-                int(heads),
-                int(hg),
-                int(lora),
-                int(rope),
-                ptr(cache),
-                ptr(step.tables.addr),
-                ptr(step.table_off.addr),
-                ptr(step.lens.addr),
-                int(self.cache.block_size),
-                float(softmax_scale(c)),
-            ],
-        )?;
+        let args_tail = [
+            ptr(q_lat.addr),
+            ptr(q.addr),
+            int(qk),
+            int(nope),
+            int(heads),
+            int(hg),
+            int(lora),
+            int(rope),
+            ptr(cache),
+            ptr(step.tables),
+            ptr(step.table_off),
+            ptr(step.lens),
+            int(self.cache.block_size),
+            float(softmax_scale(c)),
+        ];
+        let tensor_cores = kv_w % 16 == 0 && lora % 32 == 0 && !self.simt_attention;
+        if tensor_cores {
+            // Split the positions so the grid fills the GPU even at batch 1 (flash-decoding).
+            let groups = m * heads / hg;
+            let max_len = step.max_len;
+            let wanted = (4 * g.sm_count).div_ceil(groups);
+            let splits = wanted.min(max_len.div_ceil(256)).max(1);
+            let split_len = max_len.div_ceil(splits).next_multiple_of(TC_TILE);
+            let splits = max_len.div_ceil(split_len);
+            let o_part = g.alloc(m * heads * splits * lora * 4)?;
+            let ml_part = g.alloc(m * heads * splits * 2 * 4)?;
+            let smem = (32 + TC_TILE) * (kv_w + 8) * 2 + 32 * (TC_TILE + 8) * 2 + 160 * 4;
+            let mut args = vec![ptr(o_part.addr), ptr(ml_part.addr)];
+            args.extend_from_slice(&args_tail);
+            args.push(int(split_len));
+            g.launch(
+                "mla_decode_tc",
+                ((heads / hg) as u32, m as u32, splits as u32),
+                128,
+                smem as u32,
+                &args,
+            )?;
+            g.launch(
+                "mla_combine",
+                (heads as u32, m as u32, 1),
+                128,
+                0,
+                &[
+                    ptr(o_lat.addr),
+                    ptr(o_part.addr),
+                    ptr(ml_part.addr),
+                    int(heads),
+                    int(splits),
+                    int(lora),
+                ],
+            )?;
+        } else {
+            let smem = (hg * kv_w + hg * MLA_TILE + 3 * hg) * 4 + MLA_TILE * (kv_w + 2) * 2;
+            let mut args = vec![ptr(o_lat.addr)];
+            args.extend_from_slice(&args_tail);
+            g.launch(
+                "mla_attend",
+                ((heads / hg) as u32, m as u32, 1),
+                256,
+                smem as u32,
+                &args,
+            )?;
+        }
         g.launch(
             "mla_absorb_out",
             ((heads * vdim).div_ceil(8) as u32, m.div_ceil(8) as u32, 1),
@@ -920,8 +1041,11 @@ impl CudaModel {
                 float(c.routed_scaling_factor),
             ],
         )?;
-        let chosen: Vec<i32> = g.download(ids.addr, m * k)?;
-        let plan = Permutation::new(&chosen, m, k, e)?;
+        let (chosen, plan) = g.profiled("route_sync_permute", || {
+            let chosen: Vec<i32> = g.download(ids.addr, m * k)?;
+            let plan = Permutation::new(&chosen, m, k, e)?;
+            Ok((chosen, plan))
+        })?;
         self.experts_touched
             .set(self.experts_touched.get() + plan.group_expert.len());
         let slots = plan.x_rows.len();
@@ -930,43 +1054,69 @@ impl CudaModel {
         let gu = g.alloc(slots * 2 * inter * 4)?;
         let act = g.alloc(slots * inter * 4)?;
         let y = g.alloc(slots * width * 4)?;
-        let x_rows = g.upload(&plan.x_rows)?;
+        let w = |v: &[i32]| v.iter().map(|&x| x as u32).collect::<Vec<u32>>();
+        let (_plan_buf, pa) = g.upload_words(&[
+            &w(&plan.x_rows),
+            &w(&plan.group_expert),
+            &w(&plan.offsets),
+            &w(&plan.slot_of),
+        ])?;
+        let (x_rows, group_expert, offsets, slot_of) = (pa[0], pa[1], pa[2], pa[3]);
         let small = plan.small_groups(GROUPED_MAX_ROWS);
-        let group_expert = g.upload(&plan.group_expert)?;
-        let offsets = g.upload(&plan.offsets)?;
+        let tensor_cores = !self.simt_linear && mma_fits(inter, width) && mma_fits(width, inter);
+        let largest_small = plan.offsets[..=small]
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(0);
+        // Small groups: one launch for all of them, weights streamed once per group.
         let grouped = |out: u64, ldy: usize, input: u64, ldx: usize, rows: u64, s: &crate::weights::Stacked| {
-            g.launch(
-                "grouped_gemv_fp8",
-                (s.rows.div_ceil(8) as u32, small as u32, 1),
-                256,
-                0,
-                &[
-                    ptr(out),
-                    int(ldy),
-                    ptr(input),
-                    int(ldx),
-                    ptr(rows),
-                    ptr(s.data.addr),
-                    ptr(s.scales.addr),
-                    u64_arg(s.stride() as u64),
-                    u64_arg(s.scale_stride() as u64),
-                    ptr(group_expert.addr),
-                    ptr(offsets.addr),
-                    int(s.rows),
-                    int(s.cols),
-                ],
-            )
+            let common = [
+                ptr(out),
+                int(ldy),
+                ptr(input),
+                int(ldx),
+                ptr(rows),
+                ptr(s.data.addr),
+                ptr(s.scales.addr),
+                u64_arg(s.stride() as u64),
+                u64_arg(s.scale_stride() as u64),
+                ptr(group_expert),
+                ptr(offsets),
+                int(s.rows),
+                int(s.cols),
+            ];
+            if tensor_cores {
+                let name = match largest_small {
+                    0..=8 => "grouped_fp8_mma_n1",
+                    9..=16 => "grouped_fp8_mma_n2",
+                    _ => "grouped_fp8_mma_n4",
+                };
+                g.launch(name, (s.rows.div_ceil(64) as u32, small as u32, 1), 128, 0, &common)
+            } else {
+                g.launch(
+                    "grouped_gemv_fp8",
+                    (s.rows.div_ceil(8) as u32, small as u32, 1),
+                    256,
+                    0,
+                    &common,
+                )
+            }
+        };
+        // The tensor-core path reads bf16 activations.
+        let to_bf16 = |src: u64, n: usize| -> Result<Option<DeviceBuf>> {
+            if !tensor_cores || small == 0 {
+                return Ok(None);
+            }
+            let b = g.alloc(n * 2)?;
+            g.launch_1d("f32_to_bf16_rows", n, &[ptr(b.addr), ptr(src), u64_arg(n as u64)])?;
+            Ok(Some(b))
         };
         if small > 0 {
-            grouped(gu.addr, 2 * inter, x.addr, width, x_rows.addr, &bank.gate)?;
-            grouped(
-                gu.addr + (inter * 4) as u64,
-                2 * inter,
-                x.addr,
-                width,
-                x_rows.addr,
-                &bank.up,
-            )?;
+            let xb = to_bf16(x.addr, m * width)?;
+            let input = xb.as_ref().map_or(x.addr, |b| b.addr);
+            grouped(gu.addr, 2 * inter, input, width, x_rows, &bank.gate)?;
+            grouped(gu.addr + (inter * 4) as u64, 2 * inter, input, width, x_rows, &bank.up)?;
         }
         // Large groups (prefill): dequantise the expert and use the tensor cores.
         let large: Vec<usize> = (small..plan.group_expert.len()).collect();
@@ -987,7 +1137,7 @@ impl CudaModel {
                     ptr(xb.at(first * width * 2)),
                     ptr(x.addr),
                     int(width),
-                    ptr(x_rows.at(first * 4)),
+                    ptr(x_rows + (first * 4) as u64),
                     int(width),
                 ],
             )?;
@@ -1015,7 +1165,15 @@ impl CudaModel {
             &[ptr(act.addr), ptr(gu.addr), int(slots), int(inter)],
         )?;
         if small > 0 {
-            grouped(y.addr, width, act.addr, inter, 0, &bank.down)?;
+            let ab = to_bf16(act.addr, slots * inter)?;
+            grouped(
+                y.addr,
+                width,
+                ab.as_ref().map_or(act.addr, |b| b.addr),
+                inter,
+                0,
+                &bank.down,
+            )?;
         }
         if !large.is_empty() {
             let first = plan.offsets[small] as usize;
@@ -1045,7 +1203,6 @@ impl CudaModel {
                 )?;
             }
         }
-        let slot_of = g.upload(&plan.slot_of)?;
         g.launch(
             "combine_experts",
             (m as u32, 1, 1),
@@ -1054,7 +1211,7 @@ impl CudaModel {
             &[
                 ptr(h.addr),
                 ptr(y.addr),
-                ptr(slot_of.addr),
+                ptr(slot_of),
                 ptr(weights.addr),
                 int(k),
                 int(width),
@@ -1094,14 +1251,17 @@ struct Span {
 
 struct StepLayout {
     rows: usize,
+    /// Longest context any row attends over.
+    max_len: usize,
     spans: Vec<Span>,
-    ids: DeviceBuf,
-    cos: DeviceBuf,
-    sin: DeviceBuf,
-    slots: DeviceBuf,
-    table_off: DeviceBuf,
-    lens: DeviceBuf,
-    tables: DeviceBuf,
+    ids: u64,
+    cos: u64,
+    sin: u64,
+    slots: u64,
+    table_off: u64,
+    lens: u64,
+    tables: u64,
+    _buf: DeviceBuf,
 }
 
 /// Token rows grouped by expert: slots `offsets[g]..offsets[g+1]` belong to expert

@@ -169,3 +169,22 @@ fn full_width_random_layers_match_cpu() {
     dsv3_engine::synthetic::write_checkpoint(dir.path(), &config, true, 2, 11).expect("write checkpoint");
     check_model(&ModelFiles::Dir(dir.path().to_path_buf()), 4);
 }
+
+/// The CUDA-core attention and GEMV kernels (the fallbacks for shapes the tensor-core ones do not take).
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn golden_tiny_fp8_matches_cpu_with_cuda_core_kernels() {
+    // SAFETY: the GPU tests run on one thread (`--test-threads 1`).
+    unsafe {
+        std::env::set_var("DSV3_MLA_SIMT", "1");
+        std::env::set_var("DSV3_LINEAR_SIMT", "1");
+    };
+    let root = std::env::var_os("DSV3_REPO_ROOT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
+    check_model(&ModelFiles::Dir(root.join("tests/golden/tiny-fp8")), 8);
+    unsafe {
+        std::env::remove_var("DSV3_MLA_SIMT");
+        std::env::remove_var("DSV3_LINEAR_SIMT");
+    };
+}
