@@ -22,6 +22,7 @@ pub const KERNELS: &[&str] = &[
     "rope_interleaved",
     "f32_to_bf16_rows",
     "dequant_bf16",
+    "dequant_fp8_bf16",
     "random_fp8",
     "random_f32",
     "random_bf16",
@@ -50,6 +51,7 @@ pub const KERNELS: &[&str] = &[
     "grouped_fp8_mma_n1",
     "grouped_fp8_mma_n2",
     "grouped_fp8_mma_n4",
+    "grouped_fp8_mma_n8",
     "zero_rows",
 ];
 
@@ -212,7 +214,7 @@ impl Gpu {
         for name in ["mla_attend", "mla_decode_tc"] {
             gpu.funcs[name].set_attribute(
                 drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                160 * 1024,
+                200 * 1024,
             )?;
         }
         Ok(gpu)

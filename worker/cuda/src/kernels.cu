@@ -22,6 +22,10 @@ __device__ __forceinline__ bf16 f32_to_bf16(float f) {
     return (bf16)((u + rounding) >> 16);
 }
 
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+    return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
+}
+
 // e4m3 -> f32 without a table: the 7 magnitude bits placed at the top of an f32 mantissa give
 // 2^(e-127)(1+m/8) for normals and the right denormal for e == 0; 2^120 restores the bias of 7.
 __device__ __forceinline__ float e4m3_to_f32(u32 b) {
@@ -136,6 +140,26 @@ extern "C" __global__ void dequant_bf16(bf16* out, int fmt, const void* w, const
     out[i] = f32_to_bf16(weight_at(fmt, w, scale, scale_cols, r, c, k));
 }
 
+// FP8 -> bf16 with the block scales, 16 elements per thread (k % 16 == 0, n * k < 2^32).
+extern "C" __global__ void dequant_fp8_bf16(bf16* out, const u8* w, const float* scale, int n, int k) {
+    u32 i = (blockIdx.x * blockDim.x + threadIdx.x) * 16u;
+    if (i >= (u32)n * (u32)k) return;
+    u32 r = i / (u32)k, c = i % (u32)k;
+    float s = scale[(r / QBLOCK) * ((k + QBLOCK - 1) / QBLOCK) + c / QBLOCK];
+    uint4 p = *(const uint4*)(w + i);
+    u32 words[4] = {p.x, p.y, p.z, p.w};
+    u32 o[8];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        u32 v = words[q];
+        o[2 * q] = pack_bf16(e4m3_to_f32(v & 0xffu) * s, e4m3_to_f32((v >> 8) & 0xffu) * s);
+        o[2 * q + 1] = pack_bf16(e4m3_to_f32((v >> 16) & 0xffu) * s, e4m3_to_f32(v >> 24) * s);
+    }
+    uint4* dst = (uint4*)(out + i);
+    dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
+    dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
+}
+
 // Deterministic random weights (for full-width benchmarks): a hash per element.
 __device__ __forceinline__ u32 hash_u32(u64 x) {
     x ^= x >> 33;
@@ -181,6 +205,7 @@ __device__ __forceinline__ void gemv_column(float acc[GEMV_MAXM], const float* x
     int lane = threadIdx.x & 31;
     int scale_cols = (k + QBLOCK - 1) / QBLOCK;
     const int per = FMT == FMT_FP8 ? 16 : (FMT == FMT_BF16 ? 8 : 4);
+#pragma unroll 4
     for (int c = lane * per; c < k; c += 32 * per) {
         float wv[16];
         if (FMT == FMT_FP8) {
@@ -392,27 +417,33 @@ extern "C" __global__ void mla_absorb_q(float* q_lat, const float* q, int m, int
     for (int tt = 0; tt < mt; ++tt) q_lat[((size_t)(t0 + tt) * heads + h) * lora + c] = acc[tt];
 }
 
-// out[t, h*vdim + j] = sum_c o_lat[t, h, c] * W_UV[h][j, c]; one warp per (h, j), 8 rows at a time.
-// grid (heads * vdim / 8, ceil(m / 8)), block 256.
+// out[t, h*vdim + j] = sum_c o_lat[t, h, c] * W_UV[h][j, c]. Block per (head, 8 rows): the rows'
+// latents sit in shared memory, each warp streams W_UV rows j = warp, warp+8, ... once.
+// grid (heads, ceil(m / 8)), block 256, lora <= 512.
 extern "C" __global__ void mla_absorb_out(float* out, const float* o_lat, int m, int heads, int nope, int vdim,
                                           int lora, int fmt, const void* w, const float* scale) {
+    __shared__ float os[8][512];
+    int h = blockIdx.x, t0 = blockIdx.y * 8, mt = min(8, m - t0);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int hj = blockIdx.x * 8 + warp;
-    if (hj >= heads * vdim) return;
-    int h = hj / vdim, j = hj % vdim, t0 = blockIdx.y * 8, mt = min(8, m - t0);
-    u64 row = (u64)h * (nope + vdim) + nope + j;
-    int scale_cols = (lora + QBLOCK - 1) / QBLOCK;
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int c = lane; c < lora; c += 32) {
-        float wv = weight_at(fmt, w, scale, scale_cols, row, c, lora);
-#pragma unroll
-        for (int tt = 0; tt < 8; ++tt)
-            if (tt < mt) acc[tt] += o_lat[((size_t)(t0 + tt) * heads + h) * lora + c] * wv;
+    for (int i = threadIdx.x; i < 8 * lora; i += blockDim.x) {
+        int tt = i / lora, c = i % lora;
+        os[tt][c] = tt < mt ? o_lat[((size_t)(t0 + tt) * heads + h) * lora + c] : 0.f;
     }
+    __syncthreads();
+    int scale_cols = (lora + QBLOCK - 1) / QBLOCK;
+    for (int j = warp; j < vdim; j += blockDim.x >> 5) {
+        u64 row = (u64)h * (nope + vdim) + nope + j;
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int c = lane; c < lora; c += 32) {
+            float wv = weight_at(fmt, w, scale, scale_cols, row, c, lora);
 #pragma unroll
-    for (int tt = 0; tt < 8; ++tt) {
-        float v = warp_sum(acc[tt]);
-        if (tt < mt && lane == 0) out[(size_t)(t0 + tt) * heads * vdim + hj] = v;
+            for (int tt = 0; tt < 8; ++tt) acc[tt] += os[tt][c] * wv;
+        }
+#pragma unroll
+        for (int tt = 0; tt < 8; ++tt) {
+            float v = warp_sum(acc[tt]);
+            if (tt < mt && lane == 0) out[(size_t)(t0 + tt) * heads * vdim + (size_t)h * vdim + j] = v;
+        }
     }
 }
 
@@ -636,9 +667,6 @@ __device__ __forceinline__ void mma_bf16(float c[4], u32 a0, u32 a1, u32 a2, u32
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
-    return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
-}
 
 extern "C" __global__ void __launch_bounds__(128)
 mla_decode_tc(float* o_part, float* ml_part, const float* q_lat, const float* q, int qk, int nope, int heads, int hg,
@@ -649,8 +677,8 @@ mla_decode_tc(float* o_part, float* ml_part, const float* q_lat, const float* q,
     // Q and P are kept as bf16 hi + lo pairs (two products each), so the tensor cores lose no
     // more precision than the bf16 cache itself.
     bf16* qs = (bf16*)smem_raw;                             // [2][16][pitch] (hi, lo)
-    bf16* ts = qs + 2 * 16 * pitch;                         // [TC_TILE][pitch]
-    bf16* ps = ts + TC_TILE * pitch;                        // [2][16][TC_TILE + TC_PAD] (hi, lo)
+    bf16* tbuf = qs + 2 * 16 * pitch;                       // [2][TC_TILE][pitch], double-buffered
+    bf16* ps = tbuf + 2 * TC_TILE * pitch;                  // [2][16][TC_TILE + TC_PAD] (hi, lo)
     float* red_max = (float*)(ps + 2 * 16 * (TC_TILE + TC_PAD));  // [4][16]
     float* red_sum = red_max + 64;                          // [4][16]
     float* m_run = red_sum + 64;                            // [16]
@@ -679,37 +707,69 @@ mla_decode_tc(float* o_part, float* ml_part, const float* q_lat, const float* q,
     const u32* qw = (const u32*)qs;
     const int pw = pitch / 2;  // u32 words per smem row
     __syncthreads();
-    for (int base = begin; base < end; base += TC_TILE) {
+    // Tile loads are asynchronous copies (cp.async), the next tile in flight while this one is used.
+    const int pieces = width / 8;
+    auto load_tile = [&](int base, bf16* dst_tile) {
         int n = min(TC_TILE, end - base);
-        // tile load: 16-byte pieces, rows past n zero-filled (P is 0 there, but 0 * NaN is not)
-        int pieces = width / 8;
         for (int j = warp; j < TC_TILE; j += 4) {
-            uint4* dst = (uint4*)(ts + j * pitch);
-            if (j < n) {
-                int pos = base + j;
-                const uint4* src = (const uint4*)(cache + ((size_t)tab[pos / block] * block + pos % block) * width);
-                for (int x = lane; x < pieces; x += 32) dst[x] = src[x];
-            } else {
-                for (int x = lane; x < pieces; x += 32) dst[x] = make_uint4(0, 0, 0, 0);
+            int pos = base + min(j, n - 1);
+            const bf16* src = cache + ((size_t)tab[pos / block] * block + pos % block) * width;
+            int bytes = j < n ? 16 : 0;  // rows past n are zero-filled (P is 0 there, but 0 * NaN is not)
+            for (int x = lane; x < pieces; x += 32) {
+                unsigned dst = (unsigned)__cvta_generic_to_shared(dst_tile + j * pitch + 8 * x);
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src + 8 * x), "r"(bytes));
             }
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+    if (begin < end) load_tile(begin, tbuf);
+    int buf = 0;
+    for (int base = begin; base < end; base += TC_TILE, buf ^= 1) {
+        int n = min(TC_TILE, end - base);
+        bf16* ts = tbuf + buf * TC_TILE * pitch;
+        if (base + TC_TILE < end) {
+            load_tile(base + TC_TILE, tbuf + (buf ^ 1) * TC_TILE * pitch);
+            asm volatile("cp.async.wait_group 1;\n" ::);
+        } else {
+            asm volatile("cp.async.wait_group 0;\n" ::);
         }
         __syncthreads();
         // scores for this warp's 16 positions (two n-tiles of 8)
-        float s[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
+        // 8 independent accumulator chains (n-tile x hi/lo x k parity) keep the tensor cores busy.
+        float sp[2][2][2][4];
+#pragma unroll
+        for (int a = 0; a < 2; ++a)
+#pragma unroll
+            for (int b = 0; b < 2; ++b)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) sp[a][b][c][0] = sp[a][b][c][1] = sp[a][b][c][2] = sp[a][b][c][3] = 0.f;
         const u32* tw = (const u32*)ts;
-        for (int k0 = 0; k0 < width; k0 += 16) {
-            int kw = k0 / 2 + t;
+        const int ksteps = width / 16;
+        for (int ks = 0; ks < ksteps; ks += 2) {
 #pragma unroll
-            for (int part = 0; part < 2; ++part) {
-                const u32* qp = qw + part * 16 * pw;
-                u32 a0 = qp[g * pw + kw], a1 = qp[(g + 8) * pw + kw], a2 = qp[g * pw + kw + 4], a3 = qp[(g + 8) * pw + kw + 4];
+            for (int par = 0; par < 2; ++par) {
+                if (ks + par < ksteps) {
+                    int kw = (ks + par) * 8 + t;
 #pragma unroll
-                for (int nt = 0; nt < 2; ++nt) {
-                    int row = warp * 16 + nt * 8 + g;
-                    mma_bf16(s[nt], a0, a1, a2, a3, tw[row * pw + kw], tw[row * pw + kw + 4]);
+                    for (int part = 0; part < 2; ++part) {
+                        const u32* qp = qw + part * 16 * pw;
+                        u32 a0 = qp[g * pw + kw], a1 = qp[(g + 8) * pw + kw];
+                        u32 a2 = qp[g * pw + kw + 4], a3 = qp[(g + 8) * pw + kw + 4];
+#pragma unroll
+                        for (int nt = 0; nt < 2; ++nt) {
+                            int row = warp * 16 + nt * 8 + g;
+                            mma_bf16(sp[nt][part][par], a0, a1, a2, a3, tw[row * pw + kw], tw[row * pw + kw + 4]);
+                        }
+                    }
                 }
             }
         }
+        float s[2][4];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                s[nt][e] = (sp[nt][0][0][e] + sp[nt][0][1][e]) + (sp[nt][1][0][e] + sp[nt][1][1][e]);
         // mask, scale, per-row max over this warp's positions
         float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
@@ -869,6 +929,7 @@ __device__ void fp8_mma_impl(float* y, int ldy, const bf16* x, const int* x_rows
     float acc[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll 2
     for (int ch = c_begin; ch < c_end; ++ch) {
         size_t c0 = (size_t)ch * 128;
         uint4 p0 = *(const uint4*)(w0 + c0), p1 = *(const uint4*)(w0 + c0 + 16);
@@ -925,7 +986,9 @@ __device__ void fp8_mma_impl(float* y, int ldy, const bf16* x, const int* x_rows
     extern "C" __global__ void __launch_bounds__(128) fp8_mma_n##NT(                                            \
         float* y, int ldy, const bf16* x, const int* x_rows, int ldx, int m, const u8* w, const float* scale,   \
         int n, int k, int mode) {                                                                               \
-        fp8_mma_impl<NT>(y, ldy, x, x_rows, ldx, m, w, scale, n, k, mode);                                     \
+        int t0 = blockIdx.y * 8 * NT; /* token tiles of 8*NT rows along grid.y */                              \
+        fp8_mma_impl<NT>(y + (size_t)t0 * ldy, ldy, x + (size_t)t0 * ldx, x_rows, ldx, min(8 * NT, m - t0), w,   \
+                         scale, n, k, mode);                                                                    \
     }
 FP8_MMA(1)
 FP8_MMA(2)
@@ -945,6 +1008,7 @@ FP8_MMA(8)
 GROUPED_FP8_MMA(1)
 GROUPED_FP8_MMA(2)
 GROUPED_FP8_MMA(4)
+GROUPED_FP8_MMA(8)
 
 // Zeroes rows [0, m) x cols [0, n) of a strided f32 matrix (before a split-k product).
 extern "C" __global__ void zero_rows(float* y, int ldy, int m, int n) {

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod cache;
 pub mod generate;
 pub mod gpu;
+pub mod linear;
 pub mod model;
 pub mod weights;
 

@@ -4,37 +4,18 @@
 
 use crate::cache::DeviceCache;
 use crate::gpu::{float, int, ptr, u64_arg, DeviceBuf, Gpu};
+use crate::linear::mma_fits;
 use crate::weights::{load_vector, random_vector, DeviceMatrix, ExpertBank, Format};
 use anyhow::{bail, ensure, Context, Result};
 use dsv3_engine::rope::{softmax_scale, Rope};
 use dsv3_engine::{Checkpoint, Chunk, ChunkOutput, ModelConfig, ModelFiles, Outputs};
 use std::collections::HashSet;
 
-/// Rows up to this use the weight-streaming GEMV kernels; more go to cuBLAS on bf16.
-pub const GEMV_MAX_ROWS: usize = 16;
 /// Experts with more routed rows than this in a step use cuBLAS instead of the grouped GEMV.
-const GROUPED_MAX_ROWS: usize = 32;
+const GROUPED_MAX_ROWS: usize = 64;
 const LATENT_NORM_EPS: f32 = 1e-6;
 const MLA_HEAD_GROUP: usize = 16;
 const MLA_TILE: usize = 32;
-/// Token rows the FP8 tensor-core kernel takes (below: the GEMV; above: cuBLAS).
-const TC_MIN_ROWS: usize = 3;
-const TC_MAX_ROWS: usize = 64;
-
-fn mma_fits(rows: usize, cols: usize) -> bool {
-    rows % 16 == 0 && cols % 128 == 0
-}
-
-/// The FP8 tensor-core kernel for `m` token rows (8 per n-tile).
-fn mma_kernel(m: usize) -> &'static str {
-    match m {
-        0..=8 => "fp8_mma_n1",
-        9..=16 => "fp8_mma_n2",
-        17..=32 => "fp8_mma_n4",
-        _ => "fp8_mma_n8",
-    }
-}
-
 /// Positions per tile of the tensor-core decode kernel.
 const TC_TILE: usize = 64;
 /// Steps whose chunks all have at least this many rows (prefill) use the naive MLA form.
@@ -569,92 +550,7 @@ impl CudaModel {
 
     /// `y[m, w.rows] (+)= x[m, w.cols] · wᵀ` (x contiguous, y with row stride ldy).
     fn linear(&self, y: u64, ldy: usize, x: u64, m: usize, w: &DeviceMatrix, accumulate: bool) -> Result<()> {
-        let g = &self.gpu;
-        if w.format == Format::Fp8
-            && mma_fits(w.rows, w.cols)
-            && (TC_MIN_ROWS..=TC_MAX_ROWS).contains(&m)
-            && !self.simt_linear
-        {
-            let xb = g.alloc(m * w.cols * 2)?;
-            g.launch_1d(
-                "f32_to_bf16_rows",
-                m * w.cols,
-                &[ptr(xb.addr), ptr(x), u64_arg((m * w.cols) as u64)],
-            )?;
-            let blocks = w.rows.div_ceil(64);
-            let chunks = w.cols / 128;
-            let splits = (2 * g.sm_count).div_ceil(blocks).min(chunks).max(1);
-            let mode = if splits > 1 {
-                if !accumulate {
-                    g.launch_1d("zero_rows", m * w.rows, &[ptr(y), int(ldy), int(m), int(w.rows)])?;
-                }
-                2
-            } else {
-                accumulate as usize
-            };
-            return g.launch(
-                mma_kernel(m),
-                (blocks as u32, 1, splits as u32),
-                128,
-                0,
-                &[
-                    ptr(y),
-                    int(ldy),
-                    ptr(xb.addr),
-                    ptr(0),
-                    int(w.cols),
-                    int(m),
-                    ptr(w.data.addr),
-                    ptr(w.scale_addr()),
-                    int(w.rows),
-                    int(w.cols),
-                    int(mode),
-                ],
-            );
-        }
-        if m <= GEMV_MAX_ROWS {
-            let name = match w.format {
-                Format::Fp8 => "gemv_fp8",
-                Format::Bf16 => "gemv_bf16",
-                Format::F32 => "gemv_f32",
-            };
-            let cols_per_block = 8;
-            return g.launch(
-                name,
-                (w.rows.div_ceil(cols_per_block) as u32, 1, 1),
-                256,
-                0,
-                &[
-                    ptr(y),
-                    int(ldy),
-                    ptr(x),
-                    int(w.cols),
-                    int(m),
-                    ptr(w.data.addr),
-                    ptr(w.scale_addr()),
-                    int(w.rows),
-                    int(w.cols),
-                    int(accumulate as usize),
-                ],
-            );
-        }
-        let w_bf16 = if w.format == Format::Bf16 {
-            w.data.addr
-        } else {
-            ensure!(
-                w.rows * w.cols * 2 <= self.dequant.bytes,
-                "dequantisation scratch too small"
-            );
-            w.dequant_into(g, self.dequant.addr)?;
-            self.dequant.addr
-        };
-        let xb = g.alloc(m * w.cols * 2)?;
-        g.launch_1d(
-            "f32_to_bf16_rows",
-            m * w.cols,
-            &[ptr(xb.addr), ptr(x), u64_arg((m * w.cols) as u64)],
-        )?;
-        g.gemm_bf16(y, ldy, xb.addr, w_bf16, m, w.rows, w.cols, accumulate)
+        crate::linear::linear(&self.gpu, &self.dequant, self.simt_linear, y, ldy, x, m, w, accumulate)
     }
 
     fn layer_forward(
@@ -837,7 +733,7 @@ impl CudaModel {
             let splits = max_len.div_ceil(split_len);
             let o_part = g.alloc(m * heads * splits * lora * 4)?;
             let ml_part = g.alloc(m * heads * splits * 2 * 4)?;
-            let smem = (32 + TC_TILE) * (kv_w + 8) * 2 + 32 * (TC_TILE + 8) * 2 + 160 * 4;
+            let smem = (32 + 2 * TC_TILE) * (kv_w + 8) * 2 + 32 * (TC_TILE + 8) * 2 + 160 * 4;
             let mut args = vec![ptr(o_part.addr), ptr(ml_part.addr)];
             args.extend_from_slice(&args_tail);
             args.push(int(split_len));
@@ -876,7 +772,7 @@ impl CudaModel {
         }
         g.launch(
             "mla_absorb_out",
-            ((heads * vdim).div_ceil(8) as u32, m.div_ceil(8) as u32, 1),
+            (heads as u32, m.div_ceil(8) as u32, 1),
             256,
             0,
             &[
@@ -1090,7 +986,8 @@ impl CudaModel {
                 let name = match largest_small {
                     0..=8 => "grouped_fp8_mma_n1",
                     9..=16 => "grouped_fp8_mma_n2",
-                    _ => "grouped_fp8_mma_n4",
+                    17..=32 => "grouped_fp8_mma_n4",
+                    _ => "grouped_fp8_mma_n8",
                 };
                 g.launch(name, (s.rows.div_ceil(64) as u32, small as u32, 1), 128, 0, &common)
             } else {
@@ -1224,19 +1121,13 @@ impl CudaModel {
     }
 
     fn dequant_expert(&self, s: &crate::weights::Stacked, expert: usize) -> Result<()> {
-        let n = s.stride();
-        self.gpu.launch_1d(
-            "dequant_bf16",
-            n,
-            &[
-                ptr(self.dequant.addr),
-                int(Format::Fp8 as usize),
-                ptr(s.data.at(expert * s.stride())),
-                ptr(s.scales.at(expert * s.scale_stride() * 4)),
-                int(0),
-                int(s.rows),
-                int(s.cols),
-            ],
+        crate::weights::dequant_fp8(
+            &self.gpu,
+            self.dequant.addr,
+            s.data.at(expert * s.stride()),
+            s.scales.at(expert * s.scale_stride() * 4),
+            s.rows,
+            s.cols,
         )
     }
 }

@@ -154,6 +154,9 @@ impl DeviceMatrix {
     /// Dequantises into `out` (bf16, at least rows*cols elements).
     pub fn dequant_into(&self, gpu: &Gpu, out: u64) -> Result<()> {
         let n = self.rows * self.cols;
+        if self.format == Format::Fp8 && n < u32::MAX as usize {
+            return dequant_fp8(gpu, out, self.data.addr, self.scale_addr(), self.rows, self.cols);
+        }
         gpu.launch_1d(
             "dequant_bf16",
             n,
@@ -168,6 +171,15 @@ impl DeviceMatrix {
             ],
         )
     }
+}
+
+/// FP8 `[rows, cols]` (cols % 16 == 0) with its scales to bf16 at `out`.
+pub fn dequant_fp8(gpu: &Gpu, out: u64, data: u64, scales: u64, rows: usize, cols: usize) -> Result<()> {
+    gpu.launch_1d(
+        "dequant_fp8_bf16",
+        (rows * cols).div_ceil(16),
+        &[ptr(out), ptr(data), ptr(scales), int(rows), int(cols)],
+    )
 }
 
 /// An f32 vector on the GPU (norm weights, biases).

@@ -58,41 +58,71 @@ fn compare_step(cpu: &mut Cpu, gpu: &mut CudaModel, chunks: &[Chunk], label: &st
     let (gpu_out, gpu_trace) = gpu.forward(chunks, true).expect("GPU step");
     let (cpu_trace, gpu_trace) = (cpu_trace.expect("trace"), gpu_trace.expect("trace"));
     assert_eq!(cpu_trace.hidden.len(), gpu_trace.hidden.len());
+    // A routing choice on a near-tie may go the other way in bf16; from that layer on the two
+    // runs legitimately part, so states are compared up to the first layer whose routing differs.
+    let mut route_diffs = 0;
+    let mut first_flip = None;
+    for (layer, gpu_routes) in &gpu_trace.routes {
+        let cpu_routes = &cpu_trace.routes[layer].experts;
+        let diffs = cpu_routes.iter().zip(gpu_routes).filter(|(a, b)| a != b).count();
+        route_diffs += diffs;
+        if diffs > 0 && first_flip.is_none() {
+            first_flip = Some(*layer);
+        }
+    }
+    let compared = first_flip.map_or(cpu_trace.hidden.len(), |l| l + 1);
     let mut worst = 1.0f64;
     for (l, (c, g)) in cpu_trace.hidden.iter().zip(&gpu_trace.hidden).enumerate() {
         assert!(
             g.iter().all(|v| v.is_finite()),
             "{label}: layer {l} has non-finite GPU values"
         );
-        let cos = cosine(c, g);
-        worst = worst.min(cos);
-        assert!(
-            cos >= 0.999,
-            "{label}: hidden state after layer {l} has cosine {cos:.6}"
-        );
-    }
-    let mut route_diffs = 0;
-    for (layer, gpu_routes) in &gpu_trace.routes {
-        let cpu_routes = &cpu_trace.routes[layer].experts;
-        route_diffs += cpu_routes.iter().zip(gpu_routes).filter(|(a, b)| a != b).count();
+        if l < compared {
+            let cos = cosine(c, g);
+            worst = worst.min(cos);
+            assert!(
+                cos >= 0.999,
+                "{label}: hidden state after layer {l} has cosine {cos:.6}"
+            );
+        }
     }
     let mut logits = Vec::new();
     for (c, g) in cpu_out.iter().zip(&gpu_out) {
         assert_eq!(c.positions, g.positions);
         assert!(g.logits.iter().all(|v| v.is_finite()), "{label}: non-finite logits");
-        let cos = cosine(&c.logits, &g.logits);
-        assert!(cos >= 0.999, "{label}: logits cosine {cos:.6}");
+        if first_flip.is_none() {
+            let cos = cosine(&c.logits, &g.logits);
+            assert!(cos >= 0.999, "{label}: logits cosine {cos:.6}");
+        }
         logits.push(c.logits.clone());
         logits.push(g.logits.clone());
     }
+    if first_flip.is_some() {
+        FLIPPED_STEPS.with(|f| f.set(f.get() + 1));
+    }
     eprintln!("{label}: worst hidden cosine {worst:.6}, routing choices that differ: {route_diffs}");
     logits
+}
+
+thread_local! {
+    /// Steps in which some routing choice differed from the CPU's.
+    static FLIPPED_STEPS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 fn prompt(len: usize, salt: u32, vocab: u32) -> Vec<u32> {
     (0..len as u32)
         .map(|i| (i * 7919 + salt * 104729 + 3) % (vocab - 2) + 2)
         .collect()
+}
+
+/// Near-tie routing flips are rare: at most a quarter of the steps (and 2 in short runs) may have one.
+fn finish_flips(steps: usize) {
+    let flipped = FLIPPED_STEPS.with(|f| f.replace(0));
+    eprintln!("steps with a routing choice that differs from the CPU: {flipped} of {steps}");
+    assert!(
+        flipped <= (steps / 4).max(2),
+        "{flipped} of {steps} steps routed differently"
+    );
 }
 
 /// Prefill through each path, then greedy decode of two sequences together; tokens must agree
@@ -121,6 +151,7 @@ fn check_model(files: &ModelFiles, decode_steps: usize) {
                     c.1
                 );
                 eprintln!("step {step}: tokens differ within the margin; stopping the comparison");
+                finish_flips(step + 3);
                 return;
             }
         }
@@ -136,6 +167,7 @@ fn check_model(files: &ModelFiles, decode_steps: usize) {
         pos = [pos[0] + 1, pos[1] + 1];
     }
     eprintln!("{agreed} greedy decode steps agreed");
+    finish_flips(agreed + 3);
 }
 
 #[test]
@@ -187,4 +219,59 @@ fn golden_tiny_fp8_matches_cpu_with_cuda_core_kernels() {
         std::env::remove_var("DSV3_MLA_SIMT");
         std::env::remove_var("DSV3_LINEAR_SIMT");
     };
+}
+
+/// Every batch-size path of the FP8 product (GEMV, tensor cores with 1..8 n-tiles, token tiles,
+/// split k, cuBLAS) against a float64 reference, storing and accumulating; the output is poisoned
+/// first so unwritten elements show.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn fp8_linear_matches_f64_reference_at_every_batch_size() {
+    poison();
+    let gpu = dsv3_cuda::Gpu::open(0).expect("GPU");
+    let (n, k) = (384, 1024);
+    let w = dsv3_cuda::weights::DeviceMatrix::random(&gpu, n, k, dsv3_cuda::weights::Format::Fp8, 5).expect("weights");
+    let bytes: Vec<u8> = gpu.download(w.data.addr, n * k).expect("download");
+    let scales: Vec<f32> = gpu.download(w.scale_addr(), (n / 128) * (k / 128)).expect("scales");
+    let dense: Vec<f64> = (0..n * k)
+        .map(|i| {
+            let (r, c) = (i / k, i % k);
+            dsv3_engine::fp8::E4M3_TO_F32[bytes[i] as usize] as f64 * scales[(r / 128) * (k / 128) + c / 128] as f64
+        })
+        .collect();
+    let dequant = gpu.alloc(n * k * 2).expect("scratch");
+    for simt in [false, true] {
+        for m in [1, 2, 3, 7, 8, 9, 16, 17, 40, 64, 65, 80, 130, 513] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i * 7919 % 1000) as f32 / 500.0 - 1.0).collect();
+            let base: Vec<f32> = (0..m * n).map(|i| (i % 13) as f32 * 0.1).collect();
+            let xd = gpu.upload(&x).expect("x");
+            for accumulate in [false, true] {
+                let y = gpu.alloc(m * n * 4).expect("y");
+                if accumulate {
+                    gpu.copy_to(&y, 0, &base).expect("base");
+                }
+                dsv3_cuda::linear::linear(&gpu, &dequant, simt, y.addr, n, xd.addr, m, &w, accumulate).expect("linear");
+                let got: Vec<f32> = gpu.download(y.addr, m * n).expect("y");
+                let (mut err, mut norm) = (0.0f64, 0.0f64);
+                for t in 0..m {
+                    for o in 0..n {
+                        let mut r: f64 = (0..k).map(|c| x[t * k + c] as f64 * dense[o * k + c]).sum();
+                        if accumulate {
+                            r += base[t * n + o] as f64;
+                        }
+                        let g = got[t * n + o] as f64;
+                        assert!(g.is_finite(), "m={m} simt={simt}: y[{t},{o}] not written");
+                        err += (g - r) * (g - r);
+                        norm += r * r;
+                    }
+                }
+                let rel = (err / norm).sqrt();
+                assert!(
+                    rel < 1e-2,
+                    "m={m} simt={simt} accumulate={accumulate}: relative error {rel:.2e}"
+                );
+                eprintln!("linear m={m} simt={simt} accumulate={accumulate}: relative error {rel:.2e}");
+            }
+        }
+    }
 }

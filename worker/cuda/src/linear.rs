@@ -1,0 +1,120 @@
+//! Products with a weight matrix, routed to the kernel that suits the batch size.
+
+use crate::gpu::{int, ptr, u64_arg, DeviceBuf, Gpu};
+use crate::weights::{DeviceMatrix, Format};
+use anyhow::{ensure, Result};
+
+/// Rows up to this use the weight-streaming GEMV kernels (when the tensor-core kernel does not apply).
+pub const GEMV_MAX_ROWS: usize = 16;
+/// Token rows the FP8 tensor-core kernel takes (above: cuBLAS; the GEMV covers shapes it does not take).
+pub const TC_MIN_ROWS: usize = 1;
+pub const TC_MAX_ROWS: usize = 512;
+
+pub fn mma_fits(rows: usize, cols: usize) -> bool {
+    rows % 16 == 0 && cols % 128 == 0
+}
+
+/// The FP8 tensor-core kernel for `m` token rows (8 per n-tile).
+fn mma_kernel(m: usize) -> &'static str {
+    match m {
+        0..=8 => "fp8_mma_n1",
+        9..=16 => "fp8_mma_n2",
+        17..=32 => "fp8_mma_n4",
+        _ => "fp8_mma_n8",
+    }
+}
+
+/// `y[m, w.rows] (+)= x[m, w.cols] · wᵀ` (x contiguous, y with row stride `ldy`), by batch size:
+/// FP8 on the tensor cores for 3..=512 rows, the weight-streaming GEMV below that, cuBLAS on
+/// bf16 (weights dequantised into `dequant`) above. `simt` forces the CUDA-core kernels.
+#[allow(clippy::too_many_arguments)]
+pub fn linear(
+    g: &Gpu,
+    dequant: &DeviceBuf,
+    simt: bool,
+    y: u64,
+    ldy: usize,
+    x: u64,
+    m: usize,
+    w: &DeviceMatrix,
+    accumulate: bool,
+) -> Result<()> {
+    if w.format == Format::Fp8 && mma_fits(w.rows, w.cols) && (TC_MIN_ROWS..=TC_MAX_ROWS).contains(&m) && !simt {
+        let xb = g.alloc(m * w.cols * 2)?;
+        g.launch_1d(
+            "f32_to_bf16_rows",
+            m * w.cols,
+            &[ptr(xb.addr), ptr(x), u64_arg((m * w.cols) as u64)],
+        )?;
+        let blocks = w.rows.div_ceil(64);
+        let chunks = w.cols / 128;
+        let splits = (2 * g.sm_count).div_ceil(blocks * m.div_ceil(64)).min(chunks).max(1);
+        let mode = if splits > 1 {
+            if !accumulate {
+                g.launch_1d("zero_rows", m * w.rows, &[ptr(y), int(ldy), int(m), int(w.rows)])?;
+            }
+            2
+        } else {
+            accumulate as usize
+        };
+        return g.launch(
+            mma_kernel(m),
+            (blocks as u32, m.div_ceil(64) as u32, splits as u32),
+            128,
+            0,
+            &[
+                ptr(y),
+                int(ldy),
+                ptr(xb.addr),
+                ptr(0),
+                int(w.cols),
+                int(m),
+                ptr(w.data.addr),
+                ptr(w.scale_addr()),
+                int(w.rows),
+                int(w.cols),
+                int(mode),
+            ],
+        );
+    }
+    if m <= GEMV_MAX_ROWS {
+        let name = match w.format {
+            Format::Fp8 => "gemv_fp8",
+            Format::Bf16 => "gemv_bf16",
+            Format::F32 => "gemv_f32",
+        };
+        let cols_per_block = 8;
+        return g.launch(
+            name,
+            (w.rows.div_ceil(cols_per_block) as u32, 1, 1),
+            256,
+            0,
+            &[
+                ptr(y),
+                int(ldy),
+                ptr(x),
+                int(w.cols),
+                int(m),
+                ptr(w.data.addr),
+                ptr(w.scale_addr()),
+                int(w.rows),
+                int(w.cols),
+                int(accumulate as usize),
+            ],
+        );
+    }
+    let w_bf16 = if w.format == Format::Bf16 {
+        w.data.addr
+    } else {
+        ensure!(w.rows * w.cols * 2 <= dequant.bytes, "dequantisation scratch too small");
+        w.dequant_into(g, dequant.addr)?;
+        dequant.addr
+    };
+    let xb = g.alloc(m * w.cols * 2)?;
+    g.launch_1d(
+        "f32_to_bf16_rows",
+        m * w.cols,
+        &[ptr(xb.addr), ptr(x), u64_arg((m * w.cols) as u64)],
+    )?;
+    g.gemm_bf16(y, ldy, xb.addr, w_bf16, m, w.rows, w.cols, accumulate)
+}
