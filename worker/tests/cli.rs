@@ -186,3 +186,24 @@ fn same_seed_same_sample() {
     assert_eq!(run("11"), run("11"));
     assert_ne!(run("11"), run("12"));
 }
+
+/// `--device cuda` on a machine without CUDA is a clear error, `--device auto` falls back to the
+/// CPU there (on a GPU machine both run on the GPU; the GPU tests cover that).
+#[test]
+fn device_selection_without_a_gpu() {
+    if dsv3_cuda::device_status().is_ok() {
+        eprintln!("skipped: a CUDA GPU is present");
+        return;
+    }
+    let base = ["--prompt-token-ids", "0,5,77", "--max-tokens", "4", "--json"];
+    let (ok, _, err) = generate(&[&base[..], &["--device", "cuda"]].concat());
+    assert!(!ok, "--device cuda must fail without a GPU");
+    assert!(
+        err.contains("--device cuda") && err.contains("CUDA"),
+        "unclear error: {err}"
+    );
+    let (ok_auto, auto, _) = generate(&[&base[..], &["--device", "auto"]].concat());
+    let (ok_cpu, cpu, _) = generate(&[&base[..], &["--device", "cpu"]].concat());
+    assert!(ok_auto && ok_cpu);
+    assert_eq!(auto, cpu, "--device auto must run on the CPU here");
+}

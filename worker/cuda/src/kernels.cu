@@ -654,8 +654,8 @@ extern "C" __global__ void causal_softmax(bf16* p, const float* s, int n, int to
 // (flash-decoding): S = Q·Tᵀ and O += P·T[:, :lora] with mma.sync m16n8k16 (bf16 in, f32
 // accumulate), online softmax per tile of 64 positions. Partial results (unnormalised O, row
 // max, row sum) go to o_part / ml_part and mla_combine merges the splits.
-// Needs (lora + rope) % 16 == 0, lora % 32 == 0, lora <= 512. 4 warps; warp w computes scores
-// for positions w*16.. of each tile and owns output columns [w*lora/4, (w+1)*lora/4).
+// Needs (lora + rope) % 16 == 0, lora % 64 == 0, lora <= 512. 8 warps; warp w computes scores
+// for positions w*8.. of each tile and owns output columns [w*lora/8, (w+1)*lora/8).
 #define TC_TILE 64
 #define TC_PAD 8
 
@@ -668,22 +668,24 @@ __device__ __forceinline__ void mma_bf16(float c[4], u32 a0, u32 a1, u32 a2, u32
 }
 
 
-extern "C" __global__ void __launch_bounds__(128)
+#define TC_WARPS 8
+
+extern "C" __global__ void __launch_bounds__(TC_WARPS * 32)
 mla_decode_tc(float* o_part, float* ml_part, const float* q_lat, const float* q, int qk, int nope, int heads, int hg,
               int lora, int rope, const bf16* cache, const int* tables, const int* table_off, const int* lens,
               int block, float scale, int split_len) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int width = lora + rope, pitch = width + TC_PAD;  // bf16 elements per smem row
+    const int pp = TC_TILE + TC_PAD;
     // Q and P are kept as bf16 hi + lo pairs (two products each), so the tensor cores lose no
     // more precision than the bf16 cache itself.
     bf16* qs = (bf16*)smem_raw;                             // [2][16][pitch] (hi, lo)
     bf16* tbuf = qs + 2 * 16 * pitch;                       // [2][TC_TILE][pitch], double-buffered
-    bf16* ps = tbuf + 2 * TC_TILE * pitch;                  // [2][16][TC_TILE + TC_PAD] (hi, lo)
-    float* red_max = (float*)(ps + 2 * 16 * (TC_TILE + TC_PAD));  // [4][16]
-    float* red_sum = red_max + 64;                          // [4][16]
-    float* m_run = red_sum + 64;                            // [16]
+    bf16* ps = tbuf + 2 * TC_TILE * pitch;                  // [2][16][pp] (hi, lo)
+    float* red_max = (float*)(ps + 2 * 16 * pp);            // [TC_WARPS][16]
+    float* red_sum = red_max + TC_WARPS * 16;               // [TC_WARPS][16]
+    float* m_run = red_sum + TC_WARPS * 16;                 // [16]
     float* l_run = m_run + 16;                              // [16]
-    const int pp = TC_TILE + TC_PAD;
     int r = blockIdx.y, h0 = blockIdx.x * hg, split = blockIdx.z, splits = gridDim.z;
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     for (int i = tid; i < 16 * width; i += blockDim.x) {
@@ -700,10 +702,11 @@ mla_decode_tc(float* o_part, float* ml_part, const float* q_lat, const float* q,
     const int len = lens[r];
     const int begin = split * split_len, end = min(len, begin + split_len);
     const int* tab = tables + table_off[r];
-    const int cols = lora / 4, col0 = warp * cols, ntiles = cols / 8;
-    float acc[16][4];
+    // warp w: scores for positions w*8..w*8+7 of each tile; output columns [w*cols, (w+1)*cols)
+    const int cols = lora / TC_WARPS, col0 = warp * cols, ntiles = cols / 8;
+    float acc[8][4];
 #pragma unroll
-    for (int nt = 0; nt < 16; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+    for (int nt = 0; nt < 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
     const u32* qw = (const u32*)qs;
     const int pw = pitch / 2;  // u32 words per smem row
     __syncthreads();
@@ -711,7 +714,7 @@ mla_decode_tc(float* o_part, float* ml_part, const float* q_lat, const float* q,
     const int pieces = width / 8;
     auto load_tile = [&](int base, bf16* dst_tile) {
         int n = min(TC_TILE, end - base);
-        for (int j = warp; j < TC_TILE; j += 4) {
+        for (int j = warp; j < TC_TILE; j += TC_WARPS) {
             int pos = base + min(j, n - 1);
             const bf16* src = cache + ((size_t)tab[pos / block] * block + pos % block) * width;
             int bytes = j < n ? 16 : 0;  // rows past n are zero-filled (P is 0 there, but 0 * NaN is not)
@@ -734,71 +737,60 @@ mla_decode_tc(float* o_part, float* ml_part, const float* q_lat, const float* q,
             asm volatile("cp.async.wait_group 0;\n" ::);
         }
         __syncthreads();
-        // scores for this warp's 16 positions (two n-tiles of 8)
-        // 8 independent accumulator chains (n-tile x hi/lo x k parity) keep the tensor cores busy.
-        float sp[2][2][2][4];
+        // scores of this warp's 8 positions: 4 independent chains (hi/lo x k parity)
+        float sp[2][2][4];
 #pragma unroll
         for (int a = 0; a < 2; ++a)
 #pragma unroll
-            for (int b = 0; b < 2; ++b)
-#pragma unroll
-                for (int c = 0; c < 2; ++c) sp[a][b][c][0] = sp[a][b][c][1] = sp[a][b][c][2] = sp[a][b][c][3] = 0.f;
+            for (int b = 0; b < 2; ++b) sp[a][b][0] = sp[a][b][1] = sp[a][b][2] = sp[a][b][3] = 0.f;
         const u32* tw = (const u32*)ts;
-        const int ksteps = width / 16;
+        const int ksteps = width / 16, prow = warp * 8 + g;
         for (int ks = 0; ks < ksteps; ks += 2) {
 #pragma unroll
             for (int par = 0; par < 2; ++par) {
                 if (ks + par < ksteps) {
                     int kw = (ks + par) * 8 + t;
+                    u32 b0 = tw[prow * pw + kw], b1 = tw[prow * pw + kw + 4];
 #pragma unroll
                     for (int part = 0; part < 2; ++part) {
                         const u32* qp = qw + part * 16 * pw;
-                        u32 a0 = qp[g * pw + kw], a1 = qp[(g + 8) * pw + kw];
-                        u32 a2 = qp[g * pw + kw + 4], a3 = qp[(g + 8) * pw + kw + 4];
-#pragma unroll
-                        for (int nt = 0; nt < 2; ++nt) {
-                            int row = warp * 16 + nt * 8 + g;
-                            mma_bf16(sp[nt][part][par], a0, a1, a2, a3, tw[row * pw + kw], tw[row * pw + kw + 4]);
-                        }
+                        mma_bf16(sp[part][par], qp[g * pw + kw], qp[(g + 8) * pw + kw], qp[g * pw + kw + 4],
+                                 qp[(g + 8) * pw + kw + 4], b0, b1);
                     }
                 }
             }
         }
-        float s[2][4];
+        float sc[4];
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e)
-                s[nt][e] = (sp[nt][0][0][e] + sp[nt][0][1][e]) + (sp[nt][1][0][e] + sp[nt][1][1][e]);
+        for (int e = 0; e < 4; ++e) sc[e] = (sp[0][0][e] + sp[0][1][e]) + (sp[1][0][e] + sp[1][1][e]);
         // mask, scale, per-row max over this warp's positions
         float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                int j = warp * 16 + nt * 8 + 2 * t + (e & 1);
-                float v = j < n ? s[nt][e] * scale : -INFINITY;
-                s[nt][e] = v;
-                if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
-            }
+        for (int e = 0; e < 4; ++e) {
+            int j = warp * 8 + 2 * t + (e & 1);
+            float v = j < n ? sc[e] * scale : -INFINITY;
+            sc[e] = v;
+            if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
+        }
         for (int o = 1; o < 4; o <<= 1) {
             mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o));
             mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o));
         }
         if (t == 0) { red_max[warp * 16 + g] = mx0; red_max[warp * 16 + g + 8] = mx1; }
         __syncthreads();
-        float tmax0 = fmaxf(fmaxf(red_max[g], red_max[16 + g]), fmaxf(red_max[32 + g], red_max[48 + g]));
-        float tmax1 = fmaxf(fmaxf(red_max[g + 8], red_max[24 + g]), fmaxf(red_max[40 + g], red_max[56 + g]));
+        float tmax0 = -INFINITY, tmax1 = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < TC_WARPS; ++w) {
+            tmax0 = fmaxf(tmax0, red_max[w * 16 + g]);
+            tmax1 = fmaxf(tmax1, red_max[w * 16 + g + 8]);
+        }
         float new0 = fmaxf(m_run[g], tmax0), new1 = fmaxf(m_run[g + 8], tmax1);
         float corr0 = expf(m_run[g] - new0), corr1 = expf(m_run[g + 8] - new1);
-        float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-            float p0 = expf(s[nt][0] - new0), p1 = expf(s[nt][1] - new0);
-            float p2 = expf(s[nt][2] - new1), p3 = expf(s[nt][3] - new1);
-            sum0 += p0 + p1;
-            sum1 += p2 + p3;
-            int j = warp * 16 + nt * 8 + 2 * t;
+        float p0 = expf(sc[0] - new0), p1 = expf(sc[1] - new0);
+        float p2 = expf(sc[2] - new1), p3 = expf(sc[3] - new1);
+        float sum0 = p0 + p1, sum1 = p2 + p3;
+        {
+            int j = warp * 8 + 2 * t;
             u32 hi01 = pack_bf16(p0, p1), hi23 = pack_bf16(p2, p3);
             *(u32*)(ps + g * pp + j) = hi01;
             *(u32*)(ps + (g + 8) * pp + j) = hi23;
@@ -813,29 +805,33 @@ mla_decode_tc(float* o_part, float* ml_part, const float* q_lat, const float* q,
         }
         if (t == 0) { red_sum[warp * 16 + g] = sum0; red_sum[warp * 16 + g + 8] = sum1; }
 #pragma unroll
-        for (int nt = 0; nt < 16; ++nt) {
+        for (int nt = 0; nt < 8; ++nt) {
             acc[nt][0] *= corr0; acc[nt][1] *= corr0;
             acc[nt][2] *= corr1; acc[nt][3] *= corr1;
         }
         __syncthreads();
         if (tid < 16) {
-            float tm = fmaxf(fmaxf(red_max[tid], red_max[16 + tid]), fmaxf(red_max[32 + tid], red_max[48 + tid]));
+            float tm = -INFINITY, total = 0.f;
+            for (int w = 0; w < TC_WARPS; ++w) {
+                tm = fmaxf(tm, red_max[w * 16 + tid]);
+                total += red_sum[w * 16 + tid];
+            }
             float nm = fmaxf(m_run[tid], tm);
-            float total = red_sum[tid] + red_sum[16 + tid] + red_sum[32 + tid] + red_sum[48 + tid];
             l_run[tid] = l_run[tid] * expf(m_run[tid] - nm) + total;
             m_run[tid] = nm;
         }
         // O[16, cols of this warp] += P[16, 64] · T[64, cols]
         const u32* pw32 = (const u32*)ps;
+        const int hp = pp / 2;
         for (int k0 = 0; k0 < TC_TILE; k0 += 16) {
-            int kw = k0 / 2 + t, hp = pp / 2;
+            int kw = k0 / 2 + t;
             u32 a0 = pw32[g * hp + kw], a1 = pw32[(g + 8) * hp + kw];
             u32 a2 = pw32[g * hp + kw + 4], a3 = pw32[(g + 8) * hp + kw + 4];
             u32 l0 = pw32[(16 + g) * hp + kw], l1 = pw32[(24 + g) * hp + kw];
             u32 l2 = pw32[(16 + g) * hp + kw + 4], l3 = pw32[(24 + g) * hp + kw + 4];
             const bf16* r0 = ts + (k0 + 2 * t) * pitch;
 #pragma unroll
-            for (int nt = 0; nt < 16; ++nt) {
+            for (int nt = 0; nt < 8; ++nt) {
                 if (nt < ntiles) {
                     int c = col0 + nt * 8 + g;
                     u32 b0 = (u32)r0[c] | ((u32)r0[pitch + c] << 16);
@@ -849,7 +845,7 @@ mla_decode_tc(float* o_part, float* ml_part, const float* q_lat, const float* q,
     }
     // partial outputs: o_part[r, h, split, :lora], ml_part[r, h, split, 2]
 #pragma unroll
-    for (int nt = 0; nt < 16; ++nt) {
+    for (int nt = 0; nt < 8; ++nt) {
         if (nt < ntiles) {
             int c = col0 + nt * 8 + 2 * t;
             if (g < hg) {

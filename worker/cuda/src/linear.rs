@@ -25,8 +25,9 @@ fn mma_kernel(m: usize) -> &'static str {
 }
 
 /// `y[m, w.rows] (+)= x[m, w.cols] · wᵀ` (x contiguous, y with row stride `ldy`), by batch size:
-/// FP8 on the tensor cores for 3..=512 rows, the weight-streaming GEMV below that, cuBLAS on
-/// bf16 (weights dequantised into `dequant`) above. `simt` forces the CUDA-core kernels.
+/// FP8 on the tensor cores up to 512 rows, cuBLAS on bf16 (weights dequantised into `dequant`)
+/// above; the weight-streaming GEMV for bf16/f32 weights and shapes the tensor-core kernel does
+/// not take. `simt` forces the CUDA-core kernels.
 #[allow(clippy::too_many_arguments)]
 pub fn linear(
     g: &Gpu,

@@ -722,7 +722,7 @@ impl CudaModel {
             int(self.cache.block_size),
             float(softmax_scale(c)),
         ];
-        let tensor_cores = kv_w % 16 == 0 && lora % 32 == 0 && !self.simt_attention;
+        let tensor_cores = kv_w % 16 == 0 && lora % 64 == 0 && !self.simt_attention;
         if tensor_cores {
             // Split the positions so the grid fills the GPU even at batch 1 (flash-decoding).
             let groups = m * heads / hg;
@@ -733,14 +733,14 @@ impl CudaModel {
             let splits = max_len.div_ceil(split_len);
             let o_part = g.alloc(m * heads * splits * lora * 4)?;
             let ml_part = g.alloc(m * heads * splits * 2 * 4)?;
-            let smem = (32 + 2 * TC_TILE) * (kv_w + 8) * 2 + 32 * (TC_TILE + 8) * 2 + 160 * 4;
+            let smem = (32 + 2 * TC_TILE) * (kv_w + 8) * 2 + 32 * (TC_TILE + 8) * 2 + (2 * 8 * 16 + 32) * 4;
             let mut args = vec![ptr(o_part.addr), ptr(ml_part.addr)];
             args.extend_from_slice(&args_tail);
             args.push(int(split_len));
             g.launch(
                 "mla_decode_tc",
                 ((heads / hg) as u32, m as u32, splits as u32),
-                128,
+                256,
                 smem as u32,
                 &args,
             )?;
