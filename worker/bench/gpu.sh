@@ -6,6 +6,7 @@
 #   tests  the ignored GPU tests (CUDA vs CPU on the golden fixture and full-width random layers,
 #          every allocation poisoned) and `generate --device cuda` against `--device cpu`
 #   bench  `dsv3-worker bench-cuda` (one MoE layer, 5-layer slice), FP8 matrix peak via torch
+#   serve  `serve --device cuda` against `serve --device cpu`: concurrent greedy completions
 #   profile the same with every launch synchronised and timed (where each step goes)
 #   peer   transformers on the same shapes (worker/bench/hf_gpu_peer.py), set beside ours
 # Logs and JSON go to $OUT (or target/gpu-out).
@@ -73,6 +74,43 @@ PY
         [[ -f "$out/hf.json" ]] && peer_arg=(--peer "$out/hf.json")
         "$bundle/dsv3-worker" bench-cuda --fp8-tflops "$peak" --out "$out/dsv3.json" "${peer_arg[@]}" \
             ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.md"
+        ;;
+    serve)
+        # The OpenAI server on the GPU against the same server on the CPU: 4 concurrent greedy requests.
+        for dev in cpu cuda; do
+            port=$([[ $dev == cpu ]] && echo 8121 || echo 8122)
+            "$bundle/dsv3-worker" serve --model tests/golden/tiny-fp8 --port $port --device $dev > "/tmp/serve-$dev.log" 2>&1 &
+        done
+        python3 - <<'PY' 2>&1 | tee -a "$out/tests.log"
+import json, time, urllib.request, concurrent.futures as cf
+def call(port, path, body=None):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode() if body else None,
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read() or b"{}") if body else r.status
+for port in (8121, 8122):
+    for _ in range(120):
+        try:
+            if call(port, "/ready") == 200: break
+        except Exception: time.sleep(0.5)
+prompts = [[0, 5, 77, 300, 12], [0, 9, 9, 100], [0, 42] * 20, [0, 7]]
+def run(port):
+    body = lambda p: {"model": "tiny-fp8", "prompt": p, "max_tokens": 16, "temperature": 0, "logprobs": 2}
+    with cf.ThreadPoolExecutor(4) as ex:
+        return [r["choices"][0] for r in ex.map(lambda p: call(port, "/v1/completions", body(p)), prompts)]
+cpu, gpu = run(8121), run(8122)
+same = [a["text"] == b["text"] for a, b in zip(cpu, gpu)]
+print("serve --device cuda vs cpu, 4 concurrent greedy completions, same text:", same)
+for i, (a, b) in enumerate(zip(cpu, gpu)):
+    ta, tb = a["logprobs"]["tokens"], b["logprobs"]["tokens"]
+    k = next((j for j in range(min(len(ta), len(tb))) if ta[j] != tb[j]), None)
+    if k is not None:
+        top = sorted(a["logprobs"]["top_logprobs"][k].values(), reverse=True)
+        margin = f"{top[0] - top[1]:.4f}" if len(top) > 1 else "n/a"
+        print(f"prompt {i}: first different token at {k}; the CPU's top-2 logprob margin there: {margin}")
+PY
+        kill %1 %2 2>/dev/null || true
+        grep -h "serving on" /tmp/serve-cuda.log || tail -5 /tmp/serve-cuda.log
         ;;
     profile)
         DSV3_CUDA_PROFILE=1 "$bundle/dsv3-worker" bench-cuda --reps 3 --batches 1,8,64,256 --out "$out/profile.json" \

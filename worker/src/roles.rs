@@ -55,6 +55,9 @@ pub struct ServeArgs {
     /// KV cache positions.
     #[arg(long, default_value_t = 16384)]
     cache_tokens: usize,
+    /// Where the model runs: CUDA when a GPU is present (auto), or as named.
+    #[arg(long, value_enum, default_value_t = crate::generate::DeviceArg::Auto)]
+    device: crate::generate::DeviceArg,
 }
 
 #[derive(Args)]
@@ -194,15 +197,24 @@ fn scheduler_config(http: &HttpArgs) -> SchedulerConfig {
 pub fn serve(args: ServeArgs) -> Result<()> {
     let files = model_source::resolve(args.model.model.clone());
     let config = ModelConfig::from_model_files(&files)?;
-    let mut report = progress::layer_reporter(files.describe(), config.num_cache_layers() * 2);
-    let ckpt = Checkpoint::open(&files)?;
-    let experts = LocalExperts::load(&ckpt, &config, &ExpertSelection::All, &mut report)?;
-    let rank = dsv3_fleet::rank::load_rank(&files, 0, Arc::new(experts), args.cache_tokens, &mut report)?;
-    let fleet = Fleet::start(
-        config,
-        vec![Arc::new(rank) as Arc<dyn AttentionRank>],
-        scheduler_config(&args.http),
-    );
+    let rank: Arc<dyn AttentionRank> = if crate::generate::use_cuda(args.device)? {
+        let mut report = progress::layer_reporter(files.describe(), config.num_hidden_layers);
+        let model = dsv3_cuda::CudaModel::load(&files, 0, args.cache_tokens, &mut |done, _| report(done))?;
+        eprintln!("serving on {}", model.gpu.name);
+        Arc::new(crate::cuda_rank::CudaAttention::new(model))
+    } else {
+        let mut report = progress::layer_reporter(files.describe(), config.num_cache_layers() * 2);
+        let ckpt = Checkpoint::open(&files)?;
+        let experts = LocalExperts::load(&ckpt, &config, &ExpertSelection::All, &mut report)?;
+        Arc::new(dsv3_fleet::rank::load_rank(
+            &files,
+            0,
+            Arc::new(experts),
+            args.cache_tokens,
+            &mut report,
+        )?)
+    };
+    let fleet = Fleet::start(config, vec![rank], scheduler_config(&args.http));
     serve_http(
         &runtime()?,
         fleet,

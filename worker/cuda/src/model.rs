@@ -75,6 +75,8 @@ pub struct CudaModel {
     /// bf16 scratch for dequantised weights on the cuBLAS path.
     dequant: DeviceBuf,
     experts_touched: std::cell::Cell<usize>,
+    /// Tokens each routed expert received, per MoE layer, since the last take (serving metrics).
+    expert_counts: std::cell::RefCell<std::collections::BTreeMap<usize, Vec<u64>>>,
     /// Use the CUDA-core attention kernel instead of the tensor-core one (DSV3_MLA_SIMT=1).
     simt_attention: bool,
     /// Use the CUDA-core GEMV kernels for FP8 weights at every batch (DSV3_LINEAR_SIMT=1).
@@ -187,6 +189,7 @@ impl CudaModel {
             cache,
             dequant,
             experts_touched: std::cell::Cell::new(0),
+            expert_counts: Default::default(),
             simt_attention: std::env::var_os("DSV3_MLA_SIMT").is_some_and(|v| v != "0"),
             simt_linear: std::env::var_os("DSV3_LINEAR_SIMT").is_some_and(|v| v != "0"),
         })
@@ -312,6 +315,11 @@ impl CudaModel {
     /// Drops positions from `len` on.
     pub fn truncate(&mut self, seq: u64, len: usize) {
         self.cache.truncate(seq, len);
+    }
+
+    /// Tokens per routed expert and MoE layer since the last call.
+    pub fn take_expert_counts(&self) -> std::collections::BTreeMap<usize, Vec<u64>> {
+        std::mem::take(&mut *self.expert_counts.borrow_mut())
     }
 
     /// Routed experts used by the last step, summed over MoE layers.
@@ -573,6 +581,15 @@ impl CudaModel {
             Ffn::Dense(mlp) => self.mlp(mlp, &x, h.addr, m),
             Ffn::Moe(moe) => {
                 let routes = self.moe(moe, &x, h, m)?;
+                let mut counts = self.expert_counts.borrow_mut();
+                let layer_counts = counts
+                    .entry(layer.index)
+                    .or_insert_with(|| vec![0; moe.experts.experts]);
+                for &e in &routes {
+                    if let Some(c) = layer_counts.get_mut(e as usize) {
+                        *c += 1;
+                    }
+                }
                 if let Some(t) = trace {
                     t.routes.push((layer.index, routes));
                 }

@@ -4,9 +4,10 @@
 use anyhow::{Context, Result};
 use dsv3_engine::sampling::log_softmax;
 use dsv3_engine::{
-    Chunk, ExpertExecutor, KvCache, MlaForm, Model, Outputs, Sampler, SamplingParams, StepOptions, TokenRoutes,
+    Chunk, ChunkOutput, ExpertExecutor, KvCache, MlaForm, Model, Outputs, Sampler, SamplingParams, StepOptions,
+    TokenRoutes,
 };
-use dsv3_proto::{AttentionInfo, LayerLoad, Sampled, SamplingSpec, StepReply, StepRequest, TokenLogprob};
+use dsv3_proto::{AttentionInfo, LayerLoad, Sampled, SamplingSpec, StepItem, StepReply, StepRequest, TokenLogprob};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
@@ -146,42 +147,10 @@ impl AttentionRank for LocalAttention {
             trace: false,
         };
         let (outputs, _) = self.model.forward(&chunks, &mut state.cache, &counting, &opts)?;
-        let mut reply = StepReply::default();
-        for (item, output) in request.items.iter().zip(outputs) {
-            let Some(spec) = &item.sample else { continue };
-            let sampler = state
-                .samplers
-                .entry(item.seq)
-                .or_insert_with(|| Sampler::new(sampling_params(spec), None));
-            let token = sampler.sample(&output.logits);
-            let mut sampled = Sampled {
-                seq: item.seq,
-                token,
-                logprob: None,
-                top_logprobs: Vec::new(),
-            };
-            if let Some(n) = spec.logprobs {
-                let logprobs = log_softmax(&output.logits);
-                sampled.logprob = Some(logprobs[token as usize]);
-                let best_first =
-                    |a: &u32, b: &u32| logprobs[*b as usize].total_cmp(&logprobs[*a as usize]).then(a.cmp(b));
-                let mut order: Vec<u32> = (0..logprobs.len() as u32).collect();
-                let n = (n as usize).min(order.len());
-                if n > 0 && n < order.len() {
-                    order.select_nth_unstable_by(n - 1, best_first);
-                }
-                order.truncate(n);
-                order.sort_by(best_first);
-                sampled.top_logprobs = order
-                    .iter()
-                    .map(|&id| TokenLogprob {
-                        id,
-                        logprob: logprobs[id as usize],
-                    })
-                    .collect();
-            }
-            reply.sampled.push(sampled);
-        }
+        let mut reply = StepReply {
+            sampled: sample_outputs(&mut state.samplers, &request.items, outputs),
+            ..StepReply::default()
+        };
         let counts = counting.counts.into_inner().unwrap_or_default();
         reply.expert_load = counts
             .into_iter()
@@ -224,6 +193,50 @@ impl AttentionRank for LocalAttention {
             detail: ready.err().unwrap_or_default(),
         })
     }
+}
+
+/// Samples the next token of every item that asks for one, from its output logits, with the
+/// sequence's own sampler (created on first use), plus log-probabilities when asked.
+pub fn sample_outputs(
+    samplers: &mut HashMap<u64, Sampler>,
+    items: &[StepItem],
+    outputs: Vec<ChunkOutput>,
+) -> Vec<Sampled> {
+    let mut sampled_all = Vec::new();
+    for (item, output) in items.iter().zip(outputs) {
+        let Some(spec) = &item.sample else { continue };
+        let sampler = samplers
+            .entry(item.seq)
+            .or_insert_with(|| Sampler::new(sampling_params(spec), None));
+        let token = sampler.sample(&output.logits);
+        let mut sampled = Sampled {
+            seq: item.seq,
+            token,
+            logprob: None,
+            top_logprobs: Vec::new(),
+        };
+        if let Some(n) = spec.logprobs {
+            let logprobs = log_softmax(&output.logits);
+            sampled.logprob = Some(logprobs[token as usize]);
+            let best_first = |a: &u32, b: &u32| logprobs[*b as usize].total_cmp(&logprobs[*a as usize]).then(a.cmp(b));
+            let mut order: Vec<u32> = (0..logprobs.len() as u32).collect();
+            let n = (n as usize).min(order.len());
+            if n > 0 && n < order.len() {
+                order.select_nth_unstable_by(n - 1, best_first);
+            }
+            order.truncate(n);
+            order.sort_by(best_first);
+            sampled.top_logprobs = order
+                .iter()
+                .map(|&id| TokenLogprob {
+                    id,
+                    logprob: logprobs[id as usize],
+                })
+                .collect();
+        }
+        sampled_all.push(sampled);
+    }
+    sampled_all
 }
 
 /// Loads an attention rank whose routed experts are `experts`.
