@@ -1,0 +1,334 @@
+//! Multi-head latent attention of one layer: projections, YaRN RoPE, the latent cache write,
+//! then the naive form for prefill steps or the weight-absorbed form over the paged cache.
+
+use super::layers::Layer;
+use super::{CudaModel, Span, StepLayout};
+use crate::gpu::{float, int, ptr, u64_arg, DeviceBuf};
+use anyhow::{ensure, Result};
+use dsv3_engine::rope::softmax_scale;
+
+pub(super) const LATENT_NORM_EPS: f32 = 1e-6;
+const MLA_HEAD_GROUP: usize = 16;
+const MLA_TILE: usize = 32;
+/// Positions per tile of the tensor-core decode kernel.
+const TC_TILE: usize = 64;
+/// Steps whose chunks all have at least this many rows (prefill) use the naive MLA form.
+pub const NAIVE_MIN_ROWS: usize = 64;
+
+impl CudaModel {
+    pub(super) fn attention(&self, layer: &Layer, x: &DeviceBuf, h: &DeviceBuf, step: &StepLayout) -> Result<()> {
+        let g = &self.gpu;
+        let c = &self.config;
+        let a = &layer.attn;
+        let m = step.rows;
+        let (heads, nope, rope, vdim, lora) = (
+            c.num_attention_heads,
+            c.qk_nope_head_dim,
+            c.qk_rope_head_dim,
+            c.v_head_dim,
+            c.kv_lora_rank,
+        );
+        let qk = nope + rope;
+        let q = g.alloc(m * heads * qk * 4)?;
+        match &a.q_a {
+            Some((q_a, q_norm)) => {
+                let ca = g.alloc(m * q_a.rows * 4)?;
+                self.linear(ca.addr, q_a.rows, x.addr, m, q_a, false)?;
+                self.rms_norm(&ca, q_a.rows, &ca, q_a.rows, q_norm, q_a.rows, m, LATENT_NORM_EPS)?;
+                self.linear(q.addr, heads * qk, ca.addr, m, &a.q_b, false)?;
+            }
+            None => self.linear(q.addr, heads * qk, x.addr, m, &a.q_b, false)?,
+        }
+        let kv_w = lora + rope;
+        let kv = g.alloc(m * kv_w * 4)?;
+        self.linear(kv.addr, kv_w, x.addr, m, &a.kv_a, false)?;
+        self.rms_norm(&kv, kv_w, &kv, kv_w, &a.kv_norm, lora, m, LATENT_NORM_EPS)?;
+        let rope_args = |buf: u64, ld: usize, nh: usize, hs: usize, offset: usize| {
+            [
+                ptr(buf),
+                int(ld),
+                int(nh),
+                int(hs),
+                int(offset),
+                int(rope),
+                ptr(step.cos),
+                ptr(step.sin),
+            ]
+        };
+        g.launch(
+            "rope_interleaved",
+            (m as u32, 1, 1),
+            128,
+            0,
+            &rope_args(kv.addr, kv_w, 1, 0, lora),
+        )?;
+        g.launch(
+            "rope_interleaved",
+            (m as u32, 1, 1),
+            256,
+            0,
+            &rope_args(q.addr, heads * qk, heads, qk, nope),
+        )?;
+        let cache = self.cache.layer_addr(layer.index);
+        g.launch(
+            "cache_write",
+            (m as u32, 1, 1),
+            256,
+            0,
+            &[ptr(cache), ptr(kv.addr), int(kv_w), ptr(step.slots), int(kv_w)],
+        )?;
+        let attn = g.alloc(m * heads * vdim * 4)?;
+        if step.spans.iter().all(|sp| sp.rows >= NAIVE_MIN_ROWS) {
+            for sp in &step.spans {
+                self.attend_naive(layer, &q, &attn, sp)?;
+            }
+        } else {
+            self.attend_absorbed(layer, &q, &attn, step)?;
+        }
+        self.linear(h.addr, c.hidden_size, attn.addr, m, &a.o, true)
+    }
+
+    /// Weight-absorbed attention over the latent cache for every row of the step (decode).
+    fn attend_absorbed(&self, layer: &Layer, q: &DeviceBuf, attn: &DeviceBuf, step: &StepLayout) -> Result<()> {
+        let g = &self.gpu;
+        let c = &self.config;
+        let a = &layer.attn;
+        let m = step.rows;
+        let (heads, nope, rope, vdim, lora) = (
+            c.num_attention_heads,
+            c.qk_nope_head_dim,
+            c.qk_rope_head_dim,
+            c.v_head_dim,
+            c.kv_lora_rank,
+        );
+        let qk = nope + rope;
+        let kv_w = lora + rope;
+        let cache = self.cache.layer_addr(layer.index);
+        // absorbed attention over the latent cache
+        let q_lat = g.alloc(m * heads * lora * 4)?;
+        let kvb = &a.kv_b;
+        g.launch(
+            "mla_absorb_q",
+            (heads as u32, m.div_ceil(8) as u32, 1),
+            lora.next_multiple_of(32) as u32,
+            0,
+            &[
+                ptr(q_lat.addr),
+                ptr(q.addr),
+                int(m),
+                int(heads),
+                int(qk),
+                int(nope),
+                int(vdim),
+                int(lora),
+                int(kvb.format as usize),
+                ptr(kvb.data.addr),
+                ptr(kvb.scale_addr()),
+            ],
+        )?;
+        let o_lat = g.alloc(m * heads * lora * 4)?;
+        let hg = MLA_HEAD_GROUP.min(heads);
+        ensure!(heads % hg == 0, "{heads} heads do not split into groups of {hg}");
+        let args_tail = [
+            ptr(q_lat.addr),
+            ptr(q.addr),
+            int(qk),
+            int(nope),
+            int(heads),
+            int(hg),
+            int(lora),
+            int(rope),
+            ptr(cache),
+            ptr(step.tables),
+            ptr(step.table_off),
+            ptr(step.lens),
+            int(self.cache.block_size),
+            float(softmax_scale(c)),
+        ];
+        let tensor_cores = kv_w % 16 == 0 && lora % 64 == 0 && !self.simt_attention;
+        if tensor_cores {
+            // Split the positions so the grid fills the GPU even at batch 1 (flash-decoding).
+            let groups = m * heads / hg;
+            let max_len = step.max_len;
+            let wanted = (4 * g.sm_count).div_ceil(groups);
+            let splits = wanted.min(max_len.div_ceil(256)).max(1);
+            let split_len = max_len.div_ceil(splits).next_multiple_of(TC_TILE);
+            let splits = max_len.div_ceil(split_len);
+            let o_part = g.alloc(m * heads * splits * lora * 4)?;
+            let ml_part = g.alloc(m * heads * splits * 2 * 4)?;
+            let smem = (32 + 2 * TC_TILE) * (kv_w + 8) * 2 + 32 * (TC_TILE + 8) * 2 + (2 * 8 * 16 + 32) * 4;
+            let mut args = vec![ptr(o_part.addr), ptr(ml_part.addr)];
+            args.extend_from_slice(&args_tail);
+            args.push(int(split_len));
+            g.launch(
+                "mla_decode_tc",
+                ((heads / hg) as u32, m as u32, splits as u32),
+                256,
+                smem as u32,
+                &args,
+            )?;
+            g.launch(
+                "mla_combine",
+                (heads as u32, m as u32, 1),
+                128,
+                0,
+                &[
+                    ptr(o_lat.addr),
+                    ptr(o_part.addr),
+                    ptr(ml_part.addr),
+                    int(heads),
+                    int(splits),
+                    int(lora),
+                ],
+            )?;
+        } else {
+            let smem = (hg * kv_w + hg * MLA_TILE + 3 * hg) * 4 + MLA_TILE * (kv_w + 2) * 2;
+            let mut args = vec![ptr(o_lat.addr)];
+            args.extend_from_slice(&args_tail);
+            g.launch(
+                "mla_attend",
+                ((heads / hg) as u32, m as u32, 1),
+                256,
+                smem as u32,
+                &args,
+            )?;
+        }
+        g.launch(
+            "mla_absorb_out",
+            (heads as u32, m.div_ceil(8) as u32, 1),
+            256,
+            0,
+            &[
+                ptr(attn.addr),
+                ptr(o_lat.addr),
+                int(m),
+                int(heads),
+                int(nope),
+                int(vdim),
+                int(lora),
+                int(kvb.format as usize),
+                ptr(kvb.data.addr),
+                ptr(kvb.scale_addr()),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Naive-form attention for one prefill chunk: K and V expanded from every cached latent of
+    /// the sequence, then causal QKᵀ and PV per head on the tensor cores, a group of heads at a time.
+    fn attend_naive(&self, layer: &Layer, q: &DeviceBuf, attn: &DeviceBuf, span: &Span) -> Result<()> {
+        let g = &self.gpu;
+        let c = &self.config;
+        let (heads, nope, rope, vdim, lora) = (
+            c.num_attention_heads,
+            c.qk_nope_head_dim,
+            c.qk_rope_head_dim,
+            c.v_head_dim,
+            c.kv_lora_rank,
+        );
+        let qk = nope + rope;
+        let (n, total) = (span.rows, span.start + span.rows);
+        let table = g.upload(
+            &self
+                .cache
+                .blocks(span.seq)
+                .iter()
+                .map(|&b| b as i32)
+                .collect::<Vec<_>>(),
+        )?;
+        let c_kv = g.alloc(total * lora * 4)?;
+        let k_pe = g.alloc(total * rope * 4)?;
+        g.launch(
+            "gather_latents",
+            (total as u32, 1, 1),
+            256,
+            0,
+            &[
+                ptr(c_kv.addr),
+                ptr(k_pe.addr),
+                ptr(self.cache.layer_addr(layer.index)),
+                ptr(table.addr),
+                int(self.cache.block_size),
+                int(lora),
+                int(rope),
+            ],
+        )?;
+        let kv = g.alloc(total * heads * (nope + vdim) * 4)?;
+        self.linear(
+            kv.addr,
+            heads * (nope + vdim),
+            c_kv.addr,
+            total,
+            &layer.attn.kv_b,
+            false,
+        )?;
+        let kb = g.alloc(total * heads * qk * 2)?;
+        let vb = g.alloc(total * heads * vdim * 2)?;
+        g.launch(
+            "build_kv",
+            (total as u32, 1, 1),
+            256,
+            0,
+            &[
+                ptr(kb.addr),
+                ptr(vb.addr),
+                ptr(kv.addr),
+                ptr(k_pe.addr),
+                int(heads),
+                int(nope),
+                int(rope),
+                int(vdim),
+            ],
+        )?;
+        let qb = g.alloc(n * heads * qk * 2)?;
+        let q_rows = q.at(span.first_row * heads * qk * 4);
+        g.launch_1d(
+            "f32_to_bf16_rows",
+            n * heads * qk,
+            &[ptr(qb.addr), ptr(q_rows), u64_arg((n * heads * qk) as u64)],
+        )?;
+        // heads per group: scores of at most 2^28 elements (1 GiB of f32)
+        let hc = (((1usize << 28) / (n * total)).max(1)).min(heads);
+        let scores = g.alloc(hc * n * total * 4)?;
+        let probs = g.alloc(hc * n * total * 2)?;
+        let out = attn.at(span.first_row * heads * vdim * 4);
+        let scale = softmax_scale(c);
+        let mut h0 = 0;
+        while h0 < heads {
+            let hn = hc.min(heads - h0);
+            // Sᵀ[total, n] = K_h · Q_hᵀ per head (column-major view of row-major S[n, total])
+            g.gemm_batched_bf16(
+                true,
+                total,
+                n,
+                qk,
+                scale,
+                (kb.at(h0 * qk * 2), heads * qk, qk),
+                (qb.at(h0 * qk * 2), heads * qk, qk),
+                (scores.addr, total, n * total),
+                hn,
+            )?;
+            g.launch(
+                "causal_softmax",
+                ((hn * n) as u32, 1, 1),
+                256,
+                0,
+                &[ptr(probs.addr), ptr(scores.addr), int(n), int(total), int(span.start)],
+            )?;
+            // Oᵀ[v, n] = V_hᵀ · Pᵀ, written into attn rows with stride heads*v
+            g.gemm_batched_bf16(
+                false,
+                vdim,
+                n,
+                total,
+                1.0,
+                (vb.at(h0 * vdim * 2), heads * vdim, vdim),
+                (probs.addr, total, n * total),
+                (out + (h0 * vdim * 4) as u64, heads * vdim, vdim),
+                hn,
+            )?;
+            h0 += hn;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,234 @@
+//! The weights of one decoder layer on the GPU, loaded from the checkpoint or made at random.
+
+use crate::gpu::{DeviceBuf, Gpu};
+use crate::weights::{load_vector, random_vector, DeviceMatrix, ExpertBank, Format};
+use anyhow::Result;
+use dsv3_engine::{Checkpoint, ModelConfig};
+
+pub(super) struct Attention {
+    pub(super) q_a: Option<(DeviceMatrix, DeviceBuf)>,
+    pub(super) q_b: DeviceMatrix,
+    pub(super) kv_a: DeviceMatrix,
+    pub(super) kv_norm: DeviceBuf,
+    pub(super) kv_b: DeviceMatrix,
+    pub(super) o: DeviceMatrix,
+}
+
+pub(super) struct Mlp {
+    pub(super) gate: DeviceMatrix,
+    pub(super) up: DeviceMatrix,
+    pub(super) down: DeviceMatrix,
+}
+
+pub(super) struct Moe {
+    pub(super) router: DeviceMatrix,
+    pub(super) bias: DeviceBuf,
+    pub(super) shared: Option<Mlp>,
+    pub(super) experts: ExpertBank,
+}
+
+pub(super) enum Ffn {
+    Dense(Box<Mlp>),
+    Moe(Box<Moe>),
+}
+
+pub(super) struct Layer {
+    pub(super) index: usize,
+    pub(super) input_norm: DeviceBuf,
+    pub(super) attn: Attention,
+    pub(super) post_norm: DeviceBuf,
+    pub(super) ffn: Ffn,
+}
+
+pub(super) fn dense_matrices(config: &ModelConfig) -> Vec<(usize, usize)> {
+    let h = config.hidden_size;
+    let qk = config.qk_head_dim();
+    let heads = config.num_attention_heads;
+    let mut v = vec![
+        (heads * qk, config.q_lora_rank.unwrap_or(h)),
+        (config.kv_lora_rank + config.qk_rope_head_dim, h),
+        (heads * config.v_head_dim, h),
+        (h, heads * config.v_head_dim),
+        (config.intermediate_size, h),
+        (h, config.intermediate_size),
+        (config.moe_intermediate_size.max(1) * config.n_shared_experts.max(1), h),
+        (config.vocab_size, h),
+        (config.moe_intermediate_size, h),
+    ];
+    if let Some(r) = config.q_lora_rank {
+        v.push((r, h));
+    }
+    v
+}
+
+impl Layer {
+    pub(super) fn load(gpu: &Gpu, ckpt: &Checkpoint, c: &ModelConfig, index: usize) -> Result<Self> {
+        let p = format!("model.layers.{index}");
+        let h = c.hidden_size;
+        let (heads, qk) = (c.num_attention_heads, c.qk_head_dim());
+        let a = format!("{p}.self_attn");
+        let (q_a, q_b) = match c.q_lora_rank {
+            Some(r) => (
+                Some((
+                    DeviceMatrix::load(gpu, ckpt, &format!("{a}.q_a_proj.weight"), r, h)?,
+                    load_vector(gpu, ckpt, &format!("{a}.q_a_layernorm.weight"), r)?,
+                )),
+                DeviceMatrix::load(gpu, ckpt, &format!("{a}.q_b_proj.weight"), heads * qk, r)?,
+            ),
+            None => (
+                None,
+                DeviceMatrix::load(gpu, ckpt, &format!("{a}.q_proj.weight"), heads * qk, h)?,
+            ),
+        };
+        let lora = c.kv_lora_rank;
+        let attn = Attention {
+            q_a,
+            q_b,
+            kv_a: DeviceMatrix::load(
+                gpu,
+                ckpt,
+                &format!("{a}.kv_a_proj_with_mqa.weight"),
+                lora + c.qk_rope_head_dim,
+                h,
+            )?,
+            kv_norm: load_vector(gpu, ckpt, &format!("{a}.kv_a_layernorm.weight"), lora)?,
+            kv_b: DeviceMatrix::load(
+                gpu,
+                ckpt,
+                &format!("{a}.kv_b_proj.weight"),
+                heads * (c.qk_nope_head_dim + c.v_head_dim),
+                lora,
+            )?,
+            o: DeviceMatrix::load(gpu, ckpt, &format!("{a}.o_proj.weight"), h, heads * c.v_head_dim)?,
+        };
+        let mlp = |prefix: &str, inter: usize| -> Result<Mlp> {
+            Ok(Mlp {
+                gate: DeviceMatrix::load(gpu, ckpt, &format!("{prefix}.gate_proj.weight"), inter, h)?,
+                up: DeviceMatrix::load(gpu, ckpt, &format!("{prefix}.up_proj.weight"), inter, h)?,
+                down: DeviceMatrix::load(gpu, ckpt, &format!("{prefix}.down_proj.weight"), h, inter)?,
+            })
+        };
+        let ffn = if c.is_moe_layer(index) {
+            let shared = if c.n_shared_experts > 0 {
+                Some(mlp(
+                    &format!("{p}.mlp.shared_experts"),
+                    c.moe_intermediate_size * c.n_shared_experts,
+                )?)
+            } else {
+                None
+            };
+            Ffn::Moe(Box::new(Moe {
+                router: DeviceMatrix::load(gpu, ckpt, &format!("{p}.mlp.gate.weight"), c.n_routed_experts, h)?,
+                bias: load_vector(
+                    gpu,
+                    ckpt,
+                    &format!("{p}.mlp.gate.e_score_correction_bias"),
+                    c.n_routed_experts,
+                )?,
+                shared,
+                experts: ExpertBank::load(
+                    gpu,
+                    ckpt,
+                    &format!("{p}.mlp"),
+                    c.n_routed_experts,
+                    h,
+                    c.moe_intermediate_size,
+                )?,
+            }))
+        } else {
+            Ffn::Dense(Box::new(mlp(&format!("{p}.mlp"), c.intermediate_size)?))
+        };
+        Ok(Layer {
+            index,
+            input_norm: load_vector(gpu, ckpt, &format!("{p}.input_layernorm.weight"), h)?,
+            attn,
+            post_norm: load_vector(gpu, ckpt, &format!("{p}.post_attention_layernorm.weight"), h)?,
+            ffn,
+        })
+    }
+
+    pub(super) fn random(gpu: &Gpu, c: &ModelConfig, index: usize, seed: u64) -> Result<Self> {
+        let h = c.hidden_size;
+        let (heads, qk) = (c.num_attention_heads, c.qk_head_dim());
+        let f8 = Format::Fp8;
+        let lora = c.kv_lora_rank;
+        let mut s = seed;
+        let mut next = || {
+            s += 1;
+            s
+        };
+        let (q_a, q_b) = match c.q_lora_rank {
+            Some(r) => (
+                Some((
+                    DeviceMatrix::random(gpu, r, h, f8, next())?,
+                    random_vector(gpu, r, 0.8, 1.2, next())?,
+                )),
+                DeviceMatrix::random(gpu, heads * qk, r, f8, next())?,
+            ),
+            None => (None, DeviceMatrix::random(gpu, heads * qk, h, f8, next())?),
+        };
+        let attn = Attention {
+            q_a,
+            q_b,
+            kv_a: DeviceMatrix::random(gpu, lora + c.qk_rope_head_dim, h, f8, next())?,
+            kv_norm: random_vector(gpu, lora, 0.8, 1.2, next())?,
+            kv_b: DeviceMatrix::random(gpu, heads * (c.qk_nope_head_dim + c.v_head_dim), lora, f8, next())?,
+            o: DeviceMatrix::random(gpu, h, heads * c.v_head_dim, f8, next())?,
+        };
+        let mut mlp = |inter: usize| -> Result<Mlp> {
+            Ok(Mlp {
+                gate: DeviceMatrix::random(gpu, inter, h, f8, next())?,
+                up: DeviceMatrix::random(gpu, inter, h, f8, next())?,
+                down: DeviceMatrix::random(gpu, h, inter, f8, next())?,
+            })
+        };
+        let ffn = if c.is_moe_layer(index) {
+            let shared = if c.n_shared_experts > 0 {
+                Some(mlp(c.moe_intermediate_size * c.n_shared_experts)?)
+            } else {
+                None
+            };
+            Ffn::Moe(Box::new(Moe {
+                router: DeviceMatrix::random(gpu, c.n_routed_experts, h, Format::Bf16, seed + 50)?,
+                bias: random_vector(gpu, c.n_routed_experts, -0.01, 0.01, seed + 51)?,
+                shared,
+                experts: ExpertBank::random(gpu, c.n_routed_experts, h, c.moe_intermediate_size, seed + 52)?,
+            }))
+        } else {
+            Ffn::Dense(Box::new(mlp(c.intermediate_size)?))
+        };
+        Ok(Layer {
+            index,
+            input_norm: random_vector(gpu, h, 0.8, 1.2, seed + 60)?,
+            attn,
+            post_norm: random_vector(gpu, h, 0.8, 1.2, seed + 61)?,
+            ffn,
+        })
+    }
+
+    pub(super) fn dense_elements(&self) -> usize {
+        let a = &self.attn;
+        let n = |m: &DeviceMatrix| m.rows * m.cols;
+        let attn = a.q_a.as_ref().map_or(0, |(m, _)| n(m)) + n(&a.q_b) + n(&a.kv_a) + n(&a.kv_b) + n(&a.o);
+        let mlp = |m: &Mlp| n(&m.gate) + n(&m.up) + n(&m.down);
+        attn + match &self.ffn {
+            Ffn::Dense(m) => mlp(m),
+            Ffn::Moe(moe) => n(&moe.router) + moe.shared.as_ref().map_or(0, mlp),
+        }
+    }
+
+    /// Weight bytes a decode step reads outside the routed experts.
+    pub(super) fn dense_bytes(&self) -> usize {
+        let a = &self.attn;
+        let attn = a.q_a.as_ref().map_or(0, |(m, _)| m.bytes())
+            + a.q_b.bytes()
+            + a.kv_a.bytes()
+            + a.kv_b.bytes()
+            + a.o.bytes();
+        let mlp = |m: &Mlp| m.gate.bytes() + m.up.bytes() + m.down.bytes();
+        attn + match &self.ffn {
+            Ffn::Dense(m) => mlp(m),
+            Ffn::Moe(moe) => moe.router.bytes() + moe.shared.as_ref().map_or(0, mlp),
+        }
+    }
+}
