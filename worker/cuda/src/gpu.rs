@@ -48,6 +48,8 @@ pub const KERNELS: &[&str] = &[
     "fp8_mma_n2",
     "fp8_mma_n4",
     "fp8_mma_n8",
+    "bf16_mma_n1",
+    "bf16_mma_n2",
     "grouped_fp8_mma_n1",
     "grouped_fp8_mma_n2",
     "grouped_fp8_mma_n4",

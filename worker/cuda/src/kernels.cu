@@ -991,6 +991,78 @@ FP8_MMA(2)
 FP8_MMA(4)
 FP8_MMA(8)
 
+// bf16 weights (the head, the router) on the tensor cores, as fp8_mma but without conversion:
+// lane (g, t) reads 32 bytes (16 values) of rows g and g+8 per 64-wide k chunk. k % 64 == 0,
+// n % 16 == 0; k chunks split over gridDim.z as above.
+template <int NT>
+__device__ void bf16_mma_impl(float* y, int ldy, const bf16* x, int ldx, int m, const bf16* w, int n, int k,
+                              int mode) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int row0 = (blockIdx.x * (blockDim.x >> 5) + warp) * 16;
+    if (row0 >= n) return;
+    int chunks = k / 64, per = (chunks + gridDim.z - 1) / gridDim.z;
+    int c_begin = blockIdx.z * per, c_end = min(chunks, c_begin + per);
+    const bf16* w0 = w + (size_t)(row0 + g) * k + 16 * t;
+    const bf16* w1 = w0 + (size_t)8 * k;
+    const bf16* xr[NT];
+    bool live[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        int tok = 8 * j + g;
+        live[j] = tok < m;
+        xr[j] = x + (size_t)(live[j] ? tok : 0) * ldx + 16 * t;
+    }
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll 2
+    for (int ch = c_begin; ch < c_end; ++ch) {
+        size_t c0 = (size_t)ch * 64;
+        uint4 p0 = *(const uint4*)(w0 + c0), p1 = *(const uint4*)(w0 + c0 + 8);
+        uint4 q0 = *(const uint4*)(w1 + c0), q1 = *(const uint4*)(w1 + c0 + 8);
+        u32 ra[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
+        u32 rb[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+        u32 xv[NT][8];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            if (live[j]) {
+                uint4 u0 = *(const uint4*)(xr[j] + c0), u1 = *(const uint4*)(xr[j] + c0 + 8);
+                xv[j][0] = u0.x; xv[j][1] = u0.y; xv[j][2] = u0.z; xv[j][3] = u0.w;
+                xv[j][4] = u1.x; xv[j][5] = u1.y; xv[j][6] = u1.z; xv[j][7] = u1.w;
+            } else {
+#pragma unroll
+                for (int v = 0; v < 8; ++v) xv[j][v] = 0u;
+            }
+        }
+        // k step s takes values 4s..4s+3 of each lane's 16: words 2s (a0/b0) and 2s+1 (a2/b1)
+#pragma unroll
+        for (int s = 0; s < 4; ++s)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+                mma_bf16(acc[j], ra[2 * s], rb[2 * s], ra[2 * s + 1], rb[2 * s + 1], xv[j][2 * s], xv[j][2 * s + 1]);
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            int tok = 8 * j + 2 * t + (e & 1), feat = row0 + g + (e >> 1) * 8;
+            if (tok < m) {
+                float* dst = y + (size_t)tok * ldy + feat;
+                if (mode == 2) atomicAdd(dst, acc[j][e]);
+                else *dst = mode == 1 ? *dst + acc[j][e] : acc[j][e];
+            }
+        }
+}
+
+#define BF16_MMA(NT)                                                                                            \
+    extern "C" __global__ void __launch_bounds__(128) bf16_mma_n##NT(float* y, int ldy, const bf16* x, int ldx, \
+                                                                      int m, const bf16* w, int n, int k,       \
+                                                                      int mode) {                              \
+        bf16_mma_impl<NT>(y, ldy, x, ldx, m, w, n, k, mode);                                                   \
+    }
+BF16_MMA(1)
+BF16_MMA(2)
+
 // Routed experts on the tensor cores: blockIdx.y = group (one expert, its slots offsets[g]..),
 // token rows of x from x_rows (gate/up) or the slots themselves (down); up to 8*NT slots per group.
 #define GROUPED_FP8_MMA(NT)                                                                                     \

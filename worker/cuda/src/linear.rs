@@ -24,10 +24,39 @@ fn mma_kernel(m: usize) -> &'static str {
     }
 }
 
+fn to_bf16(g: &Gpu, x: u64, n: usize) -> Result<DeviceBuf> {
+    let xb = g.alloc(n * 2)?;
+    g.launch_1d("f32_to_bf16_rows", n, &[ptr(xb.addr), ptr(x), u64_arg(n as u64)])?;
+    Ok(xb)
+}
+
+/// How many ways to split the k chunks of a tensor-core product so `blocks` fill the GPU, and the
+/// store mode that goes with it (split sums are added atomically into a zeroed or accumulated y).
+#[allow(clippy::too_many_arguments)]
+fn split_k(
+    g: &Gpu,
+    blocks: usize,
+    chunks: usize,
+    y: u64,
+    ldy: usize,
+    m: usize,
+    n: usize,
+    accumulate: bool,
+) -> Result<(usize, usize)> {
+    let splits = (2 * g.sm_count).div_ceil(blocks).min(chunks).max(1);
+    if splits == 1 {
+        return Ok((1, accumulate as usize));
+    }
+    if !accumulate {
+        g.launch_1d("zero_rows", m * n, &[ptr(y), int(ldy), int(m), int(n)])?;
+    }
+    Ok((splits, 2))
+}
+
 /// `y[m, w.rows] (+)= x[m, w.cols] · wᵀ` (x contiguous, y with row stride `ldy`), by batch size:
-/// FP8 on the tensor cores up to 512 rows, cuBLAS on bf16 (weights dequantised into `dequant`)
-/// above; the weight-streaming GEMV for bf16/f32 weights and shapes the tensor-core kernel does
-/// not take. `simt` forces the CUDA-core kernels.
+/// FP8 on the tensor cores up to 512 rows and bf16 up to 16, cuBLAS on bf16 (weights dequantised
+/// into `dequant`) above; the weight-streaming GEMV for f32 weights and shapes the tensor-core
+/// kernels do not take. `simt` forces the CUDA-core kernels.
 #[allow(clippy::too_many_arguments)]
 pub fn linear(
     g: &Gpu,
@@ -40,24 +69,37 @@ pub fn linear(
     w: &DeviceMatrix,
     accumulate: bool,
 ) -> Result<()> {
-    if w.format == Format::Fp8 && mma_fits(w.rows, w.cols) && (TC_MIN_ROWS..=TC_MAX_ROWS).contains(&m) && !simt {
-        let xb = g.alloc(m * w.cols * 2)?;
-        g.launch_1d(
-            "f32_to_bf16_rows",
-            m * w.cols,
-            &[ptr(xb.addr), ptr(x), u64_arg((m * w.cols) as u64)],
-        )?;
+    // Large bf16 matrices (the head); the small router keeps the f32-activation GEMV, since
+    // expert choice is sensitive to rounding.
+    let bf16_tensor_cores =
+        w.format == Format::Bf16 && w.rows >= 4096 && w.rows % 16 == 0 && w.cols % 64 == 0 && m <= 16;
+    if bf16_tensor_cores && !simt {
+        let xb = to_bf16(g, x, m * w.cols)?;
         let blocks = w.rows.div_ceil(64);
-        let chunks = w.cols / 128;
-        let splits = (2 * g.sm_count).div_ceil(blocks * m.div_ceil(64)).min(chunks).max(1);
-        let mode = if splits > 1 {
-            if !accumulate {
-                g.launch_1d("zero_rows", m * w.rows, &[ptr(y), int(ldy), int(m), int(w.rows)])?;
-            }
-            2
-        } else {
-            accumulate as usize
-        };
+        let (splits, mode) = split_k(g, blocks, w.cols / 64, y, ldy, m, w.rows, accumulate)?;
+        let name = if m <= 8 { "bf16_mma_n1" } else { "bf16_mma_n2" };
+        return g.launch(
+            name,
+            (blocks as u32, 1, splits as u32),
+            128,
+            0,
+            &[
+                ptr(y),
+                int(ldy),
+                ptr(xb.addr),
+                int(w.cols),
+                int(m),
+                ptr(w.data.addr),
+                int(w.rows),
+                int(w.cols),
+                int(mode),
+            ],
+        );
+    }
+    if w.format == Format::Fp8 && mma_fits(w.rows, w.cols) && (TC_MIN_ROWS..=TC_MAX_ROWS).contains(&m) && !simt {
+        let xb = to_bf16(g, x, m * w.cols)?;
+        let blocks = w.rows.div_ceil(64);
+        let (splits, mode) = split_k(g, blocks * m.div_ceil(64), w.cols / 128, y, ldy, m, w.rows, accumulate)?;
         return g.launch(
             mma_kernel(m),
             (blocks as u32, m.div_ceil(64) as u32, splits as u32),

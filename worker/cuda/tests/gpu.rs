@@ -221,56 +221,77 @@ fn golden_tiny_fp8_matches_cpu_with_cuda_core_kernels() {
     };
 }
 
-/// Every batch-size path of the FP8 product (GEMV, tensor cores with 1..8 n-tiles, token tiles,
-/// split k, cuBLAS) against a float64 reference, storing and accumulating; the output is poisoned
-/// first so unwritten elements show.
+/// Every batch-size path of the weight products (FP8: GEMV, tensor cores with 1..8 n-tiles, token
+/// tiles, split k, cuBLAS; bf16 head-sized: tensor cores, cuBLAS) against a float64 reference,
+/// storing and accumulating; the output is poisoned first so unwritten elements show.
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
-fn fp8_linear_matches_f64_reference_at_every_batch_size() {
+fn linear_matches_f64_reference_at_every_batch_size() {
+    use dsv3_cuda::weights::{DeviceMatrix, Format};
     poison();
     let gpu = dsv3_cuda::Gpu::open(0).expect("GPU");
-    let (n, k) = (384, 1024);
-    let w = dsv3_cuda::weights::DeviceMatrix::random(&gpu, n, k, dsv3_cuda::weights::Format::Fp8, 5).expect("weights");
-    let bytes: Vec<u8> = gpu.download(w.data.addr, n * k).expect("download");
-    let scales: Vec<f32> = gpu.download(w.scale_addr(), (n / 128) * (k / 128)).expect("scales");
-    let dense: Vec<f64> = (0..n * k)
-        .map(|i| {
-            let (r, c) = (i / k, i % k);
-            dsv3_engine::fp8::E4M3_TO_F32[bytes[i] as usize] as f64 * scales[(r / 128) * (k / 128) + c / 128] as f64
-        })
-        .collect();
-    let dequant = gpu.alloc(n * k * 2).expect("scratch");
-    for simt in [false, true] {
-        for m in [1, 2, 3, 7, 8, 9, 16, 17, 40, 64, 65, 80, 130, 513] {
-            let x: Vec<f32> = (0..m * k).map(|i| (i * 7919 % 1000) as f32 / 500.0 - 1.0).collect();
-            let base: Vec<f32> = (0..m * n).map(|i| (i % 13) as f32 * 0.1).collect();
-            let xd = gpu.upload(&x).expect("x");
-            for accumulate in [false, true] {
-                let y = gpu.alloc(m * n * 4).expect("y");
-                if accumulate {
-                    gpu.copy_to(&y, 0, &base).expect("base");
-                }
-                dsv3_cuda::linear::linear(&gpu, &dequant, simt, y.addr, n, xd.addr, m, &w, accumulate).expect("linear");
-                let got: Vec<f32> = gpu.download(y.addr, m * n).expect("y");
-                let (mut err, mut norm) = (0.0f64, 0.0f64);
-                for t in 0..m {
-                    for o in 0..n {
-                        let mut r: f64 = (0..k).map(|c| x[t * k + c] as f64 * dense[o * k + c]).sum();
-                        if accumulate {
-                            r += base[t * n + o] as f64;
-                        }
-                        let g = got[t * n + o] as f64;
-                        assert!(g.is_finite(), "m={m} simt={simt}: y[{t},{o}] not written");
-                        err += (g - r) * (g - r);
-                        norm += r * r;
+    let cases = [
+        (
+            Format::Fp8,
+            384,
+            1024,
+            vec![1, 2, 3, 7, 8, 9, 16, 17, 40, 64, 65, 80, 130, 513],
+        ),
+        (Format::Bf16, 4096, 1024, vec![1, 2, 8, 9, 16, 17, 40]),
+    ];
+    for (format, n, k, batches) in cases {
+        let w = DeviceMatrix::random(&gpu, n, k, format, 5).expect("weights");
+        let dense: Vec<f64> = match format {
+            Format::Fp8 => {
+                let bytes: Vec<u8> = gpu.download(w.data.addr, n * k).expect("download");
+                let scales: Vec<f32> = gpu.download(w.scale_addr(), (n / 128) * (k / 128)).expect("scales");
+                (0..n * k)
+                    .map(|i| {
+                        let (r, c) = (i / k, i % k);
+                        dsv3_engine::fp8::E4M3_TO_F32[bytes[i] as usize] as f64
+                            * scales[(r / 128) * (k / 128) + c / 128] as f64
+                    })
+                    .collect()
+            }
+            _ => {
+                let bits: Vec<u16> = gpu.download(w.data.addr, n * k).expect("download");
+                bits.iter().map(|&b| half::bf16::from_bits(b).to_f64()).collect()
+            }
+        };
+        let dequant = gpu.alloc(n * k * 2).expect("scratch");
+        for simt in [false, true] {
+            for &m in &batches {
+                let x: Vec<f32> = (0..m * k).map(|i| (i * 7919 % 1000) as f32 / 500.0 - 1.0).collect();
+                let base: Vec<f32> = (0..m * n).map(|i| (i % 13) as f32 * 0.1).collect();
+                let xd = gpu.upload(&x).expect("x");
+                for accumulate in [false, true] {
+                    let y = gpu.alloc(m * n * 4).expect("y");
+                    if accumulate {
+                        gpu.copy_to(&y, 0, &base).expect("base");
                     }
+                    dsv3_cuda::linear::linear(&gpu, &dequant, simt, y.addr, n, xd.addr, m, &w, accumulate)
+                        .expect("linear");
+                    let got: Vec<f32> = gpu.download(y.addr, m * n).expect("y");
+                    let (mut err, mut norm) = (0.0f64, 0.0f64);
+                    for t in 0..m {
+                        for o in 0..n {
+                            let mut r: f64 = (0..k).map(|c| x[t * k + c] as f64 * dense[o * k + c]).sum();
+                            if accumulate {
+                                r += base[t * n + o] as f64;
+                            }
+                            let g = got[t * n + o] as f64;
+                            assert!(g.is_finite(), "{format:?} m={m} simt={simt}: y[{t},{o}] not written");
+                            err += (g - r) * (g - r);
+                            norm += r * r;
+                        }
+                    }
+                    let rel = (err / norm).sqrt();
+                    assert!(
+                        rel < 1e-2,
+                        "{format:?} m={m} simt={simt} accumulate={accumulate}: relative error {rel:.2e}"
+                    );
+                    eprintln!("linear {format:?} m={m} simt={simt} accumulate={accumulate}: relative error {rel:.2e}");
                 }
-                let rel = (err / norm).sqrt();
-                assert!(
-                    rel < 1e-2,
-                    "m={m} simt={simt} accumulate={accumulate}: relative error {rel:.2e}"
-                );
-                eprintln!("linear m={m} simt={simt} accumulate={accumulate}: relative error {rel:.2e}");
             }
         }
     }
