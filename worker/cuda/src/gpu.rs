@@ -198,6 +198,10 @@ impl Gpu {
         }
         keep_pool_memory(&ctx)?;
         let stream = ctx.default_stream();
+        // SAFETY: only tries to dlopen the library (cudarc panics on first use when it is absent).
+        if !unsafe { blas_sys::is_culib_present() } {
+            bail!("cuBLAS (libcublas) was not found: put the CUDA toolkit's lib directory on LD_LIBRARY_PATH");
+        }
         let blas = CudaBlas::new(stream.clone()).context("creating the cuBLAS handle")?;
         let name = ctx.name()?;
         let sm_count = ctx.attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
