@@ -4,9 +4,9 @@
 
 use anyhow::Result;
 use dsv3_cuda::CudaModel;
-use dsv3_engine::{Chunk, Outputs, Sampler};
-use dsv3_fleet::rank::{sample_outputs, AttentionRank};
-use dsv3_proto::{AttentionInfo, LayerLoad, StepReply, StepRequest};
+use dsv3_engine::Sampler;
+use dsv3_fleet::rank::{expert_load, sample_outputs, step_chunks, AttentionRank};
+use dsv3_proto::{AttentionInfo, StepReply, StepRequest};
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
@@ -45,30 +45,11 @@ impl AttentionRank for CudaAttention {
         let started = std::time::Instant::now();
         let mut guard = self.lock()?;
         let state = &mut *guard;
-        let chunks: Vec<Chunk> = request
-            .items
-            .iter()
-            .map(|item| {
-                let outputs = if item.sample.is_some() {
-                    Outputs::Last
-                } else {
-                    Outputs::None
-                };
-                Chunk::new(item.seq, item.start as usize, &item.tokens, outputs)
-            })
-            .collect();
+        let chunks = step_chunks(&request.items);
         let (outputs, _) = state.model.forward(&chunks, false)?;
         let reply = StepReply {
             sampled: sample_outputs(&mut state.samplers, &request.items, outputs),
-            expert_load: state
-                .model
-                .take_expert_counts()
-                .into_iter()
-                .map(|(layer, tokens_per_expert)| LayerLoad {
-                    layer: layer as u32,
-                    tokens_per_expert,
-                })
-                .collect(),
+            expert_load: expert_load(state.model.take_expert_counts()),
         };
         state.steps += 1;
         state.step_seconds += started.elapsed().as_secs_f64();

@@ -24,6 +24,6 @@ pub use config::ModelConfig;
 pub use engine::{finish_reason, Engine, EngineOptions, FinishReason, GenerateOutput, GenerateRequest, LoadProgress};
 pub use kv_cache::{KvCache, SeqId};
 pub use mla::MlaForm;
-pub use model::{Chunk, ChunkOutput, Model, Outputs, StepOptions, Trace};
+pub use model::{check_chunks, Chunk, ChunkOutput, Model, Outputs, StepOptions, Trace};
 pub use moe::{ExpertExecutor, ExpertSelection, LocalExperts, TokenRoutes};
 pub use sampling::{Sampler, SamplingParams};

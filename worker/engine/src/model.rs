@@ -57,6 +57,16 @@ pub struct Chunk<'a> {
 }
 
 impl<'a> Chunk<'a> {
+    /// Offsets inside the chunk of the positions that produce logits.
+    pub fn output_offsets(&self) -> Vec<usize> {
+        let n = self.tokens.len();
+        match self.outputs {
+            Outputs::None => vec![],
+            Outputs::Last => vec![n - 1],
+            Outputs::All => (0..n).collect(),
+        }
+    }
+
     pub fn new(seq: SeqId, start: usize, tokens: &'a [u32], outputs: Outputs) -> Self {
         Chunk {
             seq,
@@ -66,6 +76,33 @@ impl<'a> Chunk<'a> {
             prev_hidden: None,
         }
     }
+}
+
+/// Checks a step's chunks against the model: none empty, each sequence once, token ids inside
+/// the vocabulary, positions inside the context. Shared by every backend.
+pub fn check_chunks(config: &ModelConfig, chunks: &[Chunk]) -> Result<()> {
+    let mut seen = HashSet::new();
+    for c in chunks {
+        ensure!(!c.tokens.is_empty(), "sequence {}: empty chunk", c.seq);
+        ensure!(seen.insert(c.seq), "sequence {} appears twice in one step", c.seq);
+        if let Some(&bad) = c.tokens.iter().find(|&&t| t as usize >= config.vocab_size) {
+            bail!(
+                "sequence {}: token id {bad} is outside the vocabulary (size {})",
+                c.seq,
+                config.vocab_size
+            );
+        }
+        let end = c.start + c.tokens.len();
+        if end > config.max_position_embeddings {
+            bail!(
+                "sequence {}: position {} is beyond the model's context of {} tokens",
+                c.seq,
+                end - 1,
+                config.max_position_embeddings
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Logits and post-norm hidden states of the positions a chunk asked for.
@@ -267,31 +304,6 @@ impl Model {
         out
     }
 
-    fn check_chunks(&self, chunks: &[Chunk]) -> Result<()> {
-        let mut seen = HashSet::new();
-        for c in chunks {
-            ensure!(!c.tokens.is_empty(), "sequence {}: empty chunk", c.seq);
-            ensure!(seen.insert(c.seq), "sequence {} appears twice in one step", c.seq);
-            if let Some(&bad) = c.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-                bail!(
-                    "sequence {}: token id {bad} is outside the vocabulary (size {})",
-                    c.seq,
-                    self.config.vocab_size
-                );
-            }
-            let end = c.start + c.tokens.len();
-            if end > self.config.max_position_embeddings {
-                bail!(
-                    "sequence {}: position {} is beyond the model's context of {} tokens",
-                    c.seq,
-                    end - 1,
-                    self.config.max_position_embeddings
-                );
-            }
-        }
-        Ok(())
-    }
-
     /// Rotary tables for every token row, and the chunk spans.
     fn layout(&self, chunks: &[Chunk]) -> (Vec<ChunkSpan>, Vec<f32>, Vec<f32>) {
         let half = self.config.qk_rope_head_dim / 2;
@@ -324,7 +336,7 @@ impl Model {
         experts: &dyn ExpertExecutor,
         opts: &StepOptions,
     ) -> Result<(Vec<ChunkOutput>, Option<Trace>)> {
-        self.check_chunks(chunks)?;
+        check_chunks(&self.config, chunks)?;
         for c in chunks {
             cache.begin_chunk(c.seq, c.start, c.tokens.len())?;
         }
@@ -361,11 +373,7 @@ impl Model {
         let mut result = Vec::with_capacity(chunks.len());
         for c in chunks {
             let n = c.tokens.len();
-            let wanted: Vec<usize> = match c.outputs {
-                Outputs::None => vec![],
-                Outputs::Last => vec![n - 1],
-                Outputs::All => (0..n).collect(),
-            };
+            let wanted = c.output_offsets();
             let mut hidden = Vec::with_capacity(wanted.len() * width);
             for &k in &wanted {
                 hidden.extend_from_slice(&h[(row + k) * width..(row + k + 1) * width]);
@@ -393,7 +401,7 @@ impl Model {
         opts: &StepOptions,
     ) -> Result<Vec<ChunkOutput>> {
         let mtp = self.mtp.as_ref().context("this checkpoint has no MTP module")?;
-        self.check_chunks(chunks)?;
+        check_chunks(&self.config, chunks)?;
         let width = self.config.hidden_size;
         let eps = self.config.rms_norm_eps;
         let mut concat = Vec::new();

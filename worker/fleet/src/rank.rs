@@ -125,18 +125,7 @@ impl AttentionRank for LocalAttention {
     fn step(&self, request: StepRequest) -> Result<StepReply> {
         let started = std::time::Instant::now();
         let mut state = self.lock()?;
-        let chunks: Vec<Chunk> = request
-            .items
-            .iter()
-            .map(|item| {
-                let outputs = if item.sample.is_some() {
-                    Outputs::Last
-                } else {
-                    Outputs::None
-                };
-                Chunk::new(item.seq, item.start as usize, &item.tokens, outputs)
-            })
-            .collect();
+        let chunks = step_chunks(&request.items);
         let counting = CountingExperts {
             inner: self.experts.as_ref(),
             n_experts: self.model.config.n_routed_experts,
@@ -152,13 +141,7 @@ impl AttentionRank for LocalAttention {
             ..StepReply::default()
         };
         let counts = counting.counts.into_inner().unwrap_or_default();
-        reply.expert_load = counts
-            .into_iter()
-            .map(|(layer, tokens_per_expert)| LayerLoad {
-                layer: layer as u32,
-                tokens_per_expert,
-            })
-            .collect();
+        reply.expert_load = expert_load(counts);
         state.steps += 1;
         state.step_seconds += started.elapsed().as_secs_f64();
         Ok(reply)
@@ -193,6 +176,32 @@ impl AttentionRank for LocalAttention {
             detail: ready.err().unwrap_or_default(),
         })
     }
+}
+
+/// The model chunks of a step's items: logits at the last position of the items that sample.
+pub fn step_chunks(items: &[StepItem]) -> Vec<Chunk<'_>> {
+    items
+        .iter()
+        .map(|item| {
+            let outputs = if item.sample.is_some() {
+                Outputs::Last
+            } else {
+                Outputs::None
+            };
+            Chunk::new(item.seq, item.start as usize, &item.tokens, outputs)
+        })
+        .collect()
+}
+
+/// Per-layer token counts of the routed experts, as the reply reports them.
+pub fn expert_load(counts: BTreeMap<usize, Vec<u64>>) -> Vec<LayerLoad> {
+    counts
+        .into_iter()
+        .map(|(layer, tokens_per_expert)| LayerLoad {
+            layer: layer as u32,
+            tokens_per_expert,
+        })
+        .collect()
 }
 
 /// Samples the next token of every item that asks for one, from its output logits, with the

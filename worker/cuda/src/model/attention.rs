@@ -15,20 +15,48 @@ const TC_TILE: usize = 64;
 /// Steps whose chunks all have at least this many rows (prefill) use the naive MLA form.
 pub const NAIVE_MIN_ROWS: usize = 64;
 
+/// MLA sizes: heads, the query/key parts without and with rotary position, value width and
+/// latent rank; `qk` = nope + rope per head, `kv_w` = lora + rope per cached position.
+struct MlaDims {
+    heads: usize,
+    nope: usize,
+    rope: usize,
+    vdim: usize,
+    lora: usize,
+    qk: usize,
+    kv_w: usize,
+}
+
+impl MlaDims {
+    fn of(c: &dsv3_engine::ModelConfig) -> Self {
+        let (nope, rope, lora) = (c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank);
+        MlaDims {
+            heads: c.num_attention_heads,
+            nope,
+            rope,
+            vdim: c.v_head_dim,
+            lora,
+            qk: nope + rope,
+            kv_w: lora + rope,
+        }
+    }
+}
+
 impl CudaModel {
     pub(super) fn attention(&self, layer: &Layer, x: &DeviceBuf, h: &DeviceBuf, step: &StepLayout) -> Result<()> {
         let g = &self.gpu;
         let c = &self.config;
         let a = &layer.attn;
         let m = step.rows;
-        let (heads, nope, rope, vdim, lora) = (
-            c.num_attention_heads,
-            c.qk_nope_head_dim,
-            c.qk_rope_head_dim,
-            c.v_head_dim,
-            c.kv_lora_rank,
-        );
-        let qk = nope + rope;
+        let MlaDims {
+            heads,
+            nope,
+            rope,
+            vdim,
+            lora,
+            qk,
+            kv_w,
+        } = MlaDims::of(c);
         let q = g.alloc(m * heads * qk * 4)?;
         match &a.q_a {
             Some((q_a, q_norm)) => {
@@ -39,7 +67,6 @@ impl CudaModel {
             }
             None => self.linear(q.addr, heads * qk, x.addr, m, &a.q_b, false)?,
         }
-        let kv_w = lora + rope;
         let kv = g.alloc(m * kv_w * 4)?;
         self.linear(kv.addr, kv_w, x.addr, m, &a.kv_a, false)?;
         self.rms_norm(&kv, kv_w, &kv, kv_w, &a.kv_norm, lora, m, LATENT_NORM_EPS)?;
@@ -80,7 +107,7 @@ impl CudaModel {
         let attn = g.alloc(m * heads * vdim * 4)?;
         if step.spans.iter().all(|sp| sp.rows >= NAIVE_MIN_ROWS) {
             for sp in &step.spans {
-                self.attend_naive(layer, &q, &attn, sp)?;
+                self.attend_naive(layer, &q, &attn, step, sp)?;
             }
         } else {
             self.attend_absorbed(layer, &q, &attn, step)?;
@@ -94,15 +121,15 @@ impl CudaModel {
         let c = &self.config;
         let a = &layer.attn;
         let m = step.rows;
-        let (heads, nope, rope, vdim, lora) = (
-            c.num_attention_heads,
-            c.qk_nope_head_dim,
-            c.qk_rope_head_dim,
-            c.v_head_dim,
-            c.kv_lora_rank,
-        );
-        let qk = nope + rope;
-        let kv_w = lora + rope;
+        let MlaDims {
+            heads,
+            nope,
+            rope,
+            vdim,
+            lora,
+            qk,
+            kv_w,
+        } = MlaDims::of(c);
         let cache = self.cache.layer_addr(layer.index);
         // absorbed attention over the latent cache
         let q_lat = g.alloc(m * heads * lora * 4)?;
@@ -216,26 +243,27 @@ impl CudaModel {
 
     /// Naive-form attention for one prefill chunk: K and V expanded from every cached latent of
     /// the sequence, then causal QKᵀ and PV per head on the tensor cores, a group of heads at a time.
-    fn attend_naive(&self, layer: &Layer, q: &DeviceBuf, attn: &DeviceBuf, span: &Span) -> Result<()> {
+    fn attend_naive(
+        &self,
+        layer: &Layer,
+        q: &DeviceBuf,
+        attn: &DeviceBuf,
+        step: &StepLayout,
+        span: &Span,
+    ) -> Result<()> {
         let g = &self.gpu;
         let c = &self.config;
-        let (heads, nope, rope, vdim, lora) = (
-            c.num_attention_heads,
-            c.qk_nope_head_dim,
-            c.qk_rope_head_dim,
-            c.v_head_dim,
-            c.kv_lora_rank,
-        );
-        let qk = nope + rope;
+        let MlaDims {
+            heads,
+            nope,
+            rope,
+            vdim,
+            lora,
+            qk,
+            ..
+        } = MlaDims::of(c);
         let (n, total) = (span.rows, span.start + span.rows);
-        let table = g.upload(
-            &self
-                .cache
-                .blocks(span.seq)
-                .iter()
-                .map(|&b| b as i32)
-                .collect::<Vec<_>>(),
-        )?;
+        let table = step.tables + (span.table_off * 4) as u64;
         let c_kv = g.alloc(total * lora * 4)?;
         let k_pe = g.alloc(total * rope * 4)?;
         g.launch(
@@ -247,7 +275,7 @@ impl CudaModel {
                 ptr(c_kv.addr),
                 ptr(k_pe.addr),
                 ptr(self.cache.layer_addr(layer.index)),
-                ptr(table.addr),
+                ptr(table),
                 int(self.cache.block_size),
                 int(lora),
                 int(rope),

@@ -9,11 +9,10 @@ mod moe;
 use crate::cache::DeviceCache;
 use crate::gpu::{float, int, ptr, u64_arg, DeviceBuf, Gpu};
 use crate::weights::{load_vector, random_vector, DeviceMatrix, Format};
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use dsv3_engine::rope::Rope;
-use dsv3_engine::{Checkpoint, Chunk, ChunkOutput, ModelConfig, ModelFiles, Outputs};
+use dsv3_engine::{check_chunks, Checkpoint, Chunk, ChunkOutput, ModelConfig, ModelFiles};
 use layers::{dense_matrices, Ffn, Layer, Mlp};
-use std::collections::HashSet;
 
 pub use attention::NAIVE_MIN_ROWS;
 
@@ -157,22 +156,16 @@ impl CudaModel {
 
     /// One forward step over `chunks`; logits for the positions each chunk asks for.
     pub fn forward(&mut self, chunks: &[Chunk], trace: bool) -> Result<(Vec<ChunkOutput>, Option<DeviceTrace>)> {
-        let (h, m, mut trace) = self.forward_hidden(chunks, trace)?;
+        let (h, trace) = self.forward_hidden(chunks, trace)?;
         let mut wanted_rows = Vec::new();
         let mut row = 0;
         let mut plan = Vec::new();
         for c in chunks {
-            let n = c.tokens.len();
-            let ks: Vec<usize> = match c.outputs {
-                Outputs::None => vec![],
-                Outputs::Last => vec![n - 1],
-                Outputs::All => (0..n).collect(),
-            };
+            let ks = c.output_offsets();
             plan.push(ks.iter().map(|k| c.start + k).collect::<Vec<_>>());
             wanted_rows.extend(ks.iter().map(|k| (row + k) as i32));
-            row += n;
+            row += c.tokens.len();
         }
-        let _ = m;
         let r = wanted_rows.len();
         let mut outputs = Vec::with_capacity(chunks.len());
         let (logits, hidden) = if r > 0 {
@@ -191,9 +184,6 @@ impl CudaModel {
             });
             at += k;
         }
-        if let Some(t) = &mut trace {
-            t.hidden.shrink_to_fit();
-        }
         Ok((outputs, trace))
     }
 
@@ -208,7 +198,7 @@ impl CudaModel {
 
     /// One greedy step: the argmax token after the last position of every chunk, chosen on the GPU.
     pub fn greedy_step(&mut self, chunks: &[Chunk]) -> Result<Vec<u32>> {
-        let (h, _, _) = self.forward_hidden(chunks, false)?;
+        let (h, _) = self.forward_hidden(chunks, false)?;
         let mut rows = Vec::with_capacity(chunks.len());
         let mut at = 0;
         for c in chunks {
@@ -329,34 +319,9 @@ impl CudaModel {
         Ok((logits, normed))
     }
 
-    fn check_chunks(&self, chunks: &[Chunk]) -> Result<()> {
-        let mut seen = HashSet::new();
-        for c in chunks {
-            ensure!(!c.tokens.is_empty(), "sequence {}: empty chunk", c.seq);
-            ensure!(seen.insert(c.seq), "sequence {} appears twice in one step", c.seq);
-            if let Some(&bad) = c.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-                bail!(
-                    "sequence {}: token id {bad} is outside the vocabulary (size {})",
-                    c.seq,
-                    self.config.vocab_size
-                );
-            }
-            let end = c.start + c.tokens.len();
-            if end > self.config.max_position_embeddings {
-                bail!(
-                    "sequence {}: position {} is beyond the model's context of {} tokens",
-                    c.seq,
-                    end - 1,
-                    self.config.max_position_embeddings
-                );
-            }
-        }
-        Ok(())
-    }
-
     /// Runs every layer; returns the residual stream `[m, hidden]` on the GPU.
-    pub fn forward_hidden(&mut self, chunks: &[Chunk], trace: bool) -> Result<(DeviceBuf, usize, Option<DeviceTrace>)> {
-        self.check_chunks(chunks)?;
+    pub fn forward_hidden(&mut self, chunks: &[Chunk], trace: bool) -> Result<(DeviceBuf, Option<DeviceTrace>)> {
+        check_chunks(&self.config, chunks)?;
         for c in chunks {
             self.cache.begin_chunk(c.seq, c.start, c.tokens.len())?;
         }
@@ -391,7 +356,7 @@ impl CudaModel {
                 t.hidden.push(g.download(h.addr, m * width)?);
             }
         }
-        Ok((h, m, tr))
+        Ok((h, tr))
     }
 
     fn step_layout(&self, chunks: &[Chunk]) -> Result<StepLayout> {
@@ -400,8 +365,15 @@ impl CudaModel {
         let (mut cos, mut sin) = (Vec::new(), Vec::new());
         let (mut slots, mut table_off, mut lens, mut tables) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut c_buf, mut s_buf) = (vec![0.0f32; half], vec![0.0f32; half]);
+        let mut spans = Vec::with_capacity(chunks.len());
         for c in chunks {
             let off = tables.len() as i32;
+            spans.push(Span {
+                start: c.start,
+                rows: c.tokens.len(),
+                first_row: ids.len(),
+                table_off: off as usize,
+            });
             tables.extend(self.cache.blocks(c.seq).iter().map(|&b| b as i32));
             for (k, &t) in c.tokens.iter().enumerate() {
                 let pos = c.start + k;
@@ -415,17 +387,6 @@ impl CudaModel {
             }
         }
         let g = &self.gpu;
-        let mut spans = Vec::with_capacity(chunks.len());
-        let mut first_row = 0;
-        for c in chunks {
-            spans.push(Span {
-                seq: c.seq,
-                start: c.start,
-                rows: c.tokens.len(),
-                first_row,
-            });
-            first_row += c.tokens.len();
-        }
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
         let words = |v: &[i32]| v.iter().map(|&x| x as u32).collect::<Vec<u32>>();
         let (buf, a) = g.upload_words(&[
@@ -553,10 +514,11 @@ impl CudaModel {
 
 /// One chunk's rows inside the step.
 struct Span {
-    seq: u64,
     start: usize,
     rows: usize,
     first_row: usize,
+    /// Where the sequence's block table starts in the step's `tables`.
+    table_off: usize,
 }
 
 struct StepLayout {
