@@ -49,7 +49,7 @@ impl AttentionRank for CudaAttention {
         let (outputs, _) = state.model.forward(&chunks, false)?;
         let reply = StepReply {
             sampled: sample_outputs(&mut state.samplers, &request.items, outputs),
-            expert_load: expert_load(state.model.take_expert_counts()),
+            expert_load: expert_load(state.model.take_expert_counts()?),
         };
         state.steps += 1;
         state.step_seconds += started.elapsed().as_secs_f64();

@@ -51,17 +51,17 @@ struct Row {
 }
 
 /// With DSV3_CUDA_PROFILE=1: where the steps of one measurement went, per step.
-fn print_profile(model: &CudaModel, label: &str, steps: usize) {
-    let rows = model.gpu.take_profile();
+fn print_profile(model: &CudaModel, label: &str, steps: usize) -> Result<()> {
+    let rows = model.gpu.take_profile()?;
     if rows.is_empty() {
-        return;
+        return Ok(());
     }
     let total: f64 = rows.iter().map(|r| r.2).sum();
     eprintln!(
         "profile {label}: {:.3} ms per step in kernels and copies",
         total * 1e3 / steps as f64
     );
-    for (name, calls, secs) in rows.iter().take(12) {
+    for (name, calls, secs) in rows.iter().take(16) {
         eprintln!(
             "  {name:<22} {:>6} calls/step {:>9.3} ms/step {:>5.1}%",
             calls / steps,
@@ -69,6 +69,7 @@ fn print_profile(model: &CudaModel, label: &str, steps: usize) {
             100.0 * secs / total
         );
     }
+    Ok(())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -139,7 +140,7 @@ fn decode(model: &mut CudaModel, batch: usize, ctx: usize, reps: usize, with_hea
         .collect();
     let mut times = Vec::new();
     let mut touched = 0;
-    model.gpu.take_profile();
+    model.gpu.take_profile()?;
     for rep in 0..reps + 2 {
         let start = model.gpu.mark()?;
         if with_head {
@@ -148,7 +149,7 @@ fn decode(model: &mut CudaModel, batch: usize, ctx: usize, reps: usize, with_hea
             model.forward_hidden(&chunks, false)?;
         }
         let t = model.gpu.seconds_since(&start)?;
-        touched = model.experts_touched();
+        touched = model.experts_touched()?;
         for &s in &seqs {
             model.truncate(s, ctx);
         }
@@ -156,7 +157,7 @@ fn decode(model: &mut CudaModel, batch: usize, ctx: usize, reps: usize, with_hea
             times.push(t);
         }
     }
-    print_profile(model, &format!("decode batch {batch}"), reps + 2);
+    print_profile(model, &format!("decode batch {batch}"), reps + 2)?;
     for &s in &seqs {
         model.free_sequence(s);
     }
@@ -190,19 +191,19 @@ fn prefill(model: &mut CudaModel, n: usize, reps: usize) -> Result<(f64, f64, f6
     let tokens: Vec<u32> = (0..n).map(|i| (i * 7919 % 120000 + 2) as u32).collect();
     let mut times = Vec::new();
     let mut touched = 0;
-    model.gpu.take_profile();
+    model.gpu.take_profile()?;
     for rep in 0..reps + 1 {
         let chunk = [Chunk::new(9_999, 0, &tokens, Outputs::None)];
         let start = model.gpu.mark()?;
         model.forward_hidden(&chunk, false)?;
         let t = model.gpu.seconds_since(&start)?;
-        touched = model.experts_touched();
+        touched = model.experts_touched()?;
         model.free_sequence(9_999);
         if rep >= 1 {
             times.push(t);
         }
     }
-    print_profile(model, &format!("prefill {n}"), reps + 1);
+    print_profile(model, &format!("prefill {n}"), reps + 1)?;
     let c = model.config.clone();
     let sh = Shapes::of(&c);
     let layers = c.num_hidden_layers as f64;

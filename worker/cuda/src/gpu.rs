@@ -4,7 +4,9 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
-use cudarc::driver::{result as drv, sys as drv_sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{
+    result as drv, sys as drv_sys, CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr,
+};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -55,6 +57,7 @@ pub const KERNELS: &[&str] = &[
     "grouped_fp8_mma_n4",
     "grouped_fp8_mma_n8",
     "zero_rows",
+    "moe_plan",
 ];
 
 /// Whether the CUDA driver library can be loaded (cudarc panics on first use otherwise).
@@ -157,9 +160,9 @@ pub struct Gpu {
     blas: CudaBlas,
     pub name: String,
     pub sm_count: usize,
-    /// Per-kernel time (DSV3_CUDA_PROFILE=1): each launch is synchronised and timed, so the
-    /// totals show where a step goes (the step itself gets slower).
-    profile: Option<std::cell::RefCell<std::collections::BTreeMap<String, (usize, f64)>>>,
+    /// Per-kernel GPU time (DSV3_CUDA_PROFILE=1): events around every launch, so the totals
+    /// show where a step goes (the step itself gets slower).
+    profile: Option<std::cell::RefCell<Vec<(String, cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>>>,
     /// Fill new allocations with 0xFF (NaN as f32 and bf16) so reads of unwritten memory show up.
     pub poison: bool,
 }
@@ -197,7 +200,8 @@ impl Gpu {
             funcs.insert(name, f);
         }
         keep_pool_memory(&ctx)?;
-        let stream = ctx.default_stream();
+        // A stream of our own: the legacy default stream cannot be captured into a graph.
+        let stream = ctx.new_stream().context("creating the CUDA stream")?;
         // SAFETY: only tries to dlopen the library (cudarc panics on first use when it is absent).
         if !unsafe { blas_sys::is_culib_present() } {
             bail!("cuBLAS (libcublas) was not found: put the CUDA toolkit's lib directory on LD_LIBRARY_PATH");
@@ -301,37 +305,68 @@ impl Gpu {
         Ok(out)
     }
 
+    /// Zeroes `bytes` bytes at `addr` (stream-ordered).
+    pub fn zero(&self, addr: u64, bytes: usize) -> Result<()> {
+        self.ctx.bind_to_thread()?;
+        // SAFETY: callers pass a range inside one of their allocations.
+        unsafe { drv::memset_d8_async(addr, 0, bytes, self.stream.cu_stream())? };
+        Ok(())
+    }
+
+    /// Records the work `f` enqueues on the stream, without running it, as a CUDA graph. `f` must
+    /// not wait for the GPU or copy from the host; its temporaries become the graph's own memory.
+    pub fn capture(&self, f: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
+        if self.profile.is_some() {
+            bail!("CUDA graphs cannot be recorded while every launch is timed (DSV3_CUDA_PROFILE)");
+        }
+        self.stream
+            .begin_capture(drv_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .context("starting a CUDA graph capture")?;
+        let recorded = f();
+        let ended = self.stream.end_capture(drv_sys::CUgraphInstantiate_flags(0));
+        recorded.context("recording a CUDA graph")?;
+        ended
+            .context("instantiating a CUDA graph")?
+            .context("the CUDA graph capture recorded nothing")
+    }
+
     pub fn sync(&self) -> Result<()> {
         self.stream.synchronize().context("CUDA stream failed")
     }
 
-    /// Runs `f`, timing it under `name` when profiling.
+    /// Runs `f`, timing the GPU work it enqueues under `name` when profiling (events around it,
+    /// read at [`Gpu::take_profile`]).
     pub fn profiled<T>(&self, name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let Some(profile) = &self.profile else {
             return f();
         };
-        self.sync()?;
-        let started = std::time::Instant::now();
+        let start = self.mark()?;
         let out = f()?;
-        self.sync()?;
-        let mut p = profile.borrow_mut();
-        let e = p.entry(name.to_string()).or_default();
-        e.0 += 1;
-        e.1 += started.elapsed().as_secs_f64();
+        let end = self.mark()?;
+        profile.borrow_mut().push((name.to_string(), start, end));
         Ok(out)
     }
 
-    /// The profile so far (name, calls, seconds), largest first, and a reset.
-    pub fn take_profile(&self) -> Vec<(String, usize, f64)> {
+    /// Whether every launch is timed (DSV3_CUDA_PROFILE).
+    pub fn profiling(&self) -> bool {
+        self.profile.is_some()
+    }
+
+    /// GPU time per name since the last take (name, calls, seconds), largest first.
+    pub fn take_profile(&self) -> Result<Vec<(String, usize, f64)>> {
         let Some(profile) = &self.profile else {
-            return vec![];
+            return Ok(vec![]);
         };
-        let mut rows: Vec<_> = std::mem::take(&mut *profile.borrow_mut())
-            .into_iter()
-            .map(|(k, (n, t))| (k, n, t))
-            .collect();
+        self.sync()?;
+        let mut totals: std::collections::BTreeMap<String, (usize, f64)> = Default::default();
+        for (name, start, end) in profile.borrow_mut().drain(..) {
+            let e = totals.entry(name).or_default();
+            e.0 += 1;
+            e.1 += start.elapsed_ms(&end)? as f64 / 1e3;
+        }
+        let mut rows: Vec<_> = totals.into_iter().map(|(k, (n, t))| (k, n, t)).collect();
         rows.sort_by(|a, b| b.2.total_cmp(&a.2));
-        rows
+        Ok(rows)
     }
 
     /// Launches kernel `name`; the return code is checked (asynchronous faults show at the next sync).

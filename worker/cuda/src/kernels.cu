@@ -279,15 +279,16 @@ extern "C" __global__ void gemv_f32(float* y, int ldy, const float* x, int ldx, 
     gemv_impl<FMT_F32>(y, ldy, x, ldx, m, w, scale, n, k, accumulate);
 }
 
-// Routed experts, small groups: blockIdx.y = group g (one expert), slots offsets[g]..offsets[g+1]
-// in permuted order. Input row of slot s is x_rows[s] (token row, gate/up) or s (down).
+// Routed experts: blockIdx.y = group g (one expert), slots offsets[g]..offsets[g+1] in permuted
+// order; groups of more than max_rows slots are left to the caller (cuBLAS). Input row of slot s is x_rows[s] (token row, gate/up) or s (down).
 // Output row of slot s is s. Expert e's weight starts at w + e * w_stride (and its scales likewise).
 extern "C" __global__ void grouped_gemv_fp8(float* y, int ldy, const float* x, int ldx, const int* x_rows,
                                             const u8* w, const float* scale, u64 w_stride, u64 scale_stride,
-                                            const int* group_expert, const int* offsets, int n, int k) {
+                                            const int* group_expert, const int* offsets, int n, int k,
+                                            int max_rows) {
     int g = blockIdx.y;
     u64 col = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (col >= (u64)n) return;
+    if (col >= (u64)n || offsets[g + 1] - offsets[g] > max_rows) return;
     int e = group_expert[g];
     const u8* we = w + (u64)e * w_stride;
     const float* se = scale + (u64)e * scale_stride;
@@ -326,6 +327,81 @@ extern "C" __global__ void combine_experts(float* out, const float* y, const int
             if (s >= 0) acc += weight[t * top_k + j] * y[(size_t)s * width + i];
         }
         out[(size_t)t * width + i] += acc;
+    }
+}
+
+// Exclusive prefix sum over the block (blockDim.x a multiple of 32, at most 1024); `total` gets
+// the block's sum. scratch: 32 ints.
+__device__ int block_exclusive_scan(int v, int* scratch, int* total) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    int incl = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        int n = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += n;
+    }
+    __syncthreads();
+    if (lane == 31) scratch[warp] = incl;
+    __syncthreads();
+    int before = 0, sum = 0;
+    for (int w = 0; w < warps; ++w) {
+        if (w < warp) before += scratch[w];
+        sum += scratch[w];
+    }
+    *total = sum;
+    return before + incl - v;
+}
+
+// Groups the routed (token, choice) pairs of the first *valid rows by expert on the GPU, so a
+// decode step needs no host round trip (and can be a CUDA graph). Active experts become groups in
+// index order: group g owns slots offsets[g]..offsets[g+1] of expert group_expert[g]; groups past
+// the last active one are empty (offsets = total, up to offsets[groups]). Slots keep token order
+// inside a group. x_rows[s] = token row of slot s; slot_of[t*k+j] = slot of choice j of token t,
+// -1 for padding rows. counts[e] += tokens routed to e (serving metrics); *touched += active
+// experts. One block of 1024 threads; n_experts <= 1024.
+extern "C" __global__ void __launch_bounds__(1024)
+moe_plan(int* group_expert, int* offsets, int* x_rows, int* slot_of, unsigned* counts, unsigned* touched,
+         const int* chosen, const int* valid, int m, int top_k, int n_experts, int groups) {
+    __shared__ int cnt[1024];
+    __shared__ int next[1024];  // next free slot of each expert
+    __shared__ int scratch[32];
+    int tid = threadIdx.x;
+    const int rows = min(*valid, m), pairs = rows * top_k;
+    for (int e = tid; e < n_experts; e += blockDim.x) cnt[e] = 0;
+    for (int i = pairs + tid; i < m * top_k; i += blockDim.x) slot_of[i] = -1;
+    __syncthreads();
+    for (int i = tid; i < pairs; i += blockDim.x) {
+        int e = chosen[i];
+        if (e >= 0 && e < n_experts) atomicAdd(&cnt[e], 1);
+    }
+    __syncthreads();
+    int c = tid < n_experts ? cnt[tid] : 0;
+    int slots, active;
+    int first = block_exclusive_scan(c, scratch, &slots);
+    int group = block_exclusive_scan(c > 0, scratch, &active);
+    if (c > 0) {
+        group_expert[group] = tid;
+        offsets[group] = first;
+        next[tid] = first;
+        atomicAdd(&counts[tid], (unsigned)c);
+    }
+    for (int g = active + tid; g <= groups; g += blockDim.x) offsets[g] = slots;
+    if (tid == 0) atomicAdd(touched, (unsigned)active);
+    __syncthreads();
+    // One warp hands out slots in pair order: lanes with the same expert rank themselves.
+    if (tid < 32) {
+        for (int base = 0; base < pairs; base += 32) {
+            int i = base + tid;
+            int e = i < pairs ? chosen[i] : -1;
+            bool ok = e >= 0 && e < n_experts;
+            unsigned peers = __match_any_sync(0xffffffffu, ok ? e : -1);
+            int s = ok ? next[e] + __popc(peers & ((1u << tid) - 1u)) : -1;
+            if (i < pairs) slot_of[i] = s;
+            if (ok) x_rows[s] = i / top_k;
+            __syncwarp();
+            if (ok && tid == __ffs(peers) - 1) next[e] += __popc(peers);
+            __syncwarp();
+        }
     }
 }
 
@@ -449,8 +525,10 @@ extern "C" __global__ void mla_absorb_out(float* out, const float* o_lat, int m,
 
 // Writes each row's latent [c_kv (normed) ; k_pe (roped)] into the paged cache as bf16.
 extern "C" __global__ void cache_write(bf16* cache, const float* latent, int ld, const int* slots, int width) {
+    int slot = slots[blockIdx.x];
+    if (slot < 0) return;  // padding row of a fixed-size (graphed) step
     const float* src = latent + (size_t)blockIdx.x * ld;
-    bf16* dst = cache + (size_t)slots[blockIdx.x] * width;
+    bf16* dst = cache + (size_t)slot * width;
     for (int i = threadIdx.x; i < width; i += blockDim.x) dst[i] = f32_to_bf16(src[i]);
 }
 
@@ -673,7 +751,7 @@ __device__ __forceinline__ void mma_bf16(float c[4], u32 a0, u32 a1, u32 a2, u32
 extern "C" __global__ void __launch_bounds__(TC_WARPS * 32)
 mla_decode_tc(float* o_part, float* ml_part, const float* q_lat, const float* q, int qk, int nope, int heads, int hg,
               int lora, int rope, const bf16* cache, const int* tables, const int* table_off, const int* lens,
-              int block, float scale, int split_len) {
+              int block, float scale, int min_split) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int width = lora + rope, pitch = width + TC_PAD;  // bf16 elements per smem row
     const int pp = TC_TILE + TC_PAD;
@@ -688,6 +766,19 @@ mla_decode_tc(float* o_part, float* ml_part, const float* q_lat, const float* q,
     float* l_run = m_run + 16;                              // [16]
     int r = blockIdx.y, h0 = blockIdx.x * hg, split = blockIdx.z, splits = gridDim.z;
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    // Each row splits its own length (at least min_split positions per split), so the grid does
+    // not depend on the lengths and a graphed step stays valid as contexts grow.
+    const int len = lens[r];
+    const int split_len = (max(min_split, (len + splits - 1) / splits) + TC_TILE - 1) / TC_TILE * TC_TILE;
+    const int begin = split * split_len, end = min(len, begin + split_len);
+    if (begin >= end) {  // nothing here: an empty partial (l = 0) that the merge skips
+        if (tid < hg) {
+            float* ml = ml_part + (((size_t)r * heads + h0 + tid) * splits + split) * 2;
+            ml[0] = -INFINITY;
+            ml[1] = 0.f;
+        }
+        return;
+    }
     for (int i = tid; i < 16 * width; i += blockDim.x) {
         int hh = i / width, c = i % width;
         float v = 0.f;
@@ -699,8 +790,6 @@ mla_decode_tc(float* o_part, float* ml_part, const float* q_lat, const float* q,
         qs[(16 + hh) * pitch + c] = f32_to_bf16(v - bf16_to_f32(hi));
     }
     if (tid < 16) { m_run[tid] = -INFINITY; l_run[tid] = 0.f; }
-    const int len = lens[r];
-    const int begin = split * split_len, end = min(len, begin + split_len);
     const int* tab = tables + table_off[r];
     // warp w: scores for positions w*8..w*8+7 of each tile; output columns [w*cols, (w+1)*cols)
     const int cols = lora / TC_WARPS, col0 = warp * cols, ntiles = cols / 8;
@@ -880,7 +969,7 @@ extern "C" __global__ void mla_combine(float* o_lat, const float* o_part, const 
         float v = 0.f;
         for (int s = 0; s < splits; ++s)
             if (ml[2 * s + 1] > 0.f) v += expf(ml[2 * s] - mx) * op[(size_t)s * lora + c];
-        o_lat[((size_t)r * heads + h) * lora + c] = v / denom;
+        o_lat[((size_t)r * heads + h) * lora + c] = denom > 0.f ? v / denom : 0.f;  // 0 for empty rows
     }
 }
 
@@ -1064,14 +1153,21 @@ BF16_MMA(1)
 BF16_MMA(2)
 
 // Routed experts on the tensor cores: blockIdx.y = group (one expert, its slots offsets[g]..),
-// token rows of x from x_rows (gate/up) or the slots themselves (down); up to 8*NT slots per group.
+// token rows of x from x_rows (gate/up) or the slots themselves (down); 8*NT slots per pass, so
+// any group size works (the weight tile is re-read from L2 per pass). Groups of more than
+// max_rows slots are left to the caller; empty groups (past the active ones) return at once.
 #define GROUPED_FP8_MMA(NT)                                                                                     \
     extern "C" __global__ void __launch_bounds__(128) grouped_fp8_mma_n##NT(                                    \
         float* y, int ldy, const bf16* x, int ldx, const int* x_rows, const u8* w, const float* scale,          \
-        u64 w_stride, u64 scale_stride, const int* group_expert, const int* offsets, int n, int k) {            \
-        int gi = blockIdx.y, e = group_expert[gi], s0 = offsets[gi], cnt = offsets[gi + 1] - s0;                \
-        fp8_mma_impl<NT>(y + (size_t)s0 * ldy, ldy, x_rows ? x : x + (size_t)s0 * ldx, x_rows ? x_rows + s0 : 0, \
-                         ldx, cnt, w + (u64)e * w_stride, scale + (u64)e * scale_stride, n, k, 0);             \
+        u64 w_stride, u64 scale_stride, const int* group_expert, const int* offsets, int n, int k,              \
+        int max_rows) {                                                                                         \
+        int gi = blockIdx.y, s0 = offsets[gi], cnt = offsets[gi + 1] - s0;                                      \
+        if (cnt <= 0 || cnt > max_rows) return;                                                                 \
+        int e = group_expert[gi];                                                                               \
+        for (int t0 = s0; t0 < s0 + cnt; t0 += 8 * NT)                                                          \
+            fp8_mma_impl<NT>(y + (size_t)t0 * ldy, ldy, x_rows ? x : x + (size_t)t0 * ldx,                      \
+                             x_rows ? x_rows + t0 : 0, ldx, min(8 * NT, s0 + cnt - t0), w + (u64)e * w_stride,  \
+                             scale + (u64)e * scale_stride, n, k, 0);                                           \
     }
 GROUPED_FP8_MMA(1)
 GROUPED_FP8_MMA(2)

@@ -181,6 +181,108 @@ fn golden_tiny_fp8_matches_cpu() {
     check_model(&ModelFiles::Dir(dir), 24);
 }
 
+/// Greedy decode of five sequences of different lengths (padded to a graph of 8 rows), crossing a
+/// cache block boundary, then of three (a graph of 4); logits cosine against the CPU per row and
+/// step, until the tokens part where the CPU's margin allows.
+fn decode_cosines(files: &ModelFiles, gpu: &mut CudaModel, first_seq: u64) -> Vec<f64> {
+    let mut cpu = Cpu::load(files);
+    let vocab = cpu.model.config.vocab_size as u32;
+    let opts = StepOptions {
+        mla: MlaForm::Auto,
+        trace: false,
+    };
+    let mut seqs: Vec<(u64, usize, u32)> = Vec::new();
+    for (i, len) in [60usize, 3, 62, 17, 58].into_iter().enumerate() {
+        let p = prompt(len, 10 + i as u32, vocab);
+        let seq = first_seq + i as u64;
+        let chunk = [Chunk::new(seq, 0, &p, Outputs::Last)];
+        let (out, _) = cpu
+            .model
+            .forward(&chunk, &mut cpu.cache, &cpu.experts, &opts)
+            .expect("CPU");
+        gpu.forward(&chunk, false).expect("GPU prefill");
+        seqs.push((seq, len, argmax(&out[0].logits).0 as u32));
+    }
+    let mut cosines = Vec::new();
+    'steps: for step in 0..12 {
+        if step == 8 {
+            seqs.truncate(3);
+        }
+        let tokens: Vec<[u32; 1]> = seqs.iter().map(|s| [s.2]).collect();
+        let chunks: Vec<Chunk> = seqs
+            .iter()
+            .zip(&tokens)
+            .map(|(s, t)| Chunk::new(s.0, s.1, t, Outputs::Last))
+            .collect();
+        let (cpu_out, _) = cpu
+            .model
+            .forward(&chunks, &mut cpu.cache, &cpu.experts, &opts)
+            .expect("CPU");
+        let (gpu_out, _) = gpu.forward(&chunks, false).expect("GPU decode");
+        for (i, (c, g)) in cpu_out.iter().zip(&gpu_out).enumerate() {
+            assert!(
+                g.logits.iter().all(|v| v.is_finite()),
+                "step {step} row {i}: non-finite logits"
+            );
+            cosines.push(cosine(&c.logits, &g.logits));
+            let (ct, margin) = argmax(&c.logits);
+            let (gt, _) = argmax(&g.logits);
+            if ct != gt {
+                assert!(
+                    margin < 0.05,
+                    "step {step} row {i}: tokens {ct} vs {gt}, CPU margin {margin}"
+                );
+                eprintln!("step {step} row {i}: tokens differ within the margin; stopping");
+                break 'steps;
+            }
+            seqs[i].1 += 1;
+            seqs[i].2 = ct as u32;
+        }
+    }
+    for s in first_seq..first_seq + 5 {
+        gpu.free_sequence(s);
+    }
+    cosines
+}
+
+/// Decode steps replayed as CUDA graphs against the CPU, and the same steps launched one by one.
+/// A near-tie routing choice can move one row's logits (tiny random experts), so the check is on
+/// the distribution: every row close, nearly all very close, in both modes.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn graphed_decode_matches_cpu() {
+    poison();
+    let root = std::env::var_os("DSV3_REPO_ROOT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
+    let files = ModelFiles::Dir(root.join("tests/golden/tiny-fp8"));
+    let mut gpu = CudaModel::load(&files, 0, 4096, &mut |_, _| {}).expect("GPU model");
+    for (graphs, first_seq) in [(true, 0), (false, 100)] {
+        gpu.set_graphs(graphs);
+        let cos = decode_cosines(&files, &mut gpu, first_seq);
+        let label = if graphs { "graphed" } else { "launched one by one" };
+        let close = cos.iter().filter(|&&c| c > 0.999).count();
+        let worst = cos.iter().copied().fold(1.0, f64::min);
+        eprintln!(
+            "{label}: {} rows compared, {close} with logits cosine > 0.999, worst {worst:.5}",
+            cos.len()
+        );
+        eprintln!("  {cos:.5?}");
+        assert!(cos.len() >= 15, "{label}: too few decode rows compared");
+        assert!(worst > 0.9, "{label}: a row's logits cosine is {worst}");
+        assert!(
+            close * 10 >= cos.len() * 9,
+            "{label}: only {close} of {} rows close",
+            cos.len()
+        );
+    }
+    assert_eq!(
+        gpu.graphs_recorded(),
+        2,
+        "decode steps of 5 and 3 rows record one graph each"
+    );
+}
+
 /// Full-width attention (hidden 7168, 128 heads, q_lora 1536, kv_lora 512) and experts of 2048,
 /// with fewer experts and a small vocabulary so the CPU reference stays quick.
 #[test]

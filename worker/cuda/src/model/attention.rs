@@ -12,6 +12,8 @@ const MLA_HEAD_GROUP: usize = 16;
 const MLA_TILE: usize = 32;
 /// Positions per tile of the tensor-core decode kernel.
 const TC_TILE: usize = 64;
+/// Fewest positions one block of the split decode kernel takes.
+const MIN_SPLIT: usize = 256;
 /// Steps whose chunks all have at least this many rows (prefill) use the naive MLA form.
 pub const NAIVE_MIN_ROWS: usize = 64;
 
@@ -174,19 +176,17 @@ impl CudaModel {
         ];
         let tensor_cores = kv_w % 16 == 0 && lora % 64 == 0 && !self.simt_attention;
         if tensor_cores {
-            // Split the positions so the grid fills the GPU even at batch 1 (flash-decoding).
+            // Split the positions so the grid fills the GPU even at batch 1 (flash-decoding); each
+            // row divides its own length on the GPU, at least MIN_SPLIT positions per split.
             let groups = m * heads / hg;
-            let max_len = step.max_len;
             let wanted = (4 * g.sm_count).div_ceil(groups);
-            let splits = wanted.min(max_len.div_ceil(256)).max(1);
-            let split_len = max_len.div_ceil(splits).next_multiple_of(TC_TILE);
-            let splits = max_len.div_ceil(split_len);
+            let splits = wanted.min(step.max_len.div_ceil(MIN_SPLIT)).max(1);
             let o_part = g.alloc(m * heads * splits * lora * 4)?;
             let ml_part = g.alloc(m * heads * splits * 2 * 4)?;
             let smem = (32 + 2 * TC_TILE) * (kv_w + 8) * 2 + 32 * (TC_TILE + 8) * 2 + (2 * 8 * 16 + 32) * 4;
             let mut args = vec![ptr(o_part.addr), ptr(ml_part.addr)];
             args.extend_from_slice(&args_tail);
-            args.push(int(split_len));
+            args.push(int(MIN_SPLIT));
             g.launch(
                 "mla_decode_tc",
                 ((heads / hg) as u32, m as u32, splits as u32),

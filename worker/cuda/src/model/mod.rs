@@ -3,6 +3,7 @@
 //! cache paged in GPU memory, all routed experts local.
 
 mod attention;
+mod graph;
 mod layers;
 mod moe;
 
@@ -12,7 +13,10 @@ use crate::weights::{load_vector, random_vector, DeviceMatrix, Format};
 use anyhow::{ensure, Context, Result};
 use dsv3_engine::rope::Rope;
 use dsv3_engine::{check_chunks, Checkpoint, Chunk, ChunkOutput, ModelConfig, ModelFiles};
+use graph::DecodeGraph;
 use layers::{dense_matrices, Ffn, Layer, Mlp};
+use moe::MoeStats;
+use std::collections::HashMap;
 
 pub use attention::NAIVE_MIN_ROWS;
 
@@ -34,9 +38,12 @@ pub struct CudaModel {
     pub cache: DeviceCache,
     /// bf16 scratch for dequantised weights on the cuBLAS path.
     dequant: DeviceBuf,
-    experts_touched: std::cell::Cell<usize>,
-    /// Tokens each routed expert received, per MoE layer, since the last take (serving metrics).
-    expert_counts: std::cell::RefCell<std::collections::BTreeMap<usize, Vec<u64>>>,
+    /// Tokens per routed expert and experts touched, counted on the GPU.
+    moe_stats: MoeStats,
+    /// Decode steps recorded as CUDA graphs, by (padded batch, with head).
+    graphs: HashMap<(usize, bool), DecodeGraph>,
+    /// Replay decode steps as CUDA graphs (off with DSV3_CUDA_GRAPHS=0 and while profiling).
+    use_graphs: bool,
     /// Use the CUDA-core attention kernel instead of the tensor-core one (DSV3_MLA_SIMT=1).
     simt_attention: bool,
     /// Use the CUDA-core GEMV kernels for FP8 weights at every batch (DSV3_LINEAR_SIMT=1).
@@ -117,6 +124,8 @@ impl CudaModel {
             config.n_routed_experts <= 1024 && config.num_experts_per_tok <= 32,
             "too many experts for the routing kernel"
         );
+        let moe_stats = MoeStats::new(&gpu, config.num_hidden_layers, config.n_routed_experts)?;
+        let use_graphs = std::env::var_os("DSV3_CUDA_GRAPHS").is_none_or(|v| v != "0") && !gpu.profiling();
         Ok(CudaModel {
             rope: Rope::new(&config),
             gpu,
@@ -127,8 +136,9 @@ impl CudaModel {
             head,
             cache,
             dequant,
-            experts_touched: std::cell::Cell::new(0),
-            expert_counts: Default::default(),
+            moe_stats,
+            graphs: HashMap::new(),
+            use_graphs,
             simt_attention: std::env::var_os("DSV3_MLA_SIMT").is_some_and(|v| v != "0"),
             simt_linear: std::env::var_os("DSV3_LINEAR_SIMT").is_some_and(|v| v != "0"),
         })
@@ -156,7 +166,6 @@ impl CudaModel {
 
     /// One forward step over `chunks`; logits for the positions each chunk asks for.
     pub fn forward(&mut self, chunks: &[Chunk], trace: bool) -> Result<(Vec<ChunkOutput>, Option<DeviceTrace>)> {
-        let (h, trace) = self.forward_hidden(chunks, trace)?;
         let mut wanted_rows = Vec::new();
         let mut row = 0;
         let mut plan = Vec::new();
@@ -166,14 +175,16 @@ impl CudaModel {
             wanted_rows.extend(ks.iter().map(|k| (row + k) as i32));
             row += c.tokens.len();
         }
-        let r = wanted_rows.len();
-        let mut outputs = Vec::with_capacity(chunks.len());
-        let (logits, hidden) = if r > 0 {
-            self.head_rows(&h, &wanted_rows)?
-        } else {
-            (vec![], vec![])
+        let (head, trace) = self.run_step(chunks, Some(&wanted_rows), trace)?;
+        let (width, v) = (self.config.hidden_size, self.config.vocab_size);
+        let (logits, hidden) = match head {
+            Some(out) => (
+                self.gpu.download::<f32>(out.logits, out.rows * v)?,
+                self.gpu.download::<f32>(out.normed, out.rows * width)?,
+            ),
+            None => (vec![], vec![]),
         };
-        let (v, width) = (self.config.vocab_size, self.config.hidden_size);
+        let mut outputs = Vec::with_capacity(chunks.len());
         let mut at = 0;
         for positions in plan {
             let k = positions.len();
@@ -187,39 +198,37 @@ impl CudaModel {
         Ok((outputs, trace))
     }
 
-    /// Final norm and head over the given rows of `h`: (logits, post-norm hidden).
-    fn head_rows(&self, h: &DeviceBuf, rows: &[i32]) -> Result<(Vec<f32>, Vec<f32>)> {
-        let (logits, normed) = self.head_device(h, rows)?;
-        let (width, v) = (self.config.hidden_size, self.config.vocab_size);
-        let l = self.gpu.download::<f32>(logits.addr, rows.len() * v)?;
-        let hs = self.gpu.download::<f32>(normed.addr, rows.len() * width)?;
-        Ok((l, hs))
-    }
-
     /// One greedy step: the argmax token after the last position of every chunk, chosen on the GPU.
     pub fn greedy_step(&mut self, chunks: &[Chunk]) -> Result<Vec<u32>> {
-        let (h, _) = self.forward_hidden(chunks, false)?;
         let mut rows = Vec::with_capacity(chunks.len());
         let mut at = 0;
         for c in chunks {
             at += c.tokens.len();
             rows.push(at as i32 - 1);
         }
-        let (logits, _) = self.head_device(&h, &rows)?;
-        let ids = self.gpu.alloc(rows.len() * 4)?;
+        let (head, _) = self.run_step(chunks, Some(&rows), false)?;
+        let Some(out) = head else {
+            return Ok(vec![]);
+        };
+        let ids = self.gpu.alloc(out.rows * 4)?;
         self.gpu.launch(
             "argmax_rows",
-            (rows.len() as u32, 1, 1),
+            (out.rows as u32, 1, 1),
             1024,
             0,
-            &[ptr(ids.addr), ptr(logits.addr), int(self.config.vocab_size)],
+            &[ptr(ids.addr), ptr(out.logits), int(self.config.vocab_size)],
         )?;
         Ok(self
             .gpu
-            .download::<i32>(ids.addr, rows.len())?
+            .download::<i32>(ids.addr, out.rows)?
             .into_iter()
             .map(|t| t as u32)
             .collect())
+    }
+
+    /// Runs every layer without the head (benchmarks, traces).
+    pub fn forward_hidden(&mut self, chunks: &[Chunk], trace: bool) -> Result<Option<DeviceTrace>> {
+        Ok(self.run_step(chunks, None, trace)?.1)
     }
 
     /// Gives each sequence `len` cached positions of random latents (benchmarks of long contexts
@@ -248,13 +257,29 @@ impl CudaModel {
     }
 
     /// Tokens per routed expert and MoE layer since the last call.
-    pub fn take_expert_counts(&self) -> std::collections::BTreeMap<usize, Vec<u64>> {
-        std::mem::take(&mut *self.expert_counts.borrow_mut())
+    pub fn take_expert_counts(&self) -> Result<std::collections::BTreeMap<usize, Vec<u64>>> {
+        let moe_layers: Vec<usize> = self
+            .layers
+            .iter()
+            .filter(|l| matches!(l.ffn, Ffn::Moe(_)))
+            .map(|l| l.index)
+            .collect();
+        self.moe_stats.take_counts(&self.gpu, &moe_layers)
+    }
+
+    /// Turns the replay of decode steps as CUDA graphs on or off.
+    pub fn set_graphs(&mut self, on: bool) {
+        self.use_graphs = on && !self.gpu.profiling();
+    }
+
+    /// Decode step sizes recorded as CUDA graphs so far.
+    pub fn graphs_recorded(&self) -> usize {
+        self.graphs.len()
     }
 
     /// Routed experts used by the last step, summed over MoE layers.
-    pub fn experts_touched(&self) -> usize {
-        self.experts_touched.get()
+    pub fn experts_touched(&self) -> Result<usize> {
+        self.moe_stats.touched(&self.gpu)
     }
 
     /// Weight elements a token multiplies outside the routed experts, and per routed expert.
@@ -283,54 +308,89 @@ impl CudaModel {
         self.layers.iter().filter(|l| matches!(l.ffn, Ffn::Moe(_))).count()
     }
 
-    /// Logits `[rows, vocab]` and post-norm hidden states for the given rows, left on the GPU.
-    fn head_device(&self, h: &DeviceBuf, rows: &[i32]) -> Result<(DeviceBuf, DeviceBuf)> {
+    /// Final norm and head over `r` rows of `h`: rows `pick[..r]` (indices on the GPU) or the
+    /// first `r`. Post-norm hidden states go to `normed`, logits `[r, vocab]` to `logits`.
+    fn head_into(&self, h: &DeviceBuf, pick: Option<u64>, r: usize, normed: &DeviceBuf, logits: u64) -> Result<()> {
         let g = &self.gpu;
-        let (width, v) = (self.config.hidden_size, self.config.vocab_size);
-        let r = rows.len();
-        let rows_buf = g.upload(rows)?;
-        let picked = g.alloc(r * width * 4)?;
-        g.launch(
-            "gather_rows_f32",
-            (r as u32, 1, 1),
-            256,
-            0,
-            &[
-                ptr(picked.addr),
-                ptr(h.addr),
-                int(width),
-                ptr(rows_buf.addr),
-                int(width),
-            ],
-        )?;
-        let normed = g.alloc(r * width * 4)?;
+        let width = self.config.hidden_size;
+        let picked;
+        let rows = match pick {
+            Some(rows) => {
+                picked = g.alloc(r * width * 4)?;
+                g.launch(
+                    "gather_rows_f32",
+                    (r as u32, 1, 1),
+                    256,
+                    0,
+                    &[ptr(picked.addr), ptr(h.addr), int(width), ptr(rows), int(width)],
+                )?;
+                &picked
+            }
+            None => h,
+        };
         self.rms_norm(
-            &normed,
+            normed,
             width,
-            &picked,
+            rows,
             width,
             &self.norm,
             width,
             r,
             self.config.rms_norm_eps,
         )?;
-        let logits = g.alloc(r * v * 4)?;
-        self.linear(logits.addr, v, normed.addr, r, &self.head, false)?;
-        Ok((logits, normed))
+        self.linear(logits, self.config.vocab_size, normed.addr, r, &self.head, false)
     }
 
-    /// Runs every layer; returns the residual stream `[m, hidden]` on the GPU.
-    pub fn forward_hidden(&mut self, chunks: &[Chunk], trace: bool) -> Result<(DeviceBuf, Option<DeviceTrace>)> {
+    /// One step: the layers, then the head over `head_rows` (step row indices) when given. Decode
+    /// steps replay a CUDA graph when they can; everything else runs launch by launch.
+    fn run_step(
+        &mut self,
+        chunks: &[Chunk],
+        head_rows: Option<&[i32]>,
+        trace: bool,
+    ) -> Result<(Option<HeadOut>, Option<DeviceTrace>)> {
         check_chunks(&self.config, chunks)?;
         for c in chunks {
             self.cache.begin_chunk(c.seq, c.start, c.tokens.len())?;
         }
-        let step = self.step_layout(chunks)?;
-        self.experts_touched.set(0);
+        self.moe_stats.reset_touched(&self.gpu)?;
+        let head_rows = head_rows.filter(|r| !r.is_empty());
+        if self.use_graphs && !trace && graph::fits(chunks, head_rows) {
+            return Ok((self.run_graphed(chunks, head_rows.is_some())?, None));
+        }
+        let g = &self.gpu;
+        let rows: usize = chunks.iter().map(|c| c.tokens.len()).sum();
+        let (words, spans, max_len) = self.pack_inputs(chunks, rows);
+        let buf = g.upload(&words)?;
+        let step = StepLayout::new(buf.addr, rows, self.config.qk_rope_head_dim / 2, spans, max_len);
+        let h = g.alloc(rows * self.config.hidden_size * 4)?;
+        let mut tr = trace.then(DeviceTrace::default);
+        self.run_layers(&step, &h, &mut tr)?;
+        let head = match head_rows {
+            Some(picked) => {
+                let r = picked.len();
+                let pick = g.upload(picked)?;
+                let normed = g.alloc(r * self.config.hidden_size * 4)?;
+                let logits = g.alloc(r * self.config.vocab_size * 4)?;
+                self.head_into(&h, Some(pick.addr), r, &normed, logits.addr)?;
+                Some(HeadOut {
+                    logits: logits.addr,
+                    normed: normed.addr,
+                    rows: r,
+                    _owned: vec![pick, normed, logits],
+                })
+            }
+            None => None,
+        };
+        drop(buf);
+        Ok((head, tr))
+    }
+
+    /// The embedding and every layer over `step`; the residual stream `[step.rows, hidden]` in `h`.
+    fn run_layers(&self, step: &StepLayout, h: &DeviceBuf, trace: &mut Option<DeviceTrace>) -> Result<()> {
         let g = &self.gpu;
         let m = step.rows;
         let width = self.config.hidden_size;
-        let h = g.alloc(m * width * 4)?;
         g.launch(
             "embed_rows",
             (m as u32, 1, 1),
@@ -345,72 +405,65 @@ impl CudaModel {
                 int(width),
             ],
         )?;
-        let mut tr = trace.then(DeviceTrace::default);
-        if let Some(t) = &mut tr {
+        if let Some(t) = trace {
             t.hidden.push(g.download(h.addr, m * width)?);
         }
         for layer in &self.layers {
-            self.layer_forward(layer, &h, &step, &mut tr)
+            self.layer_forward(layer, h, step, trace)
                 .with_context(|| format!("layer {}", layer.index))?;
-            if let Some(t) = &mut tr {
+            if let Some(t) = trace {
                 t.hidden.push(g.download(h.addr, m * width)?);
             }
         }
-        Ok((h, tr))
+        Ok(())
     }
 
-    fn step_layout(&self, chunks: &[Chunk]) -> Result<StepLayout> {
+    /// The step's inputs as 4-byte words in [`StepLayout`] order for `rows` rows (the chunks' rows,
+    /// then padding rows that write no cache slot and attend to nothing); the chunks' spans and
+    /// longest context.
+    fn pack_inputs(&self, chunks: &[Chunk], rows: usize) -> (Vec<u32>, Vec<Span>, usize) {
         let half = self.config.qk_rope_head_dim / 2;
-        let mut ids = Vec::new();
-        let (mut cos, mut sin) = (Vec::new(), Vec::new());
-        let (mut slots, mut table_off, mut lens, mut tables) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let at = StepLayout::offsets(rows, half);
+        let mut words = vec![0u32; at.tables];
         let (mut c_buf, mut s_buf) = (vec![0.0f32; half], vec![0.0f32; half]);
         let mut spans = Vec::with_capacity(chunks.len());
+        let mut tables = Vec::new();
+        let (mut row, mut max_len) = (0, 0);
         for c in chunks {
-            let off = tables.len() as i32;
+            let off = tables.len();
             spans.push(Span {
                 start: c.start,
                 rows: c.tokens.len(),
-                first_row: ids.len(),
-                table_off: off as usize,
+                first_row: row,
+                table_off: off,
             });
-            tables.extend(self.cache.blocks(c.seq).iter().map(|&b| b as i32));
+            tables.extend(self.cache.blocks(c.seq).iter().copied());
             for (k, &t) in c.tokens.iter().enumerate() {
                 let pos = c.start + k;
-                ids.push(t);
                 self.rope.cos_sin(pos, &mut c_buf, &mut s_buf);
-                cos.extend_from_slice(&c_buf);
-                sin.extend_from_slice(&s_buf);
-                slots.push(self.cache.slot(c.seq, pos) as i32);
-                table_off.push(off);
-                lens.push((pos + 1) as i32);
+                words[at.ids + row] = t;
+                for i in 0..half {
+                    words[at.cos + row * half + i] = c_buf[i].to_bits();
+                    words[at.sin + row * half + i] = s_buf[i].to_bits();
+                }
+                words[at.slots + row] = self.cache.slot(c.seq, pos) as u32;
+                words[at.table_off + row] = off as u32;
+                words[at.lens + row] = (pos + 1) as u32;
+                max_len = max_len.max(pos + 1);
+                row += 1;
             }
         }
-        let g = &self.gpu;
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
-        let words = |v: &[i32]| v.iter().map(|&x| x as u32).collect::<Vec<u32>>();
-        let (buf, a) = g.upload_words(&[
-            &ids,
-            &bits(&cos),
-            &bits(&sin),
-            &words(&slots),
-            &words(&table_off),
-            &words(&lens),
-            &words(&tables),
-        ])?;
-        Ok(StepLayout {
-            max_len: lens.iter().copied().max().unwrap_or(0) as usize,
-            rows: ids.len(),
-            spans,
-            ids: a[0],
-            cos: a[1],
-            sin: a[2],
-            slots: a[3],
-            table_off: a[4],
-            lens: a[5],
-            tables: a[6],
-            _buf: buf,
-        })
+        words[at.valid] = row as u32;
+        self.rope.cos_sin(0, &mut c_buf, &mut s_buf);
+        for r in row..rows {
+            for i in 0..half {
+                words[at.cos + r * half + i] = c_buf[i].to_bits();
+                words[at.sin + r * half + i] = s_buf[i].to_bits();
+            }
+            words[at.slots + r] = u32::MAX; // -1: no cache slot
+        }
+        words.extend(tables);
+        (words, spans, max_len)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -481,17 +534,8 @@ impl CudaModel {
         match &layer.ffn {
             Ffn::Dense(mlp) => self.mlp(mlp, &x, h.addr, m),
             Ffn::Moe(moe) => {
-                let routes = self.moe(moe, &x, h, m)?;
-                let mut counts = self.expert_counts.borrow_mut();
-                let layer_counts = counts
-                    .entry(layer.index)
-                    .or_insert_with(|| vec![0; moe.experts.experts]);
-                for &e in &routes {
-                    if let Some(c) = layer_counts.get_mut(e as usize) {
-                        *c += 1;
-                    }
-                }
-                if let Some(t) = trace {
+                let routes = self.moe(layer.index, moe, &x, h, m, step.valid, trace.is_some())?;
+                if let (Some(t), Some(routes)) = (trace, routes) {
                     t.routes.push((layer.index, routes));
                 }
                 Ok(())
@@ -521,9 +565,32 @@ struct Span {
     table_off: usize,
 }
 
+/// Where a step's results are on the GPU: in buffers the step owns, or in a graph's.
+struct HeadOut {
+    logits: u64,
+    normed: u64,
+    rows: usize,
+    _owned: Vec<DeviceBuf>,
+}
+
+/// Word offsets of a step's input arrays in their one buffer (the block tables last, so a graph's
+/// fixed-size buffer takes any tables that fit the cache).
+struct InputOffsets {
+    ids: usize,
+    cos: usize,
+    sin: usize,
+    slots: usize,
+    table_off: usize,
+    lens: usize,
+    valid: usize,
+    tables: usize,
+}
+
+/// A step's inputs on the GPU: `rows` rows (some may pad a graphed step; `valid` holds the count
+/// of real ones), per row the token, RoPE cos/sin, cache slot, block-table offset and context length.
 struct StepLayout {
     rows: usize,
-    /// Longest context any row attends over.
+    /// Longest context any row attends over (for a graphed step: the cache capacity).
     max_len: usize,
     spans: Vec<Span>,
     ids: u64,
@@ -532,6 +599,42 @@ struct StepLayout {
     slots: u64,
     table_off: u64,
     lens: u64,
+    valid: u64,
     tables: u64,
-    _buf: DeviceBuf,
+}
+
+impl StepLayout {
+    fn offsets(rows: usize, half: usize) -> InputOffsets {
+        let cos = rows;
+        let sin = cos + rows * half;
+        let slots = sin + rows * half;
+        InputOffsets {
+            ids: 0,
+            cos,
+            sin,
+            slots,
+            table_off: slots + rows,
+            lens: slots + 2 * rows,
+            valid: slots + 3 * rows,
+            tables: slots + 3 * rows + 1,
+        }
+    }
+
+    fn new(base: u64, rows: usize, half: usize, spans: Vec<Span>, max_len: usize) -> Self {
+        let at = Self::offsets(rows, half);
+        let addr = |words: usize| base + (words * 4) as u64;
+        StepLayout {
+            rows,
+            max_len,
+            spans,
+            ids: addr(at.ids),
+            cos: addr(at.cos),
+            sin: addr(at.sin),
+            slots: addr(at.slots),
+            table_off: addr(at.table_off),
+            lens: addr(at.lens),
+            valid: addr(at.valid),
+            tables: addr(at.tables),
+        }
+    }
 }

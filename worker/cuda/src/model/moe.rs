@@ -3,16 +3,31 @@
 
 use super::layers::Moe;
 use super::CudaModel;
-use crate::gpu::{float, int, ptr, u64_arg, DeviceBuf};
+use crate::gpu::{float, int, ptr, u64_arg, DeviceBuf, Gpu};
 use crate::linear::mma_fits;
 use anyhow::{ensure, Result};
+use std::collections::BTreeMap;
 
-/// Experts with more routed rows than this in a step use cuBLAS instead of the grouped kernels.
+/// Steps up to this many rows keep every expert group in the grouped kernels, so they never wait
+/// for the host (and can be captured as CUDA graphs).
+pub(super) const DEVICE_ONLY_MAX_ROWS: usize = 256;
+/// In larger steps (prefill), experts with more routed rows than this use cuBLAS instead.
 const GROUPED_MAX_ROWS: usize = 64;
 
 impl CudaModel {
-    /// Routed and shared experts, added into `h`. Returns the chosen experts `[m, top_k]`.
-    pub(super) fn moe(&self, moe: &Moe, x: &DeviceBuf, h: &DeviceBuf, m: usize) -> Result<Vec<u32>> {
+    /// Routed and shared experts, added into `h`. `valid` points at the number of real rows (the
+    /// rest pad a graphed step). Returns the chosen experts `[m, top_k]` when `want_routes`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn moe(
+        &self,
+        layer: usize,
+        moe: &Moe,
+        x: &DeviceBuf,
+        h: &DeviceBuf,
+        m: usize,
+        valid: u64,
+        want_routes: bool,
+    ) -> Result<Option<Vec<u32>>> {
         let g = &self.gpu;
         let c = &self.config;
         let (e, k, width) = (c.n_routed_experts, c.num_experts_per_tok, c.hidden_size);
@@ -39,37 +54,40 @@ impl CudaModel {
                 float(c.routed_scaling_factor),
             ],
         )?;
-        let (chosen, plan) = g.profiled("route_sync_permute", || {
+        let plan = DevicePlan::new(self, layer, ids.addr, valid, m)?;
+        let routes = if want_routes {
             let chosen: Vec<i32> = g.download(ids.addr, m * k)?;
-            let plan = Permutation::new(&chosen, m, k, e)?;
-            Ok((chosen, plan))
-        })?;
-        self.experts_touched
-            .set(self.experts_touched.get() + plan.group_expert.len());
-        let slots = plan.x_rows.len();
+            Some(chosen.iter().map(|&v| v as u32).collect())
+        } else {
+            None
+        };
+        // Large steps read the group sizes back once and send the big groups to cuBLAS.
+        let large = if m > DEVICE_ONLY_MAX_ROWS {
+            g.profiled("moe_plan_sync", || plan.large_groups(self, GROUPED_MAX_ROWS))?
+        } else {
+            vec![]
+        };
+        let max_rows = if m > DEVICE_ONLY_MAX_ROWS {
+            GROUPED_MAX_ROWS
+        } else {
+            i32::MAX as usize
+        };
+        let slots = m * k;
         let bank = &moe.experts;
         let inter = bank.gate.rows;
         let gu = g.alloc(slots * 2 * inter * 4)?;
         let act = g.alloc(slots * inter * 4)?;
         let y = g.alloc(slots * width * 4)?;
-        let w = |v: &[i32]| v.iter().map(|&x| x as u32).collect::<Vec<u32>>();
-        let (_plan_buf, pa) = g.upload_words(&[
-            &w(&plan.x_rows),
-            &w(&plan.group_expert),
-            &w(&plan.offsets),
-            &w(&plan.slot_of),
-        ])?;
-        let (x_rows, group_expert, offsets, slot_of) = (pa[0], pa[1], pa[2], pa[3]);
-        let small = plan.small_groups(GROUPED_MAX_ROWS);
         let tensor_cores = !self.simt_linear && mma_fits(inter, width) && mma_fits(width, inter);
-        let largest_small = plan.offsets[..=small]
-            .windows(2)
-            .map(|w| (w[1] - w[0]) as usize)
-            .max()
-            .unwrap_or(0);
-        // Small groups: one launch for all of them, weights streamed once per group.
+        let name = match slots.div_ceil(e) {
+            0..=2 => "grouped_fp8_mma_n1",
+            3..=6 => "grouped_fp8_mma_n2",
+            7..=16 => "grouped_fp8_mma_n4",
+            _ => "grouped_fp8_mma_n8",
+        };
+        // Every group up to max_rows in one launch, weights streamed once per group.
         let grouped = |out: u64, ldy: usize, input: u64, ldx: usize, rows: u64, s: &crate::weights::Stacked| {
-            let common = [
+            let args = [
                 ptr(out),
                 int(ldy),
                 ptr(input),
@@ -79,78 +97,73 @@ impl CudaModel {
                 ptr(s.scales.addr),
                 u64_arg(s.stride() as u64),
                 u64_arg(s.scale_stride() as u64),
-                ptr(group_expert),
-                ptr(offsets),
+                ptr(plan.group_expert),
+                ptr(plan.offsets),
                 int(s.rows),
                 int(s.cols),
+                int(max_rows),
             ];
             if tensor_cores {
-                let name = match largest_small {
-                    0..=8 => "grouped_fp8_mma_n1",
-                    9..=16 => "grouped_fp8_mma_n2",
-                    17..=32 => "grouped_fp8_mma_n4",
-                    _ => "grouped_fp8_mma_n8",
-                };
-                g.launch(name, (s.rows.div_ceil(64) as u32, small as u32, 1), 128, 0, &common)
+                g.launch(name, (s.rows.div_ceil(64) as u32, plan.groups as u32, 1), 128, 0, &args)
             } else {
                 g.launch(
                     "grouped_gemv_fp8",
-                    (s.rows.div_ceil(8) as u32, small as u32, 1),
+                    (s.rows.div_ceil(8) as u32, plan.groups as u32, 1),
                     256,
                     0,
-                    &common,
+                    &args,
                 )
             }
         };
         // The tensor-core path reads bf16 activations.
         let to_bf16 = |src: u64, n: usize| -> Result<Option<DeviceBuf>> {
-            if !tensor_cores || small == 0 {
+            if !tensor_cores {
                 return Ok(None);
             }
             let b = g.alloc(n * 2)?;
             g.launch_1d("f32_to_bf16_rows", n, &[ptr(b.addr), ptr(src), u64_arg(n as u64)])?;
             Ok(Some(b))
         };
-        if small > 0 {
-            let xb = to_bf16(x.addr, m * width)?;
-            let input = xb.as_ref().map_or(x.addr, |b| b.addr);
-            grouped(gu.addr, 2 * inter, input, width, x_rows, &bank.gate)?;
-            grouped(gu.addr + (inter * 4) as u64, 2 * inter, input, width, x_rows, &bank.up)?;
-        }
-        // Large groups (prefill): dequantise the expert and use the tensor cores.
-        let large: Vec<usize> = (small..plan.group_expert.len()).collect();
-        let xb = if large.is_empty() {
+        let xb = to_bf16(x.addr, m * width)?;
+        let input = xb.as_ref().map_or(x.addr, |b| b.addr);
+        grouped(gu.addr, 2 * inter, input, width, plan.x_rows, &bank.gate)?;
+        grouped(
+            gu.addr + (inter * 4) as u64,
+            2 * inter,
+            input,
+            width,
+            plan.x_rows,
+            &bank.up,
+        )?;
+        // Large groups (prefill): dequantise the expert and use cuBLAS on its gathered rows.
+        let gathered = if large.is_empty() {
             None
         } else {
             Some(g.alloc(slots * width * 2)?)
         };
-        if let Some(xb) = &xb {
-            let first = plan.offsets[small] as usize;
-            let n = slots - first;
-            g.launch(
-                "gather_rows_bf16",
-                (n as u32, 1, 1),
-                256,
-                0,
-                &[
-                    ptr(xb.at(first * width * 2)),
-                    ptr(x.addr),
-                    int(width),
-                    ptr(x_rows + (first * 4) as u64),
-                    int(width),
-                ],
-            )?;
-            for &gi in &large {
-                let (s0, s1) = (plan.offsets[gi] as usize, plan.offsets[gi + 1] as usize);
-                let ex = plan.group_expert[gi] as usize;
+        if let Some(xg) = &gathered {
+            for grp in &large {
+                g.launch(
+                    "gather_rows_bf16",
+                    (grp.rows() as u32, 1, 1),
+                    256,
+                    0,
+                    &[
+                        ptr(xg.at(grp.first * width * 2)),
+                        ptr(x.addr),
+                        int(width),
+                        ptr(plan.x_rows + (grp.first * 4) as u64),
+                        int(width),
+                    ],
+                )?;
                 for (s, col) in [(&bank.gate, 0), (&bank.up, inter)] {
-                    self.dequant_expert(s, ex)?;
+                    self.dequant_expert(s, grp.expert)?;
                     g.gemm_bf16(
-                        gu.at((s0 * 2 * inter + col) * 4),
+                        gu.at((grp.first * 2 * inter + col) * 4),
                         2 * inter,
-                        xb.at(s0 * width * 2),
+                        xg.at(grp.first * width * 2),
                         self.dequant.addr,
-                        s1 - s0,
+                        grp.rows(),
                         s.rows,
                         s.cols,
                         false,
@@ -163,39 +176,31 @@ impl CudaModel {
             slots * inter,
             &[ptr(act.addr), ptr(gu.addr), int(slots), int(inter)],
         )?;
-        if small > 0 {
-            let ab = to_bf16(act.addr, slots * inter)?;
-            grouped(
-                y.addr,
-                width,
-                ab.as_ref().map_or(act.addr, |b| b.addr),
-                inter,
-                0,
-                &bank.down,
-            )?;
-        }
-        if !large.is_empty() {
-            let first = plan.offsets[small] as usize;
-            let n = slots - first;
-            let ab = g.alloc(n * inter * 2)?;
+        let ab = if tensor_cores || !large.is_empty() {
+            let b = g.alloc(slots * inter * 2)?;
             g.launch_1d(
                 "f32_to_bf16_rows",
-                n * inter,
-                &[
-                    ptr(ab.addr),
-                    ptr(act.at(first * inter * 4)),
-                    u64_arg((n * inter) as u64),
-                ],
+                slots * inter,
+                &[ptr(b.addr), ptr(act.addr), u64_arg((slots * inter) as u64)],
             )?;
-            for &gi in &large {
-                let (s0, s1) = (plan.offsets[gi] as usize, plan.offsets[gi + 1] as usize);
-                self.dequant_expert(&bank.down, plan.group_expert[gi] as usize)?;
+            Some(b)
+        } else {
+            None
+        };
+        let down_input = match (&ab, tensor_cores) {
+            (Some(b), true) => b.addr,
+            _ => act.addr,
+        };
+        grouped(y.addr, width, down_input, inter, 0, &bank.down)?;
+        if let Some(ab) = &ab {
+            for grp in &large {
+                self.dequant_expert(&bank.down, grp.expert)?;
                 g.gemm_bf16(
-                    y.at(s0 * width * 4),
+                    y.at(grp.first * width * 4),
                     width,
-                    ab.at((s0 - first) * inter * 2),
+                    ab.at(grp.first * inter * 2),
                     self.dequant.addr,
-                    s1 - s0,
+                    grp.rows(),
                     width,
                     inter,
                     false,
@@ -210,7 +215,7 @@ impl CudaModel {
             &[
                 ptr(h.addr),
                 ptr(y.addr),
-                ptr(slot_of),
+                ptr(plan.slot_of),
                 ptr(weights.addr),
                 int(k),
                 int(width),
@@ -219,7 +224,7 @@ impl CudaModel {
         if let Some(shared) = &moe.shared {
             self.mlp(shared, x, h.addr, m)?;
         }
-        Ok(chosen.iter().map(|&v| v as u32).collect())
+        Ok(routes)
     }
 
     fn dequant_expert(&self, s: &crate::weights::Stacked, expert: usize) -> Result<()> {
@@ -234,91 +239,139 @@ impl CudaModel {
     }
 }
 
-/// Token rows grouped by expert: slots `offsets[g]..offsets[g+1]` belong to expert
-/// `group_expert[g]`, groups ordered by size so the small ones form a prefix.
-struct Permutation {
-    group_expert: Vec<i32>,
-    offsets: Vec<i32>,
+/// Token rows grouped by expert on the GPU (kernel `moe_plan`): slots `offsets[g]..offsets[g+1]`
+/// belong to expert `group_expert[g]`, active experts in index order, empty groups after them.
+struct DevicePlan {
+    _buf: DeviceBuf,
+    group_expert: u64,
+    offsets: u64,
     /// Token row of each slot.
-    x_rows: Vec<i32>,
-    /// Slot of each (token, choice), `[m, top_k]`.
-    slot_of: Vec<i32>,
+    x_rows: u64,
+    /// Slot of each (token, choice), `[m, top_k]`; -1 for padding rows.
+    slot_of: u64,
+    /// Groups the grouped kernels cover: at most one per expert and per routed pair.
+    groups: usize,
 }
 
-impl Permutation {
-    fn new(chosen: &[i32], m: usize, k: usize, experts: usize) -> Result<Self> {
-        let mut rows_of: Vec<Vec<(usize, usize)>> = vec![Vec::new(); experts];
-        for t in 0..m {
-            for j in 0..k {
-                let e = chosen[t * k + j];
+/// One expert's slots, read back on the host for the cuBLAS path.
+struct HostGroup {
+    expert: usize,
+    first: usize,
+    end: usize,
+}
+
+impl HostGroup {
+    fn rows(&self) -> usize {
+        self.end - self.first
+    }
+}
+
+impl DevicePlan {
+    fn new(model: &CudaModel, layer: usize, chosen: u64, valid: u64, m: usize) -> Result<Self> {
+        let c = &model.config;
+        let (e, k) = (c.n_routed_experts, c.num_experts_per_tok);
+        let groups = e.min(m * k);
+        let words = groups + (groups + 1) + 2 * m * k;
+        let buf = model.gpu.alloc(words * 4)?;
+        let group_expert = buf.addr;
+        let offsets = buf.at(groups * 4);
+        let x_rows = buf.at((2 * groups + 1) * 4);
+        let slot_of = buf.at((2 * groups + 1 + m * k) * 4);
+        model.gpu.launch(
+            "moe_plan",
+            (1, 1, 1),
+            1024,
+            0,
+            &[
+                ptr(group_expert),
+                ptr(offsets),
+                ptr(x_rows),
+                ptr(slot_of),
+                ptr(model.moe_stats.counts_addr(layer)),
+                ptr(model.moe_stats.touched_addr()),
+                ptr(chosen),
+                ptr(valid),
+                int(m),
+                int(k),
+                int(e),
+                int(groups),
+            ],
+        )?;
+        Ok(DevicePlan {
+            _buf: buf,
+            group_expert,
+            offsets,
+            x_rows,
+            slot_of,
+            groups,
+        })
+    }
+
+    /// The groups with more than `limit` rows (one copy back to the host).
+    fn large_groups(&self, model: &CudaModel, limit: usize) -> Result<Vec<HostGroup>> {
+        let experts: Vec<i32> = model.gpu.download(self.group_expert, self.groups)?;
+        let offsets: Vec<i32> = model.gpu.download(self.offsets, self.groups + 1)?;
+        let mut large = Vec::new();
+        for (g, w) in offsets.windows(2).enumerate() {
+            let (first, end) = (w[0] as usize, w[1] as usize);
+            if end > first + limit {
+                let expert = experts[g];
                 ensure!(
-                    e >= 0 && (e as usize) < experts,
-                    "routing produced expert {e} of {experts}"
+                    expert >= 0 && (expert as usize) < model.config.n_routed_experts,
+                    "expert grouping produced expert {expert}"
                 );
-                rows_of[e as usize].push((t, j));
+                large.push(HostGroup {
+                    expert: expert as usize,
+                    first,
+                    end,
+                });
             }
         }
-        let mut active: Vec<usize> = (0..experts).filter(|&e| !rows_of[e].is_empty()).collect();
-        active.sort_by_key(|&e| (rows_of[e].len(), e));
-        let mut plan = Permutation {
-            group_expert: Vec::with_capacity(active.len()),
-            offsets: vec![0],
-            x_rows: Vec::with_capacity(m * k),
-            slot_of: vec![-1; m * k],
-        };
-        for e in active {
-            plan.group_expert.push(e as i32);
-            for &(t, j) in &rows_of[e] {
-                plan.slot_of[t * k + j] = plan.x_rows.len() as i32;
-                plan.x_rows.push(t as i32);
-            }
-            plan.offsets.push(plan.x_rows.len() as i32);
-        }
-        Ok(plan)
-    }
-
-    /// Number of leading groups with at most `limit` rows.
-    fn small_groups(&self, limit: usize) -> usize {
-        self.offsets
-            .windows(2)
-            .take_while(|w| (w[1] - w[0]) as usize <= limit)
-            .count()
+        Ok(large)
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::Permutation;
+/// Expert counters kept on the GPU (`moe_plan` adds to them), so steps never wait to count:
+/// tokens per routed expert and layer since the last take, and experts touched by the last step.
+pub(super) struct MoeStats {
+    buf: DeviceBuf,
+    layers: usize,
+    experts: usize,
+}
 
-    #[test]
-    fn permutation_groups_slots_by_expert_smallest_groups_first() {
-        // 3 tokens, top-2: expert 5 gets 3 rows, expert 1 one row, expert 2 two rows
-        let chosen = [5, 1, 5, 2, 2, 5];
-        let p = Permutation::new(&chosen, 3, 2, 8).expect("valid routing");
-        assert_eq!(p.group_expert, vec![1, 2, 5]);
-        assert_eq!(p.offsets, vec![0, 1, 3, 6]);
-        // slots of each group hold the token rows that chose the expert, in token order
-        assert_eq!(p.x_rows, vec![0, 1, 2, 0, 1, 2]);
-        // every (token, choice) maps to a slot of its expert
-        for t in 0..3 {
-            for j in 0..2 {
-                let slot = p.slot_of[t * 2 + j] as usize;
-                let g = p
-                    .offsets
-                    .windows(2)
-                    .position(|w| (w[0] as usize..w[1] as usize).contains(&slot));
-                assert_eq!(p.group_expert[g.expect("slot in a group")], chosen[t * 2 + j]);
-                assert_eq!(p.x_rows[slot] as usize, t);
-            }
-        }
-        assert_eq!(p.small_groups(1), 1);
-        assert_eq!(p.small_groups(2), 2);
-        assert_eq!(p.small_groups(64), 3);
+impl MoeStats {
+    pub(super) fn new(gpu: &Gpu, layers: usize, experts: usize) -> Result<Self> {
+        let buf = gpu.alloc((layers * experts + 1) * 4)?;
+        gpu.zero(buf.addr, buf.bytes)?;
+        Ok(MoeStats { buf, layers, experts })
     }
 
-    #[test]
-    fn permutation_rejects_experts_out_of_range() {
-        assert!(Permutation::new(&[0, 8], 1, 2, 8).is_err());
-        assert!(Permutation::new(&[-1, 0], 1, 2, 8).is_err());
+    fn counts_addr(&self, layer: usize) -> u64 {
+        self.buf.at(layer * self.experts * 4)
+    }
+
+    fn touched_addr(&self) -> u64 {
+        self.buf.at(self.layers * self.experts * 4)
+    }
+
+    pub(super) fn reset_touched(&self, gpu: &Gpu) -> Result<()> {
+        gpu.zero(self.touched_addr(), 4)
+    }
+
+    pub(super) fn touched(&self, gpu: &Gpu) -> Result<usize> {
+        Ok(gpu.download::<u32>(self.touched_addr(), 1)?[0] as usize)
+    }
+
+    /// Counts of the given MoE layers since the last take; the counters restart from zero.
+    pub(super) fn take_counts(&self, gpu: &Gpu, moe_layers: &[usize]) -> Result<BTreeMap<usize, Vec<u64>>> {
+        let all: Vec<u32> = gpu.download(self.buf.addr, self.layers * self.experts)?;
+        gpu.zero(self.buf.addr, self.layers * self.experts * 4)?;
+        Ok(moe_layers
+            .iter()
+            .filter_map(|&l| {
+                let counts = all.get(l * self.experts..(l + 1) * self.experts)?;
+                Some((l, counts.iter().map(|&c| c as u64).collect()))
+            })
+            .collect())
     }
 }
