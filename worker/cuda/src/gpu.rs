@@ -58,6 +58,10 @@ pub const KERNELS: &[&str] = &[
     "grouped_fp8_mma_n8",
     "zero_rows",
     "moe_plan",
+    "mla_absorb_out_mma_n1",
+    "mla_absorb_out_mma_n2",
+    "mla_absorb_out_mma_n4",
+    "mla_absorb_out_mma_n8",
 ];
 
 /// Whether the CUDA driver library can be loaded (cudarc panics on first use otherwise).

@@ -751,12 +751,12 @@ __device__ __forceinline__ void mma_bf16(float c[4], u32 a0, u32 a1, u32 a2, u32
 extern "C" __global__ void __launch_bounds__(TC_WARPS * 32)
 mla_decode_tc(float* o_part, float* ml_part, const float* q_lat, const float* q, int qk, int nope, int heads, int hg,
               int lora, int rope, const bf16* cache, const int* tables, const int* table_off, const int* lens,
-              int block, float scale, int min_split) {
+              int block, float scale, int min_split, int precise) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int width = lora + rope, pitch = width + TC_PAD;  // bf16 elements per smem row
     const int pp = TC_TILE + TC_PAD;
-    // Q and P are kept as bf16 hi + lo pairs (two products each), so the tensor cores lose no
-    // more precision than the bf16 cache itself.
+    // Q and P enter the tensor cores as bf16, as in FlashMLA; with `precise` as bf16 hi + lo pairs
+    // (two products each, twice the tensor-core work), so they lose no more than the bf16 cache.
     bf16* qs = (bf16*)smem_raw;                             // [2][16][pitch] (hi, lo)
     bf16* tbuf = qs + 2 * 16 * pitch;                       // [2][TC_TILE][pitch], double-buffered
     bf16* ps = tbuf + 2 * TC_TILE * pitch;                  // [2][16][pp] (hi, lo)
@@ -841,7 +841,7 @@ mla_decode_tc(float* o_part, float* ml_part, const float* q_lat, const float* q,
                     int kw = (ks + par) * 8 + t;
                     u32 b0 = tw[prow * pw + kw], b1 = tw[prow * pw + kw + 4];
 #pragma unroll
-                    for (int part = 0; part < 2; ++part) {
+                    for (int part = 0; part < 1 + precise; ++part) {
                         const u32* qp = qw + part * 16 * pw;
                         mma_bf16(sp[part][par], qp[g * pw + kw], qp[(g + 8) * pw + kw], qp[g * pw + kw + 4],
                                  qp[(g + 8) * pw + kw + 4], b0, b1);
@@ -926,7 +926,7 @@ mla_decode_tc(float* o_part, float* ml_part, const float* q_lat, const float* q,
                     u32 b0 = (u32)r0[c] | ((u32)r0[pitch + c] << 16);
                     u32 b1 = (u32)r0[8 * pitch + c] | ((u32)r0[9 * pitch + c] << 16);
                     mma_bf16(acc[nt], a0, a1, a2, a3, b0, b1);
-                    mma_bf16(acc[nt], l0, l1, l2, l3, b0, b1);
+                    if (precise) mma_bf16(acc[nt], l0, l1, l2, l3, b0, b1);
                 }
             }
         }
@@ -1156,23 +1156,42 @@ BF16_MMA(2)
 // token rows of x from x_rows (gate/up) or the slots themselves (down); 8*NT slots per pass, so
 // any group size works (the weight tile is re-read from L2 per pass). Groups of more than
 // max_rows slots are left to the caller; empty groups (past the active ones) return at once.
+// k chunks split over gridDim.z as in fp8_mma (mode 2: y zeroed, partial sums added atomically).
 #define GROUPED_FP8_MMA(NT)                                                                                     \
     extern "C" __global__ void __launch_bounds__(128) grouped_fp8_mma_n##NT(                                    \
         float* y, int ldy, const bf16* x, int ldx, const int* x_rows, const u8* w, const float* scale,          \
         u64 w_stride, u64 scale_stride, const int* group_expert, const int* offsets, int n, int k,              \
-        int max_rows) {                                                                                         \
+        int max_rows, int mode) {                                                                               \
         int gi = blockIdx.y, s0 = offsets[gi], cnt = offsets[gi + 1] - s0;                                      \
         if (cnt <= 0 || cnt > max_rows) return;                                                                 \
         int e = group_expert[gi];                                                                               \
         for (int t0 = s0; t0 < s0 + cnt; t0 += 8 * NT)                                                          \
             fp8_mma_impl<NT>(y + (size_t)t0 * ldy, ldy, x_rows ? x : x + (size_t)t0 * ldx,                      \
                              x_rows ? x_rows + t0 : 0, ldx, min(8 * NT, s0 + cnt - t0), w + (u64)e * w_stride,  \
-                             scale + (u64)e * scale_stride, n, k, 0);                                           \
+                             scale + (u64)e * scale_stride, n, k, mode);                                        \
     }
 GROUPED_FP8_MMA(1)
 GROUPED_FP8_MMA(2)
 GROUPED_FP8_MMA(4)
 GROUPED_FP8_MMA(8)
+
+// out[t, h*vdim + j] = sum_c o_lat[t, h, c] * W_UV[h][j, c] on the tensor cores, per head an FP8
+// product as fp8_mma over head h's value rows of kv_b (128-aligned, so their scale rows line up);
+// o_lat as bf16. grid (vdim / 64, heads * ceil(m / (8 * NT))).
+#define ABSORB_OUT_MMA(NT)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(128) mla_absorb_out_mma_n##NT(                                 \
+        float* out, const bf16* o_lat, int m, int heads, int nope, int vdim, int lora, const u8* w,             \
+        const float* scale) {                                                                                   \
+        int h = blockIdx.y % heads, t0 = (blockIdx.y / heads) * 8 * NT;                                         \
+        size_t row = (size_t)h * (nope + vdim) + nope;                                                          \
+        fp8_mma_impl<NT>(out + (size_t)t0 * heads * vdim + (size_t)h * vdim, heads * vdim,                      \
+                         o_lat + ((size_t)t0 * heads + h) * lora, 0, heads * lora, min(8 * NT, m - t0),         \
+                         w + row * lora, scale + (row / 128) * (lora / 128), vdim, lora, 0);                   \
+    }
+ABSORB_OUT_MMA(1)
+ABSORB_OUT_MMA(2)
+ABSORB_OUT_MMA(4)
+ABSORB_OUT_MMA(8)
 
 // Zeroes rows [0, m) x cols [0, n) of a strided f32 matrix (before a split-k product).
 extern "C" __global__ void zero_rows(float* y, int ldy, int m, int n) {

@@ -10,6 +10,9 @@ pub const GEMV_MAX_ROWS: usize = 16;
 pub const TC_MIN_ROWS: usize = 1;
 pub const TC_MAX_ROWS: usize = 512;
 
+/// Resident blocks per SM the split-k choice aims at.
+pub const BLOCKS_PER_SM: usize = 8;
+
 pub fn mma_fits(rows: usize, cols: usize) -> bool {
     rows % 16 == 0 && cols % 128 == 0
 }
@@ -30,7 +33,8 @@ fn to_bf16(g: &Gpu, x: u64, n: usize) -> Result<DeviceBuf> {
     Ok(xb)
 }
 
-/// How many ways to split the k chunks of a tensor-core product so `blocks` fill the GPU, and the
+/// How many ways to split the k chunks of a tensor-core product so `blocks` fill the GPU (about 8
+/// blocks of 4 warps per SM keep enough weight bytes in flight to stream at HBM speed), and the
 /// store mode that goes with it (split sums are added atomically into a zeroed or accumulated y).
 #[allow(clippy::too_many_arguments)]
 fn split_k(
@@ -43,7 +47,7 @@ fn split_k(
     n: usize,
     accumulate: bool,
 ) -> Result<(usize, usize)> {
-    let splits = (2 * g.sm_count).div_ceil(blocks).min(chunks).max(1);
+    let splits = (BLOCKS_PER_SM * g.sm_count).div_ceil(blocks).min(chunks).max(1);
     if splits == 1 {
         return Ok((1, accumulate as usize));
     }

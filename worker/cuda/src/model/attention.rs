@@ -4,6 +4,7 @@
 use super::layers::Layer;
 use super::{CudaModel, Span, StepLayout};
 use crate::gpu::{float, int, ptr, u64_arg, DeviceBuf};
+use crate::weights::Format;
 use anyhow::{ensure, Result};
 use dsv3_engine::rope::softmax_scale;
 
@@ -187,6 +188,7 @@ impl CudaModel {
             let mut args = vec![ptr(o_part.addr), ptr(ml_part.addr)];
             args.extend_from_slice(&args_tail);
             args.push(int(MIN_SPLIT));
+            args.push(int(self.precise_attention as usize));
             g.launch(
                 "mla_decode_tc",
                 ((heads / hg) as u32, m as u32, splits as u32),
@@ -220,6 +222,54 @@ impl CudaModel {
                 &args,
             )?;
         }
+        self.absorb_out(layer, &o_lat, attn, m)
+    }
+
+    /// `attn[t, h*v + j] = o_lat[t, h] · W_UV[h][j]`: on the tensor cores when kv_b is FP8 with
+    /// 128-aligned heads, else the CUDA-core kernel.
+    fn absorb_out(&self, layer: &Layer, o_lat: &DeviceBuf, attn: &DeviceBuf, m: usize) -> Result<()> {
+        let g = &self.gpu;
+        let MlaDims {
+            heads,
+            nope,
+            vdim,
+            lora,
+            ..
+        } = MlaDims::of(&self.config);
+        let kvb = &layer.attn.kv_b;
+        let aligned = nope % 128 == 0 && vdim % 128 == 0 && lora % 128 == 0;
+        if kvb.format == Format::Fp8 && aligned && !self.simt_linear {
+            let ob = g.alloc(m * heads * lora * 2)?;
+            let n = m * heads * lora;
+            g.launch_1d(
+                "f32_to_bf16_rows",
+                n,
+                &[ptr(ob.addr), ptr(o_lat.addr), u64_arg(n as u64)],
+            )?;
+            let (name, tile) = match m {
+                0..=8 => ("mla_absorb_out_mma_n1", 8),
+                9..=16 => ("mla_absorb_out_mma_n2", 16),
+                17..=32 => ("mla_absorb_out_mma_n4", 32),
+                _ => ("mla_absorb_out_mma_n8", 64),
+            };
+            return g.launch(
+                name,
+                ((vdim / 64) as u32, (heads * m.div_ceil(tile)) as u32, 1),
+                128,
+                0,
+                &[
+                    ptr(attn.addr),
+                    ptr(ob.addr),
+                    int(m),
+                    int(heads),
+                    int(nope),
+                    int(vdim),
+                    int(lora),
+                    ptr(kvb.data.addr),
+                    ptr(kvb.scale_addr()),
+                ],
+            );
+        }
         g.launch(
             "mla_absorb_out",
             (heads as u32, m.div_ceil(8) as u32, 1),
@@ -237,8 +287,7 @@ impl CudaModel {
                 ptr(kvb.data.addr),
                 ptr(kvb.scale_addr()),
             ],
-        )?;
-        Ok(())
+        )
     }
 
     /// Naive-form attention for one prefill chunk: K and V expanded from every cached latent of

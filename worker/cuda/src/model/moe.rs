@@ -4,7 +4,8 @@
 use super::layers::Moe;
 use super::CudaModel;
 use crate::gpu::{float, int, ptr, u64_arg, DeviceBuf, Gpu};
-use crate::linear::mma_fits;
+use crate::linear::{mma_fits, BLOCKS_PER_SM};
+use crate::weights::Stacked;
 use anyhow::{ensure, Result};
 use std::collections::BTreeMap;
 
@@ -85,8 +86,17 @@ impl CudaModel {
             7..=16 => "grouped_fp8_mma_n4",
             _ => "grouped_fp8_mma_n8",
         };
+        // Small decode steps split each expert's k chunks so the few groups still fill the GPU;
+        // the outputs are then zeroed and the partial sums added atomically.
+        let splits = |s: &Stacked| {
+            if !tensor_cores || m > DEVICE_ONLY_MAX_ROWS {
+                return 1;
+            }
+            let blocks = s.rows.div_ceil(64) * plan.groups;
+            (BLOCKS_PER_SM * g.sm_count).div_ceil(blocks).min(s.cols / 128).max(1)
+        };
         // Every group up to max_rows in one launch, weights streamed once per group.
-        let grouped = |out: u64, ldy: usize, input: u64, ldx: usize, rows: u64, s: &crate::weights::Stacked| {
+        let grouped = |out: u64, ldy: usize, input: u64, ldx: usize, rows: u64, s: &Stacked, splits: usize| {
             let args = [
                 ptr(out),
                 int(ldy),
@@ -102,16 +112,18 @@ impl CudaModel {
                 int(s.rows),
                 int(s.cols),
                 int(max_rows),
+                int(if splits > 1 { 2 } else { 0 }),
             ];
             if tensor_cores {
-                g.launch(name, (s.rows.div_ceil(64) as u32, plan.groups as u32, 1), 128, 0, &args)
+                let grid = (s.rows.div_ceil(64) as u32, plan.groups as u32, splits as u32);
+                g.launch(name, grid, 128, 0, &args)
             } else {
                 g.launch(
                     "grouped_gemv_fp8",
                     (s.rows.div_ceil(8) as u32, plan.groups as u32, 1),
                     256,
                     0,
-                    &args,
+                    &args[..args.len() - 1],
                 )
             }
         };
@@ -126,15 +138,13 @@ impl CudaModel {
         };
         let xb = to_bf16(x.addr, m * width)?;
         let input = xb.as_ref().map_or(x.addr, |b| b.addr);
-        grouped(gu.addr, 2 * inter, input, width, plan.x_rows, &bank.gate)?;
-        grouped(
-            gu.addr + (inter * 4) as u64,
-            2 * inter,
-            input,
-            width,
-            plan.x_rows,
-            &bank.up,
-        )?;
+        let gate_splits = splits(&bank.gate).max(splits(&bank.up));
+        if gate_splits > 1 {
+            g.zero(gu.addr, gu.bytes)?;
+        }
+        let up_out = gu.addr + (inter * 4) as u64;
+        grouped(gu.addr, 2 * inter, input, width, plan.x_rows, &bank.gate, gate_splits)?;
+        grouped(up_out, 2 * inter, input, width, plan.x_rows, &bank.up, gate_splits)?;
         // Large groups (prefill): dequantise the expert and use cuBLAS on its gathered rows.
         let gathered = if large.is_empty() {
             None
@@ -191,7 +201,11 @@ impl CudaModel {
             (Some(b), true) => b.addr,
             _ => act.addr,
         };
-        grouped(y.addr, width, down_input, inter, 0, &bank.down)?;
+        let down_splits = splits(&bank.down);
+        if down_splits > 1 {
+            g.zero(y.addr, y.bytes)?;
+        }
+        grouped(y.addr, width, down_input, inter, 0, &bank.down, down_splits)?;
         if let Some(ab) = &ab {
             for grp in &large {
                 self.dequant_expert(&bank.down, grp.expert)?;
@@ -227,7 +241,7 @@ impl CudaModel {
         Ok(routes)
     }
 
-    fn dequant_expert(&self, s: &crate::weights::Stacked, expert: usize) -> Result<()> {
+    fn dequant_expert(&self, s: &Stacked, expert: usize) -> Result<()> {
         crate::weights::dequant_fp8(
             &self.gpu,
             self.dequant.addr,
