@@ -751,12 +751,13 @@ __device__ __forceinline__ void mma_bf16(float c[4], u32 a0, u32 a1, u32 a2, u32
 extern "C" __global__ void __launch_bounds__(TC_WARPS * 32)
 mla_decode_tc(float* o_part, float* ml_part, const float* q_lat, const float* q, int qk, int nope, int heads, int hg,
               int lora, int rope, const bf16* cache, const int* tables, const int* table_off, const int* lens,
-              int block, float scale, int min_split, int precise) {
+              int block, float scale, int min_split) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int width = lora + rope, pitch = width + TC_PAD;  // bf16 elements per smem row
     const int pp = TC_TILE + TC_PAD;
-    // Q and P enter the tensor cores as bf16, as in FlashMLA; with `precise` as bf16 hi + lo pairs
-    // (two products each, twice the tensor-core work), so they lose no more than the bf16 cache.
+    // Q and P are kept as bf16 hi + lo pairs (two products each), so the tensor cores lose no
+    // more precision than the bf16 cache itself (plain bf16 Q and P measured no faster: the
+    // kernel is bound by its tile loads and synchronisation, not the tensor cores).
     bf16* qs = (bf16*)smem_raw;                             // [2][16][pitch] (hi, lo)
     bf16* tbuf = qs + 2 * 16 * pitch;                       // [2][TC_TILE][pitch], double-buffered
     bf16* ps = tbuf + 2 * TC_TILE * pitch;                  // [2][16][pp] (hi, lo)
@@ -841,7 +842,7 @@ mla_decode_tc(float* o_part, float* ml_part, const float* q_lat, const float* q,
                     int kw = (ks + par) * 8 + t;
                     u32 b0 = tw[prow * pw + kw], b1 = tw[prow * pw + kw + 4];
 #pragma unroll
-                    for (int part = 0; part < 1 + precise; ++part) {
+                    for (int part = 0; part < 2; ++part) {
                         const u32* qp = qw + part * 16 * pw;
                         mma_bf16(sp[part][par], qp[g * pw + kw], qp[(g + 8) * pw + kw], qp[g * pw + kw + 4],
                                  qp[(g + 8) * pw + kw + 4], b0, b1);
@@ -926,7 +927,7 @@ mla_decode_tc(float* o_part, float* ml_part, const float* q_lat, const float* q,
                     u32 b0 = (u32)r0[c] | ((u32)r0[pitch + c] << 16);
                     u32 b1 = (u32)r0[8 * pitch + c] | ((u32)r0[9 * pitch + c] << 16);
                     mma_bf16(acc[nt], a0, a1, a2, a3, b0, b1);
-                    if (precise) mma_bf16(acc[nt], l0, l1, l2, l3, b0, b1);
+                    mma_bf16(acc[nt], l0, l1, l2, l3, b0, b1);
                 }
             }
         }
@@ -983,13 +984,16 @@ extern "C" __global__ void mla_combine(float* o_lat, const float* o_part, const 
 // (then y must be zeroed and partial sums are added atomically).
 // x rows: token j of the tile is row x_rows[j] (or j) of x.
 
-__device__ __forceinline__ u32 e4m3x2_to_bf16x2(u32 two) {
-    u32 lo = two & 0xffu, hi = (two >> 8) & 0xffu;
-    float flo = __uint_as_float((lo & 0x7fu) << 20) * __uint_as_float(0x7B800000u);
-    float fhi = __uint_as_float((hi & 0x7fu) << 20) * __uint_as_float(0x7B800000u);
-    // exact: e4m3 values have 3 mantissa bits, so the upper 16 bits of the f32 are the bf16
-    return ((__float_as_uint(flo) >> 16) | ((lo & 0x80u) << 8)) |
-           (((__float_as_uint(fhi) >> 16) | ((hi & 0x80u) << 8)) << 16);
+// Two e4m3 values of `word` (bytes picked by `selector`: 0x1404 = bytes 0 and 1, 0x3424 = bytes 2
+// and 3) to bf16x2, exactly: a byte placed in the high byte of a bf16 lane has its sign in place
+// and its exponent and mantissa 4 bits too high; shifted down, the lane reads as the value times
+// 2^-120 (subnormals included), and one packed multiply by 2^120 restores it. Four instructions.
+__device__ __forceinline__ u32 e4m3x2_to_bf16x2(u32 word, u32 selector) {
+    u32 x = __byte_perm(word, 0u, selector);
+    u32 bits = ((x >> 4) & 0x07f007f0u) | (x & 0x80008000u);
+    u32 out;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(out) : "r"(bits), "r"(0x7B807B80u), "r"(0x80008000u));
+    return out;
 }
 
 template <int NT>
@@ -1041,8 +1045,8 @@ __device__ void fp8_mma_impl(float* y, int ldy, const bf16* x, const int* x_rows
         for (int j = 0; j < NT; ++j) part[j][0] = part[j][1] = part[j][2] = part[j][3] = 0.f;
 #pragma unroll
         for (int s = 0; s < 8; ++s) {
-            u32 a0 = e4m3x2_to_bf16x2(ra[s] & 0xffffu), a2 = e4m3x2_to_bf16x2(ra[s] >> 16);
-            u32 a1 = e4m3x2_to_bf16x2(rb[s] & 0xffffu), a3 = e4m3x2_to_bf16x2(rb[s] >> 16);
+            u32 a0 = e4m3x2_to_bf16x2(ra[s], 0x1404u), a2 = e4m3x2_to_bf16x2(ra[s], 0x3424u);
+            u32 a1 = e4m3x2_to_bf16x2(rb[s], 0x1404u), a3 = e4m3x2_to_bf16x2(rb[s], 0x3424u);
 #pragma unroll
             for (int j = 0; j < NT; ++j) mma_bf16(part[j], a0, a1, a2, a3, xv[j][2 * s], xv[j][2 * s + 1]);
         }

@@ -14,7 +14,7 @@ const MLA_TILE: usize = 32;
 /// Positions per tile of the tensor-core decode kernel.
 const TC_TILE: usize = 64;
 /// Fewest positions one block of the split decode kernel takes.
-const MIN_SPLIT: usize = 256;
+const MIN_SPLIT: usize = 128;
 /// Steps whose chunks all have at least this many rows (prefill) use the naive MLA form.
 pub const NAIVE_MIN_ROWS: usize = 64;
 
@@ -188,7 +188,6 @@ impl CudaModel {
             let mut args = vec![ptr(o_part.addr), ptr(ml_part.addr)];
             args.extend_from_slice(&args_tail);
             args.push(int(MIN_SPLIT));
-            args.push(int(self.precise_attention as usize));
             g.launch(
                 "mla_decode_tc",
                 ((heads / hg) as u32, m as u32, splits as u32),

@@ -46,8 +46,8 @@ pub struct CudaModel {
     use_graphs: bool,
     /// Use the CUDA-core attention kernel instead of the tensor-core one (DSV3_MLA_SIMT=1).
     simt_attention: bool,
-    /// Keep Q and P as bf16 hi/lo pairs in the tensor-core attention (DSV3_MLA_PRECISE=1).
-    precise_attention: bool,
+    /// Routed rows above which an expert of a prefill step runs through cuBLAS.
+    expert_cublas_rows: usize,
     /// Use the CUDA-core GEMV kernels for FP8 weights at every batch (DSV3_LINEAR_SIMT=1).
     simt_linear: bool,
 }
@@ -143,7 +143,10 @@ impl CudaModel {
             use_graphs,
             simt_attention: std::env::var_os("DSV3_MLA_SIMT").is_some_and(|v| v != "0"),
             simt_linear: std::env::var_os("DSV3_LINEAR_SIMT").is_some_and(|v| v != "0"),
-            precise_attention: std::env::var_os("DSV3_MLA_PRECISE").is_some_and(|v| v != "0"),
+            expert_cublas_rows: std::env::var("DSV3_EXPERT_CUBLAS_ROWS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(moe::GROUPED_MAX_ROWS),
         })
     }
 

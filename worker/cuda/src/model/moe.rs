@@ -12,8 +12,9 @@ use std::collections::BTreeMap;
 /// Steps up to this many rows keep every expert group in the grouped kernels, so they never wait
 /// for the host (and can be captured as CUDA graphs).
 pub(super) const DEVICE_ONLY_MAX_ROWS: usize = 256;
-/// In larger steps (prefill), experts with more routed rows than this use cuBLAS instead.
-const GROUPED_MAX_ROWS: usize = 64;
+/// In larger steps (prefill), experts with more routed rows than this use cuBLAS instead
+/// (default; DSV3_EXPERT_CUBLAS_ROWS sets it).
+pub(super) const GROUPED_MAX_ROWS: usize = 64;
 
 impl CudaModel {
     /// Routed and shared experts, added into `h`. `valid` points at the number of real rows (the
@@ -64,12 +65,12 @@ impl CudaModel {
         };
         // Large steps read the group sizes back once and send the big groups to cuBLAS.
         let large = if m > DEVICE_ONLY_MAX_ROWS {
-            g.profiled("moe_plan_sync", || plan.large_groups(self, GROUPED_MAX_ROWS))?
+            g.profiled("moe_plan_sync", || plan.large_groups(self, self.expert_cublas_rows))?
         } else {
             vec![]
         };
         let max_rows = if m > DEVICE_ONLY_MAX_ROWS {
-            GROUPED_MAX_ROWS
+            self.expert_cublas_rows
         } else {
             i32::MAX as usize
         };
