@@ -7,7 +7,7 @@
 #          every allocation poisoned) and `generate --device cuda` against `--device cpu`
 #   bench  `dsv3-worker bench-cuda` (one MoE layer, 5-layer slice), FP8 matrix peak via torch
 #   serve  `serve --device cuda` against `serve --device cpu`: concurrent greedy completions
-#   profile the same with every launch synchronised and timed (where each step goes)
+#   profile the same with CUDA events around every launch, graphs off (where each step goes)
 #   peer   transformers on the same shapes (worker/bench/hf_gpu_peer.py), set beside ours
 # Logs and JSON go to $OUT (or target/gpu-out).
 set -euo pipefail
