@@ -485,6 +485,7 @@ extern "C" __global__ void mla_absorb_q(float* q_lat, const float* q, int m, int
     if (c >= lora) return;
     int scale_cols = (lora + QBLOCK - 1) / QBLOCK;
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll 8  // eight weight rows in flight per thread: the loop is bound by load latency
     for (int d = 0; d < nope; ++d) {
         float wv = weight_at(fmt, w, scale, scale_cols, (u64)h * (nope + vdim) + d, c, lora);
 #pragma unroll
@@ -955,21 +956,43 @@ mla_decode_tc(float* o_part, float* ml_part, const float* q_lat, const float* q,
     }
 }
 
-// Merges the splits: o_lat[r, h, :] = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s. grid (heads, m).
+// Merges the splits: o_lat[r, h, :] = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s. grid (heads, m);
+// dynamic shared memory: 2 * splits floats (each split's weight is computed once, then the partial
+// outputs are read with independent loads).
 extern "C" __global__ void mla_combine(float* o_lat, const float* o_part, const float* ml_part, int heads, int splits,
                                        int lora) {
+    extern __shared__ float cw[];  // [splits] m_s, then [splits] weights
+    __shared__ float scratch[32];
     int h = blockIdx.x, r = blockIdx.y;
     const float* ml = ml_part + ((size_t)r * heads + h) * splits * 2;
     float mx = -INFINITY;
-    for (int s = 0; s < splits; ++s) mx = fmaxf(mx, ml[2 * s]);
-    float denom = 0.f;
-    for (int s = 0; s < splits; ++s)
-        if (ml[2 * s + 1] > 0.f) denom += expf(ml[2 * s] - mx) * ml[2 * s + 1];
+    for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+        float m = ml[2 * s + 1] > 0.f ? ml[2 * s] : -INFINITY;  // empty splits do not count
+        cw[s] = m;
+        mx = fmaxf(mx, m);
+    }
+    mx = warp_max(mx);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = mx;
+    __syncthreads();
+    mx = -INFINITY;
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) mx = fmaxf(mx, scratch[w]);
+    float part = 0.f;
+    for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+        float e = cw[s] == -INFINITY ? 0.f : expf(cw[s] - mx);
+        cw[splits + s] = e;
+        part += e * ml[2 * s + 1];
+    }
+    float denom = block_sum(part, scratch);
+    __syncthreads();
     const float* op = o_part + ((size_t)r * heads + h) * splits * lora;
     for (int c = threadIdx.x; c < lora; c += blockDim.x) {
         float v = 0.f;
-        for (int s = 0; s < splits; ++s)
-            if (ml[2 * s + 1] > 0.f) v += expf(ml[2 * s] - mx) * op[(size_t)s * lora + c];
+#pragma unroll 4
+        for (int s = 0; s < splits; ++s) {
+            float e = cw[splits + s];
+            if (e > 0.f) v += e * op[(size_t)s * lora + c];
+        }
         o_lat[((size_t)r * heads + h) * lora + c] = denom > 0.f ? v / denom : 0.f;  // 0 for empty rows
     }
 }

@@ -199,7 +199,7 @@ impl CudaModel {
                 "mla_combine",
                 (heads as u32, m as u32, 1),
                 128,
-                0,
+                (2 * splits * 4) as u32,
                 &[
                     ptr(o_lat.addr),
                     ptr(o_part.addr),
