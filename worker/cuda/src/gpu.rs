@@ -169,6 +169,15 @@ pub struct Gpu {
     profile: Option<std::cell::RefCell<Vec<(String, cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>>>,
     /// Fill new allocations with 0xFF (NaN as f32 and bf16) so reads of unwritten memory show up.
     pub poison: bool,
+    /// Side streams with their own cuBLAS handles for independent work inside a step ([`Gpu::fan_out`]).
+    lanes: std::cell::RefCell<Vec<Lane>>,
+    /// Where launches go: 0 = the main stream, i = side lane i - 1.
+    current: std::cell::Cell<usize>,
+}
+
+struct Lane {
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
 }
 
 impl Gpu {
@@ -224,6 +233,8 @@ impl Gpu {
             profile: std::env::var_os("DSV3_CUDA_PROFILE")
                 .is_some_and(|v| v != "0")
                 .then(Default::default),
+            lanes: Default::default(),
+            current: Default::default(),
         };
         for name in ["mla_attend", "mla_decode_tc"] {
             gpu.funcs[name].set_attribute(
@@ -373,6 +384,61 @@ impl Gpu {
         Ok(rows)
     }
 
+    /// Runs `work(lane)` for lanes `0..lanes`, each lane's launches and cuBLAS calls on a stream of
+    /// its own: the lanes start after everything queued so far, run concurrently, and the main
+    /// stream waits for all of them. `work` must not allocate or copy (those stay on the main
+    /// stream); give it buffers made before.
+    pub fn fan_out(&self, lanes: usize, mut work: impl FnMut(usize) -> Result<()>) -> Result<()> {
+        if self.current.get() != 0 {
+            bail!("fan_out inside fan_out");
+        }
+        self.ensure_lanes(lanes)?;
+        let no_timing = Some(drv_sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
+        let start = self.ctx.new_event(no_timing)?;
+        start.record(&self.stream)?;
+        let mut result = Ok(());
+        for lane in 0..lanes {
+            self.lanes.borrow()[lane].stream.wait(&start)?;
+            self.current.set(lane + 1);
+            result = work(lane);
+            self.current.set(0);
+            if result.is_err() {
+                break;
+            }
+        }
+        // Join every lane, also after an error, so nothing queued is left racing the main stream.
+        for lane in self.lanes.borrow().iter().take(lanes) {
+            let done = self.ctx.new_event(no_timing)?;
+            done.record(&lane.stream)?;
+            self.stream.wait(&done)?;
+        }
+        result
+    }
+
+    fn ensure_lanes(&self, lanes: usize) -> Result<()> {
+        let mut have = self.lanes.borrow_mut();
+        while have.len() < lanes {
+            let stream = self.ctx.new_stream().context("creating a side stream")?;
+            let blas = CudaBlas::new(stream.clone()).context("creating a cuBLAS handle")?;
+            have.push(Lane { stream, blas });
+        }
+        Ok(())
+    }
+
+    fn launch_stream(&self) -> drv_sys::CUstream {
+        match self.current.get() {
+            0 => self.stream.cu_stream(),
+            i => self.lanes.borrow()[i - 1].stream.cu_stream(),
+        }
+    }
+
+    fn blas_handle(&self) -> blas_sys::cublasHandle_t {
+        match self.current.get() {
+            0 => *self.blas.handle(),
+            i => *self.lanes.borrow()[i - 1].blas.handle(),
+        }
+    }
+
     /// Launches kernel `name`; the return code is checked (asynchronous faults show at the next sync).
     pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, smem: u32, args: &[Arg]) -> Result<()> {
         self.profiled(name, || self.launch_now(name, grid, block, smem, args))
@@ -393,7 +459,7 @@ impl Gpu {
                 grid,
                 (block, 1, 1),
                 smem,
-                self.stream.cu_stream(),
+                self.launch_stream(),
                 &mut params,
             )
             .with_context(|| format!("launching `{name}`"))?;
@@ -426,7 +492,7 @@ impl Gpu {
         // SAFETY: pointers cover the given shapes (callers allocate them so).
         self.profiled("cublas_gemm", || unsafe {
             blas::gemm_ex(
-                *self.blas.handle(),
+                self.blas_handle(),
                 blas_sys::cublasOperation_t::CUBLAS_OP_T,
                 blas_sys::cublasOperation_t::CUBLAS_OP_N,
                 n as i32,
@@ -454,7 +520,10 @@ impl Gpu {
     /// An event recorded now on the stream; pass it to [`Gpu::seconds_since`].
     pub fn mark(&self) -> Result<cudarc::driver::CudaEvent> {
         let e = self.ctx.new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT))?;
-        e.record(&self.stream)?;
+        match self.current.get() {
+            0 => e.record(&self.stream)?,
+            i => e.record(&self.lanes.borrow()[i - 1].stream)?,
+        }
         Ok(e)
     }
 
@@ -488,7 +557,7 @@ impl Gpu {
         // SAFETY: (pointer, leading dimension, batch stride) triples cover the shapes (callers size them).
         self.profiled("cublas_batched_gemm", || unsafe {
             blas::gemm_strided_batched_ex(
-                *self.blas.handle(),
+                self.blas_handle(),
                 op_a,
                 blas_sys::cublasOperation_t::CUBLAS_OP_N,
                 m as i32,

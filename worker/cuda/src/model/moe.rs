@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 /// Steps up to this many rows keep every expert group in the grouped kernels, so they never wait
 /// for the host (and can be captured as CUDA graphs).
 pub(super) const DEVICE_ONLY_MAX_ROWS: usize = 256;
+/// Side streams the cuBLAS experts of a prefill step are spread over.
+const EXPERT_LANES: usize = 8;
 /// In larger steps (prefill), experts with more routed rows than this use cuBLAS instead
 /// (default; DSV3_EXPERT_CUBLAS_ROWS sets it).
 pub(super) const GROUPED_MAX_ROWS: usize = 64;
@@ -146,41 +148,52 @@ impl CudaModel {
         let up_out = gu.addr + (inter * 4) as u64;
         grouped(gu.addr, 2 * inter, input, width, plan.x_rows, &bank.gate, gate_splits)?;
         grouped(up_out, 2 * inter, input, width, plan.x_rows, &bank.up, gate_splits)?;
-        // Large groups (prefill): dequantise the expert and use cuBLAS on its gathered rows.
-        let gathered = if large.is_empty() {
-            None
+        // Large groups (prefill): dequantise the expert and use cuBLAS on its gathered rows. One
+        // expert's GEMM of ~128 rows fills a few SMs, so the experts are spread over side streams,
+        // each with its own dequantisation scratch.
+        let lanes = EXPERT_LANES.min(large.len());
+        let expert_elems = bank.gate.stride().max(bank.up.stride()).max(bank.down.stride());
+        let (gathered, scratch) = if large.is_empty() {
+            (None, None)
         } else {
-            Some(g.alloc(slots * width * 2)?)
+            (
+                Some(g.alloc(slots * width * 2)?),
+                Some(g.alloc(lanes * expert_elems * 2)?),
+            )
         };
-        if let Some(xg) = &gathered {
-            for grp in &large {
-                g.launch(
-                    "gather_rows_bf16",
-                    (grp.rows() as u32, 1, 1),
-                    256,
-                    0,
-                    &[
-                        ptr(xg.at(grp.first * width * 2)),
-                        ptr(x.addr),
-                        int(width),
-                        ptr(plan.x_rows + (grp.first * 4) as u64),
-                        int(width),
-                    ],
-                )?;
-                for (s, col) in [(&bank.gate, 0), (&bank.up, inter)] {
-                    self.dequant_expert(s, grp.expert)?;
-                    g.gemm_bf16(
-                        gu.at((grp.first * 2 * inter + col) * 4),
-                        2 * inter,
-                        xg.at(grp.first * width * 2),
-                        self.dequant.addr,
-                        grp.rows(),
-                        s.rows,
-                        s.cols,
-                        false,
+        if let (Some(xg), Some(scratch)) = (&gathered, &scratch) {
+            g.fan_out(lanes, |lane| {
+                let w = scratch.at(lane * expert_elems * 2);
+                for grp in large.iter().skip(lane).step_by(lanes) {
+                    g.launch(
+                        "gather_rows_bf16",
+                        (grp.rows() as u32, 1, 1),
+                        256,
+                        0,
+                        &[
+                            ptr(xg.at(grp.first * width * 2)),
+                            ptr(x.addr),
+                            int(width),
+                            ptr(plan.x_rows + (grp.first * 4) as u64),
+                            int(width),
+                        ],
                     )?;
+                    for (s, col) in [(&bank.gate, 0), (&bank.up, inter)] {
+                        self.dequant_expert(w, s, grp.expert)?;
+                        g.gemm_bf16(
+                            gu.at((grp.first * 2 * inter + col) * 4),
+                            2 * inter,
+                            xg.at(grp.first * width * 2),
+                            w,
+                            grp.rows(),
+                            s.rows,
+                            s.cols,
+                            false,
+                        )?;
+                    }
                 }
-            }
+                Ok(())
+            })?;
         }
         g.launch_1d(
             "swiglu",
@@ -207,20 +220,24 @@ impl CudaModel {
             g.zero(y.addr, y.bytes)?;
         }
         grouped(y.addr, width, down_input, inter, 0, &bank.down, down_splits)?;
-        if let Some(ab) = &ab {
-            for grp in &large {
-                self.dequant_expert(&bank.down, grp.expert)?;
-                g.gemm_bf16(
-                    y.at(grp.first * width * 4),
-                    width,
-                    ab.at(grp.first * inter * 2),
-                    self.dequant.addr,
-                    grp.rows(),
-                    width,
-                    inter,
-                    false,
-                )?;
-            }
+        if let (Some(ab), Some(scratch)) = (&ab, &scratch) {
+            g.fan_out(lanes, |lane| {
+                let w = scratch.at(lane * expert_elems * 2);
+                for grp in large.iter().skip(lane).step_by(lanes) {
+                    self.dequant_expert(w, &bank.down, grp.expert)?;
+                    g.gemm_bf16(
+                        y.at(grp.first * width * 4),
+                        width,
+                        ab.at(grp.first * inter * 2),
+                        w,
+                        grp.rows(),
+                        width,
+                        inter,
+                        false,
+                    )?;
+                }
+                Ok(())
+            })?;
         }
         g.launch(
             "combine_experts",
@@ -242,10 +259,11 @@ impl CudaModel {
         Ok(routes)
     }
 
-    fn dequant_expert(&self, s: &Stacked, expert: usize) -> Result<()> {
+    /// Expert `expert` of `s` as bf16 at `out`.
+    fn dequant_expert(&self, out: u64, s: &Stacked, expert: usize) -> Result<()> {
         crate::weights::dequant_fp8(
             &self.gpu,
-            self.dequant.addr,
+            out,
             s.data.at(expert * s.stride()),
             s.scales.at(expert * s.scale_stride() * 4),
             s.rows,
