@@ -57,6 +57,18 @@ __device__ float block_sum(float v, float* scratch) {
     return total;
 }
 
+// Maximum over the block, as block_sum.
+__device__ float block_max(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float m = -INFINITY;
+    for (int w = 0; w < warps; ++w) m = fmaxf(m, scratch[w]);
+    return m;
+}
+
 // ---------------------------------------------------------------- elementwise and norms
 
 // out[r, :width] = in[r, :width] * rsqrt(mean(in^2) + eps) * w; rows strided by ld_in / ld_out.
@@ -715,12 +727,7 @@ extern "C" __global__ void causal_softmax(bf16* p, const float* s, int n, int to
     bf16* y = p + (size_t)row * total;
     float mx = -INFINITY;
     for (int j = threadIdx.x; j < limit; j += blockDim.x) mx = fmaxf(mx, x[j]);
-    mx = warp_max(mx);
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = mx;
-    __syncthreads();
-    mx = -INFINITY;
-    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) mx = fmaxf(mx, scratch[w]);
+    mx = block_max(mx, scratch);
     float sum = 0.f;
     for (int j = threadIdx.x; j < limit; j += blockDim.x) sum += expf(x[j] - mx);
     sum = block_sum(sum, scratch);
@@ -971,12 +978,7 @@ extern "C" __global__ void mla_combine(float* o_lat, const float* o_part, const 
         cw[s] = m;
         mx = fmaxf(mx, m);
     }
-    mx = warp_max(mx);
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = mx;
-    __syncthreads();
-    mx = -INFINITY;
-    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) mx = fmaxf(mx, scratch[w]);
+    mx = block_max(mx, scratch);
     float part = 0.f;
     for (int s = threadIdx.x; s < splits; s += blockDim.x) {
         float e = cw[s] == -INFINITY ? 0.f : expf(cw[s] - mx);

@@ -27,6 +27,12 @@ pub(super) struct Moe {
     pub(super) experts: ExpertBank,
 }
 
+impl Mlp {
+    fn matrices(&self) -> [&DeviceMatrix; 3] {
+        [&self.gate, &self.up, &self.down]
+    }
+}
+
 pub(super) enum Ffn {
     Dense(Box<Mlp>),
     Moe(Box<Moe>),
@@ -38,27 +44,6 @@ pub(super) struct Layer {
     pub(super) attn: Attention,
     pub(super) post_norm: DeviceBuf,
     pub(super) ffn: Ffn,
-}
-
-pub(super) fn dense_matrices(config: &ModelConfig) -> Vec<(usize, usize)> {
-    let h = config.hidden_size;
-    let qk = config.qk_head_dim();
-    let heads = config.num_attention_heads;
-    let mut v = vec![
-        (heads * qk, config.q_lora_rank.unwrap_or(h)),
-        (config.kv_lora_rank + config.qk_rope_head_dim, h),
-        (heads * config.v_head_dim, h),
-        (h, heads * config.v_head_dim),
-        (config.intermediate_size, h),
-        (h, config.intermediate_size),
-        (config.moe_intermediate_size.max(1) * config.n_shared_experts.max(1), h),
-        (config.vocab_size, h),
-        (config.moe_intermediate_size, h),
-    ];
-    if let Some(r) = config.q_lora_rank {
-        v.push((r, h));
-    }
-    v
 }
 
 impl Layer {
@@ -206,29 +191,29 @@ impl Layer {
         })
     }
 
-    pub(super) fn dense_elements(&self) -> usize {
+    /// Every weight matrix of the layer outside the routed experts.
+    pub(super) fn matrices(&self) -> Vec<&DeviceMatrix> {
         let a = &self.attn;
-        let n = |m: &DeviceMatrix| m.rows * m.cols;
-        let attn = a.q_a.as_ref().map_or(0, |(m, _)| n(m)) + n(&a.q_b) + n(&a.kv_a) + n(&a.kv_b) + n(&a.o);
-        let mlp = |m: &Mlp| n(&m.gate) + n(&m.up) + n(&m.down);
-        attn + match &self.ffn {
-            Ffn::Dense(m) => mlp(m),
-            Ffn::Moe(moe) => n(&moe.router) + moe.shared.as_ref().map_or(0, mlp),
+        let mut v: Vec<&DeviceMatrix> = a.q_a.iter().map(|(m, _)| m).collect();
+        v.extend([&a.q_b, &a.kv_a, &a.kv_b, &a.o]);
+        match &self.ffn {
+            Ffn::Dense(m) => v.extend(m.matrices()),
+            Ffn::Moe(moe) => {
+                v.push(&moe.router);
+                if let Some(m) = &moe.shared {
+                    v.extend(m.matrices());
+                }
+            }
         }
+        v
+    }
+
+    pub(super) fn dense_elements(&self) -> usize {
+        self.matrices().iter().map(|m| m.rows * m.cols).sum()
     }
 
     /// Weight bytes a decode step reads outside the routed experts.
     pub(super) fn dense_bytes(&self) -> usize {
-        let a = &self.attn;
-        let attn = a.q_a.as_ref().map_or(0, |(m, _)| m.bytes())
-            + a.q_b.bytes()
-            + a.kv_a.bytes()
-            + a.kv_b.bytes()
-            + a.o.bytes();
-        let mlp = |m: &Mlp| m.gate.bytes() + m.up.bytes() + m.down.bytes();
-        attn + match &self.ffn {
-            Ffn::Dense(m) => mlp(m),
-            Ffn::Moe(moe) => moe.router.bytes() + moe.shared.as_ref().map_or(0, mlp),
-        }
+        self.matrices().iter().map(|m| m.bytes()).sum()
     }
 }

@@ -14,7 +14,7 @@ use anyhow::{ensure, Context, Result};
 use dsv3_engine::rope::Rope;
 use dsv3_engine::{check_chunks, Checkpoint, Chunk, ChunkOutput, ModelConfig, ModelFiles};
 use graph::DecodeGraph;
-use layers::{dense_matrices, Ffn, Layer, Mlp};
+use layers::{Ffn, Layer, Mlp};
 use moe::MoeStats;
 use std::collections::HashMap;
 
@@ -112,7 +112,15 @@ impl CudaModel {
             block,
             cache_tokens.div_ceil(block).max(1),
         )?;
-        let largest = dense_matrices(&config).iter().map(|(r, c)| r * c).max().unwrap_or(1);
+        // cuBLAS reads the matrices not stored as bf16 through this scratch (steps above 512 rows).
+        let largest = layers
+            .iter()
+            .flat_map(Layer::matrices)
+            .chain([&head])
+            .filter(|m| m.format != Format::Bf16)
+            .map(|m| m.rows * m.cols)
+            .max()
+            .unwrap_or(1);
         let dequant = gpu.alloc(largest * 2)?;
         ensure!(
             config.kv_lora_rank <= 512 && config.kv_lora_rank % 2 == 0,
