@@ -1021,6 +1021,38 @@ __device__ __forceinline__ u32 e4m3x2_to_bf16x2(u32 word, u32 selector) {
     return out;
 }
 
+// Token tile j of a warp holds tokens 8j..8j+7; lane (g, t) reads token 8j+g (row x_rows[tok], or
+// tok), starting `lane_off` elements into the row. Tokens at or past m are not live.
+template <int NT>
+__device__ __forceinline__ void token_rows(const bf16* (&xr)[NT], bool (&live)[NT], const bf16* x, const int* x_rows,
+                                           int ldx, int m, int lane_off) {
+    int g = (threadIdx.x & 31) >> 2;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        int tok = 8 * j + g;
+        live[j] = tok < m;
+        xr[j] = x + (size_t)(live[j] ? (x_rows ? x_rows[tok] : tok) : 0) * ldx + lane_off;
+    }
+}
+
+// Stores the C fragments: lane (g, t) holds features row0+g and row0+g+8 of tokens 8j+2t and +1.
+// mode: 0 = store, 1 = add into y, 2 = atomic add (split k).
+template <int NT>
+__device__ __forceinline__ void store_tiles(float* y, int ldy, int m, int row0, const float (&acc)[NT][4], int mode) {
+    int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            int tok = 8 * j + 2 * t + (e & 1), feat = row0 + g + (e >> 1) * 8;
+            if (tok < m) {
+                float* dst = y + (size_t)tok * ldy + feat;
+                if (mode == 2) atomicAdd(dst, acc[j][e]);
+                else *dst = mode == 1 ? *dst + acc[j][e] : acc[j][e];
+            }
+        }
+}
+
 template <int NT>
 __device__ void fp8_mma_impl(float* y, int ldy, const bf16* x, const int* x_rows, int ldx, int m, const u8* w,
                              const float* scale, int n, int k, int mode) {
@@ -1034,12 +1066,7 @@ __device__ void fp8_mma_impl(float* y, int ldy, const bf16* x, const int* x_rows
     const float* srow = scale + (size_t)(row0 / 128) * chunks;
     const bf16* xr[NT];
     bool live[NT];
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-        int tok = 8 * j + g;
-        live[j] = tok < m;
-        xr[j] = x + (size_t)(live[j] ? (x_rows ? x_rows[tok] : tok) : 0) * ldx + 32 * t;
-    }
+    token_rows<NT>(xr, live, x, x_rows, ldx, m, 32 * t);
     float acc[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
@@ -1081,18 +1108,7 @@ __device__ void fp8_mma_impl(float* y, int ldy, const bf16* x, const int* x_rows
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[j][e] += sc * part[j][e];
     }
-    // C fragment: (feature row0+g, tokens 8j+2t, +1) and (feature row0+g+8, same tokens)
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            int tok = 8 * j + 2 * t + (e & 1), feat = row0 + g + (e >> 1) * 8;
-            if (tok < m) {
-                float* dst = y + (size_t)tok * ldy + feat;
-                if (mode == 2) atomicAdd(dst, acc[j][e]);
-                else *dst = mode == 1 ? *dst + acc[j][e] : acc[j][e];
-            }
-        }
+    store_tiles<NT>(y, ldy, m, row0, acc, mode);
 }
 
 // mode: 0 = store, 1 = add into y, 2 = atomic add (split k).
@@ -1124,12 +1140,7 @@ __device__ void bf16_mma_impl(float* y, int ldy, const bf16* x, int ldx, int m, 
     const bf16* w1 = w0 + (size_t)8 * k;
     const bf16* xr[NT];
     bool live[NT];
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-        int tok = 8 * j + g;
-        live[j] = tok < m;
-        xr[j] = x + (size_t)(live[j] ? tok : 0) * ldx + 16 * t;
-    }
+    token_rows<NT>(xr, live, x, 0, ldx, m, 16 * t);
     float acc[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
@@ -1159,17 +1170,7 @@ __device__ void bf16_mma_impl(float* y, int ldy, const bf16* x, int ldx, int m, 
             for (int j = 0; j < NT; ++j)
                 mma_bf16(acc[j], ra[2 * s], rb[2 * s], ra[2 * s + 1], rb[2 * s + 1], xv[j][2 * s], xv[j][2 * s + 1]);
     }
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            int tok = 8 * j + 2 * t + (e & 1), feat = row0 + g + (e >> 1) * 8;
-            if (tok < m) {
-                float* dst = y + (size_t)tok * ldy + feat;
-                if (mode == 2) atomicAdd(dst, acc[j][e]);
-                else *dst = mode == 1 ? *dst + acc[j][e] : acc[j][e];
-            }
-        }
+    store_tiles<NT>(y, ldy, m, row0, acc, mode);
 }
 
 #define BF16_MMA(NT)                                                                                            \
