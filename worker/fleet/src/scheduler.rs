@@ -9,7 +9,7 @@
 
 use crate::rank::AttentionRank;
 use dsv3_api::backend::{Backend, BackendStats, GenerationEvent, GenerationRequest, Health, SubmitError, TokenLogprob};
-use dsv3_engine::{FinishReason, ModelConfig};
+use dsv3_engine::{finish_reason, ModelConfig};
 use dsv3_proto::{SamplingSpec, StepItem, StepRequest};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -477,19 +477,7 @@ impl Scheduler {
                 finished.push(i); // the client went away
                 continue;
             }
-            let params = &r.request.params;
-            let reason = if params.stop_token_ids.contains(&s.token)
-                || (!params.ignore_eos && self.config.eos_token_ids.contains(&s.token))
-            {
-                Some(FinishReason::Stop)
-            } else if r.generated >= params.max_tokens {
-                Some(FinishReason::Length)
-            } else if r.cached + 1 >= self.config.max_position_embeddings {
-                Some(FinishReason::ContextFull)
-            } else {
-                None
-            };
-            if let Some(reason) = reason {
+            if let Some(reason) = finish_reason(&r.request.params, &self.config, s.token, r.generated, r.cached) {
                 let _ = r.events.send(GenerationEvent::Finished { reason });
                 finished.push(i);
             }
