@@ -35,29 +35,7 @@ impl CudaModel {
         let g = &self.gpu;
         let c = &self.config;
         let (e, k, width) = (c.n_routed_experts, c.num_experts_per_tok, c.hidden_size);
-        let logits = g.alloc(m * e * 4)?;
-        self.linear(logits.addr, e, x.addr, m, &moe.router, false)?;
-        let ids = g.alloc(m * k * 4)?;
-        let weights = g.alloc(m * k * 4)?;
-        let smem = (2 * e + c.n_group + k) * 4;
-        g.launch(
-            "route_topk",
-            (m as u32, 1, 1),
-            e.next_multiple_of(32) as u32,
-            smem as u32,
-            &[
-                ptr(ids.addr),
-                ptr(weights.addr),
-                ptr(logits.addr),
-                ptr(moe.bias.addr),
-                int(e),
-                int(c.n_group),
-                int(c.topk_group),
-                int(k),
-                int(c.norm_topk_prob as usize),
-                float(c.routed_scaling_factor),
-            ],
-        )?;
+        let (ids, weights) = self.route(moe, x, m)?;
         let plan = DevicePlan::new(self, layer, ids.addr, valid, m)?;
         let routes = if want_routes {
             let chosen: Vec<i32> = g.download(ids.addr, m * k)?;
@@ -148,52 +126,18 @@ impl CudaModel {
         let up_out = gu.addr + (inter * 4) as u64;
         grouped(gu.addr, 2 * inter, input, width, plan.x_rows, &bank.gate, gate_splits)?;
         grouped(up_out, 2 * inter, input, width, plan.x_rows, &bank.up, gate_splits)?;
-        // Large groups (prefill): dequantise the expert and use cuBLAS on its gathered rows. One
-        // expert's GEMM of ~128 rows fills a few SMs, so the experts are spread over side streams,
-        // each with its own dequantisation scratch.
-        let lanes = EXPERT_LANES.min(large.len());
-        let expert_elems = bank.gate.stride().max(bank.up.stride()).max(bank.down.stride());
-        let (gathered, scratch) = if large.is_empty() {
-            (None, None)
-        } else {
-            (
-                Some(g.alloc(slots * width * 2)?),
-                Some(g.alloc(lanes * expert_elems * 2)?),
-            )
-        };
-        if let (Some(xg), Some(scratch)) = (&gathered, &scratch) {
-            g.fan_out(lanes, |lane| {
-                let w = scratch.at(lane * expert_elems * 2);
-                for grp in large.iter().skip(lane).step_by(lanes) {
-                    g.launch(
-                        "gather_rows_bf16",
-                        (grp.rows() as u32, 1, 1),
-                        256,
-                        0,
-                        &[
-                            ptr(xg.at(grp.first * width * 2)),
-                            ptr(x.addr),
-                            int(width),
-                            ptr(plan.x_rows + (grp.first * 4) as u64),
-                            int(width),
-                        ],
-                    )?;
-                    for (s, col) in [(&bank.gate, 0), (&bank.up, inter)] {
-                        self.dequant_expert(w, s, grp.expert)?;
-                        g.gemm_bf16(
-                            gu.at((grp.first * 2 * inter + col) * 4),
-                            2 * inter,
-                            xg.at(grp.first * width * 2),
-                            w,
-                            grp.rows(),
-                            s.rows,
-                            s.cols,
-                            false,
-                        )?;
-                    }
-                }
-                Ok(())
-            })?;
+        // Large groups (prefill): cuBLAS on the slots' rows gathered as bf16.
+        if !large.is_empty() {
+            let xg = g.alloc(slots * width * 2)?;
+            g.launch(
+                "gather_rows_bf16",
+                (slots as u32, 1, 1),
+                256,
+                0,
+                &[ptr(xg.addr), ptr(x.addr), int(width), ptr(plan.x_rows), int(width)],
+            )?;
+            self.cublas_groups(&large, &bank.gate, xg.addr, width, gu.addr, 2 * inter)?;
+            self.cublas_groups(&large, &bank.up, xg.addr, width, up_out, 2 * inter)?;
         }
         g.launch_1d(
             "swiglu",
@@ -220,24 +164,8 @@ impl CudaModel {
             g.zero(y.addr, y.bytes)?;
         }
         grouped(y.addr, width, down_input, inter, 0, &bank.down, down_splits)?;
-        if let (Some(ab), Some(scratch)) = (&ab, &scratch) {
-            g.fan_out(lanes, |lane| {
-                let w = scratch.at(lane * expert_elems * 2);
-                for grp in large.iter().skip(lane).step_by(lanes) {
-                    self.dequant_expert(w, &bank.down, grp.expert)?;
-                    g.gemm_bf16(
-                        y.at(grp.first * width * 4),
-                        width,
-                        ab.at(grp.first * inter * 2),
-                        w,
-                        grp.rows(),
-                        width,
-                        inter,
-                        false,
-                    )?;
-                }
-                Ok(())
-            })?;
+        if let Some(ab) = &ab {
+            self.cublas_groups(&large, &bank.down, ab.addr, inter, y.addr, width)?;
         }
         g.launch(
             "combine_experts",
@@ -257,6 +185,76 @@ impl CudaModel {
             self.mlp(shared, x, h.addr, m)?;
         }
         Ok(routes)
+    }
+
+    /// Router logits, then the group-limited top-k on the GPU: the chosen experts and their
+    /// weights, `[m, top_k]` each.
+    fn route(&self, moe: &Moe, x: &DeviceBuf, m: usize) -> Result<(DeviceBuf, DeviceBuf)> {
+        let g = &self.gpu;
+        let c = &self.config;
+        let (e, k) = (c.n_routed_experts, c.num_experts_per_tok);
+        let logits = g.alloc(m * e * 4)?;
+        self.linear(logits.addr, e, x.addr, m, &moe.router, false)?;
+        let ids = g.alloc(m * k * 4)?;
+        let weights = g.alloc(m * k * 4)?;
+        let smem = (2 * e + c.n_group + k) * 4;
+        g.launch(
+            "route_topk",
+            (m as u32, 1, 1),
+            e.next_multiple_of(32) as u32,
+            smem as u32,
+            &[
+                ptr(ids.addr),
+                ptr(weights.addr),
+                ptr(logits.addr),
+                ptr(moe.bias.addr),
+                int(e),
+                int(c.n_group),
+                int(c.topk_group),
+                int(k),
+                int(c.norm_topk_prob as usize),
+                float(c.routed_scaling_factor),
+            ],
+        )?;
+        Ok((ids, weights))
+    }
+
+    /// `out[slots] = input[slots] · W_eᵀ` through cuBLAS for each large group (expert e), the
+    /// expert dequantised to bf16 first. One expert's GEMM of ~128 rows fills a few SMs, so the
+    /// groups are spread over side streams, each with its own scratch. Rows are slots: `input`
+    /// bf16 with row stride `ldx`, `out` f32 with row stride `ldy`.
+    fn cublas_groups(
+        &self,
+        large: &[HostGroup],
+        s: &Stacked,
+        input: u64,
+        ldx: usize,
+        out: u64,
+        ldy: usize,
+    ) -> Result<()> {
+        if large.is_empty() {
+            return Ok(());
+        }
+        let g = &self.gpu;
+        let lanes = EXPERT_LANES.min(large.len());
+        let scratch = g.alloc(lanes * s.stride() * 2)?;
+        g.fan_out(lanes, |lane| {
+            let w = scratch.at(lane * s.stride() * 2);
+            for grp in large.iter().skip(lane).step_by(lanes) {
+                self.dequant_expert(w, s, grp.expert)?;
+                g.gemm_bf16(
+                    out + (grp.first * ldy * 4) as u64,
+                    ldy,
+                    input + (grp.first * ldx * 2) as u64,
+                    w,
+                    grp.rows(),
+                    s.rows,
+                    s.cols,
+                    false,
+                )?;
+            }
+            Ok(())
+        })
     }
 
     /// Expert `expert` of `s` as bf16 at `out`.
