@@ -18,8 +18,6 @@ pub const KERNEL_SOURCE: &str = include_str!("kernels.cu");
 pub const KERNELS: &[&str] = &[
     "embed_rows",
     "rms_norm",
-    "add_inplace",
-    "fill_f32",
     "swiglu",
     "rope_interleaved",
     "f32_to_bf16_rows",
@@ -267,18 +265,11 @@ impl Gpu {
         Ok(buf)
     }
 
-    /// Uploads several 4-byte arrays with one copy; returns the buffer and each array's address.
-    pub fn upload_words(&self, parts: &[&[u32]]) -> Result<(DeviceBuf, Vec<u64>)> {
-        let total: usize = parts.iter().map(|p| p.len()).sum();
-        let mut all = Vec::with_capacity(total);
-        let mut offsets = Vec::with_capacity(parts.len());
-        for p in parts {
-            offsets.push(all.len() * 4);
-            all.extend_from_slice(p);
-        }
-        let buf = self.upload(&all)?;
-        let addrs = offsets.into_iter().map(|o| buf.at(o)).collect();
-        Ok((buf, addrs))
+    /// A bf16 copy of `n` f32 values at `x` (the tensor cores' activation format).
+    pub fn to_bf16(&self, x: u64, n: usize) -> Result<DeviceBuf> {
+        let out = self.alloc(n * 2)?;
+        self.launch_1d("f32_to_bf16_rows", n, &[ptr(out.addr), ptr(x), u64_arg(n as u64)])?;
+        Ok(out)
     }
 
     pub fn copy_to<T: Copy>(&self, buf: &DeviceBuf, offset_bytes: usize, data: &[T]) -> Result<()> {

@@ -84,16 +84,6 @@ extern "C" __global__ void rms_norm(float* out, int ld_out, const float* in, int
     for (int i = threadIdx.x; i < width; i += blockDim.x) y[i] = x[i] * inv * w[i];
 }
 
-extern "C" __global__ void add_inplace(float* y, const float* x, u64 n) {
-    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) y[i] += x[i];
-}
-
-extern "C" __global__ void fill_f32(float* y, float v, u64 n) {
-    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) y[i] = v;
-}
-
 // act[r, j] = silu(gu[r, j]) * gu[r, inter + j]
 extern "C" __global__ void swiglu(float* act, const float* gu, int rows, int inter) {
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1021,6 +1011,13 @@ __device__ __forceinline__ u32 e4m3x2_to_bf16x2(u32 word, u32 selector) {
     return out;
 }
 
+// This block's share [begin, end) of `chunks` k chunks split over gridDim.z (split k).
+__device__ __forceinline__ void split_chunks(int chunks, int& begin, int& end) {
+    int per = (chunks + gridDim.z - 1) / gridDim.z;
+    begin = blockIdx.z * per;
+    end = min(chunks, begin + per);
+}
+
 // Token tile j of a warp holds tokens 8j..8j+7; lane (g, t) reads token 8j+g (row x_rows[tok], or
 // tok), starting `lane_off` elements into the row. Tokens at or past m are not live.
 template <int NT>
@@ -1059,8 +1056,8 @@ __device__ void fp8_mma_impl(float* y, int ldy, const bf16* x, const int* x_rows
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int row0 = (blockIdx.x * (blockDim.x >> 5) + warp) * 16;
     if (row0 >= n) return;
-    int chunks = k / 128, per = (chunks + gridDim.z - 1) / gridDim.z;
-    int c_begin = blockIdx.z * per, c_end = min(chunks, c_begin + per);
+    int chunks = k / 128, c_begin, c_end;
+    split_chunks(chunks, c_begin, c_end);
     const u8* w0 = w + (size_t)(row0 + g) * k + 32 * t;
     const u8* w1 = w0 + (size_t)8 * k;
     const float* srow = scale + (size_t)(row0 / 128) * chunks;
@@ -1134,8 +1131,8 @@ __device__ void bf16_mma_impl(float* y, int ldy, const bf16* x, int ldx, int m, 
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int row0 = (blockIdx.x * (blockDim.x >> 5) + warp) * 16;
     if (row0 >= n) return;
-    int chunks = k / 64, per = (chunks + gridDim.z - 1) / gridDim.z;
-    int c_begin = blockIdx.z * per, c_end = min(chunks, c_begin + per);
+    int chunks = k / 64, c_begin, c_end;
+    split_chunks(chunks, c_begin, c_end);
     const bf16* w0 = w + (size_t)(row0 + g) * k + 16 * t;
     const bf16* w1 = w0 + (size_t)8 * k;
     const bf16* xr[NT];

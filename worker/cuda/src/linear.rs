@@ -1,6 +1,6 @@
 //! Products with a weight matrix, routed to the kernel that suits the batch size.
 
-use crate::gpu::{int, ptr, u64_arg, DeviceBuf, Gpu};
+use crate::gpu::{int, ptr, DeviceBuf, Gpu};
 use crate::weights::{DeviceMatrix, Format};
 use anyhow::{ensure, Result};
 
@@ -25,12 +25,6 @@ fn mma_kernel(m: usize) -> &'static str {
         17..=32 => "fp8_mma_n4",
         _ => "fp8_mma_n8",
     }
-}
-
-fn to_bf16(g: &Gpu, x: u64, n: usize) -> Result<DeviceBuf> {
-    let xb = g.alloc(n * 2)?;
-    g.launch_1d("f32_to_bf16_rows", n, &[ptr(xb.addr), ptr(x), u64_arg(n as u64)])?;
-    Ok(xb)
 }
 
 /// How many ways to split the k chunks of a tensor-core product so `blocks` fill the GPU (about 8
@@ -78,7 +72,7 @@ pub fn linear(
     let bf16_tensor_cores =
         w.format == Format::Bf16 && w.rows >= 4096 && w.rows % 16 == 0 && w.cols % 64 == 0 && m <= 16;
     if bf16_tensor_cores && !simt {
-        let xb = to_bf16(g, x, m * w.cols)?;
+        let xb = g.to_bf16(x, m * w.cols)?;
         let blocks = w.rows.div_ceil(64);
         let (splits, mode) = split_k(g, blocks, w.cols / 64, y, ldy, m, w.rows, accumulate)?;
         let name = if m <= 8 { "bf16_mma_n1" } else { "bf16_mma_n2" };
@@ -101,7 +95,7 @@ pub fn linear(
         );
     }
     if w.format == Format::Fp8 && mma_fits(w.rows, w.cols) && (TC_MIN_ROWS..=TC_MAX_ROWS).contains(&m) && !simt {
-        let xb = to_bf16(g, x, m * w.cols)?;
+        let xb = g.to_bf16(x, m * w.cols)?;
         let blocks = w.rows.div_ceil(64);
         let (splits, mode) = split_k(g, blocks * m.div_ceil(64), w.cols / 128, y, ldy, m, w.rows, accumulate)?;
         return g.launch(
@@ -157,11 +151,6 @@ pub fn linear(
         w.dequant_into(g, dequant.addr)?;
         dequant.addr
     };
-    let xb = g.alloc(m * w.cols * 2)?;
-    g.launch_1d(
-        "f32_to_bf16_rows",
-        m * w.cols,
-        &[ptr(xb.addr), ptr(x), u64_arg((m * w.cols) as u64)],
-    )?;
+    let xb = g.to_bf16(x, m * w.cols)?;
     g.gemm_bf16(y, ldy, xb.addr, w_bf16, m, w.rows, w.cols, accumulate)
 }

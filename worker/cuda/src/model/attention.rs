@@ -3,7 +3,7 @@
 
 use super::layers::Layer;
 use super::{CudaModel, Span, StepLayout};
-use crate::gpu::{float, int, ptr, u64_arg, DeviceBuf};
+use crate::gpu::{float, int, ptr, DeviceBuf};
 use crate::weights::Format;
 use anyhow::{ensure, Result};
 use dsv3_engine::rope::softmax_scale;
@@ -238,13 +238,7 @@ impl CudaModel {
         let kvb = &layer.attn.kv_b;
         let aligned = nope % 128 == 0 && vdim % 128 == 0 && lora % 128 == 0;
         if kvb.format == Format::Fp8 && aligned && !self.simt_linear {
-            let ob = g.alloc(m * heads * lora * 2)?;
-            let n = m * heads * lora;
-            g.launch_1d(
-                "f32_to_bf16_rows",
-                n,
-                &[ptr(ob.addr), ptr(o_lat.addr), u64_arg(n as u64)],
-            )?;
+            let ob = g.to_bf16(o_lat.addr, m * heads * lora)?;
             let (name, tile) = match m {
                 0..=8 => ("mla_absorb_out_mma_n1", 8),
                 9..=16 => ("mla_absorb_out_mma_n2", 16),
@@ -356,13 +350,7 @@ impl CudaModel {
                 int(vdim),
             ],
         )?;
-        let qb = g.alloc(n * heads * qk * 2)?;
-        let q_rows = q.at(span.first_row * heads * qk * 4);
-        g.launch_1d(
-            "f32_to_bf16_rows",
-            n * heads * qk,
-            &[ptr(qb.addr), ptr(q_rows), u64_arg((n * heads * qk) as u64)],
-        )?;
+        let qb = g.to_bf16(q.at(span.first_row * heads * qk * 4), n * heads * qk)?;
         // heads per group: scores of at most 2^28 elements (1 GiB of f32)
         let hc = (((1usize << 28) / (n * total)).max(1)).min(heads);
         let scores = g.alloc(hc * n * total * 4)?;

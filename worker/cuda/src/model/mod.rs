@@ -165,13 +165,7 @@ impl CudaModel {
 
     /// Bytes of one routed expert of a MoE layer (all layers share the shape).
     pub fn expert_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .find_map(|l| match &l.ffn {
-                Ffn::Moe(m) => Some(m.experts.bytes_per_expert()),
-                Ffn::Dense(_) => None,
-            })
-            .unwrap_or(0)
+        self.expert_bytes_elements().0
     }
 
     pub fn free_sequence(&mut self, seq: u64) {
@@ -440,6 +434,12 @@ impl CudaModel {
         let at = StepLayout::offsets(rows, half);
         let mut words = vec![0u32; at.tables];
         let (mut c_buf, mut s_buf) = (vec![0.0f32; half], vec![0.0f32; half]);
+        let put_rope = |words: &mut [u32], row: usize, c: &[f32], s: &[f32]| {
+            for i in 0..half {
+                words[at.cos + row * half + i] = c[i].to_bits();
+                words[at.sin + row * half + i] = s[i].to_bits();
+            }
+        };
         let mut spans = Vec::with_capacity(chunks.len());
         let mut tables = Vec::new();
         let (mut row, mut max_len) = (0, 0);
@@ -456,10 +456,7 @@ impl CudaModel {
                 let pos = c.start + k;
                 self.rope.cos_sin(pos, &mut c_buf, &mut s_buf);
                 words[at.ids + row] = t;
-                for i in 0..half {
-                    words[at.cos + row * half + i] = c_buf[i].to_bits();
-                    words[at.sin + row * half + i] = s_buf[i].to_bits();
-                }
+                put_rope(&mut words, row, &c_buf, &s_buf);
                 words[at.slots + row] = self.cache.slot(c.seq, pos) as u32;
                 words[at.table_off + row] = off as u32;
                 words[at.lens + row] = (pos + 1) as u32;
@@ -470,10 +467,7 @@ impl CudaModel {
         words[at.valid] = row as u32;
         self.rope.cos_sin(0, &mut c_buf, &mut s_buf);
         for r in row..rows {
-            for i in 0..half {
-                words[at.cos + r * half + i] = c_buf[i].to_bits();
-                words[at.sin + r * half + i] = s_buf[i].to_bits();
-            }
+            put_rope(&mut words, r, &c_buf, &s_buf);
             words[at.slots + r] = u32::MAX; // -1: no cache slot
         }
         words.extend(tables);
@@ -492,30 +486,15 @@ impl CudaModel {
         rows: usize,
         eps: f32,
     ) -> Result<()> {
-        self.rms_norm_addr(out.addr, ld_out, x.addr, ld_in, w, width, rows, eps)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn rms_norm_addr(
-        &self,
-        out: u64,
-        ld_out: usize,
-        x: u64,
-        ld_in: usize,
-        w: &DeviceBuf,
-        width: usize,
-        rows: usize,
-        eps: f32,
-    ) -> Result<()> {
         self.gpu.launch(
             "rms_norm",
             (rows as u32, 1, 1),
             256,
             0,
             &[
-                ptr(out),
+                ptr(out.addr),
                 int(ld_out),
-                ptr(x),
+                ptr(x.addr),
                 int(ld_in),
                 ptr(w.addr),
                 int(width),

@@ -43,16 +43,13 @@ impl CudaModel {
         } else {
             None
         };
-        // Large steps read the group sizes back once and send the big groups to cuBLAS.
-        let large = if m > DEVICE_ONLY_MAX_ROWS {
-            g.profiled("moe_plan_sync", || plan.large_groups(self, self.expert_cublas_rows))?
+        // Large steps read the group sizes back once and send the big groups to cuBLAS; the
+        // grouped kernels take the rest.
+        let (large, max_rows) = if m > DEVICE_ONLY_MAX_ROWS {
+            let large = g.profiled("moe_plan_sync", || plan.large_groups(self, self.expert_cublas_rows))?;
+            (large, self.expert_cublas_rows)
         } else {
-            vec![]
-        };
-        let max_rows = if m > DEVICE_ONLY_MAX_ROWS {
-            self.expert_cublas_rows
-        } else {
-            i32::MAX as usize
+            (vec![], i32::MAX as usize)
         };
         let slots = m * k;
         let bank = &moe.experts;
@@ -109,15 +106,7 @@ impl CudaModel {
             }
         };
         // The tensor-core path reads bf16 activations.
-        let to_bf16 = |src: u64, n: usize| -> Result<Option<DeviceBuf>> {
-            if !tensor_cores {
-                return Ok(None);
-            }
-            let b = g.alloc(n * 2)?;
-            g.launch_1d("f32_to_bf16_rows", n, &[ptr(b.addr), ptr(src), u64_arg(n as u64)])?;
-            Ok(Some(b))
-        };
-        let xb = to_bf16(x.addr, m * width)?;
+        let xb = tensor_cores.then(|| g.to_bf16(x.addr, m * width)).transpose()?;
         let input = xb.as_ref().map_or(x.addr, |b| b.addr);
         let gate_splits = splits(&bank.gate).max(splits(&bank.up));
         if gate_splits > 1 {
@@ -144,17 +133,9 @@ impl CudaModel {
             slots * inter,
             &[ptr(act.addr), ptr(gu.addr), int(slots), int(inter)],
         )?;
-        let ab = if tensor_cores || !large.is_empty() {
-            let b = g.alloc(slots * inter * 2)?;
-            g.launch_1d(
-                "f32_to_bf16_rows",
-                slots * inter,
-                &[ptr(b.addr), ptr(act.addr), u64_arg((slots * inter) as u64)],
-            )?;
-            Some(b)
-        } else {
-            None
-        };
+        let ab = (tensor_cores || !large.is_empty())
+            .then(|| g.to_bf16(act.addr, slots * inter))
+            .transpose()?;
         let down_input = match (&ab, tensor_cores) {
             (Some(b), true) => b.addr,
             _ => act.addr,
