@@ -9,39 +9,90 @@ pub use v1::*;
 /// Marks a routing slot that belongs to another shard.
 pub const OTHER_SHARD: u32 = u32::MAX;
 
-impl Tensor {
-    /// An f32 tensor from a slice (one copy, into the message).
-    pub fn from_f32(shape: &[usize], values: &[f32]) -> Self {
-        let mut data = Vec::with_capacity(values.len() * 4);
-        for v in values {
-            data.extend_from_slice(&v.to_le_bytes());
+/// Element types an activation tensor travels in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    F32,
+    /// Half the bytes of f32; what GPU ranks send (their kernels read bf16 anyway).
+    Bf16,
+}
+
+impl Dtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
         }
+    }
+
+    fn bytes(self) -> u64 {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::Bf16 => 2,
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Self, String> {
+        match name {
+            "f32" => Ok(Dtype::F32),
+            "bf16" => Ok(Dtype::Bf16),
+            other => Err(format!(
+                "tensor dtype `{other}` is not supported (expected f32 or bf16)"
+            )),
+        }
+    }
+}
+
+impl Tensor {
+    /// A tensor of `values` stored as `dtype` (bf16 rounds to nearest even).
+    pub fn from_f32_as(shape: &[usize], values: &[f32], dtype: Dtype) -> Self {
+        let data: Vec<u8> = match dtype {
+            Dtype::F32 => bytemuck::cast_slice(values).to_vec(),
+            Dtype::Bf16 => {
+                let halves: Vec<half::bf16> = values.iter().map(|&v| half::bf16::from_f32(v)).collect();
+                bytemuck::cast_slice(&halves).to_vec()
+            }
+        };
         Tensor {
-            dtype: "f32".into(),
+            dtype: dtype.name().into(),
             shape: shape.iter().map(|&d| d as u64).collect(),
             data: data.into(),
         }
     }
 
-    /// The f32 values, checking dtype and that the byte length matches the shape.
+    /// An f32 tensor from a slice (one copy, into the message).
+    pub fn from_f32(shape: &[usize], values: &[f32]) -> Self {
+        Self::from_f32_as(shape, values, Dtype::F32)
+    }
+
+    pub fn element_type(&self) -> Result<Dtype, String> {
+        Dtype::parse(&self.dtype)
+    }
+
+    /// The values as f32 (bf16 widened exactly), checking that the byte length matches the shape.
     pub fn to_f32(&self) -> Result<Vec<f32>, String> {
-        if self.dtype != "f32" {
-            return Err(format!("tensor dtype `{}` is not supported (expected f32)", self.dtype));
-        }
+        let dtype = self.element_type()?;
         let elements: u64 = self.shape.iter().product();
-        if self.data.len() as u64 != elements * 4 {
+        if self.data.len() as u64 != elements * dtype.bytes() {
             return Err(format!(
                 "tensor of shape {:?} carries {} bytes, expected {}",
                 self.shape,
                 self.data.len(),
-                elements * 4
+                elements * dtype.bytes()
             ));
         }
-        Ok(self
-            .data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+        Ok(match dtype {
+            Dtype::F32 => self
+                .data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::Bf16 => self
+                .data
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
+        })
     }
 }
 
@@ -58,10 +109,21 @@ mod tests {
             ..t.clone()
         };
         assert!(bad.to_f32().unwrap_err().contains("expected 24"));
-        let bf = Tensor {
-            dtype: "bf16".into(),
+        let f16 = Tensor {
+            dtype: "f16".into(),
             ..t
         };
-        assert!(bf.to_f32().unwrap_err().contains("bf16"));
+        assert!(f16.to_f32().unwrap_err().contains("`f16` is not supported"));
+    }
+
+    #[test]
+    fn bf16_tensors_carry_half_the_bytes_and_round_to_nearest() {
+        // 1 + 2^-8 lies halfway between two bf16 values and rounds to even (1.0); 1 + 3·2^-8 up.
+        let values = [1.0, -2.0, 1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0];
+        let t = Tensor::from_f32_as(&[2, 2], &values, Dtype::Bf16);
+        assert_eq!((t.dtype.as_str(), t.data.len()), ("bf16", 8));
+        assert_eq!(t.to_f32(), Ok(vec![1.0, -2.0, 1.0, 1.0 + 4.0 / 256.0]));
+        let short = Tensor { shape: vec![2, 3], ..t };
+        assert!(short.to_f32().unwrap_err().contains("expected 12"));
     }
 }

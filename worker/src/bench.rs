@@ -123,9 +123,8 @@ fn measure(name: &str, files: &ModelFiles, batch: usize, args: &BenchArgs, bandw
         .map(|(b, p)| Chunk::new(b as u64, 0, p, Outputs::Last))
         .collect();
     let started = Instant::now();
-    engine
-        .model
-        .forward(&chunks, &mut engine.cache, &engine.experts, &opts)?;
+    let b = &mut engine.backend;
+    b.model.forward(&chunks, &mut b.cache, b.experts.as_ref(), &opts)?;
     let prefill_s = started.elapsed().as_secs_f64();
     let mut next: Vec<[u32; 1]> = (0..batch).map(|b| [(b as u32 * 13 + 7) % vocab]).collect();
     let mut step_times = Vec::with_capacity(args.decode_steps);
@@ -136,9 +135,8 @@ fn measure(name: &str, files: &ModelFiles, batch: usize, args: &BenchArgs, bandw
             .map(|(b, t)| Chunk::new(b as u64, args.prompt_len + step, t, Outputs::Last))
             .collect();
         let started = Instant::now();
-        let (out, _) = engine
-            .model
-            .forward(&chunks, &mut engine.cache, &engine.experts, &opts)?;
+        let b = &mut engine.backend;
+        let (out, _) = b.model.forward(&chunks, &mut b.cache, b.experts.as_ref(), &opts)?;
         step_times.push(started.elapsed().as_secs_f64());
         for (n, o) in next.iter_mut().zip(&out) {
             n[0] = dsv3_engine::sampling::argmax(&o.logits);
@@ -153,9 +151,8 @@ fn measure(name: &str, files: &ModelFiles, batch: usize, args: &BenchArgs, bandw
         .map(|(b, t)| Chunk::new(b as u64, args.prompt_len + args.decode_steps, t, Outputs::Last))
         .collect();
     let traced = dsv3_engine::StepOptions { trace: true, ..opts };
-    let (_, trace) = engine
-        .model
-        .forward(&chunks, &mut engine.cache, &engine.experts, &traced)?;
+    let b = &mut engine.backend;
+    let (_, trace) = b.model.forward(&chunks, &mut b.cache, b.experts.as_ref(), &traced)?;
     let step_bytes = engine.step_weight_bytes(&trace.context("trace requested")?.routes);
     Ok(Row {
         model: name.to_string(),

@@ -1,9 +1,13 @@
 //! `dsv3-worker generate`: one prompt, printed as JSON (`token_ids`, `prompt_last_logits`) or text.
 
+use crate::device::{load_backend, DeviceArg};
 use crate::{model_source, progress};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use dsv3_engine::{Engine, EngineOptions, GenerateRequest, MlaForm, SamplingParams};
+use dsv3_engine::{BatchOptions, Engine, EngineOptions, GenerateRequest, MlaForm, SamplingParams};
+
+/// Prompt positions per step on the GPU (its prefill is efficient in large chunks).
+const GPU_STEP_TOKENS: usize = 2048;
 use std::path::PathBuf;
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -11,26 +15,6 @@ pub enum MlaArg {
     Auto,
     Naive,
     Absorbed,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum DeviceArg {
-    /// CUDA when a driver and a GPU are present, else the CPU.
-    Auto,
-    Cpu,
-    Cuda,
-}
-
-/// Resolves `--device`: whether to run on the GPU. `cuda` without a usable GPU is an error.
-pub fn use_cuda(device: DeviceArg) -> Result<bool> {
-    match device {
-        DeviceArg::Cpu => Ok(false),
-        DeviceArg::Auto => Ok(dsv3_cuda::device_status().is_ok()),
-        DeviceArg::Cuda => match dsv3_cuda::device_status() {
-            Ok(_) => Ok(true),
-            Err(why) => bail!("--device cuda: {why}"),
-        },
-    }
 }
 
 #[derive(Args)]
@@ -68,7 +52,8 @@ pub struct GenerateArgs {
     /// Print one JSON object: {"token_ids": [...], "prompt_last_logits": [...], ...}.
     #[arg(long)]
     json: bool,
-    /// MLA form: naive for prefill and absorbed for decode (auto), or one of them everywhere.
+    /// MLA form: naive for prefill and absorbed for decode (auto), or one of them everywhere
+    /// (the CPU backend only).
     #[arg(long, value_enum, default_value_t = MlaArg::Auto)]
     mla: MlaArg,
     /// Where the model runs.
@@ -107,23 +92,21 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         stop_token_ids: vec![],
         ignore_eos: args.ignore_eos,
     };
-    params.validate().map_err(anyhow::Error::msg)?;
-    let output = if use_cuda(args.device)? {
-        let cache_tokens = (prompt.len() + args.max_tokens).max(16);
-        let mut report = progress::reporter(files.describe());
-        let started = std::time::Instant::now();
-        let mut model = dsv3_cuda::CudaModel::load(&files, 0, cache_tokens, &mut |done, total| {
-            report(dsv3_engine::LoadProgress {
-                stage: "layers",
-                done,
-                total,
-                elapsed_s: started.elapsed().as_secs_f64(),
-            })
-        })?;
-        dsv3_cuda::generate::generate(&mut model, &prompt, params)?
+    let request = GenerateRequest { prompt, params };
+    let cache_tokens = (request.prompt.len() + args.max_tokens).max(16);
+    let output = if args.device.use_cuda()? {
+        if !matches!(args.mla, MlaArg::Auto) {
+            bail!("--mla applies to the CPU backend; the CUDA backend always runs MLA in both forms (auto)");
+        }
+        let mut backend = load_backend(&files, DeviceArg::Cuda, 0, None, cache_tokens)?;
+        let options = BatchOptions {
+            max_step_tokens: GPU_STEP_TOKENS,
+            vocab_limit: None,
+        };
+        dsv3_engine::batch::generate(backend.as_mut(), &[request], &options)?
     } else {
         let options = EngineOptions {
-            cache_tokens: (prompt.len() + args.max_tokens).max(16),
+            cache_tokens,
             mla: match args.mla {
                 MlaArg::Auto => MlaForm::Auto,
                 MlaArg::Naive => MlaForm::Naive,
@@ -132,12 +115,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             ..EngineOptions::default()
         };
         let mut engine = Engine::load(&files, options, &mut progress::reporter(files.describe()))?;
-        engine
-            .generate(&[GenerateRequest { prompt, params }])?
-            .pop()
-            .flatten()
-            .context("the engine returned no output")?
-    };
+        engine.generate(&[request])?
+    }
+    .pop()
+    .flatten()
+    .context("the engine returned no output")?;
     if args.json {
         let finish = format!("{:?}", output.finish).to_lowercase();
         let json = serde_json::json!({

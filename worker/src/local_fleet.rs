@@ -1,6 +1,7 @@
 //! `dsv3-worker fleet`: a router, A attention ranks and E expert shards as separate processes
 //! on loopback — the disaggregated fleet on one machine, for users and tests.
 
+use crate::device::DeviceArg;
 use crate::roles::ModelArgs;
 use anyhow::{Context, Result};
 use clap::Args;
@@ -25,6 +26,22 @@ pub struct FleetArgs {
     port: u16,
     #[arg(long)]
     served_model_name: Option<String>,
+    /// Where the attention ranks and expert shards run. On CUDA they are spread over the GPUs
+    /// this process sees, in start order (expert shards, then attention ranks; several may share one GPU).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+}
+
+/// The GPUs the members are placed on, as `CUDA_VISIBLE_DEVICES` entries; empty on the CPU.
+fn visible_gpus(device: DeviceArg) -> Result<Vec<String>> {
+    if !device.use_cuda()? {
+        return Ok(vec![]);
+    }
+    let count = dsv3_cuda::device_status().map_err(anyhow::Error::msg)?;
+    Ok(match std::env::var("CUDA_VISIBLE_DEVICES") {
+        Ok(list) if !list.trim().is_empty() => list.split(',').map(|s| s.trim().to_string()).collect(),
+        _ => (0..count).map(|i| i.to_string()).collect(),
+    })
 }
 
 fn free_port() -> Result<u16> {
@@ -64,13 +81,28 @@ pub fn run(args: FleetArgs) -> Result<()> {
     plan.save(&placement)?;
     let placement = placement.display().to_string();
 
+    let gpus = visible_gpus(args.device)?;
+    let device = if gpus.is_empty() { "cpu" } else { "cuda" };
+    let mut placed = 0;
     let mut members: Vec<Member> = Vec::new();
     let mut spawn = |role: &'static str, rank: usize, port: u16, extra: Vec<String>| -> Result<()> {
         let mut a = vec![role.to_string()];
         a.extend(model_flag.iter().cloned());
         a.extend(["--port".into(), port.to_string()]);
         a.extend(extra);
-        let child = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        // The router holds no model; the ranks go round the GPUs.
+        let gpu = (role != "router" && !gpus.is_empty()).then(|| {
+            placed += 1;
+            gpus[(placed - 1) % gpus.len()].clone()
+        });
+        if role != "router" {
+            a.extend(["--device".into(), device.into()]);
+        }
+        if let Some(gpu) = &gpu {
+            command.env("CUDA_VISIBLE_DEVICES", gpu);
+        }
+        let child = command
             .args(&a)
             .spawn()
             .with_context(|| format!("starting {role} {rank}"))?;
@@ -78,7 +110,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
         // One machine-readable line per member: tests kill and restart members by these.
         println!(
             "{}",
-            serde_json::json!({"role": role, "rank": rank, "pid": child.id(), "address": address, "args": a})
+            serde_json::json!({"role": role, "rank": rank, "pid": child.id(), "address": address, "args": a, "gpu": gpu})
         );
         members.push(Member {
             role,

@@ -3,7 +3,7 @@
 mod bench;
 mod bench_cuda;
 mod bench_fleet;
-mod cuda_rank;
+mod device;
 mod generate;
 mod local_fleet;
 mod model_source;

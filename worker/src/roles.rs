@@ -1,12 +1,13 @@
 //! The fleet roles: `serve` (all in one process), `router`, `attention`, `expert`, and `fleet`
 //! (a local multi-process fleet on loopback).
 
-use crate::{model_source, progress};
+use crate::device::{load_backend, load_shard, DeviceArg};
+use crate::model_source;
 use anyhow::{Context, Result};
-use clap::Args;
-use dsv3_engine::{Checkpoint, ExpertSelection, LocalExperts, ModelConfig, ModelFiles};
-use dsv3_fleet::grpc::{self, RemoteAttention, RemoteExperts};
-use dsv3_fleet::{AttentionRank, ExpertBackend, Fleet, PlacementPlan, SchedulerConfig};
+use clap::{Args, ValueEnum};
+use dsv3_engine::{ModelConfig, ModelFiles};
+use dsv3_fleet::grpc::{self, Dtype, RemoteAttention, RemoteExperts};
+use dsv3_fleet::{AttentionRank, ExpertBackend, Fleet, LocalAttention, PlacementPlan, SchedulerConfig};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,8 +57,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 16384)]
     cache_tokens: usize,
     /// Where the model runs: CUDA when a GPU is present (auto), or as named.
-    #[arg(long, value_enum, default_value_t = crate::generate::DeviceArg::Auto)]
-    device: crate::generate::DeviceArg,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
 }
 
 #[derive(Args)]
@@ -117,6 +118,31 @@ pub struct AttentionArgs {
     /// Seconds an expert shard may take for one layer.
     #[arg(long, default_value_t = 60)]
     expert_timeout: u64,
+    /// Where the model runs (the GPU is the first one the process sees: CUDA_VISIBLE_DEVICES).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+    /// What activations travel to the expert shards as: bf16 on a GPU, f32 on the CPU (auto).
+    #[arg(long, value_enum, default_value_t = ActivationDtype::Auto)]
+    activation_dtype: ActivationDtype,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ActivationDtype {
+    /// bf16 when the rank runs on a GPU (its kernels read bf16), f32 on the CPU.
+    Auto,
+    F32,
+    Bf16,
+}
+
+impl ActivationDtype {
+    fn resolve(self, on_gpu: bool) -> Dtype {
+        match self {
+            ActivationDtype::F32 => Dtype::F32,
+            ActivationDtype::Bf16 => Dtype::Bf16,
+            ActivationDtype::Auto if on_gpu => Dtype::Bf16,
+            ActivationDtype::Auto => Dtype::F32,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -138,6 +164,9 @@ pub struct ExpertArgs {
     expert_peers: Vec<String>,
     #[command(flatten)]
     data_plane: DataPlaneArgs,
+    /// Where the experts run (the GPU is the first one the process sees: CUDA_VISIBLE_DEVICES).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
 }
 
 fn served_name(model: &ModelArgs, http: &HttpArgs) -> String {
@@ -196,24 +225,9 @@ fn scheduler_config(http: &HttpArgs) -> SchedulerConfig {
 
 pub fn serve(args: ServeArgs) -> Result<()> {
     let files = model_source::resolve(args.model.model.clone());
-    let config = ModelConfig::from_model_files(&files)?;
-    let rank: Arc<dyn AttentionRank> = if crate::generate::use_cuda(args.device)? {
-        let mut report = progress::layer_reporter(files.describe(), config.num_hidden_layers);
-        let model = dsv3_cuda::CudaModel::load(&files, 0, args.cache_tokens, &mut |done, _| report(done))?;
-        eprintln!("serving on {}", model.gpu.name);
-        Arc::new(crate::cuda_rank::CudaAttention::new(model))
-    } else {
-        let mut report = progress::layer_reporter(files.describe(), config.num_cache_layers() * 2);
-        let ckpt = Checkpoint::open(&files)?;
-        let experts = LocalExperts::load(&ckpt, &config, &ExpertSelection::All, &mut report)?;
-        Arc::new(dsv3_fleet::rank::load_rank(
-            &files,
-            0,
-            Arc::new(experts),
-            args.cache_tokens,
-            &mut report,
-        )?)
-    };
+    let backend = load_backend(&files, args.device, 0, None, args.cache_tokens)?;
+    let config = backend.config().clone();
+    let rank: Arc<dyn AttentionRank> = Arc::new(LocalAttention::new(0, backend, None));
     let fleet = Fleet::start(config, vec![rank], scheduler_config(&args.http));
     serve_http(
         &runtime()?,
@@ -250,20 +264,18 @@ pub fn attention(args: AttentionArgs) -> Result<()> {
     let config = ModelConfig::from_model_files(&files)?;
     let plan = plan_for(&args.placement, config.n_routed_experts as u32, args.expert_peers.len())?;
     let rt = runtime()?;
-    let experts = RemoteExperts::new(
+    let on_gpu = args.device.use_cuda()?;
+    let experts: Arc<dyn ExpertBackend> = Arc::new(RemoteExperts::new(
         plan,
         args.expert_peers.clone(),
         rt.handle().clone(),
         Duration::from_secs(args.expert_timeout),
-    )?;
-    let mut report = progress::layer_reporter(files.describe(), config.num_cache_layers());
-    let rank = dsv3_fleet::rank::load_rank(
-        &files,
-        args.rank,
-        Arc::new(experts) as Arc<dyn ExpertBackend>,
-        args.cache_tokens,
-        &mut report,
-    )?;
+        args.activation_dtype.resolve(on_gpu),
+    )?);
+    let device = if on_gpu { DeviceArg::Cuda } else { DeviceArg::Cpu };
+    let backend = load_backend(&files, device, 0, Some(experts.clone()), args.cache_tokens)
+        .with_context(|| format!("loading attention rank {}", args.rank))?;
+    let rank = LocalAttention::new(args.rank, backend, Some(experts));
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind((args.listen.host.as_str(), args.listen.port))
             .await
@@ -294,10 +306,8 @@ pub fn expert(args: ExpertArgs) -> Result<()> {
             )
         })?
         .clone();
-    let ckpt = Checkpoint::open(&files)?;
-    let mut report = progress::layer_reporter(files.describe(), config.num_cache_layers());
-    let experts = LocalExperts::load(&ckpt, &config, &ExpertSelection::Only(held.clone()), &mut report)?;
-    let server = grpc::expert_server(args.rank, Arc::new(experts), &plan)?;
+    let (experts, device, memory) = load_shard(&files, args.device, 0, &held)?;
+    let server = grpc::expert_server(args.rank, experts, &plan, device, memory)?;
     runtime()?.block_on(async {
         let listener = tokio::net::TcpListener::bind((args.listen.host.as_str(), args.listen.port))
             .await

@@ -19,6 +19,7 @@ pub const KERNELS: &[&str] = &[
     "embed_rows",
     "rms_norm",
     "swiglu",
+    "add_f32",
     "rope_interleaved",
     "f32_to_bf16_rows",
     "dequant_bf16",
@@ -161,6 +162,7 @@ pub struct Gpu {
     funcs: HashMap<&'static str, CudaFunction>,
     blas: CudaBlas,
     pub name: String,
+    pub ordinal: usize,
     pub sm_count: usize,
     /// Per-kernel GPU time (DSV3_CUDA_PROFILE=1): events around every launch, so the totals
     /// show where a step goes (the step itself gets slower).
@@ -226,6 +228,7 @@ impl Gpu {
             funcs,
             blas,
             name,
+            ordinal,
             sm_count,
             poison: std::env::var_os("DSV3_CUDA_POISON").is_some_and(|v| v != "0"),
             profile: std::env::var_os("DSV3_CUDA_PROFILE")
@@ -241,6 +244,27 @@ impl Gpu {
             )?;
         }
         Ok(gpu)
+    }
+
+    /// Bytes this process holds in the device's memory pool, where every [`Gpu::alloc`] comes
+    /// from (freed buffers stay reserved for reuse).
+    pub fn pool_reserved(&self) -> Result<u64> {
+        let mut pool: drv_sys::CUmemoryPool = std::ptr::null_mut();
+        let mut reserved = 0u64;
+        // SAFETY: plain driver calls on the context's device with valid out-pointers.
+        unsafe {
+            drv_sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device())
+                .result()
+                .context("reading the default memory pool")?;
+            drv_sys::cuMemPoolGetAttribute(
+                pool,
+                drv_sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+                &mut reserved as *mut u64 as *mut c_void,
+            )
+            .result()
+            .context("reading the memory pool's size")?;
+        }
+        Ok(reserved)
     }
 
     pub fn alloc(&self, bytes: usize) -> Result<DeviceBuf> {

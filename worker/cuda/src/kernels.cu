@@ -93,6 +93,12 @@ extern "C" __global__ void swiglu(float* act, const float* gu, int rows, int int
     act[i] = g / (1.f + expf(-g)) * u;
 }
 
+// y[i] += x[i]: partial sums that came back from remote expert shards, added into the residual.
+extern "C" __global__ void add_f32(float* y, const float* x, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] += x[i];
+}
+
 // Rotates interleaved pairs of `dim` values at `offset` inside each of `heads` vectors of each
 // row (row stride ld, head stride hs). cos/sin are [rows, dim/2] and already carry YaRN's factor.
 extern "C" __global__ void rope_interleaved(float* x, int ld, int heads, int hs, int offset, int dim,

@@ -7,14 +7,15 @@
 
 pub mod bench;
 pub mod cache;
-pub mod generate;
+pub mod experts;
 pub mod gpu;
 pub mod linear;
 pub mod model;
 pub mod weights;
 
+pub use experts::CudaExperts;
 pub use gpu::{compile_kernels, driver_present, nvrtc_present, Gpu, KERNELS, KERNEL_SOURCE};
-pub use model::{CudaModel, DeviceTrace};
+pub use model::{CudaModel, DeviceTrace, HostExperts};
 
 /// Whether a CUDA GPU is usable here: `Ok(count)` or why not.
 pub fn device_status() -> Result<usize, String> {

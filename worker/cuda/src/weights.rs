@@ -280,20 +280,15 @@ impl Stacked {
 }
 
 impl ExpertBank {
-    pub fn load(
-        gpu: &Gpu,
-        ckpt: &Checkpoint,
-        prefix: &str,
-        experts: usize,
-        hidden: usize,
-        inter: usize,
-    ) -> Result<Self> {
-        let bank = Self::alloc(gpu, experts, hidden, inter)?;
-        for e in 0..experts {
+    /// Loads experts `ids` of the MoE block at `prefix`; expert `ids[i]` becomes bank index `i`.
+    /// Only their tensors are read (the checkpoint is memory-mapped).
+    pub fn load(gpu: &Gpu, ckpt: &Checkpoint, prefix: &str, ids: &[u32], hidden: usize, inter: usize) -> Result<Self> {
+        let bank = Self::alloc(gpu, ids.len(), hidden, inter)?;
+        for (i, e) in ids.iter().enumerate() {
             let p = format!("{prefix}.experts.{e}");
-            bank.gate.load_one(gpu, ckpt, &format!("{p}.gate_proj.weight"), e)?;
-            bank.up.load_one(gpu, ckpt, &format!("{p}.up_proj.weight"), e)?;
-            bank.down.load_one(gpu, ckpt, &format!("{p}.down_proj.weight"), e)?;
+            bank.gate.load_one(gpu, ckpt, &format!("{p}.gate_proj.weight"), i)?;
+            bank.up.load_one(gpu, ckpt, &format!("{p}.up_proj.weight"), i)?;
+            bank.down.load_one(gpu, ckpt, &format!("{p}.down_proj.weight"), i)?;
         }
         Ok(bank)
     }

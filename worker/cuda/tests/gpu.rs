@@ -130,7 +130,7 @@ fn finish_flips(steps: usize) {
 fn check_model(files: &ModelFiles, decode_steps: usize) {
     poison();
     let mut cpu = Cpu::load(files);
-    let mut gpu = CudaModel::load(files, 0, 4096, &mut |_, _| {}).expect("GPU model");
+    let mut gpu = CudaModel::load(files, 0, 4096, None, &mut |_, _| {}).expect("GPU model");
     let vocab = cpu.model.config.vocab_size as u32;
     let (a, b, c) = (prompt(80, 1, vocab), prompt(7, 2, vocab), prompt(40, 3, vocab));
     // 80 rows: naive MLA and cuBLAS; 7 rows: absorbed MLA and GEMV; 40: absorbed and cuBLAS
@@ -246,7 +246,7 @@ fn graphed_decode_matches_cpu() {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
     let files = ModelFiles::Dir(root.join("tests/golden/tiny-fp8"));
-    let mut gpu = CudaModel::load(&files, 0, 4096, &mut |_, _| {}).expect("GPU model");
+    let mut gpu = CudaModel::load(&files, 0, 4096, None, &mut |_, _| {}).expect("GPU model");
     for (graphs, first_seq) in [(true, 0), (false, 100)] {
         gpu.set_graphs(graphs);
         let cos = decode_cosines(&files, &mut gpu, first_seq);
@@ -308,7 +308,7 @@ fn full_width_long_prefill_matches_cpu() {
     let dir = full_width_checkpoint();
     let files = ModelFiles::Dir(dir.path().to_path_buf());
     let mut cpu = Cpu::load(&files);
-    let mut gpu = CudaModel::load(&files, 0, 4096, &mut |_, _| {}).expect("GPU model");
+    let mut gpu = CudaModel::load(&files, 0, 4096, None, &mut |_, _| {}).expect("GPU model");
     let (k, width) = (cpu.model.config.num_experts_per_tok, cpu.model.config.hidden_size);
     let p = prompt(320, 5, cpu.model.config.vocab_size as u32);
     let chunk = [Chunk::new(1, 0, &p, Outputs::Last)];

@@ -289,6 +289,13 @@ impl ModelConfig {
         self.n_routed_experts > 0 && layer >= self.first_k_dense_replace && layer.is_multiple_of(self.moe_layer_freq)
     }
 
+    /// Layers with routed experts: the MoE layers of the main stack, then the MTP modules'.
+    pub fn routed_expert_layers(&self) -> Vec<usize> {
+        (0..self.num_cache_layers())
+            .filter(|&l| self.is_moe_layer(l) || l >= self.num_hidden_layers)
+            .collect()
+    }
+
     /// Layers that hold attention (and so a KV cache): the main stack plus the MTP modules.
     pub fn num_cache_layers(&self) -> usize {
         self.num_hidden_layers + self.num_nextn_predict_layers

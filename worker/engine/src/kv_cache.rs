@@ -1,40 +1,17 @@
 //! Paged latent KV cache: per token and layer one row of `kv_lora_rank + qk_rope_head_dim`
-//! values (`[c_kv ; k_pe]`, 576 for V3). Sequences own lists of fixed-size blocks from one pool.
+//! values (`[c_kv ; k_pe]`, 576 for V3), in host memory. Which blocks a sequence owns is the
+//! shared [`BlockTable`]'s business; this type keeps the rows.
 
+use crate::block_table::BlockTable;
+pub use crate::block_table::{CacheError, SeqId};
 use crate::config::ModelConfig;
-use std::collections::HashMap;
-
-pub type SeqId = u64;
-
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum CacheError {
-    #[error("KV cache is full: {needed} more blocks needed, {free} free")]
-    Full { needed: usize, free: usize },
-    #[error("sequence {0} is not in the KV cache")]
-    UnknownSequence(SeqId),
-    #[error("sequence {seq}: chunk starts at position {start} but only {len} positions are cached")]
-    Gap { seq: SeqId, start: usize, len: usize },
-    #[error("sequence {seq}: position {position} is beyond the model's context of {max}")]
-    TooLong { seq: SeqId, position: usize, max: usize },
-}
-
-#[derive(Default, Debug)]
-struct SeqBlocks {
-    blocks: Vec<u32>,
-    /// Positions written by the main stack.
-    len: usize,
-}
 
 pub struct KvCache {
     layers: usize,
     width: usize,
-    block_size: usize,
-    num_blocks: usize,
-    max_positions: usize,
+    table: BlockTable,
     /// `[layer][block][slot][width]`.
     data: Vec<f32>,
-    free: Vec<u32>,
-    seqs: HashMap<SeqId, SeqBlocks>,
 }
 
 impl KvCache {
@@ -44,12 +21,8 @@ impl KvCache {
         KvCache {
             layers,
             width,
-            block_size,
-            num_blocks,
-            max_positions: config.max_position_embeddings,
+            table: BlockTable::new(block_size, num_blocks, config.max_position_embeddings),
             data: vec![0.0; layers * num_blocks * block_size * width],
-            free: (0..num_blocks as u32).rev().collect(),
-            seqs: HashMap::new(),
         }
     }
 
@@ -66,128 +39,89 @@ impl KvCache {
         self.width
     }
 
+    /// The block bookkeeping (sizes, free blocks, sequence lengths).
+    pub fn table(&self) -> &BlockTable {
+        &self.table
+    }
+
     pub fn block_size(&self) -> usize {
-        self.block_size
+        self.table.block_size()
     }
 
     pub fn total_blocks(&self) -> usize {
-        self.num_blocks
+        self.table.total_blocks()
     }
 
     pub fn free_blocks(&self) -> usize {
-        self.free.len()
+        self.table.free_blocks()
     }
 
     pub fn used_blocks(&self) -> usize {
-        self.num_blocks - self.free.len()
+        self.table.used_blocks()
+    }
+
+    /// Bytes the rows take.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 4
     }
 
     pub fn contains(&self, seq: SeqId) -> bool {
-        self.seqs.contains_key(&seq)
+        self.table.contains(seq)
     }
 
     pub fn seq_len(&self, seq: SeqId) -> Option<usize> {
-        self.seqs.get(&seq).map(|s| s.len)
+        self.table.seq_len(seq)
     }
 
-    /// Blocks needed for a sequence to hold `positions` positions, beyond those it has.
-    pub fn blocks_needed(&self, seq: SeqId, positions: usize) -> usize {
-        let have = self.seqs.get(&seq).map_or(0, |s| s.blocks.len());
-        positions.div_ceil(self.block_size).saturating_sub(have)
-    }
-
-    /// Makes room for positions `0..positions` of `seq`, creating the sequence if new.
     pub fn reserve(&mut self, seq: SeqId, positions: usize) -> Result<(), CacheError> {
-        if positions > self.max_positions {
-            return Err(CacheError::TooLong {
-                seq,
-                position: positions - 1,
-                max: self.max_positions,
-            });
-        }
-        let needed = self.blocks_needed(seq, positions);
-        if needed > self.free.len() {
-            return Err(CacheError::Full {
-                needed,
-                free: self.free.len(),
-            });
-        }
-        let entry = self.seqs.entry(seq).or_default();
-        for _ in 0..needed {
-            entry.blocks.push(self.free.pop().expect("checked free count"));
-        }
-        Ok(())
+        self.table.reserve(seq, positions)
     }
 
-    /// Checks that a main-stack chunk at `start` continues the sequence, and reserves its room.
     pub fn begin_chunk(&mut self, seq: SeqId, start: usize, len: usize) -> Result<(), CacheError> {
-        let cached = self.seqs.get(&seq).map_or(0, |s| s.len);
-        if start > cached {
-            return Err(CacheError::Gap {
-                seq,
-                start,
-                len: cached,
-            });
-        }
-        self.reserve(seq, start + len)?;
-        let entry = self.seqs.get_mut(&seq).expect("reserved above");
-        entry.len = start + len;
-        Ok(())
+        self.table.begin_chunk(seq, start, len)
     }
 
-    /// Forgets positions from `len` on (rejected speculative tokens); frees whole unused blocks.
     pub fn truncate(&mut self, seq: SeqId, len: usize) {
-        if let Some(entry) = self.seqs.get_mut(&seq) {
-            entry.len = entry.len.min(len);
-            let keep = len.div_ceil(self.block_size);
-            while entry.blocks.len() > keep {
-                let block = entry.blocks.pop().expect("len checked");
-                self.free.push(block);
-            }
-        }
+        self.table.truncate(seq, len)
     }
 
-    /// Releases every block of the sequence.
     pub fn free_sequence(&mut self, seq: SeqId) {
-        if let Some(entry) = self.seqs.remove(&seq) {
-            self.free.extend(entry.blocks);
-        }
+        self.table.free_sequence(seq)
     }
 
     fn offset(&self, layer: usize, block: u32, slot: usize) -> usize {
-        ((layer * self.num_blocks + block as usize) * self.block_size + slot) * self.width
+        ((layer * self.table.total_blocks() + block as usize) * self.table.block_size() + slot) * self.width
     }
 
     pub fn write(&mut self, layer: usize, seq: SeqId, position: usize, row: &[f32]) -> Result<(), CacheError> {
-        let entry = self.seqs.get(&seq).ok_or(CacheError::UnknownSequence(seq))?;
-        let block = *entry.blocks.get(position / self.block_size).ok_or(CacheError::Gap {
-            seq,
-            start: position,
-            len: entry.len,
-        })?;
-        let at = self.offset(layer, block, position % self.block_size);
+        let (block, slot) = self.table.locate(seq, position)?;
+        let at = self.offset(layer, block, slot);
         self.data[at..at + self.width].copy_from_slice(row);
         Ok(())
     }
 
     /// Copies positions `0..len` of one layer into `out` (`[len, width]`, contiguous).
     pub fn gather(&self, layer: usize, seq: SeqId, len: usize, out: &mut Vec<f32>) -> Result<(), CacheError> {
-        let entry = self.seqs.get(&seq).ok_or(CacheError::UnknownSequence(seq))?;
-        if len.div_ceil(self.block_size) > entry.blocks.len() {
+        if !self.table.contains(seq) {
+            return Err(CacheError::UnknownSequence(seq));
+        }
+        let blocks = self.table.blocks(seq);
+        let block_size = self.table.block_size();
+        if len.div_ceil(block_size) > blocks.len() {
             return Err(CacheError::Gap {
                 seq,
                 start: len,
-                len: entry.len,
+                len: self.table.seq_len(seq).unwrap_or(0),
             });
         }
         out.clear();
         out.reserve(len * self.width);
         let mut remaining = len;
-        for &block in &entry.blocks {
+        for &block in blocks {
             if remaining == 0 {
                 break;
             }
-            let take = remaining.min(self.block_size);
+            let take = remaining.min(block_size);
             let at = self.offset(layer, block, 0);
             out.extend_from_slice(&self.data[at..at + take * self.width]);
             remaining -= take;

@@ -4,6 +4,9 @@
 //! latent KV cache ([`Model::forward`]), or generate ([`Engine::generate`]). Routed experts sit
 //! behind [`ExpertExecutor`], so the same model serves in one process or split across workers.
 
+pub mod backend;
+pub mod batch;
+pub mod block_table;
 pub mod checkpoint;
 pub mod config;
 pub mod engine;
@@ -19,6 +22,9 @@ pub mod sampling;
 pub mod simd;
 pub mod synthetic;
 
+pub use backend::{CacheCapacity, CpuBackend, ExpertCounts, MemoryUse, StepBackend};
+pub use batch::{check_request, BatchOptions};
+pub use block_table::{BlockTable, CacheError};
 pub use checkpoint::{Checkpoint, ModelFiles};
 pub use config::ModelConfig;
 pub use engine::{finish_reason, Engine, EngineOptions, FinishReason, GenerateOutput, GenerateRequest, LoadProgress};

@@ -295,6 +295,14 @@ impl Model {
         self.blocks.iter().map(Block::weight_bytes).sum::<usize>() + self.lm_head.weight_bytes()
     }
 
+    /// Bytes of every weight this struct holds (the embedding and the MTP module included).
+    pub fn resident_bytes(&self) -> usize {
+        let mtp = self.mtp.as_ref().map_or(0, |m| {
+            m.block.weight_bytes() + m.eh_proj.weight_bytes() + m.head.as_ref().map_or(0, Matrix::weight_bytes)
+        });
+        self.weight_bytes() + self.embed.weight_bytes() + mtp
+    }
+
     fn embed_rows(&self, tokens: &[u32]) -> Vec<f32> {
         let h = self.config.hidden_size;
         let mut out = vec![0.0f32; tokens.len() * h];

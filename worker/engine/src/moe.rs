@@ -211,9 +211,7 @@ impl LocalExperts {
         mut on_layer: impl FnMut(usize),
     ) -> Result<Self> {
         let mut layers = BTreeMap::new();
-        let moe_layers =
-            (0..config.num_cache_layers()).filter(|&l| config.is_moe_layer(l) || l >= config.num_hidden_layers);
-        for layer in moe_layers {
+        for layer in config.routed_expert_layers() {
             let mut experts = BTreeMap::new();
             for e in 0..config.n_routed_experts as u32 {
                 if selection.holds(e) {

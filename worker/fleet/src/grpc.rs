@@ -2,13 +2,14 @@
 //! and the clients that make remote ones look local (`AttentionRank`, `ExpertExecutor`).
 
 use crate::placement::PlacementPlan;
-use crate::rank::{AttentionRank, ExpertBackend, TransportTotals};
+use crate::rank::{memory_report, AttentionRank, ExpertBackend, TransportTotals};
 use anyhow::{bail, Context, Result};
-use dsv3_engine::{ExpertExecutor, LocalExperts, TokenRoutes};
+use dsv3_engine::{ExpertExecutor, MemoryUse, TokenRoutes};
 use dsv3_proto::attention_client::AttentionClient;
 use dsv3_proto::attention_server::{Attention, AttentionServer};
 use dsv3_proto::expert_client::ExpertClient;
 use dsv3_proto::expert_server::{Expert, ExpertServer};
+pub use dsv3_proto::Dtype;
 use dsv3_proto::{
     AttentionInfo, ExpertInfo, ExpertReply, ExpertRequest, InfoRequest, ReleaseReply, ReleaseRequest, StepReply,
     StepRequest, Tensor, OTHER_SHARD,
@@ -136,11 +137,16 @@ impl AttentionRank for RemoteAttention {
 
 // ---------------------------------------------------------------- expert shard service
 
+/// The routed experts an expert shard runs, on whatever device holds them.
+pub type ShardExperts = Arc<dyn ExpertExecutor + Send>;
+
 pub struct ExpertService {
     rank: u32,
-    experts: Arc<LocalExperts>,
+    experts: ShardExperts,
     held: Vec<u32>,
     placement_version: String,
+    device: String,
+    memory: MemoryUse,
 }
 
 #[tonic::async_trait]
@@ -150,6 +156,7 @@ impl Expert for ExpertService {
         let hidden = request
             .hidden
             .ok_or_else(|| Status::invalid_argument("ExpertRequest.hidden is missing"))?;
+        let dtype = hidden.element_type().map_err(Status::invalid_argument)?;
         let x = hidden.to_f32().map_err(Status::invalid_argument)?;
         let (tokens, width) = match hidden.shape[..] {
             [t, w] => (t as usize, w as usize),
@@ -178,7 +185,7 @@ impl Expert for ExpertService {
         let layer = request.layer as usize;
         let y = blocking(move || experts.routed_experts(layer, &x, &routes)).await?;
         Ok(Response::new(ExpertReply {
-            output: Some(Tensor::from_f32(&[tokens, width], &y)),
+            output: Some(Tensor::from_f32_as(&[tokens, width], &y, dtype)),
         }))
     }
 
@@ -187,14 +194,19 @@ impl Expert for ExpertService {
             rank: self.rank,
             experts: self.held.clone(),
             placement_version: self.placement_version.clone(),
+            device: self.device.clone(),
+            memory: Some(memory_report(self.memory)),
         }))
     }
 }
 
+/// An expert shard's service: `experts` (on `device`, holding `memory`) answer for `rank` of `plan`.
 pub fn expert_server(
     rank: u32,
-    experts: Arc<LocalExperts>,
+    experts: ShardExperts,
     plan: &PlacementPlan,
+    device: String,
+    memory: MemoryUse,
 ) -> Result<ExpertServer<ExpertService>> {
     let held = plan.shards.get(rank as usize).cloned().with_context(|| {
         format!(
@@ -207,6 +219,8 @@ pub fn expert_server(
         experts,
         held,
         placement_version: plan.version.clone(),
+        device,
+        memory,
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES))
@@ -220,11 +234,19 @@ pub struct RemoteExperts {
     clients: Vec<ExpertClient<Channel>>,
     handle: Handle,
     timeout: Duration,
+    /// What the activations travel as, both ways.
+    dtype: Dtype,
     totals: std::sync::Mutex<TransportTotals>,
 }
 
 impl RemoteExperts {
-    pub fn new(plan: PlacementPlan, addresses: Vec<String>, handle: Handle, timeout: Duration) -> Result<Self> {
+    pub fn new(
+        plan: PlacementPlan,
+        addresses: Vec<String>,
+        handle: Handle,
+        timeout: Duration,
+        dtype: Dtype,
+    ) -> Result<Self> {
         if addresses.len() != plan.shards.len() {
             bail!(
                 "{} expert peers given, the placement plan has {} shards",
@@ -247,6 +269,7 @@ impl RemoteExperts {
             clients,
             handle,
             timeout,
+            dtype,
             totals: Default::default(),
         })
     }
@@ -301,7 +324,7 @@ impl ExpertExecutor for RemoteExperts {
             }
             let request = ExpertRequest {
                 layer: layer as u32,
-                hidden: Some(Tensor::from_f32(&[rows[s].len(), width], &hidden)),
+                hidden: Some(Tensor::from_f32_as(&[rows[s].len(), width], &hidden, self.dtype)),
                 k: k as u32,
                 experts,
                 weights,
@@ -313,7 +336,8 @@ impl ExpertExecutor for RemoteExperts {
             }));
         }
         let (order, futures): (Vec<usize>, Vec<_>) = calls.into_iter().unzip();
-        let sent: usize = order.iter().map(|&s| rows[s].len() * width * 4).sum();
+        let element = if self.dtype == Dtype::Bf16 { 2 } else { 4 };
+        let sent: usize = order.iter().map(|&s| rows[s].len() * width * element).sum();
         let started = std::time::Instant::now();
         let replies = self.handle.block_on(futures::future::join_all(futures));
         if let Ok(mut totals) = self.totals.lock() {

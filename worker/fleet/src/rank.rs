@@ -1,14 +1,15 @@
-//! An attention rank: the model without its routed experts, its KV cache and the samplers of
-//! its sequences. The same type serves in-process (`serve`) and behind gRPC (`attention`).
+//! An attention rank: a [`StepBackend`] (the CPU or the CUDA model, without the routed experts
+//! other ranks own), the samplers of its sequences and its counters. The same type serves
+//! in-process (`serve`) and behind gRPC (`attention`), on any device.
 
 use anyhow::{Context, Result};
 use dsv3_engine::sampling::log_softmax;
 use dsv3_engine::{
-    Chunk, ChunkOutput, ExpertExecutor, KvCache, MlaForm, Model, Outputs, Sampler, SamplingParams, StepOptions,
-    TokenRoutes,
+    Chunk, ChunkOutput, CpuBackend, ExpertCounts, ExpertExecutor, MemoryUse, Model, ModelConfig, Outputs, Sampler,
+    SamplingParams, StepBackend,
 };
 use dsv3_proto::{AttentionInfo, LayerLoad, Sampled, SamplingSpec, StepItem, StepReply, StepRequest, TokenLogprob};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 /// What the router needs from an attention rank, wherever it runs.
@@ -48,39 +49,20 @@ impl ExpertBackend for dsv3_engine::LocalExperts {
 }
 
 struct RankState {
-    cache: KvCache,
+    backend: Box<dyn StepBackend>,
     samplers: HashMap<u64, Sampler>,
     steps: u64,
     step_seconds: f64,
 }
 
+/// An attention rank over any [`StepBackend`] (CPU or GPU), its samplers and counters.
 pub struct LocalAttention {
     rank: u32,
-    model: Model,
-    experts: Arc<dyn ExpertBackend>,
-    mla: MlaForm,
+    config: ModelConfig,
+    /// The routed experts the backend reaches, for readiness and transport figures; `None` when
+    /// the backend holds every routed expert itself.
+    experts: Option<Arc<dyn ExpertBackend>>,
     state: Mutex<RankState>,
-}
-
-/// Counts the tokens each expert receives while delegating to the real experts.
-struct CountingExperts<'a> {
-    inner: &'a dyn ExpertBackend,
-    n_experts: usize,
-    counts: Mutex<BTreeMap<usize, Vec<u64>>>,
-}
-
-impl ExpertExecutor for CountingExperts<'_> {
-    fn routed_experts(&self, layer: usize, x: &[f32], routes: &TokenRoutes) -> Result<Vec<f32>> {
-        if let Ok(mut counts) = self.counts.lock() {
-            let layer_counts = counts.entry(layer).or_insert_with(|| vec![0; self.n_experts]);
-            for &e in &routes.experts {
-                if let Some(c) = layer_counts.get_mut(e as usize) {
-                    *c += 1;
-                }
-            }
-        }
-        self.inner.routed_experts(layer, x, routes)
-    }
 }
 
 pub fn sampling_params(spec: &SamplingSpec) -> SamplingParams {
@@ -94,15 +76,13 @@ pub fn sampling_params(spec: &SamplingSpec) -> SamplingParams {
 }
 
 impl LocalAttention {
-    pub fn new(rank: u32, model: Model, experts: Arc<dyn ExpertBackend>, cache_tokens: usize, mla: MlaForm) -> Self {
-        let cache = KvCache::new(&model.config, 16, cache_tokens.div_ceil(16).max(1));
+    pub fn new(rank: u32, backend: Box<dyn StepBackend>, experts: Option<Arc<dyn ExpertBackend>>) -> Self {
         LocalAttention {
             rank,
-            model,
+            config: backend.config().clone(),
             experts,
-            mla,
             state: Mutex::new(RankState {
-                cache,
+                backend,
                 samplers: HashMap::new(),
                 steps: 0,
                 step_seconds: 0.0,
@@ -110,8 +90,8 @@ impl LocalAttention {
         }
     }
 
-    pub fn config(&self) -> &dsv3_engine::ModelConfig {
-        &self.model.config
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, RankState>> {
@@ -124,24 +104,14 @@ impl LocalAttention {
 impl AttentionRank for LocalAttention {
     fn step(&self, request: StepRequest) -> Result<StepReply> {
         let started = std::time::Instant::now();
-        let mut state = self.lock()?;
+        let mut guard = self.lock()?;
+        let state = &mut *guard;
         let chunks = step_chunks(&request.items);
-        let counting = CountingExperts {
-            inner: self.experts.as_ref(),
-            n_experts: self.model.config.n_routed_experts,
-            counts: Mutex::new(BTreeMap::new()),
-        };
-        let opts = StepOptions {
-            mla: self.mla,
-            trace: false,
-        };
-        let (outputs, _) = self.model.forward(&chunks, &mut state.cache, &counting, &opts)?;
-        let mut reply = StepReply {
+        let outputs = state.backend.step(&chunks)?;
+        let reply = StepReply {
             sampled: sample_outputs(&mut state.samplers, &request.items, outputs),
-            ..StepReply::default()
+            expert_load: expert_load(state.backend.take_expert_counts()?),
         };
-        let counts = counting.counts.into_inner().unwrap_or_default();
-        reply.expert_load = expert_load(counts);
         state.steps += 1;
         state.step_seconds += started.elapsed().as_secs_f64();
         Ok(reply)
@@ -150,7 +120,7 @@ impl AttentionRank for LocalAttention {
     fn release(&self, seqs: &[u64]) -> Result<()> {
         let mut state = self.lock()?;
         for &seq in seqs {
-            state.cache.free_sequence(seq);
+            state.backend.free_sequence(seq);
             state.samplers.remove(&seq);
         }
         Ok(())
@@ -158,8 +128,10 @@ impl AttentionRank for LocalAttention {
 
     fn info(&self) -> Result<AttentionInfo> {
         let state = self.lock()?;
-        let ready = self.experts.ready();
-        let transport = self.experts.transport();
+        let ready = self.experts.as_ref().map_or(Ok(()), |e| e.ready());
+        let transport = self.experts.as_ref().map(|e| e.transport()).unwrap_or_default();
+        let capacity = state.backend.capacity();
+        let memory = state.backend.memory();
         Ok(AttentionInfo {
             steps: state.steps,
             step_seconds: state.step_seconds,
@@ -168,13 +140,27 @@ impl AttentionRank for LocalAttention {
             expert_bytes_received: transport.bytes_received,
             expert_calls: transport.calls,
             rank: self.rank,
-            block_size: state.cache.block_size() as u32,
-            total_blocks: state.cache.total_blocks() as u32,
-            free_blocks: state.cache.free_blocks() as u32,
-            placement_version: self.experts.placement_version(),
+            block_size: capacity.block_size as u32,
+            total_blocks: capacity.total_blocks as u32,
+            free_blocks: capacity.free_blocks as u32,
+            placement_version: self
+                .experts
+                .as_ref()
+                .map_or_else(|| "local".into(), |e| e.placement_version()),
             experts_ready: ready.is_ok(),
             detail: ready.err().unwrap_or_default(),
+            device: state.backend.device(),
+            memory: Some(memory_report(memory)),
         })
+    }
+}
+
+/// A backend's memory as the contracts carry it.
+pub fn memory_report(m: MemoryUse) -> dsv3_proto::MemoryReport {
+    dsv3_proto::MemoryReport {
+        weight_bytes: m.weights,
+        kv_cache_bytes: m.kv_cache,
+        workspace_bytes: m.workspace,
     }
 }
 
@@ -194,7 +180,7 @@ pub fn step_chunks(items: &[StepItem]) -> Vec<Chunk<'_>> {
 }
 
 /// Per-layer token counts of the routed experts, as the reply reports them.
-pub fn expert_load(counts: BTreeMap<usize, Vec<u64>>) -> Vec<LayerLoad> {
+pub fn expert_load(counts: ExpertCounts) -> Vec<LayerLoad> {
     counts
         .into_iter()
         .map(|(layer, tokens_per_expert)| LayerLoad {
@@ -248,14 +234,13 @@ pub fn sample_outputs(
     sampled_all
 }
 
-/// Loads an attention rank whose routed experts are `experts`.
-pub fn load_rank(
+/// The CPU model without its routed experts, which it reaches through `experts`.
+pub fn load_cpu_backend(
     files: &dsv3_engine::ModelFiles,
-    rank: u32,
     experts: Arc<dyn ExpertBackend>,
     cache_tokens: usize,
     progress: &mut dyn FnMut(usize),
-) -> Result<LocalAttention> {
-    let model = Model::load(files, progress).with_context(|| format!("loading attention rank {rank}"))?;
-    Ok(LocalAttention::new(rank, model, experts, cache_tokens, MlaForm::Auto))
+) -> Result<CpuBackend<dyn ExpertBackend>> {
+    let model = Model::load(files, progress).context("loading the attention model")?;
+    Ok(CpuBackend::new(model, experts, 0, cache_tokens, 16))
 }

@@ -9,6 +9,7 @@
 
 use crate::rank::AttentionRank;
 use dsv3_api::backend::{Backend, BackendStats, GenerationEvent, GenerationRequest, Health, SubmitError, TokenLogprob};
+use dsv3_engine::batch::{next_tokens, worst_case_blocks};
 use dsv3_engine::{finish_reason, ModelConfig};
 use dsv3_proto::{SamplingSpec, StepItem, StepRequest};
 use std::collections::{BTreeMap, VecDeque};
@@ -134,23 +135,7 @@ impl Backend for Fleet {
         &self,
         request: GenerationRequest,
     ) -> Result<tokio::sync::mpsc::UnboundedReceiver<GenerationEvent>, SubmitError> {
-        if request.prompt.is_empty() {
-            return Err(SubmitError::Invalid("the prompt is empty".into()));
-        }
-        if let Some(&bad) = request.prompt.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-            return Err(SubmitError::Invalid(format!(
-                "token id {bad} is outside the vocabulary (size {})",
-                self.config.vocab_size
-            )));
-        }
-        if request.prompt.len() + request.params.max_tokens > self.config.max_position_embeddings {
-            return Err(SubmitError::Invalid(format!(
-                "prompt ({} tokens) + max_tokens ({}) exceeds the context of {} tokens",
-                request.prompt.len(),
-                request.params.max_tokens,
-                self.config.max_position_embeddings
-            )));
-        }
+        dsv3_engine::check_request(&self.config, &request.prompt, &request.params).map_err(SubmitError::Invalid)?;
         let health = self.health();
         if !health.ready {
             return Err(SubmitError::NotReady(health.detail));
@@ -310,7 +295,8 @@ impl Scheduler {
 
     fn admit(&mut self) {
         while let Some(pending) = self.waiting.front() {
-            let worst = pending.request.prompt.len() + pending.request.params.max_tokens;
+            let (prompt_len, max_tokens) = (pending.request.prompt.len(), pending.request.params.max_tokens);
+            let worst = prompt_len + max_tokens;
             let choice = self
                 .ranks
                 .iter()
@@ -320,7 +306,7 @@ impl Scheduler {
                     (
                         i,
                         s.total_blocks.saturating_sub(s.reserved_blocks),
-                        worst.div_ceil(s.block_size),
+                        worst_case_blocks(prompt_len, max_tokens, s.block_size),
                     )
                 })
                 .filter(|&(_, free, need)| need <= free)
@@ -379,26 +365,14 @@ impl Scheduler {
         let mut planned: Vec<(usize, usize)> = Vec::new(); // (running index, tokens this step)
         for (i, r) in self.running.iter().enumerate() {
             let b = &mut budget[r.rank];
-            if *b == 0 {
+            let Some((tokens, samples)) = next_tokens(&r.prompt, r.cached, r.last_token.as_ref(), *b) else {
                 continue;
-            }
-            let item = if r.cached < r.prompt.len() {
-                let n = (r.prompt.len() - r.cached).min(*b);
-                let ends_prompt = r.cached + n == r.prompt.len();
-                StepItem {
-                    seq: r.seq,
-                    start: r.cached as u32,
-                    tokens: r.prompt[r.cached..r.cached + n].to_vec(),
-                    sample: ends_prompt.then(|| Self::sampling_spec(r)),
-                }
-            } else {
-                let Some(last) = r.last_token else { continue };
-                StepItem {
-                    seq: r.seq,
-                    start: r.cached as u32,
-                    tokens: vec![last],
-                    sample: Some(Self::sampling_spec(r)),
-                }
+            };
+            let item = StepItem {
+                seq: r.seq,
+                start: r.cached as u32,
+                tokens: tokens.to_vec(),
+                sample: samples.then(|| Self::sampling_spec(r)),
             };
             *b -= item.tokens.len();
             planned.push((i, item.tokens.len()));

@@ -172,7 +172,7 @@ impl CudaModel {
             ptr(step.tables),
             ptr(step.table_off),
             ptr(step.lens),
-            int(self.cache.block_size),
+            int(self.cache.block_size()),
             float(softmax_scale(c)),
         ];
         let tensor_cores = kv_w % 16 == 0 && lora % 64 == 0 && !self.simt_attention;
@@ -318,7 +318,7 @@ impl CudaModel {
                 ptr(k_pe.addr),
                 ptr(self.cache.layer_addr(layer.index)),
                 ptr(table),
-                int(self.cache.block_size),
+                int(self.cache.block_size()),
                 int(lora),
                 int(rope),
             ],

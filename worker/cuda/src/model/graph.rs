@@ -51,7 +51,7 @@ impl DecodeGraph {
         let c = &model.config;
         let at = StepLayout::offsets(rows, c.qk_rope_head_dim / 2);
         // The block tables of all sequences together never exceed the cache's blocks.
-        let inputs = g.alloc((at.tables + model.cache.num_blocks) * 4)?;
+        let inputs = g.alloc((at.tables + model.cache.num_blocks()) * 4)?;
         let hidden = g.alloc(rows * c.hidden_size * 4)?;
         let head = if with_head {
             Some((g.alloc(rows * c.hidden_size * 4)?, g.alloc(rows * c.vocab_size * 4)?))
@@ -88,10 +88,10 @@ impl CudaModel {
             Some(graph) => graph,
             None => DecodeGraph::new(self, rows, with_head)?,
         };
-        let (words, spans, _) = self.pack_inputs(chunks, rows);
+        let (words, spans, _) = self.pack_inputs(chunks, rows)?;
         self.gpu.copy_to(&graph.inputs, 0, &words)?;
         // Split attention by the cache's capacity, so the launch shapes hold for any context.
-        let capacity = self.cache.num_blocks * self.cache.block_size;
+        let capacity = self.cache.num_blocks() * self.cache.block_size();
         let step = StepLayout::new(
             graph.inputs.addr,
             rows,

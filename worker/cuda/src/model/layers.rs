@@ -24,7 +24,8 @@ pub(super) struct Moe {
     pub(super) router: DeviceMatrix,
     pub(super) bias: DeviceBuf,
     pub(super) shared: Option<Mlp>,
-    pub(super) experts: ExpertBank,
+    /// The routed experts, when this GPU holds them (not on an attention rank of a fleet).
+    pub(super) experts: Option<ExpertBank>,
 }
 
 impl Mlp {
@@ -47,7 +48,14 @@ pub(super) struct Layer {
 }
 
 impl Layer {
-    pub(super) fn load(gpu: &Gpu, ckpt: &Checkpoint, c: &ModelConfig, index: usize) -> Result<Self> {
+    /// Loads layer `index`; the routed experts of a MoE layer only `with_experts`.
+    pub(super) fn load(
+        gpu: &Gpu,
+        ckpt: &Checkpoint,
+        c: &ModelConfig,
+        index: usize,
+        with_experts: bool,
+    ) -> Result<Self> {
         let p = format!("model.layers.{index}");
         let h = c.hidden_size;
         let (heads, qk) = (c.num_attention_heads, c.qk_head_dim());
@@ -111,14 +119,19 @@ impl Layer {
                     c.n_routed_experts,
                 )?,
                 shared,
-                experts: ExpertBank::load(
-                    gpu,
-                    ckpt,
-                    &format!("{p}.mlp"),
-                    c.n_routed_experts,
-                    h,
-                    c.moe_intermediate_size,
-                )?,
+                experts: if with_experts {
+                    let all: Vec<u32> = (0..c.n_routed_experts as u32).collect();
+                    Some(ExpertBank::load(
+                        gpu,
+                        ckpt,
+                        &format!("{p}.mlp"),
+                        &all,
+                        h,
+                        c.moe_intermediate_size,
+                    )?)
+                } else {
+                    None
+                },
             }))
         } else {
             Ffn::Dense(Box::new(mlp(&format!("{p}.mlp"), c.intermediate_size)?))
@@ -177,7 +190,13 @@ impl Layer {
                 router: DeviceMatrix::random(gpu, c.n_routed_experts, h, Format::Bf16, seed + 50)?,
                 bias: random_vector(gpu, c.n_routed_experts, -0.01, 0.01, seed + 51)?,
                 shared,
-                experts: ExpertBank::random(gpu, c.n_routed_experts, h, c.moe_intermediate_size, seed + 52)?,
+                experts: Some(ExpertBank::random(
+                    gpu,
+                    c.n_routed_experts,
+                    h,
+                    c.moe_intermediate_size,
+                    seed + 52,
+                )?),
             }))
         } else {
             Ffn::Dense(Box::new(mlp(c.intermediate_size)?))
@@ -210,6 +229,18 @@ impl Layer {
 
     pub(super) fn dense_elements(&self) -> usize {
         self.matrices().iter().map(|m| m.rows * m.cols).sum()
+    }
+
+    /// Bytes of every weight the layer holds on the GPU (its routed experts included).
+    pub(super) fn resident_bytes(&self) -> usize {
+        let a = &self.attn;
+        let vectors =
+            self.input_norm.bytes + self.post_norm.bytes + a.kv_norm.bytes + a.q_a.as_ref().map_or(0, |(_, n)| n.bytes);
+        let experts = match &self.ffn {
+            Ffn::Moe(moe) => moe.bias.bytes + moe.experts.as_ref().map_or(0, |b| b.experts * b.bytes_per_expert()),
+            Ffn::Dense(_) => 0,
+        };
+        self.dense_bytes() + vectors + experts
     }
 
     /// Weight bytes a decode step reads outside the routed experts.

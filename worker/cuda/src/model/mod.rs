@@ -12,13 +12,21 @@ use crate::gpu::{float, int, ptr, u64_arg, DeviceBuf, Gpu};
 use crate::weights::{load_vector, random_vector, DeviceMatrix, Format};
 use anyhow::{ensure, Context, Result};
 use dsv3_engine::rope::Rope;
-use dsv3_engine::{check_chunks, Checkpoint, Chunk, ChunkOutput, ModelConfig, ModelFiles};
+use dsv3_engine::{
+    check_chunks, CacheCapacity, Checkpoint, Chunk, ChunkOutput, ExpertCounts, ExpertExecutor, MemoryUse, ModelConfig,
+    ModelFiles, SeqId, StepBackend,
+};
 use graph::DecodeGraph;
 use layers::{Ffn, Layer, Mlp};
-use moe::MoeStats;
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 pub use attention::NAIVE_MIN_ROWS;
+pub(crate) use moe::{run_bank, BankCounters, ExpertKernels, MoeStats};
+
+/// Routed experts reached from the host (remote shards): what an attention rank's model holds
+/// instead of the expert weights.
+pub type HostExperts = Arc<dyn ExpertExecutor + Send>;
 
 /// Per-layer hidden states of a step (`hidden[0]` = embeddings), rows in step order.
 #[derive(Default, Debug)]
@@ -40,24 +48,32 @@ pub struct CudaModel {
     dequant: DeviceBuf,
     /// Tokens per routed expert and experts touched, counted on the GPU.
     moe_stats: MoeStats,
+    /// The routed experts when they are not on this GPU; their tokens are counted on the host.
+    host_experts: Option<HostExperts>,
+    host_counts: Mutex<ExpertCounts>,
+    /// Bytes of every weight on the GPU.
+    weight_bytes: usize,
     /// Decode steps recorded as CUDA graphs, by (padded batch, with head).
     graphs: HashMap<(usize, bool), DecodeGraph>,
     /// Replay decode steps as CUDA graphs (off with DSV3_CUDA_GRAPHS=0 and while profiling).
     use_graphs: bool,
     /// Use the CUDA-core attention kernel instead of the tensor-core one (DSV3_MLA_SIMT=1).
     simt_attention: bool,
-    /// Routed rows above which an expert of a prefill step runs through cuBLAS.
-    expert_cublas_rows: usize,
+    /// Kernel choices for the routed experts (DSV3_LINEAR_SIMT, DSV3_EXPERT_CUBLAS_ROWS).
+    kernels: ExpertKernels,
     /// Use the CUDA-core GEMV kernels for FP8 weights at every batch (DSV3_LINEAR_SIMT=1).
     simt_linear: bool,
 }
 
 impl CudaModel {
-    /// Loads a checkpoint onto GPU `ordinal` with a cache of `cache_tokens` positions.
+    /// Loads a checkpoint onto GPU `ordinal` with a cache of `cache_tokens` positions. With
+    /// `experts`, the routed experts stay off the GPU (they are not even read) and every MoE
+    /// layer reaches them through it; without, they are all loaded.
     pub fn load(
         files: &ModelFiles,
         ordinal: usize,
         cache_tokens: usize,
+        experts: Option<HostExperts>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
         let config = ModelConfig::from_model_files(files)?;
@@ -72,11 +88,13 @@ impl CudaModel {
         };
         let mut layers = Vec::new();
         for l in 0..config.num_hidden_layers {
-            layers.push(Layer::load(&gpu, &ckpt, &config, l).with_context(|| format!("layer {l}"))?);
+            let layer =
+                Layer::load(&gpu, &ckpt, &config, l, experts.is_none()).with_context(|| format!("layer {l}"))?;
+            layers.push(layer);
             progress(l + 1, config.num_hidden_layers);
         }
         let norm = load_vector(&gpu, &ckpt, "model.norm.weight", h)?;
-        Self::assemble(gpu, config, embed, layers, norm, head, cache_tokens)
+        Self::assemble(gpu, config, embed, layers, norm, head, cache_tokens, experts)
     }
 
     /// Random FP8 weights made on the GPU (bf16 embedding and head, as the official checkpoint),
@@ -92,9 +110,10 @@ impl CudaModel {
         }
         let norm = random_vector(&gpu, h, 0.8, 1.2, seed + 2)?;
         gpu.sync()?;
-        Self::assemble(gpu, config, embed, layers, norm, head, cache_tokens)
+        Self::assemble(gpu, config, embed, layers, norm, head, cache_tokens, None)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn assemble(
         gpu: Gpu,
         config: ModelConfig,
@@ -103,6 +122,7 @@ impl CudaModel {
         norm: DeviceBuf,
         head: DeviceMatrix,
         cache_tokens: usize,
+        host_experts: Option<HostExperts>,
     ) -> Result<Self> {
         let block = 64;
         let cache = DeviceCache::new(
@@ -111,7 +131,10 @@ impl CudaModel {
             config.kv_cache_width(),
             block,
             cache_tokens.div_ceil(block).max(1),
+            config.max_position_embeddings,
         )?;
+        let weight_bytes =
+            embed.bytes() + head.bytes() + norm.bytes + layers.iter().map(Layer::resident_bytes).sum::<usize>();
         // cuBLAS reads the matrices not stored as bf16 through this scratch (steps above 512 rows).
         let largest = layers
             .iter()
@@ -135,7 +158,10 @@ impl CudaModel {
             "too many experts for the routing kernel"
         );
         let moe_stats = MoeStats::new(&gpu, config.num_hidden_layers, config.n_routed_experts)?;
-        let use_graphs = std::env::var_os("DSV3_CUDA_GRAPHS").is_none_or(|v| v != "0") && !gpu.profiling();
+        // A step that reaches its experts through the host cannot be captured as a graph.
+        let use_graphs =
+            std::env::var_os("DSV3_CUDA_GRAPHS").is_none_or(|v| v != "0") && !gpu.profiling() && host_experts.is_none();
+        let kernels = ExpertKernels::from_env();
         Ok(CudaModel {
             rope: Rope::new(&config),
             gpu,
@@ -147,14 +173,14 @@ impl CudaModel {
             cache,
             dequant,
             moe_stats,
+            host_experts,
+            host_counts: Mutex::new(ExpertCounts::new()),
+            weight_bytes,
             graphs: HashMap::new(),
             use_graphs,
             simt_attention: std::env::var_os("DSV3_MLA_SIMT").is_some_and(|v| v != "0"),
-            simt_linear: std::env::var_os("DSV3_LINEAR_SIMT").is_some_and(|v| v != "0"),
-            expert_cublas_rows: std::env::var("DSV3_EXPERT_CUBLAS_ROWS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(moe::GROUPED_MAX_ROWS),
+            simt_linear: kernels.simt_linear,
+            kernels,
         })
     }
 
@@ -169,7 +195,7 @@ impl CudaModel {
     }
 
     pub fn free_sequence(&mut self, seq: u64) {
-        self.cache.free_sequence(seq);
+        self.cache.table.free_sequence(seq);
     }
 
     /// One forward step over `chunks`; logits for the positions each chunk asks for.
@@ -243,7 +269,7 @@ impl CudaModel {
     /// without running their prefill).
     pub fn fill_cache_random(&mut self, seqs: &[u64], len: usize, seed: u64) -> Result<()> {
         for &s in seqs {
-            self.cache.begin_chunk(s, 0, len)?;
+            self.cache.table.begin_chunk(s, 0, len)?;
         }
         let n = self.cache.data.bytes / 2;
         self.gpu.launch_1d(
@@ -261,11 +287,18 @@ impl CudaModel {
 
     /// Drops positions from `len` on.
     pub fn truncate(&mut self, seq: u64, len: usize) {
-        self.cache.truncate(seq, len);
+        self.cache.table.truncate(seq, len);
     }
 
     /// Tokens per routed expert and MoE layer since the last call.
-    pub fn take_expert_counts(&self) -> Result<std::collections::BTreeMap<usize, Vec<u64>>> {
+    pub fn take_expert_counts(&self) -> Result<ExpertCounts> {
+        if self.host_experts.is_some() {
+            let mut counts = self
+                .host_counts
+                .lock()
+                .map_err(|_| anyhow::anyhow!("expert counters poisoned by an earlier panic"))?;
+            return Ok(std::mem::take(&mut *counts));
+        }
         let moe_layers: Vec<usize> = self
             .layers
             .iter()
@@ -304,7 +337,7 @@ impl CudaModel {
             .iter()
             .find_map(|l| match &l.ffn {
                 Ffn::Moe(m) => {
-                    let b = &m.experts;
+                    let b = m.experts.as_ref()?;
                     Some((b.bytes_per_expert(), b.gate.stride() + b.up.stride() + b.down.stride()))
                 }
                 Ffn::Dense(_) => None,
@@ -359,7 +392,7 @@ impl CudaModel {
     ) -> Result<(Option<HeadOut>, Option<DeviceTrace>)> {
         check_chunks(&self.config, chunks)?;
         for c in chunks {
-            self.cache.begin_chunk(c.seq, c.start, c.tokens.len())?;
+            self.cache.table.begin_chunk(c.seq, c.start, c.tokens.len())?;
         }
         self.moe_stats.reset_touched(&self.gpu)?;
         let head_rows = head_rows.filter(|r| !r.is_empty());
@@ -368,7 +401,7 @@ impl CudaModel {
         }
         let g = &self.gpu;
         let rows: usize = chunks.iter().map(|c| c.tokens.len()).sum();
-        let (words, spans, max_len) = self.pack_inputs(chunks, rows);
+        let (words, spans, max_len) = self.pack_inputs(chunks, rows)?;
         let buf = g.upload(&words)?;
         let step = StepLayout::new(buf.addr, rows, self.config.qk_rope_head_dim / 2, spans, max_len);
         let h = g.alloc(rows * self.config.hidden_size * 4)?;
@@ -429,7 +462,7 @@ impl CudaModel {
     /// The step's inputs as 4-byte words in [`StepLayout`] order for `rows` rows (the chunks' rows,
     /// then padding rows that write no cache slot and attend to nothing); the chunks' spans and
     /// longest context.
-    fn pack_inputs(&self, chunks: &[Chunk], rows: usize) -> (Vec<u32>, Vec<Span>, usize) {
+    fn pack_inputs(&self, chunks: &[Chunk], rows: usize) -> Result<(Vec<u32>, Vec<Span>, usize)> {
         let half = self.config.qk_rope_head_dim / 2;
         let at = StepLayout::offsets(rows, half);
         let mut words = vec![0u32; at.tables];
@@ -451,13 +484,13 @@ impl CudaModel {
                 first_row: row,
                 table_off: off,
             });
-            tables.extend(self.cache.blocks(c.seq).iter().copied());
+            tables.extend(self.cache.table.blocks(c.seq).iter().copied());
             for (k, &t) in c.tokens.iter().enumerate() {
                 let pos = c.start + k;
                 self.rope.cos_sin(pos, &mut c_buf, &mut s_buf);
                 words[at.ids + row] = t;
                 put_rope(&mut words, row, &c_buf, &s_buf);
-                words[at.slots + row] = self.cache.slot(c.seq, pos) as u32;
+                words[at.slots + row] = self.cache.table.slot(c.seq, pos)? as u32;
                 words[at.table_off + row] = off as u32;
                 words[at.lens + row] = (pos + 1) as u32;
                 max_len = max_len.max(pos + 1);
@@ -471,7 +504,7 @@ impl CudaModel {
             words[at.slots + r] = u32::MAX; // -1: no cache slot
         }
         words.extend(tables);
-        (words, spans, max_len)
+        Ok((words, spans, max_len))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -546,6 +579,49 @@ impl CudaModel {
         let act = g.alloc(m * inter * 4)?;
         g.launch_1d("swiglu", m * inter, &[ptr(act.addr), ptr(gu.addr), int(m), int(inter)])?;
         self.linear(out, self.config.hidden_size, act.addr, m, &mlp.down, true)
+    }
+}
+
+impl StepBackend for CudaModel {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn device(&self) -> String {
+        format!("{} (cuda:{})", self.gpu.name, self.gpu.ordinal)
+    }
+
+    fn step(&mut self, chunks: &[Chunk]) -> Result<Vec<ChunkOutput>> {
+        Ok(self.forward(chunks, false)?.0)
+    }
+
+    fn free_sequence(&mut self, seq: SeqId) {
+        self.cache.table.free_sequence(seq);
+    }
+
+    fn capacity(&self) -> CacheCapacity {
+        CacheCapacity {
+            block_size: self.cache.block_size(),
+            total_blocks: self.cache.num_blocks(),
+            free_blocks: self.cache.table.free_blocks(),
+        }
+    }
+
+    fn take_expert_counts(&mut self) -> Result<ExpertCounts> {
+        CudaModel::take_expert_counts(self)
+    }
+
+    /// Weights and cache as allocated; the workspace is the rest of what this process holds in
+    /// the GPU's memory pool (step scratch kept for reuse, graph buffers).
+    fn memory(&self) -> MemoryUse {
+        let weights = self.weight_bytes as u64;
+        let kv_cache = self.cache.data.bytes as u64;
+        let pool = self.gpu.pool_reserved().unwrap_or(0);
+        MemoryUse {
+            weights,
+            kv_cache,
+            workspace: pool.saturating_sub(weights + kv_cache),
+        }
     }
 }
 

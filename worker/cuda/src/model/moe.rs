@@ -1,12 +1,16 @@
 //! The MoE block of one layer: routing on the GPU, tokens grouped by expert, the routed experts
-//! on the tensor cores (or dequantised into cuBLAS for large groups), the shared expert.
+//! on the tensor cores (or dequantised into cuBLAS for large groups) — or, on an attention rank
+//! whose experts live on other ranks, sent through an [`ExpertExecutor`] — and the shared expert.
+//! [`run_bank`] is the routed-expert computation alone, shared with the GPU expert shard.
 
 use super::layers::Moe;
 use super::CudaModel;
 use crate::gpu::{float, int, ptr, u64_arg, DeviceBuf, Gpu};
 use crate::linear::{mma_fits, BLOCKS_PER_SM};
-use crate::weights::Stacked;
-use anyhow::{ensure, Result};
+use crate::weights::{ExpertBank, Stacked};
+use anyhow::{ensure, Context, Result};
+use dsv3_engine::backend::count_routes;
+use dsv3_engine::{ExpertExecutor, TokenRoutes};
 use std::collections::BTreeMap;
 
 /// Steps up to this many rows keep every expert group in the grouped kernels, so they never wait
@@ -17,6 +21,218 @@ const EXPERT_LANES: usize = 8;
 /// In larger steps (prefill), experts with more routed rows than this use cuBLAS instead
 /// (default; DSV3_EXPERT_CUBLAS_ROWS sets it).
 pub(super) const GROUPED_MAX_ROWS: usize = 64;
+
+/// How the routed experts of a step run on the tensor cores or through cuBLAS.
+#[derive(Clone, Copy, Debug)]
+pub struct ExpertKernels {
+    /// Use the CUDA-core GEMV kernels at every batch (DSV3_LINEAR_SIMT=1).
+    pub simt_linear: bool,
+    /// Routed rows above which an expert of a large step runs through cuBLAS.
+    pub cublas_rows: usize,
+}
+
+impl ExpertKernels {
+    /// The defaults, with the switches the environment sets.
+    pub fn from_env() -> Self {
+        ExpertKernels {
+            simt_linear: std::env::var_os("DSV3_LINEAR_SIMT").is_some_and(|v| v != "0"),
+            cublas_rows: std::env::var("DSV3_EXPERT_CUBLAS_ROWS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(GROUPED_MAX_ROWS),
+        }
+    }
+}
+
+/// Counters `moe_plan` adds to for one bank: tokens per expert of the layer, experts touched.
+pub(crate) struct BankCounters {
+    pub(crate) counts: u64,
+    pub(crate) touched: u64,
+}
+
+/// `h[t] += Σ_j weights[t,j] · Expert_{ids[t,j]}(x_t)` over the experts of `bank`, for `m` rows
+/// of which the first `*valid` are real. `ids` index the bank (`-1` or out of range: a slot
+/// handled elsewhere); `x` is f32 `[m, hidden]`. Every expert group up to `kernels.cublas_rows`
+/// rows runs in the grouped tensor-core kernels, weights streamed once per group; in steps above
+/// [`DEVICE_ONLY_MAX_ROWS`] larger groups go to cuBLAS (one copy of the group sizes to the host).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_bank(
+    g: &Gpu,
+    kernels: ExpertKernels,
+    bank: &ExpertBank,
+    x: &DeviceBuf,
+    h: &DeviceBuf,
+    m: usize,
+    k: usize,
+    ids: u64,
+    weights: u64,
+    valid: u64,
+    counters: &BankCounters,
+) -> Result<()> {
+    let e = bank.experts;
+    let width = bank.gate.cols;
+    let plan = DevicePlan::new(g, e, k, ids, valid, m, counters)?;
+    let (large, max_rows) = if m > DEVICE_ONLY_MAX_ROWS {
+        let large = g.profiled("moe_plan_sync", || plan.large_groups(g, e, kernels.cublas_rows))?;
+        (large, kernels.cublas_rows)
+    } else {
+        (vec![], i32::MAX as usize)
+    };
+    let slots = m * k;
+    let inter = bank.gate.rows;
+    let gu = g.alloc(slots * 2 * inter * 4)?;
+    let act = g.alloc(slots * inter * 4)?;
+    let y = g.alloc(slots * width * 4)?;
+    let tensor_cores = !kernels.simt_linear && mma_fits(inter, width) && mma_fits(width, inter);
+    let name = match slots.div_ceil(e.max(1)) {
+        0..=2 => "grouped_fp8_mma_n1",
+        3..=6 => "grouped_fp8_mma_n2",
+        7..=16 => "grouped_fp8_mma_n4",
+        _ => "grouped_fp8_mma_n8",
+    };
+    // Small decode steps split each expert's k chunks so the few groups still fill the GPU;
+    // the outputs are then zeroed and the partial sums added atomically.
+    let splits = |s: &Stacked| {
+        if !tensor_cores || m > DEVICE_ONLY_MAX_ROWS {
+            return 1;
+        }
+        let blocks = s.rows.div_ceil(64) * plan.groups;
+        (BLOCKS_PER_SM * g.sm_count).div_ceil(blocks).min(s.cols / 128).max(1)
+    };
+    // Every group up to max_rows in one launch, weights streamed once per group.
+    let grouped = |out: u64, ldy: usize, input: u64, ldx: usize, rows: u64, s: &Stacked, splits: usize| {
+        let args = [
+            ptr(out),
+            int(ldy),
+            ptr(input),
+            int(ldx),
+            ptr(rows),
+            ptr(s.data.addr),
+            ptr(s.scales.addr),
+            u64_arg(s.stride() as u64),
+            u64_arg(s.scale_stride() as u64),
+            ptr(plan.group_expert),
+            ptr(plan.offsets),
+            int(s.rows),
+            int(s.cols),
+            int(max_rows),
+            int(if splits > 1 { 2 } else { 0 }),
+        ];
+        if tensor_cores {
+            let grid = (s.rows.div_ceil(64) as u32, plan.groups as u32, splits as u32);
+            g.launch(name, grid, 128, 0, &args)
+        } else {
+            g.launch(
+                "grouped_gemv_fp8",
+                (s.rows.div_ceil(8) as u32, plan.groups as u32, 1),
+                256,
+                0,
+                &args[..args.len() - 1],
+            )
+        }
+    };
+    // The tensor-core path reads bf16 activations.
+    let xb = tensor_cores.then(|| g.to_bf16(x.addr, m * width)).transpose()?;
+    let input = xb.as_ref().map_or(x.addr, |b| b.addr);
+    let gate_splits = splits(&bank.gate).max(splits(&bank.up));
+    if gate_splits > 1 {
+        g.zero(gu.addr, gu.bytes)?;
+    }
+    let up_out = gu.addr + (inter * 4) as u64;
+    grouped(gu.addr, 2 * inter, input, width, plan.x_rows, &bank.gate, gate_splits)?;
+    grouped(up_out, 2 * inter, input, width, plan.x_rows, &bank.up, gate_splits)?;
+    // Large groups (prefill): cuBLAS on the slots' rows gathered as bf16.
+    if !large.is_empty() {
+        let xg = g.alloc(slots * width * 2)?;
+        g.launch(
+            "gather_rows_bf16",
+            (slots as u32, 1, 1),
+            256,
+            0,
+            &[ptr(xg.addr), ptr(x.addr), int(width), ptr(plan.x_rows), int(width)],
+        )?;
+        cublas_groups(g, &large, &bank.gate, xg.addr, width, gu.addr, 2 * inter)?;
+        cublas_groups(g, &large, &bank.up, xg.addr, width, up_out, 2 * inter)?;
+    }
+    g.launch_1d(
+        "swiglu",
+        slots * inter,
+        &[ptr(act.addr), ptr(gu.addr), int(slots), int(inter)],
+    )?;
+    let ab = (tensor_cores || !large.is_empty())
+        .then(|| g.to_bf16(act.addr, slots * inter))
+        .transpose()?;
+    let down_input = match (&ab, tensor_cores) {
+        (Some(b), true) => b.addr,
+        _ => act.addr,
+    };
+    let down_splits = splits(&bank.down);
+    if down_splits > 1 {
+        g.zero(y.addr, y.bytes)?;
+    }
+    grouped(y.addr, width, down_input, inter, 0, &bank.down, down_splits)?;
+    if let Some(ab) = &ab {
+        cublas_groups(g, &large, &bank.down, ab.addr, inter, y.addr, width)?;
+    }
+    g.launch(
+        "combine_experts",
+        (m as u32, 1, 1),
+        256,
+        0,
+        &[
+            ptr(h.addr),
+            ptr(y.addr),
+            ptr(plan.slot_of),
+            ptr(weights),
+            int(k),
+            int(width),
+        ],
+    )
+}
+
+/// `out[slots] = input[slots] · W_eᵀ` through cuBLAS for each large group (expert e), the
+/// expert dequantised to bf16 first. One expert's GEMM of ~128 rows fills a few SMs, so the
+/// groups are spread over side streams, each with its own scratch. Rows are slots: `input`
+/// bf16 with row stride `ldx`, `out` f32 with row stride `ldy`.
+fn cublas_groups(
+    g: &Gpu,
+    large: &[HostGroup],
+    s: &Stacked,
+    input: u64,
+    ldx: usize,
+    out: u64,
+    ldy: usize,
+) -> Result<()> {
+    if large.is_empty() {
+        return Ok(());
+    }
+    let lanes = EXPERT_LANES.min(large.len());
+    let scratch = g.alloc(lanes * s.stride() * 2)?;
+    g.fan_out(lanes, |lane| {
+        let w = scratch.at(lane * s.stride() * 2);
+        for grp in large.iter().skip(lane).step_by(lanes) {
+            crate::weights::dequant_fp8(
+                g,
+                w,
+                s.data.at(grp.expert * s.stride()),
+                s.scales.at(grp.expert * s.scale_stride() * 4),
+                s.rows,
+                s.cols,
+            )?;
+            g.gemm_bf16(
+                out + (grp.first * ldy * 4) as u64,
+                ldy,
+                input + (grp.first * ldx * 2) as u64,
+                w,
+                grp.rows(),
+                s.rows,
+                s.cols,
+                false,
+            )?;
+        }
+        Ok(())
+    })
+}
 
 impl CudaModel {
     /// Routed and shared experts, added into `h`. `valid` points at the number of real rows (the
@@ -33,139 +249,85 @@ impl CudaModel {
         want_routes: bool,
     ) -> Result<Option<Vec<u32>>> {
         let g = &self.gpu;
-        let c = &self.config;
-        let (e, k, width) = (c.n_routed_experts, c.num_experts_per_tok, c.hidden_size);
+        let k = self.config.num_experts_per_tok;
         let (ids, weights) = self.route(moe, x, m)?;
-        let plan = DevicePlan::new(self, layer, ids.addr, valid, m)?;
-        let routes = if want_routes {
+        let mut routes = None;
+        match (&moe.experts, &self.host_experts) {
+            (Some(bank), _) => {
+                let counters = BankCounters {
+                    counts: self.moe_stats.counts_addr(layer),
+                    touched: self.moe_stats.touched_addr(),
+                };
+                run_bank(
+                    g,
+                    self.kernels,
+                    bank,
+                    x,
+                    h,
+                    m,
+                    k,
+                    ids.addr,
+                    weights.addr,
+                    valid,
+                    &counters,
+                )?;
+            }
+            (None, Some(experts)) => {
+                let chosen = self.host_routed_experts(experts.as_ref(), layer, x, h, m, &ids, &weights)?;
+                routes = Some(chosen);
+            }
+            (None, None) => anyhow::bail!("layer {layer}: the routed experts are neither on this GPU nor reachable"),
+        }
+        if want_routes && routes.is_none() {
             let chosen: Vec<i32> = g.download(ids.addr, m * k)?;
-            Some(chosen.iter().map(|&v| v as u32).collect())
-        } else {
-            None
-        };
-        // Large steps read the group sizes back once and send the big groups to cuBLAS; the
-        // grouped kernels take the rest.
-        let (large, max_rows) = if m > DEVICE_ONLY_MAX_ROWS {
-            let large = g.profiled("moe_plan_sync", || plan.large_groups(self, self.expert_cublas_rows))?;
-            (large, self.expert_cublas_rows)
-        } else {
-            (vec![], i32::MAX as usize)
-        };
-        let slots = m * k;
-        let bank = &moe.experts;
-        let inter = bank.gate.rows;
-        let gu = g.alloc(slots * 2 * inter * 4)?;
-        let act = g.alloc(slots * inter * 4)?;
-        let y = g.alloc(slots * width * 4)?;
-        let tensor_cores = !self.simt_linear && mma_fits(inter, width) && mma_fits(width, inter);
-        let name = match slots.div_ceil(e) {
-            0..=2 => "grouped_fp8_mma_n1",
-            3..=6 => "grouped_fp8_mma_n2",
-            7..=16 => "grouped_fp8_mma_n4",
-            _ => "grouped_fp8_mma_n8",
-        };
-        // Small decode steps split each expert's k chunks so the few groups still fill the GPU;
-        // the outputs are then zeroed and the partial sums added atomically.
-        let splits = |s: &Stacked| {
-            if !tensor_cores || m > DEVICE_ONLY_MAX_ROWS {
-                return 1;
-            }
-            let blocks = s.rows.div_ceil(64) * plan.groups;
-            (BLOCKS_PER_SM * g.sm_count).div_ceil(blocks).min(s.cols / 128).max(1)
-        };
-        // Every group up to max_rows in one launch, weights streamed once per group.
-        let grouped = |out: u64, ldy: usize, input: u64, ldx: usize, rows: u64, s: &Stacked, splits: usize| {
-            let args = [
-                ptr(out),
-                int(ldy),
-                ptr(input),
-                int(ldx),
-                ptr(rows),
-                ptr(s.data.addr),
-                ptr(s.scales.addr),
-                u64_arg(s.stride() as u64),
-                u64_arg(s.scale_stride() as u64),
-                ptr(plan.group_expert),
-                ptr(plan.offsets),
-                int(s.rows),
-                int(s.cols),
-                int(max_rows),
-                int(if splits > 1 { 2 } else { 0 }),
-            ];
-            if tensor_cores {
-                let grid = (s.rows.div_ceil(64) as u32, plan.groups as u32, splits as u32);
-                g.launch(name, grid, 128, 0, &args)
-            } else {
-                g.launch(
-                    "grouped_gemv_fp8",
-                    (s.rows.div_ceil(8) as u32, plan.groups as u32, 1),
-                    256,
-                    0,
-                    &args[..args.len() - 1],
-                )
-            }
-        };
-        // The tensor-core path reads bf16 activations.
-        let xb = tensor_cores.then(|| g.to_bf16(x.addr, m * width)).transpose()?;
-        let input = xb.as_ref().map_or(x.addr, |b| b.addr);
-        let gate_splits = splits(&bank.gate).max(splits(&bank.up));
-        if gate_splits > 1 {
-            g.zero(gu.addr, gu.bytes)?;
+            routes = Some(chosen.iter().map(|&v| v as u32).collect());
         }
-        let up_out = gu.addr + (inter * 4) as u64;
-        grouped(gu.addr, 2 * inter, input, width, plan.x_rows, &bank.gate, gate_splits)?;
-        grouped(up_out, 2 * inter, input, width, plan.x_rows, &bank.up, gate_splits)?;
-        // Large groups (prefill): cuBLAS on the slots' rows gathered as bf16.
-        if !large.is_empty() {
-            let xg = g.alloc(slots * width * 2)?;
-            g.launch(
-                "gather_rows_bf16",
-                (slots as u32, 1, 1),
-                256,
-                0,
-                &[ptr(xg.addr), ptr(x.addr), int(width), ptr(plan.x_rows), int(width)],
-            )?;
-            self.cublas_groups(&large, &bank.gate, xg.addr, width, gu.addr, 2 * inter)?;
-            self.cublas_groups(&large, &bank.up, xg.addr, width, up_out, 2 * inter)?;
-        }
-        g.launch_1d(
-            "swiglu",
-            slots * inter,
-            &[ptr(act.addr), ptr(gu.addr), int(slots), int(inter)],
-        )?;
-        let ab = (tensor_cores || !large.is_empty())
-            .then(|| g.to_bf16(act.addr, slots * inter))
-            .transpose()?;
-        let down_input = match (&ab, tensor_cores) {
-            (Some(b), true) => b.addr,
-            _ => act.addr,
-        };
-        let down_splits = splits(&bank.down);
-        if down_splits > 1 {
-            g.zero(y.addr, y.bytes)?;
-        }
-        grouped(y.addr, width, down_input, inter, 0, &bank.down, down_splits)?;
-        if let Some(ab) = &ab {
-            self.cublas_groups(&large, &bank.down, ab.addr, inter, y.addr, width)?;
-        }
-        g.launch(
-            "combine_experts",
-            (m as u32, 1, 1),
-            256,
-            0,
-            &[
-                ptr(h.addr),
-                ptr(y.addr),
-                ptr(plan.slot_of),
-                ptr(weights.addr),
-                int(k),
-                int(width),
-            ],
-        )?;
         if let Some(shared) = &moe.shared {
             self.mlp(shared, x, h.addr, m)?;
         }
-        Ok(routes)
+        Ok(routes.filter(|_| want_routes))
+    }
+
+    /// The routed experts through `experts` (remote shards): the normed rows, the chosen experts
+    /// and their weights go to the host, the executor's sums come back and are added into `h`.
+    #[allow(clippy::too_many_arguments)]
+    fn host_routed_experts(
+        &self,
+        experts: &(dyn ExpertExecutor + Send),
+        layer: usize,
+        x: &DeviceBuf,
+        h: &DeviceBuf,
+        m: usize,
+        ids: &DeviceBuf,
+        weights: &DeviceBuf,
+    ) -> Result<Vec<u32>> {
+        let g = &self.gpu;
+        let (k, width) = (self.config.num_experts_per_tok, self.config.hidden_size);
+        let chosen: Vec<i32> = g.download(ids.addr, m * k)?;
+        let routes = TokenRoutes {
+            k,
+            experts: chosen.iter().map(|&v| v as u32).collect(),
+            weights: g.download(weights.addr, m * k)?,
+        };
+        if let Ok(mut counts) = self.host_counts.lock() {
+            count_routes(&mut counts, layer, self.config.n_routed_experts, &routes);
+        }
+        let rows: Vec<f32> = g.download(x.addr, m * width)?;
+        let y = experts
+            .routed_experts(layer, &rows, &routes)
+            .with_context(|| format!("routed experts of layer {layer}"))?;
+        ensure!(
+            y.len() == m * width,
+            "the experts of layer {layer} returned {} values for {m} rows",
+            y.len()
+        );
+        let yb = g.upload(&y)?;
+        g.launch_1d(
+            "add_f32",
+            m * width,
+            &[ptr(h.addr), ptr(yb.addr), u64_arg((m * width) as u64)],
+        )?;
+        Ok(routes.experts)
     }
 
     /// Router logits, then the group-limited top-k on the GPU: the chosen experts and their
@@ -199,56 +361,6 @@ impl CudaModel {
         )?;
         Ok((ids, weights))
     }
-
-    /// `out[slots] = input[slots] · W_eᵀ` through cuBLAS for each large group (expert e), the
-    /// expert dequantised to bf16 first. One expert's GEMM of ~128 rows fills a few SMs, so the
-    /// groups are spread over side streams, each with its own scratch. Rows are slots: `input`
-    /// bf16 with row stride `ldx`, `out` f32 with row stride `ldy`.
-    fn cublas_groups(
-        &self,
-        large: &[HostGroup],
-        s: &Stacked,
-        input: u64,
-        ldx: usize,
-        out: u64,
-        ldy: usize,
-    ) -> Result<()> {
-        if large.is_empty() {
-            return Ok(());
-        }
-        let g = &self.gpu;
-        let lanes = EXPERT_LANES.min(large.len());
-        let scratch = g.alloc(lanes * s.stride() * 2)?;
-        g.fan_out(lanes, |lane| {
-            let w = scratch.at(lane * s.stride() * 2);
-            for grp in large.iter().skip(lane).step_by(lanes) {
-                self.dequant_expert(w, s, grp.expert)?;
-                g.gemm_bf16(
-                    out + (grp.first * ldy * 4) as u64,
-                    ldy,
-                    input + (grp.first * ldx * 2) as u64,
-                    w,
-                    grp.rows(),
-                    s.rows,
-                    s.cols,
-                    false,
-                )?;
-            }
-            Ok(())
-        })
-    }
-
-    /// Expert `expert` of `s` as bf16 at `out`.
-    fn dequant_expert(&self, out: u64, s: &Stacked, expert: usize) -> Result<()> {
-        crate::weights::dequant_fp8(
-            &self.gpu,
-            out,
-            s.data.at(expert * s.stride()),
-            s.scales.at(expert * s.scale_stride() * 4),
-            s.rows,
-            s.cols,
-        )
-    }
 }
 
 /// Token rows grouped by expert on the GPU (kernel `moe_plan`): slots `offsets[g]..offsets[g+1]`
@@ -279,17 +391,16 @@ impl HostGroup {
 }
 
 impl DevicePlan {
-    fn new(model: &CudaModel, layer: usize, chosen: u64, valid: u64, m: usize) -> Result<Self> {
-        let c = &model.config;
-        let (e, k) = (c.n_routed_experts, c.num_experts_per_tok);
+    /// Groups the `[m, k]` slots of `chosen` (bank indices) by expert, adding to `counters`.
+    fn new(g: &Gpu, e: usize, k: usize, chosen: u64, valid: u64, m: usize, counters: &BankCounters) -> Result<Self> {
         let groups = e.min(m * k);
         let words = groups + (groups + 1) + 2 * m * k;
-        let buf = model.gpu.alloc(words * 4)?;
+        let buf = g.alloc(words * 4)?;
         let group_expert = buf.addr;
         let offsets = buf.at(groups * 4);
         let x_rows = buf.at((2 * groups + 1) * 4);
         let slot_of = buf.at((2 * groups + 1 + m * k) * 4);
-        model.gpu.launch(
+        g.launch(
             "moe_plan",
             (1, 1, 1),
             1024,
@@ -299,8 +410,8 @@ impl DevicePlan {
                 ptr(offsets),
                 ptr(x_rows),
                 ptr(slot_of),
-                ptr(model.moe_stats.counts_addr(layer)),
-                ptr(model.moe_stats.touched_addr()),
+                ptr(counters.counts),
+                ptr(counters.touched),
                 ptr(chosen),
                 ptr(valid),
                 int(m),
@@ -320,16 +431,16 @@ impl DevicePlan {
     }
 
     /// The groups with more than `limit` rows (one copy back to the host).
-    fn large_groups(&self, model: &CudaModel, limit: usize) -> Result<Vec<HostGroup>> {
-        let experts: Vec<i32> = model.gpu.download(self.group_expert, self.groups)?;
-        let offsets: Vec<i32> = model.gpu.download(self.offsets, self.groups + 1)?;
+    fn large_groups(&self, g: &Gpu, n_experts: usize, limit: usize) -> Result<Vec<HostGroup>> {
+        let experts: Vec<i32> = g.download(self.group_expert, self.groups)?;
+        let offsets: Vec<i32> = g.download(self.offsets, self.groups + 1)?;
         let mut large = Vec::new();
         for (g, w) in offsets.windows(2).enumerate() {
             let (first, end) = (w[0] as usize, w[1] as usize);
             if end > first + limit {
                 let expert = experts[g];
                 ensure!(
-                    expert >= 0 && (expert as usize) < model.config.n_routed_experts,
+                    expert >= 0 && (expert as usize) < n_experts,
                     "expert grouping produced expert {expert}"
                 );
                 large.push(HostGroup {
@@ -345,24 +456,24 @@ impl DevicePlan {
 
 /// Expert counters kept on the GPU (`moe_plan` adds to them), so steps never wait to count:
 /// tokens per routed expert and layer since the last take, and experts touched by the last step.
-pub(super) struct MoeStats {
+pub(crate) struct MoeStats {
     buf: DeviceBuf,
     layers: usize,
     experts: usize,
 }
 
 impl MoeStats {
-    pub(super) fn new(gpu: &Gpu, layers: usize, experts: usize) -> Result<Self> {
+    pub(crate) fn new(gpu: &Gpu, layers: usize, experts: usize) -> Result<Self> {
         let buf = gpu.alloc((layers * experts + 1) * 4)?;
         gpu.zero(buf.addr, buf.bytes)?;
         Ok(MoeStats { buf, layers, experts })
     }
 
-    fn counts_addr(&self, layer: usize) -> u64 {
+    pub(crate) fn counts_addr(&self, layer: usize) -> u64 {
         self.buf.at(layer * self.experts * 4)
     }
 
-    fn touched_addr(&self) -> u64 {
+    pub(crate) fn touched_addr(&self) -> u64 {
         self.buf.at(self.layers * self.experts * 4)
     }
 

@@ -1,0 +1,161 @@
+//! The one interface a role drives a model through, whatever device runs it: a step over
+//! prefill chunks and decode tokens, freeing sequences, cache capacity, expert load and memory.
+//! The routed experts sit behind [`ExpertExecutor`] on every backend, so the same attention
+//! rank reaches experts in this process or on remote shards without knowing which.
+
+use crate::config::ModelConfig;
+use crate::kv_cache::{KvCache, SeqId};
+use crate::mla::MlaForm;
+use crate::model::{Chunk, ChunkOutput, Model, StepOptions};
+use crate::moe::{ExpertExecutor, TokenRoutes};
+use anyhow::Result;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+/// The paged cache as the scheduler sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheCapacity {
+    pub block_size: usize,
+    pub total_blocks: usize,
+    pub free_blocks: usize,
+}
+
+/// Device (or host) memory a backend holds, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryUse {
+    /// Weights, the routed experts this process holds included.
+    pub weights: u64,
+    pub kv_cache: u64,
+    /// Scratch kept between steps (dequantisation buffers, recorded graphs' buffers, ...).
+    pub workspace: u64,
+}
+
+/// Tokens routed to each expert, per MoE layer.
+pub type ExpertCounts = BTreeMap<usize, Vec<u64>>;
+
+/// A model on one device with its KV cache: what an attention rank and `generate` drive.
+pub trait StepBackend: Send {
+    fn config(&self) -> &ModelConfig;
+    /// Where it runs, for logs and `/metrics` (`cpu`, `NVIDIA H200 (cuda:0)`).
+    fn device(&self) -> String;
+    /// One forward step over `chunks` (each continues its sequence in the cache); logits and
+    /// post-norm hidden states at the positions each chunk asks for.
+    fn step(&mut self, chunks: &[Chunk]) -> Result<Vec<ChunkOutput>>;
+    fn free_sequence(&mut self, seq: SeqId);
+    fn capacity(&self) -> CacheCapacity;
+    /// Tokens per routed expert and MoE layer since the last call.
+    fn take_expert_counts(&mut self) -> Result<ExpertCounts>;
+    fn memory(&self) -> MemoryUse;
+}
+
+/// Adds each routed slot to per-layer expert counters while delegating to the real experts.
+pub struct CountingExperts<'a, E: ?Sized> {
+    inner: &'a E,
+    n_experts: usize,
+    counts: &'a Mutex<ExpertCounts>,
+}
+
+impl<'a, E: ExpertExecutor + ?Sized> CountingExperts<'a, E> {
+    pub fn new(inner: &'a E, n_experts: usize, counts: &'a Mutex<ExpertCounts>) -> Self {
+        CountingExperts {
+            inner,
+            n_experts,
+            counts,
+        }
+    }
+}
+
+/// Adds `routes`' slots of MoE layer `layer` to `counts`.
+pub fn count_routes(counts: &mut ExpertCounts, layer: usize, n_experts: usize, routes: &TokenRoutes) {
+    let layer_counts = counts.entry(layer).or_insert_with(|| vec![0; n_experts]);
+    for &e in &routes.experts {
+        if let Some(c) = layer_counts.get_mut(e as usize) {
+            *c += 1;
+        }
+    }
+}
+
+impl<E: ExpertExecutor + ?Sized> ExpertExecutor for CountingExperts<'_, E> {
+    fn routed_experts(&self, layer: usize, x: &[f32], routes: &TokenRoutes) -> Result<Vec<f32>> {
+        if let Ok(mut counts) = self.counts.lock() {
+            count_routes(&mut counts, layer, self.n_experts, routes);
+        }
+        self.inner.routed_experts(layer, x, routes)
+    }
+}
+
+/// The CPU reference model with its host-memory cache, the routed experts behind `E`
+/// (in-process [`crate::LocalExperts`], or remote shards).
+pub struct CpuBackend<E: ExpertExecutor + Send + ?Sized> {
+    pub model: Model,
+    pub cache: KvCache,
+    pub experts: Arc<E>,
+    pub mla: MlaForm,
+    counts: Mutex<ExpertCounts>,
+    /// Bytes of the routed experts held in this process.
+    expert_bytes: usize,
+}
+
+impl<E: ExpertExecutor + Send + ?Sized> CpuBackend<E> {
+    /// `cache_tokens` positions in blocks of `block_size`.
+    pub fn new(model: Model, experts: Arc<E>, expert_bytes: usize, cache_tokens: usize, block_size: usize) -> Self {
+        let cache = KvCache::new(&model.config, block_size, cache_tokens.div_ceil(block_size).max(1));
+        CpuBackend {
+            model,
+            cache,
+            experts,
+            mla: MlaForm::Auto,
+            counts: Mutex::new(BTreeMap::new()),
+            expert_bytes,
+        }
+    }
+
+    pub fn step_options(&self) -> StepOptions {
+        StepOptions {
+            mla: self.mla,
+            trace: false,
+        }
+    }
+}
+
+impl<E: ExpertExecutor + Send + ?Sized> StepBackend for CpuBackend<E> {
+    fn config(&self) -> &ModelConfig {
+        &self.model.config
+    }
+
+    fn device(&self) -> String {
+        "cpu".into()
+    }
+
+    fn step(&mut self, chunks: &[Chunk]) -> Result<Vec<ChunkOutput>> {
+        let counting = CountingExperts::new(self.experts.as_ref(), self.model.config.n_routed_experts, &self.counts);
+        let opts = self.step_options();
+        Ok(self.model.forward(chunks, &mut self.cache, &counting, &opts)?.0)
+    }
+
+    fn free_sequence(&mut self, seq: SeqId) {
+        self.cache.free_sequence(seq);
+    }
+
+    fn capacity(&self) -> CacheCapacity {
+        CacheCapacity {
+            block_size: self.cache.block_size(),
+            total_blocks: self.cache.total_blocks(),
+            free_blocks: self.cache.free_blocks(),
+        }
+    }
+
+    fn take_expert_counts(&mut self) -> Result<ExpertCounts> {
+        Ok(std::mem::take(&mut *self.counts.lock().map_err(|_| {
+            anyhow::anyhow!("expert counters poisoned by an earlier panic")
+        })?))
+    }
+
+    fn memory(&self) -> MemoryUse {
+        MemoryUse {
+            weights: (self.model.resident_bytes() + self.expert_bytes) as u64,
+            kv_cache: self.cache.bytes() as u64,
+            workspace: 0,
+        }
+    }
+}
