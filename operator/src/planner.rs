@@ -954,6 +954,9 @@ fn worker_statefulset(ctx: &Ctx<'_>, role: Role, replicas: Option<i32>, placemen
         placement_file,
         "--data-plane".into(),
         spec.data_plane.as_str().into(),
+        // Pods with GPUs must run on them: `auto` would fall back to the CPU if the driver were missing.
+        "--device".into(),
+        if gpus > 0 { "cuda" } else { "cpu" }.into(),
     ];
     // Expert pods answer whoever dispatches to them and get no attention peer list, so scaling
     // the attention role never restarts them.

@@ -250,6 +250,13 @@ fn pods_are_hardened_and_have_gpus_probes_ranks_and_peers() {
                 arg_after(c, "--placement").as_deref(),
                 Some("/etc/dsv3/placement/placement.json")
             );
+            // Pods with GPUs run on them; CPU pods on the CPU.
+            let gpus = match role {
+                Role::Attention => spec.attention.gpus_per_pod,
+                _ => spec.experts.gpus_per_pod,
+            };
+            let device = if gpus > 0 { "cuda" } else { "cpu" };
+            assert_eq!(arg_after(c, "--device").as_deref(), Some(device), "{file} {role:?}");
         }
 
         // Peers: DNS names of the headless Services, one per rank.
@@ -349,7 +356,9 @@ fn network_policy_opens_worker_ports_only_to_the_fleet() {
         np["spec"]["podSelector"]["matchExpressions"][0]["values"],
         serde_json::json!(["attention", "expert"])
     );
-    let nccl = plan_of(&sample("h200-single-node.yaml"));
+    let mut cr = sample("h200-single-node.yaml");
+    cr.spec.data_plane = crate::crd::DataPlane::Nccl;
+    let nccl = plan_of(&cr);
     let np = serde_json::to_value(&nccl.network_policy).expect("serializes");
     assert!(
         np["spec"]["ingress"][0].get("ports").is_none(),

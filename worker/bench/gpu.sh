@@ -7,6 +7,8 @@
 #          every allocation poisoned) and `generate --device cuda` against `--device cpu`
 #   bench  `dsv3-worker bench-cuda` (one MoE layer, 5-layer slice), FP8 matrix peak via torch
 #   serve  `serve --device cuda` against `serve --device cpu`: concurrent greedy completions
+#   fleet  the fleet test suite (worker/tests/fleet.rs) with every rank on the GPU, then
+#          `bench-fleet --device cuda` (serve against a fleet of 1 attention rank + 2 expert shards)
 #   profile the same with CUDA events around every launch, graphs off (where each step goes)
 #   peer   transformers on the same shapes (worker/bench/hf_gpu_peer.py), set beside ours
 # Logs and JSON go to $OUT (or target/gpu-out).
@@ -17,14 +19,19 @@ bundle=target/gpu-bundle
 if [[ "${1:-}" == build ]]; then
     export CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=true
     cargo build --release -p dsv3-worker
-    tests=$(cargo test --release -p dsv3-cuda --test gpu --no-run --message-format=json 2>/dev/null |
-        python3 -c 'import json,sys
+    # The test executable cargo built for `--test NAME` of a package.
+    test_exe() {
+        cargo test --release -p "$1" --test "$2" --no-run --message-format=json 2>/dev/null |
+            python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "gpu" and m.get("executable"): print(m["executable"])')
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == sys.argv[1] and m.get("executable"): print(m["executable"])' "$2"
+    }
     mkdir -p "$bundle"
     cp target/release/dsv3-worker "$bundle/"
-    cp "$tests" "$bundle/gpu-tests"
+    cp "$(test_exe dsv3-cuda gpu)" "$bundle/gpu-tests"
+    cp "$(test_exe dsv3-worker fleet)" "$bundle/fleet-tests"
+    strip "$bundle/gpu-tests" "$bundle/fleet-tests"
     ls -la "$bundle"
     exit 0
 fi
@@ -111,6 +118,15 @@ for i, (a, b) in enumerate(zip(cpu, gpu)):
 PY
         kill %1 %2 2>/dev/null || true
         grep -h "serving on" /tmp/serve-cuda.log || tail -5 /tmp/serve-cuda.log
+        ;;
+    fleet)
+        # serve and a fleet (2 attention ranks + 3 expert shards, all on this GPU) give the tokens of
+        # generate; 64 concurrent streams; a killed expert shard or attention rank ends its requests
+        # with an error and the fleet serves again once it is restarted.
+        DSV3_WORKER="$bundle/dsv3-worker" DSV3_TEST_DEVICE=cuda "$bundle/fleet-tests" --test-threads 1 --nocapture \
+            2>&1 | tee -a "$out/tests.log" || failed=1
+        "$bundle/dsv3-worker" bench-fleet --device cuda --attention 1 --experts 2 --clients 16 --requests 2 \
+            ${FLEET_ARGS:-} --output "$out/bench-fleet.md" 2>&1 | tail -8
         ;;
     profile)
         DSV3_CUDA_PROFILE=1 "$bundle/dsv3-worker" bench-cuda --reps 3 --batches 1,8,64,256 --out "$out/profile.json" \

@@ -28,6 +28,11 @@ pub struct BenchFleetArgs {
     /// Also write the table (markdown) to this file.
     #[arg(long)]
     output: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    model: crate::roles::ModelArgs,
+    /// Where `serve` and the fleet's ranks run.
+    #[arg(long, value_enum, default_value_t = crate::device::DeviceArg::Cpu)]
+    device: crate::device::DeviceArg,
 }
 
 struct Running {
@@ -52,9 +57,13 @@ fn start(mode: &str, args: &BenchFleetArgs) -> Result<Running> {
     let exe = std::env::current_exe()?;
     let port = free_port()?;
     let mut cmd = Command::new(exe);
-    cmd.args([mode, "--port", &port.to_string()])
+    let device = if args.device.use_cuda()? { "cuda" } else { "cpu" };
+    cmd.args([mode, "--port", &port.to_string(), "--device", device])
         .stderr(Stdio::null())
         .stdout(Stdio::piped());
+    if let Some(dir) = &args.model.model {
+        cmd.arg("--model").arg(dir);
+    }
     if mode == "fleet" {
         cmd.args([
             "--attention",
@@ -101,11 +110,13 @@ struct Row {
     mode: String,
     tokens_per_s: f64,
     step_ms: f64,
-    bytes_per_layer_step: Option<f64>,
+    /// Per MoE layer exchange (dispatch and combine over every shard a layer needs): activation
+    /// bytes both ways and wall milliseconds.
+    per_layer: Option<(f64, f64)>,
     transport_share: Option<f64>,
 }
 
-fn run_load(mode: &str, args: &BenchFleetArgs, moe_layers: usize) -> Result<Row> {
+fn run_load(mode: &str, args: &BenchFleetArgs) -> Result<Row> {
     let running = start(mode, args)?;
     let body = |i: usize| {
         let prompt: Vec<u32> = (0..args.prompt_len as u32)
@@ -146,14 +157,14 @@ fn run_load(mode: &str, args: &BenchFleetArgs, moe_layers: usize) -> Result<Row>
     let itl_sum = metric_sum(&running.base, "dsv3_inter_token_latency_seconds_sum")? - itl_sum0;
     let itl_n = metric_sum(&running.base, "dsv3_inter_token_latency_seconds_count")? - itl_n0;
     let infos_after = attention_infos(&running.attention)?;
-    let (mut bytes, mut steps, mut step_s, mut expert_s) = (0u64, 0u64, 0f64, 0f64);
+    let (mut bytes, mut layers, mut step_s, mut expert_s) = (0u64, 0u64, 0f64, 0f64);
     for (a, b) in infos_after.iter().zip(&infos_before) {
         bytes += (a.expert_bytes_sent + a.expert_bytes_received) - (b.expert_bytes_sent + b.expert_bytes_received);
-        steps += a.steps - b.steps;
+        layers += a.expert_layers - b.expert_layers;
         step_s += a.step_seconds - b.step_seconds;
         expert_s += a.expert_seconds - b.expert_seconds;
     }
-    let remote = !running.attention.is_empty() && steps > 0;
+    let remote = !running.attention.is_empty() && layers > 0;
     Ok(Row {
         mode: if remote {
             format!("fleet ({} attention, {} expert shards)", args.attention, args.experts)
@@ -162,7 +173,7 @@ fn run_load(mode: &str, args: &BenchFleetArgs, moe_layers: usize) -> Result<Row>
         },
         tokens_per_s: generated as f64 / wall,
         step_ms: if itl_n > 0.0 { itl_sum / itl_n * 1e3 } else { 0.0 },
-        bytes_per_layer_step: remote.then(|| bytes as f64 / steps as f64 / moe_layers as f64),
+        per_layer: remote.then(|| (bytes as f64 / layers as f64, expert_s / layers as f64 * 1e3)),
         transport_share: remote.then(|| expert_s / step_s),
     })
 }
@@ -183,29 +194,30 @@ fn attention_infos(addresses: &[String]) -> Result<Vec<dsv3_proto::AttentionInfo
 }
 
 pub fn run(args: BenchFleetArgs) -> Result<()> {
-    let config = dsv3_engine::ModelConfig::from_model_files(&crate::model_source::resolve(None))?;
-    let moe_layers = (0..config.num_hidden_layers)
-        .filter(|&l| config.is_moe_layer(l))
-        .count();
-    let rows = vec![
-        run_load("serve", &args, moe_layers)?,
-        run_load("fleet", &args, moe_layers)?,
-    ];
+    let files = crate::model_source::resolve(args.model.model.clone());
+    let rows = vec![run_load("serve", &args)?, run_load("fleet", &args)?];
     let mut table = format!(
-        "Embedded tiny model, {} concurrent clients × {} requests, prompt {} tokens, {} generated tokens each (greedy); \
+        "{} on {}, {} concurrent clients × {} requests, prompt {} tokens, {} generated tokens each (greedy); \
          transport over gRPC on loopback.\n\n\
-         | mode | generated tok/s | mean step (inter-token) ms | activation bytes per MoE layer per step | step time waiting on expert shards |\n\
-         |---|---:|---:|---:|---:|\n",
-        args.clients, args.requests, args.prompt_len, args.max_tokens
+         | mode | generated tok/s | mean step (inter-token) ms | activation bytes per MoE layer exchange | ms per MoE layer exchange | step time waiting on expert shards |\n\
+         |---|---:|---:|---:|---:|---:|\n",
+        files.describe(),
+        if args.device.use_cuda()? { "the GPU" } else { "the CPU" },
+        args.clients,
+        args.requests,
+        args.prompt_len,
+        args.max_tokens
     );
     for r in &rows {
+        let (bytes, ms) = match r.per_layer {
+            Some((b, ms)) => (format!("{:.1} KB", b / 1e3), format!("{ms:.3}")),
+            None => ("0 (in process)".into(), "–".into()),
+        };
         table += &format!(
-            "| {} | {:.1} | {:.2} | {} | {} |\n",
+            "| {} | {:.1} | {:.2} | {bytes} | {ms} | {} |\n",
             r.mode,
             r.tokens_per_s,
             r.step_ms,
-            r.bytes_per_layer_step
-                .map_or("0 (in process)".into(), |b| format!("{:.1} KB", b / 1e3)),
             r.transport_share.map_or("–".into(), |s| format!("{:.0}%", s * 100.0)),
         );
     }

@@ -2,9 +2,9 @@
 //! on loopback — the disaggregated fleet on one machine, for users and tests.
 
 use crate::device::DeviceArg;
-use crate::roles::ModelArgs;
+use crate::roles::{ActivationDtype, ModelArgs};
 use anyhow::{Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use dsv3_fleet::PlacementPlan;
 use std::process::{Child, Command};
 
@@ -30,6 +30,9 @@ pub struct FleetArgs {
     /// this process sees, in start order (expert shards, then attention ranks; several may share one GPU).
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
+    /// What activations travel to the expert shards as (passed to the attention ranks).
+    #[arg(long, value_enum, default_value_t = ActivationDtype::Auto)]
+    activation_dtype: ActivationDtype,
 }
 
 /// The GPUs the members are placed on, as `CUDA_VISIBLE_DEVICES` entries; empty on the CPU.
@@ -147,6 +150,10 @@ pub fn run(args: FleetArgs) -> Result<()> {
                 placement.clone(),
                 "--expert-peers".into(),
                 expert_peers.join(","),
+                "--activation-dtype".into(),
+                args.activation_dtype
+                    .to_possible_value()
+                    .map_or("auto".into(), |v| v.get_name().to_string()),
             ],
         )?;
     }

@@ -3,6 +3,8 @@
 mod bench;
 mod bench_cuda;
 mod bench_fleet;
+#[cfg(test)]
+mod contract_tests;
 mod device;
 mod generate;
 mod local_fleet;

@@ -79,17 +79,17 @@ pub struct RouterArgs {
 
 #[derive(Args)]
 pub struct DataPlaneArgs {
-    /// Transport for activations between attention ranks and expert shards: gRPC (portable);
-    /// NCCL needs the CUDA backend, which this build does not have.
+    /// Transport for activations between attention ranks and expert shards: gRPC (portable, on
+    /// CPUs and GPUs). NCCL is not in this release: naming it is an error, not a fallback.
     #[arg(long, default_value = "grpc", value_parser = ["grpc", "nccl"])]
     data_plane: String,
 }
 
 impl DataPlaneArgs {
-    fn check(&self) -> Result<()> {
+    pub fn check(&self) -> Result<()> {
         if self.data_plane != "grpc" {
             anyhow::bail!(
-                "--data-plane {} needs the CUDA backend; this build serves over grpc only",
+                "--data-plane {}: the NCCL data plane is not in this release; use --data-plane grpc (GPU ranks exchange bf16 activations over it)",
                 self.data_plane
             );
         }
@@ -169,6 +169,27 @@ pub struct ExpertArgs {
     device: DeviceArg,
 }
 
+impl RouterArgs {
+    /// The options checked before anything loads.
+    pub fn check(&self) -> Result<()> {
+        self.data_plane.check()
+    }
+}
+
+impl AttentionArgs {
+    /// The options checked before anything loads.
+    pub fn check(&self) -> Result<()> {
+        self.data_plane.check()
+    }
+}
+
+impl ExpertArgs {
+    /// The options checked before anything loads.
+    pub fn check(&self) -> Result<()> {
+        self.data_plane.check()
+    }
+}
+
 fn served_name(model: &ModelArgs, http: &HttpArgs) -> String {
     http.served_model_name.clone().unwrap_or_else(|| match &model.model {
         Some(dir) => dir
@@ -239,7 +260,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
 }
 
 pub fn router(args: RouterArgs) -> Result<()> {
-    args.data_plane.check()?;
+    args.check()?;
     let files = model_source::resolve(args.model.model.clone());
     let config = ModelConfig::from_model_files(&files)?;
     let rt = runtime()?;
@@ -259,7 +280,7 @@ pub fn router(args: RouterArgs) -> Result<()> {
 }
 
 pub fn attention(args: AttentionArgs) -> Result<()> {
-    args.data_plane.check()?;
+    args.check()?;
     let files = model_source::resolve(args.model.model.clone());
     let config = ModelConfig::from_model_files(&files)?;
     let plan = plan_for(&args.placement, config.n_routed_experts as u32, args.expert_peers.len())?;
@@ -286,7 +307,7 @@ pub fn attention(args: AttentionArgs) -> Result<()> {
 }
 
 pub fn expert(args: ExpertArgs) -> Result<()> {
-    args.data_plane.check()?;
+    args.check()?;
     let files = model_source::resolve(args.model.model.clone());
     let config = ModelConfig::from_model_files(&files)?;
     let shards = if args.expert_peers.is_empty() {

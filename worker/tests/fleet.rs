@@ -7,7 +7,15 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_dsv3-worker");
+/// The binary under test: this build's, or `DSV3_WORKER` (the GPU machine runs a copied bundle).
+fn bin() -> String {
+    std::env::var("DSV3_WORKER").unwrap_or_else(|_| env!("CARGO_BIN_EXE_dsv3-worker").to_string())
+}
+
+/// Where the models run: `DSV3_TEST_DEVICE` (the GPU machine sets `cuda`), else the CPU.
+fn device() -> String {
+    std::env::var("DSV3_TEST_DEVICE").unwrap_or_else(|_| "cpu".into())
+}
 const PROMPT: [u32; 12] = [683, 13, 615, 533, 2, 222, 561, 256, 453, 312, 692, 298];
 
 fn free_port() -> u16 {
@@ -31,6 +39,8 @@ struct Member {
     role: String,
     pid: u32,
     args: Vec<String>,
+    /// `CUDA_VISIBLE_DEVICES` the launcher gave it.
+    gpu: Option<String>,
 }
 
 struct Fleet {
@@ -67,8 +77,8 @@ fn wait_ready(base: &str, timeout: Duration) -> bool {
 
 fn start_serve() -> (Proc, String) {
     let port = free_port();
-    let child = Command::new(BIN)
-        .args(["serve", "--port", &port.to_string()])
+    let child = Command::new(bin())
+        .args(["serve", "--port", &port.to_string(), "--device", &device()])
         .stderr(Stdio::null())
         .spawn()
         .expect("start serve");
@@ -79,7 +89,7 @@ fn start_serve() -> (Proc, String) {
 
 fn start_fleet() -> Fleet {
     let port = free_port();
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(bin())
         .args([
             "fleet",
             "--attention",
@@ -88,6 +98,11 @@ fn start_fleet() -> Fleet {
             "3",
             "--port",
             &port.to_string(),
+            "--device",
+            &device(),
+            // Exact activations, so the fleet's tokens can be held to those of `generate`.
+            "--activation-dtype",
+            "f32",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -101,6 +116,7 @@ fn start_fleet() -> Fleet {
             role: v["role"].as_str().expect("role").to_string(),
             pid: v["pid"].as_u64().expect("pid") as u32,
             args: serde_json::from_value(v["args"].clone()).expect("args"),
+            gpu: v["gpu"].as_str().map(str::to_string),
         });
     }
     let base = format!("http://127.0.0.1:{port}");
@@ -133,8 +149,15 @@ fn completion_ids(base: &str, body: Value) -> Vec<u32> {
 
 fn generate_ids(extra: &[&str]) -> Vec<u32> {
     let prompt: Vec<String> = PROMPT.iter().map(u32::to_string).collect();
-    let out = Command::new(BIN)
-        .args(["generate", "--prompt-token-ids", &prompt.join(","), "--json"])
+    let out = Command::new(bin())
+        .args([
+            "generate",
+            "--prompt-token-ids",
+            &prompt.join(","),
+            "--json",
+            "--device",
+            &device(),
+        ])
         .args(extra)
         .output()
         .expect("generate");
@@ -275,7 +298,11 @@ fn kill(pid: u32) {
 
 fn restart(fleet: &mut Fleet, role: &str) {
     let member = fleet.members.iter().find(|m| m.role == role).expect("member");
-    let child = Command::new(BIN)
+    let mut command = Command::new(bin());
+    if let Some(gpu) = &member.gpu {
+        command.env("CUDA_VISIBLE_DEVICES", gpu);
+    }
+    let child = command
         .args(&member.args)
         .stderr(Stdio::null())
         .spawn()
@@ -409,7 +436,7 @@ fn a_full_queue_answers_429() {
     let port = free_port();
     // 256 positions hold one request of 12 + 200 tokens at a time; one more may wait.
     let _serve = Proc(
-        Command::new(BIN)
+        Command::new(bin())
             .args([
                 "serve",
                 "--port",

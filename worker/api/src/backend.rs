@@ -88,7 +88,7 @@ pub struct Health {
 }
 
 /// Load figures, read on every `GET /metrics` scrape.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct BackendStats {
     /// Sequences being generated.
     pub running: usize,
@@ -100,6 +100,25 @@ pub struct BackendStats {
     pub cache_total_blocks: usize,
     /// Per MoE layer (in layer order), per expert: tokens routed to it since start.
     pub expert_tokens: Vec<Vec<u64>>,
+    /// Per attention rank, as it last answered a probe.
+    pub ranks: Vec<RankStats>,
+}
+
+/// One attention rank's device, memory and expert traffic.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RankStats {
+    pub rank: usize,
+    /// Where its model runs (`cpu`, `NVIDIA H200 (cuda:0)`).
+    pub device: String,
+    pub weight_bytes: u64,
+    pub kv_cache_bytes: u64,
+    pub workspace_bytes: u64,
+    /// Dispatch/combine with the expert shards since start: wall seconds, activation bytes each
+    /// way, and MoE layers exchanged.
+    pub expert_seconds: f64,
+    pub expert_bytes_sent: u64,
+    pub expert_bytes_received: u64,
+    pub expert_layers: u64,
 }
 
 /// Produces tokens for the HTTP front end. Implementations must be cheap to call from request

@@ -218,6 +218,7 @@ impl Collector for BackendCollector {
             if self.backend.health().ready { 1.0 } else { 0.0 },
         )?;
 
+        encode_ranks(&mut encoder, &stats.ranks)?;
         if stats.expert_tokens.is_empty() {
             return Ok(());
         }
@@ -249,6 +250,79 @@ impl Collector for BackendCollector {
         }
         Ok(())
     }
+}
+
+/// Per attention rank: memory held on its device, and its dispatch/combine traffic.
+fn encode_ranks(
+    encoder: &mut DescriptorEncoder<'_>,
+    ranks: &[crate::backend::RankStats],
+) -> Result<(), std::fmt::Error> {
+    if ranks.is_empty() {
+        return Ok(());
+    }
+    {
+        let probe = ConstGauge::new(0.0f64);
+        let mut family = encoder.encode_descriptor(
+            "dsv3_rank_memory_bytes",
+            "Memory an attention rank holds on its device, by kind (weights, kv_cache, workspace).",
+            None,
+            probe.metric_type(),
+        )?;
+        for r in ranks {
+            for (kind, bytes) in [
+                ("weights", r.weight_bytes),
+                ("kv_cache", r.kv_cache_bytes),
+                ("workspace", r.workspace_bytes),
+            ] {
+                let labels = [
+                    ("rank", r.rank.to_string()),
+                    ("device", r.device.clone()),
+                    ("kind", kind.to_string()),
+                ];
+                ConstGauge::new(bytes as f64).encode(family.encode_family(&labels)?)?;
+            }
+        }
+    }
+    {
+        let probe = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(
+            "dsv3_expert_transfer_bytes",
+            "Activation bytes an attention rank exchanged with the expert shards since start, by direction.",
+            None,
+            probe.metric_type(),
+        )?;
+        for r in ranks {
+            for (direction, bytes) in [("sent", r.expert_bytes_sent), ("received", r.expert_bytes_received)] {
+                let labels = [("rank", r.rank.to_string()), ("direction", direction.to_string())];
+                ConstCounter::new(bytes).encode(family.encode_family(&labels)?)?;
+            }
+        }
+    }
+    {
+        let probe = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(
+            "dsv3_expert_layers",
+            "MoE layers an attention rank exchanged with the expert shards since start.",
+            None,
+            probe.metric_type(),
+        )?;
+        for r in ranks {
+            let labels = [("rank", r.rank.to_string())];
+            ConstCounter::new(r.expert_layers).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    let probe = ConstCounter::new(0.0f64);
+    let mut family = encoder.encode_descriptor(
+        "dsv3_expert_transfer_seconds",
+        "Wall seconds an attention rank spent in dispatch/combine with the expert shards since start.",
+        None,
+        probe.metric_type(),
+    )?;
+    for r in ranks {
+        let labels = [("rank", r.rank.to_string())];
+        ConstCounter::new(r.expert_seconds).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
 }
 
 fn const_gauge(encoder: &mut DescriptorEncoder<'_>, name: &str, help: &str, value: f64) -> Result<(), std::fmt::Error> {

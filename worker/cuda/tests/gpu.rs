@@ -441,3 +441,119 @@ fn linear_matches_f64_reference_at_every_batch_size() {
         }
     }
 }
+
+/// Routed experts split over GPU expert shards by expert id, each slot sent to the shard that
+/// holds it and the partial sums added (what the gRPC client does across processes).
+struct Shards(Vec<(Vec<u32>, dsv3_cuda::CudaExperts)>);
+
+impl dsv3_engine::ExpertExecutor for Shards {
+    fn routed_experts(&self, layer: usize, x: &[f32], routes: &dsv3_engine::TokenRoutes) -> anyhow::Result<Vec<f32>> {
+        let mut out = vec![0.0f32; x.len()];
+        for (held, shard) in &self.0 {
+            let mut mine = routes.clone();
+            for e in &mut mine.experts {
+                if !held.contains(e) {
+                    *e = dsv3_engine::moe::NO_EXPERT;
+                }
+            }
+            for (o, y) in out.iter_mut().zip(shard.routed_experts(layer, x, &mine)?) {
+                *o += y;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// An attention model without routed experts, reaching two GPU expert shards (even and odd
+/// experts), against the model holding every expert: prefill and teacher-forced decode of three
+/// sequences together, logits close on every row, greedy tokens equal wherever the whole model's
+/// top-2 margin is clear, the same tokens counted per layer, and the weights split between them.
+fn check_attention_with_shards(files: &ModelFiles, decode_steps: usize) {
+    use dsv3_engine::StepBackend;
+    poison();
+    let config = dsv3_engine::ModelConfig::from_model_files(files).expect("config");
+    let all: Vec<u32> = (0..config.n_routed_experts as u32).collect();
+    let held: Vec<Vec<u32>> = (0..2)
+        .map(|s| all.iter().copied().filter(|e| e % 2 == s).collect())
+        .collect();
+    let shards = Shards(
+        held.iter()
+            .map(|h| {
+                let shard = dsv3_cuda::CudaExperts::load(files, 0, h, &mut |_, _| {}).expect("expert shard");
+                (h.clone(), shard)
+            })
+            .collect(),
+    );
+    let shard_bytes: Vec<u64> = shards.0.iter().map(|(_, s)| s.memory().weights).collect();
+    let mut whole = CudaModel::load(files, 0, 4096, None, &mut |_, _| {}).expect("whole model");
+    let mut split =
+        CudaModel::load(files, 0, 4096, Some(std::sync::Arc::new(shards)), &mut |_, _| {}).expect("attention model");
+    let (mw, ms) = (whole.memory(), split.memory());
+    eprintln!(
+        "weights: whole {} B, attention {} B, shards {shard_bytes:?} B",
+        mw.weights, ms.weights
+    );
+    assert!(ms.weights < mw.weights && shard_bytes.iter().all(|&b| b > 0));
+    let vocab = config.vocab_size as u32;
+    let prompts = [prompt(70, 21, vocab), prompt(9, 22, vocab), prompt(33, 23, vocab)];
+    let chunks: Vec<Chunk> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Chunk::new(i as u64, 0, p, Outputs::Last))
+        .collect();
+    let mut outs = (whole.step(&chunks).expect("whole"), split.step(&chunks).expect("split"));
+    let mut pos: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let (mut rows, mut agreed, mut worst) = (0, 0, 1.0f64);
+    for step in 0..=decode_steps {
+        let mut next = Vec::new();
+        for (row, (w, s)) in outs.0.iter().zip(&outs.1).enumerate() {
+            assert!(
+                s.logits.iter().all(|v| v.is_finite()),
+                "step {step} row {row}: non-finite logits"
+            );
+            worst = worst.min(cosine(&w.logits, &s.logits));
+            let ((tw, margin), (ts, _)) = (argmax(&w.logits), argmax(&s.logits));
+            assert!(
+                tw == ts || margin < 0.05,
+                "step {step} row {row}: greedy {tw} vs {ts} with a margin of {margin}"
+            );
+            agreed += usize::from(tw == ts);
+            rows += 1;
+            next.push([tw as u32]);
+        }
+        if step == decode_steps {
+            break;
+        }
+        let chunks: Vec<Chunk> = next
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Chunk::new(i as u64, pos[i], t, Outputs::Last))
+            .collect();
+        outs = (whole.step(&chunks).expect("whole"), split.step(&chunks).expect("split"));
+        pos.iter_mut().for_each(|p| *p += 1);
+    }
+    eprintln!("{rows} rows: greedy tokens equal on {agreed}, worst logits cosine {worst:.6}");
+    assert!(worst > 0.999, "logits cosine {worst}");
+    let (cw, cs) = (
+        StepBackend::take_expert_counts(&mut whole).expect("counts"),
+        StepBackend::take_expert_counts(&mut split).expect("counts"),
+    );
+    let total = |c: &dsv3_engine::ExpertCounts| -> Vec<u64> { c.values().map(|v| v.iter().sum()).collect() };
+    assert_eq!(total(&cw), total(&cs), "tokens routed per MoE layer");
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn attention_with_expert_shards_matches_whole_model_tiny() {
+    let root = std::env::var_os("DSV3_REPO_ROOT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
+    check_attention_with_shards(&ModelFiles::Dir(root.join("tests/golden/tiny-fp8")), 24);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn attention_with_expert_shards_matches_whole_model_full_width() {
+    let dir = full_width_checkpoint();
+    check_attention_with_shards(&ModelFiles::Dir(dir.path().to_path_buf()), 6);
+}

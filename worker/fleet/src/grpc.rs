@@ -345,6 +345,7 @@ impl ExpertExecutor for RemoteExperts {
             totals.bytes_sent += sent as u64;
             totals.bytes_received += sent as u64;
             totals.calls += order.len() as u64;
+            totals.layers += 1;
         }
         let mut out = vec![0.0f32; x.len()];
         for (s, reply) in order.into_iter().zip(replies) {

@@ -37,6 +37,8 @@ pub struct TransportTotals {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub calls: u64,
+    /// MoE layers exchanged (each one dispatch/combine over every shard it needs).
+    pub layers: u64,
 }
 
 impl ExpertBackend for dsv3_engine::LocalExperts {
@@ -139,6 +141,7 @@ impl AttentionRank for LocalAttention {
             expert_bytes_sent: transport.bytes_sent,
             expert_bytes_received: transport.bytes_received,
             expert_calls: transport.calls,
+            expert_layers: transport.layers,
             rank: self.rank,
             block_size: capacity.block_size as u32,
             total_blocks: capacity.total_blocks as u32,

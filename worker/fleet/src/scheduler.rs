@@ -8,7 +8,9 @@
 //! it answers again; its sequences are released so its cache is clean when it comes back.
 
 use crate::rank::AttentionRank;
-use dsv3_api::backend::{Backend, BackendStats, GenerationEvent, GenerationRequest, Health, SubmitError, TokenLogprob};
+use dsv3_api::backend::{
+    Backend, BackendStats, GenerationEvent, GenerationRequest, Health, RankStats, SubmitError, TokenLogprob,
+};
 use dsv3_engine::batch::{next_tokens, worst_case_blocks};
 use dsv3_engine::{finish_reason, ModelConfig};
 use dsv3_proto::{SamplingSpec, StepItem, StepRequest};
@@ -65,6 +67,8 @@ struct RankSlot {
     total_blocks: usize,
     reserved_blocks: usize,
     last_probe: Option<Instant>,
+    /// Device, memory and expert traffic from its last answer.
+    stats: RankStats,
 }
 
 #[derive(Default)]
@@ -105,6 +109,7 @@ impl Fleet {
                 total_blocks: 0,
                 reserved_blocks: 0,
                 last_probe: None,
+                stats: RankStats::default(),
             })
             .collect();
         let mut scheduler = Scheduler {
@@ -173,6 +178,22 @@ impl Backend for Fleet {
     }
 }
 
+/// What the metrics show of a rank's answer to a probe.
+fn rank_stats(rank: usize, info: &dsv3_proto::AttentionInfo) -> RankStats {
+    let memory = info.memory.clone().unwrap_or_default();
+    RankStats {
+        rank,
+        device: info.device.clone(),
+        weight_bytes: memory.weight_bytes,
+        kv_cache_bytes: memory.kv_cache_bytes,
+        workspace_bytes: memory.workspace_bytes,
+        expert_seconds: info.expert_seconds,
+        expert_bytes_sent: info.expert_bytes_sent,
+        expert_bytes_received: info.expert_bytes_received,
+        expert_layers: info.expert_layers,
+    }
+}
+
 struct Scheduler {
     config: ModelConfig,
     options: SchedulerConfig,
@@ -213,7 +234,7 @@ impl Scheduler {
     }
 
     fn probe_ranks(&mut self) {
-        for slot in &mut self.ranks {
+        for (index, slot) in self.ranks.iter_mut().enumerate() {
             let due = slot
                 .last_probe
                 .is_none_or(|t| t.elapsed() >= self.options.probe_interval);
@@ -223,6 +244,7 @@ impl Scheduler {
             slot.last_probe = Some(Instant::now());
             match slot.rank.info() {
                 Ok(info) => {
+                    slot.stats = rank_stats(index, &info);
                     slot.block_size = info.block_size.max(1) as usize;
                     slot.total_blocks = info.total_blocks as usize;
                     slot.healthy = info.experts_ready;
@@ -265,6 +287,7 @@ impl Scheduler {
             cache_used_blocks: self.ranks.iter().map(|s| s.reserved_blocks).sum(),
             cache_total_blocks: self.ranks.iter().map(|s| s.total_blocks).sum(),
             expert_tokens,
+            ranks: self.ranks.iter().map(|s| s.stats.clone()).collect(),
         };
     }
 
@@ -485,3 +508,7 @@ impl Scheduler {
         self.release(done);
     }
 }
+
+#[cfg(test)]
+#[path = "scheduler_tests.rs"]
+mod tests;

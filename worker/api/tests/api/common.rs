@@ -79,6 +79,17 @@ impl Fake {
                 cache_used_blocks: 25,
                 cache_total_blocks: 100,
                 expert_tokens: vec![vec![4, 0, 0, 0], vec![1, 1, 1, 1]],
+                ranks: vec![dsv3_api::backend::RankStats {
+                    rank: 0,
+                    device: "cpu".into(),
+                    weight_bytes: 1000,
+                    kv_cache_bytes: 200,
+                    workspace_bytes: 30,
+                    expert_seconds: 0.5,
+                    expert_bytes_sent: 4096,
+                    expert_bytes_received: 2048,
+                    expert_layers: 6,
+                }],
             },
         }
     }

@@ -119,6 +119,26 @@ async fn metrics_exposition() {
     assert_eq!(value("dsv3_expert_tokens_total{layer=\"2\"}"), 4.0);
     assert_eq!(value("dsv3_expert_tokens_total{layer=\"3\"}"), 4.0);
     assert!(!text.contains("expert=\""), "no per-expert series");
+    // Per attention rank: memory by kind, dispatch/combine traffic.
+    let memory = |kind: &str| {
+        value(&format!(
+            "dsv3_rank_memory_bytes{{rank=\"0\",device=\"cpu\",kind=\"{kind}\"}}"
+        ))
+    };
+    assert_eq!(
+        (memory("weights"), memory("kv_cache"), memory("workspace")),
+        (1000.0, 200.0, 30.0)
+    );
+    assert_eq!(
+        value("dsv3_expert_transfer_bytes_total{rank=\"0\",direction=\"sent\"}"),
+        4096.0
+    );
+    assert_eq!(
+        value("dsv3_expert_transfer_bytes_total{rank=\"0\",direction=\"received\"}"),
+        2048.0
+    );
+    assert_eq!(value("dsv3_expert_layers_total{rank=\"0\"}"), 6.0);
+    assert_eq!(value("dsv3_expert_transfer_seconds_total{rank=\"0\"}"), 0.5);
     for name in [
         "dsv3_time_to_first_token_seconds",
         "dsv3_inter_token_latency_seconds",

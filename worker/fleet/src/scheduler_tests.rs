@@ -1,0 +1,258 @@
+//! The scheduler against a fake attention rank whose next token is a fixed function of the
+//! sequence and position, so the tokens each request must get are known in advance.
+
+use super::*;
+use dsv3_engine::{FinishReason, SamplingParams};
+use dsv3_proto::{AttentionInfo, Sampled, StepReply};
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+
+const BLOCK: usize = 16;
+
+/// The token the fake samples after `position` positions of a sequence whose prompt starts with
+/// `first`: independent of batching, so any schedule must produce the same tokens.
+fn expected_token(first: u32, position: usize) -> u32 {
+    (first * 13 + position as u32 * 7) % 60 + 2
+}
+
+#[derive(Default)]
+struct Fake {
+    /// Positions cached per sequence, and the first prompt token (the sequence's identity).
+    cached: Mutex<HashMap<u64, (usize, u32)>>,
+    /// Tokens fed per step, as the scheduler built it.
+    step_tokens: Mutex<Vec<usize>>,
+    released: Mutex<Vec<u64>>,
+    failing: AtomicBool,
+    total_blocks: usize,
+}
+
+impl AttentionRank for Fake {
+    fn step(&self, request: StepRequest) -> anyhow::Result<StepReply> {
+        if self.failing.load(Ordering::SeqCst) {
+            anyhow::bail!("the fake rank is down");
+        }
+        let mut cached = self.cached.lock().expect("lock");
+        let mut reply = StepReply::default();
+        let mut fed = 0;
+        for item in &request.items {
+            let entry = cached.entry(item.seq).or_insert((0, item.tokens[0]));
+            anyhow::ensure!(
+                item.start as usize == entry.0,
+                "sequence {} continues at {} but {} are cached",
+                item.seq,
+                item.start,
+                entry.0
+            );
+            entry.0 += item.tokens.len();
+            fed += item.tokens.len();
+            if item.sample.is_some() {
+                reply.sampled.push(Sampled {
+                    seq: item.seq,
+                    token: expected_token(entry.1, entry.0),
+                    logprob: None,
+                    top_logprobs: vec![],
+                });
+            }
+        }
+        self.step_tokens.lock().expect("lock").push(fed);
+        Ok(reply)
+    }
+
+    fn release(&self, seqs: &[u64]) -> anyhow::Result<()> {
+        let mut cached = self.cached.lock().expect("lock");
+        for s in seqs {
+            cached.remove(s);
+        }
+        self.released.lock().expect("lock").extend_from_slice(seqs);
+        Ok(())
+    }
+
+    fn info(&self) -> anyhow::Result<AttentionInfo> {
+        if self.failing.load(Ordering::SeqCst) {
+            anyhow::bail!("the fake rank is down");
+        }
+        Ok(AttentionInfo {
+            block_size: BLOCK as u32,
+            total_blocks: self.total_blocks as u32,
+            free_blocks: self.total_blocks as u32,
+            experts_ready: true,
+            ..AttentionInfo::default()
+        })
+    }
+}
+
+fn config() -> ModelConfig {
+    ModelConfig::from_json_str(
+        r#"{"vocab_size":64,"hidden_size":8,"intermediate_size":8,"moe_intermediate_size":4,
+        "num_hidden_layers":2,"num_attention_heads":1,"n_routed_experts":0,"num_experts_per_tok":1,
+        "kv_lora_rank":2,"qk_nope_head_dim":2,"qk_rope_head_dim":2,"v_head_dim":2,
+        "max_position_embeddings":2048,"eos_token_id":1}"#,
+    )
+    .expect("config")
+}
+
+fn start(fake: Arc<Fake>, max_step_tokens: usize) -> Arc<Fleet> {
+    let options = SchedulerConfig {
+        max_waiting: 8,
+        max_step_tokens,
+        probe_interval: Duration::from_millis(20),
+    };
+    let fleet = Fleet::start(config(), vec![fake as Arc<dyn AttentionRank>], options);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !fleet.health().ready {
+        assert!(Instant::now() < deadline, "the fleet never became ready");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    fleet
+}
+
+fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
+    GenerationRequest {
+        prompt,
+        params: SamplingParams {
+            max_tokens,
+            ignore_eos: true,
+            ..SamplingParams::default()
+        },
+        logprobs: None,
+    }
+}
+
+/// Every event of a request, in order, until it ends.
+fn events(mut rx: tokio::sync::mpsc::UnboundedReceiver<GenerationEvent>) -> Vec<GenerationEvent> {
+    let mut out = Vec::new();
+    while let Some(e) = rx.blocking_recv() {
+        out.push(e);
+    }
+    out
+}
+
+fn tokens(events: &[GenerationEvent]) -> Vec<u32> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            GenerationEvent::Token { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn requests_batch_under_the_token_budget_and_get_their_own_tokens() {
+    let fake = Arc::new(Fake {
+        total_blocks: 1000,
+        ..Fake::default()
+    });
+    let fleet = start(fake.clone(), 64);
+    let prompts = [vec![5; 10], vec![6; 3], vec![7; 300]];
+    let receivers: Vec<_> = prompts
+        .iter()
+        .map(|p| fleet.submit(request(p.clone(), 6)).expect("submit"))
+        .collect();
+    for (prompt, rx) in prompts.iter().zip(receivers) {
+        let got = events(rx);
+        let want: Vec<u32> = (0..6).map(|i| expected_token(prompt[0], prompt.len() + i)).collect();
+        assert_eq!(tokens(&got), want, "prompt of {}", prompt.len());
+        assert_eq!(
+            got.last(),
+            Some(&GenerationEvent::Finished {
+                reason: FinishReason::Length
+            })
+        );
+    }
+    let steps = fake.step_tokens.lock().expect("lock").clone();
+    assert!(steps.iter().all(|&n| n <= 64), "a step went over the budget: {steps:?}");
+    // The long prompt is prefilled in chunks beside the others' decode steps.
+    assert!(steps.iter().filter(|&&n| n == 64).count() >= 4, "{steps:?}");
+    // Released right after the last event is sent.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut released = fake.released.lock().expect("lock").clone();
+        released.sort_unstable();
+        if released == [1, 2, 3] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "released only {released:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn stop_tokens_and_end_of_sequence_end_a_request() {
+    let fake = Arc::new(Fake {
+        total_blocks: 1000,
+        ..Fake::default()
+    });
+    let fleet = start(fake, 512);
+    let prompt = vec![9; 4];
+    let third = expected_token(9, prompt.len() + 2);
+    let mut r = request(prompt.clone(), 10);
+    r.params.stop_token_ids = vec![third];
+    let got = events(fleet.submit(r).expect("submit"));
+    assert_eq!(tokens(&got).len(), 3, "stops at the stop token, which is emitted");
+    assert_eq!(
+        got.last(),
+        Some(&GenerationEvent::Finished {
+            reason: FinishReason::Stop
+        })
+    );
+    // A prompt + max_tokens past the context is refused before it is queued.
+    let err = fleet.submit(request(vec![3; 2000], 100)).expect_err("too long");
+    assert!(matches!(err, SubmitError::Invalid(m) if m.contains("exceeds the context")));
+}
+
+#[test]
+fn requests_wait_for_cache_and_never_exceed_it() {
+    // 4 blocks of 16: one request of 40 + 8 positions (3 blocks) at a time.
+    let fake = Arc::new(Fake {
+        total_blocks: 4,
+        ..Fake::default()
+    });
+    let fleet = start(fake.clone(), 512);
+    let receivers: Vec<_> = (0..3)
+        .map(|i| fleet.submit(request(vec![10 + i; 40], 8)).expect("submit"))
+        .collect();
+    for (i, rx) in receivers.into_iter().enumerate() {
+        let want: Vec<u32> = (0..8).map(|k| expected_token(10 + i as u32, 40 + k)).collect();
+        assert_eq!(tokens(&events(rx)), want);
+    }
+    // One at a time: no step ever carried two sequences' prompts (each step ≤ 40 tokens).
+    let steps = fake.step_tokens.lock().expect("lock").clone();
+    assert!(steps.iter().all(|&n| n <= 40), "{steps:?}");
+    // A request that can never fit is refused, not queued forever.
+    let got = events(fleet.submit(request(vec![3; 100], 1)).expect("submit"));
+    assert!(matches!(&got[..], [GenerationEvent::Failed { message }] if message.contains("cache positions")));
+}
+
+#[test]
+fn a_failed_rank_fails_its_requests_and_serves_again_when_back() {
+    let fake = Arc::new(Fake {
+        total_blocks: 1000,
+        ..Fake::default()
+    });
+    let fleet = start(fake.clone(), 512);
+    fake.failing.store(true, Ordering::SeqCst);
+    let got = events(fleet.submit(request(vec![4; 5], 4)).expect("submit"));
+    assert!(
+        matches!(&got[..], [GenerationEvent::Failed { message }] if message.contains("fake rank is down")),
+        "{got:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fleet.health().ready {
+        assert!(Instant::now() < deadline, "the fleet stayed ready with its rank down");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(matches!(
+        fleet.submit(request(vec![4; 5], 4)),
+        Err(SubmitError::NotReady(_))
+    ));
+    fake.failing.store(false, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !fleet.health().ready {
+        assert!(Instant::now() < deadline, "the fleet did not recover");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let got = events(fleet.submit(request(vec![4; 5], 4)).expect("submit"));
+    let want: Vec<u32> = (0..4).map(|k| expected_token(4, 5 + k)).collect();
+    assert_eq!(tokens(&got), want);
+}
