@@ -6,6 +6,8 @@ pub mod v1 {
 
 pub use v1::*;
 
+use half::slice::HalfFloatSliceExt;
+
 /// Marks a routing slot that belongs to another shard.
 pub const OTHER_SHARD: u32 = u32::MAX;
 
@@ -49,7 +51,8 @@ impl Tensor {
         let data: Vec<u8> = match dtype {
             Dtype::F32 => bytemuck::cast_slice(values).to_vec(),
             Dtype::Bf16 => {
-                let halves: Vec<half::bf16> = values.iter().map(|&v| half::bf16::from_f32(v)).collect();
+                let mut halves = vec![half::bf16::ZERO; values.len()];
+                halves.convert_from_f32_slice(values);
                 bytemuck::cast_slice(&halves).to_vec()
             }
         };
@@ -87,11 +90,16 @@ impl Tensor {
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect(),
-            Dtype::Bf16 => self
-                .data
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-                .collect(),
+            Dtype::Bf16 => {
+                let halves: Vec<half::bf16> = self
+                    .data
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                    .collect();
+                let mut out = vec![0.0f32; halves.len()];
+                halves.convert_to_f32_slice(&mut out);
+                out
+            }
         })
     }
 }

@@ -9,6 +9,7 @@
 #   serve  `serve --device cuda` against `serve --device cpu`: concurrent greedy completions
 #   fleet  the fleet test suite (worker/tests/fleet.rs) with every rank on the GPU, then
 #          `bench-fleet --device cuda` (serve against a fleet of 1 attention rank + 2 expert shards)
+#   projection `bench-projection`: the full model's decode tok/s per GPU from measured parts
 #   profile the same with CUDA events around every launch, graphs off (where each step goes)
 #   peer   transformers on the same shapes (worker/bench/hf_gpu_peer.py), set beside ours
 # Logs and JSON go to $OUT (or target/gpu-out).
@@ -126,7 +127,12 @@ PY
         DSV3_WORKER="$bundle/dsv3-worker" DSV3_TEST_DEVICE=cuda "$bundle/fleet-tests" --test-threads 1 --nocapture \
             2>&1 | tee -a "$out/tests.log" || failed=1
         "$bundle/dsv3-worker" bench-fleet --device cuda --attention 1 --experts 2 --clients 16 --requests 2 \
-            ${FLEET_ARGS:-} --output "$out/bench-fleet.md" 2>&1 | tail -8
+            ${FLEET_ARGS:-} --output "$out/bench-fleet.md" 2>&1 | tail -8 || failed=1
+        ;;
+    projection)
+        # DeepSeek-V3 tok/s per GPU of A attention + E expert GPUs, from measured parts.
+        "$bundle/dsv3-worker" bench-projection ${PROJECTION_ARGS:-} --output "$out/projection.md" 2>&1 |
+            tee "$out/projection.log" | grep -v "^gRPC\|^expert shard\|^attention batch" || failed=1
         ;;
     profile)
         DSV3_CUDA_PROFILE=1 "$bundle/dsv3-worker" bench-cuda --reps 3 --batches 1,8,64,256 --out "$out/profile.json" \

@@ -98,6 +98,17 @@ fn start(mode: &str, args: &BenchFleetArgs) -> Result<Running> {
     bail!("{mode} did not become ready")
 }
 
+/// One completion; a refused one is an error carrying the server's message.
+fn complete(base: &str, body: Value) -> Result<Value> {
+    match ureq::post(&format!("{base}/v1/completions")).send_json(body) {
+        Ok(r) => Ok(r.into_json()?),
+        Err(ureq::Error::Status(code, r)) => {
+            bail!("{base}: status {code}: {}", r.into_string().unwrap_or_default())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn metric_sum(base: &str, name: &str) -> Result<f64> {
     let text = ureq::get(&format!("{base}/metrics")).call()?.into_string()?;
     Ok(text
@@ -124,7 +135,7 @@ fn run_load(mode: &str, args: &BenchFleetArgs) -> Result<Row> {
             .collect();
         json!({"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": true})
     };
-    ureq::post(&format!("{}/v1/completions", running.base)).send_json(body(0))?; // warm-up
+    complete(&running.base, body(0))?; // warm-up
     let (itl_sum0, itl_n0) = (
         metric_sum(&running.base, "dsv3_inter_token_latency_seconds_sum")?,
         metric_sum(&running.base, "dsv3_inter_token_latency_seconds_count")?,
@@ -139,9 +150,7 @@ fn run_load(mode: &str, args: &BenchFleetArgs) -> Result<Row> {
                 s.spawn(move || -> Result<usize> {
                     let mut n = 0;
                     for r in 0..args.requests {
-                        let v: Value = ureq::post(&format!("{base}/v1/completions"))
-                            .send_json(body(c * 100 + r + 1))?
-                            .into_json()?;
+                        let v = complete(&base, body(c * 100 + r + 1))?;
                         n += v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
                     }
                     Ok(n)

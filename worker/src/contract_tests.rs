@@ -46,7 +46,7 @@ fn planned_worker_containers_are_accepted_by_the_worker_cli() {
         let text = std::fs::read_to_string(&path).expect("read sample");
         for doc in serde_yaml::Deserializer::from_str(&text) {
             let value: serde_yaml::Value = serde::Deserialize::deserialize(doc).expect("yaml");
-            if value["kind"] != serde_yaml::Value::from("DeepSeekV3Deployment") {
+            if value["kind"].as_str() != Some("DeepSeekV3Deployment") {
                 continue;
             }
             let mut cr: DeepSeekV3Deployment = serde_yaml::from_value(value).expect("sample CR");

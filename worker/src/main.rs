@@ -3,6 +3,7 @@
 mod bench;
 mod bench_cuda;
 mod bench_fleet;
+mod bench_projection;
 #[cfg(test)]
 mod contract_tests;
 mod device;
@@ -32,6 +33,8 @@ enum Command {
     BenchCuda(bench_cuda::BenchCudaArgs),
     /// The same load against `serve` and a local multi-process fleet: tokens/s, step latency, transport.
     BenchFleet(bench_fleet::BenchFleetArgs),
+    /// DeepSeek-V3 decode tok/s per GPU of an attention/expert GPU fleet, projected from measured parts.
+    BenchProjection(bench_projection::BenchProjectionArgs),
     /// The whole fleet in one process: OpenAI-compatible HTTP API over an in-process engine.
     Serve(roles::ServeArgs),
     /// The HTTP front end and scheduler, driving remote attention ranks.
@@ -51,6 +54,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::BenchCuda(args) => bench_cuda::run(args),
         Command::BenchFleet(args) => bench_fleet::run(args),
+        Command::BenchProjection(args) => bench_projection::run(args),
         Command::Serve(args) => roles::serve(args),
         Command::Router(args) => roles::router(args),
         Command::Attention(args) => roles::attention(args),

@@ -129,7 +129,13 @@ impl Shapes {
 }
 
 /// Times decode steps of `batch` sequences at context `ctx`; returns (seconds, bytes, flops).
-fn decode(model: &mut CudaModel, batch: usize, ctx: usize, reps: usize, with_head: bool) -> Result<(f64, f64, f64)> {
+pub(crate) fn decode(
+    model: &mut CudaModel,
+    batch: usize,
+    ctx: usize,
+    reps: usize,
+    with_head: bool,
+) -> Result<(f64, f64, f64)> {
     let seqs: Vec<u64> = (0..batch as u64).collect();
     model.fill_cache_random(&seqs, ctx, 17)?;
     let tokens: Vec<[u32; 1]> = (0..batch).map(|i| [(i * 7919 % 120000 + 2) as u32]).collect();

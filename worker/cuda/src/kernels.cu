@@ -394,6 +394,9 @@ moe_plan(int* group_expert, int* offsets, int* x_rows, int* slot_of, unsigned* c
         atomicAdd(&counts[tid], (unsigned)c);
     }
     for (int g = active + tid; g <= groups; g += blockDim.x) offsets[g] = slots;
+    // Slots no pair took (pairs routed to another shard, padding rows) gather row 0: every slot's
+    // row is read by the cuBLAS path's gather, so none may hold a stale index.
+    for (int s = slots + tid; s < m * top_k; s += blockDim.x) x_rows[s] = 0;
     if (tid == 0) atomicAdd(touched, (unsigned)active);
     __syncthreads();
     // One warp hands out slots in pair order: lanes with the same expert rank themselves.

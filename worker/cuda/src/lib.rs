@@ -11,6 +11,7 @@ pub mod experts;
 pub mod gpu;
 pub mod linear;
 pub mod model;
+pub mod projection;
 pub mod weights;
 
 pub use experts::CudaExperts;

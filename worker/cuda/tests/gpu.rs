@@ -468,7 +468,9 @@ impl dsv3_engine::ExpertExecutor for Shards {
 /// experts), against the model holding every expert: prefill and teacher-forced decode of three
 /// sequences together, logits close on every row, greedy tokens equal wherever the whole model's
 /// top-2 margin is clear, the same tokens counted per layer, and the weights split between them.
-fn check_attention_with_shards(files: &ModelFiles, decode_steps: usize) {
+/// A first prompt of `long` tokens makes the prefill large enough (over 256 rows) that the shards
+/// send their big expert groups through cuBLAS, with half of every token's slots on the other shard.
+fn check_attention_with_shards(files: &ModelFiles, long: usize, decode_steps: usize) {
     use dsv3_engine::StepBackend;
     poison();
     let config = dsv3_engine::ModelConfig::from_model_files(files).expect("config");
@@ -495,7 +497,7 @@ fn check_attention_with_shards(files: &ModelFiles, decode_steps: usize) {
     );
     assert!(ms.weights < mw.weights && shard_bytes.iter().all(|&b| b > 0));
     let vocab = config.vocab_size as u32;
-    let prompts = [prompt(70, 21, vocab), prompt(9, 22, vocab), prompt(33, 23, vocab)];
+    let prompts = [prompt(long, 21, vocab), prompt(9, 22, vocab), prompt(33, 23, vocab)];
     let chunks: Vec<Chunk> = prompts
         .iter()
         .enumerate()
@@ -548,12 +550,12 @@ fn attention_with_expert_shards_matches_whole_model_tiny() {
     let root = std::env::var_os("DSV3_REPO_ROOT")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
-    check_attention_with_shards(&ModelFiles::Dir(root.join("tests/golden/tiny-fp8")), 24);
+    check_attention_with_shards(&ModelFiles::Dir(root.join("tests/golden/tiny-fp8")), 70, 24);
 }
 
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn attention_with_expert_shards_matches_whole_model_full_width() {
     let dir = full_width_checkpoint();
-    check_attention_with_shards(&ModelFiles::Dir(dir.path().to_path_buf()), 6);
+    check_attention_with_shards(&ModelFiles::Dir(dir.path().to_path_buf()), 300, 6);
 }

@@ -22,6 +22,10 @@ use tonic::{Request, Response, Status};
 
 /// Activations of a whole batch fit easily; the default 4 MiB does not for long prompts.
 const MAX_MESSAGE_BYTES: usize = 1 << 30;
+/// HTTP/2 flow-control windows. The 64 KiB default makes a multi-megabyte activation message
+/// wait a round trip per window; a layer's dispatch is up to tens of megabytes.
+const STREAM_WINDOW_BYTES: u32 = 32 << 20;
+const CONNECTION_WINDOW_BYTES: u32 = 64 << 20;
 
 fn internal(e: anyhow::Error) -> Status {
     Status::internal(format!("{e:#}"))
@@ -85,6 +89,8 @@ fn channel(address: &str) -> Result<Channel> {
         .with_context(|| format!("`{address}` is not a valid peer address"))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .connect_lazy())
 }
 
@@ -434,6 +440,8 @@ pub async fn serve_attention(
     reporter.set_serving::<AttentionServer<AttentionService>>().await;
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .add_service(health)
         .add_service(attention_server(rank))
         .serve_with_incoming_shutdown(incoming, shutdown)
@@ -451,6 +459,8 @@ pub async fn serve_expert(
     reporter.set_serving::<ExpertServer<ExpertService>>().await;
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .add_service(health)
         .add_service(server)
         .serve_with_incoming_shutdown(incoming, shutdown)

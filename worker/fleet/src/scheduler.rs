@@ -180,7 +180,7 @@ impl Backend for Fleet {
 
 /// What the metrics show of a rank's answer to a probe.
 fn rank_stats(rank: usize, info: &dsv3_proto::AttentionInfo) -> RankStats {
-    let memory = info.memory.clone().unwrap_or_default();
+    let memory = info.memory.unwrap_or_default();
     RankStats {
         rank,
         device: info.device.clone(),

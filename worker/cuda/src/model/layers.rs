@@ -145,7 +145,8 @@ impl Layer {
         })
     }
 
-    pub(super) fn random(gpu: &Gpu, c: &ModelConfig, index: usize, seed: u64) -> Result<Self> {
+    /// Random FP8 weights made on the GPU; the routed experts of a MoE layer only `with_experts`.
+    pub(super) fn random(gpu: &Gpu, c: &ModelConfig, index: usize, seed: u64, with_experts: bool) -> Result<Self> {
         let h = c.hidden_size;
         let (heads, qk) = (c.num_attention_heads, c.qk_head_dim());
         let f8 = Format::Fp8;
@@ -190,13 +191,17 @@ impl Layer {
                 router: DeviceMatrix::random(gpu, c.n_routed_experts, h, Format::Bf16, seed + 50)?,
                 bias: random_vector(gpu, c.n_routed_experts, -0.01, 0.01, seed + 51)?,
                 shared,
-                experts: Some(ExpertBank::random(
-                    gpu,
-                    c.n_routed_experts,
-                    h,
-                    c.moe_intermediate_size,
-                    seed + 52,
-                )?),
+                experts: if with_experts {
+                    Some(ExpertBank::random(
+                        gpu,
+                        c.n_routed_experts,
+                        h,
+                        c.moe_intermediate_size,
+                        seed + 52,
+                    )?)
+                } else {
+                    None
+                },
             }))
         } else {
             Ffn::Dense(Box::new(mlp(c.intermediate_size)?))

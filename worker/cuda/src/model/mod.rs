@@ -22,7 +22,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 pub use attention::NAIVE_MIN_ROWS;
-pub(crate) use moe::{run_bank, BankCounters, ExpertKernels, MoeStats};
+pub use moe::ExpertKernels;
+pub(crate) use moe::{run_bank, BankCounters, MoeStats};
 
 /// Routed experts reached from the host (remote shards): what an attention rank's model holds
 /// instead of the expert weights.
@@ -100,17 +101,30 @@ impl CudaModel {
     /// Random FP8 weights made on the GPU (bf16 embedding and head, as the official checkpoint),
     /// for benchmarks at full width.
     pub fn random(config: ModelConfig, ordinal: usize, cache_tokens: usize, seed: u64) -> Result<Self> {
+        Self::random_with(config, ordinal, cache_tokens, seed, None)
+    }
+
+    /// [`CudaModel::random`] whose routed experts are reached through `experts` when given
+    /// (the attention side of a fleet), not made on the GPU.
+    pub fn random_with(
+        config: ModelConfig,
+        ordinal: usize,
+        cache_tokens: usize,
+        seed: u64,
+        experts: Option<HostExperts>,
+    ) -> Result<Self> {
         let gpu = Gpu::open(ordinal)?;
         let h = config.hidden_size;
         let embed = DeviceMatrix::random(&gpu, config.vocab_size, h, Format::Bf16, seed)?;
         let head = DeviceMatrix::random(&gpu, config.vocab_size, h, Format::Bf16, seed + 1)?;
         let mut layers = Vec::new();
         for l in 0..config.num_hidden_layers {
-            layers.push(Layer::random(&gpu, &config, l, seed + 100 * (l as u64 + 1))?);
+            let layer_seed = seed + 100 * (l as u64 + 1);
+            layers.push(Layer::random(&gpu, &config, l, layer_seed, experts.is_none())?);
         }
         let norm = random_vector(&gpu, h, 0.8, 1.2, seed + 2)?;
         gpu.sync()?;
-        Self::assemble(gpu, config, embed, layers, norm, head, cache_tokens, None)
+        Self::assemble(gpu, config, embed, layers, norm, head, cache_tokens, experts)
     }
 
     #[allow(clippy::too_many_arguments)]
