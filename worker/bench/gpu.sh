@@ -118,7 +118,7 @@ for i, (a, b) in enumerate(zip(cpu, gpu)):
         print(f"prompt {i}: first different token at {k}; the CPU's top-2 logprob margin there: {margin}")
 PY
         kill %1 %2 2>/dev/null || true
-        grep -h "serving on" /tmp/serve-cuda.log || tail -5 /tmp/serve-cuda.log
+        grep -h "memory on" /tmp/serve-cuda.log || tail -5 /tmp/serve-cuda.log
         ;;
     fleet)
         # serve and a fleet (2 attention ranks + 3 expert shards, all on this GPU) give the tokens of

@@ -8,7 +8,8 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use dsv3_engine::{ExpertExecutor, MemoryUse, TokenRoutes};
+use dsv3_cuda::projection::{uniform_routes, NoExperts};
+use dsv3_engine::{ExpertExecutor, MemoryUse};
 use dsv3_fleet::grpc::{self, Dtype, RemoteExperts};
 use dsv3_fleet::{ExpertBackend, PlacementPlan};
 use std::collections::BTreeMap;
@@ -45,43 +46,6 @@ pub struct BenchProjectionArgs {
     output: Option<std::path::PathBuf>,
 }
 
-/// An expert shard that answers zeros at once: only the transport is left to time.
-struct NoExperts;
-
-impl ExpertExecutor for NoExperts {
-    fn routed_experts(&self, _layer: usize, x: &[f32], _routes: &TokenRoutes) -> Result<Vec<f32>> {
-        Ok(vec![0.0; x.len()])
-    }
-}
-
-/// Top-k routes of `tokens` tokens over 256 experts, uniform, from a fixed seed.
-fn uniform_routes(tokens: usize, seed: u64) -> TokenRoutes {
-    let mut state = seed | 1;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    let mut routes = TokenRoutes {
-        k: TOP_K,
-        ..TokenRoutes::default()
-    };
-    for _ in 0..tokens {
-        let mut chosen: Vec<u32> = Vec::new();
-        while chosen.len() < TOP_K {
-            let e = (next() % EXPERTS as u64) as u32;
-            if !chosen.contains(&e) {
-                chosen.push(e);
-            }
-        }
-        chosen.sort_unstable();
-        routes.experts.extend(&chosen);
-        routes.weights.extend([0.3f32; TOP_K]);
-    }
-    routes
-}
-
 /// Seconds and activation bytes (both ways) of one MoE layer's dispatch and combine for `batch`
 /// tokens over `shards` expert servers on loopback (median of `reps`).
 fn transfer(rt: &tokio::runtime::Runtime, shards: usize, batch: usize, reps: usize) -> Result<(f64, f64)> {
@@ -106,7 +70,7 @@ fn transfer(rt: &tokio::runtime::Runtime, shards: usize, batch: usize, reps: usi
         Duration::from_secs(30),
         Dtype::Bf16,
     )?;
-    let routes = uniform_routes(batch, 0x5eed ^ batch as u64);
+    let routes = uniform_routes(batch, EXPERTS, TOP_K, 0x5eed ^ batch as u64);
     let x: Vec<f32> = (0..batch * HIDDEN).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect();
     let deadline = Instant::now() + Duration::from_secs(10);
     while remote.ready().is_err() {
@@ -144,7 +108,26 @@ impl Candidate {
     fn tokens_per_gpu(&self) -> f64 {
         (self.attention * self.batch) as f64 / self.tpot / (self.attention + self.experts) as f64
     }
+
+    /// Its row in the projection tables.
+    fn row(&self) -> String {
+        format!(
+            "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} |\n",
+            self.attention,
+            self.experts,
+            self.batch,
+            self.attention_s * 1e3,
+            self.shard_s * MOE_LAYERS as f64 * 1e3,
+            self.transfer_s * MOE_LAYERS as f64 * 1e3,
+            self.tpot * 1e3,
+            self.tokens_per_gpu()
+        )
+    }
 }
+
+const CANDIDATE_HEADER: &str =
+    "| A | E | batch per rank | attention ms | 58 × shard ms | 58 × transfer ms | TPOT ms | tok/s per GPU |\n\
+                                |---:|---:|---:|---:|---:|---:|---:|---:|\n";
 
 pub fn run(args: BenchProjectionArgs) -> Result<()> {
     if let Err(why) = dsv3_cuda::device_status() {
@@ -180,7 +163,8 @@ pub fn run(args: BenchProjectionArgs) -> Result<()> {
             for &b in &args.batches {
                 let tokens = a * b;
                 if let std::collections::btree_map::Entry::Vacant(v) = shard_times.entry((e, tokens)) {
-                    let t = shard.layer_seconds(tokens, reps)?;
+                    let routes = uniform_routes(tokens, EXPERTS, TOP_K, 0x9e37 ^ tokens as u64);
+                    let t = shard.layer_seconds(&routes, reps)?;
                     eprintln!(
                         "expert shard of {held} experts, {tokens} tokens ({} received): {:.3} ms",
                         t.1,
@@ -241,21 +225,11 @@ pub fn run(args: BenchProjectionArgs) -> Result<()> {
     candidates.sort_by(|x, y| y.tokens_per_gpu().total_cmp(&x.tokens_per_gpu()));
     out += &format!(
         "\nModelled: time per output token = attention step + {MOE_LAYERS} × (shard layer + transfer), no overlap; \
-         best splits within {:.0} ms:\n\n| A | E | batch per rank | attention ms | {MOE_LAYERS} × shard ms | {MOE_LAYERS} × transfer ms | TPOT ms | tok/s per GPU |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         best splits within {:.0} ms:\n\n{CANDIDATE_HEADER}",
         TPOT_BOUND_S * 1e3
     );
     for c in candidates.iter().filter(|c| c.tpot <= TPOT_BOUND_S).take(8) {
-        out += &format!(
-            "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} |\n",
-            c.attention,
-            c.experts,
-            c.batch,
-            c.attention_s * 1e3,
-            c.shard_s * MOE_LAYERS as f64 * 1e3,
-            c.transfer_s * MOE_LAYERS as f64 * 1e3,
-            c.tpot * 1e3,
-            c.tokens_per_gpu()
-        );
+        out += &c.row();
     }
     if !candidates.iter().any(|c| c.tpot <= TPOT_BOUND_S) {
         out += "| – | – | – | – | – | – | none within the bound | – |\n";
@@ -264,21 +238,10 @@ pub fn run(args: BenchProjectionArgs) -> Result<()> {
     // throughput at any latency.
     let mut fastest: Vec<&Candidate> = candidates.iter().collect();
     fastest.sort_by(|x, y| x.tpot.total_cmp(&y.tpot));
-    out += "\nModelled, at any latency: the lowest TPOT, then the best throughput per GPU:\n\n\
-            | A | E | batch per rank | attention ms | 58 × shard ms | 58 × transfer ms | TPOT ms | tok/s per GPU |\n\
-            |---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    out += "\nModelled, at any latency: the lowest TPOT, then the best throughput per GPU:\n\n";
+    out += CANDIDATE_HEADER;
     for c in fastest.iter().copied().take(1).chain(candidates.iter().take(3)) {
-        out += &format!(
-            "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} |\n",
-            c.attention,
-            c.experts,
-            c.batch,
-            c.attention_s * 1e3,
-            c.shard_s * MOE_LAYERS as f64 * 1e3,
-            c.transfer_s * MOE_LAYERS as f64 * 1e3,
-            c.tpot * 1e3,
-            c.tokens_per_gpu()
-        );
+        out += &c.row();
     }
     out += "\nPublished, for comparison: DeepSeek-V3 2,324 tok/s per Hopper GPU (Step-3 paper; 4K context, FP8, no MTP, 50 ms TPOT); \
             DeepSeek's own 1,850 tok/s per H800; vLLM wide-EP about 2,200 per H200.\n";

@@ -33,13 +33,16 @@ impl DeviceArg {
     }
 }
 
+/// The GPU a process runs on: the first it sees (`CUDA_VISIBLE_DEVICES` picks it; the fleet
+/// launcher and Kubernetes set that).
+const GPU: usize = 0;
+
 /// An attention rank's model on `device` with a cache of `cache_tokens` positions. With
 /// `experts`, the routed experts are reached through them and not loaded here; without, every
 /// routed expert is loaded (the whole model in one process).
 pub fn load_backend(
     files: &ModelFiles,
     device: DeviceArg,
-    ordinal: usize,
     experts: Option<Arc<dyn ExpertBackend>>,
     cache_tokens: usize,
 ) -> Result<Box<dyn StepBackend>> {
@@ -49,7 +52,7 @@ pub fn load_backend(
         let host = experts.map(|e| e as dsv3_cuda::HostExperts);
         Box::new(dsv3_cuda::CudaModel::load(
             files,
-            ordinal,
+            GPU,
             cache_tokens,
             host,
             &mut |done, _| report(done),
@@ -83,17 +86,12 @@ pub fn load_backend(
 
 /// An expert shard's experts `held` (of every MoE layer) on `device`, with the device's name and
 /// the memory they hold.
-pub fn load_shard(
-    files: &ModelFiles,
-    device: DeviceArg,
-    ordinal: usize,
-    held: &[u32],
-) -> Result<(ShardExperts, String, MemoryUse)> {
+pub fn load_shard(files: &ModelFiles, device: DeviceArg, held: &[u32]) -> Result<(ShardExperts, String, MemoryUse)> {
     let config = ModelConfig::from_model_files(files)?;
     let layers = config.routed_expert_layers().len();
     let mut report = progress::layer_reporter(files.describe(), layers);
     let (experts, name, memory): (ShardExperts, String, MemoryUse) = if device.use_cuda()? {
-        let shard = dsv3_cuda::CudaExperts::load(files, ordinal, held, &mut |done, _| report(done))?;
+        let shard = dsv3_cuda::CudaExperts::load(files, GPU, held, &mut |done, _| report(done))?;
         let (name, memory) = (shard.device(), shard.memory());
         (Arc::new(shard), name, memory)
     } else {

@@ -98,7 +98,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         if !matches!(args.mla, MlaArg::Auto) {
             bail!("--mla applies to the CPU backend; the CUDA backend always runs MLA in both forms (auto)");
         }
-        let mut backend = load_backend(&files, DeviceArg::Cuda, 0, None, cache_tokens)?;
+        let mut backend = load_backend(&files, DeviceArg::Cuda, None, cache_tokens)?;
         let options = BatchOptions {
             max_step_tokens: GPU_STEP_TOKENS,
             vocab_limit: None,

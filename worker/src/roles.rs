@@ -246,7 +246,7 @@ fn scheduler_config(http: &HttpArgs) -> SchedulerConfig {
 
 pub fn serve(args: ServeArgs) -> Result<()> {
     let files = model_source::resolve(args.model.model.clone());
-    let backend = load_backend(&files, args.device, 0, None, args.cache_tokens)?;
+    let backend = load_backend(&files, args.device, None, args.cache_tokens)?;
     let config = backend.config().clone();
     let rank: Arc<dyn AttentionRank> = Arc::new(LocalAttention::new(0, backend, None));
     let fleet = Fleet::start(config, vec![rank], scheduler_config(&args.http));
@@ -294,7 +294,7 @@ pub fn attention(args: AttentionArgs) -> Result<()> {
         args.activation_dtype.resolve(on_gpu),
     )?);
     let device = if on_gpu { DeviceArg::Cuda } else { DeviceArg::Cpu };
-    let backend = load_backend(&files, device, 0, Some(experts.clone()), args.cache_tokens)
+    let backend = load_backend(&files, device, Some(experts.clone()), args.cache_tokens)
         .with_context(|| format!("loading attention rank {}", args.rank))?;
     let rank = LocalAttention::new(args.rank, backend, Some(experts));
     rt.block_on(async {
@@ -327,7 +327,7 @@ pub fn expert(args: ExpertArgs) -> Result<()> {
             )
         })?
         .clone();
-    let (experts, device, memory) = load_shard(&files, args.device, 0, &held)?;
+    let (experts, device, memory) = load_shard(&files, args.device, &held)?;
     let server = grpc::expert_server(args.rank, experts, &plan, device, memory)?;
     runtime()?.block_on(async {
         let listener = tokio::net::TcpListener::bind((args.listen.host.as_str(), args.listen.port))

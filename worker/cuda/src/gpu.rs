@@ -89,16 +89,23 @@ pub fn compile_kernels(arch: &'static str) -> Result<Ptx> {
     compile_ptx_with_opts(KERNEL_SOURCE, opts).map_err(|e| anyhow!("compiling the CUDA kernels failed: {e}"))
 }
 
+/// The device's default memory pool, where stream-ordered allocations come from.
+fn default_pool(ctx: &CudaContext) -> Result<drv_sys::CUmemoryPool> {
+    let mut pool: drv_sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: a plain driver call on the context's device with a valid out-pointer.
+    unsafe { drv_sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
+        .result()
+        .context("reading the default memory pool")?;
+    Ok(pool)
+}
+
 /// Steps allocate their temporaries from the stream-ordered pool; by default the pool returns
 /// memory to the driver at every synchronisation, so each step would map it again. Keep it.
 fn keep_pool_memory(ctx: &CudaContext) -> Result<()> {
-    let mut pool: drv_sys::CUmemoryPool = std::ptr::null_mut();
+    let pool = default_pool(ctx)?;
     let mut threshold = u64::MAX;
-    // SAFETY: plain driver calls on the context's device with valid out-pointers.
+    // SAFETY: a plain driver call on a valid pool with a valid in-pointer.
     unsafe {
-        drv_sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
-            .result()
-            .context("reading the default memory pool")?;
         drv_sys::cuMemPoolSetAttribute(
             pool,
             drv_sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
@@ -249,13 +256,10 @@ impl Gpu {
     /// Bytes this process holds in the device's memory pool, where every [`Gpu::alloc`] comes
     /// from (freed buffers stay reserved for reuse).
     pub fn pool_reserved(&self) -> Result<u64> {
-        let mut pool: drv_sys::CUmemoryPool = std::ptr::null_mut();
+        let pool = default_pool(&self.ctx)?;
         let mut reserved = 0u64;
-        // SAFETY: plain driver calls on the context's device with valid out-pointers.
+        // SAFETY: a plain driver call on a valid pool with a valid out-pointer.
         unsafe {
-            drv_sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device())
-                .result()
-                .context("reading the default memory pool")?;
             drv_sys::cuMemPoolGetAttribute(
                 pool,
                 drv_sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,

@@ -11,14 +11,43 @@ use anyhow::Result;
 use dsv3_engine::{ExpertExecutor, TokenRoutes};
 use std::sync::Arc;
 
-/// Routed experts that answer zeros at once: what is left is the attention side of a MoE layer
-/// (gate, shared expert, the rows to and from the host).
-struct NoExperts;
+/// Routed experts that answer zeros at once: what is left to time is the attention side of a MoE
+/// layer (gate, shared expert, the rows to and from the host), or the transport to such shards.
+pub struct NoExperts;
 
 impl ExpertExecutor for NoExperts {
     fn routed_experts(&self, _layer: usize, x: &[f32], _routes: &TokenRoutes) -> Result<Vec<f32>> {
         Ok(vec![0.0; x.len()])
     }
+}
+
+/// Top-`k` routes of `tokens` tokens over `experts` experts, uniform and distinct per token (in
+/// ascending order), from a fixed seed.
+pub fn uniform_routes(tokens: usize, experts: u32, k: usize, seed: u64) -> TokenRoutes {
+    let mut state = seed | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut routes = TokenRoutes {
+        k,
+        ..TokenRoutes::default()
+    };
+    for _ in 0..tokens {
+        let mut chosen: Vec<u32> = Vec::new();
+        while chosen.len() < k {
+            let e = (next() % experts as u64) as u32;
+            if !chosen.contains(&e) {
+                chosen.push(e);
+            }
+        }
+        chosen.sort_unstable();
+        routes.experts.extend(&chosen);
+        routes.weights.extend(std::iter::repeat_n(0.3f32, k));
+    }
+    routes
 }
 
 /// An attention rank's decode step at one batch, in seconds.
@@ -93,32 +122,17 @@ impl ShardBench {
         })
     }
 
-    /// Seconds for one MoE layer of `tokens` tokens, each routed to 8 of 256 experts at random,
-    /// of which this shard holds experts `0..held`: the rows it receives are the tokens with at
-    /// least one of its experts.
-    pub fn layer_seconds(&self, tokens: usize, reps: usize) -> Result<(f64, usize)> {
-        let (k, n_global) = (8, 256u64);
-        let mut state = 0x9e3779b97f4a7c15u64 ^ tokens as u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+    /// Seconds for one MoE layer of the tokens of `routes` (global expert ids) that this shard,
+    /// holding experts `0..held`, receives: those with at least one of its experts. Returns the
+    /// seconds and the rows received.
+    pub fn layer_seconds(&self, routes: &TokenRoutes, reps: usize) -> Result<(f64, usize)> {
+        let k = routes.k;
+        let held = |e: u32| (e as usize) < self.bank.experts;
         let (mut ids, mut weights) = (Vec::new(), Vec::new());
-        for _ in 0..tokens {
-            let mut chosen: Vec<u64> = Vec::new();
-            while chosen.len() < k {
-                let e = next() % n_global;
-                if !chosen.contains(&e) {
-                    chosen.push(e);
-                }
-            }
-            if chosen.iter().any(|&e| (e as usize) < self.bank.experts) {
-                for e in chosen {
-                    ids.push(if (e as usize) < self.bank.experts { e as i32 } else { -1 });
-                    weights.push(0.3f32);
-                }
+        for (experts, w) in routes.experts.chunks_exact(k).zip(routes.weights.chunks_exact(k)) {
+            if experts.iter().any(|&e| held(e)) {
+                ids.extend(experts.iter().map(|&e| if held(e) { e as i32 } else { -1 }));
+                weights.extend_from_slice(w);
             }
         }
         let m = ids.len() / k;

@@ -41,15 +41,6 @@ pub struct TransportTotals {
     pub layers: u64,
 }
 
-impl ExpertBackend for dsv3_engine::LocalExperts {
-    fn ready(&self) -> Result<(), String> {
-        Ok(())
-    }
-    fn placement_version(&self) -> String {
-        "local".into()
-    }
-}
-
 struct RankState {
     backend: Box<dyn StepBackend>,
     samplers: HashMap<u64, Sampler>,
@@ -67,7 +58,7 @@ pub struct LocalAttention {
     state: Mutex<RankState>,
 }
 
-pub fn sampling_params(spec: &SamplingSpec) -> SamplingParams {
+fn sampling_params(spec: &SamplingSpec) -> SamplingParams {
     SamplingParams {
         temperature: spec.temperature,
         top_k: spec.top_k as usize,
@@ -168,7 +159,7 @@ pub fn memory_report(m: MemoryUse) -> dsv3_proto::MemoryReport {
 }
 
 /// The model chunks of a step's items: logits at the last position of the items that sample.
-pub fn step_chunks(items: &[StepItem]) -> Vec<Chunk<'_>> {
+fn step_chunks(items: &[StepItem]) -> Vec<Chunk<'_>> {
     items
         .iter()
         .map(|item| {
@@ -183,7 +174,7 @@ pub fn step_chunks(items: &[StepItem]) -> Vec<Chunk<'_>> {
 }
 
 /// Per-layer token counts of the routed experts, as the reply reports them.
-pub fn expert_load(counts: ExpertCounts) -> Vec<LayerLoad> {
+fn expert_load(counts: ExpertCounts) -> Vec<LayerLoad> {
     counts
         .into_iter()
         .map(|(layer, tokens_per_expert)| LayerLoad {
@@ -195,7 +186,7 @@ pub fn expert_load(counts: ExpertCounts) -> Vec<LayerLoad> {
 
 /// Samples the next token of every item that asks for one, from its output logits, with the
 /// sequence's own sampler (created on first use), plus log-probabilities when asked.
-pub fn sample_outputs(
+fn sample_outputs(
     samplers: &mut HashMap<u64, Sampler>,
     items: &[StepItem],
     outputs: Vec<ChunkOutput>,
