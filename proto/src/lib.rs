@@ -6,7 +6,14 @@ pub mod v1 {
 
 pub use v1::*;
 
-use half::slice::HalfFloatSliceExt;
+/// `v` as bf16 bits, rounded to nearest even; NaN stays NaN.
+fn bf16_bits(v: f32) -> u16 {
+    let bits = v.to_bits();
+    if bits & 0x7fff_ffff > 0x7f80_0000 {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+}
 
 /// Marks a routing slot that belongs to another shard.
 pub const OTHER_SHARD: u32 = u32::MAX;
@@ -50,9 +57,10 @@ impl Tensor {
     pub fn from_f32_as(shape: &[usize], values: &[f32], dtype: Dtype) -> Self {
         let data: Vec<u8> = match dtype {
             Dtype::F32 => bytemuck::cast_slice(values).to_vec(),
+            // Straight-line bit arithmetic (the compiler vectorises it): a layer's dispatch
+            // converts tens of millions of values.
             Dtype::Bf16 => {
-                let mut halves = vec![half::bf16::ZERO; values.len()];
-                halves.convert_from_f32_slice(values);
+                let halves: Vec<u16> = values.iter().map(|&v| bf16_bits(v)).collect();
                 bytemuck::cast_slice(&halves).to_vec()
             }
         };
@@ -90,16 +98,11 @@ impl Tensor {
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect(),
-            Dtype::Bf16 => {
-                let halves: Vec<half::bf16> = self
-                    .data
-                    .chunks_exact(2)
-                    .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
-                    .collect();
-                let mut out = vec![0.0f32; halves.len()];
-                halves.convert_to_f32_slice(&mut out);
-                out
-            }
+            Dtype::Bf16 => self
+                .data
+                .chunks_exact(2)
+                .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
+                .collect(),
         })
     }
 }
@@ -122,6 +125,37 @@ mod tests {
             ..t
         };
         assert!(f16.to_f32().unwrap_err().contains("`f16` is not supported"));
+    }
+
+    #[test]
+    fn bf16_rounding_matches_the_half_crate() {
+        let mut values = vec![
+            0.0f32,
+            -0.0,
+            1.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+        ];
+        let mut state = 0x2545f4914f6cdd1du64;
+        for _ in 0..100_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            values.push(f32::from_bits(state as u32));
+        }
+        for v in values {
+            let want = half::bf16::from_f32(v);
+            let got = half::bf16::from_bits(bf16_bits(v));
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{v:e}: {:#06x} vs {:#06x}",
+                got.to_bits(),
+                want.to_bits()
+            );
+        }
     }
 
     #[test]

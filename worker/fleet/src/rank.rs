@@ -186,11 +186,7 @@ fn expert_load(counts: ExpertCounts) -> Vec<LayerLoad> {
 
 /// Samples the next token of every item that asks for one, from its output logits, with the
 /// sequence's own sampler (created on first use), plus log-probabilities when asked.
-fn sample_outputs(
-    samplers: &mut HashMap<u64, Sampler>,
-    items: &[StepItem],
-    outputs: Vec<ChunkOutput>,
-) -> Vec<Sampled> {
+fn sample_outputs(samplers: &mut HashMap<u64, Sampler>, items: &[StepItem], outputs: Vec<ChunkOutput>) -> Vec<Sampled> {
     let mut sampled_all = Vec::new();
     for (item, output) in items.iter().zip(outputs) {
         let Some(spec) = &item.sample else { continue };
