@@ -237,7 +237,7 @@ impl CudaModel {
         } = MlaDims::of(&self.config);
         let kvb = &layer.attn.kv_b;
         let aligned = nope % 128 == 0 && vdim % 128 == 0 && lora % 128 == 0;
-        if kvb.format == Format::Fp8 && aligned && !self.simt_linear {
+        if kvb.format == Format::Fp8 && aligned && !self.kernels.simt_linear {
             let ob = g.to_bf16(o_lat.addr, m * heads * lora)?;
             let (name, tile) = match m {
                 0..=8 => ("mla_absorb_out_mma_n1", 8),

@@ -60,10 +60,9 @@ pub struct CudaModel {
     use_graphs: bool,
     /// Use the CUDA-core attention kernel instead of the tensor-core one (DSV3_MLA_SIMT=1).
     simt_attention: bool,
-    /// Kernel choices for the routed experts (DSV3_LINEAR_SIMT, DSV3_EXPERT_CUBLAS_ROWS).
+    /// Kernel choices: CUDA-core GEMVs for every FP8 product (DSV3_LINEAR_SIMT=1), and the routed
+    /// rows above which a large step's expert goes to cuBLAS (DSV3_EXPERT_CUBLAS_ROWS).
     kernels: ExpertKernels,
-    /// Use the CUDA-core GEMV kernels for FP8 weights at every batch (DSV3_LINEAR_SIMT=1).
-    simt_linear: bool,
 }
 
 impl CudaModel {
@@ -193,7 +192,6 @@ impl CudaModel {
             graphs: HashMap::new(),
             use_graphs,
             simt_attention: std::env::var_os("DSV3_MLA_SIMT").is_some_and(|v| v != "0"),
-            simt_linear: kernels.simt_linear,
             kernels,
         })
     }
@@ -552,7 +550,17 @@ impl CudaModel {
 
     /// `y[m, w.rows] (+)= x[m, w.cols] · wᵀ` (x contiguous, y with row stride ldy).
     fn linear(&self, y: u64, ldy: usize, x: u64, m: usize, w: &DeviceMatrix, accumulate: bool) -> Result<()> {
-        crate::linear::linear(&self.gpu, &self.dequant, self.simt_linear, y, ldy, x, m, w, accumulate)
+        crate::linear::linear(
+            &self.gpu,
+            &self.dequant,
+            self.kernels.simt_linear,
+            y,
+            ldy,
+            x,
+            m,
+            w,
+            accumulate,
+        )
     }
 
     fn layer_forward(

@@ -22,10 +22,11 @@ const EXPERT_LANES: usize = 8;
 /// (default; DSV3_EXPERT_CUBLAS_ROWS sets it).
 pub(super) const GROUPED_MAX_ROWS: usize = 64;
 
-/// How the routed experts of a step run on the tensor cores or through cuBLAS.
+/// Which kernels run the FP8 products: the CUDA-core GEMVs instead of the tensor cores, and, for
+/// the routed experts, cuBLAS for large groups.
 #[derive(Clone, Copy, Debug)]
 pub struct ExpertKernels {
-    /// Use the CUDA-core GEMV kernels at every batch (DSV3_LINEAR_SIMT=1).
+    /// Use the CUDA-core GEMV kernels at every batch, for every FP8 product (DSV3_LINEAR_SIMT=1).
     pub simt_linear: bool,
     /// Routed rows above which an expert of a large step runs through cuBLAS.
     pub cublas_rows: usize,
