@@ -98,12 +98,17 @@ fn start(fake: Arc<Fake>, max_step_tokens: usize) -> Arc<Fleet> {
         probe_interval: Duration::from_millis(20),
     };
     let fleet = Fleet::start(config(), vec![fake as Arc<dyn AttentionRank>], options);
+    wait_for(|| fleet.health().ready, "the fleet to become ready");
+    fleet
+}
+
+/// Polls `done` for up to five seconds; fails naming `what` it waited for.
+fn wait_for(mut done: impl FnMut() -> bool, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !fleet.health().ready {
-        assert!(Instant::now() < deadline, "the fleet never became ready");
+    while !done() {
+        assert!(Instant::now() < deadline, "waited 5 s for {what}");
         std::thread::sleep(Duration::from_millis(5));
     }
-    fleet
 }
 
 fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
@@ -165,16 +170,12 @@ fn requests_batch_under_the_token_budget_and_get_their_own_tokens() {
     // The long prompt is prefilled in chunks beside the others' decode steps.
     assert!(steps.iter().filter(|&&n| n == 64).count() >= 4, "{steps:?}");
     // Released right after the last event is sent.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let mut released = fake.released.lock().expect("lock").clone();
-        released.sort_unstable();
-        if released == [1, 2, 3] {
-            break;
-        }
-        assert!(Instant::now() < deadline, "released only {released:?}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let released = || {
+        let mut seqs = fake.released.lock().expect("lock").clone();
+        seqs.sort_unstable();
+        seqs
+    };
+    wait_for(|| released() == [1, 2, 3], "every finished sequence to be released");
 }
 
 #[test]
@@ -237,21 +238,13 @@ fn a_failed_rank_fails_its_requests_and_serves_again_when_back() {
         matches!(&got[..], [GenerationEvent::Failed { message }] if message.contains("fake rank is down")),
         "{got:?}"
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while fleet.health().ready {
-        assert!(Instant::now() < deadline, "the fleet stayed ready with its rank down");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for(|| !fleet.health().ready, "the fleet to report its rank down");
     assert!(matches!(
         fleet.submit(request(vec![4; 5], 4)),
         Err(SubmitError::NotReady(_))
     ));
     fake.failing.store(false, Ordering::SeqCst);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !fleet.health().ready {
-        assert!(Instant::now() < deadline, "the fleet did not recover");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for(|| fleet.health().ready, "the fleet to recover");
     let got = events(fleet.submit(request(vec![4; 5], 4)).expect("submit"));
     let want: Vec<u32> = (0..4).map(|k| expected_token(4, 5 + k)).collect();
     assert_eq!(tokens(&got), want);
