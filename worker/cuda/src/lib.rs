@@ -3,7 +3,8 @@
 //! CUDA is loaded at run time (cudarc `dynamic-loading`), so the one `dsv3-worker` binary runs on
 //! machines without it; [`device_status`] says whether a GPU can be used before anything touches
 //! the driver. Kernels are CUDA C in `kernels.cu`, compiled by NVRTC at start-up; large products
-//! go through cuBLAS on bf16.
+//! go through cuBLAS on bf16. [`CudaModel`] is a [`dsv3_engine::StepBackend`] whose routed experts
+//! are on the GPU or reached through an executor; [`CudaExperts`] is an expert shard on the GPU.
 
 pub mod bench;
 pub mod cache;
