@@ -1,6 +1,6 @@
 //! An expert shard on the GPU: the routed experts the placement plan gives it, for every MoE
 //! layer, in FP8 as the checkpoint stores them, run with the same grouped kernels as the whole
-//! model ([`run_bank`]). Requests of several attention ranks for the same layer that arrive
+//! model (`run_bank`). Requests of several attention ranks for the same layer that arrive
 //! while the GPU is busy are run together, so each expert streams its weights once for all.
 
 use crate::gpu::Gpu;
