@@ -34,7 +34,8 @@ impl Dtype {
         }
     }
 
-    fn bytes(self) -> u64 {
+    /// Bytes per element.
+    pub fn bytes(self) -> u64 {
         match self {
             Dtype::F32 => 4,
             Dtype::Bf16 => 2,

@@ -3,11 +3,13 @@
 //! expert shards) and an expert shard's experts.
 
 use crate::progress;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
-use dsv3_engine::{Checkpoint, ExpertSelection, LocalExperts, MemoryUse, ModelConfig, ModelFiles, StepBackend};
+use dsv3_engine::{
+    Checkpoint, CpuBackend, EngineOptions, ExpertSelection, LocalExperts, MemoryUse, Model, ModelConfig, ModelFiles,
+    StepBackend,
+};
 use dsv3_fleet::grpc::ShardExperts;
-use dsv3_fleet::rank::load_cpu_backend;
 use dsv3_fleet::ExpertBackend;
 use std::sync::Arc;
 
@@ -58,25 +60,24 @@ pub fn load_backend(
             &mut |done, _| report(done),
         )?)
     } else {
+        let expert_layers = if experts.is_some() {
+            0
+        } else {
+            config.routed_expert_layers().len()
+        };
+        let mut report = progress::layer_reporter(files.describe(), config.num_cache_layers() + expert_layers);
+        let block = EngineOptions::default().block_size;
         match experts {
             Some(remote) => {
-                let mut report = progress::layer_reporter(files.describe(), config.num_cache_layers());
-                Box::new(load_cpu_backend(files, remote, cache_tokens, &mut report)?)
+                let model = Model::load(files, &mut report).context("loading the attention model")?;
+                Box::new(CpuBackend::new(model, remote, 0, cache_tokens, block))
             }
             None => {
-                let layers = config.num_cache_layers() + config.routed_expert_layers().len();
-                let mut report = progress::layer_reporter(files.describe(), layers);
                 let ckpt = Checkpoint::open(files)?;
                 let local = LocalExperts::load(&ckpt, &config, &ExpertSelection::All, &mut report)?;
                 let bytes = local.weight_bytes();
-                let model = dsv3_engine::Model::load(files, &mut report)?;
-                Box::new(dsv3_engine::CpuBackend::new(
-                    model,
-                    Arc::new(local),
-                    bytes,
-                    cache_tokens,
-                    16,
-                ))
+                let model = Model::load(files, &mut report)?;
+                Box::new(CpuBackend::new(model, Arc::new(local), bytes, cache_tokens, block))
             }
         }
     };

@@ -60,7 +60,7 @@ pub fn next_tokens<'a>(
     }
 }
 
-/// Step size and sequence numbering of [`generate`].
+/// Step size and sampling limit of [`generate`].
 #[derive(Clone, Debug)]
 pub struct BatchOptions {
     /// Most tokens one step processes (prefill is chunked to fit).

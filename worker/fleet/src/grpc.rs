@@ -342,7 +342,7 @@ impl ExpertExecutor for RemoteExperts {
             }));
         }
         let (order, futures): (Vec<usize>, Vec<_>) = calls.into_iter().unzip();
-        let element = if self.dtype == Dtype::Bf16 { 2 } else { 4 };
+        let element = self.dtype.bytes() as usize;
         let sent: usize = order.iter().map(|&s| rows[s].len() * width * element).sum();
         let started = std::time::Instant::now();
         let replies = self.handle.block_on(futures::future::join_all(futures));

@@ -2,11 +2,11 @@
 //! other ranks own), the samplers of its sequences and its counters. The same type serves
 //! in-process (`serve`) and behind gRPC (`attention`), on any device.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use dsv3_engine::sampling::log_softmax;
 use dsv3_engine::{
-    Chunk, ChunkOutput, CpuBackend, ExpertCounts, ExpertExecutor, MemoryUse, Model, ModelConfig, Outputs, Sampler,
-    SamplingParams, StepBackend,
+    Chunk, ChunkOutput, ExpertCounts, ExpertExecutor, MemoryUse, ModelConfig, Outputs, Sampler, SamplingParams,
+    StepBackend,
 };
 use dsv3_proto::{AttentionInfo, LayerLoad, Sampled, SamplingSpec, StepItem, StepReply, StepRequest, TokenLogprob};
 use std::collections::HashMap;
@@ -222,15 +222,4 @@ fn sample_outputs(samplers: &mut HashMap<u64, Sampler>, items: &[StepItem], outp
         sampled_all.push(sampled);
     }
     sampled_all
-}
-
-/// The CPU model without its routed experts, which it reaches through `experts`.
-pub fn load_cpu_backend(
-    files: &dsv3_engine::ModelFiles,
-    experts: Arc<dyn ExpertBackend>,
-    cache_tokens: usize,
-    progress: &mut dyn FnMut(usize),
-) -> Result<CpuBackend<dyn ExpertBackend>> {
-    let model = Model::load(files, progress).context("loading the attention model")?;
-    Ok(CpuBackend::new(model, experts, 0, cache_tokens, 16))
 }

@@ -338,7 +338,7 @@ impl Scheduler {
                 let fits_somewhere = self
                     .ranks
                     .iter()
-                    .any(|s| worst.div_ceil(s.block_size) <= s.total_blocks);
+                    .any(|s| worst_case_blocks(prompt_len, max_tokens, s.block_size) <= s.total_blocks);
                 if !fits_somewhere && self.ranks.iter().all(|s| s.healthy) {
                     let p = self.waiting.pop_front().expect("front exists");
                     self.waiting_count.fetch_sub(1, Ordering::SeqCst);

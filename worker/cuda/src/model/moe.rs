@@ -252,8 +252,9 @@ impl CudaModel {
         let g = &self.gpu;
         let k = self.config.num_experts_per_tok;
         let (ids, weights) = self.route(moe, x, m)?;
-        let mut routes = None;
-        match (&moe.experts, &self.host_experts) {
+        // The host path has the chosen experts on the host already; the device path reads them
+        // back only when asked.
+        let host_routes = match (&moe.experts, &self.host_experts) {
             (Some(bank), _) => {
                 let counters = BankCounters {
                     counts: self.moe_stats.counts_addr(layer),
@@ -272,21 +273,22 @@ impl CudaModel {
                     valid,
                     &counters,
                 )?;
+                None
             }
             (None, Some(experts)) => {
-                let chosen = self.host_routed_experts(experts.as_ref(), layer, x, h, m, &ids, &weights)?;
-                routes = Some(chosen);
+                Some(self.host_routed_experts(experts.as_ref(), layer, x, h, m, &ids, &weights)?)
             }
             (None, None) => anyhow::bail!("layer {layer}: the routed experts are neither on this GPU nor reachable"),
-        }
-        if want_routes && routes.is_none() {
-            let chosen: Vec<i32> = g.download(ids.addr, m * k)?;
-            routes = Some(chosen.iter().map(|&v| v as u32).collect());
-        }
+        };
+        let routes = match (want_routes, host_routes) {
+            (false, _) => None,
+            (true, Some(chosen)) => Some(chosen),
+            (true, None) => Some(g.download::<i32>(ids.addr, m * k)?.iter().map(|&v| v as u32).collect()),
+        };
         if let Some(shared) = &moe.shared {
             self.mlp(shared, x, h.addr, m)?;
         }
-        Ok(routes.filter(|_| want_routes))
+        Ok(routes)
     }
 
     /// The routed experts through `experts` (remote shards): the normed rows, the chosen experts
