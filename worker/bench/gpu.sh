@@ -9,6 +9,9 @@
 #   serve  `serve --device cuda` against `serve --device cpu`: concurrent greedy completions
 #   fleet  the fleet test suite (worker/tests/fleet.rs) with every rank on the GPU, then
 #          `bench-fleet --device cuda` (serve against a fleet of 1 attention rank + 2 expert shards)
+#   serving `bench-serve` on a written full-width 5-layer checkpoint: TTFT, time between tokens and
+#          tok/s through the OpenAI API at 1, 64 and 256 streams beside the engine's step (greedy,
+#          then temperature 1 / top_p 0.9)
 #   projection `bench-projection`: the full model's decode tok/s per GPU from measured parts
 #   profile the same with CUDA events around every launch, graphs off (where each step goes)
 #   peer   transformers on the same shapes (worker/bench/hf_gpu_peer.py), set beside ours
@@ -128,6 +131,13 @@ PY
             2>&1 | tee -a "$out/tests.log" || failed=1
         "$bundle/dsv3-worker" bench-fleet --device cuda --attention 1 --experts 2 --clients 16 --requests 2 \
             ${FLEET_ARGS:-} --output "$out/bench-fleet.md" 2>&1 | tail -8 || failed=1
+        ;;
+    serving)
+        for sampling in "--temperature 0" "--temperature 1 --top-p 0.9"; do
+            "$bundle/dsv3-worker" bench-serve --device cuda --checkpoint-dir /tmp/dsv3-full-width $sampling \
+                --output "$out/serving-$(echo $sampling | tr -dc 0-9).md" ${SERVING_ARGS:-} 2>&1 |
+                grep -v "^loading" | tee -a "$out/serving.log" || failed=1
+        done
         ;;
     projection)
         # DeepSeek-V3 tok/s per GPU of A attention + E expert GPUs, from measured parts.

@@ -109,7 +109,8 @@ fn complete(base: &str, body: Value) -> Result<Value> {
     }
 }
 
-fn metric_sum(base: &str, name: &str) -> Result<f64> {
+/// A metric's value from the server's `/metrics` (0 when absent).
+pub(crate) fn metric_sum(base: &str, name: &str) -> Result<f64> {
     let text = ureq::get(&format!("{base}/metrics")).call()?.into_string()?;
     Ok(text
         .lines()

@@ -4,6 +4,7 @@ mod bench;
 mod bench_cuda;
 mod bench_fleet;
 mod bench_projection;
+mod bench_serve;
 #[cfg(test)]
 mod contract_tests;
 mod device;
@@ -31,6 +32,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Full-width GPU benchmarks: one MoE layer and a 5-layer slice with random FP8 weights.
     BenchCuda(bench_cuda::BenchCudaArgs),
+    /// Serving through the OpenAI API against the engine's step: TTFT, time between tokens, tok/s.
+    BenchServe(bench_serve::BenchServeArgs),
     /// The same load against `serve` and a local multi-process fleet: tokens/s, step latency, transport.
     BenchFleet(bench_fleet::BenchFleetArgs),
     /// DeepSeek-V3 decode tok/s per GPU of an attention/expert GPU fleet, projected from measured parts.
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::BenchCuda(args) => bench_cuda::run(args),
         Command::BenchFleet(args) => bench_fleet::run(args),
+        Command::BenchServe(args) => bench_serve::run(args),
         Command::BenchProjection(args) => bench_projection::run(args),
         Command::Serve(args) => roles::serve(args),
         Command::Router(args) => roles::router(args),

@@ -102,6 +102,17 @@ pub struct BackendStats {
     pub expert_tokens: Vec<Vec<u64>>,
     /// Per attention rank, as it last answered a probe.
     pub ranks: Vec<RankStats>,
+    /// How the scheduler spent its time since start.
+    pub scheduler: SchedulerTime,
+}
+
+/// Steps run, seconds spent waiting on the ranks' steps, and seconds with sequences in flight
+/// (steps plus the scheduler's own work between them: what the ranks' devices sit idle for).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SchedulerTime {
+    pub steps: u64,
+    pub step_seconds: f64,
+    pub busy_seconds: f64,
 }
 
 /// One attention rank's device, memory and expert traffic.

@@ -218,6 +218,27 @@ impl Collector for BackendCollector {
             if self.backend.health().ready { 1.0 } else { 0.0 },
         )?;
 
+        let time = stats.scheduler;
+        for (name, help, value) in [
+            (
+                "dsv3_scheduler_steps",
+                "Steps the scheduler ran since start.",
+                time.steps as f64,
+            ),
+            (
+                "dsv3_scheduler_step_seconds",
+                "Seconds the scheduler waited on the attention ranks' steps since start.",
+                time.step_seconds,
+            ),
+            (
+                "dsv3_scheduler_busy_seconds",
+                "Seconds the scheduler had sequences in flight since start: steps and its own work between them.",
+                time.busy_seconds,
+            ),
+        ] {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+        }
         encode_ranks(&mut encoder, &stats.ranks)?;
         if stats.expert_tokens.is_empty() {
             return Ok(());

@@ -6,7 +6,7 @@
 
 use crate::model::CudaModel;
 use anyhow::{Context, Result};
-use dsv3_engine::{Chunk, ModelConfig, Outputs};
+use dsv3_engine::{Chunk, ModelConfig, Outputs, TokenChoice, TokenPick};
 use std::path::PathBuf;
 
 pub struct BenchOptions {
@@ -24,7 +24,12 @@ pub struct BenchOptions {
 
 /// DeepSeek-V3's shapes with `layers` layers of which the first `dense` are dense.
 pub fn v3_config(layers: usize, dense: usize) -> Result<ModelConfig> {
-    let json = serde_json::json!({
+    ModelConfig::from_json_str(&v3_config_json(layers, dense).to_string())
+}
+
+/// [`v3_config`] as its `config.json`.
+pub fn v3_config_json(layers: usize, dense: usize) -> serde_json::Value {
+    serde_json::json!({
         "model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
         "moe_intermediate_size": 2048, "num_hidden_layers": layers, "first_k_dense_replace": dense,
         "moe_layer_freq": 1, "num_attention_heads": 128, "q_lora_rank": 1536, "kv_lora_rank": 512,
@@ -34,8 +39,7 @@ pub fn v3_config(layers: usize, dense: usize) -> Result<ModelConfig> {
         "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "eos_token_id": 1, "num_nextn_predict_layers": 0,
         "rope_scaling": {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
             "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
-    });
-    ModelConfig::from_json_str(&json.to_string())
+    })
 }
 
 #[derive(Clone, Debug)]
@@ -144,13 +148,20 @@ pub(crate) fn decode(
         .zip(&tokens)
         .map(|(&s, t)| Chunk::new(s, ctx, t, Outputs::Last))
         .collect();
+    let greedy = vec![
+        Some(TokenPick {
+            choice: TokenChoice::GREEDY,
+            logprobs: None
+        });
+        chunks.len()
+    ];
     let mut times = Vec::new();
     let mut touched = 0;
     model.gpu.take_profile()?;
     for rep in 0..reps + 2 {
         let start = model.gpu.mark()?;
         if with_head {
-            model.greedy_step(&chunks)?;
+            model.step_pick(&chunks, &greedy)?;
         } else {
             model.forward_hidden(&chunks, false)?;
         }

@@ -12,9 +12,9 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::Arc;
 
-pub const KERNEL_SOURCE: &str = include_str!("kernels.cu");
+pub const KERNEL_SOURCE: &str = concat!(include_str!("kernels.cu"), include_str!("pick.cu"));
 
-/// Every `extern "C"` kernel in `kernels.cu`.
+/// Every `extern "C"` kernel in `kernels.cu` and `pick.cu`.
 pub const KERNELS: &[&str] = &[
     "embed_rows",
     "rms_norm",
@@ -39,7 +39,7 @@ pub const KERNELS: &[&str] = &[
     "mla_absorb_out",
     "cache_write",
     "mla_attend",
-    "argmax_rows",
+    "pick_tokens",
     "gather_latents",
     "build_kv",
     "causal_softmax",

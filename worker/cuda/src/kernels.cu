@@ -661,32 +661,6 @@ extern "C" __global__ void gather_rows_f32(float* out, const float* x, int ldx, 
     for (int i = threadIdx.x; i < width; i += blockDim.x) dst[i] = src[i];
 }
 
-// Greedy sampling on the GPU: out[r] = argmax_j logits[r, j] (ties to the lower index).
-extern "C" __global__ void argmax_rows(int* out, const float* logits, int vocab) {
-    __shared__ float best_v[32];
-    __shared__ int best_i[32];
-    const float* row = logits + (size_t)blockIdx.x * vocab;
-    float bv = -INFINITY;
-    int bi = 0x7fffffff;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-        float v = row[j];
-        if (v > bv) { bv = v; bi = j; }
-    }
-    for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
-    }
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) { best_v[warp] = bv; best_i[warp] = bi; }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        for (int w = 1; w < (int)(blockDim.x >> 5); ++w)
-            if (best_v[w] > bv || (best_v[w] == bv && best_i[w] < bi)) { bv = best_v[w]; bi = best_i[w]; }
-        out[blockIdx.x] = bi;
-    }
-}
-
 // ---------------------------------------------------------------- MLA, naive form (prefill)
 // Latents of positions 0..total of one sequence from the paged cache, split into c_kv (f32,
 // [total, lora]) and k_pe (f32, [total, rope]).

@@ -559,3 +559,87 @@ fn attention_with_expert_shards_matches_whole_model_full_width() {
     let dir = full_width_checkpoint();
     check_attention_with_shards(&ModelFiles::Dir(dir.path().to_path_buf()), 300, 6);
 }
+
+/// Rows of logits that exercise the pick: smooth, heavy with ties, with -inf, one dominant token.
+fn pick_rows(vocab: usize, seed: u64) -> Vec<Vec<f32>> {
+    let mut state = seed;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    };
+    let smooth: Vec<f32> = (0..vocab).map(|_| 4.0 * next()).collect();
+    let ties: Vec<f32> = (0..vocab).map(|_| (2.0 * next()).round() * 0.5).collect();
+    let masked: Vec<f32> = (0..vocab)
+        .map(|i| if i % 3 == 0 { f32::NEG_INFINITY } else { 3.0 * next() })
+        .collect();
+    let mut peaked: Vec<f32> = (0..vocab).map(|_| next()).collect();
+    peaked[vocab / 2] = 30.0;
+    vec![smooth, ties, masked, peaked]
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn tokens_picked_on_the_gpu_follow_the_host_rule() {
+    use dsv3_engine::sampling::{choose, logprobs_of, TokenChoice};
+    use dsv3_engine::TokenPick;
+    poison();
+    let gpu = dsv3_cuda::Gpu::open(0).expect("GPU");
+    let choices = |uniform: f64| {
+        [
+            (0.0, 0, 1.0),
+            (1.0, 0, 1.0),
+            (0.7, 50, 1.0),
+            (1.0, 0, 0.9),
+            (1.3, 5, 0.5),
+            (2.0, 1000, 0.95),
+            (0.5, 1, 1.0),
+        ]
+        .map(|(temperature, top_k, top_p)| TokenChoice {
+            temperature,
+            top_k,
+            top_p,
+            uniform,
+        })
+    };
+    let (mut checked, mut random) = (0, 0);
+    for vocab in [129_280usize, 1000, 37] {
+        for (r, row) in pick_rows(vocab, vocab as u64).iter().enumerate() {
+            for uniform in [0.0, 0.31, 0.5, 0.87, 0.999_999] {
+                let picks: Vec<TokenPick> = choices(uniform)
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &choice)| TokenPick {
+                        choice,
+                        logprobs: [None, Some(0), Some(5), Some(20)][i % 4],
+                    })
+                    .collect();
+                // One row of logits per pick, as a step lays them out.
+                let logits: Vec<f32> = picks.iter().flat_map(|_| row.iter().copied()).collect();
+                let buf = gpu.upload(&logits).expect("upload");
+                let picked = dsv3_cuda::pick_tokens(&gpu, buf.addr, vocab, &picks).expect("pick");
+                for (pick, got) in picks.iter().zip(&picked) {
+                    let label = format!("vocab {vocab}, row {r}, {pick:?}");
+                    let want = choose(row, &pick.choice);
+                    assert_eq!(got.token, want, "{label}: token");
+                    random += usize::from(pick.choice.temperature > 0.0 && want != choose(row, &TokenChoice::GREEDY));
+                    let Some(n) = pick.logprobs else {
+                        assert!(got.logprob.is_none() && got.top_logprobs.is_empty(), "{label}");
+                        continue;
+                    };
+                    let (logprob, top) = logprobs_of(row, want, n);
+                    let close = |a: f32, b: f32| a == b || (a - b).abs() <= 1e-4 * (1.0 + b.abs());
+                    assert!(close(got.logprob.expect("logprob"), logprob), "{label}: logprob");
+                    assert_eq!(got.top_logprobs.len(), top.len(), "{label}: top count");
+                    for (g, w) in got.top_logprobs.iter().zip(&top) {
+                        assert!(g.0 == w.0 && close(g.1, w.1), "{label}: top {g:?} vs {w:?}");
+                    }
+                    checked += 1;
+                }
+            }
+        }
+    }
+    println!("picks: {checked} with log-probabilities matched the host rule; {random} random draws left the argmax");
+    assert!(random > 50, "the draws should often leave the argmax");
+}

@@ -8,6 +8,7 @@ use crate::kv_cache::{KvCache, SeqId};
 use crate::mla::MlaForm;
 use crate::model::{Chunk, ChunkOutput, Model, StepOptions};
 use crate::moe::{ExpertExecutor, TokenRoutes};
+use crate::sampling::{choose, logprobs_of, TokenChoice};
 use anyhow::Result;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -33,6 +34,23 @@ pub struct MemoryUse {
 /// Tokens routed to each expert, per MoE layer.
 pub type ExpertCounts = BTreeMap<usize, Vec<u64>>;
 
+/// How one chunk's next token is picked, and how many log-probabilities come back with it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TokenPick {
+    pub choice: TokenChoice,
+    /// `Some(n)`: the token's log-probability and the `n` most likely alternatives.
+    pub logprobs: Option<usize>,
+}
+
+/// A picked token; what crosses from the device to the host per sequence and step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PickedToken {
+    pub token: u32,
+    pub logprob: Option<f32>,
+    /// Best first.
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
 /// A model on one device with its KV cache: what an attention rank and `generate` drive.
 pub trait StepBackend: Send {
     fn config(&self) -> &ModelConfig;
@@ -41,11 +59,55 @@ pub trait StepBackend: Send {
     /// One forward step over `chunks` (each continues its sequence in the cache); logits and
     /// post-norm hidden states at the positions each chunk asks for.
     fn step(&mut self, chunks: &[Chunk]) -> Result<Vec<ChunkOutput>>;
+    /// One step that picks the next token of each chunk given a pick (at its last position) and
+    /// returns only the picks: a backend whose logits live on a device picks there.
+    fn step_pick(&mut self, chunks: &[Chunk], picks: &[Option<TokenPick>]) -> Result<Vec<Option<PickedToken>>> {
+        let outputs = self.step(chunks)?;
+        pick_on_host(&outputs, picks, self.config().vocab_size)
+    }
     fn free_sequence(&mut self, seq: SeqId);
     fn capacity(&self) -> CacheCapacity;
     /// Tokens per routed expert and MoE layer since the last call.
     fn take_expert_counts(&mut self) -> Result<ExpertCounts>;
     fn memory(&self) -> MemoryUse;
+}
+
+/// The picks of a step whose logits are on the host (each picking chunk's last row).
+pub fn pick_on_host(
+    outputs: &[ChunkOutput],
+    picks: &[Option<TokenPick>],
+    vocab: usize,
+) -> Result<Vec<Option<PickedToken>>> {
+    anyhow::ensure!(
+        outputs.len() == picks.len(),
+        "{} picks for {} chunks",
+        picks.len(),
+        outputs.len()
+    );
+    outputs
+        .iter()
+        .zip(picks)
+        .map(|(output, pick)| {
+            let Some(pick) = pick else { return Ok(None) };
+            let start = output.logits.len().checked_sub(vocab).ok_or_else(|| {
+                anyhow::anyhow!("a chunk given a token pick has no logits (it must ask for its last position)")
+            })?;
+            let logits = &output.logits[start..];
+            let token = choose(logits, &pick.choice);
+            let (logprob, top_logprobs) = match pick.logprobs {
+                Some(n) => {
+                    let (logprob, top) = logprobs_of(logits, token, n);
+                    (Some(logprob), top)
+                }
+                None => (None, Vec::new()),
+            };
+            Ok(Some(PickedToken {
+                token,
+                logprob,
+                top_logprobs,
+            }))
+        })
+        .collect()
 }
 
 /// Adds each routed slot to per-layer expert counters while delegating to the real experts.
@@ -157,5 +219,47 @@ impl<E: ExpertExecutor + Send + ?Sized> StepBackend for CpuBackend<E> {
             kv_cache: self.cache.bytes() as u64,
             workspace: 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn output(logits: Vec<f32>) -> ChunkOutput {
+        ChunkOutput {
+            positions: vec![0],
+            logits,
+            hidden: vec![],
+        }
+    }
+
+    #[test]
+    fn host_picks_take_each_chunks_last_row() {
+        let vocab = 4;
+        // Two positions of logits: only the last row counts.
+        let outputs = [
+            output(vec![9.0, 0.0, 0.0, 0.0, 0.0, 0.5, 3.0, 1.0]),
+            output(vec![]),
+            output(vec![1.0, 1.0, 0.0, 0.0]),
+        ];
+        let greedy = |logprobs| {
+            Some(TokenPick {
+                choice: TokenChoice::GREEDY,
+                logprobs,
+            })
+        };
+        let picked = pick_on_host(&outputs, &[greedy(None), None, greedy(Some(2))], vocab).expect("picks");
+        assert_eq!(picked[0].as_ref().map(|p| p.token), Some(2));
+        assert!(picked[1].is_none());
+        let p = picked[2].as_ref().expect("third pick");
+        // Ties go to the lower id; ln(e / (2e + 2)) for each of the two best.
+        let lp = (1.0f64 / (2.0 + 2.0 / std::f64::consts::E)).ln() as f32;
+        assert_eq!(p.token, 0);
+        assert!((p.logprob.expect("logprob") - lp).abs() < 1e-6);
+        assert_eq!(p.top_logprobs.iter().map(|t| t.0).collect::<Vec<_>>(), [0, 1]);
+        let err = pick_on_host(&outputs[1..2], &[greedy(None)], vocab).unwrap_err();
+        assert!(err.to_string().contains("no logits"), "{err}");
+        assert!(pick_on_host(&outputs, &[None], vocab).is_err());
     }
 }

@@ -22,7 +22,9 @@ pub mod sampling;
 pub mod simd;
 pub mod synthetic;
 
-pub use backend::{CacheCapacity, CpuBackend, ExpertCounts, MemoryUse, StepBackend};
+pub use backend::{
+    pick_on_host, CacheCapacity, CpuBackend, ExpertCounts, MemoryUse, PickedToken, StepBackend, TokenPick,
+};
 pub use batch::{check_request, BatchOptions};
 pub use block_table::{BlockTable, CacheError};
 pub use checkpoint::{Checkpoint, ModelFiles};
@@ -32,4 +34,4 @@ pub use kv_cache::{KvCache, SeqId};
 pub use mla::MlaForm;
 pub use model::{check_chunks, Chunk, ChunkOutput, Model, Outputs, StepOptions, Trace};
 pub use moe::{ExpertExecutor, ExpertSelection, LocalExperts, TokenRoutes};
-pub use sampling::{Sampler, SamplingParams};
+pub use sampling::{choose, Sampler, SamplingParams, TokenChoice};

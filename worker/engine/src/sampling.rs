@@ -76,45 +76,101 @@ impl Sampler {
         &self.params
     }
 
+    /// The choice for this sequence's next token: its parameters and a fresh draw from its
+    /// generator (drawn only when the choice is random, so greedy sequences consume nothing).
+    pub fn next_choice(&mut self) -> TokenChoice {
+        let p = &self.params;
+        TokenChoice {
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            uniform: if p.temperature > 0.0 { self.rng.random() } else { 0.0 },
+        }
+    }
+
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let limit = self.vocab_limit.unwrap_or(logits.len()).min(logits.len());
-        let logits = &logits[..limit];
-        if self.params.temperature == 0.0 {
-            return argmax(logits);
-        }
-        let inv_t = 1.0 / self.params.temperature;
-        let mut candidates: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inv_t)).collect();
-        candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if self.params.top_k > 0 {
-            candidates.truncate(self.params.top_k);
-        }
-        let max = candidates[0].1;
-        let mut probs: Vec<f64> = candidates.iter().map(|&(_, l)| ((l - max) as f64).exp()).collect();
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
-        if self.params.top_p < 1.0 {
-            let mut cumulative = 0.0;
-            let mut keep = probs.len();
-            for (i, p) in probs.iter().enumerate() {
-                cumulative += p;
-                if cumulative >= self.params.top_p as f64 {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            probs.truncate(keep);
-            let kept: f64 = probs.iter().sum();
-            probs.iter_mut().for_each(|p| *p /= kept);
-        }
-        let mut u: f64 = self.rng.random();
-        for (i, p) in probs.iter().enumerate() {
-            if u < *p {
-                return candidates[i].0;
-            }
-            u -= p;
-        }
-        candidates[probs.len() - 1].0
+        let choice = self.next_choice();
+        choose(&logits[..limit], &choice)
     }
+}
+
+/// How one next token is chosen, the random draw already made: what a backend needs to pick it
+/// wherever the logits are (the host's [`choose`] and the GPU's kernel follow the same rule).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TokenChoice {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 means no top-k cut.
+    pub top_k: usize,
+    pub top_p: f32,
+    /// Uniform in [0, 1), from the sequence's seeded generator.
+    pub uniform: f64,
+}
+
+impl TokenChoice {
+    pub const GREEDY: TokenChoice = TokenChoice {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        uniform: 0.0,
+    };
+}
+
+/// The token `choice` takes from `logits` — the reference rule. Greedy: the largest logit (ties
+/// to the lower id). Otherwise candidates in descending order of logit/temperature (ties to the
+/// lower id), each with mass exp(logit/temperature − max); the first `top_k`; of those, the
+/// shortest prefix whose running mass reaches `top_p` of theirs; the first token at which that
+/// prefix's running mass exceeds `uniform` of its total.
+pub fn choose(logits: &[f32], choice: &TokenChoice) -> u32 {
+    if choice.temperature == 0.0 {
+        return argmax(logits);
+    }
+    let inv_t = 1.0 / choice.temperature;
+    let mut candidates: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inv_t)).collect();
+    candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if choice.top_k > 0 {
+        candidates.truncate(choice.top_k);
+    }
+    let max = candidates[0].1;
+    let mass: Vec<f64> = candidates.iter().map(|&(_, l)| ((l - max) as f64).exp()).collect();
+    let (mut kept, mut kept_mass) = (mass.len(), mass.iter().sum::<f64>());
+    if choice.top_p < 1.0 {
+        let target = choice.top_p as f64 * kept_mass;
+        let mut running = 0.0;
+        for (i, m) in mass.iter().enumerate() {
+            running += m;
+            if running >= target {
+                (kept, kept_mass) = (i + 1, running);
+                break;
+            }
+        }
+    }
+    let target = choice.uniform * kept_mass;
+    let mut running = 0.0;
+    for (i, m) in mass[..kept].iter().enumerate() {
+        running += m;
+        if running > target {
+            return candidates[i].0;
+        }
+    }
+    candidates[kept - 1].0
+}
+
+/// The chosen token's log-probability and the `n` most likely tokens' (best first, ties to the
+/// lower id), from the row's natural-log softmax.
+pub fn logprobs_of(logits: &[f32], token: u32, n: usize) -> (f32, Vec<(u32, f32)>) {
+    let logprobs = log_softmax(logits);
+    let best_first = |a: &u32, b: &u32| logprobs[*b as usize].total_cmp(&logprobs[*a as usize]).then(a.cmp(b));
+    let mut order: Vec<u32> = (0..logprobs.len() as u32).collect();
+    let n = n.min(order.len());
+    if n > 0 && n < order.len() {
+        order.select_nth_unstable_by(n - 1, best_first);
+    }
+    order.truncate(n);
+    order.sort_by(best_first);
+    let top = order.iter().map(|&id| (id, logprobs[id as usize])).collect();
+    (logprobs.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY), top)
 }
 
 /// Index of the largest value; ties to the lower index.

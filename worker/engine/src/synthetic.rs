@@ -39,16 +39,47 @@ struct Writer {
     tensors: BTreeMap<String, Tensor>,
 }
 
+/// Values drawn per generator: each chunk of a tensor has its own, so chunks fill in parallel
+/// and the checkpoint is the same on any number of threads.
+const CHUNK: usize = 1 << 20;
+
+/// Runs `fill(chunk index, chunk)` over `out` in chunks of `chunk` on every core.
+fn par_chunks<T: Send>(out: &mut [T], chunk: usize, fill: impl Fn(usize, &mut [T]) + Sync) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunks: Vec<(usize, &mut [T])> = out.chunks_mut(chunk.max(1)).enumerate().collect();
+    let queue = std::sync::Mutex::new(chunks);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let next = queue.lock().map(|mut q| q.pop());
+                let Ok(Some((i, c))) = next else { break };
+                fill(i, c);
+            });
+        }
+    });
+}
+
+/// N(0, std²) values (Box-Muller), chunk `index` of a tensor drawn with generator seed `seed`.
+fn fill_normal(seed: u64, index: usize, std: f32, out: &mut [f32]) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    for pair in out.chunks_mut(2) {
+        let u1: f32 = rng.random::<f32>().max(1e-12);
+        let u2: f32 = rng.random();
+        let r = std * (-2.0 * u1.ln()).sqrt();
+        let (sin, cos) = (std::f32::consts::TAU * u2).sin_cos();
+        pair[0] = r * cos;
+        if let Some(v) = pair.get_mut(1) {
+            *v = r * sin;
+        }
+    }
+}
+
 impl Writer {
     fn normal(&mut self, n: usize, std: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                // Box-Muller.
-                let u1: f32 = self.rng.random::<f32>().max(1e-12);
-                let u2: f32 = self.rng.random();
-                std * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-            })
-            .collect()
+        let seed = self.rng.random();
+        let mut out = vec![0.0f32; n];
+        par_chunks(&mut out, CHUNK, |i, c| fill_normal(seed, i, std, c));
+        out
     }
 
     fn bf16(&mut self, name: String, shape: Vec<usize>, values: &[f32]) {
@@ -85,28 +116,37 @@ impl Writer {
 
     /// A projection weight `[rows, cols]`: FP8 with block scales in an FP8 checkpoint.
     fn projection(&mut self, name: String, rows: usize, cols: usize) {
-        let w = self.normal(rows * cols, 1.0 / (cols as f32).sqrt());
+        let std = 1.0 / (cols as f32).sqrt();
         if !self.fp8 {
+            let w = self.normal(rows * cols, std);
             self.bf16(name, vec![rows, cols], &w);
             return;
         }
+        // Stripes of 128 rows (one row of scale blocks) are drawn and quantised in parallel.
+        let seed = self.rng.random();
         let (sr, sc) = (rows.div_ceil(128), cols.div_ceil(128));
+        let mut q = vec![0u8; rows * cols];
         let mut scales = vec![0.0f32; sr * sc];
-        for (i, s) in scales.iter_mut().enumerate() {
-            let (br, bc) = (i / sc, i % sc);
-            let mut amax = 0.0f32;
-            for r in br * 128..((br + 1) * 128).min(rows) {
-                for c in bc * 128..((bc + 1) * 128).min(cols) {
-                    amax = amax.max(w[r * cols + c].abs());
+        let mut stripes: Vec<(&mut [u8], &mut [f32])> = q.chunks_mut(128 * cols).zip(scales.chunks_mut(sc)).collect();
+        par_chunks(&mut stripes, 1, |stripe, pair| {
+            let (q, scales) = &mut pair[0];
+            let mut w = vec![0.0f32; q.len()];
+            fill_normal(seed, stripe, std, &mut w);
+            let stripe_rows = w.len() / cols;
+            for (bc, s) in scales.iter_mut().enumerate() {
+                let mut amax = 0.0f32;
+                for r in 0..stripe_rows {
+                    for c in bc * 128..((bc + 1) * 128).min(cols) {
+                        amax = amax.max(w[r * cols + c].abs());
+                    }
                 }
+                *s = amax.max(1e-12) / 448.0;
             }
-            *s = amax.max(1e-12) / 448.0;
-        }
-        let q: Vec<u8> = w
-            .iter()
-            .enumerate()
-            .map(|(i, v)| encode_e4m3(v / scales[(i / cols / 128) * sc + (i % cols) / 128]))
-            .collect();
+            for (i, (b, v)) in q.iter_mut().zip(&w).enumerate() {
+                *b = encode_e4m3(v / scales[(i % cols) / 128]);
+            }
+        });
+        drop(stripes);
         debug_assert!(q.iter().all(|&b| E4M3_TO_F32[b as usize].is_finite()));
         self.tensors.insert(
             name.clone(),

@@ -3,10 +3,9 @@
 //! in-process (`serve`) and behind gRPC (`attention`), on any device.
 
 use anyhow::Result;
-use dsv3_engine::sampling::log_softmax;
 use dsv3_engine::{
-    Chunk, ChunkOutput, ExpertCounts, ExpertExecutor, MemoryUse, ModelConfig, Outputs, Sampler, SamplingParams,
-    StepBackend,
+    Chunk, ExpertCounts, ExpertExecutor, MemoryUse, ModelConfig, Outputs, PickedToken, Sampler, SamplingParams,
+    StepBackend, TokenPick,
 };
 use dsv3_proto::{AttentionInfo, LayerLoad, Sampled, SamplingSpec, StepItem, StepReply, StepRequest, TokenLogprob};
 use std::collections::HashMap;
@@ -100,9 +99,10 @@ impl AttentionRank for LocalAttention {
         let mut guard = self.lock()?;
         let state = &mut *guard;
         let chunks = step_chunks(&request.items);
-        let outputs = state.backend.step(&chunks)?;
+        let picks = token_picks(&mut state.samplers, &request.items);
+        let picked = state.backend.step_pick(&chunks, &picks)?;
         let reply = StepReply {
-            sampled: sample_outputs(&mut state.samplers, &request.items, outputs),
+            sampled: sampled(&request.items, picked),
             expert_load: expert_load(state.backend.take_expert_counts()?),
         };
         state.steps += 1;
@@ -184,42 +184,41 @@ fn expert_load(counts: ExpertCounts) -> Vec<LayerLoad> {
         .collect()
 }
 
-/// Samples the next token of every item that asks for one, from its output logits, with the
-/// sequence's own sampler (created on first use), plus log-probabilities when asked.
-fn sample_outputs(samplers: &mut HashMap<u64, Sampler>, items: &[StepItem], outputs: Vec<ChunkOutput>) -> Vec<Sampled> {
-    let mut sampled_all = Vec::new();
-    for (item, output) in items.iter().zip(outputs) {
-        let Some(spec) = &item.sample else { continue };
-        let sampler = samplers
-            .entry(item.seq)
-            .or_insert_with(|| Sampler::new(sampling_params(spec), None));
-        let token = sampler.sample(&output.logits);
-        let mut sampled = Sampled {
-            seq: item.seq,
-            token,
-            logprob: None,
-            top_logprobs: Vec::new(),
-        };
-        if let Some(n) = spec.logprobs {
-            let logprobs = log_softmax(&output.logits);
-            sampled.logprob = Some(logprobs[token as usize]);
-            let best_first = |a: &u32, b: &u32| logprobs[*b as usize].total_cmp(&logprobs[*a as usize]).then(a.cmp(b));
-            let mut order: Vec<u32> = (0..logprobs.len() as u32).collect();
-            let n = (n as usize).min(order.len());
-            if n > 0 && n < order.len() {
-                order.select_nth_unstable_by(n - 1, best_first);
-            }
-            order.truncate(n);
-            order.sort_by(best_first);
-            sampled.top_logprobs = order
-                .iter()
-                .map(|&id| TokenLogprob {
-                    id,
-                    logprob: logprobs[id as usize],
-                })
-                .collect();
-        }
-        sampled_all.push(sampled);
-    }
-    sampled_all
+/// How each item that samples picks its token: its sequence's sampler (made on first use)
+/// draws the step's random number; the backend picks where the logits are.
+fn token_picks(samplers: &mut HashMap<u64, Sampler>, items: &[StepItem]) -> Vec<Option<TokenPick>> {
+    items
+        .iter()
+        .map(|item| {
+            let spec = item.sample.as_ref()?;
+            let sampler = samplers
+                .entry(item.seq)
+                .or_insert_with(|| Sampler::new(sampling_params(spec), None));
+            Some(TokenPick {
+                choice: sampler.next_choice(),
+                logprobs: spec.logprobs.map(|n| n as usize),
+            })
+        })
+        .collect()
+}
+
+/// The reply's tokens: one per item that sampled.
+fn sampled(items: &[StepItem], picked: Vec<Option<PickedToken>>) -> Vec<Sampled> {
+    items
+        .iter()
+        .zip(picked)
+        .filter_map(|(item, p)| {
+            let p = p?;
+            Some(Sampled {
+                seq: item.seq,
+                token: p.token,
+                logprob: p.logprob,
+                top_logprobs: p
+                    .top_logprobs
+                    .into_iter()
+                    .map(|(id, logprob)| TokenLogprob { id, logprob })
+                    .collect(),
+            })
+        })
+        .collect()
 }

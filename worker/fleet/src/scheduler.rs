@@ -9,7 +9,8 @@
 
 use crate::rank::AttentionRank;
 use dsv3_api::backend::{
-    Backend, BackendStats, GenerationEvent, GenerationRequest, Health, RankStats, SubmitError, TokenLogprob,
+    Backend, BackendStats, GenerationEvent, GenerationRequest, Health, RankStats, SchedulerTime, SubmitError,
+    TokenLogprob,
 };
 use dsv3_engine::batch::{next_tokens, worst_case_blocks};
 use dsv3_engine::{finish_reason, ModelConfig};
@@ -122,6 +123,7 @@ impl Fleet {
             waiting: VecDeque::new(),
             running: Vec::new(),
             next_seq: 1,
+            time: SchedulerTime::default(),
         };
         std::thread::Builder::new()
             .name("dsv3-scheduler".into())
@@ -204,6 +206,7 @@ struct Scheduler {
     waiting: VecDeque<Pending>,
     running: Vec<Running>,
     next_seq: u64,
+    time: SchedulerTime,
 }
 
 impl Scheduler {
@@ -217,6 +220,7 @@ impl Scheduler {
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
             }
+            let iteration = Instant::now();
             while let Ok(p) = self.inbox.try_recv() {
                 self.waiting.push_back(p);
             }
@@ -224,11 +228,15 @@ impl Scheduler {
             self.drop_cancelled();
             self.admit();
             self.publish();
-            if !self.running.is_empty() {
+            let stepping = !self.running.is_empty();
+            if stepping {
                 self.step();
             } else if !self.waiting.is_empty() {
                 // Nothing fits anywhere (all ranks down or full): wait for a probe to change that.
                 std::thread::sleep(Duration::from_millis(20));
+            }
+            if stepping {
+                self.time.busy_seconds += iteration.elapsed().as_secs_f64();
             }
         }
     }
@@ -288,6 +296,7 @@ impl Scheduler {
             cache_total_blocks: self.ranks.iter().map(|s| s.total_blocks).sum(),
             expert_tokens,
             ranks: self.ranks.iter().map(|s| s.stats.clone()).collect(),
+            scheduler: self.time,
         };
     }
 
@@ -401,25 +410,44 @@ impl Scheduler {
             planned.push((i, item.tokens.len()));
             batches[r.rank].items.push(item);
         }
-        let replies: Vec<Option<anyhow::Result<dsv3_proto::StepReply>>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = batches
+        let busy = batches.iter().filter(|b| !b.items.is_empty()).count();
+        let stepping = Instant::now();
+        let replies: Vec<Option<anyhow::Result<dsv3_proto::StepReply>>> = if busy <= 1 {
+            // One rank (`serve`): step on this thread, no thread to start per step.
+            batches
                 .into_iter()
                 .enumerate()
                 .map(|(i, batch)| {
-                    let rank = self.ranks[i].rank.clone();
-                    (!batch.items.is_empty()).then(|| scope.spawn(move || rank.step(batch)))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.map(|h| {
-                        h.join()
+                    (!batch.items.is_empty()).then(|| {
+                        let rank = &self.ranks[i].rank;
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rank.step(batch)))
                             .unwrap_or_else(|_| Err(anyhow::anyhow!("the step panicked on this rank")))
                     })
                 })
                 .collect()
-        });
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = batches
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, batch)| {
+                        let rank = self.ranks[i].rank.clone();
+                        (!batch.items.is_empty()).then(|| scope.spawn(move || rank.step(batch)))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.map(|h| {
+                            h.join()
+                                .unwrap_or_else(|_| Err(anyhow::anyhow!("the step panicked on this rank")))
+                        })
+                    })
+                    .collect()
+            })
+        };
+        self.time.steps += 1;
+        self.time.step_seconds += stepping.elapsed().as_secs_f64();
         let mut failed_ranks: BTreeMap<usize, String> = BTreeMap::new();
         let mut sampled: BTreeMap<u64, dsv3_proto::Sampled> = BTreeMap::new();
         for (rank, reply) in replies.into_iter().enumerate() {

@@ -79,6 +79,11 @@ impl Fake {
                 cache_used_blocks: 25,
                 cache_total_blocks: 100,
                 expert_tokens: vec![vec![4, 0, 0, 0], vec![1, 1, 1, 1]],
+                scheduler: dsv3_api::backend::SchedulerTime {
+                    steps: 7,
+                    step_seconds: 0.5,
+                    busy_seconds: 0.75,
+                },
                 ranks: vec![dsv3_api::backend::RankStats {
                     rank: 0,
                     device: "cpu".into(),

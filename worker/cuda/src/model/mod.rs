@@ -6,6 +6,7 @@ mod attention;
 mod graph;
 mod layers;
 mod moe;
+mod pick;
 
 use crate::cache::DeviceCache;
 use crate::gpu::{float, int, ptr, u64_arg, DeviceBuf, Gpu};
@@ -14,7 +15,7 @@ use anyhow::{ensure, Context, Result};
 use dsv3_engine::rope::Rope;
 use dsv3_engine::{
     check_chunks, CacheCapacity, Checkpoint, Chunk, ChunkOutput, ExpertCounts, ExpertExecutor, MemoryUse, ModelConfig,
-    ModelFiles, SeqId, StepBackend,
+    ModelFiles, PickedToken, SeqId, StepBackend, TokenPick,
 };
 use graph::DecodeGraph;
 use layers::{Ffn, Layer, Mlp};
@@ -24,6 +25,7 @@ use std::sync::{Arc, Mutex};
 pub use attention::NAIVE_MIN_ROWS;
 pub use moe::ExpertKernels;
 pub(crate) use moe::{run_bank, BankCounters, MoeStats};
+pub use pick::pick_tokens;
 
 /// Routed experts reached from the host (remote shards): what an attention rank's model holds
 /// instead of the expert weights.
@@ -242,34 +244,6 @@ impl CudaModel {
             at += k;
         }
         Ok((outputs, trace))
-    }
-
-    /// One greedy step: the argmax token after the last position of every chunk, chosen on the GPU.
-    pub fn greedy_step(&mut self, chunks: &[Chunk]) -> Result<Vec<u32>> {
-        let mut rows = Vec::with_capacity(chunks.len());
-        let mut at = 0;
-        for c in chunks {
-            at += c.tokens.len();
-            rows.push(at as i32 - 1);
-        }
-        let (head, _) = self.run_step(chunks, Some(&rows), false)?;
-        let Some(out) = head else {
-            return Ok(vec![]);
-        };
-        let ids = self.gpu.alloc(out.rows * 4)?;
-        self.gpu.launch(
-            "argmax_rows",
-            (out.rows as u32, 1, 1),
-            1024,
-            0,
-            &[ptr(ids.addr), ptr(out.logits), int(self.config.vocab_size)],
-        )?;
-        Ok(self
-            .gpu
-            .download::<i32>(ids.addr, out.rows)?
-            .into_iter()
-            .map(|t| t as u32)
-            .collect())
     }
 
     /// Runs every layer without the head (benchmarks, traces).
@@ -615,6 +589,10 @@ impl StepBackend for CudaModel {
 
     fn step(&mut self, chunks: &[Chunk]) -> Result<Vec<ChunkOutput>> {
         Ok(self.forward(chunks, false)?.0)
+    }
+
+    fn step_pick(&mut self, chunks: &[Chunk], picks: &[Option<TokenPick>]) -> Result<Vec<Option<PickedToken>>> {
+        CudaModel::step_pick(self, chunks, picks)
     }
 
     fn free_sequence(&mut self, seq: SeqId) {

@@ -1,0 +1,88 @@
+//! The next token of each sequence, picked on the GPU (`pick.cu`) by the host's reference rule
+//! ([`dsv3_engine::choose`]): the logits stay on the device and only ids and the requested
+//! log-probabilities come back, in one small download per step.
+
+use super::CudaModel;
+use crate::gpu::{int, ptr, Gpu};
+use anyhow::{ensure, Result};
+use dsv3_engine::{Chunk, PickedToken, TokenPick};
+
+/// Threads per row (`PICK_THREADS` in `pick.cu`).
+const PICK_THREADS: u32 = 1024;
+
+/// A pick as `pick.cu`'s `TokenPick` lays it out: 24 bytes, the draw's f64 last.
+fn pick_words(p: &TokenPick) -> [u32; 6] {
+    let u = p.choice.uniform.to_bits();
+    [
+        p.choice.temperature.to_bits(),
+        p.choice.top_k.min(i32::MAX as usize) as u32,
+        p.choice.top_p.to_bits(),
+        p.logprobs.map_or(-1, |n| n.min(i32::MAX as usize) as i32) as u32,
+        u as u32,
+        (u >> 32) as u32,
+    ]
+}
+
+/// Picks one token per row of the `[picks.len(), vocab]` f32 logits at device address `logits`.
+pub fn pick_tokens(g: &Gpu, logits: u64, vocab: usize, picks: &[TokenPick]) -> Result<Vec<PickedToken>> {
+    if picks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let max_top = picks.iter().filter_map(|p| p.logprobs).max().unwrap_or(0).min(vocab);
+    let stride = 2 + 2 * max_top;
+    let words: Vec<u32> = picks.iter().flat_map(pick_words).collect();
+    let plan = g.upload(&words)?;
+    let out = g.alloc(picks.len() * stride * 4)?;
+    g.launch(
+        "pick_tokens",
+        (picks.len() as u32, 1, 1),
+        PICK_THREADS,
+        0,
+        &[ptr(out.addr), ptr(logits), int(vocab), ptr(plan.addr), int(max_top)],
+    )?;
+    let raw = g.download::<u32>(out.addr, picks.len() * stride)?;
+    Ok(picks
+        .iter()
+        .zip(raw.chunks(stride))
+        .map(|(p, row)| PickedToken {
+            token: row[0],
+            logprob: p.logprobs.map(|_| f32::from_bits(row[1])),
+            top_logprobs: (0..p.logprobs.unwrap_or(0).min(max_top))
+                .map(|i| (row[2 + 2 * i], f32::from_bits(row[3 + 2 * i])))
+                .collect(),
+        })
+        .collect())
+}
+
+impl CudaModel {
+    /// One step whose picks are made on the GPU: see [`dsv3_engine::StepBackend::step_pick`].
+    pub fn step_pick(&mut self, chunks: &[Chunk], picks: &[Option<TokenPick>]) -> Result<Vec<Option<PickedToken>>> {
+        ensure!(
+            picks.len() == chunks.len(),
+            "{} picks for {} chunks",
+            picks.len(),
+            chunks.len()
+        );
+        let (mut rows, mut picking, mut row) = (Vec::new(), Vec::new(), 0);
+        for (i, (c, p)) in chunks.iter().zip(picks).enumerate() {
+            row += c.tokens.len();
+            if let Some(p) = p {
+                rows.push(row as i32 - 1);
+                picking.push((i, *p));
+            }
+        }
+        let (head, _) = self.run_step(chunks, Some(&rows), false)?;
+        let mut out = vec![None; chunks.len()];
+        if let Some(head) = head {
+            let plan: Vec<TokenPick> = picking.iter().map(|&(_, p)| p).collect();
+            for ((i, _), picked) in
+                picking
+                    .iter()
+                    .zip(pick_tokens(&self.gpu, head.logits, self.config.vocab_size, &plan)?)
+            {
+                out[*i] = Some(picked);
+            }
+        }
+        Ok(out)
+    }
+}
