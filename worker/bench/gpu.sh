@@ -12,6 +12,8 @@
 #   serving `bench-serve` on a written full-width 5-layer checkpoint: TTFT, time between tokens and
 #          tok/s through the OpenAI API at 1, 64 and 256 streams beside the engine's step (greedy,
 #          then temperature 1 / top_p 0.9)
+#   fleet-full  after `serving` (its checkpoint): greedy tokens of `serve --device cuda` and of a
+#          fleet of 1 attention rank + 2 expert shards as processes on the full-width checkpoint
 #   projection `bench-projection`: the full model's decode tok/s per GPU from measured parts
 #   profile the same with CUDA events around every launch, graphs off (where each step goes)
 #   peer   transformers on the same shapes (worker/bench/hf_gpu_peer.py), set beside ours
@@ -138,6 +140,50 @@ PY
                 --output "$out/serving-$(echo $sampling | tr -dc 0-9).md" ${SERVING_ARGS:-} 2>&1 |
                 grep -v "^loading" | tee -a "$out/serving.log" || failed=1
         done
+        ;;
+    fleet-full)
+        ckpt=/tmp/dsv3-full-width
+        [[ -f $ckpt/config.json ]] || { echo "fleet-full needs the checkpoint of the serving step"; exit 2; }
+        for mode in serve fleet; do
+            args=(--port 8131)
+            [[ $mode == fleet ]] && args=(--port 8132 --attention 1 --experts 2 --activation-dtype f32)
+            "$bundle/dsv3-worker" $mode --model $ckpt --device cuda "${args[@]}" > "/tmp/full-$mode.log" 2>&1 &
+        done
+        python3 - <<'PY' 2>&1 | tee -a "$out/tests.log"
+import json, time, urllib.request, concurrent.futures as cf
+def call(port, path, body=None):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode() if body else None,
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return json.loads(r.read() or b"{}") if body else r.status
+def ready(port):
+    for _ in range(600):
+        try:
+            if call(port, "/ready") == 200: return True
+        except Exception: time.sleep(0.5)
+    return False
+prompts = [[0, 5, 77, 300, 12], [9, 9, 100, 4000], [42, 7] * 40, [120000, 7, 1]]
+def run(port):
+    name = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models").read())["data"][0]["id"]
+    body = lambda p: {"model": name, "prompt": p, "max_tokens": 24, "temperature": 0, "ignore_eos": True,
+                      "return_token_ids": True, "logprobs": 2}
+    with cf.ThreadPoolExecutor(4) as ex:
+        return [r["choices"][0] for r in ex.map(lambda p: call(port, "/v1/completions", body(p)), prompts)]
+assert ready(8131) and ready(8132), "serve or the fleet did not become ready"
+serve, fleet = run(8131), run(8132)
+print("full-width checkpoint: serve --device cuda vs fleet (1 attention + 2 expert shards, f32 activations):")
+for i, (a, b) in enumerate(zip(serve, fleet)):
+    ta, tb = a["token_ids"], b["token_ids"]
+    k = next((j for j in range(len(ta)) if ta[j] != tb[j]), None)
+    if k is None:
+        print(f"  prompt {i}: the same {len(ta)} greedy tokens")
+    else:
+        top = sorted(a["logprobs"]["top_logprobs"][k].values(), reverse=True)
+        print(f"  prompt {i}: {k} tokens agree; at the first difference serve's top-2 logprob margin is {top[0] - top[1]:.4f}")
+PY
+        kill %1 %2 2>/dev/null || true
+        wait 2>/dev/null || true
+        grep -h "memory on" /tmp/full-serve.log /tmp/full-fleet.log || true
         ;;
     projection)
         # DeepSeek-V3 tok/s per GPU of A attention + E expert GPUs, from measured parts.

@@ -207,3 +207,48 @@ fn device_selection_without_a_gpu() {
     assert!(ok_auto && ok_cpu);
     assert_eq!(auto, cpu, "--device auto must run on the CPU here");
 }
+
+#[test]
+fn bench_serve_drives_streams_through_the_api() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let table = dir.path().join("serving.md");
+    let out = Command::new(env!("CARGO_BIN_EXE_dsv3-worker"))
+        .args([
+            "bench-serve",
+            "--device",
+            "cpu",
+            "--batches",
+            "1,3",
+            "--prompt-len",
+            "8",
+        ])
+        .args([
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0.7",
+            "--top-p",
+            "0.9",
+            "--output",
+        ])
+        .arg(&table)
+        .output()
+        .expect("run dsv3-worker");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&table).expect("table written");
+    // Every stream got its 12 tokens (the bench fails otherwise); one row per batch with positive rates.
+    let rows: Vec<Vec<f64>> = text
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| streams"))
+        .map(|l| {
+            l.split('|')
+                .filter_map(|c| c.trim().trim_end_matches('%').parse().ok())
+                .collect()
+        })
+        .collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    for (row, streams) in rows.iter().zip([1.0, 3.0]) {
+        assert_eq!(row[0], streams, "{text}");
+        assert!(row[1..].iter().take(8).all(|v| *v > 0.0), "{text}");
+    }
+}
