@@ -143,12 +143,14 @@ PY
         ;;
     fleet-full)
         ckpt=/tmp/dsv3-full-width
-        [[ -f $ckpt/config.json ]] || { echo "fleet-full needs the checkpoint of the serving step"; exit 2; }
-        for mode in serve fleet; do
-            args=(--port 8131)
-            [[ $mode == fleet ]] && args=(--port 8132 --attention 1 --experts 2 --activation-dtype f32)
-            "$bundle/dsv3-worker" $mode --model $ckpt --device cuda "${args[@]}" > "/tmp/full-$mode.log" 2>&1 &
-        done
+        [[ -f $ckpt/config.json ]] || "$bundle/dsv3-worker" bench-serve --device cuda --checkpoint-dir $ckpt \
+            --batches 1 --prompt-len 4 --max-tokens 4 2>&1 | grep "^checkpoint"
+        # serve with its decode graphs, serve launching kernel by kernel (the fleet's attention rank
+        # cannot graph a step that reaches the host), and the fleet.
+        "$bundle/dsv3-worker" serve --model $ckpt --device cuda --port 8131 > /tmp/full-serve.log 2>&1 &
+        DSV3_CUDA_GRAPHS=0 "$bundle/dsv3-worker" serve --model $ckpt --device cuda --port 8133 > /tmp/full-serve-ungraphed.log 2>&1 &
+        "$bundle/dsv3-worker" fleet --model $ckpt --device cuda --port 8132 --attention 1 --experts 2 \
+            --activation-dtype f32 > /tmp/full-fleet.log 2>&1 &
         python3 - <<'PY' 2>&1 | tee -a "$out/tests.log"
 import json, time, urllib.request, concurrent.futures as cf
 def call(port, path, body=None):
@@ -169,21 +171,26 @@ def run(port):
                       "return_token_ids": True, "logprobs": 2}
     with cf.ThreadPoolExecutor(4) as ex:
         return [r["choices"][0] for r in ex.map(lambda p: call(port, "/v1/completions", body(p)), prompts)]
-assert ready(8131) and ready(8132), "serve or the fleet did not become ready"
-serve, fleet = run(8131), run(8132)
-print("full-width checkpoint: serve --device cuda vs fleet (1 attention + 2 expert shards, f32 activations):")
-for i, (a, b) in enumerate(zip(serve, fleet)):
-    ta, tb = a["token_ids"], b["token_ids"]
-    k = next((j for j in range(len(ta)) if ta[j] != tb[j]), None)
-    if k is None:
-        print(f"  prompt {i}: the same {len(ta)} greedy tokens")
-    else:
-        top = sorted(a["logprobs"]["top_logprobs"][k].values(), reverse=True)
-        print(f"  prompt {i}: {k} tokens agree; at the first difference serve's top-2 logprob margin is {top[0] - top[1]:.4f}")
+assert all(ready(p) for p in (8131, 8132, 8133)), "a server did not become ready"
+graphed, fleet, ungraphed = run(8131), run(8132), run(8133)
+def compare(label, first, second):
+    print(f"full-width checkpoint: {label}:")
+    for i, (a, b) in enumerate(zip(first, second)):
+        ta, tb = a["token_ids"], b["token_ids"]
+        k = next((j for j in range(len(ta)) if ta[j] != tb[j]), None)
+        if k is None:
+            print(f"  prompt {i}: the same {len(ta)} greedy tokens")
+        else:
+            top = sorted(a["logprobs"]["top_logprobs"][k].values(), reverse=True)
+            print(f"  prompt {i}: {k} tokens agree; there the first's top-2 logprob margin is {top[0] - top[1]:.4f}")
+compare("serve (graphed) vs fleet (1 attention + 2 expert shards, f32 activations)", graphed, fleet)
+compare("serve (kernel by kernel) vs the same fleet", ungraphed, fleet)
+compare("serve (graphed) vs serve (kernel by kernel)", graphed, ungraphed)
 PY
-        kill %1 %2 2>/dev/null || true
+        kill %1 %2 %3 2>/dev/null || true
         wait 2>/dev/null || true
         grep -h "memory on" /tmp/full-serve.log /tmp/full-fleet.log || true
+        grep -h -i "error" /tmp/full-*.log | head -5 || true
         ;;
     projection)
         # DeepSeek-V3 tok/s per GPU of A attention + E expert GPUs, from measured parts.

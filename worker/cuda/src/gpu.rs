@@ -6,6 +6,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
     result as drv, sys as drv_sys, CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr,
+    PinnedHostSlice,
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 use std::collections::HashMap;
@@ -180,6 +181,31 @@ pub struct Gpu {
     lanes: std::cell::RefCell<Vec<Lane>>,
     /// Where launches go: 0 = the main stream, i = side lane i - 1.
     current: std::cell::Cell<usize>,
+    /// Page-locked host memory for a step's round trips through the host ([`Gpu::download_staged`]),
+    /// grown as needed.
+    staging: std::cell::RefCell<Option<PinnedHostSlice<u8>>>,
+}
+
+/// Device data copied into page-locked host memory, part by part (see [`Gpu::download_staged`]).
+pub struct Staged<'a> {
+    parts: Vec<&'a [u8]>,
+}
+
+impl Staged<'_> {
+    /// Part `i` as f32 values.
+    pub fn f32(&self, i: usize) -> &[f32] {
+        let b = self.parts[i];
+        // SAFETY: parts start 64-byte aligned in page-aligned memory and hold whole 4-byte
+        // values; every bit pattern is a valid f32.
+        unsafe { std::slice::from_raw_parts(b.as_ptr() as *const f32, b.len() / 4) }
+    }
+
+    /// Part `i` as i32 values.
+    pub fn i32(&self, i: usize) -> &[i32] {
+        let b = self.parts[i];
+        // SAFETY: as for `f32`.
+        unsafe { std::slice::from_raw_parts(b.as_ptr() as *const i32, b.len() / 4) }
+    }
 }
 
 struct Lane {
@@ -243,6 +269,7 @@ impl Gpu {
                 .then(Default::default),
             lanes: Default::default(),
             current: Default::default(),
+            staging: Default::default(),
         };
         for name in ["mla_attend", "mla_decode_tc"] {
             gpu.funcs[name].set_attribute(
@@ -337,6 +364,54 @@ impl Gpu {
             self.sync()?;
         }
         Ok(out)
+    }
+
+    /// Copies each `(device address, bytes)` of `parts` into page-locked host memory, back to back
+    /// with one wait for all of them, and hands `read` the host copies. Pageable copies go through
+    /// the driver's bounce buffers at a fraction of the link's speed and wait once each.
+    pub fn download_staged<R>(&self, parts: &[(u64, usize)], read: impl FnOnce(&Staged) -> R) -> Result<R> {
+        let offsets: Vec<usize> = parts
+            .iter()
+            .scan(0usize, |at, &(_, bytes)| {
+                let start = *at;
+                *at = (start + bytes).next_multiple_of(64);
+                Some(start)
+            })
+            .collect();
+        let total = offsets.last().zip(parts.last()).map_or(0, |(o, p)| o + p.1).max(1);
+        let mut staging = self
+            .staging
+            .try_borrow_mut()
+            .map_err(|_| anyhow!("the staging buffer is already in use"))?;
+        if staging.as_ref().is_none_or(|s| s.len() < total) {
+            *staging = None; // free the old buffer before taking a larger one
+                             // SAFETY: plain page-locked memory (no write-combining: the host reads it); every byte
+                             // read below is written by a copy first.
+            let fresh = unsafe { self.ctx.alloc_pinned_with_flags::<u8>(total.next_power_of_two(), 0) }
+                .context("allocating page-locked staging memory")?;
+            *staging = Some(fresh);
+        }
+        let buf = staging.as_mut().context("staging buffer")?;
+        let base = buf.as_mut_ptr().context("staging buffer")?;
+        self.ctx.bind_to_thread()?;
+        for (&(addr, bytes), &at) in parts.iter().zip(&offsets) {
+            if bytes == 0 {
+                continue;
+            }
+            // SAFETY: `at + bytes <= total <= len`; the copies finish before the wait below returns.
+            unsafe {
+                let dst = std::slice::from_raw_parts_mut(base.add(at), bytes);
+                drv::memcpy_dtoh_async(dst, addr, self.stream.cu_stream())?;
+            }
+        }
+        self.sync()?;
+        // SAFETY: the copies above wrote these ranges and have completed.
+        let views = parts
+            .iter()
+            .zip(&offsets)
+            .map(|(&(_, bytes), &at)| unsafe { std::slice::from_raw_parts(base.add(at) as *const u8, bytes) })
+            .collect();
+        Ok(read(&Staged { parts: views }))
     }
 
     /// Zeroes `bytes` bytes at `addr` (stream-ordered).

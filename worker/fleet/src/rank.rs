@@ -45,7 +45,12 @@ struct RankState {
     samplers: HashMap<u64, Sampler>,
     steps: u64,
     step_seconds: f64,
+    /// When the expert counters were last taken (reading them waits on the device).
+    counts_taken: Option<std::time::Instant>,
 }
+
+/// How often a step's reply carries the expert counters; the probe takes the rest.
+const COUNTS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// An attention rank over any [`StepBackend`] (CPU or GPU), its samplers and counters.
 pub struct LocalAttention {
@@ -78,6 +83,7 @@ impl LocalAttention {
                 samplers: HashMap::new(),
                 steps: 0,
                 step_seconds: 0.0,
+                counts_taken: None,
             }),
         }
     }
@@ -101,9 +107,14 @@ impl AttentionRank for LocalAttention {
         let chunks = step_chunks(&request.items);
         let picks = token_picks(&mut state.samplers, &request.items);
         let picked = state.backend.step_pick(&chunks, &picks)?;
+        let counts_due = state.counts_taken.is_none_or(|t| t.elapsed() >= COUNTS_INTERVAL);
         let reply = StepReply {
             sampled: sampled(&request.items, picked),
-            expert_load: expert_load(state.backend.take_expert_counts()?),
+            expert_load: if counts_due {
+                state.take_expert_load()?
+            } else {
+                Vec::new()
+            },
         };
         state.steps += 1;
         state.step_seconds += started.elapsed().as_secs_f64();
@@ -120,7 +131,8 @@ impl AttentionRank for LocalAttention {
     }
 
     fn info(&self) -> Result<AttentionInfo> {
-        let state = self.lock()?;
+        let mut state = self.lock()?;
+        let expert_load = state.take_expert_load()?;
         let ready = self.experts.as_ref().map_or(Ok(()), |e| e.ready());
         let transport = self.experts.as_ref().map(|e| e.transport()).unwrap_or_default();
         let capacity = state.backend.capacity();
@@ -145,7 +157,15 @@ impl AttentionRank for LocalAttention {
             detail: ready.err().unwrap_or_default(),
             device: state.backend.device(),
             memory: Some(memory_report(memory)),
+            expert_load,
         })
+    }
+}
+
+impl RankState {
+    fn take_expert_load(&mut self) -> Result<Vec<LayerLoad>> {
+        self.counts_taken = Some(std::time::Instant::now());
+        Ok(expert_load(self.backend.take_expert_counts()?))
     }
 }
 

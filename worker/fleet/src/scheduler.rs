@@ -180,6 +180,18 @@ impl Backend for Fleet {
     }
 }
 
+/// Adds a rank's reported expert counters to the fleet's totals.
+fn add_expert_load(shared: &Mutex<Shared>, loads: Vec<dsv3_proto::LayerLoad>) {
+    let Ok(mut shared) = shared.lock() else { return };
+    for load in loads {
+        let entry = shared.expert_tokens.entry(load.layer).or_default();
+        entry.resize(entry.len().max(load.tokens_per_expert.len()), 0);
+        for (e, n) in load.tokens_per_expert.iter().enumerate() {
+            entry[e] += n;
+        }
+    }
+}
+
 /// What the metrics show of a rank's answer to a probe.
 fn rank_stats(rank: usize, info: &dsv3_proto::AttentionInfo) -> RankStats {
     let memory = info.memory.unwrap_or_default();
@@ -251,7 +263,8 @@ impl Scheduler {
             }
             slot.last_probe = Some(Instant::now());
             match slot.rank.info() {
-                Ok(info) => {
+                Ok(mut info) => {
+                    add_expert_load(&self.shared, std::mem::take(&mut info.expert_load));
                     slot.stats = rank_stats(index, &info);
                     slot.block_size = info.block_size.max(1) as usize;
                     slot.total_blocks = info.total_blocks as usize;
@@ -454,15 +467,7 @@ impl Scheduler {
             match reply {
                 None => {}
                 Some(Ok(reply)) => {
-                    if let Ok(mut shared) = self.shared.lock() {
-                        for load in reply.expert_load {
-                            let entry = shared.expert_tokens.entry(load.layer).or_default();
-                            entry.resize(entry.len().max(load.tokens_per_expert.len()), 0);
-                            for (e, n) in load.tokens_per_expert.iter().enumerate() {
-                                entry[e] += n;
-                            }
-                        }
-                    }
+                    add_expert_load(&self.shared, reply.expert_load);
                     for s in reply.sampled {
                         sampled.insert(s.seq, s);
                     }

@@ -306,19 +306,26 @@ impl CudaModel {
     ) -> Result<Vec<u32>> {
         let g = &self.gpu;
         let (k, width) = (self.config.num_experts_per_tok, self.config.hidden_size);
-        let chosen: Vec<i32> = g.download(ids.addr, m * k)?;
-        let routes = TokenRoutes {
-            k,
-            experts: chosen.iter().map(|&v| v as u32).collect(),
-            weights: g.download(weights.addr, m * k)?,
-        };
+        // The routes and the rows in one wait, through page-locked memory; the experts read the
+        // rows where they landed.
+        let parts = [
+            (ids.addr, m * k * 4),
+            (weights.addr, m * k * 4),
+            (x.addr, m * width * 4),
+        ];
+        let (routes, y) = g.download_staged(&parts, |staged| {
+            let routes = TokenRoutes {
+                k,
+                experts: staged.i32(0).iter().map(|&v| v as u32).collect(),
+                weights: staged.f32(1).to_vec(),
+            };
+            let y = experts.routed_experts(layer, staged.f32(2), &routes);
+            (routes, y)
+        })?;
         if let Ok(mut counts) = self.host_counts.lock() {
             count_routes(&mut counts, layer, self.config.n_routed_experts, &routes);
         }
-        let rows: Vec<f32> = g.download(x.addr, m * width)?;
-        let y = experts
-            .routed_experts(layer, &rows, &routes)
-            .with_context(|| format!("routed experts of layer {layer}"))?;
+        let y = y.with_context(|| format!("routed experts of layer {layer}"))?;
         ensure!(
             y.len() == m * width,
             "the experts of layer {layer} returned {} values for {m} rows",
