@@ -94,34 +94,8 @@ PY
             port=$([[ $dev == cpu ]] && echo 8121 || echo 8122)
             "$bundle/dsv3-worker" serve --model tests/golden/tiny-fp8 --port $port --device $dev > "/tmp/serve-$dev.log" 2>&1 &
         done
-        python3 - <<'PY' 2>&1 | tee -a "$out/tests.log"
-import json, time, urllib.request, concurrent.futures as cf
-def call(port, path, body=None):
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode() if body else None,
-                                 headers={"content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        return json.loads(r.read() or b"{}") if body else r.status
-for port in (8121, 8122):
-    for _ in range(120):
-        try:
-            if call(port, "/ready") == 200: break
-        except Exception: time.sleep(0.5)
-prompts = [[0, 5, 77, 300, 12], [0, 9, 9, 100], [0, 42] * 20, [0, 7]]
-def run(port):
-    body = lambda p: {"model": "tiny-fp8", "prompt": p, "max_tokens": 16, "temperature": 0, "logprobs": 2}
-    with cf.ThreadPoolExecutor(4) as ex:
-        return [r["choices"][0] for r in ex.map(lambda p: call(port, "/v1/completions", body(p)), prompts)]
-cpu, gpu = run(8121), run(8122)
-same = [a["text"] == b["text"] for a, b in zip(cpu, gpu)]
-print("serve --device cuda vs cpu, 4 concurrent greedy completions, same text:", same)
-for i, (a, b) in enumerate(zip(cpu, gpu)):
-    ta, tb = a["logprobs"]["tokens"], b["logprobs"]["tokens"]
-    k = next((j for j in range(min(len(ta), len(tb))) if ta[j] != tb[j]), None)
-    if k is not None:
-        top = sorted(a["logprobs"]["top_logprobs"][k].values(), reverse=True)
-        margin = f"{top[0] - top[1]:.4f}" if len(top) > 1 else "n/a"
-        print(f"prompt {i}: first different token at {k}; the CPU's top-2 logprob margin there: {margin}")
-PY
+        python3 worker/bench/compare_greedy.py --max-tokens 16 "serve --device cpu=8121" \
+            "serve --device cuda=8122" 2>&1 | tee -a "$out/tests.log"
         kill %1 %2 2>/dev/null || true
         grep -h "memory on" /tmp/serve-cuda.log || tail -5 /tmp/serve-cuda.log
         ;;
@@ -151,42 +125,10 @@ PY
         DSV3_CUDA_GRAPHS=0 "$bundle/dsv3-worker" serve --model $ckpt --device cuda --port 8133 > /tmp/full-serve-ungraphed.log 2>&1 &
         "$bundle/dsv3-worker" fleet --model $ckpt --device cuda --port 8132 --attention 1 --experts 2 \
             --activation-dtype f32 > /tmp/full-fleet.log 2>&1 &
-        python3 - <<'PY' 2>&1 | tee -a "$out/tests.log"
-import json, time, urllib.request, concurrent.futures as cf
-def call(port, path, body=None):
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode() if body else None,
-                                 headers={"content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=300) as r:
-        return json.loads(r.read() or b"{}") if body else r.status
-def ready(port):
-    for _ in range(600):
-        try:
-            if call(port, "/ready") == 200: return True
-        except Exception: time.sleep(0.5)
-    return False
-prompts = [[0, 5, 77, 300, 12], [9, 9, 100, 4000], [42, 7] * 40, [120000, 7, 1]]
-def run(port):
-    name = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models").read())["data"][0]["id"]
-    body = lambda p: {"model": name, "prompt": p, "max_tokens": 24, "temperature": 0, "ignore_eos": True,
-                      "return_token_ids": True, "logprobs": 2}
-    with cf.ThreadPoolExecutor(4) as ex:
-        return [r["choices"][0] for r in ex.map(lambda p: call(port, "/v1/completions", body(p)), prompts)]
-assert all(ready(p) for p in (8131, 8132, 8133)), "a server did not become ready"
-graphed, fleet, ungraphed = run(8131), run(8132), run(8133)
-def compare(label, first, second):
-    print(f"full-width checkpoint: {label}:")
-    for i, (a, b) in enumerate(zip(first, second)):
-        ta, tb = a["token_ids"], b["token_ids"]
-        k = next((j for j in range(len(ta)) if ta[j] != tb[j]), None)
-        if k is None:
-            print(f"  prompt {i}: the same {len(ta)} greedy tokens")
-        else:
-            top = sorted(a["logprobs"]["top_logprobs"][k].values(), reverse=True)
-            print(f"  prompt {i}: {k} tokens agree; there the first's top-2 logprob margin is {top[0] - top[1]:.4f}")
-compare("serve (graphed) vs fleet (1 attention + 2 expert shards, f32 activations)", graphed, fleet)
-compare("serve (kernel by kernel) vs the same fleet", ungraphed, fleet)
-compare("serve (graphed) vs serve (kernel by kernel)", graphed, ungraphed)
-PY
+        echo "full-width checkpoint (the fleet: 1 attention rank + 2 expert shards, f32 activations):" |
+            tee -a "$out/tests.log"
+        python3 worker/bench/compare_greedy.py --max-tokens 24 "serve (graphed)=8131" "fleet=8132" \
+            "serve (kernel by kernel)=8133" 2>&1 | tee -a "$out/tests.log"
         kill %1 %2 %3 2>/dev/null || true
         wait 2>/dev/null || true
         grep -h "memory on" /tmp/full-serve.log /tmp/full-fleet.log || true
