@@ -2,11 +2,12 @@
 //! attention ranks and expert shards as processes on loopback): tokens/s, per-step latency,
 //! activation bytes per MoE layer per step, and how step time splits into compute and transport.
 
+use crate::server_process::ServerProcess;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 #[derive(Args)]
@@ -36,46 +37,31 @@ pub struct BenchFleetArgs {
 }
 
 struct Running {
-    child: Child,
-    base: String,
+    server: ServerProcess,
     attention: Vec<String>,
 }
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        // The launcher stops its members on SIGTERM.
-        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 fn start(mode: &str, args: &BenchFleetArgs) -> Result<Running> {
-    let exe = std::env::current_exe()?;
-    let port = free_port()?;
-    let mut cmd = Command::new(exe);
     let device = if args.device.use_cuda()? { "cuda" } else { "cpu" };
-    cmd.args([mode, "--port", &port.to_string(), "--device", device])
-        .stderr(Stdio::null())
-        .stdout(Stdio::piped());
-    if let Some(dir) = &args.model.model {
-        cmd.arg("--model").arg(dir);
-    }
-    if mode == "fleet" {
-        cmd.args([
-            "--attention",
-            &args.attention.to_string(),
-            "--experts",
-            &args.experts.to_string(),
-        ]);
-    }
-    let mut child = cmd.spawn().with_context(|| format!("starting {mode}"))?;
+    let mut server = ServerProcess::start(mode, |cmd| {
+        cmd.args(["--device", device])
+            .stderr(Stdio::null())
+            .stdout(Stdio::piped());
+        if let Some(dir) = &args.model.model {
+            cmd.arg("--model").arg(dir);
+        }
+        if mode == "fleet" {
+            cmd.args([
+                "--attention",
+                &args.attention.to_string(),
+                "--experts",
+                &args.experts.to_string(),
+            ]);
+        }
+    })?;
     let mut attention = Vec::new();
     if mode == "fleet" {
-        let stdout = child.stdout.take().context("fleet stdout")?;
+        let stdout = server.child.stdout.take().context("fleet stdout")?;
         for line in BufReader::new(stdout).lines().take(args.attention + args.experts + 1) {
             let v: Value = serde_json::from_str(&line?)?;
             if v["role"] == "attention" {
@@ -83,19 +69,8 @@ fn start(mode: &str, args: &BenchFleetArgs) -> Result<Running> {
             }
         }
     }
-    let running = Running {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-        attention,
-    };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
-        if ureq::get(&format!("{}/ready", running.base)).call().is_ok() {
-            return Ok(running);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    bail!("{mode} did not become ready")
+    server.wait_ready(Duration::from_secs(120))?;
+    Ok(Running { server, attention })
 }
 
 /// One completion; a refused one is an error carrying the server's message.
@@ -136,17 +111,17 @@ fn run_load(mode: &str, args: &BenchFleetArgs) -> Result<Row> {
             .collect();
         json!({"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": true})
     };
-    complete(&running.base, body(0))?; // warm-up
+    complete(&running.server.base, body(0))?; // warm-up
     let (itl_sum0, itl_n0) = (
-        metric_sum(&running.base, "dsv3_inter_token_latency_seconds_sum")?,
-        metric_sum(&running.base, "dsv3_inter_token_latency_seconds_count")?,
+        metric_sum(&running.server.base, "dsv3_inter_token_latency_seconds_sum")?,
+        metric_sum(&running.server.base, "dsv3_inter_token_latency_seconds_count")?,
     );
     let infos_before = attention_infos(&running.attention)?;
     let started = Instant::now();
     let generated: usize = std::thread::scope(|s| {
         let handles: Vec<_> = (0..args.clients)
             .map(|c| {
-                let base = running.base.clone();
+                let base = running.server.base.clone();
                 let body = &body;
                 s.spawn(move || -> Result<usize> {
                     let mut n = 0;
@@ -164,8 +139,8 @@ fn run_load(mode: &str, args: &BenchFleetArgs) -> Result<Row> {
             .sum::<Result<usize>>()
     })?;
     let wall = started.elapsed().as_secs_f64();
-    let itl_sum = metric_sum(&running.base, "dsv3_inter_token_latency_seconds_sum")? - itl_sum0;
-    let itl_n = metric_sum(&running.base, "dsv3_inter_token_latency_seconds_count")? - itl_n0;
+    let itl_sum = metric_sum(&running.server.base, "dsv3_inter_token_latency_seconds_sum")? - itl_sum0;
+    let itl_n = metric_sum(&running.server.base, "dsv3_inter_token_latency_seconds_count")? - itl_n0;
     let infos_after = attention_infos(&running.attention)?;
     let (mut bytes, mut layers, mut step_s, mut expert_s) = (0u64, 0u64, 0f64, 0f64);
     for (a, b) in infos_after.iter().zip(&infos_before) {

@@ -6,14 +6,16 @@
 //! process, then starts `serve` on the checkpoint and drives N concurrent streams over HTTP:
 //! time to first token, time between tokens and decode tok/s, beside the step.
 
+use crate::bench_fleet::metric_sum;
 use crate::device::{load_backend, DeviceArg};
+use crate::server_process::ServerProcess;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use dsv3_engine::{Chunk, ModelFiles, Outputs, StepBackend, TokenChoice, TokenPick};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -89,20 +91,20 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
         }
     }
 
-    let server = Server::start(&files, &args, cache_tokens, largest)?;
+    let device = if cuda { "cuda" } else { "cpu" };
+    let server = Server::start(&files, device, cache_tokens, largest)?;
     let mut rows = Vec::new();
     for (&batch, &step) in args.batches.iter().zip(&steps) {
         let before = server.scheduler_time()?;
         let streams = drive(&server, batch, &args, config.vocab_size)?;
         let after = server.scheduler_time()?;
-        let mut row = Row::of(batch, step, &streams)?;
-        row.scheduler_share = 1.0 - (after.0 - before.0) / (after.1 - before.1).max(1e-9);
+        let scheduler_share = 1.0 - (after.0 - before.0) / (after.1 - before.1).max(1e-9);
+        let row = Row::of(batch, step, scheduler_share, &streams)?;
         eprintln!("  {}", row.markdown());
         rows.push(row);
     }
     drop(server);
 
-    let device = if cuda { "cuda" } else { "cpu" };
     let mut table = format!(
         "Serving `{}` on {device}: {} streams of {} prompt + {} decoded tokens, temperature {}, top_p {}.\n\n",
         files.describe(),
@@ -205,7 +207,7 @@ fn engine_step(backend: &mut dyn StepBackend, batch: usize, args: &BenchServeArg
     for &s in &seqs {
         backend.free_sequence(s);
     }
-    Ok(median(&mut times[2..].to_vec()))
+    Ok(percentile(&mut times[2..], 0.5))
 }
 
 /// A prompt of `len` token ids, different for every stream.
@@ -215,14 +217,7 @@ fn prompt(stream: usize, len: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
+/// The value at fraction `p` of the sorted values (nearest rank; NaN when there are none).
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -231,60 +226,37 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// `serve` as a child process, stopped when dropped.
+/// `serve` on the benchmark's model, and the model name it answers to.
 struct Server {
-    child: Child,
-    base: String,
+    process: ServerProcess,
     model: String,
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
-        let _ = self.child.wait();
-    }
-}
-
 impl Server {
+    fn start(files: &ModelFiles, device: &str, cache_tokens: usize, streams: usize) -> Result<Server> {
+        let mut process = ServerProcess::start("serve", |cmd| {
+            cmd.args(["--device", device])
+                .args(["--cache-tokens", &cache_tokens.to_string()])
+                .args(["--max-waiting", &(streams + 16).to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit());
+            if let ModelFiles::Dir(dir) = files {
+                cmd.arg("--model").arg(dir);
+            }
+        })?;
+        process.wait_ready(Duration::from_secs(600))?;
+        let models: Value = ureq::get(&format!("{}/v1/models", process.base)).call()?.into_json()?;
+        let model = models["data"][0]["id"].as_str().unwrap_or_default().to_string();
+        Ok(Server { process, model })
+    }
+
     /// Seconds the scheduler has waited on steps and has been busy, since start.
     fn scheduler_time(&self) -> Result<(f64, f64)> {
+        let base = &self.process.base;
         Ok((
-            crate::bench_fleet::metric_sum(&self.base, "dsv3_scheduler_step_seconds_total ")?,
-            crate::bench_fleet::metric_sum(&self.base, "dsv3_scheduler_busy_seconds_total ")?,
+            metric_sum(base, "dsv3_scheduler_step_seconds_total ")?,
+            metric_sum(base, "dsv3_scheduler_busy_seconds_total ")?,
         ))
-    }
-
-    fn start(files: &ModelFiles, args: &BenchServeArgs, cache_tokens: usize, streams: usize) -> Result<Server> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let device = if args.device.use_cuda()? { "cuda" } else { "cpu" };
-        let mut cmd = Command::new(std::env::current_exe()?);
-        cmd.args(["serve", "--port", &port.to_string(), "--device", device])
-            .args(["--cache-tokens", &cache_tokens.to_string()])
-            .args(["--max-waiting", &(streams + 16).to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        if let ModelFiles::Dir(dir) = files {
-            cmd.arg("--model").arg(dir);
-        }
-        let child = cmd.spawn().context("starting serve")?;
-        let mut server = Server {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            model: String::new(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(600);
-        while Instant::now() < deadline {
-            if let Some(status) = server.child.try_wait()? {
-                bail!("serve exited ({status}) before it was ready");
-            }
-            if ureq::get(&format!("{}/ready", server.base)).call().is_ok() {
-                let models: Value = ureq::get(&format!("{}/v1/models", server.base)).call()?.into_json()?;
-                server.model = models["data"][0]["id"].as_str().unwrap_or_default().to_string();
-                return Ok(server);
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        bail!("serve did not become ready in 10 minutes")
     }
 }
 
@@ -296,7 +268,7 @@ struct Stream {
 /// `batch` concurrent streaming completions, released together.
 fn drive(server: &Server, batch: usize, args: &BenchServeArgs, vocab: usize) -> Result<Vec<Stream>> {
     let barrier = Arc::new(Barrier::new(batch + 1));
-    let url = format!("{}/v1/completions", server.base);
+    let url = format!("{}/v1/completions", server.process.base);
     let handles: Vec<_> = (0..batch)
         .map(|i| {
             let body = json!({
@@ -364,7 +336,7 @@ impl Row {
     const HEADER: &'static str = "| streams | TTFT p50 (ms) | TTFT max (ms) | TBT p50 (ms) | TBT p99 (ms) | API decode tok/s | engine step (ms) | engine tok/s | API / engine | scheduler outside steps |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
 
     /// The steady window runs from the last stream's first token to the first stream's last one.
-    fn of(batch: usize, step: f64, streams: &[Stream]) -> Result<Row> {
+    fn of(batch: usize, step: f64, scheduler_share: f64, streams: &[Stream]) -> Result<Row> {
         let mut ttft: Vec<f64> = streams.iter().map(|s| s.arrivals[0]).collect();
         let from = ttft.iter().copied().fold(0.0, f64::max);
         let to = streams
@@ -385,13 +357,13 @@ impl Row {
         }
         Ok(Row {
             batch,
-            ttft_p50: median(&mut ttft),
+            ttft_p50: percentile(&mut ttft, 0.5),
             ttft_max: from,
-            tbt_p50: median(&mut gaps),
+            tbt_p50: percentile(&mut gaps, 0.5),
             tbt_p99: percentile(&mut gaps, 0.99),
             tok_s: tokens as f64 / (to - from),
             step,
-            scheduler_share: f64::NAN,
+            scheduler_share,
         })
     }
 

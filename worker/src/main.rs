@@ -13,6 +13,7 @@ mod local_fleet;
 mod model_source;
 mod progress;
 mod roles;
+mod server_process;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

@@ -384,9 +384,10 @@ impl Gpu {
             .try_borrow_mut()
             .map_err(|_| anyhow!("the staging buffer is already in use"))?;
         if staging.as_ref().is_none_or(|s| s.len() < total) {
-            *staging = None; // free the old buffer before taking a larger one
-                             // SAFETY: plain page-locked memory (no write-combining: the host reads it); every byte
-                             // read below is written by a copy first.
+            // Free the old buffer before taking a larger one.
+            *staging = None;
+            // SAFETY: plain page-locked memory (no write-combining: the host reads it); every byte
+            // read below is written by a copy first.
             let fresh = unsafe { self.ctx.alloc_pinned_with_flags::<u8>(total.next_power_of_two(), 0) }
                 .context("allocating page-locked staging memory")?;
             *staging = Some(fresh);

@@ -180,6 +180,12 @@ impl Backend for Fleet {
     }
 }
 
+/// One rank's step; a panic in it is that rank's error, not the scheduler's end.
+fn step_rank(rank: &dyn AttentionRank, batch: StepRequest) -> anyhow::Result<dsv3_proto::StepReply> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rank.step(batch)))
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the step panicked on this rank")))
+}
+
 /// Adds a rank's reported expert counters to the fleet's totals.
 fn add_expert_load(shared: &Mutex<Shared>, loads: Vec<dsv3_proto::LayerLoad>) {
     let Ok(mut shared) = shared.lock() else { return };
@@ -430,13 +436,7 @@ impl Scheduler {
             batches
                 .into_iter()
                 .enumerate()
-                .map(|(i, batch)| {
-                    (!batch.items.is_empty()).then(|| {
-                        let rank = &self.ranks[i].rank;
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rank.step(batch)))
-                            .unwrap_or_else(|_| Err(anyhow::anyhow!("the step panicked on this rank")))
-                    })
-                })
+                .map(|(i, batch)| (!batch.items.is_empty()).then(|| step_rank(self.ranks[i].rank.as_ref(), batch)))
                 .collect()
         } else {
             std::thread::scope(|scope| {
@@ -445,7 +445,7 @@ impl Scheduler {
                     .enumerate()
                     .map(|(i, batch)| {
                         let rank = self.ranks[i].rank.clone();
-                        (!batch.items.is_empty()).then(|| scope.spawn(move || rank.step(batch)))
+                        (!batch.items.is_empty()).then(|| scope.spawn(move || step_rank(rank.as_ref(), batch)))
                     })
                     .collect();
                 handles
@@ -453,7 +453,7 @@ impl Scheduler {
                     .map(|h| {
                         h.map(|h| {
                             h.join()
-                                .unwrap_or_else(|_| Err(anyhow::anyhow!("the step panicked on this rank")))
+                                .unwrap_or_else(|_| Err(anyhow::anyhow!("the step thread died")))
                         })
                     })
                     .collect()

@@ -63,24 +63,22 @@ impl CudaModel {
             picks.len(),
             chunks.len()
         );
-        let (mut rows, mut picking, mut row) = (Vec::new(), Vec::new(), 0);
+        // The last row of each picking chunk, which chunk it is, and its pick.
+        let (mut rows, mut chunk_of, mut plan, mut row) = (Vec::new(), Vec::new(), Vec::new(), 0);
         for (i, (c, p)) in chunks.iter().zip(picks).enumerate() {
             row += c.tokens.len();
             if let Some(p) = p {
                 rows.push(row as i32 - 1);
-                picking.push((i, *p));
+                chunk_of.push(i);
+                plan.push(*p);
             }
         }
         let (head, _) = self.run_step(chunks, Some(&rows), false)?;
         let mut out = vec![None; chunks.len()];
         if let Some(head) = head {
-            let plan: Vec<TokenPick> = picking.iter().map(|&(_, p)| p).collect();
-            for ((i, _), picked) in
-                picking
-                    .iter()
-                    .zip(pick_tokens(&self.gpu, head.logits, self.config.vocab_size, &plan)?)
-            {
-                out[*i] = Some(picked);
+            let picked = pick_tokens(&self.gpu, head.logits, self.config.vocab_size, &plan)?;
+            for (i, p) in chunk_of.into_iter().zip(picked) {
+                out[i] = Some(p);
             }
         }
         Ok(out)
