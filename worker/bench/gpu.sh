@@ -129,9 +129,16 @@ PY
             tee -a "$out/tests.log"
         python3 worker/bench/compare_greedy.py --max-tokens 24 "serve (graphed)=8131" "fleet=8132" \
             "serve (kernel by kernel)=8133" 2>&1 | tee -a "$out/tests.log"
-        kill %1 %2 %3 2>/dev/null || true
+        # Then the fleet whose attention rank runs a third of the experts itself.
+        kill %3 2>/dev/null || true
+        "$bundle/dsv3-worker" fleet --model $ckpt --device cuda --port 8134 --attention 1 --experts 2 \
+            --attention-holds-experts --activation-dtype f32 > /tmp/full-fleet-holding.log 2>&1 &
+        echo "the same, the attention rank holding a third of the experts:" | tee -a "$out/tests.log"
+        python3 worker/bench/compare_greedy.py --max-tokens 24 "serve (graphed)=8131" "fleet, attention holding experts=8134" \
+            "serve (kernel by kernel)=8133" 2>&1 | tee -a "$out/tests.log"
+        kill %1 %2 %4 2>/dev/null || true
         wait 2>/dev/null || true
-        grep -h "memory on" /tmp/full-serve.log /tmp/full-fleet.log || true
+        grep -h "memory on\|runs .* routed experts" /tmp/full-serve.log /tmp/full-fleet.log /tmp/full-fleet-holding.log || true
         grep -h -i "error" /tmp/full-*.log | head -5 || true
         ;;
     projection)

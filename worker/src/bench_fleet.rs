@@ -1,6 +1,7 @@
 //! `dsv3-worker bench-fleet`: the same load against `serve` (one process) and `fleet` (router,
-//! attention ranks and expert shards as processes on loopback): tokens/s, per-step latency,
-//! activation bytes per MoE layer per step, and how step time splits into compute and transport.
+//! attention ranks and expert shards as processes on loopback; then again with the attention
+//! ranks holding one share of the experts): tokens/s, per-step latency, activation bytes per MoE
+//! layer per step, and how step time splits into compute and transport.
 
 use crate::server_process::ServerProcess;
 use anyhow::{bail, Context, Result};
@@ -41,7 +42,18 @@ struct Running {
     attention: Vec<String>,
 }
 
-fn start(mode: &str, args: &BenchFleetArgs) -> Result<Running> {
+/// What runs the load: `serve`, or the fleet with or without experts on its attention ranks.
+#[derive(Clone, Copy, PartialEq)]
+enum Setup {
+    Serve,
+    Fleet { attention_holds_experts: bool },
+}
+
+fn start(setup: Setup, args: &BenchFleetArgs) -> Result<Running> {
+    let mode = match setup {
+        Setup::Serve => "serve",
+        Setup::Fleet { .. } => "fleet",
+    };
     let device = if args.device.use_cuda()? { "cuda" } else { "cpu" };
     let mut server = ServerProcess::start(mode, |cmd| {
         cmd.args(["--device", device])
@@ -57,6 +69,13 @@ fn start(mode: &str, args: &BenchFleetArgs) -> Result<Running> {
                 "--experts",
                 &args.experts.to_string(),
             ]);
+        }
+        if setup
+            == (Setup::Fleet {
+                attention_holds_experts: true,
+            })
+        {
+            cmd.arg("--attention-holds-experts");
         }
     })?;
     let mut attention = Vec::new();
@@ -103,8 +122,8 @@ struct Row {
     transport_share: Option<f64>,
 }
 
-fn run_load(mode: &str, args: &BenchFleetArgs) -> Result<Row> {
-    let running = start(mode, args)?;
+fn run_load(setup: Setup, args: &BenchFleetArgs) -> Result<Row> {
+    let running = start(setup, args)?;
     let body = |i: usize| {
         let prompt: Vec<u32> = (0..args.prompt_len as u32)
             .map(|t| (t * 37 + i as u32 * 11) % 980 + 2)
@@ -151,10 +170,20 @@ fn run_load(mode: &str, args: &BenchFleetArgs) -> Result<Row> {
     }
     let remote = !running.attention.is_empty() && layers > 0;
     Ok(Row {
-        mode: if remote {
-            format!("fleet ({} attention, {} expert shards)", args.attention, args.experts)
-        } else {
-            "serve".into()
+        mode: match setup {
+            Setup::Serve => "serve".into(),
+            Setup::Fleet {
+                attention_holds_experts: false,
+            } => format!("fleet ({} attention, {} expert shards)", args.attention, args.experts),
+            Setup::Fleet {
+                attention_holds_experts: true,
+            } => format!(
+                "fleet ({} attention holding 1/{} of the experts{}, {} expert shards)",
+                args.attention,
+                args.experts + 1,
+                if args.attention > 1 { " each" } else { "" },
+                args.experts
+            ),
         },
         tokens_per_s: generated as f64 / wall,
         step_ms: if itl_n > 0.0 { itl_sum / itl_n * 1e3 } else { 0.0 },
@@ -180,7 +209,18 @@ fn attention_infos(addresses: &[String]) -> Result<Vec<dsv3_proto::AttentionInfo
 
 pub fn run(args: BenchFleetArgs) -> Result<()> {
     let files = crate::model_source::resolve(args.model.model.clone());
-    let rows = vec![run_load("serve", &args)?, run_load("fleet", &args)?];
+    let rows = [
+        Setup::Serve,
+        Setup::Fleet {
+            attention_holds_experts: false,
+        },
+        Setup::Fleet {
+            attention_holds_experts: true,
+        },
+    ]
+    .into_iter()
+    .map(|setup| run_load(setup, &args))
+    .collect::<Result<Vec<_>>>()?;
     let mut table = format!(
         "{} on {}, {} concurrent clients × {} requests, prompt {} tokens, {} generated tokens each (greedy); \
          transport over gRPC on loopback.\n\n\

@@ -11,7 +11,7 @@ use crate::device::{load_backend, DeviceArg};
 use crate::server_process::ServerProcess;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use dsv3_engine::{Chunk, ModelFiles, Outputs, StepBackend, TokenChoice, TokenPick};
+use dsv3_engine::{Chunk, ExpertSelection, ModelFiles, Outputs, StepBackend, TokenChoice, TokenPick};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -83,7 +83,7 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
     eprintln!("engine step: the backend's decode step in this process");
     let mut steps = Vec::new();
     {
-        let mut backend = load_backend(&files, args.device, None, cache_tokens)?;
+        let mut backend = load_backend(&files, args.device, ExpertSelection::All, None, cache_tokens)?;
         for &batch in &args.batches {
             let s = engine_step(backend.as_mut(), batch, &args)?;
             eprintln!("  batch {batch}: {:.3} ms", s * 1e3);

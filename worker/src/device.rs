@@ -1,16 +1,16 @@
 //! Which device runs a role, and the one place each role's model is loaded on it: an attention
-//! rank's [`StepBackend`] (the CPU or the CUDA model, every routed expert local or reached on
-//! expert shards) and an expert shard's experts.
+//! rank's [`StepBackend`] (the CPU or the CUDA model, its routed experts local, on expert shards,
+//! or split between them) and an expert shard's experts.
 
 use crate::progress;
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use dsv3_engine::{
-    Checkpoint, CpuBackend, EngineOptions, ExpertSelection, LocalExperts, MemoryUse, Model, ModelConfig, ModelFiles,
-    StepBackend,
+    Checkpoint, CpuBackend, EngineOptions, ExpertExecutor, ExpertSelection, LocalExperts, MemoryUse, Model,
+    ModelConfig, ModelFiles, StepBackend,
 };
 use dsv3_fleet::grpc::ShardExperts;
-use dsv3_fleet::ExpertBackend;
+use dsv3_fleet::{ExpertBackend, PlacedExperts};
 use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -39,47 +39,60 @@ impl DeviceArg {
 /// launcher and Kubernetes set that).
 const GPU: usize = 0;
 
-/// An attention rank's model on `device` with a cache of `cache_tokens` positions. With
-/// `experts`, the routed experts are reached through them and not loaded here; without, every
-/// routed expert is loaded (the whole model in one process).
+/// An attention rank's model on `device` with a cache of `cache_tokens` positions, holding the
+/// routed experts `held` (all of them for the whole model in one process) and reaching every
+/// other one through `remote` (expert shards). Only the experts held are read.
 pub fn load_backend(
     files: &ModelFiles,
     device: DeviceArg,
-    experts: Option<Arc<dyn ExpertBackend>>,
+    held: ExpertSelection,
+    remote: Option<Arc<dyn ExpertBackend>>,
     cache_tokens: usize,
 ) -> Result<Box<dyn StepBackend>> {
     let config = ModelConfig::from_model_files(files)?;
     let backend: Box<dyn StepBackend> = if device.use_cuda()? {
         let mut report = progress::layer_reporter(files.describe(), config.num_hidden_layers);
-        let host = experts.map(|e| e as dsv3_cuda::HostExperts);
+        let experts = dsv3_cuda::ModelExperts {
+            held,
+            remote: remote.map(|e| e as dsv3_cuda::HostExperts),
+        };
         Box::new(dsv3_cuda::CudaModel::load(
             files,
             GPU,
             cache_tokens,
-            host,
+            experts,
             &mut |done, _| report(done),
         )?)
     } else {
-        let expert_layers = if experts.is_some() {
-            0
-        } else {
-            config.routed_expert_layers().len()
+        let expert_layers = match held {
+            ExpertSelection::None => 0,
+            _ => config.routed_expert_layers().len(),
         };
         let mut report = progress::layer_reporter(files.describe(), config.num_cache_layers() + expert_layers);
         let block = EngineOptions::default().block_size;
-        match experts {
-            Some(remote) => {
-                let model = Model::load(files, &mut report).context("loading the attention model")?;
-                Box::new(CpuBackend::new(model, remote, 0, cache_tokens, block))
-            }
-            None => {
-                let ckpt = Checkpoint::open(files)?;
-                let local = LocalExperts::load(&ckpt, &config, &ExpertSelection::All, &mut report)?;
-                let bytes = local.weight_bytes();
-                let model = Model::load(files, &mut report)?;
-                Box::new(CpuBackend::new(model, Arc::new(local), bytes, cache_tokens, block))
-            }
-        }
+        let local = match held {
+            ExpertSelection::None => None,
+            ref selection => Some(LocalExperts::load(
+                &Checkpoint::open(files)?,
+                &config,
+                selection,
+                &mut report,
+            )?),
+        };
+        let model = Model::load(files, &mut report).context("loading the attention model")?;
+        let bytes = local.as_ref().map_or(0, LocalExperts::weight_bytes);
+        let experts: Arc<dyn ExpertExecutor + Send> = match (held, local, remote) {
+            (ExpertSelection::All, Some(local), None) => Arc::new(local),
+            (ExpertSelection::None, None, Some(remote)) => remote,
+            (ExpertSelection::Only(ids), Some(local), Some(remote)) => Arc::new(PlacedExperts::new(
+                Arc::new(local),
+                &ids,
+                config.n_routed_experts,
+                remote,
+            )?),
+            _ => bail!("some routed experts are neither loaded here nor reachable on expert shards"),
+        };
+        Box::new(CpuBackend::new(model, experts, bytes, cache_tokens, block))
     };
     eprintln!("{}", memory_line("model", &backend.device(), backend.memory()));
     Ok(backend)

@@ -4,7 +4,7 @@ use crate::device::{load_backend, DeviceArg};
 use crate::{model_source, progress};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use dsv3_engine::{BatchOptions, Engine, EngineOptions, GenerateRequest, MlaForm, SamplingParams};
+use dsv3_engine::{BatchOptions, Engine, EngineOptions, ExpertSelection, GenerateRequest, MlaForm, SamplingParams};
 
 /// Prompt positions per step on the GPU (its prefill is efficient in large chunks).
 const GPU_STEP_TOKENS: usize = 2048;
@@ -98,7 +98,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         if !matches!(args.mla, MlaArg::Auto) {
             bail!("--mla applies to the CPU backend; the CUDA backend always runs MLA in both forms (auto)");
         }
-        let mut backend = load_backend(&files, DeviceArg::Cuda, None, cache_tokens)?;
+        let mut backend = load_backend(&files, DeviceArg::Cuda, ExpertSelection::All, None, cache_tokens)?;
         let options = BatchOptions {
             max_step_tokens: GPU_STEP_TOKENS,
             vocab_limit: None,

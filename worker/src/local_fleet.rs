@@ -21,6 +21,10 @@ pub struct FleetArgs {
     /// Extra copies of experts 0.. (a stand-in for measured hot experts) on other shards.
     #[arg(long, default_value_t = 0)]
     redundant_experts: usize,
+    /// The attention ranks also hold one share of the experts (as much as one expert shard),
+    /// each running it itself for its own tokens; only the rest of the routes cross to the shards.
+    #[arg(long)]
+    attention_holds_experts: bool,
     /// Router HTTP port.
     #[arg(long, default_value_t = 8000)]
     port: u16,
@@ -73,12 +77,22 @@ pub fn run(args: FleetArgs) -> Result<()> {
         dsv3_engine::ModelConfig::from_json_str(&text)?
     };
     let hot: Vec<u32> = (0..config.n_routed_experts as u32).collect();
-    let plan = PlacementPlan::round_robin(
-        config.n_routed_experts as u32,
-        args.experts,
-        args.redundant_experts,
-        &hot,
-    )?;
+    let plan = if args.attention_holds_experts {
+        PlacementPlan::round_robin_with_attention(
+            config.n_routed_experts as u32,
+            args.experts,
+            args.attention,
+            args.redundant_experts,
+            &hot,
+        )?
+    } else {
+        PlacementPlan::round_robin(
+            config.n_routed_experts as u32,
+            args.experts,
+            args.redundant_experts,
+            &hot,
+        )?
+    };
     let dir = tempfile::tempdir().context("temporary directory for the placement plan")?;
     let placement = dir.path().join("placement.json");
     plan.save(&placement)?;

@@ -5,7 +5,7 @@ use crate::device::{load_backend, load_shard, DeviceArg};
 use crate::model_source;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use dsv3_engine::{ModelConfig, ModelFiles};
+use dsv3_engine::{ExpertSelection, ModelConfig, ModelFiles};
 use dsv3_fleet::grpc::{self, Dtype, RemoteAttention, RemoteExperts};
 use dsv3_fleet::{AttentionRank, ExpertBackend, Fleet, LocalAttention, PlacementPlan, SchedulerConfig};
 use std::path::PathBuf;
@@ -246,7 +246,7 @@ fn scheduler_config(http: &HttpArgs) -> SchedulerConfig {
 
 pub fn serve(args: ServeArgs) -> Result<()> {
     let files = model_source::resolve(args.model.model.clone());
-    let backend = load_backend(&files, args.device, None, args.cache_tokens)?;
+    let backend = load_backend(&files, args.device, ExpertSelection::All, None, args.cache_tokens)?;
     let config = backend.config().clone();
     let rank: Arc<dyn AttentionRank> = Arc::new(LocalAttention::new(0, backend, None));
     let fleet = Fleet::start(config, vec![rank], scheduler_config(&args.http));
@@ -284,6 +284,15 @@ pub fn attention(args: AttentionArgs) -> Result<()> {
     let files = model_source::resolve(args.model.model.clone());
     let config = ModelConfig::from_model_files(&files)?;
     let plan = plan_for(&args.placement, config.n_routed_experts as u32, args.expert_peers.len())?;
+    // The experts the plan gives this rank run here, on its own tokens only.
+    let own = plan.attention_experts(args.rank)?;
+    if !own.is_empty() {
+        eprintln!(
+            "attention rank {} runs {} routed experts per layer itself",
+            args.rank,
+            own.len()
+        );
+    }
     let rt = runtime()?;
     let on_gpu = args.device.use_cuda()?;
     let experts: Arc<dyn ExpertBackend> = Arc::new(RemoteExperts::new(
@@ -294,7 +303,11 @@ pub fn attention(args: AttentionArgs) -> Result<()> {
         args.activation_dtype.resolve(on_gpu),
     )?);
     let device = if on_gpu { DeviceArg::Cuda } else { DeviceArg::Cpu };
-    let backend = load_backend(&files, device, Some(experts.clone()), args.cache_tokens)
+    let held = match own.as_slice() {
+        [] => ExpertSelection::None,
+        ids => ExpertSelection::Only(ids.to_vec()),
+    };
+    let backend = load_backend(&files, device, held, Some(experts.clone()), args.cache_tokens)
         .with_context(|| format!("loading attention rank {}", args.rank))?;
     let rank = LocalAttention::new(args.rank, backend, Some(experts));
     rt.block_on(async {

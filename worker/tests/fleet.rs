@@ -88,14 +88,19 @@ fn start_serve() -> (Proc, String) {
 }
 
 fn start_fleet() -> Fleet {
+    start_fleet_of(2, 3, &[])
+}
+
+/// A fleet of `attention` ranks and `experts` shards, with `extra` launcher flags.
+fn start_fleet_of(attention: usize, experts: usize, extra: &[&str]) -> Fleet {
     let port = free_port();
     let mut child = Command::new(bin())
         .args([
             "fleet",
             "--attention",
-            "2",
+            &attention.to_string(),
             "--experts",
-            "3",
+            &experts.to_string(),
             "--port",
             &port.to_string(),
             "--device",
@@ -104,13 +109,14 @@ fn start_fleet() -> Fleet {
             "--activation-dtype",
             "f32",
         ])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("start fleet");
     let stdout = child.stdout.take().expect("stdout");
     let mut members = Vec::new();
-    for line in BufReader::new(stdout).lines().take(6) {
+    for line in BufReader::new(stdout).lines().take(attention + experts + 1) {
         let v: Value = serde_json::from_str(&line.expect("line")).expect("member line is JSON");
         members.push(Member {
             role: v["role"].as_str().expect("role").to_string(),
@@ -220,7 +226,9 @@ fn serve_and_fleet_give_the_tokens_of_generate() {
     ]);
     let (_serve, serve) = start_serve();
     let fleet = start_fleet();
-    for base in [&serve, &fleet.base] {
+    // One attention rank running a third of the experts itself, two shards the rest.
+    let holding = start_fleet_of(1, 2, &["--attention-holds-experts"]);
+    for base in [&serve, &fleet.base, &holding.base] {
         assert_eq!(
             completion_ids(base, request(24, json!({"temperature": 0}))),
             greedy,

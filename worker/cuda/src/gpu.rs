@@ -21,6 +21,7 @@ pub const KERNELS: &[&str] = &[
     "rms_norm",
     "swiglu",
     "add_f32",
+    "bank_expert_ids",
     "rope_interleaved",
     "f32_to_bf16_rows",
     "dequant_bf16",
@@ -370,24 +371,44 @@ impl Gpu {
     /// with one wait for all of them, and hands `read` the host copies. Pageable copies go through
     /// the driver's bounce buffers at a fraction of the link's speed and wait once each.
     pub fn download_staged<R>(&self, parts: &[(u64, usize)], read: impl FnOnce(&Staged) -> R) -> Result<R> {
-        let offsets: Vec<usize> = parts
+        self.round_trip(parts, None, || Ok(()), |staged, _| read(staged))
+    }
+
+    /// A round trip through the host in page-locked memory. `parts` are copied down; `meanwhile`
+    /// queues more GPU work behind those copies; as soon as the copies (not that work) are done,
+    /// `work` reads them and fills `back` — `(device address, f32 values)` — whose copy up is
+    /// then queued on the stream (nothing waits for it: later work on the stream comes after).
+    pub fn round_trip<R>(
+        &self,
+        parts: &[(u64, usize)],
+        back: Option<(u64, usize)>,
+        meanwhile: impl FnOnce() -> Result<()>,
+        work: impl FnOnce(&Staged, &mut [f32]) -> R,
+    ) -> Result<R> {
+        let sizes: Vec<usize> = parts
             .iter()
-            .scan(0usize, |at, &(_, bytes)| {
+            .map(|p| p.1)
+            .chain(back.map(|(_, values)| values * 4))
+            .collect();
+        let offsets: Vec<usize> = sizes
+            .iter()
+            .scan(0usize, |at, &bytes| {
                 let start = *at;
                 *at = (start + bytes).next_multiple_of(64);
                 Some(start)
             })
             .collect();
-        let total = offsets.last().zip(parts.last()).map_or(0, |(o, p)| o + p.1).max(1);
+        let total = offsets.last().zip(sizes.last()).map_or(0, |(o, b)| o + b).max(1);
         let mut staging = self
             .staging
             .try_borrow_mut()
             .map_err(|_| anyhow!("the staging buffer is already in use"))?;
         if staging.as_ref().is_none_or(|s| s.len() < total) {
-            // Free the old buffer before taking a larger one.
+            // An upload queued by the last round trip may still read the old buffer.
+            self.sync()?;
             *staging = None;
             // SAFETY: plain page-locked memory (no write-combining: the host reads it); every byte
-            // read below is written by a copy first.
+            // read below is written by a copy, or by `work`, first.
             let fresh = unsafe { self.ctx.alloc_pinned_with_flags::<u8>(total.next_power_of_two(), 0) }
                 .context("allocating page-locked staging memory")?;
             *staging = Some(fresh);
@@ -405,14 +426,38 @@ impl Gpu {
                 drv::memcpy_dtoh_async(dst, addr, self.stream.cu_stream())?;
             }
         }
-        self.sync()?;
-        // SAFETY: the copies above wrote these ranges and have completed.
+        let copied = self
+            .ctx
+            .new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))?;
+        copied.record(&self.stream)?;
+        meanwhile()?;
+        copied.synchronize().context("copying to the host")?;
+        // SAFETY: the copies above wrote these ranges and have completed; the `back` range lies
+        // after them, and the stream reads it only after the copy queued below.
         let views = parts
             .iter()
             .zip(&offsets)
             .map(|(&(_, bytes), &at)| unsafe { std::slice::from_raw_parts(base.add(at) as *const u8, bytes) })
             .collect();
-        Ok(read(&Staged { parts: views }))
+        let back_values = back.map_or(0, |(_, values)| values);
+        // SAFETY: `values * 4` bytes from a 64-byte-aligned offset inside the buffer (or an empty
+        // slice), disjoint from the parts read above; any bit pattern is a valid f32.
+        let back_slice = unsafe {
+            std::slice::from_raw_parts_mut(
+                base.add(offsets.get(parts.len()).copied().unwrap_or(0)) as *mut f32,
+                back_values,
+            )
+        };
+        let out = work(&Staged { parts: views }, back_slice);
+        if let Some((dst, values)) = back.filter(|b| b.1 > 0) {
+            // SAFETY: the source is the page-locked range `work` just filled, which stays allocated
+            // until a later round trip syncs before freeing it.
+            unsafe {
+                let src = std::slice::from_raw_parts(base.add(offsets[parts.len()]) as *const u8, values * 4);
+                drv::memcpy_htod_async(dst, src, self.stream.cu_stream())?;
+            }
+        }
+        Ok(out)
     }
 
     /// Zeroes `bytes` bytes at `addr` (stream-ordered).

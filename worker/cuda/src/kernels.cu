@@ -99,6 +99,14 @@ extern "C" __global__ void add_f32(float* y, const float* x, u64 n) {
     if (i < n) y[i] += x[i];
 }
 
+// Global expert ids to indices of the bank this GPU holds (-1: another rank runs that expert).
+extern "C" __global__ void bank_expert_ids(int* out, const int* ids, const int* bank_of, int n_experts, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    int e = ids[i];
+    out[i] = (e >= 0 && e < n_experts) ? bank_of[e] : -1;
+}
+
 // Rotates interleaved pairs of `dim` values at `offset` inside each of `heads` vectors of each
 // row (row stride ld, head stride hs). cos/sin are [rows, dim/2] and already carry YaRN's factor.
 extern "C" __global__ void rope_interleaved(float* x, int ld, int heads, int hs, int offset, int dim,

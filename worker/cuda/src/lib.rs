@@ -17,7 +17,7 @@ pub mod weights;
 
 pub use experts::CudaExperts;
 pub use gpu::{compile_kernels, driver_present, nvrtc_present, Gpu, KERNELS, KERNEL_SOURCE};
-pub use model::{pick_tokens, CudaModel, DeviceTrace, HostExperts};
+pub use model::{pick_tokens, CudaModel, DeviceTrace, HostExperts, ModelExperts};
 
 /// Whether a CUDA GPU is usable here: `Ok(count)` or why not.
 pub fn device_status() -> Result<usize, String> {

@@ -75,7 +75,7 @@ pub fn attention_steps(batches: &[usize], context: usize, reps: usize) -> Result
     let max = batches.iter().copied().max().unwrap_or(1);
     // Whole blocks of 64 per sequence, one more for the decoded token.
     let cache = max * (context / 64 + 2) * 64;
-    let host = || Some(Arc::new(NoExperts) as crate::HostExperts);
+    let host = || crate::ModelExperts::remote(Arc::new(NoExperts));
     let mut two = CudaModel::random_with(v3_config(2, 1)?, 0, cache, 42, host())?;
     let mut one = CudaModel::random_with(v3_config(1, 0)?, 0, cache, 43, host())?;
     let mut out = Vec::new();

@@ -130,7 +130,8 @@ fn finish_flips(steps: usize) {
 fn check_model(files: &ModelFiles, decode_steps: usize) {
     poison();
     let mut cpu = Cpu::load(files);
-    let mut gpu = CudaModel::load(files, 0, 4096, None, &mut |_, _| {}).expect("GPU model");
+    let mut gpu =
+        CudaModel::load(files, 0, 4096, dsv3_cuda::ModelExperts::default(), &mut |_, _| {}).expect("GPU model");
     let vocab = cpu.model.config.vocab_size as u32;
     let (a, b, c) = (prompt(80, 1, vocab), prompt(7, 2, vocab), prompt(40, 3, vocab));
     // 80 rows: naive MLA and cuBLAS; 7 rows: absorbed MLA and GEMV; 40: absorbed and cuBLAS
@@ -246,7 +247,8 @@ fn graphed_decode_matches_cpu() {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
     let files = ModelFiles::Dir(root.join("tests/golden/tiny-fp8"));
-    let mut gpu = CudaModel::load(&files, 0, 4096, None, &mut |_, _| {}).expect("GPU model");
+    let mut gpu =
+        CudaModel::load(&files, 0, 4096, dsv3_cuda::ModelExperts::default(), &mut |_, _| {}).expect("GPU model");
     for (graphs, first_seq) in [(true, 0), (false, 100)] {
         gpu.set_graphs(graphs);
         let cos = decode_cosines(&files, &mut gpu, first_seq);
@@ -308,7 +310,8 @@ fn full_width_long_prefill_matches_cpu() {
     let dir = full_width_checkpoint();
     let files = ModelFiles::Dir(dir.path().to_path_buf());
     let mut cpu = Cpu::load(&files);
-    let mut gpu = CudaModel::load(&files, 0, 4096, None, &mut |_, _| {}).expect("GPU model");
+    let mut gpu =
+        CudaModel::load(&files, 0, 4096, dsv3_cuda::ModelExperts::default(), &mut |_, _| {}).expect("GPU model");
     let (k, width) = (cpu.model.config.num_experts_per_tok, cpu.model.config.hidden_size);
     let p = prompt(320, 5, cpu.model.config.vocab_size as u32);
     let chunk = [Chunk::new(1, 0, &p, Outputs::Last)];
@@ -444,7 +447,7 @@ fn linear_matches_f64_reference_at_every_batch_size() {
 
 /// Routed experts split over GPU expert shards by expert id, each slot sent to the shard that
 /// holds it and the partial sums added (what the gRPC client does across processes).
-struct Shards(Vec<(Vec<u32>, dsv3_cuda::CudaExperts)>);
+struct Shards(Vec<(Vec<u32>, std::sync::Arc<dsv3_cuda::CudaExperts>)>);
 
 impl dsv3_engine::ExpertExecutor for Shards {
     fn routed_experts(&self, layer: usize, x: &[f32], routes: &dsv3_engine::TokenRoutes) -> anyhow::Result<Vec<f32>> {
@@ -464,84 +467,93 @@ impl dsv3_engine::ExpertExecutor for Shards {
     }
 }
 
-/// An attention model without routed experts, reaching two GPU expert shards (even and odd
-/// experts), against the model holding every expert: prefill and teacher-forced decode of three
-/// sequences together, logits close on every row, greedy tokens equal wherever the whole model's
-/// top-2 margin is clear, the same tokens counted per layer, and the weights split between them.
-/// A first prompt of `long` tokens makes the prefill large enough (over 256 rows) that the shards
-/// send their big expert groups through cuBLAS, with half of every token's slots on the other shard.
+/// Attention models against the model holding every expert: one without routed experts reaching
+/// two GPU expert shards (even and odd experts), and one holding the even experts itself and
+/// reaching only the odd shard. Prefill and teacher-forced decode of three sequences together,
+/// logits close on every row, greedy tokens equal wherever the whole model's top-2 margin is
+/// clear, the same tokens counted per layer, and the weights split between them. A first prompt
+/// of `long` tokens makes the prefill large enough (over 256 rows) that the shards send their big
+/// expert groups through cuBLAS, with half of every token's slots on the other holder.
 fn check_attention_with_shards(files: &ModelFiles, long: usize, decode_steps: usize) {
+    use dsv3_cuda::ModelExperts;
     use dsv3_engine::StepBackend;
+    use std::sync::Arc;
     poison();
     let config = dsv3_engine::ModelConfig::from_model_files(files).expect("config");
     let all: Vec<u32> = (0..config.n_routed_experts as u32).collect();
     let held: Vec<Vec<u32>> = (0..2)
         .map(|s| all.iter().copied().filter(|e| e % 2 == s).collect())
         .collect();
-    let shards = Shards(
-        held.iter()
-            .map(|h| {
-                let shard = dsv3_cuda::CudaExperts::load(files, 0, h, &mut |_, _| {}).expect("expert shard");
-                (h.clone(), shard)
-            })
-            .collect(),
-    );
-    let shard_bytes: Vec<u64> = shards.0.iter().map(|(_, s)| s.memory().weights).collect();
-    let mut whole = CudaModel::load(files, 0, 4096, None, &mut |_, _| {}).expect("whole model");
-    let mut split =
-        CudaModel::load(files, 0, 4096, Some(std::sync::Arc::new(shards)), &mut |_, _| {}).expect("attention model");
-    let (mw, ms) = (whole.memory(), split.memory());
+    let shards: Vec<(Vec<u32>, Arc<dsv3_cuda::CudaExperts>)> = held
+        .iter()
+        .map(|h| {
+            let shard = dsv3_cuda::CudaExperts::load(files, 0, h, &mut |_, _| {}).expect("expert shard");
+            (h.clone(), Arc::new(shard))
+        })
+        .collect();
+    let shard_bytes: Vec<u64> = shards.iter().map(|(_, s)| s.memory().weights).collect();
+    let mut whole = CudaModel::load(files, 0, 4096, ModelExperts::default(), &mut |_, _| {}).expect("whole model");
+    let remote = ModelExperts::remote(Arc::new(Shards(shards.clone())));
+    let mut split = CudaModel::load(files, 0, 4096, remote, &mut |_, _| {}).expect("attention model");
+    let odd_only = ModelExperts::split(held[0].clone(), Arc::new(Shards(shards[1..].to_vec())));
+    let mut placed = CudaModel::load(files, 0, 4096, odd_only, &mut |_, _| {}).expect("attention model with experts");
+    let (mw, ms, mp) = (whole.memory(), split.memory(), placed.memory());
     eprintln!(
-        "weights: whole {} B, attention {} B, shards {shard_bytes:?} B",
-        mw.weights, ms.weights
+        "weights: whole {} B, attention {} B, attention holding the even experts {} B, shards {shard_bytes:?} B",
+        mw.weights, ms.weights, mp.weights
     );
-    assert!(ms.weights < mw.weights && shard_bytes.iter().all(|&b| b > 0));
+    assert!(ms.weights < mp.weights && mp.weights < mw.weights && shard_bytes.iter().all(|&b| b > 0));
     let vocab = config.vocab_size as u32;
     let prompts = [prompt(long, 21, vocab), prompt(9, 22, vocab), prompt(33, 23, vocab)];
-    let chunks: Vec<Chunk> = prompts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| Chunk::new(i as u64, 0, p, Outputs::Last))
-        .collect();
-    let mut outs = (whole.step(&chunks).expect("whole"), split.step(&chunks).expect("split"));
-    let mut pos: Vec<usize> = prompts.iter().map(Vec::len).collect();
-    let (mut rows, mut agreed, mut worst) = (0, 0, 1.0f64);
-    for step in 0..=decode_steps {
-        let mut next = Vec::new();
-        for (row, (w, s)) in outs.0.iter().zip(&outs.1).enumerate() {
-            assert!(
-                s.logits.iter().all(|v| v.is_finite()),
-                "step {step} row {row}: non-finite logits"
-            );
-            worst = worst.min(cosine(&w.logits, &s.logits));
-            let ((tw, margin), (ts, _)) = (argmax(&w.logits), argmax(&s.logits));
-            assert!(
-                tw == ts || margin < 0.05,
-                "step {step} row {row}: greedy {tw} vs {ts} with a margin of {margin}"
-            );
-            agreed += usize::from(tw == ts);
-            rows += 1;
-            next.push([tw as u32]);
-        }
-        if step == decode_steps {
-            break;
-        }
-        let chunks: Vec<Chunk> = next
+    for (name, model) in [("attention", &mut split), ("attention holding experts", &mut placed)] {
+        let chunks: Vec<Chunk> = prompts
             .iter()
             .enumerate()
-            .map(|(i, t)| Chunk::new(i as u64, pos[i], t, Outputs::Last))
+            .map(|(i, p)| Chunk::new(i as u64, 0, p, Outputs::Last))
             .collect();
-        outs = (whole.step(&chunks).expect("whole"), split.step(&chunks).expect("split"));
-        pos.iter_mut().for_each(|p| *p += 1);
+        for c in &chunks {
+            whole.free_sequence(c.seq);
+        }
+        let mut outs = (whole.step(&chunks).expect("whole"), model.step(&chunks).expect(name));
+        let mut pos: Vec<usize> = prompts.iter().map(Vec::len).collect();
+        let (mut rows, mut agreed, mut worst) = (0, 0, 1.0f64);
+        for step in 0..=decode_steps {
+            let mut next = Vec::new();
+            for (row, (w, s)) in outs.0.iter().zip(&outs.1).enumerate() {
+                assert!(
+                    s.logits.iter().all(|v| v.is_finite()),
+                    "{name}: step {step} row {row}: non-finite logits"
+                );
+                worst = worst.min(cosine(&w.logits, &s.logits));
+                let ((tw, margin), (ts, _)) = (argmax(&w.logits), argmax(&s.logits));
+                assert!(
+                    tw == ts || margin < 0.05,
+                    "{name}: step {step} row {row}: greedy {tw} vs {ts} with a margin of {margin}"
+                );
+                agreed += usize::from(tw == ts);
+                rows += 1;
+                next.push([tw as u32]);
+            }
+            if step == decode_steps {
+                break;
+            }
+            let chunks: Vec<Chunk> = next
+                .iter()
+                .enumerate()
+                .map(|(i, t)| Chunk::new(i as u64, pos[i], t, Outputs::Last))
+                .collect();
+            outs = (whole.step(&chunks).expect("whole"), model.step(&chunks).expect(name));
+            pos.iter_mut().for_each(|p| *p += 1);
+        }
+        eprintln!("{name}: {rows} rows: greedy tokens equal on {agreed}, worst logits cosine {worst:.6}");
+        assert!(worst > 0.999, "{name}: logits cosine {worst}");
+        let (cw, cs) = (
+            StepBackend::take_expert_counts(&mut whole).expect("counts"),
+            StepBackend::take_expert_counts(model).expect("counts"),
+        );
+        let total = |c: &dsv3_engine::ExpertCounts| -> Vec<u64> { c.values().map(|v| v.iter().sum()).collect() };
+        assert_eq!(total(&cw), total(&cs), "{name}: tokens routed per MoE layer");
     }
-    eprintln!("{rows} rows: greedy tokens equal on {agreed}, worst logits cosine {worst:.6}");
-    assert!(worst > 0.999, "logits cosine {worst}");
-    let (cw, cs) = (
-        StepBackend::take_expert_counts(&mut whole).expect("counts"),
-        StepBackend::take_expert_counts(&mut split).expect("counts"),
-    );
-    let total = |c: &dsv3_engine::ExpertCounts| -> Vec<u64> { c.values().map(|v| v.iter().sum()).collect() };
-    assert_eq!(total(&cw), total(&cs), "tokens routed per MoE layer");
 }
 
 #[test]

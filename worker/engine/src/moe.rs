@@ -57,6 +57,28 @@ impl TokenRoutes {
     pub fn tokens(&self) -> usize {
         self.experts.len().checked_div(self.k).unwrap_or(0)
     }
+
+    /// The same routes with every slot whose expert is not `kept` marked [`NO_EXPERT`] (weight
+    /// 0): the part of a layer one holder of experts computes.
+    pub fn only(&self, kept: impl Fn(u32) -> bool) -> TokenRoutes {
+        let (experts, weights) = self
+            .experts
+            .iter()
+            .zip(&self.weights)
+            .map(|(&e, &w)| {
+                if e != NO_EXPERT && kept(e) {
+                    (e, w)
+                } else {
+                    (NO_EXPERT, 0.0)
+                }
+            })
+            .unzip();
+        TokenRoutes {
+            k: self.k,
+            experts,
+            weights,
+        }
+    }
 }
 
 /// The MoE gate of one layer.
@@ -174,6 +196,20 @@ pub trait ExpertExecutor: Sync {
     /// For each token i: `Σ_j weights[i,j] · Expert_{experts[i,j]}(x_i)` for MoE layer `layer`
     /// (`x` is `[tokens, hidden]`; the result has the same shape).
     fn routed_experts(&self, layer: usize, x: &[f32], routes: &TokenRoutes) -> Result<Vec<f32>>;
+
+    /// [`ExpertExecutor::routed_experts`] written into `out` (same shape as `x`), so a caller can
+    /// hand over memory the result should land in (page-locked memory on its way to a GPU).
+    fn routed_experts_into(&self, layer: usize, x: &[f32], routes: &TokenRoutes, out: &mut [f32]) -> Result<()> {
+        let y = self.routed_experts(layer, x, routes)?;
+        anyhow::ensure!(
+            y.len() == out.len(),
+            "the experts of layer {layer} returned {} values for {} expected",
+            y.len(),
+            out.len()
+        );
+        out.copy_from_slice(&y);
+        Ok(())
+    }
 }
 
 /// Which routed experts a process holds.

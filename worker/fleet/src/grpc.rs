@@ -3,7 +3,8 @@
 
 use crate::placement::PlacementPlan;
 use crate::rank::{memory_report, AttentionRank, ExpertBackend, TransportTotals};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
+use dsv3_engine::moe::NO_EXPERT;
 use dsv3_engine::{ExpertExecutor, MemoryUse, TokenRoutes};
 use dsv3_proto::attention_client::AttentionClient;
 use dsv3_proto::attention_server::{Attention, AttentionServer};
@@ -283,6 +284,21 @@ impl RemoteExperts {
 
 impl ExpertExecutor for RemoteExperts {
     fn routed_experts(&self, layer: usize, x: &[f32], routes: &TokenRoutes) -> Result<Vec<f32>> {
+        let mut out = vec![0.0f32; x.len()];
+        self.routed_experts_into(layer, x, routes, &mut out)?;
+        Ok(out)
+    }
+
+    /// Slots marked [`NO_EXPERT`] (experts the caller runs itself) go nowhere; a token with no
+    /// other slot is not sent at all.
+    fn routed_experts_into(&self, layer: usize, x: &[f32], routes: &TokenRoutes, out: &mut [f32]) -> Result<()> {
+        ensure!(
+            out.len() == x.len(),
+            "routed experts of layer {layer}: {} output values for {} inputs",
+            out.len(),
+            x.len()
+        );
+        out.fill(0.0);
         let tokens = routes.tokens();
         let width = x.len() / tokens.max(1);
         let k = routes.k;
@@ -293,12 +309,13 @@ impl ExpertExecutor for RemoteExperts {
         for t in 0..tokens {
             let mut mine: Vec<Option<usize>> = vec![None; k];
             for (j, shard) in mine.iter_mut().enumerate() {
-                let owners = self.plan.owners(routes.experts[t * k + j]);
+                let expert = routes.experts[t * k + j];
+                if expert == NO_EXPERT {
+                    continue;
+                }
+                let owners = self.plan.owners(expert);
                 if owners.is_empty() {
-                    bail!(
-                        "expert {} of layer {layer} has no shard in the placement plan",
-                        routes.experts[t * k + j]
-                    );
+                    bail!("expert {expert} of layer {layer} has no shard in the placement plan");
                 }
                 *shard = Some(owners[t % owners.len()]);
             }
@@ -353,7 +370,6 @@ impl ExpertExecutor for RemoteExperts {
             totals.calls += order.len() as u64;
             totals.layers += 1;
         }
-        let mut out = vec![0.0f32; x.len()];
         for (s, reply) in order.into_iter().zip(replies) {
             let reply = match reply {
                 Err(_) => bail!(
@@ -382,7 +398,7 @@ impl ExpertExecutor for RemoteExperts {
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 

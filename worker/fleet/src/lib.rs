@@ -4,10 +4,12 @@
 //! or as separate processes over gRPC ([`grpc`]).
 
 pub mod grpc;
+pub mod placed;
 pub mod placement;
 pub mod rank;
 pub mod scheduler;
 
+pub use placed::PlacedExperts;
 pub use placement::PlacementPlan;
 pub use rank::{AttentionRank, ExpertBackend, LocalAttention};
 pub use scheduler::{Fleet, SchedulerConfig};

@@ -1,7 +1,8 @@
 //! The expert placement plan: which expert shard holds which routed experts (the same set in
-//! every MoE layer), with room for redundant copies of hot experts. Versioned so attention
-//! ranks and expert shards can check they agree. The JSON format is the one the operator writes
-//! into the fleet's ConfigMap (`version`, `numExperts`, `slots`; other keys are ignored).
+//! every MoE layer), with room for redundant copies of hot experts, and which experts each
+//! attention rank runs itself for its own tokens. Versioned so attention ranks and expert shards
+//! can check they agree. The JSON format is the one the operator writes into the fleet's
+//! ConfigMap (`version`, `numExperts`, `slots`, optional `attentionSlots`; other keys are ignored).
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -17,6 +18,10 @@ pub struct PlacementPlan {
     /// `shards[r]` = expert ids held by expert shard `r` (an id may appear in several shards).
     #[serde(rename = "slots", alias = "shards")]
     pub shards: Vec<Vec<u32>>,
+    /// `attention[a]` = expert ids attention rank `a` runs itself, for its own tokens only (they
+    /// never cross to a shard). An expert no shard holds must be held by every attention rank.
+    #[serde(rename = "attentionSlots", default, skip_serializing_if = "Vec::is_empty")]
+    pub attention: Vec<Vec<u32>>,
 }
 
 impl PlacementPlan {
@@ -30,6 +35,7 @@ impl PlacementPlan {
             version: String::new(),
             num_experts,
             shards: vec![Vec::new(); shards],
+            attention: Vec::new(),
         };
         for e in 0..num_experts {
             plan.shards[e as usize % shards].push(e);
@@ -50,6 +56,26 @@ impl PlacementPlan {
         plan.finish()
     }
 
+    /// [`PlacementPlan::round_robin`] over `shards` + 1 holders, where the last holder is every
+    /// one of `attention_ranks`: each attention rank runs that share of the experts itself and
+    /// sends only the rest of its tokens' routes to the shards.
+    pub fn round_robin_with_attention(
+        num_experts: u32,
+        shards: usize,
+        attention_ranks: usize,
+        redundant: usize,
+        hot: &[u32],
+    ) -> Result<Self> {
+        if attention_ranks == 0 {
+            bail!("attention ranks holding experts: there must be at least one attention rank");
+        }
+        let mut plan = Self::round_robin(num_experts, shards + 1, redundant, hot)?;
+        let held = plan.shards.pop().unwrap_or_default();
+        plan.attention = vec![held; attention_ranks];
+        plan.version.clear();
+        plan.finish()
+    }
+
     fn content_hash(&self) -> String {
         // FNV-1a over the canonical content: stable across processes and releases.
         let mut h: u64 = 0xcbf29ce484222325;
@@ -66,12 +92,20 @@ impl PlacementPlan {
                 feed(e as u64);
             }
         }
+        // Attention holders after a distinct marker; plans without them hash as before.
+        for held in &self.attention {
+            feed(u64::MAX - 1);
+            for &e in held {
+                feed(e as u64);
+            }
+        }
         format!("{h:016x}")
     }
 
     fn finish(mut self) -> Result<Self> {
-        for shard in &mut self.shards {
-            shard.sort_unstable();
+        for held in self.shards.iter_mut().chain(&mut self.attention) {
+            held.sort_unstable();
+            held.dedup();
         }
         if self.version.is_empty() {
             self.version = self.content_hash();
@@ -81,22 +115,52 @@ impl PlacementPlan {
     }
 
     pub fn validate(&self) -> Result<()> {
-        let mut held = vec![false; self.num_experts as usize];
-        for (r, shard) in self.shards.iter().enumerate() {
-            for &e in shard {
-                let slot = held.get_mut(e as usize).with_context(|| {
-                    format!(
-                        "placement: shard {r} lists expert {e}, but there are {}",
-                        self.num_experts
-                    )
-                })?;
-                *slot = true;
+        let n = self.num_experts as usize;
+        let holders = self.shards.iter().map(|s| ("shard", s)).enumerate();
+        let attention = self.attention.iter().map(|s| ("attention rank", s)).enumerate();
+        // Per expert: held by a shard; held by how many attention ranks.
+        let mut on_shard = vec![false; n];
+        let mut on_attention = vec![0usize; n];
+        for (r, (kind, held)) in holders.chain(attention) {
+            for &e in held {
+                if e as usize >= n {
+                    bail!("placement: {kind} {r} lists expert {e}, but there are {n}");
+                }
+                if kind == "shard" {
+                    on_shard[e as usize] = true;
+                } else {
+                    on_attention[e as usize] += 1;
+                }
             }
         }
-        if let Some(missing) = held.iter().position(|h| !h) {
-            bail!("placement: expert {missing} is held by no shard");
+        for e in 0..n {
+            if on_shard[e] {
+                continue;
+            }
+            match on_attention[e] {
+                0 => bail!("placement: expert {e} is held by no shard"),
+                a if a < self.attention.len() => bail!(
+                    "placement: expert {e} is held by no shard and by only {a} of {} attention ranks, so the others cannot reach it",
+                    self.attention.len()
+                ),
+                _ => {}
+            }
         }
         Ok(())
+    }
+
+    /// The experts attention rank `rank` runs itself. A plan that names attention holders must
+    /// name this rank (the others could not reach experts held only by attention ranks).
+    pub fn attention_experts(&self, rank: u32) -> Result<Vec<u32>> {
+        if self.attention.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.attention.get(rank as usize).cloned().with_context(|| {
+            format!(
+                "attention rank {rank} is outside the placement plan's attentionSlots ({} attention ranks)",
+                self.attention.len()
+            )
+        })
     }
 
     pub fn load(path: &Path) -> Result<Self> {
@@ -139,6 +203,30 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("expert 0 is held by no shard"));
+    }
+
+    #[test]
+    fn attention_ranks_hold_one_share_and_every_expert_stays_reachable() {
+        let plan = PlacementPlan::round_robin_with_attention(16, 3, 2, 0, &[]).expect("plan");
+        assert_eq!(plan.shards.len(), 3);
+        assert_eq!(plan.attention_experts(0).expect("rank 0"), vec![3, 7, 11, 15]);
+        assert_eq!(plan.attention_experts(1).expect("rank 1"), vec![3, 7, 11, 15]);
+        assert!(plan.owners(3).is_empty(), "no shard holds the attention share");
+        assert_eq!(plan.owners(2), vec![2]);
+        let err = plan.attention_experts(2).unwrap_err().to_string();
+        assert!(err.contains("attention rank 2 is outside"), "{err}");
+        // A different plan, a different version; the plain plan's version is unchanged.
+        let plain = PlacementPlan::round_robin(16, 3, 0, &[]).expect("plain");
+        assert_ne!(plan.version, plain.version);
+        assert_eq!(plain.attention_experts(5).expect("no holders"), Vec::<u32>::new());
+        // An expert only one of two attention ranks holds is unreachable from the other.
+        let mut broken = plan.clone();
+        broken.attention[1].retain(|&e| e != 7);
+        let err = broken.validate().unwrap_err().to_string();
+        assert!(err.contains("expert 7 is held by no shard and by only 1 of 2"), "{err}");
+        // The JSON round trip keeps the attention holders.
+        let back: PlacementPlan = serde_json::from_str(&serde_json::to_string(&plan).expect("json")).expect("parse");
+        assert_eq!(back.finish().expect("valid"), plan);
     }
 
     #[test]

@@ -24,7 +24,8 @@ pub(super) struct Moe {
     pub(super) router: DeviceMatrix,
     pub(super) bias: DeviceBuf,
     pub(super) shared: Option<Mlp>,
-    /// The routed experts, when this GPU holds them (not on an attention rank of a fleet).
+    /// The routed experts this GPU holds (all of them, some, or none on an attention rank of a
+    /// fleet), in the order of the model's `bank_ids`.
     pub(super) experts: Option<ExpertBank>,
 }
 
@@ -48,14 +49,8 @@ pub(super) struct Layer {
 }
 
 impl Layer {
-    /// Loads layer `index`; the routed experts of a MoE layer only `with_experts`.
-    pub(super) fn load(
-        gpu: &Gpu,
-        ckpt: &Checkpoint,
-        c: &ModelConfig,
-        index: usize,
-        with_experts: bool,
-    ) -> Result<Self> {
+    /// Loads layer `index`; of a MoE layer's routed experts only `bank_ids` (none: no bank).
+    pub(super) fn load(gpu: &Gpu, ckpt: &Checkpoint, c: &ModelConfig, index: usize, bank_ids: &[u32]) -> Result<Self> {
         let p = format!("model.layers.{index}");
         let h = c.hidden_size;
         let (heads, qk) = (c.num_attention_heads, c.qk_head_dim());
@@ -119,18 +114,17 @@ impl Layer {
                     c.n_routed_experts,
                 )?,
                 shared,
-                experts: if with_experts {
-                    let all: Vec<u32> = (0..c.n_routed_experts as u32).collect();
+                experts: if bank_ids.is_empty() {
+                    None
+                } else {
                     Some(ExpertBank::load(
                         gpu,
                         ckpt,
                         &format!("{p}.mlp"),
-                        &all,
+                        bank_ids,
                         h,
                         c.moe_intermediate_size,
                     )?)
-                } else {
-                    None
                 },
             }))
         } else {
@@ -145,8 +139,8 @@ impl Layer {
         })
     }
 
-    /// Random FP8 weights made on the GPU; the routed experts of a MoE layer only `with_experts`.
-    pub(super) fn random(gpu: &Gpu, c: &ModelConfig, index: usize, seed: u64, with_experts: bool) -> Result<Self> {
+    /// Random FP8 weights made on the GPU; a MoE layer's bank holds `bank_experts` routed experts.
+    pub(super) fn random(gpu: &Gpu, c: &ModelConfig, index: usize, seed: u64, bank_experts: usize) -> Result<Self> {
         let h = c.hidden_size;
         let (heads, qk) = (c.num_attention_heads, c.qk_head_dim());
         let f8 = Format::Fp8;
@@ -191,16 +185,16 @@ impl Layer {
                 router: DeviceMatrix::random(gpu, c.n_routed_experts, h, Format::Bf16, seed + 50)?,
                 bias: random_vector(gpu, c.n_routed_experts, -0.01, 0.01, seed + 51)?,
                 shared,
-                experts: if with_experts {
+                experts: if bank_experts == 0 {
+                    None
+                } else {
                     Some(ExpertBank::random(
                         gpu,
-                        c.n_routed_experts,
+                        bank_experts,
                         h,
                         c.moe_intermediate_size,
                         seed + 52,
                     )?)
-                } else {
-                    None
                 },
             }))
         } else {

@@ -1,6 +1,6 @@
 //! The DeepSeek-V3 decoder on one GPU: the same step API as the CPU model (chunks of consecutive
 //! tokens per sequence, prefill and decode mixed), weights in their checkpoint format, the latent
-//! cache paged in GPU memory, all routed experts local.
+//! cache paged in GPU memory, the routed experts on this GPU, on other ranks, or split by expert.
 
 mod attention;
 mod graph;
@@ -14,8 +14,8 @@ use crate::weights::{load_vector, random_vector, DeviceMatrix, Format};
 use anyhow::{ensure, Context, Result};
 use dsv3_engine::rope::Rope;
 use dsv3_engine::{
-    check_chunks, CacheCapacity, Checkpoint, Chunk, ChunkOutput, ExpertCounts, ExpertExecutor, MemoryUse, ModelConfig,
-    ModelFiles, PickedToken, SeqId, StepBackend, TokenPick,
+    check_chunks, CacheCapacity, Checkpoint, Chunk, ChunkOutput, ExpertCounts, ExpertExecutor, ExpertSelection,
+    MemoryUse, ModelConfig, ModelFiles, PickedToken, SeqId, StepBackend, TokenPick,
 };
 use graph::DecodeGraph;
 use layers::{Ffn, Layer, Mlp};
@@ -30,6 +30,77 @@ pub use pick::pick_tokens;
 /// Routed experts reached from the host (remote shards): what an attention rank's model holds
 /// instead of the expert weights.
 pub type HostExperts = Arc<dyn ExpertExecutor + Send>;
+
+/// Where a model's routed experts run: the ones `held` on this GPU, every other one through
+/// `remote` (expert shards, reached from the host). The default holds them all.
+#[derive(Clone, Default)]
+pub struct ModelExperts {
+    pub held: ExpertSelection,
+    pub remote: Option<HostExperts>,
+}
+
+impl ModelExperts {
+    /// None on this GPU: every routed expert through `remote` (an attention rank of a fleet).
+    pub fn remote(remote: HostExperts) -> Self {
+        ModelExperts {
+            held: ExpertSelection::None,
+            remote: Some(remote),
+        }
+    }
+
+    /// Experts `held` on this GPU, the rest through `remote`.
+    pub fn split(held: Vec<u32>, remote: HostExperts) -> Self {
+        ModelExperts {
+            held: ExpertSelection::Only(held),
+            remote: Some(remote),
+        }
+    }
+
+    /// The expert ids of this GPU's bank, ascending (bank index = position).
+    fn bank_ids(&self, n_experts: usize) -> Result<Vec<u32>> {
+        let mut ids: Vec<u32> = match &self.held {
+            ExpertSelection::All => (0..n_experts as u32).collect(),
+            ExpertSelection::None => Vec::new(),
+            ExpertSelection::Only(ids) => ids.clone(),
+        };
+        ids.sort_unstable();
+        ids.dedup();
+        if let Some(&e) = ids.iter().find(|&&e| e as usize >= n_experts) {
+            anyhow::bail!("expert {e} is outside the model's {n_experts} routed experts");
+        }
+        ensure!(
+            ids.len() == n_experts || self.remote.is_some(),
+            "{} of {n_experts} routed experts on this GPU and no expert shards to reach the rest",
+            ids.len()
+        );
+        Ok(ids)
+    }
+}
+
+/// The experts of this GPU's bank when it holds only some: their global ids, on the host (to
+/// keep them out of what goes to the shards) and as a device map from id to bank index.
+struct PartialBank {
+    held: Vec<bool>,
+    bank_of: DeviceBuf,
+}
+
+impl PartialBank {
+    fn new(gpu: &Gpu, bank_ids: &[u32], n_experts: usize) -> Result<Option<Self>> {
+        if bank_ids.is_empty() || bank_ids.len() == n_experts {
+            return Ok(None);
+        }
+        let mut bank_of = vec![-1i32; n_experts];
+        let mut held = vec![false; n_experts];
+        for (i, &e) in bank_ids.iter().enumerate() {
+            bank_of[e as usize] = i as i32;
+            held[e as usize] = true;
+        }
+        Ok(Some(PartialBank {
+            held,
+            bank_of: gpu.upload(&bank_of)?,
+        }))
+    }
+}
 
 /// Per-layer hidden states of a step (`hidden[0]` = embeddings), rows in step order.
 #[derive(Default, Debug)]
@@ -51,8 +122,10 @@ pub struct CudaModel {
     dequant: DeviceBuf,
     /// Tokens per routed expert and experts touched, counted on the GPU.
     moe_stats: MoeStats,
-    /// The routed experts when they are not on this GPU; their tokens are counted on the host.
+    /// The routed experts not on this GPU; with them, every route is counted on the host.
     host_experts: Option<HostExperts>,
+    /// Set when this GPU holds only some of the routed experts next to `host_experts`.
+    partial_bank: Option<PartialBank>,
     host_counts: Mutex<ExpertCounts>,
     /// Bytes of every weight on the GPU.
     weight_bytes: usize,
@@ -68,17 +141,17 @@ pub struct CudaModel {
 }
 
 impl CudaModel {
-    /// Loads a checkpoint onto GPU `ordinal` with a cache of `cache_tokens` positions. With
-    /// `experts`, the routed experts stay off the GPU (they are not even read) and every MoE
-    /// layer reaches them through it; without, they are all loaded.
+    /// Loads a checkpoint onto GPU `ordinal` with a cache of `cache_tokens` positions. Only the
+    /// routed experts `experts` holds are read; every MoE layer reaches the rest through it.
     pub fn load(
         files: &ModelFiles,
         ordinal: usize,
         cache_tokens: usize,
-        experts: Option<HostExperts>,
+        experts: ModelExperts,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
         let config = ModelConfig::from_model_files(files)?;
+        let bank_ids = experts.bank_ids(config.n_routed_experts)?;
         let gpu = Gpu::open(ordinal)?;
         let ckpt = Checkpoint::open(files)?;
         let h = config.hidden_size;
@@ -90,30 +163,41 @@ impl CudaModel {
         };
         let mut layers = Vec::new();
         for l in 0..config.num_hidden_layers {
-            let layer =
-                Layer::load(&gpu, &ckpt, &config, l, experts.is_none()).with_context(|| format!("layer {l}"))?;
+            let layer = Layer::load(&gpu, &ckpt, &config, l, &bank_ids).with_context(|| format!("layer {l}"))?;
             layers.push(layer);
             progress(l + 1, config.num_hidden_layers);
         }
         let norm = load_vector(&gpu, &ckpt, "model.norm.weight", h)?;
-        Self::assemble(gpu, config, embed, layers, norm, head, cache_tokens, experts)
+        let partial = PartialBank::new(&gpu, &bank_ids, config.n_routed_experts)?;
+        Self::assemble(
+            gpu,
+            config,
+            embed,
+            layers,
+            norm,
+            head,
+            cache_tokens,
+            experts.remote,
+            partial,
+        )
     }
 
     /// Random FP8 weights made on the GPU (bf16 embedding and head, as the official checkpoint),
     /// for benchmarks at full width.
     pub fn random(config: ModelConfig, ordinal: usize, cache_tokens: usize, seed: u64) -> Result<Self> {
-        Self::random_with(config, ordinal, cache_tokens, seed, None)
+        Self::random_with(config, ordinal, cache_tokens, seed, ModelExperts::default())
     }
 
-    /// [`CudaModel::random`] whose routed experts are reached through `experts` when given
-    /// (the attention side of a fleet), not made on the GPU.
+    /// [`CudaModel::random`] with only the routed experts `experts` holds made on the GPU (the
+    /// attention side of a fleet reaches the rest through it).
     pub fn random_with(
         config: ModelConfig,
         ordinal: usize,
         cache_tokens: usize,
         seed: u64,
-        experts: Option<HostExperts>,
+        experts: ModelExperts,
     ) -> Result<Self> {
+        let bank_ids = experts.bank_ids(config.n_routed_experts)?;
         let gpu = Gpu::open(ordinal)?;
         let h = config.hidden_size;
         let embed = DeviceMatrix::random(&gpu, config.vocab_size, h, Format::Bf16, seed)?;
@@ -121,11 +205,22 @@ impl CudaModel {
         let mut layers = Vec::new();
         for l in 0..config.num_hidden_layers {
             let layer_seed = seed + 100 * (l as u64 + 1);
-            layers.push(Layer::random(&gpu, &config, l, layer_seed, experts.is_none())?);
+            layers.push(Layer::random(&gpu, &config, l, layer_seed, bank_ids.len())?);
         }
         let norm = random_vector(&gpu, h, 0.8, 1.2, seed + 2)?;
+        let partial = PartialBank::new(&gpu, &bank_ids, config.n_routed_experts)?;
         gpu.sync()?;
-        Self::assemble(gpu, config, embed, layers, norm, head, cache_tokens, experts)
+        Self::assemble(
+            gpu,
+            config,
+            embed,
+            layers,
+            norm,
+            head,
+            cache_tokens,
+            experts.remote,
+            partial,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -138,6 +233,7 @@ impl CudaModel {
         head: DeviceMatrix,
         cache_tokens: usize,
         host_experts: Option<HostExperts>,
+        partial_bank: Option<PartialBank>,
     ) -> Result<Self> {
         let block = 64;
         let cache = DeviceCache::new(
@@ -189,6 +285,7 @@ impl CudaModel {
             dequant,
             moe_stats,
             host_experts,
+            partial_bank,
             host_counts: Mutex::new(ExpertCounts::new()),
             weight_bytes,
             graphs: HashMap::new(),

@@ -252,14 +252,14 @@ impl CudaModel {
         let g = &self.gpu;
         let k = self.config.num_experts_per_tok;
         let (ids, weights) = self.route(moe, x, m)?;
+        let counters = BankCounters {
+            counts: self.moe_stats.counts_addr(layer),
+            touched: self.moe_stats.touched_addr(),
+        };
         // The host path has the chosen experts on the host already; the device path reads them
         // back only when asked.
         let host_routes = match (&moe.experts, &self.host_experts) {
-            (Some(bank), _) => {
-                let counters = BankCounters {
-                    counts: self.moe_stats.counts_addr(layer),
-                    touched: self.moe_stats.touched_addr(),
-                };
+            (Some(bank), None) => {
                 run_bank(
                     g,
                     self.kernels,
@@ -275,8 +275,9 @@ impl CudaModel {
                 )?;
                 None
             }
-            (None, Some(experts)) => {
-                Some(self.host_routed_experts(experts.as_ref(), layer, x, h, m, &ids, &weights)?)
+            (bank, Some(experts)) => {
+                let local = bank.as_ref().map(|bank| (bank, &counters));
+                Some(self.host_routed_experts(experts.as_ref(), local, layer, x, h, m, valid, &ids, &weights)?)
             }
             (None, None) => anyhow::bail!("layer {layer}: the routed experts are neither on this GPU nor reachable"),
         };
@@ -292,50 +293,76 @@ impl CudaModel {
     }
 
     /// The routed experts through `experts` (remote shards): the normed rows, the chosen experts
-    /// and their weights go to the host, the executor's sums come back and are added into `h`.
+    /// and their weights go to the host, the executor's sums come back (both ways through
+    /// page-locked memory) and are added into `h`. With a `local` bank (some experts held here),
+    /// those slots stay off the host's request and run on the GPU while the host waits on the
+    /// shards. Returns every chosen expert, `[m, top_k]`.
     #[allow(clippy::too_many_arguments)]
     fn host_routed_experts(
         &self,
         experts: &(dyn ExpertExecutor + Send),
+        local: Option<(&ExpertBank, &BankCounters)>,
         layer: usize,
         x: &DeviceBuf,
         h: &DeviceBuf,
         m: usize,
+        valid: u64,
         ids: &DeviceBuf,
         weights: &DeviceBuf,
     ) -> Result<Vec<u32>> {
         let g = &self.gpu;
         let (k, width) = (self.config.num_experts_per_tok, self.config.hidden_size);
-        // The routes and the rows in one wait, through page-locked memory; the experts read the
-        // rows where they landed.
+        let partial = self.partial_bank.as_ref();
         let parts = [
             (ids.addr, m * k * 4),
             (weights.addr, m * k * 4),
             (x.addr, m * width * 4),
         ];
-        let (routes, y) = g.download_staged(&parts, |staged| {
+        let y = g.alloc(m * width * 4)?;
+        let bank_ids = match (local, partial) {
+            (Some(_), Some(p)) => {
+                let out = g.alloc(m * k * 4)?;
+                g.launch_1d(
+                    "bank_expert_ids",
+                    m * k,
+                    &[
+                        ptr(out.addr),
+                        ptr(ids.addr),
+                        ptr(p.bank_of.addr),
+                        int(self.config.n_routed_experts),
+                        int(m * k),
+                    ],
+                )?;
+                Some(out)
+            }
+            _ => None,
+        };
+        let run_local = || match local {
+            Some((bank, counters)) => {
+                let chosen = bank_ids.as_ref().map_or(ids.addr, |b| b.addr);
+                run_bank(g, self.kernels, bank, x, h, m, k, chosen, weights.addr, valid, counters)
+            }
+            None => Ok(()),
+        };
+        let (routes, sent) = g.round_trip(&parts, Some((y.addr, m * width)), run_local, |staged, sums| {
             let routes = TokenRoutes {
                 k,
                 experts: staged.i32(0).iter().map(|&v| v as u32).collect(),
                 weights: staged.f32(1).to_vec(),
             };
-            let y = experts.routed_experts(layer, staged.f32(2), &routes);
-            (routes, y)
+            // Slots of experts held here stay off the request (all of them with a full bank).
+            let here = |e: u32| local.is_some() && partial.is_none_or(|p| p.held.get(e as usize) == Some(&true));
+            let sent = experts.routed_experts_into(layer, staged.f32(2), &routes.only(|e| !here(e)), sums);
+            (routes, sent)
         })?;
         if let Ok(mut counts) = self.host_counts.lock() {
             count_routes(&mut counts, layer, self.config.n_routed_experts, &routes);
         }
-        let y = y.with_context(|| format!("routed experts of layer {layer}"))?;
-        ensure!(
-            y.len() == m * width,
-            "the experts of layer {layer} returned {} values for {m} rows",
-            y.len()
-        );
-        let yb = g.upload(&y)?;
+        sent.with_context(|| format!("routed experts of layer {layer}"))?;
         g.launch_1d(
             "add_f32",
             m * width,
-            &[ptr(h.addr), ptr(yb.addr), u64_arg((m * width) as u64)],
+            &[ptr(h.addr), ptr(y.addr), u64_arg((m * width) as u64)],
         )?;
         Ok(routes.experts)
     }
