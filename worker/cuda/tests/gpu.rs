@@ -655,3 +655,81 @@ fn tokens_picked_on_the_gpu_follow_the_host_rule() {
     println!("picks: {checked} with log-probabilities matched the host rule; {random} random draws left the argmax");
     assert!(random > 50, "the draws should often leave the argmax");
 }
+
+/// Full-width random weights with all 256 experts (3 dense + 2 MoE layers): four sequences decode
+/// teacher-forced on the launched step's greedy tokens, three times over the same prompts — with
+/// decode graphs, launched kernel by kernel, and launched again. The graphed step must stay as
+/// close to the launched one as two launched runs stay to each other (split-k sums are added
+/// atomically, so no two runs are bitwise equal).
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn graphed_decode_matches_launched_at_full_width() {
+    let config = dsv3_cuda::bench::v3_config(5, 3).expect("config");
+    let vocab = config.vocab_size as u32;
+    let mut gpu = CudaModel::random(config, 0, 8192, 42).expect("GPU model");
+    let prompts: Vec<Vec<u32>> = [40usize, 7, 64, 19]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| prompt(n, 30 + i as u32, vocab))
+        .collect();
+    // Runs: (first sequence id, graphs on).
+    let runs = [(0u64, false), (100, true), (200, false)];
+    for &(first, _) in &runs {
+        let chunks: Vec<Chunk> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Chunk::new(first + i as u64, 0, p, Outputs::Last))
+            .collect();
+        gpu.set_graphs(false);
+        gpu.forward(&chunks, false).expect("prefill");
+    }
+    let mut pos: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let mut tokens: Vec<u32> = prompts.iter().map(|p| p[p.len() - 1]).collect();
+    let (mut graphed_cos, mut launched_cos, mut flips) = (Vec::new(), Vec::new(), 0);
+    for step in 0..16 {
+        let mut logits = Vec::new();
+        for &(first, graphs) in &runs {
+            gpu.set_graphs(graphs);
+            let toks: Vec<[u32; 1]> = tokens.iter().map(|&t| [t]).collect();
+            let chunks: Vec<Chunk> = toks
+                .iter()
+                .enumerate()
+                .map(|(i, t)| Chunk::new(first + i as u64, pos[i], t, Outputs::Last))
+                .collect();
+            let (out, _) = gpu.forward(&chunks, false).expect("decode");
+            logits.push(out.into_iter().map(|o| o.logits).collect::<Vec<_>>());
+        }
+        for row in 0..prompts.len() {
+            let (launched, graphed, again) = (&logits[0][row], &logits[1][row], &logits[2][row]);
+            assert!(
+                graphed.iter().all(|v| v.is_finite()),
+                "step {step} row {row}: non-finite logits"
+            );
+            graphed_cos.push(cosine(launched, graphed));
+            launched_cos.push(cosine(launched, again));
+            let ((t, margin), (tg, _)) = (argmax(launched), argmax(graphed));
+            if t != tg {
+                flips += 1;
+                eprintln!("step {step} row {row}: launched {t}, graphed {tg} (launched top-2 margin {margin:.4})");
+            }
+            tokens[row] = t as u32;
+            pos[row] += 1;
+        }
+    }
+    assert_eq!(gpu.graphs_recorded(), 1, "one graph for the decode step of 4 rows");
+    let stats = |c: &[f64]| {
+        let mut s = c.to_vec();
+        s.sort_by(f64::total_cmp);
+        (s[0], s[s.len() / 2])
+    };
+    let ((gw, gm), (lw, lm)) = (stats(&graphed_cos), stats(&launched_cos));
+    eprintln!(
+        "{} rows: graphed vs launched cosine worst {gw:.6} median {gm:.6}; launched vs launched worst {lw:.6} median {lm:.6}; greedy flips {flips}",
+        graphed_cos.len()
+    );
+    assert!(gm > 0.999, "graphed vs launched: median logits cosine {gm}");
+    assert!(
+        gw > lw.min(0.99) - 0.01,
+        "graphed vs launched: worst cosine {gw} (launched runs: {lw})"
+    );
+}
