@@ -22,6 +22,7 @@ pub const KERNELS: &[&str] = &[
     "swiglu",
     "add_f32",
     "bank_expert_ids",
+    "quantize_rows_fp8",
     "rope_interleaved",
     "f32_to_bf16_rows",
     "dequant_bf16",
@@ -185,6 +186,9 @@ pub struct Gpu {
     /// Page-locked host memory for a step's round trips through the host ([`Gpu::download_staged`]),
     /// grown as needed.
     staging: std::cell::RefCell<Option<PinnedHostSlice<u8>>>,
+    /// cuBLASLt's block-scaled FP8 products, made on first use (`None`: not on this GPU, or
+    /// turned off with DSV3_FP8_CUBLASLT=0).
+    fp8_gemm: std::cell::OnceCell<Option<crate::fp8_gemm::Fp8Gemm>>,
 }
 
 /// Device data copied into page-locked host memory, part by part (see [`Gpu::download_staged`]).
@@ -271,6 +275,7 @@ impl Gpu {
             lanes: Default::default(),
             current: Default::default(),
             staging: Default::default(),
+            fp8_gemm: Default::default(),
         };
         for name in ["mla_attend", "mla_decode_tc"] {
             gpu.funcs[name].set_attribute(
@@ -565,7 +570,27 @@ impl Gpu {
         Ok(())
     }
 
-    fn launch_stream(&self) -> drv_sys::CUstream {
+    /// cuBLASLt's block-scaled FP8 products, where this GPU has them and they are not turned off
+    /// (DSV3_FP8_CUBLASLT=0).
+    pub fn fp8_gemm(&self) -> Result<Option<&crate::fp8_gemm::Fp8Gemm>> {
+        if self.fp8_gemm.get().is_none() {
+            let wanted = std::env::var_os("DSV3_FP8_CUBLASLT").is_none_or(|v| v != "0");
+            let made = if wanted {
+                crate::fp8_gemm::Fp8Gemm::new(self)?
+            } else {
+                None
+            };
+            let _ = self.fp8_gemm.set(made);
+        }
+        Ok(self.fp8_gemm.get().and_then(Option::as_ref))
+    }
+
+    /// The stream launches go to: 0 the main stream, i side lane i - 1 (inside [`Gpu::fan_out`]).
+    pub(crate) fn lane(&self) -> usize {
+        self.current.get()
+    }
+
+    pub(crate) fn launch_stream(&self) -> drv_sys::CUstream {
         match self.current.get() {
             0 => self.stream.cu_stream(),
             i => self.lanes.borrow()[i - 1].stream.cu_stream(),

@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod cache;
 pub mod experts;
+pub mod fp8_gemm;
 pub mod gpu;
 pub mod linear;
 pub mod model;

@@ -1,5 +1,6 @@
 //! Products with a weight matrix, routed to the kernel that suits the batch size.
 
+use crate::fp8_gemm::QuantizedRows;
 use crate::gpu::{int, ptr, DeviceBuf, Gpu};
 use crate::weights::{DeviceMatrix, Format};
 use anyhow::{ensure, Result};
@@ -52,8 +53,8 @@ fn split_k(
 }
 
 /// `y[m, w.rows] (+)= x[m, w.cols] · wᵀ` (x contiguous, y with row stride `ldy`), by batch size:
-/// FP8 on the tensor cores up to 512 rows and bf16 up to 16, cuBLAS on bf16 (weights dequantised
-/// into `dequant`) above; the weight-streaming GEMV for f32 weights and shapes the tensor-core
+/// FP8 on the tensor cores up to 512 rows and bf16 up to 16; above, cuBLASLt's block-scaled FP8
+/// product where the GPU has it, else cuBLAS on bf16 (weights dequantised into `dequant`); the weight-streaming GEMV for f32 weights and shapes the tensor-core
 /// kernels do not take. `simt` forces the CUDA-core kernels.
 #[allow(clippy::too_many_arguments)]
 pub fn linear(
@@ -143,6 +144,36 @@ pub fn linear(
                 int(accumulate as usize),
             ],
         );
+    }
+    // Large steps: cuBLASLt's block-scaled FP8 product on the rows quantised per 128 channels,
+    // the weights read as stored; the last m % 4 rows (it takes multiples of 4) as above.
+    let fp8 = if w.format == Format::Fp8 && !simt && w.cols % 128 == 0 && w.rows % 16 == 0 {
+        g.fp8_gemm()?
+    } else {
+        None
+    };
+    if let Some(fp8) = fp8 {
+        let body = m / 4 * 4;
+        let q = QuantizedRows::new(g, x, w.cols, None, body, w.cols, None)?;
+        fp8.reserve(g, 0)?;
+        fp8.gemm(
+            g,
+            y,
+            ldy,
+            q.data.addr,
+            q.scales.addr,
+            w.data.addr,
+            w.scale_addr(),
+            body,
+            w.rows,
+            w.cols,
+            accumulate,
+        )?;
+        if body == m {
+            return Ok(());
+        }
+        let (y_tail, x_tail) = (y + (body * ldy * 4) as u64, x + (body * w.cols * 4) as u64);
+        return linear(g, dequant, simt, y_tail, ldy, x_tail, m - body, w, accumulate);
     }
     let w_bf16 = if w.format == Format::Bf16 {
         w.data.addr

@@ -5,6 +5,7 @@
 
 use super::layers::Moe;
 use super::CudaModel;
+use crate::fp8_gemm::{Fp8Gemm, QuantizedRows};
 use crate::gpu::{float, int, ptr, u64_arg, DeviceBuf, Gpu};
 use crate::linear::{mma_fits, BLOCKS_PER_SM};
 use crate::weights::{ExpertBank, Stacked};
@@ -72,14 +73,17 @@ pub(crate) fn run_bank(
 ) -> Result<()> {
     let e = bank.experts;
     let width = bank.gate.cols;
-    let plan = DevicePlan::new(g, e, k, ids, valid, m, counters)?;
+    // Large steps run their large groups through cuBLASLt's FP8 products where the GPU has them;
+    // those read each group's per-row scales in rows of 4, so groups start on a multiple of 4.
+    let fp8 = if m > DEVICE_ONLY_MAX_ROWS { g.fp8_gemm()? } else { None };
+    let plan = DevicePlan::new(g, e, k, ids, valid, m, counters, if fp8.is_some() { 4 } else { 1 })?;
     let (large, max_rows) = if m > DEVICE_ONLY_MAX_ROWS {
         let large = g.profiled("moe_plan_sync", || plan.large_groups(g, e, kernels.cublas_rows))?;
         (large, kernels.cublas_rows)
     } else {
         (vec![], i32::MAX as usize)
     };
-    let slots = m * k;
+    let slots = plan.capacity;
     let inter = bank.gate.rows;
     let gu = g.alloc(slots * 2 * inter * 4)?;
     let act = g.alloc(slots * inter * 4)?;
@@ -142,8 +146,22 @@ pub(crate) fn run_bank(
     let up_out = gu.addr + (inter * 4) as u64;
     grouped(gu.addr, 2 * inter, input, width, plan.x_rows, &bank.gate, gate_splits)?;
     grouped(up_out, 2 * inter, input, width, plan.x_rows, &bank.up, gate_splits)?;
-    // Large groups (prefill): cuBLAS on the slots' rows gathered as bf16.
-    if !large.is_empty() {
+    // Large groups (prefill): cuBLASLt's block-scaled FP8 products on the slots' rows quantised
+    // per 128 channels where the GPU has them, else cuBLAS on the rows gathered as bf16.
+    let fp8 = fp8.filter(|_| !large.is_empty());
+    if let Some(fp8) = fp8 {
+        let xq = QuantizedRows::new(
+            g,
+            x.addr,
+            width,
+            Some(plan.x_rows),
+            slots,
+            width,
+            Some((plan.offsets, plan.groups)),
+        )?;
+        fp8_groups(g, fp8, &large, &bank.gate, &xq, gu.addr, 2 * inter)?;
+        fp8_groups(g, fp8, &large, &bank.up, &xq, up_out, 2 * inter)?;
+    } else if !large.is_empty() {
         let xg = g.alloc(slots * width * 2)?;
         g.launch(
             "gather_rows_bf16",
@@ -160,7 +178,7 @@ pub(crate) fn run_bank(
         slots * inter,
         &[ptr(act.addr), ptr(gu.addr), int(slots), int(inter)],
     )?;
-    let ab = (tensor_cores || !large.is_empty())
+    let ab = (tensor_cores || (!large.is_empty() && fp8.is_none()))
         .then(|| g.to_bf16(act.addr, slots * inter))
         .transpose()?;
     let down_input = match (&ab, tensor_cores) {
@@ -172,8 +190,21 @@ pub(crate) fn run_bank(
         g.zero(y.addr, y.bytes)?;
     }
     grouped(y.addr, width, down_input, inter, 0, &bank.down, down_splits)?;
-    if let Some(ab) = &ab {
-        cublas_groups(g, &large, &bank.down, ab.addr, inter, y.addr, width)?;
+    match (fp8, &ab) {
+        (Some(fp8), _) => {
+            let aq = QuantizedRows::new(
+                g,
+                act.addr,
+                inter,
+                None,
+                slots,
+                inter,
+                Some((plan.offsets, plan.groups)),
+            )?;
+            fp8_groups(g, fp8, &large, &bank.down, &aq, y.addr, width)?;
+        }
+        (None, Some(ab)) => cublas_groups(g, &large, &bank.down, ab.addr, inter, y.addr, width)?,
+        (None, None) => {}
     }
     g.launch(
         "combine_experts",
@@ -189,6 +220,40 @@ pub(crate) fn run_bank(
             int(width),
         ],
     )
+}
+
+/// `out[slots] = input[slots] · W_eᵀ` through cuBLASLt's block-scaled FP8 product for each large
+/// group (expert e), the weights read as stored; spread over side streams like [`cublas_groups`].
+fn fp8_groups(
+    g: &Gpu,
+    fp8: &Fp8Gemm,
+    large: &[HostGroup],
+    s: &Stacked,
+    input: &QuantizedRows,
+    out: u64,
+    ldy: usize,
+) -> Result<()> {
+    let lanes = EXPERT_LANES.min(large.len());
+    fp8.reserve(g, lanes)?;
+    let k = input.k;
+    g.fan_out(lanes, |lane| {
+        for grp in large.iter().skip(lane).step_by(lanes) {
+            fp8.gemm(
+                g,
+                out + (grp.first * ldy * 4) as u64,
+                ldy,
+                input.data.at(grp.first * k),
+                input.scales.at(grp.first * (k / 128) * 4),
+                s.data.at(grp.expert * s.stride()),
+                s.scales.at(grp.expert * s.scale_stride() * 4),
+                grp.rows(),
+                s.rows,
+                k,
+                false,
+            )?;
+        }
+        Ok(())
+    })
 }
 
 /// `out[slots] = input[slots] · W_eᵀ` through cuBLAS for each large group (expert e), the
@@ -412,6 +477,8 @@ struct DevicePlan {
     slot_of: u64,
     /// Groups the grouped kernels cover: at most one per expert and per routed pair.
     groups: usize,
+    /// Slots the groups may span: the routed pairs, plus each group's rounding up.
+    capacity: usize,
 }
 
 /// One expert's slots, read back on the host for the cuBLAS path.
@@ -428,15 +495,27 @@ impl HostGroup {
 }
 
 impl DevicePlan {
-    /// Groups the `[m, k]` slots of `chosen` (bank indices) by expert, adding to `counters`.
-    fn new(g: &Gpu, e: usize, k: usize, chosen: u64, valid: u64, m: usize, counters: &BankCounters) -> Result<Self> {
+    /// Groups the `[m, k]` slots of `chosen` (bank indices) by expert, adding to `counters`; each
+    /// group's slots start on a multiple of `align`.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        g: &Gpu,
+        e: usize,
+        k: usize,
+        chosen: u64,
+        valid: u64,
+        m: usize,
+        counters: &BankCounters,
+        align: usize,
+    ) -> Result<Self> {
         let groups = e.min(m * k);
-        let words = groups + (groups + 1) + 2 * m * k;
+        let capacity = m * k + (align - 1) * groups;
+        let words = groups + (groups + 1) + capacity + m * k;
         let buf = g.alloc(words * 4)?;
         let group_expert = buf.addr;
         let offsets = buf.at(groups * 4);
         let x_rows = buf.at((2 * groups + 1) * 4);
-        let slot_of = buf.at((2 * groups + 1 + m * k) * 4);
+        let slot_of = buf.at((2 * groups + 1 + capacity) * 4);
         g.launch(
             "moe_plan",
             (1, 1, 1),
@@ -455,6 +534,8 @@ impl DevicePlan {
                 int(k),
                 int(e),
                 int(groups),
+                int(align),
+                int(capacity),
             ],
         )?;
         Ok(DevicePlan {
@@ -464,6 +545,7 @@ impl DevicePlan {
             x_rows,
             slot_of,
             groups,
+            capacity,
         })
     }
 

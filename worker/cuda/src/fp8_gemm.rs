@@ -1,0 +1,280 @@
+//! Block-scaled FP8 products through cuBLASLt on Hopper: e4m3 activations with one f32 scale per
+//! row per 128 columns (`quantize_rows_fp8`), e4m3 weights with the checkpoint's 128×128 block
+//! scales as stored, f32 out. The weights are read as they are: no dequantisation to bf16 and
+//! twice the bf16 tensor-core rate. cuBLASLt has no grouped form, so an expert group is one call.
+
+use crate::gpu::{int, ptr, DeviceBuf, Gpu};
+use anyhow::{anyhow, bail, Context, Result};
+use cudarc::cublaslt::{result as lt, sys};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::c_void;
+
+/// cuBLASLt workspace per stream.
+const WORKSPACE_BYTES: usize = 32 << 20;
+
+/// Whether cuBLASLt can be loaded (cudarc panics on first use otherwise).
+pub fn cublaslt_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { sys::is_culib_present() }
+}
+
+pub struct Fp8Gemm {
+    handle: sys::cublasLtHandle_t,
+    desc: sys::cublasLtMatmulDesc_t,
+    pref: sys::cublasLtMatmulPreference_t,
+    /// The heuristic's algorithm per (m, n, k, ldy): asking costs tens of microseconds.
+    algos: RefCell<HashMap<(usize, usize, usize, usize), sys::cublasLtMatmulAlgo_t>>,
+    /// One workspace per stream (index 0 the main stream, i a side lane): concurrent products
+    /// must not share one.
+    workspaces: RefCell<Vec<DeviceBuf>>,
+}
+
+// SAFETY: the handle and descriptors are used only through `&Gpu`, which one thread at a time
+// holds (the Gpu is Send, not Sync); cuBLASLt handles may move between threads.
+unsafe impl Send for Fp8Gemm {}
+
+fn attr<T>(desc: sys::cublasLtMatmulDesc_t, which: sys::cublasLtMatmulDescAttributes_t, value: &T) -> Result<()> {
+    // SAFETY: `desc` is live; the value is read for its size during the call.
+    unsafe { lt::set_matmul_desc_attribute(desc, which, value as *const T as *const c_void, size_of::<T>()) }
+        .map_err(|e| anyhow!("cuBLASLt: setting {which:?}: {e:?}"))
+}
+
+impl Fp8Gemm {
+    /// cuBLASLt's block-scaled FP8 products, where the GPU has them (compute capability 9.0 and
+    /// a cuBLASLt that knows the scale modes); `None` otherwise.
+    pub fn new(gpu: &Gpu) -> Result<Option<Self>> {
+        if !cublaslt_present() || gpu.ctx.compute_capability()? != (9, 0) {
+            return Ok(None);
+        }
+        let handle = lt::create_handle().map_err(|e| anyhow!("creating a cuBLASLt handle: {e:?}"))?;
+        let desc = lt::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType::CUDA_R_32F,
+        )
+        .map_err(|e| anyhow!("cuBLASLt matmul descriptor: {e:?}"))?;
+        let pref = lt::create_matmul_pref().map_err(|e| anyhow!("cuBLASLt preference: {e:?}"))?;
+        let gemm = Fp8Gemm {
+            handle,
+            desc,
+            pref,
+            algos: RefCell::default(),
+            workspaces: RefCell::default(),
+        };
+        use sys::cublasLtMatmulDescAttributes_t as A;
+        use sys::cublasLtMatmulMatrixScale_t as S;
+        attr(
+            desc,
+            A::CUBLASLT_MATMUL_DESC_TRANSA,
+            &cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T,
+        )?;
+        attr(
+            desc,
+            A::CUBLASLT_MATMUL_DESC_TRANSB,
+            &cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N,
+        )?;
+        attr(
+            desc,
+            A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
+            &S::CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F,
+        )?;
+        attr(
+            desc,
+            A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
+            &S::CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F,
+        )?;
+        let bytes = WORKSPACE_BYTES;
+        // SAFETY: `pref` is live; the value is read during the call.
+        unsafe {
+            lt::set_matmul_pref_attribute(
+                pref,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &bytes as *const usize as *const c_void,
+                size_of::<usize>(),
+            )
+        }
+        .map_err(|e| anyhow!("cuBLASLt preference: {e:?}"))?;
+        Ok(Some(gemm))
+    }
+
+    /// Workspaces for the main stream and `lanes` side lanes, made on the main stream (call
+    /// before [`Gpu::fan_out`], which must not allocate).
+    pub fn reserve(&self, gpu: &Gpu, lanes: usize) -> Result<()> {
+        let mut have = self.workspaces.borrow_mut();
+        while have.len() <= lanes {
+            have.push(gpu.alloc(WORKSPACE_BYTES)?);
+        }
+        Ok(())
+    }
+
+    /// Row-major `y[m, n] (+)= x[m, k] · w[n, k]ᵀ` on the stream `gpu` launches on: `x` e4m3 with
+    /// scales `[k/128][m]`, `w` e4m3 with scales `[n/128][k/128]`, `y` f32 with row stride `ldy`;
+    /// m a multiple of 4.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(
+        &self,
+        gpu: &Gpu,
+        y: u64,
+        ldy: usize,
+        x: u64,
+        x_scales: u64,
+        w: u64,
+        w_scales: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        use sys::cublasLtMatmulDescAttributes_t as A;
+        // cuBLASLt reads the activation scales in rows of 4 (16 bytes): it has no algorithm for
+        // other m.
+        if k % 128 != 0 || n % 16 != 0 || m % 4 != 0 {
+            bail!("block-scaled FP8 product of {m}×{k} by {n}×{k}: k must be a multiple of 128, n of 16 and m of 4");
+        }
+        let workspace = {
+            let spaces = self.workspaces.borrow();
+            spaces
+                .get(gpu.lane())
+                .map(|w| w.addr)
+                .context("cuBLASLt workspace not reserved for this stream")?
+        };
+        attr(self.desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scales)?;
+        attr(self.desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &x_scales)?;
+        // Column-major view: yᵀ[n, m] = (w stored k×n)ᵀ · (x stored k×m).
+        let e4m3 = sys::cudaDataType::CUDA_R_8F_E4M3;
+        let layouts = Layouts::new([
+            (e4m3, k, n, k),
+            (e4m3, k, m, k),
+            (sys::cudaDataType::CUDA_R_32F, n, m, ldy),
+        ])?;
+        let [a, b, d] = layouts.0;
+        let key = (m, n, k, ldy);
+        let cached = self.algos.borrow().get(&key).copied();
+        let algo = match cached {
+            Some(algo) => algo,
+            None => {
+                // SAFETY: every descriptor is live.
+                let found = unsafe { lt::get_matmul_algo_heuristic(self.handle, self.desc, a, b, d, d, self.pref) }
+                    .map_err(|e| anyhow!("cuBLASLt has no block-scaled FP8 algorithm for {m}×{n}×{k}: {e:?}"))?;
+                self.algos.borrow_mut().insert(key, found.algo);
+                found.algo
+            }
+        };
+        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
+        gpu.profiled("cublaslt_fp8", || {
+            // SAFETY: the pointers cover the shapes above (callers allocate them so); the
+            // workspace belongs to this stream.
+            unsafe {
+                lt::matmul(
+                    self.handle,
+                    self.desc,
+                    &alpha as *const f32 as *const c_void,
+                    &beta as *const f32 as *const c_void,
+                    w as *const c_void,
+                    a,
+                    x as *const c_void,
+                    b,
+                    y as *const c_void,
+                    d,
+                    y as *mut c_void,
+                    d,
+                    &algo,
+                    workspace as *mut c_void,
+                    WORKSPACE_BYTES,
+                    gpu.launch_stream() as sys::cudaStream_t,
+                )
+            }
+            .map_err(|e| anyhow!("cuBLASLt block-scaled FP8 product {m}×{n}×{k}: {e:?}"))
+        })
+    }
+}
+
+impl Drop for Fp8Gemm {
+    fn drop(&mut self) {
+        // SAFETY: made in `new`, destroyed once here.
+        unsafe {
+            let _ = lt::destroy_matmul_pref(self.pref);
+            let _ = lt::destroy_matmul_desc(self.desc);
+            let _ = lt::destroy_handle(self.handle);
+        }
+    }
+}
+
+/// Rows as e4m3 with one scale per row per 128 channels (`quantize_rows_fp8`), the activation
+/// operand of [`Fp8Gemm::gemm`].
+pub struct QuantizedRows {
+    pub data: DeviceBuf,
+    pub scales: DeviceBuf,
+    /// Channels per row.
+    pub k: usize,
+}
+
+impl QuantizedRows {
+    /// `n` rows of `k` channels: row r is row `rows[r]` of `x` (row stride `ldx`), or row r. With
+    /// `groups` (the device offsets of groups of rows, and their count), each group's scales are
+    /// laid out `[k/128][group rows]` from its first row on, as its product reads them; without,
+    /// the n rows are one group.
+    pub fn new(
+        g: &Gpu,
+        x: u64,
+        ldx: usize,
+        rows: Option<u64>,
+        n: usize,
+        k: usize,
+        groups: Option<(u64, usize)>,
+    ) -> Result<Self> {
+        let data = g.alloc(n * k)?;
+        let scales = g.alloc(n * (k / 128) * 4)?;
+        let warps = n * (k / 128);
+        let (offsets, count) = groups.unwrap_or((0, 0));
+        g.launch(
+            "quantize_rows_fp8",
+            (warps.div_ceil(8) as u32, 1, 1),
+            256,
+            0,
+            &[
+                ptr(data.addr),
+                ptr(scales.addr),
+                ptr(x),
+                int(ldx),
+                ptr(rows.unwrap_or(0)),
+                int(n),
+                int(k),
+                ptr(offsets),
+                int(count),
+            ],
+        )?;
+        Ok(QuantizedRows { data, scales, k })
+    }
+}
+
+/// Matrix layouts of one call, destroyed with it.
+struct Layouts([sys::cublasLtMatrixLayout_t; 3]);
+
+impl Layouts {
+    fn new(shapes: [(sys::cudaDataType, usize, usize, usize); 3]) -> Result<Self> {
+        let mut made = Vec::with_capacity(3);
+        for (dtype, rows, cols, ld) in shapes {
+            match lt::create_matrix_layout(dtype, rows as u64, cols as u64, ld as i64) {
+                Ok(layout) => made.push(layout),
+                Err(e) => {
+                    for layout in made {
+                        // SAFETY: made just above.
+                        let _ = unsafe { lt::destroy_matrix_layout(layout) };
+                    }
+                    bail!("cuBLASLt matrix layout {rows}×{cols}: {e:?}");
+                }
+            }
+        }
+        Ok(Layouts([made[0], made[1], made[2]]))
+    }
+}
+
+impl Drop for Layouts {
+    fn drop(&mut self) {
+        for layout in self.0 {
+            // SAFETY: made in `new`, destroyed once here.
+            let _ = unsafe { lt::destroy_matrix_layout(layout) };
+        }
+    }
+}
