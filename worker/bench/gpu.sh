@@ -14,6 +14,8 @@
 #          then temperature 1 / top_p 0.9)
 #   fleet-full  after `serving` (its checkpoint): greedy tokens of `serve --device cuda` and of a
 #          fleet of 1 attention rank + 2 expert shards as processes on the full-width checkpoint
+#          (then with the attention rank holding a third of the experts)
+#   startup start to first token of `generate`: kernels compiled each start, then the kernel cache
 #   projection `bench-projection`: the full model's decode tok/s per GPU from measured parts
 #   profile the same with CUDA events around every launch, graphs off (where each step goes)
 #   peer   transformers on the same shapes (worker/bench/hf_gpu_peer.py), set beside ours
@@ -140,6 +142,18 @@ PY
         wait 2>/dev/null || true
         grep -h "memory on\|runs .* routed experts" /tmp/full-serve.log /tmp/full-fleet.log /tmp/full-fleet-holding.log || true
         grep -h -i "error" /tmp/full-*.log | head -5 || true
+        ;;
+    startup)
+        # Start to first token of `generate` on the tiny model: kernels compiled (no cache, as every
+        # start did before the kernel cache), then the first start with an empty cache, then warm.
+        cache=$(mktemp -d)
+        for run in "no cache=off" "empty cache=$cache" "warm cache=$cache"; do
+            started=$EPOCHREALTIME
+            DSV3_KERNEL_CACHE=${run#*=} "$bundle/dsv3-worker" generate --model tests/golden/tiny-fp8 \
+                --prompt-token-ids 1,2,3 --max-tokens 1 --device cuda --json > /dev/null 2>&1 || failed=1
+            echo "start to first token, ${run%%=*}: $(awk "BEGIN { printf \"%.2f\", $EPOCHREALTIME - $started }") s" |
+                tee -a "$out/startup.log"
+        done
         ;;
     projection)
         # DeepSeek-V3 tok/s per GPU of A attention + E expert GPUs, from measured parts.

@@ -92,6 +92,33 @@ pub fn compile_kernels(arch: &'static str) -> Result<Ptx> {
     compile_ptx_with_opts(KERNEL_SOURCE, opts).map_err(|e| anyhow!("compiling the CUDA kernels failed: {e}"))
 }
 
+/// The kernels as machine code for this GPU's architecture, from the kernel cache or compiled
+/// now (and cached); GPUs of other architectures get PTX for the driver to compile.
+fn load_kernels(ctx: &Arc<CudaContext>) -> Result<Arc<cudarc::driver::CudaModule>> {
+    let (major, minor) = ctx.compute_capability()?;
+    let known = matches!((major, minor), (8, 0) | (8, 6) | (8, 9) | (9, 0) | (10, 0) | (12, 0));
+    if !known {
+        let ptx = compile_kernels("compute_80")?;
+        return ctx.load_module(ptx).context("loading the CUDA kernels");
+    }
+    let arch = format!("sm_{major}{minor}");
+    let cache = crate::kernel_cache::default_cache_dir();
+    let image = crate::kernel_cache::kernel_image(KERNEL_SOURCE, &arch, cache.as_deref())?;
+    match ctx.load_module(Ptx::from_binary(image.cubin)) {
+        Ok(module) => Ok(module),
+        Err(e) => {
+            // A cached file the driver refuses is dropped and compiled again, once.
+            crate::kernel_cache::forget(&image.origin);
+            if !matches!(image.origin, crate::kernel_cache::Origin::Cache(_)) {
+                return Err(e).context("loading the CUDA kernels");
+            }
+            let fresh = crate::kernel_cache::kernel_image(KERNEL_SOURCE, &arch, cache.as_deref())?;
+            ctx.load_module(Ptx::from_binary(fresh.cubin))
+                .context("loading the CUDA kernels")
+        }
+    }
+}
+
 /// The device's default memory pool, where stream-ordered allocations come from.
 fn default_pool(ctx: &CudaContext) -> Result<drv_sys::CUmemoryPool> {
     let mut pool: drv_sys::CUmemoryPool = std::ptr::null_mut();
@@ -232,17 +259,7 @@ impl Gpu {
         // One stream, so the per-buffer event tracking only costs time.
         // SAFETY: all work goes to the one stream below.
         unsafe { ctx.disable_event_tracking() };
-        let (major, minor) = ctx.compute_capability()?;
-        let arch: &'static str = match (major, minor) {
-            (9, 0) => "compute_90",
-            (8, 9) => "compute_89",
-            (8, 0) => "compute_80",
-            (10, 0) => "compute_100",
-            (12, 0) => "compute_120",
-            _ => "compute_80",
-        };
-        let ptx = compile_kernels(arch)?;
-        let module = ctx.load_module(ptx).context("loading the CUDA kernels")?;
+        let module = load_kernels(&ctx)?;
         let mut funcs = HashMap::new();
         for &name in KERNELS {
             let f = module

@@ -11,6 +11,7 @@ pub mod cache;
 pub mod experts;
 pub mod fp8_gemm;
 pub mod gpu;
+pub mod kernel_cache;
 pub mod linear;
 pub mod model;
 pub mod projection;

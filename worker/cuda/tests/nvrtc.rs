@@ -27,3 +27,39 @@ fn every_kernel_compiles_for_hopper_and_ampere() {
         assert_eq!(entries, KERNELS.len(), "{arch}: PTX has kernels the list does not name");
     }
 }
+
+/// The kernel cache: the first start compiles a CUBIN and stores it; the next loads the same bytes
+/// from the file; another architecture or another source is another entry.
+#[test]
+fn kernels_compile_to_a_cubin_once_and_then_come_from_the_cache() {
+    use dsv3_cuda::kernel_cache::{kernel_image, Origin};
+    if !nvrtc_present() {
+        assert!(
+            std::env::var_os("DSV3_REQUIRE_NVRTC").is_none(),
+            "DSV3_REQUIRE_NVRTC is set but libnvrtc was not found on LD_LIBRARY_PATH"
+        );
+        eprintln!("skipped: libnvrtc not found");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let cache = dir.path().join("kernels");
+    let first = kernel_image(dsv3_cuda::KERNEL_SOURCE, "sm_90", Some(&cache)).expect("compile");
+    let Origin::Compiled { cached: Some(path), .. } = &first.origin else {
+        panic!("first start: {:?}", first.origin)
+    };
+    // An ELF image, and the file holds exactly it.
+    assert_eq!(&first.cubin[..4], b"\x7fELF");
+    assert_eq!(std::fs::read(path).expect("cached file"), first.cubin);
+    let second = kernel_image(dsv3_cuda::KERNEL_SOURCE, "sm_90", Some(&cache)).expect("cache");
+    assert!(
+        matches!(&second.origin, Origin::Cache(p) if p == path),
+        "{:?}",
+        second.origin
+    );
+    assert_eq!(second.cubin, first.cubin);
+    // A changed source misses the cache.
+    let tiny = "extern \"C\" __global__ void k(float* x) { x[0] = 1.f; }";
+    let other = kernel_image(tiny, "sm_90", Some(&cache)).expect("compile");
+    assert!(matches!(other.origin, Origin::Compiled { .. }), "{:?}", other.origin);
+    assert_eq!(std::fs::read_dir(&cache).expect("dir").count(), 2);
+}
