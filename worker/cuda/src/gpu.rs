@@ -58,7 +58,7 @@ pub const KERNELS: &[&str] = &[
     "grouped_fp8_mma_n2",
     "grouped_fp8_mma_n4",
     "grouped_fp8_mma_n8",
-    "zero_rows",
+    "split_k_reduce",
     "moe_plan",
     "mla_absorb_out_mma_n1",
     "mla_absorb_out_mma_n2",

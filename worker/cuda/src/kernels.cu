@@ -1080,10 +1080,13 @@ __device__ __forceinline__ void token_rows(const bf16* (&xr)[NT], bool (&live)[N
 }
 
 // Stores the C fragments: lane (g, t) holds features row0+g and row0+g+8 of tokens 8j+2t and +1.
-// mode: 0 = store, 1 = add into y, 2 = atomic add (split k).
+// mode: 0 = store, 1 = add into y, 2 = store into split blockIdx.z's slab of y (split k: the
+// slabs, split_stride floats apart, are added up afterwards in split order by split_k_reduce).
 template <int NT>
-__device__ __forceinline__ void store_tiles(float* y, int ldy, int m, int row0, const float (&acc)[NT][4], int mode) {
+__device__ __forceinline__ void store_tiles(float* y, int ldy, int m, int row0, const float (&acc)[NT][4], int mode,
+                                            u64 split_stride) {
     int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    if (mode == 2) y += blockIdx.z * split_stride;
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
@@ -1091,15 +1094,14 @@ __device__ __forceinline__ void store_tiles(float* y, int ldy, int m, int row0, 
             int tok = 8 * j + 2 * t + (e & 1), feat = row0 + g + (e >> 1) * 8;
             if (tok < m) {
                 float* dst = y + (size_t)tok * ldy + feat;
-                if (mode == 2) atomicAdd(dst, acc[j][e]);
-                else *dst = mode == 1 ? *dst + acc[j][e] : acc[j][e];
+                *dst = mode == 1 ? *dst + acc[j][e] : acc[j][e];
             }
         }
 }
 
 template <int NT>
 __device__ void fp8_mma_impl(float* y, int ldy, const bf16* x, const int* x_rows, int ldx, int m, const u8* w,
-                             const float* scale, int n, int k, int mode) {
+                             const float* scale, int n, int k, int mode, u64 split_stride) {
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int row0 = (blockIdx.x * (blockDim.x >> 5) + warp) * 16;
     if (row0 >= n) return;
@@ -1152,17 +1154,17 @@ __device__ void fp8_mma_impl(float* y, int ldy, const bf16* x, const int* x_rows
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[j][e] += sc * part[j][e];
     }
-    store_tiles<NT>(y, ldy, m, row0, acc, mode);
+    store_tiles<NT>(y, ldy, m, row0, acc, mode, split_stride);
 }
 
-// mode: 0 = store, 1 = add into y, 2 = atomic add (split k).
+// mode: 0 = store, 1 = add into y, 2 = split k into slabs of y (see store_tiles).
 #define FP8_MMA(NT)                                                                                             \
     extern "C" __global__ void __launch_bounds__(128) fp8_mma_n##NT(                                            \
         float* y, int ldy, const bf16* x, const int* x_rows, int ldx, int m, const u8* w, const float* scale,   \
-        int n, int k, int mode) {                                                                               \
+        int n, int k, int mode, u64 split_stride) {                                                             \
         int t0 = blockIdx.y * 8 * NT; /* token tiles of 8*NT rows along grid.y */                              \
         fp8_mma_impl<NT>(y + (size_t)t0 * ldy, ldy, x + (size_t)t0 * ldx, x_rows, ldx, min(8 * NT, m - t0), w,   \
-                         scale, n, k, mode);                                                                    \
+                         scale, n, k, mode, split_stride);                                                      \
     }
 FP8_MMA(1)
 FP8_MMA(2)
@@ -1174,7 +1176,7 @@ FP8_MMA(8)
 // n % 16 == 0; k chunks split over gridDim.z as above.
 template <int NT>
 __device__ void bf16_mma_impl(float* y, int ldy, const bf16* x, int ldx, int m, const bf16* w, int n, int k,
-                              int mode) {
+                              int mode, u64 split_stride) {
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int row0 = (blockIdx.x * (blockDim.x >> 5) + warp) * 16;
     if (row0 >= n) return;
@@ -1214,14 +1216,14 @@ __device__ void bf16_mma_impl(float* y, int ldy, const bf16* x, int ldx, int m, 
             for (int j = 0; j < NT; ++j)
                 mma_bf16(acc[j], ra[2 * s], rb[2 * s], ra[2 * s + 1], rb[2 * s + 1], xv[j][2 * s], xv[j][2 * s + 1]);
     }
-    store_tiles<NT>(y, ldy, m, row0, acc, mode);
+    store_tiles<NT>(y, ldy, m, row0, acc, mode, split_stride);
 }
 
 #define BF16_MMA(NT)                                                                                            \
     extern "C" __global__ void __launch_bounds__(128) bf16_mma_n##NT(float* y, int ldy, const bf16* x, int ldx, \
                                                                       int m, const bf16* w, int n, int k,       \
-                                                                      int mode) {                              \
-        bf16_mma_impl<NT>(y, ldy, x, ldx, m, w, n, k, mode);                                                   \
+                                                                      int mode, u64 split_stride) {            \
+        bf16_mma_impl<NT>(y, ldy, x, ldx, m, w, n, k, mode, split_stride);                                     \
     }
 BF16_MMA(1)
 BF16_MMA(2)
@@ -1230,19 +1232,19 @@ BF16_MMA(2)
 // token rows of x from x_rows (gate/up) or the slots themselves (down); 8*NT slots per pass, so
 // any group size works (the weight tile is re-read from L2 per pass). Groups of more than
 // max_rows slots are left to the caller; empty groups (past the active ones) return at once.
-// k chunks split over gridDim.z as in fp8_mma (mode 2: y zeroed, partial sums added atomically).
+// k chunks split over gridDim.z as in fp8_mma (mode 2: per-split slabs, added up afterwards).
 #define GROUPED_FP8_MMA(NT)                                                                                     \
     extern "C" __global__ void __launch_bounds__(128) grouped_fp8_mma_n##NT(                                    \
         float* y, int ldy, const bf16* x, int ldx, const int* x_rows, const u8* w, const float* scale,          \
         u64 w_stride, u64 scale_stride, const int* group_expert, const int* offsets, int n, int k,              \
-        int max_rows, int mode) {                                                                               \
+        int max_rows, int mode, u64 split_stride) {                                                             \
         int gi = blockIdx.y, s0 = offsets[gi], cnt = offsets[gi + 1] - s0;                                      \
         if (cnt <= 0 || cnt > max_rows) return;                                                                 \
         int e = group_expert[gi];                                                                               \
         for (int t0 = s0; t0 < s0 + cnt; t0 += 8 * NT)                                                          \
             fp8_mma_impl<NT>(y + (size_t)t0 * ldy, ldy, x_rows ? x : x + (size_t)t0 * ldx,                      \
                              x_rows ? x_rows + t0 : 0, ldx, min(8 * NT, s0 + cnt - t0), w + (u64)e * w_stride,  \
-                             scale + (u64)e * scale_stride, n, k, mode);                                        \
+                             scale + (u64)e * scale_stride, n, k, mode, split_stride);                          \
     }
 GROUPED_FP8_MMA(1)
 GROUPED_FP8_MMA(2)
@@ -1260,15 +1262,22 @@ GROUPED_FP8_MMA(8)
         size_t row = (size_t)h * (nope + vdim) + nope;                                                          \
         fp8_mma_impl<NT>(out + (size_t)t0 * heads * vdim + (size_t)h * vdim, heads * vdim,                      \
                          o_lat + ((size_t)t0 * heads + h) * lora, 0, heads * lora, min(8 * NT, m - t0),         \
-                         w + row * lora, scale + (row / 128) * (lora / 128), vdim, lora, 0);                   \
+                         w + row * lora, scale + (row / 128) * (lora / 128), vdim, lora, 0, 0);                \
     }
 ABSORB_OUT_MMA(1)
 ABSORB_OUT_MMA(2)
 ABSORB_OUT_MMA(4)
 ABSORB_OUT_MMA(8)
 
-// Zeroes rows [0, m) x cols [0, n) of a strided f32 matrix (before a split-k product).
-extern "C" __global__ void zero_rows(float* y, int ldy, int m, int n) {
+// y[r, c] (+)= sum over s in order of part[s][r][c]: the slabs of a split-k product, added in a
+// fixed order so a step gives the same bits every time (atomics would add in arrival order).
+extern "C" __global__ void split_k_reduce(float* y, int ldy, const float* part, int m, int n, int splits,
+                                          int accumulate) {
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < (u64)m * n) y[(i / n) * ldy + i % n] = 0.f;
+    if (i >= (u64)m * n) return;
+    u64 slab = (u64)m * n;
+    float sum = 0.f;
+    for (int s = 0; s < splits; ++s) sum += part[s * slab + i];
+    float* dst = y + (i / n) * ldy + i % n;
+    *dst = accumulate ? *dst + sum : sum;
 }

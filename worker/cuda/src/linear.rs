@@ -1,7 +1,7 @@
 //! Products with a weight matrix, routed to the kernel that suits the batch size.
 
 use crate::fp8_gemm::QuantizedRows;
-use crate::gpu::{int, ptr, DeviceBuf, Gpu};
+use crate::gpu::{int, ptr, u64_arg, DeviceBuf, Gpu};
 use crate::weights::{DeviceMatrix, Format};
 use anyhow::{ensure, Result};
 
@@ -28,28 +28,88 @@ fn mma_kernel(m: usize) -> &'static str {
     }
 }
 
-/// How many ways to split the k chunks of a tensor-core product so `blocks` fill the GPU (about 8
-/// blocks of 4 warps per SM keep enough weight bytes in flight to stream at HBM speed), and the
-/// store mode that goes with it (split sums are added atomically into a zeroed or accumulated y).
-#[allow(clippy::too_many_arguments)]
-fn split_k(
-    g: &Gpu,
-    blocks: usize,
-    chunks: usize,
+/// Where a tensor-core product writes. Its k chunks are split so `blocks` fill the GPU (about 8
+/// blocks of 4 warps per SM keep enough weight bytes in flight to stream at HBM speed); with more
+/// than one split, each writes its own slab of a workspace and [`SplitK::finish`] adds the slabs
+/// into y in split order — the same bits on every run, where atomic adds would depend on timing.
+pub(crate) struct SplitK {
+    pub(crate) splits: usize,
+    /// The kernel's `y`, `ldy`, `mode` and `split_stride` arguments.
+    pub(crate) out: u64,
+    pub(crate) ldo: usize,
+    pub(crate) mode: usize,
+    pub(crate) stride: u64,
+    slabs: Option<DeviceBuf>,
     y: u64,
     ldy: usize,
     m: usize,
     n: usize,
     accumulate: bool,
-) -> Result<(usize, usize)> {
-    let splits = (BLOCKS_PER_SM * g.sm_count).div_ceil(blocks).min(chunks).max(1);
-    if splits == 1 {
-        return Ok((1, accumulate as usize));
+}
+
+impl SplitK {
+    /// `y[m, n]` (row stride `ldy`, added to when `accumulate`) from a product of `blocks` blocks
+    /// over `chunks` k chunks; `max_splits` caps the split (1: never split).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        g: &Gpu,
+        blocks: usize,
+        chunks: usize,
+        max_splits: usize,
+        y: u64,
+        ldy: usize,
+        m: usize,
+        n: usize,
+        accumulate: bool,
+    ) -> Result<Self> {
+        let splits = (BLOCKS_PER_SM * g.sm_count)
+            .div_ceil(blocks.max(1))
+            .min(chunks)
+            .min(max_splits)
+            .max(1);
+        let mut target = SplitK {
+            splits,
+            out: y,
+            ldo: ldy,
+            mode: accumulate as usize,
+            stride: 0,
+            slabs: None,
+            y,
+            ldy,
+            m,
+            n,
+            accumulate,
+        };
+        if splits > 1 {
+            let slabs = g.alloc(splits * m * n * 4)?;
+            target.out = slabs.addr;
+            target.ldo = n;
+            target.mode = 2;
+            target.stride = (m * n) as u64;
+            target.slabs = Some(slabs);
+        }
+        Ok(target)
     }
-    if !accumulate {
-        g.launch_1d("zero_rows", m * n, &[ptr(y), int(ldy), int(m), int(n)])?;
+
+    /// Adds the slabs into y (nothing to do for one split).
+    pub(crate) fn finish(self, g: &Gpu) -> Result<()> {
+        let Some(slabs) = &self.slabs else {
+            return Ok(());
+        };
+        g.launch_1d(
+            "split_k_reduce",
+            self.m * self.n,
+            &[
+                ptr(self.y),
+                int(self.ldy),
+                ptr(slabs.addr),
+                int(self.m),
+                int(self.n),
+                int(self.splits),
+                int(self.accumulate as usize),
+            ],
+        )
     }
-    Ok((splits, 2))
 }
 
 /// `y[m, w.rows] (+)= x[m, w.cols] · wᵀ` (x contiguous, y with row stride `ldy`), by batch size:
@@ -75,38 +135,50 @@ pub fn linear(
     if bf16_tensor_cores && !simt {
         let xb = g.to_bf16(x, m * w.cols)?;
         let blocks = w.rows.div_ceil(64);
-        let (splits, mode) = split_k(g, blocks, w.cols / 64, y, ldy, m, w.rows, accumulate)?;
+        let target = SplitK::new(g, blocks, w.cols / 64, usize::MAX, y, ldy, m, w.rows, accumulate)?;
         let name = if m <= 8 { "bf16_mma_n1" } else { "bf16_mma_n2" };
-        return g.launch(
+        g.launch(
             name,
-            (blocks as u32, 1, splits as u32),
+            (blocks as u32, 1, target.splits as u32),
             128,
             0,
             &[
-                ptr(y),
-                int(ldy),
+                ptr(target.out),
+                int(target.ldo),
                 ptr(xb.addr),
                 int(w.cols),
                 int(m),
                 ptr(w.data.addr),
                 int(w.rows),
                 int(w.cols),
-                int(mode),
+                int(target.mode),
+                u64_arg(target.stride),
             ],
-        );
+        )?;
+        return target.finish(g);
     }
     if w.format == Format::Fp8 && mma_fits(w.rows, w.cols) && (TC_MIN_ROWS..=TC_MAX_ROWS).contains(&m) && !simt {
         let xb = g.to_bf16(x, m * w.cols)?;
         let blocks = w.rows.div_ceil(64);
-        let (splits, mode) = split_k(g, blocks * m.div_ceil(64), w.cols / 128, y, ldy, m, w.rows, accumulate)?;
-        return g.launch(
+        let target = SplitK::new(
+            g,
+            blocks * m.div_ceil(64),
+            w.cols / 128,
+            usize::MAX,
+            y,
+            ldy,
+            m,
+            w.rows,
+            accumulate,
+        )?;
+        g.launch(
             mma_kernel(m),
-            (blocks as u32, m.div_ceil(64) as u32, splits as u32),
+            (blocks as u32, m.div_ceil(64) as u32, target.splits as u32),
             128,
             0,
             &[
-                ptr(y),
-                int(ldy),
+                ptr(target.out),
+                int(target.ldo),
                 ptr(xb.addr),
                 ptr(0),
                 int(w.cols),
@@ -115,9 +187,11 @@ pub fn linear(
                 ptr(w.scale_addr()),
                 int(w.rows),
                 int(w.cols),
-                int(mode),
+                int(target.mode),
+                u64_arg(target.stride),
             ],
-        );
+        )?;
+        return target.finish(g);
     }
     if m <= GEMV_MAX_ROWS {
         let name = match w.format {

