@@ -168,18 +168,8 @@ impl CudaModel {
             progress(l + 1, config.num_hidden_layers);
         }
         let norm = load_vector(&gpu, &ckpt, "model.norm.weight", h)?;
-        let partial = PartialBank::new(&gpu, &bank_ids, config.n_routed_experts)?;
-        Self::assemble(
-            gpu,
-            config,
-            embed,
-            layers,
-            norm,
-            head,
-            cache_tokens,
-            experts.remote,
-            partial,
-        )
+        let weights = (embed, layers, norm, head);
+        Self::assemble(gpu, config, weights, cache_tokens, experts.remote, &bank_ids)
     }
 
     /// Random FP8 weights made on the GPU (bf16 embedding and head, as the official checkpoint),
@@ -208,33 +198,22 @@ impl CudaModel {
             layers.push(Layer::random(&gpu, &config, l, layer_seed, bank_ids.len())?);
         }
         let norm = random_vector(&gpu, h, 0.8, 1.2, seed + 2)?;
-        let partial = PartialBank::new(&gpu, &bank_ids, config.n_routed_experts)?;
         gpu.sync()?;
-        Self::assemble(
-            gpu,
-            config,
-            embed,
-            layers,
-            norm,
-            head,
-            cache_tokens,
-            experts.remote,
-            partial,
-        )
+        let weights = (embed, layers, norm, head);
+        Self::assemble(gpu, config, weights, cache_tokens, experts.remote, &bank_ids)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The model from its weights (embedding, layers, final norm, head), with a cache of
+    /// `cache_tokens` positions; the layers' banks hold experts `bank_ids`, `host_experts` the rest.
     fn assemble(
         gpu: Gpu,
         config: ModelConfig,
-        embed: DeviceMatrix,
-        layers: Vec<Layer>,
-        norm: DeviceBuf,
-        head: DeviceMatrix,
+        (embed, layers, norm, head): (DeviceMatrix, Vec<Layer>, DeviceBuf, DeviceMatrix),
         cache_tokens: usize,
         host_experts: Option<HostExperts>,
-        partial_bank: Option<PartialBank>,
+        bank_ids: &[u32],
     ) -> Result<Self> {
+        let partial_bank = PartialBank::new(&gpu, bank_ids, config.n_routed_experts)?;
         let block = 64;
         let cache = DeviceCache::new(
             &gpu,
