@@ -12,6 +12,8 @@ use std::ffi::c_void;
 
 /// cuBLASLt workspace per stream.
 const WORKSPACE_BYTES: usize = 32 << 20;
+/// The alignment every operand and scale pointer must have (16 bytes, one vector load).
+pub const ALIGN: usize = 16;
 
 /// Whether cuBLASLt can be loaded (cudarc panics on first use otherwise).
 pub fn cublaslt_present() -> bool {
@@ -83,17 +85,27 @@ impl Fp8Gemm {
             A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
             &S::CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F,
         )?;
-        let bytes = WORKSPACE_BYTES;
-        // SAFETY: `pref` is live; the value is read during the call.
-        unsafe {
-            lt::set_matmul_pref_attribute(
-                pref,
-                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                &bytes as *const usize as *const c_void,
-                size_of::<usize>(),
-            )
+        use sys::cublasLtMatmulPreferenceAttributes_t as P;
+        fn set_pref<T>(pref: sys::cublasLtMatmulPreference_t, which: P, value: T) -> Result<()> {
+            // SAFETY: `pref` is live; the value (of the attribute's type) is read during the call.
+            unsafe { lt::set_matmul_pref_attribute(pref, which, &value as *const T as *const c_void, size_of::<T>()) }
+                .map_err(|e| anyhow!("cuBLASLt preference {which:?}: {e:?}"))
         }
-        .map_err(|e| anyhow!("cuBLASLt preference: {e:?}"))?;
+        set_pref(
+            pref,
+            P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            WORKSPACE_BYTES as u64,
+        )?;
+        // Groups start anywhere in their buffers: ask for algorithms that take any 16-byte
+        // aligned operand, so one found for a shape serves every group of that shape.
+        for which in [
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+        ] {
+            set_pref(pref, which, ALIGN as u32)?;
+        }
         Ok(Some(gemm))
     }
 
@@ -130,6 +142,9 @@ impl Fp8Gemm {
         // other m.
         if k % 128 != 0 || n % 16 != 0 || m % 4 != 0 {
             bail!("block-scaled FP8 product of {m}×{k} by {n}×{k}: k must be a multiple of 128, n of 16 and m of 4");
+        }
+        if [y, x, x_scales, w, w_scales].iter().any(|p| p % ALIGN as u64 != 0) {
+            bail!("block-scaled FP8 product of {m}×{k} by {n}×{k}: an operand is not {ALIGN}-byte aligned");
         }
         let workspace = {
             let spaces = self.workspaces.borrow();

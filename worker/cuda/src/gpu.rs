@@ -13,9 +13,31 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::Arc;
 
-pub const KERNEL_SOURCE: &str = concat!(include_str!("kernels.cu"), include_str!("pick.cu"));
+/// `(name, source)` of the kernel family in `kernels/NAME.cu`, after the shared header.
+macro_rules! family {
+    ($name:literal) => {
+        (
+            $name,
+            concat!(
+                include_str!("kernels/common.cuh"),
+                include_str!(concat!("kernels/", $name, ".cu"))
+            ),
+        )
+    };
+}
 
-/// Every `extern "C"` kernel in `kernels.cu` and `pick.cu`.
+/// The kernel families, each compiled by NVRTC as the shared header followed by its own file,
+/// into a module of its own (on a first start the families compile in parallel).
+pub const KERNEL_FAMILIES: &[(&str, &str)] = &[
+    family!("elementwise"),
+    family!("gemv"),
+    family!("moe"),
+    family!("mla"),
+    family!("mma"),
+    family!("pick"),
+];
+
+/// Every `extern "C"` kernel of the families.
 pub const KERNELS: &[&str] = &[
     "embed_rows",
     "rms_norm",
@@ -78,45 +100,74 @@ pub fn nvrtc_present() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
-/// Compiles the kernels to PTX for `arch` (e.g. "compute_90"). Used at start-up and by CI, which
-/// has NVRTC but no GPU.
-pub fn compile_kernels(arch: &'static str) -> Result<Ptx> {
+/// `make` for every kernel family `(name, source)` at once, one thread each (NVRTC compiles one
+/// program per thread).
+fn per_family<T: Send>(make: impl Fn(&str, &str) -> Result<T> + Sync) -> Result<Vec<T>> {
+    std::thread::scope(|scope| {
+        let running: Vec<_> = KERNEL_FAMILIES
+            .iter()
+            .map(|&(name, source)| {
+                let make = &make;
+                scope.spawn(move || make(name, source).with_context(|| format!("kernel family `{name}`")))
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|t| t.join().map_err(|_| anyhow!("compiling a kernel family panicked"))?)
+            .collect()
+    })
+}
+
+/// Compiles every kernel family to PTX for `arch` (e.g. "compute_90"). Used for GPUs of other
+/// architectures and by CI, which has NVRTC but no GPU.
+pub fn compile_kernels(arch: &'static str) -> Result<Vec<Ptx>> {
     if !nvrtc_present() {
         bail!("NVRTC (libnvrtc) was not found: put the CUDA toolkit's lib directory on LD_LIBRARY_PATH");
     }
-    let opts = CompileOptions {
-        arch: Some(arch),
-        options: vec!["--std=c++17".into(), "-default-device".into()],
-        ..Default::default()
-    };
-    compile_ptx_with_opts(KERNEL_SOURCE, opts).map_err(|e| anyhow!("compiling the CUDA kernels failed: {e}"))
+    per_family(|_, source| {
+        let opts = CompileOptions {
+            arch: Some(arch),
+            options: vec!["--std=c++17".into(), "-default-device".into()],
+            ..Default::default()
+        };
+        compile_ptx_with_opts(source, opts).map_err(|e| anyhow!("compiling the CUDA kernels failed: {e}"))
+    })
 }
 
-/// The kernels as machine code for this GPU's architecture, from the kernel cache or compiled
-/// now (and cached); GPUs of other architectures get PTX for the driver to compile.
-fn load_kernels(ctx: &Arc<CudaContext>) -> Result<Arc<cudarc::driver::CudaModule>> {
+/// The kernels as machine code for this GPU's architecture, one module per family, from the
+/// kernel cache or compiled now (and cached); GPUs of other architectures get PTX for the driver.
+fn load_kernels(ctx: &Arc<CudaContext>) -> Result<Vec<Arc<cudarc::driver::CudaModule>>> {
+    use crate::kernel_cache::{forget, kernel_image, Origin};
     let (major, minor) = ctx.compute_capability()?;
     let known = matches!((major, minor), (8, 0) | (8, 6) | (8, 9) | (9, 0) | (10, 0) | (12, 0));
     if !known {
-        let ptx = compile_kernels("compute_80")?;
-        return ctx.load_module(ptx).context("loading the CUDA kernels");
+        return compile_kernels("compute_80")?
+            .into_iter()
+            .map(|ptx| ctx.load_module(ptx).context("loading the CUDA kernels"))
+            .collect();
     }
     let arch = format!("sm_{major}{minor}");
     let cache = crate::kernel_cache::default_cache_dir();
-    let image = crate::kernel_cache::kernel_image(KERNEL_SOURCE, &arch, cache.as_deref())?;
-    match ctx.load_module(Ptx::from_binary(image.cubin)) {
-        Ok(module) => Ok(module),
-        Err(e) => {
-            // A cached file the driver refuses is dropped and compiled again, once.
-            crate::kernel_cache::forget(&image.origin);
-            if !matches!(image.origin, crate::kernel_cache::Origin::Cache(_)) {
-                return Err(e).context("loading the CUDA kernels");
-            }
-            let fresh = crate::kernel_cache::kernel_image(KERNEL_SOURCE, &arch, cache.as_deref())?;
-            ctx.load_module(Ptx::from_binary(fresh.cubin))
-                .context("loading the CUDA kernels")
-        }
-    }
+    let images = per_family(|_, source| kernel_image(source, &arch, cache.as_deref()))?;
+    KERNEL_FAMILIES
+        .iter()
+        .zip(images)
+        .map(
+            |(&(name, source), image)| match ctx.load_module(Ptx::from_binary(image.cubin)) {
+                Ok(module) => Ok(module),
+                // A cached file the driver refuses is dropped and compiled again, once.
+                Err(e) => {
+                    forget(&image.origin);
+                    if !matches!(image.origin, Origin::Cache(_)) {
+                        return Err(e).with_context(|| format!("loading the CUDA kernels of `{name}`"));
+                    }
+                    let fresh = kernel_image(source, &arch, cache.as_deref())?;
+                    ctx.load_module(Ptx::from_binary(fresh.cubin))
+                        .with_context(|| format!("loading the CUDA kernels of `{name}`"))
+                }
+            },
+        )
+        .collect()
 }
 
 /// The device's default memory pool, where stream-ordered allocations come from.
@@ -259,12 +310,13 @@ impl Gpu {
         // One stream, so the per-buffer event tracking only costs time.
         // SAFETY: all work goes to the one stream below.
         unsafe { ctx.disable_event_tracking() };
-        let module = load_kernels(&ctx)?;
+        let modules = load_kernels(&ctx)?;
         let mut funcs = HashMap::new();
         for &name in KERNELS {
-            let f = module
-                .load_function(name)
-                .with_context(|| format!("kernel `{name}` missing from the module"))?;
+            let f = modules
+                .iter()
+                .find_map(|m| m.load_function(name).ok())
+                .with_context(|| format!("kernel `{name}` is in no kernel family"))?;
             funcs.insert(name, f);
         }
         keep_pool_memory(&ctx)?;

@@ -2,8 +2,8 @@
 //!
 //! CUDA is loaded at run time (cudarc `dynamic-loading`), so the one `dsv3-worker` binary runs on
 //! machines without it; [`device_status`] says whether a GPU can be used before anything touches
-//! the driver. Kernels are CUDA C in `kernels.cu`, compiled by NVRTC at start-up; large products
-//! go through cuBLAS on bf16. [`CudaModel`] is a [`dsv3_engine::StepBackend`] whose routed experts
+//! the driver. Kernels are CUDA C in `kernels/` (a shared header and one file per family),
+//! compiled by NVRTC on the first start and cached; large products go through cuBLAS(Lt). [`CudaModel`] is a [`dsv3_engine::StepBackend`] whose routed experts
 //! are on the GPU or reached through an executor; [`CudaExperts`] is an expert shard on the GPU.
 
 pub mod bench;
@@ -18,7 +18,7 @@ pub mod projection;
 pub mod weights;
 
 pub use experts::CudaExperts;
-pub use gpu::{compile_kernels, driver_present, nvrtc_present, Gpu, KERNELS, KERNEL_SOURCE};
+pub use gpu::{compile_kernels, driver_present, nvrtc_present, Gpu, KERNELS, KERNEL_FAMILIES};
 pub use model::{pick_tokens, CudaModel, DeviceTrace, HostExperts, ModelExperts};
 
 /// Whether a CUDA GPU is usable here: `Ok(count)` or why not.

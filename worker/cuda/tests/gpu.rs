@@ -768,7 +768,11 @@ fn block_scaled_fp8_products_match_f64_reference() {
         rng ^= rng << 17;
         rng
     };
-    for (k, n, group_rows) in [(7168usize, 2048usize, [68usize, 300]), (2048, 7168, [8, 132])] {
+    for (k, n, group_rows) in [
+        (7168usize, 2048usize, [68usize, 300]),
+        (2048, 7168, [8, 132]),
+        (256, 128, [8, 12]),
+    ] {
         let m: usize = group_rows.iter().sum();
         // Activations with a spread of magnitudes across 128-channel blocks.
         let spare = 4;

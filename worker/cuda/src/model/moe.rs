@@ -5,7 +5,7 @@
 
 use super::layers::Moe;
 use super::CudaModel;
-use crate::fp8_gemm::{Fp8Gemm, QuantizedRows};
+use crate::fp8_gemm::{Fp8Gemm, QuantizedRows, ALIGN};
 use crate::gpu::{float, int, ptr, u64_arg, DeviceBuf, Gpu};
 use crate::linear::{mma_fits, SplitK};
 use crate::weights::{ExpertBank, Stacked};
@@ -75,7 +75,11 @@ pub(crate) fn run_bank(
     let width = bank.gate.cols;
     // Large steps run their large groups through cuBLASLt's FP8 products where the GPU has them;
     // those read each group's per-row scales in rows of 4, so groups start on a multiple of 4.
-    let fp8 = if m > DEVICE_ONLY_MAX_ROWS { g.fp8_gemm()? } else { None };
+    let fp8 = if m > DEVICE_ONLY_MAX_ROWS && fp8_fits(bank) {
+        g.fp8_gemm()?
+    } else {
+        None
+    };
     let plan = DevicePlan::new(g, e, k, ids, valid, m, counters, if fp8.is_some() { 4 } else { 1 })?;
     let (large, max_rows) = if m > DEVICE_ONLY_MAX_ROWS {
         let large = g.profiled("moe_plan_sync", || plan.large_groups(g, e, kernels.cublas_rows))?;
@@ -217,6 +221,15 @@ pub(crate) fn run_bank(
             int(width),
         ],
     )
+}
+
+/// Whether cuBLASLt's block-scaled products take this bank: every expert's weights and scales
+/// start 16-byte aligned (not so for models narrower than 512, whose experts have 2 or 3 scale
+/// blocks) and the shapes are whole 128-wide blocks.
+fn fp8_fits(bank: &ExpertBank) -> bool {
+    [&bank.gate, &bank.up, &bank.down].iter().all(|s| {
+        s.cols % 128 == 0 && s.rows % 16 == 0 && s.stride() % ALIGN == 0 && (s.scale_stride() * 4) % ALIGN == 0
+    })
 }
 
 /// `out[slots] = input[slots] · W_eᵀ` through cuBLASLt's block-scaled FP8 product for each large

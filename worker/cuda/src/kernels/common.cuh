@@ -1,0 +1,92 @@
+// dsv3 CUDA kernels: what every family shares (types, conversions, reductions, the bf16 tensor-core
+// step). Each family is compiled by NVRTC as this header followed by its own file (no #include:
+// NVRTC ships no headers by default).
+// Conventions: activations f32 row-major; bf16 stored as unsigned short; FP8 e4m3 weights as
+// bytes with one f32 scale per 128x128 tile (`weight_scale_inv`, spec §8.5).
+
+typedef unsigned char u8;
+typedef unsigned short bf16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define FMT_F32 0
+#define FMT_BF16 1
+#define FMT_FP8 2
+#define GEMV_MAXM 8
+#define QBLOCK 128
+#define INFINITY __int_as_float(0x7f800000)
+
+__device__ __forceinline__ float bf16_to_f32(u32 v) { return __uint_as_float(v << 16); }
+
+__device__ __forceinline__ bf16 f32_to_bf16(float f) {
+    u32 u = __float_as_uint(f);
+    u32 rounding = ((u >> 16) & 1u) + 0x7fffu;  // round to nearest even
+    return (bf16)((u + rounding) >> 16);
+}
+
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+    return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
+}
+
+// e4m3 -> f32 without a table: the 7 magnitude bits placed at the top of an f32 mantissa give
+// 2^(e-127)(1+m/8) for normals and the right denormal for e == 0; 2^120 restores the bias of 7.
+__device__ __forceinline__ float e4m3_to_f32(u32 b) {
+    float f = __uint_as_float((b & 0x7fu) << 20) * __uint_as_float(0x7B800000u);
+    return (b & 0x80u) ? -f : f;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ float block_sum(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float total = 0.f;
+    for (int w = 0; w < warps; ++w) total += scratch[w];
+    return total;
+}
+
+// Maximum over the block, as block_sum.
+__device__ float block_max(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float m = -INFINITY;
+    for (int w = 0; w < warps; ++w) m = fmaxf(m, scratch[w]);
+    return m;
+}
+
+// A weight element of any format (FP8 with its 128x128 block scale, bf16, f32).
+__device__ __forceinline__ float weight_at(int fmt, const void* w, const float* scale, int scale_cols, u64 r, u64 c,
+                                           int k) {
+    if (fmt == FMT_FP8) {
+        u32 b = ((const u8*)w)[r * k + c];
+        return e4m3_to_f32(b) * scale[(r / QBLOCK) * scale_cols + c / QBLOCK];
+    }
+    if (fmt == FMT_BF16) return bf16_to_f32(((const bf16*)w)[r * k + c]);
+    return ((const float*)w)[r * k + c];
+}
+
+// D += A·B on the tensor cores: m16n8k16, bf16 in, f32 accumulate.
+__device__ __forceinline__ void mma_bf16(float c[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}

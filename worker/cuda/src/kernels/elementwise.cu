@@ -1,0 +1,128 @@
+// ---------------------------------------------------------------- elementwise, norms, weights
+
+// out[r, :width] = in[r, :width] * rsqrt(mean(in^2) + eps) * w; rows strided by ld_in / ld_out.
+extern "C" __global__ void rms_norm(float* out, int ld_out, const float* in, int ld_in, const float* w, int width,
+                                    float eps) {
+    __shared__ float scratch[32];
+    const float* x = in + (size_t)blockIdx.x * ld_in;
+    float* y = out + (size_t)blockIdx.x * ld_out;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) ss += x[i] * x[i];
+    ss = block_sum(ss, scratch);
+    float inv = rsqrtf(ss / (float)width + eps);
+    for (int i = threadIdx.x; i < width; i += blockDim.x) y[i] = x[i] * inv * w[i];
+}
+
+// act[r, j] = silu(gu[r, j]) * gu[r, inter + j]
+extern "C" __global__ void swiglu(float* act, const float* gu, int rows, int inter) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)rows * inter) return;
+    int r = (int)(i / inter), j = (int)(i % inter);
+    float g = gu[(size_t)r * 2 * inter + j], u = gu[(size_t)r * 2 * inter + inter + j];
+    act[i] = g / (1.f + expf(-g)) * u;
+}
+
+// y[i] += x[i]: partial sums that came back from remote expert shards, added into the residual.
+extern "C" __global__ void add_f32(float* y, const float* x, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] += x[i];
+}
+
+// Global expert ids to indices of the bank this GPU holds (-1: another rank runs that expert).
+extern "C" __global__ void bank_expert_ids(int* out, const int* ids, const int* bank_of, int n_experts, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    int e = ids[i];
+    out[i] = (e >= 0 && e < n_experts) ? bank_of[e] : -1;
+}
+
+// Rotates interleaved pairs of `dim` values at `offset` inside each of `heads` vectors of each
+// row (row stride ld, head stride hs). cos/sin are [rows, dim/2] and already carry YaRN's factor.
+extern "C" __global__ void rope_interleaved(float* x, int ld, int heads, int hs, int offset, int dim,
+                                            const float* cos_t, const float* sin_t) {
+    int r = blockIdx.x, half = dim / 2;
+    for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
+        int h = i / half, j = i % half;
+        float* p = x + (size_t)r * ld + (size_t)h * hs + offset + 2 * j;
+        float c = cos_t[r * half + j], s = sin_t[r * half + j];
+        float a = p[0], b = p[1];
+        p[0] = a * c - b * s;
+        p[1] = a * s + b * c;
+    }
+}
+
+extern "C" __global__ void f32_to_bf16_rows(bf16* out, const float* in, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = f32_to_bf16(in[i]);
+}
+
+extern "C" __global__ void embed_rows(float* out, int fmt, const void* table, const float* scale, const u32* ids,
+                                      int width) {
+    float* dst = out + (size_t)blockIdx.x * width;
+    int scale_cols = (width + QBLOCK - 1) / QBLOCK;
+    for (int i = threadIdx.x; i < width; i += blockDim.x)
+        dst[i] = weight_at(fmt, table, scale, scale_cols, ids[blockIdx.x], i, width);
+}
+
+// Dequantises rows [r0, r0+n) of a weight into bf16 for the tensor-core GEMM path.
+extern "C" __global__ void dequant_bf16(bf16* out, int fmt, const void* w, const float* scale, int r0, int n, int k) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)n * k) return;
+    u64 r = r0 + i / k, c = i % k;
+    int scale_cols = (k + QBLOCK - 1) / QBLOCK;
+    out[i] = f32_to_bf16(weight_at(fmt, w, scale, scale_cols, r, c, k));
+}
+
+// FP8 -> bf16 with the block scales, 16 elements per thread (k % 16 == 0, n * k < 2^32).
+extern "C" __global__ void dequant_fp8_bf16(bf16* out, const u8* w, const float* scale, int n, int k) {
+    u32 i = (blockIdx.x * blockDim.x + threadIdx.x) * 16u;
+    if (i >= (u32)n * (u32)k) return;
+    u32 r = i / (u32)k, c = i % (u32)k;
+    float s = scale[(r / QBLOCK) * ((k + QBLOCK - 1) / QBLOCK) + c / QBLOCK];
+    uint4 p = *(const uint4*)(w + i);
+    u32 words[4] = {p.x, p.y, p.z, p.w};
+    u32 o[8];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        u32 v = words[q];
+        o[2 * q] = pack_bf16(e4m3_to_f32(v & 0xffu) * s, e4m3_to_f32((v >> 8) & 0xffu) * s);
+        o[2 * q + 1] = pack_bf16(e4m3_to_f32((v >> 16) & 0xffu) * s, e4m3_to_f32(v >> 24) * s);
+    }
+    uint4* dst = (uint4*)(out + i);
+    dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
+    dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
+}
+
+// Deterministic random weights (for full-width benchmarks): a hash per element.
+__device__ __forceinline__ u32 hash_u32(u64 x) {
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ull;
+    x ^= x >> 33;
+    return (u32)x;
+}
+
+// e4m3 bytes with magnitudes in [2^-4, 2^3): random sign, exponent field 3..9, mantissa.
+extern "C" __global__ void random_fp8(u8* w, u64 n, u64 seed) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    u32 h = hash_u32(seed * 0x9E3779B97F4A7C15ull + i);
+    u32 exp = 3 + (h >> 8) % 7, mant = h & 7, sign = (h >> 16) & 1;
+    w[i] = (u8)((sign << 7) | (exp << 3) | mant);
+}
+
+// Uniform values in [lo, hi).
+extern "C" __global__ void random_f32(float* w, u64 n, u64 seed, float lo, float hi) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    u32 h = hash_u32(seed * 0x9E3779B97F4A7C15ull + i);
+    w[i] = lo + (hi - lo) * ((h >> 8) * (1.f / 16777216.f));
+}
+
+extern "C" __global__ void random_bf16(bf16* w, u64 n, u64 seed, float lo, float hi) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    u32 h = hash_u32(seed * 0x9E3779B97F4A7C15ull + i);
+    w[i] = f32_to_bf16(lo + (hi - lo) * ((h >> 8) * (1.f / 16777216.f)));
+}

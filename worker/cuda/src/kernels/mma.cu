@@ -1,0 +1,245 @@
+// ---------------------------------------------------------------- FP8 weights on the tensor cores
+// y[m, n] (+)= x[m, k] · W[n, k]ᵀ for FP8 W with 128x128 scales and bf16 x, for small m (decode
+// batches): each warp owns 16 output features and all of up to 8*NT tokens; mma.sync m16n8k16
+// with W as the A operand, converted exactly from e4m3 to bf16 in registers, the block scale
+// applied per 128-wide k chunk. Lane (g, t) reads 32 contiguous bytes of rows g and g+8 per chunk;
+// the k order inside a chunk is permuted identically for W and x (the sum does not care), so
+// every load is 16 bytes wide. k % 128 == 0 and n % 16 == 0; k chunks split over gridDim.z
+// (then y must be zeroed and partial sums are added atomically).
+// x rows: token j of the tile is row x_rows[j] (or j) of x.
+
+// Two e4m3 values of `word` (bytes picked by `selector`: 0x1404 = bytes 0 and 1, 0x3424 = bytes 2
+// and 3) to bf16x2, exactly: a byte placed in the high byte of a bf16 lane has its sign in place
+// and its exponent and mantissa 4 bits too high; shifted down, the lane reads as the value times
+// 2^-120 (subnormals included), and one packed multiply by 2^120 restores it. Four instructions.
+__device__ __forceinline__ u32 e4m3x2_to_bf16x2(u32 word, u32 selector) {
+    u32 x = __byte_perm(word, 0u, selector);
+    u32 bits = ((x >> 4) & 0x07f007f0u) | (x & 0x80008000u);
+    u32 out;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(out) : "r"(bits), "r"(0x7B807B80u), "r"(0x80008000u));
+    return out;
+}
+
+// This block's share [begin, end) of `chunks` k chunks split over gridDim.z (split k).
+__device__ __forceinline__ void split_chunks(int chunks, int& begin, int& end) {
+    int per = (chunks + gridDim.z - 1) / gridDim.z;
+    begin = blockIdx.z * per;
+    end = min(chunks, begin + per);
+}
+
+// Token tile j of a warp holds tokens 8j..8j+7; lane (g, t) reads token 8j+g (row x_rows[tok], or
+// tok), starting `lane_off` elements into the row. Tokens at or past m are not live.
+template <int NT>
+__device__ __forceinline__ void token_rows(const bf16* (&xr)[NT], bool (&live)[NT], const bf16* x, const int* x_rows,
+                                           int ldx, int m, int lane_off) {
+    int g = (threadIdx.x & 31) >> 2;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        int tok = 8 * j + g;
+        live[j] = tok < m;
+        xr[j] = x + (size_t)(live[j] ? (x_rows ? x_rows[tok] : tok) : 0) * ldx + lane_off;
+    }
+}
+
+// Stores the C fragments: lane (g, t) holds features row0+g and row0+g+8 of tokens 8j+2t and +1.
+// mode: 0 = store, 1 = add into y, 2 = store into split blockIdx.z's slab of y (split k: the
+// slabs, split_stride floats apart, are added up afterwards in split order by split_k_reduce).
+template <int NT>
+__device__ __forceinline__ void store_tiles(float* y, int ldy, int m, int row0, const float (&acc)[NT][4], int mode,
+                                            u64 split_stride) {
+    int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    if (mode == 2) y += blockIdx.z * split_stride;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            int tok = 8 * j + 2 * t + (e & 1), feat = row0 + g + (e >> 1) * 8;
+            if (tok < m) {
+                float* dst = y + (size_t)tok * ldy + feat;
+                *dst = mode == 1 ? *dst + acc[j][e] : acc[j][e];
+            }
+        }
+}
+
+template <int NT>
+__device__ void fp8_mma_impl(float* y, int ldy, const bf16* x, const int* x_rows, int ldx, int m, const u8* w,
+                             const float* scale, int n, int k, int mode, u64 split_stride) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int row0 = (blockIdx.x * (blockDim.x >> 5) + warp) * 16;
+    if (row0 >= n) return;
+    int chunks = k / 128, c_begin, c_end;
+    split_chunks(chunks, c_begin, c_end);
+    const u8* w0 = w + (size_t)(row0 + g) * k + 32 * t;
+    const u8* w1 = w0 + (size_t)8 * k;
+    const float* srow = scale + (size_t)(row0 / 128) * chunks;
+    const bf16* xr[NT];
+    bool live[NT];
+    token_rows<NT>(xr, live, x, x_rows, ldx, m, 32 * t);
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll 2
+    for (int ch = c_begin; ch < c_end; ++ch) {
+        size_t c0 = (size_t)ch * 128;
+        uint4 p0 = *(const uint4*)(w0 + c0), p1 = *(const uint4*)(w0 + c0 + 16);
+        uint4 q0 = *(const uint4*)(w1 + c0), q1 = *(const uint4*)(w1 + c0 + 16);
+        u32 ra[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
+        u32 rb[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+        u32 xv[NT][16];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            if (live[j]) {
+                const uint4* src = (const uint4*)(xr[j] + c0);
+#pragma unroll
+                for (int v = 0; v < 4; ++v) {
+                    uint4 u = src[v];
+                    xv[j][4 * v] = u.x; xv[j][4 * v + 1] = u.y; xv[j][4 * v + 2] = u.z; xv[j][4 * v + 3] = u.w;
+                }
+            } else {
+#pragma unroll
+                for (int v = 0; v < 16; ++v) xv[j][v] = 0u;
+            }
+        }
+        float part[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) part[j][0] = part[j][1] = part[j][2] = part[j][3] = 0.f;
+#pragma unroll
+        for (int s = 0; s < 8; ++s) {
+            u32 a0 = e4m3x2_to_bf16x2(ra[s], 0x1404u), a2 = e4m3x2_to_bf16x2(ra[s], 0x3424u);
+            u32 a1 = e4m3x2_to_bf16x2(rb[s], 0x1404u), a3 = e4m3x2_to_bf16x2(rb[s], 0x3424u);
+#pragma unroll
+            for (int j = 0; j < NT; ++j) mma_bf16(part[j], a0, a1, a2, a3, xv[j][2 * s], xv[j][2 * s + 1]);
+        }
+        float sc = srow[ch];
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[j][e] += sc * part[j][e];
+    }
+    store_tiles<NT>(y, ldy, m, row0, acc, mode, split_stride);
+}
+
+// mode: 0 = store, 1 = add into y, 2 = split k into slabs of y (see store_tiles).
+#define FP8_MMA(NT)                                                                                             \
+    extern "C" __global__ void __launch_bounds__(128) fp8_mma_n##NT(                                            \
+        float* y, int ldy, const bf16* x, const int* x_rows, int ldx, int m, const u8* w, const float* scale,   \
+        int n, int k, int mode, u64 split_stride) {                                                             \
+        int t0 = blockIdx.y * 8 * NT; /* token tiles of 8*NT rows along grid.y */                              \
+        fp8_mma_impl<NT>(y + (size_t)t0 * ldy, ldy, x + (size_t)t0 * ldx, x_rows, ldx, min(8 * NT, m - t0), w,   \
+                         scale, n, k, mode, split_stride);                                                      \
+    }
+FP8_MMA(1)
+FP8_MMA(2)
+FP8_MMA(4)
+FP8_MMA(8)
+
+// bf16 weights (the head, the router) on the tensor cores, as fp8_mma but without conversion:
+// lane (g, t) reads 32 bytes (16 values) of rows g and g+8 per 64-wide k chunk. k % 64 == 0,
+// n % 16 == 0; k chunks split over gridDim.z as above.
+template <int NT>
+__device__ void bf16_mma_impl(float* y, int ldy, const bf16* x, int ldx, int m, const bf16* w, int n, int k,
+                              int mode, u64 split_stride) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int row0 = (blockIdx.x * (blockDim.x >> 5) + warp) * 16;
+    if (row0 >= n) return;
+    int chunks = k / 64, c_begin, c_end;
+    split_chunks(chunks, c_begin, c_end);
+    const bf16* w0 = w + (size_t)(row0 + g) * k + 16 * t;
+    const bf16* w1 = w0 + (size_t)8 * k;
+    const bf16* xr[NT];
+    bool live[NT];
+    token_rows<NT>(xr, live, x, 0, ldx, m, 16 * t);
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll 2
+    for (int ch = c_begin; ch < c_end; ++ch) {
+        size_t c0 = (size_t)ch * 64;
+        uint4 p0 = *(const uint4*)(w0 + c0), p1 = *(const uint4*)(w0 + c0 + 8);
+        uint4 q0 = *(const uint4*)(w1 + c0), q1 = *(const uint4*)(w1 + c0 + 8);
+        u32 ra[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
+        u32 rb[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+        u32 xv[NT][8];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            if (live[j]) {
+                uint4 u0 = *(const uint4*)(xr[j] + c0), u1 = *(const uint4*)(xr[j] + c0 + 8);
+                xv[j][0] = u0.x; xv[j][1] = u0.y; xv[j][2] = u0.z; xv[j][3] = u0.w;
+                xv[j][4] = u1.x; xv[j][5] = u1.y; xv[j][6] = u1.z; xv[j][7] = u1.w;
+            } else {
+#pragma unroll
+                for (int v = 0; v < 8; ++v) xv[j][v] = 0u;
+            }
+        }
+        // k step s takes values 4s..4s+3 of each lane's 16: words 2s (a0/b0) and 2s+1 (a2/b1)
+#pragma unroll
+        for (int s = 0; s < 4; ++s)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+                mma_bf16(acc[j], ra[2 * s], rb[2 * s], ra[2 * s + 1], rb[2 * s + 1], xv[j][2 * s], xv[j][2 * s + 1]);
+    }
+    store_tiles<NT>(y, ldy, m, row0, acc, mode, split_stride);
+}
+
+#define BF16_MMA(NT)                                                                                            \
+    extern "C" __global__ void __launch_bounds__(128) bf16_mma_n##NT(float* y, int ldy, const bf16* x, int ldx, \
+                                                                      int m, const bf16* w, int n, int k,       \
+                                                                      int mode, u64 split_stride) {            \
+        bf16_mma_impl<NT>(y, ldy, x, ldx, m, w, n, k, mode, split_stride);                                     \
+    }
+BF16_MMA(1)
+BF16_MMA(2)
+
+// Routed experts on the tensor cores: blockIdx.y = group (one expert, its slots offsets[g]..),
+// token rows of x from x_rows (gate/up) or the slots themselves (down); 8*NT slots per pass, so
+// any group size works (the weight tile is re-read from L2 per pass). Groups of more than
+// max_rows slots are left to the caller; empty groups (past the active ones) return at once.
+// k chunks split over gridDim.z as in fp8_mma (mode 2: per-split slabs, added up afterwards).
+#define GROUPED_FP8_MMA(NT)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(128) grouped_fp8_mma_n##NT(                                    \
+        float* y, int ldy, const bf16* x, int ldx, const int* x_rows, const u8* w, const float* scale,          \
+        u64 w_stride, u64 scale_stride, const int* group_expert, const int* offsets, int n, int k,              \
+        int max_rows, int mode, u64 split_stride) {                                                             \
+        int gi = blockIdx.y, s0 = offsets[gi], cnt = offsets[gi + 1] - s0;                                      \
+        if (cnt <= 0 || cnt > max_rows) return;                                                                 \
+        int e = group_expert[gi];                                                                               \
+        for (int t0 = s0; t0 < s0 + cnt; t0 += 8 * NT)                                                          \
+            fp8_mma_impl<NT>(y + (size_t)t0 * ldy, ldy, x_rows ? x : x + (size_t)t0 * ldx,                      \
+                             x_rows ? x_rows + t0 : 0, ldx, min(8 * NT, s0 + cnt - t0), w + (u64)e * w_stride,  \
+                             scale + (u64)e * scale_stride, n, k, mode, split_stride);                          \
+    }
+GROUPED_FP8_MMA(1)
+GROUPED_FP8_MMA(2)
+GROUPED_FP8_MMA(4)
+GROUPED_FP8_MMA(8)
+
+// out[t, h*vdim + j] = sum_c o_lat[t, h, c] * W_UV[h][j, c] on the tensor cores, per head an FP8
+// product as fp8_mma over head h's value rows of kv_b (128-aligned, so their scale rows line up);
+// o_lat as bf16. grid (vdim / 64, heads * ceil(m / (8 * NT))).
+#define ABSORB_OUT_MMA(NT)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(128) mla_absorb_out_mma_n##NT(                                 \
+        float* out, const bf16* o_lat, int m, int heads, int nope, int vdim, int lora, const u8* w,             \
+        const float* scale) {                                                                                   \
+        int h = blockIdx.y % heads, t0 = (blockIdx.y / heads) * 8 * NT;                                         \
+        size_t row = (size_t)h * (nope + vdim) + nope;                                                          \
+        fp8_mma_impl<NT>(out + (size_t)t0 * heads * vdim + (size_t)h * vdim, heads * vdim,                      \
+                         o_lat + ((size_t)t0 * heads + h) * lora, 0, heads * lora, min(8 * NT, m - t0),         \
+                         w + row * lora, scale + (row / 128) * (lora / 128), vdim, lora, 0, 0);                \
+    }
+ABSORB_OUT_MMA(1)
+ABSORB_OUT_MMA(2)
+ABSORB_OUT_MMA(4)
+ABSORB_OUT_MMA(8)
+
+// y[r, c] (+)= sum over s in order of part[s][r][c]: the slabs of a split-k product, added in a
+// fixed order so a step gives the same bits every time (atomics would add in arrival order).
+extern "C" __global__ void split_k_reduce(float* y, int ldy, const float* part, int m, int n, int splits,
+                                          int accumulate) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)m * n) return;
+    u64 slab = (u64)m * n;
+    float sum = 0.f;
+    for (int s = 0; s < splits; ++s) sum += part[s * slab + i];
+    float* dst = y + (i / n) * ldy + i % n;
+    *dst = accumulate ? *dst + sum : sum;
+}

@@ -1,0 +1,217 @@
+// ---------------------------------------------------------------- routed experts: gather, quantise, combine, plan
+// Gathers token rows into slot order as bf16 (input of the per-expert tensor-core GEMM).
+extern "C" __global__ void gather_rows_bf16(bf16* out, const float* x, int ldx, const int* rows, int width) {
+    const float* src = x + (size_t)rows[blockIdx.x] * ldx;
+    bf16* dst = out + (size_t)blockIdx.x * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) dst[i] = f32_to_bf16(src[i]);
+}
+
+// f32 -> e4m3 (round to nearest even, saturating at ±448; NaN saturates too).
+__device__ __forceinline__ u32 f32_to_e4m3(float v) {
+    u32 sign = (__float_as_uint(v) >> 24) & 0x80u;
+    float a = fminf(fabsf(v), 448.0f);
+    if (a < 0.015625f) return sign | (u32)__float2int_rn(a * 512.0f);  // subnormal steps of 2^-9
+    int e;
+    float f = frexpf(a, &e);  // a = f * 2^e, f in [0.5, 1)
+    u32 m = (u32)__float2int_rn((f * 2.0f - 1.0f) * 8.0f);
+    int field = e + 6;
+    if (m == 8) {
+        m = 0;
+        field += 1;
+    }
+    return sign | ((u32)field << 3) | m;
+}
+
+// Rows as e4m3 with one f32 scale per row per 128 columns (amax / 448), the activation operand
+// of cuBLASLt's block-scaled FP8 products. Output row r is row rows[r] of x (rows null: row r).
+// Scales are laid out per group of output rows, as each product reads them: the rows
+// offsets[g]..offsets[g+1] keep [k/128][group rows] from offsets[g] * k/128 (offsets null: one
+// group of all n rows). One warp per (row, 128 columns); k a multiple of 128, ldx of 4.
+extern "C" __global__ void quantize_rows_fp8(u8* out, float* scales, const float* x, int ldx, const int* rows, int n,
+                                             int k, const int* offsets, int groups) {
+    int warp = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5), lane = threadIdx.x & 31;
+    int blocks = k / QBLOCK;
+    if (warp >= n * blocks) return;
+    int r = warp / blocks, kb = warp % blocks;
+    int src = rows ? rows[r] : r;
+    float4 v = *(const float4*)(x + (size_t)src * ldx + kb * QBLOCK + lane * 4);
+    float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    float scale = amax > 0.f ? amax / 448.0f : 1.0f;
+    float inv = amax > 0.f ? 448.0f / amax : 1.0f;
+    u32 word = f32_to_e4m3(v.x * inv) | (f32_to_e4m3(v.y * inv) << 8) | (f32_to_e4m3(v.z * inv) << 16) |
+               (f32_to_e4m3(v.w * inv) << 24);
+    *(u32*)(out + (size_t)r * k + kb * QBLOCK + lane * 4) = word;
+    if (lane == 0) {
+        int first = 0, count = n;
+        if (offsets) {
+            if (r >= offsets[groups]) return;  // past every group: no scale to keep
+            // The last group starting at or before r (empty groups share their start with the next).
+            int lo = 0, hi = groups - 1;
+            while (lo < hi) {
+                int mid = (lo + hi + 1) >> 1;
+                if (offsets[mid] <= r) lo = mid; else hi = mid - 1;
+            }
+            first = offsets[lo];
+            count = offsets[lo + 1] - first;
+        }
+        scales[(size_t)first * blocks + (size_t)kb * count + (r - first)] = scale;
+    }
+}
+
+// out[t, :] += sum_j weight[t, j] * y[slot[t, j], :] over the top-k slots of token t (-1 = skipped).
+extern "C" __global__ void combine_experts(float* out, const float* y, const int* slot, const float* weight, int top_k,
+                                           int width) {
+    int t = blockIdx.x;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        float acc = 0.f;
+        for (int j = 0; j < top_k; ++j) {
+            int s = slot[t * top_k + j];
+            if (s >= 0) acc += weight[t * top_k + j] * y[(size_t)s * width + i];
+        }
+        out[(size_t)t * width + i] += acc;
+    }
+}
+
+// Exclusive prefix sum over the block (blockDim.x a multiple of 32, at most 1024); `total` gets
+// the block's sum. scratch: 32 ints.
+__device__ int block_exclusive_scan(int v, int* scratch, int* total) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    int incl = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        int n = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += n;
+    }
+    __syncthreads();
+    if (lane == 31) scratch[warp] = incl;
+    __syncthreads();
+    int before = 0, sum = 0;
+    for (int w = 0; w < warps; ++w) {
+        if (w < warp) before += scratch[w];
+        sum += scratch[w];
+    }
+    *total = sum;
+    return before + incl - v;
+}
+
+// Groups the routed (token, choice) pairs of the first *valid rows by expert on the GPU, so a
+// decode step needs no host round trip (and can be a CUDA graph). Active experts become groups in
+// index order: group g owns slots offsets[g]..offsets[g+1] of expert group_expert[g]; groups past
+// the last active one are empty (offsets = total, up to offsets[groups]). Slots keep token order
+// inside a group. x_rows[s] = token row of slot s; slot_of[t*k+j] = slot of choice j of token t,
+// -1 for padding rows. counts[e] += tokens routed to e (serving metrics); *touched += active
+// experts. Each group's slots are rounded up to a multiple of `align` (cuBLASLt's block-scaled
+// products read a group's per-row scales in rows of 4); the extra slots, like every slot no pair
+// took up to `capacity`, gather row 0. One block of 1024 threads; n_experts <= 1024.
+extern "C" __global__ void __launch_bounds__(1024)
+moe_plan(int* group_expert, int* offsets, int* x_rows, int* slot_of, unsigned* counts, unsigned* touched,
+         const int* chosen, const int* valid, int m, int top_k, int n_experts, int groups, int align,
+         int capacity) {
+    __shared__ int cnt[1024];
+    __shared__ int next[1024];  // next free slot of each expert
+    __shared__ int scratch[32];
+    int tid = threadIdx.x;
+    const int rows = min(*valid, m), pairs = rows * top_k;
+    for (int e = tid; e < n_experts; e += blockDim.x) cnt[e] = 0;
+    for (int i = pairs + tid; i < m * top_k; i += blockDim.x) slot_of[i] = -1;
+    __syncthreads();
+    for (int i = tid; i < pairs; i += blockDim.x) {
+        int e = chosen[i];
+        if (e >= 0 && e < n_experts) atomicAdd(&cnt[e], 1);
+    }
+    __syncthreads();
+    int c = tid < n_experts ? cnt[tid] : 0;
+    int slots, active;
+    int first = block_exclusive_scan((c + align - 1) / align * align, scratch, &slots);
+    int group = block_exclusive_scan(c > 0, scratch, &active);
+    if (c > 0) {
+        group_expert[group] = tid;
+        offsets[group] = first;
+        next[tid] = first;
+        atomicAdd(&counts[tid], (unsigned)c);
+    }
+    for (int g = active + tid; g <= groups; g += blockDim.x) offsets[g] = slots;
+    // Slots no pair takes (pairs routed to another shard, padding rows, rounding) gather row 0:
+    // every slot's row is read by the large groups' gathers, so none may hold a stale index.
+    for (int s = tid; s < capacity; s += blockDim.x) x_rows[s] = 0;
+    if (tid == 0) atomicAdd(touched, (unsigned)active);
+    __syncthreads();
+    // One warp hands out slots in pair order: lanes with the same expert rank themselves.
+    if (tid < 32) {
+        for (int base = 0; base < pairs; base += 32) {
+            int i = base + tid;
+            int e = i < pairs ? chosen[i] : -1;
+            bool ok = e >= 0 && e < n_experts;
+            unsigned peers = __match_any_sync(0xffffffffu, ok ? e : -1);
+            int s = ok ? next[e] + __popc(peers & ((1u << tid) - 1u)) : -1;
+            if (i < pairs) slot_of[i] = s;
+            if (ok) x_rows[s] = i / top_k;
+            __syncwarp();
+            if (ok && tid == __ffs(peers) - 1) next[e] += __popc(peers);
+            __syncwarp();
+        }
+    }
+}
+
+// ---------------------------------------------------------------- routing (spec §5)
+// One block per token, one thread per expert (n_experts <= 1024). Sigmoid scores; the bias is
+// used for selection only; groups ranked by the sum of their two best biased scores; top-k
+// inside the best groups; ties go to the lower index (as the CPU reference).
+__device__ __forceinline__ bool beats(float a, int ia, float b, int ib) { return a > b || (a == b && ia < ib); }
+
+extern "C" __global__ void route_topk(int* experts_out, float* weights_out, const float* logits, const float* bias,
+                                      int n_experts, int n_group, int topk_group, int top_k, int normalize,
+                                      float scaling) {
+    extern __shared__ float sm[];
+    float* score = sm;                    // [n_experts]
+    float* biased = sm + n_experts;       // [n_experts]
+    float* gscore = biased + n_experts;   // [n_group]
+    int* chosen = (int*)(gscore + n_group);  // [top_k]
+    int t = blockIdx.x, e = threadIdx.x, per = n_experts / n_group;
+    if (e < n_experts) {
+        float s = 1.f / (1.f + expf(-logits[(size_t)t * n_experts + e]));
+        score[e] = s;
+        biased[e] = s + bias[e];
+    }
+    __syncthreads();
+    if (e < n_group) {
+        float b0 = -INFINITY, b1 = -INFINITY;
+        for (int i = e * per; i < (e + 1) * per; ++i) {
+            float v = biased[i];
+            if (v > b0) { b1 = b0; b0 = v; } else if (v > b1) { b1 = v; }
+        }
+        gscore[e] = per == 1 ? b0 : b0 + b1;
+    }
+    __syncthreads();
+    if (e < n_experts) {
+        // group rank: how many groups beat mine
+        int g = e / per, rank = 0;
+        for (int o = 0; o < n_group; ++o) rank += beats(gscore[o], o, gscore[g], g);
+        float v = rank < topk_group ? biased[e] : -INFINITY;
+        biased[e] = v;
+    }
+    __syncthreads();
+    if (e < n_experts) {
+        int rank = 0;
+        float v = biased[e];
+        for (int o = 0; o < n_experts; ++o) rank += beats(biased[o], o, v, e);
+        if (rank < top_k && v != -INFINITY) chosen[rank] = e;
+    }
+    __syncthreads();
+    if (e == 0) {
+        // sort chosen ascending (as the CPU does) and weight from unbiased scores
+        int ids[32];
+        for (int j = 0; j < top_k; ++j) ids[j] = chosen[j];
+        for (int a = 1; a < top_k; ++a)
+            for (int b = a; b > 0 && ids[b - 1] > ids[b]; --b) { int tmp = ids[b]; ids[b] = ids[b - 1]; ids[b - 1] = tmp; }
+        float sum = 1e-20f;
+        for (int j = 0; j < top_k; ++j) sum += score[ids[j]];
+        for (int j = 0; j < top_k; ++j) {
+            float w = score[ids[j]];
+            if (normalize) w /= sum;
+            experts_out[t * top_k + j] = ids[j];
+            weights_out[t * top_k + j] = w * scaling;
+        }
+    }
+}
