@@ -127,7 +127,7 @@ pub fn compile_kernels(arch: &'static str) -> Result<Vec<Ptx>> {
     per_family(|_, source| {
         let opts = CompileOptions {
             arch: Some(arch),
-            options: vec!["--std=c++17".into(), "-default-device".into()],
+            options: crate::kernel_cache::base_options(),
             ..Default::default()
         };
         compile_ptx_with_opts(source, opts).map_err(|e| anyhow!("compiling the CUDA kernels failed: {e}"))

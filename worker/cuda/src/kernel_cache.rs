@@ -10,7 +10,7 @@ use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// Options every compile gets (the architecture comes on top).
+/// Options every compile gets (the tile definitions and the architecture come on top).
 const OPTIONS: [&str; 2] = ["--std=c++17", "-default-device"];
 
 /// Where a kernel image came from.
@@ -50,11 +50,25 @@ fn nvrtc_version() -> Result<(i32, i32)> {
     Ok((major, minor))
 }
 
+/// The options of every compile but the architecture: the fixed ones and the tile definitions.
+pub(crate) fn base_options() -> Vec<String> {
+    let mut options: Vec<String> = OPTIONS.iter().map(|o| o.to_string()).collect();
+    options.extend(crate::tiles::defines());
+    options
+}
+
+/// The options of a compile for `arch`.
+fn options(arch: &str) -> Vec<String> {
+    let mut options = base_options();
+    options.push(format!("--gpu-architecture={arch}"));
+    options
+}
+
 /// The cache file name for `source` built for `arch` (e.g. `sm_90`) by this NVRTC.
 fn cache_key(source: &str, arch: &str) -> Result<String> {
     let (major, minor) = nvrtc_version()?;
     let mut h = Sha256::new();
-    for part in [source, &OPTIONS.join(" "), arch, &format!("nvrtc {major}.{minor}")] {
+    for part in [source, &options(arch).join(" "), &format!("nvrtc {major}.{minor}")] {
         h.update(part.as_bytes());
         h.update([0]);
     }
@@ -70,10 +84,8 @@ pub fn compile_cubin(source: &str, arch: &str) -> Result<Vec<u8>> {
     }
     let src = CString::new(source).context("kernel source holds a NUL byte")?;
     let prog = nvrtc::create_program(&src, None).map_err(|e| anyhow!("NVRTC program: {e:?}"))?;
-    let mut options: Vec<String> = OPTIONS.iter().map(|o| o.to_string()).collect();
-    options.push(format!("--gpu-architecture={arch}"));
     // SAFETY: `prog` was made above and is destroyed once below, after its last use.
-    let compiled = unsafe { nvrtc::compile_program(prog, &options) };
+    let compiled = unsafe { nvrtc::compile_program(prog, &options(arch)) };
     let result = match compiled {
         Err(e) => {
             // SAFETY: as above.

@@ -15,6 +15,7 @@ pub mod kernel_cache;
 pub mod linear;
 pub mod model;
 pub mod projection;
+pub mod tiles;
 pub mod weights;
 
 pub use experts::CudaExperts;

@@ -70,9 +70,7 @@ extern "C" __global__ void cache_write(bf16* cache, const float* latent, int ld,
 //   o_lat[h]     = sum_j softmax_j * c_j
 // Row r sees positions 0..lens[r]-1 of its sequence; position p lives in slot
 // tables[table_off[r] + p / block] * block + p % block. grid (heads / HG, m), block 256.
-#define MLA_HG 16
-#define MLA_TILE 32
-#define MLA_THREADS 256
+// MLA_HG, MLA_TILE, MLA_THREADS: from tiles.rs (NVRTC -D).
 
 extern "C" __global__ void __launch_bounds__(MLA_THREADS)
 mla_attend(float* o_lat, const float* q_lat, const float* q, int qk, int nope, int heads, int hg, int lora, int rope,
@@ -235,12 +233,9 @@ extern "C" __global__ void causal_softmax(bf16* p, const float* s, int n, int to
 // max, row sum) go to o_part / ml_part and mla_combine merges the splits.
 // Needs (lora + rope) % 16 == 0, lora % 64 == 0, lora <= 512. 8 warps; warp w computes scores
 // for positions w*8.. of each tile and owns output columns [w*lora/8, (w+1)*lora/8).
-#define TC_TILE 64
-#define TC_PAD 8
+// TC_TILE, TC_PAD, TC_WARPS: from tiles.rs (NVRTC -D).
 
 
-
-#define TC_WARPS 8
 
 extern "C" __global__ void __launch_bounds__(TC_WARPS * 32)
 mla_decode_tc(float* o_part, float* ml_part, const float* q_lat, const float* q, int qk, int nope, int heads, int hg,

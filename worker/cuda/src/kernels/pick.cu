@@ -13,7 +13,7 @@
 //      the row is re-read) and a radix select over the value's 32 bits (four digits of 256)
 //      finds the exact value, then the rank among its ties by id.
 
-#define PICK_THREADS 1024
+// PICK_THREADS: from tiles.rs (NVRTC -D).
 #define PICK_LEVELS 1024
 #define PICK_LEVEL_SCALE 32.0f
 #define PICK_CANDIDATES 2048

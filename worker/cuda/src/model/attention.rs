@@ -4,15 +4,12 @@
 use super::layers::Layer;
 use super::{CudaModel, Span, StepLayout};
 use crate::gpu::{float, int, ptr, DeviceBuf};
+use crate::tiles::{MLA_HEAD_GROUP, MLA_THREADS, MLA_TILE, TC_PAD, TC_TILE, TC_WARPS};
 use crate::weights::Format;
 use anyhow::{ensure, Result};
 use dsv3_engine::rope::softmax_scale;
 
 pub(super) const LATENT_NORM_EPS: f32 = 1e-6;
-const MLA_HEAD_GROUP: usize = 16;
-const MLA_TILE: usize = 32;
-/// Positions per tile of the tensor-core decode kernel.
-const TC_TILE: usize = 64;
 /// Fewest positions one block of the split decode kernel takes.
 const MIN_SPLIT: usize = 128;
 /// Steps whose chunks all have at least this many rows (prefill) use the naive MLA form.
@@ -184,14 +181,17 @@ impl CudaModel {
             let splits = wanted.min(step.max_len.div_ceil(MIN_SPLIT)).max(1);
             let o_part = g.alloc(m * heads * splits * lora * 4)?;
             let ml_part = g.alloc(m * heads * splits * 2 * 4)?;
-            let smem = (32 + 2 * TC_TILE) * (kv_w + 8) * 2 + 32 * (TC_TILE + 8) * 2 + (2 * 8 * 16 + 32) * 4;
+            // Q and the tiles (bf16, padded rows), P (hi and lo), per-warp max and sum, running max and sum.
+            let smem = (2 * 16 + 2 * TC_TILE) * (kv_w + TC_PAD) * 2
+                + 2 * 16 * (TC_TILE + TC_PAD) * 2
+                + (2 * TC_WARPS * 16 + 2 * 16) * 4;
             let mut args = vec![ptr(o_part.addr), ptr(ml_part.addr)];
             args.extend_from_slice(&args_tail);
             args.push(int(MIN_SPLIT));
             g.launch(
                 "mla_decode_tc",
                 ((heads / hg) as u32, m as u32, splits as u32),
-                256,
+                (TC_WARPS * 32) as u32,
                 smem as u32,
                 &args,
             )?;
@@ -216,7 +216,7 @@ impl CudaModel {
             g.launch(
                 "mla_attend",
                 ((heads / hg) as u32, m as u32, 1),
-                256,
+                MLA_THREADS as u32,
                 smem as u32,
                 &args,
             )?;

@@ -4,11 +4,9 @@
 
 use super::CudaModel;
 use crate::gpu::{int, ptr, Gpu};
+use crate::tiles::PICK_THREADS;
 use anyhow::{ensure, Result};
 use dsv3_engine::{Chunk, PickedToken, TokenPick};
-
-/// Threads per row (`PICK_THREADS` in `pick.cu`).
-const PICK_THREADS: u32 = 1024;
 
 /// A pick as `pick.cu`'s `TokenPick` lays it out: 24 bytes, the draw's f64 last.
 fn pick_words(p: &TokenPick) -> [u32; 6] {
@@ -36,7 +34,7 @@ pub fn pick_tokens(g: &Gpu, logits: u64, vocab: usize, picks: &[TokenPick]) -> R
     g.launch(
         "pick_tokens",
         (picks.len() as u32, 1, 1),
-        PICK_THREADS,
+        PICK_THREADS as u32,
         0,
         &[ptr(out.addr), ptr(logits), int(vocab), ptr(plan.addr), int(max_top)],
     )?;
