@@ -149,6 +149,27 @@ fn load_kernels(ctx: &Arc<CudaContext>) -> Result<Vec<Arc<cudarc::driver::CudaMo
     let arch = format!("sm_{major}{minor}");
     let cache = crate::kernel_cache::default_cache_dir();
     let images = per_family(|_, source| kernel_image(source, &arch, cache.as_deref()))?;
+    // One line for the start: how many families were compiled (in parallel, so the slowest one
+    // is the wait) and where they are kept.
+    let compiled: Vec<(f64, bool)> = images
+        .iter()
+        .filter_map(|i| match &i.origin {
+            Origin::Compiled { seconds, cached } => Some((*seconds, cached.is_some())),
+            Origin::Cache(_) => None,
+        })
+        .collect();
+    if !compiled.is_empty() {
+        let seconds = compiled.iter().map(|c| c.0).fold(0.0, f64::max);
+        let kept = match &cache {
+            Some(dir) if compiled.iter().all(|c| c.1) => format!("cached in {}", dir.display()),
+            _ => "not cached".into(),
+        };
+        eprintln!(
+            "CUDA kernels: {} of {} families compiled for {arch} in {seconds:.1} s, {kept}",
+            compiled.len(),
+            KERNEL_FAMILIES.len()
+        );
+    }
     KERNEL_FAMILIES
         .iter()
         .zip(images)
@@ -513,21 +534,19 @@ impl Gpu {
             .zip(&offsets)
             .map(|(&(_, bytes), &at)| unsafe { std::slice::from_raw_parts(base.add(at) as *const u8, bytes) })
             .collect();
-        let back_values = back.map_or(0, |(_, values)| values);
+        let (back_at, back_values) = (
+            offsets.get(parts.len()).copied().unwrap_or(0),
+            back.map_or(0, |(_, values)| values),
+        );
         // SAFETY: `values * 4` bytes from a 64-byte-aligned offset inside the buffer (or an empty
         // slice), disjoint from the parts read above; any bit pattern is a valid f32.
-        let back_slice = unsafe {
-            std::slice::from_raw_parts_mut(
-                base.add(offsets.get(parts.len()).copied().unwrap_or(0)) as *mut f32,
-                back_values,
-            )
-        };
+        let back_slice = unsafe { std::slice::from_raw_parts_mut(base.add(back_at) as *mut f32, back_values) };
         let out = work(&Staged { parts: views }, back_slice);
         if let Some((dst, values)) = back.filter(|b| b.1 > 0) {
             // SAFETY: the source is the page-locked range `work` just filled, which stays allocated
             // until a later round trip syncs before freeing it.
             unsafe {
-                let src = std::slice::from_raw_parts(base.add(offsets[parts.len()]) as *const u8, values * 4);
+                let src = std::slice::from_raw_parts(base.add(back_at) as *const u8, values * 4);
                 drv::memcpy_htod_async(dst, src, self.stream.cu_stream())?;
             }
         }

@@ -130,7 +130,6 @@ pub fn kernel_image(source: &str, arch: &str, cache: Option<&Path>) -> Result<Ke
             });
         }
     }
-    eprintln!("compiling the CUDA kernels for {arch} (once: the result is cached)");
     let started = Instant::now();
     let cubin = compile_cubin(source, arch)?;
     let seconds = started.elapsed().as_secs_f64();
@@ -141,10 +140,6 @@ pub fn kernel_image(source: &str, arch: &str, cache: Option<&Path>) -> Result<Ke
             None
         }
     });
-    match &cached {
-        Some(path) => eprintln!("CUDA kernels compiled in {seconds:.1} s, cached at {}", path.display()),
-        None => eprintln!("CUDA kernels compiled in {seconds:.1} s"),
-    }
     Ok(KernelImage {
         cubin,
         origin: Origin::Compiled { seconds, cached },

@@ -99,20 +99,17 @@ pub(crate) fn run_bank(
         7..=16 => "grouped_fp8_mma_n4",
         _ => "grouped_fp8_mma_n8",
     };
-    // Small decode steps split each expert's k chunks so the few groups still fill the GPU (each
-    // split into its own slab, added up in order afterwards).
-    let target = |out: u64, ldy: usize, s: &Stacked| {
+    // Every group up to max_rows in one launch, weights streamed once per group. Small decode
+    // steps split each expert's k chunks so the few groups still fill the GPU (each split into
+    // its own slab, added up in order afterwards).
+    let grouped = |out: u64, ldy: usize, input: u64, ldx: usize, rows: u64, s: &Stacked| -> Result<()> {
         let max_splits = if !tensor_cores || m > DEVICE_ONLY_MAX_ROWS {
             1
         } else {
             usize::MAX
         };
         let blocks = s.rows.div_ceil(64) * plan.groups;
-        SplitK::new(g, blocks, s.cols / 128, max_splits, out, ldy, slots, s.rows, false)
-    };
-    // Every group up to max_rows in one launch, weights streamed once per group.
-    let grouped = |out: u64, ldy: usize, input: u64, ldx: usize, rows: u64, s: &Stacked| -> Result<()> {
-        let t = target(out, ldy, s)?;
+        let t = SplitK::new(g, blocks, s.cols / 128, max_splits, out, ldy, slots, s.rows, false)?;
         let args = [
             ptr(t.out),
             int(t.ldo),
