@@ -255,10 +255,18 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     let mut rows = Vec::new();
     let mut bandwidth = None;
     for config in &opts.configs {
+        if config == "mla" {
+            let gpu = crate::Gpu::open(0)?;
+            println!(
+                "{}",
+                crate::bench_attention::run(&gpu, &opts.batches, opts.context, opts.reps)?
+            );
+            continue;
+        }
         let (layers, dense, name): (usize, usize, &'static str) = match config.as_str() {
             "moe_layer" => (1, 0, "moe_layer"),
             "slice5" => (5, 3, "slice5"),
-            other => anyhow::bail!("unknown benchmark config `{other}` (moe_layer, slice5)"),
+            other => anyhow::bail!("unknown benchmark config `{other}` (moe_layer, slice5, mla)"),
         };
         eprintln!("{name}: making random FP8 weights on the GPU...");
         let mut model = CudaModel::random(v3_config(layers, dense)?, 0, cache_tokens, 42)

@@ -52,6 +52,7 @@ pub const KERNELS: &[&str] = &[
     "random_fp8",
     "random_f32",
     "random_bf16",
+    "read_stream",
     "gemv_fp8",
     "gemv_bf16",
     "gemv_f32",
@@ -68,7 +69,7 @@ pub const KERNELS: &[&str] = &[
     "gather_latents",
     "build_kv",
     "causal_softmax",
-    "mla_decode_tc",
+    "mla_decode_mma",
     "mla_combine",
     "fp8_mma_n1",
     "fp8_mma_n2",
@@ -273,6 +274,8 @@ pub struct Gpu {
     pub name: String,
     pub ordinal: usize,
     pub sm_count: usize,
+    /// Dynamic shared memory one block may use (the opt-in limit, e.g. 227 KiB on Hopper).
+    pub max_shared_per_block: usize,
     /// Per-kernel GPU time (DSV3_CUDA_PROFILE=1): events around every launch, so the totals
     /// show where a step goes (the step itself gets slower).
     profile: Option<std::cell::RefCell<Vec<(String, cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>>>,
@@ -350,6 +353,8 @@ impl Gpu {
         let blas = CudaBlas::new(stream.clone()).context("creating the cuBLAS handle")?;
         let name = ctx.name()?;
         let sm_count = ctx.attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
+        let max_shared_per_block =
+            ctx.attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
         let gpu = Gpu {
             ctx,
             stream,
@@ -358,6 +363,7 @@ impl Gpu {
             name,
             ordinal,
             sm_count,
+            max_shared_per_block,
             poison: std::env::var_os("DSV3_CUDA_POISON").is_some_and(|v| v != "0"),
             profile: std::env::var_os("DSV3_CUDA_PROFILE")
                 .is_some_and(|v| v != "0")
@@ -367,10 +373,10 @@ impl Gpu {
             staging: Default::default(),
             fp8_gemm: Default::default(),
         };
-        for name in ["mla_attend", "mla_decode_tc"] {
+        for name in ["mla_attend", "mla_decode_mma"] {
             gpu.funcs[name].set_attribute(
                 drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                200 * 1024,
+                max_shared_per_block as i32,
             )?;
         }
         Ok(gpu)

@@ -7,12 +7,14 @@
 //! are on the GPU or reached through an executor; [`CudaExperts`] is an expert shard on the GPU.
 
 pub mod bench;
+pub mod bench_attention;
 pub mod cache;
 pub mod experts;
 pub mod fp8_gemm;
 pub mod gpu;
 pub mod kernel_cache;
 pub mod linear;
+pub mod mla_decode;
 pub mod model;
 pub mod projection;
 pub mod tiles;

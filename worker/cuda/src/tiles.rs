@@ -8,12 +8,18 @@ pub const MLA_HEAD_GROUP: usize = 16;
 pub const MLA_TILE: usize = 32;
 /// Threads per block of `mla_attend`.
 pub const MLA_THREADS: usize = 256;
-/// Cached positions per tile of the tensor-core MLA decode kernel (`mla_decode_tc`).
-pub const TC_TILE: usize = 64;
-/// bf16 elements of padding per shared-memory row of `mla_decode_tc` (bank conflicts).
-pub const TC_PAD: usize = 8;
-/// Warps per block of `mla_decode_tc`.
-pub const TC_WARPS: usize = 8;
+/// Heads per block of the tensor-core MLA decode kernel (`mla_decode_mma`): four warps of 16
+/// rows, each paired with a second warp for the other half of the positions and of the output.
+pub const DEC_HEADS: usize = 64;
+/// Threads per block of `mla_decode_mma` (the kernel's warp roles assume 8 warps).
+pub const DEC_THREADS: usize = 256;
+/// Cached positions per tile of `mla_decode_mma`.
+pub const DEC_TILE: usize = 64;
+/// Tiles of `mla_decode_mma` in shared memory at once: the one in use and those in flight.
+pub const DEC_STAGES: usize = 2;
+/// bf16 elements of padding per row of `mla_decode_mma`'s P in shared memory (an odd number of
+/// 16-byte units per row keeps ldmatrix free of bank conflicts; Q and the tiles are swizzled).
+pub const DEC_PAD: usize = 8;
 /// Threads per row of the token pick (`pick_tokens`).
 pub const PICK_THREADS: usize = 1024;
 
@@ -23,9 +29,10 @@ pub fn defines() -> Vec<String> {
         ("MLA_HG", MLA_HEAD_GROUP),
         ("MLA_TILE", MLA_TILE),
         ("MLA_THREADS", MLA_THREADS),
-        ("TC_TILE", TC_TILE),
-        ("TC_PAD", TC_PAD),
-        ("TC_WARPS", TC_WARPS),
+        ("DEC_THREADS", DEC_THREADS),
+        ("DEC_TILE", DEC_TILE),
+        ("DEC_STAGES", DEC_STAGES),
+        ("DEC_PAD", DEC_PAD),
         ("PICK_THREADS", PICK_THREADS),
     ]
     .iter()

@@ -871,3 +871,63 @@ fn block_scaled_fp8_products_match_f64_reference() {
         );
     }
 }
+
+/// The MLA decode kernels against a float64 reference of the same inputs (bf16 cache, f32
+/// queries) over batch sizes and context lengths that cover one position, partial tiles, many
+/// splits of one row, rows of different lengths in one step, and fewer heads than a block takes.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn mla_decode_matches_f64_reference() {
+    use dsv3_cuda::bench_attention::{AttentionCase, V3_SHAPE};
+    use dsv3_cuda::mla_decode::LatentShape;
+    poison();
+    let gpu = dsv3_cuda::Gpu::open(0).expect("GPU");
+    let small = LatentShape {
+        heads: 4,
+        lora: 64,
+        rope: 32,
+        qk: 64,
+        nope: 32,
+    };
+    let sixteen = LatentShape { heads: 16, ..V3_SHAPE };
+    let cycle = |n: usize, lens: &[usize]| -> Vec<usize> { (0..n).map(|i| lens[i % lens.len()]).collect() };
+    let cases: Vec<(LatentShape, Vec<usize>)> = vec![
+        (V3_SHAPE, vec![4100]),
+        (V3_SHAPE, vec![1, 33, 2000]),
+        (V3_SHAPE, vec![17, 32, 64, 129, 256, 300, 700, 1]),
+        (V3_SHAPE, cycle(70, &[1, 31, 100, 200, 257])),
+        (sixteen, vec![5, 96, 1500]),
+        (small, vec![1, 40, 65, 130, 500]),
+    ];
+    for (i, (shape, lens)) in cases.iter().enumerate() {
+        let case = AttentionCase::random(&gpu, *shape, lens, 64, 100 + i as u64).expect("inputs");
+        let want = case.reference(&gpu).expect("reference");
+        for cuda_cores in [false, true] {
+            case.run(&gpu, cuda_cores).expect("attention");
+            let got = case.output(&gpu).expect("output");
+            let mut worst = 0.0f64;
+            for (g, w) in got.chunks(shape.lora).zip(want.chunks(shape.lora)) {
+                let (mut err, mut norm) = (0.0f64, 0.0f64);
+                for (&a, &b) in g.iter().zip(w) {
+                    assert!(a.is_finite(), "case {i}: output not written");
+                    err += (a as f64 - b) * (a as f64 - b);
+                    norm += b * b;
+                }
+                worst = worst.max((err / norm.max(1e-30)).sqrt());
+            }
+            // bf16 Q and P on the tensor cores: ~2^-9 relative per product term
+            let limit = if cuda_cores { 1e-4 } else { 1e-2 };
+            eprintln!(
+                "mla decode case {i} ({} heads, lora {}, {} rows, longest {}), cuda cores {cuda_cores}: worst relative error {worst:.2e}",
+                shape.heads,
+                shape.lora,
+                lens.len(),
+                lens.iter().max().unwrap_or(&0)
+            );
+            assert!(
+                worst < limit,
+                "case {i} cuda_cores={cuda_cores}: relative error {worst:.2e}"
+            );
+        }
+    }
+}

@@ -126,3 +126,14 @@ extern "C" __global__ void random_bf16(bf16* w, u64 n, u64 seed, float lo, float
     u32 h = hash_u32(seed * 0x9E3779B97F4A7C15ull + i);
     w[i] = f32_to_bf16(lo + (hi - lo) * ((h >> 8) * (1.f / 16777216.f)));
 }
+
+// Reads n float4s once (the read-stream rate: the floor of a kernel that only reads, as decode
+// attention does). The sum is written only if it hits a value it never does, so the loads stay.
+extern "C" __global__ void read_stream(const float4* x, u64 n, float* out) {
+    float acc = 0.f;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float4 v = x[i];
+        acc += (v.x + v.y) + (v.z + v.w);
+    }
+    if (acc == 1234.5678f) out[blockIdx.x] = acc;
+}

@@ -227,39 +227,57 @@ extern "C" __global__ void causal_softmax(bf16* p, const float* s, int n, int to
 }
 
 // ---------------------------------------------------------------- MLA decode on the tensor cores
-// Absorbed-form attention for 16 heads of one row per block, positions split across gridDim.z
-// (flash-decoding): S = Q·Tᵀ and O += P·T[:, :lora] with mma.sync m16n8k16 (bf16 in, f32
-// accumulate), online softmax per tile of 64 positions. Partial results (unnormalised O, row
-// max, row sum) go to o_part / ml_part and mla_combine merges the splits.
-// Needs (lora + rope) % 16 == 0, lora % 64 == 0, lora <= 512. 8 warps; warp w computes scores
-// for positions w*8.. of each tile and owns output columns [w*lora/8, (w+1)*lora/8).
-// TC_TILE, TC_PAD, TC_WARPS: from tiles.rs (NVRTC -D).
+// Absorbed-form attention for up to 64 heads of one row per block over one split of the row's
+// cached positions (flash-decoding: unnormalised O, row max and row sum per split go to o_part /
+// ml_part, and mla_combine merges the splits). Every cached latent is read once per 64 heads, in
+// tiles of DEC_TILE positions loaded DEC_STAGES - 1 tiles ahead (cp.async).
+// 8 warps: warp w takes heads 16 * (w % 4) .. + 16 and half h = w / 4, which is
+//   - for S = Q·Kᵀ (K = the tile's lora + rope columns): positions h * DEC_TILE / 2 .. of the tile,
+//   - for O += P·V (V = the tile's first lora columns): output columns h * lora / 2 ..,
+// so the two warps of a head group trade their row maxima and their halves of P through shared
+// memory, behind a 64-thread named barrier. mma.sync m16n8k16 with operands from ldmatrix; plain
+// bf16 Q and P, f32 accumulation and softmax (FlashMLA's precision).
+// Q and the tiles are stored unpadded (so 64-position tiles fit twice beside Q), with each row's
+// 16-byte chunks XOR-swizzled by the row's low bits: the 8 rows one ldmatrix reads fall in
+// different banks.
+// Needs (lora + rope) % 16 == 0, lora % 64 == 0, lora <= 512, hg <= 64.
+// DEC_THREADS, DEC_TILE, DEC_STAGES, DEC_PAD: from tiles.rs (NVRTC -D).
 
+__device__ __forceinline__ void ldmatrix_x4(u32 r[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
 
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 r[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
 
-extern "C" __global__ void __launch_bounds__(TC_WARPS * 32)
-mla_decode_tc(float* o_part, float* ml_part, const float* q_lat, const float* q, int qk, int nope, int heads, int hg,
-              int lora, int rope, const bf16* cache, const int* tables, const int* table_off, const int* lens,
-              int block, float scale, int min_split) {
+// The two warps of head group `id` (64 threads) wait for each other.
+__device__ __forceinline__ void pair_barrier(int id) { asm volatile("bar.sync %0, 64;\n" ::"r"(id)); }
+
+extern "C" __global__ void __launch_bounds__(DEC_THREADS, 1)
+mla_decode_mma(float* o_part, float* ml_part, const float* q_lat, const float* q, int qk, int nope, int heads, int hg,
+               int lora, int rope, const bf16* cache, const int* tables, const int* table_off, const int* lens,
+               int block, float scale, int min_split) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    const int width = lora + rope, pitch = width + TC_PAD;  // bf16 elements per smem row
-    const int pp = TC_TILE + TC_PAD;
-    // Q and P are kept as bf16 hi + lo pairs (two products each), so the tensor cores lose no
-    // more precision than the bf16 cache itself (plain bf16 Q and P measured no faster: the
-    // kernel is bound by its tile loads and synchronisation, not the tensor cores).
-    bf16* qs = (bf16*)smem_raw;                             // [2][16][pitch] (hi, lo)
-    bf16* tbuf = qs + 2 * 16 * pitch;                       // [2][TC_TILE][pitch], double-buffered
-    bf16* ps = tbuf + 2 * TC_TILE * pitch;                  // [2][16][pp] (hi, lo)
-    float* red_max = (float*)(ps + 2 * 16 * pp);            // [TC_WARPS][16]
-    float* red_sum = red_max + TC_WARPS * 16;               // [TC_WARPS][16]
-    float* m_run = red_sum + TC_WARPS * 16;                 // [16]
-    float* l_run = m_run + 16;                              // [16]
-    int r = blockIdx.y, h0 = blockIdx.x * hg, split = blockIdx.z, splits = gridDim.z;
-    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int width = lora + rope, row_bytes = width * 2, chunks = width / 8;
+    // swizzle mask: the row's low 3 bits where a row has a multiple of 8 chunks (fewer otherwise)
+    const int swz = chunks % 8 == 0 ? 7 : chunks % 4 == 0 ? 3 : 1;
+    const int pp = DEC_TILE + DEC_PAD;
+    const u32 qs = (u32)__cvta_generic_to_shared(smem_raw);         // [64][width], swizzled
+    const u32 tiles = qs + 64 * row_bytes;                           // [DEC_STAGES][DEC_TILE][width], swizzled
+    bf16* ps = (bf16*)(smem_raw + (64 + DEC_STAGES * DEC_TILE) * row_bytes);  // [64][pp]
+    float* red = (float*)(ps + 64 * pp);  // [2][64] row maxima per half, [2][64] row sums, [64] final max
+    const int r = blockIdx.y, h0 = blockIdx.x * hg, split = blockIdx.z, splits = gridDim.z;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int hw = warp & 3, half = warp >> 2;
     // Each row splits its own length (at least min_split positions per split), so the grid does
     // not depend on the lengths and a graphed step stays valid as contexts grow.
     const int len = lens[r];
-    const int split_len = (max(min_split, (len + splits - 1) / splits) + TC_TILE - 1) / TC_TILE * TC_TILE;
+    const int split_len = (max(min_split, (len + splits - 1) / splits) + DEC_TILE - 1) / DEC_TILE * DEC_TILE;
     const int begin = split * split_len, end = min(len, begin + split_len);
     if (begin >= end) {  // nothing here: an empty partial (l = 0) that the merge skips
         if (tid < hg) {
@@ -269,178 +287,168 @@ mla_decode_tc(float* o_part, float* ml_part, const float* q_lat, const float* q,
         }
         return;
     }
-    for (int i = tid; i < 16 * width; i += blockDim.x) {
-        int hh = i / width, c = i % width;
-        float v = 0.f;
-        if (hh < hg)
-            v = c < lora ? q_lat[((size_t)r * heads + h0 + hh) * lora + c]
-                         : q[(size_t)r * heads * qk + (size_t)(h0 + hh) * qk + nope + (c - lora)];
-        bf16 hi = f32_to_bf16(v);
-        qs[hh * pitch + c] = hi;
-        qs[(16 + hh) * pitch + c] = f32_to_bf16(v - bf16_to_f32(hi));
-    }
-    if (tid < 16) { m_run[tid] = -INFINITY; l_run[tid] = 0.f; }
     const int* tab = tables + table_off[r];
-    // warp w: scores for positions w*8..w*8+7 of each tile; output columns [w*cols, (w+1)*cols)
-    const int cols = lora / TC_WARPS, col0 = warp * cols, ntiles = cols / 8;
-    float acc[8][4];
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
-    const u32* qw = (const u32*)qs;
-    const int pw = pitch / 2;  // u32 words per smem row
-    __syncthreads();
-    // Tile loads are asynchronous copies (cp.async), the next tile in flight while this one is used.
-    const int pieces = width / 8;
-    auto load_tile = [&](int base, bf16* dst_tile) {
-        int n = min(TC_TILE, end - base);
-        for (int j = warp; j < TC_TILE; j += TC_WARPS) {
-            int pos = base + min(j, n - 1);
+    const int ntiles = (end - begin + DEC_TILE - 1) / DEC_TILE;
+    // Tile i of the split into stage i % DEC_STAGES: each cached row by DEC_THREADS / DEC_TILE
+    // threads (one block-table lookup per row), rows past the end zero-filled (P is 0 there, but
+    // 0 * NaN is not).
+    const int row_threads = DEC_THREADS / DEC_TILE, my_row = tid / row_threads, my_part = tid % row_threads;
+    auto load_tile = [&](int i) {
+        if (i < ntiles) {
+            int base = begin + i * DEC_TILE, n = min(DEC_TILE, end - base), pos = base + min(my_row, n - 1);
             const bf16* src = cache + ((size_t)tab[pos / block] * block + pos % block) * width;
-            int bytes = j < n ? 16 : 0;  // rows past n are zero-filled (P is 0 there, but 0 * NaN is not)
-            for (int x = lane; x < pieces; x += 32) {
-                unsigned dst = (unsigned)__cvta_generic_to_shared(dst_tile + j * pitch + 8 * x);
-                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src + 8 * x), "r"(bytes));
-            }
+            u32 dst = tiles + ((i % DEC_STAGES) * DEC_TILE + my_row) * row_bytes;
+            int bytes = my_row < n ? 16 : 0;
+            for (int x = my_part; x < chunks; x += row_threads)
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + ((x ^ (my_row & swz)) << 4)),
+                             "l"(src + 8 * x), "r"(bytes));
         }
-        asm volatile("cp.async.commit_group;\n" ::);
+        asm volatile("cp.async.commit_group;\n" ::);  // always a group, so the waits count tiles
     };
-    if (begin < end) load_tile(begin, tbuf);
-    int buf = 0;
-    for (int base = begin; base < end; base += TC_TILE, buf ^= 1) {
-        int n = min(TC_TILE, end - base);
-        bf16* ts = tbuf + buf * TC_TILE * pitch;
-        if (base + TC_TILE < end) {
-            load_tile(base + TC_TILE, tbuf + (buf ^ 1) * TC_TILE * pitch);
-            asm volatile("cp.async.wait_group 1;\n" ::);
-        } else {
-            asm volatile("cp.async.wait_group 0;\n" ::);
+#pragma unroll
+    for (int i = 0; i < DEC_STAGES - 1; ++i) load_tile(i);
+    // Q as bf16: rows past hg are zero (their scores are never used).
+    for (int e = tid; e < 64 * (width / 2); e += blockDim.x) {
+        int hh = e / (width / 2), c = 2 * (e - hh * (width / 2));
+        float2 v = make_float2(0.f, 0.f);
+        if (hh < hg)
+            v = c < lora ? *(const float2*)(q_lat + ((size_t)r * heads + h0 + hh) * lora + c)
+                         : *(const float2*)(q + (size_t)r * heads * qk + (size_t)(h0 + hh) * qk + nope + (c - lora));
+        u32 at = qs + hh * row_bytes + (((c >> 3) ^ (hh & swz)) << 4) + (c & 7) * 2;
+        asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(at), "r"(pack_bf16(v.x, v.y)));
+    }
+    // ldmatrix rows: A (Q, P) rows (lane & 15), chunk + (lane >> 4); non-transposed B (K) rows
+    // (lane & 7) + 8 * (lane >> 4), chunk + ((lane >> 3) & 1); transposed B (V) rows
+    // (lane & 7) + 8 * ((lane >> 3) & 1), chunk + (lane >> 4). Every such row is lane & 7 modulo
+    // 8, so the swizzle of a lane's rows is lane & swz.
+    const int sw = lane & swz;
+    const u32 q_row = qs + (hw * 16 + (lane & 15)) * row_bytes;
+    const int q_chunk = lane >> 4;
+    const int k_row0 = half * (DEC_TILE / 2) + (lane & 7) + 8 * (lane >> 4), k_chunk = (lane >> 3) & 1;
+    const int v_row0 = (lane & 7) + 8 * ((lane >> 3) & 1), v_chunk = half * (lora / 16) + (lane >> 4);
+    const u32 p_addr = (u32)__cvta_generic_to_shared(ps + (hw * 16 + (lane & 15)) * pp + 8 * (lane >> 4));
+    const int col_pairs = lora / 32;  // pairs of 8-column tiles per warp
+    float acc[32][4];
+#pragma unroll
+    for (int nt = 0; nt < 32; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // heads g and g + 8 of this warp (base 2)
+    const int ksteps = width / 16;
+    const float scale_log2 = scale * 1.4426950408889634f;  // scores in base 2: exp2f is one instruction
+    constexpr int NT = DEC_TILE / 16;                      // 8-position tiles of S per warp
+    for (int it = 0; it < ntiles; ++it) {
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(DEC_STAGES - 2));
+        __syncthreads();  // tile `it` is in for every thread; the stage loaded next is free
+        load_tile(it + DEC_STAGES - 1);
+        const u32 ts = tiles + (it % DEC_STAGES) * DEC_TILE * row_bytes;
+        const int n = min(DEC_TILE, end - (begin + it * DEC_TILE));
+        // S for this warp's 16 heads x DEC_TILE / 2 positions
+        float s[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+        for (int ks = 0; ks < ksteps; ++ks) {
+            u32 a[4];
+            ldmatrix_x4(a, q_row + (((2 * ks + q_chunk) ^ sw) << 4));
+#pragma unroll
+            for (int np = 0; np < NT / 2; ++np) {
+                u32 b[4];
+                ldmatrix_x4(b, ts + (k_row0 + 16 * np) * row_bytes + (((2 * ks + k_chunk) ^ sw) << 4));
+                mma_bf16(s[2 * np], a[0], a[1], a[2], a[3], b[0], b[1]);
+                mma_bf16(s[2 * np + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
+            }
         }
-        __syncthreads();
-        // scores of this warp's 8 positions: 4 independent chains (hi/lo x k parity)
-        float sp[2][2][4];
+        float tm0 = -INFINITY, tm1 = -INFINITY;
 #pragma unroll
-        for (int a = 0; a < 2; ++a)
+        for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-            for (int b = 0; b < 2; ++b) sp[a][b][0] = sp[a][b][1] = sp[a][b][2] = sp[a][b][3] = 0.f;
-        const u32* tw = (const u32*)ts;
-        const int ksteps = width / 16, prow = warp * 8 + g;
-        for (int ks = 0; ks < ksteps; ks += 2) {
+            for (int e = 0; e < 4; ++e) {
+                int j = half * (DEC_TILE / 2) + nt * 8 + 2 * t + (e & 1);
+                float v = j < n ? s[nt][e] * scale_log2 : -INFINITY;
+                s[nt][e] = v;
+                if (e < 2) tm0 = fmaxf(tm0, v); else tm1 = fmaxf(tm1, v);
+            }
 #pragma unroll
-            for (int par = 0; par < 2; ++par) {
-                if (ks + par < ksteps) {
-                    int kw = (ks + par) * 8 + t;
-                    u32 b0 = tw[prow * pw + kw], b1 = tw[prow * pw + kw + 4];
+        for (int o = 1; o < 4; o <<= 1) {
+            tm0 = fmaxf(tm0, __shfl_xor_sync(0xffffffffu, tm0, o));
+            tm1 = fmaxf(tm1, __shfl_xor_sync(0xffffffffu, tm1, o));
+        }
+        float* my_max = red + half * 64 + hw * 16;
+        const float* other_max = red + (half ^ 1) * 64 + hw * 16;
+        if (t == 0) { my_max[g] = tm0; my_max[g + 8] = tm1; }
+        pair_barrier(1 + hw);
+        const float n0 = fmaxf(m0, fmaxf(tm0, other_max[g])), n1 = fmaxf(m1, fmaxf(tm1, other_max[g + 8]));
+        const float corr0 = exp2f(m0 - n0), corr1 = exp2f(m1 - n1);  // 2^-inf = 0 on the first tile
+        m0 = n0;
+        m1 = n1;
+        l0 *= corr0;
+        l1 *= corr1;
 #pragma unroll
-                    for (int part = 0; part < 2; ++part) {
-                        const u32* qp = qw + part * 16 * pw;
-                        mma_bf16(sp[part][par], qp[g * pw + kw], qp[(g + 8) * pw + kw], qp[g * pw + kw + 4],
-                                 qp[(g + 8) * pw + kw + 4], b0, b1);
-                    }
+        for (int nt = 0; nt < NT; ++nt) {
+            float p0 = exp2f(s[nt][0] - n0), p1 = exp2f(s[nt][1] - n0);
+            float p2 = exp2f(s[nt][2] - n1), p3 = exp2f(s[nt][3] - n1);
+            l0 += p0 + p1;
+            l1 += p2 + p3;
+            int j = half * (DEC_TILE / 2) + nt * 8 + 2 * t;
+            *(u32*)(ps + (hw * 16 + g) * pp + j) = pack_bf16(p0, p1);
+            *(u32*)(ps + (hw * 16 + g + 8) * pp + j) = pack_bf16(p2, p3);
+        }
+        if (__any_sync(0xffffffffu, corr0 != 1.f || corr1 != 1.f)) {  // once the maxima settle, rarely
+#pragma unroll
+            for (int nt = 0; nt < 32; ++nt) {
+                acc[nt][0] *= corr0; acc[nt][1] *= corr0;
+                acc[nt][2] *= corr1; acc[nt][3] *= corr1;
+            }
+        }
+        pair_barrier(1 + hw);  // both halves of P are in
+        // O[16 heads, this half's columns] += P[16, DEC_TILE] · V[DEC_TILE, columns]
+#pragma unroll
+        for (int kk = 0; kk < DEC_TILE; kk += 16) {
+            u32 a[4];
+            ldmatrix_x4(a, p_addr + kk * 2);
+            const u32 v_row = ts + (kk + v_row0) * row_bytes;
+#pragma unroll
+            for (int cp = 0; cp < 16; ++cp) {
+                if (cp < col_pairs) {
+                    u32 b[4];
+                    ldmatrix_x4_trans(b, v_row + (((v_chunk + 2 * cp) ^ sw) << 4));
+                    mma_bf16(acc[2 * cp], a[0], a[1], a[2], a[3], b[0], b[1]);
+                    mma_bf16(acc[2 * cp + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
                 }
             }
         }
-        float sc[4];
+    }
+    asm volatile("cp.async.wait_group 0;\n" ::);
+    // row sums: this thread's positions, then the warp's, then both halves
 #pragma unroll
-        for (int e = 0; e < 4; ++e) sc[e] = (sp[0][0][e] + sp[0][1][e]) + (sp[1][0][e] + sp[1][1][e]);
-        // mask, scale, per-row max over this warp's positions
-        float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            int j = warp * 8 + 2 * t + (e & 1);
-            float v = j < n ? sc[e] * scale : -INFINITY;
-            sc[e] = v;
-            if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
-        }
-        for (int o = 1; o < 4; o <<= 1) {
-            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o));
-        }
-        if (t == 0) { red_max[warp * 16 + g] = mx0; red_max[warp * 16 + g + 8] = mx1; }
-        __syncthreads();
-        float tmax0 = -INFINITY, tmax1 = -INFINITY;
-#pragma unroll
-        for (int w = 0; w < TC_WARPS; ++w) {
-            tmax0 = fmaxf(tmax0, red_max[w * 16 + g]);
-            tmax1 = fmaxf(tmax1, red_max[w * 16 + g + 8]);
-        }
-        float new0 = fmaxf(m_run[g], tmax0), new1 = fmaxf(m_run[g + 8], tmax1);
-        float corr0 = expf(m_run[g] - new0), corr1 = expf(m_run[g + 8] - new1);
-        float p0 = expf(sc[0] - new0), p1 = expf(sc[1] - new0);
-        float p2 = expf(sc[2] - new1), p3 = expf(sc[3] - new1);
-        float sum0 = p0 + p1, sum1 = p2 + p3;
-        {
-            int j = warp * 8 + 2 * t;
-            u32 hi01 = pack_bf16(p0, p1), hi23 = pack_bf16(p2, p3);
-            *(u32*)(ps + g * pp + j) = hi01;
-            *(u32*)(ps + (g + 8) * pp + j) = hi23;
-            *(u32*)(ps + (16 + g) * pp + j) =
-                pack_bf16(p0 - bf16_to_f32(hi01 & 0xffffu), p1 - bf16_to_f32(hi01 >> 16));
-            *(u32*)(ps + (24 + g) * pp + j) =
-                pack_bf16(p2 - bf16_to_f32(hi23 & 0xffffu), p3 - bf16_to_f32(hi23 >> 16));
-        }
-        for (int o = 1; o < 4; o <<= 1) {
-            sum0 += __shfl_xor_sync(0xffffffffu, sum0, o);
-            sum1 += __shfl_xor_sync(0xffffffffu, sum1, o);
-        }
-        if (t == 0) { red_sum[warp * 16 + g] = sum0; red_sum[warp * 16 + g + 8] = sum1; }
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-            acc[nt][0] *= corr0; acc[nt][1] *= corr0;
-            acc[nt][2] *= corr1; acc[nt][3] *= corr1;
-        }
-        __syncthreads();
-        if (tid < 16) {
-            float tm = -INFINITY, total = 0.f;
-            for (int w = 0; w < TC_WARPS; ++w) {
-                tm = fmaxf(tm, red_max[w * 16 + tid]);
-                total += red_sum[w * 16 + tid];
-            }
-            float nm = fmaxf(m_run[tid], tm);
-            l_run[tid] = l_run[tid] * expf(m_run[tid] - nm) + total;
-            m_run[tid] = nm;
-        }
-        // O[16, cols of this warp] += P[16, 64] · T[64, cols]
-        const u32* pw32 = (const u32*)ps;
-        const int hp = pp / 2;
-        for (int k0 = 0; k0 < TC_TILE; k0 += 16) {
-            int kw = k0 / 2 + t;
-            u32 a0 = pw32[g * hp + kw], a1 = pw32[(g + 8) * hp + kw];
-            u32 a2 = pw32[g * hp + kw + 4], a3 = pw32[(g + 8) * hp + kw + 4];
-            u32 l0 = pw32[(16 + g) * hp + kw], l1 = pw32[(24 + g) * hp + kw];
-            u32 l2 = pw32[(16 + g) * hp + kw + 4], l3 = pw32[(24 + g) * hp + kw + 4];
-            const bf16* r0 = ts + (k0 + 2 * t) * pitch;
-#pragma unroll
-            for (int nt = 0; nt < 8; ++nt) {
-                if (nt < ntiles) {
-                    int c = col0 + nt * 8 + g;
-                    u32 b0 = (u32)r0[c] | ((u32)r0[pitch + c] << 16);
-                    u32 b1 = (u32)r0[8 * pitch + c] | ((u32)r0[9 * pitch + c] << 16);
-                    mma_bf16(acc[nt], a0, a1, a2, a3, b0, b1);
-                    mma_bf16(acc[nt], l0, l1, l2, l3, b0, b1);
-                }
-            }
-        }
-        __syncthreads();
+    for (int o = 1; o < 4; o <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, o);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, o);
+    }
+    float* sums = red + 128;
+    float* final_max = red + 256;
+    if (t == 0) {
+        sums[half * 64 + hw * 16 + g] = l0;
+        sums[half * 64 + hw * 16 + g + 8] = l1;
+        if (half == 0) { final_max[hw * 16 + g] = m0; final_max[hw * 16 + g + 8] = m1; }
     }
     // partial outputs: o_part[r, h, split, :lora], ml_part[r, h, split, 2]
+    const int head0 = hw * 16 + g, head1 = head0 + 8;
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-        if (nt < ntiles) {
-            int c = col0 + nt * 8 + 2 * t;
-            if (g < hg) {
-                float* dst = o_part + (((size_t)r * heads + h0 + g) * splits + split) * lora + c;
-                dst[0] = acc[nt][0]; dst[1] = acc[nt][1];
-            }
-            if (g + 8 < hg) {
-                float* dst = o_part + (((size_t)r * heads + h0 + g + 8) * splits + split) * lora + c;
-                dst[0] = acc[nt][2]; dst[1] = acc[nt][3];
-            }
+    for (int nt = 0; nt < 32; ++nt) {
+        if (nt < 2 * col_pairs) {
+            int c = half * (lora / 2) + nt * 8 + 2 * t;
+            if (head0 < hg)
+                *(float2*)(o_part + (((size_t)r * heads + h0 + head0) * splits + split) * lora + c) =
+                    make_float2(acc[nt][0], acc[nt][1]);
+            if (head1 < hg)
+                *(float2*)(o_part + (((size_t)r * heads + h0 + head1) * splits + split) * lora + c) =
+                    make_float2(acc[nt][2], acc[nt][3]);
         }
     }
+    __syncthreads();
     if (tid < hg) {
         float* ml = ml_part + (((size_t)r * heads + h0 + tid) * splits + split) * 2;
-        ml[0] = m_run[tid];
-        ml[1] = l_run[tid];
+        ml[0] = final_max[tid] * 0.6931471805599453f;  // back to natural-log units for the merge
+        ml[1] = sums[tid] + sums[64 + tid];
     }
 }
 

@@ -3,15 +3,13 @@
 
 use super::layers::Layer;
 use super::{CudaModel, Span, StepLayout};
-use crate::gpu::{float, int, ptr, DeviceBuf};
-use crate::tiles::{MLA_HEAD_GROUP, MLA_THREADS, MLA_TILE, TC_PAD, TC_TILE, TC_WARPS};
+use crate::gpu::{int, ptr, DeviceBuf};
+use crate::mla_decode::{mla_decode, DecodeBuffers, LatentShape, PagedRows};
 use crate::weights::Format;
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use dsv3_engine::rope::softmax_scale;
 
 pub(super) const LATENT_NORM_EPS: f32 = 1e-6;
-/// Fewest positions one block of the split decode kernel takes.
-const MIN_SPLIT: usize = 128;
 /// Steps whose chunks all have at least this many rows (prefill) use the naive MLA form.
 pub const NAIVE_MIN_ROWS: usize = 64;
 
@@ -128,7 +126,7 @@ impl CudaModel {
             vdim,
             lora,
             qk,
-            kv_w,
+            ..
         } = MlaDims::of(c);
         let cache = self.cache.layer_addr(layer.index);
         // absorbed attention over the latent cache
@@ -154,73 +152,28 @@ impl CudaModel {
             ],
         )?;
         let o_lat = g.alloc(m * heads * lora * 4)?;
-        let hg = MLA_HEAD_GROUP.min(heads);
-        ensure!(heads % hg == 0, "{heads} heads do not split into groups of {hg}");
-        let args_tail = [
-            ptr(q_lat.addr),
-            ptr(q.addr),
-            int(qk),
-            int(nope),
-            int(heads),
-            int(hg),
-            int(lora),
-            int(rope),
-            ptr(cache),
-            ptr(step.tables),
-            ptr(step.table_off),
-            ptr(step.lens),
-            int(self.cache.block_size()),
-            float(softmax_scale(c)),
-        ];
-        let tensor_cores = kv_w % 16 == 0 && lora % 64 == 0 && !self.simt_attention;
-        if tensor_cores {
-            // Split the positions so the grid fills the GPU even at batch 1 (flash-decoding); each
-            // row divides its own length on the GPU, at least MIN_SPLIT positions per split.
-            let groups = m * heads / hg;
-            let wanted = (4 * g.sm_count).div_ceil(groups);
-            let splits = wanted.min(step.max_len.div_ceil(MIN_SPLIT)).max(1);
-            let o_part = g.alloc(m * heads * splits * lora * 4)?;
-            let ml_part = g.alloc(m * heads * splits * 2 * 4)?;
-            // Q and the tiles (bf16, padded rows), P (hi and lo), per-warp max and sum, running max and sum.
-            let smem = (2 * 16 + 2 * TC_TILE) * (kv_w + TC_PAD) * 2
-                + 2 * 16 * (TC_TILE + TC_PAD) * 2
-                + (2 * TC_WARPS * 16 + 2 * 16) * 4;
-            let mut args = vec![ptr(o_part.addr), ptr(ml_part.addr)];
-            args.extend_from_slice(&args_tail);
-            args.push(int(MIN_SPLIT));
-            g.launch(
-                "mla_decode_tc",
-                ((heads / hg) as u32, m as u32, splits as u32),
-                (TC_WARPS * 32) as u32,
-                smem as u32,
-                &args,
-            )?;
-            g.launch(
-                "mla_combine",
-                (heads as u32, m as u32, 1),
-                128,
-                (2 * splits * 4) as u32,
-                &[
-                    ptr(o_lat.addr),
-                    ptr(o_part.addr),
-                    ptr(ml_part.addr),
-                    int(heads),
-                    int(splits),
-                    int(lora),
-                ],
-            )?;
-        } else {
-            let smem = (hg * kv_w + hg * MLA_TILE + 3 * hg) * 4 + MLA_TILE * (kv_w + 2) * 2;
-            let mut args = vec![ptr(o_lat.addr)];
-            args.extend_from_slice(&args_tail);
-            g.launch(
-                "mla_attend",
-                ((heads / hg) as u32, m as u32, 1),
-                MLA_THREADS as u32,
-                smem as u32,
-                &args,
-            )?;
-        }
+        let shape = LatentShape {
+            heads,
+            lora,
+            rope,
+            qk,
+            nope,
+        };
+        let rows = PagedRows {
+            rows: m,
+            max_len: step.max_len,
+            tables: step.tables,
+            table_off: step.table_off,
+            lens: step.lens,
+            block: self.cache.block_size(),
+        };
+        let bufs = DecodeBuffers {
+            q_lat: q_lat.addr,
+            q: q.addr,
+            cache,
+            o_lat: o_lat.addr,
+        };
+        mla_decode(g, &shape, &rows, &bufs, softmax_scale(c), self.simt_attention)?;
         self.absorb_out(layer, &o_lat, attn, m)
     }
 

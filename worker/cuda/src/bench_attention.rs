@@ -1,0 +1,254 @@
+//! The MLA decode kernel alone (`dsv3-worker bench-cuda --configs mla`): one layer's absorbed
+//! attention over a random bf16 latent cache at several batches, beside the read-stream rate
+//! measured in the same run and FlashMLA's published figures; and the random inputs with which
+//! the GPU tests check the kernel against a float64 reference.
+
+use crate::gpu::{float, ptr, u64_arg, DeviceBuf, Gpu};
+use crate::mla_decode::{mla_decode, DecodeBuffers, LatentShape, PagedRows};
+use anyhow::{ensure, Result};
+
+/// DeepSeek-V3's latent attention: 128 heads, latent rank 512, rotary 64, 128 without rotary.
+pub const V3_SHAPE: LatentShape = LatentShape {
+    heads: 128,
+    lora: 512,
+    rope: 64,
+    qk: 192,
+    nope: 128,
+};
+
+/// One decode step's attention inputs on the GPU: rows of the given lengths over a paged cache
+/// whose blocks are dealt out of order (a row's positions are not contiguous), cache entries in
+/// [-1, 1), queries in [-3, 3).
+pub struct AttentionCase {
+    pub shape: LatentShape,
+    pub lens: Vec<usize>,
+    pub block: usize,
+    pub scale: f32,
+    /// Every row's block table, concatenated; row `r`'s starts at `offsets[r]`.
+    tables: Vec<i32>,
+    offsets: Vec<i32>,
+    cache: DeviceBuf,
+    q_lat: DeviceBuf,
+    q: DeviceBuf,
+    o_lat: DeviceBuf,
+    tables_d: DeviceBuf,
+    offsets_d: DeviceBuf,
+    lens_d: DeviceBuf,
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+fn fill_random(g: &Gpu, kernel: &str, buf: &DeviceBuf, n: usize, seed: u64, lo: f32, hi: f32) -> Result<()> {
+    g.launch_1d(
+        kernel,
+        n,
+        &[ptr(buf.addr), u64_arg(n as u64), u64_arg(seed), float(lo), float(hi)],
+    )
+}
+
+impl AttentionCase {
+    pub fn random(g: &Gpu, shape: LatentShape, lens: &[usize], block: usize, seed: u64) -> Result<Self> {
+        ensure!(
+            !lens.is_empty() && block > 0,
+            "an attention case needs rows and a block size"
+        );
+        let per_row: Vec<usize> = lens.iter().map(|l| l.div_ceil(block).max(1)).collect();
+        let total: usize = per_row.iter().sum();
+        // a permutation of the blocks: i -> (i * stride + 3) mod total, stride coprime with total
+        let stride = (total / 2 + 1..=total + 1).find(|&s| gcd(s, total) == 1).unwrap_or(1);
+        let tables: Vec<i32> = (0..total).map(|i| ((i * stride + 3) % total) as i32).collect();
+        let offsets: Vec<i32> = per_row
+            .iter()
+            .scan(0usize, |at, &n| {
+                let start = *at;
+                *at += n;
+                Some(start as i32)
+            })
+            .collect();
+        let rows = lens.len();
+        let width = shape.width();
+        let cache = g.alloc(total * block * width * 2)?;
+        fill_random(g, "random_bf16", &cache, total * block * width, seed, -1.0, 1.0)?;
+        let q_lat = g.alloc(rows * shape.heads * shape.lora * 4)?;
+        fill_random(
+            g,
+            "random_f32",
+            &q_lat,
+            rows * shape.heads * shape.lora,
+            seed + 1,
+            -3.0,
+            3.0,
+        )?;
+        let q = g.alloc(rows * shape.heads * shape.qk * 4)?;
+        fill_random(g, "random_f32", &q, rows * shape.heads * shape.qk, seed + 2, -3.0, 3.0)?;
+        let lens_i32: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+        Ok(AttentionCase {
+            shape,
+            lens: lens.to_vec(),
+            block,
+            scale: 1.0 / (shape.qk as f32).sqrt(),
+            tables_d: g.upload(&tables)?,
+            offsets_d: g.upload(&offsets)?,
+            lens_d: g.upload(&lens_i32)?,
+            tables,
+            offsets,
+            cache,
+            q_lat,
+            q,
+            o_lat: g.alloc(rows * shape.heads * shape.lora * 4)?,
+        })
+    }
+
+    /// Runs the decode attention (tensor cores unless `cuda_cores` or the shape needs them).
+    pub fn run(&self, g: &Gpu, cuda_cores: bool) -> Result<()> {
+        let rows = PagedRows {
+            rows: self.lens.len(),
+            max_len: self.lens.iter().copied().max().unwrap_or(0),
+            tables: self.tables_d.addr,
+            table_off: self.offsets_d.addr,
+            lens: self.lens_d.addr,
+            block: self.block,
+        };
+        let bufs = DecodeBuffers {
+            q_lat: self.q_lat.addr,
+            q: self.q.addr,
+            cache: self.cache.addr,
+            o_lat: self.o_lat.addr,
+        };
+        mla_decode(g, &self.shape, &rows, &bufs, self.scale, cuda_cores)
+    }
+
+    /// The last run's `o_lat`, `[rows, heads, lora]`.
+    pub fn output(&self, g: &Gpu) -> Result<Vec<f32>> {
+        g.download(self.o_lat.addr, self.lens.len() * self.shape.heads * self.shape.lora)
+    }
+
+    /// `o_lat` in float64 from the inputs as the GPU holds them (bf16 cache, f32 queries).
+    pub fn reference(&self, g: &Gpu) -> Result<Vec<f64>> {
+        let LatentShape {
+            heads,
+            lora,
+            rope,
+            qk,
+            nope,
+        } = self.shape;
+        let width = self.shape.width();
+        let slots = self.tables.len() * self.block;
+        let cache: Vec<u16> = g.download(self.cache.addr, slots * width)?;
+        let cache: Vec<f64> = cache.iter().map(|&b| f32::from_bits((b as u32) << 16) as f64).collect();
+        let rows = self.lens.len();
+        let q_lat: Vec<f32> = g.download(self.q_lat.addr, rows * heads * lora)?;
+        let q: Vec<f32> = g.download(self.q.addr, rows * heads * qk)?;
+        let mut out = vec![0.0f64; rows * heads * lora];
+        for (r, &len) in self.lens.iter().enumerate() {
+            let slot = |p: usize| {
+                let b = self.tables[self.offsets[r] as usize + p / self.block] as usize;
+                b * self.block + p % self.block
+            };
+            for h in 0..heads {
+                let ql = &q_lat[(r * heads + h) * lora..][..lora];
+                let qp = &q[(r * heads + h) * qk + nope..][..rope];
+                let scores: Vec<f64> = (0..len)
+                    .map(|p| {
+                        let c = &cache[slot(p) * width..][..width];
+                        let dot: f64 = ql.iter().zip(c).map(|(&a, &b)| a as f64 * b).sum::<f64>()
+                            + qp.iter().zip(&c[lora..]).map(|(&a, &b)| a as f64 * b).sum::<f64>();
+                        dot * self.scale as f64
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                let o = &mut out[(r * heads + h) * lora..][..lora];
+                for (p, w) in weights.iter().enumerate() {
+                    let c = &cache[slot(p) * width..][..lora];
+                    for (oc, &cv) in o.iter_mut().zip(c) {
+                        *oc += w / total * cv;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Bytes a step must read: every cached latent once, the queries, and the output written.
+    pub fn bytes(&self) -> f64 {
+        let positions: usize = self.lens.iter().sum();
+        let rows = self.lens.len();
+        let s = &self.shape;
+        (positions * s.width() * 2 + rows * s.heads * (2 * s.lora + s.rope) * 4) as f64
+    }
+
+    /// Tensor-core work: Q·Kᵀ over lora + rope and P·V over lora, per head and position.
+    pub fn flops(&self) -> f64 {
+        let positions: usize = self.lens.iter().sum();
+        let s = &self.shape;
+        (positions * s.heads * 2 * (s.width() + s.lora)) as f64
+    }
+}
+
+/// Rate of a kernel that only reads (bytes per second), on a buffer far larger than L2.
+pub fn read_stream_rate(g: &Gpu) -> Result<f64> {
+    let bytes = 4usize << 30;
+    let buf = g.alloc(bytes)?;
+    fill_random(g, "random_f32", &buf, bytes / 4, 9, -1.0, 1.0)?;
+    let sink = g.alloc(4 * 4096)?;
+    let read = || {
+        g.launch(
+            "read_stream",
+            (4 * g.sm_count as u32, 1, 1),
+            1024,
+            0,
+            &[ptr(buf.addr), u64_arg((bytes / 16) as u64), ptr(sink.addr)],
+        )
+    };
+    read()?;
+    let mut times: Vec<f64> = (0..10).map(|_| g.time(read)).collect::<Result<_>>()?;
+    times.sort_by(f64::total_cmp);
+    Ok(bytes as f64 / times[times.len() / 2])
+}
+
+/// FlashMLA's published decode figures (H800 SXM5, its README): memory-bound and compute-bound.
+pub const FLASH_MLA_GBPS: f64 = 3000.0;
+pub const FLASH_MLA_TFLOPS: f64 = 660.0;
+
+/// The table of `bench-cuda --configs mla`: each batch of `ctx`-position rows, DeepSeek-V3's shape.
+pub fn run(g: &Gpu, batches: &[usize], ctx: usize, reps: usize) -> Result<String> {
+    let read = read_stream_rate(g)?;
+    eprintln!("{}: read stream {:.0} GB/s", g.name, read / 1e9);
+    let mut table = format!(
+        "MLA decode kernel alone (DeepSeek-V3 shape: 128 heads, latent 512 + rotary 64, bf16 cache), read stream {:.0} GB/s in this run\n\n\
+         | batch | ctx | µs | GB/s | % of read stream | TFLOP/s | memory floor µs | vs floor | FlashMLA (H800, published) |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        read / 1e9
+    );
+    for &b in batches {
+        let case = AttentionCase::random(g, V3_SHAPE, &vec![ctx; b], 64, 11)?;
+        for _ in 0..2 {
+            case.run(g, false)?;
+        }
+        let mut times: Vec<f64> = (0..reps)
+            .map(|_| g.time(|| case.run(g, false)))
+            .collect::<Result<_>>()?;
+        times.sort_by(f64::total_cmp);
+        let s = times[times.len() / 2];
+        let floor = case.bytes() / read;
+        eprintln!("mla decode batch {b}: {:.1} µs", s * 1e6);
+        table += &format!(
+            "| {b} | {ctx} | {:.1} | {:.0} | {:.0}% | {:.0} | {:.1} | {:.2}× | {FLASH_MLA_GBPS:.0} GB/s memory-bound, {FLASH_MLA_TFLOPS:.0} TFLOP/s compute-bound |\n",
+            s * 1e6,
+            case.bytes() / s / 1e9,
+            100.0 * case.bytes() / s / read,
+            case.flops() / s / 1e12,
+            floor * 1e6,
+            s / floor,
+        );
+    }
+    Ok(table)
+}
