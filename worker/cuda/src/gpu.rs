@@ -68,8 +68,9 @@ pub const KERNELS: &[&str] = &[
     "pick_tokens",
     "gather_latents",
     "build_kv",
-    "causal_softmax",
+    "mla_prefill_flash",
     "mla_decode_mma",
+    "mla_decode_wgmma",
     "mla_combine",
     "fp8_mma_n1",
     "fp8_mma_n2",
@@ -147,7 +148,11 @@ fn load_kernels(ctx: &Arc<CudaContext>) -> Result<Vec<Arc<cudarc::driver::CudaMo
             .map(|ptx| ctx.load_module(ptx).context("loading the CUDA kernels"))
             .collect();
     }
-    let arch = format!("sm_{major}{minor}");
+    // Hopper's kernels use wgmma, which exists only in the architecture-specific sm_90a.
+    let arch = match (major, minor) {
+        (9, 0) => "sm_90a".to_string(),
+        _ => format!("sm_{major}{minor}"),
+    };
     let cache = crate::kernel_cache::default_cache_dir();
     let images = per_family(|_, source| kernel_image(source, &arch, cache.as_deref()))?;
     // One line for the start: how many families were compiled (in parallel, so the slowest one
@@ -274,6 +279,8 @@ pub struct Gpu {
     pub name: String,
     pub ordinal: usize,
     pub sm_count: usize,
+    /// Compute capability 9.0 (H100, H200): the kernels were built for sm_90a, with wgmma.
+    pub hopper: bool,
     /// Dynamic shared memory one block may use (the opt-in limit, e.g. 227 KiB on Hopper).
     pub max_shared_per_block: usize,
     /// Per-kernel GPU time (DSV3_CUDA_PROFILE=1): events around every launch, so the totals
@@ -353,6 +360,7 @@ impl Gpu {
         let blas = CudaBlas::new(stream.clone()).context("creating the cuBLAS handle")?;
         let name = ctx.name()?;
         let sm_count = ctx.attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
+        let hopper = ctx.compute_capability()? == (9, 0);
         let max_shared_per_block =
             ctx.attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
         let gpu = Gpu {
@@ -364,6 +372,7 @@ impl Gpu {
             ordinal,
             sm_count,
             max_shared_per_block,
+            hopper,
             poison: std::env::var_os("DSV3_CUDA_POISON").is_some_and(|v| v != "0"),
             profile: std::env::var_os("DSV3_CUDA_PROFILE")
                 .is_some_and(|v| v != "0")
@@ -373,7 +382,7 @@ impl Gpu {
             staging: Default::default(),
             fp8_gemm: Default::default(),
         };
-        for name in ["mla_attend", "mla_decode_mma"] {
+        for name in ["mla_attend", "mla_decode_mma", "mla_decode_wgmma", "mla_prefill_flash"] {
             gpu.funcs[name].set_attribute(
                 drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 max_shared_per_block as i32,
@@ -791,58 +800,6 @@ impl Gpu {
         let end = self.mark()?;
         end.synchronize()?;
         Ok(start.elapsed_ms(&end)? as f64 / 1e3)
-    }
-
-    /// Column-major strided batched GEMM on bf16 operands with f32 output (cuBLAS argument order).
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemm_batched_bf16(
-        &self,
-        trans_a: bool,
-        m: usize,
-        n: usize,
-        k: usize,
-        alpha: f32,
-        a: (u64, usize, usize),
-        b: (u64, usize, usize),
-        c: (u64, usize, usize),
-        batch: usize,
-    ) -> Result<()> {
-        let beta = 0.0f32;
-        let op_a = if trans_a {
-            blas_sys::cublasOperation_t::CUBLAS_OP_T
-        } else {
-            blas_sys::cublasOperation_t::CUBLAS_OP_N
-        };
-        // SAFETY: (pointer, leading dimension, batch stride) triples cover the shapes (callers size them).
-        self.profiled("cublas_batched_gemm", || unsafe {
-            blas::gemm_strided_batched_ex(
-                self.blas_handle(),
-                op_a,
-                blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                m as i32,
-                n as i32,
-                k as i32,
-                &alpha as *const f32 as *const c_void,
-                a.0 as *const c_void,
-                blas_sys::cudaDataType::CUDA_R_16BF,
-                a.1 as i32,
-                a.2 as i64,
-                b.0 as *const c_void,
-                blas_sys::cudaDataType::CUDA_R_16BF,
-                b.1 as i32,
-                b.2 as i64,
-                &beta as *const f32 as *const c_void,
-                c.0 as *mut c_void,
-                blas_sys::cudaDataType::CUDA_R_32F,
-                c.1 as i32,
-                c.2 as i64,
-                batch as i32,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-            .context("cuBLAS batched bf16 GEMM failed")
-        })?;
-        Ok(())
     }
 
     /// Seconds between two recorded events after `f` runs on the stream.

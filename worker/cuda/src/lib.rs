@@ -15,6 +15,7 @@ pub mod gpu;
 pub mod kernel_cache;
 pub mod linear;
 pub mod mla_decode;
+pub mod mla_prefill;
 pub mod model;
 pub mod projection;
 pub mod tiles;

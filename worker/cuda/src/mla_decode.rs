@@ -1,8 +1,9 @@
 //! Decode attention in the weight-absorbed MLA form over the paged latent cache: for every row of
 //! a step and every head, `o_lat[h] = softmax_j(scale · (q_lat[h] · c_j + q_pe[h] · kpe_j)) · c_j`
-//! over the row's cached positions `j`. The tensor-core kernel (`mla_decode_mma`) splits each
-//! row's positions across blocks and `mla_combine` merges the splits; the CUDA-core kernel
-//! (`mla_attend`) takes the shapes the tensor cores do not, and `DSV3_MLA_SIMT=1`.
+//! over the row's cached positions `j`. Three kernels ([`DecodeKernel`]): on Hopper and
+//! DeepSeek-V3's latent shape `mla_decode_wgmma`, on other shapes and GPUs `mla_decode_mma`
+//! (mma.sync) — both split each row's positions across blocks, and `mla_combine` merges the
+//! splits — and the CUDA-core `mla_attend` (f32 throughout) where neither fits, or on request.
 
 use crate::gpu::{float, int, ptr, Gpu};
 use crate::tiles::{DEC_HEADS, DEC_PAD, DEC_STAGES, DEC_THREADS, DEC_TILE, MLA_HEAD_GROUP, MLA_THREADS, MLA_TILE};
@@ -29,16 +30,57 @@ impl LatentShape {
     pub fn width(&self) -> usize {
         self.lora + self.rope
     }
+}
 
-    /// Whether the tensor-core kernel takes this shape with `shared_bytes` of shared memory per block.
-    pub fn fits_tensor_cores(&self, shared_bytes: usize) -> bool {
-        let heads_per_block = self.heads.min(DEC_HEADS);
-        self.width() % 16 == 0
-            && self.lora % 64 == 0
-            && self.lora <= 512
-            && self.nope % 2 == 0
-            && self.heads % heads_per_block == 0
-            && tensor_core_shared_bytes(self.width()) <= shared_bytes
+/// Which kernel computes the decode attention.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeKernel {
+    /// wgmma (sm_90a): DeepSeek-V3's latent (512 + 64) only.
+    Wgmma,
+    /// mma.sync: any latent rank that is a multiple of 64 up to 512.
+    Mma,
+    /// f32 on the CUDA cores.
+    CudaCores,
+}
+
+/// Threads of `mla_decode_wgmma`: two warpgroups.
+const WGMMA_THREADS: usize = 256;
+/// Shared memory of `mla_decode_wgmma`: Q and two 64-position tiles (576 bf16 channels each), the
+/// two halves of P, and the row maxima and sums.
+const WGMMA_SHARED_BYTES: usize = 3 * 64 * 576 * 2 + 2 * 64 * 32 * 2 + 5 * 64 * 4;
+
+impl DecodeKernel {
+    /// The fastest kernel that takes `shape` on `g` (`DSV3_MLA_WGMMA=0` passes over wgmma).
+    pub fn best(g: &Gpu, shape: &LatentShape) -> Self {
+        let wgmma_allowed = std::env::var_os("DSV3_MLA_WGMMA").is_none_or(|v| v != "0");
+        [DecodeKernel::Wgmma, DecodeKernel::Mma]
+            .into_iter()
+            .find(|k| k.takes(g, shape) && (*k != DecodeKernel::Wgmma || wgmma_allowed))
+            .unwrap_or(DecodeKernel::CudaCores)
+    }
+
+    /// Whether this kernel takes `shape` on `g`.
+    pub fn takes(self, g: &Gpu, shape: &LatentShape) -> bool {
+        let heads_fit = shape.heads % shape.heads.min(DEC_HEADS) == 0 && shape.nope % 2 == 0;
+        match self {
+            DecodeKernel::Wgmma => {
+                g.hopper
+                    && heads_fit
+                    && shape.lora == 512
+                    && shape.rope == 64
+                    && WGMMA_SHARED_BYTES <= g.max_shared_per_block
+            }
+            DecodeKernel::Mma => {
+                heads_fit
+                    && shape.width() % 16 == 0
+                    && shape.lora % 64 == 0
+                    && shape.lora <= 512
+                    && mma_shared_bytes(shape.width()) <= g.max_shared_per_block
+            }
+            DecodeKernel::CudaCores => {
+                shape.lora <= 2 * MLA_THREADS && cuda_core_shared_bytes(shape) <= g.max_shared_per_block
+            }
+        }
     }
 }
 
@@ -66,7 +108,12 @@ pub struct DecodeBuffers {
     pub o_lat: u64,
 }
 
-fn tensor_core_shared_bytes(width: usize) -> usize {
+fn cuda_core_shared_bytes(shape: &LatentShape) -> usize {
+    let (hg, width) = (shape.heads.min(MLA_HEAD_GROUP), shape.width());
+    (hg * width + hg * MLA_TILE + 3 * hg) * 4 + MLA_TILE * (width + 2) * 2
+}
+
+fn mma_shared_bytes(width: usize) -> usize {
     // Q and the tiles (bf16, swizzled rows), P (padded rows), then row maxima, row sums and final
     // maxima (f32).
     (DEC_HEADS + DEC_STAGES * DEC_TILE) * width * 2 + DEC_HEADS * (DEC_TILE + DEC_PAD) * 2 + 5 * DEC_HEADS * 4
@@ -79,7 +126,7 @@ pub fn mla_decode(
     rows: &PagedRows,
     bufs: &DecodeBuffers,
     scale: f32,
-    cuda_cores: bool,
+    kernel: DecodeKernel,
 ) -> Result<()> {
     let LatentShape {
         heads,
@@ -88,15 +135,16 @@ pub fn mla_decode(
         qk,
         nope,
     } = *shape;
+    ensure!(
+        kernel.takes(g, shape),
+        "the {kernel:?} MLA decode kernel does not take {shape:?}"
+    );
     let m = rows.rows;
     let width = shape.width();
-    let tensor_cores = shape.fits_tensor_cores(g.max_shared_per_block) && !cuda_cores;
-    let hg = if tensor_cores {
-        heads.min(DEC_HEADS)
-    } else {
-        heads.min(MLA_HEAD_GROUP)
+    let hg = match kernel {
+        DecodeKernel::CudaCores => heads.min(MLA_HEAD_GROUP),
+        _ => heads.min(DEC_HEADS),
     };
-    ensure!(heads % hg == 0, "{heads} heads do not split into groups of {hg}");
     let args_tail = [
         ptr(bufs.q_lat),
         ptr(bufs.q),
@@ -113,16 +161,8 @@ pub fn mla_decode(
         int(rows.block),
         float(scale),
     ];
-    if !tensor_cores {
-        ensure!(
-            lora <= 2 * MLA_THREADS,
-            "latent rank {lora} is wider than the CUDA-core kernel takes"
-        );
-        let smem = (hg * width + hg * MLA_TILE + 3 * hg) * 4 + MLA_TILE * (width + 2) * 2;
-        ensure!(
-            smem <= g.max_shared_per_block,
-            "latent width {width} needs more shared memory than a block has"
-        );
+    if kernel == DecodeKernel::CudaCores {
+        let smem = cuda_core_shared_bytes(shape);
         let mut args = vec![ptr(bufs.o_lat)];
         args.extend_from_slice(&args_tail);
         return g.launch(
@@ -138,18 +178,36 @@ pub fn mla_decode(
     // row divides its own length on the GPU, at least MIN_SPLIT positions per split.
     let groups = m * heads / hg;
     let splits = (2 * g.sm_count / groups).min(rows.max_len.div_ceil(MIN_SPLIT)).max(1);
-    let o_part = g.alloc(m * heads * splits * lora * 4)?;
-    let ml_part = g.alloc(m * heads * splits * 2 * 4)?;
-    let mut args = vec![ptr(o_part.addr), ptr(ml_part.addr)];
+    // One split per row: the kernel writes the normalised output itself and nothing is merged.
+    let parts = if splits > 1 {
+        Some((
+            g.alloc(m * heads * splits * lora * 4)?,
+            g.alloc(m * heads * splits * 2 * 4)?,
+        ))
+    } else {
+        None
+    };
+    let (o_part, ml_part) = match &parts {
+        Some((o, ml)) => (o.addr, ml.addr),
+        None => (bufs.o_lat, 0),
+    };
+    let (name, threads, smem) = match kernel {
+        DecodeKernel::Wgmma => ("mla_decode_wgmma", WGMMA_THREADS, WGMMA_SHARED_BYTES),
+        _ => ("mla_decode_mma", DEC_THREADS, mma_shared_bytes(width)),
+    };
+    let mut args = vec![ptr(o_part), ptr(ml_part)];
     args.extend_from_slice(&args_tail);
     args.push(int(MIN_SPLIT));
     g.launch(
-        "mla_decode_mma",
+        name,
         ((heads / hg) as u32, m as u32, splits as u32),
-        DEC_THREADS as u32,
-        tensor_core_shared_bytes(width) as u32,
+        threads as u32,
+        smem as u32,
         &args,
     )?;
+    if splits == 1 {
+        return Ok(());
+    }
     g.launch(
         "mla_combine",
         (heads as u32, m as u32, 1),
@@ -157,8 +215,8 @@ pub fn mla_decode(
         (2 * splits * 4) as u32,
         &[
             ptr(bufs.o_lat),
-            ptr(o_part.addr),
-            ptr(ml_part.addr),
+            ptr(o_part),
+            ptr(ml_part),
             int(heads),
             int(splits),
             int(lora),

@@ -20,6 +20,14 @@ pub const DEC_STAGES: usize = 2;
 /// bf16 elements of padding per row of `mla_decode_mma`'s P in shared memory (an odd number of
 /// 16-byte units per row keeps ldmatrix free of bank conflicts; Q and the tiles are swizzled).
 pub const DEC_PAD: usize = 8;
+/// Query rows per block of the flash prefill attention (`mla_prefill_flash`): 4 warps of 16.
+pub const FL_Q: usize = 64;
+/// Key positions per tile of `mla_prefill_flash`.
+pub const FL_K: usize = 64;
+/// Widest query/key head (`nope + rope`) `mla_prefill_flash` takes (its register arrays).
+pub const FL_QK: usize = 192;
+/// Widest value head `mla_prefill_flash` takes.
+pub const FL_V: usize = 128;
 /// Threads per row of the token pick (`pick_tokens`).
 pub const PICK_THREADS: usize = 1024;
 
@@ -33,6 +41,10 @@ pub fn defines() -> Vec<String> {
         ("DEC_TILE", DEC_TILE),
         ("DEC_STAGES", DEC_STAGES),
         ("DEC_PAD", DEC_PAD),
+        ("FL_Q", FL_Q),
+        ("FL_K", FL_K),
+        ("FL_QK", FL_QK),
+        ("FL_V", FL_V),
         ("PICK_THREADS", PICK_THREADS),
     ]
     .iter()

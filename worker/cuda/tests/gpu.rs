@@ -879,7 +879,7 @@ fn block_scaled_fp8_products_match_f64_reference() {
 #[ignore = "needs an NVIDIA GPU"]
 fn mla_decode_matches_f64_reference() {
     use dsv3_cuda::bench_attention::{AttentionCase, V3_SHAPE};
-    use dsv3_cuda::mla_decode::LatentShape;
+    use dsv3_cuda::mla_decode::{DecodeKernel, LatentShape};
     poison();
     let gpu = dsv3_cuda::Gpu::open(0).expect("GPU");
     let small = LatentShape {
@@ -902,32 +902,112 @@ fn mla_decode_matches_f64_reference() {
     for (i, (shape, lens)) in cases.iter().enumerate() {
         let case = AttentionCase::random(&gpu, *shape, lens, 64, 100 + i as u64).expect("inputs");
         let want = case.reference(&gpu).expect("reference");
-        for cuda_cores in [false, true] {
-            case.run(&gpu, cuda_cores).expect("attention");
+        let kernels = [DecodeKernel::Wgmma, DecodeKernel::Mma, DecodeKernel::CudaCores];
+        for kernel in kernels.into_iter().filter(|k| k.takes(&gpu, shape)) {
+            case.run(&gpu, kernel).expect("attention");
             let got = case.output(&gpu).expect("output");
             let mut worst = 0.0f64;
             for (g, w) in got.chunks(shape.lora).zip(want.chunks(shape.lora)) {
                 let (mut err, mut norm) = (0.0f64, 0.0f64);
                 for (&a, &b) in g.iter().zip(w) {
-                    assert!(a.is_finite(), "case {i}: output not written");
+                    assert!(a.is_finite(), "case {i} {kernel:?}: output not written");
                     err += (a as f64 - b) * (a as f64 - b);
                     norm += b * b;
                 }
                 worst = worst.max((err / norm.max(1e-30)).sqrt());
             }
             // bf16 Q and P on the tensor cores: ~2^-9 relative per product term
-            let limit = if cuda_cores { 1e-4 } else { 1e-2 };
+            let limit = if kernel == DecodeKernel::CudaCores { 1e-4 } else { 1e-2 };
             eprintln!(
-                "mla decode case {i} ({} heads, lora {}, {} rows, longest {}), cuda cores {cuda_cores}: worst relative error {worst:.2e}",
+                "mla decode case {i} ({} heads, lora {}, {} rows, longest {}), {kernel:?}: worst relative error {worst:.2e}",
                 shape.heads,
                 shape.lora,
                 lens.len(),
                 lens.iter().max().unwrap_or(&0)
             );
-            assert!(
-                worst < limit,
-                "case {i} cuda_cores={cuda_cores}: relative error {worst:.2e}"
-            );
+            assert!(worst < limit, "case {i} {kernel:?}: relative error {worst:.2e}");
         }
+    }
+}
+
+/// The flash prefill attention against a float64 reference of the same bf16 inputs: one tile,
+/// partial tiles, one new row after a cached prefix, a chunk after a prefix (causal offset), and
+/// the tiny model's head sizes.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn flash_prefill_matches_f64_reference() {
+    use dsv3_cuda::bench_attention::fill_random;
+    use dsv3_cuda::mla_prefill::{flash_prefill, PrefillBuffers, PrefillShape};
+    poison();
+    let gpu = dsv3_cuda::Gpu::open(0).expect("GPU");
+    let v3 = PrefillShape {
+        heads: 3,
+        qk: 192,
+        vdim: 128,
+    };
+    let tiny = PrefillShape {
+        heads: 2,
+        qk: 96,
+        vdim: 64,
+    };
+    for (i, (shape, n, start)) in [(v3, 64, 0), (v3, 100, 0), (v3, 1, 130), (v3, 130, 200), (tiny, 70, 5)]
+        .into_iter()
+        .enumerate()
+    {
+        let PrefillShape { heads, qk, vdim } = shape;
+        let total = start + n;
+        let q = gpu.alloc(n * heads * qk * 2).expect("q");
+        let k = gpu.alloc(total * heads * qk * 2).expect("k");
+        let v = gpu.alloc(total * heads * vdim * 2).expect("v");
+        fill_random(&gpu, "random_bf16", &q, n * heads * qk, 40 + i as u64, -2.0, 2.0).expect("q");
+        fill_random(&gpu, "random_bf16", &k, total * heads * qk, 50 + i as u64, -1.0, 1.0).expect("k");
+        fill_random(&gpu, "random_bf16", &v, total * heads * vdim, 60 + i as u64, -1.0, 1.0).expect("v");
+        let out = gpu.alloc(n * heads * vdim * 4).expect("out");
+        let scale = 1.0 / (qk as f32).sqrt();
+        let bufs = PrefillBuffers {
+            q: q.addr,
+            k: k.addr,
+            v: v.addr,
+            out: out.addr,
+            ld_out: heads * vdim,
+        };
+        flash_prefill(&gpu, &shape, &bufs, n, start, scale).expect("prefill attention");
+        let got: Vec<f32> = gpu.download(out.addr, n * heads * vdim).expect("out");
+        let host = |buf: &dsv3_cuda::gpu::DeviceBuf, len: usize| -> Vec<f64> {
+            let bits: Vec<u16> = gpu.download(buf.addr, len).expect("download");
+            bits.iter().map(|&b| half::bf16::from_bits(b).to_f64()).collect()
+        };
+        let (qh, kh, vh) = (
+            host(&q, n * heads * qk),
+            host(&k, total * heads * qk),
+            host(&v, total * heads * vdim),
+        );
+        let mut worst = 0.0f64;
+        for row in 0..n {
+            for h in 0..heads {
+                let qr = &qh[(row * heads + h) * qk..][..qk];
+                let seen = start + row + 1;
+                let scores: Vec<f64> = (0..seen)
+                    .map(|j| {
+                        let kr = &kh[(j * heads + h) * qk..][..qk];
+                        qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f64>() * scale as f64
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f64 = w.iter().sum();
+                let (mut err, mut norm) = (0.0f64, 0.0f64);
+                for d in 0..vdim {
+                    let want: f64 = (0..seen).map(|j| w[j] / sum * vh[(j * heads + h) * vdim + d]).sum();
+                    let g = got[row * heads * vdim + h * vdim + d] as f64;
+                    assert!(g.is_finite(), "case {i}: out[{row}, {h}, {d}] not written");
+                    err += (g - want) * (g - want);
+                    norm += want * want;
+                }
+                worst = worst.max((err / norm.max(1e-30)).sqrt());
+            }
+        }
+        eprintln!("flash prefill case {i} ({heads} heads, qk {qk}, v {vdim}, {n} rows after {start}): worst relative error {worst:.2e}");
+        assert!(worst < 1e-2, "case {i}: relative error {worst:.2e}");
     }
 }

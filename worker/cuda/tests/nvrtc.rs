@@ -21,7 +21,7 @@ fn every_kernel_compiles_for_hopper_and_ampere_in_exactly_one_family() {
     if !nvrtc_or_skip() {
         return;
     }
-    for arch in ["compute_90", "compute_80"] {
+    for arch in ["compute_90a", "compute_90", "compute_80"] {
         let families = compile_kernels(arch).unwrap_or_else(|e| panic!("{arch}: {e:#}"));
         let ptx: Vec<String> = families.iter().map(|p| p.to_src()).collect();
         for name in KERNELS {

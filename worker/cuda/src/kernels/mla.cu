@@ -209,21 +209,150 @@ extern "C" __global__ void build_kv(bf16* k, bf16* v, const float* kv, const flo
     }
 }
 
-// Causal softmax of scores s [rows = hc * n, total] (query i sits at position start + i and sees
-// 0..start+i) into bf16 probabilities, zero beyond the causal limit.
-extern "C" __global__ void causal_softmax(bf16* p, const float* s, int n, int total, int start) {
-    __shared__ float scratch[32];
-    int row = blockIdx.x, i = row % n, limit = start + i + 1;
-    const float* x = s + (size_t)row * total;
-    bf16* y = p + (size_t)row * total;
-    float mx = -INFINITY;
-    for (int j = threadIdx.x; j < limit; j += blockDim.x) mx = fmaxf(mx, x[j]);
-    mx = block_max(mx, scratch);
-    float sum = 0.f;
-    for (int j = threadIdx.x; j < limit; j += blockDim.x) sum += expf(x[j] - mx);
-    sum = block_sum(sum, scratch);
-    float inv = 1.f / sum;
-    for (int j = threadIdx.x; j < total; j += blockDim.x) y[j] = f32_to_bf16(j < limit ? expf(x[j] - mx) * inv : 0.f);
+// Causal attention of one sequence's new rows in the naive form (prefill), flash style: per
+// block one head and FL_Q query rows, over key tiles of FL_K positions up to the diagonal, online
+// softmax, so no score matrix is ever in memory and memory stays linear in the prompt length.
+// Query row i (global position start + i) sees keys 0 ..= start + i. q: bf16 [n, heads, qk],
+// k: bf16 [total, heads, qk], v: bf16 [total, heads, vdim]; out: f32 rows of stride ld_out,
+// head h's values at h * vdim. 4 warps of 16 query rows; Q fragments stay in registers, S never
+// leaves them (P is re-packed as the A operand of P·V), K and V tiles double-buffered with cp.async.
+// Needs qk % 16 == 0, qk <= FL_QK, vdim % 16 == 0, vdim <= FL_V (DeepSeek-V3: 192 and 128).
+// FL_Q, FL_K, FL_QK, FL_V: from tiles.rs (NVRTC -D).
+extern "C" __global__ void __launch_bounds__(128)
+mla_prefill_flash(float* out, int ld_out, const bf16* q, const bf16* k, const bf16* v, int n, int start, int heads,
+                  int qk, int vdim, float scale) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const int QP = qk + 8, VP = vdim + 8;  // padded pitches: an odd number of 16-byte units
+    bf16* qs = (bf16*)smem_raw;                     // [FL_Q][QP]
+    bf16* ks = qs + FL_Q * QP;                      // [2][FL_K][QP]
+    bf16* vs = ks + 2 * FL_K * QP;                  // [2][FL_K][VP]
+    const int q0 = blockIdx.x * FL_Q, h = blockIdx.y;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int total = start + n;
+    const int limit = start + min(q0 + FL_Q, n);  // keys any row of this block sees
+    const int ktiles = (limit + FL_K - 1) / FL_K;
+    auto copy16 = [](bf16* dst, const bf16* src, bool valid) {
+        unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
+    };
+    // Q tile (rows past n zero-filled)
+    for (int e = tid; e < FL_Q * (qk / 8); e += blockDim.x) {
+        int row = e / (qk / 8), x = e % (qk / 8), qi = min(q0 + row, n - 1);
+        copy16(qs + row * QP + 8 * x, q + ((size_t)qi * heads + h) * qk + 8 * x, q0 + row < n);
+    }
+    auto load_kv = [&](int kt) {
+        if (kt < ktiles) {
+            bf16* kd = ks + (kt & 1) * FL_K * QP;
+            bf16* vd = vs + (kt & 1) * FL_K * VP;
+            for (int e = tid; e < FL_K * (qk / 8); e += blockDim.x) {
+                int row = e / (qk / 8), x = e % (qk / 8), key = kt * FL_K + row;
+                copy16(kd + row * QP + 8 * x, k + ((size_t)min(key, total - 1) * heads + h) * qk + 8 * x, key < total);
+            }
+            for (int e = tid; e < FL_K * (vdim / 8); e += blockDim.x) {
+                int row = e / (vdim / 8), x = e % (vdim / 8), key = kt * FL_K + row;
+                copy16(vd + row * VP + 8 * x, v + ((size_t)min(key, total - 1) * heads + h) * vdim + 8 * x, key < total);
+            }
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+    load_kv(0);  // one group with Q
+    // Q fragments of this warp's 16 rows, all qk / 16 k-steps
+    asm volatile("cp.async.wait_group 0;\n" ::);
+    __syncthreads();
+    u32 qa[FL_QK / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < FL_QK / 16; ++kk)
+        if (kk < qk / 16) ldmatrix_x4(qa[kk], (u32)__cvta_generic_to_shared(qs + (warp * 16 + (lane & 15)) * QP + kk * 16 + 8 * (lane >> 4)));
+    float o[FL_V / 8][4];
+#pragma unroll
+    for (int j = 0; j < FL_V / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows g and g + 8 (base 2)
+    const float scale_log2 = scale * 1.4426950408889634f;
+    const int pos0 = start + q0 + warp * 16 + g, pos1 = pos0 + 8;  // global positions of this thread's rows
+    for (int kt = 0; kt < ktiles; ++kt) {
+        if (kt > 0) {
+            asm volatile("cp.async.wait_group 0;\n" ::);
+            __syncthreads();  // tile kt is in; the other stage is free
+        }
+        load_kv(kt + 1);
+        const bf16* kt_s = ks + (kt & 1) * FL_K * QP;
+        const bf16* vt_s = vs + (kt & 1) * FL_K * VP;
+        float s[FL_K / 8][4];
+#pragma unroll
+        for (int j = 0; j < FL_K / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < FL_QK / 16; ++kk)
+#pragma unroll
+            for (int np = 0; np < FL_K / 16; ++np) {
+                if (kk >= qk / 16) break;
+                u32 b[4];
+                int row = np * 16 + (lane & 7) + 8 * (lane >> 4), col = kk * 16 + 8 * ((lane >> 3) & 1);
+                ldmatrix_x4(b, (u32)__cvta_generic_to_shared(kt_s + row * QP + col));
+                mma_bf16(s[2 * np], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b[0], b[1]);
+                mma_bf16(s[2 * np + 1], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b[2], b[3]);
+            }
+        // causal mask and row maxima (each row is whole in one quad of threads)
+        float tm0 = -INFINITY, tm1 = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < FL_K / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                int key = kt * FL_K + 8 * j + 2 * t + (e & 1);
+                float val = key <= (e < 2 ? pos0 : pos1) ? s[j][e] * scale_log2 : -INFINITY;
+                s[j][e] = val;
+                if (e < 2) tm0 = fmaxf(tm0, val); else tm1 = fmaxf(tm1, val);
+            }
+        tm0 = quad_max(tm0);
+        tm1 = quad_max(tm1);
+        // a row may see no key of this tile yet (its max stays -inf): keep it at its old state
+        const float n0 = fmaxf(m0, tm0), n1 = fmaxf(m1, tm1);
+        const float corr0 = n0 == -INFINITY ? 1.f : exp2f(m0 - n0), corr1 = n1 == -INFINITY ? 1.f : exp2f(m1 - n1);
+        m0 = n0;
+        m1 = n1;
+        l0 *= corr0;
+        l1 *= corr1;
+        u32 pa[FL_K / 16][4];
+#pragma unroll
+        for (int j = 0; j < FL_K / 8; ++j) {
+            float p0 = n0 == -INFINITY ? 0.f : exp2f(s[j][0] - n0), p1 = n0 == -INFINITY ? 0.f : exp2f(s[j][1] - n0);
+            float p2 = n1 == -INFINITY ? 0.f : exp2f(s[j][2] - n1), p3 = n1 == -INFINITY ? 0.f : exp2f(s[j][3] - n1);
+            l0 += p0 + p1;
+            l1 += p2 + p3;
+            pa[j >> 1][(j & 1) * 2] = pack_bf16(p0, p1);
+            pa[j >> 1][(j & 1) * 2 + 1] = pack_bf16(p2, p3);
+        }
+#pragma unroll
+        for (int j = 0; j < FL_V / 8; ++j) {
+            o[j][0] *= corr0; o[j][1] *= corr0;
+            o[j][2] *= corr1; o[j][3] *= corr1;
+        }
+        // O[16, FL_V] += P[16, FL_K] · V[FL_K, FL_V]
+#pragma unroll
+        for (int kk = 0; kk < FL_K / 16; ++kk)
+#pragma unroll
+            for (int np = 0; np < FL_V / 16; ++np) {
+                if (np >= vdim / 16) break;
+                u32 b[4];
+                int row = kk * 16 + (lane & 7) + 8 * ((lane >> 3) & 1), col = np * 16 + 8 * (lane >> 4);
+                ldmatrix_x4_trans(b, (u32)__cvta_generic_to_shared(vt_s + row * VP + col));
+                mma_bf16(o[2 * np], pa[kk][0], pa[kk][1], pa[kk][2], pa[kk][3], b[0], b[1]);
+                mma_bf16(o[2 * np + 1], pa[kk][0], pa[kk][1], pa[kk][2], pa[kk][3], b[2], b[3]);
+            }
+    }
+#pragma unroll
+    for (int x = 1; x < 4; x <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, x);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, x);
+    }
+    const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+    const float inv0 = 1.f / l0, inv1 = 1.f / l1;
+#pragma unroll
+    for (int j = 0; j < FL_V / 8; ++j) {
+        if (j >= vdim / 8) break;
+        int c = h * vdim + 8 * j + 2 * t;
+        if (r0 < n) *(float2*)(out + (size_t)r0 * ld_out + c) = make_float2(o[j][0] * inv0, o[j][1] * inv0);
+        if (r1 < n) *(float2*)(out + (size_t)r1 * ld_out + c) = make_float2(o[j][2] * inv1, o[j][3] * inv1);
+    }
 }
 
 // ---------------------------------------------------------------- MLA decode on the tensor cores
@@ -243,16 +372,91 @@ extern "C" __global__ void causal_softmax(bf16* p, const float* s, int n, int to
 // Needs (lora + rope) % 16 == 0, lora % 64 == 0, lora <= 512, hg <= 64.
 // DEC_THREADS, DEC_TILE, DEC_STAGES, DEC_PAD: from tiles.rs (NVRTC -D).
 
-__device__ __forceinline__ void ldmatrix_x4(u32 r[4], u32 addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
+// A split with no positions: an empty partial (l = 0) that the merge skips, or, when the row has
+// only one split (its output written directly), zeros.
+__device__ __forceinline__ void empty_split(float* o_part, float* ml_part, size_t head0, int hg, int splits, int split,
+                                            int lora) {
+    if (splits == 1) {
+        for (int i = threadIdx.x; i < hg * lora; i += blockDim.x) o_part[head0 * lora + i] = 0.f;
+        return;
+    }
+    if (threadIdx.x < hg) {
+        float* ml = ml_part + ((head0 + threadIdx.x) * splits + split) * 2;
+        ml[0] = -INFINITY;
+        ml[1] = 0.f;
+    }
 }
 
-__device__ __forceinline__ void ldmatrix_x4_trans(u32 r[4], u32 addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
+// The end of a split, shared by both decode kernels. The thread holds rows `row` and `row + 8`
+// (of 64) of half `half`: its running max (base 2) and partial row sums, and output columns
+// col0 + 8j + 2t, + 1 for j < n8 in acc[j] (rows row: [0], [1]; row + 8: [2], [3]). The halves'
+// sums meet in `red`; then the partial output goes to o_part with its max and sum in ml_part, or,
+// for a row's only split, the normalised output (o_part is then o_lat) — by a division, as
+// mla_combine's, so one split or several with one non-empty give the same bits (a graphed step,
+// split for the cache's capacity, and a launched one agree).
+__device__ __forceinline__ void finish_split(float (*acc)[4], int n8, float l0, float l1, float m0, float m1,
+                                             float* red, int half, int row, int t, float* o_part, float* ml_part,
+                                             size_t head0, int hg, int splits, int split, int lora, int col0) {
+#pragma unroll
+    for (int x = 1; x < 4; x <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, x);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, x);
+    }
+    float* sums = red + 128;       // [2][64]
+    float* final_max = red + 256;  // [64]
+    if (t == 0) {
+        sums[half * 64 + row] = l0;
+        sums[half * 64 + row + 8] = l1;
+        if (half == 0) { final_max[row] = m0; final_max[row + 8] = m1; }
+    }
+    __syncthreads();
+    float d0 = 1.f, d1 = 1.f;
+    if (splits == 1) {
+        d0 = sums[row] + sums[64 + row];
+        d1 = sums[row + 8] + sums[64 + row + 8];
+    }
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+        if (j < n8) {
+            int c = col0 + 8 * j + 2 * t;
+            if (row < hg)
+                *(float2*)(o_part + ((head0 + row) * splits + split) * lora + c) =
+                    make_float2(acc[j][0] / d0, acc[j][1] / d0);
+            if (row + 8 < hg)
+                *(float2*)(o_part + ((head0 + row + 8) * splits + split) * lora + c) =
+                    make_float2(acc[j][2] / d1, acc[j][3] / d1);
+        }
+    }
+    if (splits > 1 && threadIdx.x < hg) {
+        float* ml = ml_part + ((head0 + threadIdx.x) * splits + split) * 2;
+        ml[0] = final_max[threadIdx.x] * 0.6931471805599453f;  // back to natural-log units for the merge
+        ml[1] = sums[threadIdx.x] + sums[64 + threadIdx.x];
+    }
+}
+
+// One block's query rows as bf16 into shared memory, `at(hh, c)` the shared address of channels
+// c, c + 1 of head hh: q_lat's lora channels, then q's rope channels from `nope` on; heads past hg
+// are zero. Eight loads in flight per thread (one at a time left the first tile waiting on them).
+template <typename At>
+__device__ __forceinline__ void load_q(At at, const float* q_lat, const float* q, size_t head0, int qk, int nope,
+                                       int hg, int lora, int width) {
+    const int pairs = 64 * (width / 2);
+    for (int e0 = threadIdx.x; e0 < pairs; e0 += 8 * blockDim.x) {
+        float2 v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            int e = e0 + u * blockDim.x, hh = e / (width / 2), c = 2 * (e - hh * (width / 2));
+            v[u] = make_float2(0.f, 0.f);
+            if (e < pairs && hh < hg)
+                v[u] = c < lora ? *(const float2*)(q_lat + (head0 + hh) * lora + c)
+                                : *(const float2*)(q + (head0 + hh) * qk + nope + (c - lora));
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            int e = e0 + u * blockDim.x, hh = e / (width / 2), c = 2 * (e - hh * (width / 2));
+            if (e < pairs) asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(at(hh, c)), "r"(pack_bf16(v[u].x, v[u].y)));
+        }
+    }
 }
 
 // The two warps of head group `id` (64 threads) wait for each other.
@@ -280,25 +484,25 @@ mla_decode_mma(float* o_part, float* ml_part, const float* q_lat, const float* q
     const int split_len = (max(min_split, (len + splits - 1) / splits) + DEC_TILE - 1) / DEC_TILE * DEC_TILE;
     const int begin = split * split_len, end = min(len, begin + split_len);
     if (begin >= end) {  // nothing here: an empty partial (l = 0) that the merge skips
-        if (tid < hg) {
-            float* ml = ml_part + (((size_t)r * heads + h0 + tid) * splits + split) * 2;
-            ml[0] = -INFINITY;
-            ml[1] = 0.f;
-        }
+        empty_split(o_part, ml_part, (size_t)r * heads + h0, hg, splits, split, lora);
         return;
     }
     const int* tab = tables + table_off[r];
     const int ntiles = (end - begin + DEC_TILE - 1) / DEC_TILE;
     // Tile i of the split into stage i % DEC_STAGES: each cached row by DEC_THREADS / DEC_TILE
-    // threads (one block-table lookup per row), rows past the end zero-filled (P is 0 there, but
-    // 0 * NaN is not).
+    // threads, rows past the end zero-filled (P is 0 there, but 0 * NaN is not). The row's place
+    // in the cache (a block-table lookup, a global load) is looked up a tile ahead, so no tile
+    // waits on it.
     const int row_threads = DEC_THREADS / DEC_TILE, my_row = tid / row_threads, my_part = tid % row_threads;
-    auto load_tile = [&](int i) {
+    auto row_src = [&](int i) -> const bf16* {
+        if (i >= ntiles) return cache;
+        int base = begin + i * DEC_TILE, pos = base + min(my_row, end - base - 1);
+        return cache + ((size_t)tab[pos / block] * block + pos % block) * width;
+    };
+    auto load_tile = [&](int i, const bf16* src) {
         if (i < ntiles) {
-            int base = begin + i * DEC_TILE, n = min(DEC_TILE, end - base), pos = base + min(my_row, n - 1);
-            const bf16* src = cache + ((size_t)tab[pos / block] * block + pos % block) * width;
             u32 dst = tiles + ((i % DEC_STAGES) * DEC_TILE + my_row) * row_bytes;
-            int bytes = my_row < n ? 16 : 0;
+            int bytes = my_row < end - (begin + i * DEC_TILE) ? 16 : 0;
             for (int x = my_part; x < chunks; x += row_threads)
                 asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + ((x ^ (my_row & swz)) << 4)),
                              "l"(src + 8 * x), "r"(bytes));
@@ -306,17 +510,11 @@ mla_decode_mma(float* o_part, float* ml_part, const float* q_lat, const float* q
         asm volatile("cp.async.commit_group;\n" ::);  // always a group, so the waits count tiles
     };
 #pragma unroll
-    for (int i = 0; i < DEC_STAGES - 1; ++i) load_tile(i);
-    // Q as bf16: rows past hg are zero (their scores are never used).
-    for (int e = tid; e < 64 * (width / 2); e += blockDim.x) {
-        int hh = e / (width / 2), c = 2 * (e - hh * (width / 2));
-        float2 v = make_float2(0.f, 0.f);
-        if (hh < hg)
-            v = c < lora ? *(const float2*)(q_lat + ((size_t)r * heads + h0 + hh) * lora + c)
-                         : *(const float2*)(q + (size_t)r * heads * qk + (size_t)(h0 + hh) * qk + nope + (c - lora));
-        u32 at = qs + hh * row_bytes + (((c >> 3) ^ (hh & swz)) << 4) + (c & 7) * 2;
-        asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(at), "r"(pack_bf16(v.x, v.y)));
-    }
+    for (int i = 0; i < DEC_STAGES - 1; ++i) load_tile(i, row_src(i));
+    const bf16* next_src = row_src(DEC_STAGES - 1);
+    load_q(
+        [&](int hh, int c) { return qs + hh * row_bytes + (((c >> 3) ^ (hh & swz)) << 4) + (c & 7) * 2; }, q_lat, q,
+        (size_t)r * heads + h0, qk, nope, hg, lora, width);
     // ldmatrix rows: A (Q, P) rows (lane & 15), chunk + (lane >> 4); non-transposed B (K) rows
     // (lane & 7) + 8 * (lane >> 4), chunk + ((lane >> 3) & 1); transposed B (V) rows
     // (lane & 7) + 8 * ((lane >> 3) & 1), chunk + (lane >> 4). Every such row is lane & 7 modulo
@@ -338,7 +536,8 @@ mla_decode_mma(float* o_part, float* ml_part, const float* q_lat, const float* q
     for (int it = 0; it < ntiles; ++it) {
         asm volatile("cp.async.wait_group %0;\n" ::"n"(DEC_STAGES - 2));
         __syncthreads();  // tile `it` is in for every thread; the stage loaded next is free
-        load_tile(it + DEC_STAGES - 1);
+        load_tile(it + DEC_STAGES - 1, next_src);
+        next_src = row_src(it + DEC_STAGES);
         const u32 ts = tiles + (it % DEC_STAGES) * DEC_TILE * row_bytes;
         const int n = min(DEC_TILE, end - (begin + it * DEC_TILE));
         // S for this warp's 16 heads x DEC_TILE / 2 positions
@@ -366,11 +565,8 @@ mla_decode_mma(float* o_part, float* ml_part, const float* q_lat, const float* q
                 s[nt][e] = v;
                 if (e < 2) tm0 = fmaxf(tm0, v); else tm1 = fmaxf(tm1, v);
             }
-#pragma unroll
-        for (int o = 1; o < 4; o <<= 1) {
-            tm0 = fmaxf(tm0, __shfl_xor_sync(0xffffffffu, tm0, o));
-            tm1 = fmaxf(tm1, __shfl_xor_sync(0xffffffffu, tm1, o));
-        }
+        tm0 = quad_max(tm0);
+        tm1 = quad_max(tm1);
         float* my_max = red + half * 64 + hw * 16;
         const float* other_max = red + (half ^ 1) * 64 + hw * 16;
         if (t == 0) { my_max[g] = tm0; my_max[g + 8] = tm1; }
@@ -417,39 +613,203 @@ mla_decode_mma(float* o_part, float* ml_part, const float* q_lat, const float* q
         }
     }
     asm volatile("cp.async.wait_group 0;\n" ::);
-    // row sums: this thread's positions, then the warp's, then both halves
-#pragma unroll
-    for (int o = 1; o < 4; o <<= 1) {
-        l0 += __shfl_xor_sync(0xffffffffu, l0, o);
-        l1 += __shfl_xor_sync(0xffffffffu, l1, o);
+    finish_split(acc, 2 * col_pairs, l0, l1, m0, m1, red, half, hw * 16 + g, t, o_part, ml_part,
+                 (size_t)r * heads + h0, hg, splits, split, lora, half * (lora / 2));
+}
+
+// ---------------------------------------------------------------- MLA decode on Hopper (wgmma)
+// DeepSeek-V3's shape only (lora 512, rope 64): the same split, tiles and partial outputs as
+// mla_decode_mma, but the products run on wgmma with their operands read by the tensor cores
+// straight from shared memory, once per warpgroup instead of once per warp. Two warpgroups: group
+// h computes S for positions h * 32 .. + 32 of each 64-position tile (m64n32k16, Q and K from
+// shared memory), the groups trade row maxima, then group h adds P · V for output columns
+// h * 256 .. + 256 (m64n256k16): its own half of P straight from the registers its scores were
+// in, the other group's half from shared memory. Q, the tiles and P are kept in wgmma's
+// unswizzled canonical layout: 8 rows x 16 bytes per 128-byte core matrix, core matrices along
+// the channels 128 bytes apart, groups of 8 rows WG_GROUP bytes apart. Compiled for sm_90a only.
+
+#define WG_W 576                 // lora + rope
+#define WG_CH (WG_W / 8)         // 16-byte chunks per cached row
+#define WG_GROUP (WG_CH * 128)   // bytes per 8 rows
+#define WG_P_HALF (64 * 32 * 2)  // bytes of one half of P
+
+__device__ __forceinline__ u64 smem_desc(u32 addr, u32 lbo, u32 sbo) {
+    return (u64)((addr & 0x3FFFF) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32);
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Generic-proxy writes to shared memory (stores, cp.async) made visible to wgmma's reads.
+__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Keeps the compiler from touching accumulators while a wgmma may still write them.
+__device__ __forceinline__ void hold(float& v) { asm volatile("" : "+f"(v)::"memory"); }
+
+// d[64, 32] (+)= A[64, 16] · B[32, 16]ᵀ, A and B K-major in shared memory.
+__device__ __forceinline__ void wgmma_m64n32_ss(float d[16], u64 da, u64 db, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(da), "l"(db), "r"(accumulate));
+}
+
+// d[64, 256] += A[64, 16] (registers) · B[16, 256] (N-major in shared memory).
+__device__ __forceinline__ void wgmma_m64n256_rs(float d[128], const u32 a[4], u64 db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}, {%128,%129,%130,%131}, %132, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+
+// d[64, 256] += A[64, 16] (K-major in shared memory) · B[16, 256] (N-major in shared memory).
+__device__ __forceinline__ void wgmma_m64n256_ss(float d[128], u64 da, u64 db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}, %128, %129, p, 1, 1, 0, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(da), "l"(db), "r"(1));
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+mla_decode_wgmma(float* o_part, float* ml_part, const float* q_lat, const float* q, int qk, int nope, int heads,
+                 int hg, int lora, int rope, const bf16* cache, const int* tables, const int* table_off,
+                 const int* lens, int block, float scale, int min_split) {  // lora == 512, rope == 64
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    const u32 qs = (u32)__cvta_generic_to_shared(smem_raw);  // Q: 8 groups of 8 heads
+    const u32 tiles = qs + 8 * WG_GROUP;                      // 2 stages x 8 groups of 8 positions
+    const u32 pbuf = tiles + 2 * 8 * WG_GROUP;                // P: 2 halves of [64 heads][32 positions]
+    float* red = (float*)(smem_raw + 3 * 8 * WG_GROUP + 2 * WG_P_HALF);  // [2][64] maxima, [2][64] sums, [64]
+    const int r = blockIdx.y, h0 = blockIdx.x * hg, split = blockIdx.z, splits = gridDim.z;
+    const int tid = threadIdx.x, h = tid >> 7, wq = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int len = lens[r];
+    const int split_len = (max(min_split, (len + splits - 1) / splits) + 63) / 64 * 64;
+    const int begin = split * split_len, end = min(len, begin + split_len);
+    if (begin >= end) {
+        empty_split(o_part, ml_part, (size_t)r * heads + h0, hg, splits, split, 512);
+        return;
     }
-    float* sums = red + 128;
-    float* final_max = red + 256;
-    if (t == 0) {
-        sums[half * 64 + hw * 16 + g] = l0;
-        sums[half * 64 + hw * 16 + g + 8] = l1;
-        if (half == 0) { final_max[hw * 16 + g] = m0; final_max[hw * 16 + g + 8] = m1; }
-    }
-    // partial outputs: o_part[r, h, split, :lora], ml_part[r, h, split, 2]
-    const int head0 = hw * 16 + g, head1 = head0 + 8;
-#pragma unroll
-    for (int nt = 0; nt < 32; ++nt) {
-        if (nt < 2 * col_pairs) {
-            int c = half * (lora / 2) + nt * 8 + 2 * t;
-            if (head0 < hg)
-                *(float2*)(o_part + (((size_t)r * heads + h0 + head0) * splits + split) * lora + c) =
-                    make_float2(acc[nt][0], acc[nt][1]);
-            if (head1 < hg)
-                *(float2*)(o_part + (((size_t)r * heads + h0 + head1) * splits + split) * lora + c) =
-                    make_float2(acc[nt][2], acc[nt][3]);
+    const int* tab = tables + table_off[r];
+    const int ntiles = (end - begin + 63) / 64;
+    const int my_row = tid >> 2, my_part = tid & 3;  // 4 threads per cached row
+    auto row_src = [&](int i) -> const bf16* {  // looked up a tile ahead, as in mla_decode_mma
+        if (i >= ntiles) return cache;
+        int base = begin + i * 64, pos = base + min(my_row, end - base - 1);
+        return cache + ((size_t)tab[pos / block] * block + pos % block) * WG_W;
+    };
+    auto load_tile = [&](int i, const bf16* src) {
+        if (i < ntiles) {
+            u32 dst = tiles + (i & 1) * 8 * WG_GROUP + (my_row >> 3) * WG_GROUP + (my_row & 7) * 16;
+            int bytes = my_row < end - (begin + i * 64) ? 16 : 0;
+            for (int x = my_part; x < WG_CH; x += 4)
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + x * 128), "l"(src + 8 * x),
+                             "r"(bytes));
         }
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+    load_tile(0, row_src(0));
+    const bf16* next_src = row_src(1);
+    load_q([&](int hh, int c) { return qs + (hh >> 3) * WG_GROUP + (c >> 3) * 128 + (hh & 7) * 16 + (c & 7) * 2; },
+           q_lat, q, (size_t)r * heads + h0, qk, nope, hg, 512, WG_W);
+    // V as an N-major operand: 8 channels x 8 positions per core matrix. As for K-major operands
+    // the leading offset is between core matrices adjacent along K (positions: WG_GROUP) and the
+    // stride offset along N (channels: 128), checked by the float64 test.
+    const u32 v_lbo = WG_GROUP, v_sbo = 128;
+    float o[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows wq*16 + g and + 8 (base 2)
+    const float scale_log2 = scale * 1.4426950408889634f;
+    const int row0 = wq * 16 + g;
+    for (int it = 0; it < ntiles; ++it) {
+        asm volatile("cp.async.wait_group 0;\n" ::);
+        fence_async_shared();
+        __syncthreads();  // tile `it` and (first time) Q are in; the other stage is free
+        load_tile(it + 1, next_src);
+        next_src = row_src(it + 2);
+        const u32 tb = tiles + (it & 1) * 8 * WG_GROUP;
+        const int n = min(64, end - (begin + it * 64));
+        float s[16];
+#pragma unroll
+        for (int i = 0; i < 16; ++i) s[i] = 0.f;
+        wgmma_fence();
+#pragma unroll 4
+        for (int ks = 0; ks < WG_CH / 2; ++ks)
+            wgmma_m64n32_ss(s, smem_desc(qs + ks * 256, 128, WG_GROUP),
+                            smem_desc(tb + h * 4 * WG_GROUP + ks * 256, 128, WG_GROUP), ks);
+        wgmma_commit();
+        wgmma_wait_all();
+#pragma unroll
+        for (int i = 0; i < 16; ++i) hold(s[i]);
+        // scores of positions h*32 + 8j + 2t (+1); rows row0 (e < 2) and row0 + 8
+        float tm0 = -INFINITY, tm1 = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                int pos = h * 32 + 8 * j + 2 * t + (e & 1);
+                float v = pos < n ? s[4 * j + e] * scale_log2 : -INFINITY;
+                s[4 * j + e] = v;
+                if (e < 2) tm0 = fmaxf(tm0, v); else tm1 = fmaxf(tm1, v);
+            }
+        tm0 = quad_max(tm0);
+        tm1 = quad_max(tm1);
+        if (t == 0) { red[h * 64 + row0] = tm0; red[h * 64 + row0 + 8] = tm1; }
+        __syncthreads();
+        const float n0 = fmaxf(m0, fmaxf(tm0, red[(h ^ 1) * 64 + row0]));
+        const float n1 = fmaxf(m1, fmaxf(tm1, red[(h ^ 1) * 64 + row0 + 8]));
+        const float corr0 = exp2f(m0 - n0), corr1 = exp2f(m1 - n1);
+        m0 = n0;
+        m1 = n1;
+        l0 *= corr0;
+        l1 *= corr1;
+        u32 pa[2][4];  // this half of P as wgmma A fragments: two k-steps of 16 positions
+        const u32 p_mine = pbuf + h * WG_P_HALF;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            float p0 = exp2f(s[4 * j] - n0), p1 = exp2f(s[4 * j + 1] - n0);
+            float p2 = exp2f(s[4 * j + 2] - n1), p3 = exp2f(s[4 * j + 3] - n1);
+            l0 += p0 + p1;
+            l1 += p2 + p3;
+            u32 top = pack_bf16(p0, p1), bottom = pack_bf16(p2, p3);
+            pa[j >> 1][(j & 1) * 2] = top;
+            pa[j >> 1][(j & 1) * 2 + 1] = bottom;
+            // K-major for the other group: core matrix (heads / 8, positions / 8), 8 x 16 bytes
+            u32 at = p_mine + ((row0 >> 3) * 4 + j) * 128 + (g & 7) * 16 + 4 * t;
+            asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(at), "r"(top));
+            asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(at + 4 * 128), "r"(bottom));
+        }
+        if (__any_sync(0xffffffffu, corr0 != 1.f || corr1 != 1.f)) {
+#pragma unroll
+            for (int j = 0; j < 32; ++j) {
+                o[4 * j] *= corr0; o[4 * j + 1] *= corr0;
+                o[4 * j + 2] *= corr1; o[4 * j + 3] *= corr1;
+            }
+        }
+        fence_async_shared();
+        __syncthreads();  // both halves of P are in
+        wgmma_fence();
+        const u32 v_cols = tb + h * 32 * 128;  // this group's 256 output channels
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk)
+            wgmma_m64n256_rs(o, pa[kk], smem_desc(v_cols + (h * 4 + 2 * kk) * WG_GROUP, v_lbo, v_sbo));
+        const u32 p_other = pbuf + (h ^ 1) * WG_P_HALF;
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk)
+            wgmma_m64n256_ss(o, smem_desc(p_other + kk * 256, 128, 4 * 128),
+                             smem_desc(v_cols + ((h ^ 1) * 4 + 2 * kk) * WG_GROUP, v_lbo, v_sbo));
+        wgmma_commit();
+        wgmma_wait_all();
+#pragma unroll
+        for (int i = 0; i < 128; ++i) hold(o[i]);
     }
-    __syncthreads();
-    if (tid < hg) {
-        float* ml = ml_part + (((size_t)r * heads + h0 + tid) * splits + split) * 2;
-        ml[0] = final_max[tid] * 0.6931471805599453f;  // back to natural-log units for the merge
-        ml[1] = sums[tid] + sums[64 + tid];
-    }
+    finish_split(reinterpret_cast<float(*)[4]>(o), 32, l0, l1, m0, m1, red, h, row0, t, o_part, ml_part,
+                 (size_t)r * heads + h0, hg, splits, split, 512, h * 256);
+#endif
 }
 
 // Merges the splits: o_lat[r, h, :] = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s. grid (heads, m);

@@ -4,7 +4,8 @@
 use super::layers::Layer;
 use super::{CudaModel, Span, StepLayout};
 use crate::gpu::{int, ptr, DeviceBuf};
-use crate::mla_decode::{mla_decode, DecodeBuffers, LatentShape, PagedRows};
+use crate::mla_decode::{mla_decode, DecodeBuffers, DecodeKernel, LatentShape, PagedRows};
+use crate::mla_prefill::{flash_prefill, PrefillBuffers, PrefillShape};
 use crate::weights::Format;
 use anyhow::Result;
 use dsv3_engine::rope::softmax_scale;
@@ -173,7 +174,12 @@ impl CudaModel {
             cache,
             o_lat: o_lat.addr,
         };
-        mla_decode(g, &shape, &rows, &bufs, softmax_scale(c), self.simt_attention)?;
+        let kernel = if self.simt_attention {
+            DecodeKernel::CudaCores
+        } else {
+            DecodeKernel::best(g, &shape)
+        };
+        mla_decode(g, &shape, &rows, &bufs, softmax_scale(c), kernel)?;
         self.absorb_out(layer, &o_lat, attn, m)
     }
 
@@ -304,48 +310,15 @@ impl CudaModel {
             ],
         )?;
         let qb = g.to_bf16(q.at(span.first_row * heads * qk * 4), n * heads * qk)?;
-        // heads per group: scores of at most 2^28 elements (1 GiB of f32)
-        let hc = (((1usize << 28) / (n * total)).max(1)).min(heads);
-        let scores = g.alloc(hc * n * total * 4)?;
-        let probs = g.alloc(hc * n * total * 2)?;
-        let out = attn.at(span.first_row * heads * vdim * 4);
-        let scale = softmax_scale(c);
-        let mut h0 = 0;
-        while h0 < heads {
-            let hn = hc.min(heads - h0);
-            // Sᵀ[total, n] = K_h · Q_hᵀ per head (column-major view of row-major S[n, total])
-            g.gemm_batched_bf16(
-                true,
-                total,
-                n,
-                qk,
-                scale,
-                (kb.at(h0 * qk * 2), heads * qk, qk),
-                (qb.at(h0 * qk * 2), heads * qk, qk),
-                (scores.addr, total, n * total),
-                hn,
-            )?;
-            g.launch(
-                "causal_softmax",
-                ((hn * n) as u32, 1, 1),
-                256,
-                0,
-                &[ptr(probs.addr), ptr(scores.addr), int(n), int(total), int(span.start)],
-            )?;
-            // Oᵀ[v, n] = V_hᵀ · Pᵀ, written into attn rows with stride heads*v
-            g.gemm_batched_bf16(
-                false,
-                vdim,
-                n,
-                total,
-                1.0,
-                (vb.at(h0 * vdim * 2), heads * vdim, vdim),
-                (probs.addr, total, n * total),
-                (out + (h0 * vdim * 4) as u64, heads * vdim, vdim),
-                hn,
-            )?;
-            h0 += hn;
-        }
+        let shape = PrefillShape { heads, qk, vdim };
+        let bufs = PrefillBuffers {
+            q: qb.addr,
+            k: kb.addr,
+            v: vb.addr,
+            out: attn.at(span.first_row * heads * vdim * 4),
+            ld_out: heads * vdim,
+        };
+        flash_prefill(g, &shape, &bufs, n, span.start, softmax_scale(c))?;
         Ok(())
     }
 }
