@@ -78,7 +78,9 @@ impl DecodeKernel {
                     && mma_shared_bytes(shape.width()) <= g.max_shared_per_block
             }
             DecodeKernel::CudaCores => {
-                shape.lora <= 2 * MLA_THREADS && cuda_core_shared_bytes(shape) <= g.max_shared_per_block
+                shape.heads % shape.heads.min(MLA_HEAD_GROUP) == 0
+                    && shape.lora <= 2 * MLA_THREADS
+                    && cuda_core_shared_bytes(shape) <= g.max_shared_per_block
             }
         }
     }
