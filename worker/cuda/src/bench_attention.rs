@@ -3,6 +3,7 @@
 //! measured in the same run and FlashMLA's published figures; and the random inputs with which
 //! the GPU tests check the kernel against a float64 reference.
 
+use crate::bench::median;
 use crate::gpu::{float, ptr, u64_arg, DeviceBuf, Gpu};
 use crate::mla_decode::{mla_decode, DecodeBuffers, DecodeKernel, LatentShape, PagedRows};
 use anyhow::{ensure, Result};
@@ -210,9 +211,8 @@ pub fn read_stream_rate(g: &Gpu) -> Result<f64> {
         )
     };
     read()?;
-    let mut times: Vec<f64> = (0..10).map(|_| g.time(read)).collect::<Result<_>>()?;
-    times.sort_by(f64::total_cmp);
-    Ok(bytes as f64 / times[times.len() / 2])
+    let times: Vec<f64> = (0..10).map(|_| g.time(read)).collect::<Result<_>>()?;
+    Ok(bytes as f64 / median(times))
 }
 
 /// FlashMLA's published decode figures (H800 SXM5, its README): memory-bound and compute-bound.
@@ -239,11 +239,10 @@ pub fn run(g: &Gpu, batches: &[usize], ctx: usize, reps: usize) -> Result<String
             for _ in 0..2 {
                 case.run(g, kernel)?;
             }
-            let mut times: Vec<f64> = (0..reps)
+            let times: Vec<f64> = (0..reps)
                 .map(|_| g.time(|| case.run(g, kernel)))
                 .collect::<Result<_>>()?;
-            times.sort_by(f64::total_cmp);
-            let s = times[times.len() / 2];
+            let s = median(times);
             let floor = case.bytes() / read;
             eprintln!("mla decode {kernel:?} batch {b}: {:.1} µs", s * 1e6);
             table += &format!(
