@@ -157,7 +157,6 @@ pub(crate) fn decode(
     ];
     let mut times = Vec::new();
     let mut touched = 0;
-    model.gpu.take_profile()?;
     for rep in 0..reps + 2 {
         let start = model.gpu.mark()?;
         if with_head {
@@ -172,9 +171,12 @@ pub(crate) fn decode(
         }
         if rep >= 2 {
             times.push(t);
+        } else {
+            // The profile covers the timed steps only (not the warm-up's one-off costs).
+            model.gpu.take_profile()?;
         }
     }
-    print_profile(model, &format!("decode batch {batch}"), reps + 2)?;
+    print_profile(model, &format!("decode batch {batch}"), reps)?;
     for &s in &seqs {
         model.free_sequence(s);
     }
@@ -208,7 +210,6 @@ fn prefill(model: &mut CudaModel, n: usize, reps: usize) -> Result<(f64, f64, f6
     let tokens: Vec<u32> = (0..n).map(|i| (i * 7919 % 120000 + 2) as u32).collect();
     let mut times = Vec::new();
     let mut touched = 0;
-    model.gpu.take_profile()?;
     for rep in 0..reps + 1 {
         let chunk = [Chunk::new(9_999, 0, &tokens, Outputs::None)];
         let start = model.gpu.mark()?;
@@ -218,9 +219,11 @@ fn prefill(model: &mut CudaModel, n: usize, reps: usize) -> Result<(f64, f64, f6
         model.free_sequence(9_999);
         if rep >= 1 {
             times.push(t);
+        } else {
+            model.gpu.take_profile()?;
         }
     }
-    print_profile(model, &format!("prefill {n}"), reps + 1)?;
+    print_profile(model, &format!("prefill {n}"), reps)?;
     let c = model.config.clone();
     let sh = Shapes::of(&c);
     let layers = c.num_hidden_layers as f64;

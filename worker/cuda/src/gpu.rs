@@ -32,6 +32,7 @@ pub const KERNEL_FAMILIES: &[(&str, &str)] = &[
     family!("elementwise"),
     family!("gemv"),
     family!("moe"),
+    family!("moe_wgmma"),
     family!("mla"),
     family!("mma"),
     family!("pick"),
@@ -84,6 +85,8 @@ pub const KERNELS: &[&str] = &[
     "grouped_fp8_mma_n8",
     "split_k_reduce",
     "moe_plan",
+    "expert_tiles",
+    "grouped_fp8_wgmma",
     "mla_absorb_out_mma_n1",
     "mla_absorb_out_mma_n2",
     "mla_absorb_out_mma_n4",
@@ -225,22 +228,25 @@ fn keep_pool_memory(ctx: &CudaContext) -> Result<()> {
     Ok(())
 }
 
-/// A kernel argument: a device address, an i32, an f32 or a u64, stored in one 8-byte slot (the
-/// driver copies as many bytes as the parameter has).
+/// A kernel argument: a device address, an i32, an f32, a u64, or a TMA tensor map (a kernel's
+/// `const __grid_constant__ TensorMap`), passed by value.
 #[derive(Clone, Copy, Debug)]
 pub enum Arg {
     Ptr(u64),
     I32(i32),
     F32(f32),
     U64(u64),
+    Map(drv_sys::CUtensorMap),
 }
 
 impl Arg {
-    fn word(self) -> u64 {
+    /// Where the driver copies the parameter from (as many bytes as the kernel's parameter has).
+    fn payload(&mut self) -> *mut c_void {
         match self {
-            Arg::Ptr(p) | Arg::U64(p) => p,
-            Arg::I32(v) => v as u32 as u64,
-            Arg::F32(v) => v.to_bits() as u64,
+            Arg::Ptr(p) | Arg::U64(p) => p as *mut u64 as *mut c_void,
+            Arg::I32(v) => v as *mut i32 as *mut c_void,
+            Arg::F32(v) => v as *mut f32 as *mut c_void,
+            Arg::Map(m) => m as *mut drv_sys::CUtensorMap as *mut c_void,
         }
     }
 }
@@ -382,10 +388,13 @@ impl Gpu {
             staging: Default::default(),
             fp8_gemm: Default::default(),
         };
-        for name in ["mla_attend", "mla_decode_mma", "mla_decode_wgmma", "mla_prefill_flash"] {
-            gpu.funcs[name].set_attribute(
+        // Every kernel may size its dynamic shared memory up to the opt-in limit less its static
+        // shared memory (the launchers check their sizes against `max_shared_per_block`).
+        for f in gpu.funcs.values() {
+            let fixed = f.get_attribute(drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
+            f.set_attribute(
                 drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                max_shared_per_block as i32,
+                max_shared_per_block as i32 - fixed,
             )?;
         }
         Ok(gpu)
@@ -718,8 +727,8 @@ impl Gpu {
             .get(name)
             .with_context(|| format!("unknown kernel `{name}`"))?;
         self.ctx.bind_to_thread()?;
-        let mut words: Vec<u64> = args.iter().map(|a| a.word()).collect();
-        let mut params: Vec<*mut c_void> = words.iter_mut().map(|w| w as *mut u64 as *mut c_void).collect();
+        let mut values: Vec<Arg> = args.to_vec();
+        let mut params: Vec<*mut c_void> = values.iter_mut().map(Arg::payload).collect();
         // SAFETY: argument count and kinds follow the kernel's signature (checked by the GPU tests).
         unsafe {
             drv::launch_kernel(

@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod bench_attention;
 pub mod cache;
+pub mod expert_wgmma;
 pub mod experts;
 pub mod fp8_gemm;
 pub mod gpu;

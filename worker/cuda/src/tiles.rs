@@ -28,6 +28,16 @@ pub const FL_K: usize = 64;
 pub const FL_QK: usize = 192;
 /// Widest value head `mla_prefill_flash` takes.
 pub const FL_V: usize = 128;
+/// Weight rows per tile of the Hopper expert product (`grouped_fp8_wgmma`): two consumer
+/// warpgroups of 64, one 128-row block of the weights' scales.
+pub const GX_ROWS: usize = 128;
+/// Most tokens (one group's) per tile of `grouped_fp8_wgmma`; a group's last tile takes its
+/// remainder rounded up to 16, 32 or 64.
+pub const GX_TOKENS: usize = 128;
+/// k blocks of 128 in flight per `grouped_fp8_wgmma` block: the one multiplied and those loading.
+pub const GX_STAGES: usize = 6;
+/// Threads per block of `grouped_fp8_wgmma`: a feeding warpgroup and two multiplying ones.
+pub const GX_THREADS: usize = 384;
 /// Threads per row of the token pick (`pick_tokens`).
 pub const PICK_THREADS: usize = 1024;
 
@@ -45,6 +55,10 @@ pub fn defines() -> Vec<String> {
         ("FL_K", FL_K),
         ("FL_QK", FL_QK),
         ("FL_V", FL_V),
+        ("GX_ROWS", GX_ROWS),
+        ("GX_TOKENS", GX_TOKENS),
+        ("GX_STAGES", GX_STAGES),
+        ("GX_THREADS", GX_THREADS),
         ("PICK_THREADS", PICK_THREADS),
     ]
     .iter()

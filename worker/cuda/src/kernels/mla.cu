@@ -633,19 +633,7 @@ mla_decode_mma(float* o_part, float* ml_part, const float* q_lat, const float* q
 #define WG_GROUP (WG_CH * 128)   // bytes per 8 rows
 #define WG_P_HALF (64 * 32 * 2)  // bytes of one half of P
 
-__device__ __forceinline__ u64 smem_desc(u32 addr, u32 lbo, u32 sbo) {
-    return (u64)((addr & 0x3FFFF) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32);
-}
-
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-// Generic-proxy writes to shared memory (stores, cp.async) made visible to wgmma's reads.
-__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-// Keeps the compiler from touching accumulators while a wgmma may still write them.
-__device__ __forceinline__ void hold(float& v) { asm volatile("" : "+f"(v)::"memory"); }
-
 // d[64, 32] (+)= A[64, 16] · B[32, 16]ᵀ, A and B K-major in shared memory.
 __device__ __forceinline__ void wgmma_m64n32_ss(float d[16], u64 da, u64 db, int accumulate) {
     asm volatile(

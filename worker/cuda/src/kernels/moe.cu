@@ -215,3 +215,25 @@ extern "C" __global__ void route_topk(int* experts_out, float* weights_out, cons
         }
     }
 }
+
+// The tiles of grouped_fp8_wgmma: each group's slots in runs of GX_TOKENS (the last run shorter),
+// as (group, first slot, slots), in group order; entries past the last tile get group -1. One
+// block; max_tiles bounds the list (slots / GX_TOKENS + groups always fits).
+extern "C" __global__ void expert_tiles(int* tiles, int max_tiles, const int* offsets, int groups) {
+    __shared__ int scratch[32];
+    int listed = 0;
+    for (int base = 0; base < groups; base += blockDim.x) {
+        const int g = base + threadIdx.x;
+        const int rows = g < groups ? offsets[g + 1] - offsets[g] : 0, runs = (rows + GX_TOKENS - 1) / GX_TOKENS;
+        int total;
+        const int at = listed + block_exclusive_scan(runs, scratch, &total);
+        for (int i = 0; i < runs && at + i < max_tiles; ++i) {
+            int* t = tiles + 3 * (at + i);
+            t[0] = g;
+            t[1] = offsets[g] + i * GX_TOKENS;
+            t[2] = min(GX_TOKENS, rows - i * GX_TOKENS);
+        }
+        listed += total;
+    }
+    for (int i = listed + threadIdx.x; i < max_tiles; i += blockDim.x) tiles[3 * i] = -1;
+}

@@ -1,10 +1,12 @@
 //! The MoE block of one layer: routing on the GPU, tokens grouped by expert, the routed experts
-//! on the tensor cores (or dequantised into cuBLAS for large groups) — or, on an attention rank
+//! on the tensor cores (on Hopper one FP8 wgmma launch per matrix kind; elsewhere grouped mma.sync
+//! kernels, with cuBLAS(Lt) for the large groups of a prefill) — or, on an attention rank
 //! whose experts live on other ranks, sent through an [`ExpertExecutor`] — and the shared expert.
 //! [`run_bank`] is the routed-expert computation alone, shared with the GPU expert shard.
 
 use super::layers::Moe;
 use super::CudaModel;
+use crate::expert_wgmma::{self, ExpertTiles};
 use crate::fp8_gemm::{Fp8Gemm, QuantizedRows, ALIGN};
 use crate::gpu::{float, int, ptr, u64_arg, DeviceBuf, Gpu};
 use crate::linear::{mma_fits, SplitK};
@@ -31,6 +33,9 @@ pub struct ExpertKernels {
     pub simt_linear: bool,
     /// Routed rows above which an expert of a large step runs through cuBLAS.
     pub cublas_rows: usize,
+    /// Run the routed experts on Hopper's FP8 wgmma kernel where it takes the bank, at every
+    /// step size (default; DSV3_EXPERT_WGMMA=0 keeps the kernels below, for comparison).
+    pub wgmma: bool,
 }
 
 impl ExpertKernels {
@@ -42,6 +47,7 @@ impl ExpertKernels {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(GROUPED_MAX_ROWS),
+            wgmma: std::env::var_os("DSV3_EXPERT_WGMMA").is_none_or(|v| v != "0"),
         }
     }
 }
@@ -54,7 +60,8 @@ pub(crate) struct BankCounters {
 
 /// `h[t] += Σ_j weights[t,j] · Expert_{ids[t,j]}(x_t)` over the experts of `bank`, for `m` rows
 /// of which the first `*valid` are real. `ids` index the bank (`-1` or out of range: a slot
-/// handled elsewhere); `x` is f32 `[m, hidden]`. Every expert group up to `kernels.cublas_rows`
+/// handled elsewhere); `x` is f32 `[m, hidden]`. On Hopper, [`wgmma_bank`]. Elsewhere every
+/// expert group up to `kernels.cublas_rows`
 /// rows runs in the grouped tensor-core kernels, weights streamed once per group; in steps above
 /// [`DEVICE_ONLY_MAX_ROWS`] larger groups go to cuBLAS (one copy of the group sizes to the host).
 #[allow(clippy::too_many_arguments)]
@@ -73,6 +80,10 @@ pub(crate) fn run_bank(
 ) -> Result<()> {
     let e = bank.experts;
     let width = bank.gate.cols;
+    if kernels.wgmma && !kernels.simt_linear && expert_wgmma::takes(g, bank) {
+        let plan = DevicePlan::new(g, e, k, ids, valid, m, counters, 1)?;
+        return wgmma_bank(g, bank, &plan, x, h, m, k, weights);
+    }
     // Large steps run their large groups through cuBLASLt's FP8 products where the GPU has them;
     // those read each group's per-row scales in rows of 4, so groups start on a multiple of 4.
     let fp8 = if m > DEVICE_ONLY_MAX_ROWS && fp8_fits(bank) {
@@ -204,6 +215,54 @@ pub(crate) fn run_bank(
         (None, Some(ab)) => cublas_groups(g, &large, &bank.down, ab.addr, inter, y.addr, width)?,
         (None, None) => {}
     }
+    g.launch(
+        "combine_experts",
+        (m as u32, 1, 1),
+        256,
+        0,
+        &[
+            ptr(h.addr),
+            ptr(y.addr),
+            ptr(plan.slot_of),
+            ptr(weights),
+            int(k),
+            int(width),
+        ],
+    )
+}
+
+/// [`run_bank`] on Hopper: each matrix kind in one launch of the FP8 wgmma kernel over every
+/// group, the tiles listed on the device (no host round trip, at any step size).
+#[allow(clippy::too_many_arguments)]
+fn wgmma_bank(
+    g: &Gpu,
+    bank: &ExpertBank,
+    plan: &DevicePlan,
+    x: &DeviceBuf,
+    h: &DeviceBuf,
+    m: usize,
+    k: usize,
+    weights: u64,
+) -> Result<()> {
+    let (e, slots, width, inter) = (bank.experts, plan.capacity, bank.gate.cols, bank.gate.rows);
+    let tiles = ExpertTiles::new(g, plan.offsets, plan.groups, slots)?;
+    let groups = Some((plan.offsets, plan.groups));
+    let product = |s: &Stacked, input: &QuantizedRows, out: u64, ldy: usize| {
+        expert_wgmma::grouped_fp8(g, &tiles, plan.group_expert, plan.offsets, s, e, input, slots, out, ldy)
+    };
+    let xq = QuantizedRows::new(g, x.addr, width, Some(plan.x_rows), slots, width, groups)?;
+    let gu = g.alloc(slots * 2 * inter * 4)?;
+    product(&bank.gate, &xq, gu.addr, 2 * inter)?;
+    product(&bank.up, &xq, gu.addr + (inter * 4) as u64, 2 * inter)?;
+    let act = g.alloc(slots * inter * 4)?;
+    g.launch_1d(
+        "swiglu",
+        slots * inter,
+        &[ptr(act.addr), ptr(gu.addr), int(slots), int(inter)],
+    )?;
+    let aq = QuantizedRows::new(g, act.addr, inter, None, slots, inter, groups)?;
+    let y = g.alloc(slots * width * 4)?;
+    product(&bank.down, &aq, y.addr, width)?;
     g.launch(
         "combine_experts",
         (m as u32, 1, 1),

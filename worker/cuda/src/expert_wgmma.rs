@@ -1,0 +1,132 @@
+//! The routed experts' FP8 products on Hopper, one launch per matrix kind over every expert group
+//! (`grouped_fp8_wgmma`): tokens quantised per 128 channels, weights read as stored, block scales
+//! applied per 128-wide k block in f32, operands fed by TMA. The tiles are listed on the device
+//! (`expert_tiles`), so a step never waits for the host to learn the group sizes.
+
+use crate::fp8_gemm::QuantizedRows;
+use crate::gpu::{int, ptr, u64_arg, Arg, DeviceBuf, Gpu};
+use crate::tiles::{GX_ROWS, GX_STAGES, GX_THREADS, GX_TOKENS};
+use crate::weights::{ExpertBank, Stacked};
+use anyhow::{anyhow, ensure, Result};
+use cudarc::driver::sys as drv;
+
+/// Token rows per TMA copy of the token tile (`GX_BOX` in the kernel).
+const TOKEN_BOX: usize = 16;
+/// Bytes of one k block of a weight row or a token row (128 e4m3 values).
+const K_BLOCK: usize = 128;
+
+/// Dynamic shared memory of `grouped_fp8_wgmma`: the stages, their scales, two barriers per
+/// stage, and room to align the stages to the 1024-byte swizzle atom.
+pub const SHARED_BYTES: usize =
+    GX_STAGES * (GX_ROWS + GX_TOKENS) * K_BLOCK + GX_STAGES * GX_TOKENS * 4 + 2 * GX_STAGES * 8 + 1024;
+
+/// Whether `grouped_fp8_wgmma` runs this bank here: a Hopper GPU (the kernels are built for
+/// sm_90a there), every matrix in whole 128 x 128 blocks, and room for the stages.
+pub fn takes(g: &Gpu, bank: &ExpertBank) -> bool {
+    g.hopper
+        && SHARED_BYTES <= g.max_shared_per_block
+        && [&bank.gate, &bank.up, &bank.down]
+            .iter()
+            .all(|s| s.rows % GX_ROWS == 0 && s.cols % K_BLOCK == 0)
+}
+
+/// The tiles of one step's groups: (group, first slot, slots) each, at most [`Self::max`].
+pub struct ExpertTiles {
+    buf: DeviceBuf,
+    max: usize,
+}
+
+impl ExpertTiles {
+    /// Lists the tiles of `groups` groups whose slots are `offsets[g]..offsets[g + 1]` (device),
+    /// within `capacity` slots.
+    pub fn new(g: &Gpu, offsets: u64, groups: usize, capacity: usize) -> Result<Self> {
+        let max = capacity.div_ceil(GX_TOKENS) + groups;
+        let buf = g.alloc(3 * max * 4)?;
+        g.launch(
+            "expert_tiles",
+            (1, 1, 1),
+            256,
+            0,
+            &[ptr(buf.addr), int(max), ptr(offsets), int(groups)],
+        )?;
+        Ok(ExpertTiles { buf, max })
+    }
+}
+
+/// A TMA map of a row-major byte matrix `[rows][cols]`, copied in boxes of `box_rows` x 128 bytes
+/// in the 128-byte swizzle wgmma reads; rows past the end read as zeros.
+fn byte_matrix_map(addr: u64, rows: usize, cols: usize, box_rows: usize) -> Result<Arg> {
+    ensure!(addr % 16 == 0 && cols % 16 == 0, "TMA needs 16-byte aligned rows");
+    let mut map = std::mem::MaybeUninit::<drv::CUtensorMap>::zeroed();
+    let dims = [cols as u64, rows as u64];
+    let strides = [cols as u64];
+    let boxes = [K_BLOCK as u32, box_rows as u32];
+    let steps = [1u32, 1];
+    // SAFETY: the arrays have the rank's lengths (strides: rank - 1) and outlive the call; the map
+    // is written in full on success.
+    unsafe {
+        drv::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            drv::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+            2,
+            addr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            steps.as_ptr(),
+            drv::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            drv::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            drv::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            drv::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+        .result()
+        .map_err(|e| anyhow!("encoding a TMA map of {rows}x{cols} bytes: {e:?}"))?;
+        Ok(Arg::Map(map.assume_init()))
+    }
+}
+
+/// `out[s] = x[s] · W_eᵀ` (f32, row stride `ldy`) for every slot s of every group (expert e =
+/// `group_expert[g]`, slots `offsets[g]..offsets[g + 1]`, as listed in `tiles`); `x` the slots
+/// quantised with per-group scales ([`QuantizedRows`] with the same groups), `slots` rows of it.
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_fp8(
+    g: &Gpu,
+    tiles: &ExpertTiles,
+    group_expert: u64,
+    offsets: u64,
+    s: &Stacked,
+    experts: usize,
+    x: &QuantizedRows,
+    slots: usize,
+    out: u64,
+    ldy: usize,
+) -> Result<()> {
+    ensure!(
+        x.k == s.cols,
+        "expert product: {} channels in, {} expected",
+        x.k,
+        s.cols
+    );
+    let x_map = byte_matrix_map(x.data.addr, slots, s.cols, TOKEN_BOX)?;
+    let w_map = byte_matrix_map(s.data.addr, experts * s.rows, s.cols, GX_ROWS)?;
+    g.launch(
+        "grouped_fp8_wgmma",
+        ((s.rows / GX_ROWS) as u32, tiles.max as u32, 1),
+        GX_THREADS as u32,
+        SHARED_BYTES as u32,
+        &[
+            ptr(out),
+            int(ldy),
+            x_map,
+            ptr(x.scales.addr),
+            w_map,
+            ptr(s.scales.addr),
+            u64_arg(s.scale_stride() as u64),
+            ptr(tiles.buf.addr),
+            ptr(group_expert),
+            ptr(offsets),
+            int(s.rows),
+            int(s.cols),
+        ],
+    )
+}
