@@ -21,7 +21,13 @@ pub fn cublaslt_present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
+/// Token rows from which dense FP8 products go to cuBLASLt (below: our tensor-core kernel).
+const DENSE_MIN_ROWS: usize = 129;
+
 pub struct Fp8Gemm {
+    /// Token rows from which [`crate::linear::linear`] uses these products (DSV3_FP8_CUBLASLT_ROWS;
+    /// default [`DENSE_MIN_ROWS`]).
+    pub dense_min_rows: usize,
     handle: sys::cublasLtHandle_t,
     desc: sys::cublasLtMatmulDesc_t,
     pref: sys::cublasLtMatmulPreference_t,
@@ -57,6 +63,11 @@ impl Fp8Gemm {
         .map_err(|e| anyhow!("cuBLASLt matmul descriptor: {e:?}"))?;
         let pref = lt::create_matmul_pref().map_err(|e| anyhow!("cuBLASLt preference: {e:?}"))?;
         let gemm = Fp8Gemm {
+            dense_min_rows: std::env::var("DSV3_FP8_CUBLASLT_ROWS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(DENSE_MIN_ROWS)
+                .max(4),
             handle,
             desc,
             pref,

@@ -113,9 +113,11 @@ impl SplitK {
 }
 
 /// `y[m, w.rows] (+)= x[m, w.cols] · wᵀ` (x contiguous, y with row stride `ldy`), by batch size:
-/// FP8 on the tensor cores up to 512 rows and bf16 up to 16; above, cuBLASLt's block-scaled FP8
-/// product where the GPU has it, else cuBLAS on bf16 (weights dequantised into `dequant`); the weight-streaming GEMV for f32 weights and shapes the tensor-core
-/// kernels do not take. `simt` forces the CUDA-core kernels.
+/// cuBLASLt's block-scaled FP8 product from [`crate::fp8_gemm::Fp8Gemm::dense_min_rows`] rows
+/// where the GPU has it; below, FP8 weights on our tensor-core kernel (up to 512 rows) and large
+/// bf16 ones up to 16; else cuBLAS on bf16 (weights dequantised into `dequant`); the
+/// weight-streaming GEMV for f32 weights and shapes the tensor-core kernels do not take. `simt`
+/// forces the CUDA-core kernels.
 #[allow(clippy::too_many_arguments)]
 pub fn linear(
     g: &Gpu,
@@ -156,6 +158,36 @@ pub fn linear(
             ],
         )?;
         return target.finish(g);
+    }
+    // Larger steps: cuBLASLt's block-scaled FP8 product on the rows quantised per 128 channels,
+    // the weights read as stored; the last m % 4 rows (it takes multiples of 4) as below.
+    let fp8 = if w.format == Format::Fp8 && !simt && w.cols % 128 == 0 && w.rows % 16 == 0 {
+        g.fp8_gemm()?.filter(|f| m >= f.dense_min_rows)
+    } else {
+        None
+    };
+    if let Some(fp8) = fp8 {
+        let body = m / 4 * 4;
+        let q = QuantizedRows::new(g, x, w.cols, None, body, w.cols, None)?;
+        fp8.reserve(g, 0)?;
+        fp8.gemm(
+            g,
+            y,
+            ldy,
+            q.data.addr,
+            q.scales.addr,
+            w.data.addr,
+            w.scale_addr(),
+            body,
+            w.rows,
+            w.cols,
+            accumulate,
+        )?;
+        if body == m {
+            return Ok(());
+        }
+        let (y_tail, x_tail) = (y + (body * ldy * 4) as u64, x + (body * w.cols * 4) as u64);
+        return linear(g, dequant, simt, y_tail, ldy, x_tail, m - body, w, accumulate);
     }
     if w.format == Format::Fp8 && mma_fits(w.rows, w.cols) && (TC_MIN_ROWS..=TC_MAX_ROWS).contains(&m) && !simt {
         let xb = g.to_bf16(x, m * w.cols)?;
@@ -218,36 +250,6 @@ pub fn linear(
                 int(accumulate as usize),
             ],
         );
-    }
-    // Large steps: cuBLASLt's block-scaled FP8 product on the rows quantised per 128 channels,
-    // the weights read as stored; the last m % 4 rows (it takes multiples of 4) as above.
-    let fp8 = if w.format == Format::Fp8 && !simt && w.cols % 128 == 0 && w.rows % 16 == 0 {
-        g.fp8_gemm()?
-    } else {
-        None
-    };
-    if let Some(fp8) = fp8 {
-        let body = m / 4 * 4;
-        let q = QuantizedRows::new(g, x, w.cols, None, body, w.cols, None)?;
-        fp8.reserve(g, 0)?;
-        fp8.gemm(
-            g,
-            y,
-            ldy,
-            q.data.addr,
-            q.scales.addr,
-            w.data.addr,
-            w.scale_addr(),
-            body,
-            w.rows,
-            w.cols,
-            accumulate,
-        )?;
-        if body == m {
-            return Ok(());
-        }
-        let (y_tail, x_tail) = (y + (body * ldy * 4) as u64, x + (body * w.cols * 4) as u64);
-        return linear(g, dequant, simt, y_tail, ldy, x_tail, m - body, w, accumulate);
     }
     let w_bf16 = if w.format == Format::Bf16 {
         w.data.addr

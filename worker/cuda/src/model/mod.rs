@@ -248,6 +248,11 @@ impl CudaModel {
             "too many experts for the routing kernel"
         );
         let moe_stats = MoeStats::new(&gpu, config.num_hidden_layers, config.n_routed_experts)?;
+        // cuBLASLt made, with the main stream's workspace, before any step: a graphed decode step
+        // may be the first to use it, and must not allocate for it.
+        if let Some(fp8) = gpu.fp8_gemm()? {
+            fp8.reserve(&gpu, 0)?;
+        }
         // A step that reaches its experts through the host cannot be captured as a graph.
         let use_graphs =
             std::env::var_os("DSV3_CUDA_GRAPHS").is_none_or(|v| v != "0") && !gpu.profiling() && host_experts.is_none();
