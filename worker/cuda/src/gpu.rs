@@ -91,6 +91,11 @@ pub const KERNELS: &[&str] = &[
     "mla_absorb_out_mma_n2",
     "mla_absorb_out_mma_n4",
     "mla_absorb_out_mma_n8",
+    "mla_absorb_q_mma_n1",
+    "mla_absorb_q_mma_n2",
+    "mla_absorb_q_mma_n4",
+    "mla_absorb_q_mma_n8",
+    "mla_uk_transpose",
 ];
 
 /// Whether the CUDA driver library can be loaded (cudarc panics on first use otherwise).

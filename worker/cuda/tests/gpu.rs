@@ -300,9 +300,10 @@ fn full_width_random_layers_match_cpu() {
     check_model(&ModelFiles::Dir(dir.path().to_path_buf()), 4);
 }
 
-/// A prefill large enough (320 rows, ~160 per expert) that the routed experts go through cuBLAS,
-/// spread over side streams. Rows whose expert choice went the other way on a near-tie are left
-/// out; every other row's state after the MoE layer must match.
+/// A prefill large enough (320 rows, ~160 per expert) to take the large-step paths of the routed
+/// experts (several token tiles per expert on Hopper; cuBLAS for the large groups elsewhere). Rows
+/// whose expert choice went the other way on a near-tie are left out; every other row's state
+/// after the MoE layer must match.
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn full_width_long_prefill_matches_cpu() {

@@ -243,3 +243,35 @@ extern "C" __global__ void split_k_reduce(float* y, int ldy, const float* part, 
     float* dst = y + (i / n) * ldy + i % n;
     *dst = accumulate ? *dst + sum : sum;
 }
+
+// q_lat[t, h, c] = sum_d q[t, h, d] * W_UK[h][d, c] on the tensor cores: per head an FP8 product
+// as fp8_mma over W_UK's transpose (mla_uk_transpose), q as bf16 (row stride heads * qk, its first
+// nope channels). grid (lora / 64, heads * ceil(m / (8 * NT))).
+#define ABSORB_Q_MMA(NT)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(128) mla_absorb_q_mma_n##NT(                                   \
+        float* q_lat, const bf16* q, int m, int heads, int qk, int nope, int lora, const u8* uk_t,              \
+        const float* scale_t) {                                                                                 \
+        int h = blockIdx.y % heads, t0 = (blockIdx.y / heads) * 8 * NT;                                         \
+        fp8_mma_impl<NT>(q_lat + ((size_t)t0 * heads + h) * lora, heads * lora,                                 \
+                         q + ((size_t)t0 * heads + h) * qk, 0, heads * qk, min(8 * NT, m - t0),                 \
+                         uk_t + (size_t)h * lora * nope, scale_t + (size_t)h * (lora / 128) * (nope / 128),     \
+                         lora, nope, 0, 0);                                                                     \
+    }
+ABSORB_Q_MMA(1)
+ABSORB_Q_MMA(2)
+ABSORB_Q_MMA(4)
+ABSORB_Q_MMA(8)
+
+// W_UK of every head transposed, bytes and 128x128 scale blocks alike (no requantisation):
+// uk_t[h][c][d] = kv_b[h * (nope + vdim) + d][c], scale_t[h][c / 128][d / 128] = the block's
+// scale. nope, vdim and lora multiples of 128. grid (lora * nope / 256, heads), block 256.
+extern "C" __global__ void mla_uk_transpose(u8* uk_t, float* scale_t, const u8* kv_b, const float* scale, int nope,
+                                            int vdim, int lora) {
+    int h = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= lora * nope) return;
+    int c = i / nope, d = i % nope;
+    size_t row = (size_t)h * (nope + vdim) + d;
+    uk_t[(size_t)h * lora * nope + i] = kv_b[row * lora + c];
+    if (c % 128 == 0 && d % 128 == 0)
+        scale_t[((size_t)h * (lora / 128) + c / 128) * (nope / 128) + d / 128] = scale[(row / 128) * (lora / 128) + c / 128];
+}

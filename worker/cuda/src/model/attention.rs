@@ -118,13 +118,11 @@ impl CudaModel {
     fn attend_absorbed(&self, layer: &Layer, q: &DeviceBuf, attn: &DeviceBuf, step: &StepLayout) -> Result<()> {
         let g = &self.gpu;
         let c = &self.config;
-        let a = &layer.attn;
         let m = step.rows;
         let MlaDims {
             heads,
             nope,
             rope,
-            vdim,
             lora,
             qk,
             ..
@@ -132,26 +130,7 @@ impl CudaModel {
         let cache = self.cache.layer_addr(layer.index);
         // absorbed attention over the latent cache
         let q_lat = g.alloc(m * heads * lora * 4)?;
-        let kvb = &a.kv_b;
-        g.launch(
-            "mla_absorb_q",
-            (heads as u32, m.div_ceil(8) as u32, 1),
-            lora.next_multiple_of(32) as u32,
-            0,
-            &[
-                ptr(q_lat.addr),
-                ptr(q.addr),
-                int(m),
-                int(heads),
-                int(qk),
-                int(nope),
-                int(vdim),
-                int(lora),
-                int(kvb.format as usize),
-                ptr(kvb.data.addr),
-                ptr(kvb.scale_addr()),
-            ],
-        )?;
+        self.absorb_q(layer, q, &q_lat, m)?;
         let o_lat = g.alloc(m * heads * lora * 4)?;
         let shape = LatentShape {
             heads,
@@ -181,6 +160,66 @@ impl CudaModel {
         };
         mla_decode(g, &shape, &rows, &bufs, softmax_scale(c), kernel)?;
         self.absorb_out(layer, &o_lat, attn, m)
+    }
+
+    /// `q_lat[t, h] = q_nope[t, h] · W_UK[h]`: on the tensor cores over W_UK's transpose where
+    /// the layer has it, else the CUDA-core kernel.
+    fn absorb_q(&self, layer: &Layer, q: &DeviceBuf, q_lat: &DeviceBuf, m: usize) -> Result<()> {
+        let g = &self.gpu;
+        let MlaDims {
+            heads,
+            nope,
+            vdim,
+            lora,
+            qk,
+            ..
+        } = MlaDims::of(&self.config);
+        let kvb = &layer.attn.kv_b;
+        if let (Some(uk_t), false) = (&layer.attn.uk_t, self.kernels.simt_linear) {
+            let qb = g.to_bf16(q.addr, m * heads * qk)?;
+            let (name, tile) = match m {
+                0..=8 => ("mla_absorb_q_mma_n1", 8),
+                9..=16 => ("mla_absorb_q_mma_n2", 16),
+                17..=32 => ("mla_absorb_q_mma_n4", 32),
+                _ => ("mla_absorb_q_mma_n8", 64),
+            };
+            return g.launch(
+                name,
+                ((lora / 64) as u32, (heads * m.div_ceil(tile)) as u32, 1),
+                128,
+                0,
+                &[
+                    ptr(q_lat.addr),
+                    ptr(qb.addr),
+                    int(m),
+                    int(heads),
+                    int(qk),
+                    int(nope),
+                    int(lora),
+                    ptr(uk_t.data.addr),
+                    ptr(uk_t.scale_addr()),
+                ],
+            );
+        }
+        g.launch(
+            "mla_absorb_q",
+            (heads as u32, m.div_ceil(8) as u32, 1),
+            lora.next_multiple_of(32) as u32,
+            0,
+            &[
+                ptr(q_lat.addr),
+                ptr(q.addr),
+                int(m),
+                int(heads),
+                int(qk),
+                int(nope),
+                int(vdim),
+                int(lora),
+                int(kvb.format as usize),
+                ptr(kvb.data.addr),
+                ptr(kvb.scale_addr()),
+            ],
+        )
     }
 
     /// `attn[t, h*v + j] = o_lat[t, h] · W_UV[h][j]`: on the tensor cores when kv_b is FP8 with

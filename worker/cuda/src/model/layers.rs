@@ -1,7 +1,7 @@
 //! The weights of one decoder layer on the GPU, loaded from the checkpoint or made at random.
 
-use crate::gpu::{DeviceBuf, Gpu};
-use crate::weights::{load_vector, random_vector, DeviceMatrix, ExpertBank, Format};
+use crate::gpu::{int, ptr, DeviceBuf, Gpu};
+use crate::weights::{load_vector, random_vector, scale_shape, DeviceMatrix, ExpertBank, Format};
 use anyhow::Result;
 use dsv3_engine::{Checkpoint, ModelConfig};
 
@@ -11,7 +11,44 @@ pub(super) struct Attention {
     pub(super) kv_a: DeviceMatrix,
     pub(super) kv_norm: DeviceBuf,
     pub(super) kv_b: DeviceMatrix,
+    /// W_UK of kv_b transposed per head, for the tensor-core q absorption ([`uk_transposed`]).
+    pub(super) uk_t: Option<DeviceMatrix>,
     pub(super) o: DeviceMatrix,
+}
+
+/// W_UK of every head transposed, `[heads * lora, nope]`: the same FP8 bytes with their 128 x 128
+/// scale blocks transposed, the weight operand of the tensor-core q absorption. `None` where kv_b
+/// is not FP8 or its heads are not whole 128-blocks (the CUDA-core kernel reads kv_b itself).
+fn uk_transposed(gpu: &Gpu, kv_b: &DeviceMatrix, c: &ModelConfig) -> Result<Option<DeviceMatrix>> {
+    let (heads, nope, vdim, lora) = (c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank);
+    if kv_b.format != Format::Fp8 || [nope, vdim, lora].iter().any(|d| d % 128 != 0) {
+        return Ok(None);
+    }
+    let (rows, cols) = (heads * lora, nope);
+    let (sr, sc) = scale_shape(rows, cols);
+    let (data, scales) = (gpu.alloc(rows * cols)?, gpu.alloc(sr * sc * 4)?);
+    gpu.launch(
+        "mla_uk_transpose",
+        ((lora * nope).div_ceil(256) as u32, heads as u32, 1),
+        256,
+        0,
+        &[
+            ptr(data.addr),
+            ptr(scales.addr),
+            ptr(kv_b.data.addr),
+            ptr(kv_b.scale_addr()),
+            int(nope),
+            int(vdim),
+            int(lora),
+        ],
+    )?;
+    Ok(Some(DeviceMatrix {
+        rows,
+        cols,
+        format: Format::Fp8,
+        data,
+        scales: Some(scales),
+    }))
 }
 
 pub(super) struct Mlp {
@@ -69,6 +106,13 @@ impl Layer {
             ),
         };
         let lora = c.kv_lora_rank;
+        let kv_b = DeviceMatrix::load(
+            gpu,
+            ckpt,
+            &format!("{a}.kv_b_proj.weight"),
+            heads * (c.qk_nope_head_dim + c.v_head_dim),
+            lora,
+        )?;
         let attn = Attention {
             q_a,
             q_b,
@@ -80,13 +124,8 @@ impl Layer {
                 h,
             )?,
             kv_norm: load_vector(gpu, ckpt, &format!("{a}.kv_a_layernorm.weight"), lora)?,
-            kv_b: DeviceMatrix::load(
-                gpu,
-                ckpt,
-                &format!("{a}.kv_b_proj.weight"),
-                heads * (c.qk_nope_head_dim + c.v_head_dim),
-                lora,
-            )?,
+            uk_t: uk_transposed(gpu, &kv_b, c)?,
+            kv_b,
             o: DeviceMatrix::load(gpu, ckpt, &format!("{a}.o_proj.weight"), h, heads * c.v_head_dim)?,
         };
         let mlp = |prefix: &str, inter: usize| -> Result<Mlp> {
@@ -160,12 +199,14 @@ impl Layer {
             ),
             None => (None, DeviceMatrix::random(gpu, heads * qk, h, f8, next())?),
         };
+        let kv_b = DeviceMatrix::random(gpu, heads * (c.qk_nope_head_dim + c.v_head_dim), lora, f8, next())?;
         let attn = Attention {
             q_a,
             q_b,
             kv_a: DeviceMatrix::random(gpu, lora + c.qk_rope_head_dim, h, f8, next())?,
             kv_norm: random_vector(gpu, lora, 0.8, 1.2, next())?,
-            kv_b: DeviceMatrix::random(gpu, heads * (c.qk_nope_head_dim + c.v_head_dim), lora, f8, next())?,
+            uk_t: uk_transposed(gpu, &kv_b, c)?,
+            kv_b,
             o: DeviceMatrix::random(gpu, h, heads * c.v_head_dim, f8, next())?,
         };
         let mut mlp = |inter: usize| -> Result<Mlp> {
@@ -235,11 +276,12 @@ impl Layer {
         let a = &self.attn;
         let vectors =
             self.input_norm.bytes + self.post_norm.bytes + a.kv_norm.bytes + a.q_a.as_ref().map_or(0, |(_, n)| n.bytes);
+        let copies = a.uk_t.as_ref().map_or(0, DeviceMatrix::bytes);
         let experts = match &self.ffn {
             Ffn::Moe(moe) => moe.bias.bytes + moe.experts.as_ref().map_or(0, |b| b.experts * b.bytes_per_expert()),
             Ffn::Dense(_) => 0,
         };
-        self.dense_bytes() + vectors + experts
+        self.dense_bytes() + vectors + copies + experts
     }
 
     /// Weight bytes a decode step reads outside the routed experts.
