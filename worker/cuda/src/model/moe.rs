@@ -1,6 +1,6 @@
 //! The MoE block of one layer: routing on the GPU, tokens grouped by expert, the routed experts
-//! on the tensor cores (on Hopper one FP8 wgmma launch per matrix kind; elsewhere grouped mma.sync
-//! kernels, with cuBLAS(Lt) for the large groups of a prefill) — or, on an attention rank
+//! on the tensor cores (grouped mma.sync kernels; for the large steps of a prefill, on Hopper one
+//! FP8 wgmma launch per matrix kind, elsewhere cuBLAS(Lt) for the large groups) — or, on an attention rank
 //! whose experts live on other ranks, sent through an [`ExpertExecutor`] — and the shared expert.
 //! [`run_bank`] is the routed-expert computation alone, shared with the GPU expert shard.
 
@@ -33,9 +33,12 @@ pub struct ExpertKernels {
     pub simt_linear: bool,
     /// Routed rows above which an expert of a large step runs through cuBLAS.
     pub cublas_rows: usize,
-    /// Run the routed experts on Hopper's FP8 wgmma kernel where it takes the bank, at every
-    /// step size (default; DSV3_EXPERT_WGMMA=0 keeps the kernels below, for comparison).
-    pub wgmma: bool,
+    /// Steps of at least this many rows run the routed experts on Hopper's FP8 wgmma kernel,
+    /// where it takes the bank (DSV3_EXPERT_WGMMA_ROWS). Its activations are FP8 (per token per
+    /// 128 channels), as cuBLASLt's are: by default only steps above [`DEVICE_ONLY_MAX_ROWS`]
+    /// (prefill chunks) take them, and decode keeps bf16 activations; 1 runs it at every step
+    /// (faster at batch 256, further from the reference), 0 never.
+    pub wgmma_rows: usize,
 }
 
 impl ExpertKernels {
@@ -47,7 +50,14 @@ impl ExpertKernels {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(GROUPED_MAX_ROWS),
-            wgmma: std::env::var_os("DSV3_EXPERT_WGMMA").is_none_or(|v| v != "0"),
+            wgmma_rows: match std::env::var("DSV3_EXPERT_WGMMA_ROWS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+            {
+                Some(0) => usize::MAX,
+                Some(rows) => rows,
+                None => DEVICE_ONLY_MAX_ROWS + 1,
+            },
         }
     }
 }
@@ -60,8 +70,8 @@ pub(crate) struct BankCounters {
 
 /// `h[t] += Σ_j weights[t,j] · Expert_{ids[t,j]}(x_t)` over the experts of `bank`, for `m` rows
 /// of which the first `*valid` are real. `ids` index the bank (`-1` or out of range: a slot
-/// handled elsewhere); `x` is f32 `[m, hidden]`. On Hopper, [`wgmma_bank`]. Elsewhere every
-/// expert group up to `kernels.cublas_rows`
+/// handled elsewhere); `x` is f32 `[m, hidden]`. From `kernels.wgmma_rows` rows on Hopper,
+/// [`wgmma_bank`]. Otherwise every expert group up to `kernels.cublas_rows`
 /// rows runs in the grouped tensor-core kernels, weights streamed once per group; in steps above
 /// [`DEVICE_ONLY_MAX_ROWS`] larger groups go to cuBLAS (one copy of the group sizes to the host).
 #[allow(clippy::too_many_arguments)]
@@ -80,7 +90,7 @@ pub(crate) fn run_bank(
 ) -> Result<()> {
     let e = bank.experts;
     let width = bank.gate.cols;
-    if kernels.wgmma && !kernels.simt_linear && expert_wgmma::takes(g, bank) {
+    if m >= kernels.wgmma_rows && !kernels.simt_linear && expert_wgmma::takes(g, bank) {
         let plan = DevicePlan::new(g, e, k, ids, valid, m, counters, 1)?;
         return wgmma_bank(g, bank, &plan, x, h, m, k, weights);
     }
