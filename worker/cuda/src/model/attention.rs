@@ -3,7 +3,7 @@
 
 use super::layers::Layer;
 use super::{CudaModel, Span, StepLayout};
-use crate::gpu::{int, ptr, DeviceBuf};
+use crate::gpu::{int, ptr, Arg, DeviceBuf, Gpu};
 use crate::mla_decode::{mla_decode, DecodeBuffers, DecodeKernel, LatentShape, PagedRows};
 use crate::mla_prefill::{flash_prefill, PrefillBuffers, PrefillShape};
 use crate::weights::Format;
@@ -177,17 +177,12 @@ impl CudaModel {
         let kvb = &layer.attn.kv_b;
         if let (Some(uk_t), false) = (&layer.attn.uk_t, self.kernels.simt_linear) {
             let qb = g.to_bf16(q.addr, m * heads * qk)?;
-            let (name, tile) = match m {
-                0..=8 => ("mla_absorb_q_mma_n1", 8),
-                9..=16 => ("mla_absorb_q_mma_n2", 16),
-                17..=32 => ("mla_absorb_q_mma_n4", 32),
-                _ => ("mla_absorb_q_mma_n8", 64),
-            };
-            return g.launch(
-                name,
-                ((lora / 64) as u32, (heads * m.div_ceil(tile)) as u32, 1),
-                128,
-                0,
+            return absorb_mma(
+                g,
+                "q",
+                lora,
+                m,
+                heads,
                 &[
                     ptr(q_lat.addr),
                     ptr(qb.addr),
@@ -237,17 +232,12 @@ impl CudaModel {
         let aligned = nope % 128 == 0 && vdim % 128 == 0 && lora % 128 == 0;
         if kvb.format == Format::Fp8 && aligned && !self.kernels.simt_linear {
             let ob = g.to_bf16(o_lat.addr, m * heads * lora)?;
-            let (name, tile) = match m {
-                0..=8 => ("mla_absorb_out_mma_n1", 8),
-                9..=16 => ("mla_absorb_out_mma_n2", 16),
-                17..=32 => ("mla_absorb_out_mma_n4", 32),
-                _ => ("mla_absorb_out_mma_n8", 64),
-            };
-            return g.launch(
-                name,
-                ((vdim / 64) as u32, (heads * m.div_ceil(tile)) as u32, 1),
-                128,
-                0,
+            return absorb_mma(
+                g,
+                "out",
+                vdim,
+                m,
+                heads,
                 &[
                     ptr(attn.addr),
                     ptr(ob.addr),
@@ -360,4 +350,22 @@ impl CudaModel {
         flash_prefill(g, &shape, &bufs, n, span.start, softmax_scale(c))?;
         Ok(())
     }
+}
+
+/// Launches `mla_absorb_{kind}_mma_n*` for `m` rows (variant n1 .. n8: 8 to 64 rows per block),
+/// 64 of the `cols` output columns per block, every head.
+fn absorb_mma(g: &Gpu, kind: &str, cols: usize, m: usize, heads: usize, args: &[Arg]) -> Result<()> {
+    let (variant, tile) = match m {
+        0..=8 => ("n1", 8),
+        9..=16 => ("n2", 16),
+        17..=32 => ("n4", 32),
+        _ => ("n8", 64),
+    };
+    g.launch(
+        &format!("mla_absorb_{kind}_mma_{variant}"),
+        ((cols / 64) as u32, (heads * m.div_ceil(tile)) as u32, 1),
+        128,
+        0,
+        args,
+    )
 }

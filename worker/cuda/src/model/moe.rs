@@ -225,20 +225,7 @@ pub(crate) fn run_bank(
         (None, Some(ab)) => cublas_groups(g, &large, &bank.down, ab.addr, inter, y.addr, width)?,
         (None, None) => {}
     }
-    g.launch(
-        "combine_experts",
-        (m as u32, 1, 1),
-        256,
-        0,
-        &[
-            ptr(h.addr),
-            ptr(y.addr),
-            ptr(plan.slot_of),
-            ptr(weights),
-            int(k),
-            int(width),
-        ],
-    )
+    combine(g, h, &y, width, &plan, weights, m, k)
 }
 
 /// [`run_bank`] on Hopper: each matrix kind in one launch of the FP8 wgmma kernel over every
@@ -273,6 +260,21 @@ fn wgmma_bank(
     let aq = QuantizedRows::new(g, act.addr, inter, None, slots, inter, groups)?;
     let y = g.alloc(slots * width * 4)?;
     product(&bank.down, &aq, y.addr, width)?;
+    combine(g, h, &y, width, plan, weights, m, k)
+}
+
+/// `h[t] += Σ_j weights[t, j] · y[slot of (t, j)]`: the experts' rows back to their tokens.
+#[allow(clippy::too_many_arguments)]
+fn combine(
+    g: &Gpu,
+    h: &DeviceBuf,
+    y: &DeviceBuf,
+    width: usize,
+    plan: &DevicePlan,
+    weights: u64,
+    m: usize,
+    k: usize,
+) -> Result<()> {
     g.launch(
         "combine_experts",
         (m as u32, 1, 1),
