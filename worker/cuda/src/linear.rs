@@ -1,6 +1,6 @@
 //! Products with a weight matrix, routed to the kernel that suits the batch size.
 
-use crate::fp8_gemm::QuantizedRows;
+use crate::fp8_gemm::{Fp8Gemm, QuantizedRows};
 use crate::gpu::{int, ptr, u64_arg, DeviceBuf, Gpu};
 use crate::weights::{DeviceMatrix, Format};
 use anyhow::{ensure, Result};
@@ -161,7 +161,7 @@ pub fn linear(
     }
     // Larger steps: cuBLASLt's block-scaled FP8 product on the rows quantised per 128 channels,
     // the weights read as stored; the last m % 4 rows (it takes multiples of 4) as below.
-    let fp8 = if w.format == Format::Fp8 && !simt && w.cols % 128 == 0 && w.rows % 16 == 0 {
+    let fp8 = if w.format == Format::Fp8 && !simt && Fp8Gemm::takes_weight(w.rows, w.cols) {
         g.fp8_gemm()?.filter(|f| m >= f.dense_min_rows)
     } else {
         None

@@ -296,7 +296,7 @@ fn combine(
 /// blocks) and the shapes are whole 128-wide blocks.
 fn fp8_fits(bank: &ExpertBank) -> bool {
     [&bank.gate, &bank.up, &bank.down].iter().all(|s| {
-        s.cols % 128 == 0 && s.rows % 16 == 0 && s.stride() % ALIGN == 0 && (s.scale_stride() * 4) % ALIGN == 0
+        Fp8Gemm::takes_weight(s.rows, s.cols) && s.stride() % ALIGN == 0 && (s.scale_stride() * 4) % ALIGN == 0
     })
 }
 
