@@ -101,3 +101,59 @@ def test_errors_are_openai_errors(client):
     assert "temperature" in str(e.value)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+
+
+@pytest.fixture(scope="module", params=["fleet", "serve"])
+def small_cache(request):
+    """`serve`, and a fleet of 1 attention rank + 2 expert shards, with a KV cache of 128
+    positions: half the tiny model's context of 256."""
+    port = free_port()
+    args = [BIN, request.param, "--port", str(port), "--cache-tokens", "128"]
+    if request.param == "fleet":
+        args += ["--attention", "1", "--experts", "2"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base)
+        yield openai.OpenAI(base_url=base + "/v1", api_key="unused"), base
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+def test_omitted_max_tokens_runs_at_full_concurrency_on_a_small_cache(small_cache):
+    """No `max_tokens` (the SDK's default) means until the context ends: cache is taken as
+    sequences grow, so four such requests run together on a cache that holds less than one
+    context, the newest preempted and resumed; none fails, and each ends with `length` when the
+    cache (here the tighter limit than the context) is full."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, base = small_cache
+    prompts = [f"Tell me about {w}" for w in ("ships", "trees", "rivers", "stars")]
+
+    def ask(prompt):
+        return client.chat.completions.create(
+            model="dsv3-tiny",
+            messages=[{"role": "user", "content": prompt}],
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, prompts))
+    for a in answers:
+        assert a.choices[0].finish_reason == "length"
+        assert a.usage.completion_tokens > 8
+        # The last token is never written to the cache: 128 positions serve 129 tokens.
+        assert a.usage.prompt_tokens + a.usage.completion_tokens == 129
+    with urllib.request.urlopen(base + "/metrics") as r:
+        metrics = r.read().decode()
+    preempted = [l for l in metrics.splitlines() if l.startswith("dsv3_scheduler_preemptions")]
+    assert preempted and float(preempted[0].split()[-1]) > 0, preempted
+
+
+def test_a_prompt_longer_than_the_cache_is_a_400(small_cache):
+    client, _ = small_cache
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="dsv3-tiny", prompt=list(range(2, 202)), max_tokens=4)
+    assert "KV cache holds" in str(e.value)

@@ -37,6 +37,9 @@ pub struct FleetArgs {
     /// What activations travel to the expert shards as (passed to the attention ranks).
     #[arg(long, value_enum, default_value_t = ActivationDtype::Auto)]
     activation_dtype: ActivationDtype,
+    /// KV cache positions of each attention rank.
+    #[arg(long, default_value_t = 16384)]
+    cache_tokens: usize,
 }
 
 /// The GPUs the members are placed on, as `CUDA_VISIBLE_DEVICES` entries; empty on the CPU.
@@ -168,6 +171,8 @@ pub fn run(args: FleetArgs) -> Result<()> {
                 args.activation_dtype
                     .to_possible_value()
                     .map_or("auto".into(), |v| v.get_name().to_string()),
+                "--cache-tokens".into(),
+                args.cache_tokens.to_string(),
             ],
         )?;
     }

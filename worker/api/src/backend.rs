@@ -113,6 +113,8 @@ pub struct SchedulerTime {
     pub steps: u64,
     pub step_seconds: f64,
     pub busy_seconds: f64,
+    /// Sequences preempted (cache freed, prefilled again later) since start.
+    pub preemptions: u64,
 }
 
 /// One attention rank's device, memory and expert traffic.

@@ -235,6 +235,11 @@ impl Collector for BackendCollector {
                 "Seconds the scheduler had sequences in flight since start: steps and its own work between them.",
                 time.busy_seconds,
             ),
+            (
+                "dsv3_scheduler_preemptions",
+                "Sequences preempted since start: their KV cache freed when a rank ran out, prefilled again later.",
+                time.preemptions as f64,
+            ),
         ] {
             let counter = ConstCounter::new(value);
             counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;

@@ -76,6 +76,16 @@ impl Sampler {
         &self.params
     }
 
+    /// Moves the generator past the draws of `tokens` earlier choices (a request resumed after a
+    /// preemption continues its seeded stream where it was).
+    pub fn skip_choices(&mut self, tokens: usize) {
+        if self.params.temperature > 0.0 {
+            for _ in 0..tokens {
+                let _: f64 = self.rng.random();
+            }
+        }
+    }
+
     /// The choice for this sequence's next token: its parameters and a fresh draw from its
     /// generator (drawn only when the choice is random, so greedy sequences consume nothing).
     pub fn next_choice(&mut self) -> TokenChoice {
@@ -203,6 +213,20 @@ mod tests {
             seed: Some(seed),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_resumed_sampler_continues_its_seeded_stream() {
+        let mut whole = Sampler::new(params(0.8, 0, 1.0, 42), None);
+        let draws: Vec<f64> = (0..6).map(|_| whole.next_choice().uniform).collect();
+        let mut resumed = Sampler::new(params(0.8, 0, 1.0, 42), None);
+        resumed.skip_choices(4);
+        assert_eq!(resumed.next_choice().uniform, draws[4]);
+        assert_ne!(draws[4], draws[0]);
+        // Greedy choices draw nothing, so there is nothing to skip.
+        let mut greedy = Sampler::new(params(0.0, 0, 1.0, 42), None);
+        greedy.skip_choices(4);
+        assert_eq!(greedy.next_choice(), TokenChoice::GREEDY);
     }
 
     #[test]

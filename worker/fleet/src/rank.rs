@@ -211,9 +211,11 @@ fn token_picks(samplers: &mut HashMap<u64, Sampler>, items: &[StepItem]) -> Vec<
         .iter()
         .map(|item| {
             let spec = item.sample.as_ref()?;
-            let sampler = samplers
-                .entry(item.seq)
-                .or_insert_with(|| Sampler::new(sampling_params(spec), None));
+            let sampler = samplers.entry(item.seq).or_insert_with(|| {
+                let mut fresh = Sampler::new(sampling_params(spec), None);
+                fresh.skip_choices(spec.generated_before as usize);
+                fresh
+            });
             Some(TokenPick {
                 choice: sampler.next_choice(),
                 logprobs: spec.logprobs.map(|n| n as usize),

@@ -1,19 +1,23 @@
 //! The router's scheduler: continuous batching over one or more attention ranks.
 //!
 //! Requests queue (bounded: a full queue is refused with 429), are admitted to the attention
-//! rank with the most free KV cache when their worst case (prompt + max_tokens) fits, and join
-//! the running batch between steps. Every step gives each running sequence either its next
-//! prefill chunk (under a per-rank token budget) or its last sampled token. Ranks step in
-//! parallel. A rank that fails ends the requests it carried with an error and is probed until
-//! it answers again; its sequences are released so its cache is clean when it comes back.
+//! rank with the most free KV cache when their prompt fits (cache is taken as sequences grow, not
+//! reserved for `max_tokens`), and join the running batch between steps. Every step gives each
+//! running sequence either its next prefill chunk (under a per-rank token budget) or its last
+//! sampled token. When a rank's cache cannot hold the next step, its newest sequences are
+//! preempted: their cache is freed and they wait at the head of the queue, to be prefilled again
+//! from prompt + output so far (their clients see only a pause). A prompt no rank's cache can hold
+//! is refused at submission (400). Ranks step in parallel. A rank that fails ends the requests it
+//! carried with an error and is probed until it answers again; its sequences are released so its
+//! cache is clean when it comes back.
 
 use crate::rank::AttentionRank;
 use dsv3_api::backend::{
     Backend, BackendStats, GenerationEvent, GenerationRequest, Health, RankStats, SchedulerTime, SubmitError,
     TokenLogprob,
 };
-use dsv3_engine::batch::{next_tokens, worst_case_blocks};
-use dsv3_engine::{finish_reason, ModelConfig};
+use dsv3_engine::batch::next_tokens;
+use dsv3_engine::{finish_reason, FinishReason, ModelConfig};
 use dsv3_proto::{SamplingSpec, StepItem, StepRequest};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -45,19 +49,37 @@ impl Default for SchedulerConfig {
 struct Pending {
     request: GenerationRequest,
     events: UnboundedSender<GenerationEvent>,
+    /// A preempted sequence: its id and the tokens it had generated (prefilled again after the
+    /// prompt when it is admitted again).
+    resume: Option<(u64, Vec<u32>)>,
 }
 
 struct Running {
     seq: u64,
     rank: usize,
+    /// What the rank prefills: the request's prompt, then, after a preemption, the output so far.
     prompt: Vec<u32>,
     request: GenerationRequest,
     events: UnboundedSender<GenerationEvent>,
     /// Positions already in the rank's cache.
     cached: usize,
-    generated: usize,
+    /// Tokens generated so far (kept to recompute them after a preemption).
+    output: Vec<u32>,
     last_token: Option<u32>,
-    reserved_blocks: usize,
+}
+
+impl Running {
+    /// Cache blocks the sequence holds once its prompt is in and its next token is written: what
+    /// the rank must keep for it through the next step.
+    fn committed_blocks(&self, block: usize) -> usize {
+        (self.prompt.len().max(self.cached) + 1).div_ceil(block)
+    }
+}
+
+/// Blocks of a rank's cache admission leaves free, so running sequences can grow a little before
+/// anyone is preempted.
+fn watermark(total_blocks: usize) -> usize {
+    (total_blocks / 64).max(1)
 }
 
 struct RankSlot {
@@ -66,7 +88,6 @@ struct RankSlot {
     detail: String,
     block_size: usize,
     total_blocks: usize,
-    reserved_blocks: usize,
     last_probe: Option<Instant>,
     /// Device, memory and expert traffic from its last answer.
     stats: RankStats,
@@ -77,6 +98,8 @@ struct Shared {
     stats: BackendStats,
     health: Option<Health>,
     expert_tokens: BTreeMap<u32, Vec<u64>>,
+    /// Positions the largest healthy rank's cache holds: the longest prompt that can be served.
+    largest_cache: usize,
 }
 
 /// The scheduler as an HTTP [`Backend`]: `submit` queues, a dedicated thread runs the steps.
@@ -108,7 +131,6 @@ impl Fleet {
                 detail: "not probed yet".into(),
                 block_size: 16,
                 total_blocks: 0,
-                reserved_blocks: 0,
                 last_probe: None,
                 stats: RankStats::default(),
             })
@@ -147,6 +169,14 @@ impl Backend for Fleet {
         if !health.ready {
             return Err(SubmitError::NotReady(health.detail));
         }
+        let largest = self.shared.lock().map(|s| s.largest_cache).unwrap_or(0);
+        if request.prompt.len() + 1 > largest {
+            return Err(SubmitError::Invalid(format!(
+                "the prompt has {} tokens; the largest attention rank's KV cache holds {largest} positions \
+                 (the prompt and at least one generated token must fit)",
+                request.prompt.len()
+            )));
+        }
         if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.max_waiting {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::QueueFull);
@@ -155,7 +185,14 @@ impl Backend for Fleet {
         let sent = self
             .commands
             .lock()
-            .map(|tx| tx.send(Pending { request, events }).is_ok())
+            .map(|tx| {
+                tx.send(Pending {
+                    request,
+                    events,
+                    resume: None,
+                })
+                .is_ok()
+            })
             .unwrap_or(false);
         if !sent {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -308,10 +345,17 @@ impl Scheduler {
             })
         };
         let expert_tokens = shared.expert_tokens.values().cloned().collect();
+        shared.largest_cache = self
+            .ranks
+            .iter()
+            .filter(|s| s.healthy)
+            .map(|s| s.total_blocks * s.block_size)
+            .max()
+            .unwrap_or(0);
         shared.stats = BackendStats {
             running: self.running.len(),
             waiting: self.waiting.len(),
-            cache_used_blocks: self.ranks.iter().map(|s| s.reserved_blocks).sum(),
+            cache_used_blocks: (0..self.ranks.len()).map(|i| self.committed_blocks(i)).sum(),
             cache_total_blocks: self.ranks.iter().map(|s| s.total_blocks).sum(),
             expert_tokens,
             ranks: self.ranks.iter().map(|s| s.stats.clone()).collect(),
@@ -331,11 +375,20 @@ impl Scheduler {
             .fetch_sub(before - self.waiting.len(), Ordering::SeqCst);
     }
 
+    /// Cache blocks the running sequences on `rank` hold through the next step.
+    fn committed_blocks(&self, rank: usize) -> usize {
+        let block = self.ranks[rank].block_size;
+        self.running
+            .iter()
+            .filter(|r| r.rank == rank)
+            .map(|r| r.committed_blocks(block))
+            .sum()
+    }
+
     /// Frees the ranks' cache for finished, cancelled or failed sequences.
     fn release(&mut self, done: Vec<Running>) {
         let mut by_rank: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
         for r in done {
-            self.ranks[r.rank].reserved_blocks -= r.reserved_blocks;
             by_rank.entry(r.rank).or_default().push(r.seq);
         }
         for (rank, seqs) in by_rank {
@@ -346,33 +399,32 @@ impl Scheduler {
 
     fn admit(&mut self) {
         while let Some(pending) = self.waiting.front() {
-            let (prompt_len, max_tokens) = (pending.request.prompt.len(), pending.request.params.max_tokens);
-            let worst = prompt_len + max_tokens;
+            let resumed = pending.resume.as_ref().map_or(0, |(_, output)| output.len());
+            let positions = pending.request.prompt.len() + resumed + 1;
             let choice = self
                 .ranks
                 .iter()
                 .enumerate()
                 .filter(|(_, s)| s.healthy)
                 .map(|(i, s)| {
-                    (
-                        i,
-                        s.total_blocks.saturating_sub(s.reserved_blocks),
-                        worst_case_blocks(prompt_len, max_tokens, s.block_size),
-                    )
+                    let free = s
+                        .total_blocks
+                        .saturating_sub(self.committed_blocks(i) + watermark(s.total_blocks));
+                    (i, free, positions.div_ceil(s.block_size))
                 })
                 .filter(|&(_, free, need)| need <= free)
                 .max_by_key(|&(i, free, _)| (free, std::cmp::Reverse(i)));
-            let Some((rank, _, need)) = choice else {
+            let Some((rank, _, _)) = choice else {
                 let fits_somewhere = self
                     .ranks
                     .iter()
-                    .any(|s| worst_case_blocks(prompt_len, max_tokens, s.block_size) <= s.total_blocks);
+                    .any(|s| positions.div_ceil(s.block_size) <= s.total_blocks);
                 if !fits_somewhere && self.ranks.iter().all(|s| s.healthy) {
                     let p = self.waiting.pop_front().expect("front exists");
                     self.waiting_count.fetch_sub(1, Ordering::SeqCst);
                     let _ = p.events.send(GenerationEvent::Failed {
                         message: format!(
-                            "the request needs {worst} cache positions; no attention rank holds that many"
+                            "the request needs {positions} cache positions; no attention rank holds that many"
                         ),
                     });
                     continue;
@@ -381,20 +433,60 @@ impl Scheduler {
             };
             let p = self.waiting.pop_front().expect("front exists");
             self.waiting_count.fetch_sub(1, Ordering::SeqCst);
-            self.ranks[rank].reserved_blocks += need;
-            let seq = self.next_seq;
-            self.next_seq += 1;
+            let (seq, output) = match p.resume {
+                Some(resume) => resume,
+                None => {
+                    self.next_seq += 1;
+                    (self.next_seq - 1, Vec::new())
+                }
+            };
+            let mut prompt = p.request.prompt.clone();
+            prompt.extend_from_slice(&output);
             self.running.push(Running {
                 seq,
                 rank,
-                prompt: p.request.prompt.clone(),
+                prompt,
                 request: p.request,
                 events: p.events,
                 cached: 0,
-                generated: 0,
+                output,
                 last_token: None,
-                reserved_blocks: need,
             });
+        }
+    }
+
+    /// Makes room on every rank for the next step: while the running sequences of a rank would
+    /// hold more blocks than it has, its newest is preempted (cache freed, queued first to be
+    /// prefilled again); a sequence alone on a rank that outgrows the whole cache ends with
+    /// `length`, as at the end of the context.
+    fn make_room(&mut self) {
+        for rank in 0..self.ranks.len() {
+            let (block, total) = (self.ranks[rank].block_size, self.ranks[rank].total_blocks);
+            while self.committed_blocks(rank) > total {
+                let newest = self
+                    .running
+                    .iter()
+                    .rposition(|r| r.rank == rank)
+                    .expect("blocks are committed only by running sequences");
+                let r = self.running.remove(newest);
+                let alone = !self.running.iter().any(|o| o.rank == rank);
+                if alone && r.committed_blocks(block) > total {
+                    let _ = r.events.send(GenerationEvent::Finished {
+                        reason: FinishReason::Length,
+                    });
+                } else {
+                    let _ = self.ranks[rank].rank.release(&[r.seq]);
+                    self.time.preemptions += 1;
+                    self.waiting_count.fetch_add(1, Ordering::SeqCst);
+                    self.waiting.push_front(Pending {
+                        request: r.request,
+                        events: r.events,
+                        resume: Some((r.seq, r.output)),
+                    });
+                    continue;
+                }
+                self.release(vec![r]);
+            }
         }
     }
 
@@ -406,10 +498,13 @@ impl Scheduler {
             top_p: p.top_p,
             seed: p.seed,
             logprobs: r.request.logprobs.map(|n| n as u32),
+            // The output already in the prompt: tokens sampled before a preemption.
+            generated_before: (r.prompt.len() - r.request.prompt.len()) as u32,
         }
     }
 
     fn step(&mut self) {
+        self.make_room();
         // Build one request per rank, in admission order, under each rank's token budget.
         let mut batches: Vec<StepRequest> = vec![StepRequest::default(); self.ranks.len()];
         let mut budget = vec![self.options.max_step_tokens.max(1); self.ranks.len()];
@@ -489,7 +584,7 @@ impl Scheduler {
             }
             r.cached += n;
             let Some(s) = sampled.remove(&r.seq) else { continue };
-            r.generated += 1;
+            r.output.push(s.token);
             r.last_token = Some(s.token);
             let event = GenerationEvent::Token {
                 id: s.token,
@@ -507,7 +602,7 @@ impl Scheduler {
                 finished.push(i); // the client went away
                 continue;
             }
-            if let Some(reason) = finish_reason(&r.request.params, &self.config, s.token, r.generated, r.cached) {
+            if let Some(reason) = finish_reason(&r.request.params, &self.config, s.token, r.output.len(), r.cached) {
                 let _ = r.events.send(GenerationEvent::Finished { reason });
                 finished.push(i);
             }

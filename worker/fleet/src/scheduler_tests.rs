@@ -45,6 +45,16 @@ impl AttentionRank for Fake {
             );
             entry.0 += item.tokens.len();
             fed += item.tokens.len();
+        }
+        // Blocks are taken as positions are written, as the real ranks' block tables do.
+        let used: usize = cached.values().map(|(n, _)| n.div_ceil(BLOCK)).sum();
+        anyhow::ensure!(
+            used <= self.total_blocks,
+            "KV cache is full: {used} blocks needed, {} exist",
+            self.total_blocks
+        );
+        for item in &request.items {
+            let entry = cached[&item.seq];
             if item.sample.is_some() {
                 reply.sampled.push(Sampled {
                     seq: item.seq,
@@ -204,7 +214,8 @@ fn stop_tokens_and_end_of_sequence_end_a_request() {
 
 #[test]
 fn requests_wait_for_cache_and_never_exceed_it() {
-    // 4 blocks of 16: one request of 40 + 8 positions (3 blocks) at a time.
+    // 4 blocks of 16, one kept free at admission: one prompt of 40 (3 blocks with its first
+    // token) at a time.
     let fake = Arc::new(Fake {
         total_blocks: 4,
         ..Fake::default()
@@ -220,9 +231,69 @@ fn requests_wait_for_cache_and_never_exceed_it() {
     // One at a time: no step ever carried two sequences' prompts (each step ≤ 40 tokens).
     let steps = fake.step_tokens.lock().expect("lock").clone();
     assert!(steps.iter().all(|&n| n <= 40), "{steps:?}");
-    // A request that can never fit is refused, not queued forever.
-    let got = events(fleet.submit(request(vec![3; 100], 1)).expect("submit"));
-    assert!(matches!(&got[..], [GenerationEvent::Failed { message }] if message.contains("cache positions")));
+    // A prompt no rank's cache can hold is refused at submission (HTTP 400), never queued.
+    let err = fleet
+        .submit(request(vec![3; 64], 1))
+        .expect_err("longer than the cache");
+    assert!(
+        matches!(&err, SubmitError::Invalid(m) if m.contains("holds 64 positions")),
+        "{err}"
+    );
+}
+
+/// Cache is taken as sequences grow: requests whose `max_tokens` together far exceed the cache
+/// (as an omitted `max_tokens` does: the rest of the context) all run, the newest preempted and
+/// prefilled again from prompt + output when the cache runs out, each getting exactly the tokens
+/// an undisturbed run gives, and the rank's cache is never exceeded (the fake fails if it is).
+#[test]
+fn sequences_outgrowing_the_cache_are_preempted_and_resumed_with_the_same_tokens() {
+    // 8 blocks of 16 = 128 positions; 5 requests of 20 + 60 positions each (5 blocks).
+    let fake = Arc::new(Fake {
+        total_blocks: 8,
+        ..Fake::default()
+    });
+    let fleet = start(fake.clone(), 64);
+    let receivers: Vec<_> = (0..5)
+        .map(|i| fleet.submit(request(vec![20 + i; 20], 60)).expect("submit"))
+        .collect();
+    for (i, rx) in receivers.into_iter().enumerate() {
+        let got = events(rx);
+        let want: Vec<u32> = (0..60).map(|k| expected_token(20 + i as u32, 20 + k)).collect();
+        assert_eq!(tokens(&got), want, "request {i}: {:?}", got.last());
+        assert_eq!(
+            got.last(),
+            Some(&GenerationEvent::Finished {
+                reason: FinishReason::Length
+            })
+        );
+    }
+    let stats = fleet.stats();
+    assert!(stats.scheduler.preemptions > 0, "no sequence was preempted: {stats:?}");
+    // A preempted sequence's cache went back to the rank before it resumed.
+    assert!(fake.released.lock().expect("lock").len() as u64 >= stats.scheduler.preemptions);
+    wait_for(|| fleet.stats().cache_used_blocks == 0, "every block to be free again");
+}
+
+/// A sequence alone on a rank that outgrows the whole cache ends with `length`, as at the end of
+/// the context, after the tokens that fit.
+#[test]
+fn a_sequence_that_outgrows_the_whole_cache_ends_with_length() {
+    // 4 blocks of 16 = 64 positions: a prompt of 10 leaves room for 55 tokens (the last one is
+    // never written to the cache).
+    let fake = Arc::new(Fake {
+        total_blocks: 4,
+        ..Fake::default()
+    });
+    let fleet = start(fake, 512);
+    let got = events(fleet.submit(request(vec![30; 10], 500)).expect("submit"));
+    let want: Vec<u32> = (0..55).map(|k| expected_token(30, 10 + k)).collect();
+    assert_eq!(tokens(&got), want);
+    assert_eq!(
+        got.last(),
+        Some(&GenerationEvent::Finished {
+            reason: FinishReason::Length
+        })
+    );
 }
 
 #[test]

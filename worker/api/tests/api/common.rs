@@ -83,6 +83,7 @@ impl Fake {
                     steps: 7,
                     step_seconds: 0.5,
                     busy_seconds: 0.75,
+                    preemptions: 3,
                 },
                 ranks: vec![dsv3_api::backend::RankStats {
                     rank: 0,

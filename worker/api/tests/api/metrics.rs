@@ -142,6 +142,7 @@ async fn metrics_exposition() {
     assert_eq!(value("dsv3_scheduler_steps_total"), 7.0);
     assert_eq!(value("dsv3_scheduler_step_seconds_total"), 0.5);
     assert_eq!(value("dsv3_scheduler_busy_seconds_total"), 0.75);
+    assert_eq!(value("dsv3_scheduler_preemptions_total"), 3.0);
     for name in [
         "dsv3_time_to_first_token_seconds",
         "dsv3_inter_token_latency_seconds",
