@@ -396,12 +396,15 @@ fn linear_matches_f64_reference_at_every_batch_size() {
         let dense: Vec<f64> = match format {
             Format::Fp8 => {
                 let bytes: Vec<u8> = gpu.download(w.data.addr, n * k).expect("download");
-                let scales: Vec<f32> = gpu.download(w.scale_addr(), (n / 128) * (k / 128)).expect("scales");
+                let scale_cols = k.div_ceil(128);
+                let scales: Vec<f32> = gpu
+                    .download(w.scale_addr(), n.div_ceil(128) * scale_cols)
+                    .expect("scales");
                 (0..n * k)
                     .map(|i| {
                         let (r, c) = (i / k, i % k);
                         dsv3_engine::fp8::E4M3_TO_F32[bytes[i] as usize] as f64
-                            * scales[(r / 128) * (k / 128) + c / 128] as f64
+                            * scales[(r / 128) * scale_cols + c / 128] as f64
                     })
                     .collect()
             }
