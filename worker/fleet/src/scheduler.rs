@@ -422,11 +422,20 @@ impl Scheduler {
                 if !fits_somewhere && self.ranks.iter().all(|s| s.healthy) {
                     let p = self.waiting.pop_front().expect("front exists");
                     self.waiting_count.fetch_sub(1, Ordering::SeqCst);
-                    let _ = p.events.send(GenerationEvent::Failed {
-                        message: format!(
-                            "the request needs {positions} cache positions; no attention rank holds that many"
-                        ),
-                    });
+                    let event = if p.resume.is_some() {
+                        // Preempted after its output grew past what any cache holds with the
+                        // prompt: it ends as a lone sequence outgrowing its rank does.
+                        GenerationEvent::Finished {
+                            reason: FinishReason::Length,
+                        }
+                    } else {
+                        GenerationEvent::Failed {
+                            message: format!(
+                                "the request needs {positions} cache positions; no attention rank holds that many"
+                            ),
+                        }
+                    };
+                    let _ = p.events.send(event);
                     continue;
                 }
                 break;
