@@ -34,21 +34,27 @@ def wait_ready(base, timeout=60):
     raise TimeoutError(base + " did not become ready")
 
 
-@pytest.fixture(scope="module", params=["fleet", "serve"])
-def client(request):
+def launched(mode, *extra):
+    """Starts `dsv3-worker MODE --port P EXTRA...`, yields (client, base URL) once it is ready,
+    and stops it (with every member of a fleet) afterwards."""
     port = free_port()
-    args = [BIN, request.param, "--port", str(port)]
-    if request.param == "fleet":
-        args += ["--attention", "2", "--experts", "3"]
+    args = [BIN, mode, "--port", str(port), *extra]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base)
-        yield openai.OpenAI(base_url=base + "/v1", api_key="unused")
+        yield openai.OpenAI(base_url=base + "/v1", api_key="unused"), base
     finally:
         # The launcher's members are in its session: stop them all.
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module", params=["fleet", "serve"])
+def client(request):
+    extra = ["--attention", "2", "--experts", "3"] if request.param == "fleet" else []
+    for client, _ in launched(request.param, *extra):
+        yield client
 
 
 def test_models_lists_the_served_model(client):
@@ -107,18 +113,8 @@ def test_errors_are_openai_errors(client):
 def small_cache(request):
     """`serve`, and a fleet of 1 attention rank + 2 expert shards, with a KV cache of 128
     positions: half the tiny model's context of 256."""
-    port = free_port()
-    args = [BIN, request.param, "--port", str(port), "--cache-tokens", "128"]
-    if request.param == "fleet":
-        args += ["--attention", "1", "--experts", "2"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base)
-        yield openai.OpenAI(base_url=base + "/v1", api_key="unused"), base
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+    extra = ["--attention", "1", "--experts", "2"] if request.param == "fleet" else []
+    yield from launched(request.param, "--cache-tokens", "128", *extra)
 
 
 def test_omitted_max_tokens_runs_at_full_concurrency_on_a_small_cache(small_cache):
