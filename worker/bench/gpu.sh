@@ -60,17 +60,22 @@ for step in "$@"; do
     case $step in
     tests)
         "$bundle/gpu-tests" --ignored --nocapture --test-threads 1 2>&1 | tee "$out/tests.log" || failed=1
-        for dev in cpu cuda; do
-            "$bundle/dsv3-worker" generate --model tests/golden/tiny-fp8 --prompt-token-ids 0,5,77,300,12 \
-                --max-tokens 24 --temperature 0 --json --device $dev > "/tmp/generate-$dev.json"
-        done
-        python3 - <<'PY' | tee -a "$out/tests.log"
+        # Both ways FP8 products treat activations, each against the CPU doing the same.
+        for recipe in unquantised quantised; do
+            for dev in cpu cuda; do
+                "$bundle/dsv3-worker" generate --model tests/golden/tiny-fp8 --prompt-token-ids 0,5,77,300,12 \
+                    --max-tokens 24 --temperature 0 --json --device $dev --fp8-activations $recipe \
+                    > "/tmp/generate-$dev.json"
+            done
+            echo "FP8 activations $recipe:" | tee -a "$out/tests.log"
+            python3 - <<'PY' | tee -a "$out/tests.log"
 import json
 cpu, gpu = (json.load(open(f"/tmp/generate-{d}.json")) for d in ("cpu", "cuda"))
 diff = max(abs(a - b) for a, b in zip(cpu["prompt_last_logits"], gpu["prompt_last_logits"]))
 print("generate cpu :", cpu["token_ids"]); print("generate cuda:", gpu["token_ids"])
 print(f"prompt logits max |cpu - cuda| = {diff:.2e}; tokens equal: {cpu['token_ids'] == gpu['token_ids']}")
 PY
+        done
         ;;
     bench)
         python3 - <<'PY' | tee "$out/fp8_peak.txt"

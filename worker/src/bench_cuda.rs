@@ -30,6 +30,9 @@ pub struct BenchCudaArgs {
     /// Also write the rows as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// What the FP8 products do with their activations (auto: quantised, as a GPU serves).
+    #[arg(long, value_enum, default_value_t = crate::device::Fp8ActivationsArg::Auto)]
+    fp8_activations: crate::device::Fp8ActivationsArg,
 }
 
 pub fn run(args: BenchCudaArgs) -> Result<()> {
@@ -45,5 +48,6 @@ pub fn run(args: BenchCudaArgs) -> Result<()> {
         peer: args.peer,
         out: args.out,
         configs: args.configs,
+        fp8_activations: args.fp8_activations.resolve(true),
     })
 }

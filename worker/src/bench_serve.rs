@@ -7,7 +7,7 @@
 //! time to first token, time between tokens and decode tok/s, beside the step.
 
 use crate::bench_fleet::metric_sum;
-use crate::device::{load_backend, DeviceArg};
+use crate::device::{load_backend, DeviceArg, Fp8ActivationsArg};
 use crate::server_process::ServerProcess;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -83,7 +83,14 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
     eprintln!("engine step: the backend's decode step in this process");
     let mut steps = Vec::new();
     {
-        let mut backend = load_backend(&files, args.device, ExpertSelection::All, None, cache_tokens)?;
+        let mut backend = load_backend(
+            &files,
+            args.device,
+            ExpertSelection::All,
+            None,
+            cache_tokens,
+            Fp8ActivationsArg::Auto,
+        )?;
         for &batch in &args.batches {
             let s = engine_step(backend.as_mut(), batch, &args)?;
             eprintln!("  batch {batch}: {:.3} ms", s * 1e3);

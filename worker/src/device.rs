@@ -6,8 +6,8 @@ use crate::progress;
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use dsv3_engine::{
-    Checkpoint, CpuBackend, EngineOptions, ExpertExecutor, ExpertSelection, LocalExperts, MemoryUse, Model,
-    ModelConfig, ModelFiles, StepBackend,
+    Checkpoint, CpuBackend, EngineOptions, ExpertExecutor, ExpertSelection, Fp8Activations, LocalExperts, MemoryUse,
+    Model, ModelConfig, ModelFiles, StepBackend,
 };
 use dsv3_fleet::grpc::ShardExperts;
 use dsv3_fleet::{ExpertBackend, PlacedExperts};
@@ -35,6 +35,39 @@ impl DeviceArg {
     }
 }
 
+/// What the FP8 products do with their activations (`--fp8-activations`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Fp8ActivationsArg {
+    /// Quantised on a GPU (as the checkpoint's `activation_scheme: dynamic` declares, and as
+    /// DeepSeek's own FP8 inference runs), unquantised on the CPU (the reference that matches
+    /// transformers' dequantised forward pass).
+    Auto,
+    /// Per token per 128 channels to e4m3, multiplied on the FP8 tensor cores.
+    Quantised,
+    /// At the backend's width (f32 on the CPU, bf16 on a GPU) against the exact FP8 weights.
+    Unquantised,
+}
+
+impl Fp8ActivationsArg {
+    pub fn resolve(self, on_gpu: bool) -> Fp8Activations {
+        match self {
+            Fp8ActivationsArg::Quantised => Fp8Activations::Quantised,
+            Fp8ActivationsArg::Unquantised => Fp8Activations::Unquantised,
+            Fp8ActivationsArg::Auto if on_gpu => Fp8Activations::Quantised,
+            Fp8ActivationsArg::Auto => Fp8Activations::Unquantised,
+        }
+    }
+
+    /// The flag's value, as a child process is given it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fp8ActivationsArg::Auto => "auto",
+            Fp8ActivationsArg::Quantised => "quantised",
+            Fp8ActivationsArg::Unquantised => "unquantised",
+        }
+    }
+}
+
 /// The GPU a process runs on: the first it sees (`CUDA_VISIBLE_DEVICES` picks it; the fleet
 /// launcher and Kubernetes set that).
 const GPU: usize = 0;
@@ -48,9 +81,12 @@ pub fn load_backend(
     held: ExpertSelection,
     remote: Option<Arc<dyn ExpertBackend>>,
     cache_tokens: usize,
+    activations: Fp8ActivationsArg,
 ) -> Result<Box<dyn StepBackend>> {
-    let config = ModelConfig::from_model_files(files)?;
-    let backend: Box<dyn StepBackend> = if device.use_cuda()? {
+    let on_gpu = device.use_cuda()?;
+    let activations = activations.resolve(on_gpu);
+    let config = ModelConfig::from_model_files(files)?.with_fp8_activations(activations);
+    let backend: Box<dyn StepBackend> = if on_gpu {
         let mut report = progress::layer_reporter(files.describe(), config.num_hidden_layers);
         let experts = dsv3_cuda::ModelExperts {
             held,
@@ -61,6 +97,7 @@ pub fn load_backend(
             GPU,
             cache_tokens,
             experts,
+            activations,
             &mut |done, _| report(done),
         )?)
     } else {
@@ -70,16 +107,13 @@ pub fn load_backend(
         };
         let mut report = progress::layer_reporter(files.describe(), config.num_cache_layers() + expert_layers);
         let block = EngineOptions::default().block_size;
+        let ckpt = Checkpoint::open(files)?;
         let local = match held {
             ExpertSelection::None => None,
-            ref selection => Some(LocalExperts::load(
-                &Checkpoint::open(files)?,
-                &config,
-                selection,
-                &mut report,
-            )?),
+            ref selection => Some(LocalExperts::load(&ckpt, &config, selection, &mut report)?),
         };
-        let model = Model::load(files, &mut report).context("loading the attention model")?;
+        let model =
+            Model::from_checkpoint(config.clone(), &ckpt, &mut report).context("loading the attention model")?;
         let bytes = local.as_ref().map_or(0, LocalExperts::weight_bytes);
         let experts: Arc<dyn ExpertExecutor + Send> = match (held, local, remote) {
             (ExpertSelection::All, Some(local), None) => Arc::new(local),
@@ -100,12 +134,19 @@ pub fn load_backend(
 
 /// An expert shard's experts `held` (of every MoE layer) on `device`, with the device's name and
 /// the memory they hold.
-pub fn load_shard(files: &ModelFiles, device: DeviceArg, held: &[u32]) -> Result<(ShardExperts, String, MemoryUse)> {
-    let config = ModelConfig::from_model_files(files)?;
+pub fn load_shard(
+    files: &ModelFiles,
+    device: DeviceArg,
+    held: &[u32],
+    activations: Fp8ActivationsArg,
+) -> Result<(ShardExperts, String, MemoryUse)> {
+    let on_gpu = device.use_cuda()?;
+    let activations = activations.resolve(on_gpu);
+    let config = ModelConfig::from_model_files(files)?.with_fp8_activations(activations);
     let layers = config.routed_expert_layers().len();
     let mut report = progress::layer_reporter(files.describe(), layers);
-    let (experts, name, memory): (ShardExperts, String, MemoryUse) = if device.use_cuda()? {
-        let shard = dsv3_cuda::CudaExperts::load(files, GPU, held, &mut |done, _| report(done))?;
+    let (experts, name, memory): (ShardExperts, String, MemoryUse) = if on_gpu {
+        let shard = dsv3_cuda::CudaExperts::load(files, GPU, held, activations, &mut |done, _| report(done))?;
         let (name, memory) = (shard.device(), shard.memory());
         (Arc::new(shard), name, memory)
     } else {

@@ -1,6 +1,6 @@
 //! `dsv3-worker generate`: one prompt, printed as JSON (`token_ids`, `prompt_last_logits`) or text.
 
-use crate::device::{load_backend, DeviceArg};
+use crate::device::{load_backend, DeviceArg, Fp8ActivationsArg};
 use crate::{model_source, progress};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
@@ -59,6 +59,10 @@ pub struct GenerateArgs {
     /// Where the model runs.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
+    /// What the FP8 products do with their activations: quantised per token per 128 channels
+    /// (auto on a GPU, as DeepSeek's FP8 inference) or unquantised (auto on the CPU).
+    #[arg(long, value_enum, default_value_t = Fp8ActivationsArg::Auto, env = "DSV3_FP8_ACTIVATIONS")]
+    fp8_activations: Fp8ActivationsArg,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -98,7 +102,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         if !matches!(args.mla, MlaArg::Auto) {
             bail!("--mla applies to the CPU backend; the CUDA backend always runs MLA in both forms (auto)");
         }
-        let mut backend = load_backend(&files, DeviceArg::Cuda, ExpertSelection::All, None, cache_tokens)?;
+        let mut backend = load_backend(
+            &files,
+            DeviceArg::Cuda,
+            ExpertSelection::All,
+            None,
+            cache_tokens,
+            args.fp8_activations,
+        )?;
         let options = BatchOptions {
             max_step_tokens: GPU_STEP_TOKENS,
             vocab_limit: None,
@@ -112,6 +123,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 MlaArg::Naive => MlaForm::Naive,
                 MlaArg::Absorbed => MlaForm::Absorbed,
             },
+            fp8_activations: args.fp8_activations.resolve(false),
             ..EngineOptions::default()
         };
         let mut engine = Engine::load(&files, options, &mut progress::reporter(files.describe()))?;

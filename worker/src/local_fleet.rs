@@ -1,7 +1,7 @@
 //! `dsv3-worker fleet`: a router, A attention ranks and E expert shards as separate processes
 //! on loopback — the disaggregated fleet on one machine, for users and tests.
 
-use crate::device::DeviceArg;
+use crate::device::{DeviceArg, Fp8ActivationsArg};
 use crate::roles::{ActivationDtype, ModelArgs};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
@@ -40,6 +40,11 @@ pub struct FleetArgs {
     /// KV cache positions of each attention rank.
     #[arg(long, default_value_t = 16384)]
     cache_tokens: usize,
+    /// What the FP8 products do with their activations (passed to the attention ranks and the
+    /// expert shards): quantised per token per 128 channels (auto on GPUs) or unquantised (auto on
+    /// the CPU).
+    #[arg(long, value_enum, default_value_t = Fp8ActivationsArg::Auto, env = "DSV3_FP8_ACTIVATIONS")]
+    fp8_activations: Fp8ActivationsArg,
 }
 
 /// The GPUs the members are placed on, as `CUDA_VISIBLE_DEVICES` entries; empty on the CPU.
@@ -118,6 +123,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
         });
         if role != "router" {
             a.extend(["--device".into(), device.into()]);
+            a.extend(["--fp8-activations".into(), args.fp8_activations.name().into()]);
         }
         if let Some(gpu) = &gpu {
             command.env("CUDA_VISIBLE_DEVICES", gpu);

@@ -1,7 +1,7 @@
 //! The fleet roles: `serve` (all in one process), `router`, `attention`, `expert`, and `fleet`
 //! (a local multi-process fleet on loopback).
 
-use crate::device::{load_backend, load_shard, DeviceArg};
+use crate::device::{load_backend, load_shard, DeviceArg, Fp8ActivationsArg};
 use crate::model_source;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
@@ -59,6 +59,10 @@ pub struct ServeArgs {
     /// Where the model runs: CUDA when a GPU is present (auto), or as named.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
+    /// What the FP8 products do with their activations: quantised per token per 128 channels
+    /// (auto on a GPU, as DeepSeek's FP8 inference) or unquantised (auto on the CPU).
+    #[arg(long, value_enum, default_value_t = Fp8ActivationsArg::Auto, env = "DSV3_FP8_ACTIVATIONS")]
+    fp8_activations: Fp8ActivationsArg,
 }
 
 #[derive(Args)]
@@ -124,6 +128,10 @@ pub struct AttentionArgs {
     /// What activations travel to the expert shards as: bf16 on a GPU, f32 on the CPU (auto).
     #[arg(long, value_enum, default_value_t = ActivationDtype::Auto)]
     activation_dtype: ActivationDtype,
+    /// What the FP8 products do with their activations: quantised per token per 128 channels
+    /// (auto on a GPU, as DeepSeek's FP8 inference) or unquantised (auto on the CPU).
+    #[arg(long, value_enum, default_value_t = Fp8ActivationsArg::Auto, env = "DSV3_FP8_ACTIVATIONS")]
+    fp8_activations: Fp8ActivationsArg,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -167,6 +175,10 @@ pub struct ExpertArgs {
     /// Where the experts run (the GPU is the first one the process sees: CUDA_VISIBLE_DEVICES).
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
+    /// What the FP8 products do with their activations: quantised per token per 128 channels
+    /// (auto on a GPU, as DeepSeek's FP8 inference) or unquantised (auto on the CPU).
+    #[arg(long, value_enum, default_value_t = Fp8ActivationsArg::Auto, env = "DSV3_FP8_ACTIVATIONS")]
+    fp8_activations: Fp8ActivationsArg,
 }
 
 impl RouterArgs {
@@ -246,7 +258,14 @@ fn scheduler_config(http: &HttpArgs) -> SchedulerConfig {
 
 pub fn serve(args: ServeArgs) -> Result<()> {
     let files = model_source::resolve(args.model.model.clone());
-    let backend = load_backend(&files, args.device, ExpertSelection::All, None, args.cache_tokens)?;
+    let backend = load_backend(
+        &files,
+        args.device,
+        ExpertSelection::All,
+        None,
+        args.cache_tokens,
+        args.fp8_activations,
+    )?;
     let config = backend.config().clone();
     let rank: Arc<dyn AttentionRank> = Arc::new(LocalAttention::new(0, backend, None));
     let fleet = Fleet::start(config, vec![rank], scheduler_config(&args.http));
@@ -307,8 +326,15 @@ pub fn attention(args: AttentionArgs) -> Result<()> {
         [] => ExpertSelection::None,
         ids => ExpertSelection::Only(ids.to_vec()),
     };
-    let backend = load_backend(&files, device, held, Some(experts.clone()), args.cache_tokens)
-        .with_context(|| format!("loading attention rank {}", args.rank))?;
+    let backend = load_backend(
+        &files,
+        device,
+        held,
+        Some(experts.clone()),
+        args.cache_tokens,
+        args.fp8_activations,
+    )
+    .with_context(|| format!("loading attention rank {}", args.rank))?;
     let rank = LocalAttention::new(args.rank, backend, Some(experts));
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind((args.listen.host.as_str(), args.listen.port))
@@ -340,7 +366,7 @@ pub fn expert(args: ExpertArgs) -> Result<()> {
             )
         })?
         .clone();
-    let (experts, device, memory) = load_shard(&files, args.device, &held)?;
+    let (experts, device, memory) = load_shard(&files, args.device, &held, args.fp8_activations)?;
     let server = grpc::expert_server(args.rank, experts, &plan, device, memory)?;
     runtime()?.block_on(async {
         let listener = tokio::net::TcpListener::bind((args.listen.host.as_str(), args.listen.port))

@@ -6,7 +6,7 @@
 
 use crate::model::CudaModel;
 use anyhow::{Context, Result};
-use dsv3_engine::{Chunk, ModelConfig, Outputs, TokenChoice, TokenPick};
+use dsv3_engine::{Chunk, Fp8Activations, ModelConfig, Outputs, TokenChoice, TokenPick};
 use std::path::PathBuf;
 
 pub struct BenchOptions {
@@ -20,6 +20,8 @@ pub struct BenchOptions {
     pub peer: Option<PathBuf>,
     pub out: Option<PathBuf>,
     pub configs: Vec<String>,
+    /// What the FP8 products do with their activations.
+    pub fp8_activations: Fp8Activations,
 }
 
 /// DeepSeek-V3's shapes with `layers` layers of which the first `dense` are dense.
@@ -38,7 +40,9 @@ pub fn v3_config_json(layers: usize, dense: usize) -> serde_json::Value {
         "routed_scaling_factor": 2.5, "norm_topk_prob": true, "rope_theta": 10000.0,
         "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "eos_token_id": 1, "num_nextn_predict_layers": 0,
         "rope_scaling": {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
-            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+            "weight_block_size": [128, 128]}
     })
 }
 
@@ -272,8 +276,13 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
             other => anyhow::bail!("unknown benchmark config `{other}` (moe_layer, slice5, mla)"),
         };
         eprintln!("{name}: making random FP8 weights on the GPU...");
-        let mut model = CudaModel::random(v3_config(layers, dense)?, 0, cache_tokens, 42)
-            .with_context(|| format!("building the {name} model"))?;
+        let mut model = CudaModel::random(
+            v3_config(layers, dense)?.with_fp8_activations(opts.fp8_activations),
+            0,
+            cache_tokens,
+            42,
+        )
+        .with_context(|| format!("building the {name} model"))?;
         if bandwidth.is_none() {
             let bw = copy_bandwidth(&model)?;
             eprintln!("{}: device-to-device copy {:.0} GB/s", model.gpu.name, bw / 1e9);

@@ -8,7 +8,7 @@ use crate::model::{run_bank, BankCounters, ExpertKernels, MoeStats};
 use crate::weights::ExpertBank;
 use anyhow::{bail, ensure, Context, Result};
 use dsv3_engine::moe::NO_EXPERT;
-use dsv3_engine::{Checkpoint, ExpertExecutor, MemoryUse, ModelConfig, ModelFiles, TokenRoutes};
+use dsv3_engine::{Checkpoint, ExpertExecutor, Fp8Activations, MemoryUse, ModelConfig, ModelFiles, TokenRoutes};
 use std::collections::BTreeMap;
 use std::sync::{mpsc, Mutex};
 
@@ -40,14 +40,16 @@ pub struct CudaExperts {
 }
 
 impl CudaExperts {
-    /// Loads experts `held` of every MoE layer onto GPU `ordinal` (only their tensors are read).
+    /// Loads experts `held` of every MoE layer onto GPU `ordinal` (only their tensors are read),
+    /// their products applying `activations`.
     pub fn load(
         files: &ModelFiles,
         ordinal: usize,
         held: &[u32],
+        activations: Fp8Activations,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
-        let config = ModelConfig::from_model_files(files)?;
+        let config = ModelConfig::from_model_files(files)?.with_fp8_activations(activations);
         let mut local_of = vec![-1i32; config.n_routed_experts];
         for (i, &e) in held.iter().enumerate() {
             let slot = local_of
@@ -88,7 +90,7 @@ impl CudaExperts {
                 gpu,
                 banks,
                 stats,
-                kernels: ExpertKernels::from_env(),
+                kernels: ExpertKernels::new(&config),
             }),
         })
     }

@@ -21,15 +21,14 @@ pub fn cublaslt_present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
-/// Token rows from which dense FP8 products go to cuBLASLt (below: our tensor-core kernel, bf16
-/// activations). Lower thresholds are faster (slice5 decode on the H200: batch 256 29.9 -> 18.7 ms
-/// from 129 rows, batch 128 18.2 -> 12.0 ms from 17) but the FP8 activations then move a 320-row
-/// prefill's hidden state to cosine 0.997 of the reference's, below what the GPU tests require.
-const DENSE_MIN_ROWS: usize = 513;
+/// Token rows from which dense products with quantised activations go to cuBLASLt (below: our
+/// tensor-core kernel on the same e4m3 values and scales). cuBLASLt is the faster from here
+/// (slice5 decode on the H200: batch 64 12.1 -> 9.2 ms, batch 256 31.1 -> 17.3 ms).
+const DENSE_MIN_ROWS: usize = 17;
 
 pub struct Fp8Gemm {
-    /// Token rows from which [`crate::linear::linear`] uses these products (DSV3_FP8_CUBLASLT_ROWS;
-    /// default [`DENSE_MIN_ROWS`]).
+    /// Token rows from which [`crate::linear::linear`] uses these products for quantised
+    /// activations (DSV3_FP8_CUBLASLT_ROWS; default [`DENSE_MIN_ROWS`]).
     pub dense_min_rows: usize,
     handle: sys::cublasLtHandle_t,
     desc: sys::cublasLtMatmulDesc_t,
@@ -237,8 +236,8 @@ impl Drop for Fp8Gemm {
     }
 }
 
-/// Rows as e4m3 with one scale per row per 128 channels (`quantize_rows_fp8`), the activation
-/// operand of [`Fp8Gemm::gemm`].
+/// Rows as e4m3 with one scale per row per 128 channels (`quantize_rows_fp8`; powers of two when
+/// `ue8m0`), the activation operand of [`Fp8Gemm::gemm`] and of the Hopper expert kernel.
 pub struct QuantizedRows {
     pub data: DeviceBuf,
     pub scales: DeviceBuf,
@@ -251,6 +250,7 @@ impl QuantizedRows {
     /// `groups` (the device offsets of groups of rows, and their count), each group's scales are
     /// laid out `[k/128][group rows]` from its first row on, as its product reads them; without,
     /// the n rows are one group.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         g: &Gpu,
         x: u64,
@@ -259,6 +259,7 @@ impl QuantizedRows {
         n: usize,
         k: usize,
         groups: Option<(u64, usize)>,
+        ue8m0: bool,
     ) -> Result<Self> {
         let data = g.alloc(n * k)?;
         let scales = g.alloc(n * (k / 128) * 4)?;
@@ -279,10 +280,49 @@ impl QuantizedRows {
                 int(k),
                 ptr(offsets),
                 int(count),
+                int(ue8m0 as usize),
             ],
         )?;
         Ok(QuantizedRows { data, scales, k })
     }
+}
+
+/// `n` contiguous rows of `k` channels quantised per 128 channels, as the mma.sync FP8 kernels
+/// read them: the e4m3 values in bf16 (exact) and the scales `[n][k/128]` (their `x_scale`).
+pub fn quantize_rows_bf16(g: &Gpu, x: u64, n: usize, k: usize, ue8m0: bool) -> Result<(DeviceBuf, DeviceBuf)> {
+    let values = g.alloc(n * k * 2)?;
+    let scales = g.alloc(n * (k / 128) * 4)?;
+    let warps = n * (k / 128);
+    g.launch(
+        "quantize_rows_bf16",
+        (warps.div_ceil(8) as u32, 1, 1),
+        256,
+        0,
+        &[
+            ptr(values.addr),
+            ptr(scales.addr),
+            ptr(x),
+            int(n),
+            int(k),
+            int(ue8m0 as usize),
+        ],
+    )?;
+    Ok((values, scales))
+}
+
+/// `n` contiguous rows of `k` channels replaced by the values an FP8 product sees (e4m3 times
+/// the block's scale), for the kernels that read f32 activations.
+pub fn quantize_rows_f32(g: &Gpu, x: u64, n: usize, k: usize, ue8m0: bool) -> Result<DeviceBuf> {
+    let out = g.alloc(n * k * 4)?;
+    let warps = n * (k / 128);
+    g.launch(
+        "quantize_rows_f32",
+        (warps.div_ceil(8) as u32, 1, 1),
+        256,
+        0,
+        &[ptr(out.addr), ptr(x), int(n), int(k), int(ue8m0 as usize)],
+    )?;
+    Ok(out)
 }
 
 /// Matrix layouts of one call, destroyed with it.

@@ -46,6 +46,8 @@ pub const KERNELS: &[&str] = &[
     "add_f32",
     "bank_expert_ids",
     "quantize_rows_fp8",
+    "quantize_rows_bf16",
+    "quantize_rows_f32",
     "rope_interleaved",
     "f32_to_bf16_rows",
     "dequant_bf16",

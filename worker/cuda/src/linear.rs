@@ -1,6 +1,6 @@
 //! Products with a weight matrix, routed to the kernel that suits the batch size.
 
-use crate::fp8_gemm::{Fp8Gemm, QuantizedRows};
+use crate::fp8_gemm::{quantize_rows_bf16, quantize_rows_f32, Fp8Gemm, QuantizedRows};
 use crate::gpu::{int, ptr, u64_arg, DeviceBuf, Gpu};
 use crate::weights::{DeviceMatrix, Format};
 use anyhow::{ensure, Result};
@@ -112,17 +112,20 @@ impl SplitK {
     }
 }
 
-/// `y[m, w.rows] (+)= x[m, w.cols] · wᵀ` (x contiguous, y with row stride `ldy`), by batch size:
-/// cuBLASLt's block-scaled FP8 product from [`crate::fp8_gemm::Fp8Gemm::dense_min_rows`] rows
-/// where the GPU has it; below, FP8 weights on our tensor-core kernel (up to 512 rows) and large
-/// bf16 ones up to 16; else cuBLAS on bf16 (weights dequantised into `dequant`); the
-/// weight-streaming GEMV for f32 weights and shapes the tensor-core kernels do not take. `simt`
-/// forces the CUDA-core kernels.
+/// `y[m, w.rows] (+)= x[m, w.cols] · wᵀ` (x contiguous, y with row stride `ldy`), by batch size.
+/// With `input_quant` (`Some(ue8m0)`: [`dsv3_engine::Fp8Activations::Quantised`]) an FP8 weight
+/// meets x quantised per row per 128 channels: from [`Fp8Gemm::dense_min_rows`] rows cuBLASLt's
+/// block-scaled FP8 product where the GPU has it, below our tensor-core kernel on the same e4m3
+/// values and scales. Without, FP8 weights meet bf16 activations on our tensor-core kernel (up to
+/// 512 rows). Large bf16 weights take the bf16 tensor-core kernel up to 16 rows; else cuBLAS on
+/// bf16 (FP8 weights dequantised into `dequant`); the weight-streaming GEMV for f32 weights and
+/// shapes the tensor-core kernels do not take. `simt` forces the CUDA-core kernels.
 #[allow(clippy::too_many_arguments)]
 pub fn linear(
     g: &Gpu,
     dequant: &DeviceBuf,
     simt: bool,
+    input_quant: Option<bool>,
     y: u64,
     ldy: usize,
     x: u64,
@@ -130,6 +133,15 @@ pub fn linear(
     w: &DeviceMatrix,
     accumulate: bool,
 ) -> Result<()> {
+    let input_quant = input_quant.filter(|_| w.format == Format::Fp8);
+    if input_quant.is_some() {
+        ensure!(
+            w.cols % 128 == 0,
+            "FP8 activations are quantised in blocks of 128 channels; a {}×{} weight has a partial block (run with --fp8-activations unquantised)",
+            w.rows,
+            w.cols
+        );
+    }
     // Large bf16 matrices (the head); the small router keeps the f32-activation GEMV, since
     // expert choice is sensitive to rounding.
     let bf16_tensor_cores =
@@ -159,16 +171,15 @@ pub fn linear(
         )?;
         return target.finish(g);
     }
-    // Larger steps: cuBLASLt's block-scaled FP8 product on the rows quantised per 128 channels,
-    // the weights read as stored; the last m % 4 rows (it takes multiples of 4) as below.
-    let fp8 = if w.format == Format::Fp8 && !simt && Fp8Gemm::takes_weight(w.rows, w.cols) {
-        g.fp8_gemm()?.filter(|f| m >= f.dense_min_rows)
-    } else {
-        None
+    // Larger steps: cuBLASLt's block-scaled FP8 product, the weights read as stored; the last
+    // m % 4 rows (it takes multiples of 4) as below.
+    let fp8 = match input_quant {
+        Some(_) if !simt && Fp8Gemm::takes_weight(w.rows, w.cols) => g.fp8_gemm()?.filter(|f| m >= f.dense_min_rows),
+        _ => None,
     };
-    if let Some(fp8) = fp8 {
+    if let (Some(fp8), Some(ue8m0)) = (fp8, input_quant) {
         let body = m / 4 * 4;
-        let q = QuantizedRows::new(g, x, w.cols, None, body, w.cols, None)?;
+        let q = QuantizedRows::new(g, x, w.cols, None, body, w.cols, None, ue8m0)?;
         fp8.reserve(g, 0)?;
         fp8.gemm(
             g,
@@ -187,10 +198,27 @@ pub fn linear(
             return Ok(());
         }
         let (y_tail, x_tail) = (y + (body * ldy * 4) as u64, x + (body * w.cols * 4) as u64);
-        return linear(g, dequant, simt, y_tail, ldy, x_tail, m - body, w, accumulate);
+        return linear(
+            g,
+            dequant,
+            simt,
+            input_quant,
+            y_tail,
+            ldy,
+            x_tail,
+            m - body,
+            w,
+            accumulate,
+        );
     }
     if w.format == Format::Fp8 && mma_fits(w.rows, w.cols) && (TC_MIN_ROWS..=TC_MAX_ROWS).contains(&m) && !simt {
-        let xb = g.to_bf16(x, m * w.cols)?;
+        let (xb, x_scale) = match input_quant {
+            Some(ue8m0) => {
+                let (values, scales) = quantize_rows_bf16(g, x, m, w.cols, ue8m0)?;
+                (values, Some(scales))
+            }
+            None => (g.to_bf16(x, m * w.cols)?, None),
+        };
         let blocks = w.rows.div_ceil(64);
         let target = SplitK::new(
             g,
@@ -212,8 +240,8 @@ pub fn linear(
                 ptr(target.out),
                 int(target.ldo),
                 ptr(xb.addr),
-                ptr(0),
                 int(w.cols),
+                ptr(x_scale.as_ref().map_or(0, |s| s.addr)),
                 int(m),
                 ptr(w.data.addr),
                 ptr(w.scale_addr()),
@@ -225,6 +253,12 @@ pub fn linear(
         )?;
         return target.finish(g);
     }
+    // The kernels below read f32 (or bf16) activations: quantised ones as the values the FP8
+    // product would see (through cuBLAS's bf16 they are rounded once more).
+    let quantised = input_quant
+        .map(|ue8m0| quantize_rows_f32(g, x, m, w.cols, ue8m0))
+        .transpose()?;
+    let x = quantised.as_ref().map_or(x, |q| q.addr);
     if m <= GEMV_MAX_ROWS {
         let name = match w.format {
             Format::Fp8 => "gemv_fp8",

@@ -8,7 +8,7 @@ use crate::gpu::{float, ptr, u64_arg, Gpu};
 use crate::model::{run_bank, BankCounters, CudaModel, ExpertKernels, MoeStats};
 use crate::weights::ExpertBank;
 use anyhow::Result;
-use dsv3_engine::{ExpertExecutor, TokenRoutes};
+use dsv3_engine::{ExpertExecutor, Fp8Activations, TokenRoutes};
 use std::sync::Arc;
 
 /// Routed experts that answer zeros at once: what is left to time is the attention side of a MoE
@@ -76,8 +76,20 @@ pub fn attention_steps(batches: &[usize], context: usize, reps: usize) -> Result
     // Whole blocks of 64 per sequence, one more for the decoded token.
     let cache = max * (context / 64 + 2) * 64;
     let host = || crate::ModelExperts::remote(Arc::new(NoExperts));
-    let mut two = CudaModel::random_with(v3_config(2, 1)?, 0, cache, 42, host())?;
-    let mut one = CudaModel::random_with(v3_config(1, 0)?, 0, cache, 43, host())?;
+    let mut two = CudaModel::random_with(
+        v3_config(2, 1)?.with_fp8_activations(Fp8Activations::Quantised),
+        0,
+        cache,
+        42,
+        host(),
+    )?;
+    let mut one = CudaModel::random_with(
+        v3_config(1, 0)?.with_fp8_activations(Fp8Activations::Quantised),
+        0,
+        cache,
+        43,
+        host(),
+    )?;
     let mut out = Vec::new();
     for &b in batches {
         let ends = decode(&mut two, b, context, reps, true)?.0;
@@ -158,7 +170,7 @@ impl ShardBench {
             counts: self.stats.counts_addr(0),
             touched: self.stats.touched_addr(),
         };
-        let kernels = ExpertKernels::from_env();
+        let kernels = ExpertKernels::new(&v3_config(1, 0)?.with_fp8_activations(Fp8Activations::Quantised));
         let mut run = || {
             run_bank(
                 g, kernels, &self.bank, &x, &h, m, k, idd.addr, wd.addr, valid.addr, &counters,

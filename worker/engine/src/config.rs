@@ -22,13 +22,30 @@ pub struct RopeConfig {
     pub yarn: Option<Yarn>,
 }
 
-/// FP8 block quantisation as declared by `quantization_config`.
+/// FP8 block quantisation as declared by `quantization_config`, and how this process applies it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Fp8Quantization {
     pub block_rows: usize,
     pub block_cols: usize,
     /// V3.1 `scale_fmt: "ue8m0"`: activation scales are powers of two.
     pub ue8m0_scales: bool,
+    /// What the FP8 products do with their activations. Not read from config.json, whose
+    /// `activation_scheme` must be `dynamic` (scales computed per token at run time, which
+    /// [`Fp8Activations::Quantised`] implements): the process chooses (`--fp8-activations`).
+    pub activations: Fp8Activations,
+}
+
+/// How an FP8 weight meets its activations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Fp8Activations {
+    /// Kept at the backend's width (f32 on the CPU, bf16 on the tensor cores) against the
+    /// weights' exact values: the dequantised forward pass that transformers computes.
+    #[default]
+    Unquantised,
+    /// Quantised to e4m3 per token per 128 channels with a scale of amax / 448 (a power of two
+    /// under `scale_fmt: ue8m0`), multiplied in blocks of 128 with both scales applied to each
+    /// block's sum: DeepSeek's own FP8 inference, and what the checkpoint was trained for.
+    Quantised,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -126,6 +143,22 @@ impl<'a> Keys<'a> {
 }
 
 impl ModelConfig {
+    /// This config with its FP8 products applying `activations` (unquantised checkpoints have none).
+    pub fn with_fp8_activations(mut self, activations: Fp8Activations) -> Self {
+        if let Some(q) = &mut self.quantization {
+            q.activations = activations;
+        }
+        self
+    }
+
+    /// What the FP8 products do with their activations ([`Fp8Activations::Unquantised`] for a
+    /// checkpoint without FP8 weights).
+    pub fn fp8_activations(&self) -> Fp8Activations {
+        self.quantization
+            .as_ref()
+            .map_or(Fp8Activations::Unquantised, |q| q.activations)
+    }
+
     pub fn from_file(path: &Path) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("cannot read model config {}", path.display()))?;
@@ -379,9 +412,24 @@ fn parse_quantization(k: &Keys) -> Result<Option<Fp8Quantization>> {
             .filter(|b| b.len() == 2 && b.iter().all(|&x| x > 0))
             .context("config.json: `quantization_config.weight_block_size` must be two positive integers")?,
     };
+    if let Some(scheme) = q.str("activation_scheme") {
+        if scheme != "dynamic" {
+            bail!(
+                "config.json: `quantization_config.activation_scheme` `{scheme}` is not supported (expected `dynamic`)"
+            );
+        }
+    }
+    let ue8m0_scales = match q.str("scale_fmt") {
+        None => false,
+        Some("ue8m0") => true,
+        Some(other) => {
+            bail!("config.json: `quantization_config.scale_fmt` `{other}` is not supported (expected `ue8m0`)")
+        }
+    };
     Ok(Some(Fp8Quantization {
         block_rows: block[0],
         block_cols: block[1],
-        ue8m0_scales: q.str("scale_fmt") == Some("ue8m0"),
+        ue8m0_scales,
+        activations: Fp8Activations::default(),
     }))
 }

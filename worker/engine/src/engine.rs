@@ -4,7 +4,7 @@
 use crate::backend::CpuBackend;
 use crate::batch::BatchOptions;
 use crate::checkpoint::{Checkpoint, ModelFiles};
-use crate::config::ModelConfig;
+use crate::config::{Fp8Activations, ModelConfig};
 use crate::mla::MlaForm;
 use crate::model::{Model, StepOptions};
 use crate::moe::{ExpertSelection, LocalExperts};
@@ -22,6 +22,8 @@ pub struct EngineOptions {
     pub max_step_tokens: usize,
     pub mla: MlaForm,
     pub experts: ExpertSelection,
+    /// What the FP8 products do with their activations.
+    pub fp8_activations: Fp8Activations,
 }
 
 impl Default for EngineOptions {
@@ -32,6 +34,7 @@ impl Default for EngineOptions {
             max_step_tokens: 512,
             mla: MlaForm::Auto,
             experts: ExpertSelection::All,
+            fp8_activations: Fp8Activations::Unquantised,
         }
     }
 }
@@ -101,7 +104,7 @@ pub struct Engine {
 impl Engine {
     pub fn load(files: &ModelFiles, options: EngineOptions, progress: &mut dyn FnMut(LoadProgress)) -> Result<Self> {
         let started = Instant::now();
-        let config = ModelConfig::from_model_files(files)?;
+        let config = ModelConfig::from_model_files(files)?.with_fp8_activations(options.fp8_activations);
         let ckpt = Checkpoint::open(files)?;
         let total = config.num_cache_layers() + config.routed_expert_layers().len();
         let mut done = 0;

@@ -65,6 +65,38 @@ pub fn encode_e4m3(value: f32) -> u8 {
     }
 }
 
+/// Quantises one block of activations as DeepSeek's FP8 inference does and writes back the values
+/// the product sees: scale = amax / 448 (rounded up to a power of two when `ue8m0`), each value
+/// times 448 / amax (times 1 / scale under ue8m0) encoded to e4m3, decoded, times the scale.
+/// The CUDA kernels compute the same (`quantize_block` in `common.cuh`).
+pub fn quantize_block_in_place(block: &mut [f32], ue8m0: bool) {
+    let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    if amax == 0.0 || !amax.is_finite() {
+        return;
+    }
+    let (scale, inv) = block_scale(amax, ue8m0);
+    for v in block {
+        *v = E4M3_TO_F32[encode_e4m3(*v * inv) as usize] * scale;
+    }
+}
+
+/// The scale of a block with largest magnitude `amax` > 0 and the factor that maps it onto e4m3.
+fn block_scale(amax: f32, ue8m0: bool) -> (f32, f32) {
+    if ue8m0 {
+        // The next power of two at or above amax / 448, from the bits (no log2 rounding).
+        let exact = amax / 448.0;
+        let bits = exact.to_bits();
+        let scale = if bits & 0x007f_ffff == 0 {
+            exact
+        } else {
+            f32::from_bits((bits & 0x7f80_0000) + 0x0080_0000)
+        };
+        (scale, 1.0 / scale)
+    } else {
+        (amax / 448.0, 448.0 / amax)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,5 +151,57 @@ mod tests {
             );
             x += 0.013_7;
         }
+    }
+
+    #[test]
+    fn quantized_blocks_are_e4m3_times_their_scale() {
+        let mut state = 7u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.7
+        };
+        for ue8m0 in [false, true] {
+            let x: Vec<f32> = (0..128).map(|_| next()).collect();
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let mut q = x.clone();
+            quantize_block_in_place(&mut q, ue8m0);
+            let scale = if ue8m0 {
+                // The smallest power of two s with amax / s <= 448.
+                let mut s = 2f32.powi(-30);
+                while amax / s > 448.0 {
+                    s *= 2.0;
+                }
+                s
+            } else {
+                amax / 448.0
+            };
+            for (&orig, &got) in x.iter().zip(&q) {
+                let code = encode_e4m3(got / scale);
+                assert_eq!(
+                    E4M3_TO_F32[code as usize] * scale,
+                    got,
+                    "{got} is not an e4m3 value times {scale}"
+                );
+                // Round to nearest: within half a step of the e4m3 grid (relative 2^-4, or the
+                // subnormal step 2^-10 absolute).
+                let err = (orig - got).abs() / scale;
+                assert!(
+                    err <= (orig.abs() / scale / 16.0).max(2f32.powi(-10)) * 1.0001,
+                    "{orig} -> {got}"
+                );
+            }
+            if !ue8m0 {
+                assert_eq!(
+                    q.iter().fold(0f32, |m, v| m.max(v.abs())),
+                    amax,
+                    "amax maps onto 448 exactly"
+                );
+            }
+        }
+        let mut zeros = [0.0f32; 128];
+        quantize_block_in_place(&mut zeros, false);
+        assert!(zeros.iter().all(|&v| v == 0.0));
     }
 }

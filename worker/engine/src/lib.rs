@@ -28,7 +28,7 @@ pub use backend::{
 pub use batch::{check_request, BatchOptions};
 pub use block_table::{BlockTable, CacheError};
 pub use checkpoint::{Checkpoint, ModelFiles};
-pub use config::ModelConfig;
+pub use config::{Fp8Activations, ModelConfig};
 pub use engine::{finish_reason, Engine, EngineOptions, FinishReason, GenerateOutput, GenerateRequest, LoadProgress};
 pub use kv_cache::{KvCache, SeqId};
 pub use mla::MlaForm;

@@ -3,7 +3,7 @@
 //! never copied whole.
 
 use crate::checkpoint::{Checkpoint, TensorRef};
-use crate::config::Fp8Quantization;
+use crate::config::{Fp8Activations, Fp8Quantization};
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 use safetensors::Dtype;
@@ -17,6 +17,9 @@ enum Format {
         scale_cols: usize,
         block_rows: usize,
         block_cols: usize,
+        /// Products quantise their input per row per `block_cols` channels first
+        /// ([`Fp8Activations::Quantised`]); `Some(ue8m0)`, with power-of-two scales when true.
+        input_quant: Option<bool>,
     },
 }
 
@@ -50,6 +53,9 @@ impl Matrix {
             Dtype::BF16 => Format::Bf16,
             Dtype::F8_E4M3 => {
                 let (block_rows, block_cols) = quant.map(|q| (q.block_rows, q.block_cols)).unwrap_or((128, 128));
+                let input_quant = quant
+                    .filter(|q| q.activations == Fp8Activations::Quantised)
+                    .map(|q| q.ue8m0_scales);
                 let scale_name = format!("{name}_scale_inv");
                 let scale = ckpt
                     .get(&scale_name)
@@ -69,6 +75,7 @@ impl Matrix {
                     scale_cols,
                     block_rows,
                     block_cols,
+                    input_quant,
                 }
             }
             _ => unreachable!("dtype checked above"),
@@ -111,6 +118,7 @@ impl Matrix {
                 scale_cols,
                 block_rows,
                 block_cols,
+                ..
             } => {
                 let bytes = &data[r * cols..(r + 1) * cols];
                 let scale_row = &scales[(r / block_rows) * scale_cols..(r / block_rows + 1) * scale_cols];
@@ -139,6 +147,18 @@ impl Matrix {
         if m == 0 {
             return;
         }
+        let quantised;
+        let x = match &self.format {
+            Format::Fp8 {
+                input_quant: Some(ue8m0),
+                block_cols,
+                ..
+            } => {
+                quantised = quantize_rows(x, self.cols, *block_cols, *ue8m0);
+                &quantised[..]
+            }
+            _ => x,
+        };
         if m <= SMALL_BATCH {
             self.matmul_rows(x, m, y);
         } else {
@@ -214,6 +234,17 @@ impl Matrix {
             }
         });
     }
+}
+
+/// `x` (rows of `cols`) with every row quantised per `block` channels, as an FP8 product sees it.
+fn quantize_rows(x: &[f32], cols: usize, block: usize, ue8m0: bool) -> Vec<f32> {
+    let mut out = x.to_vec();
+    for row in out.chunks_exact_mut(cols) {
+        for chunk in row.chunks_mut(block) {
+            crate::fp8::quantize_block_in_place(chunk, ue8m0);
+        }
+    }
+    out
 }
 
 #[derive(Clone, Copy)]

@@ -24,6 +24,8 @@ pub enum MlaForm {
     Absorbed,
 }
 
+// One per layer: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum QueryProj {
     LowRank { a: Matrix, norm: Vec<f32>, b: Matrix },
     Full(Matrix),

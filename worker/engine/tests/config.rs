@@ -76,5 +76,13 @@ fn missing_and_invalid_keys_are_named() {
     })
     .contains("factor"));
     assert!(err(&|v| v["quantization_config"] = serde_json::json!({"quant_method": "awq"})).contains("quant_method"));
+    // Static activation scales would need `input_scale` tensors; an unknown scale format would be
+    // applied as amax / 448.
+    assert!(
+        err(&|v| v["quantization_config"]["activation_scheme"] = "static".into())
+            .contains("`quantization_config.activation_scheme` `static` is not supported")
+    );
+    assert!(err(&|v| v["quantization_config"]["scale_fmt"] = "e8m0".into())
+        .contains("`quantization_config.scale_fmt` `e8m0` is not supported"));
     assert!(ModelConfig::from_json_str("{not json").is_err());
 }

@@ -35,6 +35,41 @@ __device__ __forceinline__ float e4m3_to_f32(u32 b) {
     return (b & 0x80u) ? -f : f;
 }
 
+// f32 -> e4m3 (round to nearest even, saturating at ±448; NaN saturates too).
+__device__ __forceinline__ u32 f32_to_e4m3(float v) {
+    u32 sign = (__float_as_uint(v) >> 24) & 0x80u;
+    float a = fminf(fabsf(v), 448.0f);
+    if (a < 0.015625f) return sign | (u32)__float2int_rn(a * 512.0f);  // subnormal steps of 2^-9
+    int e;
+    float f = frexpf(a, &e);  // a = f * 2^e, f in [0.5, 1)
+    u32 m = (u32)__float2int_rn((f * 2.0f - 1.0f) * 8.0f);
+    int field = e + 6;
+    if (m == 8) {
+        m = 0;
+        field += 1;
+    }
+    return sign | ((u32)field << 3) | m;
+}
+
+// The scale of an activation block whose largest magnitude is amax (amax / 448, or under ue8m0
+// the next power of two at or above it, taken from the bits) and the factor that maps the block
+// onto e4m3 (448 / amax, or 1 / scale). An all-zero block gets 1 and 1. The CPU reference
+// computes the same (fp8::quantize_block_in_place).
+__device__ __forceinline__ void block_scale(float amax, int ue8m0, float& scale, float& inv) {
+    if (!(amax > 0.f)) {
+        scale = inv = 1.0f;
+        return;
+    }
+    scale = amax / 448.0f;
+    if (ue8m0) {
+        u32 bits = __float_as_uint(scale);
+        if (bits & 0x007fffffu) scale = __uint_as_float((bits & 0x7f800000u) + 0x00800000u);
+        inv = 1.0f / scale;
+    } else {
+        inv = 448.0f / amax;
+    }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -137,3 +137,82 @@ extern "C" __global__ void read_stream(const float4* x, u64 n, float* out) {
     }
     if (acc == 1234.5678f) out[blockIdx.x] = acc;
 }
+
+// ---------------------------------------------------------------- activations quantised to e4m3
+// Every kernel here quantises per row per 128 columns, one warp per (row, 128 columns), each
+// lane 4 values; k a multiple of 128, ldx of 4. ue8m0: power-of-two scales (block_scale).
+
+// This warp's (row r, 128-column block kb) of n rows of k columns; false past the last.
+__device__ __forceinline__ bool warp_block(int n, int k, int& r, int& kb) {
+    int warp = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5), blocks = k / QBLOCK;
+    r = warp / blocks;
+    kb = warp % blocks;
+    return warp < n * blocks;
+}
+
+// One warp's 128 values: the e4m3 codes of its lane's four (packed, first in the low byte) and
+// the block's scale.
+__device__ __forceinline__ u32 quantize_lane(float4 v, int ue8m0, float& scale) {
+    float amax = warp_max(fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+    float inv;
+    block_scale(amax, ue8m0, scale, inv);
+    return f32_to_e4m3(v.x * inv) | (f32_to_e4m3(v.y * inv) << 8) | (f32_to_e4m3(v.z * inv) << 16) |
+           (f32_to_e4m3(v.w * inv) << 24);
+}
+
+// Rows as e4m3 with one f32 scale per row per 128 columns, the activation operand of cuBLASLt's
+// block-scaled FP8 products and of the Hopper expert kernel. Output row r is row rows[r] of x
+// (rows null: row r). Scales are laid out per group of output rows, as each product reads them:
+// the rows offsets[g]..offsets[g+1] keep [k/128][group rows] from offsets[g] * k/128 (offsets
+// null: one group of all n rows).
+extern "C" __global__ void quantize_rows_fp8(u8* out, float* scales, const float* x, int ldx, const int* rows, int n,
+                                             int k, const int* offsets, int groups, int ue8m0) {
+    int r, kb, lane = threadIdx.x & 31, blocks = k / QBLOCK;
+    if (!warp_block(n, k, r, kb)) return;
+    int src = rows ? rows[r] : r;
+    float4 v = *(const float4*)(x + (size_t)src * ldx + kb * QBLOCK + lane * 4);
+    float scale;
+    *(u32*)(out + (size_t)r * k + kb * QBLOCK + lane * 4) = quantize_lane(v, ue8m0, scale);
+    if (lane == 0) {
+        int first = 0, count = n;
+        if (offsets) {
+            if (r >= offsets[groups]) return;  // past every group: no scale to keep
+            // The last group starting at or before r (empty groups share their start with the next).
+            int lo = 0, hi = groups - 1;
+            while (lo < hi) {
+                int mid = (lo + hi + 1) >> 1;
+                if (offsets[mid] <= r) lo = mid; else hi = mid - 1;
+            }
+            first = offsets[lo];
+            count = offsets[lo + 1] - first;
+        }
+        scales[(size_t)first * blocks + (size_t)kb * count + (r - first)] = scale;
+    }
+}
+
+// Rows [n, k] as the e4m3 codes' values in bf16 (exact: e4m3 is a subset of bf16) and their
+// scales [n][k/128], the activation operand of the mma.sync FP8 kernels (fp8_mma's x_scale).
+extern "C" __global__ void quantize_rows_bf16(bf16* out, float* scales, const float* x, int n, int k, int ue8m0) {
+    int r, kb;
+    if (!warp_block(n, k, r, kb)) return;
+    size_t at = (size_t)r * k + kb * QBLOCK + (threadIdx.x & 31) * 4;
+    float scale;
+    u32 q = quantize_lane(*(const float4*)(x + at), ue8m0, scale);
+    uint2 packed;
+    packed.x = pack_bf16(e4m3_to_f32(q & 0xffu), e4m3_to_f32((q >> 8) & 0xffu));
+    packed.y = pack_bf16(e4m3_to_f32((q >> 16) & 0xffu), e4m3_to_f32(q >> 24));
+    *(uint2*)(out + at) = packed;
+    if ((threadIdx.x & 31) == 0) scales[(size_t)r * (k / QBLOCK) + kb] = scale;
+}
+
+// Rows [n, k] replaced by the values an FP8 product sees (each e4m3 code times its block's
+// scale), for the kernels that read f32 or bf16 activations (the GEMVs, cuBLAS on bf16).
+extern "C" __global__ void quantize_rows_f32(float* out, const float* x, int n, int k, int ue8m0) {
+    int r, kb;
+    if (!warp_block(n, k, r, kb)) return;
+    size_t at = (size_t)r * k + kb * QBLOCK + (threadIdx.x & 31) * 4;
+    float scale;
+    u32 q = quantize_lane(*(const float4*)(x + at), ue8m0, scale);
+    *(float4*)(out + at) = make_float4(e4m3_to_f32(q & 0xffu) * scale, e4m3_to_f32((q >> 8) & 0xffu) * scale,
+                                       e4m3_to_f32((q >> 16) & 0xffu) * scale, e4m3_to_f32(q >> 24) * scale);
+}

@@ -6,7 +6,9 @@
 // the k order inside a chunk is permuted identically for W and x (the sum does not care), so
 // every load is 16 bytes wide. k % 128 == 0 and n % 16 == 0; k chunks split over gridDim.z
 // (then y must be zeroed and partial sums are added atomically).
-// x rows: token j of the tile is row x_rows[j] (or j) of x.
+// x rows: token j of the tile is row x_rows[j] (or j) of x. With x_scale, x holds e4m3 values
+// (quantize_rows_bf16) and x_scale their scales, [rows of x][k/128]: each chunk's sum is scaled
+// by the token's and the weight block's scales, so the product is DeepSeek's FP8 recipe exactly.
 
 // Two e4m3 values of `word` (bytes picked by `selector`: 0x1404 = bytes 0 and 1, 0x3424 = bytes 2
 // and 3) to bf16x2, exactly: a byte placed in the high byte of a bf16 lane has its sign in place
@@ -62,8 +64,8 @@ __device__ __forceinline__ void store_tiles(float* y, int ldy, int m, int row0, 
 }
 
 template <int NT>
-__device__ void fp8_mma_impl(float* y, int ldy, const bf16* x, const int* x_rows, int ldx, int m, const u8* w,
-                             const float* scale, int n, int k, int mode, u64 split_stride) {
+__device__ void fp8_mma_impl(float* y, int ldy, const bf16* x, const int* x_rows, int ldx, const float* x_scale, int m,
+                             const u8* w, const float* scale, int n, int k, int mode, u64 split_stride) {
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int row0 = (blockIdx.x * (blockDim.x >> 5) + warp) * 16;
     if (row0 >= n) return;
@@ -75,6 +77,15 @@ __device__ void fp8_mma_impl(float* y, int ldy, const bf16* x, const int* x_rows
     const bf16* xr[NT];
     bool live[NT];
     token_rows<NT>(xr, live, x, x_rows, ldx, m, 32 * t);
+    // The x_scale rows of this lane's accumulator tokens 8j+2t and 8j+2t+1 (-1: not live).
+    int srows[NT][2];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            int tok = 8 * j + 2 * t + e;
+            srows[j][e] = tok < m ? (x_rows ? x_rows[tok] : tok) : -1;
+        }
     float acc[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
@@ -112,21 +123,31 @@ __device__ void fp8_mma_impl(float* y, int ldy, const bf16* x, const int* x_rows
         }
         float sc = srow[ch];
 #pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[j][e] += sc * part[j][e];
+        for (int j = 0; j < NT; ++j) {
+            float s0 = sc, s1 = sc;
+            if (x_scale) {
+                s0 *= srows[j][0] >= 0 ? x_scale[(size_t)srows[j][0] * chunks + ch] : 0.f;
+                s1 *= srows[j][1] >= 0 ? x_scale[(size_t)srows[j][1] * chunks + ch] : 0.f;
+            }
+            acc[j][0] += s0 * part[j][0];
+            acc[j][1] += s1 * part[j][1];
+            acc[j][2] += s0 * part[j][2];
+            acc[j][3] += s1 * part[j][3];
+        }
     }
     store_tiles<NT>(y, ldy, m, row0, acc, mode, split_stride);
 }
 
-// mode: 0 = store, 1 = add into y, 2 = split k into slabs of y (see store_tiles).
+// mode: 0 = store, 1 = add into y, 2 = split k into slabs of y (see store_tiles). x contiguous
+// (token tiles of 8*NT rows along grid.y); x_scale null or as in fp8_mma_impl.
 #define FP8_MMA(NT)                                                                                             \
     extern "C" __global__ void __launch_bounds__(128) fp8_mma_n##NT(                                            \
-        float* y, int ldy, const bf16* x, const int* x_rows, int ldx, int m, const u8* w, const float* scale,   \
+        float* y, int ldy, const bf16* x, int ldx, const float* x_scale, int m, const u8* w, const float* scale, \
         int n, int k, int mode, u64 split_stride) {                                                             \
-        int t0 = blockIdx.y * 8 * NT; /* token tiles of 8*NT rows along grid.y */                              \
-        fp8_mma_impl<NT>(y + (size_t)t0 * ldy, ldy, x + (size_t)t0 * ldx, x_rows, ldx, min(8 * NT, m - t0), w,   \
-                         scale, n, k, mode, split_stride);                                                      \
+        int t0 = blockIdx.y * 8 * NT;                                                                           \
+        fp8_mma_impl<NT>(y + (size_t)t0 * ldy, ldy, x + (size_t)t0 * ldx, 0, ldx,                               \
+                         x_scale ? x_scale + (size_t)t0 * (k / 128) : 0, min(8 * NT, m - t0), w, scale, n, k,   \
+                         mode, split_stride);                                                                   \
     }
 FP8_MMA(1)
 FP8_MMA(2)
@@ -195,18 +216,21 @@ BF16_MMA(2)
 // any group size works (the weight tile is re-read from L2 per pass). Groups of more than
 // max_rows slots are left to the caller; empty groups (past the active ones) return at once.
 // k chunks split over gridDim.z as in fp8_mma (mode 2: per-split slabs, added up afterwards).
+// x_scale null or the scales of x's rows (quantize_rows_bf16), indexed as x is.
 #define GROUPED_FP8_MMA(NT)                                                                                     \
     extern "C" __global__ void __launch_bounds__(128) grouped_fp8_mma_n##NT(                                    \
         float* y, int ldy, const bf16* x, int ldx, const int* x_rows, const u8* w, const float* scale,          \
-        u64 w_stride, u64 scale_stride, const int* group_expert, const int* offsets, int n, int k,              \
-        int max_rows, int mode, u64 split_stride) {                                                             \
+        u64 w_stride, u64 scale_stride, const int* group_expert, const int* offsets, int n, int k, int max_rows, \
+        int mode, u64 split_stride, const float* x_scale) {                                                     \
         int gi = blockIdx.y, s0 = offsets[gi], cnt = offsets[gi + 1] - s0;                                      \
         if (cnt <= 0 || cnt > max_rows) return;                                                                 \
         int e = group_expert[gi];                                                                               \
         for (int t0 = s0; t0 < s0 + cnt; t0 += 8 * NT)                                                          \
             fp8_mma_impl<NT>(y + (size_t)t0 * ldy, ldy, x_rows ? x : x + (size_t)t0 * ldx,                      \
-                             x_rows ? x_rows + t0 : 0, ldx, min(8 * NT, s0 + cnt - t0), w + (u64)e * w_stride,  \
-                             scale + (u64)e * scale_stride, n, k, mode, split_stride);                          \
+                             x_rows ? x_rows + t0 : 0, ldx,                                                     \
+                             x_scale && !x_rows ? x_scale + (size_t)t0 * (k / 128) : x_scale,                  \
+                             min(8 * NT, s0 + cnt - t0), w + (u64)e * w_stride, scale + (u64)e * scale_stride,  \
+                             n, k, mode, split_stride);                                                         \
     }
 GROUPED_FP8_MMA(1)
 GROUPED_FP8_MMA(2)
@@ -223,7 +247,7 @@ GROUPED_FP8_MMA(8)
         int h = blockIdx.y % heads, t0 = (blockIdx.y / heads) * 8 * NT;                                         \
         size_t row = (size_t)h * (nope + vdim) + nope;                                                          \
         fp8_mma_impl<NT>(out + (size_t)t0 * heads * vdim + (size_t)h * vdim, heads * vdim,                      \
-                         o_lat + ((size_t)t0 * heads + h) * lora, 0, heads * lora, min(8 * NT, m - t0),         \
+                         o_lat + ((size_t)t0 * heads + h) * lora, 0, heads * lora, 0, min(8 * NT, m - t0),      \
                          w + row * lora, scale + (row / 128) * (lora / 128), vdim, lora, 0, 0);                \
     }
 ABSORB_OUT_MMA(1)
@@ -253,7 +277,7 @@ extern "C" __global__ void split_k_reduce(float* y, int ldy, const float* part, 
         const float* scale_t) {                                                                                 \
         int h = blockIdx.y % heads, t0 = (blockIdx.y / heads) * 8 * NT;                                         \
         fp8_mma_impl<NT>(q_lat + ((size_t)t0 * heads + h) * lora, heads * lora,                                 \
-                         q + ((size_t)t0 * heads + h) * qk, 0, heads * qk, min(8 * NT, m - t0),                 \
+                         q + ((size_t)t0 * heads + h) * qk, 0, heads * qk, 0, min(8 * NT, m - t0),              \
                          uk_t + (size_t)h * lora * nope, scale_t + (size_t)h * (lora / 128) * (nope / 128),     \
                          lora, nope, 0, 0);                                                                     \
     }

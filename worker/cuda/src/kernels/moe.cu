@@ -6,59 +6,6 @@ extern "C" __global__ void gather_rows_bf16(bf16* out, const float* x, int ldx, 
     for (int i = threadIdx.x; i < width; i += blockDim.x) dst[i] = f32_to_bf16(src[i]);
 }
 
-// f32 -> e4m3 (round to nearest even, saturating at ±448; NaN saturates too).
-__device__ __forceinline__ u32 f32_to_e4m3(float v) {
-    u32 sign = (__float_as_uint(v) >> 24) & 0x80u;
-    float a = fminf(fabsf(v), 448.0f);
-    if (a < 0.015625f) return sign | (u32)__float2int_rn(a * 512.0f);  // subnormal steps of 2^-9
-    int e;
-    float f = frexpf(a, &e);  // a = f * 2^e, f in [0.5, 1)
-    u32 m = (u32)__float2int_rn((f * 2.0f - 1.0f) * 8.0f);
-    int field = e + 6;
-    if (m == 8) {
-        m = 0;
-        field += 1;
-    }
-    return sign | ((u32)field << 3) | m;
-}
-
-// Rows as e4m3 with one f32 scale per row per 128 columns (amax / 448), the activation operand
-// of cuBLASLt's block-scaled FP8 products. Output row r is row rows[r] of x (rows null: row r).
-// Scales are laid out per group of output rows, as each product reads them: the rows
-// offsets[g]..offsets[g+1] keep [k/128][group rows] from offsets[g] * k/128 (offsets null: one
-// group of all n rows). One warp per (row, 128 columns); k a multiple of 128, ldx of 4.
-extern "C" __global__ void quantize_rows_fp8(u8* out, float* scales, const float* x, int ldx, const int* rows, int n,
-                                             int k, const int* offsets, int groups) {
-    int warp = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5), lane = threadIdx.x & 31;
-    int blocks = k / QBLOCK;
-    if (warp >= n * blocks) return;
-    int r = warp / blocks, kb = warp % blocks;
-    int src = rows ? rows[r] : r;
-    float4 v = *(const float4*)(x + (size_t)src * ldx + kb * QBLOCK + lane * 4);
-    float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
-    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    float scale = amax > 0.f ? amax / 448.0f : 1.0f;
-    float inv = amax > 0.f ? 448.0f / amax : 1.0f;
-    u32 word = f32_to_e4m3(v.x * inv) | (f32_to_e4m3(v.y * inv) << 8) | (f32_to_e4m3(v.z * inv) << 16) |
-               (f32_to_e4m3(v.w * inv) << 24);
-    *(u32*)(out + (size_t)r * k + kb * QBLOCK + lane * 4) = word;
-    if (lane == 0) {
-        int first = 0, count = n;
-        if (offsets) {
-            if (r >= offsets[groups]) return;  // past every group: no scale to keep
-            // The last group starting at or before r (empty groups share their start with the next).
-            int lo = 0, hi = groups - 1;
-            while (lo < hi) {
-                int mid = (lo + hi + 1) >> 1;
-                if (offsets[mid] <= r) lo = mid; else hi = mid - 1;
-            }
-            first = offsets[lo];
-            count = offsets[lo + 1] - first;
-        }
-        scales[(size_t)first * blocks + (size_t)kb * count + (r - first)] = scale;
-    }
-}
-
 // out[t, :] += sum_j weight[t, j] * y[slot[t, j], :] over the top-k slots of token t (-1 = skipped).
 extern "C" __global__ void combine_experts(float* out, const float* y, const int* slot, const float* weight, int top_k,
                                            int width) {

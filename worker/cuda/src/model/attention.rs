@@ -312,7 +312,14 @@ impl CudaModel {
             ],
         )?;
         let kv = g.alloc(total * heads * (nope + vdim) * 4)?;
-        self.linear(
+        // The latents meet kv_b unquantised, whatever the model's FP8 activations: decode folds
+        // kv_b into the query and the output (absorb_q, absorb_out) on bf16, and both forms must
+        // compute the same attention.
+        crate::linear::linear(
+            g,
+            &self.dequant,
+            self.kernels.simt_linear,
+            None,
             kv.addr,
             heads * (nope + vdim),
             c_kv.addr,

@@ -15,7 +15,7 @@ use anyhow::{ensure, Context, Result};
 use dsv3_engine::rope::Rope;
 use dsv3_engine::{
     check_chunks, CacheCapacity, Checkpoint, Chunk, ChunkOutput, ExpertCounts, ExpertExecutor, ExpertSelection,
-    MemoryUse, ModelConfig, ModelFiles, PickedToken, SeqId, StepBackend, TokenPick,
+    Fp8Activations, MemoryUse, ModelConfig, ModelFiles, PickedToken, SeqId, StepBackend, TokenPick,
 };
 use graph::DecodeGraph;
 use layers::{Ffn, Layer, Mlp};
@@ -141,16 +141,18 @@ pub struct CudaModel {
 }
 
 impl CudaModel {
-    /// Loads a checkpoint onto GPU `ordinal` with a cache of `cache_tokens` positions. Only the
-    /// routed experts `experts` holds are read; every MoE layer reaches the rest through it.
+    /// Loads a checkpoint onto GPU `ordinal` with a cache of `cache_tokens` positions, its FP8
+    /// products applying `activations`. Only the routed experts `experts` holds are read; every
+    /// MoE layer reaches the rest through it.
     pub fn load(
         files: &ModelFiles,
         ordinal: usize,
         cache_tokens: usize,
         experts: ModelExperts,
+        activations: Fp8Activations,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
-        let config = ModelConfig::from_model_files(files)?;
+        let config = ModelConfig::from_model_files(files)?.with_fp8_activations(activations);
         let bank_ids = experts.bank_ids(config.n_routed_experts)?;
         let gpu = Gpu::open(ordinal)?;
         let ckpt = Checkpoint::open(files)?;
@@ -256,7 +258,7 @@ impl CudaModel {
         // A step that reaches its experts through the host cannot be captured as a graph.
         let use_graphs =
             std::env::var_os("DSV3_CUDA_GRAPHS").is_none_or(|v| v != "0") && !gpu.profiling() && host_experts.is_none();
-        let kernels = ExpertKernels::from_env();
+        let kernels = ExpertKernels::new(&config);
         Ok(CudaModel {
             rope: Rope::new(&config),
             gpu,
@@ -603,12 +605,14 @@ impl CudaModel {
         )
     }
 
-    /// `y[m, w.rows] (+)= x[m, w.cols] · wᵀ` (x contiguous, y with row stride ldy).
+    /// `y[m, w.rows] (+)= x[m, w.cols] · wᵀ` (x contiguous, y with row stride ldy), an FP8 w
+    /// meeting x as the model's [`Fp8Activations`] say.
     fn linear(&self, y: u64, ldy: usize, x: u64, m: usize, w: &DeviceMatrix, accumulate: bool) -> Result<()> {
         crate::linear::linear(
             &self.gpu,
             &self.dequant,
             self.kernels.simt_linear,
+            self.kernels.input_quant,
             y,
             ldy,
             x,

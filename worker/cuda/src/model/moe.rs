@@ -7,13 +7,13 @@
 use super::layers::Moe;
 use super::CudaModel;
 use crate::expert_wgmma::{self, ExpertTiles};
-use crate::fp8_gemm::{Fp8Gemm, QuantizedRows, ALIGN};
+use crate::fp8_gemm::{quantize_rows_bf16, quantize_rows_f32, Fp8Gemm, QuantizedRows, ALIGN};
 use crate::gpu::{float, int, ptr, u64_arg, DeviceBuf, Gpu};
 use crate::linear::{mma_fits, SplitK};
 use crate::weights::{ExpertBank, Stacked};
 use anyhow::{ensure, Context, Result};
 use dsv3_engine::backend::count_routes;
-use dsv3_engine::{ExpertExecutor, TokenRoutes};
+use dsv3_engine::{ExpertExecutor, Fp8Activations, ModelConfig, TokenRoutes};
 use std::collections::BTreeMap;
 
 /// Steps up to this many rows keep every expert group in the grouped kernels, so they never wait
@@ -25,26 +25,29 @@ const EXPERT_LANES: usize = 8;
 /// (default; DSV3_EXPERT_CUBLAS_ROWS sets it).
 pub(super) const GROUPED_MAX_ROWS: usize = 64;
 
-/// Which kernels run the FP8 products: the CUDA-core GEMVs instead of the tensor cores, and, for
-/// the routed experts, cuBLAS for large groups.
+/// How the FP8 products run: what they do with their activations, and which kernels compute them.
 #[derive(Clone, Copy, Debug)]
 pub struct ExpertKernels {
+    /// `Some(ue8m0)`: activations quantised per token per 128 channels
+    /// ([`Fp8Activations::Quantised`], power-of-two scales when ue8m0); `None`: bf16 activations.
+    pub input_quant: Option<bool>,
     /// Use the CUDA-core GEMV kernels at every batch, for every FP8 product (DSV3_LINEAR_SIMT=1).
     pub simt_linear: bool,
-    /// Routed rows above which an expert of a large step runs through cuBLAS.
+    /// Routed rows above which an expert of a large step runs through cuBLAS(Lt).
     pub cublas_rows: usize,
-    /// Steps of at least this many rows run the routed experts on Hopper's FP8 wgmma kernel,
-    /// where it takes the bank (DSV3_EXPERT_WGMMA_ROWS). Its activations are FP8 (per token per
-    /// 128 channels), as cuBLASLt's are: by default only steps above [`DEVICE_ONLY_MAX_ROWS`]
-    /// (prefill chunks) take them, and decode keeps bf16 activations; 1 runs it at every step
-    /// (faster at batch 256, further from the reference), 0 never.
+    /// With quantised activations, steps of at least this many rows run the routed experts on
+    /// Hopper's FP8 wgmma kernel where it takes the bank (DSV3_EXPERT_WGMMA_ROWS; default 1,
+    /// every step; 0 never): the same values and scales as the grouped mma.sync kernels.
     pub wgmma_rows: usize,
 }
 
 impl ExpertKernels {
-    /// The defaults, with the switches the environment sets.
-    pub fn from_env() -> Self {
+    /// The products of `config`'s model, with the kernel switches the environment sets.
+    pub fn new(config: &ModelConfig) -> Self {
+        let input_quant = (config.fp8_activations() == Fp8Activations::Quantised)
+            .then(|| config.quantization.as_ref().is_some_and(|q| q.ue8m0_scales));
         ExpertKernels {
+            input_quant,
             simt_linear: std::env::var_os("DSV3_LINEAR_SIMT").is_some_and(|v| v != "0"),
             cublas_rows: std::env::var("DSV3_EXPERT_CUBLAS_ROWS")
                 .ok()
@@ -56,7 +59,7 @@ impl ExpertKernels {
             {
                 Some(0) => usize::MAX,
                 Some(rows) => rows,
-                None => DEVICE_ONLY_MAX_ROWS + 1,
+                None => 1,
             },
         }
     }
@@ -90,16 +93,24 @@ pub(crate) fn run_bank(
 ) -> Result<()> {
     let e = bank.experts;
     let width = bank.gate.cols;
-    if m >= kernels.wgmma_rows && !kernels.simt_linear && expert_wgmma::takes(g, bank) {
-        let plan = DevicePlan::new(g, e, k, ids, valid, m, counters, 1)?;
-        return wgmma_bank(g, bank, &plan, x, h, m, k, weights);
+    let input_quant = kernels.input_quant;
+    if let Some(ue8m0) = input_quant {
+        ensure!(
+            width % 128 == 0 && bank.gate.rows % 128 == 0,
+            "FP8 activations are quantised in blocks of 128 channels; experts of {width}→{} have a partial block (run with --fp8-activations unquantised)",
+            bank.gate.rows
+        );
+        if m >= kernels.wgmma_rows && !kernels.simt_linear && expert_wgmma::takes(g, bank) {
+            let plan = DevicePlan::new(g, e, k, ids, valid, m, counters, 1)?;
+            return wgmma_bank(g, bank, &plan, x, h, m, k, weights, ue8m0);
+        }
     }
-    // Large steps run their large groups through cuBLASLt's FP8 products where the GPU has them;
-    // those read each group's per-row scales in rows of 4, so groups start on a multiple of 4.
-    let fp8 = if m > DEVICE_ONLY_MAX_ROWS && fp8_fits(bank) {
-        g.fp8_gemm()?
-    } else {
-        None
+    // Large steps run their large groups through cuBLASLt's FP8 products (quantised activations,
+    // where the GPU has them; those read each group's per-row scales in rows of 4, so groups
+    // start on a multiple of 4) or through cuBLAS on bf16.
+    let fp8 = match input_quant {
+        Some(ue8m0) if m > DEVICE_ONLY_MAX_ROWS && fp8_fits(bank) => g.fp8_gemm()?.map(|f| (f, ue8m0)),
+        _ => None,
     };
     let plan = DevicePlan::new(g, e, k, ids, valid, m, counters, if fp8.is_some() { 4 } else { 1 })?;
     let (large, max_rows) = if m > DEVICE_ONLY_MAX_ROWS {
@@ -123,7 +134,7 @@ pub(crate) fn run_bank(
     // Every group up to max_rows in one launch, weights streamed once per group. Small decode
     // steps split each expert's k chunks so the few groups still fill the GPU (each split into
     // its own slab, added up in order afterwards).
-    let grouped = |out: u64, ldy: usize, input: u64, ldx: usize, rows: u64, s: &Stacked| -> Result<()> {
+    let grouped = |out: u64, ldy: usize, input: &GroupedInput, rows: u64, s: &Stacked| -> Result<()> {
         let max_splits = if !tensor_cores || m > DEVICE_ONLY_MAX_ROWS {
             1
         } else {
@@ -131,11 +142,12 @@ pub(crate) fn run_bank(
         };
         let blocks = s.rows.div_ceil(64) * plan.groups;
         let t = SplitK::new(g, blocks, s.cols / 128, max_splits, out, ldy, slots, s.rows, false)?;
-        let args = [
+        // The GEMV's arguments; the tensor-core kernel takes three more (split k, scales).
+        let mut args = vec![
             ptr(t.out),
             int(t.ldo),
-            ptr(input),
-            int(ldx),
+            ptr(input.values),
+            int(s.cols),
             ptr(rows),
             ptr(s.data.addr),
             ptr(s.scales.addr),
@@ -146,10 +158,9 @@ pub(crate) fn run_bank(
             int(s.rows),
             int(s.cols),
             int(max_rows),
-            int(t.mode),
-            u64_arg(t.stride),
         ];
         if tensor_cores {
+            args.extend([int(t.mode), u64_arg(t.stride), ptr(input.scales)]);
             let grid = (s.rows.div_ceil(64) as u32, plan.groups as u32, t.splits as u32);
             g.launch(name, grid, 128, 0, &args)?;
         } else {
@@ -158,30 +169,21 @@ pub(crate) fn run_bank(
                 (s.rows.div_ceil(8) as u32, plan.groups as u32, 1),
                 256,
                 0,
-                &args[..args.len() - 2],
+                &args,
             )?;
         }
         t.finish(g)
     };
-    // The tensor-core path reads bf16 activations.
-    let xb = tensor_cores.then(|| g.to_bf16(x.addr, m * width)).transpose()?;
-    let input = xb.as_ref().map_or(x.addr, |b| b.addr);
+    let xin = GroupedInput::new(g, x.addr, m, width, tensor_cores, input_quant)?;
     let up_out = gu.addr + (inter * 4) as u64;
-    grouped(gu.addr, 2 * inter, input, width, plan.x_rows, &bank.gate)?;
-    grouped(up_out, 2 * inter, input, width, plan.x_rows, &bank.up)?;
+    grouped(gu.addr, 2 * inter, &xin, plan.x_rows, &bank.gate)?;
+    grouped(up_out, 2 * inter, &xin, plan.x_rows, &bank.up)?;
     // Large groups (prefill): cuBLASLt's block-scaled FP8 products on the slots' rows quantised
-    // per 128 channels where the GPU has them, else cuBLAS on the rows gathered as bf16.
+    // per 128 channels, else cuBLAS on the rows gathered as bf16.
     let fp8 = fp8.filter(|_| !large.is_empty());
-    if let Some(fp8) = fp8 {
-        let xq = QuantizedRows::new(
-            g,
-            x.addr,
-            width,
-            Some(plan.x_rows),
-            slots,
-            width,
-            Some((plan.offsets, plan.groups)),
-        )?;
+    let groups = Some((plan.offsets, plan.groups));
+    if let Some((fp8, ue8m0)) = fp8 {
+        let xq = QuantizedRows::new(g, x.addr, width, Some(plan.x_rows), slots, width, groups, ue8m0)?;
         fp8_groups(g, fp8, &large, &bank.gate, &xq, gu.addr, 2 * inter)?;
         fp8_groups(g, fp8, &large, &bank.up, &xq, up_out, 2 * inter)?;
     } else if !large.is_empty() {
@@ -191,7 +193,7 @@ pub(crate) fn run_bank(
             (slots as u32, 1, 1),
             256,
             0,
-            &[ptr(xg.addr), ptr(x.addr), int(width), ptr(plan.x_rows), int(width)],
+            &[ptr(xg.addr), ptr(xin.wide), int(width), ptr(plan.x_rows), int(width)],
         )?;
         cublas_groups(g, &large, &bank.gate, xg.addr, width, gu.addr, 2 * inter)?;
         cublas_groups(g, &large, &bank.up, xg.addr, width, up_out, 2 * inter)?;
@@ -201,31 +203,58 @@ pub(crate) fn run_bank(
         slots * inter,
         &[ptr(act.addr), ptr(gu.addr), int(slots), int(inter)],
     )?;
-    let ab = (tensor_cores || (!large.is_empty() && fp8.is_none()))
-        .then(|| g.to_bf16(act.addr, slots * inter))
-        .transpose()?;
-    let down_input = match (&ab, tensor_cores) {
-        (Some(b), true) => b.addr,
-        _ => act.addr,
-    };
-    grouped(y.addr, width, down_input, inter, 0, &bank.down)?;
-    match (fp8, &ab) {
-        (Some(fp8), _) => {
-            let aq = QuantizedRows::new(
-                g,
-                act.addr,
-                inter,
-                None,
-                slots,
-                inter,
-                Some((plan.offsets, plan.groups)),
-            )?;
-            fp8_groups(g, fp8, &large, &bank.down, &aq, y.addr, width)?;
-        }
-        (None, Some(ab)) => cublas_groups(g, &large, &bank.down, ab.addr, inter, y.addr, width)?,
-        (None, None) => {}
+    let ain = GroupedInput::new(g, act.addr, slots, inter, tensor_cores, input_quant)?;
+    grouped(y.addr, width, &ain, 0, &bank.down)?;
+    if let Some((fp8, ue8m0)) = fp8 {
+        let aq = QuantizedRows::new(g, act.addr, inter, None, slots, inter, groups, ue8m0)?;
+        fp8_groups(g, fp8, &large, &bank.down, &aq, y.addr, width)?;
+    } else if !large.is_empty() {
+        let ab = g.to_bf16(ain.wide, slots * inter)?;
+        cublas_groups(g, &large, &bank.down, ab.addr, inter, y.addr, width)?;
     }
     combine(g, h, &y, width, &plan, weights, m, k)
+}
+
+/// The activation operand of the grouped kernels, `n` rows of `k`: for the tensor cores bf16
+/// values (with `scales` when quantised: e4m3 values and their per-128 scales), for the GEMV f32;
+/// `wide` is f32 for the cuBLAS groups (the quantised values when quantised).
+struct GroupedInput {
+    values: u64,
+    scales: u64,
+    wide: u64,
+    _held: Vec<DeviceBuf>,
+}
+
+impl GroupedInput {
+    fn new(g: &Gpu, x: u64, n: usize, k: usize, tensor_cores: bool, input_quant: Option<bool>) -> Result<Self> {
+        let wide = match input_quant {
+            Some(ue8m0) => Some(quantize_rows_f32(g, x, n, k, ue8m0)?),
+            None => None,
+        };
+        let wide_addr = wide.as_ref().map_or(x, |b| b.addr);
+        let mut held: Vec<DeviceBuf> = wide.into_iter().collect();
+        let (values, scales) = match (tensor_cores, input_quant) {
+            (true, Some(ue8m0)) => {
+                let (v, s) = quantize_rows_bf16(g, x, n, k, ue8m0)?;
+                let addrs = (v.addr, s.addr);
+                held.extend([v, s]);
+                addrs
+            }
+            (true, None) => {
+                let b = g.to_bf16(x, n * k)?;
+                let addr = b.addr;
+                held.push(b);
+                (addr, 0)
+            }
+            (false, _) => (wide_addr, 0),
+        };
+        Ok(GroupedInput {
+            values,
+            scales,
+            wide: wide_addr,
+            _held: held,
+        })
+    }
 }
 
 /// [`run_bank`] on Hopper: each matrix kind in one launch of the FP8 wgmma kernel over every
@@ -240,6 +269,7 @@ fn wgmma_bank(
     m: usize,
     k: usize,
     weights: u64,
+    ue8m0: bool,
 ) -> Result<()> {
     let (e, slots, width, inter) = (bank.experts, plan.capacity, bank.gate.cols, bank.gate.rows);
     let tiles = ExpertTiles::new(g, plan.offsets, plan.groups, slots)?;
@@ -247,7 +277,7 @@ fn wgmma_bank(
     let product = |s: &Stacked, input: &QuantizedRows, out: u64, ldy: usize| {
         expert_wgmma::grouped_fp8(g, &tiles, plan.group_expert, plan.offsets, s, e, input, slots, out, ldy)
     };
-    let xq = QuantizedRows::new(g, x.addr, width, Some(plan.x_rows), slots, width, groups)?;
+    let xq = QuantizedRows::new(g, x.addr, width, Some(plan.x_rows), slots, width, groups, ue8m0)?;
     let gu = g.alloc(slots * 2 * inter * 4)?;
     product(&bank.gate, &xq, gu.addr, 2 * inter)?;
     product(&bank.up, &xq, gu.addr + (inter * 4) as u64, 2 * inter)?;
@@ -257,7 +287,7 @@ fn wgmma_bank(
         slots * inter,
         &[ptr(act.addr), ptr(gu.addr), int(slots), int(inter)],
     )?;
-    let aq = QuantizedRows::new(g, act.addr, inter, None, slots, inter, groups)?;
+    let aq = QuantizedRows::new(g, act.addr, inter, None, slots, inter, groups, ue8m0)?;
     let y = g.alloc(slots * width * 4)?;
     product(&bank.down, &aq, y.addr, width)?;
     combine(g, h, &y, width, plan, weights, m, k)
