@@ -45,6 +45,9 @@ pub struct HttpArgs {
     /// Tokens per attention rank per step (prefill is chunked to fit).
     #[arg(long, default_value_t = 512, env = "DSV3_MAX_BATCH_TOKENS")]
     pub max_step_tokens: usize,
+    /// No JSON access-log line per request on stderr.
+    #[arg(long)]
+    pub disable_access_log: bool,
 }
 
 #[derive(Args)]
@@ -238,6 +241,7 @@ fn serve_http(
     let tokenizer = model_source::tokenizer(files)?;
     let mut config = dsv3_api::ApiConfig::new(name.clone());
     config.api_key = http.api_key.clone().filter(|k| !k.is_empty());
+    config.access_log = !http.disable_access_log;
     let router = dsv3_api::router(backend, tokenizer, config);
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind((http.host.as_str(), http.port))

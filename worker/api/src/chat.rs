@@ -10,27 +10,28 @@ use async_openai::types::chat::{
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use dsv3_text::Tokenizer;
 use serde_json::{Map, Value};
 
+use crate::access::RequestId;
 use crate::backend::GenerationRequest;
 use crate::error::ApiError;
 use crate::generation::{Finish, Generation, TokenOutput};
 use crate::logprobs::chat_logprobs;
 use crate::params::{check_prompt, prepare, SamplingInput};
 use crate::request::{parse_request, read_body, Parsed};
-use crate::server::{request_id, unix_now, AppState};
+use crate::server::{unix_now, AppState};
 use crate::streaming::{sse_response, usage_of, ChunkFormat};
 
-pub(crate) async fn create(State(state): State<AppState>, body: Body) -> Response {
-    match handle(state, body).await {
+pub(crate) async fn create(State(state): State<AppState>, Extension(id): Extension<RequestId>, body: Body) -> Response {
+    match handle(state, id, body).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
     }
 }
 
-async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
+async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let bytes = read_body(body, state.config.max_body_bytes).await?;
     let Parsed {
@@ -93,7 +94,7 @@ async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
         arrived,
     )?;
     let format = ChatChunks {
-        id: request_id("chatcmpl"),
+        id: format!("chatcmpl-{}", id.0),
         created: unix_now(),
         model: req.model,
         tokenizer: tokenizer.clone(),

@@ -7,26 +7,27 @@ use async_openai::types::completions::{CreateCompletionRequest, CreateCompletion
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use dsv3_text::Tokenizer;
 
+use crate::access::RequestId;
 use crate::backend::GenerationRequest;
 use crate::error::ApiError;
 use crate::generation::{Finish, Generation, TokenOutput};
 use crate::logprobs::completion_logprobs;
 use crate::params::{check_prompt, prepare, SamplingInput};
 use crate::request::{parse_request, read_body, Parsed};
-use crate::server::{request_id, unix_now, AppState};
+use crate::server::{unix_now, AppState};
 use crate::streaming::{sse_response, to_json_with_token_ids, usage_of, ChunkFormat};
 
-pub(crate) async fn create(State(state): State<AppState>, body: Body) -> Response {
-    match handle(state, body).await {
+pub(crate) async fn create(State(state): State<AppState>, Extension(id): Extension<RequestId>, body: Body) -> Response {
+    match handle(state, id, body).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
     }
 }
 
-async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
+async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let bytes = read_body(body, state.config.max_body_bytes).await?;
     let Parsed {
@@ -92,7 +93,7 @@ async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
         arrived,
     )?;
     let format = CompletionChunks {
-        id: request_id("cmpl"),
+        id: format!("cmpl-{}", id.0),
         created: unix_now(),
         model: req.model,
         tokenizer: state.tokenizer.clone(),

@@ -18,6 +18,8 @@ pub struct ApiConfig {
     /// When set, every `/v1/` request must carry `Authorization: Bearer <key>` (401 otherwise);
     /// `/health`, `/ready` and `/metrics` stay open for probes and scrapers.
     pub api_key: Option<String>,
+    /// One JSON line per request on stderr (request id, method, path, status, latency).
+    pub access_log: bool,
 }
 
 impl ApiConfig {
@@ -39,6 +41,7 @@ impl Default for ApiConfig {
             default_completion_max_tokens: 16,
             owned_by: "dsv3".to_string(),
             api_key: None,
+            access_log: true,
         }
     }
 }

@@ -1,6 +1,6 @@
 //! OpenAI-style errors: `{"error": {"message", "type", "param", "code"}}` with an HTTP status.
 
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
@@ -168,6 +168,10 @@ impl From<SubmitError> for ApiError {
     }
 }
 
+/// Seconds a client told 429 waits before retrying (`Retry-After`): the queue moves by a step
+/// of a few tens of milliseconds, so a second later there is usually room.
+pub const RETRY_AFTER_SECONDS: u32 = 1;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
@@ -178,6 +182,12 @@ impl IntoResponse for ApiError {
                 code: self.code,
             },
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+        }
+        response
     }
 }

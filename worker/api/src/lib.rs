@@ -14,6 +14,7 @@
 //! Extensions beyond OpenAI's fields (vLLM's names): `top_k`, `ignore_eos`, `stop_token_ids`,
 //! `return_token_ids` (generated ids in each choice's `token_ids`), `chat_template_kwargs`.
 
+mod access;
 pub mod backend;
 mod chat;
 mod completions;

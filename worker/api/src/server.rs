@@ -19,7 +19,7 @@ use crate::backend::Backend;
 use crate::config::ApiConfig;
 use crate::error::ApiError;
 use crate::metrics::{self, Metrics};
-use crate::{chat, completions};
+use crate::{access, chat, completions};
 
 /// What every handler shares.
 pub(crate) struct Shared {
@@ -69,6 +69,7 @@ pub fn router(backend: Arc<dyn Backend>, tokenizer: Option<Tokenizer>, config: A
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key))
         .layer(middleware::from_fn_with_state(state.clone(), count_errors))
+        .layer(middleware::from_fn_with_state(state.clone(), access::track))
         .with_state(state)
 }
 
@@ -141,20 +142,6 @@ pub(crate) fn unix_now() -> u32 {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     u32::try_from(secs).unwrap_or(u32::MAX)
-}
-
-/// A random request id such as `chatcmpl-3f0c9a1b2d4e5f60`.
-pub(crate) fn request_id(prefix: &str) -> String {
-    use std::hash::{BuildHasher, Hasher};
-    // RandomState is seeded from the OS per process and advanced per instance.
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    format!("{prefix}-{:016x}", h.finish())
 }
 
 fn model_card(state: &Shared) -> Model {

@@ -7,4 +7,5 @@ mod chat;
 mod completions;
 mod errors;
 mod metrics;
+mod operations;
 mod streaming;
