@@ -588,10 +588,17 @@ impl CudaModel {
         rows: usize,
         eps: f32,
     ) -> Result<()> {
+        // One block per row. A decode step's few rows get the widest block: 256 threads walking a
+        // 7168-wide row took 8 µs per norm at batch 1 (ncu), 21 norms per 5 layers.
+        let threads = if rows < self.gpu.sm_count {
+            width.next_multiple_of(32).min(1024)
+        } else {
+            256
+        };
         self.gpu.launch(
             "rms_norm",
             (rows as u32, 1, 1),
-            256,
+            threads as u32,
             0,
             &[
                 ptr(out.addr),
