@@ -21,7 +21,7 @@ use crate::generation::{Finish, Generation, TokenOutput};
 use crate::logprobs::chat_logprobs;
 use crate::params::{check_prompt, prepare, SamplingInput};
 use crate::request::{parse_request, read_body, Parsed};
-use crate::server::{unix_now, AppState};
+use crate::server::{off_runtime, unix_now, AppState};
 use crate::streaming::{sse_response, usage_of, ChunkFormat};
 
 pub(crate) async fn create(State(state): State<AppState>, Extension(id): Extension<RequestId>, body: Body) -> Response {
@@ -58,7 +58,10 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
             "this model has no tokenizer, so chat completions are not available: use /v1/completions with token ids",
         )
     })?;
-    let prompt = render_prompt(tokenizer, &raw, extensions.chat_template_kwargs.as_ref())?;
+    let prompt = {
+        let (tokenizer, kwargs) = (tokenizer.clone(), extensions.chat_template_kwargs.clone());
+        off_runtime(move || render_prompt(&tokenizer, &raw, true, kwargs.as_ref())).await?
+    };
 
     let config = state.backend.config();
     check_prompt(&prompt, config, "messages")?;
@@ -152,9 +155,10 @@ fn chat_logprobs_request(
 
 /// Renders the messages as sent (all their fields reach the template) with the tools, and
 /// tokenizes the result. `developer` messages are given to the template as `system`.
-fn render_prompt(
+pub(crate) fn render_prompt(
     tokenizer: &Tokenizer,
     raw: &Value,
+    add_generation_prompt: bool,
     kwargs: Option<&Map<String, Value>>,
 ) -> Result<Vec<u32>, ApiError> {
     let template = tokenizer.chat_template().ok_or_else(|| {
@@ -167,7 +171,7 @@ fn render_prompt(
         .unwrap_or_default();
     let tools = raw.get("tools").filter(|t| !t.is_null());
     let text = template
-        .render_with_kwargs(&messages, tools, true, kwargs)
+        .render_with_kwargs(&messages, tools, add_generation_prompt, kwargs)
         .map_err(template_error)?;
     tokenizer
         .encode(&text, false)

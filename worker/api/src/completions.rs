@@ -17,7 +17,7 @@ use crate::generation::{Finish, Generation, TokenOutput};
 use crate::logprobs::completion_logprobs;
 use crate::params::{check_prompt, prepare, SamplingInput};
 use crate::request::{parse_request, read_body, Parsed};
-use crate::server::{unix_now, AppState};
+use crate::server::{off_runtime, unix_now, AppState};
 use crate::streaming::{sse_response, to_json_with_token_ids, usage_of, ChunkFormat};
 
 pub(crate) async fn create(State(state): State<AppState>, Extension(id): Extension<RequestId>, body: Body) -> Response {
@@ -31,7 +31,7 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
     let arrived = Instant::now();
     let bytes = read_body(body, state.config.max_body_bytes).await?;
     let Parsed {
-        request: req,
+        request: mut req,
         extensions,
         ..
     } = parse_request::<CreateCompletionRequest>(&bytes, &state.config.served_model_name)?;
@@ -60,7 +60,12 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
 
     let config = state.backend.config();
     let tokenizer = state.tokenizer.as_ref();
-    let prompt = prompt_ids(&req.prompt, tokenizer)?;
+    let prompt = {
+        // Taken out of the request (nothing reads it after this) to move into the blocking pool.
+        let text = std::mem::replace(&mut req.prompt, Prompt::IntegerArray(vec![]));
+        let tokenizer = tokenizer.cloned();
+        off_runtime(move || prompt_ids(&text, tokenizer.as_ref())).await?
+    };
     check_prompt(&prompt, config, "prompt")?;
     let prepared = prepare(
         &SamplingInput {

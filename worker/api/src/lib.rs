@@ -28,6 +28,7 @@ mod request;
 mod server;
 mod stop;
 mod streaming;
+mod tokenize;
 mod tokens;
 
 pub use backend::{Backend, BackendStats, GenerationEvent, GenerationRequest, Health, SubmitError, TokenLogprob};

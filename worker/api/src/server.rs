@@ -19,7 +19,7 @@ use crate::backend::Backend;
 use crate::config::ApiConfig;
 use crate::error::ApiError;
 use crate::metrics::{self, Metrics};
-use crate::{access, chat, completions};
+use crate::{access, chat, completions, tokenize};
 
 /// What every handler shares.
 pub(crate) struct Shared {
@@ -62,6 +62,8 @@ pub fn router(backend: Arc<dyn Backend>, tokenizer: Option<Tokenizer>, config: A
         .route("/v1/models/{*model}", get(get_model))
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
@@ -73,12 +75,24 @@ pub fn router(backend: Arc<dyn Backend>, tokenizer: Option<Tokenizer>, config: A
         .with_state(state)
 }
 
-/// With an API key configured, `/v1/` answers only requests bearing it.
+/// Runs `work` (tokenization, template rendering: up to seconds for a prompt of megabytes) on
+/// the blocking pool, so the runtime's threads go on serving other requests and the probes.
+pub(crate) async fn off_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::internal(format!("tokenization did not finish: {e}")))?
+}
+
+/// With an API key configured, `/v1/`, `/tokenize` and `/detokenize` answer only requests
+/// bearing it; the probes and the metrics stay open.
 async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let Some(key) = &state.config.api_key else {
         return next.run(request).await;
     };
-    if !request.uri().path().starts_with("/v1/") {
+    let path = request.uri().path();
+    if !(path.starts_with("/v1/") || path == "/tokenize" || path == "/detokenize") {
         return next.run(request).await;
     }
     let presented = request

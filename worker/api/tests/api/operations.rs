@@ -90,3 +90,146 @@ async fn a_full_queue_says_when_to_retry() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(headers.get("retry-after").is_none());
 }
+
+/// The DeepSeek-V3 tokenizer and its Python references (tests/golden/tokenizer/make_refs.py).
+fn deepseek_tokenizer() -> (dsv3_text::Tokenizer, Value) {
+    let dir = tiny_dir().join("../tokenizer");
+    let tokenizer = dsv3_text::Tokenizer::from_model_dir(&dir.join("deepseek-v3"))
+        .expect("load")
+        .expect("tokenizer.json");
+    let refs = serde_json::from_str(&std::fs::read_to_string(dir.join("refs.json")).expect("refs")).expect("json");
+    (tokenizer, refs)
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+#[tokio::test]
+async fn tokenize_and_detokenize_match_the_python_tokenizer() {
+    let (tokenizer, refs) = deepseek_tokenizer();
+    let router = app_with(fake(), Some(tokenizer), dsv3_api::ApiConfig::new(MODEL));
+    let max_model_len = model_config().max_position_embeddings;
+    for case in refs["text"].as_array().expect("text cases") {
+        let (name, text) = (&case["name"], &case["text"]);
+        if text == "" {
+            continue;
+        }
+        for (special, key) in [(true, "ids_add_special"), (false, "ids_no_special")] {
+            let body =
+                json!({"model": MODEL, "prompt": text, "add_special_tokens": special, "return_token_strs": true});
+            let (status, json) = post(&router, "/tokenize", &body).await;
+            assert_eq!(status, StatusCode::OK, "{name}: {json}");
+            assert_eq!(ids(&json["tokens"]), ids(&case[key]), "{name}: {key}");
+            assert_eq!(json["count"], case[key].as_array().expect("ids").len(), "{name}");
+            assert_eq!(json["max_model_len"], max_model_len, "{name}");
+            assert_eq!(
+                json["token_strs"].as_array().map(Vec::len),
+                Some(ids(&case[key]).len()),
+                "{name}"
+            );
+        }
+        let (status, json) = post(&router, "/detokenize", &json!({"tokens": case["ids_add_special"]})).await;
+        assert_eq!(status, StatusCode::OK, "{name}: {json}");
+        assert_eq!(json["prompt"], case["decode_add_special_keep"], "{name}: detokenize");
+    }
+    let mut chats = 0;
+    for case in refs["chat"].as_array().expect("chat cases") {
+        if case.get("template").is_some() || case["kwargs"].as_object().is_some_and(|k| !k.is_empty()) {
+            continue; // cases for another template, or template arguments the endpoint passes alike
+        }
+        let body = json!({
+            "messages": case["messages"],
+            "tools": case["tools"],
+            "add_generation_prompt": case["add_generation_prompt"],
+        });
+        let (status, json) = post(&router, "/tokenize", &body).await;
+        assert_eq!(status, StatusCode::OK, "{}: {json}", case["name"]);
+        assert_eq!(ids(&json["tokens"]), ids(&case["ids"]), "{}", case["name"]);
+        assert_eq!(json["token_strs"], Value::Null);
+        chats += 1;
+    }
+    assert!(chats >= 10, "only {chats} chat cases compared");
+}
+
+#[tokio::test]
+async fn tokenize_refuses_what_it_cannot_honour() {
+    let router = app(fake());
+    let cases = [
+        (
+            json!({"prompt": "x", "messages": []}),
+            StatusCode::BAD_REQUEST,
+            "exactly one of",
+        ),
+        (json!({}), StatusCode::BAD_REQUEST, "exactly one of"),
+        (
+            json!({"prompt": "x", "continue_final_message": true}),
+            StatusCode::BAD_REQUEST,
+            "continue_final_message",
+        ),
+        (
+            json!({"prompt": "x", "add_generation_prompt": true}),
+            StatusCode::BAD_REQUEST,
+            "apply to `messages`",
+        ),
+        (json!({"prompt": "x", "model": "other"}), StatusCode::NOT_FOUND, "other"),
+        (json!({"prompt": 5}), StatusCode::BAD_REQUEST, "prompt"),
+    ];
+    for (body, expected, words) in cases {
+        let (status, json) = post(&router, "/tokenize", &body).await;
+        let error = assert_error(status, &json, expected);
+        assert!(
+            error["message"].as_str().is_some_and(|m| m.contains(words)),
+            "{body}: {json}"
+        );
+    }
+    let vocab = tokenizer().vocab_size();
+    let (status, json) = post(&router, "/detokenize", &json!({"tokens": [1, vocab]})).await;
+    let error = assert_error(status, &json, StatusCode::BAD_REQUEST);
+    assert_eq!(error["param"], "tokens");
+    let bare = app_with(fake(), None, dsv3_api::ApiConfig::new(MODEL));
+    let (status, json) = post(&bare, "/tokenize", &json!({"prompt": "x"})).await;
+    assert_error(status, &json, StatusCode::BAD_REQUEST);
+    // With an API key the endpoints need it, as /v1/ does.
+    let mut config = dsv3_api::ApiConfig::new(MODEL);
+    config.api_key = Some("k".into());
+    let guarded = app_with(fake(), Some(tokenizer()), config);
+    let (status, _) = post(&guarded, "/tokenize", &json!({"prompt": "x"})).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+/// Tokenizing runs on the blocking pool: on this single-threaded runtime, `/health` answers while
+/// four prompts of 3.5 MB are still being tokenized.
+#[tokio::test]
+async fn large_prompts_do_not_stall_the_probes() {
+    let mut config = dsv3_api::ApiConfig::new(MODEL);
+    config.max_body_bytes = 8 << 20;
+    let router = app_with(fake(), Some(tokenizer()), config);
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(3_500_000 / 45);
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (router, done, body) = (router.clone(), done.clone(), json!({"prompt": prompt}));
+        tasks.push(tokio::spawn(async move {
+            let (status, json) = post(&router, "/tokenize", &body).await;
+            assert_eq!(status, StatusCode::OK);
+            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            json["count"].as_u64().expect("count")
+        }));
+    }
+    // Let every tokenize request reach the blocking pool first.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    let (status, _) = get(&router, "/health").await;
+    assert_eq!(status, StatusCode::OK);
+    let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(finished < 4, "/health waited for all {finished} tokenizations");
+    for task in tasks {
+        assert!(task.await.expect("task") > 500_000);
+    }
+}
