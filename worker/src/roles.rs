@@ -48,6 +48,9 @@ pub struct HttpArgs {
     /// No JSON access-log line per request on stderr.
     #[arg(long)]
     pub disable_access_log: bool,
+    /// Origins browsers may call the API from (CORS), comma-separated, `*` for any. Default: none.
+    #[arg(long, value_delimiter = ',', env = "DSV3_ALLOWED_ORIGINS")]
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Args)]
@@ -242,6 +245,16 @@ fn serve_http(
     let mut config = dsv3_api::ApiConfig::new(name.clone());
     config.api_key = http.api_key.clone().filter(|k| !k.is_empty());
     config.access_log = !http.disable_access_log;
+    config.cors_origins = http
+        .allowed_origins
+        .iter()
+        .map(|o| o.trim())
+        .filter(|o| !o.is_empty())
+        .map(|o| {
+            o.parse()
+                .with_context(|| format!("--allowed-origins: `{o}` is not a valid origin"))
+        })
+        .collect::<Result<_>>()?;
     let router = dsv3_api::router(backend, tokenizer, config);
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind((http.host.as_str(), http.port))

@@ -1,5 +1,7 @@
 //! Settings of the HTTP front end.
 
+use axum::http::HeaderValue;
+
 /// Settings of the HTTP front end.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ApiConfig {
@@ -20,6 +22,9 @@ pub struct ApiConfig {
     pub api_key: Option<String>,
     /// One JSON line per request on stderr (request id, method, path, status, latency).
     pub access_log: bool,
+    /// Origins a browser may call the API from (CORS), `*` for any; empty: no CORS headers, so
+    /// browsers keep pages of other origins out.
+    pub cors_origins: Vec<HeaderValue>,
 }
 
 impl ApiConfig {
@@ -42,6 +47,7 @@ impl Default for ApiConfig {
             owned_by: "dsv3".to_string(),
             api_key: None,
             access_log: true,
+            cors_origins: Vec::new(),
         }
     }
 }

@@ -7,13 +7,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_openai::types::models::{ListModelResponse, Model};
 use axum::extract::{Path, Request, State};
-use axum::http::{header, StatusCode, Uri};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use dsv3_text::Tokenizer;
 use serde_json::json;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::backend::Backend;
 use crate::config::ApiConfig;
@@ -57,7 +58,7 @@ pub fn router(backend: Arc<dyn Backend>, tokenizer: Option<Tokenizer>, config: A
         metrics,
         started: unix_now(),
     });
-    Router::new()
+    let mut router = Router::new()
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*model}", get(get_model))
         .route("/v1/completions", post(completions::create))
@@ -70,9 +71,29 @@ pub fn router(backend: Arc<dyn Backend>, tokenizer: Option<Tokenizer>, config: A
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key))
-        .layer(middleware::from_fn_with_state(state.clone(), count_errors))
+        .layer(middleware::from_fn_with_state(state.clone(), count_errors));
+    if !state.config.cors_origins.is_empty() {
+        router = router.layer(cors(&state.config.cors_origins));
+    }
+    router
         .layer(middleware::from_fn_with_state(state.clone(), access::track))
         .with_state(state)
+}
+
+/// Cross-origin access for browsers: the configured origins may call every route (preflights
+/// are answered here, before the API key is asked for) and read the request id and Retry-After.
+fn cors(origins: &[HeaderValue]) -> CorsLayer {
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().cloned())
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, access::REQUEST_ID.clone()])
+        .expose_headers([access::REQUEST_ID.clone(), header::RETRY_AFTER])
+        .max_age(std::time::Duration::from_secs(3600))
 }
 
 /// Runs `work` (tokenization, template rendering: up to seconds for a prompt of megabytes) on

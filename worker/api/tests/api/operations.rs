@@ -233,3 +233,71 @@ async fn large_prompts_do_not_stall_the_probes() {
         assert!(task.await.expect("task") > 500_000);
     }
 }
+
+async fn request_with(router: &axum::Router, request: Request<Body>) -> (StatusCode, HeaderMap) {
+    let response = router.clone().oneshot(request).await.expect("infallible");
+    (response.status(), response.headers().clone())
+}
+
+#[tokio::test]
+async fn cors_answers_the_configured_origins_only() {
+    let preflight = |origin: &str| {
+        Request::options("/v1/chat/completions")
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization,content-type")
+            .body(Body::empty())
+            .expect("request")
+    };
+    let mut config = dsv3_api::ApiConfig::new(MODEL);
+    config.api_key = Some("k".into());
+    config.cors_origins = vec!["https://app.example".parse().expect("origin")];
+    let router = app_with(fake(), Some(tokenizer()), config.clone());
+    // The preflight is answered before the API key is asked for.
+    let (status, headers) = request_with(&router, preflight("https://app.example")).await;
+    assert!(status.is_success(), "{status}");
+    assert_eq!(headers["access-control-allow-origin"], "https://app.example");
+    let methods = headers["access-control-allow-methods"]
+        .to_str()
+        .expect("ascii")
+        .to_lowercase();
+    assert!(methods.contains("post"), "{methods}");
+    let allowed = headers["access-control-allow-headers"]
+        .to_str()
+        .expect("ascii")
+        .to_lowercase();
+    assert!(
+        allowed.contains("authorization") && allowed.contains("content-type"),
+        "{allowed}"
+    );
+    // Another origin gets no grant.
+    let (_, headers) = request_with(&router, preflight("https://evil.example")).await;
+    assert!(headers.get("access-control-allow-origin").is_none());
+    // The real request carries the grant and exposes the request id.
+    let request = Request::get("/v1/models")
+        .header("origin", "https://app.example")
+        .header("authorization", "Bearer k")
+        .body(Body::empty())
+        .expect("request");
+    let (status, headers) = request_with(&router, request).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["access-control-allow-origin"], "https://app.example");
+    let exposed = headers["access-control-expose-headers"]
+        .to_str()
+        .expect("ascii")
+        .to_lowercase();
+    assert!(
+        exposed.contains("x-request-id") && exposed.contains("retry-after"),
+        "{exposed}"
+    );
+
+    config.cors_origins = vec!["*".parse().expect("origin")];
+    let any = app_with(fake(), Some(tokenizer()), config);
+    let (_, headers) = request_with(&any, preflight("https://anywhere.example")).await;
+    assert_eq!(headers["access-control-allow-origin"], "*");
+
+    // Without configured origins: no CORS headers, and OPTIONS is not a method of the API.
+    let (status, headers) = request_with(&app(fake()), preflight("https://app.example")).await;
+    assert!(headers.get("access-control-allow-origin").is_none());
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+}
