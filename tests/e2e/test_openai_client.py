@@ -109,6 +109,31 @@ def test_errors_are_openai_errors(client):
         client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
 
 
+def test_request_ids_name_the_completion(client):
+    raw = client.chat.completions.with_raw_response.create(
+        model="dsv3-tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+        extra_headers={"X-Request-Id": "e2e-42"},
+    )
+    assert raw.headers["x-request-id"] == "e2e-42"
+    assert raw.parse().id == "chatcmpl-e2e-42"
+
+
+def post_json(url, body):
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json"})
+    with urllib.request.urlopen(request) as r:
+        return json.load(r)
+
+
+def test_tokenize_agrees_with_the_completion(client):
+    root = str(client.base_url).rstrip("/").removesuffix("/v1")
+    messages = [{"role": "user", "content": "Hello there!"}]
+    counted = post_json(root + "/tokenize", {"model": "dsv3-tiny", "messages": messages})
+    usage = client.chat.completions.create(model="dsv3-tiny", messages=messages, max_tokens=1).usage
+    assert counted["count"] == usage.prompt_tokens == len(counted["tokens"])
+    plain = post_json(root + "/tokenize", {"prompt": "Hello there!", "add_special_tokens": False})
+    assert post_json(root + "/detokenize", {"tokens": plain["tokens"]})["prompt"] == "Hello there!"
+
+
 @pytest.fixture(scope="module", params=["fleet", "serve"])
 def small_cache(request):
     """`serve`, and a fleet of 1 attention rank + 2 expert shards, with a KV cache of 128
