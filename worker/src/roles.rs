@@ -51,6 +51,16 @@ pub struct HttpArgs {
     /// Origins browsers may call the API from (CORS), comma-separated, `*` for any. Default: none.
     #[arg(long, value_delimiter = ',', env = "DSV3_ALLOWED_ORIGINS")]
     pub allowed_origins: Vec<String>,
+    /// Chat answers' thinking (up to `</think>`, where the chat template or the answer opens a
+    /// think block: R1, V3.1 with `thinking`) in `reasoning_content` (auto), or left in `content`.
+    #[arg(long, value_enum, default_value_t = ReasoningContent::Auto)]
+    pub reasoning_content: ReasoningContent,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ReasoningContent {
+    Auto,
+    Off,
 }
 
 #[derive(Args)]
@@ -245,6 +255,7 @@ fn serve_http(
     let mut config = dsv3_api::ApiConfig::new(name.clone());
     config.api_key = http.api_key.clone().filter(|k| !k.is_empty());
     config.access_log = !http.disable_access_log;
+    config.split_reasoning = http.reasoning_content == ReasoningContent::Auto;
     config.cors_origins = http
         .allowed_origins
         .iter()

@@ -20,6 +20,7 @@ use crate::error::ApiError;
 use crate::generation::{Finish, Generation, TokenOutput};
 use crate::logprobs::chat_logprobs;
 use crate::params::{check_prompt, prepare, SamplingInput};
+use crate::reasoning::{prompt_opens_think, ReasoningSplitter, Split};
 use crate::request::{parse_request, read_body, Parsed};
 use crate::server::{off_runtime, unix_now, AppState};
 use crate::streaming::{sse_response, usage_of, ChunkFormat};
@@ -58,7 +59,10 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
             "this model has no tokenizer, so chat completions are not available: use /v1/completions with token ids",
         )
     })?;
-    let prompt = {
+    let ChatPrompt {
+        ids: prompt,
+        opens_think,
+    } = {
         let (tokenizer, kwargs) = (tokenizer.clone(), extensions.chat_template_kwargs.clone());
         off_runtime(move || render_prompt(&tokenizer, &raw, true, kwargs.as_ref())).await?
     };
@@ -102,6 +106,10 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
         model: req.model,
         tokenizer: tokenizer.clone(),
         logprobs: logprobs.is_some(),
+        reasoning: state
+            .config
+            .split_reasoning
+            .then(|| ReasoningSplitter::new(opens_think)),
     };
     if req.stream == Some(true) {
         let include_usage = req
@@ -112,6 +120,7 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
         return Ok(sse_response(generation, format, include_usage));
     }
     let out = generation.collect().await?;
+    let mut format = format;
     let body = format.response(out.text, &out.tokens, out.finish, usage_of(&generation));
     Ok(Json(body).into_response())
 }
@@ -153,6 +162,12 @@ fn chat_logprobs_request(
     }
 }
 
+/// A chat request's prompt: its token ids, and whether the template left a think block open.
+pub(crate) struct ChatPrompt {
+    pub ids: Vec<u32>,
+    pub opens_think: bool,
+}
+
 /// Renders the messages as sent (all their fields reach the template) with the tools, and
 /// tokenizes the result. `developer` messages are given to the template as `system`.
 pub(crate) fn render_prompt(
@@ -160,7 +175,7 @@ pub(crate) fn render_prompt(
     raw: &Value,
     add_generation_prompt: bool,
     kwargs: Option<&Map<String, Value>>,
-) -> Result<Vec<u32>, ApiError> {
+) -> Result<ChatPrompt, ApiError> {
     let template = tokenizer.chat_template().ok_or_else(|| {
         ApiError::bad_request("the model's tokenizer has no chat template, so chat completions are not available")
     })?;
@@ -173,9 +188,13 @@ pub(crate) fn render_prompt(
     let text = template
         .render_with_kwargs(&messages, tools, add_generation_prompt, kwargs)
         .map_err(template_error)?;
-    tokenizer
+    let ids = tokenizer
         .encode(&text, false)
-        .map_err(|e| ApiError::internal(format!("cannot tokenize the chat prompt: {e}")))
+        .map_err(|e| ApiError::internal(format!("cannot tokenize the chat prompt: {e}")))?;
+    Ok(ChatPrompt {
+        ids,
+        opens_think: prompt_opens_think(&text),
+    })
 }
 
 fn developer_as_system(message: &Value) -> Value {
@@ -212,10 +231,28 @@ struct ChatChunks {
     model: String,
     tokenizer: Tokenizer,
     logprobs: bool,
+    /// Splits the answer's thinking into `reasoning_content` (unless the server is told not to).
+    reasoning: Option<ReasoningSplitter>,
+}
+
+/// Adds `reasoning_content` (not among async-openai's fields) to the first choice's `key`
+/// (`message` or `delta`) when there is some.
+fn with_reasoning(mut json: Value, key: &str, reasoning: &str) -> Value {
+    if !reasoning.is_empty() {
+        if let Some(target) = json
+            .get_mut("choices")
+            .and_then(|c| c.get_mut(0))
+            .and_then(|c| c.get_mut(key))
+            .and_then(Value::as_object_mut)
+        {
+            target.insert("reasoning_content".into(), Value::from(reasoning));
+        }
+    }
+    json
 }
 
 impl ChatChunks {
-    fn envelope(&self, choices: Vec<ChatChoiceStream>, usage: Option<CompletionUsage>) -> String {
+    fn envelope(&self, choices: Vec<ChatChoiceStream>, usage: Option<CompletionUsage>, reasoning: &str) -> String {
         let chunk = CreateChatCompletionStreamResponse {
             id: self.id.clone(),
             choices,
@@ -225,16 +262,37 @@ impl ChatChunks {
             usage,
             ..Default::default()
         };
-        serde_json::to_string(&chunk).unwrap_or_default()
+        let json = serde_json::to_value(&chunk).unwrap_or(Value::Null);
+        with_reasoning(json, "delta", reasoning).to_string()
     }
 
-    fn response(&self, text: String, tokens: &[TokenOutput], finish: Finish, usage: CompletionUsage) -> Value {
+    /// The answer's text split into (reasoning, content), or all content.
+    fn split(&mut self, text: String, last: bool) -> Split {
+        match &mut self.reasoning {
+            None => Split {
+                reasoning: String::new(),
+                content: text,
+            },
+            Some(splitter) => {
+                let mut split = splitter.push(&text);
+                if last {
+                    let rest = splitter.finish();
+                    split.reasoning.push_str(&rest.reasoning);
+                    split.content.push_str(&rest.content);
+                }
+                split
+            }
+        }
+    }
+
+    fn response(&mut self, text: String, tokens: &[TokenOutput], finish: Finish, usage: CompletionUsage) -> Value {
+        let Split { reasoning, content } = self.split(text, true);
         let body = CreateChatCompletionResponse {
             id: self.id.clone(),
             choices: vec![ChatChoice {
                 index: 0,
                 message: ChatCompletionResponseMessage {
-                    content: Some(text),
+                    content: Some(content),
                     role: Role::Assistant,
                     ..Default::default()
                 },
@@ -247,7 +305,11 @@ impl ChatChunks {
             usage: Some(usage),
             ..Default::default()
         };
-        serde_json::to_value(&body).unwrap_or(Value::Null)
+        with_reasoning(
+            serde_json::to_value(&body).unwrap_or(Value::Null),
+            "message",
+            &reasoning,
+        )
     }
 }
 
@@ -266,12 +328,15 @@ impl ChunkFormat for ChatChunks {
                 logprobs: None,
             }],
             None,
+            "",
         )]
     }
 
     fn chunk(&mut self, text: String, tokens: &[TokenOutput], finish: Option<Finish>) -> String {
+        // The last chunk carries what the splitter still held (a marker's possible start).
+        let Split { reasoning, content } = self.split(text, finish.is_some());
         let delta = ChatCompletionStreamResponseDelta {
-            content: finish.is_none().then_some(text),
+            content: (finish.is_none() || !content.is_empty()).then_some(content),
             ..Default::default()
         };
         let logprobs = (self.logprobs && finish.is_none()).then(|| chat_logprobs(Some(&self.tokenizer), tokens));
@@ -283,10 +348,11 @@ impl ChunkFormat for ChatChunks {
                 logprobs,
             }],
             None,
+            &reasoning,
         )
     }
 
     fn usage(&mut self, usage: CompletionUsage) -> String {
-        self.envelope(Vec::new(), Some(usage))
+        self.envelope(Vec::new(), Some(usage), "")
     }
 }

@@ -25,6 +25,9 @@ pub struct ApiConfig {
     /// Origins a browser may call the API from (CORS), `*` for any; empty: no CORS headers, so
     /// browsers keep pages of other origins out.
     pub cors_origins: Vec<HeaderValue>,
+    /// Chat answers of thinking models split at `</think>`: the thinking in `reasoning_content`,
+    /// the answer alone in `content` (see `reasoning`).
+    pub split_reasoning: bool,
 }
 
 impl ApiConfig {
@@ -48,6 +51,7 @@ impl Default for ApiConfig {
             api_key: None,
             access_log: true,
             cors_origins: Vec::new(),
+            split_reasoning: true,
         }
     }
 }

@@ -24,6 +24,7 @@ mod generation;
 mod logprobs;
 mod metrics;
 mod params;
+mod reasoning;
 mod request;
 mod server;
 mod stop;

@@ -94,7 +94,8 @@ async fn handle_tokenize(state: AppState, body: Body) -> Result<Response, ApiErr
                     &raw,
                     req.add_generation_prompt.unwrap_or(true),
                     req.chat_template_kwargs.as_ref(),
-                )?;
+                )?
+                .ids;
                 if req.add_special_tokens == Some(true) {
                     if let Some(bos) = tokenizer.bos_token_id() {
                         tokens.insert(0, bos);

@@ -8,4 +8,5 @@ mod completions;
 mod errors;
 mod metrics;
 mod operations;
+mod reasoning;
 mod streaming;
