@@ -169,7 +169,7 @@ def test_omitted_max_tokens_runs_at_full_concurrency_on_a_small_cache(small_cach
         assert a.usage.prompt_tokens + a.usage.completion_tokens == 129
     with urllib.request.urlopen(base + "/metrics") as r:
         metrics = r.read().decode()
-    preempted = [l for l in metrics.splitlines() if l.startswith("dsv3_scheduler_preemptions")]
+    preempted = [l for l in metrics.splitlines() if l.startswith("dsv3_num_preemptions_total{")]
     assert preempted and float(preempted[0].split()[-1]) > 0, preempted
 
 

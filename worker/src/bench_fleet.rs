@@ -106,10 +106,18 @@ fn complete(base: &str, body: Value) -> Result<Value> {
 /// A metric's value from the server's `/metrics` (0 when absent).
 pub(crate) fn metric_sum(base: &str, name: &str) -> Result<f64> {
     let text = ureq::get(&format!("{base}/metrics")).call()?.into_string()?;
-    Ok(text
-        .lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0))
+    Ok(sample(&text, name).unwrap_or(0.0))
+}
+
+/// The value of the first sample of series `name` (whatever its labels) in a Prometheus text.
+pub(crate) fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        if !(rest.starts_with(' ') || rest.starts_with('{')) {
+            return None;
+        }
+        rest.rsplit(' ').next()?.parse().ok()
+    })
 }
 
 struct Row {

@@ -261,8 +261,8 @@ impl Server {
     fn scheduler_time(&self) -> Result<(f64, f64)> {
         let base = &self.process.base;
         Ok((
-            metric_sum(base, "dsv3_scheduler_step_seconds_total ")?,
-            metric_sum(base, "dsv3_scheduler_busy_seconds_total ")?,
+            metric_sum(base, "dsv3_scheduler_step_seconds_total")?,
+            metric_sum(base, "dsv3_scheduler_busy_seconds_total")?,
         ))
     }
 }

@@ -259,8 +259,11 @@ fn serve_and_fleet_give_the_tokens_of_generate() {
         .expect("metrics")
         .into_string()
         .expect("text");
-    assert!(metrics.contains("dsv3_expert_tokens_total{layer=\"2\"}"), "{metrics}");
-    assert!(metrics.contains("dsv3_ready 1"), "{metrics}");
+    let layer_2 = metrics
+        .lines()
+        .any(|l| l.starts_with("dsv3_expert_tokens_total{") && l.contains("layer=\"2\""));
+    assert!(layer_2, "{metrics}");
+    assert_eq!(metric(&fleet.base, "dsv3_ready"), 1.0);
 }
 
 #[test]
@@ -359,12 +362,7 @@ fn a_dead_worker_ends_its_requests_and_the_fleet_recovers() {
             std::thread::sleep(Duration::from_millis(100));
         }
         assert_eq!(ready_status(&fleet.base), 503, "{role}: /ready reports degraded");
-        let metrics = ureq::get(&format!("{}/metrics", fleet.base))
-            .call()
-            .expect("metrics")
-            .into_string()
-            .expect("text");
-        assert!(metrics.contains("dsv3_ready 0"), "{role}: metrics report degraded");
+        assert_eq!(metric(&fleet.base, "dsv3_ready"), 0.0, "{role}: metrics report degraded");
         let (status, _) = post(&fleet.base, "/v1/completions", request(4, json!({})));
         assert!(status == 503 || status == 500, "{role}: got {status}");
         // The worker comes back; the other processes were never restarted.
@@ -416,8 +414,13 @@ fn metric(base: &str, name: &str) -> f64 {
         .expect("metrics")
         .into_string()
         .expect("text");
+    // `name{model_name="…",…} value`
     text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
+        .find_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            (rest.starts_with(' ') || rest.starts_with('{')).then_some(())?;
+            rest.rsplit(' ').next()?.parse().ok()
+        })
         .unwrap_or_else(|| panic!("{name} missing from metrics"))
 }
 
@@ -430,20 +433,20 @@ fn a_client_that_disconnects_frees_its_cache_at_once() {
     let mut lines = BufReader::new(response.into_reader()).lines();
     let _ = lines.next();
     assert!(
-        metric(&base, "dsv3_kv_cache_usage_ratio") > 0.0,
+        metric(&base, "dsv3_kv_cache_usage_perc") > 0.0,
         "the running request holds cache blocks"
     );
     drop(lines);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(&base, "dsv3_kv_cache_usage_ratio") > 0.0 && Instant::now() < deadline {
+    while metric(&base, "dsv3_kv_cache_usage_perc") > 0.0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(
-        metric(&base, "dsv3_kv_cache_usage_ratio"),
+        metric(&base, "dsv3_kv_cache_usage_perc"),
         0.0,
         "cache freed after the disconnect"
     );
-    assert_eq!(metric(&base, "dsv3_requests_running"), 0.0);
+    assert_eq!(metric(&base, "dsv3_num_requests_running"), 0.0);
 }
 
 #[test]

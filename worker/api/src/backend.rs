@@ -38,6 +38,10 @@ pub struct TokenLogprob {
 /// either counts as `Failed`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum GenerationEvent {
+    /// The scheduler put the request into a step for the first time: its wait in the queue ends
+    /// and its prefill begins (sent once, before any token; a preempted request is not
+    /// scheduled again in this sense).
+    Scheduled,
     /// One generated token (also the end-of-sequence or stop token that ends generation).
     Token {
         id: u32,

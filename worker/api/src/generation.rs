@@ -66,6 +66,9 @@ pub struct Generation {
     stop: StopMatcher,
     metrics: Arc<Metrics>,
     arrived: Instant,
+    /// When the scheduler first put the request into a step.
+    scheduled: Option<Instant>,
+    first_token: Option<Instant>,
     last_token: Option<Instant>,
     prompt_tokens: usize,
     completion_tokens: usize,
@@ -93,6 +96,8 @@ impl Generation {
             stop: StopMatcher::new(stops),
             metrics,
             arrived,
+            scheduled: None,
+            first_token: None,
             last_token: None,
             prompt_tokens,
             completion_tokens: 0,
@@ -122,6 +127,12 @@ impl Generation {
                 None => None,
             };
             let step = match event {
+                Some(GenerationEvent::Scheduled) => {
+                    let now = Instant::now();
+                    self.metrics.scheduled(now - self.arrived);
+                    self.scheduled = Some(now);
+                    None
+                }
                 Some(GenerationEvent::Token {
                     id,
                     logprob,
@@ -165,7 +176,10 @@ impl Generation {
     fn on_token(&mut self, id: u32, logprob: Option<f32>, top_logprobs: Vec<TokenLogprob>) -> Option<Step> {
         let now = Instant::now();
         match self.last_token {
-            None => self.metrics.first_token(now - self.arrived),
+            None => {
+                self.metrics.first_token(now - self.arrived, self.scheduled.map(|s| now - s));
+                self.first_token = Some(now);
+            }
             Some(prev) => self.metrics.next_token(now - prev),
         }
         self.last_token = Some(now);
@@ -226,7 +240,11 @@ impl Generation {
             Finish::Stop => Outcome::Stop,
             Finish::Length => Outcome::Length,
         };
-        self.metrics.request_finished(outcome, self.arrived.elapsed());
+        let now = Instant::now();
+        self.metrics.request_finished(outcome, now - self.arrived);
+        if let Some(first) = self.first_token {
+            self.metrics.decoded(now - first);
+        }
         Step::Done {
             text,
             tokens: std::mem::take(&mut self.pending),

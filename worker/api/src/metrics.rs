@@ -1,10 +1,14 @@
 //! Prometheus metrics (prometheus-client, Prometheus text format 0.0.4).
 //!
 //! Request-side metrics are recorded by the handlers; load figures (running, waiting, KV cache,
-//! expert load) are read from [`Backend::stats`] on each scrape. Label cardinality is bounded:
+//! expert load) are read from [`Backend::stats`] on each scrape. Every series carries
+//! `model_name`, and the serving metrics are named as vLLM names them with `dsv3_` for `vllm:`
+//! (`dsv3_num_requests_waiting` is `vllm:num_requests_waiting`; the table is in the README), so a
+//! vLLM dashboard or autoscaler reads them by swapping the prefix. Label cardinality is bounded:
 //! finish reasons, HTTP statuses the server produces, and MoE layers (≤ 61); never one series
 //! per expert.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +22,7 @@ use prometheus_client::registry::Registry;
 
 use crate::backend::Backend;
 
-/// Why a request ended, as counted in `dsv3_requests_finished_total{finish_reason}`.
+/// Why a request ended, as counted in `dsv3_request_success_total{finished_reason}`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// End of sequence, stop token or stop string.
@@ -44,7 +48,7 @@ impl Outcome {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FinishLabels {
-    finish_reason: &'static str,
+    finished_reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -58,6 +62,9 @@ pub struct Metrics {
     ttft: Histogram,
     itl: Histogram,
     e2e: Histogram,
+    queue: Histogram,
+    prefill: Histogram,
+    decode: Histogram,
     prompt_tokens: Counter,
     generation_tokens: Counter,
     finished: Family<FinishLabels, Counter>,
@@ -71,33 +78,58 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    pub fn new(backend: Arc<dyn Backend>) -> Self {
-        let mut registry = Registry::default();
+    /// The metrics of a front end serving `model_name` from `backend`.
+    pub fn new(backend: Arc<dyn Backend>, model_name: &str) -> Self {
+        let labels = [(Cow::Borrowed("model_name"), Cow::Owned(model_name.to_string()))];
+        let mut registry = Registry::with_labels(labels.into_iter());
         // 1 ms .. ~65 s
         let ttft = Histogram::new(exponential_buckets(0.001, 2.0, 17));
         // 0.5 ms .. ~16 s
         let itl = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         // 10 ms .. ~22 min
         let e2e = Histogram::new(exponential_buckets(0.01, 2.0, 18));
+        // 0.1 ms .. ~14 min: a queue is empty or long
+        let queue = Histogram::new(exponential_buckets(0.0001, 2.0, 24));
+        let prefill = Histogram::new(exponential_buckets(0.001, 2.0, 17));
+        let decode = Histogram::new(exponential_buckets(0.01, 2.0, 18));
         let prompt_tokens = Counter::default();
         let generation_tokens = Counter::default();
         let finished = Family::<FinishLabels, Counter>::default();
         let http_errors = Family::<StatusLabels, Counter>::default();
-        registry.register(
-            "dsv3_time_to_first_token_seconds",
-            "Time from receiving a request to its first generated token",
-            ttft.clone(),
-        );
-        registry.register(
-            "dsv3_inter_token_latency_seconds",
-            "Time between consecutive generated tokens of a request",
-            itl.clone(),
-        );
-        registry.register(
-            "dsv3_e2e_request_latency_seconds",
-            "Time from receiving a request to its end",
-            e2e.clone(),
-        );
+        for (name, help, histogram) in [
+            (
+                "dsv3_time_to_first_token_seconds",
+                "Time from receiving a request to its first generated token",
+                &ttft,
+            ),
+            (
+                "dsv3_inter_token_latency_seconds",
+                "Time between consecutive generated tokens of a request",
+                &itl,
+            ),
+            (
+                "dsv3_e2e_request_latency_seconds",
+                "Time from receiving a request to its end",
+                &e2e,
+            ),
+            (
+                "dsv3_request_queue_time_seconds",
+                "Time from receiving a request to its first step (waiting for admission)",
+                &queue,
+            ),
+            (
+                "dsv3_request_prefill_time_seconds",
+                "Time from a request's first step to its first token (prefill)",
+                &prefill,
+            ),
+            (
+                "dsv3_request_decode_time_seconds",
+                "Time from a request's first token to its end (decode)",
+                &decode,
+            ),
+        ] {
+            registry.register(name, help, histogram.clone());
+        }
         registry.register(
             "dsv3_prompt_tokens",
             "Prompt tokens of admitted requests",
@@ -105,8 +137,8 @@ impl Metrics {
         );
         registry.register("dsv3_generation_tokens", "Generated tokens", generation_tokens.clone());
         registry.register(
-            "dsv3_requests_finished",
-            "Generation requests by how they ended (stop, length, error, abort)",
+            "dsv3_request_success",
+            "Generation requests by how they ended (stop, length, abort, error)",
             finished.clone(),
         );
         registry.register(
@@ -120,6 +152,9 @@ impl Metrics {
             ttft,
             itl,
             e2e,
+            queue,
+            prefill,
+            decode,
             prompt_tokens,
             generation_tokens,
             finished,
@@ -131,9 +166,24 @@ impl Metrics {
         self.prompt_tokens.inc_by(prompt_tokens as u64);
     }
 
-    pub fn first_token(&self, since_arrival: Duration) {
+    /// The request's first step: it waited `since_arrival` in the queue.
+    pub fn scheduled(&self, since_arrival: Duration) {
+        self.queue.observe(since_arrival.as_secs_f64());
+    }
+
+    /// The first token, `since_arrival` after the request came in and `since_scheduled` after
+    /// its first step (when the backend tells).
+    pub fn first_token(&self, since_arrival: Duration, since_scheduled: Option<Duration>) {
         self.ttft.observe(since_arrival.as_secs_f64());
+        if let Some(prefill) = since_scheduled {
+            self.prefill.observe(prefill.as_secs_f64());
+        }
         self.generation_tokens.inc();
+    }
+
+    /// A request that ended normally decoded for `since_first_token`.
+    pub fn decoded(&self, since_first_token: Duration) {
+        self.decode.observe(since_first_token.as_secs_f64());
     }
 
     pub fn next_token(&self, since_previous: Duration) {
@@ -144,7 +194,7 @@ impl Metrics {
     pub fn request_finished(&self, outcome: Outcome, since_arrival: Duration) {
         self.finished
             .get_or_create(&FinishLabels {
-                finish_reason: outcome.label(),
+                finished_reason: outcome.label(),
             })
             .inc();
         if matches!(outcome, Outcome::Stop | Outcome::Length) {
@@ -183,13 +233,13 @@ impl Collector for BackendCollector {
         let stats = self.backend.stats();
         const_gauge(
             &mut encoder,
-            "dsv3_requests_running",
+            "dsv3_num_requests_running",
             "Sequences being generated.",
             stats.running as f64,
         )?;
         const_gauge(
             &mut encoder,
-            "dsv3_requests_waiting",
+            "dsv3_num_requests_waiting",
             "Sequences admitted and waiting for a slot.",
             stats.waiting as f64,
         )?;
@@ -200,9 +250,15 @@ impl Collector for BackendCollector {
         };
         const_gauge(
             &mut encoder,
-            "dsv3_kv_cache_usage_ratio",
-            "Fraction of KV cache blocks in use.",
+            "dsv3_kv_cache_usage_perc",
+            "Fraction of KV cache blocks in use (0 to 1, as vLLM's).",
             usage,
+        )?;
+        const_gauge(
+            &mut encoder,
+            "dsv3_kv_cache_used_blocks",
+            "KV cache blocks holding sequences.",
+            stats.cache_used_blocks as f64,
         )?;
         const_gauge(
             &mut encoder,
@@ -236,7 +292,7 @@ impl Collector for BackendCollector {
                 time.busy_seconds,
             ),
             (
-                "dsv3_scheduler_preemptions",
+                "dsv3_num_preemptions",
                 "Sequences preempted since start: their KV cache freed when a rank ran out, prefilled again later.",
                 time.preemptions as f64,
             ),

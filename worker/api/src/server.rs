@@ -50,7 +50,7 @@ impl Shared {
 /// `tokenizer`: the model directory's tokenizer; without one, text prompts and chat answer 400
 /// and token-id prompts still work (generated ids come back in `token_ids`).
 pub fn router(backend: Arc<dyn Backend>, tokenizer: Option<Tokenizer>, config: ApiConfig) -> Router {
-    let metrics = Arc::new(Metrics::new(backend.clone()));
+    let metrics = Arc::new(Metrics::new(backend.clone(), &config.served_model_name));
     let state: AppState = Arc::new(Shared {
         backend,
         tokenizer,

@@ -445,6 +445,7 @@ impl Scheduler {
             let (seq, output) = match p.resume {
                 Some(resume) => resume,
                 None => {
+                    let _ = p.events.send(GenerationEvent::Scheduled);
                     self.next_seq += 1;
                     (self.next_seq - 1, Vec::new())
                 }

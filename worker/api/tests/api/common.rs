@@ -154,6 +154,12 @@ impl Backend for Fake {
         let ending = self.ending.clone();
         let cancelled = self.cancelled.clone();
         tokio::spawn(async move {
+            // As the fleet's scheduler: scheduled first, then the tokens.
+            if tx.send(GenerationEvent::Scheduled).is_err() {
+                cancelled.store(true, Ordering::SeqCst);
+                return;
+            }
+            tokio::task::yield_now().await;
             for (i, &id) in script.iter().enumerate() {
                 if i >= max_tokens {
                     break;

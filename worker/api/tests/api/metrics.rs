@@ -20,7 +20,8 @@ fn valid_name(name: &str) -> bool {
 }
 
 /// Parses the text format strictly enough to catch malformed output: `# HELP`/`# TYPE` lines
-/// and `name{k="v",...} value` samples. Returns sample → value.
+/// and `name{k="v",...} value` samples, every one labelled with the served model. Returns
+/// sample → value, the `model_name` label left out of the key.
 fn parse_exposition(text: &str) -> HashMap<String, f64> {
     let mut samples = HashMap::new();
     for line in text.lines().filter(|l| !l.is_empty()) {
@@ -55,7 +56,13 @@ fn parse_exposition(text: &str) -> HashMap<String, f64> {
                 }
             }
         }
-        assert!(samples.insert(series.to_string(), value).is_none(), "duplicate: {line}");
+        let model = format!("model_name=\"{MODEL}\"");
+        assert!(series.contains(&model), "no {model} label: {line}");
+        let key = series
+            .replace(&format!("{{{model},"), "{")
+            .replace(&format!(",{model}"), "")
+            .replace(&format!("{{{model}}}"), "");
+        assert!(samples.insert(key, value).is_none(), "duplicate: {line}");
     }
     samples
 }
@@ -107,12 +114,14 @@ async fn metrics_exposition() {
     assert!(samples.contains_key("dsv3_e2e_request_latency_seconds_bucket{le=\"+Inf\"}"));
     assert_eq!(value("dsv3_prompt_tokens_total"), 2.0);
     assert_eq!(value("dsv3_generation_tokens_total"), generated);
-    assert_eq!(value("dsv3_requests_finished_total{finish_reason=\"stop\"}"), 1.0);
+    assert_eq!(value("dsv3_request_success_total{finished_reason=\"stop\"}"), 1.0);
     assert_eq!(value("dsv3_http_errors_total{status=\"400\"}"), 1.0);
     assert_eq!(value("dsv3_http_errors_total{status=\"404\"}"), 1.0);
-    assert_eq!(value("dsv3_requests_running"), 3.0);
-    assert_eq!(value("dsv3_requests_waiting"), 2.0);
-    assert_eq!(value("dsv3_kv_cache_usage_ratio"), 0.25);
+    assert_eq!(value("dsv3_num_requests_running"), 3.0);
+    assert_eq!(value("dsv3_num_requests_waiting"), 2.0);
+    assert_eq!(value("dsv3_kv_cache_usage_perc"), 0.25);
+    assert_eq!(value("dsv3_kv_cache_used_blocks"), 25.0);
+    assert_eq!(value("dsv3_kv_cache_blocks"), 100.0);
     // Tiny model: layers 0-1 dense, 2-3 MoE. Per layer, never per expert.
     assert_eq!(value("dsv3_expert_load_imbalance{layer=\"2\"}"), 4.0);
     assert_eq!(value("dsv3_expert_load_imbalance{layer=\"3\"}"), 1.0);
@@ -142,11 +151,25 @@ async fn metrics_exposition() {
     assert_eq!(value("dsv3_scheduler_steps_total"), 7.0);
     assert_eq!(value("dsv3_scheduler_step_seconds_total"), 0.5);
     assert_eq!(value("dsv3_scheduler_busy_seconds_total"), 0.75);
-    assert_eq!(value("dsv3_scheduler_preemptions_total"), 3.0);
+    assert_eq!(value("dsv3_num_preemptions_total"), 3.0);
+    // One request through the queue, prefill and decode: each phase once, and together no longer
+    // than the whole request.
+    for phase in ["queue", "prefill", "decode"] {
+        assert_eq!(value(&format!("dsv3_request_{phase}_time_seconds_count")), 1.0, "{phase}");
+    }
+    let phases: f64 = ["queue", "prefill", "decode"]
+        .iter()
+        .map(|p| value(&format!("dsv3_request_{p}_time_seconds_sum")))
+        .sum();
+    let e2e = value("dsv3_e2e_request_latency_seconds_sum");
+    assert!((phases - e2e).abs() <= 1e-6 * e2e.max(1e-3), "{phases} vs {e2e}");
     for name in [
         "dsv3_time_to_first_token_seconds",
         "dsv3_inter_token_latency_seconds",
         "dsv3_e2e_request_latency_seconds",
+        "dsv3_request_queue_time_seconds",
+        "dsv3_request_prefill_time_seconds",
+        "dsv3_request_decode_time_seconds",
     ] {
         assert!(text.contains(&format!("# TYPE {name} histogram")), "{name}");
     }
@@ -162,7 +185,7 @@ async fn aborted_and_failed_requests_are_counted() {
     );
     let (_, text) = get(&router, "/metrics").await;
     let samples = parse_exposition(&text);
-    assert_eq!(samples["dsv3_requests_finished_total{finish_reason=\"error\"}"], 1.0);
+    assert_eq!(samples["dsv3_request_success_total{finished_reason=\"error\"}"], 1.0);
     assert_eq!(samples["dsv3_http_errors_total{status=\"500\"}"], 1.0);
 
     let fake = Arc::new(Fake::text("Hello", Ending::Hang));
@@ -174,7 +197,7 @@ async fn aborted_and_failed_requests_are_counted() {
     assert!(fake.wait_cancelled().await);
     let (_, text) = get(&router, "/metrics").await;
     assert_eq!(
-        parse_exposition(&text)["dsv3_requests_finished_total{finish_reason=\"abort\"}"],
+        parse_exposition(&text)["dsv3_request_success_total{finished_reason=\"abort\"}"],
         1.0
     );
 }
