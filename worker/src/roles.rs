@@ -253,6 +253,18 @@ fn serve_http(
 ) -> Result<()> {
     let tokenizer = model_source::tokenizer(files)?;
     let mut config = dsv3_api::ApiConfig::new(name.clone());
+    if let Some(json) = files.read_string("generation_config.json")? {
+        let (defaults, not_applied) = dsv3_api::SamplingDefaults::from_generation_config(&json)
+            .map_err(|e| anyhow::anyhow!("{e} (in {})", files.describe()))?;
+        eprintln!("sampling defaults from generation_config.json: {defaults:?}");
+        if !not_applied.is_empty() {
+            eprintln!(
+                "generation_config.json also sets {}, which requests must give themselves",
+                not_applied.join(", ")
+            );
+        }
+        config.sampling_defaults = defaults;
+    }
     config.api_key = http.api_key.clone().filter(|k| !k.is_empty());
     config.access_log = !http.disable_access_log;
     config.split_reasoning = http.reasoning_content == ReasoningContent::Auto;

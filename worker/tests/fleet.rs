@@ -362,7 +362,11 @@ fn a_dead_worker_ends_its_requests_and_the_fleet_recovers() {
             std::thread::sleep(Duration::from_millis(100));
         }
         assert_eq!(ready_status(&fleet.base), 503, "{role}: /ready reports degraded");
-        assert_eq!(metric(&fleet.base, "dsv3_ready"), 0.0, "{role}: metrics report degraded");
+        assert_eq!(
+            metric(&fleet.base, "dsv3_ready"),
+            0.0,
+            "{role}: metrics report degraded"
+        );
         let (status, _) = post(&fleet.base, "/v1/completions", request(4, json!({})));
         assert!(status == 503 || status == 500, "{role}: got {status}");
         // The worker comes back; the other processes were never restarted.

@@ -3,7 +3,7 @@
 use axum::http::HeaderValue;
 
 /// Settings of the HTTP front end.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ApiConfig {
     /// The model id clients name in `model` and `GET /v1/models` lists. A request naming another
     /// model gets 404 `model_not_found`; a request without `model` is served.
@@ -28,6 +28,64 @@ pub struct ApiConfig {
     /// Chat answers of thinking models split at `</think>`: the thinking in `reasoning_content`,
     /// the answer alone in `content` (see `reasoning`).
     pub split_reasoning: bool,
+    /// Sampling defaults of the model (`generation_config.json`) for requests that leave a
+    /// field out.
+    pub sampling_defaults: SamplingDefaults,
+}
+
+/// Sampling fields a request may leave to the model's `generation_config.json` (R1 ships
+/// temperature 0.6 and top_p 0.95), as transformers and vLLM read it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SamplingDefaults {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+}
+
+impl SamplingDefaults {
+    /// The defaults in a `generation_config.json`, and the sampling keys it sets that this server
+    /// does not apply (for the start-up log). `do_sample: false` means greedy.
+    pub fn from_generation_config(json: &str) -> Result<(Self, Vec<String>), String> {
+        let value: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| format!("generation_config.json is not JSON: {e}"))?;
+        let obj = value
+            .as_object()
+            .ok_or("generation_config.json must be a JSON object")?;
+        let number = |key: &str| -> Result<Option<f64>, String> {
+            match obj.get(key) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(v) => v
+                    .as_f64()
+                    .map(Some)
+                    .ok_or_else(|| format!("generation_config.json: `{key}` must be a number, got {v}")),
+            }
+        };
+        let greedy = obj.get("do_sample").and_then(serde_json::Value::as_bool) == Some(false);
+        let defaults = SamplingDefaults {
+            temperature: if greedy {
+                Some(0.0)
+            } else {
+                number("temperature")?.map(|t| t as f32)
+            },
+            top_p: number("top_p")?.map(|p| p as f32),
+            top_k: number("top_k")?.map(|k| k as i64),
+        };
+        let not_applied = [
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+            "min_p",
+            "min_new_tokens",
+            "max_new_tokens",
+            "max_length",
+            "num_beams",
+        ]
+        .into_iter()
+        .filter(|k| obj.get(*k).is_some_and(|v| !v.is_null()))
+        .map(str::to_string)
+        .collect();
+        Ok((defaults, not_applied))
+    }
 }
 
 impl ApiConfig {
@@ -52,6 +110,7 @@ impl Default for ApiConfig {
             access_log: true,
             cors_origins: Vec::new(),
             split_reasoning: true,
+            sampling_defaults: SamplingDefaults::default(),
         }
     }
 }

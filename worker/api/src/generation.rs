@@ -177,7 +177,8 @@ impl Generation {
         let now = Instant::now();
         match self.last_token {
             None => {
-                self.metrics.first_token(now - self.arrived, self.scheduled.map(|s| now - s));
+                self.metrics
+                    .first_token(now - self.arrived, self.scheduled.map(|s| now - s));
                 self.first_token = Some(now);
             }
             Some(prev) => self.metrics.next_token(now - prev),

@@ -33,6 +33,6 @@ mod tokenize;
 mod tokens;
 
 pub use backend::{Backend, BackendStats, GenerationEvent, GenerationRequest, Health, SubmitError, TokenLogprob};
-pub use config::ApiConfig;
+pub use config::{ApiConfig, SamplingDefaults};
 pub use error::ApiError;
 pub use server::{router, serve, serve_with_shutdown, shutdown_signal};

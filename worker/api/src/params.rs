@@ -4,6 +4,7 @@
 use async_openai::types::chat::StopConfiguration;
 use dsv3_engine::{ModelConfig, SamplingParams};
 
+use crate::config::SamplingDefaults;
 use crate::error::ApiError;
 use crate::request::Extensions;
 
@@ -23,6 +24,8 @@ pub struct SamplingInput<'a> {
     pub frequency_penalty: Option<f32>,
     pub has_logit_bias: bool,
     pub extensions: &'a Extensions,
+    /// The model's defaults for the fields left out.
+    pub defaults: &'a SamplingDefaults,
 }
 
 /// What the backend and the detokenizer need.
@@ -68,21 +71,21 @@ pub fn prepare(
     config: &ModelConfig,
     has_tokenizer: bool,
 ) -> Result<Prepared, ApiError> {
-    let temperature = input.temperature.unwrap_or(1.0);
+    let temperature = input.temperature.or(input.defaults.temperature).unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ApiError::invalid(
             "temperature",
             format!("`temperature` must be between 0 and 2, got {temperature}"),
         ));
     }
-    let top_p = input.top_p.unwrap_or(1.0);
+    let top_p = input.top_p.or(input.defaults.top_p).unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::invalid(
             "top_p",
             format!("`top_p` must be in (0, 1], got {top_p}"),
         ));
     }
-    let top_k = match input.extensions.top_k {
+    let top_k = match input.extensions.top_k.or(input.defaults.top_k) {
         None | Some(-1) | Some(0) => 0,
         Some(k) if k > 0 => usize::try_from(k).unwrap_or(usize::MAX),
         Some(k) => {

@@ -125,6 +125,48 @@ async fn sampling_fields_reach_the_backend() {
     assert_eq!((p.top_k, p.temperature), (0, 0.0));
 }
 
+/// Fields a request leaves out come from the model's generation_config.json (as in transformers
+/// and vLLM); fields it gives win.
+#[tokio::test]
+async fn the_models_generation_config_fills_in_sampling_defaults() {
+    // DeepSeek-R1's generation_config.json.
+    let r1 = r#"{"_from_model_config": true, "bos_token_id": 0, "eos_token_id": 1, "do_sample": true,
+                 "temperature": 0.6, "top_p": 0.95, "transformers_version": "4.46.3"}"#;
+    let (defaults, not_applied) = dsv3_api::SamplingDefaults::from_generation_config(r1).expect("parse");
+    assert_eq!(
+        (defaults.temperature, defaults.top_p, defaults.top_k),
+        (Some(0.6), Some(0.95), None)
+    );
+    assert!(not_applied.is_empty());
+    let fake = Arc::new(Fake::text("ok", Ending::Finish(FinishReason::Stop)));
+    let mut config = ApiConfig::new(MODEL);
+    config.sampling_defaults = defaults;
+    let router = app_with(fake.clone(), Some(tokenizer()), config);
+    for (path, body) in [
+        ("/v1/completions", json!({"prompt": "x", "max_tokens": 2})),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}),
+        ),
+    ] {
+        assert_eq!(post(&router, path, &body).await.0, StatusCode::OK, "{path}");
+        let p = fake.last_request().params;
+        assert_eq!((p.temperature, p.top_p), (0.6, 0.95), "{path}");
+    }
+    let body = json!({"prompt": "x", "max_tokens": 2, "temperature": 0, "top_p": 1});
+    assert_eq!(post(&router, "/v1/completions", &body).await.0, StatusCode::OK);
+    let p = fake.last_request().params;
+    assert_eq!((p.temperature, p.top_p), (0.0, 1.0));
+
+    // do_sample false: greedy unless asked; keys the server cannot apply are named.
+    let greedy = r#"{"do_sample": false, "temperature": 0.7, "repetition_penalty": 1.1, "top_k": 20}"#;
+    let (defaults, not_applied) = dsv3_api::SamplingDefaults::from_generation_config(greedy).expect("parse");
+    assert_eq!((defaults.temperature, defaults.top_k), (Some(0.0), Some(20)));
+    assert_eq!(not_applied, vec!["repetition_penalty".to_string()]);
+    let bad = dsv3_api::SamplingDefaults::from_generation_config(r#"{"top_p": "high"}"#).expect_err("a string");
+    assert!(bad.contains("top_p"), "{bad}");
+}
+
 #[tokio::test]
 async fn default_max_tokens_fits_the_context() {
     let fake = Arc::new(Fake::text("ok", Ending::Finish(FinishReason::Length)));

@@ -155,7 +155,11 @@ async fn metrics_exposition() {
     // One request through the queue, prefill and decode: each phase once, and together no longer
     // than the whole request.
     for phase in ["queue", "prefill", "decode"] {
-        assert_eq!(value(&format!("dsv3_request_{phase}_time_seconds_count")), 1.0, "{phase}");
+        assert_eq!(
+            value(&format!("dsv3_request_{phase}_time_seconds_count")),
+            1.0,
+            "{phase}"
+        );
     }
     let phases: f64 = ["queue", "prefill", "decode"]
         .iter()
