@@ -42,13 +42,15 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
     if req.best_of.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid("best_of", "only `best_of` = 1 is supported"));
     }
-    if req.echo == Some(true) {
-        return Err(ApiError::invalid("echo", "`echo` is not supported"));
-    }
-    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::invalid("suffix", "`suffix` is not supported"));
-    }
+    let echo = req.echo == Some(true);
+    let suffix = req.suffix.take().filter(|s| !s.is_empty());
     let logprobs = req.logprobs.map(usize::from);
+    if echo && logprobs.is_some() {
+        return Err(ApiError::invalid(
+            "echo",
+            "`echo` with `logprobs` would need the prompt's log-probabilities, which this server does not compute",
+        ));
+    }
     if let Some(n) = logprobs {
         if n > state.config.max_logprobs {
             return Err(ApiError::invalid(
@@ -60,11 +62,19 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
 
     let config = state.backend.config();
     let tokenizer = state.tokenizer.as_ref();
-    let prompt = {
+    let (prompt, echoed) = {
         // Taken out of the request (nothing reads it after this) to move into the blocking pool.
         let text = std::mem::replace(&mut req.prompt, Prompt::IntegerArray(vec![]));
         let tokenizer = tokenizer.cloned();
-        off_runtime(move || prompt_ids(&text, tokenizer.as_ref())).await?
+        off_runtime(move || {
+            let ids = match &suffix {
+                None => prompt_ids(&text, tokenizer.as_ref())?,
+                Some(suffix) => fill_in_the_middle(&text, suffix, tokenizer.as_ref())?,
+            };
+            let echoed = echo.then(|| echo_text(&text, &ids, tokenizer.as_ref())).transpose()?;
+            Ok((ids, echoed))
+        })
+        .await?
     };
     check_prompt(&prompt, config, "prompt")?;
     let prepared = prepare(
@@ -105,6 +115,7 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
         tokenizer: state.tokenizer.clone(),
         logprobs: logprobs.is_some(),
         token_ids: extensions.return_token_ids.unwrap_or(false) || tokenizer.is_none(),
+        echo: echoed,
     };
     if req.stream == Some(true) {
         let include_usage = req
@@ -153,6 +164,44 @@ fn encode(text: &str, tokenizer: Option<&Tokenizer>) -> Result<Vec<u32>, ApiErro
         .map_err(|e| ApiError::internal(format!("cannot tokenize the prompt: {e}")))
 }
 
+/// The prompt of a fill-in-the-middle request (`suffix`), in DeepSeek's format: the model writes
+/// what goes between `prompt` and `suffix`.
+fn fill_in_the_middle(prompt: &Prompt, suffix: &str, tokenizer: Option<&Tokenizer>) -> Result<Vec<u32>, ApiError> {
+    let text = match prompt {
+        Prompt::String(text) => text,
+        Prompt::StringArray(texts) if texts.len() == 1 => &texts[0],
+        _ => return Err(ApiError::invalid("suffix", "`suffix` needs `prompt` as one string")),
+    };
+    let tokenizer = tokenizer.ok_or_else(|| ApiError::invalid("suffix", "`suffix` needs the model's tokenizer"))?;
+    let [begin, hole, end] = [FIM_BEGIN, FIM_HOLE, FIM_END];
+    if [begin, hole, end].iter().any(|t| tokenizer.token_to_id(t).is_none()) {
+        return Err(ApiError::invalid(
+            "suffix",
+            "this model's tokenizer has no fill-in-the-middle tokens",
+        ));
+    }
+    tokenizer
+        .encode(&format!("{begin}{text}{hole}{suffix}{end}"), true)
+        .map_err(|e| ApiError::internal(format!("cannot tokenize the prompt: {e}")))
+}
+
+/// DeepSeek's fill-in-the-middle markers (in V3's and its predecessors' vocabularies).
+const FIM_BEGIN: &str = "<｜fim▁begin｜>";
+const FIM_HOLE: &str = "<｜fim▁hole｜>";
+const FIM_END: &str = "<｜fim▁end｜>";
+
+/// The prompt as `echo` returns it: text as sent, token ids as text.
+fn echo_text(prompt: &Prompt, ids: &[u32], tokenizer: Option<&Tokenizer>) -> Result<String, ApiError> {
+    match prompt {
+        Prompt::String(text) => Ok(text.clone()),
+        Prompt::StringArray(texts) if texts.len() == 1 => Ok(texts[0].clone()),
+        _ => tokenizer
+            .ok_or_else(|| ApiError::invalid("echo", "`echo` of token ids needs the model's tokenizer"))?
+            .decode(ids, false)
+            .map_err(|e| ApiError::internal(format!("cannot detokenize the prompt: {e}"))),
+    }
+}
+
 fn finish_reason(finish: Finish) -> CompletionFinishReason {
     match finish {
         Finish::Stop => CompletionFinishReason::Stop,
@@ -169,6 +218,8 @@ struct CompletionChunks {
     logprobs: bool,
     /// Add `token_ids` to each choice (requested, or no tokenizer).
     token_ids: bool,
+    /// `echo`: the prompt's text, before the completion.
+    echo: Option<String>,
 }
 
 impl CompletionChunks {
@@ -206,6 +257,10 @@ impl CompletionChunks {
         finish: Finish,
         usage: CompletionUsage,
     ) -> serde_json::Value {
+        let text = match &self.echo {
+            Some(prompt) => format!("{prompt}{text}"),
+            None => text,
+        };
         let body = self.envelope(vec![self.choice(text, tokens, Some(finish))], Some(usage));
         to_json_with_token_ids(&body, self.ids(tokens))
     }
@@ -213,7 +268,13 @@ impl CompletionChunks {
 
 impl ChunkFormat for CompletionChunks {
     fn opening(&mut self) -> Vec<String> {
-        Vec::new()
+        match self.echo.take() {
+            Some(prompt) => {
+                let body = self.envelope(vec![self.choice(prompt, &[], None)], None);
+                vec![serde_json::to_string(&body).unwrap_or_default()]
+            }
+            None => Vec::new(),
+        }
     }
 
     fn chunk(&mut self, text: String, tokens: &[TokenOutput], finish: Option<Finish>) -> String {

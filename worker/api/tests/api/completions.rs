@@ -299,3 +299,62 @@ async fn return_token_ids_extension() {
     .await;
     assert_eq!(body["choices"][0]["token_ids"], json!(fake.script));
 }
+
+#[tokio::test]
+async fn echo_returns_the_prompt_before_the_completion() {
+    let fake = Arc::new(Fake::text(" world", Ending::Finish(FinishReason::Stop)));
+    let router = app(fake.clone());
+    let (status, body) = post(&router, "/v1/completions", &json!({"prompt": "Hello", "echo": true})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["choices"][0]["text"], "Hello world");
+    // Streamed: the prompt first, then the completion.
+    let (_, events) = post_stream(
+        &router,
+        "/v1/completions",
+        &json!({"prompt": "Hello", "echo": true, "stream": true}),
+    )
+    .await;
+    let texts: Vec<String> = events
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| {
+            serde_json::from_str::<serde_json::Value>(e).expect("chunk")["choices"][0]["text"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(texts[0], "Hello");
+    assert_eq!(texts.concat(), "Hello world");
+    // Token ids come back as their text.
+    let ids = tokenizer().encode("Hi there", false).expect("encode");
+    let (_, body) = post(&router, "/v1/completions", &json!({"prompt": ids, "echo": true})).await;
+    assert_eq!(body["choices"][0]["text"], "Hi there world");
+    // The prompt's log-probabilities are not computed: refused by name.
+    let (status, body) = post(
+        &router,
+        "/v1/completions",
+        &json!({"prompt": "x", "echo": true, "logprobs": 1}),
+    )
+    .await;
+    assert_eq!(assert_error(status, &body, StatusCode::BAD_REQUEST)["param"], "echo");
+}
+
+#[tokio::test]
+async fn suffix_asks_for_the_middle() {
+    let fake = Arc::new(Fake::text("x", Ending::Finish(FinishReason::Stop)));
+    let router = app(fake.clone());
+    let body = json!({"prompt": "def f():\n", "suffix": "\n    return y\n", "max_tokens": 4});
+    let (status, body) = post(&router, "/v1/completions", &body).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let tok = tokenizer();
+    let id = |t: &str| tok.token_to_id(t).expect("FIM token");
+    let mut want = vec![tok.bos_token_id().expect("bos"), id("<｜fim▁begin｜>")];
+    want.extend(tok.encode("def f():\n", false).expect("encode"));
+    want.push(id("<｜fim▁hole｜>"));
+    want.extend(tok.encode("\n    return y\n", false).expect("encode"));
+    want.push(id("<｜fim▁end｜>"));
+    assert_eq!(fake.last_request().prompt, want);
+    let (status, body) = post(&router, "/v1/completions", &json!({"prompt": [5, 6], "suffix": "x"})).await;
+    assert_eq!(assert_error(status, &body, StatusCode::BAD_REQUEST)["param"], "suffix");
+}

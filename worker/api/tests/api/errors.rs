@@ -124,7 +124,7 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         assert_eq!(e["param"], "prompt", "{prompt}");
         assert!(message(&e).contains("empty"), "{e}");
     }
-    // Several prompts, n, echo, best_of.
+    // Several prompts, n, echo with logprobs, best_of.
     expect(
         &router,
         COMPLETIONS,
@@ -151,7 +151,7 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     let e = expect(
         &router,
         COMPLETIONS,
-        json!({"prompt": "x", "echo": true}),
+        json!({"prompt": "x", "echo": true, "logprobs": 2}),
         StatusCode::BAD_REQUEST,
     )
     .await;
