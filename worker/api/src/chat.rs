@@ -64,7 +64,8 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
         opens_think,
     } = {
         let (tokenizer, kwargs) = (tokenizer.clone(), extensions.chat_template_kwargs.clone());
-        off_runtime(move || render_prompt(&tokenizer, &raw, true, kwargs.as_ref())).await?
+        let end = PromptEnd::of_request(&raw, extensions.continue_final_message.unwrap_or(false))?;
+        off_runtime(move || render_prompt(&tokenizer, &raw, end, kwargs.as_ref())).await?
     };
 
     let config = state.backend.config();
@@ -169,12 +170,57 @@ pub(crate) struct ChatPrompt {
     pub opens_think: bool,
 }
 
+/// How a rendered chat prompt ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PromptEnd {
+    /// The template's generation prompt: the model answers anew.
+    GenerationPrompt,
+    /// The last message as the template closes it (`/tokenize` without a generation prompt).
+    Closed,
+    /// The last (assistant) message left open: the model continues it (DeepSeek's `prefix: true`,
+    /// vLLM's `continue_final_message`).
+    ContinueFinal,
+}
+
+impl PromptEnd {
+    /// Whether the request continues its last message: DeepSeek's `prefix: true` on it, or
+    /// `continue_final_message`; either on anything but a final assistant message is a 400.
+    pub(crate) fn of_request(raw: &Value, continue_final_message: bool) -> Result<PromptEnd, ApiError> {
+        let messages = raw
+            .get("messages")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let last = messages.len().saturating_sub(1);
+        for (i, m) in messages.iter().enumerate() {
+            if m.get("prefix").and_then(Value::as_bool) == Some(true) && i != last {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].prefix"),
+                    "`prefix` may only be set on the last message",
+                ));
+            }
+        }
+        let prefix = messages.last().and_then(|m| m.get("prefix")).and_then(Value::as_bool) == Some(true);
+        if !(prefix || continue_final_message) {
+            return Ok(PromptEnd::GenerationPrompt);
+        }
+        let role = messages.last().and_then(|m| m.get("role")).and_then(Value::as_str);
+        if role != Some("assistant") {
+            return Err(ApiError::invalid(
+                format!("messages[{last}]"),
+                "continuing a message (`prefix: true`, `continue_final_message`) needs an assistant message last",
+            ));
+        }
+        Ok(PromptEnd::ContinueFinal)
+    }
+}
+
 /// Renders the messages as sent (all their fields reach the template) with the tools, and
 /// tokenizes the result. `developer` messages are given to the template as `system`.
 pub(crate) fn render_prompt(
     tokenizer: &Tokenizer,
     raw: &Value,
-    add_generation_prompt: bool,
+    end: PromptEnd,
     kwargs: Option<&Map<String, Value>>,
 ) -> Result<ChatPrompt, ApiError> {
     let template = tokenizer.chat_template().ok_or_else(|| {
@@ -186,9 +232,24 @@ pub(crate) fn render_prompt(
         .map(|list| list.iter().map(developer_as_system).collect())
         .unwrap_or_default();
     let tools = raw.get("tools").filter(|t| !t.is_null());
-    let text = template
-        .render_with_kwargs(&messages, tools, add_generation_prompt, kwargs)
+    let mut text = template
+        .render_with_kwargs(&messages, tools, end == PromptEnd::GenerationPrompt, kwargs)
         .map_err(template_error)?;
+    if end == PromptEnd::ContinueFinal {
+        // The template closes the last message (V3: `<｜end▁of▁sentence｜>`); cut right after its
+        // content so the model writes on from there.
+        let content = messages.last().map(message_text).unwrap_or_default();
+        let cut = (!content.is_empty())
+            .then(|| text.rfind(&content))
+            .flatten()
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    format!("messages[{}].content", messages.len().saturating_sub(1)),
+                    "the message to continue must have text that the chat template writes as sent",
+                )
+            })?;
+        text.truncate(cut + content.len());
+    }
     let ids = tokenizer
         .encode(&text, false)
         .map_err(|e| ApiError::internal(format!("cannot tokenize the chat prompt: {e}")))?;
@@ -196,6 +257,18 @@ pub(crate) fn render_prompt(
         ids,
         opens_think: prompt_opens_think(&text),
     })
+}
+
+/// A message's text: its string content, or its text parts joined.
+fn message_text(message: &Value) -> String {
+    match message.get("content") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect(),
+        _ => String::new(),
+    }
 }
 
 fn developer_as_system(message: &Value) -> Value {

@@ -80,6 +80,9 @@ pub struct Extensions {
     pub return_token_ids: Option<bool>,
     /// Extra chat template variables (e.g. `{"thinking": true}` for DeepSeek-V3.1).
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    /// Chat: continue the last (assistant) message instead of answering it (as DeepSeek's
+    /// `prefix: true` on that message).
+    pub continue_final_message: Option<bool>,
 }
 
 /// A parsed request body: the OpenAI request, the extensions, and the JSON as sent.

@@ -8,7 +8,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::chat::render_prompt;
+use crate::chat::{render_prompt, PromptEnd};
 use crate::error::ApiError;
 use crate::request::{parse_object, read_body, typed};
 use crate::server::{off_runtime, AppState};
@@ -89,13 +89,12 @@ async fn handle_tokenize(state: AppState, body: Body) -> Result<Response, ApiErr
             }
             (None, Some(messages)) => {
                 let raw = serde_json::json!({"messages": messages, "tools": req.tools});
-                let mut tokens = render_prompt(
-                    &tokenizer,
-                    &raw,
-                    req.add_generation_prompt.unwrap_or(true),
-                    req.chat_template_kwargs.as_ref(),
-                )?
-                .ids;
+                let end = if req.add_generation_prompt.unwrap_or(true) {
+                    PromptEnd::GenerationPrompt
+                } else {
+                    PromptEnd::Closed
+                };
+                let mut tokens = render_prompt(&tokenizer, &raw, end, req.chat_template_kwargs.as_ref())?.ids;
                 if req.add_special_tokens == Some(true) {
                     if let Some(bos) = tokenizer.bos_token_id() {
                         tokens.insert(0, bos);

@@ -204,3 +204,43 @@ async fn chat_stop_string() {
     assert_eq!(body["choices"][0]["finish_reason"], "stop");
     assert!(fake.wait_cancelled().await);
 }
+
+/// DeepSeek's prefix completion: the last assistant message, marked `prefix: true` (or the request
+/// `continue_final_message`), is continued rather than answered.
+#[tokio::test]
+async fn chat_continues_a_final_assistant_prefix() {
+    let tok = tokenizer(); // the tiny model's: DeepSeek-V3's chat template
+    let fake = Arc::new(Fake::text("print(1)", Ending::Finish(FinishReason::Stop)));
+    let router = app_with(fake.clone(), Some(tok.clone()), ApiConfig::new(MODEL));
+    let user = json!({"role": "user", "content": "Write code"});
+    // V3's template ends a user turn's generation prompt with `<｜Assistant｜>`; the prefix follows.
+    let opened = tok
+        .chat_template()
+        .unwrap()
+        .render(&[user.clone()], None, true)
+        .unwrap();
+    let want = tok.encode(&format!("{opened}```python\n"), false).unwrap();
+    for body in [
+        json!({"messages": [user, {"role": "assistant", "content": "```python\n", "prefix": true}]}),
+        json!({"messages": [user, {"role": "assistant", "content": "```python\n"}], "continue_final_message": true}),
+    ] {
+        let (status, json) = post(&router, "/v1/chat/completions", &body).await;
+        assert_eq!(status, StatusCode::OK, "{json}");
+        assert_eq!(fake.last_request().prompt, want, "{body}");
+        assert_eq!(json["choices"][0]["message"]["content"], "print(1)");
+    }
+    // Only the last message may be a prefix, and only an assistant's.
+    for (body, param) in [
+        (
+            json!({"messages": [{"role": "assistant", "content": "a", "prefix": true}, user]}),
+            "messages[0].prefix",
+        ),
+        (
+            json!({"messages": [user], "continue_final_message": true}),
+            "messages[0]",
+        ),
+    ] {
+        let (status, json) = post(&router, "/v1/chat/completions", &body).await;
+        assert_eq!(assert_error(status, &json, StatusCode::BAD_REQUEST)["param"], param);
+    }
+}
