@@ -217,7 +217,7 @@ async fn chat_continues_a_final_assistant_prefix() {
     let opened = tok
         .chat_template()
         .unwrap()
-        .render(&[user.clone()], None, true)
+        .render(std::slice::from_ref(&user), None, true)
         .unwrap();
     let want = tok.encode(&format!("{opened}```python\n"), false).unwrap();
     for body in [
