@@ -1,7 +1,7 @@
 //! Weights on the GPU in their checkpoint format: FP8 bytes with 128×128 f32 scales, bf16 or f32.
 
 use crate::gpu::{float, int, ptr, u64_arg, DeviceBuf, Gpu};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use dsv3_engine::Checkpoint;
 use safetensors::Dtype;
 
@@ -56,35 +56,62 @@ fn check_cols(name: &str, cols: usize, format: Format) -> Result<()> {
 impl DeviceMatrix {
     /// Uploads `name` (shape `[rows, cols]`) and, for FP8, its `_scale_inv` companion.
     pub fn load(gpu: &Gpu, ckpt: &Checkpoint, name: &str, rows: usize, cols: usize) -> Result<Self> {
-        let t = ckpt.get(name)?;
-        t.expect(&[Dtype::F32, Dtype::BF16, Dtype::F8_E4M3], &[rows, cols])?;
-        let format = match t.dtype {
-            Dtype::F32 => Format::F32,
-            Dtype::BF16 => Format::Bf16,
-            _ => Format::Fp8,
-        };
-        check_cols(name, cols, format)?;
-        let scales = if format == Format::Fp8 {
-            let s = ckpt.get(&format!("{name}_scale_inv"))?;
-            let (sr, sc) = scale_shape(rows, cols);
-            s.expect(&[Dtype::F32, Dtype::BF16], &[sr, sc])?;
-            let values = s.to_f32_vec()?;
-            if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
+        Self::load_stacked(gpu, ckpt, &[(name, rows)], cols)
+    }
+
+    /// Matrices `(name, rows)` of `cols` columns stacked into one (their rows one after another),
+    /// so one product computes them all from the same input. They must share a format, and for
+    /// FP8 every part but the last must be whole 128-row scale blocks.
+    pub fn load_stacked(gpu: &Gpu, ckpt: &Checkpoint, parts: &[(&str, usize)], cols: usize) -> Result<Self> {
+        let mut format = None;
+        let (mut tensors, mut scales, mut rows) = (Vec::new(), Vec::new(), 0);
+        for (i, &(name, part_rows)) in parts.iter().enumerate() {
+            let t = ckpt.get(name)?;
+            t.expect(&[Dtype::F32, Dtype::BF16, Dtype::F8_E4M3], &[part_rows, cols])?;
+            let part_format = match t.dtype {
+                Dtype::F32 => Format::F32,
+                Dtype::BF16 => Format::Bf16,
+                _ => Format::Fp8,
+            };
+            check_cols(name, cols, part_format)?;
+            let first = *format.get_or_insert(part_format);
+            if first != part_format {
                 bail!(
-                    "tensor `{name}_scale_inv` in {} has a non-finite scale at index {bad}",
-                    s.file
+                    "`{name}` is {part_format:?} but `{}` is {first:?}: they cannot be stacked",
+                    parts[0].0
                 );
             }
-            Some(gpu.upload(&values)?)
-        } else {
-            None
+            if part_format == Format::Fp8 {
+                if i + 1 < parts.len() && part_rows % QBLOCK != 0 {
+                    bail!("`{name}` has {part_rows} rows, not whole {QBLOCK}-row scale blocks, so the matrices after it cannot share its FP8 scales");
+                }
+                let s = ckpt.get(&format!("{name}_scale_inv"))?;
+                let (sr, sc) = scale_shape(part_rows, cols);
+                s.expect(&[Dtype::F32, Dtype::BF16], &[sr, sc])?;
+                let values = s.to_f32_vec()?;
+                if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
+                    bail!(
+                        "tensor `{name}_scale_inv` in {} has a non-finite scale at index {bad}",
+                        s.file
+                    );
+                }
+                scales.extend(values);
+            }
+            tensors.push(t);
+            rows += part_rows;
+        }
+        let format = format.context("no matrix to load")?;
+        // One part goes up straight from the mapped file; stacked ones through one host copy.
+        let data = match tensors.as_slice() {
+            [one] => gpu.upload(one.data())?,
+            many => gpu.upload(&many.iter().flat_map(|t| t.data().iter().copied()).collect::<Vec<u8>>())?,
         };
         Ok(DeviceMatrix {
             rows,
             cols,
             format,
-            data: gpu.upload(t.data())?,
-            scales,
+            data,
+            scales: (format == Format::Fp8).then(|| gpu.upload(&scales)).transpose()?,
         })
     }
 

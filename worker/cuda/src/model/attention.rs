@@ -57,18 +57,24 @@ impl CudaModel {
             kv_w,
         } = MlaDims::of(c);
         let q = g.alloc(m * heads * qk * 4)?;
-        match &a.q_a {
-            Some((q_a, q_norm)) => {
-                let ca = g.alloc(m * q_a.rows * 4)?;
-                self.linear(ca.addr, q_a.rows, x.addr, m, q_a, false)?;
-                self.rms_norm(&ca, q_a.rows, &ca, q_a.rows, q_norm, q_a.rows, m, LATENT_NORM_EPS)?;
+        // One product for q_a and kv_a: [m, q_lora + kv_w], the latent kv at column q_lora.
+        let down_w = a.x_down.rows;
+        let down = g.alloc(m * down_w * 4)?;
+        self.linear(down.addr, down_w, x.addr, m, &a.x_down, false)?;
+        let q_lora = match &a.q_lora {
+            Some((r, q_norm)) => {
+                let ca = g.alloc(m * r * 4)?;
+                self.rms_norm(ca.addr, *r, down.addr, down_w, q_norm, *r, m, LATENT_NORM_EPS)?;
                 self.linear(q.addr, heads * qk, ca.addr, m, &a.q_b, false)?;
+                *r
             }
-            None => self.linear(q.addr, heads * qk, x.addr, m, &a.q_b, false)?,
-        }
-        let kv = g.alloc(m * kv_w * 4)?;
-        self.linear(kv.addr, kv_w, x.addr, m, &a.kv_a, false)?;
-        self.rms_norm(&kv, kv_w, &kv, kv_w, &a.kv_norm, lora, m, LATENT_NORM_EPS)?;
+            None => {
+                self.linear(q.addr, heads * qk, x.addr, m, &a.q_b, false)?;
+                0
+            }
+        };
+        let kv = down.addr + (q_lora * 4) as u64;
+        self.rms_norm(kv, down_w, kv, down_w, &a.kv_norm, lora, m, LATENT_NORM_EPS)?;
         let rope_args = |buf: u64, ld: usize, nh: usize, hs: usize, offset: usize| {
             [
                 ptr(buf),
@@ -86,7 +92,7 @@ impl CudaModel {
             (m as u32, 1, 1),
             128,
             0,
-            &rope_args(kv.addr, kv_w, 1, 0, lora),
+            &rope_args(kv, down_w, 1, 0, lora),
         )?;
         g.launch(
             "rope_interleaved",
@@ -101,7 +107,7 @@ impl CudaModel {
             (m as u32, 1, 1),
             256,
             0,
-            &[ptr(cache), ptr(kv.addr), int(kv_w), ptr(step.slots), int(kv_w)],
+            &[ptr(cache), ptr(kv), int(down_w), ptr(step.slots), int(kv_w)],
         )?;
         let attn = g.alloc(m * heads * vdim * 4)?;
         if step.spans.iter().all(|sp| sp.rows >= NAIVE_MIN_ROWS) {

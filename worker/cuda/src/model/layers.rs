@@ -6,9 +6,12 @@ use anyhow::Result;
 use dsv3_engine::{Checkpoint, ModelConfig};
 
 pub(super) struct Attention {
-    pub(super) q_a: Option<(DeviceMatrix, DeviceBuf)>,
+    /// The projections of the layer's input in one matrix, so one product computes them: q_a's
+    /// rows (models with a q LoRA) then kv_a's (`kv_a_proj_with_mqa`).
+    pub(super) x_down: DeviceMatrix,
+    /// The q LoRA's rank and its norm (`q_a_layernorm`), where the model has one.
+    pub(super) q_lora: Option<(usize, DeviceBuf)>,
     pub(super) q_b: DeviceMatrix,
-    pub(super) kv_a: DeviceMatrix,
     pub(super) kv_norm: DeviceBuf,
     pub(super) kv_b: DeviceMatrix,
     /// W_UK of kv_b transposed per head, for the tensor-core q absorption ([`uk_transposed`]).
@@ -52,8 +55,8 @@ fn uk_transposed(gpu: &Gpu, kv_b: &DeviceMatrix, c: &ModelConfig) -> Result<Opti
 }
 
 pub(super) struct Mlp {
-    pub(super) gate: DeviceMatrix,
-    pub(super) up: DeviceMatrix,
+    /// gate_proj's rows then up_proj's: one product writes both halves of SwiGLU's input.
+    pub(super) gate_up: DeviceMatrix,
     pub(super) down: DeviceMatrix,
 }
 
@@ -67,8 +70,13 @@ pub(super) struct Moe {
 }
 
 impl Mlp {
-    fn matrices(&self) -> [&DeviceMatrix; 3] {
-        [&self.gate, &self.up, &self.down]
+    fn matrices(&self) -> [&DeviceMatrix; 2] {
+        [&self.gate_up, &self.down]
+    }
+
+    /// The intermediate width (SwiGLU's output).
+    pub(super) fn inter(&self) -> usize {
+        self.gate_up.rows / 2
     }
 }
 
@@ -92,20 +100,21 @@ impl Layer {
         let h = c.hidden_size;
         let (heads, qk) = (c.num_attention_heads, c.qk_head_dim());
         let a = format!("{p}.self_attn");
-        let (q_a, q_b) = match c.q_lora_rank {
+        let lora = c.kv_lora_rank;
+        let (q_a, kv_a) = (format!("{a}.q_a_proj.weight"), format!("{a}.kv_a_proj_with_mqa.weight"));
+        let kv_rows = lora + c.qk_rope_head_dim;
+        let (x_down, q_lora, q_b) = match c.q_lora_rank {
             Some(r) => (
-                Some((
-                    DeviceMatrix::load(gpu, ckpt, &format!("{a}.q_a_proj.weight"), r, h)?,
-                    load_vector(gpu, ckpt, &format!("{a}.q_a_layernorm.weight"), r)?,
-                )),
+                DeviceMatrix::load_stacked(gpu, ckpt, &[(&q_a, r), (&kv_a, kv_rows)], h)?,
+                Some((r, load_vector(gpu, ckpt, &format!("{a}.q_a_layernorm.weight"), r)?)),
                 DeviceMatrix::load(gpu, ckpt, &format!("{a}.q_b_proj.weight"), heads * qk, r)?,
             ),
             None => (
+                DeviceMatrix::load(gpu, ckpt, &kv_a, kv_rows, h)?,
                 None,
                 DeviceMatrix::load(gpu, ckpt, &format!("{a}.q_proj.weight"), heads * qk, h)?,
             ),
         };
-        let lora = c.kv_lora_rank;
         let kv_b = DeviceMatrix::load(
             gpu,
             ckpt,
@@ -114,24 +123,18 @@ impl Layer {
             lora,
         )?;
         let attn = Attention {
-            q_a,
+            x_down,
+            q_lora,
             q_b,
-            kv_a: DeviceMatrix::load(
-                gpu,
-                ckpt,
-                &format!("{a}.kv_a_proj_with_mqa.weight"),
-                lora + c.qk_rope_head_dim,
-                h,
-            )?,
             kv_norm: load_vector(gpu, ckpt, &format!("{a}.kv_a_layernorm.weight"), lora)?,
             uk_t: uk_transposed(gpu, &kv_b, c)?,
             kv_b,
             o: DeviceMatrix::load(gpu, ckpt, &format!("{a}.o_proj.weight"), h, heads * c.v_head_dim)?,
         };
         let mlp = |prefix: &str, inter: usize| -> Result<Mlp> {
+            let (gate, up) = (format!("{prefix}.gate_proj.weight"), format!("{prefix}.up_proj.weight"));
             Ok(Mlp {
-                gate: DeviceMatrix::load(gpu, ckpt, &format!("{prefix}.gate_proj.weight"), inter, h)?,
-                up: DeviceMatrix::load(gpu, ckpt, &format!("{prefix}.up_proj.weight"), inter, h)?,
+                gate_up: DeviceMatrix::load_stacked(gpu, ckpt, &[(&gate, inter), (&up, inter)], h)?,
                 down: DeviceMatrix::load(gpu, ckpt, &format!("{prefix}.down_proj.weight"), h, inter)?,
             })
         };
@@ -189,21 +192,24 @@ impl Layer {
             s += 1;
             s
         };
-        let (q_a, q_b) = match c.q_lora_rank {
+        let kv_rows = lora + c.qk_rope_head_dim;
+        let (x_down, q_lora, q_b) = match c.q_lora_rank {
             Some(r) => (
-                Some((
-                    DeviceMatrix::random(gpu, r, h, f8, next())?,
-                    random_vector(gpu, r, 0.8, 1.2, next())?,
-                )),
+                DeviceMatrix::random(gpu, r + kv_rows, h, f8, next())?,
+                Some((r, random_vector(gpu, r, 0.8, 1.2, next())?)),
                 DeviceMatrix::random(gpu, heads * qk, r, f8, next())?,
             ),
-            None => (None, DeviceMatrix::random(gpu, heads * qk, h, f8, next())?),
+            None => (
+                DeviceMatrix::random(gpu, kv_rows, h, f8, next())?,
+                None,
+                DeviceMatrix::random(gpu, heads * qk, h, f8, next())?,
+            ),
         };
         let kv_b = DeviceMatrix::random(gpu, heads * (c.qk_nope_head_dim + c.v_head_dim), lora, f8, next())?;
         let attn = Attention {
-            q_a,
+            x_down,
+            q_lora,
             q_b,
-            kv_a: DeviceMatrix::random(gpu, lora + c.qk_rope_head_dim, h, f8, next())?,
             kv_norm: random_vector(gpu, lora, 0.8, 1.2, next())?,
             uk_t: uk_transposed(gpu, &kv_b, c)?,
             kv_b,
@@ -211,8 +217,7 @@ impl Layer {
         };
         let mut mlp = |inter: usize| -> Result<Mlp> {
             Ok(Mlp {
-                gate: DeviceMatrix::random(gpu, inter, h, f8, next())?,
-                up: DeviceMatrix::random(gpu, inter, h, f8, next())?,
+                gate_up: DeviceMatrix::random(gpu, 2 * inter, h, f8, next())?,
                 down: DeviceMatrix::random(gpu, h, inter, f8, next())?,
             })
         };
@@ -253,8 +258,7 @@ impl Layer {
     /// Every weight matrix of the layer outside the routed experts.
     pub(super) fn matrices(&self) -> Vec<&DeviceMatrix> {
         let a = &self.attn;
-        let mut v: Vec<&DeviceMatrix> = a.q_a.iter().map(|(m, _)| m).collect();
-        v.extend([&a.q_b, &a.kv_a, &a.kv_b, &a.o]);
+        let mut v: Vec<&DeviceMatrix> = vec![&a.x_down, &a.q_b, &a.kv_b, &a.o];
         match &self.ffn {
             Ffn::Dense(m) => v.extend(m.matrices()),
             Ffn::Moe(moe) => {
@@ -274,8 +278,10 @@ impl Layer {
     /// Bytes of every weight the layer holds on the GPU (its routed experts included).
     pub(super) fn resident_bytes(&self) -> usize {
         let a = &self.attn;
-        let vectors =
-            self.input_norm.bytes + self.post_norm.bytes + a.kv_norm.bytes + a.q_a.as_ref().map_or(0, |(_, n)| n.bytes);
+        let vectors = self.input_norm.bytes
+            + self.post_norm.bytes
+            + a.kv_norm.bytes
+            + a.q_lora.as_ref().map_or(0, |(_, n)| n.bytes);
         let copies = a.uk_t.as_ref().map_or(0, DeviceMatrix::bytes);
         let experts = match &self.ffn {
             Ffn::Moe(moe) => moe.bias.bytes + moe.experts.as_ref().map_or(0, |b| b.experts * b.bytes_per_expert()),

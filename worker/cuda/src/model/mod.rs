@@ -439,9 +439,9 @@ impl CudaModel {
             None => h,
         };
         self.rms_norm(
-            normed,
+            normed.addr,
             width,
-            rows,
+            rows.addr,
             width,
             &self.norm,
             width,
@@ -577,11 +577,12 @@ impl CudaModel {
     }
 
     #[allow(clippy::too_many_arguments)]
+    /// `out[r] = rms_norm(x[r]) · w` for `rows` rows of `width` (addresses with row strides).
     fn rms_norm(
         &self,
-        out: &DeviceBuf,
+        out: u64,
         ld_out: usize,
-        x: &DeviceBuf,
+        x: u64,
         ld_in: usize,
         w: &DeviceBuf,
         width: usize,
@@ -601,9 +602,9 @@ impl CudaModel {
             threads as u32,
             0,
             &[
-                ptr(out.addr),
+                ptr(out),
                 int(ld_out),
-                ptr(x.addr),
+                ptr(x),
                 int(ld_in),
                 ptr(w.addr),
                 int(width),
@@ -642,9 +643,9 @@ impl CudaModel {
         let width = c.hidden_size;
         let eps = c.rms_norm_eps;
         let x = g.alloc(m * width * 4)?;
-        self.rms_norm(&x, width, h, width, &layer.input_norm, width, m, eps)?;
+        self.rms_norm(x.addr, width, h.addr, width, &layer.input_norm, width, m, eps)?;
         self.attention(layer, &x, h, step)?;
-        self.rms_norm(&x, width, h, width, &layer.post_norm, width, m, eps)?;
+        self.rms_norm(x.addr, width, h.addr, width, &layer.post_norm, width, m, eps)?;
         match &layer.ffn {
             Ffn::Dense(mlp) => self.mlp(mlp, &x, h.addr, m),
             Ffn::Moe(moe) => {
@@ -660,10 +661,9 @@ impl CudaModel {
     /// Dense SwiGLU MLP, added into `out`.
     fn mlp(&self, mlp: &Mlp, x: &DeviceBuf, out: u64, m: usize) -> Result<()> {
         let g = &self.gpu;
-        let inter = mlp.gate.rows;
+        let inter = mlp.inter();
         let gu = g.alloc(m * 2 * inter * 4)?;
-        self.linear(gu.addr, 2 * inter, x.addr, m, &mlp.gate, false)?;
-        self.linear(gu.addr + (inter * 4) as u64, 2 * inter, x.addr, m, &mlp.up, false)?;
+        self.linear(gu.addr, 2 * inter, x.addr, m, &mlp.gate_up, false)?;
         let act = g.alloc(m * inter * 4)?;
         g.launch_1d("swiglu", m * inter, &[ptr(act.addr), ptr(gu.addr), int(m), int(inter)])?;
         self.linear(out, self.config.hidden_size, act.addr, m, &mlp.down, true)
