@@ -5,6 +5,8 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use dsv3_text::Tokenizer;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -64,16 +66,26 @@ pub(crate) async fn detokenize(State(state): State<AppState>, body: Body) -> Res
     }
 }
 
-async fn handle_tokenize(state: AppState, body: Body) -> Result<Response, ApiError> {
+/// The body as `T`, its `model` (when given) checked, and the model's tokenizer.
+async fn read<T: DeserializeOwned>(
+    state: &AppState,
+    body: Body,
+    model: impl Fn(&T) -> Option<&str>,
+) -> Result<(T, Tokenizer), ApiError> {
     let bytes = read_body(body, state.config.max_body_bytes).await?;
-    let req: TokenizeRequest = typed(&parse_object(&bytes)?)?;
-    if let Some(model) = &req.model {
-        state.check_model(model)?;
+    let req: T = typed(&parse_object(&bytes)?)?;
+    if let Some(name) = model(&req) {
+        state.check_model(name)?;
     }
     let tokenizer = state
         .tokenizer
         .clone()
         .ok_or_else(|| ApiError::bad_request("this model has no tokenizer"))?;
+    Ok((req, tokenizer))
+}
+
+async fn handle_tokenize(state: AppState, body: Body) -> Result<Response, ApiError> {
+    let (req, tokenizer) = read::<TokenizeRequest>(&state, body, |r| r.model.as_deref()).await?;
     let max_model_len = state.backend.config().max_position_embeddings;
     let response = off_runtime(move || {
         let tokens = match (req.prompt, req.messages) {
@@ -119,15 +131,7 @@ async fn handle_tokenize(state: AppState, body: Body) -> Result<Response, ApiErr
 }
 
 async fn handle_detokenize(state: AppState, body: Body) -> Result<Response, ApiError> {
-    let bytes = read_body(body, state.config.max_body_bytes).await?;
-    let req: DetokenizeRequest = typed(&parse_object(&bytes)?)?;
-    if let Some(model) = &req.model {
-        state.check_model(model)?;
-    }
-    let tokenizer = state
-        .tokenizer
-        .clone()
-        .ok_or_else(|| ApiError::bad_request("this model has no tokenizer"))?;
+    let (req, tokenizer) = read::<DetokenizeRequest>(&state, body, |r| r.model.as_deref()).await?;
     let vocab = tokenizer.vocab_size();
     if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
         return Err(ApiError::invalid(
