@@ -6,10 +6,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use serde_json::json;
 
-use crate::error::ApiError;
 use crate::server::AppState;
 
 pub(crate) static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -43,24 +42,20 @@ pub(crate) fn random_id() -> String {
 }
 
 /// Gives the request its id, answers with it in `X-Request-Id`, and logs the request when its
-/// response (for a stream, its head) is ready. A malformed client id is a 400.
+/// response (for a stream, its head) is ready. A client id that is not 1–128 visible ASCII
+/// characters is replaced by a made one (the response says which), so no proxy's id scheme can
+/// fail a request or a probe.
 pub(crate) async fn track(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().to_string();
     let path = request.uri().path().to_string();
-    let (id, mut response) = match request.headers().get(&REQUEST_ID).map(client_id) {
-        Some(None) => {
-            let error = ApiError::bad_request(format!(
-                "the X-Request-Id header must be 1 to {MAX_ID_LEN} visible ASCII characters"
-            ));
-            (random_id(), error.into_response())
-        }
-        given => {
-            let id = given.flatten().unwrap_or_else(random_id);
-            request.extensions_mut().insert(RequestId(id.clone()));
-            (id.clone(), next.run(request).await)
-        }
-    };
+    let id = request
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(client_id)
+        .unwrap_or_else(random_id);
+    request.extensions_mut().insert(RequestId(id.clone()));
+    let mut response = next.run(request).await;
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(REQUEST_ID.clone(), value);
     }

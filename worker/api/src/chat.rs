@@ -232,24 +232,12 @@ pub(crate) fn render_prompt(
         .map(|list| list.iter().map(developer_as_system).collect())
         .unwrap_or_default();
     let tools = raw.get("tools").filter(|t| !t.is_null());
-    let mut text = template
-        .render_with_kwargs(&messages, tools, end == PromptEnd::GenerationPrompt, kwargs)
-        .map_err(template_error)?;
-    if end == PromptEnd::ContinueFinal {
-        // The template closes the last message (V3: `<｜end▁of▁sentence｜>`); cut right after its
-        // content so the model writes on from there.
-        let content = messages.last().map(message_text).unwrap_or_default();
-        let cut = (!content.is_empty())
-            .then(|| text.rfind(&content))
-            .flatten()
-            .ok_or_else(|| {
-                ApiError::invalid(
-                    format!("messages[{}].content", messages.len().saturating_sub(1)),
-                    "the message to continue must have text that the chat template writes as sent",
-                )
-            })?;
-        text.truncate(cut + content.len());
-    }
+    let text = match end {
+        PromptEnd::ContinueFinal => continue_final(template, messages, tools, kwargs)?,
+        _ => template
+            .render_with_kwargs(&messages, tools, end == PromptEnd::GenerationPrompt, kwargs)
+            .map_err(template_error)?,
+    };
     let ids = tokenizer
         .encode(&text, false)
         .map_err(|e| ApiError::internal(format!("cannot tokenize the chat prompt: {e}")))?;
@@ -257,6 +245,40 @@ pub(crate) fn render_prompt(
         ids,
         opens_think: prompt_opens_think(&text),
     })
+}
+
+/// The conversation rendered up to the last (assistant) message's text, left open for the model
+/// to continue. The template closes that message (V3: `<｜end▁of▁sentence｜>`), so it is rendered
+/// with a placeholder for the text, cut at the placeholder, and the text put back: searching for
+/// the text itself could match inside the closing marker.
+fn continue_final(
+    template: &dsv3_text::ChatTemplate,
+    mut messages: Vec<Value>,
+    tools: Option<&Value>,
+    kwargs: Option<&Map<String, Value>>,
+) -> Result<String, ApiError> {
+    const PLACEHOLDER: &str = "\u{E000}dsv3 continues here\u{E001}";
+    let last = messages.len().saturating_sub(1);
+    let content = messages.last().map(message_text).unwrap_or_default();
+    if content.is_empty() {
+        return Err(ApiError::invalid(
+            format!("messages[{last}].content"),
+            "the message to continue has no text",
+        ));
+    }
+    if let Some(message) = messages.last_mut().and_then(Value::as_object_mut) {
+        message.insert("content".into(), Value::String(PLACEHOLDER.into()));
+    }
+    let text = template
+        .render_with_kwargs(&messages, tools, false, kwargs)
+        .map_err(template_error)?;
+    let at = text.rfind(PLACEHOLDER).ok_or_else(|| {
+        ApiError::invalid(
+            format!("messages[{last}].content"),
+            "the chat template does not write the message to continue as sent",
+        )
+    })?;
+    Ok(format!("{}{content}", &text[..at]))
 }
 
 /// A message's text: its string content, or its text parts joined.
@@ -409,8 +431,14 @@ impl ChunkFormat for ChatChunks {
     fn chunk(&mut self, text: String, tokens: &[TokenOutput], finish: Option<Finish>) -> String {
         // The last chunk carries what the splitter still held (a marker's possible start).
         let Split { reasoning, content } = self.split(text, finish.is_some());
+        // A chunk carries what it has: reasoning, content, or (before the end) an empty content.
+        let content = if content.is_empty() && (finish.is_some() || !reasoning.is_empty()) {
+            None
+        } else {
+            Some(content)
+        };
         let delta = ChatCompletionStreamResponseDelta {
-            content: (finish.is_none() || !content.is_empty()).then_some(content),
+            content,
             ..Default::default()
         };
         let logprobs = (self.logprobs && finish.is_none()).then(|| chat_logprobs(Some(&self.tokenizer), tokens));

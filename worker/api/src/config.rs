@@ -61,6 +61,17 @@ impl SamplingDefaults {
             }
         };
         let greedy = obj.get("do_sample").and_then(serde_json::Value::as_bool) == Some(false);
+        // The ranges a request's own fields must be in (params::prepare), checked here so a bad
+        // file fails the start rather than every request that leaves the field out.
+        let checked = |key: &str, ok: fn(f64) -> bool, range: &str| -> Result<Option<f64>, String> {
+            match number(key)? {
+                Some(v) if !ok(v) => Err(format!("generation_config.json: `{key}` must be {range}, got {v}")),
+                v => Ok(v),
+            }
+        };
+        checked("temperature", |t| (0.0..=2.0).contains(&t), "between 0 and 2")?;
+        checked("top_p", |p| p > 0.0 && p <= 1.0, "in (0, 1]")?;
+        checked("top_k", |k| k >= -1.0 && k.fract() == 0.0, "an integer, -1 or more")?;
         let defaults = SamplingDefaults {
             temperature: if greedy {
                 Some(0.0)

@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use dsv3_text::Tokenizer;
 use serde_json::json;
-use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 use crate::backend::Backend;
 use crate::config::ApiConfig;
@@ -91,7 +91,9 @@ fn cors(origins: &[HeaderValue]) -> CorsLayer {
     CorsLayer::new()
         .allow_origin(allow)
         .allow_methods([Method::GET, Method::POST])
-        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, access::REQUEST_ID.clone()])
+        // Whatever the preflight asks for: browser SDKs add their own (the OpenAI one sends
+        // `X-Stainless-*`), and the origin list is what guards the API.
+        .allow_headers(AllowHeaders::mirror_request())
         .expose_headers([access::REQUEST_ID.clone(), header::RETRY_AFTER])
         .max_age(std::time::Duration::from_secs(3600))
 }

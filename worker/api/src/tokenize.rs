@@ -26,6 +26,8 @@ struct TokenizeRequest {
     add_special_tokens: Option<bool>,
     /// Messages only (default true).
     add_generation_prompt: Option<bool>,
+    /// Messages only: continue the last (assistant) message, as DeepSeek's `prefix: true` on it.
+    continue_final_message: Option<bool>,
     tools: Option<Value>,
     chat_template_kwargs: Option<Map<String, Value>>,
     #[serde(default)]
@@ -90,9 +92,13 @@ async fn handle_tokenize(state: AppState, body: Body) -> Result<Response, ApiErr
     let response = off_runtime(move || {
         let tokens = match (req.prompt, req.messages) {
             (Some(prompt), None) => {
-                if req.add_generation_prompt.is_some() || req.tools.is_some() || req.chat_template_kwargs.is_some() {
+                if req.add_generation_prompt.is_some()
+                    || req.continue_final_message.is_some()
+                    || req.tools.is_some()
+                    || req.chat_template_kwargs.is_some()
+                {
                     return Err(ApiError::bad_request(
-                        "`add_generation_prompt`, `tools` and `chat_template_kwargs` apply to `messages`, not to `prompt`",
+                        "`add_generation_prompt`, `continue_final_message`, `tools` and `chat_template_kwargs` apply to `messages`, not to `prompt`",
                     ));
                 }
                 tokenizer
@@ -101,10 +107,20 @@ async fn handle_tokenize(state: AppState, body: Body) -> Result<Response, ApiErr
             }
             (None, Some(messages)) => {
                 let raw = serde_json::json!({"messages": messages, "tools": req.tools});
-                let end = if req.add_generation_prompt.unwrap_or(true) {
-                    PromptEnd::GenerationPrompt
-                } else {
-                    PromptEnd::Closed
+                // As a chat completion would render it: continued when the last message says so.
+                let end = match (
+                    PromptEnd::of_request(&raw, req.continue_final_message.unwrap_or(false))?,
+                    req.add_generation_prompt,
+                ) {
+                    (PromptEnd::ContinueFinal, Some(true)) => {
+                        return Err(ApiError::invalid(
+                            "add_generation_prompt",
+                            "a continued last message takes no generation prompt",
+                        ))
+                    }
+                    (PromptEnd::ContinueFinal, _) => PromptEnd::ContinueFinal,
+                    (_, Some(false)) => PromptEnd::Closed,
+                    _ => PromptEnd::GenerationPrompt,
                 };
                 let mut tokens = render_prompt(&tokenizer, &raw, end, req.chat_template_kwargs.as_ref())?.ids;
                 if req.add_special_tokens == Some(true) {

@@ -219,15 +219,22 @@ async fn chat_continues_a_final_assistant_prefix() {
         .unwrap()
         .render(std::slice::from_ref(&user), None, true)
         .unwrap();
-    let want = tok.encode(&format!("{opened}```python\n"), false).unwrap();
-    for body in [
-        json!({"messages": [user, {"role": "assistant", "content": "```python\n", "prefix": true}]}),
-        json!({"messages": [user, {"role": "assistant", "content": "```python\n"}], "continue_final_message": true}),
-    ] {
-        let (status, json) = post(&router, "/v1/chat/completions", &body).await;
-        assert_eq!(status, StatusCode::OK, "{json}");
-        assert_eq!(fake.last_request().prompt, want, "{body}");
-        assert_eq!(json["choices"][0]["message"]["content"], "print(1)");
+    // "end" also occurs in the template's closing `<｜end▁of▁sentence｜>`.
+    for prefix in ["```python\n", "end"] {
+        let want = tok.encode(&format!("{opened}{prefix}"), false).unwrap();
+        for body in [
+            json!({"messages": [user, {"role": "assistant", "content": prefix, "prefix": true}]}),
+            json!({"messages": [user, {"role": "assistant", "content": prefix}], "continue_final_message": true}),
+        ] {
+            let (status, json) = post(&router, "/v1/chat/completions", &body).await;
+            assert_eq!(status, StatusCode::OK, "{json}");
+            assert_eq!(fake.last_request().prompt, want, "{body}");
+            assert_eq!(json["choices"][0]["message"]["content"], "print(1)");
+            // /tokenize counts what the chat endpoint runs.
+            let (status, json) = post(&router, "/tokenize", &body).await;
+            assert_eq!(status, StatusCode::OK, "{json}");
+            assert_eq!(json["count"], want.len(), "{body}");
+        }
     }
     // Only the last message may be a prefix, and only an assistant's.
     for (body, param) in [

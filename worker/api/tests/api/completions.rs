@@ -163,8 +163,15 @@ async fn the_models_generation_config_fills_in_sampling_defaults() {
     let (defaults, not_applied) = dsv3_api::SamplingDefaults::from_generation_config(greedy).expect("parse");
     assert_eq!((defaults.temperature, defaults.top_k), (Some(0.0), Some(20)));
     assert_eq!(not_applied, vec!["repetition_penalty".to_string()]);
-    let bad = dsv3_api::SamplingDefaults::from_generation_config(r#"{"top_p": "high"}"#).expect_err("a string");
-    assert!(bad.contains("top_p"), "{bad}");
+    for (json, key) in [
+        (r#"{"top_p": "high"}"#, "top_p"),
+        (r#"{"top_p": 0}"#, "top_p"),
+        (r#"{"temperature": 3.5}"#, "temperature"),
+        (r#"{"top_k": 2.5}"#, "top_k"),
+    ] {
+        let bad = dsv3_api::SamplingDefaults::from_generation_config(json).expect_err(json);
+        assert!(bad.contains(key), "{bad}");
+    }
 }
 
 #[tokio::test]
