@@ -174,7 +174,9 @@ pub(crate) fn run_bank(
         }
         t.finish(g)
     };
-    let xin = GroupedInput::new(g, x.addr, m, width, tensor_cores, input_quant)?;
+    // The f32 (quantised) rows feed only cuBLAS groups on bf16 (no cuBLASLt) and the GEMV.
+    let needs_wide = !large.is_empty() && fp8.is_none();
+    let xin = GroupedInput::new(g, x.addr, (m, width), tensor_cores, needs_wide, input_quant)?;
     let up_out = gu.addr + (inter * 4) as u64;
     grouped(gu.addr, 2 * inter, &xin, plan.x_rows, &bank.gate)?;
     grouped(up_out, 2 * inter, &xin, plan.x_rows, &bank.up)?;
@@ -203,7 +205,7 @@ pub(crate) fn run_bank(
         slots * inter,
         &[ptr(act.addr), ptr(gu.addr), int(slots), int(inter)],
     )?;
-    let ain = GroupedInput::new(g, act.addr, slots, inter, tensor_cores, input_quant)?;
+    let ain = GroupedInput::new(g, act.addr, (slots, inter), tensor_cores, needs_wide, input_quant)?;
     grouped(y.addr, width, &ain, 0, &bank.down)?;
     if let Some((fp8, ue8m0)) = fp8 {
         let aq = QuantizedRows::new(g, act.addr, inter, None, slots, inter, groups, ue8m0)?;
@@ -217,7 +219,8 @@ pub(crate) fn run_bank(
 
 /// The activation operand of the grouped kernels, `n` rows of `k`: for the tensor cores bf16
 /// values (with `scales` when quantised: e4m3 values and their per-128 scales), for the GEMV f32;
-/// `wide` is f32 for the cuBLAS groups (the quantised values when quantised).
+/// `wide` is f32 for the cuBLAS groups (the quantised values when quantised), made only when
+/// `needs_wide` (cuBLAS groups in the step, or the GEMV).
 struct GroupedInput {
     values: u64,
     scales: u64,
@@ -226,10 +229,17 @@ struct GroupedInput {
 }
 
 impl GroupedInput {
-    fn new(g: &Gpu, x: u64, n: usize, k: usize, tensor_cores: bool, input_quant: Option<bool>) -> Result<Self> {
+    fn new(
+        g: &Gpu,
+        x: u64,
+        (n, k): (usize, usize),
+        tensor_cores: bool,
+        needs_wide: bool,
+        input_quant: Option<bool>,
+    ) -> Result<Self> {
         let wide = match input_quant {
-            Some(ue8m0) => Some(quantize_rows_f32(g, x, n, k, ue8m0)?),
-            None => None,
+            Some(ue8m0) if needs_wide || !tensor_cores => Some(quantize_rows_f32(g, x, n, k, ue8m0)?),
+            _ => None,
         };
         let wide_addr = wide.as_ref().map_or(x, |b| b.addr);
         let mut held: Vec<DeviceBuf> = wide.into_iter().collect();
