@@ -169,6 +169,7 @@ fn pick(args: &BenchServeArgs) -> TokenPick {
             uniform: 0.5,
         },
         logprobs: None,
+        edits: Vec::new(),
     }
 }
 

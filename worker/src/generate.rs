@@ -49,6 +49,15 @@ pub struct GenerateArgs {
     /// Do not stop at the model's end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
+    /// Above 1 makes tokens of the prompt or output less likely (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Subtracted from the logit of every token already generated.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it was generated.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    frequency_penalty: f32,
     /// Print one JSON object: {"token_ids": [...], "prompt_last_logits": [...], ...}.
     #[arg(long)]
     json: bool,
@@ -95,6 +104,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         max_tokens: args.max_tokens,
         stop_token_ids: vec![],
         ignore_eos: args.ignore_eos,
+        rules: dsv3_engine::LogitRules {
+            repetition_penalty: args.repetition_penalty,
+            presence_penalty: args.presence_penalty,
+            frequency_penalty: args.frequency_penalty,
+            ..Default::default()
+        },
     };
     let request = GenerateRequest { prompt, params };
     let cache_tokens = (request.prompt.len() + args.max_tokens).max(16);

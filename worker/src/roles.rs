@@ -55,6 +55,10 @@ pub struct HttpArgs {
     /// think block: R1, V3.1 with `thinking`) in `reasoning_content` (auto), or left in `content`.
     #[arg(long, value_enum, default_value_t = ReasoningContent::Auto)]
     pub reasoning_content: ReasoningContent,
+    /// A Jinja chat template that replaces the model's (e.g. `templates/deepseek-v3-tools.jinja`:
+    /// the official V3 template ignores `tools`).
+    #[arg(long, env = "DSV3_CHAT_TEMPLATE")]
+    pub chat_template: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -252,6 +256,19 @@ fn serve_http(
     http: &HttpArgs,
 ) -> Result<()> {
     let tokenizer = model_source::tokenizer(files)?;
+    let tokenizer = match (&http.chat_template, tokenizer) {
+        (None, tokenizer) => tokenizer,
+        (Some(path), None) => anyhow::bail!(
+            "--chat-template {}: the model has no tokenizer to render chats with",
+            path.display()
+        ),
+        (Some(path), Some(tokenizer)) => {
+            let source = std::fs::read_to_string(path)
+                .with_context(|| format!("--chat-template: cannot read {}", path.display()))?;
+            eprintln!("chat template: {}", path.display());
+            Some(tokenizer.with_chat_template(&source, &path.display().to_string())?)
+        }
+    };
     let mut config = dsv3_api::ApiConfig::new(name.clone());
     if let Some(json) = files.read_string("generation_config.json")? {
         let (defaults, not_applied) = dsv3_api::SamplingDefaults::from_generation_config(&json)

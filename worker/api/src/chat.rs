@@ -17,13 +17,14 @@ use serde_json::{Map, Value};
 use crate::access::RequestId;
 use crate::backend::GenerationRequest;
 use crate::error::ApiError;
-use crate::generation::{Finish, Generation, TokenOutput};
+use crate::generation::{choice_count, collect_choices, start_choices, Finish, TokenOutput};
 use crate::logprobs::chat_logprobs;
 use crate::params::{check_prompt, prepare, SamplingInput};
 use crate::reasoning::{prompt_opens_think, ReasoningSplitter, Split};
 use crate::request::{parse_request, read_body, Parsed};
 use crate::server::{off_runtime, unix_now, AppState};
-use crate::streaming::{sse_response, usage_of, ChunkFormat};
+use crate::streaming::{merge_choices, sse_response, usage_of, ChunkFormat};
+use crate::tools::{self, CallForm, ToolCallParser, ToolChoice, ToolEvent};
 
 pub(crate) async fn create(State(state): State<AppState>, Extension(id): Extension<RequestId>, body: Body) -> Response {
     match handle(state, id, body).await {
@@ -44,9 +45,7 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages", "`messages` is empty"));
     }
-    if req.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid("n", "only `n` = 1 is supported"));
-    }
+    let n = choice_count(req.n)?;
     if !matches!(req.response_format, None | Some(ResponseFormat::Text)) {
         return Err(ApiError::invalid(
             "response_format",
@@ -54,18 +53,25 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
         ));
     }
     let logprobs = chat_logprobs_request(req.logprobs, req.top_logprobs, state.config.max_logprobs)?;
+    let tool_choice = ToolChoice::of_request(&raw)?;
     let tokenizer = state.tokenizer.as_ref().ok_or_else(|| {
         ApiError::bad_request(
             "this model has no tokenizer, so chat completions are not available: use /v1/completions with token ids",
         )
     })?;
+    let raw_bias = raw.get("logit_bias").cloned();
     let ChatPrompt {
         ids: prompt,
         opens_think,
+        forced_opening,
     } = {
-        let (tokenizer, kwargs) = (tokenizer.clone(), extensions.chat_template_kwargs.clone());
+        let (tokenizer, kwargs, choice) = (
+            tokenizer.clone(),
+            extensions.chat_template_kwargs.clone(),
+            tool_choice.clone(),
+        );
         let end = PromptEnd::of_request(&raw, extensions.continue_final_message.unwrap_or(false))?;
-        off_runtime(move || render_prompt(&tokenizer, &raw, end, kwargs.as_ref())).await?
+        off_runtime(move || render_prompt(&tokenizer, &raw, end, kwargs.as_ref(), &choice)).await?
     };
 
     let config = state.backend.config();
@@ -81,7 +87,7 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
             stop: req.stop.as_ref(),
             presence_penalty: req.presence_penalty,
             frequency_penalty: req.frequency_penalty,
-            has_logit_bias: req.logit_bias.as_ref().is_some_and(|b| !b.is_empty()),
+            logit_bias: raw_bias.as_ref(),
             extensions: &extensions,
             defaults: &state.config.sampling_defaults,
         },
@@ -90,28 +96,32 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
         true,
     )?;
 
-    let mut generation = Generation::start(
+    let mut choices = start_choices(
         state.backend.as_ref(),
         Some(tokenizer),
-        state.metrics.clone(),
+        &state.metrics,
         GenerationRequest {
             prompt,
             params: prepared.params,
             logprobs,
         },
-        prepared.stops,
+        &prepared.stops,
+        n,
         arrived,
     )?;
-    let format = ChatChunks {
-        id: format!("chatcmpl-{}", id.0),
-        created: unix_now(),
-        model: req.model,
+    let (id, created) = (format!("chatcmpl-{}", id.0), unix_now());
+    let format = |index: usize| ChatChunks {
+        index: index as u32,
+        id: id.clone(),
+        created,
+        model: req.model.clone(),
         tokenizer: tokenizer.clone(),
         logprobs: logprobs.is_some(),
         reasoning: state
             .config
             .split_reasoning
             .then(|| ReasoningSplitter::new(opens_think)),
+        tools: ToolParsing::new(&tool_choice, forced_opening.as_deref()),
     };
     if req.stream == Some(true) {
         let include_usage = req
@@ -119,12 +129,18 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
             .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false);
-        return Ok(sse_response(generation, format, include_usage));
+        let usage = include_usage.then(|| format(0));
+        let streams = choices.into_iter().enumerate().map(|(i, g)| (g, format(i))).collect();
+        return Ok(sse_response(streams, usage));
     }
-    let out = generation.collect().await?;
-    let mut format = format;
-    let body = format.response(out.text, &out.tokens, out.finish, usage_of(&generation));
-    Ok(Json(body).into_response())
+    let outputs = collect_choices(&mut choices).await?;
+    let usage = usage_of(&choices);
+    let bodies = outputs
+        .into_iter()
+        .enumerate()
+        .map(|(i, out)| format(i).response(out.text, &out.tokens, out.finish, usage.clone()))
+        .collect();
+    Ok(Json(merge_choices(bodies)).into_response())
 }
 
 /// `max_tokens` and `seed`, which OpenAI marks deprecated but clients still send; the token
@@ -164,10 +180,12 @@ fn chat_logprobs_request(
     }
 }
 
-/// A chat request's prompt: its token ids, and whether the template left a think block open.
+/// A chat request's prompt: its token ids, whether the template left a think block open, and
+/// the start of a tool call the prompt ends with (a forced `tool_choice`).
 pub(crate) struct ChatPrompt {
     pub ids: Vec<u32>,
     pub opens_think: bool,
+    pub forced_opening: Option<String>,
 }
 
 /// How a rendered chat prompt ends.
@@ -216,12 +234,15 @@ impl PromptEnd {
 }
 
 /// Renders the messages as sent (all their fields reach the template) with the tools, and
-/// tokenizes the result. `developer` messages are given to the template as `system`.
+/// tokenizes the result. `developer` messages are given to the template as `system`. A
+/// `required` or named `tool_choice` ends the prompt with the start of a call in the form the
+/// template writes calls, so the answer is a call (of that tool).
 pub(crate) fn render_prompt(
     tokenizer: &Tokenizer,
     raw: &Value,
     end: PromptEnd,
     kwargs: Option<&Map<String, Value>>,
+    tool_choice: &ToolChoice,
 ) -> Result<ChatPrompt, ApiError> {
     let template = tokenizer.chat_template().ok_or_else(|| {
         ApiError::bad_request("the model's tokenizer has no chat template, so chat completions are not available")
@@ -232,19 +253,59 @@ pub(crate) fn render_prompt(
         .map(|list| list.iter().map(developer_as_system).collect())
         .unwrap_or_default();
     let tools = raw.get("tools").filter(|t| !t.is_null());
-    let text = match end {
+    let mut text = match end {
         PromptEnd::ContinueFinal => continue_final(template, messages, tools, kwargs)?,
         _ => template
             .render_with_kwargs(&messages, tools, end == PromptEnd::GenerationPrompt, kwargs)
             .map_err(template_error)?,
+    };
+    let opens_think = prompt_opens_think(&text);
+    let forced_name = match tool_choice {
+        ToolChoice::Required => Some(None),
+        ToolChoice::Named(name) => Some(Some(name.as_str())),
+        ToolChoice::None | ToolChoice::Auto => None,
+    };
+    let forced_opening = match forced_name {
+        None => None,
+        Some(_) if end != PromptEnd::GenerationPrompt => {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "a `required` or named `tool_choice` cannot continue a final message",
+            ))
+        }
+        Some(name) => {
+            let form = call_form(template, kwargs).ok_or_else(|| {
+                ApiError::invalid(
+                    "tool_choice",
+                    "the chat template does not write tool calls, so a call cannot be required; start the server \
+                     with a tool-aware `--chat-template` (templates/ in the dsv3 repository)",
+                )
+            })?;
+            let opening = form.forced_opening(name);
+            text.push_str(&opening);
+            Some(opening)
+        }
     };
     let ids = tokenizer
         .encode(&text, false)
         .map_err(|e| ApiError::internal(format!("cannot tokenize the chat prompt: {e}")))?;
     Ok(ChatPrompt {
         ids,
-        opens_think: prompt_opens_think(&text),
+        opens_think,
+        forced_opening,
     })
+}
+
+/// How the template writes an assistant's tool call, seen by rendering one.
+fn call_form(template: &dsv3_text::ChatTemplate, kwargs: Option<&Map<String, Value>>) -> Option<CallForm> {
+    const PROBE: &str = "dsv3_probe_function";
+    let messages = [
+        serde_json::json!({"role": "user", "content": "?"}),
+        serde_json::json!({"role": "assistant", "content": null, "tool_calls": [
+            {"id": "call_0", "type": "function", "function": {"name": PROBE, "arguments": "{}"}}]}),
+    ];
+    let text = template.render_with_kwargs(&messages, None, false, kwargs).ok()?;
+    CallForm::detect(&text, PROBE)
 }
 
 /// The conversation rendered up to the last (assistant) message's text, left open for the model
@@ -320,8 +381,10 @@ fn finish_reason(finish: Finish) -> FinishReason {
     }
 }
 
-/// Chunks and responses of one chat request.
+/// Chunks and responses of one choice of a chat request.
 struct ChatChunks {
+    /// The choice's index.
+    index: u32,
     id: String,
     created: u32,
     model: String,
@@ -329,26 +392,64 @@ struct ChatChunks {
     logprobs: bool,
     /// Splits the answer's thinking into `reasoning_content` (unless the server is told not to).
     reasoning: Option<ReasoningSplitter>,
+    /// Parses the answer's tool calls (when the request offers tools).
+    tools: Option<ToolParsing>,
 }
 
-/// Adds `reasoning_content` (not among async-openai's fields) to the first choice's `key`
-/// (`message` or `delta`) when there is some.
-fn with_reasoning(mut json: Value, key: &str, reasoning: &str) -> Value {
-    if !reasoning.is_empty() {
-        if let Some(target) = json
-            .get_mut("choices")
-            .and_then(|c| c.get_mut(0))
-            .and_then(|c| c.get_mut(key))
-            .and_then(Value::as_object_mut)
-        {
+/// The tool-call parser of one choice, and the events of a forced call's opening (in the
+/// prompt, so the client learns the call's name from the first chunk).
+struct ToolParsing {
+    parser: ToolCallParser,
+    pending: Vec<ToolEvent>,
+}
+
+impl ToolParsing {
+    fn new(choice: &ToolChoice, forced_opening: Option<&str>) -> Option<Self> {
+        if *choice == ToolChoice::None {
+            return None;
+        }
+        let (parser, pending) = match forced_opening {
+            Some(opening) => ToolCallParser::after_opening(opening),
+            None => (ToolCallParser::default(), Vec::new()),
+        };
+        Some(ToolParsing { parser, pending })
+    }
+}
+
+/// A piece of the answer: thinking, text, and tool-call events.
+struct Answer {
+    reasoning: String,
+    content: String,
+    calls: Vec<ToolEvent>,
+}
+
+/// Adds `reasoning_content` (not among async-openai's fields) and `tool_calls` (as JSON) to the
+/// first choice's `key` (`message` or `delta`) when there are some.
+fn with_extras(mut json: Value, key: &str, reasoning: &str, tool_calls: Option<Value>) -> Value {
+    if let Some(target) = json
+        .get_mut("choices")
+        .and_then(|c| c.get_mut(0))
+        .and_then(|c| c.get_mut(key))
+        .and_then(Value::as_object_mut)
+    {
+        if !reasoning.is_empty() {
             target.insert("reasoning_content".into(), Value::from(reasoning));
+        }
+        if let Some(calls) = tool_calls {
+            target.insert("tool_calls".into(), calls);
         }
     }
     json
 }
 
 impl ChatChunks {
-    fn envelope(&self, choices: Vec<ChatChoiceStream>, usage: Option<CompletionUsage>, reasoning: &str) -> String {
+    fn envelope(
+        &self,
+        choices: Vec<ChatChoiceStream>,
+        usage: Option<CompletionUsage>,
+        reasoning: &str,
+        tool_calls: Option<Value>,
+    ) -> String {
         let chunk = CreateChatCompletionStreamResponse {
             id: self.id.clone(),
             choices,
@@ -359,7 +460,45 @@ impl ChatChunks {
             ..Default::default()
         };
         let json = serde_json::to_value(&chunk).unwrap_or(Value::Null);
-        with_reasoning(json, "delta", reasoning).to_string()
+        with_extras(json, "delta", reasoning, tool_calls).to_string()
+    }
+
+    /// The next piece of the answer: the thinking split off, the rest through the tool-call
+    /// parser.
+    fn answer(&mut self, text: String, last: bool) -> Answer {
+        let Split { reasoning, content } = self.split(text, last);
+        let Some(tools) = self.tools.as_mut() else {
+            return Answer {
+                reasoning,
+                content,
+                calls: Vec::new(),
+            };
+        };
+        let mut events = std::mem::take(&mut tools.pending);
+        events.extend(tools.parser.push(&content));
+        if last {
+            events.extend(tools.parser.finish());
+        }
+        let (mut content, mut calls) = (String::new(), Vec::new());
+        for e in events {
+            match e {
+                ToolEvent::Content(text) => content.push_str(&text),
+                call => calls.push(call),
+            }
+        }
+        Answer {
+            reasoning,
+            content,
+            calls,
+        }
+    }
+
+    /// `tool_calls` when the answer called a tool and stopped by itself; otherwise as it ended.
+    fn finish_reason(&self, finish: Finish) -> FinishReason {
+        match finish {
+            Finish::Stop if self.tools.as_ref().is_some_and(|t| t.parser.calls() > 0) => FinishReason::ToolCalls,
+            other => finish_reason(other),
+        }
     }
 
     /// The answer's text split into (reasoning, content), or all content.
@@ -382,17 +521,23 @@ impl ChatChunks {
     }
 
     fn response(&mut self, text: String, tokens: &[TokenOutput], finish: Finish, usage: CompletionUsage) -> Value {
-        let Split { reasoning, content } = self.split(text, true);
+        let Answer {
+            reasoning,
+            content,
+            calls,
+        } = self.answer(text, true);
+        let (_, calls) = tools::collect(calls);
+        let content = (calls.is_empty() || !content.trim().is_empty()).then_some(content);
         let body = CreateChatCompletionResponse {
             id: self.id.clone(),
             choices: vec![ChatChoice {
-                index: 0,
+                index: self.index,
                 message: ChatCompletionResponseMessage {
-                    content: Some(content),
+                    content,
                     role: Role::Assistant,
                     ..Default::default()
                 },
-                finish_reason: Some(finish_reason(finish)),
+                finish_reason: Some(self.finish_reason(finish)),
                 logprobs: self.logprobs.then(|| chat_logprobs(Some(&self.tokenizer), tokens)),
             }],
             created: self.created,
@@ -401,10 +546,12 @@ impl ChatChunks {
             usage: Some(usage),
             ..Default::default()
         };
-        with_reasoning(
+        let tool_calls = (!calls.is_empty()).then(|| tools::message_calls(&self.id, &calls));
+        with_extras(
             serde_json::to_value(&body).unwrap_or(Value::Null),
             "message",
             &reasoning,
+            tool_calls,
         )
     }
 }
@@ -418,21 +565,28 @@ impl ChunkFormat for ChatChunks {
         };
         vec![self.envelope(
             vec![ChatChoiceStream {
-                index: 0,
+                index: self.index,
                 delta,
                 finish_reason: None,
                 logprobs: None,
             }],
             None,
             "",
+            None,
         )]
     }
 
     fn chunk(&mut self, text: String, tokens: &[TokenOutput], finish: Option<Finish>) -> String {
-        // The last chunk carries what the splitter still held (a marker's possible start).
-        let Split { reasoning, content } = self.split(text, finish.is_some());
-        // A chunk carries what it has: reasoning, content, or (before the end) an empty content.
-        let content = if content.is_empty() && (finish.is_some() || !reasoning.is_empty()) {
+        // The last chunk carries what the splitters still held (a marker's possible start).
+        let Answer {
+            reasoning,
+            content,
+            calls,
+        } = self.answer(text, finish.is_some());
+        let tool_calls = tools::delta_calls(&self.id, &calls);
+        // A chunk carries what it has: reasoning, content, calls, or (before the end) an empty
+        // content.
+        let content = if content.is_empty() && (finish.is_some() || !reasoning.is_empty() || tool_calls.is_some()) {
             None
         } else {
             Some(content)
@@ -444,17 +598,18 @@ impl ChunkFormat for ChatChunks {
         let logprobs = (self.logprobs && finish.is_none()).then(|| chat_logprobs(Some(&self.tokenizer), tokens));
         self.envelope(
             vec![ChatChoiceStream {
-                index: 0,
+                index: self.index,
                 delta,
-                finish_reason: finish.map(finish_reason),
+                finish_reason: finish.map(|f| self.finish_reason(f)),
                 logprobs,
             }],
             None,
             &reasoning,
+            tool_calls,
         )
     }
 
     fn usage(&mut self, usage: CompletionUsage) -> String {
-        self.envelope(Vec::new(), Some(usage), "")
+        self.envelope(Vec::new(), Some(usage), "", None)
     }
 }

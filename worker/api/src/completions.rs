@@ -13,12 +13,12 @@ use dsv3_text::Tokenizer;
 use crate::access::RequestId;
 use crate::backend::GenerationRequest;
 use crate::error::ApiError;
-use crate::generation::{Finish, Generation, TokenOutput};
+use crate::generation::{choice_count, collect_choices, start_choices, Finish, TokenOutput};
 use crate::logprobs::completion_logprobs;
 use crate::params::{check_prompt, prepare, SamplingInput};
 use crate::request::{parse_request, read_body, Parsed};
 use crate::server::{off_runtime, unix_now, AppState};
-use crate::streaming::{sse_response, to_json_with_token_ids, usage_of, ChunkFormat};
+use crate::streaming::{merge_choices, sse_response, to_json_with_token_ids, usage_of, ChunkFormat};
 
 pub(crate) async fn create(State(state): State<AppState>, Extension(id): Extension<RequestId>, body: Body) -> Response {
     match handle(state, id, body).await {
@@ -33,14 +33,16 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
     let Parsed {
         request: mut req,
         extensions,
-        ..
+        raw,
     } = parse_request::<CreateCompletionRequest>(&bytes, &state.config.served_model_name)?;
     state.check_model(&req.model)?;
-    if req.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid("n", "only `n` = 1 is supported"));
-    }
-    if req.best_of.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid("best_of", "only `best_of` = 1 is supported"));
+    let n = choice_count(req.n)?;
+    if req.best_of.is_some_and(|b| usize::from(b) != n) {
+        return Err(ApiError::invalid(
+            "best_of",
+            "`best_of` (drawing more choices than are returned, ranked by likelihood) is not supported; leave it \
+             out or equal to `n`",
+        ));
     }
     let echo = req.echo == Some(true);
     let suffix = req.suffix.take().filter(|s| !s.is_empty());
@@ -87,7 +89,7 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
             stop: req.stop.as_ref(),
             presence_penalty: req.presence_penalty,
             frequency_penalty: req.frequency_penalty,
-            has_logit_bias: req.logit_bias.as_ref().is_some_and(|b| !b.is_empty()),
+            logit_bias: raw.get("logit_bias"),
             extensions: &extensions,
             defaults: &state.config.sampling_defaults,
         },
@@ -96,26 +98,29 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
         tokenizer.is_some(),
     )?;
 
-    let mut generation = Generation::start(
+    let mut choices = start_choices(
         state.backend.as_ref(),
         tokenizer,
-        state.metrics.clone(),
+        &state.metrics,
         GenerationRequest {
             prompt,
             params: prepared.params,
             logprobs,
         },
-        prepared.stops,
+        &prepared.stops,
+        n,
         arrived,
     )?;
-    let format = CompletionChunks {
-        id: format!("cmpl-{}", id.0),
-        created: unix_now(),
-        model: req.model,
+    let (id, created) = (format!("cmpl-{}", id.0), unix_now());
+    let format = |index: usize| CompletionChunks {
+        index: index as u32,
+        id: id.clone(),
+        created,
+        model: req.model.clone(),
         tokenizer: state.tokenizer.clone(),
         logprobs: logprobs.is_some(),
         token_ids: extensions.return_token_ids.unwrap_or(false) || tokenizer.is_none(),
-        echo: echoed,
+        echo: echoed.clone(),
     };
     if req.stream == Some(true) {
         let include_usage = req
@@ -123,11 +128,18 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
             .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false);
-        return Ok(sse_response(generation, format, include_usage));
+        let usage = include_usage.then(|| format(0));
+        let streams = choices.into_iter().enumerate().map(|(i, g)| (g, format(i))).collect();
+        return Ok(sse_response(streams, usage));
     }
-    let out = generation.collect().await?;
-    let body = format.response(out.text, &out.tokens, out.finish, usage_of(&generation));
-    Ok(Json(body).into_response())
+    let outputs = collect_choices(&mut choices).await?;
+    let usage = usage_of(&choices);
+    let bodies = outputs
+        .into_iter()
+        .enumerate()
+        .map(|(i, out)| format(i).response(out.text, &out.tokens, out.finish, usage.clone()))
+        .collect();
+    Ok(Json(merge_choices(bodies)).into_response())
 }
 
 /// The prompt's token ids: text is tokenized with special tokens (BOS), ids are taken as given.
@@ -209,8 +221,10 @@ fn finish_reason(finish: Finish) -> CompletionFinishReason {
     }
 }
 
-/// Chunks and responses of one completion request.
+/// Chunks and responses of one choice of a completion request.
 struct CompletionChunks {
+    /// The choice's index.
+    index: u32,
     id: String,
     created: u32,
     model: String,
@@ -238,7 +252,7 @@ impl CompletionChunks {
     fn choice(&self, text: String, tokens: &[TokenOutput], finish: Option<Finish>) -> Choice {
         Choice {
             text,
-            index: 0,
+            index: self.index,
             logprobs: self
                 .logprobs
                 .then(|| completion_logprobs(self.tokenizer.as_ref(), tokens)),

@@ -40,6 +40,9 @@ pub struct SamplingDefaults {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub top_k: Option<i64>,
+    pub repetition_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
 }
 
 impl SamplingDefaults {
@@ -72,6 +75,9 @@ impl SamplingDefaults {
         checked("temperature", |t| (0.0..=2.0).contains(&t), "between 0 and 2")?;
         checked("top_p", |p| p > 0.0 && p <= 1.0, "in (0, 1]")?;
         checked("top_k", |k| k >= -1.0 && k.fract() == 0.0, "an integer, -1 or more")?;
+        checked("repetition_penalty", |r| r > 0.0 && r <= 2.0, "in (0, 2]")?;
+        checked("presence_penalty", |p| (-2.0..=2.0).contains(&p), "between -2 and 2")?;
+        checked("frequency_penalty", |f| (-2.0..=2.0).contains(&f), "between -2 and 2")?;
         let defaults = SamplingDefaults {
             temperature: if greedy {
                 Some(0.0)
@@ -80,21 +86,15 @@ impl SamplingDefaults {
             },
             top_p: number("top_p")?.map(|p| p as f32),
             top_k: number("top_k")?.map(|k| k as i64),
+            repetition_penalty: number("repetition_penalty")?.map(|r| r as f32),
+            presence_penalty: number("presence_penalty")?.map(|p| p as f32),
+            frequency_penalty: number("frequency_penalty")?.map(|f| f as f32),
         };
-        let not_applied = [
-            "repetition_penalty",
-            "presence_penalty",
-            "frequency_penalty",
-            "min_p",
-            "min_new_tokens",
-            "max_new_tokens",
-            "max_length",
-            "num_beams",
-        ]
-        .into_iter()
-        .filter(|k| obj.get(*k).is_some_and(|v| !v.is_null()))
-        .map(str::to_string)
-        .collect();
+        let not_applied = ["min_p", "min_new_tokens", "max_new_tokens", "max_length", "num_beams"]
+            .into_iter()
+            .filter(|k| obj.get(*k).is_some_and(|v| !v.is_null()))
+            .map(str::to_string)
+            .collect();
         Ok((defaults, not_applied))
     }
 }

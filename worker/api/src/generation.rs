@@ -77,6 +77,47 @@ pub struct Generation {
     ended: bool,
 }
 
+/// Most choices one request may ask for (`n`), as OpenAI allows.
+pub const MAX_CHOICES: u8 = 128;
+
+/// Checks `n` (1 when left out).
+pub fn choice_count(n: Option<u8>) -> Result<usize, ApiError> {
+    match n.unwrap_or(1) {
+        0 => Err(ApiError::invalid("n", "`n` must be at least 1")),
+        n if n > MAX_CHOICES => Err(ApiError::invalid(
+            "n",
+            format!("`n` must be at most {MAX_CHOICES}, got {n}"),
+        )),
+        n => Ok(usize::from(n)),
+    }
+}
+
+/// Starts `n` generations of one request (its choices). With a seed, choice `i` draws from
+/// seed + i, so the choices differ and each is reproducible. A refused submission cancels the
+/// choices already started (they are dropped).
+pub fn start_choices(
+    backend: &dyn Backend,
+    tokenizer: Option<&Tokenizer>,
+    metrics: &Arc<Metrics>,
+    request: GenerationRequest,
+    stops: &[String],
+    n: usize,
+    arrived: Instant,
+) -> Result<Vec<Generation>, ApiError> {
+    (0..n)
+        .map(|i| {
+            let mut request = request.clone();
+            request.params.seed = request.params.seed.map(|s| s.wrapping_add(i as u64));
+            Generation::start(backend, tokenizer, metrics.clone(), request, stops.to_vec(), arrived)
+        })
+        .collect()
+}
+
+/// Runs every choice to its end, concurrently.
+pub async fn collect_choices(choices: &mut [Generation]) -> Result<Vec<Collected>, ApiError> {
+    futures_util::future::try_join_all(choices.iter_mut().map(Generation::collect)).await
+}
+
 impl Generation {
     /// Submits `request` to the backend. `arrived`: when the HTTP request came in (for TTFT).
     pub fn start(

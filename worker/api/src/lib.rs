@@ -31,6 +31,7 @@ mod stop;
 mod streaming;
 mod tokenize;
 mod tokens;
+mod tools;
 
 pub use backend::{Backend, BackendStats, GenerationEvent, GenerationRequest, Health, SubmitError, TokenLogprob};
 pub use config::{ApiConfig, SamplingDefaults};

@@ -2,7 +2,8 @@
 //! against their ranges, and the token budget against the context.
 
 use async_openai::types::chat::StopConfiguration;
-use dsv3_engine::{ModelConfig, SamplingParams};
+use dsv3_engine::{LogitRules, ModelConfig, SamplingParams};
+use serde_json::Value;
 
 use crate::config::SamplingDefaults;
 use crate::error::ApiError;
@@ -22,7 +23,8 @@ pub struct SamplingInput<'a> {
     pub stop: Option<&'a StopConfiguration>,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
-    pub has_logit_bias: bool,
+    /// `logit_bias` as sent: token id (a string) → bias.
+    pub logit_bias: Option<&'a Value>,
     pub extensions: &'a Extensions,
     /// The model's defaults for the fields left out.
     pub defaults: &'a SamplingDefaults,
@@ -95,19 +97,7 @@ pub fn prepare(
             ))
         }
     };
-    for (name, value) in [
-        ("presence_penalty", input.presence_penalty),
-        ("frequency_penalty", input.frequency_penalty),
-    ] {
-        if let Some(v) = value {
-            if v != 0.0 {
-                return Err(ApiError::invalid(name, format!("`{name}` is not supported (only 0)")));
-            }
-        }
-    }
-    if input.has_logit_bias {
-        return Err(ApiError::invalid("logit_bias", "`logit_bias` is not supported"));
-    }
+    let rules = logit_rules(input, config)?;
 
     let stop_token_ids = input.extensions.stop_token_ids.clone().unwrap_or_default();
     if let Some(&id) = stop_token_ids.iter().find(|&&id| id as usize >= config.vocab_size) {
@@ -162,7 +152,77 @@ pub fn prepare(
         max_tokens,
         stop_token_ids,
         ignore_eos: input.extensions.ignore_eos.unwrap_or(false),
+        rules,
     };
     params.validate().map_err(ApiError::bad_request)?;
     Ok(Prepared { params, stops })
+}
+
+/// Penalties, bias and `min_tokens`, each checked against its range (400 naming the field).
+fn logit_rules(input: &SamplingInput<'_>, config: &ModelConfig) -> Result<LogitRules, ApiError> {
+    let d = input.defaults;
+    let rules = LogitRules {
+        presence_penalty: input.presence_penalty.or(d.presence_penalty).unwrap_or(0.0),
+        frequency_penalty: input.frequency_penalty.or(d.frequency_penalty).unwrap_or(0.0),
+        repetition_penalty: input
+            .extensions
+            .repetition_penalty
+            .or(d.repetition_penalty)
+            .unwrap_or(1.0),
+        logit_bias: input.logit_bias.map(logit_bias).transpose()?.unwrap_or_default(),
+        min_tokens: input.extensions.min_tokens.unwrap_or(0) as usize,
+    };
+    rules.validate(config.vocab_size).map_err(|message| {
+        let field = [
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+            "logit_bias",
+        ]
+        .into_iter()
+        .find(|f| message.starts_with(f))
+        .unwrap_or("logit_bias");
+        ApiError::invalid(field, format!("`{field}`{}", &message[field.len()..]))
+    })?;
+    if let Some((n, name)) = input.max_tokens {
+        if rules.min_tokens > n as usize {
+            return Err(ApiError::invalid(
+                "min_tokens",
+                format!("`min_tokens` ({}) is more than `{name}` ({n})", rules.min_tokens),
+            ));
+        }
+    }
+    Ok(rules)
+}
+
+/// `logit_bias`: an object from token ids (as strings, OpenAI's form) to numbers; sorted by id.
+fn logit_bias(value: &Value) -> Result<Vec<(u32, f32)>, ApiError> {
+    let field = "logit_bias";
+    if value.is_null() {
+        return Ok(Vec::new());
+    }
+    let map = value
+        .as_object()
+        .ok_or_else(|| ApiError::invalid(field, "`logit_bias` must be an object from token ids to numbers"))?;
+    let mut bias = Vec::with_capacity(map.len());
+    for (key, v) in map {
+        let id: u32 = key.trim().parse().map_err(|_| {
+            ApiError::invalid(
+                field,
+                format!("`logit_bias` keys must be token ids (non-negative integers), got {key:?}"),
+            )
+        })?;
+        let b = v.as_f64().ok_or_else(|| {
+            ApiError::invalid(field, format!("`logit_bias` for token {id} must be a number, got {v}"))
+        })?;
+        bias.push((id, b as f32));
+    }
+    bias.sort_by_key(|&(id, _)| id);
+    if let Some(w) = bias.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(ApiError::invalid(
+            field,
+            format!("`logit_bias` names token {} twice", w[0].0),
+        ));
+    }
+    Ok(bias)
 }

@@ -83,6 +83,10 @@ pub struct Extensions {
     /// Chat: continue the last (assistant) message instead of answering it (as DeepSeek's
     /// `prefix: true` on that message).
     pub continue_final_message: Option<bool>,
+    /// Above 1 makes tokens of the prompt or output less likely (transformers' and vLLM's rule).
+    pub repetition_penalty: Option<f32>,
+    /// End-of-sequence and stop token ids cannot be chosen before this many tokens.
+    pub min_tokens: Option<u32>,
 }
 
 /// A parsed request body: the OpenAI request, the extensions, and the JSON as sent.

@@ -1,7 +1,7 @@
 //! Server-sent events for a generation: the endpoint's chunks in order, then `data: [DONE]`.
 //!
-//! The SSE stream owns the [`Generation`]: when the client disconnects, axum drops the stream,
-//! which drops the backend's receiver and so cancels the request.
+//! The SSE stream owns the [`Generation`]s of the request's choices: when the client
+//! disconnects, axum drops the stream, which drops the backends' receivers and so cancels them.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -10,6 +10,7 @@ use std::time::Duration;
 use async_openai::types::chat::CompletionUsage;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use futures_util::stream::{BoxStream, StreamExt};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -26,10 +27,15 @@ pub trait ChunkFormat: Send + 'static {
     fn usage(&mut self, usage: CompletionUsage) -> String;
 }
 
-/// Token counts of a generation.
-pub fn usage_of(generation: &Generation) -> CompletionUsage {
-    let prompt = u32::try_from(generation.prompt_tokens()).unwrap_or(u32::MAX);
-    let completion = u32::try_from(generation.completion_tokens()).unwrap_or(u32::MAX);
+/// Token counts of a request's choices (the prompt counted once: the choices share it).
+pub fn usage_of(choices: &[Generation]) -> CompletionUsage {
+    let prompt = choices.first().map_or(0, Generation::prompt_tokens);
+    usage(prompt, choices.iter().map(Generation::completion_tokens).sum())
+}
+
+fn usage(prompt: usize, completion: usize) -> CompletionUsage {
+    let prompt = u32::try_from(prompt).unwrap_or(u32::MAX);
+    let completion = u32::try_from(completion).unwrap_or(u32::MAX);
     CompletionUsage {
         prompt_tokens: prompt,
         completion_tokens: completion,
@@ -37,6 +43,24 @@ pub fn usage_of(generation: &Generation) -> CompletionUsage {
         prompt_tokens_details: None,
         completion_tokens_details: None,
     }
+}
+
+/// One response from the responses of each choice (each with its one choice, in index order).
+pub fn merge_choices(bodies: Vec<Value>) -> Value {
+    let mut bodies = bodies.into_iter();
+    let Some(mut first) = bodies.next() else {
+        return Value::Null;
+    };
+    let rest: Vec<Value> = bodies
+        .flat_map(|mut b| match b.get_mut("choices").map(Value::take) {
+            Some(Value::Array(choices)) => choices,
+            _ => Vec::new(),
+        })
+        .collect();
+    if let Some(choices) = first.get_mut("choices").and_then(Value::as_array_mut) {
+        choices.extend(rest);
+    }
+    first
 }
 
 /// Serializes `value`, adding `token_ids` to its first choice when given (an extension field
@@ -56,71 +80,102 @@ pub fn to_json_with_token_ids<T: Serialize>(value: &T, token_ids: Option<Vec<u32
     json
 }
 
-struct State<F> {
-    generation: Generation,
-    format: F,
-    include_usage: bool,
-    queue: VecDeque<String>,
-    finished: bool,
+/// What one choice's stream yields.
+enum ChoiceEvent {
+    Chunk(String),
+    /// The choice ended, with its prompt and completion tokens.
+    Done {
+        prompt: usize,
+        completion: usize,
+    },
+    Failed(String),
 }
 
-impl<F: ChunkFormat> State<F> {
-    /// Turns the next step of the generation into queued chunks.
-    async fn advance(&mut self) {
-        match self.generation.next().await {
-            Some(Step::Delta { text, tokens }) => {
-                let chunk = self.format.chunk(text, &tokens, None);
-                self.queue.push_back(chunk);
-            }
-            Some(Step::Done { text, tokens, finish }) => {
-                if !text.is_empty() || !tokens.is_empty() {
-                    let chunk = self.format.chunk(text, &tokens, None);
-                    self.queue.push_back(chunk);
-                }
-                let last = self.format.chunk(String::new(), &[], Some(finish));
-                self.queue.push_back(last);
-                if self.include_usage {
-                    let usage = self.format.usage(usage_of(&self.generation));
-                    self.queue.push_back(usage);
-                }
-                self.end();
-            }
-            Some(Step::Failed { message }) => {
-                let error = ApiError::internal(format!("generation failed: {message}"));
-                self.queue.push_back(error.body_json());
-                self.end();
-            }
-            None => self.end(),
-        }
-    }
-
-    fn end(&mut self) {
-        self.queue.push_back("[DONE]".into());
-        self.finished = true;
-    }
-}
-
-/// The SSE response for `generation`.
-pub fn sse_response<F: ChunkFormat>(generation: Generation, mut format: F, include_usage: bool) -> Response {
-    let queue: VecDeque<String> = format.opening().into();
-    let state = State {
-        generation,
-        format,
-        include_usage,
-        queue,
-        finished: false,
-    };
-    let stream = futures_util::stream::unfold(state, |mut state| async move {
+/// One choice's chunks: its opening, a chunk per step, the finishing chunk, then `Done`.
+fn choice_events<F: ChunkFormat>(generation: Generation, mut format: F) -> BoxStream<'static, ChoiceEvent> {
+    let queue: VecDeque<ChoiceEvent> = format.opening().into_iter().map(ChoiceEvent::Chunk).collect();
+    let state = (Some(generation), format, queue);
+    futures_util::stream::unfold(state, |(mut generation, mut format, mut queue)| async move {
         loop {
-            if let Some(data) = state.queue.pop_front() {
-                return Some((Ok::<_, Infallible>(Event::default().data(data)), state));
+            if let Some(event) = queue.pop_front() {
+                return Some((event, (generation, format, queue)));
             }
-            if state.finished {
-                return None;
+            let g = generation.as_mut()?;
+            match g.next().await {
+                Some(Step::Delta { text, tokens }) => {
+                    queue.push_back(ChoiceEvent::Chunk(format.chunk(text, &tokens, None)))
+                }
+                Some(Step::Done { text, tokens, finish }) => {
+                    if !text.is_empty() || !tokens.is_empty() {
+                        queue.push_back(ChoiceEvent::Chunk(format.chunk(text, &tokens, None)));
+                    }
+                    queue.push_back(ChoiceEvent::Chunk(format.chunk(String::new(), &[], Some(finish))));
+                    queue.extend(generation.take().map(|g| ChoiceEvent::Done {
+                        prompt: g.prompt_tokens(),
+                        completion: g.completion_tokens(),
+                    }));
+                }
+                Some(Step::Failed { message }) => {
+                    queue.push_back(ChoiceEvent::Failed(message));
+                    generation = None;
+                }
+                None => generation = None,
             }
-            state.advance().await;
         }
-    });
+    })
+    .boxed()
+}
+
+/// The SSE response for a request's choices (each a generation and its format), their chunks
+/// interleaved as they come; then, with `usage` (`stream_options.include_usage`), the usage
+/// chunk over all choices; then `[DONE]`. A failed choice ends the stream with its error
+/// (dropping the other choices cancels them).
+pub fn sse_response<F: ChunkFormat>(choices: Vec<(Generation, F)>, usage: Option<F>) -> Response {
+    let pending = choices.len();
+    let merged = futures_util::stream::select_all(choices.into_iter().map(|(g, f)| choice_events(g, f)));
+    let state = (
+        Some(merged),
+        usage,
+        pending,
+        // Prompt tokens, and completion tokens of the choices that ended.
+        (0usize, 0usize),
+        VecDeque::<String>::new(),
+    );
+    let stream = futures_util::stream::unfold(
+        state,
+        |(mut merged, mut usage, mut pending, mut done, mut queue)| async move {
+            loop {
+                if let Some(data) = queue.pop_front() {
+                    let event = Ok::<_, Infallible>(Event::default().data(data));
+                    return Some((event, (merged, usage, pending, done, queue)));
+                }
+                let events = merged.as_mut()?;
+                match events.next().await {
+                    Some(ChoiceEvent::Chunk(chunk)) => queue.push_back(chunk),
+                    Some(ChoiceEvent::Done { prompt, completion }) => {
+                        done = (prompt, done.1 + completion);
+                        pending -= 1;
+                        if pending == 0 {
+                            if let Some(format) = usage.as_mut() {
+                                queue.push_back(format.usage(self::usage(done.0, done.1)));
+                            }
+                            queue.push_back("[DONE]".into());
+                            merged = None;
+                        }
+                    }
+                    Some(ChoiceEvent::Failed(message)) => {
+                        queue.push_back(ApiError::internal(format!("generation failed: {message}")).body_json());
+                        queue.push_back("[DONE]".into());
+                        merged = None;
+                    }
+                    None => {
+                        queue.push_back("[DONE]".into());
+                        merged = None;
+                    }
+                }
+            }
+        },
+    );
     // Comment lines keep proxies from timing the stream out while the request waits in a queue,
     // and let the server notice a client that left even when no tokens flow.
     Sse::new(stream)

@@ -14,6 +14,7 @@ use crate::chat::{render_prompt, PromptEnd};
 use crate::error::ApiError;
 use crate::request::{parse_object, read_body, typed};
 use crate::server::{off_runtime, AppState};
+use crate::tools::ToolChoice;
 
 /// vLLM's `TokenizeCompletionRequest` and `TokenizeChatRequest` in one: `prompt` or `messages`.
 #[derive(Deserialize)]
@@ -122,7 +123,7 @@ async fn handle_tokenize(state: AppState, body: Body) -> Result<Response, ApiErr
                     (_, Some(false)) => PromptEnd::Closed,
                     _ => PromptEnd::GenerationPrompt,
                 };
-                let mut tokens = render_prompt(&tokenizer, &raw, end, req.chat_template_kwargs.as_ref())?.ids;
+                let mut tokens = render_prompt(&tokenizer, &raw, end, req.chat_template_kwargs.as_ref(), &ToolChoice::of_request(&raw)?)?.ids;
                 if req.add_special_tokens == Some(true) {
                     if let Some(bos) = tokenizer.bos_token_id() {
                         tokens.insert(0, bos);

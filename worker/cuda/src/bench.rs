@@ -152,13 +152,7 @@ pub(crate) fn decode(
         .zip(&tokens)
         .map(|(&s, t)| Chunk::new(s, ctx, t, Outputs::Last))
         .collect();
-    let greedy = vec![
-        Some(TokenPick {
-            choice: TokenChoice::GREEDY,
-            logprobs: None
-        });
-        chunks.len()
-    ];
+    let greedy = vec![Some(TokenPick::plain(TokenChoice::GREEDY)); chunks.len()];
     let mut times = Vec::new();
     let mut touched = 0;
     for rep in 0..reps + 2 {

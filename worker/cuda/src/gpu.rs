@@ -69,6 +69,7 @@ pub const KERNELS: &[&str] = &[
     "cache_write",
     "mla_attend",
     "pick_tokens",
+    "apply_logit_edits",
     "gather_latents",
     "build_kv",
     "mla_prefill_flash",

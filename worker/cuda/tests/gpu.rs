@@ -767,7 +767,7 @@ fn pick_rows(vocab: usize, seed: u64) -> Vec<Vec<f32>> {
 #[ignore = "needs an NVIDIA GPU"]
 fn tokens_picked_on_the_gpu_follow_the_host_rule() {
     use dsv3_engine::sampling::{choose, logprobs_of, TokenChoice};
-    use dsv3_engine::TokenPick;
+    use dsv3_engine::{apply_edits, LogitEdit, TokenPick};
     poison();
     let gpu = dsv3_cuda::Gpu::open(0).expect("GPU");
     let choices = |uniform: f64| {
@@ -787,7 +787,38 @@ fn tokens_picked_on_the_gpu_follow_the_host_rule() {
             uniform,
         })
     };
-    let (mut checked, mut random) = (0, 0);
+    // Logit rules on every other pick: the row's best token banned, a repetition penalty on
+    // tokens of both signs, a bias that lifts a low token near the top.
+    let edits = |row: &[f32]| {
+        let best = choose(row, &TokenChoice::GREEDY);
+        let vocab = row.len() as u32;
+        let mut edits = vec![
+            LogitEdit {
+                token: best,
+                repetition: 1.0,
+                add: f32::NEG_INFINITY,
+            },
+            LogitEdit {
+                token: (best + 1) % vocab,
+                repetition: 1.3,
+                add: -0.2,
+            },
+            LogitEdit {
+                token: (best + 7) % vocab,
+                repetition: 0.8,
+                add: 0.0,
+            },
+            LogitEdit {
+                token: (best + 13) % vocab,
+                repetition: 1.0,
+                add: 4.0,
+            },
+        ];
+        edits.sort_by_key(|e| e.token);
+        edits.dedup_by_key(|e| e.token);
+        edits
+    };
+    let (mut checked, mut random, mut edited) = (0, 0, 0);
     for vocab in [129_280usize, 1000, 37] {
         for (r, row) in pick_rows(vocab, vocab as u64).iter().enumerate() {
             for uniform in [0.0, 0.31, 0.5, 0.87, 0.999_999] {
@@ -797,6 +828,7 @@ fn tokens_picked_on_the_gpu_follow_the_host_rule() {
                     .map(|(i, &choice)| TokenPick {
                         choice,
                         logprobs: [None, Some(0), Some(5), Some(20)][i % 4],
+                        edits: if (i + r) % 2 == 1 { edits(row) } else { Vec::new() },
                     })
                     .collect();
                 // One row of logits per pick, as a step lays them out.
@@ -804,9 +836,17 @@ fn tokens_picked_on_the_gpu_follow_the_host_rule() {
                 let buf = gpu.upload(&logits).expect("upload");
                 let picked = dsv3_cuda::pick_tokens(&gpu, buf.addr, vocab, &picks).expect("pick");
                 for (pick, got) in picks.iter().zip(&picked) {
-                    let label = format!("vocab {vocab}, row {r}, {pick:?}");
+                    let label = format!(
+                        "vocab {vocab}, row {r}, {:?} with {} edits",
+                        pick.choice,
+                        pick.edits.len()
+                    );
+                    let mut row = row.clone();
+                    apply_edits(&mut row, &pick.edits);
+                    let row = &row[..];
                     let want = choose(row, &pick.choice);
                     assert_eq!(got.token, want, "{label}: token");
+                    edited += usize::from(!pick.edits.is_empty());
                     random += usize::from(pick.choice.temperature > 0.0 && want != choose(row, &TokenChoice::GREEDY));
                     let Some(n) = pick.logprobs else {
                         assert!(got.logprob.is_none() && got.top_logprobs.is_empty(), "{label}");
@@ -824,7 +864,10 @@ fn tokens_picked_on_the_gpu_follow_the_host_rule() {
             }
         }
     }
-    println!("picks: {checked} with log-probabilities matched the host rule; {random} random draws left the argmax");
+    println!(
+        "picks: {checked} with log-probabilities matched the host rule ({edited} picks with logit edits); \
+         {random} random draws left the argmax"
+    );
     assert!(random > 50, "the draws should often leave the argmax");
 }
 

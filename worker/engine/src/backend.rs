@@ -5,6 +5,7 @@
 
 use crate::config::ModelConfig;
 use crate::kv_cache::{KvCache, SeqId};
+use crate::logit_rules::{apply_edits, LogitEdit};
 use crate::mla::MlaForm;
 use crate::model::{Chunk, ChunkOutput, Model, StepOptions};
 use crate::moe::{ExpertExecutor, TokenRoutes};
@@ -35,11 +36,25 @@ pub struct MemoryUse {
 pub type ExpertCounts = BTreeMap<usize, Vec<u64>>;
 
 /// How one chunk's next token is picked, and how many log-probabilities come back with it.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct TokenPick {
     pub choice: TokenChoice,
-    /// `Some(n)`: the token's log-probability and the `n` most likely alternatives.
+    /// `Some(n)`: the token's log-probability and the `n` most likely alternatives (of the
+    /// edited logits: the distribution the token is drawn from, before temperature).
     pub logprobs: Option<usize>,
+    /// The sequence's logit rules for this token, applied before anything else.
+    pub edits: Vec<LogitEdit>,
+}
+
+impl TokenPick {
+    /// A plain pick: no edits, no log-probabilities.
+    pub fn plain(choice: TokenChoice) -> Self {
+        TokenPick {
+            choice,
+            logprobs: None,
+            edits: Vec::new(),
+        }
+    }
 }
 
 /// A picked token; what crosses from the device to the host per sequence and step.
@@ -92,7 +107,17 @@ pub fn pick_on_host(
             let start = output.logits.len().checked_sub(vocab).ok_or_else(|| {
                 anyhow::anyhow!("a chunk given a token pick has no logits (it must ask for its last position)")
             })?;
-            let logits = &output.logits[start..];
+            let edited;
+            let logits = if pick.edits.is_empty() {
+                &output.logits[start..]
+            } else {
+                edited = {
+                    let mut row = output.logits[start..].to_vec();
+                    apply_edits(&mut row, &pick.edits);
+                    row
+                };
+                &edited[..]
+            };
             let token = choose(logits, &pick.choice);
             let (logprob, top_logprobs) = match pick.logprobs {
                 Some(n) => {
@@ -245,8 +270,8 @@ mod tests {
         ];
         let greedy = |logprobs| {
             Some(TokenPick {
-                choice: TokenChoice::GREEDY,
                 logprobs,
+                ..TokenPick::plain(TokenChoice::GREEDY)
             })
         };
         let picked = pick_on_host(&outputs, &[greedy(None), None, greedy(Some(2))], vocab).expect("picks");

@@ -24,6 +24,7 @@ pub fn check_request(config: &ModelConfig, prompt: &[u32], params: &SamplingPara
         ));
     }
     params.validate()?;
+    params.rules.validate(config.vocab_size)?;
     if prompt.len() + params.max_tokens > config.max_position_embeddings {
         return Err(format!(
             "prompt ({} tokens) + max_tokens ({}) exceeds the context of {} tokens",
@@ -178,7 +179,13 @@ fn admit(
             index: next,
             seq: *next_seq,
             prompt: r.prompt.clone(),
-            sampler: Sampler::new(r.params.clone(), options.vocab_limit),
+            sampler: Sampler::with_history(
+                r.params.clone(),
+                options.vocab_limit,
+                &r.prompt,
+                &[],
+                crate::engine::end_ids(&r.params, backend.config()),
+            ),
             generated: Vec::new(),
             cached: 0,
             prompt_last_logits: Vec::new(),

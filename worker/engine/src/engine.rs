@@ -51,6 +51,18 @@ pub struct LoadProgress {
 /// Why a sequence stops after sampling `token` as its `generated`-th token with `cached`
 /// positions in the cache, if it does: a stop id, end of sequence (unless ignored), the token
 /// budget, or the model's context.
+/// The tokens that end a sequence with `params`: its stop ids and, unless it ignores them, the
+/// model's end-of-sequence ids.
+pub fn end_ids(params: &SamplingParams, config: &ModelConfig) -> Vec<u32> {
+    let mut ids = params.stop_token_ids.clone();
+    if !params.ignore_eos {
+        ids.extend(&config.eos_token_ids);
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 pub fn finish_reason(
     params: &SamplingParams,
     config: &ModelConfig,

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod fp8;
 pub mod kv_cache;
 pub mod linear;
+pub mod logit_rules;
 pub mod mla;
 pub mod model;
 pub mod moe;
@@ -29,8 +30,11 @@ pub use batch::{check_request, BatchOptions};
 pub use block_table::{BlockTable, CacheError};
 pub use checkpoint::{Checkpoint, ModelFiles};
 pub use config::{Fp8Activations, ModelConfig};
-pub use engine::{finish_reason, Engine, EngineOptions, FinishReason, GenerateOutput, GenerateRequest, LoadProgress};
+pub use engine::{
+    end_ids, finish_reason, Engine, EngineOptions, FinishReason, GenerateOutput, GenerateRequest, LoadProgress,
+};
 pub use kv_cache::{KvCache, SeqId};
+pub use logit_rules::{apply_edits, LogitEdit, LogitRules, LogitState};
 pub use mla::MlaForm;
 pub use model::{check_chunks, Chunk, ChunkOutput, Model, Outputs, StepOptions, Trace};
 pub use moe::{ExpertExecutor, ExpertSelection, LocalExperts, TokenRoutes};

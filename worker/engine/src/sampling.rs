@@ -1,5 +1,8 @@
-//! Next-token choice: greedy, temperature, top-k, top-p, seeded.
+//! Next-token choice: greedy, temperature, top-k, top-p, seeded, after the sequence's
+//! [`LogitRules`].
 
+use crate::backend::TokenPick;
+use crate::logit_rules::{apply_edits, LogitRules, LogitState};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -17,6 +20,8 @@ pub struct SamplingParams {
     pub stop_token_ids: Vec<u32>,
     /// Keep going past the model's end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// Penalties, bias and `min_tokens`, applied to the logits first.
+    pub rules: LogitRules,
 }
 
 impl Default for SamplingParams {
@@ -29,6 +34,7 @@ impl Default for SamplingParams {
             max_tokens: 16,
             stop_token_ids: vec![],
             ignore_eos: false,
+            rules: LogitRules::default(),
         }
     }
 }
@@ -53,6 +59,8 @@ pub struct Sampler {
     rng: ChaCha8Rng,
     /// Logits of ids at or above this are never chosen (embedding rows the tokenizer lacks).
     vocab_limit: Option<usize>,
+    /// What the rules need of the sequence's tokens; `None` when no rule is active.
+    logit_state: Option<LogitState>,
 }
 
 impl Sampler {
@@ -69,7 +77,28 @@ impl Sampler {
             params,
             rng,
             vocab_limit,
+            logit_state: None,
         }
+    }
+
+    /// A sampler for a sequence whose prompt is `prompt` and which has generated `output`;
+    /// `end_ids` would end it (banned until `min_tokens`). The seeded stream starts past
+    /// `output`'s draws.
+    pub fn with_history(
+        params: SamplingParams,
+        vocab_limit: Option<usize>,
+        prompt: &[u32],
+        output: &[u32],
+        end_ids: Vec<u32>,
+    ) -> Self {
+        let logit_state = params
+            .rules
+            .is_active()
+            .then(|| LogitState::new(params.rules.clone(), prompt, output, end_ids));
+        let mut sampler = Sampler::new(params, vocab_limit);
+        sampler.logit_state = logit_state;
+        sampler.skip_choices(output.len());
+        sampler
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -98,10 +127,35 @@ impl Sampler {
         }
     }
 
+    /// How the next token is picked: the rules' edits, the choice with its draw, and `logprobs`.
+    pub fn next_pick(&mut self, logprobs: Option<usize>) -> TokenPick {
+        TokenPick {
+            choice: self.next_choice(),
+            logprobs,
+            edits: self.logit_state.as_ref().map(LogitState::edits).unwrap_or_default(),
+        }
+    }
+
+    /// Notes the token this sequence generated (the rules count it).
+    pub fn record(&mut self, token: u32) {
+        if let Some(state) = self.logit_state.as_mut() {
+            state.record(token);
+        }
+    }
+
+    /// Picks from logits on the host and records the token.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let limit = self.vocab_limit.unwrap_or(logits.len()).min(logits.len());
-        let choice = self.next_choice();
-        choose(&logits[..limit], &choice)
+        let pick = self.next_pick(None);
+        let token = if pick.edits.is_empty() {
+            choose(&logits[..limit], &pick.choice)
+        } else {
+            let mut row = logits[..limit].to_vec();
+            apply_edits(&mut row, &pick.edits);
+            choose(&row, &pick.choice)
+        };
+        self.record(token);
+        token
     }
 }
 

@@ -7,6 +7,7 @@ pub mod grpc;
 pub mod placed;
 pub mod placement;
 pub mod rank;
+pub mod sampling_spec;
 pub mod scheduler;
 
 pub use placed::PlacedExperts;

@@ -2,12 +2,12 @@
 //! other ranks own), the samplers of its sequences and its counters. The same type serves
 //! in-process (`serve`) and behind gRPC (`attention`), on any device.
 
+use crate::sampling_spec::from_spec;
 use anyhow::Result;
 use dsv3_engine::{
-    Chunk, ExpertCounts, ExpertExecutor, MemoryUse, ModelConfig, Outputs, PickedToken, Sampler, SamplingParams,
-    StepBackend, TokenPick,
+    Chunk, ExpertCounts, ExpertExecutor, MemoryUse, ModelConfig, Outputs, PickedToken, Sampler, StepBackend, TokenPick,
 };
-use dsv3_proto::{AttentionInfo, LayerLoad, Sampled, SamplingSpec, StepItem, StepReply, StepRequest, TokenLogprob};
+use dsv3_proto::{AttentionInfo, LayerLoad, Sampled, StepItem, StepReply, StepRequest, TokenLogprob};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -43,6 +43,9 @@ pub struct TransportTotals {
 struct RankState {
     backend: Box<dyn StepBackend>,
     samplers: HashMap<u64, Sampler>,
+    /// The tokens of sequences still prefilling (no sampler yet): what a sampler's logit rules
+    /// start from.
+    prefilling: HashMap<u64, Vec<u32>>,
     steps: u64,
     step_seconds: f64,
     /// When the expert counters were last taken (reading them waits on the device).
@@ -62,16 +65,6 @@ pub struct LocalAttention {
     state: Mutex<RankState>,
 }
 
-fn sampling_params(spec: &SamplingSpec) -> SamplingParams {
-    SamplingParams {
-        temperature: spec.temperature,
-        top_k: spec.top_k as usize,
-        top_p: spec.top_p,
-        seed: spec.seed,
-        ..SamplingParams::default()
-    }
-}
-
 impl LocalAttention {
     pub fn new(rank: u32, backend: Box<dyn StepBackend>, experts: Option<Arc<dyn ExpertBackend>>) -> Self {
         LocalAttention {
@@ -81,6 +74,7 @@ impl LocalAttention {
             state: Mutex::new(RankState {
                 backend,
                 samplers: HashMap::new(),
+                prefilling: HashMap::new(),
                 steps: 0,
                 step_seconds: 0.0,
                 counts_taken: None,
@@ -105,8 +99,13 @@ impl AttentionRank for LocalAttention {
         let mut guard = self.lock()?;
         let state = &mut *guard;
         let chunks = step_chunks(&request.items);
-        let picks = token_picks(&mut state.samplers, &request.items);
+        let picks = token_picks(&mut state.samplers, &mut state.prefilling, &request.items);
         let picked = state.backend.step_pick(&chunks, &picks)?;
+        for (item, p) in request.items.iter().zip(&picked) {
+            if let (Some(p), Some(sampler)) = (p, state.samplers.get_mut(&item.seq)) {
+                sampler.record(p.token);
+            }
+        }
         let counts_due = state.counts_taken.is_none_or(|t| t.elapsed() >= COUNTS_INTERVAL);
         let reply = StepReply {
             sampled: sampled(&request.items, picked),
@@ -126,6 +125,7 @@ impl AttentionRank for LocalAttention {
         for &seq in seqs {
             state.backend.free_sequence(seq);
             state.samplers.remove(&seq);
+            state.prefilling.remove(&seq);
         }
         Ok(())
     }
@@ -204,22 +204,31 @@ fn expert_load(counts: ExpertCounts) -> Vec<LayerLoad> {
         .collect()
 }
 
-/// How each item that samples picks its token: its sequence's sampler (made on first use)
-/// draws the step's random number; the backend picks where the logits are.
-fn token_picks(samplers: &mut HashMap<u64, Sampler>, items: &[StepItem]) -> Vec<Option<TokenPick>> {
+/// How each item that samples picks its token: its sequence's sampler (made on first use, from
+/// the tokens it was prefilled with) draws the step's random number and edits the logits by
+/// its rules; the backend picks where the logits are.
+fn token_picks(
+    samplers: &mut HashMap<u64, Sampler>,
+    prefilling: &mut HashMap<u64, Vec<u32>>,
+    items: &[StepItem],
+) -> Vec<Option<TokenPick>> {
     items
         .iter()
         .map(|item| {
+            if !samplers.contains_key(&item.seq) {
+                let tokens = prefilling.entry(item.seq).or_default();
+                tokens.truncate(item.start as usize);
+                tokens.extend(&item.tokens);
+            }
             let spec = item.sample.as_ref()?;
             let sampler = samplers.entry(item.seq).or_insert_with(|| {
-                let mut fresh = Sampler::new(sampling_params(spec), None);
-                fresh.skip_choices(spec.generated_before as usize);
-                fresh
+                let tokens = prefilling.remove(&item.seq).unwrap_or_default();
+                // The last `generated_before` tokens are output sampled before a preemption.
+                let (prompt, output) = tokens.split_at(tokens.len().saturating_sub(spec.generated_before as usize));
+                let (params, end_ids) = from_spec(spec);
+                Sampler::with_history(params, None, prompt, output, end_ids)
             });
-            Some(TokenPick {
-                choice: sampler.next_choice(),
-                logprobs: spec.logprobs.map(|n| n as usize),
-            })
+            Some(sampler.next_pick(spec.logprobs.map(|n| n as usize)))
         })
         .collect()
 }

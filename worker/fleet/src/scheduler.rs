@@ -12,6 +12,7 @@
 //! cache is clean when it comes back.
 
 use crate::rank::AttentionRank;
+use crate::sampling_spec::to_spec;
 use dsv3_api::backend::{
     Backend, BackendStats, GenerationEvent, GenerationRequest, Health, RankStats, SchedulerTime, SubmitError,
     TokenLogprob,
@@ -500,17 +501,16 @@ impl Scheduler {
         }
     }
 
-    fn sampling_spec(r: &Running) -> SamplingSpec {
-        let p = &r.request.params;
-        SamplingSpec {
-            temperature: p.temperature,
-            top_k: p.top_k as u32,
-            top_p: p.top_p,
-            seed: p.seed,
-            logprobs: r.request.logprobs.map(|n| n as u32),
-            // The output already in the prompt: tokens sampled before a preemption.
-            generated_before: (r.prompt.len() - r.request.prompt.len()) as u32,
-        }
+    fn sampling_spec(&self, r: &Running) -> SamplingSpec {
+        let params = &r.request.params;
+        // The output already in the prompt: tokens sampled before a preemption.
+        let generated_before = r.prompt.len() - r.request.prompt.len();
+        let end_ids = if params.rules.min_tokens > 0 {
+            dsv3_engine::end_ids(params, &self.config)
+        } else {
+            Vec::new()
+        };
+        to_spec(params, r.request.logprobs, generated_before, end_ids)
     }
 
     fn step(&mut self) {
@@ -528,7 +528,7 @@ impl Scheduler {
                 seq: r.seq,
                 start: r.cached as u32,
                 tokens: tokens.to_vec(),
-                sample: samples.then(|| Self::sampling_spec(r)),
+                sample: samples.then(|| self.sampling_spec(r)),
             };
             *b -= item.tokens.len();
             planned.push((i, item.tokens.len()));

@@ -1,27 +1,35 @@
 //! The scheduler with a real attention rank (the CPU engine on the tiny model): seeded, sampled
 //! requests preempted for cache room and prefilled again give the tokens an undisturbed run gives,
-//! so the rank honours `generated_before` in the sampling spec the scheduler sends it.
+//! so the rank honours `generated_before` in the sampling spec the scheduler sends it; and the
+//! logit rules (penalties, bias, min_tokens) the rank applies from that spec give what the
+//! engine's own generation loop gives, preempted or not.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dsv3_api::{Backend, GenerationEvent, GenerationRequest};
-use dsv3_engine::{Checkpoint, CpuBackend, LocalExperts, Model, ModelConfig, ModelFiles, SamplingParams};
+use dsv3_engine::batch::{generate, BatchOptions};
+use dsv3_engine::{
+    Checkpoint, CpuBackend, GenerateRequest, LocalExperts, LogitRules, Model, ModelConfig, ModelFiles, SamplingParams,
+};
 use dsv3_fleet::{AttentionRank, Fleet, LocalAttention, SchedulerConfig};
 
 fn tiny() -> ModelFiles {
     ModelFiles::Dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/tiny-fp8"))
 }
 
-fn tiny_rank(cache_tokens: usize) -> Arc<dyn AttentionRank> {
+fn tiny_backend(cache_tokens: usize) -> CpuBackend<LocalExperts> {
     let files = tiny();
     let model = Model::load(&files, |_| {}).expect("model");
     let ckpt = Checkpoint::open(&files).expect("checkpoint");
     let experts = LocalExperts::load(&ckpt, &model.config, &Default::default(), |_| {}).expect("experts");
     let bytes = experts.weight_bytes();
-    let backend = CpuBackend::new(model, Arc::new(experts), bytes, cache_tokens, 16);
-    Arc::new(LocalAttention::new(0, Box::new(backend), None))
+    CpuBackend::new(model, Arc::new(experts), bytes, cache_tokens, 16)
+}
+
+fn tiny_rank(cache_tokens: usize) -> Arc<dyn AttentionRank> {
+    Arc::new(LocalAttention::new(0, Box::new(tiny_backend(cache_tokens)), None))
 }
 
 fn fleet(cache_tokens: usize) -> Arc<Fleet> {
@@ -41,20 +49,36 @@ fn fleet(cache_tokens: usize) -> Arc<Fleet> {
     fleet
 }
 
+/// Three seeded requests: sampled, or greedy; with `rules`.
+fn requests(temperature: f32, rules: &LogitRules) -> Vec<GenerateRequest> {
+    (0..3u32)
+        .map(|i| GenerateRequest {
+            prompt: (0..20).map(|t| 2 + (t * 37 + i * 101) % 900).collect(),
+            params: SamplingParams {
+                temperature,
+                top_p: 0.9,
+                seed: Some(7 + i as u64),
+                max_tokens: 40,
+                ignore_eos: true,
+                rules: rules.clone(),
+                ..SamplingParams::default()
+            },
+        })
+        .collect()
+}
+
 /// Sampled tokens of three seeded requests submitted together.
 fn run(fleet: &Fleet) -> Vec<Vec<u32>> {
-    let receivers: Vec<_> = (0..3u32)
-        .map(|i| {
+    run_requests(fleet, requests(1.0, &LogitRules::default()))
+}
+
+fn run_requests(fleet: &Fleet, requests: Vec<GenerateRequest>) -> Vec<Vec<u32>> {
+    let receivers: Vec<_> = requests
+        .into_iter()
+        .map(|r| {
             let request = GenerationRequest {
-                prompt: (0..20).map(|t| 2 + (t * 37 + i * 101) % 900).collect(),
-                params: SamplingParams {
-                    temperature: 1.0,
-                    top_p: 0.9,
-                    seed: Some(7 + i as u64),
-                    max_tokens: 40,
-                    ignore_eos: true,
-                    ..SamplingParams::default()
-                },
+                prompt: r.prompt,
+                params: r.params,
                 logprobs: None,
             };
             fleet.submit(request).expect("submit")
@@ -86,4 +110,62 @@ fn preempted_seeded_requests_keep_their_tokens() {
     let preemptions = small.stats().scheduler.preemptions;
     assert!(preemptions > 0, "the small cache should have forced preemptions");
     assert_eq!(preempted, undisturbed, "after {preemptions} preemptions");
+}
+
+/// Rules that change almost every pick of the tiny model: strong penalties, a bias that bans one
+/// token and favours another, and `min_tokens` over a stop id the model would choose first.
+fn strong_rules(stop_first: u32) -> LogitRules {
+    LogitRules {
+        presence_penalty: 1.5,
+        frequency_penalty: 2.0,
+        repetition_penalty: 1.8,
+        logit_bias: vec![(5, 3.0), (stop_first, -100.0)],
+        min_tokens: 12,
+    }
+}
+
+#[test]
+fn logit_rules_through_the_fleet_match_the_engine_loop() {
+    let engine = |requests: &[GenerateRequest]| -> Vec<Vec<u32>> {
+        let mut backend = tiny_backend(4096);
+        let options = BatchOptions {
+            max_step_tokens: 256,
+            vocab_limit: None,
+        };
+        generate(&mut backend, requests, &options)
+            .expect("generate")
+            .into_iter()
+            .map(|o| o.expect("output").tokens)
+            .collect()
+    };
+    for temperature in [0.0, 1.0] {
+        let plain = engine(&requests(temperature, &LogitRules::default()));
+        let rules = strong_rules(plain[0][0]);
+        let mut with_rules = requests(temperature, &rules);
+        // min_tokens bans the stop ids (the first request's first plain token) until 12 tokens.
+        for r in &mut with_rules {
+            r.params.stop_token_ids = vec![plain[0][1]];
+        }
+        let want = engine(&with_rules);
+        assert_ne!(want, plain, "the rules should change the tokens");
+        assert!(want.iter().all(|t| t.len() >= 12), "min_tokens: {want:?}");
+        let distinct = |tokens: &[Vec<u32>]| {
+            tokens
+                .iter()
+                .map(|t| t.iter().collect::<std::collections::HashSet<_>>().len())
+                .sum::<usize>()
+        };
+        if temperature == 0.0 {
+            assert!(
+                distinct(&want) > distinct(&plain),
+                "penalties should spread greedy output"
+            );
+        }
+        let fleet_tokens = run_requests(&fleet(4096), with_rules.clone());
+        assert_eq!(fleet_tokens, want, "through the fleet at temperature {temperature}");
+        let small = fleet(96);
+        let preempted = run_requests(&small, with_rules);
+        assert!(small.stats().scheduler.preemptions > 0);
+        assert_eq!(preempted, want, "preempted, at temperature {temperature}");
+    }
 }

@@ -39,6 +39,7 @@ pub struct SpecialTokens {
 /// ...), and values printed as Python prints them (`None`, `True`, `['a']`).
 /// Variables: `messages`, `tools` (none when not given), `documents` (none),
 /// `add_generation_prompt`, the special tokens, and any extra keyword arguments.
+#[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
     special: SpecialTokens,

@@ -34,6 +34,7 @@ pub struct Tokenizer {
     inner: Arc<Inner>,
 }
 
+#[derive(Clone)]
 struct Inner {
     tk: tokenizers::Tokenizer,
     /// Where it came from, for error messages.
@@ -240,6 +241,18 @@ impl Tokenizer {
                 chat_template,
             }),
         })
+    }
+
+    /// This tokenizer with `source` as its chat template instead of the model's (`file` names
+    /// it in errors): a tool-aware template, or a fix for a model's own.
+    pub fn with_chat_template(&self, source: &str, file: &str) -> Result<Tokenizer> {
+        let template = ChatTemplate::new(source, self.inner.special.clone()).map_err(|e| Error::File {
+            file: file.to_string(),
+            message: e.to_string(),
+        })?;
+        let mut inner = (*self.inner).clone();
+        inner.chat_template = Some(template);
+        Ok(Tokenizer { inner: Arc::new(inner) })
     }
 
     fn tok_err(&self, e: impl std::fmt::Display) -> Error {

@@ -105,6 +105,12 @@ impl Fake {
         Fake::new(tokenizer().encode(text, false).expect("encode"), ending)
     }
 
+    /// A model with a longer context (prompts that describe tools).
+    pub fn with_context(mut self, tokens: usize) -> Self {
+        self.config.max_position_embeddings = tokens;
+        self
+    }
+
     pub fn with_mode(mut self, mode: Mode) -> Self {
         self.mode = mode;
         self

@@ -159,10 +159,10 @@ async fn the_models_generation_config_fills_in_sampling_defaults() {
     assert_eq!((p.temperature, p.top_p), (0.0, 1.0));
 
     // do_sample false: greedy unless asked; keys the server cannot apply are named.
-    let greedy = r#"{"do_sample": false, "temperature": 0.7, "repetition_penalty": 1.1, "top_k": 20}"#;
+    let greedy = r#"{"do_sample": false, "temperature": 0.7, "min_p": 0.1, "top_k": 20}"#;
     let (defaults, not_applied) = dsv3_api::SamplingDefaults::from_generation_config(greedy).expect("parse");
     assert_eq!((defaults.temperature, defaults.top_k), (Some(0.0), Some(20)));
-    assert_eq!(not_applied, vec!["repetition_penalty".to_string()]);
+    assert_eq!(not_applied, vec!["min_p".to_string()]);
     for (json, key) in [
         (r#"{"top_p": "high"}"#, "top_p"),
         (r#"{"top_p": 0}"#, "top_p"),

@@ -135,7 +135,7 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     let e = expect(
         &router,
         COMPLETIONS,
-        json!({"prompt": "x", "n": 2}),
+        json!({"prompt": "x", "n": 0}),
         StatusCode::BAD_REQUEST,
     )
     .await;
@@ -143,7 +143,7 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     let e = expect(
         &router,
         CHAT,
-        json!({"messages": user, "n": 3}),
+        json!({"messages": user, "n": 129}),
         StatusCode::BAD_REQUEST,
     )
     .await;
@@ -269,7 +269,7 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     expect(
         &router,
         CHAT,
-        json!({"messages": user, "presence_penalty": 0.5}),
+        json!({"messages": user, "presence_penalty": 2.5}),
         StatusCode::BAD_REQUEST,
     )
     .await;

@@ -9,4 +9,6 @@ mod errors;
 mod metrics;
 mod operations;
 mod reasoning;
+mod sampling;
 mod streaming;
+mod tools;

@@ -21,11 +21,41 @@ fn pick_words(p: &TokenPick) -> [u32; 6] {
     ]
 }
 
-/// Picks one token per row of the `[picks.len(), vocab]` f32 logits at device address `logits`.
+/// The picks' logit edits as `apply_logit_edits` reads them: [row, token, repetition, add].
+fn edit_words(picks: &[TokenPick]) -> Vec<u32> {
+    picks
+        .iter()
+        .enumerate()
+        .flat_map(|(row, p)| {
+            p.edits
+                .iter()
+                .flat_map(move |e| [row as u32, e.token, e.repetition.to_bits(), e.add.to_bits()])
+        })
+        .collect()
+}
+
+/// Picks one token per row of the `[picks.len(), vocab]` f32 logits at device address `logits`,
+/// after applying the picks' logit edits to those rows in place.
 pub fn pick_tokens(g: &Gpu, logits: u64, vocab: usize, picks: &[TokenPick]) -> Result<Vec<PickedToken>> {
     if picks.is_empty() {
         return Ok(Vec::new());
     }
+    let edits = edit_words(picks);
+    // Kept alive until the pick's download has synchronised the stream.
+    let _edits = if edits.is_empty() {
+        None
+    } else {
+        let n = edits.len() / 4;
+        let buf = g.upload(&edits)?;
+        g.launch(
+            "apply_logit_edits",
+            (n.div_ceil(256) as u32, 1, 1),
+            256,
+            0,
+            &[ptr(logits), int(vocab), ptr(buf.addr), int(n)],
+        )?;
+        Some(buf)
+    };
     let max_top = picks.iter().filter_map(|p| p.logprobs).max().unwrap_or(0).min(vocab);
     let stride = 2 + 2 * max_top;
     let words: Vec<u32> = picks.iter().flat_map(pick_words).collect();
@@ -68,7 +98,7 @@ impl CudaModel {
             if let Some(p) = p {
                 rows.push(row as i32 - 1);
                 chunk_of.push(i);
-                plan.push(*p);
+                plan.push(p.clone());
             }
         }
         let (head, _) = self.run_step(chunks, Some(&rows), false)?;
