@@ -178,3 +178,77 @@ def test_a_prompt_longer_than_the_cache_is_a_400(small_cache):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="dsv3-tiny", prompt=list(range(2, 202)), max_tokens=4)
     assert "KV cache holds" in str(e.value)
+
+
+def test_n_choices_stream_as_they_answer(client):
+    kwargs = dict(model="dsv3-tiny", prompt="Once upon", max_tokens=6, temperature=1.0, seed=11, n=3,
+                  extra_body={"ignore_eos": True})
+    plain = client.completions.create(**kwargs)
+    assert [c.index for c in plain.choices] == [0, 1, 2]
+    assert plain.usage.completion_tokens == 18
+    texts = ["", "", ""]
+    for chunk in client.completions.create(stream=True, **kwargs):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    # Same seeds (seed + index), same draws, streamed or not.
+    assert texts == [c.text for c in plain.choices]
+    assert len(set(texts)) > 1, "the seeds differ, so should the choices"
+
+
+def test_penalties_and_bias_change_the_greedy_answer(client):
+    root = str(client.base_url).rstrip("/").removesuffix("/v1")
+    body = {"model": "dsv3-tiny", "prompt": [683, 13, 615], "max_tokens": 24, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True}
+    plain = post_json(root + "/v1/completions", body)["choices"][0]["token_ids"]
+    first = plain[0]
+    biased = post_json(root + "/v1/completions", {**body, "logit_bias": {str(first): -100}})["choices"][0]["token_ids"]
+    assert biased[0] != first and first not in biased
+    # A bias of 6 makes the tiny model repeat token 500; penalties on the output stop it.
+    favoured = {**body, "logit_bias": {"500": 6}}
+    repeated = post_json(root + "/v1/completions", favoured)["choices"][0]["token_ids"]
+    assert repeated == [500] * 24, repeated
+    for penalties, most in (({"frequency_penalty": 2.0, "presence_penalty": 2.0}, 6), ({"repetition_penalty": 2.0}, 23)):
+        penalised = post_json(root + "/v1/completions", {**favoured, **penalties})["choices"][0]["token_ids"]
+        assert penalised[0] == 500 and penalised.count(500) <= most, (penalties, penalised)
+    # Through the official client: the same options by their OpenAI names.
+    r = client.completions.create(model="dsv3-tiny", prompt=[683, 13, 615], max_tokens=24, temperature=0,
+                                  logit_bias={str(first): -100}, extra_body={"ignore_eos": True, "min_tokens": 4})
+    assert r.usage.completion_tokens == 24
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def test_a_named_tool_choice_returns_that_call(client):
+    """The tiny model writes noise, but a named `tool_choice` opens the call in the prompt, so
+    the answer is a call of that tool, whole or streamed, with the same arguments."""
+    kwargs = dict(model="dsv3-tiny", messages=[{"role": "user", "content": "Weather in Paris?"}],
+                  tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                  max_tokens=10, temperature=0)
+    r = client.chat.completions.create(**kwargs)
+    call = r.choices[0].message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert r.choices[0].finish_reason in ("tool_calls", "length")
+    name, arguments = None, ""
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for delta_call in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            name = delta_call.function.name or name
+            arguments += delta_call.function.arguments or ""
+    assert (name, arguments) == ("get_weather", call.function.arguments)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**{**kwargs, "tool_choice": {"type": "function", "function": {"name": "x"}}})
+    assert "tool_choice" in str(e.value)
+
+
+def test_a_tool_aware_chat_template_describes_the_tools():
+    template = os.path.join(ROOT, "templates", "deepseek-v3-tools.jinja")
+    for client, base in launched("serve", "--chat-template", template):
+        tools = [{"type": "function", "function": {"name": "get_weather"}}]
+        messages = [{"role": "user", "content": "Paris?"}]
+        ids = post_json(base + "/tokenize", {"messages": messages, "tools": tools})["tokens"]
+        text = post_json(base + "/detokenize", {"tokens": ids})["prompt"]
+        assert "## Tools" in text and "`get_weather`" in text, text
+        r = client.chat.completions.create(model="dsv3-tiny", messages=messages, tools=tools, tool_choice="required",
+                                           max_tokens=4, temperature=0)
+        assert r.choices[0].finish_reason in ("tool_calls", "length")

@@ -792,27 +792,17 @@ fn tokens_picked_on_the_gpu_follow_the_host_rule() {
     let edits = |row: &[f32]| {
         let best = choose(row, &TokenChoice::GREEDY);
         let vocab = row.len() as u32;
+        let edit = |token: u32, bias: f32, repetition: f32, add: f32| LogitEdit {
+            token,
+            bias,
+            repetition,
+            add,
+        };
         let mut edits = vec![
-            LogitEdit {
-                token: best,
-                repetition: 1.0,
-                add: f32::NEG_INFINITY,
-            },
-            LogitEdit {
-                token: (best + 1) % vocab,
-                repetition: 1.3,
-                add: -0.2,
-            },
-            LogitEdit {
-                token: (best + 7) % vocab,
-                repetition: 0.8,
-                add: 0.0,
-            },
-            LogitEdit {
-                token: (best + 13) % vocab,
-                repetition: 1.0,
-                add: 4.0,
-            },
+            edit(best, 0.0, 1.0, f32::NEG_INFINITY),
+            edit((best + 1) % vocab, 0.5, 1.3, -0.2),
+            edit((best + 7) % vocab, 0.0, 0.8, 0.0),
+            edit((best + 13) % vocab, 4.0, 1.0, 0.0),
         ];
         edits.sort_by_key(|e| e.token);
         edits.dedup_by_key(|e| e.token);

@@ -4,8 +4,8 @@
 //! Each rule touches few tokens (those seen, biased or banned), so a step's adjustment is a short
 //! list of [`LogitEdit`]s per row that any backend applies where the logits are — the host's
 //! [`apply_edits`] and the GPU's `apply_logit_edits` follow the same rule. The order is vLLM's:
-//! the repetition penalty scales a logit, then the penalties and the bias are added, and a banned
-//! token is `-inf`.
+//! the bias is added, the repetition penalty scales the result, the frequency and presence
+//! penalties are subtracted, and a banned token is `-inf`.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -74,24 +74,35 @@ impl LogitRules {
     }
 }
 
-/// One token's change in one row: `logit = repeat(logit) + add`, where `repeat` divides a
-/// positive logit by `repetition` and multiplies a negative one (1: unchanged). `add` is
+/// One token's change in one row: `logit = repeat(logit + bias) + add`, where `repeat` divides
+/// a positive value by `repetition` and multiplies a negative one (1: unchanged). `add` is
 /// `-inf` for a banned token.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LogitEdit {
     pub token: u32,
+    pub bias: f32,
     pub repetition: f32,
     pub add: f32,
 }
 
 impl LogitEdit {
+    fn new(token: u32) -> Self {
+        LogitEdit {
+            token,
+            bias: 0.0,
+            repetition: 1.0,
+            add: 0.0,
+        }
+    }
+
     pub fn apply(&self, logit: f32) -> f32 {
+        let biased = logit + self.bias;
         let scaled = if self.repetition == 1.0 {
-            logit
-        } else if logit > 0.0 {
-            logit / self.repetition
+            biased
+        } else if biased > 0.0 {
+            biased / self.repetition
         } else {
-            logit * self.repetition
+            biased * self.repetition
         };
         scaled + self.add
     }
@@ -152,11 +163,7 @@ impl LogitState {
         let r = &self.rules;
         let mut edits: BTreeMap<u32, LogitEdit> = BTreeMap::new();
         fn edit(edits: &mut BTreeMap<u32, LogitEdit>, token: u32) -> &mut LogitEdit {
-            edits.entry(token).or_insert(LogitEdit {
-                token,
-                repetition: 1.0,
-                add: 0.0,
-            })
+            edits.entry(token).or_insert(LogitEdit::new(token))
         }
         if r.repetition_penalty != 1.0 {
             for &t in self.prompt.iter().chain(self.output.keys()) {
@@ -169,7 +176,7 @@ impl LogitState {
             }
         }
         for &(t, bias) in &r.logit_bias {
-            edit(&mut edits, t).add += bias;
+            edit(&mut edits, t).bias = bias;
         }
         if self.generated < r.min_tokens {
             for &t in &self.end_ids {
@@ -178,7 +185,7 @@ impl LogitState {
         }
         edits
             .into_values()
-            .filter(|e| e.repetition != 1.0 || e.add != 0.0)
+            .filter(|e| e.bias != 0.0 || e.repetition != 1.0 || e.add != 0.0)
             .collect()
     }
 }
@@ -187,8 +194,8 @@ impl LogitState {
 mod tests {
     use super::*;
 
-    /// The rules written out over a whole row, independently of the sparse edits: vLLM's
-    /// `apply_penalties` followed by the bias and the min-tokens ban.
+    /// The rules written out over a whole row, independently of the sparse edits, in vLLM's
+    /// order: the bias, `apply_penalties` (repetition, frequency, presence), the min-tokens ban.
     fn dense(row: &[f32], rules: &LogitRules, prompt: &[u32], output: &[u32], end_ids: &[u32]) -> Vec<f32> {
         row.iter()
             .enumerate()
@@ -196,6 +203,7 @@ mod tests {
                 let id = id as u32;
                 let count = output.iter().filter(|&&t| t == id).count() as f32;
                 let seen = count > 0.0 || prompt.contains(&id);
+                let l = l + rules.logit_bias.iter().filter(|b| b.0 == id).map(|b| b.1).sum::<f32>();
                 let mut l = if seen && l > 0.0 {
                     l / rules.repetition_penalty
                 } else if seen {
@@ -207,7 +215,6 @@ mod tests {
                 if count > 0.0 {
                     l -= rules.presence_penalty;
                 }
-                l += rules.logit_bias.iter().filter(|b| b.0 == id).map(|b| b.1).sum::<f32>();
                 if output.len() < rules.min_tokens && end_ids.contains(&id) {
                     l = f32::NEG_INFINITY;
                 }

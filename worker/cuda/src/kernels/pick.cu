@@ -310,18 +310,18 @@ pick_tokens(int* out, const float* logits, int vocab, const TokenPick* picks, in
 }
 
 // The sequences' logit rules (`dsv3_engine::logit_rules`), applied in place before the pick:
-// per edit [row, token, repetition bits, add bits]; logit = repeat(logit) + add, where repeat
-// divides a positive logit by `repetition` and multiplies a negative one. One thread per edit
-// (each (row, token) appears once, so no two threads touch one logit).
+// per edit [row, token, bias bits, repetition bits, add bits]; logit = repeat(logit + bias) +
+// add, where repeat divides a positive value by `repetition` and multiplies a negative one. One
+// thread per edit (each (row, token) appears once, so no two threads touch one logit).
 extern "C" __global__ void apply_logit_edits(float* logits, int vocab, const int* edits, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    const int* e = edits + 4 * i;
+    const int* e = edits + 5 * i;
     int token = e[1];
     if (token < 0 || token >= vocab) return;
-    float repetition = __int_as_float(e[2]), add = __int_as_float(e[3]);
+    float bias = __int_as_float(e[2]), repetition = __int_as_float(e[3]), add = __int_as_float(e[4]);
     float* l = logits + (size_t)e[0] * vocab + token;
-    float v = *l;
+    float v = __fadd_rn(*l, bias);
     if (repetition != 1.0f) v = v > 0.0f ? __fdiv_rn(v, repetition) : __fmul_rn(v, repetition);
     *l = __fadd_rn(v, add);
 }

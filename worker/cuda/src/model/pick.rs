@@ -21,15 +21,21 @@ fn pick_words(p: &TokenPick) -> [u32; 6] {
     ]
 }
 
-/// The picks' logit edits as `apply_logit_edits` reads them: [row, token, repetition, add].
+/// The picks' logit edits as `apply_logit_edits` reads them: [row, token, bias, repetition, add].
 fn edit_words(picks: &[TokenPick]) -> Vec<u32> {
     picks
         .iter()
         .enumerate()
         .flat_map(|(row, p)| {
-            p.edits
-                .iter()
-                .flat_map(move |e| [row as u32, e.token, e.repetition.to_bits(), e.add.to_bits()])
+            p.edits.iter().flat_map(move |e| {
+                [
+                    row as u32,
+                    e.token,
+                    e.bias.to_bits(),
+                    e.repetition.to_bits(),
+                    e.add.to_bits(),
+                ]
+            })
         })
         .collect()
 }
@@ -45,7 +51,7 @@ pub fn pick_tokens(g: &Gpu, logits: u64, vocab: usize, picks: &[TokenPick]) -> R
     let _edits = if edits.is_empty() {
         None
     } else {
-        let n = edits.len() / 4;
+        let n = edits.len() / 5;
         let buf = g.upload(&edits)?;
         g.launch(
             "apply_logit_edits",
