@@ -252,3 +252,25 @@ def test_a_tool_aware_chat_template_describes_the_tools():
         r = client.chat.completions.create(model="dsv3-tiny", messages=messages, tools=tools, tool_choice="required",
                                            max_tokens=4, temperature=0)
         assert r.choices[0].finish_reason in ("tool_calls", "length")
+
+
+def test_structured_output_fits_the_schema(client):
+    """The tiny model writes noise, but held to a JSON schema its answer parses and fits,
+    streamed or not."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
+              "maximum": 999}, "tag": {"enum": ["red", "green", "blue"]}}, "required": ["ok", "n", "tag"],
+              "additionalProperties": False}
+    kwargs = dict(model="dsv3-tiny", messages=[{"role": "user", "content": "Give me JSON"}], max_tokens=60,
+                  temperature=1.0, seed=3,
+                  response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": schema, "strict": True}})
+    r = client.chat.completions.create(**kwargs)
+    value = json.loads(r.choices[0].message.content)
+    assert isinstance(value["ok"], bool) and 0 <= value["n"] <= 999 and value["tag"] in ("red", "green", "blue")
+    assert r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs)
+                       if c.choices)
+    assert streamed == r.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**{**kwargs, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "bad", "schema": {"type": "no-such-type"}}}})
+    assert "response_format" in str(e.value)

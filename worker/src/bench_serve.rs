@@ -170,6 +170,7 @@ fn pick(args: &BenchServeArgs) -> TokenPick {
         },
         logprobs: None,
         edits: Vec::new(),
+        allowed: None,
     }
 }
 

@@ -110,6 +110,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             frequency_penalty: args.frequency_penalty,
             ..Default::default()
         },
+        grammar: None,
     };
     let request = GenerateRequest { prompt, params };
     let cache_tokens = (request.prompt.len() + args.max_tokens).max(16);

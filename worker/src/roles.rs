@@ -305,6 +305,21 @@ fn serve_http(
     })
 }
 
+/// The rank with the grammar engine of the model's tokenizer (structured output), when the
+/// model has one.
+fn with_grammars(rank: LocalAttention, files: &ModelFiles) -> Result<LocalAttention> {
+    let Some(tokenizer) = model_source::tokenizer(files)? else {
+        return Ok(rank);
+    };
+    let config = rank.config();
+    let Some(&eos) = config.eos_token_ids.first() else {
+        return Ok(rank);
+    };
+    let grammars = dsv3_grammar::Grammars::new(&tokenizer, config.vocab_size, eos)
+        .context("building the grammar engine for structured output")?;
+    Ok(rank.with_grammars(grammars))
+}
+
 fn scheduler_config(http: &HttpArgs) -> SchedulerConfig {
     SchedulerConfig {
         max_waiting: http.max_waiting,
@@ -324,7 +339,8 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         args.fp8_activations,
     )?;
     let config = backend.config().clone();
-    let rank: Arc<dyn AttentionRank> = Arc::new(LocalAttention::new(0, backend, None));
+    let rank = with_grammars(LocalAttention::new(0, backend, None), &files)?;
+    let rank: Arc<dyn AttentionRank> = Arc::new(rank);
     let fleet = Fleet::start(config, vec![rank], scheduler_config(&args.http));
     serve_http(
         &runtime()?,
@@ -392,7 +408,7 @@ pub fn attention(args: AttentionArgs) -> Result<()> {
         args.fp8_activations,
     )
     .with_context(|| format!("loading attention rank {}", args.rank))?;
-    let rank = LocalAttention::new(args.rank, backend, Some(experts));
+    let rank = with_grammars(LocalAttention::new(args.rank, backend, Some(experts)), &files)?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind((args.listen.host.as_str(), args.listen.port))
             .await

@@ -4,8 +4,7 @@ use std::time::Instant;
 
 use async_openai::types::chat::{
     ChatChoice, ChatChoiceStream, ChatCompletionResponseMessage, ChatCompletionStreamResponseDelta, CompletionUsage,
-    CreateChatCompletionRequest, CreateChatCompletionResponse, CreateChatCompletionStreamResponse, FinishReason,
-    ResponseFormat, Role,
+    CreateChatCompletionRequest, CreateChatCompletionResponse, CreateChatCompletionStreamResponse, FinishReason, Role,
 };
 use axum::body::Body;
 use axum::extract::State;
@@ -24,6 +23,7 @@ use crate::reasoning::{prompt_opens_think, ReasoningSplitter, Split};
 use crate::request::{parse_request, read_body, Parsed};
 use crate::server::{off_runtime, unix_now, AppState};
 use crate::streaming::{merge_choices, sse_response, usage_of, ChunkFormat};
+use crate::structured::grammar_of;
 use crate::tools::{self, CallForm, ToolCallParser, ToolChoice, ToolEvent};
 
 pub(crate) async fn create(State(state): State<AppState>, Extension(id): Extension<RequestId>, body: Body) -> Response {
@@ -46,14 +46,15 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
         return Err(ApiError::invalid("messages", "`messages` is empty"));
     }
     let n = choice_count(req.n)?;
-    if !matches!(req.response_format, None | Some(ResponseFormat::Text)) {
-        return Err(ApiError::invalid(
-            "response_format",
-            "only the `text` response format is supported",
-        ));
-    }
     let logprobs = chat_logprobs_request(req.logprobs, req.top_logprobs, state.config.max_logprobs)?;
     let tool_choice = ToolChoice::of_request(&raw)?;
+    let grammar = grammar_of(&raw)?;
+    if grammar.is_some() && !matches!(tool_choice, ToolChoice::None | ToolChoice::Auto) {
+        return Err(ApiError::invalid(
+            "response_format",
+            "`response_format` and a `required` or named `tool_choice` cannot both shape the answer",
+        ));
+    }
     let tokenizer = state.tokenizer.as_ref().ok_or_else(|| {
         ApiError::bad_request(
             "this model has no tokenizer, so chat completions are not available: use /v1/completions with token ids",
@@ -76,6 +77,11 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
 
     let config = state.backend.config();
     check_prompt(&prompt, config, "messages")?;
+    if let Some(g) = &grammar {
+        let (grammars, tokenizer, config) = (state.clone(), tokenizer.clone(), config.clone());
+        let g = g.clone();
+        off_runtime(move || grammars.grammars.check(&g, Some(&tokenizer), &config)).await?;
+    }
     let (max_tokens, seed) = deprecated_fields(&req);
     let prepared = prepare(
         &SamplingInput {
@@ -90,6 +96,7 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
             logit_bias: raw_bias.as_ref(),
             extensions: &extensions,
             defaults: &state.config.sampling_defaults,
+            grammar,
         },
         prompt.len(),
         config,

@@ -19,6 +19,7 @@ use crate::params::{check_prompt, prepare, SamplingInput};
 use crate::request::{parse_request, read_body, Parsed};
 use crate::server::{off_runtime, unix_now, AppState};
 use crate::streaming::{merge_choices, sse_response, to_json_with_token_ids, usage_of, ChunkFormat};
+use crate::structured::grammar_of;
 
 pub(crate) async fn create(State(state): State<AppState>, Extension(id): Extension<RequestId>, body: Body) -> Response {
     match handle(state, id, body).await {
@@ -79,6 +80,11 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
         .await?
     };
     check_prompt(&prompt, config, "prompt")?;
+    let grammar = grammar_of(&raw)?;
+    if let Some(g) = &grammar {
+        let (shared, tokenizer, config, g) = (state.clone(), tokenizer.cloned(), config.clone(), g.clone());
+        off_runtime(move || shared.grammars.check(&g, tokenizer.as_ref(), &config)).await?;
+    }
     let prepared = prepare(
         &SamplingInput {
             max_tokens: req.max_tokens.map(|n| (n, "max_tokens")),
@@ -92,6 +98,7 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
             logit_bias: raw.get("logit_bias"),
             extensions: &extensions,
             defaults: &state.config.sampling_defaults,
+            grammar,
         },
         prompt.len(),
         config,

@@ -29,6 +29,7 @@ mod request;
 mod server;
 mod stop;
 mod streaming;
+mod structured;
 mod tokenize;
 mod tokens;
 mod tools;

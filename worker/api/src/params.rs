@@ -2,7 +2,7 @@
 //! against their ranges, and the token budget against the context.
 
 use async_openai::types::chat::StopConfiguration;
-use dsv3_engine::{LogitRules, ModelConfig, SamplingParams};
+use dsv3_engine::{LogitRules, ModelConfig, OutputGrammar, SamplingParams};
 use serde_json::Value;
 
 use crate::config::SamplingDefaults;
@@ -28,6 +28,8 @@ pub struct SamplingInput<'a> {
     pub extensions: &'a Extensions,
     /// The model's defaults for the fields left out.
     pub defaults: &'a SamplingDefaults,
+    /// What the output must match (`response_format`), already checked.
+    pub grammar: Option<OutputGrammar>,
 }
 
 /// What the backend and the detokenizer need.
@@ -153,6 +155,7 @@ pub fn prepare(
         stop_token_ids,
         ignore_eos: input.extensions.ignore_eos.unwrap_or(false),
         rules,
+        grammar: input.grammar.clone(),
     };
     params.validate().map_err(ApiError::bad_request)?;
     Ok(Prepared { params, stops })

@@ -30,6 +30,8 @@ pub(crate) struct Shared {
     pub metrics: Arc<Metrics>,
     /// When the server started (Unix seconds), shown as the model's `created`.
     pub started: u32,
+    /// Compiles `response_format` schemas before they are sent to a rank.
+    pub grammars: crate::structured::GrammarCheck,
 }
 
 pub(crate) type AppState = Arc<Shared>;
@@ -57,6 +59,7 @@ pub fn router(backend: Arc<dyn Backend>, tokenizer: Option<Tokenizer>, config: A
         config,
         metrics,
         started: unix_now(),
+        grammars: Default::default(),
     });
     let mut router = Router::new()
         .route("/v1/models", get(list_models))

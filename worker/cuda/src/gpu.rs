@@ -70,6 +70,7 @@ pub const KERNELS: &[&str] = &[
     "mla_attend",
     "pick_tokens",
     "apply_logit_edits",
+    "apply_token_masks",
     "gather_latents",
     "build_kv",
     "mla_prefill_flash",

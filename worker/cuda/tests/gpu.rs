@@ -767,7 +767,15 @@ fn pick_rows(vocab: usize, seed: u64) -> Vec<Vec<f32>> {
 #[ignore = "needs an NVIDIA GPU"]
 fn tokens_picked_on_the_gpu_follow_the_host_rule() {
     use dsv3_engine::sampling::{choose, logprobs_of, TokenChoice};
-    use dsv3_engine::{apply_edits, LogitEdit, TokenPick};
+    use dsv3_engine::{apply_edits, apply_mask, LogitEdit, TokenMask, TokenPick};
+    // A grammar's mask on every third pick: ids divisible by 3 or 5 not allowed.
+    let mask = |vocab: usize| -> Vec<u32> {
+        let mut words = vec![0u32; vocab.div_ceil(32)];
+        for id in (0..vocab).filter(|id| id % 3 != 0 && id % 5 != 0) {
+            words[id / 32] |= 1 << (id % 32);
+        }
+        words
+    };
     poison();
     let gpu = dsv3_cuda::Gpu::open(0).expect("GPU");
     let choices = |uniform: f64| {
@@ -819,6 +827,7 @@ fn tokens_picked_on_the_gpu_follow_the_host_rule() {
                         choice,
                         logprobs: [None, Some(0), Some(5), Some(20)][i % 4],
                         edits: if (i + r) % 2 == 1 { edits(row) } else { Vec::new() },
+                        allowed: (i % 3 == 2).then(|| TokenMask::ready(mask(vocab))),
                     })
                     .collect();
                 // One row of logits per pick, as a step lays them out.
@@ -833,6 +842,9 @@ fn tokens_picked_on_the_gpu_follow_the_host_rule() {
                     );
                     let mut row = row.clone();
                     apply_edits(&mut row, &pick.edits);
+                    if let Some(m) = &pick.allowed {
+                        apply_mask(&mut row, &m.wait().expect("mask"));
+                    }
                     let row = &row[..];
                     let want = choose(row, &pick.choice);
                     assert_eq!(got.token, want, "{label}: token");

@@ -5,7 +5,7 @@
 
 use crate::config::ModelConfig;
 use crate::kv_cache::{KvCache, SeqId};
-use crate::logit_rules::{apply_edits, LogitEdit};
+use crate::logit_rules::{apply_edits, apply_mask, LogitEdit, TokenMask};
 use crate::mla::MlaForm;
 use crate::model::{Chunk, ChunkOutput, Model, StepOptions};
 use crate::moe::{ExpertExecutor, TokenRoutes};
@@ -44,6 +44,8 @@ pub struct TokenPick {
     pub logprobs: Option<usize>,
     /// The sequence's logit rules for this token, applied before anything else.
     pub edits: Vec<LogitEdit>,
+    /// The tokens its grammar allows (structured output), applied after the edits.
+    pub allowed: Option<TokenMask>,
 }
 
 impl TokenPick {
@@ -53,6 +55,7 @@ impl TokenPick {
             choice,
             logprobs: None,
             edits: Vec::new(),
+            allowed: None,
         }
     }
 }
@@ -108,14 +111,15 @@ pub fn pick_on_host(
                 anyhow::anyhow!("a chunk given a token pick has no logits (it must ask for its last position)")
             })?;
             let edited;
-            let logits = if pick.edits.is_empty() {
+            let logits = if pick.edits.is_empty() && pick.allowed.is_none() {
                 &output.logits[start..]
             } else {
-                edited = {
-                    let mut row = output.logits[start..].to_vec();
-                    apply_edits(&mut row, &pick.edits);
-                    row
-                };
+                let mut row = output.logits[start..].to_vec();
+                apply_edits(&mut row, &pick.edits);
+                if let Some(mask) = &pick.allowed {
+                    apply_mask(&mut row, &mask.wait().map_err(anyhow::Error::msg)?);
+                }
+                edited = row;
                 &edited[..]
             };
             let token = choose(logits, &pick.choice);

@@ -34,8 +34,8 @@ pub use engine::{
     end_ids, finish_reason, Engine, EngineOptions, FinishReason, GenerateOutput, GenerateRequest, LoadProgress,
 };
 pub use kv_cache::{KvCache, SeqId};
-pub use logit_rules::{apply_edits, LogitEdit, LogitRules, LogitState};
+pub use logit_rules::{apply_edits, apply_mask, LogitEdit, LogitRules, LogitState, TokenMask};
 pub use mla::MlaForm;
 pub use model::{check_chunks, Chunk, ChunkOutput, Model, Outputs, StepOptions, Trace};
 pub use moe::{ExpertExecutor, ExpertSelection, LocalExperts, TokenRoutes};
-pub use sampling::{choose, Sampler, SamplingParams, TokenChoice};
+pub use sampling::{choose, OutputGrammar, Sampler, SamplingParams, TokenChoice};

@@ -8,6 +8,7 @@
 //! penalties are subtracted, and a banned token is `-inf`.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Condvar, Mutex};
 
 /// What a request asks to change in its logits; the default changes nothing.
 #[derive(Clone, Debug, PartialEq)]
@@ -113,6 +114,87 @@ pub fn apply_edits(row: &mut [f32], edits: &[LogitEdit]) {
     for e in edits {
         if let Some(l) = row.get_mut(e.token as usize) {
             *l = e.apply(*l);
+        }
+    }
+}
+
+/// The tokens a grammar allows next: a bitset over the vocabulary (bit `i % 32` of word
+/// `i / 32` set when token `i` is allowed; ids past the words are not allowed), made while the
+/// step's forward pass runs and waited for only when the token is picked.
+#[derive(Clone)]
+pub struct TokenMask(Arc<MaskSlot>);
+
+#[derive(Default)]
+struct MaskSlot {
+    words: Mutex<Option<Result<Arc<Vec<u32>>, String>>>,
+    made: Condvar,
+}
+
+impl TokenMask {
+    /// A mask computed on its own thread by `make` (an error ends the sequence).
+    pub fn in_background(make: impl FnOnce() -> Result<Vec<u32>, String> + Send + 'static) -> Self {
+        let mask = TokenMask(Arc::default());
+        let slot = mask.0.clone();
+        std::thread::spawn(move || {
+            let words = make().map(Arc::new);
+            if let Ok(mut w) = slot.words.lock() {
+                *w = Some(words);
+            }
+            slot.made.notify_all();
+        });
+        mask
+    }
+
+    /// A mask known now.
+    pub fn ready(words: Vec<u32>) -> Self {
+        let mask = TokenMask(Arc::default());
+        if let Ok(mut w) = mask.0.words.lock() {
+            *w = Some(Ok(Arc::new(words)));
+        }
+        mask
+    }
+
+    /// The words, once made.
+    pub fn wait(&self) -> Result<Arc<Vec<u32>>, String> {
+        let mut guard = self
+            .0
+            .words
+            .lock()
+            .map_err(|_| "a token mask's maker panicked".to_string())?;
+        loop {
+            if let Some(words) = guard.as_ref() {
+                return words.clone();
+            }
+            guard = self
+                .0
+                .made
+                .wait(guard)
+                .map_err(|_| "a token mask's maker panicked".to_string())?;
+        }
+    }
+
+    pub fn allows(words: &[u32], token: usize) -> bool {
+        words.get(token / 32).is_some_and(|w| w >> (token % 32) & 1 == 1)
+    }
+}
+
+impl std::fmt::Debug for TokenMask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenMask")
+    }
+}
+
+impl PartialEq for TokenMask {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+/// Sets every token `words` does not allow to `-inf`.
+pub fn apply_mask(row: &mut [f32], words: &[u32]) {
+    for (id, l) in row.iter_mut().enumerate() {
+        if !TokenMask::allows(words, id) {
+            *l = f32::NEG_INFINITY;
         }
     }
 }

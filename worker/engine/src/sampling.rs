@@ -22,6 +22,16 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
     /// Penalties, bias and `min_tokens`, applied to the logits first.
     pub rules: LogitRules,
+    /// What the output must match (structured output); applied where a grammar engine is
+    /// (the attention rank).
+    pub grammar: Option<OutputGrammar>,
+}
+
+/// A grammar a sequence's output must match.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OutputGrammar {
+    /// A JSON schema, as text (`{"type": "object"}` for any JSON object).
+    JsonSchema(String),
 }
 
 impl Default for SamplingParams {
@@ -35,6 +45,7 @@ impl Default for SamplingParams {
             stop_token_ids: vec![],
             ignore_eos: false,
             rules: LogitRules::default(),
+            grammar: None,
         }
     }
 }
@@ -133,6 +144,7 @@ impl Sampler {
             choice: self.next_choice(),
             logprobs,
             edits: self.logit_state.as_ref().map(LogitState::edits).unwrap_or_default(),
+            allowed: None,
         }
     }
 

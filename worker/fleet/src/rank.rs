@@ -7,6 +7,8 @@ use anyhow::Result;
 use dsv3_engine::{
     Chunk, ExpertCounts, ExpertExecutor, MemoryUse, ModelConfig, Outputs, PickedToken, Sampler, StepBackend, TokenPick,
 };
+use dsv3_engine::{OutputGrammar, TokenMask};
+use dsv3_grammar::{Constraint, Grammars};
 use dsv3_proto::{AttentionInfo, LayerLoad, Sampled, StepItem, StepReply, StepRequest, TokenLogprob};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -46,6 +48,9 @@ struct RankState {
     /// The tokens of sequences still prefilling (no sampler yet): what a sampler's logit rules
     /// start from.
     prefilling: HashMap<u64, Vec<u32>>,
+    /// The grammars of sequences with structured output (an error when the grammar could not
+    /// be built: such a sequence may only end).
+    constraints: HashMap<u64, Arc<Mutex<Result<Constraint, String>>>>,
     steps: u64,
     step_seconds: f64,
     /// When the expert counters were last taken (reading them waits on the device).
@@ -62,6 +67,8 @@ pub struct LocalAttention {
     /// The routed experts the backend reaches, for readiness and transport figures; `None` when
     /// the backend holds every routed expert itself.
     experts: Option<Arc<dyn ExpertBackend>>,
+    /// The grammar engine for structured output (needs the model's tokenizer).
+    grammars: Option<Arc<Grammars>>,
     state: Mutex<RankState>,
 }
 
@@ -71,10 +78,12 @@ impl LocalAttention {
             rank,
             config: backend.config().clone(),
             experts,
+            grammars: None,
             state: Mutex::new(RankState {
                 backend,
                 samplers: HashMap::new(),
                 prefilling: HashMap::new(),
+                constraints: HashMap::new(),
                 steps: 0,
                 step_seconds: 0.0,
                 counts_taken: None,
@@ -82,8 +91,55 @@ impl LocalAttention {
         }
     }
 
+    /// Serves structured output with `grammars` (built from the model's tokenizer).
+    pub fn with_grammars(mut self, grammars: Arc<Grammars>) -> Self {
+        self.grammars = Some(grammars);
+        self
+    }
+
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// The mask of a sequence's grammar for its next token, made on its own thread while the
+    /// step's forward pass runs.
+    fn next_mask(&self, constraint: &Arc<Mutex<Result<Constraint, String>>>) -> TokenMask {
+        let constraint = constraint.clone();
+        let only_end = end_only_mask(&self.config);
+        TokenMask::in_background(move || {
+            let mut guard = constraint
+                .lock()
+                .map_err(|_| "a grammar's lock is poisoned".to_string())?;
+            match guard.as_mut() {
+                Ok(c) => c.mask().or_else(|e| {
+                    // The grammar failed: the sequence may only end.
+                    let message = e.to_string();
+                    *guard = Err(message);
+                    Ok(only_end)
+                }),
+                Err(_) => Ok(only_end),
+            }
+        })
+    }
+
+    /// A new sequence's grammar, following the `output` it already generated.
+    fn constraint_for(&self, grammar: &OutputGrammar, output: &[u32]) -> Arc<Mutex<Result<Constraint, String>>> {
+        let made = match &self.grammars {
+            None => {
+                Err("this attention rank was started without the model's tokenizer, so it has no grammar engine".into())
+            }
+            Some(g) => g
+                .constraint(grammar)
+                .and_then(|mut c| c.consume_all(output).map(|()| c))
+                .map_err(|e| e.to_string()),
+        };
+        if let Err(e) = &made {
+            eprintln!(
+                "attention rank {}: structured output unavailable for a sequence: {e}",
+                self.rank
+            );
+        }
+        Arc::new(Mutex::new(made))
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, RankState>> {
@@ -99,11 +155,41 @@ impl AttentionRank for LocalAttention {
         let mut guard = self.lock()?;
         let state = &mut *guard;
         let chunks = step_chunks(&request.items);
-        let picks = token_picks(&mut state.samplers, &mut state.prefilling, &request.items);
+        // Grammars of sequences sampling for the first time, following the output they were
+        // prefilled with (after a preemption).
+        for item in &request.items {
+            let Some(spec) = item.sample.as_ref() else { continue };
+            let Some(schema) = &spec.json_schema else { continue };
+            if state.constraints.contains_key(&item.seq) {
+                continue;
+            }
+            let mut tokens = state.prefilling.get(&item.seq).cloned().unwrap_or_default();
+            tokens.truncate(item.start as usize);
+            tokens.extend(&item.tokens);
+            let output = &tokens[tokens.len().saturating_sub(spec.generated_before as usize)..];
+            let made = self.constraint_for(&OutputGrammar::JsonSchema(schema.clone()), output);
+            state.constraints.insert(item.seq, made);
+        }
+        let mut picks = token_picks(&mut state.samplers, &mut state.prefilling, &request.items);
+        for (item, pick) in request.items.iter().zip(picks.iter_mut()) {
+            if let (Some(pick), Some(constraint)) = (pick, state.constraints.get(&item.seq)) {
+                pick.allowed = Some(self.next_mask(constraint));
+            }
+        }
         let picked = state.backend.step_pick(&chunks, &picks)?;
         for (item, p) in request.items.iter().zip(&picked) {
-            if let (Some(p), Some(sampler)) = (p, state.samplers.get_mut(&item.seq)) {
+            let Some(p) = p else { continue };
+            if let Some(sampler) = state.samplers.get_mut(&item.seq) {
                 sampler.record(p.token);
+            }
+            if let Some(constraint) = state.constraints.get(&item.seq) {
+                if let Ok(mut guard) = constraint.lock() {
+                    if let Ok(c) = guard.as_mut() {
+                        if let Err(e) = c.consume(p.token) {
+                            *guard = Err(e.to_string());
+                        }
+                    }
+                }
             }
         }
         let counts_due = state.counts_taken.is_none_or(|t| t.elapsed() >= COUNTS_INTERVAL);
@@ -126,6 +212,7 @@ impl AttentionRank for LocalAttention {
             state.backend.free_sequence(seq);
             state.samplers.remove(&seq);
             state.prefilling.remove(&seq);
+            state.constraints.remove(&seq);
         }
         Ok(())
     }
@@ -252,4 +339,15 @@ fn sampled(items: &[StepItem], picked: Vec<Option<PickedToken>>) -> Vec<Sampled>
             })
         })
         .collect()
+}
+
+/// A mask that allows only the model's end-of-sequence tokens.
+fn end_only_mask(config: &ModelConfig) -> Vec<u32> {
+    let mut words = vec![0u32; config.vocab_size.div_ceil(32)];
+    for &id in &config.eos_token_ids {
+        if let Some(w) = words.get_mut(id as usize / 32) {
+            *w |= 1 << (id % 32);
+        }
+    }
+    words
 }

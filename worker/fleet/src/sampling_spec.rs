@@ -2,7 +2,7 @@
 //! one home of the conversion both ways between [`SamplingParams`] and the contract's
 //! [`SamplingSpec`].
 
-use dsv3_engine::{LogitRules, SamplingParams};
+use dsv3_engine::{LogitRules, OutputGrammar, SamplingParams};
 use dsv3_proto::{SamplingSpec, TokenBias};
 
 /// The spec of one pick. `end_ids`: the tokens that end the sequence (banned until
@@ -29,6 +29,9 @@ pub fn to_spec(
             min_tokens: r.min_tokens.min(u32::MAX as usize) as u32,
             end_ids,
         }),
+        json_schema: params.grammar.as_ref().map(|g| match g {
+            OutputGrammar::JsonSchema(schema) => schema.clone(),
+        }),
     }
 }
 
@@ -53,6 +56,7 @@ pub fn from_spec(spec: &SamplingSpec) -> (SamplingParams, Vec<u32>) {
         top_p: spec.top_p,
         seed: spec.seed,
         rules,
+        grammar: spec.json_schema.clone().map(OutputGrammar::JsonSchema),
         ..SamplingParams::default()
     };
     (params, end_ids)
@@ -76,6 +80,7 @@ mod tests {
                 logit_bias: vec![(3, -100.0), (17, 2.5)],
                 min_tokens: 9,
             },
+            grammar: Some(OutputGrammar::JsonSchema(r#"{"type": "object"}"#.into())),
             ..SamplingParams::default()
         };
         let spec = to_spec(&params, Some(4), 2, vec![1, 2]);
@@ -88,7 +93,7 @@ mod tests {
             (back.temperature, back.top_k, back.top_p, back.seed),
             (0.7, 40, 0.9, params.seed)
         );
-        assert_eq!(back.rules, params.rules);
+        assert_eq!((back.rules, back.grammar), (params.rules, params.grammar));
         assert_eq!((spec.logprobs, spec.generated_before), (Some(4), 2));
         // No rules: nothing on the wire, the default back.
         let plain = to_spec(&SamplingParams::default(), None, 0, vec![1]);

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use dsv3_api::{Backend, GenerationEvent, GenerationRequest};
 use dsv3_engine::batch::{generate, BatchOptions};
 use dsv3_engine::{
-    Checkpoint, CpuBackend, GenerateRequest, LocalExperts, LogitRules, Model, ModelConfig, ModelFiles, SamplingParams,
+    Checkpoint, CpuBackend, GenerateRequest, LocalExperts, LogitRules, Model, ModelConfig, ModelFiles, OutputGrammar,
+    SamplingParams, StepBackend,
 };
 use dsv3_fleet::{AttentionRank, Fleet, LocalAttention, SchedulerConfig};
 
@@ -28,8 +29,19 @@ fn tiny_backend(cache_tokens: usize) -> CpuBackend<LocalExperts> {
     CpuBackend::new(model, Arc::new(experts), bytes, cache_tokens, 16)
 }
 
+fn tiny_tokenizer() -> dsv3_text::Tokenizer {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/tiny-fp8");
+    dsv3_text::Tokenizer::from_model_dir(&dir)
+        .expect("tokenizer")
+        .expect("the tiny model has a tokenizer")
+}
+
 fn tiny_rank(cache_tokens: usize) -> Arc<dyn AttentionRank> {
-    Arc::new(LocalAttention::new(0, Box::new(tiny_backend(cache_tokens)), None))
+    let backend = tiny_backend(cache_tokens);
+    let config = backend.config().clone();
+    let grammars =
+        dsv3_grammar::Grammars::new(&tiny_tokenizer(), config.vocab_size, config.eos_token_ids[0]).expect("grammars");
+    Arc::new(LocalAttention::new(0, Box::new(backend), None).with_grammars(grammars))
 }
 
 fn fleet(cache_tokens: usize) -> Arc<Fleet> {
@@ -168,4 +180,46 @@ fn logit_rules_through_the_fleet_match_the_engine_loop() {
         assert!(small.stats().scheduler.preemptions > 0);
         assert_eq!(preempted, want, "preempted, at temperature {temperature}");
     }
+}
+
+#[test]
+fn structured_output_fits_its_schema_preempted_or_not() {
+    let schema = r#"{"type": "object", "properties": {"ok": {"type": "boolean"},
+        "n": {"type": "integer", "minimum": 0, "maximum": 999}, "tag": {"enum": ["red", "green", "blue"]}},
+        "required": ["ok", "n", "tag"], "additionalProperties": false}"#;
+    let constrained: Vec<GenerateRequest> = requests(1.0, &LogitRules::default())
+        .into_iter()
+        .map(|mut r| {
+            r.params.grammar = Some(OutputGrammar::JsonSchema(schema.into()));
+            r.params.ignore_eos = false;
+            r
+        })
+        .collect();
+    let tokenizer = tiny_tokenizer();
+    let undisturbed = run_requests(&fleet(4096), constrained.clone());
+    for tokens in &undisturbed {
+        let text = tokenizer.decode(tokens, true).expect("decode");
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+        assert!(
+            value["ok"].is_boolean() && value["n"].as_u64().is_some_and(|n| n <= 999),
+            "{text}"
+        );
+        assert!(
+            ["red", "green", "blue"].contains(&value["tag"].as_str().unwrap_or("")),
+            "{text}"
+        );
+    }
+    // Caches that hold every prompt but not every sequence grown (about 50 positions each):
+    // which sequence is preempted when depends on timing, so several sizes are run.
+    let mut preemptions = 0;
+    for cache in [64, 80, 96, 112] {
+        let small = fleet(cache);
+        assert_eq!(
+            run_requests(&small, constrained.clone()),
+            undisturbed,
+            "cache of {cache}"
+        );
+        preemptions += small.stats().scheduler.preemptions;
+    }
+    assert!(preemptions > 0, "the small caches should have forced preemptions");
 }

@@ -342,6 +342,29 @@ impl Tokenizer {
         self.inner.tk.token_to_id(token)
     }
 
+    /// The bytes each id stands for, ids `0..count` (what a grammar engine matches tokens by):
+    /// byte-level pieces mapped back to their bytes, added tokens as their text, special ones
+    /// behind a 0xFF byte (so no text matches them), ids the tokenizer lacks empty.
+    pub fn token_bytes(&self, count: usize) -> Vec<Vec<u8>> {
+        let added = self.inner.tk.get_added_tokens_decoder();
+        let byte_of = byte_level_decoder();
+        (0..count as u32)
+            .map(|id| {
+                if let Some(t) = added.get(&id) {
+                    let mut bytes = if t.special { vec![0xFF] } else { Vec::new() };
+                    bytes.extend(t.content.as_bytes());
+                    return bytes;
+                }
+                let Some(piece) = self.inner.tk.id_to_token(id) else {
+                    return Vec::new();
+                };
+                // Byte-level BPE (DeepSeek's): every char stands for one byte.
+                let mapped: Option<Vec<u8>> = piece.chars().map(|c| byte_of.get(&c).copied()).collect();
+                mapped.unwrap_or_else(|| self.decode(&[id], false).map(String::into_bytes).unwrap_or_default())
+            })
+            .collect()
+    }
+
     /// The token string of an id (byte-level form, e.g. `Ġworld`), `None` for undefined ids.
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.tk.id_to_token(id)
@@ -457,4 +480,22 @@ fn chat_template_source(v: &Json) -> Option<&str> {
         }),
         _ => None,
     }
+}
+
+/// GPT-2's byte-level alphabet read backwards: the char that stands for each byte → the byte.
+fn byte_level_decoder() -> std::collections::HashMap<char, u8> {
+    let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
+    let mut next = 256u32;
+    (0..=255u8)
+        .map(|b| {
+            let c = if printable(b) {
+                char::from(b)
+            } else {
+                let c = char::from_u32(next).unwrap_or('\u{FFFD}');
+                next += 1;
+                c
+            };
+            (c, b)
+        })
+        .collect()
 }

@@ -276,7 +276,7 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     expect(
         &router,
         CHAT,
-        json!({"messages": user, "response_format": {"type": "json_object"}}),
+        json!({"messages": user, "response_format": {"type": "yaml"}}),
         StatusCode::BAD_REQUEST,
     )
     .await;

@@ -179,3 +179,55 @@ async fn generation_config_penalties_are_defaults() {
     let bad = dsv3_api::SamplingDefaults::from_generation_config(r#"{"repetition_penalty": 0}"#).expect_err("bad");
     assert!(bad.contains("repetition_penalty"), "{bad}");
 }
+
+#[tokio::test]
+async fn response_format_becomes_the_outputs_grammar() {
+    use dsv3_engine::OutputGrammar;
+    let fake = Arc::new(Fake::text("{}", Ending::Finish(FinishReason::Stop)));
+    let router = app(fake.clone());
+    let schema = json!({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]});
+    for (path, base) in [
+        (CHAT, json!({"messages": user()})),
+        (COMPLETIONS, json!({"prompt": "x"})),
+    ] {
+        let mut body = base.clone();
+        body["response_format"] =
+            json!({"type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": true}});
+        let (status, answer) = post(&router, path, &body).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert_eq!(
+            fake.last_request().params.grammar,
+            Some(OutputGrammar::JsonSchema(schema.to_string()))
+        );
+        body["response_format"] = json!({"type": "json_object"});
+        post(&router, path, &body).await;
+        assert_eq!(
+            fake.last_request().params.grammar,
+            Some(OutputGrammar::JsonSchema(r#"{"type": "object"}"#.into()))
+        );
+        body["response_format"] = json!({"type": "text"});
+        post(&router, path, &body).await;
+        assert_eq!(fake.last_request().params.grammar, None);
+    }
+    let before = fake.submissions();
+    for format in [
+        json!({"type": "xml"}),
+        json!({"type": "json_schema"}),
+        json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}),
+    ] {
+        for (path, base) in [
+            (CHAT, json!({"messages": user()})),
+            (COMPLETIONS, json!({"prompt": "x"})),
+        ] {
+            let mut body = base.clone();
+            body["response_format"] = format.clone();
+            let (status, answer) = post(&router, path, &body).await;
+            let e = assert_error(status, &answer, StatusCode::BAD_REQUEST);
+            assert!(
+                e["param"].as_str().is_some_and(|p| p.starts_with("response_format")),
+                "{path} {format}: {e}"
+            );
+        }
+    }
+    assert_eq!(fake.submissions(), before);
+}

@@ -325,3 +325,14 @@ extern "C" __global__ void apply_logit_edits(float* logits, int vocab, const int
     if (repetition != 1.0f) v = v > 0.0f ? __fdiv_rn(v, repetition) : __fmul_rn(v, repetition);
     *l = __fadd_rn(v, add);
 }
+
+// Grammars' masks (structured output), applied in place after the edits: words_per_row u32 per
+// row, bit j % 32 of word j / 32 set when token j is allowed; the others become -inf.
+extern "C" __global__ void apply_token_masks(float* logits, int vocab, const unsigned* masks, int words_per_row) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= vocab) return;
+    const unsigned* mask = masks + (size_t)blockIdx.y * words_per_row;
+    int w = j >> 5;
+    bool allowed = w < words_per_row && ((mask[w] >> (j & 31)) & 1u);
+    if (!allowed) logits[(size_t)blockIdx.y * vocab + j] = -INFINITY;
+}

@@ -40,6 +40,34 @@ fn edit_words(picks: &[TokenPick]) -> Vec<u32> {
         .collect()
 }
 
+/// Applies the picks' grammar masks to their rows (waiting for masks still being made); the
+/// buffer to keep until the stream has run, if any.
+fn apply_masks(g: &Gpu, logits: u64, vocab: usize, picks: &[TokenPick]) -> Result<Option<crate::gpu::DeviceBuf>> {
+    if picks.iter().all(|p| p.allowed.is_none()) {
+        return Ok(None);
+    }
+    let per_row = vocab.div_ceil(32);
+    let mut words = vec![u32::MAX; picks.len() * per_row];
+    for (row, p) in picks.iter().enumerate() {
+        if let Some(mask) = &p.allowed {
+            let mask = mask.wait().map_err(anyhow::Error::msg)?;
+            let dst = &mut words[row * per_row..(row + 1) * per_row];
+            dst.fill(0);
+            let n = mask.len().min(per_row);
+            dst[..n].copy_from_slice(&mask[..n]);
+        }
+    }
+    let buf = g.upload(&words)?;
+    g.launch(
+        "apply_token_masks",
+        (vocab.div_ceil(256) as u32, picks.len() as u32, 1),
+        256,
+        0,
+        &[ptr(logits), int(vocab), ptr(buf.addr), int(per_row)],
+    )?;
+    Ok(Some(buf))
+}
+
 /// Picks one token per row of the `[picks.len(), vocab]` f32 logits at device address `logits`,
 /// after applying the picks' logit edits to those rows in place.
 pub fn pick_tokens(g: &Gpu, logits: u64, vocab: usize, picks: &[TokenPick]) -> Result<Vec<PickedToken>> {
@@ -62,6 +90,7 @@ pub fn pick_tokens(g: &Gpu, logits: u64, vocab: usize, picks: &[TokenPick]) -> R
         )?;
         Some(buf)
     };
+    let _masks = apply_masks(g, logits, vocab, picks)?;
     let max_top = picks.iter().filter_map(|p| p.logprobs).max().unwrap_or(0).min(vocab);
     let stride = 2 + 2 * max_top;
     let words: Vec<u32> = picks.iter().flat_map(pick_words).collect();
