@@ -217,19 +217,24 @@ def test_penalties_and_bias_change_the_greedy_answer(client):
 
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}}}}
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
+    "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"utc": {"type": "boolean"}}, "required": ["utc"], "additionalProperties": False}}}
 
 
 def test_a_named_tool_choice_returns_that_call(client):
-    """The tiny model writes noise, but a named `tool_choice` opens the call in the prompt, so
-    the answer is a call of that tool, whole or streamed, with the same arguments."""
+    """The tiny model writes noise, but a named `tool_choice` opens the call in the prompt and
+    holds its arguments to the tool's schema, so the answer is a valid call of that tool, whole
+    or streamed, with the same arguments."""
     kwargs = dict(model="dsv3-tiny", messages=[{"role": "user", "content": "Weather in Paris?"}],
                   tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}},
-                  max_tokens=10, temperature=0)
+                  max_tokens=30, temperature=0)
     r = client.chat.completions.create(**kwargs)
     call = r.choices[0].message.tool_calls[0]
     assert call.type == "function" and call.function.name == "get_weather"
-    assert r.choices[0].finish_reason in ("tool_calls", "length")
+    assert json.loads(call.function.arguments)["city"] in ("Paris", "Rome")
+    assert r.choices[0].finish_reason == "tool_calls"
     name, arguments = None, ""
     for chunk in client.chat.completions.create(stream=True, **kwargs):
         for delta_call in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
@@ -239,6 +244,12 @@ def test_a_named_tool_choice_returns_that_call(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(**{**kwargs, "tool_choice": {"type": "function", "function": {"name": "x"}}})
     assert "tool_choice" in str(e.value)
+    # `required`: the model picks the tool, the grammar its arguments.
+    r = client.chat.completions.create(**{**kwargs, "tools": [WEATHER, TIME], "tool_choice": "required", "seed": 4, "max_tokens": 120,
+                                          "temperature": 1.0})
+    call = r.choices[0].message.tool_calls[0]
+    arguments = json.loads(call.function.arguments)
+    assert (call.function.name, set(arguments)) in (("get_weather", {"city"}), ("get_time", {"utc"})), call
 
 
 def test_a_tool_aware_chat_template_describes_the_tools():

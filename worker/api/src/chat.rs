@@ -25,6 +25,7 @@ use crate::server::{off_runtime, unix_now, AppState};
 use crate::streaming::{merge_choices, sse_response, usage_of, ChunkFormat};
 use crate::structured::grammar_of;
 use crate::tools::{self, CallForm, ToolCallParser, ToolChoice, ToolEvent};
+use dsv3_engine::OutputGrammar;
 
 pub(crate) async fn create(State(state): State<AppState>, Extension(id): Extension<RequestId>, body: Body) -> Response {
     match handle(state, id, body).await {
@@ -65,6 +66,7 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
         ids: prompt,
         opens_think,
         forced_opening,
+        forced_grammar,
     } = {
         let (tokenizer, kwargs, choice) = (
             tokenizer.clone(),
@@ -77,6 +79,7 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
 
     let config = state.backend.config();
     check_prompt(&prompt, config, "messages")?;
+    let grammar = grammar.or(forced_grammar);
     if let Some(g) = &grammar {
         let (grammars, tokenizer, config) = (state.clone(), tokenizer.clone(), config.clone());
         let g = g.clone();
@@ -193,6 +196,8 @@ pub(crate) struct ChatPrompt {
     pub ids: Vec<u32>,
     pub opens_think: bool,
     pub forced_opening: Option<String>,
+    /// What holds a forced call's arguments to the tools' JSON schemas.
+    pub forced_grammar: Option<OutputGrammar>,
 }
 
 /// How a rendered chat prompt ends.
@@ -272,8 +277,8 @@ pub(crate) fn render_prompt(
         ToolChoice::Named(name) => Some(Some(name.as_str())),
         ToolChoice::None | ToolChoice::Auto => None,
     };
-    let forced_opening = match forced_name {
-        None => None,
+    let (forced_opening, forced_grammar) = match forced_name {
+        None => (None, None),
         Some(_) if end != PromptEnd::GenerationPrompt => {
             return Err(ApiError::invalid(
                 "tool_choice",
@@ -290,7 +295,7 @@ pub(crate) fn render_prompt(
             })?;
             let opening = form.forced_opening(name);
             text.push_str(&opening);
-            Some(opening)
+            (Some(opening), Some(tools::call_grammar(form, name, raw.get("tools"))?))
         }
     };
     let ids = tokenizer
@@ -300,6 +305,7 @@ pub(crate) fn render_prompt(
         ids,
         opens_think,
         forced_opening,
+        forced_grammar,
     })
 }
 

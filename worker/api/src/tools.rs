@@ -9,6 +9,7 @@
 //!
 //! The parser tells them apart by what follows the separator, so one parser serves both.
 
+use dsv3_engine::OutputGrammar;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
@@ -126,6 +127,56 @@ impl CallForm {
             (CallForm::V31, Some(name)) => format!("{CALLS_BEGIN}{CALL_BEGIN}{name}{SEP}"),
         }
     }
+}
+
+/// The grammar that holds a forced call to the tools' JSON schemas (`parameters`; any object
+/// when a tool gives none), after its opening in the prompt: the arguments of `name`, or any
+/// tool's name and then its arguments, in the template's form. The answer ends with the
+/// arguments (the parser closes the call).
+pub fn call_grammar(form: CallForm, name: Option<&str>, tools: Option<&Value>) -> Result<OutputGrammar, ApiError> {
+    let tools: Vec<(&str, Value)> = tools
+        .and_then(Value::as_array)
+        .map(|list| {
+            list.iter()
+                .filter_map(|t| {
+                    let name = t.pointer("/function/name")?.as_str()?;
+                    let schema = t
+                        .pointer("/function/parameters")
+                        .filter(|p| p.is_object())
+                        .cloned()
+                        .unwrap_or_else(|| json!({"type": "object"}));
+                    Some((name, schema))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(name) = name {
+        let schema = tools
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, s)| s.clone())
+            .ok_or_else(|| ApiError::invalid("tool_choice", format!("no tool named {name:?}")))?;
+        return Ok(OutputGrammar::JsonSchema(schema.to_string()));
+    }
+    let mut lark = String::from("start: ");
+    lark.push_str(
+        &(0..tools.len())
+            .map(|i| format!("call_{i}"))
+            .collect::<Vec<_>>()
+            .join(" | "),
+    );
+    lark.push('\n');
+    for (i, (name, schema)) in tools.iter().enumerate() {
+        let header = match form {
+            CallForm::V3 => format!("function{SEP}{name}\n{FENCE_OPEN}\n"),
+            CallForm::V31 => format!("{name}{SEP}"),
+        };
+        // A JSON string literal is a Lark string literal.
+        let header = Value::String(header).to_string();
+        let schema = dsv3_grammar::compact_schema(schema.clone());
+        lark.push_str(&format!("call_{i}: {header} args_{i}\nargs_{i}: %json {schema}\n"));
+    }
+    Ok(OutputGrammar::Lark(lark))
 }
 
 /// What the parser makes of new text.

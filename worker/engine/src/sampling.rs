@@ -32,6 +32,8 @@ pub struct SamplingParams {
 pub enum OutputGrammar {
     /// A JSON schema, as text (`{"type": "object"}` for any JSON object).
     JsonSchema(String),
+    /// A grammar in llguidance's Lark dialect (JSON schemas inline with `%json`).
+    Lark(String),
 }
 
 impl Default for SamplingParams {

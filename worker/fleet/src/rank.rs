@@ -2,7 +2,7 @@
 //! other ranks own), the samplers of its sequences and its counters. The same type serves
 //! in-process (`serve`) and behind gRPC (`attention`), on any device.
 
-use crate::sampling_spec::from_spec;
+use crate::sampling_spec::{from_spec, grammar_of};
 use anyhow::Result;
 use dsv3_engine::{
     Chunk, ExpertCounts, ExpertExecutor, MemoryUse, ModelConfig, Outputs, PickedToken, Sampler, StepBackend, TokenPick,
@@ -159,7 +159,7 @@ impl AttentionRank for LocalAttention {
         // prefilled with (after a preemption).
         for item in &request.items {
             let Some(spec) = item.sample.as_ref() else { continue };
-            let Some(schema) = &spec.json_schema else { continue };
+            let Some(grammar) = grammar_of(spec) else { continue };
             if state.constraints.contains_key(&item.seq) {
                 continue;
             }
@@ -167,7 +167,7 @@ impl AttentionRank for LocalAttention {
             tokens.truncate(item.start as usize);
             tokens.extend(&item.tokens);
             let output = &tokens[tokens.len().saturating_sub(spec.generated_before as usize)..];
-            let made = self.constraint_for(&OutputGrammar::JsonSchema(schema.clone()), output);
+            let made = self.constraint_for(&grammar, output);
             state.constraints.insert(item.seq, made);
         }
         let mut picks = token_picks(&mut state.samplers, &mut state.prefilling, &request.items);

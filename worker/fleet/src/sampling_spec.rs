@@ -29,9 +29,14 @@ pub fn to_spec(
             min_tokens: r.min_tokens.min(u32::MAX as usize) as u32,
             end_ids,
         }),
-        json_schema: params.grammar.as_ref().map(|g| match g {
-            OutputGrammar::JsonSchema(schema) => schema.clone(),
-        }),
+        json_schema: match &params.grammar {
+            Some(OutputGrammar::JsonSchema(schema)) => Some(schema.clone()),
+            _ => None,
+        },
+        lark: match &params.grammar {
+            Some(OutputGrammar::Lark(grammar)) => Some(grammar.clone()),
+            _ => None,
+        },
     }
 }
 
@@ -56,10 +61,19 @@ pub fn from_spec(spec: &SamplingSpec) -> (SamplingParams, Vec<u32>) {
         top_p: spec.top_p,
         seed: spec.seed,
         rules,
-        grammar: spec.json_schema.clone().map(OutputGrammar::JsonSchema),
+        grammar: grammar_of(spec),
         ..SamplingParams::default()
     };
     (params, end_ids)
+}
+
+/// The grammar a spec carries, if any.
+pub fn grammar_of(spec: &SamplingSpec) -> Option<OutputGrammar> {
+    match (&spec.json_schema, &spec.lark) {
+        (Some(schema), _) => Some(OutputGrammar::JsonSchema(schema.clone())),
+        (None, Some(grammar)) => Some(OutputGrammar::Lark(grammar.clone())),
+        (None, None) => None,
+    }
 }
 
 #[cfg(test)]

@@ -42,16 +42,13 @@ impl Grammars {
     pub fn constraint(&self, spec: &OutputGrammar) -> Result<Constraint> {
         let grammar = match spec {
             OutputGrammar::JsonSchema(text) => {
-                let mut schema: Value =
+                let schema: Value =
                     serde_json::from_str(text).map_err(|e| anyhow!("the JSON schema is not JSON: {e}"))?;
                 // Compact JSON unless the schema says otherwise: free whitespace lets a model
                 // pad without end, and costs tokens.
-                if let Some(obj) = schema.as_object_mut() {
-                    obj.entry("x-guidance")
-                        .or_insert_with(|| serde_json::json!({"whitespace_flexible": false}));
-                }
-                TopLevelGrammar::from_json_schema(schema)
+                TopLevelGrammar::from_json_schema(compact_schema(schema))
             }
+            OutputGrammar::Lark(text) => TopLevelGrammar::from_lark(text.clone()),
         };
         let parser = self.factory.create_parser(grammar)?;
         let matcher = Matcher::new(Ok(parser));
@@ -63,6 +60,16 @@ impl Grammars {
             words: self.vocab_size.div_ceil(32),
         })
     }
+}
+
+/// `schema` with compact JSON asked for (no free whitespace), unless it sets its own
+/// `x-guidance` options: the form to inline in a Lark grammar with `%json`.
+pub fn compact_schema(mut schema: Value) -> Value {
+    if let Some(obj) = schema.as_object_mut() {
+        obj.entry("x-guidance")
+            .or_insert_with(|| serde_json::json!({"whitespace_flexible": false}));
+    }
+    schema
 }
 
 /// One sequence's grammar state.

@@ -170,6 +170,11 @@ async fn a_named_tool_choice_opens_that_call_in_the_prompt() {
             assert_eq!(status, StatusCode::OK, "{text}");
             let prompt = tokenizer.decode(&fake.last_request().prompt, false).expect("decode");
             assert!(prompt.ends_with(form_opening), "{file}: {prompt:?}");
+            // The arguments are held to the tool's schema (any object: it gives none).
+            assert_eq!(
+                fake.last_request().params.grammar,
+                Some(dsv3_engine::OutputGrammar::JsonSchema(r#"{"type":"object"}"#.into()))
+            );
             assert!(
                 prompt.contains("get_time"),
                 "{file}: the tools are described: {prompt:?}"
