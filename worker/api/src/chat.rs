@@ -25,6 +25,7 @@ use crate::server::{off_runtime, unix_now, AppState};
 use crate::streaming::{merge_choices, sse_response, usage_of, ChunkFormat};
 use crate::structured::grammar_of;
 use crate::tools::{self, CallForm, ToolCallParser, ToolChoice, ToolEvent};
+use crate::unsupported::refuse_unsupported;
 use dsv3_engine::OutputGrammar;
 
 pub(crate) async fn create(State(state): State<AppState>, Extension(id): Extension<RequestId>, body: Body) -> Response {
@@ -43,6 +44,7 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
         raw,
     } = parse_request::<CreateChatCompletionRequest>(&bytes, &state.config.served_model_name)?;
     state.check_model(&req.model)?;
+    refuse_unsupported(&raw)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages", "`messages` is empty"));
     }

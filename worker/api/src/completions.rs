@@ -20,6 +20,7 @@ use crate::request::{parse_request, read_body, Parsed};
 use crate::server::{off_runtime, unix_now, AppState};
 use crate::streaming::{merge_choices, sse_response, to_json_with_token_ids, usage_of, ChunkFormat};
 use crate::structured::grammar_of;
+use crate::unsupported::refuse_unsupported;
 
 pub(crate) async fn create(State(state): State<AppState>, Extension(id): Extension<RequestId>, body: Body) -> Response {
     match handle(state, id, body).await {
@@ -37,6 +38,7 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
         raw,
     } = parse_request::<CreateCompletionRequest>(&bytes, &state.config.served_model_name)?;
     state.check_model(&req.model)?;
+    refuse_unsupported(&raw)?;
     let n = choice_count(req.n)?;
     if req.best_of.is_some_and(|b| usize::from(b) != n) {
         return Err(ApiError::invalid(

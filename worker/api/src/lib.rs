@@ -33,6 +33,7 @@ mod structured;
 mod tokenize;
 mod tokens;
 mod tools;
+mod unsupported;
 
 pub use backend::{Backend, BackendStats, GenerationEvent, GenerationRequest, Health, SubmitError, TokenLogprob};
 pub use config::{ApiConfig, SamplingDefaults};

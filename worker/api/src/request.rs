@@ -66,7 +66,8 @@ fn friendly_message(path: &str, inner: &str) -> String {
     expected.to_string()
 }
 
-/// Fields this server accepts beyond OpenAI's (vLLM's names). Unknown fields are ignored.
+/// Fields this server accepts beyond OpenAI's (vLLM's names). vLLM fields it does not honour
+/// are refused by name (`unsupported`); other unknown fields are ignored.
 #[derive(Debug, Default, Deserialize)]
 pub struct Extensions {
     /// Keep only the k most likely tokens; 0 or -1 disables.

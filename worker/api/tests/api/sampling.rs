@@ -70,6 +70,10 @@ async fn out_of_range_sampling_options_are_named() {
         ("n", json!({"n": 0})),
         ("n", json!({"n": 200})),
         ("best_of", json!({"best_of": 3})),
+        // Known options this server does not honour: refused by name, never ignored.
+        ("min_p", json!({"min_p": 0.1})),
+        ("guided_json", json!({"guided_json": {"type": "object"}})),
+        ("use_beam_search", json!({"use_beam_search": true})),
     ] {
         let mut body = json!({"prompt": "x"});
         for (k, v) in extra.as_object().expect("object") {
