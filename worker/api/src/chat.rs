@@ -81,11 +81,12 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
 
     let config = state.backend.config();
     check_prompt(&prompt, config, "messages")?;
+    let field = if grammar.is_some() { "response_format" } else { "tools" };
     let grammar = grammar.or(forced_grammar);
     if let Some(g) = &grammar {
         let (grammars, tokenizer, config) = (state.clone(), tokenizer.clone(), config.clone());
         let g = g.clone();
-        off_runtime(move || grammars.grammars.check(&g, Some(&tokenizer), &config)).await?;
+        off_runtime(move || grammars.grammars.check(&g, Some(&tokenizer), &config, field)).await?;
     }
     let (max_tokens, seed) = deprecated_fields(&req);
     let prepared = prepare(
@@ -273,7 +274,6 @@ pub(crate) fn render_prompt(
             .render_with_kwargs(&messages, tools, end == PromptEnd::GenerationPrompt, kwargs)
             .map_err(template_error)?,
     };
-    let opens_think = prompt_opens_think(&text);
     let forced_name = match tool_choice {
         ToolChoice::Required => Some(None),
         ToolChoice::Named(name) => Some(Some(name.as_str())),
@@ -288,6 +288,10 @@ pub(crate) fn render_prompt(
             ))
         }
         Some(name) => {
+            // The call is the answer: a think block the template opened is closed first.
+            if prompt_opens_think(&text) {
+                text.push_str("</think>\n\n");
+            }
             let form = call_form(template, kwargs).ok_or_else(|| {
                 ApiError::invalid(
                     "tool_choice",
@@ -300,6 +304,7 @@ pub(crate) fn render_prompt(
             (Some(opening), Some(tools::call_grammar(form, name, raw.get("tools"))?))
         }
     };
+    let opens_think = prompt_opens_think(&text);
     let ids = tokenizer
         .encode(&text, false)
         .map_err(|e| ApiError::internal(format!("cannot tokenize the chat prompt: {e}")))?;
@@ -416,6 +421,8 @@ struct ChatChunks {
 struct ToolParsing {
     parser: ToolCallParser,
     pending: Vec<ToolEvent>,
+    /// The request named the function to call.
+    named: bool,
 }
 
 impl ToolParsing {
@@ -427,7 +434,11 @@ impl ToolParsing {
             Some(opening) => ToolCallParser::after_opening(opening),
             None => (ToolCallParser::default(), Vec::new()),
         };
-        Some(ToolParsing { parser, pending })
+        Some(ToolParsing {
+            parser,
+            pending,
+            named: matches!(choice, ToolChoice::Named(_)),
+        })
     }
 }
 
@@ -509,9 +520,13 @@ impl ChatChunks {
     }
 
     /// `tool_calls` when the answer called a tool and stopped by itself; otherwise as it ended.
+    /// `tool_calls` when the model chose to call (`auto`, `required`) and stopped by itself;
+    /// a named `tool_choice` stops as `stop`, as OpenAI's API does.
     fn finish_reason(&self, finish: Finish) -> FinishReason {
         match finish {
-            Finish::Stop if self.tools.as_ref().is_some_and(|t| t.parser.calls() > 0) => FinishReason::ToolCalls,
+            Finish::Stop if self.tools.as_ref().is_some_and(|t| !t.named && t.parser.calls() > 0) => {
+                FinishReason::ToolCalls
+            }
             other => finish_reason(other),
         }
     }
@@ -561,7 +576,7 @@ impl ChatChunks {
             usage: Some(usage),
             ..Default::default()
         };
-        let tool_calls = (!calls.is_empty()).then(|| tools::message_calls(&self.id, &calls));
+        let tool_calls = (!calls.is_empty()).then(|| tools::message_calls(&self.id, self.index, &calls));
         with_extras(
             serde_json::to_value(&body).unwrap_or(Value::Null),
             "message",
@@ -598,7 +613,7 @@ impl ChunkFormat for ChatChunks {
             content,
             calls,
         } = self.answer(text, finish.is_some());
-        let tool_calls = tools::delta_calls(&self.id, &calls);
+        let tool_calls = tools::delta_calls(&self.id, self.index, &calls);
         // A chunk carries what it has: reasoning, content, calls, or (before the end) an empty
         // content.
         let content = if content.is_empty() && (finish.is_some() || !reasoning.is_empty() || tool_calls.is_some()) {

@@ -85,7 +85,12 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
     let grammar = grammar_of(&raw)?;
     if let Some(g) = &grammar {
         let (shared, tokenizer, config, g) = (state.clone(), tokenizer.cloned(), config.clone(), g.clone());
-        off_runtime(move || shared.grammars.check(&g, tokenizer.as_ref(), &config)).await?;
+        off_runtime(move || {
+            shared
+                .grammars
+                .check(&g, tokenizer.as_ref(), &config, "response_format")
+        })
+        .await?;
     }
     let prepared = prepare(
         &SamplingInput {

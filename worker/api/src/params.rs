@@ -187,6 +187,14 @@ fn logit_rules(input: &SamplingInput<'_>, config: &ModelConfig) -> Result<LogitR
         .unwrap_or("logit_bias");
         ApiError::invalid(field, format!("`{field}`{}", &message[field.len()..]))
     })?;
+    if rules.min_tokens > 0 && input.grammar.is_some() {
+        // The grammar may allow only the end when the output is complete: the two would leave
+        // no token to choose.
+        return Err(ApiError::invalid(
+            "min_tokens",
+            "`min_tokens` cannot be combined with `response_format` or a forced tool call",
+        ));
+    }
     if let Some((n, name)) = input.max_tokens {
         if rules.min_tokens > n as usize {
             return Err(ApiError::invalid(

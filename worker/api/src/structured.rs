@@ -49,12 +49,14 @@ pub fn grammar_of(raw: &Value) -> Result<Option<OutputGrammar>, ApiError> {
 pub struct GrammarCheck(OnceLock<Result<Arc<Grammars>, String>>);
 
 impl GrammarCheck {
-    /// Compiles `grammar` for the model; a schema the engine cannot use is a 400 that says why.
+    /// Compiles `grammar` for the model; a schema the engine cannot use is a 400 naming `field`
+    /// (`response_format`, or `tools` for a forced call's arguments) that says why.
     pub fn check(
         &self,
         grammar: &OutputGrammar,
         tokenizer: Option<&Tokenizer>,
         config: &ModelConfig,
+        field: &'static str,
     ) -> Result<(), ApiError> {
         let grammars = self
             .0
@@ -68,12 +70,10 @@ impl GrammarCheck {
                 Grammars::new(tokenizer, config.vocab_size, eos).map_err(|e| e.to_string())
             })
             .as_ref()
-            .map_err(|e| ApiError::invalid("response_format", e.clone()))?;
-        grammars.constraint(grammar).map(drop).map_err(|e| {
-            ApiError::invalid(
-                "response_format",
-                format!("`response_format`: the JSON schema cannot be used: {e}"),
-            )
-        })
+            .map_err(|e| ApiError::invalid(field, e.clone()))?;
+        grammars
+            .constraint(grammar)
+            .map(drop)
+            .map_err(|e| ApiError::invalid(field, format!("`{field}`: the JSON schema cannot be used: {e}")))
     }
 }

@@ -278,7 +278,8 @@ impl ToolCallParser {
                     index: self.calls - 1,
                     delta: rest,
                 }),
-                State::Header => {}
+                // A call cut off before its name: what arrived is shown as text.
+                State::Header => events.push(ToolEvent::Content(format!("{CALL_BEGIN}{rest}"))),
             }
         }
         events
@@ -458,36 +459,44 @@ pub fn collect(events: impl IntoIterator<Item = ToolEvent>) -> (String, Vec<(Str
     (content, calls)
 }
 
-/// The id of call `index` of a response.
-pub fn call_id(response_id: &str, index: usize) -> String {
-    format!("call_{}_{index}", response_id.trim_start_matches("chatcmpl-"))
+/// The id of call `index` of choice `choice` of a response (unique in the response).
+pub fn call_id(response_id: &str, choice: u32, index: usize) -> String {
+    format!("call_{}_{choice}_{index}", response_id.trim_start_matches("chatcmpl-"))
 }
 
 /// `tool_calls` of a message.
-pub fn message_calls(response_id: &str, calls: &[(String, String)]) -> Value {
+pub fn message_calls(response_id: &str, choice: u32, calls: &[(String, String)]) -> Value {
     Value::Array(
         calls
             .iter()
             .enumerate()
             .map(|(i, (name, arguments))| {
-                json!({"id": call_id(response_id, i), "type": "function",
+                json!({"id": call_id(response_id, choice, i), "type": "function",
                        "function": {"name": name, "arguments": arguments}})
             })
             .collect(),
     )
 }
 
-/// `tool_calls` of a streamed delta: a call's first chunk carries its id, type and name.
-pub fn delta_calls(response_id: &str, events: &[ToolEvent]) -> Option<Value> {
-    let calls: Vec<Value> = events
-        .iter()
-        .filter_map(|e| match e {
-            ToolEvent::Content(_) => None,
-            ToolEvent::Call { index, name } => Some(json!({"index": index, "id": call_id(response_id, *index),
-                "type": "function", "function": {"name": name, "arguments": ""}})),
-            ToolEvent::Arguments { index, delta } => Some(json!({"index": index, "function": {"arguments": delta}})),
-        })
-        .collect();
+/// `tool_calls` of a streamed delta, one entry per call: a call's first chunk carries its id,
+/// type and name, with whatever arguments came in the same chunk.
+pub fn delta_calls(response_id: &str, choice: u32, events: &[ToolEvent]) -> Option<Value> {
+    let mut calls: Vec<Value> = Vec::new();
+    for e in events {
+        match e {
+            ToolEvent::Content(_) => {}
+            ToolEvent::Call { index, name } => calls.push(json!({"index": index,
+                "id": call_id(response_id, choice, *index), "type": "function",
+                "function": {"name": name, "arguments": ""}})),
+            ToolEvent::Arguments { index, delta } => {
+                let same = calls.iter_mut().find(|c| c["index"] == json!(index));
+                match same.and_then(|c| c.pointer_mut("/function/arguments")) {
+                    Some(Value::String(arguments)) => arguments.push_str(delta),
+                    _ => calls.push(json!({"index": index, "function": {"arguments": delta}})),
+                }
+            }
+        }
+    }
     (!calls.is_empty()).then_some(Value::Array(calls))
 }
 
@@ -565,6 +574,31 @@ mod tests {
                 "{form:?}"
             );
         }
+    }
+
+    #[test]
+    fn one_delta_entry_per_call_and_ids_unique_per_choice() {
+        let events = [
+            ToolEvent::Call {
+                index: 0,
+                name: "f".into(),
+            },
+            ToolEvent::Arguments {
+                index: 0,
+                delta: "{\"a\"".into(),
+            },
+            ToolEvent::Arguments {
+                index: 0,
+                delta: ":1}".into(),
+            },
+        ];
+        let delta = delta_calls("chatcmpl-x", 1, &events).expect("calls");
+        assert_eq!(delta.as_array().map(Vec::len), Some(1), "{delta}");
+        assert_eq!(delta[0]["function"]["arguments"], "{\"a\":1}");
+        assert_ne!(call_id("chatcmpl-x", 0, 0), call_id("chatcmpl-x", 1, 0));
+        // Cut off before the name: nothing is lost.
+        let (content, calls) = whole("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_wea");
+        assert!(calls.is_empty() && content.ends_with("get_wea"), "{content:?}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use dsv3_engine::{
 };
 use dsv3_engine::{OutputGrammar, TokenMask};
 use dsv3_grammar::{Constraint, Grammars};
-use dsv3_proto::{AttentionInfo, LayerLoad, Sampled, StepItem, StepReply, StepRequest, TokenLogprob};
+use dsv3_proto::{AttentionInfo, LayerLoad, Sampled, SequenceFailure, StepItem, StepReply, StepRequest, TokenLogprob};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -133,12 +133,6 @@ impl LocalAttention {
                 .and_then(|mut c| c.consume_all(output).map(|()| c))
                 .map_err(|e| e.to_string()),
         };
-        if let Err(e) = &made {
-            eprintln!(
-                "attention rank {}: structured output unavailable for a sequence: {e}",
-                self.rank
-            );
-        }
         Arc::new(Mutex::new(made))
     }
 
@@ -192,8 +186,22 @@ impl AttentionRank for LocalAttention {
                 }
             }
         }
+        // Sequences whose grammar failed end with its error (their pick was held to the end).
+        let failed = request
+            .items
+            .iter()
+            .filter_map(|item| {
+                let guard = state.constraints.get(&item.seq)?.lock().ok()?;
+                let message = guard.as_ref().err()?;
+                Some(SequenceFailure {
+                    seq: item.seq,
+                    message: format!("structured output failed: {message}"),
+                })
+            })
+            .collect();
         let counts_due = state.counts_taken.is_none_or(|t| t.elapsed() >= COUNTS_INTERVAL);
         let reply = StepReply {
+            failed,
             sampled: sampled(&request.items, picked),
             expert_load: if counts_due {
                 state.take_expert_load()?

@@ -6,14 +6,18 @@ use dsv3_engine::{LogitRules, OutputGrammar, SamplingParams};
 use dsv3_proto::{SamplingSpec, TokenBias};
 
 /// The spec of one pick. `end_ids`: the tokens that end the sequence (banned until
-/// `min_tokens`); `generated_before`: output tokens the sequence was prefilled with.
+/// `min_tokens`); `generated_before`: output tokens the sequence was prefilled with; `first`:
+/// the sequence's first pick since (re)admission, the only one that carries the logit rules and
+/// the grammar (the rank keeps them with the sequence).
 pub fn to_spec(
     params: &SamplingParams,
     logprobs: Option<usize>,
     generated_before: usize,
     end_ids: Vec<u32>,
+    first: bool,
 ) -> SamplingSpec {
     let r = &params.rules;
+    let grammar = params.grammar.as_ref().filter(|_| first);
     SamplingSpec {
         temperature: params.temperature,
         top_k: params.top_k.min(u32::MAX as usize) as u32,
@@ -21,7 +25,7 @@ pub fn to_spec(
         seed: params.seed,
         logprobs: logprobs.map(|n| n.min(u32::MAX as usize) as u32),
         generated_before: generated_before as u32,
-        rules: r.is_active().then(|| dsv3_proto::LogitRules {
+        rules: (first && r.is_active()).then(|| dsv3_proto::LogitRules {
             presence_penalty: r.presence_penalty,
             frequency_penalty: r.frequency_penalty,
             repetition_penalty: r.repetition_penalty,
@@ -29,11 +33,11 @@ pub fn to_spec(
             min_tokens: r.min_tokens.min(u32::MAX as usize) as u32,
             end_ids,
         }),
-        json_schema: match &params.grammar {
+        json_schema: match grammar {
             Some(OutputGrammar::JsonSchema(schema)) => Some(schema.clone()),
             _ => None,
         },
-        lark: match &params.grammar {
+        lark: match grammar {
             Some(OutputGrammar::Lark(grammar)) => Some(grammar.clone()),
             _ => None,
         },
@@ -97,7 +101,7 @@ mod tests {
             grammar: Some(OutputGrammar::JsonSchema(r#"{"type": "object"}"#.into())),
             ..SamplingParams::default()
         };
-        let spec = to_spec(&params, Some(4), 2, vec![1, 2]);
+        let spec = to_spec(&params, Some(4), 2, vec![1, 2], true);
         // Through the wire format, as gRPC carries it.
         let spec =
             <SamplingSpec as prost::Message>::decode(prost::Message::encode_to_vec(&spec).as_slice()).expect("decode");
@@ -107,10 +111,13 @@ mod tests {
             (back.temperature, back.top_k, back.top_p, back.seed),
             (0.7, 40, 0.9, params.seed)
         );
-        assert_eq!((back.rules, back.grammar), (params.rules, params.grammar));
+        assert_eq!((&back.rules, &back.grammar), (&params.rules, &params.grammar));
         assert_eq!((spec.logprobs, spec.generated_before), (Some(4), 2));
         // No rules: nothing on the wire, the default back.
-        let plain = to_spec(&SamplingParams::default(), None, 0, vec![1]);
+        // Later picks carry neither: the rank keeps them from the first.
+        let later = to_spec(&params, None, 0, vec![1, 2], false);
+        assert!(later.rules.is_none() && later.json_schema.is_none() && later.lark.is_none());
+        let plain = to_spec(&SamplingParams::default(), None, 0, vec![1], true);
         assert!(plain.rules.is_none());
         assert!(!from_spec(&plain).0.rules.is_active());
     }

@@ -501,7 +501,9 @@ impl Scheduler {
         }
     }
 
-    fn sampling_spec(&self, r: &Running) -> SamplingSpec {
+    /// The spec of `r`'s pick; `first`: its first since (re)admission, which carries the rules
+    /// and grammar the rank keeps.
+    fn sampling_spec(&self, r: &Running, first: bool) -> SamplingSpec {
         let params = &r.request.params;
         // The output already in the prompt: tokens sampled before a preemption.
         let generated_before = r.prompt.len() - r.request.prompt.len();
@@ -510,7 +512,7 @@ impl Scheduler {
         } else {
             Vec::new()
         };
-        to_spec(params, r.request.logprobs, generated_before, end_ids)
+        to_spec(params, r.request.logprobs, generated_before, end_ids, first)
     }
 
     fn step(&mut self) {
@@ -528,7 +530,7 @@ impl Scheduler {
                 seq: r.seq,
                 start: r.cached as u32,
                 tokens: tokens.to_vec(),
-                sample: samples.then(|| self.sampling_spec(r)),
+                sample: samples.then(|| self.sampling_spec(r, r.cached < r.prompt.len())),
             };
             *b -= item.tokens.len();
             planned.push((i, item.tokens.len()));
@@ -568,6 +570,7 @@ impl Scheduler {
         self.time.step_seconds += stepping.elapsed().as_secs_f64();
         let mut failed_ranks: BTreeMap<usize, String> = BTreeMap::new();
         let mut sampled: BTreeMap<u64, dsv3_proto::Sampled> = BTreeMap::new();
+        let mut failed_seqs: BTreeMap<u64, String> = BTreeMap::new();
         for (rank, reply) in replies.into_iter().enumerate() {
             match reply {
                 None => {}
@@ -575,6 +578,9 @@ impl Scheduler {
                     add_expert_load(&self.shared, reply.expert_load);
                     for s in reply.sampled {
                         sampled.insert(s.seq, s);
+                    }
+                    for f in reply.failed {
+                        failed_seqs.insert(f.seq, f.message);
                     }
                 }
                 Some(Err(e)) => {
@@ -589,6 +595,11 @@ impl Scheduler {
                 let _ = r.events.send(GenerationEvent::Failed {
                     message: format!("attention rank {} failed: {message}", r.rank),
                 });
+                finished.push(i);
+                continue;
+            }
+            if let Some(message) = failed_seqs.remove(&r.seq) {
+                let _ = r.events.send(GenerationEvent::Failed { message });
                 finished.push(i);
                 continue;
             }

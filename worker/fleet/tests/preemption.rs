@@ -223,3 +223,58 @@ fn structured_output_fits_its_schema_preempted_or_not() {
     }
     assert!(preemptions > 0, "the small caches should have forced preemptions");
 }
+
+/// A rank that cannot hold a sequence to its grammar ends that request with the reason, and
+/// only that one: never a silent, unconstrained answer.
+#[test]
+fn a_grammar_the_rank_cannot_hold_fails_its_request_visibly() {
+    let rank: Arc<dyn AttentionRank> = Arc::new(LocalAttention::new(0, Box::new(tiny_backend(4096)), None));
+    let config = SchedulerConfig {
+        max_waiting: 16,
+        max_step_tokens: 256,
+        probe_interval: Duration::from_millis(20),
+    };
+    let fleet = Fleet::start(
+        ModelConfig::from_model_files(&tiny()).expect("config"),
+        vec![rank],
+        config,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !fleet.health().ready {
+        assert!(Instant::now() < deadline, "the fleet did not become ready");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut reqs = requests(0.0, &LogitRules::default());
+    reqs[0].params.grammar = Some(OutputGrammar::JsonSchema(r#"{"type": "object"}"#.into()));
+    let outcomes: Vec<Result<usize, String>> = reqs
+        .into_iter()
+        .map(|r| {
+            fleet
+                .submit(GenerationRequest {
+                    prompt: r.prompt,
+                    params: r.params,
+                    logprobs: None,
+                })
+                .expect("submit")
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|mut rx| {
+            let mut tokens = 0;
+            while let Some(event) = rx.blocking_recv() {
+                match event {
+                    GenerationEvent::Token { .. } => tokens += 1,
+                    GenerationEvent::Failed { message } => return Err(message),
+                    _ => {}
+                }
+            }
+            Ok(tokens)
+        })
+        .collect();
+    let error = outcomes[0].as_ref().expect_err("the constrained request fails");
+    assert!(
+        error.contains("structured output") && error.contains("tokenizer"),
+        "{error}"
+    );
+    assert!(outcomes[1..].iter().all(|o| o == &Ok(40)), "{outcomes:?}");
+}

@@ -22,6 +22,7 @@ pub use dsv3_engine::OutputGrammar;
 pub struct Grammars {
     factory: ParserFactory,
     vocab_size: usize,
+    eos: u32,
 }
 
 impl Grammars {
@@ -34,7 +35,11 @@ impl Grammars {
         let env: TokEnv = Arc::new(ApproximateTokEnv::new(trie));
         let mut factory = ParserFactory::new_simple(&env)?;
         factory.quiet();
-        Ok(Arc::new(Grammars { factory, vocab_size }))
+        Ok(Arc::new(Grammars {
+            factory,
+            vocab_size,
+            eos,
+        }))
     }
 
     /// A fresh constraint for one sequence; a schema that does not compile is an error that
@@ -58,6 +63,7 @@ impl Grammars {
         Ok(Constraint {
             matcher,
             words: self.vocab_size.div_ceil(32),
+            eos: self.eos,
         })
     }
 }
@@ -76,6 +82,7 @@ pub fn compact_schema(mut schema: Value) -> Value {
 pub struct Constraint {
     matcher: Matcher,
     words: usize,
+    eos: u32,
 }
 
 impl Constraint {
@@ -87,8 +94,11 @@ impl Constraint {
         Ok(words)
     }
 
-    /// Follows a chosen token.
+    /// Follows a chosen token. The end of a complete output is not a token of it.
     pub fn consume(&mut self, token: u32) -> Result<()> {
+        if self.matcher.is_stopped() || (token == self.eos && self.matcher.is_accepting()?) {
+            return Ok(());
+        }
         self.matcher.consume_token(token)
     }
 
@@ -143,10 +153,10 @@ mod tests {
                     let first = candidates.clone().next().expect("some token is allowed");
                     candidates.find(|&id| !blank[id as usize]).unwrap_or(first)
                 };
+                c.consume(pick).expect("consume");
                 if pick == eos {
                     break;
                 }
-                c.consume(pick).expect("consume");
                 out.push(pick);
             }
             let text = tokenizer.decode(&out, false).expect("decode");

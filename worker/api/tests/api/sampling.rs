@@ -67,6 +67,11 @@ async fn out_of_range_sampling_options_are_named() {
         ("logit_bias", json!({"logit_bias": {"5": "up"}})),
         ("logit_bias", json!({"logit_bias": [1, 2]})),
         ("min_tokens", json!({"min_tokens": 9, "max_tokens": 4})),
+        // A complete output allows only the end, which min_tokens would ban.
+        (
+            "min_tokens",
+            json!({"min_tokens": 3, "response_format": {"type": "json_object"}}),
+        ),
         ("n", json!({"n": 0})),
         ("n", json!({"n": 200})),
         ("best_of", json!({"best_of": 3})),

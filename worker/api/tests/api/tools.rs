@@ -184,11 +184,27 @@ async fn a_named_tool_choice_opens_that_call_in_the_prompt() {
                 let call = &body["choices"][0]["message"]["tool_calls"][0];
                 assert_eq!(call["function"]["name"], "get_weather", "{body}");
                 assert_eq!(call["function"]["arguments"], "{\"city\": \"Paris\"}", "{body}");
-                assert_eq!(body["choices"][0]["finish_reason"], "tool_calls");
+                // A named function stops as `stop`, as in OpenAI's API.
+                assert_eq!(body["choices"][0]["finish_reason"], "stop");
             } else {
                 // The forced call's name reaches the client in the stream.
                 assert!(text.contains("\"name\":\"get_weather\""), "{text}");
             }
+        }
+        // A thinking prompt (V3.1 with `thinking`) has its think block closed before the call:
+        // the call is the answer, not reasoning.
+        if file == "deepseek-v31-tools.jinja" {
+            let body = request(json!({"tool_choice": named, "chat_template_kwargs": {"thinking": true}}));
+            let (status, body) = post(&router, CHAT, &body).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            let prompt = tokenizer.decode(&fake.last_request().prompt, false).expect("decode");
+            assert!(prompt.contains("<think></think>"), "{prompt:?}");
+            let message = &body["choices"][0]["message"];
+            assert_eq!(
+                message["tool_calls"][0]["function"]["arguments"], "{\"city\": \"Paris\"}",
+                "{body}"
+            );
+            assert!(message["reasoning_content"].is_null(), "{body}");
         }
         // required: the prompt opens some call; the model names it.
         let (status, _) = post(&router, CHAT, &request(json!({"tool_choice": "required"}))).await;
