@@ -285,3 +285,21 @@ def test_structured_output_fits_the_schema(client):
         client.chat.completions.create(**{**kwargs, "response_format": {"type": "json_schema", "json_schema": {
             "name": "bad", "schema": {"type": "no-such-type"}}}})
     assert "response_format" in str(e.value)
+
+
+def test_a_resent_conversation_is_served_from_the_prefix_cache():
+    """Multi-turn chat resends its history: the second request reports the history's whole
+    cache blocks as `cached_tokens`, answers as the first did, and /metrics counts the hits."""
+    for client, base in launched("serve"):
+        history = [{"role": "user", "content": "Tell me about the history of ships and rivers " * 4}]
+        kwargs = dict(model="dsv3-tiny", messages=history, max_tokens=6, temperature=0)
+        first = client.chat.completions.create(**kwargs)
+        second = client.chat.completions.create(**kwargs)
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        cached = second.usage.prompt_tokens_details.cached_tokens
+        assert cached >= 16 and cached < second.usage.prompt_tokens and cached % 16 == 0, cached
+        assert second.choices[0].message.content == first.choices[0].message.content
+        with urllib.request.urlopen(base + "/metrics") as r:
+            metrics = r.read().decode()
+        hits = [l for l in metrics.splitlines() if l.startswith("dsv3_prefix_cache_hits_total{")]
+        assert hits and float(hits[0].split()[-1]) == cached, hits

@@ -42,6 +42,9 @@ pub enum GenerationEvent {
     /// and its prefill begins (sent once, before any token; a preempted request is not
     /// scheduled again in this sense).
     Scheduled,
+    /// This many more of the prompt's tokens were taken from the prefix cache rather than
+    /// computed (sent during prefill; the request's total is the sum).
+    Cached { tokens: usize },
     /// One generated token (also the end-of-sequence or stop token that ends generation).
     Token {
         id: u32,

@@ -71,6 +71,8 @@ pub struct Generation {
     first_token: Option<Instant>,
     last_token: Option<Instant>,
     prompt_tokens: usize,
+    /// Of the prompt, tokens taken from the prefix cache.
+    cached_tokens: usize,
     completion_tokens: usize,
     decoded_chars: usize,
     pending: Vec<TokenOutput>,
@@ -141,6 +143,7 @@ impl Generation {
             first_token: None,
             last_token: None,
             prompt_tokens,
+            cached_tokens: 0,
             completion_tokens: 0,
             decoded_chars: 0,
             pending: Vec::new(),
@@ -150,6 +153,11 @@ impl Generation {
 
     pub fn prompt_tokens(&self) -> usize {
         self.prompt_tokens
+    }
+
+    /// Prompt tokens taken from the prefix cache so far.
+    pub fn cached_tokens(&self) -> usize {
+        self.cached_tokens
     }
 
     /// Tokens generated so far (including any a stop string cut off).
@@ -168,6 +176,11 @@ impl Generation {
                 None => None,
             };
             let step = match event {
+                Some(GenerationEvent::Cached { tokens }) => {
+                    self.cached_tokens += tokens;
+                    self.metrics.prefix_cache_hit(tokens);
+                    None
+                }
                 Some(GenerationEvent::Scheduled) => {
                     let now = Instant::now();
                     self.metrics.scheduled(now - self.arrived);

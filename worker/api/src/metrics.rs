@@ -66,6 +66,7 @@ pub struct Metrics {
     prefill: Histogram,
     decode: Histogram,
     prompt_tokens: Counter,
+    prefix_cache_hits: Counter,
     generation_tokens: Counter,
     finished: Family<FinishLabels, Counter>,
     http_errors: Family<StatusLabels, Counter>,
@@ -93,6 +94,7 @@ impl Metrics {
         let prefill = Histogram::new(exponential_buckets(0.001, 2.0, 17));
         let decode = Histogram::new(exponential_buckets(0.01, 2.0, 18));
         let prompt_tokens = Counter::default();
+        let prefix_cache_hits = Counter::default();
         let generation_tokens = Counter::default();
         let finished = Family::<FinishLabels, Counter>::default();
         let http_errors = Family::<StatusLabels, Counter>::default();
@@ -135,6 +137,12 @@ impl Metrics {
             "Prompt tokens of admitted requests",
             prompt_tokens.clone(),
         );
+        registry.register(
+            "dsv3_prefix_cache_hits",
+            "Prompt tokens taken from the prefix cache instead of computed (the hit rate is this over \
+             dsv3_prompt_tokens)",
+            prefix_cache_hits.clone(),
+        );
         registry.register("dsv3_generation_tokens", "Generated tokens", generation_tokens.clone());
         registry.register(
             "dsv3_request_success",
@@ -156,6 +164,7 @@ impl Metrics {
             prefill,
             decode,
             prompt_tokens,
+            prefix_cache_hits,
             generation_tokens,
             finished,
             http_errors,
@@ -164,6 +173,11 @@ impl Metrics {
 
     pub fn request_admitted(&self, prompt_tokens: usize) {
         self.prompt_tokens.inc_by(prompt_tokens as u64);
+    }
+
+    /// Prompt tokens a request took from the prefix cache.
+    pub fn prefix_cache_hit(&self, tokens: usize) {
+        self.prefix_cache_hits.inc_by(tokens as u64);
     }
 
     /// The request's first step: it waited `since_arrival` in the queue.

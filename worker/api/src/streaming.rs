@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::time::Duration;
 
-use async_openai::types::chat::CompletionUsage;
+use async_openai::types::chat::{CompletionUsage, PromptTokensDetails};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{BoxStream, StreamExt};
@@ -30,17 +30,22 @@ pub trait ChunkFormat: Send + 'static {
 /// Token counts of a request's choices (the prompt counted once: the choices share it).
 pub fn usage_of(choices: &[Generation]) -> CompletionUsage {
     let prompt = choices.first().map_or(0, Generation::prompt_tokens);
-    usage(prompt, choices.iter().map(Generation::completion_tokens).sum())
+    // The choices' prompt is one: the most any of them found cached.
+    let cached = choices.iter().map(Generation::cached_tokens).max().unwrap_or(0);
+    usage(prompt, cached, choices.iter().map(Generation::completion_tokens).sum())
 }
 
-fn usage(prompt: usize, completion: usize) -> CompletionUsage {
+fn usage(prompt: usize, cached: usize, completion: usize) -> CompletionUsage {
     let prompt = u32::try_from(prompt).unwrap_or(u32::MAX);
     let completion = u32::try_from(completion).unwrap_or(u32::MAX);
     CompletionUsage {
         prompt_tokens: prompt,
         completion_tokens: completion,
         total_tokens: prompt.saturating_add(completion),
-        prompt_tokens_details: None,
+        prompt_tokens_details: Some(PromptTokensDetails {
+            cached_tokens: Some(u32::try_from(cached).unwrap_or(u32::MAX)),
+            ..Default::default()
+        }),
         completion_tokens_details: None,
     }
 }
@@ -83,9 +88,10 @@ pub fn to_json_with_token_ids<T: Serialize>(value: &T, token_ids: Option<Vec<u32
 /// What one choice's stream yields.
 enum ChoiceEvent {
     Chunk(String),
-    /// The choice ended, with its prompt and completion tokens.
+    /// The choice ended, with its prompt, cached prompt and completion tokens.
     Done {
         prompt: usize,
+        cached: usize,
         completion: usize,
     },
     Failed(String),
@@ -112,6 +118,7 @@ fn choice_events<F: ChunkFormat>(generation: Generation, mut format: F) -> BoxSt
                     queue.push_back(ChoiceEvent::Chunk(format.chunk(String::new(), &[], Some(finish))));
                     queue.extend(generation.take().map(|g| ChoiceEvent::Done {
                         prompt: g.prompt_tokens(),
+                        cached: g.cached_tokens(),
                         completion: g.completion_tokens(),
                     }));
                 }
@@ -137,8 +144,8 @@ pub fn sse_response<F: ChunkFormat>(choices: Vec<(Generation, F)>, usage: Option
         Some(merged),
         usage,
         pending,
-        // Prompt tokens, and completion tokens of the choices that ended.
-        (0usize, 0usize),
+        // Prompt tokens, cached prompt tokens, and completion tokens of the choices that ended.
+        (0usize, 0usize, 0usize),
         VecDeque::<String>::new(),
     );
     let stream = futures_util::stream::unfold(
@@ -152,12 +159,16 @@ pub fn sse_response<F: ChunkFormat>(choices: Vec<(Generation, F)>, usage: Option
                 let events = merged.as_mut()?;
                 match events.next().await {
                     Some(ChoiceEvent::Chunk(chunk)) => queue.push_back(chunk),
-                    Some(ChoiceEvent::Done { prompt, completion }) => {
-                        done = (prompt, done.1 + completion);
+                    Some(ChoiceEvent::Done {
+                        prompt,
+                        cached,
+                        completion,
+                    }) => {
+                        done = (prompt, done.1.max(cached), done.2 + completion);
                         pending -= 1;
                         if pending == 0 {
                             if let Some(format) = usage.as_mut() {
-                                queue.push_back(format.usage(self::usage(done.0, done.1)));
+                                queue.push_back(format.usage(self::usage(done.0, done.1, done.2)));
                             }
                             queue.push_back("[DONE]".into());
                             merged = None;

@@ -84,6 +84,10 @@ pub trait StepBackend: Send {
         pick_on_host(&outputs, picks, self.config().vocab_size)
     }
     fn free_sequence(&mut self, seq: SeqId);
+    /// Prefix caching: takes the cached blocks that begin a chunk (`tokens` at `start`) by
+    /// reference instead of computing them; the positions reused. With `keep_last` (the chunk
+    /// gives logits) at least one token is left to compute. See [`crate::BlockTable`].
+    fn reuse_prefix(&mut self, seq: SeqId, start: usize, tokens: &[u32], keep_last: bool) -> usize;
     fn capacity(&self) -> CacheCapacity;
     /// Tokens per routed expert and MoE layer since the last call.
     fn take_expert_counts(&mut self) -> Result<ExpertCounts>;
@@ -226,6 +230,10 @@ impl<E: ExpertExecutor + Send + ?Sized> StepBackend for CpuBackend<E> {
 
     fn free_sequence(&mut self, seq: SeqId) {
         self.cache.free_sequence(seq);
+    }
+
+    fn reuse_prefix(&mut self, seq: SeqId, start: usize, tokens: &[u32], keep_last: bool) -> usize {
+        self.cache.reuse_prefix(seq, start, tokens, keep_last)
     }
 
     fn capacity(&self) -> CacheCapacity {

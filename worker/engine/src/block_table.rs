@@ -1,8 +1,16 @@
 //! Block bookkeeping of a paged KV cache, apart from where the cache lives: which pool blocks
 //! each sequence owns and how many positions it has cached. The CPU cache and the GPU cache
 //! both keep their rows by this table.
+//!
+//! **Prefix caching**: a full block written from known tokens is registered under the hash of
+//! its tokens and of every token before them. A new sequence whose prompt starts with
+//! registered blocks takes them by reference instead of computing them again
+//! ([`BlockTable::reuse_prefix`]); a block goes back to the pool only when no sequence holds it,
+//! and then stays reusable until the pool needs it (least recently used first). Shared blocks
+//! are full and never written again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
 
 pub type SeqId = u64;
 
@@ -16,6 +24,8 @@ pub enum CacheError {
     Gap { seq: SeqId, start: usize, len: usize },
     #[error("sequence {seq}: position {position} is beyond the model's context of {max}")]
     TooLong { seq: SeqId, position: usize, max: usize },
+    #[error("sequence {seq}: position {position} lies in a block other sequences share")]
+    Shared { seq: SeqId, position: usize },
 }
 
 #[derive(Default, Debug)]
@@ -23,14 +33,42 @@ struct SeqBlocks {
     blocks: Vec<u32>,
     /// Positions written by the main stack.
     len: usize,
+    /// The tokens of positions `0..tokens.len()`, while they are known (chunks given with their
+    /// tokens); their full blocks are registered for reuse.
+    tokens: Vec<u32>,
+    /// Chain hash of each full block of `tokens`.
+    hashes: Vec<u64>,
+    /// False once a chunk came without its tokens: nothing more is registered.
+    tracked: bool,
 }
 
 pub struct BlockTable {
     block_size: usize,
     num_blocks: usize,
     max_positions: usize,
+    /// Blocks holding nothing reusable.
     free: Vec<u32>,
     seqs: HashMap<SeqId, SeqBlocks>,
+    /// Sequences holding each block.
+    refs: Vec<u32>,
+    /// The registered hash of each block.
+    block_hash: Vec<Option<u64>>,
+    /// Registered blocks by hash.
+    registered: HashMap<u64, u32>,
+    /// Registered blocks no sequence holds, by last use (oldest first): reusable, and taken
+    /// for new rows when `free` is empty.
+    idle: BTreeMap<u64, u32>,
+    idle_since: Vec<u64>,
+    clock: u64,
+}
+
+/// Hash of a full block's tokens chained to the hash of the blocks before it.
+fn chain_hash(parent: u64, tokens: &[u32]) -> u64 {
+    // SipHash with fixed keys: the same on every rank and every run.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    parent.hash(&mut h);
+    tokens.hash(&mut h);
+    h.finish()
 }
 
 impl BlockTable {
@@ -42,6 +80,12 @@ impl BlockTable {
             max_positions,
             free: (0..num_blocks as u32).rev().collect(),
             seqs: HashMap::new(),
+            refs: vec![0; num_blocks],
+            block_hash: vec![None; num_blocks],
+            registered: HashMap::new(),
+            idle: BTreeMap::new(),
+            idle_since: vec![0; num_blocks],
+            clock: 0,
         }
     }
 
@@ -53,12 +97,118 @@ impl BlockTable {
         self.num_blocks
     }
 
+    /// Blocks a sequence can take: empty ones and idle reusable ones.
     pub fn free_blocks(&self) -> usize {
-        self.free.len()
+        self.free.len() + self.idle.len()
     }
 
+    /// Blocks some sequence holds.
     pub fn used_blocks(&self) -> usize {
-        self.num_blocks - self.free.len()
+        self.num_blocks - self.free_blocks()
+    }
+
+    /// A block for new rows: an empty one, else the least recently used idle one (forgotten).
+    fn take_block(&mut self) -> Option<u32> {
+        let block = match self.free.pop() {
+            Some(b) => b,
+            None => {
+                let (_, b) = self.idle.pop_first()?;
+                if let Some(h) = self.block_hash[b as usize].take() {
+                    self.registered.remove(&h);
+                }
+                b
+            }
+        };
+        self.refs[block as usize] = 1;
+        Some(block)
+    }
+
+    /// One holder fewer: a block no sequence holds becomes idle (registered) or empty.
+    fn drop_block(&mut self, block: u32) {
+        let b = block as usize;
+        self.refs[b] = self.refs[b].saturating_sub(1);
+        if self.refs[b] == 0 {
+            if self.block_hash[b].is_some() {
+                self.clock += 1;
+                self.idle_since[b] = self.clock;
+                self.idle.insert(self.clock, block);
+            } else {
+                self.free.push(block);
+            }
+        }
+    }
+
+    /// Takes registered blocks by reference for a chunk about to be computed: `tokens` at
+    /// `start`, where the sequence is new (`start` 0) or holds exactly `start` positions, all in
+    /// whole registered blocks (it has reused everything so far). With `keep_last` (the chunk
+    /// must give logits) at least one token is left to compute. Returns the positions of
+    /// `tokens` reused (whole blocks).
+    pub fn reuse_prefix(&mut self, seq: SeqId, start: usize, tokens: &[u32], keep_last: bool) -> usize {
+        let block_size = self.block_size;
+        let mut entry = match self.seqs.remove(&seq) {
+            None if start == 0 => SeqBlocks {
+                tracked: true,
+                ..SeqBlocks::default()
+            },
+            None => return 0,
+            Some(e) => {
+                let whole =
+                    e.tracked && e.len == start && e.tokens.len() == start && e.hashes.len() * block_size == start;
+                if !whole {
+                    self.seqs.insert(seq, e);
+                    return 0;
+                }
+                e
+            }
+        };
+        let mut parent = entry.hashes.last().copied().unwrap_or(0);
+        let usable = tokens.len() - usize::from(keep_last && !tokens.is_empty());
+        for block_tokens in tokens[..usable].chunks_exact(block_size) {
+            let h = chain_hash(parent, block_tokens);
+            let Some(&block) = self.registered.get(&h) else { break };
+            let b = block as usize;
+            if self.refs[b] == 0 {
+                self.idle.remove(&self.idle_since[b]);
+            }
+            self.refs[b] += 1;
+            entry.blocks.push(block);
+            entry.hashes.push(h);
+            entry.tokens.extend_from_slice(block_tokens);
+            parent = h;
+        }
+        let reused = entry.tokens.len() - start;
+        entry.len = entry.tokens.len();
+        self.seqs.insert(seq, entry);
+        reused
+    }
+
+    /// Records the tokens of a chunk `begin_chunk` made room for, registering the blocks they
+    /// fill; a chunk whose tokens do not follow the known ones stops the registration.
+    pub fn note_tokens(&mut self, seq: SeqId, start: usize, tokens: &[u32]) {
+        let block_size = self.block_size;
+        let Some(entry) = self.seqs.get_mut(&seq) else { return };
+        if !entry.tracked || start > entry.tokens.len() {
+            entry.tracked = false;
+            return;
+        }
+        entry.tokens.truncate(start);
+        entry.tokens.extend_from_slice(tokens);
+        entry.hashes.truncate(start / block_size);
+        let mut newly = Vec::new();
+        while (entry.hashes.len() + 1) * block_size <= entry.tokens.len() {
+            let i = entry.hashes.len();
+            let parent = if i == 0 { 0 } else { entry.hashes[i - 1] };
+            let h = chain_hash(parent, &entry.tokens[i * block_size..(i + 1) * block_size]);
+            entry.hashes.push(h);
+            newly.push((entry.blocks[i], h));
+        }
+        for (block, h) in newly {
+            let b = block as usize;
+            if self.block_hash[b].is_none() && !self.registered.contains_key(&h) {
+                self.block_hash[b] = Some(h);
+                self.registered.insert(h, block);
+            }
+        }
     }
 
     pub fn contains(&self, seq: SeqId) -> bool {
@@ -90,16 +240,22 @@ impl BlockTable {
             });
         }
         let needed = self.blocks_needed(seq, positions);
-        if needed > self.free.len() {
-            return Err(CacheError::Full {
-                needed,
-                free: self.free.len(),
-            });
+        let free = self.free_blocks();
+        if needed > free {
+            return Err(CacheError::Full { needed, free });
         }
-        let entry = self.seqs.entry(seq).or_default();
+        let mut taken = Vec::with_capacity(needed);
         for _ in 0..needed {
-            entry.blocks.push(self.free.pop().expect("checked free count"));
+            taken.push(self.take_block().expect("checked free count"));
         }
+        self.seqs
+            .entry(seq)
+            .or_insert_with(|| SeqBlocks {
+                tracked: true,
+                ..SeqBlocks::default()
+            })
+            .blocks
+            .extend(taken);
         Ok(())
     }
 
@@ -114,6 +270,20 @@ impl BlockTable {
                 len: cached,
             });
         }
+        // Rows are written from `start` on: blocks there must be this sequence's alone, and
+        // what they held is no longer what their hash says.
+        let first = start / self.block_size;
+        if let Some(entry) = self.seqs.get(&seq) {
+            for &block in entry.blocks.iter().skip(first) {
+                let b = block as usize;
+                if self.refs[b] > 1 {
+                    return Err(CacheError::Shared { seq, position: start });
+                }
+                if let Some(h) = self.block_hash[b].take() {
+                    self.registered.remove(&h);
+                }
+            }
+        }
         self.reserve(seq, start + len)?;
         let entry = self.seqs.get_mut(&seq).expect("reserved above");
         entry.len = start + len;
@@ -122,20 +292,27 @@ impl BlockTable {
 
     /// Forgets positions from `len` on (rejected speculative tokens); frees whole unused blocks.
     pub fn truncate(&mut self, seq: SeqId, len: usize) {
+        let mut dropped = Vec::new();
         if let Some(entry) = self.seqs.get_mut(&seq) {
             entry.len = entry.len.min(len);
+            entry.tokens.truncate(len);
+            entry.hashes.truncate(len / self.block_size);
             let keep = len.div_ceil(self.block_size);
             while entry.blocks.len() > keep {
-                let block = entry.blocks.pop().expect("len checked");
-                self.free.push(block);
+                dropped.push(entry.blocks.pop().expect("len checked"));
             }
+        }
+        for block in dropped {
+            self.drop_block(block);
         }
     }
 
-    /// Releases every block of the sequence.
+    /// Releases every block of the sequence (registered ones stay reusable until needed).
     pub fn free_sequence(&mut self, seq: SeqId) {
         if let Some(entry) = self.seqs.remove(&seq) {
-            self.free.extend(entry.blocks);
+            for block in entry.blocks {
+                self.drop_block(block);
+            }
         }
     }
 
@@ -186,5 +363,92 @@ mod tests {
         table.free_sequence(1);
         assert_eq!(table.used_blocks(), 0);
         assert!(matches!(table.reserve(3, 65), Err(CacheError::TooLong { .. })));
+    }
+
+    fn prefill(table: &mut BlockTable, seq: SeqId, tokens: &[u32]) -> usize {
+        let reused = table.reuse_prefix(seq, 0, tokens, true);
+        table.begin_chunk(seq, reused, tokens.len() - reused).expect("room");
+        table.note_tokens(seq, reused, &tokens[reused..]);
+        reused
+    }
+
+    #[test]
+    fn a_shared_prefix_is_taken_by_reference_and_outlives_its_writer() {
+        let mut table = BlockTable::new(4, 10, 64);
+        let prompt: Vec<u32> = (0..10).collect();
+        assert_eq!(prefill(&mut table, 1, &prompt), 0);
+        // Two full blocks of the first prompt are registered; the partial third is not.
+        let mut longer = prompt.clone();
+        longer.extend([50, 51, 52]);
+        assert_eq!(prefill(&mut table, 2, &longer), 8);
+        assert_eq!(table.blocks(2)[..2], table.blocks(1)[..2]);
+        assert_ne!(table.blocks(2)[2], table.blocks(1)[2]);
+        assert_eq!(table.used_blocks(), 5, "two shared blocks counted once (3 + 2)");
+        // At least one token is always left to compute: an 8-token prompt reuses one block.
+        assert_eq!(prefill(&mut table, 3, &prompt[..8]), 4);
+        // A different first token shares nothing (the hash chains every token before).
+        let other: Vec<u32> = std::iter::once(99).chain(1..10).collect();
+        table.free_sequence(3);
+        assert_eq!(prefill(&mut table, 4, &other), 0);
+        // The writer goes; its registered blocks stay reusable while the pool allows.
+        table.free_sequence(1);
+        table.free_sequence(2);
+        table.free_sequence(4);
+        assert_eq!(table.used_blocks(), 0);
+        // (The second prompt registered its third block too: 12 of its 13 positions.)
+        assert_eq!(prefill(&mut table, 5, &longer), 12);
+        // Writing into a shared block is refused.
+        assert_eq!(prefill(&mut table, 6, &longer), 12);
+        assert_eq!(
+            table.begin_chunk(6, 2, 1),
+            Err(CacheError::Shared { seq: 6, position: 2 })
+        );
+    }
+
+    #[test]
+    fn a_prompt_in_chunks_goes_on_reusing_while_every_block_so_far_was_reused() {
+        let mut table = BlockTable::new(4, 16, 64);
+        let prompt: Vec<u32> = (0..20).collect();
+        prefill(&mut table, 1, &prompt);
+        // The same prompt in chunks of 8, as a step budget splits it.
+        let mut at = 0;
+        let mut reused = 0;
+        for chunk in prompt.chunks(8) {
+            let last = at + chunk.len() == prompt.len();
+            let r = table.reuse_prefix(2, at, chunk, last);
+            if r < chunk.len() {
+                table.begin_chunk(2, at + r, chunk.len() - r).expect("room");
+                table.note_tokens(2, at + r, &chunk[r..]);
+            }
+            reused += r;
+            at += chunk.len();
+        }
+        // 8 + 8 from the first two chunks (wholly reused: nothing to compute), 0 from the last
+        // (its one full block holds the token that must give logits): 16 of 20.
+        assert_eq!(reused, 16);
+        assert_eq!(table.blocks(2)[..4], table.blocks(1)[..4]);
+    }
+
+    #[test]
+    fn idle_registered_blocks_are_taken_least_recently_used_first_when_the_pool_is_short() {
+        let mut table = BlockTable::new(2, 4, 64);
+        prefill(&mut table, 1, &[1, 2, 3, 4, 5]); // blocks for [1,2] [3,4] registered, [5]
+        table.free_sequence(1);
+        prefill(&mut table, 2, &[7, 8, 9]); // [7,8] registered
+        table.free_sequence(2);
+        assert_eq!(table.free_blocks(), 4);
+        // Idle: [1,2], [3,4], [7,8] (oldest first) and one empty block. Six positions need three
+        // blocks: the empty one, then the two oldest idle ones.
+        prefill(&mut table, 3, &[20, 21, 22, 23, 24, 25]);
+        assert_eq!(
+            table.reuse_prefix(4, 0, &[7, 8, 9], true),
+            2,
+            "the newest idle block survives"
+        );
+        assert_eq!(
+            table.reuse_prefix(5, 0, &[1, 2, 3, 4, 5], true),
+            0,
+            "the oldest were taken"
+        );
     }
 }

@@ -81,6 +81,16 @@ impl KvCache {
         self.table.begin_chunk(seq, start, len)
     }
 
+    /// See [`BlockTable::note_tokens`].
+    pub fn note_tokens(&mut self, seq: SeqId, start: usize, tokens: &[u32]) {
+        self.table.note_tokens(seq, start, tokens)
+    }
+
+    /// See [`BlockTable::reuse_prefix`].
+    pub fn reuse_prefix(&mut self, seq: SeqId, start: usize, tokens: &[u32], keep_last: bool) -> usize {
+        self.table.reuse_prefix(seq, start, tokens, keep_last)
+    }
+
     pub fn truncate(&mut self, seq: SeqId, len: usize) {
         self.table.truncate(seq, len)
     }

@@ -347,6 +347,7 @@ impl Model {
         check_chunks(&self.config, chunks)?;
         for c in chunks {
             cache.begin_chunk(c.seq, c.start, c.tokens.len())?;
+            cache.note_tokens(c.seq, c.start, c.tokens);
         }
         let tokens: Vec<u32> = chunks.iter().flat_map(|c| c.tokens.iter().copied()).collect();
         let (spans, cos, sin) = self.layout(chunks);

@@ -9,7 +9,9 @@ use dsv3_engine::{
 };
 use dsv3_engine::{OutputGrammar, TokenMask};
 use dsv3_grammar::{Constraint, Grammars};
-use dsv3_proto::{AttentionInfo, LayerLoad, Sampled, SequenceFailure, StepItem, StepReply, StepRequest, TokenLogprob};
+use dsv3_proto::{
+    AttentionInfo, LayerLoad, PrefixReuse, Sampled, SequenceFailure, StepItem, StepReply, StepRequest, TokenLogprob,
+};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -148,7 +150,17 @@ impl AttentionRank for LocalAttention {
         let started = std::time::Instant::now();
         let mut guard = self.lock()?;
         let state = &mut *guard;
-        let chunks = step_chunks(&request.items);
+        // Prefix caching: the cached blocks that begin a chunk are taken, not computed.
+        let reused: Vec<usize> = request
+            .items
+            .iter()
+            .map(|item| {
+                state
+                    .backend
+                    .reuse_prefix(item.seq, item.start as usize, &item.tokens, item.sample.is_some())
+            })
+            .collect();
+        let (chunks, computed) = step_chunks(&request.items, &reused);
         // Grammars of sequences sampling for the first time, following the output they were
         // prefilled with (after a preemption).
         for item in &request.items {
@@ -170,7 +182,13 @@ impl AttentionRank for LocalAttention {
                 pick.allowed = Some(self.next_mask(constraint));
             }
         }
-        let picked = state.backend.step_pick(&chunks, &picks)?;
+        let computed_picks: Vec<Option<TokenPick>> = computed.iter().map(|&i| picks[i].take()).collect();
+        let mut picked: Vec<Option<PickedToken>> = vec![None; request.items.len()];
+        if !chunks.is_empty() {
+            for (&i, p) in computed.iter().zip(state.backend.step_pick(&chunks, &computed_picks)?) {
+                picked[i] = p;
+            }
+        }
         for (item, p) in request.items.iter().zip(&picked) {
             let Some(p) = p else { continue };
             if let Some(sampler) = state.samplers.get_mut(&item.seq) {
@@ -202,6 +220,16 @@ impl AttentionRank for LocalAttention {
         let counts_due = state.counts_taken.is_none_or(|t| t.elapsed() >= COUNTS_INTERVAL);
         let reply = StepReply {
             failed,
+            reused: request
+                .items
+                .iter()
+                .zip(&reused)
+                .filter(|(_, &r)| r > 0)
+                .map(|(item, &r)| PrefixReuse {
+                    seq: item.seq,
+                    tokens: r as u32,
+                })
+                .collect(),
             sampled: sampled(&request.items, picked),
             expert_load: if counts_due {
                 state.take_expert_load()?
@@ -273,19 +301,27 @@ pub fn memory_report(m: MemoryUse) -> dsv3_proto::MemoryReport {
     }
 }
 
-/// The model chunks of a step's items: logits at the last position of the items that sample.
-fn step_chunks(items: &[StepItem]) -> Vec<Chunk<'_>> {
+/// The model chunks of a step's items, less the leading positions `reused` from the prefix
+/// cache (an item wholly reused has no chunk): logits at the last position of the items that
+/// sample. Also the index of each chunk's item.
+fn step_chunks<'a>(items: &'a [StepItem], reused: &[usize]) -> (Vec<Chunk<'a>>, Vec<usize>) {
     items
         .iter()
-        .map(|item| {
+        .zip(reused)
+        .enumerate()
+        .filter(|(_, (item, &r))| r < item.tokens.len())
+        .map(|(i, (item, &r))| {
             let outputs = if item.sample.is_some() {
                 Outputs::Last
             } else {
                 Outputs::None
             };
-            Chunk::new(item.seq, item.start as usize, &item.tokens, outputs)
+            (
+                Chunk::new(item.seq, item.start as usize + r, &item.tokens[r..], outputs),
+                i,
+            )
         })
-        .collect()
+        .unzip()
 }
 
 /// Per-layer token counts of the routed experts, as the reply reports them.

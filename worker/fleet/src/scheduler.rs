@@ -523,7 +523,16 @@ impl Scheduler {
         let mut planned: Vec<(usize, usize)> = Vec::new(); // (running index, tokens this step)
         for (i, r) in self.running.iter().enumerate() {
             let b = &mut budget[r.rank];
-            let Some((tokens, samples)) = next_tokens(&r.prompt, r.cached, r.last_token.as_ref(), *b) else {
+            // A prefill chunk that does not finish its prompt ends on a cache block's edge, so
+            // the prefix cache can go on reusing whole blocks in the next chunk.
+            let block = self.ranks[r.rank].block_size.max(1);
+            let prefilling = r.cached < r.prompt.len() && r.prompt.len() - r.cached > *b;
+            let take = if prefilling && *b >= block {
+                *b / block * block
+            } else {
+                *b
+            };
+            let Some((tokens, samples)) = next_tokens(&r.prompt, r.cached, r.last_token.as_ref(), take) else {
                 continue;
             };
             let item = StepItem {
@@ -571,6 +580,7 @@ impl Scheduler {
         let mut failed_ranks: BTreeMap<usize, String> = BTreeMap::new();
         let mut sampled: BTreeMap<u64, dsv3_proto::Sampled> = BTreeMap::new();
         let mut failed_seqs: BTreeMap<u64, String> = BTreeMap::new();
+        let mut reused: BTreeMap<u64, usize> = BTreeMap::new();
         for (rank, reply) in replies.into_iter().enumerate() {
             match reply {
                 None => {}
@@ -581,6 +591,9 @@ impl Scheduler {
                     }
                     for f in reply.failed {
                         failed_seqs.insert(f.seq, f.message);
+                    }
+                    for p in reply.reused {
+                        reused.insert(p.seq, p.tokens as usize);
                     }
                 }
                 Some(Err(e)) => {
@@ -602,6 +615,13 @@ impl Scheduler {
                 let _ = r.events.send(GenerationEvent::Failed { message });
                 finished.push(i);
                 continue;
+            }
+            // Prompt tokens taken from the prefix cache, counted at first admission (a resumed
+            // sequence taking back its own blocks is not a hit).
+            if let Some(&tokens) = reused.get(&r.seq) {
+                if r.output.is_empty() {
+                    let _ = r.events.send(GenerationEvent::Cached { tokens });
+                }
             }
             r.cached += n;
             let Some(s) = sampled.remove(&r.seq) else { continue };

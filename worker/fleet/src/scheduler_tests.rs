@@ -177,8 +177,9 @@ fn requests_batch_under_the_token_budget_and_get_their_own_tokens() {
     }
     let steps = fake.step_tokens.lock().expect("lock").clone();
     assert!(steps.iter().all(|&n| n <= 64), "a step went over the budget: {steps:?}");
-    // The long prompt is prefilled in chunks beside the others' decode steps.
-    assert!(steps.iter().filter(|&&n| n == 64).count() >= 4, "{steps:?}");
+    // The long prompt is prefilled in chunks beside the others' decode steps, each chunk that
+    // leaves some of it for later ending on a cache block's edge (blocks of 16).
+    assert!(steps.iter().filter(|&&n| n >= 48).count() >= 4, "{steps:?}");
     // Released right after the last event is sent.
     let released = || {
         let mut seqs = fake.released.lock().expect("lock").clone();

@@ -462,6 +462,7 @@ impl CudaModel {
         check_chunks(&self.config, chunks)?;
         for c in chunks {
             self.cache.table.begin_chunk(c.seq, c.start, c.tokens.len())?;
+            self.cache.table.note_tokens(c.seq, c.start, c.tokens);
         }
         self.moe_stats.reset_touched(&self.gpu)?;
         let head_rows = head_rows.filter(|r| !r.is_empty());
@@ -689,6 +690,10 @@ impl StepBackend for CudaModel {
 
     fn free_sequence(&mut self, seq: SeqId) {
         self.cache.table.free_sequence(seq);
+    }
+
+    fn reuse_prefix(&mut self, seq: SeqId, start: usize, tokens: &[u32], keep_last: bool) -> usize {
+        self.cache.table.reuse_prefix(seq, start, tokens, keep_last)
     }
 
     fn capacity(&self) -> CacheCapacity {

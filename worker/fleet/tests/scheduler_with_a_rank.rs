@@ -1,8 +1,11 @@
-//! The scheduler with a real attention rank (the CPU engine on the tiny model): seeded, sampled
-//! requests preempted for cache room and prefilled again give the tokens an undisturbed run gives,
-//! so the rank honours `generated_before` in the sampling spec the scheduler sends it; and the
-//! logit rules (penalties, bias, min_tokens) the rank applies from that spec give what the
-//! engine's own generation loop gives, preempted or not.
+//! The scheduler with a real attention rank (the CPU engine on the tiny model):
+//! - seeded, sampled requests preempted for cache room and prefilled again give the tokens an
+//!   undisturbed run gives (the rank honours `generated_before`);
+//! - the logit rules (penalties, bias, min_tokens) the rank applies give what the engine's own
+//!   generation loop gives, preempted or not;
+//! - structured output fits its schema, preempted or not, and a grammar the rank cannot hold
+//!   fails its request visibly;
+//! - a resent prefix is taken from the prefix cache and changes no token.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -45,10 +48,14 @@ fn tiny_rank(cache_tokens: usize) -> Arc<dyn AttentionRank> {
 }
 
 fn fleet(cache_tokens: usize) -> Arc<Fleet> {
+    fleet_stepping(cache_tokens, 256)
+}
+
+fn fleet_stepping(cache_tokens: usize, max_step_tokens: usize) -> Arc<Fleet> {
     let rank = tiny_rank(cache_tokens);
     let config = SchedulerConfig {
         max_waiting: 16,
-        max_step_tokens: 256,
+        max_step_tokens,
         probe_interval: Duration::from_millis(20),
     };
     let model_config = ModelConfig::from_model_files(&tiny()).expect("config");
@@ -104,7 +111,7 @@ fn run_requests(fleet: &Fleet, requests: Vec<GenerateRequest>) -> Vec<Vec<u32>> 
                 match event {
                     GenerationEvent::Token { id, .. } => tokens.push(id),
                     GenerationEvent::Failed { message } => panic!("failed: {message}"),
-                    GenerationEvent::Scheduled | GenerationEvent::Finished { .. } => {}
+                    GenerationEvent::Scheduled | GenerationEvent::Cached { .. } | GenerationEvent::Finished { .. } => {}
                 }
             }
             tokens
@@ -277,4 +284,51 @@ fn a_grammar_the_rank_cannot_hold_fails_its_request_visibly() {
         "{error}"
     );
     assert!(outcomes[1..].iter().all(|o| o == &Ok(40)), "{outcomes:?}");
+}
+
+/// Greedy tokens of one request and the prompt tokens it found in the prefix cache.
+fn greedy_with_cache(fleet: &Fleet, prompt: Vec<u32>) -> (Vec<u32>, usize) {
+    let params = SamplingParams {
+        max_tokens: 12,
+        ignore_eos: true,
+        ..SamplingParams::default()
+    };
+    let mut rx = fleet
+        .submit(GenerationRequest {
+            prompt,
+            params,
+            logprobs: None,
+        })
+        .expect("submit");
+    let (mut tokens, mut cached) = (Vec::new(), 0);
+    while let Some(event) = rx.blocking_recv() {
+        match event {
+            GenerationEvent::Token { id, .. } => tokens.push(id),
+            GenerationEvent::Cached { tokens } => cached += tokens,
+            GenerationEvent::Failed { message } => panic!("failed: {message}"),
+            _ => {}
+        }
+    }
+    (tokens, cached)
+}
+
+/// Multi-turn chat resends its history: the second turn takes the first turn's prompt blocks
+/// from the prefix cache (whole blocks of 16, also across chunked prefill) and answers exactly
+/// as a cold server does.
+#[test]
+fn a_resent_prefix_is_taken_from_the_cache_and_changes_nothing() {
+    let history: Vec<u32> = (0..70).map(|t| 2 + (t * 37) % 900).collect();
+    let mut second_turn = history.clone();
+    second_turn.extend([11, 12, 13, 14, 15]);
+    for step_tokens in [256, 24] {
+        let cold = greedy_with_cache(&fleet_stepping(4096, step_tokens), second_turn.clone());
+        assert_eq!(cold.1, 0, "nothing cached on a fresh server");
+        let warm_fleet = fleet_stepping(4096, step_tokens);
+        let (_, first_cached) = greedy_with_cache(&warm_fleet, history.clone());
+        assert_eq!(first_cached, 0);
+        let (tokens, cached) = greedy_with_cache(&warm_fleet, second_turn.clone());
+        // The history's 4 whole blocks (64 of its 70 tokens).
+        assert_eq!(cached, 64, "steps of {step_tokens} tokens");
+        assert_eq!(tokens, cold.0, "steps of {step_tokens} tokens");
+    }
 }
