@@ -303,3 +303,7 @@ def test_a_resent_conversation_is_served_from_the_prefix_cache():
             metrics = r.read().decode()
         hits = [l for l in metrics.splitlines() if l.startswith("dsv3_prefix_cache_hits_total{")]
         assert hits and float(hits[0].split()[-1]) == cached, hits
+        # `n` choices of a new prompt compute it once: the later choices take its blocks.
+        fresh = [{"role": "user", "content": "Rivers, ships and harbours of old towns, please " * 4}]
+        r = client.chat.completions.create(model="dsv3-tiny", messages=fresh, max_tokens=4, temperature=0, n=3)
+        assert r.usage.prompt_tokens_details.cached_tokens >= 16

@@ -45,6 +45,9 @@ pub struct FleetArgs {
     /// the CPU).
     #[arg(long, value_enum, default_value_t = Fp8ActivationsArg::Auto, env = "DSV3_FP8_ACTIVATIONS")]
     fp8_activations: Fp8ActivationsArg,
+    /// Passed to the attention ranks: compute every prompt in full.
+    #[arg(long)]
+    no_prefix_caching: bool,
 }
 
 /// The GPUs the members are placed on, as `CUDA_VISIBLE_DEVICES` entries; empty on the CPU.
@@ -179,7 +182,10 @@ pub fn run(args: FleetArgs) -> Result<()> {
                     .map_or("auto".into(), |v| v.get_name().to_string()),
                 "--cache-tokens".into(),
                 args.cache_tokens.to_string(),
-            ],
+            ]
+            .into_iter()
+            .chain(args.no_prefix_caching.then(|| "--no-prefix-caching".to_string()))
+            .collect(),
         )?;
     }
     let mut router_args = vec!["--attention-peers".into(), attention_peers.join(",")];

@@ -83,6 +83,10 @@ pub struct ServeArgs {
     /// (auto on a GPU, as DeepSeek's FP8 inference) or unquantised (auto on the CPU).
     #[arg(long, value_enum, default_value_t = Fp8ActivationsArg::Auto, env = "DSV3_FP8_ACTIVATIONS")]
     fp8_activations: Fp8ActivationsArg,
+    /// Compute every prompt in full: no reuse of cached prefix blocks (for comparison and
+    /// debugging; on by default, as in vLLM).
+    #[arg(long)]
+    no_prefix_caching: bool,
 }
 
 #[derive(Args)]
@@ -152,6 +156,10 @@ pub struct AttentionArgs {
     /// (auto on a GPU, as DeepSeek's FP8 inference) or unquantised (auto on the CPU).
     #[arg(long, value_enum, default_value_t = Fp8ActivationsArg::Auto, env = "DSV3_FP8_ACTIVATIONS")]
     fp8_activations: Fp8ActivationsArg,
+    /// Compute every prompt in full: no reuse of cached prefix blocks (for comparison and
+    /// debugging; on by default, as in vLLM).
+    #[arg(long)]
+    no_prefix_caching: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -339,7 +347,8 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         args.fp8_activations,
     )?;
     let config = backend.config().clone();
-    let rank = with_grammars(LocalAttention::new(0, backend, None), &files)?;
+    let rank =
+        with_grammars(LocalAttention::new(0, backend, None), &files)?.with_prefix_caching(!args.no_prefix_caching);
     let rank: Arc<dyn AttentionRank> = Arc::new(rank);
     let fleet = Fleet::start(config, vec![rank], scheduler_config(&args.http));
     serve_http(
@@ -408,7 +417,8 @@ pub fn attention(args: AttentionArgs) -> Result<()> {
         args.fp8_activations,
     )
     .with_context(|| format!("loading attention rank {}", args.rank))?;
-    let rank = with_grammars(LocalAttention::new(args.rank, backend, Some(experts)), &files)?;
+    let rank = with_grammars(LocalAttention::new(args.rank, backend, Some(experts)), &files)?
+        .with_prefix_caching(!args.no_prefix_caching);
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind((args.listen.host.as_str(), args.listen.port))
             .await

@@ -71,6 +71,8 @@ pub struct LocalAttention {
     experts: Option<Arc<dyn ExpertBackend>>,
     /// The grammar engine for structured output (needs the model's tokenizer).
     grammars: Option<Arc<Grammars>>,
+    /// Whether cached prefix blocks are reused (on unless turned off).
+    prefix_caching: bool,
     state: Mutex<RankState>,
 }
 
@@ -81,6 +83,7 @@ impl LocalAttention {
             config: backend.config().clone(),
             experts,
             grammars: None,
+            prefix_caching: true,
             state: Mutex::new(RankState {
                 backend,
                 samplers: HashMap::new(),
@@ -91,6 +94,12 @@ impl LocalAttention {
                 counts_taken: None,
             }),
         }
+    }
+
+    /// With `false`, every prompt is computed in full (no prefix cache reuse).
+    pub fn with_prefix_caching(mut self, on: bool) -> Self {
+        self.prefix_caching = on;
+        self
     }
 
     /// Serves structured output with `grammars` (built from the model's tokenizer).
@@ -155,6 +164,9 @@ impl AttentionRank for LocalAttention {
             .items
             .iter()
             .map(|item| {
+                if !self.prefix_caching {
+                    return 0;
+                }
                 state
                     .backend
                     .reuse_prefix(item.seq, item.start as usize, &item.tokens, item.sample.is_some())

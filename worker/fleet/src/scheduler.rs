@@ -92,6 +92,18 @@ struct RankSlot {
     last_probe: Option<Instant>,
     /// Device, memory and expert traffic from its last answer.
     stats: RankStats,
+    /// The beginnings of the prompts it took most recently (newest last): its prefix cache
+    /// probably still holds them.
+    recent_prompts: std::collections::VecDeque<Vec<u32>>,
+}
+
+/// Prompts remembered per rank for prefix affinity, and how much of each.
+const RECENT_PROMPTS: usize = 64;
+const RECENT_PROMPT_TOKENS: usize = 1024;
+
+/// Tokens `a` and `b` share from the start, in whole blocks of `block`.
+fn shared_blocks(a: &[u32], b: &[u32], block: usize) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count() / block.max(1)
 }
 
 #[derive(Default)]
@@ -131,6 +143,7 @@ impl Fleet {
                 healthy: false,
                 detail: "not probed yet".into(),
                 block_size: 16,
+                recent_prompts: Default::default(),
                 total_blocks: 0,
                 last_probe: None,
                 stats: RankStats::default(),
@@ -400,8 +413,21 @@ impl Scheduler {
 
     fn admit(&mut self) {
         while let Some(pending) = self.waiting.front() {
+            let prompt = &pending.request.prompt;
+            // A request whose prompt begins with whole blocks another one is still prefilling
+            // (the `n` choices of one request, agents sending the same tools) waits for those
+            // blocks instead of computing them twice.
+            let sibling_prefilling = pending.resume.is_none()
+                && self.running.iter().any(|r| {
+                    r.cached < r.prompt.len() && shared_blocks(prompt, &r.prompt, self.ranks[r.rank].block_size) > 0
+                });
+            if sibling_prefilling {
+                break;
+            }
             let resumed = pending.resume.as_ref().map_or(0, |(_, output)| output.len());
             let positions = pending.request.prompt.len() + resumed + 1;
+            // Among the ranks with room: the one whose cache probably holds the longest prefix
+            // of the prompt, then the one with the most free blocks.
             let choice = self
                 .ranks
                 .iter()
@@ -411,10 +437,17 @@ impl Scheduler {
                     let free = s
                         .total_blocks
                         .saturating_sub(self.committed_blocks(i) + watermark(s.total_blocks));
-                    (i, free, positions.div_ceil(s.block_size))
+                    let affinity = s
+                        .recent_prompts
+                        .iter()
+                        .map(|p| shared_blocks(prompt, p, s.block_size))
+                        .max()
+                        .unwrap_or(0);
+                    (i, free, positions.div_ceil(s.block_size), affinity)
                 })
-                .filter(|&(_, free, need)| need <= free)
-                .max_by_key(|&(i, free, _)| (free, std::cmp::Reverse(i)));
+                .filter(|&(_, free, need, _)| need <= free)
+                .max_by_key(|&(i, free, _, affinity)| (affinity, free, std::cmp::Reverse(i)))
+                .map(|(i, free, need, _)| (i, free, need));
             let Some((rank, _, _)) = choice else {
                 let fits_somewhere = self
                     .ranks
@@ -451,6 +484,11 @@ impl Scheduler {
                     (self.next_seq - 1, Vec::new())
                 }
             };
+            let recent = &mut self.ranks[rank].recent_prompts;
+            recent.push_back(p.request.prompt[..p.request.prompt.len().min(RECENT_PROMPT_TOKENS)].to_vec());
+            if recent.len() > RECENT_PROMPTS {
+                recent.pop_front();
+            }
             let mut prompt = p.request.prompt.clone();
             prompt.extend_from_slice(&output);
             self.running.push(Running {

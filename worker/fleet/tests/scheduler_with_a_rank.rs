@@ -332,3 +332,45 @@ fn a_resent_prefix_is_taken_from_the_cache_and_changes_nothing() {
         assert_eq!(tokens, cold.0, "steps of {step_tokens} tokens");
     }
 }
+
+/// Requests sent together with one prompt (the `n` choices of a request) compute it once: the
+/// later ones wait for the first one's prefill and take its blocks.
+#[test]
+fn requests_sent_together_with_one_prompt_compute_it_once() {
+    let prompt: Vec<u32> = (0..70).map(|t| 2 + (t * 37) % 900).collect();
+    let fleet = fleet(4096);
+    let receivers: Vec<_> = (0..3)
+        .map(|_| {
+            let params = SamplingParams {
+                max_tokens: 8,
+                ignore_eos: true,
+                ..SamplingParams::default()
+            };
+            fleet
+                .submit(GenerationRequest {
+                    prompt: prompt.clone(),
+                    params,
+                    logprobs: None,
+                })
+                .expect("submit")
+        })
+        .collect();
+    let results: Vec<(Vec<u32>, usize)> = receivers
+        .into_iter()
+        .map(|mut rx| {
+            let (mut tokens, mut cached) = (Vec::new(), 0);
+            while let Some(event) = rx.blocking_recv() {
+                match event {
+                    GenerationEvent::Token { id, .. } => tokens.push(id),
+                    GenerationEvent::Cached { tokens } => cached += tokens,
+                    GenerationEvent::Failed { message } => panic!("failed: {message}"),
+                    _ => {}
+                }
+            }
+            (tokens, cached)
+        })
+        .collect();
+    let cached: Vec<usize> = results.iter().map(|r| r.1).collect();
+    assert_eq!(cached, [0, 64, 64]);
+    assert!(results.iter().all(|r| r.0 == results[0].0), "greedy answers agree");
+}
