@@ -9,20 +9,20 @@ use async_openai::types::chat::{
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
+use axum::Extension;
 use dsv3_text::Tokenizer;
 use serde_json::{Map, Value};
 
 use crate::access::RequestId;
 use crate::backend::GenerationRequest;
 use crate::error::ApiError;
-use crate::generation::{choice_count, collect_choices, start_choices, Finish, TokenOutput};
+use crate::generation::{choice_count, start_choices, Finish, TokenOutput};
 use crate::logprobs::chat_logprobs;
 use crate::params::{check_prompt, prepare, SamplingInput};
 use crate::reasoning::{prompt_opens_think, ReasoningSplitter, Split};
 use crate::request::{parse_request, read_body, Parsed};
 use crate::server::{off_runtime, unix_now, AppState};
-use crate::streaming::{merge_choices, sse_response, usage_of, ChunkFormat};
+use crate::streaming::{respond, ChunkFormat};
 use crate::structured::grammar_of;
 use crate::tools::{self, CallForm, ToolCallParser, ToolChoice, ToolEvent};
 use crate::unsupported::refuse_unsupported;
@@ -109,7 +109,7 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
         true,
     )?;
 
-    let mut choices = start_choices(
+    let choices = start_choices(
         state.backend.as_ref(),
         Some(tokenizer),
         &state.metrics,
@@ -136,24 +136,12 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
             .then(|| ReasoningSplitter::new(opens_think)),
         tools: ToolParsing::new(&tool_choice, forced_opening.as_deref()),
     };
-    if req.stream == Some(true) {
-        let include_usage = req
-            .stream_options
-            .as_ref()
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false);
-        let usage = include_usage.then(|| format(0));
-        let streams = choices.into_iter().enumerate().map(|(i, g)| (g, format(i))).collect();
-        return Ok(sse_response(streams, usage));
-    }
-    let outputs = collect_choices(&mut choices).await?;
-    let usage = usage_of(&choices);
-    let bodies = outputs
-        .into_iter()
-        .enumerate()
-        .map(|(i, out)| format(i).response(out.text, &out.tokens, out.finish, usage.clone()))
-        .collect();
-    Ok(Json(merge_choices(bodies)).into_response())
+    let include_usage = req
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    respond(choices, format, req.stream == Some(true), include_usage).await
 }
 
 /// `max_tokens` and `seed`, which OpenAI marks deprecated but clients still send; the token
@@ -549,7 +537,9 @@ impl ChatChunks {
             }
         }
     }
+}
 
+impl ChunkFormat for ChatChunks {
     fn response(&mut self, text: String, tokens: &[TokenOutput], finish: Finish, usage: CompletionUsage) -> Value {
         let Answer {
             reasoning,
@@ -584,9 +574,7 @@ impl ChatChunks {
             tool_calls,
         )
     }
-}
 
-impl ChunkFormat for ChatChunks {
     fn opening(&mut self) -> Vec<String> {
         let delta = ChatCompletionStreamResponseDelta {
             role: Some(Role::Assistant),

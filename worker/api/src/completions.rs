@@ -7,18 +7,18 @@ use async_openai::types::completions::{CreateCompletionRequest, CreateCompletion
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
+use axum::Extension;
 use dsv3_text::Tokenizer;
 
 use crate::access::RequestId;
 use crate::backend::GenerationRequest;
 use crate::error::ApiError;
-use crate::generation::{choice_count, collect_choices, start_choices, Finish, TokenOutput};
+use crate::generation::{choice_count, start_choices, Finish, TokenOutput};
 use crate::logprobs::completion_logprobs;
 use crate::params::{check_prompt, prepare, SamplingInput};
 use crate::request::{parse_request, read_body, Parsed};
 use crate::server::{off_runtime, unix_now, AppState};
-use crate::streaming::{merge_choices, sse_response, to_json_with_token_ids, usage_of, ChunkFormat};
+use crate::streaming::{respond, to_json_with_token_ids, ChunkFormat};
 use crate::structured::grammar_of;
 use crate::unsupported::refuse_unsupported;
 
@@ -112,7 +112,7 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
         tokenizer.is_some(),
     )?;
 
-    let mut choices = start_choices(
+    let choices = start_choices(
         state.backend.as_ref(),
         tokenizer,
         &state.metrics,
@@ -136,24 +136,12 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
         token_ids: extensions.return_token_ids.unwrap_or(false) || tokenizer.is_none(),
         echo: echoed.clone(),
     };
-    if req.stream == Some(true) {
-        let include_usage = req
-            .stream_options
-            .as_ref()
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false);
-        let usage = include_usage.then(|| format(0));
-        let streams = choices.into_iter().enumerate().map(|(i, g)| (g, format(i))).collect();
-        return Ok(sse_response(streams, usage));
-    }
-    let outputs = collect_choices(&mut choices).await?;
-    let usage = usage_of(&choices);
-    let bodies = outputs
-        .into_iter()
-        .enumerate()
-        .map(|(i, out)| format(i).response(out.text, &out.tokens, out.finish, usage.clone()))
-        .collect();
-    Ok(Json(merge_choices(bodies)).into_response())
+    let include_usage = req
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    respond(choices, format, req.stream == Some(true), include_usage).await
 }
 
 /// The prompt's token ids: text is tokenized with special tokens (BOS), ids are taken as given.
@@ -277,9 +265,11 @@ impl CompletionChunks {
     fn ids(&self, tokens: &[TokenOutput]) -> Option<Vec<u32>> {
         self.token_ids.then(|| tokens.iter().map(|t| t.id).collect())
     }
+}
 
+impl ChunkFormat for CompletionChunks {
     fn response(
-        &self,
+        &mut self,
         text: String,
         tokens: &[TokenOutput],
         finish: Finish,
@@ -292,9 +282,7 @@ impl CompletionChunks {
         let body = self.envelope(vec![self.choice(text, tokens, Some(finish))], Some(usage));
         to_json_with_token_ids(&body, self.ids(tokens))
     }
-}
 
-impl ChunkFormat for CompletionChunks {
     fn opening(&mut self) -> Vec<String> {
         match self.echo.take() {
             Some(prompt) => {

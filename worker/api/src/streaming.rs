@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::ApiError;
-use crate::generation::{Finish, Generation, Step, TokenOutput};
+use crate::generation::{collect_choices, Finish, Generation, Step, TokenOutput};
 
 /// How one endpoint writes its chunks (each a JSON text).
 pub trait ChunkFormat: Send + 'static {
@@ -25,6 +25,31 @@ pub trait ChunkFormat: Send + 'static {
     fn chunk(&mut self, text: String, tokens: &[TokenOutput], finish: Option<Finish>) -> String;
     /// The chunk with usage and no choices (`stream_options.include_usage`).
     fn usage(&mut self, usage: CompletionUsage) -> String;
+    /// The whole response of a non-streamed choice (one choice, with the request's usage).
+    fn response(&mut self, text: String, tokens: &[TokenOutput], finish: Finish, usage: CompletionUsage) -> Value;
+}
+
+/// The answer to a request whose choices are running: server-sent events, or (not streamed)
+/// one response with every choice once all are done. `format(i)` writes choice `i`.
+pub async fn respond<F: ChunkFormat>(
+    mut choices: Vec<Generation>,
+    format: impl Fn(usize) -> F,
+    stream: bool,
+    include_usage: bool,
+) -> Result<Response, ApiError> {
+    if stream {
+        let usage = include_usage.then(|| format(0));
+        let streams = choices.into_iter().enumerate().map(|(i, g)| (g, format(i))).collect();
+        return Ok(sse_response(streams, usage));
+    }
+    let outputs = collect_choices(&mut choices).await?;
+    let usage = usage_of(&choices);
+    let bodies = outputs
+        .into_iter()
+        .enumerate()
+        .map(|(i, out)| format(i).response(out.text, &out.tokens, out.finish, usage.clone()))
+        .collect();
+    Ok(axum::Json(merge_choices(bodies)).into_response())
 }
 
 /// Token counts of a request's choices (the prompt counted once: the choices share it).

@@ -293,13 +293,18 @@ fn greedy_with_cache(fleet: &Fleet, prompt: Vec<u32>) -> (Vec<u32>, usize) {
         ignore_eos: true,
         ..SamplingParams::default()
     };
-    let mut rx = fleet
+    let rx = fleet
         .submit(GenerationRequest {
             prompt,
             params,
             logprobs: None,
         })
         .expect("submit");
+    tokens_and_cached(rx)
+}
+
+/// The tokens of a generation and the prompt tokens it found in the prefix cache.
+fn tokens_and_cached(mut rx: tokio::sync::mpsc::UnboundedReceiver<GenerationEvent>) -> (Vec<u32>, usize) {
     let (mut tokens, mut cached) = (Vec::new(), 0);
     while let Some(event) = rx.blocking_recv() {
         match event {
@@ -355,21 +360,7 @@ fn requests_sent_together_with_one_prompt_compute_it_once() {
                 .expect("submit")
         })
         .collect();
-    let results: Vec<(Vec<u32>, usize)> = receivers
-        .into_iter()
-        .map(|mut rx| {
-            let (mut tokens, mut cached) = (Vec::new(), 0);
-            while let Some(event) = rx.blocking_recv() {
-                match event {
-                    GenerationEvent::Token { id, .. } => tokens.push(id),
-                    GenerationEvent::Cached { tokens } => cached += tokens,
-                    GenerationEvent::Failed { message } => panic!("failed: {message}"),
-                    _ => {}
-                }
-            }
-            (tokens, cached)
-        })
-        .collect();
+    let results: Vec<(Vec<u32>, usize)> = receivers.into_iter().map(tokens_and_cached).collect();
     let cached: Vec<usize> = results.iter().map(|r| r.1).collect();
     assert_eq!(cached, [0, 64, 64]);
     assert!(results.iter().all(|r| r.0 == results[0].0), "greedy answers agree");
