@@ -414,12 +414,14 @@ impl Scheduler {
     fn admit(&mut self) {
         while let Some(pending) = self.waiting.front() {
             let prompt = &pending.request.prompt;
-            // A request whose prompt begins with whole blocks another one is still prefilling
-            // (the `n` choices of one request, agents sending the same tools) waits for those
-            // blocks instead of computing them twice.
+            // A request whose prompt begins with whole blocks another one has not computed yet
+            // (the `n` choices of one request, agents sending the same tools) waits until they
+            // are, then takes them instead of computing them twice. The wait ends with those
+            // blocks, not with the other's whole prefill.
             let sibling_prefilling = pending.resume.is_none()
                 && self.running.iter().any(|r| {
-                    r.cached < r.prompt.len() && shared_blocks(prompt, &r.prompt, self.ranks[r.rank].block_size) > 0
+                    let block = self.ranks[r.rank].block_size;
+                    r.cached < shared_blocks(prompt, &r.prompt, block) * block
                 });
             if sibling_prefilling {
                 break;
