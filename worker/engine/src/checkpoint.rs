@@ -248,6 +248,17 @@ fn shard_names_from_index(index: &str) -> Result<Vec<String>> {
     Ok(names.into_iter().collect())
 }
 
+/// Whether the checkpoint in `files` holds tensor `name`: by its shard index when it has one
+/// (no shard is opened), else by the single file's header.
+pub fn holds_tensor(files: &ModelFiles, name: &str) -> Result<bool> {
+    if let Some(index) = files.read_string("model.safetensors.index.json")? {
+        let value: serde_json::Value = serde_json::from_str(&index)
+            .with_context(|| format!("{}/model.safetensors.index.json is not valid JSON", files.describe()))?;
+        return Ok(value.get("weight_map").and_then(|m| m.get(name)).is_some());
+    }
+    Ok(Checkpoint::open(files)?.contains(name))
+}
+
 /// Convenience for `Checkpoint::open(&ModelFiles::Dir(..))`.
 pub fn open_dir(dir: &Path) -> Result<Checkpoint> {
     Checkpoint::open(&ModelFiles::Dir(dir.to_path_buf()))

@@ -166,11 +166,30 @@ impl ModelConfig {
     }
 
     /// `config.json` of a model directory (or the embedded model).
+    /// The config of a checkpoint. A checkpoint whose config announces the MTP module but that
+    /// carries none of its weights (transformers' `save_pretrained` drops them: most fine-tunes)
+    /// is served without it, as vLLM, SGLang and transformers do.
     pub fn from_model_files(files: &crate::checkpoint::ModelFiles) -> Result<Self> {
         let text = files
             .read_string("config.json")?
             .with_context(|| format!("{} has no config.json", files.describe()))?;
-        Self::from_json_str(&text).with_context(|| format!("in {}/config.json", files.describe()))
+        let mut config = Self::from_json_str(&text).with_context(|| format!("in {}/config.json", files.describe()))?;
+        if config.num_nextn_predict_layers > 0 {
+            let probe = format!("model.layers.{}.eh_proj.weight", config.num_hidden_layers);
+            if !crate::checkpoint::holds_tensor(files, &probe)? {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    eprintln!(
+                        "{}: config.json sets num_nextn_predict_layers {} but the checkpoint has no MTP weights \
+                         (saved by transformers' save_pretrained?): serving without the MTP module",
+                        files.describe(),
+                        config.num_nextn_predict_layers
+                    )
+                });
+                config.num_nextn_predict_layers = 0;
+            }
+        }
+        Ok(config)
     }
 
     pub fn from_json_str(text: &str) -> Result<Self> {

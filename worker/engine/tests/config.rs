@@ -86,3 +86,52 @@ fn missing_and_invalid_keys_are_named() {
         .contains("`quantization_config.scale_fmt` `e8m0` is not supported"));
     assert!(ModelConfig::from_json_str("{not json").is_err());
 }
+
+/// A checkpoint whose config announces the MTP module but that carries none of its weights (as
+/// transformers' `save_pretrained` writes fine-tunes) loads and generates what the full
+/// checkpoint generates, without MTP.
+#[test]
+fn a_checkpoint_without_its_mtp_weights_is_served_without_mtp() {
+    use dsv3_engine::{Engine, EngineOptions, GenerateRequest, ModelFiles, SamplingParams};
+    let full = golden_dir().join("tiny-fp8");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(&full).expect("read dir") {
+        let path = entry.expect("entry").path();
+        let name = path.file_name().expect("name").to_owned();
+        if name != "model.safetensors.index.json" {
+            std::fs::copy(&path, dir.path().join(&name)).expect("copy");
+        }
+    }
+    // The shards stay as they are; the index no longer names the MTP layer's tensors.
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(full.join("model.safetensors.index.json")).expect("index"))
+            .expect("json");
+    let mtp = format!("model.layers.{}.", hub().num_hidden_layers);
+    let mut trimmed = index.clone();
+    let map = trimmed["weight_map"].as_object_mut().expect("weight_map");
+    let before = map.len();
+    map.retain(|name, _| !name.starts_with(&mtp));
+    assert!(map.len() < before, "the tiny checkpoint has MTP weights to drop");
+    std::fs::write(dir.path().join("model.safetensors.index.json"), trimmed.to_string()).expect("write");
+
+    let without = ModelFiles::Dir(dir.path().to_path_buf());
+    let config = ModelConfig::from_model_files(&without).expect("config");
+    assert_eq!(config.num_nextn_predict_layers, 0);
+    let request = GenerateRequest {
+        prompt: vec![0, 5, 77, 300, 12],
+        params: SamplingParams {
+            max_tokens: 8,
+            ignore_eos: true,
+            ..SamplingParams::default()
+        },
+    };
+    let generate = |files: &ModelFiles| {
+        let mut engine = Engine::load(files, EngineOptions::default(), &mut |_| {}).expect("load");
+        engine.generate(std::slice::from_ref(&request)).expect("generate")[0]
+            .as_ref()
+            .expect("output")
+            .tokens
+            .clone()
+    };
+    assert_eq!(generate(&without), generate(&ModelFiles::Dir(full)));
+}
