@@ -136,12 +136,7 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
             .then(|| ReasoningSplitter::new(opens_think)),
         tools: ToolParsing::new(&tool_choice, forced_opening.as_deref()),
     };
-    let include_usage = req
-        .stream_options
-        .as_ref()
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
-    respond(choices, format, req.stream == Some(true), include_usage).await
+    respond(choices, format, req.stream == Some(true), req.stream_options.as_ref()).await
 }
 
 /// `max_tokens` and `seed`, which OpenAI marks deprecated but clients still send; the token

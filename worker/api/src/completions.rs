@@ -136,12 +136,7 @@ async fn handle(state: AppState, id: RequestId, body: Body) -> Result<Response, 
         token_ids: extensions.return_token_ids.unwrap_or(false) || tokenizer.is_none(),
         echo: echoed.clone(),
     };
-    let include_usage = req
-        .stream_options
-        .as_ref()
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
-    respond(choices, format, req.stream == Some(true), include_usage).await
+    respond(choices, format, req.stream == Some(true), req.stream_options.as_ref()).await
 }
 
 /// The prompt's token ids: text is tokenized with special tokens (BOS), ids are taken as given.

@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::time::Duration;
 
-use async_openai::types::chat::{CompletionUsage, PromptTokensDetails};
+use async_openai::types::chat::{ChatCompletionStreamOptions, CompletionUsage, PromptTokensDetails};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{BoxStream, StreamExt};
@@ -29,15 +29,17 @@ pub trait ChunkFormat: Send + 'static {
     fn response(&mut self, text: String, tokens: &[TokenOutput], finish: Finish, usage: CompletionUsage) -> Value;
 }
 
-/// The answer to a request whose choices are running: server-sent events, or (not streamed)
-/// one response with every choice once all are done. `format(i)` writes choice `i`.
+/// The answer to a request whose choices are running: server-sent events (with a usage chunk
+/// when `stream_options.include_usage`), or (not streamed) one response with every choice once
+/// all are done. `format(i)` writes choice `i`.
 pub async fn respond<F: ChunkFormat>(
     mut choices: Vec<Generation>,
     format: impl Fn(usize) -> F,
     stream: bool,
-    include_usage: bool,
+    stream_options: Option<&ChatCompletionStreamOptions>,
 ) -> Result<Response, ApiError> {
     if stream {
+        let include_usage = stream_options.and_then(|o| o.include_usage).unwrap_or(false);
         let usage = include_usage.then(|| format(0));
         let streams = choices.into_iter().enumerate().map(|(i, g)| (g, format(i))).collect();
         return Ok(sse_response(streams, usage));

@@ -145,24 +145,23 @@ impl BlockTable {
     /// `tokens` reused (whole blocks).
     pub fn reuse_prefix(&mut self, seq: SeqId, start: usize, tokens: &[u32], keep_last: bool) -> usize {
         let block_size = self.block_size;
-        let mut entry = match self.seqs.remove(&seq) {
-            None if start == 0 => SeqBlocks {
-                tracked: true,
-                ..SeqBlocks::default()
-            },
-            None => return 0,
-            Some(e) => {
-                let whole =
-                    e.tracked && e.len == start && e.tokens.len() == start && e.hashes.len() * block_size == start;
-                if !whole {
-                    self.seqs.insert(seq, e);
-                    return 0;
-                }
-                e
-            }
-        };
-        let mut parent = entry.hashes.last().copied().unwrap_or(0);
         let usable = tokens.len() - usize::from(keep_last && !tokens.is_empty());
+        // Not one whole block to take (every decode step): nothing to look up.
+        if usable < block_size {
+            return 0;
+        }
+        let continues = match self.seqs.get(&seq) {
+            None => start == 0,
+            Some(e) => e.tracked && e.len == start && e.tokens.len() == start && e.hashes.len() * block_size == start,
+        };
+        if !continues {
+            return 0;
+        }
+        let mut entry = self.seqs.remove(&seq).unwrap_or_else(|| SeqBlocks {
+            tracked: true,
+            ..SeqBlocks::default()
+        });
+        let mut parent = entry.hashes.last().copied().unwrap_or(0);
         for block_tokens in tokens[..usable].chunks_exact(block_size) {
             let h = chain_hash(parent, block_tokens);
             let Some(&block) = self.registered.get(&h) else { break };

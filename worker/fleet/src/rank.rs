@@ -116,20 +116,23 @@ impl LocalAttention {
     /// step's forward pass runs.
     fn next_mask(&self, constraint: &Arc<Mutex<Result<Constraint, String>>>) -> TokenMask {
         let constraint = constraint.clone();
-        let only_end = end_only_mask(&self.config);
+        let (vocab, eos) = (self.config.vocab_size, self.config.eos_token_ids.clone());
         TokenMask::in_background(move || {
             let mut guard = constraint
                 .lock()
                 .map_err(|_| "a grammar's lock is poisoned".to_string())?;
-            match guard.as_mut() {
-                Ok(c) => c.mask().or_else(|e| {
-                    // The grammar failed: the sequence may only end.
-                    let message = e.to_string();
-                    *guard = Err(message);
-                    Ok(only_end)
-                }),
-                Err(_) => Ok(only_end),
+            let failed = match guard.as_mut() {
+                Ok(c) => match c.mask() {
+                    Ok(words) => return Ok(words),
+                    Err(e) => Some(e.to_string()),
+                },
+                Err(_) => None,
+            };
+            if let Some(message) = failed {
+                *guard = Err(message);
             }
+            // The grammar failed: the sequence may only end.
+            Ok(end_only_mask(vocab, &eos))
         })
     }
 
@@ -145,6 +148,43 @@ impl LocalAttention {
                 .map_err(|e| e.to_string()),
         };
         Arc::new(Mutex::new(made))
+    }
+
+    /// How each item that samples picks its token: its sequence's sampler draws the step's
+    /// random number and edits the logits by its rules, its grammar (if any) masks them; the
+    /// backend picks where the logits are. Both are made on a sequence's first pick, from the
+    /// tokens it was prefilled with (the last `generated_before` of them are output sampled
+    /// before a preemption).
+    fn token_picks(&self, state: &mut RankState, items: &[StepItem]) -> Vec<Option<TokenPick>> {
+        let RankState {
+            samplers,
+            prefilling,
+            constraints,
+            ..
+        } = state;
+        items
+            .iter()
+            .map(|item| {
+                if !samplers.contains_key(&item.seq) {
+                    let tokens = prefilling.entry(item.seq).or_default();
+                    tokens.truncate(item.start as usize);
+                    tokens.extend(&item.tokens);
+                }
+                let spec = item.sample.as_ref()?;
+                let sampler = samplers.entry(item.seq).or_insert_with(|| {
+                    let tokens = prefilling.remove(&item.seq).unwrap_or_default();
+                    let (prompt, output) = tokens.split_at(tokens.len().saturating_sub(spec.generated_before as usize));
+                    if let Some(grammar) = grammar_of(spec) {
+                        constraints.insert(item.seq, self.constraint_for(&grammar, output));
+                    }
+                    let (params, end_ids) = from_spec(spec);
+                    Sampler::with_history(params, None, prompt, output, end_ids)
+                });
+                let mut pick = sampler.next_pick(spec.logprobs.map(|n| n as usize));
+                pick.allowed = constraints.get(&item.seq).map(|c| self.next_mask(c));
+                Some(pick)
+            })
+            .collect()
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, RankState>> {
@@ -173,27 +213,7 @@ impl AttentionRank for LocalAttention {
             })
             .collect();
         let (chunks, computed) = step_chunks(&request.items, &reused);
-        // Grammars of sequences sampling for the first time, following the output they were
-        // prefilled with (after a preemption).
-        for item in &request.items {
-            let Some(spec) = item.sample.as_ref() else { continue };
-            let Some(grammar) = grammar_of(spec) else { continue };
-            if state.constraints.contains_key(&item.seq) {
-                continue;
-            }
-            let mut tokens = state.prefilling.get(&item.seq).cloned().unwrap_or_default();
-            tokens.truncate(item.start as usize);
-            tokens.extend(&item.tokens);
-            let output = &tokens[tokens.len().saturating_sub(spec.generated_before as usize)..];
-            let made = self.constraint_for(&grammar, output);
-            state.constraints.insert(item.seq, made);
-        }
-        let mut picks = token_picks(&mut state.samplers, &mut state.prefilling, &request.items);
-        for (item, pick) in request.items.iter().zip(picks.iter_mut()) {
-            if let (Some(pick), Some(constraint)) = (pick, state.constraints.get(&item.seq)) {
-                pick.allowed = Some(self.next_mask(constraint));
-            }
-        }
+        let mut picks = self.token_picks(state, &request.items);
         let computed_picks: Vec<Option<TokenPick>> = computed.iter().map(|&i| picks[i].take()).collect();
         let mut picked: Vec<Option<PickedToken>> = vec![None; request.items.len()];
         if !chunks.is_empty() {
@@ -347,35 +367,6 @@ fn expert_load(counts: ExpertCounts) -> Vec<LayerLoad> {
         .collect()
 }
 
-/// How each item that samples picks its token: its sequence's sampler (made on first use, from
-/// the tokens it was prefilled with) draws the step's random number and edits the logits by
-/// its rules; the backend picks where the logits are.
-fn token_picks(
-    samplers: &mut HashMap<u64, Sampler>,
-    prefilling: &mut HashMap<u64, Vec<u32>>,
-    items: &[StepItem],
-) -> Vec<Option<TokenPick>> {
-    items
-        .iter()
-        .map(|item| {
-            if !samplers.contains_key(&item.seq) {
-                let tokens = prefilling.entry(item.seq).or_default();
-                tokens.truncate(item.start as usize);
-                tokens.extend(&item.tokens);
-            }
-            let spec = item.sample.as_ref()?;
-            let sampler = samplers.entry(item.seq).or_insert_with(|| {
-                let tokens = prefilling.remove(&item.seq).unwrap_or_default();
-                // The last `generated_before` tokens are output sampled before a preemption.
-                let (prompt, output) = tokens.split_at(tokens.len().saturating_sub(spec.generated_before as usize));
-                let (params, end_ids) = from_spec(spec);
-                Sampler::with_history(params, None, prompt, output, end_ids)
-            });
-            Some(sampler.next_pick(spec.logprobs.map(|n| n as usize)))
-        })
-        .collect()
-}
-
 /// The reply's tokens: one per item that sampled.
 fn sampled(items: &[StepItem], picked: Vec<Option<PickedToken>>) -> Vec<Sampled> {
     items
@@ -398,9 +389,9 @@ fn sampled(items: &[StepItem], picked: Vec<Option<PickedToken>>) -> Vec<Sampled>
 }
 
 /// A mask that allows only the model's end-of-sequence tokens.
-fn end_only_mask(config: &ModelConfig) -> Vec<u32> {
-    let mut words = vec![0u32; config.vocab_size.div_ceil(32)];
-    for &id in &config.eos_token_ids {
+fn end_only_mask(vocab: usize, eos_ids: &[u32]) -> Vec<u32> {
+    let mut words = vec![0u32; vocab.div_ceil(32)];
+    for &id in eos_ids {
         if let Some(w) = words.get_mut(id as usize / 32) {
             *w |= 1 << (id % 32);
         }

@@ -547,7 +547,7 @@ impl Scheduler {
         let params = &r.request.params;
         // The output already in the prompt: tokens sampled before a preemption.
         let generated_before = r.prompt.len() - r.request.prompt.len();
-        let end_ids = if params.rules.min_tokens > 0 {
+        let end_ids = if first && params.rules.min_tokens > 0 {
             dsv3_engine::end_ids(params, &self.config)
         } else {
             Vec::new()
