@@ -84,6 +84,17 @@ pub trait StepBackend: Send {
         pick_on_host(&outputs, picks, self.config().vocab_size)
     }
     fn free_sequence(&mut self, seq: SeqId);
+    /// Forgets a sequence's positions from `len` on (rejected draft tokens).
+    fn truncate(&mut self, seq: SeqId, len: usize);
+    /// Whether the checkpoint's multi-token-prediction module is loaded.
+    fn has_mtp(&self) -> bool {
+        false
+    }
+    /// One step of the MTP module (see [`Model::mtp_forward`]): each chunk's `prev_hidden` are
+    /// the main model's post-norm hidden states at its positions, its tokens the ones after them.
+    fn mtp_step(&mut self, _chunks: &[Chunk]) -> Result<Vec<ChunkOutput>> {
+        anyhow::bail!("this backend has no MTP module")
+    }
     /// Prefix caching: takes the cached blocks that begin a chunk (`tokens` at `start`) by
     /// reference instead of computing them; the positions reused. With `keep_last` (the chunk
     /// gives logits) at least one token is left to compute. See [`crate::BlockTable`].
@@ -114,33 +125,38 @@ pub fn pick_on_host(
             let start = output.logits.len().checked_sub(vocab).ok_or_else(|| {
                 anyhow::anyhow!("a chunk given a token pick has no logits (it must ask for its last position)")
             })?;
-            let edited;
-            let logits = if pick.edits.is_empty() && pick.allowed.is_none() {
-                &output.logits[start..]
-            } else {
-                let mut row = output.logits[start..].to_vec();
-                apply_edits(&mut row, &pick.edits);
-                if let Some(mask) = &pick.allowed {
-                    apply_mask(&mut row, &mask.wait().map_err(anyhow::Error::msg)?);
-                }
-                edited = row;
-                &edited[..]
-            };
-            let token = choose(logits, &pick.choice);
-            let (logprob, top_logprobs) = match pick.logprobs {
-                Some(n) => {
-                    let (logprob, top) = logprobs_of(logits, token, n);
-                    (Some(logprob), top)
-                }
-                None => (None, Vec::new()),
-            };
-            Ok(Some(PickedToken {
-                token,
-                logprob,
-                top_logprobs,
-            }))
+            pick_row(&output.logits[start..], pick).map(Some)
         })
         .collect()
+}
+
+/// The token `pick` takes from one row of logits (edited and masked first, as the pick says).
+pub fn pick_row(row: &[f32], pick: &TokenPick) -> Result<PickedToken> {
+    let edited;
+    let logits = if pick.edits.is_empty() && pick.allowed.is_none() {
+        row
+    } else {
+        let mut copy = row.to_vec();
+        apply_edits(&mut copy, &pick.edits);
+        if let Some(mask) = &pick.allowed {
+            apply_mask(&mut copy, &mask.wait().map_err(anyhow::Error::msg)?);
+        }
+        edited = copy;
+        &edited[..]
+    };
+    let token = choose(logits, &pick.choice);
+    let (logprob, top_logprobs) = match pick.logprobs {
+        Some(n) => {
+            let (logprob, top) = logprobs_of(logits, token, n);
+            (Some(logprob), top)
+        }
+        None => (None, Vec::new()),
+    };
+    Ok(PickedToken {
+        token,
+        logprob,
+        top_logprobs,
+    })
 }
 
 /// Adds each routed slot to per-layer expert counters while delegating to the real experts.
@@ -230,6 +246,20 @@ impl<E: ExpertExecutor + Send + ?Sized> StepBackend for CpuBackend<E> {
 
     fn free_sequence(&mut self, seq: SeqId) {
         self.cache.free_sequence(seq);
+    }
+
+    fn truncate(&mut self, seq: SeqId, len: usize) {
+        self.cache.truncate(seq, len);
+    }
+
+    fn has_mtp(&self) -> bool {
+        self.model.has_mtp()
+    }
+
+    fn mtp_step(&mut self, chunks: &[Chunk]) -> Result<Vec<ChunkOutput>> {
+        let counting = CountingExperts::new(self.experts.as_ref(), self.model.config.n_routed_experts, &self.counts);
+        let opts = self.step_options();
+        self.model.mtp_forward(chunks, &mut self.cache, &counting, &opts)
     }
 
     fn reuse_prefix(&mut self, seq: SeqId, start: usize, tokens: &[u32], keep_last: bool) -> usize {

@@ -8,6 +8,7 @@ use crate::config::ModelConfig;
 use crate::engine::{finish_reason, FinishReason, GenerateOutput, GenerateRequest};
 use crate::model::{Chunk, Outputs};
 use crate::sampling::{Sampler, SamplingParams};
+use crate::speculative::{speculative_step, Acceptance, Drafting, SpecChunk};
 use anyhow::{bail, Result};
 use std::collections::VecDeque;
 
@@ -68,6 +69,8 @@ pub struct BatchOptions {
     pub max_step_tokens: usize,
     /// Ids the tokenizer defines; logits beyond are never sampled.
     pub vocab_limit: Option<usize>,
+    /// Draft tokens the MTP module proposes per decode step (0: no speculative decoding).
+    pub speculative_tokens: usize,
 }
 
 struct Active {
@@ -79,6 +82,7 @@ struct Active {
     cached: usize,
     prompt_last_logits: Vec<f32>,
     finish: Option<FinishReason>,
+    drafting: Drafting,
 }
 
 /// Generates for every request on `backend`, batching them in each step: prompts are prefilled
@@ -89,48 +93,35 @@ pub fn generate(
     requests: &[GenerateRequest],
     options: &BatchOptions,
 ) -> Result<Vec<Option<GenerateOutput>>> {
+    Ok(generate_counting(backend, requests, options)?.0)
+}
+
+/// [`generate`], also giving how many drafts were accepted at each draft position.
+pub fn generate_counting(
+    backend: &mut dyn StepBackend,
+    requests: &[GenerateRequest],
+    options: &BatchOptions,
+) -> Result<(Vec<Option<GenerateOutput>>, Acceptance)> {
     let cfg = backend.config().clone();
     for (i, r) in requests.iter().enumerate() {
         if let Err(e) = check_request(&cfg, &r.prompt, &r.params) {
             bail!("request {i}: {e}");
         }
     }
+    if options.speculative_tokens > 0 && !backend.has_mtp() {
+        bail!("--speculative-tokens needs the checkpoint's MTP module, and this one has none");
+    }
     let mut outputs: Vec<Option<GenerateOutput>> = vec![None; requests.len()];
     let mut waiting: VecDeque<usize> = (0..requests.len()).collect();
     let mut active: Vec<Active> = Vec::new();
     let mut next_seq = 1;
+    let mut acceptance = Acceptance::default();
     while !waiting.is_empty() || !active.is_empty() {
         admit(backend, requests, options, &mut waiting, &mut active, &mut next_seq)?;
-        let mut budget = options.max_step_tokens.max(1);
-        let mut chunks: Vec<Chunk> = Vec::new();
-        let mut fed: Vec<(usize, usize)> = Vec::new(); // (active index, tokens fed)
-        for (i, a) in active.iter().enumerate() {
-            let Some((tokens, samples)) = next_tokens(&a.prompt, a.cached, a.generated.last(), budget) else {
-                continue;
-            };
-            budget -= tokens.len();
-            let outputs = if samples { Outputs::Last } else { Outputs::None };
-            chunks.push(Chunk::new(a.seq, a.cached, tokens, outputs));
-            fed.push((i, tokens.len()));
-        }
-        let results = backend.step(&chunks)?;
-        drop(chunks);
-        for ((i, n), result) in fed.into_iter().zip(results) {
-            let a = &mut active[i];
-            a.cached += n;
-            if result.logits.is_empty() {
-                continue;
-            }
-            if a.generated.is_empty() {
-                a.prompt_last_logits = result.logits.clone();
-            }
-            if a.sampler.params().max_tokens == 0 {
-                a.finish = Some(FinishReason::Length);
-                continue;
-            }
-            let token = a.sampler.sample(&result.logits);
-            a.generated.push(token);
-            a.finish = finish_reason(a.sampler.params(), &cfg, token, a.generated.len(), a.cached);
+        if options.speculative_tokens > 0 {
+            speculative_generation_step(backend, options, &mut active, &mut acceptance)?;
+        } else {
+            generation_step(backend, options, &mut active)?;
         }
         let (finished, running): (Vec<Active>, Vec<Active>) = active.into_iter().partition(|a| a.finish.is_some());
         for a in finished {
@@ -143,7 +134,115 @@ pub fn generate(
         }
         active = running;
     }
-    Ok(outputs)
+    Ok((outputs, acceptance))
+}
+
+/// One step without drafts: each sequence's next prefill chunk or last token, one pick each.
+fn generation_step(backend: &mut dyn StepBackend, options: &BatchOptions, active: &mut [Active]) -> Result<()> {
+    let cfg = backend.config().clone();
+    let mut budget = options.max_step_tokens.max(1);
+    let mut chunks: Vec<Chunk> = Vec::new();
+    let mut fed: Vec<(usize, usize)> = Vec::new(); // (active index, tokens fed)
+    for (i, a) in active.iter().enumerate() {
+        let Some((tokens, samples)) = next_tokens(&a.prompt, a.cached, a.generated.last(), budget) else {
+            continue;
+        };
+        budget -= tokens.len();
+        let outputs = if samples { Outputs::Last } else { Outputs::None };
+        chunks.push(Chunk::new(a.seq, a.cached, tokens, outputs));
+        fed.push((i, tokens.len()));
+    }
+    let results = backend.step(&chunks)?;
+    drop(chunks);
+    for ((i, n), result) in fed.into_iter().zip(results) {
+        let a = &mut active[i];
+        a.cached += n;
+        if result.logits.is_empty() {
+            continue;
+        }
+        if a.generated.is_empty() {
+            a.prompt_last_logits = result.logits.clone();
+        }
+        if a.sampler.params().max_tokens == 0 {
+            a.finish = Some(FinishReason::Length);
+            continue;
+        }
+        let token = a.sampler.sample(&result.logits);
+        a.generated.push(token);
+        a.finish = finish_reason(a.sampler.params(), &cfg, token, a.generated.len(), a.cached);
+    }
+    Ok(())
+}
+
+/// One step with drafts ([`speculative_step`]): decoding sequences feed their last token and
+/// the MTP module's drafts, and output every token the verification keeps.
+fn speculative_generation_step(
+    backend: &mut dyn StepBackend,
+    options: &BatchOptions,
+    active: &mut [Active],
+    acceptance: &mut Acceptance,
+) -> Result<()> {
+    let cfg = backend.config().clone();
+    let mut budget = options.max_step_tokens.max(1);
+    // (active index, tokens fed, drafts, picks)
+    let mut plan = Vec::new();
+    for (i, a) in active.iter().enumerate() {
+        let Some((tokens, samples)) = next_tokens(&a.prompt, a.cached, a.generated.last(), budget) else {
+            continue;
+        };
+        let drafts = if samples {
+            a.drafting
+                .drafts_for(a.cached, tokens, options.speculative_tokens.min(budget - tokens.len()))
+                .to_vec()
+        } else {
+            Vec::new()
+        };
+        budget -= tokens.len() + drafts.len();
+        let picks = samples.then(|| a.sampler.picks_with_drafts(&drafts, None));
+        plan.push((i, tokens.to_vec(), drafts, picks));
+    }
+    let chunks: Vec<SpecChunk> = plan
+        .iter()
+        .map(|(i, tokens, drafts, picks)| SpecChunk {
+            seq: active[*i].seq,
+            start: active[*i].cached,
+            tokens,
+            drafts: drafts.clone(),
+            picks: picks.clone(),
+            draft: true,
+        })
+        .collect();
+    let fed: Vec<(usize, usize)> = plan.iter().map(|(i, tokens, _, _)| (*i, tokens.len())).collect();
+    let mut drafting: Vec<Drafting> = fed.iter().map(|&(i, _)| std::mem::take(&mut active[i].drafting)).collect();
+    let mut refs: Vec<&mut Drafting> = drafting.iter_mut().collect();
+    let outcomes = speculative_step(backend, &chunks, &mut refs, options.speculative_tokens, options.vocab_limit)?;
+    drop(chunks);
+    for (((i, n), outcome), d) in fed.into_iter().zip(outcomes).zip(drafting) {
+        let a = &mut active[i];
+        a.drafting = d;
+        a.cached += n;
+        let Some(outcome) = outcome else { continue };
+        acceptance.add(outcome.drafted, outcome.accepted);
+        if a.generated.is_empty() {
+            a.prompt_last_logits = outcome.logits[..cfg.vocab_size].to_vec();
+        }
+        if a.sampler.params().max_tokens == 0 {
+            a.finish = Some(FinishReason::Length);
+            continue;
+        }
+        for (k, p) in outcome.tokens.iter().enumerate() {
+            if k > 0 {
+                a.cached += 1; // the token before it was a draft, now in the cache
+            }
+            a.sampler.accept(&[p.token]);
+            a.generated.push(p.token);
+            a.finish = finish_reason(a.sampler.params(), &cfg, p.token, a.generated.len(), a.cached);
+            if a.finish.is_some() {
+                break;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn admit(
@@ -158,15 +257,22 @@ fn admit(
     let block = capacity.block_size;
     let mut reserved: usize = active
         .iter()
-        .map(|a| worst_case_blocks(a.prompt.len(), a.sampler.params().max_tokens, block))
+        .map(|a| {
+            worst_case_blocks(
+                a.prompt.len(),
+                a.sampler.params().max_tokens + options.speculative_tokens,
+                block,
+            )
+        })
         .sum();
     while let Some(&next) = waiting.front() {
         let r = &requests[next];
-        let need = worst_case_blocks(r.prompt.len(), r.params.max_tokens, block);
+        // Drafts take cache positions beyond the output for a step.
+        let need = worst_case_blocks(r.prompt.len(), r.params.max_tokens + options.speculative_tokens, block);
         if need > capacity.total_blocks {
             bail!(
                 "request {next} needs {} cache positions, the cache holds {}",
-                r.prompt.len() + r.params.max_tokens,
+                r.prompt.len() + r.params.max_tokens + options.speculative_tokens,
                 capacity.total_blocks * block
             );
         }
@@ -190,6 +296,7 @@ fn admit(
             cached: 0,
             prompt_last_logits: Vec::new(),
             finish: None,
+            drafting: Drafting::default(),
         });
         *next_seq += 1;
     }

@@ -300,6 +300,15 @@ impl BlockTable {
             while entry.blocks.len() > keep {
                 dropped.push(entry.blocks.pop().expect("len checked"));
             }
+            // The block now partly kept is written again from `len`: it no longer holds what
+            // its hash says (a block filled by rejected drafts was registered).
+            if len % self.block_size != 0 {
+                if let Some(&block) = entry.blocks.get(len / self.block_size) {
+                    if let Some(h) = self.block_hash[block as usize].take() {
+                        self.registered.remove(&h);
+                    }
+                }
+            }
         }
         for block in dropped {
             self.drop_block(block);
@@ -369,6 +378,21 @@ mod tests {
         table.begin_chunk(seq, reused, tokens.len() - reused).expect("room");
         table.note_tokens(seq, reused, &tokens[reused..]);
         reused
+    }
+
+    #[test]
+    fn a_block_filled_by_rejected_drafts_is_not_offered_once_truncated() {
+        let mut table = BlockTable::new(4, 10, 64);
+        // Prompt of 3, then a verify chunk [last, d1, d2] fills the first block and spills over.
+        prefill(&mut table, 1, &[1, 2, 3]);
+        table.begin_chunk(1, 3, 3).expect("room");
+        table.note_tokens(1, 3, &[4, 5, 6]);
+        assert_eq!(table.reuse_prefix(2, 0, &[1, 2, 3, 4, 9], true), 4, "registered while full");
+        table.free_sequence(2);
+        // Both drafts rejected: position 3 is written again, so the block leaves the index.
+        table.truncate(1, 3);
+        assert_eq!(table.reuse_prefix(3, 0, &[1, 2, 3, 4, 9], true), 0);
+        table.begin_chunk(1, 3, 1).expect("the block is this sequence's alone");
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub struct EngineOptions {
     pub experts: ExpertSelection,
     /// What the FP8 products do with their activations.
     pub fp8_activations: Fp8Activations,
+    /// Draft tokens the MTP module proposes per decode step (0: no speculative decoding).
+    pub speculative_tokens: usize,
 }
 
 impl Default for EngineOptions {
@@ -35,6 +37,7 @@ impl Default for EngineOptions {
             mla: MlaForm::Auto,
             experts: ExpertSelection::All,
             fp8_activations: Fp8Activations::Unquantised,
+            speculative_tokens: 0,
         }
     }
 }
@@ -177,6 +180,7 @@ impl Engine {
         let options = BatchOptions {
             max_step_tokens: self.options.max_step_tokens,
             vocab_limit: self.vocab_limit,
+            speculative_tokens: self.options.speculative_tokens,
         };
         crate::batch::generate(&mut self.backend, requests, &options)
     }

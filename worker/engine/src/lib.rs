@@ -21,10 +21,11 @@ pub mod ops;
 pub mod rope;
 pub mod sampling;
 pub mod simd;
+pub mod speculative;
 pub mod synthetic;
 
 pub use backend::{
-    pick_on_host, CacheCapacity, CpuBackend, ExpertCounts, MemoryUse, PickedToken, StepBackend, TokenPick,
+    pick_on_host, pick_row, CacheCapacity, CpuBackend, ExpertCounts, MemoryUse, PickedToken, StepBackend, TokenPick,
 };
 pub use batch::{check_request, BatchOptions};
 pub use block_table::{BlockTable, CacheError};
@@ -39,3 +40,4 @@ pub use mla::MlaForm;
 pub use model::{check_chunks, Chunk, ChunkOutput, Model, Outputs, StepOptions, Trace};
 pub use moe::{ExpertExecutor, ExpertSelection, LocalExperts, TokenRoutes};
 pub use sampling::{choose, OutputGrammar, Sampler, SamplingParams, TokenChoice};
+pub use speculative::{speculative_step, Acceptance, Drafting, SpecChunk, SpecOutcome};

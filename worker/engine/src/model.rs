@@ -54,6 +54,9 @@ pub struct Chunk<'a> {
     pub outputs: Outputs,
     /// MTP only: the main model's post-norm hidden states at positions `start..`, `[n, hidden]`.
     pub prev_hidden: Option<&'a [f32]>,
+    /// Return the post-norm hidden state of every position, not only of those giving logits
+    /// (what the MTP module drafts from).
+    pub all_hidden: bool,
 }
 
 impl<'a> Chunk<'a> {
@@ -74,6 +77,7 @@ impl<'a> Chunk<'a> {
             tokens,
             outputs,
             prev_hidden: None,
+            all_hidden: false,
         }
     }
 }
@@ -110,6 +114,7 @@ pub fn check_chunks(config: &ModelConfig, chunks: &[Chunk]) -> Result<()> {
 pub struct ChunkOutput {
     pub positions: Vec<usize>,
     pub logits: Vec<f32>,
+    /// At `positions`; at every position of the chunk when it asked for `all_hidden`.
     pub hidden: Vec<f32>,
 }
 
@@ -383,12 +388,21 @@ impl Model {
         for c in chunks {
             let n = c.tokens.len();
             let wanted = c.output_offsets();
-            let mut hidden = Vec::with_capacity(wanted.len() * width);
-            for &k in &wanted {
+            let normed_rows: Vec<usize> = if c.all_hidden { (0..n).collect() } else { wanted.clone() };
+            let mut hidden = Vec::with_capacity(normed_rows.len() * width);
+            for &k in &normed_rows {
                 hidden.extend_from_slice(&h[(row + k) * width..(row + k + 1) * width]);
             }
             rms_norm(&mut hidden, norm, self.config.rms_norm_eps);
-            let logits = head.forward(&hidden, wanted.len());
+            let logits = if c.all_hidden {
+                let mut picked = Vec::with_capacity(wanted.len() * width);
+                for &k in &wanted {
+                    picked.extend_from_slice(&hidden[k * width..(k + 1) * width]);
+                }
+                head.forward(&picked, wanted.len())
+            } else {
+                head.forward(&hidden, wanted.len())
+            };
             result.push(ChunkOutput {
                 positions: wanted.iter().map(|k| c.start + k).collect(),
                 logits,

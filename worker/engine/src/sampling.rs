@@ -150,6 +150,35 @@ impl Sampler {
         }
     }
 
+    /// How the next token and the `drafts` proposed after it are picked (speculative decoding):
+    /// pick `j` is the one the token after `drafts[..j]` would get were those accepted — its
+    /// rules count them and its draw is the generator's `j`-th next. Nothing is drawn here:
+    /// [`Sampler::accept`] moves the generator on by the tokens kept, so a sequence draws once
+    /// per token it outputs, speculating or not, and its seeded stream is the same.
+    pub fn picks_with_drafts(&self, drafts: &[u32], logprobs: Option<usize>) -> Vec<TokenPick> {
+        let mut ahead = Sampler {
+            params: self.params.clone(),
+            rng: self.rng.clone(),
+            vocab_limit: self.vocab_limit,
+            logit_state: self.logit_state.clone(),
+        };
+        let mut picks = Vec::with_capacity(drafts.len() + 1);
+        for &draft in drafts {
+            picks.push(ahead.next_pick(logprobs));
+            ahead.record(draft);
+        }
+        picks.push(ahead.next_pick(logprobs));
+        picks
+    }
+
+    /// Notes tokens output after [`Sampler::picks_with_drafts`]: one draw and one record each.
+    pub fn accept(&mut self, tokens: &[u32]) {
+        for &t in tokens {
+            self.skip_choices(1);
+            self.record(t);
+        }
+    }
+
     /// Notes the token this sequence generated (the rules count it).
     pub fn record(&mut self, token: u32) {
         if let Some(state) = self.logit_state.as_mut() {

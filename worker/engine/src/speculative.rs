@@ -1,0 +1,268 @@
+//! Speculative decoding with the checkpoint's multi-token-prediction (MTP) module.
+//!
+//! A decoding sequence feeds its last token followed by the drafts the MTP module proposed for
+//! the positions after it, and one main-model step scores them all. Tokens are then picked row by
+//! row with the sequence's own picks ([`crate::Sampler::picks_with_drafts`]): a draft is accepted
+//! while it equals the token picked at its row; the first token that differs is output in its
+//! place; after every draft is accepted the last row gives one more. Drafts are the MTP module's
+//! most likely tokens, so this is rejection sampling against a one-hot draft distribution: every
+//! output token is drawn from the target model's own distribution, and output is identical token
+//! for token to decoding without drafts — seeded sampling too, since each output token takes one
+//! draw. The cache positions of rejected drafts are dropped.
+//!
+//! The MTP module then runs over every position whose post-norm hidden state and next token are
+//! both known (prefill chunks included, so its own cache layer is complete), and its logits at a
+//! sequence's last position give the first draft. Further drafts (N > 1) reuse the one MTP layer,
+//! fed its own hidden state in place of the main model's. That, and MTP cache entries that arrive
+//! with a block taken from the prefix cache, only change how good drafts are, never the output.
+
+use crate::backend::{pick_row, PickedToken, StepBackend, TokenPick};
+use crate::kv_cache::SeqId;
+use crate::model::{Chunk, Outputs};
+use crate::sampling::argmax;
+use anyhow::{ensure, Result};
+
+/// One sequence's drafting state, kept between steps by whoever drives its backend.
+#[derive(Clone, Debug, Default)]
+pub struct Drafting {
+    drafts: Vec<u32>,
+    /// The step the drafts were made for: the position and token it feeds.
+    after: Option<(usize, u32)>,
+    /// The last computed position whose next token the MTP module has not seen, with its
+    /// post-norm hidden state.
+    pending: Option<(usize, Vec<f32>)>,
+}
+
+impl Drafting {
+    /// The drafts to append to a chunk feeding `tokens` at `start`, at most `max`: those made
+    /// for exactly that decode step, none otherwise.
+    pub fn drafts_for(&self, start: usize, tokens: &[u32], max: usize) -> &[u32] {
+        match (self.after, tokens) {
+            (Some((at, token)), [fed]) if at == start && token == *fed => &self.drafts[..self.drafts.len().min(max)],
+            _ => &[],
+        }
+    }
+
+    /// Replaces the drafts for the step feeding `token` at `start` (tests that draft by oracle).
+    pub fn set_drafts(&mut self, start: usize, token: u32, drafts: Vec<u32>) {
+        self.after = Some((start, token));
+        self.drafts = drafts;
+    }
+}
+
+/// One sequence's part of a speculative step.
+#[derive(Clone, Debug)]
+pub struct SpecChunk<'a> {
+    pub seq: SeqId,
+    pub start: usize,
+    /// The tokens fed: a prefill chunk, or the last output token.
+    pub tokens: &'a [u32],
+    /// Drafts after them ([`Drafting::drafts_for`]); only with picks.
+    pub drafts: Vec<u32>,
+    /// When the chunk samples: the picks of its last position and of each draft's
+    /// (`1 + drafts.len()`, from [`crate::Sampler::picks_with_drafts`]).
+    pub picks: Option<Vec<TokenPick>>,
+    /// Whether the MTP module drafts after this chunk's output (off where drafts cannot help,
+    /// e.g. a sequence held to a grammar).
+    pub draft: bool,
+}
+
+/// What a speculative step gave one sequence.
+#[derive(Clone, Debug, Default)]
+pub struct SpecOutcome {
+    /// The tokens output, in order: accepted drafts, then the token picked after them.
+    pub tokens: Vec<PickedToken>,
+    /// Drafts scored and accepted.
+    pub drafted: usize,
+    pub accepted: usize,
+    /// The logits of the rows picked from, `[1 + drafts, vocab]`.
+    pub logits: Vec<f32>,
+}
+
+/// One step with drafts: verifies each chunk's drafts against the main model, drops the cache
+/// positions of rejected ones, runs the MTP module and leaves up to `depth` new drafts in each
+/// drafting sequence's `drafting`. Ids at or above `vocab_limit` are never picked or drafted.
+pub fn speculative_step(
+    backend: &mut dyn StepBackend,
+    chunks: &[SpecChunk],
+    drafting: &mut [&mut Drafting],
+    depth: usize,
+    vocab_limit: Option<usize>,
+) -> Result<Vec<Option<SpecOutcome>>> {
+    ensure!(backend.has_mtp(), "speculative decoding needs the checkpoint's MTP module");
+    ensure!(
+        chunks.len() == drafting.len(),
+        "{} chunks, {} drafting states",
+        chunks.len(),
+        drafting.len()
+    );
+    let config = backend.config();
+    let (vocab, width, context) = (config.vocab_size, config.hidden_size, config.max_position_embeddings);
+    let limit = vocab_limit.unwrap_or(vocab).min(vocab);
+    let fed: Vec<Vec<u32>> = chunks.iter().map(|c| [c.tokens, &c.drafts].concat()).collect();
+    let mut model_chunks = Vec::with_capacity(chunks.len());
+    for (c, tokens) in chunks.iter().zip(&fed) {
+        let outputs = match &c.picks {
+            None => {
+                ensure!(c.drafts.is_empty(), "sequence {}: drafts without picks", c.seq);
+                Outputs::None
+            }
+            Some(picks) => {
+                ensure!(
+                    picks.len() == c.drafts.len() + 1,
+                    "sequence {}: {} picks for {} drafts",
+                    c.seq,
+                    picks.len(),
+                    c.drafts.len()
+                );
+                if c.drafts.is_empty() {
+                    Outputs::Last
+                } else {
+                    Outputs::All
+                }
+            }
+        };
+        let mut chunk = Chunk::new(c.seq, c.start, tokens, outputs);
+        chunk.all_hidden = true;
+        model_chunks.push(chunk);
+    }
+    let outputs = backend.step(&model_chunks)?;
+    drop(model_chunks);
+
+    let mut outcomes = Vec::with_capacity(chunks.len());
+    // Per sequence: MTP chunk start, next tokens, hidden states, and whether it drafts.
+    let mut mtp_inputs: Vec<(usize, SeqId, usize, Vec<u32>, Vec<f32>, bool)> = Vec::new();
+    for (i, ((c, out), d)) in chunks.iter().zip(outputs).zip(drafting.iter_mut()).enumerate() {
+        let mut outcome = None;
+        let mut emitted: Vec<PickedToken> = Vec::new();
+        if let Some(picks) = &c.picks {
+            let rows = out.logits.len() / vocab;
+            ensure!(rows >= picks.len(), "sequence {}: too few logit rows", c.seq);
+            let first = rows - picks.len();
+            for (j, pick) in picks.iter().enumerate() {
+                let row = &out.logits[(first + j) * vocab..(first + j) * vocab + limit];
+                let picked = pick_row(row, pick)?;
+                let token = picked.token;
+                emitted.push(picked);
+                if c.drafts.get(j) != Some(&token) {
+                    break;
+                }
+            }
+            let accepted = emitted.len() - 1;
+            outcome = Some(SpecOutcome {
+                tokens: emitted.clone(),
+                drafted: c.drafts.len(),
+                accepted,
+                logits: out.logits[first * vocab..].to_vec(),
+            });
+        }
+        let accepted = emitted.len().saturating_sub(1);
+        let kept = c.start + c.tokens.len() + accepted;
+        if accepted < c.drafts.len() {
+            backend.truncate(c.seq, kept);
+        }
+        // The tokens at positions `c.start..`, the one just output last: the MTP module's
+        // input at position q is the hidden state there and the token at q + 1.
+        let mut known = fed[i][..c.tokens.len() + accepted].to_vec();
+        known.extend(emitted.last().map(|p| p.token));
+        let (mut first, mut hidden) = (c.start, Vec::new());
+        if let Some((position, h)) = d.pending.take() {
+            if position + 1 == c.start {
+                (first, hidden) = (position, h);
+            }
+        }
+        hidden.extend_from_slice(&out.hidden[..(c.tokens.len() + accepted) * width]);
+        let rows = hidden.len() / width;
+        let pairs = (0..rows).take_while(|&r| first + r + 1 - c.start < known.len()).count();
+        if pairs < rows {
+            d.pending = Some((first + pairs, hidden[pairs * width..(pairs + 1) * width].to_vec()));
+        }
+        hidden.truncate(pairs * width);
+        let next = known[first + 1 - c.start..first + 1 - c.start + pairs].to_vec();
+        d.drafts.clear();
+        d.after = emitted.last().map(|p| (kept, p.token));
+        let drafts = c.draft && !emitted.is_empty() && depth > 0 && kept + 1 < context;
+        if pairs > 0 {
+            mtp_inputs.push((i, c.seq, first, next, hidden, drafts));
+        }
+        outcomes.push(outcome);
+    }
+
+    // The MTP module over the new pairs; its last row drafts the token after the one output.
+    let chunks_mtp: Vec<Chunk> = mtp_inputs
+        .iter()
+        .map(|(_, seq, start, tokens, hidden, drafts)| {
+            let outputs = if *drafts { Outputs::Last } else { Outputs::None };
+            let mut chunk = Chunk::new(*seq, *start, tokens, outputs);
+            chunk.prev_hidden = Some(hidden);
+            chunk
+        })
+        .collect();
+    if chunks_mtp.is_empty() {
+        return Ok(outcomes);
+    }
+    let mtp_out = backend.mtp_step(&chunks_mtp)?;
+    drop(chunks_mtp);
+    // (sequence index, position of the next MTP input, last draft, its hidden state, drafts left)
+    let mut chain: Vec<(usize, usize, u32, Vec<f32>, usize)> = Vec::new();
+    for ((i, _, start, tokens, _, drafts), out) in mtp_inputs.iter().zip(mtp_out) {
+        if !drafts {
+            continue;
+        }
+        let draft = argmax(&out.logits[..limit]);
+        drafting[*i].drafts.push(draft);
+        let kept = start + tokens.len();
+        // The next verify step feeds positions kept..=kept + drafts: all inside the context.
+        let room = (context - 1 - kept).min(depth);
+        if room > 1 {
+            chain.push((*i, kept, draft, out.hidden, room - 1));
+        }
+    }
+    while !chain.is_empty() {
+        let tokens: Vec<[u32; 1]> = chain.iter().map(|c| [c.2]).collect();
+        let chunks_mtp: Vec<Chunk> = chain
+            .iter()
+            .zip(&tokens)
+            .map(|((i, position, _, hidden, _), token)| {
+                let mut chunk = Chunk::new(chunks[*i].seq, *position, token, Outputs::Last);
+                chunk.prev_hidden = Some(hidden);
+                chunk
+            })
+            .collect();
+        let out = backend.mtp_step(&chunks_mtp)?;
+        drop(chunks_mtp);
+        let mut next = Vec::new();
+        for ((i, position, _, _, left), o) in chain.into_iter().zip(out) {
+            let draft = argmax(&o.logits[..limit]);
+            drafting[i].drafts.push(draft);
+            if left > 1 {
+                next.push((i, position + 1, draft, o.hidden, left - 1));
+            }
+        }
+        chain = next;
+    }
+    Ok(outcomes)
+}
+
+/// Acceptance counts per draft position (1 = the first draft after the fed token).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Acceptance {
+    pub drafted: Vec<u64>,
+    pub accepted: Vec<u64>,
+}
+
+impl Acceptance {
+    /// Counts one verification: `drafted` drafts scored, the first `accepted` kept.
+    pub fn add(&mut self, drafted: usize, accepted: usize) {
+        if self.drafted.len() < drafted {
+            self.drafted.resize(drafted, 0);
+            self.accepted.resize(drafted, 0);
+        }
+        for j in 0..drafted {
+            self.drafted[j] += 1;
+            if j < accepted {
+                self.accepted[j] += 1;
+            }
+        }
+    }
+}
