@@ -638,8 +638,16 @@ fn common_env(ctx: &Ctx<'_>) -> Vec<EnvVar> {
         env("DSV3_MAX_NUM_SEQS", s.batching.max_num_seqs.to_string()),
         env("DSV3_MAX_BATCH_TOKENS", s.batching.max_batch_tokens.to_string()),
         env("DSV3_MAX_MODEL_LEN", s.batching.max_model_len.to_string()),
-        env("DSV3_MTP", s.mtp.enabled.to_string()),
-        env("DSV3_MTP_SPECULATIVE_TOKENS", s.mtp.num_speculative_tokens.to_string()),
+        // Read by the attention ranks (`--speculative-tokens`); 0 turns speculation off.
+        env(
+            "DSV3_SPECULATIVE_TOKENS",
+            if s.mtp.enabled {
+                s.mtp.num_speculative_tokens.max(0)
+            } else {
+                0
+            }
+            .to_string(),
+        ),
         env("HOME", "/tmp"),
     ]
 }

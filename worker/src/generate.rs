@@ -58,6 +58,10 @@ pub struct GenerateArgs {
     /// Subtracted from a token's logit once per time it was generated.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     frequency_penalty: f32,
+    /// Draft tokens the checkpoint's MTP module proposes per decode step, verified in one step
+    /// (speculative decoding; the output is the same). 0 = off.
+    #[arg(long, default_value_t = 0)]
+    speculative_tokens: usize,
     /// Print one JSON object: {"token_ids": [...], "prompt_last_logits": [...], ...}.
     #[arg(long)]
     json: bool,
@@ -113,8 +117,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         grammar: None,
     };
     let request = GenerateRequest { prompt, params };
-    let cache_tokens = (request.prompt.len() + args.max_tokens).max(16);
-    let output = if args.device.use_cuda()? {
+    let cache_tokens = (request.prompt.len() + args.max_tokens + args.speculative_tokens).max(16);
+    let (outputs, acceptance) = if args.device.use_cuda()? {
         if !matches!(args.mla, MlaArg::Auto) {
             bail!("--mla applies to the CPU backend; the CUDA backend always runs MLA in both forms (auto)");
         }
@@ -129,8 +133,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         let options = BatchOptions {
             max_step_tokens: GPU_STEP_TOKENS,
             vocab_limit: None,
+            speculative_tokens: args.speculative_tokens,
         };
-        dsv3_engine::batch::generate(backend.as_mut(), &[request], &options)?
+        dsv3_engine::batch::generate_counting(backend.as_mut(), &[request], &options)?
     } else {
         let options = EngineOptions {
             cache_tokens,
@@ -143,17 +148,32 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             ..EngineOptions::default()
         };
         let mut engine = Engine::load(&files, options, &mut progress::reporter(files.describe()))?;
-        engine.generate(&[request])?
+        let options = BatchOptions {
+            max_step_tokens: engine.options.max_step_tokens,
+            vocab_limit: engine.vocab_limit,
+            speculative_tokens: args.speculative_tokens,
+        };
+        dsv3_engine::batch::generate_counting(&mut engine.backend, &[request], &options)?
+    };
+    let output = outputs
+        .into_iter()
+        .next()
+        .flatten()
+        .context("the engine returned no output")?;
+    for (j, (drafted, accepted)) in acceptance.drafted.iter().zip(&acceptance.accepted).enumerate() {
+        eprintln!(
+            "draft position {}: {accepted} of {drafted} accepted ({:.0}%)",
+            j + 1,
+            100.0 * *accepted as f64 / (*drafted).max(1) as f64
+        );
     }
-    .pop()
-    .flatten()
-    .context("the engine returned no output")?;
     if args.json {
         let finish = format!("{:?}", output.finish).to_lowercase();
         let json = serde_json::json!({
             "token_ids": output.tokens,
             "prompt_last_logits": output.prompt_last_logits,
             "finish_reason": finish,
+            "drafts": {"drafted": acceptance.drafted, "accepted": acceptance.accepted},
         });
         println!("{json}");
     } else if let Some(tok) = &tokenizer {

@@ -48,6 +48,9 @@ pub struct FleetArgs {
     /// Passed to the attention ranks: compute every prompt in full.
     #[arg(long)]
     no_prefix_caching: bool,
+    /// Passed to the attention ranks: draft tokens the MTP module proposes per decode step.
+    #[arg(long, default_value_t = 0)]
+    speculative_tokens: usize,
 }
 
 /// The GPUs the members are placed on, as `CUDA_VISIBLE_DEVICES` entries; empty on the CPU.
@@ -182,6 +185,8 @@ pub fn run(args: FleetArgs) -> Result<()> {
                     .map_or("auto".into(), |v| v.get_name().to_string()),
                 "--cache-tokens".into(),
                 args.cache_tokens.to_string(),
+                "--speculative-tokens".into(),
+                args.speculative_tokens.to_string(),
             ]
             .into_iter()
             .chain(args.no_prefix_caching.then(|| "--no-prefix-caching".to_string()))

@@ -87,6 +87,11 @@ pub struct ServeArgs {
     /// debugging; on by default, as in vLLM).
     #[arg(long)]
     no_prefix_caching: bool,
+    /// Draft tokens the checkpoint's MTP module proposes per decode step, all verified in one
+    /// step (speculative decoding: the output is unchanged, decoding faster when drafts are
+    /// accepted). 0 = off. An error when the checkpoint has no MTP module.
+    #[arg(long, default_value_t = 0, env = "DSV3_SPECULATIVE_TOKENS")]
+    speculative_tokens: usize,
 }
 
 #[derive(Args)]
@@ -160,6 +165,11 @@ pub struct AttentionArgs {
     /// debugging; on by default, as in vLLM).
     #[arg(long)]
     no_prefix_caching: bool,
+    /// Draft tokens the checkpoint's MTP module proposes per decode step, all verified in one
+    /// step (speculative decoding: the output is unchanged, decoding faster when drafts are
+    /// accepted). 0 = off. An error when the checkpoint has no MTP module.
+    #[arg(long, default_value_t = 0, env = "DSV3_SPECULATIVE_TOKENS")]
+    speculative_tokens: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -347,8 +357,9 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         args.fp8_activations,
     )?;
     let config = backend.config().clone();
-    let rank =
-        with_grammars(LocalAttention::new(0, backend, None), &files)?.with_prefix_caching(!args.no_prefix_caching);
+    let rank = with_grammars(LocalAttention::new(0, backend, None), &files)?
+        .with_prefix_caching(!args.no_prefix_caching)
+        .with_speculative_tokens(args.speculative_tokens)?;
     let rank: Arc<dyn AttentionRank> = Arc::new(rank);
     let fleet = Fleet::start(config, vec![rank], scheduler_config(&args.http));
     serve_http(
@@ -418,7 +429,8 @@ pub fn attention(args: AttentionArgs) -> Result<()> {
     )
     .with_context(|| format!("loading attention rank {}", args.rank))?;
     let rank = with_grammars(LocalAttention::new(args.rank, backend, Some(experts)), &files)?
-        .with_prefix_caching(!args.no_prefix_caching);
+        .with_prefix_caching(!args.no_prefix_caching)
+        .with_speculative_tokens(args.speculative_tokens)?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind((args.listen.host.as_str(), args.listen.port))
             .await

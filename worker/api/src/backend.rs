@@ -139,6 +139,10 @@ pub struct RankStats {
     pub expert_bytes_sent: u64,
     pub expert_bytes_received: u64,
     pub expert_layers: u64,
+    /// Speculative decoding since start, per draft position (first after the fed token
+    /// first): drafts scored and drafts accepted.
+    pub drafts_scored: Vec<u64>,
+    pub drafts_accepted: Vec<u64>,
 }
 
 /// Produces tokens for the HTTP front end. Implementations must be cheap to call from request

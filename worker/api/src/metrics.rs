@@ -348,6 +348,61 @@ impl Collector for BackendCollector {
     }
 }
 
+/// Speculative decoding per attention rank and draft position: drafts scored and accepted, and
+/// the acceptance rate over every rank.
+fn encode_speculation(
+    encoder: &mut DescriptorEncoder<'_>,
+    ranks: &[crate::backend::RankStats],
+) -> Result<(), std::fmt::Error> {
+    if ranks.iter().all(|r| r.drafts_scored.is_empty()) {
+        return Ok(());
+    }
+    for (name, help, pick) in [
+        (
+            "dsv3_spec_decode_draft_tokens",
+            "Draft tokens of the MTP module an attention rank verified since start, by draft position.",
+            (|r: &crate::backend::RankStats| &r.drafts_scored) as fn(&crate::backend::RankStats) -> &Vec<u64>,
+        ),
+        (
+            "dsv3_spec_decode_accepted_tokens",
+            "Draft tokens of the MTP module an attention rank accepted since start, by draft position.",
+            |r: &crate::backend::RankStats| &r.drafts_accepted,
+        ),
+    ] {
+        let probe = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(name, help, None, probe.metric_type())?;
+        for r in ranks {
+            for (position, &count) in pick(r).iter().enumerate() {
+                let labels = [("rank", r.rank.to_string()), ("position", (position + 1).to_string())];
+                ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+            }
+        }
+    }
+    let positions = ranks.iter().map(|r| r.drafts_scored.len()).max().unwrap_or(0);
+    let probe = ConstGauge::new(0.0f64);
+    let mut family = encoder.encode_descriptor(
+        "dsv3_spec_decode_acceptance_rate",
+        "Share of draft tokens accepted since start, by draft position, over every attention rank.",
+        None,
+        probe.metric_type(),
+    )?;
+    for position in 0..positions {
+        let sum = |pick: fn(&crate::backend::RankStats) -> &Vec<u64>| -> u64 {
+            ranks.iter().map(|r| pick(r).get(position).copied().unwrap_or(0)).sum()
+        };
+        let scored = sum(|r| &r.drafts_scored);
+        let accepted = sum(|r| &r.drafts_accepted);
+        let labels = [("position", (position + 1).to_string())];
+        let rate = if scored == 0 {
+            0.0
+        } else {
+            accepted as f64 / scored as f64
+        };
+        ConstGauge::new(rate).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 /// Per attention rank: memory held on its device, and its dispatch/combine traffic.
 fn encode_ranks(
     encoder: &mut DescriptorEncoder<'_>,
@@ -407,6 +462,7 @@ fn encode_ranks(
             ConstCounter::new(r.expert_layers).encode(family.encode_family(&labels)?)?;
         }
     }
+    encode_speculation(encoder, ranks)?;
     let probe = ConstCounter::new(0.0f64);
     let mut family = encoder.encode_descriptor(
         "dsv3_expert_transfer_seconds",

@@ -264,10 +264,16 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
             );
             continue;
         }
+        if config == "speculative" {
+            let table =
+                crate::bench_speculative::run(&opts.batches, opts.context, opts.reps, opts.fp8_activations, &[0.85, 0.9])?;
+            println!("{table}");
+            continue;
+        }
         let (layers, dense, name): (usize, usize, &'static str) = match config.as_str() {
             "moe_layer" => (1, 0, "moe_layer"),
             "slice5" => (5, 3, "slice5"),
-            other => anyhow::bail!("unknown benchmark config `{other}` (moe_layer, slice5, mla)"),
+            other => anyhow::bail!("unknown benchmark config `{other}` (moe_layer, slice5, mla, speculative)"),
         };
         eprintln!("{name}: making random FP8 weights on the GPU...");
         let mut model = CudaModel::random(

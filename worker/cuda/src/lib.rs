@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod bench_attention;
+pub mod bench_speculative;
 pub mod cache;
 pub mod expert_wgmma;
 pub mod experts;

@@ -1327,3 +1327,129 @@ fn grouped_fp8_wgmma_matches_f64_reference() {
         assert!(rel < 1e-3, "{name}: relative error {rel}");
     }
 }
+
+/// A tensor of a golden reference file as f32 (f32 or i64 stored).
+fn golden_tensor(name: &str, tensor: &str) -> Vec<f32> {
+    let root = std::env::var_os("DSV3_REPO_ROOT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
+    let bytes = std::fs::read(root.join("tests/golden").join(name)).expect("reference file");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let t = st.tensor(tensor).expect("tensor");
+    match t.dtype() {
+        safetensors::Dtype::I64 => t
+            .data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
+            .collect(),
+        _ => t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .collect(),
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn speculative_decoding_on_the_gpu() {
+    use dsv3_engine::batch::{generate_counting, BatchOptions};
+    use dsv3_engine::{
+        speculative_step, Drafting, GenerateRequest, SamplingParams, SpecChunk, StepBackend, TokenChoice, TokenPick,
+    };
+    poison();
+    let root = std::env::var_os("DSV3_REPO_ROOT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
+    let files = ModelFiles::Dir(root.join("tests/golden/tiny-fp8"));
+    let reference = "tiny-fp8.ref.safetensors";
+    let ids: Vec<u32> = golden_tensor(reference, "prompt_ids").iter().map(|&x| x as u32).collect();
+    let mtp_logits = golden_tensor(reference, "mtp_logits");
+    let greedy: Vec<u32> = golden_tensor(reference, "greedy_ids").iter().map(|&x| x as u32).collect();
+    let margins = golden_tensor(reference, "greedy_margins");
+    let mut gpu = load_gpu(&files, Fp8Activations::Unquantised);
+    assert!(gpu.has_mtp(), "the MTP layer is loaded");
+    let (vocab, width) = (gpu.config.vocab_size, gpu.config.hidden_size);
+
+    // The MTP module against transformers' MTP logits, from the GPU's own hidden states.
+    let mut chunk = Chunk::new(1, 0, &ids, Outputs::Last);
+    chunk.all_hidden = true;
+    let main = gpu.step(&[chunk]).expect("main step");
+    let t = ids.len();
+    let mut chunk = Chunk::new(1, 0, &ids[1..], Outputs::All);
+    chunk.prev_hidden = Some(&main[0].hidden[..(t - 1) * width]);
+    let mtp = gpu.mtp_step(&[chunk]).expect("MTP step");
+    for row in 0..t - 1 {
+        let (g, r) = (
+            &mtp[0].logits[row * vocab..(row + 1) * vocab],
+            &mtp_logits[row * vocab..(row + 1) * vocab],
+        );
+        let c = cosine(g, r);
+        assert!(c > 0.999, "MTP row {row}: cosine {c} to transformers");
+    }
+    gpu.free_sequence(1);
+
+    // Greedy decoding with drafts gives the tokens without them: compared while transformers'
+    // top-2 margin is clear (the verify step is a different batch shape, so a near tie may flip).
+    let clear = margins.iter().take_while(|&&m| m > 0.05).count();
+    assert!(clear >= 10, "{clear} clear steps");
+    let request = GenerateRequest {
+        prompt: ids.clone(),
+        params: SamplingParams {
+            max_tokens: greedy.len(),
+            ignore_eos: true,
+            ..SamplingParams::default()
+        },
+    };
+    let run = |gpu: &mut CudaModel, drafts: usize| {
+        let options = BatchOptions {
+            max_step_tokens: 256,
+            vocab_limit: None,
+            speculative_tokens: drafts,
+        };
+        let (out, acceptance) = generate_counting(gpu, std::slice::from_ref(&request), &options).expect("generate");
+        (out[0].clone().expect("output").tokens, acceptance)
+    };
+    let (plain, _) = run(&mut gpu, 0);
+    assert_eq!(plain[..clear], greedy[..clear], "plain GPU decoding against transformers");
+    for drafts in [1, 2] {
+        let (tokens, acceptance) = run(&mut gpu, drafts);
+        eprintln!("{drafts} drafts: acceptance {acceptance:?}");
+        assert_eq!(tokens[..clear], greedy[..clear], "{drafts} drafts");
+        assert_eq!(acceptance.drafted.len(), drafts);
+    }
+
+    // Drafts that are right are accepted several at a time, a wrong one is rolled back.
+    let mut drafting = Drafting::default();
+    let (mut output, mut cached, mut steps) = (Vec::<u32>::new(), 0, 0);
+    while output.len() < clear {
+        let tokens: Vec<u32> = if output.is_empty() { ids.clone() } else { vec![output[output.len() - 1]] };
+        let drafts: Vec<u32> = if output.is_empty() {
+            vec![]
+        } else {
+            let mut d: Vec<u32> = greedy[output.len()..].iter().take(3).copied().collect();
+            if steps % 2 == 1 && d.len() == 3 {
+                d[2] = (d[2] + 1) % 1000;
+            }
+            d
+        };
+        let picks = vec![TokenPick::plain(TokenChoice::GREEDY); drafts.len() + 1];
+        let chunk = SpecChunk {
+            seq: 9,
+            start: cached,
+            tokens: &tokens,
+            drafts,
+            picks: Some(picks),
+            draft: true,
+        };
+        let outcome = speculative_step(&mut gpu, &[chunk], &mut [&mut drafting], 3, None).expect("step")[0]
+            .clone()
+            .expect("picked");
+        cached += tokens.len() + outcome.accepted;
+        assert_eq!(gpu.cache.table.seq_len(9), Some(cached), "rejected drafts leave the cache");
+        output.extend(outcome.tokens.iter().map(|p| p.token));
+        steps += 1;
+    }
+    assert_eq!(output[..clear], greedy[..clear]);
+    assert!(steps <= clear / 2, "{steps} steps for {clear} tokens");
+}

@@ -213,9 +213,18 @@ fn speculative_generation_step(
         })
         .collect();
     let fed: Vec<(usize, usize)> = plan.iter().map(|(i, tokens, _, _)| (*i, tokens.len())).collect();
-    let mut drafting: Vec<Drafting> = fed.iter().map(|&(i, _)| std::mem::take(&mut active[i].drafting)).collect();
+    let mut drafting: Vec<Drafting> = fed
+        .iter()
+        .map(|&(i, _)| std::mem::take(&mut active[i].drafting))
+        .collect();
     let mut refs: Vec<&mut Drafting> = drafting.iter_mut().collect();
-    let outcomes = speculative_step(backend, &chunks, &mut refs, options.speculative_tokens, options.vocab_limit)?;
+    let outcomes = speculative_step(
+        backend,
+        &chunks,
+        &mut refs,
+        options.speculative_tokens,
+        options.vocab_limit,
+    )?;
     drop(chunks);
     for (((i, n), outcome), d) in fed.into_iter().zip(outcomes).zip(drafting) {
         let a = &mut active[i];

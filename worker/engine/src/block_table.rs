@@ -387,7 +387,11 @@ mod tests {
         prefill(&mut table, 1, &[1, 2, 3]);
         table.begin_chunk(1, 3, 3).expect("room");
         table.note_tokens(1, 3, &[4, 5, 6]);
-        assert_eq!(table.reuse_prefix(2, 0, &[1, 2, 3, 4, 9], true), 4, "registered while full");
+        assert_eq!(
+            table.reuse_prefix(2, 0, &[1, 2, 3, 4, 9], true),
+            4,
+            "registered while full"
+        );
         table.free_sequence(2);
         // Both drafts rejected: position 3 is written again, so the block leaves the index.
         table.truncate(1, 3);

@@ -89,7 +89,10 @@ pub fn speculative_step(
     depth: usize,
     vocab_limit: Option<usize>,
 ) -> Result<Vec<Option<SpecOutcome>>> {
-    ensure!(backend.has_mtp(), "speculative decoding needs the checkpoint's MTP module");
+    ensure!(
+        backend.has_mtp(),
+        "speculative decoding needs the checkpoint's MTP module"
+    );
     ensure!(
         chunks.len() == drafting.len(),
         "{} chunks, {} drafting states",

@@ -98,7 +98,9 @@ fn requests() -> Vec<GenerateRequest> {
     let prompts: [&[u32]; 3] = [
         &[683, 13, 615, 533, 2, 222, 561, 256, 453, 312, 692, 298],
         &[41, 74, 989],
-        &[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26],
+        &[
+            5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26,
+        ],
     ];
     let mut requests = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
@@ -138,14 +140,21 @@ fn output_with_drafts_is_the_output_without_them() {
             let mut spec = engine(dir, depth, 16);
             let out = spec.generate(&requests()).expect("speculative");
             for (i, (a, b)) in plain.iter().zip(&out).enumerate() {
-                let (a, b) = (a.as_ref().expect("plain output"), b.as_ref().expect("speculative output"));
+                let (a, b) = (
+                    a.as_ref().expect("plain output"),
+                    b.as_ref().expect("speculative output"),
+                );
                 assert_eq!(a.tokens, b.tokens, "{dir}, {depth} drafts, request {i}");
                 assert_eq!(a.finish, b.finish);
                 // The same logits, up to the head's product order over a different row count.
                 let diff = common::max_abs_diff(&a.prompt_last_logits, &b.prompt_last_logits);
                 assert!(diff < 1e-4, "prompt logits differ by {diff}");
             }
-            assert_eq!(spec.backend.cache.used_blocks(), 0, "every block back after the requests");
+            assert_eq!(
+                spec.backend.cache.used_blocks(),
+                0,
+                "every block back after the requests"
+            );
         }
     }
 }
@@ -199,7 +208,11 @@ fn accepted_drafts_advance_several_tokens_and_rejected_ones_are_rolled_back() {
         let out = speculative_step(backend, &[chunk], &mut [&mut drafting], 3, None).expect("step");
         let outcome = out[0].clone().expect("sampled");
         cached += tokens.len() + outcome.accepted;
-        assert_eq!(backend.cache.seq_len(1), Some(cached), "rejected drafts leave the cache");
+        assert_eq!(
+            backend.cache.seq_len(1),
+            Some(cached),
+            "rejected drafts leave the cache"
+        );
         accepted.push((outcome.drafted, outcome.accepted));
         output.extend(outcome.tokens.iter().map(|p| p.token));
         steps += 1;
@@ -207,7 +220,11 @@ fn accepted_drafts_advance_several_tokens_and_rejected_ones_are_rolled_back() {
     output.truncate(expected.len());
     assert_eq!(output, expected);
     assert!(accepted.contains(&(3, 3)) && accepted.contains(&(3, 2)), "{accepted:?}");
-    assert!(steps < expected.len() / 2, "{steps} steps for {} tokens", expected.len());
+    assert!(
+        steps < expected.len() / 2,
+        "{steps} steps for {} tokens",
+        expected.len()
+    );
 }
 
 #[test]

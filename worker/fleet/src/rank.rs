@@ -5,7 +5,8 @@
 use crate::sampling_spec::{from_spec, grammar_of};
 use anyhow::Result;
 use dsv3_engine::{
-    Chunk, ExpertCounts, ExpertExecutor, MemoryUse, ModelConfig, Outputs, PickedToken, Sampler, StepBackend, TokenPick,
+    speculative_step, Acceptance, Chunk, Drafting, ExpertCounts, ExpertExecutor, MemoryUse, ModelConfig, Outputs,
+    PickedToken, Sampler, SpecChunk, StepBackend, TokenPick,
 };
 use dsv3_engine::{OutputGrammar, TokenMask};
 use dsv3_grammar::{Constraint, Grammars};
@@ -53,6 +54,9 @@ struct RankState {
     /// The grammars of sequences with structured output (an error when the grammar could not
     /// be built: such a sequence may only end).
     constraints: HashMap<u64, Arc<Mutex<Result<Constraint, String>>>>,
+    /// Speculative decoding: each sequence's drafts and MTP input, and acceptance so far.
+    drafting: HashMap<u64, Drafting>,
+    acceptance: Acceptance,
     steps: u64,
     step_seconds: f64,
     /// When the expert counters were last taken (reading them waits on the device).
@@ -73,6 +77,8 @@ pub struct LocalAttention {
     grammars: Option<Arc<Grammars>>,
     /// Whether cached prefix blocks are reused (on unless turned off).
     prefix_caching: bool,
+    /// Drafts the MTP module proposes per decode step (0: no speculative decoding).
+    speculative_tokens: usize,
     state: Mutex<RankState>,
 }
 
@@ -84,11 +90,14 @@ impl LocalAttention {
             experts,
             grammars: None,
             prefix_caching: true,
+            speculative_tokens: 0,
             state: Mutex::new(RankState {
                 backend,
                 samplers: HashMap::new(),
                 prefilling: HashMap::new(),
                 constraints: HashMap::new(),
+                drafting: HashMap::new(),
+                acceptance: Acceptance::default(),
                 steps: 0,
                 step_seconds: 0.0,
                 counts_taken: None,
@@ -100,6 +109,22 @@ impl LocalAttention {
     pub fn with_prefix_caching(mut self, on: bool) -> Self {
         self.prefix_caching = on;
         self
+    }
+
+    /// Decodes speculatively with `tokens` drafts from the checkpoint's MTP module per step
+    /// (0: off); an error when the checkpoint has none.
+    pub fn with_speculative_tokens(mut self, tokens: usize) -> Result<Self> {
+        if tokens > 0 {
+            let has_mtp = self.lock()?.backend.has_mtp();
+            anyhow::ensure!(
+                has_mtp,
+                "--speculative-tokens {tokens} needs the checkpoint's MTP module (model.layers.{}.*), and this \
+                 checkpoint has none",
+                self.config.num_hidden_layers
+            );
+        }
+        self.speculative_tokens = tokens;
+        Ok(self)
     }
 
     /// Serves structured output with `grammars` (built from the model's tokenizer).
@@ -150,12 +175,18 @@ impl LocalAttention {
         Arc::new(Mutex::new(made))
     }
 
-    /// How each item that samples picks its token: its sequence's sampler draws the step's
-    /// random number and edits the logits by its rules, its grammar (if any) masks them; the
-    /// backend picks where the logits are. Both are made on a sequence's first pick, from the
-    /// tokens it was prefilled with (the last `generated_before` of them are output sampled
-    /// before a preemption).
-    fn token_picks(&self, state: &mut RankState, items: &[StepItem]) -> Vec<Option<TokenPick>> {
+    /// How each item that samples picks its token, and the `drafts` after it (empty without
+    /// speculative decoding): its sequence's sampler edits the logits by its rules and gives
+    /// each row its draw, its grammar (if any) masks the first row; the backend picks where the
+    /// logits are. Sampler and grammar are made on a sequence's first pick, from the tokens it
+    /// was prefilled with (the last `generated_before` of them are output sampled before a
+    /// preemption). Nothing is drawn until [`Sampler::accept`] takes the tokens output.
+    fn token_picks(
+        &self,
+        state: &mut RankState,
+        items: &[StepItem],
+        drafts: &[Vec<u32>],
+    ) -> Vec<Option<Vec<TokenPick>>> {
         let RankState {
             samplers,
             prefilling,
@@ -164,7 +195,8 @@ impl LocalAttention {
         } = state;
         items
             .iter()
-            .map(|item| {
+            .zip(drafts)
+            .map(|(item, drafts)| {
                 if !samplers.contains_key(&item.seq) {
                     let tokens = prefilling.entry(item.seq).or_default();
                     tokens.truncate(item.start as usize);
@@ -180,11 +212,90 @@ impl LocalAttention {
                     let (params, end_ids) = from_spec(spec);
                     Sampler::with_history(params, None, prompt, output, end_ids)
                 });
-                let mut pick = sampler.next_pick(spec.logprobs.map(|n| n as usize));
-                pick.allowed = constraints.get(&item.seq).map(|c| self.next_mask(c));
-                Some(pick)
+                let mut picks = sampler.picks_with_drafts(drafts, spec.logprobs.map(|n| n as usize));
+                picks[0].allowed = constraints.get(&item.seq).map(|c| self.next_mask(c));
+                Some(picks)
             })
             .collect()
+    }
+
+    /// The plain step: each item's chunk (less what the prefix cache gave), one pick per item
+    /// that samples, made where the logits are.
+    fn plain_step(
+        state: &mut RankState,
+        items: &[StepItem],
+        reused: &[usize],
+        mut picks: Vec<Option<Vec<TokenPick>>>,
+    ) -> Result<Vec<Vec<PickedToken>>> {
+        let (chunks, computed) = step_chunks(items, reused);
+        let computed_picks: Vec<Option<TokenPick>> = computed
+            .iter()
+            .map(|&i| picks[i].take().and_then(|p| p.into_iter().next()))
+            .collect();
+        let mut picked: Vec<Vec<PickedToken>> = vec![Vec::new(); items.len()];
+        if !chunks.is_empty() {
+            for (&i, p) in computed.iter().zip(state.backend.step_pick(&chunks, &computed_picks)?) {
+                picked[i].extend(p);
+            }
+        }
+        Ok(picked)
+    }
+
+    /// The speculative step: decoding items feed their drafts too, and output every token the
+    /// verification keeps ([`speculative_step`]).
+    fn speculative_step(
+        &self,
+        state: &mut RankState,
+        items: &[StepItem],
+        reused: &[usize],
+        drafts: Vec<Vec<u32>>,
+        picks: Vec<Option<Vec<TokenPick>>>,
+    ) -> Result<Vec<Vec<PickedToken>>> {
+        let mut chunks = Vec::new();
+        let mut index = Vec::new();
+        for (i, ((item, &r), (drafts, picks))) in
+            items.iter().zip(reused).zip(drafts.into_iter().zip(picks)).enumerate()
+        {
+            if r >= item.tokens.len() {
+                continue; // wholly reused: nothing to compute (it does not sample)
+            }
+            chunks.push(SpecChunk {
+                seq: item.seq,
+                start: item.start as usize + r,
+                tokens: &item.tokens[r..],
+                drafts,
+                picks,
+                // A grammar's mask is made for one row at a time: no drafts to verify.
+                draft: !state.constraints.contains_key(&item.seq),
+            });
+            index.push(i);
+        }
+        let mut picked: Vec<Vec<PickedToken>> = vec![Vec::new(); items.len()];
+        if chunks.is_empty() {
+            return Ok(picked);
+        }
+        let mut drafting: Vec<Drafting> = chunks
+            .iter()
+            .map(|c| state.drafting.remove(&c.seq).unwrap_or_default())
+            .collect();
+        let mut refs: Vec<&mut Drafting> = drafting.iter_mut().collect();
+        let outcomes = speculative_step(
+            state.backend.as_mut(),
+            &chunks,
+            &mut refs,
+            self.speculative_tokens,
+            None,
+        );
+        for (c, d) in chunks.iter().zip(drafting) {
+            state.drafting.insert(c.seq, d);
+        }
+        for (i, outcome) in index.into_iter().zip(outcomes?) {
+            if let Some(outcome) = outcome {
+                state.acceptance.add(outcome.drafted, outcome.accepted);
+                picked[i] = outcome.tokens;
+            }
+        }
+        Ok(picked)
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, RankState>> {
@@ -212,25 +323,44 @@ impl AttentionRank for LocalAttention {
                     .reuse_prefix(item.seq, item.start as usize, &item.tokens, item.sample.is_some())
             })
             .collect();
-        let (chunks, computed) = step_chunks(&request.items, &reused);
-        let mut picks = self.token_picks(state, &request.items);
-        let computed_picks: Vec<Option<TokenPick>> = computed.iter().map(|&i| picks[i].take()).collect();
-        let mut picked: Vec<Option<PickedToken>> = vec![None; request.items.len()];
-        if !chunks.is_empty() {
-            for (&i, p) in computed.iter().zip(state.backend.step_pick(&chunks, &computed_picks)?) {
-                picked[i] = p;
+        // Drafts for decoding items whose drafts were made for this very step (none while a
+        // grammar holds the sequence).
+        let drafts: Vec<Vec<u32>> = request
+            .items
+            .iter()
+            .zip(&reused)
+            .map(|(item, &r)| match state.drafting.get(&item.seq) {
+                Some(d)
+                    if self.speculative_tokens > 0
+                        && item.sample.is_some()
+                        && !state.constraints.contains_key(&item.seq) =>
+                {
+                    d.drafts_for(item.start as usize + r, &item.tokens[r..], self.speculative_tokens)
+                        .to_vec()
+                }
+                _ => Vec::new(),
+            })
+            .collect();
+        let picks = self.token_picks(state, &request.items, &drafts);
+        let picked = if self.speculative_tokens > 0 {
+            self.speculative_step(state, &request.items, &reused, drafts, picks)?
+        } else {
+            Self::plain_step(state, &request.items, &reused, picks)?
+        };
+        for (item, tokens) in request.items.iter().zip(&picked) {
+            if tokens.is_empty() {
+                continue;
             }
-        }
-        for (item, p) in request.items.iter().zip(&picked) {
-            let Some(p) = p else { continue };
             if let Some(sampler) = state.samplers.get_mut(&item.seq) {
-                sampler.record(p.token);
+                sampler.accept(&tokens.iter().map(|p| p.token).collect::<Vec<_>>());
             }
             if let Some(constraint) = state.constraints.get(&item.seq) {
                 if let Ok(mut guard) = constraint.lock() {
-                    if let Ok(c) = guard.as_mut() {
-                        if let Err(e) = c.consume(p.token) {
-                            *guard = Err(e.to_string());
+                    for p in tokens {
+                        if let Ok(c) = guard.as_mut() {
+                            if let Err(e) = c.consume(p.token) {
+                                *guard = Err(e.to_string());
+                            }
                         }
                     }
                 }
@@ -281,6 +411,7 @@ impl AttentionRank for LocalAttention {
             state.samplers.remove(&seq);
             state.prefilling.remove(&seq);
             state.constraints.remove(&seq);
+            state.drafting.remove(&seq);
         }
         Ok(())
     }
@@ -313,6 +444,9 @@ impl AttentionRank for LocalAttention {
             device: state.backend.device(),
             memory: Some(memory_report(memory)),
             expert_load,
+            speculative_tokens: self.speculative_tokens as u32,
+            drafts_scored: state.acceptance.drafted.clone(),
+            drafts_accepted: state.acceptance.accepted.clone(),
         })
     }
 }
@@ -367,14 +501,13 @@ fn expert_load(counts: ExpertCounts) -> Vec<LayerLoad> {
         .collect()
 }
 
-/// The reply's tokens: one per item that sampled.
-fn sampled(items: &[StepItem], picked: Vec<Option<PickedToken>>) -> Vec<Sampled> {
+/// The reply's tokens: those each item output, in order (one without drafts).
+fn sampled(items: &[StepItem], picked: Vec<Vec<PickedToken>>) -> Vec<Sampled> {
     items
         .iter()
         .zip(picked)
-        .filter_map(|(item, p)| {
-            let p = p?;
-            Some(Sampled {
+        .flat_map(|(item, tokens)| {
+            tokens.into_iter().map(move |p| Sampled {
                 seq: item.seq,
                 token: p.token,
                 logprob: p.logprob,

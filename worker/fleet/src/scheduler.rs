@@ -70,10 +70,10 @@ struct Running {
 }
 
 impl Running {
-    /// Cache blocks the sequence holds once its prompt is in and its next token is written: what
-    /// the rank must keep for it through the next step.
-    fn committed_blocks(&self, block: usize) -> usize {
-        (self.prompt.len().max(self.cached) + 1).div_ceil(block)
+    /// Cache blocks the sequence holds once its prompt is in and its next token is written,
+    /// with `drafts` draft tokens after it: what the rank must keep for it through the next step.
+    fn committed_blocks(&self, block: usize, drafts: usize) -> usize {
+        (self.prompt.len().max(self.cached) + 1 + drafts).div_ceil(block)
     }
 }
 
@@ -89,6 +89,8 @@ struct RankSlot {
     detail: String,
     block_size: usize,
     total_blocks: usize,
+    /// Drafts it verifies per decoding sequence and step (speculative decoding; 0 = off).
+    speculative_tokens: usize,
     last_probe: Option<Instant>,
     /// Device, memory and expert traffic from its last answer.
     stats: RankStats,
@@ -145,6 +147,7 @@ impl Fleet {
                 block_size: 16,
                 recent_prompts: Default::default(),
                 total_blocks: 0,
+                speculative_tokens: 0,
                 last_probe: None,
                 stats: RankStats::default(),
             })
@@ -262,6 +265,8 @@ fn rank_stats(rank: usize, info: &dsv3_proto::AttentionInfo) -> RankStats {
         expert_bytes_sent: info.expert_bytes_sent,
         expert_bytes_received: info.expert_bytes_received,
         expert_layers: info.expert_layers,
+        drafts_scored: info.drafts_scored.clone(),
+        drafts_accepted: info.drafts_accepted.clone(),
     }
 }
 
@@ -325,6 +330,7 @@ impl Scheduler {
                     slot.stats = rank_stats(index, &info);
                     slot.block_size = info.block_size.max(1) as usize;
                     slot.total_blocks = info.total_blocks as usize;
+                    slot.speculative_tokens = info.speculative_tokens as usize;
                     slot.healthy = info.experts_ready;
                     slot.detail = if info.experts_ready { String::new() } else { info.detail };
                 }
@@ -391,11 +397,11 @@ impl Scheduler {
 
     /// Cache blocks the running sequences on `rank` hold through the next step.
     fn committed_blocks(&self, rank: usize) -> usize {
-        let block = self.ranks[rank].block_size;
+        let (block, drafts) = (self.ranks[rank].block_size, self.ranks[rank].speculative_tokens);
         self.running
             .iter()
             .filter(|r| r.rank == rank)
-            .map(|r| r.committed_blocks(block))
+            .map(|r| r.committed_blocks(block, drafts))
             .sum()
     }
 
@@ -427,7 +433,8 @@ impl Scheduler {
                 break;
             }
             let resumed = pending.resume.as_ref().map_or(0, |(_, output)| output.len());
-            let positions = pending.request.prompt.len() + resumed + 1;
+            let drafts = self.ranks.iter().map(|s| s.speculative_tokens).max().unwrap_or(0);
+            let positions = pending.request.prompt.len() + resumed + 1 + drafts;
             // Among the ranks with room: the one whose cache probably holds the longest prefix
             // of the prompt, then the one with the most free blocks.
             let choice = self
@@ -512,7 +519,8 @@ impl Scheduler {
     /// `length`, as at the end of the context.
     fn make_room(&mut self) {
         for rank in 0..self.ranks.len() {
-            let (block, total) = (self.ranks[rank].block_size, self.ranks[rank].total_blocks);
+            let slot = &self.ranks[rank];
+            let (block, total, drafts) = (slot.block_size, slot.total_blocks, slot.speculative_tokens);
             while self.committed_blocks(rank) > total {
                 let newest = self
                     .running
@@ -521,7 +529,7 @@ impl Scheduler {
                     .expect("blocks are committed only by running sequences");
                 let r = self.running.remove(newest);
                 let alone = !self.running.iter().any(|o| o.rank == rank);
-                if alone && r.committed_blocks(block) > total {
+                if alone && r.committed_blocks(block, drafts) > total {
                     let _ = r.events.send(GenerationEvent::Finished {
                         reason: FinishReason::Length,
                     });
@@ -572,6 +580,15 @@ impl Scheduler {
             } else {
                 *b
             };
+            // A decoding sequence's drafts count against the budget too.
+            let drafts = if r.cached >= r.prompt.len() {
+                self.ranks[r.rank].speculative_tokens
+            } else {
+                0
+            };
+            if r.cached >= r.prompt.len() && *b < 1 + drafts && *b < self.options.max_step_tokens.max(1) {
+                continue;
+            }
             let Some((tokens, samples)) = next_tokens(&r.prompt, r.cached, r.last_token.as_ref(), take) else {
                 continue;
             };
@@ -581,7 +598,7 @@ impl Scheduler {
                 tokens: tokens.to_vec(),
                 sample: samples.then(|| self.sampling_spec(r, r.cached < r.prompt.len())),
             };
-            *b -= item.tokens.len();
+            *b = b.saturating_sub(item.tokens.len() + drafts);
             planned.push((i, item.tokens.len()));
             batches[r.rank].items.push(item);
         }
@@ -618,7 +635,7 @@ impl Scheduler {
         self.time.steps += 1;
         self.time.step_seconds += stepping.elapsed().as_secs_f64();
         let mut failed_ranks: BTreeMap<usize, String> = BTreeMap::new();
-        let mut sampled: BTreeMap<u64, dsv3_proto::Sampled> = BTreeMap::new();
+        let mut sampled: BTreeMap<u64, Vec<dsv3_proto::Sampled>> = BTreeMap::new();
         let mut failed_seqs: BTreeMap<u64, String> = BTreeMap::new();
         let mut reused: BTreeMap<u64, usize> = BTreeMap::new();
         for (rank, reply) in replies.into_iter().enumerate() {
@@ -627,7 +644,7 @@ impl Scheduler {
                 Some(Ok(reply)) => {
                     add_expert_load(&self.shared, reply.expert_load);
                     for s in reply.sampled {
-                        sampled.insert(s.seq, s);
+                        sampled.entry(s.seq).or_default().push(s);
                     }
                     for f in reply.failed {
                         failed_seqs.insert(f.seq, f.message);
@@ -664,28 +681,36 @@ impl Scheduler {
                 }
             }
             r.cached += n;
-            let Some(s) = sampled.remove(&r.seq) else { continue };
-            r.output.push(s.token);
-            r.last_token = Some(s.token);
-            let event = GenerationEvent::Token {
-                id: s.token,
-                logprob: s.logprob,
-                top_logprobs: s
-                    .top_logprobs
-                    .iter()
-                    .map(|t| TokenLogprob {
-                        id: t.id,
-                        logprob: t.logprob,
-                    })
-                    .collect(),
-            };
-            if r.events.send(event).is_err() {
-                finished.push(i); // the client went away
-                continue;
-            }
-            if let Some(reason) = finish_reason(&r.request.params, &self.config, s.token, r.output.len(), r.cached) {
-                let _ = r.events.send(GenerationEvent::Finished { reason });
-                finished.push(i);
+            // One token, or with speculative decoding the accepted drafts (each now cached)
+            // and the token after them.
+            for (k, s) in sampled.remove(&r.seq).unwrap_or_default().into_iter().enumerate() {
+                if k > 0 {
+                    r.cached += 1;
+                }
+                r.output.push(s.token);
+                r.last_token = Some(s.token);
+                let event = GenerationEvent::Token {
+                    id: s.token,
+                    logprob: s.logprob,
+                    top_logprobs: s
+                        .top_logprobs
+                        .iter()
+                        .map(|t| TokenLogprob {
+                            id: t.id,
+                            logprob: t.logprob,
+                        })
+                        .collect(),
+                };
+                if r.events.send(event).is_err() {
+                    finished.push(i); // the client went away
+                    break;
+                }
+                if let Some(reason) = finish_reason(&r.request.params, &self.config, s.token, r.output.len(), r.cached)
+                {
+                    let _ = r.events.send(GenerationEvent::Finished { reason });
+                    finished.push(i);
+                    break;
+                }
             }
         }
         for (&rank, message) in &failed_ranks {

@@ -5,7 +5,9 @@
 //!   generation loop gives, preempted or not;
 //! - structured output fits its schema, preempted or not, and a grammar the rank cannot hold
 //!   fails its request visibly;
-//! - a resent prefix is taken from the prefix cache and changes no token.
+//! - a resent prefix is taken from the prefix cache and changes no token;
+//! - speculative decoding with the MTP module changes no token, preempted or not, and the rank
+//!   reports its drafts.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -39,12 +41,17 @@ fn tiny_tokenizer() -> dsv3_text::Tokenizer {
         .expect("the tiny model has a tokenizer")
 }
 
-fn tiny_rank(cache_tokens: usize) -> Arc<dyn AttentionRank> {
+fn tiny_rank(cache_tokens: usize, speculative_tokens: usize) -> Arc<LocalAttention> {
     let backend = tiny_backend(cache_tokens);
     let config = backend.config().clone();
     let grammars =
         dsv3_grammar::Grammars::new(&tiny_tokenizer(), config.vocab_size, config.eos_token_ids[0]).expect("grammars");
-    Arc::new(LocalAttention::new(0, Box::new(backend), None).with_grammars(grammars))
+    Arc::new(
+        LocalAttention::new(0, Box::new(backend), None)
+            .with_grammars(grammars)
+            .with_speculative_tokens(speculative_tokens)
+            .expect("the tiny model has an MTP module"),
+    )
 }
 
 fn fleet(cache_tokens: usize) -> Arc<Fleet> {
@@ -52,7 +59,11 @@ fn fleet(cache_tokens: usize) -> Arc<Fleet> {
 }
 
 fn fleet_stepping(cache_tokens: usize, max_step_tokens: usize) -> Arc<Fleet> {
-    let rank = tiny_rank(cache_tokens);
+    fleet_with_rank(tiny_rank(cache_tokens, 0), max_step_tokens)
+}
+
+fn fleet_with_rank(rank: Arc<LocalAttention>, max_step_tokens: usize) -> Arc<Fleet> {
+    let rank: Arc<dyn AttentionRank> = rank;
     let config = SchedulerConfig {
         max_waiting: 16,
         max_step_tokens,
@@ -150,6 +161,7 @@ fn logit_rules_through_the_fleet_match_the_engine_loop() {
         let options = BatchOptions {
             max_step_tokens: 256,
             vocab_limit: None,
+            speculative_tokens: 0,
         };
         generate(&mut backend, requests, &options)
             .expect("generate")
@@ -364,4 +376,78 @@ fn requests_sent_together_with_one_prompt_compute_it_once() {
     let cached: Vec<usize> = results.iter().map(|r| r.1).collect();
     assert_eq!(cached, [0, 64, 64]);
     assert!(results.iter().all(|r| r.0 == results[0].0), "greedy answers agree");
+}
+
+#[test]
+fn speculative_decoding_through_the_fleet_changes_no_token() {
+    let rules = strong_rules(7);
+    for (temperature, rules) in [(0.0, LogitRules::default()), (1.0, rules)] {
+        let plain = run_requests(&fleet(4096), requests(temperature, &rules));
+        for (cache_tokens, drafts) in [(4096, 1), (4096, 3), (96, 2)] {
+            let rank = tiny_rank(cache_tokens, drafts);
+            let fleet = fleet_with_rank(rank.clone(), 256);
+            let out = run_requests(&fleet, requests(temperature, &rules));
+            assert_eq!(
+                out, plain,
+                "temperature {temperature}, {drafts} drafts, cache {cache_tokens}"
+            );
+            if cache_tokens < 4096 {
+                assert!(
+                    fleet.stats().scheduler.preemptions > 0,
+                    "the small cache should preempt"
+                );
+            }
+            // Finished sequences are released just after their streams end.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let info = loop {
+                let info = rank.info().expect("info");
+                if info.free_blocks == info.total_blocks || Instant::now() > deadline {
+                    break info;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            };
+            assert_eq!(info.speculative_tokens, drafts as u32);
+            assert_eq!(info.drafts_scored.len(), drafts);
+            assert!(info.drafts_scored[0] > 20, "{:?}", info.drafts_scored);
+            assert!(info
+                .drafts_accepted
+                .iter()
+                .zip(&info.drafts_scored)
+                .all(|(a, s)| a <= s));
+            assert_eq!(info.free_blocks, info.total_blocks, "every block back");
+        }
+    }
+}
+
+#[test]
+fn speculation_on_a_checkpoint_without_mtp_is_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/tiny-bf16/config.json"),
+        )
+        .expect("config"),
+    )
+    .expect("json");
+    config["num_nextn_predict_layers"] = 0.into();
+    dsv3_engine::synthetic::write_checkpoint(dir.path(), &config, false, 1, 3).expect("checkpoint");
+    let files = ModelFiles::Dir(dir.path().to_path_buf());
+    let model = Model::load(&files, |_| {}).expect("model");
+    let experts = LocalExperts::load(
+        &Checkpoint::open(&files).expect("open"),
+        &model.config,
+        &Default::default(),
+        |_| {},
+    )
+    .expect("experts");
+    let backend = CpuBackend::new(model, Arc::new(experts), 0, 256, 16);
+    let err = LocalAttention::new(0, Box::new(backend), None)
+        .with_speculative_tokens(1)
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string()
+            .contains("--speculative-tokens 1 needs the checkpoint's MTP module"),
+        "{err}"
+    );
 }

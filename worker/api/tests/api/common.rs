@@ -95,6 +95,8 @@ impl Fake {
                     expert_bytes_sent: 4096,
                     expert_bytes_received: 2048,
                     expert_layers: 6,
+                    drafts_scored: vec![10, 8],
+                    drafts_accepted: vec![7, 4],
                 }],
             },
         }

@@ -6,6 +6,7 @@ mod attention;
 mod graph;
 mod layers;
 mod moe;
+mod mtp;
 mod pick;
 
 use crate::cache::DeviceCache;
@@ -19,6 +20,7 @@ use dsv3_engine::{
 };
 use graph::DecodeGraph;
 use layers::{Ffn, Layer, Mlp};
+use mtp::Mtp;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -117,6 +119,8 @@ pub struct CudaModel {
     layers: Vec<Layer>,
     norm: DeviceBuf,
     head: DeviceMatrix,
+    /// The multi-token-prediction module, when the checkpoint has it (speculative decoding).
+    mtp: Option<Mtp>,
     pub cache: DeviceCache,
     /// bf16 scratch for dequantised weights on the cuBLAS path.
     dequant: DeviceBuf,
@@ -170,8 +174,24 @@ impl CudaModel {
             progress(l + 1, config.num_hidden_layers);
         }
         let norm = load_vector(&gpu, &ckpt, "model.norm.weight", h)?;
+        let mtp = if config.num_nextn_predict_layers > 0 {
+            Some(Mtp::load(&gpu, &ckpt, &config, &bank_ids).context("the MTP module")?)
+        } else {
+            None
+        };
         let weights = (embed, layers, norm, head);
-        Self::assemble(gpu, config, weights, cache_tokens, experts.remote, &bank_ids)
+        let mut model = Self::assemble(
+            gpu,
+            config,
+            weights,
+            cache_tokens,
+            experts.remote,
+            &bank_ids,
+            mtp.is_some(),
+        )?;
+        model.weight_bytes += mtp.as_ref().map_or(0, Mtp::resident_bytes);
+        model.mtp = mtp;
+        Ok(model)
     }
 
     /// Random FP8 weights made on the GPU (bf16 embedding and head, as the official checkpoint),
@@ -202,11 +222,12 @@ impl CudaModel {
         let norm = random_vector(&gpu, h, 0.8, 1.2, seed + 2)?;
         gpu.sync()?;
         let weights = (embed, layers, norm, head);
-        Self::assemble(gpu, config, weights, cache_tokens, experts.remote, &bank_ids)
+        Self::assemble(gpu, config, weights, cache_tokens, experts.remote, &bank_ids, false)
     }
 
     /// The model from its weights (embedding, layers, final norm, head), with a cache of
-    /// `cache_tokens` positions; the layers' banks hold experts `bank_ids`, `host_experts` the rest.
+    /// `cache_tokens` positions (and a cache layer for the MTP module `with_mtp`); the layers'
+    /// banks hold experts `bank_ids`, `host_experts` the rest.
     fn assemble(
         gpu: Gpu,
         config: ModelConfig,
@@ -214,12 +235,14 @@ impl CudaModel {
         cache_tokens: usize,
         host_experts: Option<HostExperts>,
         bank_ids: &[u32],
+        with_mtp: bool,
     ) -> Result<Self> {
         let partial_bank = PartialBank::new(&gpu, bank_ids, config.n_routed_experts)?;
         let block = 64;
+        let cache_layers = config.num_hidden_layers + usize::from(with_mtp);
         let cache = DeviceCache::new(
             &gpu,
-            config.num_hidden_layers,
+            cache_layers,
             config.kv_cache_width(),
             block,
             cache_tokens.div_ceil(block).max(1),
@@ -249,7 +272,7 @@ impl CudaModel {
             config.n_routed_experts <= 1024 && config.num_experts_per_tok <= 32,
             "too many experts for the routing kernel"
         );
-        let moe_stats = MoeStats::new(&gpu, config.num_hidden_layers, config.n_routed_experts)?;
+        let moe_stats = MoeStats::new(&gpu, cache_layers, config.n_routed_experts)?;
         // cuBLASLt made, with the main stream's workspace, before any step: a graphed decode step
         // may be the first to use it, and must not allocate for it.
         if let Some(fp8) = gpu.fp8_gemm()? {
@@ -267,6 +290,7 @@ impl CudaModel {
             layers,
             norm,
             head,
+            mtp: None,
             cache,
             dequant,
             moe_stats,
@@ -306,8 +330,27 @@ impl CudaModel {
             wanted_rows.extend(ks.iter().map(|k| (row + k) as i32));
             row += c.tokens.len();
         }
-        let (head, trace) = self.run_step(chunks, Some(&wanted_rows), trace)?;
+        let all_hidden = chunks.iter().any(|c| c.all_hidden);
+        let (head, trace, residual) = self.run_step_keeping(chunks, Some(&wanted_rows), trace, all_hidden)?;
         let (width, v) = (self.config.hidden_size, self.config.vocab_size);
+        // Post-norm hidden states of every row, for the chunks that want them all.
+        let every_row = match residual {
+            Some(h) => {
+                let normed = self.gpu.alloc(row * width * 4)?;
+                self.rms_norm(
+                    normed.addr,
+                    width,
+                    h.addr,
+                    width,
+                    &self.norm,
+                    width,
+                    row,
+                    self.config.rms_norm_eps,
+                )?;
+                self.gpu.download::<f32>(normed.addr, row * width)?
+            }
+            None => Vec::new(),
+        };
         let (logits, hidden) = match head {
             Some(out) => (
                 self.gpu.download::<f32>(out.logits, out.rows * v)?,
@@ -316,15 +359,21 @@ impl CudaModel {
             None => (vec![], vec![]),
         };
         let mut outputs = Vec::with_capacity(chunks.len());
-        let mut at = 0;
-        for positions in plan {
+        let (mut at, mut first_row) = (0, 0);
+        for (c, positions) in chunks.iter().zip(plan) {
             let k = positions.len();
+            let n = c.tokens.len();
             outputs.push(ChunkOutput {
                 positions,
                 logits: logits[at * v..(at + k) * v].to_vec(),
-                hidden: hidden[at * width..(at + k) * width].to_vec(),
+                hidden: if c.all_hidden {
+                    every_row[first_row * width..(first_row + n) * width].to_vec()
+                } else {
+                    hidden[at * width..(at + k) * width].to_vec()
+                },
             });
             at += k;
+            first_row += n;
         }
         Ok((outputs, trace))
     }
@@ -421,6 +470,19 @@ impl CudaModel {
     /// Final norm and head over `r` rows of `h`: rows `pick[..r]` (indices on the GPU) or the
     /// first `r`. Post-norm hidden states go to `normed`, logits `[r, vocab]` to `logits`.
     fn head_into(&self, h: &DeviceBuf, pick: Option<u64>, r: usize, normed: &DeviceBuf, logits: u64) -> Result<()> {
+        self.norm_head_into((&self.norm, &self.head), h, pick, r, normed, logits)
+    }
+
+    /// [`CudaModel::head_into`] with another final norm and head (the MTP module's).
+    fn norm_head_into(
+        &self,
+        (norm, head): (&DeviceBuf, &DeviceMatrix),
+        h: &DeviceBuf,
+        pick: Option<u64>,
+        r: usize,
+        normed: &DeviceBuf,
+        logits: u64,
+    ) -> Result<()> {
         let g = &self.gpu;
         let width = self.config.hidden_size;
         let picked;
@@ -443,12 +505,12 @@ impl CudaModel {
             width,
             rows.addr,
             width,
-            &self.norm,
+            norm,
             width,
             r,
             self.config.rms_norm_eps,
         )?;
-        self.linear(logits, self.config.vocab_size, normed.addr, r, &self.head, false)
+        self.linear(logits, self.config.vocab_size, normed.addr, r, head, false)
     }
 
     /// One step: the layers, then the head over `head_rows` (step row indices) when given. Decode
@@ -459,6 +521,20 @@ impl CudaModel {
         head_rows: Option<&[i32]>,
         trace: bool,
     ) -> Result<(Option<HeadOut>, Option<DeviceTrace>)> {
+        let (head, trace, _) = self.run_step_keeping(chunks, head_rows, trace, false)?;
+        Ok((head, trace))
+    }
+
+    /// [`CudaModel::run_step`], also giving the residual stream after the last layer
+    /// (`[rows, hidden]`) with `keep_residual`.
+    #[allow(clippy::type_complexity)]
+    fn run_step_keeping(
+        &mut self,
+        chunks: &[Chunk],
+        head_rows: Option<&[i32]>,
+        trace: bool,
+        keep_residual: bool,
+    ) -> Result<(Option<HeadOut>, Option<DeviceTrace>, Option<DeviceBuf>)> {
         check_chunks(&self.config, chunks)?;
         for c in chunks {
             self.cache.table.begin_chunk(c.seq, c.start, c.tokens.len())?;
@@ -466,8 +542,8 @@ impl CudaModel {
         }
         self.moe_stats.reset_touched(&self.gpu)?;
         let head_rows = head_rows.filter(|r| !r.is_empty());
-        if self.use_graphs && !trace && graph::fits(chunks, head_rows) {
-            return Ok((self.run_graphed(chunks, head_rows.is_some())?, None));
+        if self.use_graphs && !trace && !keep_residual && graph::fits(chunks, head_rows) {
+            return Ok((self.run_graphed(chunks, head_rows.is_some())?, None, None));
         }
         let g = &self.gpu;
         let rows: usize = chunks.iter().map(|c| c.tokens.len()).sum();
@@ -494,7 +570,7 @@ impl CudaModel {
             None => None,
         };
         drop(buf);
-        Ok((head, tr))
+        Ok((head, tr, keep_residual.then_some(h)))
     }
 
     /// The embedding and every layer over `step`; the residual stream `[step.rows, hidden]` in `h`.
@@ -690,6 +766,18 @@ impl StepBackend for CudaModel {
 
     fn free_sequence(&mut self, seq: SeqId) {
         self.cache.table.free_sequence(seq);
+    }
+
+    fn truncate(&mut self, seq: SeqId, len: usize) {
+        self.cache.table.truncate(seq, len);
+    }
+
+    fn has_mtp(&self) -> bool {
+        self.mtp.is_some()
+    }
+
+    fn mtp_step(&mut self, chunks: &[Chunk]) -> Result<Vec<ChunkOutput>> {
+        self.mtp_forward(chunks)
     }
 
     fn reuse_prefix(&mut self, seq: SeqId, start: usize, tokens: &[u32], keep_last: bool) -> usize {
