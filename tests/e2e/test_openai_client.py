@@ -307,3 +307,30 @@ def test_a_resent_conversation_is_served_from_the_prefix_cache():
         fresh = [{"role": "user", "content": "Rivers, ships and harbours of old towns, please " * 4}]
         r = client.chat.completions.create(model="dsv3-tiny", messages=fresh, max_tokens=4, temperature=0, n=3)
         assert r.usage.prompt_tokens_details.cached_tokens >= 16
+
+
+@pytest.mark.parametrize("mode", ["serve", "fleet"])
+def test_speculative_decoding_answers_as_plain_decoding(mode):
+    """`--speculative-tokens 2` (the MTP module drafts, one step verifies) gives the same greedy
+    and seeded answers as plain decoding, and /metrics reports acceptance per draft position."""
+    extra = ["--attention", "1", "--experts", "2"] if mode == "fleet" else []
+    prompts = ["The history of ships and rivers", "Once upon a time", "你好，世界"]
+
+    def answers(client):
+        out = []
+        for p in prompts:
+            for kwargs in (dict(temperature=0), dict(temperature=0.8, top_p=0.9, seed=11, presence_penalty=0.5)):
+                r = client.completions.create(model="dsv3-tiny", prompt=p, max_tokens=24, **kwargs)
+                out.append(r.choices[0].text)
+        return out
+
+    for client, _ in launched(mode, *extra):
+        plain = answers(client)
+    for client, base in launched(mode, *extra, "--speculative-tokens", "2"):
+        assert answers(client) == plain
+        with urllib.request.urlopen(base + "/metrics") as r:
+            metrics = r.read().decode()
+        scored = [l for l in metrics.splitlines() if l.startswith("dsv3_spec_decode_draft_tokens_total{")]
+        assert len(scored) == 2 and all(float(l.split()[-1]) > 0 for l in scored), scored
+        rates = [l for l in metrics.splitlines() if l.startswith("dsv3_spec_decode_acceptance_rate{")]
+        assert len(rates) == 2 and 'position="1"' in rates[0], rates

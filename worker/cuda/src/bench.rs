@@ -59,7 +59,7 @@ struct Row {
 }
 
 /// With DSV3_CUDA_PROFILE=1: where the steps of one measurement went, per step.
-fn print_profile(model: &CudaModel, label: &str, steps: usize) -> Result<()> {
+pub(crate) fn print_profile(model: &CudaModel, label: &str, steps: usize) -> Result<()> {
     let rows = model.gpu.take_profile()?;
     if rows.is_empty() {
         return Ok(());
@@ -265,8 +265,13 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
             continue;
         }
         if config == "speculative" {
-            let table =
-                crate::bench_speculative::run(&opts.batches, opts.context, opts.reps, opts.fp8_activations, &[0.85, 0.9])?;
+            let table = crate::bench_speculative::run(
+                &opts.batches,
+                opts.context,
+                opts.reps,
+                opts.fp8_activations,
+                &[0.85, 0.9],
+            )?;
             println!("{table}");
             continue;
         }

@@ -1,22 +1,27 @@
 //! What speculative decoding costs and gives on the GPU, at full width with random FP8 weights:
 //! per batch size, a plain decode step of the 5-layer slice (replayed as a CUDA graph, as served,
-//! and launch by launch), the verify step that scores 1 + N tokens per sequence (logits and
-//! hidden states to the host, as `speculative_step` runs it), and the MTP module's draft step
+//! and launch by launch), the verify step that scores 1 + N tokens per sequence (every row
+//! picked on the GPU, hidden states to the host, as `speculative_step` runs it; timed on the host,
+//! so with its transfers), and the MTP module's draft step
 //! (one MoE layer and the head, launch by launch). From those, decode tokens per second with
 //! drafts at a given acceptance against plain decoding on the same slice.
 
 use crate::bench::{decode, median, v3_config};
 use crate::model::CudaModel;
 use anyhow::Result;
-use dsv3_engine::{Chunk, Fp8Activations, Outputs};
+use dsv3_engine::{Chunk, Fp8Activations, Outputs, RowPicks, TokenChoice, TokenPick};
 
 /// Seconds of a step of `batch` sequences feeding `1 + drafts` tokens each after `ctx` cached
-/// positions: logits of every fed position and every post-norm hidden state to the host.
+/// positions: a greedy pick at every fed position, every post-norm hidden state to the host.
 fn verify(model: &mut CudaModel, batch: usize, ctx: usize, drafts: usize, reps: usize) -> Result<f64> {
     let seqs: Vec<u64> = (0..batch as u64).map(|s| 1000 + s).collect();
     model.fill_cache_random(&seqs, ctx, 23)?;
     let tokens: Vec<Vec<u32>> = (0..batch)
-        .map(|i| (0..=drafts).map(|k| ((i * 7919 + k * 31) % 120000 + 2) as u32).collect())
+        .map(|i| {
+            (0..=drafts)
+                .map(|k| ((i * 7919 + k * 31) % 120000 + 2) as u32)
+                .collect()
+        })
         .collect();
     let chunks: Vec<Chunk> = seqs
         .iter()
@@ -27,18 +32,28 @@ fn verify(model: &mut CudaModel, batch: usize, ctx: usize, drafts: usize, reps: 
             c
         })
         .collect();
+    let picks = vec![
+        Some(RowPicks {
+            picks: vec![TokenPick::plain(TokenChoice::GREEDY); drafts + 1],
+            logits: false,
+        });
+        batch
+    ];
     let mut times = Vec::new();
     for rep in 0..reps + 2 {
         let start = std::time::Instant::now();
-        model.forward(&chunks, false)?;
+        model.step_pick_rows(&chunks, &picks)?;
         let t = start.elapsed().as_secs_f64();
         for &s in &seqs {
             model.truncate(s, ctx);
         }
         if rep >= 2 {
             times.push(t);
+        } else {
+            model.gpu.take_profile()?;
         }
     }
+    crate::bench::print_profile(model, &format!("verify batch {batch}, {drafts} drafts"), reps)?;
     for &s in &seqs {
         model.free_sequence(s);
     }

@@ -1363,9 +1363,15 @@ fn speculative_decoding_on_the_gpu() {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
     let files = ModelFiles::Dir(root.join("tests/golden/tiny-fp8"));
     let reference = "tiny-fp8.ref.safetensors";
-    let ids: Vec<u32> = golden_tensor(reference, "prompt_ids").iter().map(|&x| x as u32).collect();
+    let ids: Vec<u32> = golden_tensor(reference, "prompt_ids")
+        .iter()
+        .map(|&x| x as u32)
+        .collect();
     let mtp_logits = golden_tensor(reference, "mtp_logits");
-    let greedy: Vec<u32> = golden_tensor(reference, "greedy_ids").iter().map(|&x| x as u32).collect();
+    let greedy: Vec<u32> = golden_tensor(reference, "greedy_ids")
+        .iter()
+        .map(|&x| x as u32)
+        .collect();
     let margins = golden_tensor(reference, "greedy_margins");
     let mut gpu = load_gpu(&files, Fp8Activations::Unquantised);
     assert!(gpu.has_mtp(), "the MTP layer is loaded");
@@ -1411,7 +1417,11 @@ fn speculative_decoding_on_the_gpu() {
         (out[0].clone().expect("output").tokens, acceptance)
     };
     let (plain, _) = run(&mut gpu, 0);
-    assert_eq!(plain[..clear], greedy[..clear], "plain GPU decoding against transformers");
+    assert_eq!(
+        plain[..clear],
+        greedy[..clear],
+        "plain GPU decoding against transformers"
+    );
     for drafts in [1, 2] {
         let (tokens, acceptance) = run(&mut gpu, drafts);
         eprintln!("{drafts} drafts: acceptance {acceptance:?}");
@@ -1423,7 +1433,11 @@ fn speculative_decoding_on_the_gpu() {
     let mut drafting = Drafting::default();
     let (mut output, mut cached, mut steps) = (Vec::<u32>::new(), 0, 0);
     while output.len() < clear {
-        let tokens: Vec<u32> = if output.is_empty() { ids.clone() } else { vec![output[output.len() - 1]] };
+        let tokens: Vec<u32> = if output.is_empty() {
+            ids.clone()
+        } else {
+            vec![output[output.len() - 1]]
+        };
         let drafts: Vec<u32> = if output.is_empty() {
             vec![]
         } else {
@@ -1441,12 +1455,17 @@ fn speculative_decoding_on_the_gpu() {
             drafts,
             picks: Some(picks),
             draft: true,
+            logits: false,
         };
         let outcome = speculative_step(&mut gpu, &[chunk], &mut [&mut drafting], 3, None).expect("step")[0]
             .clone()
             .expect("picked");
         cached += tokens.len() + outcome.accepted;
-        assert_eq!(gpu.cache.table.seq_len(9), Some(cached), "rejected drafts leave the cache");
+        assert_eq!(
+            gpu.cache.table.seq_len(9),
+            Some(cached),
+            "rejected drafts leave the cache"
+        );
         output.extend(outcome.tokens.iter().map(|p| p.token));
         steps += 1;
     }

@@ -83,6 +83,13 @@ pub trait StepBackend: Send {
         let outputs = self.step(chunks)?;
         pick_on_host(&outputs, picks, self.config().vocab_size)
     }
+    /// A step that picks at several positions of a chunk (speculative verification): `picks[i]`
+    /// for the last positions of chunk `i` (which must ask for their logits), made where the
+    /// logits are; with each chunk's post-norm hidden states as it asked for them.
+    fn step_pick_rows(&mut self, chunks: &[Chunk], picks: &[Option<RowPicks>]) -> Result<Vec<PickedRows>> {
+        let outputs = self.step(chunks)?;
+        pick_rows_on_host(outputs, picks, self.config().vocab_size, None)
+    }
     fn free_sequence(&mut self, seq: SeqId);
     /// Forgets a sequence's positions from `len` on (rejected draft tokens).
     fn truncate(&mut self, seq: SeqId, len: usize);
@@ -103,6 +110,74 @@ pub trait StepBackend: Send {
     /// Tokens per routed expert and MoE layer since the last call.
     fn take_expert_counts(&mut self) -> Result<ExpertCounts>;
     fn memory(&self) -> MemoryUse;
+}
+
+/// The picks for a chunk's last positions, one per position, and whether their logits come
+/// back with the tokens.
+#[derive(Clone, Debug, Default)]
+pub struct RowPicks {
+    pub picks: Vec<TokenPick>,
+    pub logits: bool,
+}
+
+/// What [`StepBackend::step_pick_rows`] gives one chunk.
+#[derive(Clone, Debug, Default)]
+pub struct PickedRows {
+    /// One per pick, in position order.
+    pub tokens: Vec<PickedToken>,
+    /// `[picks, vocab]` when asked for.
+    pub logits: Vec<f32>,
+    /// Every position's post-norm hidden state when the chunk asked for `all_hidden` (what the
+    /// MTP module drafts from); otherwise not to be relied on.
+    pub hidden: Vec<f32>,
+}
+
+/// [`StepBackend::step_pick_rows`] over logits on the host; ids at or above `limit` are never
+/// picked.
+pub fn pick_rows_on_host(
+    outputs: Vec<ChunkOutput>,
+    picks: &[Option<RowPicks>],
+    vocab: usize,
+    limit: Option<usize>,
+) -> Result<Vec<PickedRows>> {
+    anyhow::ensure!(
+        outputs.len() == picks.len(),
+        "{} picks for {} chunks",
+        picks.len(),
+        outputs.len()
+    );
+    let limit = limit.unwrap_or(vocab).min(vocab);
+    outputs
+        .into_iter()
+        .zip(picks)
+        .map(|(out, p)| {
+            let Some(p) = p else {
+                return Ok(PickedRows {
+                    hidden: out.hidden,
+                    ..PickedRows::default()
+                });
+            };
+            let rows = out.logits.len() / vocab;
+            let first = rows
+                .checked_sub(p.picks.len())
+                .ok_or_else(|| anyhow::anyhow!("{} picks for a chunk with {rows} rows of logits", p.picks.len()))?;
+            let tokens = p
+                .picks
+                .iter()
+                .enumerate()
+                .map(|(j, pick)| pick_row(&out.logits[(first + j) * vocab..(first + j) * vocab + limit], pick))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(PickedRows {
+                tokens,
+                logits: if p.logits {
+                    out.logits[first * vocab..].to_vec()
+                } else {
+                    Vec::new()
+                },
+                hidden: out.hidden,
+            })
+        })
+        .collect()
 }
 
 /// The picks of a step whose logits are on the host (each picking chunk's last row).

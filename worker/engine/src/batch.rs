@@ -210,6 +210,7 @@ fn speculative_generation_step(
             drafts: drafts.clone(),
             picks: picks.clone(),
             draft: true,
+            logits: active[*i].generated.is_empty(),
         })
         .collect();
     let fed: Vec<(usize, usize)> = plan.iter().map(|(i, tokens, _, _)| (*i, tokens.len())).collect();

@@ -302,7 +302,7 @@ impl BlockTable {
             }
             // The block now partly kept is written again from `len`: it no longer holds what
             // its hash says (a block filled by rejected drafts was registered).
-            if len % self.block_size != 0 {
+            if !len.is_multiple_of(self.block_size) {
                 if let Some(&block) = entry.blocks.get(len / self.block_size) {
                     if let Some(h) = self.block_hash[block as usize].take() {
                         self.registered.remove(&h);

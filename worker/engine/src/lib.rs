@@ -25,7 +25,8 @@ pub mod speculative;
 pub mod synthetic;
 
 pub use backend::{
-    pick_on_host, pick_row, CacheCapacity, CpuBackend, ExpertCounts, MemoryUse, PickedToken, StepBackend, TokenPick,
+    pick_on_host, pick_row, pick_rows_on_host, CacheCapacity, CpuBackend, ExpertCounts, MemoryUse, PickedRows,
+    PickedToken, RowPicks, StepBackend, TokenPick,
 };
 pub use batch::{check_request, BatchOptions};
 pub use block_table::{BlockTable, CacheError};

@@ -16,7 +16,7 @@
 //! fed its own hidden state in place of the main model's. That, and MTP cache entries that arrive
 //! with a block taken from the prefix cache, only change how good drafts are, never the output.
 
-use crate::backend::{pick_row, PickedToken, StepBackend, TokenPick};
+use crate::backend::{pick_rows_on_host, PickedToken, RowPicks, StepBackend, TokenPick};
 use crate::kv_cache::SeqId;
 use crate::model::{Chunk, Outputs};
 use crate::sampling::argmax;
@@ -65,6 +65,8 @@ pub struct SpecChunk<'a> {
     /// Whether the MTP module drafts after this chunk's output (off where drafts cannot help,
     /// e.g. a sequence held to a grammar).
     pub draft: bool,
+    /// Whether the logits of the picked rows come back ([`SpecOutcome::logits`]).
+    pub logits: bool,
 }
 
 /// What a speculative step gave one sequence.
@@ -75,7 +77,7 @@ pub struct SpecOutcome {
     /// Drafts scored and accepted.
     pub drafted: usize,
     pub accepted: usize,
-    /// The logits of the rows picked from, `[1 + drafts, vocab]`.
+    /// The logits of the rows picked from, `[1 + drafts, vocab]`, when the chunk asked.
     pub logits: Vec<f32>,
 }
 
@@ -104,6 +106,7 @@ pub fn speculative_step(
     let limit = vocab_limit.unwrap_or(vocab).min(vocab);
     let fed: Vec<Vec<u32>> = chunks.iter().map(|c| [c.tokens, &c.drafts].concat()).collect();
     let mut model_chunks = Vec::with_capacity(chunks.len());
+    let mut row_picks = Vec::with_capacity(chunks.len());
     for (c, tokens) in chunks.iter().zip(&fed) {
         let outputs = match &c.picks {
             None => {
@@ -128,35 +131,39 @@ pub fn speculative_step(
         let mut chunk = Chunk::new(c.seq, c.start, tokens, outputs);
         chunk.all_hidden = true;
         model_chunks.push(chunk);
+        row_picks.push(c.picks.clone().map(|picks| RowPicks {
+            picks,
+            logits: c.logits,
+        }));
     }
-    let outputs = backend.step(&model_chunks)?;
+    // Every row is picked where the logits are; the first that differs from its draft ends the
+    // sequence's output (the picks after it are not used).
+    let picked = if limit < vocab {
+        let outputs = backend.step(&model_chunks)?;
+        pick_rows_on_host(outputs, &row_picks, vocab, Some(limit))?
+    } else {
+        backend.step_pick_rows(&model_chunks, &row_picks)?
+    };
     drop(model_chunks);
 
     let mut outcomes = Vec::with_capacity(chunks.len());
-    // Per sequence: MTP chunk start, next tokens, hidden states, and whether it drafts.
-    let mut mtp_inputs: Vec<(usize, SeqId, usize, Vec<u32>, Vec<f32>, bool)> = Vec::new();
-    for (i, ((c, out), d)) in chunks.iter().zip(outputs).zip(drafting.iter_mut()).enumerate() {
+    let mut mtp_inputs: Vec<MtpInput> = Vec::new();
+    for (i, ((c, out), d)) in chunks.iter().zip(picked).zip(drafting.iter_mut()).enumerate() {
         let mut outcome = None;
         let mut emitted: Vec<PickedToken> = Vec::new();
-        if let Some(picks) = &c.picks {
-            let rows = out.logits.len() / vocab;
-            ensure!(rows >= picks.len(), "sequence {}: too few logit rows", c.seq);
-            let first = rows - picks.len();
-            for (j, pick) in picks.iter().enumerate() {
-                let row = &out.logits[(first + j) * vocab..(first + j) * vocab + limit];
-                let picked = pick_row(row, pick)?;
+        if c.picks.is_some() {
+            for (j, picked) in out.tokens.into_iter().enumerate() {
                 let token = picked.token;
                 emitted.push(picked);
                 if c.drafts.get(j) != Some(&token) {
                     break;
                 }
             }
-            let accepted = emitted.len() - 1;
             outcome = Some(SpecOutcome {
                 tokens: emitted.clone(),
                 drafted: c.drafts.len(),
-                accepted,
-                logits: out.logits[first * vocab..].to_vec(),
+                accepted: emitted.len() - 1,
+                logits: out.logits,
             });
         }
         let accepted = emitted.len().saturating_sub(1);
@@ -186,7 +193,14 @@ pub fn speculative_step(
         d.after = emitted.last().map(|p| (kept, p.token));
         let drafts = c.draft && !emitted.is_empty() && depth > 0 && kept + 1 < context;
         if pairs > 0 {
-            mtp_inputs.push((i, c.seq, first, next, hidden, drafts));
+            mtp_inputs.push(MtpInput {
+                index: i,
+                seq: c.seq,
+                start: first,
+                tokens: next,
+                hidden,
+                drafts,
+            });
         }
         outcomes.push(outcome);
     }
@@ -194,10 +208,10 @@ pub fn speculative_step(
     // The MTP module over the new pairs; its last row drafts the token after the one output.
     let chunks_mtp: Vec<Chunk> = mtp_inputs
         .iter()
-        .map(|(_, seq, start, tokens, hidden, drafts)| {
-            let outputs = if *drafts { Outputs::Last } else { Outputs::None };
-            let mut chunk = Chunk::new(*seq, *start, tokens, outputs);
-            chunk.prev_hidden = Some(hidden);
+        .map(|m| {
+            let outputs = if m.drafts { Outputs::Last } else { Outputs::None };
+            let mut chunk = Chunk::new(m.seq, m.start, &m.tokens, outputs);
+            chunk.prev_hidden = Some(&m.hidden);
             chunk
         })
         .collect();
@@ -208,17 +222,17 @@ pub fn speculative_step(
     drop(chunks_mtp);
     // (sequence index, position of the next MTP input, last draft, its hidden state, drafts left)
     let mut chain: Vec<(usize, usize, u32, Vec<f32>, usize)> = Vec::new();
-    for ((i, _, start, tokens, _, drafts), out) in mtp_inputs.iter().zip(mtp_out) {
-        if !drafts {
+    for (m, out) in mtp_inputs.iter().zip(mtp_out) {
+        if !m.drafts {
             continue;
         }
         let draft = argmax(&out.logits[..limit]);
-        drafting[*i].drafts.push(draft);
-        let kept = start + tokens.len();
+        drafting[m.index].drafts.push(draft);
+        let kept = m.start + m.tokens.len();
         // The next verify step feeds positions kept..=kept + drafts: all inside the context.
         let room = (context - 1 - kept).min(depth);
         if room > 1 {
-            chain.push((*i, kept, draft, out.hidden, room - 1));
+            chain.push((m.index, kept, draft, out.hidden, room - 1));
         }
     }
     while !chain.is_empty() {
@@ -245,6 +259,17 @@ pub fn speculative_step(
         chain = next;
     }
     Ok(outcomes)
+}
+
+/// One sequence's MTP chunk: the positions from `start` whose hidden state and next token are
+/// both known, and whether its last row drafts.
+struct MtpInput {
+    index: usize,
+    seq: SeqId,
+    start: usize,
+    tokens: Vec<u32>,
+    hidden: Vec<f32>,
+    drafts: bool,
 }
 
 /// Acceptance counts per draft position (1 = the first draft after the fed token).

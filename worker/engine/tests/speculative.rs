@@ -78,6 +78,7 @@ fn drafts_come_from_the_mtp_module_over_the_whole_prompt() {
                 drafts: vec![],
                 picks,
                 draft: true,
+                logits: false,
             };
             let out = speculative_step(backend, &[chunk], &mut [&mut drafting], 1, None).expect("step");
             if last {
@@ -204,6 +205,7 @@ fn accepted_drafts_advance_several_tokens_and_rejected_ones_are_rolled_back() {
             drafts: drafts.clone(),
             picks: Some(greedy(drafts.len() + 1)),
             draft: true,
+            logits: false,
         };
         let out = speculative_step(backend, &[chunk], &mut [&mut drafting], 3, None).expect("step");
         let outcome = out[0].clone().expect("sampled");

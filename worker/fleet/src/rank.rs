@@ -267,6 +267,7 @@ impl LocalAttention {
                 picks,
                 // A grammar's mask is made for one row at a time: no drafts to verify.
                 draft: !state.constraints.contains_key(&item.seq),
+                logits: false,
             });
             index.push(i);
         }

@@ -334,23 +334,7 @@ impl CudaModel {
         let (head, trace, residual) = self.run_step_keeping(chunks, Some(&wanted_rows), trace, all_hidden)?;
         let (width, v) = (self.config.hidden_size, self.config.vocab_size);
         // Post-norm hidden states of every row, for the chunks that want them all.
-        let every_row = match residual {
-            Some(h) => {
-                let normed = self.gpu.alloc(row * width * 4)?;
-                self.rms_norm(
-                    normed.addr,
-                    width,
-                    h.addr,
-                    width,
-                    &self.norm,
-                    width,
-                    row,
-                    self.config.rms_norm_eps,
-                )?;
-                self.gpu.download::<f32>(normed.addr, row * width)?
-            }
-            None => Vec::new(),
-        };
+        let every_row = self.normed_rows(residual.as_ref(), row)?;
         let (logits, hidden) = match head {
             Some(out) => (
                 self.gpu.download::<f32>(out.logits, out.rows * v)?,
@@ -573,25 +557,49 @@ impl CudaModel {
         Ok((head, tr, keep_residual.then_some(h)))
     }
 
+    /// The embeddings of `step`'s tokens into `out` (`[step.rows, hidden]` f32).
+    fn embed_into(&self, out: &DeviceBuf, step: &StepLayout) -> Result<()> {
+        self.gpu.launch(
+            "embed_rows",
+            (step.rows as u32, 1, 1),
+            256,
+            0,
+            &[
+                ptr(out.addr),
+                int(self.embed.format as usize),
+                ptr(self.embed.data.addr),
+                ptr(self.embed.scale_addr()),
+                ptr(step.ids),
+                int(self.config.hidden_size),
+            ],
+        )
+    }
+
+    /// The final norm over the first `rows` rows of a kept residual stream, on the host (none
+    /// without one): the post-norm hidden states the MTP module drafts from.
+    fn normed_rows(&self, residual: Option<&DeviceBuf>, rows: usize) -> Result<Vec<f32>> {
+        let Some(h) = residual else { return Ok(Vec::new()) };
+        let width = self.config.hidden_size;
+        let normed = self.gpu.alloc(rows * width * 4)?;
+        self.rms_norm(
+            normed.addr,
+            width,
+            h.addr,
+            width,
+            &self.norm,
+            width,
+            rows,
+            self.config.rms_norm_eps,
+        )?;
+        self.gpu.download::<f32>(normed.addr, rows * width)
+    }
+
     /// The embedding and every layer over `step`; the residual stream `[step.rows, hidden]` in `h`.
     fn run_layers(&self, step: &StepLayout, h: &DeviceBuf, trace: &mut Option<DeviceTrace>) -> Result<()> {
         let g = &self.gpu;
         let m = step.rows;
         let width = self.config.hidden_size;
-        g.launch(
-            "embed_rows",
-            (m as u32, 1, 1),
-            256,
-            0,
-            &[
-                ptr(h.addr),
-                int(self.embed.format as usize),
-                ptr(self.embed.data.addr),
-                ptr(self.embed.scale_addr()),
-                ptr(step.ids),
-                int(width),
-            ],
-        )?;
+        self.embed_into(h, step)?;
         if let Some(t) = trace {
             t.hidden.push(g.download(h.addr, m * width)?);
         }
@@ -762,6 +770,14 @@ impl StepBackend for CudaModel {
 
     fn step_pick(&mut self, chunks: &[Chunk], picks: &[Option<TokenPick>]) -> Result<Vec<Option<PickedToken>>> {
         CudaModel::step_pick(self, chunks, picks)
+    }
+
+    fn step_pick_rows(
+        &mut self,
+        chunks: &[Chunk],
+        picks: &[Option<dsv3_engine::RowPicks>],
+    ) -> Result<Vec<dsv3_engine::PickedRows>> {
+        CudaModel::step_pick_rows(self, chunks, picks)
     }
 
     fn free_sequence(&mut self, seq: SeqId) {

@@ -4,7 +4,7 @@
 
 use super::layers::Layer;
 use super::{CudaModel, StepLayout};
-use crate::gpu::{int, ptr, DeviceBuf, Gpu};
+use crate::gpu::{DeviceBuf, Gpu};
 use crate::weights::{load_vector, DeviceMatrix};
 use anyhow::{ensure, Context, Result};
 use dsv3_engine::{check_chunks, Checkpoint, Chunk, ChunkOutput, ModelConfig};
@@ -82,20 +82,7 @@ impl CudaModel {
         let step = StepLayout::new(inputs.addr, rows, self.config.qk_rope_head_dim / 2, spans, max_len);
         let prev = g.upload(&prev)?;
         let embedded = g.alloc(rows * width * 4)?;
-        g.launch(
-            "embed_rows",
-            (rows as u32, 1, 1),
-            256,
-            0,
-            &[
-                ptr(embedded.addr),
-                int(self.embed.format as usize),
-                ptr(self.embed.data.addr),
-                ptr(self.embed.scale_addr()),
-                ptr(step.ids),
-                int(width),
-            ],
-        )?;
+        self.embed_into(&embedded, &step)?;
         // [enorm(embedding) ; hnorm(hidden)] per row, then eh_proj.
         let joined = g.alloc(rows * 2 * width * 4)?;
         self.rms_norm(

@@ -6,7 +6,7 @@ use super::CudaModel;
 use crate::gpu::{int, ptr, Gpu};
 use crate::tiles::PICK_THREADS;
 use anyhow::{ensure, Result};
-use dsv3_engine::{Chunk, PickedToken, TokenPick};
+use dsv3_engine::{Chunk, PickedRows, PickedToken, RowPicks, TokenPick};
 
 /// A pick as `pick.cu`'s `TokenPick` lays it out: 24 bytes, the draw's f64 last.
 fn pick_words(p: &TokenPick) -> [u32; 6] {
@@ -143,6 +143,71 @@ impl CudaModel {
             for (i, p) in chunk_of.into_iter().zip(picked) {
                 out[i] = Some(p);
             }
+        }
+        Ok(out)
+    }
+}
+
+impl CudaModel {
+    /// One step picking at several positions per chunk on the GPU: see
+    /// [`dsv3_engine::StepBackend::step_pick_rows`]. Only the ids, the logits asked for and the
+    /// hidden states come back.
+    pub fn step_pick_rows(&mut self, chunks: &[Chunk], picks: &[Option<RowPicks>]) -> Result<Vec<PickedRows>> {
+        ensure!(
+            picks.len() == chunks.len(),
+            "{} picks for {} chunks",
+            picks.len(),
+            chunks.len()
+        );
+        let (vocab, width) = (self.config.vocab_size, self.config.hidden_size);
+        // The picked rows (each chunk's last ones), their picks, and where each chunk's start.
+        let (mut rows, mut plan, mut first_pick, mut row) = (Vec::new(), Vec::new(), Vec::new(), 0);
+        for (c, p) in chunks.iter().zip(picks) {
+            first_pick.push(plan.len());
+            if let Some(p) = p {
+                ensure!(
+                    p.picks.len() <= c.tokens.len(),
+                    "sequence {}: {} picks for {} positions",
+                    c.seq,
+                    p.picks.len(),
+                    c.tokens.len()
+                );
+                let end = row + c.tokens.len();
+                rows.extend((end - p.picks.len()..end).map(|r| r as i32));
+                plan.extend(p.picks.iter().cloned());
+            }
+            row += c.tokens.len();
+        }
+        let all_hidden = chunks.iter().any(|c| c.all_hidden);
+        let (head, _, residual) = self.run_step_keeping(chunks, Some(&rows), false, all_hidden)?;
+        let g = &self.gpu;
+        let picked = match &head {
+            Some(head) => pick_tokens(g, head.logits, vocab, &plan)?,
+            None => Vec::new(),
+        };
+        let every_row = self.normed_rows(residual.as_ref(), row)?;
+        let mut out = Vec::with_capacity(chunks.len());
+        let mut picked = picked.into_iter();
+        let mut first_row = 0;
+        for ((c, p), &at) in chunks.iter().zip(picks).zip(&first_pick) {
+            let n = c.tokens.len();
+            let k = p.as_ref().map_or(0, |p| p.picks.len());
+            let logits = match (&head, p) {
+                (Some(head), Some(p)) if p.logits => self
+                    .gpu
+                    .download::<f32>(head.logits + (at * vocab * 4) as u64, k * vocab)?,
+                _ => Vec::new(),
+            };
+            out.push(PickedRows {
+                tokens: picked.by_ref().take(k).collect(),
+                logits,
+                hidden: if c.all_hidden {
+                    every_row[first_row * width..(first_row + n) * width].to_vec()
+                } else {
+                    Vec::new()
+                },
+            });
+            first_row += n;
         }
         Ok(out)
     }
