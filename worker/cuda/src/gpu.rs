@@ -48,6 +48,7 @@ pub const KERNELS: &[&str] = &[
     "quantize_rows_fp8",
     "quantize_rows_bf16",
     "quantize_rows_f32",
+    "quantize_weight_fp8",
     "rope_interleaved",
     "f32_to_bf16_rows",
     "dequant_bf16",

@@ -261,17 +261,39 @@ impl Stacked {
         })
     }
 
+    /// Loads expert `e`'s matrix `name`: FP8 with its block scales as stored, or bf16 quantised
+    /// to FP8 128x128 blocks on the GPU as the official checkpoints are made (the routed-expert
+    /// kernels multiply FP8 weights).
     fn load_one(&self, gpu: &Gpu, ckpt: &Checkpoint, name: &str, e: usize) -> Result<()> {
         let t = ckpt.get(name)?;
+        check_cols(name, self.cols, Format::Fp8)?;
+        if t.dtype == Dtype::BF16 {
+            t.expect(&[Dtype::BF16], &[self.rows, self.cols])?;
+            let staged = gpu.upload(t.data())?;
+            let (sr, sc) = scale_shape(self.rows, self.cols);
+            return gpu.launch(
+                "quantize_weight_fp8",
+                (sc as u32, sr as u32, 1),
+                256,
+                0,
+                &[
+                    ptr(self.data.addr + (e * self.stride()) as u64),
+                    ptr(self.scales.addr + (e * self.scale_stride() * 4) as u64),
+                    ptr(staged.addr),
+                    int(self.rows),
+                    int(self.cols),
+                    int(sc),
+                ],
+            );
+        }
         if t.dtype != Dtype::F8_E4M3 {
             bail!(
-                "tensor `{name}` in {} is {:?}: the CUDA backend runs routed experts in FP8 (the official format)",
+                "tensor `{name}` in {} is {:?}: routed experts on the CUDA backend are FP8 or bf16",
                 t.file,
                 t.dtype
             );
         }
         t.expect(&[Dtype::F8_E4M3], &[self.rows, self.cols])?;
-        check_cols(name, self.cols, Format::Fp8)?;
         gpu.copy_to(&self.data, e * self.stride(), t.data())?;
         let s = ckpt.get(&format!("{name}_scale_inv"))?;
         let (sr, sc) = scale_shape(self.rows, self.cols);

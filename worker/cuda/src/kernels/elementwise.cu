@@ -216,3 +216,29 @@ extern "C" __global__ void quantize_rows_f32(float* out, const float* x, int n, 
     *(float4*)(out + at) = make_float4(e4m3_to_f32(q & 0xffu) * scale, e4m3_to_f32((q >> 8) & 0xffu) * scale,
                                        e4m3_to_f32((q >> 16) & 0xffu) * scale, e4m3_to_f32(q >> 24) * scale);
 }
+
+// A bf16 weight [rows, cols] to e4m3 with one f32 scale per 128x128 tile (scale_cols tiles per
+// tile row), as the official FP8 checkpoints are made: s = max(amax, 1e-12) / 448,
+// q = e4m3(W / s), W ~ q * s. One block of 256 threads per tile; edge tiles are partial.
+extern "C" __global__ void quantize_weight_fp8(u8* out, float* scales, const bf16* w, int rows, int cols,
+                                               int scale_cols) {
+    __shared__ float partial[8];
+    int r0 = blockIdx.y * QBLOCK, c0 = blockIdx.x * QBLOCK;
+    int nr = min(QBLOCK, rows - r0), nc = min(QBLOCK, cols - c0);
+    float amax = 0.f;
+    for (int i = threadIdx.x; i < nr * nc; i += blockDim.x) {
+        int r = r0 + i / nc, c = c0 + i % nc;
+        amax = fmaxf(amax, fabsf(bf16_to_f32(w[(size_t)r * cols + c])));
+    }
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = amax;
+    __syncthreads();
+    amax = partial[0];
+    for (int k = 1; k < (int)(blockDim.x >> 5); k++) amax = fmaxf(amax, partial[k]);
+    float s = fmaxf(amax, 1e-12f) / 448.0f;
+    for (int i = threadIdx.x; i < nr * nc; i += blockDim.x) {
+        int r = r0 + i / nc, c = c0 + i % nc;
+        out[(size_t)r * cols + c] = (u8)f32_to_e4m3(bf16_to_f32(w[(size_t)r * cols + c]) / s);
+    }
+    if (threadIdx.x == 0) scales[blockIdx.y * scale_cols + blockIdx.x] = s;
+}
