@@ -3,6 +3,9 @@ the whole history plus a new question. Prints, per turn, the prompt tokens, thos
 prefix cache, and the time to first token (median of REPS conversations), as a Markdown table.
 
     python3 worker/bench/prefix_cache.py [path/to/dsv3-worker] [extra serve args...]
+
+MAX_TOKENS=N sets the answers' length (4); SYSTEM_WORDS=N puts a system message of N words before the conversation (a long shared history,
+as an agent's instructions and tools), so each turn's prompt is that much longer.
 """
 
 import json
@@ -17,7 +20,10 @@ import urllib.request
 BIN = sys.argv[1] if len(sys.argv) > 1 else "target/release/dsv3-worker"
 EXTRA = sys.argv[2:]
 TURNS, REPS = 5, 5
+MAX_TOKENS = int(os.environ.get("MAX_TOKENS", "4"))
 QUESTION = "More on rivers and ships? "
+WORDS = "ships rivers harbours towns bridges sails winds tides maps stars".split()
+SYSTEM = " ".join(WORDS[(i * 7) % len(WORDS)] for i in range(int(os.environ.get("SYSTEM_WORDS", "0"))))
 
 
 def free_port():
@@ -27,7 +33,8 @@ def free_port():
 
 
 def post_stream(base, body):
-    """Time to the first content chunk, the answer, and the usage."""
+    """Time to the first token (the first chunk with content or a finish: a token outside the
+    tokenizer's vocabulary has no text), the answer, and the usage."""
     req = urllib.request.Request(base + "/v1/chat/completions", json.dumps(body).encode(),
                                  {"content-type": "application/json"})
     start, first, text, usage = time.perf_counter(), None, "", None
@@ -41,17 +48,17 @@ def post_stream(base, body):
                 usage = chunk["usage"]
             for c in chunk.get("choices", []):
                 piece = c["delta"].get("content") or ""
-                if piece and first is None:
+                if (piece or c.get("finish_reason")) and first is None:
                     first = time.perf_counter() - start
                 text += piece
     return first, text, usage
 
 
-def conversation(base):
-    messages, rows = [], []
+def conversation(base, rep):
+    messages, rows = ([{"role": "system", "content": f"[{rep}] {SYSTEM}"}] if SYSTEM else []), []
     for turn in range(TURNS):
         messages.append({"role": "user", "content": QUESTION})
-        body = {"messages": messages, "max_tokens": 4, "temperature": 0, "stream": True,
+        body = {"messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True}, "ignore_eos": True}
         ttft, text, usage = post_stream(base, body)
         messages.append({"role": "assistant", "content": text})
@@ -77,7 +84,7 @@ def run(caching):
         for rep in range(REPS):
             global QUESTION
             QUESTION = f"[{rep}] " + QUESTION.split("] ", 1)[-1]
-            runs.append(conversation(base))
+            runs.append(conversation(base, rep))
         return [(runs[0][t][0], runs[0][t][1], statistics.median(r[t][2] for r in runs)) for t in range(TURNS)]
     finally:
         os.killpg(proc.pid, 15)
