@@ -5,7 +5,8 @@
 //!   generation loop gives, preempted or not;
 //! - structured output fits its schema, preempted or not, and a grammar the rank cannot hold
 //!   fails its request visibly;
-//! - a resent prefix is taken from the prefix cache and changes no token;
+//! - a resent prefix is taken from the prefix cache and changes no token, and with several ranks
+//!   a prompt goes to the rank that holds its prefix unless that rank has no room;
 //! - speculative decoding with the MTP module changes no token, preempted or not, and the rank
 //!   reports its drafts.
 
@@ -63,14 +64,18 @@ fn fleet_stepping(cache_tokens: usize, max_step_tokens: usize) -> Arc<Fleet> {
 }
 
 fn fleet_with_rank(rank: Arc<LocalAttention>, max_step_tokens: usize) -> Arc<Fleet> {
-    let rank: Arc<dyn AttentionRank> = rank;
+    fleet_with_ranks(vec![rank], max_step_tokens)
+}
+
+fn fleet_with_ranks(ranks: Vec<Arc<LocalAttention>>, max_step_tokens: usize) -> Arc<Fleet> {
+    let ranks: Vec<Arc<dyn AttentionRank>> = ranks.into_iter().map(|r| r as Arc<dyn AttentionRank>).collect();
     let config = SchedulerConfig {
         max_waiting: 16,
         max_step_tokens,
         probe_interval: Duration::from_millis(20),
     };
     let model_config = ModelConfig::from_model_files(&tiny()).expect("config");
-    let fleet = Fleet::start(model_config, vec![rank], config);
+    let fleet = Fleet::start(model_config, ranks, config);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !fleet.health().ready {
         assert!(Instant::now() < deadline, "the fleet did not become ready");
@@ -450,4 +455,51 @@ fn speculation_on_a_checkpoint_without_mtp_is_refused_at_start() {
             .contains("--speculative-tokens 1 needs the checkpoint's MTP module"),
         "{err}"
     );
+}
+
+/// With two ranks, a prompt sharing whole blocks with one a rank served goes to that rank even
+/// when the other has more free cache; when that rank has no room for it, to the other.
+#[test]
+fn a_prompt_goes_to_the_rank_holding_its_prefix_while_it_has_room() {
+    let prefix: Vec<u32> = (0..40).map(|t| 2 + (t * 53) % 900).collect();
+    let mut longer = prefix.clone();
+    longer.extend((0..10).map(|t| 500 + t));
+    let mut filler = prefix.clone();
+    filler.extend((0..20).map(|t| 3 + (t * 29) % 900));
+    // (cache positions of each rank, cached tokens the longer prompt should find)
+    for (cache, want_cached) in [(4096, 32), (128, 0)] {
+        let fleet = fleet_with_ranks(vec![tiny_rank(cache, 0), tiny_rank(cache, 0)], 256);
+        // Both ranks empty: the prefix goes to rank 0 (ties go to the lower rank) and registers
+        // two whole blocks there.
+        let (_, cached) = greedy_with_cache(&fleet, prefix.clone());
+        assert_eq!(cached, 0);
+        // A long request that also begins with the prefix follows it to rank 0 and keeps it
+        // busy, so by free cache alone the next prompt would go to rank 1; with 128 positions
+        // (8 blocks, one kept free) it leaves rank 0 too little room for the next prompt.
+        let mut busy = fleet
+            .submit(GenerationRequest {
+                prompt: filler.clone(),
+                params: SamplingParams {
+                    max_tokens: 150,
+                    ignore_eos: true,
+                    ..SamplingParams::default()
+                },
+                logprobs: None,
+            })
+            .expect("submit");
+        loop {
+            match busy.blocking_recv() {
+                Some(GenerationEvent::Token { .. }) => break,
+                Some(GenerationEvent::Failed { message }) => panic!("failed: {message}"),
+                Some(_) => {}
+                None => panic!("the busy request ended before its first token"),
+            }
+        }
+        let (_, cached) = greedy_with_cache(&fleet, longer.clone());
+        assert_eq!(
+            cached, want_cached,
+            "ranks of {cache} positions: the longer prompt found {cached} cached tokens"
+        );
+        drop(busy);
+    }
 }
