@@ -334,3 +334,22 @@ def test_speculative_decoding_answers_as_plain_decoding(mode):
         assert len(scored) == 2 and all(float(l.split()[-1]) > 0 for l in scored), scored
         rates = [l for l in metrics.splitlines() if l.startswith("dsv3_spec_decode_acceptance_rate{")]
         assert len(rates) == 2 and 'position="1"' in rates[0], rates
+
+
+def test_max_model_len_and_max_num_seqs_are_honoured():
+    """`--max-model-len` cuts the served context (a longer request is a 400 naming it, /tokenize
+    reports it); with `--max-num-seqs 1` concurrent requests queue and all complete."""
+    for client, base in launched("serve", "--max-model-len", "64", "--max-num-seqs", "1"):
+        info = post_json(base + "/tokenize", {"model": "dsv3-tiny", "prompt": "hello"})
+        assert info["max_model_len"] == 64, info
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="dsv3-tiny", prompt="ships and rivers " * 30, max_tokens=4)
+        assert "64" in str(e.value)
+        import concurrent.futures
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda p: client.completions.create(
+                model="dsv3-tiny", prompt=p, max_tokens=8, temperature=0).choices[0].text,
+                ["one", "two", "three"]))
+        alone = [client.completions.create(model="dsv3-tiny", prompt=p, max_tokens=8, temperature=0).choices[0].text
+                 for p in ["one", "two", "three"]]
+        assert answers == alone

@@ -45,6 +45,14 @@ pub struct HttpArgs {
     /// Tokens per attention rank per step (prefill is chunked to fit).
     #[arg(long, default_value_t = 512, env = "DSV3_MAX_BATCH_TOKENS")]
     pub max_step_tokens: usize,
+    /// Sequences an attention rank runs at once; more requests wait (and queue up to
+    /// --max-waiting).
+    #[arg(long, default_value_t = 256, env = "DSV3_MAX_NUM_SEQS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_num_seqs: u64,
+    /// Longest prompt plus completion served (a longer request is a 400); default and upper
+    /// bound: the model's context (a larger value is lowered to it, with a log line).
+    #[arg(long, env = "DSV3_MAX_MODEL_LEN", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_model_len: Option<u64>,
     /// No JSON access-log line per request on stderr.
     #[arg(long)]
     pub disable_access_log: bool,
@@ -338,10 +346,27 @@ fn with_grammars(rank: LocalAttention, files: &ModelFiles) -> Result<LocalAttent
     Ok(rank.with_grammars(grammars))
 }
 
+/// The model's config as the router serves it: its context cut to `--max-model-len`.
+fn served_config(mut config: ModelConfig, http: &HttpArgs) -> ModelConfig {
+    if let Some(len) = http.max_model_len {
+        let len = len as usize;
+        if len > config.max_position_embeddings {
+            eprintln!(
+                "--max-model-len {len} is longer than the model's context of {} tokens: serving {}",
+                config.max_position_embeddings, config.max_position_embeddings
+            );
+        } else {
+            config.max_position_embeddings = len;
+        }
+    }
+    config
+}
+
 fn scheduler_config(http: &HttpArgs) -> SchedulerConfig {
     SchedulerConfig {
         max_waiting: http.max_waiting,
         max_step_tokens: http.max_step_tokens,
+        max_running_per_rank: http.max_num_seqs as usize,
         ..SchedulerConfig::default()
     }
 }
@@ -356,7 +381,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         args.cache_tokens,
         args.fp8_activations,
     )?;
-    let config = backend.config().clone();
+    let config = served_config(backend.config().clone(), &args.http);
     let rank = with_grammars(LocalAttention::new(0, backend, None), &files)?
         .with_prefix_caching(!args.no_prefix_caching)
         .with_speculative_tokens(args.speculative_tokens)?;
@@ -374,7 +399,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
 pub fn router(args: RouterArgs) -> Result<()> {
     args.check()?;
     let files = model_source::resolve(args.model.model.clone());
-    let config = ModelConfig::from_model_files(&files)?;
+    let config = served_config(ModelConfig::from_model_files(&files)?, &args.http);
     let rt = runtime()?;
     let ranks = args
         .attention_peers

@@ -33,6 +33,8 @@ pub struct SchedulerConfig {
     pub max_waiting: usize,
     /// Tokens one rank processes in one step (prefill is chunked to fit).
     pub max_step_tokens: usize,
+    /// Sequences one rank runs at once; more wait for admission.
+    pub max_running_per_rank: usize,
     /// How often a failed rank is probed.
     pub probe_interval: Duration,
 }
@@ -42,6 +44,7 @@ impl Default for SchedulerConfig {
         SchedulerConfig {
             max_waiting: 256,
             max_step_tokens: 512,
+            max_running_per_rank: 256,
             probe_interval: Duration::from_millis(500),
         }
     }
@@ -441,7 +444,11 @@ impl Scheduler {
                 .ranks
                 .iter()
                 .enumerate()
-                .filter(|(_, s)| s.healthy)
+                .filter(|(i, s)| {
+                    s.healthy
+                        && self.running.iter().filter(|r| r.rank == *i).count()
+                            < self.options.max_running_per_rank.max(1)
+                })
                 .map(|(i, s)| {
                     let free = s
                         .total_blocks

@@ -21,6 +21,8 @@ struct Fake {
     cached: Mutex<HashMap<u64, (usize, u32)>>,
     /// Tokens fed per step, as the scheduler built it.
     step_tokens: Mutex<Vec<usize>>,
+    /// Sequences per step.
+    step_items: Mutex<Vec<usize>>,
     released: Mutex<Vec<u64>>,
     failing: AtomicBool,
     total_blocks: usize,
@@ -65,6 +67,7 @@ impl AttentionRank for Fake {
             }
         }
         self.step_tokens.lock().expect("lock").push(fed);
+        self.step_items.lock().expect("lock").push(request.items.len());
         Ok(reply)
     }
 
@@ -102,11 +105,18 @@ fn config() -> ModelConfig {
 }
 
 fn start(fake: Arc<Fake>, max_step_tokens: usize) -> Arc<Fleet> {
-    let options = SchedulerConfig {
-        max_waiting: 8,
-        max_step_tokens,
-        probe_interval: Duration::from_millis(20),
-    };
+    start_with(
+        fake,
+        SchedulerConfig {
+            max_waiting: 8,
+            max_step_tokens,
+            probe_interval: Duration::from_millis(20),
+            ..SchedulerConfig::default()
+        },
+    )
+}
+
+fn start_with(fake: Arc<Fake>, options: SchedulerConfig) -> Arc<Fleet> {
     let fleet = Fleet::start(config(), vec![fake as Arc<dyn AttentionRank>], options);
     wait_for(|| fleet.health().ready, "the fleet to become ready");
     fleet
@@ -320,4 +330,29 @@ fn a_failed_rank_fails_its_requests_and_serves_again_when_back() {
     let got = events(fleet.submit(request(vec![4; 5], 4)).expect("submit"));
     let want: Vec<u32> = (0..4).map(|k| expected_token(4, 5 + k)).collect();
     assert_eq!(tokens(&got), want);
+}
+
+#[test]
+fn a_rank_runs_at_most_max_running_sequences_and_the_rest_wait() {
+    let fake = Arc::new(Fake {
+        total_blocks: 1000,
+        ..Fake::default()
+    });
+    let options = SchedulerConfig {
+        max_waiting: 8,
+        max_step_tokens: 512,
+        max_running_per_rank: 2,
+        probe_interval: Duration::from_millis(20),
+    };
+    let fleet = start_with(fake.clone(), options);
+    let receivers: Vec<_> = (0..5)
+        .map(|i| fleet.submit(request(vec![20 + i; 4], 6)).expect("submit"))
+        .collect();
+    for (i, rx) in receivers.into_iter().enumerate() {
+        let want: Vec<u32> = (0..6).map(|k| expected_token(20 + i as u32, 4 + k)).collect();
+        assert_eq!(tokens(&events(rx)), want, "request {i}");
+    }
+    let items = fake.step_items.lock().expect("lock").clone();
+    assert!(items.iter().all(|&n| n <= 2), "{items:?}");
+    assert!(items.contains(&2), "two ran together: {items:?}");
 }

@@ -73,6 +73,7 @@ fn fleet_with_ranks(ranks: Vec<Arc<LocalAttention>>, max_step_tokens: usize) -> 
         max_waiting: 16,
         max_step_tokens,
         probe_interval: Duration::from_millis(20),
+        ..SchedulerConfig::default()
     };
     let model_config = ModelConfig::from_model_files(&tiny()).expect("config");
     let fleet = Fleet::start(model_config, ranks, config);
@@ -257,6 +258,7 @@ fn a_grammar_the_rank_cannot_hold_fails_its_request_visibly() {
         max_waiting: 16,
         max_step_tokens: 256,
         probe_interval: Duration::from_millis(20),
+        ..SchedulerConfig::default()
     };
     let fleet = Fleet::start(
         ModelConfig::from_model_files(&tiny()).expect("config"),
