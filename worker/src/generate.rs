@@ -117,7 +117,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         grammar: None,
     };
     let request = GenerateRequest { prompt, params };
-    let cache_tokens = (request.prompt.len() + args.max_tokens + args.speculative_tokens).max(16);
+    // Drafts take positions past the output: those verified and those the MTP module writes ahead.
+    let cache_tokens = (request.prompt.len() + args.max_tokens + 2 * args.speculative_tokens).max(16);
     let (outputs, acceptance) = if args.device.use_cuda()? {
         if !matches!(args.mla, MlaArg::Auto) {
             bail!("--mla applies to the CPU backend; the CUDA backend always runs MLA in both forms (auto)");

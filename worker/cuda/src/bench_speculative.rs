@@ -1,8 +1,8 @@
 //! What speculative decoding costs and gives on the GPU, at full width with random FP8 weights:
 //! per batch size, a plain decode step of the 5-layer slice (replayed as a CUDA graph, as served,
-//! and launch by launch), the verify step that scores 1 + N tokens per sequence (every row
-//! picked on the GPU, hidden states to the host, as `speculative_step` runs it; timed on the host,
-//! so with its transfers), and the MTP module's draft step
+//! and launch by launch), the verify step that scores 1 + N tokens per sequence (replayed as a
+//! CUDA graph, every row picked on the GPU, hidden states to the host, as `speculative_step` runs
+//! it; timed on the host, so with its transfers), and the MTP module's draft step
 //! (one MoE layer and the head, launch by launch). From those, decode tokens per second with
 //! drafts at a given acceptance against plain decoding on the same slice.
 
@@ -88,6 +88,7 @@ pub fn run(
         let (graphed, _, _) = decode(&mut slice, b, ctx, reps, true)?;
         slice.set_graphs(false);
         let (launched, _, _) = decode(&mut slice, b, ctx, reps, true)?;
+        slice.set_graphs(true);
         let v1 = verify(&mut slice, b, ctx, 1, reps)?;
         let v2 = verify(&mut slice, b, ctx, 2, reps)?;
         let (draft, _, _) = decode(&mut mtp, b, ctx, reps, true)?;

@@ -1454,10 +1454,10 @@ fn speculative_decoding_on_the_gpu() {
             tokens: &tokens,
             drafts,
             picks: Some(picks),
-            draft: true,
+            draft_depth: 3,
             logits: false,
         };
-        let outcome = speculative_step(&mut gpu, &[chunk], &mut [&mut drafting], 3, None).expect("step")[0]
+        let outcome = speculative_step(&mut gpu, &[chunk], &mut [&mut drafting], None).expect("step")[0]
             .clone()
             .expect("picked");
         cached += tokens.len() + outcome.accepted;

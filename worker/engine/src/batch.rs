@@ -209,7 +209,7 @@ fn speculative_generation_step(
             tokens,
             drafts: drafts.clone(),
             picks: picks.clone(),
-            draft: true,
+            draft_depth: options.speculative_tokens,
             logits: active[*i].generated.is_empty(),
         })
         .collect();
@@ -219,13 +219,7 @@ fn speculative_generation_step(
         .map(|&(i, _)| std::mem::take(&mut active[i].drafting))
         .collect();
     let mut refs: Vec<&mut Drafting> = drafting.iter_mut().collect();
-    let outcomes = speculative_step(
-        backend,
-        &chunks,
-        &mut refs,
-        options.speculative_tokens,
-        options.vocab_limit,
-    )?;
+    let outcomes = speculative_step(backend, &chunks, &mut refs, options.vocab_limit)?;
     drop(chunks);
     for (((i, n), outcome), d) in fed.into_iter().zip(outcomes).zip(drafting) {
         let a = &mut active[i];
@@ -270,19 +264,24 @@ fn admit(
         .map(|a| {
             worst_case_blocks(
                 a.prompt.len(),
-                a.sampler.params().max_tokens + options.speculative_tokens,
+                a.sampler.params().max_tokens + 2 * options.speculative_tokens,
                 block,
             )
         })
         .sum();
     while let Some(&next) = waiting.front() {
         let r = &requests[next];
-        // Drafts take cache positions beyond the output for a step.
-        let need = worst_case_blocks(r.prompt.len(), r.params.max_tokens + options.speculative_tokens, block);
+        // Drafts take cache positions beyond the output: those verified and those the MTP
+        // module writes ahead (`speculative::positions_needed`).
+        let need = worst_case_blocks(
+            r.prompt.len(),
+            r.params.max_tokens + 2 * options.speculative_tokens,
+            block,
+        );
         if need > capacity.total_blocks {
             bail!(
                 "request {next} needs {} cache positions, the cache holds {}",
-                r.prompt.len() + r.params.max_tokens + options.speculative_tokens,
+                r.prompt.len() + r.params.max_tokens + 2 * options.speculative_tokens,
                 capacity.total_blocks * block
             );
         }

@@ -8,7 +8,9 @@
 //! most likely tokens, so this is rejection sampling against a one-hot draft distribution: every
 //! output token is drawn from the target model's own distribution, and output is identical token
 //! for token to decoding without drafts — seeded sampling too, since each output token takes one
-//! draw. The cache positions of rejected drafts are dropped.
+//! draw. (Bit for bit on the CPU; on a GPU the verify step is a batch of another shape, whose
+//! last-bit differences can flip a near tie as any change of batch can.) The cache positions of
+//! rejected drafts are dropped.
 //!
 //! The MTP module then runs over every position whose post-norm hidden state and next token are
 //! both known (prefill chunks included, so its own cache layer is complete), and its logits at a
@@ -62,9 +64,10 @@ pub struct SpecChunk<'a> {
     /// When the chunk samples: the picks of its last position and of each draft's
     /// (`1 + drafts.len()`, from [`crate::Sampler::picks_with_drafts`]).
     pub picks: Option<Vec<TokenPick>>,
-    /// Whether the MTP module drafts after this chunk's output (off where drafts cannot help,
-    /// e.g. a sequence held to a grammar).
-    pub draft: bool,
+    /// Drafts the MTP module makes after this chunk's output for the next step (0 where drafts
+    /// cannot help, e.g. a sequence held to a grammar). Its cache layer is written up to
+    /// `draft_depth - 1` positions past those kept: see [`positions_needed`].
+    pub draft_depth: usize,
     /// Whether the logits of the picked rows come back ([`SpecOutcome::logits`]).
     pub logits: bool,
 }
@@ -81,14 +84,20 @@ pub struct SpecOutcome {
     pub logits: Vec<f32>,
 }
 
+/// Cache positions a sequence may need in a step that feeds `fed` tokens and `drafts` drafts
+/// from position `start` and then drafts `depth` for the next step: all drafts accepted, the MTP
+/// module writes `depth - 1` positions past the ones kept.
+pub fn positions_needed(start: usize, fed: usize, drafts: usize, depth: usize) -> usize {
+    start + fed + drafts + depth.saturating_sub(1)
+}
+
 /// One step with drafts: verifies each chunk's drafts against the main model, drops the cache
-/// positions of rejected ones, runs the MTP module and leaves up to `depth` new drafts in each
-/// drafting sequence's `drafting`. Ids at or above `vocab_limit` are never picked or drafted.
+/// positions of rejected ones, runs the MTP module and leaves up to each chunk's `draft_depth`
+/// new drafts in its `drafting`. Ids at or above `vocab_limit` are never picked or drafted.
 pub fn speculative_step(
     backend: &mut dyn StepBackend,
     chunks: &[SpecChunk],
     drafting: &mut [&mut Drafting],
-    depth: usize,
     vocab_limit: Option<usize>,
 ) -> Result<Vec<Option<SpecOutcome>>> {
     ensure!(
@@ -191,7 +200,7 @@ pub fn speculative_step(
         let next = known[first + 1 - c.start..first + 1 - c.start + pairs].to_vec();
         d.drafts.clear();
         d.after = emitted.last().map(|p| (kept, p.token));
-        let drafts = c.draft && !emitted.is_empty() && depth > 0 && kept + 1 < context;
+        let drafts = c.draft_depth > 0 && !emitted.is_empty() && kept + 1 < context;
         if pairs > 0 {
             mtp_inputs.push(MtpInput {
                 index: i,
@@ -230,7 +239,7 @@ pub fn speculative_step(
         drafting[m.index].drafts.push(draft);
         let kept = m.start + m.tokens.len();
         // The next verify step feeds positions kept..=kept + drafts: all inside the context.
-        let room = (context - 1 - kept).min(depth);
+        let room = (context - 1 - kept).min(chunks[m.index].draft_depth);
         if room > 1 {
             chain.push((m.index, kept, draft, out.hidden, room - 1));
         }

@@ -77,10 +77,10 @@ fn drafts_come_from_the_mtp_module_over_the_whole_prompt() {
                 tokens: &prompt[start..start + len],
                 drafts: vec![],
                 picks,
-                draft: true,
+                draft_depth: 1,
                 logits: false,
             };
-            let out = speculative_step(backend, &[chunk], &mut [&mut drafting], 1, None).expect("step");
+            let out = speculative_step(backend, &[chunk], &mut [&mut drafting], None).expect("step");
             if last {
                 let outcome = out[0].as_ref().expect("sampled");
                 assert_eq!(outcome.tokens[0].token, ids[11]);
@@ -204,10 +204,10 @@ fn accepted_drafts_advance_several_tokens_and_rejected_ones_are_rolled_back() {
             tokens: &tokens,
             drafts: drafts.clone(),
             picks: Some(greedy(drafts.len() + 1)),
-            draft: true,
+            draft_depth: 3,
             logits: false,
         };
-        let out = speculative_step(backend, &[chunk], &mut [&mut drafting], 3, None).expect("step");
+        let out = speculative_step(backend, &[chunk], &mut [&mut drafting], None).expect("step");
         let outcome = out[0].clone().expect("sampled");
         cached += tokens.len() + outcome.accepted;
         assert_eq!(

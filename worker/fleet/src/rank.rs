@@ -219,6 +219,17 @@ impl LocalAttention {
             .collect()
     }
 
+    /// Drafts an item may feed and make (speculative decoding): what the router granted it, at
+    /// most this rank's `--speculative-tokens`; none while a grammar holds the sequence (its mask
+    /// is made for one position at a time).
+    fn draft_allowance(&self, state: &RankState, item: &StepItem) -> usize {
+        if state.constraints.contains_key(&item.seq) {
+            0
+        } else {
+            self.speculative_tokens.min(item.max_drafts as usize)
+        }
+    }
+
     /// The plain step: each item's chunk (less what the prefix cache gave), one pick per item
     /// that samples, made where the logits are.
     fn plain_step(
@@ -265,8 +276,7 @@ impl LocalAttention {
                 tokens: &item.tokens[r..],
                 drafts,
                 picks,
-                // A grammar's mask is made for one row at a time: no drafts to verify.
-                draft: !state.constraints.contains_key(&item.seq),
+                draft_depth: self.draft_allowance(state, item),
                 logits: false,
             });
             index.push(i);
@@ -280,13 +290,7 @@ impl LocalAttention {
             .map(|c| state.drafting.remove(&c.seq).unwrap_or_default())
             .collect();
         let mut refs: Vec<&mut Drafting> = drafting.iter_mut().collect();
-        let outcomes = speculative_step(
-            state.backend.as_mut(),
-            &chunks,
-            &mut refs,
-            self.speculative_tokens,
-            None,
-        );
+        let outcomes = speculative_step(state.backend.as_mut(), &chunks, &mut refs, None);
         for (c, d) in chunks.iter().zip(drafting) {
             state.drafting.insert(c.seq, d);
         }
@@ -331,14 +335,13 @@ impl AttentionRank for LocalAttention {
             .iter()
             .zip(&reused)
             .map(|(item, &r)| match state.drafting.get(&item.seq) {
-                Some(d)
-                    if self.speculative_tokens > 0
-                        && item.sample.is_some()
-                        && !state.constraints.contains_key(&item.seq) =>
-                {
-                    d.drafts_for(item.start as usize + r, &item.tokens[r..], self.speculative_tokens)
-                        .to_vec()
-                }
+                Some(d) if item.sample.is_some() => d
+                    .drafts_for(
+                        item.start as usize + r,
+                        &item.tokens[r..],
+                        self.draft_allowance(state, item),
+                    )
+                    .to_vec(),
                 _ => Vec::new(),
             })
             .collect();

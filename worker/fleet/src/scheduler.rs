@@ -73,10 +73,27 @@ struct Running {
 }
 
 impl Running {
-    /// Cache blocks the sequence holds once its prompt is in and its next token is written,
-    /// with `drafts` draft tokens after it: what the rank must keep for it through the next step.
-    fn committed_blocks(&self, block: usize, drafts: usize) -> usize {
-        (self.prompt.len().max(self.cached) + 1 + drafts).div_ceil(block)
+    /// Cache blocks the sequence holds once its prompt is in and its next token is written: what
+    /// the rank must keep for it through the next step (drafts only take room left over).
+    fn committed_blocks(&self, block: usize) -> usize {
+        (self.prompt.len().max(self.cached) + 1).div_ceil(block)
+    }
+
+    /// The most drafts (up to `most`) a sequence feeding `fed` tokens can take in a step with
+    /// `spare` blocks left on its rank — fed after its token when `decoding`, and drafted for the
+    /// next step — and the blocks they take: the positions drafts may need
+    /// ([`dsv3_engine::speculative::positions_needed`]) beyond those committed.
+    fn drafts_with_room(&self, block: usize, fed: usize, decoding: bool, most: usize, spare: usize) -> (usize, usize) {
+        let committed = self.committed_blocks(block);
+        (0..=most)
+            .rev()
+            .map(|d| {
+                let fed_drafts = if decoding { d } else { 0 };
+                let positions = dsv3_engine::speculative::positions_needed(self.cached, fed, fed_drafts, d);
+                (d, positions.div_ceil(block).saturating_sub(committed))
+            })
+            .find(|&(_, extra)| extra <= spare)
+            .unwrap_or((0, 0))
     }
 }
 
@@ -400,11 +417,11 @@ impl Scheduler {
 
     /// Cache blocks the running sequences on `rank` hold through the next step.
     fn committed_blocks(&self, rank: usize) -> usize {
-        let (block, drafts) = (self.ranks[rank].block_size, self.ranks[rank].speculative_tokens);
+        let block = self.ranks[rank].block_size;
         self.running
             .iter()
             .filter(|r| r.rank == rank)
-            .map(|r| r.committed_blocks(block, drafts))
+            .map(|r| r.committed_blocks(block))
             .sum()
     }
 
@@ -436,8 +453,7 @@ impl Scheduler {
                 break;
             }
             let resumed = pending.resume.as_ref().map_or(0, |(_, output)| output.len());
-            let drafts = self.ranks.iter().map(|s| s.speculative_tokens).max().unwrap_or(0);
-            let positions = pending.request.prompt.len() + resumed + 1 + drafts;
+            let positions = pending.request.prompt.len() + resumed + 1;
             // Among the ranks with room: the one whose cache probably holds the longest prefix
             // of the prompt, then the one with the most free blocks.
             let choice = self
@@ -527,7 +543,7 @@ impl Scheduler {
     fn make_room(&mut self) {
         for rank in 0..self.ranks.len() {
             let slot = &self.ranks[rank];
-            let (block, total, drafts) = (slot.block_size, slot.total_blocks, slot.speculative_tokens);
+            let (block, total) = (slot.block_size, slot.total_blocks);
             while self.committed_blocks(rank) > total {
                 let newest = self
                     .running
@@ -536,7 +552,7 @@ impl Scheduler {
                     .expect("blocks are committed only by running sequences");
                 let r = self.running.remove(newest);
                 let alone = !self.running.iter().any(|o| o.rank == rank);
-                if alone && r.committed_blocks(block, drafts) > total {
+                if alone && r.committed_blocks(block) > total {
                     let _ = r.events.send(GenerationEvent::Finished {
                         reason: FinishReason::Length,
                     });
@@ -575,6 +591,10 @@ impl Scheduler {
         // Build one request per rank, in admission order, under each rank's token budget.
         let mut batches: Vec<StepRequest> = vec![StepRequest::default(); self.ranks.len()];
         let mut budget = vec![self.options.max_step_tokens.max(1); self.ranks.len()];
+        // Blocks of each rank beyond what its running sequences hold through this step.
+        let mut spare: Vec<usize> = (0..self.ranks.len())
+            .map(|i| self.ranks[i].total_blocks.saturating_sub(self.committed_blocks(i)))
+            .collect();
         let mut planned: Vec<(usize, usize)> = Vec::new(); // (running index, tokens this step)
         for (i, r) in self.running.iter().enumerate() {
             let b = &mut budget[r.rank];
@@ -587,25 +607,29 @@ impl Scheduler {
             } else {
                 *b
             };
-            // A decoding sequence's drafts count against the budget too.
-            let drafts = if r.cached >= r.prompt.len() {
-                self.ranks[r.rank].speculative_tokens
-            } else {
-                0
-            };
-            if r.cached >= r.prompt.len() && *b < 1 + drafts && *b < self.options.max_step_tokens.max(1) {
-                continue;
-            }
+            let decoding = r.cached >= r.prompt.len();
             let Some((tokens, samples)) = next_tokens(&r.prompt, r.cached, r.last_token.as_ref(), take) else {
                 continue;
             };
+            // Speculative decoding: drafts for the items that sample, where the step budget (a
+            // decoding item feeds its drafts) and the rank's spare cache allow — fewer near the
+            // limits, never at a plain token's expense.
+            let most = match (samples, decoding) {
+                (false, _) => 0,
+                (true, true) => self.ranks[r.rank].speculative_tokens.min(b.saturating_sub(1)),
+                (true, false) => self.ranks[r.rank].speculative_tokens,
+            };
+            let (max_drafts, extra_blocks) = r.drafts_with_room(block, tokens.len(), decoding, most, spare[r.rank]);
+            spare[r.rank] -= extra_blocks;
+            let fed_drafts = if decoding { max_drafts } else { 0 };
             let item = StepItem {
                 seq: r.seq,
                 start: r.cached as u32,
                 tokens: tokens.to_vec(),
                 sample: samples.then(|| self.sampling_spec(r, r.cached < r.prompt.len())),
+                max_drafts: max_drafts as u32,
             };
-            *b = b.saturating_sub(item.tokens.len() + drafts);
+            *b = b.saturating_sub(item.tokens.len() + fed_drafts);
             planned.push((i, item.tokens.len()));
             batches[r.rank].items.push(item);
         }

@@ -426,6 +426,23 @@ fn speculative_decoding_through_the_fleet_changes_no_token() {
     }
 }
 
+/// A lone sequence outgrowing its rank's cache ends where it would without drafts: drafts take
+/// only the room left over, fewer of them near the end.
+#[test]
+fn drafts_near_a_full_cache_change_neither_tokens_nor_length() {
+    let one = || vec![requests(0.0, &LogitRules::default()).remove(0)];
+    let plain = run_requests(&fleet(48), one());
+    assert!(
+        plain[0].len() < 40,
+        "the 48-position cache should end it early: {}",
+        plain[0].len()
+    );
+    for drafts in [1, 3] {
+        let fleet = fleet_with_rank(tiny_rank(48, drafts), 256);
+        assert_eq!(run_requests(&fleet, one()), plain, "{drafts} drafts");
+    }
+}
+
 #[test]
 fn speculation_on_a_checkpoint_without_mtp_is_refused_at_start() {
     let dir = tempfile::tempdir().expect("tempdir");

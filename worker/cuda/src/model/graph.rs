@@ -10,18 +10,22 @@ use anyhow::{Context, Result};
 use cudarc::driver::CudaGraph;
 use dsv3_engine::Chunk;
 
-/// Batch sizes that get a graph; a step pads its rows up to the next one.
+/// Row counts that get a graph; a step pads its rows up to the next one.
 const BATCH_BUCKETS: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256];
 
-/// Whether a step can replay a graph: one new token per sequence (decode), at most the largest
-/// bucket, and the head (if any) over every row in order.
+/// Most tokens a sequence feeds a graphed step: its last token and the drafts after it
+/// (speculative decoding). Such rows attend over the cache like decode rows.
+const GRAPHED_TOKENS_PER_SEQUENCE: usize = 8;
+
+/// Whether a step can replay a graph: a few new tokens per sequence (decode, or decode with
+/// drafts), at most the largest bucket of rows, and the head (if any) over every row in order.
 pub(super) fn fits(chunks: &[Chunk], head_rows: Option<&[i32]>) -> bool {
-    let m = chunks.len();
+    let m: usize = chunks.iter().map(|c| c.tokens.len()).sum();
     m > 0
         && m <= super::moe::DEVICE_ONLY_MAX_ROWS
         && bucket(m).is_some()
-        && chunks.iter().all(|c| c.tokens.len() == 1)
-        && head_rows.is_none_or(|rows| rows.iter().enumerate().all(|(i, &r)| r == i as i32))
+        && chunks.iter().all(|c| c.tokens.len() <= GRAPHED_TOKENS_PER_SEQUENCE)
+        && head_rows.is_none_or(|rows| rows.len() == m && rows.iter().enumerate().all(|(i, &r)| r == i as i32))
 }
 
 fn bucket(m: usize) -> Option<usize> {
@@ -81,7 +85,7 @@ impl CudaModel {
     /// Runs a decode step (checked by [`fits`], cache positions already reserved) through the graph
     /// of its padded batch size, recording that graph the first time: that step runs directly.
     pub(super) fn run_graphed(&mut self, chunks: &[Chunk], with_head: bool) -> Result<Option<HeadOut>> {
-        let m = chunks.len();
+        let m: usize = chunks.iter().map(|c| c.tokens.len()).sum();
         let rows = bucket(m).context("batch too large for a CUDA graph")?;
         let key = (rows, with_head);
         let mut graph = match self.graphs.remove(&key) {

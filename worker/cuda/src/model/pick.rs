@@ -178,33 +178,51 @@ impl CudaModel {
             }
             row += c.tokens.len();
         }
-        let all_hidden = chunks.iter().any(|c| c.all_hidden);
-        let (head, _, residual) = self.run_step_keeping(chunks, Some(&rows), false, all_hidden)?;
+        // A chunk picked at every position (a decode token and its drafts) finds its hidden
+        // states among the head's post-norm rows; only others need the whole residual stream
+        // (which keeps the step off the CUDA graphs).
+        let picks_all = |c: &Chunk, p: &Option<RowPicks>| p.as_ref().is_some_and(|p| p.picks.len() == c.tokens.len());
+        let from_head = chunks.iter().zip(picks).any(|(c, p)| c.all_hidden && picks_all(c, p));
+        let keep_residual = chunks.iter().zip(picks).any(|(c, p)| c.all_hidden && !picks_all(c, p));
+        let (head, _, residual) = self.run_step_keeping(chunks, Some(&rows), false, keep_residual)?;
         let g = &self.gpu;
-        let picked = match &head {
-            Some(head) => pick_tokens(g, head.logits, vocab, &plan)?,
-            None => Vec::new(),
+        // Logits asked for come back as the model gave them: the picks edit them in place.
+        let mut asked = Vec::with_capacity(chunks.len());
+        for (p, &at) in picks.iter().zip(&first_pick) {
+            asked.push(match (&head, p) {
+                (Some(head), Some(p)) if p.logits => {
+                    g.download::<f32>(head.logits + (at * vocab * 4) as u64, p.picks.len() * vocab)?
+                }
+                _ => Vec::new(),
+            });
+        }
+        let (picked, head_hidden) = match &head {
+            Some(head) => (
+                pick_tokens(g, head.logits, vocab, &plan)?,
+                if from_head {
+                    g.download::<f32>(head.normed, plan.len() * width)?
+                } else {
+                    Vec::new()
+                },
+            ),
+            None => (Vec::new(), Vec::new()),
         };
         let every_row = self.normed_rows(residual.as_ref(), row)?;
         let mut out = Vec::with_capacity(chunks.len());
         let mut picked = picked.into_iter();
         let mut first_row = 0;
-        for ((c, p), &at) in chunks.iter().zip(picks).zip(&first_pick) {
+        for (((c, p), &at), logits) in chunks.iter().zip(picks).zip(&first_pick).zip(asked) {
             let n = c.tokens.len();
             let k = p.as_ref().map_or(0, |p| p.picks.len());
-            let logits = match (&head, p) {
-                (Some(head), Some(p)) if p.logits => self
-                    .gpu
-                    .download::<f32>(head.logits + (at * vocab * 4) as u64, k * vocab)?,
-                _ => Vec::new(),
-            };
             out.push(PickedRows {
                 tokens: picked.by_ref().take(k).collect(),
                 logits,
-                hidden: if c.all_hidden {
-                    every_row[first_row * width..(first_row + n) * width].to_vec()
-                } else {
+                hidden: if !c.all_hidden {
                     Vec::new()
+                } else if picks_all(c, p) {
+                    head_hidden[at * width..(at + n) * width].to_vec()
+                } else {
+                    every_row[first_row * width..(first_row + n) * width].to_vec()
                 },
             });
             first_row += n;
