@@ -69,6 +69,7 @@ pub fn crd_yaml() -> Result<String, CrdError> {
     Ok(format!("---\n{}", serde_yaml::to_string(&crd_value()?)?))
 }
 pub mod controller;
+pub mod dry_run;
 pub mod leader;
 pub mod metrics;
 pub mod placement;

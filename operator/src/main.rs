@@ -1,4 +1,5 @@
-//! `dsv3-operator crd` prints the CRD; `dsv3-operator run` runs the controller.
+//! `dsv3-operator crd` prints the CRD; `dsv3-operator plan --file CR.yaml` prints what the
+//! operator would apply for a CR; `dsv3-operator run` runs the controller.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -21,6 +22,13 @@ struct Cli {
 enum Command {
     /// Print the DeepSeekV3Deployment CustomResourceDefinition as YAML.
     Crd,
+    /// Print, as a YAML stream, every object the operator would apply for the
+    /// DeepSeekV3Deployments in a file (a dry run; nothing is sent to a cluster).
+    Plan {
+        /// The YAML file (`-` for standard input).
+        #[arg(long)]
+        file: std::path::PathBuf,
+    },
     /// Run the controller.
     Run(RunArgs),
 }
@@ -75,6 +83,39 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Plan { file } => {
+            let text = if file.as_os_str() == "-" {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map(|_| s)
+            } else {
+                std::fs::read_to_string(&file)
+            };
+            let text = match text {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("dsv3-operator: cannot read {}: {e}", file.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            match dsv3_operator::dry_run::plan_yaml(&text) {
+                Ok(yaml) => {
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    match out.write_all(yaml.as_bytes()).and_then(|()| out.flush()) {
+                        Ok(()) => ExitCode::SUCCESS,
+                        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                        Err(e) => {
+                            eprintln!("dsv3-operator: {e}");
+                            ExitCode::FAILURE
+                        }
+                    }
+                }
+                Err(e) => {
+                    eprintln!("dsv3-operator: {}: {e}", file.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run(args) => {
             init_tracing(&args.log_format);
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
