@@ -158,7 +158,8 @@ pub fn speculative_step(
     let mut outcomes = Vec::with_capacity(chunks.len());
     let mut mtp_inputs: Vec<MtpInput> = Vec::new();
     for (i, ((c, out), d)) in chunks.iter().zip(picked).zip(drafting.iter_mut()).enumerate() {
-        let mut outcome = None;
+        // Each draft is kept while it is the token picked at its row; the first token that
+        // differs (or the one after the last draft) is output in its place.
         let mut emitted: Vec<PickedToken> = Vec::new();
         if c.picks.is_some() {
             for (j, picked) in out.tokens.into_iter().enumerate() {
@@ -168,14 +169,9 @@ pub fn speculative_step(
                     break;
                 }
             }
-            outcome = Some(SpecOutcome {
-                tokens: emitted.clone(),
-                drafted: c.drafts.len(),
-                accepted: emitted.len() - 1,
-                logits: out.logits,
-            });
         }
         let accepted = emitted.len().saturating_sub(1);
+        let last = emitted.last().map(|p| p.token);
         let kept = c.start + c.tokens.len() + accepted;
         if accepted < c.drafts.len() {
             backend.truncate(c.seq, kept);
@@ -183,7 +179,7 @@ pub fn speculative_step(
         // The tokens at positions `c.start..`, the one just output last: the MTP module's
         // input at position q is the hidden state there and the token at q + 1.
         let mut known = fed[i][..c.tokens.len() + accepted].to_vec();
-        known.extend(emitted.last().map(|p| p.token));
+        known.extend(last);
         let (mut first, mut hidden) = (c.start, Vec::new());
         if let Some((position, h)) = d.pending.take() {
             if position + 1 == c.start {
@@ -199,8 +195,13 @@ pub fn speculative_step(
         hidden.truncate(pairs * width);
         let next = known[first + 1 - c.start..first + 1 - c.start + pairs].to_vec();
         d.drafts.clear();
-        d.after = emitted.last().map(|p| (kept, p.token));
-        let drafts = c.draft_depth > 0 && !emitted.is_empty() && kept + 1 < context;
+        d.after = last.map(|token| (kept, token));
+        // The next verify step feeds positions kept..=kept + drafts: all inside the context.
+        let drafts = if last.is_some() && kept + 1 < context {
+            (context - 1 - kept).min(c.draft_depth)
+        } else {
+            0
+        };
         if pairs > 0 {
             mtp_inputs.push(MtpInput {
                 index: i,
@@ -211,74 +212,62 @@ pub fn speculative_step(
                 drafts,
             });
         }
-        outcomes.push(outcome);
+        outcomes.push(c.picks.is_some().then_some(SpecOutcome {
+            tokens: emitted,
+            drafted: c.drafts.len(),
+            accepted,
+            logits: out.logits,
+        }));
     }
 
-    // The MTP module over the new pairs; its last row drafts the token after the one output.
-    let chunks_mtp: Vec<Chunk> = mtp_inputs
-        .iter()
-        .map(|m| {
-            let outputs = if m.drafts { Outputs::Last } else { Outputs::None };
-            let mut chunk = Chunk::new(m.seq, m.start, &m.tokens, outputs);
-            chunk.prev_hidden = Some(&m.hidden);
-            chunk
-        })
-        .collect();
-    if chunks_mtp.is_empty() {
-        return Ok(outcomes);
-    }
-    let mtp_out = backend.mtp_step(&chunks_mtp)?;
-    drop(chunks_mtp);
-    // (sequence index, position of the next MTP input, last draft, its hidden state, drafts left)
-    let mut chain: Vec<(usize, usize, u32, Vec<f32>, usize)> = Vec::new();
-    for (m, out) in mtp_inputs.iter().zip(mtp_out) {
-        if !m.drafts {
-            continue;
-        }
-        let draft = argmax(&out.logits[..limit]);
-        drafting[m.index].drafts.push(draft);
-        let kept = m.start + m.tokens.len();
-        // The next verify step feeds positions kept..=kept + drafts: all inside the context.
-        let room = (context - 1 - kept).min(chunks[m.index].draft_depth);
-        if room > 1 {
-            chain.push((m.index, kept, draft, out.hidden, room - 1));
-        }
-    }
-    while !chain.is_empty() {
-        let tokens: Vec<[u32; 1]> = chain.iter().map(|c| [c.2]).collect();
-        let chunks_mtp: Vec<Chunk> = chain
-            .iter()
-            .zip(&tokens)
-            .map(|((i, position, _, hidden, _), token)| {
-                let mut chunk = Chunk::new(chunks[*i].seq, *position, token, Outputs::Last);
-                chunk.prev_hidden = Some(hidden);
-                chunk
-            })
-            .collect();
+    // The MTP module over the new pairs, then over its own drafts (its one layer reused, fed
+    // its own hidden state): each round's last row drafts the token after the one it was given.
+    let mut round = mtp_inputs;
+    while !round.is_empty() {
+        let chunks_mtp: Vec<Chunk> = round.iter().map(MtpInput::chunk).collect();
         let out = backend.mtp_step(&chunks_mtp)?;
         drop(chunks_mtp);
         let mut next = Vec::new();
-        for ((i, position, _, _, left), o) in chain.into_iter().zip(out) {
+        for (m, o) in round.into_iter().zip(out) {
+            if m.drafts == 0 {
+                continue;
+            }
             let draft = argmax(&o.logits[..limit]);
-            drafting[i].drafts.push(draft);
-            if left > 1 {
-                next.push((i, position + 1, draft, o.hidden, left - 1));
+            drafting[m.index].drafts.push(draft);
+            if m.drafts > 1 {
+                next.push(MtpInput {
+                    index: m.index,
+                    seq: m.seq,
+                    start: m.start + m.tokens.len(),
+                    tokens: vec![draft],
+                    hidden: o.hidden,
+                    drafts: m.drafts - 1,
+                });
             }
         }
-        chain = next;
+        round = next;
     }
     Ok(outcomes)
 }
 
 /// One sequence's MTP chunk: the positions from `start` whose hidden state and next token are
-/// both known, and whether its last row drafts.
+/// both known (or, later in the chain, its last draft), and the drafts still to make from it.
 struct MtpInput {
     index: usize,
     seq: SeqId,
     start: usize,
     tokens: Vec<u32>,
     hidden: Vec<f32>,
-    drafts: bool,
+    drafts: usize,
+}
+
+impl MtpInput {
+    fn chunk(&self) -> Chunk<'_> {
+        let outputs = if self.drafts > 0 { Outputs::Last } else { Outputs::None };
+        let mut chunk = Chunk::new(self.seq, self.start, &self.tokens, outputs);
+        chunk.prev_hidden = Some(&self.hidden);
+        chunk
+    }
 }
 
 /// Acceptance counts per draft position (1 = the first draft after the fed token).
