@@ -61,23 +61,25 @@ struct RunArgs {
     log_format: String,
 }
 
+/// Writes `text` to standard output; a closed pipe (`| head`) is not an error worth a panic.
+fn print(text: &str) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dsv3-operator: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Crd => match dsv3_operator::crd_yaml() {
-            Ok(y) => {
-                use std::io::Write;
-                // A closed pipe (`| head`) is not an error worth a panic.
-                let mut out = std::io::stdout().lock();
-                match out.write_all(y.as_bytes()).and_then(|()| out.flush()) {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
-                    Err(e) => {
-                        eprintln!("dsv3-operator: {e}");
-                        ExitCode::FAILURE
-                    }
-                }
-            }
+            Ok(y) => print(&y),
             Err(e) => {
                 eprintln!("dsv3-operator: cannot render the CRD: {e}");
                 ExitCode::FAILURE
@@ -98,18 +100,7 @@ fn main() -> ExitCode {
                 }
             };
             match dsv3_operator::dry_run::plan_yaml(&text) {
-                Ok(yaml) => {
-                    use std::io::Write;
-                    let mut out = std::io::stdout().lock();
-                    match out.write_all(yaml.as_bytes()).and_then(|()| out.flush()) {
-                        Ok(()) => ExitCode::SUCCESS,
-                        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
-                        Err(e) => {
-                            eprintln!("dsv3-operator: {e}");
-                            ExitCode::FAILURE
-                        }
-                    }
-                }
+                Ok(yaml) => print(&yaml),
                 Err(e) => {
                     eprintln!("dsv3-operator: {}: {e}", file.display());
                     ExitCode::FAILURE

@@ -26,48 +26,16 @@ import transformers
 from safetensors.torch import save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_fixtures import CFG  # noqa: E402
+
 SEED = 20261202
 PROMPT = [683, 13, 615, 533, 2, 222, 561, 256, 453, 312, 692, 298]
 
-BASE = dict(
-    vocab_size=1024,
-    hidden_size=256,
-    intermediate_size=384,
-    moe_intermediate_size=64,
-    num_hidden_layers=3,
-    first_k_dense_replace=1,
-    moe_layer_freq=1,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    q_lora_rank=256,
-    kv_lora_rank=128,
-    qk_nope_head_dim=64,
-    qk_rope_head_dim=32,
-    v_head_dim=64,
-    n_routed_experts=16,
-    n_group=4,
-    topk_group=2,
-    num_experts_per_tok=4,
-    n_shared_experts=1,
-    routed_scaling_factor=2.5,
-    norm_topk_prob=True,
-    rope_theta=10000.0,
-    max_position_embeddings=256,
-    rope_scaling={
-        "type": "yarn",
-        "factor": 4.0,
-        "original_max_position_embeddings": 64,
-        "beta_fast": 32,
-        "beta_slow": 1,
-        "mscale": 1.0,
-        "mscale_all_dim": 1.0,
-    },
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-    bos_token_id=0,
-    eos_token_id=1,
-    hidden_act="silu",
-)
+# The golden tiny model's config (make_fixtures.CFG), as transformers' config takes it (no MTP
+# layer, no `scoring_func`/`topk_method` keys), with one dense layer of three.
+BASE = {k: v for k, v in CFG.items() if k not in ("num_nextn_predict_layers", "scoring_func", "topk_method")}
+BASE.update(moe_intermediate_size=64, num_hidden_layers=3, first_k_dense_replace=1)
 
 VARIANTS = {
     # 64 routed experts in one group, 6 active (DeepSeek-V2-Lite / Moonlight-class routing).

@@ -26,6 +26,16 @@ fn load_gpu(files: &ModelFiles, activations: Fp8Activations) -> CudaModel {
 }
 use std::path::Path;
 
+/// A path under `tests/golden/`. The test binary may run on another machine: DSV3_REPO_ROOT
+/// points at the checkout there.
+fn golden(rel: &str) -> std::path::PathBuf {
+    std::env::var_os("DSV3_REPO_ROOT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
+        .join("tests/golden")
+        .join(rel)
+}
+
 fn poison() {
     // SAFETY: set before any thread reads the environment in this process's tests.
     unsafe { std::env::set_var("DSV3_CUDA_POISON", "1") };
@@ -291,11 +301,7 @@ fn check_recipe(files: &ModelFiles, decode_steps: usize, activations: Fp8Activat
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn golden_tiny_fp8_matches_cpu() {
-    // The test binary may run on another machine: DSV3_REPO_ROOT points at the checkout there.
-    let root = std::env::var_os("DSV3_REPO_ROOT")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
-    let dir = root.join("tests/golden/tiny-fp8");
+    let dir = golden("tiny-fp8");
     check_model(&ModelFiles::Dir(dir), 24);
 }
 
@@ -360,10 +366,7 @@ fn decode_cosines(files: &ModelFiles, gpu: &mut CudaModel, first_seq: u64, activ
 #[ignore = "needs an NVIDIA GPU"]
 fn graphed_decode_matches_cpu() {
     poison();
-    let root = std::env::var_os("DSV3_REPO_ROOT")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
-    let files = ModelFiles::Dir(root.join("tests/golden/tiny-fp8"));
+    let files = ModelFiles::Dir(golden("tiny-fp8"));
     // Unquantised, where the reference is close enough for a per-row check; quantised steps are
     // compared with their reference in check_recipe, and graphed with launched at full width.
     let activations = Fp8Activations::Unquantised;
@@ -506,10 +509,7 @@ fn golden_tiny_fp8_matches_cpu_with_cuda_core_kernels() {
         std::env::set_var("DSV3_LINEAR_SIMT", "1");
     };
     let _restore = CudaCoreKernels;
-    let root = std::env::var_os("DSV3_REPO_ROOT")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
-    check_model(&ModelFiles::Dir(root.join("tests/golden/tiny-fp8")), 8);
+    check_model(&ModelFiles::Dir(golden("tiny-fp8")), 8);
 }
 
 /// Every batch-size path of the weight products (FP8: GEMV, tensor cores with 1..8 n-tiles, token
@@ -731,10 +731,7 @@ fn check_attention_with_shards(files: &ModelFiles, long: usize, decode_steps: us
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn attention_with_expert_shards_matches_whole_model_tiny() {
-    let root = std::env::var_os("DSV3_REPO_ROOT")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
-    check_attention_with_shards(&ModelFiles::Dir(root.join("tests/golden/tiny-fp8")), 70, 24);
+    check_attention_with_shards(&ModelFiles::Dir(golden("tiny-fp8")), 70, 24);
 }
 
 #[test]
@@ -1330,10 +1327,7 @@ fn grouped_fp8_wgmma_matches_f64_reference() {
 
 /// A tensor of a golden reference file as f32 (f32 or i64 stored).
 fn golden_tensor(name: &str, tensor: &str) -> Vec<f32> {
-    let root = std::env::var_os("DSV3_REPO_ROOT")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
-    let bytes = std::fs::read(root.join("tests/golden").join(name)).expect("reference file");
+    let bytes = std::fs::read(golden(name)).expect("reference file");
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
     let t = st.tensor(tensor).expect("tensor");
     match t.dtype() {
@@ -1358,10 +1352,7 @@ fn speculative_decoding_on_the_gpu() {
         speculative_step, Drafting, GenerateRequest, SamplingParams, SpecChunk, StepBackend, TokenChoice, TokenPick,
     };
     poison();
-    let root = std::env::var_os("DSV3_REPO_ROOT")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
-    let files = ModelFiles::Dir(root.join("tests/golden/tiny-fp8"));
+    let files = ModelFiles::Dir(golden("tiny-fp8"));
     let reference = "tiny-fp8.ref.safetensors";
     let ids: Vec<u32> = golden_tensor(reference, "prompt_ids")
         .iter()
@@ -1477,11 +1468,8 @@ fn speculative_decoding_on_the_gpu() {
 #[ignore = "needs an NVIDIA GPU"]
 fn bf16_checkpoint_runs_on_the_gpu() {
     poison();
-    let root = std::env::var_os("DSV3_REPO_ROOT")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
-    let bf16 = ModelFiles::Dir(root.join("tests/golden/tiny-bf16"));
-    let fp8 = ModelFiles::Dir(root.join("tests/golden/tiny-fp8"));
+    let bf16 = ModelFiles::Dir(golden("tiny-bf16"));
+    let fp8 = ModelFiles::Dir(golden("tiny-fp8"));
     let mut gpu = load_gpu(&bf16, Fp8Activations::Unquantised);
     // The GPU quantises bf16 routed experts to FP8 blocks at load, by the rule the FP8 fixture
     // was made with from the same bf16 weights: the reference is the bf16 model with the FP8
@@ -1540,10 +1528,7 @@ fn architecture_variants_run_on_the_gpu() {
     // bf16 as save_pretrained writes them (routed experts quantised to FP8 blocks at load),
     // against transformers' float32 logits.
     for name in ["experts64-group1", "experts384-heads8", "no-q-lora-plain-rope"] {
-        let root = std::env::var_os("DSV3_REPO_ROOT")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
-        let files = ModelFiles::Dir(root.join("tests/golden/variants").join(name));
+        let files = ModelFiles::Dir(golden("variants").join(name));
         let mut gpu = load_gpu(&files, Fp8Activations::Unquantised);
         let reference = format!("variants/{name}.ref.safetensors");
         let ids: Vec<u32> = golden_tensor(&reference, "prompt_ids")

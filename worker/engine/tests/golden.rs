@@ -8,60 +8,9 @@ use common::*;
 use dsv3_engine::{
     Chunk, Engine, EngineOptions, GenerateRequest, KvCache, MlaForm, ModelFiles, Outputs, SamplingParams, StepOptions,
 };
-use safetensors::SafeTensors;
-use std::collections::HashMap;
 
 /// Logits within this of the fp32 reference (issue requirement: 2e-3).
 const LOGIT_TOLERANCE: f32 = 2e-3;
-
-struct Reference {
-    f32s: HashMap<String, Vec<f32>>,
-    ints: HashMap<String, Vec<i64>>,
-}
-
-impl Reference {
-    fn load(name: &str) -> Self {
-        let bytes = std::fs::read(golden_dir().join(name)).expect("reference file");
-        let st = SafeTensors::deserialize(&bytes).expect("reference safetensors");
-        let mut f32s = HashMap::new();
-        let mut ints = HashMap::new();
-        for (n, view) in st.tensors() {
-            match view.dtype() {
-                safetensors::Dtype::F32 => {
-                    f32s.insert(
-                        n,
-                        view.data()
-                            .chunks_exact(4)
-                            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                            .collect(),
-                    );
-                }
-                safetensors::Dtype::I64 => {
-                    ints.insert(
-                        n,
-                        view.data()
-                            .chunks_exact(8)
-                            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
-                            .collect(),
-                    );
-                }
-                other => panic!("unexpected dtype {other:?} for {n}"),
-            }
-        }
-        Reference { f32s, ints }
-    }
-    fn f(&self, name: &str) -> &[f32] {
-        self.f32s.get(name).unwrap_or_else(|| panic!("reference lacks {name}"))
-    }
-    fn ids(&self, name: &str) -> Vec<u32> {
-        self.ints
-            .get(name)
-            .unwrap_or_else(|| panic!("reference lacks {name}"))
-            .iter()
-            .map(|&v| v as u32)
-            .collect()
-    }
-}
 
 fn check_model(dir: &str, reference: &str) {
     let (model, experts) = load(&golden_dir().join(dir));

@@ -4,12 +4,11 @@
 
 mod common;
 
-use common::golden_dir;
+use common::{golden_dir, Reference};
 use dsv3_engine::{
     speculative_step, CpuBackend, Drafting, Engine, EngineOptions, GenerateRequest, LocalExperts, LogitRules,
     ModelFiles, SamplingParams, SpecChunk, StepBackend, TokenChoice, TokenPick,
 };
-use safetensors::SafeTensors;
 
 fn engine(dir: &str, speculative_tokens: usize, max_step_tokens: usize) -> Engine {
     let options = EngineOptions {
@@ -19,24 +18,6 @@ fn engine(dir: &str, speculative_tokens: usize, max_step_tokens: usize) -> Engin
         ..EngineOptions::default()
     };
     Engine::load(&ModelFiles::Dir(golden_dir().join(dir)), options, &mut |_| {}).expect("load")
-}
-
-fn reference(name: &str) -> (Vec<u32>, Vec<f32>) {
-    let bytes = std::fs::read(golden_dir().join(name)).expect("reference file");
-    let st = SafeTensors::deserialize(&bytes).expect("safetensors");
-    let ids = st.tensor("prompt_ids").expect("prompt_ids");
-    let ids = ids
-        .data()
-        .chunks_exact(8)
-        .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as u32)
-        .collect();
-    let mtp = st.tensor("mtp_logits").expect("mtp_logits");
-    let mtp = mtp
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-        .collect();
-    (ids, mtp)
 }
 
 fn greedy(n: usize) -> Vec<TokenPick> {
@@ -49,7 +30,8 @@ fn drafts_come_from_the_mtp_module_over_the_whole_prompt() {
         ("tiny-bf16", "tiny-bf16.ref.safetensors"),
         ("tiny-fp8", "tiny-fp8.ref.safetensors"),
     ] {
-        let (ids, mtp_logits) = reference(refs);
+        let reference = Reference::load(refs);
+        let (ids, mtp_logits) = (reference.ids("prompt_ids"), reference.f("mtp_logits"));
         let vocab = 1024;
         let mut engine = engine(dir, 1, 64);
         let backend: &mut CpuBackend<LocalExperts> = &mut engine.backend;

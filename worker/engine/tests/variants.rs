@@ -5,30 +5,11 @@
 
 mod common;
 
-use common::{golden_dir, load, max_abs_diff};
+use common::{golden_dir, load, max_abs_diff, Reference};
 use dsv3_engine::{Chunk, KvCache, Outputs, StepOptions};
-use safetensors::SafeTensors;
 
 /// As for the golden tiny model (spec §11.4): float32 against float32.
 const LOGIT_TOLERANCE: f32 = 1e-4;
-
-fn reference(path: &std::path::Path) -> (Vec<u32>, Vec<f32>) {
-    let bytes = std::fs::read(path).expect("reference file");
-    let st = SafeTensors::deserialize(&bytes).expect("safetensors");
-    let ids = st.tensor("prompt_ids").expect("prompt_ids");
-    let ids = ids
-        .data()
-        .chunks_exact(8)
-        .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as u32)
-        .collect();
-    let logits = st.tensor("logits").expect("logits");
-    let logits = logits
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-        .collect();
-    (ids, logits)
-}
 
 #[test]
 fn architecture_variants_match_transformers() {
@@ -37,7 +18,8 @@ fn architecture_variants_match_transformers() {
     for name in ["experts64-group1", "experts384-heads8", "no-q-lora-plain-rope"] {
         let (model, experts) = load(&dir.join(name));
         assert!(!model.has_mtp(), "{name}: save_pretrained writes no MTP weights");
-        let (prompt, want) = reference(&dir.join(format!("{name}.ref.safetensors")));
+        let reference = Reference::load(&format!("variants/{name}.ref.safetensors"));
+        let (prompt, want) = (reference.ids("prompt_ids"), reference.f("logits"));
         let mut cache = KvCache::with_capacity(&model.config, 64);
         let (out, _) = model
             .forward(
@@ -47,7 +29,7 @@ fn architecture_variants_match_transformers() {
                 &StepOptions::default(),
             )
             .unwrap_or_else(|e| panic!("{name}: {e:#}"));
-        let diff = max_abs_diff(&out[0].logits, &want);
+        let diff = max_abs_diff(&out[0].logits, want);
         println!("{name}: max |Δlogit| = {diff:.3e}");
         assert!(diff < LOGIT_TOLERANCE, "{name}: logits differ by {diff}");
         checked.push((name, model.config.n_routed_experts, model.config.n_group));

@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 use dsv3_engine::{ExpertExecutor, LocalExperts, Model, ModelFiles};
+use safetensors::SafeTensors;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// The tiny test configuration of spec §11.1 (2 dense + 2 MoE layers, group routing, q_lora, YaRN).
@@ -44,4 +46,55 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 pub fn experts_ref(e: &LocalExperts) -> &dyn ExpertExecutor {
     e
+}
+
+/// A golden reference file (`tests/golden/*.ref.safetensors`): its f32 and int64 tensors.
+pub struct Reference {
+    f32s: HashMap<String, Vec<f32>>,
+    ints: HashMap<String, Vec<i64>>,
+}
+
+impl Reference {
+    /// `name` under `tests/golden/`.
+    pub fn load(name: &str) -> Self {
+        let bytes = std::fs::read(golden_dir().join(name)).expect("reference file");
+        let st = SafeTensors::deserialize(&bytes).expect("reference safetensors");
+        let mut f32s = HashMap::new();
+        let mut ints = HashMap::new();
+        for (n, view) in st.tensors() {
+            match view.dtype() {
+                safetensors::Dtype::F32 => {
+                    f32s.insert(
+                        n,
+                        view.data()
+                            .chunks_exact(4)
+                            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                            .collect(),
+                    );
+                }
+                safetensors::Dtype::I64 => {
+                    ints.insert(
+                        n,
+                        view.data()
+                            .chunks_exact(8)
+                            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                            .collect(),
+                    );
+                }
+                other => panic!("unexpected dtype {other:?} for {n}"),
+            }
+        }
+        Reference { f32s, ints }
+    }
+    pub fn f(&self, name: &str) -> &[f32] {
+        self.f32s.get(name).unwrap_or_else(|| panic!("reference lacks {name}"))
+    }
+    pub fn ids(&self, name: &str) -> Vec<u32> {
+        self.ints
+            .get(name)
+            .unwrap_or_else(|| panic!("reference lacks {name}"))
+            .iter()
+            .map(|&v| v as u32)
+            .collect()
+    }
 }
