@@ -628,18 +628,25 @@ fn secret_env(name: &str, s: &SecretKeyRef) -> EnvVar {
     }
 }
 
-/// Settings every role reads from its environment (the worker's clap `env` fallbacks).
-fn common_env(ctx: &Ctx<'_>) -> Vec<EnvVar> {
+/// The environment of a role's pods: the pod's identity for every role, and each setting the
+/// worker's clap `env` fallbacks read only on the roles that read it (the contract test in
+/// `worker/src/contract_tests.rs` holds every `DSV3_*` name here to an argument of that role).
+fn role_env(ctx: &Ctx<'_>, role: Role) -> Vec<EnvVar> {
     let s = ctx.spec;
-    vec![
+    let mut envs = vec![
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
-        env("DSV3_SERVED_MODEL_NAME", ctx.served_model_name()),
-        env("DSV3_MAX_NUM_SEQS", s.batching.max_num_seqs.to_string()),
-        env("DSV3_MAX_BATCH_TOKENS", s.batching.max_batch_tokens.to_string()),
-        env("DSV3_MAX_MODEL_LEN", s.batching.max_model_len.to_string()),
-        // Read by the attention ranks (`--speculative-tokens`); 0 turns speculation off.
-        env(
+        env("HOME", "/tmp"),
+    ];
+    match role {
+        Role::Router => envs.extend([
+            env("DSV3_SERVED_MODEL_NAME", ctx.served_model_name()),
+            env("DSV3_MAX_NUM_SEQS", s.batching.max_num_seqs.to_string()),
+            env("DSV3_MAX_BATCH_TOKENS", s.batching.max_batch_tokens.to_string()),
+            env("DSV3_MAX_MODEL_LEN", s.batching.max_model_len.to_string()),
+        ]),
+        // `--speculative-tokens`; 0 turns speculation off.
+        Role::Attention => envs.push(env(
             "DSV3_SPECULATIVE_TOKENS",
             if s.mtp.enabled {
                 s.mtp.num_speculative_tokens.max(0)
@@ -647,9 +654,10 @@ fn common_env(ctx: &Ctx<'_>) -> Vec<EnvVar> {
                 0
             }
             .to_string(),
-        ),
-        env("HOME", "/tmp"),
-    ]
+        )),
+        Role::Expert => {}
+    }
+    envs
 }
 
 fn model_path(ctx: &Ctx<'_>) -> String {
@@ -774,7 +782,7 @@ fn pod_template(ctx: &Ctx<'_>, settings: &PodSettings, parts: PodParts) -> PodTe
     pod_labels.insert(LABEL_PART_OF.into(), APP_NAME.into());
     pod_labels.extend(parts.extra_labels);
 
-    let mut envs = common_env(ctx);
+    let mut envs = role_env(ctx, parts.role);
     envs.extend(parts.env);
     envs.extend(settings.env.iter().cloned());
 

@@ -420,16 +420,21 @@ fn spec_changes_touch_only_the_objects_that_depend_on_them() {
         "the expert pods must not restart when attention scales"
     );
 
+    // Batching is the router's to read: no rank restarts for it.
     let mut batching = base.clone();
     batching.spec.batching.max_num_seqs = 32;
     assert_eq!(
         changed(&p0, &plan_of(&batching)),
-        set(&[
-            "ConfigMap/tiny-fleet",
-            "Deployment/tiny-router",
-            "StatefulSet/tiny-attention",
-            "StatefulSet/tiny-expert"
-        ])
+        set(&["ConfigMap/tiny-fleet", "Deployment/tiny-router"])
+    );
+
+    // Speculation is the attention ranks': the expert pods stay.
+    let mut speculating = base.clone();
+    speculating.spec.mtp.enabled = !base.spec.mtp.enabled;
+    speculating.spec.mtp.num_speculative_tokens = 2;
+    assert_eq!(
+        changed(&p0, &plan_of(&speculating)),
+        set(&["ConfigMap/tiny-fleet", "StatefulSet/tiny-attention"])
     );
 
     let mut replan = base.clone();

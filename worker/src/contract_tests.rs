@@ -1,9 +1,10 @@
 //! The operator → pod boundary: every `dsv3-worker` container the operator plans for the sample
-//! fleets in `deploy/samples/` runs with arguments this binary's CLI accepts, and the options
-//! checked before loading (the data plane) pass.
+//! fleets in `deploy/samples/` runs with arguments this binary's CLI accepts, every `DSV3_*`
+//! variable in its environment is read by an argument of its role (with a value that argument
+//! accepts), and the options checked before loading (the data plane) pass.
 
 use super::{Cli, Command};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use dsv3_operator::crd::DeepSeekV3Deployment;
 use dsv3_operator::planner::{plan, PlanInput};
 use serde_json::Value;
@@ -14,8 +15,25 @@ fn expand(arg: &str) -> String {
     arg.replace("$(DSV3_RANK)", "1")
 }
 
-/// (container name, its args after `dsv3-worker`) for every container running the worker.
-fn worker_containers(object: &Value) -> Vec<(String, Vec<String>)> {
+/// A container running the worker: its name, its args after `dsv3-worker`, and its `DSV3_*`
+/// environment (name, value; a value from a secret or a field reads as `from-elsewhere`).
+struct WorkerContainer {
+    name: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+/// The long flag of `role`'s argument whose clap `env` fallback is `name`.
+fn flag_reading(role: &str, name: &str) -> Option<String> {
+    let cli = Cli::command();
+    let sub = cli.find_subcommand(role)?;
+    let arg = sub
+        .get_arguments()
+        .find(|a| a.get_env() == Some(std::ffi::OsStr::new(name)))?;
+    arg.get_long().map(|l| format!("--{l}"))
+}
+
+fn worker_containers(object: &Value) -> Vec<WorkerContainer> {
     let spec = &object["spec"]["template"]["spec"];
     let mut out = Vec::new();
     for list in ["initContainers", "containers"] {
@@ -28,9 +46,23 @@ fn worker_containers(object: &Value) -> Vec<(String, Vec<String>)> {
                 .into_iter()
                 .flatten()
                 .filter_map(Value::as_str)
-                .map(expand)
+                .map(String::from)
                 .collect();
-            out.push((c["name"].as_str().unwrap_or_default().to_string(), args));
+            let env = c["env"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| {
+                    let name = e["name"].as_str()?;
+                    let value = e["value"].as_str().unwrap_or("from-elsewhere");
+                    name.starts_with("DSV3_").then(|| (name.to_string(), value.to_string()))
+                })
+                .collect();
+            out.push(WorkerContainer {
+                name: c["name"].as_str().unwrap_or_default().to_string(),
+                args,
+                env,
+            });
         }
     }
     out
@@ -55,7 +87,12 @@ fn planned_worker_containers_are_accepted_by_the_worker_cli() {
             cr.metadata.generation = Some(1);
             let planned = plan(&cr, &PlanInput::default()).expect("plan");
             for object in planned.objects().expect("objects") {
-                for (container, args) in worker_containers(&object.value) {
+                for WorkerContainer {
+                    name: container,
+                    args,
+                    env,
+                } in worker_containers(&object.value)
+                {
                     let what = format!(
                         "{}: {} {} container `{container}`",
                         path.display(),
@@ -66,6 +103,20 @@ fn planned_worker_containers_are_accepted_by_the_worker_cli() {
                         // The hub download init container waits for `dsv3-worker download`
                         // (not in this binary yet); the samples here mount a volume instead.
                         panic!("{what}: plans `dsv3-worker download`, which this binary lacks");
+                    }
+                    // Each DSV3_* variable as the flag that reads it: a variable no argument of
+                    // the role reads would be a setting that silently does nothing.
+                    let role = args.first().cloned().unwrap_or_default();
+                    let expands_rank = args.iter().any(|a| a.contains("$(DSV3_RANK)"));
+                    let mut args: Vec<String> = args.iter().map(|a| expand(a)).collect();
+                    for (name, value) in &env {
+                        if name == "DSV3_RANK" {
+                            assert!(expands_rank, "{what}: sets DSV3_RANK but no argument expands it");
+                            continue;
+                        }
+                        let flag = flag_reading(&role, name)
+                            .unwrap_or_else(|| panic!("{what}: sets {name}, which `dsv3-worker {role}` does not read"));
+                        args.extend([flag, value.clone()]);
                     }
                     let cli = Cli::try_parse_from(std::iter::once("dsv3-worker".to_string()).chain(args.clone()))
                         .unwrap_or_else(|e| panic!("{what}: the worker rejects {args:?}:\n{e}"));
