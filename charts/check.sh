@@ -83,7 +83,7 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 
 # Splits rendered manifests: built-in kinds (to kubernetes-validate) / the DeepSeekV3Deployment
-# (validated against the CRD's schema here) / ServiceMonitor (shape only).
+# (validated against the CRD's schema here) / ServiceMonitor and PodMonitor (shape only).
 cat >"$OUT/split.py" <<'EOF'
 import copy, sys, yaml, jsonschema
 src, stem, crd_path = sys.argv[1:4]
@@ -142,6 +142,14 @@ for d in docs:
             all(e.get("port") for e in spec["endpoints"])
         if not ok:
             problems.append(f"{ident}: needs spec.selector.matchLabels and endpoints[].port")
+        else:
+            print(f"       note: {ident} skipped by kubernetes-validate (Prometheus Operator CRD); shape checked")
+    elif k == "PodMonitor" and api == "monitoring.coreos.com/v1":
+        spec = d.get("spec", {})
+        ok = spec.get("selector", {}).get("matchLabels") and spec.get("podMetricsEndpoints") and \
+            all(e.get("port") for e in spec["podMetricsEndpoints"])
+        if not ok:
+            problems.append(f"{ident}: needs spec.selector.matchLabels and podMetricsEndpoints[].port")
         else:
             print(f"       note: {ident} skipped by kubernetes-validate (Prometheus Operator CRD); shape checked")
     elif "." in api.split("/")[0] and not api.split("/")[0].endswith("k8s.io"):

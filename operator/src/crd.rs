@@ -151,6 +151,23 @@ pub struct DeepSeekV3DeploymentSpec {
     /// Rolling-update limits.
     #[serde(default)]
     pub rollout: RolloutSpec,
+
+    /// Who scrapes the workers' metrics.
+    #[serde(default)]
+    pub metrics: MetricsSpec,
+}
+
+/// The router serves /metrics on its HTTP port; every attention rank and expert shard on its
+/// gRPC port (HTTP/1.1 beside gRPC), which the fleet's NetworkPolicy closes to other pods.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricsSpec {
+    /// Namespace of the Prometheus that scrapes the workers (e.g. "monitoring"): the
+    /// NetworkPolicy lets its pods reach the workers' port. Absent: only the fleet's own pods
+    /// reach them, and the workers' /metrics cannot be scraped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub scraper_namespace: Option<String>,
 }
 
 fn default_image() -> String {
@@ -554,7 +571,8 @@ pub struct RoleAutoscaling {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100))]
     pub target_cpu_utilization: Option<i32>,
-    /// A per-pod custom metric (served by a metrics adapter), e.g. dsv3_running_requests.
+    /// A per-pod custom metric (served by a metrics adapter), e.g. dsv3_rank_sequences (every
+    /// attention rank serves it on its /metrics; deploy/monitoring has the adapter rule).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_metric: Option<MetricTarget>,
     /// Scale-down stabilisation window. Model loads are slow; do not flap.

@@ -366,8 +366,10 @@ pub fn plan(cr: &DeepSeekV3Deployment, input: &PlanInput) -> Result<Plan, PlanEr
         if input.placement_cutover {
             return Some(0);
         }
+        // With autoscaling, the attention HPA scales this resource (its scale subresource is
+        // spec.attention.replicas), so the replica count has one owner and every change of it
+        // goes through the operator.
         match role {
-            Role::Attention if autoscaling(spec, Role::Attention).is_some() => None,
             Role::Attention => Some(spec.attention.replicas),
             _ => Some(spec.experts.replicas),
         }
@@ -482,6 +484,39 @@ fn network_policy(ctx: &Ctx<'_>) -> NetworkPolicy {
         }]),
         DataPlane::Nccl => None,
     };
+    let mut ingress = vec![NetworkPolicyIngressRule {
+        from: Some(vec![NetworkPolicyPeer {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([
+                    (LABEL_NAME.to_string(), APP_NAME.to_string()),
+                    (LABEL_INSTANCE.to_string(), ctx.name.clone()),
+                ])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]),
+        ports,
+    }];
+    // The scraper reaches the worker port, where /metrics is served beside gRPC.
+    if let Some(namespace) = &ctx.spec.metrics.scraper_namespace {
+        ingress.push(NetworkPolicyIngressRule {
+            from: Some(vec![NetworkPolicyPeer {
+                namespace_selector: Some(LabelSelector {
+                    match_labels: Some(BTreeMap::from([(
+                        "kubernetes.io/metadata.name".to_string(),
+                        namespace.clone(),
+                    )])),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ports: Some(vec![NetworkPolicyPort {
+                port: Some(IntOrString::Int(WORKER_PORT)),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+        });
+    }
     NetworkPolicy {
         metadata: ctx.meta(ctx.names.network_policy(), "network"),
         spec: Some(NetworkPolicySpec {
@@ -497,19 +532,7 @@ fn network_policy(ctx: &Ctx<'_>) -> NetworkPolicy {
                 }]),
             }),
             policy_types: Some(vec!["Ingress".into()]),
-            ingress: Some(vec![NetworkPolicyIngressRule {
-                from: Some(vec![NetworkPolicyPeer {
-                    pod_selector: Some(LabelSelector {
-                        match_labels: Some(BTreeMap::from([
-                            (LABEL_NAME.to_string(), APP_NAME.to_string()),
-                            (LABEL_INSTANCE.to_string(), ctx.name.clone()),
-                        ])),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }]),
-                ports,
-            }]),
+            ingress: Some(ingress),
             ..Default::default()
         }),
     }
@@ -531,10 +554,17 @@ fn pdb(ctx: &Ctx<'_>, role: Role) -> PodDisruptionBudget {
 }
 
 fn hpa(ctx: &Ctx<'_>, role: Role, a: &RoleAutoscaling) -> HorizontalPodAutoscaler {
-    let kind = if role == Role::Router {
-        "Deployment"
-    } else {
-        "StatefulSet"
+    use kube::Resource;
+    // The router's Deployment is scaled directly; the attention ranks through this resource's
+    // scale subresource (spec.attention.replicas), which the operator turns into the
+    // StatefulSet, the fleet config and the router's peers.
+    let (api_version, kind, name) = match role {
+        Role::Router => ("apps/v1".to_string(), "Deployment".to_string(), ctx.names.role(role)),
+        _ => (
+            DeepSeekV3Deployment::api_version(&()).into_owned(),
+            DeepSeekV3Deployment::kind(&()).into_owned(),
+            ctx.name.clone(),
+        ),
     };
     let mut metrics = Vec::new();
     if let Some(m) = &a.target_metric {
@@ -572,9 +602,9 @@ fn hpa(ctx: &Ctx<'_>, role: Role, a: &RoleAutoscaling) -> HorizontalPodAutoscale
         metadata: ctx.meta(ctx.names.role(role), role.as_str()),
         spec: Some(HorizontalPodAutoscalerSpec {
             scale_target_ref: CrossVersionObjectReference {
-                api_version: Some("apps/v1".into()),
-                kind: kind.into(),
-                name: ctx.names.role(role),
+                api_version: Some(api_version),
+                kind,
+                name,
             },
             min_replicas: Some(a.min_replicas),
             max_replicas: a.max_replicas,

@@ -365,6 +365,30 @@ fn network_policy_opens_worker_ports_only_to_the_fleet() {
         "NCCL needs every port within the fleet"
     );
     assert!(np["spec"]["ingress"][0]["from"][0]["podSelector"].is_object());
+    assert_eq!(
+        np["spec"]["ingress"].as_array().map(Vec::len),
+        Some(1),
+        "no scraper named"
+    );
+}
+
+#[test]
+fn the_named_scraper_namespace_reaches_the_worker_port_and_nothing_else() {
+    let cr = sample("wide-ep-multinode.yaml");
+    assert_eq!(cr.spec.metrics.scraper_namespace.as_deref(), Some("monitoring"));
+    let np = serde_json::to_value(&plan_of(&cr).network_policy).expect("serializes");
+    let rules = np["spec"]["ingress"].as_array().cloned().unwrap_or_default();
+    assert_eq!(rules.len(), 2);
+    let scrape = &rules[1];
+    assert_eq!(
+        scrape["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "monitoring"
+    );
+    assert!(scrape["from"][0].get("podSelector").is_none());
+    assert_eq!(
+        scrape["ports"],
+        serde_json::json!([{"port": WORKER_PORT, "protocol": "TCP"}])
+    );
 }
 
 #[test]
@@ -480,10 +504,15 @@ fn placement_cutover_stops_both_worker_sets_at_the_new_version() {
 }
 
 #[test]
-fn autoscaled_roles_leave_replicas_to_the_hpa() {
+fn the_attention_hpa_scales_the_resource_and_the_router_hpa_its_deployment() {
     let cr = sample("wide-ep-multinode.yaml");
     let plan = plan_of(&cr);
-    assert_eq!(plan.attention_statefulset.spec.as_ref().and_then(|s| s.replicas), None);
+    // The attention replica count has one owner: spec.attention.replicas, which the HPA writes
+    // through the scale subresource.
+    assert_eq!(
+        plan.attention_statefulset.spec.as_ref().and_then(|s| s.replicas),
+        Some(cr.spec.attention.replicas)
+    );
     assert_eq!(plan.router_deployment.spec.as_ref().and_then(|s| s.replicas), None);
     assert_eq!(plan.expert_statefulset.spec.as_ref().and_then(|s| s.replicas), Some(96));
     let hpa = plan
@@ -493,9 +522,29 @@ fn autoscaled_roles_leave_replicas_to_the_hpa() {
         .expect("attention HPA");
     let s = hpa.spec.as_ref().expect("hpa spec");
     assert_eq!((s.min_replicas, s.max_replicas), (Some(32), 48));
-    assert_eq!(s.scale_target_ref.kind, "StatefulSet");
+    assert_eq!(
+        (
+            s.scale_target_ref.api_version.as_deref(),
+            s.scale_target_ref.kind.as_str(),
+            s.scale_target_ref.name.as_str()
+        ),
+        (Some("dsv3.io/v1alpha1"), "DeepSeekV3Deployment", "deepseek-v3-wide")
+    );
     let metrics = s.metrics.clone().unwrap_or_default();
     assert_eq!(metrics[0].type_, "Pods");
+    // A metric the attention ranks serve (`dsv3_rank_*` on their /metrics).
+    let served = metrics[0].pods.as_ref().map(|p| p.metric.name.clone());
+    assert_eq!(served.as_deref(), Some("dsv3_rank_sequences"));
+    let router = plan
+        .hpas
+        .iter()
+        .find(|h| h.metadata.name.as_deref() == Some("deepseek-v3-wide-router"))
+        .expect("router HPA");
+    let r = router.spec.as_ref().expect("hpa spec");
+    assert_eq!(
+        (r.scale_target_ref.kind.as_str(), r.scale_target_ref.name.as_str()),
+        ("Deployment", "deepseek-v3-wide-router")
+    );
 
     let mut off = cr.clone();
     off.spec.autoscaling = None;

@@ -68,12 +68,16 @@ fn worker_containers(object: &Value) -> Vec<WorkerContainer> {
     out
 }
 
-#[test]
-fn planned_worker_containers_are_accepted_by_the_worker_cli() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/samples");
-    let mut checked = 0;
-    let mut roles = std::collections::BTreeSet::new();
-    for entry in std::fs::read_dir(&dir).expect("samples") {
+fn repo_path(relative: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(relative)
+}
+
+/// Every object the operator plans for each sample fleet in `deploy/samples/`, with the sample.
+fn sample_plans() -> Vec<(std::path::PathBuf, dsv3_operator::planner::PlannedObject)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(repo_path("deploy/samples")).expect("samples") {
         let path = entry.expect("entry").path();
         let text = std::fs::read_to_string(&path).expect("read sample");
         for doc in serde_yaml::Deserializer::from_str(&text) {
@@ -86,51 +90,65 @@ fn planned_worker_containers_are_accepted_by_the_worker_cli() {
             cr.metadata.uid = Some("uid".into());
             cr.metadata.generation = Some(1);
             let planned = plan(&cr, &PlanInput::default()).expect("plan");
-            for object in planned.objects().expect("objects") {
-                for WorkerContainer {
-                    name: container,
-                    args,
-                    env,
-                } in worker_containers(&object.value)
-                {
-                    let what = format!(
-                        "{}: {} {} container `{container}`",
-                        path.display(),
-                        object.kind,
-                        object.name
-                    );
-                    if args.first().map(String::as_str) == Some("download") {
-                        // The hub download init container waits for `dsv3-worker download`
-                        // (not in this binary yet); the samples here mount a volume instead.
-                        panic!("{what}: plans `dsv3-worker download`, which this binary lacks");
-                    }
-                    // Each DSV3_* variable as the flag that reads it: a variable no argument of
-                    // the role reads would be a setting that silently does nothing.
-                    let role = args.first().cloned().unwrap_or_default();
-                    let expands_rank = args.iter().any(|a| a.contains("$(DSV3_RANK)"));
-                    let mut args: Vec<String> = args.iter().map(|a| expand(a)).collect();
-                    for (name, value) in &env {
-                        if name == "DSV3_RANK" {
-                            assert!(expands_rank, "{what}: sets DSV3_RANK but no argument expands it");
-                            continue;
-                        }
-                        let flag = flag_reading(&role, name)
-                            .unwrap_or_else(|| panic!("{what}: sets {name}, which `dsv3-worker {role}` does not read"));
-                        args.extend([flag, value.clone()]);
-                    }
-                    let cli = Cli::try_parse_from(std::iter::once("dsv3-worker".to_string()).chain(args.clone()))
-                        .unwrap_or_else(|e| panic!("{what}: the worker rejects {args:?}:\n{e}"));
-                    let checked_options = match &cli.command {
-                        Command::Router(a) => a.check(),
-                        Command::Attention(a) => a.check(),
-                        Command::Expert(a) => a.check(),
-                        _ => panic!("{what}: plans `{}`, not a fleet role", args[0]),
-                    };
-                    checked_options.unwrap_or_else(|e| panic!("{what}: {e:#}"));
-                    roles.insert(args[0].clone());
-                    checked += 1;
-                }
+            out.extend(
+                planned
+                    .objects()
+                    .expect("objects")
+                    .into_iter()
+                    .map(|o| (path.clone(), o)),
+            );
+        }
+    }
+    out
+}
+
+#[test]
+fn planned_worker_containers_are_accepted_by_the_worker_cli() {
+    let mut checked = 0;
+    let mut roles = std::collections::BTreeSet::new();
+    for (path, object) in sample_plans() {
+        for WorkerContainer {
+            name: container,
+            args,
+            env,
+        } in worker_containers(&object.value)
+        {
+            let what = format!(
+                "{}: {} {} container `{container}`",
+                path.display(),
+                object.kind,
+                object.name
+            );
+            if args.first().map(String::as_str) == Some("download") {
+                // The hub download init container waits for `dsv3-worker download`
+                // (not in this binary yet); the samples here mount a volume instead.
+                panic!("{what}: plans `dsv3-worker download`, which this binary lacks");
             }
+            // Each DSV3_* variable as the flag that reads it: a variable no argument of
+            // the role reads would be a setting that silently does nothing.
+            let role = args.first().cloned().unwrap_or_default();
+            let expands_rank = args.iter().any(|a| a.contains("$(DSV3_RANK)"));
+            let mut args: Vec<String> = args.iter().map(|a| expand(a)).collect();
+            for (name, value) in &env {
+                if name == "DSV3_RANK" {
+                    assert!(expands_rank, "{what}: sets DSV3_RANK but no argument expands it");
+                    continue;
+                }
+                let flag = flag_reading(&role, name)
+                    .unwrap_or_else(|| panic!("{what}: sets {name}, which `dsv3-worker {role}` does not read"));
+                args.extend([flag, value.clone()]);
+            }
+            let cli = Cli::try_parse_from(std::iter::once("dsv3-worker".to_string()).chain(args.clone()))
+                .unwrap_or_else(|e| panic!("{what}: the worker rejects {args:?}:\n{e}"));
+            let checked_options = match &cli.command {
+                Command::Router(a) => a.check(),
+                Command::Attention(a) => a.check(),
+                Command::Expert(a) => a.check(),
+                _ => panic!("{what}: plans `{}`, not a fleet role", args[0]),
+            };
+            checked_options.unwrap_or_else(|e| panic!("{what}: {e:#}"));
+            roles.insert(args[0].clone());
+            checked += 1;
         }
     }
     assert_eq!(
@@ -139,4 +157,105 @@ fn planned_worker_containers_are_accepted_by_the_worker_cli() {
         "every role is planned by some sample"
     );
     assert!(checked >= 9, "only {checked} containers checked");
+}
+
+/// An attention rank with nothing to report, for the names its metrics carry.
+struct IdleRank;
+
+impl dsv3_fleet::AttentionRank for IdleRank {
+    fn step(&self, _: dsv3_proto::StepRequest) -> anyhow::Result<dsv3_proto::StepReply> {
+        anyhow::bail!("an idle rank takes no steps")
+    }
+    fn release(&self, _: &[u64]) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn info(&self) -> anyhow::Result<dsv3_proto::AttentionInfo> {
+        Ok(dsv3_proto::AttentionInfo::default())
+    }
+    fn figures(&self) -> anyhow::Result<dsv3_proto::AttentionInfo> {
+        self.info()
+    }
+}
+
+fn yaml_file(relative: &str) -> Value {
+    let text = std::fs::read_to_string(repo_path(relative)).unwrap_or_else(|e| panic!("{relative}: {e}"));
+    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{relative}: {e}"))
+}
+
+/// The monitoring boundary: the PodMonitor in deploy/monitoring selects every pod the operator
+/// plans and names a port each of them has; every per-pod metric a planned HPA scales the
+/// attention ranks on is one the adapter rules serve and the attention ranks export.
+#[test]
+fn monitoring_selects_the_planned_pods_and_autoscaling_reads_metrics_that_exist() {
+    let monitor = yaml_file("deploy/monitoring/fleet-podmonitor.yaml");
+    let selector = monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    let scraped: Vec<&str> = monitor["spec"]["podMetricsEndpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["port"].as_str())
+        .collect();
+    let adapter = yaml_file("deploy/monitoring/prometheus-adapter-values.yaml");
+    let adapted: Vec<&str> = adapter["rules"]["custom"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["name"]["as"].as_str())
+        .collect();
+    let mut exported = String::new();
+    prometheus_client::encoding::prometheus_text::encode(
+        &mut exported,
+        &dsv3_fleet::rank_metrics::attention_registry(0, std::sync::Arc::new(IdleRank)),
+    )
+    .expect("encode");
+    let exports = |name: &str| exported.lines().any(|l| l.starts_with(&format!("# TYPE {name} ")));
+    for name in &adapted {
+        assert!(
+            exports(name),
+            "the adapter serves {name}, which no attention rank exports"
+        );
+    }
+    let (mut pods, mut scaled) = (0, 0);
+    for (path, object) in sample_plans() {
+        let what = format!("{}: {} {}", path.display(), object.kind, object.name);
+        let template = &object.value["spec"]["template"];
+        if let Some(labels) = template["metadata"]["labels"].as_object() {
+            for (k, v) in &selector {
+                assert_eq!(labels.get(k), Some(v), "{what}: the PodMonitor selects {k}={v}");
+            }
+            let ports: Vec<&str> = template["spec"]["containers"][0]["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p["name"].as_str())
+                .collect();
+            assert!(
+                ports.iter().any(|p| scraped.contains(p)),
+                "{what}: ports {ports:?}, the PodMonitor scrapes {scraped:?}"
+            );
+            pods += 1;
+        }
+        if object.kind == "HorizontalPodAutoscaler"
+            && object.value["spec"]["scaleTargetRef"]["kind"] == "DeepSeekV3Deployment"
+        {
+            for m in object.value["spec"]["metrics"].as_array().into_iter().flatten() {
+                if let Some(name) = m["pods"]["metric"]["name"].as_str() {
+                    assert!(
+                        adapted.contains(&name),
+                        "{what}: scales on {name}, which the adapter rules do not serve"
+                    );
+                    assert!(
+                        exports(name),
+                        "{what}: scales on {name}, which the attention ranks do not export"
+                    );
+                    scaled += 1;
+                }
+            }
+        }
+    }
+    assert!(pods >= 9, "only {pods} pod templates checked");
+    assert!(scaled >= 1, "no sample scales its attention ranks on a per-pod metric");
 }

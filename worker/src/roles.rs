@@ -461,7 +461,7 @@ pub fn attention(args: AttentionArgs) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}:{}", args.listen.host, args.listen.port))?;
         eprintln!("attention rank {} serving on {}", args.rank, listener.local_addr()?);
-        grpc::serve_attention(listener, Arc::new(rank), dsv3_api::shutdown_signal()).await
+        grpc::serve_attention(listener, args.rank, Arc::new(rank), dsv3_api::shutdown_signal()).await
     })
 }
 

@@ -488,3 +488,56 @@ fn a_full_queue_answers_429() {
     assert!(statuses.contains(&200), "{statuses:?}");
     assert!(statuses.iter().all(|&s| s == 200 || s == 429), "{statuses:?}");
 }
+
+/// A member's `/metrics` base URL: its gRPC port, which answers HTTP/1.1 too.
+fn member_base(member: &Member) -> String {
+    let port = member
+        .args
+        .iter()
+        .position(|a| a == "--port")
+        .and_then(|i| member.args.get(i + 1))
+        .expect("member --port");
+    format!("http://127.0.0.1:{port}")
+}
+
+#[test]
+fn every_rank_serves_its_metrics_on_its_grpc_port() {
+    let fleet = start_fleet_of(1, 2, &[]);
+    let attention = fleet.members.iter().find(|m| m.role == "attention").expect("attention");
+    let rank = member_base(attention);
+    let response = ureq::post(&format!("{}/v1/completions", fleet.base))
+        .send_json(request(200, json!({"stream": true})))
+        .expect("stream");
+    let mut lines = BufReader::new(response.into_reader()).lines();
+    let _ = lines.next();
+    // The stream's sequence is on the rank, holding cache, while its steps went to the shards
+    // over the same port the metrics came from.
+    assert_eq!(metric(&rank, "dsv3_rank_sequences"), 1.0);
+    assert!(metric(&rank, "dsv3_rank_kv_cache_usage_perc") > 0.0);
+    assert!(metric(&rank, "dsv3_rank_kv_cache_blocks") > 0.0);
+    assert!(metric(&rank, "dsv3_rank_steps_total") > 0.0);
+    assert_eq!(metric(&rank, "dsv3_rank_ready"), 1.0);
+    let shards: Vec<String> = fleet
+        .members
+        .iter()
+        .filter(|m| m.role == "expert")
+        .map(member_base)
+        .collect();
+    assert_eq!(shards.len(), 2);
+    let layers: f64 = shards.iter().map(|s| metric(s, "dsv3_shard_layers_total")).sum();
+    let tokens: f64 = shards.iter().map(|s| metric(s, "dsv3_shard_tokens_total")).sum();
+    assert!(layers > 0.0 && tokens >= layers, "layers {layers}, tokens {tokens}");
+    for s in &shards {
+        assert!(metric(s, "dsv3_shard_experts") > 0.0);
+    }
+    drop(lines);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&rank, "dsv3_rank_sequences") > 0.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        metric(&rank, "dsv3_rank_sequences"),
+        0.0,
+        "released after the disconnect"
+    );
+}

@@ -3,6 +3,7 @@
 
 use crate::placement::PlacementPlan;
 use crate::rank::{memory_report, AttentionRank, ExpertBackend, TransportTotals};
+use crate::rank_metrics::{attention_registry, metrics_route, shard_registry, ShardCounters};
 use anyhow::{bail, ensure, Context, Result};
 use dsv3_engine::moe::NO_EXPERT;
 use dsv3_engine::{ExpertExecutor, MemoryUse, TokenRoutes};
@@ -18,6 +19,7 @@ use dsv3_proto::{
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::runtime::Handle;
+use tonic::service::Routes;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Request, Response, Status};
 
@@ -140,6 +142,10 @@ impl AttentionRank for RemoteAttention {
         let mut client = self.client.clone();
         self.call(Duration::from_secs(2), async move { client.info(InfoRequest {}).await })
     }
+
+    fn figures(&self) -> Result<AttentionInfo> {
+        bail!("the attention rank at {} serves its own metrics", self.address)
+    }
 }
 
 // ---------------------------------------------------------------- expert shard service
@@ -154,6 +160,7 @@ pub struct ExpertService {
     placement_version: String,
     device: String,
     memory: MemoryUse,
+    served: Arc<ShardCounters>,
 }
 
 #[tonic::async_trait]
@@ -190,7 +197,9 @@ impl Expert for ExpertService {
         };
         let experts = self.experts.clone();
         let layer = request.layer as usize;
+        let started = std::time::Instant::now();
         let y = blocking(move || experts.routed_experts(layer, &x, &routes)).await?;
+        self.served.record(tokens, started.elapsed());
         Ok(Response::new(ExpertReply {
             output: Some(Tensor::from_f32_as(&[tokens, width], &y, dtype)),
         }))
@@ -207,30 +216,40 @@ impl Expert for ExpertService {
     }
 }
 
-/// An expert shard's service: `experts` (on `device`, holding `memory`) answer for `rank` of `plan`.
+/// An expert shard's gRPC service and the registry of its `/metrics`.
+pub struct Shard {
+    pub grpc: ExpertServer<ExpertService>,
+    pub metrics: prometheus_client::registry::Registry,
+}
+
+/// An expert shard: `experts` (on `device`, holding `memory`) answer for `rank` of `plan`.
 pub fn expert_server(
     rank: u32,
     experts: ShardExperts,
     plan: &PlacementPlan,
     device: String,
     memory: MemoryUse,
-) -> Result<ExpertServer<ExpertService>> {
+) -> Result<Shard> {
     let held = plan.shards.get(rank as usize).cloned().with_context(|| {
         format!(
             "expert rank {rank} is outside the placement plan ({} shards)",
             plan.shards.len()
         )
     })?;
-    Ok(ExpertServer::new(ExpertService {
+    let served = Arc::new(ShardCounters::default());
+    let metrics = shard_registry(rank, held.len(), device.clone(), memory, served.clone());
+    let grpc = ExpertServer::new(ExpertService {
         rank,
         experts,
         held,
         placement_version: plan.version.clone(),
         device,
         memory,
+        served,
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    Ok(Shard { grpc, metrics })
 }
 
 /// Routed experts on remote shards: each token goes only to the shards that own its top-k
@@ -446,40 +465,51 @@ impl ExpertBackend for RemoteExperts {
     }
 }
 
-/// Serves an attention rank (plus the standard gRPC health service) until `shutdown` resolves.
-pub async fn serve_attention(
+/// Serves `routes` (a rank's gRPC services and its `/metrics`) on `listener` until `shutdown`
+/// resolves: gRPC over HTTP/2, and HTTP/1.1 too for Prometheus' scrapes.
+async fn serve(
     listener: tokio::net::TcpListener,
-    rank: Arc<dyn AttentionRank>,
+    routes: Routes,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<AttentionServer<AttentionService>>().await;
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     Server::builder()
+        .accept_http1(true)
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-        .add_service(health)
-        .add_service(attention_server(rank))
+        .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
 }
 
-/// Serves an expert shard (plus the standard gRPC health service) until `shutdown` resolves.
+/// Serves attention rank `number` (plus the standard gRPC health service and `GET /metrics`)
+/// until `shutdown` resolves.
+pub async fn serve_attention(
+    listener: tokio::net::TcpListener,
+    number: u32,
+    rank: Arc<dyn AttentionRank>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<AttentionServer<AttentionService>>().await;
+    let routes = Routes::from(metrics_route(attention_registry(number, rank.clone())))
+        .add_service(health)
+        .add_service(attention_server(rank));
+    serve(listener, routes, shutdown).await
+}
+
+/// Serves an expert shard (plus the standard gRPC health service and `GET /metrics`) until
+/// `shutdown` resolves.
 pub async fn serve_expert(
     listener: tokio::net::TcpListener,
-    server: ExpertServer<ExpertService>,
+    shard: Shard,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<ExpertServer<ExpertService>>().await;
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    Server::builder()
-        .initial_stream_window_size(STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+    let routes = Routes::from(metrics_route(shard.metrics))
         .add_service(health)
-        .add_service(server)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
-    Ok(())
+        .add_service(shard.grpc);
+    serve(listener, routes, shutdown).await
 }

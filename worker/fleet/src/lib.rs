@@ -7,6 +7,7 @@ pub mod grpc;
 pub mod placed;
 pub mod placement;
 pub mod rank;
+pub mod rank_metrics;
 pub mod sampling_spec;
 pub mod scheduler;
 

@@ -21,6 +21,9 @@ pub trait AttentionRank: Send + Sync {
     fn step(&self, request: StepRequest) -> Result<StepReply>;
     fn release(&self, seqs: &[u64]) -> Result<()>;
     fn info(&self) -> Result<AttentionInfo>;
+    /// The rank's figures for its own metrics scrape: as [`AttentionRank::info`], but the
+    /// expert load counts stay for the router's probe (`expert_load` comes back empty).
+    fn figures(&self) -> Result<AttentionInfo>;
 }
 
 /// Routed experts as this rank reaches them, with a readiness probe.
@@ -421,8 +424,23 @@ impl AttentionRank for LocalAttention {
     }
 
     fn info(&self) -> Result<AttentionInfo> {
+        self.report(true)
+    }
+
+    fn figures(&self) -> Result<AttentionInfo> {
+        self.report(false)
+    }
+}
+
+impl LocalAttention {
+    /// What the rank reports, taking the expert load counts with it when `take_load`.
+    fn report(&self, take_load: bool) -> Result<AttentionInfo> {
         let mut state = self.lock()?;
-        let expert_load = state.take_expert_load()?;
+        let expert_load = if take_load {
+            state.take_expert_load()?
+        } else {
+            Vec::new()
+        };
         let ready = self.experts.as_ref().map_or(Ok(()), |e| e.ready());
         let transport = self.experts.as_ref().map(|e| e.transport()).unwrap_or_default();
         let capacity = state.backend.capacity();
@@ -451,6 +469,7 @@ impl AttentionRank for LocalAttention {
             speculative_tokens: self.speculative_tokens as u32,
             drafts_scored: state.acceptance.drafted.clone(),
             drafts_accepted: state.acceptance.accepted.clone(),
+            sequences: (state.samplers.len() + state.prefilling.len()) as u32,
         })
     }
 }

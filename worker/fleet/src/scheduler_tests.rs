@@ -92,6 +92,10 @@ impl AttentionRank for Fake {
             ..AttentionInfo::default()
         })
     }
+
+    fn figures(&self) -> anyhow::Result<AttentionInfo> {
+        self.info()
+    }
 }
 
 fn config() -> ModelConfig {
