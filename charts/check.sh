@@ -230,6 +230,11 @@ for a in dc["args"]:
     checks.append((f"deployment: arg {a!r} of deploy/operator.yaml is in the chart", a in args, True))
 checks.append(("deployment: lease name == deploy/'s (dsv3-operator-leader)",
                "--lease-name=dsv3-operator-leader" in args, True))
+def admits(np):  # what the policy lets in (the chart's pod selector adds the release instance)
+    return {k: v for k, v in np["spec"].items() if k != "podSelector"}
+checks.append(("networkpolicy: rules == deploy/operator.yaml",
+               admits(find(cluster, "NetworkPolicy", release)),
+               admits(find(deploy_op, "NetworkPolicy", "dsv3-operator"))))
 checks.append(("service: metrics Service name/ports == deploy/operator.yaml",
                find(cluster, "Service", f"{release}-metrics")["spec"]["ports"],
                find(deploy_op, "Service", "dsv3-operator-metrics")["spec"]["ports"]))
