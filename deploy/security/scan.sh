@@ -4,11 +4,11 @@
 #   2. checkov over both Dockerfiles, deploy/ (manifests and samples), the chart as rendered by
 #      charts/check.sh (target/chart-out/, so run that first), and every object the operator plans
 #      for each sample fleet (`dsv3-operator plan`).
-# Findings accepted by design are skipped in deploy/checkov.yaml, each with its reason; any other
+# Findings accepted by design are skipped in deploy/security/checkov.yaml, each with its reason; any other
 # finding fails. Tools are pinned and installed into target/scan-venv from PyPI (nothing else is
 # fetched: checkov runs with --skip-download).
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 VENV=$TARGET/scan-venv
@@ -49,8 +49,8 @@ if [[ ${#chart[@]} -eq 0 ]]; then
 fi
 cp "${chart[@]}" "$WORK/chart/"
 
-echo "== checkov (accepted findings: deploy/checkov.yaml)"
+echo "== checkov (accepted findings: deploy/security/checkov.yaml)"
 # (Files and directories in two runs: given both, checkov scans only the directories.)
-"$VENV/bin/checkov" --config-file deploy/checkov.yaml -f operator/Dockerfile -f worker/Dockerfile
-"$VENV/bin/checkov" --config-file deploy/checkov.yaml -d deploy -d "$WORK/planned" -d "$WORK/chart"
+"$VENV/bin/checkov" --config-file deploy/security/checkov.yaml -f operator/Dockerfile -f worker/Dockerfile
+"$VENV/bin/checkov" --config-file deploy/security/checkov.yaml -d deploy -d "$WORK/planned" -d "$WORK/chart"
 echo "ok   - checkov: Dockerfiles, deploy/, $(ls "$WORK/planned" | wc -l) planned fleets, $(ls "$WORK/chart" | wc -l) chart renderings"
