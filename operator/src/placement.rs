@@ -20,6 +20,21 @@ pub struct PlacementPlan {
     pub slots: Vec<Vec<u32>>,
 }
 
+impl PlacementPlan {
+    /// Copies of the expert held by the fewest pods (0 when an expert has no pod at all).
+    pub fn fewest_copies(&self) -> u32 {
+        let mut copies = vec![0u32; self.num_experts as usize];
+        for pod in &self.slots {
+            for &e in pod {
+                if let Some(c) = copies.get_mut(e as usize) {
+                    *c += 1;
+                }
+            }
+        }
+        copies.into_iter().min().unwrap_or(0)
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlacementError {
     #[error("experts.replicas must be at least 1")]

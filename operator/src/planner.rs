@@ -380,7 +380,7 @@ pub fn plan(cr: &DeepSeekV3Deployment, input: &PlanInput) -> Result<Plan, PlanEr
 
     let pdbs = [Role::Router, Role::Attention, Role::Expert]
         .into_iter()
-        .map(|role| pdb(&ctx, role))
+        .map(|role| pdb(&ctx, role, &placement))
         .collect();
     let mut hpas = Vec::new();
     let mut absent = Vec::new();
@@ -538,11 +538,19 @@ fn network_policy(ctx: &Ctx<'_>) -> NetworkPolicy {
     }
 }
 
-fn pdb(ctx: &Ctx<'_>, role: Role) -> PodDisruptionBudget {
+/// Voluntary disruptions a role's pods may take at once: the rollout's limit, and for the expert
+/// shards no more than leaves every expert on a live shard — with an expert that only one shard
+/// holds, none (a node drain waits until the fleet is changed).
+fn pdb(ctx: &Ctx<'_>, role: Role, placement: &PlacementPlan) -> PodDisruptionBudget {
+    let mut max_unavailable = ctx.spec.rollout.max_unavailable;
+    if role == Role::Expert {
+        let spare_copies = placement.fewest_copies().saturating_sub(1);
+        max_unavailable = max_unavailable.min(i32::try_from(spare_copies).unwrap_or(i32::MAX));
+    }
     PodDisruptionBudget {
         metadata: ctx.meta(ctx.names.role(role), role.as_str()),
         spec: Some(PodDisruptionBudgetSpec {
-            max_unavailable: Some(IntOrString::Int(ctx.spec.rollout.max_unavailable)),
+            max_unavailable: Some(IntOrString::Int(max_unavailable)),
             selector: Some(LabelSelector {
                 match_labels: Some(selector_labels(&ctx.name, role)),
                 ..Default::default()

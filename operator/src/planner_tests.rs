@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 
 use k8s_openapi::api::core::v1::{Container, PodSpec};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::Value;
 
 use crate::crd::DeepSeekV3Deployment;
@@ -660,5 +661,42 @@ fn dump_planned_objects_for_offline_validation() {
             let yaml = serde_yaml::to_string(&o.value).expect("yaml");
             std::fs::write(&path, yaml).expect("write");
         }
+    }
+}
+
+fn max_unavailable(pdb: &k8s_openapi::api::policy::v1::PodDisruptionBudget) -> Option<i32> {
+    match pdb.spec.as_ref()?.max_unavailable.as_ref()? {
+        IntOrString::Int(n) => Some(*n),
+        IntOrString::String(_) => None,
+    }
+}
+
+#[test]
+fn the_expert_pdb_never_lets_an_expert_lose_its_last_live_copy() {
+    let mut cr = sample("tiny-cpu.yaml");
+    cr.spec.rollout.max_unavailable = 3;
+    let expert_pdb = |cr: &DeepSeekV3Deployment| {
+        let plan = plan_of(cr);
+        let pdb = plan
+            .pdbs
+            .iter()
+            .find(|p| p.metadata.name.as_deref() == Some("tiny-expert"))
+            .cloned()
+            .expect("expert PDB");
+        (plan.placement.fewest_copies(), max_unavailable(&pdb))
+    };
+    // 16 experts + 4 redundant copies over 4 shards: some expert lives on one shard only.
+    assert_eq!(expert_pdb(&cr), (1, Some(0)));
+    // Every expert twice: one shard at a time may go.
+    cr.spec.experts.redundant_experts = cr.spec.model.num_routed_experts;
+    assert_eq!(expert_pdb(&cr), (2, Some(1)));
+    // The other roles keep the rollout's limit.
+    let plan = plan_of(&cr);
+    for p in plan
+        .pdbs
+        .iter()
+        .filter(|p| p.metadata.name.as_deref() != Some("tiny-expert"))
+    {
+        assert_eq!(max_unavailable(p), Some(3), "{:?}", p.metadata.name);
     }
 }
