@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Affinity, EnvVar, ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::{Affinity, EnvVar, ResourceRequirements, Toleration, TopologySpreadConstraint};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -379,6 +379,11 @@ pub struct PodSettings {
     /// Extra pod annotations (e.g. for a metrics scraper or a gang scheduler).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pod_annotations: BTreeMap<String, String>,
+    /// How the role's pods spread over the cluster. Empty: over nodes, as evenly as the
+    /// scheduler can without refusing a node (maxSkew 1 per kubernetes.io/hostname,
+    /// ScheduleAnyway), so one lost node takes as few of the role's pods as possible.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
 }
 
 /// The router role.

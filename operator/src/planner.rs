@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::{
     EnvVarSource, GRPCAction, HTTPGetAction, HostPathVolumeSource, LocalObjectReference, ObjectFieldSelector,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
     SeccompProfile, SecretKeySelector, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Toleration,
-    Volume, VolumeMount,
+    TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
@@ -939,6 +939,7 @@ fn pod_template(ctx: &Ctx<'_>, settings: &PodSettings, parts: PodParts) -> PodTe
             node_selector: (!settings.node_selector.is_empty()).then(|| settings.node_selector.clone()),
             tolerations: tolerations(settings, parts.gpus),
             affinity: settings.affinity.clone(),
+            topology_spread_constraints: Some(topology_spread(ctx, settings, parts.role)),
             priority_class_name: settings.priority_class_name.clone(),
             image_pull_secrets: (!spec.image_pull_secrets.is_empty()).then(|| {
                 spec.image_pull_secrets
@@ -951,6 +952,24 @@ fn pod_template(ctx: &Ctx<'_>, settings: &PodSettings, parts: PodParts) -> PodTe
             ..Default::default()
         }),
     }
+}
+
+/// The role's spread: as the user set it, or over nodes as evenly as the scheduler can without
+/// refusing one (a lost node then takes as few of the role's pods as possible).
+fn topology_spread(ctx: &Ctx<'_>, settings: &PodSettings, role: Role) -> Vec<TopologySpreadConstraint> {
+    if !settings.topology_spread_constraints.is_empty() {
+        return settings.topology_spread_constraints.clone();
+    }
+    vec![TopologySpreadConstraint {
+        max_skew: 1,
+        topology_key: "kubernetes.io/hostname".into(),
+        when_unsatisfiable: "ScheduleAnyway".into(),
+        label_selector: Some(LabelSelector {
+            match_labels: Some(selector_labels(&ctx.name, role)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }]
 }
 
 /// Startup probe budget: the model's load timeout in 10-second periods.

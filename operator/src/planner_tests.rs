@@ -700,3 +700,59 @@ fn the_expert_pdb_never_lets_an_expert_lose_its_last_live_copy() {
         assert_eq!(max_unavailable(p), Some(3), "{:?}", p.metadata.name);
     }
 }
+
+#[test]
+fn pods_spread_over_nodes_unless_the_role_says_otherwise() {
+    let mut cr = sample("tiny-cpu.yaml");
+    let plan = plan_of(&cr);
+    for (role, template) in [
+        ("router", plan.router_deployment.spec.as_ref().map(|s| &s.template)),
+        (
+            "attention",
+            plan.attention_statefulset.spec.as_ref().map(|s| &s.template),
+        ),
+        ("expert", plan.expert_statefulset.spec.as_ref().map(|s| &s.template)),
+    ] {
+        let spread = template
+            .and_then(|t| t.spec.as_ref())
+            .and_then(|s| s.topology_spread_constraints.clone())
+            .unwrap_or_default();
+        assert_eq!(spread.len(), 1, "{role}");
+        let c = &spread[0];
+        assert_eq!(
+            (c.topology_key.as_str(), c.max_skew, c.when_unsatisfiable.as_str()),
+            ("kubernetes.io/hostname", 1, "ScheduleAnyway"),
+            "{role}"
+        );
+        let selects = c
+            .label_selector
+            .as_ref()
+            .and_then(|l| l.match_labels.clone())
+            .unwrap_or_default();
+        assert_eq!(
+            selects.get("app.kubernetes.io/component").map(String::as_str),
+            Some(role)
+        );
+        assert_eq!(
+            selects.get("app.kubernetes.io/instance").map(String::as_str),
+            Some("tiny")
+        );
+    }
+    let zones = k8s_openapi::api::core::v1::TopologySpreadConstraint {
+        max_skew: 2,
+        topology_key: "topology.kubernetes.io/zone".into(),
+        when_unsatisfiable: "DoNotSchedule".into(),
+        ..Default::default()
+    };
+    cr.spec.experts.pod.topology_spread_constraints = vec![zones.clone()];
+    let plan = plan_of(&cr);
+    let expert = plan
+        .expert_statefulset
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref());
+    assert_eq!(
+        expert.and_then(|s| s.topology_spread_constraints.clone()),
+        Some(vec![zones])
+    );
+}
