@@ -611,6 +611,16 @@ pub struct RolloutSpec {
     #[serde(default = "one")]
     #[schemars(range(min = 0, max = 1024))]
     pub max_surge: i32,
+    /// Seconds a stopping router or attention pod keeps serving the requests it holds, taking
+    /// no new ones, before it stops (a rollout, a scale-down, a node drain). The pods' grace
+    /// period is this plus a margin.
+    #[serde(default = "default_drain_seconds")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub drain_seconds: i32,
+}
+
+fn default_drain_seconds() -> i32 {
+    120
 }
 
 impl Default for RolloutSpec {
@@ -618,6 +628,7 @@ impl Default for RolloutSpec {
         Self {
             max_unavailable: 1,
             max_surge: 1,
+            drain_seconds: default_drain_seconds(),
         }
     }
 }

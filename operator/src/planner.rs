@@ -14,10 +14,10 @@ use k8s_openapi::api::autoscaling::v2::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, GRPCAction, HTTPGetAction, HostPathVolumeSource, LocalObjectReference, ObjectFieldSelector,
-    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SeccompProfile, SecretKeySelector, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Toleration,
-    TopologySpreadConstraint, Volume, VolumeMount,
+    EnvVarSource, GRPCAction, HTTPGetAction, HostPathVolumeSource, Lifecycle, LifecycleHandler, LocalObjectReference,
+    ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Service, ServiceAccount, ServicePort,
+    ServiceSpec, SleepAction, Toleration, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
@@ -811,7 +811,15 @@ struct PodParts {
     gpus: i32,
     extra_labels: BTreeMap<String, String>,
     grace: i64,
+    /// Seconds the pod keeps running after it is taken out of its Service's endpoints and
+    /// before it gets SIGTERM (0: none), so no new request reaches a stopping pod.
+    pre_stop_seconds: i64,
 }
+
+/// A router pod's wait between leaving the Service's endpoints and SIGTERM.
+const ROUTER_PRE_STOP_SECONDS: i64 = 5;
+/// Grace beyond the drain, for the process to exit.
+const DRAIN_MARGIN_SECONDS: i64 = 15;
 
 fn pod_template(ctx: &Ctx<'_>, settings: &PodSettings, parts: PodParts) -> PodTemplateSpec {
     let spec = ctx.spec;
@@ -920,6 +928,15 @@ fn pod_template(ctx: &Ctx<'_>, settings: &PodSettings, parts: PodParts) -> PodTe
         volume_mounts: Some(mounts),
         security_context: Some(container_security()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
+        lifecycle: (parts.pre_stop_seconds > 0).then(|| Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction {
+                    seconds: parts.pre_stop_seconds,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         ..Default::default()
     };
 
@@ -1011,7 +1028,7 @@ fn worker_statefulset(ctx: &Ctx<'_>, role: Role, replicas: Option<i32>, placemen
         _ => (&spec.experts.pod, spec.experts.gpus_per_pod),
     };
     let placement_file = format!("{PLACEMENT_DIR}/{PLACEMENT_FILE}");
-    let args = vec![
+    let mut args = vec![
         role.as_str().to_string(),
         "--model".into(),
         model_path(ctx),
@@ -1031,6 +1048,9 @@ fn worker_statefulset(ctx: &Ctx<'_>, role: Role, replicas: Option<i32>, placemen
         "--device".into(),
         if gpus > 0 { "cuda" } else { "cpu" }.into(),
     ];
+    if role == Role::Attention {
+        args.extend(["--drain-seconds".into(), spec.rollout.drain_seconds.to_string()]);
+    }
     // Expert pods answer whoever dispatches to them and get no attention peer list, so scaling
     // the attention role never restarts them.
     let startup = grpc_probe(10, startup_failure_threshold(spec.model.load_timeout_seconds), 5);
@@ -1063,7 +1083,12 @@ fn worker_statefulset(ctx: &Ctx<'_>, role: Role, replicas: Option<i32>, placemen
         }],
         gpus,
         extra_labels: BTreeMap::from([(LABEL_PLACEMENT_VERSION.to_string(), placement.version.clone())]),
-        grace: 30,
+        // An attention rank drains its sequences on SIGTERM; an expert shard serves until then.
+        grace: match role {
+            Role::Attention => i64::from(spec.rollout.drain_seconds) + DRAIN_MARGIN_SECONDS,
+            _ => 30,
+        },
+        pre_stop_seconds: 0,
     };
     let template = pod_template(ctx, settings, parts);
     StatefulSet {
@@ -1138,8 +1163,9 @@ fn router_deployment(ctx: &Ctx<'_>) -> Deployment {
         extra_mounts: vec![],
         gpus: spec.router.gpus_per_pod,
         extra_labels: BTreeMap::new(),
-        // Let streaming responses finish.
-        grace: 120,
+        // Out of the Service's endpoints first, then SIGTERM: running streams finish.
+        grace: i64::from(spec.rollout.drain_seconds) + ROUTER_PRE_STOP_SECONDS + DRAIN_MARGIN_SECONDS,
+        pre_stop_seconds: ROUTER_PRE_STOP_SECONDS,
     };
     let template = pod_template(ctx, &spec.router.pod, parts);
     let replicas = if autoscaling(spec, Role::Router).is_some() {

@@ -756,3 +756,33 @@ fn pods_spread_over_nodes_unless_the_role_says_otherwise() {
         Some(vec![zones])
     );
 }
+
+#[test]
+fn stopping_pods_drain_within_their_grace_period() {
+    let mut cr = sample("tiny-cpu.yaml");
+    cr.spec.rollout.drain_seconds = 200;
+    let plan = plan_of(&cr);
+    let pod =
+        |t: Option<&k8s_openapi::api::core::v1::PodTemplateSpec>| t.and_then(|t| t.spec.clone()).expect("pod spec");
+    let attention = pod(plan.attention_statefulset.spec.as_ref().map(|s| &s.template));
+    assert_eq!(
+        arg_after(&attention.containers[0], "--drain-seconds").as_deref(),
+        Some("200")
+    );
+    assert!(attention.termination_grace_period_seconds.unwrap_or(0) > 200);
+    let router = pod(plan.router_deployment.spec.as_ref().map(|s| &s.template));
+    let pre_stop = router.containers[0]
+        .lifecycle
+        .as_ref()
+        .and_then(|l| l.pre_stop.as_ref())
+        .and_then(|h| h.sleep.as_ref())
+        .map(|s| s.seconds)
+        .expect("the router leaves its endpoints before SIGTERM");
+    assert!(router.termination_grace_period_seconds.unwrap_or(0) > 200 + pre_stop);
+    let experts = pod(plan.expert_statefulset.spec.as_ref().map(|s| &s.template));
+    assert_eq!(
+        arg_after(&experts.containers[0], "--drain-seconds"),
+        None,
+        "expert shards hold no sequences"
+    );
+}

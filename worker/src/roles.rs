@@ -178,6 +178,10 @@ pub struct AttentionArgs {
     /// accepted). 0 = off. An error when the checkpoint has no MTP module.
     #[arg(long, default_value_t = 0, env = "DSV3_SPECULATIVE_TOKENS")]
     speculative_tokens: usize,
+    /// On SIGTERM or ctrl-c: seconds to keep serving the sequences the rank holds (the router
+    /// sends it no new ones meanwhile) before it stops.
+    #[arg(long, default_value_t = 60)]
+    drain_seconds: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -461,8 +465,42 @@ pub fn attention(args: AttentionArgs) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}:{}", args.listen.host, args.listen.port))?;
         eprintln!("attention rank {} serving on {}", args.rank, listener.local_addr()?);
-        grpc::serve_attention(listener, args.rank, Arc::new(rank), dsv3_api::shutdown_signal()).await
+        let rank = Arc::new(rank);
+        let stopping = rank.clone();
+        let drain_for = std::time::Duration::from_secs(args.drain_seconds);
+        let shutdown = async move {
+            dsv3_api::shutdown_signal().await;
+            drain(&stopping, drain_for).await;
+        };
+        grpc::serve_attention(listener, args.rank, rank, shutdown).await
     })
+}
+
+/// Takes no new sequences and waits, up to `limit`, until the rank holds none, reporting what is
+/// left every few seconds.
+async fn drain(rank: &LocalAttention, limit: std::time::Duration) {
+    rank.start_draining();
+    let started = std::time::Instant::now();
+    let mut reported = started;
+    loop {
+        let held = rank.held_sequences();
+        if held == 0 {
+            eprintln!("drained in {:.1} s", started.elapsed().as_secs_f64());
+            return;
+        }
+        if started.elapsed() >= limit {
+            eprintln!(
+                "stopping with {held} sequences still held: --drain-seconds {} passed",
+                limit.as_secs()
+            );
+            return;
+        }
+        if reported.elapsed() >= std::time::Duration::from_secs(5) || reported == started {
+            eprintln!("draining: {held} sequences held, taking no new ones");
+            reported = std::time::Instant::now();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 pub fn expert(args: ExpertArgs) -> Result<()> {

@@ -541,3 +541,54 @@ fn every_rank_serves_its_metrics_on_its_grpc_port() {
         "released after the disconnect"
     );
 }
+
+/// Whether process `pid` still runs (a zombie child of the launcher counts as gone).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_stopping_attention_rank_finishes_its_streams_before_it_exits() {
+    let fleet = start_fleet_of(2, 1, &[]);
+    let response = ureq::post(&format!("{}/v1/completions", fleet.base))
+        .send_json(request(160, json!({"stream": true})))
+        .expect("stream");
+    let mut lines = BufReader::new(response.into_reader()).lines();
+    let first = lines.next().expect("a first event").expect("line");
+    assert!(first.starts_with("data: "), "{first}");
+    // The rank holding the stream gets SIGTERM, as Kubernetes stops a pod.
+    let holder = fleet
+        .members
+        .iter()
+        .filter(|m| m.role == "attention")
+        .find(|m| metric(&member_base(m), "dsv3_rank_sequences") == 1.0)
+        .expect("a rank holds the stream");
+    let _ = Command::new("kill").arg("-TERM").arg(holder.pid.to_string()).status();
+    // The stream still runs to its end: every token, no error.
+    let mut text_events = 1;
+    let mut finish = None;
+    for line in lines {
+        let line = line.expect("the stream continues");
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(data).expect("event JSON");
+        assert!(v.get("error").is_none(), "error event: {v}");
+        if let Some(reason) = v["choices"][0]["finish_reason"].as_str() {
+            finish = Some(reason.to_string());
+        }
+        text_events += 1;
+    }
+    assert_eq!(finish.as_deref(), Some("length"), "after {text_events} events");
+    // Then the rank, holding nothing more, exits by itself.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(holder.pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!alive(holder.pid), "the drained rank did not exit");
+}

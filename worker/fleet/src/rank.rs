@@ -82,6 +82,8 @@ pub struct LocalAttention {
     prefix_caching: bool,
     /// Drafts the MTP module proposes per decode step (0: no speculative decoding).
     speculative_tokens: usize,
+    /// Stopping: the router sends no new sequences, the ones held run to their end.
+    draining: std::sync::atomic::AtomicBool,
     state: Mutex<RankState>,
 }
 
@@ -94,6 +96,7 @@ impl LocalAttention {
             grammars: None,
             prefix_caching: true,
             speculative_tokens: 0,
+            draining: std::sync::atomic::AtomicBool::new(false),
             state: Mutex::new(RankState {
                 backend,
                 samplers: HashMap::new(),
@@ -106,6 +109,18 @@ impl LocalAttention {
                 counts_taken: None,
             }),
         }
+    }
+
+    /// Stops taking new sequences (reported to the router in [`AttentionRank::info`]); the
+    /// sequences held keep stepping until they end.
+    pub fn start_draining(&self) {
+        self.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Sequences the rank holds (prefilling or decoding, until released); 0 when its state is
+    /// poisoned by a failed step, since it can serve nothing more.
+    pub fn held_sequences(&self) -> usize {
+        self.state.lock().map_or(0, |s| s.samplers.len() + s.prefilling.len())
     }
 
     /// With `false`, every prompt is computed in full (no prefix cache reuse).
@@ -470,6 +485,7 @@ impl LocalAttention {
             drafts_scored: state.acceptance.drafted.clone(),
             drafts_accepted: state.acceptance.accepted.clone(),
             sequences: (state.samplers.len() + state.prefilling.len()) as u32,
+            draining: self.draining.load(std::sync::atomic::Ordering::SeqCst),
         })
     }
 }

@@ -106,6 +106,8 @@ fn watermark(total_blocks: usize) -> usize {
 struct RankSlot {
     rank: Arc<dyn AttentionRank>,
     healthy: bool,
+    /// Stopping: no new sequences go to it; those it holds run to their end.
+    draining: bool,
     detail: String,
     block_size: usize,
     total_blocks: usize,
@@ -163,6 +165,7 @@ impl Fleet {
             .map(|rank| RankSlot {
                 rank,
                 healthy: false,
+                draining: false,
                 detail: "not probed yet".into(),
                 block_size: 16,
                 recent_prompts: Default::default(),
@@ -352,6 +355,7 @@ impl Scheduler {
                     slot.total_blocks = info.total_blocks as usize;
                     slot.speculative_tokens = info.speculative_tokens as usize;
                     slot.healthy = info.experts_ready;
+                    slot.draining = info.draining;
                     slot.detail = if info.experts_ready { String::new() } else { info.detail };
                 }
                 Err(e) => {
@@ -462,6 +466,7 @@ impl Scheduler {
                 .enumerate()
                 .filter(|(i, s)| {
                     s.healthy
+                        && !s.draining
                         && self.running.iter().filter(|r| r.rank == *i).count()
                             < self.options.max_running_per_rank.max(1)
                 })

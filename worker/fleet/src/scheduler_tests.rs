@@ -25,6 +25,10 @@ struct Fake {
     step_items: Mutex<Vec<usize>>,
     released: Mutex<Vec<u64>>,
     failing: AtomicBool,
+    /// Reports itself stopping (finishing what it holds, taking nothing new).
+    draining: AtomicBool,
+    /// How long each step takes.
+    step_time: Duration,
     total_blocks: usize,
 }
 
@@ -33,6 +37,7 @@ impl AttentionRank for Fake {
         if self.failing.load(Ordering::SeqCst) {
             anyhow::bail!("the fake rank is down");
         }
+        std::thread::sleep(self.step_time);
         let mut cached = self.cached.lock().expect("lock");
         let mut reply = StepReply::default();
         let mut fed = 0;
@@ -89,6 +94,7 @@ impl AttentionRank for Fake {
             total_blocks: self.total_blocks as u32,
             free_blocks: self.total_blocks as u32,
             experts_ready: true,
+            draining: self.draining.load(Ordering::SeqCst),
             ..AttentionInfo::default()
         })
     }
@@ -359,4 +365,58 @@ fn a_rank_runs_at_most_max_running_sequences_and_the_rest_wait() {
     let items = fake.step_items.lock().expect("lock").clone();
     assert!(items.iter().all(|&n| n <= 2), "{items:?}");
     assert!(items.contains(&2), "two ran together: {items:?}");
+}
+
+#[test]
+fn a_draining_rank_finishes_its_sequences_and_takes_no_new_ones() {
+    let slow = || Fake {
+        total_blocks: 1000,
+        step_time: Duration::from_millis(2),
+        ..Fake::default()
+    };
+    let (first, second) = (Arc::new(slow()), Arc::new(slow()));
+    let options = SchedulerConfig {
+        max_waiting: 8,
+        max_step_tokens: 512,
+        probe_interval: Duration::from_millis(20),
+        ..SchedulerConfig::default()
+    };
+    let ranks = vec![
+        first.clone() as Arc<dyn AttentionRank>,
+        second.clone() as Arc<dyn AttentionRank>,
+    ];
+    let fleet = Fleet::start(config(), ranks, options);
+    wait_for(|| fleet.health().ready, "the fleet to become ready");
+    // A long request lands on one of them; that rank then starts to stop.
+    let long = fleet.submit(request(vec![30; 4], 400)).expect("submit");
+    wait_for(
+        || first.cached.lock().map_or(0, |c| c.len()) + second.cached.lock().map_or(0, |c| c.len()) == 1,
+        "the long request to start",
+    );
+    let (holder, other) = if first.cached.lock().expect("lock").is_empty() {
+        (&second, &first)
+    } else {
+        (&first, &second)
+    };
+    holder.draining.store(true, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(100)); // a few probes
+    let short: Vec<_> = (0..4)
+        .map(|i| fleet.submit(request(vec![40 + i; 4], 8)).expect("submit"))
+        .collect();
+    for (i, rx) in short.into_iter().enumerate() {
+        let want: Vec<u32> = (0..8).map(|k| expected_token(40 + i as u32, 4 + k)).collect();
+        assert_eq!(tokens(&events(rx)), want, "short request {i}");
+    }
+    let want: Vec<u32> = (0..400).map(|k| expected_token(30, 4 + k)).collect();
+    assert_eq!(tokens(&events(long)), want, "the draining rank finished its sequence");
+    assert_eq!(
+        holder.released.lock().expect("lock").len(),
+        1,
+        "only the long request was there"
+    );
+    assert_eq!(
+        other.released.lock().expect("lock").len(),
+        4,
+        "every new request went to the other rank"
+    );
 }
