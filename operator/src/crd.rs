@@ -155,6 +155,37 @@ pub struct DeepSeekV3DeploymentSpec {
     /// Who scrapes the workers' metrics.
     #[serde(default)]
     pub metrics: MetricsSpec,
+
+    /// The network between attention ranks and expert shards (RDMA devices, interfaces).
+    #[serde(default)]
+    pub network: NetworkSpec,
+}
+
+/// What the attention and expert pods get to reach each other fast. Absent fields change
+/// nothing; NCCL_* variables are set for the data plane's collective library.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkSpec {
+    /// Extended resource of the RDMA devices each attention and expert pod requests (e.g.
+    /// "rdma/ib" from the RDMA shared device plugin, or "nvidia.com/hostdev").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub rdma_resource: Option<String>,
+    /// Devices of `rdmaResource` per pod.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 64))]
+    pub rdma_devices_per_pod: i32,
+    /// InfiniBand HCAs to use (NCCL_IB_HCA), e.g. "mlx5_0,mlx5_1" or "=mlx5_0".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub ib_hcas: Option<String>,
+    /// Interface of socket traffic and bootstrap (NCCL_SOCKET_IFNAME), e.g. "eth0" or "^lo".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub socket_interface: Option<String>,
+    /// Add the IPC_LOCK capability (RDMA pins memory) to attention and expert containers.
+    #[serde(default)]
+    pub ipc_lock: bool,
 }
 
 /// The router serves /metrics on its HTTP port; every attention rank and expert shard on its

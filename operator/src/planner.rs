@@ -730,7 +730,8 @@ fn model_volume(ctx: &Ctx<'_>) -> Volume {
     v
 }
 
-fn container_security() -> SecurityContext {
+/// The container security context; `ipc_lock` adds the one capability RDMA needs (pinning memory).
+fn container_security(ipc_lock: bool) -> SecurityContext {
     SecurityContext {
         allow_privilege_escalation: Some(false),
         read_only_root_filesystem: Some(true),
@@ -740,7 +741,7 @@ fn container_security() -> SecurityContext {
         privileged: Some(false),
         capabilities: Some(Capabilities {
             drop: Some(vec!["ALL".into()]),
-            ..Default::default()
+            add: ipc_lock.then(|| vec!["IPC_LOCK".into()]),
         }),
         seccomp_profile: Some(SeccompProfile {
             type_: "RuntimeDefault".into(),
@@ -829,6 +830,14 @@ fn pod_template(ctx: &Ctx<'_>, settings: &PodSettings, parts: PodParts) -> PodTe
     pod_labels.extend(parts.extra_labels);
 
     let mut envs = role_env(ctx, parts.role);
+    if parts.role != Role::Router {
+        let n = &spec.network;
+        for (name, value) in [("NCCL_IB_HCA", &n.ib_hcas), ("NCCL_SOCKET_IFNAME", &n.socket_interface)] {
+            if let Some(v) = value {
+                envs.push(env(name, v.clone()));
+            }
+        }
+    }
     envs.extend(parts.env);
     envs.extend(settings.env.iter().cloned());
 
@@ -908,9 +917,22 @@ fn pod_template(ctx: &Ctx<'_>, settings: &PodSettings, parts: PodParts) -> PodTe
                     ..Default::default()
                 },
             ]),
-            security_context: Some(container_security()),
+            security_context: Some(container_security(false)),
             ..Default::default()
         });
+    }
+    // The attention ranks and expert shards talk to each other: the network section is theirs.
+    let network = (parts.role != Role::Router).then_some(&spec.network);
+    let mut container_resources = resources(settings, parts.gpus);
+    if let Some(rdma) = network.and_then(|n| n.rdma_resource.as_ref().map(|r| (r, n.rdma_devices_per_pod))) {
+        let r = container_resources.get_or_insert_with(Default::default);
+        let count = Quantity(rdma.1.to_string());
+        r.limits
+            .get_or_insert_with(BTreeMap::new)
+            .insert(rdma.0.clone(), count.clone());
+        if let Some(requests) = r.requests.as_mut() {
+            requests.insert(rdma.0.clone(), count);
+        }
     }
 
     let container = Container {
@@ -921,12 +943,12 @@ fn pod_template(ctx: &Ctx<'_>, settings: &PodSettings, parts: PodParts) -> PodTe
         args: Some(parts.args),
         env: Some(envs),
         ports: Some(parts.ports),
-        resources: resources(settings, parts.gpus),
+        resources: container_resources,
         startup_probe: Some(parts.startup),
         readiness_probe: Some(parts.readiness),
         liveness_probe: Some(parts.liveness),
         volume_mounts: Some(mounts),
-        security_context: Some(container_security()),
+        security_context: Some(container_security(network.is_some_and(|n| n.ipc_lock))),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         lifecycle: (parts.pre_stop_seconds > 0).then(|| Lifecycle {
             pre_stop: Some(LifecycleHandler {

@@ -786,3 +786,56 @@ fn stopping_pods_drain_within_their_grace_period() {
         "expert shards hold no sequences"
     );
 }
+
+#[test]
+fn the_network_section_reaches_the_attention_and_expert_pods_only() {
+    let cr = sample("wide-ep-multinode.yaml");
+    let plan = plan_of(&cr);
+    let container = |t: Option<&k8s_openapi::api::core::v1::PodTemplateSpec>| {
+        t.and_then(|t| t.spec.clone()).expect("pod spec").containers[0].clone()
+    };
+    for (role, c) in [
+        (
+            "attention",
+            container(plan.attention_statefulset.spec.as_ref().map(|s| &s.template)),
+        ),
+        (
+            "expert",
+            container(plan.expert_statefulset.spec.as_ref().map(|s| &s.template)),
+        ),
+    ] {
+        let limits = c.resources.as_ref().and_then(|r| r.limits.clone()).unwrap_or_default();
+        assert_eq!(limits.get("rdma/ib").map(|q| q.0.as_str()), Some("1"), "{role}");
+        let env: Vec<(String, Option<String>)> = c
+            .env
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| (e.name, e.value))
+            .collect();
+        assert!(env.contains(&("NCCL_IB_HCA".into(), Some("mlx5".into()))), "{role}");
+        assert!(
+            env.contains(&("NCCL_SOCKET_IFNAME".into(), Some("eth0".into()))),
+            "{role}"
+        );
+        let caps = c.security_context.and_then(|s| s.capabilities).expect("capabilities");
+        assert_eq!(caps.add, Some(vec!["IPC_LOCK".to_string()]), "{role}");
+        assert_eq!(caps.drop, Some(vec!["ALL".to_string()]), "{role}");
+    }
+    let router = container(plan.router_deployment.spec.as_ref().map(|s| &s.template));
+    let limits = router
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.clone())
+        .unwrap_or_default();
+    assert!(!limits.contains_key("rdma/ib"));
+    assert!(!router
+        .env
+        .unwrap_or_default()
+        .iter()
+        .any(|e| e.name.starts_with("NCCL_")));
+    let caps = router
+        .security_context
+        .and_then(|s| s.capabilities)
+        .expect("capabilities");
+    assert_eq!(caps.add, None, "the router needs no capability");
+}
