@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -263,6 +263,33 @@ pub struct Observed {
     pub router: Option<Deployment>,
     pub attention: Option<StatefulSet>,
     pub experts: Option<StatefulSet>,
+    /// The fleet's pods the scheduler cannot place: (pod, the scheduler's reason).
+    pub unschedulable: Vec<(String, String)>,
+}
+
+/// The fleet's pods whose PodScheduled condition is False for reason Unschedulable, with the
+/// scheduler's message (e.g. "0/18 nodes are available: 18 Insufficient nvidia.com/gpu").
+async fn unschedulable_pods(client: &Client, ns: &str, name: &str) -> Result<Vec<(String, String)>, Error> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let selector = format!(
+        "{}={name},{}={}",
+        planner::LABEL_INSTANCE,
+        planner::LABEL_NAME,
+        planner::APP_NAME
+    );
+    let mut out = Vec::new();
+    for pod in api.list(&ListParams::default().labels(&selector)).await? {
+        let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
+        let stuck = conditions
+            .into_iter()
+            .flatten()
+            .find(|c| c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable"));
+        if let Some(c) = stuck {
+            out.push((pod.name_any(), c.message.clone().unwrap_or_default()));
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -321,7 +348,8 @@ async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Actio
         _ => (plan, false, false),
     };
 
-    let observed = apply_plan(client, &ns, &plan).await?;
+    let mut observed = apply_plan(client, &ns, &plan).await?;
+    observed.unschedulable = unschedulable_pods(client, &ns, &name).await?;
 
     if cutover_done {
         collect_old_placements(client, &ns, &name, &plan).await?;
@@ -374,6 +402,7 @@ pub async fn apply_plan(client: &Client, ns: &str, plan: &Plan) -> Result<Observ
         router: Some(router),
         attention: Some(attention),
         experts: Some(experts),
+        unschedulable: Vec::new(),
     })
 }
 
@@ -644,7 +673,23 @@ pub fn compute_status(
         "router {}, attention {}, experts {}",
         router.summary, attention.summary, experts.summary
     );
-    let short_reason = if !full(&experts) {
+    // Pods the scheduler cannot place: the reason is the scheduler's, not a wait.
+    let unschedulable = observed.unschedulable.first().map(|(pod, why)| {
+        let more = observed.unschedulable.len() - 1;
+        let others = if more > 0 {
+            format!(" (and {more} more pods)")
+        } else {
+            String::new()
+        };
+        format!("pod {pod} cannot be scheduled{others}: {why}")
+    });
+    let summary = match &unschedulable {
+        Some(u) => format!("{summary}; {u}"),
+        None => summary,
+    };
+    let short_reason = if unschedulable.is_some() {
+        "Unschedulable"
+    } else if !full(&experts) {
         "ExpertShardUnavailable"
     } else if attention.ready_replicas < attention.replicas {
         "AttentionRankUnavailable"
@@ -693,10 +738,21 @@ pub fn compute_status(
             (true, short_reason, summary),
         )
     } else {
-        let reason = if any_rolling { "RollingOut" } else { "WaitingForPods" };
+        let reason = if unschedulable.is_some() {
+            "Unschedulable"
+        } else if any_rolling {
+            "RollingOut"
+        } else {
+            "WaitingForPods"
+        };
+        let waiting = if unschedulable.is_some() {
+            "Unschedulable"
+        } else {
+            "WaitingForPods"
+        };
         (
             "Progressing",
-            (false, "WaitingForPods", summary.clone()),
+            (false, waiting, summary.clone()),
             (true, reason, summary),
             (false, "AsExpected", String::new()),
         )

@@ -234,6 +234,58 @@ async fn create_applies_every_child_with_one_field_manager_and_reports_progress(
 }
 
 #[tokio::test]
+async fn a_pod_the_scheduler_cannot_place_shows_in_the_status_with_its_reason() {
+    let h = Harness::new(&sample("tiny-cpu.yaml")).with_pvc("dsv3-tiny-model");
+    h.create().await;
+    let why = "0/3 nodes are available: 3 Insufficient memory. preemption: 0/3 nodes are available";
+    let pod = |name: &str, scheduled: Value| {
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": name, "namespace": "default",
+                            "labels": {"app.kubernetes.io/name": "dsv3", "app.kubernetes.io/instance": "tiny",
+                                       "app.kubernetes.io/component": "expert"}},
+               "status": {"conditions": [scheduled]}})
+    };
+    h.fake.put(
+        &core_path("default", "pods", "tiny-expert-0"),
+        pod("tiny-expert-0", json!({"type": "PodScheduled", "status": "True"})),
+    );
+    h.fake.put(
+        &core_path("default", "pods", "tiny-expert-1"),
+        pod(
+            "tiny-expert-1",
+            json!({"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": why}),
+        ),
+    );
+    // Another fleet's stuck pod is not this fleet's business.
+    let mut other = pod(
+        "other-expert-0",
+        json!({"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "elsewhere"}),
+    );
+    other["metadata"]["labels"]["app.kubernetes.io/instance"] = json!("other");
+    h.fake.put(&core_path("default", "pods", "other-expert-0"), other);
+    h.reconcile().await.expect("reconcile");
+    assert_eq!(h.condition("Progressing"), ("True".into(), "Unschedulable".into()));
+    assert_eq!(h.condition("Ready"), ("False".into(), "Unschedulable".into()));
+    let message = h.status()["conditions"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["type"] == "Progressing").cloned())
+        .and_then(|c| c["message"].as_str().map(String::from))
+        .unwrap_or_default();
+    assert!(
+        message.contains("pod tiny-expert-1 cannot be scheduled: 0/3 nodes are available"),
+        "{message}"
+    );
+    assert!(!message.contains("elsewhere"), "{message}");
+    // Once placed, the status says the usual wait again.
+    h.fake.edit(&core_path("default", "pods", "tiny-expert-1"), |o| {
+        o["status"]["conditions"] = json!([{"type": "PodScheduled", "status": "True"}]);
+    });
+    h.reconcile().await.expect("reconcile");
+    assert_eq!(h.condition("Ready"), ("False".into(), "WaitingForPods".into()));
+    assert_ne!(h.condition("Progressing").1, "Unschedulable");
+}
+
+#[tokio::test]
 async fn spec_change_rewrites_only_the_objects_that_changed() {
     let h = Harness::new(&sample("tiny-cpu.yaml")).with_pvc("dsv3-tiny-model");
     h.create().await;

@@ -27,6 +27,10 @@ fails on any difference. Change both together.
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["list", "watch", "create", "patch", "delete"]
+# Pods: read for the scheduler's reason when one cannot be placed.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
 # Existence checks only: the model PVC; secrets are read as metadata (no data is fetched).
 - apiGroups: [""]
   resources: ["persistentvolumeclaims", "secrets"]
