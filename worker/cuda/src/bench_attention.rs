@@ -107,6 +107,20 @@ impl AttentionCase {
         })
     }
 
+    /// Writes NaN into every cached slot past a row's length in the row's last block, as a real
+    /// cache may hold anything there: a kernel must not let those slots reach its output.
+    pub fn garbage_past_ends(&self, g: &Gpu) -> Result<()> {
+        let row = vec![0x7FC0u16; self.shape.width()];
+        for (r, &len) in self.lens.iter().enumerate() {
+            for pos in len..len.div_ceil(self.block).max(1) * self.block {
+                let slot =
+                    self.tables[self.offsets[r] as usize + pos / self.block] as usize * self.block + pos % self.block;
+                g.copy_to(&self.cache, slot * self.shape.width() * 2, &row)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Runs the decode attention with `kernel`.
     pub fn run(&self, g: &Gpu, kernel: DecodeKernel) -> Result<()> {
         let rows = PagedRows {
@@ -121,6 +135,7 @@ impl AttentionCase {
             q_lat: self.q_lat.addr,
             q: self.q.addr,
             cache: self.cache.addr,
+            cache_slots: self.cache.bytes / (self.shape.width() * 2),
             o_lat: self.o_lat.addr,
         };
         mla_decode(g, &self.shape, &rows, &bufs, self.scale, kernel)
@@ -229,9 +244,9 @@ pub fn run(g: &Gpu, batches: &[usize], ctx: usize, reps: usize) -> Result<String
          |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         read / 1e9
     );
-    let kernels: Vec<DecodeKernel> = [DecodeKernel::Wgmma, DecodeKernel::Mma]
+    let kernels: Vec<DecodeKernel> = [DecodeKernel::Wgmma, DecodeKernel::WgmmaCpAsync, DecodeKernel::Mma]
         .into_iter()
-        .filter(|k| k.takes(g, &V3_SHAPE))
+        .filter(|k| k.takes(g, &V3_SHAPE, 64))
         .collect();
     for &b in batches {
         let case = AttentionCase::random(g, V3_SHAPE, &vec![ctx; b], 64, 11)?;

@@ -151,15 +151,17 @@ pub fn compile_kernels(arch: &'static str) -> Result<Vec<Ptx>> {
 
 /// The kernels as machine code for this GPU's architecture, one module per family, from the
 /// kernel cache or compiled now (and cached); GPUs of other architectures get PTX for the driver.
-fn load_kernels(ctx: &Arc<CudaContext>) -> Result<Vec<Arc<cudarc::driver::CudaModule>>> {
+/// Also the compute capability they were compiled for (e.g. 90).
+fn load_kernels(ctx: &Arc<CudaContext>) -> Result<(Vec<Arc<cudarc::driver::CudaModule>>, i32)> {
     use crate::kernel_cache::{forget, kernel_image, Origin};
     let (major, minor) = ctx.compute_capability()?;
     let known = matches!((major, minor), (8, 0) | (8, 6) | (8, 9) | (9, 0) | (10, 0) | (12, 0));
     if !known {
-        return compile_kernels("compute_80")?
+        let modules = compile_kernels("compute_80")?
             .into_iter()
             .map(|ptx| ctx.load_module(ptx).context("loading the CUDA kernels"))
-            .collect();
+            .collect::<Result<_>>()?;
+        return Ok((modules, 80));
     }
     // Hopper's kernels use wgmma, which exists only in the architecture-specific sm_90a.
     let arch = match (major, minor) {
@@ -189,7 +191,7 @@ fn load_kernels(ctx: &Arc<CudaContext>) -> Result<Vec<Arc<cudarc::driver::CudaMo
             KERNEL_FAMILIES.len()
         );
     }
-    KERNEL_FAMILIES
+    let modules = KERNEL_FAMILIES
         .iter()
         .zip(images)
         .map(
@@ -207,7 +209,8 @@ fn load_kernels(ctx: &Arc<CudaContext>) -> Result<Vec<Arc<cudarc::driver::CudaMo
                 }
             },
         )
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((modules, major * 10 + minor))
 }
 
 /// The device's default memory pool, where stream-ordered allocations come from.
@@ -299,6 +302,10 @@ pub struct Gpu {
     pub hopper: bool,
     /// Dynamic shared memory one block may use (the opt-in limit, e.g. 227 KiB on Hopper).
     pub max_shared_per_block: usize,
+    /// Kernels are launched with programmatic dependent launch: each may be placed on the GPU
+    /// while the one before it finishes, and waits for it in `await_previous_kernel` (kernels
+    /// built for sm_90 or later, with `DSV3_PDL=1`: off by default until measured on a GPU).
+    dependent_launch: bool,
     /// Per-kernel GPU time (DSV3_CUDA_PROFILE=1): events around every launch, so the totals
     /// show where a step goes (the step itself gets slower).
     profile: Option<std::cell::RefCell<Vec<(String, cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>>>,
@@ -357,7 +364,7 @@ impl Gpu {
         // One stream, so the per-buffer event tracking only costs time.
         // SAFETY: all work goes to the one stream below.
         unsafe { ctx.disable_event_tracking() };
-        let modules = load_kernels(&ctx)?;
+        let (modules, kernel_arch) = load_kernels(&ctx)?;
         let mut funcs = HashMap::new();
         for &name in KERNELS {
             let f = modules
@@ -389,6 +396,7 @@ impl Gpu {
             sm_count,
             max_shared_per_block,
             hopper,
+            dependent_launch: kernel_arch >= 90 && std::env::var_os("DSV3_PDL").is_some_and(|v| v == "1"),
             poison: std::env::var_os("DSV3_CUDA_POISON").is_some_and(|v| v != "0"),
             profile: std::env::var_os("DSV3_CUDA_PROFILE")
                 .is_some_and(|v| v != "0")
@@ -739,17 +747,32 @@ impl Gpu {
         self.ctx.bind_to_thread()?;
         let mut values: Vec<Arg> = args.to_vec();
         let mut params: Vec<*mut c_void> = values.iter_mut().map(Arg::payload).collect();
-        // SAFETY: argument count and kinds follow the kernel's signature (checked by the GPU tests).
+        // SAFETY: all-zero is a valid value of the attribute union (plain integers and structs).
+        let mut value: drv_sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+        value.programmaticStreamSerializationAllowed = 1;
+        let mut attrs = [drv_sys::CUlaunchAttribute {
+            id: drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: Default::default(),
+            value,
+        }];
+        let config = drv_sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem,
+            hStream: self.launch_stream(),
+            attrs: attrs.as_mut_ptr(),
+            numAttrs: u32::from(self.dependent_launch),
+        };
+        // SAFETY: argument count and kinds follow the kernel's signature (checked by the GPU
+        // tests); the config and its attribute outlive the call.
         unsafe {
-            drv::launch_kernel(
-                f.cu_function(),
-                grid,
-                (block, 1, 1),
-                smem,
-                self.launch_stream(),
-                &mut params,
-            )
-            .with_context(|| format!("launching `{name}`"))?;
+            drv_sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut())
+                .result()
+                .with_context(|| format!("launching `{name}`"))?;
         }
         Ok(())
     }

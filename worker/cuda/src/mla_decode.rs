@@ -1,13 +1,15 @@
 //! Decode attention in the weight-absorbed MLA form over the paged latent cache: for every row of
 //! a step and every head, `o_lat[h] = softmax_j(scale · (q_lat[h] · c_j + q_pe[h] · kpe_j)) · c_j`
 //! over the row's cached positions `j`. Three kernels ([`DecodeKernel`]): on Hopper and
-//! DeepSeek-V3's latent shape `mla_decode_wgmma`, on other shapes and GPUs `mla_decode_mma`
+//! DeepSeek-V3's latent shape `mla_decode_wgmma` (its cache tiles fed by TMA, or by cp.async
+//! where the cache's blocks do not suit TMA boxes), on other shapes and GPUs `mla_decode_mma`
 //! (mma.sync) — both split each row's positions across blocks, and `mla_combine` merges the
 //! splits — and the CUDA-core `mla_attend` (f32 throughout) where neither fits, or on request.
 
-use crate::gpu::{float, int, ptr, Gpu};
+use crate::gpu::{float, int, ptr, Arg, Gpu};
 use crate::tiles::{DEC_HEADS, DEC_PAD, DEC_STAGES, DEC_THREADS, DEC_TILE, MLA_HEAD_GROUP, MLA_THREADS, MLA_TILE};
-use anyhow::{ensure, Result};
+use anyhow::{anyhow, ensure, Result};
+use cudarc::driver::sys as drv;
 
 /// Fewest positions one block of the split tensor-core kernel takes.
 const MIN_SPLIT: usize = 128;
@@ -35,8 +37,11 @@ impl LatentShape {
 /// Which kernel computes the decode attention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DecodeKernel {
-    /// wgmma (sm_90a): DeepSeek-V3's latent (512 + 64) only.
+    /// wgmma (sm_90a): DeepSeek-V3's latent (512 + 64) only, each 64-position tile copied by TMA
+    /// (cache blocks of a multiple of 8 positions that divide 64 or that 64 divides).
     Wgmma,
+    /// The same kernel with its tiles loaded by cp.async from every thread: any block size.
+    WgmmaCpAsync,
     /// mma.sync: any latent rank that is a multiple of 64 up to 512.
     Mma,
     /// f32 on the CUDA cores.
@@ -46,24 +51,37 @@ pub enum DecodeKernel {
 /// Threads of `mla_decode_wgmma`: two warpgroups.
 const WGMMA_THREADS: usize = 256;
 /// Shared memory of `mla_decode_wgmma`: Q and two 64-position tiles (576 bf16 channels each), the
-/// two halves of P, and the row maxima and sums.
-const WGMMA_SHARED_BYTES: usize = 3 * 64 * 576 * 2 + 2 * 64 * 32 * 2 + 5 * 64 * 4;
+/// two halves of P, the row maxima and sums, and the two tiles' TMA barriers.
+const WGMMA_SHARED_BYTES: usize = 3 * 64 * 576 * 2 + 2 * 64 * 32 * 2 + 5 * 64 * 4 + 2 * 8;
+/// Cached positions per tile of `mla_decode_wgmma`.
+const WGMMA_TILE: usize = 64;
 
 impl DecodeKernel {
-    /// The fastest kernel that takes `shape` on `g` (`DSV3_MLA_WGMMA=0` passes over wgmma).
-    pub fn best(g: &Gpu, shape: &LatentShape) -> Self {
-        let wgmma_allowed = std::env::var_os("DSV3_MLA_WGMMA").is_none_or(|v| v != "0");
-        [DecodeKernel::Wgmma, DecodeKernel::Mma]
+    /// The fastest kernel that takes `shape` over cache blocks of `block` positions on `g`
+    /// (`DSV3_MLA_WGMMA=0` passes over wgmma; its TMA feed only with `DSV3_MLA_TMA=1`, off by
+    /// default until measured on a GPU).
+    pub fn best(g: &Gpu, shape: &LatentShape, block: usize) -> Self {
+        let wgmma = std::env::var_os("DSV3_MLA_WGMMA").is_none_or(|v| v != "0");
+        let tma = std::env::var_os("DSV3_MLA_TMA").is_some_and(|v| v == "1");
+        [DecodeKernel::Wgmma, DecodeKernel::WgmmaCpAsync, DecodeKernel::Mma]
             .into_iter()
-            .find(|k| k.takes(g, shape) && (*k != DecodeKernel::Wgmma || wgmma_allowed))
+            .find(|&k| {
+                k.takes(g, shape, block)
+                    && match k {
+                        DecodeKernel::Wgmma => wgmma && tma,
+                        DecodeKernel::WgmmaCpAsync => wgmma,
+                        _ => true,
+                    }
+            })
             .unwrap_or(DecodeKernel::CudaCores)
     }
 
-    /// Whether this kernel takes `shape` on `g`.
-    pub fn takes(self, g: &Gpu, shape: &LatentShape) -> bool {
+    /// Whether this kernel takes `shape` over cache blocks of `block` positions on `g`.
+    pub fn takes(self, g: &Gpu, shape: &LatentShape, block: usize) -> bool {
         let heads_fit = shape.heads % shape.heads.min(DEC_HEADS) == 0 && shape.nope % 2 == 0;
         match self {
-            DecodeKernel::Wgmma => {
+            DecodeKernel::Wgmma => DecodeKernel::WgmmaCpAsync.takes(g, shape, block) && tma_box_rows(block).is_some(),
+            DecodeKernel::WgmmaCpAsync => {
                 g.hopper
                     && heads_fit
                     && shape.lora == 512
@@ -107,12 +125,59 @@ pub struct DecodeBuffers {
     pub q_lat: u64,
     pub q: u64,
     pub cache: u64,
+    /// Cached positions `cache` holds (the layer's blocks times the block size).
+    pub cache_slots: usize,
     pub o_lat: u64,
 }
 
 fn cuda_core_shared_bytes(shape: &LatentShape) -> usize {
     let (hg, width) = (shape.heads.min(MLA_HEAD_GROUP), shape.width());
     (hg * width + hg * MLA_TILE + 3 * hg) * 4 + MLA_TILE * (width + 2) * 2
+}
+
+/// Cached positions per TMA box of the wgmma kernel's tiles over cache blocks of `block`
+/// positions: whole blocks, or 64-position parts of them; boxes are whole groups of 8 positions.
+fn tma_box_rows(block: usize) -> Option<usize> {
+    let rows = block.min(WGMMA_TILE);
+    (rows % 8 == 0 && (WGMMA_TILE % block == 0 || block % WGMMA_TILE == 0)).then_some(rows)
+}
+
+/// The TMA view of one layer's latent cache (`slots` positions of 576 bf16 channels) that lands
+/// a box of `box_rows` positions in the wgmma kernel's shared-memory layout: dimensions
+/// (8 channels, slot % 8, 16-byte chunk, slot / 8), innermost first.
+fn cache_tile_map(cache: u64, slots: usize, box_rows: usize) -> Result<Arg> {
+    const CHUNKS: usize = 576 / 8;
+    const ROW_BYTES: u64 = 576 * 2;
+    ensure!(
+        cache % 16 == 0 && slots % 8 == 0,
+        "TMA needs 16-byte aligned groups of 8 cached slots"
+    );
+    let mut map = std::mem::MaybeUninit::<drv::CUtensorMap>::zeroed();
+    let dims = [8u64, 8, CHUNKS as u64, (slots / 8) as u64];
+    let strides = [ROW_BYTES, 16, 8 * ROW_BYTES];
+    let boxes = [8u32, 8, CHUNKS as u32, (box_rows / 8) as u32];
+    let steps = [1u32; 4];
+    // SAFETY: the arrays have the rank's lengths (strides: rank - 1) and outlive the call; the map
+    // is written in full on success.
+    unsafe {
+        drv::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            drv::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
+            4,
+            cache as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            steps.as_ptr(),
+            drv::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            drv::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+            drv::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            drv::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+        .result()
+        .map_err(|e| anyhow!("encoding the TMA view of a latent cache of {slots} slots: {e:?}"))?;
+        Ok(Arg::Map(map.assume_init()))
+    }
 }
 
 fn mma_shared_bytes(width: usize) -> usize {
@@ -138,7 +203,7 @@ pub fn mla_decode(
         nope,
     } = *shape;
     ensure!(
-        kernel.takes(g, shape),
+        kernel.takes(g, shape, rows.block),
         "the {kernel:?} MLA decode kernel does not take {shape:?}"
     );
     let m = rows.rows;
@@ -194,12 +259,24 @@ pub fn mla_decode(
         None => (bufs.o_lat, 0),
     };
     let (name, threads, smem) = match kernel {
-        DecodeKernel::Wgmma => ("mla_decode_wgmma", WGMMA_THREADS, WGMMA_SHARED_BYTES),
+        DecodeKernel::Wgmma | DecodeKernel::WgmmaCpAsync => ("mla_decode_wgmma", WGMMA_THREADS, WGMMA_SHARED_BYTES),
         _ => ("mla_decode_mma", DEC_THREADS, mma_shared_bytes(width)),
     };
     let mut args = vec![ptr(o_part), ptr(ml_part)];
     args.extend_from_slice(&args_tail);
     args.push(int(MIN_SPLIT));
+    match (kernel, tma_box_rows(rows.block)) {
+        (DecodeKernel::Wgmma, Some(box_rows)) => {
+            args.push(cache_tile_map(bufs.cache, bufs.cache_slots, box_rows)?);
+            args.push(int(box_rows));
+        }
+        (DecodeKernel::WgmmaCpAsync, _) => {
+            // SAFETY: an all-zero map is a valid value; the kernel does not read it without TMA.
+            args.push(Arg::Map(unsafe { std::mem::zeroed() }));
+            args.push(int(0));
+        }
+        _ => {}
+    }
     g.launch(
         name,
         ((heads / hg) as u32, m as u32, splits as u32),

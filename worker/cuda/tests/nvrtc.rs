@@ -64,3 +64,45 @@ fn kernels_compile_to_a_cubin_once_and_then_come_from_the_cache() {
     assert!(matches!(other.origin, Origin::Compiled { .. }), "{:?}", other.origin);
     assert_eq!(std::fs::read_dir(&cache).expect("dir").count(), 2);
 }
+
+/// Kernels are launched with programmatic dependent launch: a kernel may be placed on the GPU
+/// while the one before it still runs, so each must wait for it (`griddepcontrol.wait`) before
+/// it touches memory another kernel writes or reads. In the Hopper PTX of every kernel, nothing
+/// but parameter loads, shared memory and L2 prefetches (of weights) comes before the wait.
+#[test]
+fn every_kernel_waits_for_the_one_before_before_it_touches_memory() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let families = compile_kernels("compute_90a").expect("compile");
+    let ptx: String = families.iter().map(|p| p.to_src()).collect();
+    for name in KERNELS {
+        let start = ptx
+            .find(&format!(".entry {name}("))
+            .unwrap_or_else(|| panic!("no entry `{name}`"));
+        let body = &ptx[start..];
+        let body = &body[..body[1..].find(".entry ").map_or(body.len(), |e| e + 1)];
+        let wait = body
+            .find("griddepcontrol.wait")
+            .unwrap_or_else(|| panic!("`{name}` never waits for the kernel before it"));
+        for line in body[..wait].lines() {
+            let op = line.trim();
+            // past a guard predicate (`@%p1 ld...`, `@!%p1 ...`)
+            let op = match op.strip_prefix('@') {
+                Some(guarded) => guarded
+                    .split_once(char::is_whitespace)
+                    .map_or("", |(_, rest)| rest.trim_start()),
+                None => op,
+            };
+            let touches = ["ld.", "st.", "atom.", "red.", "cp.", "call", "tex.", "suld", "sust"]
+                .iter()
+                .any(|p| op.starts_with(p));
+            let harmless = op.starts_with("ld.param") || op.contains(".shared") || op.starts_with("prefetch");
+            assert!(
+                !touches || harmless,
+                "`{name}` touches memory before it waits for the kernel before it: {}",
+                line.trim()
+            );
+        }
+    }
+}

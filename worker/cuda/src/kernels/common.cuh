@@ -16,6 +16,19 @@ typedef unsigned long long u64;
 #define QBLOCK 128
 #define INFINITY __int_as_float(0x7f800000)
 
+// Programmatic dependent launch (sm_90 and later): every kernel is launched allowed to start
+// while the kernel before it on the stream is finishing (Gpu::launch), so each calls this before
+// it touches memory another kernel writes or reads: it waits until the kernel before has
+// finished and its writes are visible, then lets the next kernel's blocks be placed as room
+// frees up (they wait here in turn). Only what no kernel writes (the weights) may be read
+// before it. A unit test holds every kernel to this.
+__device__ __forceinline__ void await_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float bf16_to_f32(u32 v) { return __uint_as_float(v << 16); }
 
 __device__ __forceinline__ bf16 f32_to_bf16(float f) {
@@ -185,6 +198,14 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
         "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
         "@!done bra WAIT;\n}\n" ::"r"(bar),
         "r"(parity)
+        : "memory");
+}
+// A 4-D box of `map` at coordinates (c0, c1, c2, c3) into shared memory, completing on `bar`.
+__device__ __forceinline__ void tma_load_4d(u32 dst, const TensorMap* map, int c0, int c1, int c2, int c3, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(
+            dst),
+        "l"((u64)map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
         : "memory");
 }
 // A 2-D box of `map` at (column x, row y) into shared memory, completing on `bar`.

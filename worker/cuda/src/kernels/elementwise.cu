@@ -3,6 +3,7 @@
 // out[r, :width] = in[r, :width] * rsqrt(mean(in^2) + eps) * w; rows strided by ld_in / ld_out.
 extern "C" __global__ void rms_norm(float* out, int ld_out, const float* in, int ld_in, const float* w, int width,
                                     float eps) {
+    await_previous_kernel();
     __shared__ float scratch[32];
     const float* x = in + (size_t)blockIdx.x * ld_in;
     float* y = out + (size_t)blockIdx.x * ld_out;
@@ -15,6 +16,7 @@ extern "C" __global__ void rms_norm(float* out, int ld_out, const float* in, int
 
 // act[r, j] = silu(gu[r, j]) * gu[r, inter + j]
 extern "C" __global__ void swiglu(float* act, const float* gu, int rows, int inter) {
+    await_previous_kernel();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (u64)rows * inter) return;
     int r = (int)(i / inter), j = (int)(i % inter);
@@ -24,12 +26,14 @@ extern "C" __global__ void swiglu(float* act, const float* gu, int rows, int int
 
 // y[i] += x[i]: partial sums that came back from remote expert shards, added into the residual.
 extern "C" __global__ void add_f32(float* y, const float* x, u64 n) {
+    await_previous_kernel();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) y[i] += x[i];
 }
 
 // Global expert ids to indices of the bank this GPU holds (-1: another rank runs that expert).
 extern "C" __global__ void bank_expert_ids(int* out, const int* ids, const int* bank_of, int n_experts, int n) {
+    await_previous_kernel();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     int e = ids[i];
@@ -40,6 +44,7 @@ extern "C" __global__ void bank_expert_ids(int* out, const int* ids, const int* 
 // row (row stride ld, head stride hs). cos/sin are [rows, dim/2] and already carry YaRN's factor.
 extern "C" __global__ void rope_interleaved(float* x, int ld, int heads, int hs, int offset, int dim,
                                             const float* cos_t, const float* sin_t) {
+    await_previous_kernel();
     int r = blockIdx.x, half = dim / 2;
     for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
         int h = i / half, j = i % half;
@@ -52,12 +57,14 @@ extern "C" __global__ void rope_interleaved(float* x, int ld, int heads, int hs,
 }
 
 extern "C" __global__ void f32_to_bf16_rows(bf16* out, const float* in, u64 n) {
+    await_previous_kernel();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = f32_to_bf16(in[i]);
 }
 
 extern "C" __global__ void embed_rows(float* out, int fmt, const void* table, const float* scale, const u32* ids,
                                       int width) {
+    await_previous_kernel();
     float* dst = out + (size_t)blockIdx.x * width;
     int scale_cols = (width + QBLOCK - 1) / QBLOCK;
     for (int i = threadIdx.x; i < width; i += blockDim.x)
@@ -66,6 +73,7 @@ extern "C" __global__ void embed_rows(float* out, int fmt, const void* table, co
 
 // Dequantises rows [r0, r0+n) of a weight into bf16 for the tensor-core GEMM path.
 extern "C" __global__ void dequant_bf16(bf16* out, int fmt, const void* w, const float* scale, int r0, int n, int k) {
+    await_previous_kernel();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (u64)n * k) return;
     u64 r = r0 + i / k, c = i % k;
@@ -75,6 +83,7 @@ extern "C" __global__ void dequant_bf16(bf16* out, int fmt, const void* w, const
 
 // FP8 -> bf16 with the block scales, 16 elements per thread (k % 16 == 0, n * k < 2^32).
 extern "C" __global__ void dequant_fp8_bf16(bf16* out, const u8* w, const float* scale, int n, int k) {
+    await_previous_kernel();
     u32 i = (blockIdx.x * blockDim.x + threadIdx.x) * 16u;
     if (i >= (u32)n * (u32)k) return;
     u32 r = i / (u32)k, c = i % (u32)k;
@@ -105,6 +114,7 @@ __device__ __forceinline__ u32 hash_u32(u64 x) {
 
 // e4m3 bytes with magnitudes in [2^-4, 2^3): random sign, exponent field 3..9, mantissa.
 extern "C" __global__ void random_fp8(u8* w, u64 n, u64 seed) {
+    await_previous_kernel();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     u32 h = hash_u32(seed * 0x9E3779B97F4A7C15ull + i);
@@ -114,6 +124,7 @@ extern "C" __global__ void random_fp8(u8* w, u64 n, u64 seed) {
 
 // Uniform values in [lo, hi).
 extern "C" __global__ void random_f32(float* w, u64 n, u64 seed, float lo, float hi) {
+    await_previous_kernel();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     u32 h = hash_u32(seed * 0x9E3779B97F4A7C15ull + i);
@@ -121,6 +132,7 @@ extern "C" __global__ void random_f32(float* w, u64 n, u64 seed, float lo, float
 }
 
 extern "C" __global__ void random_bf16(bf16* w, u64 n, u64 seed, float lo, float hi) {
+    await_previous_kernel();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     u32 h = hash_u32(seed * 0x9E3779B97F4A7C15ull + i);
@@ -130,6 +142,7 @@ extern "C" __global__ void random_bf16(bf16* w, u64 n, u64 seed, float lo, float
 // Reads n float4s once (the read-stream rate: the floor of a kernel that only reads, as decode
 // attention does). The sum is written only if it hits a value it never does, so the loads stay.
 extern "C" __global__ void read_stream(const float4* x, u64 n, float* out) {
+    await_previous_kernel();
     float acc = 0.f;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         float4 v = x[i];
@@ -167,6 +180,7 @@ __device__ __forceinline__ u32 quantize_lane(float4 v, int ue8m0, float& scale) 
 // null: one group of all n rows).
 extern "C" __global__ void quantize_rows_fp8(u8* out, float* scales, const float* x, int ldx, const int* rows, int n,
                                              int k, const int* offsets, int groups, int ue8m0) {
+    await_previous_kernel();
     int r, kb, lane = threadIdx.x & 31, blocks = k / QBLOCK;
     if (!warp_block(n, k, r, kb)) return;
     int src = rows ? rows[r] : r;
@@ -193,6 +207,7 @@ extern "C" __global__ void quantize_rows_fp8(u8* out, float* scales, const float
 // Rows [n, k] as the e4m3 codes' values in bf16 (exact: e4m3 is a subset of bf16) and their
 // scales [n][k/128], the activation operand of the mma.sync FP8 kernels (fp8_mma's x_scale).
 extern "C" __global__ void quantize_rows_bf16(bf16* out, float* scales, const float* x, int n, int k, int ue8m0) {
+    await_previous_kernel();
     int r, kb;
     if (!warp_block(n, k, r, kb)) return;
     size_t at = (size_t)r * k + kb * QBLOCK + (threadIdx.x & 31) * 4;
@@ -208,6 +223,7 @@ extern "C" __global__ void quantize_rows_bf16(bf16* out, float* scales, const fl
 // Rows [n, k] replaced by the values an FP8 product sees (each e4m3 code times its block's
 // scale), for the kernels that read f32 or bf16 activations (the GEMVs, cuBLAS on bf16).
 extern "C" __global__ void quantize_rows_f32(float* out, const float* x, int n, int k, int ue8m0) {
+    await_previous_kernel();
     int r, kb;
     if (!warp_block(n, k, r, kb)) return;
     size_t at = (size_t)r * k + kb * QBLOCK + (threadIdx.x & 31) * 4;
@@ -222,6 +238,7 @@ extern "C" __global__ void quantize_rows_f32(float* out, const float* x, int n, 
 // q = e4m3(W / s), W ~ q * s. One block of 256 threads per tile; edge tiles are partial.
 extern "C" __global__ void quantize_weight_fp8(u8* out, float* scales, const bf16* w, int rows, int cols,
                                                int scale_cols) {
+    await_previous_kernel();
     __shared__ float partial[8];
     int r0 = blockIdx.y * QBLOCK, c0 = blockIdx.x * QBLOCK;
     int nr = min(QBLOCK, rows - r0), nc = min(QBLOCK, cols - c0);

@@ -72,14 +72,17 @@ __device__ void gemv_impl(float* y, int ldy, const float* x, int ldx, int m, con
 
 extern "C" __global__ void gemv_fp8(float* y, int ldy, const float* x, int ldx, int m, const void* w,
                                     const float* scale, int n, int k, int accumulate) {
+    await_previous_kernel();
     gemv_impl<FMT_FP8>(y, ldy, x, ldx, m, w, scale, n, k, accumulate);
 }
 extern "C" __global__ void gemv_bf16(float* y, int ldy, const float* x, int ldx, int m, const void* w,
                                      const float* scale, int n, int k, int accumulate) {
+    await_previous_kernel();
     gemv_impl<FMT_BF16>(y, ldy, x, ldx, m, w, scale, n, k, accumulate);
 }
 extern "C" __global__ void gemv_f32(float* y, int ldy, const float* x, int ldx, int m, const void* w,
                                     const float* scale, int n, int k, int accumulate) {
+    await_previous_kernel();
     gemv_impl<FMT_F32>(y, ldy, x, ldx, m, w, scale, n, k, accumulate);
 }
 
@@ -90,6 +93,7 @@ extern "C" __global__ void grouped_gemv_fp8(float* y, int ldy, const float* x, i
                                             const u8* w, const float* scale, u64 w_stride, u64 scale_stride,
                                             const int* group_expert, const int* offsets, int n, int k,
                                             int max_rows) {
+    await_previous_kernel();
     int g = blockIdx.y;
     u64 col = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (col >= (u64)n || offsets[g + 1] - offsets[g] > max_rows) return;

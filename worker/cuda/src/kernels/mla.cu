@@ -6,6 +6,7 @@
 // grid (heads, ceil(m / 8)), block = lora threads (<= 1024).
 extern "C" __global__ void mla_absorb_q(float* q_lat, const float* q, int m, int heads, int qk, int nope, int vdim,
                                         int lora, int fmt, const void* w, const float* scale) {
+    await_previous_kernel();
     __shared__ float qs[8][256];
     int h = blockIdx.x, t0 = blockIdx.y * 8, c = threadIdx.x, mt = min(8, m - t0);
     for (int i = threadIdx.x; i < 8 * nope; i += blockDim.x) {
@@ -30,6 +31,7 @@ extern "C" __global__ void mla_absorb_q(float* q_lat, const float* q, int m, int
 // grid (heads, ceil(m / 8)), block 256, lora <= 512.
 extern "C" __global__ void mla_absorb_out(float* out, const float* o_lat, int m, int heads, int nope, int vdim,
                                           int lora, int fmt, const void* w, const float* scale) {
+    await_previous_kernel();
     __shared__ float os[8][512];
     int h = blockIdx.x, t0 = blockIdx.y * 8, mt = min(8, m - t0);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -57,6 +59,7 @@ extern "C" __global__ void mla_absorb_out(float* out, const float* o_lat, int m,
 
 // Writes each row's latent [c_kv (normed) ; k_pe (roped)] into the paged cache as bf16.
 extern "C" __global__ void cache_write(bf16* cache, const float* latent, int ld, const int* slots, int width) {
+    await_previous_kernel();
     int slot = slots[blockIdx.x];
     if (slot < 0) return;  // padding row of a fixed-size (graphed) step
     const float* src = latent + (size_t)blockIdx.x * ld;
@@ -75,6 +78,7 @@ extern "C" __global__ void cache_write(bf16* cache, const float* latent, int ld,
 extern "C" __global__ void __launch_bounds__(MLA_THREADS)
 mla_attend(float* o_lat, const float* q_lat, const float* q, int qk, int nope, int heads, int hg, int lora, int rope,
            const bf16* cache, const int* tables, const int* table_off, const int* lens, int block, float scale) {
+    await_previous_kernel();
     extern __shared__ float sm[];
     int width = lora + rope, pitch = width + 2;  // bf16 row pitch padded against bank conflicts
     float* qs = sm;                                // [hg][width]
@@ -174,6 +178,7 @@ mla_attend(float* o_lat, const float* q_lat, const float* q, int qk, int nope, i
 }
 
 extern "C" __global__ void gather_rows_f32(float* out, const float* x, int ldx, const int* rows, int width) {
+    await_previous_kernel();
     const float* src = x + (size_t)rows[blockIdx.x] * ldx;
     float* dst = out + (size_t)blockIdx.x * width;
     for (int i = threadIdx.x; i < width; i += blockDim.x) dst[i] = src[i];
@@ -184,6 +189,7 @@ extern "C" __global__ void gather_rows_f32(float* out, const float* x, int ldx, 
 // [total, lora]) and k_pe (f32, [total, rope]).
 extern "C" __global__ void gather_latents(float* c_kv, float* k_pe, const bf16* cache, const int* table, int block,
                                           int lora, int rope) {
+    await_previous_kernel();
     int p = blockIdx.x, width = lora + rope;
     const bf16* src = cache + ((size_t)table[p / block] * block + p % block) * width;
     for (int i = threadIdx.x; i < width; i += blockDim.x) {
@@ -197,6 +203,7 @@ extern "C" __global__ void gather_latents(float* c_kv, float* k_pe, const bf16* 
 // V [total, heads, v] in bf16 for the tensor-core attention products.
 extern "C" __global__ void build_kv(bf16* k, bf16* v, const float* kv, const float* k_pe, int heads, int nope, int rope,
                                     int vdim) {
+    await_previous_kernel();
     int p = blockIdx.x, qk = nope + rope, per = nope + vdim;
     for (int i = threadIdx.x; i < heads * qk; i += blockDim.x) {
         int h = i / qk, d = i % qk;
@@ -221,6 +228,7 @@ extern "C" __global__ void build_kv(bf16* k, bf16* v, const float* kv, const flo
 extern "C" __global__ void __launch_bounds__(128)
 mla_prefill_flash(float* out, int ld_out, const bf16* q, const bf16* k, const bf16* v, int n, int start, int heads,
                   int qk, int vdim, float scale) {
+    await_previous_kernel();
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int QP = qk + 8, VP = vdim + 8;  // padded pitches: an odd number of 16-byte units
     bf16* qs = (bf16*)smem_raw;                     // [FL_Q][QP]
@@ -466,6 +474,7 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS, 1)
 mla_decode_mma(float* o_part, float* ml_part, const float* q_lat, const float* q, int qk, int nope, int heads, int hg,
                int lora, int rope, const bf16* cache, const int* tables, const int* table_off, const int* lens,
                int block, float scale, int min_split) {
+    await_previous_kernel();
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int width = lora + rope, row_bytes = width * 2, chunks = width / 8;
     // swizzle mask: the row's low 3 bits where a row has a multiple of 8 chunks (fewer otherwise)
@@ -626,7 +635,10 @@ mla_decode_mma(float* o_part, float* ml_part, const float* q_lat, const float* q
 // h * 256 .. + 256 (m64n256k16): its own half of P straight from the registers its scores were
 // in, the other group's half from shared memory. Q, the tiles and P are kept in wgmma's
 // unswizzled canonical layout: 8 rows x 16 bytes per 128-byte core matrix, core matrices along
-// the channels 128 bytes apart, groups of 8 rows WG_GROUP bytes apart. Compiled for sm_90a only.
+// the channels 128 bytes apart, groups of 8 rows WG_GROUP bytes apart. The tiles arrive by TMA:
+// the host views a layer's cache as [slot / 8][72 chunks][slot % 8][8 channels] (strides 9216,
+// 16, 1152 and 2 bytes), so one box of that view lands in exactly this layout (or by cp.async
+// from every thread, where the cache's blocks do not suit the boxes). Compiled for sm_90a only.
 
 #define WG_W 576                 // lora + rope
 #define WG_CH (WG_W / 8)         // 16-byte chunks per cached row
@@ -665,7 +677,9 @@ __device__ __forceinline__ void wgmma_m64n256_ss(float d[128], u64 da, u64 db) {
 extern "C" __global__ void __launch_bounds__(256, 1)
 mla_decode_wgmma(float* o_part, float* ml_part, const float* q_lat, const float* q, int qk, int nope, int heads,
                  int hg, int lora, int rope, const bf16* cache, const int* tables, const int* table_off,
-                 const int* lens, int block, float scale, int min_split) {  // lora == 512, rope == 64
+                 const int* lens, int block, float scale, int min_split, const __grid_constant__ TensorMap cache_map,
+                 int tma_rows) {
+    await_previous_kernel();  // lora == 512, rope == 64
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ __align__(128) unsigned char smem_raw[];
     const u32 qs = (u32)__cvta_generic_to_shared(smem_raw);  // Q: 8 groups of 8 heads
@@ -683,6 +697,32 @@ mla_decode_wgmma(float* o_part, float* ml_part, const float* q_lat, const float*
     }
     const int* tab = tables + table_off[r];
     const int ntiles = (end - begin + 63) / 64;
+    // The TMA feed (tma_rows > 0): thread 0 copies tile i into stage i % 2 as 64 / tma_rows boxes
+    // of `cache_map` (each tma_rows cached positions, in the layout below), completing on the
+    // stage's barrier; boxes wholly past the end are skipped. The cp.async feed otherwise.
+    const u32 full = (u32)__cvta_generic_to_shared(red + 5 * 64);  // 2 mbarriers
+    const auto slot_of = [&](int pos) { return tab[pos / block] * block + pos % block; };
+    int next_slot = 0;  // the first box of the next tile, looked up a tile ahead
+    auto tma_tile = [&](int i) {
+        if (tid != 0 || i >= ntiles) return;
+        const int base = begin + i * 64, boxes = (min(64, end - base) + tma_rows - 1) / tma_rows;
+        const u32 bar = full + 8 * (i & 1), dst = tiles + (i & 1) * 8 * WG_GROUP;
+        mbar_expect(bar, boxes * tma_rows * WG_W * 2);
+        for (int b = 0; b < boxes; ++b)
+            tma_load_4d(dst + b * (tma_rows / 8) * WG_GROUP, &cache_map, 0, 0, 0,
+                        (b == 0 ? next_slot : slot_of(base + b * tma_rows)) / 8, bar);
+        mbar_arrive(bar);
+        if (i + 1 < ntiles) next_slot = slot_of(base + 64);
+    };
+    if (tma_rows) {
+        if (tid == 0) {
+            mbar_init(full, 1);
+            mbar_init(full + 8, 1);
+            mbar_init_fence();
+            next_slot = slot_of(begin);
+        }
+        __syncthreads();
+    }
     const int my_row = tid >> 2, my_part = tid & 3;  // 4 threads per cached row
     auto row_src = [&](int i) -> const bf16* {  // looked up a tile ahead, as in mla_decode_mma
         if (i >= ntiles) return cache;
@@ -699,8 +739,13 @@ mla_decode_wgmma(float* o_part, float* ml_part, const float* q_lat, const float*
         }
         asm volatile("cp.async.commit_group;\n" ::);
     };
-    load_tile(0, row_src(0));
-    const bf16* next_src = row_src(1);
+    const bf16* next_src = cache;
+    if (tma_rows) {
+        tma_tile(0);
+    } else {
+        load_tile(0, row_src(0));
+        next_src = row_src(1);
+    }
     load_q([&](int hh, int c) { return qs + (hh >> 3) * WG_GROUP + (c >> 3) * 128 + (hh & 7) * 16 + (c & 7) * 2; },
            q_lat, q, (size_t)r * heads + h0, qk, nope, hg, 512, WG_W);
     // V as an N-major operand: 8 channels x 8 positions per core matrix. As for K-major operands
@@ -714,13 +759,29 @@ mla_decode_wgmma(float* o_part, float* ml_part, const float* q_lat, const float*
     const float scale_log2 = scale * 1.4426950408889634f;
     const int row0 = wq * 16 + g;
     for (int it = 0; it < ntiles; ++it) {
-        asm volatile("cp.async.wait_group 0;\n" ::);
-        fence_async_shared();
-        __syncthreads();  // tile `it` and (first time) Q are in; the other stage is free
-        load_tile(it + 1, next_src);
-        next_src = row_src(it + 2);
         const u32 tb = tiles + (it & 1) * 8 * WG_GROUP;
         const int n = min(64, end - (begin + it * 64));
+        if (tma_rows) {
+            mbar_wait(full + 8 * (it & 1), (it >> 1) & 1);
+            // Positions past the end hold whatever the cache has there (NaN in a poisoned test):
+            // zero them, since P = 0 there but 0 * NaN is not 0.
+            for (int i = tid; i < (64 - n) * WG_CH; i += 256) {
+                const int row = n + i / WG_CH;
+                asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(
+                                 tb + (row >> 3) * WG_GROUP + (i % WG_CH) * 128 + (row & 7) * 16),
+                             "r"(0u));
+            }
+        } else {
+            asm volatile("cp.async.wait_group 0;\n" ::);
+        }
+        fence_async_shared();
+        __syncthreads();  // tile `it` and (first time) Q are in; the other stage is free
+        if (tma_rows) {
+            tma_tile(it + 1);
+        } else {
+            load_tile(it + 1, next_src);
+            next_src = row_src(it + 2);
+        }
         float s[16];
 #pragma unroll
         for (int i = 0; i < 16; ++i) s[i] = 0.f;
@@ -805,6 +866,7 @@ mla_decode_wgmma(float* o_part, float* ml_part, const float* q_lat, const float*
 // outputs are read with independent loads).
 extern "C" __global__ void mla_combine(float* o_lat, const float* o_part, const float* ml_part, int heads, int splits,
                                        int lora) {
+    await_previous_kernel();
     extern __shared__ float cw[];  // [splits] m_s, then [splits] weights
     __shared__ float scratch[32];
     int h = blockIdx.x, r = blockIdx.y;

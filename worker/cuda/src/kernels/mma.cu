@@ -29,6 +29,21 @@ __device__ __forceinline__ void split_chunks(int chunks, int& begin, int& end) {
     end = min(chunks, begin + per);
 }
 
+// Weights are written by no kernel, so a product may fetch them before it waits for the kernel
+// before it (programmatic dependent launch): the first k chunks this block will read of its
+// warp's 16 weight rows (128 bytes of a row per chunk, FP8 or bf16) pulled into L2 meanwhile.
+__device__ __forceinline__ void prefetch_weight_rows(const void* w, int n, size_t row_bytes, int chunks) {
+    constexpr int ahead = 8;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int row = (blockIdx.x * (blockDim.x >> 5) + warp) * 16 + lane;
+    if (lane >= 16 || row >= n) return;
+    int begin, end;
+    split_chunks(chunks, begin, end);
+    const char* p = (const char*)w + (size_t)row * row_bytes;
+    for (int c = begin; c < min(end, begin + ahead); ++c)
+        asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p + (size_t)c * 128));
+}
+
 // Token tile j of a warp holds tokens 8j..8j+7; lane (g, t) reads token 8j+g (row x_rows[tok], or
 // tok), starting `lane_off` elements into the row. Tokens at or past m are not live.
 template <int NT>
@@ -144,6 +159,8 @@ __device__ void fp8_mma_impl(float* y, int ldy, const bf16* x, const int* x_rows
     extern "C" __global__ void __launch_bounds__(128) fp8_mma_n##NT(                                            \
         float* y, int ldy, const bf16* x, int ldx, const float* x_scale, int m, const u8* w, const float* scale, \
         int n, int k, int mode, u64 split_stride) {                                                             \
+        prefetch_weight_rows(w, n, k, k / 128);                                                                 \
+        await_previous_kernel();                                                                                \
         int t0 = blockIdx.y * 8 * NT;                                                                           \
         fp8_mma_impl<NT>(y + (size_t)t0 * ldy, ldy, x + (size_t)t0 * ldx, 0, ldx,                               \
                          x_scale ? x_scale + (size_t)t0 * (k / 128) : 0, min(8 * NT, m - t0), w, scale, n, k,   \
@@ -205,7 +222,9 @@ __device__ void bf16_mma_impl(float* y, int ldy, const bf16* x, int ldx, int m, 
 #define BF16_MMA(NT)                                                                                            \
     extern "C" __global__ void __launch_bounds__(128) bf16_mma_n##NT(float* y, int ldy, const bf16* x, int ldx, \
                                                                       int m, const bf16* w, int n, int k,       \
-                                                                      int mode, u64 split_stride) {            \
+                                                                      int mode, u64 split_stride) {             \
+        prefetch_weight_rows(w, n, (size_t)k * 2, k / 64);                                                      \
+        await_previous_kernel();                                                                                \
         bf16_mma_impl<NT>(y, ldy, x, ldx, m, w, n, k, mode, split_stride);                                     \
     }
 BF16_MMA(1)
@@ -222,6 +241,7 @@ BF16_MMA(2)
         float* y, int ldy, const bf16* x, int ldx, const int* x_rows, const u8* w, const float* scale,          \
         u64 w_stride, u64 scale_stride, const int* group_expert, const int* offsets, int n, int k, int max_rows, \
         int mode, u64 split_stride, const float* x_scale) {                                                     \
+        await_previous_kernel();                                                                                \
         int gi = blockIdx.y, s0 = offsets[gi], cnt = offsets[gi + 1] - s0;                                      \
         if (cnt <= 0 || cnt > max_rows) return;                                                                 \
         int e = group_expert[gi];                                                                               \
@@ -244,6 +264,7 @@ GROUPED_FP8_MMA(8)
     extern "C" __global__ void __launch_bounds__(128) mla_absorb_out_mma_n##NT(                                 \
         float* out, const bf16* o_lat, int m, int heads, int nope, int vdim, int lora, const u8* w,             \
         const float* scale) {                                                                                   \
+        await_previous_kernel();                                                                                \
         int h = blockIdx.y % heads, t0 = (blockIdx.y / heads) * 8 * NT;                                         \
         size_t row = (size_t)h * (nope + vdim) + nope;                                                          \
         fp8_mma_impl<NT>(out + (size_t)t0 * heads * vdim + (size_t)h * vdim, heads * vdim,                      \
@@ -259,6 +280,7 @@ ABSORB_OUT_MMA(8)
 // fixed order so a step gives the same bits every time (atomics would add in arrival order).
 extern "C" __global__ void split_k_reduce(float* y, int ldy, const float* part, int m, int n, int splits,
                                           int accumulate) {
+    await_previous_kernel();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (u64)m * n) return;
     u64 slab = (u64)m * n;
@@ -275,6 +297,7 @@ extern "C" __global__ void split_k_reduce(float* y, int ldy, const float* part, 
     extern "C" __global__ void __launch_bounds__(128) mla_absorb_q_mma_n##NT(                                   \
         float* q_lat, const bf16* q, int m, int heads, int qk, int nope, int lora, const u8* uk_t,              \
         const float* scale_t) {                                                                                 \
+        await_previous_kernel();                                                                                \
         int h = blockIdx.y % heads, t0 = (blockIdx.y / heads) * 8 * NT;                                         \
         fp8_mma_impl<NT>(q_lat + ((size_t)t0 * heads + h) * lora, heads * lora,                                 \
                          q + ((size_t)t0 * heads + h) * qk, 0, heads * qk, 0, min(8 * NT, m - t0),              \
@@ -291,6 +314,7 @@ ABSORB_Q_MMA(8)
 // scale. nope, vdim and lora multiples of 128. grid (lora * nope / 256, heads), block 256.
 extern "C" __global__ void mla_uk_transpose(u8* uk_t, float* scale_t, const u8* kv_b, const float* scale, int nope,
                                             int vdim, int lora) {
+    await_previous_kernel();
     int h = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= lora * nope) return;
     int c = i / nope, d = i % nope;

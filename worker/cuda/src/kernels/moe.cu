@@ -1,6 +1,7 @@
 // ---------------------------------------------------------------- routed experts: gather, quantise, combine, plan
 // Gathers token rows into slot order as bf16 (input of the per-expert tensor-core GEMM).
 extern "C" __global__ void gather_rows_bf16(bf16* out, const float* x, int ldx, const int* rows, int width) {
+    await_previous_kernel();
     const float* src = x + (size_t)rows[blockIdx.x] * ldx;
     bf16* dst = out + (size_t)blockIdx.x * width;
     for (int i = threadIdx.x; i < width; i += blockDim.x) dst[i] = f32_to_bf16(src[i]);
@@ -9,6 +10,7 @@ extern "C" __global__ void gather_rows_bf16(bf16* out, const float* x, int ldx, 
 // out[t, :] += sum_j weight[t, j] * y[slot[t, j], :] over the top-k slots of token t (-1 = skipped).
 extern "C" __global__ void combine_experts(float* out, const float* y, const int* slot, const float* weight, int top_k,
                                            int width) {
+    await_previous_kernel();
     int t = blockIdx.x;
     for (int i = threadIdx.x; i < width; i += blockDim.x) {
         float acc = 0.f;
@@ -55,6 +57,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 moe_plan(int* group_expert, int* offsets, int* x_rows, int* slot_of, unsigned* counts, unsigned* touched,
          const int* chosen, const int* valid, int m, int top_k, int n_experts, int groups, int align,
          int capacity) {
+    await_previous_kernel();
     __shared__ int cnt[1024];
     __shared__ int next[1024];  // next free slot of each expert
     __shared__ int scratch[32];
@@ -110,6 +113,7 @@ __device__ __forceinline__ bool beats(float a, int ia, float b, int ib) { return
 extern "C" __global__ void route_topk(int* experts_out, float* weights_out, const float* logits, const float* bias,
                                       int n_experts, int n_group, int topk_group, int top_k, int normalize,
                                       float scaling) {
+    await_previous_kernel();
     extern __shared__ float sm[];
     float* score = sm;                    // [n_experts]
     float* biased = sm + n_experts;       // [n_experts]
@@ -167,6 +171,7 @@ extern "C" __global__ void route_topk(int* experts_out, float* weights_out, cons
 // as (group, first slot, slots), in group order; entries past the last tile get group -1. One
 // block; max_tiles bounds the list (slots / GX_TOKENS + groups always fits).
 extern "C" __global__ void expert_tiles(int* tiles, int max_tiles, const int* offsets, int groups) {
+    await_previous_kernel();
     __shared__ int scratch[32];
     int listed = 0;
     for (int base = 0; base < groups; base += blockDim.x) {

@@ -119,6 +119,7 @@ extern "C" __global__ void __launch_bounds__(GX_THREADS, 1)
 grouped_fp8_wgmma(float* out, int ldy, const __grid_constant__ TensorMap x_map, const float* x_scales,
                   const __grid_constant__ TensorMap w_map, const float* w_scales, u64 w_scale_stride, const int* tiles,
                   const int* group_expert, const int* offsets, int rows, int k) {
+    await_previous_kernel();
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const int* tile = tiles + 3 * blockIdx.y;

@@ -253,6 +253,7 @@ __device__ int pick_id(const float* row, int vocab, float scale, PickPlace place
 // out: per row [token, logprob bits, then `max_top` pairs (id, logprob bits)].
 extern "C" __global__ void __launch_bounds__(PICK_THREADS)
 pick_tokens(int* out, const float* logits, int vocab, const TokenPick* picks, int max_top) {
+    await_previous_kernel();
     __shared__ PickShared s;
     const float* row = logits + (size_t)blockIdx.x * vocab;
     const TokenPick pick = picks[blockIdx.x];
@@ -314,6 +315,7 @@ pick_tokens(int* out, const float* logits, int vocab, const TokenPick* picks, in
 // add, where repeat divides a positive value by `repetition` and multiplies a negative one. One
 // thread per edit (each (row, token) appears once, so no two threads touch one logit).
 extern "C" __global__ void apply_logit_edits(float* logits, int vocab, const int* edits, int n) {
+    await_previous_kernel();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const int* e = edits + 5 * i;
@@ -329,6 +331,7 @@ extern "C" __global__ void apply_logit_edits(float* logits, int vocab, const int
 // Grammars' masks (structured output), applied in place after the edits: words_per_row u32 per
 // row, bit j % 32 of word j / 32 set when token j is allowed; the others become -inf.
 extern "C" __global__ void apply_token_masks(float* logits, int vocab, const unsigned* masks, int words_per_row) {
+    await_previous_kernel();
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= vocab) return;
     const unsigned* mask = masks + (size_t)blockIdx.y * words_per_row;

@@ -157,12 +157,13 @@ impl CudaModel {
             q_lat: q_lat.addr,
             q: q.addr,
             cache,
+            cache_slots: self.cache.num_blocks() * self.cache.block_size(),
             o_lat: o_lat.addr,
         };
         let kernel = if self.simt_attention {
             DecodeKernel::CudaCores
         } else {
-            DecodeKernel::best(g, &shape)
+            DecodeKernel::best(g, &shape, rows.block)
         };
         mla_decode(g, &shape, &rows, &bufs, softmax_scale(c), kernel)?;
         self.absorb_out(layer, &o_lat, attn, m)
