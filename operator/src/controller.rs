@@ -265,11 +265,20 @@ pub struct Observed {
     pub experts: Option<StatefulSet>,
     /// The fleet's pods the scheduler cannot place: (pod, the scheduler's reason).
     pub unschedulable: Vec<(String, String)>,
+    /// Containers past the restart budget: (pod/container, restarts, why it last stopped).
+    pub crash_looping: Vec<(String, i32, String)>,
 }
 
-/// The fleet's pods whose PodScheduled condition is False for reason Unschedulable, with the
-/// scheduler's message (e.g. "0/18 nodes are available: 18 Insufficient nvidia.com/gpu").
-async fn unschedulable_pods(client: &Client, ns: &str, name: &str) -> Result<Vec<(String, String)>, Error> {
+/// What the fleet's pods say that their workloads' status does not: pods the scheduler cannot
+/// place (PodScheduled False, reason Unschedulable, with its message, e.g. "0/18 nodes are
+/// available: 18 Insufficient nvidia.com/gpu") and containers restarted `restart_budget` times.
+async fn observe_pods(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    restart_budget: i32,
+    observed: &mut Observed,
+) -> Result<(), Error> {
     let api: Api<Pod> = Api::namespaced(client.clone(), ns);
     let selector = format!(
         "{}={name},{}={}",
@@ -277,19 +286,42 @@ async fn unschedulable_pods(client: &Client, ns: &str, name: &str) -> Result<Vec
         planner::LABEL_NAME,
         planner::APP_NAME
     );
-    let mut out = Vec::new();
     for pod in api.list(&ListParams::default().labels(&selector)).await? {
-        let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
-        let stuck = conditions
-            .into_iter()
-            .flatten()
-            .find(|c| c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable"));
+        let Some(status) = pod.status.as_ref() else { continue };
+        let stuck =
+            status.conditions.iter().flatten().find(|c| {
+                c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable")
+            });
         if let Some(c) = stuck {
-            out.push((pod.name_any(), c.message.clone().unwrap_or_default()));
+            observed
+                .unschedulable
+                .push((pod.name_any(), c.message.clone().unwrap_or_default()));
+        }
+        let containers = status
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .chain(status.container_statuses.iter().flatten());
+        for c in containers.filter(|c| c.restart_count >= restart_budget) {
+            let last = c.last_state.as_ref().and_then(|s| s.terminated.as_ref());
+            let why = last.map_or_else(
+                || "no termination recorded".to_string(),
+                |t| {
+                    let reason = t.reason.clone().unwrap_or_else(|| "Error".into());
+                    match t.message.as_deref().map(str::trim).filter(|m| !m.is_empty()) {
+                        Some(m) => format!("{reason}, exit code {}: {m}", t.exit_code),
+                        None => format!("{reason}, exit code {}", t.exit_code),
+                    }
+                },
+            );
+            observed
+                .crash_looping
+                .push((format!("{}/{}", pod.name_any(), c.name), c.restart_count, why));
         }
     }
-    out.sort();
-    Ok(out)
+    observed.unschedulable.sort();
+    observed.crash_looping.sort();
+    Ok(())
 }
 
 async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -349,7 +381,7 @@ async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Actio
     };
 
     let mut observed = apply_plan(client, &ns, &plan).await?;
-    observed.unschedulable = unschedulable_pods(client, &ns, &name).await?;
+    observe_pods(client, &ns, &name, cr.spec.rollout.restart_budget, &mut observed).await?;
 
     if cutover_done {
         collect_old_placements(client, &ns, &name, &plan).await?;
@@ -403,6 +435,7 @@ pub async fn apply_plan(client: &Client, ns: &str, plan: &Plan) -> Result<Observ
         attention: Some(attention),
         experts: Some(experts),
         unschedulable: Vec::new(),
+        crash_looping: Vec::new(),
     })
 }
 
@@ -697,7 +730,21 @@ pub fn compute_status(
         "RouterUnavailable"
     };
 
-    let (phase, ready, progressing, degraded) = if cutover {
+    let crashed = observed.crash_looping.first().map(|(container, restarts, why)| {
+        format!(
+            "{container} restarted {restarts} times (restart budget {}); last stop: {why}",
+            cr.spec.rollout.restart_budget
+        )
+    });
+    let (phase, ready, progressing, degraded) = if let Some(crashed) = crashed {
+        let ready_reason = if serving { "Serving" } else { "RestartBudgetExhausted" };
+        (
+            "Failed",
+            (serving, ready_reason, crashed.clone()),
+            (false, "RestartBudgetExhausted", crashed.clone()),
+            (true, "RestartBudgetExhausted", crashed),
+        )
+    } else if cutover {
         let msg = format!(
             "stopping placement {} before starting {}",
             old.placement_version.clone().unwrap_or_default(),

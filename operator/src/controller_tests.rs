@@ -286,6 +286,48 @@ async fn a_pod_the_scheduler_cannot_place_shows_in_the_status_with_its_reason() 
 }
 
 #[tokio::test]
+async fn a_container_past_its_restart_budget_fails_the_fleet_with_why() {
+    let h = Harness::new(&sample("tiny-cpu.yaml")).with_pvc("dsv3-tiny-model");
+    h.create().await;
+    let pod = |restarts: i64| {
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "tiny-attention-1", "namespace": "default",
+                            "labels": {"app.kubernetes.io/name": "dsv3", "app.kubernetes.io/instance": "tiny",
+                                       "app.kubernetes.io/component": "attention"}},
+               "status": {"containerStatuses": [{
+                   "name": "attention", "image": "x", "imageID": "", "ready": false, "restartCount": restarts,
+                   "lastState": {"terminated": {"exitCode": 1, "reason": "Error",
+                                                "message": "loading attention rank 1: model.safetensors.index.json is missing"}}}]}})
+    };
+    // Below the budget (5 by default): still the usual wait.
+    h.fake.put(&core_path("default", "pods", "tiny-attention-1"), pod(4));
+    h.reconcile().await.expect("reconcile");
+    assert_ne!(h.status()["phase"], "Failed");
+    h.fake.put(&core_path("default", "pods", "tiny-attention-1"), pod(5));
+    h.reconcile().await.expect("reconcile");
+    assert_eq!(h.status()["phase"], "Failed");
+    assert_eq!(
+        h.condition("Degraded"),
+        ("True".into(), "RestartBudgetExhausted".into())
+    );
+    assert_eq!(
+        h.condition("Progressing"),
+        ("False".into(), "RestartBudgetExhausted".into())
+    );
+    let message = h.status()["conditions"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["type"] == "Degraded").cloned())
+        .and_then(|c| c["message"].as_str().map(String::from))
+        .unwrap_or_default();
+    assert!(
+        message.contains("tiny-attention-1/attention restarted 5 times")
+            && message
+                .contains("Error, exit code 1: loading attention rank 1: model.safetensors.index.json is missing"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
 async fn spec_change_rewrites_only_the_objects_that_changed() {
     let h = Harness::new(&sample("tiny-cpu.yaml")).with_pvc("dsv3-tiny-model");
     h.create().await;

@@ -648,6 +648,15 @@ pub struct RolloutSpec {
     #[serde(default = "default_drain_seconds")]
     #[schemars(range(min = 0, max = 3600))]
     pub drain_seconds: i32,
+    /// Restarts of one container after which the fleet reports Failed (with the pod, the count
+    /// and why it last stopped) instead of waiting on it.
+    #[serde(default = "default_restart_budget")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub restart_budget: i32,
+}
+
+fn default_restart_budget() -> i32 {
+    5
 }
 
 fn default_drain_seconds() -> i32 {
@@ -660,6 +669,7 @@ impl Default for RolloutSpec {
             max_unavailable: 1,
             max_surge: 1,
             drain_seconds: default_drain_seconds(),
+            restart_budget: default_restart_budget(),
         }
     }
 }
@@ -670,7 +680,7 @@ impl Default for RolloutSpec {
 pub struct DeepSeekV3DeploymentStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Progressing, Ready, Degraded or Blocked.
+    /// Progressing, Ready, Degraded, Blocked, or Failed (a container past rollout.restartBudget).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
     /// Roles at full strength over all roles, e.g. "3/3".
