@@ -92,6 +92,16 @@ impl Harness {
         )
     }
 
+    fn condition_message(&self, type_: &str) -> String {
+        let st = self.status();
+        st["conditions"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["type"] == type_))
+            .and_then(|c| c["message"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    }
+
     async fn reconcile(&self) -> Result<Action, crate::controller::Error> {
         reconcile(Arc::new(self.cr()), self.ctx.clone()).await
     }
@@ -266,11 +276,7 @@ async fn a_pod_the_scheduler_cannot_place_shows_in_the_status_with_its_reason() 
     h.reconcile().await.expect("reconcile");
     assert_eq!(h.condition("Progressing"), ("True".into(), "Unschedulable".into()));
     assert_eq!(h.condition("Ready"), ("False".into(), "Unschedulable".into()));
-    let message = h.status()["conditions"]
-        .as_array()
-        .and_then(|a| a.iter().find(|c| c["type"] == "Progressing").cloned())
-        .and_then(|c| c["message"].as_str().map(String::from))
-        .unwrap_or_default();
+    let message = h.condition_message("Progressing");
     assert!(
         message.contains("pod tiny-expert-1 cannot be scheduled: 0/3 nodes are available"),
         "{message}"
@@ -314,11 +320,7 @@ async fn a_container_past_its_restart_budget_fails_the_fleet_with_why() {
         h.condition("Progressing"),
         ("False".into(), "RestartBudgetExhausted".into())
     );
-    let message = h.status()["conditions"]
-        .as_array()
-        .and_then(|a| a.iter().find(|c| c["type"] == "Degraded").cloned())
-        .and_then(|c| c["message"].as_str().map(String::from))
-        .unwrap_or_default();
+    let message = h.condition_message("Degraded");
     assert!(
         message.contains("tiny-attention-1/attention restarted 5 times")
             && message
