@@ -304,7 +304,7 @@ pub struct Gpu {
     pub max_shared_per_block: usize,
     /// Kernels are launched with programmatic dependent launch: each may be placed on the GPU
     /// while the one before it finishes, and waits for it in `await_previous_kernel` (kernels
-    /// built for sm_90 or later, with `DSV3_PDL=1`: off by default until measured on a GPU).
+    /// built for sm_90 or later; `DSV3_PDL=0` turns it off).
     dependent_launch: bool,
     /// Per-kernel GPU time (DSV3_CUDA_PROFILE=1): events around every launch, so the totals
     /// show where a step goes (the step itself gets slower).
@@ -396,7 +396,7 @@ impl Gpu {
             sm_count,
             max_shared_per_block,
             hopper,
-            dependent_launch: kernel_arch >= 90 && std::env::var_os("DSV3_PDL").is_some_and(|v| v == "1"),
+            dependent_launch: kernel_arch >= 90 && std::env::var_os("DSV3_PDL").is_none_or(|v| v != "0"),
             poison: std::env::var_os("DSV3_CUDA_POISON").is_some_and(|v| v != "0"),
             profile: std::env::var_os("DSV3_CUDA_PROFILE")
                 .is_some_and(|v| v != "0")

@@ -58,11 +58,10 @@ const WGMMA_TILE: usize = 64;
 
 impl DecodeKernel {
     /// The fastest kernel that takes `shape` over cache blocks of `block` positions on `g`
-    /// (`DSV3_MLA_WGMMA=0` passes over wgmma; its TMA feed only with `DSV3_MLA_TMA=1`, off by
-    /// default until measured on a GPU).
+    /// (`DSV3_MLA_WGMMA=0` passes over wgmma, `DSV3_MLA_TMA=0` over its TMA feed).
     pub fn best(g: &Gpu, shape: &LatentShape, block: usize) -> Self {
-        let wgmma = std::env::var_os("DSV3_MLA_WGMMA").is_none_or(|v| v != "0");
-        let tma = std::env::var_os("DSV3_MLA_TMA").is_some_and(|v| v == "1");
+        let allowed = |var: &str| std::env::var_os(var).is_none_or(|v| v != "0");
+        let (wgmma, tma) = (allowed("DSV3_MLA_WGMMA"), allowed("DSV3_MLA_TMA"));
         [DecodeKernel::Wgmma, DecodeKernel::WgmmaCpAsync, DecodeKernel::Mma]
             .into_iter()
             .find(|&k| {
