@@ -765,19 +765,28 @@ fn pod_security() -> PodSecurityContext {
     }
 }
 
-fn resources(settings: &PodSettings, gpus: i32) -> Option<ResourceRequirements> {
+/// The container's resources: the role's own, GPUs from gpusPerPod (none when 0, whatever the
+/// role's resources say), and the network's RDMA devices when the pod gets them.
+fn resources(settings: &PodSettings, gpus: i32, rdma: Option<(&str, i32)>) -> Option<ResourceRequirements> {
     let mut r = settings.resources.clone().unwrap_or_default();
-    if gpus > 0 {
+    // An extended resource is a limit, and a request too where the role sets requests.
+    let add = |r: &mut ResourceRequirements, name: &str, count: i32| {
         r.limits
             .get_or_insert_with(BTreeMap::new)
-            .insert(GPU_RESOURCE.into(), Quantity(gpus.to_string()));
+            .insert(name.into(), Quantity(count.to_string()));
         if let Some(req) = r.requests.as_mut() {
-            req.insert(GPU_RESOURCE.into(), Quantity(gpus.to_string()));
+            req.insert(name.into(), Quantity(count.to_string()));
         }
+    };
+    if gpus > 0 {
+        add(&mut r, GPU_RESOURCE, gpus);
     } else {
         for m in [r.limits.as_mut(), r.requests.as_mut()].into_iter().flatten() {
             m.remove(GPU_RESOURCE);
         }
+    }
+    if let Some((name, count)) = rdma {
+        add(&mut r, name, count);
     }
     if r == ResourceRequirements::default() {
         None
@@ -829,9 +838,10 @@ fn pod_template(ctx: &Ctx<'_>, settings: &PodSettings, parts: PodParts) -> PodTe
     pod_labels.insert(LABEL_PART_OF.into(), APP_NAME.into());
     pod_labels.extend(parts.extra_labels);
 
+    // The attention ranks and expert shards talk to each other: the network section is theirs.
+    let network = (parts.role != Role::Router).then_some(&spec.network);
     let mut envs = role_env(ctx, parts.role);
-    if parts.role != Role::Router {
-        let n = &spec.network;
+    if let Some(n) = network {
         for (name, value) in [("NCCL_IB_HCA", &n.ib_hcas), ("NCCL_SOCKET_IFNAME", &n.socket_interface)] {
             if let Some(v) = value {
                 envs.push(env(name, v.clone()));
@@ -921,19 +931,7 @@ fn pod_template(ctx: &Ctx<'_>, settings: &PodSettings, parts: PodParts) -> PodTe
             ..Default::default()
         });
     }
-    // The attention ranks and expert shards talk to each other: the network section is theirs.
-    let network = (parts.role != Role::Router).then_some(&spec.network);
-    let mut container_resources = resources(settings, parts.gpus);
-    if let Some(rdma) = network.and_then(|n| n.rdma_resource.as_ref().map(|r| (r, n.rdma_devices_per_pod))) {
-        let r = container_resources.get_or_insert_with(Default::default);
-        let count = Quantity(rdma.1.to_string());
-        r.limits
-            .get_or_insert_with(BTreeMap::new)
-            .insert(rdma.0.clone(), count.clone());
-        if let Some(requests) = r.requests.as_mut() {
-            requests.insert(rdma.0.clone(), count);
-        }
-    }
+    let rdma = network.and_then(|n| n.rdma_resource.as_deref().map(|r| (r, n.rdma_devices_per_pod)));
 
     let container = Container {
         name: parts.role.as_str().into(),
@@ -943,7 +941,7 @@ fn pod_template(ctx: &Ctx<'_>, settings: &PodSettings, parts: PodParts) -> PodTe
         args: Some(parts.args),
         env: Some(envs),
         ports: Some(parts.ports),
-        resources: container_resources,
+        resources: resources(settings, parts.gpus, rdma),
         startup_probe: Some(parts.startup),
         readiness_probe: Some(parts.readiness),
         liveness_probe: Some(parts.liveness),
