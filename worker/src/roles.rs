@@ -481,7 +481,7 @@ pub fn attention(args: AttentionArgs) -> Result<()> {
 async fn drain(rank: &LocalAttention, limit: std::time::Duration) {
     rank.start_draining();
     let started = std::time::Instant::now();
-    let mut reported = started;
+    let mut next_report = started;
     loop {
         let held = rank.held_sequences();
         if held == 0 {
@@ -495,9 +495,9 @@ async fn drain(rank: &LocalAttention, limit: std::time::Duration) {
             );
             return;
         }
-        if reported.elapsed() >= std::time::Duration::from_secs(5) || reported == started {
+        if std::time::Instant::now() >= next_report {
             eprintln!("draining: {held} sequences held, taking no new ones");
-            reported = std::time::Instant::now();
+            next_report += std::time::Duration::from_secs(5);
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }

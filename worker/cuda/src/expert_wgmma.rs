@@ -4,10 +4,10 @@
 //! (`expert_tiles`), so a step never waits for the host to learn the group sizes.
 
 use crate::fp8_gemm::QuantizedRows;
-use crate::gpu::{int, ptr, u64_arg, Arg, DeviceBuf, Gpu};
+use crate::gpu::{int, ptr, tensor_map, u64_arg, Arg, DeviceBuf, Gpu};
 use crate::tiles::{GX_ROWS, GX_STAGES, GX_THREADS, GX_TOKENS};
 use crate::weights::{ExpertBank, Stacked};
-use anyhow::{anyhow, ensure, Result};
+use anyhow::{ensure, Result};
 use cudarc::driver::sys as drv;
 
 /// Token rows per TMA copy of the token tile (`GX_BOX` in the kernel).
@@ -57,32 +57,15 @@ impl ExpertTiles {
 /// in the 128-byte swizzle wgmma reads; rows past the end read as zeros.
 fn byte_matrix_map(addr: u64, rows: usize, cols: usize, box_rows: usize) -> Result<Arg> {
     ensure!(addr % 16 == 0 && cols % 16 == 0, "TMA needs 16-byte aligned rows");
-    let mut map = std::mem::MaybeUninit::<drv::CUtensorMap>::zeroed();
-    let dims = [cols as u64, rows as u64];
-    let strides = [cols as u64];
-    let boxes = [K_BLOCK as u32, box_rows as u32];
-    let steps = [1u32, 1];
-    // SAFETY: the arrays have the rank's lengths (strides: rank - 1) and outlive the call; the map
-    // is written in full on success.
-    unsafe {
-        drv::cuTensorMapEncodeTiled(
-            map.as_mut_ptr(),
-            drv::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
-            2,
-            addr as *mut std::ffi::c_void,
-            dims.as_ptr(),
-            strides.as_ptr(),
-            boxes.as_ptr(),
-            steps.as_ptr(),
-            drv::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            drv::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-            drv::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-            drv::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-        .result()
-        .map_err(|e| anyhow!("encoding a TMA map of {rows}x{cols} bytes: {e:?}"))?;
-        Ok(Arg::Map(map.assume_init()))
-    }
+    tensor_map(
+        addr,
+        drv::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+        &[cols as u64, rows as u64],
+        &[cols as u64],
+        &[K_BLOCK as u32, box_rows as u32],
+        drv::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+        &format!("{rows}x{cols} bytes"),
+    )
 }
 
 /// `out[s] = x[s] · W_eᵀ` (f32, row stride `ldy`) for every slot s of every group (expert e =

@@ -264,6 +264,51 @@ impl Arg {
     }
 }
 
+/// A TMA map (`CUtensorMap`) of the tensor at `addr`, passed to a kernel as its `TensorMap`:
+/// `dims` innermost first, `strides` in bytes for every dimension but the innermost, one box of
+/// `boxes` elements per copy; no interleave, 256-byte L2 promotion, out-of-range elements read as
+/// zeros. `what` names the tensor in the error.
+pub fn tensor_map(
+    addr: u64,
+    element: drv_sys::CUtensorMapDataType,
+    dims: &[u64],
+    strides: &[u64],
+    boxes: &[u32],
+    swizzle: drv_sys::CUtensorMapSwizzle,
+    what: &str,
+) -> Result<Arg> {
+    let rank = dims.len();
+    anyhow::ensure!(
+        (1..=5).contains(&rank) && strides.len() + 1 == rank && boxes.len() == rank,
+        "a TMA map of {what}: {rank} dimensions, {} strides, {} box sizes",
+        strides.len(),
+        boxes.len()
+    );
+    let steps = [1u32; 5];
+    let mut map = std::mem::MaybeUninit::<drv_sys::CUtensorMap>::zeroed();
+    // SAFETY: dims, boxes and steps have `rank` entries and strides `rank - 1` (checked above),
+    // all outliving the call; the map is written in full on success.
+    unsafe {
+        drv_sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            element,
+            rank as u32,
+            addr as *mut c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            steps.as_ptr(),
+            drv_sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            swizzle,
+            drv_sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            drv_sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+        .result()
+        .map_err(|e| anyhow!("encoding a TMA map of {what}: {e:?}"))?;
+        Ok(Arg::Map(map.assume_init()))
+    }
+}
+
 pub fn ptr(p: u64) -> Arg {
     Arg::Ptr(p)
 }

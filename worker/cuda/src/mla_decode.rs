@@ -6,9 +6,9 @@
 //! (mma.sync) — both split each row's positions across blocks, and `mla_combine` merges the
 //! splits — and the CUDA-core `mla_attend` (f32 throughout) where neither fits, or on request.
 
-use crate::gpu::{float, int, ptr, Arg, Gpu};
+use crate::gpu::{float, int, ptr, tensor_map, Arg, Gpu};
 use crate::tiles::{DEC_HEADS, DEC_PAD, DEC_STAGES, DEC_THREADS, DEC_TILE, MLA_HEAD_GROUP, MLA_THREADS, MLA_TILE};
-use anyhow::{anyhow, ensure, Result};
+use anyhow::{ensure, Result};
 use cudarc::driver::sys as drv;
 
 /// Fewest positions one block of the split tensor-core kernel takes.
@@ -151,32 +151,15 @@ fn cache_tile_map(cache: u64, slots: usize, box_rows: usize) -> Result<Arg> {
         cache % 16 == 0 && slots % 8 == 0,
         "TMA needs 16-byte aligned groups of 8 cached slots"
     );
-    let mut map = std::mem::MaybeUninit::<drv::CUtensorMap>::zeroed();
-    let dims = [8u64, 8, CHUNKS as u64, (slots / 8) as u64];
-    let strides = [ROW_BYTES, 16, 8 * ROW_BYTES];
-    let boxes = [8u32, 8, CHUNKS as u32, (box_rows / 8) as u32];
-    let steps = [1u32; 4];
-    // SAFETY: the arrays have the rank's lengths (strides: rank - 1) and outlive the call; the map
-    // is written in full on success.
-    unsafe {
-        drv::cuTensorMapEncodeTiled(
-            map.as_mut_ptr(),
-            drv::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
-            4,
-            cache as *mut std::ffi::c_void,
-            dims.as_ptr(),
-            strides.as_ptr(),
-            boxes.as_ptr(),
-            steps.as_ptr(),
-            drv::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            drv::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
-            drv::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-            drv::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-        .result()
-        .map_err(|e| anyhow!("encoding the TMA view of a latent cache of {slots} slots: {e:?}"))?;
-        Ok(Arg::Map(map.assume_init()))
-    }
+    tensor_map(
+        cache,
+        drv::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
+        &[8, 8, CHUNKS as u64, (slots / 8) as u64],
+        &[ROW_BYTES, 16, 8 * ROW_BYTES],
+        &[8, 8, CHUNKS as u32, (box_rows / 8) as u32],
+        drv::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+        &format!("a latent cache of {slots} slots"),
+    )
 }
 
 fn mma_shared_bytes(width: usize) -> usize {

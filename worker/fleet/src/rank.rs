@@ -120,7 +120,7 @@ impl LocalAttention {
     /// Sequences the rank holds (prefilling or decoding, until released); 0 when its state is
     /// poisoned by a failed step, since it can serve nothing more.
     pub fn held_sequences(&self) -> usize {
-        self.state.lock().map_or(0, |s| s.samplers.len() + s.prefilling.len())
+        self.state.lock().map_or(0, |s| s.held_sequences())
     }
 
     /// With `false`, every prompt is computed in full (no prefix cache reuse).
@@ -484,13 +484,18 @@ impl LocalAttention {
             speculative_tokens: self.speculative_tokens as u32,
             drafts_scored: state.acceptance.drafted.clone(),
             drafts_accepted: state.acceptance.accepted.clone(),
-            sequences: (state.samplers.len() + state.prefilling.len()) as u32,
+            sequences: state.held_sequences() as u32,
             draining: self.draining.load(std::sync::atomic::Ordering::SeqCst),
         })
     }
 }
 
 impl RankState {
+    /// Sequences held: prefilling (no sampler yet) or decoding, until released.
+    fn held_sequences(&self) -> usize {
+        self.samplers.len() + self.prefilling.len()
+    }
+
     fn take_expert_load(&mut self) -> Result<Vec<LayerLoad>> {
         self.counts_taken = Some(std::time::Instant::now());
         Ok(expert_load(self.backend.take_expert_counts()?))
