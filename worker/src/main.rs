@@ -8,6 +8,7 @@ mod bench_serve;
 #[cfg(test)]
 mod contract_tests;
 mod device;
+mod download;
 mod generate;
 mod local_fleet;
 mod model_source;
@@ -47,6 +48,8 @@ enum Command {
     Attention(roles::AttentionArgs),
     /// An expert shard: the routed experts the placement plan gives this rank.
     Expert(roles::ExpertArgs),
+    /// Fetch a checkpoint (or one role's files of it) from a Hugging Face hub repository.
+    Download(download::DownloadArgs),
     /// A local multi-process fleet on loopback: router, attention ranks, expert shards.
     Fleet(local_fleet::FleetArgs),
 }
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
         Command::Attention(args) => roles::attention(args),
         Command::Expert(args) => roles::expert(args),
         Command::Fleet(args) => local_fleet::run(args),
+        Command::Download(args) => download::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -270,7 +270,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-fn plan_for(placement: &Option<PathBuf>, num_experts: u32, shards: usize) -> Result<PlacementPlan> {
+pub(crate) fn plan_for(placement: &Option<PathBuf>, num_experts: u32, shards: usize) -> Result<PlacementPlan> {
     match placement {
         Some(path) => PlacementPlan::load(path),
         None => PlacementPlan::round_robin(num_experts, shards, 0, &[]),

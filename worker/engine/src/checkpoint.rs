@@ -3,9 +3,9 @@
 
 use anyhow::{bail, Context, Result};
 use safetensors::{Dtype, SafeTensors};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Bytes of one file, memory-mapped or built into the binary.
 pub type FileBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
@@ -139,15 +139,23 @@ impl TensorRef {
     }
 }
 
-struct Shard {
-    file: String,
+/// One safetensors file: where its tensors' bytes lie once it is mapped.
+struct OpenShard {
     bytes: FileBytes,
     data_start: usize,
     tensors: HashMap<String, safetensors::tensor::TensorInfo>,
 }
 
+/// A shard file, mapped on the first read of one of its tensors: a directory that holds only a
+/// role's files (an expert shard's, an attention rank's) opens without the others.
+struct Shard {
+    file: String,
+    open: OnceLock<OpenShard>,
+}
+
 /// All tensors of a checkpoint, by name.
 pub struct Checkpoint {
+    files: ModelFiles,
     source: String,
     shards: Vec<Shard>,
     location: HashMap<String, usize>,
@@ -156,42 +164,40 @@ pub struct Checkpoint {
 impl Checkpoint {
     pub fn open(files: &ModelFiles) -> Result<Self> {
         let source = files.describe();
-        let shard_names: Vec<String> = if let Some(index) = files.read_string("model.safetensors.index.json")? {
-            shard_names_from_index(&index).with_context(|| format!("in {source}/model.safetensors.index.json"))?
-        } else if files.exists("model.safetensors") {
-            vec!["model.safetensors".to_string()]
-        } else {
-            bail!("{source} holds neither model.safetensors.index.json nor model.safetensors");
+        let mut checkpoint = Checkpoint {
+            files: files.clone(),
+            source: source.clone(),
+            shards: Vec::new(),
+            location: HashMap::new(),
         };
-        let mut shards = Vec::with_capacity(shard_names.len());
-        let mut location = HashMap::new();
-        for file in shard_names {
-            let bytes = files
-                .open(&file)?
-                .with_context(|| format!("shard {file} named by the index is missing from {source}"))?;
-            let (header_len, metadata) = SafeTensors::read_metadata((*bytes).as_ref()).map_err(|e| {
-                anyhow::anyhow!("{source}/{file} is not a valid safetensors file (truncated or corrupt?): {e:?}")
-            })?;
-            let tensors: HashMap<String, safetensors::tensor::TensorInfo> = metadata
-                .tensors()
-                .into_iter()
-                .map(|(name, info)| (name, info.clone()))
+        if let Some(index) = files.read_string(INDEX_FILE)? {
+            let map = weight_map(&index).with_context(|| format!("in {source}/{INDEX_FILE}"))?;
+            let shard_names: BTreeSet<&str> = map.values().map(String::as_str).collect();
+            let numbered: HashMap<&str, usize> = shard_names.iter().enumerate().map(|(i, &f)| (f, i)).collect();
+            checkpoint.shards = shard_names
+                .iter()
+                .map(|&file| Shard {
+                    file: file.to_string(),
+                    open: OnceLock::new(),
+                })
                 .collect();
-            for name in tensors.keys() {
-                location.insert(name.clone(), shards.len());
-            }
-            shards.push(Shard {
-                file,
-                bytes,
-                data_start: 8 + header_len,
-                tensors,
-            });
+            checkpoint.location = map
+                .iter()
+                .map(|(tensor, file)| (tensor.clone(), numbered[file.as_str()]))
+                .collect();
+        } else if files.exists("model.safetensors") {
+            let shard = Shard {
+                file: "model.safetensors".to_string(),
+                open: OnceLock::new(),
+            };
+            let opened = open_shard(files, &shard.file)?;
+            checkpoint.location = opened.tensors.keys().map(|name| (name.clone(), 0)).collect();
+            let _ = shard.open.set(opened);
+            checkpoint.shards.push(shard);
+        } else {
+            bail!("{source} holds neither {INDEX_FILE} nor model.safetensors");
         }
-        Ok(Checkpoint {
-            source,
-            shards,
-            location,
-        })
+        Ok(checkpoint)
     }
 
     pub fn source(&self) -> &str {
@@ -212,50 +218,78 @@ impl Checkpoint {
             .get(name)
             .with_context(|| format!("tensor `{name}` is missing from the checkpoint in {}", self.source))?;
         let shard = &self.shards[shard_index];
-        let info = &shard.tensors[name];
+        let opened = match shard.open.get() {
+            Some(opened) => opened,
+            None => {
+                // Two threads may map the same shard at once; one mapping is kept.
+                let opened = open_shard(&self.files, &shard.file)?;
+                shard.open.get_or_init(|| opened)
+            }
+        };
+        let info = opened.tensors.get(name).with_context(|| {
+            format!(
+                "{INDEX_FILE} places tensor `{name}` in {}/{}, which does not hold it",
+                self.source, shard.file
+            )
+        })?;
         Ok(TensorRef {
             name: name.to_string(),
             file: format!("{}/{}", self.source, shard.file),
             dtype: info.dtype,
             shape: info.shape.clone(),
-            bytes: shard.bytes.clone(),
-            start: shard.data_start + info.data_offsets.0,
-            end: shard.data_start + info.data_offsets.1,
+            bytes: opened.bytes.clone(),
+            start: opened.data_start + info.data_offsets.0,
+            end: opened.data_start + info.data_offsets.1,
         })
-    }
-
-    pub fn total_bytes(&self) -> u64 {
-        self.shards.iter().map(|s| (*s.bytes).as_ref().len() as u64).sum()
     }
 }
 
-fn shard_names_from_index(index: &str) -> Result<Vec<String>> {
+fn open_shard(files: &ModelFiles, file: &str) -> Result<OpenShard> {
+    let source = files.describe();
+    let bytes = files
+        .open(file)?
+        .with_context(|| format!("shard {file} named by the index is missing from {source}"))?;
+    let (header_len, metadata) = SafeTensors::read_metadata((*bytes).as_ref()).map_err(|e| {
+        anyhow::anyhow!("{source}/{file} is not a valid safetensors file (truncated or corrupt?): {e:?}")
+    })?;
+    let tensors = metadata
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| (name, info.clone()))
+        .collect();
+    Ok(OpenShard {
+        bytes,
+        data_start: 8 + header_len,
+        tensors,
+    })
+}
+
+/// The shard index of a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// The index's `weight_map`: tensor name -> shard file, each file checked to lie inside the
+/// model directory.
+pub fn weight_map(index: &str) -> Result<BTreeMap<String, String>> {
     let value: serde_json::Value = serde_json::from_str(index).context("index is not valid JSON")?;
     let map = value
         .get("weight_map")
         .and_then(|m| m.as_object())
         .context("index has no `weight_map` object")?;
-    let mut names = BTreeSet::new();
+    let mut files = BTreeMap::new();
     for (tensor, file) in map {
         let file = file
             .as_str()
             .with_context(|| format!("`weight_map.{tensor}` must be a file name"))?;
-        if file.contains('/') || file.contains("..") {
+        if file.is_empty() || file.contains('/') || file.contains('\\') || file.contains("..") {
             bail!("`weight_map.{tensor}` names `{file}`, which is outside the model directory");
         }
-        names.insert(file.to_string());
+        files.insert(tensor.clone(), file.to_string());
     }
-    Ok(names.into_iter().collect())
+    Ok(files)
 }
 
-/// Whether the checkpoint in `files` holds tensor `name`: by its shard index when it has one
-/// (no shard is opened), else by the single file's header.
+/// Whether the checkpoint in `files` holds tensor `name` (by its index; no shard is mapped).
 pub fn holds_tensor(files: &ModelFiles, name: &str) -> Result<bool> {
-    if let Some(index) = files.read_string("model.safetensors.index.json")? {
-        let value: serde_json::Value = serde_json::from_str(&index)
-            .with_context(|| format!("{}/model.safetensors.index.json is not valid JSON", files.describe()))?;
-        return Ok(value.get("weight_map").and_then(|m| m.get(name)).is_some());
-    }
     Ok(Checkpoint::open(files)?.contains(name))
 }
 

@@ -175,16 +175,39 @@ fn broken_checkpoints_name_the_tensor_and_file() {
             .unwrap_or_default()
     };
 
-    // A tensor the index names but no shard holds.
+    // The index places a tensor the model loads in a file that is missing, or in one that
+    // does not hold it. (A missing file holding nothing the model loads is no error: a rank's
+    // directory holds only its own shards.)
     let index_path = dir.path().join("model.safetensors.index.json");
     let index = std::fs::read_to_string(&index_path).expect("index");
     let mut value: serde_json::Value = serde_json::from_str(&index).expect("json");
     value["weight_map"]["model.layers.9.bogus.weight"] = "model-00003-of-00002.safetensors".into();
     std::fs::write(&index_path, value.to_string()).expect("write");
+    assert_eq!(load_err(), "", "a shard no loaded tensor lives in is not opened");
+    let norm_file = value["weight_map"]["model.norm.weight"].clone();
+    value["weight_map"]["model.norm.weight"] = "model-00003-of-00002.safetensors".into();
+    std::fs::write(&index_path, value.to_string()).expect("write");
+    let e = load_err();
     assert!(
-        load_err().contains("model-00003-of-00002.safetensors"),
-        "{}",
-        load_err()
+        e.contains("model-00003-of-00002.safetensors") && e.contains("missing"),
+        "{e}"
+    );
+    let holder = value["weight_map"]["model.embed_tokens.weight"]
+        .as_str()
+        .expect("file")
+        .to_string();
+    let elsewhere = if holder.contains("00001") {
+        "model-00002-of-00002.safetensors"
+    } else {
+        "model-00001-of-00002.safetensors"
+    };
+    value["weight_map"]["model.norm.weight"] = norm_file;
+    value["weight_map"]["model.embed_tokens.weight"] = elsewhere.into();
+    std::fs::write(&index_path, value.to_string()).expect("write");
+    let e = load_err();
+    assert!(
+        e.contains("model.embed_tokens.weight") && e.contains(elsewhere) && e.contains("does not hold it"),
+        "{e}"
     );
     std::fs::write(&index_path, &index).expect("restore");
 
