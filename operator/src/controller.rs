@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use crate::crd::{DeepSeekV3Deployment, DeepSeekV3DeploymentStatus, RoleStatus};
 use crate::metrics::{ErrorLabels, Metrics, PhaseLabels};
+use crate::model_readiness::{self, ModelState};
 use crate::planner::{self, ChildKind, Names, Plan, PlanError, PlanInput, Role, MANAGER, ROUTER_PORT};
 
 pub const FINALIZER: &str = "dsv3.io/teardown";
@@ -340,7 +341,12 @@ async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Actio
         return Ok(Action::requeue(REQUEUE_BLOCKED));
     }
 
-    let plan = match planner::plan(&cr, &PlanInput::default()) {
+    let model = model_readiness::observe(&cr, client, &ns).await?;
+    let input = PlanInput {
+        placement_cutover: false,
+        served_model: model.served.clone(),
+    };
+    let plan = match planner::plan(&cr, &input) {
         Ok(p) => p,
         Err(e @ (PlanError::Placement(_) | PlanError::Negative(_))) => {
             let blocker = Blocker {
@@ -371,6 +377,7 @@ async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Actio
                     &cr,
                     &PlanInput {
                         placement_cutover: true,
+                        ..input
                     },
                 )
                 .map_err(|_| Error::MissingMetadata("plan"))?;
@@ -394,7 +401,11 @@ async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Actio
         .await;
     }
 
-    let status = compute_status(&cr, &plan, &observed, cutover, &now);
+    if model.ready {
+        model_readiness::collect_old_downloads(client, &ns, &cr).await?;
+    }
+
+    let status = compute_status(&cr, &plan, &observed, cutover, &model, &now);
     publish_transition_events(&ctx, &cr, &old_status, &status, &plan, cutover).await;
     patch_status(&ctx, &cr, &status).await?;
 
@@ -417,6 +428,9 @@ pub async fn apply_plan(client: &Client, ns: &str, plan: &Plan) -> Result<Observ
     let experts = server_side_apply(client, ns, &plan.expert_statefulset).await?;
     let attention = server_side_apply(client, ns, &plan.attention_statefulset).await?;
     let router = server_side_apply(client, ns, &plan.router_deployment).await?;
+    if let Some(job) = &plan.model_download {
+        server_side_apply(client, ns, job).await?;
+    }
     for p in &plan.pdbs {
         server_side_apply(client, ns, p).await?;
     }
@@ -678,6 +692,7 @@ pub fn compute_status(
     plan: &Plan,
     observed: &Observed,
     cutover: bool,
+    model: &ModelState,
     now: &Time,
 ) -> DeepSeekV3DeploymentStatus {
     let old = cr.status.clone().unwrap_or_default();
@@ -736,7 +751,20 @@ pub fn compute_status(
             cr.spec.rollout.restart_budget
         )
     });
-    let (phase, ready, progressing, degraded) = if let Some(crashed) = crashed {
+    let (phase, ready, progressing, degraded) = if model.pending(cr) {
+        // Nothing runs before the first download: its progress is the fleet's.
+        let reason = if model.failed {
+            "ModelDownloadFailed"
+        } else {
+            "ModelDownloading"
+        };
+        (
+            if model.failed { "Failed" } else { "Progressing" },
+            (false, reason, model.message.clone()),
+            (!model.failed, reason, model.message.clone()),
+            (model.failed, reason, model.message.clone()),
+        )
+    } else if let Some(crashed) = crashed {
         let ready_reason = if serving { "Serving" } else { "RestartBudgetExhausted" };
         (
             "Failed",
@@ -824,7 +852,17 @@ pub fn compute_status(
             condition(c, "Ready", ready.0, ready.1, ready.2, g, now),
             condition(c, "Progressing", progressing.0, progressing.1, progressing.2, g, now),
             condition(c, "Degraded", degraded.0, degraded.1, degraded.2, g, now),
+            condition(
+                c,
+                "ModelReady",
+                model.ready,
+                model.reason,
+                model.message.clone(),
+                g,
+                now,
+            ),
         ],
+        served_model: model.served.clone(),
         ..base_status(cr)
     }
 }
@@ -978,6 +1016,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             children.clone(),
         )
         .owns(scoped::<ConfigMap>(&client, ns), children.clone())
+        .owns(
+            scoped::<k8s_openapi::api::batch::v1::Job>(&client, ns),
+            children.clone(),
+        )
         .owns(
             scoped::<k8s_openapi::api::core::v1::ServiceAccount>(&client, ns),
             children.clone(),

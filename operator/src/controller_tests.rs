@@ -603,3 +603,132 @@ async fn invalid_topology_that_slipped_past_admission_blocks_instead_of_crashing
     assert_eq!(action, Action::requeue(REQUEUE_BLOCKED));
     assert_eq!(h.condition("Ready"), ("False".into(), "InvalidTopology".into()));
 }
+
+fn job_path(ns: &str, name: &str) -> String {
+    format!("/apis/batch/v1/namespaces/{ns}/jobs/{name}")
+}
+
+/// The tiny sample with its model from the hub instead of a PVC.
+fn hub_harness(revision: &str) -> Harness {
+    let mut cr = sample("tiny-cpu.yaml");
+    cr.spec.model.source.pvc = None;
+    cr.spec.model.source.hub = Some(crate::crd::HubSource {
+        repo: "dsv3-test/tiny".into(),
+        revision: revision.into(),
+        token_secret: Some(crate::crd::SecretKeyRef {
+            name: "hf".into(),
+            key: "token".into(),
+        }),
+        cache_claim_name: "hub-cache".into(),
+    });
+    Harness::new(&cr).with_pvc("hub-cache").with_secret("hf")
+}
+
+impl Harness {
+    fn download_job(&self) -> String {
+        let cr = self.cr();
+        let hub = cr.spec.model.source.hub.as_ref().expect("hub source");
+        job_path(
+            &self.ns,
+            &planner::download_job_name(&self.name, &crate::crd::ServedModel::of(hub)),
+        )
+    }
+
+    fn finish_job(&self, path: &str, succeeded: bool) {
+        self.fake.edit(path, |o| {
+            o["status"] = if succeeded {
+                json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]})
+            } else {
+                json!({"failed": 7, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                                                    "message": "Job has reached the specified backoff limit"}]})
+            };
+        });
+    }
+
+    fn worker_sub_path(&self, role: &str) -> String {
+        let sts = self
+            .fake
+            .get(&sts_path(&self.ns, &format!("{}-{role}", self.name)))
+            .expect("statefulset");
+        let mounts = &sts["spec"]["template"]["spec"]["containers"][0]["volumeMounts"];
+        mounts
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["name"] == "model"))
+            .and_then(|m| m["subPath"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    fn sts_replicas(&self, role: &str) -> i64 {
+        self.fake
+            .get(&sts_path(&self.ns, &format!("{}-{role}", self.name)))
+            .and_then(|s| s["spec"]["replicas"].as_i64())
+            .unwrap_or(-1)
+    }
+}
+
+#[tokio::test]
+async fn a_hub_model_is_downloaded_once_and_gates_the_fleet_and_a_new_revision_swaps_in_when_verified() {
+    let h = hub_harness("main");
+    h.create().await;
+    let first_job = h.download_job();
+    assert!(h.fake.get(&first_job).is_some(), "the download Job is created");
+    assert_eq!((h.sts_replicas("attention"), h.sts_replicas("expert")), (0, 0));
+    assert_eq!(h.status()["phase"], "Progressing");
+    assert_eq!(h.condition("ModelReady"), ("False".into(), "Downloading".into()));
+    assert_eq!(h.condition("Ready"), ("False".into(), "ModelDownloading".into()));
+    assert!(h.status().get("servedModel").is_none());
+
+    // Verified: the workers start on the revision's directory.
+    h.finish_job(&first_job, true);
+    h.reconcile().await.expect("reconcile");
+    assert_eq!(h.condition("ModelReady"), ("True".into(), "Downloaded".into()));
+    assert_eq!(h.status()["servedModel"]["revision"], "main");
+    assert!(h.sts_replicas("attention") > 0 && h.sts_replicas("expert") > 0);
+    assert_eq!(h.worker_sub_path("expert"), "hub/dsv3-test/tiny/main");
+
+    // A new revision downloads beside it; the workers keep running the old one meanwhile.
+    h.edit_spec(|s| s["model"]["source"]["hub"]["revision"] = json!("v2"));
+    h.reconcile().await.expect("reconcile");
+    let second_job = h.download_job();
+    assert_ne!(first_job, second_job);
+    assert!(h.fake.get(&second_job).is_some());
+    assert_eq!(h.condition("ModelReady"), ("False".into(), "Downloading".into()));
+    assert!(h
+        .condition_message("ModelReady")
+        .contains("serving dsv3-test/tiny@main meanwhile"));
+    assert_eq!(h.worker_sub_path("expert"), "hub/dsv3-test/tiny/main");
+    assert!(h.sts_replicas("expert") > 0);
+
+    // It fails: said, with what to do, and the old revision still serves.
+    h.finish_job(&second_job, false);
+    h.reconcile().await.expect("reconcile");
+    assert_eq!(h.condition("ModelReady"), ("False".into(), "DownloadFailed".into()));
+    let message = h.condition_message("ModelReady");
+    assert!(
+        message.contains("backoff limit") && message.contains("delete the Job"),
+        "{message}"
+    );
+    assert_ne!(h.status()["phase"], "Failed");
+    assert_eq!(h.worker_sub_path("attention"), "hub/dsv3-test/tiny/main");
+
+    // Retried and verified: the workers move to v2 and the old Job goes.
+    h.finish_job(&second_job, true);
+    h.reconcile().await.expect("reconcile");
+    assert_eq!(h.status()["servedModel"]["revision"], "v2");
+    assert_eq!(h.worker_sub_path("attention"), "hub/dsv3-test/tiny/v2");
+    assert!(h.fake.get(&first_job).is_none(), "the old revision's Job is deleted");
+    assert!(h.fake.get(&second_job).is_some());
+}
+
+#[tokio::test]
+async fn a_first_download_that_fails_fails_the_fleet_with_the_reason() {
+    let h = hub_harness("main");
+    h.create().await;
+    h.finish_job(&h.download_job(), false);
+    h.reconcile().await.expect("reconcile");
+    assert_eq!(h.status()["phase"], "Failed");
+    assert_eq!(h.condition("Ready"), ("False".into(), "ModelDownloadFailed".into()));
+    assert_eq!(h.condition("ModelReady"), ("False".into(), "DownloadFailed".into()));
+    assert_eq!((h.sts_replicas("attention"), h.sts_replicas("expert")), (0, 0));
+}

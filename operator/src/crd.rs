@@ -258,7 +258,8 @@ pub struct ModelSource {
     /// A directory on every node (pre-staged weights).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_path: Option<HostPathSource>,
-    /// A Hugging Face hub repository, downloaded by an init container into a cache PVC.
+    /// A Hugging Face hub repository, downloaded once per (repository, revision) by a Job into
+    /// a cache PVC; the workers start when it is there and verified (condition ModelReady).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hub: Option<HubSource>,
 }
@@ -280,19 +281,24 @@ pub struct HostPathSource {
     pub path: String,
 }
 
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct HubSource {
     /// Repository id, e.g. deepseek-ai/DeepSeek-V3-0324.
-    #[schemars(length(min = 1, max = 256))]
+    #[schemars(length(min = 1, max = 96))]
+    #[x_kube(validation = ::kube::core::Rule::new("self.matches('^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$') && !self.contains('..')").message("hub.repo must be a hub repository id, e.g. deepseek-ai/DeepSeek-V3-0324"))]
     pub repo: String,
-    /// Branch, tag or commit.
+    /// Branch, tag or commit. It is downloaded once (a Job into the cache claim); a branch is
+    /// read at that moment, so pin a commit or tag for fleets that must not drift.
     #[serde(default = "default_revision")]
+    #[schemars(length(min = 1, max = 96))]
+    #[x_kube(validation = ::kube::core::Rule::new("self.matches('^[A-Za-z0-9][A-Za-z0-9._/-]*$') && !self.contains('..')").message("hub.revision must be a branch, tag or commit"))]
     pub revision: String,
     /// Secret holding a hub token (gated or private repositories).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_secret: Option<SecretKeyRef>,
-    /// PVC the init container downloads into; the workers mount it read-only.
+    /// PVC the download Job fills (under hub/<repo>/<revision>); the workers mount it
+    /// read-only, the router only the files it reads.
     #[schemars(length(min = 1, max = 253))]
     pub cache_claim_name: String,
 }
@@ -704,11 +710,39 @@ pub struct DeepSeekV3DeploymentStatus {
     /// ConfigMap that holds that placement plan.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement_config_map: Option<String>,
+    /// The hub repository and revision the workers run (downloaded and verified); while a new
+    /// revision downloads, the fleet keeps serving this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_model: Option<ServedModel>,
     /// In-cluster URL of the OpenAI-compatible API.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// A hub repository at a revision, as downloaded into the cache claim.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServedModel {
+    pub repo: String,
+    pub revision: String,
+    pub cache_claim_name: String,
+}
+
+impl ServedModel {
+    pub fn of(hub: &HubSource) -> Self {
+        ServedModel {
+            repo: hub.repo.clone(),
+            revision: hub.revision.clone(),
+            cache_claim_name: hub.cache_claim_name.clone(),
+        }
+    }
+
+    /// Its directory inside the cache claim.
+    pub fn directory(&self) -> String {
+        format!("hub/{}/{}", self.repo, self.revision)
+    }
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]

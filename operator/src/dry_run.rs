@@ -22,7 +22,7 @@ pub fn plan_yaml(text: &str) -> Result<String, String> {
         cr.metadata.namespace.get_or_insert_with(|| "default".into());
         cr.metadata.uid.get_or_insert_with(|| "dry-run".into());
         cr.metadata.generation.get_or_insert(1);
-        let planned = plan(&cr, &PlanInput::default()).map_err(|e| format!("{name}: {e}"))?;
+        let planned = plan(&cr, &PlanInput::model_downloaded(&cr)).map_err(|e| format!("{name}: {e}"))?;
         let objects = planned.objects().map_err(|e| format!("{name}: {e}"))?;
         for object in objects {
             out.push_str("---\n");

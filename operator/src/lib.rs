@@ -72,6 +72,7 @@ pub mod controller;
 pub mod dry_run;
 pub mod leader;
 pub mod metrics;
+pub mod model_readiness;
 pub mod placement;
 pub mod planner;
 

@@ -12,12 +12,13 @@ use k8s_openapi::api::autoscaling::v2::{
     CrossVersionObjectReference, HPAScalingRules, HorizontalPodAutoscaler, HorizontalPodAutoscalerBehavior,
     HorizontalPodAutoscalerSpec, MetricIdentifier, MetricSpec, MetricTarget, PodsMetricSource, ResourceMetricSource,
 };
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, GRPCAction, HTTPGetAction, HostPathVolumeSource, Lifecycle, LifecycleHandler, LocalObjectReference,
-    ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Service, ServiceAccount, ServicePort,
-    ServiceSpec, SleepAction, Toleration, TopologySpreadConstraint, Volume, VolumeMount,
+    EnvVarSource, GRPCAction, HTTPGetAction, Lifecycle, LifecycleHandler, LocalObjectReference, ObjectFieldSelector,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
+    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, SleepAction, Toleration,
+    TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
@@ -32,9 +33,12 @@ use kube::Resource;
 use serde::Serialize;
 
 use crate::crd::{
-    DataPlane, DeepSeekV3Deployment, DeepSeekV3DeploymentSpec, PodSettings, RoleAutoscaling, SecretKeyRef,
+    DataPlane, DeepSeekV3Deployment, DeepSeekV3DeploymentSpec, PodSettings, RoleAutoscaling, SecretKeyRef, ServedModel,
 };
 use crate::placement::{self, PlacementError, PlacementInput, PlacementPlan};
+
+mod model_files;
+pub use model_files::{download_job_name, DOWNLOAD_COMPONENT, ROUTER_VIEW};
 
 pub const ROUTER_PORT: i32 = 8000;
 pub const WORKER_PORT: i32 = 50051;
@@ -80,6 +84,19 @@ pub struct PlanInput {
     /// The placement version is changing and pods of the old version still run: both worker
     /// StatefulSets are planned with zero replicas so the two versions never overlap.
     pub placement_cutover: bool,
+    /// With a hub source: the downloaded, verified revision the workers run (status.servedModel).
+    /// None: nothing is downloaded yet, so no router or worker pod is started.
+    pub served_model: Option<ServedModel>,
+}
+
+impl PlanInput {
+    /// The fleet as it runs once its hub model is downloaded (the dry run's view).
+    pub fn model_downloaded(cr: &DeepSeekV3Deployment) -> Self {
+        PlanInput {
+            served_model: cr.spec.model.source.hub.as_ref().map(ServedModel::of),
+            ..Default::default()
+        }
+    }
 }
 
 /// Kinds of object the planner produces, for deleting ones that are no longer wanted.
@@ -102,6 +119,8 @@ pub struct Plan {
     pub expert_statefulset: StatefulSet,
     pub attention_statefulset: StatefulSet,
     pub router_deployment: Deployment,
+    /// With a hub source: the Job that downloads the desired revision into the cache claim.
+    pub model_download: Option<Job>,
     pub pdbs: Vec<PodDisruptionBudget>,
     pub hpas: Vec<HorizontalPodAutoscaler>,
     /// Objects the fleet must not have (e.g. an HPA after autoscaling was switched off).
@@ -130,6 +149,9 @@ impl Plan {
         push(&mut out, "StatefulSet", &self.expert_statefulset)?;
         push(&mut out, "StatefulSet", &self.attention_statefulset)?;
         push(&mut out, "Deployment", &self.router_deployment)?;
+        if let Some(job) = &self.model_download {
+            push(&mut out, "Job", job)?;
+        }
         for p in &self.pdbs {
             push(&mut out, "PodDisruptionBudget", p)?;
         }
@@ -227,6 +249,7 @@ struct Ctx<'a> {
     owner: OwnerReference,
     spec: &'a DeepSeekV3DeploymentSpec,
     names: Names,
+    served_model: Option<ServedModel>,
 }
 
 impl Ctx<'_> {
@@ -310,7 +333,10 @@ pub fn plan(cr: &DeepSeekV3Deployment, input: &PlanInput) -> Result<Plan, PlanEr
         namespace,
         owner,
         spec,
+        served_model: input.served_model.clone(),
     };
+    // A hub model not downloaded yet: nothing to run.
+    let model_pending = spec.model.source.hub.is_some() && input.served_model.is_none();
 
     let placement_json = serde_json::to_string_pretty(&placement).unwrap_or_default();
     let placement_config = ConfigMap {
@@ -363,7 +389,7 @@ pub fn plan(cr: &DeepSeekV3Deployment, input: &PlanInput) -> Result<Plan, PlanEr
     let network_policy = network_policy(&ctx);
 
     let worker_replicas = |role: Role| -> Option<i32> {
-        if input.placement_cutover {
+        if input.placement_cutover || model_pending {
             return Some(0);
         }
         // With autoscaling, the attention HPA scales this resource (its scale subresource is
@@ -376,7 +402,13 @@ pub fn plan(cr: &DeepSeekV3Deployment, input: &PlanInput) -> Result<Plan, PlanEr
     };
     let expert_statefulset = worker_statefulset(&ctx, Role::Expert, worker_replicas(Role::Expert), &placement);
     let attention_statefulset = worker_statefulset(&ctx, Role::Attention, worker_replicas(Role::Attention), &placement);
-    let router_deployment = router_deployment(&ctx);
+    let router_deployment = router_deployment(&ctx, model_pending);
+    let model_download = spec
+        .model
+        .source
+        .hub
+        .as_ref()
+        .map(|hub| model_files::download_job(&ctx, hub));
 
     let pdbs = [Role::Router, Role::Attention, Role::Expert]
         .into_iter()
@@ -385,7 +417,7 @@ pub fn plan(cr: &DeepSeekV3Deployment, input: &PlanInput) -> Result<Plan, PlanEr
     let mut hpas = Vec::new();
     let mut absent = Vec::new();
     for role in [Role::Router, Role::Attention] {
-        match autoscaling(spec, role) {
+        match autoscaling(spec, role).filter(|_| !model_pending) {
             Some(a) => hpas.push(hpa(&ctx, role, a)),
             None => absent.push((ChildKind::HorizontalPodAutoscaler, ctx.names.role(role))),
         }
@@ -403,6 +435,7 @@ pub fn plan(cr: &DeepSeekV3Deployment, input: &PlanInput) -> Result<Plan, PlanEr
         expert_statefulset,
         attention_statefulset,
         router_deployment,
+        model_download,
         pdbs,
         hpas,
         absent,
@@ -698,38 +731,6 @@ fn role_env(ctx: &Ctx<'_>, role: Role) -> Vec<EnvVar> {
     envs
 }
 
-fn model_path(ctx: &Ctx<'_>) -> String {
-    match ctx.spec.model.source.pvc.as_ref().and_then(|p| p.sub_path.as_deref()) {
-        Some(sub) if !sub.trim_matches('/').is_empty() => format!("{MODEL_DIR}/{}", sub.trim_matches('/')),
-        _ => MODEL_DIR.to_string(),
-    }
-}
-
-fn model_volume(ctx: &Ctx<'_>) -> Volume {
-    let src = &ctx.spec.model.source;
-    let mut v = Volume {
-        name: "model".into(),
-        ..Default::default()
-    };
-    if let Some(p) = &src.pvc {
-        v.persistent_volume_claim = Some(PersistentVolumeClaimVolumeSource {
-            claim_name: p.claim_name.clone(),
-            read_only: Some(true),
-        });
-    } else if let Some(h) = &src.host_path {
-        v.host_path = Some(HostPathVolumeSource {
-            path: h.path.clone(),
-            type_: Some("Directory".into()),
-        });
-    } else if let Some(h) = &src.hub {
-        v.persistent_volume_claim = Some(PersistentVolumeClaimVolumeSource {
-            claim_name: h.cache_claim_name.clone(),
-            read_only: Some(false),
-        });
-    }
-    v
-}
-
 /// The container security context; `ipc_lock` adds the one capability RDMA needs (pinning memory).
 fn container_security(ipc_lock: bool) -> SecurityContext {
     SecurityContext {
@@ -852,7 +853,7 @@ fn pod_template(ctx: &Ctx<'_>, settings: &PodSettings, parts: PodParts) -> PodTe
     envs.extend(settings.env.iter().cloned());
 
     let mut volumes = vec![
-        model_volume(ctx),
+        model_files::volume(ctx),
         Volume {
             name: "tmp".into(),
             empty_dir: Some(EmptyDirVolumeSource {
@@ -863,12 +864,7 @@ fn pod_template(ctx: &Ctx<'_>, settings: &PodSettings, parts: PodParts) -> PodTe
         },
     ];
     let mut mounts = vec![
-        VolumeMount {
-            name: "model".into(),
-            mount_path: MODEL_DIR.into(),
-            read_only: Some(true),
-            ..Default::default()
-        },
+        model_files::mount(ctx, parts.role),
         VolumeMount {
             name: "tmp".into(),
             mount_path: "/tmp".into(),
@@ -894,43 +890,6 @@ fn pod_template(ctx: &Ctx<'_>, settings: &PodSettings, parts: PodParts) -> PodTe
     volumes.extend(parts.extra_volumes);
     mounts.extend(parts.extra_mounts);
 
-    let mut init_containers = Vec::new();
-    if let Some(hub) = &spec.model.source.hub {
-        let mut init_env = vec![env("HOME", "/tmp"), env("HF_HUB_DISABLE_TELEMETRY", "1")];
-        if let Some(t) = &hub.token_secret {
-            init_env.push(secret_env("HF_TOKEN", t));
-        }
-        init_containers.push(Container {
-            name: "fetch-model".into(),
-            image: Some(spec.image.clone()),
-            image_pull_policy: Some(spec.image_pull_policy.as_str().into()),
-            command: Some(vec!["dsv3-worker".into()]),
-            args: Some(vec![
-                "download".into(),
-                "--repo".into(),
-                hub.repo.clone(),
-                "--revision".into(),
-                hub.revision.clone(),
-                "--dir".into(),
-                MODEL_DIR.into(),
-            ]),
-            env: Some(init_env),
-            volume_mounts: Some(vec![
-                VolumeMount {
-                    name: "model".into(),
-                    mount_path: MODEL_DIR.into(),
-                    ..Default::default()
-                },
-                VolumeMount {
-                    name: "tmp".into(),
-                    mount_path: "/tmp".into(),
-                    ..Default::default()
-                },
-            ]),
-            security_context: Some(container_security(false)),
-            ..Default::default()
-        });
-    }
     let rdma = network.and_then(|n| n.rdma_resource.as_deref().map(|r| (r, n.rdma_devices_per_pod)));
 
     let container = Container {
@@ -970,7 +929,6 @@ fn pod_template(ctx: &Ctx<'_>, settings: &PodSettings, parts: PodParts) -> PodTe
             service_account_name: Some(ctx.names.service_account()),
             automount_service_account_token: Some(false),
             security_context: Some(pod_security()),
-            init_containers: (!init_containers.is_empty()).then_some(init_containers),
             containers: vec![container],
             volumes: Some(volumes),
             node_selector: (!settings.node_selector.is_empty()).then(|| settings.node_selector.clone()),
@@ -1051,7 +1009,7 @@ fn worker_statefulset(ctx: &Ctx<'_>, role: Role, replicas: Option<i32>, placemen
     let mut args = vec![
         role.as_str().to_string(),
         "--model".into(),
-        model_path(ctx),
+        model_files::model_path(ctx),
         "--host".into(),
         "0.0.0.0".into(),
         "--port".into(),
@@ -1142,12 +1100,12 @@ fn worker_statefulset(ctx: &Ctx<'_>, role: Role, replicas: Option<i32>, placemen
     }
 }
 
-fn router_deployment(ctx: &Ctx<'_>) -> Deployment {
+fn router_deployment(ctx: &Ctx<'_>, model_pending: bool) -> Deployment {
     let spec = ctx.spec;
     let args = vec![
         "router".to_string(),
         "--model".into(),
-        model_path(ctx),
+        model_files::model_path(ctx),
         "--host".into(),
         "0.0.0.0".into(),
         "--port".into(),
@@ -1188,7 +1146,9 @@ fn router_deployment(ctx: &Ctx<'_>) -> Deployment {
         pre_stop_seconds: ROUTER_PRE_STOP_SECONDS,
     };
     let template = pod_template(ctx, &spec.router.pod, parts);
-    let replicas = if autoscaling(spec, Role::Router).is_some() {
+    let replicas = if model_pending {
+        Some(0)
+    } else if autoscaling(spec, Role::Router).is_some() {
         None
     } else {
         Some(spec.router.replicas)

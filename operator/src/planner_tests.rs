@@ -12,8 +12,9 @@ use crate::placement::PlacementPlan;
 use crate::planner::{self, ChildKind, Plan, PlanInput, Role, GPU_RESOURCE, LABEL_PLACEMENT_VERSION, WORKER_PORT};
 use crate::testutil::{minimal, sample, SAMPLES};
 
+/// The fleet as it runs (a hub model downloaded).
 fn plan_of(cr: &DeepSeekV3Deployment) -> Plan {
-    planner::plan(cr, &PlanInput::default()).unwrap_or_else(|e| panic!("plan failed: {e}"))
+    planner::plan(cr, &PlanInput::model_downloaded(cr)).unwrap_or_else(|e| panic!("plan failed: {e}"))
 }
 
 fn pod_spec_sts(s: &k8s_openapi::api::apps::v1::StatefulSet) -> PodSpec {
@@ -485,6 +486,7 @@ fn placement_cutover_stops_both_worker_sets_at_the_new_version() {
         &cr,
         &PlanInput {
             placement_cutover: true,
+            ..Default::default()
         },
     )
     .expect("plan");
@@ -566,51 +568,183 @@ fn the_attention_hpa_scales_the_resource_and_the_router_hpa_its_deployment() {
     );
 }
 
-#[test]
-fn hub_source_downloads_with_the_token_secret() {
+fn hub_cr(revision: &str) -> DeepSeekV3Deployment {
     let mut cr = minimal();
     cr.spec.model.source.pvc = None;
     cr.spec.model.source.hub = Some(crate::crd::HubSource {
         repo: "deepseek-ai/DeepSeek-V3-0324".into(),
-        revision: "main".into(),
+        revision: revision.into(),
         token_secret: Some(crate::crd::SecretKeyRef {
             name: "hf".into(),
             key: "token".into(),
         }),
         cache_claim_name: "hub-cache".into(),
     });
-    let plan = plan_of(&cr);
-    let pod = pod_spec_sts(&plan.expert_statefulset);
-    let init = pod
-        .init_containers
-        .as_ref()
-        .and_then(|i| i.first())
-        .expect("init container");
+    cr
+}
+
+fn served(cr: &DeepSeekV3Deployment) -> PlanInput {
+    PlanInput::model_downloaded(cr)
+}
+
+fn replicas_of(plan: &Plan) -> [Option<i32>; 3] {
+    [
+        plan.router_deployment.spec.as_ref().and_then(|s| s.replicas),
+        plan.attention_statefulset.spec.as_ref().and_then(|s| s.replicas),
+        plan.expert_statefulset.spec.as_ref().and_then(|s| s.replicas),
+    ]
+}
+
+#[test]
+fn a_hub_model_is_downloaded_once_by_a_job_with_the_token_secret() {
+    let cr = hub_cr("main");
+    let plan = planner::plan(&cr, &served(&cr)).expect("plan");
+    let job = plan.model_download.as_ref().expect("a download Job");
+    let pod = job.spec.as_ref().and_then(|s| s.template.spec.clone()).expect("pod");
+    check_pod_hardening("download job", &pod);
+    assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+    let c = main_container(&pod);
     assert_eq!(
-        arg_after(init, "--repo").as_deref(),
-        Some("deepseek-ai/DeepSeek-V3-0324")
+        c.args.as_ref().and_then(|a| a.first()).map(String::as_str),
+        Some("download")
     );
-    let token = init
-        .env
-        .iter()
-        .flatten()
-        .find(|e| e.name == "HF_TOKEN")
-        .expect("HF_TOKEN");
+    assert_eq!(arg_after(c, "--repo").as_deref(), Some("deepseek-ai/DeepSeek-V3-0324"));
+    assert_eq!(arg_after(c, "--revision").as_deref(), Some("main"));
+    assert_eq!(
+        arg_after(c, "--dir").as_deref(),
+        Some("/cache/hub/deepseek-ai/DeepSeek-V3-0324/main")
+    );
+    let token = c.env.iter().flatten().find(|e| e.name == "HF_TOKEN").expect("HF_TOKEN");
     let sel = token
         .value_from
         .as_ref()
         .and_then(|v| v.secret_key_ref.as_ref())
         .expect("secret ref");
     assert_eq!((sel.name.as_str(), sel.key.as_str()), ("hf", "token"));
-    let model = pod
+    let cache = pod
         .volumes
         .iter()
         .flatten()
-        .find(|v| v.name == "model")
-        .expect("model volume");
+        .find(|v| v.name == "cache")
+        .expect("cache volume");
+    let claim = cache.persistent_volume_claim.as_ref().expect("claim");
+    assert_eq!((claim.claim_name.as_str(), claim.read_only), ("hub-cache", Some(false)));
+
+    // No worker pod downloads anything; the ranks read the revision's directory read-only.
+    for (what, pod) in [
+        ("attention", pod_spec_sts(&plan.attention_statefulset)),
+        ("expert", pod_spec_sts(&plan.expert_statefulset)),
+    ] {
+        assert!(pod.init_containers.is_none(), "{what}");
+        let mount = main_container(&pod)
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "model")
+            .expect("model mount");
+        assert_eq!(
+            mount.sub_path.as_deref(),
+            Some("hub/deepseek-ai/DeepSeek-V3-0324/main"),
+            "{what}"
+        );
+        assert_eq!(mount.read_only, Some(true), "{what}");
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "model")
+            .expect("volume");
+        let claim = volume.persistent_volume_claim.as_ref().expect("claim");
+        assert_eq!((claim.claim_name.as_str(), claim.read_only), ("hub-cache", Some(true)));
+    }
+}
+
+#[test]
+fn the_router_mounts_only_the_files_it_reads() {
+    let cr = hub_cr("v1.0");
+    let plan = planner::plan(&cr, &served(&cr)).expect("plan");
+    let pod = pod_spec_deploy(&plan.router_deployment);
+    let mount = main_container(&pod)
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == "model")
+        .expect("model mount");
     assert_eq!(
-        model.persistent_volume_claim.as_ref().map(|p| p.claim_name.as_str()),
-        Some("hub-cache")
+        mount.sub_path.as_deref(),
+        Some(format!("hub/deepseek-ai/DeepSeek-V3-0324/v1.0/{}", planner::ROUTER_VIEW).as_str())
+    );
+}
+
+#[test]
+fn nothing_starts_before_the_first_download_and_a_new_revision_keeps_the_old_one_serving() {
+    let cr = hub_cr("v2");
+    let pending = planner::plan(&cr, &PlanInput::default()).expect("plan");
+    assert_eq!(replicas_of(&pending), [Some(0); 3]);
+    assert!(pending.model_download.is_some());
+
+    // v1 serves while v2 downloads: the pods keep v1's directory, the Job fetches v2.
+    let v1 = crate::crd::ServedModel::of(
+        cr.spec
+            .model
+            .source
+            .hub
+            .as_ref()
+            .map(|h| crate::crd::HubSource {
+                revision: "v1".into(),
+                ..h.clone()
+            })
+            .as_ref()
+            .expect("hub"),
+    );
+    let input = PlanInput {
+        served_model: Some(v1),
+        ..Default::default()
+    };
+    let serving = planner::plan(&cr, &input).expect("plan");
+    assert!(replicas_of(&serving).iter().all(|r| r.unwrap_or(1) > 0));
+    let mount = main_container(&pod_spec_sts(&serving.expert_statefulset))
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == "model")
+        .and_then(|m| m.sub_path.clone());
+    assert_eq!(mount.as_deref(), Some("hub/deepseek-ai/DeepSeek-V3-0324/v1"));
+    let job = serving.model_download.as_ref().expect("job");
+    assert_eq!(
+        arg_after(
+            main_container(&job.spec.as_ref().and_then(|s| s.template.spec.clone()).expect("pod")),
+            "--revision"
+        )
+        .as_deref(),
+        Some("v2")
+    );
+}
+
+#[test]
+fn the_download_job_is_named_by_what_it_downloads() {
+    let name = |cr: &DeepSeekV3Deployment| {
+        planner::plan(cr, &served(cr))
+            .expect("plan")
+            .model_download
+            .and_then(|j| j.metadata.name)
+            .expect("job name")
+    };
+    let main = hub_cr("main");
+    assert_eq!(name(&main), name(&hub_cr("main")), "stable");
+    assert_ne!(name(&main), name(&hub_cr("v2")), "a new revision is a new download");
+    let mut other_claim = hub_cr("main");
+    if let Some(h) = other_claim.spec.model.source.hub.as_mut() {
+        h.cache_claim_name = "other".into();
+    }
+    assert_ne!(name(&main), name(&other_claim));
+    let mut new_image = hub_cr("main");
+    new_image.spec.image = "registry.example/dsv3-worker:next".into();
+    assert_eq!(name(&main), name(&new_image), "an image change does not download again");
+    assert!(name(&main).len() <= 63);
+    assert!(
+        plan_of(&minimal()).model_download.is_none(),
+        "a PVC source needs no download"
     );
 }
 

@@ -185,6 +185,10 @@ def test_each_role_runs_from_only_its_own_files(hub, tmp_path):
         assert run.returncode == 0, f"{role}: {run.stderr}"
     small = ROUTER_FILES
     assert visible_files(dirs["router"]) == ROUTER_FILES
+    # Every directory carries the router's view: the same files, linked, for a mount of it alone.
+    for directory in dirs.values():
+        assert set(os.listdir(directory / ".router")) == ROUTER_FILES
+        assert all(same_bytes(directory / ".router", name) for name in ROUTER_FILES)
     assert visible_files(dirs["attention"]) == small | shards_of(index, dense=True)
     # Round-robin over two shards: shard r holds the experts e with e % 2 == r.
     n = json.load(open(os.path.join(TINY, "config.json")))["n_routed_experts"]
@@ -207,7 +211,7 @@ def test_each_role_runs_from_only_its_own_files(hub, tmp_path):
         peers = ",".join(f"127.0.0.1:{p}" for p in expert_ports)
         procs.append(started(["attention", "--model", str(dirs["attention"]), "--port", str(attention_port),
                               "--rank", "0", "--expert-peers", peers], logs()))
-        procs.append(started(["router", "--model", str(dirs["router"]), "--port", str(router_port),
+        procs.append(started(["router", "--model", str(dirs["router"] / ".router"), "--port", str(router_port),
                               "--attention-peers", f"127.0.0.1:{attention_port}", "--served-model-name", "tiny"], logs()))
         fleet = f"http://127.0.0.1:{router_port}"
         wait_ready(fleet, procs)

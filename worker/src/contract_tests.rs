@@ -1,11 +1,12 @@
 //! The operator → pod boundary: every `dsv3-worker` container the operator plans for the sample
-//! fleets in `deploy/samples/` runs with arguments this binary's CLI accepts, every `DSV3_*`
+//! fleets in `deploy/samples/` (and each of them from a hub repository: the download Job) runs
+//! with arguments this binary's CLI accepts, every `DSV3_*`/`HF_*`
 //! variable in its environment is read by an argument of its role (with a value that argument
 //! accepts), and the options checked before loading (the data plane) pass.
 
 use super::{Cli, Command};
 use clap::{CommandFactory, Parser};
-use dsv3_operator::crd::DeepSeekV3Deployment;
+use dsv3_operator::crd::{DeepSeekV3Deployment, HubSource, ModelSource, SecretKeyRef};
 use dsv3_operator::planner::{plan, PlanInput};
 use serde_json::Value;
 
@@ -55,7 +56,8 @@ fn worker_containers(object: &Value) -> Vec<WorkerContainer> {
                 .filter_map(|e| {
                     let name = e["name"].as_str()?;
                     let value = e["value"].as_str().unwrap_or("from-elsewhere");
-                    name.starts_with("DSV3_").then(|| (name.to_string(), value.to_string()))
+                    let ours = name.starts_with("DSV3_") || name.starts_with("HF_");
+                    ours.then(|| (name.to_string(), value.to_string()))
                 })
                 .collect();
             out.push(WorkerContainer {
@@ -89,14 +91,30 @@ fn sample_plans() -> Vec<(std::path::PathBuf, dsv3_operator::planner::PlannedObj
             // As the API server hands it to the controller.
             cr.metadata.uid = Some("uid".into());
             cr.metadata.generation = Some(1);
-            let planned = plan(&cr, &PlanInput::default()).expect("plan");
-            out.extend(
-                planned
-                    .objects()
-                    .expect("objects")
-                    .into_iter()
-                    .map(|o| (path.clone(), o)),
-            );
+            // Each fleet also as it runs from a hub repository (download Job, router view).
+            let mut from_hub = cr.clone();
+            from_hub.spec.model.source = ModelSource {
+                hub: Some(HubSource {
+                    repo: "deepseek-ai/DeepSeek-V3-0324".into(),
+                    revision: "main".into(),
+                    token_secret: Some(SecretKeyRef {
+                        name: "hf".into(),
+                        key: "token".into(),
+                    }),
+                    cache_claim_name: "hub-cache".into(),
+                }),
+                ..Default::default()
+            };
+            for cr in [cr, from_hub] {
+                let planned = plan(&cr, &PlanInput::model_downloaded(&cr)).expect("plan");
+                out.extend(
+                    planned
+                        .objects()
+                        .expect("objects")
+                        .into_iter()
+                        .map(|o| (path.clone(), o)),
+                );
+            }
         }
     }
     out
@@ -119,11 +137,6 @@ fn planned_worker_containers_are_accepted_by_the_worker_cli() {
                 object.kind,
                 object.name
             );
-            if args.first().map(String::as_str) == Some("download") {
-                // The hub download init container waits for `dsv3-worker download`
-                // (not in this binary yet); the samples here mount a volume instead.
-                panic!("{what}: plans `dsv3-worker download`, which this binary lacks");
-            }
             // Each DSV3_* variable as the flag that reads it: a variable no argument of
             // the role reads would be a setting that silently does nothing.
             let role = args.first().cloned().unwrap_or_default();
@@ -144,6 +157,7 @@ fn planned_worker_containers_are_accepted_by_the_worker_cli() {
                 Command::Router(a) => a.check(),
                 Command::Attention(a) => a.check(),
                 Command::Expert(a) => a.check(),
+                Command::Download(_) => Ok(()),
                 _ => panic!("{what}: plans `{}`, not a fleet role", args[0]),
             };
             checked_options.unwrap_or_else(|e| panic!("{what}: {e:#}"));
@@ -153,10 +167,16 @@ fn planned_worker_containers_are_accepted_by_the_worker_cli() {
     }
     assert_eq!(
         roles.into_iter().collect::<Vec<_>>(),
-        ["attention", "expert", "router"],
+        ["attention", "download", "expert", "router"],
         "every role is planned by some sample"
     );
     assert!(checked >= 9, "only {checked} containers checked");
+}
+
+/// The router's mount of a downloaded directory is the view `download` links.
+#[test]
+fn the_router_view_the_operator_mounts_is_the_one_download_links() {
+    assert_eq!(dsv3_operator::planner::ROUTER_VIEW, crate::download::ROUTER_VIEW);
 }
 
 /// An attention rank with nothing to report, for the names its metrics carry.
@@ -183,8 +203,9 @@ fn yaml_file(relative: &str) -> Value {
 }
 
 /// The monitoring boundary: the PodMonitor in deploy/monitoring selects every pod the operator
-/// plans and names a port each of them has; every per-pod metric a planned HPA scales the
-/// attention ranks on is one the adapter rules serve and the attention ranks export.
+/// plans to serve (not the download Jobs' pods) and names a port each of them has; every
+/// per-pod metric a planned HPA scales the attention ranks on is one the adapter rules serve
+/// and the attention ranks export.
 #[test]
 fn monitoring_selects_the_planned_pods_and_autoscaling_reads_metrics_that_exist() {
     let monitor = yaml_file("deploy/monitoring/fleet-podmonitor.yaml");
@@ -222,6 +243,15 @@ fn monitoring_selects_the_planned_pods_and_autoscaling_reads_metrics_that_exist(
     for (path, object) in sample_plans() {
         let what = format!("{}: {} {}", path.display(), object.kind, object.name);
         let template = &object.value["spec"]["template"];
+        if object.kind == "Job" {
+            // A download pod serves nothing: the monitor must not select it.
+            let labels = template["metadata"]["labels"].as_object().cloned().unwrap_or_default();
+            assert!(
+                selector.iter().any(|(k, v)| labels.get(k) != Some(v)),
+                "{what}: the PodMonitor selects a download pod"
+            );
+            continue;
+        }
         if let Some(labels) = template["metadata"]["labels"].as_object() {
             for (k, v) in &selector {
                 assert_eq!(labels.get(k), Some(v), "{what}: the PodMonitor selects {k}={v}");

@@ -32,7 +32,8 @@ pub struct DownloadArgs {
     /// Branch, tag or commit; a branch is pinned to its current commit for the whole download.
     #[arg(long, default_value = "main")]
     revision: String,
-    /// The model directory to fill (what the other roles read with --model).
+    /// The model directory to fill (what the other roles read with --model); its `.router/`
+    /// holds links to the files the router reads, for a mount of that directory alone.
     #[arg(long)]
     dir: PathBuf,
     /// Which role's files to fetch.
@@ -64,6 +65,8 @@ pub struct DownloadArgs {
 /// What the directory holds, written after each verified file: the next run skips those whose
 /// checksum the hub still reports.
 const MANIFEST: &str = ".dsv3-download.json";
+/// The router's view of the directory (see `link_router_view`).
+pub(crate) const ROUTER_VIEW: &str = ".router";
 /// The hub client's cache (partial transfers and locks), inside the directory so that a
 /// finished file is renamed into place, never copied.
 const CLIENT_CACHE: &str = ".cache/huggingface";
@@ -114,6 +117,7 @@ pub fn run(args: DownloadArgs) -> Result<()> {
         let shards = shards_needed(&args, &available)?;
         summary.add(hub.fetch(&args, &shards.into_iter().collect::<Vec<_>>())?);
     }
+    link_router_view(&args.dir, &small)?;
     eprintln!(
         "{}@{} ({:?} files) in {}: {} fetched ({}), {} already in place, all verified, {:.1}s",
         args.repo,
@@ -125,6 +129,20 @@ pub fn run(args: DownloadArgs) -> Result<()> {
         summary.present,
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// `.router/` in the model directory: links to the files the router reads, so a router pod
+/// can mount that directory alone (a volume's subPath) and never see the weights.
+fn link_router_view(dir: &Path, files: &[String]) -> Result<()> {
+    let view = dir.join(ROUTER_VIEW);
+    std::fs::create_dir_all(&view).with_context(|| format!("cannot create {}", view.display()))?;
+    for name in files {
+        let link = view.join(name);
+        // A file replaced in the directory is a new inode: the old link would keep the old one.
+        let _ = std::fs::remove_file(&link);
+        std::fs::hard_link(dir.join(name), &link).with_context(|| format!("cannot link {}", link.display()))?;
+    }
     Ok(())
 }
 

@@ -27,6 +27,10 @@ fails on any difference. Change both together.
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["list", "watch", "create", "patch", "delete"]
+# Model download Jobs (hub sources): read for ModelReady, applied, other revisions' deleted.
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # Pods: read for the scheduler's reason when one cannot be placed.
 - apiGroups: [""]
   resources: ["pods"]
