@@ -11,7 +11,7 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
@@ -211,6 +211,25 @@ async fn check_dependencies(cr: &DeepSeekV3Deployment, client: &Client, ns: &str
                 reason: "SecretNotFound",
                 message: format!("Secret {ns}/{name} ({field}) does not exist"),
             }));
+        }
+    }
+    if let Some(gang) = &cr.spec.scheduling.gang {
+        // The gang scheduler's PodGroup kind must be served, or its pods would wait forever.
+        let resource = planner::pod_group_resource(gang.scheduler);
+        let groups: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &resource);
+        match groups.list_metadata(&ListParams::default().limit(1)).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                return Ok(Some(Blocker {
+                    reason: "GangSchedulerMissing",
+                    message: format!(
+                        "scheduling.gang.scheduler {}: the PodGroup kind {} is not installed in the cluster",
+                        gang.scheduler.as_str(),
+                        resource.api_version
+                    ),
+                }));
+            }
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(None)
@@ -430,6 +449,13 @@ pub async fn apply_plan(client: &Client, ns: &str, plan: &Plan) -> Result<Observ
     let router = server_side_apply(client, ns, &plan.router_deployment).await?;
     if let Some(job) = &plan.model_download {
         server_side_apply(client, ns, job).await?;
+    }
+    if let Some((scheduler, group)) = &plan.pod_group {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), ns, &planner::pod_group_resource(*scheduler));
+        let name = group.metadata.name.clone().ok_or(Error::MissingMetadata("name"))?;
+        api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(group))
+            .await?;
     }
     for p in &plan.pdbs {
         server_side_apply(client, ns, p).await?;

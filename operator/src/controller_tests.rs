@@ -732,3 +732,35 @@ async fn a_first_download_that_fails_fails_the_fleet_with_the_reason() {
     assert_eq!(h.condition("ModelReady"), ("False".into(), "DownloadFailed".into()));
     assert_eq!((h.sts_replicas("attention"), h.sts_replicas("expert")), (0, 0));
 }
+
+#[tokio::test]
+async fn a_gang_applies_its_pod_group_and_blocks_when_the_scheduler_is_missing() {
+    let mut cr = sample("tiny-cpu.yaml");
+    cr.spec.scheduling.gang = Some(crate::crd::GangSpec {
+        scheduler: crate::crd::GangScheduler::Volcano,
+        queue: None,
+        schedule_timeout_seconds: None,
+    });
+    let h = Harness::new(&cr).with_pvc("dsv3-tiny-model");
+    h.fake.fail("GET", "/podgroups", 404);
+    let first = h.reconcile().await.expect("finalizer");
+    assert_eq!(first, Action::await_change());
+    assert_eq!(h.reconcile().await.expect("blocked"), Action::requeue(REQUEUE_BLOCKED));
+    assert_eq!(h.status()["phase"], "Blocked");
+    assert!(h.condition_message("Ready").contains("scheduling.volcano.sh/v1beta1"));
+
+    h.fake.clear_failures();
+    h.reconcile().await.expect("reconcile");
+    let group = h
+        .fake
+        .get(&format!(
+            "/apis/scheduling.volcano.sh/v1beta1/namespaces/{}/podgroups/{}",
+            h.ns,
+            planner::pod_group_name(&h.name)
+        ))
+        .expect("the PodGroup is applied");
+    assert_eq!(
+        group["spec"]["minMember"].as_i64(),
+        Some(i64::from(cr.spec.attention.replicas + cr.spec.experts.replicas))
+    );
+}

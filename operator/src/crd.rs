@@ -159,6 +159,65 @@ pub struct DeepSeekV3DeploymentSpec {
     /// The network between attention ranks and expert shards (RDMA devices, interfaces).
     #[serde(default)]
     pub network: NetworkSpec,
+
+    /// How the attention and expert pods are scheduled (a scheduler, gang scheduling).
+    #[serde(default)]
+    pub scheduling: SchedulingSpec,
+}
+
+/// The scheduler of the attention and expert pods (the router is scheduled as usual).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SchedulingSpec {
+    /// schedulerName of the attention and expert pods (default: the gang scheduler's, else the
+    /// cluster's default scheduler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub scheduler_name: Option<String>,
+    /// Place every attention rank and expert shard together or none: one PodGroup whose
+    /// minMember is their planned pod count, so a fleet never holds part of its GPUs waiting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gang: Option<GangSpec>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(
+    validation = ::kube::core::Rule::new("!has(self.queue) || self.scheduler == 'volcano'")
+        .message("scheduling.gang.queue applies to the volcano scheduler only")
+        .reason(::kube::core::Reason::FieldValueForbidden),
+    validation = ::kube::core::Rule::new("!has(self.scheduleTimeoutSeconds) || self.scheduler == 'coscheduling'")
+        .message("scheduling.gang.scheduleTimeoutSeconds applies to the coscheduling plugin only")
+        .reason(::kube::core::Reason::FieldValueForbidden)
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GangSpec {
+    /// Whose PodGroup: Volcano's (scheduling.volcano.sh) or the scheduler-plugins coscheduling
+    /// plugin's (scheduling.x-k8s.io). Its CRD must be installed.
+    pub scheduler: GangScheduler,
+    /// Volcano queue of the group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub queue: Option<String>,
+    /// How long the coscheduling plugin waits for the whole group (default 600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub schedule_timeout_seconds: Option<i32>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum GangScheduler {
+    Volcano,
+    Coscheduling,
+}
+
+impl GangScheduler {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GangScheduler::Volcano => "volcano",
+            GangScheduler::Coscheduling => "coscheduling",
+        }
+    }
 }
 
 /// What the attention and expert pods get to reach each other fast. Absent fields change
@@ -358,24 +417,8 @@ impl DataPlane {
     }
 }
 
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum PlacementStrategy {
-    /// Expert e goes to pod e mod P: neighbouring (often co-activated) experts spread out.
-    #[default]
-    RoundRobin,
-    /// Pod p holds a contiguous range of expert ids.
-    Contiguous,
-}
-
-impl PlacementStrategy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PlacementStrategy::RoundRobin => "round-robin",
-            PlacementStrategy::Contiguous => "contiguous",
-        }
-    }
-}
+/// How primaries are dealt over the expert pods (the placement crate's, which the workers share).
+pub use dsv3_placement::PlacementStrategy;
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum ServiceType {

@@ -33,11 +33,14 @@ use kube::Resource;
 use serde::Serialize;
 
 use crate::crd::{
-    DataPlane, DeepSeekV3Deployment, DeepSeekV3DeploymentSpec, PodSettings, RoleAutoscaling, SecretKeyRef, ServedModel,
+    DataPlane, DeepSeekV3Deployment, DeepSeekV3DeploymentSpec, GangScheduler, PodSettings, RoleAutoscaling,
+    SecretKeyRef, ServedModel,
 };
 use crate::placement::{self, PlacementError, PlacementInput, PlacementPlan};
 
+mod gang;
 mod model_files;
+pub use gang::{default_scheduler_name, pod_group_name, pod_group_resource};
 pub use model_files::{download_job_name, DOWNLOAD_COMPONENT, ROUTER_VIEW};
 
 pub const ROUTER_PORT: i32 = 8000;
@@ -121,6 +124,8 @@ pub struct Plan {
     pub router_deployment: Deployment,
     /// With a hub source: the Job that downloads the desired revision into the cache claim.
     pub model_download: Option<Job>,
+    /// With gang scheduling: the attention and expert pods' PodGroup, and whose kind it is.
+    pub pod_group: Option<(GangScheduler, kube::api::DynamicObject)>,
     pub pdbs: Vec<PodDisruptionBudget>,
     pub hpas: Vec<HorizontalPodAutoscaler>,
     /// Objects the fleet must not have (e.g. an HPA after autoscaling was switched off).
@@ -151,6 +156,13 @@ impl Plan {
         push(&mut out, "Deployment", &self.router_deployment)?;
         if let Some(job) = &self.model_download {
             push(&mut out, "Job", job)?;
+        }
+        if let Some((_, group)) = &self.pod_group {
+            out.push(PlannedObject {
+                kind: "PodGroup",
+                name: group.metadata.name.clone().unwrap_or_default(),
+                value: serde_json::to_value(group)?,
+            });
         }
         for p in &self.pdbs {
             push(&mut out, "PodDisruptionBudget", p)?;
@@ -409,6 +421,15 @@ pub fn plan(cr: &DeepSeekV3Deployment, input: &PlanInput) -> Result<Plan, PlanEr
         .hub
         .as_ref()
         .map(|hub| model_files::download_job(&ctx, hub));
+    let gang_members = [&attention_statefulset, &expert_statefulset]
+        .iter()
+        .map(|s| s.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0))
+        .sum();
+    let pod_group = spec
+        .scheduling
+        .gang
+        .as_ref()
+        .map(|g| (g.scheduler, gang::pod_group(&ctx, g, gang_members)));
 
     let pdbs = [Role::Router, Role::Attention, Role::Expert]
         .into_iter()
@@ -436,6 +457,7 @@ pub fn plan(cr: &DeepSeekV3Deployment, input: &PlanInput) -> Result<Plan, PlanEr
         attention_statefulset,
         router_deployment,
         model_download,
+        pod_group,
         pdbs,
         hpas,
         absent,
@@ -838,6 +860,20 @@ fn pod_template(ctx: &Ctx<'_>, settings: &PodSettings, parts: PodParts) -> PodTe
     pod_labels.insert(LABEL_MANAGED_BY.into(), MANAGER.into());
     pod_labels.insert(LABEL_PART_OF.into(), APP_NAME.into());
     pod_labels.extend(parts.extra_labels);
+    // The attention ranks and expert shards are the gang; the router is scheduled as usual.
+    let gang = spec.scheduling.gang.as_ref().filter(|_| parts.role != Role::Router);
+    let (gang_labels, gang_annotations) = gang.map(|g| gang::membership(ctx, g)).unwrap_or_default();
+    pod_labels.extend(gang_labels);
+    let mut annotations = settings.pod_annotations.clone();
+    annotations.extend(gang_annotations);
+    let scheduler_name = (parts.role != Role::Router)
+        .then(|| {
+            spec.scheduling
+                .scheduler_name
+                .clone()
+                .or_else(|| gang.map(|g| default_scheduler_name(g.scheduler).to_string()))
+        })
+        .flatten();
 
     // The attention ranks and expert shards talk to each other: the network section is theirs.
     let network = (parts.role != Role::Router).then_some(&spec.network);
@@ -922,13 +958,14 @@ fn pod_template(ctx: &Ctx<'_>, settings: &PodSettings, parts: PodParts) -> PodTe
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(pod_labels),
-            annotations: (!settings.pod_annotations.is_empty()).then(|| settings.pod_annotations.clone()),
+            annotations: (!annotations.is_empty()).then_some(annotations),
             ..Default::default()
         }),
         spec: Some(PodSpec {
             service_account_name: Some(ctx.names.service_account()),
             automount_service_account_token: Some(false),
             security_context: Some(pod_security()),
+            scheduler_name,
             containers: vec![container],
             volumes: Some(volumes),
             node_selector: (!settings.node_selector.is_empty()).then(|| settings.node_selector.clone()),

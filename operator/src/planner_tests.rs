@@ -307,9 +307,9 @@ fn placement_plan_is_mounted_and_versioned_identically_on_both_worker_sets() {
             .expect("placement.json");
         let parsed: PlacementPlan = serde_json::from_str(text).expect("placement JSON parses");
         assert_eq!(parsed, plan.placement);
-        assert_eq!(parsed.slots.len() as i32, cr.spec.experts.replicas);
+        assert_eq!(parsed.shards.len() as i32, cr.spec.experts.replicas);
         assert_eq!(parsed.num_experts as i32, cr.spec.model.num_routed_experts);
-        let slots: usize = parsed.slots.iter().map(Vec::len).sum();
+        let slots: usize = parsed.shards.iter().map(Vec::len).sum();
         assert_eq!(
             slots as i32,
             cr.spec.model.num_routed_experts + cr.spec.experts.redundant_experts
@@ -972,4 +972,101 @@ fn the_network_section_reaches_the_attention_and_expert_pods_only() {
         .and_then(|s| s.capabilities)
         .expect("capabilities");
     assert_eq!(caps.add, None, "the router needs no capability");
+}
+
+fn with_gang(scheduler: crate::crd::GangScheduler, queue: Option<&str>) -> DeepSeekV3Deployment {
+    let mut cr = sample("h200-single-node.yaml");
+    cr.spec.scheduling.gang = Some(crate::crd::GangSpec {
+        scheduler,
+        queue: queue.map(String::from),
+        schedule_timeout_seconds: None,
+    });
+    cr
+}
+
+#[test]
+fn a_gang_is_every_attention_and_expert_pod_in_one_pod_group() {
+    use crate::crd::GangScheduler;
+    let cr = with_gang(GangScheduler::Volcano, Some("inference"));
+    let plan = plan_of(&cr);
+    let (scheduler, group) = plan.pod_group.as_ref().expect("a PodGroup");
+    assert_eq!(*scheduler, GangScheduler::Volcano);
+    let value = serde_json::to_value(group).expect("json");
+    assert_eq!(value["apiVersion"], "scheduling.volcano.sh/v1beta1");
+    assert_eq!(value["kind"], "PodGroup");
+    let members = cr.spec.attention.replicas + cr.spec.experts.replicas;
+    assert_eq!(value["spec"]["minMember"], members);
+    assert_eq!(value["spec"]["queue"], "inference");
+    let name = group.metadata.name.clone().expect("name");
+    for (what, pod) in [
+        ("attention", pod_spec_sts(&plan.attention_statefulset)),
+        ("expert", pod_spec_sts(&plan.expert_statefulset)),
+    ] {
+        assert_eq!(pod.scheduler_name.as_deref(), Some("volcano"), "{what}");
+    }
+    for sts in [&plan.attention_statefulset, &plan.expert_statefulset] {
+        let annotations = sts
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.clone())
+            .unwrap_or_default();
+        assert_eq!(annotations.get("scheduling.k8s.io/group-name"), Some(&name));
+        assert_eq!(
+            annotations.get("volcano.sh/queue-name").map(String::as_str),
+            Some("inference")
+        );
+    }
+    let router = pod_spec_deploy(&plan.router_deployment);
+    assert_eq!(router.scheduler_name, None, "the router is not part of the gang");
+
+    // Scaling attention grows the group; a cut-over (no pods) empties it.
+    let mut wider = cr.clone();
+    wider.spec.attention.replicas += 2;
+    let wide = plan_of(&wider);
+    let value = serde_json::to_value(&wide.pod_group.expect("group").1).expect("json");
+    assert_eq!(value["spec"]["minMember"], members + 2);
+    let cut = planner::plan(
+        &cr,
+        &PlanInput {
+            placement_cutover: true,
+            ..Default::default()
+        },
+    )
+    .expect("plan");
+    let value = serde_json::to_value(&cut.pod_group.expect("group").1).expect("json");
+    assert_eq!(value["spec"]["minMember"], 0);
+}
+
+#[test]
+fn coscheduling_groups_by_label_with_a_timeout_and_a_named_scheduler_wins() {
+    use crate::crd::GangScheduler;
+    let mut cr = with_gang(GangScheduler::Coscheduling, None);
+    let plan = plan_of(&cr);
+    let (_, group) = plan.pod_group.as_ref().expect("a PodGroup");
+    let value = serde_json::to_value(group).expect("json");
+    assert_eq!(value["apiVersion"], "scheduling.x-k8s.io/v1alpha1");
+    assert_eq!(value["spec"]["scheduleTimeoutSeconds"], 600);
+    let labels = plan
+        .expert_statefulset
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    assert_eq!(
+        labels.get("scheduling.x-k8s.io/pod-group"),
+        group.metadata.name.as_ref()
+    );
+    assert_eq!(
+        pod_spec_sts(&plan.expert_statefulset).scheduler_name.as_deref(),
+        Some("scheduler-plugins-scheduler")
+    );
+    cr.spec.scheduling.scheduler_name = Some("my-scheduler".into());
+    let plan = plan_of(&cr);
+    assert_eq!(
+        pod_spec_sts(&plan.attention_statefulset).scheduler_name.as_deref(),
+        Some("my-scheduler")
+    );
+    assert!(plan_of(&sample("h200-single-node.yaml")).pod_group.is_none());
 }

@@ -272,8 +272,8 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 pub(crate) fn plan_for(placement: &Option<PathBuf>, num_experts: u32, shards: usize) -> Result<PlacementPlan> {
     match placement {
-        Some(path) => PlacementPlan::load(path),
-        None => PlacementPlan::round_robin(num_experts, shards, 0, &[]),
+        Some(path) => Ok(PlacementPlan::load(path)?),
+        None => Ok(PlacementPlan::round_robin(num_experts, shards, 0, &[])?),
     }
 }
 

@@ -31,6 +31,11 @@ fails on any difference. Change both together.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Gang scheduling: the workers' PodGroup (Volcano or scheduler-plugins), listed to tell
+# whether the kind is installed.
+- apiGroups: ["scheduling.volcano.sh", "scheduling.x-k8s.io"]
+  resources: ["podgroups"]
+  verbs: ["list", "create", "patch"]
 # Pods: read for the scheduler's reason when one cannot be placed.
 - apiGroups: [""]
   resources: ["pods"]

@@ -5,7 +5,7 @@
 
 pub mod grpc;
 pub mod placed;
-pub mod placement;
+pub use dsv3_placement as placement;
 pub mod rank;
 pub mod rank_metrics;
 pub mod sampling_spec;
