@@ -367,9 +367,13 @@ async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Actio
     };
     let plan = match planner::plan(&cr, &input) {
         Ok(p) => p,
-        Err(e @ (PlanError::Placement(_) | PlanError::Negative(_))) => {
+        Err(e @ (PlanError::Placement(_) | PlanError::Negative(_) | PlanError::PodOverrides(..))) => {
             let blocker = Blocker {
-                reason: "InvalidTopology",
+                reason: if matches!(e, PlanError::PodOverrides(..)) {
+                    "InvalidPodOverrides"
+                } else {
+                    "InvalidTopology"
+                },
                 message: e.to_string(),
             };
             ctx.event(&cr, EventType::Warning, blocker.reason, blocker.message.clone())

@@ -764,3 +764,18 @@ async fn a_gang_applies_its_pod_group_and_blocks_when_the_scheduler_is_missing()
         Some(i64::from(cr.spec.attention.replicas + cr.spec.experts.replicas))
     );
 }
+
+#[tokio::test]
+async fn pod_overrides_that_do_not_apply_block_with_the_reason() {
+    let mut cr = sample("tiny-cpu.yaml");
+    cr.spec.attention.pod.pod_overrides = Some(json!({"spec": {"volumes": [{"name": "nope", "$patch": "delete"}]}}));
+    let h = Harness::new(&cr).with_pvc("dsv3-tiny-model");
+    h.reconcile().await.expect("finalizer");
+    assert_eq!(h.reconcile().await.expect("blocked"), Action::requeue(REQUEUE_BLOCKED));
+    assert_eq!(h.status()["phase"], "Blocked");
+    let message = h.condition_message("Ready");
+    assert!(
+        message.contains("attention.podOverrides") && message.contains("nope"),
+        "{message}"
+    );
+}

@@ -464,6 +464,19 @@ pub struct PodSettings {
     /// ScheduleAnyway), so one lost node takes as few of the role's pods as possible.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+    /// A strategic-merge patch on the role's pod template ({metadata, spec}) for what these
+    /// fields do not cover: a sidecar, a volume, a pod-spec field. Containers, volumes, env,
+    /// ports and volume mounts merge by key (`"$patch": "delete"` removes one), other lists are
+    /// replaced, null removes a field. The operator's own fields can be overridden too: at
+    /// your own risk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_object")]
+    pub pod_overrides: Option<serde_json::Value>,
+}
+
+/// An object of any fields, kept as written.
+fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
 }
 
 /// The router role.

@@ -40,6 +40,7 @@ use crate::placement::{self, PlacementError, PlacementInput, PlacementPlan};
 
 mod gang;
 mod model_files;
+mod overrides;
 pub use gang::{default_scheduler_name, pod_group_name, pod_group_resource};
 pub use model_files::{download_job_name, DOWNLOAD_COMPONENT, ROUTER_VIEW};
 
@@ -200,6 +201,8 @@ pub enum PlanError {
     Placement(#[from] PlacementError),
     #[error("{0} must not be negative")]
     Negative(&'static str),
+    #[error("{0}.podOverrides: {1}")]
+    PodOverrides(&'static str, String),
 }
 
 /// Names of the children of a fleet called `name`.
@@ -414,7 +417,26 @@ pub fn plan(cr: &DeepSeekV3Deployment, input: &PlanInput) -> Result<Plan, PlanEr
     };
     let expert_statefulset = worker_statefulset(&ctx, Role::Expert, worker_replicas(Role::Expert), &placement);
     let attention_statefulset = worker_statefulset(&ctx, Role::Attention, worker_replicas(Role::Attention), &placement);
-    let router_deployment = router_deployment(&ctx, model_pending);
+    let mut router_deployment = router_deployment(&ctx, model_pending);
+    let mut attention_statefulset = attention_statefulset;
+    let mut expert_statefulset = expert_statefulset;
+    for (role, template) in [
+        (Role::Router, router_deployment.spec.as_mut().map(|s| &mut s.template)),
+        (
+            Role::Attention,
+            attention_statefulset.spec.as_mut().map(|s| &mut s.template),
+        ),
+        (Role::Expert, expert_statefulset.spec.as_mut().map(|s| &mut s.template)),
+    ] {
+        let settings = match role {
+            Role::Router => &spec.router.pod,
+            Role::Attention => &spec.attention.pod,
+            Role::Expert => &spec.experts.pod,
+        };
+        if let (Some(patch), Some(template)) = (&settings.pod_overrides, template) {
+            overrides::apply(template, patch).map_err(|why| PlanError::PodOverrides(role.as_str(), why))?;
+        }
+    }
     let model_download = spec
         .model
         .source

@@ -1070,3 +1070,33 @@ fn coscheduling_groups_by_label_with_a_timeout_and_a_named_scheduler_wins() {
     );
     assert!(plan_of(&sample("h200-single-node.yaml")).pod_group.is_none());
 }
+
+#[test]
+fn pod_overrides_patch_only_their_role_and_a_bad_one_is_named() {
+    let mut cr = sample("h200-single-node.yaml");
+    cr.spec.experts.pod.pod_overrides = Some(serde_json::json!({
+        "spec": {"containers": [{"name": "trace", "image": "busybox:1"}], "shareProcessNamespace": true}
+    }));
+    let plan = plan_of(&cr);
+    let experts = pod_spec_sts(&plan.expert_statefulset);
+    let names: Vec<&str> = experts.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["expert", "trace"]);
+    assert_eq!(experts.share_process_namespace, Some(true));
+    assert_eq!(
+        main_container(&experts).args,
+        plan_of(&sample("h200-single-node.yaml"))
+            .expert_statefulset
+            .spec
+            .and_then(|s| s.template.spec)
+            .map(|p| p.containers[0].args.clone())
+            .expect("args")
+    );
+    assert_eq!(pod_spec_sts(&plan.attention_statefulset).containers.len(), 1);
+
+    cr.spec.router.pod.pod_overrides = Some(serde_json::json!({"spec": {"containers": [{"image": "x"}]}}));
+    let err = planner::plan(&cr, &PlanInput::default()).unwrap_err().to_string();
+    assert!(
+        err.starts_with("router.podOverrides: ") && err.contains("`name`"),
+        "{err}"
+    );
+}
