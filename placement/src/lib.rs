@@ -75,19 +75,27 @@ impl PlacementPlan {
     /// 16 hex digits of SHA-256 over the canonical content: stable across processes, releases
     /// and the two sides of the fleet.
     pub fn content_hash(&self) -> String {
+        // The input is the first operator's, byte for byte, with the attention section appended
+        // only when there is one: fleets running before it keep their version across an operator
+        // upgrade (a changed version would drain and restart every worker).
         let mut h = Sha256::new();
         h.update(format!(
-            "dsv3-placement/v2;experts={};layers={};strategy={};redundant={};",
+            "dsv3-placement/v1;experts={};layers={};strategy={};redundant={};",
             self.num_experts, self.num_moe_layers, self.strategy, self.redundant_experts
         ));
-        for (kind, holders) in [("shard", &self.shards), ("attention", &self.attention)] {
-            for (i, held) in holders.iter().enumerate() {
-                h.update(format!("{kind}{i}:"));
+        let holders = |h: &mut Sha256, held_by: &[Vec<u32>]| {
+            for (i, held) in held_by.iter().enumerate() {
+                h.update(format!("{i}:"));
                 for e in held {
                     h.update(format!("{e},"));
                 }
                 h.update(";");
             }
+        };
+        holders(&mut h, &self.shards);
+        if !self.attention.is_empty() {
+            h.update("attention;");
+            holders(&mut h, &self.attention);
         }
         h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
     }
@@ -213,6 +221,25 @@ mod tests {
         let plan = plan.finish().expect("valid");
         assert_eq!(plan.version, "3a92955d538f9496");
         assert_eq!(plan.owners(3), vec![1]);
+    }
+
+    #[test]
+    fn the_version_is_the_first_operators_hash_and_covers_attention_holders() {
+        // Pinned: SHA-256 of the canonical text, computed outside this crate
+        // (hashlib.sha256(b"dsv3-placement/v1;experts=4;layers=3;strategy=round-robin;redundant=0;0:0,2,;1:1,3,;")).
+        let mut plan = PlacementPlan {
+            version: String::new(),
+            num_experts: 4,
+            num_moe_layers: 3,
+            strategy: "round-robin".into(),
+            redundant_experts: 0,
+            shards: vec![vec![0, 2], vec![1, 3]],
+            attention: Vec::new(),
+        };
+        assert_eq!(plan.content_hash(), "8091fd286cf809df");
+        // ... + "attention;0:1,;"
+        plan.attention = vec![vec![1]];
+        assert_eq!(plan.content_hash(), "3fe351b5b2deed48");
     }
 
     #[test]
