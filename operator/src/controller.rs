@@ -11,7 +11,7 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
@@ -262,6 +262,29 @@ where
     Ok(api.patch(&name, &pp, &Patch::Apply(&value)).await?)
 }
 
+/// Create an object unless one of its name exists. For a Job: its pod template is immutable, so
+/// re-applying it after, say, an image change would be refused on every reconcile; the Job that
+/// exists finishes with what it started with (its name already pins what it downloads).
+async fn create_if_absent<K>(client: &Client, ns: &str, obj: &K) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let name = obj.meta().name.clone().ok_or(Error::MissingMetadata("name"))?;
+    if api.get_metadata_opt(&name).await?.is_some() {
+        return Ok(());
+    }
+    match api.create(&PostParams::default(), obj).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 async fn delete_if_present<K>(client: &Client, ns: &str, name: &str) -> Result<bool, Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
@@ -448,18 +471,19 @@ pub async fn apply_plan(client: &Client, ns: &str, plan: &Plan) -> Result<Observ
     server_side_apply(client, ns, &plan.attention_service).await?;
     server_side_apply(client, ns, &plan.expert_service).await?;
     server_side_apply(client, ns, &plan.network_policy).await?;
-    let experts = server_side_apply(client, ns, &plan.expert_statefulset).await?;
-    let attention = server_side_apply(client, ns, &plan.attention_statefulset).await?;
-    let router = server_side_apply(client, ns, &plan.router_deployment).await?;
-    if let Some(job) = &plan.model_download {
-        server_side_apply(client, ns, job).await?;
-    }
     if let Some((scheduler, group)) = &plan.pod_group {
+        // Before the StatefulSets: a gang scheduler holds pods whose group does not exist yet.
         let api: Api<DynamicObject> =
             Api::namespaced_with(client.clone(), ns, &planner::pod_group_resource(*scheduler));
         let name = group.metadata.name.clone().ok_or(Error::MissingMetadata("name"))?;
         api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(group))
             .await?;
+    }
+    let experts = server_side_apply(client, ns, &plan.expert_statefulset).await?;
+    let attention = server_side_apply(client, ns, &plan.attention_statefulset).await?;
+    let router = server_side_apply(client, ns, &plan.router_deployment).await?;
+    if let Some(job) = &plan.model_download {
+        create_if_absent(client, ns, job).await?;
     }
     for p in &plan.pdbs {
         server_side_apply(client, ns, p).await?;
@@ -471,6 +495,16 @@ pub async fn apply_plan(client: &Client, ns: &str, plan: &Plan) -> Result<Observ
         match kind {
             ChildKind::HorizontalPodAutoscaler => {
                 delete_if_present::<HorizontalPodAutoscaler>(client, ns, name).await?;
+            }
+            ChildKind::PodGroup(scheduler) => {
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(client.clone(), ns, &planner::pod_group_resource(*scheduler));
+                match api.delete(name, &DeleteParams::background()).await {
+                    // 404: no such group, or its kind is not installed in the cluster at all.
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
         }
     }

@@ -712,13 +712,37 @@ async fn a_hub_model_is_downloaded_once_and_gates_the_fleet_and_a_new_revision_s
     assert_ne!(h.status()["phase"], "Failed");
     assert_eq!(h.worker_sub_path("attention"), "hub/dsv3-test/tiny/main");
 
-    // Retried and verified: the workers move to v2 and the old Job goes.
+    // The user deletes the failed Job, as the message says; the operator creates it afresh.
+    assert!(h.fake.remove(&second_job).is_some());
+    h.reconcile().await.expect("reconcile");
+    let retried = h.fake.get(&second_job).expect("the Job is created again");
+    assert!(retried.get("status").is_none(), "a new Job, not the failed one");
+    assert_eq!(h.condition("ModelReady"), ("False".into(), "Downloading".into()));
+
+    // Verified: the workers move to v2 and the old Job goes.
     h.finish_job(&second_job, true);
     h.reconcile().await.expect("reconcile");
     assert_eq!(h.status()["servedModel"]["revision"], "v2");
     assert_eq!(h.worker_sub_path("attention"), "hub/dsv3-test/tiny/v2");
     assert!(h.fake.get(&first_job).is_none(), "the old revision's Job is deleted");
     assert!(h.fake.get(&second_job).is_some());
+}
+
+#[tokio::test]
+async fn a_download_job_that_exists_is_left_alone_when_the_image_changes() {
+    let h = hub_harness("main");
+    h.create().await;
+    let job = h.download_job();
+    let before = h.fake.get(&job).expect("the download Job");
+    // The pod template of a Job is immutable: re-applying it would be refused on every reconcile.
+    h.edit_spec(|s| s["image"] = json!("registry.example/dsv3-worker:next"));
+    h.reconcile().await.expect("the reconcile goes through");
+    assert_eq!(h.fake.get(&job), Some(before), "the running Job is not rewritten");
+    assert_eq!(h.status()["observedGeneration"], json!(h.cr().metadata.generation));
+    assert_eq!(h.condition("ModelReady"), ("False".into(), "Downloading".into()));
+    h.finish_job(&job, true);
+    h.reconcile().await.expect("reconcile");
+    assert_eq!(h.condition("ModelReady"), ("True".into(), "Downloaded".into()));
 }
 
 #[tokio::test]
@@ -763,6 +787,33 @@ async fn a_gang_applies_its_pod_group_and_blocks_when_the_scheduler_is_missing()
         group["spec"]["minMember"].as_i64(),
         Some(i64::from(cr.spec.attention.replicas + cr.spec.experts.replicas))
     );
+    // The group exists before the pods that name it.
+    let writes: Vec<String> = h
+        .fake
+        .log()
+        .into_iter()
+        .filter(|r| r.method == "PATCH")
+        .map(|r| r.path)
+        .collect();
+    let position = |part: &str| writes.iter().position(|p| p.contains(part));
+    assert!(position("/podgroups/") < position("/statefulsets/"), "{writes:?}");
+
+    // Moved to the other scheduler: the old kind's group goes, the new one is applied.
+    h.edit_spec(|s| s["scheduling"]["gang"]["scheduler"] = json!("coscheduling"));
+    h.reconcile().await.expect("reconcile");
+    let volcano = format!(
+        "/apis/scheduling.volcano.sh/v1beta1/namespaces/{}/podgroups/{}",
+        h.ns,
+        planner::pod_group_name(&h.name)
+    );
+    let coscheduling = volcano.replace("scheduling.volcano.sh/v1beta1", "scheduling.x-k8s.io/v1alpha1");
+    assert!(h.fake.get(&volcano).is_none());
+    assert!(h.fake.get(&coscheduling).is_some());
+
+    // Switched off: no group is left behind.
+    h.edit_spec(|s| s["scheduling"] = json!({}));
+    h.reconcile().await.expect("reconcile");
+    assert!(h.fake.get(&coscheduling).is_none());
 }
 
 #[tokio::test]
@@ -778,4 +829,135 @@ async fn pod_overrides_that_do_not_apply_block_with_the_reason() {
         message.contains("attention.podOverrides") && message.contains("nope"),
         "{message}"
     );
+}
+
+/// The ClusterRole's rules in deploy/rbac.yaml: (apiGroup, resource, verb).
+fn cluster_role_grants() -> std::collections::BTreeSet<(String, String, String)> {
+    let docs = crate::testutil::documents(&crate::testutil::deploy_dir().join("rbac.yaml"));
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole")
+        .expect("deploy/rbac.yaml has the ClusterRole");
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+            .unwrap_or_default()
+    };
+    let mut grants = std::collections::BTreeSet::new();
+    for rule in role["rules"].as_array().expect("rules") {
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                for verb in strings(&rule["verbs"]) {
+                    grants.insert((group.clone(), resource.clone(), verb));
+                }
+            }
+        }
+    }
+    grants
+}
+
+/// The (apiGroup, resource, verb) RBAC checks for one request of the operator.
+fn rbac_check(r: &crate::fixtures::Recorded) -> (String, String, String) {
+    let parts: Vec<&str> = r.path.trim_start_matches('/').split('/').collect();
+    let (group, rest) = match parts.first() {
+        Some(&"api") => (String::new(), &parts[2..]),
+        _ => (
+            parts.get(1).copied().unwrap_or_default().to_string(),
+            &parts[3.min(parts.len())..],
+        ),
+    };
+    // namespaces/<ns>/<resource>[/<name>[/<subresource>]]
+    let rest = if rest.first() == Some(&"namespaces") {
+        &rest[2.min(rest.len())..]
+    } else {
+        rest
+    };
+    let resource = match rest {
+        [resource, _, sub] => format!("{resource}/{sub}"),
+        [resource, ..] => resource.to_string(),
+        [] => String::new(),
+    };
+    let named = rest.len() >= 2;
+    let verb = match (r.method.as_str(), named) {
+        ("GET", true) => "get",
+        ("GET", false) if r.query.contains("watch=true") => "watch",
+        ("GET", false) => "list",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", _) => "delete",
+        (other, _) => other,
+    };
+    (group, resource, verb.to_string())
+}
+
+#[tokio::test]
+async fn every_request_of_a_fleets_life_is_granted_by_the_operators_cluster_role() {
+    let mut cr = sample("wide-ep-multinode.yaml");
+    cr.spec.scheduling.gang = Some(crate::crd::GangSpec {
+        scheduler: crate::crd::GangScheduler::Coscheduling,
+        queue: None,
+        schedule_timeout_seconds: None,
+    });
+    let hub = cr
+        .spec
+        .model
+        .source
+        .hub
+        .clone()
+        .expect("the wide sample downloads from the hub");
+    let mut h = Harness::new(&cr).with_pvc(&hub.cache_claim_name);
+    for secret in [
+        hub.token_secret.as_ref().map(|s| s.name.clone()),
+        cr.spec.router.api_key_secret.as_ref().map(|s| s.name.clone()),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        h = h.with_secret(&secret);
+    }
+    // Created, downloaded, ready; a new revision swapped in; the placement, gang and
+    // autoscaling changed; deleted.
+    h.create().await;
+    h.finish_job(&h.download_job(), true);
+    h.reconcile().await.expect("reconcile");
+    h.set_sts_status("attention", 1, 1);
+    h.reconcile().await.expect("reconcile");
+    h.edit_spec(|s| s["model"]["source"]["hub"]["revision"] = json!("v2"));
+    h.reconcile().await.expect("reconcile");
+    h.finish_job(&h.download_job(), true);
+    h.reconcile().await.expect("reconcile");
+    h.edit_spec(|s| {
+        s["experts"]["redundantExperts"] = json!(0);
+        s["scheduling"] = json!({});
+        s["autoscaling"] = Value::Null;
+    });
+    h.reconcile().await.expect("reconcile");
+    h.set_sts_status("attention", 0, 0);
+    h.set_sts_status("expert", 0, 0);
+    h.reconcile().await.expect("reconcile");
+    h.fake.edit(&cr_path(&h.ns, &h.name), |o| {
+        o["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+    });
+    h.reconcile().await.expect("cleanup");
+
+    let grants = cluster_role_grants();
+    let mut denied: Vec<(String, String, String)> = h.fake.log().iter().map(rbac_check).collect();
+    denied.retain(|check| !grants.contains(check));
+    denied.dedup();
+    assert!(
+        denied.is_empty(),
+        "requests deploy/rbac.yaml does not grant: {denied:?}"
+    );
+    // The checks see what they should: the requests span the kinds the operator manages.
+    let seen: std::collections::BTreeSet<String> = h.fake.log().iter().map(|r| rbac_check(r).1).collect();
+    for kind in [
+        "jobs",
+        "podgroups",
+        "horizontalpodautoscalers",
+        "configmaps",
+        "deepseekv3deployments/status",
+    ] {
+        assert!(seen.contains(kind), "no {kind} request in {seen:?}");
+    }
 }

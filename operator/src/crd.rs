@@ -204,7 +204,7 @@ pub struct GangSpec {
     pub schedule_timeout_seconds: Option<i32>,
 }
 
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[serde(rename_all = "kebab-case")]
 pub enum GangScheduler {
     Volcano,
@@ -212,6 +212,8 @@ pub enum GangScheduler {
 }
 
 impl GangScheduler {
+    pub const ALL: [GangScheduler; 2] = [GangScheduler::Volcano, GangScheduler::Coscheduling];
+
     pub fn as_str(self) -> &'static str {
         match self {
             GangScheduler::Volcano => "volcano",

@@ -95,6 +95,11 @@ impl FakeApi {
         self.lock().objects.get(path).cloned()
     }
 
+    /// Remove a stored object, as a user's `kubectl delete` would.
+    pub fn remove(&self, path: &str) -> Option<Value> {
+        self.lock().objects.remove(path)
+    }
+
     /// Change a stored object in place (e.g. to make a StatefulSet ready).
     pub fn edit(&self, path: &str, f: impl FnOnce(&mut Value)) {
         let mut st = self.lock();
@@ -245,6 +250,11 @@ impl FakeApi {
                             o
                         }
                         (Some(o), false) => {
+                            if base.contains("/jobs/") && o.pointer("/spec/template") != body.pointer("/spec/template")
+                            {
+                                // Like the real API server: a Job's pod template is immutable.
+                                return (422, status(422, "Invalid", "spec.template: field is immutable"));
+                            }
                             let mut n = body;
                             // Keep what the server owns.
                             for k in ["uid", "creationTimestamp", "finalizers", "deletionTimestamp"] {

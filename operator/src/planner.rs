@@ -107,6 +107,8 @@ impl PlanInput {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ChildKind {
     HorizontalPodAutoscaler,
+    /// A gang scheduler's PodGroup, after the gang was switched off or moved to another scheduler.
+    PodGroup(GangScheduler),
 }
 
 /// The desired objects of one fleet.
@@ -463,6 +465,11 @@ pub fn plan(cr: &DeepSeekV3Deployment, input: &PlanInput) -> Result<Plan, PlanEr
         match autoscaling(spec, role).filter(|_| !model_pending) {
             Some(a) => hpas.push(hpa(&ctx, role, a)),
             None => absent.push((ChildKind::HorizontalPodAutoscaler, ctx.names.role(role))),
+        }
+    }
+    for scheduler in GangScheduler::ALL {
+        if pod_group.as_ref().is_none_or(|(wanted, _)| *wanted != scheduler) {
+            absent.push((ChildKind::PodGroup(scheduler), gang::pod_group_name(&ctx.name)));
         }
     }
 

@@ -147,7 +147,23 @@ fn every_sample_plans_a_complete_fleet() {
             a.attention.is_some(),
             "{file}"
         );
-        assert_eq!(plan.hpas.len() + plan.absent.len(), 2, "{file}");
+        let absent_hpas = plan
+            .absent
+            .iter()
+            .filter(|(kind, _)| *kind == ChildKind::HorizontalPodAutoscaler)
+            .count();
+        assert_eq!(plan.hpas.len() + absent_hpas, 2, "{file}");
+        // Without a gang, no PodGroup of either kind may be left behind.
+        let absent_groups = plan
+            .absent
+            .iter()
+            .filter(|(kind, _)| matches!(kind, ChildKind::PodGroup(_)))
+            .count();
+        assert_eq!(
+            absent_groups,
+            if cr.spec.scheduling.gang.is_some() { 1 } else { 2 },
+            "{file}"
+        );
     }
 }
 
@@ -554,7 +570,10 @@ fn the_attention_hpa_scales_the_resource_and_the_router_hpa_its_deployment() {
     let plan = plan_of(&off);
     assert!(plan.hpas.is_empty());
     assert_eq!(
-        plan.absent,
+        plan.absent
+            .into_iter()
+            .filter(|(kind, _)| *kind == ChildKind::HorizontalPodAutoscaler)
+            .collect::<Vec<_>>(),
         vec![
             (
                 ChildKind::HorizontalPodAutoscaler,

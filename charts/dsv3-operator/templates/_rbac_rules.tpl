@@ -27,15 +27,15 @@ fails on any difference. Change both together.
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["list", "watch", "create", "patch", "delete"]
-# Model download Jobs (hub sources): read for ModelReady, applied, other revisions' deleted.
+# Model download Jobs (hub sources): read for ModelReady, created once, other revisions' deleted.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "delete"]
 # Gang scheduling: the workers' PodGroup (Volcano or scheduler-plugins), listed to tell
-# whether the kind is installed.
+# whether the kind is installed, deleted when the gang is switched off.
 - apiGroups: ["scheduling.volcano.sh", "scheduling.x-k8s.io"]
   resources: ["podgroups"]
-  verbs: ["list", "create", "patch"]
+  verbs: ["list", "create", "patch", "delete"]
 # Pods: read for the scheduler's reason when one cannot be placed.
 - apiGroups: [""]
   resources: ["pods"]
