@@ -7,14 +7,15 @@ file API layout, as huggingface.co serves it.
 - `GET /cdn/{file}`: the bytes, honouring `Range`.
 
 Faults for the tests: a token the repository requires, files whose first transfer is cut
-halfway (the client must resume), and files served with one byte changed (the client must
-refuse them). Every request is logged as (path, Range header)."""
+halfway (the client must resume), files served with one byte changed (the client must
+refuse them), and a delay before each transfer. Every request is logged as (path, Range header)."""
 
 import hashlib
 import http.server
 import json
 import os
 import threading
+import time
 
 COMMIT = "3f1c0e5d2a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d"
 
@@ -34,6 +35,7 @@ class Hub:
         self.files.update(extra_files or {})
         self.cut = set()
         self.corrupt = set()
+        self.delay = 0.0
         self.requests = []
         self.lock = threading.Lock()
         hub = self
@@ -105,6 +107,8 @@ class Hub:
     def serve_bytes(self, h, name):
         if name not in self.files:
             return self.reply(h, 404, b"", {})
+        if self.delay and h.headers.get("Range") != "bytes=0-0":
+            time.sleep(self.delay)
         data = self.files[name]
         if name in self.corrupt:
             data = bytes([data[0] ^ 0xFF]) + data[1:]

@@ -3,6 +3,8 @@ API layout: whole and per-role downloads, resumed transfers, checksums, skipped 
 then a fleet whose router, attention rank and expert shards each run from their own downloaded
 directory answers as `serve` does."""
 
+import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -25,53 +27,70 @@ ROUTER_FILES = {
     "model.safetensors.index.json",
     "tokenizer.json",
     "tokenizer_config.json",
+    "chat_template.jinja",
 }
+CHAT_TEMPLATE = b"{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+# What the worker reads: the tiny checkpoint and a chat template file beside it.
+MODEL_FILES = set(os.listdir(TINY)) | {"chat_template.jinja"}
 
 
 @pytest.fixture
 def hub():
-    hub = Hub(TINY, REPO, extra_files={"README.md": b"# tiny\n", "inference/model.py": b"print()\n"})
+    hub = Hub(TINY, REPO, extra_files={"README.md": b"# tiny\n", "inference/model.py": b"print()\n",
+                                       "chat_template.jinja": CHAT_TEMPLATE})
     yield hub
     hub.close()
 
 
-def download(hub, target, *extra, token=None):
+def download_command(hub, target, *extra, token=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env["HF_ENDPOINT"] = hub.url
     if token:
         env["HF_TOKEN"] = token
-    return subprocess.run(
-        [BIN, "download", "--repo", REPO, "--dir", str(target), *extra],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return [BIN, "download", "--repo", REPO, "--dir", str(target), *extra], env
+
+
+def download(hub, target, *extra, token=None):
+    command, env = download_command(hub, target, *extra, token=token)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
 
 
 def visible_files(directory):
     return {n for n in os.listdir(directory) if not n.startswith(".")}
 
 
+def source_bytes(name):
+    if name == "chat_template.jinja":
+        return CHAT_TEMPLATE
+    with open(os.path.join(TINY, name), "rb") as f:
+        return f.read()
+
+
 def same_bytes(directory, name):
-    with open(os.path.join(directory, name), "rb") as a, open(os.path.join(TINY, name), "rb") as b:
-        return a.read() == b.read()
+    with open(os.path.join(directory, name), "rb") as a:
+        return a.read() == source_bytes(name)
+
+
+def client_cache(directory):
+    """The hub client's cache in a model directory: (blobs, this commit's snapshot)."""
+    repo = directory / ".cache" / "huggingface" / ("models--" + REPO.replace("/", "--"))
+    return repo / "blobs", repo / "snapshots" / COMMIT
 
 
 def test_the_whole_checkpoint_arrives_verified_and_a_second_run_fetches_nothing(hub, tmp_path):
     run = download(hub, tmp_path)
     assert run.returncode == 0, run.stderr
-    assert visible_files(tmp_path) == set(os.listdir(TINY)), "exactly the model's files, no README or code"
-    for name in os.listdir(TINY):
+    assert visible_files(tmp_path) == MODEL_FILES, "exactly the model's files, no README or code"
+    for name in MODEL_FILES:
         assert same_bytes(tmp_path, name), name
     assert COMMIT in run.stderr
     manifest = json.load(open(tmp_path / ".dsv3-download.json"))
-    assert manifest["commit"] == COMMIT and set(manifest["files"]) == set(os.listdir(TINY))
+    assert manifest["commit"] == COMMIT and set(manifest["files"]) == MODEL_FILES
 
     transfers = len(hub.requests)
     again = download(hub, tmp_path)
     assert again.returncode == 0, again.stderr
-    assert "0 fetched" in again.stderr and f"{len(os.listdir(TINY))} already in place" in again.stderr
+    assert "0 fetched" in again.stderr and f"{len(MODEL_FILES)} already in place" in again.stderr
     later = hub.requests[transfers:]
     assert all(r == "bytes=0-0" or p.startswith("/api/") for p, r in later), f"only probes, got {later}"
 
@@ -87,6 +106,78 @@ def test_a_broken_transfer_resumes_where_it_stopped(hub, tmp_path):
     resumed_at = int(ranges[1].removeprefix("bytes=").rstrip("-"))
     size = os.path.getsize(os.path.join(TINY, shard))
     assert 0 < resumed_at < size, f"the retry starts mid-file, not over: {ranges}"
+
+
+def test_a_run_that_dies_mid_file_is_resumed_by_the_next_run(hub, tmp_path):
+    shard = "model-00002-of-00003.safetensors"
+    hub.cut.add(shard)
+    dead = download(hub, tmp_path, "--retries", "0")
+    assert dead.returncode != 0 and shard in dead.stderr, dead.stderr
+    assert not (tmp_path / shard).exists()
+    run = download(hub, tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert same_bytes(tmp_path, shard)
+    ranges = hub.body_requests(shard)
+    assert len(ranges) == 2 and ranges[0] == "bytes=0-", ranges
+    resumed_at = int(ranges[1].removeprefix("bytes=").rstrip("-"))
+    assert 0 < resumed_at < os.path.getsize(os.path.join(TINY, shard)), f"resumed mid-file: {ranges}"
+
+
+def test_leftovers_that_cannot_be_resumed_are_cleared(hub, tmp_path):
+    # A partial copy longer than the file (the hub client would refuse it forever) and a link
+    # left to a blob that an interrupted run had already moved into the directory.
+    too_long, dangling = "model-00001-of-00003.safetensors", "model-00003-of-00003.safetensors"
+    blobs, snapshot = client_cache(tmp_path)
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    sha = hashlib.sha256(source_bytes(too_long)).hexdigest()
+    (blobs / f"{sha}.part").write_bytes(b"x" * (len(source_bytes(too_long)) + 10))
+    os.symlink(blobs / "gone", snapshot / dangling)
+    run = download(hub, tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert same_bytes(tmp_path, too_long) and same_bytes(tmp_path, dangling)
+    assert hub.body_requests(too_long) == ["bytes=0-"], "started over, once"
+
+
+def test_two_runs_into_one_directory_take_turns(hub, tmp_path):
+    hub.delay = 0.5  # per transfer: the first run is still going when the second starts
+    command, env = download_command(hub, tmp_path)
+    first = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    lock = tmp_path / ".dsv3-download.lock"
+    deadline = time.time() + 30
+    while not held(lock):
+        assert time.time() < deadline and first.poll() is None, "the first run never took the lock"
+        time.sleep(0.05)
+    second = download(hub, tmp_path)
+    _, first_log = first.communicate(timeout=120)
+    assert first.returncode == 0, first_log
+    assert second.returncode == 0, second.stderr
+    assert "another download is filling" in second.stderr, second.stderr
+    assert f"{len(MODEL_FILES)} already in place" in second.stderr, "the second finds the first's files"
+    for name in MODEL_FILES:
+        assert same_bytes(tmp_path, name), name
+
+
+def held(lock):
+    """Whether another process holds `lock` (an flock)."""
+    if not lock.exists():
+        return False
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+@pytest.mark.parametrize("role", ["all", "router"])
+def test_a_ranks_options_are_refused_for_whole_and_router_downloads(hub, tmp_path, role):
+    for option in (["--rank", "0"], ["--expert-shards", "2"]):
+        run = download(hub, tmp_path, "--for", role, *option)
+        assert run.returncode != 0
+        assert f"{option[0]} applies to --for expert or attention, not --for {role}" in run.stderr, run.stderr
+    assert not (tmp_path / "config.json").exists(), "refused before anything is fetched"
 
 
 def test_a_file_that_fails_its_checksum_is_refused_and_not_kept(hub, tmp_path):

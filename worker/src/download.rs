@@ -1,18 +1,19 @@
 //! `dsv3-worker download`: a checkpoint from a Hugging Face hub repository into a model
 //! directory, as the other roles read it with `--model`.
 //!
-//! The hub client (`hf-hub`) resolves the revision, follows the hub's redirects and resumes a
-//! broken transfer from its partial file. Around it: the revision is pinned to one commit for
-//! the whole run, every file is checked against the hub's checksum (the LFS sha256, or the git
-//! blob id of a small file) before it takes its place, files already in place at the same
-//! checksum are skipped, and only the files the role reads are fetched.
+//! The hub client (`hf-hub`) resolves the revision, follows the hub's redirects and appends to
+//! a file's partial copy. Around it: the revision is pinned to one commit for the whole run,
+//! a broken transfer is retried from where it stopped (in this run or a later one), every file
+//! is checked against the hub's checksum (the LFS sha256, or the git blob id of a small file)
+//! before it takes its place, files already in place at the same checksum are skipped, only
+//! the files the role reads are fetched, and one run at a time fills a directory.
 
 mod selection;
 
 use crate::roles::plan_for;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use hf_hub::api::sync::{Api, ApiBuilder, ApiRepo};
+use hf_hub::api::sync::{Api, ApiBuilder, ApiError, ApiRepo};
 use hf_hub::api::Progress;
 use hf_hub::{Repo, RepoType};
 use selection::{FilesFor, RankTensors, ROUTER_FILES, SINGLE_FILE};
@@ -20,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,21 +40,23 @@ pub struct DownloadArgs {
     /// Which role's files to fetch.
     #[arg(long = "for", value_enum, default_value_t = FilesFor::All)]
     files_for: FilesFor,
-    /// With --for expert or attention: the rank whose experts to fetch.
-    #[arg(long, default_value_t = 0)]
-    rank: u32,
+    /// With --for expert or attention: the rank whose experts to fetch [default: 0].
+    #[arg(long)]
+    rank: Option<u32>,
     /// With --for expert or attention: the placement plan (JSON); default: round-robin over
     /// --expert-shards shards.
     #[arg(long)]
     placement: Option<PathBuf>,
-    #[arg(long, default_value_t = 1)]
-    expert_shards: usize,
+    /// With --for expert or attention and no --placement: the expert shards of the round-robin
+    /// deal [default: 1].
+    #[arg(long)]
+    expert_shards: Option<usize>,
     /// Files transferred at once.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     parallel: u16,
     /// Attempts per file after a broken transfer, each resuming where the last one stopped.
     #[arg(long, default_value_t = 8)]
-    retries: usize,
+    retries: u32,
     /// The hub's address.
     #[arg(long, env = "HF_ENDPOINT", default_value = "https://huggingface.co")]
     endpoint: String,
@@ -70,6 +73,9 @@ pub(crate) const ROUTER_VIEW: &str = ".router";
 /// The hub client's cache (partial transfers and locks), inside the directory so that a
 /// finished file is renamed into place, never copied.
 const CLIENT_CACHE: &str = ".cache/huggingface";
+/// Held (an exclusive lock) for a whole run: two runs into one directory would race on the
+/// partial files and the manifest, so the second waits for the first.
+const LOCK_FILE: &str = ".dsv3-download.lock";
 
 #[derive(Serialize, Deserialize, Default)]
 struct Manifest {
@@ -86,10 +92,22 @@ struct ManifestEntry {
 }
 
 pub fn run(args: DownloadArgs) -> Result<()> {
-    if args.files_for == FilesFor::Router && args.placement.is_some() {
-        bail!("--placement applies to --for expert or attention, not --for router");
+    if matches!(args.files_for, FilesFor::Router | FilesFor::All) {
+        // A rank's options would select nothing here: refuse them rather than ignore them.
+        let rank_options = [
+            ("--rank", args.rank.is_some()),
+            ("--placement", args.placement.is_some()),
+            ("--expert-shards", args.expert_shards.is_some()),
+        ];
+        if let Some((option, _)) = rank_options.iter().find(|(_, given)| *given) {
+            bail!(
+                "{option} applies to --for expert or attention, not --for {}",
+                format!("{:?}", args.files_for).to_lowercase()
+            );
+        }
     }
     std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
+    let _lock = lock_directory(&args.dir)?;
     let hub = Hub::connect(&args)?;
     let started = Instant::now();
     let available: BTreeSet<String> = hub
@@ -132,6 +150,31 @@ pub fn run(args: DownloadArgs) -> Result<()> {
     Ok(())
 }
 
+/// Takes the directory's lock, waiting (and saying so) while another run holds it.
+fn lock_directory(dir: &Path) -> Result<std::fs::File> {
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => return Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            eprintln!(
+                "another download is filling {}; waiting for it to finish",
+                dir.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+        }
+    }
+    file.lock().with_context(|| format!("cannot lock {}", path.display()))?;
+    Ok(file)
+}
+
 /// `.router/` in the model directory: links to the files the router reads, so a router pod
 /// can mount that directory alone (a volume's subPath) and never see the weights.
 fn link_router_view(dir: &Path, files: &[String]) -> Result<()> {
@@ -149,7 +192,9 @@ fn link_router_view(dir: &Path, files: &[String]) -> Result<()> {
 /// The shard files of the role (the small files already in the directory).
 fn shards_needed(args: &DownloadArgs, available: &BTreeSet<String>) -> Result<BTreeSet<String>> {
     let index = args.dir.join(dsv3_engine::INDEX_FILE);
-    if !index.is_file() {
+    // The hub's listing decides the form: an index left in the directory by an earlier revision
+    // must not choose the shards of this one.
+    if !available.contains(dsv3_engine::INDEX_FILE) {
         if available.contains(SINGLE_FILE) {
             return Ok([SINGLE_FILE.to_string()].into());
         }
@@ -184,21 +229,22 @@ fn rank_tensors(args: &DownloadArgs) -> Result<RankTensors> {
     let config =
         std::fs::read_to_string(&config_path).with_context(|| format!("cannot read {}", config_path.display()))?;
     let num_experts = selection::routed_experts(&config).with_context(|| format!("in {}", config_path.display()))?;
-    let plan = plan_for(&args.placement, num_experts, args.expert_shards)?;
-    let (dense, held) = match args.files_for {
-        FilesFor::Expert => (false, plan.shards.get(args.rank as usize)),
-        _ => (true, plan.attention.get(args.rank as usize)),
+    let plan = plan_for(&args.placement, num_experts, args.expert_shards.unwrap_or(1))?;
+    let rank = args.rank.unwrap_or(0);
+    let experts = match args.files_for {
+        FilesFor::Expert => plan.shards.get(rank as usize).cloned().with_context(|| {
+            format!(
+                "--rank {} is outside the placement plan ({} expert shards)",
+                rank,
+                plan.shards.len()
+            )
+        })?,
+        // The same check the attention rank makes when it starts.
+        _ => plan.attention_experts(rank)?,
     };
-    if args.files_for == FilesFor::Expert && held.is_none() {
-        bail!(
-            "--rank {} is outside the placement plan ({} expert shards)",
-            args.rank,
-            plan.shards.len()
-        );
-    }
     Ok(RankTensors {
-        dense,
-        experts: held.into_iter().flatten().copied().collect(),
+        dense: args.files_for == FilesFor::Attention,
+        experts: experts.into_iter().collect(),
     })
 }
 
@@ -206,7 +252,10 @@ fn rank_tensors(args: &DownloadArgs) -> Result<RankTensors> {
 struct Hub {
     api: Api,
     repo: ApiRepo,
+    /// Where the hub client keeps this commit's partial files and links.
+    cache: hf_hub::CacheRepo,
     commit: String,
+    retries: u32,
     files: Vec<String>,
     manifest: Mutex<Manifest>,
 }
@@ -235,11 +284,13 @@ struct Wanted {
 
 impl Hub {
     fn connect(args: &DownloadArgs) -> Result<Self> {
-        let api = ApiBuilder::from_cache(hf_hub::Cache::new(args.dir.join(CLIENT_CACHE)))
+        let cache = hf_hub::Cache::new(args.dir.join(CLIENT_CACHE));
+        let api = ApiBuilder::from_cache(cache.clone())
             .with_endpoint(args.endpoint.trim_end_matches('/').to_string())
             .with_token(args.token.clone().filter(|t| !t.is_empty()))
             .with_progress(false)
-            .with_retries(args.retries)
+            // Retried here (`fetch_one`): the client's own retry resumes from a wrong offset.
+            .with_retries(0)
             .with_user_agent("dsv3-worker", env!("CARGO_PKG_VERSION"))
             .build()
             .context("cannot set up the hub client")?;
@@ -253,12 +304,15 @@ impl Hub {
             .map_err(|e| hub_error(e, args))?;
         let commit = info.sha;
         eprintln!("{} at {} is commit {commit}", args.repo, args.revision);
-        let repo = api.repo(Repo::with_revision(args.repo.clone(), RepoType::Model, commit.clone()));
+        let pinned = Repo::with_revision(args.repo.clone(), RepoType::Model, commit.clone());
+        let repo = api.repo(pinned.clone());
         let manifest = read_manifest(&args.dir, &args.repo);
         Ok(Hub {
             api,
             repo,
+            cache: cache.repo(pinned),
             commit,
+            retries: args.retries,
             files: info.siblings.into_iter().map(|s| s.rfilename).collect(),
             manifest: Mutex::new(manifest),
         })
@@ -297,9 +351,12 @@ impl Hub {
         let finished = Mutex::new(Vec::new());
         let first_error = Mutex::new(None);
         let workers = usize::from(args.parallel).min(names.len());
+        let live = AtomicUsize::new(workers);
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 scope.spawn(|| {
+                    // Counted out however the thread ends, so the progress loop never outlives it.
+                    let _live = LiveWorker(&live);
                     while !failed.load(Ordering::Relaxed) {
                         let Some(file) = queue.lock().map(|mut q| q.pop_front()).unwrap_or(None) else {
                             break;
@@ -316,10 +373,13 @@ impl Hub {
                     }
                 });
             }
-            report_progress(&args.repo, total, &done, &failed, &finished, workers);
+            report_progress(&args.repo, total, &done, &live, &finished);
         });
         if let Some(e) = first_error.into_inner().ok().flatten() {
             return Err(e);
+        }
+        if !queue.into_inner().map(|q| q.is_empty()).unwrap_or(false) {
+            bail!("the download stopped with files left to fetch");
         }
         let finished = finished.into_inner().unwrap_or_default();
         summary.fetched = finished.len();
@@ -338,14 +398,38 @@ impl Hub {
 
     /// Downloads one file (resuming a partial one), verifies it, and renames it into place.
     fn fetch_one(&self, dir: &Path, file: &Wanted, done: &Arc<AtomicU64>) -> Result<()> {
-        let progress = FileProgress {
-            counted: 0,
-            done: done.clone(),
+        let blob_path = self.cache.blob_path(&file.etag);
+        let partial = blob_path.with_extension("part");
+        let mut pointer_path = self.cache.pointer_path(&self.commit);
+        pointer_path.push(&file.name);
+        let mut attempt = 0;
+        let pointer = loop {
+            prepare_attempt(&partial, &pointer_path, file.size);
+            let progress = FileProgress {
+                counted: 0,
+                done: done.clone(),
+            };
+            match self.repo.download_with_progress(&file.name, progress) {
+                Ok(pointer) => break pointer,
+                // The partial copy is longer than the file: start it over.
+                Err(ApiError::InvalidResume) => {
+                    let _ = std::fs::remove_file(&partial);
+                }
+                Err(e) if attempt < self.retries => {
+                    let wait = Duration::from_millis(500 << attempt.min(5));
+                    eprintln!(
+                        "{}: {e}; resuming in {:.1}s (retry {} of {})",
+                        file.name,
+                        wait.as_secs_f64(),
+                        attempt + 1,
+                        self.retries
+                    );
+                    std::thread::sleep(wait);
+                }
+                Err(e) => bail!("downloading {}: {e} (after {attempt} retries)", file.name),
+            }
+            attempt += 1;
         };
-        let pointer = self
-            .repo
-            .download_with_progress(&file.name, progress)
-            .map_err(|e| anyhow::anyhow!("downloading {}: {e}", file.name))?;
         let blob = std::fs::canonicalize(&pointer).with_context(|| format!("resolving {}", pointer.display()))?;
         if let Err(e) = verify(&blob, &file.etag, file.size) {
             // A corrupt copy must not be resumed from or kept.
@@ -372,6 +456,19 @@ impl Hub {
         write_manifest(dir, &manifest)?;
         eprintln!("{}: {} verified", file.name, gigabytes(file.size));
         Ok(())
+    }
+}
+
+/// Clears what would stop the hub client from resuming: a partial copy already as long as the
+/// file (the hub refuses a range past the end), and a link left by an interrupted run to a blob
+/// that was since moved into the directory (the client will not replace it).
+fn prepare_attempt(partial: &Path, pointer: &Path, size: u64) {
+    if std::fs::metadata(partial).is_ok_and(|m| m.len() >= size) {
+        let _ = std::fs::remove_file(partial);
+    }
+    let dangling = std::fs::symlink_metadata(pointer).is_ok() && !pointer.exists();
+    if dangling {
+        let _ = std::fs::remove_file(pointer);
     }
 }
 
@@ -452,23 +549,24 @@ impl Progress for FileProgress {
     fn finish(&mut self) {}
 }
 
+/// A transfer thread, counted in `live` until it ends (returning or unwinding).
+struct LiveWorker<'a>(&'a AtomicUsize);
+
+impl Drop for LiveWorker<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// One line every few seconds while transfers run: bytes, rate, files, time left.
-fn report_progress(
-    repo: &str,
-    total: u64,
-    done: &AtomicU64,
-    failed: &AtomicBool,
-    finished: &Mutex<Vec<u64>>,
-    workers: usize,
-) {
+fn report_progress(repo: &str, total: u64, done: &AtomicU64, live: &AtomicUsize, finished: &Mutex<Vec<u64>>) {
     const EVERY: Duration = Duration::from_secs(5);
     let started = Instant::now();
     let files = |f: &Mutex<Vec<u64>>| f.lock().map(|f| f.len()).unwrap_or(0);
     let mut last = Instant::now();
     loop {
         std::thread::sleep(Duration::from_millis(100));
-        let all_done = finished.lock().map(|f| f.iter().sum::<u64>() >= total).unwrap_or(true);
-        if all_done || failed.load(Ordering::Relaxed) {
+        if live.load(Ordering::Relaxed) == 0 {
             return;
         }
         if last.elapsed() < EVERY {
@@ -479,12 +577,13 @@ fn report_progress(
         let rate = bytes as f64 / started.elapsed().as_secs_f64().max(1e-3);
         let left = (total - bytes) as f64 / rate.max(1.0);
         eprintln!(
-            "downloading {repo}: {}/{} ({:.1}%), {:.0} MB/s, {} files done, {workers} in flight, ~{:.0}s left",
+            "downloading {repo}: {}/{} ({:.1}%), {:.0} MB/s, {} files done, {} in flight, ~{:.0}s left",
             gigabytes(bytes),
             gigabytes(total),
             100.0 * bytes as f64 / total.max(1) as f64,
             rate / 1e6,
             files(finished),
+            live.load(Ordering::Relaxed),
             left
         );
     }
@@ -507,7 +606,7 @@ fn read_manifest(dir: &Path, repo: &str) -> Manifest {
 
 fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
     let path = dir.join(MANIFEST);
-    let partial = dir.join(format!("{MANIFEST}.partial"));
+    let partial = dir.join(format!("{MANIFEST}.{}.partial", std::process::id()));
     std::fs::write(&partial, serde_json::to_vec_pretty(manifest)?)
         .with_context(|| format!("cannot write {}", partial.display()))?;
     std::fs::rename(&partial, &path).with_context(|| format!("cannot write {}", path.display()))

@@ -56,7 +56,10 @@ impl ExpertTiles {
 /// A TMA map of a row-major byte matrix `[rows][cols]`, copied in boxes of `box_rows` x 128 bytes
 /// in the 128-byte swizzle wgmma reads; rows past the end read as zeros.
 fn byte_matrix_map(addr: u64, rows: usize, cols: usize, box_rows: usize) -> Result<Arg> {
-    ensure!(addr % 16 == 0 && cols % 16 == 0, "TMA needs 16-byte aligned rows");
+    ensure!(
+        addr.is_multiple_of(16) && cols.is_multiple_of(16),
+        "TMA needs 16-byte aligned rows"
+    );
     tensor_map(
         addr,
         drv::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,

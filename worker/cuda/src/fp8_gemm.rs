@@ -137,7 +137,7 @@ impl Fp8Gemm {
     /// 16-byte aligned (k/128 a multiple of 4: with 2 or 3 blocks per row cuBLASLt reads every
     /// scale row after the first from the wrong place).
     pub fn takes_weight(n: usize, k: usize) -> bool {
-        k % 128 == 0 && n % 16 == 0 && (n <= 128 || (k / 128) % 4 == 0)
+        k.is_multiple_of(128) && n.is_multiple_of(16) && (n <= 128 || (k / 128).is_multiple_of(4))
     }
 
     /// Row-major `y[m, n] (+)= x[m, k] · w[n, k]ᵀ` on the stream `gpu` launches on: `x` e4m3 with
@@ -161,7 +161,7 @@ impl Fp8Gemm {
         use sys::cublasLtMatmulDescAttributes_t as A;
         // cuBLASLt reads the activation scales in rows of 4 (16 bytes): it has no algorithm for
         // other m.
-        if !Self::takes_weight(n, k) || m % 4 != 0 {
+        if !Self::takes_weight(n, k) || !m.is_multiple_of(4) {
             bail!("block-scaled FP8 product of {m}×{k} by {n}×{k}: k must be a multiple of 128 (of 512 past 128 rows), n of 16 and m of 4");
         }
         if [y, x, x_scales, w, w_scales].iter().any(|p| p % ALIGN as u64 != 0) {

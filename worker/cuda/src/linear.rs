@@ -15,7 +15,7 @@ pub const TC_MAX_ROWS: usize = 512;
 pub const BLOCKS_PER_SM: usize = 8;
 
 pub fn mma_fits(rows: usize, cols: usize) -> bool {
-    rows % 16 == 0 && cols % 128 == 0
+    rows.is_multiple_of(16) && cols.is_multiple_of(128)
 }
 
 /// The FP8 tensor-core kernel for `m` token rows (8 per n-tile).
@@ -136,7 +136,7 @@ pub fn linear(
     let input_quant = input_quant.filter(|_| w.format == Format::Fp8);
     if input_quant.is_some() {
         ensure!(
-            w.cols % 128 == 0,
+            w.cols.is_multiple_of(128),
             "FP8 activations are quantised in blocks of 128 channels; a {}×{} weight has a partial block (run with --fp8-activations unquantised)",
             w.rows,
             w.cols
@@ -145,7 +145,7 @@ pub fn linear(
     // Large bf16 matrices (the head); the small router keeps the f32-activation GEMV, since
     // expert choice is sensitive to rounding.
     let bf16_tensor_cores =
-        w.format == Format::Bf16 && w.rows >= 4096 && w.rows % 16 == 0 && w.cols % 64 == 0 && m <= 16;
+        w.format == Format::Bf16 && w.rows >= 4096 && w.rows.is_multiple_of(16) && w.cols.is_multiple_of(64) && m <= 16;
     if bf16_tensor_cores && !simt {
         let xb = g.to_bf16(x, m * w.cols)?;
         let blocks = w.rows.div_ceil(64);

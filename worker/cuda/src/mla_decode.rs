@@ -77,7 +77,7 @@ impl DecodeKernel {
 
     /// Whether this kernel takes `shape` over cache blocks of `block` positions on `g`.
     pub fn takes(self, g: &Gpu, shape: &LatentShape, block: usize) -> bool {
-        let heads_fit = shape.heads % shape.heads.min(DEC_HEADS) == 0 && shape.nope % 2 == 0;
+        let heads_fit = shape.heads.is_multiple_of(shape.heads.min(DEC_HEADS)) && shape.nope.is_multiple_of(2);
         match self {
             DecodeKernel::Wgmma => DecodeKernel::WgmmaCpAsync.takes(g, shape, block) && tma_box_rows(block).is_some(),
             DecodeKernel::WgmmaCpAsync => {
@@ -89,13 +89,13 @@ impl DecodeKernel {
             }
             DecodeKernel::Mma => {
                 heads_fit
-                    && shape.width() % 16 == 0
-                    && shape.lora % 64 == 0
+                    && shape.width().is_multiple_of(16)
+                    && shape.lora.is_multiple_of(64)
                     && shape.lora <= 512
                     && mma_shared_bytes(shape.width()) <= g.max_shared_per_block
             }
             DecodeKernel::CudaCores => {
-                shape.heads % shape.heads.min(MLA_HEAD_GROUP) == 0
+                shape.heads.is_multiple_of(shape.heads.min(MLA_HEAD_GROUP))
                     && shape.lora <= 2 * MLA_THREADS
                     && cuda_core_shared_bytes(shape) <= g.max_shared_per_block
             }
@@ -138,7 +138,7 @@ fn cuda_core_shared_bytes(shape: &LatentShape) -> usize {
 /// positions: whole blocks, or 64-position parts of them; boxes are whole groups of 8 positions.
 fn tma_box_rows(block: usize) -> Option<usize> {
     let rows = block.min(WGMMA_TILE);
-    (rows % 8 == 0 && (WGMMA_TILE % block == 0 || block % WGMMA_TILE == 0)).then_some(rows)
+    (rows.is_multiple_of(8) && (WGMMA_TILE.is_multiple_of(block) || block.is_multiple_of(WGMMA_TILE))).then_some(rows)
 }
 
 /// The TMA view of one layer's latent cache (`slots` positions of 576 bf16 channels) that lands
@@ -148,7 +148,7 @@ fn cache_tile_map(cache: u64, slots: usize, box_rows: usize) -> Result<Arg> {
     const CHUNKS: usize = 576 / 8;
     const ROW_BYTES: u64 = 576 * 2;
     ensure!(
-        cache % 16 == 0 && slots % 8 == 0,
+        cache.is_multiple_of(16) && slots.is_multiple_of(8),
         "TMA needs 16-byte aligned groups of 8 cached slots"
     );
     tensor_map(

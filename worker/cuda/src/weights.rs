@@ -44,7 +44,7 @@ pub fn scale_shape(rows: usize, cols: usize) -> (usize, usize) {
 }
 
 fn check_cols(name: &str, cols: usize, format: Format) -> Result<()> {
-    if cols % format.lane_width() != 0 {
+    if !cols.is_multiple_of(format.lane_width()) {
         bail!(
             "tensor `{name}`: {cols} columns is not a multiple of {} as the CUDA kernels need",
             format.lane_width()

@@ -185,9 +185,9 @@ impl Checkpoint {
                 .iter()
                 .map(|(tensor, file)| (tensor.clone(), numbered[file.as_str()]))
                 .collect();
-        } else if files.exists("model.safetensors") {
+        } else if files.exists(SINGLE_FILE) {
             let shard = Shard {
-                file: "model.safetensors".to_string(),
+                file: SINGLE_FILE.to_string(),
                 open: OnceLock::new(),
             };
             let opened = open_shard(files, &shard.file)?;
@@ -195,7 +195,7 @@ impl Checkpoint {
             let _ = shard.open.set(opened);
             checkpoint.shards.push(shard);
         } else {
-            bail!("{source} holds neither {INDEX_FILE} nor model.safetensors");
+            bail!("{source} holds neither {INDEX_FILE} nor {SINGLE_FILE}");
         }
         Ok(checkpoint)
     }
@@ -266,6 +266,8 @@ fn open_shard(files: &ModelFiles, file: &str) -> Result<OpenShard> {
 
 /// The shard index of a sharded checkpoint.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// The single-file form of a checkpoint (no index).
+pub const SINGLE_FILE: &str = "model.safetensors";
 
 /// The index's `weight_map`: tensor name -> shard file, each file checked to lie inside the
 /// model directory.
@@ -288,9 +290,13 @@ pub fn weight_map(index: &str) -> Result<BTreeMap<String, String>> {
     Ok(files)
 }
 
-/// Whether the checkpoint in `files` holds tensor `name` (by its index; no shard is mapped).
-pub fn holds_tensor(files: &ModelFiles, name: &str) -> Result<bool> {
-    Ok(Checkpoint::open(files)?.contains(name))
+/// Whether the checkpoint in `files` holds tensor `name` (by its index; no shard is mapped);
+/// `None` where `files` holds no weights at all (the router's view of a single-file checkpoint).
+pub fn holds_tensor(files: &ModelFiles, name: &str) -> Result<Option<bool>> {
+    if !files.exists(INDEX_FILE) && !files.exists(SINGLE_FILE) {
+        return Ok(None);
+    }
+    Ok(Some(Checkpoint::open(files)?.contains(name)))
 }
 
 /// Convenience for `Checkpoint::open(&ModelFiles::Dir(..))`.

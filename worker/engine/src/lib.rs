@@ -30,7 +30,7 @@ pub use backend::{
 };
 pub use batch::{check_request, BatchOptions};
 pub use block_table::{BlockTable, CacheError};
-pub use checkpoint::{weight_map, Checkpoint, ModelFiles, INDEX_FILE};
+pub use checkpoint::{weight_map, Checkpoint, ModelFiles, INDEX_FILE, SINGLE_FILE};
 pub use config::{Fp8Activations, ModelConfig};
 pub use engine::{
     end_ids, finish_reason, Engine, EngineOptions, FinishReason, GenerateOutput, GenerateRequest, LoadProgress,

@@ -135,3 +135,23 @@ fn a_checkpoint_without_its_mtp_weights_is_served_without_mtp() {
     };
     assert_eq!(generate(&without), generate(&ModelFiles::Dir(full)));
 }
+
+#[test]
+fn a_directory_without_weights_keeps_the_configs_mtp_module() {
+    // The router's view of a single-file checkpoint: the config and tokenizer, no weights. There
+    // is nothing to probe, so the config stands (the ranks report what they loaded).
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(
+        golden_dir().join("tiny-fp8").join("config.json"),
+        dir.path().join("config.json"),
+    )
+    .expect("copy");
+    let config = ModelConfig::from_model_files(&dsv3_engine::ModelFiles::Dir(dir.path().to_path_buf()))
+        .expect("a config without weights beside it");
+    let written = ModelConfig::from_file(&dir.path().join("config.json")).expect("config");
+    assert_eq!(config.num_nextn_predict_layers, written.num_nextn_predict_layers);
+    assert!(
+        config.num_nextn_predict_layers > 0,
+        "the tiny config announces the MTP module"
+    );
+}

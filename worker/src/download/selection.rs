@@ -14,16 +14,16 @@ pub const ROUTER_FILES: &[&str] = &[
     INDEX_FILE,
     dsv3_text::TOKENIZER_FILE,
     dsv3_text::TOKENIZER_CONFIG_FILE,
+    dsv3_text::CHAT_TEMPLATE_FILE,
 ];
 
-/// The single-file form of a checkpoint (no index).
-pub const SINGLE_FILE: &str = "model.safetensors";
+pub use dsv3_engine::SINGLE_FILE;
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FilesFor {
     /// Every file any role reads.
     All,
-    /// The config, generation config, shard index and tokenizer.
+    /// The config, generation config, shard index, tokenizer and chat template.
     Router,
     /// An attention rank: every tensor but the routed experts, plus the experts the placement
     /// plan has the rank run itself.

@@ -261,7 +261,7 @@ impl CudaModel {
             .unwrap_or(1);
         let dequant = gpu.alloc(largest * 2)?;
         ensure!(
-            config.kv_lora_rank <= 512 && config.kv_lora_rank % 2 == 0,
+            config.kv_lora_rank <= 512 && config.kv_lora_rank.is_multiple_of(2),
             "kv_lora_rank must be even and at most 512"
         );
         ensure!(

@@ -96,7 +96,7 @@ pub(crate) fn run_bank(
     let input_quant = kernels.input_quant;
     if let Some(ue8m0) = input_quant {
         ensure!(
-            width % 128 == 0 && bank.gate.rows % 128 == 0,
+            width.is_multiple_of(128) && bank.gate.rows.is_multiple_of(128),
             "FP8 activations are quantised in blocks of 128 channels; experts of {width}→{} have a partial block (run with --fp8-activations unquantised)",
             bank.gate.rows
         );
