@@ -777,7 +777,12 @@ pub fn compute_status(
     let full = |r: &RoleStatus| r.replicas > 0 && r.ready_replicas >= r.replicas;
     let rolling = |r: &RoleStatus| r.updated_replicas < r.replicas;
     let ready_roles = [&router, &attention, &experts].iter().filter(|r| full(r)).count();
-    let serving = !cutover && router.ready_replicas >= 1 && attention.ready_replicas >= 1 && full(&experts);
+    // Every shard is needed unless the plan holds redundant copies: then up to that many may
+    // be lost (any of them) with every expert still answered, by its other copies.
+    let shards_lost = (experts.replicas - experts.ready_replicas).max(0);
+    let experts_covered =
+        experts.replicas > 0 && i64::from(shards_lost) <= i64::from(plan.placement.shard_losses_covered());
+    let serving = !cutover && router.ready_replicas >= 1 && attention.ready_replicas >= 1 && experts_covered;
     let all_full = ready_roles == 3;
     let any_rolling = [&router, &attention, &experts].iter().any(|r| rolling(r));
     let was_serving = c.iter().any(|x| x.type_ == "Ready" && x.status == "True");

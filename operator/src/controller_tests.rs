@@ -425,6 +425,28 @@ async fn children_becoming_ready_make_the_fleet_ready_and_a_lost_shard_degrades_
 }
 
 #[tokio::test]
+async fn with_a_copy_of_every_expert_a_lost_shard_degrades_but_keeps_serving() {
+    let mut cr = sample("tiny-cpu.yaml");
+    cr.spec.experts.redundant_experts = cr.spec.model.num_routed_experts;
+    let h = Harness::new(&cr).with_pvc("dsv3-tiny-model");
+    h.create().await;
+    h.set_sts_status("attention", 2, 2);
+    h.set_router_status(1);
+    h.set_sts_status("expert", 4, 3);
+    h.reconcile().await.expect("reconcile");
+    assert_eq!(h.status()["phase"], "Degraded");
+    assert_eq!(h.condition("Ready"), ("True".into(), "Serving".into()));
+    assert_eq!(
+        h.condition("Degraded"),
+        ("True".into(), "ExpertShardUnavailable".into())
+    );
+    // A second shard lost: some expert may have lost both copies.
+    h.set_sts_status("expert", 4, 2);
+    h.reconcile().await.expect("reconcile");
+    assert_eq!(h.condition("Ready"), ("False".into(), "ExpertShardUnavailable".into()));
+}
+
+#[tokio::test]
 async fn placement_change_never_mixes_versions() {
     let h = Harness::new(&sample("tiny-cpu.yaml")).with_pvc("dsv3-tiny-model");
     h.create().await;

@@ -628,7 +628,7 @@ fn network_policy(ctx: &Ctx<'_>) -> NetworkPolicy {
 fn pdb(ctx: &Ctx<'_>, role: Role, placement: &PlacementPlan) -> PodDisruptionBudget {
     let mut max_unavailable = ctx.spec.rollout.max_unavailable;
     if role == Role::Expert {
-        let spare_copies = placement.fewest_copies().saturating_sub(1);
+        let spare_copies = placement.shard_losses_covered();
         max_unavailable = max_unavailable.min(i32::try_from(spare_copies).unwrap_or(i32::MAX));
     }
     PodDisruptionBudget {

@@ -185,6 +185,21 @@ impl PlacementPlan {
         copies.into_iter().min().unwrap_or(0)
     }
 
+    /// How many expert shards, any of them, may be lost with every expert that shards hold
+    /// still on a live one (its copies less one, for the expert with the fewest). Experts the
+    /// attention ranks hold themselves do not count: no shard loss takes them.
+    pub fn shard_losses_covered(&self) -> u32 {
+        let mut copies = vec![0u32; self.num_experts as usize];
+        for shard in &self.shards {
+            for &e in shard {
+                if let Some(c) = copies.get_mut(e as usize) {
+                    *c += 1;
+                }
+            }
+        }
+        copies.into_iter().filter(|&c| c > 0).min().map_or(0, |c| c - 1)
+    }
+
     pub fn load(path: &Path) -> Result<Self, PlanError> {
         let shown = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| PlanError::Read {
@@ -240,6 +255,22 @@ mod tests {
         // ... + "attention;0:1,;"
         plan.attention = vec![vec![1]];
         assert_eq!(plan.content_hash(), "3fe351b5b2deed48");
+    }
+
+    #[test]
+    fn shard_losses_covered_counts_the_copies_of_the_least_copied_shard_expert() {
+        let single = PlacementPlan::round_robin(8, 4, 0, &[]).expect("plan");
+        assert_eq!(single.shard_losses_covered(), 0);
+        let hot: Vec<u32> = (0..8).collect();
+        let doubled = PlacementPlan::round_robin(8, 4, 8, &hot).expect("plan");
+        assert_eq!(doubled.shard_losses_covered(), 1);
+        let partly = PlacementPlan::round_robin(8, 4, 4, &hot).expect("plan");
+        assert_eq!(partly.shard_losses_covered(), 0, "experts 4..8 have one copy");
+        // Experts the attention ranks hold are not lost with a shard.
+        let mut with_attention = doubled.clone();
+        with_attention.shards.iter_mut().for_each(|s| s.retain(|&e| e != 7));
+        with_attention.attention = vec![vec![7]];
+        assert_eq!(with_attention.shard_losses_covered(), 1);
     }
 
     #[test]
