@@ -387,6 +387,65 @@ fn a_dead_worker_ends_its_requests_and_the_fleet_recovers() {
     }
 }
 
+fn ready_detail(base: &str) -> String {
+    let body = match ureq::get(&format!("{base}/ready")).call() {
+        Ok(r) => r.into_string().unwrap_or_default(),
+        Err(ureq::Error::Status(_, r)) => r.into_string().unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    serde_json::from_str::<Value>(&body)
+        .ok()
+        .and_then(|v| v["detail"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+#[test]
+fn with_a_copy_of_every_expert_a_dead_shard_costs_no_request() {
+    // Three shards, every expert on two of them.
+    let mut fleet = start_fleet_of(1, 3, &["--redundant-experts", "16"]);
+    let undisturbed = completion_ids(&fleet.base, request(120, json!({"temperature": 0})));
+    let base = fleet.base.clone();
+    let long = std::thread::spawn(move || stream(&base, request(120, json!({"temperature": 0, "stream": true}))));
+    std::thread::sleep(Duration::from_millis(300));
+    let shard = fleet
+        .members
+        .iter()
+        .find(|m| m.role == "expert")
+        .expect("an expert shard");
+    kill(shard.pid);
+    let (ids, finish, error) = long.join().expect("stream thread");
+    assert_eq!(error, None, "the stream goes on");
+    assert_eq!(finish.as_deref(), Some("length"));
+    assert_eq!(ids, undisturbed, "the same greedy tokens as with every shard up");
+    // Serving, and saying what it serves without.
+    assert_eq!(ready_status(&fleet.base), 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ready_detail(&fleet.base).contains("degraded") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let detail = ready_detail(&fleet.base);
+    assert!(
+        detail.contains("degraded") && detail.contains("expert shard 0"),
+        "{detail}"
+    );
+    assert_eq!(
+        completion_ids(&fleet.base, request(120, json!({"temperature": 0}))),
+        undisturbed,
+        "new requests while degraded"
+    );
+    // The shard comes back and is taken into use again.
+    restart(&mut fleet, "expert");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ready_detail(&fleet.base).contains("degraded") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!ready_detail(&fleet.base).contains("degraded"), "the shard rejoined");
+    assert_eq!(
+        completion_ids(&fleet.base, request(120, json!({"temperature": 0}))),
+        undisturbed
+    );
+}
+
 #[test]
 fn bad_requests_get_clear_errors_and_the_fleet_keeps_serving() {
     let fleet = start_fleet();

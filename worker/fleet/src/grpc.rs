@@ -16,6 +16,7 @@ use dsv3_proto::{
     AttentionInfo, ExpertInfo, ExpertReply, ExpertRequest, InfoRequest, ReleaseReply, ReleaseRequest, StepReply,
     StepRequest, Tensor, OTHER_SHARD,
 };
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::runtime::Handle;
@@ -254,10 +255,17 @@ pub fn expert_server(
 
 /// Routed experts on remote shards: each token goes only to the shards that own its top-k
 /// experts (replicas spread by token), and the partial sums come back to be added up.
+///
+/// A shard that fails a call is marked down and its part of the step goes, in the same step,
+/// to the other copies of its experts (the placement plan's redundant ones); the step fails
+/// only when an expert it needs has no live copy. A down shard is probed with the rank's
+/// readiness checks and takes its share again as soon as it answers.
 pub struct RemoteExperts {
     plan: PlacementPlan,
     addresses: Vec<String>,
     clients: Vec<ExpertClient<Channel>>,
+    /// Per shard: marked down (a failed call or probe) and not yet seen answering again.
+    down: Vec<AtomicBool>,
     handle: Handle,
     timeout: Duration,
     /// What the activations travel as, both ways.
@@ -290,6 +298,7 @@ impl RemoteExperts {
             })
             .collect::<Result<_>>()?;
         Ok(RemoteExperts {
+            down: addresses.iter().map(|_| AtomicBool::new(false)).collect(),
             plan,
             addresses,
             clients,
@@ -299,45 +308,65 @@ impl RemoteExperts {
             totals: Default::default(),
         })
     }
-}
 
-impl ExpertExecutor for RemoteExperts {
-    fn routed_experts(&self, layer: usize, x: &[f32], routes: &TokenRoutes) -> Result<Vec<f32>> {
-        let mut out = vec![0.0f32; x.len()];
-        self.routed_experts_into(layer, x, routes, &mut out)?;
-        Ok(out)
+    fn is_down(&self, shard: usize) -> bool {
+        self.down[shard].load(Ordering::Relaxed)
     }
 
-    /// Slots marked [`NO_EXPERT`] (experts the caller runs itself) go nowhere; a token with no
-    /// other slot is not sent at all.
-    fn routed_experts_into(&self, layer: usize, x: &[f32], routes: &TokenRoutes, out: &mut [f32]) -> Result<()> {
-        ensure!(
-            out.len() == x.len(),
-            "routed experts of layer {layer}: {} output values for {} inputs",
-            out.len(),
-            x.len()
-        );
-        out.fill(0.0);
+    /// The shard that computes slot `j` of token `t` (`expert`), among the copies not marked
+    /// down; with every copy down, all of them (one may be back before the probe says so).
+    fn pick(&self, layer: usize, t: usize, expert: u32, excluded: &[bool]) -> Result<usize> {
+        let owners = self.plan.owners(expert);
+        if owners.is_empty() {
+            bail!("expert {expert} of layer {layer} has no shard in the placement plan");
+        }
+        let usable: Vec<usize> = owners.iter().copied().filter(|&s| !excluded[s]).collect();
+        let live: Vec<usize> = usable.iter().copied().filter(|&s| !self.is_down(s)).collect();
+        let choice = if live.is_empty() { &usable } else { &live };
+        if choice.is_empty() {
+            let held_by: Vec<String> = owners.iter().map(|&s| format!("{s} ({})", self.addresses[s])).collect();
+            bail!(
+                "expert {expert} of layer {layer} has no live copy: shard{} {} failed",
+                if owners.len() > 1 { "s" } else { "" },
+                held_by.join(", ")
+            );
+        }
+        Ok(choice[t % choice.len()])
+    }
+
+    /// One round: the (token, slot) pairs in `pending` sent to their shards, the answers added
+    /// into `out`. Returns the pairs of the shards that failed, which are marked down and
+    /// `excluded` for the rest of the step.
+    fn exchange(
+        &self,
+        layer: usize,
+        x: &[f32],
+        routes: &TokenRoutes,
+        pending: &[(usize, usize)],
+        excluded: &mut [bool],
+        out: &mut [f32],
+    ) -> Result<Vec<(usize, usize)>> {
         let tokens = routes.tokens();
         let width = x.len() / tokens.max(1);
         let k = routes.k;
         let shards = self.plan.shards.len();
-        // Per shard: the token rows it gets and their routing slots (other shards' slots masked).
+        // Per token: the shard of each of its pending slots.
+        let mut assigned: Vec<Vec<Option<usize>>> = Vec::new();
+        let mut token_of: Vec<usize> = Vec::new();
+        for &(t, j) in pending {
+            if token_of.last() != Some(&t) {
+                token_of.push(t);
+                assigned.push(vec![None; k]);
+            }
+            let shard = self.pick(layer, t, routes.experts[t * k + j], excluded)?;
+            if let Some(a) = assigned.last_mut() {
+                a[j] = Some(shard);
+            }
+        }
+        // Per shard: the token rows it gets and their routing slots (other slots masked).
         let mut rows: Vec<Vec<usize>> = vec![Vec::new(); shards];
         let mut slots: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); shards];
-        for t in 0..tokens {
-            let mut mine: Vec<Option<usize>> = vec![None; k];
-            for (j, shard) in mine.iter_mut().enumerate() {
-                let expert = routes.experts[t * k + j];
-                if expert == NO_EXPERT {
-                    continue;
-                }
-                let owners = self.plan.owners(expert);
-                if owners.is_empty() {
-                    bail!("expert {expert} of layer {layer} has no shard in the placement plan");
-                }
-                *shard = Some(owners[t % owners.len()]);
-            }
+        for (&t, mine) in token_of.iter().zip(&assigned) {
             for s in 0..shards {
                 if !mine.contains(&Some(s)) {
                     continue;
@@ -387,41 +416,89 @@ impl ExpertExecutor for RemoteExperts {
             totals.bytes_sent += sent as u64;
             totals.bytes_received += sent as u64;
             totals.calls += order.len() as u64;
-            totals.layers += 1;
         }
+        let mut failed = Vec::new();
         for (s, reply) in order.into_iter().zip(replies) {
-            let reply = match reply {
-                Err(_) => bail!(
-                    "expert shard {s} at {} did not answer within {:?}",
-                    self.addresses[s],
-                    self.timeout
-                ),
-                Ok(Err(status)) => bail!("expert shard {s} at {}: {}", self.addresses[s], status.message()),
-                Ok(Ok(r)) => r.into_inner(),
+            let answer = match reply {
+                Err(_) => Err(format!("did not answer within {:?}", self.timeout)),
+                Ok(Err(status)) => Err(status.message().to_string()),
+                Ok(Ok(r)) => r
+                    .into_inner()
+                    .output
+                    .ok_or_else(|| "replied without output".to_string())
+                    .and_then(|t| t.to_f32().map_err(|e| e.to_string()))
+                    .and_then(|y| {
+                        if y.len() == rows[s].len() * width {
+                            Ok(y)
+                        } else {
+                            Err(format!("returned {} values for {} tokens", y.len(), rows[s].len()))
+                        }
+                    }),
             };
-            let y = reply
-                .output
-                .context("expert reply without output")?
-                .to_f32()
-                .map_err(|e| anyhow::anyhow!("expert shard {s}: {e}"))?;
-            if y.len() != rows[s].len() * width {
-                bail!(
-                    "expert shard {s} returned {} values for {} tokens",
-                    y.len(),
-                    rows[s].len()
-                );
-            }
-            for (row, &t) in y.chunks_exact(width).zip(&rows[s]) {
-                for (o, v) in out[t * width..(t + 1) * width].iter_mut().zip(row) {
-                    *o += v;
+            match answer {
+                Ok(y) => {
+                    for (row, &t) in y.chunks_exact(width).zip(&rows[s]) {
+                        for (o, v) in out[t * width..(t + 1) * width].iter_mut().zip(row) {
+                            *o += v;
+                        }
+                    }
+                }
+                Err(why) => {
+                    if !self.down[s].swap(true, Ordering::Relaxed) {
+                        eprintln!(
+                            "expert shard {s} at {}: {why}; its experts go to their other copies until it answers again",
+                            self.addresses[s]
+                        );
+                    }
+                    excluded[s] = true;
+                    for (&t, mine) in token_of.iter().zip(&assigned) {
+                        failed.extend((0..k).filter(|&j| mine[j] == Some(s)).map(|j| (t, j)));
+                    }
                 }
             }
+        }
+        failed.sort_unstable();
+        Ok(failed)
+    }
+}
+
+impl ExpertExecutor for RemoteExperts {
+    fn routed_experts(&self, layer: usize, x: &[f32], routes: &TokenRoutes) -> Result<Vec<f32>> {
+        let mut out = vec![0.0f32; x.len()];
+        self.routed_experts_into(layer, x, routes, &mut out)?;
+        Ok(out)
+    }
+
+    /// Slots marked [`NO_EXPERT`] (experts the caller runs itself) go nowhere; a token with no
+    /// other slot is not sent at all.
+    fn routed_experts_into(&self, layer: usize, x: &[f32], routes: &TokenRoutes, out: &mut [f32]) -> Result<()> {
+        ensure!(
+            out.len() == x.len(),
+            "routed experts of layer {layer}: {} output values for {} inputs",
+            out.len(),
+            x.len()
+        );
+        out.fill(0.0);
+        let k = routes.k;
+        let mut pending: Vec<(usize, usize)> = (0..routes.tokens())
+            .flat_map(|t| (0..k).map(move |j| (t, j)))
+            .filter(|&(t, j)| routes.experts[t * k + j] != NO_EXPERT)
+            .collect();
+        // Each round excludes at least one more shard, so this ends within `shards` rounds.
+        let mut excluded = vec![false; self.plan.shards.len()];
+        while !pending.is_empty() {
+            pending = self.exchange(layer, x, routes, &pending, &mut excluded, out)?;
+        }
+        if let Ok(mut totals) = self.totals.lock() {
+            totals.layers += 1;
         }
         Ok(())
     }
 }
 
 impl ExpertBackend for RemoteExperts {
+    /// Probes every shard (which also brings a shard marked down back into use): ready while
+    /// every expert has a live copy.
     fn ready(&self) -> Result<(), String> {
         let probes: Vec<_> = self
             .clients
@@ -434,26 +511,53 @@ impl ExpertBackend for RemoteExperts {
         let answers = self.handle.block_on(futures::future::join_all(probes));
         let mut problems = Vec::new();
         for (s, answer) in answers.into_iter().enumerate() {
-            match answer {
-                Ok(Ok(info)) if info.get_ref().placement_version == self.plan.version => {}
-                Ok(Ok(info)) => problems.push(format!(
+            let problem = match answer {
+                Ok(Ok(info)) if info.get_ref().placement_version == self.plan.version => None,
+                Ok(Ok(info)) => Some(format!(
                     "expert shard {s} runs placement {} but this rank uses {}",
                     info.get_ref().placement_version,
                     self.plan.version
                 )),
-                Ok(Err(status)) => problems.push(format!(
+                Ok(Err(status)) => Some(format!(
                     "expert shard {s} at {}: {}",
                     self.addresses[s],
                     status.message()
                 )),
-                Err(_) => problems.push(format!("expert shard {s} at {} does not answer", self.addresses[s])),
+                Err(_) => Some(format!("expert shard {s} at {} does not answer", self.addresses[s])),
+            };
+            let was_down = self.down[s].swap(problem.is_some(), Ordering::Relaxed);
+            if was_down && problem.is_none() {
+                eprintln!(
+                    "expert shard {s} at {} answers again and takes its share",
+                    self.addresses[s]
+                );
             }
+            problems.extend(problem);
         }
-        if problems.is_empty() {
+        let uncovered: Vec<String> = (0..self.plan.num_experts)
+            .filter(|&e| {
+                let owners = self.plan.owners(e);
+                !owners.is_empty() && owners.iter().all(|&s| self.is_down(s))
+            })
+            .map(|e| e.to_string())
+            .collect();
+        if uncovered.is_empty() {
             Ok(())
         } else {
-            Err(problems.join("; "))
+            Err(format!(
+                "{}; experts {} have no live copy",
+                problems.join("; "),
+                uncovered.join(", ")
+            ))
         }
+    }
+
+    fn degraded(&self) -> Option<String> {
+        let down: Vec<String> = (0..self.addresses.len())
+            .filter(|&s| self.is_down(s))
+            .map(|s| format!("expert shard {s} at {}", self.addresses[s]))
+            .collect();
+        (!down.is_empty()).then(|| format!("{} down; its experts run on their other copies", down.join(", ")))
     }
 
     fn placement_version(&self) -> String {

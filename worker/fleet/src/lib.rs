@@ -3,6 +3,8 @@
 //! their routed experts through [`dsv3_engine::ExpertExecutor`] — all in one process (`serve`)
 //! or as separate processes over gRPC ([`grpc`]).
 
+#[cfg(test)]
+mod failover_tests;
 pub mod grpc;
 pub mod placed;
 pub use dsv3_placement as placement;

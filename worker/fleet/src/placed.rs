@@ -71,6 +71,10 @@ impl ExpertBackend for PlacedExperts {
         self.remote.ready()
     }
 
+    fn degraded(&self) -> Option<String> {
+        self.remote.degraded()
+    }
+
     fn placement_version(&self) -> String {
         self.remote.placement_version()
     }

@@ -30,6 +30,10 @@ pub trait AttentionRank: Send + Sync {
 pub trait ExpertBackend: ExpertExecutor + Send + Sync {
     /// `Ok(())` when every expert is reachable; otherwise what is missing.
     fn ready(&self) -> Result<(), String>;
+    /// While ready: what is lost but covered (a shard down whose experts have other copies).
+    fn degraded(&self) -> Option<String> {
+        None
+    }
     fn placement_version(&self) -> String;
     /// Time and bytes spent reaching the experts so far (zero in process).
     fn transport(&self) -> TransportTotals {
@@ -477,7 +481,15 @@ impl LocalAttention {
                 .as_ref()
                 .map_or_else(|| "local".into(), |e| e.placement_version()),
             experts_ready: ready.is_ok(),
-            detail: ready.err().unwrap_or_default(),
+            detail: match ready {
+                Err(missing) => missing,
+                Ok(()) => self
+                    .experts
+                    .as_ref()
+                    .and_then(|e| e.degraded())
+                    .map(|d| format!("degraded: {d}"))
+                    .unwrap_or_default(),
+            },
             device: state.backend.device(),
             memory: Some(memory_report(memory)),
             expert_load,

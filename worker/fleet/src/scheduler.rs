@@ -356,7 +356,8 @@ impl Scheduler {
                     slot.speculative_tokens = info.speculative_tokens as usize;
                     slot.healthy = info.experts_ready;
                     slot.draining = info.draining;
-                    slot.detail = if info.experts_ready { String::new() } else { info.detail };
+                    // Unready: why; ready: empty, or what it serves without (degraded).
+                    slot.detail = info.detail;
                 }
                 Err(e) => {
                     slot.healthy = false;
@@ -378,9 +379,20 @@ impl Scheduler {
         shared.health = if self.ranks.iter().all(|s| s.last_probe.is_none()) {
             None
         } else if down.is_empty() {
+            let degraded: Vec<String> = self
+                .ranks
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| !s.detail.is_empty())
+                .map(|(i, s)| format!("attention rank {i}: {}", s.detail))
+                .collect();
             Some(Health {
                 ready: true,
-                detail: format!("{} attention ranks ready", self.ranks.len()),
+                detail: if degraded.is_empty() {
+                    format!("{} attention ranks ready", self.ranks.len())
+                } else {
+                    format!("ready, {}", degraded.join("; "))
+                },
             })
         } else {
             Some(Health {

@@ -1,0 +1,203 @@
+//! Expert failover over real gRPC shards in this process: a shard that dies mid-run has its
+//! tokens answered by the other copies of its experts in the same call, with the same sums; an
+//! expert left with no live copy fails the call by name; a shard that comes back takes its
+//! share again after the next readiness probe.
+
+use crate::grpc::{expert_server, serve_expert, Dtype, RemoteExperts};
+use crate::placement::PlacementPlan;
+use crate::rank::ExpertBackend;
+use dsv3_engine::{ExpertExecutor, MemoryUse, TokenRoutes};
+use dsv3_proto::OTHER_SHARD;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+const WIDTH: usize = 4;
+const EXPERTS: u32 = 6;
+
+/// Expert `e` maps a row x to (e + 1) · x + e; counts the rows it is handed.
+struct Affine {
+    rows: Arc<AtomicUsize>,
+}
+
+fn affine(e: u32, x: &[f32]) -> impl Iterator<Item = f32> + '_ {
+    x.iter().map(move |v| (e as f32 + 1.0) * v + e as f32)
+}
+
+impl ExpertExecutor for Affine {
+    fn routed_experts(&self, _layer: usize, x: &[f32], routes: &TokenRoutes) -> anyhow::Result<Vec<f32>> {
+        let mut out = vec![0.0; x.len()];
+        for t in 0..routes.tokens() {
+            self.rows.fetch_add(1, Ordering::Relaxed);
+            let row = &x[t * WIDTH..(t + 1) * WIDTH];
+            for j in 0..routes.k {
+                let (e, w) = (routes.experts[t * routes.k + j], routes.weights[t * routes.k + j]);
+                if e == OTHER_SHARD {
+                    continue;
+                }
+                for (o, y) in out[t * WIDTH..(t + 1) * WIDTH].iter_mut().zip(affine(e, row)) {
+                    *o += w * y;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+struct RunningShard {
+    stop: oneshot::Sender<()>,
+    done: tokio::task::JoinHandle<()>,
+    rows: Arc<AtomicUsize>,
+}
+
+fn start(rt: &tokio::runtime::Runtime, plan: &PlacementPlan, rank: u32, port: u16) -> RunningShard {
+    let rows = Arc::new(AtomicUsize::new(0));
+    let shard = expert_server(
+        rank,
+        Arc::new(Affine { rows: rows.clone() }),
+        plan,
+        "cpu".into(),
+        MemoryUse::default(),
+    )
+    .expect("shard");
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
+        .expect("bind");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let done = rt.spawn(async move {
+        let _ = serve_expert(listener, shard, async {
+            let _ = stopped.await;
+        })
+        .await;
+    });
+    RunningShard { stop, done, rows }
+}
+
+fn stop(rt: &tokio::runtime::Runtime, shard: RunningShard) {
+    let _ = shard.stop.send(());
+    rt.block_on(shard.done).expect("shard task");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
+}
+
+/// Every token's weighted sum over its slots, computed here.
+fn reference(x: &[f32], routes: &TokenRoutes) -> Vec<f32> {
+    let mut out = vec![0.0; x.len()];
+    for t in 0..routes.tokens() {
+        for j in 0..routes.k {
+            let (e, w) = (routes.experts[t * routes.k + j], routes.weights[t * routes.k + j]);
+            let row = &x[t * WIDTH..(t + 1) * WIDTH];
+            for (o, y) in out[t * WIDTH..(t + 1) * WIDTH].iter_mut().zip(affine(e, row)) {
+                *o += w * y;
+            }
+        }
+    }
+    out
+}
+
+fn assert_close(a: &[f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "value {i}: {x} vs {y}");
+    }
+}
+
+#[test]
+fn a_dead_shards_experts_are_answered_by_their_copies_and_it_rejoins() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // Three shards, every expert on two of them.
+    let hot: Vec<u32> = (0..EXPERTS).collect();
+    let plan = PlacementPlan::round_robin(EXPERTS, 3, EXPERTS as usize, &hot).expect("plan");
+    assert_eq!(plan.fewest_copies(), 2, "{:?}", plan.shards);
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut shards: Vec<Option<RunningShard>> = ports
+        .iter()
+        .enumerate()
+        .map(|(r, &p)| Some(start(&rt, &plan, r as u32, p)))
+        .collect();
+    let addresses = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let remote = RemoteExperts::new(
+        plan.clone(),
+        addresses,
+        rt.handle().clone(),
+        Duration::from_secs(5),
+        Dtype::F32,
+    )
+    .expect("remote experts");
+    assert_eq!(remote.ready(), Ok(()));
+
+    let tokens = 12;
+    let x: Vec<f32> = (0..tokens * WIDTH)
+        .map(|i| ((i * 37 % 11) as f32 - 5.0) / 7.0)
+        .collect();
+    let routes = TokenRoutes {
+        k: 2,
+        experts: (0..tokens as u32)
+            .flat_map(|t| [t % EXPERTS, (t + 2) % EXPERTS])
+            .collect(),
+        weights: (0..tokens).flat_map(|t| [0.25 + t as f32 / 50.0, 0.5]).collect(),
+    };
+    let expected = reference(&x, &routes);
+    assert_close(
+        &remote.routed_experts(0, &x, &routes).expect("all shards up"),
+        &expected,
+    );
+    assert_eq!(remote.degraded(), None);
+
+    // Shard 1 dies: the same call is answered by the other copies, with the same sums.
+    stop(&rt, shards[1].take().expect("shard 1"));
+    assert_close(&remote.routed_experts(1, &x, &routes).expect("failed over"), &expected);
+    let degraded = remote.degraded().expect("degraded");
+    assert!(degraded.contains("expert shard 1"), "{degraded}");
+    assert_eq!(remote.ready(), Ok(()), "every expert still has a live copy");
+    // The next calls skip it at once.
+    assert_close(&remote.routed_experts(2, &x, &routes).expect("degraded"), &expected);
+
+    // Shard 0 dies too: the experts held only by shards 0 and 1 have no live copy.
+    stop(&rt, shards[0].take().expect("shard 0"));
+    let orphans: Vec<u32> = (0..EXPERTS)
+        .filter(|&e| plan.owners(e).iter().all(|&s| s != 2))
+        .collect();
+    assert!(!orphans.is_empty(), "{:?}", plan.shards);
+    let err = remote
+        .routed_experts(3, &x, &routes)
+        .expect_err("no live copy")
+        .to_string();
+    assert!(err.contains("no live copy"), "{err}");
+    let not_ready = remote.ready().expect_err("not ready");
+    assert!(
+        not_ready.contains(&format!("experts {}", orphans[0])) && not_ready.contains("no live copy"),
+        "{not_ready}"
+    );
+
+    // Shard 1 comes back: the next probe brings it into use.
+    let back = start(&rt, &plan, 1, ports[1]);
+    let rows_before = back.rows.load(Ordering::Relaxed);
+    shards[1] = Some(back);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while remote.ready().is_err() {
+        assert!(std::time::Instant::now() < deadline, "shard 1 never rejoined");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_close(&remote.routed_experts(4, &x, &routes).expect("shard 1 back"), &expected);
+    let served = shards[1].as_ref().map(|s| s.rows.load(Ordering::Relaxed)).unwrap_or(0);
+    assert!(served > rows_before, "the rejoined shard takes its share again");
+    let still = remote.degraded().expect("shard 0 still down");
+    assert!(
+        still.contains("expert shard 0") && !still.contains("expert shard 1"),
+        "{still}"
+    );
+    for shard in shards.into_iter().flatten() {
+        stop(&rt, shard);
+    }
+}
