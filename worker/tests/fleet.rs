@@ -342,7 +342,8 @@ fn ready_status(base: &str) -> u16 {
 
 #[test]
 fn a_dead_worker_ends_its_requests_and_the_fleet_recovers() {
-    let mut fleet = start_fleet();
+    // One attention rank, so its loss is not covered; every expert on one shard only.
+    let mut fleet = start_fleet_of(1, 3, &[]);
     let greedy = completion_ids(&fleet.base, request(8, json!({"temperature": 0})));
     for role in ["expert", "attention"] {
         // A long stream; the worker dies under it.
@@ -397,6 +398,45 @@ fn ready_detail(base: &str) -> String {
         .ok()
         .and_then(|v| v["detail"].as_str().map(str::to_string))
         .unwrap_or_default()
+}
+
+#[test]
+fn a_dead_attention_ranks_streams_move_to_another_rank_unbroken() {
+    let mut fleet = start_fleet_of(2, 2, &[]);
+    let undisturbed = completion_ids(&fleet.base, request(120, json!({"temperature": 0})));
+    // Two streams, one per rank (the scheduler spreads them); one rank dies under them.
+    let streams: Vec<_> = (0..2)
+        .map(|_| {
+            let base = fleet.base.clone();
+            std::thread::spawn(move || stream(&base, request(120, json!({"temperature": 0, "stream": true}))))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let rank = fleet
+        .members
+        .iter()
+        .find(|m| m.role == "attention")
+        .expect("an attention rank");
+    kill(rank.pid);
+    for s in streams {
+        let (ids, finish, error) = s.join().expect("stream thread");
+        assert_eq!(error, None, "the stream goes on");
+        assert_eq!(finish.as_deref(), Some("length"));
+        assert_eq!(ids, undisturbed, "the same tokens, none repeated or lost");
+    }
+    assert!(
+        metric(&fleet.base, "dsv3_num_migrations_total") >= 1.0,
+        "a sequence moved"
+    );
+    assert_eq!(ready_status(&fleet.base), 200, "serving on the other rank");
+    let detail = ready_detail(&fleet.base);
+    assert!(detail.contains("degraded: 1 of 2 attention ranks serving"), "{detail}");
+    restart(&mut fleet, "attention");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ready_detail(&fleet.base).contains("degraded") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!ready_detail(&fleet.base).contains("degraded"), "the rank rejoined");
 }
 
 #[test]

@@ -122,6 +122,8 @@ pub struct SchedulerTime {
     pub busy_seconds: f64,
     /// Sequences preempted (cache freed, prefilled again later) since start.
     pub preemptions: u64,
+    /// Sequences moved off an attention rank that failed, resumed on another since start.
+    pub migrations: u64,
 }
 
 /// One attention rank's device, memory and expert traffic.

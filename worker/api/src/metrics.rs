@@ -310,6 +310,11 @@ impl Collector for BackendCollector {
                 "Sequences preempted since start: their KV cache freed when a rank ran out, prefilled again later.",
                 time.preemptions as f64,
             ),
+            (
+                "dsv3_num_migrations",
+                "Sequences moved off an attention rank that failed since start: prefilled again on another (prompt and output so far), their streams unbroken.",
+                time.migrations as f64,
+            ),
         ] {
             let counter = ConstCounter::new(value);
             counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;

@@ -483,12 +483,7 @@ impl LocalAttention {
             experts_ready: ready.is_ok(),
             detail: match ready {
                 Err(missing) => missing,
-                Ok(()) => self
-                    .experts
-                    .as_ref()
-                    .and_then(|e| e.degraded())
-                    .map(|d| format!("degraded: {d}"))
-                    .unwrap_or_default(),
+                Ok(()) => self.experts.as_ref().and_then(|e| e.degraded()).unwrap_or_default(),
             },
             device: state.backend.device(),
             memory: Some(memory_report(memory)),

@@ -369,35 +369,36 @@ impl Scheduler {
 
     fn publish(&self) {
         let Ok(mut shared) = self.shared.lock() else { return };
-        let down: Vec<String> = self
+        // Not ready: why; ready: empty, or what it serves without.
+        let notes: Vec<String> = self
             .ranks
             .iter()
             .enumerate()
-            .filter(|(_, s)| !s.healthy)
+            .filter(|(_, s)| !s.detail.is_empty())
             .map(|(i, s)| format!("attention rank {i}: {}", s.detail))
             .collect();
+        let healthy = self.ranks.iter().filter(|s| s.healthy).count();
         shared.health = if self.ranks.iter().all(|s| s.last_probe.is_none()) {
             None
-        } else if down.is_empty() {
-            let degraded: Vec<String> = self
-                .ranks
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| !s.detail.is_empty())
-                .map(|(i, s)| format!("attention rank {i}: {}", s.detail))
-                .collect();
-            Some(Health {
-                ready: true,
-                detail: if degraded.is_empty() {
-                    format!("{} attention ranks ready", self.ranks.len())
-                } else {
-                    format!("ready, {}", degraded.join("; "))
-                },
-            })
-        } else {
+        } else if healthy == 0 {
             Some(Health {
                 ready: false,
-                detail: format!("degraded: {}", down.join("; ")),
+                detail: format!("no attention rank can serve: {}", notes.join("; ")),
+            })
+        } else if notes.is_empty() {
+            Some(Health {
+                ready: true,
+                detail: format!("{} attention ranks ready", self.ranks.len()),
+            })
+        } else {
+            // Serving on what is left: a lost rank's sequences moved to the others.
+            Some(Health {
+                ready: true,
+                detail: format!(
+                    "degraded: {healthy} of {} attention ranks serving; {}",
+                    self.ranks.len(),
+                    notes.join("; ")
+                ),
             })
         };
         let expert_tokens = shared.expert_tokens.values().cloned().collect();
@@ -707,14 +708,15 @@ impl Scheduler {
             }
         }
         let mut finished: Vec<usize> = Vec::new();
+        // Sequences of a failed rank move to the healthy ones when there are any (its cache is
+        // gone; they are prefilled again from the prompt and their output so far).
+        let survivors = (0..self.ranks.len())
+            .any(|i| self.ranks[i].healthy && !self.ranks[i].draining && !failed_ranks.contains_key(&i));
+        let mut migrating: Vec<usize> = Vec::new();
         for (i, n) in planned {
             let r = &mut self.running[i];
-            if let Some(message) = failed_ranks.get(&r.rank) {
-                let _ = r.events.send(GenerationEvent::Failed {
-                    message: format!("attention rank {} failed: {message}", r.rank),
-                });
-                finished.push(i);
-                continue;
+            if failed_ranks.contains_key(&r.rank) {
+                continue; // below, with the failed rank's other sequences
             }
             if let Some(message) = failed_seqs.remove(&r.seq) {
                 let _ = r.events.send(GenerationEvent::Failed { message });
@@ -766,28 +768,53 @@ impl Scheduler {
             self.ranks[rank].detail = message.clone();
             self.ranks[rank].last_probe = Some(Instant::now());
         }
-        // Sequences on a failed rank that were not part of this step fail too: its cache is gone.
         for (i, r) in self.running.iter().enumerate() {
-            if let Some(message) = failed_ranks.get(&r.rank) {
-                if !finished.contains(&i) {
-                    let _ = r.events.send(GenerationEvent::Failed {
-                        message: format!("attention rank {} failed: {message}", r.rank),
-                    });
-                    finished.push(i);
-                }
+            let Some(message) = failed_ranks.get(&r.rank) else {
+                continue;
+            };
+            if finished.contains(&i) {
+                continue;
+            }
+            if survivors {
+                migrating.push(i);
+            } else {
+                let _ = r.events.send(GenerationEvent::Failed {
+                    message: format!("attention rank {} failed: {message}", r.rank),
+                });
+                finished.push(i);
             }
         }
         finished.sort_unstable();
-        let (mut done, mut kept) = (Vec::new(), Vec::new());
+        migrating.sort_unstable();
+        let (mut done, mut kept, mut moved) = (Vec::new(), Vec::new(), Vec::new());
         for (i, r) in std::mem::take(&mut self.running).into_iter().enumerate() {
             if finished.binary_search(&i).is_ok() {
                 done.push(r);
+            } else if migrating.binary_search(&i).is_ok() {
+                moved.push(r);
             } else {
                 kept.push(r);
             }
         }
         self.running = kept;
         self.release(done);
+        self.migrate(moved);
+    }
+
+    /// Queues the sequences of a failed rank first, in admission order, to be resumed on
+    /// another: the same stream, prefilled again from the prompt and the output so far (as a
+    /// preempted sequence is), so the client sees neither an error nor a repeated token.
+    fn migrate(&mut self, moved: Vec<Running>) {
+        for r in moved.into_iter().rev() {
+            let _ = self.ranks[r.rank].rank.release(&[r.seq]);
+            self.time.migrations += 1;
+            self.waiting_count.fetch_add(1, Ordering::SeqCst);
+            self.waiting.push_front(Pending {
+                request: r.request,
+                events: r.events,
+                resume: Some((r.seq, r.output)),
+            });
+        }
     }
 }
 

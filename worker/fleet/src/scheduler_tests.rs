@@ -343,6 +343,55 @@ fn a_failed_rank_fails_its_requests_and_serves_again_when_back() {
 }
 
 #[test]
+fn a_failed_ranks_sequences_move_to_another_rank_with_their_output_so_far() {
+    let ranks: Vec<Arc<Fake>> = (0..2)
+        .map(|_| {
+            Arc::new(Fake {
+                total_blocks: 1000,
+                step_time: Duration::from_millis(5),
+                ..Fake::default()
+            })
+        })
+        .collect();
+    let fleet = Fleet::start(
+        config(),
+        ranks.iter().map(|r| r.clone() as Arc<dyn AttentionRank>).collect(),
+        SchedulerConfig {
+            max_waiting: 8,
+            max_step_tokens: 512,
+            probe_interval: Duration::from_millis(20),
+            ..SchedulerConfig::default()
+        },
+    );
+    wait_for(|| fleet.health().ready, "the fleet to become ready");
+    let receivers: Vec<_> = (0..4)
+        .map(|i| fleet.submit(request(vec![30 + i; 6], 40)).expect("submit"))
+        .collect();
+    // Both ranks hold sequences, then rank 0 fails under them.
+    wait_for(
+        || ranks.iter().all(|r| !r.cached.lock().expect("lock").is_empty()),
+        "both ranks to hold sequences",
+    );
+    ranks[0].failing.store(true, Ordering::SeqCst);
+    for (i, rx) in receivers.into_iter().enumerate() {
+        let got = events(rx);
+        assert!(
+            !got.iter().any(|e| matches!(e, GenerationEvent::Failed { .. })),
+            "request {i}: {got:?}"
+        );
+        let want: Vec<u32> = (0..40).map(|k| expected_token(30 + i as u32, 6 + k)).collect();
+        assert_eq!(tokens(&got), want, "request {i}: every token once, in order");
+    }
+    let stats = fleet.stats();
+    assert!(stats.scheduler.migrations >= 1, "{stats:?}");
+    let health = fleet.health();
+    assert!(
+        health.ready && health.detail.contains("degraded: 1 of 2 attention ranks serving"),
+        "{health:?}"
+    );
+}
+
+#[test]
 fn a_rank_runs_at_most_max_running_sequences_and_the_rest_wait() {
     let fake = Arc::new(Fake {
         total_blocks: 1000,

@@ -84,6 +84,7 @@ impl Fake {
                     step_seconds: 0.5,
                     busy_seconds: 0.75,
                     preemptions: 3,
+                    migrations: 2,
                 },
                 ranks: vec![dsv3_api::backend::RankStats {
                     rank: 0,

@@ -152,6 +152,7 @@ async fn metrics_exposition() {
     assert_eq!(value("dsv3_scheduler_step_seconds_total"), 0.5);
     assert_eq!(value("dsv3_scheduler_busy_seconds_total"), 0.75);
     assert_eq!(value("dsv3_num_preemptions_total"), 3.0);
+    assert_eq!(value("dsv3_num_migrations_total"), 2.0);
     // One request through the queue, prefill and decode: each phase once, and together no longer
     // than the whole request.
     for phase in ["queue", "prefill", "decode"] {
