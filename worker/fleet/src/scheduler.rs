@@ -575,14 +575,8 @@ impl Scheduler {
                         reason: FinishReason::Length,
                     });
                 } else {
-                    let _ = self.ranks[rank].rank.release(&[r.seq]);
                     self.time.preemptions += 1;
-                    self.waiting_count.fetch_add(1, Ordering::SeqCst);
-                    self.waiting.push_front(Pending {
-                        request: r.request,
-                        events: r.events,
-                        resume: Some((r.seq, r.output)),
-                    });
+                    self.requeue_first(r);
                     continue;
                 }
                 self.release(vec![r]);
@@ -806,15 +800,21 @@ impl Scheduler {
     /// preempted sequence is), so the client sees neither an error nor a repeated token.
     fn migrate(&mut self, moved: Vec<Running>) {
         for r in moved.into_iter().rev() {
-            let _ = self.ranks[r.rank].rank.release(&[r.seq]);
             self.time.migrations += 1;
-            self.waiting_count.fetch_add(1, Ordering::SeqCst);
-            self.waiting.push_front(Pending {
-                request: r.request,
-                events: r.events,
-                resume: Some((r.seq, r.output)),
-            });
+            self.requeue_first(r);
         }
+    }
+
+    /// Frees `r`'s cache on its rank and queues it first, to resume (same sequence, same
+    /// stream) from its prompt and output so far wherever there is room.
+    fn requeue_first(&mut self, r: Running) {
+        let _ = self.ranks[r.rank].rank.release(&[r.seq]);
+        self.waiting_count.fetch_add(1, Ordering::SeqCst);
+        self.waiting.push_front(Pending {
+            request: r.request,
+            events: r.events,
+            resume: Some((r.seq, r.output)),
+        });
     }
 }
 
