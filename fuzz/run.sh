@@ -10,7 +10,9 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --version 
 # cargo fuzz passes the compiler flags of coverage instrumentation, which only a nightly
 # compiler accepts: the machine's stable one is told to accept them.
 export RUSTC_BOOTSTRAP=1
-for target in $(cargo fuzz list); do
+targets=$(cargo fuzz list)
+[ -n "$targets" ] || { echo "cargo fuzz lists no target"; exit 1; }
+for target in $targets; do
   corpus=target/corpus/$target
   mkdir -p "$corpus"
   echo "== fuzz $target: ${seconds}s"

@@ -1,7 +1,7 @@
 //! A model directory from hostile files: the input is `config.json`, a shard index and one
-//! safetensors shard, split at the first two 0xFF bytes. Loading must end in a model or an error
-//! naming the problem — never a panic, and no allocation sized by a header field the data does
-//! not back.
+//! safetensors shard, split at the first two 0xFF bytes. Opening it must end in a checkpoint or
+//! an error naming the problem — never a panic, never a read past the data (libFuzzer's 2 GB
+//! resident-memory limit catches allocations sized by a header field and then filled).
 #![no_main]
 
 use dsv3_engine::{Checkpoint, ModelConfig, ModelFiles};

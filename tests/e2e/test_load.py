@@ -47,13 +47,16 @@ def served(request):
     extra = ["--attention", "2", "--experts", "3"] if request.param == "fleet" else []
     proc = subprocess.Popen([BIN, request.param, "--port", str(port), *extra], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, start_new_session=True, text=True)
-    pids = [proc.pid]
+    pids, ranks = [proc.pid], []
     if request.param == "fleet":
-        pids += [json.loads(proc.stdout.readline())["pid"] for _ in range(2 + 3 + 1)]
+        members = [json.loads(proc.stdout.readline()) for _ in range(2 + 3 + 1)]
+        pids += [m["pid"] for m in members]
+        # The attention ranks' own /metrics (on their gRPC port): what they still hold.
+        ranks = [f"http://{m['address']}" for m in members if m["role"] == "attention"]
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base)
-        yield port, pids
+        yield port, pids, ranks
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
@@ -108,7 +111,7 @@ def round_of_load(port, expected):
 
 
 def test_a_thousand_concurrent_streams_complete_or_are_refused_and_leave_nothing_behind(served):
-    port, pids = served
+    port, pids, ranks = served
     base = f"http://127.0.0.1:{port}"
     expected = []
     for p in range(PROMPTS):
@@ -123,11 +126,14 @@ def test_a_thousand_concurrent_streams_complete_or_are_refused_and_leave_nothing
         print(f"{base}: {tally} in {time.time() - started:.1f}s")
         assert set(tally) <= {"completed", "refused", "hung up"}, tally
         assert tally.get("completed", 0) >= CLIENTS // 4, tally
-        # Every block back once the load ends (hung-up clients' included).
+        # Every sequence released once the load ends (hung-up clients' included): by the
+        # scheduler's count and, in a fleet, by each rank's own.
         deadline = time.time() + 5
         while metric(base, "dsv3_kv_cache_used_blocks") != 0 and time.time() < deadline:
             time.sleep(0.1)
         assert metric(base, "dsv3_kv_cache_used_blocks") == 0
+        for rank in ranks:
+            assert metric(rank, "dsv3_rank_sequences") == 0, rank
         memory.append(rss_bytes(pids))
     print(f"resident memory after each round: {[m >> 20 for m in memory]} MiB")
     assert memory[1] <= memory[0] * 1.1 + (64 << 20), f"resident memory grew: {memory}"

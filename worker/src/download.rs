@@ -196,6 +196,9 @@ fn shards_needed(args: &DownloadArgs, available: &BTreeSet<String>) -> Result<BT
     // must not choose the shards of this one.
     if !available.contains(dsv3_engine::INDEX_FILE) {
         if available.contains(SINGLE_FILE) {
+            if args.files_for != FilesFor::All {
+                rank_tensors(args)?; // the rank must be in the plan even when one file holds all
+            }
             return Ok([SINGLE_FILE.to_string()].into());
         }
         bail!(
@@ -411,10 +414,13 @@ impl Hub {
             };
             match self.repo.download_with_progress(&file.name, progress) {
                 Ok(pointer) => break pointer,
-                // The partial copy is longer than the file: start it over.
-                Err(ApiError::InvalidResume) => {
-                    let _ = std::fs::remove_file(&partial);
+                // The partial copy is longer than the file: start it over (once).
+                Err(ApiError::InvalidResume) if attempt < self.retries => {
+                    std::fs::remove_file(&partial)
+                        .with_context(|| format!("cannot remove the partial copy {}", partial.display()))?;
                 }
+                // The hub refused the request itself (no access, no such file): retrying changes nothing.
+                Err(e) if refused(&e) => bail!("downloading {}: {e}", file.name),
                 Err(e) if attempt < self.retries => {
                     let wait = Duration::from_millis(500 << attempt.min(5));
                     eprintln!(
@@ -457,6 +463,18 @@ impl Hub {
         eprintln!("{}: {} verified", file.name, gigabytes(file.size));
         Ok(())
     }
+}
+
+/// Whether the hub answered with a client error other than a timeout or a rate limit. The
+/// client's error carries the status only in its text ("... status code 404").
+fn refused(error: &ApiError) -> bool {
+    let text = error.to_string();
+    let code = text
+        .split("status code ")
+        .nth(1)
+        .and_then(|rest| rest.get(..3))
+        .and_then(|digits| digits.parse::<u16>().ok());
+    matches!(code, Some(400..=499)) && !matches!(code, Some(408 | 429))
 }
 
 /// Clears what would stop the hub client from resuming: a partial copy already as long as the

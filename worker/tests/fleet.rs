@@ -768,7 +768,16 @@ fn chaos_under_load_with_a_copy_of_every_expert_loses_no_request() {
         std::thread::sleep(Duration::from_millis(700));
         kill(fleet.members[victim].pid);
         faults += 1;
+        // Down for a while under load, and seen to be (or the wait below would pass at once).
         std::thread::sleep(Duration::from_millis(800));
+        let noticed = Instant::now() + Duration::from_secs(5);
+        while !ready_detail(&fleet.base).contains("degraded") && Instant::now() < noticed {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            ready_detail(&fleet.base).contains("degraded"),
+            "{role} {victim}: the loss is reported"
+        );
         let args = fleet.members[victim].args.clone();
         let child = Command::new(bin())
             .args(&args)

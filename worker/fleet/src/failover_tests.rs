@@ -15,6 +15,8 @@ use tokio::sync::oneshot;
 
 const WIDTH: usize = 4;
 const EXPERTS: u32 = 6;
+/// A layer every shard refuses: a failing request, not a failing shard.
+const REFUSED_LAYER: usize = 99;
 
 /// Expert `e` maps a row x to (e + 1) · x + e; counts the rows it is handed.
 struct Affine {
@@ -26,7 +28,8 @@ fn affine(e: u32, x: &[f32]) -> impl Iterator<Item = f32> + '_ {
 }
 
 impl ExpertExecutor for Affine {
-    fn routed_experts(&self, _layer: usize, x: &[f32], routes: &TokenRoutes) -> anyhow::Result<Vec<f32>> {
+    fn routed_experts(&self, layer: usize, x: &[f32], routes: &TokenRoutes) -> anyhow::Result<Vec<f32>> {
+        anyhow::ensure!(layer != REFUSED_LAYER, "layer {layer} is refused");
         let mut out = vec![0.0; x.len()];
         for t in 0..routes.tokens() {
             self.rows.fetch_add(1, Ordering::Relaxed);
@@ -153,6 +156,13 @@ fn a_dead_shards_experts_are_answered_by_their_copies_and_it_rejoins() {
         &expected,
     );
     assert_eq!(remote.degraded(), None);
+    // A request the shards refuse fails the call; it moves nothing and marks no shard down.
+    let refused = remote
+        .routed_experts(REFUSED_LAYER, &x, &routes)
+        .expect_err("refused")
+        .to_string();
+    assert!(refused.contains("is refused"), "{refused}");
+    assert_eq!(remote.degraded(), None, "a refusal is not an outage");
 
     // Shard 1 dies: the same call is answered by the other copies, with the same sums.
     stop(&rt, shards[1].take().expect("shard 1"));

@@ -16,7 +16,6 @@ use dsv3_proto::{
     AttentionInfo, ExpertInfo, ExpertReply, ExpertRequest, InfoRequest, ReleaseReply, ReleaseRequest, StepReply,
     StepRequest, Tensor, OTHER_SHARD,
 };
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::runtime::Handle;
@@ -264,8 +263,8 @@ pub struct RemoteExperts {
     plan: PlacementPlan,
     addresses: Vec<String>,
     clients: Vec<ExpertClient<Channel>>,
-    /// Per shard: marked down (a failed call or probe) and not yet seen answering again.
-    down: Vec<AtomicBool>,
+    /// Per shard: whether it is marked down, and when a probe may bring it back.
+    health: Vec<std::sync::Mutex<ShardHealth>>,
     handle: Handle,
     timeout: Duration,
     /// What the activations travel as, both ways.
@@ -298,7 +297,7 @@ impl RemoteExperts {
             })
             .collect::<Result<_>>()?;
         Ok(RemoteExperts {
-            down: addresses.iter().map(|_| AtomicBool::new(false)).collect(),
+            health: addresses.iter().map(|_| Default::default()).collect(),
             plan,
             addresses,
             clients,
@@ -310,7 +309,43 @@ impl RemoteExperts {
     }
 
     fn is_down(&self, shard: usize) -> bool {
-        self.down[shard].load(Ordering::Relaxed)
+        self.health[shard].lock().map(|h| h.down).unwrap_or(true)
+    }
+
+    /// After a failed call or probe: down, and held down longer each time it fails again
+    /// without a successful call in between (a shard whose probe answers but whose calls hang
+    /// would otherwise be brought back at every probe).
+    fn mark_down(&self, shard: usize, why: &str) {
+        let Ok(mut h) = self.health[shard].lock() else { return };
+        if !h.down {
+            eprintln!(
+                "expert shard {shard} at {}: {why}; its experts go to their other copies until it answers again",
+                self.addresses[shard]
+            );
+        }
+        h.down = true;
+        h.failures = h.failures.saturating_add(1);
+        let hold = Duration::from_millis(500) * 2u32.saturating_pow(h.failures.saturating_sub(1).min(6));
+        h.retry_at = Some(std::time::Instant::now() + hold);
+    }
+
+    /// After a probe answered: back in use once its hold-down has passed.
+    fn probe_answered(&self, shard: usize) {
+        let Ok(mut h) = self.health[shard].lock() else { return };
+        if h.down && h.retry_at.is_none_or(|t| std::time::Instant::now() >= t) {
+            h.down = false;
+            eprintln!(
+                "expert shard {shard} at {} answers again and takes its share",
+                self.addresses[shard]
+            );
+        }
+    }
+
+    /// After a call answered: its failures are forgiven.
+    fn call_answered(&self, shard: usize) {
+        if let Ok(mut h) = self.health[shard].lock() {
+            h.failures = 0;
+        }
     }
 
     /// The shard that computes slot `j` of token `t` (`expert`), among the copies not marked
@@ -419,42 +454,38 @@ impl RemoteExperts {
         }
         let mut failed = Vec::new();
         for (s, reply) in order.into_iter().zip(replies) {
-            let answer = match reply {
-                Err(_) => Err(format!("did not answer within {:?}", self.timeout)),
-                Ok(Err(status)) => Err(status.message().to_string()),
-                Ok(Ok(r)) => r
-                    .into_inner()
-                    .output
-                    .ok_or_else(|| "replied without output".to_string())
-                    .and_then(|t| t.to_f32().map_err(|e| e.to_string()))
-                    .and_then(|y| {
-                        if y.len() == rows[s].len() * width {
-                            Ok(y)
-                        } else {
-                            Err(format!("returned {} values for {} tokens", y.len(), rows[s].len()))
-                        }
-                    }),
-            };
-            match answer {
-                Ok(y) => {
+            // Only the shard being unreachable moves its work to the copies; an answer that
+            // refuses the request would be refused by them too, so it fails the step.
+            let unreachable = match reply {
+                Err(_) => format!("did not answer within {:?}", self.timeout),
+                Ok(Err(status)) if is_unreachable(&status) => status.message().to_string(),
+                Ok(Err(status)) => bail!("expert shard {s} at {}: {}", self.addresses[s], status.message()),
+                Ok(Ok(r)) => {
+                    let y = r
+                        .into_inner()
+                        .output
+                        .context("expert reply without output")?
+                        .to_f32()
+                        .map_err(|e| anyhow::anyhow!("expert shard {s}: {e}"))?;
+                    ensure!(
+                        y.len() == rows[s].len() * width,
+                        "expert shard {s} returned {} values for {} tokens",
+                        y.len(),
+                        rows[s].len()
+                    );
                     for (row, &t) in y.chunks_exact(width).zip(&rows[s]) {
                         for (o, v) in out[t * width..(t + 1) * width].iter_mut().zip(row) {
                             *o += v;
                         }
                     }
+                    self.call_answered(s);
+                    continue;
                 }
-                Err(why) => {
-                    if !self.down[s].swap(true, Ordering::Relaxed) {
-                        eprintln!(
-                            "expert shard {s} at {}: {why}; its experts go to their other copies until it answers again",
-                            self.addresses[s]
-                        );
-                    }
-                    excluded[s] = true;
-                    for (&t, mine) in token_of.iter().zip(&assigned) {
-                        failed.extend((0..k).filter(|&j| mine[j] == Some(s)).map(|j| (t, j)));
-                    }
-                }
+            };
+            self.mark_down(s, &unreachable);
+            excluded[s] = true;
+            for (&t, mine) in token_of.iter().zip(&assigned) {
+                failed.extend((0..k).filter(|&j| mine[j] == Some(s)).map(|j| (t, j)));
             }
         }
         failed.sort_unstable();
@@ -525,12 +556,10 @@ impl ExpertBackend for RemoteExperts {
                 )),
                 Err(_) => Some(format!("expert shard {s} at {} does not answer", self.addresses[s])),
             };
-            let was_down = self.down[s].swap(problem.is_some(), Ordering::Relaxed);
-            if was_down && problem.is_none() {
-                eprintln!(
-                    "expert shard {s} at {} answers again and takes its share",
-                    self.addresses[s]
-                );
+            match &problem {
+                None => self.probe_answered(s),
+                Some(why) if !self.is_down(s) => self.mark_down(s, why),
+                Some(_) => {}
             }
             problems.extend(problem);
         }
@@ -567,6 +596,24 @@ impl ExpertBackend for RemoteExperts {
     fn transport(&self) -> TransportTotals {
         self.totals.lock().map(|t| *t).unwrap_or_default()
     }
+}
+
+/// Whether a call's status says the shard could not be reached (gone, restarting, cut off),
+/// rather than that it refused the request.
+fn is_unreachable(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+    )
+}
+
+#[derive(Default)]
+struct ShardHealth {
+    down: bool,
+    /// Failures since its last answered call.
+    failures: u32,
+    /// Before this, an answered probe does not bring it back.
+    retry_at: Option<std::time::Instant>,
 }
 
 /// Serves `routes` (a rank's gRPC services and its `/metrics`) on `listener` until `shutdown`

@@ -70,6 +70,8 @@ struct Running {
     /// Tokens generated so far (kept to recompute them after a preemption).
     output: Vec<u32>,
     last_token: Option<u32>,
+    /// Admitted again after a preemption or a migration: its prompt was counted the first time.
+    resumed: bool,
 }
 
 impl Running {
@@ -377,7 +379,8 @@ impl Scheduler {
             .filter(|(_, s)| !s.detail.is_empty())
             .map(|(i, s)| format!("attention rank {i}: {}", s.detail))
             .collect();
-        let healthy = self.ranks.iter().filter(|s| s.healthy).count();
+        // Ranks that take new sequences: a draining one only finishes those it holds.
+        let healthy = self.ranks.iter().filter(|s| s.healthy && !s.draining).count();
         shared.health = if self.ranks.iter().all(|s| s.last_probe.is_none()) {
             None
         } else if healthy == 0 {
@@ -526,6 +529,7 @@ impl Scheduler {
             };
             let p = self.waiting.pop_front().expect("front exists");
             self.waiting_count.fetch_sub(1, Ordering::SeqCst);
+            let coming_back = p.resume.is_some();
             let (seq, output) = match p.resume {
                 Some(resume) => resume,
                 None => {
@@ -550,6 +554,7 @@ impl Scheduler {
                 cached: 0,
                 output,
                 last_token: None,
+                resumed: coming_back,
             });
         }
     }
@@ -575,6 +580,7 @@ impl Scheduler {
                         reason: FinishReason::Length,
                     });
                 } else {
+                    let _ = self.ranks[rank].rank.release(&[r.seq]);
                     self.time.preemptions += 1;
                     self.requeue_first(r);
                     continue;
@@ -720,7 +726,7 @@ impl Scheduler {
             // Prompt tokens taken from the prefix cache, counted at first admission (a resumed
             // sequence taking back its own blocks is not a hit).
             if let Some(&tokens) = reused.get(&r.seq) {
-                if r.output.is_empty() {
+                if !r.resumed {
                     let _ = r.events.send(GenerationEvent::Cached { tokens });
                 }
             }
@@ -799,16 +805,24 @@ impl Scheduler {
     /// another: the same stream, prefilled again from the prompt and the output so far (as a
     /// preempted sequence is), so the client sees neither an error nor a repeated token.
     fn migrate(&mut self, moved: Vec<Running>) {
+        // One release per failed rank (a rank that does not answer costs one timeout, not one
+        // per sequence), in case it is alive and still holds their cache.
+        let mut by_rank: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
+        for r in &moved {
+            by_rank.entry(r.rank).or_default().push(r.seq);
+        }
+        for (rank, seqs) in by_rank {
+            let _ = self.ranks[rank].rank.release(&seqs);
+        }
         for r in moved.into_iter().rev() {
             self.time.migrations += 1;
             self.requeue_first(r);
         }
     }
 
-    /// Frees `r`'s cache on its rank and queues it first, to resume (same sequence, same
-    /// stream) from its prompt and output so far wherever there is room.
+    /// Queues `r` first (its cache already freed), to resume — same sequence, same stream —
+    /// from its prompt and output so far wherever there is room.
     fn requeue_first(&mut self, r: Running) {
-        let _ = self.ranks[r.rank].rank.release(&[r.seq]);
         self.waiting_count.fetch_add(1, Ordering::SeqCst);
         self.waiting.push_front(Pending {
             request: r.request,
