@@ -255,10 +255,10 @@ pub fn expert_server(
 /// Routed experts on remote shards: each token goes only to the shards that own its top-k
 /// experts (replicas spread by token), and the partial sums come back to be added up.
 ///
-/// A shard that fails a call is marked down and its part of the step goes, in the same step,
+/// A shard that cannot be reached is marked down and its part of the step goes, in the same step,
 /// to the other copies of its experts (the placement plan's redundant ones); the step fails
 /// only when an expert it needs has no live copy. A down shard is probed with the rank's
-/// readiness checks and takes its share again as soon as it answers.
+/// readiness checks and takes its share again once it answers after a hold-down.
 pub struct RemoteExperts {
     plan: PlacementPlan,
     addresses: Vec<String>,

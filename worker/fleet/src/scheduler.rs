@@ -428,7 +428,7 @@ impl Scheduler {
             .into_iter()
             .partition(|r| r.events.is_closed());
         self.running = kept;
-        self.release(cancelled);
+        self.release(&cancelled);
         let before = self.waiting.len();
         self.waiting.retain(|p| !p.events.is_closed());
         self.waiting_count
@@ -446,7 +446,9 @@ impl Scheduler {
     }
 
     /// Frees the ranks' cache for finished, cancelled or failed sequences.
-    fn release(&mut self, done: Vec<Running>) {
+    /// One release call per rank (a rank that does not answer costs one timeout, not one per
+    /// sequence).
+    fn release(&self, done: &[Running]) {
         let mut by_rank: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
         for r in done {
             by_rank.entry(r.rank).or_default().push(r.seq);
@@ -585,7 +587,7 @@ impl Scheduler {
                     self.requeue_first(r);
                     continue;
                 }
-                self.release(vec![r]);
+                self.release(&[r]);
             }
         }
     }
@@ -797,7 +799,7 @@ impl Scheduler {
             }
         }
         self.running = kept;
-        self.release(done);
+        self.release(&done);
         self.migrate(moved);
     }
 
@@ -805,15 +807,8 @@ impl Scheduler {
     /// another: the same stream, prefilled again from the prompt and the output so far (as a
     /// preempted sequence is), so the client sees neither an error nor a repeated token.
     fn migrate(&mut self, moved: Vec<Running>) {
-        // One release per failed rank (a rank that does not answer costs one timeout, not one
-        // per sequence), in case it is alive and still holds their cache.
-        let mut by_rank: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
-        for r in &moved {
-            by_rank.entry(r.rank).or_default().push(r.seq);
-        }
-        for (rank, seqs) in by_rank {
-            let _ = self.ranks[rank].rank.release(&seqs);
-        }
+        // In case a failed rank is alive and still holds their cache.
+        self.release(&moved);
         for r in moved.into_iter().rev() {
             self.time.migrations += 1;
             self.requeue_first(r);
