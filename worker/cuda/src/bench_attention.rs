@@ -244,7 +244,12 @@ pub fn run(g: &Gpu, batches: &[usize], ctx: usize, reps: usize) -> Result<String
          |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         read / 1e9
     );
-    let kernels: Vec<DecodeKernel> = [DecodeKernel::Wgmma, DecodeKernel::WgmmaCpAsync, DecodeKernel::Mma]
+    let kernels: Vec<DecodeKernel> = [
+        DecodeKernel::Wgmma,
+        DecodeKernel::WgmmaUnswizzled,
+        DecodeKernel::WgmmaCpAsync,
+        DecodeKernel::Mma,
+    ]
         .into_iter()
         .filter(|k| k.takes(g, &V3_SHAPE, 64))
         .collect();

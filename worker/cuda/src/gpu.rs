@@ -77,6 +77,7 @@ pub const KERNELS: &[&str] = &[
     "mla_prefill_flash",
     "mla_decode_mma",
     "mla_decode_wgmma",
+    "mla_decode_wgmma_flat",
     "mla_combine",
     "fp8_mma_n1",
     "fp8_mma_n2",

@@ -1,8 +1,8 @@
 //! Decode attention in the weight-absorbed MLA form over the paged latent cache: for every row of
 //! a step and every head, `o_lat[h] = softmax_j(scale · (q_lat[h] · c_j + q_pe[h] · kpe_j)) · c_j`
 //! over the row's cached positions `j`. Three kernels ([`DecodeKernel`]): on Hopper and
-//! DeepSeek-V3's latent shape `mla_decode_wgmma` (its cache tiles fed by TMA, or by cp.async
-//! where the cache's blocks do not suit TMA boxes), on other shapes and GPUs `mla_decode_mma`
+//! DeepSeek-V3's latent shape `mla_decode_wgmma` (its cache tiles fed by TMA in 128-byte
+//! swizzled rows, or by cp.async where the cache's blocks do not suit TMA boxes), on other shapes and GPUs `mla_decode_mma`
 //! (mma.sync) — both split each row's positions across blocks, and `mla_combine` merges the
 //! splits — and the CUDA-core `mla_attend` (f32 throughout) where neither fits, or on request.
 
@@ -38,9 +38,13 @@ impl LatentShape {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DecodeKernel {
     /// wgmma (sm_90a): DeepSeek-V3's latent (512 + 64) only, each 64-position tile copied by TMA
-    /// (cache blocks of a multiple of 8 positions that divide 64 or that 64 divides).
+    /// as boxes of 128-byte swizzled rows (cache blocks of a multiple of 8 positions that divide
+    /// 64 or that 64 divides).
     Wgmma,
-    /// The same kernel with its tiles loaded by cp.async from every thread: any block size.
+    /// The same kernel in wgmma's unswizzled layout, its TMA boxes made of 16-byte rows: the
+    /// kernel before, kept to measure against (`DSV3_MLA_SWIZZLE=0`).
+    WgmmaUnswizzled,
+    /// The swizzled kernel with its tiles loaded by cp.async from every thread: any block size.
     WgmmaCpAsync,
     /// mma.sync: any latent rank that is a multiple of 64 up to 512.
     Mma,
@@ -51,27 +55,39 @@ pub enum DecodeKernel {
 /// Threads of `mla_decode_wgmma`: two warpgroups.
 const WGMMA_THREADS: usize = 256;
 /// Shared memory of `mla_decode_wgmma`: Q and two 64-position tiles (576 bf16 channels each), the
-/// two halves of P, the row maxima and sums, and the two tiles' TMA barriers.
-const WGMMA_SHARED_BYTES: usize = 3 * 64 * 576 * 2 + 2 * 64 * 32 * 2 + 5 * 64 * 4 + 2 * 8;
+/// two halves of P, the row maxima and sums, the two tiles' TMA barriers, and room to start Q on
+/// a 1024-byte boundary (the swizzle's period).
+const WGMMA_SHARED_BYTES: usize = 3 * 64 * 576 * 2 + 2 * 64 * 32 * 2 + 5 * 64 * 4 + 2 * 8 + 1024;
 /// Cached positions per tile of `mla_decode_wgmma`.
 const WGMMA_TILE: usize = 64;
 
 impl DecodeKernel {
     /// The fastest kernel that takes `shape` over cache blocks of `block` positions on `g`
-    /// (`DSV3_MLA_WGMMA=0` passes over wgmma, `DSV3_MLA_TMA=0` over its TMA feed).
+    /// (`DSV3_MLA_WGMMA=0` passes over wgmma, `DSV3_MLA_TMA=0` over its TMA feed,
+    /// `DSV3_MLA_SWIZZLE=0` over the swizzled TMA layout).
     pub fn best(g: &Gpu, shape: &LatentShape, block: usize) -> Self {
         let allowed = |var: &str| std::env::var_os(var).is_none_or(|v| v != "0");
-        let (wgmma, tma) = (allowed("DSV3_MLA_WGMMA"), allowed("DSV3_MLA_TMA"));
-        [DecodeKernel::Wgmma, DecodeKernel::WgmmaCpAsync, DecodeKernel::Mma]
-            .into_iter()
-            .find(|&k| {
-                k.takes(g, shape, block)
-                    && match k {
-                        DecodeKernel::Wgmma => wgmma && tma,
-                        DecodeKernel::WgmmaCpAsync => wgmma,
-                        _ => true,
-                    }
-            })
+        let (wgmma, tma, swizzle) = (
+            allowed("DSV3_MLA_WGMMA"),
+            allowed("DSV3_MLA_TMA"),
+            allowed("DSV3_MLA_SWIZZLE"),
+        );
+        [
+            DecodeKernel::Wgmma,
+            DecodeKernel::WgmmaUnswizzled,
+            DecodeKernel::WgmmaCpAsync,
+            DecodeKernel::Mma,
+        ]
+        .into_iter()
+        .find(|&k| {
+            k.takes(g, shape, block)
+                && match k {
+                    DecodeKernel::Wgmma => wgmma && tma && swizzle,
+                    DecodeKernel::WgmmaUnswizzled => wgmma && tma,
+                    DecodeKernel::WgmmaCpAsync => wgmma,
+                    _ => true,
+                }
+        })
             .unwrap_or(DecodeKernel::CudaCores)
     }
 
@@ -79,7 +95,9 @@ impl DecodeKernel {
     pub fn takes(self, g: &Gpu, shape: &LatentShape, block: usize) -> bool {
         let heads_fit = shape.heads.is_multiple_of(shape.heads.min(DEC_HEADS)) && shape.nope.is_multiple_of(2);
         match self {
-            DecodeKernel::Wgmma => DecodeKernel::WgmmaCpAsync.takes(g, shape, block) && tma_box_rows(block).is_some(),
+            DecodeKernel::Wgmma | DecodeKernel::WgmmaUnswizzled => {
+                DecodeKernel::WgmmaCpAsync.takes(g, shape, block) && tma_box_rows(block).is_some()
+            }
             DecodeKernel::WgmmaCpAsync => {
                 g.hopper
                     && heads_fit
@@ -142,7 +160,23 @@ fn tma_box_rows(block: usize) -> Option<usize> {
 }
 
 /// The TMA view of one layer's latent cache (`slots` positions of 576 bf16 channels) that lands
-/// a box of `box_rows` positions in the wgmma kernel's shared-memory layout: dimensions
+/// a box of 64 channels by `box_rows` positions in the wgmma kernel's swizzled layout: the plain
+/// 2-D view, 128-byte swizzle.
+fn swizzled_cache_map(cache: u64, slots: usize, box_rows: usize) -> Result<Arg> {
+    ensure!(cache.is_multiple_of(16), "TMA needs a 16-byte aligned latent cache");
+    tensor_map(
+        cache,
+        drv::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
+        &[576, slots as u64],
+        &[576 * 2],
+        &[64, box_rows as u32],
+        drv::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+        &format!("a latent cache of {slots} slots"),
+    )
+}
+
+/// The TMA view of one layer's latent cache (`slots` positions of 576 bf16 channels) that lands
+/// a box of `box_rows` positions in the wgmma kernel's unswizzled layout: dimensions
 /// (8 channels, slot % 8, 16-byte chunk, slot / 8), innermost first.
 fn cache_tile_map(cache: u64, slots: usize, box_rows: usize) -> Result<Arg> {
     const CHUNKS: usize = 576 / 8;
@@ -242,6 +276,7 @@ pub fn mla_decode(
     };
     let (name, threads, smem) = match kernel {
         DecodeKernel::Wgmma | DecodeKernel::WgmmaCpAsync => ("mla_decode_wgmma", WGMMA_THREADS, WGMMA_SHARED_BYTES),
+        DecodeKernel::WgmmaUnswizzled => ("mla_decode_wgmma_flat", WGMMA_THREADS, WGMMA_SHARED_BYTES),
         _ => ("mla_decode_mma", DEC_THREADS, mma_shared_bytes(width)),
     };
     let mut args = vec![ptr(o_part), ptr(ml_part)];
@@ -249,6 +284,10 @@ pub fn mla_decode(
     args.push(int(MIN_SPLIT));
     match (kernel, tma_box_rows(rows.block)) {
         (DecodeKernel::Wgmma, Some(box_rows)) => {
+            args.push(swizzled_cache_map(bufs.cache, bufs.cache_slots, box_rows)?);
+            args.push(int(box_rows));
+        }
+        (DecodeKernel::WgmmaUnswizzled, Some(box_rows)) => {
             args.push(cache_tile_map(bufs.cache, bufs.cache_slots, box_rows)?);
             args.push(int(box_rows));
         }

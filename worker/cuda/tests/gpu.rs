@@ -1122,6 +1122,7 @@ fn mla_decode_matches_f64_reference() {
         let want = case.reference(&gpu).expect("reference");
         let kernels = [
             DecodeKernel::Wgmma,
+            DecodeKernel::WgmmaUnswizzled,
             DecodeKernel::WgmmaCpAsync,
             DecodeKernel::Mma,
             DecodeKernel::CudaCores,

@@ -633,12 +633,9 @@ mla_decode_mma(float* o_part, float* ml_part, const float* q_lat, const float* q
 // h computes S for positions h * 32 .. + 32 of each 64-position tile (m64n32k16, Q and K from
 // shared memory), the groups trade row maxima, then group h adds P · V for output columns
 // h * 256 .. + 256 (m64n256k16): its own half of P straight from the registers its scores were
-// in, the other group's half from shared memory. Q, the tiles and P are kept in wgmma's
-// unswizzled canonical layout: 8 rows x 16 bytes per 128-byte core matrix, core matrices along
-// the channels 128 bytes apart, groups of 8 rows WG_GROUP bytes apart. The tiles arrive by TMA:
-// the host views a layer's cache as [slot / 8][72 chunks][slot % 8][8 channels] (strides 9216,
-// 16, 1152 and 2 bytes), so one box of that view lands in exactly this layout (or by cp.async
-// from every thread, where the cache's blocks do not suit the boxes). Compiled for sm_90a only.
+// in, the other group's half from shared memory. Q and the tiles are laid out as `WgTile` says;
+// the tiles arrive by TMA (or by cp.async from every thread, where the cache's blocks do not suit
+// the boxes). Compiled for sm_90a only.
 
 #define WG_W 576                 // lora + rope
 #define WG_CH (WG_W / 8)         // 16-byte chunks per cached row
@@ -674,18 +671,73 @@ __device__ __forceinline__ void wgmma_m64n256_ss(float d[128], u64 da, u64 db) {
 }
 #endif
 
-extern "C" __global__ void __launch_bounds__(256, 1)
-mla_decode_wgmma(float* o_part, float* ml_part, const float* q_lat, const float* q, int qk, int nope, int heads,
-                 int hg, int lora, int rope, const bf16* cache, const int* tables, const int* table_off,
-                 const int* lens, int block, float scale, int min_split, const __grid_constant__ TensorMap cache_map,
-                 int tma_rows) {
+// Where Q and a cache tile sit in shared memory: each is 64 rows (heads or positions) of 576 bf16
+// channels, 16-byte chunk `c` of row `row` at `chunk(row, c)`; `k_major` describes rows row0 ..
+// (a multiple of 8) at channels 16 ks .. + 16 as a K-major wgmma operand, `n_major` positions
+// pos0 .. + 16 by channels col0 .. + 256 as the N-major B of P·V; `load_box` copies box `b` of a
+// tile (`rows` cached positions from `slot` on) by TMA.
+template <bool SWIZZLED> struct WgTile;
+
+// TMA's 128-byte swizzle (the default): nine blocks of 64 channels, 8 KB apart, each 64 rows of
+// 128 bytes whose 16-byte chunks are XOR-ed with row % 8. A box of the cache's plain 2-D view
+// ([slots][576], 64 channels by `rows` positions) lands in place, so a tile is 9 boxes of 128-byte
+// rows per cache block (the flat layout needs 16-byte rows), and the products read the same
+// layout through swizzled descriptors (8-row atoms 1024 bytes apart; for the N-major V, blocks of
+// 64 channels 8 KB apart). Needs 1024-byte aligned operands.
+template <> struct WgTile<true> {
+    static constexpr u32 BLOCK = 64 * 128;
+    static __device__ __forceinline__ u32 chunk(int row, int c) {
+        return (c >> 3) * BLOCK + row * 128 + (((c & 7) ^ (row & 7)) << 4);
+    }
+    static __device__ __forceinline__ u64 k_major(u32 base, int row0, int ks) {
+        return smem_desc(base + (ks >> 2) * BLOCK + row0 * 128 + (ks & 3) * 32, 16, 1024, 1);
+    }
+    static __device__ __forceinline__ u64 n_major(u32 base, int pos0, int col0) {
+        return smem_desc(base + (col0 >> 6) * BLOCK + pos0 * 128, BLOCK, 1024, 1);
+    }
+    static __device__ __forceinline__ void load_box(u32 tile, const TensorMap* map, int b, int rows, int slot, u32 bar) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+        for (int cb = 0; cb < 9; ++cb) tma_load_2d(tile + cb * BLOCK + b * rows * 128, map, cb * 64, slot, bar);
+#endif
+    }
+};
+
+// wgmma's unswizzled canonical layout (the kernel before, kept to measure against): 8 rows x 16
+// bytes per 128-byte core matrix, core matrices along the channels 128 bytes apart, groups of 8
+// rows WG_GROUP bytes apart. The host views the cache as [slot / 8][72 chunks][slot % 8][8
+// channels] (strides 9216, 16, 1152 and 2 bytes), so one box of that view lands in this layout.
+template <> struct WgTile<false> {
+    static __device__ __forceinline__ u32 chunk(int row, int c) { return (row >> 3) * WG_GROUP + c * 128 + (row & 7) * 16; }
+    static __device__ __forceinline__ u64 k_major(u32 base, int row0, int ks) {
+        return smem_desc(base + (row0 >> 3) * WG_GROUP + ks * 256, 128, WG_GROUP);
+    }
+    // As for K-major operands the leading offset is between core matrices adjacent along K
+    // (positions: WG_GROUP) and the stride offset along N (channels: 128).
+    static __device__ __forceinline__ u64 n_major(u32 base, int pos0, int col0) {
+        return smem_desc(base + (pos0 >> 3) * WG_GROUP + (col0 >> 3) * 128, WG_GROUP, 128);
+    }
+    static __device__ __forceinline__ void load_box(u32 tile, const TensorMap* map, int b, int rows, int slot, u32 bar) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+        tma_load_4d(tile + b * (rows / 8) * WG_GROUP, map, 0, 0, 0, slot / 8, bar);
+#endif
+    }
+};
+
+template <bool SWIZZLED>
+__device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_part, const float* q_lat, const float* q,
+                                                      int qk, int nope, int heads, int hg, const bf16* cache,
+                                                      const int* tables, const int* table_off, const int* lens,
+                                                      int block, float scale, int min_split, const TensorMap* cache_map,
+                                                      int tma_rows) {
     await_previous_kernel();  // lora == 512, rope == 64
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    using L = WgTile<SWIZZLED>;
     extern __shared__ __align__(128) unsigned char smem_raw[];
-    const u32 qs = (u32)__cvta_generic_to_shared(smem_raw);  // Q: 8 groups of 8 heads
-    const u32 tiles = qs + 8 * WG_GROUP;                      // 2 stages x 8 groups of 8 positions
-    const u32 pbuf = tiles + 2 * 8 * WG_GROUP;                // P: 2 halves of [64 heads][32 positions]
-    float* red = (float*)(smem_raw + 3 * 8 * WG_GROUP + 2 * WG_P_HALF);  // [2][64] maxima, [2][64] sums, [64]
+    const u32 raw = (u32)__cvta_generic_to_shared(smem_raw);
+    const u32 qs = (raw + 1023) & ~1023u;       // Q: 64 heads (the host adds 1 KB for this rounding)
+    const u32 tiles = qs + 8 * WG_GROUP;        // 2 stages of 64 positions
+    const u32 pbuf = tiles + 2 * 8 * WG_GROUP;  // P: 2 halves of [64 heads][32 positions], unswizzled
+    float* red = (float*)(smem_raw + (qs - raw) + 3 * 8 * WG_GROUP + 2 * WG_P_HALF);  // [2][64] maxima, [2][64] sums, [64]
     const int r = blockIdx.y, h0 = blockIdx.x * hg, split = blockIdx.z, splits = gridDim.z;
     const int tid = threadIdx.x, h = tid >> 7, wq = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int len = lens[r];
@@ -698,7 +750,7 @@ mla_decode_wgmma(float* o_part, float* ml_part, const float* q_lat, const float*
     const int* tab = tables + table_off[r];
     const int ntiles = (end - begin + 63) / 64;
     // The TMA feed (tma_rows > 0): thread 0 copies tile i into stage i % 2 as 64 / tma_rows boxes
-    // of `cache_map` (each tma_rows cached positions, in the layout below), completing on the
+    // of `cache_map` (each tma_rows cached positions, in `L`'s layout), completing on the
     // stage's barrier; boxes wholly past the end are skipped. The cp.async feed otherwise.
     const u32 full = (u32)__cvta_generic_to_shared(red + 5 * 64);  // 2 mbarriers
     const auto slot_of = [&](int pos) { return tab[pos / block] * block + pos % block; };
@@ -709,8 +761,7 @@ mla_decode_wgmma(float* o_part, float* ml_part, const float* q_lat, const float*
         const u32 bar = full + 8 * (i & 1), dst = tiles + (i & 1) * 8 * WG_GROUP;
         mbar_expect(bar, boxes * tma_rows * WG_W * 2);
         for (int b = 0; b < boxes; ++b)
-            tma_load_4d(dst + b * (tma_rows / 8) * WG_GROUP, &cache_map, 0, 0, 0,
-                        (b == 0 ? next_slot : slot_of(base + b * tma_rows)) / 8, bar);
+            L::load_box(dst, cache_map, b, tma_rows, b == 0 ? next_slot : slot_of(base + b * tma_rows), bar);
         mbar_arrive(bar);
         if (i + 1 < ntiles) next_slot = slot_of(base + 64);
     };
@@ -731,11 +782,11 @@ mla_decode_wgmma(float* o_part, float* ml_part, const float* q_lat, const float*
     };
     auto load_tile = [&](int i, const bf16* src) {
         if (i < ntiles) {
-            u32 dst = tiles + (i & 1) * 8 * WG_GROUP + (my_row >> 3) * WG_GROUP + (my_row & 7) * 16;
+            u32 dst = tiles + (i & 1) * 8 * WG_GROUP;
             int bytes = my_row < end - (begin + i * 64) ? 16 : 0;
             for (int x = my_part; x < WG_CH; x += 4)
-                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + x * 128), "l"(src + 8 * x),
-                             "r"(bytes));
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + L::chunk(my_row, x)),
+                             "l"(src + 8 * x), "r"(bytes));
         }
         asm volatile("cp.async.commit_group;\n" ::);
     };
@@ -746,12 +797,8 @@ mla_decode_wgmma(float* o_part, float* ml_part, const float* q_lat, const float*
         load_tile(0, row_src(0));
         next_src = row_src(1);
     }
-    load_q([&](int hh, int c) { return qs + (hh >> 3) * WG_GROUP + (c >> 3) * 128 + (hh & 7) * 16 + (c & 7) * 2; },
-           q_lat, q, (size_t)r * heads + h0, qk, nope, hg, 512, WG_W);
-    // V as an N-major operand: 8 channels x 8 positions per core matrix. As for K-major operands
-    // the leading offset is between core matrices adjacent along K (positions: WG_GROUP) and the
-    // stride offset along N (channels: 128), checked by the float64 test.
-    const u32 v_lbo = WG_GROUP, v_sbo = 128;
+    load_q([&](int hh, int c) { return qs + L::chunk(hh, c >> 3) + (c & 7) * 2; }, q_lat, q, (size_t)r * heads + h0, qk,
+           nope, hg, 512, WG_W);
     float o[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
@@ -767,9 +814,7 @@ mla_decode_wgmma(float* o_part, float* ml_part, const float* q_lat, const float*
             // zero them, since P = 0 there but 0 * NaN is not 0.
             for (int i = tid; i < (64 - n) * WG_CH; i += 256) {
                 const int row = n + i / WG_CH;
-                asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(
-                                 tb + (row >> 3) * WG_GROUP + (i % WG_CH) * 128 + (row & 7) * 16),
-                             "r"(0u));
+                asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(tb + L::chunk(row, i % WG_CH)), "r"(0u));
             }
         } else {
             asm volatile("cp.async.wait_group 0;\n" ::);
@@ -788,8 +833,7 @@ mla_decode_wgmma(float* o_part, float* ml_part, const float* q_lat, const float*
         wgmma_fence();
 #pragma unroll 4
         for (int ks = 0; ks < WG_CH / 2; ++ks)
-            wgmma_m64n32_ss(s, smem_desc(qs + ks * 256, 128, WG_GROUP),
-                            smem_desc(tb + h * 4 * WG_GROUP + ks * 256, 128, WG_GROUP), ks);
+            wgmma_m64n32_ss(s, L::k_major(qs, 0, ks), L::k_major(tb, h * 32, ks), ks);
         wgmma_commit();
         wgmma_wait_all();
 #pragma unroll
@@ -842,15 +886,14 @@ mla_decode_wgmma(float* o_part, float* ml_part, const float* q_lat, const float*
         fence_async_shared();
         __syncthreads();  // both halves of P are in
         wgmma_fence();
-        const u32 v_cols = tb + h * 32 * 128;  // this group's 256 output channels
+        // this group's 256 output channels, over its own positions, then the other group's
 #pragma unroll
-        for (int kk = 0; kk < 2; ++kk)
-            wgmma_m64n256_rs(o, pa[kk], smem_desc(v_cols + (h * 4 + 2 * kk) * WG_GROUP, v_lbo, v_sbo));
+        for (int kk = 0; kk < 2; ++kk) wgmma_m64n256_rs(o, pa[kk], L::n_major(tb, h * 32 + 16 * kk, h * 256));
         const u32 p_other = pbuf + (h ^ 1) * WG_P_HALF;
 #pragma unroll
         for (int kk = 0; kk < 2; ++kk)
             wgmma_m64n256_ss(o, smem_desc(p_other + kk * 256, 128, 4 * 128),
-                             smem_desc(v_cols + ((h ^ 1) * 4 + 2 * kk) * WG_GROUP, v_lbo, v_sbo));
+                             L::n_major(tb, (h ^ 1) * 32 + 16 * kk, h * 256));
         wgmma_commit();
         wgmma_wait_all();
 #pragma unroll
@@ -859,6 +902,21 @@ mla_decode_wgmma(float* o_part, float* ml_part, const float* q_lat, const float*
     finish_split(reinterpret_cast<float(*)[4]>(o), 32, l0, l1, m0, m1, red, h, row0, t, o_part, ml_part,
                  (size_t)r * heads + h0, hg, splits, split, 512, h * 256);
 #endif
+}
+
+// The kernels: tiles in the 128-byte swizzled layout (TMA boxes of a 2-D view of the cache, or
+// cp.async with tma_rows == 0), and in the flat layout (TMA boxes of the 4-D view).
+#define MLA_DECODE_WGMMA_PARAMS                                                                                        \
+    float *o_part, float *ml_part, const float *q_lat, const float *q, int qk, int nope, int heads, int hg, int lora,   \
+        int rope, const bf16 *cache, const int *tables, const int *table_off, const int *lens, int block, float scale, \
+        int min_split, const __grid_constant__ TensorMap cache_map, int tma_rows
+extern "C" __global__ void __launch_bounds__(256, 1) mla_decode_wgmma(MLA_DECODE_WGMMA_PARAMS) {
+    mla_decode_wgmma_body<true>(o_part, ml_part, q_lat, q, qk, nope, heads, hg, cache, tables, table_off, lens, block,
+                                scale, min_split, &cache_map, tma_rows);
+}
+extern "C" __global__ void __launch_bounds__(256, 1) mla_decode_wgmma_flat(MLA_DECODE_WGMMA_PARAMS) {
+    mla_decode_wgmma_body<false>(o_part, ml_part, q_lat, q, qk, nope, heads, hg, cache, tables, table_off, lens, block,
+                                 scale, min_split, &cache_map, tma_rows);
 }
 
 // Merges the splits: o_lat[r, h, :] = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s. grid (heads, m);
