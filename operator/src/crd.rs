@@ -163,6 +163,24 @@ pub struct DeepSeekV3DeploymentSpec {
     /// How the attention and expert pods are scheduled (a scheduler, gang scheduling).
     #[serde(default)]
     pub scheduling: SchedulingSpec,
+
+    /// Mutual TLS on the fleet's gRPC (router → attention ranks → expert shards). Absent: plain
+    /// gRPC, which the fleet's NetworkPolicy closes to other pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<FleetTlsSpec>,
+}
+
+/// The certificate every member of the fleet presents, and the CA it checks its peers against.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FleetTlsSpec {
+    /// A Secret in the fleet's namespace with `tls.crt`, `tls.key` and `ca.crt`, as a
+    /// cert-manager Certificate writes it. The certificate is used as server and as client, and
+    /// must name every attention and expert pod: `*.NAME-attention.NAMESPACE.svc` and
+    /// `*.NAME-expert.NAMESPACE.svc`. Members read it when they start: a renewed certificate is
+    /// taken up as pods restart.
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
 }
 
 /// The scheduler of the attention and expert pods (the router is scheduled as usual).

@@ -41,6 +41,7 @@ use crate::placement::{self, PlacementError, PlacementInput, PlacementPlan};
 mod gang;
 mod model_files;
 mod overrides;
+mod tls;
 pub use gang::{default_scheduler_name, pod_group_name, pod_group_resource};
 pub use model_files::{download_job_name, DOWNLOAD_COMPONENT, ROUTER_VIEW};
 
@@ -954,6 +955,12 @@ fn pod_template(ctx: &Ctx<'_>, settings: &PodSettings, parts: PodParts) -> PodTe
     }
     volumes.extend(parts.extra_volumes);
     mounts.extend(parts.extra_mounts);
+    let mut args = parts.args;
+    if let Some(t) = &spec.tls {
+        volumes.push(tls::volume(t));
+        mounts.push(tls::mount());
+        args.extend(tls::args());
+    }
 
     let rdma = network.and_then(|n| n.rdma_resource.as_deref().map(|r| (r, n.rdma_devices_per_pod)));
 
@@ -962,7 +969,7 @@ fn pod_template(ctx: &Ctx<'_>, settings: &PodSettings, parts: PodParts) -> PodTe
         image: Some(spec.image.clone()),
         image_pull_policy: Some(spec.image_pull_policy.as_str().into()),
         command: Some(vec!["dsv3-worker".into()]),
-        args: Some(parts.args),
+        args: Some(args),
         env: Some(envs),
         ports: Some(parts.ports),
         resources: resources(settings, parts.gpus, rdma),
@@ -1038,6 +1045,14 @@ pub fn startup_failure_threshold(load_timeout_seconds: i32) -> i32 {
     (load_timeout_seconds.max(10) + 9) / 10
 }
 
+/// A rank's health probe: the kubelet's gRPC probe, or `dsv3-worker probe` over mutual TLS.
+fn rank_probe(ctx: &Ctx<'_>, role: Role, period: i32, failure: i32, timeout: i32) -> Probe {
+    match ctx.spec.tls {
+        Some(_) => tls::probe(ctx, role, period, failure, timeout),
+        None => grpc_probe(period, failure, timeout),
+    }
+}
+
 fn grpc_probe(period: i32, failure: i32, timeout: i32) -> Probe {
     Probe {
         grpc: Some(GRPCAction {
@@ -1097,7 +1112,13 @@ fn worker_statefulset(ctx: &Ctx<'_>, role: Role, replicas: Option<i32>, placemen
     }
     // Expert pods answer whoever dispatches to them and get no attention peer list, so scaling
     // the attention role never restarts them.
-    let startup = grpc_probe(10, startup_failure_threshold(spec.model.load_timeout_seconds), 5);
+    let startup = rank_probe(
+        ctx,
+        role,
+        10,
+        startup_failure_threshold(spec.model.load_timeout_seconds),
+        5,
+    );
     let parts = PodParts {
         role,
         args,
@@ -1109,8 +1130,8 @@ fn worker_statefulset(ctx: &Ctx<'_>, role: Role, replicas: Option<i32>, placemen
             ..Default::default()
         }],
         startup,
-        readiness: grpc_probe(10, 3, 5),
-        liveness: grpc_probe(20, 6, 10),
+        readiness: rank_probe(ctx, role, 10, 3, 5),
+        liveness: rank_probe(ctx, role, 20, 6, 10),
         extra_volumes: vec![Volume {
             name: "placement".into(),
             config_map: Some(ConfigMapVolumeSource {

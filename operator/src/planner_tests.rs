@@ -211,12 +211,18 @@ fn pods_are_hardened_and_have_gpus_probes_ranks_and_peers() {
             );
         }
 
-        // Probes: native gRPC on the workers, HTTP on the router; startup covers the load time.
+        // Probes: native gRPC on the workers (`dsv3-worker probe` over mutual TLS), HTTP on the
+        // router; startup covers the load time.
         for (what, p) in [("attention", &attention), ("experts", &experts)] {
             let c = main_container(p);
             for probe in [&c.startup_probe, &c.readiness_probe, &c.liveness_probe] {
                 let probe = probe.as_ref().expect("probe");
-                assert_eq!(probe.grpc.as_ref().map(|g| g.port), Some(WORKER_PORT), "{file} {what}");
+                if spec.tls.is_some() {
+                    let command = probe.exec.as_ref().and_then(|e| e.command.clone()).unwrap_or_default();
+                    assert!(command.contains(&format!("127.0.0.1:{WORKER_PORT}")), "{file} {what}");
+                } else {
+                    assert_eq!(probe.grpc.as_ref().map(|g| g.port), Some(WORKER_PORT), "{file} {what}");
+                }
             }
             let s = c.startup_probe.as_ref().expect("startup probe");
             let budget = s.period_seconds.unwrap_or(10) * s.failure_threshold.unwrap_or(3);
@@ -1118,4 +1124,91 @@ fn pod_overrides_patch_only_their_role_and_a_bad_one_is_named() {
         err.starts_with("router.podOverrides: ") && err.contains("`name`"),
         "{err}"
     );
+}
+
+#[test]
+fn mutual_tls_mounts_the_secret_into_every_member_and_probes_the_ranks_over_it() {
+    use crate::crd::FleetTlsSpec;
+    let mut cr = sample("h200-single-node.yaml");
+    let ns = cr.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let name = cr.metadata.name.clone().expect("name");
+    let plain = plan_of(&cr);
+    cr.spec.tls = Some(FleetTlsSpec {
+        secret_name: "fleet-tls".into(),
+    });
+    let plan = plan_of(&cr);
+    let pods = |p: &Plan| {
+        [
+            ("router", pod_spec_deploy(&p.router_deployment)),
+            ("attention", pod_spec_sts(&p.attention_statefulset)),
+            ("expert", pod_spec_sts(&p.expert_statefulset)),
+        ]
+    };
+    for (role, pod) in pods(&plan) {
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some("fleet-tls"))
+            .unwrap_or_else(|| panic!("{role}: no volume of the TLS Secret"));
+        let c = main_container(&pod);
+        let mount = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == volume.name)
+            .unwrap_or_else(|| panic!("{role}: the TLS Secret is not mounted"));
+        assert_eq!(mount.read_only, Some(true), "{role}");
+        for (flag, file) in [
+            ("--tls-cert", "tls.crt"),
+            ("--tls-key", "tls.key"),
+            ("--tls-ca", "ca.crt"),
+        ] {
+            assert_eq!(
+                arg_after(c, flag),
+                Some(format!("{}/{file}", mount.mount_path)),
+                "{role} {flag}"
+            );
+        }
+        let probes = [&c.startup_probe, &c.readiness_probe, &c.liveness_probe];
+        for probe in probes.into_iter().map(|p| p.as_ref().expect("probe")) {
+            if role == "router" {
+                assert!(probe.http_get.is_some(), "the router's HTTP probes are unchanged");
+                continue;
+            }
+            assert!(probe.grpc.is_none(), "{role}: the kubelet's gRPC probe speaks no TLS");
+            let command = probe.exec.as_ref().and_then(|e| e.command.clone()).expect("exec probe");
+            assert_eq!(&command[..2], ["dsv3-worker", "probe"], "{role}");
+            let i = command
+                .iter()
+                .position(|a| a == "--tls-server-name")
+                .expect("server name");
+            // The name the first pod of the role is dialled at, which the certificate covers.
+            assert_eq!(
+                command[i + 1],
+                format!("{name}-{role}-0.{name}-{role}.{ns}.svc"),
+                "{role}"
+            );
+            let timeout = command
+                .iter()
+                .position(|a| a == "--timeout")
+                .map(|i| command[i + 1].clone());
+            assert!(
+                timeout.and_then(|t| t.parse::<i32>().ok()) < probe.timeout_seconds,
+                "{role}: the probe answers before the kubelet gives up"
+            );
+        }
+    }
+    // Without the section: no Secret, no flags, the kubelet's gRPC probes.
+    for (role, pod) in pods(&plain) {
+        let c = main_container(&pod);
+        assert!(arg_after(c, "--tls-cert").is_none(), "{role}");
+        assert!(pod.volumes.iter().flatten().all(|v| v.secret.is_none()), "{role}");
+        if role != "router" {
+            assert!(
+                c.readiness_probe.as_ref().and_then(|p| p.grpc.as_ref()).is_some(),
+                "{role}"
+            );
+        }
+    }
 }

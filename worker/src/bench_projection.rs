@@ -11,7 +11,7 @@ use clap::Args;
 use dsv3_cuda::projection::{uniform_routes, NoExperts};
 use dsv3_engine::{ExpertExecutor, MemoryUse};
 use dsv3_fleet::grpc::{self, Dtype, RemoteExperts};
-use dsv3_fleet::{ExpertBackend, PlacementPlan};
+use dsv3_fleet::{ExpertBackend, PlacementPlan, Transport};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -61,11 +61,17 @@ fn transfer(rt: &tokio::runtime::Runtime, shards: usize, batch: usize, reps: usi
             "none".into(),
             MemoryUse::default(),
         )?;
-        rt.spawn(grpc::serve_expert(listener, server, std::future::pending()));
+        rt.spawn(grpc::serve_expert(
+            listener,
+            server,
+            Transport::Plain,
+            std::future::pending(),
+        ));
     }
     let remote = RemoteExperts::new(
         plan,
         addresses,
+        &Transport::Plain,
         rt.handle().clone(),
         Duration::from_secs(30),
         Dtype::Bf16,

@@ -34,6 +34,16 @@ fn flag_reading(role: &str, name: &str) -> Option<String> {
     arg.get_long().map(|l| format!("--{l}"))
 }
 
+/// A JSON array of strings (a container's args or command).
+fn strings(list: &Value) -> Vec<String> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(String::from)
+        .collect()
+}
+
 fn worker_containers(object: &Value) -> Vec<WorkerContainer> {
     let spec = &object["spec"]["template"]["spec"];
     let mut out = Vec::new();
@@ -42,13 +52,7 @@ fn worker_containers(object: &Value) -> Vec<WorkerContainer> {
             if c["command"] != serde_json::json!(["dsv3-worker"]) {
                 continue;
             }
-            let args = c["args"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .map(String::from)
-                .collect();
+            let args = strings(&c["args"]);
             let env = c["env"]
                 .as_array()
                 .into_iter()
@@ -171,6 +175,48 @@ fn planned_worker_containers_are_accepted_by_the_worker_cli() {
         "every role is planned by some sample"
     );
     assert!(checked >= 9, "only {checked} containers checked");
+}
+
+/// Every exec probe the operator plans (the ranks' health check under mutual TLS) is a
+/// `dsv3-worker probe` the CLI accepts, aimed at the container's own gRPC port, reading the TLS
+/// files the container's own arguments read.
+#[test]
+fn planned_exec_probes_are_accepted_by_the_worker_cli() {
+    let mut checked = 0;
+    for (path, object) in sample_plans() {
+        let spec = &object.value["spec"]["template"]["spec"];
+        for c in spec["containers"].as_array().into_iter().flatten() {
+            for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+                let command = strings(&c[probe]["exec"]["command"]);
+                if command.is_empty() {
+                    continue;
+                }
+                let what = format!("{}: {} {} {probe}", path.display(), object.kind, object.name);
+                assert_eq!(command.first().map(String::as_str), Some("dsv3-worker"), "{what}");
+                let cli = Cli::try_parse_from(&command)
+                    .unwrap_or_else(|e| panic!("{what}: the worker rejects {command:?}:\n{e}"));
+                assert!(matches!(cli.command, Command::Probe(_)), "{what}: {command:?}");
+                let after =
+                    |list: &[String], flag: &str| list.iter().position(|a| a == flag).map(|i| list[i + 1].clone());
+                let port = c["ports"][0]["containerPort"].as_i64().expect("container port");
+                assert_eq!(
+                    after(&command, "--address"),
+                    Some(format!("127.0.0.1:{port}")),
+                    "{what}"
+                );
+                let args = strings(&c["args"]);
+                for flag in ["--tls-cert", "--tls-key", "--tls-ca"] {
+                    assert!(after(&command, flag).is_some(), "{what}: no {flag}");
+                    assert_eq!(after(&command, flag), after(&args, flag), "{what}: {flag}");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(
+        checked >= 6,
+        "only {checked} exec probes checked: no sample runs a fleet over mutual TLS"
+    );
 }
 
 /// The router's mount of a downloaded directory is the view `download` links.

@@ -2,7 +2,7 @@
 //! on loopback — the disaggregated fleet on one machine, for users and tests.
 
 use crate::device::{DeviceArg, Fp8ActivationsArg};
-use crate::roles::{ActivationDtype, ModelArgs};
+use crate::roles::{ActivationDtype, ModelArgs, TlsArgs};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use dsv3_fleet::PlacementPlan;
@@ -51,6 +51,10 @@ pub struct FleetArgs {
     /// Passed to the attention ranks: draft tokens the MTP module proposes per decode step.
     #[arg(long, default_value_t = 0)]
     speculative_tokens: usize,
+    /// Passed to every member: mutual TLS between them (the certificate must name 127.0.0.1,
+    /// the address members dial each other at).
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 /// The GPUs the members are placed on, as `CUDA_VISIBLE_DEVICES` entries; empty on the CPU.
@@ -78,6 +82,7 @@ struct Member {
 }
 
 pub fn run(args: FleetArgs) -> Result<()> {
+    args.tls.transport()?; // a bad certificate named here, not by every member
     let exe = std::env::current_exe().context("locating dsv3-worker")?;
     let model_flag: Vec<String> = match &args.model.model {
         Some(dir) => vec!["--model".into(), dir.display().to_string()],
@@ -121,6 +126,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
         a.extend(model_flag.iter().cloned());
         a.extend(["--port".into(), port.to_string()]);
         a.extend(extra);
+        a.extend(args.tls.to_args());
         let mut command = Command::new(&exe);
         // The router holds no model; the ranks go round the GPUs.
         let gpu = (role != "router" && !gpus.is_empty()).then(|| {

@@ -12,6 +12,7 @@ mod download;
 mod generate;
 mod local_fleet;
 mod model_source;
+mod probe;
 mod progress;
 mod roles;
 mod server_process;
@@ -52,6 +53,8 @@ enum Command {
     Download(download::DownloadArgs),
     /// A local multi-process fleet on loopback: router, attention ranks, expert shards.
     Fleet(local_fleet::FleetArgs),
+    /// The gRPC health check of an attention rank or expert shard (an exec probe for mutual TLS).
+    Probe(probe::ProbeArgs),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         Command::Attention(args) => roles::attention(args),
         Command::Expert(args) => roles::expert(args),
         Command::Fleet(args) => local_fleet::run(args),
+        Command::Probe(args) => probe::run(args),
         Command::Download(args) => download::run(args),
     };
     match result {

@@ -7,7 +7,9 @@ use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use dsv3_engine::{ExpertSelection, ModelConfig, ModelFiles};
 use dsv3_fleet::grpc::{self, Dtype, RemoteAttention, RemoteExperts};
-use dsv3_fleet::{AttentionRank, ExpertBackend, Fleet, LocalAttention, PlacementPlan, SchedulerConfig};
+use dsv3_fleet::{
+    AttentionRank, ExpertBackend, Fleet, LocalAttention, MutualTls, PlacementPlan, SchedulerConfig, Transport,
+};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -116,6 +118,58 @@ pub struct RouterArgs {
     step_timeout: u64,
     #[command(flatten)]
     data_plane: DataPlaneArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// Mutual TLS on the fleet's gRPC (all three or none): PEM files as in a Kubernetes TLS Secret
+/// that cert-manager writes (`tls.crt`, `tls.key`, `ca.crt`). Every rank then accepts only peers
+/// whose certificate the CA signed, and checks that a peer's certificate names the host dialled.
+#[derive(Args, Clone, Default)]
+pub struct TlsArgs {
+    /// This process's certificate (chain) for the fleet's gRPC, with --tls-key and --tls-ca.
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert.
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// The CA certificate that signs every member's certificate.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// Plain gRPC without the flags, mutual TLS with all three (their files read and checked).
+    pub fn transport(&self) -> Result<Transport> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (None, None, None) => Ok(Transport::Plain),
+            (Some(cert), Some(key), Some(ca)) => Ok(Transport::MutualTls(Arc::new(MutualTls::load(cert, key, ca)?))),
+            (cert, key, ca) => {
+                let missing: Vec<&str> = [("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca)]
+                    .iter()
+                    .filter(|(_, v)| v.is_none())
+                    .map(|(flag, _)| *flag)
+                    .collect();
+                anyhow::bail!(
+                    "mutual TLS needs --tls-cert, --tls-key and --tls-ca together; {} missing",
+                    missing.join(" and ")
+                )
+            }
+        }
+    }
+
+    /// The flags again, for a process started with the same settings.
+    pub fn to_args(&self) -> Vec<String> {
+        [
+            ("--tls-cert", &self.tls_cert),
+            ("--tls-key", &self.tls_key),
+            ("--tls-ca", &self.tls_ca),
+        ]
+        .iter()
+        .filter_map(|(flag, path)| path.as_ref().map(|p| [flag.to_string(), p.display().to_string()]))
+        .flatten()
+        .collect()
+    }
 }
 
 #[derive(Args)]
@@ -154,6 +208,8 @@ pub struct AttentionArgs {
     placement: Option<PathBuf>,
     #[command(flatten)]
     data_plane: DataPlaneArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
     #[arg(long, default_value_t = 16384)]
     cache_tokens: usize,
     /// Seconds an expert shard may take for one layer.
@@ -222,6 +278,8 @@ pub struct ExpertArgs {
     expert_peers: Vec<String>,
     #[command(flatten)]
     data_plane: DataPlaneArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Where the experts run (the GPU is the first one the process sees: CUDA_VISIBLE_DEVICES).
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
@@ -404,6 +462,7 @@ pub fn router(args: RouterArgs) -> Result<()> {
     args.check()?;
     let files = model_source::resolve(args.model.model.clone());
     let config = served_config(ModelConfig::from_model_files(&files)?, &args.http);
+    let transport = args.tls.transport()?;
     let rt = runtime()?;
     let ranks = args
         .attention_peers
@@ -411,6 +470,7 @@ pub fn router(args: RouterArgs) -> Result<()> {
         .map(|a| {
             Ok(Arc::new(RemoteAttention::new(
                 a,
+                &transport,
                 rt.handle().clone(),
                 Duration::from_secs(args.step_timeout),
             )?) as Arc<dyn AttentionRank>)
@@ -422,6 +482,7 @@ pub fn router(args: RouterArgs) -> Result<()> {
 
 pub fn attention(args: AttentionArgs) -> Result<()> {
     args.check()?;
+    let transport = args.tls.transport()?;
     let files = model_source::resolve(args.model.model.clone());
     let config = ModelConfig::from_model_files(&files)?;
     let plan = plan_for(&args.placement, config.n_routed_experts as u32, args.expert_peers.len())?;
@@ -439,6 +500,7 @@ pub fn attention(args: AttentionArgs) -> Result<()> {
     let experts: Arc<dyn ExpertBackend> = Arc::new(RemoteExperts::new(
         plan,
         args.expert_peers.clone(),
+        &transport,
         rt.handle().clone(),
         Duration::from_secs(args.expert_timeout),
         args.activation_dtype.resolve(on_gpu),
@@ -472,7 +534,7 @@ pub fn attention(args: AttentionArgs) -> Result<()> {
             dsv3_api::shutdown_signal().await;
             drain(&stopping, drain_for).await;
         };
-        grpc::serve_attention(listener, args.rank, rank, shutdown).await
+        grpc::serve_attention(listener, args.rank, rank, transport, shutdown).await
     })
 }
 
@@ -505,6 +567,7 @@ async fn drain(rank: &LocalAttention, limit: std::time::Duration) {
 
 pub fn expert(args: ExpertArgs) -> Result<()> {
     args.check()?;
+    let transport = args.tls.transport()?;
     let files = model_source::resolve(args.model.model.clone());
     let config = ModelConfig::from_model_files(&files)?;
     let shards = if args.expert_peers.is_empty() {
@@ -536,6 +599,6 @@ pub fn expert(args: ExpertArgs) -> Result<()> {
             held.len(),
             listener.local_addr()?
         );
-        grpc::serve_expert(listener, server, dsv3_api::shutdown_signal()).await
+        grpc::serve_expert(listener, server, transport, dsv3_api::shutdown_signal()).await
     })
 }

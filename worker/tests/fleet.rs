@@ -811,3 +811,98 @@ fn chaos_under_load_with_a_copy_of_every_expert_loses_no_request() {
         "an attention rank died under a stream"
     );
 }
+
+/// A CA and one member certificate for 127.0.0.1 (where the local fleet's members dial each
+/// other), written as a cert-manager Secret's files: `tls.crt`, `tls.key`, `ca.crt`.
+fn write_member_tls(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("CA");
+    let key = KeyPair::generate().expect("key");
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .expect("params")
+        .signed_by(&key, &ca)
+        .expect("sign");
+    std::fs::create_dir_all(dir).expect("dir");
+    std::fs::write(dir.join("tls.crt"), cert.pem()).expect("write");
+    std::fs::write(dir.join("tls.key"), key.serialize_pem()).expect("write");
+    std::fs::write(dir.join("ca.crt"), ca.pem()).expect("write");
+}
+
+fn tls_flags(dir: &std::path::Path) -> Vec<String> {
+    [
+        ("--tls-cert", "tls.crt"),
+        ("--tls-key", "tls.key"),
+        ("--tls-ca", "ca.crt"),
+    ]
+    .iter()
+    .flat_map(|(flag, file)| [flag.to_string(), dir.join(file).display().to_string()])
+    .collect()
+}
+
+/// `dsv3-worker probe` of `address` with `flags`: whether it reports the rank serving.
+fn probe(address: &str, flags: &[String]) -> bool {
+    Command::new(bin())
+        .args(["probe", "--address", address, "--timeout", "3"])
+        .args(flags)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run probe")
+        .success()
+}
+
+#[test]
+fn a_fleet_over_mutual_tls_gives_the_tokens_of_generate_and_turns_strangers_away() {
+    let greedy = generate_ids(&["--max-tokens", "16", "--ignore-eos"]);
+    let dir = tempfile::tempdir().expect("dir");
+    let (ours, stranger) = (dir.path().join("fleet"), dir.path().join("stranger"));
+    write_member_tls(&ours);
+    write_member_tls(&stranger);
+    let flags = tls_flags(&ours);
+    let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let fleet = start_fleet_of(1, 2, &flag_refs);
+    assert_eq!(
+        completion_ids(&fleet.base, request(16, json!({"temperature": 0}))),
+        greedy
+    );
+    let (ids, finish, error) = stream(&fleet.base, request(16, json!({"temperature": 0, "stream": true})));
+    assert_eq!((ids, finish.as_deref(), error), (greedy, Some("length"), None));
+    for member in fleet.members.iter().filter(|m| m.role != "router") {
+        let at = member.args.iter().position(|a| a == "--port").expect("--port");
+        let address = format!("127.0.0.1:{}", member.args[at + 1]);
+        assert!(
+            member.args.iter().any(|a| a == "--tls-ca"),
+            "{} {:?}",
+            member.role,
+            member.args
+        );
+        assert!(
+            probe(&address, &flags),
+            "{} at {address}: a member's probe",
+            member.role
+        );
+        assert!(
+            !probe(&address, &[]),
+            "{} at {address}: plain gRPC is answered",
+            member.role
+        );
+        assert!(
+            !probe(&address, &tls_flags(&stranger)),
+            "{} at {address}: a certificate of another CA is accepted",
+            member.role
+        );
+    }
+    // Half the flags is an error naming the missing ones, before anything starts.
+    let out = Command::new(bin())
+        .args(["expert", "--port", &free_port().to_string(), "--tls-cert"])
+        .arg(ours.join("tls.crt"))
+        .output()
+        .expect("run expert");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--tls-key and --tls-ca missing"),
+        "{stderr}"
+    );
+}

@@ -250,9 +250,9 @@ pub fn run(g: &Gpu, batches: &[usize], ctx: usize, reps: usize) -> Result<String
         DecodeKernel::WgmmaCpAsync,
         DecodeKernel::Mma,
     ]
-        .into_iter()
-        .filter(|k| k.takes(g, &V3_SHAPE, 64))
-        .collect();
+    .into_iter()
+    .filter(|k| k.takes(g, &V3_SHAPE, 64))
+    .collect();
     for &b in batches {
         let case = AttentionCase::random(g, V3_SHAPE, &vec![ctx; b], 64, 11)?;
         for &kernel in &kernels {

@@ -88,7 +88,7 @@ impl DecodeKernel {
                     _ => true,
                 }
         })
-            .unwrap_or(DecodeKernel::CudaCores)
+        .unwrap_or(DecodeKernel::CudaCores)
     }
 
     /// Whether this kernel takes `shape` over cache blocks of `block` positions on `g`.

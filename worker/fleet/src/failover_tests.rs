@@ -6,6 +6,7 @@
 use crate::grpc::{expert_server, serve_expert, Dtype, RemoteExperts};
 use crate::placement::PlacementPlan;
 use crate::rank::ExpertBackend;
+use crate::transport::Transport;
 use dsv3_engine::{ExpertExecutor, MemoryUse, TokenRoutes};
 use dsv3_proto::OTHER_SHARD;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,8 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
-const WIDTH: usize = 4;
-const EXPERTS: u32 = 6;
+pub(crate) const WIDTH: usize = 4;
+pub(crate) const EXPERTS: u32 = 6;
 /// A layer every shard refuses: a failing request, not a failing shard.
 const REFUSED_LAYER: usize = 99;
 
@@ -48,13 +49,24 @@ impl ExpertExecutor for Affine {
     }
 }
 
-struct RunningShard {
+pub(crate) struct RunningShard {
     stop: oneshot::Sender<()>,
     done: tokio::task::JoinHandle<()>,
     rows: Arc<AtomicUsize>,
 }
 
-fn start(rt: &tokio::runtime::Runtime, plan: &PlacementPlan, rank: u32, port: u16) -> RunningShard {
+pub(crate) fn start(rt: &tokio::runtime::Runtime, plan: &PlacementPlan, rank: u32, port: u16) -> RunningShard {
+    start_over(rt, plan, rank, port, &Transport::Plain)
+}
+
+/// Shard `rank` of `plan` serving on `port` over `transport`.
+pub(crate) fn start_over(
+    rt: &tokio::runtime::Runtime,
+    plan: &PlacementPlan,
+    rank: u32,
+    port: u16,
+    transport: &Transport,
+) -> RunningShard {
     let rows = Arc::new(AtomicUsize::new(0));
     let shard = expert_server(
         rank,
@@ -68,8 +80,9 @@ fn start(rt: &tokio::runtime::Runtime, plan: &PlacementPlan, rank: u32, port: u1
         .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
         .expect("bind");
     let (stop, stopped) = oneshot::channel::<()>();
+    let transport = transport.clone();
     let done = rt.spawn(async move {
-        let _ = serve_expert(listener, shard, async {
+        let _ = serve_expert(listener, shard, transport, async {
             let _ = stopped.await;
         })
         .await;
@@ -77,12 +90,12 @@ fn start(rt: &tokio::runtime::Runtime, plan: &PlacementPlan, rank: u32, port: u1
     RunningShard { stop, done, rows }
 }
 
-fn stop(rt: &tokio::runtime::Runtime, shard: RunningShard) {
+pub(crate) fn stop(rt: &tokio::runtime::Runtime, shard: RunningShard) {
     let _ = shard.stop.send(());
     rt.block_on(shard.done).expect("shard task");
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -90,7 +103,7 @@ fn free_port() -> u16 {
 }
 
 /// Every token's weighted sum over its slots, computed here.
-fn reference(x: &[f32], routes: &TokenRoutes) -> Vec<f32> {
+pub(crate) fn reference(x: &[f32], routes: &TokenRoutes) -> Vec<f32> {
     let mut out = vec![0.0; x.len()];
     for t in 0..routes.tokens() {
         for j in 0..routes.k {
@@ -104,7 +117,7 @@ fn reference(x: &[f32], routes: &TokenRoutes) -> Vec<f32> {
     out
 }
 
-fn assert_close(a: &[f32], b: &[f32]) {
+pub(crate) fn assert_close(a: &[f32], b: &[f32]) {
     assert_eq!(a.len(), b.len());
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
         assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "value {i}: {x} vs {y}");
@@ -132,6 +145,7 @@ fn a_dead_shards_experts_are_answered_by_their_copies_and_it_rejoins() {
     let remote = RemoteExperts::new(
         plan.clone(),
         addresses,
+        &Transport::Plain,
         rt.handle().clone(),
         Duration::from_secs(5),
         Dtype::F32,

@@ -4,6 +4,7 @@
 use crate::placement::PlacementPlan;
 use crate::rank::{memory_report, AttentionRank, ExpertBackend, TransportTotals};
 use crate::rank_metrics::{attention_registry, metrics_route, shard_registry, ShardCounters};
+use crate::transport::Transport;
 use anyhow::{bail, ensure, Context, Result};
 use dsv3_engine::moe::NO_EXPERT;
 use dsv3_engine::{ExpertExecutor, MemoryUse, TokenRoutes};
@@ -82,25 +83,38 @@ pub struct RemoteAttention {
     step_timeout: Duration,
 }
 
-fn channel(address: &str) -> Result<Channel> {
+/// A lazily connecting channel to `address` (`host:port`, or a URI), over `transport`; with TLS
+/// the server's certificate must name the host dialled.
+fn channel(address: &str, transport: &Transport) -> Result<Channel> {
+    channel_to(address, transport, None)
+}
+
+/// As [`channel`], the server's certificate naming `server_name` when given.
+fn channel_to(address: &str, transport: &Transport, server_name: Option<&str>) -> Result<Channel> {
     let uri = if address.contains("://") {
         address.to_string()
     } else {
-        format!("http://{address}")
+        format!("{}://{address}", transport.scheme())
     };
-    Ok(Endpoint::from_shared(uri.clone())
+    let mut endpoint = Endpoint::from_shared(uri.clone())
         .with_context(|| format!("`{address}` is not a valid peer address"))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-        .connect_lazy())
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES);
+    let host = endpoint.uri().host().unwrap_or_default().to_string();
+    if let Some(tls) = transport.client(server_name.unwrap_or(&host)) {
+        endpoint = endpoint
+            .tls_config(tls)
+            .with_context(|| format!("TLS settings for the peer `{address}`"))?;
+    }
+    Ok(endpoint.connect_lazy())
 }
 
 impl RemoteAttention {
-    pub fn new(address: &str, handle: Handle, step_timeout: Duration) -> Result<Self> {
+    pub fn new(address: &str, transport: &Transport, handle: Handle, step_timeout: Duration) -> Result<Self> {
         let _runtime = handle.enter(); // lazy channels spawn their connection task on it
-        let client = AttentionClient::new(channel(address)?)
+        let client = AttentionClient::new(channel(address, transport)?)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         Ok(RemoteAttention {
@@ -276,6 +290,7 @@ impl RemoteExperts {
     pub fn new(
         plan: PlacementPlan,
         addresses: Vec<String>,
+        transport: &Transport,
         handle: Handle,
         timeout: Duration,
         dtype: Dtype,
@@ -291,7 +306,7 @@ impl RemoteExperts {
         let clients = addresses
             .iter()
             .map(|a| {
-                Ok(ExpertClient::new(channel(a)?)
+                Ok(ExpertClient::new(channel(a, transport)?)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES))
             })
@@ -616,15 +631,22 @@ struct ShardHealth {
     retry_at: Option<std::time::Instant>,
 }
 
-/// Serves `routes` (a rank's gRPC services and its `/metrics`) on `listener` until `shutdown`
-/// resolves: gRPC over HTTP/2, and HTTP/1.1 too for Prometheus' scrapes.
+/// Serves `routes` (a rank's gRPC services and its `/metrics`) on `listener` over `transport`
+/// until `shutdown` resolves: gRPC over HTTP/2, and HTTP/1.1 too for Prometheus' scrapes.
 async fn serve(
     listener: tokio::net::TcpListener,
     routes: Routes,
+    transport: &Transport,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    Server::builder()
+    let mut server = Server::builder();
+    if let Some(tls) = transport.server() {
+        server = server
+            .tls_config(tls)
+            .context("the TLS certificate and key do not make a server identity")?;
+    }
+    server
         .accept_http1(true)
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
@@ -634,12 +656,34 @@ async fn serve(
     Ok(())
 }
 
+/// One standard gRPC health check of the whole server at `address` over `transport`, as a
+/// Kubernetes gRPC probe makes (which cannot speak TLS); with TLS the server's certificate must
+/// name `server_name` (default: the host dialled).
+pub async fn check_health(
+    address: &str,
+    transport: &Transport,
+    server_name: Option<&str>,
+    timeout: Duration,
+) -> Result<()> {
+    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+    let mut client = HealthClient::new(channel_to(address, transport, server_name)?);
+    let reply = tokio::time::timeout(timeout, client.check(HealthCheckRequest { service: String::new() }))
+        .await
+        .map_err(|_| anyhow::anyhow!("{address}: no answer within {} s", timeout.as_secs_f64()))?
+        .map_err(|status| anyhow::anyhow!("{address}: {}", status.message()))?;
+    match reply.into_inner().status() {
+        ServingStatus::Serving => Ok(()),
+        other => bail!("{address} reports {}", other.as_str_name()),
+    }
+}
+
 /// Serves attention rank `number` (plus the standard gRPC health service and `GET /metrics`)
 /// until `shutdown` resolves.
 pub async fn serve_attention(
     listener: tokio::net::TcpListener,
     number: u32,
     rank: Arc<dyn AttentionRank>,
+    transport: Transport,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -647,7 +691,7 @@ pub async fn serve_attention(
     let routes = Routes::from(metrics_route(attention_registry(number, rank.clone())))
         .add_service(health)
         .add_service(attention_server(rank));
-    serve(listener, routes, shutdown).await
+    serve(listener, routes, &transport, shutdown).await
 }
 
 /// Serves an expert shard (plus the standard gRPC health service and `GET /metrics`) until
@@ -655,6 +699,7 @@ pub async fn serve_attention(
 pub async fn serve_expert(
     listener: tokio::net::TcpListener,
     shard: Shard,
+    transport: Transport,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -662,5 +707,5 @@ pub async fn serve_expert(
     let routes = Routes::from(metrics_route(shard.metrics))
         .add_service(health)
         .add_service(shard.grpc);
-    serve(listener, routes, shutdown).await
+    serve(listener, routes, &transport, shutdown).await
 }

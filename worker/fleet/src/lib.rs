@@ -6,14 +6,18 @@
 #[cfg(test)]
 mod failover_tests;
 pub mod grpc;
+#[cfg(test)]
+mod mutual_tls_tests;
 pub mod placed;
 pub use dsv3_placement as placement;
 pub mod rank;
 pub mod rank_metrics;
 pub mod sampling_spec;
 pub mod scheduler;
+pub mod transport;
 
 pub use placed::PlacedExperts;
 pub use placement::PlacementPlan;
 pub use rank::{AttentionRank, ExpertBackend, LocalAttention};
 pub use scheduler::{Fleet, SchedulerConfig};
+pub use transport::{MutualTls, Transport};
