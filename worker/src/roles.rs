@@ -385,7 +385,7 @@ fn serve_http(
         .collect::<Result<_>>()?;
     let router = dsv3_api::router(backend, tokenizer, config);
     rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind((http.host.as_str(), http.port))
+        let listener = dsv3_api::bind(&http.host, http.port)
             .await
             .with_context(|| format!("cannot listen on {}:{}", http.host, http.port))?;
         eprintln!("serving `{name}` on http://{}", listener.local_addr()?);
@@ -523,7 +523,7 @@ pub fn attention(args: AttentionArgs) -> Result<()> {
         .with_prefix_caching(!args.no_prefix_caching)
         .with_speculative_tokens(args.speculative_tokens)?;
     rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind((args.listen.host.as_str(), args.listen.port))
+        let listener = dsv3_api::bind(&args.listen.host, args.listen.port)
             .await
             .with_context(|| format!("cannot listen on {}:{}", args.listen.host, args.listen.port))?;
         eprintln!("attention rank {} serving on {}", args.rank, listener.local_addr()?);
@@ -590,7 +590,7 @@ pub fn expert(args: ExpertArgs) -> Result<()> {
     let (experts, device, memory) = load_shard(&files, args.device, &held, args.fp8_activations)?;
     let server = grpc::expert_server(args.rank, experts, &plan, device, memory)?;
     runtime()?.block_on(async {
-        let listener = tokio::net::TcpListener::bind((args.listen.host.as_str(), args.listen.port))
+        let listener = dsv3_api::bind(&args.listen.host, args.listen.port)
             .await
             .with_context(|| format!("cannot listen on {}:{}", args.listen.host, args.listen.port))?;
         eprintln!(

@@ -38,4 +38,4 @@ mod unsupported;
 pub use backend::{Backend, BackendStats, GenerationEvent, GenerationRequest, Health, SubmitError, TokenLogprob};
 pub use config::{ApiConfig, SamplingDefaults};
 pub use error::ApiError;
-pub use server::{router, serve, serve_with_shutdown, shutdown_signal};
+pub use server::{bind, router, serve, serve_with_shutdown, shutdown_signal};

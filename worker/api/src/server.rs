@@ -137,6 +137,28 @@ async fn require_api_key(State(state): State<AppState>, request: Request, next: 
     }
 }
 
+/// Connections the kernel holds for a listener before it accepts them. Tokio's 1,024 overflows
+/// when a thousand clients connect at once while every core is busy (the kernel then drops their
+/// handshakes and they retry, or on some systems are reset): uvicorn and vLLM take 2,048, the
+/// kernel's own cap is `net.core.somaxconn` (4,096 by default).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listener on `host:port` (the first address `host` resolves to) with a deep accept queue.
+pub async fn bind(host: &str, port: u16) -> std::io::Result<tokio::net::TcpListener> {
+    let address = tokio::net::lookup_host((host, port))
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("`{host}` resolves to no address")))?;
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Serves `router` on `listener` until ctrl-c or SIGTERM, then lets running requests finish.
 pub async fn serve(listener: tokio::net::TcpListener, router: Router) -> std::io::Result<()> {
     serve_with_shutdown(listener, router, shutdown_signal()).await

@@ -303,3 +303,32 @@ async fn cors_answers_the_configured_origins_only() {
     assert!(headers.get("access-control-allow-origin").is_none());
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
 }
+
+/// The listener `bind` makes queues a burst of connections bigger than Tokio's default backlog
+/// (1,024) before the server accepts any: none is dropped or reset while every core is busy.
+#[tokio::test]
+async fn the_listener_queues_fifteen_hundred_connections_before_the_first_accept() {
+    const BURST: usize = 1500;
+    let cap: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if cap < BURST {
+        eprintln!("skipped: net.core.somaxconn is {cap}, below the burst");
+        return;
+    }
+    let listener = dsv3_api::bind("127.0.0.1", 0).await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let mut clients = Vec::with_capacity(BURST);
+    for i in 0..BURST {
+        let connect = tokio::net::TcpStream::connect(address);
+        let stream = tokio::time::timeout(std::time::Duration::from_secs(2), connect)
+            .await
+            .unwrap_or_else(|_| panic!("connection {i} was not queued"))
+            .expect("connect");
+        clients.push(stream);
+    }
+    for _ in 0..BURST {
+        listener.accept().await.expect("accept");
+    }
+}
