@@ -497,14 +497,18 @@ pub fn attention(args: AttentionArgs) -> Result<()> {
     }
     let rt = runtime()?;
     let on_gpu = args.device.use_cuda()?;
-    let experts: Arc<dyn ExpertBackend> = Arc::new(RemoteExperts::new(
-        plan,
-        args.expert_peers.clone(),
-        &transport,
-        rt.handle().clone(),
-        Duration::from_secs(args.expert_timeout),
-        args.activation_dtype.resolve(on_gpu),
-    )?);
+    let experts: Arc<dyn ExpertBackend> = Arc::new(
+        RemoteExperts::new(
+            plan,
+            args.expert_peers.clone(),
+            &transport,
+            rt.handle().clone(),
+            Duration::from_secs(args.expert_timeout),
+            args.activation_dtype.resolve(on_gpu),
+        )?
+        // An expert with no live copy ends only the sequences routed to it.
+        .recording_unserved_rows(),
+    );
     let device = if on_gpu { DeviceArg::Cuda } else { DeviceArg::Cpu };
     let held = match own.as_slice() {
         [] => ExpertSelection::None,

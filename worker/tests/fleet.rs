@@ -372,6 +372,14 @@ fn a_dead_worker_ends_its_requests_and_the_fleet_recovers() {
         );
         assert!(ids.len() < 200, "{role}: the stream should not complete");
         assert!(error.is_some(), "{role}: the stream ends with an error event");
+        if role == "expert" {
+            // Its experts had no other copy: the sequence routed to them ends, naming them.
+            let error = error.unwrap_or_default();
+            assert!(
+                error.contains("routed to an expert that is not available") && error.contains("no live copy"),
+                "{error}"
+            );
+        }
         // Degraded: /ready and the metrics say so, and new requests are refused cleanly.
         let deadline = Instant::now() + Duration::from_secs(10);
         while ready_status(&fleet.base) != 503 && Instant::now() < deadline {

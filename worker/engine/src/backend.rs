@@ -93,6 +93,9 @@ pub trait StepBackend: Send {
     fn free_sequence(&mut self, seq: SeqId);
     /// Forgets a sequence's positions from `len` on (rejected draft tokens).
     fn truncate(&mut self, seq: SeqId, len: usize);
+    /// Forgets a sequence's positions from `len` on because their contents are wrong (an expert
+    /// they were routed to had no live copy): none of their blocks stays in the prefix cache.
+    fn discard_from(&mut self, seq: SeqId, len: usize);
     /// Whether the checkpoint's multi-token-prediction module is loaded.
     fn has_mtp(&self) -> bool {
         false
@@ -325,6 +328,10 @@ impl<E: ExpertExecutor + Send + ?Sized> StepBackend for CpuBackend<E> {
 
     fn truncate(&mut self, seq: SeqId, len: usize) {
         self.cache.truncate(seq, len);
+    }
+
+    fn discard_from(&mut self, seq: SeqId, len: usize) {
+        self.cache.discard_from(seq, len);
     }
 
     fn has_mtp(&self) -> bool {

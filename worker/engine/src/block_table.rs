@@ -315,6 +315,20 @@ impl BlockTable {
         }
     }
 
+    /// Forgets positions from `len` on whose contents are wrong (computed without an expert
+    /// they were routed to): unlike [`BlockTable::truncate`], no block that held them stays
+    /// registered, so no later prompt takes them from the prefix cache.
+    pub fn discard_from(&mut self, seq: SeqId, len: usize) {
+        if let Some(entry) = self.seqs.get(&seq) {
+            for &block in entry.blocks.iter().skip(len / self.block_size) {
+                if let Some(h) = self.block_hash[block as usize].take() {
+                    self.registered.remove(&h);
+                }
+            }
+        }
+        self.truncate(seq, len);
+    }
+
     /// Releases every block of the sequence (registered ones stay reusable until needed).
     pub fn free_sequence(&mut self, seq: SeqId) {
         if let Some(entry) = self.seqs.remove(&seq) {
@@ -397,6 +411,30 @@ mod tests {
         table.truncate(1, 3);
         assert_eq!(table.reuse_prefix(3, 0, &[1, 2, 3, 4, 9], true), 0);
         table.begin_chunk(1, 3, 1).expect("the block is this sequence's alone");
+    }
+
+    #[test]
+    fn blocks_written_without_an_expert_are_never_offered_again() {
+        let mut table = BlockTable::new(4, 10, 64);
+        // Two chunks: positions 0..8 were right, the chunk of 8..14 lost an expert.
+        let prompt: Vec<u32> = (0..14).collect();
+        prefill(&mut table, 1, &prompt[..8]);
+        table.begin_chunk(1, 8, 6).expect("room");
+        table.note_tokens(1, 8, &prompt[8..]);
+        table.discard_from(1, 8);
+        assert_eq!(table.seq_len(1), Some(8));
+        table.free_sequence(1);
+        // The first two blocks stay offered; the third (registered while full) is gone.
+        assert_eq!(table.reuse_prefix(2, 0, &prompt, true), 8);
+        table.free_sequence(2);
+        // Mid-block: the block that held position 5 on is no longer offered either.
+        let other: Vec<u32> = (100..114).collect();
+        prefill(&mut table, 3, &other[..9]);
+        table.discard_from(3, 5);
+        table.free_sequence(3);
+        assert_eq!(table.reuse_prefix(4, 0, &other, true), 4);
+        table.free_sequence(4);
+        assert_eq!(table.used_blocks(), 0, "every discarded block went back to the pool");
     }
 
     #[test]

@@ -95,6 +95,11 @@ impl KvCache {
         self.table.truncate(seq, len)
     }
 
+    /// See [`BlockTable::discard_from`].
+    pub fn discard_from(&mut self, seq: SeqId, len: usize) {
+        self.table.discard_from(seq, len)
+    }
+
     pub fn free_sequence(&mut self, seq: SeqId) {
         self.table.free_sequence(seq)
     }

@@ -1,7 +1,8 @@
 //! Expert failover over real gRPC shards in this process: a shard that dies mid-run has its
 //! tokens answered by the other copies of its experts in the same call, with the same sums; an
 //! expert left with no live copy fails the call by name; a shard that comes back takes its
-//! share again after the next readiness probe.
+//! share again after the next readiness probe; with unserved rows recorded, only the rows
+//! routed to an expert with no live copy go without it, and are named.
 
 use crate::grpc::{expert_server, serve_expert, Dtype, RemoteExperts};
 use crate::placement::PlacementPlan;
@@ -124,33 +125,58 @@ pub(crate) fn assert_close(a: &[f32], b: &[f32]) {
     }
 }
 
-#[test]
-fn a_dead_shards_experts_are_answered_by_their_copies_and_it_rejoins() {
+struct Setup {
+    rt: tokio::runtime::Runtime,
+    plan: PlacementPlan,
+    ports: Vec<u16>,
+    shards: Vec<RunningShard>,
+    remote: RemoteExperts,
+}
+
+/// Three shards serving, every expert on two of them, and an attention rank's view of them.
+fn three_shards_every_expert_twice() -> Setup {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    // Three shards, every expert on two of them.
     let hot: Vec<u32> = (0..EXPERTS).collect();
     let plan = PlacementPlan::round_robin(EXPERTS, 3, EXPERTS as usize, &hot).expect("plan");
     assert_eq!(plan.fewest_copies(), 2, "{:?}", plan.shards);
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let mut shards: Vec<Option<RunningShard>> = ports
+    let shards = ports
         .iter()
         .enumerate()
-        .map(|(r, &p)| Some(start(&rt, &plan, r as u32, p)))
+        .map(|(r, &p)| start(&rt, &plan, r as u32, p))
         .collect();
-    let addresses = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let remote = RemoteExperts::new(
         plan.clone(),
-        addresses,
+        ports.iter().map(|p| format!("127.0.0.1:{p}")).collect(),
         &Transport::Plain,
         rt.handle().clone(),
         Duration::from_secs(5),
         Dtype::F32,
     )
     .expect("remote experts");
+    Setup {
+        rt,
+        plan,
+        ports,
+        shards,
+        remote,
+    }
+}
+
+#[test]
+fn a_dead_shards_experts_are_answered_by_their_copies_and_it_rejoins() {
+    let Setup {
+        rt,
+        plan,
+        ports,
+        shards,
+        remote,
+    } = three_shards_every_expert_twice();
+    let mut shards: Vec<Option<RunningShard>> = shards.into_iter().map(Some).collect();
     assert_eq!(remote.ready(), Ok(()));
 
     let tokens = 12;
@@ -224,4 +250,80 @@ fn a_dead_shards_experts_are_answered_by_their_copies_and_it_rejoins() {
     for shard in shards.into_iter().flatten() {
         stop(&rt, shard);
     }
+}
+
+#[test]
+fn with_unserved_rows_recorded_an_expert_with_no_copy_costs_only_the_rows_routed_to_it() {
+    let Setup {
+        rt,
+        plan,
+        mut shards,
+        remote,
+        ..
+    } = three_shards_every_expert_twice();
+    let remote = remote.recording_unserved_rows();
+    let tokens = 12;
+    let x: Vec<f32> = (0..tokens * WIDTH)
+        .map(|i| ((i * 29 % 13) as f32 - 6.0) / 5.0)
+        .collect();
+    let routes = TokenRoutes {
+        k: 2,
+        experts: (0..tokens as u32)
+            .flat_map(|t| [t % EXPERTS, (t + 3) % EXPERTS])
+            .collect(),
+        weights: (0..tokens).flat_map(|t| [0.3 + t as f32 / 40.0, 0.45]).collect(),
+    };
+    assert_close(
+        &remote.routed_experts(0, &x, &routes).expect("all up"),
+        &reference(&x, &routes),
+    );
+    assert_eq!(
+        remote.take_unserved(),
+        Vec::new(),
+        "nothing lost while every shard answers"
+    );
+
+    let last = shards.pop().expect("shard 2");
+    for shard in shards {
+        stop(&rt, shard);
+    }
+    let orphan = |e: u32| plan.owners(e).iter().all(|&s| s != 2);
+    let orphans: Vec<u32> = (0..EXPERTS).filter(|&e| orphan(e)).collect();
+    assert!(!orphans.is_empty(), "{:?}", plan.shards);
+    // Every row gets the sums of its experts that have a copy left; only the rows routed to
+    // an orphan are recorded, with the experts named.
+    let got = remote
+        .routed_experts(1, &x, &routes)
+        .expect("answered without the orphans");
+    assert_close(&got, &reference(&x, &routes.only(|e| !orphan(e))));
+    let expected_rows: Vec<usize> = (0..tokens)
+        .filter(|&t| routes.experts[t * 2..t * 2 + 2].iter().any(|&e| orphan(e)))
+        .collect();
+    assert!(!expected_rows.is_empty() && expected_rows.len() < tokens);
+    let unserved = remote.take_unserved();
+    assert_eq!(unserved.len(), 1, "{unserved:?}");
+    assert_eq!((unserved[0].layer, unserved[0].rows), (1, tokens));
+    assert_eq!(unserved[0].lost, expected_rows);
+    let named: Vec<String> = orphans.iter().map(u32::to_string).collect();
+    assert!(
+        unserved[0].reason.contains(&format!("{} of layer 1", named.join(", ")))
+            && unserved[0].reason.contains("no live copy"),
+        "{}",
+        unserved[0].reason
+    );
+    assert_eq!(remote.take_unserved(), Vec::new(), "taken once");
+    // Rows routed only to experts with a copy are not recorded at all.
+    let safe = TokenRoutes {
+        k: 1,
+        experts: (0..tokens as u32)
+            .map(|t| (0..EXPERTS).filter(|&e| !orphan(e)).nth(t as usize % 2).unwrap_or(0))
+            .collect(),
+        weights: vec![1.0; tokens],
+    };
+    assert_close(
+        &remote.routed_experts(2, &x, &safe).expect("safe"),
+        &reference(&x, &safe),
+    );
+    assert_eq!(remote.take_unserved(), Vec::new());
+    stop(&rt, last);
 }

@@ -2,7 +2,7 @@
 //! and the clients that make remote ones look local (`AttentionRank`, `ExpertExecutor`).
 
 use crate::placement::PlacementPlan;
-use crate::rank::{memory_report, AttentionRank, ExpertBackend, TransportTotals};
+use crate::rank::{memory_report, AttentionRank, ExpertBackend, TransportTotals, UnservedRows};
 use crate::rank_metrics::{attention_registry, metrics_route, shard_registry, ShardCounters};
 use crate::transport::Transport;
 use anyhow::{bail, ensure, Context, Result};
@@ -284,6 +284,9 @@ pub struct RemoteExperts {
     /// What the activations travel as, both ways.
     dtype: Dtype,
     totals: std::sync::Mutex<TransportTotals>,
+    /// With [`RemoteExperts::recording_unserved_rows`]: the rows computed without an expert
+    /// that had no live copy, until the rank takes them.
+    unserved: Option<std::sync::Mutex<Vec<UnservedRows>>>,
 }
 
 impl RemoteExperts {
@@ -320,7 +323,32 @@ impl RemoteExperts {
             timeout,
             dtype,
             totals: Default::default(),
+            unserved: None,
         })
+    }
+
+    /// An expert with no live copy no longer fails the call: the rows routed to it get their
+    /// other experts' sums and are recorded ([`ExpertBackend::take_unserved`]), so the rank ends
+    /// only their sequences. Without it, the call fails.
+    pub fn recording_unserved_rows(mut self) -> Self {
+        self.unserved = Some(Default::default());
+        self
+    }
+
+    fn no_live_copy(&self, layer: usize, experts: &[u32]) -> String {
+        let mut owners: Vec<usize> = experts.iter().flat_map(|&e| self.plan.owners(e)).collect();
+        owners.sort_unstable();
+        owners.dedup();
+        let held_by: Vec<String> = owners.iter().map(|&s| format!("{s} ({})", self.addresses[s])).collect();
+        let names: Vec<String> = experts.iter().map(u32::to_string).collect();
+        format!(
+            "expert{} {} of layer {layer} {} no live copy: shard{} {} failed",
+            if experts.len() > 1 { "s" } else { "" },
+            names.join(", "),
+            if experts.len() > 1 { "have" } else { "has" },
+            if owners.len() > 1 { "s" } else { "" },
+            held_by.join(", ")
+        )
     }
 
     fn is_down(&self, shard: usize) -> bool {
@@ -365,7 +393,8 @@ impl RemoteExperts {
 
     /// The shard that computes slot `j` of token `t` (`expert`), among the copies not marked
     /// down; with every copy down, all of them (one may be back before the probe says so).
-    fn pick(&self, layer: usize, t: usize, expert: u32, excluded: &[bool]) -> Result<usize> {
+    /// `None` when every copy failed in this step.
+    fn pick(&self, layer: usize, t: usize, expert: u32, excluded: &[bool]) -> Result<Option<usize>> {
         let owners = self.plan.owners(expert);
         if owners.is_empty() {
             bail!("expert {expert} of layer {layer} has no shard in the placement plan");
@@ -373,20 +402,14 @@ impl RemoteExperts {
         let usable: Vec<usize> = owners.iter().copied().filter(|&s| !excluded[s]).collect();
         let live: Vec<usize> = usable.iter().copied().filter(|&s| !self.is_down(s)).collect();
         let choice = if live.is_empty() { &usable } else { &live };
-        if choice.is_empty() {
-            let held_by: Vec<String> = owners.iter().map(|&s| format!("{s} ({})", self.addresses[s])).collect();
-            bail!(
-                "expert {expert} of layer {layer} has no live copy: shard{} {} failed",
-                if owners.len() > 1 { "s" } else { "" },
-                held_by.join(", ")
-            );
-        }
-        Ok(choice[t % choice.len()])
+        Ok((!choice.is_empty()).then(|| choice[t % choice.len()]))
     }
 
     /// One round: the (token, slot) pairs in `pending` sent to their shards, the answers added
     /// into `out`. Returns the pairs of the shards that failed, which are marked down and
-    /// `excluded` for the rest of the step.
+    /// `excluded` for the rest of the step. A pair whose expert has no copy left goes to
+    /// `lost` (token, expert) when unserved rows are recorded, and fails the call otherwise.
+    #[allow(clippy::too_many_arguments)]
     fn exchange(
         &self,
         layer: usize,
@@ -394,6 +417,7 @@ impl RemoteExperts {
         routes: &TokenRoutes,
         pending: &[(usize, usize)],
         excluded: &mut [bool],
+        lost: &mut Vec<(usize, u32)>,
         out: &mut [f32],
     ) -> Result<Vec<(usize, usize)>> {
         let tokens = routes.tokens();
@@ -408,7 +432,14 @@ impl RemoteExperts {
                 token_of.push(t);
                 assigned.push(vec![None; k]);
             }
-            let shard = self.pick(layer, t, routes.experts[t * k + j], excluded)?;
+            let expert = routes.experts[t * k + j];
+            let Some(shard) = self.pick(layer, t, expert, excluded)? else {
+                if self.unserved.is_none() {
+                    bail!("{}", self.no_live_copy(layer, &[expert]));
+                }
+                lost.push((t, expert));
+                continue;
+            };
             if let Some(a) = assigned.last_mut() {
                 a[j] = Some(shard);
             }
@@ -532,8 +563,26 @@ impl ExpertExecutor for RemoteExperts {
             .collect();
         // Each round excludes at least one more shard, so this ends within `shards` rounds.
         let mut excluded = vec![false; self.plan.shards.len()];
+        let mut lost = Vec::new();
         while !pending.is_empty() {
-            pending = self.exchange(layer, x, routes, &pending, &mut excluded, out)?;
+            pending = self.exchange(layer, x, routes, &pending, &mut excluded, &mut lost, out)?;
+        }
+        if let (Some(unserved), false) = (&self.unserved, lost.is_empty()) {
+            let mut rows: Vec<usize> = lost.iter().map(|&(t, _)| t).collect();
+            rows.sort_unstable();
+            rows.dedup();
+            let mut experts: Vec<u32> = lost.iter().map(|&(_, e)| e).collect();
+            experts.sort_unstable();
+            experts.dedup();
+            let record = UnservedRows {
+                layer,
+                rows: routes.tokens(),
+                lost: rows,
+                reason: self.no_live_copy(layer, &experts),
+            };
+            if let Ok(mut u) = unserved.lock() {
+                u.push(record);
+            }
         }
         if let Ok(mut totals) = self.totals.lock() {
             totals.layers += 1;
@@ -594,6 +643,13 @@ impl ExpertBackend for RemoteExperts {
                 uncovered.join(", ")
             ))
         }
+    }
+
+    fn take_unserved(&self) -> Vec<UnservedRows> {
+        self.unserved
+            .as_ref()
+            .and_then(|u| u.lock().ok().map(|mut u| std::mem::take(&mut *u)))
+            .unwrap_or_default()
     }
 
     fn degraded(&self) -> Option<String> {

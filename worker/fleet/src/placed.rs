@@ -2,7 +2,7 @@
 //! ranks; the CUDA model splits the same way on the GPU): those run in this process on the
 //! rank's own tokens while the rest go to the expert shards, and the two partial sums are added.
 
-use crate::rank::{ExpertBackend, TransportTotals};
+use crate::rank::{ExpertBackend, TransportTotals, UnservedRows};
 use anyhow::{ensure, Context, Result};
 use dsv3_engine::{ExpertExecutor, TokenRoutes};
 use std::sync::Arc;
@@ -81,6 +81,10 @@ impl ExpertBackend for PlacedExperts {
 
     fn transport(&self) -> TransportTotals {
         self.remote.transport()
+    }
+
+    fn take_unserved(&self) -> Vec<UnservedRows> {
+        self.remote.take_unserved()
     }
 }
 

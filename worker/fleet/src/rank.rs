@@ -13,7 +13,7 @@ use dsv3_grammar::{Constraint, Grammars};
 use dsv3_proto::{
     AttentionInfo, LayerLoad, PrefixReuse, Sampled, SequenceFailure, StepItem, StepReply, StepRequest, TokenLogprob,
 };
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 /// What the router needs from an attention rank, wherever it runs.
@@ -39,6 +39,23 @@ pub trait ExpertBackend: ExpertExecutor + Send + Sync {
     fn transport(&self) -> TransportTotals {
         TransportTotals::default()
     }
+    /// The rows computed without an expert they were routed to since the last call (an expert
+    /// with no live copy), for the rank to fail their sequences alone.
+    fn take_unserved(&self) -> Vec<UnservedRows> {
+        Vec::new()
+    }
+}
+
+/// Token rows of one MoE layer's call whose sums lack experts that had no live copy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UnservedRows {
+    pub layer: usize,
+    /// Rows in the call: a step's tokens, chunk after chunk.
+    pub rows: usize,
+    /// The rows that lack an expert, ascending.
+    pub lost: Vec<usize>,
+    /// Which experts and why, for the errors of the sequences they end.
+    pub reason: String,
 }
 
 /// Cumulative dispatch/combine figures of a rank.
@@ -325,6 +342,10 @@ impl LocalAttention {
         Ok(picked)
     }
 
+    fn take_unserved(&self) -> Vec<UnservedRows> {
+        self.experts.as_ref().map(|e| e.take_unserved()).unwrap_or_default()
+    }
+
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, RankState>> {
         self.state
             .lock()
@@ -368,11 +389,24 @@ impl AttentionRank for LocalAttention {
             })
             .collect();
         let picks = self.token_picks(state, &request.items, &drafts);
-        let picked = if self.speculative_tokens > 0 {
+        // What an earlier, failed step left.
+        self.take_unserved();
+        let mut picked = if self.speculative_tokens > 0 {
             self.speculative_step(state, &request.items, &reused, drafts, picks)?
         } else {
             Self::plain_step(state, &request.items, &reused, picks)?
         };
+        // Sequences computed without an expert they were routed to end here, their positions
+        // of this step forgotten (never offered to the prefix cache); the others go on. The
+        // rows are the plain step's chunks in order; a speculative step's layout (drafts, the
+        // MTP module) is not mapped back, so all of its sequences end.
+        let unserved = self.take_unserved();
+        let lost = items_without_an_expert(&request.items, &reused, &unserved, self.speculative_tokens == 0);
+        for &i in lost.keys() {
+            let item = &request.items[i];
+            state.backend.discard_from(item.seq, item.start as usize + reused[i]);
+            picked[i].clear();
+        }
         for (item, tokens) in request.items.iter().zip(&picked) {
             if tokens.is_empty() {
                 continue;
@@ -396,7 +430,14 @@ impl AttentionRank for LocalAttention {
         let failed = request
             .items
             .iter()
-            .filter_map(|item| {
+            .enumerate()
+            .filter_map(|(i, item)| {
+                if let Some(reason) = lost.get(&i) {
+                    return Some(SequenceFailure {
+                        seq: item.seq,
+                        message: format!("routed to an expert that is not available: {reason}"),
+                    });
+                }
                 let guard = state.constraints.get(&item.seq)?.lock().ok()?;
                 let message = guard.as_ref().err()?;
                 Some(SequenceFailure {
@@ -541,6 +582,50 @@ fn step_chunks<'a>(items: &'a [StepItem], reused: &[usize]) -> (Vec<Chunk<'a>>, 
         .unzip()
 }
 
+/// The items (by index) whose rows of this step were computed without an expert, with why.
+/// With `rows_known`, a call's rows are the step's chunks in order (the items' tokens less what
+/// was `reused`) and each lost row names its item; a call of another shape (padding, drafts,
+/// the MTP module) ends every item that computed rows.
+fn items_without_an_expert(
+    items: &[StepItem],
+    reused: &[usize],
+    unserved: &[UnservedRows],
+    rows_known: bool,
+) -> BTreeMap<usize, String> {
+    let computed: Vec<usize> = items
+        .iter()
+        .zip(reused)
+        .map(|(item, &r)| item.tokens.len().saturating_sub(r))
+        .collect();
+    // The first row of each item (items computing nothing own no row).
+    let starts: Vec<usize> = computed
+        .iter()
+        .scan(0, |row, &n| {
+            let first = *row;
+            *row += n;
+            Some(first)
+        })
+        .collect();
+    let total: usize = computed.iter().sum();
+    let mut lost = BTreeMap::new();
+    for record in unserved {
+        if rows_known && record.rows == total {
+            for &row in &record.lost {
+                if let Some(j) = (0..items.len()).find(|&j| starts[j] <= row && row < starts[j] + computed[j]) {
+                    lost.entry(j).or_insert_with(|| record.reason.clone());
+                }
+            }
+        } else {
+            for (j, &n) in computed.iter().enumerate() {
+                if n > 0 {
+                    lost.entry(j).or_insert_with(|| record.reason.clone());
+                }
+            }
+        }
+    }
+    lost
+}
+
 /// Per-layer token counts of the routed experts, as the reply reports them.
 fn expert_load(counts: ExpertCounts) -> Vec<LayerLoad> {
     counts
@@ -581,4 +666,43 @@ fn end_only_mask(vocab: usize, eos_ids: &[u32]) -> Vec<u32> {
         }
     }
     words
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(seq: u64, tokens: usize) -> StepItem {
+        StepItem {
+            seq,
+            tokens: vec![1; tokens],
+            ..StepItem::default()
+        }
+    }
+
+    fn lost(rows: usize, lost: &[usize]) -> UnservedRows {
+        UnservedRows {
+            layer: 3,
+            rows,
+            lost: lost.to_vec(),
+            reason: format!("rows {lost:?}"),
+        }
+    }
+
+    #[test]
+    fn a_lost_row_names_the_item_that_computed_it() {
+        // Items compute 4, 0 (wholly reused), 1 and 3 rows: 8 in all.
+        let items = [item(10, 4), item(11, 16), item(12, 1), item(13, 5)];
+        let reused = [0, 16, 0, 2];
+        let got = items_without_an_expert(&items, &reused, &[lost(8, &[3, 4]), lost(8, &[7])], true);
+        assert_eq!(got.keys().copied().collect::<Vec<_>>(), vec![0, 2, 3]);
+        assert_eq!(got[&0], "rows [3, 4]");
+        assert_eq!(got[&3], "rows [7]");
+        // A call of another shape ends every item that computed rows.
+        let got = items_without_an_expert(&items, &reused, &[lost(9, &[0])], true);
+        assert_eq!(got.keys().copied().collect::<Vec<_>>(), vec![0, 2, 3]);
+        let got = items_without_an_expert(&items, &reused, &[lost(8, &[0])], false);
+        assert_eq!(got.keys().copied().collect::<Vec<_>>(), vec![0, 2, 3]);
+        assert!(items_without_an_expert(&items, &reused, &[], true).is_empty());
+    }
 }

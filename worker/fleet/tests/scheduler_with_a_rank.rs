@@ -8,7 +8,9 @@
 //! - a resent prefix is taken from the prefix cache and changes no token, and with several ranks
 //!   a prompt goes to the rank that holds its prefix unless that rank has no room;
 //! - speculative decoding with the MTP module changes no token, preempted or not, and the rank
-//!   reports its drafts.
+//!   reports its drafts;
+//! - an expert with no live copy ends only the sequences routed to it, and what they computed
+//!   without it is never taken from the prefix cache.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -20,7 +22,9 @@ use dsv3_engine::{
     Checkpoint, CpuBackend, GenerateRequest, LocalExperts, LogitRules, Model, ModelConfig, ModelFiles, OutputGrammar,
     SamplingParams, StepBackend,
 };
-use dsv3_fleet::{AttentionRank, Fleet, LocalAttention, SchedulerConfig};
+use dsv3_engine::{ExpertExecutor, TokenRoutes};
+use dsv3_fleet::{AttentionRank, ExpertBackend, Fleet, LocalAttention, SchedulerConfig, UnservedRows};
+use std::sync::Mutex;
 
 fn tiny() -> ModelFiles {
     ModelFiles::Dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/tiny-fp8"))
@@ -109,6 +113,14 @@ fn run(fleet: &Fleet) -> Vec<Vec<u32>> {
 }
 
 fn run_requests(fleet: &Fleet, requests: Vec<GenerateRequest>) -> Vec<Vec<u32>> {
+    try_requests(fleet, requests)
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|message| panic!("failed: {message}")))
+        .collect()
+}
+
+/// The tokens of each request, submitted together: Ok, or the error that ended it.
+fn try_requests(fleet: &Fleet, requests: Vec<GenerateRequest>) -> Vec<Result<Vec<u32>, String>> {
     let receivers: Vec<_> = requests
         .into_iter()
         .map(|r| {
@@ -127,11 +139,11 @@ fn run_requests(fleet: &Fleet, requests: Vec<GenerateRequest>) -> Vec<Vec<u32>> 
             while let Some(event) = rx.blocking_recv() {
                 match event {
                     GenerationEvent::Token { id, .. } => tokens.push(id),
-                    GenerationEvent::Failed { message } => panic!("failed: {message}"),
+                    GenerationEvent::Failed { message } => return Err(message),
                     GenerationEvent::Scheduled | GenerationEvent::Cached { .. } | GenerationEvent::Finished { .. } => {}
                 }
             }
-            tokens
+            Ok(tokens)
         })
         .collect()
 }
@@ -521,4 +533,140 @@ fn a_prompt_goes_to_the_rank_holding_its_prefix_while_it_has_room() {
         );
         drop(busy);
     }
+}
+
+/// The tiny model's experts, less expert `lost.1` of layer `lost.0` while `lost` is set: the
+/// rows routed to it get the other experts' sums and are recorded, as remote shards with no
+/// live copy of an expert do. Records which experts each call of that layer chose.
+struct LosingExperts {
+    inner: LocalExperts,
+    watched: usize,
+    lost: Mutex<Option<u32>>,
+    chosen: Mutex<std::collections::BTreeSet<u32>>,
+    unserved: Mutex<Vec<UnservedRows>>,
+}
+
+impl ExpertExecutor for LosingExperts {
+    fn routed_experts(&self, layer: usize, x: &[f32], routes: &TokenRoutes) -> anyhow::Result<Vec<f32>> {
+        if layer != self.watched {
+            return self.inner.routed_experts(layer, x, routes);
+        }
+        self.chosen.lock().expect("lock").extend(&routes.experts);
+        let Some(lost) = *self.lost.lock().expect("lock") else {
+            return self.inner.routed_experts(layer, x, routes);
+        };
+        let rows: Vec<usize> = (0..routes.tokens())
+            .filter(|&t| routes.experts[t * routes.k..(t + 1) * routes.k].contains(&lost))
+            .collect();
+        if !rows.is_empty() {
+            self.unserved.lock().expect("lock").push(UnservedRows {
+                layer,
+                rows: routes.tokens(),
+                lost: rows,
+                reason: format!("expert {lost} of layer {layer} has no live copy"),
+            });
+        }
+        self.inner.routed_experts(layer, x, &routes.only(|e| e != lost))
+    }
+}
+
+impl ExpertBackend for LosingExperts {
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
+    fn placement_version(&self) -> String {
+        "local".into()
+    }
+    fn take_unserved(&self) -> Vec<UnservedRows> {
+        std::mem::take(&mut *self.unserved.lock().expect("lock"))
+    }
+}
+
+/// Greedy tokens of each prompt, submitted together: Ok, or the error that ended it.
+fn outcomes(fleet: &Fleet, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Result<Vec<u32>, String>> {
+    let requests = prompts
+        .iter()
+        .map(|p| GenerateRequest {
+            prompt: p.clone(),
+            params: SamplingParams {
+                temperature: 0.0,
+                max_tokens,
+                ignore_eos: true,
+                ..SamplingParams::default()
+            },
+        })
+        .collect();
+    try_requests(fleet, requests)
+}
+
+#[test]
+fn an_expert_with_no_copy_ends_only_the_sequences_routed_to_it() {
+    let files = tiny();
+    let model = Model::load(&files, |_| {}).expect("model");
+    let ckpt = Checkpoint::open(&files).expect("checkpoint");
+    let inner = LocalExperts::load(&ckpt, &model.config, &Default::default(), |_| {}).expect("experts");
+    let watched = model.config.num_hidden_layers - 1; // the last MoE layer
+    let experts = Arc::new(LosingExperts {
+        inner,
+        watched,
+        lost: Mutex::new(None),
+        chosen: Mutex::default(),
+        unserved: Mutex::default(),
+    });
+    let backend = CpuBackend::new(model, experts.clone(), 0, 4096, 16);
+    let rank = Arc::new(LocalAttention::new(
+        0,
+        Box::new(backend),
+        Some(experts.clone() as Arc<dyn ExpertBackend>),
+    ));
+    let fleet = fleet_with_rank(rank, 256);
+    let prompts: Vec<Vec<u32>> = (0..10u32)
+        .map(|i| vec![2 + i * 83 % 900, 5 + i * 41 % 700, 9 + i * 13])
+        .collect();
+    let max_tokens = 3;
+    // Undisturbed, one request at a time: its tokens and the experts it chose in the layer.
+    let mut undisturbed = Vec::new();
+    let mut chose = Vec::new();
+    for p in &prompts {
+        experts.chosen.lock().expect("lock").clear();
+        let got = outcomes(&fleet, std::slice::from_ref(p), max_tokens)
+            .remove(0)
+            .expect("undisturbed");
+        undisturbed.push(got);
+        chose.push(experts.chosen.lock().expect("lock").clone());
+    }
+    // An expert some requests choose and others do not.
+    let lost = (0..16u32)
+        .filter(|e| {
+            let hit = chose.iter().filter(|c| c.contains(e)).count();
+            hit > 0 && hit < prompts.len()
+        })
+        .min_by_key(|e| chose.iter().filter(|c| c.contains(e)).count())
+        .expect("an expert chosen by some requests only");
+    *experts.lost.lock().expect("lock") = Some(lost);
+    let together = outcomes(&fleet, &prompts, max_tokens);
+    for (i, got) in together.iter().enumerate() {
+        if chose[i].contains(&lost) {
+            let error = got.as_ref().expect_err("routed to the lost expert: ended");
+            assert!(
+                error.contains(&format!("expert {lost} of layer {watched} has no live copy")),
+                "{error}"
+            );
+        } else {
+            assert_eq!(
+                got.as_ref(),
+                Ok(&undisturbed[i]),
+                "request {i} never chose expert {lost}"
+            );
+        }
+    }
+    assert!(fleet.health().ready, "the rank goes on serving");
+    // The expert back: the ended prompts give their undisturbed tokens (nothing computed
+    // without it is taken from the prefix cache).
+    *experts.lost.lock().expect("lock") = None;
+    let again = outcomes(&fleet, &prompts, max_tokens);
+    for (i, got) in again.into_iter().enumerate() {
+        assert_eq!(got, Ok(undisturbed[i].clone()), "request {i} after the expert is back");
+    }
+    assert_eq!(fleet.stats().cache_used_blocks, 0, "every block free again");
 }

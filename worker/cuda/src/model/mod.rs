@@ -788,6 +788,10 @@ impl StepBackend for CudaModel {
         self.cache.table.truncate(seq, len);
     }
 
+    fn discard_from(&mut self, seq: SeqId, len: usize) {
+        self.cache.table.discard_from(seq, len);
+    }
+
     fn has_mtp(&self) -> bool {
         self.mtp.is_some()
     }
