@@ -20,7 +20,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::crd::{DeepSeekV3Deployment, DeepSeekV3DeploymentStatus, RoleStatus};
+use crate::crd::{DeepSeekV3Deployment, DeepSeekV3DeploymentStatus, RoleStatus, UnavailableExperts};
 use crate::metrics::{ErrorLabels, Metrics, PhaseLabels};
 use crate::model_readiness::{self, ModelState};
 use crate::planner::{self, ChildKind, Names, Plan, PlanError, PlanInput, Role, MANAGER, ROUTER_PORT};
@@ -778,10 +778,13 @@ pub fn compute_status(
     let rolling = |r: &RoleStatus| r.updated_replicas < r.replicas;
     let ready_roles = [&router, &attention, &experts].iter().filter(|r| full(r)).count();
     // Every shard is needed unless the plan holds redundant copies: then up to that many may
-    // be lost (any of them) with every expert still answered, by its other copies.
+    // be lost (any of them) with every expert still answered, by its other copies. With
+    // unavailable experts masked, any one shard left serves (the rest are masked out).
     let shards_lost = (experts.replicas - experts.ready_replicas).max(0);
-    let experts_covered =
-        experts.replicas > 0 && i64::from(shards_lost) <= i64::from(plan.placement.shard_losses_covered());
+    let masking = cr.spec.experts.unavailable == UnavailableExperts::Mask;
+    let experts_covered = experts.replicas > 0
+        && (i64::from(shards_lost) <= i64::from(plan.placement.shard_losses_covered())
+            || (masking && experts.ready_replicas >= 1));
     let serving = !cutover && router.ready_replicas >= 1 && attention.ready_replicas >= 1 && experts_covered;
     let all_full = ready_roles == 3;
     let any_rolling = [&router, &attention, &experts].iter().any(|r| rolling(r));

@@ -10,7 +10,7 @@ use crate::controller::{
     error_policy, reconcile, Context, BACKOFF_BASE, FINALIZER, REQUEUE_BLOCKED, REQUEUE_CUTOVER, REQUEUE_PROGRESSING,
     REQUEUE_READY,
 };
-use crate::crd::DeepSeekV3Deployment;
+use crate::crd::{DeepSeekV3Deployment, UnavailableExperts};
 use crate::fixtures::FakeApi;
 use crate::metrics::Metrics;
 use crate::planner::{self, PlanInput};
@@ -442,6 +442,27 @@ async fn with_a_copy_of_every_expert_a_lost_shard_degrades_but_keeps_serving() {
     );
     // A second shard lost: some expert may have lost both copies.
     h.set_sts_status("expert", 4, 2);
+    h.reconcile().await.expect("reconcile");
+    assert_eq!(h.condition("Ready"), ("False".into(), "ExpertShardUnavailable".into()));
+}
+
+#[tokio::test]
+async fn with_unavailable_experts_masked_the_fleet_serves_while_one_shard_is_left() {
+    let mut cr = sample("tiny-cpu.yaml");
+    cr.spec.experts.unavailable = UnavailableExperts::Mask;
+    let h = Harness::new(&cr).with_pvc("dsv3-tiny-model");
+    h.create().await;
+    h.set_sts_status("attention", 2, 2);
+    h.set_router_status(1);
+    // Three of four shards lost, experts with one copy among them: masked, still serving.
+    h.set_sts_status("expert", 4, 1);
+    h.reconcile().await.expect("reconcile");
+    assert_eq!(h.condition("Ready"), ("True".into(), "Serving".into()));
+    assert_eq!(
+        h.condition("Degraded"),
+        ("True".into(), "ExpertShardUnavailable".into())
+    );
+    h.set_sts_status("expert", 4, 0);
     h.reconcile().await.expect("reconcile");
     assert_eq!(h.condition("Ready"), ("False".into(), "ExpertShardUnavailable".into()));
 }

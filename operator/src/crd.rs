@@ -440,6 +440,28 @@ impl DataPlane {
 /// How primaries are dealt over the expert pods (the placement crate's, which the workers share).
 pub use dsv3_placement::PlacementStrategy;
 
+/// What tokens routed to an expert with no live copy (every pod holding it down) get.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UnavailableExperts {
+    /// The requests routed to it end with an error naming it; the others go on untouched.
+    #[default]
+    End,
+    /// It is left out of those tokens' routes, their other experts' weights scaled to the same
+    /// total: no request fails, the output departs from the full model's, and each response
+    /// reports `usage.masked_expert_routes`.
+    Mask,
+}
+
+impl UnavailableExperts {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnavailableExperts::End => "end",
+            UnavailableExperts::Mask => "mask",
+        }
+    }
+}
+
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum ServiceType {
     #[default]
@@ -581,6 +603,10 @@ pub struct ExpertSpec {
     /// How experts are laid out over the expert pods.
     #[serde(default)]
     pub placement: PlacementStrategy,
+    /// What requests routed to an expert whose every copy is down get (the attention ranks'
+    /// `--unavailable-experts`).
+    #[serde(default)]
+    pub unavailable: UnavailableExperts,
     /// Experts that get the redundant copies first (e.g. from load statistics). The rest are
     /// spread evenly over the expert ids.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -597,6 +623,7 @@ impl Default for ExpertSpec {
             gpus_per_pod: 0,
             redundant_experts: 0,
             placement: PlacementStrategy::RoundRobin,
+            unavailable: UnavailableExperts::End,
             hot_experts: None,
             pod: PodSettings::default(),
         }

@@ -34,7 +34,7 @@ use serde::Serialize;
 
 use crate::crd::{
     DataPlane, DeepSeekV3Deployment, DeepSeekV3DeploymentSpec, GangScheduler, PodSettings, RoleAutoscaling,
-    SecretKeyRef, ServedModel,
+    SecretKeyRef, ServedModel, UnavailableExperts,
 };
 use crate::placement::{self, PlacementError, PlacementInput, PlacementPlan};
 
@@ -1109,6 +1109,10 @@ fn worker_statefulset(ctx: &Ctx<'_>, role: Role, replicas: Option<i32>, placemen
     ];
     if role == Role::Attention {
         args.extend(["--drain-seconds".into(), spec.rollout.drain_seconds.to_string()]);
+        // Only when not the default, so existing fleets' pods are not rolled for it.
+        if spec.experts.unavailable != UnavailableExperts::End {
+            args.extend(["--unavailable-experts".into(), spec.experts.unavailable.as_str().into()]);
+        }
     }
     // Expert pods answer whoever dispatches to them and get no attention peer list, so scaling
     // the attention role never restarts them.

@@ -1212,3 +1212,25 @@ fn mutual_tls_mounts_the_secret_into_every_member_and_probes_the_ranks_over_it()
         }
     }
 }
+
+#[test]
+fn masking_unavailable_experts_is_passed_to_the_attention_ranks_only() {
+    use crate::crd::UnavailableExperts;
+    let mut cr = sample("h200-single-node.yaml");
+    let args = |p: &Plan, role: &str| {
+        let pod = match role {
+            "attention" => pod_spec_sts(&p.attention_statefulset),
+            _ => pod_spec_sts(&p.expert_statefulset),
+        };
+        main_container(&pod).args.clone().unwrap_or_default().join(" ")
+    };
+    let plain = plan_of(&cr);
+    assert!(
+        !args(&plain, "attention").contains("--unavailable-experts"),
+        "the default is not spelled out"
+    );
+    cr.spec.experts.unavailable = UnavailableExperts::Mask;
+    let masked = plan_of(&cr);
+    assert!(args(&masked, "attention").contains("--unavailable-experts mask"));
+    assert!(!args(&masked, "expert").contains("--unavailable-experts"));
+}

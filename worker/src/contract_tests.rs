@@ -1,12 +1,13 @@
 //! The operator → pod boundary: every `dsv3-worker` container the operator plans for the sample
-//! fleets in `deploy/samples/` (and each of them from a hub repository: the download Job) runs
+//! fleets in `deploy/samples/` (each also from a hub repository — the download Job — and with
+//! the attention ranks' options off their defaults) runs
 //! with arguments this binary's CLI accepts, every `DSV3_*`/`HF_*`
 //! variable in its environment is read by an argument of its role (with a value that argument
 //! accepts), and the options checked before loading (the data plane) pass.
 
 use super::{Cli, Command};
 use clap::{CommandFactory, Parser};
-use dsv3_operator::crd::{DeepSeekV3Deployment, HubSource, ModelSource, SecretKeyRef};
+use dsv3_operator::crd::{DeepSeekV3Deployment, HubSource, ModelSource, SecretKeyRef, UnavailableExperts};
 use dsv3_operator::planner::{plan, PlanInput};
 use serde_json::Value;
 
@@ -109,7 +110,10 @@ fn sample_plans() -> Vec<(std::path::PathBuf, dsv3_operator::planner::PlannedObj
                 }),
                 ..Default::default()
             };
-            for cr in [cr, from_hub] {
+            // And with every option the attention ranks take from the CR off its default.
+            let mut options = cr.clone();
+            options.spec.experts.unavailable = UnavailableExperts::Mask;
+            for cr in [cr, from_hub, options] {
                 let planned = plan(&cr, &PlanInput::model_downloaded(&cr)).expect("plan");
                 out.extend(
                     planned

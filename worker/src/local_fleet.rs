@@ -2,7 +2,7 @@
 //! on loopback — the disaggregated fleet on one machine, for users and tests.
 
 use crate::device::{DeviceArg, Fp8ActivationsArg};
-use crate::roles::{ActivationDtype, ModelArgs, TlsArgs};
+use crate::roles::{ActivationDtype, ModelArgs, TlsArgs, UnavailableExpertsArg};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use dsv3_fleet::PlacementPlan;
@@ -51,6 +51,9 @@ pub struct FleetArgs {
     /// Passed to the attention ranks: draft tokens the MTP module proposes per decode step.
     #[arg(long, default_value_t = 0)]
     speculative_tokens: usize,
+    /// Passed to the attention ranks: what tokens routed to an expert with no live copy get.
+    #[arg(long, value_enum, default_value_t = UnavailableExpertsArg::End)]
+    unavailable_experts: UnavailableExpertsArg,
     /// Passed to every member: mutual TLS between them (the certificate must name 127.0.0.1,
     /// the address members dial each other at).
     #[command(flatten)]
@@ -193,6 +196,10 @@ pub fn run(args: FleetArgs) -> Result<()> {
                 args.cache_tokens.to_string(),
                 "--speculative-tokens".into(),
                 args.speculative_tokens.to_string(),
+                "--unavailable-experts".into(),
+                args.unavailable_experts
+                    .to_possible_value()
+                    .map_or("end".into(), |v| v.get_name().to_string()),
             ]
             .into_iter()
             .chain(args.no_prefix_caching.then(|| "--no-prefix-caching".to_string()))

@@ -3,12 +3,13 @@
 
 use crate::device::{load_backend, load_shard, DeviceArg, Fp8ActivationsArg};
 use crate::model_source;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use dsv3_engine::{ExpertSelection, ModelConfig, ModelFiles};
 use dsv3_fleet::grpc::{self, Dtype, RemoteAttention, RemoteExperts};
 use dsv3_fleet::{
     AttentionRank, ExpertBackend, Fleet, LocalAttention, MutualTls, PlacementPlan, SchedulerConfig, Transport,
+    UnavailableExperts,
 };
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -215,6 +216,9 @@ pub struct AttentionArgs {
     /// Seconds an expert shard may take for one layer.
     #[arg(long, default_value_t = 60)]
     expert_timeout: u64,
+    /// What tokens routed to an expert with no live copy (every shard holding it down) get.
+    #[arg(long, value_enum, default_value_t = UnavailableExpertsArg::End, env = "DSV3_UNAVAILABLE_EXPERTS")]
+    unavailable_experts: UnavailableExpertsArg,
     /// Where the model runs (the GPU is the first one the process sees: CUDA_VISIBLE_DEVICES).
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
@@ -238,6 +242,25 @@ pub struct AttentionArgs {
     /// sends it no new ones meanwhile) before it stops.
     #[arg(long, default_value_t = 60)]
     drain_seconds: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum UnavailableExpertsArg {
+    /// The sequences routed to it end with an error naming it; the others go on untouched.
+    End,
+    /// It is left out of those tokens' routes, their other experts' weights scaled to the same
+    /// total: no request fails, the output departs from the full model's, and each response
+    /// reports `usage.masked_expert_routes` (`/ready` stays 200, degraded).
+    Mask,
+}
+
+impl From<UnavailableExpertsArg> for UnavailableExperts {
+    fn from(arg: UnavailableExpertsArg) -> Self {
+        match arg {
+            UnavailableExpertsArg::End => UnavailableExperts::EndSequences,
+            UnavailableExpertsArg::Mask => UnavailableExperts::Mask,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -488,6 +511,15 @@ pub fn attention(args: AttentionArgs) -> Result<()> {
     let plan = plan_for(&args.placement, config.n_routed_experts as u32, args.expert_peers.len())?;
     // The experts the plan gives this rank run here, on its own tokens only.
     let own = plan.attention_experts(args.rank)?;
+    // The weights of a masked route are renormalised where the shards' sums come back, which
+    // the experts this rank runs itself never reach.
+    if args.unavailable_experts == UnavailableExpertsArg::Mask && !own.is_empty() {
+        bail!(
+            "--unavailable-experts mask needs every routed expert on the expert shards; the placement gives \
+             attention rank {} experts of its own",
+            args.rank
+        );
+    }
     if !own.is_empty() {
         eprintln!(
             "attention rank {} runs {} routed experts per layer itself",
@@ -506,8 +538,7 @@ pub fn attention(args: AttentionArgs) -> Result<()> {
             Duration::from_secs(args.expert_timeout),
             args.activation_dtype.resolve(on_gpu),
         )?
-        // An expert with no live copy ends only the sequences routed to it.
-        .recording_unserved_rows(),
+        .on_unavailable_experts(args.unavailable_experts.into()),
     );
     let device = if on_gpu { DeviceArg::Cuda } else { DeviceArg::Cpu };
     let held = match own.as_slice() {

@@ -407,6 +407,57 @@ fn a_dead_worker_ends_its_requests_and_the_fleet_recovers() {
     }
 }
 
+#[test]
+fn masked_a_dead_shards_experts_cost_no_request_and_every_response_says_so() {
+    // Every expert on one shard only, its loss masked rather than ended.
+    let mut fleet = start_fleet_of(1, 3, &["--unavailable-experts", "mask"]);
+    let greedy = completion_ids(&fleet.base, request(8, json!({"temperature": 0})));
+    let (status, whole) = post(&fleet.base, "/v1/completions", request(8, json!({"temperature": 0})));
+    assert_eq!(status, 200);
+    assert!(
+        whole["usage"].get("masked_expert_routes").is_none(),
+        "nothing masked: {whole}"
+    );
+    // A long stream; an expert shard dies under it.
+    let base = fleet.base.clone();
+    let long = std::thread::spawn(move || {
+        stream(
+            &base,
+            request(
+                120,
+                json!({"temperature": 0, "stream": true, "stream_options": {"include_usage": true}}),
+            ),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = fleet.members.iter().find(|m| m.role == "expert").expect("member").pid;
+    kill(pid);
+    let (ids, finish, error) = long.join().expect("stream thread");
+    assert_eq!(error, None, "masked: the stream goes on");
+    assert_eq!((ids.len(), finish.as_deref()), (120, Some("length")));
+    // Served degraded: ready, each response and the metrics count the masked routes.
+    let (status, body) = post(&fleet.base, "/v1/completions", request(8, json!({"temperature": 0})));
+    assert_eq!(status, 200, "{body}");
+    let masked = body["usage"]["masked_expert_routes"].as_u64().unwrap_or(0);
+    assert!(masked > 0, "{body}");
+    assert_eq!(ready_status(&fleet.base), 200);
+    let detail = ready_detail(&fleet.base);
+    assert!(detail.contains("masked out of routing"), "{detail}");
+    assert!(metric(&fleet.base, "dsv3_masked_expert_routes_total") >= masked as f64);
+    // The shard back: the full model's tokens again, nothing masked.
+    restart(&mut fleet, "expert");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ready_detail(&fleet.base).contains("masked") {
+        assert!(Instant::now() < deadline, "the shard never rejoined");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, body) = post(&fleet.base, "/v1/completions", request(8, json!({"temperature": 0})));
+    assert_eq!(status, 200);
+    assert!(body["usage"].get("masked_expert_routes").is_none(), "{body}");
+    let ids: Vec<u32> = serde_json::from_value(body["choices"][0]["token_ids"].clone()).expect("token_ids");
+    assert_eq!(ids, greedy);
+}
+
 fn ready_detail(base: &str) -> String {
     let body = match ureq::get(&format!("{base}/ready")).call() {
         Ok(r) => r.into_string().unwrap_or_default(),

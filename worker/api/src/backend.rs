@@ -45,6 +45,9 @@ pub enum GenerationEvent {
     /// This many more of the prompt's tokens were taken from the prefix cache rather than
     /// computed (sent during prefill; the request's total is the sum).
     Cached { tokens: usize },
+    /// This many more of the request's token rows were computed with an expert masked out of
+    /// their routes (it had no live copy; the fleet runs degraded), summed over MoE layers.
+    ExpertsMasked { routes: usize },
     /// One generated token (also the end-of-sequence or stop token that ends generation).
     Token {
         id: u32,

@@ -73,6 +73,8 @@ pub struct Generation {
     prompt_tokens: usize,
     /// Of the prompt, tokens taken from the prefix cache.
     cached_tokens: usize,
+    /// Token rows computed with an expert masked out.
+    masked_routes: usize,
     completion_tokens: usize,
     decoded_chars: usize,
     pending: Vec<TokenOutput>,
@@ -144,6 +146,7 @@ impl Generation {
             last_token: None,
             prompt_tokens,
             cached_tokens: 0,
+            masked_routes: 0,
             completion_tokens: 0,
             decoded_chars: 0,
             pending: Vec::new(),
@@ -158,6 +161,11 @@ impl Generation {
     /// Prompt tokens taken from the prefix cache so far.
     pub fn cached_tokens(&self) -> usize {
         self.cached_tokens
+    }
+
+    /// Token rows computed with an expert masked out (see [`GenerationEvent::ExpertsMasked`]).
+    pub fn masked_routes(&self) -> usize {
+        self.masked_routes
     }
 
     /// Tokens generated so far (including any a stop string cut off).
@@ -179,6 +187,11 @@ impl Generation {
                 Some(GenerationEvent::Cached { tokens }) => {
                     self.cached_tokens += tokens;
                     self.metrics.prefix_cache_hit(tokens);
+                    None
+                }
+                Some(GenerationEvent::ExpertsMasked { routes }) => {
+                    self.masked_routes += routes;
+                    self.metrics.experts_masked(routes);
                     None
                 }
                 Some(GenerationEvent::Scheduled) => {

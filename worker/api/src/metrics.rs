@@ -67,6 +67,7 @@ pub struct Metrics {
     decode: Histogram,
     prompt_tokens: Counter,
     prefix_cache_hits: Counter,
+    masked_expert_routes: Counter,
     generation_tokens: Counter,
     finished: Family<FinishLabels, Counter>,
     http_errors: Family<StatusLabels, Counter>,
@@ -95,6 +96,7 @@ impl Metrics {
         let decode = Histogram::new(exponential_buckets(0.01, 2.0, 18));
         let prompt_tokens = Counter::default();
         let prefix_cache_hits = Counter::default();
+        let masked_expert_routes = Counter::default();
         let generation_tokens = Counter::default();
         let finished = Family::<FinishLabels, Counter>::default();
         let http_errors = Family::<StatusLabels, Counter>::default();
@@ -143,6 +145,12 @@ impl Metrics {
              dsv3_prompt_tokens)",
             prefix_cache_hits.clone(),
         );
+        registry.register(
+            "dsv3_masked_expert_routes",
+            "Token rows computed with an expert masked out of their routes because it had no live copy \
+             (counted once per MoE layer; 0 unless the attention ranks run with --unavailable-experts mask)",
+            masked_expert_routes.clone(),
+        );
         registry.register("dsv3_generation_tokens", "Generated tokens", generation_tokens.clone());
         registry.register(
             "dsv3_request_success",
@@ -165,6 +173,7 @@ impl Metrics {
             decode,
             prompt_tokens,
             prefix_cache_hits,
+            masked_expert_routes,
             generation_tokens,
             finished,
             http_errors,
@@ -178,6 +187,11 @@ impl Metrics {
     /// Prompt tokens a request took from the prefix cache.
     pub fn prefix_cache_hit(&self, tokens: usize) {
         self.prefix_cache_hits.inc_by(tokens as u64);
+    }
+
+    /// Token rows of a request computed with an expert masked out.
+    pub fn experts_masked(&self, routes: usize) {
+        self.masked_expert_routes.inc_by(routes as u64);
     }
 
     /// The request's first step: it waited `since_arrival` in the queue.

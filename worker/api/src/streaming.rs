@@ -51,7 +51,20 @@ pub async fn respond<F: ChunkFormat>(
         .enumerate()
         .map(|(i, out)| format(i).response(out.text, &out.tokens, out.finish, usage.clone()))
         .collect();
-    Ok(axum::Json(merge_choices(bodies)).into_response())
+    let mut body = merge_choices(bodies);
+    report_masked_routes(&mut body, choices.iter().map(Generation::masked_routes).sum());
+    Ok(axum::Json(body).into_response())
+}
+
+/// With experts masked out of some of the request's routes (a degraded fleet), the response's
+/// usage says how many token rows went without one: `usage.masked_expert_routes`.
+fn report_masked_routes(body: &mut Value, routes: usize) {
+    if routes == 0 {
+        return;
+    }
+    if let Some(usage) = body.get_mut("usage").and_then(Value::as_object_mut) {
+        usage.insert("masked_expert_routes".into(), routes.into());
+    }
 }
 
 /// Token counts of a request's choices (the prompt counted once: the choices share it).
@@ -115,11 +128,13 @@ pub fn to_json_with_token_ids<T: Serialize>(value: &T, token_ids: Option<Vec<u32
 /// What one choice's stream yields.
 enum ChoiceEvent {
     Chunk(String),
-    /// The choice ended, with its prompt, cached prompt and completion tokens.
+    /// The choice ended, with its prompt, cached prompt and completion tokens, and its rows
+    /// computed with an expert masked out.
     Done {
         prompt: usize,
         cached: usize,
         completion: usize,
+        masked: usize,
     },
     Failed(String),
 }
@@ -147,6 +162,7 @@ fn choice_events<F: ChunkFormat>(generation: Generation, mut format: F) -> BoxSt
                         prompt: g.prompt_tokens(),
                         cached: g.cached_tokens(),
                         completion: g.completion_tokens(),
+                        masked: g.masked_routes(),
                     }));
                 }
                 Some(Step::Failed { message }) => {
@@ -171,8 +187,9 @@ pub fn sse_response<F: ChunkFormat>(choices: Vec<(Generation, F)>, usage: Option
         Some(merged),
         usage,
         pending,
-        // Prompt tokens, cached prompt tokens, and completion tokens of the choices that ended.
-        (0usize, 0usize, 0usize),
+        // Prompt tokens, cached prompt tokens, completion tokens and masked routes of the
+        // choices that ended.
+        (0usize, 0usize, 0usize, 0usize),
         VecDeque::<String>::new(),
     );
     let stream = futures_util::stream::unfold(
@@ -190,12 +207,20 @@ pub fn sse_response<F: ChunkFormat>(choices: Vec<(Generation, F)>, usage: Option
                         prompt,
                         cached,
                         completion,
+                        masked,
                     }) => {
-                        done = (prompt, done.1.max(cached), done.2 + completion);
+                        done = (prompt, done.1.max(cached), done.2 + completion, done.3 + masked);
                         pending -= 1;
                         if pending == 0 {
                             if let Some(format) = usage.as_mut() {
-                                queue.push_back(format.usage(self::usage(done.0, done.1, done.2)));
+                                let chunk = format.usage(self::usage(done.0, done.1, done.2));
+                                queue.push_back(match serde_json::from_str::<Value>(&chunk) {
+                                    Ok(mut body) if done.3 > 0 => {
+                                        report_masked_routes(&mut body, done.3);
+                                        body.to_string()
+                                    }
+                                    _ => chunk,
+                                });
                             }
                             queue.push_back("[DONE]".into());
                             merged = None;

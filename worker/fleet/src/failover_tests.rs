@@ -2,11 +2,12 @@
 //! tokens answered by the other copies of its experts in the same call, with the same sums; an
 //! expert left with no live copy fails the call by name; a shard that comes back takes its
 //! share again after the next readiness probe; with unserved rows recorded, only the rows
-//! routed to an expert with no live copy go without it, and are named.
+//! routed to an expert with no live copy go without it, and are named; masked, their other
+//! experts' weights are scaled to the same total.
 
 use crate::grpc::{expert_server, serve_expert, Dtype, RemoteExperts};
 use crate::placement::PlacementPlan;
-use crate::rank::ExpertBackend;
+use crate::rank::{ExpertBackend, UnavailableExperts};
 use crate::transport::Transport;
 use dsv3_engine::{ExpertExecutor, MemoryUse, TokenRoutes};
 use dsv3_proto::OTHER_SHARD;
@@ -261,7 +262,7 @@ fn with_unserved_rows_recorded_an_expert_with_no_copy_costs_only_the_rows_routed
         remote,
         ..
     } = three_shards_every_expert_twice();
-    let remote = remote.recording_unserved_rows();
+    let remote = remote.on_unavailable_experts(UnavailableExperts::EndSequences);
     let tokens = 12;
     let x: Vec<f32> = (0..tokens * WIDTH)
         .map(|i| ((i * 29 % 13) as f32 - 6.0) / 5.0)
@@ -325,5 +326,60 @@ fn with_unserved_rows_recorded_an_expert_with_no_copy_costs_only_the_rows_routed
         &reference(&x, &safe),
     );
     assert_eq!(remote.take_unserved(), Vec::new());
+    stop(&rt, last);
+}
+
+#[test]
+fn masked_an_expert_with_no_copy_leaves_each_route_its_other_experts_at_the_same_total_weight() {
+    let Setup {
+        rt,
+        plan,
+        mut shards,
+        remote,
+        ..
+    } = three_shards_every_expert_twice();
+    let remote = remote.on_unavailable_experts(UnavailableExperts::Mask);
+    let tokens = 9;
+    let x: Vec<f32> = (0..tokens * WIDTH).map(|i| ((i * 17 % 7) as f32 - 3.0) / 4.0).collect();
+    let k = 3;
+    let routes = TokenRoutes {
+        k,
+        experts: (0..tokens as u32)
+            .flat_map(|t| [t % EXPERTS, (t + 1) % EXPERTS, (t + 4) % EXPERTS])
+            .collect(),
+        weights: (0..tokens).flat_map(|t| [0.5, 0.2 + t as f32 / 30.0, 0.3]).collect(),
+    };
+    let last = shards.pop().expect("shard 2");
+    for shard in shards {
+        stop(&rt, shard);
+    }
+    let orphan = |e: u32| plan.owners(e).iter().all(|&s| s != 2);
+    // Each token's kept weights scaled by total / kept (a token with none keeps nothing).
+    let mut renormalised = routes.clone();
+    for t in 0..tokens {
+        let slots = t * k..(t + 1) * k;
+        let total: f32 = routes.weights[slots.clone()].iter().sum();
+        let kept: f32 = slots
+            .clone()
+            .filter(|&i| !orphan(routes.experts[i]))
+            .map(|i| routes.weights[i])
+            .sum();
+        for i in slots {
+            renormalised.weights[i] = if orphan(routes.experts[i]) || kept == 0.0 {
+                0.0
+            } else {
+                routes.weights[i] * total / kept
+            };
+        }
+    }
+    assert!(renormalised.weights.iter().zip(&routes.weights).any(|(a, b)| a > b));
+    let got = remote.routed_experts(0, &x, &routes).expect("masked, not failed");
+    assert_close(&got, &reference(&x, &renormalised));
+    let unserved = remote.take_unserved();
+    assert_eq!(unserved.len(), 1);
+    assert!(unserved[0].masked);
+    assert_eq!(remote.ready(), Ok(()), "masked: still ready");
+    let degraded = remote.degraded().expect("degraded");
+    assert!(degraded.contains("masked out of routing"), "{degraded}");
     stop(&rt, last);
 }

@@ -2,7 +2,7 @@
 //! and the clients that make remote ones look local (`AttentionRank`, `ExpertExecutor`).
 
 use crate::placement::PlacementPlan;
-use crate::rank::{memory_report, AttentionRank, ExpertBackend, TransportTotals, UnservedRows};
+use crate::rank::{memory_report, AttentionRank, ExpertBackend, TransportTotals, UnavailableExperts, UnservedRows};
 use crate::rank_metrics::{attention_registry, metrics_route, shard_registry, ShardCounters};
 use crate::transport::Transport;
 use anyhow::{bail, ensure, Context, Result};
@@ -284,9 +284,10 @@ pub struct RemoteExperts {
     /// What the activations travel as, both ways.
     dtype: Dtype,
     totals: std::sync::Mutex<TransportTotals>,
-    /// With [`RemoteExperts::recording_unserved_rows`]: the rows computed without an expert
-    /// that had no live copy, until the rank takes them.
-    unserved: Option<std::sync::Mutex<Vec<UnservedRows>>>,
+    /// What tokens routed to an expert with no live copy get.
+    unavailable: UnavailableExperts,
+    /// The rows computed without such an expert, until the rank takes them.
+    unserved: std::sync::Mutex<Vec<UnservedRows>>,
 }
 
 impl RemoteExperts {
@@ -323,16 +324,28 @@ impl RemoteExperts {
             timeout,
             dtype,
             totals: Default::default(),
-            unserved: None,
+            unavailable: UnavailableExperts::FailCall,
+            unserved: Default::default(),
         })
     }
 
-    /// An expert with no live copy no longer fails the call: the rows routed to it get their
-    /// other experts' sums and are recorded ([`ExpertBackend::take_unserved`]), so the rank ends
-    /// only their sequences. Without it, the call fails.
-    pub fn recording_unserved_rows(mut self) -> Self {
-        self.unserved = Some(Default::default());
+    /// Past [`UnavailableExperts::FailCall`], an expert with no live copy no longer fails the
+    /// call: the rows routed to it get their other experts' sums (renormalised when masking)
+    /// and are recorded ([`ExpertBackend::take_unserved`]) for the rank.
+    pub fn on_unavailable_experts(mut self, mode: UnavailableExperts) -> Self {
+        self.unavailable = mode;
         self
+    }
+
+    /// Experts every copy of which is marked down, as a list for messages.
+    fn experts_without_a_live_copy(&self) -> Vec<String> {
+        (0..self.plan.num_experts)
+            .filter(|&e| {
+                let owners = self.plan.owners(e);
+                !owners.is_empty() && owners.iter().all(|&s| self.is_down(s))
+            })
+            .map(|e| e.to_string())
+            .collect()
     }
 
     fn no_live_copy(&self, layer: usize, experts: &[u32]) -> String {
@@ -360,12 +373,13 @@ impl RemoteExperts {
     /// would otherwise be brought back at every probe).
     fn mark_down(&self, shard: usize, why: &str) {
         let Ok(mut h) = self.health[shard].lock() else { return };
-        if !h.down {
-            eprintln!(
-                "expert shard {shard} at {}: {why}; its experts go to their other copies until it answers again",
-                self.addresses[shard]
-            );
+        if h.down {
+            return; // a retry while down does not lengthen its hold-down
         }
+        eprintln!(
+            "expert shard {shard} at {}: {why}; its experts go to their other copies until it answers again",
+            self.addresses[shard]
+        );
         h.down = true;
         h.failures = h.failures.saturating_add(1);
         let hold = Duration::from_millis(500) * 2u32.saturating_pow(h.failures.saturating_sub(1).min(6));
@@ -392,8 +406,9 @@ impl RemoteExperts {
     }
 
     /// The shard that computes slot `j` of token `t` (`expert`), among the copies not marked
-    /// down; with every copy down, all of them (one may be back before the probe says so).
-    /// `None` when every copy failed in this step.
+    /// down; with every copy down, all of them (one may be back before the probe says so)
+    /// when the call would fail without them, none otherwise (the readiness probe brings a
+    /// copy back; a step does not wait on a shard known to be down). `None`: no copy to use.
     fn pick(&self, layer: usize, t: usize, expert: u32, excluded: &[bool]) -> Result<Option<usize>> {
         let owners = self.plan.owners(expert);
         if owners.is_empty() {
@@ -401,14 +416,15 @@ impl RemoteExperts {
         }
         let usable: Vec<usize> = owners.iter().copied().filter(|&s| !excluded[s]).collect();
         let live: Vec<usize> = usable.iter().copied().filter(|&s| !self.is_down(s)).collect();
-        let choice = if live.is_empty() { &usable } else { &live };
+        let retry_down = self.unavailable == UnavailableExperts::FailCall;
+        let choice = if live.is_empty() && retry_down { &usable } else { &live };
         Ok((!choice.is_empty()).then(|| choice[t % choice.len()]))
     }
 
     /// One round: the (token, slot) pairs in `pending` sent to their shards, the answers added
     /// into `out`. Returns the pairs of the shards that failed, which are marked down and
     /// `excluded` for the rest of the step. A pair whose expert has no copy left goes to
-    /// `lost` (token, expert) when unserved rows are recorded, and fails the call otherwise.
+    /// `lost` when unserved rows are recorded, and fails the call otherwise.
     #[allow(clippy::too_many_arguments)]
     fn exchange(
         &self,
@@ -417,7 +433,7 @@ impl RemoteExperts {
         routes: &TokenRoutes,
         pending: &[(usize, usize)],
         excluded: &mut [bool],
-        lost: &mut Vec<(usize, u32)>,
+        lost: &mut Vec<(usize, usize)>,
         out: &mut [f32],
     ) -> Result<Vec<(usize, usize)>> {
         let tokens = routes.tokens();
@@ -434,10 +450,10 @@ impl RemoteExperts {
             }
             let expert = routes.experts[t * k + j];
             let Some(shard) = self.pick(layer, t, expert, excluded)? else {
-                if self.unserved.is_none() {
+                if self.unavailable == UnavailableExperts::FailCall {
                     bail!("{}", self.no_live_copy(layer, &[expert]));
                 }
-                lost.push((t, expert));
+                lost.push((t, j));
                 continue;
             };
             if let Some(a) = assigned.last_mut() {
@@ -539,6 +555,58 @@ impl RemoteExperts {
     }
 }
 
+impl RemoteExperts {
+    /// Records the rows whose (token, slot) pairs in `lost` had no live copy; when masking,
+    /// scales each such row's sum so its remaining weights add up to the route's total.
+    fn record_unserved(&self, layer: usize, routes: &TokenRoutes, lost: &[(usize, usize)], out: &mut [f32]) {
+        let k = routes.k;
+        let width = out.len() / routes.tokens().max(1);
+        let masked = self.unavailable == UnavailableExperts::Mask;
+        let mut rows: Vec<usize> = lost.iter().map(|&(t, _)| t).collect();
+        rows.sort_unstable();
+        rows.dedup();
+        if masked {
+            for &t in &rows {
+                let slots = t * k..(t + 1) * k;
+                let total: f32 = routes.experts[slots.clone()]
+                    .iter()
+                    .zip(&routes.weights[slots])
+                    .filter(|(&e, _)| e != NO_EXPERT)
+                    .map(|(_, &w)| w)
+                    .sum();
+                let gone: f32 = lost
+                    .iter()
+                    .filter(|&&(u, _)| u == t)
+                    .map(|&(_, j)| routes.weights[t * k + j])
+                    .sum();
+                let kept = total - gone;
+                // A token left with no expert keeps only its shared expert.
+                let scale = if kept > f32::EPSILON * total.abs() {
+                    total / kept
+                } else {
+                    0.0
+                };
+                for v in &mut out[t * width..(t + 1) * width] {
+                    *v *= scale;
+                }
+            }
+        }
+        let mut experts: Vec<u32> = lost.iter().map(|&(t, j)| routes.experts[t * k + j]).collect();
+        experts.sort_unstable();
+        experts.dedup();
+        let record = UnservedRows {
+            layer,
+            rows: routes.tokens(),
+            lost: rows,
+            reason: self.no_live_copy(layer, &experts),
+            masked,
+        };
+        if let Ok(mut u) = self.unserved.lock() {
+            u.push(record);
+        }
+    }
+}
+
 impl ExpertExecutor for RemoteExperts {
     fn routed_experts(&self, layer: usize, x: &[f32], routes: &TokenRoutes) -> Result<Vec<f32>> {
         let mut out = vec![0.0f32; x.len()];
@@ -567,22 +635,8 @@ impl ExpertExecutor for RemoteExperts {
         while !pending.is_empty() {
             pending = self.exchange(layer, x, routes, &pending, &mut excluded, &mut lost, out)?;
         }
-        if let (Some(unserved), false) = (&self.unserved, lost.is_empty()) {
-            let mut rows: Vec<usize> = lost.iter().map(|&(t, _)| t).collect();
-            rows.sort_unstable();
-            rows.dedup();
-            let mut experts: Vec<u32> = lost.iter().map(|&(_, e)| e).collect();
-            experts.sort_unstable();
-            experts.dedup();
-            let record = UnservedRows {
-                layer,
-                rows: routes.tokens(),
-                lost: rows,
-                reason: self.no_live_copy(layer, &experts),
-            };
-            if let Ok(mut u) = unserved.lock() {
-                u.push(record);
-            }
+        if !lost.is_empty() {
+            self.record_unserved(layer, routes, &lost, out);
         }
         if let Ok(mut totals) = self.totals.lock() {
             totals.layers += 1;
@@ -627,14 +681,8 @@ impl ExpertBackend for RemoteExperts {
             }
             problems.extend(problem);
         }
-        let uncovered: Vec<String> = (0..self.plan.num_experts)
-            .filter(|&e| {
-                let owners = self.plan.owners(e);
-                !owners.is_empty() && owners.iter().all(|&s| self.is_down(s))
-            })
-            .map(|e| e.to_string())
-            .collect();
-        if uncovered.is_empty() {
+        let uncovered = self.experts_without_a_live_copy();
+        if uncovered.is_empty() || self.unavailable == UnavailableExperts::Mask {
             Ok(())
         } else {
             Err(format!(
@@ -647,8 +695,8 @@ impl ExpertBackend for RemoteExperts {
 
     fn take_unserved(&self) -> Vec<UnservedRows> {
         self.unserved
-            .as_ref()
-            .and_then(|u| u.lock().ok().map(|mut u| std::mem::take(&mut *u)))
+            .lock()
+            .map(|mut u| std::mem::take(&mut *u))
             .unwrap_or_default()
     }
 
@@ -657,7 +705,18 @@ impl ExpertBackend for RemoteExperts {
             .filter(|&s| self.is_down(s))
             .map(|s| format!("expert shard {s} at {}", self.addresses[s]))
             .collect();
-        (!down.is_empty()).then(|| format!("{} down; its experts run on their other copies", down.join(", ")))
+        let masked = self.experts_without_a_live_copy();
+        (!down.is_empty()).then(|| {
+            if masked.is_empty() {
+                format!("{} down; its experts run on their other copies", down.join(", "))
+            } else {
+                format!(
+                    "{} down; experts {} have no live copy and are masked out of routing",
+                    down.join(", "),
+                    masked.join(", ")
+                )
+            }
+        })
     }
 
     fn placement_version(&self) -> String {

@@ -18,6 +18,6 @@ pub mod transport;
 
 pub use placed::PlacedExperts;
 pub use placement::PlacementPlan;
-pub use rank::{AttentionRank, ExpertBackend, LocalAttention, UnservedRows};
+pub use rank::{AttentionRank, ExpertBackend, LocalAttention, UnavailableExperts, UnservedRows};
 pub use scheduler::{Fleet, SchedulerConfig};
 pub use transport::{MutualTls, Transport};

@@ -11,7 +11,8 @@ use dsv3_engine::{
 use dsv3_engine::{OutputGrammar, TokenMask};
 use dsv3_grammar::{Constraint, Grammars};
 use dsv3_proto::{
-    AttentionInfo, LayerLoad, PrefixReuse, Sampled, SequenceFailure, StepItem, StepReply, StepRequest, TokenLogprob,
+    AttentionInfo, LayerLoad, MaskedRoutes, PrefixReuse, Sampled, SequenceFailure, StepItem, StepReply, StepRequest,
+    TokenLogprob,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -46,7 +47,20 @@ pub trait ExpertBackend: ExpertExecutor + Send + Sync {
     }
 }
 
-/// Token rows of one MoE layer's call whose sums lack experts that had no live copy.
+/// What an attention rank does with the tokens routed to an expert that has no live copy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UnavailableExperts {
+    /// The whole call fails (for callers that cannot end sequences one by one).
+    #[default]
+    FailCall,
+    /// The sequences routed to it end with an error naming it; the others go on untouched.
+    EndSequences,
+    /// It is masked out of those tokens' routes and their other experts' weights are scaled
+    /// to the same total; the sequences go on and report how many routes were masked.
+    Mask,
+}
+
+/// Token rows of one MoE layer's call computed without experts that had no live copy.
 #[derive(Clone, Debug, PartialEq)]
 pub struct UnservedRows {
     pub layer: usize,
@@ -56,6 +70,9 @@ pub struct UnservedRows {
     pub lost: Vec<usize>,
     /// Which experts and why, for the errors of the sequences they end.
     pub reason: String,
+    /// Masked ([`UnavailableExperts::Mask`]): the rows' weights were renormalised and their
+    /// sequences go on.
+    pub masked: bool,
 }
 
 /// Cumulative dispatch/combine figures of a rank.
@@ -401,7 +418,10 @@ impl AttentionRank for LocalAttention {
         // rows are the plain step's chunks in order; a speculative step's layout (drafts, the
         // MTP module) is not mapped back, so all of its sequences end.
         let unserved = self.take_unserved();
-        let lost = items_without_an_expert(&request.items, &reused, &unserved, self.speculative_tokens == 0);
+        let rows_known = self.speculative_tokens == 0;
+        let (masked, ended): (Vec<UnservedRows>, Vec<UnservedRows>) = unserved.into_iter().partition(|u| u.masked);
+        let lost = items_without_an_expert(&request.items, &reused, &ended, rows_known);
+        let masked = items_without_an_expert(&request.items, &reused, &masked, rows_known);
         for &i in lost.keys() {
             let item = &request.items[i];
             state.backend.discard_from(item.seq, item.start as usize + reused[i]);
@@ -432,7 +452,7 @@ impl AttentionRank for LocalAttention {
             .iter()
             .enumerate()
             .filter_map(|(i, item)| {
-                if let Some(reason) = lost.get(&i) {
+                if let Some((_, reason)) = lost.get(&i) {
                     return Some(SequenceFailure {
                         seq: item.seq,
                         message: format!("routed to an expert that is not available: {reason}"),
@@ -449,6 +469,14 @@ impl AttentionRank for LocalAttention {
         let counts_due = state.counts_taken.is_none_or(|t| t.elapsed() >= COUNTS_INTERVAL);
         let reply = StepReply {
             failed,
+            masked: masked
+                .iter()
+                .filter(|(_, (rows, _))| *rows > 0)
+                .map(|(&i, &(rows, _))| MaskedRoutes {
+                    seq: request.items[i].seq,
+                    routes: rows as u32,
+                })
+                .collect(),
             reused: request
                 .items
                 .iter()
@@ -582,16 +610,17 @@ fn step_chunks<'a>(items: &'a [StepItem], reused: &[usize]) -> (Vec<Chunk<'a>>, 
         .unzip()
 }
 
-/// The items (by index) whose rows of this step were computed without an expert, with why.
-/// With `rows_known`, a call's rows are the step's chunks in order (the items' tokens less what
-/// was `reused`) and each lost row names its item; a call of another shape (padding, drafts,
-/// the MTP module) ends every item that computed rows.
+/// The items (by index) whose rows of this step were computed without an expert: how many of
+/// their rows (summed over the calls) and why. With `rows_known`, a call's rows are the step's
+/// chunks in order (the items' tokens less what was `reused`) and each lost row names its item;
+/// a call of another shape (padding, drafts, the MTP module) names every item that computed
+/// rows, with none counted.
 fn items_without_an_expert(
     items: &[StepItem],
     reused: &[usize],
     unserved: &[UnservedRows],
     rows_known: bool,
-) -> BTreeMap<usize, String> {
+) -> BTreeMap<usize, (usize, String)> {
     let computed: Vec<usize> = items
         .iter()
         .zip(reused)
@@ -607,23 +636,23 @@ fn items_without_an_expert(
         })
         .collect();
     let total: usize = computed.iter().sum();
-    let mut lost = BTreeMap::new();
+    let mut hit: BTreeMap<usize, (usize, String)> = BTreeMap::new();
     for record in unserved {
         if rows_known && record.rows == total {
             for &row in &record.lost {
                 if let Some(j) = (0..items.len()).find(|&j| starts[j] <= row && row < starts[j] + computed[j]) {
-                    lost.entry(j).or_insert_with(|| record.reason.clone());
+                    hit.entry(j).or_insert_with(|| (0, record.reason.clone())).0 += 1;
                 }
             }
         } else {
             for (j, &n) in computed.iter().enumerate() {
                 if n > 0 {
-                    lost.entry(j).or_insert_with(|| record.reason.clone());
+                    hit.entry(j).or_insert_with(|| (0, record.reason.clone()));
                 }
             }
         }
     }
-    lost
+    hit
 }
 
 /// Per-layer token counts of the routed experts, as the reply reports them.
@@ -686,6 +715,7 @@ mod tests {
             rows,
             lost: lost.to_vec(),
             reason: format!("rows {lost:?}"),
+            masked: false,
         }
     }
 
@@ -696,11 +726,13 @@ mod tests {
         let reused = [0, 16, 0, 2];
         let got = items_without_an_expert(&items, &reused, &[lost(8, &[3, 4]), lost(8, &[7])], true);
         assert_eq!(got.keys().copied().collect::<Vec<_>>(), vec![0, 2, 3]);
-        assert_eq!(got[&0], "rows [3, 4]");
-        assert_eq!(got[&3], "rows [7]");
-        // A call of another shape ends every item that computed rows.
+        assert_eq!(got[&0], (1, "rows [3, 4]".to_string()));
+        assert_eq!(got[&2], (1, "rows [3, 4]".to_string()));
+        assert_eq!(got[&3], (1, "rows [7]".to_string()));
+        // A call of another shape names every item that computed rows, counting none.
         let got = items_without_an_expert(&items, &reused, &[lost(9, &[0])], true);
         assert_eq!(got.keys().copied().collect::<Vec<_>>(), vec![0, 2, 3]);
+        assert!(got.values().all(|(rows, _)| *rows == 0));
         let got = items_without_an_expert(&items, &reused, &[lost(8, &[0])], false);
         assert_eq!(got.keys().copied().collect::<Vec<_>>(), vec![0, 2, 3]);
         assert!(items_without_an_expert(&items, &reused, &[], true).is_empty());

@@ -689,6 +689,7 @@ impl Scheduler {
         let mut sampled: BTreeMap<u64, Vec<dsv3_proto::Sampled>> = BTreeMap::new();
         let mut failed_seqs: BTreeMap<u64, String> = BTreeMap::new();
         let mut reused: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut masked: BTreeMap<u64, usize> = BTreeMap::new();
         for (rank, reply) in replies.into_iter().enumerate() {
             match reply {
                 None => {}
@@ -702,6 +703,9 @@ impl Scheduler {
                     }
                     for p in reply.reused {
                         reused.insert(p.seq, p.tokens as usize);
+                    }
+                    for m in reply.masked {
+                        masked.insert(m.seq, m.routes as usize);
                     }
                 }
                 Some(Err(e)) => {
@@ -731,6 +735,9 @@ impl Scheduler {
                 if !r.resumed {
                     let _ = r.events.send(GenerationEvent::Cached { tokens });
                 }
+            }
+            if let Some(&routes) = masked.get(&r.seq) {
+                let _ = r.events.send(GenerationEvent::ExpertsMasked { routes });
             }
             r.cached += n;
             // One token, or with speculative decoding the accepted drafts (each now cached)

@@ -140,7 +140,10 @@ fn try_requests(fleet: &Fleet, requests: Vec<GenerateRequest>) -> Vec<Result<Vec
                 match event {
                     GenerationEvent::Token { id, .. } => tokens.push(id),
                     GenerationEvent::Failed { message } => return Err(message),
-                    GenerationEvent::Scheduled | GenerationEvent::Cached { .. } | GenerationEvent::Finished { .. } => {}
+                    GenerationEvent::Scheduled
+                    | GenerationEvent::Cached { .. }
+                    | GenerationEvent::ExpertsMasked { .. }
+                    | GenerationEvent::Finished { .. } => {}
                 }
             }
             Ok(tokens)
@@ -564,6 +567,7 @@ impl ExpertExecutor for LosingExperts {
                 rows: routes.tokens(),
                 lost: rows,
                 reason: format!("expert {lost} of layer {layer} has no live copy"),
+                masked: false,
             });
         }
         self.inner.routed_experts(layer, x, &routes.only(|e| e != lost))
