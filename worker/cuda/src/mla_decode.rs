@@ -14,6 +14,16 @@ use cudarc::driver::sys as drv;
 /// Fewest positions one block of the split tensor-core kernel takes.
 const MIN_SPLIT: usize = 128;
 
+/// Splits per row for `groups` blocks of full rows on `sms` SMs (one block fits on an SM at a
+/// time), at most `most`: the fewest that reach the least time, counted in waves of blocks each
+/// doing 1/splits of a row. More splits than that only add partial results to merge: at batch 64
+/// (128 groups on 132 SMs) one wave of whole rows takes as long as two waves of halves.
+fn decode_splits(groups: usize, sms: usize, most: usize) -> usize {
+    let cost = |s: usize| (groups * s).div_ceil(sms.max(1)) as f64 / s as f64;
+    let cap = most.clamp(1, (2 * sms).div_ceil(groups.max(1)).max(1));
+    (1..=cap).fold(1, |best, s| if cost(s) < cost(best) - 1e-9 { s } else { best })
+}
+
 /// One layer's latent attention sizes.
 #[derive(Clone, Copy, Debug)]
 pub struct LatentShape {
@@ -256,11 +266,10 @@ pub fn mla_decode(
             &args,
         );
     }
-    // Split the positions so the grid fills the GPU (flash-decoding): about two blocks per SM in
-    // all (one fits at a time), rounded down so a batch does not start a nearly empty wave; each
-    // row divides its own length on the GPU, at least MIN_SPLIT positions per split.
+    // Split the positions so the grid fills the GPU (flash-decoding); each row divides its own
+    // length on the GPU, at least MIN_SPLIT positions per split.
     let groups = m * heads / hg;
-    let splits = (2 * g.sm_count / groups).min(rows.max_len.div_ceil(MIN_SPLIT)).max(1);
+    let splits = decode_splits(groups, g.sm_count, rows.max_len.div_ceil(MIN_SPLIT));
     // One split per row: the kernel writes the normalised output itself and nothing is merged.
     let parts = if splits > 1 {
         Some((
@@ -322,4 +331,29 @@ pub fn mla_decode(
             int(lora),
         ],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_splits;
+
+    #[test]
+    fn rows_split_only_as_far_as_it_saves_waves() {
+        // H200: 132 SMs; 64-head blocks, so two blocks per row of 128 heads.
+        assert_eq!(
+            decode_splits(2, 132, 32),
+            32,
+            "batch 1: as many splits as the length allows"
+        );
+        assert_eq!(
+            decode_splits(16, 132, 32),
+            8,
+            "batch 8: one wave of eighths, not two of sixteenths"
+        );
+        assert_eq!(decode_splits(128, 132, 32), 1, "batch 64: one wave of whole rows");
+        assert_eq!(decode_splits(512, 132, 32), 1, "batch 256: already four waves");
+        assert_eq!(decode_splits(40, 132, 32), 3, "three thirds fill 120 of 132");
+        assert_eq!(decode_splits(2, 132, 1), 1, "a short row is not split");
+        assert_eq!(decode_splits(0, 132, 4), 1);
+    }
 }
