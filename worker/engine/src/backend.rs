@@ -96,6 +96,9 @@ pub trait StepBackend: Send {
     /// Forgets a sequence's positions from `len` on because their contents are wrong (an expert
     /// they were routed to had no live copy): none of their blocks stays in the prefix cache.
     fn discard_from(&mut self, seq: SeqId, len: usize);
+    /// Keeps a sequence's positions from `from` on but offers none of them, nor what it writes
+    /// later, to the prefix cache (an expert was masked out of their routes).
+    fn withhold_from(&mut self, seq: SeqId, from: usize);
     /// Whether the checkpoint's multi-token-prediction module is loaded.
     fn has_mtp(&self) -> bool {
         false
@@ -332,6 +335,10 @@ impl<E: ExpertExecutor + Send + ?Sized> StepBackend for CpuBackend<E> {
 
     fn discard_from(&mut self, seq: SeqId, len: usize) {
         self.cache.discard_from(seq, len);
+    }
+
+    fn withhold_from(&mut self, seq: SeqId, from: usize) {
+        self.cache.withhold_from(seq, from);
     }
 
     fn has_mtp(&self) -> bool {

@@ -315,17 +315,32 @@ impl BlockTable {
         }
     }
 
-    /// Forgets positions from `len` on whose contents are wrong (computed without an expert
-    /// they were routed to): unlike [`BlockTable::truncate`], no block that held them stays
-    /// registered, so no later prompt takes them from the prefix cache.
-    pub fn discard_from(&mut self, seq: SeqId, len: usize) {
-        if let Some(entry) = self.seqs.get(&seq) {
-            for &block in entry.blocks.iter().skip(len / self.block_size) {
-                if let Some(h) = self.block_hash[block as usize].take() {
-                    self.registered.remove(&h);
-                }
+    /// Keeps positions from `from` on but never offers them, or anything the sequence writes
+    /// after them, to the prefix cache: their contents are not what their tokens alone give
+    /// (computed with an expert masked out of their routes).
+    pub fn withhold_from(&mut self, seq: SeqId, from: usize) {
+        self.unregister_from(seq, from);
+        if let Some(entry) = self.seqs.get_mut(&seq) {
+            entry.tracked = false;
+        }
+    }
+
+    /// Takes the blocks holding positions `from` on out of the prefix cache's index.
+    fn unregister_from(&mut self, seq: SeqId, from: usize) {
+        let Some(entry) = self.seqs.get(&seq) else { return };
+        for &block in entry.blocks.iter().skip(from / self.block_size) {
+            if let Some(h) = self.block_hash[block as usize].take() {
+                self.registered.remove(&h);
             }
         }
+    }
+
+    /// Forgets positions from `len` on whose contents are wrong (computed without an expert
+    /// they were routed to, or by a step that failed part-way): unlike
+    /// [`BlockTable::truncate`], no block that held them stays registered, so no later prompt
+    /// takes them from the prefix cache. Written again, they are offered as usual.
+    pub fn discard_from(&mut self, seq: SeqId, len: usize) {
+        self.unregister_from(seq, len);
         self.truncate(seq, len);
     }
 
@@ -435,6 +450,31 @@ mod tests {
         assert_eq!(table.reuse_prefix(4, 0, &other, true), 4);
         table.free_sequence(4);
         assert_eq!(table.used_blocks(), 0, "every discarded block went back to the pool");
+    }
+
+    #[test]
+    fn blocks_written_with_an_expert_masked_and_all_after_them_are_never_offered() {
+        let mut table = BlockTable::new(4, 10, 64);
+        let tokens: Vec<u32> = (200..216).collect();
+        // Positions 0..8 were right; the chunk of 8..10 had an expert masked out.
+        prefill(&mut table, 1, &tokens[..8]);
+        table.begin_chunk(1, 8, 2).expect("room");
+        table.note_tokens(1, 8, &tokens[8..10]);
+        table.withhold_from(1, 8);
+        assert_eq!(table.seq_len(1), Some(10), "the positions are kept");
+        // Decoding goes on and fills the third block: it is not registered.
+        table.begin_chunk(1, 10, 2).expect("room");
+        table.note_tokens(1, 10, &tokens[10..12]);
+        table.free_sequence(1);
+        assert_eq!(table.reuse_prefix(2, 0, &tokens, true), 8);
+        table.free_sequence(2);
+        // Mid-block: the block holding position 6 on leaves the index though it was full.
+        let other: Vec<u32> = (300..316).collect();
+        prefill(&mut table, 3, &other[..12]);
+        table.withhold_from(3, 6);
+        table.free_sequence(3);
+        assert_eq!(table.reuse_prefix(4, 0, &other, true), 4);
+        table.free_sequence(4);
     }
 
     #[test]

@@ -100,6 +100,11 @@ impl KvCache {
         self.table.discard_from(seq, len)
     }
 
+    /// See [`BlockTable::withhold_from`].
+    pub fn withhold_from(&mut self, seq: SeqId, from: usize) {
+        self.table.withhold_from(seq, from)
+    }
+
     pub fn free_sequence(&mut self, seq: SeqId) {
         self.table.free_sequence(seq)
     }

@@ -82,6 +82,14 @@ impl<'a> Chunk<'a> {
     }
 }
 
+/// Forgets what `chunks` wrote from their starts on (a step that failed part-way): none of it
+/// stays in the prefix cache.
+fn discard_chunks(cache: &mut KvCache, chunks: &[Chunk]) {
+    for c in chunks {
+        cache.discard_from(c.seq, c.start);
+    }
+}
+
 /// Checks a step's chunks against the model: none empty, each sequence once, token ids inside
 /// the vocabulary, positions inside the context. Shared by every backend.
 pub fn check_chunks(config: &ModelConfig, chunks: &[Chunk]) -> Result<()> {
@@ -350,10 +358,29 @@ impl Model {
         opts: &StepOptions,
     ) -> Result<(Vec<ChunkOutput>, Option<Trace>)> {
         check_chunks(&self.config, chunks)?;
-        for c in chunks {
-            cache.begin_chunk(c.seq, c.start, c.tokens.len())?;
+        for (i, c) in chunks.iter().enumerate() {
+            if let Err(e) = cache.begin_chunk(c.seq, c.start, c.tokens.len()) {
+                discard_chunks(cache, &chunks[..i]);
+                return Err(e.into());
+            }
             cache.note_tokens(c.seq, c.start, c.tokens);
         }
+        let result = self.forward_layers(chunks, cache, experts, opts);
+        if result.is_err() {
+            // Rows written by the layers before the failure are not what their tokens give.
+            discard_chunks(cache, chunks);
+        }
+        result
+    }
+
+    /// [`Model::forward`] once every chunk has its room in `cache`.
+    fn forward_layers(
+        &self,
+        chunks: &[Chunk],
+        cache: &mut KvCache,
+        experts: &dyn ExpertExecutor,
+        opts: &StepOptions,
+    ) -> Result<(Vec<ChunkOutput>, Option<Trace>)> {
         let tokens: Vec<u32> = chunks.iter().flat_map(|c| c.tokens.iter().copied()).collect();
         let (spans, cos, sin) = self.layout(chunks);
         let mut h = self.embed_rows(&tokens);

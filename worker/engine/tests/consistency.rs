@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use dsv3_engine::{Chunk, KvCache, MlaForm, Outputs, StepOptions};
+use dsv3_engine::{Chunk, ExpertExecutor, KvCache, MlaForm, Outputs, StepOptions, TokenRoutes};
 
 fn prompt(len: usize, salt: u32) -> Vec<u32> {
     (0..len as u32).map(|i| (i * 37 + salt * 101 + 5) % 1000 + 2).collect()
@@ -161,6 +161,47 @@ fn bad_steps_are_errors_not_panics() {
     assert!(err(&[Chunk::new(1, 250, &[5; 10], Outputs::Last)], &mut cache).contains("context"));
     assert!(err(&[Chunk::new(1, 0, &[5; 40], Outputs::Last)], &mut cache).contains("KV cache is full"));
     assert!(err(&[Chunk::new(1, 0, &[], Outputs::Last)], &mut cache).contains("empty"));
+}
+
+/// Experts that fail every call: a step that dies at its first MoE layer, after the dense
+/// layers wrote their rows of the cache.
+struct Unreachable;
+
+impl ExpertExecutor for Unreachable {
+    fn routed_experts(&self, layer: usize, _: &[f32], _: &TokenRoutes) -> anyhow::Result<Vec<f32>> {
+        anyhow::bail!("the experts of layer {layer} do not answer")
+    }
+}
+
+#[test]
+fn a_step_that_fails_part_way_leaves_nothing_in_the_prefix_cache() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (model, experts) = synthetic_model(dir.path(), false, 1);
+    let mut cache = KvCache::with_capacity(&model.config, 128);
+    let block = cache.block_size();
+    let tokens = prompt(2 * block + 3, 4);
+    let step = |seq, experts: &dyn ExpertExecutor, cache: &mut KvCache| {
+        model.forward(
+            &[Chunk::new(seq, 0, &tokens, Outputs::Last)],
+            cache,
+            experts,
+            &StepOptions::default(),
+        )
+    };
+    let err = step(1, &Unreachable, &mut cache).expect_err("the experts fail");
+    assert!(format!("{err:#}").contains("do not answer"), "{err:#}");
+    assert_eq!(cache.seq_len(1), Some(0), "nothing of the failed step is kept");
+    assert_eq!(
+        cache.reuse_prefix(2, 0, &tokens, true),
+        0,
+        "nor offered to a later prompt"
+    );
+    cache.free_sequence(2);
+    // The same prompt computed whole is offered, and the failed sequence can run again.
+    let (whole, _) = step(1, experts_ref(&experts), &mut cache).expect("step");
+    cache.free_sequence(1);
+    assert_eq!(cache.reuse_prefix(3, 0, &tokens, true), 2 * block);
+    assert_eq!(whole[0].logits.len(), model.config.vocab_size);
 }
 
 #[test]

@@ -3,12 +3,14 @@
 //! expert left with no live copy fails the call by name; a shard that comes back takes its
 //! share again after the next readiness probe; with unserved rows recorded, only the rows
 //! routed to an expert with no live copy go without it, and are named; masked, their other
-//! experts' weights are scaled to the same total.
+//! experts' weights are scaled to the same total; a last copy that missed a call is tried
+//! again by a step once its hold-down has passed.
 
 use crate::grpc::{expert_server, serve_expert, Dtype, RemoteExperts};
 use crate::placement::PlacementPlan;
 use crate::rank::{ExpertBackend, UnavailableExperts};
 use crate::transport::Transport;
+use dsv3_engine::moe::NO_EXPERT;
 use dsv3_engine::{ExpertExecutor, MemoryUse, TokenRoutes};
 use dsv3_proto::OTHER_SHARD;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -381,5 +383,74 @@ fn masked_an_expert_with_no_copy_leaves_each_route_its_other_experts_at_the_same
     assert_eq!(remote.ready(), Ok(()), "masked: still ready");
     let degraded = remote.degraded().expect("degraded");
     assert!(degraded.contains("masked out of routing"), "{degraded}");
+
+    // Experts the attention rank runs itself (NO_EXPERT slots) are summed apart: a route
+    // holding one cannot be renormalised here, so the call fails rather than mis-scale it.
+    let mut mixed = routes.clone();
+    for t in 0..tokens {
+        mixed.experts[t * k + 2] = NO_EXPERT;
+    }
+    let err = remote
+        .routed_experts(1, &x, &mixed)
+        .expect_err("cannot mask")
+        .to_string();
+    assert!(err.contains("cannot be masked"), "{err}");
+
+    // The last shard gone: nothing is left to mask towards; not ready and the call fails.
+    stop(&rt, last);
+    let err = remote.routed_experts(2, &x, &routes).expect_err("no shard").to_string();
+    assert!(err.contains("no expert shard answers"), "{err}");
+    let not_ready = remote.ready().expect_err("no shard left");
+    assert!(not_ready.contains("no live copy"), "{not_ready}");
+}
+
+#[test]
+fn a_last_copy_that_missed_a_call_is_tried_again_by_the_next_step_after_its_hold_down() {
+    let Setup {
+        rt,
+        plan,
+        ports,
+        mut shards,
+        remote,
+    } = three_shards_every_expert_twice();
+    let remote = remote.on_unavailable_experts(UnavailableExperts::EndSequences);
+    let tokens = 12;
+    let x: Vec<f32> = (0..tokens * WIDTH).map(|i| ((i * 23 % 9) as f32 - 4.0) / 3.0).collect();
+    let routes = TokenRoutes {
+        k: 2,
+        experts: (0..tokens as u32)
+            .flat_map(|t| [t % EXPERTS, (t + 3) % EXPERTS])
+            .collect(),
+        weights: (0..tokens).flat_map(|t| [0.4 + t as f32 / 60.0, 0.35]).collect(),
+    };
+    // Shards 0 and 1 miss a call: the experts only they hold go without a copy.
+    let last = shards.pop().expect("shard 2");
+    for shard in shards {
+        stop(&rt, shard);
+    }
+    assert!(
+        (0..EXPERTS).any(|e| plan.owners(e).iter().all(|&s| s != 2)),
+        "{:?}",
+        plan.shards
+    );
+    remote
+        .routed_experts(0, &x, &routes)
+        .expect("answered without the orphans");
+    assert_eq!(remote.take_unserved().len(), 1);
+    // Shard 0 answers again; no readiness probe runs. Once its hold-down (half a second after
+    // one failure) has passed, the next step tries it rather than going without its experts.
+    let back = start(&rt, &plan, 0, ports[0]);
+    std::thread::sleep(Duration::from_millis(700));
+    // Every expert has a copy on shard 0 or 2: the full sums, nothing unserved.
+    let got = remote.routed_experts(1, &x, &routes).expect("shard 0 tried again");
+    assert_close(&got, &reference(&x, &routes));
+    assert_eq!(remote.take_unserved(), Vec::new());
+    assert!(back.rows.load(Ordering::Relaxed) > 0, "shard 0 served the step");
+    let degraded = remote.degraded().expect("shard 1 still down");
+    assert!(
+        degraded.contains("expert shard 1") && !degraded.contains("expert shard 0"),
+        "{degraded}"
+    );
+    stop(&rt, back);
     stop(&rt, last);
 }

@@ -368,20 +368,33 @@ impl RemoteExperts {
         self.health[shard].lock().map(|h| h.down).unwrap_or(true)
     }
 
+    /// Down, with its hold-down passed: a step may try it again.
+    fn due_for_retry(&self, shard: usize) -> bool {
+        self.health[shard]
+            .lock()
+            .map(|h| h.down && h.retry_at.is_none_or(|t| std::time::Instant::now() >= t))
+            .unwrap_or(false)
+    }
+
+    fn any_shard_live(&self) -> bool {
+        (0..self.health.len()).any(|s| !self.is_down(s))
+    }
+
     /// After a failed call or probe: down, and held down longer each time it fails again
     /// without a successful call in between (a shard whose probe answers but whose calls hang
-    /// would otherwise be brought back at every probe).
+    /// would otherwise be brought back at every probe). A retry that fails while it is down
+    /// holds it down again for as long, not longer (steps retry a last copy; that alone must
+    /// not keep the probe from bringing it back).
     fn mark_down(&self, shard: usize, why: &str) {
         let Ok(mut h) = self.health[shard].lock() else { return };
-        if h.down {
-            return; // a retry while down does not lengthen its hold-down
+        if !h.down {
+            eprintln!(
+                "expert shard {shard} at {}: {why}; its experts go to their other copies until it answers again",
+                self.addresses[shard]
+            );
+            h.down = true;
+            h.failures = h.failures.saturating_add(1);
         }
-        eprintln!(
-            "expert shard {shard} at {}: {why}; its experts go to their other copies until it answers again",
-            self.addresses[shard]
-        );
-        h.down = true;
-        h.failures = h.failures.saturating_add(1);
         let hold = Duration::from_millis(500) * 2u32.saturating_pow(h.failures.saturating_sub(1).min(6));
         h.retry_at = Some(std::time::Instant::now() + hold);
     }
@@ -398,17 +411,26 @@ impl RemoteExperts {
         }
     }
 
-    /// After a call answered: its failures are forgiven.
+    /// After a call answered: its failures are forgiven, and a shard tried while down is back.
     fn call_answered(&self, shard: usize) {
         if let Ok(mut h) = self.health[shard].lock() {
             h.failures = 0;
+            if h.down {
+                h.down = false;
+                eprintln!(
+                    "expert shard {shard} at {} answers again and takes its share",
+                    self.addresses[shard]
+                );
+            }
         }
     }
 
     /// The shard that computes slot `j` of token `t` (`expert`), among the copies not marked
-    /// down; with every copy down, all of them (one may be back before the probe says so)
-    /// when the call would fail without them, none otherwise (the readiness probe brings a
-    /// copy back; a step does not wait on a shard known to be down). `None`: no copy to use.
+    /// down. With every copy down: all of them (one may be back before the probe says so) when
+    /// the call would fail without them; otherwise those whose hold-down has passed, so a
+    /// shard that missed one probe is tried again by the next step rather than costing its
+    /// tokens until the probe brings it back, while a step does not wait on one that has just
+    /// failed. `None`: no copy to use.
     fn pick(&self, layer: usize, t: usize, expert: u32, excluded: &[bool]) -> Result<Option<usize>> {
         let owners = self.plan.owners(expert);
         if owners.is_empty() {
@@ -416,8 +438,13 @@ impl RemoteExperts {
         }
         let usable: Vec<usize> = owners.iter().copied().filter(|&s| !excluded[s]).collect();
         let live: Vec<usize> = usable.iter().copied().filter(|&s| !self.is_down(s)).collect();
-        let retry_down = self.unavailable == UnavailableExperts::FailCall;
-        let choice = if live.is_empty() && retry_down { &usable } else { &live };
+        let choice = if !live.is_empty() {
+            live
+        } else if self.unavailable == UnavailableExperts::FailCall {
+            usable
+        } else {
+            usable.into_iter().filter(|&s| self.due_for_retry(s)).collect()
+        };
         Ok((!choice.is_empty()).then(|| choice[t % choice.len()]))
     }
 
@@ -558,28 +585,35 @@ impl RemoteExperts {
 impl RemoteExperts {
     /// Records the rows whose (token, slot) pairs in `lost` had no live copy; when masking,
     /// scales each such row's sum so its remaining weights add up to the route's total.
-    fn record_unserved(&self, layer: usize, routes: &TokenRoutes, lost: &[(usize, usize)], out: &mut [f32]) {
+    fn record_unserved(
+        &self,
+        layer: usize,
+        routes: &TokenRoutes,
+        lost: &[(usize, usize)],
+        out: &mut [f32],
+    ) -> Result<()> {
         let k = routes.k;
         let width = out.len() / routes.tokens().max(1);
         let masked = self.unavailable == UnavailableExperts::Mask;
+        // Per token: the weight of its slots that went without an expert.
+        let mut gone = vec![0.0f32; routes.tokens()];
+        for &(t, j) in lost {
+            gone[t] += routes.weights[t * k + j];
+        }
         let mut rows: Vec<usize> = lost.iter().map(|&(t, _)| t).collect();
         rows.sort_unstable();
         rows.dedup();
         if masked {
             for &t in &rows {
                 let slots = t * k..(t + 1) * k;
-                let total: f32 = routes.experts[slots.clone()]
-                    .iter()
-                    .zip(&routes.weights[slots])
-                    .filter(|(&e, _)| e != NO_EXPERT)
-                    .map(|(_, &w)| w)
-                    .sum();
-                let gone: f32 = lost
-                    .iter()
-                    .filter(|&&(u, _)| u == t)
-                    .map(|&(_, j)| routes.weights[t * k + j])
-                    .sum();
-                let kept = total - gone;
+                // Experts the caller runs itself are summed apart from these rows: their
+                // weights cannot be rescaled here.
+                ensure!(
+                    !routes.experts[slots.clone()].contains(&NO_EXPERT),
+                    "layer {layer}: experts cannot be masked out of routes that keep some experts on the attention rank"
+                );
+                let total: f32 = routes.weights[slots].iter().sum();
+                let kept = total - gone[t];
                 // A token left with no expert keeps only its shared expert.
                 let scale = if kept > f32::EPSILON * total.abs() {
                     total / kept
@@ -604,6 +638,7 @@ impl RemoteExperts {
         if let Ok(mut u) = self.unserved.lock() {
             u.push(record);
         }
+        Ok(())
     }
 }
 
@@ -636,7 +671,13 @@ impl ExpertExecutor for RemoteExperts {
             pending = self.exchange(layer, x, routes, &pending, &mut excluded, &mut lost, out)?;
         }
         if !lost.is_empty() {
-            self.record_unserved(layer, routes, &lost, out);
+            // Masking every route of every token would leave only the shared expert.
+            ensure!(
+                self.any_shard_live(),
+                "layer {layer}: no expert shard answers ({})",
+                self.addresses.join(", ")
+            );
+            self.record_unserved(layer, routes, &lost, out)?;
         }
         if let Ok(mut totals) = self.totals.lock() {
             totals.layers += 1;
@@ -682,7 +723,8 @@ impl ExpertBackend for RemoteExperts {
             problems.extend(problem);
         }
         let uncovered = self.experts_without_a_live_copy();
-        if uncovered.is_empty() || self.unavailable == UnavailableExperts::Mask {
+        let masking = self.unavailable == UnavailableExperts::Mask && self.any_shard_live();
+        if uncovered.is_empty() || masking {
             Ok(())
         } else {
             Err(format!(
@@ -742,7 +784,8 @@ struct ShardHealth {
     down: bool,
     /// Failures since its last answered call.
     failures: u32,
-    /// Before this, an answered probe does not bring it back.
+    /// Before this, an answered probe does not bring it back, nor does a step try it while it
+    /// is an expert's last copy.
     retry_at: Option<std::time::Instant>,
 }
 

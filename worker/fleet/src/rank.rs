@@ -414,9 +414,10 @@ impl AttentionRank for LocalAttention {
             Self::plain_step(state, &request.items, &reused, picks)?
         };
         // Sequences computed without an expert they were routed to end here, their positions
-        // of this step forgotten (never offered to the prefix cache); the others go on. The
-        // rows are the plain step's chunks in order; a speculative step's layout (drafts, the
-        // MTP module) is not mapped back, so all of its sequences end.
+        // of this step forgotten (never offered to the prefix cache); the others go on. Masked
+        // sequences go on, but what they wrote from this step on is never offered to the
+        // prefix cache. The rows are the plain step's chunks in order; a speculative step's
+        // layout (drafts, the MTP module) is not mapped back, so all of its sequences count.
         let unserved = self.take_unserved();
         let rows_known = self.speculative_tokens == 0;
         let (masked, ended): (Vec<UnservedRows>, Vec<UnservedRows>) = unserved.into_iter().partition(|u| u.masked);
@@ -426,6 +427,10 @@ impl AttentionRank for LocalAttention {
             let item = &request.items[i];
             state.backend.discard_from(item.seq, item.start as usize + reused[i]);
             picked[i].clear();
+        }
+        for &i in masked.keys() {
+            let item = &request.items[i];
+            state.backend.withhold_from(item.seq, item.start as usize + reused[i]);
         }
         for (item, tokens) in request.items.iter().zip(&picked) {
             if tokens.is_empty() {
@@ -614,7 +619,7 @@ fn step_chunks<'a>(items: &'a [StepItem], reused: &[usize]) -> (Vec<Chunk<'a>>, 
 /// their rows (summed over the calls) and why. With `rows_known`, a call's rows are the step's
 /// chunks in order (the items' tokens less what was `reused`) and each lost row names its item;
 /// a call of another shape (padding, drafts, the MTP module) names every item that computed
-/// rows, with none counted.
+/// rows, each counted once for it.
 fn items_without_an_expert(
     items: &[StepItem],
     reused: &[usize],
@@ -640,14 +645,16 @@ fn items_without_an_expert(
     for record in unserved {
         if rows_known && record.rows == total {
             for &row in &record.lost {
-                if let Some(j) = (0..items.len()).find(|&j| starts[j] <= row && row < starts[j] + computed[j]) {
+                // The last item starting at or before the row; items computing nothing own none.
+                let j = starts.partition_point(|&s| s <= row).saturating_sub(1);
+                if (starts[j]..starts[j] + computed[j]).contains(&row) {
                     hit.entry(j).or_insert_with(|| (0, record.reason.clone())).0 += 1;
                 }
             }
         } else {
             for (j, &n) in computed.iter().enumerate() {
                 if n > 0 {
-                    hit.entry(j).or_insert_with(|| (0, record.reason.clone()));
+                    hit.entry(j).or_insert_with(|| (0, record.reason.clone())).0 += 1;
                 }
             }
         }
@@ -729,10 +736,10 @@ mod tests {
         assert_eq!(got[&0], (1, "rows [3, 4]".to_string()));
         assert_eq!(got[&2], (1, "rows [3, 4]".to_string()));
         assert_eq!(got[&3], (1, "rows [7]".to_string()));
-        // A call of another shape names every item that computed rows, counting none.
-        let got = items_without_an_expert(&items, &reused, &[lost(9, &[0])], true);
+        // A call of another shape names every item that computed rows, counting it once.
+        let got = items_without_an_expert(&items, &reused, &[lost(9, &[0]), lost(9, &[5])], true);
         assert_eq!(got.keys().copied().collect::<Vec<_>>(), vec![0, 2, 3]);
-        assert!(got.values().all(|(rows, _)| *rows == 0));
+        assert!(got.values().all(|(rows, _)| *rows == 2), "{got:?}");
         let got = items_without_an_expert(&items, &reused, &[lost(8, &[0])], false);
         assert_eq!(got.keys().copied().collect::<Vec<_>>(), vec![0, 2, 3]);
         assert!(items_without_an_expert(&items, &reused, &[], true).is_empty());

@@ -9,8 +9,8 @@
 //!   a prompt goes to the rank that holds its prefix unless that rank has no room;
 //! - speculative decoding with the MTP module changes no token, preempted or not, and the rank
 //!   reports its drafts;
-//! - an expert with no live copy ends only the sequences routed to it, and what they computed
-//!   without it is never taken from the prefix cache.
+//! - an expert with no live copy ends (or, masked, degrades) only the sequences routed to it,
+//!   and what they computed without it is never taken from the prefix cache.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -538,12 +538,14 @@ fn a_prompt_goes_to_the_rank_holding_its_prefix_while_it_has_room() {
     }
 }
 
-/// The tiny model's experts, less expert `lost.1` of layer `lost.0` while `lost` is set: the
-/// rows routed to it get the other experts' sums and are recorded, as remote shards with no
-/// live copy of an expert do. Records which experts each call of that layer chose.
+/// The tiny model's experts, less expert `lost` of layer `watched` while `lost` is set: the
+/// rows routed to it get the other experts' sums and are recorded (as masked with `mask`), as
+/// remote shards with no live copy of an expert do. Records which experts each call of that
+/// layer chose.
 struct LosingExperts {
     inner: LocalExperts,
     watched: usize,
+    mask: bool,
     lost: Mutex<Option<u32>>,
     chosen: Mutex<std::collections::BTreeSet<u32>>,
     unserved: Mutex<Vec<UnservedRows>>,
@@ -567,7 +569,7 @@ impl ExpertExecutor for LosingExperts {
                 rows: routes.tokens(),
                 lost: rows,
                 reason: format!("expert {lost} of layer {layer} has no live copy"),
-                masked: false,
+                masked: self.mask,
             });
         }
         self.inner.routed_experts(layer, x, &routes.only(|e| e != lost))
@@ -586,33 +588,73 @@ impl ExpertBackend for LosingExperts {
     }
 }
 
-/// Greedy tokens of each prompt, submitted together: Ok, or the error that ended it.
-fn outcomes(fleet: &Fleet, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Result<Vec<u32>, String>> {
-    let requests = prompts
-        .iter()
-        .map(|p| GenerateRequest {
-            prompt: p.clone(),
-            params: SamplingParams {
-                temperature: 0.0,
-                max_tokens,
-                ignore_eos: true,
-                ..SamplingParams::default()
-            },
-        })
-        .collect();
-    try_requests(fleet, requests)
+/// What became of one request: its tokens or the error that ended it, the prompt tokens it
+/// found in the prefix cache, and the routes reported masked.
+#[derive(Debug)]
+struct Outcome {
+    tokens: Result<Vec<u32>, String>,
+    cached: usize,
+    masked: usize,
 }
 
-#[test]
-fn an_expert_with_no_copy_ends_only_the_sequences_routed_to_it() {
+/// One greedy token for each prompt, the prompts submitted together.
+fn first_tokens(fleet: &Fleet, prompts: &[Vec<u32>]) -> Vec<Outcome> {
+    let receivers: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let params = SamplingParams {
+                temperature: 0.0,
+                max_tokens: 1,
+                ignore_eos: true,
+                ..SamplingParams::default()
+            };
+            let request = GenerationRequest {
+                prompt: p.clone(),
+                params,
+                logprobs: None,
+            };
+            fleet.submit(request).expect("submit")
+        })
+        .collect();
+    receivers
+        .into_iter()
+        .map(|mut rx| {
+            let mut outcome = Outcome {
+                tokens: Ok(Vec::new()),
+                cached: 0,
+                masked: 0,
+            };
+            while let Some(event) = rx.blocking_recv() {
+                match event {
+                    GenerationEvent::Token { id, .. } => {
+                        if let Ok(t) = &mut outcome.tokens {
+                            t.push(id);
+                        }
+                    }
+                    GenerationEvent::Failed { message } => outcome.tokens = Err(message),
+                    GenerationEvent::Cached { tokens } => outcome.cached += tokens,
+                    GenerationEvent::ExpertsMasked { routes } => outcome.masked += routes,
+                    GenerationEvent::Scheduled | GenerationEvent::Finished { .. } => {}
+                }
+            }
+            outcome
+        })
+        .collect()
+}
+
+/// A fleet of one rank on the tiny model whose experts of the first MoE layer are `experts`.
+fn losing_fleet(mask: bool) -> (Arc<Fleet>, Arc<LosingExperts>) {
     let files = tiny();
     let model = Model::load(&files, |_| {}).expect("model");
     let ckpt = Checkpoint::open(&files).expect("checkpoint");
     let inner = LocalExperts::load(&ckpt, &model.config, &Default::default(), |_| {}).expect("experts");
-    let watched = model.config.num_hidden_layers - 1; // the last MoE layer
+    // The first MoE layer: the cache rows of the layers after it depend on its sums.
+    let watched = model.config.first_k_dense_replace;
+    assert!(watched + 1 < model.config.num_hidden_layers);
     let experts = Arc::new(LosingExperts {
         inner,
         watched,
+        mask,
         lost: Mutex::new(None),
         chosen: Mutex::default(),
         unserved: Mutex::default(),
@@ -623,20 +665,28 @@ fn an_expert_with_no_copy_ends_only_the_sequences_routed_to_it() {
         Box::new(backend),
         Some(experts.clone() as Arc<dyn ExpertBackend>),
     ));
-    let fleet = fleet_with_rank(rank, 256);
+    (fleet_with_rank(rank, 512), experts)
+}
+
+/// An expert of the first MoE layer loses its only copy while ten 20-token prompts prefill
+/// together. Ended (or masked), exactly the prompts routed to it end (or report masked
+/// routes); the others answer as undisturbed. With the expert back, every prompt answers as
+/// undisturbed, and only the unaffected ones find their first block of 16 in the prefix cache:
+/// nothing computed without the expert is taken from it.
+#[test]
+fn an_expert_with_no_copy_ends_or_masks_only_the_sequences_routed_to_it() {
     let prompts: Vec<Vec<u32>> = (0..10u32)
-        .map(|i| vec![2 + i * 83 % 900, 5 + i * 41 % 700, 9 + i * 13])
+        .map(|i| (0..20u32).map(|t| 2 + (i * 83 + t * 41 + i * t * 7) % 900).collect())
         .collect();
-    let max_tokens = 3;
-    // Undisturbed, one request at a time: its tokens and the experts it chose in the layer.
+    // Undisturbed, one request at a time on a fleet of its own: its token and the experts it
+    // chose in the watched layer.
+    let (reference, experts) = losing_fleet(false);
     let mut undisturbed = Vec::new();
     let mut chose = Vec::new();
     for p in &prompts {
         experts.chosen.lock().expect("lock").clear();
-        let got = outcomes(&fleet, std::slice::from_ref(p), max_tokens)
-            .remove(0)
-            .expect("undisturbed");
-        undisturbed.push(got);
+        let got = first_tokens(&reference, std::slice::from_ref(p)).remove(0);
+        undisturbed.push(got.tokens.expect("undisturbed"));
         chose.push(experts.chosen.lock().expect("lock").clone());
     }
     // An expert some requests choose and others do not.
@@ -647,30 +697,43 @@ fn an_expert_with_no_copy_ends_only_the_sequences_routed_to_it() {
         })
         .min_by_key(|e| chose.iter().filter(|c| c.contains(e)).count())
         .expect("an expert chosen by some requests only");
-    *experts.lost.lock().expect("lock") = Some(lost);
-    let together = outcomes(&fleet, &prompts, max_tokens);
-    for (i, got) in together.iter().enumerate() {
-        if chose[i].contains(&lost) {
-            let error = got.as_ref().expect_err("routed to the lost expert: ended");
-            assert!(
-                error.contains(&format!("expert {lost} of layer {watched} has no live copy")),
-                "{error}"
-            );
-        } else {
+    let routed = |i: usize| chose[i].contains(&lost);
+    for mask in [false, true] {
+        let (fleet, experts) = losing_fleet(mask);
+        *experts.lost.lock().expect("lock") = Some(lost);
+        let watched = experts.watched;
+        for (i, got) in first_tokens(&fleet, &prompts).into_iter().enumerate() {
+            match (routed(i), mask) {
+                (true, false) => {
+                    let error = got.tokens.expect_err("routed to the lost expert: ended");
+                    assert!(
+                        error.contains(&format!("expert {lost} of layer {watched} has no live copy")),
+                        "{error}"
+                    );
+                }
+                (true, true) => {
+                    assert!(got.tokens.is_ok(), "masked, request {i} goes on: {got:?}");
+                    assert!(got.masked > 0, "request {i} reports its masked routes");
+                }
+                (false, _) => {
+                    assert_eq!(got.tokens, Ok(undisturbed[i].clone()), "request {i} never chose it");
+                    assert_eq!(got.masked, 0);
+                }
+            }
+        }
+        *experts.lost.lock().expect("lock") = None;
+        for (i, got) in first_tokens(&fleet, &prompts).into_iter().enumerate() {
             assert_eq!(
-                got.as_ref(),
-                Ok(&undisturbed[i]),
-                "request {i} never chose expert {lost}"
+                got.tokens,
+                Ok(undisturbed[i].clone()),
+                "request {i} with the expert back"
+            );
+            let cached = if routed(i) { 0 } else { 16 };
+            assert_eq!(
+                got.cached, cached,
+                "request {i} (mask: {mask}): prompt tokens from the cache"
             );
         }
+        assert_eq!(fleet.stats().cache_used_blocks, 0, "every block free again");
     }
-    assert!(fleet.health().ready, "the rank goes on serving");
-    // The expert back: the ended prompts give their undisturbed tokens (nothing computed
-    // without it is taken from the prefix cache).
-    *experts.lost.lock().expect("lock") = None;
-    let again = outcomes(&fleet, &prompts, max_tokens);
-    for (i, got) in again.into_iter().enumerate() {
-        assert_eq!(got, Ok(undisturbed[i].clone()), "request {i} after the expert is back");
-    }
-    assert_eq!(fleet.stats().cache_used_blocks, 0, "every block free again");
 }

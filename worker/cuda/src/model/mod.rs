@@ -520,10 +520,37 @@ impl CudaModel {
         keep_residual: bool,
     ) -> Result<(Option<HeadOut>, Option<DeviceTrace>, Option<DeviceBuf>)> {
         check_chunks(&self.config, chunks)?;
-        for c in chunks {
-            self.cache.table.begin_chunk(c.seq, c.start, c.tokens.len())?;
+        for (i, c) in chunks.iter().enumerate() {
+            if let Err(e) = self.cache.table.begin_chunk(c.seq, c.start, c.tokens.len()) {
+                self.discard_chunks(&chunks[..i]);
+                return Err(e.into());
+            }
             self.cache.table.note_tokens(c.seq, c.start, c.tokens);
         }
+        let result = self.run_step_rows(chunks, head_rows, trace, keep_residual);
+        if result.is_err() {
+            // Rows written by the layers before the failure are not what their tokens give.
+            self.discard_chunks(chunks);
+        }
+        result
+    }
+
+    /// Forgets what `chunks` wrote from their starts on: none of it stays in the prefix cache.
+    fn discard_chunks(&mut self, chunks: &[Chunk]) {
+        for c in chunks {
+            self.cache.table.discard_from(c.seq, c.start);
+        }
+    }
+
+    /// [`CudaModel::run_step_keeping`] once every chunk has its room in the cache.
+    #[allow(clippy::type_complexity)]
+    fn run_step_rows(
+        &mut self,
+        chunks: &[Chunk],
+        head_rows: Option<&[i32]>,
+        trace: bool,
+        keep_residual: bool,
+    ) -> Result<(Option<HeadOut>, Option<DeviceTrace>, Option<DeviceBuf>)> {
         self.moe_stats.reset_touched(&self.gpu)?;
         let head_rows = head_rows.filter(|r| !r.is_empty());
         if self.use_graphs && !trace && !keep_residual && graph::fits(chunks, head_rows) {
@@ -790,6 +817,10 @@ impl StepBackend for CudaModel {
 
     fn discard_from(&mut self, seq: SeqId, len: usize) {
         self.cache.table.discard_from(seq, len);
+    }
+
+    fn withhold_from(&mut self, seq: SeqId, from: usize) {
+        self.cache.table.withhold_from(seq, from);
     }
 
     fn has_mtp(&self) -> bool {
