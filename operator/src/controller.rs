@@ -20,7 +20,10 @@ use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::crd::{DeepSeekV3Deployment, DeepSeekV3DeploymentStatus, RoleStatus, UnavailableExperts};
+use crate::crd::{
+    DeepSeekV3Deployment, DeepSeekV3DeploymentStatus, FleetGeneration, RoleStatus, RolloutStrategy, Slot,
+    UnavailableExperts,
+};
 use crate::metrics::{ErrorLabels, Metrics, PhaseLabels};
 use crate::model_readiness::{self, ModelState};
 use crate::planner::{self, ChildKind, Names, Plan, PlanError, PlanInput, Role, MANAGER, ROUTER_PORT};
@@ -385,10 +388,11 @@ async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Actio
 
     let model = model_readiness::observe(&cr, client, &ns).await?;
     let input = PlanInput {
-        placement_cutover: false,
         served_model: model.served.clone(),
+        ..Default::default()
     };
-    let plan = match planner::plan(&cr, &input) {
+    let plan_or_block = |input: &PlanInput| planner::plan(&cr, input);
+    let desired = match plan_or_block(&input) {
         Ok(p) => p,
         Err(e @ (PlanError::Placement(_) | PlanError::Negative(_) | PlanError::PodOverrides(..))) => {
             let blocker = Blocker {
@@ -406,43 +410,174 @@ async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Actio
         }
         Err(PlanError::MissingMetadata(m)) => return Err(Error::MissingMetadata(m)),
     };
-    let desired_version = plan.placement.version.clone();
-
-    // Never run two placement versions side by side: when the version changes, stop both worker
-    // sets first and start the new version only once no old pod is left.
-    let (plan, cutover, cutover_done) = match &old_status.placement_version {
-        Some(prev) if *prev != desired_version => {
-            let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
-            let att = sts.get_opt(&names.role(Role::Attention)).await?;
-            let exp = sts.get_opt(&names.role(Role::Expert)).await?;
-            let drained = [att, exp].iter().all(|s| s.as_ref().is_none_or(sts_drained));
-            if drained {
-                (plan, false, true)
+    let replan = |input: PlanInput| plan_or_block(&input).map_err(|_| Error::MissingMetadata("plan"));
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    let slot_sets = |slot: Slot| {
+        let sts = sts.clone();
+        let names = Names::new(&name);
+        async move {
+            let attention = sts.get_opt(&names.set(Role::Attention, slot)).await?;
+            let experts = sts.get_opt(&names.set(Role::Expert, slot)).await?;
+            Ok::<_, Error>((attention, experts))
+        }
+    };
+    let rollout = match old_status.serving.clone() {
+        Some(s) if s.revision == desired.generation.revision => Rollout::InPlace(s.slot),
+        Some(s) if cr.spec.rollout.strategy == RolloutStrategy::Recreate => Rollout::Recreate(s),
+        Some(s) => {
+            // Nothing of the serving generation answers: no request to keep, nothing to double.
+            let (a, e) = slot_sets(s.slot).await?;
+            let answers = |set: &Option<StatefulSet>| {
+                set.as_ref()
+                    .and_then(|s| s.status.as_ref())
+                    .is_some_and(|st| st.ready_replicas.unwrap_or(0) > 0)
+            };
+            if answers(&a) && answers(&e) {
+                Rollout::BlueGreen(s)
             } else {
-                let p = planner::plan(
-                    &cr,
-                    &PlanInput {
-                        placement_cutover: true,
-                        ..input
-                    },
-                )
-                .map_err(|_| Error::MissingMetadata("plan"))?;
-                (p, true, false)
+                Rollout::Recreate(s)
             }
         }
-        _ => (plan, false, false),
+        // A fleet from before generations were recorded: its placement decides, as it did.
+        None => match &old_status.placement_version {
+            Some(v) if *v != desired.placement.version => Rollout::Recreate(FleetGeneration {
+                placement_version: v.clone(),
+                ..desired.generation.clone()
+            }),
+            _ => Rollout::InPlace(Slot::Blue),
+        },
     };
+
+    let mut cutover = false;
+    let mut activated = false;
+    let mut next = None;
+    let mut serving = None;
+    let plan = match &rollout {
+        Rollout::InPlace(slot) => replan(PlanInput {
+            slot: *slot,
+            ..input.clone()
+        })?,
+        Rollout::Recreate(s) => {
+            // Stop the serving generation's pods first; start the new one once none is left.
+            let (a, e) = slot_sets(s.slot).await?;
+            let drained = [a, e].iter().all(|s| s.as_ref().is_none_or(sts_drained));
+            activated = drained;
+            cutover = !drained;
+            replan(PlanInput {
+                slot: s.slot,
+                placement_cutover: !drained,
+                ..input.clone()
+            })?
+        }
+        Rollout::BlueGreen(s) => {
+            let p = replan(PlanInput {
+                slot: s.slot.other(),
+                serving: Some(s.clone()),
+                ..input.clone()
+            })?;
+            next = Some(p.generation.clone());
+            serving = Some(s.clone());
+            p
+        }
+    };
+    // The new slot must hold nothing the routers may still send to: after a switch, the old
+    // generation stays until every router runs the new peers.
+    if let Rollout::BlueGreen(s) = &rollout {
+        let router: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        let routers = router.get_opt(&names.role(Role::Router)).await?;
+        let (a, e) = slot_sets(s.slot.other()).await?;
+        let old_generation_left = [a, e].iter().flatten().any(|set| {
+            set.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(planner::LABEL_REVISION))
+                != Some(&plan.generation.revision)
+        });
+        if old_generation_left && !routers.as_ref().is_some_and(router_rolled_out) {
+            let message = "waiting for the routers to finish switching generations".to_string();
+            let mut status = cr.status.clone().unwrap_or_default();
+            status.conditions = progressing_conditions(&cr, &status, "SwitchingGenerations", message);
+            patch_status(&ctx, &cr, &status).await?;
+            return Ok(Action::requeue(REQUEUE_CUTOVER));
+        }
+    }
 
     let mut observed = apply_plan(client, &ns, &plan).await?;
     observe_pods(client, &ns, &name, cr.spec.rollout.restart_budget, &mut observed).await?;
 
-    if cutover_done {
+    // The new generation's StatefulSets as applied, for the status while it starts.
+    let next_sets = (observed.attention.clone(), observed.experts.clone());
+    if let (Rollout::BlueGreen(s), Some(new)) = (&rollout, &next) {
+        if set_ready(observed.attention.as_ref()) && set_ready(observed.experts.as_ref()) {
+            // Every pod of the new generation answers: the routers switch to it.
+            let switched = replan(PlanInput {
+                slot: new.slot,
+                ..input.clone()
+            })?;
+            observed.router = Some(server_side_apply(client, &ns, &switched.router_deployment).await?);
+            ctx.event(
+                &cr,
+                EventType::Normal,
+                "GenerationSwitched",
+                format!(
+                    "routers now send to generation {} ({} pods); generation {} stops once they have rolled over",
+                    new.revision,
+                    new.slot.as_str(),
+                    s.revision
+                ),
+            )
+            .await;
+            serving = Some(new.clone());
+            next = None;
+        } else {
+            // The status speaks of the generation that serves.
+            let (a, e) = slot_sets(s.slot).await?;
+            observed.attention = a;
+            observed.experts = e;
+        }
+    }
+
+    let serving = serving.unwrap_or_else(|| match (&rollout, cutover) {
+        (Rollout::Recreate(s), true) => s.clone(),
+        _ => plan.generation.clone(),
+    });
+    // With the routers on the serving generation, the other slot's StatefulSets go.
+    let mut other_slot_left = false;
+    if next.is_none() && !cutover {
+        let (a, e) = slot_sets(serving.slot.other()).await?;
+        if a.is_some() || e.is_some() {
+            if observed.router.as_ref().is_some_and(router_rolled_out) {
+                for role in [Role::Attention, Role::Expert] {
+                    delete_if_present::<StatefulSet>(client, &ns, &names.set(role, serving.slot.other())).await?;
+                }
+                ctx.event(
+                    &cr,
+                    EventType::Normal,
+                    "GenerationStopped",
+                    format!(
+                        "the {} attention and expert pods stop: every router sends to generation {}",
+                        serving.slot.other().as_str(),
+                        serving.revision
+                    ),
+                )
+                .await;
+            } else {
+                other_slot_left = true;
+            }
+        }
+    }
+    if (activated || next.is_none()) && !cutover && !other_slot_left {
         collect_old_placements(client, &ns, &name, &plan).await?;
+    }
+    if activated {
         ctx.event(
             &cr,
             EventType::Normal,
-            "PlacementActivated",
-            format!("attention and expert pods now start with placement {desired_version}"),
+            "GenerationActivated",
+            format!(
+                "attention and expert pods now start as generation {} (placement {})",
+                plan.generation.revision, plan.placement.version
+            ),
         )
         .await;
     }
@@ -451,15 +586,83 @@ async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Actio
         model_readiness::collect_old_downloads(client, &ns, &cr).await?;
     }
 
-    let status = compute_status(&cr, &plan, &observed, cutover, &model, &now);
+    let mut status = compute_status(&cr, &plan, &observed, cutover, &model, &now);
+    if let Some(new) = &next {
+        let mut message = format!(
+            "generation {} starting beside {} (attention {}, experts {}); the routers switch once every pod is ready",
+            new.revision,
+            serving.revision,
+            role_from_sts(next_sets.0.as_ref(), None).summary,
+            role_from_sts(next_sets.1.as_ref(), None).summary,
+        );
+        // Pods the scheduler cannot place: most likely no room for two generations at once.
+        if let Some((pod, why)) = observed.unschedulable.first() {
+            message.push_str(&format!(
+                "; pod {pod} cannot be scheduled: {why} (without room for both generations, rollout.strategy: Recreate stops the serving one first)"
+            ));
+        }
+        status.conditions = progressing_conditions(&cr, &status, "NewGenerationStarting", message);
+        status.phase = Some("Progressing".into());
+        status.placement_version = Some(serving.placement_version.clone());
+        status.placement_config_map = Some(names.placement_config(&serving.placement_version));
+    }
+    status.serving = Some(serving);
+    status.next = next;
     publish_transition_events(&ctx, &cr, &old_status, &status, &plan, cutover).await;
     patch_status(&ctx, &cr, &status).await?;
 
     Ok(Action::requeue(match status.phase.as_deref() {
-        Some("Ready") => REQUEUE_READY,
-        _ if cutover => REQUEUE_CUTOVER,
+        Some("Ready") if !other_slot_left => REQUEUE_READY,
+        _ if cutover || status.next.is_some() || other_slot_left => REQUEUE_CUTOVER,
         _ => REQUEUE_PROGRESSING,
     }))
+}
+
+/// How this reconcile brings the desired generation of attention and expert pods about.
+enum Rollout {
+    /// It is the serving one (or none was recorded): planned in its slot, rolled in place.
+    InPlace(Slot),
+    /// The serving generation's pods stop first, then the new one starts in the same slot.
+    Recreate(FleetGeneration),
+    /// The new generation starts in the other slot beside the serving one.
+    BlueGreen(FleetGeneration),
+}
+
+/// Every pod of a StatefulSet runs its current template and is ready.
+fn set_ready(set: Option<&StatefulSet>) -> bool {
+    let Some(set) = set else { return false };
+    let want = set.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let st = set.status.clone().unwrap_or_default();
+    let current = st.observed_generation.unwrap_or(0) >= set.metadata.generation.unwrap_or(0);
+    want > 0 && current && st.ready_replicas.unwrap_or(0) >= want && st.updated_replicas.unwrap_or(0) >= want
+}
+
+/// Every router pod runs the Deployment's current template (the old ones are gone).
+fn router_rolled_out(d: &Deployment) -> bool {
+    let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let st = d.status.clone().unwrap_or_default();
+    let current = st.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0);
+    current && st.updated_replicas.unwrap_or(0) >= want && st.replicas.unwrap_or(0) <= want
+}
+
+/// The status's conditions with Progressing set to `reason` (Ready and Degraded kept).
+fn progressing_conditions(
+    cr: &DeepSeekV3Deployment,
+    status: &DeepSeekV3DeploymentStatus,
+    reason: &str,
+    message: String,
+) -> Vec<Condition> {
+    let g = cr.metadata.generation.unwrap_or(0);
+    let now = Time(Timestamp::now());
+    let old = cr.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let mut conditions: Vec<Condition> = status
+        .conditions
+        .iter()
+        .filter(|c| c.type_ != "Progressing")
+        .cloned()
+        .collect();
+    conditions.push(condition(old, "Progressing", true, reason, message, g, &now));
+    conditions
 }
 
 /// Server-side apply every planned object (one field manager, forced) and delete unwanted ones.
@@ -549,8 +752,10 @@ async fn cleanup(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Act
     delete_if_present::<HorizontalPodAutoscaler>(client, &ns, &names.role(Role::Router)).await?;
     delete_if_present::<Deployment>(client, &ns, &names.role(Role::Router)).await?;
     delete_if_present::<HorizontalPodAutoscaler>(client, &ns, &names.role(Role::Attention)).await?;
-    delete_if_present::<StatefulSet>(client, &ns, &names.role(Role::Attention)).await?;
-    delete_if_present::<StatefulSet>(client, &ns, &names.role(Role::Expert)).await?;
+    for slot in [Slot::Blue, Slot::Green] {
+        delete_if_present::<StatefulSet>(client, &ns, &names.set(Role::Attention, slot)).await?;
+        delete_if_present::<StatefulSet>(client, &ns, &names.set(Role::Expert, slot)).await?;
+    }
     ctx.reset_backoff(&key(&cr));
     Ok(Action::await_change())
 }
@@ -610,18 +815,9 @@ async fn publish_transition_events(
             .find(|c| c.type_ == t)
             .map(|c| (c.status.clone(), c.reason.clone()))
     };
-    if cutover && reason_of(old, "Progressing").map(|x| x.1) != Some("PlacementCutover".into()) {
-        ctx.event(
-            cr,
-            EventType::Normal,
-            "PlacementCutover",
-            format!(
-                "placement changes from {} to {}: stopping attention and expert pods before starting the new version",
-                old.placement_version.clone().unwrap_or_default(),
-                plan.placement.version
-            ),
-        )
-        .await;
+    if cutover && reason_of(old, "Progressing").map(|x| x.1) != Some("Recreating".into()) {
+        ctx.event(cr, EventType::Normal, "Recreating", recreating_message(old, plan))
+            .await;
     }
     let was = reason_of(old, "Ready").map(|x| x.0);
     if let Some((now, reason)) = reason_of(new, "Ready") {
@@ -746,6 +942,18 @@ pub fn blocked_status(cr: &DeepSeekV3Deployment, b: &Blocker, now: &Time) -> Dee
     }
 }
 
+/// What a Recreate rollout does, from the serving generation to the planned one.
+fn recreating_message(old: &DeepSeekV3DeploymentStatus, plan: &Plan) -> String {
+    let (revision, placement) = match &old.serving {
+        Some(s) => (s.revision.clone(), s.placement_version.clone()),
+        None => (String::new(), old.placement_version.clone().unwrap_or_default()),
+    };
+    format!(
+        "stopping the attention and expert pods of generation {revision} (placement {placement}) before starting generation {} (placement {})",
+        plan.generation.revision, plan.placement.version
+    )
+}
+
 /// Status from the observed workloads. Pure.
 ///
 /// Ready: the fleet serves (a router, an attention rank and every expert shard are ready).
@@ -845,15 +1053,11 @@ pub fn compute_status(
             (true, "RestartBudgetExhausted", crashed),
         )
     } else if cutover {
-        let msg = format!(
-            "stopping placement {} before starting {}",
-            old.placement_version.clone().unwrap_or_default(),
-            plan.placement.version
-        );
+        let msg = recreating_message(&old, plan);
         (
             "Progressing",
-            (false, "PlacementCutover", msg.clone()),
-            (true, "PlacementCutover", msg),
+            (false, "Recreating", msg.clone()),
+            (true, "Recreating", msg),
             (false, "AsExpected", String::new()),
         )
     } else if serving && all_full && !any_rolling {

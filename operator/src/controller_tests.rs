@@ -10,7 +10,7 @@ use crate::controller::{
     error_policy, reconcile, Context, BACKOFF_BASE, FINALIZER, REQUEUE_BLOCKED, REQUEUE_CUTOVER, REQUEUE_PROGRESSING,
     REQUEUE_READY,
 };
-use crate::crd::{DeepSeekV3Deployment, UnavailableExperts};
+use crate::crd::{DeepSeekV3Deployment, RolloutStrategy, UnavailableExperts};
 use crate::fixtures::FakeApi;
 use crate::metrics::Metrics;
 use crate::planner::{self, PlanInput};
@@ -125,13 +125,26 @@ impl Harness {
         });
     }
 
+    /// Sets the status of the blue slot's StatefulSet of `role`.
     fn set_sts_status(&self, role: &str, replicas: i64, ready: i64) {
-        let path = sts_path(&self.ns, &format!("{}-{role}", self.name));
+        self.set_named_sts_status(&format!("{}-{role}", self.name), replicas, ready);
+    }
+
+    /// Sets the status of the StatefulSet called `set` (a role's, in either slot).
+    fn set_named_sts_status(&self, set: &str, replicas: i64, ready: i64) {
+        let path = sts_path(&self.ns, set);
         self.fake.edit(&path, |o| {
             let g = o["metadata"]["generation"].clone();
             o["status"] = json!({"replicas": replicas, "readyReplicas": ready, "updatedReplicas": replicas,
                                  "currentReplicas": replicas, "observedGeneration": g});
         });
+    }
+
+    /// The router Deployment as the API server holds it.
+    fn router(&self) -> Value {
+        self.fake
+            .get(&deploy_path(&self.ns, &format!("{}-router", self.name)))
+            .expect("router")
     }
 
     fn set_router_status(&self, ready: i64) {
@@ -468,8 +481,10 @@ async fn with_unavailable_experts_masked_the_fleet_serves_while_one_shard_is_lef
 }
 
 #[tokio::test]
-async fn placement_change_never_mixes_versions() {
-    let h = Harness::new(&sample("tiny-cpu.yaml")).with_pvc("dsv3-tiny-model");
+async fn recreated_a_placement_change_stops_the_old_version_before_the_new_starts() {
+    let mut cr = sample("tiny-cpu.yaml");
+    cr.spec.rollout.strategy = RolloutStrategy::Recreate;
+    let h = Harness::new(&cr).with_pvc("dsv3-tiny-model");
     h.create().await;
     h.set_sts_status("attention", 2, 2);
     h.set_sts_status("expert", 4, 4);
@@ -493,8 +508,8 @@ async fn placement_change_never_mixes_versions() {
         v1.as_str(),
         "old version still recorded"
     );
-    assert_eq!(h.condition("Progressing"), ("True".into(), "PlacementCutover".into()));
-    assert!(h.events().contains(&("PlacementCutover".into(), "Normal".into())));
+    assert_eq!(h.condition("Progressing"), ("True".into(), "Recreating".into()));
+    assert!(h.events().contains(&("Recreating".into(), "Normal".into())));
 
     // Pods still terminating: stay stopped.
     h.reconcile().await.expect("reconcile");
@@ -524,7 +539,167 @@ async fn placement_change_never_mixes_versions() {
         .fake
         .get(&core_path("default", "configmaps", &format!("tiny-placement-{v2}")))
         .is_some());
-    assert!(h.events().contains(&("PlacementActivated".into(), "Normal".into())));
+    assert!(h.events().contains(&("GenerationActivated".into(), "Normal".into())));
+}
+
+/// The value after `flag` in a pod template's first container's arguments.
+fn arg_of(template_owner: &Value, flag: &str) -> String {
+    let args = &template_owner["spec"]["template"]["spec"]["containers"][0]["args"];
+    args.as_array()
+        .and_then(|a| {
+            let i = a.iter().position(|x| x == flag)?;
+            a.get(i + 1)?.as_str().map(str::to_string)
+        })
+        .unwrap_or_else(|| panic!("no {flag} in {args}"))
+}
+
+fn image_of(template_owner: &Value) -> String {
+    template_owner["spec"]["template"]["spec"]["containers"][0]["image"]
+        .as_str()
+        .expect("image")
+        .to_string()
+}
+
+/// An image change, blue/green: the new generation starts in the green StatefulSets beside the
+/// serving blue ones, which stay untouched; the routers keep the blue peers and the old image
+/// until every green pod is ready, then switch in one rollout; the blue sets go only once every
+/// router runs the switch. The next change goes back into the blue slot.
+#[tokio::test]
+async fn a_new_generation_starts_beside_the_serving_one_and_the_routers_switch_when_it_is_ready() {
+    let h = Harness::new(&sample("tiny-cpu.yaml")).with_pvc("dsv3-tiny-model");
+    h.create().await;
+    h.set_sts_status("attention", 2, 2);
+    h.set_sts_status("expert", 4, 4);
+    h.set_router_status(1);
+    h.reconcile().await.expect("reconcile");
+    assert_eq!(h.status()["phase"], "Ready");
+    let blue = h.status()["serving"].clone();
+    assert_eq!(blue["slot"], "blue");
+    let old_image = blue["image"].as_str().expect("image").to_string();
+    let blue_peers = arg_of(&h.router(), "--attention-peers");
+    assert!(
+        blue_peers.starts_with("tiny-attention-0.tiny-attention."),
+        "{blue_peers}"
+    );
+    let blue_sets = [
+        sts_path("default", "tiny-attention"),
+        sts_path("default", "tiny-expert"),
+    ];
+    let before: Vec<Value> = blue_sets.iter().map(|p| h.fake.get(p).expect("blue set")).collect();
+
+    h.edit_spec(|s| s["image"] = json!("registry.example/dsv3-worker:2"));
+    let action = h.reconcile().await.expect("reconcile");
+    assert_eq!(action, Action::requeue(REQUEUE_CUTOVER));
+    // Green beside blue: blue untouched, the routers unchanged.
+    for (p, b) in blue_sets.iter().zip(&before) {
+        assert_eq!(&h.fake.get(p).expect("blue set"), b, "{p} is left as it runs");
+    }
+    let green_attention = h
+        .fake
+        .get(&sts_path("default", "tiny-attention-green"))
+        .expect("green attention");
+    let green_experts = h
+        .fake
+        .get(&sts_path("default", "tiny-expert-green"))
+        .expect("green experts");
+    assert_eq!(image_of(&green_attention), "registry.example/dsv3-worker:2");
+    assert_eq!(image_of(&green_experts), "registry.example/dsv3-worker:2");
+    let green_expert_peers = arg_of(&green_attention, "--expert-peers");
+    assert!(
+        green_expert_peers
+            .split(',')
+            .all(|p| p.starts_with("tiny-expert-green-") && p.contains(".tiny-expert.default.svc:")),
+        "green attention ranks reach green shards only: {green_expert_peers}"
+    );
+    for set in [&green_attention, &green_experts] {
+        assert_eq!(set["spec"]["selector"]["matchLabels"]["dsv3.io/slot"], "green");
+        assert_eq!(set["spec"]["template"]["metadata"]["labels"]["dsv3.io/slot"], "green");
+    }
+    assert_eq!(arg_of(&h.router(), "--attention-peers"), blue_peers);
+    assert_eq!(
+        image_of(&h.router()),
+        old_image,
+        "the routers run the serving generation's image"
+    );
+    let st = h.status();
+    assert_eq!(st["serving"], blue);
+    assert_eq!(st["next"]["slot"], "green");
+    assert_ne!(st["next"]["revision"], blue["revision"]);
+    assert_eq!(h.condition("Ready").0, "True", "blue serves throughout");
+    assert_eq!(st["phase"], "Progressing");
+    assert_eq!(
+        h.condition("Progressing"),
+        ("True".into(), "NewGenerationStarting".into())
+    );
+
+    // Half the green shards ready: still blue.
+    h.set_named_sts_status("tiny-attention-green", 2, 2);
+    h.set_named_sts_status("tiny-expert-green", 4, 2);
+    h.reconcile().await.expect("reconcile");
+    assert_eq!(arg_of(&h.router(), "--attention-peers"), blue_peers);
+    assert_eq!(h.status()["serving"], blue);
+
+    // Every green pod ready: the routers switch, in one rollout, to green peers and image.
+    h.set_named_sts_status("tiny-expert-green", 4, 4);
+    h.fake.clear_log();
+    h.reconcile().await.expect("reconcile");
+    let green_peers = arg_of(&h.router(), "--attention-peers");
+    assert!(
+        green_peers.starts_with("tiny-attention-green-0.tiny-attention."),
+        "{green_peers}"
+    );
+    assert_eq!(image_of(&h.router()), "registry.example/dsv3-worker:2");
+    let st = h.status();
+    assert_eq!(st["serving"]["slot"], "green");
+    assert!(st.get("next").is_none() || st["next"].is_null(), "{st}");
+    assert!(h.events().contains(&("GenerationSwitched".into(), "Normal".into())));
+    // Old routers may still send to blue: it stays while they roll.
+    h.reconcile().await.expect("reconcile");
+    assert!(h.fake.get(&blue_sets[0]).is_some() && h.fake.get(&blue_sets[1]).is_some());
+
+    // Every router runs the switch: blue goes.
+    h.set_router_status(1);
+    h.fake.clear_log();
+    h.reconcile().await.expect("reconcile");
+    assert!(h.fake.get(&blue_sets[0]).is_none() && h.fake.get(&blue_sets[1]).is_none());
+    assert!(h.events().contains(&("GenerationStopped".into(), "Normal".into())));
+    h.set_named_sts_status("tiny-attention-green", 2, 2);
+    h.set_named_sts_status("tiny-expert-green", 4, 4);
+    h.set_router_status(1);
+    assert_eq!(h.reconcile().await.expect("reconcile"), Action::requeue(REQUEUE_READY));
+    assert_eq!(h.status()["phase"], "Ready");
+
+    // Scaling the attention ranks is no new generation: in place, in green.
+    h.edit_spec(|s| s["attention"]["replicas"] = json!(3));
+    h.reconcile().await.expect("reconcile");
+    let green_attention = h.fake.get(&sts_path("default", "tiny-attention-green")).expect("green");
+    assert_eq!(green_attention["spec"]["replicas"], 3);
+    assert!(h.fake.get(&blue_sets[0]).is_none());
+    assert_eq!(arg_of(&h.router(), "--attention-peers").split(',').count(), 3);
+
+    // The next generation (a new placement) goes back into blue, with its own placement
+    // ConfigMap beside the serving one's.
+    h.set_named_sts_status("tiny-attention-green", 3, 3);
+    h.set_router_status(1);
+    let v_green = h.status()["serving"]["placementVersion"]
+        .as_str()
+        .expect("version")
+        .to_string();
+    h.edit_spec(|s| s["experts"]["redundantExperts"] = json!(0));
+    h.reconcile().await.expect("reconcile");
+    let st = h.status();
+    assert_eq!(st["next"]["slot"], "blue");
+    let v_blue = st["next"]["placementVersion"].as_str().expect("version").to_string();
+    assert_ne!(v_blue, v_green);
+    assert_eq!(st["placementVersion"], v_green.as_str(), "the serving placement");
+    for v in [&v_green, &v_blue] {
+        assert!(h
+            .fake
+            .get(&core_path("default", "configmaps", &format!("tiny-placement-{v}")))
+            .is_some());
+    }
+    let blue_attention = h.fake.get(&blue_sets[0]).expect("blue again");
+    assert!(arg_of(&blue_attention, "--expert-peers").starts_with("tiny-expert-0.tiny-expert."));
 }
 
 #[tokio::test]

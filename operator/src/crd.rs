@@ -762,6 +762,67 @@ pub struct RolloutSpec {
     #[serde(default = "default_restart_budget")]
     #[schemars(range(min = 1, max = 1000))]
     pub restart_budget: i32,
+    /// How a new worker generation (a change of the image, of the expert pod template, of the
+    /// expert placement or of the model revision) replaces the running one. Attention ranks
+    /// only ever talk to expert shards of their own generation either way; a change of the
+    /// attention pod template alone rolls the ranks in place, one at a time.
+    #[serde(default)]
+    pub strategy: RolloutStrategy,
+}
+
+/// How a new generation of attention and expert pods replaces the running one.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RolloutStrategy {
+    /// The new generation starts beside the running one (twice the GPUs for a while); the
+    /// routers switch to it once every one of its pods is ready, and the old generation stops
+    /// once the routers have rolled over. No request is refused or cut off.
+    #[default]
+    BlueGreen,
+    /// The running generation stops first (its attention ranks drain what they hold), then the
+    /// new one starts: no extra GPUs, but no serving in between.
+    Recreate,
+}
+
+/// Which of the two sets of worker StatefulSets a generation runs in: blue is
+/// `<name>-attention` and `<name>-expert`, green the same with `-green`. A new generation
+/// goes into the slot the serving one does not use.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Slot {
+    #[default]
+    Blue,
+    Green,
+}
+
+impl Slot {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Slot::Blue => "blue",
+            Slot::Green => "green",
+        }
+    }
+
+    pub fn other(self) -> Slot {
+        match self {
+            Slot::Blue => Slot::Green,
+            Slot::Green => Slot::Blue,
+        }
+    }
+}
+
+/// A generation of attention and expert pods, as the routers reach it.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct FleetGeneration {
+    /// Hash of the expert pod template (image, arguments, placement, model revision) and the
+    /// attention ranks' image.
+    pub revision: String,
+    pub slot: Slot,
+    /// The image its pods run, which the routers that send to it run too.
+    pub image: String,
+    /// Attention ranks the routers know about.
+    pub attention_peers: i32,
+    pub placement_version: String,
 }
 
 fn default_restart_budget() -> i32 {
@@ -779,6 +840,7 @@ impl Default for RolloutSpec {
             max_surge: 1,
             drain_seconds: default_drain_seconds(),
             restart_budget: default_restart_budget(),
+            strategy: RolloutStrategy::default(),
         }
     }
 }
@@ -820,6 +882,12 @@ pub struct DeepSeekV3DeploymentStatus {
     /// In-cluster URL of the OpenAI-compatible API.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// The generation of attention and expert pods the routers send to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving: Option<FleetGeneration>,
+    /// A new generation starting beside the serving one (blue/green), until the routers switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<FleetGeneration>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }

@@ -33,8 +33,8 @@ use kube::Resource;
 use serde::Serialize;
 
 use crate::crd::{
-    DataPlane, DeepSeekV3Deployment, DeepSeekV3DeploymentSpec, GangScheduler, PodSettings, RoleAutoscaling,
-    SecretKeyRef, ServedModel, UnavailableExperts,
+    DataPlane, DeepSeekV3Deployment, DeepSeekV3DeploymentSpec, FleetGeneration, GangScheduler, PodSettings,
+    RoleAutoscaling, SecretKeyRef, ServedModel, Slot, UnavailableExperts,
 };
 use crate::placement::{self, PlacementError, PlacementInput, PlacementPlan};
 
@@ -60,6 +60,10 @@ pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const LABEL_PART_OF: &str = "app.kubernetes.io/part-of";
 pub const LABEL_PLACEMENT_VERSION: &str = "dsv3.io/placement-version";
+/// On the worker StatefulSets: the generation they run ([`FleetGeneration::revision`]).
+pub const LABEL_REVISION: &str = "dsv3.io/fleet-revision";
+/// On StatefulSets: which slot they are; on pods, only on the green slot's.
+pub const LABEL_SLOT: &str = "dsv3.io/slot";
 /// Pod-index label Kubernetes puts on StatefulSet pods (beta 1.28, GA 1.32).
 pub const LABEL_POD_INDEX: &str = "apps.kubernetes.io/pod-index";
 pub const APP_NAME: &str = "dsv3";
@@ -92,6 +96,11 @@ pub struct PlanInput {
     /// With a hub source: the downloaded, verified revision the workers run (status.servedModel).
     /// None: nothing is downloaded yet, so no router or worker pod is started.
     pub served_model: Option<ServedModel>,
+    /// The StatefulSets the planned generation of attention and expert pods runs in.
+    pub slot: Slot,
+    /// The generation the routers send to, while it is not the planned one (a blue/green
+    /// rollout before the switch). None: the planned one.
+    pub serving: Option<FleetGeneration>,
 }
 
 impl PlanInput {
@@ -116,6 +125,8 @@ pub enum ChildKind {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
     pub placement: PlacementPlan,
+    /// The generation of attention and expert pods planned (in `PlanInput::slot`).
+    pub generation: FleetGeneration,
     pub service_account: ServiceAccount,
     pub fleet_config: ConfigMap,
     pub placement_config: ConfigMap,
@@ -217,8 +228,16 @@ impl Names {
     pub fn new(base: &str) -> Self {
         Self { base: base.to_string() }
     }
+    /// The role's router Deployment, Services, PDB and HPA; the blue slot's StatefulSets.
     pub fn role(&self, role: Role) -> String {
         format!("{}-{}", self.base, role.as_str())
+    }
+    /// The StatefulSet of a worker role in `slot`.
+    pub fn set(&self, role: Role, slot: Slot) -> String {
+        match slot {
+            Slot::Blue => self.role(role),
+            Slot::Green => format!("{}-{}-green", self.base, role.as_str()),
+        }
     }
     pub fn service_account(&self) -> String {
         format!("{}-fleet", self.base)
@@ -252,6 +271,11 @@ fn labels(instance: &str, component: &str) -> BTreeMap<String, String> {
     ])
 }
 
+/// The label the green slot's pods carry (none for blue, whose pods predate slots).
+fn slot_label(slot: Slot) -> Option<(String, String)> {
+    (slot == Slot::Green).then(|| (LABEL_SLOT.to_string(), slot.as_str().to_string()))
+}
+
 /// Label selector string of the pods of one role (for the scale subresource).
 pub fn selector_string(instance: &str, role: Role) -> String {
     selector_labels(instance, role)
@@ -268,6 +292,8 @@ struct Ctx<'a> {
     spec: &'a DeepSeekV3DeploymentSpec,
     names: Names,
     served_model: Option<ServedModel>,
+    /// Where the planned attention and expert pods run.
+    slot: Slot,
 }
 
 impl Ctx<'_> {
@@ -281,13 +307,27 @@ impl Ctx<'_> {
         }
     }
 
-    fn peer(&self, role: Role, i: i32) -> String {
-        let set = self.names.role(role);
-        format!("{set}-{i}.{set}.{}.svc:{WORKER_PORT}", self.namespace)
+    /// Pod `i` of the role's StatefulSet in `slot`, through the role's headless Service (which
+    /// selects both slots' pods).
+    fn peer(&self, role: Role, slot: Slot, i: i32) -> String {
+        let set = self.names.set(role, slot);
+        format!(
+            "{set}-{i}.{}.{}.svc:{WORKER_PORT}",
+            self.names.role(role),
+            self.namespace
+        )
     }
 
+    /// The planned generation's pods of a role.
     fn peers(&self, role: Role, count: i32) -> String {
-        (0..count).map(|i| self.peer(role, i)).collect::<Vec<_>>().join(",")
+        self.peers_in(role, self.slot, count)
+    }
+
+    fn peers_in(&self, role: Role, slot: Slot, count: i32) -> String {
+        (0..count)
+            .map(|i| self.peer(role, slot, i))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     fn served_model_name(&self) -> String {
@@ -352,6 +392,7 @@ pub fn plan(cr: &DeepSeekV3Deployment, input: &PlanInput) -> Result<Plan, PlanEr
         owner,
         spec,
         served_model: input.served_model.clone(),
+        slot: input.slot,
     };
     // A hub model not downloaded yet: nothing to run.
     let model_pending = spec.model.source.hub.is_some() && input.served_model.is_none();
@@ -418,27 +459,41 @@ pub fn plan(cr: &DeepSeekV3Deployment, input: &PlanInput) -> Result<Plan, PlanEr
             _ => Some(spec.experts.replicas),
         }
     };
-    let expert_statefulset = worker_statefulset(&ctx, Role::Expert, worker_replicas(Role::Expert), &placement);
-    let attention_statefulset = worker_statefulset(&ctx, Role::Attention, worker_replicas(Role::Attention), &placement);
-    let mut router_deployment = router_deployment(&ctx, model_pending);
-    let mut attention_statefulset = attention_statefulset;
-    let mut expert_statefulset = expert_statefulset;
-    for (role, template) in [
-        (Role::Router, router_deployment.spec.as_mut().map(|s| &mut s.template)),
-        (
-            Role::Attention,
-            attention_statefulset.spec.as_mut().map(|s| &mut s.template),
-        ),
-        (Role::Expert, expert_statefulset.spec.as_mut().map(|s| &mut s.template)),
-    ] {
-        let settings = match role {
-            Role::Router => &spec.router.pod,
-            Role::Attention => &spec.attention.pod,
-            Role::Expert => &spec.experts.pod,
+    let (attention_statefulset, expert_statefulset) = worker_statefulsets(&ctx, &worker_replicas, &placement)?;
+    // The revision is the blue slot's templates' (the slot's own names and labels aside), so a
+    // generation keeps its revision in either slot.
+    let revision = if ctx.slot == Slot::Blue {
+        fleet_revision(&attention_statefulset, &expert_statefulset)
+    } else {
+        let blue = Ctx {
+            slot: Slot::Blue,
+            names: Names::new(&ctx.name),
+            name: ctx.name.clone(),
+            namespace: ctx.namespace.clone(),
+            owner: ctx.owner.clone(),
+            spec,
+            served_model: ctx.served_model.clone(),
         };
-        if let (Some(patch), Some(template)) = (&settings.pod_overrides, template) {
-            overrides::apply(template, patch).map_err(|why| PlanError::PodOverrides(role.as_str(), why))?;
+        let (a, e) = worker_statefulsets(&blue, &worker_replicas, &placement)?;
+        fleet_revision(&a, &e)
+    };
+    let generation = FleetGeneration {
+        revision,
+        slot: ctx.slot,
+        image: spec.image.clone(),
+        attention_peers: ctx.attention_peer_count(),
+        placement_version: placement.version.clone(),
+    };
+    let (mut attention_statefulset, mut expert_statefulset) = (attention_statefulset, expert_statefulset);
+    for set in [&mut attention_statefulset, &mut expert_statefulset] {
+        if let Some(l) = set.metadata.labels.as_mut() {
+            l.insert(LABEL_REVISION.into(), generation.revision.clone());
         }
+    }
+    let serving = input.serving.as_ref().unwrap_or(&generation);
+    let mut router_deployment = router_deployment(&ctx, serving, model_pending);
+    if let (Some(patch), Some(spec)) = (&spec.router.pod.pod_overrides, router_deployment.spec.as_mut()) {
+        overrides::apply(&mut spec.template, patch).map_err(|why| PlanError::PodOverrides("router", why))?;
     }
     let model_download = spec
         .model
@@ -476,6 +531,7 @@ pub fn plan(cr: &DeepSeekV3Deployment, input: &PlanInput) -> Result<Plan, PlanEr
 
     Ok(Plan {
         placement,
+        generation,
         service_account,
         fleet_config,
         placement_config,
@@ -492,6 +548,47 @@ pub fn plan(cr: &DeepSeekV3Deployment, input: &PlanInput) -> Result<Plan, PlanEr
         hpas,
         absent,
     })
+}
+
+/// The attention and expert StatefulSets of the planned generation, pod overrides applied.
+fn worker_statefulsets(
+    ctx: &Ctx<'_>,
+    replicas: &dyn Fn(Role) -> Option<i32>,
+    placement: &PlacementPlan,
+) -> Result<(StatefulSet, StatefulSet), PlanError> {
+    let mut sets = [Role::Attention, Role::Expert].map(|role| {
+        let settings = match role {
+            Role::Attention => &ctx.spec.attention.pod,
+            _ => &ctx.spec.experts.pod,
+        };
+        (role, settings, worker_statefulset(ctx, role, replicas(role), placement))
+    });
+    for (role, settings, set) in &mut sets {
+        if let (Some(patch), Some(spec)) = (&settings.pod_overrides, set.spec.as_mut()) {
+            overrides::apply(&mut spec.template, patch).map_err(|why| PlanError::PodOverrides(role.as_str(), why))?;
+        }
+    }
+    let [(_, _, attention), (_, _, experts)] = sets;
+    Ok((attention, experts))
+}
+
+/// Hash of what makes a generation: the expert pod template (image, arguments, placement,
+/// model revision, everything a shard runs with) and the attention ranks' image. A change of
+/// the attention template alone (speculation, drain time, resources) rolls the ranks in place:
+/// they reach the same shards, which run what they ran.
+fn fleet_revision(attention: &StatefulSet, experts: &StatefulSet) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let template = experts.spec.as_ref().map(|s| &s.template);
+    h.update(serde_json::to_vec(&template).unwrap_or_default());
+    let images = attention
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .map(|p| p.containers.iter().map(|c| c.image.clone()).collect::<Vec<_>>());
+    h.update([0]);
+    h.update(serde_json::to_vec(&images).unwrap_or_default());
+    h.finalize().iter().take(5).map(|b| format!("{b:02x}")).collect()
 }
 
 fn autoscaling(spec: &DeepSeekV3DeploymentSpec, role: Role) -> Option<&RoleAutoscaling> {
@@ -1151,7 +1248,11 @@ fn worker_statefulset(ctx: &Ctx<'_>, role: Role, replicas: Option<i32>, placemen
             ..Default::default()
         }],
         gpus,
-        extra_labels: BTreeMap::from([(LABEL_PLACEMENT_VERSION.to_string(), placement.version.clone())]),
+        extra_labels: {
+            let mut l = BTreeMap::from([(LABEL_PLACEMENT_VERSION.to_string(), placement.version.clone())]);
+            l.extend(slot_label(ctx.slot));
+            l
+        },
         // An attention rank drains its sequences on SIGTERM; an expert shard serves until then.
         grace: match role {
             Role::Attention => i64::from(spec.rollout.drain_seconds) + DRAIN_MARGIN_SECONDS,
@@ -1160,21 +1261,28 @@ fn worker_statefulset(ctx: &Ctx<'_>, role: Role, replicas: Option<i32>, placemen
         pre_stop_seconds: 0,
     };
     let template = pod_template(ctx, settings, parts);
+    // The green set's pods carry its slot label and its selector asks for it; the blue set
+    // keeps the selector it always had (selectors cannot change), which matches green pods
+    // too, but a StatefulSet only counts and adopts pods no other controller owns.
+    let mut selector = selector_labels(&ctx.name, role);
+    selector.extend(slot_label(ctx.slot));
     StatefulSet {
         metadata: {
-            let mut m = ctx.meta(ctx.names.role(role), role.as_str());
+            let mut m = ctx.meta(ctx.names.set(role, ctx.slot), role.as_str());
             if let Some(l) = m.labels.as_mut() {
                 l.insert(LABEL_PLACEMENT_VERSION.into(), placement.version.clone());
+                l.insert(LABEL_SLOT.into(), ctx.slot.as_str().into());
             }
             m
         },
         spec: Some(StatefulSetSpec {
             replicas,
+            // The role's Service selects both slots' pods: each pod's DNS name is its own.
             service_name: Some(ctx.names.role(role)),
             // All ranks start together: ranks wait for their peers, so ordered start would deadlock.
             pod_management_policy: Some("Parallel".into()),
             selector: LabelSelector {
-                match_labels: Some(selector_labels(&ctx.name, role)),
+                match_labels: Some(selector),
                 ..Default::default()
             },
             update_strategy: Some(StatefulSetUpdateStrategy {
@@ -1191,7 +1299,8 @@ fn worker_statefulset(ctx: &Ctx<'_>, role: Role, replicas: Option<i32>, placemen
     }
 }
 
-fn router_deployment(ctx: &Ctx<'_>, model_pending: bool) -> Deployment {
+/// The routers, sending to the `serving` generation and running its image.
+fn router_deployment(ctx: &Ctx<'_>, serving: &FleetGeneration, model_pending: bool) -> Deployment {
     let spec = ctx.spec;
     let args = vec![
         "router".to_string(),
@@ -1202,7 +1311,7 @@ fn router_deployment(ctx: &Ctx<'_>, model_pending: bool) -> Deployment {
         "--port".into(),
         ROUTER_PORT.to_string(),
         "--attention-peers".into(),
-        ctx.peers(Role::Attention, ctx.attention_peer_count()),
+        ctx.peers_in(Role::Attention, serving.slot, serving.attention_peers),
         "--data-plane".into(),
         spec.data_plane.as_str().into(),
     ];
@@ -1236,7 +1345,12 @@ fn router_deployment(ctx: &Ctx<'_>, model_pending: bool) -> Deployment {
         grace: i64::from(spec.rollout.drain_seconds) + ROUTER_PRE_STOP_SECONDS + DRAIN_MARGIN_SECONDS,
         pre_stop_seconds: ROUTER_PRE_STOP_SECONDS,
     };
-    let template = pod_template(ctx, &spec.router.pod, parts);
+    let mut template = pod_template(ctx, &spec.router.pod, parts);
+    if let Some(pod) = template.spec.as_mut() {
+        for c in &mut pod.containers {
+            c.image = Some(serving.image.clone());
+        }
+    }
     let replicas = if model_pending {
         Some(0)
     } else if autoscaling(spec, Role::Router).is_some() {

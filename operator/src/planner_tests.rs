@@ -7,9 +7,12 @@ use k8s_openapi::api::core::v1::{Container, PodSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::Value;
 
-use crate::crd::DeepSeekV3Deployment;
+use crate::crd::{DeepSeekV3Deployment, FleetGeneration, Slot};
 use crate::placement::PlacementPlan;
-use crate::planner::{self, ChildKind, Plan, PlanInput, Role, GPU_RESOURCE, LABEL_PLACEMENT_VERSION, WORKER_PORT};
+use crate::planner::{
+    self, ChildKind, Plan, PlanInput, Role, GPU_RESOURCE, LABEL_PLACEMENT_VERSION, LABEL_REVISION, LABEL_SLOT,
+    WORKER_PORT,
+};
 use crate::testutil::{minimal, sample, SAMPLES};
 
 /// The fleet as it runs (a hub model downloaded).
@@ -1233,4 +1236,167 @@ fn masking_unavailable_experts_is_passed_to_the_attention_ranks_only() {
     let masked = plan_of(&cr);
     assert!(args(&masked, "attention").contains("--unavailable-experts mask"));
     assert!(!args(&masked, "expert").contains("--unavailable-experts"));
+}
+
+/// The plan of `cr` with its generation in `slot`, the routers sending to `serving`.
+fn plan_in(cr: &DeepSeekV3Deployment, slot: Slot, serving: Option<FleetGeneration>) -> Plan {
+    let input = PlanInput {
+        slot,
+        serving,
+        ..PlanInput::model_downloaded(cr)
+    };
+    planner::plan(cr, &input).unwrap_or_else(|e| panic!("plan failed: {e}"))
+}
+
+#[test]
+fn a_generation_in_the_green_slot_has_its_own_sets_reaching_only_each_other() {
+    for name in SAMPLES {
+        let cr = sample(name);
+        let blue = plan_in(&cr, Slot::Blue, None);
+        let green = plan_in(&cr, Slot::Green, None);
+        assert_eq!(
+            blue.generation.revision, green.generation.revision,
+            "{name}: one revision in either slot"
+        );
+        let instance = cr.metadata.name.clone().expect("name");
+        for (role, b, g) in [
+            (
+                Role::Attention,
+                &blue.attention_statefulset,
+                &green.attention_statefulset,
+            ),
+            (Role::Expert, &blue.expert_statefulset, &green.expert_statefulset),
+        ] {
+            let base = format!("{instance}-{}", role.as_str());
+            assert_eq!(b.metadata.name.as_deref(), Some(base.as_str()));
+            assert_eq!(g.metadata.name, Some(format!("{base}-green")));
+            let (bs, gs) = (b.spec.as_ref().expect("spec"), g.spec.as_ref().expect("spec"));
+            // One headless Service per role serves both slots' pod names.
+            assert_eq!(gs.service_name.as_deref(), Some(base.as_str()));
+            assert_eq!(bs.service_name, gs.service_name);
+            let selector = gs.selector.match_labels.clone().unwrap_or_default();
+            assert_eq!(selector.get(LABEL_SLOT).map(String::as_str), Some("green"), "{name}");
+            let labels = gs
+                .template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.labels.clone())
+                .unwrap_or_default();
+            assert!(
+                selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
+                "{name}: the selector matches its pods"
+            );
+            // Blue keeps the selector it always had, and its pods no slot label.
+            assert!(!bs
+                .selector
+                .match_labels
+                .clone()
+                .unwrap_or_default()
+                .contains_key(LABEL_SLOT));
+            let blue_labels = bs
+                .template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.labels.clone())
+                .unwrap_or_default();
+            assert!(!blue_labels.contains_key(LABEL_SLOT));
+            for (set, slot) in [(b, "blue"), (g, "green")] {
+                let l = set.metadata.labels.clone().unwrap_or_default();
+                assert_eq!(l.get(LABEL_SLOT).map(String::as_str), Some(slot));
+                assert_eq!(l.get(LABEL_REVISION), Some(&blue.generation.revision));
+            }
+        }
+        let peers = arg_after(
+            main_container(&pod_spec_sts(&green.attention_statefulset)),
+            "--expert-peers",
+        )
+        .expect("expert peers");
+        for (i, p) in peers.split(',').enumerate() {
+            assert_eq!(
+                p,
+                format!(
+                    "{instance}-expert-green-{i}.{instance}-expert.{}.svc:{WORKER_PORT}",
+                    cr.metadata.namespace.as_deref().unwrap_or_default()
+                ),
+                "{name}"
+            );
+        }
+        // With nothing else serving, the routers send to the planned generation.
+        let routers = arg_after(
+            main_container(&pod_spec_deploy(&green.router_deployment)),
+            "--attention-peers",
+        )
+        .expect("attention peers");
+        assert!(
+            routers
+                .split(',')
+                .all(|p| p.starts_with(&format!("{instance}-attention-green-"))),
+            "{routers}"
+        );
+    }
+}
+
+#[test]
+fn until_the_switch_the_routers_keep_the_serving_generations_peers_and_image() {
+    let cr = sample("tiny-cpu.yaml");
+    let serving = plan_in(&cr, Slot::Blue, None).generation;
+    let mut newer = cr.clone();
+    newer.spec.image = "registry.example/dsv3-worker:next".into();
+    let rolling = plan_in(&newer, Slot::Green, Some(serving.clone()));
+    assert_ne!(rolling.generation.revision, serving.revision);
+    let router = main_container(&pod_spec_deploy(&rolling.router_deployment)).clone();
+    assert_eq!(router.image.as_deref(), Some(serving.image.as_str()));
+    let peers = arg_after(&router, "--attention-peers").expect("peers");
+    assert_eq!(
+        peers,
+        arg_after(
+            main_container(&pod_spec_deploy(&plan_of(&cr).router_deployment)),
+            "--attention-peers"
+        )
+        .expect("peers")
+    );
+    for set in [&rolling.attention_statefulset, &rolling.expert_statefulset] {
+        assert_eq!(
+            main_container(&pod_spec_sts(set)).image.as_deref(),
+            Some("registry.example/dsv3-worker:next")
+        );
+    }
+    // Switched: the same plan without a separate serving generation.
+    let switched = plan_in(&newer, Slot::Green, None);
+    let router = main_container(&pod_spec_deploy(&switched.router_deployment)).clone();
+    assert_eq!(router.image.as_deref(), Some("registry.example/dsv3-worker:next"));
+    assert!(arg_after(&router, "--attention-peers")
+        .expect("peers")
+        .contains("-attention-green-0."));
+}
+
+#[test]
+fn the_revision_follows_the_expert_pods_and_the_image_not_the_attention_template_alone() {
+    let base = sample("tiny-cpu.yaml");
+    let revision = |cr: &DeepSeekV3Deployment| plan_of(cr).generation.revision;
+    let r0 = revision(&base);
+    let mut speculating = base.clone();
+    speculating.spec.mtp.enabled = !base.spec.mtp.enabled;
+    assert_eq!(revision(&speculating), r0, "the attention ranks roll in place for it");
+    let mut scaled = base.clone();
+    scaled.spec.attention.replicas += 1;
+    assert_eq!(revision(&scaled), r0);
+    let mut image = base.clone();
+    image.spec.image = "registry.example/dsv3-worker:next".into();
+    let mut placement = base.clone();
+    placement.spec.experts.redundant_experts = 0;
+    let mut masking = base.clone();
+    masking
+        .spec
+        .experts
+        .pod
+        .pod_annotations
+        .insert("example.com/note".into(), "x".into());
+    for (what, cr) in [
+        ("image", &image),
+        ("placement", &placement),
+        ("expert template", &masking),
+    ] {
+        assert_ne!(revision(cr), r0, "{what} makes a new generation");
+    }
 }

@@ -771,10 +771,57 @@ fn prompt_request(prompt: &[u32], max_tokens: usize, extra: Value) -> Value {
 #[derive(Debug, Default)]
 struct Tally {
     completed: usize,
+    /// Completed requests by the router address that answered them.
+    completed_by: HashMap<String, usize>,
     failed: usize,
     /// Completed with tokens other than an undisturbed run's: lost, repeated or mixed up.
     mixed: usize,
     failures: Vec<String>,
+}
+
+/// `n` clients streaming greedy completions of `prompts` (48 tokens) back to back through the
+/// router at `endpoint` (read anew for every request) until `stop`, each outcome held to
+/// `expected` in `tally`.
+fn stream_clients(
+    n: usize,
+    endpoint: &Arc<Mutex<String>>,
+    prompts: &[Vec<u32>],
+    expected: &[Vec<u32>],
+    stop: &Arc<AtomicBool>,
+    tally: &Arc<Mutex<Tally>>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    (0..n)
+        .map(|c| {
+            let (endpoint, stop, tally) = (endpoint.clone(), stop.clone(), tally.clone());
+            let (prompts, expected) = (prompts.to_vec(), expected.to_vec());
+            std::thread::spawn(move || {
+                let mut k = c;
+                while !stop.load(Ordering::SeqCst) {
+                    let i = k % prompts.len();
+                    k += 1;
+                    let base = endpoint.lock().expect("endpoint").clone();
+                    let body = prompt_request(&prompts[i], 48, json!({"temperature": 0, "stream": true}));
+                    let outcome = try_stream(&base, body);
+                    let mut t = tally.lock().expect("tally");
+                    match outcome {
+                        Ok((ids, _, None)) if ids == expected[i] => {
+                            t.completed += 1;
+                            *t.completed_by.entry(base).or_default() += 1;
+                        }
+                        Ok((ids, _, None)) => {
+                            t.mixed += 1;
+                            t.failures
+                                .push(format!("{base}: prompt {i} gave {ids:?}, expected {:?}", expected[i]));
+                        }
+                        Ok((_, _, Some(e))) | Err(e) => {
+                            t.failed += 1;
+                            t.failures.push(format!("{base}: {e}"));
+                        }
+                    }
+                }
+            })
+        })
+        .collect()
 }
 
 #[test]
@@ -789,30 +836,8 @@ fn chaos_under_load_with_a_copy_of_every_expert_loses_no_request() {
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Mutex::new(Tally::default()));
-    let clients: Vec<_> = (0..4)
-        .map(|c| {
-            let (base, stop, tally) = (fleet.base.clone(), stop.clone(), tally.clone());
-            let (prompts, expected) = (prompts.clone(), expected.clone());
-            std::thread::spawn(move || {
-                let mut k = c;
-                while !stop.load(Ordering::SeqCst) {
-                    let i = k % prompts.len();
-                    k += 1;
-                    let body = prompt_request(&prompts[i], 48, json!({"temperature": 0, "stream": true}));
-                    let outcome = try_stream(&base, body);
-                    let mut t = tally.lock().expect("tally");
-                    match outcome {
-                        Ok((ids, _, None)) if ids == expected[i] => t.completed += 1,
-                        Ok((_, _, None)) => t.mixed += 1,
-                        Ok((_, _, Some(e))) | Err(e) => {
-                            t.failed += 1;
-                            t.failures.push(e);
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
+    let endpoint = Arc::new(Mutex::new(fleet.base.clone()));
+    let clients = stream_clients(4, &endpoint, &prompts, &expected, &stop, &tally);
     // One worker down at a time, alternating roles; each back before the next goes.
     let order = ["expert", "attention", "expert", "attention", "expert", "attention"];
     let mut next_of_role: HashMap<&str, usize> = HashMap::new();
@@ -869,6 +894,67 @@ fn chaos_under_load_with_a_copy_of_every_expert_loses_no_request() {
         metric(&fleet.base, "dsv3_num_migrations_total") >= 1.0,
         "an attention rank died under a stream"
     );
+}
+
+/// A blue/green switch as the operator runs it, on two local fleets: the new generation (its
+/// own router, attention rank and shards, another placement) starts beside the serving one;
+/// the Service's endpoints move to the new router; the old router gets SIGTERM a moment later
+/// (its pods' preStop) and finishes the streams it holds; only once it has exited do the old
+/// generation's workers stop. Clients stream throughout: none fails or gets other tokens.
+#[test]
+fn a_generation_switch_drops_no_request() {
+    let old = start_fleet_of(1, 2, &[]);
+    let new = start_fleet_of(1, 3, &["--redundant-experts", "16"]);
+    let prompts: Vec<Vec<u32>> = (0..4u32)
+        .map(|i| PROMPT.iter().map(|&t| t + 11 * i).collect())
+        .collect();
+    let expected: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| completion_ids(&old.base, prompt_request(p, 48, json!({"temperature": 0}))))
+        .collect();
+    for (p, e) in prompts.iter().zip(&expected) {
+        assert_eq!(
+            &completion_ids(&new.base, prompt_request(p, 48, json!({"temperature": 0}))),
+            e
+        );
+    }
+    // What the router Service resolves to.
+    let endpoint = Arc::new(Mutex::new(old.base.clone()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let clients = stream_clients(4, &endpoint, &prompts, &expected, &stop, &tally);
+    std::thread::sleep(Duration::from_millis(1500));
+    let old_router = old.members.iter().find(|m| m.role == "router").expect("old router");
+    let held = metric(&old.base, "dsv3_num_requests_running");
+    // The switch: endpoints first, then SIGTERM after the preStop pause.
+    *endpoint.lock().expect("endpoint") = new.base.clone();
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(old_router.pid.to_string())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(old_router.pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!alive(old_router.pid), "the old router exits once its streams end");
+    // The operator stops the old generation only now.
+    for m in old.members.iter().filter(|m| m.role != "router") {
+        let _ = Command::new("kill").arg("-TERM").arg(m.pid.to_string()).status();
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.join().expect("client");
+    }
+    let tally = tally.lock().expect("tally");
+    let by_old = tally.completed_by.get(&old.base).copied().unwrap_or(0);
+    eprintln!(
+        "generation switch: {} requests completed ({by_old} by the old generation, {held} running at the switch), failed {}, mixed {}",
+        tally.completed, tally.failed, tally.mixed
+    );
+    assert_eq!((tally.failed, tally.mixed), (0, 0), "{tally:?}");
+    assert!(by_old >= 1 && tally.completed > by_old, "{tally:?}");
 }
 
 /// A CA and one member certificate for 127.0.0.1 (where the local fleet's members dial each

@@ -48,7 +48,7 @@ pub fn mount() -> VolumeMount {
 /// certificate is checked against the name of the role's first pod, which every certificate
 /// valid for the fleet's peer addresses carries.
 pub fn probe(ctx: &Ctx<'_>, role: Role, period: i32, failure: i32, timeout: i32) -> Probe {
-    let peer = ctx.peer(role, 0);
+    let peer = ctx.peer(role, ctx.slot, 0);
     let server_name = peer
         .rsplit_once(':')
         .map_or(peer.as_str(), |(host, _)| host)
