@@ -632,12 +632,28 @@ async fn a_new_generation_starts_beside_the_serving_one_and_the_routers_switch_w
         ("True".into(), "NewGenerationStarting".into())
     );
 
-    // Half the green shards ready: still blue.
+    // Half the green shards ready, one that no node has room for: still blue, and the status
+    // names the pod and the way out.
     h.set_named_sts_status("tiny-attention-green", 2, 2);
     h.set_named_sts_status("tiny-expert-green", 4, 2);
+    let stuck = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "tiny-expert-green-3", "namespace": "default",
+                     "labels": {"app.kubernetes.io/name": "dsv3", "app.kubernetes.io/instance": "tiny",
+                                "app.kubernetes.io/component": "expert", "dsv3.io/slot": "green"}},
+        "status": {"conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                   "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}]}});
+    h.fake.put(&core_path("default", "pods", "tiny-expert-green-3"), stuck);
     h.reconcile().await.expect("reconcile");
     assert_eq!(arg_of(&h.router(), "--attention-peers"), blue_peers);
     assert_eq!(h.status()["serving"], blue);
+    let message = h.condition_message("Progressing");
+    assert!(
+        message.contains("experts 2/4")
+            && message.contains("pod tiny-expert-green-3 cannot be scheduled: 0/4 nodes")
+            && message.contains("rollout.strategy: Recreate"),
+        "{message}"
+    );
+    h.fake.remove(&core_path("default", "pods", "tiny-expert-green-3"));
 
     // Every green pod ready: the routers switch, in one rollout, to green peers and image.
     h.set_named_sts_status("tiny-expert-green", 4, 4);
