@@ -21,8 +21,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::crd::{
-    DeepSeekV3Deployment, DeepSeekV3DeploymentStatus, FleetGeneration, RoleStatus, RolloutStrategy, Slot,
-    UnavailableExperts,
+    DeepSeekV3Deployment, DeepSeekV3DeploymentStatus, FleetGeneration, GangScheduler, RoleStatus, RolloutStrategy,
+    Slot, UnavailableExperts,
 };
 use crate::metrics::{ErrorLabels, Metrics, PhaseLabels};
 use crate::model_readiness::{self, ModelState};
@@ -550,6 +550,10 @@ async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Actio
                 for role in [Role::Attention, Role::Expert] {
                     delete_if_present::<StatefulSet>(client, &ns, &names.set(role, serving.slot.other())).await?;
                 }
+                if let Some(gang) = &cr.spec.scheduling.gang {
+                    let group = planner::pod_group_name(&name, serving.slot.other());
+                    delete_pod_group(client, &ns, gang.scheduler, &group).await?;
+                }
                 ctx.event(
                     &cr,
                     EventType::Normal,
@@ -699,16 +703,7 @@ pub async fn apply_plan(client: &Client, ns: &str, plan: &Plan) -> Result<Observ
             ChildKind::HorizontalPodAutoscaler => {
                 delete_if_present::<HorizontalPodAutoscaler>(client, ns, name).await?;
             }
-            ChildKind::PodGroup(scheduler) => {
-                let api: Api<DynamicObject> =
-                    Api::namespaced_with(client.clone(), ns, &planner::pod_group_resource(*scheduler));
-                match api.delete(name, &DeleteParams::background()).await {
-                    // 404: no such group, or its kind is not installed in the cluster at all.
-                    Ok(_) => {}
-                    Err(kube::Error::Api(e)) if e.code == 404 => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
+            ChildKind::PodGroup(scheduler) => delete_pod_group(client, ns, *scheduler, name).await?,
         }
     }
     Ok(Observed {
@@ -718,6 +713,17 @@ pub async fn apply_plan(client: &Client, ns: &str, plan: &Plan) -> Result<Observ
         unschedulable: Vec::new(),
         crash_looping: Vec::new(),
     })
+}
+
+/// Deletes `scheduler`'s PodGroup `name` if it is there.
+async fn delete_pod_group(client: &Client, ns: &str, scheduler: GangScheduler, name: &str) -> Result<(), Error> {
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &planner::pod_group_resource(scheduler));
+    match api.delete(name, &DeleteParams::background()).await {
+        // 404: no such group, or its kind is not installed in the cluster at all.
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn collect_old_placements(client: &Client, ns: &str, name: &str, plan: &Plan) -> Result<(), Error> {

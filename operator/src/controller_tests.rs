@@ -718,6 +718,58 @@ async fn a_new_generation_starts_beside_the_serving_one_and_the_routers_switch_w
     assert!(arg_of(&blue_attention, "--expert-peers").starts_with("tiny-expert-0.tiny-expert."));
 }
 
+/// With a gang, each generation is scheduled as a group of its own, and the old generation's
+/// group goes with its StatefulSets.
+#[tokio::test]
+async fn each_generation_is_its_own_gang() {
+    let mut cr = sample("tiny-cpu.yaml");
+    cr.spec.scheduling.gang = Some(crate::crd::GangSpec {
+        scheduler: crate::crd::GangScheduler::Kai,
+        queue: Some("inference".into()),
+        schedule_timeout_seconds: None,
+    });
+    let h = Harness::new(&cr).with_pvc("dsv3-tiny-model");
+    h.create().await;
+    h.set_sts_status("attention", 2, 2);
+    h.set_sts_status("expert", 4, 4);
+    h.set_router_status(1);
+    h.reconcile().await.expect("reconcile");
+    let group = |slot| {
+        format!(
+            "/apis/scheduling.run.ai/v2alpha2/namespaces/default/podgroups/{}",
+            planner::pod_group_name("tiny", slot)
+        )
+    };
+    assert!(h.fake.get(&group(crate::crd::Slot::Blue)).is_some());
+    h.edit_spec(|s| s["image"] = json!("registry.example/dsv3-worker:2"));
+    h.reconcile().await.expect("reconcile");
+    let green = h
+        .fake
+        .get(&group(crate::crd::Slot::Green))
+        .expect("the new generation's group");
+    assert_eq!(green["spec"]["minMember"], 6);
+    assert!(
+        h.fake.get(&group(crate::crd::Slot::Blue)).is_some(),
+        "the serving gang stays"
+    );
+    let green_set = h.fake.get(&sts_path("default", "tiny-expert-green")).expect("green");
+    assert_eq!(
+        green_set["spec"]["template"]["metadata"]["annotations"]["pod-group-name"],
+        "tiny-workers-green"
+    );
+    h.set_named_sts_status("tiny-attention-green", 2, 2);
+    h.set_named_sts_status("tiny-expert-green", 4, 4);
+    h.reconcile().await.expect("switch");
+    h.set_router_status(1);
+    h.reconcile().await.expect("old generation stops");
+    assert!(h.fake.get(&sts_path("default", "tiny-expert")).is_none());
+    assert!(
+        h.fake.get(&group(crate::crd::Slot::Blue)).is_none(),
+        "its group goes with it"
+    );
+    assert!(h.fake.get(&group(crate::crd::Slot::Green)).is_some());
+}
+
 #[tokio::test]
 async fn delete_tears_down_in_order_and_releases_the_finalizer() {
     let h = Harness::new(&sample("tiny-cpu.yaml")).with_pvc("dsv3-tiny-model");
@@ -1014,7 +1066,7 @@ async fn a_gang_applies_its_pod_group_and_blocks_when_the_scheduler_is_missing()
         .get(&format!(
             "/apis/scheduling.volcano.sh/v1beta1/namespaces/{}/podgroups/{}",
             h.ns,
-            planner::pod_group_name(&h.name)
+            planner::pod_group_name(&h.name, crate::crd::Slot::Blue)
         ))
         .expect("the PodGroup is applied");
     assert_eq!(
@@ -1038,7 +1090,7 @@ async fn a_gang_applies_its_pod_group_and_blocks_when_the_scheduler_is_missing()
     let volcano = format!(
         "/apis/scheduling.volcano.sh/v1beta1/namespaces/{}/podgroups/{}",
         h.ns,
-        planner::pod_group_name(&h.name)
+        planner::pod_group_name(&h.name, crate::crd::Slot::Blue)
     );
     let coscheduling = volcano.replace("scheduling.volcano.sh/v1beta1", "scheduling.x-k8s.io/v1alpha1");
     assert!(h.fake.get(&volcano).is_none());

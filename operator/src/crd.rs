@@ -200,8 +200,8 @@ pub struct SchedulingSpec {
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(
-    validation = ::kube::core::Rule::new("!has(self.queue) || self.scheduler == 'volcano'")
-        .message("scheduling.gang.queue applies to the volcano scheduler only")
+    validation = ::kube::core::Rule::new("!has(self.queue) || self.scheduler == 'volcano' || self.scheduler == 'kai'")
+        .message("scheduling.gang.queue applies to the volcano and kai schedulers only")
         .reason(::kube::core::Reason::FieldValueForbidden),
     validation = ::kube::core::Rule::new("!has(self.scheduleTimeoutSeconds) || self.scheduler == 'coscheduling'")
         .message("scheduling.gang.scheduleTimeoutSeconds applies to the coscheduling plugin only")
@@ -209,10 +209,11 @@ pub struct SchedulingSpec {
 )]
 #[serde(rename_all = "camelCase")]
 pub struct GangSpec {
-    /// Whose PodGroup: Volcano's (scheduling.volcano.sh) or the scheduler-plugins coscheduling
-    /// plugin's (scheduling.x-k8s.io). Its CRD must be installed.
+    /// Whose PodGroup: Volcano's (scheduling.volcano.sh), the scheduler-plugins coscheduling
+    /// plugin's (scheduling.x-k8s.io) or NVIDIA KAI Scheduler's (scheduling.run.ai). Its CRD
+    /// must be installed.
     pub scheduler: GangScheduler,
-    /// Volcano queue of the group.
+    /// Queue of the group (Volcano's or KAI's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub queue: Option<String>,
@@ -227,15 +228,17 @@ pub struct GangSpec {
 pub enum GangScheduler {
     Volcano,
     Coscheduling,
+    Kai,
 }
 
 impl GangScheduler {
-    pub const ALL: [GangScheduler; 2] = [GangScheduler::Volcano, GangScheduler::Coscheduling];
+    pub const ALL: [GangScheduler; 3] = [GangScheduler::Volcano, GangScheduler::Coscheduling, GangScheduler::Kai];
 
     pub fn as_str(self) -> &'static str {
         match self {
             GangScheduler::Volcano => "volcano",
             GangScheduler::Coscheduling => "coscheduling",
+            GangScheduler::Kai => "kai",
         }
     }
 }

@@ -525,7 +525,10 @@ pub fn plan(cr: &DeepSeekV3Deployment, input: &PlanInput) -> Result<Plan, PlanEr
     }
     for scheduler in GangScheduler::ALL {
         if pod_group.as_ref().is_none_or(|(wanted, _)| *wanted != scheduler) {
-            absent.push((ChildKind::PodGroup(scheduler), gang::pod_group_name(&ctx.name)));
+            absent.push((
+                ChildKind::PodGroup(scheduler),
+                gang::pod_group_name(&ctx.name, ctx.slot),
+            ));
         }
     }
 

@@ -156,7 +156,7 @@ fn every_sample_plans_a_complete_fleet() {
             .filter(|(kind, _)| *kind == ChildKind::HorizontalPodAutoscaler)
             .count();
         assert_eq!(plan.hpas.len() + absent_hpas, 2, "{file}");
-        // Without a gang, no PodGroup of either kind may be left behind.
+        // Without a gang, no PodGroup of any kind may be left behind; with one, none of another.
         let absent_groups = plan
             .absent
             .iter()
@@ -164,7 +164,7 @@ fn every_sample_plans_a_complete_fleet() {
             .count();
         assert_eq!(
             absent_groups,
-            if cr.spec.scheduling.gang.is_some() { 1 } else { 2 },
+            crate::crd::GangScheduler::ALL.len() - usize::from(cr.spec.scheduling.gang.is_some()),
             "{file}"
         );
     }
@@ -1064,6 +1064,54 @@ fn a_gang_is_every_attention_and_expert_pod_in_one_pod_group() {
     .expect("plan");
     let value = serde_json::to_value(&cut.pod_group.expect("group").1).expect("json");
     assert_eq!(value["spec"]["minMember"], 0);
+}
+
+/// KAI Scheduler: its PodGroup kind with the queue, pods naming the group by annotation and
+/// the queue by label; a generation in the green slot has a group of its own.
+#[test]
+fn kai_groups_by_annotation_with_its_queue_and_each_generation_has_its_own_group() {
+    use crate::crd::GangScheduler;
+    let cr = with_gang(GangScheduler::Kai, Some("inference"));
+    let plan = plan_of(&cr);
+    let (scheduler, group) = plan.pod_group.as_ref().expect("a PodGroup");
+    assert_eq!(*scheduler, GangScheduler::Kai);
+    let value = serde_json::to_value(group).expect("json");
+    assert_eq!(value["apiVersion"], "scheduling.run.ai/v2alpha2");
+    assert_eq!(value["kind"], "PodGroup");
+    assert_eq!(
+        value["spec"]["minMember"],
+        cr.spec.attention.replicas + cr.spec.experts.replicas
+    );
+    assert_eq!(value["spec"]["queue"], "inference");
+    let green = plan_in(&cr, Slot::Green, None);
+    let green_group = green.pod_group.as_ref().expect("a PodGroup").1.metadata.name.clone();
+    assert_ne!(green_group, group.metadata.name, "one group per generation");
+    for (plan, name) in [(&plan, group.metadata.name.clone()), (&green, green_group)] {
+        for sts in [&plan.attention_statefulset, &plan.expert_statefulset] {
+            let meta = sts
+                .spec
+                .as_ref()
+                .and_then(|s| s.template.metadata.clone())
+                .expect("metadata");
+            assert_eq!(
+                meta.annotations.unwrap_or_default().get("pod-group-name"),
+                name.as_ref()
+            );
+            assert_eq!(
+                meta.labels
+                    .unwrap_or_default()
+                    .get("kai.scheduler/queue")
+                    .map(String::as_str),
+                Some("inference")
+            );
+            assert_eq!(pod_spec_sts(sts).scheduler_name.as_deref(), Some("kai-scheduler"));
+        }
+    }
+    // The other schedulers' groups of the same generation are not wanted.
+    assert!(plan
+        .absent
+        .iter()
+        .any(|(k, n)| *k == ChildKind::PodGroup(GangScheduler::Volcano) && Some(n) == group.metadata.name.as_ref()));
 }
 
 #[test]

@@ -33,7 +33,7 @@ fails on any difference. Change both together.
   verbs: ["get", "list", "watch", "create", "delete"]
 # Gang scheduling: the workers' PodGroup (Volcano or scheduler-plugins), listed to tell
 # whether the kind is installed, deleted when the gang is switched off.
-- apiGroups: ["scheduling.volcano.sh", "scheduling.x-k8s.io"]
+- apiGroups: ["scheduling.volcano.sh", "scheduling.x-k8s.io", "scheduling.run.ai"]
   resources: ["podgroups"]
   verbs: ["list", "create", "patch", "delete"]
 # Pods: read for the scheduler's reason when one cannot be placed.
