@@ -441,8 +441,15 @@ fn masked_a_dead_shards_experts_cost_no_request_and_every_response_says_so() {
     let masked = body["usage"]["masked_expert_routes"].as_u64().unwrap_or(0);
     assert!(masked > 0, "{body}");
     assert_eq!(ready_status(&fleet.base), 200);
+    // The router learns of the loss at its next probe of the rank (the stream may have ended
+    // before it, on a fast device).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ready_detail(&fleet.base).contains("masked out of routing") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let detail = ready_detail(&fleet.base);
     assert!(detail.contains("masked out of routing"), "{detail}");
+    assert_eq!(ready_status(&fleet.base), 200);
     assert!(metric(&fleet.base, "dsv3_masked_expert_routes_total") >= masked as f64);
     // The shard back: the full model's tokens again, nothing masked.
     restart(&mut fleet, "expert");
