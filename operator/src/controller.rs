@@ -424,6 +424,19 @@ async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Actio
     let rollout = match old_status.serving.clone() {
         Some(s) if s.revision == desired.generation.revision => Rollout::InPlace(s.slot),
         Some(s) if cr.spec.rollout.strategy == RolloutStrategy::Recreate => Rollout::Recreate(s),
+        // A cut-over under way (recorded as the next generation in the serving slot) is seen
+        // through: the serving pods may still report ready while they stop.
+        Some(s) if old_status.next.as_ref().is_some_and(|n| n.slot == s.slot) => Rollout::Recreate(s),
+        // A blue/green rollout of this very generation already under way goes on, whatever
+        // the serving pods' readiness at this moment.
+        Some(s)
+            if old_status
+                .next
+                .as_ref()
+                .is_some_and(|n| n.revision == desired.generation.revision && n.slot == s.slot.other()) =>
+        {
+            Rollout::BlueGreen(s)
+        }
         Some(s) => {
             // Nothing of the serving generation answers: no request to keep, nothing to double.
             let (a, e) = slot_sets(s.slot).await?;
@@ -441,6 +454,8 @@ async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Actio
         // A fleet from before generations were recorded: its placement decides, as it did.
         None => match &old_status.placement_version {
             Some(v) if *v != desired.placement.version => Rollout::Recreate(FleetGeneration {
+                // A revision no plan has, so the cut-over is seen through on the next reconciles.
+                revision: format!("placement-{v}"),
                 placement_version: v.clone(),
                 ..desired.generation.clone()
             }),
@@ -458,6 +473,12 @@ async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Actio
             ..input.clone()
         })?,
         Rollout::Recreate(s) => {
+            // No router sends to the other slot (a blue/green rollout given up): it goes at
+            // once, so its pods hold no GPUs the new generation needs.
+            let (a, e) = slot_sets(s.slot.other()).await?;
+            if a.is_some() || e.is_some() {
+                delete_slot(client, &ns, &cr, s.slot.other()).await?;
+            }
             // Stop the serving generation's pods first; start the new one once none is left.
             let (a, e) = slot_sets(s.slot).await?;
             let drained = [a, e].iter().all(|s| s.as_ref().is_none_or(sts_drained));
@@ -493,7 +514,11 @@ async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Actio
                 .and_then(|l| l.get(planner::LABEL_REVISION))
                 != Some(&plan.generation.revision)
         });
-        if old_generation_left && !routers.as_ref().is_some_and(router_rolled_out) {
+        let routers_over =
+            routers.as_ref().is_some_and(router_rolled_out) && !routers_terminating(client, &ns, &name).await?;
+        if (old_generation_left && !routers_over)
+            || slot_pods_left_without_sets(client, &ns, &name, s.slot.other()).await?
+        {
             let message = "waiting for the routers to finish switching generations".to_string();
             let mut status = cr.status.clone().unwrap_or_default();
             status.conditions = progressing_conditions(&cr, &status, "SwitchingGenerations", message);
@@ -502,7 +527,10 @@ async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Actio
         }
     }
 
-    let mut observed = apply_plan(client, &ns, &plan).await?;
+    // Until the switch the routers stay exactly as they run (their peers, image, TLS and model
+    // files are the serving generation's).
+    let keep_routers = matches!(rollout, Rollout::BlueGreen(_));
+    let mut observed = apply_plan(client, &ns, &plan, !keep_routers).await?;
     observe_pods(client, &ns, &name, cr.spec.rollout.restart_budget, &mut observed).await?;
 
     // The new generation's StatefulSets as applied, for the status while it starts.
@@ -546,14 +574,10 @@ async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Actio
     if next.is_none() && !cutover {
         let (a, e) = slot_sets(serving.slot.other()).await?;
         if a.is_some() || e.is_some() {
-            if observed.router.as_ref().is_some_and(router_rolled_out) {
-                for role in [Role::Attention, Role::Expert] {
-                    delete_if_present::<StatefulSet>(client, &ns, &names.set(role, serving.slot.other())).await?;
-                }
-                if let Some(gang) = &cr.spec.scheduling.gang {
-                    let group = planner::pod_group_name(&name, serving.slot.other());
-                    delete_pod_group(client, &ns, gang.scheduler, &group).await?;
-                }
+            if observed.router.as_ref().is_some_and(router_rolled_out)
+                && !routers_terminating(client, &ns, &name).await?
+            {
+                delete_slot(client, &ns, &cr, serving.slot.other()).await?;
                 ctx.event(
                     &cr,
                     EventType::Normal,
@@ -611,7 +635,8 @@ async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Actio
         status.placement_config_map = Some(names.placement_config(&serving.placement_version));
     }
     status.serving = Some(serving);
-    status.next = next;
+    // A cut-over records what it starts, in the serving slot, until it is done.
+    status.next = if cutover { Some(plan.generation.clone()) } else { next };
     publish_transition_events(&ctx, &cr, &old_status, &status, &plan, cutover).await;
     patch_status(&ctx, &cr, &status).await?;
 
@@ -641,12 +666,57 @@ fn set_ready(set: Option<&StatefulSet>) -> bool {
     want > 0 && current && st.ready_replicas.unwrap_or(0) >= want && st.updated_replicas.unwrap_or(0) >= want
 }
 
-/// Every router pod runs the Deployment's current template (the old ones are gone).
+/// Every router pod runs the Deployment's current template and is available, none of another
+/// template is left running (terminating ones are not counted here: see
+/// [`routers_terminating`]).
 fn router_rolled_out(d: &Deployment) -> bool {
     let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
     let st = d.status.clone().unwrap_or_default();
     let current = st.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0);
-    current && st.updated_replicas.unwrap_or(0) >= want && st.replicas.unwrap_or(0) <= want
+    current
+        && st.updated_replicas.unwrap_or(0) >= want
+        && st.available_replicas.unwrap_or(0) >= want
+        && st.replicas.unwrap_or(0) <= want
+}
+
+/// Router pods still stopping: they may still stream through the generation they sent to
+/// (a Deployment's status no longer counts them).
+async fn routers_terminating(client: &Client, ns: &str, name: &str) -> Result<bool, Error> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let selector = planner::selector_string(name, Role::Router);
+    let pods = api.list(&ListParams::default().labels(&selector)).await?;
+    let stopping = pods.iter().any(|p| p.metadata.deletion_timestamp.is_some());
+    Ok(stopping)
+}
+
+/// Pods of `slot`'s worker StatefulSets left after those were deleted (still stopping): a new
+/// generation in that slot would reuse their names.
+async fn slot_pods_left_without_sets(client: &Client, ns: &str, name: &str, slot: Slot) -> Result<bool, Error> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let selector = format!(
+        "{}={name},{}={}",
+        planner::LABEL_INSTANCE,
+        planner::LABEL_NAME,
+        planner::APP_NAME
+    );
+    let names = Names::new(name);
+    let sets: Vec<String> = [Role::Attention, Role::Expert].map(|r| names.set(r, slot)).into();
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    for set in &sets {
+        if sts.get_opt(set).await?.is_some() {
+            continue;
+        }
+        let pods = api.list(&ListParams::default().labels(&selector)).await?;
+        let of_set = |pod: &str| {
+            pod.strip_prefix(set.as_str())
+                .and_then(|rest| rest.strip_prefix('-'))
+                .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+        };
+        if pods.iter().any(|p| of_set(&p.name_any())) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// The status's conditions with Progressing set to `reason` (Ready and Degraded kept).
@@ -670,7 +740,9 @@ fn progressing_conditions(
 }
 
 /// Server-side apply every planned object (one field manager, forced) and delete unwanted ones.
-pub async fn apply_plan(client: &Client, ns: &str, plan: &Plan) -> Result<Observed, Error> {
+/// Server-side apply every planned object (one field manager, forced) and delete unwanted ones;
+/// the router Deployment only with `apply_router` (or when there is none yet).
+pub async fn apply_plan(client: &Client, ns: &str, plan: &Plan, apply_router: bool) -> Result<Observed, Error> {
     server_side_apply(client, ns, &plan.service_account).await?;
     server_side_apply(client, ns, &plan.placement_config).await?;
     server_side_apply(client, ns, &plan.fleet_config).await?;
@@ -688,7 +760,16 @@ pub async fn apply_plan(client: &Client, ns: &str, plan: &Plan) -> Result<Observ
     }
     let experts = server_side_apply(client, ns, &plan.expert_statefulset).await?;
     let attention = server_side_apply(client, ns, &plan.attention_statefulset).await?;
-    let router = server_side_apply(client, ns, &plan.router_deployment).await?;
+    let live_router = if apply_router {
+        None
+    } else {
+        let name = plan.router_deployment.metadata.name.clone().unwrap_or_default();
+        Api::<Deployment>::namespaced(client.clone(), ns).get_opt(&name).await?
+    };
+    let router = match live_router {
+        Some(r) => r,
+        None => server_side_apply(client, ns, &plan.router_deployment).await?,
+    };
     if let Some(job) = &plan.model_download {
         create_if_absent(client, ns, job).await?;
     }
@@ -713,6 +794,22 @@ pub async fn apply_plan(client: &Client, ns: &str, plan: &Plan) -> Result<Observ
         unschedulable: Vec::new(),
         crash_looping: Vec::new(),
     })
+}
+
+/// Deletes the attention and expert StatefulSets of `slot` and their gang's PodGroup (of any
+/// scheduler: the gang may have changed since).
+async fn delete_slot(client: &Client, ns: &str, cr: &DeepSeekV3Deployment, slot: Slot) -> Result<(), Error> {
+    let name = cr.name_any();
+    let names = Names::new(&name);
+    for role in [Role::Attention, Role::Expert] {
+        delete_if_present::<StatefulSet>(client, ns, &names.set(role, slot)).await?;
+    }
+    if cr.spec.scheduling.gang.is_some() {
+        for scheduler in GangScheduler::ALL {
+            delete_pod_group(client, ns, scheduler, &planner::pod_group_name(&name, slot)).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Deletes `scheduler`'s PodGroup `name` if it is there.
@@ -939,6 +1036,10 @@ pub fn blocked_status(cr: &DeepSeekV3Deployment, b: &Blocker, now: &Time) -> Dee
         experts: old.experts.clone(),
         placement_version: old.placement_version.clone(),
         placement_config_map: old.placement_config_map.clone(),
+        // What runs is unchanged while blocked: the next reconcile must know it.
+        served_model: old.served_model.clone(),
+        serving: old.serving.clone(),
+        next: old.next.clone(),
         conditions: vec![
             condition(c, "Ready", false, b.reason, b.message.clone(), g, now),
             condition(c, "Progressing", false, "Blocked", b.message.clone(), g, now),

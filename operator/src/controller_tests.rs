@@ -542,6 +542,34 @@ async fn recreated_a_placement_change_stops_the_old_version_before_the_new_start
     assert!(h.events().contains(&("GenerationActivated".into(), "Normal".into())));
 }
 
+/// A fleet whose status predates generations (no `serving`) sees a placement change through
+/// the cut-over: stopped until drained, however many reconciles that takes.
+#[tokio::test]
+async fn a_fleet_from_before_generations_recreates_a_placement_change_to_the_end() {
+    let h = Harness::new(&sample("tiny-cpu.yaml")).with_pvc("dsv3-tiny-model");
+    h.create().await;
+    h.set_sts_status("attention", 2, 2);
+    h.set_sts_status("expert", 4, 4);
+    h.set_router_status(1);
+    h.reconcile().await.expect("reconcile");
+    h.fake.edit(&cr_path("default", "tiny"), |o| {
+        o["status"].as_object_mut().map(|s| s.remove("serving"));
+    });
+    h.edit_spec(|s| s["experts"]["redundantExperts"] = json!(0));
+    for _ in 0..2 {
+        h.reconcile().await.expect("reconcile");
+        for role in ["attention", "expert"] {
+            let sts = h.fake.get(&sts_path("default", &format!("tiny-{role}"))).expect("sts");
+            assert_eq!(sts["spec"]["replicas"], 0, "{role} stays stopped until drained");
+        }
+    }
+    h.set_sts_status("attention", 0, 0);
+    h.set_sts_status("expert", 0, 0);
+    h.reconcile().await.expect("reconcile");
+    let sts = h.fake.get(&sts_path("default", "tiny-expert")).expect("sts");
+    assert_eq!(sts["spec"]["replicas"], 4, "{}", h.status());
+}
+
 /// The value after `flag` in a pod template's first container's arguments.
 fn arg_of(template_owner: &Value, flag: &str) -> String {
     let args = &template_owner["spec"]["template"]["spec"]["containers"][0]["args"];
@@ -673,8 +701,23 @@ async fn a_new_generation_starts_beside_the_serving_one_and_the_routers_switch_w
     h.reconcile().await.expect("reconcile");
     assert!(h.fake.get(&blue_sets[0]).is_some() && h.fake.get(&blue_sets[1]).is_some());
 
-    // Every router runs the switch: blue goes.
+    // The Deployment has rolled over, but an old router pod is still stopping (draining its
+    // streams through blue), which its status no longer counts: blue stays.
     h.set_router_status(1);
+    let stopping = core_path("default", "pods", "tiny-router-old-1");
+    h.fake.put(
+        &stopping,
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "tiny-router-old-1", "namespace": "default",
+                            "deletionTimestamp": "2026-12-03T10:00:00Z",
+                            "labels": {"app.kubernetes.io/name": "dsv3", "app.kubernetes.io/instance": "tiny",
+                                       "app.kubernetes.io/component": "router"}}}),
+    );
+    h.reconcile().await.expect("reconcile");
+    assert!(h.fake.get(&blue_sets[0]).is_some() && h.fake.get(&blue_sets[1]).is_some());
+
+    // Every router runs the switch and none is left stopping: blue goes.
+    h.fake.remove(&stopping);
     h.fake.clear_log();
     h.reconcile().await.expect("reconcile");
     assert!(h.fake.get(&blue_sets[0]).is_none() && h.fake.get(&blue_sets[1]).is_none());
@@ -684,6 +727,26 @@ async fn a_new_generation_starts_beside_the_serving_one_and_the_routers_switch_w
     h.set_router_status(1);
     assert_eq!(h.reconcile().await.expect("reconcile"), Action::requeue(REQUEUE_READY));
     assert_eq!(h.status()["phase"], "Ready");
+
+    // Blocked for a while (pod overrides that do not apply): what serves is still known, and
+    // once fixed nothing moves.
+    let router_before = h.router();
+    h.edit_spec(|s| {
+        s["attention"]["podOverrides"] = json!({"spec": {"volumes": [{"name": "nope", "$patch": "delete"}]}})
+    });
+    assert_eq!(h.reconcile().await.expect("blocked"), Action::requeue(REQUEUE_BLOCKED));
+    assert_eq!(h.status()["serving"]["slot"], "green");
+    h.edit_spec(|s| {
+        s["attention"]
+            .as_object_mut()
+            .map(|a| a.remove("podOverrides"))
+            .map(|_| ())
+            .unwrap_or(())
+    });
+    h.reconcile().await.expect("reconcile");
+    assert_eq!(h.status()["serving"]["slot"], "green");
+    assert_eq!(h.router()["spec"], router_before["spec"], "the routers stay on green");
+    assert!(h.fake.get(&blue_sets[0]).is_none());
 
     // Scaling the attention ranks is no new generation: in place, in green.
     h.edit_spec(|s| s["attention"]["replicas"] = json!(3));

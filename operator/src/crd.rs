@@ -888,7 +888,8 @@ pub struct DeepSeekV3DeploymentStatus {
     /// The generation of attention and expert pods the routers send to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serving: Option<FleetGeneration>,
-    /// A new generation starting beside the serving one (blue/green), until the routers switch.
+    /// A new generation starting beside the serving one (blue/green), until the routers switch;
+    /// in a Recreate cut-over, the one that starts in the serving slot once it has stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next: Option<FleetGeneration>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
