@@ -325,14 +325,7 @@ async fn observe_pods(
     restart_budget: i32,
     observed: &mut Observed,
 ) -> Result<(), Error> {
-    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let selector = format!(
-        "{}={name},{}={}",
-        planner::LABEL_INSTANCE,
-        planner::LABEL_NAME,
-        planner::APP_NAME
-    );
-    for pod in api.list(&ListParams::default().labels(&selector)).await? {
+    for pod in fleet_pods(client, ns, name).await? {
         let Some(status) = pod.status.as_ref() else { continue };
         let stuck =
             status.conditions.iter().flatten().find(|c| {
@@ -692,6 +685,32 @@ async fn routers_terminating(client: &Client, ns: &str, name: &str) -> Result<bo
 /// Pods of `slot`'s worker StatefulSets left after those were deleted (still stopping): a new
 /// generation in that slot would reuse their names.
 async fn slot_pods_left_without_sets(client: &Client, ns: &str, name: &str, slot: Slot) -> Result<bool, Error> {
+    let names = Names::new(name);
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    let mut gone = Vec::new();
+    for set in [Role::Attention, Role::Expert].map(|r| names.set(r, slot)) {
+        if sts.get_opt(&set).await?.is_none() {
+            gone.push(set);
+        }
+    }
+    if gone.is_empty() {
+        return Ok(false);
+    }
+    // A StatefulSet's pods are named `<set>-<ordinal>`.
+    let of_a_gone_set = |pod: &str| {
+        gone.iter().any(|set| {
+            pod.strip_prefix(set.as_str())
+                .and_then(|rest| rest.strip_prefix('-'))
+                .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+        })
+    };
+    let pods = fleet_pods(client, ns, name).await?;
+    let left = pods.iter().any(|p| of_a_gone_set(&p.name_any()));
+    Ok(left)
+}
+
+/// Every pod of the fleet called `name`.
+async fn fleet_pods(client: &Client, ns: &str, name: &str) -> Result<Vec<Pod>, Error> {
     let api: Api<Pod> = Api::namespaced(client.clone(), ns);
     let selector = format!(
         "{}={name},{}={}",
@@ -699,24 +718,7 @@ async fn slot_pods_left_without_sets(client: &Client, ns: &str, name: &str, slot
         planner::LABEL_NAME,
         planner::APP_NAME
     );
-    let names = Names::new(name);
-    let sets: Vec<String> = [Role::Attention, Role::Expert].map(|r| names.set(r, slot)).into();
-    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
-    for set in &sets {
-        if sts.get_opt(set).await?.is_some() {
-            continue;
-        }
-        let pods = api.list(&ListParams::default().labels(&selector)).await?;
-        let of_set = |pod: &str| {
-            pod.strip_prefix(set.as_str())
-                .and_then(|rest| rest.strip_prefix('-'))
-                .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
-        };
-        if pods.iter().any(|p| of_set(&p.name_any())) {
-            return Ok(true);
-        }
-    }
-    Ok(false)
+    Ok(api.list(&ListParams::default().labels(&selector)).await?.items)
 }
 
 /// The status's conditions with Progressing set to `reason` (Ready and Degraded kept).

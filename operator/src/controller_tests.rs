@@ -125,6 +125,14 @@ impl Harness {
         });
     }
 
+    /// Every pod of the tiny sample's blue slot (2 attention ranks, 4 shards) and its router
+    /// ready.
+    fn set_tiny_fleet_ready(&self) {
+        self.set_sts_status("attention", 2, 2);
+        self.set_sts_status("expert", 4, 4);
+        self.set_router_status(1);
+    }
+
     /// Sets the status of the blue slot's StatefulSet of `role`.
     fn set_sts_status(&self, role: &str, replicas: i64, ready: i64) {
         self.set_named_sts_status(&format!("{}-{role}", self.name), replicas, ready);
@@ -391,9 +399,7 @@ async fn scaling_attention_keeps_expert_pods_untouched() {
 async fn children_becoming_ready_make_the_fleet_ready_and_a_lost_shard_degrades_it() {
     let h = Harness::new(&sample("tiny-cpu.yaml")).with_pvc("dsv3-tiny-model");
     h.create().await;
-    h.set_sts_status("attention", 2, 2);
-    h.set_sts_status("expert", 4, 4);
-    h.set_router_status(1);
+    h.set_tiny_fleet_ready();
     h.fake.clear_log();
     let action = h.reconcile().await.expect("reconcile");
     assert_eq!(action, Action::requeue(REQUEUE_READY));
@@ -486,9 +492,7 @@ async fn recreated_a_placement_change_stops_the_old_version_before_the_new_start
     cr.spec.rollout.strategy = RolloutStrategy::Recreate;
     let h = Harness::new(&cr).with_pvc("dsv3-tiny-model");
     h.create().await;
-    h.set_sts_status("attention", 2, 2);
-    h.set_sts_status("expert", 4, 4);
-    h.set_router_status(1);
+    h.set_tiny_fleet_ready();
     h.reconcile().await.expect("reconcile");
     let v1 = h.status()["placementVersion"].as_str().expect("version").to_string();
 
@@ -548,9 +552,7 @@ async fn recreated_a_placement_change_stops_the_old_version_before_the_new_start
 async fn a_fleet_from_before_generations_recreates_a_placement_change_to_the_end() {
     let h = Harness::new(&sample("tiny-cpu.yaml")).with_pvc("dsv3-tiny-model");
     h.create().await;
-    h.set_sts_status("attention", 2, 2);
-    h.set_sts_status("expert", 4, 4);
-    h.set_router_status(1);
+    h.set_tiny_fleet_ready();
     h.reconcile().await.expect("reconcile");
     h.fake.edit(&cr_path("default", "tiny"), |o| {
         o["status"].as_object_mut().map(|s| s.remove("serving"));
@@ -596,9 +598,7 @@ fn image_of(template_owner: &Value) -> String {
 async fn a_new_generation_starts_beside_the_serving_one_and_the_routers_switch_when_it_is_ready() {
     let h = Harness::new(&sample("tiny-cpu.yaml")).with_pvc("dsv3-tiny-model");
     h.create().await;
-    h.set_sts_status("attention", 2, 2);
-    h.set_sts_status("expert", 4, 4);
-    h.set_router_status(1);
+    h.set_tiny_fleet_ready();
     h.reconcile().await.expect("reconcile");
     assert_eq!(h.status()["phase"], "Ready");
     let blue = h.status()["serving"].clone();
@@ -793,9 +793,7 @@ async fn each_generation_is_its_own_gang() {
     });
     let h = Harness::new(&cr).with_pvc("dsv3-tiny-model");
     h.create().await;
-    h.set_sts_status("attention", 2, 2);
-    h.set_sts_status("expert", 4, 4);
-    h.set_router_status(1);
+    h.set_tiny_fleet_ready();
     h.reconcile().await.expect("reconcile");
     let group = |slot| {
         format!(

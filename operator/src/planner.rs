@@ -296,7 +296,20 @@ struct Ctx<'a> {
     slot: Slot,
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    /// The same fleet with its planned generation in `slot`.
+    fn in_slot(&self, slot: Slot) -> Ctx<'a> {
+        Ctx {
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            owner: self.owner.clone(),
+            spec: self.spec,
+            names: Names::new(&self.name),
+            served_model: self.served_model.clone(),
+            slot,
+        }
+    }
+
     fn meta(&self, name: String, component: &str) -> ObjectMeta {
         ObjectMeta {
             name: Some(name),
@@ -465,16 +478,7 @@ pub fn plan(cr: &DeepSeekV3Deployment, input: &PlanInput) -> Result<Plan, PlanEr
     let revision = if ctx.slot == Slot::Blue {
         fleet_revision(&attention_statefulset, &expert_statefulset)
     } else {
-        let blue = Ctx {
-            slot: Slot::Blue,
-            names: Names::new(&ctx.name),
-            name: ctx.name.clone(),
-            namespace: ctx.namespace.clone(),
-            owner: ctx.owner.clone(),
-            spec,
-            served_model: ctx.served_model.clone(),
-        };
-        let (a, e) = worker_statefulsets(&blue, &worker_replicas, &placement)?;
+        let (a, e) = worker_statefulsets(&ctx.in_slot(Slot::Blue), &worker_replicas, &placement)?;
         fleet_revision(&a, &e)
     };
     let generation = FleetGeneration {

@@ -804,9 +804,27 @@ struct Tally {
     failures: Vec<String>,
 }
 
-/// `n` clients streaming greedy completions of `prompts` (48 tokens) back to back through the
-/// router at `endpoint` (read anew for every request) until `stop`, each outcome held to
-/// `expected` in `tally`.
+/// Tokens of each completion [`stream_clients`] asks for.
+const CLIENT_TOKENS: usize = 48;
+
+/// Four prompts, [`PROMPT`] shifted by `step` times their index.
+fn client_prompts(step: u32) -> Vec<Vec<u32>> {
+    (0..4u32)
+        .map(|i| PROMPT.iter().map(|&t| t + step * i).collect())
+        .collect()
+}
+
+/// The greedy answer of the router at `base` to each prompt, as [`stream_clients`] asks.
+fn greedy_answers(base: &str, prompts: &[Vec<u32>]) -> Vec<Vec<u32>> {
+    prompts
+        .iter()
+        .map(|p| completion_ids(base, prompt_request(p, CLIENT_TOKENS, json!({"temperature": 0}))))
+        .collect()
+}
+
+/// `n` clients streaming greedy completions of `prompts` ([`CLIENT_TOKENS`] each) back to back
+/// through the router at `endpoint` (read anew for every request) until `stop`, each outcome
+/// held to `expected` in `tally`.
 fn stream_clients(
     n: usize,
     endpoint: &Arc<Mutex<String>>,
@@ -825,7 +843,7 @@ fn stream_clients(
                     let i = k % prompts.len();
                     k += 1;
                     let base = endpoint.lock().expect("endpoint").clone();
-                    let body = prompt_request(&prompts[i], 48, json!({"temperature": 0, "stream": true}));
+                    let body = prompt_request(&prompts[i], CLIENT_TOKENS, json!({"temperature": 0, "stream": true}));
                     let outcome = try_stream(&base, body);
                     let mut t = tally.lock().expect("tally");
                     match outcome {
@@ -852,13 +870,8 @@ fn stream_clients(
 #[test]
 fn chaos_under_load_with_a_copy_of_every_expert_loses_no_request() {
     let mut fleet = start_fleet_of(2, 3, &["--redundant-experts", "16"]);
-    let prompts: Vec<Vec<u32>> = (0..4u32)
-        .map(|i| PROMPT.iter().map(|&t| t + 17 * i).collect())
-        .collect();
-    let expected: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| completion_ids(&fleet.base, prompt_request(p, 48, json!({"temperature": 0}))))
-        .collect();
+    let prompts = client_prompts(17);
+    let expected = greedy_answers(&fleet.base, &prompts);
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Mutex::new(Tally::default()));
     let endpoint = Arc::new(Mutex::new(fleet.base.clone()));
@@ -930,16 +943,10 @@ fn chaos_under_load_with_a_copy_of_every_expert_loses_no_request() {
 fn a_generation_switch_drops_no_request() {
     let old = start_fleet_of(1, 2, &[]);
     let new = start_fleet_of(1, 3, &["--redundant-experts", "16"]);
-    let prompts: Vec<Vec<u32>> = (0..4u32)
-        .map(|i| PROMPT.iter().map(|&t| t + 11 * i).collect())
-        .collect();
-    let expected: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| completion_ids(&old.base, prompt_request(p, 48, json!({"temperature": 0}))))
-        .collect();
-    for (p, e) in prompts.iter().zip(&expected) {
-        let answer = completion_ids(&new.base, prompt_request(p, 48, json!({"temperature": 0})));
-        assert!(answers_match(&answer, e), "{answer:?} vs {e:?}");
+    let prompts = client_prompts(11);
+    let expected = greedy_answers(&old.base, &prompts);
+    for (answer, e) in greedy_answers(&new.base, &prompts).iter().zip(&expected) {
+        assert!(answers_match(answer, e), "{answer:?} vs {e:?}");
     }
     // What the router Service resolves to.
     let endpoint = Arc::new(Mutex::new(old.base.clone()));

@@ -44,6 +44,10 @@ impl KvCache {
         &self.table
     }
 
+    pub fn table_mut(&mut self) -> &mut BlockTable {
+        &mut self.table
+    }
+
     pub fn block_size(&self) -> usize {
         self.table.block_size()
     }
@@ -79,11 +83,6 @@ impl KvCache {
 
     pub fn begin_chunk(&mut self, seq: SeqId, start: usize, len: usize) -> Result<(), CacheError> {
         self.table.begin_chunk(seq, start, len)
-    }
-
-    /// See [`BlockTable::note_tokens`].
-    pub fn note_tokens(&mut self, seq: SeqId, start: usize, tokens: &[u32]) {
-        self.table.note_tokens(seq, start, tokens)
     }
 
     /// See [`BlockTable::reuse_prefix`].

@@ -38,7 +38,7 @@ pub use engine::{
 pub use kv_cache::{KvCache, SeqId};
 pub use logit_rules::{apply_edits, apply_mask, LogitEdit, LogitRules, LogitState, TokenMask};
 pub use mla::MlaForm;
-pub use model::{check_chunks, Chunk, ChunkOutput, Model, Outputs, StepOptions, Trace};
+pub use model::{begin_step, check_chunks, discard_step, Chunk, ChunkOutput, Model, Outputs, StepOptions, Trace};
 pub use moe::{ExpertExecutor, ExpertSelection, LocalExperts, TokenRoutes};
 pub use sampling::{choose, OutputGrammar, Sampler, SamplingParams, TokenChoice};
 pub use speculative::{speculative_step, Acceptance, Drafting, SpecChunk, SpecOutcome};

@@ -2,6 +2,7 @@
 //! the multi-token-prediction module (spec §7). Routed experts are reached through
 //! [`ExpertExecutor`], so this struct is exactly what an attention worker holds.
 
+use crate::block_table::BlockTable;
 use crate::checkpoint::{Checkpoint, ModelFiles};
 use crate::config::ModelConfig;
 use crate::kv_cache::{KvCache, SeqId};
@@ -82,11 +83,26 @@ impl<'a> Chunk<'a> {
     }
 }
 
-/// Forgets what `chunks` wrote from their starts on (a step that failed part-way): none of it
-/// stays in the prefix cache.
-fn discard_chunks(cache: &mut KvCache, chunks: &[Chunk]) {
+/// Makes room in `table` for a step's chunks and records their tokens (full blocks become
+/// reusable); when a chunk does not fit, what the chunks before it took is undone. Shared by
+/// every backend.
+pub fn begin_step(table: &mut BlockTable, chunks: &[Chunk]) -> Result<()> {
+    for (i, c) in chunks.iter().enumerate() {
+        if let Err(e) = table.begin_chunk(c.seq, c.start, c.tokens.len()) {
+            discard_step(table, &chunks[..i]);
+            return Err(e.into());
+        }
+        table.note_tokens(c.seq, c.start, c.tokens);
+    }
+    Ok(())
+}
+
+/// Forgets what a step's chunks wrote from their starts on, after the step failed part-way:
+/// the rows the layers before the failure wrote are not what their tokens give, and none of
+/// them stays in the prefix cache. Shared by every backend.
+pub fn discard_step(table: &mut BlockTable, chunks: &[Chunk]) {
     for c in chunks {
-        cache.discard_from(c.seq, c.start);
+        table.discard_from(c.seq, c.start);
     }
 }
 
@@ -358,17 +374,10 @@ impl Model {
         opts: &StepOptions,
     ) -> Result<(Vec<ChunkOutput>, Option<Trace>)> {
         check_chunks(&self.config, chunks)?;
-        for (i, c) in chunks.iter().enumerate() {
-            if let Err(e) = cache.begin_chunk(c.seq, c.start, c.tokens.len()) {
-                discard_chunks(cache, &chunks[..i]);
-                return Err(e.into());
-            }
-            cache.note_tokens(c.seq, c.start, c.tokens);
-        }
+        begin_step(cache.table_mut(), chunks)?;
         let result = self.forward_layers(chunks, cache, experts, opts);
         if result.is_err() {
-            // Rows written by the layers before the failure are not what their tokens give.
-            discard_chunks(cache, chunks);
+            discard_step(cache.table_mut(), chunks);
         }
         result
     }

@@ -15,8 +15,9 @@ use crate::weights::{load_vector, random_vector, DeviceMatrix, Format};
 use anyhow::{ensure, Context, Result};
 use dsv3_engine::rope::Rope;
 use dsv3_engine::{
-    check_chunks, CacheCapacity, Checkpoint, Chunk, ChunkOutput, ExpertCounts, ExpertExecutor, ExpertSelection,
-    Fp8Activations, MemoryUse, ModelConfig, ModelFiles, PickedToken, SeqId, StepBackend, TokenPick,
+    begin_step, check_chunks, discard_step, CacheCapacity, Checkpoint, Chunk, ChunkOutput, ExpertCounts,
+    ExpertExecutor, ExpertSelection, Fp8Activations, MemoryUse, ModelConfig, ModelFiles, PickedToken, SeqId,
+    StepBackend, TokenPick,
 };
 use graph::DecodeGraph;
 use layers::{Ffn, Layer, Mlp};
@@ -520,26 +521,12 @@ impl CudaModel {
         keep_residual: bool,
     ) -> Result<(Option<HeadOut>, Option<DeviceTrace>, Option<DeviceBuf>)> {
         check_chunks(&self.config, chunks)?;
-        for (i, c) in chunks.iter().enumerate() {
-            if let Err(e) = self.cache.table.begin_chunk(c.seq, c.start, c.tokens.len()) {
-                self.discard_chunks(&chunks[..i]);
-                return Err(e.into());
-            }
-            self.cache.table.note_tokens(c.seq, c.start, c.tokens);
-        }
+        begin_step(&mut self.cache.table, chunks)?;
         let result = self.run_step_rows(chunks, head_rows, trace, keep_residual);
         if result.is_err() {
-            // Rows written by the layers before the failure are not what their tokens give.
-            self.discard_chunks(chunks);
+            discard_step(&mut self.cache.table, chunks);
         }
         result
-    }
-
-    /// Forgets what `chunks` wrote from their starts on: none of it stays in the prefix cache.
-    fn discard_chunks(&mut self, chunks: &[Chunk]) {
-        for c in chunks {
-            self.cache.table.discard_from(c.seq, c.start);
-        }
     }
 
     /// [`CudaModel::run_step_keeping`] once every chunk has its room in the cache.
