@@ -1,13 +1,14 @@
 //! The operator → pod boundary: every `dsv3-worker` container the operator plans for the sample
-//! fleets in `deploy/samples/` (each also from a hub repository — the download Job — and with
-//! the attention ranks' options off their defaults) runs
+//! fleets in `deploy/samples/` (each also from a hub repository — the download Job —, with
+//! the attention ranks' options off their defaults, and as a new generation in the green slot)
+//! runs
 //! with arguments this binary's CLI accepts, every `DSV3_*`/`HF_*`
 //! variable in its environment is read by an argument of its role (with a value that argument
 //! accepts), and the options checked before loading (the data plane) pass.
 
 use super::{Cli, Command};
 use clap::{CommandFactory, Parser};
-use dsv3_operator::crd::{DeepSeekV3Deployment, HubSource, ModelSource, SecretKeyRef, UnavailableExperts};
+use dsv3_operator::crd::{DeepSeekV3Deployment, HubSource, ModelSource, SecretKeyRef, Slot, UnavailableExperts};
 use dsv3_operator::planner::{plan, PlanInput};
 use serde_json::Value;
 
@@ -114,12 +115,20 @@ fn sample_plans() -> Vec<(std::path::PathBuf, dsv3_operator::planner::PlannedObj
             let mut options = cr.clone();
             options.spec.experts.unavailable = UnavailableExperts::Mask;
             for cr in [cr, from_hub, options] {
-                let planned = plan(&cr, &PlanInput::model_downloaded(&cr)).expect("plan");
+                let running = PlanInput::model_downloaded(&cr);
+                let planned = plan(&cr, &running).expect("plan");
+                // And a new generation starting in the green slot beside it, the routers still
+                // on the serving one.
+                let beside = PlanInput {
+                    slot: Slot::Green,
+                    serving: Some(planned.generation.clone()),
+                    ..running.clone()
+                };
+                let green = plan(&cr, &beside).expect("plan");
                 out.extend(
-                    planned
-                        .objects()
-                        .expect("objects")
-                        .into_iter()
+                    [planned, green]
+                        .iter()
+                        .flat_map(|p| p.objects().expect("objects"))
                         .map(|o| (path.clone(), o)),
                 );
             }
