@@ -4,6 +4,9 @@ GPU) at full DeepSeek-V3 widths, timed with CUDA events (2 warm-up runs, median 
   moe_layer  one MoE decoder layer (`model.model.layers[0]` called directly, no embedding/head): decode steps at each
              batch with a filled KV cache, and a prefill of --prefill tokens at batch 1 (fresh cache).
   slice5     DeepseekV3ForCausalLM with 5 layers (3 dense + 2 MoE), embedding and lm_head: decode steps at each batch.
+  mla_prefill  one layer's causal prefill attention in the naive MLA form alone (128 heads, query/key 192, value 128,
+             bf16, --prefill tokens): torch's scaled_dot_product_attention on each backend that takes the shapes;
+             the fastest is reported.
 
 The cache is filled with random tensors (`DynamicCache.update`), not by a prefill; its shapes are probed from one
 real step, so they follow whatever the installed transformers caches (5.x: the compressed MLA latents, 4.x: per-head
@@ -189,6 +192,37 @@ def run_config(name, args, dims, dev, out):
     free()
 
 
+def run_attention(args, dims, dev, out):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    heads, qk = dims["num_attention_heads"], dims["qk_nope_head_dim"] + dims["qk_rope_head_dim"]
+    n, vdim = args.prefill, dims["v_head_dim"]
+    q = torch.randn(1, heads, n, qk, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(1, heads, n, qk, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(1, heads, n, vdim, device=dev, dtype=torch.bfloat16)
+    best = None
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.MATH):
+        try:
+            with sdpa_kernel([backend]):
+                ms = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+                               args.reps, dev)
+        except (RuntimeError, *OOM) as e:
+            print(f"[mla_prefill] {backend.name}: not run ({str(e).splitlines()[0][:100]})")
+            free()
+            continue
+        print(f"[mla_prefill] {backend.name}: {ms:.3f} ms")
+        if best is None or ms < best[0]:
+            best = (ms, backend.name.lower())
+    rec = dict(config="mla_prefill", phase="prefill", batch=1, ctx=0, tokens=n)
+    if best:
+        rec.update(ms=round(best[0], 3), backend=best[1])
+    else:
+        rec["error"] = "no backend"
+    out.append(rec)
+    del q, k, v
+    free()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
@@ -214,6 +248,9 @@ def main():
     with torch.inference_mode():
         for cname in args.configs.split(","):
             try:
+                if cname == "mla_prefill":
+                    run_attention(args, TINY if args.tiny else FULL, dev, out)
+                    continue
                 run_config(cname, args, TINY if args.tiny else FULL, dev, out)
             except OOM:
                 out.append(dict(config=cname, error="oom"))

@@ -239,6 +239,17 @@ fn prefill(model: &mut CudaModel, n: usize, reps: usize) -> Result<(f64, f64, f6
     Ok((median(times), bytes, flops))
 }
 
+/// The peer's results file, or none.
+fn read_peer(opts: &BenchOptions) -> Result<Vec<serde_json::Value>> {
+    Ok(match &opts.peer {
+        Some(p) => {
+            serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+                .with_context(|| format!("parsing {}", p.display()))?
+        }
+        None => vec![],
+    })
+}
+
 fn peer_ms(peer: &[serde_json::Value], config: &str, phase: &str, batch: usize) -> Option<(f64, u64)> {
     peer.iter().find_map(|r| {
         let ok = r["config"] == config && r["phase"] == phase && r["batch"].as_u64() == Some(batch as u64);
@@ -261,6 +272,18 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
             println!(
                 "{}",
                 crate::bench_attention::run(&gpu, &opts.batches, opts.context, opts.reps)?
+            );
+            continue;
+        }
+        if config == "mla_prefill" {
+            let gpu = crate::Gpu::open(0)?;
+            let peer = read_peer(opts)?;
+            let peer = peer
+                .iter()
+                .find(|r| r["config"] == "mla_prefill" && r["tokens"].as_u64() == Some(opts.prefill as u64));
+            println!(
+                "{}",
+                crate::bench_attention::run_prefill(&gpu, opts.prefill, opts.reps, peer)?
             );
             continue;
         }
@@ -323,14 +346,11 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
             });
         }
     }
+    if rows.is_empty() {
+        return Ok(()); // only kernel tables (mla, mla_prefill, speculative) were asked for
+    }
     let bw = bandwidth.unwrap_or(4.2e12);
-    let peer: Vec<serde_json::Value> = match &opts.peer {
-        Some(p) => {
-            serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
-                .with_context(|| format!("parsing {}", p.display()))?
-        }
-        None => vec![],
-    };
+    let peer = read_peer(opts)?;
     println!(
         "| config | phase | batch | ctx | dsv3 ms | tok/s | GB/s | HBM floor ms | TFLOP/s | FP8 floor ms | vs floor | transformers ms (ctx) | speed-up |"
     );

@@ -1,11 +1,14 @@
-//! The MLA decode kernel alone (`dsv3-worker bench-cuda --configs mla`): one layer's absorbed
-//! attention over a random bf16 latent cache at several batches, beside the read-stream rate
-//! measured in the same run and FlashMLA's published figures; and the random inputs with which
-//! the GPU tests check the kernel against a float64 reference.
+//! The MLA attention kernels alone. Decode (`dsv3-worker bench-cuda --configs mla`): one layer's
+//! absorbed attention over a random bf16 latent cache at several batches, beside the read-stream
+//! rate measured in the same run and FlashMLA's published figures; and the random inputs with
+//! which the GPU tests check the kernels against a float64 reference. Prefill (`--configs
+//! mla_prefill --prefill N`): one layer's causal attention in the naive form over an N-token
+//! prompt, beside torch's scaled-dot-product attention on the same shapes when its result is given.
 
 use crate::bench::median;
 use crate::gpu::{float, ptr, u64_arg, DeviceBuf, Gpu};
 use crate::mla_decode::{mla_decode, DecodeBuffers, DecodeKernel, LatentShape, PagedRows};
+use crate::mla_prefill::{prefill_with, PrefillBuffers, PrefillKernel, PrefillShape};
 use anyhow::{ensure, Result};
 
 /// DeepSeek-V3's latent attention: 128 heads, latent rank 512, rotary 64, 128 without rotary.
@@ -279,5 +282,70 @@ pub fn run(g: &Gpu, batches: &[usize], ctx: usize, reps: usize) -> Result<String
     table += &format!(
         "\nFlashMLA's published figures (H800 SXM5): {FLASH_MLA_GBPS:.0} GB/s memory-bound, {FLASH_MLA_TFLOPS:.0} TFLOP/s compute-bound.\n"
     );
+    Ok(table)
+}
+
+/// The table of `bench-cuda --configs mla_prefill`: one layer's causal attention over an `n`-token
+/// prompt (DeepSeek-V3's naive form: 128 heads, query/key 192, value 128, bf16), on each kernel
+/// that takes it, beside `peer` (worker/bench/hf_gpu_peer.py's `mla_prefill` row: torch's fastest
+/// scaled-dot-product attention backend on the same shapes, same run).
+pub fn run_prefill(g: &Gpu, n: usize, reps: usize, peer: Option<&serde_json::Value>) -> Result<String> {
+    ensure!(n > 0, "the prefill attention benchmark needs --prefill > 0");
+    let shape = PrefillShape {
+        heads: V3_SHAPE.heads,
+        qk: V3_SHAPE.qk,
+        vdim: 128,
+    };
+    let (heads, qk, vdim) = (shape.heads, shape.qk, shape.vdim);
+    let q = g.alloc(n * heads * qk * 2)?;
+    let k = g.alloc(n * heads * qk * 2)?;
+    let v = g.alloc(n * heads * vdim * 2)?;
+    let out = g.alloc(n * heads * vdim * 4)?;
+    fill_random(g, "random_bf16", &q, n * heads * qk, 21, -2.0, 2.0)?;
+    fill_random(g, "random_bf16", &k, n * heads * qk, 22, -1.0, 1.0)?;
+    fill_random(g, "random_bf16", &v, n * heads * vdim, 23, -1.0, 1.0)?;
+    let bufs = PrefillBuffers {
+        q: q.addr,
+        k: k.addr,
+        v: v.addr,
+        out: out.addr,
+        ld_out: heads * vdim,
+    };
+    // Causal: row i sees i + 1 keys; Q·Kᵀ over qk and P·V over vdim per head and key.
+    let flops = (n * (n + 1) / 2 * heads * 2 * (qk + vdim)) as f64;
+    let peer_ms = peer.and_then(|p| p["ms"].as_f64());
+    let backend = peer.and_then(|p| p["backend"].as_str()).unwrap_or("-");
+    let mut table = format!(
+        "MLA prefill attention alone (naive form: {heads} heads, query/key {qk}, value {vdim}, bf16, causal), {n} tokens\n\n\
+         | kernel | tokens | ms | TFLOP/s | torch ms ({backend}) | speed-up |\n|---|---:|---:|---:|---:|---:|\n"
+    );
+    let scale = 1.0 / (qk as f32).sqrt();
+    for kernel in [PrefillKernel::Wgmma, PrefillKernel::Mma] {
+        if !kernel.takes(g, &shape) {
+            continue;
+        }
+        let run = || prefill_with(g, kernel, &shape, &bufs, n, 0, scale);
+        for _ in 0..2 {
+            run()?;
+        }
+        let times: Vec<f64> = (0..reps.max(1)).map(|_| g.time(run)).collect::<Result<_>>()?;
+        let s = median(times);
+        eprintln!("mla prefill {kernel:?} {n}: {:.3} ms", s * 1e3);
+        let (peer_txt, speedup) = match peer_ms {
+            Some(ms) => (format!("{ms:.3}"), format!("{:.2}×", ms / (s * 1e3))),
+            None => ("-".into(), "-".into()),
+        };
+        table += &format!(
+            "| {kernel:?} | {n} | {:.3} | {:.0} | {peer_txt} | {speedup} |\n",
+            s * 1e3,
+            flops / s / 1e12
+        );
+    }
+    if let Some(ms) = peer_ms {
+        table += &format!(
+            "| torch ({backend}) | {n} | {ms:.3} | {:.0} | | |\n",
+            flops / (ms / 1e3) / 1e12
+        );
+    }
     Ok(table)
 }

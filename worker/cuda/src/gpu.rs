@@ -34,6 +34,7 @@ pub const KERNEL_FAMILIES: &[(&str, &str)] = &[
     family!("moe"),
     family!("moe_wgmma"),
     family!("mla"),
+    family!("mla_prefill"),
     family!("mma"),
     family!("pick"),
 ];
@@ -75,6 +76,7 @@ pub const KERNELS: &[&str] = &[
     "gather_latents",
     "build_kv",
     "mla_prefill_flash",
+    "mla_prefill_wgmma",
     "mla_decode_mma",
     "mla_decode_wgmma",
     "mla_decode_wgmma_flat",

@@ -1,10 +1,53 @@
-//! Causal attention of a sequence's new rows in the naive MLA form (prefill), flash style
-//! (`mla_prefill_flash`): per block one head and 64 query rows over key tiles up to the diagonal
-//! with an online softmax, so no score matrix is kept and memory grows linearly with the prompt.
+//! Causal attention of a sequence's new rows in the naive MLA form (prefill), flash style: per
+//! block one head and a tile of query rows over key tiles up to the diagonal with an online
+//! softmax, so no score matrix is kept and memory grows linearly with the prompt. Two kernels:
+//! `mla_prefill_wgmma` (Hopper, DeepSeek-V3's head sizes, tiles by TMA, products on wgmma) and
+//! `mla_prefill_flash` (mma.sync, any head sizes up to its register arrays).
 
-use crate::gpu::{float, int, ptr, Gpu};
-use crate::tiles::{FL_K, FL_Q, FL_QK, FL_V};
+use crate::gpu::{float, int, ptr, tensor_map, Arg, Gpu};
+use crate::tiles::{FL_K, FL_Q, FL_QK, FL_V, PF_K, PF_Q, PF_THREADS};
 use anyhow::{ensure, Result};
+use cudarc::driver::sys as drv;
+
+/// Which kernel computes the prefill attention.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefillKernel {
+    /// wgmma (sm_90a): query/key heads of 192 and value heads of 128 only.
+    Wgmma,
+    /// mma.sync: heads of at most `FL_QK` / `FL_V` in multiples of 16.
+    Mma,
+}
+
+/// Shared memory of `mla_prefill_wgmma`: Q (192 channels of `PF_Q` rows), two stages of a K tile
+/// (192 channels) and a V tile (128) of `PF_K` keys, seven barriers, and room to start Q on a
+/// 1024-byte boundary (the swizzle's period).
+const WGMMA_SHARED_BYTES: usize = PF_Q * 192 * 2 + 2 * PF_K * (192 + 128) * 2 + 7 * 8 + 1024;
+
+impl PrefillKernel {
+    /// The fastest kernel that takes `shape` on `g` (`DSV3_PREFILL_WGMMA=0` passes over wgmma).
+    pub fn best(g: &Gpu, shape: &PrefillShape) -> Option<Self> {
+        let wgmma = std::env::var_os("DSV3_PREFILL_WGMMA").is_none_or(|v| v != "0");
+        [PrefillKernel::Wgmma, PrefillKernel::Mma]
+            .into_iter()
+            .find(|&k| k.takes(g, shape) && (wgmma || k != PrefillKernel::Wgmma))
+    }
+
+    /// Whether this kernel takes `shape` on `g`.
+    pub fn takes(self, g: &Gpu, shape: &PrefillShape) -> bool {
+        match self {
+            PrefillKernel::Wgmma => {
+                g.hopper && shape.qk == 192 && shape.vdim == 128 && WGMMA_SHARED_BYTES <= g.max_shared_per_block
+            }
+            PrefillKernel::Mma => {
+                shape.qk.is_multiple_of(16)
+                    && shape.qk <= FL_QK
+                    && shape.vdim.is_multiple_of(16)
+                    && shape.vdim <= FL_V
+                    && shared_bytes(shape) <= g.max_shared_per_block
+            }
+        }
+    }
+}
 
 /// Head sizes of the naive form: `qk` = nope + rope per query/key head, `vdim` per value head.
 #[derive(Clone, Copy, Debug)]
@@ -26,13 +69,13 @@ pub struct PrefillBuffers {
     pub ld_out: usize,
 }
 
-/// Shared memory of one block: Q, two K tiles (padded rows of qk + 8) and two V tiles (vdim + 8).
+/// Shared memory of one `mla_prefill_flash` block: Q, two K tiles (padded rows of qk + 8) and two V tiles (vdim + 8).
 pub fn shared_bytes(shape: &PrefillShape) -> usize {
     (FL_Q + 2 * FL_K) * (shape.qk + 8) * 2 + 2 * FL_K * (shape.vdim + 8) * 2
 }
 
 /// Launches the attention of `n` new rows at positions `start..start + n`, each seeing every
-/// position up to its own.
+/// position up to its own, on the fastest kernel that takes `shape`.
 pub fn flash_prefill(
     g: &Gpu,
     shape: &PrefillShape,
@@ -41,36 +84,87 @@ pub fn flash_prefill(
     start: usize,
     scale: f32,
 ) -> Result<()> {
-    let PrefillShape { heads, qk, vdim } = *shape;
+    let kernel = PrefillKernel::best(g, shape).ok_or_else(|| {
+        anyhow::anyhow!(
+            "no prefill attention kernel takes heads of {} (query/key) and {} (value): at most {FL_QK} and {FL_V} in multiples of 16",
+            shape.qk,
+            shape.vdim
+        )
+    })?;
+    prefill_with(g, kernel, shape, bufs, n, start, scale)
+}
+
+/// [`flash_prefill`] on a given kernel.
+pub fn prefill_with(
+    g: &Gpu,
+    kernel: PrefillKernel,
+    shape: &PrefillShape,
+    bufs: &PrefillBuffers,
+    n: usize,
+    start: usize,
+    scale: f32,
+) -> Result<()> {
     ensure!(
-        qk % 16 == 0 && qk <= FL_QK && vdim % 16 == 0 && vdim <= FL_V,
-        "the prefill attention takes heads of at most {FL_QK} (query/key) and {FL_V} (value) in multiples of 16, not {qk} and {vdim}"
-    );
-    let smem = shared_bytes(shape);
-    ensure!(
-        smem <= g.max_shared_per_block,
-        "the prefill attention needs {smem} bytes of shared memory per block"
+        kernel.takes(g, shape),
+        "the {kernel:?} prefill kernel does not take {shape:?} on this GPU"
     );
     if n == 0 {
         return Ok(());
     }
-    g.launch(
-        "mla_prefill_flash",
-        (n.div_ceil(FL_Q) as u32, heads as u32, 1),
-        128,
-        smem as u32,
-        &[
-            ptr(bufs.out),
-            int(bufs.ld_out),
-            ptr(bufs.q),
-            ptr(bufs.k),
-            ptr(bufs.v),
-            int(n),
-            int(start),
-            int(heads),
-            int(qk),
-            int(vdim),
-            float(scale),
-        ],
+    let PrefillShape { heads, qk, vdim } = *shape;
+    match kernel {
+        PrefillKernel::Wgmma => {
+            let total = start + n;
+            g.launch(
+                "mla_prefill_wgmma",
+                (heads as u32, n.div_ceil(PF_Q) as u32, 1),
+                PF_THREADS as u32,
+                WGMMA_SHARED_BYTES as u32,
+                &[
+                    ptr(bufs.out),
+                    int(bufs.ld_out),
+                    head_map(bufs.q, n, heads, qk, PF_Q, "the prefill queries")?,
+                    head_map(bufs.k, total, heads, qk, PF_K, "the prefill keys")?,
+                    head_map(bufs.v, total, heads, vdim, PF_K, "the prefill values")?,
+                    int(n),
+                    int(start),
+                    float(scale),
+                ],
+            )
+        }
+        PrefillKernel::Mma => g.launch(
+            "mla_prefill_flash",
+            (n.div_ceil(FL_Q) as u32, heads as u32, 1),
+            128,
+            shared_bytes(shape) as u32,
+            &[
+                ptr(bufs.out),
+                int(bufs.ld_out),
+                ptr(bufs.q),
+                ptr(bufs.k),
+                ptr(bufs.v),
+                int(n),
+                int(start),
+                int(heads),
+                int(qk),
+                int(vdim),
+                float(scale),
+            ],
+        ),
+    }
+}
+
+/// A TMA map of bf16 `[rows][heads][width]`, copied in boxes of 64 channels of one head by
+/// `box_rows` rows, in the 128-byte swizzle wgmma reads; rows past the end read as zeros.
+fn head_map(addr: u64, rows: usize, heads: usize, width: usize, box_rows: usize, what: &str) -> Result<Arg> {
+    ensure!(addr.is_multiple_of(16), "TMA needs 16-byte aligned {what}");
+    tensor_map(
+        addr,
+        drv::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        &[width as u64, heads as u64, rows as u64],
+        &[(width * 2) as u64, (heads * width * 2) as u64],
+        &[64, 1, box_rows as u32],
+        drv::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+        what,
     )
 }

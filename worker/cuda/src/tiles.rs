@@ -28,6 +28,13 @@ pub const FL_K: usize = 64;
 pub const FL_QK: usize = 192;
 /// Widest value head `mla_prefill_flash` takes.
 pub const FL_V: usize = 128;
+/// Query rows per block of the Hopper prefill attention (`mla_prefill_wgmma`): two multiplying
+/// warpgroups of 64.
+pub const PF_Q: usize = 128;
+/// Key positions per tile of `mla_prefill_wgmma`.
+pub const PF_K: usize = 128;
+/// Threads per block of `mla_prefill_wgmma`: two multiplying warpgroups and a feeding warp.
+pub const PF_THREADS: usize = 288;
 /// Weight rows per tile of the Hopper expert product (`grouped_fp8_wgmma`): two consumer
 /// warpgroups of 64, one 128-row block of the weights' scales.
 pub const GX_ROWS: usize = 128;
@@ -55,6 +62,9 @@ pub fn defines() -> Vec<String> {
         ("FL_K", FL_K),
         ("FL_QK", FL_QK),
         ("FL_V", FL_V),
+        ("PF_Q", PF_Q),
+        ("PF_K", PF_K),
+        ("PF_THREADS", PF_THREADS),
         ("GX_ROWS", GX_ROWS),
         ("GX_TOKENS", GX_TOKENS),
         ("GX_STAGES", GX_STAGES),

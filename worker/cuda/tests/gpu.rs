@@ -1154,14 +1154,15 @@ fn mla_decode_matches_f64_reference() {
     }
 }
 
-/// The flash prefill attention against a float64 reference of the same bf16 inputs: one tile,
-/// partial tiles, one new row after a cached prefix, a chunk after a prefix (causal offset), and
-/// the tiny model's head sizes.
+/// Each prefill attention kernel against a float64 reference of the same bf16 inputs: one tile,
+/// partial tiles, one new row after a cached prefix, a chunk after a prefix (causal offset),
+/// several query and key tiles with the diagonal inside a tile (from the start and after a
+/// prefix), and the tiny model's head sizes (mma.sync only).
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn flash_prefill_matches_f64_reference() {
     use dsv3_cuda::bench_attention::fill_random;
-    use dsv3_cuda::mla_prefill::{flash_prefill, PrefillBuffers, PrefillShape};
+    use dsv3_cuda::mla_prefill::{prefill_with, PrefillBuffers, PrefillKernel, PrefillShape};
     poison();
     let gpu = dsv3_cuda::Gpu::open(0).expect("GPU");
     let v3 = PrefillShape {
@@ -1174,10 +1175,16 @@ fn flash_prefill_matches_f64_reference() {
         qk: 96,
         vdim: 64,
     };
-    for (i, (shape, n, start)) in [(v3, 64, 0), (v3, 100, 0), (v3, 1, 130), (v3, 130, 200), (tiny, 70, 5)]
-        .into_iter()
-        .enumerate()
-    {
+    let cases = [
+        (v3, 64, 0),
+        (v3, 100, 0),
+        (v3, 1, 130),
+        (v3, 130, 200),
+        (v3, 300, 0),
+        (v3, 257, 333),
+        (tiny, 70, 5),
+    ];
+    for (i, (shape, n, start)) in cases.into_iter().enumerate() {
         let PrefillShape { heads, qk, vdim } = shape;
         let total = start + n;
         let q = gpu.alloc(n * heads * qk * 2).expect("q");
@@ -1195,8 +1202,6 @@ fn flash_prefill_matches_f64_reference() {
             out: out.addr,
             ld_out: heads * vdim,
         };
-        flash_prefill(&gpu, &shape, &bufs, n, start, scale).expect("prefill attention");
-        let got: Vec<f32> = gpu.download(out.addr, n * heads * vdim).expect("out");
         let host = |buf: &dsv3_cuda::gpu::DeviceBuf, len: usize| -> Vec<f64> {
             let bits: Vec<u16> = gpu.download(buf.addr, len).expect("download");
             bits.iter().map(|&b| half::bf16::from_bits(b).to_f64()).collect()
@@ -1206,34 +1211,61 @@ fn flash_prefill_matches_f64_reference() {
             host(&k, total * heads * qk),
             host(&v, total * heads * vdim),
         );
-        let mut worst = 0.0f64;
-        for row in 0..n {
-            for h in 0..heads {
-                let qr = &qh[(row * heads + h) * qk..][..qk];
-                let seen = start + row + 1;
-                let scores: Vec<f64> = (0..seen)
-                    .map(|j| {
-                        let kr = &kh[(j * heads + h) * qk..][..qk];
-                        qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f64>() * scale as f64
-                    })
-                    .collect();
-                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                let sum: f64 = w.iter().sum();
-                let (mut err, mut norm) = (0.0f64, 0.0f64);
-                for d in 0..vdim {
-                    let want: f64 = (0..seen).map(|j| w[j] / sum * vh[(j * heads + h) * vdim + d]).sum();
-                    let g = got[row * heads * vdim + h * vdim + d] as f64;
-                    assert!(g.is_finite(), "case {i}: out[{row}, {h}, {d}] not written");
-                    err += (g - want) * (g - want);
-                    norm += want * want;
-                }
-                worst = worst.max((err / norm.max(1e-30)).sqrt());
+        for kernel in [PrefillKernel::Wgmma, PrefillKernel::Mma] {
+            if !kernel.takes(&gpu, &shape) {
+                continue;
             }
+            // NaN in every output first: a row the kernel does not write fails the check
+            gpu.copy_to(&out, 0, &vec![f32::NAN; n * heads * vdim]).expect("poison");
+            prefill_with(&gpu, kernel, &shape, &bufs, n, start, scale).expect("prefill attention");
+            let got: Vec<f32> = gpu.download(out.addr, n * heads * vdim).expect("out");
+            let worst = prefill_error(&got, &qh, &kh, &vh, shape, n, start, scale);
+            eprintln!("flash prefill {kernel:?} case {i} ({heads} heads, qk {qk}, v {vdim}, {n} rows after {start}): worst relative error {worst:.2e}");
+            assert!(worst < 1e-2, "{kernel:?} case {i}: relative error {worst:.2e}");
         }
-        eprintln!("flash prefill case {i} ({heads} heads, qk {qk}, v {vdim}, {n} rows after {start}): worst relative error {worst:.2e}");
-        assert!(worst < 1e-2, "case {i}: relative error {worst:.2e}");
     }
+}
+
+/// The worst relative error per (row, head) of a prefill attention's output `got` against a
+/// float64 causal attention over the same bf16 inputs.
+#[allow(clippy::too_many_arguments)]
+fn prefill_error(
+    got: &[f32],
+    qh: &[f64],
+    kh: &[f64],
+    vh: &[f64],
+    shape: dsv3_cuda::mla_prefill::PrefillShape,
+    n: usize,
+    start: usize,
+    scale: f32,
+) -> f64 {
+    let dsv3_cuda::mla_prefill::PrefillShape { heads, qk, vdim } = shape;
+    let mut worst = 0.0f64;
+    for row in 0..n {
+        for h in 0..heads {
+            let qr = &qh[(row * heads + h) * qk..][..qk];
+            let seen = start + row + 1;
+            let scores: Vec<f64> = (0..seen)
+                .map(|j| {
+                    let kr = &kh[(j * heads + h) * qk..][..qk];
+                    qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f64>() * scale as f64
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let sum: f64 = w.iter().sum();
+            let (mut err, mut norm) = (0.0f64, 0.0f64);
+            for d in 0..vdim {
+                let want: f64 = (0..seen).map(|j| w[j] / sum * vh[(j * heads + h) * vdim + d]).sum();
+                let g = got[row * heads * vdim + h * vdim + d] as f64;
+                assert!(g.is_finite(), "out[{row}, {h}, {d}] is not finite");
+                err += (g - want) * (g - want);
+                norm += want * want;
+            }
+            worst = worst.max((err / norm.max(1e-30)).sqrt());
+        }
+    }
+    worst
 }
 
 /// The Hopper expert kernel (`grouped_fp8_wgmma`) against a float64 product of the same e4m3

@@ -1,0 +1,376 @@
+// ---------------------------------------------------------------- MLA, naive form (prefill)
+// Latents of positions 0..total of one sequence from the paged cache, split into c_kv (f32,
+// [total, lora]) and k_pe (f32, [total, rope]).
+extern "C" __global__ void gather_latents(float* c_kv, float* k_pe, const bf16* cache, const int* table, int block,
+                                          int lora, int rope) {
+    await_previous_kernel();
+    int p = blockIdx.x, width = lora + rope;
+    const bf16* src = cache + ((size_t)table[p / block] * block + p % block) * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        float v = bf16_to_f32(src[i]);
+        if (i < lora) c_kv[(size_t)p * lora + i] = v;
+        else k_pe[(size_t)p * rope + (i - lora)] = v;
+    }
+}
+
+// From kv = c_kv · kv_bᵀ ([total, heads*(nope+v)]) and k_pe: K [total, heads, nope+rope] and
+// V [total, heads, v] in bf16 for the tensor-core attention products.
+extern "C" __global__ void build_kv(bf16* k, bf16* v, const float* kv, const float* k_pe, int heads, int nope, int rope,
+                                    int vdim) {
+    await_previous_kernel();
+    int p = blockIdx.x, qk = nope + rope, per = nope + vdim;
+    for (int i = threadIdx.x; i < heads * qk; i += blockDim.x) {
+        int h = i / qk, d = i % qk;
+        float x = d < nope ? kv[(size_t)p * heads * per + h * per + d] : k_pe[(size_t)p * rope + (d - nope)];
+        k[(size_t)p * heads * qk + i] = f32_to_bf16(x);
+    }
+    for (int i = threadIdx.x; i < heads * vdim; i += blockDim.x) {
+        int h = i / vdim, d = i % vdim;
+        v[(size_t)p * heads * vdim + i] = f32_to_bf16(kv[(size_t)p * heads * per + h * per + nope + d]);
+    }
+}
+
+// Causal attention of one sequence's new rows in the naive form (prefill), flash style: per
+// block one head and FL_Q query rows, over key tiles of FL_K positions up to the diagonal, online
+// softmax, so no score matrix is ever in memory and memory stays linear in the prompt length.
+// Query row i (global position start + i) sees keys 0 ..= start + i. q: bf16 [n, heads, qk],
+// k: bf16 [total, heads, qk], v: bf16 [total, heads, vdim]; out: f32 rows of stride ld_out,
+// head h's values at h * vdim. 4 warps of 16 query rows; Q fragments stay in registers, S never
+// leaves them (P is re-packed as the A operand of P·V), K and V tiles double-buffered with cp.async.
+// Needs qk % 16 == 0, qk <= FL_QK, vdim % 16 == 0, vdim <= FL_V (DeepSeek-V3: 192 and 128).
+// FL_Q, FL_K, FL_QK, FL_V: from tiles.rs (NVRTC -D).
+extern "C" __global__ void __launch_bounds__(128)
+mla_prefill_flash(float* out, int ld_out, const bf16* q, const bf16* k, const bf16* v, int n, int start, int heads,
+                  int qk, int vdim, float scale) {
+    await_previous_kernel();
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const int QP = qk + 8, VP = vdim + 8;  // padded pitches: an odd number of 16-byte units
+    bf16* qs = (bf16*)smem_raw;                     // [FL_Q][QP]
+    bf16* ks = qs + FL_Q * QP;                      // [2][FL_K][QP]
+    bf16* vs = ks + 2 * FL_K * QP;                  // [2][FL_K][VP]
+    const int q0 = blockIdx.x * FL_Q, h = blockIdx.y;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int total = start + n;
+    const int limit = start + min(q0 + FL_Q, n);  // keys any row of this block sees
+    const int ktiles = (limit + FL_K - 1) / FL_K;
+    auto copy16 = [](bf16* dst, const bf16* src, bool valid) {
+        unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
+    };
+    // Q tile (rows past n zero-filled)
+    for (int e = tid; e < FL_Q * (qk / 8); e += blockDim.x) {
+        int row = e / (qk / 8), x = e % (qk / 8), qi = min(q0 + row, n - 1);
+        copy16(qs + row * QP + 8 * x, q + ((size_t)qi * heads + h) * qk + 8 * x, q0 + row < n);
+    }
+    auto load_kv = [&](int kt) {
+        if (kt < ktiles) {
+            bf16* kd = ks + (kt & 1) * FL_K * QP;
+            bf16* vd = vs + (kt & 1) * FL_K * VP;
+            for (int e = tid; e < FL_K * (qk / 8); e += blockDim.x) {
+                int row = e / (qk / 8), x = e % (qk / 8), key = kt * FL_K + row;
+                copy16(kd + row * QP + 8 * x, k + ((size_t)min(key, total - 1) * heads + h) * qk + 8 * x, key < total);
+            }
+            for (int e = tid; e < FL_K * (vdim / 8); e += blockDim.x) {
+                int row = e / (vdim / 8), x = e % (vdim / 8), key = kt * FL_K + row;
+                copy16(vd + row * VP + 8 * x, v + ((size_t)min(key, total - 1) * heads + h) * vdim + 8 * x, key < total);
+            }
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+    load_kv(0);  // one group with Q
+    // Q fragments of this warp's 16 rows, all qk / 16 k-steps
+    asm volatile("cp.async.wait_group 0;\n" ::);
+    __syncthreads();
+    u32 qa[FL_QK / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < FL_QK / 16; ++kk)
+        if (kk < qk / 16) ldmatrix_x4(qa[kk], (u32)__cvta_generic_to_shared(qs + (warp * 16 + (lane & 15)) * QP + kk * 16 + 8 * (lane >> 4)));
+    float o[FL_V / 8][4];
+#pragma unroll
+    for (int j = 0; j < FL_V / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows g and g + 8 (base 2)
+    const float scale_log2 = scale * 1.4426950408889634f;
+    const int pos0 = start + q0 + warp * 16 + g, pos1 = pos0 + 8;  // global positions of this thread's rows
+    for (int kt = 0; kt < ktiles; ++kt) {
+        if (kt > 0) {
+            asm volatile("cp.async.wait_group 0;\n" ::);
+            __syncthreads();  // tile kt is in; the other stage is free
+        }
+        load_kv(kt + 1);
+        const bf16* kt_s = ks + (kt & 1) * FL_K * QP;
+        const bf16* vt_s = vs + (kt & 1) * FL_K * VP;
+        float s[FL_K / 8][4];
+#pragma unroll
+        for (int j = 0; j < FL_K / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < FL_QK / 16; ++kk)
+#pragma unroll
+            for (int np = 0; np < FL_K / 16; ++np) {
+                if (kk >= qk / 16) break;
+                u32 b[4];
+                int row = np * 16 + (lane & 7) + 8 * (lane >> 4), col = kk * 16 + 8 * ((lane >> 3) & 1);
+                ldmatrix_x4(b, (u32)__cvta_generic_to_shared(kt_s + row * QP + col));
+                mma_bf16(s[2 * np], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b[0], b[1]);
+                mma_bf16(s[2 * np + 1], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b[2], b[3]);
+            }
+        // causal mask and row maxima (each row is whole in one quad of threads)
+        float tm0 = -INFINITY, tm1 = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < FL_K / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                int key = kt * FL_K + 8 * j + 2 * t + (e & 1);
+                float val = key <= (e < 2 ? pos0 : pos1) ? s[j][e] * scale_log2 : -INFINITY;
+                s[j][e] = val;
+                if (e < 2) tm0 = fmaxf(tm0, val); else tm1 = fmaxf(tm1, val);
+            }
+        tm0 = quad_max(tm0);
+        tm1 = quad_max(tm1);
+        // a row may see no key of this tile yet (its max stays -inf): keep it at its old state
+        const float n0 = fmaxf(m0, tm0), n1 = fmaxf(m1, tm1);
+        const float corr0 = n0 == -INFINITY ? 1.f : exp2f(m0 - n0), corr1 = n1 == -INFINITY ? 1.f : exp2f(m1 - n1);
+        m0 = n0;
+        m1 = n1;
+        l0 *= corr0;
+        l1 *= corr1;
+        u32 pa[FL_K / 16][4];
+#pragma unroll
+        for (int j = 0; j < FL_K / 8; ++j) {
+            float p0 = n0 == -INFINITY ? 0.f : exp2f(s[j][0] - n0), p1 = n0 == -INFINITY ? 0.f : exp2f(s[j][1] - n0);
+            float p2 = n1 == -INFINITY ? 0.f : exp2f(s[j][2] - n1), p3 = n1 == -INFINITY ? 0.f : exp2f(s[j][3] - n1);
+            l0 += p0 + p1;
+            l1 += p2 + p3;
+            pa[j >> 1][(j & 1) * 2] = pack_bf16(p0, p1);
+            pa[j >> 1][(j & 1) * 2 + 1] = pack_bf16(p2, p3);
+        }
+#pragma unroll
+        for (int j = 0; j < FL_V / 8; ++j) {
+            o[j][0] *= corr0; o[j][1] *= corr0;
+            o[j][2] *= corr1; o[j][3] *= corr1;
+        }
+        // O[16, FL_V] += P[16, FL_K] · V[FL_K, FL_V]
+#pragma unroll
+        for (int kk = 0; kk < FL_K / 16; ++kk)
+#pragma unroll
+            for (int np = 0; np < FL_V / 16; ++np) {
+                if (np >= vdim / 16) break;
+                u32 b[4];
+                int row = kk * 16 + (lane & 7) + 8 * ((lane >> 3) & 1), col = np * 16 + 8 * (lane >> 4);
+                ldmatrix_x4_trans(b, (u32)__cvta_generic_to_shared(vt_s + row * VP + col));
+                mma_bf16(o[2 * np], pa[kk][0], pa[kk][1], pa[kk][2], pa[kk][3], b[0], b[1]);
+                mma_bf16(o[2 * np + 1], pa[kk][0], pa[kk][1], pa[kk][2], pa[kk][3], b[2], b[3]);
+            }
+    }
+#pragma unroll
+    for (int x = 1; x < 4; x <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, x);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, x);
+    }
+    const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+    const float inv0 = 1.f / l0, inv1 = 1.f / l1;
+#pragma unroll
+    for (int j = 0; j < FL_V / 8; ++j) {
+        if (j >= vdim / 8) break;
+        int c = h * vdim + 8 * j + 2 * t;
+        if (r0 < n) *(float2*)(out + (size_t)r0 * ld_out + c) = make_float2(o[j][0] * inv0, o[j][1] * inv0);
+        if (r1 < n) *(float2*)(out + (size_t)r1 * ld_out + c) = make_float2(o[j][2] * inv1, o[j][3] * inv1);
+    }
+}
+
+// ---------------------------------------------------------------- MLA prefill on Hopper (wgmma)
+// The same causal attention for DeepSeek-V3's heads (qk 192, v 128), FlashAttention-3 style: per
+// block one head and PF_Q = 128 query rows, over key tiles of PF_K = 128 positions up to the
+// diagonal. Warp 8 feeds: one thread copies Q once and each tile's K (3 boxes of 64 channels) and
+// V (2 boxes) by TMA into one of two stages, K and V completing on barriers of their own, and
+// waits for both multiplying warpgroups to free a stage before refilling it. Warpgroups 0 and 1
+// each own 64 query rows and run unsynchronised with each other (one's softmax overlaps the
+// other's products): S = Q·Kᵀ on wgmma m64n128k16 (Q and K read by the tensor cores from shared
+// memory), the online softmax in registers, O += P·V with P straight from those registers and V
+// N-major from shared memory. Every operand sits in the 128-byte swizzle TMA writes (128-byte
+// rows, 8-row atoms of 1024 bytes; 64-channel blocks of PF_K or PF_Q rows). Tiles past the
+// sequence's end arrive as zeros (TMA), the causal mask is applied only on tiles that cross a
+// row's diagonal, and a warpgroup stops at its own last row's tile. The grid runs the longest
+// query tiles first. Compiled for sm_90a only.
+
+#define PF_BLOCK(rows) ((rows) * 128)                // bytes of one 64-channel block of `rows` rows
+#define PF_Q_BYTES (3 * PF_BLOCK(PF_Q))              // Q: 192 channels
+#define PF_K_BYTES (3 * PF_BLOCK(PF_K))              // a K tile: 192 channels
+#define PF_V_BYTES (2 * PF_BLOCK(PF_K))              // a V tile: 128 channels
+#define PF_STAGE_BYTES (PF_K_BYTES + PF_V_BYTES)
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// A 3-D box of `map` at coordinates (c0, c1, c2) into shared memory, completing on `bar`.
+__device__ __forceinline__ void tma_load_3d(u32 dst, const TensorMap* map, int c0, int c1, int c2, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(
+            dst),
+        "l"((u64)map), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+        : "memory");
+}
+
+// d[64, 128] (+)= A[64, 16] · B[128, 16]ᵀ, A and B K-major in shared memory.
+__device__ __forceinline__ void wgmma_m64n128_ss(float d[64], u64 da, u64 db, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db), "r"(accumulate));
+}
+
+// d[64, 128] += A[64, 16] (registers) · B[16, 128] (N-major in shared memory).
+__device__ __forceinline__ void wgmma_m64n128_rs(float d[64], const u32 a[4], u64 db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+
+// K-major operand: rows row0 .. of a swizzled matrix of `rows` rows at `base`, channels 16 ks ..
+__device__ __forceinline__ u64 pf_k_major(u32 base, int rows, int row0, int ks) {
+    return smem_desc(base + (ks >> 2) * PF_BLOCK(rows) + row0 * 128 + (ks & 3) * 32, 16, 1024, 1);
+}
+#endif
+
+// q_map: q bf16 as [n][heads][192] (boxes of 64 channels x 1 head x PF_Q rows), k_map: k as
+// [total][heads][192], v_map: v as [total][heads][128] (boxes of 64 x 1 x PF_K); out: f32 rows
+// of stride ld_out, head h's values at h * 128. grid (heads, ceil(n / PF_Q)).
+extern "C" __global__ void __launch_bounds__(PF_THREADS, 1)
+mla_prefill_wgmma(float* out, int ld_out, const __grid_constant__ TensorMap q_map, const __grid_constant__ TensorMap k_map,
+                  const __grid_constant__ TensorMap v_map, int n, int start, float scale) {
+    await_previous_kernel();
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    const u32 raw = (u32)__cvta_generic_to_shared(smem_raw);
+    const u32 qs = (raw + 1023) & ~1023u;  // 1024-byte aligned: the swizzle atoms (the host adds 1 KB)
+    const u32 stages = qs + PF_Q_BYTES;
+    const u32 bars = stages + 2 * PF_STAGE_BYTES;  // q_full, k_full[2], v_full[2], empty[2]
+    const u32 q_full = bars, k_full = bars + 8, v_full = bars + 24, empty = bars + 40;
+    const int h = blockIdx.x, qt = gridDim.y - 1 - blockIdx.y;  // the longest query tiles first
+    const int q0 = qt * PF_Q, tid = threadIdx.x;
+    const int ktiles = (start + min(q0 + PF_Q, n) + PF_K - 1) / PF_K;
+    if (tid == 0) {
+        mbar_init(q_full, 1);
+        for (int s = 0; s < 2; ++s) {
+            mbar_init(k_full + 8 * s, 1);
+            mbar_init(v_full + 8 * s, 1);
+            mbar_init(empty + 8 * s, 256);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+    if (tid >= 256) {  // the feeding warp
+        if (tid != 256) return;
+        mbar_expect(q_full, PF_Q_BYTES);
+        for (int cb = 0; cb < 3; ++cb) tma_load_3d(qs + cb * PF_BLOCK(PF_Q), &q_map, cb * 64, h, q0, q_full);
+        mbar_arrive(q_full);
+        for (int kt = 0; kt < ktiles; ++kt) {
+            const int s = kt & 1;
+            const u32 kd = stages + s * PF_STAGE_BYTES, vd = kd + PF_K_BYTES;
+            mbar_wait(empty + 8 * s, ((kt >> 1) & 1) ^ 1);
+            mbar_expect(k_full + 8 * s, PF_K_BYTES);
+            for (int cb = 0; cb < 3; ++cb) tma_load_3d(kd + cb * PF_BLOCK(PF_K), &k_map, cb * 64, h, kt * PF_K, k_full + 8 * s);
+            mbar_arrive(k_full + 8 * s);
+            mbar_expect(v_full + 8 * s, PF_V_BYTES);
+            for (int cb = 0; cb < 2; ++cb) tma_load_3d(vd + cb * PF_BLOCK(PF_K), &v_map, cb * 64, h, kt * PF_K, v_full + 8 * s);
+            mbar_arrive(v_full + 8 * s);
+        }
+        return;
+    }
+    const int wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int row0 = warp * 16 + g;                         // this thread's rows: row0 and row0 + 8 of the warpgroup's 64
+    const int pos0 = start + q0 + wg * 64 + row0, pos1 = pos0 + 8;  // their global positions
+    const int first_pos = start + q0 + wg * 64;             // the warpgroup's first and last rows
+    const int my_tiles = min(ktiles, (first_pos + 63) / PF_K + 1);
+    const float scale_log2 = scale * 1.4426950408889634f;
+    float o[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) o[i] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // base 2
+    mbar_wait(q_full, 0);
+    for (int kt = 0; kt < my_tiles; ++kt) {
+        const int s = kt & 1;
+        const u32 phase = (kt >> 1) & 1, kb = stages + s * PF_STAGE_BYTES, vb = kb + PF_K_BYTES;
+        float sc[64];
+#pragma unroll
+        for (int i = 0; i < 64; ++i) sc[i] = 0.f;
+        mbar_wait(k_full + 8 * s, phase);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < 12; ++ks)
+            wgmma_m64n128_ss(sc, pf_k_major(qs, PF_Q, wg * 64, ks), pf_k_major(kb, PF_K, 0, ks), ks);
+        wgmma_commit();
+        wgmma_wait_all();
+#pragma unroll
+        for (int i = 0; i < 64; ++i) hold(sc[i]);
+        // scores of keys kt * PF_K + 8j + 2t (+1): rows row0 (e < 2) and row0 + 8
+        float tm0 = -INFINITY, tm1 = -INFINITY;
+        if (kt * PF_K + PF_K - 1 > first_pos) {  // the tile crosses some row's diagonal
+#pragma unroll
+            for (int j = 0; j < 16; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = kt * PF_K + 8 * j + 2 * t + (e & 1);
+                    sc[4 * j + e] = key <= (e < 2 ? pos0 : pos1) ? sc[4 * j + e] * scale_log2 : -INFINITY;
+                }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 64; ++i) sc[i] *= scale_log2;
+        }
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            tm0 = fmaxf(tm0, fmaxf(sc[4 * j], sc[4 * j + 1]));
+            tm1 = fmaxf(tm1, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
+        }
+        tm0 = quad_max(tm0);
+        tm1 = quad_max(tm1);
+        // Key 0 is in the first tile and every row sees it, so the maxima are finite from there on.
+        const float n0 = fmaxf(m0, tm0), n1 = fmaxf(m1, tm1);
+        const float corr0 = exp2f(m0 - n0), corr1 = exp2f(m1 - n1);
+        m0 = n0;
+        m1 = n1;
+        l0 *= corr0;
+        l1 *= corr1;
+        u32 pa[8][4];  // P as wgmma A fragments: 8 k-steps of 16 keys
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            const float p0 = exp2f(sc[4 * j] - n0), p1 = exp2f(sc[4 * j + 1] - n0);
+            const float p2 = exp2f(sc[4 * j + 2] - n1), p3 = exp2f(sc[4 * j + 3] - n1);
+            l0 += p0 + p1;
+            l1 += p2 + p3;
+            pa[j >> 1][(j & 1) * 2] = pack_bf16(p0, p1);
+            pa[j >> 1][(j & 1) * 2 + 1] = pack_bf16(p2, p3);
+        }
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            o[4 * j] *= corr0; o[4 * j + 1] *= corr0;
+            o[4 * j + 2] *= corr1; o[4 * j + 3] *= corr1;
+        }
+        mbar_wait(v_full + 8 * s, phase);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 8; ++kk)
+            wgmma_m64n128_rs(o, pa[kk], smem_desc(vb + kk * 16 * 128, PF_BLOCK(PF_K), 1024, 1));
+        wgmma_commit();
+        wgmma_wait_all();
+#pragma unroll
+        for (int i = 0; i < 64; ++i) hold(o[i]);
+        mbar_arrive(empty + 8 * s);
+    }
+    // Past its last tile a warpgroup frees nothing more: the feeder refills a stage only for a
+    // tile two further on, which the other warpgroup's rows do not reach either.
+#pragma unroll
+    for (int x = 1; x < 4; x <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, x);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, x);
+    }
+    const int r0 = q0 + wg * 64 + row0, r1 = r0 + 8;
+    const float inv0 = 1.f / l0, inv1 = 1.f / l1;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+        const int c = h * 128 + 8 * j + 2 * t;
+        if (r0 < n) *(float2*)(out + (size_t)r0 * ld_out + c) = make_float2(o[4 * j] * inv0, o[4 * j + 1] * inv0);
+        if (r1 < n) *(float2*)(out + (size_t)r1 * ld_out + c) = make_float2(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
+    }
+#endif
+}
