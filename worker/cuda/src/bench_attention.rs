@@ -320,7 +320,7 @@ pub fn run_prefill(g: &Gpu, n: usize, reps: usize, peer: Option<&serde_json::Val
          | kernel | tokens | ms | TFLOP/s | torch ms ({backend}) | speed-up |\n|---|---:|---:|---:|---:|---:|\n"
     );
     let scale = 1.0 / (qk as f32).sqrt();
-    for kernel in [PrefillKernel::Wgmma, PrefillKernel::Mma] {
+    for kernel in PrefillKernel::ALL {
         if !kernel.takes(g, &shape) {
             continue;
         }

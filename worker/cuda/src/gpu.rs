@@ -77,6 +77,7 @@ pub const KERNELS: &[&str] = &[
     "build_kv",
     "mla_prefill_flash",
     "mla_prefill_wgmma",
+    "mla_prefill_wgmma_serial",
     "mla_decode_mma",
     "mla_decode_wgmma",
     "mla_decode_wgmma_flat",

@@ -12,30 +12,44 @@ use cudarc::driver::sys as drv;
 /// Which kernel computes the prefill attention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PrefillKernel {
-    /// wgmma (sm_90a): query/key heads of 192 and value heads of 128 only.
+    /// wgmma (sm_90a): query/key heads of 192 and value heads of 128 only; each warpgroup's
+    /// softmax overlaps its own products.
     Wgmma,
+    /// The same kernel waiting for each product in turn: the kernel before, kept to measure
+    /// against (`DSV3_PREFILL_PIPELINE=0`).
+    WgmmaSerial,
     /// mma.sync: heads of at most `FL_QK` / `FL_V` in multiples of 16.
     Mma,
 }
 
 /// Shared memory of `mla_prefill_wgmma`: Q (192 channels of `PF_Q` rows), two stages of a K tile
-/// (192 channels) and a V tile (128) of `PF_K` keys, seven barriers, and room to start Q on a
+/// (192 channels) and a V tile (128) of `PF_K` keys, nine barriers, and room to start Q on a
 /// 1024-byte boundary (the swizzle's period).
-const WGMMA_SHARED_BYTES: usize = PF_Q * 192 * 2 + 2 * PF_K * (192 + 128) * 2 + 7 * 8 + 1024;
+const WGMMA_SHARED_BYTES: usize = PF_Q * 192 * 2 + 2 * PF_K * (192 + 128) * 2 + 9 * 8 + 1024;
 
 impl PrefillKernel {
-    /// The fastest kernel that takes `shape` on `g` (`DSV3_PREFILL_WGMMA=0` passes over wgmma).
+    /// Every kernel, fastest first.
+    pub const ALL: [PrefillKernel; 3] = [PrefillKernel::Wgmma, PrefillKernel::WgmmaSerial, PrefillKernel::Mma];
+
+    /// The fastest kernel that takes `shape` on `g` (`DSV3_PREFILL_WGMMA=0` passes over wgmma,
+    /// `DSV3_PREFILL_PIPELINE=0` over its pipelined form).
     pub fn best(g: &Gpu, shape: &PrefillShape) -> Option<Self> {
-        let wgmma = std::env::var_os("DSV3_PREFILL_WGMMA").is_none_or(|v| v != "0");
-        [PrefillKernel::Wgmma, PrefillKernel::Mma]
-            .into_iter()
-            .find(|&k| k.takes(g, shape) && (wgmma || k != PrefillKernel::Wgmma))
+        let allowed = |var: &str| std::env::var_os(var).is_none_or(|v| v != "0");
+        let (wgmma, pipelined) = (allowed("DSV3_PREFILL_WGMMA"), allowed("DSV3_PREFILL_PIPELINE"));
+        Self::ALL.into_iter().find(|&k| {
+            k.takes(g, shape)
+                && match k {
+                    PrefillKernel::Wgmma => wgmma && pipelined,
+                    PrefillKernel::WgmmaSerial => wgmma,
+                    PrefillKernel::Mma => true,
+                }
+        })
     }
 
     /// Whether this kernel takes `shape` on `g`.
     pub fn takes(self, g: &Gpu, shape: &PrefillShape) -> bool {
         match self {
-            PrefillKernel::Wgmma => {
+            PrefillKernel::Wgmma | PrefillKernel::WgmmaSerial => {
                 g.hopper && shape.qk == 192 && shape.vdim == 128 && WGMMA_SHARED_BYTES <= g.max_shared_per_block
             }
             PrefillKernel::Mma => {
@@ -113,11 +127,15 @@ pub fn prefill_with(
     }
     let PrefillShape { heads, qk, vdim } = *shape;
     match kernel {
-        PrefillKernel::Wgmma => {
+        PrefillKernel::Wgmma | PrefillKernel::WgmmaSerial => {
             let total = start + n;
+            let name = match kernel {
+                PrefillKernel::Wgmma => "mla_prefill_wgmma",
+                _ => "mla_prefill_wgmma_serial",
+            };
             g.launch(
-                "mla_prefill_wgmma",
-                (heads as u32, n.div_ceil(PF_Q) as u32, 1),
+                name,
+                (n.div_ceil(PF_Q) as u32, heads as u32, 1),
                 PF_THREADS as u32,
                 WGMMA_SHARED_BYTES as u32,
                 &[

@@ -33,8 +33,8 @@ pub const FL_V: usize = 128;
 pub const PF_Q: usize = 128;
 /// Key positions per tile of `mla_prefill_wgmma`.
 pub const PF_K: usize = 128;
-/// Threads per block of `mla_prefill_wgmma`: two multiplying warpgroups and a feeding warp.
-pub const PF_THREADS: usize = 288;
+/// Threads per block of `mla_prefill_wgmma`: two multiplying warpgroups and a feeding one.
+pub const PF_THREADS: usize = 384;
 /// Weight rows per tile of the Hopper expert product (`grouped_fp8_wgmma`): two consumer
 /// warpgroups of 64, one 128-row block of the weights' scales.
 pub const GX_ROWS: usize = 128;

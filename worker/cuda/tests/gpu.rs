@@ -1211,7 +1211,7 @@ fn flash_prefill_matches_f64_reference() {
             host(&k, total * heads * qk),
             host(&v, total * heads * vdim),
         );
-        for kernel in [PrefillKernel::Wgmma, PrefillKernel::Mma] {
+        for kernel in PrefillKernel::ALL {
             if !kernel.takes(&gpu, &shape) {
                 continue;
             }

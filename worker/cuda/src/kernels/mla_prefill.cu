@@ -180,17 +180,21 @@ mla_prefill_flash(float* out, int ld_out, const bf16* q, const bf16* k, const bf
 // ---------------------------------------------------------------- MLA prefill on Hopper (wgmma)
 // The same causal attention for DeepSeek-V3's heads (qk 192, v 128), FlashAttention-3 style: per
 // block one head and PF_Q = 128 query rows, over key tiles of PF_K = 128 positions up to the
-// diagonal. Warp 8 feeds: one thread copies Q once and each tile's K (3 boxes of 64 channels) and
-// V (2 boxes) by TMA into one of two stages, K and V completing on barriers of their own, and
-// waits for both multiplying warpgroups to free a stage before refilling it. Warpgroups 0 and 1
-// each own 64 query rows and run unsynchronised with each other (one's softmax overlaps the
-// other's products): S = Q·Kᵀ on wgmma m64n128k16 (Q and K read by the tensor cores from shared
-// memory), the online softmax in registers, O += P·V with P straight from those registers and V
-// N-major from shared memory. Every operand sits in the 128-byte swizzle TMA writes (128-byte
-// rows, 8-row atoms of 1024 bytes; 64-channel blocks of PF_K or PF_Q rows). Tiles past the
-// sequence's end arrive as zeros (TMA), the causal mask is applied only on tiles that cross a
-// row's diagonal, and a warpgroup stops at its own last row's tile. The grid runs the longest
-// query tiles first. Compiled for sm_90a only.
+// diagonal. Warpgroup 2 feeds (its registers given to the others): one thread copies Q once and each tile's K (3 boxes of 64 channels) and
+// V (2 boxes) by TMA into one of two stages, K and V with full and empty barriers of their own
+// (a K stage is refilled as soon as both multiplying warpgroups have their scores, before their
+// P·V is done). Warpgroups 0 and 1 each own 64 query rows and run unsynchronised with each other
+// (one's softmax overlaps the other's products): S = Q·Kᵀ on wgmma m64n128k16 (Q and K read by
+// the tensor cores from shared memory), the online softmax in registers, O += P·V with P straight
+// from those registers and V N-major from shared memory. Pipelined (the default), a warpgroup
+// also overlaps its own softmax with its products: it issues tile t's S and tile t - 1's P·V
+// together and runs tile t's softmax while P·V is still on the tensor cores
+// (FlashAttention-3's intra-warpgroup pipelining); the serial form waits for each product in
+// turn. Every operand sits in the 128-byte swizzle TMA writes (128-byte rows, 8-row atoms of 1024
+// bytes; 64-channel blocks of PF_K or PF_Q rows). Tiles past the sequence's end arrive as zeros
+// (TMA), the causal mask is applied only on tiles that cross a row's diagonal, and a warpgroup
+// stops at its own last row's tile. Blocks of one head run together (its K and V stay in L2),
+// the longest query tiles first. Compiled for sm_90a only.
 
 #define PF_BLOCK(rows) ((rows) * 128)                // bytes of one 64-channel block of `rows` rows
 #define PF_Q_BYTES (3 * PF_BLOCK(PF_Q))              // Q: 192 channels
@@ -226,27 +230,198 @@ __device__ __forceinline__ void wgmma_m64n128_rs(float d[64], const u32 a[4], u6
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
 }
 
+// At most `pending` of this thread's committed wgmma groups still running.
+template <int pending> __device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(pending) : "memory");
+}
+
 // K-major operand: rows row0 .. of a swizzled matrix of `rows` rows at `base`, channels 16 ks ..
 __device__ __forceinline__ u64 pf_k_major(u32 base, int rows, int row0, int ks) {
     return smem_desc(base + (ks >> 2) * PF_BLOCK(rows) + row0 * 128 + (ks & 3) * 32, 16, 1024, 1);
 }
 #endif
 
+// The running state of a thread's two query rows (row0 and row0 + 8 of its warpgroup's 64):
+// their global positions, maxima and sums (base 2).
+struct PfRows {
+    int pos0, pos1;
+    float m0, m1, l0, l1;
+};
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// S[64 rows, 128 keys of tile kt] = Q · Kᵀ, issued and committed (not waited for).
+__device__ __forceinline__ void pf_issue_scores(float sc[64], u32 qs, int wg, u32 k_tile) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) sc[i] = 0.f;
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < 12; ++ks)
+        wgmma_m64n128_ss(sc, pf_k_major(qs, PF_Q, wg * 64, ks), pf_k_major(k_tile, PF_K, 0, ks), ks);
+    wgmma_commit();
+}
+
+// O += P · V over one tile, issued and committed (not waited for).
+__device__ __forceinline__ void pf_issue_values(float o[64], const u32 pa[8][4], u32 v_tile) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) wgmma_m64n128_rs(o, pa[kk], smem_desc(v_tile + kk * 16 * 128, PF_BLOCK(PF_K), 1024, 1));
+    wgmma_commit();
+}
+
+// Tile kt's scores (keys kt * PF_K + 8j + 2t, + 1; rows row0 for e < 2, else row0 + 8) become
+// probabilities against the rows' new maxima, in place; the sums follow, and corr0 / corr1 is
+// what the output so far must be scaled by.
+__device__ __forceinline__ void pf_softmax(float sc[64], PfRows& r, int kt, bool masked, int t, float scale_log2,
+                                           float& corr0, float& corr1) {
+    if (masked) {
+#pragma unroll
+        for (int j = 0; j < 16; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = kt * PF_K + 8 * j + 2 * t + (e & 1);
+                sc[4 * j + e] = key <= (e < 2 ? r.pos0 : r.pos1) ? sc[4 * j + e] * scale_log2 : -INFINITY;
+            }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 64; ++i) sc[i] *= scale_log2;
+    }
+    float tm0 = -INFINITY, tm1 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+        tm0 = fmaxf(tm0, fmaxf(sc[4 * j], sc[4 * j + 1]));
+        tm1 = fmaxf(tm1, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
+    }
+    // Key 0 is in the first tile and every row sees it, so the maxima are finite from there on.
+    const float n0 = fmaxf(r.m0, quad_max(tm0)), n1 = fmaxf(r.m1, quad_max(tm1));
+    corr0 = exp2f(r.m0 - n0);
+    corr1 = exp2f(r.m1 - n1);
+    r.m0 = n0;
+    r.m1 = n1;
+    float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+        sc[4 * j] = exp2f(sc[4 * j] - n0);
+        sc[4 * j + 1] = exp2f(sc[4 * j + 1] - n0);
+        sc[4 * j + 2] = exp2f(sc[4 * j + 2] - n1);
+        sc[4 * j + 3] = exp2f(sc[4 * j + 3] - n1);
+        s0 += sc[4 * j] + sc[4 * j + 1];
+        s1 += sc[4 * j + 2] + sc[4 * j + 3];
+    }
+    r.l0 = r.l0 * corr0 + s0;
+    r.l1 = r.l1 * corr1 + s1;
+}
+
+// Probabilities as bf16 wgmma A fragments: 8 k-steps of 16 keys.
+__device__ __forceinline__ void pf_pack(const float sc[64], u32 pa[8][4]) {
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+        pa[j >> 1][(j & 1) * 2] = pack_bf16(sc[4 * j], sc[4 * j + 1]);
+        pa[j >> 1][(j & 1) * 2 + 1] = pack_bf16(sc[4 * j + 2], sc[4 * j + 3]);
+    }
+}
+
+__device__ __forceinline__ void pf_rescale(float o[64], float corr0, float corr1) {
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+        o[4 * j] *= corr0; o[4 * j + 1] *= corr0;
+        o[4 * j + 2] *= corr1; o[4 * j + 3] *= corr1;
+    }
+}
+
+// Named barriers of the two multiplying warpgroups (256 threads): wait at one, or arrive at the other's.
+__device__ __forceinline__ void pf_barrier_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
+__device__ __forceinline__ void pf_barrier_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
+
+// A multiplying warpgroup's whole share: its 64 query rows over tiles 0 .. tiles - 1, into o
+// (unnormalised) with the rows' sums in r.
+template <bool PIPELINED>
+__device__ __forceinline__ void pf_consume(float o[64], PfRows& r, u32 qs, u32 stages, u32 k_full, u32 v_full,
+                                           u32 k_empty, u32 v_empty, int wg, int t, int tiles, int first_pos,
+                                           float scale_log2) {
+    const auto k_tile = [&](int kt) { return stages + (kt & 1) * PF_STAGE_BYTES; };
+    const auto v_tile = [&](int kt) { return stages + (kt & 1) * PF_STAGE_BYTES + PF_K_BYTES; };
+    const auto parity = [](int kt) { return (u32)((kt >> 1) & 1); };
+    const auto masked = [&](int kt) { return kt * PF_K + PF_K - 1 > first_pos; };  // crosses a row's diagonal
+    float sc[64], corr0, corr1;
+    u32 pa[8][4];
+    if (!PIPELINED) {
+        for (int kt = 0; kt < tiles; ++kt) {
+            const int s = kt & 1;
+            mbar_wait(k_full + 8 * s, parity(kt));
+            pf_issue_scores(sc, qs, wg, k_tile(kt));
+            wgmma_wait<0>();
+#pragma unroll
+            for (int i = 0; i < 64; ++i) hold(sc[i]);
+            mbar_arrive(k_empty + 8 * s);
+            pf_softmax(sc, r, kt, masked(kt), t, scale_log2, corr0, corr1);
+            pf_pack(sc, pa);
+            pf_rescale(o, corr0, corr1);
+            mbar_wait(v_full + 8 * s, parity(kt));
+            pf_issue_values(o, pa, v_tile(kt));
+            wgmma_wait<0>();
+#pragma unroll
+            for (int i = 0; i < 64; ++i) hold(o[i]);
+            mbar_arrive(v_empty + 8 * s);
+        }
+        return;
+    }
+    mbar_wait(k_full, 0);
+    pf_issue_scores(sc, qs, wg, k_tile(0));
+    wgmma_wait<0>();
+#pragma unroll
+    for (int i = 0; i < 64; ++i) hold(sc[i]);
+    mbar_arrive(k_empty);
+    pf_softmax(sc, r, 0, masked(0), t, scale_log2, corr0, corr1);
+    pf_pack(sc, pa);
+    // The warpgroups take turns to issue their products (two named barriers, warpgroup 0 first):
+    // one's products then run while the other's softmax does, instead of both at once.
+    if (wg == 1 && tiles > 1) pf_barrier_arrive(1);
+    for (int kt = 1; kt < tiles; ++kt) {
+        const int s = kt & 1, ps = s ^ 1;
+        mbar_wait(k_full + 8 * s, parity(kt));
+        mbar_wait(v_full + 8 * ps, parity(kt - 1));
+        pf_barrier_sync(1 + wg);
+        pf_issue_scores(sc, qs, wg, k_tile(kt));
+        pf_issue_values(o, pa, v_tile(kt - 1));
+        if (wg == 0 || kt + 1 < tiles) pf_barrier_arrive(2 - wg);
+        wgmma_wait<1>();  // the scores are in; P·V of the tile before still runs
+#pragma unroll
+        for (int i = 0; i < 64; ++i) hold(sc[i]);
+        mbar_arrive(k_empty + 8 * s);
+        pf_softmax(sc, r, kt, masked(kt), t, scale_log2, corr0, corr1);
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < 64; ++i) hold(o[i]);
+        mbar_arrive(v_empty + 8 * ps);
+        pf_rescale(o, corr0, corr1);
+        pf_pack(sc, pa);
+    }
+    const int last = tiles - 1;
+    mbar_wait(v_full + 8 * (last & 1), parity(last));
+    pf_issue_values(o, pa, v_tile(last));
+    wgmma_wait<0>();
+#pragma unroll
+    for (int i = 0; i < 64; ++i) hold(o[i]);
+    mbar_arrive(v_empty + 8 * (last & 1));
+}
+#endif
+
 // q_map: q bf16 as [n][heads][192] (boxes of 64 channels x 1 head x PF_Q rows), k_map: k as
 // [total][heads][192], v_map: v as [total][heads][128] (boxes of 64 x 1 x PF_K); out: f32 rows
-// of stride ld_out, head h's values at h * 128. grid (heads, ceil(n / PF_Q)).
-extern "C" __global__ void __launch_bounds__(PF_THREADS, 1)
-mla_prefill_wgmma(float* out, int ld_out, const __grid_constant__ TensorMap q_map, const __grid_constant__ TensorMap k_map,
-                  const __grid_constant__ TensorMap v_map, int n, int start, float scale) {
+// of stride ld_out, head h's values at h * 128. grid (ceil(n / PF_Q), heads).
+template <bool PIPELINED>
+__device__ __forceinline__ void mla_prefill_wgmma_body(float* out, int ld_out, const TensorMap* q_map,
+                                                       const TensorMap* k_map, const TensorMap* v_map, int n, int start,
+                                                       float scale) {
     await_previous_kernel();
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const u32 raw = (u32)__cvta_generic_to_shared(smem_raw);
     const u32 qs = (raw + 1023) & ~1023u;  // 1024-byte aligned: the swizzle atoms (the host adds 1 KB)
     const u32 stages = qs + PF_Q_BYTES;
-    const u32 bars = stages + 2 * PF_STAGE_BYTES;  // q_full, k_full[2], v_full[2], empty[2]
-    const u32 q_full = bars, k_full = bars + 8, v_full = bars + 24, empty = bars + 40;
-    const int h = blockIdx.x, qt = gridDim.y - 1 - blockIdx.y;  // the longest query tiles first
+    const u32 bars = stages + 2 * PF_STAGE_BYTES;  // q_full, then [2] each of k_full, v_full, k_empty, v_empty
+    const u32 q_full = bars, k_full = bars + 8, v_full = bars + 24, k_empty = bars + 40, v_empty = bars + 56;
+    const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y;  // the longest query tiles of a head first
     const int q0 = qt * PF_Q, tid = threadIdx.x;
     const int ktiles = (start + min(q0 + PF_Q, n) + PF_K - 1) / PF_K;
     if (tid == 0) {
@@ -254,111 +429,49 @@ mla_prefill_wgmma(float* out, int ld_out, const __grid_constant__ TensorMap q_ma
         for (int s = 0; s < 2; ++s) {
             mbar_init(k_full + 8 * s, 1);
             mbar_init(v_full + 8 * s, 1);
-            mbar_init(empty + 8 * s, 256);
+            mbar_init(k_empty + 8 * s, 256);
+            mbar_init(v_empty + 8 * s, 256);
         }
         mbar_init_fence();
     }
     __syncthreads();
-    if (tid >= 256) {  // the feeding warp
+    if (tid >= 256) {  // the feeding warpgroup: one thread copies, the warpgroup's registers go to the others
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
         if (tid != 256) return;
         mbar_expect(q_full, PF_Q_BYTES);
-        for (int cb = 0; cb < 3; ++cb) tma_load_3d(qs + cb * PF_BLOCK(PF_Q), &q_map, cb * 64, h, q0, q_full);
+        for (int cb = 0; cb < 3; ++cb) tma_load_3d(qs + cb * PF_BLOCK(PF_Q), q_map, cb * 64, h, q0, q_full);
         mbar_arrive(q_full);
         for (int kt = 0; kt < ktiles; ++kt) {
             const int s = kt & 1;
-            const u32 kd = stages + s * PF_STAGE_BYTES, vd = kd + PF_K_BYTES;
-            mbar_wait(empty + 8 * s, ((kt >> 1) & 1) ^ 1);
+            const u32 kd = stages + s * PF_STAGE_BYTES, vd = kd + PF_K_BYTES, free_parity = ((kt >> 1) & 1) ^ 1;
+            mbar_wait(k_empty + 8 * s, free_parity);
             mbar_expect(k_full + 8 * s, PF_K_BYTES);
-            for (int cb = 0; cb < 3; ++cb) tma_load_3d(kd + cb * PF_BLOCK(PF_K), &k_map, cb * 64, h, kt * PF_K, k_full + 8 * s);
+            for (int cb = 0; cb < 3; ++cb) tma_load_3d(kd + cb * PF_BLOCK(PF_K), k_map, cb * 64, h, kt * PF_K, k_full + 8 * s);
             mbar_arrive(k_full + 8 * s);
+            mbar_wait(v_empty + 8 * s, free_parity);
             mbar_expect(v_full + 8 * s, PF_V_BYTES);
-            for (int cb = 0; cb < 2; ++cb) tma_load_3d(vd + cb * PF_BLOCK(PF_K), &v_map, cb * 64, h, kt * PF_K, v_full + 8 * s);
+            for (int cb = 0; cb < 2; ++cb) tma_load_3d(vd + cb * PF_BLOCK(PF_K), v_map, cb * 64, h, kt * PF_K, v_full + 8 * s);
             mbar_arrive(v_full + 8 * s);
         }
         return;
     }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
     const int wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
-    const int row0 = warp * 16 + g;                         // this thread's rows: row0 and row0 + 8 of the warpgroup's 64
-    const int pos0 = start + q0 + wg * 64 + row0, pos1 = pos0 + 8;  // their global positions
-    const int first_pos = start + q0 + wg * 64;             // the warpgroup's first and last rows
-    const int my_tiles = min(ktiles, (first_pos + 63) / PF_K + 1);
-    const float scale_log2 = scale * 1.4426950408889634f;
+    const int row0 = warp * 16 + g;  // this thread's rows: row0 and row0 + 8 of the warpgroup's 64
+    const int first_pos = start + q0 + wg * 64;
+    // Serial, a warpgroup stops at its last row's tile (the feeder refills a stage only for a tile
+    // two further on, which the other warpgroup's rows do not reach either); pipelined, both take
+    // every tile, so that they take turns to the end (warpgroup 0's rows see none of a last tile
+    // past them: its probabilities there are 0).
+    const int tiles = PIPELINED ? ktiles : min(ktiles, (first_pos + 63) / PF_K + 1);
+    PfRows r{first_pos + row0, first_pos + row0 + 8, -INFINITY, -INFINITY, 0.f, 0.f};
     float o[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) o[i] = 0.f;
-    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // base 2
     mbar_wait(q_full, 0);
-    for (int kt = 0; kt < my_tiles; ++kt) {
-        const int s = kt & 1;
-        const u32 phase = (kt >> 1) & 1, kb = stages + s * PF_STAGE_BYTES, vb = kb + PF_K_BYTES;
-        float sc[64];
-#pragma unroll
-        for (int i = 0; i < 64; ++i) sc[i] = 0.f;
-        mbar_wait(k_full + 8 * s, phase);
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < 12; ++ks)
-            wgmma_m64n128_ss(sc, pf_k_major(qs, PF_Q, wg * 64, ks), pf_k_major(kb, PF_K, 0, ks), ks);
-        wgmma_commit();
-        wgmma_wait_all();
-#pragma unroll
-        for (int i = 0; i < 64; ++i) hold(sc[i]);
-        // scores of keys kt * PF_K + 8j + 2t (+1): rows row0 (e < 2) and row0 + 8
-        float tm0 = -INFINITY, tm1 = -INFINITY;
-        if (kt * PF_K + PF_K - 1 > first_pos) {  // the tile crosses some row's diagonal
-#pragma unroll
-            for (int j = 0; j < 16; ++j)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int key = kt * PF_K + 8 * j + 2 * t + (e & 1);
-                    sc[4 * j + e] = key <= (e < 2 ? pos0 : pos1) ? sc[4 * j + e] * scale_log2 : -INFINITY;
-                }
-        } else {
-#pragma unroll
-            for (int i = 0; i < 64; ++i) sc[i] *= scale_log2;
-        }
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-            tm0 = fmaxf(tm0, fmaxf(sc[4 * j], sc[4 * j + 1]));
-            tm1 = fmaxf(tm1, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
-        }
-        tm0 = quad_max(tm0);
-        tm1 = quad_max(tm1);
-        // Key 0 is in the first tile and every row sees it, so the maxima are finite from there on.
-        const float n0 = fmaxf(m0, tm0), n1 = fmaxf(m1, tm1);
-        const float corr0 = exp2f(m0 - n0), corr1 = exp2f(m1 - n1);
-        m0 = n0;
-        m1 = n1;
-        l0 *= corr0;
-        l1 *= corr1;
-        u32 pa[8][4];  // P as wgmma A fragments: 8 k-steps of 16 keys
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-            const float p0 = exp2f(sc[4 * j] - n0), p1 = exp2f(sc[4 * j + 1] - n0);
-            const float p2 = exp2f(sc[4 * j + 2] - n1), p3 = exp2f(sc[4 * j + 3] - n1);
-            l0 += p0 + p1;
-            l1 += p2 + p3;
-            pa[j >> 1][(j & 1) * 2] = pack_bf16(p0, p1);
-            pa[j >> 1][(j & 1) * 2 + 1] = pack_bf16(p2, p3);
-        }
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-            o[4 * j] *= corr0; o[4 * j + 1] *= corr0;
-            o[4 * j + 2] *= corr1; o[4 * j + 3] *= corr1;
-        }
-        mbar_wait(v_full + 8 * s, phase);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 8; ++kk)
-            wgmma_m64n128_rs(o, pa[kk], smem_desc(vb + kk * 16 * 128, PF_BLOCK(PF_K), 1024, 1));
-        wgmma_commit();
-        wgmma_wait_all();
-#pragma unroll
-        for (int i = 0; i < 64; ++i) hold(o[i]);
-        mbar_arrive(empty + 8 * s);
-    }
-    // Past its last tile a warpgroup frees nothing more: the feeder refills a stage only for a
-    // tile two further on, which the other warpgroup's rows do not reach either.
+    pf_consume<PIPELINED>(o, r, qs, stages, k_full, v_full, k_empty, v_empty, wg, t, tiles, first_pos,
+                          scale * 1.4426950408889634f);
+    float l0 = r.l0, l1 = r.l1;
 #pragma unroll
     for (int x = 1; x < 4; x <<= 1) {
         l0 += __shfl_xor_sync(0xffffffffu, l0, x);
@@ -373,4 +486,14 @@ mla_prefill_wgmma(float* out, int ld_out, const __grid_constant__ TensorMap q_ma
         if (r1 < n) *(float2*)(out + (size_t)r1 * ld_out + c) = make_float2(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
     }
 #endif
+}
+
+#define MLA_PREFILL_WGMMA_PARAMS                                                                                     \
+    float *out, int ld_out, const __grid_constant__ TensorMap q_map, const __grid_constant__ TensorMap k_map,        \
+        const __grid_constant__ TensorMap v_map, int n, int start, float scale
+extern "C" __global__ void __launch_bounds__(PF_THREADS, 1) mla_prefill_wgmma(MLA_PREFILL_WGMMA_PARAMS) {
+    mla_prefill_wgmma_body<true>(out, ld_out, &q_map, &k_map, &v_map, n, start, scale);
+}
+extern "C" __global__ void __launch_bounds__(PF_THREADS, 1) mla_prefill_wgmma_serial(MLA_PREFILL_WGMMA_PARAMS) {
+    mla_prefill_wgmma_body<false>(out, ld_out, &q_map, &k_map, &v_map, n, start, scale);
 }
