@@ -293,21 +293,22 @@ pub fn run_prefill(g: &Gpu, n: usize, reps: usize, peer: Option<&serde_json::Val
     ensure!(n > 0, "the prefill attention benchmark needs --prefill > 0");
     let shape = PrefillShape {
         heads: V3_SHAPE.heads,
-        qk: V3_SHAPE.qk,
+        nope: V3_SHAPE.nope,
+        rope: V3_SHAPE.rope,
         vdim: 128,
     };
-    let (heads, qk, vdim) = (shape.heads, shape.qk, shape.vdim);
+    let (heads, qk, vdim) = (shape.heads, shape.qk(), shape.vdim);
     let q = g.alloc(n * heads * qk * 2)?;
-    let k = g.alloc(n * heads * qk * 2)?;
-    let v = g.alloc(n * heads * vdim * 2)?;
+    let kv = g.alloc(n * heads * (shape.nope + vdim) * 2)?;
+    let k_pe = g.alloc(n * shape.rope * 2)?;
     let out = g.alloc(n * heads * vdim * 4)?;
     fill_random(g, "random_bf16", &q, n * heads * qk, 21, -2.0, 2.0)?;
-    fill_random(g, "random_bf16", &k, n * heads * qk, 22, -1.0, 1.0)?;
-    fill_random(g, "random_bf16", &v, n * heads * vdim, 23, -1.0, 1.0)?;
+    fill_random(g, "random_bf16", &kv, n * heads * (shape.nope + vdim), 22, -1.0, 1.0)?;
+    fill_random(g, "random_bf16", &k_pe, n * shape.rope, 23, -1.0, 1.0)?;
     let bufs = PrefillBuffers {
         q: q.addr,
-        k: k.addr,
-        v: v.addr,
+        kv: kv.addr,
+        k_pe: k_pe.addr,
         out: out.addr,
         ld_out: heads * vdim,
     };

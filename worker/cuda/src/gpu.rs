@@ -845,6 +845,57 @@ impl Gpu {
         k: usize,
         accumulate: bool,
     ) -> Result<()> {
+        self.gemm_bf16_as(
+            y,
+            blas_sys::cudaDataType::CUDA_R_32F,
+            ldy,
+            x_bf16,
+            w_bf16,
+            m,
+            n,
+            k,
+            accumulate,
+        )
+    }
+
+    /// [`Gpu::gemm_bf16`] with a bf16 output (rounded once from the f32 accumulation).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_bf16_to_bf16(
+        &self,
+        y: u64,
+        ldy: usize,
+        x_bf16: u64,
+        w_bf16: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        self.gemm_bf16_as(
+            y,
+            blas_sys::cudaDataType::CUDA_R_16BF,
+            ldy,
+            x_bf16,
+            w_bf16,
+            m,
+            n,
+            k,
+            false,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_bf16_as(
+        &self,
+        y: u64,
+        y_type: blas_sys::cudaDataType,
+        ldy: usize,
+        x_bf16: u64,
+        w_bf16: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+        accumulate: bool,
+    ) -> Result<()> {
         let alpha = 1.0f32;
         let beta = if accumulate { 1.0f32 } else { 0.0f32 };
         // Column-major view: yᵀ[n, m] = w[n, k] · xᵀ[k, m].
@@ -866,7 +917,7 @@ impl Gpu {
                 k as i32,
                 &beta as *const f32 as *const c_void,
                 y as *mut c_void,
-                blas_sys::cudaDataType::CUDA_R_32F,
+                y_type,
                 ldy as i32,
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,

@@ -142,11 +142,7 @@ pub fn linear(
             w.cols
         );
     }
-    // Large bf16 matrices (the head); the small router keeps the f32-activation GEMV, since
-    // expert choice is sensitive to rounding.
-    let bf16_tensor_cores =
-        w.format == Format::Bf16 && w.rows >= 4096 && w.rows.is_multiple_of(16) && w.cols.is_multiple_of(64) && m <= 16;
-    if bf16_tensor_cores && !simt {
+    if bf16_tensor_cores(simt, m, w) {
         let xb = g.to_bf16(x, m * w.cols)?;
         let blocks = w.rows.div_ceil(64);
         let target = SplitK::new(g, blocks, w.cols / 64, usize::MAX, y, ldy, m, w.rows, accumulate)?;
@@ -211,7 +207,7 @@ pub fn linear(
             accumulate,
         );
     }
-    if w.format == Format::Fp8 && mma_fits(w.rows, w.cols) && (TC_MIN_ROWS..=TC_MAX_ROWS).contains(&m) && !simt {
+    if fp8_tensor_cores(simt, m, w) {
         let (xb, x_scale) = match input_quant {
             Some(ue8m0) => {
                 let (values, scales) = quantize_rows_bf16(g, x, m, w.cols, ue8m0)?;
@@ -285,13 +281,58 @@ pub fn linear(
             ],
         );
     }
-    let w_bf16 = if w.format == Format::Bf16 {
-        w.data.addr
-    } else {
-        ensure!(w.rows * w.cols * 2 <= dequant.bytes, "dequantisation scratch too small");
-        w.dequant_into(g, dequant.addr)?;
-        dequant.addr
-    };
+    let w_bf16 = weight_bf16(g, dequant, w)?;
     let xb = g.to_bf16(x, m * w.cols)?;
     g.gemm_bf16(y, ldy, xb.addr, w_bf16, m, w.rows, w.cols, accumulate)
+}
+
+/// Large bf16 matrices (the head) at a few rows go to the bf16 tensor-core kernel; the small router
+/// keeps the f32-activation GEMV, since expert choice is sensitive to rounding.
+fn bf16_tensor_cores(simt: bool, m: usize, w: &DeviceMatrix) -> bool {
+    !simt
+        && w.format == Format::Bf16
+        && w.rows >= 4096
+        && w.rows.is_multiple_of(16)
+        && w.cols.is_multiple_of(64)
+        && m <= 16
+}
+
+/// FP8 weights at up to `TC_MAX_ROWS` rows go to the FP8 tensor-core kernels.
+fn fp8_tensor_cores(simt: bool, m: usize, w: &DeviceMatrix) -> bool {
+    !simt && w.format == Format::Fp8 && mma_fits(w.rows, w.cols) && (TC_MIN_ROWS..=TC_MAX_ROWS).contains(&m)
+}
+
+/// `y = x · wᵀ` as [`linear`] computes it with unquantised activations, into a new bf16 `[m,
+/// w.rows]`: where the product runs on cuBLAS it writes bf16 itself; elsewhere (fewer rows, whose
+/// kernels read FP8 weights as stored) the f32 result is rounded.
+pub fn linear_to_bf16(
+    g: &Gpu,
+    dequant: &DeviceBuf,
+    simt: bool,
+    x: u64,
+    m: usize,
+    w: &DeviceMatrix,
+) -> Result<DeviceBuf> {
+    let on_cublas = !bf16_tensor_cores(simt, m, w) && !fp8_tensor_cores(simt, m, w) && m > GEMV_MAX_ROWS;
+    if on_cublas {
+        let y = g.alloc(m * w.rows * 2)?;
+        let w_bf16 = weight_bf16(g, dequant, w)?;
+        let xb = g.to_bf16(x, m * w.cols)?;
+        g.gemm_bf16_to_bf16(y.addr, w.rows, xb.addr, w_bf16, m, w.rows, w.cols)?;
+        return Ok(y);
+    }
+    let y = g.alloc(m * w.rows * 4)?;
+    linear(g, dequant, simt, None, y.addr, w.rows, x, m, w, false)?;
+    g.to_bf16(y.addr, m * w.rows)
+}
+
+/// The address of `w` as bf16 for a cuBLAS product: its own data, or its dequantisation into
+/// the `dequant` scratch (FP8 and f32 weights; valid until the scratch's next use).
+fn weight_bf16(g: &Gpu, dequant: &DeviceBuf, w: &DeviceMatrix) -> Result<u64> {
+    if w.format == Format::Bf16 {
+        return Ok(w.data.addr);
+    }
+    ensure!(w.rows * w.cols * 2 <= dequant.bytes, "dequantisation scratch too small");
+    w.dequant_into(g, dequant.addr)?;
+    Ok(dequant.addr)
 }

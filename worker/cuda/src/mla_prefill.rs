@@ -50,11 +50,15 @@ impl PrefillKernel {
     pub fn takes(self, g: &Gpu, shape: &PrefillShape) -> bool {
         match self {
             PrefillKernel::Wgmma | PrefillKernel::WgmmaSerial => {
-                g.hopper && shape.qk == 192 && shape.vdim == 128 && WGMMA_SHARED_BYTES <= g.max_shared_per_block
+                g.hopper
+                    && shape.nope == 128
+                    && shape.rope == 64
+                    && shape.vdim == 128
+                    && WGMMA_SHARED_BYTES <= g.max_shared_per_block
             }
             PrefillKernel::Mma => {
-                shape.qk.is_multiple_of(16)
-                    && shape.qk <= FL_QK
+                shape.qk().is_multiple_of(16)
+                    && shape.qk() <= FL_QK
                     && shape.vdim.is_multiple_of(16)
                     && shape.vdim <= FL_V
                     && shared_bytes(shape) <= g.max_shared_per_block
@@ -63,29 +67,40 @@ impl PrefillKernel {
     }
 }
 
-/// Head sizes of the naive form: `qk` = nope + rope per query/key head, `vdim` per value head.
+/// Head sizes of the naive form: a query/key head is `nope` channels without rotary and `rope`
+/// with it, a value head `vdim`.
 #[derive(Clone, Copy, Debug)]
 pub struct PrefillShape {
     pub heads: usize,
-    pub qk: usize,
+    pub nope: usize,
+    pub rope: usize,
     pub vdim: usize,
 }
 
-/// The device buffers of one call: `q` bf16 `[n, heads, qk]`, `k` bf16 `[start + n, heads, qk]`,
-/// `v` bf16 `[start + n, heads, vdim]`; the output is f32, row `i` at `out + i * ld_out` floats,
-/// head `h` at `h * vdim` in it.
+impl PrefillShape {
+    /// Channels of a query/key head.
+    pub fn qk(&self) -> usize {
+        self.nope + self.rope
+    }
+}
+
+/// The device buffers of one call, over `total = start + n` keys: `q` bf16 `[n, heads, nope +
+/// rope]`; `kv` kv_b's product, bf16 `[total, heads, nope + vdim]` (each head's key channels
+/// without rotary, then its value); `k_pe` the keys' rotary channels shared by every head, bf16
+/// `[total, rope]`. The output is f32, row `i` at `out + i * ld_out` floats, head `h` at
+/// `h * vdim` in it.
 #[derive(Clone, Copy, Debug)]
 pub struct PrefillBuffers {
     pub q: u64,
-    pub k: u64,
-    pub v: u64,
+    pub kv: u64,
+    pub k_pe: u64,
     pub out: u64,
     pub ld_out: usize,
 }
 
 /// Shared memory of one `mla_prefill_flash` block: Q, two K tiles (padded rows of qk + 8) and two V tiles (vdim + 8).
 pub fn shared_bytes(shape: &PrefillShape) -> usize {
-    (FL_Q + 2 * FL_K) * (shape.qk + 8) * 2 + 2 * FL_K * (shape.vdim + 8) * 2
+    (FL_Q + 2 * FL_K) * (shape.qk() + 8) * 2 + 2 * FL_K * (shape.vdim + 8) * 2
 }
 
 /// Launches the attention of `n` new rows at positions `start..start + n`, each seeing every
@@ -101,7 +116,7 @@ pub fn flash_prefill(
     let kernel = PrefillKernel::best(g, shape).ok_or_else(|| {
         anyhow::anyhow!(
             "no prefill attention kernel takes heads of {} (query/key) and {} (value): at most {FL_QK} and {FL_V} in multiples of 16",
-            shape.qk,
+            shape.qk(),
             shape.vdim
         )
     })?;
@@ -125,10 +140,15 @@ pub fn prefill_with(
     if n == 0 {
         return Ok(());
     }
-    let PrefillShape { heads, qk, vdim } = *shape;
+    let PrefillShape {
+        heads,
+        nope,
+        rope,
+        vdim,
+    } = *shape;
+    let (qk, total) = (shape.qk(), start + n);
     match kernel {
         PrefillKernel::Wgmma | PrefillKernel::WgmmaSerial => {
-            let total = start + n;
             let name = match kernel {
                 PrefillKernel::Wgmma => "mla_prefill_wgmma",
                 _ => "mla_prefill_wgmma_serial",
@@ -142,33 +162,54 @@ pub fn prefill_with(
                     ptr(bufs.out),
                     int(bufs.ld_out),
                     head_map(bufs.q, n, heads, qk, PF_Q, "the prefill queries")?,
-                    head_map(bufs.k, total, heads, qk, PF_K, "the prefill keys")?,
-                    head_map(bufs.v, total, heads, vdim, PF_K, "the prefill values")?,
+                    head_map(bufs.kv, total, heads, nope + vdim, PF_K, "kv_b's product")?,
+                    head_map(bufs.k_pe, total, 1, rope, PF_K, "the keys' rotary part")?,
                     int(n),
                     int(start),
                     float(scale),
                 ],
             )
         }
-        PrefillKernel::Mma => g.launch(
-            "mla_prefill_flash",
-            (n.div_ceil(FL_Q) as u32, heads as u32, 1),
-            128,
-            shared_bytes(shape) as u32,
-            &[
-                ptr(bufs.out),
-                int(bufs.ld_out),
-                ptr(bufs.q),
-                ptr(bufs.k),
-                ptr(bufs.v),
-                int(n),
-                int(start),
-                int(heads),
-                int(qk),
-                int(vdim),
-                float(scale),
-            ],
-        ),
+        PrefillKernel::Mma => {
+            // This kernel reads each head's K and V whole.
+            let k = g.alloc(total * heads * qk * 2)?;
+            let v = g.alloc(total * heads * vdim * 2)?;
+            g.launch(
+                "build_kv",
+                (total as u32, 1, 1),
+                256,
+                0,
+                &[
+                    ptr(k.addr),
+                    ptr(v.addr),
+                    ptr(bufs.kv),
+                    ptr(bufs.k_pe),
+                    int(heads),
+                    int(nope),
+                    int(rope),
+                    int(vdim),
+                ],
+            )?;
+            g.launch(
+                "mla_prefill_flash",
+                (n.div_ceil(FL_Q) as u32, heads as u32, 1),
+                128,
+                shared_bytes(shape) as u32,
+                &[
+                    ptr(bufs.out),
+                    int(bufs.ld_out),
+                    ptr(bufs.q),
+                    ptr(k.addr),
+                    ptr(v.addr),
+                    int(n),
+                    int(start),
+                    int(heads),
+                    int(qk),
+                    int(vdim),
+                    float(scale),
+                ],
+            )
+        }
     }
 }
 

@@ -1167,12 +1167,14 @@ fn flash_prefill_matches_f64_reference() {
     let gpu = dsv3_cuda::Gpu::open(0).expect("GPU");
     let v3 = PrefillShape {
         heads: 3,
-        qk: 192,
+        nope: 128,
+        rope: 64,
         vdim: 128,
     };
     let tiny = PrefillShape {
         heads: 2,
-        qk: 96,
+        nope: 64,
+        rope: 32,
         vdim: 64,
     };
     let cases = [
@@ -1185,20 +1187,25 @@ fn flash_prefill_matches_f64_reference() {
         (tiny, 70, 5),
     ];
     for (i, (shape, n, start)) in cases.into_iter().enumerate() {
-        let PrefillShape { heads, qk, vdim } = shape;
-        let total = start + n;
+        let PrefillShape {
+            heads,
+            nope,
+            rope,
+            vdim,
+        } = shape;
+        let (qk, per, total) = (shape.qk(), nope + vdim, start + n);
         let q = gpu.alloc(n * heads * qk * 2).expect("q");
-        let k = gpu.alloc(total * heads * qk * 2).expect("k");
-        let v = gpu.alloc(total * heads * vdim * 2).expect("v");
+        let kv = gpu.alloc(total * heads * per * 2).expect("kv");
+        let k_pe = gpu.alloc(total * rope * 2).expect("k_pe");
         fill_random(&gpu, "random_bf16", &q, n * heads * qk, 40 + i as u64, -2.0, 2.0).expect("q");
-        fill_random(&gpu, "random_bf16", &k, total * heads * qk, 50 + i as u64, -1.0, 1.0).expect("k");
-        fill_random(&gpu, "random_bf16", &v, total * heads * vdim, 60 + i as u64, -1.0, 1.0).expect("v");
+        fill_random(&gpu, "random_bf16", &kv, total * heads * per, 50 + i as u64, -1.0, 1.0).expect("kv");
+        fill_random(&gpu, "random_bf16", &k_pe, total * rope, 60 + i as u64, -1.0, 1.0).expect("k_pe");
         let out = gpu.alloc(n * heads * vdim * 4).expect("out");
         let scale = 1.0 / (qk as f32).sqrt();
         let bufs = PrefillBuffers {
             q: q.addr,
-            k: k.addr,
-            v: v.addr,
+            kv: kv.addr,
+            k_pe: k_pe.addr,
             out: out.addr,
             ld_out: heads * vdim,
         };
@@ -1206,11 +1213,23 @@ fn flash_prefill_matches_f64_reference() {
             let bits: Vec<u16> = gpu.download(buf.addr, len).expect("download");
             bits.iter().map(|&b| half::bf16::from_bits(b).to_f64()).collect()
         };
-        let (qh, kh, vh) = (
+        let (qh, kvh, peh) = (
             host(&q, n * heads * qk),
-            host(&k, total * heads * qk),
-            host(&v, total * heads * vdim),
+            host(&kv, total * heads * per),
+            host(&k_pe, total * rope),
         );
+        // Each head's K: its channels without rotary from kv, then the shared rotary part; V the
+        // rest of kv.
+        let mut kh = Vec::with_capacity(total * heads * qk);
+        let mut vh = Vec::with_capacity(total * heads * vdim);
+        for j in 0..total {
+            for h in 0..heads {
+                let row = &kvh[(j * heads + h) * per..][..per];
+                kh.extend_from_slice(&row[..nope]);
+                kh.extend_from_slice(&peh[j * rope..][..rope]);
+                vh.extend_from_slice(&row[nope..]);
+            }
+        }
         for kernel in PrefillKernel::ALL {
             if !kernel.takes(&gpu, &shape) {
                 continue;
@@ -1239,7 +1258,7 @@ fn prefill_error(
     start: usize,
     scale: f32,
 ) -> f64 {
-    let dsv3_cuda::mla_prefill::PrefillShape { heads, qk, vdim } = shape;
+    let (heads, qk, vdim) = (shape.heads, shape.qk(), shape.vdim);
     let mut worst = 0.0f64;
     for row in 0..n {
         for h in 0..heads {

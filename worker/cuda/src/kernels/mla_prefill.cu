@@ -1,32 +1,32 @@
 // ---------------------------------------------------------------- MLA, naive form (prefill)
 // Latents of positions 0..total of one sequence from the paged cache, split into c_kv (f32,
-// [total, lora]) and k_pe (f32, [total, rope]).
-extern "C" __global__ void gather_latents(float* c_kv, float* k_pe, const bf16* cache, const int* table, int block,
+// [total, lora], the input of kv_b's product) and k_pe (bf16 as cached, [total, rope], K's rotary
+// part).
+extern "C" __global__ void gather_latents(float* c_kv, bf16* k_pe, const bf16* cache, const int* table, int block,
                                           int lora, int rope) {
     await_previous_kernel();
     int p = blockIdx.x, width = lora + rope;
     const bf16* src = cache + ((size_t)table[p / block] * block + p % block) * width;
     for (int i = threadIdx.x; i < width; i += blockDim.x) {
-        float v = bf16_to_f32(src[i]);
-        if (i < lora) c_kv[(size_t)p * lora + i] = v;
-        else k_pe[(size_t)p * rope + (i - lora)] = v;
+        if (i < lora) c_kv[(size_t)p * lora + i] = bf16_to_f32(src[i]);
+        else k_pe[(size_t)p * rope + (i - lora)] = src[i];
     }
 }
 
-// From kv = c_kv · kv_bᵀ ([total, heads*(nope+v)]) and k_pe: K [total, heads, nope+rope] and
-// V [total, heads, v] in bf16 for the tensor-core attention products.
-extern "C" __global__ void build_kv(bf16* k, bf16* v, const float* kv, const float* k_pe, int heads, int nope, int rope,
+// For the mma.sync kernel, from kv = c_kv · kv_bᵀ (bf16 [total, heads, nope + v]) and k_pe (bf16
+// [total, rope]): K [total, heads, nope + rope] and V [total, heads, v] (the Hopper kernel reads
+// kv and k_pe in place).
+extern "C" __global__ void build_kv(bf16* k, bf16* v, const bf16* kv, const bf16* k_pe, int heads, int nope, int rope,
                                     int vdim) {
     await_previous_kernel();
     int p = blockIdx.x, qk = nope + rope, per = nope + vdim;
     for (int i = threadIdx.x; i < heads * qk; i += blockDim.x) {
         int h = i / qk, d = i % qk;
-        float x = d < nope ? kv[(size_t)p * heads * per + h * per + d] : k_pe[(size_t)p * rope + (d - nope)];
-        k[(size_t)p * heads * qk + i] = f32_to_bf16(x);
+        k[(size_t)p * heads * qk + i] = d < nope ? kv[(size_t)p * heads * per + h * per + d] : k_pe[(size_t)p * rope + (d - nope)];
     }
     for (int i = threadIdx.x; i < heads * vdim; i += blockDim.x) {
         int h = i / vdim, d = i % vdim;
-        v[(size_t)p * heads * vdim + i] = f32_to_bf16(kv[(size_t)p * heads * per + h * per + nope + d]);
+        v[(size_t)p * heads * vdim + i] = kv[(size_t)p * heads * per + h * per + nope + d];
     }
 }
 
@@ -178,7 +178,7 @@ mla_prefill_flash(float* out, int ld_out, const bf16* q, const bf16* k, const bf
 }
 
 // ---------------------------------------------------------------- MLA prefill on Hopper (wgmma)
-// The same causal attention for DeepSeek-V3's heads (qk 192, v 128), FlashAttention-3 style: per
+// The same causal attention for DeepSeek-V3's heads (nope 128 + rope 64, v 128), FlashAttention-3 style: per
 // block one head and PF_Q = 128 query rows, over key tiles of PF_K = 128 positions up to the
 // diagonal. Warpgroup 2 feeds (its registers given to the others): one thread copies Q once and each tile's K (3 boxes of 64 channels) and
 // V (2 boxes) by TMA into one of two stages, K and V with full and empty barriers of their own
@@ -406,13 +406,15 @@ __device__ __forceinline__ void pf_consume(float o[64], PfRows& r, u32 qs, u32 s
 }
 #endif
 
-// q_map: q bf16 as [n][heads][192] (boxes of 64 channels x 1 head x PF_Q rows), k_map: k as
-// [total][heads][192], v_map: v as [total][heads][128] (boxes of 64 x 1 x PF_K); out: f32 rows
-// of stride ld_out, head h's values at h * 128. grid (ceil(n / PF_Q), heads).
+// q_map: q bf16 as [n][heads][192] (boxes of 64 channels x 1 head x PF_Q rows); kv_map: kv_b's
+// product, bf16 [total][heads][128 + 128] (each head's K without rotary, then its V; boxes of 64 x
+// 1 x PF_K); kpe_map: the keys' rotary part shared by every head, bf16 [total][1][64] (boxes of
+// 64 x 1 x PF_K), so a K tile is two boxes of kv and one of k_pe, a V tile two of kv; out: f32 rows of
+// stride ld_out, head h's values at h * 128. grid (ceil(n / PF_Q), heads).
 template <bool PIPELINED>
 __device__ __forceinline__ void mla_prefill_wgmma_body(float* out, int ld_out, const TensorMap* q_map,
-                                                       const TensorMap* k_map, const TensorMap* v_map, int n, int start,
-                                                       float scale) {
+                                                       const TensorMap* kv_map, const TensorMap* kpe_map, int n,
+                                                       int start, float scale) {
     await_previous_kernel();
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -446,11 +448,12 @@ __device__ __forceinline__ void mla_prefill_wgmma_body(float* out, int ld_out, c
             const u32 kd = stages + s * PF_STAGE_BYTES, vd = kd + PF_K_BYTES, free_parity = ((kt >> 1) & 1) ^ 1;
             mbar_wait(k_empty + 8 * s, free_parity);
             mbar_expect(k_full + 8 * s, PF_K_BYTES);
-            for (int cb = 0; cb < 3; ++cb) tma_load_3d(kd + cb * PF_BLOCK(PF_K), k_map, cb * 64, h, kt * PF_K, k_full + 8 * s);
+            for (int cb = 0; cb < 2; ++cb) tma_load_3d(kd + cb * PF_BLOCK(PF_K), kv_map, cb * 64, h, kt * PF_K, k_full + 8 * s);
+            tma_load_3d(kd + 2 * PF_BLOCK(PF_K), kpe_map, 0, 0, kt * PF_K, k_full + 8 * s);
             mbar_arrive(k_full + 8 * s);
             mbar_wait(v_empty + 8 * s, free_parity);
             mbar_expect(v_full + 8 * s, PF_V_BYTES);
-            for (int cb = 0; cb < 2; ++cb) tma_load_3d(vd + cb * PF_BLOCK(PF_K), v_map, cb * 64, h, kt * PF_K, v_full + 8 * s);
+            for (int cb = 0; cb < 2; ++cb) tma_load_3d(vd + cb * PF_BLOCK(PF_K), kv_map, 128 + cb * 64, h, kt * PF_K, v_full + 8 * s);
             mbar_arrive(v_full + 8 * s);
         }
         return;
@@ -489,11 +492,11 @@ __device__ __forceinline__ void mla_prefill_wgmma_body(float* out, int ld_out, c
 }
 
 #define MLA_PREFILL_WGMMA_PARAMS                                                                                     \
-    float *out, int ld_out, const __grid_constant__ TensorMap q_map, const __grid_constant__ TensorMap k_map,        \
-        const __grid_constant__ TensorMap v_map, int n, int start, float scale
+    float *out, int ld_out, const __grid_constant__ TensorMap q_map, const __grid_constant__ TensorMap kv_map,       \
+        const __grid_constant__ TensorMap kpe_map, int n, int start, float scale
 extern "C" __global__ void __launch_bounds__(PF_THREADS, 1) mla_prefill_wgmma(MLA_PREFILL_WGMMA_PARAMS) {
-    mla_prefill_wgmma_body<true>(out, ld_out, &q_map, &k_map, &v_map, n, start, scale);
+    mla_prefill_wgmma_body<true>(out, ld_out, &q_map, &kv_map, &kpe_map, n, start, scale);
 }
 extern "C" __global__ void __launch_bounds__(PF_THREADS, 1) mla_prefill_wgmma_serial(MLA_PREFILL_WGMMA_PARAMS) {
-    mla_prefill_wgmma_body<false>(out, ld_out, &q_map, &k_map, &v_map, n, start, scale);
+    mla_prefill_wgmma_body<false>(out, ld_out, &q_map, &kv_map, &kpe_map, n, start, scale);
 }

@@ -302,7 +302,7 @@ impl CudaModel {
         let (n, total) = (span.rows, span.start + span.rows);
         let table = step.tables + (span.table_off * 4) as u64;
         let c_kv = g.alloc(total * lora * 4)?;
-        let k_pe = g.alloc(total * rope * 4)?;
+        let k_pe = g.alloc(total * rope * 2)?;
         g.launch(
             "gather_latents",
             (total as u32, 1, 1),
@@ -318,46 +318,28 @@ impl CudaModel {
                 int(rope),
             ],
         )?;
-        let kv = g.alloc(total * heads * (nope + vdim) * 4)?;
-        // The latents meet kv_b unquantised, whatever the model's FP8 activations: decode folds
-        // kv_b into the query and the output (absorb_q, absorb_out) on bf16, and both forms must
-        // compute the same attention.
-        crate::linear::linear(
+        // kv_b's product in bf16, which the attention reads in place. The latents meet kv_b
+        // unquantised, whatever the model's FP8 activations: decode folds kv_b into the query and
+        // the output (absorb_q, absorb_out) on bf16, and both forms must compute the same attention.
+        let kv = crate::linear::linear_to_bf16(
             g,
             &self.dequant,
             self.kernels.simt_linear,
-            None,
-            kv.addr,
-            heads * (nope + vdim),
             c_kv.addr,
             total,
             &layer.attn.kv_b,
-            false,
-        )?;
-        let kb = g.alloc(total * heads * qk * 2)?;
-        let vb = g.alloc(total * heads * vdim * 2)?;
-        g.launch(
-            "build_kv",
-            (total as u32, 1, 1),
-            256,
-            0,
-            &[
-                ptr(kb.addr),
-                ptr(vb.addr),
-                ptr(kv.addr),
-                ptr(k_pe.addr),
-                int(heads),
-                int(nope),
-                int(rope),
-                int(vdim),
-            ],
         )?;
         let qb = g.to_bf16(q.at(span.first_row * heads * qk * 4), n * heads * qk)?;
-        let shape = PrefillShape { heads, qk, vdim };
+        let shape = PrefillShape {
+            heads,
+            nope,
+            rope,
+            vdim,
+        };
         let bufs = PrefillBuffers {
             q: qb.addr,
-            k: kb.addr,
-            v: vb.addr,
+            kv: kv.addr,
+            k_pe: k_pe.addr,
             out: attn.at(span.first_row * heads * vdim * 4),
             ld_out: heads * vdim,
         };
