@@ -30,6 +30,28 @@ extern "C" __global__ void build_kv(bf16* k, bf16* v, const bf16* kv, const bf16
     }
 }
 
+// The end of both prefill kernels: a thread holds rows r0 and r0 + 8 (of n) of one head, its
+// partial row sums l0 and l1 (summed here over the quad that shares a row) and output columns
+// col0 + 8j + 2t, + 1 for j < n8 <= FL_V / 8 in o[j] (row r0: [0], [1]; r0 + 8: [2], [3]),
+// normalised into out.
+__device__ __forceinline__ void store_rows(float* out, int ld_out, const float (*o)[4], int n8, float l0, float l1,
+                                           int r0, int n, int col0, int t) {
+#pragma unroll
+    for (int x = 1; x < 4; x <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, x);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, x);
+    }
+    const int r1 = r0 + 8;
+    const float inv0 = 1.f / l0, inv1 = 1.f / l1;
+#pragma unroll
+    for (int j = 0; j < FL_V / 8; ++j) {
+        if (j >= n8) break;
+        const int c = col0 + 8 * j + 2 * t;
+        if (r0 < n) *(float2*)(out + (size_t)r0 * ld_out + c) = make_float2(o[j][0] * inv0, o[j][1] * inv0);
+        if (r1 < n) *(float2*)(out + (size_t)r1 * ld_out + c) = make_float2(o[j][2] * inv1, o[j][3] * inv1);
+    }
+}
+
 // Causal attention of one sequence's new rows in the naive form (prefill), flash style: per
 // block one head and FL_Q query rows, over key tiles of FL_K positions up to the diagonal, online
 // softmax, so no score matrix is ever in memory and memory stays linear in the prompt length.
@@ -161,20 +183,7 @@ mla_prefill_flash(float* out, int ld_out, const bf16* q, const bf16* k, const bf
                 mma_bf16(o[2 * np + 1], pa[kk][0], pa[kk][1], pa[kk][2], pa[kk][3], b[2], b[3]);
             }
     }
-#pragma unroll
-    for (int x = 1; x < 4; x <<= 1) {
-        l0 += __shfl_xor_sync(0xffffffffu, l0, x);
-        l1 += __shfl_xor_sync(0xffffffffu, l1, x);
-    }
-    const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
-    const float inv0 = 1.f / l0, inv1 = 1.f / l1;
-#pragma unroll
-    for (int j = 0; j < FL_V / 8; ++j) {
-        if (j >= vdim / 8) break;
-        int c = h * vdim + 8 * j + 2 * t;
-        if (r0 < n) *(float2*)(out + (size_t)r0 * ld_out + c) = make_float2(o[j][0] * inv0, o[j][1] * inv0);
-        if (r1 < n) *(float2*)(out + (size_t)r1 * ld_out + c) = make_float2(o[j][2] * inv1, o[j][3] * inv1);
-    }
+    store_rows(out, ld_out, o, vdim / 8, l0, l1, q0 + warp * 16 + g, n, h * vdim, t);
 }
 
 // ---------------------------------------------------------------- MLA prefill on Hopper (wgmma)
@@ -474,20 +483,7 @@ __device__ __forceinline__ void mla_prefill_wgmma_body(float* out, int ld_out, c
     mbar_wait(q_full, 0);
     pf_consume<PIPELINED>(o, r, qs, stages, k_full, v_full, k_empty, v_empty, wg, t, tiles, first_pos,
                           scale * 1.4426950408889634f);
-    float l0 = r.l0, l1 = r.l1;
-#pragma unroll
-    for (int x = 1; x < 4; x <<= 1) {
-        l0 += __shfl_xor_sync(0xffffffffu, l0, x);
-        l1 += __shfl_xor_sync(0xffffffffu, l1, x);
-    }
-    const int r0 = q0 + wg * 64 + row0, r1 = r0 + 8;
-    const float inv0 = 1.f / l0, inv1 = 1.f / l1;
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-        const int c = h * 128 + 8 * j + 2 * t;
-        if (r0 < n) *(float2*)(out + (size_t)r0 * ld_out + c) = make_float2(o[4 * j] * inv0, o[4 * j + 1] * inv0);
-        if (r1 < n) *(float2*)(out + (size_t)r1 * ld_out + c) = make_float2(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
-    }
+    store_rows(out, ld_out, reinterpret_cast<const float(*)[4]>(o), 16, r.l0, r.l1, q0 + wg * 64 + row0, n, h * 128, t);
 #endif
 }
 
