@@ -798,13 +798,15 @@ pub async fn apply_plan(client: &Client, ns: &str, plan: &Plan, apply_router: bo
     })
 }
 
-/// Deletes the attention and expert StatefulSets of `slot` and their gang's PodGroup (of any
-/// scheduler: the gang may have changed since).
+/// Deletes the attention and expert StatefulSets of `slot`, their disruption budgets and their
+/// gang's PodGroup (of any scheduler: the gang may have changed since).
 async fn delete_slot(client: &Client, ns: &str, cr: &DeepSeekV3Deployment, slot: Slot) -> Result<(), Error> {
     let name = cr.name_any();
     let names = Names::new(&name);
     for role in [Role::Attention, Role::Expert] {
         delete_if_present::<StatefulSet>(client, ns, &names.set(role, slot)).await?;
+        delete_if_present::<k8s_openapi::api::policy::v1::PodDisruptionBudget>(client, ns, &names.set(role, slot))
+            .await?;
     }
     if cr.spec.scheduling.gang.is_some() {
         for scheduler in GangScheduler::ALL {

@@ -28,6 +28,9 @@ fn deploy_path(ns: &str, name: &str) -> String {
 fn core_path(ns: &str, kind: &str, name: &str) -> String {
     format!("/api/v1/namespaces/{ns}/{kind}/{name}")
 }
+fn pdb_path(ns: &str, name: &str) -> String {
+    format!("/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets/{name}")
+}
 
 struct Harness {
     fake: FakeApi,
@@ -614,6 +617,22 @@ async fn a_new_generation_starts_beside_the_serving_one_and_the_routers_switch_w
         sts_path("default", "tiny-expert"),
     ];
     let before: Vec<Value> = blue_sets.iter().map(|p| h.fake.get(p).expect("blue set")).collect();
+    // Each slot's pods have disruption budgets of their own: blue's select pods without a slot.
+    let blue_pdbs = [
+        pdb_path("default", "tiny-attention"),
+        pdb_path("default", "tiny-expert"),
+    ];
+    let green_pdbs = [
+        pdb_path("default", "tiny-attention-green"),
+        pdb_path("default", "tiny-expert-green"),
+    ];
+    let blue_pdbs_before: Vec<Value> = blue_pdbs.iter().map(|p| h.fake.get(p).expect("blue PDB")).collect();
+    for pdb in &blue_pdbs_before {
+        assert_eq!(
+            pdb["spec"]["selector"]["matchExpressions"],
+            json!([{"key": "dsv3.io/slot", "operator": "DoesNotExist"}])
+        );
+    }
 
     h.edit_spec(|s| s["image"] = json!("registry.example/dsv3-worker:2"));
     let action = h.reconcile().await.expect("reconcile");
@@ -642,6 +661,13 @@ async fn a_new_generation_starts_beside_the_serving_one_and_the_routers_switch_w
     for set in [&green_attention, &green_experts] {
         assert_eq!(set["spec"]["selector"]["matchLabels"]["dsv3.io/slot"], "green");
         assert_eq!(set["spec"]["template"]["metadata"]["labels"]["dsv3.io/slot"], "green");
+    }
+    for (p, b) in blue_pdbs.iter().zip(&blue_pdbs_before) {
+        assert_eq!(&h.fake.get(p).expect("blue PDB"), b, "{p} is left as it is");
+    }
+    for p in &green_pdbs {
+        let pdb = h.fake.get(p).expect("green PDB");
+        assert_eq!(pdb["spec"]["selector"]["matchLabels"]["dsv3.io/slot"], "green", "{p}");
     }
     assert_eq!(arg_of(&h.router(), "--attention-peers"), blue_peers);
     assert_eq!(
@@ -721,6 +747,24 @@ async fn a_new_generation_starts_beside_the_serving_one_and_the_routers_switch_w
     h.fake.clear_log();
     h.reconcile().await.expect("reconcile");
     assert!(h.fake.get(&blue_sets[0]).is_none() && h.fake.get(&blue_sets[1]).is_none());
+    assert!(
+        blue_pdbs.iter().all(|p| h.fake.get(p).is_none()),
+        "blue's budgets go with it"
+    );
+    let grants = cluster_role_grants();
+    let denied: Vec<_> = h
+        .fake
+        .log()
+        .iter()
+        .map(rbac_check)
+        .filter(|c| !grants.contains(c))
+        .collect();
+    assert!(
+        denied.is_empty(),
+        "deleting a slot needs what deploy/rbac.yaml does not grant: {denied:?}"
+    );
+    assert!(green_pdbs.iter().all(|p| h.fake.get(p).is_some()));
+    assert!(h.fake.get(&pdb_path("default", "tiny-router")).is_some());
     assert!(h.events().contains(&("GenerationStopped".into(), "Normal".into())));
     h.set_named_sts_status("tiny-attention-green", 2, 2);
     h.set_named_sts_status("tiny-expert-green", 4, 4);

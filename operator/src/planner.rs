@@ -729,24 +729,50 @@ fn network_policy(ctx: &Ctx<'_>) -> NetworkPolicy {
 
 /// Voluntary disruptions a role's pods may take at once: the rollout's limit, and for the expert
 /// shards no more than leaves every expert on a live shard — with an expert that only one shard
-/// holds, none (a node drain waits until the fleet is changed).
+/// holds, none (a node drain waits until the fleet is changed). The attention and expert budgets
+/// are per slot (named as the slot's StatefulSets, selecting only its pods): during a blue/green
+/// rollout each generation is held to its own placement, and the serving one's budget stays as
+/// applied until its slot is deleted.
 fn pdb(ctx: &Ctx<'_>, role: Role, placement: &PlacementPlan) -> PodDisruptionBudget {
     let mut max_unavailable = ctx.spec.rollout.max_unavailable;
     if role == Role::Expert {
         let spare_copies = placement.shard_losses_covered();
         max_unavailable = max_unavailable.min(i32::try_from(spare_copies).unwrap_or(i32::MAX));
     }
-    PodDisruptionBudget {
-        metadata: ctx.meta(ctx.names.role(role), role.as_str()),
-        spec: Some(PodDisruptionBudgetSpec {
-            max_unavailable: Some(IntOrString::Int(max_unavailable)),
-            selector: Some(LabelSelector {
+    let (name, selector) = match role {
+        Role::Router => (
+            ctx.names.role(role),
+            LabelSelector {
                 match_labels: Some(selector_labels(&ctx.name, role)),
                 ..Default::default()
-            }),
+            },
+        ),
+        Role::Attention | Role::Expert => (ctx.names.set(role, ctx.slot), slot_selector(&ctx.name, role, ctx.slot)),
+    };
+    PodDisruptionBudget {
+        metadata: ctx.meta(name, role.as_str()),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(max_unavailable)),
+            selector: Some(selector),
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+/// The pods of one role in one slot: the green slot's carry its label, the blue slot's none.
+fn slot_selector(instance: &str, role: Role, slot: Slot) -> LabelSelector {
+    let mut labels = selector_labels(instance, role);
+    labels.extend(slot_label(slot));
+    LabelSelector {
+        match_labels: Some(labels),
+        match_expressions: (slot == Slot::Blue).then(|| {
+            vec![LabelSelectorRequirement {
+                key: LABEL_SLOT.into(),
+                operator: "DoesNotExist".into(),
+                values: None,
+            }]
+        }),
     }
 }
 

@@ -1,7 +1,7 @@
 //! Planner tests over every sample: objects, labels, owner references, probes, security, ranks,
 //! peers, placement, and which objects a spec change touches.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{Container, PodSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -1294,6 +1294,89 @@ fn plan_in(cr: &DeepSeekV3Deployment, slot: Slot, serving: Option<FleetGeneratio
         ..PlanInput::model_downloaded(cr)
     };
     planner::plan(cr, &input).unwrap_or_else(|e| panic!("plan failed: {e}"))
+}
+
+/// Whether `selector` selects a pod with `labels` (matchLabels, and the In / NotIn / Exists /
+/// DoesNotExist expressions as the API server reads them).
+fn selects(
+    selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    let by_labels = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let by_expressions = selector.match_expressions.iter().flatten().all(|e| {
+        let values = e.values.clone().unwrap_or_default();
+        match (e.operator.as_str(), labels.get(&e.key)) {
+            ("In", Some(v)) => values.contains(v),
+            ("NotIn", v) => v.is_none_or(|v| !values.contains(v)),
+            ("Exists", v) => v.is_some(),
+            ("DoesNotExist", v) => v.is_none(),
+            _ => false,
+        }
+    });
+    by_labels && by_expressions
+}
+
+/// The attention and expert disruption budgets are per slot: each is named as its slot's
+/// StatefulSet and selects that set's pods and not the other slot's, and the expert budget is
+/// sized by its own generation's placement.
+#[test]
+fn each_slot_has_its_own_disruption_budgets() {
+    let mut cr = sample("tiny-cpu.yaml");
+    cr.spec.experts.redundant_experts = cr.spec.model.num_routed_experts; // every expert twice
+    let blue = plan_in(&cr, Slot::Blue, None);
+    let green = plan_in(&cr, Slot::Green, None);
+    let pod_labels = |set: &k8s_openapi::api::apps::v1::StatefulSet| {
+        set.spec
+            .as_ref()
+            .expect("spec")
+            .template
+            .metadata
+            .as_ref()
+            .expect("meta")
+            .labels
+            .clone()
+            .unwrap_or_default()
+    };
+    for role in [Role::Attention, Role::Expert] {
+        let (blue_set, green_set) = match role {
+            Role::Attention => (&blue.attention_statefulset, &green.attention_statefulset),
+            _ => (&blue.expert_statefulset, &green.expert_statefulset),
+        };
+        for (plan, own, other) in [(&blue, blue_set, green_set), (&green, green_set, blue_set)] {
+            let name = own.metadata.name.clone().expect("name");
+            let pdb = plan
+                .pdbs
+                .iter()
+                .find(|p| p.metadata.name.as_deref() == Some(name.as_str()))
+                .unwrap_or_else(|| panic!("no budget named {name}"));
+            let selector = pdb.spec.as_ref().and_then(|s| s.selector.as_ref()).expect("selector");
+            assert!(selects(selector, &pod_labels(own)), "{name} selects its own pods");
+            assert!(
+                !selects(selector, &pod_labels(other)),
+                "{name} leaves the other slot's pods alone"
+            );
+            if role == Role::Expert {
+                assert_eq!(
+                    max_unavailable(pdb),
+                    Some(1),
+                    "{name}: one shard of a doubled placement"
+                );
+            }
+        }
+    }
+    // The routers are one Deployment across generations: one budget.
+    for plan in [&blue, &green] {
+        let router = plan
+            .pdbs
+            .iter()
+            .filter(|p| p.metadata.name.as_deref() == Some("tiny-router"))
+            .count();
+        assert_eq!(router, 1);
+    }
 }
 
 #[test]
