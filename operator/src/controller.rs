@@ -368,7 +368,10 @@ async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Actio
     let ns = cr.namespace().ok_or(Error::MissingMetadata("namespace"))?;
     let name = cr.name_any();
     let names = Names::new(&name);
-    let old_status = cr.status.clone().unwrap_or_default();
+    let mut old_status = cr.status.clone().unwrap_or_default();
+    if old_status.serving.is_none() {
+        old_status.serving = serving_of_routers(client, &ns, &names).await?;
+    }
     let now = Time(Timestamp::now());
 
     if let Some(blocker) = check_dependencies(&cr, client, &ns).await? {
@@ -796,6 +799,23 @@ pub async fn apply_plan(client: &Client, ns: &str, plan: &Plan, apply_router: bo
         unschedulable: Vec::new(),
         crash_looping: Vec::new(),
     })
+}
+
+/// The generation the routers send to, as their Deployment records it: where the status lost it
+/// (a failed status write, a fleet restored without its status), the rollout goes on from what
+/// runs rather than from nothing. None for a fleet with no routers yet or from before the record.
+async fn serving_of_routers(client: &Client, ns: &str, names: &Names) -> Result<Option<FleetGeneration>, Error> {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let Some(deployment) = api.get_opt(&names.role(Role::Router)).await? else {
+        return Ok(None);
+    };
+    let recorded = deployment
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(planner::ANNOTATION_SERVING))
+        .and_then(|json| serde_json::from_str(json).ok());
+    Ok(recorded)
 }
 
 /// Deletes the attention and expert StatefulSets of `slot`, their disruption budgets and their

@@ -10,7 +10,7 @@ use crate::controller::{
     error_policy, reconcile, Context, BACKOFF_BASE, FINALIZER, REQUEUE_BLOCKED, REQUEUE_CUTOVER, REQUEUE_PROGRESSING,
     REQUEUE_READY,
 };
-use crate::crd::{DeepSeekV3Deployment, RolloutStrategy, UnavailableExperts};
+use crate::crd::{DeepSeekV3Deployment, FleetGeneration, RolloutStrategy, Slot, UnavailableExperts};
 use crate::fixtures::FakeApi;
 use crate::metrics::Metrics;
 use crate::planner::{self, PlanInput};
@@ -560,6 +560,10 @@ async fn a_fleet_from_before_generations_recreates_a_placement_change_to_the_end
     h.fake.edit(&cr_path("default", "tiny"), |o| {
         o["status"].as_object_mut().map(|s| s.remove("serving"));
     });
+    // Nor did its routers' Deployment record a generation.
+    h.fake.edit(&deploy_path("default", "tiny-router"), |o| {
+        o["metadata"].as_object_mut().map(|m| m.remove("annotations"));
+    });
     h.edit_spec(|s| s["experts"]["redundantExperts"] = json!(0));
     for _ in 0..2 {
         h.reconcile().await.expect("reconcile");
@@ -771,6 +775,38 @@ async fn a_new_generation_starts_beside_the_serving_one_and_the_routers_switch_w
     h.set_router_status(1);
     assert_eq!(h.reconcile().await.expect("reconcile"), Action::requeue(REQUEUE_READY));
     assert_eq!(h.status()["phase"], "Ready");
+
+    // The status lost (a fleet restored without it): the routers' Deployment records where they
+    // send, so green goes on serving and nothing is started or switched.
+    let router_serving: FleetGeneration = serde_json::from_str(
+        h.router()["metadata"]["annotations"]["dsv3.io/serving"]
+            .as_str()
+            .expect("the routers' generation on their Deployment"),
+    )
+    .expect("a generation");
+    assert_eq!(router_serving.slot, Slot::Green);
+    let green_sets_before = [
+        h.fake.get(&sts_path("default", "tiny-attention-green")),
+        h.fake.get(&sts_path("default", "tiny-expert-green")),
+    ];
+    let router_spec_before = h.router()["spec"].clone();
+    h.fake.edit(&cr_path(&h.ns, &h.name), |o| {
+        if let Some(m) = o.as_object_mut() {
+            m.remove("status");
+        }
+    });
+    assert_eq!(h.reconcile().await.expect("reconcile"), Action::requeue(REQUEUE_READY));
+    assert_eq!(h.status()["serving"]["slot"], "green");
+    assert_eq!(h.status()["serving"]["revision"], router_serving.revision.as_str());
+    assert_eq!(h.router()["spec"], router_spec_before, "the routers stay as they run");
+    assert!(h.fake.get(&blue_sets[0]).is_none() && h.fake.get(&blue_sets[1]).is_none());
+    assert_eq!(
+        [
+            h.fake.get(&sts_path("default", "tiny-attention-green")),
+            h.fake.get(&sts_path("default", "tiny-expert-green")),
+        ],
+        green_sets_before
+    );
 
     // Blocked for a while (pod overrides that do not apply): what serves is still known, and
     // once fixed nothing moves.

@@ -64,6 +64,9 @@ pub const LABEL_PLACEMENT_VERSION: &str = "dsv3.io/placement-version";
 pub const LABEL_REVISION: &str = "dsv3.io/fleet-revision";
 /// On StatefulSets: which slot they are; on pods, only on the green slot's.
 pub const LABEL_SLOT: &str = "dsv3.io/slot";
+/// On the router Deployment: the generation its routers send to (a `FleetGeneration` as JSON), so
+/// that where the routers point survives a lost status.
+pub const ANNOTATION_SERVING: &str = "dsv3.io/serving";
 /// Pod-index label Kubernetes puts on StatefulSet pods (beta 1.28, GA 1.32).
 pub const LABEL_POD_INDEX: &str = "apps.kubernetes.io/pod-index";
 pub const APP_NAME: &str = "dsv3";
@@ -1391,8 +1394,12 @@ fn router_deployment(ctx: &Ctx<'_>, serving: &FleetGeneration, model_pending: bo
     } else {
         Some(spec.router.replicas)
     };
+    let mut metadata = ctx.meta(ctx.names.role(Role::Router), Role::Router.as_str());
+    metadata.annotations = serde_json::to_string(serving)
+        .ok()
+        .map(|json| BTreeMap::from([(ANNOTATION_SERVING.to_string(), json)]));
     Deployment {
-        metadata: ctx.meta(ctx.names.role(Role::Router), Role::Router.as_str()),
+        metadata,
         spec: Some(DeploymentSpec {
             replicas,
             selector: LabelSelector {
