@@ -6,7 +6,8 @@
 #   tests  the ignored GPU tests (CUDA vs CPU on the golden fixture and full-width random layers,
 #          every allocation poisoned) and `generate --device cuda` against `--device cpu`
 #   bench  `dsv3-worker bench-cuda` (one MoE layer, 5-layer slice), FP8 matrix peak via torch;
-#          BENCH_ARGS="--configs mla" times the MLA decode kernel alone
+#          BENCH_ARGS="--configs mla" times the MLA decode kernel alone, "--configs mla_prefill"
+#          the prefill attention alone (with PEER_ARGS="--configs mla_prefill" torch's SDPA beside it)
 #   serve  `serve --device cuda` against `serve --device cpu`: concurrent greedy completions
 #   fleet  the fleet test suite (worker/tests/fleet.rs) with every rank on the GPU, then
 #          `bench-fleet --device cuda` (serve against a fleet of 1 attention rank + 2 expert shards)
