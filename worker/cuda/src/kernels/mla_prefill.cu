@@ -187,23 +187,26 @@ mla_prefill_flash(float* out, int ld_out, const bf16* q, const bf16* k, const bf
 }
 
 // ---------------------------------------------------------------- MLA prefill on Hopper (wgmma)
-// The same causal attention for DeepSeek-V3's heads (nope 128 + rope 64, v 128), FlashAttention-3 style: per
-// block one head and PF_Q = 128 query rows, over key tiles of PF_K = 128 positions up to the
-// diagonal. Warpgroup 2 feeds (its registers given to the others): one thread copies Q once and each tile's K (3 boxes of 64 channels) and
-// V (2 boxes) by TMA into one of two stages, K and V with full and empty barriers of their own
-// (a K stage is refilled as soon as both multiplying warpgroups have their scores, before their
-// P·V is done). Warpgroups 0 and 1 each own 64 query rows and run unsynchronised with each other
-// (one's softmax overlaps the other's products): S = Q·Kᵀ on wgmma m64n128k16 (Q and K read by
-// the tensor cores from shared memory), the online softmax in registers, O += P·V with P straight
-// from those registers and V N-major from shared memory. Pipelined (the default), a warpgroup
-// also overlaps its own softmax with its products: it issues tile t's S and tile t - 1's P·V
-// together and runs tile t's softmax while P·V is still on the tensor cores
-// (FlashAttention-3's intra-warpgroup pipelining); the serial form waits for each product in
-// turn. Every operand sits in the 128-byte swizzle TMA writes (128-byte rows, 8-row atoms of 1024
-// bytes; 64-channel blocks of PF_K or PF_Q rows). Tiles past the sequence's end arrive as zeros
-// (TMA), the causal mask is applied only on tiles that cross a row's diagonal, and a warpgroup
-// stops at its own last row's tile. Blocks of one head run together (its K and V stay in L2),
-// the longest query tiles first. Compiled for sm_90a only.
+// The same causal attention for DeepSeek-V3's heads (nope 128 + rope 64, v 128), in the
+// FlashAttention-3 style: per block one head and PF_Q = 128 query rows, over key tiles of
+// PF_K = 128 positions up to the diagonal.
+// - Warpgroup 2 feeds, its registers given to the others: one thread copies Q once, then each
+//   tile's K (3 boxes of 64 channels) and V (2 boxes) by TMA into one of two stages. K and V have
+//   full and empty barriers of their own, so a K stage is refilled as soon as both multiplying
+//   warpgroups have their scores, before their P·V is done.
+// - Warpgroups 0 and 1 each own 64 query rows: S = Q·Kᵀ on wgmma m64n128k16 (Q and K read by the
+//   tensor cores from shared memory), the online softmax in registers, O += P·V with P straight
+//   from those registers and V N-major from shared memory.
+// - Pipelined (the default): a warpgroup issues tile t's S with tile t - 1's P·V and runs tile t's
+//   softmax while P·V is still on the tensor cores, and the two warpgroups take turns to issue
+//   (two named barriers), so one's products run while the other's softmax does. Both take every
+//   tile, to take turns to the end. The serial form waits for each product in turn, and a
+//   warpgroup stops at its own last row's tile.
+// - Every operand sits in the 128-byte swizzle TMA writes (128-byte rows, 8-row atoms of 1024
+//   bytes; 64-channel blocks of PF_K or PF_Q rows). Tiles past the sequence's end arrive as zeros
+//   (TMA); the causal mask is applied only on tiles that cross a row's diagonal.
+// - A head's blocks run together (its K and V stay in L2), the longest query tiles first.
+// Compiled for sm_90a only.
 
 #define PF_BLOCK(rows) ((rows) * 128)                // bytes of one 64-channel block of `rows` rows
 #define PF_Q_BYTES (3 * PF_BLOCK(PF_Q))              // Q: 192 channels
