@@ -12,8 +12,8 @@ use cudarc::driver::sys as drv;
 /// Which kernel computes the prefill attention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PrefillKernel {
-    /// wgmma (sm_90a): query/key heads of 192 and value heads of 128 only; each warpgroup's
-    /// softmax overlaps its own products.
+    /// wgmma (sm_90a): DeepSeek-V3's heads only (query/key 128 + 64 rotary, value 128); each
+    /// warpgroup's softmax overlaps its own products.
     Wgmma,
     /// The same kernel waiting for each product in turn: the kernel before, kept to measure
     /// against (`DSV3_PREFILL_PIPELINE=0`).
