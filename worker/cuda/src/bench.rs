@@ -301,7 +301,9 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         let (layers, dense, name): (usize, usize, &'static str) = match config.as_str() {
             "moe_layer" => (1, 0, "moe_layer"),
             "slice5" => (5, 3, "slice5"),
-            other => anyhow::bail!("unknown benchmark config `{other}` (moe_layer, slice5, mla, speculative)"),
+            other => {
+                anyhow::bail!("unknown benchmark config `{other}` (moe_layer, slice5, mla, mla_prefill, speculative)")
+            }
         };
         eprintln!("{name}: making random FP8 weights on the GPU...");
         let mut model = CudaModel::random(
