@@ -247,15 +247,11 @@ pub fn run(g: &Gpu, batches: &[usize], ctx: usize, reps: usize) -> Result<String
          |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         read / 1e9
     );
-    let kernels: Vec<DecodeKernel> = [
-        DecodeKernel::Wgmma,
-        DecodeKernel::WgmmaUnswizzled,
-        DecodeKernel::WgmmaCpAsync,
-        DecodeKernel::Mma,
-    ]
-    .into_iter()
-    .filter(|k| k.takes(g, &V3_SHAPE, 64))
-    .collect();
+    // Every kernel on the tensor cores (the CUDA-core one is far too slow to time here).
+    let kernels: Vec<DecodeKernel> = DecodeKernel::ALL
+        .into_iter()
+        .filter(|&k| k != DecodeKernel::CudaCores && k.takes(g, &V3_SHAPE, 64))
+        .collect();
     for &b in batches {
         let case = AttentionCase::random(g, V3_SHAPE, &vec![ctx; b], 64, 11)?;
         for &kernel in &kernels {

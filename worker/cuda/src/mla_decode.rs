@@ -72,6 +72,15 @@ const WGMMA_SHARED_BYTES: usize = 3 * 64 * 576 * 2 + 2 * 64 * 32 * 2 + 5 * 64 * 
 const WGMMA_TILE: usize = 64;
 
 impl DecodeKernel {
+    /// Every kernel, fastest first.
+    pub const ALL: [DecodeKernel; 5] = [
+        DecodeKernel::Wgmma,
+        DecodeKernel::WgmmaUnswizzled,
+        DecodeKernel::WgmmaCpAsync,
+        DecodeKernel::Mma,
+        DecodeKernel::CudaCores,
+    ];
+
     /// The fastest kernel that takes `shape` over cache blocks of `block` positions on `g`
     /// (`DSV3_MLA_WGMMA=0` passes over wgmma, `DSV3_MLA_TMA=0` over its TMA feed,
     /// `DSV3_MLA_SWIZZLE=0` over the swizzled TMA layout).
@@ -82,23 +91,18 @@ impl DecodeKernel {
             allowed("DSV3_MLA_TMA"),
             allowed("DSV3_MLA_SWIZZLE"),
         );
-        [
-            DecodeKernel::Wgmma,
-            DecodeKernel::WgmmaUnswizzled,
-            DecodeKernel::WgmmaCpAsync,
-            DecodeKernel::Mma,
-        ]
-        .into_iter()
-        .find(|&k| {
-            k.takes(g, shape, block)
-                && match k {
-                    DecodeKernel::Wgmma => wgmma && tma && swizzle,
-                    DecodeKernel::WgmmaUnswizzled => wgmma && tma,
-                    DecodeKernel::WgmmaCpAsync => wgmma,
-                    _ => true,
-                }
-        })
-        .unwrap_or(DecodeKernel::CudaCores)
+        DecodeKernel::ALL
+            .into_iter()
+            .find(|&k| {
+                k.takes(g, shape, block)
+                    && match k {
+                        DecodeKernel::Wgmma => wgmma && tma && swizzle,
+                        DecodeKernel::WgmmaUnswizzled => wgmma && tma,
+                        DecodeKernel::WgmmaCpAsync => wgmma,
+                        _ => true,
+                    }
+            })
+            .unwrap_or(DecodeKernel::CudaCores)
     }
 
     /// Whether this kernel takes `shape` over cache blocks of `block` positions on `g`.

@@ -1120,14 +1120,7 @@ fn mla_decode_matches_f64_reference() {
         let case = AttentionCase::random(&gpu, *shape, lens, *block, 100 + i as u64).expect("inputs");
         case.garbage_past_ends(&gpu).expect("garbage");
         let want = case.reference(&gpu).expect("reference");
-        let kernels = [
-            DecodeKernel::Wgmma,
-            DecodeKernel::WgmmaUnswizzled,
-            DecodeKernel::WgmmaCpAsync,
-            DecodeKernel::Mma,
-            DecodeKernel::CudaCores,
-        ];
-        for kernel in kernels.into_iter().filter(|k| k.takes(&gpu, shape, *block)) {
+        for kernel in DecodeKernel::ALL.into_iter().filter(|k| k.takes(&gpu, shape, *block)) {
             case.run(&gpu, kernel).expect("attention");
             let got = case.output(&gpu).expect("output");
             let mut worst = 0.0f64;

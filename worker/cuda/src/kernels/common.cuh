@@ -165,6 +165,11 @@ __device__ __forceinline__ u64 smem_desc(u32 addr, u32 lbo, u32 sbo, u32 layout 
     return (u64)((addr & 0x3FFFF) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32) | ((u64)layout << 62);
 }
 
+// Named barrier `id` (1..15; 0 is __syncthreads) of two warpgroups, 256 threads: wait at it, or
+// arrive without waiting (the other warpgroup waits).
+__device__ __forceinline__ void warpgroups_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
+__device__ __forceinline__ void warpgroups_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
+
 // A CUtensorMap as a kernel parameter (`const __grid_constant__`), encoded on the host.
 struct __align__(128) TensorMap {
     u64 words[16];
@@ -174,6 +179,10 @@ struct __align__(128) TensorMap {
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// At most `pending` of this thread's committed wgmma groups still running.
+template <int pending> __device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(pending) : "memory");
+}
 // Generic-proxy writes to shared memory (stores, cp.async) made visible to wgmma's reads.
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 // Keeps the compiler from touching accumulators while a wgmma may still write them.

@@ -242,11 +242,6 @@ __device__ __forceinline__ void wgmma_m64n128_rs(float d[64], const u32 a[4], u6
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
 }
 
-// At most `pending` of this thread's committed wgmma groups still running.
-template <int pending> __device__ __forceinline__ void wgmma_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(pending) : "memory");
-}
-
 // K-major operand: rows row0 .. of a swizzled matrix of `rows` rows at `base`, channels 16 ks ..
 __device__ __forceinline__ u64 pf_k_major(u32 base, int rows, int row0, int ks) {
     return smem_desc(base + (ks >> 2) * PF_BLOCK(rows) + row0 * 128 + (ks & 3) * 32, 16, 1024, 1);
@@ -340,10 +335,6 @@ __device__ __forceinline__ void pf_rescale(float o[64], float corr0, float corr1
     }
 }
 
-// Named barriers of the two multiplying warpgroups (256 threads): wait at one, or arrive at the other's.
-__device__ __forceinline__ void pf_barrier_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
-__device__ __forceinline__ void pf_barrier_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
-
 // A multiplying warpgroup's whole share: its 64 query rows over tiles 0 .. tiles - 1, into o
 // (unnormalised) with the rows' sums in r.
 template <bool PIPELINED>
@@ -387,15 +378,15 @@ __device__ __forceinline__ void pf_consume(float o[64], PfRows& r, u32 qs, u32 s
     pf_pack(sc, pa);
     // The warpgroups take turns to issue their products (two named barriers, warpgroup 0 first):
     // one's products then run while the other's softmax does, instead of both at once.
-    if (wg == 1 && tiles > 1) pf_barrier_arrive(1);
+    if (wg == 1 && tiles > 1) warpgroups_arrive(1);
     for (int kt = 1; kt < tiles; ++kt) {
         const int s = kt & 1, ps = s ^ 1;
         mbar_wait(k_full + 8 * s, parity(kt));
         mbar_wait(v_full + 8 * ps, parity(kt - 1));
-        pf_barrier_sync(1 + wg);
+        warpgroups_sync(1 + wg);
         pf_issue_scores(sc, qs, wg, k_tile(kt));
         pf_issue_values(o, pa, v_tile(kt - 1));
-        if (wg == 0 || kt + 1 < tiles) pf_barrier_arrive(2 - wg);
+        if (wg == 0 || kt + 1 < tiles) warpgroups_arrive(2 - wg);
         wgmma_wait<1>();  // the scores are in; P·V of the tile before still runs
 #pragma unroll
         for (int i = 0; i < 64; ++i) hold(sc[i]);
