@@ -497,6 +497,20 @@ async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Actio
             p
         }
     };
+    if let Rollout::BlueGreen(s) = &rollout {
+        if let Some(count) = scale_serving_attention(client, &ns, &name, s, cr.spec.attention.replicas).await? {
+            ctx.event(
+                &cr,
+                EventType::Normal,
+                "ServingScaled",
+                format!(
+                    "the serving generation's attention ranks ({} pods) scaled to {count} during the rollout",
+                    s.slot.as_str()
+                ),
+            )
+            .await;
+        }
+    }
     // The new slot must hold nothing the routers may still send to: after a switch, the old
     // generation stays until every router runs the new peers.
     if let Rollout::BlueGreen(s) = &rollout {
@@ -816,6 +830,42 @@ async fn serving_of_routers(client: &Client, ns: &str, names: &Names) -> Result<
         .and_then(|a| a.get(planner::ANNOTATION_SERVING))
         .and_then(|json| serde_json::from_str(json).ok());
     Ok(recorded)
+}
+
+/// While a new generation starts, the serving generation's StatefulSets stay as they run, all but
+/// the attention replica count (`want`: the HPA's, through the scale subresource, or an edit):
+/// it reaches the serving ranks at once, up to the ranks its routers know (with autoscaling, the
+/// HPA's maximum; without, the count when it started serving, since more ranks would get no
+/// requests before the switch). Returns the count it scaled to, if it changed.
+async fn scale_serving_attention(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    serving: &FleetGeneration,
+    want: i32,
+) -> Result<Option<i32>, Error> {
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    let set = Names::new(name).set(Role::Attention, serving.slot);
+    let Some(current) = sts.get_opt(&set).await? else {
+        return Ok(None);
+    };
+    let want = want.min(serving.attention_peers);
+    if current.spec.as_ref().and_then(|s| s.replicas) == Some(want) {
+        return Ok(None);
+    }
+    // A merge patch of the count alone: an apply would take the set's template to the new
+    // generation's. The next apply of this slot (forced) owns the count again.
+    let params = PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..Default::default()
+    };
+    sts.patch(
+        &set,
+        &params,
+        &Patch::Merge(serde_json::json!({"spec": {"replicas": want}})),
+    )
+    .await?;
+    Ok(Some(want))
 }
 
 /// Deletes the attention and expert StatefulSets of `slot`, their disruption budgets and their

@@ -861,6 +861,85 @@ async fn a_new_generation_starts_beside_the_serving_one_and_the_routers_switch_w
     assert!(arg_of(&blue_attention, "--expert-peers").starts_with("tiny-expert-0.tiny-expert."));
 }
 
+/// While a new generation starts, the attention replica count (the HPA's, through the scale
+/// subresource) reaches the serving ranks at once, up to the ranks the serving routers know;
+/// the rest of the serving generation and the routers stay as they run.
+#[tokio::test]
+async fn the_attention_replica_count_reaches_the_serving_ranks_during_a_rollout() {
+    for autoscaled in [false, true] {
+        let mut cr = sample("tiny-cpu.yaml");
+        if autoscaled {
+            cr.spec.autoscaling = Some(crate::crd::AutoscalingSpec {
+                router: None,
+                attention: Some(crate::crd::RoleAutoscaling {
+                    min_replicas: 1,
+                    max_replicas: 4,
+                    target_cpu_utilization: None,
+                    target_metric: None,
+                    scale_down_stabilization_seconds: 600,
+                }),
+            });
+        }
+        let h = Harness::new(&cr).with_pvc("dsv3-tiny-model");
+        h.create().await;
+        h.set_tiny_fleet_ready();
+        h.reconcile().await.expect("reconcile");
+        let known = h.status()["serving"]["attentionPeers"].as_i64().expect("peers");
+        assert_eq!(known, if autoscaled { 4 } else { 2 });
+        h.edit_spec(|s| s["image"] = json!("registry.example/dsv3-worker:2"));
+        h.reconcile().await.expect("reconcile");
+        assert_eq!(h.status()["next"]["slot"], "green", "the rollout is under way");
+        let blue_experts = h.fake.get(&sts_path("default", "tiny-expert")).expect("blue experts");
+        let router = h.router();
+        let replicas = |set: &str| {
+            h.fake.get(&sts_path("default", set)).expect("set")["spec"]["replicas"]
+                .as_i64()
+                .expect("replicas")
+        };
+        for want in [1, 3] {
+            // What the HPA writes through the scale subresource.
+            h.edit_spec(|s| s["attention"]["replicas"] = json!(want));
+            h.reconcile().await.expect("reconcile");
+            let blue_attention = h
+                .fake
+                .get(&sts_path("default", "tiny-attention"))
+                .expect("blue attention");
+            assert_eq!(
+                replicas("tiny-attention"),
+                want.min(known),
+                "autoscaled {autoscaled}: the serving ranks follow the count as far as the routers know ranks"
+            );
+            assert_ne!(
+                image_of(&blue_attention),
+                "registry.example/dsv3-worker:2",
+                "the serving ranks keep their generation"
+            );
+            assert_eq!(
+                replicas("tiny-attention-green"),
+                want,
+                "the new generation starts at the count"
+            );
+            assert_eq!(
+                h.fake.get(&sts_path("default", "tiny-expert")).expect("blue experts"),
+                blue_experts,
+                "the serving shards are left as they run"
+            );
+            assert_eq!(h.router(), router, "the routers are left as they run");
+            assert_eq!(h.status()["serving"]["slot"], "blue");
+        }
+        assert!(h.events().contains(&("ServingScaled".into(), "Normal".into())));
+        // Once green is ready the routers switch to it, at the count.
+        h.set_named_sts_status("tiny-attention-green", 3, 3);
+        h.set_named_sts_status("tiny-expert-green", 4, 4);
+        h.reconcile().await.expect("reconcile");
+        assert_eq!(h.status()["serving"]["slot"], "green");
+        assert_eq!(
+            arg_of(&h.router(), "--attention-peers").split(',').count() as i64,
+            if autoscaled { 4 } else { 3 }
+        );
+    }
+}
+
 /// With a gang, each generation is scheduled as a group of its own, and the old generation's
 /// group goes with its StatefulSets.
 #[tokio::test]

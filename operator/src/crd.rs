@@ -778,7 +778,9 @@ pub struct RolloutSpec {
 pub enum RolloutStrategy {
     /// The new generation starts beside the running one (twice the GPUs for a while); the
     /// routers switch to it once every one of its pods is ready, and the old generation stops
-    /// once the routers have rolled over. No request is refused or cut off.
+    /// once the routers have rolled over. No request is refused or cut off. Meanwhile the
+    /// attention replica count (an autoscaler's or an edit) reaches the serving ranks at once,
+    /// up to the ranks its routers know (with autoscaling, maxReplicas).
     #[default]
     BlueGreen,
     /// The running generation stops first (its attention ranks drain what they hold), then the
