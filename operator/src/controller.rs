@@ -498,7 +498,16 @@ async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Actio
         }
     };
     if let Rollout::BlueGreen(s) = &rollout {
-        if let Some(count) = scale_serving_attention(client, &ns, &name, s, cr.spec.attention.replicas).await? {
+        if let Some(count) = scale_serving_attention(
+            client,
+            &ns,
+            &name,
+            s,
+            cr.spec.attention.replicas,
+            cr.spec.scheduling.gang.as_ref(),
+        )
+        .await?
+        {
             ctx.event(
                 &cr,
                 EventType::Normal,
@@ -836,13 +845,16 @@ async fn serving_of_routers(client: &Client, ns: &str, names: &Names) -> Result<
 /// the attention replica count (`want`: the HPA's, through the scale subresource, or an edit):
 /// it reaches the serving ranks at once, up to the ranks its routers know (with autoscaling, the
 /// HPA's maximum; without, the count when it started serving, since more ranks would get no
-/// requests before the switch). Returns the count it scaled to, if it changed.
+/// requests before the switch). The serving generation's gang, if any, is kept at its pods
+/// (a group asking for more would hold back a rescheduled pod). Returns the count it scaled to,
+/// if it changed.
 async fn scale_serving_attention(
     client: &Client,
     ns: &str,
     name: &str,
     serving: &FleetGeneration,
     want: i32,
+    gang: Option<&crate::crd::GangSpec>,
 ) -> Result<Option<i32>, Error> {
     let sts: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
     let set = Names::new(name).set(Role::Attention, serving.slot);
@@ -865,6 +877,30 @@ async fn scale_serving_attention(
         &Patch::Merge(serde_json::json!({"spec": {"replicas": want}})),
     )
     .await?;
+    if let Some(gang) = gang {
+        let shards = sts
+            .get_opt(&Names::new(name).set(Role::Expert, serving.slot))
+            .await?
+            .and_then(|e| e.spec.and_then(|s| s.replicas))
+            .unwrap_or(0);
+        let groups: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), ns, &planner::pod_group_resource(gang.scheduler));
+        let members = serde_json::json!({"spec": {"minMember": want + shards}});
+        match groups
+            .patch(
+                &planner::pod_group_name(name, serving.slot),
+                &params,
+                &Patch::Merge(members),
+            )
+            .await
+        {
+            // A serving generation from before its gang was switched on has no group.
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            other => {
+                other?;
+            }
+        }
+    }
     Ok(Some(want))
 }
 

@@ -863,11 +863,20 @@ async fn a_new_generation_starts_beside_the_serving_one_and_the_routers_switch_w
 
 /// While a new generation starts, the attention replica count (the HPA's, through the scale
 /// subresource) reaches the serving ranks at once, up to the ranks the serving routers know;
-/// the rest of the serving generation and the routers stay as they run.
+/// the rest of the serving generation and the routers stay as they run, and the serving gang
+/// asks for the pods it has.
 #[tokio::test]
 async fn the_attention_replica_count_reaches_the_serving_ranks_during_a_rollout() {
-    for autoscaled in [false, true] {
+    let grants = cluster_role_grants();
+    for (autoscaled, gang) in [(false, false), (true, false), (false, true)] {
         let mut cr = sample("tiny-cpu.yaml");
+        if gang {
+            cr.spec.scheduling.gang = Some(crate::crd::GangSpec {
+                scheduler: crate::crd::GangScheduler::Volcano,
+                queue: None,
+                schedule_timeout_seconds: None,
+            });
+        }
         if autoscaled {
             cr.spec.autoscaling = Some(crate::crd::AutoscalingSpec {
                 router: None,
@@ -926,8 +935,23 @@ async fn the_attention_replica_count_reaches_the_serving_ranks_during_a_rollout(
             );
             assert_eq!(h.router(), router, "the routers are left as they run");
             assert_eq!(h.status()["serving"]["slot"], "blue");
+            if gang {
+                let group = h
+                    .fake
+                    .get("/apis/scheduling.volcano.sh/v1beta1/namespaces/default/podgroups/tiny-workers")
+                    .expect("the serving gang");
+                assert_eq!(
+                    group["spec"]["minMember"],
+                    want.min(known) + 4,
+                    "its ranks and its 4 shards"
+                );
+            }
         }
         assert!(h.events().contains(&("ServingScaled".into(), "Normal".into())));
+        for r in h.fake.log() {
+            let need = rbac_check(&r);
+            assert!(grants.contains(&need), "deploy/rbac.yaml does not grant {need:?}");
+        }
         // Once green is ready the routers switch to it, at the count.
         h.set_named_sts_status("tiny-attention-green", 3, 3);
         h.set_named_sts_status("tiny-expert-green", 4, 4);
