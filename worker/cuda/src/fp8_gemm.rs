@@ -263,7 +263,12 @@ impl QuantizedRows {
     ) -> Result<Self> {
         let data = g.alloc(n * k)?;
         let scales = g.alloc(n * (k / 128) * 4)?;
-        let warps = n * (k / 128);
+        // A warp per `span` blocks of 128 channels of a row (at most the kernel's QSPAN, 4): more
+        // loads in flight per warp where the warps of 4 blocks still fill the GPU (2,048
+        // threads an SM), one block per warp otherwise.
+        let blocks = k / 128;
+        let span = if n * blocks >= 4 * 64 * g.sm_count { 4 } else { 1 };
+        let warps = n * blocks.div_ceil(span);
         let (offsets, count) = groups.unwrap_or((0, 0));
         g.launch(
             "quantize_rows_fp8",
@@ -281,6 +286,7 @@ impl QuantizedRows {
                 ptr(offsets),
                 int(count),
                 int(ue8m0 as usize),
+                int(span),
             ],
         )?;
         Ok(QuantizedRows { data, scales, k })

@@ -52,6 +52,7 @@ pub const KERNELS: &[&str] = &[
     "quantize_weight_fp8",
     "rope_interleaved",
     "f32_to_bf16_rows",
+    "f32_to_bf16_x8",
     "dequant_bf16",
     "dequant_fp8_bf16",
     "random_fp8",
@@ -510,7 +511,12 @@ impl Gpu {
     /// A bf16 copy of `n` f32 values at `x` (the tensor cores' activation format).
     pub fn to_bf16(&self, x: u64, n: usize) -> Result<DeviceBuf> {
         let out = self.alloc(n * 2)?;
-        self.launch_1d("f32_to_bf16_rows", n, &[ptr(out.addr), ptr(x), u64_arg(n as u64)])?;
+        if n.is_multiple_of(8) && x.is_multiple_of(16) && out.addr.is_multiple_of(16) {
+            let n8 = n / 8;
+            self.launch_1d("f32_to_bf16_x8", n8, &[ptr(out.addr), ptr(x), u64_arg(n8 as u64)])?;
+        } else {
+            self.launch_1d("f32_to_bf16_rows", n, &[ptr(out.addr), ptr(x), u64_arg(n as u64)])?;
+        }
         Ok(out)
     }
 

@@ -62,6 +62,16 @@ extern "C" __global__ void f32_to_bf16_rows(bf16* out, const float* in, u64 n) {
     if (i < n) out[i] = f32_to_bf16(in[i]);
 }
 
+// The same for n8 groups of 8 values, 16-byte aligned: two 16-byte loads and one 16-byte store
+// a thread (one value a thread left the copy at a fraction of the memory's rate).
+extern "C" __global__ void f32_to_bf16_x8(uint4* out, const float4* in, u64 n8) {
+    await_previous_kernel();
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n8) return;
+    const float4 a = in[2 * i], b = in[2 * i + 1];
+    out[i] = make_uint4(pack_bf16(a.x, a.y), pack_bf16(a.z, a.w), pack_bf16(b.x, b.y), pack_bf16(b.z, b.w));
+}
+
 extern "C" __global__ void embed_rows(float* out, int fmt, const void* table, const float* scale, const u32* ids,
                                       int width) {
     await_previous_kernel();
@@ -177,30 +187,42 @@ __device__ __forceinline__ u32 quantize_lane(float4 v, int ue8m0, float& scale) 
 // block-scaled FP8 products and of the Hopper expert kernel. Output row r is row rows[r] of x
 // (rows null: row r). Scales are laid out per group of output rows, as each product reads them:
 // the rows offsets[g]..offsets[g+1] keep [k/128][group rows] from offsets[g] * k/128 (offsets
-// null: one group of all n rows).
+// null: one group of all n rows). A warp takes `span` (at most QSPAN) consecutive blocks of 128
+// values of a row, their loads in flight together: 4 where there are rows enough to fill the
+// GPU with such warps, 1 for the few rows of a decode step.
+#define QSPAN 4
 extern "C" __global__ void quantize_rows_fp8(u8* out, float* scales, const float* x, int ldx, const int* rows, int n,
-                                             int k, const int* offsets, int groups, int ue8m0) {
+                                             int k, const int* offsets, int groups, int ue8m0, int span) {
     await_previous_kernel();
-    int r, kb, lane = threadIdx.x & 31, blocks = k / QBLOCK;
-    if (!warp_block(n, k, r, kb)) return;
-    int src = rows ? rows[r] : r;
-    float4 v = *(const float4*)(x + (size_t)src * ldx + kb * QBLOCK + lane * 4);
-    float scale;
-    *(u32*)(out + (size_t)r * k + kb * QBLOCK + lane * 4) = quantize_lane(v, ue8m0, scale);
-    if (lane == 0) {
-        int first = 0, count = n;
-        if (offsets) {
-            if (r >= offsets[groups]) return;  // past every group: no scale to keep
-            // The last group starting at or before r (empty groups share their start with the next).
-            int lo = 0, hi = groups - 1;
-            while (lo < hi) {
-                int mid = (lo + hi + 1) >> 1;
-                if (offsets[mid] <= r) lo = mid; else hi = mid - 1;
-            }
-            first = offsets[lo];
-            count = offsets[lo + 1] - first;
+    const int lane = threadIdx.x & 31, blocks = k / QBLOCK, spans = (blocks + span - 1) / span;
+    const int warp = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5);
+    if (warp >= n * spans) return;
+    const int r = warp / spans, kb0 = (warp % spans) * span, here = min(span, blocks - kb0);
+    const int src = rows ? rows[r] : r;
+    const float* in = x + (size_t)src * ldx + kb0 * QBLOCK + lane * 4;
+    float4 v[QSPAN];
+#pragma unroll
+    for (int j = 0; j < QSPAN; ++j)
+        if (j < here) v[j] = *(const float4*)(in + j * QBLOCK);
+    int first = 0, count = n;
+    bool keep = true;
+    if (offsets) {
+        keep = r < offsets[groups];  // past every group: no scale to keep
+        // The last group starting at or before r (empty groups share their start with the next).
+        int lo = 0, hi = groups - 1;
+        while (lo < hi) {
+            int mid = (lo + hi + 1) >> 1;
+            if (offsets[mid] <= r) lo = mid; else hi = mid - 1;
         }
-        scales[(size_t)first * blocks + (size_t)kb * count + (r - first)] = scale;
+        first = offsets[lo];
+        count = offsets[lo + 1] - first;
+    }
+#pragma unroll
+    for (int j = 0; j < QSPAN; ++j) {
+        if (j >= here) break;  // the same for the whole warp
+        float scale;
+        *(u32*)(out + (size_t)r * k + (kb0 + j) * QBLOCK + lane * 4) = quantize_lane(v[j], ue8m0, scale);
+        if (lane == 0 && keep) scales[(size_t)first * blocks + (size_t)(kb0 + j) * count + (r - first)] = scale;
     }
 }
 
