@@ -865,18 +865,11 @@ async fn scale_serving_attention(
     if current.spec.as_ref().and_then(|s| s.replicas) == Some(want) {
         return Ok(None);
     }
-    // A merge patch of the count alone: an apply would take the set's template to the new
-    // generation's. The next apply of this slot (forced) owns the count again.
     let params = PatchParams {
         field_manager: Some(MANAGER.into()),
         ..Default::default()
     };
-    sts.patch(
-        &set,
-        &params,
-        &Patch::Merge(serde_json::json!({"spec": {"replicas": want}})),
-    )
-    .await?;
+    // The gang first: should the count's patch fail after it, the next reconcile does both again.
     if let Some(gang) = gang {
         let shards = sts
             .get_opt(&Names::new(name).set(Role::Expert, serving.slot))
@@ -901,6 +894,14 @@ async fn scale_serving_attention(
             }
         }
     }
+    // A merge patch of the count alone: an apply would take the set's template to the new
+    // generation's. The next apply of this slot (forced) owns the count again.
+    sts.patch(
+        &set,
+        &params,
+        &Patch::Merge(serde_json::json!({"spec": {"replicas": want}})),
+    )
+    .await?;
     Ok(Some(want))
 }
 
