@@ -291,6 +291,46 @@ impl QuantizedRows {
         )?;
         Ok(QuantizedRows { data, scales, k })
     }
+
+    /// [`QuantizedRows::new`] of `n` rows gathered by `rows` (device indices) from the `m` rows
+    /// of `x`, for gathers that repeat rows (each token goes to several experts): the `m` rows
+    /// are quantised once and their FP8 bytes gathered, so each f32 row is read once instead of
+    /// once per copy. The same codes and scales as quantising the gathered rows.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gathered(
+        g: &Gpu,
+        x: u64,
+        ldx: usize,
+        m: usize,
+        rows: u64,
+        n: usize,
+        k: usize,
+        groups: Option<(u64, usize)>,
+        ue8m0: bool,
+    ) -> Result<Self> {
+        let once = QuantizedRows::new(g, x, ldx, None, m, k, None, ue8m0)?;
+        let data = g.alloc(n * k)?;
+        let scales = g.alloc(n * (k / 128) * 4)?;
+        let (offsets, count) = groups.unwrap_or((0, 0));
+        g.launch(
+            "gather_quantized_rows",
+            (n as u32, 1, 1),
+            256,
+            0,
+            &[
+                ptr(data.addr),
+                ptr(scales.addr),
+                ptr(once.data.addr),
+                ptr(once.scales.addr),
+                int(m),
+                ptr(rows),
+                int(k),
+                ptr(offsets),
+                int(count),
+            ],
+        )?;
+        Ok(QuantizedRows { data, scales, k })
+    }
 }
 
 /// `n` contiguous rows of `k` channels quantised per 128 channels, as the mma.sync FP8 kernels

@@ -47,6 +47,7 @@ pub const KERNELS: &[&str] = &[
     "add_f32",
     "bank_expert_ids",
     "quantize_rows_fp8",
+    "gather_quantized_rows",
     "quantize_rows_bf16",
     "quantize_rows_f32",
     "quantize_weight_fp8",

@@ -954,6 +954,57 @@ fn graphed_decode_matches_launched_at_full_width() {
     assert!(gw > 0.5, "graphed vs launched: a row's logits cosine is {gw}");
 }
 
+/// Rows quantised once and their FP8 bytes gathered (`QuantizedRows::gathered`, the prefill's
+/// routed rows) give exactly what quantising the gathered rows gives (`QuantizedRows::new` with
+/// the row indices): the same codes, the same scales in the same per-group places, the same
+/// nothing where a row past every group keeps no scale. Rows repeat, groups are uneven, one is
+/// empty, with both scale encodings.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn gathered_quantisation_equals_quantising_the_gathered_rows() {
+    use dsv3_cuda::fp8_gemm::QuantizedRows;
+    use dsv3_cuda::gpu::Gpu;
+    poison();
+    let gpu = Gpu::open(0).expect("GPU");
+    let mut rng = 0x9e3779b97f4a7c15u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let (m, k, n) = (300usize, 7168usize, 1000usize);
+    let x: Vec<f32> = (0..m * k)
+        .map(|i| ((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * (1.0 + ((i / 128) % 5) as f32))
+        .collect();
+    let rows: Vec<i32> = (0..n).map(|_| (next() % m as u64) as i32).collect();
+    // Groups of 100, 0, 350 and 450 rows; the last 100 rows are past every group.
+    let offsets = [0i32, 100, 100, 450, 900];
+    let (xd, rd, od) = (
+        gpu.upload(&x).expect("x"),
+        gpu.upload(&rows).expect("rows"),
+        gpu.upload(&offsets).expect("offsets"),
+    );
+    for ue8m0 in [false, true] {
+        let groups = Some((od.addr, offsets.len() - 1));
+        let direct = QuantizedRows::new(&gpu, xd.addr, k, Some(rd.addr), n, k, groups, ue8m0).expect("direct");
+        let gathered = QuantizedRows::gathered(&gpu, xd.addr, k, m, rd.addr, n, k, groups, ue8m0).expect("gathered");
+        let codes = |q: &QuantizedRows| -> Vec<u8> { gpu.download(q.data.addr, n * k).expect("codes") };
+        let scales = |q: &QuantizedRows| -> Vec<u32> {
+            let f: Vec<f32> = gpu.download(q.scales.addr, n * (k / 128)).expect("scales");
+            f.iter().map(|v| v.to_bits()).collect()
+        };
+        let (want, got) = (codes(&direct), codes(&gathered));
+        let wrong = want.iter().zip(&got).filter(|(a, b)| a != b).count();
+        assert_eq!(wrong, 0, "ue8m0 {ue8m0}: {wrong} of {} codes differ", n * k);
+        let (want, got) = (scales(&direct), scales(&gathered));
+        let wrong = want.iter().zip(&got).filter(|(a, b)| a != b).count();
+        assert_eq!(wrong, 0, "ue8m0 {ue8m0}: {wrong} of {} scales differ", want.len());
+        // The scales are real ones (not both left as allocated) where a row keeps them.
+        assert!(f32::from_bits(got[0]).is_finite() && f32::from_bits(got[0]) > 0.0);
+    }
+}
+
 /// cuBLASLt's block-scaled FP8 product on rows quantised by `quantize_rows_fp8`, two groups of
 /// rows in one quantisation (each with its own scale block, as the prefill experts use them; m
 /// a multiple of 4, as `moe_plan` aligns them; other m are refused by name),

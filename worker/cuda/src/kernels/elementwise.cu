@@ -191,6 +191,25 @@ __device__ __forceinline__ u32 quantize_lane(float4 v, int ue8m0, float& scale) 
 // values of a row, their loads in flight together: 4 where there are rows enough to fill the
 // GPU with such warps, 1 for the few rows of a decode step.
 #define QSPAN 4
+
+// Where output row r's scales go: the group of rows offsets[g] .. offsets[g + 1] holding r keeps
+// [k/128][group rows] from its first row on (offsets null: one group of all n rows). False for a
+// row past every group (no scale to keep).
+__device__ __forceinline__ bool scale_group(const int* offsets, int groups, int n, int r, int& first, int& count) {
+    first = 0;
+    count = n;
+    if (!offsets) return true;
+    // The last group starting at or before r (empty groups share their start with the next).
+    int lo = 0, hi = groups - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) >> 1;
+        if (offsets[mid] <= r) lo = mid; else hi = mid - 1;
+    }
+    first = offsets[lo];
+    count = offsets[lo + 1] - first;
+    return r < offsets[groups];
+}
+
 extern "C" __global__ void quantize_rows_fp8(u8* out, float* scales, const float* x, int ldx, const int* rows, int n,
                                              int k, const int* offsets, int groups, int ue8m0, int span) {
     await_previous_kernel();
@@ -204,19 +223,8 @@ extern "C" __global__ void quantize_rows_fp8(u8* out, float* scales, const float
 #pragma unroll
     for (int j = 0; j < QSPAN; ++j)
         if (j < here) v[j] = *(const float4*)(in + j * QBLOCK);
-    int first = 0, count = n;
-    bool keep = true;
-    if (offsets) {
-        keep = r < offsets[groups];  // past every group: no scale to keep
-        // The last group starting at or before r (empty groups share their start with the next).
-        int lo = 0, hi = groups - 1;
-        while (lo < hi) {
-            int mid = (lo + hi + 1) >> 1;
-            if (offsets[mid] <= r) lo = mid; else hi = mid - 1;
-        }
-        first = offsets[lo];
-        count = offsets[lo + 1] - first;
-    }
+    int first, count;
+    const bool keep = scale_group(offsets, groups, n, r, first, count);
 #pragma unroll
     for (int j = 0; j < QSPAN; ++j) {
         if (j >= here) break;  // the same for the whole warp
@@ -224,6 +232,22 @@ extern "C" __global__ void quantize_rows_fp8(u8* out, float* scales, const float
         *(u32*)(out + (size_t)r * k + (kb0 + j) * QBLOCK + lane * 4) = quantize_lane(v[j], ue8m0, scale);
         if (lane == 0 && keep) scales[(size_t)first * blocks + (size_t)(kb0 + j) * count + (r - first)] = scale;
     }
+}
+
+// quantize_rows_fp8's output for rows that repeat (a token routed to several experts), from the
+// m rows quantised once (codes q [m][k], scales q_scales [k/128][m]): output row r is row rows[r]
+// with its scales placed as there. One block per output row, n = gridDim.x rows.
+extern "C" __global__ void gather_quantized_rows(u8* out, float* scales, const u8* q, const float* q_scales, int m,
+                                                 const int* rows, int k, const int* offsets, int groups) {
+    await_previous_kernel();
+    const int r = blockIdx.x, src = rows[r], blocks = k / QBLOCK;
+    const uint4* from = (const uint4*)(q + (size_t)src * k);
+    uint4* to = (uint4*)(out + (size_t)r * k);
+    for (int i = threadIdx.x; i < k / 16; i += blockDim.x) to[i] = from[i];
+    int first, count;
+    if (!scale_group(offsets, groups, (int)gridDim.x, r, first, count)) return;
+    for (int kb = threadIdx.x; kb < blocks; kb += blockDim.x)
+        scales[(size_t)first * blocks + (size_t)kb * count + (r - first)] = q_scales[(size_t)kb * m + src];
 }
 
 // Rows [n, k] as the e4m3 codes' values in bf16 (exact: e4m3 is a subset of bf16) and their

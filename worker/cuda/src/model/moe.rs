@@ -185,7 +185,7 @@ pub(crate) fn run_bank(
     let fp8 = fp8.filter(|_| !large.is_empty());
     let groups = Some((plan.offsets, plan.groups));
     if let Some((fp8, ue8m0)) = fp8 {
-        let xq = QuantizedRows::new(g, x.addr, width, Some(plan.x_rows), slots, width, groups, ue8m0)?;
+        let xq = quantize_routed_rows(g, x.addr, m, width, &plan, slots, groups, ue8m0)?;
         fp8_groups(g, fp8, &large, &bank.gate, &xq, gu.addr, 2 * inter)?;
         fp8_groups(g, fp8, &large, &bank.up, &xq, up_out, 2 * inter)?;
     } else if !large.is_empty() {
@@ -267,6 +267,30 @@ impl GroupedInput {
     }
 }
 
+/// Steps of at least this many tokens quantise their rows once and gather the FP8 bytes for the
+/// experts' slots; smaller ones (decode) quantise the gathered rows in one launch.
+const QUANTISE_ONCE_MIN_ROWS: usize = 512;
+
+/// The routed slots' input rows (token `x_rows[s]` of the `m` rows of `x`) quantised per 128
+/// channels, their scales laid out per expert group.
+#[allow(clippy::too_many_arguments)]
+fn quantize_routed_rows(
+    g: &Gpu,
+    x: u64,
+    m: usize,
+    width: usize,
+    plan: &DevicePlan,
+    slots: usize,
+    groups: Option<(u64, usize)>,
+    ue8m0: bool,
+) -> Result<QuantizedRows> {
+    if m >= QUANTISE_ONCE_MIN_ROWS {
+        QuantizedRows::gathered(g, x, width, m, plan.x_rows, slots, width, groups, ue8m0)
+    } else {
+        QuantizedRows::new(g, x, width, Some(plan.x_rows), slots, width, groups, ue8m0)
+    }
+}
+
 /// [`run_bank`] on Hopper: each matrix kind in one launch of the FP8 wgmma kernel over every
 /// group, the tiles listed on the device (no host round trip, at any step size).
 #[allow(clippy::too_many_arguments)]
@@ -287,7 +311,7 @@ fn wgmma_bank(
     let product = |s: &Stacked, input: &QuantizedRows, out: u64, ldy: usize| {
         expert_wgmma::grouped_fp8(g, &tiles, plan.group_expert, plan.offsets, s, e, input, slots, out, ldy)
     };
-    let xq = QuantizedRows::new(g, x.addr, width, Some(plan.x_rows), slots, width, groups, ue8m0)?;
+    let xq = quantize_routed_rows(g, x.addr, m, width, plan, slots, groups, ue8m0)?;
     let gu = g.alloc(slots * 2 * inter * 4)?;
     product(&bank.gate, &xq, gu.addr, 2 * inter)?;
     product(&bank.up, &xq, gu.addr + (inter * 4) as u64, 2 * inter)?;
