@@ -857,7 +857,8 @@ async fn scale_serving_attention(
     gang: Option<&crate::crd::GangSpec>,
 ) -> Result<Option<i32>, Error> {
     let sts: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
-    let set = Names::new(name).set(Role::Attention, serving.slot);
+    let names = Names::new(name);
+    let set = names.set(Role::Attention, serving.slot);
     let Some(current) = sts.get_opt(&set).await? else {
         return Ok(None);
     };
@@ -872,7 +873,7 @@ async fn scale_serving_attention(
     // The gang first: should the count's patch fail after it, the next reconcile does both again.
     if let Some(gang) = gang {
         let shards = sts
-            .get_opt(&Names::new(name).set(Role::Expert, serving.slot))
+            .get_opt(&names.set(Role::Expert, serving.slot))
             .await?
             .and_then(|e| e.spec.and_then(|s| s.replicas))
             .unwrap_or(0);

@@ -4,6 +4,7 @@
 //! twice the bf16 tensor-core rate. cuBLASLt has no grouped form, so an expert group is one call.
 
 use crate::gpu::{int, ptr, DeviceBuf, Gpu};
+use crate::tiles::QUANT_SPAN;
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::cublaslt::{result as lt, sys};
 use std::cell::RefCell;
@@ -263,11 +264,15 @@ impl QuantizedRows {
     ) -> Result<Self> {
         let data = g.alloc(n * k)?;
         let scales = g.alloc(n * (k / 128) * 4)?;
-        // A warp per `span` blocks of 128 channels of a row (at most the kernel's QSPAN, 4): more
-        // loads in flight per warp where the warps of 4 blocks still fill the GPU (2,048
-        // threads an SM), one block per warp otherwise.
+        // A warp per `span` blocks of 128 channels of a row: more loads in flight per warp where
+        // the warps of QUANT_SPAN blocks still fill the GPU (64 warps an SM), one block per warp
+        // otherwise.
         let blocks = k / 128;
-        let span = if n * blocks >= 4 * 64 * g.sm_count { 4 } else { 1 };
+        let span = if n * blocks >= QUANT_SPAN * 64 * g.sm_count {
+            QUANT_SPAN
+        } else {
+            1
+        };
         let warps = n * blocks.div_ceil(span);
         let (offsets, count) = groups.unwrap_or((0, 0));
         g.launch(

@@ -45,6 +45,9 @@ pub const GX_TOKENS: usize = 128;
 pub const GX_STAGES: usize = 6;
 /// Threads per block of `grouped_fp8_wgmma`: a feeding warpgroup and two multiplying ones.
 pub const GX_THREADS: usize = 384;
+/// Most 128-channel blocks of a row one warp of `quantize_rows_fp8` takes (their loads in flight
+/// together).
+pub const QUANT_SPAN: usize = 4;
 /// Threads per row of the token pick (`pick_tokens`).
 pub const PICK_THREADS: usize = 1024;
 
@@ -70,6 +73,7 @@ pub fn defines() -> Vec<String> {
         ("GX_STAGES", GX_STAGES),
         ("GX_THREADS", GX_THREADS),
         ("PICK_THREADS", PICK_THREADS),
+        ("QUANT_SPAN", QUANT_SPAN),
     ]
     .iter()
     .map(|(name, value)| format!("-D{name}={value}"))

@@ -212,6 +212,16 @@ thread_local! {
     static FLIPPED_STEPS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
+/// A xorshift64 stream from `seed` (test inputs that need no better randomness).
+fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
+}
+
 fn prompt(len: usize, salt: u32, vocab: u32) -> Vec<u32> {
     (0..len as u32)
         .map(|i| (i * 7919 + salt * 104729 + 3) % (vocab - 2) + 2)
@@ -966,13 +976,7 @@ fn gathered_quantisation_equals_quantising_the_gathered_rows() {
     use dsv3_cuda::gpu::Gpu;
     poison();
     let gpu = Gpu::open(0).expect("GPU");
-    let mut rng = 0x9e3779b97f4a7c15u64;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut next = xorshift(0x9e3779b97f4a7c15u64);
     let (m, k, n) = (300usize, 7168usize, 1000usize);
     let x: Vec<f32> = (0..m * k)
         .map(|i| ((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * (1.0 + ((i / 128) % 5) as f32))
@@ -1023,13 +1027,7 @@ fn block_scaled_fp8_products_match_f64_reference() {
         eprintln!("no block-scaled FP8 products on this GPU: skipped");
         return;
     };
-    let mut rng = 0x2545f4914f6cdd1du64;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut next = xorshift(0x2545f4914f6cdd1du64);
     for (k, n, group_rows) in [
         (7168usize, 2048usize, [68usize, 300]),
         (2048, 7168, [8, 132]),
@@ -1356,14 +1354,9 @@ fn grouped_fp8_wgmma_matches_f64_reference() {
         offsets.push(offsets.last().copied().unwrap_or(0) + r as i32);
     }
     let slots = *offsets.last().expect("offsets") as usize;
-    let mut rng = 0x9e3779b97f4a7c15u64;
+    let mut next = xorshift(0x9e3779b97f4a7c15u64);
     let x: Vec<f32> = (0..slots * hidden)
-        .map(|i| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            ((rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * (1.0 + ((i / 128) % 5) as f32)
-        })
+        .map(|i| ((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * (1.0 + ((i / 128) % 5) as f32))
         .collect();
     let (xd, ged, od) = (
         gpu.upload(&x).expect("x"),

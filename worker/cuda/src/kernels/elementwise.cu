@@ -187,10 +187,9 @@ __device__ __forceinline__ u32 quantize_lane(float4 v, int ue8m0, float& scale) 
 // block-scaled FP8 products and of the Hopper expert kernel. Output row r is row rows[r] of x
 // (rows null: row r). Scales are laid out per group of output rows, as each product reads them:
 // the rows offsets[g]..offsets[g+1] keep [k/128][group rows] from offsets[g] * k/128 (offsets
-// null: one group of all n rows). A warp takes `span` (at most QSPAN) consecutive blocks of 128
-// values of a row, their loads in flight together: 4 where there are rows enough to fill the
-// GPU with such warps, 1 for the few rows of a decode step.
-#define QSPAN 4
+// null: one group of all n rows). A warp takes `span` (at most QUANT_SPAN, from tiles.rs)
+// consecutive blocks of 128 values of a row, their loads in flight together: QUANT_SPAN where
+// there are rows enough to fill the GPU with such warps, 1 for the few rows of a decode step.
 
 // Where output row r's scales go: the group of rows offsets[g] .. offsets[g + 1] holding r keeps
 // [k/128][group rows] from its first row on (offsets null: one group of all n rows). False for a
@@ -219,14 +218,14 @@ extern "C" __global__ void quantize_rows_fp8(u8* out, float* scales, const float
     const int r = warp / spans, kb0 = (warp % spans) * span, here = min(span, blocks - kb0);
     const int src = rows ? rows[r] : r;
     const float* in = x + (size_t)src * ldx + kb0 * QBLOCK + lane * 4;
-    float4 v[QSPAN];
+    float4 v[QUANT_SPAN];
 #pragma unroll
-    for (int j = 0; j < QSPAN; ++j)
+    for (int j = 0; j < QUANT_SPAN; ++j)
         if (j < here) v[j] = *(const float4*)(in + j * QBLOCK);
     int first, count;
     const bool keep = scale_group(offsets, groups, n, r, first, count);
 #pragma unroll
-    for (int j = 0; j < QSPAN; ++j) {
+    for (int j = 0; j < QUANT_SPAN; ++j) {
         if (j >= here) break;  // the same for the whole warp
         float scale;
         *(u32*)(out + (size_t)r * k + (kb0 + j) * QBLOCK + lane * 4) = quantize_lane(v[j], ue8m0, scale);
