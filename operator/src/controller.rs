@@ -26,7 +26,8 @@ use crate::crd::{
 };
 use crate::metrics::{ErrorLabels, Metrics, PhaseLabels};
 use crate::model_readiness::{self, ModelState};
-use crate::planner::{self, ChildKind, Names, Plan, PlanError, PlanInput, Role, MANAGER, ROUTER_PORT};
+use crate::placement::PlacementPlan;
+use crate::planner::{self, ChildKind, Names, Partition, Plan, PlanError, PlanInput, Role, MANAGER, ROUTER_PORT};
 
 pub const FINALIZER: &str = "dsv3.io/teardown";
 
@@ -245,6 +246,14 @@ fn sts_drained(sts: &StatefulSet) -> bool {
     spec_zero && observed && status.replicas == 0
 }
 
+/// The StatefulSet has as many pods as it asks for (none stopping past its count).
+fn sts_settled(sts: &StatefulSet) -> bool {
+    let want = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let status = sts.status.clone().unwrap_or_default();
+    let observed = status.observed_generation.unwrap_or(0) >= sts.metadata.generation.unwrap_or(0);
+    observed && status.replicas == want
+}
+
 async fn server_side_apply<K>(client: &Client, ns: &str, obj: &K) -> Result<K, Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
@@ -459,15 +468,49 @@ async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Actio
         },
     };
 
+    // A partitioned rollout: how much of each generation runs until the switch.
+    let halving = match &rollout {
+        Rollout::BlueGreen(s) if cr.spec.rollout.strategy == RolloutStrategy::Partitioned => {
+            let serving_shards = serving_placement(client, &ns, &names, &s.placement_version)
+                .await?
+                .map(|p| p.covering_prefix() as i32);
+            Some(Halving::of(
+                cr.spec.attention.replicas,
+                serving_shards,
+                desired.placement.covering_prefix() as i32,
+            ))
+        }
+        _ => None,
+    };
+
     let mut cutover = false;
     let mut activated = false;
     let mut next = None;
     let mut serving = None;
     let plan = match &rollout {
-        Rollout::InPlace(slot) => replan(PlanInput {
-            slot: *slot,
-            ..input.clone()
-        })?,
+        Rollout::InPlace(slot) => {
+            // After a partitioned rollout's switch the new generation grows only into the room
+            // the old one leaves: at its counts until the other slot's sets and pods are gone.
+            let (other_a, other_e) = slot_sets(slot.other()).await?;
+            let old_left = other_a.is_some()
+                || other_e.is_some()
+                || slot_pods_left_without_sets(client, &ns, &name, slot.other()).await?;
+            let partition = if cr.spec.rollout.strategy == RolloutStrategy::Partitioned && old_left {
+                let (a, e) = slot_sets(*slot).await?;
+                let replicas = |set: Option<StatefulSet>| set.and_then(|s| s.spec).and_then(|s| s.replicas);
+                match (replicas(a), replicas(e)) {
+                    (Some(attention), Some(experts)) => Some(Partition { attention, experts }),
+                    _ => None,
+                }
+            } else {
+                None
+            };
+            replan(PlanInput {
+                slot: *slot,
+                partition,
+                ..input.clone()
+            })?
+        }
         Rollout::Recreate(s) => {
             // No router sends to the other slot (a blue/green rollout given up): it goes at
             // once, so its pods hold no GPUs the new generation needs.
@@ -490,6 +533,7 @@ async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Actio
             let p = replan(PlanInput {
                 slot: s.slot.other(),
                 serving: Some(s.clone()),
+                partition: halving.map(|h| h.next),
                 ..input.clone()
             })?;
             next = Some(p.generation.clone());
@@ -498,26 +542,61 @@ async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Actio
         }
     };
     if let Rollout::BlueGreen(s) = &rollout {
-        if let Some(count) = scale_serving_attention(
-            client,
-            &ns,
-            &name,
-            s,
-            cr.spec.attention.replicas,
-            cr.spec.scheduling.gang.as_ref(),
-        )
-        .await?
-        {
-            ctx.event(
-                &cr,
-                EventType::Normal,
-                "ServingScaled",
-                format!(
-                    "the serving generation's attention ranks ({} pods) scaled to {count} during the rollout",
-                    s.slot.as_str()
+        let want = ServingSize {
+            attention: halving.map_or(cr.spec.attention.replicas, |h| h.serving.attention),
+            experts: halving.and_then(|h| h.serving_experts),
+        };
+        let gang = cr.spec.scheduling.gang.as_ref();
+        if let Some(size) = scale_serving(client, &ns, &name, s, want, gang).await? {
+            let (reason, note) = match halving {
+                Some(h) => (
+                    "ServingPartitioned",
+                    format!(
+                        "the serving generation ({} pods) runs on {} attention ranks and {} expert pods (they hold \
+                         every expert) while generation {} starts on {} attention ranks and {} expert pods",
+                        s.slot.as_str(),
+                        size.attention,
+                        size.experts,
+                        desired.generation.revision,
+                        h.next.attention,
+                        h.next.experts
+                    ),
                 ),
-            )
-            .await;
+                None => (
+                    "ServingScaled",
+                    format!(
+                        "the serving generation's attention ranks ({} pods) scaled to {} during the rollout",
+                        s.slot.as_str(),
+                        size.attention
+                    ),
+                ),
+            };
+            ctx.event(&cr, EventType::Normal, reason, note).await;
+        }
+        // The new generation starts only in the room the serving one has made.
+        if let Some(h) = halving {
+            let (a, e) = slot_sets(s.slot).await?;
+            let shrunk = |set: &Option<StatefulSet>| set.as_ref().is_none_or(sts_settled);
+            if !(shrunk(&a) && shrunk(&e)) {
+                let message = format!(
+                    "generation {}: the serving generation shrinks to {} attention ranks and {} expert pods \
+                     (attention {}, experts {}) to make room for it",
+                    desired.generation.revision,
+                    h.serving.attention,
+                    h.serving_experts.map_or("all its".to_string(), |n| n.to_string()),
+                    role_from_sts(a.as_ref(), None).summary,
+                    role_from_sts(e.as_ref(), None).summary,
+                );
+                let mut status = cr.status.clone().unwrap_or_default();
+                status.conditions = progressing_conditions(&cr, &status, "ShrinkingServing", message);
+                status.phase = Some("Progressing".into());
+                status.next = Some(FleetGeneration {
+                    slot: s.slot.other(),
+                    ..desired.generation.clone()
+                });
+                patch_status(&ctx, &cr, &status).await?;
+                return Ok(Action::requeue(REQUEUE_CUTOVER));
+            }
         }
     }
     // The new slot must hold nothing the routers may still send to: after a switch, the old
@@ -841,45 +920,108 @@ async fn serving_of_routers(client: &Client, ns: &str, names: &Names) -> Result<
     Ok(recorded)
 }
 
+/// How much of each generation runs during a partitioned rollout, from the attention replica
+/// count and the expert pods that hold every expert: the new generation gets the larger half of
+/// the attention ranks, the serving one the rest (at least one while there are any).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Halving {
+    serving: Partition,
+    /// None: the serving generation's placement is not known, so its shards are left as they run.
+    serving_experts: Option<i32>,
+    next: Partition,
+}
+
+impl Halving {
+    fn of(attention: i32, serving_experts: Option<i32>, next_experts: i32) -> Self {
+        let next = (attention + 1) / 2;
+        let serving = (attention - next).max(attention.min(1));
+        Halving {
+            serving: Partition {
+                attention: serving,
+                experts: serving_experts.unwrap_or(0),
+            },
+            serving_experts,
+            next: Partition {
+                attention: next,
+                experts: next_experts,
+            },
+        }
+    }
+}
+
+/// The serving generation's placement, from its ConfigMap (None if that is gone or unreadable).
+async fn serving_placement(
+    client: &Client,
+    ns: &str,
+    names: &Names,
+    version: &str,
+) -> Result<Option<PlacementPlan>, Error> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let plan = api
+        .get_opt(&names.placement_config(version))
+        .await?
+        .and_then(|cm| cm.data)
+        .and_then(|d| d.get(planner::PLACEMENT_FILE).cloned())
+        .and_then(|json| serde_json::from_str(&json).ok());
+    Ok(plan)
+}
+
+/// What the serving generation runs with while a new one starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ServingSize {
+    attention: i32,
+    /// None: its expert pods are left as they run.
+    experts: Option<i32>,
+}
+
+/// The counts the serving generation was scaled to.
+struct Scaled {
+    attention: i32,
+    experts: i32,
+}
+
 /// While a new generation starts, the serving generation's StatefulSets stay as they run, all but
-/// the attention replica count (`want`: the HPA's, through the scale subresource, or an edit):
-/// it reaches the serving ranks at once, up to the ranks its routers know (with autoscaling, the
-/// HPA's maximum; without, the count when it started serving, since more ranks would get no
-/// requests before the switch). The serving generation's gang, if any, is kept at its pods
-/// (a group asking for more would hold back a rescheduled pod). Returns the count it scaled to,
-/// if it changed.
-async fn scale_serving_attention(
+/// their replica counts. The attention count (`want`: the HPA's, through the scale subresource,
+/// an edit, or the serving half of a partitioned rollout) reaches the serving ranks at once, up to
+/// the ranks its routers know (with autoscaling, the HPA's maximum; without, the count when it
+/// started serving, since more ranks would get no requests before the switch). In a partitioned
+/// rollout the expert pods go down to the leading ones that hold every expert, and their
+/// disruption budget to none (each now holds experts no other running pod does). The serving
+/// generation's gang, if any, is kept at its pods (a group asking for more would hold back a
+/// rescheduled pod). Returns the counts, if one changed.
+async fn scale_serving(
     client: &Client,
     ns: &str,
     name: &str,
     serving: &FleetGeneration,
-    want: i32,
+    want: ServingSize,
     gang: Option<&crate::crd::GangSpec>,
-) -> Result<Option<i32>, Error> {
+) -> Result<Option<Scaled>, Error> {
     let sts: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
     let names = Names::new(name);
-    let set = names.set(Role::Attention, serving.slot);
-    let Some(current) = sts.get_opt(&set).await? else {
+    let attention_set = names.set(Role::Attention, serving.slot);
+    let expert_set = names.set(Role::Expert, serving.slot);
+    let Some(attention) = sts.get_opt(&attention_set).await? else {
         return Ok(None);
     };
-    let want = want.min(serving.attention_peers);
-    if current.spec.as_ref().and_then(|s| s.replicas) == Some(want) {
+    let replicas = |set: &StatefulSet| set.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+    let shards = sts.get_opt(&expert_set).await?.map_or(0, |e| replicas(&e));
+    let to = Scaled {
+        attention: want.attention.min(serving.attention_peers),
+        experts: want.experts.map_or(shards, |e| e.min(shards)),
+    };
+    if replicas(&attention) == to.attention && shards == to.experts {
         return Ok(None);
     }
     let params = PatchParams {
         field_manager: Some(MANAGER.into()),
         ..Default::default()
     };
-    // The gang first: should the count's patch fail after it, the next reconcile does both again.
+    // The gang first: should a count's patch fail after it, the next reconcile does all again.
     if let Some(gang) = gang {
-        let shards = sts
-            .get_opt(&names.set(Role::Expert, serving.slot))
-            .await?
-            .and_then(|e| e.spec.and_then(|s| s.replicas))
-            .unwrap_or(0);
         let groups: Api<DynamicObject> =
             Api::namespaced_with(client.clone(), ns, &planner::pod_group_resource(gang.scheduler));
-        let members = serde_json::json!({"spec": {"minMember": want + shards}});
+        let members = serde_json::json!({"spec": {"minMember": to.attention + to.experts}});
         match groups
             .patch(
                 &planner::pod_group_name(name, serving.slot),
@@ -895,15 +1037,24 @@ async fn scale_serving_attention(
             }
         }
     }
-    // A merge patch of the count alone: an apply would take the set's template to the new
-    // generation's. The next apply of this slot (forced) owns the count again.
-    sts.patch(
-        &set,
-        &params,
-        &Patch::Merge(serde_json::json!({"spec": {"replicas": want}})),
-    )
-    .await?;
-    Ok(Some(want))
+    // Merge patches of the counts alone: an apply would take the sets' templates to the new
+    // generation's. The next apply of this slot (forced) owns the counts again.
+    let count = |n: i32| Patch::Merge(serde_json::json!({"spec": {"replicas": n}}));
+    if shards != to.experts {
+        let budgets: Api<k8s_openapi::api::policy::v1::PodDisruptionBudget> = Api::namespaced(client.clone(), ns);
+        let none = Patch::Merge(serde_json::json!({"spec": {"maxUnavailable": 0}}));
+        match budgets.patch(&expert_set, &params, &none).await {
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            other => {
+                other?;
+            }
+        }
+        sts.patch(&expert_set, &params, &count(to.experts)).await?;
+    }
+    if replicas(&attention) != to.attention {
+        sts.patch(&attention_set, &params, &count(to.attention)).await?;
+    }
+    Ok(Some(to))
 }
 
 /// Deletes the attention and expert StatefulSets of `slot`, their disruption budgets and their

@@ -964,6 +964,177 @@ async fn the_attention_replica_count_reaches_the_serving_ranks_during_a_rollout(
     }
 }
 
+/// A partitioned rollout: the serving generation shrinks to half its attention ranks and the
+/// expert pods that hold every expert, the new one starts in the room freed (the rest of the
+/// attention ranks and the first half of its expert pods), the routers switch once those are
+/// ready, the old generation stops, and the new one grows to its full size. At no point do the
+/// two generations together ask for more pods than the fleet has.
+#[tokio::test]
+async fn a_partitioned_rollout_serves_from_half_of_each_generation_in_the_room_of_one() {
+    // Without a copy of every expert there is no half to serve from: blocked, saying why.
+    let mut cr = sample("tiny-cpu.yaml");
+    cr.spec.rollout.strategy = RolloutStrategy::Partitioned;
+    let h = Harness::new(&cr).with_pvc("dsv3-tiny-model");
+    h.create().await;
+    assert_eq!(h.condition("Ready"), ("False".into(), "InvalidTopology".into()));
+    let message = h.condition_message("Ready");
+    assert!(
+        message.contains("partitioned rollout") && message.contains("redundantExperts = 16, not 4"),
+        "{message}"
+    );
+
+    cr.spec.experts.redundant_experts = 16;
+    let h = Harness::new(&cr).with_pvc("dsv3-tiny-model");
+    h.create().await;
+    h.set_tiny_fleet_ready();
+    h.reconcile().await.expect("reconcile");
+    assert_eq!(h.status()["phase"], "Ready");
+    // The first two of the four expert pods hold every expert.
+    let version = h.status()["serving"]["placementVersion"]
+        .as_str()
+        .expect("version")
+        .to_string();
+    let cm = h
+        .fake
+        .get(&core_path(
+            "default",
+            "configmaps",
+            &format!("tiny-placement-{version}"),
+        ))
+        .expect("placement");
+    let plan: crate::placement::PlacementPlan =
+        serde_json::from_str(cm["data"]["placement.json"].as_str().expect("plan")).expect("a plan");
+    assert_eq!(plan.covering_prefix(), 2);
+    let router = h.router();
+    let replicas = |set: &str| {
+        h.fake
+            .get(&sts_path("default", set))
+            .map(|s| s["spec"]["replicas"].as_i64().expect("replicas"))
+    };
+    let max_unavailable =
+        |pdb: &str| h.fake.get(&pdb_path("default", pdb)).expect("budget")["spec"]["maxUnavailable"].clone();
+    assert_eq!(
+        max_unavailable("tiny-expert"),
+        1,
+        "one shard may go: its experts have copies"
+    );
+    // Both generations' pods together: never more than the 2 + 4 of one.
+    let pods_asked = || {
+        [
+            "tiny-attention",
+            "tiny-expert",
+            "tiny-attention-green",
+            "tiny-expert-green",
+        ]
+        .iter()
+        .map(|s| replicas(s).unwrap_or(0))
+        .sum::<i64>()
+    };
+
+    h.edit_spec(|s| s["image"] = json!("registry.example/dsv3-worker:2"));
+    h.reconcile().await.expect("reconcile");
+    // First the serving generation shrinks: one rank, the two shards that hold every expert,
+    // none of which may now be evicted. Nothing new starts before their pods are gone.
+    assert_eq!(
+        (replicas("tiny-attention"), replicas("tiny-expert")),
+        (Some(1), Some(2))
+    );
+    assert_eq!(max_unavailable("tiny-expert"), 0);
+    assert_eq!(replicas("tiny-attention-green"), None);
+    assert_eq!(h.condition("Progressing"), ("True".into(), "ShrinkingServing".into()));
+    assert_eq!(h.status()["serving"]["slot"], "blue");
+    assert_eq!(h.status()["next"]["slot"], "green");
+    assert_eq!(h.condition("Ready").0, "True", "blue serves throughout");
+    assert!(h.events().contains(&("ServingPartitioned".into(), "Normal".into())));
+    h.reconcile().await.expect("reconcile");
+    assert_eq!(
+        replicas("tiny-attention-green"),
+        None,
+        "the stopping pods still hold their room"
+    );
+
+    // Blue's pods past its counts are gone: green starts in their room.
+    h.set_sts_status("attention", 1, 1);
+    h.set_sts_status("expert", 2, 2);
+    h.reconcile().await.expect("reconcile");
+    assert_eq!(
+        (replicas("tiny-attention-green"), replicas("tiny-expert-green")),
+        (Some(1), Some(2))
+    );
+    assert_eq!(pods_asked(), 6);
+    assert_eq!(max_unavailable("tiny-expert-green"), 0);
+    let green_attention = h.fake.get(&sts_path("default", "tiny-attention-green")).expect("green");
+    assert_eq!(
+        arg_of(&green_attention, "--expert-peers").split(',').count(),
+        4,
+        "green's ranks know all four of its shards; the two to come join when they answer"
+    );
+    assert_eq!(image_of(&green_attention), "registry.example/dsv3-worker:2");
+    assert_eq!(h.router(), router, "the routers are left as they run");
+    assert_eq!(
+        h.condition("Progressing"),
+        ("True".into(), "NewGenerationStarting".into())
+    );
+    assert_eq!(
+        (replicas("tiny-attention"), replicas("tiny-expert")),
+        (Some(1), Some(2))
+    );
+
+    // Green's half ready: the routers switch to it.
+    h.set_named_sts_status("tiny-attention-green", 1, 1);
+    h.set_named_sts_status("tiny-expert-green", 2, 2);
+    h.reconcile().await.expect("reconcile");
+    assert_eq!(h.status()["serving"]["slot"], "green");
+    assert_eq!(image_of(&h.router()), "registry.example/dsv3-worker:2");
+    assert!(h.events().contains(&("GenerationSwitched".into(), "Normal".into())));
+    assert!(replicas("tiny-expert").is_some(), "blue stays while the routers roll");
+    assert_eq!(pods_asked(), 6);
+
+    h.reconcile().await.expect("reconcile");
+    assert_eq!(
+        (replicas("tiny-attention-green"), replicas("tiny-expert-green")),
+        (Some(1), Some(2)),
+        "green grows only into the room blue leaves"
+    );
+
+    // Every router runs the switch: blue stops, and once its pods are gone green grows to its
+    // full size.
+    h.set_router_status(1);
+    let stopping = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "tiny-expert-1", "namespace": "default",
+                     "deletionTimestamp": "2026-12-04T10:00:00Z",
+                     "labels": {"app.kubernetes.io/name": "dsv3", "app.kubernetes.io/instance": "tiny",
+                                "app.kubernetes.io/component": "expert"}}});
+    h.fake.put(&core_path("default", "pods", "tiny-expert-1"), stopping);
+    h.reconcile().await.expect("reconcile");
+    assert_eq!((replicas("tiny-attention"), replicas("tiny-expert")), (None, None));
+    h.reconcile().await.expect("reconcile");
+    assert_eq!(
+        (replicas("tiny-attention-green"), replicas("tiny-expert-green")),
+        (Some(1), Some(2)),
+        "a blue pod still stopping holds its room"
+    );
+    assert!(pods_asked() <= 6);
+    h.fake.remove(&core_path("default", "pods", "tiny-expert-1"));
+    h.reconcile().await.expect("reconcile");
+    assert_eq!(
+        (replicas("tiny-attention-green"), replicas("tiny-expert-green")),
+        (Some(2), Some(4))
+    );
+    assert_eq!(max_unavailable("tiny-expert-green"), 1);
+    h.set_named_sts_status("tiny-attention-green", 2, 2);
+    h.set_named_sts_status("tiny-expert-green", 4, 4);
+    h.set_router_status(1);
+    assert_eq!(h.reconcile().await.expect("reconcile"), Action::requeue(REQUEUE_READY));
+    assert_eq!(h.status()["phase"], "Ready");
+
+    let grants = cluster_role_grants();
+    for r in h.fake.log() {
+        let need = rbac_check(&r);
+        assert!(grants.contains(&need), "deploy/rbac.yaml does not grant {need:?}");
+    }
+}
+
 /// With a gang, each generation is scheduled as a group of its own, and the old generation's
 /// group goes with its StatefulSets.
 #[tokio::test]

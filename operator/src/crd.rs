@@ -98,6 +98,12 @@ pub const DEFAULT_IMAGE: &str = "ghcr.io/dsv3/dsv3-worker:0.1.0";
         .message("dataPlane nccl needs GPUs: attention.gpusPerPod and experts.gpusPerPod must be at least 1 (use dataPlane grpc for CPU fleets)")
         .field_path(".dataPlane")
         .reason(::kube::core::Reason::FieldValueInvalid),
+    validation = ::kube::core::Rule::new(
+        "self.rollout.strategy != 'Partitioned' || (self.experts.redundantExperts == self.model.numRoutedExperts && self.experts.replicas % 2 == 0)"
+    )
+    .message("rollout.strategy Partitioned runs each generation on half its expert pods, which must hold every expert: experts.redundantExperts must equal model.numRoutedExperts and experts.replicas be even")
+    .field_path(".rollout.strategy")
+    .reason(::kube::core::Reason::FieldValueInvalid),
     validation = ::kube::core::Rule::new("!self.mtp.enabled || (self.mtp.numSpeculativeTokens >= 1 && self.mtp.numSpeculativeTokens <= 4)")
         .message("mtp.numSpeculativeTokens must be between 1 and 4 when MTP is enabled")
         .field_path(".mtp.numSpeculativeTokens")
@@ -766,9 +772,12 @@ pub struct RolloutSpec {
     #[schemars(range(min = 1, max = 1000))]
     pub restart_budget: i32,
     /// How a new worker generation (a change of the image, of the expert pod template, of the
-    /// expert placement or of the model revision) replaces the running one. Attention ranks
-    /// only ever talk to expert shards of their own generation either way; a change of the
-    /// attention pod template alone rolls the ranks in place, one at a time.
+    /// expert placement or of the model revision) replaces the running one: BlueGreen starts it
+    /// beside the running one (twice the GPUs for a while), Recreate after it (no serving in
+    /// between), Partitioned in the room half of the running one frees (it needs a copy of every
+    /// expert, over an even number of expert pods). Attention ranks only ever talk to expert
+    /// shards of their own generation either way; a change of the attention pod template alone
+    /// rolls the ranks in place, one at a time.
     #[serde(default)]
     pub strategy: RolloutStrategy,
 }
@@ -786,6 +795,15 @@ pub enum RolloutStrategy {
     /// The running generation stops first (its attention ranks drain what they hold), then the
     /// new one starts: no extra GPUs, but no serving in between.
     Recreate,
+    /// For clusters with room for only part of a second generation. The expert copies are laid
+    /// out so that the first half of the expert pods holds every expert (this needs
+    /// experts.redundantExperts equal to the routed experts and an even experts.replicas). The
+    /// running generation shrinks to that half and half its attention ranks, still serving; the
+    /// new one starts in the room freed, at the other half of the attention ranks and the first
+    /// half of its expert pods; the routers switch to it once those are ready, the old generation
+    /// stops, and the new one grows to its full size. No request is refused or cut off; extra
+    /// GPUs: one attention pod's, where attention.replicas is 1.
+    Partitioned,
 }
 
 /// Which of the two sets of worker StatefulSets a generation runs in: blue is

@@ -235,6 +235,24 @@ fn cel_rejects_redundant_experts_without_expert_pods_to_spread_over() {
 }
 
 #[test]
+fn cel_rejects_a_partitioned_rollout_without_a_serving_half() {
+    let partitioned = |experts: Value| {
+        with(json!({"model": {"numRoutedExperts": 16}, "experts": experts, "rollout": {"strategy": "Partitioned"}}))
+    };
+    rejected(
+        &partitioned(json!({"replicas": 4, "redundantExperts": 4})),
+        "Partitioned runs each generation on half its expert pods",
+    );
+    rejected(
+        &partitioned(json!({"replicas": 1, "redundantExperts": 16})),
+        "Partitioned runs each generation on half its expert pods",
+    );
+    assert!(partitioned(json!({"replicas": 4, "redundantExperts": 16}))
+        .validate_cel()
+        .is_ok());
+}
+
+#[test]
 fn cel_rejects_gpus_per_pod_out_of_range() {
     rejected(
         &with(json!({"attention": {"gpusPerPod": 9}})),

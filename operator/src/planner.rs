@@ -34,7 +34,7 @@ use serde::Serialize;
 
 use crate::crd::{
     DataPlane, DeepSeekV3Deployment, DeepSeekV3DeploymentSpec, FleetGeneration, GangScheduler, PodSettings,
-    RoleAutoscaling, SecretKeyRef, ServedModel, Slot, UnavailableExperts,
+    RoleAutoscaling, RolloutStrategy, SecretKeyRef, ServedModel, Slot, UnavailableExperts,
 };
 use crate::placement::{self, PlacementError, PlacementInput, PlacementPlan};
 
@@ -104,6 +104,17 @@ pub struct PlanInput {
     /// The generation the routers send to, while it is not the planned one (a blue/green
     /// rollout before the switch). None: the planned one.
     pub serving: Option<FleetGeneration>,
+    /// A partitioned rollout before the switch: the planned generation starts at part of its
+    /// size. None: at its full size.
+    pub partition: Option<Partition>,
+}
+
+/// The part of a generation that runs during a partitioned rollout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Partition {
+    pub attention: i32,
+    /// Expert pods, the leading ones (they hold every expert).
+    pub experts: i32,
 }
 
 impl PlanInput {
@@ -399,6 +410,7 @@ pub fn plan(cr: &DeepSeekV3Deployment, input: &PlanInput) -> Result<Plan, PlanEr
         redundant: spec.experts.redundant_experts as u32,
         strategy: spec.experts.placement,
         hot_experts: &hot,
+        halves: spec.rollout.strategy == RolloutStrategy::Partitioned,
     })?;
 
     let ctx = Ctx {
@@ -470,9 +482,11 @@ pub fn plan(cr: &DeepSeekV3Deployment, input: &PlanInput) -> Result<Plan, PlanEr
         // With autoscaling, the attention HPA scales this resource (its scale subresource is
         // spec.attention.replicas), so the replica count has one owner and every change of it
         // goes through the operator.
-        match role {
-            Role::Attention => Some(spec.attention.replicas),
-            _ => Some(spec.experts.replicas),
+        match (role, input.partition) {
+            (Role::Attention, Some(part)) => Some(part.attention),
+            (Role::Attention, None) => Some(spec.attention.replicas),
+            (_, Some(part)) => Some(part.experts),
+            (_, None) => Some(spec.experts.replicas),
         }
     };
     let (attention_statefulset, expert_statefulset) = worker_statefulsets(&ctx, &worker_replicas, &placement)?;
@@ -520,7 +534,7 @@ pub fn plan(cr: &DeepSeekV3Deployment, input: &PlanInput) -> Result<Plan, PlanEr
 
     let pdbs = [Role::Router, Role::Attention, Role::Expert]
         .into_iter()
-        .map(|role| pdb(&ctx, role, &placement))
+        .map(|role| pdb(&ctx, role, &placement, input.partition.is_some()))
         .collect();
     let mut hpas = Vec::new();
     let mut absent = Vec::new();
@@ -736,10 +750,16 @@ fn network_policy(ctx: &Ctx<'_>) -> NetworkPolicy {
 /// are per slot (named as the slot's StatefulSets, selecting only its pods): during a blue/green
 /// rollout each generation is held to its own placement, and the serving one's budget stays as
 /// applied until its slot is deleted.
-fn pdb(ctx: &Ctx<'_>, role: Role, placement: &PlacementPlan) -> PodDisruptionBudget {
+/// `partitioned`: only the leading expert pods run, each holding experts no other running pod
+/// holds, so none may be evicted.
+fn pdb(ctx: &Ctx<'_>, role: Role, placement: &PlacementPlan, partitioned: bool) -> PodDisruptionBudget {
     let mut max_unavailable = ctx.spec.rollout.max_unavailable;
     if role == Role::Expert {
-        let spare_copies = placement.shard_losses_covered();
+        let spare_copies = if partitioned {
+            0
+        } else {
+            placement.shard_losses_covered()
+        };
         max_unavailable = max_unavailable.min(i32::try_from(spare_copies).unwrap_or(i32::MAX));
     }
     let (name, selector) = match role {

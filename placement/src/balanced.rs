@@ -21,6 +21,12 @@ pub enum LayoutError {
     TooManyRedundant { redundant: u32, experts: u32 },
     #[error("could not place every redundant copy on a pod without the original")]
     Unplaceable,
+    #[error(
+        "a partitioned rollout runs each generation on the first half of its expert pods, which must then hold every \
+         expert: give every expert a copy (experts.redundantExperts = {experts}, not {redundant}) over an even number \
+         of expert pods (experts.replicas {pods})"
+    )]
+    NoServingHalf { experts: u32, redundant: u32, pods: u32 },
 }
 
 /// Input of the placement computation.
@@ -32,6 +38,11 @@ pub struct PlacementInput<'a> {
     pub redundant: u32,
     pub strategy: PlacementStrategy,
     pub hot_experts: &'a [u32],
+    /// Each copy goes to the other half of the pods from its original, where there is room:
+    /// with a copy of every expert, the first half of the pods then holds every expert (and so
+    /// does the second), so a fleet can serve from half its pods (a partitioned rollout).
+    /// Checked: the first half must hold every expert.
+    pub halves: bool,
 }
 
 /// Compute the plan. The same rules as the CRD's CEL rules are checked again, so a plan is never
@@ -110,11 +121,23 @@ pub fn plan(input: &PlacementInput<'_>) -> Result<PlacementPlan, LayoutError> {
         j += 1;
     }
 
-    // Place each copy on the pod with the most free slots that does not hold the expert yet.
+    // Place each copy on the pod with the most free slots that does not hold the expert yet
+    // (with `halves`, one in the other half of the pods from the original, if any has room).
+    let half = |i: usize| 2 * i >= pods;
+    let mut home = vec![0usize; n as usize];
+    for (i, pod) in slots.iter().enumerate() {
+        for &e in pod {
+            home[e as usize] = i;
+        }
+    }
     for e in chosen {
-        let best = (0..pods)
-            .filter(|&i| slots[i].len() < per_pod && !slots[i].contains(&e))
-            .max_by_key(|&i| (per_pod - slots[i].len(), std::cmp::Reverse(i)));
+        let most_room = |across: bool| {
+            (0..pods)
+                .filter(|&i| slots[i].len() < per_pod && !slots[i].contains(&e))
+                .filter(|&i| !across || half(i) != half(home[e as usize]))
+                .max_by_key(|&i| (per_pod - slots[i].len(), std::cmp::Reverse(i)))
+        };
+        let best = if input.halves { most_room(true) } else { None }.or_else(|| most_room(false));
         match best {
             Some(i) => slots[i].push(e),
             None => {
@@ -151,6 +174,13 @@ pub fn plan(input: &PlacementInput<'_>) -> Result<PlacementPlan, LayoutError> {
         shards: slots,
         attention: Vec::new(),
     };
+    if input.halves && (!pods.is_multiple_of(2) || plan.covering_prefix() > pods / 2) {
+        return Err(LayoutError::NoServingHalf {
+            experts: n,
+            redundant: r,
+            pods: p,
+        });
+    }
     Ok(PlacementPlan {
         version: plan.content_hash(),
         ..plan
@@ -169,6 +199,7 @@ mod tests {
             redundant: r,
             strategy,
             hot_experts: &[],
+            halves: false,
         }
     }
 
@@ -270,6 +301,57 @@ mod tests {
         assert_eq!(a.version.len(), 16);
         let c = plan(&input(256, 8, 40, PlacementStrategy::RoundRobin)).expect("plan");
         assert_ne!(a.version, c.version);
+    }
+
+    #[test]
+    fn laid_out_in_halves_each_half_of_the_pods_holds_every_expert() {
+        let holds_all = |pods: &[Vec<u32>], n: u32| (0..n).all(|e| pods.iter().any(|p| p.contains(&e)));
+        let mut checked = 0;
+        for n in 1..=24u32 {
+            for p in (2..=10u32).step_by(2) {
+                if !(2 * n).is_multiple_of(p) {
+                    continue;
+                }
+                for s in [PlacementStrategy::RoundRobin, PlacementStrategy::Contiguous] {
+                    let mut i = input(n, p, n, s);
+                    i.halves = true;
+                    let plan = plan(&i).unwrap_or_else(|e| panic!("n={n} p={p} {s:?}: {e}"));
+                    check_invariants(&plan, n, p, n);
+                    let (first, second) = plan.shards.split_at(p as usize / 2);
+                    assert!(
+                        holds_all(first, n) && holds_all(second, n),
+                        "n={n} p={p}: {:?}",
+                        plan.shards
+                    );
+                    assert_eq!(plan.covering_prefix(), p as usize / 2);
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 40, "{checked}");
+        // DeepSeek-V3's 256 experts twice over 8 pods: pods 0-3 serve alone.
+        let mut i = input(256, 8, 256, PlacementStrategy::RoundRobin);
+        i.halves = true;
+        assert_eq!(plan(&i).expect("plan").covering_prefix(), 4);
+        // Spread as usual, the copies leave no half that serves alone.
+        let spread = plan(&input(256, 8, 256, PlacementStrategy::RoundRobin)).expect("plan");
+        assert!(spread.covering_prefix() > 4, "{:?}", spread.shards);
+    }
+
+    #[test]
+    fn halves_without_a_copy_of_every_expert_or_over_odd_pods_are_errors() {
+        for (n, p, r) in [(256, 8, 32), (16, 3, 8), (16, 4, 0)] {
+            let mut i = input(n, p, r, PlacementStrategy::RoundRobin);
+            i.halves = true;
+            assert_eq!(
+                plan(&i),
+                Err(LayoutError::NoServingHalf {
+                    experts: n,
+                    redundant: r,
+                    pods: p
+                })
+            );
+        }
     }
 
     #[test]

@@ -200,6 +200,28 @@ impl PlacementPlan {
         copies.into_iter().filter(|&c| c > 0).min().map_or(0, |c| c - 1)
     }
 
+    /// The fewest leading shards (`0..c`) that hold every expert the attention ranks do not:
+    /// what a fleet can serve from with the rest of its shards gone (a StatefulSet scaled down
+    /// keeps its leading pods). `shards.len()` when only all of them do.
+    pub fn covering_prefix(&self) -> usize {
+        let mut first_holder = vec![None; self.num_experts as usize];
+        for (s, held) in self.shards.iter().enumerate().rev() {
+            for &e in held {
+                if let Some(f) = first_holder.get_mut(e as usize) {
+                    *f = Some(s);
+                }
+            }
+        }
+        let by_attention = |e: usize| self.attention.first().is_some_and(|a| a.contains(&(e as u32)));
+        first_holder
+            .iter()
+            .enumerate()
+            .filter(|&(e, _)| !by_attention(e))
+            .map(|(_, f)| f.map_or(self.shards.len(), |s| s + 1))
+            .max()
+            .unwrap_or(0)
+    }
+
     pub fn load(path: &Path) -> Result<Self, PlanError> {
         let shown = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| PlanError::Read {
@@ -227,6 +249,28 @@ impl PlacementPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_covering_prefix_is_the_fewest_leading_shards_that_hold_every_expert() {
+        let plan = |shards: Vec<Vec<u32>>, attention: Vec<Vec<u32>>| PlacementPlan {
+            version: String::new(),
+            num_experts: 4,
+            num_moe_layers: 0,
+            strategy: String::new(),
+            redundant_experts: 0,
+            shards,
+            attention,
+        };
+        assert_eq!(
+            plan(vec![vec![0, 1], vec![2, 3], vec![0, 1, 2, 3]], vec![]).covering_prefix(),
+            2
+        );
+        assert_eq!(plan(vec![vec![0, 1, 2, 3], vec![2, 3]], vec![]).covering_prefix(), 1);
+        assert_eq!(plan(vec![vec![0, 1], vec![2], vec![3]], vec![]).covering_prefix(), 3);
+        // Experts the attention ranks hold need no shard.
+        assert_eq!(plan(vec![vec![0, 1], vec![2]], vec![vec![3]]).covering_prefix(), 2);
+        assert_eq!(plan(vec![vec![0, 1, 2], vec![2]], vec![vec![3]]).covering_prefix(), 1);
+    }
 
     #[test]
     fn reads_the_operators_format_and_keeps_its_version() {

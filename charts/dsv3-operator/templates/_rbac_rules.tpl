@@ -23,10 +23,11 @@ fails on any difference. Change both together.
 - apiGroups: [""]
   resources: ["services", "serviceaccounts"]
   verbs: ["list", "watch", "create", "patch"]
-# ConfigMaps: fleet config and versioned placement plans (old versions are deleted).
+# ConfigMaps: fleet config and versioned placement plans (old versions are deleted; the
+# serving one is read during a partitioned rollout).
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # Model download Jobs (hub sources): read for ModelReady, created once, other revisions' deleted.
 - apiGroups: ["batch"]
   resources: ["jobs"]
