@@ -543,7 +543,7 @@ async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Actio
     };
     if let Rollout::BlueGreen(s) = &rollout {
         let want = ServingSize {
-            attention: halving.map_or(cr.spec.attention.replicas, |h| h.serving.attention),
+            attention: halving.map_or(cr.spec.attention.replicas, |h| h.serving_attention),
             experts: halving.and_then(|h| h.serving_experts),
         };
         let gang = cr.spec.scheduling.gang.as_ref();
@@ -582,7 +582,7 @@ async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Actio
                     "generation {}: the serving generation shrinks to {} attention ranks and {} expert pods \
                      (attention {}, experts {}) to make room for it",
                     desired.generation.revision,
-                    h.serving.attention,
+                    h.serving_attention,
                     h.serving_experts.map_or("all its".to_string(), |n| n.to_string()),
                     role_from_sts(a.as_ref(), None).summary,
                     role_from_sts(e.as_ref(), None).summary,
@@ -925,7 +925,7 @@ async fn serving_of_routers(client: &Client, ns: &str, names: &Names) -> Result<
 /// the attention ranks, the serving one the rest (at least one while there are any).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Halving {
-    serving: Partition,
+    serving_attention: i32,
     /// None: the serving generation's placement is not known, so its shards are left as they run.
     serving_experts: Option<i32>,
     next: Partition,
@@ -934,12 +934,8 @@ struct Halving {
 impl Halving {
     fn of(attention: i32, serving_experts: Option<i32>, next_experts: i32) -> Self {
         let next = (attention + 1) / 2;
-        let serving = (attention - next).max(attention.min(1));
         Halving {
-            serving: Partition {
-                attention: serving,
-                experts: serving_experts.unwrap_or(0),
-            },
+            serving_attention: (attention - next).max(attention.min(1)),
             serving_experts,
             next: Partition {
                 attention: next,
@@ -1705,4 +1701,22 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         anyhow::bail!("lost leadership");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partitioned_rollout_gives_the_new_generation_the_larger_half_of_the_ranks() {
+        let split = |attention| {
+            let h = Halving::of(attention, Some(2), 2);
+            (h.serving_attention, h.next.attention)
+        };
+        assert_eq!(split(4), (2, 2));
+        assert_eq!(split(3), (1, 2));
+        // One rank: each generation needs one to serve, so one attention pod more for a while.
+        assert_eq!(split(1), (1, 1));
+        assert_eq!(split(0), (0, 0));
+    }
 }
