@@ -345,7 +345,13 @@ fn kill(pid: u32) {
 }
 
 fn restart(fleet: &mut Fleet, role: &str) {
-    let member = fleet.members.iter().find(|m| m.role == role).expect("member");
+    let i = fleet.members.iter().position(|m| m.role == role).expect("member");
+    respawn(fleet, i);
+}
+
+/// Starts member `i` again with the arguments (and the GPU) the launcher gave it.
+fn respawn(fleet: &mut Fleet, i: usize) {
+    let member = &fleet.members[i];
     let mut command = Command::new(bin());
     if let Some(gpu) = &member.gpu {
         command.env("CUDA_VISIBLE_DEVICES", gpu);
@@ -354,8 +360,18 @@ fn restart(fleet: &mut Fleet, role: &str) {
         .args(&member.args)
         .stderr(Stdio::null())
         .spawn()
-        .expect("restart");
+        .expect("respawn");
+    fleet.members[i].pid = child.id();
     fleet.restarted.push(Proc(child));
+}
+
+/// Waits up to 30 s for the router at `base` to report its fleet whole (nothing degraded).
+fn wait_whole(base: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ready_detail(base).contains("degraded") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    !ready_detail(base).contains("degraded")
 }
 
 fn ready_status(base: &str) -> u16 {
@@ -900,22 +916,8 @@ fn chaos_under_load_with_a_copy_of_every_expert_loses_no_request() {
             ready_detail(&fleet.base).contains("degraded"),
             "{role} {victim}: the loss is reported"
         );
-        let args = fleet.members[victim].args.clone();
-        let child = Command::new(bin())
-            .args(&args)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("restart");
-        fleet.members[victim].pid = child.id();
-        fleet.restarted.push(Proc(child));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while ready_detail(&fleet.base).contains("degraded") && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        assert!(
-            !ready_detail(&fleet.base).contains("degraded"),
-            "{role} {victim} rejoined"
-        );
+        respawn(&mut fleet, victim);
+        assert!(wait_whole(&fleet.base), "{role} {victim} rejoined");
     }
     stop.store(true, Ordering::SeqCst);
     for c in clients {
@@ -981,6 +983,98 @@ fn a_generation_switch_drops_no_request() {
     let by_old = tally.completed_by.get(&old.base).copied().unwrap_or(0);
     eprintln!(
         "generation switch: {} requests completed ({by_old} by the old generation, {held} running at the switch), failed {}, mixed {}",
+        tally.completed, tally.failed, tally.mixed
+    );
+    assert_eq!((tally.failed, tally.mixed), (0, 0), "{tally:?}");
+    assert!(by_old >= 1 && tally.completed > by_old, "{tally:?}");
+}
+
+/// A partitioned rollout as the operator runs it (`rollout.strategy: Partitioned`), on two local
+/// fleets whose two expert shards each hold every expert (a copy of each): the serving
+/// generation shrinks to one attention rank and shard 0 (SIGTERM to the others, as a scale-down
+/// sends); the new generation runs on its rank 0 and shard 0 alone (the others not answering,
+/// as pods not started yet); the Service's endpoints move to the new router; the old router
+/// drains and the old generation stops; then the new generation's other rank and shard start
+/// and join. Clients stream throughout: none fails or gets other tokens.
+#[test]
+fn a_partitioned_rollout_drops_no_request() {
+    let copies = ["--redundant-experts", "16"];
+    let old = start_fleet_of(2, 2, &copies);
+    let mut new = start_fleet_of(2, 2, &copies);
+    let second = |fleet: &Fleet, role: &str| {
+        (0..fleet.members.len())
+            .filter(|&i| fleet.members[i].role == role)
+            .nth(1)
+            .expect("a second member")
+    };
+    // The new generation's second rank and shard have not started yet.
+    let later = [second(&new, "attention"), second(&new, "expert")];
+    for &i in &later {
+        kill(new.members[i].pid);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ready_detail(&new.base).contains("degraded") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        ready_status(&new.base),
+        200,
+        "half a generation serves: {}",
+        ready_detail(&new.base)
+    );
+    let prompts = client_prompts(13);
+    let expected = greedy_answers(&old.base, &prompts);
+    for (answer, e) in greedy_answers(&new.base, &prompts).iter().zip(&expected) {
+        assert!(answers_match(answer, e), "{answer:?} vs {e:?}");
+    }
+    let endpoint = Arc::new(Mutex::new(old.base.clone()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let clients = stream_clients(4, &endpoint, &prompts, &expected, &stop, &tally);
+    std::thread::sleep(Duration::from_millis(1000));
+    // The serving generation shrinks under load.
+    let term = |pid: u32| {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .stderr(Stdio::null())
+            .status();
+    };
+    for i in [second(&old, "attention"), second(&old, "expert")] {
+        term(old.members[i].pid);
+    }
+    std::thread::sleep(Duration::from_millis(2000));
+    assert_eq!(ready_status(&old.base), 200, "half of the old generation serves");
+    let before_switch = tally.lock().expect("tally").completed;
+    // The switch: endpoints first, then SIGTERM to the old router after the preStop pause; the
+    // old generation's workers once it has exited.
+    *endpoint.lock().expect("endpoint") = new.base.clone();
+    std::thread::sleep(Duration::from_millis(500));
+    let old_router = old.members.iter().find(|m| m.role == "router").expect("old router");
+    term(old_router.pid);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(old_router.pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!alive(old_router.pid), "the old router exits once its streams end");
+    for m in old.members.iter().filter(|m| m.role != "router") {
+        term(m.pid);
+    }
+    // The new generation grows into the room: its other rank and shard start and join.
+    std::thread::sleep(Duration::from_millis(1000));
+    for &i in &later {
+        respawn(&mut new, i);
+    }
+    assert!(wait_whole(&new.base), "the new generation is whole");
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.join().expect("client");
+    }
+    let tally = tally.lock().expect("tally");
+    let by_old = tally.completed_by.get(&old.base).copied().unwrap_or(0);
+    eprintln!(
+        "partitioned rollout: {} requests completed ({by_old} by the old generation, {before_switch} before the switch), failed {}, mixed {}",
         tally.completed, tally.failed, tally.mixed
     );
     assert_eq!((tally.failed, tally.mixed), (0, 0), "{tally:?}");
