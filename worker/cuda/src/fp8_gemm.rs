@@ -3,7 +3,7 @@
 //! scales as stored, f32 out. The weights are read as they are: no dequantisation to bf16 and
 //! twice the bf16 tensor-core rate. cuBLASLt has no grouped form, so an expert group is one call.
 
-use crate::gpu::{int, ptr, DeviceBuf, Gpu};
+use crate::gpu::{int, ptr, Arg, DeviceBuf, Gpu};
 use crate::tiles::QUANT_SPAN;
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::cublaslt::{result as lt, sys};
@@ -262,11 +262,58 @@ impl QuantizedRows {
         groups: Option<(u64, usize)>,
         ue8m0: bool,
     ) -> Result<Self> {
+        Self::launch(
+            g,
+            "quantize_rows_fp8",
+            n,
+            k,
+            |data, scales| {
+                vec![
+                    ptr(data),
+                    ptr(scales),
+                    ptr(x),
+                    int(ldx),
+                    ptr(rows.unwrap_or(0)),
+                    int(n),
+                    int(k),
+                ]
+            },
+            groups,
+            ue8m0,
+        )
+    }
+
+    /// [`QuantizedRows::new`] of SwiGLU's `n` rows of `k` (SiLU(gate) · up), made from `gu`, the
+    /// rows of the gate and up products side by side (`2k` wide): the activations are quantised
+    /// where they are made, never written in f32. The same codes and scales as quantising the
+    /// `swiglu` kernel's output.
+    pub fn swiglu(g: &Gpu, gu: u64, n: usize, k: usize, groups: Option<(u64, usize)>, ue8m0: bool) -> Result<Self> {
+        Self::launch(
+            g,
+            "swiglu_quantize_fp8",
+            n,
+            k,
+            |data, scales| vec![ptr(data), ptr(scales), ptr(gu), int(n), int(k)],
+            groups,
+            ue8m0,
+        )
+    }
+
+    /// Launches quantising `kernel` over n rows of k: its leading arguments from `leading(data,
+    /// scales)`, then the groups, the scale encoding and the span. A warp takes `span` blocks of
+    /// 128 channels of a row (more loads in flight per warp) where the warps of QUANT_SPAN blocks
+    /// still fill the GPU (64 warps an SM), one block otherwise.
+    fn launch(
+        g: &Gpu,
+        kernel: &str,
+        n: usize,
+        k: usize,
+        leading: impl FnOnce(u64, u64) -> Vec<Arg>,
+        groups: Option<(u64, usize)>,
+        ue8m0: bool,
+    ) -> Result<Self> {
         let data = g.alloc(n * k)?;
         let scales = g.alloc(n * (k / 128) * 4)?;
-        // A warp per `span` blocks of 128 channels of a row: more loads in flight per warp where
-        // the warps of QUANT_SPAN blocks still fill the GPU (64 warps an SM), one block per warp
-        // otherwise.
         let blocks = k / 128;
         let span = if n * blocks >= QUANT_SPAN * 64 * g.sm_count {
             QUANT_SPAN
@@ -275,25 +322,9 @@ impl QuantizedRows {
         };
         let warps = n * blocks.div_ceil(span);
         let (offsets, count) = groups.unwrap_or((0, 0));
-        g.launch(
-            "quantize_rows_fp8",
-            (warps.div_ceil(8) as u32, 1, 1),
-            256,
-            0,
-            &[
-                ptr(data.addr),
-                ptr(scales.addr),
-                ptr(x),
-                int(ldx),
-                ptr(rows.unwrap_or(0)),
-                int(n),
-                int(k),
-                ptr(offsets),
-                int(count),
-                int(ue8m0 as usize),
-                int(span),
-            ],
-        )?;
+        let mut args = leading(data.addr, scales.addr);
+        args.extend([ptr(offsets), int(count), int(ue8m0 as usize), int(span)]);
+        g.launch(kernel, (warps.div_ceil(8) as u32, 1, 1), 256, 0, &args)?;
         Ok(QuantizedRows { data, scales, k })
     }
 

@@ -49,6 +49,7 @@ pub const KERNELS: &[&str] = &[
     "quantize_rows_fp8",
     "gather_quantized_rows",
     "quantize_rows_bf16",
+    "swiglu_quantize_fp8",
     "quantize_rows_f32",
     "quantize_weight_fp8",
     "rope_interleaved",

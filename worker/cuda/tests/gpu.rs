@@ -1015,6 +1015,52 @@ fn gathered_quantisation_equals_quantising_the_gathered_rows() {
 /// against float64: close on the quantised operands (so the byte encoding and the scale layouts
 /// are right), and within e4m3 rounding of the unquantised activations. Four rows past every
 /// group are quantised too (as `moe_plan`'s spare slots are): their scales must land nowhere.
+/// SwiGLU quantised where it is made (`swiglu_quantize_fp8`) gives the codes and scales of the
+/// `swiglu` kernel's f32 output quantised afterwards: grouped scales (an empty group, rows past
+/// every group), both scale encodings, and both spans (a decode-sized step and a prefill-sized one).
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn swiglu_quantised_where_made_equals_quantising_its_output() {
+    use dsv3_cuda::fp8_gemm::QuantizedRows;
+    use dsv3_cuda::gpu::{int, ptr, Gpu};
+    poison();
+    let gpu = Gpu::open(0).expect("GPU");
+    let mut next = xorshift(0x2545f4914f6cdd1du64);
+    for (n, k) in [(40usize, 256usize), (2200, 2048)] {
+        let gu: Vec<f32> = (0..n * 2 * k)
+            .map(|i| ((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * (1.0 + ((i / 128) % 7) as f32))
+            .collect();
+        let gud = gpu.upload(&gu).expect("gu");
+        let (a, b) = (n as i32 / 4, n as i32 * 3 / 4);
+        let offsets = [0i32, a, a, b, n as i32 - 5];
+        let od = gpu.upload(&offsets).expect("offsets");
+        let groups = Some((od.addr, offsets.len() - 1));
+        for ue8m0 in [false, true] {
+            let act = gpu.alloc(n * k * 4).expect("act");
+            gpu.launch_1d("swiglu", n * k, &[ptr(act.addr), ptr(gud.addr), int(n), int(k)])
+                .expect("swiglu");
+            let after = QuantizedRows::new(&gpu, act.addr, k, None, n, k, groups, ue8m0).expect("after");
+            let made = QuantizedRows::swiglu(&gpu, gud.addr, n, k, groups, ue8m0).expect("where made");
+            let codes = |q: &QuantizedRows| -> Vec<u8> { gpu.download(q.data.addr, n * k).expect("codes") };
+            // Rows past every group keep no scales: only the grouped rows' are compared.
+            let kept = (offsets[4] as usize) * (k / 128);
+            let scales = |q: &QuantizedRows| -> Vec<u32> {
+                let f: Vec<f32> = gpu.download(q.scales.addr, kept).expect("scales");
+                f.iter().map(|v| v.to_bits()).collect()
+            };
+            let (want, got) = (codes(&after), codes(&made));
+            let wrong = want.iter().zip(&got).filter(|(x, y)| x != y).count();
+            assert_eq!(wrong, 0, "n {n} ue8m0 {ue8m0}: {wrong} of {} codes differ", n * k);
+            let (want, got) = (scales(&after), scales(&made));
+            let wrong = want.iter().zip(&got).filter(|(x, y)| x != y).count();
+            assert_eq!(wrong, 0, "n {n} ue8m0 {ue8m0}: {wrong} of {} scales differ", want.len());
+            assert!(got
+                .iter()
+                .all(|&s| f32::from_bits(s).is_finite() && f32::from_bits(s) > 0.0));
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn block_scaled_fp8_products_match_f64_reference() {

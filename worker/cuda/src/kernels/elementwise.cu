@@ -15,13 +15,16 @@ extern "C" __global__ void rms_norm(float* out, int ld_out, const float* in, int
 }
 
 // act[r, j] = silu(gu[r, j]) * gu[r, inter + j]
+// SiLU(gate) * up: the one expression of it, so every kernel that makes the activations makes
+// the same bits.
+__device__ __forceinline__ float silu_times(float g, float u) { return g / (1.f + expf(-g)) * u; }
+
 extern "C" __global__ void swiglu(float* act, const float* gu, int rows, int inter) {
     await_previous_kernel();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (u64)rows * inter) return;
     int r = (int)(i / inter), j = (int)(i % inter);
-    float g = gu[(size_t)r * 2 * inter + j], u = gu[(size_t)r * 2 * inter + inter + j];
-    act[i] = g / (1.f + expf(-g)) * u;
+    act[i] = silu_times(gu[(size_t)r * 2 * inter + j], gu[(size_t)r * 2 * inter + inter + j]);
 }
 
 // y[i] += x[i]: partial sums that came back from remote expert shards, added into the residual.
@@ -209,9 +212,11 @@ __device__ __forceinline__ bool scale_group(const int* offsets, int groups, int 
     return r < offsets[groups];
 }
 
-extern "C" __global__ void quantize_rows_fp8(u8* out, float* scales, const float* x, int ldx, const int* rows, int n,
-                                             int k, const int* offsets, int groups, int ue8m0, int span) {
-    await_previous_kernel();
+// The body of quantize_rows_fp8; with SWIGLU the values are SiLU(gate) * up of rows of x that hold
+// each row's k gate values and then its k up values (ldx = 2k).
+template <bool SWIGLU>
+__device__ __forceinline__ void quantize_rows(u8* out, float* scales, const float* x, int ldx, const int* rows, int n,
+                                              int k, const int* offsets, int groups, int ue8m0, int span) {
     const int lane = threadIdx.x & 31, blocks = k / QBLOCK, spans = (blocks + span - 1) / span;
     const int warp = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5);
     if (warp >= n * spans) return;
@@ -220,8 +225,15 @@ extern "C" __global__ void quantize_rows_fp8(u8* out, float* scales, const float
     const float* in = x + (size_t)src * ldx + kb0 * QBLOCK + lane * 4;
     float4 v[QUANT_SPAN];
 #pragma unroll
-    for (int j = 0; j < QUANT_SPAN; ++j)
-        if (j < here) v[j] = *(const float4*)(in + j * QBLOCK);
+    for (int j = 0; j < QUANT_SPAN; ++j) {
+        if (j >= here) continue;
+        v[j] = *(const float4*)(in + j * QBLOCK);
+        if (SWIGLU) {
+            const float4 u = *(const float4*)(in + k + j * QBLOCK);
+            v[j] = make_float4(silu_times(v[j].x, u.x), silu_times(v[j].y, u.y), silu_times(v[j].z, u.z),
+                               silu_times(v[j].w, u.w));
+        }
+    }
     int first, count;
     const bool keep = scale_group(offsets, groups, n, r, first, count);
 #pragma unroll
@@ -231,6 +243,21 @@ extern "C" __global__ void quantize_rows_fp8(u8* out, float* scales, const float
         *(u32*)(out + (size_t)r * k + (kb0 + j) * QBLOCK + lane * 4) = quantize_lane(v[j], ue8m0, scale);
         if (lane == 0 && keep) scales[(size_t)first * blocks + (size_t)(kb0 + j) * count + (r - first)] = scale;
     }
+}
+
+extern "C" __global__ void quantize_rows_fp8(u8* out, float* scales, const float* x, int ldx, const int* rows, int n,
+                                             int k, const int* offsets, int groups, int ue8m0, int span) {
+    await_previous_kernel();
+    quantize_rows<false>(out, scales, x, ldx, rows, n, k, offsets, groups, ue8m0, span);
+}
+
+// quantize_rows_fp8 of swiglu's output, made from the gate and up products `gu` (n rows of 2k:
+// gate, then up) without writing the f32 activations: the codes and scales are those of swiglu
+// followed by quantize_rows_fp8.
+extern "C" __global__ void swiglu_quantize_fp8(u8* out, float* scales, const float* gu, int n, int k,
+                                               const int* offsets, int groups, int ue8m0, int span) {
+    await_previous_kernel();
+    quantize_rows<true>(out, scales, gu, 2 * k, nullptr, n, k, offsets, groups, ue8m0, span);
 }
 
 // quantize_rows_fp8's output for rows that repeat (a token routed to several experts), from the

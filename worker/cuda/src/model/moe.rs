@@ -315,13 +315,8 @@ fn wgmma_bank(
     let gu = g.alloc(slots * 2 * inter * 4)?;
     product(&bank.gate, &xq, gu.addr, 2 * inter)?;
     product(&bank.up, &xq, gu.addr + (inter * 4) as u64, 2 * inter)?;
-    let act = g.alloc(slots * inter * 4)?;
-    g.launch_1d(
-        "swiglu",
-        slots * inter,
-        &[ptr(act.addr), ptr(gu.addr), int(slots), int(inter)],
-    )?;
-    let aq = QuantizedRows::new(g, act.addr, inter, None, slots, inter, groups, ue8m0)?;
+    // The activations quantised where SwiGLU makes them (no f32 pass through memory).
+    let aq = QuantizedRows::swiglu(g, gu.addr, slots, inter, groups, ue8m0)?;
     let y = g.alloc(slots * width * 4)?;
     product(&bank.down, &aq, y.addr, width)?;
     combine(g, h, &y, width, plan, weights, m, k)
