@@ -52,23 +52,40 @@ __device__ int block_exclusive_scan(int v, int* scratch, int* total) {
 // -1 for padding rows. counts[e] += tokens routed to e (serving metrics); *touched += active
 // experts. Each group's slots are rounded up to a multiple of `align` (cuBLASLt's block-scaled
 // products read a group's per-row scales in rows of 4); the extra slots, like every slot no pair
-// took up to `capacity`, gather row 0. One block of 1024 threads; n_experts <= 1024.
+// took up to `capacity`, gather row 0. One block of 1024 threads; n_experts <= 1024. Each warp
+// takes one contiguous chunk of the pairs: it counts its chunk's pairs per expert, the counts of
+// the chunks before it place its first pair of each expert in that expert's group, and it hands
+// out its chunk's slots in pair order. Dynamic shared memory: warps * n_experts ints.
 extern "C" __global__ void __launch_bounds__(1024)
 moe_plan(int* group_expert, int* offsets, int* x_rows, int* slot_of, unsigned* counts, unsigned* touched,
          const int* chosen, const int* valid, int m, int top_k, int n_experts, int groups, int align,
          int capacity) {
     await_previous_kernel();
+    extern __shared__ int chunk_pairs[];  // [warps][n_experts]: counts, then each chunk's start
     __shared__ int cnt[1024];
-    __shared__ int next[1024];  // next free slot of each expert
+    __shared__ int next[1024];  // first slot of each expert's group
     __shared__ int scratch[32];
-    int tid = threadIdx.x;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
     const int rows = min(*valid, m), pairs = rows * top_k;
-    for (int e = tid; e < n_experts; e += blockDim.x) cnt[e] = 0;
+    const int chunk = (pairs + warps - 1) / warps, begin = min(pairs, warp * chunk), end = min(pairs, begin + chunk);
+    int* mine = chunk_pairs + warp * n_experts;
+    for (int e = lane; e < n_experts; e += 32) mine[e] = 0;
     for (int i = pairs + tid; i < m * top_k; i += blockDim.x) slot_of[i] = -1;
-    __syncthreads();
-    for (int i = tid; i < pairs; i += blockDim.x) {
+    __syncwarp();
+    for (int i = begin + lane; i < end; i += 32) {
         int e = chosen[i];
-        if (e >= 0 && e < n_experts) atomicAdd(&cnt[e], 1);
+        if (e >= 0 && e < n_experts) atomicAdd(&mine[e], 1);
+    }
+    __syncthreads();
+    // Per expert: its pairs in all, and the pairs of the chunks before each chunk.
+    for (int e = tid; e < n_experts; e += blockDim.x) {
+        int run = 0;
+        for (int w = 0; w < warps; ++w) {
+            int c = chunk_pairs[w * n_experts + e];
+            chunk_pairs[w * n_experts + e] = run;
+            run += c;
+        }
+        cnt[e] = run;
     }
     __syncthreads();
     int c = tid < n_experts ? cnt[tid] : 0;
@@ -87,20 +104,18 @@ moe_plan(int* group_expert, int* offsets, int* x_rows, int* slot_of, unsigned* c
     for (int s = tid; s < capacity; s += blockDim.x) x_rows[s] = 0;
     if (tid == 0) atomicAdd(touched, (unsigned)active);
     __syncthreads();
-    // One warp hands out slots in pair order: lanes with the same expert rank themselves.
-    if (tid < 32) {
-        for (int base = 0; base < pairs; base += 32) {
-            int i = base + tid;
-            int e = i < pairs ? chosen[i] : -1;
-            bool ok = e >= 0 && e < n_experts;
-            unsigned peers = __match_any_sync(0xffffffffu, ok ? e : -1);
-            int s = ok ? next[e] + __popc(peers & ((1u << tid) - 1u)) : -1;
-            if (i < pairs) slot_of[i] = s;
-            if (ok) x_rows[s] = i / top_k;
-            __syncwarp();
-            if (ok && tid == __ffs(peers) - 1) next[e] += __popc(peers);
-            __syncwarp();
-        }
+    // Each warp hands out its chunk's slots in pair order: lanes with the same expert rank themselves.
+    for (int base = begin; base < end; base += 32) {
+        int i = base + lane;
+        int e = i < end ? chosen[i] : -1;
+        bool ok = e >= 0 && e < n_experts;
+        unsigned peers = __match_any_sync(0xffffffffu, ok ? e : -1);
+        int s = ok ? next[e] + mine[e] + __popc(peers & ((1u << lane) - 1u)) : -1;
+        if (i < end) slot_of[i] = s;
+        if (ok) x_rows[s] = i / top_k;
+        __syncwarp();
+        if (ok && lane == __ffs(peers) - 1) mine[e] += __popc(peers);
+        __syncwarp();
     }
 }
 

@@ -653,11 +653,15 @@ impl DevicePlan {
         let offsets = buf.at(groups * 4);
         let x_rows = buf.at((2 * groups + 1) * 4);
         let slot_of = buf.at((2 * groups + 1 + capacity) * 4);
+        // One block, a thread per expert; one chunk of the pairs per warp, each counting its
+        // pairs per expert in shared memory.
+        ensure!(e <= 1024, "the expert plan takes at most 1024 experts a bank, not {e}");
+        let chunk_counts = 1024 / 32 * e * 4;
         g.launch(
             "moe_plan",
             (1, 1, 1),
             1024,
-            0,
+            chunk_counts as u32,
             &[
                 ptr(group_expert),
                 ptr(offsets),
