@@ -64,6 +64,7 @@ pub(crate) fn print_profile(model: &CudaModel, label: &str, steps: usize) -> Res
     if rows.is_empty() {
         return Ok(());
     }
+    let (idle, rows): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.0.starts_with(crate::gpu::IDLE_BEFORE));
     let total: f64 = rows.iter().map(|r| r.2).sum();
     eprintln!(
         "profile {label}: {:.3} ms per step in kernels and copies",
@@ -75,6 +76,20 @@ pub(crate) fn print_profile(model: &CudaModel, label: &str, steps: usize) -> Res
             calls / steps,
             secs * 1e3 / steps as f64,
             100.0 * secs / total
+        );
+    }
+    // Where the GPU waited for the host between launches (a sync, or launches slower than the
+    // kernels), largest first.
+    let waited: f64 = idle.iter().map(|r| r.2).sum();
+    eprintln!(
+        "profile {label}: {:.3} ms per step idle between launches",
+        waited * 1e3 / steps as f64
+    );
+    for (name, calls, secs) in idle.iter().take(6) {
+        eprintln!(
+            "  {name:<34} {:>6} times/step {:>9.3} ms/step",
+            calls / steps,
+            secs * 1e3 / steps as f64
         );
     }
     Ok(())

@@ -375,6 +375,9 @@ pub struct Gpu {
     fp8_gemm: std::cell::OnceCell<Option<crate::fp8_gemm::Fp8Gemm>>,
 }
 
+/// The start of the profile's rows that are idle time before a launch, not a launch's own time.
+pub const IDLE_BEFORE: &str = "idle before ";
+
 /// Device data copied into page-locked host memory, part by part (see [`Gpu::download_staged`]).
 pub struct Staged<'a> {
     parts: Vec<&'a [u8]>,
@@ -699,17 +702,28 @@ impl Gpu {
         self.profile.is_some()
     }
 
-    /// GPU time per name since the last take (name, calls, seconds), largest first.
+    /// GPU time per name since the last take (name, calls, seconds), largest first; and the time
+    /// the GPU sat between one timed launch and the next, per the launch it waited for, named
+    /// [`IDLE_BEFORE`] + that launch's name (where the host, not the GPU, held the step up).
     pub fn take_profile(&self) -> Result<Vec<(String, usize, f64)>> {
         let Some(profile) = &self.profile else {
             return Ok(vec![]);
         };
         self.sync()?;
         let mut totals: std::collections::BTreeMap<String, (usize, f64)> = Default::default();
+        let mut previous_end: Option<cudarc::driver::CudaEvent> = None;
         for (name, start, end) in profile.borrow_mut().drain(..) {
+            if let Some(before) = &previous_end {
+                // Side lanes' launches overlap the main stream's: only a wait counts.
+                let idle = f64::from(before.elapsed_ms(&start)?.max(0.0)) / 1e3;
+                let e = totals.entry(format!("{IDLE_BEFORE}{name}")).or_default();
+                e.0 += 1;
+                e.1 += idle;
+            }
             let e = totals.entry(name).or_default();
             e.0 += 1;
             e.1 += start.elapsed_ms(&end)? as f64 / 1e3;
+            previous_end = Some(end);
         }
         let mut rows: Vec<_> = totals.into_iter().map(|(k, (n, t))| (k, n, t)).collect();
         rows.sort_by(|a, b| b.2.total_cmp(&a.2));
