@@ -13,7 +13,7 @@ use crate::cache::DeviceCache;
 use crate::gpu::{float, int, ptr, u64_arg, DeviceBuf, Gpu};
 use crate::weights::{load_vector, random_vector, DeviceMatrix, Format};
 use anyhow::{ensure, Context, Result};
-use dsv3_engine::rope::Rope;
+use dsv3_engine::rope::{Rope, RopeTable};
 use dsv3_engine::{
     begin_step, check_chunks, discard_step, CacheCapacity, Checkpoint, Chunk, ChunkOutput, ExpertCounts,
     ExpertExecutor, ExpertSelection, Fp8Activations, MemoryUse, ModelConfig, ModelFiles, PickedToken, SeqId,
@@ -115,7 +115,8 @@ pub struct DeviceTrace {
 pub struct CudaModel {
     pub gpu: Gpu,
     pub config: ModelConfig,
-    rope: Rope,
+    /// The rotary angles' cos and sin of every position used so far (grown as steps need).
+    rope: std::cell::RefCell<RopeTable>,
     embed: DeviceMatrix,
     layers: Vec<Layer>,
     norm: DeviceBuf,
@@ -284,7 +285,7 @@ impl CudaModel {
             std::env::var_os("DSV3_CUDA_GRAPHS").is_none_or(|v| v != "0") && !gpu.profiling() && host_experts.is_none();
         let kernels = ExpertKernels::new(&config);
         Ok(CudaModel {
-            rope: Rope::new(&config),
+            rope: std::cell::RefCell::new(RopeTable::new(Rope::new(&config))),
             gpu,
             config,
             embed,
@@ -634,7 +635,15 @@ impl CudaModel {
         let half = self.config.qk_rope_head_dim / 2;
         let at = StepLayout::offsets(rows, half);
         let mut words = vec![0u32; at.tables];
-        let (mut c_buf, mut s_buf) = (vec![0.0f32; half], vec![0.0f32; half]);
+        let mut rope = self.rope.borrow_mut();
+        rope.cover(
+            chunks
+                .iter()
+                .map(|c| c.start + c.tokens.len())
+                .max()
+                .unwrap_or(0)
+                .max(1),
+        );
         let put_rope = |words: &mut [u32], row: usize, c: &[f32], s: &[f32]| {
             for i in 0..half {
                 words[at.cos + row * half + i] = c[i].to_bits();
@@ -655,9 +664,9 @@ impl CudaModel {
             tables.extend(self.cache.table.blocks(c.seq).iter().copied());
             for (k, &t) in c.tokens.iter().enumerate() {
                 let pos = c.start + k;
-                self.rope.cos_sin(pos, &mut c_buf, &mut s_buf);
+                let (cos, sin) = rope.at(pos);
                 words[at.ids + row] = t;
-                put_rope(&mut words, row, &c_buf, &s_buf);
+                put_rope(&mut words, row, cos, sin);
                 words[at.slots + row] = self.cache.table.slot(c.seq, pos)? as u32;
                 words[at.table_off + row] = off as u32;
                 words[at.lens + row] = (pos + 1) as u32;
@@ -666,9 +675,9 @@ impl CudaModel {
             }
         }
         words[at.valid] = row as u32;
-        self.rope.cos_sin(0, &mut c_buf, &mut s_buf);
+        let (cos, sin) = rope.at(0);
         for r in row..rows {
-            put_rope(&mut words, r, &c_buf, &s_buf);
+            put_rope(&mut words, r, cos, sin);
             words[at.slots + r] = u32::MAX; // -1: no cache slot
         }
         words.extend(tables);
