@@ -62,7 +62,8 @@ impl Rope {
 
 /// [`Rope::cos_sin`] of every position below a bound, computed once and kept: a long prompt's
 /// rows copy theirs instead of evaluating two trigonometric functions per pair per token on the
-/// host (64 per token for DeepSeek-V3; ~1.5 ms of a 4,096-token prefill, the GPU idle meanwhile).
+/// host (64 per token for DeepSeek-V3, while the GPU waits: the table took 1.9 ms off a
+/// 4,096-token prefill of one layer on an H200's host).
 #[derive(Clone, Debug)]
 pub struct RopeTable {
     rope: Rope,
