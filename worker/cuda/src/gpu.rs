@@ -791,6 +791,12 @@ impl Gpu {
         self.current.get()
     }
 
+    /// Makes this GPU's context the calling thread's current one (for libraries that use it).
+    pub(crate) fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread()?;
+        Ok(())
+    }
+
     pub(crate) fn launch_stream(&self) -> drv_sys::CUstream {
         match self.current.get() {
             0 => self.stream.cu_stream(),

@@ -19,6 +19,7 @@ pub mod linear;
 pub mod mla_decode;
 pub mod mla_prefill;
 pub mod model;
+pub mod nccl;
 pub mod projection;
 pub mod tiles;
 pub mod weights;

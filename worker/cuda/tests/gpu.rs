@@ -1712,3 +1712,87 @@ fn architecture_variants_run_on_the_gpu() {
         assert!(worst > 0.95, "{name}: logits cosine {worst}");
     }
 }
+
+/// Two GPU ranks join one NCCL communicator (the id made once and handed over, as the control
+/// plane does) and swap token rows both ways in one group, the shape of a MoE layer's dispatch
+/// and combine: a decode step's 8 rows and a prefill chunk's 2048 rows of 7168 bf16 values. Each
+/// rank gets exactly the other's rows. Prints the exchange's time.
+#[test]
+#[ignore = "needs two NVIDIA GPUs and NCCL"]
+fn nccl_exchanges_token_rows_between_two_gpus() {
+    use dsv3_cuda::gpu::Gpu;
+    use dsv3_cuda::nccl::{unique_id, RankComm};
+    let gpus = dsv3_cuda::device_status().expect("CUDA");
+    if gpus < 2 || !dsv3_cuda::nccl::available() {
+        eprintln!("{gpus} GPU(s), NCCL present: {}: skipped", dsv3_cuda::nccl::available());
+        return;
+    }
+    let id = unique_id().expect("communicator id");
+    let width = 7168usize;
+    let rank_run = move |rank: usize| -> Vec<(usize, Vec<u16>, Vec<u16>)> {
+        let gpu = Gpu::open(rank).expect("GPU");
+        let comm = RankComm::join(&gpu, &id, rank, 2).expect("join");
+        let peer = 1 - rank;
+        let mut out = Vec::new();
+        for rows in [8usize, 2048] {
+            let bytes = rows * width * 2;
+            let mine: Vec<u16> = (0..rows * width)
+                .map(|i| ((i * 31 + rank * 7919 + rows) % 65521) as u16)
+                .collect();
+            let send = gpu.upload(&mine).expect("rows");
+            let recv = gpu.alloc(bytes).expect("room");
+            comm.exchange(&gpu, &[(peer, send.addr, bytes)], &[(peer, recv.addr, bytes)])
+                .expect("exchange");
+            let got: Vec<u16> = gpu.download(recv.addr, rows * width).expect("download");
+            let start = gpu.mark().expect("mark");
+            for _ in 0..20 {
+                comm.exchange(&gpu, &[(peer, send.addr, bytes)], &[(peer, recv.addr, bytes)])
+                    .expect("exchange");
+            }
+            let secs = gpu.seconds_since(&start).expect("time") / 20.0;
+            eprintln!(
+                "rank {rank}: {rows} rows each way, {:.1} us an exchange, {:.0} GB/s each way",
+                secs * 1e6,
+                bytes as f64 / secs / 1e9
+            );
+            out.push((rows, mine, got));
+        }
+        out
+    };
+    let (a, b) = (
+        std::thread::spawn(move || rank_run(0)),
+        std::thread::spawn(move || rank_run(1)),
+    );
+    let (a, b) = (a.join().expect("rank 0"), b.join().expect("rank 1"));
+    for ((rows, sent0, got0), (_, sent1, got1)) in a.iter().zip(&b) {
+        assert!(got0 == sent1, "{rows} rows: rank 0 did not get rank 1's rows");
+        assert!(got1 == sent0, "{rows} rows: rank 1 did not get rank 0's rows");
+    }
+}
+
+/// Two ranks on one GPU: NCCL refuses the set, and both ranks get an error naming the rank
+/// instead of hanging.
+#[test]
+#[ignore = "needs an NVIDIA GPU and NCCL"]
+fn two_nccl_ranks_on_one_gpu_fail_to_join_with_an_error() {
+    use dsv3_cuda::gpu::Gpu;
+    use dsv3_cuda::nccl::{unique_id, RankComm};
+    if !dsv3_cuda::nccl::available() {
+        eprintln!("no NCCL: skipped");
+        return;
+    }
+    let id = unique_id().expect("communicator id");
+    let join = move |rank: usize| -> Result<(), String> {
+        let gpu = Gpu::open(0).expect("GPU");
+        RankComm::join(&gpu, &id, rank, 2)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    let (a, b) = (std::thread::spawn(move || join(0)), std::thread::spawn(move || join(1)));
+    let (a, b) = (a.join().expect("rank 0"), b.join().expect("rank 1"));
+    for (rank, r) in [(0, a), (1, b)] {
+        let e = r.expect_err("two ranks on one GPU must not form a communicator");
+        assert!(e.contains(&format!("NCCL rank {rank} of 2")), "{e}");
+        eprintln!("rank {rank}: {e}");
+    }
+}
