@@ -936,6 +936,33 @@ fn chaos_under_load_with_a_copy_of_every_expert_loses_no_request() {
     );
 }
 
+/// SIGTERM, as Kubernetes stops a pod.
+fn term(pid: u32) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// The routers' switch between generations as the operator and Kubernetes make it: the Service's
+/// endpoint moves to `new`'s router, `old`'s router gets SIGTERM after its preStop pause and must
+/// exit once its streams end, and only then do `old`'s workers stop.
+fn switch_routers(endpoint: &Arc<Mutex<String>>, old: &Fleet, new: &Fleet) {
+    *endpoint.lock().expect("endpoint") = new.base.clone();
+    std::thread::sleep(Duration::from_millis(500));
+    let old_router = old.members.iter().find(|m| m.role == "router").expect("old router");
+    term(old_router.pid);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(old_router.pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!alive(old_router.pid), "the old router exits once its streams end");
+    for m in old.members.iter().filter(|m| m.role != "router") {
+        term(m.pid);
+    }
+}
+
 /// A blue/green switch as the operator runs it, on two local fleets: the new generation (its
 /// own router, attention rank and shards, another placement) starts beside the serving one;
 /// the Service's endpoints move to the new router; the old router gets SIGTERM a moment later
@@ -956,24 +983,8 @@ fn a_generation_switch_drops_no_request() {
     let tally = Arc::new(Mutex::new(Tally::default()));
     let clients = stream_clients(4, &endpoint, &prompts, &expected, &stop, &tally);
     std::thread::sleep(Duration::from_millis(1500));
-    let old_router = old.members.iter().find(|m| m.role == "router").expect("old router");
     let held = metric(&old.base, "dsv3_num_requests_running");
-    // The switch: endpoints first, then SIGTERM after the preStop pause.
-    *endpoint.lock().expect("endpoint") = new.base.clone();
-    std::thread::sleep(Duration::from_millis(500));
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(old_router.pid.to_string())
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while alive(old_router.pid) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(!alive(old_router.pid), "the old router exits once its streams end");
-    // The operator stops the old generation only now.
-    for m in old.members.iter().filter(|m| m.role != "router") {
-        let _ = Command::new("kill").arg("-TERM").arg(m.pid.to_string()).status();
-    }
+    switch_routers(&endpoint, &old, &new);
     std::thread::sleep(Duration::from_millis(1500));
     stop.store(true, Ordering::SeqCst);
     for c in clients {
@@ -1033,33 +1044,13 @@ fn a_partitioned_rollout_drops_no_request() {
     let clients = stream_clients(4, &endpoint, &prompts, &expected, &stop, &tally);
     std::thread::sleep(Duration::from_millis(1000));
     // The serving generation shrinks under load.
-    let term = |pid: u32| {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .stderr(Stdio::null())
-            .status();
-    };
     for i in [second(&old, "attention"), second(&old, "expert")] {
         term(old.members[i].pid);
     }
     std::thread::sleep(Duration::from_millis(2000));
     assert_eq!(ready_status(&old.base), 200, "half of the old generation serves");
     let before_switch = tally.lock().expect("tally").completed;
-    // The switch: endpoints first, then SIGTERM to the old router after the preStop pause; the
-    // old generation's workers once it has exited.
-    *endpoint.lock().expect("endpoint") = new.base.clone();
-    std::thread::sleep(Duration::from_millis(500));
-    let old_router = old.members.iter().find(|m| m.role == "router").expect("old router");
-    term(old_router.pid);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while alive(old_router.pid) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(!alive(old_router.pid), "the old router exits once its streams end");
-    for m in old.members.iter().filter(|m| m.role != "router") {
-        term(m.pid);
-    }
+    switch_routers(&endpoint, &old, &new);
     // The new generation grows into the room: its other rank and shard start and join.
     std::thread::sleep(Duration::from_millis(1000));
     for &i in &later {

@@ -78,32 +78,15 @@ impl RankComm {
         let stream = gpu.launch_stream() as sys::cudaStream_t;
         let failed = |e: result::NcclError| anyhow!("NCCL exchange of rank {}: {}", self.rank, describe(e));
         result::group_start().map_err(failed)?;
+        let byte = sys::ncclDataType_t::ncclUint8;
         let queued = (|| {
+            // SAFETY (both loops): the caller's device ranges of `bytes` bytes, alive until the
+            // stream has run the group (sends read them, receives write them).
             for &(peer, addr, bytes) in sends {
-                // SAFETY: the caller's device range of `bytes` bytes, alive until the stream has run it.
-                unsafe {
-                    result::send(
-                        addr as *const core::ffi::c_void,
-                        bytes,
-                        sys::ncclDataType_t::ncclUint8,
-                        peer as i32,
-                        self.comm,
-                        stream,
-                    )
-                }?;
+                unsafe { result::send(addr as *const _, bytes, byte, peer as i32, self.comm, stream) }?;
             }
             for &(peer, addr, bytes) in recvs {
-                // SAFETY: as above, written by the stream.
-                unsafe {
-                    result::recv(
-                        addr as *mut core::ffi::c_void,
-                        bytes,
-                        sys::ncclDataType_t::ncclUint8,
-                        peer as i32,
-                        self.comm,
-                        stream,
-                    )
-                }?;
+                unsafe { result::recv(addr as *mut _, bytes, byte, peer as i32, self.comm, stream) }?;
             }
             Ok(())
         })();
