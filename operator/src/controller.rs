@@ -491,11 +491,14 @@ async fn apply(cr: Arc<DeepSeekV3Deployment>, ctx: Arc<Context>) -> Result<Actio
         Rollout::InPlace(slot) => {
             // After a partitioned rollout's switch the new generation grows only into the room
             // the old one leaves: at its counts until the other slot's sets and pods are gone.
-            let (other_a, other_e) = slot_sets(slot.other()).await?;
-            let old_left = other_a.is_some()
-                || other_e.is_some()
-                || slot_pods_left_without_sets(client, &ns, &name, slot.other()).await?;
-            let partition = if cr.spec.rollout.strategy == RolloutStrategy::Partitioned && old_left {
+            // Only a partitioned fleet looks: the others' steady state reads nothing more.
+            let old_left = cr.spec.rollout.strategy == RolloutStrategy::Partitioned && {
+                let (other_a, other_e) = slot_sets(slot.other()).await?;
+                other_a.is_some()
+                    || other_e.is_some()
+                    || slot_pods_left_without_sets(client, &ns, &name, slot.other()).await?
+            };
+            let partition = if old_left {
                 let (a, e) = slot_sets(*slot).await?;
                 let replicas = |set: Option<StatefulSet>| set.and_then(|s| s.spec).and_then(|s| s.replicas);
                 match (replicas(a), replicas(e)) {
