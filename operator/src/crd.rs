@@ -94,9 +94,13 @@ pub const DEFAULT_IMAGE: &str = "ghcr.io/dsv3/dsv3-worker:0.1.0";
     .message("experts.hotExperts lists more experts than experts.redundantExperts has copies")
     .field_path(".experts.hotExperts")
     .reason(::kube::core::Reason::FieldValueInvalid),
-    validation = ::kube::core::Rule::new("self.dataPlane != 'nccl' || (self.attention.gpusPerPod > 0 && self.experts.gpusPerPod > 0)")
-        .message("dataPlane nccl needs GPUs: attention.gpusPerPod and experts.gpusPerPod must be at least 1 (use dataPlane grpc for CPU fleets)")
+    validation = ::kube::core::Rule::new("self.dataPlane != 'nccl' || (self.attention.gpusPerPod == 1 && self.experts.gpusPerPod == 1)")
+        .message("dataPlane nccl needs one GPU per rank: attention.gpusPerPod and experts.gpusPerPod must be 1 (use dataPlane grpc for CPU fleets)")
         .field_path(".dataPlane")
+        .reason(::kube::core::Reason::FieldValueInvalid),
+    validation = ::kube::core::Rule::new("self.dataPlane != 'nccl' || self.experts.unavailable != 'mask'")
+        .message("experts.unavailable mask is not available with dataPlane nccl: a shard that leaves the NCCL data plane ends its requests (use end, or dataPlane grpc)")
+        .field_path(".experts.unavailable")
         .reason(::kube::core::Reason::FieldValueInvalid),
     validation = ::kube::core::Rule::new(
         "self.rollout.strategy != 'Partitioned' || (self.experts.redundantExperts == self.model.numRoutedExperts && self.experts.replicas % 2 == 0)"

@@ -270,8 +270,26 @@ fn cel_rejects_gpus_per_pod_out_of_range() {
 }
 
 #[test]
-fn cel_rejects_nccl_without_gpus() {
-    rejected(&with(json!({"dataPlane": "nccl"})), "dataPlane nccl needs GPUs");
+fn cel_rejects_masking_unavailable_experts_over_nccl() {
+    let gpus = json!({"gpusPerPod": 1});
+    rejected(
+        &with(json!({"dataPlane": "nccl", "attention": gpus, "experts": {"gpusPerPod": 1, "unavailable": "mask"}})),
+        "experts.unavailable mask is not available with dataPlane nccl",
+    );
+    assert!(with(json!({"experts": {"unavailable": "mask"}})).validate_cel().is_ok());
+}
+
+#[test]
+fn cel_rejects_nccl_without_one_gpu_per_rank() {
+    rejected(&with(json!({"dataPlane": "nccl"})), "dataPlane nccl needs one GPU per rank");
+    rejected(
+        &with(json!({"dataPlane": "nccl", "attention": {"gpusPerPod": 1}, "experts": {"gpusPerPod": 2}})),
+        "dataPlane nccl needs one GPU per rank",
+    );
+    rejected(
+        &with(json!({"dataPlane": "nccl", "attention": {"gpusPerPod": 8}, "experts": {"gpusPerPod": 1}})),
+        "dataPlane nccl needs one GPU per rank",
+    );
     assert!(
         with(json!({"dataPlane": "nccl", "attention": {"gpusPerPod": 1}, "experts": {"gpusPerPod": 1}}))
             .validate_cel()

@@ -1233,6 +1233,16 @@ fn http_probe(path: &str, period: i32, failure: i32, timeout: i32) -> Probe {
     }
 }
 
+/// What NCCL needs in a rank's pod: NVLink multicast (NVLS) off, since a pair of ranks only
+/// sends and receives, and multicast objects fail in containers that do not share the host's
+/// IPC. (Interfaces and /dev/shm come from `spec.network` and the pod's volumes.)
+fn nccl_env(data_plane: DataPlane) -> Vec<EnvVar> {
+    match data_plane {
+        DataPlane::Grpc => Vec::new(),
+        DataPlane::Nccl => vec![env("NCCL_NVLS_ENABLE", "0")],
+    }
+}
+
 fn worker_statefulset(ctx: &Ctx<'_>, role: Role, replicas: Option<i32>, placement: &PlacementPlan) -> StatefulSet {
     let spec = ctx.spec;
     let (settings, gpus) = match role {
@@ -1279,7 +1289,10 @@ fn worker_statefulset(ctx: &Ctx<'_>, role: Role, replicas: Option<i32>, placemen
     let parts = PodParts {
         role,
         args,
-        env: vec![field_env("DSV3_RANK", &format!("metadata.labels['{LABEL_POD_INDEX}']"))],
+        env: [field_env("DSV3_RANK", &format!("metadata.labels['{LABEL_POD_INDEX}']"))]
+            .into_iter()
+            .chain(nccl_env(spec.data_plane))
+            .collect(),
         ports: vec![ContainerPort {
             name: Some("grpc".into()),
             container_port: WORKER_PORT,

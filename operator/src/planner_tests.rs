@@ -1535,3 +1535,41 @@ fn the_revision_follows_the_expert_pods_and_the_image_not_the_attention_template
         assert_ne!(revision(cr), r0, "{what} makes a new generation");
     }
 }
+
+/// Over NCCL, every rank's container gets NVLink multicast off; over gRPC the planner sets no
+/// NCCL variable (existing fleets' pods are not rolled).
+#[test]
+fn nccl_fleets_set_the_nccl_environment_of_every_rank() {
+    let nccl_vars = |plan: &Plan| -> Vec<Vec<(String, String)>> {
+        [&plan.attention_statefulset, &plan.expert_statefulset]
+            .iter()
+            .map(|set| {
+                let v = serde_json::to_value(set).expect("serializes");
+                v["spec"]["template"]["spec"]["containers"][0]["env"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|e| {
+                        let name = e["name"].as_str()?;
+                        name.starts_with("NCCL_")
+                            .then(|| (name.to_string(), e["value"].as_str().unwrap_or("").to_string()))
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    let nvls = ("NCCL_NVLS_ENABLE".to_string(), "0".to_string());
+    let mut cr = sample("h200-single-node.yaml");
+    for set in nccl_vars(&plan_of(&cr)) {
+        assert!(!set.contains(&nvls), "gRPC fleet with NCCL settings: {set:?}");
+    }
+    cr.spec.data_plane = crate::crd::DataPlane::Nccl;
+    for set in nccl_vars(&plan_of(&cr)) {
+        assert!(set.contains(&nvls), "{set:?}");
+        let names: Vec<&String> = set.iter().map(|(n, _)| n).collect();
+        let mut unique = names.clone();
+        unique.dedup();
+        assert_eq!(names.len(), unique.len(), "a variable set twice: {set:?}");
+    }
+}

@@ -1,6 +1,7 @@
 //! The operator → pod boundary: every `dsv3-worker` container the operator plans for the sample
 //! fleets in `deploy/samples/` (each also from a hub repository — the download Job —, with
-//! the attention ranks' options off their defaults, and as a new generation in the green slot)
+//! the attention ranks' options off their defaults, GPU fleets also over the NCCL data plane,
+//! and as a new generation in the green slot)
 //! runs
 //! with arguments this binary's CLI accepts, every `DSV3_*`/`HF_*`
 //! variable in its environment is read by an argument of its role (with a value that argument
@@ -8,7 +9,7 @@
 
 use super::{Cli, Command};
 use clap::{CommandFactory, Parser};
-use dsv3_operator::crd::{DeepSeekV3Deployment, HubSource, ModelSource, SecretKeyRef, Slot, UnavailableExperts};
+use dsv3_operator::crd::{DataPlane, DeepSeekV3Deployment, HubSource, ModelSource, SecretKeyRef, Slot, UnavailableExperts};
 use dsv3_operator::planner::{plan, PlanInput};
 use serde_json::Value;
 
@@ -114,7 +115,13 @@ fn sample_plans() -> Vec<(std::path::PathBuf, dsv3_operator::planner::PlannedObj
             // And with every option the attention ranks take from the CR off its default.
             let mut options = cr.clone();
             options.spec.experts.unavailable = UnavailableExperts::Mask;
-            for cr in [cr, from_hub, options] {
+            // And GPU fleets over the NCCL data plane (one GPU per rank, as admission demands).
+            let over_nccl = (cr.spec.attention.gpus_per_pod == 1 && cr.spec.experts.gpus_per_pod == 1).then(|| {
+                let mut nccl = cr.clone();
+                nccl.spec.data_plane = DataPlane::Nccl;
+                nccl
+            });
+            for cr in [cr, from_hub, options].into_iter().chain(over_nccl) {
                 let running = PlanInput::model_downloaded(&cr);
                 let planned = plan(&cr, &running).expect("plan");
                 // And a new generation starting in the green slot beside it, the routers still

@@ -9,6 +9,7 @@ use dsv3_engine::{
     Checkpoint, CpuBackend, EngineOptions, ExpertExecutor, ExpertSelection, Fp8Activations, LocalExperts, MemoryUse,
     Model, ModelConfig, ModelFiles, StepBackend,
 };
+use dsv3_fleet::data_plane::PairHost;
 use dsv3_fleet::grpc::ShardExperts;
 use dsv3_fleet::{ExpertBackend, PlacedExperts};
 use std::sync::Arc;
@@ -70,7 +71,7 @@ impl Fp8ActivationsArg {
 
 /// The GPU a process runs on: the first it sees (`CUDA_VISIBLE_DEVICES` picks it; the fleet
 /// launcher and Kubernetes set that).
-const GPU: usize = 0;
+pub(crate) const GPU: usize = 0;
 
 /// An attention rank's model on `device` with a cache of `cache_tokens` positions, holding the
 /// routed experts `held` (all of them for the whole model in one process) and reaching every
@@ -87,19 +88,12 @@ pub fn load_backend(
     let activations = activations.resolve(on_gpu);
     let config = ModelConfig::from_model_files(files)?.with_fp8_activations(activations);
     let backend: Box<dyn StepBackend> = if on_gpu {
-        let mut report = progress::layer_reporter(files.describe(), config.num_hidden_layers);
         let experts = dsv3_cuda::ModelExperts {
             held,
             remote: remote.map(|e| e as dsv3_cuda::HostExperts),
+            nccl: None,
         };
-        Box::new(dsv3_cuda::CudaModel::load(
-            files,
-            GPU,
-            cache_tokens,
-            experts,
-            activations,
-            &mut |done, _| report(done),
-        )?)
+        return load_cuda(files, &config, experts, cache_tokens, activations);
     } else {
         let expert_layers = match held {
             ExpertSelection::None => 0,
@@ -132,6 +126,27 @@ pub fn load_backend(
     Ok(backend)
 }
 
+/// An attention rank's model on the GPU, its routed experts as `experts` says.
+pub fn load_cuda(
+    files: &ModelFiles,
+    config: &ModelConfig,
+    experts: dsv3_cuda::ModelExperts,
+    cache_tokens: usize,
+    activations: Fp8Activations,
+) -> Result<Box<dyn StepBackend>> {
+    let mut report = progress::layer_reporter(files.describe(), config.num_hidden_layers);
+    let backend = Box::new(dsv3_cuda::CudaModel::load(
+        files,
+        GPU,
+        cache_tokens,
+        experts,
+        activations,
+        &mut |done, _| report(done),
+    )?);
+    eprintln!("{}", memory_line("model", &backend.device(), backend.memory()));
+    Ok(backend)
+}
+
 /// An expert shard's experts `held` (of every MoE layer) on `device`, with the device's name and
 /// the memory they hold.
 pub fn load_shard(
@@ -139,16 +154,27 @@ pub fn load_shard(
     device: DeviceArg,
     held: &[u32],
     activations: Fp8ActivationsArg,
-) -> Result<(ShardExperts, String, MemoryUse)> {
+    nccl: bool,
+) -> Result<(ShardExperts, Option<Arc<dyn PairHost>>, String, MemoryUse)> {
     let on_gpu = device.use_cuda()?;
+    if nccl && !on_gpu {
+        bail!("--data-plane nccl needs the experts on a GPU; this shard runs on the CPU (use --device cuda, or --data-plane grpc)");
+    }
     let activations = activations.resolve(on_gpu);
     let config = ModelConfig::from_model_files(files)?.with_fp8_activations(activations);
     let layers = config.routed_expert_layers().len();
     let mut report = progress::layer_reporter(files.describe(), layers);
-    let (experts, name, memory): (ShardExperts, String, MemoryUse) = if on_gpu {
+    let (experts, pairs, name, memory): (ShardExperts, Option<Arc<dyn PairHost>>, String, MemoryUse) = if on_gpu {
         let shard = dsv3_cuda::CudaExperts::load(files, GPU, held, activations, &mut |done, _| report(done))?;
         let (name, memory) = (shard.device(), shard.memory());
-        (Arc::new(shard), name, memory)
+        let shard = Arc::new(shard);
+        let pairs = nccl.then(|| {
+            Arc::new(crate::nccl_plane::ShardPairs {
+                experts: shard.clone(),
+                hidden: config.hidden_size,
+            }) as Arc<dyn PairHost>
+        });
+        (shard, pairs, name, memory)
     } else {
         let ckpt = Checkpoint::open(files)?;
         let local = LocalExperts::load(&ckpt, &config, &ExpertSelection::Only(held.to_vec()), &mut report)?;
@@ -156,10 +182,10 @@ pub fn load_shard(
             weights: local.weight_bytes() as u64,
             ..MemoryUse::default()
         };
-        (Arc::new(local), "cpu".into(), memory)
+        (Arc::new(local), None, "cpu".into(), memory)
     };
     eprintln!("{}", memory_line("experts", &name, memory));
-    Ok((experts, name, memory))
+    Ok((experts, pairs, name, memory))
 }
 
 /// `memory on DEVICE: weights 1.23 GB, KV cache …, workspace …` for start-up logs.

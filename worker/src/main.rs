@@ -12,6 +12,7 @@ mod download;
 mod generate;
 mod local_fleet;
 mod model_source;
+mod nccl_plane;
 mod probe;
 mod progress;
 mod roles;

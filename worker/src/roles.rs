@@ -1,11 +1,12 @@
 //! The fleet roles: `serve` (all in one process), `router`, `attention`, `expert`, and `fleet`
 //! (a local multi-process fleet on loopback).
 
-use crate::device::{load_backend, load_shard, DeviceArg, Fp8ActivationsArg};
+use crate::device::{load_backend, load_cuda, load_shard, DeviceArg, Fp8ActivationsArg};
+use crate::nccl_plane::NcclShards;
 use crate::model_source;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use dsv3_engine::{ExpertSelection, ModelConfig, ModelFiles};
+use dsv3_engine::{ExpertSelection, ModelConfig, ModelFiles, StepBackend};
 use dsv3_fleet::grpc::{self, Dtype, RemoteAttention, RemoteExperts};
 use dsv3_fleet::{
     AttentionRank, ExpertBackend, Fleet, LocalAttention, MutualTls, PlacementPlan, SchedulerConfig, Transport,
@@ -176,17 +177,23 @@ impl TlsArgs {
 #[derive(Args)]
 pub struct DataPlaneArgs {
     /// Transport for activations between attention ranks and expert shards: gRPC (portable, on
-    /// CPUs and GPUs). NCCL is not in this release: naming it is an error, not a fallback.
-    #[arg(long, default_value = "grpc", value_parser = ["grpc", "nccl"])]
+    /// CPUs and GPUs) or NCCL (GPU ranks, one GPU each: every routed expert on the expert shards,
+    /// bf16 rows over NVLink or the network). The router takes the flag so every worker can
+    /// share one argument list; it sends no activations itself.
+    #[arg(long, default_value = "grpc", value_parser = ["grpc", "nccl"], env = "DSV3_DATA_PLANE")]
     data_plane: String,
 }
 
 impl DataPlaneArgs {
-    pub fn check(&self) -> Result<()> {
-        if self.data_plane != "grpc" {
+    pub fn nccl(&self) -> bool {
+        self.data_plane == "nccl"
+    }
+
+    /// Over NCCL, libnccl must load here: its absence is named before anything loads.
+    fn ensure_loadable(&self) -> Result<()> {
+        if self.nccl() && !dsv3_cuda::nccl::available() {
             anyhow::bail!(
-                "--data-plane {}: the NCCL data plane is not in this release; use --data-plane grpc (GPU ranks exchange bf16 activations over it)",
-                self.data_plane
+                "--data-plane nccl: NCCL (libnccl.so.2) was not found; install it or put its directory on LD_LIBRARY_PATH, or use --data-plane grpc"
             );
         }
         Ok(())
@@ -313,23 +320,42 @@ pub struct ExpertArgs {
 }
 
 impl RouterArgs {
-    /// The options checked before anything loads.
+    /// The options checked before anything loads (the router sends no activations: either data
+    /// plane is accepted).
     pub fn check(&self) -> Result<()> {
-        self.data_plane.check()
+        let _ = self.data_plane.nccl();
+        Ok(())
     }
 }
 
 impl AttentionArgs {
     /// The options checked before anything loads.
     pub fn check(&self) -> Result<()> {
-        self.data_plane.check()
+        if self.data_plane.nccl() {
+            if self.device == DeviceArg::Cpu {
+                bail!("--data-plane nccl needs the attention rank on a GPU; --device cpu was given (use --data-plane grpc)");
+            }
+            if self.activation_dtype == ActivationDtype::F32 {
+                bail!("--activation-dtype f32: the NCCL data plane carries bf16 rows (use auto or bf16, or --data-plane grpc)");
+            }
+            if self.unavailable_experts == UnavailableExpertsArg::Mask {
+                bail!(
+                    "--unavailable-experts mask is not available over --data-plane nccl: a shard that leaves ends its \
+                     sequences (use --unavailable-experts end, or --data-plane grpc)"
+                );
+            }
+        }
+        Ok(())
     }
 }
 
 impl ExpertArgs {
     /// The options checked before anything loads.
     pub fn check(&self) -> Result<()> {
-        self.data_plane.check()
+        if self.data_plane.nccl() && self.device == DeviceArg::Cpu {
+            bail!("--data-plane nccl needs the experts on a GPU; --device cpu was given (use --data-plane grpc)");
+        }
+        Ok(())
     }
 }
 
@@ -529,6 +555,9 @@ pub fn attention(args: AttentionArgs) -> Result<()> {
     }
     let rt = runtime()?;
     let on_gpu = args.device.use_cuda()?;
+    if args.data_plane.nccl() {
+        return attention_over_nccl(args, &files, plan, &own, rt, transport, on_gpu);
+    }
     let experts: Arc<dyn ExpertBackend> = Arc::new(
         RemoteExperts::new(
             plan,
@@ -554,7 +583,53 @@ pub fn attention(args: AttentionArgs) -> Result<()> {
         args.fp8_activations,
     )
     .with_context(|| format!("loading attention rank {}", args.rank))?;
-    let rank = with_grammars(LocalAttention::new(args.rank, backend, Some(experts)), &files)?
+    serve_attention_rank(args, &files, backend, experts, rt, transport)
+}
+
+/// An attention rank whose routed experts all run on the expert shards, over NCCL: the model
+/// loads, then pairs with the shards are joined in the background (the rank is ready once
+/// every pair is).
+fn attention_over_nccl(
+    args: AttentionArgs,
+    files: &ModelFiles,
+    plan: PlacementPlan,
+    own: &[u32],
+    rt: tokio::runtime::Runtime,
+    transport: Transport,
+    on_gpu: bool,
+) -> Result<()> {
+    if !on_gpu {
+        bail!("--data-plane nccl needs the attention rank on a GPU, and none is usable here");
+    }
+    args.data_plane.ensure_loadable()?;
+    if !own.is_empty() {
+        bail!(
+            "--data-plane nccl needs every routed expert on the expert shards; the placement gives attention \
+             rank {} {} experts of its own",
+            args.rank,
+            own.len()
+        );
+    }
+    let activations = args.fp8_activations.resolve(true);
+    let config = ModelConfig::from_model_files(files)?.with_fp8_activations(activations);
+    let shards = NcclShards::new(args.rank, plan, args.expert_peers.clone(), config.hidden_size)?;
+    let experts = dsv3_cuda::ModelExperts::nccl(Arc::new(shards.model_experts()?));
+    let backend = load_cuda(files, &config, experts, args.cache_tokens, activations)
+        .with_context(|| format!("loading attention rank {}", args.rank))?;
+    shards.keep_joined(rt.handle(), transport.clone());
+    serve_attention_rank(args, files, backend, shards, rt, transport)
+}
+
+/// Serves an attention rank over gRPC until SIGTERM or ctrl-c, then drains it.
+fn serve_attention_rank(
+    args: AttentionArgs,
+    files: &ModelFiles,
+    backend: Box<dyn StepBackend>,
+    experts: Arc<dyn ExpertBackend>,
+    rt: tokio::runtime::Runtime,
+    transport: Transport,
+) -> Result<()> {
+    let rank = with_grammars(LocalAttention::new(args.rank, backend, Some(experts)), files)?
         .with_prefix_caching(!args.no_prefix_caching)
         .with_speculative_tokens(args.speculative_tokens)?;
     rt.block_on(async {
@@ -602,6 +677,7 @@ async fn drain(rank: &LocalAttention, limit: std::time::Duration) {
 
 pub fn expert(args: ExpertArgs) -> Result<()> {
     args.check()?;
+    args.data_plane.ensure_loadable()?;
     let transport = args.tls.transport()?;
     let files = model_source::resolve(args.model.model.clone());
     let config = ModelConfig::from_model_files(&files)?;
@@ -622,8 +698,9 @@ pub fn expert(args: ExpertArgs) -> Result<()> {
             )
         })?
         .clone();
-    let (experts, device, memory) = load_shard(&files, args.device, &held, args.fp8_activations)?;
-    let server = grpc::expert_server(args.rank, experts, &plan, device, memory)?;
+    let (experts, pairs, device, memory) =
+        load_shard(&files, args.device, &held, args.fp8_activations, args.data_plane.nccl())?;
+    let server = grpc::expert_server_with(args.rank, experts, pairs, &plan, device, memory)?;
     runtime()?.block_on(async {
         let listener = dsv3_api::bind(&args.listen.host, args.listen.port)
             .await

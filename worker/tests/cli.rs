@@ -252,3 +252,36 @@ fn bench_serve_drives_streams_through_the_api() {
         assert!(row[1..].iter().take(8).all(|v| *v > 0.0), "{text}");
     }
 }
+
+/// `--data-plane nccl` where it cannot work is refused by name before anything loads: ranks on
+/// the CPU, f32 activations (the data plane carries bf16), masking unavailable experts (a shard
+/// that leaves ends its sequences), and, without a GPU, an attention rank on `--device auto`.
+#[test]
+fn the_nccl_data_plane_is_refused_by_name_where_it_cannot_work() {
+    let run = |args: &[&str]| -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_dsv3-worker"))
+            .args(args)
+            .output()
+            .expect("run dsv3-worker");
+        assert!(!out.status.success(), "{args:?} must fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let attention = ["attention", "--port", "1", "--expert-peers", "127.0.0.1:9", "--data-plane", "nccl"];
+    let expert = ["expert", "--port", "1", "--data-plane", "nccl"];
+    for (args, named) in [
+        (&[&attention[..], &["--device", "cpu"]].concat(), "--device cpu"),
+        (&[&expert[..], &["--device", "cpu"]].concat(), "--device cpu"),
+        (&[&attention[..], &["--activation-dtype", "f32"]].concat(), "--activation-dtype f32"),
+        (&[&attention[..], &["--unavailable-experts", "mask"]].concat(), "--unavailable-experts mask"),
+    ] {
+        let err = run(args);
+        assert!(
+            err.contains("--data-plane") && err.contains(named),
+            "{args:?}: unclear error: {err}"
+        );
+    }
+    if dsv3_cuda::device_status().is_err() {
+        let err = run(&attention);
+        assert!(err.contains("--data-plane nccl") && err.contains("GPU"), "unclear error: {err}");
+    }
+}

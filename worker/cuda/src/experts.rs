@@ -3,7 +3,9 @@
 //! model (`run_bank`). Requests of several attention ranks for the same layer that arrive
 //! while the GPU is busy are run together, so each expert streams its weights once for all.
 
-use crate::gpu::Gpu;
+use crate::data_plane::{LayerExchange, ATTENTION_SIDE};
+use crate::gpu::{int, ptr, u64_arg, DeviceBuf, Gpu};
+use crate::nccl::RankComm;
 use crate::model::{run_bank, BankCounters, ExpertKernels, MoeStats};
 use crate::weights::ExpertBank;
 use anyhow::{bail, ensure, Context, Result};
@@ -18,6 +20,9 @@ struct Shard {
     banks: BTreeMap<usize, ExpertBank>,
     stats: MoeStats,
     kernels: ExpertKernels,
+    /// `local_of` on the GPU: the bank index of each global expert id, -1 where another shard
+    /// holds it (for routes that arrive over NCCL).
+    bank_of: DeviceBuf,
 }
 
 /// One layer's tokens from one caller, waiting for the GPU.
@@ -30,6 +35,7 @@ struct Job {
 
 pub struct CudaExperts {
     hidden: usize,
+    top_k: usize,
     n_experts: usize,
     /// Bank index of each global expert id, -1 where another shard holds it.
     local_of: Vec<i32>,
@@ -78,6 +84,7 @@ impl CudaExperts {
         }
         let weight_bytes = banks.values().map(|b| (b.experts * b.bytes_per_expert()) as u64).sum();
         let stats = MoeStats::new(&gpu, config.num_cache_layers(), held.len().max(1))?;
+        let bank_of = gpu.upload(&local_of)?;
         gpu.sync()?;
         Ok(CudaExperts {
             hidden: config.hidden_size,
@@ -91,7 +98,9 @@ impl CudaExperts {
                 banks,
                 stats,
                 kernels: ExpertKernels::new(&config),
+                bank_of,
             }),
+            top_k: config.num_experts_per_tok,
         })
     }
 
@@ -203,6 +212,98 @@ impl CudaExperts {
             &counters,
         )?;
         g.download(h.addr, m * self.hidden)
+    }
+}
+
+impl CudaExperts {
+    /// Makes this shard's side of an NCCL pair with an attention rank (the shard is NCCL rank 1),
+    /// on the shard's GPU; fails past `deadline` if the attention rank does not join.
+    pub fn join_pair(&self, id: &[u8; crate::nccl::ID_BYTES], deadline: std::time::Duration) -> Result<RankComm> {
+        let shard = self.shard()?;
+        RankComm::join(&shard.gpu, id, crate::data_plane::SHARD_SIDE, 2, deadline)
+    }
+
+    /// Queues one announced exchange with the attention rank of `comm`
+    /// ([`crate::data_plane`]): its rows, routes and weights are received, the routes this
+    /// shard holds run, and their weighted sums go back. Nothing waits for the GPU: the
+    /// exchanges of a pair run in the order they are queued, those of other pairs and gRPC
+    /// batches in between.
+    pub fn serve_exchange(&self, comm: &RankComm, exchange: LayerExchange) -> Result<()> {
+        let LayerExchange { layer, rows: m, k } = exchange;
+        ensure!(
+            k == self.top_k,
+            "layer {layer}: {k} routed slots per token announced, the model routes each to {}",
+            self.top_k
+        );
+        ensure!(m > 0, "layer {layer}: an exchange of no rows");
+        let shard = self.shard()?;
+        let bank = shard
+            .banks
+            .get(&layer)
+            .with_context(|| format!("layer {layer} has no routed experts in this model"))?;
+        let g = &shard.gpu;
+        let width = self.hidden;
+        let bytes = exchange.bytes(width);
+        let rows = g.alloc(bytes.rows)?;
+        let ids = g.alloc(bytes.ids)?;
+        let weights = g.alloc(bytes.weights)?;
+        let peer = ATTENTION_SIDE;
+        comm.exchange(
+            g,
+            &[],
+            &[
+                (peer, rows.addr, bytes.rows),
+                (peer, ids.addr, bytes.ids),
+                (peer, weights.addr, bytes.weights),
+            ],
+        )?;
+        let x = g.alloc(m * width * 4)?;
+        g.launch_1d(
+            "bf16_to_f32_rows",
+            m * width,
+            &[ptr(x.addr), ptr(rows.addr), u64_arg((m * width) as u64)],
+        )?;
+        let local = g.alloc(bytes.ids)?;
+        g.launch_1d(
+            "bank_expert_ids",
+            m * k,
+            &[
+                ptr(local.addr),
+                ptr(ids.addr),
+                ptr(shard.bank_of.addr),
+                int(self.n_experts),
+                int(m * k),
+            ],
+        )?;
+        let valid = g.upload(&[m as i32])?;
+        let h = g.alloc(m * width * 4)?;
+        g.zero(h.addr, h.bytes)?;
+        let counters = BankCounters {
+            counts: shard.stats.counts_addr(layer),
+            touched: shard.stats.touched_addr(),
+        };
+        run_bank(
+            g,
+            shard.kernels,
+            bank,
+            &x,
+            &h,
+            m,
+            k,
+            local.addr,
+            weights.addr,
+            valid.addr,
+            &counters,
+        )?;
+        let sums = g.to_bf16(h.addr, m * width)?;
+        comm.exchange(g, &[(peer, sums.addr, bytes.sums)], &[])
+        // Every buffer above is freed in stream order, after the work that uses it.
+    }
+
+    fn shard(&self) -> Result<std::sync::MutexGuard<'_, Shard>> {
+        self.shard
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the expert shard is poisoned by an earlier panic"))
     }
 }
 

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod bench_attention;
 pub mod bench_speculative;
 pub mod cache;
+pub mod data_plane;
 pub mod expert_wgmma;
 pub mod experts;
 pub mod fp8_gemm;

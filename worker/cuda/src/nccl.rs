@@ -1,10 +1,16 @@
 //! NCCL between GPU ranks, loaded at run time like the rest of CUDA: one communicator per rank,
 //! bootstrapped from an id that one rank makes and the others receive over the control plane, and
 //! byte ranges (token rows) sent to and received from peers in one group on the rank's stream.
+//!
+//! Communicators are non-blocking, so nothing waits on NCCL without a deadline: a join whose peer
+//! never comes fails when its deadline passes, and [`RankComm::abort`] (from any thread) ends the
+//! transfers of a communicator whose peer is gone, so the stream behind them runs on.
 
 use crate::gpu::Gpu;
 use anyhow::{anyhow, bail, Result};
 use cudarc::nccl::{result, sys};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Bytes of an NCCL communicator id, as the control plane carries it.
 pub const ID_BYTES: usize = 128;
@@ -22,11 +28,15 @@ fn ensure_available() -> Result<()> {
     Ok(())
 }
 
-/// An NCCL failure as NCCL names and explains it.
-fn describe(e: result::NcclError) -> String {
+/// An NCCL result code as NCCL names and explains it.
+fn describe_code(code: sys::ncclResult_t) -> String {
     // SAFETY: NCCL returns a static NUL-terminated string for every result code.
-    let text = unsafe { std::ffi::CStr::from_ptr(sys::ncclGetErrorString(e.0)) };
-    format!("{:?} ({})", e.0, text.to_string_lossy())
+    let text = unsafe { std::ffi::CStr::from_ptr(sys::ncclGetErrorString(code)) };
+    format!("{code:?} ({})", text.to_string_lossy())
+}
+
+fn describe(e: result::NcclError) -> String {
+    describe_code(e.0)
 }
 
 /// A new communicator id, made by one rank and handed to the others.
@@ -36,34 +46,148 @@ pub fn unique_id() -> Result<[u8; ID_BYTES]> {
     Ok(id.internal.map(|c| c as u8))
 }
 
+/// The id as the control plane carries it, checked for length.
+pub fn id_from_bytes(bytes: &[u8]) -> Result<[u8; ID_BYTES]> {
+    bytes
+        .try_into()
+        .map_err(|_| anyhow!("an NCCL communicator id has {ID_BYTES} bytes, not {}", bytes.len()))
+}
+
+/// `NCCL_CONFIG_UNDEF_INT`: a field left to NCCL's default.
+const UNDEF_INT: i32 = i32::MIN;
+
+/// A non-blocking configuration, every other field left to NCCL (`NCCL_CONFIG_INITIALIZER`).
+fn nonblocking_config() -> sys::ncclConfig_t {
+    // SAFETY: all-zero is valid for this plain C struct (integers and null pointers); every
+    // field NCCL reads is set below.
+    let mut c: sys::ncclConfig_t = unsafe { std::mem::zeroed() };
+    c.size = std::mem::size_of::<sys::ncclConfig_t>();
+    c.magic = 0xcafe_beef;
+    // NCCL_VERSION(2, 28, 0): the layout of the struct above; newer libraries read it as such.
+    c.version = 22800;
+    c.blocking = 0;
+    c.cgaClusterSize = UNDEF_INT;
+    c.minCTAs = UNDEF_INT;
+    c.maxCTAs = UNDEF_INT;
+    c.splitShare = UNDEF_INT;
+    c.trafficClass = UNDEF_INT;
+    c.collnetEnable = UNDEF_INT;
+    c.CTAPolicy = UNDEF_INT;
+    c.shrinkShare = UNDEF_INT;
+    c.nvlsCTAs = UNDEF_INT;
+    c.nChannelsPerNetPeer = UNDEF_INT;
+    c.nvlinkCentricSched = UNDEF_INT;
+    c
+}
+
 /// One rank's communicator.
 pub struct RankComm {
-    comm: sys::ncclComm_t,
+    /// `None` once aborted.
+    comm: Mutex<Option<Comm>>,
     pub rank: usize,
     pub world: usize,
 }
 
+struct Comm(sys::ncclComm_t);
+
+// SAFETY: an NCCL communicator may be used from any thread, one call at a time (the mutex), and
+// aborted from another thread while its transfers wait on the GPU.
+unsafe impl Send for Comm {}
+
+/// How often a non-blocking communicator's state is polled while a caller waits on it.
+const POLL: Duration = Duration::from_micros(50);
+
 impl RankComm {
     /// Joins communicator `id` as `rank` of `world` on `gpu`'s device. Returns once every rank
-    /// has joined; fails (on every rank) where NCCL refuses the set, e.g. two ranks on one GPU.
-    pub fn join(gpu: &Gpu, id: &[u8; ID_BYTES], rank: usize, world: usize) -> Result<Self> {
+    /// has joined; fails (on every rank) where NCCL refuses the set, e.g. two ranks on one GPU,
+    /// and on this rank when the set has not formed by `deadline`.
+    pub fn join(gpu: &Gpu, id: &[u8; ID_BYTES], rank: usize, world: usize, deadline: Duration) -> Result<Self> {
+        Self::join_on(&gpu.ctx, id, rank, world, deadline)
+    }
+
+    /// [`RankComm::join`] on GPU `ordinal` (the device a model runs on, without its [`Gpu`]).
+    pub fn join_device(ordinal: usize, id: &[u8; ID_BYTES], rank: usize, world: usize, deadline: Duration) -> Result<Self> {
+        let ctx = cudarc::driver::CudaContext::new(ordinal)?;
+        Self::join_on(&ctx, id, rank, world, deadline)
+    }
+
+    fn join_on(
+        ctx: &cudarc::driver::CudaContext,
+        id: &[u8; ID_BYTES],
+        rank: usize,
+        world: usize,
+        deadline: Duration,
+    ) -> Result<Self> {
         ensure_available()?;
         if rank >= world {
             bail!("NCCL rank {rank} is outside a world of {world}");
         }
-        gpu.bind()?;
+        ctx.bind_to_thread()?;
         let id = sys::ncclUniqueId {
             internal: id.map(|b| b as core::ffi::c_char),
         };
+        let mut config = nonblocking_config();
         let mut comm: sys::ncclComm_t = std::ptr::null_mut();
-        // SAFETY: `comm` is a valid out-pointer; the id is the one every rank of the set uses.
-        unsafe { result::comm_init_rank(&mut comm, world as i32, id, rank as i32) }.map_err(|e| {
-            anyhow!(
-                "NCCL rank {rank} of {world} could not join its communicator: {}",
-                describe(e)
-            )
-        })?;
-        Ok(RankComm { comm, rank, world })
+        let failed = |why: String| anyhow!("NCCL rank {rank} of {world} could not join its communicator: {why}");
+        // SAFETY: `comm` and `config` are valid for the call; the id is the one every rank uses.
+        let started =
+            unsafe { result::comm_init_rank_config(&mut comm, world as i32, id, rank as i32, &mut config) };
+        let joined = RankComm {
+            comm: Mutex::new((!comm.is_null()).then_some(Comm(comm))),
+            rank,
+            world,
+        };
+        started.map_err(|e| failed(describe(e)))?;
+        joined
+            .settle(Instant::now() + deadline)
+            .map_err(|why| failed(why.to_string()))?;
+        Ok(joined)
+    }
+
+    /// Waits until the communicator's last operation is done; on an error or past `deadline`
+    /// the communicator is aborted and the error returned.
+    fn settle(&self, deadline: Instant) -> Result<()> {
+        loop {
+            let state = {
+                let guard = self.comm.lock().map_err(|_| anyhow!("NCCL communicator poisoned"))?;
+                let Some(comm) = guard.as_ref() else {
+                    bail!("the communicator was aborted");
+                };
+                let mut state = sys::ncclResult_t::ncclSuccess;
+                // SAFETY: a live communicator and a valid out-pointer.
+                unsafe { sys::ncclCommGetAsyncError(comm.0, &mut state) };
+                state
+            };
+            match state {
+                sys::ncclResult_t::ncclSuccess => return Ok(()),
+                sys::ncclResult_t::ncclInProgress if Instant::now() < deadline => std::thread::sleep(POLL),
+                sys::ncclResult_t::ncclInProgress => {
+                    self.abort();
+                    bail!("its peers did not answer in time");
+                }
+                code => {
+                    self.abort();
+                    bail!("{}", describe_code(code));
+                }
+            }
+        }
+    }
+
+    /// Ends the communicator now: transfers queued on it stop waiting for their peer (their
+    /// data is lost), and every later use fails. For a peer that is gone; callable from any thread.
+    pub fn abort(&self) {
+        let taken = self.comm.lock().ok().and_then(|mut c| c.take());
+        if let Some(comm) = taken {
+            // SAFETY: the communicator this rank joined, not used after (taken out of `self`).
+            unsafe {
+                let _ = result::comm_abort(comm.0);
+            }
+        }
+    }
+
+    /// Whether [`RankComm::abort`] has ended it.
+    pub fn aborted(&self) -> bool {
+        self.comm.lock().map(|c| c.is_none()).unwrap_or(true)
     }
 
     /// Sends and receives byte ranges in one group, queued on `gpu`'s stream in order with its
@@ -76,33 +200,48 @@ impl RankComm {
         }
         gpu.bind()?;
         let stream = gpu.launch_stream() as sys::cudaStream_t;
-        let failed = |e: result::NcclError| anyhow!("NCCL exchange of rank {}: {}", self.rank, describe(e));
-        result::group_start().map_err(failed)?;
-        let byte = sys::ncclDataType_t::ncclUint8;
-        let queued = (|| {
-            // SAFETY (both loops): the caller's device ranges of `bytes` bytes, alive until the
-            // stream has run the group (sends read them, receives write them).
-            for &(peer, addr, bytes) in sends {
-                unsafe { result::send(addr as *const _, bytes, byte, peer as i32, self.comm, stream) }?;
-            }
-            for &(peer, addr, bytes) in recvs {
-                unsafe { result::recv(addr as *mut _, bytes, byte, peer as i32, self.comm, stream) }?;
-            }
-            Ok(())
-        })();
-        // The group is closed whatever happened inside it.
-        let ended = result::group_end();
-        queued.map_err(failed)?;
-        ended.map_err(failed)?;
-        Ok(())
+        let failed = |why: String| anyhow!("NCCL exchange of rank {}: {why}", self.rank);
+        {
+            let guard = self.comm.lock().map_err(|_| failed("communicator poisoned".into()))?;
+            let comm = guard
+                .as_ref()
+                .ok_or_else(|| failed("the communicator was aborted (its peer is gone)".into()))?
+                .0;
+            result::group_start().map_err(|e| failed(describe(e)))?;
+            let byte = sys::ncclDataType_t::ncclUint8;
+            let queued = (|| {
+                // SAFETY (both loops): the caller's device ranges of `bytes` bytes, alive until
+                // the stream has run the group (sends read them, receives write them).
+                for &(peer, addr, bytes) in sends {
+                    unsafe { result::send(addr as *const _, bytes, byte, peer as i32, comm, stream) }?;
+                }
+                for &(peer, addr, bytes) in recvs {
+                    unsafe { result::recv(addr as *mut _, bytes, byte, peer as i32, comm, stream) }?;
+                }
+                Ok(())
+            })();
+            // The group is closed whatever happened inside it.
+            let ended = result::group_end();
+            queued.map_err(|e| failed(describe(e)))?;
+            ended.map_err(|e| failed(describe(e)))?;
+        }
+        // A non-blocking communicator may still be connecting to the peer when the group ends
+        // (the first exchange): the transfers are queued once that is done.
+        self.settle(Instant::now() + CONNECT_DEADLINE)
+            .map_err(|e| failed(e.to_string()))
     }
 }
 
+/// The longest a first exchange may take to connect to its peer.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(30);
+
 impl Drop for RankComm {
     fn drop(&mut self) {
-        // SAFETY: the communicator this rank joined, not used after.
-        unsafe {
-            let _ = result::comm_destroy(self.comm);
+        if let Some(comm) = self.comm.get_mut().ok().and_then(Option::take) {
+            // SAFETY: the communicator this rank joined, not used after.
+            unsafe {
+                let _ = result::comm_destroy(comm.0);
+            }
         }
     }
 }

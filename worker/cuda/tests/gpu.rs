@@ -1731,7 +1731,7 @@ fn nccl_exchanges_token_rows_between_two_gpus() {
     let width = 7168usize;
     let rank_run = move |rank: usize| -> Vec<(usize, Vec<u16>, Vec<u16>)> {
         let gpu = Gpu::open(rank).expect("GPU");
-        let comm = RankComm::join(&gpu, &id, rank, 2).expect("join");
+        let comm = RankComm::join(&gpu, &id, rank, 2, std::time::Duration::from_secs(60)).expect("join");
         let peer = 1 - rank;
         let mut out = Vec::new();
         for rows in [8usize, 2048] {
@@ -1784,7 +1784,7 @@ fn two_nccl_ranks_on_one_gpu_fail_to_join_with_an_error() {
     let id = unique_id().expect("communicator id");
     let join = move |rank: usize| -> Result<(), String> {
         let gpu = Gpu::open(0).expect("GPU");
-        RankComm::join(&gpu, &id, rank, 2)
+        RankComm::join(&gpu, &id, rank, 2, std::time::Duration::from_secs(60))
             .map(|_| ())
             .map_err(|e| e.to_string())
     };
@@ -1795,4 +1795,28 @@ fn two_nccl_ranks_on_one_gpu_fail_to_join_with_an_error() {
         assert!(e.contains(&format!("NCCL rank {rank} of 2")), "{e}");
         eprintln!("rank {rank}: {e}");
     }
+}
+
+/// A rank whose peer never joins: the join fails once its deadline passes, naming the rank,
+/// instead of waiting for ever.
+#[test]
+#[ignore = "needs an NVIDIA GPU and NCCL"]
+fn an_nccl_join_without_its_peer_fails_when_its_deadline_passes() {
+    use dsv3_cuda::gpu::Gpu;
+    use dsv3_cuda::nccl::{unique_id, RankComm};
+    if !dsv3_cuda::nccl::available() {
+        eprintln!("no NCCL: skipped");
+        return;
+    }
+    let id = unique_id().expect("communicator id");
+    let gpu = Gpu::open(0).expect("GPU");
+    let started = std::time::Instant::now();
+    let e = RankComm::join(&gpu, &id, 0, 2, std::time::Duration::from_secs(2))
+        .map(|_| ())
+        .expect_err("a communicator of two cannot form with one rank");
+    let waited = started.elapsed();
+    let e = e.to_string();
+    assert!(e.contains("NCCL rank 0 of 2") && e.contains("in time"), "{e}");
+    assert!(waited < std::time::Duration::from_secs(30), "gave up after {waited:?}");
+    eprintln!("after {waited:?}: {e}");
 }

@@ -1,6 +1,7 @@
 //! The fleet's gRPC services and clients: an attention rank and an expert shard behind tonic,
 //! and the clients that make remote ones look local (`AttentionRank`, `ExpertExecutor`).
 
+use crate::data_plane::{serve_pair, EventStream, PairHost};
 use crate::placement::PlacementPlan;
 use crate::rank::{memory_report, AttentionRank, ExpertBackend, TransportTotals, UnavailableExperts, UnservedRows};
 use crate::rank_metrics::{attention_registry, metrics_route, shard_registry, ShardCounters};
@@ -14,7 +15,7 @@ use dsv3_proto::expert_client::ExpertClient;
 use dsv3_proto::expert_server::{Expert, ExpertServer};
 pub use dsv3_proto::Dtype;
 use dsv3_proto::{
-    AttentionInfo, ExpertInfo, ExpertReply, ExpertRequest, InfoRequest, ReleaseReply, ReleaseRequest, StepReply,
+    AttentionInfo, DataPlaneMessage, ExpertInfo, ExpertReply, ExpertRequest, InfoRequest, ReleaseReply, ReleaseRequest, StepReply,
     StepRequest, Tensor, OTHER_SHARD,
 };
 use std::sync::Arc;
@@ -85,7 +86,7 @@ pub struct RemoteAttention {
 
 /// A lazily connecting channel to `address` (`host:port`, or a URI), over `transport`; with TLS
 /// the server's certificate must name the host dialled.
-fn channel(address: &str, transport: &Transport) -> Result<Channel> {
+pub(crate) fn channel(address: &str, transport: &Transport) -> Result<Channel> {
     channel_to(address, transport, None)
 }
 
@@ -170,6 +171,8 @@ pub type ShardExperts = Arc<dyn ExpertExecutor + Send>;
 pub struct ExpertService {
     rank: u32,
     experts: ShardExperts,
+    /// The NCCL data plane's side of this shard (`--data-plane nccl`).
+    data_plane: Option<Arc<dyn PairHost>>,
     held: Vec<u32>,
     placement_version: String,
     device: String,
@@ -219,6 +222,22 @@ impl Expert for ExpertService {
         }))
     }
 
+    type DataPlaneStream = EventStream;
+
+    async fn data_plane(
+        &self,
+        request: Request<tonic::Streaming<DataPlaneMessage>>,
+    ) -> Result<Response<EventStream>, Status> {
+        let host = self.data_plane.clone().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "expert shard {} was started with --data-plane grpc: it takes activations over Expert.Compute, not NCCL",
+                self.rank
+            ))
+        })?;
+        let events = serve_pair(host, self.placement_version.clone(), request.into_inner()).await?;
+        Ok(Response::new(events))
+    }
+
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<ExpertInfo>, Status> {
         Ok(Response::new(ExpertInfo {
             rank: self.rank,
@@ -244,6 +263,18 @@ pub fn expert_server(
     device: String,
     memory: MemoryUse,
 ) -> Result<Shard> {
+    expert_server_with(rank, experts, None, plan, device, memory)
+}
+
+/// [`expert_server`] that also makes NCCL pairs through `data_plane` (`--data-plane nccl`).
+pub fn expert_server_with(
+    rank: u32,
+    experts: ShardExperts,
+    data_plane: Option<Arc<dyn PairHost>>,
+    plan: &PlacementPlan,
+    device: String,
+    memory: MemoryUse,
+) -> Result<Shard> {
     let held = plan.shards.get(rank as usize).cloned().with_context(|| {
         format!(
             "expert rank {rank} is outside the placement plan ({} shards)",
@@ -255,6 +286,7 @@ pub fn expert_server(
     let grpc = ExpertServer::new(ExpertService {
         rank,
         experts,
+        data_plane,
         held,
         placement_version: plan.version.clone(),
         device,

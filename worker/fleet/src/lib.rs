@@ -5,6 +5,9 @@
 
 #[cfg(test)]
 mod failover_tests;
+pub mod data_plane;
+#[cfg(test)]
+mod data_plane_tests;
 pub mod grpc;
 #[cfg(test)]
 mod mutual_tls_tests;

@@ -43,6 +43,38 @@ extern "C" __global__ void bank_expert_ids(int* out, const int* ids, const int* 
     out[i] = (e >= 0 && e < n_experts) ? bank_of[e] : -1;
 }
 
+// The NCCL data plane. Slots whose expert `owner` gives to data-plane peer `peer` keep their
+// global expert id, the others get -1: each peer computes only its share of the routes.
+extern "C" __global__ void peer_expert_ids(int* out, const int* ids, const int* owner, int peer, int n_experts, int n) {
+    await_previous_kernel();
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    int e = ids[i];
+    out[i] = (e >= 0 && e < n_experts && owner[e] == peer) ? e : -1;
+}
+
+// counts[e] += slots routed to expert e (serving metrics of a rank whose experts run elsewhere).
+extern "C" __global__ void count_routes(unsigned* counts, const int* ids, int n_experts, int n) {
+    await_previous_kernel();
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    int e = ids[i];
+    if (e >= 0 && e < n_experts) atomicAdd(&counts[e], 1u);
+}
+
+// y[i] += x[i] with x in bf16: a peer's partial sums, as the data plane carries them.
+extern "C" __global__ void add_bf16_f32(float* y, const bf16* x, u64 n) {
+    await_previous_kernel();
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] += bf16_to_f32((u32)x[i]);
+}
+
+extern "C" __global__ void bf16_to_f32_rows(float* out, const bf16* in, u64 n) {
+    await_previous_kernel();
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = bf16_to_f32((u32)in[i]);
+}
+
 // Rotates interleaved pairs of `dim` values at `offset` inside each of `heads` vectors of each
 // row (row stride ld, head stride hs). cos/sin are [rows, dim/2] and already carry YaRN's factor.
 extern "C" __global__ void rope_interleaved(float* x, int ld, int heads, int hs, int offset, int dim,

@@ -10,6 +10,7 @@ mod mtp;
 mod pick;
 
 use crate::cache::DeviceCache;
+use crate::data_plane::NcclExperts;
 use crate::gpu::{float, int, ptr, u64_arg, DeviceBuf, Gpu};
 use crate::weights::{load_vector, random_vector, DeviceMatrix, Format};
 use anyhow::{ensure, Context, Result};
@@ -40,6 +41,8 @@ pub type HostExperts = Arc<dyn ExpertExecutor + Send>;
 pub struct ModelExperts {
     pub held: ExpertSelection,
     pub remote: Option<HostExperts>,
+    /// Every routed expert on other GPUs, over the NCCL data plane (instead of `remote`).
+    pub nccl: Option<Arc<NcclExperts>>,
 }
 
 impl ModelExperts {
@@ -48,6 +51,16 @@ impl ModelExperts {
         ModelExperts {
             held: ExpertSelection::None,
             remote: Some(remote),
+            nccl: None,
+        }
+    }
+
+    /// None on this GPU: every routed expert on expert shards over NCCL.
+    pub fn nccl(shards: Arc<NcclExperts>) -> Self {
+        ModelExperts {
+            held: ExpertSelection::None,
+            remote: None,
+            nccl: Some(shards),
         }
     }
 
@@ -56,6 +69,7 @@ impl ModelExperts {
         ModelExperts {
             held: ExpertSelection::Only(held),
             remote: Some(remote),
+            nccl: None,
         }
     }
 
@@ -70,6 +84,18 @@ impl ModelExperts {
         ids.dedup();
         if let Some(&e) = ids.iter().find(|&&e| e as usize >= n_experts) {
             anyhow::bail!("expert {e} is outside the model's {n_experts} routed experts");
+        }
+        if let Some(nccl) = &self.nccl {
+            ensure!(
+                ids.is_empty() && self.remote.is_none(),
+                "over the NCCL data plane every routed expert runs on the expert shards"
+            );
+            ensure!(
+                nccl.owner.len() == n_experts
+                    && nccl.owner.iter().all(|&o| o >= 0 && (o as usize) < nccl.shards.len()),
+                "the NCCL data plane must name a shard for each of the {n_experts} routed experts"
+            );
+            return Ok(ids);
         }
         ensure!(
             ids.len() == n_experts || self.remote.is_some(),
@@ -132,6 +158,8 @@ pub struct CudaModel {
     host_experts: Option<HostExperts>,
     /// Set when this GPU holds only some of the routed experts next to `host_experts`.
     partial_bank: Option<PartialBank>,
+    /// The routed experts on expert shards over NCCL, with the shard of each expert on the GPU.
+    nccl_experts: Option<(Arc<NcclExperts>, DeviceBuf)>,
     host_counts: Mutex<ExpertCounts>,
     /// Bytes of every weight on the GPU.
     weight_bytes: usize,
@@ -187,7 +215,7 @@ impl CudaModel {
             config,
             weights,
             cache_tokens,
-            experts.remote,
+            experts,
             &bank_ids,
             mtp.is_some(),
         )?;
@@ -224,21 +252,29 @@ impl CudaModel {
         let norm = random_vector(&gpu, h, 0.8, 1.2, seed + 2)?;
         gpu.sync()?;
         let weights = (embed, layers, norm, head);
-        Self::assemble(gpu, config, weights, cache_tokens, experts.remote, &bank_ids, false)
+        Self::assemble(gpu, config, weights, cache_tokens, experts, &bank_ids, false)
     }
 
     /// The model from its weights (embedding, layers, final norm, head), with a cache of
     /// `cache_tokens` positions (and a cache layer for the MTP module `with_mtp`); the layers'
-    /// banks hold experts `bank_ids`, `host_experts` the rest.
+    /// banks hold experts `bank_ids`, `experts` reaches the rest.
     fn assemble(
         gpu: Gpu,
         config: ModelConfig,
         (embed, layers, norm, head): (DeviceMatrix, Vec<Layer>, DeviceBuf, DeviceMatrix),
         cache_tokens: usize,
-        host_experts: Option<HostExperts>,
+        experts: ModelExperts,
         bank_ids: &[u32],
         with_mtp: bool,
     ) -> Result<Self> {
+        let host_experts = experts.remote;
+        let nccl_experts = match experts.nccl {
+            Some(shards) => {
+                let owner = gpu.upload(&shards.owner)?;
+                Some((shards, owner))
+            }
+            None => None,
+        };
         let partial_bank = PartialBank::new(&gpu, bank_ids, config.n_routed_experts)?;
         let block = 64;
         let cache_layers = config.num_hidden_layers + usize::from(with_mtp);
@@ -282,7 +318,9 @@ impl CudaModel {
         }
         // A step that reaches its experts through the host cannot be captured as a graph.
         let use_graphs =
-            std::env::var_os("DSV3_CUDA_GRAPHS").is_none_or(|v| v != "0") && !gpu.profiling() && host_experts.is_none();
+            std::env::var_os("DSV3_CUDA_GRAPHS").is_none_or(|v| v != "0") && !gpu.profiling() && host_experts.is_none()
+            // Each exchange is announced to the shards from the host as it is queued.
+            && nccl_experts.is_none();
         let kernels = ExpertKernels::new(&config);
         Ok(CudaModel {
             rope: std::cell::RefCell::new(RopeTable::new(Rope::new(&config))),
@@ -298,6 +336,7 @@ impl CudaModel {
             moe_stats,
             host_experts,
             partial_bank,
+            nccl_experts,
             host_counts: Mutex::new(ExpertCounts::new()),
             weight_bytes,
             graphs: HashMap::new(),

@@ -461,6 +461,10 @@ impl CudaModel {
         // The host path has the chosen experts on the host already; the device path reads them
         // back only when asked.
         let host_routes = match (&moe.experts, &self.host_experts) {
+            _ if self.nccl_experts.is_some() => {
+                self.nccl_routed_experts(layer, x, h, m, &ids, &weights, &counters)?;
+                None
+            }
             (Some(bank), None) => {
                 run_bank(
                     g,
@@ -567,6 +571,74 @@ impl CudaModel {
             &[ptr(h.addr), ptr(y.addr), u64_arg((m * width) as u64)],
         )?;
         Ok(routes.experts)
+    }
+
+    /// The routed experts on expert shards over NCCL ([`crate::data_plane`]): every shard that
+    /// computes any expert gets the layer's rows, its share of the routes and their weights, and
+    /// sends back its partial sums, which are added into `h`. All of it is queued on the stream;
+    /// the host only announces each exchange to the shard.
+    #[allow(clippy::too_many_arguments)]
+    fn nccl_routed_experts(
+        &self,
+        layer: usize,
+        x: &DeviceBuf,
+        h: &DeviceBuf,
+        m: usize,
+        ids: &DeviceBuf,
+        weights: &DeviceBuf,
+        counters: &BankCounters,
+    ) -> Result<()> {
+        let Some((shards, owner)) = &self.nccl_experts else {
+            anyhow::bail!("layer {layer}: no NCCL data plane");
+        };
+        let g = &self.gpu;
+        let (k, width, e) = (
+            self.config.num_experts_per_tok,
+            self.config.hidden_size,
+            self.config.n_routed_experts,
+        );
+        g.launch_1d(
+            "count_routes",
+            m * k,
+            &[ptr(counters.counts), ptr(ids.addr), int(e), int(m * k)],
+        )?;
+        let exchange = crate::data_plane::LayerExchange { layer, rows: m, k };
+        let bytes = exchange.bytes(width);
+        let rows = g.to_bf16(x.addr, m * width)?;
+        let mut sums = Vec::new();
+        for s in shards.shards_in_use() {
+            let their_ids = g.alloc(bytes.ids)?;
+            g.launch_1d(
+                "peer_expert_ids",
+                m * k,
+                &[ptr(their_ids.addr), ptr(ids.addr), ptr(owner.addr), int(s), int(e), int(m * k)],
+            )?;
+            let back = g.alloc(bytes.sums)?;
+            let comm = shards.shards[s]
+                .announce(exchange)
+                .with_context(|| format!("layer {layer}: expert shard {s}"))?;
+            let peer = crate::data_plane::SHARD_SIDE;
+            comm.exchange(
+                    g,
+                    &[
+                        (peer, rows.addr, bytes.rows),
+                        (peer, their_ids.addr, bytes.ids),
+                        (peer, weights.addr, bytes.weights),
+                    ],
+                    &[(peer, back.addr, bytes.sums)],
+                )
+                .with_context(|| format!("layer {layer}: exchange with expert shard {s}"))?;
+            // Freed in stream order, after the transfers that read and write them.
+            sums.push((their_ids, back));
+        }
+        for (_, back) in &sums {
+            g.launch_1d(
+                "add_bf16_f32",
+                m * width,
+                &[ptr(h.addr), ptr(back.addr), u64_arg((m * width) as u64)],
+            )?;
+        }
+        Ok(())
     }
 
     /// Router logits, then the group-limited top-k on the GPU: the chosen experts and their
