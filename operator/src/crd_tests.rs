@@ -281,7 +281,10 @@ fn cel_rejects_masking_unavailable_experts_over_nccl() {
 
 #[test]
 fn cel_rejects_nccl_without_one_gpu_per_rank() {
-    rejected(&with(json!({"dataPlane": "nccl"})), "dataPlane nccl needs one GPU per rank");
+    rejected(
+        &with(json!({"dataPlane": "nccl"})),
+        "dataPlane nccl needs one GPU per rank",
+    );
     rejected(
         &with(json!({"dataPlane": "nccl", "attention": {"gpusPerPod": 1}, "experts": {"gpusPerPod": 2}})),
         "dataPlane nccl needs one GPU per rank",

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 const DENSE_LAYERS: usize = 3;
 const MOE_LAYERS: usize = 58;
 const EXPERTS: u32 = 256;
-const TOP_K: usize = 8;
-const HIDDEN: usize = 7168;
+pub(crate) const TOP_K: usize = 8;
+pub(crate) const HIDDEN: usize = 7168;
 /// The time-per-output-token bound the published figures are quoted at.
 const TPOT_BOUND_S: f64 = 0.050;
 
@@ -48,7 +48,7 @@ pub struct BenchProjectionArgs {
 
 /// Seconds and activation bytes (both ways) of one MoE layer's dispatch and combine for `batch`
 /// tokens over `shards` expert servers on loopback (median of `reps`).
-fn transfer(rt: &tokio::runtime::Runtime, shards: usize, batch: usize, reps: usize) -> Result<(f64, f64)> {
+pub(crate) fn transfer(rt: &tokio::runtime::Runtime, shards: usize, batch: usize, reps: usize) -> Result<(f64, f64)> {
     let plan = PlacementPlan::round_robin(EXPERTS, shards, 0, &[])?;
     let mut addresses = Vec::new();
     for rank in 0..shards {

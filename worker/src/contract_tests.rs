@@ -9,7 +9,9 @@
 
 use super::{Cli, Command};
 use clap::{CommandFactory, Parser};
-use dsv3_operator::crd::{DataPlane, DeepSeekV3Deployment, HubSource, ModelSource, SecretKeyRef, Slot, UnavailableExperts};
+use dsv3_operator::crd::{
+    DataPlane, DeepSeekV3Deployment, HubSource, ModelSource, SecretKeyRef, Slot, UnavailableExperts,
+};
 use dsv3_operator::planner::{plan, PlanInput};
 use serde_json::Value;
 

@@ -147,15 +147,25 @@ pub fn load_cuda(
     Ok(backend)
 }
 
-/// An expert shard's experts `held` (of every MoE layer) on `device`, with the device's name and
-/// the memory they hold.
+/// An expert shard's experts, loaded.
+pub struct LoadedShard {
+    pub experts: ShardExperts,
+    /// Its side of the NCCL data plane, when asked for.
+    pub pairs: Option<Arc<dyn PairHost>>,
+    /// Where they run ("cpu", "NVIDIA H200 (cuda:0)").
+    pub device: String,
+    pub memory: MemoryUse,
+}
+
+/// An expert shard's experts `held` (of every MoE layer) on `device`, with their side of the
+/// NCCL data plane when `nccl`.
 pub fn load_shard(
     files: &ModelFiles,
     device: DeviceArg,
     held: &[u32],
     activations: Fp8ActivationsArg,
     nccl: bool,
-) -> Result<(ShardExperts, Option<Arc<dyn PairHost>>, String, MemoryUse)> {
+) -> Result<LoadedShard> {
     let on_gpu = device.use_cuda()?;
     if nccl && !on_gpu {
         bail!("--data-plane nccl needs the experts on a GPU; this shard runs on the CPU (use --device cuda, or --data-plane grpc)");
@@ -185,7 +195,12 @@ pub fn load_shard(
         (Arc::new(local), None, "cpu".into(), memory)
     };
     eprintln!("{}", memory_line("experts", &name, memory));
-    Ok((experts, pairs, name, memory))
+    Ok(LoadedShard {
+        experts,
+        pairs,
+        device: name,
+        memory,
+    })
 }
 
 /// `memory on DEVICE: weights 1.23 GB, KV cache …, workspace …` for start-up logs.

@@ -2,8 +2,8 @@
 //! on loopback — the disaggregated fleet on one machine, for users and tests.
 
 use crate::device::{DeviceArg, Fp8ActivationsArg};
-use crate::roles::{ActivationDtype, ModelArgs, TlsArgs, UnavailableExpertsArg};
-use anyhow::{Context, Result};
+use crate::roles::{ActivationDtype, DataPlaneArgs, ModelArgs, TlsArgs, UnavailableExpertsArg};
+use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use dsv3_fleet::PlacementPlan;
 use std::process::{Child, Command};
@@ -54,6 +54,10 @@ pub struct FleetArgs {
     /// Passed to the attention ranks: what tokens routed to an expert with no live copy get.
     #[arg(long, value_enum, default_value_t = UnavailableExpertsArg::End)]
     unavailable_experts: UnavailableExpertsArg,
+    /// Passed to the ranks: how activations travel between them. Over NCCL each rank gets a GPU
+    /// of its own, so the GPUs seen must number at least the ranks.
+    #[command(flatten)]
+    data_plane: DataPlaneArgs,
     /// Passed to every member: mutual TLS between them (the certificate must name 127.0.0.1,
     /// the address members dial each other at).
     #[command(flatten)]
@@ -122,6 +126,13 @@ pub fn run(args: FleetArgs) -> Result<()> {
 
     let gpus = visible_gpus(args.device)?;
     let device = if gpus.is_empty() { "cpu" } else { "cuda" };
+    if args.data_plane.nccl() && gpus.len() < args.attention + args.experts {
+        bail!(
+            "--data-plane nccl runs each of the {} ranks on a GPU of its own; {} GPU(s) are visible",
+            args.attention + args.experts,
+            gpus.len()
+        );
+    }
     let mut placed = 0;
     let mut members: Vec<Member> = Vec::new();
     let mut spawn = |role: &'static str, rank: usize, port: u16, extra: Vec<String>| -> Result<()> {
@@ -139,6 +150,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
         if role != "router" {
             a.extend(["--device".into(), device.into()]);
             a.extend(["--fp8-activations".into(), args.fp8_activations.name().into()]);
+            a.extend(args.data_plane.to_args());
         }
         if let Some(gpu) = &gpu {
             command.env("CUDA_VISIBLE_DEVICES", gpu);

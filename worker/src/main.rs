@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_cuda;
+mod bench_data_plane;
 mod bench_fleet;
 mod bench_projection;
 mod bench_serve;
@@ -40,6 +41,8 @@ enum Command {
     BenchServe(bench_serve::BenchServeArgs),
     /// The same load against `serve` and a local multi-process fleet: tokens/s, step latency, transport.
     BenchFleet(bench_fleet::BenchFleetArgs),
+    /// One MoE layer's dispatch and combine over NCCL between two GPUs, beside gRPC on loopback.
+    BenchDataPlane(bench_data_plane::BenchDataPlaneArgs),
     /// DeepSeek-V3 decode tok/s per GPU of an attention/expert GPU fleet, projected from measured parts.
     BenchProjection(bench_projection::BenchProjectionArgs),
     /// The whole fleet in one process: OpenAI-compatible HTTP API over an in-process engine.
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
         Command::BenchFleet(args) => bench_fleet::run(args),
         Command::BenchServe(args) => bench_serve::run(args),
         Command::BenchProjection(args) => bench_projection::run(args),
+        Command::BenchDataPlane(args) => bench_data_plane::run(args),
         Command::Serve(args) => roles::serve(args),
         Command::Router(args) => roles::router(args),
         Command::Attention(args) => roles::attention(args),

@@ -70,7 +70,10 @@ impl PairLink for ShardPair {
 enum PairState {
     /// Not joined yet, or joined and ended: why, for readiness and errors.
     Apart(String),
-    Joined { comm: Arc<RankComm>, control: PairControl },
+    Joined {
+        comm: Arc<RankComm>,
+        control: PairControl,
+    },
 }
 
 struct Pair {
@@ -109,7 +112,11 @@ impl ShardLink for Link {
                 self.shards.count(self.shard, exchange);
                 Ok(comm.clone())
             }
-            PairState::Apart(why) => bail!("expert shard {} at {} is not on the data plane: {why}", self.shard, pair.address),
+            PairState::Apart(why) => bail!(
+                "expert shard {} at {} is not on the data plane: {why}",
+                self.shard,
+                pair.address
+            ),
         }
     }
 }
@@ -303,7 +310,11 @@ impl ExpertBackend for NcclShards {
     /// A pair that ended during the step cut its transfers short: every row of the step is
     /// lost (its sequences end with the reason), whatever its routes.
     fn take_unserved(&self) -> Vec<UnservedRows> {
-        let announced = self.announced.lock().map(|mut a| std::mem::take(&mut *a)).unwrap_or_default();
+        let announced = self
+            .announced
+            .lock()
+            .map(|mut a| std::mem::take(&mut *a))
+            .unwrap_or_default();
         if !self.ended_in_step.swap(false, Ordering::SeqCst) {
             return Vec::new();
         }
@@ -314,7 +325,10 @@ impl ExpertBackend for NcclShards {
             layer,
             rows,
             lost: (0..rows).collect(),
-            reason: self.ready().err().unwrap_or_else(|| "an expert shard left the NCCL data plane".into()),
+            reason: self
+                .ready()
+                .err()
+                .unwrap_or_else(|| "an expert shard left the NCCL data plane".into()),
             masked: false,
         }]
     }

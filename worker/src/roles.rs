@@ -2,8 +2,8 @@
 //! (a local multi-process fleet on loopback).
 
 use crate::device::{load_backend, load_cuda, load_shard, DeviceArg, Fp8ActivationsArg};
-use crate::nccl_plane::NcclShards;
 use crate::model_source;
+use crate::nccl_plane::NcclShards;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use dsv3_engine::{ExpertSelection, ModelConfig, ModelFiles, StepBackend};
@@ -187,6 +187,11 @@ pub struct DataPlaneArgs {
 impl DataPlaneArgs {
     pub fn nccl(&self) -> bool {
         self.data_plane == "nccl"
+    }
+
+    /// The flag again, for a process started with the same setting.
+    pub fn to_args(&self) -> Vec<String> {
+        vec!["--data-plane".into(), self.data_plane.clone()]
     }
 
     /// Over NCCL, libnccl must load here: its absence is named before anything loads.
@@ -698,9 +703,8 @@ pub fn expert(args: ExpertArgs) -> Result<()> {
             )
         })?
         .clone();
-    let (experts, pairs, device, memory) =
-        load_shard(&files, args.device, &held, args.fp8_activations, args.data_plane.nccl())?;
-    let server = grpc::expert_server_with(args.rank, experts, pairs, &plan, device, memory)?;
+    let shard = load_shard(&files, args.device, &held, args.fp8_activations, args.data_plane.nccl())?;
+    let server = grpc::expert_server_with(args.rank, shard.experts, shard.pairs, &plan, shard.device, shard.memory)?;
     runtime()?.block_on(async {
         let listener = dsv3_api::bind(&args.listen.host, args.listen.port)
             .await

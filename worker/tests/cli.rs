@@ -266,13 +266,27 @@ fn the_nccl_data_plane_is_refused_by_name_where_it_cannot_work() {
         assert!(!out.status.success(), "{args:?} must fail");
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
-    let attention = ["attention", "--port", "1", "--expert-peers", "127.0.0.1:9", "--data-plane", "nccl"];
+    let attention = [
+        "attention",
+        "--port",
+        "1",
+        "--expert-peers",
+        "127.0.0.1:9",
+        "--data-plane",
+        "nccl",
+    ];
     let expert = ["expert", "--port", "1", "--data-plane", "nccl"];
     for (args, named) in [
         (&[&attention[..], &["--device", "cpu"]].concat(), "--device cpu"),
         (&[&expert[..], &["--device", "cpu"]].concat(), "--device cpu"),
-        (&[&attention[..], &["--activation-dtype", "f32"]].concat(), "--activation-dtype f32"),
-        (&[&attention[..], &["--unavailable-experts", "mask"]].concat(), "--unavailable-experts mask"),
+        (
+            &[&attention[..], &["--activation-dtype", "f32"]].concat(),
+            "--activation-dtype f32",
+        ),
+        (
+            &[&attention[..], &["--unavailable-experts", "mask"]].concat(),
+            "--unavailable-experts mask",
+        ),
     ] {
         let err = run(args);
         assert!(
@@ -282,6 +296,9 @@ fn the_nccl_data_plane_is_refused_by_name_where_it_cannot_work() {
     }
     if dsv3_cuda::device_status().is_err() {
         let err = run(&attention);
-        assert!(err.contains("--data-plane nccl") && err.contains("GPU"), "unclear error: {err}");
+        assert!(
+            err.contains("--data-plane nccl") && err.contains("GPU"),
+            "unclear error: {err}"
+        );
     }
 }

@@ -123,10 +123,14 @@ fn start_fleet_of(attention: usize, experts: usize, extra: &[&str]) -> Fleet {
             &port.to_string(),
             "--device",
             &device(),
-            // Exact activations, so the fleet's tokens can be held to those of `generate`.
-            "--activation-dtype",
-            "f32",
         ])
+        // Exact activations, so the fleet's tokens can be held to those of `generate`, unless
+        // the test picks them (the NCCL data plane carries bf16).
+        .args(
+            ["--activation-dtype", "f32"]
+                .iter()
+                .filter(|_| !extra.iter().any(|a| *a == "--activation-dtype" || *a == "--data-plane")),
+        )
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -1164,5 +1168,66 @@ fn a_fleet_over_mutual_tls_gives_the_tokens_of_generate_and_turns_strangers_away
     assert!(
         !out.status.success() && stderr.contains("--tls-key and --tls-ca missing"),
         "{stderr}"
+    );
+}
+
+/// The NCCL data plane on two GPUs (the GPU machine's `fleet-tests` with `DSV3_TEST_DEVICE=cuda`;
+/// skipped elsewhere): 1 attention rank and 1 expert shard, each on a GPU of its own, give the
+/// greedy tokens of `serve` and exactly those of the same fleet over gRPC with bf16 activations
+/// (the same rounding of the same rows); killing the shard mid-stream ends the stream with an
+/// error within seconds and makes the fleet not ready; a shard started again joins again.
+#[test]
+fn an_nccl_fleet_gives_the_tokens_of_serve_and_a_dead_shard_ends_its_requests() {
+    let gpus = std::env::var("DSV3_TEST_GPUS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(0);
+    if device() != "cuda" || gpus < 2 {
+        eprintln!("skipped: needs DSV3_TEST_DEVICE=cuda and DSV3_TEST_GPUS of at least 2");
+        return;
+    }
+    let (_serve, serve) = start_serve();
+    let greedy = completion_ids(&serve, request(24, json!({"temperature": 0})));
+    let grpc = start_fleet_of(1, 1, &["--activation-dtype", "bf16"]);
+    let over_grpc = completion_ids(&grpc.base, request(24, json!({"temperature": 0})));
+    drop(grpc);
+    let mut fleet = start_fleet_of(1, 1, &["--data-plane", "nccl"]);
+    let gpus_used: std::collections::BTreeSet<_> = fleet.members.iter().filter_map(|m| m.gpu.clone()).collect();
+    assert_eq!(gpus_used.len(), 2, "one GPU per rank");
+    let over_nccl = completion_ids(&fleet.base, request(24, json!({"temperature": 0})));
+    assert_eq!(over_nccl, over_grpc, "NCCL and gRPC carry the same bf16 rows");
+    assert_eq!(over_nccl, greedy, "the fleet over NCCL gives serve's greedy tokens");
+    let (ids, finish, error) = stream(&fleet.base, request(24, json!({"temperature": 0, "stream": true})));
+    assert_eq!((ids, finish.as_deref(), error), (greedy.clone(), Some("length"), None));
+
+    let base = fleet.base.clone();
+    let long = std::thread::spawn(move || stream(&base, request(400, json!({"temperature": 0, "stream": true}))));
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = fleet.members.iter().find(|m| m.role == "expert").expect("shard").pid;
+    let killed = Instant::now();
+    kill(pid);
+    let (ids, _, error) = long.join().expect("stream thread");
+    let took = killed.elapsed();
+    eprintln!(
+        "the stream ended {took:?} after the shard was killed, {} tokens in: {error:?}",
+        ids.len()
+    );
+    assert!(took < Duration::from_secs(10), "the stream took {took:?} to end");
+    assert!(ids.len() < 400, "the stream should not complete");
+    let error = error.expect("the stream ends with an error event");
+    assert!(error.contains("NCCL data plane"), "{error}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ready_status(&fleet.base) != 503 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(ready_status(&fleet.base), 503, "not ready without the shard");
+    restart(&mut fleet, "expert");
+    assert!(
+        wait_ready(&fleet.base, Duration::from_secs(90)),
+        "the shard joined again"
+    );
+    assert_eq!(
+        completion_ids(&fleet.base, request(24, json!({"temperature": 0}))),
+        greedy
     );
 }

@@ -70,7 +70,7 @@ impl NcclExperts {
     /// Shards that compute at least one expert (the others are sent nothing).
     pub fn shards_in_use(&self) -> Vec<usize> {
         (0..self.shards.len())
-            .filter(|&s| self.owner.iter().any(|&o| o == s as i32))
+            .filter(|&s| self.owner.contains(&(s as i32)))
             .collect()
     }
 }

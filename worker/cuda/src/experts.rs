@@ -5,8 +5,8 @@
 
 use crate::data_plane::{LayerExchange, ATTENTION_SIDE};
 use crate::gpu::{int, ptr, u64_arg, DeviceBuf, Gpu};
-use crate::nccl::RankComm;
 use crate::model::{run_bank, BankCounters, ExpertKernels, MoeStats};
+use crate::nccl::RankComm;
 use crate::weights::ExpertBank;
 use anyhow::{bail, ensure, Context, Result};
 use dsv3_engine::moe::NO_EXPERT;

@@ -106,7 +106,13 @@ impl RankComm {
     }
 
     /// [`RankComm::join`] on GPU `ordinal` (the device a model runs on, without its [`Gpu`]).
-    pub fn join_device(ordinal: usize, id: &[u8; ID_BYTES], rank: usize, world: usize, deadline: Duration) -> Result<Self> {
+    pub fn join_device(
+        ordinal: usize,
+        id: &[u8; ID_BYTES],
+        rank: usize,
+        world: usize,
+        deadline: Duration,
+    ) -> Result<Self> {
         let ctx = cudarc::driver::CudaContext::new(ordinal)?;
         Self::join_on(&ctx, id, rank, world, deadline)
     }
@@ -130,8 +136,7 @@ impl RankComm {
         let mut comm: sys::ncclComm_t = std::ptr::null_mut();
         let failed = |why: String| anyhow!("NCCL rank {rank} of {world} could not join its communicator: {why}");
         // SAFETY: `comm` and `config` are valid for the call; the id is the one every rank uses.
-        let started =
-            unsafe { result::comm_init_rank_config(&mut comm, world as i32, id, rank as i32, &mut config) };
+        let started = unsafe { result::comm_init_rank_config(&mut comm, world as i32, id, rank as i32, &mut config) };
         let joined = RankComm {
             comm: Mutex::new((!comm.is_null()).then_some(Comm(comm))),
             rank,

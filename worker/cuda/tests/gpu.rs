@@ -688,54 +688,68 @@ fn check_attention_with_shards(files: &ModelFiles, long: usize, decode_steps: us
     let vocab = config.vocab_size as u32;
     let prompts = [prompt(long, 21, vocab), prompt(9, 22, vocab), prompt(33, 23, vocab)];
     for (name, model) in [("attention", &mut split), ("attention holding experts", &mut placed)] {
-        let chunks: Vec<Chunk> = prompts
+        agrees_with_whole(&mut whole, name, model, &prompts, decode_steps);
+    }
+}
+
+/// `model` against `whole` on `prompts` prefilled together, then `decode_steps` teacher-forced
+/// decode steps: logits close on every row, greedy tokens equal wherever the whole model's top-2
+/// margin is clear, the same tokens counted per MoE layer.
+fn agrees_with_whole(
+    whole: &mut CudaModel,
+    name: &str,
+    model: &mut CudaModel,
+    prompts: &[Vec<u32>],
+    decode_steps: usize,
+) {
+    use dsv3_engine::StepBackend;
+    let chunks: Vec<Chunk> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Chunk::new(i as u64, 0, p, Outputs::Last))
+        .collect();
+    for c in &chunks {
+        whole.free_sequence(c.seq);
+    }
+    let mut outs = (whole.step(&chunks).expect("whole"), model.step(&chunks).expect(name));
+    let mut pos: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let (mut rows, mut agreed, mut worst) = (0, 0, 1.0f64);
+    for step in 0..=decode_steps {
+        let mut next = Vec::new();
+        for (row, (w, s)) in outs.0.iter().zip(&outs.1).enumerate() {
+            assert!(
+                s.logits.iter().all(|v| v.is_finite()),
+                "{name}: step {step} row {row}: non-finite logits"
+            );
+            worst = worst.min(cosine(&w.logits, &s.logits));
+            let ((tw, margin), (ts, _)) = (argmax(&w.logits), argmax(&s.logits));
+            assert!(
+                tw == ts || margin < 0.05,
+                "{name}: step {step} row {row}: greedy {tw} vs {ts} with a margin of {margin}"
+            );
+            agreed += usize::from(tw == ts);
+            rows += 1;
+            next.push([tw as u32]);
+        }
+        if step == decode_steps {
+            break;
+        }
+        let chunks: Vec<Chunk> = next
             .iter()
             .enumerate()
-            .map(|(i, p)| Chunk::new(i as u64, 0, p, Outputs::Last))
+            .map(|(i, t)| Chunk::new(i as u64, pos[i], t, Outputs::Last))
             .collect();
-        for c in &chunks {
-            whole.free_sequence(c.seq);
-        }
-        let mut outs = (whole.step(&chunks).expect("whole"), model.step(&chunks).expect(name));
-        let mut pos: Vec<usize> = prompts.iter().map(Vec::len).collect();
-        let (mut rows, mut agreed, mut worst) = (0, 0, 1.0f64);
-        for step in 0..=decode_steps {
-            let mut next = Vec::new();
-            for (row, (w, s)) in outs.0.iter().zip(&outs.1).enumerate() {
-                assert!(
-                    s.logits.iter().all(|v| v.is_finite()),
-                    "{name}: step {step} row {row}: non-finite logits"
-                );
-                worst = worst.min(cosine(&w.logits, &s.logits));
-                let ((tw, margin), (ts, _)) = (argmax(&w.logits), argmax(&s.logits));
-                assert!(
-                    tw == ts || margin < 0.05,
-                    "{name}: step {step} row {row}: greedy {tw} vs {ts} with a margin of {margin}"
-                );
-                agreed += usize::from(tw == ts);
-                rows += 1;
-                next.push([tw as u32]);
-            }
-            if step == decode_steps {
-                break;
-            }
-            let chunks: Vec<Chunk> = next
-                .iter()
-                .enumerate()
-                .map(|(i, t)| Chunk::new(i as u64, pos[i], t, Outputs::Last))
-                .collect();
-            outs = (whole.step(&chunks).expect("whole"), model.step(&chunks).expect(name));
-            pos.iter_mut().for_each(|p| *p += 1);
-        }
-        eprintln!("{name}: {rows} rows: greedy tokens equal on {agreed}, worst logits cosine {worst:.6}");
-        assert!(worst > 0.999, "{name}: logits cosine {worst}");
-        let (cw, cs) = (
-            StepBackend::take_expert_counts(&mut whole).expect("counts"),
-            StepBackend::take_expert_counts(model).expect("counts"),
-        );
-        let total = |c: &dsv3_engine::ExpertCounts| -> Vec<u64> { c.values().map(|v| v.iter().sum()).collect() };
-        assert_eq!(total(&cw), total(&cs), "{name}: tokens routed per MoE layer");
+        outs = (whole.step(&chunks).expect("whole"), model.step(&chunks).expect(name));
+        pos.iter_mut().for_each(|p| *p += 1);
     }
+    eprintln!("{name}: {rows} rows: greedy tokens equal on {agreed}, worst logits cosine {worst:.6}");
+    assert!(worst > 0.999, "{name}: logits cosine {worst}");
+    let (cw, cs) = (
+        StepBackend::take_expert_counts(whole).expect("counts"),
+        StepBackend::take_expert_counts(model).expect("counts"),
+    );
+    let total = |c: &dsv3_engine::ExpertCounts| -> Vec<u64> { c.values().map(|v| v.iter().sum()).collect() };
+    assert_eq!(total(&cw), total(&cs), "{name}: tokens routed per MoE layer");
 }
 
 #[test]
@@ -749,6 +763,101 @@ fn attention_with_expert_shards_matches_whole_model_tiny() {
 fn attention_with_expert_shards_matches_whole_model_full_width() {
     let dir = full_width_checkpoint();
     check_attention_with_shards(&ModelFiles::Dir(dir.path().to_path_buf()), 300, 6);
+}
+
+/// An attention model on GPU 0 whose routed experts all run on two expert shards on GPU 1 (even
+/// and odd experts), each over an NCCL pair of its own, against the model holding every expert:
+/// the same checks as the shards reached through the host. Exchanges are announced to each
+/// shard's thread as the control plane would.
+fn check_attention_with_shards_over_nccl(files: &ModelFiles, long: usize, decode_steps: usize) {
+    use dsv3_cuda::data_plane::{LayerExchange, NcclExperts, ShardLink};
+    use dsv3_cuda::nccl::{unique_id, RankComm};
+    use dsv3_cuda::ModelExperts;
+    use std::sync::{mpsc, Arc, Mutex};
+    use std::time::Duration;
+    let gpus = dsv3_cuda::device_status().expect("CUDA");
+    if gpus < 2 || !dsv3_cuda::nccl::available() {
+        eprintln!("{gpus} GPU(s), NCCL present: {}: skipped", dsv3_cuda::nccl::available());
+        return;
+    }
+    poison();
+    let config = dsv3_engine::ModelConfig::from_model_files(files).expect("config");
+    let q = Fp8Activations::Quantised;
+    struct Link {
+        comm: Arc<RankComm>,
+        announce: Mutex<mpsc::Sender<LayerExchange>>,
+    }
+    impl ShardLink for Link {
+        fn announce(&self, exchange: LayerExchange) -> anyhow::Result<Arc<RankComm>> {
+            self.announce
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned"))?
+                .send(exchange)?;
+            Ok(self.comm.clone())
+        }
+    }
+    let mut links: Vec<Arc<dyn ShardLink>> = Vec::new();
+    let mut shard_threads = Vec::new();
+    for parity in 0..2u32 {
+        let held: Vec<u32> = (0..config.n_routed_experts as u32)
+            .filter(|e| e % 2 == parity)
+            .collect();
+        let id = unique_id().expect("id");
+        let (tx, rx) = mpsc::channel::<LayerExchange>();
+        let shard_files = files.clone();
+        shard_threads.push(std::thread::spawn(move || {
+            let shard = dsv3_cuda::CudaExperts::load(&shard_files, 1, &held, q, &mut |_, _| {}).expect("shard");
+            let comm = shard.join_pair(&id, Duration::from_secs(120)).expect("shard joins");
+            let mut served = 0;
+            for exchange in rx {
+                shard.serve_exchange(&comm, exchange).expect("exchange");
+                served += 1;
+            }
+            served
+        }));
+        let comm = RankComm::join_device(0, &id, 0, 2, Duration::from_secs(120)).expect("attention joins");
+        links.push(Arc::new(Link {
+            comm: Arc::new(comm),
+            announce: Mutex::new(tx),
+        }));
+    }
+    let owner = (0..config.n_routed_experts as i32).map(|e| e % 2).collect();
+    let experts = ModelExperts::nccl(Arc::new(NcclExperts { shards: links, owner }));
+    let mut over_nccl = CudaModel::load(files, 0, 4096, experts, q, &mut |_, _| {}).expect("attention model");
+    let mut whole = CudaModel::load(files, 0, 4096, ModelExperts::default(), q, &mut |_, _| {}).expect("whole model");
+    let vocab = config.vocab_size as u32;
+    let prompts = [prompt(long, 21, vocab), prompt(9, 22, vocab), prompt(33, 23, vocab)];
+    agrees_with_whole(
+        &mut whole,
+        "attention over NCCL",
+        &mut over_nccl,
+        &prompts,
+        decode_steps,
+    );
+    drop(over_nccl); // closes the announcements: the shards' threads end
+    let served: Vec<usize> = shard_threads
+        .into_iter()
+        .map(|t| t.join().expect("shard thread"))
+        .collect();
+    let moe_layers = config.routed_expert_layers().len();
+    eprintln!("exchanges served per shard: {served:?}");
+    assert!(
+        served.iter().all(|&n| n == moe_layers * (decode_steps + 1)),
+        "each shard serves every MoE layer of every step: {served:?}"
+    );
+}
+
+#[test]
+#[ignore = "needs two NVIDIA GPUs and NCCL"]
+fn attention_with_expert_shards_over_nccl_matches_whole_model_tiny() {
+    check_attention_with_shards_over_nccl(&ModelFiles::Dir(golden("tiny-fp8")), 70, 24);
+}
+
+#[test]
+#[ignore = "needs two NVIDIA GPUs and NCCL"]
+fn attention_with_expert_shards_over_nccl_matches_whole_model_full_width() {
+    let dir = full_width_checkpoint();
+    check_attention_with_shards_over_nccl(&ModelFiles::Dir(dir.path().to_path_buf()), 300, 6);
 }
 
 /// Rows of logits that exercise the pick: smooth, heavy with ties, with -inf, one dominant token.

@@ -6,7 +6,10 @@
 
 use anyhow::{anyhow, Result};
 use dsv3_proto::expert_client::ExpertClient;
-use dsv3_proto::{data_plane_event, data_plane_message, DataPlaneEvent, DataPlaneJoin, DataPlaneJoined, DataPlaneMessage, LayerExchange};
+use dsv3_proto::{
+    data_plane_event, data_plane_message, DataPlaneEvent, DataPlaneJoin, DataPlaneJoined, DataPlaneMessage,
+    LayerExchange,
+};
 use futures::Stream;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -53,7 +56,11 @@ pub(crate) async fn serve_pair(
         .ok_or_else(|| Status::invalid_argument("the data plane stream ended before its `join`"))?;
     let join = match first.kind {
         Some(data_plane_message::Kind::Join(join)) => join,
-        _ => return Err(Status::invalid_argument("the data plane's first message must be `join`")),
+        _ => {
+            return Err(Status::invalid_argument(
+                "the data plane's first message must be `join`",
+            ))
+        }
     };
     if join.placement_version != placement_version {
         return Err(Status::failed_precondition(format!(
@@ -177,7 +184,9 @@ pub async fn open_pair<T: Send + 'static>(
     // A refusal by the shard comes first; this side's join then fails at its own deadline, which
     // is waited for so no join is left running.
     let (answer, here) = tokio::join!(answer, here);
-    let mine = here.map_err(|e| anyhow!("joining the pair failed: {e}")).and_then(|r| r);
+    let mine = here
+        .map_err(|e| anyhow!("joining the pair failed: {e}"))
+        .and_then(|r| r);
     let mut events = match answer {
         Ok(events) => events,
         Err(status) => return Err(anyhow!("the shard refused the pair: {}", status.message())),

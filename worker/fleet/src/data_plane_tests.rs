@@ -52,7 +52,10 @@ struct RecordedPair {
 
 impl PairLink for RecordedPair {
     fn exchange(&self, layer: usize, rows: usize, k: usize) -> anyhow::Result<()> {
-        anyhow::ensure!(Some(layer) != self.refused_layer, "no experts of layer {layer} on this GPU");
+        anyhow::ensure!(
+            Some(layer) != self.refused_layer,
+            "no experts of layer {layer} on this GPU"
+        );
         self.seen.lock().unwrap().push(Seen::Exchange(layer, rows, k));
         Ok(())
     }
@@ -89,8 +92,15 @@ fn start(rt: &tokio::runtime::Runtime, with_data_plane: bool, refused_layer: Opt
             refused_layer,
         }) as Arc<dyn PairHost>
     });
-    let server = expert_server_with(0, Arc::new(NoCompute), host, &plan(), "test".into(), MemoryUse::default())
-        .expect("shard");
+    let server = expert_server_with(
+        0,
+        Arc::new(NoCompute),
+        host,
+        &plan(),
+        "test".into(),
+        MemoryUse::default(),
+    )
+    .expect("shard");
     let port = free_port();
     let listener = rt
         .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
@@ -169,12 +179,22 @@ fn announced_exchanges_reach_the_shard_in_order_and_closing_the_pair_aborts_it()
     let seen = until(&shard.seen, |s| s.len() >= 4);
     assert_eq!(
         seen[1..],
-        [Seen::Exchange(3, 5, 8), Seen::Exchange(4, 5, 8), Seen::Exchange(61, 1, 8)]
+        [
+            Seen::Exchange(3, 5, 8),
+            Seen::Exchange(4, 5, 8),
+            Seen::Exchange(61, 1, 8)
+        ]
     );
     drop(control);
     let seen = until(&shard.seen, |s| s.contains(&Seen::Aborted));
-    assert_eq!(seen.last(), Some(&Seen::Aborted), "closing the stream aborts the shard's pair");
-    let why = ended.recv_timeout(Duration::from_secs(5)).expect("the attention side hears the end");
+    assert_eq!(
+        seen.last(),
+        Some(&Seen::Aborted),
+        "closing the stream aborts the shard's pair"
+    );
+    let why = ended
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the attention side hears the end");
     assert!(why.contains("ended"), "{why}");
 }
 
@@ -199,8 +219,13 @@ fn an_exchange_the_shard_cannot_run_ends_the_pair_on_both_sides() {
         .expect("pair");
     control.announce(3, 2, 8).expect("announce");
     control.announce(4, 2, 8).expect("announce");
-    let why = ended.recv_timeout(Duration::from_secs(5)).expect("the attention side hears the failure");
-    assert!(why.contains("layer 4") && why.contains("no experts of layer 4"), "{why}");
+    let why = ended
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the attention side hears the failure");
+    assert!(
+        why.contains("layer 4") && why.contains("no experts of layer 4"),
+        "{why}"
+    );
     let seen = until(&shard.seen, |s| s.contains(&Seen::Aborted));
     assert_eq!(seen[1..], [Seen::Exchange(3, 2, 8), Seen::Aborted]);
 }
@@ -210,9 +235,9 @@ fn a_shard_refuses_a_pair_it_cannot_serve_by_name() {
     let rt = runtime();
     let refused = |shard: &Shard, join: DataPlaneJoin| -> String {
         let client = {
-        let _runtime = rt.enter(); // the lazy channel spawns its connection on it
-        expert_client(&shard.address, &Transport::Plain).expect("client")
-    };
+            let _runtime = rt.enter(); // the lazy channel spawns its connection on it
+            expert_client(&shard.address, &Transport::Plain).expect("client")
+        };
         let e = rt
             .block_on(open_pair(client, join, || Ok(()), |_| {}))
             .map(|_| ())

@@ -15,8 +15,8 @@ use dsv3_proto::expert_client::ExpertClient;
 use dsv3_proto::expert_server::{Expert, ExpertServer};
 pub use dsv3_proto::Dtype;
 use dsv3_proto::{
-    AttentionInfo, DataPlaneMessage, ExpertInfo, ExpertReply, ExpertRequest, InfoRequest, ReleaseReply, ReleaseRequest, StepReply,
-    StepRequest, Tensor, OTHER_SHARD,
+    AttentionInfo, DataPlaneMessage, ExpertInfo, ExpertReply, ExpertRequest, InfoRequest, ReleaseReply, ReleaseRequest,
+    StepReply, StepRequest, Tensor, OTHER_SHARD,
 };
 use std::sync::Arc;
 use std::time::Duration;

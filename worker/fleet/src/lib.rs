@@ -3,11 +3,11 @@
 //! their routed experts through [`dsv3_engine::ExpertExecutor`] — all in one process (`serve`)
 //! or as separate processes over gRPC ([`grpc`]).
 
-#[cfg(test)]
-mod failover_tests;
 pub mod data_plane;
 #[cfg(test)]
 mod data_plane_tests;
+#[cfg(test)]
+mod failover_tests;
 pub mod grpc;
 #[cfg(test)]
 mod mutual_tls_tests;

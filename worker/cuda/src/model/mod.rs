@@ -91,8 +91,7 @@ impl ModelExperts {
                 "over the NCCL data plane every routed expert runs on the expert shards"
             );
             ensure!(
-                nccl.owner.len() == n_experts
-                    && nccl.owner.iter().all(|&o| o >= 0 && (o as usize) < nccl.shards.len()),
+                nccl.owner.len() == n_experts && nccl.owner.iter().all(|&o| o >= 0 && (o as usize) < nccl.shards.len()),
                 "the NCCL data plane must name a shard for each of the {n_experts} routed experts"
             );
             return Ok(ids);
@@ -210,15 +209,7 @@ impl CudaModel {
             None
         };
         let weights = (embed, layers, norm, head);
-        let mut model = Self::assemble(
-            gpu,
-            config,
-            weights,
-            cache_tokens,
-            experts,
-            &bank_ids,
-            mtp.is_some(),
-        )?;
+        let mut model = Self::assemble(gpu, config, weights, cache_tokens, experts, &bank_ids, mtp.is_some())?;
         model.weight_bytes += mtp.as_ref().map_or(0, Mtp::resident_bytes);
         model.mtp = mtp;
         Ok(model)
@@ -317,8 +308,7 @@ impl CudaModel {
             fp8.reserve(&gpu, 0)?;
         }
         // A step that reaches its experts through the host cannot be captured as a graph.
-        let use_graphs =
-            std::env::var_os("DSV3_CUDA_GRAPHS").is_none_or(|v| v != "0") && !gpu.profiling() && host_experts.is_none()
+        let use_graphs = std::env::var_os("DSV3_CUDA_GRAPHS").is_none_or(|v| v != "0") && !gpu.profiling() && host_experts.is_none()
             // Each exchange is announced to the shards from the host as it is queued.
             && nccl_experts.is_none();
         let kernels = ExpertKernels::new(&config);

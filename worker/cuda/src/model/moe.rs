@@ -611,7 +611,14 @@ impl CudaModel {
             g.launch_1d(
                 "peer_expert_ids",
                 m * k,
-                &[ptr(their_ids.addr), ptr(ids.addr), ptr(owner.addr), int(s), int(e), int(m * k)],
+                &[
+                    ptr(their_ids.addr),
+                    ptr(ids.addr),
+                    ptr(owner.addr),
+                    int(s),
+                    int(e),
+                    int(m * k),
+                ],
             )?;
             let back = g.alloc(bytes.sums)?;
             let comm = shards.shards[s]
@@ -619,15 +626,15 @@ impl CudaModel {
                 .with_context(|| format!("layer {layer}: expert shard {s}"))?;
             let peer = crate::data_plane::SHARD_SIDE;
             comm.exchange(
-                    g,
-                    &[
-                        (peer, rows.addr, bytes.rows),
-                        (peer, their_ids.addr, bytes.ids),
-                        (peer, weights.addr, bytes.weights),
-                    ],
-                    &[(peer, back.addr, bytes.sums)],
-                )
-                .with_context(|| format!("layer {layer}: exchange with expert shard {s}"))?;
+                g,
+                &[
+                    (peer, rows.addr, bytes.rows),
+                    (peer, their_ids.addr, bytes.ids),
+                    (peer, weights.addr, bytes.weights),
+                ],
+                &[(peer, back.addr, bytes.sums)],
+            )
+            .with_context(|| format!("layer {layer}: exchange with expert shard {s}"))?;
             // Freed in stream order, after the transfers that read and write them.
             sums.push((their_ids, back));
         }
