@@ -18,12 +18,12 @@ use dsv3_fleet::{ExpertBackend, PlacementPlan, Transport, UnservedRows};
 use dsv3_proto::DataPlaneJoin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
 
 /// How long either side of a pair waits for the other to join.
 const JOIN_DEADLINE: Duration = Duration::from_secs(60);
-/// How often pairs that are not joined are tried again.
+/// How often pairs that are not joined are tried again, and a stuck step is looked for.
 const REJOIN_EVERY: Duration = Duration::from_secs(1);
 
 // ---------------------------------------------------------------- expert shard side
@@ -93,6 +93,10 @@ pub struct NcclShards {
     ended_in_step: AtomicBool,
     /// The exchanges queued since the last step's check (layer, rows).
     announced: Mutex<Vec<(usize, usize)>>,
+    /// When the step running now started: a step past `step_deadline` has a shard that does
+    /// not answer, and its pairs are ended so the step's transfers stop waiting.
+    step_started: Mutex<Option<Instant>>,
+    step_deadline: Duration,
     totals: Mutex<TransportTotals>,
 }
 
@@ -122,8 +126,15 @@ impl ShardLink for Link {
 }
 
 impl NcclShards {
-    /// The shards of `plan` at `addresses`, none joined yet; `hidden` is the model's width.
-    pub fn new(rank: u32, plan: PlacementPlan, addresses: Vec<String>, hidden: usize) -> Result<Arc<Self>> {
+    /// The shards of `plan` at `addresses`, none joined yet; `hidden` is the model's width, and
+    /// a step whose exchanges take longer than `step_deadline` ends every pair it uses.
+    pub fn new(
+        rank: u32,
+        plan: PlacementPlan,
+        addresses: Vec<String>,
+        hidden: usize,
+        step_deadline: Duration,
+    ) -> Result<Arc<Self>> {
         if addresses.len() != plan.shards.len() {
             bail!(
                 "{} expert peers given, the placement plan has {} shards",
@@ -147,6 +158,8 @@ impl NcclShards {
             in_use,
             ended_in_step: AtomicBool::new(false),
             announced: Mutex::new(Vec::new()),
+            step_started: Mutex::new(None),
+            step_deadline,
             totals: Mutex::new(TransportTotals::default()),
         }))
     }
@@ -221,6 +234,7 @@ impl NcclShards {
         let shards = self.clone();
         handle.spawn(async move {
             loop {
+                shards.end_a_stuck_step();
                 for &s in &shards.in_use {
                     let apart = matches!(shards.pairs[s].state.lock().as_deref(), Ok(PairState::Apart(_)));
                     if apart {
@@ -232,6 +246,20 @@ impl NcclShards {
                 tokio::time::sleep(REJOIN_EVERY).await;
             }
         });
+    }
+
+    /// Ends every joined pair in use when the step running now has taken longer than the
+    /// deadline: a shard that is there but does not answer would hold the step for ever.
+    fn end_a_stuck_step(&self) {
+        let started = self.step_started.lock().ok().and_then(|s| *s);
+        if started.is_some_and(|t| t.elapsed() > self.step_deadline) {
+            for &s in &self.in_use {
+                self.end(
+                    s,
+                    format!("a step waited on the shards for more than {:?}", self.step_deadline),
+                );
+            }
+        }
     }
 
     fn set_apart(&self, shard: usize, why: String) {
@@ -305,6 +333,12 @@ impl ExpertBackend for NcclShards {
 
     fn transport(&self) -> TransportTotals {
         self.totals.lock().map(|t| *t).unwrap_or_default()
+    }
+
+    fn stepping(&self, running: bool) {
+        if let Ok(mut started) = self.step_started.lock() {
+            *started = running.then(Instant::now);
+        }
     }
 
     /// A pair that ended during the step cut its transfers short: every row of the step is

@@ -225,7 +225,7 @@ pub struct AttentionArgs {
     tls: TlsArgs,
     #[arg(long, default_value_t = 16384)]
     cache_tokens: usize,
-    /// Seconds an expert shard may take for one layer.
+    /// Seconds an expert shard may take for one layer (over NCCL: for one step's layers).
     #[arg(long, default_value_t = 60)]
     expert_timeout: u64,
     /// What tokens routed to an expert with no live copy (every shard holding it down) get.
@@ -617,7 +617,15 @@ fn attention_over_nccl(
     }
     let activations = args.fp8_activations.resolve(true);
     let config = ModelConfig::from_model_files(files)?.with_fp8_activations(activations);
-    let shards = NcclShards::new(args.rank, plan, args.expert_peers.clone(), config.hidden_size)?;
+    // A step waits on the shards' MoE layers one after another: --expert-timeout is the most
+    // it may wait in all before the shards count as failed.
+    let shards = NcclShards::new(
+        args.rank,
+        plan,
+        args.expert_peers.clone(),
+        config.hidden_size,
+        Duration::from_secs(args.expert_timeout),
+    )?;
     let experts = dsv3_cuda::ModelExperts::nccl(Arc::new(shards.model_experts()?));
     let backend = load_cuda(files, &config, experts, args.cache_tokens, activations)
         .with_context(|| format!("loading attention rank {}", args.rank))?;

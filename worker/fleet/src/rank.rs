@@ -45,6 +45,9 @@ pub trait ExpertBackend: ExpertExecutor + Send + Sync {
     fn take_unserved(&self) -> Vec<UnservedRows> {
         Vec::new()
     }
+    /// A step starts (`true`) or has ended (`false`): for a backend that watches how long the
+    /// device waits on the experts.
+    fn stepping(&self, _running: bool) {}
 }
 
 /// What an attention rank does with the tokens routed to an expert that has no live copy.
@@ -408,11 +411,18 @@ impl AttentionRank for LocalAttention {
         let picks = self.token_picks(state, &request.items, &drafts);
         // What an earlier, failed step left.
         self.take_unserved();
-        let mut picked = if self.speculative_tokens > 0 {
-            self.speculative_step(state, &request.items, &reused, drafts, picks)?
+        if let Some(experts) = &self.experts {
+            experts.stepping(true);
+        }
+        let stepped = if self.speculative_tokens > 0 {
+            self.speculative_step(state, &request.items, &reused, drafts, picks)
         } else {
-            Self::plain_step(state, &request.items, &reused, picks)?
+            Self::plain_step(state, &request.items, &reused, picks)
         };
+        if let Some(experts) = &self.experts {
+            experts.stepping(false);
+        }
+        let mut picked = stepped?;
         // Sequences computed without an expert they were routed to end here, their positions
         // of this step forgotten (never offered to the prefix cache); the others go on. Masked
         // sequences go on, but what they wrote from this step on is never offered to the

@@ -605,9 +605,15 @@ impl CudaModel {
         let exchange = crate::data_plane::LayerExchange { layer, rows: m, k };
         let bytes = exchange.bytes(width);
         let rows = g.to_bf16(x.addr, m * width)?;
-        let mut sums = Vec::new();
-        for s in shards.shards_in_use() {
-            let their_ids = g.alloc(bytes.ids)?;
+        let used = shards.shards_in_use();
+        // Freed in stream order, after the transfers that read and write them.
+        let sums = used
+            .iter()
+            .map(|_| Ok((g.alloc(bytes.ids)?, g.alloc(bytes.sums)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let exchange_with = |i: usize| -> Result<()> {
+            let s = used[i];
+            let (their_ids, back) = &sums[i];
             g.launch_1d(
                 "peer_expert_ids",
                 m * k,
@@ -620,7 +626,6 @@ impl CudaModel {
                     int(m * k),
                 ],
             )?;
-            let back = g.alloc(bytes.sums)?;
             let comm = shards.shards[s]
                 .announce(exchange)
                 .with_context(|| format!("layer {layer}: expert shard {s}"))?;
@@ -634,9 +639,14 @@ impl CudaModel {
                 ],
                 &[(peer, back.addr, bytes.sums)],
             )
-            .with_context(|| format!("layer {layer}: exchange with expert shard {s}"))?;
-            // Freed in stream order, after the transfers that read and write them.
-            sums.push((their_ids, back));
+            .with_context(|| format!("layer {layer}: exchange with expert shard {s}"))
+        };
+        // Each shard's exchange on a stream of its own: the shards compute at once, and a shard
+        // busy with another attention rank's layer holds up only its own exchange (one stream
+        // for all would wait on each shard in turn).
+        match used.len() {
+            1 => exchange_with(0)?,
+            n => g.fan_out(n, exchange_with)?,
         }
         for (_, back) in &sums {
             g.launch_1d(
