@@ -94,8 +94,10 @@ struct Comm(sys::ncclComm_t);
 // aborted from another thread while its transfers wait on the GPU.
 unsafe impl Send for Comm {}
 
-/// How often a non-blocking communicator's state is polled while a caller waits on it.
+/// How often a non-blocking communicator's state is polled while a caller waits on it, after
+/// `SPINS` polls in a row.
 const POLL: Duration = Duration::from_micros(50);
+const SPINS: u32 = 1000;
 
 impl RankComm {
     /// Joins communicator `id` as `rank` of `world` on `gpu`'s device. Returns once every rank
@@ -152,7 +154,9 @@ impl RankComm {
     /// Waits until the communicator's last operation is done; on an error or past `deadline`
     /// the communicator is aborted and the error returned.
     fn settle(&self, deadline: Instant) -> Result<()> {
+        let mut polled = 0u32;
         loop {
+            polled = polled.saturating_add(1);
             let state = {
                 let guard = self.comm.lock().map_err(|_| anyhow!("NCCL communicator poisoned"))?;
                 let Some(comm) = guard.as_ref() else {
@@ -165,6 +169,9 @@ impl RankComm {
             };
             match state {
                 sys::ncclResult_t::ncclSuccess => return Ok(()),
+                // Queuing on a connected pair settles within microseconds: spin briefly before
+                // sleeping between polls (connecting takes milliseconds).
+                sys::ncclResult_t::ncclInProgress if polled <= SPINS => std::thread::yield_now(),
                 sys::ncclResult_t::ncclInProgress if Instant::now() < deadline => std::thread::sleep(POLL),
                 sys::ncclResult_t::ncclInProgress => {
                     self.abort();
