@@ -16,7 +16,7 @@ use dsv3_fleet::data_plane::{expert_client, open_pair, PairControl, PairHost, Pa
 use dsv3_fleet::rank::TransportTotals;
 use dsv3_fleet::{ExpertBackend, PlacementPlan, Transport, UnservedRows};
 use dsv3_proto::DataPlaneJoin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
@@ -73,12 +73,16 @@ enum PairState {
     Joined {
         comm: Arc<RankComm>,
         control: PairControl,
+        /// Which join made it: a late end of an earlier pair must not end this one.
+        generation: u64,
     },
 }
 
 struct Pair {
     address: String,
     state: Mutex<PairState>,
+    /// Joins tried so far.
+    joins: AtomicU64,
 }
 
 /// The expert shards of an attention rank over NCCL: the pairs, their readiness and figures.
@@ -109,19 +113,33 @@ struct Link {
 impl ShardLink for Link {
     fn announce(&self, exchange: LayerExchange) -> Result<Arc<RankComm>> {
         let pair = &self.shards.pairs[self.shard];
-        let state = pair.state.lock().map_err(|_| anyhow::anyhow!("pair state poisoned"))?;
-        match &*state {
-            PairState::Joined { comm, control } => {
-                control.announce(exchange.layer, exchange.rows, exchange.k)?;
-                self.shards.count(self.shard, exchange);
-                Ok(comm.clone())
+        let announced = {
+            let state = pair.state.lock().map_err(|_| anyhow::anyhow!("pair state poisoned"))?;
+            match &*state {
+                PairState::Joined { comm, control, .. } => control
+                    .announce(exchange.layer, exchange.rows, exchange.k)
+                    .map(|()| comm.clone()),
+                PairState::Apart(why) => bail!(
+                    "expert shard {} at {} is not on the NCCL data plane: {why}",
+                    self.shard,
+                    pair.address
+                ),
             }
-            PairState::Apart(why) => bail!(
-                "expert shard {} at {} is not on the data plane: {why}",
-                self.shard,
-                pair.address
-            ),
+        };
+        match announced {
+            Ok(comm) => {
+                self.shards.count(self.shard, exchange);
+                Ok(comm)
+            }
+            Err(e) => {
+                self.failed(&format!("{e:#}"));
+                Err(e)
+            }
         }
+    }
+
+    fn failed(&self, why: &str) {
+        self.shards.end(self.shard, None, why.to_string());
     }
 }
 
@@ -152,6 +170,7 @@ impl NcclShards {
                 .map(|address| Pair {
                     address,
                     state: Mutex::new(PairState::Apart("not joined yet".into())),
+                    joins: AtomicU64::new(0),
                 })
                 .collect(),
             plan,
@@ -213,19 +232,26 @@ impl NcclShards {
         }
     }
 
-    /// Ends pair `shard` (its shard is gone or refused an exchange): its transfers stop waiting.
-    fn end(&self, shard: usize, why: String) {
+    /// Ends pair `shard` — the one join `generation` made, or whichever is joined (`None`) —
+    /// when its shard is gone or an exchange with it failed: its transfers stop waiting.
+    fn end(&self, shard: usize, generation: Option<u64>, why: String) {
         let pair = &self.pairs[shard];
         let Ok(mut state) = pair.state.lock() else { return };
-        if let PairState::Joined { comm, .. } = &*state {
-            comm.abort();
-            self.ended_in_step.store(true, Ordering::SeqCst);
-            eprintln!(
-                "expert shard {shard} at {} left the NCCL data plane: {why}; this rank is not ready until it joins again",
-                pair.address
-            );
+        match &*state {
+            PairState::Joined {
+                comm, generation: g, ..
+            } if generation.is_none_or(|want| want == *g) => {
+                comm.abort();
+                self.ended_in_step.store(true, Ordering::SeqCst);
+                eprintln!(
+                    "expert shard {shard} at {} left the NCCL data plane: {why}; this rank is not ready until it joins again",
+                    pair.address
+                );
+                *state = PairState::Apart(why);
+            }
+            // An earlier pair's end, after a new one joined; or a pair not joined.
+            _ => {}
         }
-        *state = PairState::Apart(why);
     }
 
     /// Joins every pair in use that is not joined, now and every second from now on, on
@@ -256,6 +282,7 @@ impl NcclShards {
             for &s in &self.in_use {
                 self.end(
                     s,
+                    None,
                     format!("a step waited on the shards for more than {:?}", self.step_deadline),
                 );
             }
@@ -283,22 +310,37 @@ impl NcclShards {
             placement_version: self.plan.version.clone(),
             hidden: self.hidden as u32,
         };
-        let ending = self.clone();
+        let generation = self.pairs[shard].joins.fetch_add(1, Ordering::SeqCst) + 1;
+        // The stream may end before the pair is stored as joined: then it is not stored.
+        let ended_early: Arc<Mutex<Option<String>>> = Arc::default();
+        let (ending, early) = (self.clone(), ended_early.clone());
         let (comm, control) = open_pair(
             client,
             join,
             move || RankComm::join_device(crate::device::GPU, &id, ATTENTION_SIDE, 2, JOIN_DEADLINE),
-            move |why| ending.end(shard, why),
+            move |why| {
+                if let Ok(mut e) = early.lock() {
+                    *e = Some(why.clone());
+                }
+                ending.end(shard, Some(generation), why);
+            },
         )
         .await
         .with_context(|| format!("joining expert shard {shard} at {address} over NCCL"))?;
-        eprintln!("expert shard {shard} at {address} joined over NCCL");
-        if let Ok(mut state) = self.pairs[shard].state.lock() {
-            *state = PairState::Joined {
-                comm: Arc::new(comm),
-                control,
-            };
+        let mut state = self.pairs[shard]
+            .state
+            .lock()
+            .map_err(|_| anyhow::anyhow!("pair state poisoned"))?;
+        if let Some(why) = ended_early.lock().ok().and_then(|mut e| e.take()) {
+            comm.abort();
+            bail!("expert shard {shard} at {address} ended the pair as it joined: {why}");
         }
+        *state = PairState::Joined {
+            comm: Arc::new(comm),
+            control,
+            generation,
+        };
+        eprintln!("expert shard {shard} at {address} joined over NCCL");
         Ok(())
     }
 }

@@ -56,6 +56,9 @@ pub trait ShardLink: Send + Sync {
     /// shard) and returns the pair's communicator to queue it on; an error while the pair is
     /// not joined or has failed.
     fn announce(&self, exchange: LayerExchange) -> Result<Arc<RankComm>>;
+    /// Queuing an announced exchange failed: the pair is broken (the shard waits for transfers
+    /// that will not come) and must be ended.
+    fn failed(&self, why: &str);
 }
 
 /// Routed experts on other GPUs, reached over NCCL: what an attention rank's model holds

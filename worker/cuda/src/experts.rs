@@ -36,6 +36,8 @@ struct Job {
 pub struct CudaExperts {
     hidden: usize,
     top_k: usize,
+    /// The GPU the experts are on.
+    ordinal: usize,
     n_experts: usize,
     /// Bank index of each global expert id, -1 where another shard holds it.
     local_of: Vec<i32>,
@@ -101,6 +103,7 @@ impl CudaExperts {
                 bank_of,
             }),
             top_k: config.num_experts_per_tok,
+            ordinal,
         })
     }
 
@@ -219,8 +222,8 @@ impl CudaExperts {
     /// Makes this shard's side of an NCCL pair with an attention rank (the shard is NCCL rank 1),
     /// on the shard's GPU; fails past `deadline` if the attention rank does not join.
     pub fn join_pair(&self, id: &[u8; crate::nccl::ID_BYTES], deadline: std::time::Duration) -> Result<RankComm> {
-        let shard = self.shard()?;
-        RankComm::join(&shard.gpu, id, crate::data_plane::SHARD_SIDE, 2, deadline)
+        // Not under the shard's lock: a join waits on its peer, and other pairs go on meanwhile.
+        RankComm::join_device(self.ordinal, id, crate::data_plane::SHARD_SIDE, 2, deadline)
     }
 
     /// Queues one announced exchange with the attention rank of `comm`

@@ -120,7 +120,7 @@ impl RankComm {
     }
 
     fn join_on(
-        ctx: &cudarc::driver::CudaContext,
+        ctx: &std::sync::Arc<cudarc::driver::CudaContext>,
         id: &[u8; ID_BYTES],
         rank: usize,
         world: usize,
@@ -145,10 +145,44 @@ impl RankComm {
             world,
         };
         started.map_err(|e| failed(describe(e)))?;
+        let deadline = Instant::now() + deadline;
+        joined.settle(deadline).map_err(|why| failed(why.to_string()))?;
         joined
-            .settle(Instant::now() + deadline)
-            .map_err(|why| failed(why.to_string()))?;
+            .connect(ctx, deadline)
+            .map_err(|why| failed(format!("connecting to its peers: {why:#}")))?;
         Ok(joined)
+    }
+
+    /// One byte to and from every peer in one group, so every connection is made now and made
+    /// alike on both sides (NCCL makes a pair's connections at their first use and expects the
+    /// two sides to ask for the same ones; a pair whose first exchange is a send and a receive on
+    /// one side and a receive alone on the other fails with ncclInternalError).
+    fn connect(&self, ctx: &std::sync::Arc<cudarc::driver::CudaContext>, deadline: Instant) -> Result<()> {
+        let stream = ctx.new_stream()?;
+        let buf = stream.alloc_zeros::<u8>(2 * self.world)?;
+        {
+            let (base, _record) = cudarc::driver::DevicePtr::device_ptr(&buf, &stream);
+            let guard = self.comm.lock().map_err(|_| anyhow!("NCCL communicator poisoned"))?;
+            let comm = guard.as_ref().ok_or_else(|| anyhow!("the communicator was aborted"))?.0;
+            let raw = stream.cu_stream() as sys::cudaStream_t;
+            let byte = sys::ncclDataType_t::ncclUint8;
+            result::group_start().map_err(|e| anyhow!(describe(e)))?;
+            let queued = (|| {
+                for peer in (0..self.world).filter(|&p| p != self.rank) {
+                    let (mine, theirs) = (base + self.rank as u64, base + (self.world + peer) as u64);
+                    // SAFETY: one byte each inside `buf`, alive until the stream is synchronised below.
+                    unsafe { result::send(mine as *const _, 1, byte, peer as i32, comm, raw) }?;
+                    unsafe { result::recv(theirs as *mut _, 1, byte, peer as i32, comm, raw) }?;
+                }
+                Ok(())
+            })();
+            let ended = result::group_end();
+            queued.map_err(|e| anyhow!(describe(e)))?;
+            ended.map_err(|e| anyhow!(describe(e)))?;
+        }
+        self.settle(deadline)?;
+        stream.synchronize()?;
+        Ok(())
     }
 
     /// Waits until the communicator's last operation is done; on an error or past `deadline`

@@ -795,6 +795,9 @@ fn check_attention_with_shards_over_nccl(files: &ModelFiles, long: usize, decode
                 .send(exchange)?;
             Ok(self.comm.clone())
         }
+        fn failed(&self, why: &str) {
+            panic!("exchange failed: {why}");
+        }
     }
     let mut links: Vec<Arc<dyn ShardLink>> = Vec::new();
     let mut shard_threads = Vec::new();

@@ -630,6 +630,7 @@ impl CudaModel {
                 .announce(exchange)
                 .with_context(|| format!("layer {layer}: expert shard {s}"))?;
             let peer = crate::data_plane::SHARD_SIDE;
+            // Two groups, as the shard queues them: its receives, then (after its experts) its send.
             comm.exchange(
                 g,
                 &[
@@ -637,8 +638,13 @@ impl CudaModel {
                     (peer, their_ids.addr, bytes.ids),
                     (peer, weights.addr, bytes.weights),
                 ],
-                &[(peer, back.addr, bytes.sums)],
+                &[],
             )
+            .and_then(|()| comm.exchange(g, &[], &[(peer, back.addr, bytes.sums)]))
+            .map_err(|e| {
+                shards.shards[s].failed(&format!("{e:#}"));
+                e
+            })
             .with_context(|| format!("layer {layer}: exchange with expert shard {s}"))
         };
         // Each shard's exchange on a stream of its own: the shards compute at once, and a shard
