@@ -9,6 +9,7 @@
 
 use anyhow::{bail, Context, Result};
 use dsv3_cuda::data_plane::{LayerExchange, NcclExperts, ShardLink, ATTENTION_SIDE};
+use dsv3_cuda::experts::PairStream;
 use dsv3_cuda::nccl::{self, RankComm};
 use dsv3_cuda::CudaExperts;
 use dsv3_engine::{ExpertExecutor, TokenRoutes};
@@ -36,7 +37,9 @@ pub struct ShardPairs {
 
 struct ShardPair {
     experts: Arc<CudaExperts>,
-    comm: RankComm,
+    /// Used by the pair's worker thread; `abort` takes it between two exchanges (queuing one
+    /// takes microseconds).
+    stream: Mutex<PairStream>,
 }
 
 impl PairHost for ShardPairs {
@@ -46,22 +49,24 @@ impl PairHost for ShardPairs {
 
     fn join(&self, id: &[u8]) -> Result<Arc<dyn PairLink>> {
         let id = nccl::id_from_bytes(id)?;
-        let comm = self.experts.join_pair(&id, JOIN_DEADLINE)?;
+        let stream = self.experts.join_pair(&id, JOIN_DEADLINE)?;
         Ok(Arc::new(ShardPair {
             experts: self.experts.clone(),
-            comm,
+            stream: Mutex::new(stream),
         }))
     }
 }
 
 impl PairLink for ShardPair {
     fn exchange(&self, layer: usize, rows: usize, k: usize) -> Result<()> {
-        self.experts
-            .serve_exchange(&self.comm, LayerExchange { layer, rows, k })
+        let stream = self.stream.lock().map_err(|_| anyhow::anyhow!("pair poisoned"))?;
+        self.experts.serve_exchange(&stream, LayerExchange { layer, rows, k })
     }
 
     fn abort(&self) {
-        self.comm.abort();
+        if let Ok(stream) = self.stream.lock() {
+            stream.comm.abort();
+        }
     }
 }
 

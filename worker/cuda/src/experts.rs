@@ -218,12 +218,32 @@ impl CudaExperts {
     }
 }
 
+/// One NCCL pair of a shard: its communicator, and a handle on the shard's GPU with a stream
+/// of its own for the pair's exchanges.
+pub struct PairStream {
+    gpu: Gpu,
+    pub comm: RankComm,
+}
+
+impl Drop for PairStream {
+    /// The pair's queued work finishes before its communicator goes (an aborted pair's
+    /// transfers have already stopped waiting).
+    fn drop(&mut self) {
+        let _ = self.gpu.sync();
+    }
+}
+
 impl CudaExperts {
     /// Makes this shard's side of an NCCL pair with an attention rank (the shard is NCCL rank 1),
     /// on the shard's GPU; fails past `deadline` if the attention rank does not join.
-    pub fn join_pair(&self, id: &[u8; crate::nccl::ID_BYTES], deadline: std::time::Duration) -> Result<RankComm> {
+    /// The pair gets a stream of its own ([`PairStream`]): a shard's pairs then never wait on
+    /// each other, whatever order their attention ranks announce their layers in (on one stream
+    /// the orders could cross between two shards and two ranks, each pair waiting on the other).
+    pub fn join_pair(&self, id: &[u8; crate::nccl::ID_BYTES], deadline: std::time::Duration) -> Result<PairStream> {
         // Not under the shard's lock: a join waits on its peer, and other pairs go on meanwhile.
-        RankComm::join_device(self.ordinal, id, crate::data_plane::SHARD_SIDE, 2, deadline)
+        let gpu = Gpu::open(self.ordinal)?;
+        let comm = RankComm::join(&gpu, id, crate::data_plane::SHARD_SIDE, 2, deadline)?;
+        Ok(PairStream { gpu, comm })
     }
 
     /// Queues one announced exchange with the attention rank of `comm`
@@ -231,7 +251,8 @@ impl CudaExperts {
     /// shard holds run, and their weighted sums go back. Nothing waits for the GPU: the
     /// exchanges of a pair run in the order they are queued, those of other pairs and gRPC
     /// batches in between.
-    pub fn serve_exchange(&self, comm: &RankComm, exchange: LayerExchange) -> Result<()> {
+    pub fn serve_exchange(&self, pair: &PairStream, exchange: LayerExchange) -> Result<()> {
+        let comm = &pair.comm;
         let LayerExchange { layer, rows: m, k } = exchange;
         ensure!(
             k == self.top_k,
@@ -244,7 +265,8 @@ impl CudaExperts {
             .banks
             .get(&layer)
             .with_context(|| format!("layer {layer} has no routed experts in this model"))?;
-        let g = &shard.gpu;
+        // The pair's own stream (same device, context and memory pool as the shard's weights).
+        let g = &pair.gpu;
         let width = self.hidden;
         let bytes = exchange.bytes(width);
         let rows = g.alloc(bytes.rows)?;

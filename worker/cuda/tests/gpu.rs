@@ -810,10 +810,10 @@ fn check_attention_with_shards_over_nccl(files: &ModelFiles, long: usize, decode
         let shard_files = files.clone();
         shard_threads.push(std::thread::spawn(move || {
             let shard = dsv3_cuda::CudaExperts::load(&shard_files, 1, &held, q, &mut |_, _| {}).expect("shard");
-            let comm = shard.join_pair(&id, Duration::from_secs(120)).expect("shard joins");
+            let pair = shard.join_pair(&id, Duration::from_secs(120)).expect("shard joins");
             let mut served = 0;
             for exchange in rx {
-                shard.serve_exchange(&comm, exchange).expect("exchange");
+                shard.serve_exchange(&pair, exchange).expect("exchange");
                 served += 1;
             }
             served
