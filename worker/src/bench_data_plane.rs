@@ -7,8 +7,8 @@
 use crate::bench_projection::{transfer, HIDDEN, TOP_K};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use dsv3_cuda::data_plane::LayerExchange;
-use dsv3_cuda::gpu::Gpu;
+use dsv3_cuda::data_plane::{ExchangeBytes, LayerExchange};
+use dsv3_cuda::gpu::{DeviceBuf, Gpu};
 use dsv3_cuda::nccl::{self, RankComm};
 use std::time::Duration;
 
@@ -26,6 +26,16 @@ pub struct BenchDataPlaneArgs {
     /// Also write the table (markdown) here.
     #[arg(long)]
     output: Option<std::path::PathBuf>,
+}
+
+/// A layer's four transfers' buffers (rows, ids, weights, sums), zeroed.
+fn buffers(gpu: &Gpu, b: ExchangeBytes) -> Result<[DeviceBuf; 4]> {
+    let make = |bytes: usize| -> Result<DeviceBuf> {
+        let buf = gpu.alloc(bytes)?;
+        gpu.zero(buf.addr, bytes)?;
+        Ok(buf)
+    };
+    Ok([make(b.rows)?, make(b.ids)?, make(b.weights)?, make(b.sums)?])
 }
 
 /// Seconds of one exchange per batch, timed on the attention side by GPU events.
@@ -46,13 +56,7 @@ fn nccl_times(batches: &[usize], reps: usize) -> Result<Vec<f64>> {
         let comm = RankComm::join(&gpu, &id, 1, 2, Duration::from_secs(60))?;
         for e in &shard_schedule {
             let b = e.bytes(HIDDEN);
-            let (rows, ids, weights, sums) = (
-                gpu.alloc(b.rows)?,
-                gpu.alloc(b.ids)?,
-                gpu.alloc(b.weights)?,
-                gpu.alloc(b.sums)?,
-            );
-            gpu.zero(sums.addr, b.sums)?;
+            let [rows, ids, weights, sums] = buffers(&gpu, b)?;
             for _ in 0..2 * reps {
                 comm.exchange(
                     &gpu,
@@ -74,15 +78,7 @@ fn nccl_times(batches: &[usize], reps: usize) -> Result<Vec<f64>> {
     let mut times = Vec::new();
     for e in &schedule {
         let b = e.bytes(HIDDEN);
-        let (rows, ids, weights, sums) = (
-            gpu.alloc(b.rows)?,
-            gpu.alloc(b.ids)?,
-            gpu.alloc(b.weights)?,
-            gpu.alloc(b.sums)?,
-        );
-        for buf in [&rows, &ids, &weights] {
-            gpu.zero(buf.addr, buf.bytes)?;
-        }
+        let [rows, ids, weights, sums] = buffers(&gpu, b)?;
         let layer = || {
             comm.exchange(
                 &gpu,

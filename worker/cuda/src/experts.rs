@@ -194,6 +194,25 @@ impl CudaExperts {
         let xd = g.upload(&x)?;
         let idd = g.upload(&ids)?;
         let wd = g.upload(&weights)?;
+        let h = self.weighted_sums(g, shard, bank, layer, &xd, m, k, idd.addr, wd.addr)?;
+        g.download(h.addr, m * self.hidden)
+    }
+
+    /// The weighted sums of `m` rows `x` (f32) over their routed slots (`ids`: bank indices, -1
+    /// for another shard's; `weights`), queued on `g`'s stream, in a new f32 buffer.
+    #[allow(clippy::too_many_arguments)]
+    fn weighted_sums(
+        &self,
+        g: &Gpu,
+        shard: &Shard,
+        bank: &ExpertBank,
+        layer: usize,
+        x: &DeviceBuf,
+        m: usize,
+        k: usize,
+        ids: u64,
+        weights: u64,
+    ) -> Result<DeviceBuf> {
         let valid = g.upload(&[m as i32])?;
         let h = g.alloc(m * self.hidden * 4)?;
         g.zero(h.addr, h.bytes)?;
@@ -201,20 +220,8 @@ impl CudaExperts {
             counts: shard.stats.counts_addr(layer),
             touched: shard.stats.touched_addr(),
         };
-        run_bank(
-            g,
-            shard.kernels,
-            bank,
-            &xd,
-            &h,
-            m,
-            k,
-            idd.addr,
-            wd.addr,
-            valid.addr,
-            &counters,
-        )?;
-        g.download(h.addr, m * self.hidden)
+        run_bank(g, shard.kernels, bank, x, &h, m, k, ids, weights, valid.addr, &counters)?;
+        Ok(h)
     }
 }
 
@@ -300,26 +307,7 @@ impl CudaExperts {
                 int(m * k),
             ],
         )?;
-        let valid = g.upload(&[m as i32])?;
-        let h = g.alloc(m * width * 4)?;
-        g.zero(h.addr, h.bytes)?;
-        let counters = BankCounters {
-            counts: shard.stats.counts_addr(layer),
-            touched: shard.stats.touched_addr(),
-        };
-        run_bank(
-            g,
-            shard.kernels,
-            bank,
-            &x,
-            &h,
-            m,
-            k,
-            local.addr,
-            weights.addr,
-            valid.addr,
-            &counters,
-        )?;
+        let h = self.weighted_sums(g, &shard, bank, layer, &x, m, k, local.addr, weights.addr)?;
         let sums = g.to_bf16(h.addr, m * width)?;
         comm.exchange(g, &[(peer, sums.addr, bytes.sums)], &[])
         // Every buffer above is freed in stream order, after the work that uses it.
