@@ -1932,3 +1932,30 @@ fn an_nccl_join_without_its_peer_fails_when_its_deadline_passes() {
     assert!(waited < std::time::Duration::from_secs(30), "gave up after {waited:?}");
     eprintln!("after {waited:?}: {e}");
 }
+
+/// A communicator of one rank goes through the whole join on one GPU: the non-blocking join,
+/// the split into the blocking communicator transfers use, and the connection round (no peers).
+#[test]
+#[ignore = "needs an NVIDIA GPU and NCCL"]
+fn an_nccl_communicator_of_one_rank_joins_on_one_gpu() {
+    use dsv3_cuda::gpu::Gpu;
+    use dsv3_cuda::nccl::{unique_id, RankComm};
+    if !dsv3_cuda::nccl::available() {
+        eprintln!("no NCCL: skipped");
+        return;
+    }
+    let id = unique_id().expect("communicator id");
+    let gpu = Gpu::open(0).expect("GPU");
+    let started = std::time::Instant::now();
+    let comm = RankComm::join(&gpu, &id, 0, 1, std::time::Duration::from_secs(30)).expect("a world of one joins");
+    eprintln!("joined in {:?}", started.elapsed());
+    assert!(!comm.aborted());
+    comm.exchange(&gpu, &[], &[]).expect("an empty group");
+    comm.abort();
+    assert!(comm.aborted());
+    let e = comm
+        .exchange(&gpu, &[], &[])
+        .map(|_| ())
+        .expect_err("an aborted communicator");
+    assert!(e.to_string().contains("aborted"), "{e}");
+}
