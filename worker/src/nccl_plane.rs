@@ -260,12 +260,21 @@ impl NcclShards {
     }
 
     /// Joins every pair in use that is not joined, now and every second from now on, on
-    /// `handle`'s runtime.
+    /// `handle`'s runtime; and ends the pairs of a step stuck past its deadline.
     pub fn keep_joined(self: &Arc<Self>, handle: &Handle, transport: Transport) {
+        // The watch for a stuck step on a thread of its own: a join can take its whole deadline,
+        // and ending pairs calls into NCCL, which may wait on the device.
+        let watched = Arc::downgrade(self);
+        std::thread::spawn(move || {
+            while let Some(shards) = watched.upgrade() {
+                shards.end_a_stuck_step();
+                drop(shards);
+                std::thread::sleep(REJOIN_EVERY);
+            }
+        });
         let shards = self.clone();
         handle.spawn(async move {
             loop {
-                shards.end_a_stuck_step();
                 for &s in &shards.in_use {
                     let apart = matches!(shards.pairs[s].state.lock().as_deref(), Ok(PairState::Apart(_)));
                     if apart {
