@@ -133,7 +133,7 @@ impl ShardLink for Link {
         };
         match announced {
             Ok(comm) => {
-                self.shards.count(self.shard, exchange);
+                self.shards.count(exchange);
                 Ok(comm)
             }
             Err(e) => {
@@ -220,7 +220,7 @@ impl NcclShards {
         })
     }
 
-    fn count(&self, _shard: usize, e: LayerExchange) {
+    fn count(&self, e: LayerExchange) {
         let b = e.bytes(self.hidden);
         if let Ok(mut t) = self.totals.lock() {
             t.bytes_sent += (b.rows + b.ids + b.weights) as u64;

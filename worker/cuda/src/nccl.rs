@@ -288,15 +288,15 @@ impl RankComm {
             queued.map_err(|e| failed(describe(e)))?;
             ended.map_err(|e| failed(describe(e)))?;
         }
-        // A non-blocking communicator may still be connecting to the peer when the group ends
-        // (the first exchange): the transfers are queued once that is done.
-        self.settle(Instant::now() + CONNECT_DEADLINE)
+        // The transfer communicator is blocking and connected at the join, so the group is
+        // queued by now; NCCL's asynchronous errors (a failed peer) are reported here.
+        self.settle(Instant::now() + SETTLE_DEADLINE)
             .map_err(|e| failed(e.to_string()))
     }
 }
 
-/// The longest a first exchange may take to connect to its peer.
-const CONNECT_DEADLINE: Duration = Duration::from_secs(30);
+/// The longest an exchange waits for NCCL to report its group queued.
+const SETTLE_DEADLINE: Duration = Duration::from_secs(30);
 
 impl Drop for RankComm {
     fn drop(&mut self) {

@@ -765,6 +765,17 @@ fn attention_with_expert_shards_matches_whole_model_full_width() {
     check_attention_with_shards(&ModelFiles::Dir(dir.path().to_path_buf()), 300, 6);
 }
 
+/// Whether NCCL and `gpus` GPUs are here; otherwise says why the test is skipped.
+fn nccl_present(gpus: usize) -> bool {
+    let seen = dsv3_cuda::device_status().expect("CUDA");
+    let nccl = dsv3_cuda::nccl::available();
+    if seen < gpus || !nccl {
+        eprintln!("{seen} GPU(s) of the {gpus} needed, NCCL present: {nccl}: skipped");
+        return false;
+    }
+    true
+}
+
 /// An attention model on GPU 0 whose routed experts all run on two expert shards on GPU 1 (even
 /// and odd experts), each over an NCCL pair of its own, against the model holding every expert:
 /// the same checks as the shards reached through the host. Exchanges are announced to each
@@ -775,9 +786,7 @@ fn check_attention_with_shards_over_nccl(files: &ModelFiles, long: usize, decode
     use dsv3_cuda::ModelExperts;
     use std::sync::{mpsc, Arc, Mutex};
     use std::time::Duration;
-    let gpus = dsv3_cuda::device_status().expect("CUDA");
-    if gpus < 2 || !dsv3_cuda::nccl::available() {
-        eprintln!("{gpus} GPU(s), NCCL present: {}: skipped", dsv3_cuda::nccl::available());
+    if !nccl_present(2) {
         return;
     }
     poison();
@@ -1834,9 +1843,7 @@ fn architecture_variants_run_on_the_gpu() {
 fn nccl_exchanges_token_rows_between_two_gpus() {
     use dsv3_cuda::gpu::Gpu;
     use dsv3_cuda::nccl::{unique_id, RankComm};
-    let gpus = dsv3_cuda::device_status().expect("CUDA");
-    if gpus < 2 || !dsv3_cuda::nccl::available() {
-        eprintln!("{gpus} GPU(s), NCCL present: {}: skipped", dsv3_cuda::nccl::available());
+    if !nccl_present(2) {
         return;
     }
     let id = unique_id().expect("communicator id");
@@ -1889,8 +1896,7 @@ fn nccl_exchanges_token_rows_between_two_gpus() {
 fn two_nccl_ranks_on_one_gpu_fail_to_join_with_an_error() {
     use dsv3_cuda::gpu::Gpu;
     use dsv3_cuda::nccl::{unique_id, RankComm};
-    if !dsv3_cuda::nccl::available() {
-        eprintln!("no NCCL: skipped");
+    if !nccl_present(1) {
         return;
     }
     let id = unique_id().expect("communicator id");
@@ -1916,8 +1922,7 @@ fn two_nccl_ranks_on_one_gpu_fail_to_join_with_an_error() {
 fn an_nccl_join_without_its_peer_fails_when_its_deadline_passes() {
     use dsv3_cuda::gpu::Gpu;
     use dsv3_cuda::nccl::{unique_id, RankComm};
-    if !dsv3_cuda::nccl::available() {
-        eprintln!("no NCCL: skipped");
+    if !nccl_present(1) {
         return;
     }
     let id = unique_id().expect("communicator id");
@@ -1940,8 +1945,7 @@ fn an_nccl_join_without_its_peer_fails_when_its_deadline_passes() {
 fn an_nccl_communicator_of_one_rank_joins_on_one_gpu() {
     use dsv3_cuda::gpu::Gpu;
     use dsv3_cuda::nccl::{unique_id, RankComm};
-    if !dsv3_cuda::nccl::available() {
-        eprintln!("no NCCL: skipped");
+    if !nccl_present(1) {
         return;
     }
     let id = unique_id().expect("communicator id");

@@ -5,8 +5,8 @@
 //! both sides, the attention rank told why; a shard started without the data plane, or routing
 //! with another placement or model width, refuses the pair by name.
 
-use crate::data_plane::{expert_client, open_pair, PairHost, PairLink};
-use crate::failover_tests::free_port;
+use crate::data_plane::{expert_client, open_pair, PairControl, PairHost, PairLink};
+use crate::failover_tests::{free_port, runtime};
 use crate::grpc::{expert_server_with, serve_expert};
 use crate::placement::PlacementPlan;
 use crate::transport::Transport;
@@ -128,12 +128,23 @@ fn join_message(version: &str, hidden: usize) -> DataPlaneJoin {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
+/// Opens a pair with `shard` whose attention side's join is `join_here`: what that returned,
+/// the pair's control, and the reasons it ends with as they come.
+fn open_with<T: Send + 'static>(
+    rt: &tokio::runtime::Runtime,
+    shard: &Shard,
+    join: DataPlaneJoin,
+    join_here: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<(T, PairControl, mpsc::Receiver<String>)> {
+    let client = {
+        let _runtime = rt.enter(); // the lazy channel spawns its connection on it
+        expert_client(&shard.address, &Transport::Plain)?
+    };
+    let (ended_tx, ended) = mpsc::channel();
+    let (mine, control) = rt.block_on(open_pair(client, join, join_here, move |why| {
+        let _ = ended_tx.send(why);
+    }))?;
+    Ok((mine, control, ended))
 }
 
 /// Waits up to 5 s for `check` to hold on what the shard saw.
@@ -152,21 +163,10 @@ fn until(seen: &Mutex<Vec<Seen>>, check: impl Fn(&[Seen]) -> bool) -> Vec<Seen> 
 fn announced_exchanges_reach_the_shard_in_order_and_closing_the_pair_aborts_it() {
     let rt = runtime();
     let shard = start(&rt, true, None);
-    let (ended_tx, ended) = mpsc::channel();
-    let client = {
-        let _runtime = rt.enter(); // the lazy channel spawns its connection on it
-        expert_client(&shard.address, &Transport::Plain).expect("client")
-    };
-    let (mine, control) = rt
-        .block_on(open_pair(
-            client,
-            join_message(&plan().version, HIDDEN),
-            || Ok("this side joined"),
-            move |why| {
-                let _ = ended_tx.send(why);
-            },
-        ))
-        .expect("pair");
+    let (mine, control, ended) = open_with(&rt, &shard, join_message(&plan().version, HIDDEN), || {
+        Ok("this side joined")
+    })
+    .expect("pair");
     assert_eq!(mine, "this side joined");
     assert_eq!(
         shard.seen.lock().unwrap().first(),
@@ -202,21 +202,7 @@ fn announced_exchanges_reach_the_shard_in_order_and_closing_the_pair_aborts_it()
 fn an_exchange_the_shard_cannot_run_ends_the_pair_on_both_sides() {
     let rt = runtime();
     let shard = start(&rt, true, Some(4));
-    let (ended_tx, ended) = mpsc::channel();
-    let client = {
-        let _runtime = rt.enter(); // the lazy channel spawns its connection on it
-        expert_client(&shard.address, &Transport::Plain).expect("client")
-    };
-    let (_, control) = rt
-        .block_on(open_pair(
-            client,
-            join_message(&plan().version, HIDDEN),
-            || Ok(()),
-            move |why| {
-                let _ = ended_tx.send(why);
-            },
-        ))
-        .expect("pair");
+    let (_, control, ended) = open_with(&rt, &shard, join_message(&plan().version, HIDDEN), || Ok(())).expect("pair");
     control.announce(3, 2, 8).expect("announce");
     control.announce(4, 2, 8).expect("announce");
     let why = ended
@@ -234,14 +220,7 @@ fn an_exchange_the_shard_cannot_run_ends_the_pair_on_both_sides() {
 fn a_shard_refuses_a_pair_it_cannot_serve_by_name() {
     let rt = runtime();
     let refused = |shard: &Shard, join: DataPlaneJoin| -> String {
-        let client = {
-            let _runtime = rt.enter(); // the lazy channel spawns its connection on it
-            expert_client(&shard.address, &Transport::Plain).expect("client")
-        };
-        let e = rt
-            .block_on(open_pair(client, join, || Ok(()), |_| {}))
-            .map(|_| ())
-            .expect_err("refused");
+        let e = open_with(&rt, shard, join, || Ok(())).map(|_| ()).expect_err("refused");
         format!("{e:#}")
     };
     let grpc_only = start(&rt, false, None);

@@ -99,6 +99,15 @@ pub(crate) fn stop(rt: &tokio::runtime::Runtime, shard: RunningShard) {
     rt.block_on(shard.done).expect("shard task");
 }
 
+/// The runtime the in-process servers and clients of these tests run on.
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -138,11 +147,7 @@ struct Setup {
 
 /// Three shards serving, every expert on two of them, and an attention rank's view of them.
 fn three_shards_every_expert_twice() -> Setup {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let hot: Vec<u32> = (0..EXPERTS).collect();
     let plan = PlacementPlan::round_robin(EXPERTS, 3, EXPERTS as usize, &hot).expect("plan");
     assert_eq!(plan.fewest_copies(), 2, "{:?}", plan.shards);

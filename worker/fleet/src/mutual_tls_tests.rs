@@ -3,7 +3,7 @@
 //! with one from another CA, or that trusts another CA is turned away, and so is a server whose
 //! certificate does not name the host dialled.
 
-use crate::failover_tests::{assert_close, free_port, reference, start_over, stop, EXPERTS, WIDTH};
+use crate::failover_tests::{assert_close, free_port, reference, runtime, start_over, stop, EXPERTS, WIDTH};
 use crate::grpc::{Dtype, RemoteExperts};
 use crate::placement::PlacementPlan;
 use crate::rank::ExpertBackend;
@@ -42,14 +42,6 @@ impl Authority {
         .expect("member TLS");
         Transport::MutualTls(Arc::new(tls))
     }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
 }
 
 /// Whether a client over `transport` gets the shard's answers, waiting a little for the first
