@@ -5,7 +5,7 @@
 
 use crate::fp8_gemm::QuantizedRows;
 use crate::gpu::{int, ptr, tensor_map, u64_arg, Arg, DeviceBuf, Gpu};
-use crate::tiles::{GX_ROWS, GX_STAGES, GX_THREADS, GX_TOKENS};
+use crate::tiles::{GX_ROWS, GX_SHARED, GX_THREADS, GX_TOKENS};
 use crate::weights::{ExpertBank, Stacked};
 use anyhow::{ensure, Result};
 use cudarc::driver::sys as drv;
@@ -15,16 +15,11 @@ const TOKEN_BOX: usize = 16;
 /// Bytes of one k block of a weight row or a token row (128 e4m3 values).
 const K_BLOCK: usize = 128;
 
-/// Dynamic shared memory of `grouped_fp8_wgmma`: the stages, their scales, two barriers per
-/// stage, and room to align the stages to the 1024-byte swizzle atom.
-pub const SHARED_BYTES: usize =
-    GX_STAGES * (GX_ROWS + GX_TOKENS) * K_BLOCK + GX_STAGES * GX_TOKENS * 4 + 2 * GX_STAGES * 8 + 1024;
-
 /// Whether `grouped_fp8_wgmma` runs this bank here: a Hopper GPU (the kernels are built for
 /// sm_90a there), every matrix in whole 128 x 128 blocks, and room for the stages.
 pub fn takes(g: &Gpu, bank: &ExpertBank) -> bool {
     g.hopper
-        && SHARED_BYTES <= g.max_shared_per_block
+        && GX_SHARED <= g.max_shared_per_block
         && [&bank.gate, &bank.up, &bank.down]
             .iter()
             .all(|s| s.rows % GX_ROWS == 0 && s.cols % K_BLOCK == 0)
@@ -99,7 +94,7 @@ pub fn grouped_fp8(
         "grouped_fp8_wgmma",
         ((s.rows / GX_ROWS) as u32, tiles.max as u32, 1),
         GX_THREADS as u32,
-        SHARED_BYTES as u32,
+        GX_SHARED as u32,
         &[
             ptr(out),
             int(ldy),

@@ -1497,8 +1497,9 @@ fn prefill_error(
 }
 
 /// The Hopper expert kernel (`grouped_fp8_wgmma`) against a float64 product of the same e4m3
-/// operands and scales, over groups of every size class: empty, 1, a whole and a part of the
-/// 16/32/64/128-token tiles, several tiles of one expert, and one expert used by two groups.
+/// operands and scales, over groups of every size class: empty, 1, a whole and a part of each
+/// tile width (16 to 192 tokens), groups split into two and three even tiles, and experts used by
+/// several groups.
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn grouped_fp8_wgmma_matches_f64_reference() {
@@ -1514,7 +1515,9 @@ fn grouped_fp8_wgmma_matches_f64_reference() {
         eprintln!("no wgmma expert kernel on this GPU: skipped");
         return;
     }
-    let group_rows = [1usize, 0, 16, 17, 40, 64, 100, 128, 129, 300];
+    let group_rows = [
+        1usize, 0, 16, 17, 40, 64, 90, 100, 128, 129, 150, 170, 192, 193, 300, 400,
+    ];
     let group_expert: Vec<i32> = (0..group_rows.len()).map(|g| (g % experts) as i32).collect();
     let mut offsets = vec![0i32];
     for r in group_rows {

@@ -182,8 +182,9 @@ extern "C" __global__ void route_topk(int* experts_out, float* weights_out, cons
     }
 }
 
-// The tiles of grouped_fp8_wgmma: each group's slots in runs of GX_TOKENS (the last run shorter),
-// as (group, first slot, slots), in group order; entries past the last tile get group -1. One
+// The tiles of grouped_fp8_wgmma: each group's slots in the fewest runs of at most GX_TOKENS, as
+// even as they go (300 slots: two of 150, not 192 and 108), as (group, first slot, slots), in
+// group order; entries past the last tile get group -1. One
 // block; max_tiles bounds the list (slots / GX_TOKENS + groups always fits).
 extern "C" __global__ void expert_tiles(int* tiles, int max_tiles, const int* offsets, int groups) {
     await_previous_kernel();
@@ -192,13 +193,14 @@ extern "C" __global__ void expert_tiles(int* tiles, int max_tiles, const int* of
     for (int base = 0; base < groups; base += blockDim.x) {
         const int g = base + threadIdx.x;
         const int rows = g < groups ? offsets[g + 1] - offsets[g] : 0, runs = (rows + GX_TOKENS - 1) / GX_TOKENS;
+        const int per = runs > 0 ? (rows + runs - 1) / runs : 0;  // the runs as even as they go
         int total;
         const int at = listed + block_exclusive_scan(runs, scratch, &total);
         for (int i = 0; i < runs && at + i < max_tiles; ++i) {
             int* t = tiles + 3 * (at + i);
             t[0] = g;
-            t[1] = offsets[g] + i * GX_TOKENS;
-            t[2] = min(GX_TOKENS, rows - i * GX_TOKENS);
+            t[1] = offsets[g] + i * per;
+            t[2] = min(per, rows - i * per);
         }
         listed += total;
     }

@@ -7,17 +7,48 @@
 // narrow accumulator never carries a sum across k blocks.
 //
 // One block per (128 weight rows, one tile of a group's slots), the tiles listed by expert_tiles.
+// A tile takes up to GX_TOKENS (192) slots, so that a group of the ~128 slots a 4,096-token prefill
+// gives each expert is one tile: each block streams its 128 weight rows over every k block, and
+// a second, small tile of the same group would stream them again for a few tokens.
 // Warpgroup 0 feeds: for each k block, one thread starts the TMA copies of the weight tile
 // (128 rows x 128 bytes) and of the token tile (N rows x 128 bytes) into a free stage, and its 128
 // threads write the stage's N combined scales (token scale x weight block scale, loaded a block
-// ahead); the stage's full barrier completes when both are in. Warpgroups 1 and 2 each multiply 64 weight rows by the N
-// tokens — weights as wgmma's M operand and tokens as N, so a group's last tile takes only its
-// remainder rounded up to 16, 32 or 64 — promote, and free the stage on its empty barrier. Both
+// ahead); the stage's full barrier completes when both are in. Its registers go to the other two
+// (setmaxnreg), which each multiply 64 weight rows by the N tokens — weights as wgmma's M operand
+// and tokens as N, the tile's count rounded up to one of the widths below, up to 192 (96 partial
+// sums and 96 accumulators a thread) — promote, and free the stage on its empty barrier. Both
 // tiles are in the 128-byte swizzled layout TMA writes and wgmma reads (128-byte rows, 8-row atoms
 // of 1024 bytes). Compiled for sm_90a only.
 
 #define GX_W_BYTES (GX_ROWS * 128)
-#define GX_STAGE_BYTES (GX_W_BYTES + GX_TOKENS * 128)
+
+// A block's stages, laid out for its tile's width n: as many as GX_SHARED holds, up to
+// GX_MAX_STAGES. Stage s: the weight tile, then the token tile; after the stages, each stage's n
+// combined scales, then its full and its empty barrier. The stage and its barriers' phase advance
+// a step at a time rather than by dividing the k block by a count known only at run time: the
+// divisions made a decode step of the MoE layer ~6% slower.
+struct GxStages {
+    u32 base, bytes, full, empty;  // shared addresses; bytes of one stage
+    float* scales;
+    int count, n;
+    __device__ GxStages(unsigned char* raw, int n_) : n(n_) {
+        const u32 at = (u32)__cvta_generic_to_shared(raw);
+        base = (at + 1023) & ~1023u;  // the swizzle atoms
+        bytes = GX_W_BYTES + n * 128;
+        count = min(GX_MAX_STAGES, (int)((GX_SHARED - 1024) / (bytes + n * 4 + 16)));
+        scales = (float*)(raw + (base - at) + count * bytes);
+        full = base + count * bytes + count * n * 4;
+        empty = full + 8 * count;
+    }
+    // The stage after s; the barriers' phase flips each time the stages wrap around.
+    __device__ int next(int s, int& phase) const {
+        if (++s < count) return s;
+        phase ^= 1;
+        return 0;
+    }
+    __device__ u32 weights(int s) const { return base + s * bytes; }
+    __device__ u32 tokens(int s) const { return base + s * bytes + GX_W_BYTES; }
+};
 #define GX_BOX 16  // token rows per TMA copy
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -58,27 +89,36 @@ template <> __device__ __forceinline__ void wgmma_fp8<128>(float* d, u64 da, u64
 }
 
 
+// d[64, N] (+)= A[64, 32] · B[N, 32]ᵀ for any N in steps of 16 up to 256: the widest instructions
+// first, each on the next token rows of B (a token row is 128 bytes of the swizzled tile). The
+// accumulators of consecutive instructions lie as one instruction of their total width would lay them.
+template <int N>
+__device__ __forceinline__ void wgmma_fp8_wide(float* d, u64 da, u32 b, int accumulate) {
+    constexpr int HEAD = N >= 128 ? 128 : N >= 64 ? 64 : N >= 32 ? 32 : 16;
+    wgmma_fp8<HEAD>(d, da, smem_desc(b, 0, 1024, 1), accumulate);
+    if constexpr (N > HEAD) wgmma_fp8_wide<N - HEAD>(d + HEAD / 2, da, b + HEAD * 128, accumulate);
+}
+
 // Warpgroup `wg` (0 or 1) of the multiplying pair: weight rows wg * 64 .. + 64 of the tile by its N
 // token columns, over every k block; writes out[first + column, row] for the tile's `count` slots.
 template <int N>
-__device__ __forceinline__ void gx_multiply(float* out, int ldy, u32 stages, const float* scales, u32 full, u32 empty,
-                                            int kblocks, int row0, int first, int count) {
+__device__ __forceinline__ void gx_multiply(float* out, int ldy, const GxStages& st, int kblocks, int row0, int first,
+                                            int count) {
     const int tid = threadIdx.x - 128, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2,
               t = lane & 3;
     float acc[N / 2], part[N / 2];
 #pragma unroll
     for (int i = 0; i < N / 2; ++i) acc[i] = 0.f;
-    for (int kb = 0; kb < kblocks; ++kb) {
-        const int s = kb % GX_STAGES;
-        mbar_wait(full + 8 * s, (kb / GX_STAGES) & 1);
-        const u32 w_tile = stages + s * GX_STAGE_BYTES + wg * 64 * 128, x_tile = stages + s * GX_STAGE_BYTES + GX_W_BYTES;
+    for (int kb = 0, s = 0, phase = 0; kb < kblocks; ++kb, s = st.next(s, phase)) {
+        mbar_wait(st.full + 8 * s, phase);
+        const u32 w_tile = st.weights(s) + wg * 64 * 128, x_tile = st.tokens(s);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk)
-            wgmma_fp8<N>(part, smem_desc(w_tile + kk * 32, 0, 1024, 1), smem_desc(x_tile + kk * 32, 0, 1024, 1), kk);
+            wgmma_fp8_wide<N>(part, smem_desc(w_tile + kk * 32, 0, 1024, 1), x_tile + kk * 32, kk);
         wgmma_commit();
         wgmma_wait_all();
-        const float* sc = scales + s * GX_TOKENS;
+        const float* sc = st.scales + s * N;
 #pragma unroll
         for (int j = 0; j < N / 8; ++j) {
             hold(part[4 * j]);
@@ -91,7 +131,7 @@ __device__ __forceinline__ void gx_multiply(float* out, int ldy, u32 stages, con
             acc[4 * j + 2] += part[4 * j + 2] * c.x;
             acc[4 * j + 3] += part[4 * j + 3] * c.y;
         }
-        mbar_arrive(empty + 8 * s);
+        mbar_arrive(st.empty + 8 * s);
     }
     const int r = row0 + wg * 64 + warp * 16 + g;
 #pragma unroll
@@ -126,50 +166,65 @@ grouped_fp8_wgmma(float* out, int ldy, const __grid_constant__ TensorMap x_map, 
     const int grp = tile[0];
     if (grp < 0) return;
     const int first = tile[1], count = tile[2];
-    const int n = count <= 16 ? 16 : count <= 32 ? 32 : count <= 64 ? 64 : 128;
+    // The token columns multiplied: the count rounded up to one of the kernel's widths.
+    const int n = count <= 16 ? 16 : count <= 32 ? 32 : count <= 64 ? 64 : count <= 96 ? 96 : count <= 128 ? 128
+                : count <= 144 ? 144 : count <= 160 ? 160 : 192;
     const int e = group_expert[grp], g_first = offsets[grp], g_rows = offsets[grp + 1] - g_first;
     const int rb = blockIdx.x, kblocks = k / 128, tid = threadIdx.x;
-    const u32 raw = (u32)__cvta_generic_to_shared(smem_raw);
-    const u32 stages = (raw + 1023) & ~1023u;  // 1024-byte aligned: the swizzle atoms
-    float* scales = (float*)(smem_raw + (stages - raw) + GX_STAGES * GX_STAGE_BYTES);
-    const u32 full = stages + GX_STAGES * GX_STAGE_BYTES + GX_STAGES * GX_TOKENS * 4, empty = full + 8 * GX_STAGES;
+    const GxStages st(smem_raw, n);
+    const bool wide = n > 128;  // more partial sums and accumulators than 168 registers hold
     if (tid == 0) {
-        for (int s = 0; s < GX_STAGES; ++s) {
-            mbar_init(full + 8 * s, 128);
-            mbar_init(empty + 8 * s, 256);
+        for (int s = 0; s < st.count; ++s) {
+            mbar_init(st.full + 8 * s, 128);
+            mbar_init(st.empty + 8 * s, 256);
         }
         mbar_init_fence();
     }
     __syncthreads();
-    if (tid < 128) {
+    if (tid < 128) {  // the feeding warpgroup: its registers go to the multiplying ones
+        if (wide) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
         const float* ws = w_scales + (size_t)e * w_scale_stride + (size_t)rb * kblocks;
         const float* xs = x_scales + (size_t)g_first * kblocks + (first - g_first);  // [kb][g_rows]
-        // This thread's token's combined scale, loaded a k block ahead so the load's latency
-        // passes while the stage is still in use.
-        auto scale_at = [&](int kb) { return tid < count ? xs[(size_t)kb * g_rows + tid] * ws[kb] : 0.f; };
-        float scale = scale_at(0);
-        for (int kb = 0; kb < kblocks; ++kb) {
-            const int s = kb % GX_STAGES;
-            const u32 bar = full + 8 * s;
-            mbar_wait(empty + 8 * s, ((kb / GX_STAGES) & 1) ^ 1);
+        // This thread's tokens' combined scales (tokens tid and tid + 128), loaded a k block ahead
+        // so the loads' latency passes while the stage is still in use.
+        auto scale_at = [&](int kb, int c) { return c < count ? xs[(size_t)kb * g_rows + c] * ws[kb] : 0.f; };
+        float scale = scale_at(0, tid), scale2 = scale_at(0, tid + 128);
+        for (int kb = 0, s = 0, phase = 0; kb < kblocks; ++kb, s = st.next(s, phase)) {
+            const u32 bar = st.full + 8 * s;
+            mbar_wait(st.empty + 8 * s, phase ^ 1);
             if (tid == 0) {  // the copies first: they take longest
-                const u32 w_dst = stages + s * GX_STAGE_BYTES;
                 mbar_expect(bar, GX_W_BYTES + n * 128);
-                tma_load_2d(w_dst, &w_map, kb * 128, e * rows + rb * GX_ROWS, bar);
+                tma_load_2d(st.weights(s), &w_map, kb * 128, e * rows + rb * GX_ROWS, bar);
                 for (int i = 0; i < n / GX_BOX; ++i)
-                    tma_load_2d(w_dst + GX_W_BYTES + i * GX_BOX * 128, &x_map, kb * 128, first + i * GX_BOX, bar);
+                    tma_load_2d(st.tokens(s) + i * GX_BOX * 128, &x_map, kb * 128, first + i * GX_BOX, bar);
             }
-            scales[s * GX_TOKENS + tid] = scale;
-            if (kb + 1 < kblocks) scale = scale_at(kb + 1);
+            float* sc = st.scales + s * n;
+            if (tid < n) sc[tid] = scale;
+            if (tid + 128 < n) sc[tid + 128] = scale2;
+            if (kb + 1 < kblocks) {
+                scale = scale_at(kb + 1, tid);
+                scale2 = scale_at(kb + 1, tid + 128);
+            }
             mbar_arrive(bar);
         }
         return;
     }
+    const int row0 = rb * GX_ROWS;
+    if (wide) {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+        switch (n) {
+        case 144: gx_multiply<144>(out, ldy, st, kblocks, row0, first, count); break;
+        case 160: gx_multiply<160>(out, ldy, st, kblocks, row0, first, count); break;
+        default: gx_multiply<192>(out, ldy, st, kblocks, row0, first, count); break;
+        }
+        return;
+    }
     switch (n) {
-    case 16: gx_multiply<16>(out, ldy, stages, scales, full, empty, kblocks, rb * GX_ROWS, first, count); break;
-    case 32: gx_multiply<32>(out, ldy, stages, scales, full, empty, kblocks, rb * GX_ROWS, first, count); break;
-    case 64: gx_multiply<64>(out, ldy, stages, scales, full, empty, kblocks, rb * GX_ROWS, first, count); break;
-    default: gx_multiply<128>(out, ldy, stages, scales, full, empty, kblocks, rb * GX_ROWS, first, count); break;
+    case 16: gx_multiply<16>(out, ldy, st, kblocks, row0, first, count); break;
+    case 32: gx_multiply<32>(out, ldy, st, kblocks, row0, first, count); break;
+    case 64: gx_multiply<64>(out, ldy, st, kblocks, row0, first, count); break;
+    case 96: gx_multiply<96>(out, ldy, st, kblocks, row0, first, count); break;
+    default: gx_multiply<128>(out, ldy, st, kblocks, row0, first, count); break;
     }
 #endif
 }
