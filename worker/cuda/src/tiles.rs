@@ -43,10 +43,10 @@ pub const GX_ROWS: usize = 128;
 /// evenly. 192 columns keep a multiplying thread's partial sums and accumulators in 232 registers.
 pub const GX_TOKENS: usize = 192;
 /// Dynamic shared memory of `grouped_fp8_wgmma`: five stages of the widest tile (its weights, its
-/// tokens, their scales and two barriers each) and room to align them to the 1024-byte swizzle
-/// atom. A block lays out as many stages as fit for its own tile's width, up to
-/// [`GX_MAX_STAGES`]: 6 up to 128 tokens, 5 above.
-pub const GX_SHARED: usize = 5 * ((GX_ROWS + GX_TOKENS) * 128 + GX_TOKENS * 4 + 16) + 1024;
+/// tokens, their scales, the weight block's scale and two barriers each) and room to align them
+/// to the 1024-byte swizzle atom. A block lays out as many stages as fit for its own tile's
+/// width, up to [`GX_MAX_STAGES`]: 6 up to 128 tokens, 5 above.
+pub const GX_SHARED: usize = 5 * ((GX_ROWS + GX_TOKENS) * 128 + GX_TOKENS * 4 + 32) + 1024;
 /// Most k blocks in flight per `grouped_fp8_wgmma` block. More made no difference to narrow
 /// (decode) tiles: 4, 5, 6, 8 and 11 measured within noise of each other on one H200.
 pub const GX_MAX_STAGES: usize = 6;

@@ -209,6 +209,15 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
         "r"(parity)
         : "memory");
 }
+// Copies 4 bytes from global to shared memory without waiting (cp.async); `bytes` 0 writes a zero
+// and reads nothing.
+__device__ __forceinline__ void cp_async_4(u32 dst, const void* src, u32 bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+// One of the barrier's arrivals, made once this thread's cp.async copies so far have landed.
+__device__ __forceinline__ void cp_async_arrive(u32 bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
 // A 4-D box of `map` at coordinates (c0, c1, c2, c3) into shared memory, completing on `bar`.
 __device__ __forceinline__ void tma_load_4d(u32 dst, const TensorMap* map, int c0, int c1, int c2, int c3, u32 bar) {
     asm volatile(

@@ -12,8 +12,8 @@
 // a second, small tile of the same group would stream them again for a few tokens.
 // Warpgroup 0 feeds: for each k block, one thread starts the TMA copies of the weight tile
 // (128 rows x 128 bytes) and of the token tile (N rows x 128 bytes) into a free stage, and its 128
-// threads write the stage's N combined scales (token scale x weight block scale, loaded a block
-// ahead); the stage's full barrier completes when both are in. Its registers go to the other two
+// threads copy the stage's N token scales and its weight block's scale by cp.async; the stage's
+// full barrier completes when the copies and the scales are in. Its registers go to the other two
 // (setmaxnreg), which each multiply 64 weight rows by the N tokens — weights as wgmma's M operand
 // and tokens as N, the tile's count rounded up to one of the widths below, up to 192 (96 partial
 // sums and 96 accumulators a thread) — promote, and free the stage on its empty barrier. Both
@@ -29,15 +29,20 @@
 // divisions made a decode step of the MoE layer ~6% slower.
 struct GxStages {
     u32 base, bytes, full, empty;  // shared addresses; bytes of one stage
-    float* scales;
+    u32 token_scales, weight_scales;  // shared addresses: each stage's n token scales; its weight block's
+    const float* scales;               // the token scales, for reading
+    const float* weight_scale;         // the weight blocks' scales, for reading (one per 16 bytes)
     int count, n;
     __device__ GxStages(unsigned char* raw, int n_) : n(n_) {
         const u32 at = (u32)__cvta_generic_to_shared(raw);
         base = (at + 1023) & ~1023u;  // the swizzle atoms
         bytes = GX_W_BYTES + n * 128;
-        count = min(GX_MAX_STAGES, (int)((GX_SHARED - 1024) / (bytes + n * 4 + 16)));
-        scales = (float*)(raw + (base - at) + count * bytes);
-        full = base + count * bytes + count * n * 4;
+        count = min(GX_MAX_STAGES, (int)((GX_SHARED - 1024) / (bytes + n * 4 + 32)));
+        token_scales = base + count * bytes;
+        scales = (const float*)(raw + (token_scales - at));
+        weight_scales = token_scales + count * n * 4;
+        weight_scale = (const float*)(raw + (weight_scales - at));
+        full = weight_scales + count * 16;
         empty = full + 8 * count;
     }
     // The stage after s; the barriers' phase flips each time the stages wrap around.
@@ -119,6 +124,7 @@ __device__ __forceinline__ void gx_multiply(float* out, int ldy, const GxStages&
         wgmma_commit();
         wgmma_wait_all();
         const float* sc = st.scales + s * N;
+        const float wsc = st.weight_scale[4 * s];
 #pragma unroll
         for (int j = 0; j < N / 8; ++j) {
             hold(part[4 * j]);
@@ -126,6 +132,8 @@ __device__ __forceinline__ void gx_multiply(float* out, int ldy, const GxStages&
             hold(part[4 * j + 2]);
             hold(part[4 * j + 3]);
             float2 c = *(const float2*)(sc + 8 * j + 2 * t);
+            c.x *= wsc;
+            c.y *= wsc;
             acc[4 * j] += part[4 * j] * c.x;
             acc[4 * j + 1] += part[4 * j + 1] * c.y;
             acc[4 * j + 2] += part[4 * j + 2] * c.x;
@@ -185,10 +193,10 @@ grouped_fp8_wgmma(float* out, int ldy, const __grid_constant__ TensorMap x_map, 
         if (wide) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
         const float* ws = w_scales + (size_t)e * w_scale_stride + (size_t)rb * kblocks;
         const float* xs = x_scales + (size_t)g_first * kblocks + (first - g_first);  // [kb][g_rows]
-        // This thread's tokens' combined scales (tokens tid and tid + 128), loaded a k block ahead
-        // so the loads' latency passes while the stage is still in use.
-        auto scale_at = [&](int kb, int c) { return c < count ? xs[(size_t)kb * g_rows + c] * ws[kb] : 0.f; };
-        float scale = scale_at(0, tid), scale2 = scale_at(0, tid + 128);
+        // The scales travel by cp.async and each thread's arrival waits for its copies, so no
+        // thread waits for a load: waiting for each k block's scales before the next (a load's
+        // latency a k block) paced the whole product.
+        const int c0 = tid, c1 = tid + 128;
         for (int kb = 0, s = 0, phase = 0; kb < kblocks; ++kb, s = st.next(s, phase)) {
             const u32 bar = st.full + 8 * s;
             mbar_wait(st.empty + 8 * s, phase ^ 1);
@@ -198,14 +206,13 @@ grouped_fp8_wgmma(float* out, int ldy, const __grid_constant__ TensorMap x_map, 
                 for (int i = 0; i < n / GX_BOX; ++i)
                     tma_load_2d(st.tokens(s) + i * GX_BOX * 128, &x_map, kb * 128, first + i * GX_BOX, bar);
             }
-            float* sc = st.scales + s * n;
-            if (tid < n) sc[tid] = scale;
-            if (tid + 128 < n) sc[tid + 128] = scale2;
-            if (kb + 1 < kblocks) {
-                scale = scale_at(kb + 1, tid);
-                scale2 = scale_at(kb + 1, tid + 128);
-            }
-            mbar_arrive(bar);
+            const float* row = xs + (size_t)kb * g_rows;
+            const u32 sc = st.token_scales + 4 * s * n;
+            // Columns past the tile's slots get zeros (their sums are never stored).
+            if (c0 < n) cp_async_4(sc + 4 * c0, row + min(c0, count - 1), c0 < count ? 4 : 0);
+            if (c1 < n) cp_async_4(sc + 4 * c1, row + min(c1, count - 1), c1 < count ? 4 : 0);
+            if (tid == 0) cp_async_4(st.weight_scales + 16 * s, ws + kb, 4);
+            cp_async_arrive(bar);
         }
         return;
     }
