@@ -184,8 +184,8 @@ extern "C" __global__ void route_topk(int* experts_out, float* weights_out, cons
 
 // The tiles of grouped_fp8_wgmma: each group's slots in the fewest runs of at most GX_TOKENS, as
 // even as they go (300 slots: two of 150, not 192 and 108), as (group, first slot, slots), in
-// group order; entries past the last tile get group -1. One
-// block; max_tiles bounds the list (slots / GX_TOKENS + groups always fits).
+// group order; entries past the last tile get group -1. One block; max_tiles bounds the list
+// (slots / GX_TOKENS + groups always fits).
 extern "C" __global__ void expert_tiles(int* tiles, int max_tiles, const int* offsets, int groups) {
     await_previous_kernel();
     __shared__ int scratch[32];

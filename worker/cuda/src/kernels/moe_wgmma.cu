@@ -24,16 +24,17 @@
 
 // A block's stages, laid out for its tile's width n: as many as GX_SHARED holds, up to
 // GX_MAX_STAGES. Stage s: the weight tile, then the token tile; after the stages, each stage's n
-// combined scales, then its full and its empty barrier. The stage and its barriers' phase advance
-// a step at a time rather than by dividing the k block by a count known only at run time: the
-// divisions made a decode step of the MoE layer ~6% slower.
+// token scales, then each stage's weight block scale (16 bytes apart), then each stage's full and
+// empty barrier. The stage and its barriers' phase advance a step at a time rather than by
+// dividing the k block by a count known only at run time: the divisions made a decode step of the
+// MoE layer ~6% slower.
 struct GxStages {
     u32 base, bytes, full, empty;  // shared addresses; bytes of one stage
     u32 token_scales, weight_scales;  // shared addresses: each stage's n token scales; its weight block's
     const float* scales;               // the token scales, for reading
-    const float* weight_scale;         // the weight blocks' scales, for reading (one per 16 bytes)
-    int count, n;
-    __device__ GxStages(unsigned char* raw, int n_) : n(n_) {
+    const float* weight_scale;         // the weight blocks' scales, for reading
+    int count;
+    __device__ GxStages(unsigned char* raw, int n) {
         const u32 at = (u32)__cvta_generic_to_shared(raw);
         base = (at + 1023) & ~1023u;  // the swizzle atoms
         bytes = GX_W_BYTES + n * 128;
