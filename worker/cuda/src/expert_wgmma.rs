@@ -7,13 +7,49 @@ use crate::fp8_gemm::QuantizedRows;
 use crate::gpu::{int, ptr, tensor_map, u64_arg, Arg, DeviceBuf, Gpu};
 use crate::tiles::{GX_ROWS, GX_SHARED, GX_THREADS, GX_TOKENS};
 use crate::weights::{ExpertBank, Stacked};
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 use cudarc::driver::sys as drv;
 
 /// Token rows per TMA copy of the token tile (`GX_BOX` in the kernel).
 const TOKEN_BOX: usize = 16;
 /// Bytes of one k block of a weight row or a token row (128 e4m3 values).
 const K_BLOCK: usize = 128;
+
+/// The parts of `grouped_fp8_wgmma` that `DSV3_EXPERT_PROBE` can switch off to time the rest
+/// (the tables of BENCHMARKS.md, "Routed experts at prefill"), by name, and their bit in the
+/// kernel's `GX_PROBE`. Any of them makes the products wrong: for benchmarks only.
+pub const PROBES: [(&str, u32); 4] = [
+    ("weight-tiles", 1), // the weight tiles are copied for the first stages only
+    ("token-tiles", 2),  // the same for the token tiles
+    ("token-scales", 4), // the promotion multiplies by the weight block's scale only
+    ("promotion", 8),    // no promotion: the products are waited for and dropped
+];
+
+/// `GX_PROBE` for a comma-separated list of [`PROBES`] names (empty: 0); an unknown name is an
+/// error that lists the known ones.
+pub fn probe_bits(list: &str) -> Result<u32> {
+    let mut bits = 0;
+    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let Some((_, bit)) = PROBES.iter().find(|(known, _)| *known == name) else {
+            let known: Vec<&str> = PROBES.iter().map(|(n, _)| *n).collect();
+            bail!("DSV3_EXPERT_PROBE: unknown part `{name}` (known: {})", known.join(", "));
+        };
+        bits |= bit;
+    }
+    Ok(bits)
+}
+
+/// The `-DGX_PROBE=` option `DSV3_EXPERT_PROBE` asks for, if any.
+pub fn probe_option() -> Result<Option<String>> {
+    let Some(list) = std::env::var_os("DSV3_EXPERT_PROBE") else {
+        return Ok(None);
+    };
+    let list = list
+        .into_string()
+        .map_err(|_| anyhow::anyhow!("DSV3_EXPERT_PROBE is not UTF-8"))?;
+    let bits = probe_bits(&list)?;
+    Ok((bits != 0).then(|| format!("-DGX_PROBE={bits}")))
+}
 
 /// Whether `grouped_fp8_wgmma` runs this bank here: a Hopper GPU (the kernels are built for
 /// sm_90a there), every matrix in whole 128 x 128 blocks, and room for the stages.
@@ -110,4 +146,18 @@ pub fn grouped_fp8(
             int(s.cols),
         ],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_names_map_to_their_bits_and_unknown_ones_are_refused() {
+        assert_eq!(probe_bits("").unwrap(), 0);
+        assert_eq!(probe_bits("weight-tiles,token-tiles").unwrap(), 3);
+        assert_eq!(probe_bits(" promotion , token-scales ").unwrap(), 12);
+        let err = probe_bits("weight-tiles,loads").unwrap_err().to_string();
+        assert!(err.contains("`loads`") && err.contains("token-scales"), "{err}");
+    }
 }

@@ -153,7 +153,7 @@ pub fn compile_kernels(arch: &'static str) -> Result<Vec<Ptx>> {
     per_family(|_, source| {
         let opts = CompileOptions {
             arch: Some(arch),
-            options: crate::kernel_cache::base_options(),
+            options: crate::kernel_cache::base_options()?,
             ..Default::default()
         };
         compile_ptx_with_opts(source, opts).map_err(|e| anyhow!("compiling the CUDA kernels failed: {e}"))
@@ -179,6 +179,12 @@ fn load_kernels(ctx: &Arc<CudaContext>) -> Result<(Vec<Arc<cudarc::driver::CudaM
         (9, 0) => "sm_90a".to_string(),
         _ => format!("sm_{major}{minor}"),
     };
+    if let Some(probe) = crate::expert_wgmma::probe_option()? {
+        eprintln!(
+            "CUDA kernels: DSV3_EXPERT_PROBE switches parts of the routed experts' product off ({probe}): \
+             its results are wrong, for timing only"
+        );
+    }
     let cache = crate::kernel_cache::default_cache_dir();
     let images = per_family(|_, source| kernel_image(source, &arch, cache.as_deref()))?;
     // One line for the start: how many families were compiled (in parallel, so the slowest one

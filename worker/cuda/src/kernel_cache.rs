@@ -50,25 +50,27 @@ fn nvrtc_version() -> Result<(i32, i32)> {
     Ok((major, minor))
 }
 
-/// The options of every compile but the architecture: the fixed ones and the tile definitions.
-pub(crate) fn base_options() -> Vec<String> {
+/// The options of every compile but the architecture: the fixed ones, the tile definitions and
+/// the expert kernel's probe when one is asked for (`DSV3_EXPERT_PROBE`).
+pub(crate) fn base_options() -> Result<Vec<String>> {
     let mut options: Vec<String> = OPTIONS.iter().map(|o| o.to_string()).collect();
     options.extend(crate::tiles::defines());
-    options
+    options.extend(crate::expert_wgmma::probe_option()?);
+    Ok(options)
 }
 
 /// The options of a compile for `arch`.
-fn options(arch: &str) -> Vec<String> {
-    let mut options = base_options();
+fn options(arch: &str) -> Result<Vec<String>> {
+    let mut options = base_options()?;
     options.push(format!("--gpu-architecture={arch}"));
-    options
+    Ok(options)
 }
 
 /// The cache file name for `source` built for `arch` (e.g. `sm_90`) by this NVRTC.
 fn cache_key(source: &str, arch: &str) -> Result<String> {
     let (major, minor) = nvrtc_version()?;
     let mut h = Sha256::new();
-    for part in [source, &options(arch).join(" "), &format!("nvrtc {major}.{minor}")] {
+    for part in [source, &options(arch)?.join(" "), &format!("nvrtc {major}.{minor}")] {
         h.update(part.as_bytes());
         h.update([0]);
     }
@@ -83,9 +85,10 @@ pub fn compile_cubin(source: &str, arch: &str) -> Result<Vec<u8>> {
         bail!("NVRTC (libnvrtc) was not found: put the CUDA toolkit's lib directory on LD_LIBRARY_PATH");
     }
     let src = CString::new(source).context("kernel source holds a NUL byte")?;
+    let options = options(arch)?;
     let prog = nvrtc::create_program(&src, None).map_err(|e| anyhow!("NVRTC program: {e:?}"))?;
     // SAFETY: `prog` was made above and is destroyed once below, after its last use.
-    let compiled = unsafe { nvrtc::compile_program(prog, &options(arch)) };
+    let compiled = unsafe { nvrtc::compile_program(prog, &options) };
     let result = match compiled {
         Err(e) => {
             // SAFETY: as above.

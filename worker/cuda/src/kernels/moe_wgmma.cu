@@ -21,6 +21,12 @@
 // of 1024 bytes). Compiled for sm_90a only.
 
 #define GX_W_BYTES (GX_ROWS * 128)
+// Parts switched off to time the rest (DSV3_EXPERT_PROBE, expert_wgmma.rs PROBES): bit 0 the
+// weight tiles and bit 1 the token tiles after the first stages, bit 2 the token scales in the
+// promotion, bit 3 the promotion. 0 in service.
+#ifndef GX_PROBE
+#define GX_PROBE 0
+#endif
 
 // A block's stages, laid out for its tile's width n: as many as GX_SHARED holds, up to
 // GX_MAX_STAGES. Stage s: the weight tile, then the token tile; after the stages, each stage's n
@@ -126,6 +132,16 @@ __device__ __forceinline__ void gx_multiply(float* out, int ldy, const GxStages&
         wgmma_wait_all();
         const float* sc = st.scales + s * N;
         const float wsc = st.weight_scale[4 * s];
+        if (GX_PROBE & 8) {  // no promotion
+#pragma unroll
+            for (int i = 0; i < N / 2; ++i) hold(part[i]);
+        } else if (GX_PROBE & 4) {  // the weight block's scale only
+#pragma unroll
+            for (int i = 0; i < N / 2; ++i) {
+                hold(part[i]);
+                acc[i] += part[i] * wsc;
+            }
+        } else
 #pragma unroll
         for (int j = 0; j < N / 8; ++j) {
             hold(part[4 * j]);
@@ -202,9 +218,10 @@ grouped_fp8_wgmma(float* out, int ldy, const __grid_constant__ TensorMap x_map, 
             const u32 bar = st.full + 8 * s;
             mbar_wait(st.empty + 8 * s, phase ^ 1);
             if (tid == 0) {  // the copies first: they take longest
-                mbar_expect(bar, GX_W_BYTES + n * 128);
-                tma_load_2d(st.weights(s), &w_map, kb * 128, e * rows + rb * GX_ROWS, bar);
-                for (int i = 0; i < n / GX_BOX; ++i)
+                const bool weights = !(GX_PROBE & 1) || kb < st.count, tokens = !(GX_PROBE & 2) || kb < st.count;
+                mbar_expect(bar, (weights ? GX_W_BYTES : 0) + (tokens ? n * 128 : 0));
+                if (weights) tma_load_2d(st.weights(s), &w_map, kb * 128, e * rows + rb * GX_ROWS, bar);
+                for (int i = 0; tokens && i < n / GX_BOX; ++i)
                     tma_load_2d(st.tokens(s) + i * GX_BOX * 128, &x_map, kb * 128, first + i * GX_BOX, bar);
             }
             const float* row = xs + (size_t)kb * g_rows;
