@@ -141,20 +141,21 @@ __device__ __forceinline__ void gx_multiply(float* out, int ldy, const GxStages&
                 hold(part[i]);
                 acc[i] += part[i] * wsc;
             }
-        } else
+        } else {
 #pragma unroll
-        for (int j = 0; j < N / 8; ++j) {
-            hold(part[4 * j]);
-            hold(part[4 * j + 1]);
-            hold(part[4 * j + 2]);
-            hold(part[4 * j + 3]);
-            float2 c = *(const float2*)(sc + 8 * j + 2 * t);
-            c.x *= wsc;
-            c.y *= wsc;
-            acc[4 * j] += part[4 * j] * c.x;
-            acc[4 * j + 1] += part[4 * j + 1] * c.y;
-            acc[4 * j + 2] += part[4 * j + 2] * c.x;
-            acc[4 * j + 3] += part[4 * j + 3] * c.y;
+            for (int j = 0; j < N / 8; ++j) {
+                hold(part[4 * j]);
+                hold(part[4 * j + 1]);
+                hold(part[4 * j + 2]);
+                hold(part[4 * j + 3]);
+                float2 c = *(const float2*)(sc + 8 * j + 2 * t);
+                c.x *= wsc;
+                c.y *= wsc;
+                acc[4 * j] += part[4 * j] * c.x;
+                acc[4 * j + 1] += part[4 * j + 1] * c.y;
+                acc[4 * j + 2] += part[4 * j + 2] * c.x;
+                acc[4 * j + 3] += part[4 * j + 3] * c.y;
+            }
         }
         mbar_arrive(st.empty + 8 * s);
     }
