@@ -22,7 +22,7 @@ pub const PROBES: [(&str, u32); 4] = [
     ("weight-tiles", 1), // the weight tiles are copied for the first stages only
     ("token-tiles", 2),  // the same for the token tiles
     ("token-scales", 4), // the promotion multiplies by the weight block's scale only
-    ("promotion", 8),    // no promotion: the products are waited for and dropped
+    ("promotion", 8),    // no promotion: the products run, only the last k block's are kept
 ];
 
 /// `GX_PROBE` for a comma-separated list of [`PROBES`] names (empty: 0); an unknown name is an
