@@ -154,8 +154,10 @@ fn start_fleet_of(attention: usize, experts: usize, extra: &[&str]) -> Fleet {
         members,
         restarted: Vec::new(),
     };
+    // Generous: CI runs these tests side by side on two cores, each starting several processes
+    // (a fleet took over 60 s there once, with serve and another fleet starting beside it).
     assert!(
-        wait_ready(&fleet.base, Duration::from_secs(60)),
+        wait_ready(&fleet.base, Duration::from_secs(180)),
         "fleet did not become ready"
     );
     fleet
