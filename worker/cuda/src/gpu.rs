@@ -179,10 +179,12 @@ fn load_kernels(ctx: &Arc<CudaContext>) -> Result<(Vec<Arc<cudarc::driver::CudaM
         (9, 0) => "sm_90a".to_string(),
         _ => format!("sm_{major}{minor}"),
     };
-    if let Some(probe) = crate::expert_wgmma::probe_option()? {
+    let probes = crate::expert_wgmma::probe_options()?;
+    if !probes.is_empty() {
         eprintln!(
-            "CUDA kernels: DSV3_EXPERT_PROBE switches parts of the routed experts' product off ({probe}): \
-             its results are wrong, for timing only"
+            "CUDA kernels: DSV3_EXPERT_PROBE switches parts of the routed experts' product off ({}): \
+             its results are wrong, for timing only",
+            probes.join(" ")
         );
     }
     let cache = crate::kernel_cache::default_cache_dir();

@@ -55,7 +55,7 @@ fn nvrtc_version() -> Result<(i32, i32)> {
 pub(crate) fn base_options() -> Result<Vec<String>> {
     let mut options: Vec<String> = OPTIONS.iter().map(|o| o.to_string()).collect();
     options.extend(crate::tiles::defines());
-    options.extend(crate::expert_wgmma::probe_option()?);
+    options.extend(crate::expert_wgmma::probe_options()?);
     Ok(options)
 }
 

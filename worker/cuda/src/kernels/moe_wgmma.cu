@@ -21,11 +21,19 @@
 // of 1024 bytes). Compiled for sm_90a only.
 
 #define GX_W_BYTES (GX_ROWS * 128)
-// Parts switched off to time the rest (DSV3_EXPERT_PROBE, expert_wgmma.rs PROBES): bit 0 the
-// weight tiles and bit 1 the token tiles after the first stages, bit 2 the token scales in the
-// promotion, bit 3 the promotion (the products still run). 0 in service.
-#ifndef GX_PROBE
-#define GX_PROBE 0
+// Parts switched off to time the rest (DSV3_EXPERT_PROBE; the names and what each does:
+// expert_wgmma.rs PROBES). All 0 in service.
+#ifndef GX_PROBE_WEIGHT_TILES
+#define GX_PROBE_WEIGHT_TILES 0
+#endif
+#ifndef GX_PROBE_TOKEN_TILES
+#define GX_PROBE_TOKEN_TILES 0
+#endif
+#ifndef GX_PROBE_TOKEN_SCALES
+#define GX_PROBE_TOKEN_SCALES 0
+#endif
+#ifndef GX_PROBE_PROMOTION
+#define GX_PROBE_PROMOTION 0
 #endif
 
 // A block's stages, laid out for its tile's width n: as many as GX_SHARED holds, up to
@@ -132,8 +140,8 @@ __device__ __forceinline__ void gx_multiply(float* out, int ldy, const GxStages&
         wgmma_wait_all();
         const float* sc = st.scales + s * N;
         const float wsc = st.weight_scale[4 * s];
-        if (GX_PROBE & 8) {  // no promotion: the last k block's sums kept, unscaled, so that
-                             // ptxas keeps the products (it drops a wgmma whose sums go unread)
+        if (GX_PROBE_PROMOTION) {  // no promotion: the last k block's sums kept, unscaled, so that
+                                   // ptxas keeps the products (it drops a wgmma whose sums go unread)
             if (kb + 1 == kblocks) {
 #pragma unroll
                 for (int i = 0; i < N / 2; ++i) {
@@ -141,7 +149,7 @@ __device__ __forceinline__ void gx_multiply(float* out, int ldy, const GxStages&
                     acc[i] = part[i];
                 }
             }
-        } else if (GX_PROBE & 4) {  // the weight block's scale only
+        } else if (GX_PROBE_TOKEN_SCALES) {  // the weight block's scale only
 #pragma unroll
             for (int i = 0; i < N / 2; ++i) {
                 hold(part[i]);
@@ -225,7 +233,7 @@ grouped_fp8_wgmma(float* out, int ldy, const __grid_constant__ TensorMap x_map, 
             const u32 bar = st.full + 8 * s;
             mbar_wait(st.empty + 8 * s, phase ^ 1);
             if (tid == 0) {  // the copies first: they take longest
-                const bool weights = !(GX_PROBE & 1) || kb < st.count, tokens = !(GX_PROBE & 2) || kb < st.count;
+                const bool weights = !GX_PROBE_WEIGHT_TILES || kb < st.count, tokens = !GX_PROBE_TOKEN_TILES || kb < st.count;
                 mbar_expect(bar, (weights ? GX_W_BYTES : 0) + (tokens ? n * 128 : 0));
                 if (weights) tma_load_2d(st.weights(s), &w_map, kb * 128, e * rows + rb * GX_ROWS, bar);
                 for (int i = 0; tokens && i < n / GX_BOX; ++i)
