@@ -4,6 +4,8 @@
 //! next to its floor (bytes over the measured copy bandwidth, FLOPs over the FP8 matrix peak)
 //! and next to transformers on the same shapes when its results file is given.
 
+use crate::kernels;
+use crate::launch::ptr;
 use crate::model::CudaModel;
 use anyhow::{Context, Result};
 use dsv3_engine::{Chunk, Fp8Activations, ModelConfig, Outputs, TokenChoice, TokenPick};
@@ -105,17 +107,7 @@ fn copy_bandwidth(model: &CudaModel) -> Result<f64> {
     let g = &model.gpu;
     let bytes = 2usize << 30;
     let (a, b) = (g.alloc(bytes)?, g.alloc(bytes)?);
-    g.launch_1d(
-        "random_f32",
-        bytes / 4,
-        &[
-            crate::gpu::ptr(a.addr),
-            crate::gpu::u64_arg((bytes / 4) as u64),
-            crate::gpu::u64_arg(3),
-            crate::gpu::float(-1.0),
-            crate::gpu::float(1.0),
-        ],
-    )?;
+    kernels::random_f32.launch_1d(g, bytes / 4, (ptr(a.addr), (bytes / 4) as u64, 3, -1.0, 1.0))?;
     let copy = || -> Result<()> {
         // SAFETY: both buffers hold `bytes` bytes.
         unsafe { cudarc::driver::result::memcpy_dtod_async(b.addr, a.addr, bytes, g.stream.cu_stream())? };

@@ -6,7 +6,9 @@
 //! prompt, beside torch's scaled-dot-product attention on the same shapes when its result is given.
 
 use crate::bench::median;
-use crate::gpu::{float, ptr, u64_arg, DeviceBuf, Gpu};
+use crate::gpu::{DeviceBuf, Gpu};
+use crate::kernels;
+use crate::launch::ptr;
 use crate::mla_decode::{mla_decode, DecodeBuffers, DecodeKernel, LatentShape, PagedRows};
 use crate::mla_prefill::{prefill_with, PrefillBuffers, PrefillKernel, PrefillShape};
 use anyhow::{ensure, Result};
@@ -49,12 +51,16 @@ fn gcd(a: usize, b: usize) -> usize {
 }
 
 /// Fills `n` elements of `buf` with uniform values in [lo, hi) by `kernel` (`random_bf16`, `random_f32`).
-pub fn fill_random(g: &Gpu, kernel: &str, buf: &DeviceBuf, n: usize, seed: u64, lo: f32, hi: f32) -> Result<()> {
-    g.launch_1d(
-        kernel,
-        n,
-        &[ptr(buf.addr), u64_arg(n as u64), u64_arg(seed), float(lo), float(hi)],
-    )
+pub fn fill_random(
+    g: &Gpu,
+    kernel: kernels::RandomF32,
+    buf: &DeviceBuf,
+    n: usize,
+    seed: u64,
+    lo: f32,
+    hi: f32,
+) -> Result<()> {
+    kernel.launch_1d(g, n, (ptr(buf.addr), n as u64, seed, lo, hi))
 }
 
 impl AttentionCase {
@@ -79,11 +85,11 @@ impl AttentionCase {
         let rows = lens.len();
         let width = shape.width();
         let cache = g.alloc(total * block * width * 2)?;
-        fill_random(g, "random_bf16", &cache, total * block * width, seed, -1.0, 1.0)?;
+        fill_random(g, kernels::random_bf16, &cache, total * block * width, seed, -1.0, 1.0)?;
         let q_lat = g.alloc(rows * shape.heads * shape.lora * 4)?;
         fill_random(
             g,
-            "random_f32",
+            kernels::random_f32,
             &q_lat,
             rows * shape.heads * shape.lora,
             seed + 1,
@@ -91,7 +97,15 @@ impl AttentionCase {
             3.0,
         )?;
         let q = g.alloc(rows * shape.heads * shape.qk * 4)?;
-        fill_random(g, "random_f32", &q, rows * shape.heads * shape.qk, seed + 2, -3.0, 3.0)?;
+        fill_random(
+            g,
+            kernels::random_f32,
+            &q,
+            rows * shape.heads * shape.qk,
+            seed + 2,
+            -3.0,
+            3.0,
+        )?;
         let lens_i32: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
         Ok(AttentionCase {
             shape,
@@ -217,15 +231,15 @@ impl AttentionCase {
 pub fn read_stream_rate(g: &Gpu) -> Result<f64> {
     let bytes = 4usize << 30;
     let buf = g.alloc(bytes)?;
-    fill_random(g, "random_f32", &buf, bytes / 4, 9, -1.0, 1.0)?;
+    fill_random(g, kernels::random_f32, &buf, bytes / 4, 9, -1.0, 1.0)?;
     let sink = g.alloc(4 * 4096)?;
     let read = || {
-        g.launch(
-            "read_stream",
+        kernels::read_stream.launch(
+            g,
             (4 * g.sm_count as u32, 1, 1),
             1024,
             0,
-            &[ptr(buf.addr), u64_arg((bytes / 16) as u64), ptr(sink.addr)],
+            (ptr(buf.addr), (bytes / 16) as u64, ptr(sink.addr)),
         )
     };
     read()?;
@@ -298,9 +312,17 @@ pub fn run_prefill(g: &Gpu, n: usize, reps: usize, peer: Option<&serde_json::Val
     let kv = g.alloc(n * heads * (shape.nope + vdim) * 2)?;
     let k_pe = g.alloc(n * shape.rope * 2)?;
     let out = g.alloc(n * heads * vdim * 4)?;
-    fill_random(g, "random_bf16", &q, n * heads * qk, 21, -2.0, 2.0)?;
-    fill_random(g, "random_bf16", &kv, n * heads * (shape.nope + vdim), 22, -1.0, 1.0)?;
-    fill_random(g, "random_bf16", &k_pe, n * shape.rope, 23, -1.0, 1.0)?;
+    fill_random(g, kernels::random_bf16, &q, n * heads * qk, 21, -2.0, 2.0)?;
+    fill_random(
+        g,
+        kernels::random_bf16,
+        &kv,
+        n * heads * (shape.nope + vdim),
+        22,
+        -1.0,
+        1.0,
+    )?;
+    fill_random(g, kernels::random_bf16, &k_pe, n * shape.rope, 23, -1.0, 1.0)?;
     let bufs = PrefillBuffers {
         q: q.addr,
         kv: kv.addr,

@@ -4,7 +4,9 @@
 //! (`expert_tiles`), so a step never waits for the host to learn the group sizes.
 
 use crate::fp8_gemm::QuantizedRows;
-use crate::gpu::{int, ptr, tensor_map, u64_arg, Arg, DeviceBuf, Gpu};
+use crate::gpu::{tensor_map, DeviceBuf, Gpu};
+use crate::kernels;
+use crate::launch::{int, ptr, TensorMap};
 use crate::tiles::{GX_ROWS, GX_SHARED, GX_THREADS, GX_TOKENS};
 use crate::weights::{ExpertBank, Stacked};
 use anyhow::{bail, ensure, Result};
@@ -75,12 +77,12 @@ impl ExpertTiles {
     pub fn new(g: &Gpu, offsets: u64, groups: usize, capacity: usize) -> Result<Self> {
         let max = capacity.div_ceil(GX_TOKENS) + groups;
         let buf = g.alloc(3 * max * 4)?;
-        g.launch(
-            "expert_tiles",
+        kernels::expert_tiles.launch(
+            g,
             (1, 1, 1),
             256,
             0,
-            &[ptr(buf.addr), int(max), ptr(offsets), int(groups)],
+            (ptr(buf.addr), int(max), ptr(offsets), int(groups)),
         )?;
         Ok(ExpertTiles { buf, max })
     }
@@ -88,7 +90,7 @@ impl ExpertTiles {
 
 /// A TMA map of a row-major byte matrix `[rows][cols]`, copied in boxes of `box_rows` x 128 bytes
 /// in the 128-byte swizzle wgmma reads; rows past the end read as zeros.
-fn byte_matrix_map(addr: u64, rows: usize, cols: usize, box_rows: usize) -> Result<Arg> {
+fn byte_matrix_map(addr: u64, rows: usize, cols: usize, box_rows: usize) -> Result<TensorMap> {
     ensure!(
         addr.is_multiple_of(16) && cols.is_multiple_of(16),
         "TMA needs 16-byte aligned rows"
@@ -128,25 +130,25 @@ pub fn grouped_fp8(
     );
     let x_map = byte_matrix_map(x.data.addr, slots, s.cols, TOKEN_BOX)?;
     let w_map = byte_matrix_map(s.data.addr, experts * s.rows, s.cols, GX_ROWS)?;
-    g.launch(
-        "grouped_fp8_wgmma",
+    kernels::grouped_fp8_wgmma.launch(
+        g,
         ((s.rows / GX_ROWS) as u32, tiles.max as u32, 1),
         GX_THREADS as u32,
         GX_SHARED as u32,
-        &[
+        (
             ptr(out),
             int(ldy),
             x_map,
             ptr(x.scales.addr),
             w_map,
             ptr(s.scales.addr),
-            u64_arg(s.scale_stride() as u64),
+            s.scale_stride() as u64,
             ptr(tiles.buf.addr),
             ptr(group_expert),
             ptr(offsets),
             int(s.rows),
             int(s.cols),
-        ],
+        ),
     )
 }
 

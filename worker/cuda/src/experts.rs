@@ -4,7 +4,9 @@
 //! while the GPU is busy are run together, so each expert streams its weights once for all.
 
 use crate::data_plane::{LayerExchange, ATTENTION_SIDE};
-use crate::gpu::{int, ptr, u64_arg, DeviceBuf, Gpu};
+use crate::gpu::{DeviceBuf, Gpu};
+use crate::kernels;
+use crate::launch::{int, ptr};
 use crate::model::{run_bank, BankCounters, ExpertKernels, MoeStats};
 use crate::nccl::RankComm;
 use crate::weights::ExpertBank;
@@ -290,22 +292,18 @@ impl CudaExperts {
             ],
         )?;
         let x = g.alloc(m * width * 4)?;
-        g.launch_1d(
-            "bf16_to_f32_rows",
-            m * width,
-            &[ptr(x.addr), ptr(rows.addr), u64_arg((m * width) as u64)],
-        )?;
+        kernels::bf16_to_f32_rows.launch_1d(g, m * width, (ptr(x.addr), ptr(rows.addr), (m * width) as u64))?;
         let local = g.alloc(bytes.ids)?;
-        g.launch_1d(
-            "bank_expert_ids",
+        kernels::bank_expert_ids.launch_1d(
+            g,
             m * k,
-            &[
+            (
                 ptr(local.addr),
                 ptr(ids.addr),
                 ptr(shard.bank_of.addr),
                 int(self.n_experts),
                 int(m * k),
-            ],
+            ),
         )?;
         let h = self.weighted_sums(g, &shard, bank, layer, &x, m, k, local.addr, weights.addr)?;
         let sums = g.to_bf16(h.addr, m * width)?;

@@ -3,7 +3,9 @@
 //! scales as stored, f32 out. The weights are read as they are: no dequantisation to bf16 and
 //! twice the bf16 tensor-core rate. cuBLASLt has no grouped form, so an expert group is one call.
 
-use crate::gpu::{int, ptr, Arg, DeviceBuf, Gpu};
+use crate::gpu::{DeviceBuf, Gpu};
+use crate::kernels;
+use crate::launch::{int, ptr, Ptr};
 use crate::tiles::QUANT_SPAN;
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::cublaslt::{result as lt, sys};
@@ -262,25 +264,27 @@ impl QuantizedRows {
         groups: Option<(u64, usize)>,
         ue8m0: bool,
     ) -> Result<Self> {
-        Self::launch(
-            g,
-            "quantize_rows_fp8",
-            n,
-            k,
-            |data, scales| {
-                vec![
-                    ptr(data),
-                    ptr(scales),
+        Self::launch(g, n, k, groups, ue8m0, |q| {
+            kernels::quantize_rows_fp8.launch(
+                g,
+                q.grid,
+                256,
+                0,
+                (
+                    q.data,
+                    q.scales,
                     ptr(x),
                     int(ldx),
                     ptr(rows.unwrap_or(0)),
                     int(n),
                     int(k),
-                ]
-            },
-            groups,
-            ue8m0,
-        )
+                    q.offsets,
+                    q.groups,
+                    q.ue8m0,
+                    q.span,
+                ),
+            )
+        })
     }
 
     /// [`QuantizedRows::new`] of SwiGLU's `n` rows of `k` (SiLU(gate) · up), made from `gu`, the
@@ -288,29 +292,38 @@ impl QuantizedRows {
     /// where they are made, never written in f32. The same codes and scales as quantising the
     /// `swiglu` kernel's output.
     pub fn swiglu(g: &Gpu, gu: u64, n: usize, k: usize, groups: Option<(u64, usize)>, ue8m0: bool) -> Result<Self> {
-        Self::launch(
-            g,
-            "swiglu_quantize_fp8",
-            n,
-            k,
-            |data, scales| vec![ptr(data), ptr(scales), ptr(gu), int(n), int(k)],
-            groups,
-            ue8m0,
-        )
+        Self::launch(g, n, k, groups, ue8m0, |q| {
+            kernels::swiglu_quantize_fp8.launch(
+                g,
+                q.grid,
+                256,
+                0,
+                (
+                    q.data,
+                    q.scales,
+                    ptr(gu),
+                    int(n),
+                    int(k),
+                    q.offsets,
+                    q.groups,
+                    q.ue8m0,
+                    q.span,
+                ),
+            )
+        })
     }
 
-    /// Launches quantising `kernel` over n rows of k: its leading arguments from `leading(data,
-    /// scales)`, then the groups, the scale encoding and the span. A warp takes `span` blocks of
-    /// 128 channels of a row (more loads in flight per warp) where the warps of QUANT_SPAN blocks
-    /// still fill the GPU (64 warps an SM), one block otherwise.
+    /// Quantises n rows of k by `run`, a quantising kernel's launch given where its output goes
+    /// and how its warps are laid out. A warp takes `span` blocks of 128 channels of a row (more
+    /// loads in flight per warp) where the warps of QUANT_SPAN blocks still fill the GPU (64
+    /// warps an SM), one block otherwise.
     fn launch(
         g: &Gpu,
-        kernel: &str,
         n: usize,
         k: usize,
-        leading: impl FnOnce(u64, u64) -> Vec<Arg>,
         groups: Option<(u64, usize)>,
         ue8m0: bool,
+        run: impl FnOnce(QuantLaunch) -> Result<()>,
     ) -> Result<Self> {
         let data = g.alloc(n * k)?;
         let scales = g.alloc(n * (k / 128) * 4)?;
@@ -322,9 +335,15 @@ impl QuantizedRows {
         };
         let warps = n * blocks.div_ceil(span);
         let (offsets, count) = groups.unwrap_or((0, 0));
-        let mut args = leading(data.addr, scales.addr);
-        args.extend([ptr(offsets), int(count), int(ue8m0 as usize), int(span)]);
-        g.launch(kernel, (warps.div_ceil(8) as u32, 1, 1), 256, 0, &args)?;
+        run(QuantLaunch {
+            grid: (warps.div_ceil(8) as u32, 1, 1),
+            data: ptr(data.addr),
+            scales: ptr(scales.addr),
+            offsets: ptr(offsets),
+            groups: int(count),
+            ue8m0: int(ue8m0 as usize),
+            span: int(span),
+        })?;
         Ok(QuantizedRows { data, scales, k })
     }
 
@@ -348,12 +367,12 @@ impl QuantizedRows {
         let data = g.alloc(n * k)?;
         let scales = g.alloc(n * (k / 128) * 4)?;
         let (offsets, count) = groups.unwrap_or((0, 0));
-        g.launch(
-            "gather_quantized_rows",
+        kernels::gather_quantized_rows.launch(
+            g,
             (n as u32, 1, 1),
             256,
             0,
-            &[
+            (
                 ptr(data.addr),
                 ptr(scales.addr),
                 ptr(once.data.addr),
@@ -363,7 +382,7 @@ impl QuantizedRows {
                 int(k),
                 ptr(offsets),
                 int(count),
-            ],
+            ),
         )?;
         Ok(QuantizedRows { data, scales, k })
     }
@@ -375,19 +394,19 @@ pub fn quantize_rows_bf16(g: &Gpu, x: u64, n: usize, k: usize, ue8m0: bool) -> R
     let values = g.alloc(n * k * 2)?;
     let scales = g.alloc(n * (k / 128) * 4)?;
     let warps = n * (k / 128);
-    g.launch(
-        "quantize_rows_bf16",
+    kernels::quantize_rows_bf16.launch(
+        g,
         (warps.div_ceil(8) as u32, 1, 1),
         256,
         0,
-        &[
+        (
             ptr(values.addr),
             ptr(scales.addr),
             ptr(x),
             int(n),
             int(k),
             int(ue8m0 as usize),
-        ],
+        ),
     )?;
     Ok((values, scales))
 }
@@ -397,14 +416,26 @@ pub fn quantize_rows_bf16(g: &Gpu, x: u64, n: usize, k: usize, ue8m0: bool) -> R
 pub fn quantize_rows_f32(g: &Gpu, x: u64, n: usize, k: usize, ue8m0: bool) -> Result<DeviceBuf> {
     let out = g.alloc(n * k * 4)?;
     let warps = n * (k / 128);
-    g.launch(
-        "quantize_rows_f32",
+    kernels::quantize_rows_f32.launch(
+        g,
         (warps.div_ceil(8) as u32, 1, 1),
         256,
         0,
-        &[ptr(out.addr), ptr(x), int(n), int(k), int(ue8m0 as usize)],
+        (ptr(out.addr), ptr(x), int(n), int(k), int(ue8m0 as usize)),
     )?;
     Ok(out)
+}
+
+/// The arguments every quantising kernel shares ([`QuantizedRows::launch`]): its grid (8 warps a
+/// block), its outputs, the groups of rows, the scale encoding and the span of a warp.
+struct QuantLaunch {
+    grid: (u32, u32, u32),
+    data: Ptr,
+    scales: Ptr,
+    offsets: Ptr,
+    groups: i32,
+    ue8m0: i32,
+    span: i32,
 }
 
 /// Matrix layouts of one call, destroyed with it.

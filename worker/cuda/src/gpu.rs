@@ -1,7 +1,9 @@
 //! One GPU: context, stream, the NVRTC-compiled kernel module and a cuBLAS handle. Kernels are
-//! launched with raw device addresses so buffers can be sliced freely; every launch checks its
-//! return code.
+//! launched through their typed launchers ([`crate::kernels`]) with raw device addresses, so
+//! buffers can be sliced freely; every launch checks its return code.
 
+use crate::kernels;
+use crate::launch::{ptr, Arg, TensorMap};
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
@@ -37,81 +39,6 @@ pub const KERNEL_FAMILIES: &[(&str, &str)] = &[
     family!("mla_prefill"),
     family!("mma"),
     family!("pick"),
-];
-
-/// Every `extern "C"` kernel of the families.
-pub const KERNELS: &[&str] = &[
-    "embed_rows",
-    "rms_norm",
-    "swiglu",
-    "add_f32",
-    "bank_expert_ids",
-    "peer_expert_ids",
-    "count_routes",
-    "add_bf16_f32",
-    "bf16_to_f32_rows",
-    "quantize_rows_fp8",
-    "gather_quantized_rows",
-    "quantize_rows_bf16",
-    "swiglu_quantize_fp8",
-    "quantize_rows_f32",
-    "quantize_weight_fp8",
-    "rope_interleaved",
-    "f32_to_bf16_rows",
-    "f32_to_bf16_x8",
-    "dequant_bf16",
-    "dequant_fp8_bf16",
-    "random_fp8",
-    "random_f32",
-    "random_bf16",
-    "read_stream",
-    "gemv_fp8",
-    "gemv_bf16",
-    "gemv_f32",
-    "grouped_gemv_fp8",
-    "gather_rows_bf16",
-    "gather_rows_f32",
-    "combine_experts",
-    "route_topk",
-    "mla_absorb_q",
-    "mla_absorb_out",
-    "cache_write",
-    "mla_attend",
-    "pick_tokens",
-    "apply_logit_edits",
-    "apply_token_masks",
-    "gather_latents",
-    "build_kv",
-    "mla_prefill_flash",
-    "mla_prefill_wgmma",
-    "mla_prefill_wgmma_serial",
-    "mla_decode_mma",
-    "mla_decode_wgmma",
-    "mla_decode_wgmma_flat",
-    "mla_combine",
-    "fp8_mma_n1",
-    "fp8_mma_n2",
-    "fp8_mma_n4",
-    "fp8_mma_n8",
-    "bf16_mma_n1",
-    "bf16_mma_n2",
-    "grouped_fp8_mma_n1",
-    "grouped_fp8_mma_n2",
-    "grouped_fp8_mma_n4",
-    "grouped_fp8_mma_n8",
-    "split_k_reduce",
-    "moe_plan",
-    "expert_tiles",
-    "grouped_fp8_wgmma",
-    "mla_absorb_out_mma_n1",
-    "mla_absorb_out_mma_n2",
-    "mla_absorb_out_mma_n4",
-    "mla_absorb_out_mma_n8",
-    "mla_absorb_q_mma_n1",
-    "mla_absorb_q_mma_n2",
-    "mla_absorb_q_mma_n4",
-    "mla_absorb_q_mma_n8",
-    "mla_uk_transpose",
 ];
 
 /// Whether the CUDA driver library can be loaded (cudarc panics on first use otherwise).
@@ -260,29 +187,6 @@ fn keep_pool_memory(ctx: &CudaContext) -> Result<()> {
     Ok(())
 }
 
-/// A kernel argument: a device address, an i32, an f32, a u64, or a TMA tensor map (a kernel's
-/// `const __grid_constant__ TensorMap`), passed by value.
-#[derive(Clone, Copy, Debug)]
-pub enum Arg {
-    Ptr(u64),
-    I32(i32),
-    F32(f32),
-    U64(u64),
-    Map(drv_sys::CUtensorMap),
-}
-
-impl Arg {
-    /// Where the driver copies the parameter from (as many bytes as the kernel's parameter has).
-    fn payload(&mut self) -> *mut c_void {
-        match self {
-            Arg::Ptr(p) | Arg::U64(p) => p as *mut u64 as *mut c_void,
-            Arg::I32(v) => v as *mut i32 as *mut c_void,
-            Arg::F32(v) => v as *mut f32 as *mut c_void,
-            Arg::Map(m) => m as *mut drv_sys::CUtensorMap as *mut c_void,
-        }
-    }
-}
-
 /// A TMA map (`CUtensorMap`) of the tensor at `addr`, passed to a kernel as its `TensorMap`:
 /// `dims` innermost first, `strides` in bytes for every dimension but the innermost, one box of
 /// `boxes` elements per copy; no interleave, 256-byte L2 promotion, out-of-range elements read as
@@ -295,7 +199,7 @@ pub fn tensor_map(
     boxes: &[u32],
     swizzle: drv_sys::CUtensorMapSwizzle,
     what: &str,
-) -> Result<Arg> {
+) -> Result<TensorMap> {
     let rank = dims.len();
     anyhow::ensure!(
         (1..=5).contains(&rank) && strides.len() + 1 == rank && boxes.len() == rank,
@@ -324,21 +228,8 @@ pub fn tensor_map(
         )
         .result()
         .map_err(|e| anyhow!("encoding a TMA map of {what}: {e:?}"))?;
-        Ok(Arg::Map(map.assume_init()))
+        Ok(TensorMap(map.assume_init()))
     }
-}
-
-pub fn ptr(p: u64) -> Arg {
-    Arg::Ptr(p)
-}
-pub fn int(v: usize) -> Arg {
-    Arg::I32(v as i32)
-}
-pub fn float(v: f32) -> Arg {
-    Arg::F32(v)
-}
-pub fn u64_arg(v: u64) -> Arg {
-    Arg::U64(v)
 }
 
 /// Device memory with its address kept at hand.
@@ -433,7 +324,7 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let (modules, kernel_arch) = load_kernels(&ctx)?;
         let mut funcs = HashMap::new();
-        for &name in KERNELS {
+        for &(name, _) in crate::kernels::ALL {
             let f = modules
                 .iter()
                 .find_map(|m| m.load_function(name).ok())
@@ -530,9 +421,9 @@ impl Gpu {
         let out = self.alloc(n * 2)?;
         if n.is_multiple_of(8) && x.is_multiple_of(16) && out.addr.is_multiple_of(16) {
             let n8 = n / 8;
-            self.launch_1d("f32_to_bf16_x8", n8, &[ptr(out.addr), ptr(x), u64_arg(n8 as u64)])?;
+            kernels::f32_to_bf16_x8.launch_1d(self, n8, (ptr(out.addr), ptr(x), n8 as u64))?;
         } else {
-            self.launch_1d("f32_to_bf16_rows", n, &[ptr(out.addr), ptr(x), u64_arg(n as u64)])?;
+            kernels::f32_to_bf16_rows.launch_1d(self, n, (ptr(out.addr), ptr(x), n as u64))?;
         }
         Ok(out)
     }
@@ -823,19 +714,27 @@ impl Gpu {
         }
     }
 
-    /// Launches kernel `name`; the return code is checked (asynchronous faults show at the next sync).
-    pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, smem: u32, args: &[Arg]) -> Result<()> {
+    /// Launches kernel `name` with `args` laid out for it (only through a typed
+    /// [`crate::launch::Kernel`]); the return code is checked (asynchronous faults show at the
+    /// next sync).
+    pub(crate) fn launch_raw(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &mut [Arg],
+    ) -> Result<()> {
         self.profiled(name, || self.launch_now(name, grid, block, smem, args))
     }
 
-    fn launch_now(&self, name: &str, grid: (u32, u32, u32), block: u32, smem: u32, args: &[Arg]) -> Result<()> {
+    fn launch_now(&self, name: &str, grid: (u32, u32, u32), block: u32, smem: u32, args: &mut [Arg]) -> Result<()> {
         let f = self
             .funcs
             .get(name)
             .with_context(|| format!("unknown kernel `{name}`"))?;
         self.ctx.bind_to_thread()?;
-        let mut values: Vec<Arg> = args.to_vec();
-        let mut params: Vec<*mut c_void> = values.iter_mut().map(Arg::payload).collect();
+        let mut params: Vec<*mut c_void> = args.iter_mut().map(Arg::payload).collect();
         // SAFETY: all-zero is a valid value of the attribute union (plain integers and structs).
         let mut value: drv_sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
         value.programmaticStreamSerializationAllowed = 1;
@@ -856,20 +755,15 @@ impl Gpu {
             attrs: attrs.as_mut_ptr(),
             numAttrs: u32::from(self.dependent_launch),
         };
-        // SAFETY: argument count and kinds follow the kernel's signature (checked by the GPU
-        // tests); the config and its attribute outlive the call.
+        // SAFETY: argument count and kinds follow the kernel's signature (the typed launcher's
+        // declaration, checked against the compiled kernel by tests/nvrtc.rs); the arguments,
+        // the config and its attribute outlive the call.
         unsafe {
             drv_sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut())
                 .result()
                 .with_context(|| format!("launching `{name}`"))?;
         }
         Ok(())
-    }
-
-    /// A 1-D launch over `n` elements.
-    pub fn launch_1d(&self, name: &str, n: usize, args: &[Arg]) -> Result<()> {
-        let blocks = n.div_ceil(256).max(1);
-        self.launch(name, (blocks as u32, 1, 1), 256, 0, args)
     }
 
     /// Row-major `y[m, n] (+)= x[m, k] · w[n, k]ᵀ` on the tensor cores: bf16 operands, f32 output.

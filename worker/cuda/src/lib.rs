@@ -16,6 +16,8 @@ pub mod experts;
 pub mod fp8_gemm;
 pub mod gpu;
 pub mod kernel_cache;
+pub mod kernels;
+pub mod launch;
 pub mod linear;
 pub mod mla_decode;
 pub mod mla_prefill;
@@ -26,7 +28,7 @@ pub mod tiles;
 pub mod weights;
 
 pub use experts::CudaExperts;
-pub use gpu::{compile_kernels, driver_present, nvrtc_present, Gpu, KERNELS, KERNEL_FAMILIES};
+pub use gpu::{compile_kernels, driver_present, nvrtc_present, Gpu, KERNEL_FAMILIES};
 pub use model::{pick_tokens, CudaModel, DeviceTrace, HostExperts, ModelExperts};
 
 /// Whether a CUDA GPU is usable here: `Ok(count)` or why not.

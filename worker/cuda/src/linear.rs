@@ -1,7 +1,9 @@
 //! Products with a weight matrix, routed to the kernel that suits the batch size.
 
 use crate::fp8_gemm::{quantize_rows_bf16, quantize_rows_f32, Fp8Gemm, QuantizedRows};
-use crate::gpu::{int, ptr, u64_arg, DeviceBuf, Gpu};
+use crate::gpu::{DeviceBuf, Gpu};
+use crate::kernels;
+use crate::launch::{int, ptr};
 use crate::weights::{DeviceMatrix, Format};
 use anyhow::{ensure, Result};
 
@@ -19,12 +21,12 @@ pub fn mma_fits(rows: usize, cols: usize) -> bool {
 }
 
 /// The FP8 tensor-core kernel for `m` token rows (8 per n-tile).
-fn mma_kernel(m: usize) -> &'static str {
+fn mma_kernel(m: usize) -> kernels::Fp8Mma {
     match m {
-        0..=8 => "fp8_mma_n1",
-        9..=16 => "fp8_mma_n2",
-        17..=32 => "fp8_mma_n4",
-        _ => "fp8_mma_n8",
+        0..=8 => kernels::fp8_mma_n1,
+        9..=16 => kernels::fp8_mma_n2,
+        17..=32 => kernels::fp8_mma_n4,
+        _ => kernels::fp8_mma_n8,
     }
 }
 
@@ -96,10 +98,10 @@ impl SplitK {
         let Some(slabs) = &self.slabs else {
             return Ok(());
         };
-        g.launch_1d(
-            "split_k_reduce",
+        kernels::split_k_reduce.launch_1d(
+            g,
             self.m * self.n,
-            &[
+            (
                 ptr(self.y),
                 int(self.ldy),
                 ptr(slabs.addr),
@@ -107,7 +109,7 @@ impl SplitK {
                 int(self.n),
                 int(self.splits),
                 int(self.accumulate as usize),
-            ],
+            ),
         )
     }
 }
@@ -146,13 +148,17 @@ pub fn linear(
         let xb = g.to_bf16(x, m * w.cols)?;
         let blocks = w.rows.div_ceil(64);
         let target = SplitK::new(g, blocks, w.cols / 64, usize::MAX, y, ldy, m, w.rows, accumulate)?;
-        let name = if m <= 8 { "bf16_mma_n1" } else { "bf16_mma_n2" };
-        g.launch(
-            name,
+        let kernel = if m <= 8 {
+            kernels::bf16_mma_n1
+        } else {
+            kernels::bf16_mma_n2
+        };
+        kernel.launch(
+            g,
             (blocks as u32, 1, target.splits as u32),
             128,
             0,
-            &[
+            (
                 ptr(target.out),
                 int(target.ldo),
                 ptr(xb.addr),
@@ -162,8 +168,8 @@ pub fn linear(
                 int(w.rows),
                 int(w.cols),
                 int(target.mode),
-                u64_arg(target.stride),
-            ],
+                target.stride,
+            ),
         )?;
         return target.finish(g);
     }
@@ -227,12 +233,12 @@ pub fn linear(
             w.rows,
             accumulate,
         )?;
-        g.launch(
-            mma_kernel(m),
+        mma_kernel(m).launch(
+            g,
             (blocks as u32, m.div_ceil(64) as u32, target.splits as u32),
             128,
             0,
-            &[
+            (
                 ptr(target.out),
                 int(target.ldo),
                 ptr(xb.addr),
@@ -244,8 +250,8 @@ pub fn linear(
                 int(w.rows),
                 int(w.cols),
                 int(target.mode),
-                u64_arg(target.stride),
-            ],
+                target.stride,
+            ),
         )?;
         return target.finish(g);
     }
@@ -256,18 +262,18 @@ pub fn linear(
         .transpose()?;
     let x = quantised.as_ref().map_or(x, |q| q.addr);
     if m <= GEMV_MAX_ROWS {
-        let name = match w.format {
-            Format::Fp8 => "gemv_fp8",
-            Format::Bf16 => "gemv_bf16",
-            Format::F32 => "gemv_f32",
+        let kernel = match w.format {
+            Format::Fp8 => kernels::gemv_fp8,
+            Format::Bf16 => kernels::gemv_bf16,
+            Format::F32 => kernels::gemv_f32,
         };
         let cols_per_block = 8;
-        return g.launch(
-            name,
+        return kernel.launch(
+            g,
             (w.rows.div_ceil(cols_per_block) as u32, 1, 1),
             256,
             0,
-            &[
+            (
                 ptr(y),
                 int(ldy),
                 ptr(x),
@@ -278,7 +284,7 @@ pub fn linear(
                 int(w.rows),
                 int(w.cols),
                 int(accumulate as usize),
-            ],
+            ),
         );
     }
     let w_bf16 = weight_bf16(g, dequant, w)?;

@@ -6,9 +6,11 @@
 //! (mma.sync) — both split each row's positions across blocks, and `mla_combine` merges the
 //! splits — and the CUDA-core `mla_attend` (f32 throughout) where neither fits, or on request.
 
-use crate::gpu::{float, int, ptr, tensor_map, Arg, Gpu};
+use crate::gpu::{tensor_map, Gpu};
+use crate::kernels;
+use crate::launch::{int, ptr, TensorMap};
 use crate::tiles::{DEC_HEADS, DEC_PAD, DEC_STAGES, DEC_THREADS, DEC_TILE, MLA_HEAD_GROUP, MLA_THREADS, MLA_TILE};
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use cudarc::driver::sys as drv;
 
 /// Fewest positions one block of the split tensor-core kernel takes.
@@ -176,7 +178,7 @@ fn tma_box_rows(block: usize) -> Option<usize> {
 /// The TMA view of one layer's latent cache (`slots` positions of 576 bf16 channels) that lands
 /// a box of 64 channels by `box_rows` positions in the wgmma kernel's swizzled layout: the plain
 /// 2-D view, 128-byte swizzle.
-fn swizzled_cache_map(cache: u64, slots: usize, box_rows: usize) -> Result<Arg> {
+fn swizzled_cache_map(cache: u64, slots: usize, box_rows: usize) -> Result<TensorMap> {
     ensure!(cache.is_multiple_of(16), "TMA needs a 16-byte aligned latent cache");
     tensor_map(
         cache,
@@ -192,7 +194,7 @@ fn swizzled_cache_map(cache: u64, slots: usize, box_rows: usize) -> Result<Arg> 
 /// The TMA view of one layer's latent cache (`slots` positions of 576 bf16 channels) that lands
 /// a box of `box_rows` positions in the wgmma kernel's unswizzled layout: dimensions
 /// (8 channels, slot % 8, 16-byte chunk, slot / 8), innermost first.
-fn cache_tile_map(cache: u64, slots: usize, box_rows: usize) -> Result<Arg> {
+fn cache_tile_map(cache: u64, slots: usize, box_rows: usize) -> Result<TensorMap> {
     const CHUNKS: usize = 576 / 8;
     const ROW_BYTES: u64 = 576 * 2;
     ensure!(
@@ -242,32 +244,30 @@ pub fn mla_decode(
         DecodeKernel::CudaCores => heads.min(MLA_HEAD_GROUP),
         _ => heads.min(DEC_HEADS),
     };
-    let args_tail = [
-        ptr(bufs.q_lat),
-        ptr(bufs.q),
-        int(qk),
-        int(nope),
-        int(heads),
-        int(hg),
-        int(lora),
-        int(rope),
-        ptr(bufs.cache),
-        ptr(rows.tables),
-        ptr(rows.table_off),
-        ptr(rows.lens),
-        int(rows.block),
-        float(scale),
-    ];
     if kernel == DecodeKernel::CudaCores {
         let smem = cuda_core_shared_bytes(shape);
-        let mut args = vec![ptr(bufs.o_lat)];
-        args.extend_from_slice(&args_tail);
-        return g.launch(
-            "mla_attend",
+        return kernels::mla_attend.launch(
+            g,
             ((heads / hg) as u32, m as u32, 1),
             MLA_THREADS as u32,
             smem as u32,
-            &args,
+            (
+                ptr(bufs.o_lat),
+                ptr(bufs.q_lat),
+                ptr(bufs.q),
+                int(qk),
+                int(nope),
+                int(heads),
+                int(hg),
+                int(lora),
+                int(rope),
+                ptr(bufs.cache),
+                ptr(rows.tables),
+                ptr(rows.table_off),
+                ptr(rows.lens),
+                int(rows.block),
+                scale,
+            ),
         );
     }
     // Split the positions so the grid fills the GPU (flash-decoding); each row divides its own
@@ -287,53 +287,95 @@ pub fn mla_decode(
         Some((o, ml)) => (o.addr, ml.addr),
         None => (bufs.o_lat, 0),
     };
-    let (name, threads, smem) = match kernel {
-        DecodeKernel::Wgmma | DecodeKernel::WgmmaCpAsync => ("mla_decode_wgmma", WGMMA_THREADS, WGMMA_SHARED_BYTES),
-        DecodeKernel::WgmmaUnswizzled => ("mla_decode_wgmma_flat", WGMMA_THREADS, WGMMA_SHARED_BYTES),
-        _ => ("mla_decode_mma", DEC_THREADS, mma_shared_bytes(width)),
+    let grid = ((heads / hg) as u32, m as u32, splits as u32);
+    // The wgmma kernels: the mma.sync kernel's arguments, then the TMA view of the cache and its
+    // box rows (0: no TMA, the tiles come by cp.async).
+    let wgmma = |launcher: kernels::MlaDecodeWgmma, cache_map: TensorMap, box_rows: usize| {
+        launcher.launch(
+            g,
+            grid,
+            WGMMA_THREADS as u32,
+            WGMMA_SHARED_BYTES as u32,
+            (
+                ptr(o_part),
+                ptr(ml_part),
+                ptr(bufs.q_lat),
+                ptr(bufs.q),
+                int(qk),
+                int(nope),
+                int(heads),
+                int(hg),
+                int(lora),
+                int(rope),
+                ptr(bufs.cache),
+                ptr(rows.tables),
+                ptr(rows.table_off),
+                ptr(rows.lens),
+                int(rows.block),
+                scale,
+                int(MIN_SPLIT),
+                cache_map,
+                int(box_rows),
+            ),
+        )
     };
-    let mut args = vec![ptr(o_part), ptr(ml_part)];
-    args.extend_from_slice(&args_tail);
-    args.push(int(MIN_SPLIT));
-    match (kernel, tma_box_rows(rows.block)) {
-        (DecodeKernel::Wgmma, Some(box_rows)) => {
-            args.push(swizzled_cache_map(bufs.cache, bufs.cache_slots, box_rows)?);
-            args.push(int(box_rows));
+    let tma_rows =
+        || tma_box_rows(rows.block).with_context(|| format!("TMA boxes do not fit cache blocks of {}", rows.block));
+    match kernel {
+        DecodeKernel::Wgmma => {
+            let box_rows = tma_rows()?;
+            let map = swizzled_cache_map(bufs.cache, bufs.cache_slots, box_rows)?;
+            wgmma(kernels::mla_decode_wgmma, map, box_rows)?;
         }
-        (DecodeKernel::WgmmaUnswizzled, Some(box_rows)) => {
-            args.push(cache_tile_map(bufs.cache, bufs.cache_slots, box_rows)?);
-            args.push(int(box_rows));
+        DecodeKernel::WgmmaUnswizzled => {
+            let box_rows = tma_rows()?;
+            let map = cache_tile_map(bufs.cache, bufs.cache_slots, box_rows)?;
+            wgmma(kernels::mla_decode_wgmma_flat, map, box_rows)?;
         }
-        (DecodeKernel::WgmmaCpAsync, _) => {
-            // SAFETY: an all-zero map is a valid value; the kernel does not read it without TMA.
-            args.push(Arg::Map(unsafe { std::mem::zeroed() }));
-            args.push(int(0));
-        }
-        _ => {}
+        DecodeKernel::WgmmaCpAsync => wgmma(kernels::mla_decode_wgmma, TensorMap::unused(), 0)?,
+        // (the CUDA-core kernel returned above)
+        DecodeKernel::Mma | DecodeKernel::CudaCores => kernels::mla_decode_mma.launch(
+            g,
+            grid,
+            DEC_THREADS as u32,
+            mma_shared_bytes(width) as u32,
+            (
+                ptr(o_part),
+                ptr(ml_part),
+                ptr(bufs.q_lat),
+                ptr(bufs.q),
+                int(qk),
+                int(nope),
+                int(heads),
+                int(hg),
+                int(lora),
+                int(rope),
+                ptr(bufs.cache),
+                ptr(rows.tables),
+                ptr(rows.table_off),
+                ptr(rows.lens),
+                int(rows.block),
+                scale,
+                int(MIN_SPLIT),
+            ),
+        )?,
     }
-    g.launch(
-        name,
-        ((heads / hg) as u32, m as u32, splits as u32),
-        threads as u32,
-        smem as u32,
-        &args,
-    )?;
     if splits == 1 {
         return Ok(());
     }
-    g.launch(
-        "mla_combine",
+    kernels::mla_combine.launch(
+        g,
         (heads as u32, m as u32, 1),
         128,
         (2 * splits * 4) as u32,
-        &[
+        (
             ptr(bufs.o_lat),
             ptr(o_part),
             ptr(ml_part),
             int(heads),
             int(splits),
             int(lora),
-        ],
+        ),
     )
 }
 

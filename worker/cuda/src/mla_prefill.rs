@@ -4,7 +4,9 @@
 //! `mla_prefill_wgmma` (Hopper, DeepSeek-V3's head sizes, tiles by TMA, products on wgmma) and
 //! `mla_prefill_flash` (mma.sync, any head sizes up to its register arrays).
 
-use crate::gpu::{float, int, ptr, tensor_map, Arg, Gpu};
+use crate::gpu::{tensor_map, Gpu};
+use crate::kernels;
+use crate::launch::{int, ptr, TensorMap};
 use crate::tiles::{FL_K, FL_Q, FL_QK, FL_V, PF_K, PF_Q, PF_THREADS};
 use anyhow::{ensure, Result};
 use cudarc::driver::sys as drv;
@@ -149,16 +151,16 @@ pub fn prefill_with(
     let (qk, total) = (shape.qk(), start + n);
     match kernel {
         PrefillKernel::Wgmma | PrefillKernel::WgmmaSerial => {
-            let name = match kernel {
-                PrefillKernel::Wgmma => "mla_prefill_wgmma",
-                _ => "mla_prefill_wgmma_serial",
+            let launcher = match kernel {
+                PrefillKernel::Wgmma => kernels::mla_prefill_wgmma,
+                _ => kernels::mla_prefill_wgmma_serial,
             };
-            g.launch(
-                name,
+            launcher.launch(
+                g,
                 (n.div_ceil(PF_Q) as u32, heads as u32, 1),
                 PF_THREADS as u32,
                 WGMMA_SHARED_BYTES as u32,
-                &[
+                (
                     ptr(bufs.out),
                     int(bufs.ld_out),
                     head_map(bufs.q, n, heads, qk, PF_Q, "the prefill queries")?,
@@ -166,20 +168,20 @@ pub fn prefill_with(
                     head_map(bufs.k_pe, total, 1, rope, PF_K, "the keys' rotary part")?,
                     int(n),
                     int(start),
-                    float(scale),
-                ],
+                    scale,
+                ),
             )
         }
         PrefillKernel::Mma => {
             // This kernel reads each head's K and V whole.
             let k = g.alloc(total * heads * qk * 2)?;
             let v = g.alloc(total * heads * vdim * 2)?;
-            g.launch(
-                "build_kv",
+            kernels::build_kv.launch(
+                g,
                 (total as u32, 1, 1),
                 256,
                 0,
-                &[
+                (
                     ptr(k.addr),
                     ptr(v.addr),
                     ptr(bufs.kv),
@@ -188,14 +190,14 @@ pub fn prefill_with(
                     int(nope),
                     int(rope),
                     int(vdim),
-                ],
+                ),
             )?;
-            g.launch(
-                "mla_prefill_flash",
+            kernels::mla_prefill_flash.launch(
+                g,
                 (n.div_ceil(FL_Q) as u32, heads as u32, 1),
                 128,
                 shared_bytes(shape) as u32,
-                &[
+                (
                     ptr(bufs.out),
                     int(bufs.ld_out),
                     ptr(bufs.q),
@@ -206,8 +208,8 @@ pub fn prefill_with(
                     int(heads),
                     int(qk),
                     int(vdim),
-                    float(scale),
-                ],
+                    scale,
+                ),
             )
         }
     }
@@ -215,7 +217,7 @@ pub fn prefill_with(
 
 /// A TMA map of bf16 `[rows][heads][width]`, copied in boxes of 64 channels of one head by
 /// `box_rows` rows, in the 128-byte swizzle wgmma reads; rows past the end read as zeros.
-fn head_map(addr: u64, rows: usize, heads: usize, width: usize, box_rows: usize, what: &str) -> Result<Arg> {
+fn head_map(addr: u64, rows: usize, heads: usize, width: usize, box_rows: usize, what: &str) -> Result<TensorMap> {
     ensure!(addr.is_multiple_of(16), "TMA needs 16-byte aligned {what}");
     tensor_map(
         addr,

@@ -4,7 +4,9 @@
 //! tokens it receives.
 
 use crate::bench::{decode, v3_config};
-use crate::gpu::{float, ptr, u64_arg, Gpu};
+use crate::gpu::Gpu;
+use crate::kernels;
+use crate::launch::ptr;
 use crate::model::{run_bank, BankCounters, CudaModel, ExpertKernels, MoeStats};
 use crate::weights::ExpertBank;
 use anyhow::Result;
@@ -153,16 +155,10 @@ impl ShardBench {
         }
         let g = &self.gpu;
         let x = g.alloc(m * self.hidden * 4)?;
-        g.launch_1d(
-            "random_f32",
+        kernels::random_f32.launch_1d(
+            g,
             m * self.hidden,
-            &[
-                ptr(x.addr),
-                u64_arg((m * self.hidden) as u64),
-                u64_arg(5),
-                float(-1.0),
-                float(1.0),
-            ],
+            (ptr(x.addr), (m * self.hidden) as u64, 5, -1.0, 1.0),
         )?;
         let (idd, wd, valid) = (g.upload(&ids)?, g.upload(&weights)?, g.upload(&[m as i32])?);
         let h = g.alloc(m * self.hidden * 4)?;

@@ -1,6 +1,8 @@
 //! Weights on the GPU in their checkpoint format: FP8 bytes with 128×128 f32 scales, bf16 or f32.
 
-use crate::gpu::{float, int, ptr, u64_arg, DeviceBuf, Gpu};
+use crate::gpu::{DeviceBuf, Gpu};
+use crate::kernels;
+use crate::launch::{int, ptr};
 use anyhow::{bail, Context, Result};
 use dsv3_engine::Checkpoint;
 use safetensors::Dtype;
@@ -123,40 +125,26 @@ impl DeviceMatrix {
         let std = 1.0 / (cols as f32).sqrt();
         let scales = match format {
             Format::Fp8 => {
-                gpu.launch_1d("random_fp8", n, &[ptr(data.addr), u64_arg(n as u64), u64_arg(seed)])?;
+                kernels::random_fp8.launch_1d(gpu, n, (ptr(data.addr), n as u64, seed))?;
                 let (sr, sc) = scale_shape(rows, cols);
                 let s = gpu.alloc(sr * sc * 4)?;
                 // random_fp8 magnitudes have an RMS near 1.8
                 let base = std / 1.8;
-                gpu.launch_1d(
-                    "random_f32",
+                kernels::random_f32.launch_1d(
+                    gpu,
                     sr * sc,
-                    &[
-                        ptr(s.addr),
-                        u64_arg((sr * sc) as u64),
-                        u64_arg(seed ^ 0x5ca1e),
-                        float(0.5 * base),
-                        float(1.5 * base),
-                    ],
+                    (ptr(s.addr), (sr * sc) as u64, seed ^ 0x5ca1e, 0.5 * base, 1.5 * base),
                 )?;
                 Some(s)
             }
             Format::Bf16 => {
                 let a = std * 3f32.sqrt();
-                gpu.launch_1d(
-                    "random_bf16",
-                    n,
-                    &[ptr(data.addr), u64_arg(n as u64), u64_arg(seed), float(-a), float(a)],
-                )?;
+                kernels::random_bf16.launch_1d(gpu, n, (ptr(data.addr), n as u64, seed, -a, a))?;
                 None
             }
             Format::F32 => {
                 let a = std * 3f32.sqrt();
-                gpu.launch_1d(
-                    "random_f32",
-                    n,
-                    &[ptr(data.addr), u64_arg(n as u64), u64_arg(seed), float(-a), float(a)],
-                )?;
+                kernels::random_f32.launch_1d(gpu, n, (ptr(data.addr), n as u64, seed, -a, a))?;
                 None
             }
         };
@@ -184,10 +172,10 @@ impl DeviceMatrix {
         if self.format == Format::Fp8 && n < u32::MAX as usize {
             return dequant_fp8(gpu, out, self.data.addr, self.scale_addr(), self.rows, self.cols);
         }
-        gpu.launch_1d(
-            "dequant_bf16",
+        kernels::dequant_bf16.launch_1d(
+            gpu,
             n,
-            &[
+            (
                 ptr(out),
                 int(self.format as usize),
                 ptr(self.data.addr),
@@ -195,17 +183,17 @@ impl DeviceMatrix {
                 int(0),
                 int(self.rows),
                 int(self.cols),
-            ],
+            ),
         )
     }
 }
 
 /// FP8 `[rows, cols]` (cols % 16 == 0) with its scales to bf16 at `out`.
 pub fn dequant_fp8(gpu: &Gpu, out: u64, data: u64, scales: u64, rows: usize, cols: usize) -> Result<()> {
-    gpu.launch_1d(
-        "dequant_fp8_bf16",
+    kernels::dequant_fp8_bf16.launch_1d(
+        gpu,
         (rows * cols).div_ceil(16),
-        &[ptr(out), ptr(data), ptr(scales), int(rows), int(cols)],
+        (ptr(out), ptr(data), ptr(scales), int(rows), int(cols)),
     )
 }
 
@@ -218,11 +206,7 @@ pub fn load_vector(gpu: &Gpu, ckpt: &Checkpoint, name: &str, len: usize) -> Resu
 
 pub fn random_vector(gpu: &Gpu, len: usize, lo: f32, hi: f32, seed: u64) -> Result<DeviceBuf> {
     let b = gpu.alloc(len * 4)?;
-    gpu.launch_1d(
-        "random_f32",
-        len,
-        &[ptr(b.addr), u64_arg(len as u64), u64_arg(seed), float(lo), float(hi)],
-    )?;
+    kernels::random_f32.launch_1d(gpu, len, (ptr(b.addr), len as u64, seed, lo, hi))?;
     Ok(b)
 }
 
@@ -271,19 +255,19 @@ impl Stacked {
             t.expect(&[Dtype::BF16], &[self.rows, self.cols])?;
             let staged = gpu.upload(t.data())?;
             let (sr, sc) = scale_shape(self.rows, self.cols);
-            return gpu.launch(
-                "quantize_weight_fp8",
+            return kernels::quantize_weight_fp8.launch(
+                gpu,
                 (sc as u32, sr as u32, 1),
                 256,
                 0,
-                &[
+                (
                     ptr(self.data.addr + (e * self.stride()) as u64),
                     ptr(self.scales.addr + (e * self.scale_stride() * 4) as u64),
                     ptr(staged.addr),
                     int(self.rows),
                     int(self.cols),
                     int(sc),
-                ],
+                ),
             );
         }
         if t.dtype != Dtype::F8_E4M3 {
@@ -303,23 +287,13 @@ impl Stacked {
 
     fn randomize(&self, gpu: &Gpu, experts: usize, seed: u64) -> Result<()> {
         let n = experts * self.stride();
-        gpu.launch_1d(
-            "random_fp8",
-            n,
-            &[ptr(self.data.addr), u64_arg(n as u64), u64_arg(seed)],
-        )?;
+        kernels::random_fp8.launch_1d(gpu, n, (ptr(self.data.addr), n as u64, seed))?;
         let ns = experts * self.scale_stride();
         let base = 1.0 / (self.cols as f32).sqrt() / 1.8;
-        gpu.launch_1d(
-            "random_f32",
+        kernels::random_f32.launch_1d(
+            gpu,
             ns,
-            &[
-                ptr(self.scales.addr),
-                u64_arg(ns as u64),
-                u64_arg(seed ^ 0x5ca1e),
-                float(0.5 * base),
-                float(1.5 * base),
-            ],
+            (ptr(self.scales.addr), ns as u64, seed ^ 0x5ca1e, 0.5 * base, 1.5 * base),
         )
     }
 

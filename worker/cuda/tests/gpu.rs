@@ -1143,7 +1143,9 @@ fn gathered_quantisation_equals_quantising_the_gathered_rows() {
 #[ignore = "needs an NVIDIA GPU"]
 fn swiglu_quantised_where_made_equals_quantising_its_output() {
     use dsv3_cuda::fp8_gemm::QuantizedRows;
-    use dsv3_cuda::gpu::{int, ptr, Gpu};
+    use dsv3_cuda::gpu::Gpu;
+    use dsv3_cuda::kernels;
+    use dsv3_cuda::launch::{int, ptr};
     poison();
     let gpu = Gpu::open(0).expect("GPU");
     let mut next = xorshift(0x2545f4914f6cdd1du64);
@@ -1158,7 +1160,8 @@ fn swiglu_quantised_where_made_equals_quantising_its_output() {
         let groups = Some((od.addr, offsets.len() - 1));
         for ue8m0 in [false, true] {
             let act = gpu.alloc(n * k * 4).expect("act");
-            gpu.launch_1d("swiglu", n * k, &[ptr(act.addr), ptr(gud.addr), int(n), int(k)])
+            kernels::swiglu
+                .launch_1d(&gpu, n * k, (ptr(act.addr), ptr(gud.addr), int(n), int(k)))
                 .expect("swiglu");
             let after = QuantizedRows::new(&gpu, act.addr, k, None, n, k, groups, ue8m0).expect("after");
             let made = QuantizedRows::swiglu(&gpu, gud.addr, n, k, groups, ue8m0).expect("where made");
@@ -1371,6 +1374,7 @@ fn mla_decode_matches_f64_reference() {
 #[ignore = "needs an NVIDIA GPU"]
 fn flash_prefill_matches_f64_reference() {
     use dsv3_cuda::bench_attention::fill_random;
+    use dsv3_cuda::kernels;
     use dsv3_cuda::mla_prefill::{prefill_with, PrefillBuffers, PrefillKernel, PrefillShape};
     poison();
     let gpu = dsv3_cuda::Gpu::open(0).expect("GPU");
@@ -1406,9 +1410,27 @@ fn flash_prefill_matches_f64_reference() {
         let q = gpu.alloc(n * heads * qk * 2).expect("q");
         let kv = gpu.alloc(total * heads * per * 2).expect("kv");
         let k_pe = gpu.alloc(total * rope * 2).expect("k_pe");
-        fill_random(&gpu, "random_bf16", &q, n * heads * qk, 40 + i as u64, -2.0, 2.0).expect("q");
-        fill_random(&gpu, "random_bf16", &kv, total * heads * per, 50 + i as u64, -1.0, 1.0).expect("kv");
-        fill_random(&gpu, "random_bf16", &k_pe, total * rope, 60 + i as u64, -1.0, 1.0).expect("k_pe");
+        fill_random(&gpu, kernels::random_bf16, &q, n * heads * qk, 40 + i as u64, -2.0, 2.0).expect("q");
+        fill_random(
+            &gpu,
+            kernels::random_bf16,
+            &kv,
+            total * heads * per,
+            50 + i as u64,
+            -1.0,
+            1.0,
+        )
+        .expect("kv");
+        fill_random(
+            &gpu,
+            kernels::random_bf16,
+            &k_pe,
+            total * rope,
+            60 + i as u64,
+            -1.0,
+            1.0,
+        )
+        .expect("k_pe");
         let out = gpu.alloc(n * heads * vdim * 4).expect("out");
         let scale = 1.0 / (qk as f32).sqrt();
         let bufs = PrefillBuffers {

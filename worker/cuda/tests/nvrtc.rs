@@ -1,7 +1,8 @@
 //! Compiles every kernel through NVRTC. Needs libnvrtc, not a GPU: CI installs it from PyPI
 //! (`nvidia-cuda-nvrtc`) and sets DSV3_REQUIRE_NVRTC=1 so a missing library fails instead of skipping.
 
-use dsv3_cuda::{compile_kernels, nvrtc_present, KERNELS};
+use dsv3_cuda::launch::Kind;
+use dsv3_cuda::{compile_kernels, kernels, nvrtc_present, KERNEL_FAMILIES};
 
 /// Whether NVRTC is here; without it the test is skipped, unless CI requires it.
 fn nvrtc_or_skip() -> bool {
@@ -24,12 +25,131 @@ fn every_kernel_compiles_for_hopper_and_ampere_in_exactly_one_family() {
     for arch in ["compute_90a", "compute_90", "compute_80"] {
         let families = compile_kernels(arch).unwrap_or_else(|e| panic!("{arch}: {e:#}"));
         let ptx: Vec<String> = families.iter().map(|p| p.to_src()).collect();
-        for name in KERNELS {
+        for &(name, _) in kernels::ALL {
             let holders = ptx.iter().filter(|p| p.contains(&format!(".entry {name}("))).count();
             assert_eq!(holders, 1, "{arch}: kernel `{name}` is in {holders} families");
         }
         let entries: usize = ptx.iter().map(|p| p.matches(".entry ").count()).sum();
-        assert_eq!(entries, KERNELS.len(), "{arch}: PTX has kernels the list does not name");
+        assert_eq!(
+            entries,
+            kernels::ALL.len(),
+            "{arch}: PTX has kernels the list does not name"
+        );
+    }
+}
+
+/// The parameters of kernel `name` in `ptx`, as the kinds a launch passes: 8 bytes (`.u64`, an
+/// address or a u64), 4 bytes of integer, 4 of float, or a 128-byte tensor map.
+fn ptx_params(ptx: &str, name: &str) -> Vec<&'static [Kind]> {
+    let start = ptx
+        .find(&format!(".entry {name}("))
+        .unwrap_or_else(|| panic!("no entry `{name}`"));
+    let list = &ptx[start..];
+    let list = &list[list.find('(').expect("(") + 1..list.find(')').expect(")")];
+    list.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| -> &'static [Kind] {
+            if p.starts_with(".param .u64 ") {
+                &[Kind::Ptr, Kind::U64]
+            } else if p.starts_with(".param .u32 ") || p.starts_with(".param .s32 ") {
+                &[Kind::I32]
+            } else if p.starts_with(".param .f32 ") {
+                &[Kind::F32]
+            } else if p.starts_with(".param .align ") && p.contains(".b8 ") && p.ends_with("[128]") {
+                &[Kind::Map]
+            } else {
+                panic!("`{name}`: a parameter no launcher passes: {p}")
+            }
+        })
+        .collect()
+}
+
+/// The parameters of kernel `name` as its CUDA C declares them: `extern "C" __global__ void`,
+/// maybe `__launch_bounds__(...)`, then the name (`fp8_mma_n##NT` stands for `fp8_mma_n1`, ...)
+/// and the list, or a macro that holds the list.
+fn c_params(sources: &str, name: &str) -> Vec<Kind> {
+    let text = sources.replace("\\\n", " ");
+    let declared = text.split("extern \"C\" __global__ void").skip(1).find_map(|rest| {
+        let rest = rest.trim_start();
+        let rest = match rest.strip_prefix("__launch_bounds__(") {
+            Some(bounds) => bounds[bounds.find(')')? + 1..].trim_start(),
+            None => rest,
+        };
+        let (decl, list) = rest.split_once('(')?;
+        let decl = decl.trim();
+        let same = match decl.split_once("##NT") {
+            Some((stem, _)) => name
+                .strip_prefix(stem)
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())),
+            None => decl == name,
+        };
+        same.then(|| list[..list.find(')').expect(")")].trim().to_string())
+    });
+    let list = declared.unwrap_or_else(|| panic!("no C declaration of `{name}`"));
+    // A list held by a macro: `#define MACRO <list>`.
+    let list = match text.split(&format!("#define {list} ")).nth(1) {
+        Some(defined) if !list.contains(',') => defined.lines().next().unwrap_or("").to_string(),
+        _ => list,
+    };
+    list.split(',')
+        .map(|p| {
+            let ty = p.trim();
+            let ty = ty[..ty
+                .rfind(|c: char| !c.is_alphanumeric() && c != '_')
+                .map_or(0, |i| i + 1)]
+                .trim();
+            if ty.contains("TensorMap") {
+                Kind::Map
+            } else if ty.contains('*') {
+                Kind::Ptr
+            } else {
+                match ty.trim_start_matches("const ") {
+                    "int" | "unsigned" | "u32" => Kind::I32,
+                    "u64" => Kind::U64,
+                    "float" => Kind::F32,
+                    other => panic!("`{name}`: a parameter type no launcher passes: {other} ({p})"),
+                }
+            }
+        })
+        .collect()
+}
+
+/// Every typed launcher (`kernels.rs`) passes the parameters its kernel takes: as many, each of
+/// the size and kind the compiled kernel reads, on every architecture, and each a pointer where
+/// the CUDA C has one and a number where it has a number.
+#[test]
+fn every_launcher_passes_the_parameters_its_compiled_kernel_takes() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    for arch in ["compute_90a", "compute_80"] {
+        let families = compile_kernels(arch).unwrap_or_else(|e| panic!("{arch}: {e:#}"));
+        let ptx: String = families.iter().map(|p| p.to_src()).collect();
+        for &(name, kinds) in kernels::ALL {
+            let takes = ptx_params(&ptx, name);
+            assert_eq!(
+                takes.len(),
+                kinds.len(),
+                "{arch}: `{name}` takes {} parameters, its launcher passes {}",
+                takes.len(),
+                kinds.len()
+            );
+            for (i, (kind, allowed)) in kinds.iter().zip(&takes).enumerate() {
+                assert!(
+                    allowed.contains(kind),
+                    "{arch}: parameter {i} of `{name}` is {allowed:?} in the kernel, {kind:?} in its launcher"
+                );
+            }
+        }
+    }
+    let sources: String = KERNEL_FAMILIES.iter().map(|&(_, source)| source).collect();
+    for &(name, kinds) in kernels::ALL {
+        assert_eq!(
+            c_params(&sources, name),
+            kinds,
+            "`{name}`: the CUDA C against its launcher"
+        );
     }
 }
 
@@ -76,7 +196,7 @@ fn every_kernel_waits_for_the_one_before_before_it_touches_memory() {
     }
     let families = compile_kernels("compute_90a").expect("compile");
     let ptx: String = families.iter().map(|p| p.to_src()).collect();
-    for name in KERNELS {
+    for &(name, _) in kernels::ALL {
         let start = ptx
             .find(&format!(".entry {name}("))
             .unwrap_or_else(|| panic!("no entry `{name}`"));

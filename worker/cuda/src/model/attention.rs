@@ -3,7 +3,9 @@
 
 use super::layers::Layer;
 use super::{CudaModel, Span, StepLayout};
-use crate::gpu::{int, ptr, Arg, DeviceBuf, Gpu};
+use crate::gpu::{DeviceBuf, Gpu};
+use crate::kernels;
+use crate::launch::{int, ptr, Args, Kernel};
 use crate::mla_decode::{mla_decode, DecodeBuffers, DecodeKernel, LatentShape, PagedRows};
 use crate::mla_prefill::{flash_prefill, PrefillBuffers, PrefillShape};
 use crate::weights::Format;
@@ -76,7 +78,7 @@ impl CudaModel {
         let kv = down.addr + (q_lora * 4) as u64;
         self.rms_norm(kv, down_w, kv, down_w, &a.kv_norm, lora, m, LATENT_NORM_EPS)?;
         let rope_args = |buf: u64, ld: usize, nh: usize, hs: usize, offset: usize| {
-            [
+            (
                 ptr(buf),
                 int(ld),
                 int(nh),
@@ -85,29 +87,23 @@ impl CudaModel {
                 int(rope),
                 ptr(step.cos),
                 ptr(step.sin),
-            ]
+            )
         };
-        g.launch(
-            "rope_interleaved",
-            (m as u32, 1, 1),
-            128,
-            0,
-            &rope_args(kv, down_w, 1, 0, lora),
-        )?;
-        g.launch(
-            "rope_interleaved",
+        kernels::rope_interleaved.launch(g, (m as u32, 1, 1), 128, 0, rope_args(kv, down_w, 1, 0, lora))?;
+        kernels::rope_interleaved.launch(
+            g,
             (m as u32, 1, 1),
             256,
             0,
-            &rope_args(q.addr, heads * qk, heads, qk, nope),
+            rope_args(q.addr, heads * qk, heads, qk, nope),
         )?;
         let cache = self.cache.layer_addr(layer.index);
-        g.launch(
-            "cache_write",
+        kernels::cache_write.launch(
+            g,
             (m as u32, 1, 1),
             256,
             0,
-            &[ptr(cache), ptr(kv), int(down_w), ptr(step.slots), int(kv_w)],
+            (ptr(cache), ptr(kv), int(down_w), ptr(step.slots), int(kv_w)),
         )?;
         let attn = g.alloc(m * heads * vdim * 4)?;
         if step.spans.iter().all(|sp| sp.rows >= NAIVE_MIN_ROWS) {
@@ -186,11 +182,16 @@ impl CudaModel {
             let qb = g.to_bf16(q.addr, m * heads * qk)?;
             return absorb_mma(
                 g,
-                "q",
+                [
+                    kernels::mla_absorb_q_mma_n1,
+                    kernels::mla_absorb_q_mma_n2,
+                    kernels::mla_absorb_q_mma_n4,
+                    kernels::mla_absorb_q_mma_n8,
+                ],
                 lora,
                 m,
                 heads,
-                &[
+                (
                     ptr(q_lat.addr),
                     ptr(qb.addr),
                     int(m),
@@ -200,15 +201,15 @@ impl CudaModel {
                     int(lora),
                     ptr(uk_t.data.addr),
                     ptr(uk_t.scale_addr()),
-                ],
+                ),
             );
         }
-        g.launch(
-            "mla_absorb_q",
+        kernels::mla_absorb_q.launch(
+            g,
             (heads as u32, m.div_ceil(8) as u32, 1),
             lora.next_multiple_of(32) as u32,
             0,
-            &[
+            (
                 ptr(q_lat.addr),
                 ptr(q.addr),
                 int(m),
@@ -220,7 +221,7 @@ impl CudaModel {
                 int(kvb.format as usize),
                 ptr(kvb.data.addr),
                 ptr(kvb.scale_addr()),
-            ],
+            ),
         )
     }
 
@@ -241,11 +242,16 @@ impl CudaModel {
             let ob = g.to_bf16(o_lat.addr, m * heads * lora)?;
             return absorb_mma(
                 g,
-                "out",
+                [
+                    kernels::mla_absorb_out_mma_n1,
+                    kernels::mla_absorb_out_mma_n2,
+                    kernels::mla_absorb_out_mma_n4,
+                    kernels::mla_absorb_out_mma_n8,
+                ],
                 vdim,
                 m,
                 heads,
-                &[
+                (
                     ptr(attn.addr),
                     ptr(ob.addr),
                     int(m),
@@ -255,15 +261,15 @@ impl CudaModel {
                     int(lora),
                     ptr(kvb.data.addr),
                     ptr(kvb.scale_addr()),
-                ],
+                ),
             );
         }
-        g.launch(
-            "mla_absorb_out",
+        kernels::mla_absorb_out.launch(
+            g,
             (heads as u32, m.div_ceil(8) as u32, 1),
             256,
             0,
-            &[
+            (
                 ptr(attn.addr),
                 ptr(o_lat.addr),
                 int(m),
@@ -274,7 +280,7 @@ impl CudaModel {
                 int(kvb.format as usize),
                 ptr(kvb.data.addr),
                 ptr(kvb.scale_addr()),
-            ],
+            ),
         )
     }
 
@@ -303,12 +309,12 @@ impl CudaModel {
         let table = step.tables + (span.table_off * 4) as u64;
         let c_kv = g.alloc(total * lora * 4)?;
         let k_pe = g.alloc(total * rope * 2)?;
-        g.launch(
-            "gather_latents",
+        kernels::gather_latents.launch(
+            g,
             (total as u32, 1, 1),
             256,
             0,
-            &[
+            (
                 ptr(c_kv.addr),
                 ptr(k_pe.addr),
                 ptr(self.cache.layer_addr(layer.index)),
@@ -316,7 +322,7 @@ impl CudaModel {
                 int(self.cache.block_size()),
                 int(lora),
                 int(rope),
-            ],
+            ),
         )?;
         // kv_b's product in bf16, which the attention reads in place. The latents meet kv_b
         // unquantised, whatever the model's FP8 activations: decode folds kv_b into the query and
@@ -348,17 +354,17 @@ impl CudaModel {
     }
 }
 
-/// Launches `mla_absorb_{kind}_mma_n*` for `m` rows (variant n1 .. n8: 8 to 64 rows per block),
-/// 64 of the `cols` output columns per block, every head.
-fn absorb_mma(g: &Gpu, kind: &str, cols: usize, m: usize, heads: usize, args: &[Arg]) -> Result<()> {
+/// Launches the variant of an absorption kernel (`variants`: n1, n2, n4, n8 = 8 to 64 rows per
+/// block) that suits `m` rows, 64 of the `cols` output columns per block, every head.
+fn absorb_mma<A: Args>(g: &Gpu, variants: [Kernel<A>; 4], cols: usize, m: usize, heads: usize, args: A) -> Result<()> {
     let (variant, tile) = match m {
-        0..=8 => ("n1", 8),
-        9..=16 => ("n2", 16),
-        17..=32 => ("n4", 32),
-        _ => ("n8", 64),
+        0..=8 => (variants[0], 8),
+        9..=16 => (variants[1], 16),
+        17..=32 => (variants[2], 32),
+        _ => (variants[3], 64),
     };
-    g.launch(
-        &format!("mla_absorb_{kind}_mma_{variant}"),
+    variant.launch(
+        g,
         ((cols / 64) as u32, (heads * m.div_ceil(tile)) as u32, 1),
         128,
         0,

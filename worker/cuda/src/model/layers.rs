@@ -1,6 +1,8 @@
 //! The weights of one decoder layer on the GPU, loaded from the checkpoint or made at random.
 
-use crate::gpu::{int, ptr, DeviceBuf, Gpu};
+use crate::gpu::{DeviceBuf, Gpu};
+use crate::kernels;
+use crate::launch::{int, ptr};
 use crate::weights::{load_vector, random_vector, scale_shape, DeviceMatrix, ExpertBank, Format};
 use anyhow::Result;
 use dsv3_engine::{Checkpoint, ModelConfig};
@@ -30,12 +32,12 @@ fn uk_transposed(gpu: &Gpu, kv_b: &DeviceMatrix, c: &ModelConfig) -> Result<Opti
     let (rows, cols) = (heads * lora, nope);
     let (sr, sc) = scale_shape(rows, cols);
     let (data, scales) = (gpu.alloc(rows * cols)?, gpu.alloc(sr * sc * 4)?);
-    gpu.launch(
-        "mla_uk_transpose",
+    kernels::mla_uk_transpose.launch(
+        gpu,
         ((lora * nope).div_ceil(256) as u32, heads as u32, 1),
         256,
         0,
-        &[
+        (
             ptr(data.addr),
             ptr(scales.addr),
             ptr(kv_b.data.addr),
@@ -43,7 +45,7 @@ fn uk_transposed(gpu: &Gpu, kv_b: &DeviceMatrix, c: &ModelConfig) -> Result<Opti
             int(nope),
             int(vdim),
             int(lora),
-        ],
+        ),
     )?;
     Ok(Some(DeviceMatrix {
         rows,

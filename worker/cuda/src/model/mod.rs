@@ -11,7 +11,9 @@ mod pick;
 
 use crate::cache::DeviceCache;
 use crate::data_plane::NcclExperts;
-use crate::gpu::{float, int, ptr, u64_arg, DeviceBuf, Gpu};
+use crate::gpu::{DeviceBuf, Gpu};
+use crate::kernels;
+use crate::launch::{int, ptr};
 use crate::weights::{load_vector, random_vector, DeviceMatrix, Format};
 use anyhow::{ensure, Context, Result};
 use dsv3_engine::rope::{Rope, RopeTable};
@@ -405,17 +407,7 @@ impl CudaModel {
             self.cache.table.begin_chunk(s, 0, len)?;
         }
         let n = self.cache.data.bytes / 2;
-        self.gpu.launch_1d(
-            "random_bf16",
-            n,
-            &[
-                ptr(self.cache.data.addr),
-                u64_arg(n as u64),
-                u64_arg(seed),
-                float(-1.0),
-                float(1.0),
-            ],
-        )
+        kernels::random_bf16.launch_1d(&self.gpu, n, (ptr(self.cache.data.addr), n as u64, seed, -1.0, 1.0))
     }
 
     /// Drops positions from `len` on.
@@ -504,12 +496,12 @@ impl CudaModel {
         let rows = match pick {
             Some(rows) => {
                 picked = g.alloc(r * width * 4)?;
-                g.launch(
-                    "gather_rows_f32",
+                kernels::gather_rows_f32.launch(
+                    g,
                     (r as u32, 1, 1),
                     256,
                     0,
-                    &[ptr(picked.addr), ptr(h.addr), int(width), ptr(rows), int(width)],
+                    (ptr(picked.addr), ptr(h.addr), int(width), ptr(rows), int(width)),
                 )?;
                 &picked
             }
@@ -603,19 +595,19 @@ impl CudaModel {
 
     /// The embeddings of `step`'s tokens into `out` (`[step.rows, hidden]` f32).
     fn embed_into(&self, out: &DeviceBuf, step: &StepLayout) -> Result<()> {
-        self.gpu.launch(
-            "embed_rows",
+        kernels::embed_rows.launch(
+            &self.gpu,
             (step.rows as u32, 1, 1),
             256,
             0,
-            &[
+            (
                 ptr(out.addr),
                 int(self.embed.format as usize),
                 ptr(self.embed.data.addr),
                 ptr(self.embed.scale_addr()),
                 ptr(step.ids),
                 int(self.config.hidden_size),
-            ],
+            ),
         )
     }
 
@@ -733,20 +725,12 @@ impl CudaModel {
         } else {
             256
         };
-        self.gpu.launch(
-            "rms_norm",
+        kernels::rms_norm.launch(
+            &self.gpu,
             (rows as u32, 1, 1),
             threads as u32,
             0,
-            &[
-                ptr(out),
-                int(ld_out),
-                ptr(x),
-                int(ld_in),
-                ptr(w.addr),
-                int(width),
-                float(eps),
-            ],
+            (ptr(out), int(ld_out), ptr(x), int(ld_in), ptr(w.addr), int(width), eps),
         )
     }
 
@@ -802,7 +786,7 @@ impl CudaModel {
         let gu = g.alloc(m * 2 * inter * 4)?;
         self.linear(gu.addr, 2 * inter, x.addr, m, &mlp.gate_up, false)?;
         let act = g.alloc(m * inter * 4)?;
-        g.launch_1d("swiglu", m * inter, &[ptr(act.addr), ptr(gu.addr), int(m), int(inter)])?;
+        kernels::swiglu.launch_1d(g, m * inter, (ptr(act.addr), ptr(gu.addr), int(m), int(inter)))?;
         self.linear(out, self.config.hidden_size, act.addr, m, &mlp.down, true)
     }
 }

@@ -8,7 +8,9 @@ use super::layers::Moe;
 use super::CudaModel;
 use crate::expert_wgmma::{self, ExpertTiles};
 use crate::fp8_gemm::{quantize_rows_bf16, quantize_rows_f32, Fp8Gemm, QuantizedRows, ALIGN};
-use crate::gpu::{float, int, ptr, u64_arg, DeviceBuf, Gpu};
+use crate::gpu::{DeviceBuf, Gpu};
+use crate::kernels;
+use crate::launch::{int, ptr};
 use crate::linear::{mma_fits, SplitK};
 use crate::weights::{ExpertBank, Stacked};
 use anyhow::{ensure, Context, Result};
@@ -125,11 +127,11 @@ pub(crate) fn run_bank(
     let act = g.alloc(slots * inter * 4)?;
     let y = g.alloc(slots * width * 4)?;
     let tensor_cores = !kernels.simt_linear && mma_fits(inter, width) && mma_fits(width, inter);
-    let name = match slots.div_ceil(e.max(1)) {
-        0..=2 => "grouped_fp8_mma_n1",
-        3..=6 => "grouped_fp8_mma_n2",
-        7..=16 => "grouped_fp8_mma_n4",
-        _ => "grouped_fp8_mma_n8",
+    let mma = match slots.div_ceil(e.max(1)) {
+        0..=2 => kernels::grouped_fp8_mma_n1,
+        3..=6 => kernels::grouped_fp8_mma_n2,
+        7..=16 => kernels::grouped_fp8_mma_n4,
+        _ => kernels::grouped_fp8_mma_n8,
     };
     // Every group up to max_rows in one launch, weights streamed once per group. Small decode
     // steps split each expert's k chunks so the few groups still fill the GPU (each split into
@@ -143,33 +145,64 @@ pub(crate) fn run_bank(
         let blocks = s.rows.div_ceil(64) * plan.groups;
         let t = SplitK::new(g, blocks, s.cols / 128, max_splits, out, ldy, slots, s.rows, false)?;
         // The GEMV's arguments; the tensor-core kernel takes three more (split k, scales).
-        let mut args = vec![
-            ptr(t.out),
-            int(t.ldo),
-            ptr(input.values),
-            int(s.cols),
-            ptr(rows),
+        let (y, ldy, x, ldx, x_rows) = (ptr(t.out), int(t.ldo), ptr(input.values), int(s.cols), ptr(rows));
+        let (w, scales, w_stride, scale_stride) = (
             ptr(s.data.addr),
             ptr(s.scales.addr),
-            u64_arg(s.stride() as u64),
-            u64_arg(s.scale_stride() as u64),
-            ptr(plan.group_expert),
-            ptr(plan.offsets),
-            int(s.rows),
-            int(s.cols),
-            int(max_rows),
-        ];
+            s.stride() as u64,
+            s.scale_stride() as u64,
+        );
+        let (group_expert, offsets) = (ptr(plan.group_expert), ptr(plan.offsets));
+        let (n, k, max_rows) = (int(s.rows), int(s.cols), int(max_rows));
         if tensor_cores {
-            args.extend([int(t.mode), u64_arg(t.stride), ptr(input.scales)]);
             let grid = (s.rows.div_ceil(64) as u32, plan.groups as u32, t.splits as u32);
-            g.launch(name, grid, 128, 0, &args)?;
+            mma.launch(
+                g,
+                grid,
+                128,
+                0,
+                (
+                    y,
+                    ldy,
+                    x,
+                    ldx,
+                    x_rows,
+                    w,
+                    scales,
+                    w_stride,
+                    scale_stride,
+                    group_expert,
+                    offsets,
+                    n,
+                    k,
+                    max_rows,
+                    int(t.mode),
+                    t.stride,
+                    ptr(input.scales),
+                ),
+            )?;
         } else {
-            g.launch(
-                "grouped_gemv_fp8",
+            kernels::grouped_gemv_fp8.launch(
+                g,
                 (s.rows.div_ceil(8) as u32, plan.groups as u32, 1),
                 256,
                 0,
-                &args,
+                (
+                    y,
+                    ldy,
+                    x,
+                    ldx,
+                    x_rows,
+                    w,
+                    scales,
+                    w_stride,
+                    scale_stride,
+                    group_expert,
+                    offsets,
+                    n,
+                    k,
+                    max_rows,
+                ),
             )?;
         }
         t.finish(g)
@@ -190,21 +223,17 @@ pub(crate) fn run_bank(
         fp8_groups(g, fp8, &large, &bank.up, &xq, up_out, 2 * inter)?;
     } else if !large.is_empty() {
         let xg = g.alloc(slots * width * 2)?;
-        g.launch(
-            "gather_rows_bf16",
+        kernels::gather_rows_bf16.launch(
+            g,
             (slots as u32, 1, 1),
             256,
             0,
-            &[ptr(xg.addr), ptr(xin.wide), int(width), ptr(plan.x_rows), int(width)],
+            (ptr(xg.addr), ptr(xin.wide), int(width), ptr(plan.x_rows), int(width)),
         )?;
         cublas_groups(g, &large, &bank.gate, xg.addr, width, gu.addr, 2 * inter)?;
         cublas_groups(g, &large, &bank.up, xg.addr, width, up_out, 2 * inter)?;
     }
-    g.launch_1d(
-        "swiglu",
-        slots * inter,
-        &[ptr(act.addr), ptr(gu.addr), int(slots), int(inter)],
-    )?;
+    kernels::swiglu.launch_1d(g, slots * inter, (ptr(act.addr), ptr(gu.addr), int(slots), int(inter)))?;
     let ain = GroupedInput::new(g, act.addr, (slots, inter), tensor_cores, needs_wide, input_quant)?;
     grouped(y.addr, width, &ain, 0, &bank.down)?;
     if let Some((fp8, ue8m0)) = fp8 {
@@ -334,19 +363,19 @@ fn combine(
     m: usize,
     k: usize,
 ) -> Result<()> {
-    g.launch(
-        "combine_experts",
+    kernels::combine_experts.launch(
+        g,
         (m as u32, 1, 1),
         256,
         0,
-        &[
+        (
             ptr(h.addr),
             ptr(y.addr),
             ptr(plan.slot_of),
             ptr(weights),
             int(k),
             int(width),
-        ],
+        ),
     )
 }
 
@@ -528,16 +557,16 @@ impl CudaModel {
         let bank_ids = match (local, partial) {
             (Some(_), Some(p)) => {
                 let out = g.alloc(m * k * 4)?;
-                g.launch_1d(
-                    "bank_expert_ids",
+                kernels::bank_expert_ids.launch_1d(
+                    g,
                     m * k,
-                    &[
+                    (
                         ptr(out.addr),
                         ptr(ids.addr),
                         ptr(p.bank_of.addr),
                         int(self.config.n_routed_experts),
                         int(m * k),
-                    ],
+                    ),
                 )?;
                 Some(out)
             }
@@ -565,11 +594,7 @@ impl CudaModel {
             count_routes(&mut counts, layer, self.config.n_routed_experts, &routes);
         }
         sent.with_context(|| format!("routed experts of layer {layer}"))?;
-        g.launch_1d(
-            "add_f32",
-            m * width,
-            &[ptr(h.addr), ptr(y.addr), u64_arg((m * width) as u64)],
-        )?;
+        kernels::add_f32.launch_1d(g, m * width, (ptr(h.addr), ptr(y.addr), (m * width) as u64))?;
         Ok(routes.experts)
     }
 
@@ -597,11 +622,7 @@ impl CudaModel {
             self.config.hidden_size,
             self.config.n_routed_experts,
         );
-        g.launch_1d(
-            "count_routes",
-            m * k,
-            &[ptr(counters.counts), ptr(ids.addr), int(e), int(m * k)],
-        )?;
+        kernels::count_routes.launch_1d(g, m * k, (ptr(counters.counts), ptr(ids.addr), int(e), int(m * k)))?;
         let exchange = crate::data_plane::LayerExchange { layer, rows: m, k };
         let bytes = exchange.bytes(width);
         let rows = g.to_bf16(x.addr, m * width)?;
@@ -614,17 +635,17 @@ impl CudaModel {
         let exchange_with = |i: usize| -> Result<()> {
             let s = used[i];
             let (their_ids, back) = &sums[i];
-            g.launch_1d(
-                "peer_expert_ids",
+            kernels::peer_expert_ids.launch_1d(
+                g,
                 m * k,
-                &[
+                (
                     ptr(their_ids.addr),
                     ptr(ids.addr),
                     ptr(owner.addr),
                     int(s),
                     int(e),
                     int(m * k),
-                ],
+                ),
             )?;
             let comm = shards.shards[s]
                 .announce(exchange)
@@ -655,11 +676,7 @@ impl CudaModel {
             n => g.fan_out(n, exchange_with)?,
         }
         for (_, back) in &sums {
-            g.launch_1d(
-                "add_bf16_f32",
-                m * width,
-                &[ptr(h.addr), ptr(back.addr), u64_arg((m * width) as u64)],
-            )?;
+            kernels::add_bf16_f32.launch_1d(g, m * width, (ptr(h.addr), ptr(back.addr), (m * width) as u64))?;
         }
         Ok(())
     }
@@ -675,12 +692,12 @@ impl CudaModel {
         let ids = g.alloc(m * k * 4)?;
         let weights = g.alloc(m * k * 4)?;
         let smem = (2 * e + c.n_group + k) * 4;
-        g.launch(
-            "route_topk",
+        kernels::route_topk.launch(
+            g,
             (m as u32, 1, 1),
             e.next_multiple_of(32) as u32,
             smem as u32,
-            &[
+            (
                 ptr(ids.addr),
                 ptr(weights.addr),
                 ptr(logits.addr),
@@ -690,8 +707,8 @@ impl CudaModel {
                 int(c.topk_group),
                 int(k),
                 int(c.norm_topk_prob as usize),
-                float(c.routed_scaling_factor),
-            ],
+                c.routed_scaling_factor,
+            ),
         )?;
         Ok((ids, weights))
     }
@@ -752,12 +769,12 @@ impl DevicePlan {
         // pairs per expert in shared memory.
         ensure!(e <= 1024, "the expert plan takes at most 1024 experts a bank, not {e}");
         let chunk_counts = 1024 / 32 * e * 4;
-        g.launch(
-            "moe_plan",
+        kernels::moe_plan.launch(
+            g,
             (1, 1, 1),
             1024,
             chunk_counts as u32,
-            &[
+            (
                 ptr(group_expert),
                 ptr(offsets),
                 ptr(x_rows),
@@ -772,7 +789,7 @@ impl DevicePlan {
                 int(groups),
                 int(align),
                 int(capacity),
-            ],
+            ),
         )?;
         Ok(DevicePlan {
             _buf: buf,

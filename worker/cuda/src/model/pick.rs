@@ -3,7 +3,9 @@
 //! log-probabilities come back, in one small download per step.
 
 use super::CudaModel;
-use crate::gpu::{int, ptr, Gpu};
+use crate::gpu::Gpu;
+use crate::kernels;
+use crate::launch::{int, ptr};
 use crate::tiles::PICK_THREADS;
 use anyhow::{ensure, Result};
 use dsv3_engine::{Chunk, PickedRows, PickedToken, RowPicks, TokenPick};
@@ -58,12 +60,12 @@ fn apply_masks(g: &Gpu, logits: u64, vocab: usize, picks: &[TokenPick]) -> Resul
         }
     }
     let buf = g.upload(&words)?;
-    g.launch(
-        "apply_token_masks",
+    kernels::apply_token_masks.launch(
+        g,
         (vocab.div_ceil(256) as u32, picks.len() as u32, 1),
         256,
         0,
-        &[ptr(logits), int(vocab), ptr(buf.addr), int(per_row)],
+        (ptr(logits), int(vocab), ptr(buf.addr), int(per_row)),
     )?;
     Ok(Some(buf))
 }
@@ -81,12 +83,12 @@ pub fn pick_tokens(g: &Gpu, logits: u64, vocab: usize, picks: &[TokenPick]) -> R
     } else {
         let n = edits.len() / 5;
         let buf = g.upload(&edits)?;
-        g.launch(
-            "apply_logit_edits",
+        kernels::apply_logit_edits.launch(
+            g,
             (n.div_ceil(256) as u32, 1, 1),
             256,
             0,
-            &[ptr(logits), int(vocab), ptr(buf.addr), int(n)],
+            (ptr(logits), int(vocab), ptr(buf.addr), int(n)),
         )?;
         Some(buf)
     };
@@ -96,12 +98,12 @@ pub fn pick_tokens(g: &Gpu, logits: u64, vocab: usize, picks: &[TokenPick]) -> R
     let words: Vec<u32> = picks.iter().flat_map(pick_words).collect();
     let plan = g.upload(&words)?;
     let out = g.alloc(picks.len() * stride * 4)?;
-    g.launch(
-        "pick_tokens",
+    kernels::pick_tokens.launch(
+        g,
         (picks.len() as u32, 1, 1),
         PICK_THREADS as u32,
         0,
-        &[ptr(out.addr), ptr(logits), int(vocab), ptr(plan.addr), int(max_top)],
+        (ptr(out.addr), ptr(logits), int(vocab), ptr(plan.addr), int(max_top)),
     )?;
     let raw = g.download::<u32>(out.addr, picks.len() * stride)?;
     Ok(picks
