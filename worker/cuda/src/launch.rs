@@ -101,6 +101,15 @@ pub trait Args {
     fn with<Out>(self, f: impl FnOnce(&mut [Arg]) -> Out) -> Out;
 }
 
+/// One more argument after a tuple of them, or before it, for kernels whose parameters share a
+/// run with another's: `(a, b).then(c)` is `(a, b, c)`, `(b, c).after(a)` is `(a, b, c)`.
+pub trait Extend<X> {
+    type Then;
+    type After;
+    fn then(self, x: X) -> Self::Then;
+    fn after(self, x: X) -> Self::After;
+}
+
 macro_rules! tuple_args {
     () => {};
     ($T0:ident $v0:ident $(, $T:ident $v:ident)*) => {
@@ -109,6 +118,18 @@ macro_rules! tuple_args {
             fn with<Out>(self, f: impl FnOnce(&mut [Arg]) -> Out) -> Out {
                 let ($v0, $($v,)*) = self;
                 f(&mut [$v0.arg() $(, $v.arg())*])
+            }
+        }
+        impl<$T0: Param $(, $T: Param)*, X: Param> Extend<X> for ($T0, $($T,)*) {
+            type Then = ($T0, $($T,)* X);
+            type After = (X, $T0, $($T,)*);
+            fn then(self, x: X) -> Self::Then {
+                let ($v0, $($v,)*) = self;
+                ($v0, $($v,)* x)
+            }
+            fn after(self, x: X) -> Self::After {
+                let ($v0, $($v,)*) = self;
+                (x, $v0, $($v,)*)
             }
         }
         tuple_args!($($T $v),*);
@@ -167,4 +188,29 @@ pub fn ptr(p: u64) -> Ptr {
 /// A size or count as an `int` argument (every size the kernels take fits in 31 bits).
 pub fn int(v: usize) -> i32 {
     v as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_keep_their_order_and_kinds() {
+        let args = (ptr(7), 2i32).after(1.5f32).then(9u64);
+        assert_eq!(
+            <(f32, Ptr, i32, u64) as Args>::KINDS,
+            [Kind::F32, Kind::Ptr, Kind::I32, Kind::U64]
+        );
+        let laid = args.with(|a| {
+            a.iter()
+                .map(|arg| match arg {
+                    Arg::Word(v) => format!("w{v}"),
+                    Arg::I32(v) => format!("i{v}"),
+                    Arg::F32(v) => format!("f{v}"),
+                    Arg::Map(_) => "map".into(),
+                })
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(laid, ["f1.5", "w7", "i2", "w9"]);
+    }
 }

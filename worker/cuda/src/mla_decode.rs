@@ -8,7 +8,7 @@
 
 use crate::gpu::{tensor_map, Gpu};
 use crate::kernels;
-use crate::launch::{int, ptr, TensorMap};
+use crate::launch::{int, ptr, Extend, TensorMap};
 use crate::tiles::{DEC_HEADS, DEC_PAD, DEC_STAGES, DEC_THREADS, DEC_TILE, MLA_HEAD_GROUP, MLA_THREADS, MLA_TILE};
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::sys as drv;
@@ -244,6 +244,24 @@ pub fn mla_decode(
         DecodeKernel::CudaCores => heads.min(MLA_HEAD_GROUP),
         _ => heads.min(DEC_HEADS),
     };
+    // The queries, the cache and the rows' tables: the arguments every decode kernel takes,
+    // after its outputs.
+    let common = (
+        ptr(bufs.q_lat),
+        ptr(bufs.q),
+        int(qk),
+        int(nope),
+        int(heads),
+        int(hg),
+        int(lora),
+        int(rope),
+        ptr(bufs.cache),
+        ptr(rows.tables),
+        ptr(rows.table_off),
+        ptr(rows.lens),
+        int(rows.block),
+        scale,
+    );
     if kernel == DecodeKernel::CudaCores {
         let smem = cuda_core_shared_bytes(shape);
         return kernels::mla_attend.launch(
@@ -251,23 +269,7 @@ pub fn mla_decode(
             ((heads / hg) as u32, m as u32, 1),
             MLA_THREADS as u32,
             smem as u32,
-            (
-                ptr(bufs.o_lat),
-                ptr(bufs.q_lat),
-                ptr(bufs.q),
-                int(qk),
-                int(nope),
-                int(heads),
-                int(hg),
-                int(lora),
-                int(rope),
-                ptr(bufs.cache),
-                ptr(rows.tables),
-                ptr(rows.table_off),
-                ptr(rows.lens),
-                int(rows.block),
-                scale,
-            ),
+            common.after(ptr(bufs.o_lat)),
         );
     }
     // Split the positions so the grid fills the GPU (flash-decoding); each row divides its own
@@ -288,36 +290,12 @@ pub fn mla_decode(
         None => (bufs.o_lat, 0),
     };
     let grid = ((heads / hg) as u32, m as u32, splits as u32);
+    let split = common.after(ptr(ml_part)).after(ptr(o_part)).then(int(MIN_SPLIT));
     // The wgmma kernels: the mma.sync kernel's arguments, then the TMA view of the cache and its
     // box rows (0: no TMA, the tiles come by cp.async).
     let wgmma = |launcher: kernels::MlaDecodeWgmma, cache_map: TensorMap, box_rows: usize| {
-        launcher.launch(
-            g,
-            grid,
-            WGMMA_THREADS as u32,
-            WGMMA_SHARED_BYTES as u32,
-            (
-                ptr(o_part),
-                ptr(ml_part),
-                ptr(bufs.q_lat),
-                ptr(bufs.q),
-                int(qk),
-                int(nope),
-                int(heads),
-                int(hg),
-                int(lora),
-                int(rope),
-                ptr(bufs.cache),
-                ptr(rows.tables),
-                ptr(rows.table_off),
-                ptr(rows.lens),
-                int(rows.block),
-                scale,
-                int(MIN_SPLIT),
-                cache_map,
-                int(box_rows),
-            ),
-        )
+        let args = split.then(cache_map).then(int(box_rows));
+        launcher.launch(g, grid, WGMMA_THREADS as u32, WGMMA_SHARED_BYTES as u32, args)
     };
     let tma_rows =
         || tma_box_rows(rows.block).with_context(|| format!("TMA boxes do not fit cache blocks of {}", rows.block));
@@ -334,31 +312,10 @@ pub fn mla_decode(
         }
         DecodeKernel::WgmmaCpAsync => wgmma(kernels::mla_decode_wgmma, TensorMap::unused(), 0)?,
         // (the CUDA-core kernel returned above)
-        DecodeKernel::Mma | DecodeKernel::CudaCores => kernels::mla_decode_mma.launch(
-            g,
-            grid,
-            DEC_THREADS as u32,
-            mma_shared_bytes(width) as u32,
-            (
-                ptr(o_part),
-                ptr(ml_part),
-                ptr(bufs.q_lat),
-                ptr(bufs.q),
-                int(qk),
-                int(nope),
-                int(heads),
-                int(hg),
-                int(lora),
-                int(rope),
-                ptr(bufs.cache),
-                ptr(rows.tables),
-                ptr(rows.table_off),
-                ptr(rows.lens),
-                int(rows.block),
-                scale,
-                int(MIN_SPLIT),
-            ),
-        )?,
+        DecodeKernel::Mma | DecodeKernel::CudaCores => {
+            let smem = mma_shared_bytes(width) as u32;
+            kernels::mla_decode_mma.launch(g, grid, DEC_THREADS as u32, smem, split)?
+        }
     }
     if splits == 1 {
         return Ok(());

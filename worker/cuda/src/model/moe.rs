@@ -10,7 +10,7 @@ use crate::expert_wgmma::{self, ExpertTiles};
 use crate::fp8_gemm::{quantize_rows_bf16, quantize_rows_f32, Fp8Gemm, QuantizedRows, ALIGN};
 use crate::gpu::{DeviceBuf, Gpu};
 use crate::kernels;
-use crate::launch::{int, ptr};
+use crate::launch::{int, ptr, Extend};
 use crate::linear::{mma_fits, SplitK};
 use crate::weights::{ExpertBank, Stacked};
 use anyhow::{ensure, Context, Result};
@@ -145,65 +145,29 @@ pub(crate) fn run_bank(
         let blocks = s.rows.div_ceil(64) * plan.groups;
         let t = SplitK::new(g, blocks, s.cols / 128, max_splits, out, ldy, slots, s.rows, false)?;
         // The GEMV's arguments; the tensor-core kernel takes three more (split k, scales).
-        let (y, ldy, x, ldx, x_rows) = (ptr(t.out), int(t.ldo), ptr(input.values), int(s.cols), ptr(rows));
-        let (w, scales, w_stride, scale_stride) = (
+        let gemv = (
+            ptr(t.out),
+            int(t.ldo),
+            ptr(input.values),
+            int(s.cols),
+            ptr(rows),
             ptr(s.data.addr),
             ptr(s.scales.addr),
             s.stride() as u64,
             s.scale_stride() as u64,
+            ptr(plan.group_expert),
+            ptr(plan.offsets),
+            int(s.rows),
+            int(s.cols),
+            int(max_rows),
         );
-        let (group_expert, offsets) = (ptr(plan.group_expert), ptr(plan.offsets));
-        let (n, k, max_rows) = (int(s.rows), int(s.cols), int(max_rows));
         if tensor_cores {
             let grid = (s.rows.div_ceil(64) as u32, plan.groups as u32, t.splits as u32);
-            mma.launch(
-                g,
-                grid,
-                128,
-                0,
-                (
-                    y,
-                    ldy,
-                    x,
-                    ldx,
-                    x_rows,
-                    w,
-                    scales,
-                    w_stride,
-                    scale_stride,
-                    group_expert,
-                    offsets,
-                    n,
-                    k,
-                    max_rows,
-                    int(t.mode),
-                    t.stride,
-                    ptr(input.scales),
-                ),
-            )?;
+            let args = gemv.then(int(t.mode)).then(t.stride).then(ptr(input.scales));
+            mma.launch(g, grid, 128, 0, args)?;
         } else {
-            kernels::grouped_gemv_fp8.launch(
-                g,
-                (s.rows.div_ceil(8) as u32, plan.groups as u32, 1),
-                256,
-                0,
-                (
-                    y,
-                    ldy,
-                    x,
-                    ldx,
-                    x_rows,
-                    w,
-                    scales,
-                    w_stride,
-                    scale_stride,
-                    group_expert,
-                    offsets,
-                    n,
-                    k,
-                    max_rows,
-                ),
-            )?;
+            let grid = (s.rows.div_ceil(8) as u32, plan.groups as u32, 1);
+            kernels::grouped_gemv_fp8.launch(g, grid, 256, 0, gemv)?;
         }
         t.finish(g)
     };
