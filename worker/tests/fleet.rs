@@ -1180,11 +1180,7 @@ fn a_fleet_over_mutual_tls_gives_the_tokens_of_generate_and_turns_strangers_away
 /// error within seconds and makes the fleet not ready; a shard started again joins again.
 #[test]
 fn an_nccl_fleet_gives_the_tokens_of_serve_and_a_dead_shard_ends_its_requests() {
-    let gpus = std::env::var("DSV3_TEST_GPUS")
-        .ok()
-        .and_then(|n| n.parse::<usize>().ok())
-        .unwrap_or(0);
-    if device() != "cuda" || gpus < 2 {
+    if device() != "cuda" || test_gpus() < 2 {
         eprintln!("skipped: needs DSV3_TEST_DEVICE=cuda and DSV3_TEST_GPUS of at least 2");
         return;
     }
@@ -1232,4 +1228,68 @@ fn an_nccl_fleet_gives_the_tokens_of_serve_and_a_dead_shard_ends_its_requests() 
         completion_ids(&fleet.base, request(24, json!({"temperature": 0}))),
         greedy
     );
+}
+
+/// GPUs the test may use (`DSV3_TEST_GPUS`, 0 when unset).
+fn test_gpus() -> usize {
+    std::env::var("DSV3_TEST_GPUS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(0)
+}
+
+/// The NCCL data plane on four GPUs (skipped on fewer): 2 attention ranks and 2 expert shards,
+/// each on a GPU of its own, joined in four pairs. Greedy requests sent at once, so that both
+/// attention ranks take some, give `serve`'s tokens; killing one shard mid-stream ends the
+/// stream with an error within seconds and makes the fleet not ready.
+#[test]
+fn a_fleet_of_two_attention_ranks_and_two_shards_over_nccl_gives_the_tokens_of_serve() {
+    if device() != "cuda" || test_gpus() < 4 {
+        eprintln!("skipped: needs DSV3_TEST_DEVICE=cuda and DSV3_TEST_GPUS of at least 4");
+        return;
+    }
+    let (_serve, serve) = start_serve();
+    let prompts = client_prompts(11);
+    let expected = greedy_answers(&serve, &prompts);
+    let fleet = start_fleet_of(2, 2, &["--data-plane", "nccl"]);
+    let gpus_used: std::collections::BTreeSet<_> = fleet.members.iter().filter_map(|m| m.gpu.clone()).collect();
+    assert_eq!(gpus_used.len(), 4, "one GPU per rank");
+    let answers: Vec<Vec<u32>> = std::thread::scope(|scope| {
+        let running: Vec<_> = prompts
+            .iter()
+            .chain(&prompts)
+            .map(|p| {
+                let base = &fleet.base;
+                scope.spawn(move || completion_ids(base, prompt_request(p, CLIENT_TOKENS, json!({"temperature": 0}))))
+            })
+            .collect();
+        running.into_iter().map(|t| t.join().expect("client")).collect()
+    });
+    for (i, answer) in answers.iter().enumerate() {
+        assert_eq!(answer, &expected[i % prompts.len()], "prompt {}", i % prompts.len());
+    }
+    for rank in fleet.members.iter().filter(|m| m.role == "attention") {
+        assert!(
+            metric(&member_base(rank), "dsv3_rank_steps_total") > 0.0,
+            "both attention ranks take requests"
+        );
+    }
+
+    let base = fleet.base.clone();
+    let long = std::thread::spawn(move || stream(&base, request(400, json!({"temperature": 0, "stream": true}))));
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = fleet.members.iter().find(|m| m.role == "expert").expect("shard").pid;
+    let killed = Instant::now();
+    kill(pid);
+    let (ids, _, error) = long.join().expect("stream thread");
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(10), "the stream took {took:?} to end");
+    assert!(ids.len() < 400, "the stream should not complete");
+    let error = error.expect("the stream ends with an error event");
+    assert!(error.contains("NCCL data plane"), "{error}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ready_status(&fleet.base) != 503 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(ready_status(&fleet.base), 503, "not ready without the shard");
 }
