@@ -34,7 +34,7 @@ kernels! {
     AddBf16F32: add_bf16_f32(y: Ptr, x: Ptr, n: u64);
     Bf16ToF32Rows: bf16_to_f32_rows(out: Ptr, in_: Ptr, n: u64);
     RopeInterleaved: rope_interleaved(
-        x: Ptr, ld: i32, heads: i32, hs: i32, offset: i32, dim: i32, cos_t: Ptr, sin_t: Ptr,
+        x: Ptr, ld: i32, heads: i32, hs: i32, offset: i32, dim: i32, cos_t: Ptr, sin_t: Ptr, lens: Ptr,
     );
     F32ToBf16Rows: f32_to_bf16_rows(out: Ptr, in_: Ptr, n: u64);
     F32ToBf16X8: f32_to_bf16_x8(out: Ptr, in_: Ptr, n8: u64);

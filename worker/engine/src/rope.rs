@@ -104,9 +104,15 @@ impl RopeTable {
 
     /// cos and sin at `position`, which [`RopeTable::cover`] must have covered.
     pub fn at(&self, position: usize) -> (&[f32], &[f32]) {
+        self.rows(position..position + 1)
+    }
+
+    /// cos and sin of the positions in `range`, `[position][dim / 2]` each, which
+    /// [`RopeTable::cover`] must have covered.
+    pub fn rows(&self, range: std::ops::Range<usize>) -> (&[f32], &[f32]) {
         let half = self.half();
-        let row = position * half..(position + 1) * half;
-        (&self.cos[row.clone()], &self.sin[row])
+        let words = range.start * half..range.end * half;
+        (&self.cos[words.clone()], &self.sin[words])
     }
 }
 
@@ -204,6 +210,13 @@ mod tests {
                 let (tc, ts) = table.at(p);
                 assert_eq!((bits(tc), bits(ts)), (bits(&c), bits(&s)), "position {p}");
             }
+        }
+        // A run of positions is their rows side by side.
+        let (rc, rs) = table.rows(40..43);
+        assert_eq!(rc.len(), 3 * 32);
+        for (i, p) in (40..43).enumerate() {
+            let (tc, ts) = table.at(p);
+            assert_eq!((&rc[i * 32..(i + 1) * 32], &rs[i * 32..(i + 1) * 32]), (tc, ts));
         }
     }
 

@@ -76,15 +76,18 @@ extern "C" __global__ void bf16_to_f32_rows(float* out, const bf16* in, u64 n) {
 }
 
 // Rotates interleaved pairs of `dim` values at `offset` inside each of `heads` vectors of each
-// row (row stride ld, head stride hs). cos/sin are [rows, dim/2] and already carry YaRN's factor.
+// row (row stride ld, head stride hs). cos/sin are the rotary table, [position][dim/2], already
+// carrying YaRN's factor; row r is at position lens[r] - 1 (its context length minus one; a
+// padding row, of length 0, rotates as position 0).
 extern "C" __global__ void rope_interleaved(float* x, int ld, int heads, int hs, int offset, int dim,
-                                            const float* cos_t, const float* sin_t) {
+                                            const float* cos_t, const float* sin_t, const int* lens) {
     await_previous_kernel();
     int r = blockIdx.x, half = dim / 2;
+    size_t at = (size_t)max(lens[r] - 1, 0) * half;
     for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
         int h = i / half, j = i % half;
         float* p = x + (size_t)r * ld + (size_t)h * hs + offset + 2 * j;
-        float c = cos_t[r * half + j], s = sin_t[r * half + j];
+        float c = cos_t[at + j], s = sin_t[at + j];
         float a = p[0], b = p[1];
         p[0] = a * c - b * s;
         p[1] = a * s + b * c;

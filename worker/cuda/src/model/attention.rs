@@ -85,8 +85,9 @@ impl CudaModel {
                 int(hs),
                 int(offset),
                 int(rope),
-                ptr(step.cos),
-                ptr(step.sin),
+                ptr(step.rope_cos),
+                ptr(step.rope_sin),
+                ptr(step.lens),
             )
         };
         kernels::rope_interleaved.launch(g, (m as u32, 1, 1), 128, 0, rope_args(kv, down_w, 1, 0, lora))?;

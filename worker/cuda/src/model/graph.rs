@@ -59,7 +59,7 @@ impl DecodeGraph {
     fn new(model: &CudaModel, rows: usize, with_head: bool) -> Result<Self> {
         let g = &model.gpu;
         let c = &model.config;
-        let at = StepLayout::offsets(rows, c.qk_rope_head_dim / 2);
+        let at = StepLayout::offsets(rows);
         // The block tables of all sequences together never exceed the cache's blocks.
         let inputs = g.alloc((at.tables + model.cache.num_blocks()) * 4)?;
         let hidden = g.alloc(rows * c.hidden_size * 4)?;
@@ -102,13 +102,7 @@ impl CudaModel {
         self.gpu.copy_to(&graph.inputs, 0, &words)?;
         // Split attention by the cache's capacity, so the launch shapes hold for any context.
         let capacity = self.cache.num_blocks() * self.cache.block_size();
-        let step = StepLayout::new(
-            graph.inputs.addr,
-            rows,
-            self.config.qk_rope_head_dim / 2,
-            spans,
-            capacity,
-        );
+        let step = self.step_layout(graph.inputs.addr, rows, spans, capacity);
         match &graph.exec {
             Some(Recorded(exec)) => exec.launch().context("launching the decode graph")?,
             None => {

@@ -8,6 +8,7 @@ mod layers;
 mod moe;
 mod mtp;
 mod pick;
+mod rope;
 
 use crate::cache::DeviceCache;
 use crate::data_plane::NcclExperts;
@@ -16,7 +17,6 @@ use crate::kernels;
 use crate::launch::{int, ptr};
 use crate::weights::{load_vector, random_vector, DeviceMatrix, Format};
 use anyhow::{ensure, Context, Result};
-use dsv3_engine::rope::{Rope, RopeTable};
 use dsv3_engine::{
     begin_step, check_chunks, discard_step, CacheCapacity, Checkpoint, Chunk, ChunkOutput, ExpertCounts,
     ExpertExecutor, ExpertSelection, Fp8Activations, MemoryUse, ModelConfig, ModelFiles, PickedToken, SeqId,
@@ -142,8 +142,9 @@ pub struct DeviceTrace {
 pub struct CudaModel {
     pub gpu: Gpu,
     pub config: ModelConfig,
-    /// The rotary angles' cos and sin of every position used so far (grown as steps need).
-    rope: std::cell::RefCell<RopeTable>,
+    /// The rotary angles' cos and sin on the GPU, of every position used so far (grown as steps
+    /// need).
+    rope: std::cell::RefCell<rope::DeviceRope>,
     embed: DeviceMatrix,
     layers: Vec<Layer>,
     norm: DeviceBuf,
@@ -314,8 +315,13 @@ impl CudaModel {
             // Each exchange is announced to the shards from the host as it is queued.
             && nccl_experts.is_none();
         let kernels = ExpertKernels::new(&config);
+        // Every position a sequence can reach: the context, or the whole cache if smaller.
+        let positions = config
+            .max_position_embeddings
+            .min(cache.num_blocks() * cache.block_size());
+        let rope = rope::DeviceRope::new(&gpu, &config, positions)?;
         Ok(CudaModel {
-            rope: std::cell::RefCell::new(RopeTable::new(Rope::new(&config))),
+            rope: std::cell::RefCell::new(rope),
             gpu,
             config,
             embed,
@@ -569,7 +575,7 @@ impl CudaModel {
         let rows: usize = chunks.iter().map(|c| c.tokens.len()).sum();
         let (words, spans, max_len) = self.pack_inputs(chunks, rows)?;
         let buf = g.upload(&words)?;
-        let step = StepLayout::new(buf.addr, rows, self.config.qk_rope_head_dim / 2, spans, max_len);
+        let step = self.step_layout(buf.addr, rows, spans, max_len);
         let h = g.alloc(rows * self.config.hidden_size * 4)?;
         let mut tr = trace.then(DeviceTrace::default);
         self.run_layers(&step, &h, &mut tr)?;
@@ -653,24 +659,10 @@ impl CudaModel {
     /// then padding rows that write no cache slot and attend to nothing); the chunks' spans and
     /// longest context.
     fn pack_inputs(&self, chunks: &[Chunk], rows: usize) -> Result<(Vec<u32>, Vec<Span>, usize)> {
-        let half = self.config.qk_rope_head_dim / 2;
-        let at = StepLayout::offsets(rows, half);
+        let at = StepLayout::offsets(rows);
         let mut words = vec![0u32; at.tables];
-        let mut rope = self.rope.borrow_mut();
-        rope.cover(
-            chunks
-                .iter()
-                .map(|c| c.start + c.tokens.len())
-                .max()
-                .unwrap_or(0)
-                .max(1),
-        );
-        let put_rope = |words: &mut [u32], row: usize, c: &[f32], s: &[f32]| {
-            for i in 0..half {
-                words[at.cos + row * half + i] = c[i].to_bits();
-                words[at.sin + row * half + i] = s[i].to_bits();
-            }
-        };
+        let reach = chunks.iter().map(|c| c.start + c.tokens.len()).max().unwrap_or(0);
+        self.rope.borrow_mut().cover(&self.gpu, reach.max(1))?;
         let mut spans = Vec::with_capacity(chunks.len());
         let mut tables = Vec::new();
         let (mut row, mut max_len) = (0, 0);
@@ -685,9 +677,7 @@ impl CudaModel {
             tables.extend(self.cache.table.blocks(c.seq).iter().copied());
             for (k, &t) in c.tokens.iter().enumerate() {
                 let pos = c.start + k;
-                let (cos, sin) = rope.at(pos);
                 words[at.ids + row] = t;
-                put_rope(&mut words, row, cos, sin);
                 words[at.slots + row] = self.cache.table.slot(c.seq, pos)? as u32;
                 words[at.table_off + row] = off as u32;
                 words[at.lens + row] = (pos + 1) as u32;
@@ -696,9 +686,7 @@ impl CudaModel {
             }
         }
         words[at.valid] = row as u32;
-        let (cos, sin) = rope.at(0);
         for r in row..rows {
-            put_rope(&mut words, r, cos, sin);
             words[at.slots + r] = u32::MAX; // -1: no cache slot
         }
         words.extend(tables);
@@ -891,8 +879,6 @@ struct HeadOut {
 /// fixed-size buffer takes any tables that fit the cache).
 struct InputOffsets {
     ids: usize,
-    cos: usize,
-    sin: usize,
     slots: usize,
     table_off: usize,
     lens: usize,
@@ -901,54 +887,55 @@ struct InputOffsets {
 }
 
 /// A step's inputs on the GPU: `rows` rows (some may pad a graphed step; `valid` holds the count
-/// of real ones), per row the token, RoPE cos/sin, cache slot, block-table offset and context length.
+/// of real ones), per row the token, cache slot, block-table offset and context length; and the
+/// rotary table, where each row finds its angles at its position (its context length minus one).
 struct StepLayout {
     rows: usize,
     /// Longest context any row attends over (for a graphed step: the cache capacity).
     max_len: usize,
     spans: Vec<Span>,
     ids: u64,
-    cos: u64,
-    sin: u64,
     slots: u64,
     table_off: u64,
     lens: u64,
     valid: u64,
     tables: u64,
+    /// The model's rotary table (`[position][rope_dim / 2]` each).
+    rope_cos: u64,
+    rope_sin: u64,
 }
 
 impl StepLayout {
-    fn offsets(rows: usize, half: usize) -> InputOffsets {
-        let cos = rows;
-        let sin = cos + rows * half;
-        let slots = sin + rows * half;
+    fn offsets(rows: usize) -> InputOffsets {
         InputOffsets {
             ids: 0,
-            cos,
-            sin,
-            slots,
-            table_off: slots + rows,
-            lens: slots + 2 * rows,
-            valid: slots + 3 * rows,
-            tables: slots + 3 * rows + 1,
+            slots: rows,
+            table_off: 2 * rows,
+            lens: 3 * rows,
+            valid: 4 * rows,
+            tables: 4 * rows + 1,
         }
     }
+}
 
-    fn new(base: u64, rows: usize, half: usize, spans: Vec<Span>, max_len: usize) -> Self {
-        let at = Self::offsets(rows, half);
+impl CudaModel {
+    /// The layout of a step's inputs packed by [`CudaModel::pack_inputs`] at `base`.
+    fn step_layout(&self, base: u64, rows: usize, spans: Vec<Span>, max_len: usize) -> StepLayout {
+        let at = StepLayout::offsets(rows);
         let addr = |words: usize| base + (words * 4) as u64;
+        let rope = self.rope.borrow();
         StepLayout {
             rows,
             max_len,
             spans,
             ids: addr(at.ids),
-            cos: addr(at.cos),
-            sin: addr(at.sin),
             slots: addr(at.slots),
             table_off: addr(at.table_off),
             lens: addr(at.lens),
             valid: addr(at.valid),
             tables: addr(at.tables),
+            rope_cos: rope.cos.addr,
+            rope_sin: rope.sin.addr,
         }
     }
 }

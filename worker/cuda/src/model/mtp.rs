@@ -3,7 +3,7 @@
 //! by `eh_proj`, one decoder layer with its own cache layer, then its own norm and head.
 
 use super::layers::Layer;
-use super::{CudaModel, StepLayout};
+use super::CudaModel;
 use crate::gpu::{DeviceBuf, Gpu};
 use crate::weights::{load_vector, DeviceMatrix};
 use anyhow::{ensure, Context, Result};
@@ -79,7 +79,7 @@ impl CudaModel {
         let rows = prev.len() / width;
         let (words, spans, max_len) = self.pack_inputs(chunks, rows)?;
         let inputs = g.upload(&words)?;
-        let step = StepLayout::new(inputs.addr, rows, self.config.qk_rope_head_dim / 2, spans, max_len);
+        let step = self.step_layout(inputs.addr, rows, spans, max_len);
         let prev = g.upload(&prev)?;
         let embedded = g.alloc(rows * width * 4)?;
         self.embed_into(&embedded, &step)?;
