@@ -156,7 +156,9 @@ impl<A: Args> Kernel<A> {
     /// The kinds of its parameters, in order.
     pub const KINDS: &'static [Kind] = A::KINDS;
 
-    pub const fn new(name: &'static str) -> Self {
+    /// Only [`crate::kernels`] declares kernels: a wrong parameter list would be undefined
+    /// behaviour at launch.
+    pub(crate) const fn new(name: &'static str) -> Self {
         Kernel {
             name,
             params: PhantomData,

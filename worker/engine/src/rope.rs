@@ -60,62 +60,6 @@ impl Rope {
     }
 }
 
-/// [`Rope::cos_sin`] of every position below a bound, computed once and kept: a long prompt's
-/// rows copy theirs instead of evaluating two trigonometric functions per pair per token on the
-/// host (64 per token for DeepSeek-V3, while the GPU waits: the table took 1.9 ms off a
-/// 4,096-token prefill of one layer on an H200's host).
-#[derive(Clone, Debug)]
-pub struct RopeTable {
-    rope: Rope,
-    /// `[position][dim / 2]` each.
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-}
-
-impl RopeTable {
-    pub fn new(rope: Rope) -> Self {
-        RopeTable {
-            rope,
-            cos: Vec::new(),
-            sin: Vec::new(),
-        }
-    }
-
-    fn half(&self) -> usize {
-        self.rope.inv_freq.len()
-    }
-
-    /// Makes sure every position below `end` is in the table (growing it at least twofold, so a
-    /// conversation that grows token by token does not recompute it each step).
-    pub fn cover(&mut self, end: usize) {
-        let half = self.half();
-        let have = self.cos.len().checked_div(half).unwrap_or(0);
-        if end <= have || half == 0 {
-            return;
-        }
-        let to = end.max(2 * have);
-        self.cos.resize(to * half, 0.0);
-        self.sin.resize(to * half, 0.0);
-        for p in have..to {
-            let row = p * half..(p + 1) * half;
-            self.rope.cos_sin(p, &mut self.cos[row.clone()], &mut self.sin[row]);
-        }
-    }
-
-    /// cos and sin at `position`, which [`RopeTable::cover`] must have covered.
-    pub fn at(&self, position: usize) -> (&[f32], &[f32]) {
-        self.rows(position..position + 1)
-    }
-
-    /// cos and sin of the positions in `range`, `[position][dim / 2]` each, which
-    /// [`RopeTable::cover`] must have covered.
-    pub fn rows(&self, range: std::ops::Range<usize>) -> (&[f32], &[f32]) {
-        let half = self.half();
-        let words = range.start * half..range.end * half;
-        (&self.cos[words.clone()], &self.sin[words])
-    }
-}
-
 fn yarn_inv_freq(yarn: &Yarn, pos_freqs: &[f32], dim: usize, base: f64) -> Vec<f32> {
     let correction_dim = |rotations: f64| {
         dim as f64 * (yarn.original_max_position_embeddings as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln()
@@ -195,29 +139,6 @@ mod tests {
         assert!(close(f[31], 3.333803761e-6), "{}", f[31]);
         assert!((softmax_scale(&cfg) as f64 - 0.1352337788608801).abs() < 1e-7);
         assert_eq!(rope.attention_factor, 1.0);
-    }
-
-    #[test]
-    fn the_table_holds_the_bits_of_cos_sin_as_it_grows() {
-        let rope = Rope::new(&v3_config());
-        let mut table = RopeTable::new(rope.clone());
-        let (mut c, mut s) = (vec![0.0f32; 32], vec![0.0f32; 32]);
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        for end in [1, 5, 6, 100, 3000] {
-            table.cover(end);
-            for p in [0, end / 2, end - 1] {
-                rope.cos_sin(p, &mut c, &mut s);
-                let (tc, ts) = table.at(p);
-                assert_eq!((bits(tc), bits(ts)), (bits(&c), bits(&s)), "position {p}");
-            }
-        }
-        // A run of positions is their rows side by side.
-        let (rc, rs) = table.rows(40..43);
-        assert_eq!(rc.len(), 3 * 32);
-        for (i, p) in (40..43).enumerate() {
-            let (tc, ts) = table.at(p);
-            assert_eq!((&rc[i * 32..(i + 1) * 32], &rs[i * 32..(i + 1) * 32]), (tc, ts));
-        }
     }
 
     #[test]
