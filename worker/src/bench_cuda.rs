@@ -22,8 +22,9 @@ pub struct BenchCudaArgs {
     #[arg(long, default_value_t = 1420.0)]
     fp8_tflops: f64,
     /// Which benchmarks: moe_layer, slice5, mla (the MLA decode kernel alone), mla_prefill (the
-    /// prefill attention alone, over --prefill tokens), speculative (the verify and draft steps of
-    /// speculative decoding against a plain decode step).
+    /// prefill attention alone, over --prefill tokens), dense (each dense FP8 product alone, beside
+    /// cuBLASLt), speculative (the verify and draft steps of speculative decoding against a plain
+    /// decode step).
     #[arg(long, value_delimiter = ',', default_value = "moe_layer,slice5")]
     configs: Vec<String>,
     /// transformers results (worker/bench/hf_gpu_peer.py --out) to set beside ours.

@@ -294,6 +294,12 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
             );
             continue;
         }
+        if config == "dense" {
+            let gpu = crate::Gpu::open(0)?;
+            // DeepSeek-V3's activation scales (V3.1's are powers of two).
+            println!("{}", crate::bench_linear::run(&gpu, &opts.batches, opts.reps, false)?);
+            continue;
+        }
         if config == "speculative" {
             let table = crate::bench_speculative::run(
                 &opts.batches,
@@ -309,7 +315,9 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
             "moe_layer" => (1, 0, "moe_layer"),
             "slice5" => (5, 3, "slice5"),
             other => {
-                anyhow::bail!("unknown benchmark config `{other}` (moe_layer, slice5, mla, mla_prefill, speculative)")
+                anyhow::bail!(
+                    "unknown benchmark config `{other}` (moe_layer, slice5, mla, mla_prefill, dense, speculative)"
+                )
             }
         };
         eprintln!("{name}: making random FP8 weights on the GPU...");
@@ -356,7 +364,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         }
     }
     if rows.is_empty() {
-        return Ok(()); // only kernel tables (mla, mla_prefill, speculative) were asked for
+        return Ok(()); // only kernel tables (mla, mla_prefill, dense, speculative) were asked for
     }
     let bw = bandwidth.unwrap_or(4.2e12);
     let peer = read_peer(opts)?;

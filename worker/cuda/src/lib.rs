@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod bench_attention;
+pub mod bench_linear;
 pub mod bench_speculative;
 pub mod cache;
 pub mod data_plane;
