@@ -36,29 +36,61 @@ impl DeviceRope {
         })
     }
 
-    /// Makes every position below `end` readable on the GPU (growing at least twofold, so a
-    /// conversation that grows token by token uploads a few rows now and then, not every step).
+    /// Makes every position below `end` readable on the GPU.
     pub(super) fn cover(&mut self, gpu: &Gpu, end: usize) -> Result<()> {
-        ensure!(
-            end <= self.capacity,
-            "position {} is past the {} positions the model serves",
-            end.saturating_sub(1),
-            self.capacity
-        );
-        if end <= self.filled || self.half == 0 {
+        let Some(rows) = rows_to_fill(self.filled, end, self.capacity)? else {
+            return Ok(());
+        };
+        if self.half == 0 {
             return Ok(());
         }
-        let to = end.max(2 * self.filled).min(self.capacity);
-        let rows = (to - self.filled) * self.half;
-        let (mut cos, mut sin) = (vec![0f32; rows], vec![0f32; rows]);
-        for (i, p) in (self.filled..to).enumerate() {
+        let words = rows.len() * self.half;
+        let (mut cos, mut sin) = (vec![0f32; words], vec![0f32; words]);
+        for (i, p) in rows.clone().enumerate() {
             let row = i * self.half..(i + 1) * self.half;
             self.rope.cos_sin(p, &mut cos[row.clone()], &mut sin[row]);
         }
-        let at = self.filled * self.half * 4;
+        let at = rows.start * self.half * 4;
         gpu.copy_to(&self.cos, at, &cos)?;
         gpu.copy_to(&self.sin, at, &sin)?;
-        self.filled = to;
+        self.filled = rows.end;
         Ok(())
+    }
+}
+
+/// The positions to add to a table holding `0..filled`, with room for `capacity`, so that it
+/// holds `0..end`: none if it does already; else at least as many as it holds (so a conversation
+/// that grows token by token adds rows now and then, not every step), within its room.
+fn rows_to_fill(filled: usize, end: usize, capacity: usize) -> Result<Option<std::ops::Range<usize>>> {
+    ensure!(
+        end <= capacity,
+        "position {} is past the {capacity} positions the model serves",
+        end.saturating_sub(1)
+    );
+    if end <= filled {
+        return Ok(None);
+    }
+    Ok(Some(filled..end.max(2 * filled).min(capacity)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rows_to_fill;
+
+    #[test]
+    fn the_table_grows_at_least_twofold_within_its_room() {
+        assert_eq!(rows_to_fill(0, 1, 100).unwrap(), Some(0..1));
+        assert_eq!(rows_to_fill(1, 2, 100).unwrap(), Some(1..2));
+        assert_eq!(rows_to_fill(2, 3, 100).unwrap(), Some(2..4), "doubles");
+        assert_eq!(rows_to_fill(4, 30, 100).unwrap(), Some(4..30), "or reaches the step");
+        assert_eq!(rows_to_fill(60, 61, 100).unwrap(), Some(60..100), "never past its room");
+        assert_eq!(rows_to_fill(30, 30, 100).unwrap(), None);
+        assert_eq!(rows_to_fill(30, 7, 100).unwrap(), None);
+        assert_eq!(rows_to_fill(100, 100, 100).unwrap(), None);
+        let past = rows_to_fill(100, 101, 100).unwrap_err().to_string();
+        assert!(
+            past.contains("position 100") && past.contains("100 positions"),
+            "{past}"
+        );
     }
 }
