@@ -8,6 +8,8 @@
 #   bench  `dsv3-worker bench-cuda` (one MoE layer, 5-layer slice), FP8 matrix peak via torch;
 #          BENCH_ARGS="--configs mla" times the MLA decode kernel alone, "--configs mla_prefill"
 #          the prefill attention alone (with PEER_ARGS="--configs mla_prefill" torch's SDPA beside it)
+#          and "--configs dense --batches 1,2,4,8,16,32,64" each dense FP8 product alone, beside
+#          cuBLASLt's
 #   serve  `serve --device cuda` against `serve --device cpu`: concurrent greedy completions
 #   fleet  the fleet test suite (worker/tests/fleet.rs) with every rank on the GPU, then
 #          `bench-fleet --device cuda` (serve against a fleet of 1 attention rank + 2 expert shards)
