@@ -1,7 +1,8 @@
 //! The dense products alone (`bench-cuda --configs dense`): each of DeepSeek-V3's dense weight
 //! matrices (FP8 with 128×128 block scales) at decode batch sizes, on the path the model takes
-//! ([`linear`]: with quantised activations, our tensor-core kernel below cuBLASLt's threshold and
-//! cuBLASLt from there; the activations' quantisation and the split-k sum included). Each figure
+//! ([`linear`]: with quantised activations, our tensor-core kernels below cuBLASLt's threshold,
+//! bf16 and, on Hopper, e4m3 ([`SmallBatch`]), and cuBLASLt from there; the activations'
+//! quantisation and the split-k sum included). Each figure
 //! stands next to its floor, the weights read once at the read-stream rate, and next to cuBLASLt's
 //! block-scaled FP8 product of the same shape in the same run (quantisation included, as the
 //! model would run it), at the fewest rows it takes where it takes fewer rows than asked.
@@ -10,9 +11,9 @@
 
 use crate::bench::median;
 use crate::bench_attention::read_stream_rate;
-use crate::fp8_gemm::QuantizedRows;
+use crate::fp8_gemm::{Fp8Gemm, QuantizedRows};
 use crate::gpu::{DeviceBuf, Gpu};
-use crate::linear::{linear, TC_MAX_ROWS};
+use crate::linear::{linear, SmallBatch, TC_MAX_ROWS};
 use crate::weights::{DeviceMatrix, Format};
 use anyhow::{ensure, Result};
 
@@ -45,8 +46,8 @@ pub fn run(g: &Gpu, batches: &[usize], reps: usize, ue8m0: bool) -> Result<Strin
     let fp8 = g.fp8_gemm()?;
     let mut table = format!(
         "Dense FP8 products alone (DeepSeek-V3's shapes, activations quantised per 128 channels), read stream {:.0} GB/s in this run\n\n\
-         | product | n × k | weight MB | batch | dsv3 µs | GB/s | % of read stream | floor µs | cuBLASLt rows | cuBLASLt µs | dsv3 vs cuBLASLt |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | product | n × k | weight MB | batch | dsv3 kernel | dsv3 µs | GB/s | % of read stream | floor µs | cuBLASLt rows | cuBLASLt µs | dsv3 vs cuBLASLt |\n\
+         |---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
         read / 1e9
     );
     // Unused at these batch sizes (no product is dequantised to bf16 below TC_MAX_ROWS rows).
@@ -62,24 +63,10 @@ pub fn run(g: &Gpu, batches: &[usize], reps: usize, ue8m0: bool) -> Result<Strin
         let y = g.alloc(max_rows.next_multiple_of(8) * n * 4)?;
         let bytes = weights[0].bytes() as f64;
         for &m in batches {
-            let ours = per_product(g, reps, |i| {
-                linear(
-                    g,
-                    &dequant,
-                    false,
-                    Some(ue8m0),
-                    y.addr,
-                    n,
-                    x.addr,
-                    m,
-                    &weights[i % copies],
-                    false,
-                )
-            })?;
             // cuBLASLt takes rows in multiples of 4, and not a single row.
             let peer_rows = m.next_multiple_of(4).max(8);
             let peer = match fp8 {
-                Some(fp8) if crate::fp8_gemm::Fp8Gemm::takes_weight(n, k) => {
+                Some(fp8) if Fp8Gemm::takes_weight(n, k) => {
                     fp8.reserve(g, 0)?;
                     Some(per_product(g, reps, |i| {
                         let w = &weights[i % copies];
@@ -101,24 +88,48 @@ pub fn run(g: &Gpu, batches: &[usize], reps: usize, ue8m0: bool) -> Result<Strin
                 }
                 _ => None,
             };
-            eprintln!("dense {name} batch {m}: {:.1} µs", ours * 1e6);
-            let floor = bytes / read;
-            let (peer_rows, peer_us, ratio) = match peer {
-                Some(s) => (
-                    peer_rows.to_string(),
-                    format!("{:.1}", s * 1e6),
-                    format!("{:.2}×", s / ours),
-                ),
-                None => ("–".into(), "–".into(), "–".into()),
+            // Our small-batch kernels, where the model would use them; cuBLASLt itself above.
+            let on_cublaslt = fp8.is_some_and(|f| m >= f.dense_min_rows && Fp8Gemm::takes_weight(n, k));
+            let kernels: &[(SmallBatch, &str)] = if on_cublaslt {
+                &[(SmallBatch::Bf16Mma, "cuBLASLt (the model's path)")]
+            } else if g.hopper {
+                &[(SmallBatch::Bf16Mma, "mma, bf16"), (SmallBatch::E4m3Mma, "mma, e4m3")]
+            } else {
+                &[(SmallBatch::Bf16Mma, "mma, bf16")]
             };
-            table += &format!(
-                "| {name} | {n} × {k} | {:.1} | {m} | {:.1} | {:.0} | {:.0}% | {:.1} | {peer_rows} | {peer_us} | {ratio} |\n",
-                bytes / 1e6,
-                ours * 1e6,
-                bytes / ours / 1e9,
-                100.0 * bytes / ours / read,
-                floor * 1e6,
-            );
+            for &(small, label) in kernels {
+                let ours = per_product(g, reps, |i| {
+                    linear(
+                        g,
+                        &dequant,
+                        small,
+                        Some(ue8m0),
+                        y.addr,
+                        n,
+                        x.addr,
+                        m,
+                        &weights[i % copies],
+                        false,
+                    )
+                })?;
+                eprintln!("dense {name} batch {m} {label}: {:.1} µs", ours * 1e6);
+                let (peer_rows, peer_us, ratio) = match peer {
+                    Some(s) => (
+                        peer_rows.to_string(),
+                        format!("{:.1}", s * 1e6),
+                        format!("{:.2}×", s / ours),
+                    ),
+                    None => ("–".into(), "–".into(), "–".into()),
+                };
+                table += &format!(
+                    "| {name} | {n} × {k} | {:.1} | {m} | {label} | {:.1} | {:.0} | {:.0}% | {:.1} | {peer_rows} | {peer_us} | {ratio} |\n",
+                    bytes / 1e6,
+                    ours * 1e6,
+                    bytes / ours / 1e9,
+                    100.0 * bytes / ours / read,
+                    bytes / read * 1e6,
+                );
+            }
         }
     }
     table += "\n\"dsv3 vs cuBLASLt\" is cuBLASLt's time over ours: above 1× ours is the faster.\n";

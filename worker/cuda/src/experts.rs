@@ -101,7 +101,7 @@ impl CudaExperts {
                 gpu,
                 banks,
                 stats,
-                kernels: ExpertKernels::new(&config),
+                kernels: ExpertKernels::new(&config)?,
                 bank_of,
             }),
             top_k: config.num_experts_per_tok,

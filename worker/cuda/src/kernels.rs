@@ -135,6 +135,10 @@ kernels! {
         y: Ptr, ldy: i32, x: Ptr, ldx: i32, x_scale: Ptr, m: i32, w: Ptr, scale: Ptr, n: i32, k: i32,
         mode: i32, split_stride: u64,
     );
+    Fp8x8Mma: fp8x8_mma_n1, fp8x8_mma_n2, fp8x8_mma_n4, fp8x8_mma_n8(
+        y: Ptr, ldy: i32, x: Ptr, x_scale: Ptr, m: i32, w: Ptr, scale: Ptr, n: i32, k: i32, mode: i32,
+        split_stride: u64,
+    );
     Bf16Mma: bf16_mma_n1, bf16_mma_n2(
         y: Ptr, ldy: i32, x: Ptr, ldx: i32, m: i32, w: Ptr, n: i32, k: i32, mode: i32, split_stride: u64,
     );

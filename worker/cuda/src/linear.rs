@@ -20,6 +20,42 @@ pub fn mma_fits(rows: usize, cols: usize) -> bool {
     rows.is_multiple_of(16) && cols.is_multiple_of(128)
 }
 
+/// Which kernels take a product's small batches (below cuBLASLt's threshold).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SmallBatch {
+    /// The CUDA-core GEMV kernels, at every batch (DSV3_LINEAR_SIMT=1).
+    CudaCores,
+    /// FP8 weights widened to bf16 on the tensor cores, against bf16 activations (the default).
+    Bf16Mma,
+    /// With quantised activations on Hopper, e4m3 against e4m3 on the tensor cores: nothing to
+    /// widen in the loop, half the activation bytes (DSV3_FP8_MMA=e4m3); otherwise as `Bf16Mma`.
+    E4m3Mma,
+}
+
+impl SmallBatch {
+    /// The choice the environment makes: DSV3_LINEAR_SIMT=1, or DSV3_FP8_MMA=bf16|e4m3.
+    pub fn from_env() -> Result<Self> {
+        if std::env::var_os("DSV3_LINEAR_SIMT").is_some_and(|v| v != "0") {
+            return Ok(SmallBatch::CudaCores);
+        }
+        match std::env::var("DSV3_FP8_MMA").as_deref() {
+            Err(_) | Ok("bf16") => Ok(SmallBatch::Bf16Mma),
+            Ok("e4m3") => Ok(SmallBatch::E4m3Mma),
+            Ok(other) => anyhow::bail!("DSV3_FP8_MMA={other}: expected bf16 or e4m3"),
+        }
+    }
+}
+
+/// The e4m3 x e4m3 tensor-core kernel for `m` token rows (8 per n-tile).
+fn e4m3_mma_kernel(m: usize) -> kernels::Fp8x8Mma {
+    match m {
+        0..=8 => kernels::fp8x8_mma_n1,
+        9..=16 => kernels::fp8x8_mma_n2,
+        17..=32 => kernels::fp8x8_mma_n4,
+        _ => kernels::fp8x8_mma_n8,
+    }
+}
+
 /// The FP8 tensor-core kernel for `m` token rows (8 per n-tile).
 fn mma_kernel(m: usize) -> kernels::Fp8Mma {
     match m {
@@ -121,12 +157,12 @@ impl SplitK {
 /// values and scales. Without, FP8 weights meet bf16 activations on our tensor-core kernel (up to
 /// 512 rows). Large bf16 weights take the bf16 tensor-core kernel up to 16 rows; else cuBLAS on
 /// bf16 (FP8 weights dequantised into `dequant`); the weight-streaming GEMV for f32 weights and
-/// shapes the tensor-core kernels do not take. `simt` forces the CUDA-core kernels.
+/// shapes the tensor-core kernels do not take. `small` picks the kernels of small batches.
 #[allow(clippy::too_many_arguments)]
 pub fn linear(
     g: &Gpu,
     dequant: &DeviceBuf,
-    simt: bool,
+    small: SmallBatch,
     input_quant: Option<bool>,
     y: u64,
     ldy: usize,
@@ -135,6 +171,7 @@ pub fn linear(
     w: &DeviceMatrix,
     accumulate: bool,
 ) -> Result<()> {
+    let simt = small == SmallBatch::CudaCores;
     let input_quant = input_quant.filter(|_| w.format == Format::Fp8);
     if input_quant.is_some() {
         ensure!(
@@ -203,7 +240,7 @@ pub fn linear(
         return linear(
             g,
             dequant,
-            simt,
+            small,
             input_quant,
             y_tail,
             ldy,
@@ -212,6 +249,41 @@ pub fn linear(
             w,
             accumulate,
         );
+    }
+    if let (true, Some(ue8m0), SmallBatch::E4m3Mma) = (fp8_tensor_cores(simt, m, w) && g.hopper, input_quant, small) {
+        let q = QuantizedRows::new(g, x, w.cols, None, m, w.cols, None, ue8m0)?;
+        let blocks = w.rows.div_ceil(64);
+        let target = SplitK::new(
+            g,
+            blocks * m.div_ceil(64),
+            w.cols / 128,
+            usize::MAX,
+            y,
+            ldy,
+            m,
+            w.rows,
+            accumulate,
+        )?;
+        e4m3_mma_kernel(m).launch(
+            g,
+            (blocks as u32, m.div_ceil(64) as u32, target.splits as u32),
+            128,
+            0,
+            (
+                ptr(target.out),
+                int(target.ldo),
+                ptr(q.data.addr),
+                ptr(q.scales.addr),
+                int(m),
+                ptr(w.data.addr),
+                ptr(w.scale_addr()),
+                int(w.rows),
+                int(w.cols),
+                int(target.mode),
+                target.stride,
+            ),
+        )?;
+        return target.finish(g);
     }
     if fp8_tensor_cores(simt, m, w) {
         let (xb, x_scale) = match input_quant {
@@ -328,7 +400,12 @@ pub fn linear_to_bf16(
         return Ok(y);
     }
     let y = g.alloc(m * w.rows * 4)?;
-    linear(g, dequant, simt, None, y.addr, w.rows, x, m, w, false)?;
+    let small = if simt {
+        SmallBatch::CudaCores
+    } else {
+        SmallBatch::Bf16Mma
+    };
+    linear(g, dequant, small, None, y.addr, w.rows, x, m, w, false)?;
     g.to_bf16(y.addr, m * w.rows)
 }
 

@@ -166,7 +166,7 @@ impl ShardBench {
             counts: self.stats.counts_addr(0),
             touched: self.stats.touched_addr(),
         };
-        let kernels = ExpertKernels::new(&v3_config(1, 0)?.with_fp8_activations(Fp8Activations::Quantised));
+        let kernels = ExpertKernels::new(&v3_config(1, 0)?.with_fp8_activations(Fp8Activations::Quantised))?;
         let mut run = || {
             run_bank(
                 g, kernels, &self.bank, &x, &h, m, k, idd.addr, wd.addr, valid.addr, &counters,

@@ -522,8 +522,9 @@ fn golden_tiny_fp8_matches_cpu_with_cuda_core_kernels() {
     check_model(&ModelFiles::Dir(golden("tiny-fp8")), 8);
 }
 
-/// Every batch-size path of the weight products (FP8: GEMV, tensor cores with 1..8 n-tiles, token
-/// tiles, split k, cuBLAS; bf16 head-sized: tensor cores, cuBLAS) against a float64 reference,
+/// Every batch-size path of the weight products (FP8: GEMV, tensor cores with 1..8 n-tiles, bf16
+/// and e4m3, token tiles, split k, cuBLAS; bf16 head-sized: tensor cores, cuBLAS) against a
+/// float64 reference,
 /// storing and accumulating; the output is poisoned first so unwritten elements show.
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
@@ -566,10 +567,13 @@ fn linear_matches_f64_reference_at_every_batch_size() {
             }
         };
         let dequant = gpu.alloc(n * k * 2).expect("scratch");
-        // Unquantised activations, then quantised with amax / 448 and with power-of-two scales.
-        for (simt, input_quant) in [false, true]
+        // Unquantised activations, then quantised with amax / 448 and with power-of-two scales,
+        // on each family of small-batch kernels (e4m3 x e4m3 takes only quantised ones).
+        use dsv3_cuda::linear::SmallBatch;
+        for (small, input_quant) in [SmallBatch::CudaCores, SmallBatch::Bf16Mma, SmallBatch::E4m3Mma]
             .into_iter()
             .flat_map(|s| [(s, None), (s, Some(false)), (s, Some(true))])
+            .filter(|&(s, q)| s != SmallBatch::E4m3Mma || q.is_some())
         {
             for &m in &batches {
                 let x: Vec<f32> = (0..m * k).map(|i| (i * 7919 % 1000) as f32 / 500.0 - 1.0).collect();
@@ -589,8 +593,19 @@ fn linear_matches_f64_reference_at_every_batch_size() {
                     if accumulate {
                         gpu.copy_to(&y, 0, &base).expect("base");
                     }
-                    dsv3_cuda::linear::linear(&gpu, &dequant, simt, input_quant, y.addr, n, xd.addr, m, &w, accumulate)
-                        .expect("linear");
+                    dsv3_cuda::linear::linear(
+                        &gpu,
+                        &dequant,
+                        small,
+                        input_quant,
+                        y.addr,
+                        n,
+                        xd.addr,
+                        m,
+                        &w,
+                        accumulate,
+                    )
+                    .expect("linear");
                     let got: Vec<f32> = gpu.download(y.addr, m * n).expect("y");
                     let (mut err, mut norm) = (0.0f64, 0.0f64);
                     for t in 0..m {
@@ -602,7 +617,7 @@ fn linear_matches_f64_reference_at_every_batch_size() {
                             let g = got[t * n + o] as f64;
                             assert!(
                                 g.is_finite(),
-                                "{format:?} m={m} simt={simt} {input_quant:?}: y[{t},{o}] not written"
+                                "{format:?} m={m} {small:?} {input_quant:?}: y[{t},{o}] not written"
                             );
                             err += (g - r) * (g - r);
                             norm += r * r;
@@ -613,10 +628,10 @@ fn linear_matches_f64_reference_at_every_batch_size() {
                     // round x by up to 2^-9; the e4m3 values themselves are exact in every kernel.
                     assert!(
                         rel < 1e-2,
-                        "{format:?} m={m} simt={simt} {input_quant:?} accumulate={accumulate}: relative error {rel:.2e}"
+                        "{format:?} m={m} {small:?} {input_quant:?} accumulate={accumulate}: relative error {rel:.2e}"
                     );
                     eprintln!(
-                        "linear {format:?} m={m} simt={simt} {input_quant:?} accumulate={accumulate}: relative error {rel:.2e}"
+                        "linear {format:?} m={m} {small:?} {input_quant:?} accumulate={accumulate}: relative error {rel:.2e}"
                     );
                 }
             }

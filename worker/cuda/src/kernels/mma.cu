@@ -171,6 +171,107 @@ FP8_MMA(2)
 FP8_MMA(4)
 FP8_MMA(8)
 
+// One mma of m16n8k32 on e4m3 operands (sm_89 and later; the kernels using it are launched only
+// on Hopper): A holds 16 rows x 32 k, four e4m3 a register, B 32 k x 8 tokens.
+__device__ __forceinline__ void mma_e4m3(float c[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+}
+
+// FP8 x FP8 on the tensor cores: fp8_mma_impl with the activations as e4m3 bytes too
+// (quantize_rows_fp8's rows, ldx bytes apart; x_scale [k/128][x_scale_ld], token j's at column
+// j), so nothing is converted and half the activation bytes are read. Lane (g, t) reads 32
+// contiguous bytes of W's rows g and g+8 and of token g per 128-wide chunk, as fp8_mma_impl
+// does; mma s of the chunk takes bytes 8s..8s+3 of each (a0/a1/b0) and 8s+4..8s+7 (a2/a3/b1),
+// the same permutation of k for W and x.
+template <int NT>
+__device__ void fp8x8_mma_impl(float* y, int ldy, const u8* x, int ldx, const float* x_scale, int x_scale_ld, int m,
+                               const u8* w, const float* scale, int n, int k, int mode, u64 split_stride) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int row0 = (blockIdx.x * (blockDim.x >> 5) + warp) * 16;
+    if (row0 >= n) return;
+    int chunks = k / 128, c_begin, c_end;
+    split_chunks(chunks, c_begin, c_end);
+    const u8* w0 = w + (size_t)(row0 + g) * k + 32 * t;
+    const u8* w1 = w0 + (size_t)8 * k;
+    const float* srow = scale + (size_t)(row0 / 128) * chunks;
+    const u8* xr[NT];
+    bool live[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        int tok = 8 * j + g;
+        live[j] = tok < m;
+        xr[j] = x + (size_t)(live[j] ? tok : 0) * ldx + 32 * t;
+    }
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll 2
+    for (int ch = c_begin; ch < c_end; ++ch) {
+        size_t c0 = (size_t)ch * 128;
+        uint4 p0 = *(const uint4*)(w0 + c0), p1 = *(const uint4*)(w0 + c0 + 16);
+        uint4 q0 = *(const uint4*)(w1 + c0), q1 = *(const uint4*)(w1 + c0 + 16);
+        u32 ra[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
+        u32 rb[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+        u32 xv[NT][8];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            if (live[j]) {
+                uint4 u0 = *(const uint4*)(xr[j] + c0), u1 = *(const uint4*)(xr[j] + c0 + 16);
+                xv[j][0] = u0.x; xv[j][1] = u0.y; xv[j][2] = u0.z; xv[j][3] = u0.w;
+                xv[j][4] = u1.x; xv[j][5] = u1.y; xv[j][6] = u1.z; xv[j][7] = u1.w;
+            } else {
+#pragma unroll
+                for (int v = 0; v < 8; ++v) xv[j][v] = 0u;
+            }
+        }
+        float part[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) part[j][0] = part[j][1] = part[j][2] = part[j][3] = 0.f;
+#pragma unroll
+        for (int s = 0; s < 4; ++s)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+                mma_e4m3(part[j], ra[2 * s], rb[2 * s], ra[2 * s + 1], rb[2 * s + 1], xv[j][2 * s], xv[j][2 * s + 1]);
+        float sc = srow[ch];
+        const float* xs = x_scale + (size_t)ch * x_scale_ld;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            int tok = 8 * j + 2 * t;
+            float s0 = tok < m ? sc * xs[tok] : 0.f, s1 = tok + 1 < m ? sc * xs[tok + 1] : 0.f;
+            acc[j][0] += s0 * part[j][0];
+            acc[j][1] += s1 * part[j][1];
+            acc[j][2] += s0 * part[j][2];
+            acc[j][3] += s1 * part[j][3];
+        }
+    }
+    store_tiles<NT>(y, ldy, m, row0, acc, mode, split_stride);
+}
+
+// x: m rows of e4m3 (k bytes each) with scales [k/128][m] (quantize_rows_fp8 of one group);
+// token tiles of 8*NT rows along grid.y; otherwise as fp8_mma_n*.
+#define FP8X8_MMA(NT)                                                                                           \
+    extern "C" __global__ void __launch_bounds__(128)                                                           \
+        fp8x8_mma_n##NT(float* y, int ldy, const u8* x, const float* x_scale, int m, const u8* w,               \
+                        const float* scale, int n, int k, int mode, u64 split_stride) {                         \
+        prefetch_weight_rows(w, n, k, k / 128);                                                                 \
+        await_previous_kernel();                                                                                \
+        int t0 = blockIdx.y * 8 * NT;                                                                           \
+        fp8x8_mma_impl<NT>(y + (size_t)t0 * ldy, ldy, x + (size_t)t0 * k, k, x_scale + t0, m,                  \
+                           min(8 * NT, m - t0), w, scale, n, k, mode, split_stride);                            \
+    }
+FP8X8_MMA(1)
+FP8X8_MMA(2)
+FP8X8_MMA(4)
+FP8X8_MMA(8)
+
 // bf16 weights (the head, the router) on the tensor cores, as fp8_mma but without conversion:
 // lane (g, t) reads 32 bytes (16 values) of rows g and g+8 per 64-wide k chunk. k % 64 == 0,
 // n % 16 == 0; k chunks split over gridDim.z as above.

@@ -314,7 +314,7 @@ impl CudaModel {
         let use_graphs = std::env::var_os("DSV3_CUDA_GRAPHS").is_none_or(|v| v != "0") && !gpu.profiling() && host_experts.is_none()
             // Each exchange is announced to the shards from the host as it is queued.
             && nccl_experts.is_none();
-        let kernels = ExpertKernels::new(&config);
+        let kernels = ExpertKernels::new(&config)?;
         // Every position a sequence can reach: the context, or the whole cache if smaller.
         let positions = config
             .max_position_embeddings
@@ -728,7 +728,7 @@ impl CudaModel {
         crate::linear::linear(
             &self.gpu,
             &self.dequant,
-            self.kernels.simt_linear,
+            self.kernels.small_batch,
             self.kernels.input_quant,
             y,
             ldy,

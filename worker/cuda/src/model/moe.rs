@@ -11,7 +11,7 @@ use crate::fp8_gemm::{quantize_rows_bf16, quantize_rows_f32, Fp8Gemm, QuantizedR
 use crate::gpu::{DeviceBuf, Gpu};
 use crate::kernels;
 use crate::launch::{int, ptr, Extend};
-use crate::linear::{mma_fits, SplitK};
+use crate::linear::{mma_fits, SmallBatch, SplitK};
 use crate::weights::{ExpertBank, Stacked};
 use anyhow::{ensure, Context, Result};
 use dsv3_engine::backend::count_routes;
@@ -35,6 +35,8 @@ pub struct ExpertKernels {
     pub input_quant: Option<bool>,
     /// Use the CUDA-core GEMV kernels at every batch, for every FP8 product (DSV3_LINEAR_SIMT=1).
     pub simt_linear: bool,
+    /// The kernels of the dense products' small batches ([`SmallBatch::from_env`]).
+    pub small_batch: SmallBatch,
     /// Routed rows above which an expert of a large step runs through cuBLAS(Lt).
     pub cublas_rows: usize,
     /// With quantised activations, steps of at least this many rows run the routed experts on
@@ -45,12 +47,14 @@ pub struct ExpertKernels {
 
 impl ExpertKernels {
     /// The products of `config`'s model, with the kernel switches the environment sets.
-    pub fn new(config: &ModelConfig) -> Self {
+    pub fn new(config: &ModelConfig) -> Result<Self> {
         let input_quant = (config.fp8_activations() == Fp8Activations::Quantised)
             .then(|| config.quantization.as_ref().is_some_and(|q| q.ue8m0_scales));
-        ExpertKernels {
+        let small_batch = SmallBatch::from_env()?;
+        Ok(ExpertKernels {
             input_quant,
-            simt_linear: std::env::var_os("DSV3_LINEAR_SIMT").is_some_and(|v| v != "0"),
+            simt_linear: small_batch == SmallBatch::CudaCores,
+            small_batch,
             cublas_rows: std::env::var("DSV3_EXPERT_CUBLAS_ROWS")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -63,7 +67,7 @@ impl ExpertKernels {
                 Some(rows) => rows,
                 None => 1,
             },
-        }
+        })
     }
 }
 
