@@ -27,8 +27,9 @@ pub enum SmallBatch {
     CudaCores,
     /// FP8 weights widened to bf16 on the tensor cores, against bf16 activations (the default).
     Bf16Mma,
-    /// With quantised activations on Hopper, e4m3 against e4m3 on the tensor cores: nothing to
-    /// widen in the loop, half the activation bytes (DSV3_FP8_MMA=e4m3); otherwise as `Bf16Mma`.
+    /// With quantised activations on Hopper, e4m3 against e4m3 on the tensor cores: one unpack
+    /// instruction per pair of values instead of four, half the activation bytes
+    /// (DSV3_FP8_MMA=e4m3); otherwise as `Bf16Mma`.
     E4m3Mma,
 }
 

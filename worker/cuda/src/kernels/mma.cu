@@ -187,7 +187,9 @@ __device__ __forceinline__ void mma_e4m3(float c[4], u32 a0, u32 a1, u32 a2, u32
 
 // FP8 x FP8 on the tensor cores: fp8_mma_impl with the activations as e4m3 bytes too
 // (quantize_rows_fp8's rows, ldx bytes apart; x_scale [k/128][x_scale_ld], token j's at column
-// j), so nothing is converted and half the activation bytes are read. Lane (g, t) reads 32
+// j): half the activation bytes are read, and the widening is the hardware's (on sm_90 ptxas
+// makes each mma one F2FP.E4M3 unpack per pair of values and f16 HMMAs, where fp8_mma_impl
+// spends four instructions per pair of weights). Lane (g, t) reads 32
 // contiguous bytes of W's rows g and g+8 and of token g per 128-wide chunk, as fp8_mma_impl
 // does; mma s of the chunk takes bytes 8s..8s+3 of each (a0/a1/b0) and 8s+4..8s+7 (a2/a3/b1),
 // the same permutation of k for W and x.
