@@ -26,6 +26,22 @@ fn decode_splits(groups: usize, sms: usize, most: usize) -> usize {
     (1..=cap).fold(1, |best, s| if cost(s) < cost(best) - 1e-9 { s } else { best })
 }
 
+/// Most splits of a row's positions (`DSV3_MLA_SPLITS=n`; unset: no cap). At small batches every
+/// split writes a partial output of `lora` floats per head, which can outweigh the cache the
+/// split reads: the cap is there to measure that.
+fn split_cap() -> Result<usize> {
+    static CAP: std::sync::OnceLock<Result<usize, String>> = std::sync::OnceLock::new();
+    CAP.get_or_init(|| match std::env::var("DSV3_MLA_SPLITS") {
+        Err(_) => Ok(usize::MAX),
+        Ok(v) => match v.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!("DSV3_MLA_SPLITS={v}: expected a count of splits, 1 or more")),
+        },
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
 /// One layer's latent attention sizes.
 #[derive(Clone, Copy, Debug)]
 pub struct LatentShape {
@@ -275,7 +291,8 @@ pub fn mla_decode(
     // Split the positions so the grid fills the GPU (flash-decoding); each row divides its own
     // length on the GPU, at least MIN_SPLIT positions per split.
     let groups = m * heads / hg;
-    let splits = decode_splits(groups, g.sm_count, rows.max_len.div_ceil(MIN_SPLIT));
+    let most = rows.max_len.div_ceil(MIN_SPLIT).min(split_cap()?);
+    let splits = decode_splits(groups, g.sm_count, most);
     // One split per row: the kernel writes the normalised output itself and nothing is merged.
     let parts = if splits > 1 {
         Some((
