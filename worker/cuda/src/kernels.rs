@@ -163,3 +163,65 @@ kernels! {
     ApplyLogitEdits: apply_logit_edits(logits: Ptr, vocab: i32, edits: Ptr, n: i32);
     ApplyTokenMasks: apply_token_masks(logits: Ptr, vocab: i32, masks: Ptr, words_per_row: i32);
 }
+
+/// The n1, n2, n4 and n8 variants of a tensor-core kernel, whose blocks take 8, 16, 32 and 64
+/// token rows (1, 2, 4 and 8 tiles of 8).
+#[derive(Clone, Copy)]
+pub struct TokenTiles<K>(pub [K; 4]);
+
+impl<K: Copy> TokenTiles<K> {
+    /// The variant for `m` token rows: the fewest tiles that hold them (at most 8; more rows take
+    /// several blocks), and the rows its block takes.
+    pub fn for_rows(&self, m: usize) -> (K, usize) {
+        match m {
+            0..=8 => (self.0[0], 8),
+            9..=16 => (self.0[1], 16),
+            17..=32 => (self.0[2], 32),
+            _ => (self.0[3], 64),
+        }
+    }
+}
+
+pub const FP8_MMA: TokenTiles<Fp8Mma> = TokenTiles([fp8_mma_n1, fp8_mma_n2, fp8_mma_n4, fp8_mma_n8]);
+pub const FP8X8_MMA: TokenTiles<Fp8x8Mma> = TokenTiles([fp8x8_mma_n1, fp8x8_mma_n2, fp8x8_mma_n4, fp8x8_mma_n8]);
+pub const MLA_ABSORB_Q_MMA: TokenTiles<MlaAbsorbQMma> = TokenTiles([
+    mla_absorb_q_mma_n1,
+    mla_absorb_q_mma_n2,
+    mla_absorb_q_mma_n4,
+    mla_absorb_q_mma_n8,
+]);
+pub const MLA_ABSORB_OUT_MMA: TokenTiles<MlaAbsorbOutMma> = TokenTiles([
+    mla_absorb_out_mma_n1,
+    mla_absorb_out_mma_n2,
+    mla_absorb_out_mma_n4,
+    mla_absorb_out_mma_n8,
+]);
+
+#[cfg(test)]
+mod tests {
+    use super::TokenTiles;
+
+    #[test]
+    fn token_rows_take_the_fewest_tiles_that_hold_them() {
+        let tiles = TokenTiles([1, 2, 4, 8]);
+        let picked: Vec<_> = [1, 8, 9, 16, 17, 32, 33, 64, 65, 512]
+            .iter()
+            .map(|&m| tiles.for_rows(m))
+            .collect();
+        assert_eq!(
+            picked,
+            [
+                (1, 8),
+                (1, 8),
+                (2, 16),
+                (2, 16),
+                (4, 32),
+                (4, 32),
+                (8, 64),
+                (8, 64),
+                (8, 64),
+                (8, 64)
+            ]
+        );
+    }
+}

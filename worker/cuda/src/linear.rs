@@ -47,26 +47,6 @@ impl SmallBatch {
     }
 }
 
-/// The e4m3 x e4m3 tensor-core kernel for `m` token rows (8 per n-tile).
-fn e4m3_mma_kernel(m: usize) -> kernels::Fp8x8Mma {
-    match m {
-        0..=8 => kernels::fp8x8_mma_n1,
-        9..=16 => kernels::fp8x8_mma_n2,
-        17..=32 => kernels::fp8x8_mma_n4,
-        _ => kernels::fp8x8_mma_n8,
-    }
-}
-
-/// The FP8 tensor-core kernel for `m` token rows (8 per n-tile).
-fn mma_kernel(m: usize) -> kernels::Fp8Mma {
-    match m {
-        0..=8 => kernels::fp8_mma_n1,
-        9..=16 => kernels::fp8_mma_n2,
-        17..=32 => kernels::fp8_mma_n4,
-        _ => kernels::fp8_mma_n8,
-    }
-}
-
 /// Where a tensor-core product writes. Its k chunks are split so `blocks` fill the GPU (about 8
 /// blocks of 4 warps per SM keep enough weight bytes in flight to stream at HBM speed); with more
 /// than one split, each writes its own slab of a workspace and [`SplitK::finish`] adds the slabs
@@ -265,7 +245,7 @@ pub fn linear(
             w.rows,
             accumulate,
         )?;
-        e4m3_mma_kernel(m).launch(
+        kernels::FP8X8_MMA.for_rows(m).0.launch(
             g,
             (blocks as u32, m.div_ceil(64) as u32, target.splits as u32),
             128,
@@ -306,7 +286,7 @@ pub fn linear(
             w.rows,
             accumulate,
         )?;
-        mma_kernel(m).launch(
+        kernels::FP8_MMA.for_rows(m).0.launch(
             g,
             (blocks as u32, m.div_ceil(64) as u32, target.splits as u32),
             128,

@@ -5,6 +5,7 @@ use super::layers::Layer;
 use super::{CudaModel, Span, StepLayout};
 use crate::gpu::{DeviceBuf, Gpu};
 use crate::kernels;
+use crate::kernels::TokenTiles;
 use crate::launch::{int, ptr, Args, Kernel};
 use crate::mla_decode::{mla_decode, DecodeBuffers, DecodeKernel, LatentShape, PagedRows};
 use crate::mla_prefill::{flash_prefill, PrefillBuffers, PrefillShape};
@@ -183,12 +184,7 @@ impl CudaModel {
             let qb = g.to_bf16(q.addr, m * heads * qk)?;
             return absorb_mma(
                 g,
-                [
-                    kernels::mla_absorb_q_mma_n1,
-                    kernels::mla_absorb_q_mma_n2,
-                    kernels::mla_absorb_q_mma_n4,
-                    kernels::mla_absorb_q_mma_n8,
-                ],
+                kernels::MLA_ABSORB_Q_MMA,
                 lora,
                 m,
                 heads,
@@ -243,12 +239,7 @@ impl CudaModel {
             let ob = g.to_bf16(o_lat.addr, m * heads * lora)?;
             return absorb_mma(
                 g,
-                [
-                    kernels::mla_absorb_out_mma_n1,
-                    kernels::mla_absorb_out_mma_n2,
-                    kernels::mla_absorb_out_mma_n4,
-                    kernels::mla_absorb_out_mma_n8,
-                ],
+                kernels::MLA_ABSORB_OUT_MMA,
                 vdim,
                 m,
                 heads,
@@ -355,15 +346,17 @@ impl CudaModel {
     }
 }
 
-/// Launches the variant of an absorption kernel (`variants`: n1, n2, n4, n8 = 8 to 64 rows per
-/// block) that suits `m` rows, 64 of the `cols` output columns per block, every head.
-fn absorb_mma<A: Args>(g: &Gpu, variants: [Kernel<A>; 4], cols: usize, m: usize, heads: usize, args: A) -> Result<()> {
-    let (variant, tile) = match m {
-        0..=8 => (variants[0], 8),
-        9..=16 => (variants[1], 16),
-        17..=32 => (variants[2], 32),
-        _ => (variants[3], 64),
-    };
+/// Launches the variant of an absorption kernel that suits `m` rows, 64 of the `cols` output
+/// columns per block, every head.
+fn absorb_mma<A: Args>(
+    g: &Gpu,
+    variants: TokenTiles<Kernel<A>>,
+    cols: usize,
+    m: usize,
+    heads: usize,
+    args: A,
+) -> Result<()> {
+    let (variant, tile) = variants.for_rows(m);
     variant.launch(
         g,
         ((cols / 64) as u32, (heads * m.div_ceil(tile)) as u32, 1),
