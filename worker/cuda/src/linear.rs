@@ -231,49 +231,7 @@ pub fn linear(
             accumulate,
         );
     }
-    if let (true, Some(ue8m0), SmallBatch::E4m3Mma) = (fp8_tensor_cores(simt, m, w) && g.hopper, input_quant, small) {
-        let q = QuantizedRows::new(g, x, w.cols, None, m, w.cols, None, ue8m0)?;
-        let blocks = w.rows.div_ceil(64);
-        let target = SplitK::new(
-            g,
-            blocks * m.div_ceil(64),
-            w.cols / 128,
-            usize::MAX,
-            y,
-            ldy,
-            m,
-            w.rows,
-            accumulate,
-        )?;
-        kernels::FP8X8_MMA.for_rows(m).0.launch(
-            g,
-            (blocks as u32, m.div_ceil(64) as u32, target.splits as u32),
-            128,
-            0,
-            (
-                ptr(target.out),
-                int(target.ldo),
-                ptr(q.data.addr),
-                ptr(q.scales.addr),
-                int(m),
-                ptr(w.data.addr),
-                ptr(w.scale_addr()),
-                int(w.rows),
-                int(w.cols),
-                int(target.mode),
-                target.stride,
-            ),
-        )?;
-        return target.finish(g);
-    }
     if fp8_tensor_cores(simt, m, w) {
-        let (xb, x_scale) = match input_quant {
-            Some(ue8m0) => {
-                let (values, scales) = quantize_rows_bf16(g, x, m, w.cols, ue8m0)?;
-                (values, Some(scales))
-            }
-            None => (g.to_bf16(x, m * w.cols)?, None),
-        };
         let blocks = w.rows.div_ceil(64);
         let target = SplitK::new(
             g,
@@ -286,26 +244,65 @@ pub fn linear(
             w.rows,
             accumulate,
         )?;
-        kernels::FP8_MMA.for_rows(m).0.launch(
-            g,
-            (blocks as u32, m.div_ceil(64) as u32, target.splits as u32),
-            128,
-            0,
-            (
-                ptr(target.out),
-                int(target.ldo),
-                ptr(xb.addr),
-                int(w.cols),
-                ptr(x_scale.as_ref().map_or(0, |s| s.addr)),
-                int(m),
-                ptr(w.data.addr),
-                ptr(w.scale_addr()),
-                int(w.rows),
-                int(w.cols),
-                int(target.mode),
-                target.stride,
-            ),
-        )?;
+        let grid = (blocks as u32, m.div_ceil(64) as u32, target.splits as u32);
+        // The arguments after the activations (the same for both kernels).
+        let weights = (
+            ptr(w.data.addr),
+            ptr(w.scale_addr()),
+            int(w.rows),
+            int(w.cols),
+            int(target.mode),
+            target.stride,
+        );
+        let out = (ptr(target.out), int(target.ldo));
+        match input_quant {
+            Some(ue8m0) if small == SmallBatch::E4m3Mma && g.hopper => {
+                let q = QuantizedRows::new(g, x, w.cols, None, m, w.cols, None, ue8m0)?;
+                let (y, ldy) = out;
+                let (wd, ws, n, k, mode, stride) = weights;
+                let args = (
+                    y,
+                    ldy,
+                    ptr(q.data.addr),
+                    ptr(q.scales.addr),
+                    int(m),
+                    wd,
+                    ws,
+                    n,
+                    k,
+                    mode,
+                    stride,
+                );
+                kernels::FP8X8_MMA.for_rows(m).0.launch(g, grid, 128, 0, args)?;
+            }
+            _ => {
+                let (xb, x_scale) = match input_quant {
+                    Some(ue8m0) => {
+                        let (values, scales) = quantize_rows_bf16(g, x, m, w.cols, ue8m0)?;
+                        (values, Some(scales))
+                    }
+                    None => (g.to_bf16(x, m * w.cols)?, None),
+                };
+                let (y, ldy) = out;
+                let (wd, ws, n, k, mode, stride) = weights;
+                let x_scale = ptr(x_scale.as_ref().map_or(0, |s| s.addr));
+                let args = (
+                    y,
+                    ldy,
+                    ptr(xb.addr),
+                    int(w.cols),
+                    x_scale,
+                    int(m),
+                    wd,
+                    ws,
+                    n,
+                    k,
+                    mode,
+                    stride,
+                );
+                kernels::FP8_MMA.for_rows(m).0.launch(g, grid, 128, 0, args)?;
+            }
+        }
         return target.finish(g);
     }
     // The kernels below read f32 (or bf16) activations: quantised ones as the values the FP8
