@@ -3,6 +3,8 @@
 
 use dsv3_cuda::launch::Kind;
 use dsv3_cuda::{compile_kernels, kernels, nvrtc_present, KERNEL_FAMILIES};
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 
 /// Whether NVRTC is here; without it the test is skipped, unless CI requires it.
 fn nvrtc_or_skip() -> bool {
@@ -17,14 +19,23 @@ fn nvrtc_or_skip() -> bool {
     false
 }
 
+/// The PTX of every kernel family for `arch`, compiled once for all the tests here.
+fn family_ptx(arch: &'static str) -> &'static [String] {
+    static COMPILED: Mutex<BTreeMap<&str, &'static [String]>> = Mutex::new(BTreeMap::new());
+    let mut compiled = COMPILED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    compiled.entry(arch).or_insert_with(|| {
+        let families = compile_kernels(arch).unwrap_or_else(|e| panic!("{arch}: {e:#}"));
+        Vec::leak(families.iter().map(|p| p.to_src()).collect())
+    })
+}
+
 #[test]
 fn every_kernel_compiles_for_hopper_and_ampere_in_exactly_one_family() {
     if !nvrtc_or_skip() {
         return;
     }
     for arch in ["compute_90a", "compute_90", "compute_80"] {
-        let families = compile_kernels(arch).unwrap_or_else(|e| panic!("{arch}: {e:#}"));
-        let ptx: Vec<String> = families.iter().map(|p| p.to_src()).collect();
+        let ptx = family_ptx(arch);
         for &(name, _) in kernels::ALL {
             let holders = ptx.iter().filter(|p| p.contains(&format!(".entry {name}("))).count();
             assert_eq!(holders, 1, "{arch}: kernel `{name}` is in {holders} families");
@@ -124,8 +135,7 @@ fn every_launcher_passes_the_parameters_its_compiled_kernel_takes() {
         return;
     }
     for arch in ["compute_90a", "compute_80"] {
-        let families = compile_kernels(arch).unwrap_or_else(|e| panic!("{arch}: {e:#}"));
-        let ptx: String = families.iter().map(|p| p.to_src()).collect();
+        let ptx: String = family_ptx(arch).concat();
         for &(name, kinds) in kernels::ALL {
             let takes = ptx_params(&ptx, name);
             assert_eq!(
@@ -194,8 +204,7 @@ fn every_kernel_waits_for_the_one_before_before_it_touches_memory() {
     if !nvrtc_or_skip() {
         return;
     }
-    let families = compile_kernels("compute_90a").expect("compile");
-    let ptx: String = families.iter().map(|p| p.to_src()).collect();
+    let ptx: String = family_ptx("compute_90a").concat();
     for &(name, _) in kernels::ALL {
         let start = ptx
             .find(&format!(".entry {name}("))
