@@ -165,10 +165,6 @@ impl<A: Args> Kernel<A> {
         }
     }
 
-    pub fn name(&self) -> &'static str {
-        self.name
-    }
-
     /// Launches it on the GPU's current stream; the return code is checked (asynchronous faults
     /// show at the next sync).
     pub fn launch(self, g: &Gpu, grid: (u32, u32, u32), block: u32, smem: u32, args: A) -> Result<()> {

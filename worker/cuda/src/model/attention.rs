@@ -180,7 +180,7 @@ impl CudaModel {
             ..
         } = MlaDims::of(&self.config);
         let kvb = &layer.attn.kv_b;
-        if let (Some(uk_t), false) = (&layer.attn.uk_t, self.kernels.simt_linear) {
+        if let (Some(uk_t), false) = (&layer.attn.uk_t, self.kernels.simt_linear()) {
             let qb = g.to_bf16(q.addr, m * heads * qk)?;
             return absorb_mma(
                 g,
@@ -235,7 +235,7 @@ impl CudaModel {
         } = MlaDims::of(&self.config);
         let kvb = &layer.attn.kv_b;
         let aligned = nope % 128 == 0 && vdim % 128 == 0 && lora % 128 == 0;
-        if kvb.format == Format::Fp8 && aligned && !self.kernels.simt_linear {
+        if kvb.format == Format::Fp8 && aligned && !self.kernels.simt_linear() {
             let ob = g.to_bf16(o_lat.addr, m * heads * lora)?;
             return absorb_mma(
                 g,
@@ -322,7 +322,7 @@ impl CudaModel {
         let kv = crate::linear::linear_to_bf16(
             g,
             &self.dequant,
-            self.kernels.simt_linear,
+            self.kernels.simt_linear(),
             c_kv.addr,
             total,
             &layer.attn.kv_b,

@@ -33,8 +33,6 @@ pub struct ExpertKernels {
     /// `Some(ue8m0)`: activations quantised per token per 128 channels
     /// ([`Fp8Activations::Quantised`], power-of-two scales when ue8m0); `None`: bf16 activations.
     pub input_quant: Option<bool>,
-    /// Use the CUDA-core GEMV kernels at every batch, for every FP8 product (DSV3_LINEAR_SIMT=1).
-    pub simt_linear: bool,
     /// The kernels of the dense products' small batches ([`SmallBatch::from_env`]).
     pub small_batch: SmallBatch,
     /// Routed rows above which an expert of a large step runs through cuBLAS(Lt).
@@ -46,15 +44,18 @@ pub struct ExpertKernels {
 }
 
 impl ExpertKernels {
+    /// The CUDA-core GEMV kernels at every batch, for every FP8 product (DSV3_LINEAR_SIMT=1).
+    pub fn simt_linear(&self) -> bool {
+        self.small_batch == SmallBatch::CudaCores
+    }
+
     /// The products of `config`'s model, with the kernel switches the environment sets.
     pub fn new(config: &ModelConfig) -> Result<Self> {
         let input_quant = (config.fp8_activations() == Fp8Activations::Quantised)
             .then(|| config.quantization.as_ref().is_some_and(|q| q.ue8m0_scales));
-        let small_batch = SmallBatch::from_env()?;
         Ok(ExpertKernels {
             input_quant,
-            simt_linear: small_batch == SmallBatch::CudaCores,
-            small_batch,
+            small_batch: SmallBatch::from_env()?,
             cublas_rows: std::env::var("DSV3_EXPERT_CUBLAS_ROWS")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -106,7 +107,7 @@ pub(crate) fn run_bank(
             "FP8 activations are quantised in blocks of 128 channels; experts of {width}→{} have a partial block (run with --fp8-activations unquantised)",
             bank.gate.rows
         );
-        if m >= kernels.wgmma_rows && !kernels.simt_linear && expert_wgmma::takes(g, bank) {
+        if m >= kernels.wgmma_rows && !kernels.simt_linear() && expert_wgmma::takes(g, bank) {
             let plan = DevicePlan::new(g, e, k, ids, valid, m, counters, 1)?;
             return wgmma_bank(g, bank, &plan, x, h, m, k, weights, ue8m0);
         }
@@ -130,7 +131,7 @@ pub(crate) fn run_bank(
     let gu = g.alloc(slots * 2 * inter * 4)?;
     let act = g.alloc(slots * inter * 4)?;
     let y = g.alloc(slots * width * 4)?;
-    let tensor_cores = !kernels.simt_linear && mma_fits(inter, width) && mma_fits(width, inter);
+    let tensor_cores = !kernels.simt_linear() && mma_fits(inter, width) && mma_fits(width, inter);
     let mma = match slots.div_ceil(e.max(1)) {
         0..=2 => kernels::grouped_fp8_mma_n1,
         3..=6 => kernels::grouped_fp8_mma_n2,
