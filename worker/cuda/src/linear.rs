@@ -245,34 +245,15 @@ pub fn linear(
             accumulate,
         )?;
         let grid = (blocks as u32, m.div_ceil(64) as u32, target.splits as u32);
-        // The arguments after the activations (the same for both kernels).
-        let weights = (
-            ptr(w.data.addr),
-            ptr(w.scale_addr()),
-            int(w.rows),
-            int(w.cols),
-            int(target.mode),
-            target.stride,
-        );
-        let out = (ptr(target.out), int(target.ldo));
+        // The output and the weights, the same arguments of both kernels around the activations.
+        let (out, ldo) = (ptr(target.out), int(target.ldo));
+        let (wd, ws, n, k) = (ptr(w.data.addr), ptr(w.scale_addr()), int(w.rows), int(w.cols));
+        let (mode, stride) = (int(target.mode), target.stride);
         match input_quant {
             Some(ue8m0) if small == SmallBatch::E4m3Mma && g.hopper => {
                 let q = QuantizedRows::new(g, x, w.cols, None, m, w.cols, None, ue8m0)?;
-                let (y, ldy) = out;
-                let (wd, ws, n, k, mode, stride) = weights;
-                let args = (
-                    y,
-                    ldy,
-                    ptr(q.data.addr),
-                    ptr(q.scales.addr),
-                    int(m),
-                    wd,
-                    ws,
-                    n,
-                    k,
-                    mode,
-                    stride,
-                );
+                let (xq, xs) = (ptr(q.data.addr), ptr(q.scales.addr));
+                let args = (out, ldo, xq, xs, int(m), wd, ws, n, k, mode, stride);
                 kernels::FP8X8_MMA.for_rows(m).0.launch(g, grid, 128, 0, args)?;
             }
             _ => {
@@ -283,15 +264,13 @@ pub fn linear(
                     }
                     None => (g.to_bf16(x, m * w.cols)?, None),
                 };
-                let (y, ldy) = out;
-                let (wd, ws, n, k, mode, stride) = weights;
-                let x_scale = ptr(x_scale.as_ref().map_or(0, |s| s.addr));
+                let xs = ptr(x_scale.as_ref().map_or(0, |s| s.addr));
                 let args = (
-                    y,
-                    ldy,
+                    out,
+                    ldo,
                     ptr(xb.addr),
                     int(w.cols),
-                    x_scale,
+                    xs,
                     int(m),
                     wd,
                     ws,
