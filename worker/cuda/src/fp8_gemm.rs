@@ -6,6 +6,7 @@
 use crate::gpu::{DeviceBuf, Gpu};
 use crate::kernels;
 use crate::launch::{int, ptr, Ptr};
+use crate::switches;
 use crate::tiles::QUANT_SPAN;
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::cublaslt::{result as lt, sys};
@@ -60,6 +61,9 @@ impl Fp8Gemm {
         if !cublaslt_present() || gpu.ctx.compute_capability()? != (9, 0) {
             return Ok(None);
         }
+        let dense_min_rows = switches::count("DSV3_FP8_CUBLASLT_ROWS")?
+            .unwrap_or(DENSE_MIN_ROWS)
+            .max(4);
         let handle = lt::create_handle().map_err(|e| anyhow!("creating a cuBLASLt handle: {e:?}"))?;
         let desc = lt::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -68,11 +72,7 @@ impl Fp8Gemm {
         .map_err(|e| anyhow!("cuBLASLt matmul descriptor: {e:?}"))?;
         let pref = lt::create_matmul_pref().map_err(|e| anyhow!("cuBLASLt preference: {e:?}"))?;
         let gemm = Fp8Gemm {
-            dense_min_rows: std::env::var("DSV3_FP8_CUBLASLT_ROWS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(DENSE_MIN_ROWS)
-                .max(4),
+            dense_min_rows,
             handle,
             desc,
             pref,

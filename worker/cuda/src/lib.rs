@@ -25,6 +25,7 @@ pub mod mla_prefill;
 pub mod model;
 pub mod nccl;
 pub mod projection;
+pub mod switches;
 pub mod tiles;
 pub mod weights;
 

@@ -9,6 +9,7 @@
 use crate::gpu::{tensor_map, Gpu};
 use crate::kernels;
 use crate::launch::{int, ptr, Extend, TensorMap};
+use crate::switches;
 use crate::tiles::{DEC_HEADS, DEC_PAD, DEC_STAGES, DEC_THREADS, DEC_TILE, MLA_HEAD_GROUP, MLA_THREADS, MLA_TILE};
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::sys as drv;
@@ -31,12 +32,11 @@ fn decode_splits(groups: usize, sms: usize, most: usize) -> usize {
 /// split reads: the cap is there to measure that.
 fn split_cap() -> Result<usize> {
     static CAP: std::sync::OnceLock<Result<usize, String>> = std::sync::OnceLock::new();
-    CAP.get_or_init(|| match std::env::var("DSV3_MLA_SPLITS") {
-        Err(_) => Ok(usize::MAX),
-        Ok(v) => match v.parse::<usize>() {
-            Ok(n) if n > 0 => Ok(n),
-            _ => Err(format!("DSV3_MLA_SPLITS={v}: expected a count of splits, 1 or more")),
-        },
+    CAP.get_or_init(|| match switches::count("DSV3_MLA_SPLITS") {
+        Ok(None) => Ok(usize::MAX),
+        Ok(Some(n)) if n > 0 => Ok(n),
+        Ok(Some(_)) => Err("DSV3_MLA_SPLITS=0: expected a count of splits, 1 or more".into()),
+        Err(e) => Err(e.to_string()),
     })
     .clone()
     .map_err(anyhow::Error::msg)

@@ -12,6 +12,7 @@ use crate::gpu::{DeviceBuf, Gpu};
 use crate::kernels;
 use crate::launch::{int, ptr, Extend};
 use crate::linear::{mma_fits, SmallBatch, SplitK};
+use crate::switches;
 use crate::weights::{ExpertBank, Stacked};
 use anyhow::{ensure, Context, Result};
 use dsv3_engine::backend::count_routes;
@@ -56,14 +57,8 @@ impl ExpertKernels {
         Ok(ExpertKernels {
             input_quant,
             small_batch: SmallBatch::from_env()?,
-            cublas_rows: std::env::var("DSV3_EXPERT_CUBLAS_ROWS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(GROUPED_MAX_ROWS),
-            wgmma_rows: match std::env::var("DSV3_EXPERT_WGMMA_ROWS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-            {
+            cublas_rows: switches::count("DSV3_EXPERT_CUBLAS_ROWS")?.unwrap_or(GROUPED_MAX_ROWS),
+            wgmma_rows: match switches::count("DSV3_EXPERT_WGMMA_ROWS")? {
                 Some(0) => usize::MAX,
                 Some(rows) => rows,
                 None => 1,
