@@ -265,10 +265,35 @@ __device__ __forceinline__ void finish_split(float (*acc)[4], int n8, float l0, 
 
 // One block's query rows as bf16 into shared memory, `at(hh, c)` the shared address of channels
 // c, c + 1 of head hh: q_lat's lora channels, then q's rope channels from `nope` on; heads past hg
-// are zero. Eight loads in flight per thread (one at a time left the first tile waiting on them).
+// are zero. Its loads are the first thing a block waits on, so many are in flight at once: twelve
+// 16-byte loads a thread where the rows allow (four channels never straddle lora and lie in one
+// 16-byte chunk of either layout), eight 8-byte loads otherwise.
 template <typename At>
 __device__ __forceinline__ void load_q(At at, const float* q_lat, const float* q, size_t head0, int qk, int nope,
                                        int hg, int lora, int width) {
+    const auto src = [&](int hh, int c) {
+        return c < lora ? q_lat + (head0 + hh) * lora + c : q + (head0 + hh) * qk + nope + (c - lora);
+    };
+    if ((qk | nope | lora | width) % 4 == 0) {
+        const int quads = 64 * (width / 4);
+        for (int e0 = threadIdx.x; e0 < quads; e0 += 12 * blockDim.x) {
+            float4 v[12];
+#pragma unroll
+            for (int u = 0; u < 12; ++u) {
+                int e = e0 + u * blockDim.x, hh = e / (width / 4), c = 4 * (e - hh * (width / 4));
+                v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+                if (e < quads && hh < hg) v[u] = *(const float4*)src(hh, c);
+            }
+#pragma unroll
+            for (int u = 0; u < 12; ++u) {
+                int e = e0 + u * blockDim.x, hh = e / (width / 4), c = 4 * (e - hh * (width / 4));
+                if (e < quads)
+                    asm volatile("st.shared.v2.u32 [%0], {%1, %2};\n" ::"r"(at(hh, c)), "r"(pack_bf16(v[u].x, v[u].y)),
+                                 "r"(pack_bf16(v[u].z, v[u].w)));
+            }
+        }
+        return;
+    }
     const int pairs = 64 * (width / 2);
     for (int e0 = threadIdx.x; e0 < pairs; e0 += 8 * blockDim.x) {
         float2 v[8];
@@ -276,9 +301,7 @@ __device__ __forceinline__ void load_q(At at, const float* q_lat, const float* q
         for (int u = 0; u < 8; ++u) {
             int e = e0 + u * blockDim.x, hh = e / (width / 2), c = 2 * (e - hh * (width / 2));
             v[u] = make_float2(0.f, 0.f);
-            if (e < pairs && hh < hg)
-                v[u] = c < lora ? *(const float2*)(q_lat + (head0 + hh) * lora + c)
-                                : *(const float2*)(q + (head0 + hh) * qk + nope + (c - lora));
+            if (e < pairs && hh < hg) v[u] = *(const float2*)src(hh, c);
         }
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
@@ -741,8 +764,9 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_decode_wgmma_flat(MLA_D
 }
 
 // Merges the splits: o_lat[r, h, :] = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s. grid (heads, m);
-// dynamic shared memory: 2 * splits floats (each split's weight is computed once, then the partial
-// outputs are read with independent loads).
+// dynamic shared memory: 2 * splits floats (each split's weight is computed once). The partial
+// outputs are read four channels a thread, sixteen splits' loads in flight (one split at a time,
+// this kernel waited on a load per split per channel: 18 µs for one row of 32 splits).
 extern "C" __global__ void mla_combine(float* o_lat, const float* o_part, const float* ml_part, int heads, int splits,
                                        int lora) {
     await_previous_kernel();
@@ -765,14 +789,36 @@ extern "C" __global__ void mla_combine(float* o_lat, const float* o_part, const 
     }
     float denom = block_sum(part, scratch);
     __syncthreads();
+    const float* w = cw + splits;
     const float* op = o_part + ((size_t)r * heads + h) * splits * lora;
+    float* out = o_lat + ((size_t)r * heads + h) * lora;
+    // Divided, not multiplied by 1 / denom: a row with one non-empty split then gets the bits
+    // finish_split writes for a row's only split (a graphed step, split for the cache's capacity,
+    // and a launched one agree). Empty rows get 0.
+    if (lora % 4 == 0) {
+        for (int c = 4 * threadIdx.x; c < lora; c += 4 * blockDim.x) {
+            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+            for (int s0 = 0; s0 < splits; s0 += 16) {
+                float4 x[16];
+#pragma unroll
+                for (int u = 0; u < 16; ++u)  // a split of weight 0 is not read: it may hold anything
+                    x[u] = s0 + u < splits && w[s0 + u] > 0.f ? *(const float4*)(op + (size_t)(s0 + u) * lora + c)
+                                                              : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+                for (int u = 0; u < 16; ++u) {
+                    const float e = s0 + u < splits ? w[s0 + u] : 0.f;
+                    v.x += e * x[u].x; v.y += e * x[u].y; v.z += e * x[u].z; v.w += e * x[u].w;
+                }
+            }
+            *(float4*)(out + c) = denom > 0.f ? make_float4(v.x / denom, v.y / denom, v.z / denom, v.w / denom)
+                                              : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+        return;
+    }
     for (int c = threadIdx.x; c < lora; c += blockDim.x) {
         float v = 0.f;
-#pragma unroll 4
-        for (int s = 0; s < splits; ++s) {
-            float e = cw[splits + s];
-            if (e > 0.f) v += e * op[(size_t)s * lora + c];
-        }
-        o_lat[((size_t)r * heads + h) * lora + c] = denom > 0.f ? v / denom : 0.f;  // 0 for empty rows
+        for (int s = 0; s < splits; ++s)
+            if (w[s] > 0.f) v += w[s] * op[(size_t)s * lora + c];
+        out[c] = denom > 0.f ? v / denom : 0.f;
     }
 }
