@@ -327,10 +327,11 @@ fn combine(
     m: usize,
     k: usize,
 ) -> Result<()> {
+    const THREADS: usize = 256;
     kernels::combine_experts.launch(
         g,
-        (m as u32, 1, 1),
-        256,
+        (m as u32, width.div_ceil(4 * THREADS) as u32, 1),
+        THREADS as u32,
         0,
         (
             ptr(h.addr),
