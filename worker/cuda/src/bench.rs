@@ -4,6 +4,7 @@
 //! next to its floor (bytes over the measured copy bandwidth, FLOPs over the FP8 matrix peak)
 //! and next to transformers on the same shapes when its results file is given.
 
+use crate::gpu::Gpu;
 use crate::kernels;
 use crate::launch::ptr;
 use crate::model::CudaModel;
@@ -100,6 +101,31 @@ pub(crate) fn print_profile(model: &CudaModel, label: &str, steps: usize) -> Res
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// The GPU time of one call of `f(i)`, as a graphed decode step sees it: `runs` calls (i = 0 ..
+/// runs) recorded into one CUDA graph, so the host's cost of launching stays out of the GPU's
+/// time (timed one by one, a kernel of a few µs measures the host instead); the graph run once to
+/// warm up, then `reps` times; the median, per call. With every launch timed
+/// (DSV3_CUDA_PROFILE), which records no graphs, the calls run directly.
+pub(crate) fn graphed_seconds(
+    g: &Gpu,
+    runs: usize,
+    reps: usize,
+    mut f: impl FnMut(usize) -> Result<()>,
+) -> Result<f64> {
+    let runs = runs.max(1);
+    if g.profiling() {
+        let mut run = || (0..runs).try_for_each(&mut f);
+        run()?;
+        let times: Vec<f64> = (0..reps.max(1)).map(|_| g.time(&mut run)).collect::<Result<_>>()?;
+        return Ok(median(times) / runs as f64);
+    }
+    let graph = g.capture(|| (0..runs).try_for_each(&mut f))?;
+    let launch = || graph.launch().context("launching the timed graph");
+    launch()?;
+    let times: Vec<f64> = (0..reps.max(1)).map(|_| g.time(launch)).collect::<Result<_>>()?;
+    Ok(median(times) / runs as f64)
 }
 
 /// Device-to-device copy rate, counting bytes read plus bytes written.

@@ -5,7 +5,7 @@
 //! mla_prefill --prefill N`): one layer's causal attention in the naive form over an N-token
 //! prompt, beside torch's scaled-dot-product attention on the same shapes when its result is given.
 
-use crate::bench::median;
+use crate::bench::{graphed_seconds, median};
 use crate::gpu::{DeviceBuf, Gpu};
 use crate::kernels;
 use crate::launch::ptr;
@@ -252,6 +252,9 @@ pub const FLASH_MLA_GBPS: f64 = 3000.0;
 pub const FLASH_MLA_TFLOPS: f64 = 660.0;
 
 /// The table of `bench-cuda --configs mla`: each batch of `ctx`-position rows, DeepSeek-V3's shape.
+/// Decode attentions per timed graph of `bench-cuda --configs mla`.
+const GRAPHED_RUNS: usize = 16;
+
 pub fn run(g: &Gpu, batches: &[usize], ctx: usize, reps: usize) -> Result<String> {
     let read = read_stream_rate(g)?;
     eprintln!("{}: read stream {:.0} GB/s", g.name, read / 1e9);
@@ -269,13 +272,9 @@ pub fn run(g: &Gpu, batches: &[usize], ctx: usize, reps: usize) -> Result<String
     for &b in batches {
         let case = AttentionCase::random(g, V3_SHAPE, &vec![ctx; b], 64, 11)?;
         for &kernel in &kernels {
-            for _ in 0..2 {
-                case.run(g, kernel)?;
-            }
-            let times: Vec<f64> = (0..reps)
-                .map(|_| g.time(|| case.run(g, kernel)))
-                .collect::<Result<_>>()?;
-            let s = median(times);
+            // Back to back in one graph, as in a decode step: timed one by one, the host's
+            // launches (not the GPU) set the time of a batch-1 run.
+            let s = graphed_seconds(g, GRAPHED_RUNS, reps, |_| case.run(g, kernel))?;
             let floor = case.bytes() / read;
             eprintln!("mla decode {kernel:?} batch {b}: {:.1} µs", s * 1e6);
             table += &format!(

@@ -6,10 +6,10 @@
 //! stands next to its floor, the weights read once at the read-stream rate, and next to cuBLASLt's
 //! block-scaled FP8 product of the same shape in the same run (quantisation included, as the
 //! model would run it), at the fewest rows it takes where it takes fewer rows than asked.
-//! Products run back to back over copies of the weights that together exceed L2, so each reads
-//! its weights from HBM as in the model.
+//! Products run back to back in one CUDA graph, as in a decode step, over copies of the weights
+//! that together exceed L2, so each reads its weights from HBM as in the model.
 
-use crate::bench::median;
+use crate::bench::graphed_seconds;
 use crate::bench_attention::read_stream_rate;
 use crate::fp8_gemm::{Fp8Gemm, QuantizedRows};
 use crate::gpu::{DeviceBuf, Gpu};
@@ -17,15 +17,17 @@ use crate::linear::{linear, SmallBatch, TC_MAX_ROWS};
 use crate::weights::{DeviceMatrix, Format};
 use anyhow::{ensure, Result};
 
-/// DeepSeek-V3's dense products: (name, output rows n, input columns k).
-const PRODUCTS: &[(&str, usize, usize)] = &[
-    ("q_a + kv_a", 1536 + 576, 7168),
-    ("q_b", 128 * 192, 1536),
-    ("o_proj", 7168, 128 * 128),
-    ("shared gate + up", 2 * 2048, 7168),
-    ("shared down", 7168, 2048),
-    ("dense gate + up", 2 * 18432, 7168),
-    ("dense down", 7168, 18432),
+/// DeepSeek-V3's dense products: (name, output rows n, input columns k, weight format). The
+/// head is the one bf16 matrix (no cuBLASLt FP8 peer).
+const PRODUCTS: &[(&str, usize, usize, Format)] = &[
+    ("q_a + kv_a", 1536 + 576, 7168, Format::Fp8),
+    ("q_b", 128 * 192, 1536, Format::Fp8),
+    ("o_proj", 7168, 128 * 128, Format::Fp8),
+    ("shared gate + up", 2 * 2048, 7168, Format::Fp8),
+    ("shared down", 7168, 2048, Format::Fp8),
+    ("dense gate + up", 2 * 18432, 7168, Format::Fp8),
+    ("dense down", 7168, 18432, Format::Fp8),
+    ("head (bf16)", 129280, 7168, Format::Bf16),
 ];
 
 /// Weights streamed per timed run: enough copies of a matrix that they cannot all sit in L2.
@@ -52,12 +54,12 @@ pub fn run(g: &Gpu, batches: &[usize], reps: usize, ue8m0: bool) -> Result<Strin
     );
     // Unused at these batch sizes (no product is dequantised to bf16 below TC_MAX_ROWS rows).
     let dequant = g.alloc(2)?;
-    for (p, &(name, n, k)) in PRODUCTS.iter().enumerate() {
-        let first = DeviceMatrix::random(g, n, k, Format::Fp8, 100 + p as u64)?;
+    for (p, &(name, n, k, format)) in PRODUCTS.iter().enumerate() {
+        let first = DeviceMatrix::random(g, n, k, format, 100 + p as u64)?;
         let copies = STREAMED_BYTES.div_ceil(first.bytes()).max(1);
         let mut weights = vec![first];
         for c in 1..copies {
-            weights.push(DeviceMatrix::random(g, n, k, Format::Fp8, 100 + (p * 64 + c) as u64)?);
+            weights.push(DeviceMatrix::random(g, n, k, format, 100 + (p * 64 + c) as u64)?);
         }
         let x = random_rows(g, max_rows.next_multiple_of(8), k)?;
         let y = g.alloc(max_rows.next_multiple_of(8) * n * 4)?;
@@ -66,7 +68,7 @@ pub fn run(g: &Gpu, batches: &[usize], reps: usize, ue8m0: bool) -> Result<Strin
             // cuBLASLt takes rows in multiples of 4, and not a single row.
             let peer_rows = m.next_multiple_of(4).max(8);
             let peer = match fp8 {
-                Some(fp8) if Fp8Gemm::takes_weight(n, k) => {
+                Some(fp8) if format == Format::Fp8 && Fp8Gemm::takes_weight(n, k) => {
                     fp8.reserve(g, 0)?;
                     Some(per_product(g, reps, |i| {
                         let w = &weights[i % copies];
@@ -89,8 +91,12 @@ pub fn run(g: &Gpu, batches: &[usize], reps: usize, ue8m0: bool) -> Result<Strin
                 _ => None,
             };
             // Our small-batch kernels, where the model would use them; cuBLASLt itself above.
-            let on_cublaslt = fp8.is_some_and(|f| m >= f.dense_min_rows && Fp8Gemm::takes_weight(n, k));
-            let kernels: &[(SmallBatch, &str)] = if on_cublaslt {
+            let on_cublaslt = peer.is_some() && fp8.is_some_and(|f| m >= f.dense_min_rows);
+            let kernels: &[(SmallBatch, &str)] = if format == Format::Bf16 && m <= 16 {
+                &[(SmallBatch::E4m3Mma, "mma, bf16 weights")]
+            } else if format == Format::Bf16 {
+                &[(SmallBatch::E4m3Mma, "cuBLAS bf16 (the model's path)")]
+            } else if on_cublaslt {
                 &[(SmallBatch::Bf16Mma, "cuBLASLt (the model's path)")]
             } else if g.hopper {
                 &[(SmallBatch::Bf16Mma, "mma, bf16"), (SmallBatch::E4m3Mma, "mma, e4m3")]
@@ -136,13 +142,10 @@ pub fn run(g: &Gpu, batches: &[usize], reps: usize, ue8m0: bool) -> Result<Strin
     Ok(table)
 }
 
-/// Seconds per product: the median over `reps` runs of [`PER_RUN`] products back to back
-/// (`product(i)` for the i-th), after one run to warm up.
-fn per_product(g: &Gpu, reps: usize, mut product: impl FnMut(usize) -> Result<()>) -> Result<f64> {
-    let mut run = || -> Result<()> { (0..PER_RUN).try_for_each(&mut product) };
-    run()?;
-    let times: Vec<f64> = (0..reps.max(1)).map(|_| g.time(&mut run)).collect::<Result<_>>()?;
-    Ok(median(times) / PER_RUN as f64)
+/// Seconds per product: the median over `reps` runs of [`PER_RUN`] products back to back in one
+/// graph (`product(i)` for the i-th), after one run to warm up.
+fn per_product(g: &Gpu, reps: usize, product: impl FnMut(usize) -> Result<()>) -> Result<f64> {
+    graphed_seconds(g, PER_RUN, reps, product)
 }
 
 /// `rows` rows of `k` uniform values in [-1, 1).
