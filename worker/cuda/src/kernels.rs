@@ -64,6 +64,7 @@ kernels! {
     // Weight-streaming products on the CUDA cores (`kernels/gemv.cu`).
     Gemv: gemv_fp8, gemv_bf16, gemv_f32(
         y: Ptr, ldy: i32, x: Ptr, ldx: i32, m: i32, w: Ptr, scale: Ptr, n: i32, k: i32, accumulate: i32,
+        parts: i32,
     );
     GroupedGemvFp8: grouped_gemv_fp8(
         y: Ptr, ldy: i32, x: Ptr, ldx: i32, x_rows: Ptr, w: Ptr, scale: Ptr, w_stride: u64,

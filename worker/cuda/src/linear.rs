@@ -298,10 +298,10 @@ pub fn linear(
             Format::Bf16 => kernels::gemv_bf16,
             Format::F32 => kernels::gemv_f32,
         };
-        let cols_per_block = 8;
+        let parts = gemv_parts(w.rows, g.sm_count);
         return kernel.launch(
             g,
-            (w.rows.div_ceil(cols_per_block) as u32, 1, 1),
+            (w.rows.div_ceil(8 / parts) as u32, 1, 1),
             256,
             0,
             (
@@ -315,12 +315,25 @@ pub fn linear(
                 int(w.rows),
                 int(w.cols),
                 int(accumulate as usize),
+                int(parts),
             ),
         );
     }
     let w_bf16 = weight_bf16(g, dequant, w)?;
     let xb = g.to_bf16(x, m * w.cols)?;
     g.gemm_bf16(y, ldy, xb.addr, w_bf16, m, w.rows, w.cols, accumulate)
+}
+
+/// Warps per output column of the GEMV (1, 2, 4 or 8 of its block's 8): a column a warp where
+/// there are columns enough for two blocks an SM, else k shared by more warps, so a narrow
+/// matrix (the router's 256 columns: 32 blocks of whole columns) still has its bytes requested
+/// by every SM at once.
+fn gemv_parts(columns: usize, sm_count: usize) -> usize {
+    let mut parts = 1;
+    while parts < 8 && columns.div_ceil(8 / parts) < 2 * sm_count {
+        parts *= 2;
+    }
+    parts
 }
 
 /// Large bf16 matrices (the head) at a few rows go to the bf16 tensor-core kernel; the small router
@@ -377,4 +390,20 @@ fn weight_bf16(g: &Gpu, dequant: &DeviceBuf, w: &DeviceMatrix) -> Result<u64> {
     ensure!(w.rows * w.cols * 2 <= dequant.bytes, "dequantisation scratch too small");
     w.dequant_into(g, dequant.addr)?;
     Ok(dequant.addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gemv_parts;
+
+    #[test]
+    fn narrow_matrices_share_each_column_among_warps_until_every_sm_has_two_blocks() {
+        // 132 SMs (an H200): the router's 256 columns take 8 warps a column (256 blocks), a
+        // 2,048-wide product 2 (512 blocks), the hidden size's 7,168 one (896 blocks).
+        assert_eq!(gemv_parts(256, 132), 8);
+        assert_eq!(gemv_parts(2048, 132), 2);
+        assert_eq!(gemv_parts(7168, 132), 1);
+        // Never more than the block's 8 warps, however narrow.
+        assert_eq!(gemv_parts(1, 132), 8);
+    }
 }

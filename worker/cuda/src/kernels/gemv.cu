@@ -1,16 +1,18 @@
 // ---------------------------------------------------------------- small-batch GEMV
-// y[r, n] (+)= sum_k x[r, k] * W[n, k] for up to GEMV_MAXM rows: one warp per output column,
-// 16-byte weight loads, the weight read once for all rows (decode is bound by weight bytes).
-// k must be a multiple of 16 (FP8), 8 (BF16) or 4 (F32); the loader checks it.
+// y[r, n] (+)= sum_k x[r, k] * W[n, k] for up to GEMV_MAXM rows: `parts` warps per output column
+// (each a 1/parts share of k, interleaved), 16-byte weight loads, the weight read once for all
+// rows (decode is bound by weight bytes). k must be a multiple of 16 (FP8), 8 (BF16) or 4 (F32);
+// the loader checks it.
 
 template <int FMT>
 __device__ __forceinline__ void gemv_column(float acc[GEMV_MAXM], const float* x, const int* x_rows, int ldx, int m,
-                                            const void* w, const float* scale, u64 col, int k) {
+                                            const void* w, const float* scale, u64 col, int k, int part = 0,
+                                            int parts = 1) {
     int lane = threadIdx.x & 31;
     int scale_cols = (k + QBLOCK - 1) / QBLOCK;
     const int per = FMT == FMT_FP8 ? 16 : (FMT == FMT_BF16 ? 8 : 4);
 #pragma unroll 4
-    for (int c = lane * per; c < k; c += 32 * per) {
+    for (int c = (part * 32 + lane) * per; c < k; c += 32 * per * parts) {
         float wv[16];
         if (FMT == FMT_FP8) {
             uint4 p = *(const uint4*)((const u8*)w + col * k + c);
@@ -50,19 +52,30 @@ __device__ __forceinline__ void gemv_column(float acc[GEMV_MAXM], const float* x
 
 template <int FMT>
 __device__ void gemv_impl(float* y, int ldy, const float* x, int ldx, int m, const void* w, const float* scale,
-                          int n, int k, int accumulate) {
-    u64 col = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (col >= (u64)n) return;
+                          int n, int k, int accumulate, int parts) {
+    // A block of 256 threads: 8 / parts columns, `parts` warps each. Every warp stays to the end,
+    // since the parts of a column meet at the block's barrier.
+    __shared__ float partial[8][GEMV_MAXM];
+    const int warp = threadIdx.x >> 5, part = warp % parts;
+    const u64 col = (u64)blockIdx.x * (8 / parts) + warp / parts;
+    const bool live = col < (u64)n;
     for (int r0 = 0; r0 < m; r0 += GEMV_MAXM) {
         float acc[GEMV_MAXM];
 #pragma unroll
         for (int r = 0; r < GEMV_MAXM; ++r) acc[r] = 0.f;
         int mm = min(GEMV_MAXM, m - r0);
-        gemv_column<FMT>(acc, x + (size_t)r0 * ldx, 0, ldx, mm, w, scale, col, k);
+        if (live) gemv_column<FMT>(acc, x + (size_t)r0 * ldx, 0, ldx, mm, w, scale, col, k, part, parts);
 #pragma unroll
         for (int r = 0; r < GEMV_MAXM; ++r) {
             float v = warp_sum(acc[r]);
-            if (r < mm && (threadIdx.x & 31) == 0) {
+            if (parts > 1) {
+                if ((threadIdx.x & 31) == 0) partial[warp][r] = v;
+                __syncthreads();
+                v = 0.f;
+                for (int p = 0; p < parts; ++p) v += partial[warp - part + p][r];  // in part order
+                __syncthreads();
+            }
+            if (live && part == 0 && r < mm && (threadIdx.x & 31) == 0) {
                 float* dst = y + (size_t)(r0 + r) * ldy + col;
                 *dst = accumulate ? *dst + v : v;
             }
@@ -71,19 +84,19 @@ __device__ void gemv_impl(float* y, int ldy, const float* x, int ldx, int m, con
 }
 
 extern "C" __global__ void gemv_fp8(float* y, int ldy, const float* x, int ldx, int m, const void* w,
-                                    const float* scale, int n, int k, int accumulate) {
+                                    const float* scale, int n, int k, int accumulate, int parts) {
     await_previous_kernel();
-    gemv_impl<FMT_FP8>(y, ldy, x, ldx, m, w, scale, n, k, accumulate);
+    gemv_impl<FMT_FP8>(y, ldy, x, ldx, m, w, scale, n, k, accumulate, parts);
 }
 extern "C" __global__ void gemv_bf16(float* y, int ldy, const float* x, int ldx, int m, const void* w,
-                                     const float* scale, int n, int k, int accumulate) {
+                                     const float* scale, int n, int k, int accumulate, int parts) {
     await_previous_kernel();
-    gemv_impl<FMT_BF16>(y, ldy, x, ldx, m, w, scale, n, k, accumulate);
+    gemv_impl<FMT_BF16>(y, ldy, x, ldx, m, w, scale, n, k, accumulate, parts);
 }
 extern "C" __global__ void gemv_f32(float* y, int ldy, const float* x, int ldx, int m, const void* w,
-                                    const float* scale, int n, int k, int accumulate) {
+                                    const float* scale, int n, int k, int accumulate, int parts) {
     await_previous_kernel();
-    gemv_impl<FMT_F32>(y, ldy, x, ldx, m, w, scale, n, k, accumulate);
+    gemv_impl<FMT_F32>(y, ldy, x, ldx, m, w, scale, n, k, accumulate, parts);
 }
 
 // Routed experts: blockIdx.y = group g (one expert), slots offsets[g]..offsets[g+1] in permuted
