@@ -55,6 +55,9 @@ pub const GX_THREADS: usize = 384;
 /// Most 128-channel blocks of a row one warp of `quantize_rows_fp8` takes (their loads in flight
 /// together).
 pub const QUANT_SPAN: usize = 4;
+/// Threads per block of the merge of the routed experts' rows (`combine_experts`: four channels a
+/// thread, a token's width over `ceil(width / (4 × this))` blocks).
+pub const COMBINE_THREADS: usize = 256;
 /// Threads per row of the token pick (`pick_tokens`).
 pub const PICK_THREADS: usize = 1024;
 
@@ -82,6 +85,7 @@ pub fn defines() -> Vec<String> {
         ("GX_THREADS", GX_THREADS),
         ("PICK_THREADS", PICK_THREADS),
         ("QUANT_SPAN", QUANT_SPAN),
+        ("COMBINE_THREADS", COMBINE_THREADS),
     ]
     .iter()
     .map(|(name, value)| format!("-D{name}={value}"))

@@ -8,12 +8,12 @@ extern "C" __global__ void gather_rows_bf16(bf16* out, const float* x, int ldx, 
 }
 
 // out[t, :] += sum_j weight[t, j] * y[slot[t, j], :] over the top-k slots of token t (-1 = skipped).
-// grid (tokens, ceil(width / (4 * blockDim.x))), 256 threads: four channels a thread, eight
+// grid (tokens, ceil(width / (4 * COMBINE_THREADS))): four channels a thread, eight
 // slots' loads in flight together (one block a token, looping over the width, took 40 µs for one
 // token; the launch bounds leave ptxas the registers to issue the eight loads at once: without,
 // it kept three in flight).
-extern "C" __global__ void __launch_bounds__(256, 4) combine_experts(float* out, const float* y, const int* slot, const float* weight, int top_k,
-                                           int width) {
+extern "C" __global__ void __launch_bounds__(COMBINE_THREADS, 4)
+    combine_experts(float* out, const float* y, const int* slot, const float* weight, int top_k, int width) {
     await_previous_kernel();
     constexpr int U = 8;
     const int t = blockIdx.x, i = 4 * (blockIdx.y * blockDim.x + threadIdx.x);

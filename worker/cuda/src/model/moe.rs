@@ -13,6 +13,7 @@ use crate::kernels;
 use crate::launch::{int, ptr, Extend};
 use crate::linear::{mma_fits, SmallBatch, SplitK};
 use crate::switches;
+use crate::tiles::COMBINE_THREADS;
 use crate::weights::{ExpertBank, Stacked};
 use anyhow::{ensure, Context, Result};
 use dsv3_engine::backend::count_routes;
@@ -327,11 +328,10 @@ fn combine(
     m: usize,
     k: usize,
 ) -> Result<()> {
-    const THREADS: usize = 256;
     kernels::combine_experts.launch(
         g,
-        (m as u32, width.div_ceil(4 * THREADS) as u32, 1),
-        THREADS as u32,
+        (m as u32, width.div_ceil(4 * COMBINE_THREADS) as u32, 1),
+        COMBINE_THREADS as u32,
         0,
         (
             ptr(h.addr),
