@@ -9,51 +9,13 @@ use crate::kernels;
 use crate::launch::{int, ptr, TensorMap};
 use crate::tiles::{GX_ROWS, GX_SHARED, GX_THREADS, GX_TOKENS};
 use crate::weights::{ExpertBank, Stacked};
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 use cudarc::driver::sys as drv;
 
 /// Token rows per TMA copy of the token tile (`GX_BOX` in the kernel).
 const TOKEN_BOX: usize = 16;
 /// Bytes of one k block of a weight row or a token row (128 e4m3 values).
 const K_BLOCK: usize = 128;
-
-/// The parts of `grouped_fp8_wgmma` that `DSV3_EXPERT_PROBE` can switch off to time the rest
-/// (the tables of BENCHMARKS.md, "Routed experts at prefill"), by name, and the definition that
-/// switches each off in the kernel. Any of them makes the products wrong: for benchmarks only.
-pub const PROBES: [(&str, &str); 4] = [
-    ("weight-tiles", "GX_PROBE_WEIGHT_TILES"), // copied for the first stages only
-    ("token-tiles", "GX_PROBE_TOKEN_TILES"),   // the same for the token tiles
-    ("token-scales", "GX_PROBE_TOKEN_SCALES"), // the promotion multiplies by the block scale only
-    ("promotion", "GX_PROBE_PROMOTION"),       // no promotion; the products still run
-];
-
-/// The `-D` options for a comma-separated list of [`PROBES`] names (empty: none); an unknown
-/// name is an error that lists the known ones.
-pub fn probe_defines(list: &str) -> Result<Vec<String>> {
-    let mut defines = Vec::new();
-    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-        let Some((_, define)) = PROBES.iter().find(|(known, _)| *known == name) else {
-            let known: Vec<&str> = PROBES.iter().map(|(n, _)| *n).collect();
-            bail!("DSV3_EXPERT_PROBE: unknown part `{name}` (known: {})", known.join(", "));
-        };
-        let option = format!("-D{define}=1");
-        if !defines.contains(&option) {
-            defines.push(option);
-        }
-    }
-    Ok(defines)
-}
-
-/// The `-D` options `DSV3_EXPERT_PROBE` asks for (none when it is unset or empty).
-pub fn probe_options() -> Result<Vec<String>> {
-    let Some(list) = std::env::var_os("DSV3_EXPERT_PROBE") else {
-        return Ok(Vec::new());
-    };
-    let list = list
-        .into_string()
-        .map_err(|_| anyhow::anyhow!("DSV3_EXPERT_PROBE is not UTF-8"))?;
-    probe_defines(&list)
-}
 
 /// Whether `grouped_fp8_wgmma` runs this bank here: a Hopper GPU (the kernels are built for
 /// sm_90a there), every matrix in whole 128 x 128 blocks, and room for the stages.
@@ -150,29 +112,4 @@ pub fn grouped_fp8(
             int(s.cols),
         ),
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn probe_names_map_to_their_definitions_and_unknown_ones_are_refused() {
-        assert!(probe_defines("").unwrap().is_empty());
-        assert_eq!(
-            probe_defines("weight-tiles,token-tiles").unwrap(),
-            ["-DGX_PROBE_WEIGHT_TILES=1", "-DGX_PROBE_TOKEN_TILES=1"]
-        );
-        assert_eq!(
-            probe_defines(" promotion , token-scales ,promotion").unwrap(),
-            ["-DGX_PROBE_PROMOTION=1", "-DGX_PROBE_TOKEN_SCALES=1"]
-        );
-        let err = probe_defines("weight-tiles,loads").unwrap_err().to_string();
-        assert!(err.contains("`loads`") && err.contains("token-scales"), "{err}");
-        // Every definition is one the kernel reads.
-        let kernel = include_str!("kernels/moe_wgmma.cu");
-        for (_, define) in PROBES {
-            assert!(kernel.contains(&format!("#ifndef {define}")), "{define}");
-        }
-    }
 }

@@ -106,11 +106,11 @@ fn load_kernels(ctx: &Arc<CudaContext>) -> Result<(Vec<Arc<cudarc::driver::CudaM
         (9, 0) => "sm_90a".to_string(),
         _ => format!("sm_{major}{minor}"),
     };
-    let probes = crate::expert_wgmma::probe_options()?;
+    let (probes, asked) = crate::probes::options()?;
     if !probes.is_empty() {
         eprintln!(
-            "CUDA kernels: DSV3_EXPERT_PROBE switches parts of the routed experts' product off ({}): \
-             its results are wrong, for timing only",
+            "CUDA kernels: {} switch parts of kernels off ({}): their results are wrong, for timing only",
+            asked.join(", "),
             probes.join(" ")
         );
     }

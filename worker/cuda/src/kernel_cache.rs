@@ -51,11 +51,11 @@ fn nvrtc_version() -> Result<(i32, i32)> {
 }
 
 /// The options of every compile but the architecture: the fixed ones, the tile definitions and
-/// the expert kernel's probe when one is asked for (`DSV3_EXPERT_PROBE`).
+/// the kernels' probes when asked for ([`crate::probes`]).
 pub(crate) fn base_options() -> Result<Vec<String>> {
     let mut options: Vec<String> = OPTIONS.iter().map(|o| o.to_string()).collect();
     options.extend(crate::tiles::defines());
-    options.extend(crate::expert_wgmma::probe_options()?);
+    options.extend(crate::probes::options()?.0);
     Ok(options)
 }
 

@@ -24,6 +24,7 @@ pub mod mla_decode;
 pub mod mla_prefill;
 pub mod model;
 pub mod nccl;
+pub mod probes;
 pub mod projection;
 pub mod switches;
 pub mod tiles;

@@ -22,7 +22,7 @@
 
 #define GX_W_BYTES (GX_ROWS * 128)
 // Parts switched off to time the rest (DSV3_EXPERT_PROBE; the names and what each does:
-// expert_wgmma.rs PROBES). All 0 in service.
+// probes.rs, EXPERT). All 0 in service.
 #ifndef GX_PROBE_WEIGHT_TILES
 #define GX_PROBE_WEIGHT_TILES 0
 #endif
