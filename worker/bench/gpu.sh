@@ -22,8 +22,9 @@
 #   startup start to first token of `generate`: kernels compiled each start, then the kernel cache
 #   projection `bench-projection`: the full model's decode tok/s per GPU from measured parts
 #   profile the same with CUDA events around every launch, graphs off (where each step goes)
-#   probe  the MLA decode alone with parts of it switched off (DSV3_MLA_PROBE), to find its fixed
-#          cost; PROBE, PROBE_SETS, PROBE_CONTEXTS and BENCH_ARGS pick another kernel and sets
+#   probe  the MLA decode alone with its timeline, then with parts of it switched off
+#          (DSV3_MLA_PROBE), to find its fixed cost; PROBE, PROBE_SETS, PROBE_CONTEXTS and
+#          BENCH_ARGS pick another kernel and sets
 #   peer   transformers on the same shapes (worker/bench/hf_gpu_peer.py), set beside ours
 # Logs and JSON go to $OUT (or target/gpu-out).
 set -euo pipefail
@@ -178,15 +179,16 @@ PY
         ;;
     probe)
         # One kernel timed with parts of it switched off (worker/cuda/src/probes.rs): by default
-        # the MLA decode alone at batches 1 and 8 over 128 and 4,096 positions;
+        # the MLA decode alone at batches 1 and 8 over 128 and 4,096 positions, first with its
+        # timeline (each block's clock at each step, nothing off);
         # PROBE=DSV3_EXPERT_PROBE PROBE_SETS="weight-tiles token-scales" BENCH_ARGS="--configs
         # moe_layer --batches 256 --prefill 4096" for the routed experts.
         var=${PROBE:-DSV3_MLA_PROBE}
-        for set in "" ${PROBE_SETS:-load-q tiles scores pv finish scores,pv load-q,tiles,scores,pv,finish}; do
+        for set in "" ${PROBE_SETS:-timeline load-q tiles scores pv finish scores,pv load-q,tiles,scores,pv,finish}; do
             for ctx in ${PROBE_CONTEXTS:-128 4096}; do
                 echo "== $var=$set, context $ctx" | tee -a "$out/probe.log"
                 env "$var=$set" "$bundle/dsv3-worker" bench-cuda --context "$ctx" --reps 5 \
-                    ${BENCH_ARGS:---configs mla --batches 1,8} 2>&1 | grep "^| [A-Za-z]" | tee -a "$out/probe.log"
+                    ${BENCH_ARGS:---configs mla --batches 1,8} 2>&1 | grep -E "^\| [A-Za-z]|Timeline of" | tee -a "$out/probe.log"
             done
         done
         ;;

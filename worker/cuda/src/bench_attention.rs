@@ -11,7 +11,7 @@ use crate::kernels;
 use crate::launch::ptr;
 use crate::mla_decode::{mla_decode, DecodeBuffers, DecodeKernel, LatentShape, PagedRows};
 use crate::mla_prefill::{prefill_with, PrefillBuffers, PrefillKernel, PrefillShape};
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 
 /// DeepSeek-V3's latent attention: 128 heads, latent rank 512, rotary 64, 128 without rotary.
 pub const V3_SHAPE: LatentShape = LatentShape {
@@ -269,12 +269,24 @@ pub fn run(g: &Gpu, batches: &[usize], ctx: usize, reps: usize) -> Result<String
         .into_iter()
         .filter(|&k| k != DecodeKernel::CudaCores && k.takes(g, &V3_SHAPE, 64))
         .collect();
+    // DSV3_MLA_PROBE=timeline: each wgmma kernel's blocks in the last run of its graph.
+    let timeline = crate::probes::mla_timeline_on()?;
+    let mut timelines = String::new();
     for &b in batches {
         let case = AttentionCase::random(g, V3_SHAPE, &vec![ctx; b], 64, 11)?;
         for &kernel in &kernels {
+            let record = match timeline && kernel.on_wgmma() {
+                true => Some(timeline_record(g)?),
+                false => None,
+            };
             // Back to back in one graph, as in a decode step: timed one by one, the host's
             // launches (not the GPU) set the time of a batch-1 run.
             let s = graphed_seconds(g, GRAPHED_RUNS, reps, |_| case.run(g, kernel))?;
+            if let Some((addr, bytes)) = record {
+                let stamps: Vec<u64> = g.download(addr, bytes / 8)?;
+                timelines += &format!("\n{kernel:?}, batch {b}, {ctx} positions. ");
+                timelines += &crate::probes::timeline_table("mla_decode_wgmma", &stamps, &crate::probes::MLA_TIMELINE)?;
+            }
             let floor = case.bytes() / read;
             eprintln!("mla decode {kernel:?} batch {b}: {:.1} µs", s * 1e6);
             table += &format!(
@@ -291,7 +303,17 @@ pub fn run(g: &Gpu, batches: &[usize], ctx: usize, reps: usize) -> Result<String
     table += &format!(
         "\nFlashMLA's published figures (H800 SXM5): {FLASH_MLA_GBPS:.0} GB/s memory-bound, {FLASH_MLA_TFLOPS:.0} TFLOP/s compute-bound.\n"
     );
-    Ok(table)
+    Ok(table + &timelines)
+}
+
+/// The MLA decode's timeline record (a `DSV3_MLA_PROBE=timeline` build), zeroed for the next run.
+fn timeline_record(g: &Gpu) -> Result<(u64, usize)> {
+    let name = crate::probes::MLA_TIMELINE_RECORD;
+    let (addr, bytes) = g
+        .global(name)?
+        .with_context(|| format!("DSV3_MLA_PROBE=timeline: the kernels have no `{name}`"))?;
+    g.zero(addr, bytes)?;
+    Ok((addr, bytes))
 }
 
 /// The table of `bench-cuda --configs mla_prefill`: one layer's causal attention over an `n`-token

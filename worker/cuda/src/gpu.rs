@@ -77,14 +77,18 @@ pub fn compile_kernels(arch: &'static str) -> Result<Vec<Ptx>> {
     if !nvrtc_present() {
         bail!("NVRTC (libnvrtc) was not found: put the CUDA toolkit's lib directory on LD_LIBRARY_PATH");
     }
-    per_family(|_, source| {
-        let opts = CompileOptions {
-            arch: Some(arch),
-            options: crate::kernel_cache::base_options()?,
-            ..Default::default()
-        };
-        compile_ptx_with_opts(source, opts).map_err(|e| anyhow!("compiling the CUDA kernels failed: {e}"))
-    })
+    per_family(|_, source| compile_family(source, arch))
+}
+
+/// One kernel family's source (its definitions may come first) as PTX for `arch`, with the
+/// options of every compile.
+pub fn compile_family(source: &str, arch: &'static str) -> Result<Ptx> {
+    let opts = CompileOptions {
+        arch: Some(arch),
+        options: crate::kernel_cache::base_options()?,
+        ..Default::default()
+    };
+    compile_ptx_with_opts(source, opts).map_err(|e| anyhow!("compiling the CUDA kernels failed: {e}"))
 }
 
 /// The kernels as machine code for this GPU's architecture, one module per family, from the
@@ -109,7 +113,7 @@ fn load_kernels(ctx: &Arc<CudaContext>) -> Result<(Vec<Arc<cudarc::driver::CudaM
     let (probes, asked) = crate::probes::options()?;
     if !probes.is_empty() {
         eprintln!(
-            "CUDA kernels: {} switch parts of kernels off ({}): their results are wrong, for timing only",
+            "CUDA kernels: {} built into them ({}): for timing only (a part switched off makes results wrong)",
             asked.join(", "),
             probes.join(" ")
         );
@@ -249,6 +253,8 @@ pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     funcs: HashMap<&'static str, CudaFunction>,
+    /// The kernel families' modules, for their `__device__` arrays ([`Gpu::global`]).
+    modules: Vec<Arc<cudarc::driver::CudaModule>>,
     blas: CudaBlas,
     pub name: String,
     pub ordinal: usize,
@@ -348,6 +354,7 @@ impl Gpu {
             ctx,
             stream,
             funcs,
+            modules,
             blas,
             name,
             ordinal,
@@ -374,6 +381,20 @@ impl Gpu {
             )?;
         }
         Ok(gpu)
+    }
+
+    /// The address and size of the `__device__` array `name` of the kernel family that defines
+    /// it (a probe's record), or None where none does.
+    pub fn global(&self, name: &str) -> Result<Option<(u64, usize)>> {
+        use cudarc::driver::DevicePtr;
+        for module in &self.modules {
+            match module.get_global(name, &self.stream) {
+                Ok(view) => return Ok(Some((view.device_ptr(&self.stream).0, view.len()))),
+                Err(e) if e.0 == drv_sys::CUresult::CUDA_ERROR_NOT_FOUND => continue,
+                Err(e) => return Err(e).with_context(|| format!("looking up the kernels' global `{name}`")),
+            }
+        }
+        Ok(None)
     }
 
     /// Bytes this process holds in the device's memory pool, where every [`Gpu::alloc`] comes

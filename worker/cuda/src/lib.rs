@@ -31,7 +31,7 @@ pub mod tiles;
 pub mod weights;
 
 pub use experts::CudaExperts;
-pub use gpu::{compile_kernels, driver_present, nvrtc_present, Gpu, KERNEL_FAMILIES};
+pub use gpu::{compile_family, compile_kernels, driver_present, nvrtc_present, Gpu, KERNEL_FAMILIES};
 pub use model::{pick_tokens, CudaModel, DeviceTrace, HostExperts, ModelExperts};
 
 /// Whether a CUDA GPU is usable here: `Ok(count)` or why not.

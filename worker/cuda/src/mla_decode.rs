@@ -123,6 +123,15 @@ impl DecodeKernel {
             .unwrap_or(DecodeKernel::CudaCores)
     }
 
+    /// Whether this is `mla_decode_wgmma` (in either layout or feed), the kernel the
+    /// `DSV3_MLA_PROBE` switches build differently.
+    pub fn on_wgmma(self) -> bool {
+        matches!(
+            self,
+            DecodeKernel::Wgmma | DecodeKernel::WgmmaUnswizzled | DecodeKernel::WgmmaCpAsync
+        )
+    }
+
     /// Whether this kernel takes `shape` over cache blocks of `block` positions on `g`.
     pub fn takes(self, g: &Gpu, shape: &LatentShape, block: usize) -> bool {
         let heads_fit = shape.heads.is_multiple_of(shape.heads.min(DEC_HEADS)) && shape.nope.is_multiple_of(2);

@@ -1,8 +1,10 @@
 //! Parts of a kernel that a `DSV3_*_PROBE` switch compiles out, so the rest can be timed alone
 //! (BENCHMARKS.md: "Routed experts at prefill", the MLA decode's fixed cost). For benchmarks
-//! only: any of them makes the kernel's results wrong. Each probe names its parts and the
-//! definition that switches each off in the kernel's source (0 in service); the definitions join
-//! the NVRTC options, so the kernel cache keeps probed builds apart.
+//! only: switching a part off makes the kernel's results wrong. Each probe names its parts and
+//! the definition that switches each off in the kernel's source (0 in service); the definitions
+//! join the NVRTC options, so the kernel cache keeps probed builds apart. One part switches
+//! something on instead: the MLA decode's `timeline`, a clock reading at each step of every
+//! block ([`timeline_table`]), with the results unchanged.
 
 use anyhow::{anyhow, bail, Result};
 
@@ -35,9 +37,117 @@ pub const MLA_DECODE: Probe = Probe {
         ("scores", "MLA_PROBE_SCORES"), // no Q·Kᵀ products (the scores are zero)
         ("pv", "MLA_PROBE_PV"),         // no P·V products
         ("finish", "MLA_PROBE_FINISH"), // the outputs are not written (the products are kept)
+        ("timeline", "MLA_PROBE_TIMELINE"), // nothing off: each block's clock at MLA_TIMELINE's points
     ],
     source: include_str!("kernels/mla.cu"),
 };
+
+/// The points of `mla_decode_wgmma` where its timeline probe reads the clock, in the kernel's
+/// order (`mla_stamp` in kernels/mla.cu; the kernel's `MLA_TIMELINE_POINTS` is their number).
+pub const MLA_TIMELINE: [&str; 10] = [
+    "entry",
+    "kernel before done",
+    "prologue",
+    "query loaded",
+    "tile 0 in",
+    "scores 0",
+    "P 0 shared",
+    "P·V 0",
+    "last tile",
+    "outputs written",
+];
+
+/// The `__device__` array the MLA decode's timeline probe writes (kernels/mla.cu).
+pub const MLA_TIMELINE_RECORD: &str = "mla_timeline";
+
+/// Whether the environment asks for the MLA decode's timeline.
+pub fn mla_timeline_on() -> Result<bool> {
+    Ok(MLA_DECODE.options()?.iter().any(|o| o == "-DMLA_PROBE_TIMELINE=1"))
+}
+
+/// The table of a timeline probe's record: for each block a row of `points.len()` SM clock
+/// readings (0 where the block did not pass that point, as an empty split passes only the first
+/// two and the last), then the global timer in ns at its first and last point; rows of blocks
+/// that did not run are all zero. Each step between consecutive points, over the blocks that
+/// passed both: median and slowest in µs, at the clock rate the record itself gives (clock
+/// cycles against global time from first to last point, summed over the blocks).
+pub fn timeline_table(kernel: &str, record: &[u64], points: &[&str]) -> Result<String> {
+    let width = points.len() + 2;
+    if points.len() < 2 || !record.len().is_multiple_of(width) {
+        bail!(
+            "a timeline record of {} values is not rows of {} points and two timer readings",
+            record.len(),
+            points.len()
+        );
+    }
+    let last = points.len() - 1;
+    let rows: Vec<&[u64]> = record.chunks(width).filter(|r| r[0] != 0 && r[last] != 0).collect();
+    if rows.is_empty() {
+        bail!("the timeline of `{kernel}` is empty: no block recorded its first and last points");
+    }
+    let (cycles, nanos) = rows.iter().fold((0u64, 0u64), |(c, n), r| {
+        (
+            c + r[last].wrapping_sub(r[0]),
+            n + r[width - 1].saturating_sub(r[width - 2]),
+        )
+    });
+    if cycles == 0 || nanos == 0 {
+        bail!("the timeline of `{kernel}` spans no time");
+    }
+    let us_per_cycle = nanos as f64 / cycles as f64 / 1e3;
+    let first_entry = rows.iter().map(|r| r[width - 2]).min().unwrap_or(0);
+    let last_end = rows.iter().map(|r| r[width - 1]).max().unwrap_or(0);
+    let mut entries: Vec<f64> = rows.iter().map(|r| (r[width - 2] - first_entry) as f64 / 1e3).collect();
+    let empty = rows.iter().filter(|r| r[2] == 0).count();
+    let mut table = format!(
+        "Timeline of `{kernel}`: {} blocks ({empty} with no positions), first entry to last end {:.1} µs,          entries spread over {:.1} µs (median {:.1}), SM clock {:.2} GHz over the record
+
+         | step | blocks | median µs | slowest µs |
+|---|---:|---:|---:|
+",
+        rows.len(),
+        (last_end - first_entry) as f64 / 1e3,
+        quantile(&mut entries, 1.0),
+        quantile(&mut entries, 0.5),
+        1e-3 / us_per_cycle,
+    );
+    for (i, name) in points.iter().enumerate().skip(1) {
+        let mut steps: Vec<f64> = rows
+            .iter()
+            .filter(|r| r[i - 1] != 0 && r[i] != 0)
+            .map(|r| r[i].wrapping_sub(r[i - 1]) as f64 * us_per_cycle)
+            .collect();
+        if !steps.is_empty() {
+            table += &format!(
+                "| {} → {name} | {} | {:.2} | {:.2} |\n",
+                points[i - 1],
+                steps.len(),
+                quantile(&mut steps, 0.5),
+                quantile(&mut steps, 1.0)
+            );
+        }
+    }
+    let mut whole: Vec<f64> = rows
+        .iter()
+        .filter(|r| r[2] != 0 || empty == rows.len())
+        .map(|r| r[last].wrapping_sub(r[0]) as f64 * us_per_cycle)
+        .collect();
+    table += &format!(
+        "| {} → {} | {} | {:.2} | {:.2} |\n",
+        points[0],
+        points[last],
+        whole.len(),
+        quantile(&mut whole, 0.5),
+        quantile(&mut whole, 1.0)
+    );
+    Ok(table)
+}
+
+/// The `q` quantile of `v` (0: least, 1: greatest), by the nearest rank.
+fn quantile(v: &mut [f64], q: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
 
 /// Every probe.
 pub const ALL: [&Probe; 2] = [&EXPERT, &MLA_DECODE];
@@ -108,6 +218,60 @@ mod tests {
             err.contains("DSV3_MLA_PROBE") && err.contains("`softmax`") && err.contains("load-q"),
             "{err}"
         );
+    }
+
+    /// A block's timeline row: clock readings (0: point not passed), then its global entry time in
+    /// ns and its end at a clock of `ghz`.
+    fn block(clocks: &[u64], entry_ns: u64, ghz: f64) -> Vec<u64> {
+        let first = clocks[0];
+        let last = *clocks.last().unwrap();
+        let mut row = clocks.to_vec();
+        row.extend([entry_ns, entry_ns + ((last - first) as f64 / ghz) as u64]);
+        row
+    }
+
+    #[test]
+    fn a_timeline_gives_each_step_at_the_clock_rate_of_its_own_record() {
+        let points = ["entry", "waited", "loaded", "end"];
+        // At 2 GHz: a block that waits 1 µs, loads 3 µs and ends 1 µs later; one 2 µs later whose
+        // load takes 5 µs; an empty split (no load); a block that never ran.
+        let mut record = block(&[10_000, 12_000, 18_000, 20_000], 1_000, 2.0);
+        record.extend(block(&[50_000, 52_000, 62_000, 64_000], 3_000, 2.0));
+        record.extend(block(&[7_000, 9_000, 0, 9_400], 1_500, 2.0));
+        record.extend([0; 6]);
+        let table = timeline_table("k", &record, &points).unwrap();
+        assert!(table.contains("3 blocks (1 with no positions)"), "{table}");
+        assert!(table.contains("SM clock 2.00 GHz"), "{table}");
+        assert!(table.contains("entries spread over 2.0 µs (median 0.5)"), "{table}");
+        assert!(table.contains("first entry to last end 9.0 µs"), "{table}");
+        assert!(table.contains("| entry → waited | 3 | 1.00 | 1.00 |"), "{table}");
+        // Median of two by the nearest rank: the greater.
+        assert!(table.contains("| waited → loaded | 2 | 5.00 | 5.00 |"), "{table}");
+        assert!(table.contains("| loaded → end | 2 | 1.00 | 1.00 |"), "{table}");
+        assert!(table.contains("| entry → end | 2 | 7.00 | 7.00 |"), "{table}");
+        // Against the wrong number of points, and with nothing recorded: errors, not a table.
+        assert!(timeline_table("k", &record, &points[..3]).is_err());
+        assert!(timeline_table("k", &[0; 12], &points)
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
+    }
+
+    #[test]
+    fn the_timeline_points_are_the_kernels() {
+        let source = MLA_DECODE.source;
+        assert!(
+            source.contains(&format!("#define MLA_TIMELINE_POINTS {}", MLA_TIMELINE.len())),
+            "kernels/mla.cu and MLA_TIMELINE disagree on the number of points"
+        );
+        for point in 0..MLA_TIMELINE.len() - 1 {
+            assert!(
+                source.contains(&format!("mla_stamp({point})")),
+                "no mla_stamp({point}) in kernels/mla.cu"
+            );
+        }
+        assert!(source.contains("mla_stamp(MLA_TIMELINE_POINTS - 1)"));
+        assert!(source.contains(&format!("__device__ u64 {MLA_TIMELINE_RECORD}[")));
     }
 
     #[test]

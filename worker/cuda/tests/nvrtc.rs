@@ -206,31 +206,69 @@ fn every_kernel_waits_for_the_one_before_before_it_touches_memory() {
     }
     let ptx: String = family_ptx("compute_90a").concat();
     for &(name, _) in kernels::ALL {
-        let start = ptx
-            .find(&format!(".entry {name}("))
-            .unwrap_or_else(|| panic!("no entry `{name}`"));
-        let body = &ptx[start..];
-        let body = &body[..body[1..].find(".entry ").map_or(body.len(), |e| e + 1)];
-        let wait = body
-            .find("griddepcontrol.wait")
-            .unwrap_or_else(|| panic!("`{name}` never waits for the kernel before it"));
-        for line in body[..wait].lines() {
-            let op = line.trim();
-            // past a guard predicate (`@%p1 ld...`, `@!%p1 ...`)
-            let op = match op.strip_prefix('@') {
-                Some(guarded) => guarded
-                    .split_once(char::is_whitespace)
-                    .map_or("", |(_, rest)| rest.trim_start()),
-                None => op,
-            };
-            let touches = ["ld.", "st.", "atom.", "red.", "cp.", "call", "tex.", "suld", "sust"]
-                .iter()
-                .any(|p| op.starts_with(p));
-            let harmless = op.starts_with("ld.param") || op.contains(".shared") || op.starts_with("prefetch");
+        assert_waits_before_touching_memory(&ptx, name);
+    }
+}
+
+/// Kernel `name` of `ptx` touches no memory but parameters, shared memory and prefetches before
+/// `griddepcontrol.wait`.
+fn assert_waits_before_touching_memory(ptx: &str, name: &str) {
+    let start = ptx
+        .find(&format!(".entry {name}("))
+        .unwrap_or_else(|| panic!("no entry `{name}`"));
+    let body = &ptx[start..];
+    let body = &body[..body[1..].find(".entry ").map_or(body.len(), |e| e + 1)];
+    let wait = body
+        .find("griddepcontrol.wait")
+        .unwrap_or_else(|| panic!("`{name}` never waits for the kernel before it"));
+    for line in body[..wait].lines() {
+        let op = line.trim();
+        // past a guard predicate (`@%p1 ld...`, `@!%p1 ...`)
+        let op = match op.strip_prefix('@') {
+            Some(guarded) => guarded
+                .split_once(char::is_whitespace)
+                .map_or("", |(_, rest)| rest.trim_start()),
+            None => op,
+        };
+        let touches = ["ld.", "st.", "atom.", "red.", "cp.", "call", "tex.", "suld", "sust"]
+            .iter()
+            .any(|p| op.starts_with(p));
+        let harmless = op.starts_with("ld.param") || op.contains(".shared") || op.starts_with("prefetch");
+        assert!(
+            !touches || harmless,
+            "`{name}` touches memory before it waits for the kernel before it: {}",
+            line.trim()
+        );
+    }
+}
+
+/// Every probe's build (`DSV3_*_PROBE`, all of its parts at once) compiles, its kernels still
+/// wait for the kernel before them first, and the MLA decode's timeline declares the record the
+/// benchmark reads (in service the parts are off: the tests above check that build).
+#[test]
+fn every_probe_builds_with_all_its_parts() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    for probe in dsv3_cuda::probes::ALL {
+        let (family, source) = dsv3_cuda::KERNEL_FAMILIES
+            .iter()
+            .find(|(_, source)| source.contains(probe.source))
+            .unwrap_or_else(|| panic!("{}: no kernel family holds its kernel", probe.var));
+        let defines: String = probe.parts.iter().map(|(_, d)| format!("#define {d} 1\n")).collect();
+        let ptx = dsv3_cuda::compile_family(&format!("{defines}{source}"), "compute_90a")
+            .unwrap_or_else(|e| panic!("{}: family `{family}` with every part: {e:#}", probe.var))
+            .to_src();
+        for &(name, _) in kernels::ALL {
+            if ptx.contains(&format!(".entry {name}(")) {
+                assert_waits_before_touching_memory(&ptx, name);
+            }
+        }
+        if std::ptr::eq(probe, &dsv3_cuda::probes::MLA_DECODE) {
+            let record = dsv3_cuda::probes::MLA_TIMELINE_RECORD;
             assert!(
-                !touches || harmless,
-                "`{name}` touches memory before it waits for the kernel before it: {}",
-                line.trim()
+                ptx.contains(&format!(" {record}[")),
+                "no `{record}` in the timeline build"
             );
         }
     }

@@ -539,6 +539,40 @@ template <bool SWIZZLED> struct WgTile;
 #ifndef MLA_PROBE_FINISH
 #define MLA_PROBE_FINISH 0
 #endif
+#ifndef MLA_PROBE_TIMELINE
+#define MLA_PROBE_TIMELINE 0
+#endif
+
+// The timeline probe (a build with MLA_PROBE_TIMELINE, results unchanged): thread 0 of each block
+// records the SM clock at each point of mla_decode_wgmma below, and the global timer as it starts
+// and ends, into row blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z) of
+// mla_timeline (the first MLA_TIMELINE_BLOCKS blocks); the host zeroes it before a run and reads
+// it after (probes.rs, MLA_TIMELINE_POINTS).
+#define MLA_TIMELINE_BLOCKS 1024
+#define MLA_TIMELINE_POINTS 10  // entry, waited, prologue, q, tile 0 in, scores 0, P 0, P·V 0, tiles, end
+struct MlaTime {
+    u64 clock, global;
+};
+#if MLA_PROBE_TIMELINE
+__device__ u64 mla_timeline[MLA_TIMELINE_BLOCKS][MLA_TIMELINE_POINTS + 2];
+__device__ __forceinline__ MlaTime mla_now() {
+    MlaTime t;
+    asm volatile("mov.u64 %0, %%clock64;\n" : "=l"(t.clock)::"memory");
+    asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t.global)::"memory");
+    return t;
+}
+// Records `at` (by default now) as point `point` of this block; the entry is read before the
+// wait for the kernel before and recorded after it, as nothing may be written before.
+__device__ __forceinline__ void mla_stamp(int point, MlaTime at = mla_now()) {
+    const u32 b = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    if (threadIdx.x != 0 || b >= MLA_TIMELINE_BLOCKS) return;
+    mla_timeline[b][point] = at.clock;
+    if (point == 0 || point == MLA_TIMELINE_POINTS - 1) mla_timeline[b][MLA_TIMELINE_POINTS + (point != 0)] = at.global;
+}
+#else
+__device__ __forceinline__ MlaTime mla_now() { return MlaTime{0, 0}; }
+__device__ __forceinline__ void mla_stamp(int, MlaTime = MlaTime{0, 0}) {}
+#endif
 
 // TMA's 128-byte swizzle (the default): nine blocks of 64 channels, 8 KB apart, each 64 rows of
 // 128 bytes whose 16-byte chunks are XOR-ed with row % 8. A box of the cache's plain 2-D view
@@ -591,7 +625,10 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
                                                       const int* tables, const int* table_off, const int* lens,
                                                       int block, float scale, int min_split, const TensorMap* cache_map,
                                                       int tma_rows) {
+    const MlaTime entry = mla_now();
     await_previous_kernel();  // lora == 512, rope == 64
+    mla_stamp(0, entry);
+    mla_stamp(1);
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using L = WgTile<SWIZZLED>;
     extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -607,6 +644,7 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
     const int begin = split * split_len, end = min(len, begin + split_len);
     if (begin >= end) {
         empty_split(o_part, ml_part, (size_t)r * heads + h0, hg, splits, split, 512);
+        mla_stamp(MLA_TIMELINE_POINTS - 1);
         return;
     }
     const int* tab = tables + table_off[r];
@@ -638,6 +676,7 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
         }
         __syncthreads();
     }
+    mla_stamp(2);
     const int my_row = tid >> 2, my_part = tid & 3;  // 4 threads per cached row
     auto row_src = [&](int i) -> const bf16* {  // looked up a tile ahead, as in mla_decode_mma
         if (i >= ntiles) return cache;
@@ -664,6 +703,7 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
     if (!MLA_PROBE_LOAD_Q)
         load_q([&](int hh, int c) { return qs + L::chunk(hh, c >> 3) + (c & 7) * 2; }, q_lat, q, (size_t)r * heads + h0,
                qk, nope, hg, 512, WG_W);
+    mla_stamp(3);
     float o[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
@@ -686,6 +726,7 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
         }
         fence_async_shared();
         __syncthreads();  // tile `it` and (first time) Q are in; the other stage is free
+        if (it == 0) mla_stamp(4);
         if (tma_rows) {
             tma_tile(it + 1);
         } else {
@@ -703,6 +744,7 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
         wgmma_wait_all();
 #pragma unroll
         for (int i = 0; i < 16; ++i) hold(s[i]);
+        if (it == 0) mla_stamp(5);
         // scores of positions h*32 + 8j + 2t (+1); rows row0 (e < 2) and row0 + 8
         float tm0 = -INFINITY, tm1 = -INFINITY;
 #pragma unroll
@@ -750,6 +792,7 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
         }
         fence_async_shared();
         __syncthreads();  // both halves of P are in
+        if (it == 0) mla_stamp(6);
         wgmma_fence();
         // this group's 256 output channels, over its own positions, then the other group's
         if (!MLA_PROBE_PV) {
@@ -765,16 +808,20 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
         wgmma_wait_all();
 #pragma unroll
         for (int i = 0; i < 128; ++i) hold(o[i]);
+        if (it == 0) mla_stamp(7);
     }
+    mla_stamp(8);
     if (MLA_PROBE_FINISH) {  // every sum kept alive by a store that does not happen
         float keep = l0 + l1 + m0 + m1;
 #pragma unroll
         for (int i = 0; i < 128; ++i) keep += o[i];
         if (keep == 1.2345e-30f) o_part[tid] = keep;
+        mla_stamp(MLA_TIMELINE_POINTS - 1);
         return;
     }
     finish_split(reinterpret_cast<float(*)[4]>(o), 32, l0, l1, m0, m1, red, h, row0, t, o_part, ml_part,
                  (size_t)r * heads + h0, hg, splits, split, 512, h * 256);
+    mla_stamp(MLA_TIMELINE_POINTS - 1);
 #endif
 }
 
