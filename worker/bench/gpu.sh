@@ -25,6 +25,8 @@
 #   probe  the MLA decode alone with its timeline, then with parts of it switched off
 #          (DSV3_MLA_PROBE), to find its fixed cost; PROBE, PROBE_SETS, PROBE_CONTEXTS and
 #          BENCH_ARGS pick another kernel and sets
+#   trace  one graphed decode step kernel by kernel under Nsight Systems: kernel times and the
+#          gaps between them (worker/bench/gpu_trace.py; TRACE_ARGS picks the bench-cuda run)
 #   peer   transformers on the same shapes (worker/bench/hf_gpu_peer.py), set beside ours
 # Logs and JSON go to $OUT (or target/gpu-out).
 set -euo pipefail
@@ -191,6 +193,23 @@ PY
                     ${BENCH_ARGS:---configs mla --batches 1,8} 2>&1 | grep -E "^\| [A-Za-z]|Timeline of" | tee -a "$out/probe.log"
             done
         done
+        ;;
+    trace)
+        # One graphed decode step kernel by kernel under Nsight Systems (each graph node traced):
+        # what ran, for how long, and the gaps between kernels (worker/bench/gpu_trace.py).
+        # slice5 at batch 1 over 4,096 positions unless TRACE_ARGS says otherwise.
+        nsys=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1 || true)
+        if [[ -z "$nsys" ]]; then
+            echo "trace: Nsight Systems (nsys) is not on this machine" | tee "$out/trace.log"
+            failed=1
+            continue
+        fi
+        "$nsys" profile --cuda-graph-trace=node --trace=cuda --force-overwrite=true -o "$out/trace" \
+            "$bundle/dsv3-worker" bench-cuda --reps 3 --prefill 0 \
+            ${TRACE_ARGS:---configs slice5 --batches 1 --context 4096} > "$out/trace.log" 2>&1 || failed=1
+        "$nsys" stats --report cuda_gpu_trace --format csv --force-export=true -o "$out/trace" "$out/trace.nsys-rep" \
+            >> "$out/trace.log" 2>&1 || failed=1
+        python3 worker/bench/gpu_trace.py --list "$out/trace_cuda_gpu_trace.csv" | tee "$out/trace.md" || failed=1
         ;;
     peer)
         timeout 330 python3 worker/bench/hf_gpu_peer.py --out "$out/hf.json" ${PEER_ARGS:-} 2>&1 | tee "$out/hf.log" || echo "transformers peer did not finish"
