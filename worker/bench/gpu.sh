@@ -2,6 +2,7 @@
 # The GPU check-and-benchmark run for the CUDA backend, in one call on the GPU machine.
 #
 # Here (no GPU needed):   bash worker/bench/gpu.sh build     -> target/gpu-bundle/{dsv3-worker,gpu-tests}
+#                         (BASE_REV=<commit>: also dsv3-worker-base, built from that commit)
 # There (repo root):      bash worker/bench/gpu.sh run [tests] [bench] [peer]
 #   tests  the ignored GPU tests (CUDA vs CPU on the golden fixture and full-width random layers,
 #          every allocation poisoned) and `generate --device cuda` against `--device cpu`
@@ -25,6 +26,8 @@
 #   probe  the MLA decode alone with its timeline, then with parts of it switched off
 #          (DSV3_MLA_PROBE), to find its fixed cost; PROBE, PROBE_SETS, PROBE_CONTEXTS and
 #          BENCH_ARGS pick another kernel and sets
+#   ab     the worker against the one of BASE_REV (`BASE_REV=<commit> gpu.sh build`), alternating
+#          on AB_ARGS (bench-cuda's decode table by default), AB_ROUNDS times
 #   trace  one graphed decode step kernel by kernel under Nsight Systems: kernel times and the
 #          gaps between them (worker/bench/gpu_trace.py; TRACE_ARGS picks the bench-cuda run)
 #   peer   transformers on the same shapes (worker/bench/hf_gpu_peer.py), set beside ours
@@ -35,6 +38,17 @@ bundle=target/gpu-bundle
 
 if [[ "${1:-}" == build ]]; then
     export CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=true
+    mkdir -p "$bundle"
+    if [[ -n "${BASE_REV:-}" ]]; then
+        # The worker as of BASE_REV too, for `run ab`: built from a worktree of that commit
+        # into the same target directory (the dependencies are built once for both).
+        tree=target/gpu-base-tree
+        git worktree remove --force "$tree" 2>/dev/null || rm -rf "$tree"
+        git worktree add --detach "$tree" "$BASE_REV"
+        (cd "$tree" && CARGO_TARGET_DIR="$PWD/../../target" cargo build --release -p dsv3-worker)
+        cp target/release/dsv3-worker "$bundle/dsv3-worker-base"
+        git worktree remove --force "$tree"
+    fi
     cargo build --release -p dsv3-worker
     # The test executable cargo built for `--test NAME` of a package.
     test_exe() {
@@ -44,7 +58,6 @@ for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == sys.argv[1] and m.get("executable"): print(m["executable"])' "$2"
     }
-    mkdir -p "$bundle"
     cp target/release/dsv3-worker "$bundle/"
     cp "$(test_exe dsv3-cuda gpu)" "$bundle/gpu-tests"
     cp "$(test_exe dsv3-worker fleet)" "$bundle/fleet-tests"
@@ -191,6 +204,25 @@ PY
                 echo "== $var=$set, context $ctx" | tee -a "$out/probe.log"
                 env "$var=$set" "$bundle/dsv3-worker" bench-cuda --context "$ctx" --reps 5 \
                     ${BENCH_ARGS:---configs mla --batches 1,8} 2>&1 | grep -E "^\| [A-Za-z]|Timeline of" | tee -a "$out/probe.log"
+            done
+        done
+        ;;
+    ab)
+        # The worker built here against the one built from BASE_REV (`BASE_REV=rev gpu.sh
+        # build`), alternating, AB_ROUNDS times (2), on AB_ARGS (the decode table by default):
+        # a change measured against the code before it in one run on one GPU.
+        if [[ ! -x "$bundle/dsv3-worker-base" ]]; then
+            echo "ab: no $bundle/dsv3-worker-base (build with BASE_REV=<commit>)" | tee "$out/ab.log"
+            failed=1
+            continue
+        fi
+        for round in $(seq "${AB_ROUNDS:-2}"); do
+            for side in base new; do
+                exe=$bundle/dsv3-worker
+                [[ $side == base ]] && exe=$bundle/dsv3-worker-base
+                echo "== $side, round $round" | tee -a "$out/ab.log"
+                "$exe" ${AB_ARGS:-bench-cuda --configs moe_layer,slice5 --batches 1,8,64 --context 4096 --prefill 0 --reps 5} \
+                    2>&1 | grep -E "^\| " | tee -a "$out/ab.log" || failed=1
             done
         done
         ;;
