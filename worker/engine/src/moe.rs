@@ -87,59 +87,39 @@ pub struct Router {
     weight: Matrix,
     bias: Vec<f32>,
     n_experts: usize,
-    n_group: usize,
-    topk_group: usize,
-    top_k: usize,
-    normalize: bool,
-    scaling: f32,
+    gate: Gate,
 }
 
-impl Router {
-    pub fn load(ckpt: &Checkpoint, prefix: &str, config: &ModelConfig) -> Result<Self> {
-        let e = config.n_routed_experts;
-        let weight = Matrix::load(ckpt, &format!("{prefix}.weight"), e, config.hidden_size, None)?;
-        let bias_name = format!("{prefix}.e_score_correction_bias");
-        let bias = ckpt.get(&bias_name)?;
-        bias.expect(&[Dtype::F32, Dtype::BF16], &[e])?;
-        Ok(Router {
-            weight,
-            bias: bias.to_f32_vec()?,
-            n_experts: e,
+/// How a token's router logits choose its experts (DeepSeek-V3's group-limited top-k).
+#[derive(Clone, Copy, Debug)]
+pub struct Gate {
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub top_k: usize,
+    pub normalize: bool,
+    pub scaling: f32,
+}
+
+impl Gate {
+    pub fn of(config: &ModelConfig) -> Self {
+        Gate {
             n_group: config.n_group,
             topk_group: config.topk_group,
             top_k: config.num_experts_per_tok,
             normalize: config.norm_topk_prob,
             scaling: config.routed_scaling_factor,
-        })
-    }
-
-    /// Pre-sigmoid router logits `[m, n_experts]`.
-    pub fn logits(&self, x: &[f32], m: usize) -> Vec<f32> {
-        self.weight.forward(x, m)
-    }
-
-    pub fn route(&self, x: &[f32], m: usize) -> TokenRoutes {
-        let logits = self.logits(x, m);
-        let mut routes = TokenRoutes {
-            k: self.top_k,
-            experts: Vec::with_capacity(m * self.top_k),
-            weights: Vec::new(),
-        };
-        for row in logits.chunks_exact(self.n_experts) {
-            let (experts, weights) = self.route_token(row);
-            routes.experts.extend(experts);
-            routes.weights.extend(weights);
         }
-        routes
     }
 
-    /// Sigmoid scores, biased for selection only; best `topk_group` groups by the sum of their two
-    /// best biased scores; top-k inside them; weights from the unbiased scores. Ties go to the
-    /// lower index.
-    fn route_token(&self, logits: &[f32]) -> (Vec<u32>, Vec<f32>) {
+    /// One token's experts (ascending) and weights from its pre-sigmoid `logits`, one per
+    /// expert, and the selection bias: sigmoid scores, biased for selection only; the best
+    /// `topk_group` groups by the sum of their two best biased scores; top-k inside them;
+    /// weights from the unbiased scores. Ties go to the lower index.
+    pub fn route_token(&self, logits: &[f32], bias: &[f32]) -> (Vec<u32>, Vec<f32>) {
+        let n_experts = logits.len();
         let scores: Vec<f32> = logits.iter().map(|&u| sigmoid(u)).collect();
-        let biased: Vec<f32> = scores.iter().zip(&self.bias).map(|(s, b)| s + b).collect();
-        let per_group = self.n_experts / self.n_group;
+        let biased: Vec<f32> = scores.iter().zip(bias).map(|(s, b)| s + b).collect();
+        let per_group = n_experts / self.n_group;
         let group_score = |g: usize| {
             let members = &biased[g * per_group..(g + 1) * per_group];
             let mut best = [f32::NEG_INFINITY; 2];
@@ -159,7 +139,7 @@ impl Router {
         };
         let group_scores: Vec<f32> = (0..self.n_group).map(group_score).collect();
         let groups = top_indices(&group_scores, self.topk_group);
-        let mut allowed = vec![false; self.n_experts];
+        let mut allowed = vec![false; n_experts];
         for g in groups {
             allowed[g * per_group..(g + 1) * per_group].fill(true);
         }
@@ -177,6 +157,42 @@ impl Router {
         }
         weights.iter_mut().for_each(|w| *w *= self.scaling);
         (chosen.into_iter().map(|e| e as u32).collect(), weights)
+    }
+}
+
+impl Router {
+    pub fn load(ckpt: &Checkpoint, prefix: &str, config: &ModelConfig) -> Result<Self> {
+        let e = config.n_routed_experts;
+        let weight = Matrix::load(ckpt, &format!("{prefix}.weight"), e, config.hidden_size, None)?;
+        let bias_name = format!("{prefix}.e_score_correction_bias");
+        let bias = ckpt.get(&bias_name)?;
+        bias.expect(&[Dtype::F32, Dtype::BF16], &[e])?;
+        Ok(Router {
+            weight,
+            bias: bias.to_f32_vec()?,
+            n_experts: e,
+            gate: Gate::of(config),
+        })
+    }
+
+    /// Pre-sigmoid router logits `[m, n_experts]`.
+    pub fn logits(&self, x: &[f32], m: usize) -> Vec<f32> {
+        self.weight.forward(x, m)
+    }
+
+    pub fn route(&self, x: &[f32], m: usize) -> TokenRoutes {
+        let logits = self.logits(x, m);
+        let mut routes = TokenRoutes {
+            k: self.gate.top_k,
+            experts: Vec::with_capacity(m * self.gate.top_k),
+            weights: Vec::new(),
+        };
+        for row in logits.chunks_exact(self.n_experts) {
+            let (experts, weights) = self.gate.route_token(row, &self.bias);
+            routes.experts.extend(experts);
+            routes.weights.extend(weights);
+        }
+        routes
     }
 }
 
@@ -326,5 +342,69 @@ impl ExpertExecutor for LocalExperts {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Gate;
+
+    fn logit(p: f32) -> f32 {
+        (p / (1.0 - p)).ln()
+    }
+
+    #[test]
+    fn the_gate_keeps_the_best_groups_then_the_best_experts_in_them() {
+        // 8 experts in 4 groups of 2, 2 groups kept, 3 experts chosen.
+        let gate = Gate {
+            n_group: 4,
+            topk_group: 2,
+            top_k: 3,
+            normalize: true,
+            scaling: 2.0,
+        };
+        // Scores by group: (0.9, 0.1) sum 1.0, (0.6, 0.5) 1.1, (0.7, 0.2) 0.9, (0.3, 0.3) 0.6.
+        let scores = [0.9, 0.1, 0.6, 0.5, 0.7, 0.2, 0.3, 0.3];
+        let logits: Vec<f32> = scores.iter().map(|&p| logit(p)).collect();
+        let (experts, weights) = gate.route_token(&logits, &[0.0; 8]);
+        // Groups 1 and 0 kept; expert 4 (0.7) is in group 2, left out though it beats 2 and 3.
+        assert_eq!(experts, [0, 2, 3]);
+        let sum = 0.9 + 0.6 + 0.5;
+        for (w, p) in weights.iter().zip([0.9, 0.6, 0.5]) {
+            assert!((w - 2.0 * p / sum).abs() < 1e-6, "{weights:?}");
+        }
+        // The bias moves the choice (group 3 now sums 0.6 + 2 * 0.5), not the weights.
+        let bias = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.5];
+        let (experts, weights) = gate.route_token(&logits, &bias);
+        assert_eq!(experts, [2, 6, 7]);
+        let sum = 0.6 + 0.3 + 0.3;
+        for (w, p) in weights.iter().zip([0.6, 0.3, 0.3]) {
+            assert!((w - 2.0 * p / sum).abs() < 1e-6, "{weights:?}");
+        }
+    }
+
+    #[test]
+    fn gate_ties_go_to_the_lower_index() {
+        let gate = Gate {
+            n_group: 2,
+            topk_group: 1,
+            top_k: 2,
+            normalize: false,
+            scaling: 1.0,
+        };
+        // Both groups sum to the same: group 0 wins; inside it experts 1, 2 and 3 tie.
+        let logits = [
+            logit(0.2),
+            logit(0.5),
+            logit(0.5),
+            logit(0.5),
+            logit(0.5),
+            logit(0.5),
+            logit(0.2),
+            logit(0.2),
+        ];
+        let (experts, weights) = gate.route_token(&logits, &[0.0; 8]);
+        assert_eq!(experts, [1, 2]);
+        assert!(weights.iter().all(|&w| (w - 0.5).abs() < 1e-6), "{weights:?}");
     }
 }
