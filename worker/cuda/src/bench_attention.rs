@@ -285,7 +285,12 @@ pub fn run(g: &Gpu, batches: &[usize], ctx: usize, reps: usize) -> Result<String
             if let Some((addr, bytes)) = record {
                 let stamps: Vec<u64> = g.download(addr, bytes / 8)?;
                 timelines += &format!("\n{kernel:?}, batch {b}, {ctx} positions. ");
-                timelines += &crate::probes::timeline_table("mla_decode_wgmma", &stamps, &crate::probes::MLA_TIMELINE)?;
+                timelines += &crate::probes::timeline_table(
+                    "mla_decode_wgmma",
+                    &stamps,
+                    &crate::probes::MLA_TIMELINE,
+                    &crate::probes::MLA_TIMELINE_LAPS,
+                )?;
             }
             let floor = case.bytes() / read;
             eprintln!("mla decode {kernel:?} batch {b}: {:.1} µs", s * 1e6);

@@ -57,6 +57,10 @@ pub const MLA_TIMELINE: [&str; 10] = [
     "outputs written",
 ];
 
+/// The parts of `mla_decode_wgmma`'s tile loop whose cycles its timeline probe adds up over all
+/// of a block's tiles (`MlaLaps` in kernels/mla.cu, `MLA_TIMELINE_LAPS` their number).
+pub const MLA_TIMELINE_LAPS: [&str; 4] = ["tile waits", "scores", "softmax and P", "P·V"];
+
 /// The `__device__` array the MLA decode's timeline probe writes (kernels/mla.cu).
 pub const MLA_TIMELINE_RECORD: &str = "mla_timeline";
 
@@ -67,19 +71,22 @@ pub fn mla_timeline_on() -> Result<bool> {
 
 /// The table of a timeline probe's record: for each block a row of `points.len()` SM clock
 /// readings (0 where the block did not pass that point, as an empty split passes only the first
-/// two and the last), then the global timer in ns at its first and last point; rows of blocks
-/// that did not run are all zero. Each step between consecutive points, over the blocks that
-/// passed both: median and slowest in µs, at the clock rate the record itself gives (clock
-/// cycles against global time from first to last point, summed over the blocks).
-pub fn timeline_table(kernel: &str, record: &[u64], points: &[&str]) -> Result<String> {
-    let width = points.len() + 2;
-    if points.len() < 2 || !record.len().is_multiple_of(width) {
+/// two and the last), the global timer in ns at its first and last point, then the cycles of
+/// each of `laps` summed over the block's tiles; rows of blocks that did not run are all zero.
+/// Each step between consecutive points, over the blocks that passed both, and each lap over
+/// the blocks with tiles: median and slowest in µs, at the clock rate the record itself gives
+/// (clock cycles against global time from first to last point, summed over the blocks).
+pub fn timeline_table(kernel: &str, record: &[u64], points: &[&str], laps: &[&str]) -> Result<String> {
+    let width = points.len() + 2 + laps.len();
+    if points.len() < 3 || !record.len().is_multiple_of(width) {
         bail!(
-            "a timeline record of {} values is not rows of {} points and two timer readings",
+            "a timeline record of {} values is not rows of {} points, two timer readings and {} laps",
             record.len(),
-            points.len()
+            points.len(),
+            laps.len()
         );
     }
+    let (entry_ns, end_ns) = (points.len(), points.len() + 1);
     let last = points.len() - 1;
     let rows: Vec<&[u64]> = record.chunks(width).filter(|r| r[0] != 0 && r[last] != 0).collect();
     if rows.is_empty() {
@@ -88,16 +95,16 @@ pub fn timeline_table(kernel: &str, record: &[u64], points: &[&str]) -> Result<S
     let (cycles, nanos) = rows.iter().fold((0u64, 0u64), |(c, n), r| {
         (
             c + r[last].wrapping_sub(r[0]),
-            n + r[width - 1].saturating_sub(r[width - 2]),
+            n + r[end_ns].saturating_sub(r[entry_ns]),
         )
     });
     if cycles == 0 || nanos == 0 {
         bail!("the timeline of `{kernel}` spans no time");
     }
     let us_per_cycle = nanos as f64 / cycles as f64 / 1e3;
-    let first_entry = rows.iter().map(|r| r[width - 2]).min().unwrap_or(0);
-    let last_end = rows.iter().map(|r| r[width - 1]).max().unwrap_or(0);
-    let mut entries: Vec<f64> = rows.iter().map(|r| (r[width - 2] - first_entry) as f64 / 1e3).collect();
+    let first_entry = rows.iter().map(|r| r[entry_ns]).min().unwrap_or(0);
+    let last_end = rows.iter().map(|r| r[end_ns]).max().unwrap_or(0);
+    let mut entries: Vec<f64> = rows.iter().map(|r| (r[entry_ns] - first_entry) as f64 / 1e3).collect();
     let empty = rows.iter().filter(|r| r[2] == 0).count();
     let mut table = format!(
         "Timeline of `{kernel}`: {} blocks ({empty} with no positions), first entry to last end {:.1} µs,          entries spread over {:.1} µs (median {:.1}), SM clock {:.2} GHz over the record
@@ -140,6 +147,21 @@ pub fn timeline_table(kernel: &str, record: &[u64], points: &[&str]) -> Result<S
         quantile(&mut whole, 0.5),
         quantile(&mut whole, 1.0)
     );
+    for (i, lap) in laps.iter().enumerate() {
+        let mut spent: Vec<f64> = rows
+            .iter()
+            .filter(|r| r[2] != 0)
+            .map(|r| r[end_ns + 1 + i] as f64 * us_per_cycle)
+            .collect();
+        if !spent.is_empty() {
+            table += &format!(
+                "| every tile: {lap} | {} | {:.2} | {:.2} |\n",
+                spent.len(),
+                quantile(&mut spent, 0.5),
+                quantile(&mut spent, 1.0)
+            );
+        }
+    }
     Ok(table)
 }
 
@@ -221,25 +243,27 @@ mod tests {
     }
 
     /// A block's timeline row: clock readings (0: point not passed), then its global entry time in
-    /// ns and its end at a clock of `ghz`.
-    fn block(clocks: &[u64], entry_ns: u64, ghz: f64) -> Vec<u64> {
+    /// ns and its end at a clock of `ghz`, then its laps' cycles.
+    fn block(clocks: &[u64], entry_ns: u64, ghz: f64, laps: &[u64]) -> Vec<u64> {
         let first = clocks[0];
         let last = *clocks.last().unwrap();
         let mut row = clocks.to_vec();
         row.extend([entry_ns, entry_ns + ((last - first) as f64 / ghz) as u64]);
+        row.extend(laps);
         row
     }
 
     #[test]
     fn a_timeline_gives_each_step_at_the_clock_rate_of_its_own_record() {
-        let points = ["entry", "waited", "loaded", "end"];
+        let (points, laps) = (["entry", "waited", "loaded", "end"], ["a", "b"]);
         // At 2 GHz: a block that waits 1 µs, loads 3 µs and ends 1 µs later; one 2 µs later whose
-        // load takes 5 µs; an empty split (no load); a block that never ran.
-        let mut record = block(&[10_000, 12_000, 18_000, 20_000], 1_000, 2.0);
-        record.extend(block(&[50_000, 52_000, 62_000, 64_000], 3_000, 2.0));
-        record.extend(block(&[7_000, 9_000, 0, 9_400], 1_500, 2.0));
-        record.extend([0; 6]);
-        let table = timeline_table("k", &record, &points).unwrap();
+        // load takes 5 µs; an empty split (no load); a block that never ran. The two with tiles
+        // spent 0.5 and 1.5 µs in lap a, 2 and 4 µs in lap b.
+        let mut record = block(&[10_000, 12_000, 18_000, 20_000], 1_000, 2.0, &[1_000, 4_000]);
+        record.extend(block(&[50_000, 52_000, 62_000, 64_000], 3_000, 2.0, &[3_000, 8_000]));
+        record.extend(block(&[7_000, 9_000, 0, 9_400], 1_500, 2.0, &[0, 0]));
+        record.extend([0; 8]);
+        let table = timeline_table("k", &record, &points, &laps).unwrap();
         assert!(table.contains("3 blocks (1 with no positions)"), "{table}");
         assert!(table.contains("SM clock 2.00 GHz"), "{table}");
         assert!(table.contains("entries spread over 2.0 µs (median 0.5)"), "{table}");
@@ -249,12 +273,12 @@ mod tests {
         assert!(table.contains("| waited → loaded | 2 | 5.00 | 5.00 |"), "{table}");
         assert!(table.contains("| loaded → end | 2 | 1.00 | 1.00 |"), "{table}");
         assert!(table.contains("| entry → end | 2 | 7.00 | 7.00 |"), "{table}");
+        assert!(table.contains("| every tile: a | 2 | 1.50 | 1.50 |"), "{table}");
+        assert!(table.contains("| every tile: b | 2 | 4.00 | 4.00 |"), "{table}");
         // Against the wrong number of points, and with nothing recorded: errors, not a table.
-        assert!(timeline_table("k", &record, &points[..3]).is_err());
-        assert!(timeline_table("k", &[0; 12], &points)
-            .unwrap_err()
-            .to_string()
-            .contains("empty"));
+        assert!(timeline_table("k", &record, &points[..3], &laps).is_err());
+        let err = timeline_table("k", &[0; 16], &points, &laps).unwrap_err().to_string();
+        assert!(err.contains("empty"), "{err}");
     }
 
     #[test]
@@ -264,6 +288,16 @@ mod tests {
             source.contains(&format!("#define MLA_TIMELINE_POINTS {}", MLA_TIMELINE.len())),
             "kernels/mla.cu and MLA_TIMELINE disagree on the number of points"
         );
+        assert!(
+            source.contains(&format!("#define MLA_TIMELINE_LAPS {}", MLA_TIMELINE_LAPS.len())),
+            "kernels/mla.cu and MLA_TIMELINE_LAPS disagree on the number of laps"
+        );
+        for lap in 0..MLA_TIMELINE_LAPS.len() {
+            assert!(
+                source.contains(&format!("laps.lap({lap})")),
+                "no laps.lap({lap}) in kernels/mla.cu"
+            );
+        }
         for point in 0..MLA_TIMELINE.len() - 1 {
             assert!(
                 source.contains(&format!("mla_stamp({point})")) || source.contains(&format!("mla_stamp({point}, ")),

@@ -544,17 +544,42 @@ template <bool SWIZZLED> struct WgTile;
 #endif
 
 // The timeline probe (a build with MLA_PROBE_TIMELINE, results unchanged): thread 0 of each block
-// records the SM clock at each point of mla_decode_wgmma below, and the global timer as it starts
-// and ends, into row blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z) of
+// records the SM clock at each point of mla_decode_wgmma below, the global timer as it starts
+// and ends, and the cycles its tile loop spent in each of MLA_TIMELINE_LAPS parts over all its
+// tiles, into row blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z) of
 // mla_timeline (the first MLA_TIMELINE_BLOCKS blocks); the host zeroes it before a run and reads
-// it after (probes.rs, MLA_TIMELINE_POINTS).
+// it after (probes.rs, MLA_TIMELINE and MLA_TIMELINE_LAPS).
 #define MLA_TIMELINE_BLOCKS 1024
 #define MLA_TIMELINE_POINTS 10  // entry, waited, prologue, q, tile 0 in, scores 0, P 0, P·V 0, tiles, end
+#define MLA_TIMELINE_LAPS 4     // tile waits, scores, softmax and P, P·V
 struct MlaTime {
     u64 clock, global;
 };
 #if MLA_PROBE_TIMELINE
-__device__ u64 mla_timeline[MLA_TIMELINE_BLOCKS][MLA_TIMELINE_POINTS + 2];
+__device__ u64 mla_timeline[MLA_TIMELINE_BLOCKS][MLA_TIMELINE_POINTS + 2 + MLA_TIMELINE_LAPS];
+__device__ __forceinline__ u64 mla_clock() {
+    u64 c;
+    asm volatile("mov.u64 %0, %%clock64;\n" : "=l"(c)::"memory");
+    return c;
+}
+// The tile loop's parts: each lap adds the cycles since the last to its part.
+struct MlaLaps {
+    u64 last, sum[MLA_TIMELINE_LAPS];
+    __device__ __forceinline__ void start() {
+        last = mla_clock();
+        for (int i = 0; i < MLA_TIMELINE_LAPS; ++i) sum[i] = 0;
+    }
+    __device__ __forceinline__ void lap(int part) {
+        const u64 now = mla_clock();
+        sum[part] += now - last;
+        last = now;
+    }
+    __device__ __forceinline__ void record() const {
+        const u32 b = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+        if (threadIdx.x != 0 || b >= MLA_TIMELINE_BLOCKS) return;
+        for (int i = 0; i < MLA_TIMELINE_LAPS; ++i) mla_timeline[b][MLA_TIMELINE_POINTS + 2 + i] = sum[i];
+    }
+};
 __device__ __forceinline__ MlaTime mla_now() {
     MlaTime t;
     asm volatile("mov.u64 %0, %%clock64;\n" : "=l"(t.clock)::"memory");
@@ -572,6 +597,11 @@ __device__ __forceinline__ void mla_stamp(int point, MlaTime at = mla_now()) {
 #else
 __device__ __forceinline__ MlaTime mla_now() { return MlaTime{0, 0}; }
 __device__ __forceinline__ void mla_stamp(int, MlaTime = MlaTime{0, 0}) {}
+struct MlaLaps {
+    __device__ __forceinline__ void start() {}
+    __device__ __forceinline__ void lap(int) {}
+    __device__ __forceinline__ void record() const {}
+};
 #endif
 
 // TMA's 128-byte swizzle (the default): nine blocks of 64 channels, 8 KB apart, each 64 rows of
@@ -710,6 +740,8 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows wq*16 + g and + 8 (base 2)
     const float scale_log2 = scale * 1.4426950408889634f;
     const int row0 = wq * 16 + g;
+    MlaLaps laps;
+    laps.start();
     for (int it = 0; it < ntiles; ++it) {
         const u32 tb = tiles + (it & 1) * 8 * WG_GROUP;
         const int n = min(64, end - (begin + it * 64));
@@ -726,6 +758,7 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
         }
         fence_async_shared();
         __syncthreads();  // tile `it` and (first time) Q are in; the other stage is free
+        laps.lap(0);
         if (it == 0) mla_stamp(4);
         if (tma_rows) {
             tma_tile(it + 1);
@@ -744,6 +777,7 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
         wgmma_wait_all();
 #pragma unroll
         for (int i = 0; i < 16; ++i) hold(s[i]);
+        laps.lap(1);
         if (it == 0) mla_stamp(5);
         // scores of positions h*32 + 8j + 2t (+1); rows row0 (e < 2) and row0 + 8
         float tm0 = -INFINITY, tm1 = -INFINITY;
@@ -792,6 +826,7 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
         }
         fence_async_shared();
         __syncthreads();  // both halves of P are in
+        laps.lap(2);
         if (it == 0) mla_stamp(6);
         wgmma_fence();
         // this group's 256 output channels, over its own positions, then the other group's
@@ -808,9 +843,11 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
         wgmma_wait_all();
 #pragma unroll
         for (int i = 0; i < 128; ++i) hold(o[i]);
+        laps.lap(3);
         if (it == 0) mla_stamp(7);
     }
     mla_stamp(8);
+    laps.record();
     if (MLA_PROBE_FINISH) {  // every sum kept alive by a store that does not happen
         float keep = l0 + l1 + m0 + m1;
 #pragma unroll
