@@ -203,7 +203,7 @@ PY
             for ctx in ${PROBE_CONTEXTS:-128 4096}; do
                 echo "== $var=$set, context $ctx" | tee -a "$out/probe.log"
                 env "$var=$set" "$bundle/dsv3-worker" bench-cuda --context "$ctx" --reps 5 \
-                    ${BENCH_ARGS:---configs mla --batches 1,8} 2>&1 | grep -E "^\| [A-Za-z]|Timeline of" | tee -a "$out/probe.log"
+                    ${BENCH_ARGS:---configs mla --batches 1,8,64} 2>&1 | grep -E "^\| [A-Za-z]|Timeline of" | tee -a "$out/probe.log"
             done
         done
         ;;
