@@ -194,7 +194,7 @@ PY
         ;;
     probe)
         # One kernel timed with parts of it switched off (worker/cuda/src/probes.rs): by default
-        # the MLA decode alone at batches 1 and 8 over 128 and 4,096 positions, first with its
+        # the MLA decode alone at batches 1, 8 and 64 over 128 and 4,096 positions, first with its
         # timeline (each block's clock at each step, nothing off);
         # PROBE=DSV3_EXPERT_PROBE PROBE_SETS="weight-tiles token-scales" BENCH_ARGS="--configs
         # moe_layer --batches 256 --prefill 4096" for the routed experts.
