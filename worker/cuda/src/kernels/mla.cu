@@ -562,6 +562,11 @@ __device__ __forceinline__ u64 mla_clock() {
     asm volatile("mov.u64 %0, %%clock64;\n" : "=l"(c)::"memory");
     return c;
 }
+// This block's row of mla_timeline, or null for a thread or block that records nothing.
+__device__ __forceinline__ u64* mla_timeline_row() {
+    const u32 b = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    return threadIdx.x == 0 && b < MLA_TIMELINE_BLOCKS ? mla_timeline[b] : nullptr;
+}
 // The tile loop's parts: each lap adds the cycles since the last to its part.
 struct MlaLaps {
     u64 last, sum[MLA_TIMELINE_LAPS];
@@ -575,24 +580,24 @@ struct MlaLaps {
         last = now;
     }
     __device__ __forceinline__ void record() const {
-        const u32 b = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
-        if (threadIdx.x != 0 || b >= MLA_TIMELINE_BLOCKS) return;
-        for (int i = 0; i < MLA_TIMELINE_LAPS; ++i) mla_timeline[b][MLA_TIMELINE_POINTS + 2 + i] = sum[i];
+        u64* row = mla_timeline_row();
+        if (!row) return;
+        for (int i = 0; i < MLA_TIMELINE_LAPS; ++i) row[MLA_TIMELINE_POINTS + 2 + i] = sum[i];
     }
 };
 __device__ __forceinline__ MlaTime mla_now() {
     MlaTime t;
-    asm volatile("mov.u64 %0, %%clock64;\n" : "=l"(t.clock)::"memory");
+    t.clock = mla_clock();
     asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t.global)::"memory");
     return t;
 }
 // Records `at` (by default now) as point `point` of this block; the entry is read before the
 // wait for the kernel before and recorded after it, as nothing may be written before.
 __device__ __forceinline__ void mla_stamp(int point, MlaTime at = mla_now()) {
-    const u32 b = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
-    if (threadIdx.x != 0 || b >= MLA_TIMELINE_BLOCKS) return;
-    mla_timeline[b][point] = at.clock;
-    if (point == 0 || point == MLA_TIMELINE_POINTS - 1) mla_timeline[b][MLA_TIMELINE_POINTS + (point != 0)] = at.global;
+    u64* row = mla_timeline_row();
+    if (!row) return;
+    row[point] = at.clock;
+    if (point == 0 || point == MLA_TIMELINE_POINTS - 1) row[MLA_TIMELINE_POINTS + (point != 0)] = at.global;
 }
 #else
 __device__ __forceinline__ MlaTime mla_now() { return MlaTime{0, 0}; }
