@@ -749,6 +749,16 @@ impl Gpu {
         self.profiled(name, || self.launch_now(name, grid, block, smem, args))
     }
 
+    /// Blocks of kernel `name` an SM holds at once (see [`crate::launch::Kernel::resident_blocks`]).
+    pub(crate) fn resident_blocks(&self, name: &str, block: u32, smem: usize) -> Result<usize> {
+        let f = self
+            .funcs
+            .get(name)
+            .with_context(|| format!("unknown kernel `{name}`"))?;
+        self.ctx.bind_to_thread()?;
+        Ok(f.occupancy_max_active_blocks_per_multiprocessor(block, smem, None)? as usize)
+    }
+
     fn launch_now(&self, name: &str, grid: (u32, u32, u32), block: u32, smem: u32, args: &mut [Arg]) -> Result<()> {
         let f = self
             .funcs

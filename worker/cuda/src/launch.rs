@@ -171,6 +171,12 @@ impl<A: Args> Kernel<A> {
         args.with(|args| g.launch_raw(self.name, grid, block, smem, args))
     }
 
+    /// How many of its blocks of `block` threads and `smem` bytes of dynamic shared memory an SM
+    /// holds at once (the driver's occupancy, registers included).
+    pub fn resident_blocks(self, g: &Gpu, block: u32, smem: usize) -> Result<usize> {
+        g.resident_blocks(self.name, block, smem)
+    }
+
     /// A 1-D launch over `n` elements, 256 threads a block.
     pub fn launch_1d(self, g: &Gpu, n: usize, args: A) -> Result<()> {
         let blocks = n.div_ceil(256).max(1);

@@ -13,9 +13,6 @@ pub const GEMV_MAX_ROWS: usize = 16;
 pub const TC_MIN_ROWS: usize = 1;
 pub const TC_MAX_ROWS: usize = 512;
 
-/// Resident blocks per SM the split-k choice aims at.
-pub const BLOCKS_PER_SM: usize = 8;
-
 pub fn mma_fits(rows: usize, cols: usize) -> bool {
     rows.is_multiple_of(16) && cols.is_multiple_of(128)
 }
@@ -49,10 +46,10 @@ impl SmallBatch {
     }
 }
 
-/// Where a tensor-core product writes. Its k chunks are split so `blocks` fill the GPU (about 8
-/// blocks of 4 warps per SM keep enough weight bytes in flight to stream at HBM speed); with more
-/// than one split, each writes its own slab of a workspace and [`SplitK::finish`] adds the slabs
-/// into y in split order — the same bits on every run, where atomic adds would depend on timing.
+/// Where a tensor-core product writes. Its k chunks are split so its blocks fill the GPU's
+/// resident slots in whole waves ([`wave_filling_splits`]); with more than one split, each
+/// writes its own slab of a workspace and [`SplitK::finish`] adds the slabs into y in split
+/// order — the same bits on every run, where atomic adds would depend on timing.
 pub(crate) struct SplitK {
     pub(crate) splits: usize,
     /// The kernel's `y`, `ldy`, `mode` and `split_stride` arguments.
@@ -70,11 +67,13 @@ pub(crate) struct SplitK {
 
 impl SplitK {
     /// `y[m, n]` (row stride `ldy`, added to when `accumulate`) from a product of `blocks` blocks
-    /// over `chunks` k chunks; `max_splits` caps the split (1: never split).
+    /// over `chunks` k chunks, `resident` of its blocks fitting on an SM at once (the kernel's
+    /// occupancy); `max_splits` caps the split (1: never split).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         g: &Gpu,
         blocks: usize,
+        resident: usize,
         chunks: usize,
         max_splits: usize,
         y: u64,
@@ -83,11 +82,7 @@ impl SplitK {
         n: usize,
         accumulate: bool,
     ) -> Result<Self> {
-        let splits = (BLOCKS_PER_SM * g.sm_count)
-            .div_ceil(blocks.max(1))
-            .min(chunks)
-            .min(max_splits)
-            .max(1);
+        let splits = wave_filling_splits(blocks, resident.max(1) * g.sm_count, chunks.min(max_splits));
         let mut target = SplitK {
             splits,
             out: y,
@@ -133,6 +128,27 @@ impl SplitK {
     }
 }
 
+/// How many ways to split k so that `blocks` blocks, each split that many ways, fill `slots`
+/// resident blocks best (at most `most` ways). Blocks run in waves of `slots`; a wave left part
+/// empty streams with fewer bytes in flight, so the choice is the split whose blocks fill their
+/// waves most, over at most two waves (ties, within 2%, to fewer splits: each split adds a slab
+/// to write and add up). A product with blocks for a wave or more is not split: its many blocks
+/// keep the GPU full as they come and go.
+pub fn wave_filling_splits(blocks: usize, slots: usize, most: usize) -> usize {
+    let (blocks, slots) = (blocks.max(1), slots.max(1));
+    if blocks >= slots {
+        return 1;
+    }
+    let fill = |s: usize| (blocks * s) as f64 / ((blocks * s).div_ceil(slots) * slots) as f64;
+    let mut best = 1;
+    for s in 2..=most.min(2 * slots / blocks) {
+        if fill(s) > fill(best) + 0.02 {
+            best = s;
+        }
+    }
+    best
+}
+
 /// `y[m, w.rows] (+)= x[m, w.cols] · wᵀ` (x contiguous, y with row stride `ldy`), by batch size.
 /// With `input_quant` (`Some(ue8m0)`: [`dsv3_engine::Fp8Activations::Quantised`]) an FP8 weight
 /// meets x quantised per row per 128 channels: from [`Fp8Gemm::dense_min_rows`] rows cuBLASLt's
@@ -167,12 +183,24 @@ pub fn linear(
     if bf16_tensor_cores(simt, m, w) {
         let xb = g.to_bf16(x, m * w.cols)?;
         let blocks = w.rows.div_ceil(64);
-        let target = SplitK::new(g, blocks, w.cols / 64, usize::MAX, y, ldy, m, w.rows, accumulate)?;
         let kernel = if m <= 8 {
             kernels::bf16_mma_n1
         } else {
             kernels::bf16_mma_n2
         };
+        let resident = kernel.resident_blocks(g, 128, 0)?;
+        let target = SplitK::new(
+            g,
+            blocks,
+            resident,
+            w.cols / 64,
+            usize::MAX,
+            y,
+            ldy,
+            m,
+            w.rows,
+            accumulate,
+        )?;
         kernel.launch(
             g,
             (blocks as u32, 1, target.splits as u32),
@@ -235,9 +263,16 @@ pub fn linear(
     }
     if fp8_tensor_cores(simt, m, w) {
         let blocks = w.rows.div_ceil(64);
+        let e4m3 = input_quant.is_some() && small == SmallBatch::E4m3Mma && g.hopper;
+        let resident = if e4m3 {
+            kernels::FP8X8_MMA.for_rows(m).0.resident_blocks(g, 128, 0)?
+        } else {
+            kernels::FP8_MMA.for_rows(m).0.resident_blocks(g, 128, 0)?
+        };
         let target = SplitK::new(
             g,
             blocks * m.div_ceil(64),
+            resident,
             w.cols / 128,
             usize::MAX,
             y,
@@ -252,7 +287,7 @@ pub fn linear(
         let (wd, ws, n, k) = (ptr(w.data.addr), ptr(w.scale_addr()), int(w.rows), int(w.cols));
         let (mode, stride) = (int(target.mode), target.stride);
         match input_quant {
-            Some(ue8m0) if small == SmallBatch::E4m3Mma && g.hopper => {
+            Some(ue8m0) if e4m3 => {
                 let q = QuantizedRows::new(g, x, w.cols, None, m, w.cols, None, ue8m0)?;
                 let (xq, xs) = (ptr(q.data.addr), ptr(q.scales.addr));
                 let args = (out, ldo, xq, xs, int(m), wd, ws, n, k, mode, stride);
@@ -394,7 +429,7 @@ fn weight_bf16(g: &Gpu, dequant: &DeviceBuf, w: &DeviceMatrix) -> Result<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::gemv_parts;
+    use super::{gemv_parts, wave_filling_splits};
 
     #[test]
     fn narrow_matrices_share_each_column_among_warps_until_every_sm_has_two_blocks() {
@@ -405,5 +440,24 @@ mod tests {
         assert_eq!(gemv_parts(7168, 132), 1);
         // Never more than the block's 8 warps, however narrow.
         assert_eq!(gemv_parts(1, 132), 8);
+    }
+
+    #[test]
+    fn splits_fill_whole_waves_of_resident_blocks() {
+        // 7 blocks an SM on 132 SMs: 924 slots.
+        let slots = 7 * 132;
+        // o_proj (112 blocks of 64 rows, 128 chunks): 8 ways, 896 blocks in one wave (where
+        // rounding 924 / 112 up gave 10 ways, 1,120 blocks: a second wave of 196).
+        assert_eq!(wave_filling_splits(112, slots, 128), 8);
+        // q_a + kv_a (33 blocks): 28 ways fill the wave exactly.
+        assert_eq!(wave_filling_splits(33, slots, 56), 28);
+        // q_b (384 blocks, 12 chunks): 2 ways, 768 blocks; 3 would spill into a second wave.
+        assert_eq!(wave_filling_splits(384, slots, 12), 2);
+        // The dense gate + up (576 blocks): 3 ways fill two waves to 94% (1 or 2 ways: 62%).
+        assert_eq!(wave_filling_splits(576, slots, 56), 3);
+        // At most `most` ways, and a wave's worth of blocks is not split.
+        assert_eq!(wave_filling_splits(33, slots, 4), 4);
+        assert_eq!(wave_filling_splits(2020, slots, 112), 1);
+        assert_eq!(wave_filling_splits(924, slots, 56), 1);
     }
 }

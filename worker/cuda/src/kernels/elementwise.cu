@@ -1,12 +1,37 @@
 // ---------------------------------------------------------------- elementwise, norms, weights
 
 // out[r, :width] = in[r, :width] * rsqrt(mean(in^2) + eps) * w; rows strided by ld_in / ld_out.
+// One block a row. Where the row fits RMS_HELD values a thread, they stay in registers between
+// the sum and the scaling, all loaded at once with their weights, which (written by no kernel)
+// are pulled into L2 before the wait for the kernel before: a decode step's norm is then one
+// load's latency, not a chain of them. Otherwise the row is walked twice.
+#define RMS_HELD 8
 extern "C" __global__ void rms_norm(float* out, int ld_out, const float* in, int ld_in, const float* w, int width,
                                     float eps) {
-    await_previous_kernel();
     __shared__ float scratch[32];
     const float* x = in + (size_t)blockIdx.x * ld_in;
     float* y = out + (size_t)blockIdx.x * ld_out;
+    if (width <= RMS_HELD * (int)blockDim.x) {
+        for (int i = 32 * threadIdx.x; i < width; i += 32 * blockDim.x)  // one 128-byte line each
+            asm volatile("prefetch.global.L2 [%0];\n" ::"l"(w + i));
+        await_previous_kernel();
+        float wv[RMS_HELD], xv[RMS_HELD], ss = 0.f;
+#pragma unroll
+        for (int j = 0; j < RMS_HELD; ++j) {
+            const int i = threadIdx.x + j * blockDim.x;
+            wv[j] = i < width ? w[i] : 0.f;
+            xv[j] = i < width ? x[i] : 0.f;
+            ss += xv[j] * xv[j];
+        }
+        const float inv = rsqrtf(block_sum(ss, scratch) / (float)width + eps);
+#pragma unroll
+        for (int j = 0; j < RMS_HELD; ++j) {
+            const int i = threadIdx.x + j * blockDim.x;
+            if (i < width) y[i] = xv[j] * inv * wv[j];
+        }
+        return;
+    }
+    await_previous_kernel();
     float ss = 0.f;
     for (int i = threadIdx.x; i < width; i += blockDim.x) ss += x[i] * x[i];
     ss = block_sum(ss, scratch);
@@ -78,13 +103,15 @@ extern "C" __global__ void bf16_to_f32_rows(float* out, const bf16* in, u64 n) {
 // Rotates interleaved pairs of `dim` values at `offset` inside each of `heads` vectors of each
 // row (row stride ld, head stride hs). cos/sin are the rotary table, [position][dim/2], already
 // carrying YaRN's factor; row r is at position lens[r] - 1 (its context length minus one; a
-// padding row, of length 0, rotates as position 0).
+// padding row, of length 0, rotates as position 0). grid (rows, blocks a row): a row's
+// heads * dim / 2 pairs spread over gridDim.y blocks, so a decode step's few rows do not leave
+// each thread a chain of loads (128 heads of one row in one block took 10 µs).
 extern "C" __global__ void rope_interleaved(float* x, int ld, int heads, int hs, int offset, int dim,
                                             const float* cos_t, const float* sin_t, const int* lens) {
     await_previous_kernel();
     int r = blockIdx.x, half = dim / 2;
     size_t at = (size_t)max(lens[r] - 1, 0) * half;
-    for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
+    for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < heads * half; i += gridDim.y * blockDim.x) {
         int h = i / half, j = i % half;
         float* p = x + (size_t)r * ld + (size_t)h * hs + offset + 2 * j;
         float c = cos_t[at + j], s = sin_t[at + j];
@@ -110,13 +137,16 @@ extern "C" __global__ void f32_to_bf16_x8(uint4* out, const float4* in, u64 n8) 
     out[i] = make_uint4(pack_bf16(a.x, a.y), pack_bf16(a.z, a.w), pack_bf16(b.x, b.y), pack_bf16(b.z, b.w));
 }
 
+// out[r] = the table's row ids[r]. grid (rows, blocks a row), the row's width spread over
+// gridDim.y blocks (one block walking a row of 7,168 took 13 µs of a decode step).
 extern "C" __global__ void embed_rows(float* out, int fmt, const void* table, const float* scale, const u32* ids,
                                       int width) {
     await_previous_kernel();
     float* dst = out + (size_t)blockIdx.x * width;
-    int scale_cols = (width + QBLOCK - 1) / QBLOCK;
-    for (int i = threadIdx.x; i < width; i += blockDim.x)
-        dst[i] = weight_at(fmt, table, scale, scale_cols, ids[blockIdx.x], i, width);
+    const int scale_cols = (width + QBLOCK - 1) / QBLOCK;
+    const u32 id = ids[blockIdx.x];
+    for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < width; i += gridDim.y * blockDim.x)
+        dst[i] = weight_at(fmt, table, scale, scale_cols, id, i, width);
 }
 
 // Dequantises rows [r0, r0+n) of a weight into bf16 for the tensor-core GEMM path.

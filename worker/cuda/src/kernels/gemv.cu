@@ -66,20 +66,25 @@ __device__ void gemv_impl(float* y, int ldy, const float* x, int ldx, int m, con
         int mm = min(GEMV_MAXM, m - r0);
         if (live) gemv_column<FMT>(acc, x + (size_t)r0 * ldx, 0, ldx, mm, w, scale, col, k, part, parts);
 #pragma unroll
-        for (int r = 0; r < GEMV_MAXM; ++r) {
-            float v = warp_sum(acc[r]);
-            if (parts > 1) {
-                if ((threadIdx.x & 31) == 0) partial[warp][r] = v;
-                __syncthreads();
-                v = 0.f;
-                for (int p = 0; p < parts; ++p) v += partial[warp - part + p][r];  // in part order
-                __syncthreads();
+        for (int r = 0; r < GEMV_MAXM; ++r) acc[r] = warp_sum(acc[r]);
+        if (parts > 1) {  // the parts' sums meet in shared memory, all rows at one barrier
+            if ((threadIdx.x & 31) == 0)
+#pragma unroll
+                for (int r = 0; r < GEMV_MAXM; ++r) partial[warp][r] = acc[r];
+            __syncthreads();
+#pragma unroll
+            for (int r = 0; r < GEMV_MAXM; ++r) {
+                acc[r] = 0.f;
+                for (int p = 0; p < parts; ++p) acc[r] += partial[warp - part + p][r];  // in part order
             }
+            __syncthreads();
+        }
+#pragma unroll
+        for (int r = 0; r < GEMV_MAXM; ++r)
             if (live && part == 0 && r < mm && (threadIdx.x & 31) == 0) {
                 float* dst = y + (size_t)(r0 + r) * ldy + col;
-                *dst = accumulate ? *dst + v : v;
+                *dst = accumulate ? *dst + acc[r] : acc[r];
             }
-        }
     }
 }
 

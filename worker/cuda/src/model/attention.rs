@@ -91,10 +91,12 @@ impl CudaModel {
                 ptr(step.lens),
             )
         };
-        kernels::rope_interleaved.launch(g, (m as u32, 1, 1), 128, 0, rope_args(kv, down_w, 1, 0, lora))?;
+        // One thread a rotated pair: the latent's 32, and the queries' 32 for each head.
+        let pairs_grid = |pairs: usize| (m as u32, pairs.div_ceil(256) as u32, 1);
+        kernels::rope_interleaved.launch(g, pairs_grid(rope / 2), 256, 0, rope_args(kv, down_w, 1, 0, lora))?;
         kernels::rope_interleaved.launch(
             g,
-            (m as u32, 1, 1),
+            pairs_grid(heads * rope / 2),
             256,
             0,
             rope_args(q.addr, heads * qk, heads, qk, nope),

@@ -601,9 +601,10 @@ impl CudaModel {
 
     /// The embeddings of `step`'s tokens into `out` (`[step.rows, hidden]` f32).
     fn embed_into(&self, out: &DeviceBuf, step: &StepLayout) -> Result<()> {
+        let width = self.config.hidden_size;
         kernels::embed_rows.launch(
             &self.gpu,
-            (step.rows as u32, 1, 1),
+            (step.rows as u32, width.div_ceil(256) as u32, 1),
             256,
             0,
             (

@@ -144,7 +144,19 @@ pub(crate) fn run_bank(
             usize::MAX
         };
         let blocks = s.rows.div_ceil(64) * plan.groups;
-        let t = SplitK::new(g, blocks, s.cols / 128, max_splits, out, ldy, slots, s.rows, false)?;
+        let resident = mma.resident_blocks(g, 128, 0)?;
+        let t = SplitK::new(
+            g,
+            blocks,
+            resident,
+            s.cols / 128,
+            max_splits,
+            out,
+            ldy,
+            slots,
+            s.rows,
+            false,
+        )?;
         // The GEMV's arguments; the tensor-core kernel takes three more (split k, scales).
         let gemv = (
             ptr(t.out),
