@@ -99,7 +99,10 @@ kernels! {
         out: Ptr, o_lat: Ptr, m: i32, heads: i32, nope: i32, vdim: i32, lora: i32, fmt: i32, w: Ptr,
         scale: Ptr,
     );
-    CacheWrite: cache_write(cache: Ptr, latent: Ptr, ld: i32, slots: Ptr, width: i32);
+    KvLatent: kv_latent(
+        kv: Ptr, ld: i32, w: Ptr, lora: i32, rope: i32, eps: f32, cos_t: Ptr, sin_t: Ptr, lens: Ptr, cache: Ptr,
+        slots: Ptr,
+    );
     MlaAttend: mla_attend(
         o_lat: Ptr, q_lat: Ptr, q: Ptr, qk: i32, nope: i32, heads: i32, hg: i32, lora: i32, rope: i32,
         cache: Ptr, tables: Ptr, table_off: Ptr, lens: Ptr, block: i32, scale: f32,

@@ -57,14 +57,39 @@ extern "C" __global__ void mla_absorb_out(float* out, const float* o_lat, int m,
     }
 }
 
-// Writes each row's latent [c_kv (normed) ; k_pe (roped)] into the paged cache as bf16.
-extern "C" __global__ void cache_write(bf16* cache, const float* latent, int ld, const int* slots, int width) {
+// Each row's latent made ready in one launch, where it took three (rms_norm, rope_interleaved
+// and a copy into the cache) and with their bits at the same block size: c_kv (the first `lora` values of
+// the row, row stride ld) RMS-normed with w, k_pe (the `rope` values after it) rotated for
+// position lens[r] - 1, both written back in place (f32) and, unless the row's slot is -1 (a
+// padding row of a graphed step), into the paged cache as bf16. One block a row.
+extern "C" __global__ void kv_latent(float* kv, int ld, const float* w, int lora, int rope, float eps,
+                                     const float* cos_t, const float* sin_t, const int* lens, bf16* cache,
+                                     const int* slots) {
     await_previous_kernel();
-    int slot = slots[blockIdx.x];
-    if (slot < 0) return;  // padding row of a fixed-size (graphed) step
-    const float* src = latent + (size_t)blockIdx.x * ld;
-    bf16* dst = cache + (size_t)slot * width;
-    for (int i = threadIdx.x; i < width; i += blockDim.x) dst[i] = f32_to_bf16(src[i]);
+    __shared__ float scratch[32];
+    const int r = blockIdx.x, slot = slots[r];
+    float* x = kv + (size_t)r * ld;
+    bf16* dst = slot >= 0 ? cache + (size_t)slot * (lora + rope) : nullptr;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < lora; i += blockDim.x) ss += x[i] * x[i];
+    const float inv = rsqrtf(block_sum(ss, scratch) / (float)lora + eps);
+    for (int i = threadIdx.x; i < lora; i += blockDim.x) {
+        const float v = x[i] * inv * w[i];
+        x[i] = v;
+        if (dst) dst[i] = f32_to_bf16(v);
+    }
+    const int half = rope / 2;
+    const size_t at = (size_t)max(lens[r] - 1, 0) * half;
+    for (int j = threadIdx.x; j < half; j += blockDim.x) {
+        float* p = x + lora + 2 * j;
+        const float c = cos_t[at + j], s = sin_t[at + j], a = p[0], b = p[1];
+        p[0] = a * c - b * s;
+        p[1] = a * s + b * c;
+        if (dst) {
+            dst[lora + 2 * j] = f32_to_bf16(p[0]);
+            dst[lora + 2 * j + 1] = f32_to_bf16(p[1]);
+        }
+    }
 }
 
 // Attention over the latent cache for HG heads of one token row per block, online softmax over

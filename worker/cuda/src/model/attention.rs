@@ -18,7 +18,7 @@ pub(super) const LATENT_NORM_EPS: f32 = 1e-6;
 pub const NAIVE_MIN_ROWS: usize = 64;
 
 /// MLA sizes: heads, the query/key parts without and with rotary position, value width and
-/// latent rank; `qk` = nope + rope per head, `kv_w` = lora + rope per cached position.
+/// latent rank; `qk` = nope + rope per head.
 struct MlaDims {
     heads: usize,
     nope: usize,
@@ -26,7 +26,6 @@ struct MlaDims {
     vdim: usize,
     lora: usize,
     qk: usize,
-    kv_w: usize,
 }
 
 impl MlaDims {
@@ -39,7 +38,6 @@ impl MlaDims {
             vdim: c.v_head_dim,
             lora,
             qk: nope + rope,
-            kv_w: lora + rope,
         }
     }
 }
@@ -57,10 +55,9 @@ impl CudaModel {
             vdim,
             lora,
             qk,
-            kv_w,
         } = MlaDims::of(c);
         let q = g.alloc(m * heads * qk * 4)?;
-        // One product for q_a and kv_a: [m, q_lora + kv_w], the latent kv at column q_lora.
+        // One product for q_a and kv_a: [m, q_lora + lora + rope], the latent kv at column q_lora.
         let down_w = a.x_down.rows;
         let down = g.alloc(m * down_w * 4)?;
         self.linear(down.addr, down_w, x.addr, m, &a.x_down, false)?;
@@ -76,38 +73,45 @@ impl CudaModel {
                 0
             }
         };
+        // The latent: normed, rotated and written into the cache by one kernel.
         let kv = down.addr + (q_lora * 4) as u64;
-        self.rms_norm(kv, down_w, kv, down_w, &a.kv_norm, lora, m, LATENT_NORM_EPS)?;
-        let rope_args = |buf: u64, ld: usize, nh: usize, hs: usize, offset: usize| {
+        let cache = self.cache.layer_addr(layer.index);
+        kernels::kv_latent.launch(
+            g,
+            (m as u32, 1, 1),
+            self.norm_threads(lora, m) as u32,
+            0,
             (
-                ptr(buf),
-                int(ld),
-                int(nh),
-                int(hs),
-                int(offset),
+                ptr(kv),
+                int(down_w),
+                ptr(a.kv_norm.addr),
+                int(lora),
+                int(rope),
+                LATENT_NORM_EPS,
+                ptr(step.rope_cos),
+                ptr(step.rope_sin),
+                ptr(step.lens),
+                ptr(cache),
+                ptr(step.slots),
+            ),
+        )?;
+        // The queries' rotary part: one thread a rotated pair, 32 for each head.
+        kernels::rope_interleaved.launch(
+            g,
+            (m as u32, (heads * rope / 2).div_ceil(256) as u32, 1),
+            256,
+            0,
+            (
+                ptr(q.addr),
+                int(heads * qk),
+                int(heads),
+                int(qk),
+                int(nope),
                 int(rope),
                 ptr(step.rope_cos),
                 ptr(step.rope_sin),
                 ptr(step.lens),
-            )
-        };
-        // One thread a rotated pair: the latent's 32, and the queries' 32 for each head.
-        let pairs_grid = |pairs: usize| (m as u32, pairs.div_ceil(256) as u32, 1);
-        kernels::rope_interleaved.launch(g, pairs_grid(rope / 2), 256, 0, rope_args(kv, down_w, 1, 0, lora))?;
-        kernels::rope_interleaved.launch(
-            g,
-            pairs_grid(heads * rope / 2),
-            256,
-            0,
-            rope_args(q.addr, heads * qk, heads, qk, nope),
-        )?;
-        let cache = self.cache.layer_addr(layer.index);
-        kernels::cache_write.launch(
-            g,
-            (m as u32, 1, 1),
-            256,
-            0,
-            (ptr(cache), ptr(kv), int(down_w), ptr(step.slots), int(kv_w)),
+            ),
         )?;
         let attn = g.alloc(m * heads * vdim * 4)?;
         if step.spans.iter().all(|sp| sp.rows >= NAIVE_MIN_ROWS) {

@@ -707,20 +707,25 @@ impl CudaModel {
         rows: usize,
         eps: f32,
     ) -> Result<()> {
-        // One block per row. A decode step's few rows get the widest block: 256 threads walking a
-        // 7168-wide row took 8 µs per norm at batch 1 (ncu), 21 norms per 5 layers.
-        let threads = if rows < self.gpu.sm_count {
-            width.next_multiple_of(32).min(1024)
-        } else {
-            256
-        };
         kernels::rms_norm.launch(
             &self.gpu,
             (rows as u32, 1, 1),
-            threads as u32,
+            self.norm_threads(width, rows) as u32,
             0,
             (ptr(out), int(ld_out), ptr(x), int(ld_in), ptr(w.addr), int(width), eps),
         )
+    }
+
+    /// Threads of a block normalising one row of `width` among `rows`: a decode step's few rows
+    /// get the widest block (256 threads walking a 7168-wide row took 8 µs per norm at batch 1,
+    /// ncu, 21 norms per 5 layers). The sum's order follows the block size, so every kernel that
+    /// normalises a row takes its size from here.
+    pub(super) fn norm_threads(&self, width: usize, rows: usize) -> usize {
+        if rows < self.gpu.sm_count {
+            width.next_multiple_of(32).min(1024)
+        } else {
+            256
+        }
     }
 
     /// `y[m, w.rows] (+)= x[m, w.cols] · wᵀ` (x contiguous, y with row stride ldy), an FP8 w
