@@ -98,7 +98,7 @@ impl CudaModel {
         // The queries' rotary part: one thread a rotated pair, 32 for each head.
         kernels::rope_interleaved.launch(
             g,
-            (m as u32, (heads * rope / 2).div_ceil(256) as u32, 1),
+            (m as u32, (heads * rope / 2).div_ceil(256).max(1) as u32, 1),
             256,
             0,
             (
