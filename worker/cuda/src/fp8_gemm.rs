@@ -313,6 +313,48 @@ impl QuantizedRows {
         })
     }
 
+    /// [`QuantizedRows::new`] of RMSNorm's output, quantised where it is made: `rows` rows of
+    /// `width` channels of `x` (row stride `ld_in`) normed with the weights at `w` into `out`
+    /// (row stride `ld_out`, written too), one block of `threads` a row (the norm's sum follows
+    /// the block size), one group of rows. The bits of `rms_norm` followed by
+    /// [`QuantizedRows::new`]. `width` a multiple of 128.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rms_norm(
+        g: &Gpu,
+        out: u64,
+        ld_out: usize,
+        x: u64,
+        ld_in: usize,
+        w: u64,
+        width: usize,
+        rows: usize,
+        eps: f32,
+        threads: usize,
+        ue8m0: bool,
+    ) -> Result<Self> {
+        let data = g.alloc(rows * width)?;
+        let scales = g.alloc(rows * (width / 128) * 4)?;
+        kernels::rms_norm_quantize_fp8.launch(
+            g,
+            (rows as u32, 1, 1),
+            threads as u32,
+            0,
+            (
+                ptr(out),
+                int(ld_out),
+                ptr(x),
+                int(ld_in),
+                ptr(w),
+                int(width),
+                eps,
+                ptr(data.addr),
+                ptr(scales.addr),
+                int(ue8m0 as usize),
+            ),
+        )?;
+        Ok(QuantizedRows { data, scales, k: width })
+    }
+
     /// Quantises n rows of k by `run`, a quantising kernel's launch given where its output goes
     /// and how its warps are laid out. A warp takes `span` blocks of 128 channels of a row (more
     /// loads in flight per warp) where the warps of QUANT_SPAN blocks still fill the GPU (64

@@ -49,6 +49,10 @@ kernels! {
         out: Ptr, scales: Ptr, x: Ptr, ldx: i32, rows: Ptr, n: i32, k: i32, offsets: Ptr, groups: i32,
         ue8m0: i32, span: i32,
     );
+    RmsNormQuantizeFp8: rms_norm_quantize_fp8(
+        out: Ptr, ld_out: i32, in_: Ptr, ld_in: i32, w: Ptr, width: i32, eps: f32, codes: Ptr, scales: Ptr,
+        ue8m0: i32,
+    );
     SwigluQuantizeFp8: swiglu_quantize_fp8(
         out: Ptr, scales: Ptr, gu: Ptr, n: i32, k: i32, offsets: Ptr, groups: i32, ue8m0: i32, span: i32,
     );

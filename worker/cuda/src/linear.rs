@@ -170,6 +170,34 @@ pub fn linear(
     w: &DeviceMatrix,
     accumulate: bool,
 ) -> Result<()> {
+    linear_from(g, dequant, small, input_quant, y, ldy, x, None, m, w, accumulate)
+}
+
+/// [`linear`] with x's m rows possibly quantised already (`x_quantised`: as
+/// [`QuantizedRows::new`] makes them with `input_quant`'s scales, one group, e.g. by the norm
+/// that made x): the products that read quantised rows take them instead of quantising x again.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_from(
+    g: &Gpu,
+    dequant: &DeviceBuf,
+    small: SmallBatch,
+    input_quant: Option<bool>,
+    y: u64,
+    ldy: usize,
+    x: u64,
+    x_quantised: Option<&QuantizedRows>,
+    m: usize,
+    w: &DeviceMatrix,
+    accumulate: bool,
+) -> Result<()> {
+    let x_quantised = x_quantised.filter(|q| q.k == w.cols);
+    // x's rows quantised: those given, or made here.
+    let quantised_rows = |rows: usize, ue8m0: bool| -> Result<Quantised> {
+        Ok(match x_quantised {
+            Some(q) if rows == m => Quantised::Given(q),
+            _ => Quantised::Made(QuantizedRows::new(g, x, w.cols, None, rows, w.cols, None, ue8m0)?),
+        })
+    };
     let simt = small == SmallBatch::CudaCores;
     let input_quant = input_quant.filter(|_| w.format == Format::Fp8);
     if input_quant.is_some() {
@@ -229,7 +257,8 @@ pub fn linear(
     };
     if let (Some(fp8), Some(ue8m0)) = (fp8, input_quant) {
         let body = m / 4 * 4;
-        let q = QuantizedRows::new(g, x, w.cols, None, body, w.cols, None, ue8m0)?;
+        let q = quantised_rows(body, ue8m0)?;
+        let q = q.rows();
         fp8.reserve(g, 0)?;
         fp8.gemm(
             g,
@@ -288,7 +317,8 @@ pub fn linear(
         let (mode, stride) = (int(target.mode), target.stride);
         match input_quant {
             Some(ue8m0) if e4m3 => {
-                let q = QuantizedRows::new(g, x, w.cols, None, m, w.cols, None, ue8m0)?;
+                let q = quantised_rows(m, ue8m0)?;
+                let q = q.rows();
                 let (xq, xs) = (ptr(q.data.addr), ptr(q.scales.addr));
                 let args = (out, ldo, xq, xs, int(m), wd, ws, n, k, mode, stride);
                 kernels::FP8X8_MMA.for_rows(m).0.launch(g, grid, 128, 0, args)?;
@@ -357,6 +387,21 @@ pub fn linear(
     let w_bf16 = weight_bf16(g, dequant, w)?;
     let xb = g.to_bf16(x, m * w.cols)?;
     g.gemm_bf16(y, ldy, xb.addr, w_bf16, m, w.rows, w.cols, accumulate)
+}
+
+/// Quantised rows given by the caller or made for one product.
+enum Quantised<'a> {
+    Given(&'a QuantizedRows),
+    Made(QuantizedRows),
+}
+
+impl Quantised<'_> {
+    fn rows(&self) -> &QuantizedRows {
+        match self {
+            Quantised::Given(q) => q,
+            Quantised::Made(q) => q,
+        }
+    }
 }
 
 /// Warps per output column of the GEMV (1, 2, 4 or 8 of its block's 8): a column a warp where

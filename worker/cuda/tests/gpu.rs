@@ -1200,6 +1200,90 @@ fn swiglu_quantised_where_made_equals_quantising_its_output() {
     }
 }
 
+/// RMSNorm quantising its own output (`QuantizedRows::rms_norm`, what the products of a layer's
+/// normed rows take) writes the f32 rows, codes and scales of `rms_norm` followed by
+/// `QuantizedRows::new`, bit for bit: at a decode step's block sizes and a prefill's, with the
+/// input rows strided (the q_a norm reads its rows out of the wider q_a + kv_a product).
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn norm_quantised_where_made_equals_quantising_its_output() {
+    use dsv3_cuda::fp8_gemm::QuantizedRows;
+    use dsv3_cuda::gpu::Gpu;
+    use dsv3_cuda::kernels;
+    use dsv3_cuda::launch::{int, ptr};
+    poison();
+    let gpu = Gpu::open(0).expect("GPU");
+    let mut next = xorshift(0x9e3779b97f4a7c15u64);
+    let mut uniform = |lo: f32, hi: f32| lo + (hi - lo) * ((next() >> 40) as f32 / (1u64 << 24) as f32);
+    // (rows, width, input row stride, threads a block)
+    for (rows, width, ld_in, threads) in [
+        (1usize, 7168usize, 7168usize, 1024usize),
+        (3, 1536, 2112, 1024),
+        (200, 7168, 7168, 256),
+        (200, 1536, 2112, 256),
+        (5, 512, 640, 512),
+    ] {
+        let x: Vec<f32> = (0..rows * ld_in).map(|_| uniform(-3.0, 3.0)).collect();
+        let w: Vec<f32> = (0..width).map(|_| uniform(0.5, 1.5)).collect();
+        let (xd, wd) = (gpu.upload(&x).expect("x"), gpu.upload(&w).expect("w"));
+        for ue8m0 in [false, true] {
+            let eps = 1e-6f32;
+            let (plain, made) = (
+                gpu.alloc(rows * width * 4).expect("out"),
+                gpu.alloc(rows * width * 4).expect("out"),
+            );
+            kernels::rms_norm
+                .launch(
+                    &gpu,
+                    (rows as u32, 1, 1),
+                    threads as u32,
+                    0,
+                    (
+                        ptr(plain.addr),
+                        int(width),
+                        ptr(xd.addr),
+                        int(ld_in),
+                        ptr(wd.addr),
+                        int(width),
+                        eps,
+                    ),
+                )
+                .expect("rms_norm");
+            let after = QuantizedRows::new(&gpu, plain.addr, width, None, rows, width, None, ue8m0).expect("after");
+            let q = QuantizedRows::rms_norm(
+                &gpu, made.addr, width, xd.addr, ld_in, wd.addr, width, rows, eps, threads, ue8m0,
+            )
+            .expect("where made");
+            let bits = |addr: u64, n: usize| -> Vec<u32> {
+                let f: Vec<f32> = gpu.download(addr, n).expect("download");
+                f.iter().map(|v| v.to_bits()).collect()
+            };
+            let case = format!("rows {rows} width {width} ld {ld_in} threads {threads} ue8m0 {ue8m0}");
+            let (want, got) = (bits(plain.addr, rows * width), bits(made.addr, rows * width));
+            assert_eq!(
+                want.iter().zip(&got).filter(|(a, b)| a != b).count(),
+                0,
+                "{case}: normed rows differ"
+            );
+            let codes = |q: &QuantizedRows| -> Vec<u8> { gpu.download(q.data.addr, rows * width).expect("codes") };
+            let (want, got) = (codes(&after), codes(&q));
+            assert_eq!(
+                want.iter().zip(&got).filter(|(a, b)| a != b).count(),
+                0,
+                "{case}: codes differ"
+            );
+            let blocks = rows * (width / 128);
+            let (want, got) = (bits(after.scales.addr, blocks), bits(q.scales.addr, blocks));
+            assert_eq!(want, got, "{case}: scales differ");
+            assert!(
+                got.iter()
+                    .all(|&s| f32::from_bits(s).is_finite() && f32::from_bits(s) > 0.0),
+                "{case}"
+            );
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn block_scaled_fp8_products_match_f64_reference() {

@@ -6,8 +6,8 @@
 // are pulled into L2 before the wait for the kernel before: a decode step's norm is then one
 // load's latency, not a chain of them. Otherwise the row is walked twice.
 #define RMS_HELD 8
-extern "C" __global__ void rms_norm(float* out, int ld_out, const float* in, int ld_in, const float* w, int width,
-                                    float eps) {
+__device__ __forceinline__ void rms_norm_row(float* out, int ld_out, const float* in, int ld_in, const float* w,
+                                             int width, float eps) {
     __shared__ float scratch[32];
     const float* x = in + (size_t)blockIdx.x * ld_in;
     float* y = out + (size_t)blockIdx.x * ld_out;
@@ -37,6 +37,11 @@ extern "C" __global__ void rms_norm(float* out, int ld_out, const float* in, int
     ss = block_sum(ss, scratch);
     float inv = rsqrtf(ss / (float)width + eps);
     for (int i = threadIdx.x; i < width; i += blockDim.x) y[i] = x[i] * inv * w[i];
+}
+
+extern "C" __global__ void rms_norm(float* out, int ld_out, const float* in, int ld_in, const float* w, int width,
+                                    float eps) {
+    rms_norm_row(out, ld_out, in, ld_in, w, width, eps);
 }
 
 // act[r, j] = silu(gu[r, j]) * gu[r, inter + j]
@@ -314,6 +319,25 @@ extern "C" __global__ void quantize_rows_fp8(u8* out, float* scales, const float
                                              int k, const int* offsets, int groups, int ue8m0, int span) {
     await_previous_kernel();
     quantize_rows<false>(out, scales, x, ldx, rows, n, k, offsets, groups, ue8m0, span);
+}
+
+// rms_norm, then quantize_rows_fp8 of its output rows (gridDim.x of them, one group: scales
+// [width/128][rows]), in one launch: the norm is the products' input, quantised where it is made.
+// The block reads back the row it wrote (visible to it past the barrier), a warp per 128 values
+// as quantize_rows does, so the codes and scales are those of the two kernels. width a multiple of
+// 128, ld_out of 4.
+extern "C" __global__ void rms_norm_quantize_fp8(float* out, int ld_out, const float* in, int ld_in, const float* w,
+                                                 int width, float eps, u8* codes, float* scales, int ue8m0) {
+    rms_norm_row(out, ld_out, in, ld_in, w, width, eps);
+    __syncthreads();
+    const int r = blockIdx.x, lane = threadIdx.x & 31, blocks = width / QBLOCK;
+    const float* y = out + (size_t)r * ld_out;
+    for (int kb = threadIdx.x >> 5; kb < blocks; kb += blockDim.x >> 5) {
+        float scale;
+        const u32 q = quantize_lane(*(const float4*)(y + kb * QBLOCK + lane * 4), ue8m0, scale);
+        *(u32*)(codes + (size_t)r * width + kb * QBLOCK + lane * 4) = q;
+        if (lane == 0) scales[(size_t)kb * gridDim.x + r] = scale;
+    }
 }
 
 // quantize_rows_fp8 of swiglu's output, made from the gate and up products `gu` (n rows of 2k:

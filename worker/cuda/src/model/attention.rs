@@ -3,6 +3,7 @@
 
 use super::layers::Layer;
 use super::{CudaModel, Span, StepLayout};
+use crate::fp8_gemm::QuantizedRows;
 use crate::gpu::{DeviceBuf, Gpu};
 use crate::kernels;
 use crate::kernels::TokenTiles;
@@ -43,7 +44,16 @@ impl MlaDims {
 }
 
 impl CudaModel {
-    pub(super) fn attention(&self, layer: &Layer, x: &DeviceBuf, h: &DeviceBuf, step: &StepLayout) -> Result<()> {
+    /// The attention block of `layer` added into `h`, from the normed rows `x` (quantised already
+    /// where `xq` has them).
+    pub(super) fn attention(
+        &self,
+        layer: &Layer,
+        x: &DeviceBuf,
+        xq: Option<&QuantizedRows>,
+        h: &DeviceBuf,
+        step: &StepLayout,
+    ) -> Result<()> {
         let g = &self.gpu;
         let c = &self.config;
         let a = &layer.attn;
@@ -60,16 +70,16 @@ impl CudaModel {
         // One product for q_a and kv_a: [m, q_lora + lora + rope], the latent kv at column q_lora.
         let down_w = a.x_down.rows;
         let down = g.alloc(m * down_w * 4)?;
-        self.linear(down.addr, down_w, x.addr, m, &a.x_down, false)?;
+        self.linear_from(down.addr, down_w, x.addr, xq, m, &a.x_down, false)?;
         let q_lora = match &a.q_lora {
             Some((r, q_norm)) => {
                 let ca = g.alloc(m * r * 4)?;
-                self.rms_norm(ca.addr, *r, down.addr, down_w, q_norm, *r, m, LATENT_NORM_EPS)?;
-                self.linear(q.addr, heads * qk, ca.addr, m, &a.q_b, false)?;
+                let caq = self.norm_for_products(ca.addr, down.addr, down_w, q_norm, *r, m, LATENT_NORM_EPS)?;
+                self.linear_from(q.addr, heads * qk, ca.addr, caq.as_ref(), m, &a.q_b, false)?;
                 *r
             }
             None => {
-                self.linear(q.addr, heads * qk, x.addr, m, &a.q_b, false)?;
+                self.linear_from(q.addr, heads * qk, x.addr, xq, m, &a.q_b, false)?;
                 0
             }
         };

@@ -12,6 +12,7 @@ mod rope;
 
 use crate::cache::DeviceCache;
 use crate::data_plane::NcclExperts;
+use crate::fp8_gemm::QuantizedRows;
 use crate::gpu::{DeviceBuf, Gpu};
 use crate::kernels;
 use crate::launch::{int, ptr};
@@ -731,7 +732,22 @@ impl CudaModel {
     /// `y[m, w.rows] (+)= x[m, w.cols] · wᵀ` (x contiguous, y with row stride ldy), an FP8 w
     /// meeting x as the model's [`Fp8Activations`] say.
     fn linear(&self, y: u64, ldy: usize, x: u64, m: usize, w: &DeviceMatrix, accumulate: bool) -> Result<()> {
-        crate::linear::linear(
+        self.linear_from(y, ldy, x, None, m, w, accumulate)
+    }
+
+    /// [`CudaModel::linear`] of x whose rows may come quantised already ([`Self::norm_for_products`]).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_from(
+        &self,
+        y: u64,
+        ldy: usize,
+        x: u64,
+        x_quantised: Option<&QuantizedRows>,
+        m: usize,
+        w: &DeviceMatrix,
+        accumulate: bool,
+    ) -> Result<()> {
+        crate::linear::linear_from(
             &self.gpu,
             &self.dequant,
             self.kernels.small_batch,
@@ -739,10 +755,40 @@ impl CudaModel {
             y,
             ldy,
             x,
+            x_quantised,
             m,
             w,
             accumulate,
         )
+    }
+
+    /// [`CudaModel::rms_norm`] of rows that feed FP8 products: with quantised activations (and
+    /// the tensor-core kernels, whole blocks of 128 channels, contiguous rows) the same rows also
+    /// quantised by the norm's kernel, for the products to take ([`CudaModel::linear_from`]).
+    #[allow(clippy::too_many_arguments)]
+    fn norm_for_products(
+        &self,
+        out: u64,
+        x: u64,
+        ld_in: usize,
+        w: &DeviceBuf,
+        width: usize,
+        rows: usize,
+        eps: f32,
+    ) -> Result<Option<QuantizedRows>> {
+        match self.kernels.input_quant {
+            Some(ue8m0) if !self.kernels.simt_linear() && width.is_multiple_of(128) => {
+                let threads = self.norm_threads(width, rows);
+                QuantizedRows::rms_norm(
+                    &self.gpu, out, width, x, ld_in, w.addr, width, rows, eps, threads, ue8m0,
+                )
+                .map(Some)
+            }
+            _ => {
+                self.rms_norm(out, width, x, ld_in, w, width, rows, eps)?;
+                Ok(None)
+            }
+        }
     }
 
     fn layer_forward(
@@ -758,13 +804,13 @@ impl CudaModel {
         let width = c.hidden_size;
         let eps = c.rms_norm_eps;
         let x = g.alloc(m * width * 4)?;
-        self.rms_norm(x.addr, width, h.addr, width, &layer.input_norm, width, m, eps)?;
-        self.attention(layer, &x, h, step)?;
-        self.rms_norm(x.addr, width, h.addr, width, &layer.post_norm, width, m, eps)?;
+        let xq = self.norm_for_products(x.addr, h.addr, width, &layer.input_norm, width, m, eps)?;
+        self.attention(layer, &x, xq.as_ref(), h, step)?;
+        let xq = self.norm_for_products(x.addr, h.addr, width, &layer.post_norm, width, m, eps)?;
         match &layer.ffn {
-            Ffn::Dense(mlp) => self.mlp(mlp, &x, h.addr, m),
+            Ffn::Dense(mlp) => self.mlp(mlp, &x, xq.as_ref(), h.addr, m),
             Ffn::Moe(moe) => {
-                let routes = self.moe(layer.index, moe, &x, h, m, step.valid, trace.is_some())?;
+                let routes = self.moe(layer.index, moe, &x, xq.as_ref(), h, m, step.valid, trace.is_some())?;
                 if let (Some(t), Some(routes)) = (trace, routes) {
                     t.routes.push((layer.index, routes));
                 }
@@ -773,12 +819,12 @@ impl CudaModel {
         }
     }
 
-    /// Dense SwiGLU MLP, added into `out`.
-    fn mlp(&self, mlp: &Mlp, x: &DeviceBuf, out: u64, m: usize) -> Result<()> {
+    /// Dense SwiGLU MLP, added into `out` (x's rows quantised already where `xq` has them).
+    fn mlp(&self, mlp: &Mlp, x: &DeviceBuf, xq: Option<&QuantizedRows>, out: u64, m: usize) -> Result<()> {
         let g = &self.gpu;
         let inter = mlp.inter();
         let gu = g.alloc(m * 2 * inter * 4)?;
-        self.linear(gu.addr, 2 * inter, x.addr, m, &mlp.gate_up, false)?;
+        self.linear_from(gu.addr, 2 * inter, x.addr, xq, m, &mlp.gate_up, false)?;
         let act = g.alloc(m * inter * 4)?;
         kernels::swiglu.launch_1d(g, m * inter, (ptr(act.addr), ptr(gu.addr), int(m), int(inter)))?;
         self.linear(out, self.config.hidden_size, act.addr, m, &mlp.down, true)

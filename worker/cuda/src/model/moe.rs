@@ -444,14 +444,16 @@ fn cublas_groups(
 }
 
 impl CudaModel {
-    /// Routed and shared experts, added into `h`. `valid` points at the number of real rows (the
-    /// rest pad a graphed step). Returns the chosen experts `[m, top_k]` when `want_routes`.
+    /// Routed and shared experts, added into `h` (x's rows quantised already where `xq` has them,
+    /// for the shared expert). `valid` points at the number of real rows (the rest pad a graphed
+    /// step). Returns the chosen experts `[m, top_k]` when `want_routes`.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn moe(
         &self,
         layer: usize,
         moe: &Moe,
         x: &DeviceBuf,
+        xq: Option<&QuantizedRows>,
         h: &DeviceBuf,
         m: usize,
         valid: u64,
@@ -499,7 +501,7 @@ impl CudaModel {
             (true, None) => Some(g.download::<i32>(ids.addr, m * k)?.iter().map(|&v| v as u32).collect()),
         };
         if let Some(shared) = &moe.shared {
-            self.mlp(shared, x, h.addr, m)?;
+            self.mlp(shared, x, xq, h.addr, m)?;
         }
         Ok(routes)
     }
