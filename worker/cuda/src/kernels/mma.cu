@@ -58,6 +58,34 @@ __device__ __forceinline__ void token_rows(const bf16* (&xr)[NT], bool (&live)[N
     }
 }
 
+// W words (4 bytes each, W a multiple of 4) from p, 16 bytes at a time: a lane's slice of a
+// weight row or a token row for one k chunk.
+template <int W>
+__device__ __forceinline__ void load_words(u32 (&v)[W], const void* p) {
+    const uint4* src = (const uint4*)p;
+#pragma unroll
+    for (int i = 0; i < W / 4; ++i) {
+        uint4 u = src[i];
+        v[4 * i] = u.x; v[4 * i + 1] = u.y; v[4 * i + 2] = u.z; v[4 * i + 3] = u.w;
+    }
+}
+
+// The lane's slice at element c0 of each token row of its tiles (token_rows), zeros for tokens
+// that are not live.
+template <int NT, int W, typename T>
+__device__ __forceinline__ void load_token_words(u32 (&xv)[NT][W], const T* const (&xr)[NT], const bool (&live)[NT],
+                                                 size_t c0) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        if (live[j]) {
+            load_words<W>(xv[j], xr[j] + c0);
+        } else {
+#pragma unroll
+            for (int v = 0; v < W; ++v) xv[j][v] = 0u;
+        }
+    }
+}
+
 // Stores the C fragments: lane (g, t) holds features row0+g and row0+g+8 of tokens 8j+2t and +1.
 // mode: 0 = store, 1 = add into y, 2 = store into split blockIdx.z's slab of y (split k: the
 // slabs, split_stride floats apart, are added up afterwards in split order by split_k_reduce).
@@ -107,25 +135,10 @@ __device__ void fp8_mma_impl(float* y, int ldy, const bf16* x, const int* x_rows
 #pragma unroll 2
     for (int ch = c_begin; ch < c_end; ++ch) {
         size_t c0 = (size_t)ch * 128;
-        uint4 p0 = *(const uint4*)(w0 + c0), p1 = *(const uint4*)(w0 + c0 + 16);
-        uint4 q0 = *(const uint4*)(w1 + c0), q1 = *(const uint4*)(w1 + c0 + 16);
-        u32 ra[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
-        u32 rb[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
-        u32 xv[NT][16];
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-            if (live[j]) {
-                const uint4* src = (const uint4*)(xr[j] + c0);
-#pragma unroll
-                for (int v = 0; v < 4; ++v) {
-                    uint4 u = src[v];
-                    xv[j][4 * v] = u.x; xv[j][4 * v + 1] = u.y; xv[j][4 * v + 2] = u.z; xv[j][4 * v + 3] = u.w;
-                }
-            } else {
-#pragma unroll
-                for (int v = 0; v < 16; ++v) xv[j][v] = 0u;
-            }
-        }
+        u32 ra[8], rb[8], xv[NT][16];
+        load_words(ra, w0 + c0);
+        load_words(rb, w1 + c0);
+        load_token_words(xv, xr, live, c0);
         float part[NT][4];
 #pragma unroll
         for (int j = 0; j < NT; ++j) part[j][0] = part[j][1] = part[j][2] = part[j][3] = 0.f;
@@ -218,22 +231,10 @@ __device__ void fp8x8_mma_impl(float* y, int ldy, const u8* x, int ldx, const fl
 #pragma unroll 2
     for (int ch = c_begin; ch < c_end; ++ch) {
         size_t c0 = (size_t)ch * 128;
-        uint4 p0 = *(const uint4*)(w0 + c0), p1 = *(const uint4*)(w0 + c0 + 16);
-        uint4 q0 = *(const uint4*)(w1 + c0), q1 = *(const uint4*)(w1 + c0 + 16);
-        u32 ra[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
-        u32 rb[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
-        u32 xv[NT][8];
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-            if (live[j]) {
-                uint4 u0 = *(const uint4*)(xr[j] + c0), u1 = *(const uint4*)(xr[j] + c0 + 16);
-                xv[j][0] = u0.x; xv[j][1] = u0.y; xv[j][2] = u0.z; xv[j][3] = u0.w;
-                xv[j][4] = u1.x; xv[j][5] = u1.y; xv[j][6] = u1.z; xv[j][7] = u1.w;
-            } else {
-#pragma unroll
-                for (int v = 0; v < 8; ++v) xv[j][v] = 0u;
-            }
-        }
+        u32 ra[8], rb[8], xv[NT][8];
+        load_words(ra, w0 + c0);
+        load_words(rb, w1 + c0);
+        load_token_words(xv, xr, live, c0);
         float part[NT][4];
 #pragma unroll
         for (int j = 0; j < NT; ++j) part[j][0] = part[j][1] = part[j][2] = part[j][3] = 0.f;
@@ -296,22 +297,10 @@ __device__ void bf16_mma_impl(float* y, int ldy, const bf16* x, int ldx, int m, 
 #pragma unroll 2
     for (int ch = c_begin; ch < c_end; ++ch) {
         size_t c0 = (size_t)ch * 64;
-        uint4 p0 = *(const uint4*)(w0 + c0), p1 = *(const uint4*)(w0 + c0 + 8);
-        uint4 q0 = *(const uint4*)(w1 + c0), q1 = *(const uint4*)(w1 + c0 + 8);
-        u32 ra[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
-        u32 rb[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
-        u32 xv[NT][8];
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-            if (live[j]) {
-                uint4 u0 = *(const uint4*)(xr[j] + c0), u1 = *(const uint4*)(xr[j] + c0 + 8);
-                xv[j][0] = u0.x; xv[j][1] = u0.y; xv[j][2] = u0.z; xv[j][3] = u0.w;
-                xv[j][4] = u1.x; xv[j][5] = u1.y; xv[j][6] = u1.z; xv[j][7] = u1.w;
-            } else {
-#pragma unroll
-                for (int v = 0; v < 8; ++v) xv[j][v] = 0u;
-            }
-        }
+        u32 ra[8], rb[8], xv[NT][8];
+        load_words(ra, w0 + c0);
+        load_words(rb, w1 + c0);
+        load_token_words(xv, xr, live, c0);
         // k step s takes values 4s..4s+3 of each lane's 16: words 2s (a0/b0) and 2s+1 (a2/b1)
 #pragma unroll
         for (int s = 0; s < 4; ++s)
