@@ -1200,6 +1200,61 @@ fn swiglu_quantised_where_made_equals_quantising_its_output() {
     }
 }
 
+/// The routing kernel chooses the experts the CPU's gate (`Gate::route_token`) chooses, in the
+/// same order, with the same weights: DeepSeek-V3's 256 experts in 8 groups (a warp a group),
+/// the tiny model's 16 in 4, one group of 64, groups of 6 (not a multiple of 4), and logits
+/// drawn from three values so that groups and experts tie (ties go to the lower index).
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn routing_on_the_gpu_chooses_the_experts_of_the_cpu_gate() {
+    use dsv3_cuda::gpu::Gpu;
+    use dsv3_engine::moe::Gate;
+    poison();
+    let gpu = Gpu::open(0).expect("GPU");
+    let mut next = xorshift(0x2545f4914f6cdd1du64);
+    let mut uniform = |lo: f32, hi: f32| lo + (hi - lo) * ((next() >> 40) as f32 / (1u64 << 24) as f32);
+    // (experts, groups, groups kept, top-k, normalise, scaling, tokens)
+    for (n, n_group, topk_group, top_k, normalize, scaling, m) in [
+        (256usize, 8usize, 4usize, 8usize, true, 2.5f32, 67usize),
+        (16, 4, 2, 4, true, 2.5, 9),
+        (64, 1, 1, 6, false, 1.0, 5),
+        (24, 4, 3, 5, true, 1.0, 5),
+    ] {
+        let gate = Gate {
+            n_group,
+            topk_group,
+            top_k,
+            normalize,
+            scaling,
+        };
+        for ties in [false, true] {
+            let logits: Vec<f32> = (0..m * n)
+                .map(|_| match ties {
+                    false => uniform(-4.0, 4.0),
+                    true => [-1.0, 0.0, 1.0][(uniform(0.0, 3.0) as usize).min(2)],
+                })
+                .collect();
+            let bias: Vec<f32> = (0..n).map(|_| if ties { 0.0 } else { uniform(-0.1, 0.1) }).collect();
+            let (ld, bd) = (gpu.upload(&logits).expect("logits"), gpu.upload(&bias).expect("bias"));
+            let (ids, weights) = dsv3_cuda::model::route_logits(&gpu, ld.addr, bd.addr, m, n, &gate).expect("route");
+            let ids: Vec<i32> = gpu.download(ids.addr, m * top_k).expect("ids");
+            let weights: Vec<f32> = gpu.download(weights.addr, m * top_k).expect("weights");
+            for t in 0..m {
+                let (want, want_w) = gate.route_token(&logits[t * n..(t + 1) * n], &bias);
+                let got: Vec<u32> = ids[t * top_k..(t + 1) * top_k].iter().map(|&e| e as u32).collect();
+                let case = format!("{n} experts in {n_group} groups, ties {ties}, token {t}");
+                assert_eq!(got, want, "{case}: experts");
+                for (g, w) in weights[t * top_k..(t + 1) * top_k].iter().zip(&want_w) {
+                    assert!(
+                        (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                        "{case}: weight {g} against {w}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// RMSNorm quantising its own output (`QuantizedRows::rms_norm`, what the products of a layer's
 /// normed rows take) writes the f32 rows, codes and scales of `rms_norm` followed by
 /// `QuantizedRows::new`, bit for bit: at a decode step's block sizes and a prefill's, with the

@@ -161,47 +161,71 @@ moe_plan(int* group_expert, int* offsets, int* x_rows, int* slot_of, unsigned* c
 // ---------------------------------------------------------------- routing (spec §5)
 // One block per token, one thread per expert (n_experts <= 1024). Sigmoid scores; the bias is
 // used for selection only; groups ranked by the sum of their two best biased scores; top-k
-// inside the best groups; ties go to the lower index (as the CPU reference).
+// inside the best groups; ties go to the lower index (as the CPU reference, dsv3_engine's Gate).
+// Where groups are a warp wide (DeepSeek-V3: 8 of 32), a warp finds its group's two best by
+// shuffles; an expert's rank counts only the experts of kept groups (the others cannot beat
+// it), four at a time, and only in kept groups: a decode step's routing is a few memory
+// latencies, not a chain of 256 shared loads a thread.
 __device__ __forceinline__ bool beats(float a, int ia, float b, int ib) { return a > b || (a == b && ia < ib); }
 
 extern "C" __global__ void route_topk(int* experts_out, float* weights_out, const float* logits, const float* bias,
                                       int n_experts, int n_group, int topk_group, int top_k, int normalize,
                                       float scaling) {
     await_previous_kernel();
-    extern __shared__ float sm[];
+    extern __shared__ float4 route_smem[];  // float4: the rank loop's 16-byte loads
+    float* sm = (float*)route_smem;
     float* score = sm;                    // [n_experts]
     float* biased = sm + n_experts;       // [n_experts]
     float* gscore = biased + n_experts;   // [n_group]
-    int* chosen = (int*)(gscore + n_group);  // [top_k]
-    int t = blockIdx.x, e = threadIdx.x, per = n_experts / n_group;
+    int* kept = (int*)(gscore + n_group);  // [n_group]: the group is among the best topk_group
+    int* chosen = kept + n_group;          // [top_k]
+    int t = blockIdx.x, e = threadIdx.x, per = n_experts / n_group, lane = e & 31;
+    float v = -INFINITY;
     if (e < n_experts) {
         float s = 1.f / (1.f + expf(-logits[(size_t)t * n_experts + e]));
         score[e] = s;
-        biased[e] = s + bias[e];
+        v = s + bias[e];
+        biased[e] = v;
+    }
+    if (per == 32) {  // a warp a group, every lane an expert
+        float b0 = warp_max(v);
+        int first = __ffs(__ballot_sync(0xffffffffu, v == b0)) - 1;  // one of the best kept out
+        float b1 = warp_max(lane == first ? -INFINITY : v);
+        if (lane == 0 && e < n_experts) gscore[e >> 5] = b0 + b1;
     }
     __syncthreads();
-    if (e < n_group) {
+    if (per != 32 && e < n_group) {
         float b0 = -INFINITY, b1 = -INFINITY;
         for (int i = e * per; i < (e + 1) * per; ++i) {
-            float v = biased[i];
-            if (v > b0) { b1 = b0; b0 = v; } else if (v > b1) { b1 = v; }
+            float u = biased[i];
+            if (u > b0) { b1 = b0; b0 = u; } else if (u > b1) { b1 = u; }
         }
         gscore[e] = per == 1 ? b0 : b0 + b1;
     }
     __syncthreads();
-    if (e < n_experts) {
-        // group rank: how many groups beat mine
-        int g = e / per, rank = 0;
-        for (int o = 0; o < n_group; ++o) rank += beats(gscore[o], o, gscore[g], g);
-        float v = rank < topk_group ? biased[e] : -INFINITY;
-        biased[e] = v;
+    if (e < n_group) {  // how many groups beat this one
+        int rank = 0;
+        for (int o = 0; o < n_group; ++o) rank += beats(gscore[o], o, gscore[e], e);
+        kept[e] = rank < topk_group;
     }
     __syncthreads();
-    if (e < n_experts) {
+    if (e < n_experts && kept[e / per]) {
         int rank = 0;
-        float v = biased[e];
-        for (int o = 0; o < n_experts; ++o) rank += beats(biased[o], o, v, e);
-        if (rank < top_k && v != -INFINITY) chosen[rank] = e;
+        for (int gr = 0; gr < n_group; ++gr) {
+            if (!kept[gr]) continue;
+            int o = gr * per;
+            const int end = o + per;
+            if (per % 4 == 0) {
+#pragma unroll 4
+                for (; o < end; o += 4) {
+                    const float4 b = *(const float4*)(biased + o);
+                    rank += beats(b.x, o, v, e) + beats(b.y, o + 1, v, e) + beats(b.z, o + 2, v, e) +
+                            beats(b.w, o + 3, v, e);
+                }
+            }
+            for (; o < end; ++o) rank += beats(biased[o], o, v, e);
+        }
+        if (rank < top_k) chosen[rank] = e;
     }
     __syncthreads();
     if (e == 0) {

@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 pub use attention::NAIVE_MIN_ROWS;
-pub use moe::ExpertKernels;
+pub use moe::{route_logits, ExpertKernels};
 pub(crate) use moe::{run_bank, BankCounters, MoeStats};
 pub use pick::pick_tokens;
 

@@ -17,6 +17,7 @@ use crate::tiles::COMBINE_THREADS;
 use crate::weights::{ExpertBank, Stacked};
 use anyhow::{ensure, Context, Result};
 use dsv3_engine::backend::count_routes;
+use dsv3_engine::moe::Gate;
 use dsv3_engine::{ExpertExecutor, Fp8Activations, ModelConfig, TokenRoutes};
 use std::collections::BTreeMap;
 
@@ -664,33 +665,51 @@ impl CudaModel {
     /// weights, `[m, top_k]` each.
     fn route(&self, moe: &Moe, x: &DeviceBuf, m: usize) -> Result<(DeviceBuf, DeviceBuf)> {
         let g = &self.gpu;
-        let c = &self.config;
-        let (e, k) = (c.n_routed_experts, c.num_experts_per_tok);
+        let e = self.config.n_routed_experts;
         let logits = g.alloc(m * e * 4)?;
         self.linear(logits.addr, e, x.addr, m, &moe.router, false)?;
-        let ids = g.alloc(m * k * 4)?;
-        let weights = g.alloc(m * k * 4)?;
-        let smem = (2 * e + c.n_group + k) * 4;
-        kernels::route_topk.launch(
-            g,
-            (m as u32, 1, 1),
-            e.next_multiple_of(32) as u32,
-            smem as u32,
-            (
-                ptr(ids.addr),
-                ptr(weights.addr),
-                ptr(logits.addr),
-                ptr(moe.bias.addr),
-                int(e),
-                int(c.n_group),
-                int(c.topk_group),
-                int(k),
-                int(c.norm_topk_prob as usize),
-                c.routed_scaling_factor,
-            ),
-        )?;
-        Ok((ids, weights))
+        route_logits(g, logits.addr, moe.bias.addr, m, e, &Gate::of(&self.config))
     }
+}
+
+/// The experts `m` tokens choose from their router logits (`[m, n_experts]` f32 at `logits`)
+/// and the selection bias (`[n_experts]` f32 at `bias`), on the GPU as [`Gate::route_token`]
+/// on the CPU: the chosen experts, ascending, and their weights, `[m, top_k]` each.
+pub fn route_logits(
+    g: &Gpu,
+    logits: u64,
+    bias: u64,
+    m: usize,
+    n_experts: usize,
+    gate: &Gate,
+) -> Result<(DeviceBuf, DeviceBuf)> {
+    ensure!(
+        n_experts <= 1024 && gate.n_group > 0 && n_experts.is_multiple_of(gate.n_group) && gate.top_k <= 32,
+        "routing takes at most 1,024 experts in equal groups and a top-k of at most 32"
+    );
+    let k = gate.top_k;
+    let ids = g.alloc(m * k * 4)?;
+    let weights = g.alloc(m * k * 4)?;
+    let smem = (2 * n_experts + 2 * gate.n_group + k) * 4;
+    kernels::route_topk.launch(
+        g,
+        (m as u32, 1, 1),
+        n_experts.next_multiple_of(32) as u32,
+        smem as u32,
+        (
+            ptr(ids.addr),
+            ptr(weights.addr),
+            ptr(logits),
+            ptr(bias),
+            int(n_experts),
+            int(gate.n_group),
+            int(gate.topk_group),
+            int(k),
+            int(gate.normalize as usize),
+            gate.scaling,
+        ),
+    )?;
+    Ok((ids, weights))
 }
 
 /// Token rows grouped by expert on the GPU (kernel `moe_plan`): slots `offsets[g]..offsets[g+1]`
