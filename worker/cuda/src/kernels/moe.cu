@@ -163,8 +163,8 @@ moe_plan(int* group_expert, int* offsets, int* x_rows, int* slot_of, unsigned* c
 // used for selection only; groups ranked by the sum of their two best biased scores; top-k
 // inside the best groups; ties go to the lower index (as the CPU reference, dsv3_engine's Gate).
 // Where groups are a warp wide (DeepSeek-V3: 8 of 32), a warp finds its group's two best by
-// shuffles; an expert's rank counts only the experts of kept groups (the others cannot beat
-// it), four at a time, and only in kept groups: a decode step's routing is a few memory
+// shuffles; only the experts of kept groups rank themselves, against the experts of kept groups
+// alone (no other can beat them), four at a time: a decode step's routing is a few memory
 // latencies, not a chain of 256 shared loads a thread.
 __device__ __forceinline__ bool beats(float a, int ia, float b, int ib) { return a > b || (a == b && ia < ib); }
 
