@@ -14,8 +14,16 @@ use crate::tiles::{DEC_HEADS, DEC_PAD, DEC_STAGES, DEC_THREADS, DEC_TILE, MLA_HE
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::sys as drv;
 
-/// Fewest positions one block of the split tensor-core kernel takes.
+/// Fewest positions one block of the split tensor-core kernel takes, unless
+/// `DSV3_MLA_MIN_SPLIT=n` says otherwise (the kernel rounds a split up to whole tiles).
 const MIN_SPLIT: usize = 128;
+
+/// [`MIN_SPLIT`], or `DSV3_MLA_MIN_SPLIT`: at batch 1 a split of one tile puts more SMs to
+/// reading the cache, and more partial outputs to merge; the switch is there to measure that.
+fn min_split() -> Result<usize> {
+    static MIN: std::sync::OnceLock<Result<usize, String>> = std::sync::OnceLock::new();
+    switches::positive_count_once(&MIN, "DSV3_MLA_MIN_SPLIT", MIN_SPLIT)
+}
 
 /// Splits per row for `groups` blocks of full rows on `sms` SMs (one block fits on an SM at a
 /// time), at most `most`: the fewest that reach the least time, counted in waves of blocks each
@@ -32,14 +40,7 @@ fn decode_splits(groups: usize, sms: usize, most: usize) -> usize {
 /// split reads: the cap is there to measure that.
 fn split_cap() -> Result<usize> {
     static CAP: std::sync::OnceLock<Result<usize, String>> = std::sync::OnceLock::new();
-    CAP.get_or_init(|| match switches::count("DSV3_MLA_SPLITS") {
-        Ok(None) => Ok(usize::MAX),
-        Ok(Some(n)) if n > 0 => Ok(n),
-        Ok(Some(_)) => Err("DSV3_MLA_SPLITS=0: expected a count of splits, 1 or more".into()),
-        Err(e) => Err(e.to_string()),
-    })
-    .clone()
-    .map_err(anyhow::Error::msg)
+    switches::positive_count_once(&CAP, "DSV3_MLA_SPLITS", usize::MAX)
 }
 
 /// One layer's latent attention sizes.
@@ -298,9 +299,10 @@ pub fn mla_decode(
         );
     }
     // Split the positions so the grid fills the GPU (flash-decoding); each row divides its own
-    // length on the GPU, at least MIN_SPLIT positions per split.
+    // length on the GPU, at least min_split() positions per split.
     let groups = m * heads / hg;
-    let most = rows.max_len.div_ceil(MIN_SPLIT).min(split_cap()?);
+    let min_split = min_split()?;
+    let most = rows.max_len.div_ceil(min_split).min(split_cap()?);
     let splits = decode_splits(groups, g.sm_count, most);
     // One split per row: the kernel writes the normalised output itself and nothing is merged.
     let parts = if splits > 1 {
@@ -316,7 +318,7 @@ pub fn mla_decode(
         None => (bufs.o_lat, 0),
     };
     let grid = ((heads / hg) as u32, m as u32, splits as u32);
-    let split = common.after(ptr(ml_part)).after(ptr(o_part)).then(int(MIN_SPLIT));
+    let split = common.after(ptr(ml_part)).after(ptr(o_part)).then(int(min_split));
     // The wgmma kernels: the mma.sync kernel's arguments, then the TMA view of the cache and its
     // box rows (0: no TMA, the tiles come by cp.async).
     let wgmma = |launcher: kernels::MlaDecodeWgmma, cache_map: TensorMap, box_rows: usize| {

@@ -12,6 +12,23 @@ pub fn count(var: &str) -> Result<Option<usize>> {
     }
 }
 
+/// The count `var` holds, 1 or more, or `default` when it is unset; read once per process and
+/// kept in `cell` (a switch must not change between the steps it shapes).
+pub fn positive_count_once(
+    cell: &'static std::sync::OnceLock<Result<usize, String>>,
+    var: &str,
+    default: usize,
+) -> Result<usize> {
+    cell.get_or_init(|| match count(var) {
+        Ok(None) => Ok(default),
+        Ok(Some(n)) if n > 0 => Ok(n),
+        Ok(Some(_)) => Err(format!("{var}=0: expected a count of 1 or more")),
+        Err(e) => Err(e.to_string()),
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
 fn parse_count(var: &str, value: &str) -> Result<usize> {
     match value.trim().parse::<usize>() {
         Ok(n) => Ok(n),
@@ -21,7 +38,8 @@ fn parse_count(var: &str, value: &str) -> Result<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_count;
+    use super::{parse_count, positive_count_once};
+    use std::sync::OnceLock;
 
     #[test]
     fn a_count_is_a_whole_number_and_anything_else_names_the_variable() {
@@ -31,5 +49,23 @@ mod tests {
             let err = parse_count("DSV3_X", bad).unwrap_err().to_string();
             assert!(err.contains("DSV3_X") && err.contains("whole number"), "{bad:?}: {err}");
         }
+    }
+
+    #[test]
+    fn a_positive_count_is_read_once_defaults_when_unset_and_refuses_zero() {
+        // Variables no other test reads, as tests share the process's environment.
+        static UNSET: OnceLock<Result<usize, String>> = OnceLock::new();
+        assert_eq!(positive_count_once(&UNSET, "DSV3_TEST_ONCE_UNSET", 128).unwrap(), 128);
+
+        static ZERO: OnceLock<Result<usize, String>> = OnceLock::new();
+        std::env::set_var("DSV3_TEST_ONCE_ZERO", "0");
+        let err = positive_count_once(&ZERO, "DSV3_TEST_ONCE_ZERO", 128).unwrap_err().to_string();
+        assert!(err.contains("DSV3_TEST_ONCE_ZERO=0") && err.contains("1 or more"), "{err}");
+
+        static SET: OnceLock<Result<usize, String>> = OnceLock::new();
+        std::env::set_var("DSV3_TEST_ONCE_SET", "64");
+        assert_eq!(positive_count_once(&SET, "DSV3_TEST_ONCE_SET", 128).unwrap(), 64);
+        std::env::set_var("DSV3_TEST_ONCE_SET", "256");
+        assert_eq!(positive_count_once(&SET, "DSV3_TEST_ONCE_SET", 128).unwrap(), 64, "read once");
     }
 }
