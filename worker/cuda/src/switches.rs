@@ -59,13 +59,22 @@ mod tests {
 
         static ZERO: OnceLock<Result<usize, String>> = OnceLock::new();
         std::env::set_var("DSV3_TEST_ONCE_ZERO", "0");
-        let err = positive_count_once(&ZERO, "DSV3_TEST_ONCE_ZERO", 128).unwrap_err().to_string();
-        assert!(err.contains("DSV3_TEST_ONCE_ZERO=0") && err.contains("1 or more"), "{err}");
+        let err = positive_count_once(&ZERO, "DSV3_TEST_ONCE_ZERO", 128)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("DSV3_TEST_ONCE_ZERO=0") && err.contains("1 or more"),
+            "{err}"
+        );
 
         static SET: OnceLock<Result<usize, String>> = OnceLock::new();
         std::env::set_var("DSV3_TEST_ONCE_SET", "64");
         assert_eq!(positive_count_once(&SET, "DSV3_TEST_ONCE_SET", 128).unwrap(), 64);
         std::env::set_var("DSV3_TEST_ONCE_SET", "256");
-        assert_eq!(positive_count_once(&SET, "DSV3_TEST_ONCE_SET", 128).unwrap(), 64, "read once");
+        assert_eq!(
+            positive_count_once(&SET, "DSV3_TEST_ONCE_SET", 128).unwrap(),
+            64,
+            "read once"
+        );
     }
 }
