@@ -117,7 +117,7 @@ kernels! {
         rope: i32, cache: Ptr, tables: Ptr, table_off: Ptr, lens: Ptr, block: i32, scale: f32,
         min_split: i32,
     );
-    MlaDecodeWgmma: mla_decode_wgmma, mla_decode_wgmma_flat(
+    MlaDecodeWgmma: mla_decode_wgmma(
         o_part: Ptr, ml_part: Ptr, q_lat: Ptr, q: Ptr, qk: i32, nope: i32, heads: i32, hg: i32, lora: i32,
         rope: i32, cache: Ptr, tables: Ptr, table_off: Ptr, lens: Ptr, block: i32, scale: f32,
         min_split: i32, cache_map: TensorMap, tma_rows: i32,

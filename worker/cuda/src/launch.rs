@@ -17,14 +17,6 @@ pub struct Ptr(pub u64);
 #[derive(Clone, Copy, Debug)]
 pub struct TensorMap(pub(crate) drv_sys::CUtensorMap);
 
-impl TensorMap {
-    /// A map the kernel is told not to read (its TMA path is off).
-    pub fn unused() -> Self {
-        // SAFETY: all-zero is a valid value of the map (an array of integers).
-        TensorMap(unsafe { std::mem::zeroed() })
-    }
-}
-
 /// How a parameter is passed, as far as the launch is concerned: 8 bytes (an address or a u64),
 /// 4 bytes of integer, 4 bytes of float, or a 128-byte tensor map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

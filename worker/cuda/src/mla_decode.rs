@@ -2,7 +2,7 @@
 //! a step and every head, `o_lat[h] = softmax_j(scale · (q_lat[h] · c_j + q_pe[h] · kpe_j)) · c_j`
 //! over the row's cached positions `j`. Three kernels ([`DecodeKernel`]): on Hopper and
 //! DeepSeek-V3's latent shape `mla_decode_wgmma` (its cache tiles fed by TMA in 128-byte
-//! swizzled rows, or by cp.async where the cache's blocks do not suit TMA boxes), on other shapes and GPUs `mla_decode_mma`
+//! swizzled rows, where the cache's blocks suit TMA boxes), otherwise `mla_decode_mma`
 //! (mma.sync) — both split each row's positions across blocks, and `mla_combine` merges the
 //! splits — and the CUDA-core `mla_attend` (f32 throughout) where neither fits, or on request.
 
@@ -70,11 +70,6 @@ pub enum DecodeKernel {
     /// as boxes of 128-byte swizzled rows (cache blocks of a multiple of 8 positions that divide
     /// 64 or that 64 divides).
     Wgmma,
-    /// The same kernel in wgmma's unswizzled layout, its TMA boxes made of 16-byte rows: the
-    /// kernel before, kept to measure against (`DSV3_MLA_SWIZZLE=0`).
-    WgmmaUnswizzled,
-    /// The swizzled kernel with its tiles loaded by cp.async from every thread: any block size.
-    WgmmaCpAsync,
     /// mma.sync: any latent rank that is a multiple of 64 up to 512.
     Mma,
     /// f32 on the CUDA cores.
@@ -84,67 +79,43 @@ pub enum DecodeKernel {
 /// Threads of `mla_decode_wgmma`: two warpgroups.
 const WGMMA_THREADS: usize = 256;
 /// Shared memory of `mla_decode_wgmma`: Q and two 64-position tiles (576 bf16 channels each), the
-/// two halves of P, the row maxima and sums, the two tiles' TMA barriers, and room to start Q on
-/// a 1024-byte boundary (the swizzle's period).
-const WGMMA_SHARED_BYTES: usize = 3 * 64 * 576 * 2 + 2 * 64 * 32 * 2 + 5 * 64 * 4 + 2 * 8 + 1024;
+/// slots where the two warpgroups hand each other P (a 64 x 64 bf16 fragment) and row maxima (two
+/// f32 a thread), the four half-tile TMA barriers, and room to start Q on a 1024-byte boundary
+/// (the swizzle's period).
+const WGMMA_SHARED_BYTES: usize = 3 * 64 * 576 * 2 + 128 * (16 * 4 + 8) + 4 * 8 + 1024;
 /// Cached positions per tile of `mla_decode_wgmma`.
 const WGMMA_TILE: usize = 64;
 
 impl DecodeKernel {
     /// Every kernel, fastest first.
-    pub const ALL: [DecodeKernel; 5] = [
-        DecodeKernel::Wgmma,
-        DecodeKernel::WgmmaUnswizzled,
-        DecodeKernel::WgmmaCpAsync,
-        DecodeKernel::Mma,
-        DecodeKernel::CudaCores,
-    ];
+    pub const ALL: [DecodeKernel; 3] = [DecodeKernel::Wgmma, DecodeKernel::Mma, DecodeKernel::CudaCores];
 
     /// The fastest kernel that takes `shape` over cache blocks of `block` positions on `g`
-    /// (`DSV3_MLA_WGMMA=0` passes over wgmma, `DSV3_MLA_TMA=0` over its TMA feed,
-    /// `DSV3_MLA_SWIZZLE=0` over the swizzled TMA layout).
+    /// (`DSV3_MLA_WGMMA=0` passes over wgmma).
     pub fn best(g: &Gpu, shape: &LatentShape, block: usize) -> Self {
-        let allowed = |var: &str| std::env::var_os(var).is_none_or(|v| v != "0");
-        let (wgmma, tma, swizzle) = (
-            allowed("DSV3_MLA_WGMMA"),
-            allowed("DSV3_MLA_TMA"),
-            allowed("DSV3_MLA_SWIZZLE"),
-        );
+        let wgmma = std::env::var_os("DSV3_MLA_WGMMA").is_none_or(|v| v != "0");
         DecodeKernel::ALL
             .into_iter()
-            .find(|&k| {
-                k.takes(g, shape, block)
-                    && match k {
-                        DecodeKernel::Wgmma => wgmma && tma && swizzle,
-                        DecodeKernel::WgmmaUnswizzled => wgmma && tma,
-                        DecodeKernel::WgmmaCpAsync => wgmma,
-                        _ => true,
-                    }
-            })
+            .find(|&k| k.takes(g, shape, block) && (k != DecodeKernel::Wgmma || wgmma))
             .unwrap_or(DecodeKernel::CudaCores)
     }
 
-    /// Whether this is `mla_decode_wgmma` (in either layout or feed), the kernel the
-    /// `DSV3_MLA_PROBE` switches build differently.
+    /// Whether this is `mla_decode_wgmma`, the kernel the `DSV3_MLA_PROBE` switches build
+    /// differently.
     pub fn on_wgmma(self) -> bool {
-        matches!(
-            self,
-            DecodeKernel::Wgmma | DecodeKernel::WgmmaUnswizzled | DecodeKernel::WgmmaCpAsync
-        )
+        self == DecodeKernel::Wgmma
     }
 
     /// Whether this kernel takes `shape` over cache blocks of `block` positions on `g`.
     pub fn takes(self, g: &Gpu, shape: &LatentShape, block: usize) -> bool {
         let heads_fit = shape.heads.is_multiple_of(shape.heads.min(DEC_HEADS)) && shape.nope.is_multiple_of(2);
         match self {
-            DecodeKernel::Wgmma | DecodeKernel::WgmmaUnswizzled => {
-                DecodeKernel::WgmmaCpAsync.takes(g, shape, block) && tma_box_rows(block).is_some()
-            }
-            DecodeKernel::WgmmaCpAsync => {
+            DecodeKernel::Wgmma => {
                 g.hopper
                     && heads_fit
                     && shape.lora == 512
                     && shape.rope == 64
+                    && tma_box_rows(block).is_some()
                     && WGMMA_SHARED_BYTES <= g.max_shared_per_block
             }
             DecodeKernel::Mma => {
@@ -213,27 +184,6 @@ fn swizzled_cache_map(cache: u64, slots: usize, box_rows: usize) -> Result<Tenso
         &[576 * 2],
         &[64, box_rows as u32],
         drv::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-        &format!("a latent cache of {slots} slots"),
-    )
-}
-
-/// The TMA view of one layer's latent cache (`slots` positions of 576 bf16 channels) that lands
-/// a box of `box_rows` positions in the wgmma kernel's unswizzled layout: dimensions
-/// (8 channels, slot % 8, 16-byte chunk, slot / 8), innermost first.
-fn cache_tile_map(cache: u64, slots: usize, box_rows: usize) -> Result<TensorMap> {
-    const CHUNKS: usize = 576 / 8;
-    const ROW_BYTES: u64 = 576 * 2;
-    ensure!(
-        cache.is_multiple_of(16) && slots.is_multiple_of(8),
-        "TMA needs 16-byte aligned groups of 8 cached slots"
-    );
-    tensor_map(
-        cache,
-        drv::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
-        &[8, 8, CHUNKS as u64, (slots / 8) as u64],
-        &[ROW_BYTES, 16, 8 * ROW_BYTES],
-        &[8, 8, CHUNKS as u32, (box_rows / 8) as u32],
-        drv::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
         &format!("a latent cache of {slots} slots"),
     )
 }
@@ -319,26 +269,15 @@ pub fn mla_decode(
     };
     let grid = ((heads / hg) as u32, m as u32, splits as u32);
     let split = common.after(ptr(ml_part)).after(ptr(o_part)).then(int(min_split));
-    // The wgmma kernels: the mma.sync kernel's arguments, then the TMA view of the cache and its
-    // box rows (0: no TMA, the tiles come by cp.async).
-    let wgmma = |launcher: kernels::MlaDecodeWgmma, cache_map: TensorMap, box_rows: usize| {
-        let args = split.then(cache_map).then(int(box_rows));
-        launcher.launch(g, grid, WGMMA_THREADS as u32, WGMMA_SHARED_BYTES as u32, args)
-    };
-    let tma_rows =
-        || tma_box_rows(rows.block).with_context(|| format!("TMA boxes do not fit cache blocks of {}", rows.block));
     match kernel {
         DecodeKernel::Wgmma => {
-            let box_rows = tma_rows()?;
+            // The mma.sync kernel's arguments, then the TMA view of the cache and its box rows.
+            let box_rows = tma_box_rows(rows.block)
+                .with_context(|| format!("TMA boxes do not fit cache blocks of {}", rows.block))?;
             let map = swizzled_cache_map(bufs.cache, bufs.cache_slots, box_rows)?;
-            wgmma(kernels::mla_decode_wgmma, map, box_rows)?;
+            let args = split.then(map).then(int(box_rows));
+            kernels::mla_decode_wgmma.launch(g, grid, WGMMA_THREADS as u32, WGMMA_SHARED_BYTES as u32, args)?;
         }
-        DecodeKernel::WgmmaUnswizzled => {
-            let box_rows = tma_rows()?;
-            let map = cache_tile_map(bufs.cache, bufs.cache_slots, box_rows)?;
-            wgmma(kernels::mla_decode_wgmma_flat, map, box_rows)?;
-        }
-        DecodeKernel::WgmmaCpAsync => wgmma(kernels::mla_decode_wgmma, TensorMap::unused(), 0)?,
         // (the CUDA-core kernel returned above)
         DecodeKernel::Mma | DecodeKernel::CudaCores => {
             let smem = mma_shared_bytes(width) as u32;

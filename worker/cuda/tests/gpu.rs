@@ -1477,7 +1477,7 @@ fn mla_decode_matches_f64_reference() {
     let sixteen = LatentShape { heads: 16, ..V3_SHAPE };
     let cycle = |n: usize, lens: &[usize]| -> Vec<usize> { (0..n).map(|i| lens[i % lens.len()]).collect() };
     // (shape, row lengths, cache block size): blocks of 16 make a tile of four TMA boxes, blocks
-    // of 256 a box of a quarter block, blocks of 24 suit no box (the cp.async feed only).
+    // of 256 a box of a quarter block, blocks of 24 suit no box (mma.sync only).
     let cases: Vec<(LatentShape, Vec<usize>, usize)> = vec![
         (V3_SHAPE, vec![4100], 64),
         (V3_SHAPE, vec![1, 33, 2000], 64),

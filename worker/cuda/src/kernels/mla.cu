@@ -512,31 +512,43 @@ mla_decode_mma(float* o_part, float* ml_part, const float* q_lat, const float* q
 }
 
 // ---------------------------------------------------------------- MLA decode on Hopper (wgmma)
-// DeepSeek-V3's shape only (lora 512, rope 64): the same split, tiles and partial outputs as
-// mla_decode_mma, but the products run on wgmma with their operands read by the tensor cores
-// straight from shared memory, once per warpgroup instead of once per warp. Two warpgroups: group
-// h computes S for positions h * 32 .. + 32 of each 64-position tile (m64n32k16, Q and K from
-// shared memory), the groups trade row maxima, then group h adds P · V for output columns
-// h * 256 .. + 256 (m64n256k16): its own half of P straight from the registers its scores were
-// in, the other group's half from shared memory. Q and the tiles are laid out as `WgTile` says;
-// the tiles arrive by TMA (or by cp.async from every thread, where the cache's blocks do not suit
-// the boxes). Compiled for sm_90a only.
+// DeepSeek-V3's shape only (lora 512, rope 64): the same split and partial outputs as
+// mla_decode_mma, the products on wgmma with their operands read by the tensor cores from shared
+// memory or registers. Tiles of 64 cached positions are taken in pairs (A, B) by two warpgroups
+// that see-saw: group 0 scores A while group 1 scores B (m64n64k16 over all 576 channels, Q and K
+// from shared memory), and each group owns half of the output columns (0: 0..255, 1: 256..511),
+// to which it adds P·V of both tiles with P in registers (m64n256k16). The groups hand each
+// other their row maxima and P through shared memory, in this order each pair:
+//   group 0: softmax of A (against the running max) → posts the maxima → O_L += P_A·V_A
+//   group 1: waits for them, softmax of B against them → posts maxima and P_B → O_R += P_B·V_B
+//   group 0: P_A rescaled to group 1's maxima → posts it → O_L rescaled, += P_B·V_B
+//   group 1: O_R += P_A·V_A
+// so that one group's softmax runs beside the other's products (FlashMLA's "seesaw" schedule).
+// Each tile arrives by TMA in two halves, channel blocks 0..3 (V's left half) and 4..8 (V's
+// right half and the rotary part), each on its own barrier, and each half is reloaded by the
+// last group to read it as soon as its product has finished: the left halves by group 0, the
+// right halves by group 1. Group 0 scores its tile left half first, group 1 right half first,
+// so a score starts on the half reloaded earlier. Compiled for sm_90a only.
 
-#define WG_W 576                 // lora + rope
-#define WG_CH (WG_W / 8)         // 16-byte chunks per cached row
-#define WG_GROUP (WG_CH * 128)   // bytes per 8 rows
-#define WG_P_HALF (64 * 32 * 2)  // bytes of one half of P
+#define WG_W 576                       // lora + rope
+#define WG_TILE_BYTES (64 * WG_W * 2)  // one tile (or Q): 64 rows of 576 bf16
+#define WG_BLOCK (64 * 128)            // one 64-channel block of a tile
+#define WG_HANDOFF_BYTES (128 * 16 * 4 + 128 * 8)  // P fragments and maxima, one slot a thread
+// Named barriers of the see-saw (0 is __syncthreads).
+#define SEESAW_MAX_A 1  // group 0 has posted its maxima for tile A
+#define SEESAW_MAX_B 2  // group 1 has posted its maxima and P for tile B
+#define SEESAW_P_A 3    // group 0 has posted P_A at group 1's maxima
+#define SEESAW_OWN 4    // + group: a group's own stores, before its products read them
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// d[64, 32] (+)= A[64, 16] · B[32, 16]ᵀ, A and B K-major in shared memory.
-__device__ __forceinline__ void wgmma_m64n32_ss(float d[16], u64 da, u64 db, int accumulate) {
+// d[64, 64] (+)= A[64, 16] · B[64, 16]ᵀ, A and B K-major in shared memory.
+__device__ __forceinline__ void wgmma_m64n64_ss(float d[32], u64 da, u64 db, int accumulate) {
     asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
         : "l"(da), "l"(db), "r"(accumulate));
 }
-
 // d[64, 256] += A[64, 16] (registers) · B[16, 256] (N-major in shared memory).
 __device__ __forceinline__ void wgmma_m64n256_rs(float d[128], const u32 a[4], u64 db) {
     asm volatile(
@@ -546,22 +558,7 @@ __device__ __forceinline__ void wgmma_m64n256_rs(float d[128], const u32 a[4], u
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
 }
 
-// d[64, 256] += A[64, 16] (K-major in shared memory) · B[16, 256] (N-major in shared memory).
-__device__ __forceinline__ void wgmma_m64n256_ss(float d[128], u64 da, u64 db) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}, %128, %129, p, 1, 1, 0, 1;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-        : "l"(da), "l"(db), "r"(1));
-}
 #endif
-
-// Where Q and a cache tile sit in shared memory: each is 64 rows (heads or positions) of 576 bf16
-// channels, 16-byte chunk `c` of row `row` at `chunk(row, c)`; `k_major` describes rows row0 ..
-// (a multiple of 8) at channels 16 ks .. + 16 as a K-major wgmma operand, `n_major` positions
-// pos0 .. + 16 by channels col0 .. + 256 as the N-major B of P·V; `load_box` copies box `b` of a
-// tile (`rows` cached positions from `slot` on) by TMA.
-template <bool SWIZZLED> struct WgTile;
 
 // Parts of mla_decode_wgmma switched off to time the rest (DSV3_MLA_PROBE; the names and what
 // each does: probes.rs, MLA_DECODE). All 0 in service.
@@ -650,52 +647,146 @@ struct MlaLaps {
 };
 #endif
 
-// TMA's 128-byte swizzle (the default): nine blocks of 64 channels, 8 KB apart, each 64 rows of
-// 128 bytes whose 16-byte chunks are XOR-ed with row % 8. A box of the cache's plain 2-D view
-// ([slots][576], 64 channels by `rows` positions) lands in place, so a tile is 9 boxes of 128-byte
-// rows per cache block (the flat layout needs 16-byte rows), and the products read the same
-// layout through swizzled descriptors (8-row atoms 1024 bytes apart; for the N-major V, blocks of
-// 64 channels 8 KB apart). Needs 1024-byte aligned operands.
-template <> struct WgTile<true> {
-    static constexpr u32 BLOCK = 64 * 128;
+// Where Q and a cache tile sit in shared memory: TMA's 128-byte swizzle, nine blocks of 64
+// channels 8 KB apart, each 64 rows (heads or positions) of 128 bytes whose 16-byte chunks are
+// XOR-ed with row % 8. A box of the cache's plain 2-D view ([slots][576], 64 channels by `rows`
+// positions) lands in place, and the products read the layout through swizzled descriptors
+// (8-row atoms 1024 bytes apart; for the N-major V, blocks of 64 channels 8 KB apart). `chunk`:
+// the 16-byte chunk `c` of row `row`; `k_major`: all 64 rows at channels 16 ks .. + 16 as a
+// K-major operand; `n_major`: positions pos0 .. + 16 by channels col0 .. + 256 as the N-major B
+// of P·V. Needs 1024-byte aligned operands.
+struct WgTile {
     static __device__ __forceinline__ u32 chunk(int row, int c) {
-        return (c >> 3) * BLOCK + row * 128 + (((c & 7) ^ (row & 7)) << 4);
+        return (c >> 3) * WG_BLOCK + row * 128 + (((c & 7) ^ (row & 7)) << 4);
     }
-    static __device__ __forceinline__ u64 k_major(u32 base, int row0, int ks) {
-        return smem_desc(base + (ks >> 2) * BLOCK + row0 * 128 + (ks & 3) * 32, 16, 1024, 1);
-    }
+    static __device__ __forceinline__ u64 k_major(u32 base) { return smem_desc(base, 16, 1024, 1); }
+    // What k-step ks adds to a k_major descriptor (its address field counts 16-byte units).
+    static __device__ __forceinline__ u64 k_step(int ks) { return (u64)(((ks >> 2) * WG_BLOCK + (ks & 3) * 32) >> 4); }
     static __device__ __forceinline__ u64 n_major(u32 base, int pos0, int col0) {
-        return smem_desc(base + (col0 >> 6) * BLOCK + pos0 * 128, BLOCK, 1024, 1);
-    }
-    static __device__ __forceinline__ void load_box(u32 tile, const TensorMap* map, int b, int rows, int slot, u32 bar) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-        for (int cb = 0; cb < 9; ++cb) tma_load_2d(tile + cb * BLOCK + b * rows * 128, map, cb * 64, slot, bar);
-#endif
+        return smem_desc(base + (col0 >> 6) * WG_BLOCK + pos0 * 128, WG_BLOCK, 1024, 1);
     }
 };
 
-// wgmma's unswizzled canonical layout (the kernel before, kept to measure against): 8 rows x 16
-// bytes per 128-byte core matrix, core matrices along the channels 128 bytes apart, groups of 8
-// rows WG_GROUP bytes apart. The host views the cache as [slot / 8][72 chunks][slot % 8][8
-// channels] (strides 9216, 16, 1152 and 2 bytes), so one box of that view lands in this layout.
-template <> struct WgTile<false> {
-    static __device__ __forceinline__ u32 chunk(int row, int c) { return (row >> 3) * WG_GROUP + c * 128 + (row & 7) * 16; }
-    static __device__ __forceinline__ u64 k_major(u32 base, int row0, int ks) {
-        return smem_desc(base + (row0 >> 3) * WG_GROUP + ks * 256, 128, WG_GROUP);
+// What thread i of one group hands thread i of the other (they hold the same rows and columns
+// of a 64 x 64 fragment): P as four 16-byte wgmma A fragments, then the two row maxima. One slot
+// a thread, reused in turn: each slot is read by its one reader before its writer writes again.
+struct Handoff {
+    u32 base;
+    int wt;  // the thread within its group
+    __device__ __forceinline__ void put_p(const u32 p[16]) const {
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+            asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(base + (c * 128 + wt) * 16), "r"(p[4 * c]),
+                         "r"(p[4 * c + 1]), "r"(p[4 * c + 2]), "r"(p[4 * c + 3])
+                         : "memory");
     }
-    // As for K-major operands the leading offset is between core matrices adjacent along K
-    // (positions: WG_GROUP) and the stride offset along N (channels: 128).
-    static __device__ __forceinline__ u64 n_major(u32 base, int pos0, int col0) {
-        return smem_desc(base + (pos0 >> 3) * WG_GROUP + (col0 >> 3) * 128, WG_GROUP, 128);
+    __device__ __forceinline__ void get_p(u32 p[16]) const {
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+            asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                         : "=r"(p[4 * c]), "=r"(p[4 * c + 1]), "=r"(p[4 * c + 2]), "=r"(p[4 * c + 3])
+                         : "r"(base + (c * 128 + wt) * 16)
+                         : "memory");
     }
-    static __device__ __forceinline__ void load_box(u32 tile, const TensorMap* map, int b, int rows, int slot, u32 bar) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-        tma_load_4d(tile + b * (rows / 8) * WG_GROUP, map, 0, 0, 0, slot / 8, bar);
-#endif
+    __device__ __forceinline__ void put_m(float m0, float m1) const {
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(base + 128 * 64 + wt * 8), "f"(m0), "f"(m1) : "memory");
+    }
+    __device__ __forceinline__ void get_m(float& m0, float& m1) const {
+        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(m0), "=f"(m1) : "r"(base + 128 * 64 + wt * 8) : "memory");
     }
 };
 
-template <bool SWIZZLED>
+// One group's scores of a tile, s[4j + e] for position 8j + 2t + (e & 1) of row row0 (e < 2) or
+// row0 + 8: scaled to base 2, positions from n on at -inf; the rows' maxima over the tile.
+__device__ __forceinline__ void tile_scores(float s[32], int n, int t, float scale_log2, float& t0, float& t1) {
+    t0 = t1 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int pos = 8 * j + 2 * t + (e & 1);
+            const float v = pos < n ? s[4 * j + e] * scale_log2 : -INFINITY;
+            s[4 * j + e] = v;
+            if (e < 2) t0 = fmaxf(t0, v); else t1 = fmaxf(t1, v);
+        }
+    t0 = quad_max(t0);
+    t1 = quad_max(t1);
+}
+
+// s = 2^(s - m) for the rows' maxima m0, m1, their sums added to l0, l1.
+__device__ __forceinline__ void exponentiate(float s[32], float m0, float m1, float& l0, float& l1) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        s[4 * j] = exp2f(s[4 * j] - m0);
+        s[4 * j + 1] = exp2f(s[4 * j + 1] - m0);
+        s[4 * j + 2] = exp2f(s[4 * j + 2] - m1);
+        s[4 * j + 3] = exp2f(s[4 * j + 3] - m1);
+        l0 += s[4 * j] + s[4 * j + 1];
+        l1 += s[4 * j + 2] + s[4 * j + 3];
+    }
+}
+
+// P (times c0 for row0, c1 for row0 + 8) as bf16 wgmma A fragments: k-step kk (positions
+// 16 kk ..) in p[4 kk ..].
+__device__ __forceinline__ void pack_p(const float s[32], float c0, float c1, u32 p[16]) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        p[4 * kk] = pack_bf16(s[8 * kk] * c0, s[8 * kk + 1] * c0);
+        p[4 * kk + 1] = pack_bf16(s[8 * kk + 2] * c1, s[8 * kk + 3] * c1);
+        p[4 * kk + 2] = pack_bf16(s[8 * kk + 4] * c0, s[8 * kk + 5] * c0);
+        p[4 * kk + 3] = pack_bf16(s[8 * kk + 6] * c1, s[8 * kk + 7] * c1);
+    }
+}
+
+// The output rows rescaled (skipped where a warp's factors are all 1, as they mostly are once
+// the maxima settle).
+__device__ __forceinline__ void rescale_rows(float o[128], float c0, float c1) {
+    if (!__any_sync(0xffffffffu, c0 != 1.f || c1 != 1.f)) return;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+        o[4 * j] *= c0; o[4 * j + 1] *= c0;
+        o[4 * j + 2] *= c1; o[4 * j + 3] *= c1;
+    }
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Rows n .. 63 of V's channel blocks cb0 .. cb0 + 3 of a tile zeroed by one group (thread wt of
+// 128) for its P·V: past a split's end a tile holds whatever its boxes or the tile before left
+// there (NaN in a poisoned test), and P = 0 there but 0 * NaN is not 0.
+__device__ __forceinline__ void zero_rows_past(u32 tile, int n, int cb0, int wt, int group) {
+    for (int i = wt; i < (64 - n) * 32; i += 128)
+        asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(tile + WgTile::chunk(n + i / 32, cb0 * 8 + i % 32)),
+                     "r"(0u)
+                     : "memory");
+    fence_async_shared();
+    asm volatile("bar.sync %0, 128;\n" ::"r"(SEESAW_OWN + group) : "memory");
+}
+
+// s (=|+=) Q · Kᵀ over the 16-channel steps KS0 .. KS1 of a tile (`fresh`: the first step starts s).
+// The descriptors are stepped from the first where they are used (an opaque add): the compiler
+// otherwise keeps all 72 of a tile's live across the loop and spills them.
+__device__ __forceinline__ u64 stepped(u64 d, u64 step) {
+    u64 out;
+    asm volatile("add.s64 %0, %1, %2;\n" : "=l"(out) : "l"(d), "l"(step));
+    return out;
+}
+template <int KS0, int KS1>
+__device__ __forceinline__ void qk_steps(float s[32], u32 qs, u32 tile, bool fresh) {
+    const u64 dq = WgTile::k_major(qs), dk = WgTile::k_major(tile);
+#pragma unroll
+    for (int ks = KS0; ks < KS1 && !MLA_PROBE_SCORES; ++ks)
+        wgmma_m64n64_ss(s, stepped(dq, WgTile::k_step(ks)), stepped(dk, WgTile::k_step(ks)), !(fresh && ks == KS0));
+}
+
+// O[:, col0 ..+ 256] += P · V over a tile's 64 positions, P from registers; committed, not waited.
+__device__ __forceinline__ void pv_tile(float o[128], const u32 p[16], u32 tile, int col0) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4 && !MLA_PROBE_PV; ++kk) wgmma_m64n256_rs(o, p + 4 * kk, WgTile::n_major(tile, 16 * kk, col0));
+    wgmma_commit();
+}
+#endif
+
 __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_part, const float* q_lat, const float* q,
                                                       int qk, int nope, int heads, int hg, const bf16* cache,
                                                       const int* tables, const int* table_off, const int* lens,
@@ -706,15 +797,16 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
     mla_stamp(0, entry);
     mla_stamp(1);
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    using L = WgTile<SWIZZLED>;
     extern __shared__ __align__(128) unsigned char smem_raw[];
     const u32 raw = (u32)__cvta_generic_to_shared(smem_raw);
-    const u32 qs = (raw + 1023) & ~1023u;       // Q: 64 heads (the host adds 1 KB for this rounding)
-    const u32 tiles = qs + 8 * WG_GROUP;        // 2 stages of 64 positions
-    const u32 pbuf = tiles + 2 * 8 * WG_GROUP;  // P: 2 halves of [64 heads][32 positions], unswizzled
-    float* red = (float*)(smem_raw + (qs - raw) + 3 * 8 * WG_GROUP + 2 * WG_P_HALF);  // [2][64] maxima, [2][64] sums, [64]
+    const u32 qs = (raw + 1023) & ~1023u;  // Q: 64 heads (the host adds 1 KB for this rounding)
+    const u32 tiles = qs + WG_TILE_BYTES;  // stage 0 (tiles A), stage 1 (tiles B)
+    const u32 handoff = tiles + 2 * WG_TILE_BYTES;
+    const u32 bars = handoff + WG_HANDOFF_BYTES;  // [stage][half] TMA barriers
+    const auto bar = [&](int stage, int half) { return bars + 16 * stage + 8 * half; };
     const int r = blockIdx.y, h0 = blockIdx.x * hg, split = blockIdx.z, splits = gridDim.z;
-    const int tid = threadIdx.x, h = tid >> 7, wq = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int tid = threadIdx.x, h = tid >> 7, wt = tid & 127, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int row0 = (wt >> 5) * 16 + g;  // the thread's rows: row0 and row0 + 8
     const int len = lens[r];
     const int split_len = (max(min_split, (len + splits - 1) / splits) + 63) / 64 * 64;
     const int begin = split * split_len, end = min(len, begin + split_len);
@@ -724,173 +816,208 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
         return;
     }
     const int* tab = tables + table_off[r];
-    const int ntiles = (end - begin + 63) / 64;
-    // The TMA feed (tma_rows > 0): thread 0 copies tile i into stage i % 2 as 64 / tma_rows boxes
-    // of `cache_map` (each tma_rows cached positions, in `L`'s layout), completing on the
-    // stage's barrier; boxes wholly past the end are skipped. The cp.async feed otherwise.
-    const u32 full = (u32)__cvta_generic_to_shared(red + 5 * 64);  // 2 mbarriers
+    const int ntiles = (end - begin + 63) / 64, npairs = (ntiles + 1) / 2;
+    const auto positions = [&](int i) { return min(64, end - (begin + i * 64)); };
     const auto slot_of = [&](int pos) { return tab[pos / block] * block + pos % block; };
-    int next_slot = 0;  // the first box of the next tile, looked up a tile ahead
-    auto tma_tile = [&](int i) {
-        if (tid != 0 || i >= ntiles) return;
-        const int base = begin + i * 64, boxes = (min(64, end - base) + tma_rows - 1) / tma_rows;
-        const u32 bar = full + 8 * (i & 1), dst = tiles + (i & 1) * 8 * WG_GROUP;
-        if (!MLA_PROBE_TILES) {  // probed: the stage's barrier completes on the arrival alone
-            mbar_expect(bar, boxes * tma_rows * WG_W * 2);
-            for (int b = 0; b < boxes; ++b)
-                L::load_box(dst, cache_map, b, tma_rows, b == 0 ? next_slot : slot_of(base + b * tma_rows), bar);
+    // Half `half` of tile i (channel blocks 4 half .. + 4 + half) into stage i % 2 as boxes of
+    // tma_rows positions (those wholly past the end skipped), completing on the half's barrier;
+    // thread 0 loads the left halves, thread 128 the right ones, each in tile order, the first
+    // box's slot of a stage's next tile looked up a load ahead.
+    int next_slot0 = 0, next_slot1 = 0;  // stage 0's, stage 1's
+    const auto load_half = [&](int i, int half) {
+        const int stage = i & 1, base = begin + i * 64, boxes = (positions(i) + tma_rows - 1) / tma_rows;
+        const int cb0 = 4 * half, ncb = 4 + half;
+        const u32 b = bar(stage, half), dst = tiles + stage * WG_TILE_BYTES;
+        if (!MLA_PROBE_TILES) {  // probed: the barrier completes on the arrival alone
+            mbar_expect(b, boxes * tma_rows * 128 * ncb);
+            for (int x = 0; x < boxes; ++x) {
+                const int slot = x > 0 ? slot_of(base + x * tma_rows) : stage ? next_slot1 : next_slot0;
+                for (int cb = cb0; cb < cb0 + ncb; ++cb)
+                    tma_load_2d(dst + cb * WG_BLOCK + x * tma_rows * 128, cache_map, cb * 64, slot, b);
+            }
         }
-        mbar_arrive(bar);
-        if (i + 1 < ntiles) next_slot = slot_of(base + 64);
+        mbar_arrive(b);
+        if (i + 2 < ntiles) (stage ? next_slot1 : next_slot0) = slot_of(base + 128);
     };
-    if (tma_rows) {
+    if (wt == 0) {  // threads 0 and 128
         if (tid == 0) {
-            mbar_init(full, 1);
-            mbar_init(full + 8, 1);
+            for (int i = 0; i < 4; ++i) mbar_init(bars + 8 * i, 1);
             mbar_init_fence();
-            next_slot = slot_of(begin);
         }
-        __syncthreads();
+        next_slot0 = slot_of(begin);
+        if (ntiles > 1) next_slot1 = slot_of(begin + 64);
+    }
+    __syncthreads();  // the barriers are ready
+    if (wt == 0) {
+        load_half(0, h);
+        if (ntiles > 1) load_half(1, h);
     }
     mla_stamp(2);
-    const int my_row = tid >> 2, my_part = tid & 3;  // 4 threads per cached row
-    auto row_src = [&](int i) -> const bf16* {  // looked up a tile ahead, as in mla_decode_mma
-        if (i >= ntiles) return cache;
-        int base = begin + i * 64, pos = base + min(my_row, end - base - 1);
-        return cache + ((size_t)tab[pos / block] * block + pos % block) * WG_W;
-    };
-    auto load_tile = [&](int i, const bf16* src) {
-        if (i < ntiles) {
-            u32 dst = tiles + (i & 1) * 8 * WG_GROUP;
-            int bytes = my_row < end - (begin + i * 64) ? 16 : 0;
-            for (int x = my_part; x < WG_CH && !MLA_PROBE_TILES; x += 4)
-                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + L::chunk(my_row, x)),
-                             "l"(src + 8 * x), "r"(bytes));
-        }
-        asm volatile("cp.async.commit_group;\n" ::);
-    };
-    const bf16* next_src = cache;
-    if (tma_rows) {
-        tma_tile(0);
-    } else {
-        load_tile(0, row_src(0));
-        next_src = row_src(1);
-    }
     if (!MLA_PROBE_LOAD_Q)
-        load_q([&](int hh, int c) { return qs + L::chunk(hh, c >> 3) + (c & 7) * 2; }, q_lat, q, (size_t)r * heads + h0,
-               qk, nope, hg, 512, WG_W);
+        load_q([&](int hh, int c) { return qs + WgTile::chunk(hh, c >> 3) + (c & 7) * 2; }, q_lat, q,
+               (size_t)r * heads + h0, qk, nope, hg, 512, WG_W);
+    fence_async_shared();
+    __syncthreads();  // Q is in
     mla_stamp(3);
+    const Handoff hand{handoff, wt};
+    const float scale_log2 = scale * 1.4426950408889634f;
     float o[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
-    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows wq*16 + g and + 8 (base 2)
-    const float scale_log2 = scale * 1.4426950408889634f;
-    const int row0 = wq * 16 + g;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // running maxima (base 2), this group's sums
+    float s[32];
     MlaLaps laps;
     laps.start();
-    for (int it = 0; it < ntiles; ++it) {
-        const u32 tb = tiles + (it & 1) * 8 * WG_GROUP;
-        const int n = min(64, end - (begin + it * 64));
-        if (tma_rows) {
-            mbar_wait(full + 8 * (it & 1), (it >> 1) & 1);
-            // Positions past the end hold whatever the cache has there (NaN in a poisoned test):
-            // zero them, since P = 0 there but 0 * NaN is not 0.
-            for (int i = tid; i < (64 - n) * WG_CH; i += 256) {
-                const int row = n + i / WG_CH;
-                asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(tb + L::chunk(row, i % WG_CH)), "r"(0u));
-            }
-        } else {
-            asm volatile("cp.async.wait_group 0;\n" ::);
-        }
-        fence_async_shared();
-        __syncthreads();  // tile `it` and (first time) Q are in; the other stage is free
+    // Scores of tile i, its halves waited for in the order given; committed, not waited. (A
+    // fence after each wait: a wgmma chain across the wait's loop without one is serialised.)
+    const auto score = [&](int i, int first_half) {
+        const u32 tile = tiles + (i & 1) * WG_TILE_BYTES;
+        const u32 parity = (i >> 1) & 1;
+        if (MLA_PROBE_SCORES)
+#pragma unroll
+            for (int x = 0; x < 32; ++x) s[x] = 0.f;
+        mbar_wait(bar(i & 1, first_half), parity);
         laps.lap(0);
-        if (it == 0) mla_stamp(4);
-        if (tma_rows) {
-            tma_tile(it + 1);
-        } else {
-            load_tile(it + 1, next_src);
-            next_src = row_src(it + 2);
-        }
-        float s[16];
-#pragma unroll
-        for (int i = 0; i < 16; ++i) s[i] = 0.f;
         wgmma_fence();
-#pragma unroll 4
-        for (int ks = 0; ks < WG_CH / 2 && !MLA_PROBE_SCORES; ++ks)
-            wgmma_m64n32_ss(s, L::k_major(qs, 0, ks), L::k_major(tb, h * 32, ks), ks);
+        if (first_half == 0) qk_steps<0, 16>(s, qs, tile, true); else qk_steps<16, 36>(s, qs, tile, true);
+        mbar_wait(bar(i & 1, first_half ^ 1), parity);
+        laps.lap(0);
+        wgmma_fence();
+        if (first_half == 0) qk_steps<16, 36>(s, qs, tile, false); else qk_steps<0, 16>(s, qs, tile, false);
         wgmma_commit();
-        wgmma_wait_all();
+    };
+    const u32 stage_a = tiles, stage_b = tiles + WG_TILE_BYTES;
+    if (h == 0) {
+        // Group 0: tiles A, output columns 0 .. 255.
+        score(0, 0);
+        mla_stamp(4);
+        wgmma_wait<0>();
 #pragma unroll
-        for (int i = 0; i < 16; ++i) hold(s[i]);
+        for (int x = 0; x < 32; ++x) hold(s[x]);
         laps.lap(1);
-        if (it == 0) mla_stamp(5);
-        // scores of positions h*32 + 8j + 2t (+1); rows row0 (e < 2) and row0 + 8
-        float tm0 = -INFINITY, tm1 = -INFINITY;
+        mla_stamp(5);
+        for (int k = 0; k < npairs; ++k) {
+            const int ia = 2 * k;
+            const bool has_b = ia + 1 < ntiles;
+            float t0, t1;
+            tile_scores(s, positions(ia), t, scale_log2, t0, t1);
+            const float ma0 = fmaxf(m0, t0), ma1 = fmaxf(m1, t1);
+            const float c0 = exp2f(m0 - ma0), c1 = exp2f(m1 - ma1);
+            l0 *= c0;
+            l1 *= c1;
+            exponentiate(s, ma0, ma1, l0, l1);
+            hand.put_m(ma0, ma1);
+            warpgroups_arrive(SEESAW_MAX_A);
+            u32 pa[16];
+            pack_p(s, 1.f, 1.f, pa);
+            rescale_rows(o, c0, c1);
+            laps.lap(2);
+            if (k == 0) mla_stamp(6);
+            if (positions(ia) < 64) zero_rows_past(stage_a, positions(ia), 0, wt, 0);
+            pv_tile(o, pa, stage_a, 0);
+            wgmma_wait<0>();
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                int pos = h * 32 + 8 * j + 2 * t + (e & 1);
-                float v = pos < n ? s[4 * j + e] * scale_log2 : -INFINITY;
-                s[4 * j + e] = v;
-                if (e < 2) tm0 = fmaxf(tm0, v); else tm1 = fmaxf(tm1, v);
+            for (int x = 0; x < 128; ++x) hold(o[x]);
+            if (wt == 0 && ia + 2 < ntiles) load_half(ia + 2, 0);  // stage A's left half is free
+            laps.lap(3);
+            if (k == 0) mla_stamp(7);
+            // Group 1's maxima and P_B; P_A at those maxima for group 1's outputs.
+            float mb0 = ma0, mb1 = ma1;
+            u32 pb[16];
+            if (has_b) {
+                warpgroups_sync(SEESAW_MAX_B);
+                hand.get_m(mb0, mb1);
+                hand.get_p(pb);
             }
-        tm0 = quad_max(tm0);
-        tm1 = quad_max(tm1);
-        if (t == 0) { red[h * 64 + row0] = tm0; red[h * 64 + row0 + 8] = tm1; }
-        __syncthreads();
-        const float n0 = fmaxf(m0, fmaxf(tm0, red[(h ^ 1) * 64 + row0]));
-        const float n1 = fmaxf(m1, fmaxf(tm1, red[(h ^ 1) * 64 + row0 + 8]));
-        const float corr0 = exp2f(m0 - n0), corr1 = exp2f(m1 - n1);
-        m0 = n0;
-        m1 = n1;
-        l0 *= corr0;
-        l1 *= corr1;
-        u32 pa[2][4];  // this half of P as wgmma A fragments: two k-steps of 16 positions
-        const u32 p_mine = pbuf + h * WG_P_HALF;
+            const float d0 = exp2f(ma0 - mb0), d1 = exp2f(ma1 - mb1);
+            u32 pa_b[16];
+            pack_p(s, d0, d1, pa_b);
+            hand.put_p(pa_b);
+            warpgroups_arrive(SEESAW_P_A);
+            m0 = mb0;
+            m1 = mb1;
+            laps.lap(2);
+            if (has_b) {
+                l0 *= d0;
+                l1 *= d1;
+                rescale_rows(o, d0, d1);
+                if (positions(ia + 1) < 64) zero_rows_past(stage_b, positions(ia + 1), 0, wt, 0);
+                pv_tile(o, pb, stage_b, 0);
+            }
+            if (k + 1 < npairs) {  // the next tile A's scores queue behind P_B·V_B
+                score(ia + 2, 0);
+                wgmma_wait<1>();
+                if (wt == 0 && has_b && ia + 3 < ntiles) load_half(ia + 3, 0);  // stage B's left half is free
+                wgmma_wait<0>();
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            float p0 = exp2f(s[4 * j] - n0), p1 = exp2f(s[4 * j + 1] - n0);
-            float p2 = exp2f(s[4 * j + 2] - n1), p3 = exp2f(s[4 * j + 3] - n1);
-            l0 += p0 + p1;
-            l1 += p2 + p3;
-            u32 top = pack_bf16(p0, p1), bottom = pack_bf16(p2, p3);
-            pa[j >> 1][(j & 1) * 2] = top;
-            pa[j >> 1][(j & 1) * 2 + 1] = bottom;
-            // K-major for the other group: core matrix (heads / 8, positions / 8), 8 x 16 bytes
-            u32 at = p_mine + ((row0 >> 3) * 4 + j) * 128 + (g & 7) * 16 + 4 * t;
-            asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(at), "r"(top));
-            asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(at + 4 * 128), "r"(bottom));
+                for (int x = 0; x < 32; ++x) hold(s[x]);
+                laps.lap(1);
+            } else {
+                wgmma_wait<0>();
+                laps.lap(3);
+            }
+#pragma unroll
+            for (int x = 0; x < 128; ++x) hold(o[x]);
         }
-        if (__any_sync(0xffffffffu, corr0 != 1.f || corr1 != 1.f)) {
+    } else {
+        // Group 1: tiles B, output columns 256 .. 511.
+        if (ntiles > 1) {
+            score(1, 1);
+            wgmma_wait<0>();
 #pragma unroll
-            for (int j = 0; j < 32; ++j) {
-                o[4 * j] *= corr0; o[4 * j + 1] *= corr0;
-                o[4 * j + 2] *= corr1; o[4 * j + 3] *= corr1;
+            for (int x = 0; x < 32; ++x) hold(s[x]);
+        }
+        for (int k = 0; k < npairs; ++k) {
+            const int ia = 2 * k;
+            const bool has_b = ia + 1 < ntiles;
+            warpgroups_sync(SEESAW_MAX_A);
+            float ma0, ma1;
+            hand.get_m(ma0, ma1);
+            float mb0 = ma0, mb1 = ma1;
+            u32 pb[16];
+            if (has_b) {
+                float t0, t1;
+                tile_scores(s, positions(ia + 1), t, scale_log2, t0, t1);
+                mb0 = fmaxf(ma0, t0);
+                mb1 = fmaxf(ma1, t1);
+                l0 *= exp2f(m0 - mb0);
+                l1 *= exp2f(m1 - mb1);
+                exponentiate(s, mb0, mb1, l0, l1);
+                pack_p(s, 1.f, 1.f, pb);
+                hand.put_p(pb);
+                hand.put_m(mb0, mb1);
+                warpgroups_arrive(SEESAW_MAX_B);
+            } else {
+                l0 *= exp2f(m0 - mb0);
+                l1 *= exp2f(m1 - mb1);
+            }
+            rescale_rows(o, exp2f(m0 - mb0), exp2f(m1 - mb1));
+            m0 = mb0;
+            m1 = mb1;
+            if (has_b) {
+                if (positions(ia + 1) < 64) zero_rows_past(stage_b, positions(ia + 1), 4, wt, 1);
+                pv_tile(o, pb, stage_b, 256);
+            }
+            warpgroups_sync(SEESAW_P_A);
+            u32 pa[16];
+            hand.get_p(pa);
+            if (positions(ia) < 64) zero_rows_past(stage_a, positions(ia), 4, wt, 1);
+            pv_tile(o, pa, stage_a, 256);
+            if (has_b) {
+                wgmma_wait<1>();
+                if (wt == 0 && ia + 3 < ntiles) load_half(ia + 3, 1);  // stage B's right half is free
+            }
+            wgmma_wait<0>();
+#pragma unroll
+            for (int x = 0; x < 128; ++x) hold(o[x]);
+            if (wt == 0 && ia + 2 < ntiles) load_half(ia + 2, 1);  // stage A's right half is free
+            if (ia + 3 < ntiles) {  // the next tile B's scores
+                score(ia + 3, 1);
+                wgmma_wait<0>();
+#pragma unroll
+                for (int x = 0; x < 32; ++x) hold(s[x]);
             }
         }
-        fence_async_shared();
-        __syncthreads();  // both halves of P are in
-        laps.lap(2);
-        if (it == 0) mla_stamp(6);
-        wgmma_fence();
-        // this group's 256 output channels, over its own positions, then the other group's
-        if (!MLA_PROBE_PV) {
-#pragma unroll
-            for (int kk = 0; kk < 2; ++kk) wgmma_m64n256_rs(o, pa[kk], L::n_major(tb, h * 32 + 16 * kk, h * 256));
-            const u32 p_other = pbuf + (h ^ 1) * WG_P_HALF;
-#pragma unroll
-            for (int kk = 0; kk < 2; ++kk)
-                wgmma_m64n256_ss(o, smem_desc(p_other + kk * 256, 128, 4 * 128),
-                                 L::n_major(tb, (h ^ 1) * 32 + 16 * kk, h * 256));
-        }
-        wgmma_commit();
-        wgmma_wait_all();
-#pragma unroll
-        for (int i = 0; i < 128; ++i) hold(o[i]);
-        laps.lap(3);
-        if (it == 0) mla_stamp(7);
     }
     mla_stamp(8);
     laps.record();
@@ -902,26 +1029,24 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
         mla_stamp(MLA_TIMELINE_POINTS - 1);
         return;
     }
-    finish_split(reinterpret_cast<float(*)[4]>(o), 32, l0, l1, m0, m1, red, (float*)(smem_raw + (tiles - raw)), h, row0,
-                 t, o_part, ml_part,
-                 (size_t)r * heads + h0, hg, splits, split, 512, h * 256);
+    // The row sums meet where Q was (no product reads it any more: each group's last scores were
+    // waited for before the handoff the other group waited on), the outputs leave through the tiles.
+    finish_split(reinterpret_cast<float(*)[4]>(o), 32, l0, l1, m0, m1, (float*)(smem_raw + (qs - raw)),
+                 (float*)(smem_raw + (tiles - raw)), h, row0, t, o_part, ml_part, (size_t)r * heads + h0, hg, splits,
+                 split, 512, h * 256);
     mla_stamp(MLA_TIMELINE_POINTS - 1);
 #endif
 }
 
-// The kernels: tiles in the 128-byte swizzled layout (TMA boxes of a 2-D view of the cache, or
-// cp.async with tma_rows == 0), and in the flat layout (TMA boxes of the 4-D view).
-#define MLA_DECODE_WGMMA_PARAMS                                                                                        \
-    float *o_part, float *ml_part, const float *q_lat, const float *q, int qk, int nope, int heads, int hg, int lora,   \
-        int rope, const bf16 *cache, const int *tables, const int *table_off, const int *lens, int block, float scale, \
-        int min_split, const __grid_constant__ TensorMap cache_map, int tma_rows
-extern "C" __global__ void __launch_bounds__(256, 1) mla_decode_wgmma(MLA_DECODE_WGMMA_PARAMS) {
-    mla_decode_wgmma_body<true>(o_part, ml_part, q_lat, q, qk, nope, heads, hg, cache, tables, table_off, lens, block,
-                                scale, min_split, &cache_map, tma_rows);
-}
-extern "C" __global__ void __launch_bounds__(256, 1) mla_decode_wgmma_flat(MLA_DECODE_WGMMA_PARAMS) {
-    mla_decode_wgmma_body<false>(o_part, ml_part, q_lat, q, qk, nope, heads, hg, cache, tables, table_off, lens, block,
-                                 scale, min_split, &cache_map, tma_rows);
+// The kernel: tiles by TMA boxes of the cache's plain 2-D view (`cache_map`, tma_rows positions
+// a box), 128-byte swizzled.
+extern "C" __global__ void __launch_bounds__(256, 1)
+    mla_decode_wgmma(float* o_part, float* ml_part, const float* q_lat, const float* q, int qk, int nope, int heads,
+                     int hg, int lora, int rope, const bf16* cache, const int* tables, const int* table_off,
+                     const int* lens, int block, float scale, int min_split, const __grid_constant__ TensorMap cache_map,
+                     int tma_rows) {
+    mla_decode_wgmma_body(o_part, ml_part, q_lat, q, qk, nope, heads, hg, cache, tables, table_off, lens, block, scale,
+                          min_split, &cache_map, tma_rows);
 }
 
 // Merges the splits: o_lat[r, h, :] = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s. grid (heads, m);
