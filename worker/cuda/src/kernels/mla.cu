@@ -779,7 +779,13 @@ __device__ __forceinline__ void qk_steps(float s[32], u32 qs, u32 tile, bool fre
 }
 
 // O[:, col0 ..+ 256] += P · V over a tile's 64 positions, P from registers; committed, not waited.
-__device__ __forceinline__ void pv_tile(float o[128], const u32 p[16], u32 tile, int col0) {
+__device__ __forceinline__ void pv_tile(float o[128], const u32 p_made[16], u32 tile, int col0) {
+    u32 p[16];  // made before the fence (left to the compiler, it packs between the products)
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+        p[i] = p_made[i];
+        asm volatile("" : "+r"(p[i]));
+    }
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4 && !MLA_PROBE_PV; ++kk) wgmma_m64n256_rs(o, p + 4 * kk, WgTile::n_major(tile, 16 * kk, col0));
