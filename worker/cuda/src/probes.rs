@@ -51,15 +51,18 @@ pub const MLA_TIMELINE: [&str; 10] = [
     "query loaded",
     "tile 0 in",
     "scores 0",
-    "P 0 shared",
+    "softmax 0",
     "P·V 0",
     "last tile",
     "outputs written",
 ];
 
 /// The parts of `mla_decode_wgmma`'s tile loop whose cycles its timeline probe adds up over all
-/// of a block's tiles (`MlaLaps` in kernels/mla.cu, `MLA_TIMELINE_LAPS` their number).
-pub const MLA_TIMELINE_LAPS: [&str; 4] = ["tile waits", "scores", "softmax and P", "P·V"];
+/// of a block's tiles, as warpgroup 0 (thread 0) spends them: waiting for tiles, scoring (with
+/// the other group's products queued beside), its softmax and the handoffs (waiting for the other
+/// group's maxima), waiting for its P·V (`MlaLaps` in kernels/mla.cu, `MLA_TIMELINE_LAPS` their
+/// number).
+pub const MLA_TIMELINE_LAPS: [&str; 4] = ["tile waits", "scores", "softmax and handoffs", "P·V"];
 
 /// The `__device__` array the MLA decode's timeline probe writes (kernels/mla.cu).
 pub const MLA_TIMELINE_RECORD: &str = "mla_timeline";
