@@ -839,7 +839,8 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
             for (int x = 0; x < boxes; ++x) {
                 const int slot = x > 0 ? slot_of(base + x * tma_rows) : stage ? next_slot1 : next_slot0;
                 for (int cb = cb0; cb < cb0 + ncb; ++cb)
-                    tma_load_2d(dst + cb * WG_BLOCK + x * tma_rows * 128, cache_map, cb * 64, slot, b);
+                    tma_load_2d_hinted(dst + cb * WG_BLOCK + x * tma_rows * 128, cache_map, cb * 64, slot, b,
+                                       l2_evict_first());
             }
         }
         mbar_arrive(b);
