@@ -519,26 +519,25 @@ mla_decode_mma(float* o_part, float* ml_part, const float* q_lat, const float* q
 // from shared memory), and each group owns half of the output columns (0: 0..255, 1: 256..511),
 // to which it adds P·V of both tiles with P in registers (m64n256k16). The groups hand each
 // other their row maxima and P through shared memory, in this order each pair:
-//   group 0: softmax of A (against the running max) → posts the maxima → O_L += P_A·V_A
-//   group 1: waits for them, softmax of B against them → posts maxima and P_B → O_R += P_B·V_B
-//   group 0: P_A rescaled to group 1's maxima → posts it → O_L rescaled, += P_B·V_B
-//   group 1: O_R += P_A·V_A
-// so that one group's softmax runs beside the other's products (FlashMLA's "seesaw" schedule).
+//   group 0: softmax of A (against the running max) → posts the maxima and P_A → O_L += P_A·V_A
+//   group 1: waits for them → O_R rescaled, += P_A·V_A; beside that product, the softmax of B
+//            against group 0's maxima → posts the maxima and P_B
+//   both:    the output rescaled to B's maxima, += P_B·V_B
+// so that one group's softmax runs beside the other's products (FlashMLA's "seesaw" schedule),
+// and P_A·V_A, whose stage the next tile A waits for, is done first by both groups.
 // Each tile arrives by TMA in two halves, channel blocks 0..3 (V's left half) and 4..8 (V's
 // right half and the rotary part), each on its own barrier, and each half is reloaded by the
 // last group to read it as soon as its product has finished: the left halves by group 0, the
-// right halves by group 1. Group 0 scores its tile left half first, group 1 right half first,
-// so a score starts on the half reloaded earlier. Compiled for sm_90a only.
+// right halves by group 1. Compiled for sm_90a only.
 
 #define WG_W 576                       // lora + rope
 #define WG_TILE_BYTES (64 * WG_W * 2)  // one tile (or Q): 64 rows of 576 bf16
 #define WG_BLOCK (64 * 128)            // one 64-channel block of a tile
 #define WG_HANDOFF_BYTES (128 * 16 * 4 + 128 * 8)  // P fragments and maxima, one slot a thread
 // Named barriers of the see-saw (0 is __syncthreads).
-#define SEESAW_MAX_A 1  // group 0 has posted its maxima for tile A
+#define SEESAW_MAX_A 1  // group 0 has posted its maxima and P for tile A
 #define SEESAW_MAX_B 2  // group 1 has posted its maxima and P for tile B
-#define SEESAW_P_A 3    // group 0 has posted P_A at group 1's maxima
-#define SEESAW_OWN 4    // + group: a group's own stores, before its products read them
+#define SEESAW_OWN 3    // + group: a group's own stores, before its products read them
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // d[64, 64] (+)= A[64, 16] · B[64, 16]ᵀ, A and B K-major in shared memory.
@@ -875,28 +874,29 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
     float s[32];
     MlaLaps laps;
     laps.start();
-    // Scores of tile i, its halves waited for in the order given; committed, not waited. (A
-    // fence after each wait: a wgmma chain across the wait's loop without one is serialised.)
-    const auto score = [&](int i, int first_half) {
+    // Scores of tile i, its left half waited for first (the one reloaded first); committed, not
+    // waited. (A fence after each wait: a wgmma chain across the wait's loop without one is
+    // serialised.)
+    const auto score = [&](int i) {
         const u32 tile = tiles + (i & 1) * WG_TILE_BYTES;
         const u32 parity = (i >> 1) & 1;
         if (MLA_PROBE_SCORES)
 #pragma unroll
             for (int x = 0; x < 32; ++x) s[x] = 0.f;
-        mbar_wait(bar(i & 1, first_half), parity);
+        mbar_wait(bar(i & 1, 0), parity);
         laps.lap(0);
         wgmma_fence();
-        if (first_half == 0) qk_steps<0, 16>(s, qs, tile, true); else qk_steps<16, 36>(s, qs, tile, true);
-        mbar_wait(bar(i & 1, first_half ^ 1), parity);
+        qk_steps<0, 16>(s, qs, tile, true);
+        mbar_wait(bar(i & 1, 1), parity);
         laps.lap(0);
         wgmma_fence();
-        if (first_half == 0) qk_steps<16, 36>(s, qs, tile, false); else qk_steps<0, 16>(s, qs, tile, false);
+        qk_steps<16, 36>(s, qs, tile, false);
         wgmma_commit();
     };
     const u32 stage_a = tiles, stage_b = tiles + WG_TILE_BYTES;
     if (h == 0) {
         // Group 0: tiles A, output columns 0 .. 255.
-        score(0, 0);
+        score(0);
         mla_stamp(4);
         wgmma_wait<0>();
 #pragma unroll
@@ -913,10 +913,11 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
             l0 *= c0;
             l1 *= c1;
             exponentiate(s, ma0, ma1, l0, l1);
-            hand.put_m(ma0, ma1);
-            warpgroups_arrive(SEESAW_MAX_A);
             u32 pa[16];
             pack_p(s, 1.f, 1.f, pa);
+            hand.put_p(pa);
+            hand.put_m(ma0, ma1);
+            warpgroups_arrive(SEESAW_MAX_A);
             rescale_rows(o, c0, c1);
             laps.lap(2);
             if (k == 0) mla_stamp(6);
@@ -928,48 +929,43 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
             if (wt == 0 && ia + 2 < ntiles) load_half(ia + 2, 0);  // stage A's left half is free
             laps.lap(3);
             if (k == 0) mla_stamp(7);
-            // Group 1's maxima and P_B; P_A at those maxima for group 1's outputs.
-            float mb0 = ma0, mb1 = ma1;
-            u32 pb[16];
+            // Group 1's maxima and P_B (at those maxima): O_L brought to them, += P_B·V_B.
             if (has_b) {
                 warpgroups_sync(SEESAW_MAX_B);
+                float mb0, mb1;
                 hand.get_m(mb0, mb1);
+                u32 pb[16];
                 hand.get_p(pb);
-            }
-            const float d0 = exp2f(ma0 - mb0), d1 = exp2f(ma1 - mb1);
-            u32 pa_b[16];
-            pack_p(s, d0, d1, pa_b);
-            hand.put_p(pa_b);
-            warpgroups_arrive(SEESAW_P_A);
-            m0 = mb0;
-            m1 = mb1;
-            laps.lap(2);
-            if (has_b) {
+                const float d0 = exp2f(ma0 - mb0), d1 = exp2f(ma1 - mb1);
                 l0 *= d0;
                 l1 *= d1;
+                m0 = mb0;
+                m1 = mb1;
                 rescale_rows(o, d0, d1);
+                laps.lap(2);
                 if (positions(ia + 1) < 64) zero_rows_past(stage_b, positions(ia + 1), 0, wt, 0);
                 pv_tile(o, pb, stage_b, 0);
+                wgmma_wait<0>();
+#pragma unroll
+                for (int x = 0; x < 128; ++x) hold(o[x]);
+                if (wt == 0 && ia + 3 < ntiles) load_half(ia + 3, 0);  // stage B's left half is free
+                laps.lap(3);
+            } else {
+                m0 = ma0;
+                m1 = ma1;
             }
-            if (k + 1 < npairs) {  // the next tile A's scores queue behind P_B·V_B
-                score(ia + 2, 0);
-                wgmma_wait<1>();
-                if (wt == 0 && has_b && ia + 3 < ntiles) load_half(ia + 3, 0);  // stage B's left half is free
+            if (k + 1 < npairs) {  // the next tile A
+                score(ia + 2);
                 wgmma_wait<0>();
 #pragma unroll
                 for (int x = 0; x < 32; ++x) hold(s[x]);
                 laps.lap(1);
-            } else {
-                wgmma_wait<0>();
-                laps.lap(3);
             }
-#pragma unroll
-            for (int x = 0; x < 128; ++x) hold(o[x]);
         }
     } else {
         // Group 1: tiles B, output columns 256 .. 511.
         if (ntiles > 1) {
-            score(1, 1);
+            score(1);
             wgmma_wait<0>();
 #pragma unroll
             for (int x = 0; x < 32; ++x) hold(s[x]);
@@ -977,9 +973,20 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
         for (int k = 0; k < npairs; ++k) {
             const int ia = 2 * k;
             const bool has_b = ia + 1 < ntiles;
+            // Group 0's maxima and P_A (at those maxima): O_R brought to them, += P_A·V_A, so
+            // that stage A is free for the next tile A early.
             warpgroups_sync(SEESAW_MAX_A);
             float ma0, ma1;
             hand.get_m(ma0, ma1);
+            u32 pa[16];
+            hand.get_p(pa);
+            const float c0 = exp2f(m0 - ma0), c1 = exp2f(m1 - ma1);
+            l0 *= c0;
+            l1 *= c1;
+            rescale_rows(o, c0, c1);
+            if (positions(ia) < 64) zero_rows_past(stage_a, positions(ia), 4, wt, 1);
+            pv_tile(o, pa, stage_a, 256);
+            // Meanwhile the softmax of B against group 0's maxima, posted with P_B.
             float mb0 = ma0, mb1 = ma1;
             u32 pb[16];
             if (has_b) {
@@ -987,39 +994,31 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
                 tile_scores(s, positions(ia + 1), t, scale_log2, t0, t1);
                 mb0 = fmaxf(ma0, t0);
                 mb1 = fmaxf(ma1, t1);
-                l0 *= exp2f(m0 - mb0);
-                l1 *= exp2f(m1 - mb1);
+                l0 *= exp2f(ma0 - mb0);
+                l1 *= exp2f(ma1 - mb1);
                 exponentiate(s, mb0, mb1, l0, l1);
                 pack_p(s, 1.f, 1.f, pb);
                 hand.put_p(pb);
                 hand.put_m(mb0, mb1);
                 warpgroups_arrive(SEESAW_MAX_B);
-            } else {
-                l0 *= exp2f(m0 - mb0);
-                l1 *= exp2f(m1 - mb1);
-            }
-            rescale_rows(o, exp2f(m0 - mb0), exp2f(m1 - mb1));
-            m0 = mb0;
-            m1 = mb1;
-            if (has_b) {
-                if (positions(ia + 1) < 64) zero_rows_past(stage_b, positions(ia + 1), 4, wt, 1);
-                pv_tile(o, pb, stage_b, 256);
-            }
-            warpgroups_sync(SEESAW_P_A);
-            u32 pa[16];
-            hand.get_p(pa);
-            if (positions(ia) < 64) zero_rows_past(stage_a, positions(ia), 4, wt, 1);
-            pv_tile(o, pa, stage_a, 256);
-            if (has_b) {
-                wgmma_wait<1>();
-                if (wt == 0 && ia + 3 < ntiles) load_half(ia + 3, 1);  // stage B's right half is free
             }
             wgmma_wait<0>();
 #pragma unroll
             for (int x = 0; x < 128; ++x) hold(o[x]);
             if (wt == 0 && ia + 2 < ntiles) load_half(ia + 2, 1);  // stage A's right half is free
-            if (ia + 3 < ntiles) {  // the next tile B's scores
-                score(ia + 3, 1);
+            m0 = mb0;
+            m1 = mb1;
+            if (has_b) {
+                rescale_rows(o, exp2f(ma0 - mb0), exp2f(ma1 - mb1));
+                if (positions(ia + 1) < 64) zero_rows_past(stage_b, positions(ia + 1), 4, wt, 1);
+                pv_tile(o, pb, stage_b, 256);
+                wgmma_wait<0>();
+#pragma unroll
+                for (int x = 0; x < 128; ++x) hold(o[x]);
+                if (wt == 0 && ia + 3 < ntiles) load_half(ia + 3, 1);  // stage B's right half is free
+            }
+            if (ia + 3 < ntiles) {  // the next tile B
+                score(ia + 3);
                 wgmma_wait<0>();
 #pragma unroll
                 for (int x = 0; x < 32; ++x) hold(s[x]);
