@@ -101,6 +101,21 @@ __device__ __forceinline__ float quad_max(float v) {
     return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
 }
 
+// An mma accumulator's scores s = 2^(s - m) in place, J fragments of 4 (elements 0, 1 of row m0,
+// 2, 3 of row m1), each row's sum added to l0, l1.
+template <int J>
+__device__ __forceinline__ void exponentiate(float* s, float m0, float m1, float& l0, float& l1) {
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+        s[4 * j] = exp2f(s[4 * j] - m0);
+        s[4 * j + 1] = exp2f(s[4 * j + 1] - m0);
+        s[4 * j + 2] = exp2f(s[4 * j + 2] - m1);
+        s[4 * j + 3] = exp2f(s[4 * j + 3] - m1);
+        l0 += s[4 * j] + s[4 * j + 1];
+        l1 += s[4 * j + 2] + s[4 * j + 3];
+    }
+}
+
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 __device__ float block_sum(float v, float* scratch) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;

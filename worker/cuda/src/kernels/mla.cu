@@ -693,6 +693,18 @@ struct Handoff {
     __device__ __forceinline__ void get_m(float& m0, float& m1) const {
         asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(m0), "=f"(m1) : "r"(base + 128 * 64 + wt * 8) : "memory");
     }
+    // Posts P and the maxima, then lets the other group past named barrier `id`.
+    __device__ __forceinline__ void post(int id, const u32 p[16], float m0, float m1) const {
+        put_p(p);
+        put_m(m0, m1);
+        warpgroups_arrive(id);
+    }
+    // What the other group posted before barrier `id`.
+    __device__ __forceinline__ void take(int id, u32 p[16], float& m0, float& m1) const {
+        warpgroups_sync(id);
+        get_m(m0, m1);
+        get_p(p);
+    }
 };
 
 // One group's scores of a tile, s[4j + e] for position 8j + 2t + (e & 1) of row row0 (e < 2) or
@@ -710,19 +722,6 @@ __device__ __forceinline__ void tile_scores(float s[32], int n, int t, float sca
         }
     t0 = quad_max(t0);
     t1 = quad_max(t1);
-}
-
-// s = 2^(s - m) for the rows' maxima m0, m1, their sums added to l0, l1.
-__device__ __forceinline__ void exponentiate(float s[32], float m0, float m1, float& l0, float& l1) {
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        s[4 * j] = exp2f(s[4 * j] - m0);
-        s[4 * j + 1] = exp2f(s[4 * j + 1] - m0);
-        s[4 * j + 2] = exp2f(s[4 * j + 2] - m1);
-        s[4 * j + 3] = exp2f(s[4 * j + 3] - m1);
-        l0 += s[4 * j] + s[4 * j + 1];
-        l1 += s[4 * j + 2] + s[4 * j + 3];
-    }
 }
 
 // P (times c0 for row0, c1 for row0 + 8) as bf16 wgmma A fragments: k-step kk (positions
@@ -746,6 +745,14 @@ __device__ __forceinline__ void rescale_rows(float o[128], float c0, float c1) {
         o[4 * j] *= c0; o[4 * j + 1] *= c0;
         o[4 * j + 2] *= c1; o[4 * j + 3] *= c1;
     }
+}
+
+// The output rows and their sums, kept against maxima m0, m1, brought to maxima n0, n1.
+__device__ __forceinline__ void to_maxima(float o[128], float& l0, float& l1, float m0, float m1, float n0, float n1) {
+    const float c0 = exp2f(m0 - n0), c1 = exp2f(m1 - n1);
+    l0 *= c0;
+    l1 *= c1;
+    rescale_rows(o, c0, c1);
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -912,12 +919,10 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
             const float c0 = exp2f(m0 - ma0), c1 = exp2f(m1 - ma1);
             l0 *= c0;
             l1 *= c1;
-            exponentiate(s, ma0, ma1, l0, l1);
+            exponentiate<8>(s, ma0, ma1, l0, l1);
             u32 pa[16];
             pack_p(s, 1.f, 1.f, pa);
-            hand.put_p(pa);
-            hand.put_m(ma0, ma1);
-            warpgroups_arrive(SEESAW_MAX_A);
+            hand.post(SEESAW_MAX_A, pa, ma0, ma1);
             rescale_rows(o, c0, c1);
             laps.lap(2);
             if (k == 0) mla_stamp(6);
@@ -931,17 +936,12 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
             if (k == 0) mla_stamp(7);
             // Group 1's maxima and P_B (at those maxima): O_L brought to them, += P_B·V_B.
             if (has_b) {
-                warpgroups_sync(SEESAW_MAX_B);
                 float mb0, mb1;
-                hand.get_m(mb0, mb1);
                 u32 pb[16];
-                hand.get_p(pb);
-                const float d0 = exp2f(ma0 - mb0), d1 = exp2f(ma1 - mb1);
-                l0 *= d0;
-                l1 *= d1;
+                hand.take(SEESAW_MAX_B, pb, mb0, mb1);
+                to_maxima(o, l0, l1, ma0, ma1, mb0, mb1);
                 m0 = mb0;
                 m1 = mb1;
-                rescale_rows(o, d0, d1);
                 laps.lap(2);
                 if (positions(ia + 1) < 64) zero_rows_past(stage_b, positions(ia + 1), 0, wt, 0);
                 pv_tile(o, pb, stage_b, 0);
@@ -975,15 +975,10 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
             const bool has_b = ia + 1 < ntiles;
             // Group 0's maxima and P_A (at those maxima): O_R brought to them, += P_A·V_A, so
             // that stage A is free for the next tile A early.
-            warpgroups_sync(SEESAW_MAX_A);
             float ma0, ma1;
-            hand.get_m(ma0, ma1);
             u32 pa[16];
-            hand.get_p(pa);
-            const float c0 = exp2f(m0 - ma0), c1 = exp2f(m1 - ma1);
-            l0 *= c0;
-            l1 *= c1;
-            rescale_rows(o, c0, c1);
+            hand.take(SEESAW_MAX_A, pa, ma0, ma1);
+            to_maxima(o, l0, l1, m0, m1, ma0, ma1);
             if (positions(ia) < 64) zero_rows_past(stage_a, positions(ia), 4, wt, 1);
             pv_tile(o, pa, stage_a, 256);
             // Meanwhile the softmax of B against group 0's maxima, posted with P_B.
@@ -996,11 +991,9 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
                 mb1 = fmaxf(ma1, t1);
                 l0 *= exp2f(ma0 - mb0);
                 l1 *= exp2f(ma1 - mb1);
-                exponentiate(s, mb0, mb1, l0, l1);
+                exponentiate<8>(s, mb0, mb1, l0, l1);
                 pack_p(s, 1.f, 1.f, pb);
-                hand.put_p(pb);
-                hand.put_m(mb0, mb1);
-                warpgroups_arrive(SEESAW_MAX_B);
+                hand.post(SEESAW_MAX_B, pb, mb0, mb1);
             }
             wgmma_wait<0>();
 #pragma unroll

@@ -305,15 +305,7 @@ __device__ __forceinline__ void pf_softmax(float sc[64], PfRows& r, int kt, bool
     r.m0 = n0;
     r.m1 = n1;
     float s0 = 0.f, s1 = 0.f;
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-        sc[4 * j] = exp2f(sc[4 * j] - n0);
-        sc[4 * j + 1] = exp2f(sc[4 * j + 1] - n0);
-        sc[4 * j + 2] = exp2f(sc[4 * j + 2] - n1);
-        sc[4 * j + 3] = exp2f(sc[4 * j + 3] - n1);
-        s0 += sc[4 * j] + sc[4 * j + 1];
-        s1 += sc[4 * j + 2] + sc[4 * j + 3];
-    }
+    exponentiate<16>(sc, n0, n1, s0, s1);
     r.l0 = r.l0 * corr0 + s0;
     r.l1 = r.l1 * corr1 + s1;
 }
