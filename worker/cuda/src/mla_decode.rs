@@ -11,7 +11,7 @@ use crate::kernels;
 use crate::launch::{int, ptr, Extend, TensorMap};
 use crate::switches;
 use crate::tiles::{DEC_HEADS, DEC_PAD, DEC_STAGES, DEC_THREADS, DEC_TILE, MLA_HEAD_GROUP, MLA_THREADS, MLA_TILE};
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::sys as drv;
 
 /// Fewest positions one block of the split tensor-core kernel takes, unless
@@ -90,14 +90,14 @@ impl DecodeKernel {
     /// Every kernel, fastest first.
     pub const ALL: [DecodeKernel; 3] = [DecodeKernel::Wgmma, DecodeKernel::Mma, DecodeKernel::CudaCores];
 
-    /// The fastest kernel that takes `shape` over cache blocks of `block` positions on `g`
-    /// (`DSV3_MLA_WGMMA=0` passes over wgmma).
-    pub fn best(g: &Gpu, shape: &LatentShape, block: usize) -> Self {
-        let wgmma = std::env::var_os("DSV3_MLA_WGMMA").is_none_or(|v| v != "0");
-        DecodeKernel::ALL
+    /// The fastest kernel that takes `shape` over cache blocks of `block` positions on `g` and
+    /// that the environment allows ([`wgmma_allowed`]).
+    pub fn best(g: &Gpu, shape: &LatentShape, block: usize) -> Result<Self> {
+        let wgmma = wgmma_allowed()?;
+        Ok(DecodeKernel::ALL
             .into_iter()
             .find(|&k| k.takes(g, shape, block) && (k != DecodeKernel::Wgmma || wgmma))
-            .unwrap_or(DecodeKernel::CudaCores)
+            .unwrap_or(DecodeKernel::CudaCores))
     }
 
     /// Whether this is `mla_decode_wgmma`, the kernel the `DSV3_MLA_PROBE` switches build
@@ -186,6 +186,25 @@ fn swizzled_cache_map(cache: u64, slots: usize, box_rows: usize) -> Result<Tenso
         drv::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
         &format!("a latent cache of {slots} slots"),
     )
+}
+
+/// What the environment says of the wgmma decode kernel: `DSV3_MLA_WGMMA` unset or 1 allows it, 0
+/// passes over it; any other value, and the switches of its feed that no longer exist, are errors.
+fn wgmma_allowed() -> Result<bool> {
+    for retired in ["DSV3_MLA_TMA", "DSV3_MLA_SWIZZLE"] {
+        ensure!(
+            std::env::var_os(retired).is_none(),
+            "{retired} is no longer read: the wgmma decode kernel always takes its tiles by TMA in \
+             128-byte swizzled rows (DSV3_MLA_WGMMA=0 selects the mma.sync kernel instead)"
+        );
+    }
+    match std::env::var("DSV3_MLA_WGMMA") {
+        Err(std::env::VarError::NotPresent) => Ok(true),
+        Ok(v) if v == "1" => Ok(true),
+        Ok(v) if v == "0" => Ok(false),
+        Ok(v) => bail!("DSV3_MLA_WGMMA={v}: expected 0 or 1"),
+        Err(std::env::VarError::NotUnicode(v)) => bail!("DSV3_MLA_WGMMA={v:?}: expected 0 or 1"),
+    }
 }
 
 fn mma_shared_bytes(width: usize) -> usize {
@@ -305,7 +324,34 @@ pub fn mla_decode(
 
 #[cfg(test)]
 mod tests {
-    use super::decode_splits;
+    use super::{decode_splits, wgmma_allowed};
+
+    #[test]
+    fn the_wgmma_switch_takes_0_or_1_and_the_retired_feed_switches_are_refused_by_name() {
+        // The only test of this binary that touches these variables.
+        let clear = || {
+            for var in ["DSV3_MLA_WGMMA", "DSV3_MLA_TMA", "DSV3_MLA_SWIZZLE"] {
+                std::env::remove_var(var);
+            }
+        };
+        clear();
+        assert!(wgmma_allowed().unwrap());
+        std::env::set_var("DSV3_MLA_WGMMA", "0");
+        assert!(!wgmma_allowed().unwrap());
+        std::env::set_var("DSV3_MLA_WGMMA", "1");
+        assert!(wgmma_allowed().unwrap());
+        std::env::set_var("DSV3_MLA_WGMMA", "off");
+        let err = wgmma_allowed().unwrap_err().to_string();
+        assert!(err.contains("DSV3_MLA_WGMMA=off") && err.contains("0 or 1"), "{err}");
+        clear();
+        for retired in ["DSV3_MLA_TMA", "DSV3_MLA_SWIZZLE"] {
+            std::env::set_var(retired, "0");
+            let err = wgmma_allowed().unwrap_err().to_string();
+            assert!(err.contains(retired) && err.contains("no longer read"), "{err}");
+            std::env::remove_var(retired);
+        }
+        clear();
+    }
 
     #[test]
     fn rows_split_only_as_far_as_it_saves_waves() {
