@@ -90,14 +90,13 @@ impl DecodeKernel {
     /// Every kernel, fastest first.
     pub const ALL: [DecodeKernel; 3] = [DecodeKernel::Wgmma, DecodeKernel::Mma, DecodeKernel::CudaCores];
 
-    /// The fastest kernel that takes `shape` over cache blocks of `block` positions on `g` and
-    /// that the environment allows ([`wgmma_allowed`]).
-    pub fn best(g: &Gpu, shape: &LatentShape, block: usize) -> Result<Self> {
-        let wgmma = wgmma_allowed()?;
-        Ok(DecodeKernel::ALL
+    /// The fastest kernel that takes `shape` over cache blocks of `block` positions on `g`,
+    /// passing over wgmma unless `wgmma` (what [`wgmma_allowed`] read).
+    pub fn best(g: &Gpu, shape: &LatentShape, block: usize, wgmma: bool) -> Self {
+        DecodeKernel::ALL
             .into_iter()
             .find(|&k| k.takes(g, shape, block) && (k != DecodeKernel::Wgmma || wgmma))
-            .unwrap_or(DecodeKernel::CudaCores))
+            .unwrap_or(DecodeKernel::CudaCores)
     }
 
     /// Whether this is `mla_decode_wgmma`, the kernel the `DSV3_MLA_PROBE` switches build
@@ -189,8 +188,9 @@ fn swizzled_cache_map(cache: u64, slots: usize, box_rows: usize) -> Result<Tenso
 }
 
 /// What the environment says of the wgmma decode kernel: `DSV3_MLA_WGMMA` unset or 1 allows it, 0
-/// passes over it; any other value, and the switches of its feed that no longer exist, are errors.
-fn wgmma_allowed() -> Result<bool> {
+/// passes over it; any other value, and the switches of its feed that no longer exist, are errors
+/// (read when a model loads, so a bad value stops the load, not a step).
+pub fn wgmma_allowed() -> Result<bool> {
     for retired in ["DSV3_MLA_TMA", "DSV3_MLA_SWIZZLE"] {
         ensure!(
             std::env::var_os(retired).is_none(),

@@ -177,7 +177,7 @@ impl CudaModel {
         let kernel = if self.simt_attention {
             DecodeKernel::CudaCores
         } else {
-            DecodeKernel::best(g, &shape, rows.block)?
+            DecodeKernel::best(g, &shape, rows.block, self.wgmma_attention)
         };
         mla_decode(g, &shape, &rows, &bufs, softmax_scale(c), kernel)?;
         self.absorb_out(layer, &o_lat, attn, m)

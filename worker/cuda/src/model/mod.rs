@@ -172,6 +172,8 @@ pub struct CudaModel {
     use_graphs: bool,
     /// Use the CUDA-core attention kernel instead of the tensor-core one (DSV3_MLA_SIMT=1).
     simt_attention: bool,
+    /// The decode attention may run on the Hopper (wgmma) kernel (not DSV3_MLA_WGMMA=0).
+    wgmma_attention: bool,
     /// Kernel choices: CUDA-core GEMVs for every FP8 product (DSV3_LINEAR_SIMT=1), and the routed
     /// rows above which a large step's expert goes to cuBLAS (DSV3_EXPERT_CUBLAS_ROWS).
     kernels: ExpertKernels,
@@ -341,6 +343,7 @@ impl CudaModel {
             graphs: HashMap::new(),
             use_graphs,
             simt_attention: std::env::var_os("DSV3_MLA_SIMT").is_some_and(|v| v != "0"),
+            wgmma_attention: crate::mla_decode::wgmma_allowed()?,
             kernels,
         })
     }
