@@ -241,19 +241,6 @@ __device__ __forceinline__ void tma_load_4d(u32 dst, const TensorMap* map, int c
         "l"((u64)map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
         : "memory");
 }
-// As tma_load_2d, the lines read marked first to go from L2 (`policy` from l2_evict_first).
-__device__ __forceinline__ void tma_load_2d_hinted(u32 dst, const TensorMap* map, int x, int y, u32 bar, u64 policy) {
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%2, "
-        "%3}], [%4], %5;\n" ::"r"(dst),
-        "l"((u64)map), "r"(x), "r"(y), "r"(bar), "l"(policy)
-        : "memory");
-}
-__device__ __forceinline__ u64 l2_evict_first() {
-    u64 p;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(p));
-    return p;
-}
 // A 2-D box of `map` at (column x, row y) into shared memory, completing on `bar`.
 __device__ __forceinline__ void tma_load_2d(u32 dst, const TensorMap* map, int x, int y, u32 bar) {
     asm volatile(
@@ -261,5 +248,19 @@ __device__ __forceinline__ void tma_load_2d(u32 dst, const TensorMap* map, int x
             dst),
         "l"((u64)map), "r"(x), "r"(y), "r"(bar)
         : "memory");
+}
+// As tma_load_2d, with an L2 cache policy for the lines read (`policy`: l2_evict_first).
+__device__ __forceinline__ void tma_load_2d_hinted(u32 dst, const TensorMap* map, int x, int y, u32 bar, u64 policy) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%2, "
+        "%3}], [%4], %5;\n" ::"r"(dst),
+        "l"((u64)map), "r"(x), "r"(y), "r"(bar), "l"(policy)
+        : "memory");
+}
+// An L2 policy that marks the lines a load reads as the first to go.
+__device__ __forceinline__ u64 l2_evict_first() {
+    u64 p;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(p));
+    return p;
 }
 #endif

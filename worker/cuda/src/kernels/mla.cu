@@ -768,14 +768,14 @@ __device__ __forceinline__ void zero_rows_past(u32 tile, int n, int cb0, int wt,
     asm volatile("bar.sync %0, 128;\n" ::"r"(SEESAW_OWN + group) : "memory");
 }
 
-// s (=|+=) Q · Kᵀ over the 16-channel steps KS0 .. KS1 of a tile (`fresh`: the first step starts s).
-// The descriptors are stepped from the first where they are used (an opaque add): the compiler
-// otherwise keeps all 72 of a tile's live across the loop and spills them.
+// A descriptor stepped from the first where it is used (an opaque add): the compiler otherwise
+// keeps all 72 of a tile's live across the loop and spills them.
 __device__ __forceinline__ u64 stepped(u64 d, u64 step) {
     u64 out;
     asm volatile("add.s64 %0, %1, %2;\n" : "=l"(out) : "l"(d), "l"(step));
     return out;
 }
+// s (=|+=) Q · Kᵀ over the 16-channel steps KS0 .. KS1 of a tile (`fresh`: the first step starts s).
 template <int KS0, int KS1>
 __device__ __forceinline__ void qk_steps(float s[32], u32 qs, u32 tile, bool fresh) {
     const u64 dq = WgTile::k_major(qs), dk = WgTile::k_major(tile);
@@ -841,12 +841,12 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
         const int cb0 = 4 * half, ncb = 4 + half;
         const u32 b = bar(stage, half), dst = tiles + stage * WG_TILE_BYTES;
         if (!MLA_PROBE_TILES) {  // probed: the barrier completes on the arrival alone
+            const u64 evict_first = l2_evict_first();
             mbar_expect(b, boxes * tma_rows * 128 * ncb);
             for (int x = 0; x < boxes; ++x) {
                 const int slot = x > 0 ? slot_of(base + x * tma_rows) : stage ? next_slot1 : next_slot0;
                 for (int cb = cb0; cb < cb0 + ncb; ++cb)
-                    tma_load_2d_hinted(dst + cb * WG_BLOCK + x * tma_rows * 128, cache_map, cb * 64, slot, b,
-                                       l2_evict_first());
+                    tma_load_2d_hinted(dst + cb * WG_BLOCK + x * tma_rows * 128, cache_map, cb * 64, slot, b, evict_first);
             }
         }
         mbar_arrive(b);
@@ -982,15 +982,17 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
             if (positions(ia) < 64) zero_rows_past(stage_a, positions(ia), 4, wt, 1);
             pv_tile(o, pa, stage_a, 256);
             // Meanwhile the softmax of B against group 0's maxima, posted with P_B.
-            float mb0 = ma0, mb1 = ma1;
+            float mb0 = ma0, mb1 = ma1, d0 = 1.f, d1 = 1.f;  // B's maxima, A's to B's factors
             u32 pb[16];
             if (has_b) {
                 float t0, t1;
                 tile_scores(s, positions(ia + 1), t, scale_log2, t0, t1);
                 mb0 = fmaxf(ma0, t0);
                 mb1 = fmaxf(ma1, t1);
-                l0 *= exp2f(ma0 - mb0);
-                l1 *= exp2f(ma1 - mb1);
+                d0 = exp2f(ma0 - mb0);
+                d1 = exp2f(ma1 - mb1);
+                l0 *= d0;
+                l1 *= d1;
                 exponentiate<8>(s, mb0, mb1, l0, l1);
                 pack_p(s, 1.f, 1.f, pb);
                 hand.post(SEESAW_MAX_B, pb, mb0, mb1);
@@ -1002,7 +1004,7 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
             m0 = mb0;
             m1 = mb1;
             if (has_b) {
-                rescale_rows(o, exp2f(ma0 - mb0), exp2f(ma1 - mb1));
+                rescale_rows(o, d0, d1);
                 if (positions(ia + 1) < 64) zero_rows_past(stage_b, positions(ia + 1), 4, wt, 1);
                 pv_tile(o, pb, stage_b, 256);
                 wgmma_wait<0>();
