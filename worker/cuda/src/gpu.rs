@@ -4,6 +4,7 @@
 
 use crate::kernels;
 use crate::launch::{ptr, Arg, TensorMap};
+use crate::switches;
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
@@ -361,11 +362,9 @@ impl Gpu {
             sm_count,
             max_shared_per_block,
             hopper,
-            dependent_launch: kernel_arch >= 90 && std::env::var_os("DSV3_PDL").is_none_or(|v| v != "0"),
-            poison: std::env::var_os("DSV3_CUDA_POISON").is_some_and(|v| v != "0"),
-            profile: std::env::var_os("DSV3_CUDA_PROFILE")
-                .is_some_and(|v| v != "0")
-                .then(Default::default),
+            dependent_launch: kernel_arch >= 90 && switches::flag("DSV3_PDL", true)?,
+            poison: switches::flag("DSV3_CUDA_POISON", false)?,
+            profile: switches::flag("DSV3_CUDA_PROFILE", false)?.then(Default::default),
             lanes: Default::default(),
             current: Default::default(),
             staging: Default::default(),
@@ -699,7 +698,7 @@ impl Gpu {
     /// (DSV3_FP8_CUBLASLT=0).
     pub fn fp8_gemm(&self) -> Result<Option<&crate::fp8_gemm::Fp8Gemm>> {
         if self.fp8_gemm.get().is_none() {
-            let wanted = std::env::var_os("DSV3_FP8_CUBLASLT").is_none_or(|v| v != "0");
+            let wanted = switches::flag("DSV3_FP8_CUBLASLT", true)?;
             let made = if wanted {
                 crate::fp8_gemm::Fp8Gemm::new(self)?
             } else {

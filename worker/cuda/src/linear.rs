@@ -35,7 +35,7 @@ pub enum SmallBatch {
 impl SmallBatch {
     /// The choice the environment makes: DSV3_LINEAR_SIMT=1, or DSV3_FP8_MMA=bf16|e4m3.
     pub fn from_env() -> Result<Self> {
-        if std::env::var_os("DSV3_LINEAR_SIMT").is_some_and(|v| v != "0") {
+        if crate::switches::flag("DSV3_LINEAR_SIMT", false)? {
             return Ok(SmallBatch::CudaCores);
         }
         match std::env::var("DSV3_FP8_MMA").as_deref() {

@@ -11,7 +11,7 @@ use crate::kernels;
 use crate::launch::{int, ptr, Extend, TensorMap};
 use crate::switches;
 use crate::tiles::{DEC_HEADS, DEC_PAD, DEC_STAGES, DEC_THREADS, DEC_TILE, MLA_HEAD_GROUP, MLA_THREADS, MLA_TILE};
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use cudarc::driver::sys as drv;
 
 /// Fewest positions one block of the split tensor-core kernel takes, unless
@@ -198,13 +198,7 @@ pub fn wgmma_allowed() -> Result<bool> {
              128-byte swizzled rows (DSV3_MLA_WGMMA=0 selects the mma.sync kernel instead)"
         );
     }
-    match std::env::var("DSV3_MLA_WGMMA") {
-        Err(std::env::VarError::NotPresent) => Ok(true),
-        Ok(v) if v == "1" => Ok(true),
-        Ok(v) if v == "0" => Ok(false),
-        Ok(v) => bail!("DSV3_MLA_WGMMA={v}: expected 0 or 1"),
-        Err(std::env::VarError::NotUnicode(v)) => bail!("DSV3_MLA_WGMMA={v:?}: expected 0 or 1"),
-    }
+    switches::flag("DSV3_MLA_WGMMA", true)
 }
 
 fn mma_shared_bytes(width: usize) -> usize {

@@ -7,6 +7,7 @@
 use crate::gpu::{tensor_map, Gpu};
 use crate::kernels;
 use crate::launch::{int, ptr, TensorMap};
+use crate::switches;
 use crate::tiles::{FL_K, FL_Q, FL_QK, FL_V, PF_K, PF_Q, PF_THREADS};
 use anyhow::{ensure, Result};
 use cudarc::driver::sys as drv;
@@ -29,20 +30,35 @@ pub enum PrefillKernel {
 /// 1024-byte boundary (the swizzle's period).
 const WGMMA_SHARED_BYTES: usize = PF_Q * 192 * 2 + 2 * PF_K * (192 + 128) * 2 + 9 * 8 + 1024;
 
+/// The prefill kernels the environment allows: `DSV3_PREFILL_WGMMA=0` passes over wgmma,
+/// `DSV3_PREFILL_PIPELINE=0` over its pipelined form (read when a model loads, so a bad value
+/// stops the load, not a step).
+#[derive(Clone, Copy, Debug)]
+pub struct PrefillSwitches {
+    pub wgmma: bool,
+    pub pipelined: bool,
+}
+
+impl PrefillSwitches {
+    pub fn from_env() -> Result<Self> {
+        Ok(PrefillSwitches {
+            wgmma: switches::flag("DSV3_PREFILL_WGMMA", true)?,
+            pipelined: switches::flag("DSV3_PREFILL_PIPELINE", true)?,
+        })
+    }
+}
+
 impl PrefillKernel {
     /// Every kernel, fastest first.
     pub const ALL: [PrefillKernel; 3] = [PrefillKernel::Wgmma, PrefillKernel::WgmmaSerial, PrefillKernel::Mma];
 
-    /// The fastest kernel that takes `shape` on `g` (`DSV3_PREFILL_WGMMA=0` passes over wgmma,
-    /// `DSV3_PREFILL_PIPELINE=0` over its pipelined form).
-    pub fn best(g: &Gpu, shape: &PrefillShape) -> Option<Self> {
-        let allowed = |var: &str| std::env::var_os(var).is_none_or(|v| v != "0");
-        let (wgmma, pipelined) = (allowed("DSV3_PREFILL_WGMMA"), allowed("DSV3_PREFILL_PIPELINE"));
+    /// The fastest kernel that takes `shape` on `g` among those `allowed`.
+    pub fn best(g: &Gpu, shape: &PrefillShape, allowed: PrefillSwitches) -> Option<Self> {
         Self::ALL.into_iter().find(|&k| {
             k.takes(g, shape)
                 && match k {
-                    PrefillKernel::Wgmma => wgmma && pipelined,
-                    PrefillKernel::WgmmaSerial => wgmma,
+                    PrefillKernel::Wgmma => allowed.wgmma && allowed.pipelined,
+                    PrefillKernel::WgmmaSerial => allowed.wgmma,
                     PrefillKernel::Mma => true,
                 }
         })
@@ -106,7 +122,7 @@ pub fn shared_bytes(shape: &PrefillShape) -> usize {
 }
 
 /// Launches the attention of `n` new rows at positions `start..start + n`, each seeing every
-/// position up to its own, on the fastest kernel that takes `shape`.
+/// position up to its own, on the fastest `allowed` kernel that takes `shape`.
 pub fn flash_prefill(
     g: &Gpu,
     shape: &PrefillShape,
@@ -114,8 +130,9 @@ pub fn flash_prefill(
     n: usize,
     start: usize,
     scale: f32,
+    allowed: PrefillSwitches,
 ) -> Result<()> {
-    let kernel = PrefillKernel::best(g, shape).ok_or_else(|| {
+    let kernel = PrefillKernel::best(g, shape, allowed).ok_or_else(|| {
         anyhow::anyhow!(
             "no prefill attention kernel takes heads of {} (query/key) and {} (value): at most {FL_QK} and {FL_V} in multiples of 16",
             shape.qk(),

@@ -1,5 +1,6 @@
-//! The numeric switches of the CUDA backend read from the environment (`DSV3_*`): a value that
-//! is set but is not a whole number is an error naming the variable, never a silent default.
+//! The switches of the CUDA backend read from the environment (`DSV3_*`): a value that is set
+//! but is not what the switch takes (a whole number, or 0 / 1 for an on-off switch) is an error
+//! naming the variable, never a silent default.
 
 use anyhow::{bail, Result};
 
@@ -29,6 +30,24 @@ pub fn positive_count_once(
     .map_err(anyhow::Error::msg)
 }
 
+/// Whether the on-off switch `var` is on: `default` when it is unset, and otherwise 1 (on) or 0
+/// (off) and nothing else.
+pub fn flag(var: &str, default: bool) -> Result<bool> {
+    match std::env::var(var) {
+        Err(std::env::VarError::NotPresent) => Ok(default),
+        Err(std::env::VarError::NotUnicode(v)) => bail!("{var}={v:?}: expected 0 or 1"),
+        Ok(v) => parse_flag(var, &v),
+    }
+}
+
+fn parse_flag(var: &str, value: &str) -> Result<bool> {
+    match value.trim() {
+        "1" => Ok(true),
+        "0" => Ok(false),
+        _ => bail!("{var}={value}: expected 0 or 1"),
+    }
+}
+
 fn parse_count(var: &str, value: &str) -> Result<usize> {
     match value.trim().parse::<usize>() {
         Ok(n) => Ok(n),
@@ -38,7 +57,7 @@ fn parse_count(var: &str, value: &str) -> Result<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_count, positive_count_once};
+    use super::{flag, parse_count, parse_flag, positive_count_once};
     use std::sync::OnceLock;
 
     #[test]
@@ -49,6 +68,19 @@ mod tests {
             let err = parse_count("DSV3_X", bad).unwrap_err().to_string();
             assert!(err.contains("DSV3_X") && err.contains("whole number"), "{bad:?}: {err}");
         }
+    }
+
+    #[test]
+    fn an_on_off_switch_takes_0_or_1_and_anything_else_names_the_variable() {
+        assert!(parse_flag("DSV3_X", "1").unwrap());
+        assert!(!parse_flag("DSV3_X", " 0 ").unwrap());
+        for bad in ["", "2", "on", "true", "yes", "01x"] {
+            let err = parse_flag("DSV3_X", bad).unwrap_err().to_string();
+            assert!(err.contains("DSV3_X") && err.contains("0 or 1"), "{bad:?}: {err}");
+        }
+        // Unset: the default, whichever it is (a variable no other test reads).
+        assert!(flag("DSV3_TEST_FLAG_UNSET", true).unwrap());
+        assert!(!flag("DSV3_TEST_FLAG_UNSET", false).unwrap());
     }
 
     #[test]

@@ -357,7 +357,15 @@ impl CudaModel {
             out: attn.at(span.first_row * heads * vdim * 4),
             ld_out: heads * vdim,
         };
-        flash_prefill(g, &shape, &bufs, n, span.start, softmax_scale(c))?;
+        flash_prefill(
+            g,
+            &shape,
+            &bufs,
+            n,
+            span.start,
+            softmax_scale(c),
+            self.prefill_attention,
+        )?;
         Ok(())
     }
 }

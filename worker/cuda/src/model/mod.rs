@@ -174,6 +174,8 @@ pub struct CudaModel {
     simt_attention: bool,
     /// The decode attention may run on the Hopper (wgmma) kernel (not DSV3_MLA_WGMMA=0).
     wgmma_attention: bool,
+    /// The prefill attention kernels allowed (DSV3_PREFILL_WGMMA, DSV3_PREFILL_PIPELINE).
+    prefill_attention: crate::mla_prefill::PrefillSwitches,
     /// Kernel choices: CUDA-core GEMVs for every FP8 product (DSV3_LINEAR_SIMT=1), and the routed
     /// rows above which a large step's expert goes to cuBLAS (DSV3_EXPERT_CUBLAS_ROWS).
     kernels: ExpertKernels,
@@ -314,7 +316,7 @@ impl CudaModel {
             fp8.reserve(&gpu, 0)?;
         }
         // A step that reaches its experts through the host cannot be captured as a graph.
-        let use_graphs = std::env::var_os("DSV3_CUDA_GRAPHS").is_none_or(|v| v != "0") && !gpu.profiling() && host_experts.is_none()
+        let use_graphs = crate::switches::flag("DSV3_CUDA_GRAPHS", true)? && !gpu.profiling() && host_experts.is_none()
             // Each exchange is announced to the shards from the host as it is queued.
             && nccl_experts.is_none();
         let kernels = ExpertKernels::new(&config)?;
@@ -342,8 +344,9 @@ impl CudaModel {
             weight_bytes,
             graphs: HashMap::new(),
             use_graphs,
-            simt_attention: std::env::var_os("DSV3_MLA_SIMT").is_some_and(|v| v != "0"),
+            simt_attention: crate::switches::flag("DSV3_MLA_SIMT", false)?,
             wgmma_attention: crate::mla_decode::wgmma_allowed()?,
+            prefill_attention: crate::mla_prefill::PrefillSwitches::from_env()?,
             kernels,
         })
     }
