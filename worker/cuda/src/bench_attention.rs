@@ -9,7 +9,7 @@ use crate::bench::{graphed_seconds, median};
 use crate::gpu::{DeviceBuf, Gpu};
 use crate::kernels;
 use crate::launch::ptr;
-use crate::mla_decode::{mla_decode, DecodeBuffers, DecodeKernel, LatentShape, PagedRows};
+use crate::mla_decode::{mla_decode, DecodeBuffers, DecodeKernel, DecodeQuery, LatentShape, PagedRows};
 use crate::mla_prefill::{prefill_with, PrefillBuffers, PrefillKernel, PrefillShape};
 use anyhow::{ensure, Context, Result};
 
@@ -36,6 +36,9 @@ pub struct AttentionCase {
     cache: DeviceBuf,
     q_lat: DeviceBuf,
     q: DeviceBuf,
+    /// The queries as bf16, made once, for the kernels that read them so.
+    q_lat_bf16: DeviceBuf,
+    q_bf16: DeviceBuf,
     o_lat: DeviceBuf,
     tables_d: DeviceBuf,
     offsets_d: DeviceBuf,
@@ -118,6 +121,8 @@ impl AttentionCase {
             tables,
             offsets,
             cache,
+            q_lat_bf16: g.to_bf16(q_lat.addr, rows * shape.heads * shape.lora)?,
+            q_bf16: g.to_bf16(q.addr, rows * shape.heads * shape.qk)?,
             q_lat,
             q,
             o_lat: g.alloc(rows * shape.heads * shape.lora * 4)?,
@@ -148,9 +153,19 @@ impl AttentionCase {
             lens: self.lens_d.addr,
             block: self.block,
         };
+        let query = if kernel.reads_bf16_query() {
+            DecodeQuery::Bf16 {
+                q_lat: self.q_lat_bf16.addr,
+                q: self.q_bf16.addr,
+            }
+        } else {
+            DecodeQuery::F32 {
+                q_lat: self.q_lat.addr,
+                q: self.q.addr,
+            }
+        };
         let bufs = DecodeBuffers {
-            q_lat: self.q_lat.addr,
-            q: self.q.addr,
+            query,
             cache: self.cache.addr,
             cache_slots: self.cache.bytes / (self.shape.width() * 2),
             o_lat: self.o_lat.addr,

@@ -97,7 +97,7 @@ kernels! {
     // Latent attention: absorption, the cache, decode (`kernels/mla.cu`).
     MlaAbsorbQ: mla_absorb_q(
         q_lat: Ptr, q: Ptr, m: i32, heads: i32, qk: i32, nope: i32, vdim: i32, lora: i32, fmt: i32, w: Ptr,
-        scale: Ptr,
+        scale: Ptr, bf16_out: i32,
     );
     MlaAbsorbOut: mla_absorb_out(
         out: Ptr, o_lat: Ptr, m: i32, heads: i32, nope: i32, vdim: i32, lora: i32, fmt: i32, w: Ptr,
@@ -118,9 +118,9 @@ kernels! {
         min_split: i32,
     );
     MlaDecodeWgmma: mla_decode_wgmma(
-        o_part: Ptr, ml_part: Ptr, q_lat: Ptr, q: Ptr, qk: i32, nope: i32, heads: i32, hg: i32, lora: i32,
-        rope: i32, cache: Ptr, tables: Ptr, table_off: Ptr, lens: Ptr, block: i32, scale: f32,
-        min_split: i32, cache_map: TensorMap, tma_rows: i32,
+        o_part: Ptr, ml_part: Ptr, heads: i32, hg: i32, tables: Ptr, table_off: Ptr, lens: Ptr, block: i32,
+        scale: f32, min_split: i32, cache_map: TensorMap, tma_rows: i32, q_lat_map: TensorMap, q_map: TensorMap,
+        nope: i32,
     );
     MlaCombine: mla_combine(o_lat: Ptr, o_part: Ptr, ml_part: Ptr, heads: i32, splits: i32, lora: i32);
 
@@ -159,7 +159,8 @@ kernels! {
         out: Ptr, o_lat: Ptr, m: i32, heads: i32, nope: i32, vdim: i32, lora: i32, w: Ptr, scale: Ptr,
     );
     SplitKReduce: split_k_reduce(y: Ptr, ldy: i32, part: Ptr, m: i32, n: i32, splits: i32, accumulate: i32);
-    MlaAbsorbQMma: mla_absorb_q_mma_n1, mla_absorb_q_mma_n2, mla_absorb_q_mma_n4, mla_absorb_q_mma_n8(
+    MlaAbsorbQMma: mla_absorb_q_mma_n1, mla_absorb_q_mma_n2, mla_absorb_q_mma_n4, mla_absorb_q_mma_n8,
+        mla_absorb_q_mma_bf16_n1, mla_absorb_q_mma_bf16_n2, mla_absorb_q_mma_bf16_n4, mla_absorb_q_mma_bf16_n8(
         q_lat: Ptr, q: Ptr, m: i32, heads: i32, qk: i32, nope: i32, lora: i32, uk_t: Ptr, scale_t: Ptr,
     );
     MlaUkTranspose: mla_uk_transpose(
@@ -197,6 +198,12 @@ pub const MLA_ABSORB_Q_MMA: TokenTiles<MlaAbsorbQMma> = TokenTiles([
     mla_absorb_q_mma_n2,
     mla_absorb_q_mma_n4,
     mla_absorb_q_mma_n8,
+]);
+pub const MLA_ABSORB_Q_MMA_BF16: TokenTiles<MlaAbsorbQMma> = TokenTiles([
+    mla_absorb_q_mma_bf16_n1,
+    mla_absorb_q_mma_bf16_n2,
+    mla_absorb_q_mma_bf16_n4,
+    mla_absorb_q_mma_bf16_n8,
 ]);
 pub const MLA_ABSORB_OUT_MMA: TokenTiles<MlaAbsorbOutMma> = TokenTiles([
     mla_absorb_out_mma_n1,

@@ -11,7 +11,7 @@ use crate::kernels;
 use crate::launch::{int, ptr, Extend, TensorMap};
 use crate::switches;
 use crate::tiles::{DEC_HEADS, DEC_PAD, DEC_STAGES, DEC_THREADS, DEC_TILE, MLA_HEAD_GROUP, MLA_THREADS, MLA_TILE};
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::sys as drv;
 
 /// Fewest positions one block of the split tensor-core kernel takes, unless
@@ -80,9 +80,9 @@ pub enum DecodeKernel {
 const WGMMA_THREADS: usize = 256;
 /// Shared memory of `mla_decode_wgmma`: Q and two 64-position tiles (576 bf16 channels each), the
 /// slots where the two warpgroups hand each other P (a 64 x 64 bf16 fragment) and row maxima (two
-/// f32 a thread), the four half-tile TMA barriers, and room to start Q on a 1024-byte boundary
-/// (the swizzle's period).
-const WGMMA_SHARED_BYTES: usize = 3 * 64 * 576 * 2 + 128 * (16 * 4 + 8) + 4 * 8 + 1024;
+/// f32 a thread), the four half-tile TMA barriers and Q's, and room to start Q on a 1024-byte
+/// boundary (the swizzle's period).
+const WGMMA_SHARED_BYTES: usize = 3 * 64 * 576 * 2 + 128 * (16 * 4 + 8) + 5 * 8 + 1024;
 /// Cached positions per tile of `mla_decode_wgmma`.
 const WGMMA_TILE: usize = 64;
 
@@ -102,6 +102,11 @@ impl DecodeKernel {
     /// Whether this is `mla_decode_wgmma`, the kernel the `DSV3_MLA_PROBE` switches build
     /// differently.
     pub fn on_wgmma(self) -> bool {
+        self == DecodeKernel::Wgmma
+    }
+
+    /// Whether this kernel reads its queries as bf16 ([`DecodeQuery::Bf16`]), else as f32.
+    pub fn reads_bf16_query(self) -> bool {
         self == DecodeKernel::Wgmma
     }
 
@@ -146,13 +151,21 @@ pub struct PagedRows {
     pub block: usize,
 }
 
-/// The device buffers of one call: `q_lat` f32 `[rows, heads, lora]`, `q` f32
-/// `[rows, heads, qk]` (its rotary part is read), `cache` bf16 `[slots, lora + rope]`, and the
+/// The queries of one call as its kernel reads them: `q_lat` `[rows, heads, lora]` and `q`
+/// `[rows, heads, qk]`, of which the rotary part is read.
+#[derive(Clone, Copy, Debug)]
+pub enum DecodeQuery {
+    /// f32, what the mma.sync and CUDA-core kernels read.
+    F32 { q_lat: u64, q: u64 },
+    /// bf16, what the wgmma kernel copies by TMA as it is ([`DecodeKernel::reads_bf16_query`]).
+    Bf16 { q_lat: u64, q: u64 },
+}
+
+/// The device buffers of one call: the queries, `cache` bf16 `[slots, lora + rope]`, and the
 /// output `o_lat` f32 `[rows, heads, lora]`.
 #[derive(Clone, Copy, Debug)]
 pub struct DecodeBuffers {
-    pub q_lat: u64,
-    pub q: u64,
+    pub query: DecodeQuery,
     pub cache: u64,
     /// Cached positions `cache` holds (the layer's blocks times the block size).
     pub cache_slots: usize,
@@ -185,6 +198,32 @@ fn swizzled_cache_map(cache: u64, slots: usize, box_rows: usize) -> Result<Tenso
         drv::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
         &format!("a latent cache of {slots} slots"),
     )
+}
+
+/// The TMA views of the bf16 queries of `rows` rows that land 64 heads by 64 channels in the
+/// wgmma kernel's swizzled layout: the latent part `q_lat`, and `q`, of which the kernel reads the
+/// rotary block at `nope`.
+fn swizzled_query_maps(shape: &LatentShape, q_lat: u64, q: u64, rows: usize) -> Result<(TensorMap, TensorMap)> {
+    ensure!(
+        q_lat.is_multiple_of(16) && q.is_multiple_of(16) && (shape.qk * 2).is_multiple_of(16),
+        "TMA needs 16-byte aligned query rows"
+    );
+    let heads = (rows * shape.heads) as u64;
+    let map = |addr: u64, width: usize, what: &str| {
+        tensor_map(
+            addr,
+            drv::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
+            &[width as u64, heads],
+            &[width as u64 * 2],
+            &[64, 64],
+            drv::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            what,
+        )
+    };
+    Ok((
+        map(q_lat, shape.lora, "the latent queries")?,
+        map(q, shape.qk, "the queries")?,
+    ))
 }
 
 /// What the environment says of the wgmma decode kernel: `DSV3_MLA_WGMMA` unset or 1 allows it, 0
@@ -229,6 +268,10 @@ pub fn mla_decode(
     );
     let m = rows.rows;
     let width = shape.width();
+    let (q_lat, q) = match (kernel.reads_bf16_query(), bufs.query) {
+        (false, DecodeQuery::F32 { q_lat, q }) | (true, DecodeQuery::Bf16 { q_lat, q }) => (q_lat, q),
+        (_, query) => bail!("the {kernel:?} MLA decode kernel does not read {query:?}"),
+    };
     let hg = match kernel {
         DecodeKernel::CudaCores => heads.min(MLA_HEAD_GROUP),
         _ => heads.min(DEC_HEADS),
@@ -236,8 +279,8 @@ pub fn mla_decode(
     // The queries, the cache and the rows' tables: the arguments every decode kernel takes,
     // after its outputs.
     let common = (
-        ptr(bufs.q_lat),
-        ptr(bufs.q),
+        ptr(q_lat),
+        ptr(q),
         int(qk),
         int(nope),
         int(heads),
@@ -284,11 +327,28 @@ pub fn mla_decode(
     let split = common.after(ptr(ml_part)).after(ptr(o_part)).then(int(min_split));
     match kernel {
         DecodeKernel::Wgmma => {
-            // The mma.sync kernel's arguments, then the TMA view of the cache and its box rows.
+            // Q and the tiles by TMA: the cache's view and its box rows, the queries' views.
             let box_rows = tma_box_rows(rows.block)
                 .with_context(|| format!("TMA boxes do not fit cache blocks of {}", rows.block))?;
             let map = swizzled_cache_map(bufs.cache, bufs.cache_slots, box_rows)?;
-            let args = split.then(map).then(int(box_rows));
+            let (q_lat_map, q_map) = swizzled_query_maps(shape, q_lat, q, m)?;
+            let args = (
+                ptr(o_part),
+                ptr(ml_part),
+                int(heads),
+                int(hg),
+                ptr(rows.tables),
+                ptr(rows.table_off),
+                ptr(rows.lens),
+                int(rows.block),
+                scale,
+                int(min_split),
+                map,
+                int(box_rows),
+                q_lat_map,
+                q_map,
+                int(nope),
+            );
             kernels::mla_decode_wgmma.launch(g, grid, WGMMA_THREADS as u32, WGMMA_SHARED_BYTES as u32, args)?;
         }
         // (the CUDA-core kernel returned above)

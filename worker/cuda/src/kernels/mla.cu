@@ -2,10 +2,11 @@
 // kv_b rows: head h owns rows h*(nope+v) + [0, nope) (W_UK) and + [nope, nope+v) (W_UV), each
 // row `lora` wide. Weights are FP8/BF16/F32 (fmt).
 
-// q_lat[t, h, c] = sum_d q[t, h, d] * W_UK[h][d, c]   (d < nope; q row stride heads*qk)
+// q_lat[t, h, c] = sum_d q[t, h, d] * W_UK[h][d, c]   (d < nope; q row stride heads*qk); q_lat f32,
+// or bf16 with `bf16_out` (what the wgmma decode copies by TMA).
 // grid (heads, ceil(m / 8)), block = lora threads (<= 1024).
-extern "C" __global__ void mla_absorb_q(float* q_lat, const float* q, int m, int heads, int qk, int nope, int vdim,
-                                        int lora, int fmt, const void* w, const float* scale) {
+extern "C" __global__ void mla_absorb_q(void* q_lat, const float* q, int m, int heads, int qk, int nope, int vdim,
+                                        int lora, int fmt, const void* w, const float* scale, int bf16_out) {
     await_previous_kernel();
     __shared__ float qs[8][256];
     int h = blockIdx.x, t0 = blockIdx.y * 8, c = threadIdx.x, mt = min(8, m - t0);
@@ -23,7 +24,11 @@ extern "C" __global__ void mla_absorb_q(float* q_lat, const float* q, int m, int
 #pragma unroll
         for (int tt = 0; tt < 8; ++tt) acc[tt] += qs[tt][d] * wv;
     }
-    for (int tt = 0; tt < mt; ++tt) q_lat[((size_t)(t0 + tt) * heads + h) * lora + c] = acc[tt];
+    for (int tt = 0; tt < mt; ++tt) {
+        const size_t at = ((size_t)(t0 + tt) * heads + h) * lora + c;
+        if (bf16_out) ((bf16*)q_lat)[at] = f32_to_bf16(acc[tt]);
+        else ((float*)q_lat)[at] = acc[tt];
+    }
 }
 
 // out[t, h*vdim + j] = sum_c o_lat[t, h, c] * W_UV[h][j, c]. Block per (head, 8 rows): the rows'
@@ -528,7 +533,9 @@ mla_decode_mma(float* o_part, float* ml_part, const float* q_lat, const float* q
 // Each tile arrives by TMA in two halves, channel blocks 0..3 (V's left half) and 4..8 (V's
 // right half and the rotary part), each on its own barrier, and each half is reloaded by the
 // last group to read it as soon as its product has finished: the left halves by group 0, the
-// right halves by group 1. Compiled for sm_90a only.
+// right halves by group 1. Q comes by TMA too, in the same layout: bf16 as the absorption wrote
+// it (mla_absorb_q_mma_bf16_n*, or mla_absorb_q with bf16_out), its rotary block from q's bf16
+// copy. Compiled for sm_90a only.
 
 #define WG_W 576                       // lora + rope
 #define WG_TILE_BYTES (64 * WG_W * 2)  // one tile (or Q): 64 rows of 576 bf16
@@ -799,11 +806,11 @@ __device__ __forceinline__ void pv_tile(float o[128], const u32 p_made[16], u32 
 }
 #endif
 
-__device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_part, const float* q_lat, const float* q,
-                                                      int qk, int nope, int heads, int hg, const bf16* cache,
+__device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_part, int heads, int hg,
                                                       const int* tables, const int* table_off, const int* lens,
                                                       int block, float scale, int min_split, const TensorMap* cache_map,
-                                                      int tma_rows) {
+                                                      int tma_rows, const TensorMap* q_lat_map, const TensorMap* q_map,
+                                                      int nope) {
     const MlaTime entry = mla_now();
     await_previous_kernel();  // lora == 512, rope == 64
     mla_stamp(0, entry);
@@ -814,7 +821,8 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
     const u32 qs = (raw + 1023) & ~1023u;  // Q: 64 heads (the host adds 1 KB for this rounding)
     const u32 tiles = qs + WG_TILE_BYTES;  // stage 0 (tiles A), stage 1 (tiles B)
     const u32 handoff = tiles + 2 * WG_TILE_BYTES;
-    const u32 bars = handoff + WG_HANDOFF_BYTES;  // [stage][half] TMA barriers
+    const u32 bars = handoff + WG_HANDOFF_BYTES;  // [stage][half] TMA barriers, then Q's
+    const u32 q_bar = bars + 32;
     const auto bar = [&](int stage, int half) { return bars + 16 * stage + 8 * half; };
     const int r = blockIdx.y, h0 = blockIdx.x * hg, split = blockIdx.z, splits = gridDim.z;
     const int tid = threadIdx.x, h = tid >> 7, wt = tid & 127, lane = tid & 31, g = lane >> 2, t = lane & 3;
@@ -854,23 +862,31 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
     };
     if (wt == 0) {  // threads 0 and 128
         if (tid == 0) {
-            for (int i = 0; i < 4; ++i) mbar_init(bars + 8 * i, 1);
+            for (int i = 0; i < 5; ++i) mbar_init(bars + 8 * i, 1);
             mbar_init_fence();
         }
         next_slot0 = slot_of(begin);
         if (ntiles > 1) next_slot1 = slot_of(begin + 64);
     }
     __syncthreads();  // the barriers are ready
+    if (tid == 0) {
+        // Q, bf16 as the absorption left it, in the tiles' layout: 64 heads (rows past hg are the
+        // next rows' heads or zeros, scored and never written) by the eight blocks of its latent
+        // part and the one of its rotary part.
+        const int q_row = r * heads + h0;
+        if (!MLA_PROBE_LOAD_Q) {
+            mbar_expect(q_bar, WG_TILE_BYTES);
+            for (int cb = 0; cb < 8; ++cb) tma_load_2d(qs + cb * WG_BLOCK, q_lat_map, cb * 64, q_row, q_bar);
+            tma_load_2d(qs + 8 * WG_BLOCK, q_map, nope, q_row, q_bar);
+        }
+        mbar_arrive(q_bar);
+    }
     if (wt == 0) {
         load_half(0, h);
         if (ntiles > 1) load_half(1, h);
     }
     mla_stamp(2);
-    if (!MLA_PROBE_LOAD_Q)
-        load_q([&](int hh, int c) { return qs + WgTile::chunk(hh, c >> 3) + (c & 7) * 2; }, q_lat, q,
-               (size_t)r * heads + h0, qk, nope, hg, 512, WG_W);
-    fence_async_shared();
-    __syncthreads();  // Q is in
+    mbar_wait(q_bar, 0);  // Q is in
     mla_stamp(3);
     const Handoff hand{handoff, wt};
     const float scale_log2 = scale * 1.4426950408889634f;
@@ -1042,12 +1058,12 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
 // The kernel: tiles by TMA boxes of the cache's plain 2-D view (`cache_map`, tma_rows positions
 // a box), 128-byte swizzled.
 extern "C" __global__ void __launch_bounds__(256, 1)
-    mla_decode_wgmma(float* o_part, float* ml_part, const float* q_lat, const float* q, int qk, int nope, int heads,
-                     int hg, int lora, int rope, const bf16* cache, const int* tables, const int* table_off,
+    mla_decode_wgmma(float* o_part, float* ml_part, int heads, int hg, const int* tables, const int* table_off,
                      const int* lens, int block, float scale, int min_split, const __grid_constant__ TensorMap cache_map,
-                     int tma_rows) {
-    mla_decode_wgmma_body(o_part, ml_part, q_lat, q, qk, nope, heads, hg, cache, tables, table_off, lens, block, scale,
-                          min_split, &cache_map, tma_rows);
+                     int tma_rows, const __grid_constant__ TensorMap q_lat_map, const __grid_constant__ TensorMap q_map,
+                     int nope) {
+    mla_decode_wgmma_body(o_part, ml_part, heads, hg, tables, table_off, lens, block, scale, min_split, &cache_map,
+                          tma_rows, &q_lat_map, &q_map, nope);
 }
 
 // Merges the splits: o_lat[r, h, :] = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s. grid (heads, m);

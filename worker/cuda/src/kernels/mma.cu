@@ -106,8 +106,22 @@ __device__ __forceinline__ void store_tiles(float* y, int ldy, int m, int row0, 
         }
 }
 
+// As store_tiles (mode 0), each sum rounded to bf16.
 template <int NT>
-__device__ void fp8_mma_impl(float* y, int ldy, const bf16* x, const int* x_rows, int ldx, const float* x_scale, int m,
+__device__ __forceinline__ void store_tiles(bf16* y, int ldy, int m, int row0, const float (&acc)[NT][4], int, u64) {
+    int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            int tok = 8 * j + 2 * t + (e & 1), feat = row0 + g + (e >> 1) * 8;
+            if (tok < m) y[(size_t)tok * ldy + feat] = f32_to_bf16(acc[j][e]);
+        }
+}
+
+// Out: float (stores as `mode` says) or bf16 (stores only).
+template <int NT, typename Out = float>
+__device__ void fp8_mma_impl(Out* y, int ldy, const bf16* x, const int* x_rows, int ldx, const float* x_scale, int m,
                              const u8* w, const float* scale, int n, int k, int mode, u64 split_stride) {
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int row0 = (blockIdx.x * (blockDim.x >> 5) + warp) * 16;
@@ -384,22 +398,37 @@ extern "C" __global__ void split_k_reduce(float* y, int ldy, const float* part, 
 
 // q_lat[t, h, c] = sum_d q[t, h, d] * W_UK[h][d, c] on the tensor cores: per head an FP8 product
 // as fp8_mma over W_UK's transpose (mla_uk_transpose), q as bf16 (row stride heads * qk, its first
-// nope channels). grid (lora / 64, heads * ceil(m / (8 * NT))).
+// nope channels); q_lat f32, or bf16 (`_bf16`: what the wgmma decode copies by TMA). grid
+// (lora / 64, heads * ceil(m / (8 * NT))).
+template <int NT, typename Out>
+__device__ __forceinline__ void absorb_q_mma(Out* q_lat, const bf16* q, int m, int heads, int qk, int nope, int lora,
+                                             const u8* uk_t, const float* scale_t) {
+    await_previous_kernel();
+    int h = blockIdx.y % heads, t0 = (blockIdx.y / heads) * 8 * NT;
+    fp8_mma_impl<NT>(q_lat + ((size_t)t0 * heads + h) * lora, heads * lora, q + ((size_t)t0 * heads + h) * qk, 0,
+                     heads * qk, 0, min(8 * NT, m - t0), uk_t + (size_t)h * lora * nope,
+                     scale_t + (size_t)h * (lora / 128) * (nope / 128), lora, nope, 0, 0);
+}
 #define ABSORB_Q_MMA(NT)                                                                                        \
     extern "C" __global__ void __launch_bounds__(128) mla_absorb_q_mma_n##NT(                                   \
         float* q_lat, const bf16* q, int m, int heads, int qk, int nope, int lora, const u8* uk_t,              \
         const float* scale_t) {                                                                                 \
-        await_previous_kernel();                                                                                \
-        int h = blockIdx.y % heads, t0 = (blockIdx.y / heads) * 8 * NT;                                         \
-        fp8_mma_impl<NT>(q_lat + ((size_t)t0 * heads + h) * lora, heads * lora,                                 \
-                         q + ((size_t)t0 * heads + h) * qk, 0, heads * qk, 0, min(8 * NT, m - t0),              \
-                         uk_t + (size_t)h * lora * nope, scale_t + (size_t)h * (lora / 128) * (nope / 128),     \
-                         lora, nope, 0, 0);                                                                     \
+        absorb_q_mma<NT>(q_lat, q, m, heads, qk, nope, lora, uk_t, scale_t);                                    \
+    }
+#define ABSORB_Q_MMA_BF16(NT)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(128) mla_absorb_q_mma_bf16_n##NT(                              \
+        bf16* q_lat, const bf16* q, int m, int heads, int qk, int nope, int lora, const u8* uk_t,               \
+        const float* scale_t) {                                                                                 \
+        absorb_q_mma<NT>(q_lat, q, m, heads, qk, nope, lora, uk_t, scale_t);                                    \
     }
 ABSORB_Q_MMA(1)
 ABSORB_Q_MMA(2)
 ABSORB_Q_MMA(4)
 ABSORB_Q_MMA(8)
+ABSORB_Q_MMA_BF16(1)
+ABSORB_Q_MMA_BF16(2)
+ABSORB_Q_MMA_BF16(4)
+ABSORB_Q_MMA_BF16(8)
 
 // W_UK of every head transposed, bytes and 128x128 scale blocks alike (no requantisation):
 // uk_t[h][c][d] = kv_b[h * (nope + vdim) + d][c], scale_t[h][c / 128][d / 128] = the block's

@@ -8,7 +8,7 @@ use crate::gpu::{DeviceBuf, Gpu};
 use crate::kernels;
 use crate::kernels::TokenTiles;
 use crate::launch::{int, ptr, Args, Kernel};
-use crate::mla_decode::{mla_decode, DecodeBuffers, DecodeKernel, LatentShape, PagedRows};
+use crate::mla_decode::{mla_decode, DecodeBuffers, DecodeKernel, DecodeQuery, LatentShape, PagedRows};
 use crate::mla_prefill::{flash_prefill, PrefillBuffers, PrefillShape};
 use crate::weights::Format;
 use anyhow::Result;
@@ -148,10 +148,6 @@ impl CudaModel {
             ..
         } = MlaDims::of(c);
         let cache = self.cache.layer_addr(layer.index);
-        // absorbed attention over the latent cache
-        let q_lat = g.alloc(m * heads * lora * 4)?;
-        self.absorb_q(layer, q, &q_lat, m)?;
-        let o_lat = g.alloc(m * heads * lora * 4)?;
         let shape = LatentShape {
             heads,
             lora,
@@ -159,6 +155,34 @@ impl CudaModel {
             qk,
             nope,
         };
+        let kernel = if self.simt_attention {
+            DecodeKernel::CudaCores
+        } else {
+            DecodeKernel::best(g, &shape, self.cache.block_size(), self.wgmma_attention)
+        };
+        // The queries absorbed into the latent space, as the kernel reads them: the wgmma kernel
+        // copies them by TMA as bf16, its rotary part from q's bf16 copy, which the tensor-core
+        // absorption reads too.
+        let bf16_query = kernel.reads_bf16_query();
+        let q_lat = g.alloc(m * heads * lora * if bf16_query { 2 } else { 4 })?;
+        let mma_absorb = layer.attn.uk_t.is_some() && !self.kernels.simt_linear();
+        let qb = if mma_absorb || bf16_query {
+            Some(g.to_bf16(q.addr, m * heads * qk)?)
+        } else {
+            None
+        };
+        self.absorb_q(layer, q, qb.as_ref(), &q_lat, m, bf16_query)?;
+        let query = match &qb {
+            Some(qb) if bf16_query => DecodeQuery::Bf16 {
+                q_lat: q_lat.addr,
+                q: qb.addr,
+            },
+            _ => DecodeQuery::F32 {
+                q_lat: q_lat.addr,
+                q: q.addr,
+            },
+        };
+        let o_lat = g.alloc(m * heads * lora * 4)?;
         let rows = PagedRows {
             rows: m,
             max_len: step.max_len,
@@ -168,24 +192,26 @@ impl CudaModel {
             block: self.cache.block_size(),
         };
         let bufs = DecodeBuffers {
-            q_lat: q_lat.addr,
-            q: q.addr,
+            query,
             cache,
             cache_slots: self.cache.num_blocks() * self.cache.block_size(),
             o_lat: o_lat.addr,
-        };
-        let kernel = if self.simt_attention {
-            DecodeKernel::CudaCores
-        } else {
-            DecodeKernel::best(g, &shape, rows.block, self.wgmma_attention)
         };
         mla_decode(g, &shape, &rows, &bufs, softmax_scale(c), kernel)?;
         self.absorb_out(layer, &o_lat, attn, m)
     }
 
-    /// `q_lat[t, h] = q_nope[t, h] · W_UK[h]`: on the tensor cores over W_UK's transpose where
-    /// the layer has it, else the CUDA-core kernel.
-    fn absorb_q(&self, layer: &Layer, q: &DeviceBuf, q_lat: &DeviceBuf, m: usize) -> Result<()> {
+    /// `q_lat[t, h] = q_nope[t, h] · W_UK[h]`, f32 or (`bf16_out`) bf16: on the tensor cores over
+    /// W_UK's transpose where the layer has it, from `qb` (q as bf16), else the CUDA-core kernel.
+    fn absorb_q(
+        &self,
+        layer: &Layer,
+        q: &DeviceBuf,
+        qb: Option<&DeviceBuf>,
+        q_lat: &DeviceBuf,
+        m: usize,
+        bf16_out: bool,
+    ) -> Result<()> {
         let g = &self.gpu;
         let MlaDims {
             heads,
@@ -196,11 +222,14 @@ impl CudaModel {
             ..
         } = MlaDims::of(&self.config);
         let kvb = &layer.attn.kv_b;
-        if let (Some(uk_t), false) = (&layer.attn.uk_t, self.kernels.simt_linear()) {
-            let qb = g.to_bf16(q.addr, m * heads * qk)?;
+        if let (Some(uk_t), false, Some(qb)) = (&layer.attn.uk_t, self.kernels.simt_linear(), qb) {
             return absorb_mma(
                 g,
-                kernels::MLA_ABSORB_Q_MMA,
+                if bf16_out {
+                    kernels::MLA_ABSORB_Q_MMA_BF16
+                } else {
+                    kernels::MLA_ABSORB_Q_MMA
+                },
                 lora,
                 m,
                 heads,
@@ -234,6 +263,7 @@ impl CudaModel {
                 int(kvb.format as usize),
                 ptr(kvb.data.addr),
                 ptr(kvb.scale_addr()),
+                int(bf16_out as usize),
             ),
         )
     }
