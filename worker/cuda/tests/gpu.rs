@@ -1259,6 +1259,106 @@ fn routing_on_the_gpu_chooses_the_experts_of_the_cpu_gate() {
 /// normed rows take) writes the f32 rows, codes and scales of `rms_norm` followed by
 /// `QuantizedRows::new`, bit for bit: at a decode step's block sizes and a prefill's, with the
 /// input rows strided (the q_a norm reads its rows out of the wider q_a + kv_a product).
+/// The absorbed queries the wgmma decode copies by TMA as bf16 are the f32 ones rounded to
+/// nearest even, bit for bit: from the tensor-core absorption (`mla_absorb_q_mma_bf16_n*` against
+/// `mla_absorb_q_mma_n*`, each token tile width) and from the CUDA-core one (`bf16_out`).
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn absorbed_query_in_bf16_equals_rounding_the_f32_one() {
+    use dsv3_cuda::gpu::Gpu;
+    use dsv3_cuda::kernels;
+    use dsv3_cuda::launch::{int, ptr};
+    poison();
+    let gpu = Gpu::open(0).expect("GPU");
+    let mut next = xorshift(0x853c49e6748fea9bu64);
+    let (heads, nope, rope, vdim, lora) = (4usize, 128usize, 64usize, 128usize, 512usize);
+    let qk = nope + rope;
+    // e4m3 codes short of NaN (0x7f, 0xff), and scales near those of a checkpoint.
+    let mut codes = |n: usize| -> Vec<u8> { (0..n).map(|_| (next() >> 56) as u8 & 0xf7).collect() };
+    let uk_t = gpu.upload(&codes(heads * lora * nope)).expect("uk_t");
+    let kv_b = gpu.upload(&codes(heads * (nope + vdim) * lora)).expect("kv_b");
+    let scale_t = gpu
+        .upload(&vec![1.0f32 / 448.0; heads * (lora / 128) * (nope / 128)])
+        .expect("scale_t");
+    let kv_scale = gpu
+        .upload(&vec![1.0f32 / 448.0; heads * (nope + vdim) / 128 * (lora / 128)])
+        .expect("scale");
+    let round = |v: f32| -> u16 {
+        let u = v.to_bits();
+        ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
+    };
+    for m in [1usize, 5, 17, 40, 70] {
+        let q: Vec<f32> = (0..m * heads * qk)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 250.0)
+            .collect();
+        let qd = gpu.upload(&q).expect("q");
+        let qb = gpu.to_bf16(qd.addr, q.len()).expect("q as bf16");
+        let f32_out = gpu.alloc(m * heads * lora * 4).expect("f32 out");
+        let bf16_out = gpu.alloc(m * heads * lora * 2).expect("bf16 out");
+        let compare = |what: &str| {
+            let want: Vec<f32> = gpu.download(f32_out.addr, m * heads * lora).expect("f32");
+            let got: Vec<u16> = gpu.download(bf16_out.addr, m * heads * lora).expect("bf16");
+            assert!(
+                want.iter().all(|v| v.is_finite()),
+                "{what}, {m} rows: f32 output not finite"
+            );
+            let wrong = want.iter().zip(&got).filter(|(w, g)| round(**w) != **g).count();
+            assert_eq!(wrong, 0, "{what}, {m} rows: {wrong} of {} values differ", want.len());
+        };
+        for (variants, out) in [
+            (kernels::MLA_ABSORB_Q_MMA, &f32_out),
+            (kernels::MLA_ABSORB_Q_MMA_BF16, &bf16_out),
+        ] {
+            let (variant, tile) = variants.for_rows(m);
+            variant
+                .launch(
+                    &gpu,
+                    ((lora / 64) as u32, (heads * m.div_ceil(tile)) as u32, 1),
+                    128,
+                    0,
+                    (
+                        ptr(out.addr),
+                        ptr(qb.addr),
+                        int(m),
+                        int(heads),
+                        int(qk),
+                        int(nope),
+                        int(lora),
+                        ptr(uk_t.addr),
+                        ptr(scale_t.addr),
+                    ),
+                )
+                .expect("absorb on the tensor cores");
+        }
+        compare("tensor cores");
+        for (out, as_bf16) in [(&f32_out, 0), (&bf16_out, 1)] {
+            kernels::mla_absorb_q
+                .launch(
+                    &gpu,
+                    (heads as u32, m.div_ceil(8) as u32, 1),
+                    lora as u32,
+                    0,
+                    (
+                        ptr(out.addr),
+                        ptr(qd.addr),
+                        int(m),
+                        int(heads),
+                        int(qk),
+                        int(nope),
+                        int(vdim),
+                        int(lora),
+                        2, // FP8
+                        ptr(kv_b.addr),
+                        ptr(kv_scale.addr),
+                        as_bf16,
+                    ),
+                )
+                .expect("absorb on the CUDA cores");
+        }
+        compare("CUDA cores");
+    }
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn norm_quantised_where_made_equals_quantising_its_output() {
