@@ -226,12 +226,14 @@ impl AttentionCase {
         Ok(out)
     }
 
-    /// Bytes a step must read: every cached latent once, the queries, and the output written.
-    pub fn bytes(&self) -> f64 {
+    /// Bytes a step of `kernel` must move: every cached latent once, the queries (their latent
+    /// and rotary parts, bf16 or f32 as the kernel reads them), and the f32 output written.
+    pub fn bytes(&self, kernel: DecodeKernel) -> f64 {
         let positions: usize = self.lens.iter().sum();
         let rows = self.lens.len();
         let s = &self.shape;
-        (positions * s.width() * 2 + rows * s.heads * (2 * s.lora + s.rope) * 4) as f64
+        let query = if kernel.reads_bf16_query() { 2 } else { 4 };
+        (positions * s.width() * 2 + rows * s.heads * ((s.lora + s.rope) * query + s.lora * 4)) as f64
     }
 
     /// Tensor-core work: Q·Kᵀ over lora + rope and P·V over lora, per head and position.
@@ -307,13 +309,14 @@ pub fn run(g: &Gpu, batches: &[usize], ctx: usize, reps: usize) -> Result<String
                     &crate::probes::MLA_TIMELINE_LAPS,
                 )?;
             }
-            let floor = case.bytes() / read;
+            let bytes = case.bytes(kernel);
+            let floor = bytes / read;
             eprintln!("mla decode {kernel:?} batch {b}: {:.1} µs", s * 1e6);
             table += &format!(
                 "| {kernel:?} | {b} | {ctx} | {:.1} | {:.0} | {:.0}% | {:.0} | {:.1} | {:.2}× |\n",
                 s * 1e6,
-                case.bytes() / s / 1e9,
-                100.0 * case.bytes() / s / read,
+                bytes / s / 1e9,
+                100.0 * bytes / s / read,
                 case.flops() / s / 1e12,
                 floor * 1e6,
                 s / floor,

@@ -119,6 +119,8 @@ impl DecodeKernel {
                     && heads_fit
                     && shape.lora == 512
                     && shape.rope == 64
+                    // the queries' rows by TMA: 16-byte multiples
+                    && shape.qk.is_multiple_of(8)
                     && tma_box_rows(block).is_some()
                     && WGMMA_SHARED_BYTES <= g.max_shared_per_block
             }

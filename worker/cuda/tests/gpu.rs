@@ -1255,17 +1255,13 @@ fn routing_on_the_gpu_chooses_the_experts_of_the_cpu_gate() {
     }
 }
 
-/// RMSNorm quantising its own output (`QuantizedRows::rms_norm`, what the products of a layer's
-/// normed rows take) writes the f32 rows, codes and scales of `rms_norm` followed by
-/// `QuantizedRows::new`, bit for bit: at a decode step's block sizes and a prefill's, with the
-/// input rows strided (the q_a norm reads its rows out of the wider q_a + kv_a product).
 /// The absorbed queries the wgmma decode copies by TMA as bf16 are the f32 ones rounded to
 /// nearest even, bit for bit: from the tensor-core absorption (`mla_absorb_q_mma_bf16_n*` against
 /// `mla_absorb_q_mma_n*`, each token tile width) and from the CUDA-core one (`bf16_out`).
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn absorbed_query_in_bf16_equals_rounding_the_f32_one() {
-    use dsv3_cuda::gpu::Gpu;
+    use dsv3_cuda::gpu::{DeviceBuf, Gpu};
     use dsv3_cuda::kernels;
     use dsv3_cuda::launch::{int, ptr};
     poison();
@@ -1287,24 +1283,31 @@ fn absorbed_query_in_bf16_equals_rounding_the_f32_one() {
         let u = v.to_bits();
         ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
     };
-    for m in [1usize, 5, 17, 40, 70] {
+    // Each absorption writes fresh (poisoned) outputs, so that a launch that wrote nothing
+    // cannot pass.
+    let outputs = |m: usize| {
+        let f32_out = gpu.alloc(m * heads * lora * 4).expect("f32 out");
+        let bf16_out = gpu.alloc(m * heads * lora * 2).expect("bf16 out");
+        (f32_out, bf16_out)
+    };
+    let compare = |what: &str, m: usize, f32_out: &DeviceBuf, bf16_out: &DeviceBuf| {
+        let want: Vec<f32> = gpu.download(f32_out.addr, m * heads * lora).expect("f32");
+        let got: Vec<u16> = gpu.download(bf16_out.addr, m * heads * lora).expect("bf16");
+        assert!(
+            want.iter().all(|v| v.is_finite()),
+            "{what}, {m} rows: f32 output not finite"
+        );
+        let wrong = want.iter().zip(&got).filter(|(w, g)| round(**w) != **g).count();
+        assert_eq!(wrong, 0, "{what}, {m} rows: {wrong} of {} values differ", want.len());
+    };
+    // Every token tile width (8, 16, 32 and 64 rows), and two tiles of 64.
+    for m in [1usize, 5, 12, 17, 40, 70] {
         let q: Vec<f32> = (0..m * heads * qk)
             .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 250.0)
             .collect();
         let qd = gpu.upload(&q).expect("q");
         let qb = gpu.to_bf16(qd.addr, q.len()).expect("q as bf16");
-        let f32_out = gpu.alloc(m * heads * lora * 4).expect("f32 out");
-        let bf16_out = gpu.alloc(m * heads * lora * 2).expect("bf16 out");
-        let compare = |what: &str| {
-            let want: Vec<f32> = gpu.download(f32_out.addr, m * heads * lora).expect("f32");
-            let got: Vec<u16> = gpu.download(bf16_out.addr, m * heads * lora).expect("bf16");
-            assert!(
-                want.iter().all(|v| v.is_finite()),
-                "{what}, {m} rows: f32 output not finite"
-            );
-            let wrong = want.iter().zip(&got).filter(|(w, g)| round(**w) != **g).count();
-            assert_eq!(wrong, 0, "{what}, {m} rows: {wrong} of {} values differ", want.len());
-        };
+        let (f32_out, bf16_out) = outputs(m);
         for (variants, out) in [
             (kernels::MLA_ABSORB_Q_MMA, &f32_out),
             (kernels::MLA_ABSORB_Q_MMA_BF16, &bf16_out),
@@ -1330,7 +1333,8 @@ fn absorbed_query_in_bf16_equals_rounding_the_f32_one() {
                 )
                 .expect("absorb on the tensor cores");
         }
-        compare("tensor cores");
+        compare("tensor cores", m, &f32_out, &bf16_out);
+        let (f32_out, bf16_out) = outputs(m);
         for (out, as_bf16) in [(&f32_out, 0), (&bf16_out, 1)] {
             kernels::mla_absorb_q
                 .launch(
@@ -1355,10 +1359,14 @@ fn absorbed_query_in_bf16_equals_rounding_the_f32_one() {
                 )
                 .expect("absorb on the CUDA cores");
         }
-        compare("CUDA cores");
+        compare("CUDA cores", m, &f32_out, &bf16_out);
     }
 }
 
+/// RMSNorm quantising its own output (`QuantizedRows::rms_norm`, what the products of a layer's
+/// normed rows take) writes the f32 rows, codes and scales of `rms_norm` followed by
+/// `QuantizedRows::new`, bit for bit: at a decode step's block sizes and a prefill's, with the
+/// input rows strided (the q_a norm reads its rows out of the wider q_a + kv_a product).
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn norm_quantised_where_made_equals_quantising_its_output() {
