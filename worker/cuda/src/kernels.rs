@@ -147,6 +147,9 @@ kernels! {
         y: Ptr, ldy: i32, x: Ptr, x_scale: Ptr, m: i32, w: Ptr, scale: Ptr, n: i32, k: i32, mode: i32,
         split_stride: u64,
     );
+    Fp8x8MmaKOverWarps: fp8x8_mma_k_over_warps(
+        y: Ptr, ldy: i32, x: Ptr, x_scale: Ptr, m: i32, w: Ptr, scale: Ptr, n: i32, k: i32, mode: i32,
+    );
     Bf16Mma: bf16_mma_n1, bf16_mma_n2(
         y: Ptr, ldy: i32, x: Ptr, ldx: i32, m: i32, w: Ptr, n: i32, k: i32, mode: i32, split_stride: u64,
     );

@@ -149,6 +149,25 @@ pub fn wave_filling_splits(blocks: usize, slots: usize, most: usize) -> usize {
     best
 }
 
+/// How many warps a block of `fp8x8_mma_k_over_warps` (one 16-row tile a block) splits its
+/// `chunks` k chunks over, for a product of `tiles` tiles: the most of 8, 4 and 2 (no more than the
+/// chunks) at which all its blocks are resident at once, `resident(warps)` an SM on `sms` SMs.
+/// None where no width keeps every tile in one wave: such a product has blocks enough to fill
+/// the GPU as they come and go, and keeps fp8x8_mma's split k.
+fn warps_over_k(
+    tiles: usize,
+    chunks: usize,
+    sms: usize,
+    resident: impl Fn(usize) -> Result<usize>,
+) -> Result<Option<usize>> {
+    for warps in [8, 4, 2] {
+        if warps <= chunks && tiles <= resident(warps)? * sms {
+            return Ok(Some(warps));
+        }
+    }
+    Ok(None)
+}
+
 /// `y[m, w.rows] (+)= x[m, w.cols] · wᵀ` (x contiguous, y with row stride `ldy`), by batch size.
 /// With `input_quant` (`Some(ue8m0)`: [`dsv3_engine::Fp8Activations::Quantised`]) an FP8 weight
 /// meets x quantised per row per 128 channels: from [`Fp8Gemm::dense_min_rows`] rows cuBLASLt's
@@ -293,6 +312,31 @@ pub fn linear_from(
     if fp8_tensor_cores(simt, m, w) {
         let blocks = w.rows.div_ceil(64);
         let e4m3 = input_quant.is_some() && small == SmallBatch::E4m3Mma && g.hopper;
+        if let (true, Some(ue8m0)) = (e4m3 && m <= 8, input_quant) {
+            let resident = |warps: usize| kernels::fp8x8_mma_k_over_warps.resident_blocks(g, 32 * warps as u32, 0);
+            if let Some(warps) = warps_over_k(w.rows / 16, w.cols / 128, g.sm_count, resident)? {
+                let q = quantised_rows(m, ue8m0)?;
+                let q = q.rows();
+                return kernels::fp8x8_mma_k_over_warps.launch(
+                    g,
+                    ((w.rows / 16) as u32, 1, 1),
+                    32 * warps as u32,
+                    0,
+                    (
+                        ptr(y),
+                        int(ldy),
+                        ptr(q.data.addr),
+                        ptr(q.scales.addr),
+                        int(m),
+                        ptr(w.data.addr),
+                        ptr(w.scale_addr()),
+                        int(w.rows),
+                        int(w.cols),
+                        int(accumulate as usize),
+                    ),
+                );
+            }
+        }
         let resident = if e4m3 {
             kernels::FP8X8_MMA.for_rows(m).0.resident_blocks(g, 128, 0)?
         } else {
@@ -474,7 +518,31 @@ fn weight_bf16(g: &Gpu, dequant: &DeviceBuf, w: &DeviceMatrix) -> Result<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::{gemv_parts, wave_filling_splits};
+    use super::{gemv_parts, warps_over_k, wave_filling_splits};
+
+    #[test]
+    fn k_splits_over_the_most_warps_that_keep_every_tile_in_one_wave() {
+        // 132 SMs holding 3 blocks of 8 warps, 7 of 4 or 14 of 2 (the fewer warps, the more fit).
+        let resident = |warps: usize| {
+            Ok(match warps {
+                8 => 3,
+                4 => 7,
+                _ => 14,
+            })
+        };
+        let warps = |n: usize, k: usize| warps_over_k(n / 16, k / 128, 132, resident).unwrap();
+        // q_a + kv_a (2,112 × 7,168): 132 tiles, one block of 8 warps an SM.
+        assert_eq!(warps(2112, 7168), Some(8));
+        // o_proj (7,168 × 16,384): 448 tiles fit 396 slots of 8 warps only as 4.
+        assert_eq!(warps(7168, 16384), Some(4));
+        // q_b (24,576 × 1,536): 1,536 tiles, in one wave only as blocks of 2 warps.
+        assert_eq!(warps(24576, 1536), Some(2));
+        // The dense gate + up (36,864 × 7,168): 2,304 tiles, more than any width holds at once.
+        assert_eq!(warps(36864, 7168), None);
+        // No more warps than k chunks; one chunk is not split.
+        assert_eq!(warps(384, 512), Some(4));
+        assert_eq!(warps(384, 128), None);
+    }
 
     #[test]
     fn narrow_matrices_share_each_column_among_warps_until_every_sm_has_two_blocks() {

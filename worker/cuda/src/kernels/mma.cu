@@ -30,18 +30,23 @@ __device__ __forceinline__ void split_chunks(int chunks, int& begin, int& end) {
 }
 
 // Weights are written by no kernel, so a product may fetch them before it waits for the kernel
-// before it (programmatic dependent launch): the first k chunks this block will read of its
-// warp's 16 weight rows (128 bytes of a row per chunk, FP8 or bf16) pulled into L2 meanwhile.
-__device__ __forceinline__ void prefetch_weight_rows(const void* w, int n, size_t row_bytes, int chunks) {
+// before it (programmatic dependent launch): the first k chunks [begin, end) the warp will read of
+// its 16 weight rows from row0 (128 bytes of a row per chunk, FP8 or bf16) pulled into L2
+// meanwhile.
+__device__ __forceinline__ void prefetch_rows(const void* w, int n, size_t row_bytes, int row0, int begin, int end) {
     constexpr int ahead = 8;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int row = (blockIdx.x * (blockDim.x >> 5) + warp) * 16 + lane;
+    const int lane = threadIdx.x & 31, row = row0 + lane;
     if (lane >= 16 || row >= n) return;
-    int begin, end;
-    split_chunks(chunks, begin, end);
     const char* p = (const char*)w + (size_t)row * row_bytes;
     for (int c = begin; c < min(end, begin + ahead); ++c)
         asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p + (size_t)c * 128));
+}
+
+// prefetch_rows for the warp's rows of a product with 16 rows a warp and k split over gridDim.z.
+__device__ __forceinline__ void prefetch_weight_rows(const void* w, int n, size_t row_bytes, int chunks) {
+    int begin, end;
+    split_chunks(chunks, begin, end);
+    prefetch_rows(w, n, row_bytes, (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * 16, begin, end);
 }
 
 // Token tile j of a warp holds tokens 8j..8j+7; lane (g, t) reads token 8j+g (row x_rows[tok], or
@@ -221,13 +226,11 @@ __device__ __forceinline__ void mma_e4m3(float c[4], u32 a0, u32 a1, u32 a2, u32
 // does; mma s of the chunk takes bytes 8s..8s+3 of each (a0/a1/b0) and 8s+4..8s+7 (a2/a3/b1),
 // the same permutation of k for W and x.
 template <int NT>
-__device__ void fp8x8_mma_impl(float* y, int ldy, const u8* x, int ldx, const float* x_scale, int x_scale_ld, int m,
-                               const u8* w, const float* scale, int n, int k, int mode, u64 split_stride) {
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    int row0 = (blockIdx.x * (blockDim.x >> 5) + warp) * 16;
-    if (row0 >= n) return;
-    int chunks = k / 128, c_begin, c_end;
-    split_chunks(chunks, c_begin, c_end);
+__device__ __forceinline__ void fp8x8_mma_sum(float (&acc)[NT][4], const u8* x, int ldx, const float* x_scale,
+                                              int x_scale_ld, int m, const u8* w, const float* scale, int k,
+                                              int row0, int c_begin, int c_end) {
+    int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int chunks = k / 128;
     const u8* w0 = w + (size_t)(row0 + g) * k + 32 * t;
     const u8* w1 = w0 + (size_t)8 * k;
     const float* srow = scale + (size_t)(row0 / 128) * chunks;
@@ -239,7 +242,6 @@ __device__ void fp8x8_mma_impl(float* y, int ldy, const u8* x, int ldx, const fl
         live[j] = tok < m;
         xr[j] = x + (size_t)(live[j] ? tok : 0) * ldx + 32 * t;
     }
-    float acc[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 #pragma unroll 2
@@ -269,6 +271,17 @@ __device__ void fp8x8_mma_impl(float* y, int ldy, const u8* x, int ldx, const fl
             acc[j][3] += s1 * part[j][3];
         }
     }
+}
+
+template <int NT>
+__device__ void fp8x8_mma_impl(float* y, int ldy, const u8* x, int ldx, const float* x_scale, int x_scale_ld, int m,
+                               const u8* w, const float* scale, int n, int k, int mode, u64 split_stride) {
+    int row0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * 16;
+    if (row0 >= n) return;
+    int c_begin, c_end;
+    split_chunks(k / 128, c_begin, c_end);
+    float acc[NT][4];
+    fp8x8_mma_sum<NT>(acc, x, ldx, x_scale, x_scale_ld, m, w, scale, k, row0, c_begin, c_end);
     store_tiles<NT>(y, ldy, m, row0, acc, mode, split_stride);
 }
 
@@ -288,6 +301,36 @@ FP8X8_MMA(1)
 FP8X8_MMA(2)
 FP8X8_MMA(4)
 FP8X8_MMA(8)
+
+// Up to 8 tokens, a product of few 16-row tiles (q_a + kv_a, o_proj, the shared expert, dense
+// down): one tile a block, its k chunks split over the block's warps (blockDim.x / 32, at most 8)
+// and their sums added in shared memory in warp order. The host launches it only where every
+// block is resident at once, so the product is one wave and one launch: no slabs to write and
+// add up, as fp8x8_mma's split k needs. mode: 0 = store, 1 = add into y; otherwise as
+// fp8x8_mma_n1.
+extern "C" __global__ void __launch_bounds__(256) fp8x8_mma_k_over_warps(float* y, int ldy, const u8* x,
+                                                                         const float* x_scale, int m, const u8* w,
+                                                                         const float* scale, int n, int k,
+                                                                         int mode) {
+    __shared__ float partial[7][32][4];
+    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int row0 = blockIdx.x * 16, chunks = k / 128, per = (chunks + warps - 1) / warps;
+    const int c_begin = min(chunks, warp * per), c_end = min(chunks, c_begin + per);
+    prefetch_rows(w, n, k, row0, c_begin, c_end);
+    await_previous_kernel();
+    float acc[1][4];
+    fp8x8_mma_sum<1>(acc, x, k, x_scale, m, m, w, scale, k, row0, c_begin, c_end);
+    if (warp > 0) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) partial[warp - 1][lane][e] = acc[0][e];
+    }
+    __syncthreads();
+    if (warp > 0) return;
+    for (int v = 0; v + 1 < warps; ++v)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[0][e] += partial[v][lane][e];
+    store_tiles<1>(y, ldy, m, row0, acc, mode, 0);
+}
 
 // bf16 weights (the head, the router) on the tensor cores, as fp8_mma but without conversion:
 // lane (g, t) reads 32 bytes (16 values) of rows g and g+8 per 64-wide k chunk. k % 64 == 0,
