@@ -312,7 +312,7 @@ pub fn linear_from(
     if fp8_tensor_cores(simt, m, w) {
         let blocks = w.rows.div_ceil(64);
         let e4m3 = input_quant.is_some() && small == SmallBatch::E4m3Mma && g.hopper;
-        if let (true, Some(ue8m0)) = (e4m3 && m <= 8, input_quant) {
+        if let Some(ue8m0) = input_quant.filter(|_| e4m3 && m <= 8) {
             let resident = |warps: usize| kernels::fp8x8_mma_k_over_warps.resident_blocks(g, 32 * warps as u32, 0);
             if let Some(warps) = warps_over_k(w.rows / 16, w.cols / 128, g.sm_count, resident)? {
                 let q = quantised_rows(m, ue8m0)?;

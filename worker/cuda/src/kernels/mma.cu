@@ -303,11 +303,11 @@ FP8X8_MMA(4)
 FP8X8_MMA(8)
 
 // Up to 8 tokens, a product whose 16-row tiles all fit on the GPU at once (q_a + kv_a, q_b,
-// o_proj, the shared expert, dense down): one tile a block, its k chunks split over the block's warps (blockDim.x / 32, at most 8)
-// and their sums added in shared memory in warp order. The host launches it only where every
-// block is resident at once, so the product is one wave and one launch: no slabs to write and
-// add up, as fp8x8_mma's split k needs. mode: 0 = store, 1 = add into y; otherwise as
-// fp8x8_mma_n1.
+// o_proj, the shared expert, dense down): one tile a block, its k chunks split over the block's
+// warps (blockDim.x / 32, at most 8) and their sums added in shared memory in warp order. The
+// host launches it only where every block is resident at once, so the product is one wave and
+// one launch: no slabs to write and add up, as fp8x8_mma's split k needs. mode: 0 = store, 1 =
+// add into y; otherwise as fp8x8_mma_n1.
 extern "C" __global__ void __launch_bounds__(256) fp8x8_mma_k_over_warps(float* y, int ldy, const u8* x,
                                                                          const float* x_scale, int m, const u8* w,
                                                                          const float* scale, int n, int k,
