@@ -289,9 +289,18 @@ impl QuantizedRows {
 
     /// [`QuantizedRows::new`] of SwiGLU's `n` rows of `k` (SiLU(gate) · up), made from `gu`, the
     /// rows of the gate and up products side by side (`2k` wide): the activations are quantised
-    /// where they are made, never written in f32. The same codes and scales as quantising the
-    /// `swiglu` kernel's output.
-    pub fn swiglu(g: &Gpu, gu: u64, n: usize, k: usize, groups: Option<(u64, usize)>, ue8m0: bool) -> Result<Self> {
+    /// where they are made, and written in f32 too only to `act` where given (for products that
+    /// may read them unquantised). The same codes and scales (and activations) as the `swiglu`
+    /// kernel followed by quantising its output.
+    pub fn swiglu(
+        g: &Gpu,
+        gu: u64,
+        n: usize,
+        k: usize,
+        groups: Option<(u64, usize)>,
+        ue8m0: bool,
+        act: Option<u64>,
+    ) -> Result<Self> {
         Self::launch(g, n, k, groups, ue8m0, |q| {
             kernels::swiglu_quantize_fp8.launch(
                 g,
@@ -308,6 +317,7 @@ impl QuantizedRows {
                     q.groups,
                     q.ue8m0,
                     q.span,
+                    ptr(act.unwrap_or(0)),
                 ),
             )
         })

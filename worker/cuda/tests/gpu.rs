@@ -1153,7 +1153,9 @@ fn gathered_quantisation_equals_quantising_the_gathered_rows() {
 /// group are quantised too (as `moe_plan`'s spare slots are): their scales must land nowhere.
 /// SwiGLU quantised where it is made (`swiglu_quantize_fp8`) gives the codes and scales of the
 /// `swiglu` kernel's f32 output quantised afterwards: grouped scales (an empty group, rows past
-/// every group), both scale encodings, and both spans (a decode-sized step and a prefill-sized one).
+/// every group), both scale encodings, and both spans (a decode-sized step and a prefill-sized one);
+/// with the f32 activations written beside the codes (the dense MLP's), those are the `swiglu`
+/// kernel's bit for bit.
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn swiglu_quantised_where_made_equals_quantising_its_output() {
@@ -1179,8 +1181,24 @@ fn swiglu_quantised_where_made_equals_quantising_its_output() {
                 .launch_1d(&gpu, n * k, (ptr(act.addr), ptr(gud.addr), int(n), int(k)))
                 .expect("swiglu");
             let after = QuantizedRows::new(&gpu, act.addr, k, None, n, k, groups, ue8m0).expect("after");
-            let made = QuantizedRows::swiglu(&gpu, gud.addr, n, k, groups, ue8m0).expect("where made");
+            let made = QuantizedRows::swiglu(&gpu, gud.addr, n, k, groups, ue8m0, None).expect("where made");
+            // Again with the f32 activations written beside the codes: the swiglu kernel's bits.
+            let act_beside = gpu.alloc(n * k * 4).expect("act beside");
+            let made_beside =
+                QuantizedRows::swiglu(&gpu, gud.addr, n, k, groups, ue8m0, Some(act_beside.addr)).expect("beside");
+            let bits = |addr: u64| -> Vec<u32> {
+                let f: Vec<f32> = gpu.download(addr, n * k).expect("activations");
+                f.iter().map(|v| v.to_bits()).collect()
+            };
+            let (want, got) = (bits(act.addr), bits(act_beside.addr));
+            let wrong = want.iter().zip(&got).filter(|(x, y)| x != y).count();
+            assert_eq!(wrong, 0, "n {n} ue8m0 {ue8m0}: {wrong} of {} activations differ", n * k);
             let codes = |q: &QuantizedRows| -> Vec<u8> { gpu.download(q.data.addr, n * k).expect("codes") };
+            assert_eq!(
+                codes(&made),
+                codes(&made_beside),
+                "n {n} ue8m0 {ue8m0}: codes with the activations beside"
+            );
             // Rows past every group keep no scales: only the grouped rows' are compared.
             let kept = (offsets[4] as usize) * (k / 128);
             let scales = |q: &QuantizedRows| -> Vec<u32> {

@@ -284,9 +284,12 @@ __device__ __forceinline__ bool scale_group(const int* offsets, int groups, int 
 
 // The body of quantize_rows_fp8; with SWIGLU the values are SiLU(gate) * up of rows of x that hold
 // each row's k gate values and then its k up values (ldx = 2k).
+// With SWIGLU, x holds the gate and up products side by side and the activations made from them
+// are also written in f32 to `act` (n rows of k) where it is not null.
 template <bool SWIGLU>
 __device__ __forceinline__ void quantize_rows(u8* out, float* scales, const float* x, int ldx, const int* rows, int n,
-                                              int k, const int* offsets, int groups, int ue8m0, int span) {
+                                              int k, const int* offsets, int groups, int ue8m0, int span,
+                                              float* act = nullptr) {
     const int lane = threadIdx.x & 31, blocks = k / QBLOCK, spans = (blocks + span - 1) / span;
     const int warp = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5);
     if (warp >= n * spans) return;
@@ -302,6 +305,7 @@ __device__ __forceinline__ void quantize_rows(u8* out, float* scales, const floa
             const float4 u = *(const float4*)(in + k + j * QBLOCK);
             v[j] = make_float4(silu_times(v[j].x, u.x), silu_times(v[j].y, u.y), silu_times(v[j].z, u.z),
                                silu_times(v[j].w, u.w));
+            if (act) *(float4*)(act + (size_t)r * k + (kb0 + j) * QBLOCK + lane * 4) = v[j];
         }
     }
     int first, count;
@@ -341,12 +345,12 @@ extern "C" __global__ void rms_norm_quantize_fp8(float* out, int ld_out, const f
 }
 
 // quantize_rows_fp8 of swiglu's output, made from the gate and up products `gu` (n rows of 2k:
-// gate, then up) without writing the f32 activations: the codes and scales are those of swiglu
-// followed by quantize_rows_fp8.
+// gate, then up), the f32 activations written to `act` only where it is not null: the codes and
+// scales (and activations) are those of swiglu followed by quantize_rows_fp8.
 extern "C" __global__ void swiglu_quantize_fp8(u8* out, float* scales, const float* gu, int n, int k,
-                                               const int* offsets, int groups, int ue8m0, int span) {
+                                               const int* offsets, int groups, int ue8m0, int span, float* act) {
     await_previous_kernel();
-    quantize_rows<true>(out, scales, gu, 2 * k, nullptr, n, k, offsets, groups, ue8m0, span);
+    quantize_rows<true>(out, scales, gu, 2 * k, nullptr, n, k, offsets, groups, ue8m0, span, act);
 }
 
 // quantize_rows_fp8's output for rows that repeat (a token routed to several experts), from the

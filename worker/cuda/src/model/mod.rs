@@ -825,15 +825,26 @@ impl CudaModel {
         }
     }
 
-    /// Dense SwiGLU MLP, added into `out` (x's rows quantised already where `xq` has them).
+    /// Dense SwiGLU MLP, added into `out` (x's rows quantised already where `xq` has them). With
+    /// quantised activations the down product's input is quantised where SwiGLU makes it (one
+    /// launch where there were two), as the norms quantise theirs.
     fn mlp(&self, mlp: &Mlp, x: &DeviceBuf, xq: Option<&QuantizedRows>, out: u64, m: usize) -> Result<()> {
         let g = &self.gpu;
         let inter = mlp.inter();
         let gu = g.alloc(m * 2 * inter * 4)?;
         self.linear_from(gu.addr, 2 * inter, x.addr, xq, m, &mlp.gate_up, false)?;
         let act = g.alloc(m * inter * 4)?;
-        kernels::swiglu.launch_1d(g, m * inter, (ptr(act.addr), ptr(gu.addr), int(m), int(inter)))?;
-        self.linear(out, self.config.hidden_size, act.addr, m, &mlp.down, true)
+        let hidden = self.config.hidden_size;
+        match self.kernels.input_quant {
+            Some(ue8m0) if !self.kernels.simt_linear() && inter.is_multiple_of(128) => {
+                let aq = QuantizedRows::swiglu(g, gu.addr, m, inter, None, ue8m0, Some(act.addr))?;
+                self.linear_from(out, hidden, act.addr, Some(&aq), m, &mlp.down, true)
+            }
+            _ => {
+                kernels::swiglu.launch_1d(g, m * inter, (ptr(act.addr), ptr(gu.addr), int(m), int(inter)))?;
+                self.linear(out, hidden, act.addr, m, &mlp.down, true)
+            }
+        }
     }
 }
 

@@ -323,7 +323,7 @@ fn wgmma_bank(
     product(&bank.gate, &xq, gu.addr, 2 * inter)?;
     product(&bank.up, &xq, gu.addr + (inter * 4) as u64, 2 * inter)?;
     // The activations quantised where SwiGLU makes them (no f32 pass through memory).
-    let aq = QuantizedRows::swiglu(g, gu.addr, slots, inter, groups, ue8m0)?;
+    let aq = QuantizedRows::swiglu(g, gu.addr, slots, inter, groups, ue8m0, None)?;
     let y = g.alloc(slots * width * 4)?;
     product(&bank.down, &aq, y.addr, width)?;
     combine(g, h, &y, width, plan, weights, m, k)
