@@ -6,6 +6,7 @@
 use crate::gpu::{DeviceBuf, Gpu};
 use crate::kernels;
 use crate::launch::{int, ptr, Ptr};
+use crate::linear::SplitSums;
 use crate::switches;
 use crate::tiles::QUANT_SPAN;
 use anyhow::{anyhow, bail, Context, Result};
@@ -288,13 +289,14 @@ impl QuantizedRows {
     }
 
     /// [`QuantizedRows::new`] of SwiGLU's `n` rows of `k` (SiLU(gate) · up), made from `gu`, the
-    /// rows of the gate and up products side by side (`2k` wide): the activations are quantised
-    /// where they are made, and written in f32 too only to `act` where given (for products that
-    /// may read them unquantised). The same codes and scales (and activations) as the `swiglu`
-    /// kernel followed by quantising its output.
+    /// rows of the gate and up products side by side (`2k` wide; as split-k slabs the product has
+    /// not added up, or whole): the activations are quantised where they are made, and written in
+    /// f32 too only to `act` where given (for products that may read them unquantised). The same
+    /// codes and scales (and activations) as adding the slabs (`split_k_reduce`), the `swiglu`
+    /// kernel and quantising its output.
     pub fn swiglu(
         g: &Gpu,
-        gu: u64,
+        gu: SplitSums,
         n: usize,
         k: usize,
         groups: Option<(u64, usize)>,
@@ -310,7 +312,7 @@ impl QuantizedRows {
                 (
                     q.data,
                     q.scales,
-                    ptr(gu),
+                    ptr(gu.addr),
                     int(n),
                     int(k),
                     q.offsets,
@@ -318,6 +320,8 @@ impl QuantizedRows {
                     q.ue8m0,
                     q.span,
                     ptr(act.unwrap_or(0)),
+                    int(gu.splits),
+                    gu.stride,
                 ),
             )
         })

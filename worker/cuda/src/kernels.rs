@@ -55,7 +55,7 @@ kernels! {
     );
     SwigluQuantizeFp8: swiglu_quantize_fp8(
         out: Ptr, scales: Ptr, gu: Ptr, n: i32, k: i32, offsets: Ptr, groups: i32, ue8m0: i32, span: i32,
-        act: Ptr,
+        act: Ptr, splits: i32, split_stride: u64,
     );
     GatherQuantizedRows: gather_quantized_rows(
         out: Ptr, scales: Ptr, q: Ptr, q_scales: Ptr, m: i32, rows: Ptr, k: i32, offsets: Ptr, groups: i32,

@@ -209,6 +209,99 @@ pub fn linear_from(
     w: &DeviceMatrix,
     accumulate: bool,
 ) -> Result<()> {
+    product(g, dequant, small, input_quant, y, ldy, x, x_quantised, m, w, accumulate)?.finish(g)
+}
+
+/// [`linear_from`] into a new `y[m, w.rows]` (contiguous, not accumulated) whose split-k slabs,
+/// where the product is split, are left for its reader to add up ([`Unsummed::sums`]): the kernel
+/// that reads y then takes the slabs in its place, one launch where there were two.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_unsummed(
+    g: &Gpu,
+    dequant: &DeviceBuf,
+    small: SmallBatch,
+    input_quant: Option<bool>,
+    y: u64,
+    x: u64,
+    x_quantised: Option<&QuantizedRows>,
+    m: usize,
+    w: &DeviceMatrix,
+) -> Result<Unsummed> {
+    product(g, dequant, small, input_quant, y, w.rows, x, x_quantised, m, w, false)
+}
+
+/// A product's output as its reader finds it: the rows themselves (`splits` 1), or the split-k
+/// slabs of a [`linear_unsummed`] product, `stride` floats apart, to add in split order from zero
+/// (`split_k_reduce`'s order, so the reader gets its bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SplitSums {
+    pub addr: u64,
+    pub splits: usize,
+    pub stride: u64,
+}
+
+impl SplitSums {
+    /// Rows already added up.
+    pub fn whole(addr: u64) -> Self {
+        SplitSums {
+            addr,
+            splits: 1,
+            stride: 0,
+        }
+    }
+}
+
+/// A product that may still owe its split-k sum ([`linear_unsummed`]); its slabs live as long
+/// as it does, so it is dropped after the launch of the kernel that reads them.
+pub struct Unsummed {
+    y: u64,
+    split: Option<SplitK>,
+}
+
+impl Unsummed {
+    fn written(y: u64) -> Self {
+        Unsummed { y, split: None }
+    }
+
+    /// Where the reader takes the product from.
+    pub fn sums(&self) -> SplitSums {
+        match &self.split {
+            Some(SplitK {
+                slabs: Some(slabs),
+                splits,
+                stride,
+                ..
+            }) => SplitSums {
+                addr: slabs.addr,
+                splits: *splits,
+                stride: *stride,
+            },
+            _ => SplitSums::whole(self.y),
+        }
+    }
+
+    /// Adds the slabs into y (nothing to do for a product written whole).
+    pub fn finish(self, g: &Gpu) -> Result<()> {
+        self.split.map_or(Ok(()), |target| target.finish(g))
+    }
+}
+
+/// The product of [`linear_from`], its split-k sum not yet made.
+#[allow(clippy::too_many_arguments)]
+fn product(
+    g: &Gpu,
+    dequant: &DeviceBuf,
+    small: SmallBatch,
+    input_quant: Option<bool>,
+    y: u64,
+    ldy: usize,
+    x: u64,
+    x_quantised: Option<&QuantizedRows>,
+    m: usize,
+    w: &DeviceMatrix,
+    accumulate: bool,
+) -> Result<Unsummed> {
+    let written = || Unsummed::written(y);
     let x_quantised = x_quantised.filter(|q| q.k == w.cols);
     // x's rows quantised: those given, or made here.
     let quantised_rows = |rows: usize, ue8m0: bool| -> Result<Quantised> {
@@ -266,7 +359,7 @@ pub fn linear_from(
                 target.stride,
             ),
         )?;
-        return target.finish(g);
+        return Ok(Unsummed { y, split: Some(target) });
     }
     // Larger steps: cuBLASLt's block-scaled FP8 product, the weights read as stored; the last
     // m % 4 rows (it takes multiples of 4) as below.
@@ -293,10 +386,10 @@ pub fn linear_from(
             accumulate,
         )?;
         if body == m {
-            return Ok(());
+            return Ok(written());
         }
         let (y_tail, x_tail) = (y + (body * ldy * 4) as u64, x + (body * w.cols * 4) as u64);
-        return linear(
+        linear(
             g,
             dequant,
             small,
@@ -307,7 +400,8 @@ pub fn linear_from(
             m - body,
             w,
             accumulate,
-        );
+        )?;
+        return Ok(written());
     }
     if fp8_tensor_cores(simt, m, w) {
         let blocks = w.rows.div_ceil(64);
@@ -317,7 +411,7 @@ pub fn linear_from(
             if let Some(warps) = warps_over_k(w.rows / 16, w.cols / 128, g.sm_count, resident)? {
                 let q = quantised_rows(m, ue8m0)?;
                 let q = q.rows();
-                return kernels::fp8x8_mma_k_over_warps.launch(
+                kernels::fp8x8_mma_k_over_warps.launch(
                     g,
                     ((w.rows / 16) as u32, 1, 1),
                     32 * warps as u32,
@@ -334,7 +428,8 @@ pub fn linear_from(
                         int(w.cols),
                         int(accumulate as usize),
                     ),
-                );
+                )?;
+                return Ok(written());
             }
         }
         let resident = if e4m3 {
@@ -393,7 +488,7 @@ pub fn linear_from(
                 kernels::FP8_MMA.for_rows(m).0.launch(g, grid, 128, 0, args)?;
             }
         }
-        return target.finish(g);
+        return Ok(Unsummed { y, split: Some(target) });
     }
     // The kernels below read f32 (or bf16) activations: quantised ones as the values the FP8
     // product would see (through cuBLAS's bf16 they are rounded once more).
@@ -408,7 +503,7 @@ pub fn linear_from(
             Format::F32 => kernels::gemv_f32,
         };
         let parts = gemv_parts(w.rows, g.sm_count);
-        return kernel.launch(
+        kernel.launch(
             g,
             (w.rows.div_ceil(8 / parts) as u32, 1, 1),
             256,
@@ -426,11 +521,13 @@ pub fn linear_from(
                 int(accumulate as usize),
                 int(parts),
             ),
-        );
+        )?;
+        return Ok(written());
     }
     let w_bf16 = weight_bf16(g, dequant, w)?;
     let xb = g.to_bf16(x, m * w.cols)?;
-    g.gemm_bf16(y, ldy, xb.addr, w_bf16, m, w.rows, w.cols, accumulate)
+    g.gemm_bf16(y, ldy, xb.addr, w_bf16, m, w.rows, w.cols, accumulate)?;
+    Ok(written())
 }
 
 /// Quantised rows given by the caller or made for one product.

@@ -55,6 +55,9 @@ pub const GX_THREADS: usize = 384;
 /// Most 128-channel blocks of a row one warp of `quantize_rows_fp8` takes (their loads in flight
 /// together).
 pub const QUANT_SPAN: usize = 4;
+/// float4s of its row each thread of a norm holds in registers (`HeldRow`): a decode step's
+/// 7,168-wide row on 896 threads, with room at 1,024 threads a block (64 registers a thread).
+pub const RMS_HELD: usize = 2;
 /// Threads per block of the merge of the routed experts' rows (`combine_experts`: four channels a
 /// thread, a token's width over `ceil(width / (4 × this))` blocks).
 pub const COMBINE_THREADS: usize = 256;
@@ -85,6 +88,7 @@ pub fn defines() -> Vec<String> {
         ("GX_THREADS", GX_THREADS),
         ("PICK_THREADS", PICK_THREADS),
         ("QUANT_SPAN", QUANT_SPAN),
+        ("RMS_HELD", RMS_HELD),
         ("COMBINE_THREADS", COMBINE_THREADS),
     ]
     .iter()

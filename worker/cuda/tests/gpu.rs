@@ -1163,6 +1163,7 @@ fn swiglu_quantised_where_made_equals_quantising_its_output() {
     use dsv3_cuda::gpu::Gpu;
     use dsv3_cuda::kernels;
     use dsv3_cuda::launch::{int, ptr};
+    use dsv3_cuda::linear::SplitSums;
     poison();
     let gpu = Gpu::open(0).expect("GPU");
     let mut next = xorshift(0x2545f4914f6cdd1du64);
@@ -1181,11 +1182,13 @@ fn swiglu_quantised_where_made_equals_quantising_its_output() {
                 .launch_1d(&gpu, n * k, (ptr(act.addr), ptr(gud.addr), int(n), int(k)))
                 .expect("swiglu");
             let after = QuantizedRows::new(&gpu, act.addr, k, None, n, k, groups, ue8m0).expect("after");
-            let made = QuantizedRows::swiglu(&gpu, gud.addr, n, k, groups, ue8m0, None).expect("where made");
+            let made =
+                QuantizedRows::swiglu(&gpu, SplitSums::whole(gud.addr), n, k, groups, ue8m0, None).expect("where made");
             // Again with the f32 activations written beside the codes: the swiglu kernel's bits.
             let act_beside = gpu.alloc(n * k * 4).expect("act beside");
+            let whole = SplitSums::whole(gud.addr);
             let made_beside =
-                QuantizedRows::swiglu(&gpu, gud.addr, n, k, groups, ue8m0, Some(act_beside.addr)).expect("beside");
+                QuantizedRows::swiglu(&gpu, whole, n, k, groups, ue8m0, Some(act_beside.addr)).expect("beside");
             let bits = |addr: u64| -> Vec<u32> {
                 let f: Vec<f32> = gpu.download(addr, n * k).expect("activations");
                 f.iter().map(|v| v.to_bits()).collect()
@@ -1214,6 +1217,76 @@ fn swiglu_quantised_where_made_equals_quantising_its_output() {
             assert!(got
                 .iter()
                 .all(|&s| f32::from_bits(s).is_finite() && f32::from_bits(s) > 0.0));
+        }
+    }
+}
+
+/// The gate and up product's split-k slabs taken by `swiglu_quantize_fp8` as they are (the dense
+/// MLP at small batches) give the bits of adding them up (`split_k_reduce`), then `swiglu`, then
+/// quantising: activations, codes and scales, at 2, 3 and 7 splits, with zeros of both signs
+/// among the slabs (a sum from zero makes -0 into +0, which an e4m3 code keeps apart).
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn split_k_slabs_taken_by_swiglu_equal_adding_them_up_first() {
+    use dsv3_cuda::fp8_gemm::QuantizedRows;
+    use dsv3_cuda::gpu::Gpu;
+    use dsv3_cuda::kernels;
+    use dsv3_cuda::launch::{int, ptr};
+    use dsv3_cuda::linear::SplitSums;
+    poison();
+    let gpu = Gpu::open(0).expect("GPU");
+    let mut next = xorshift(0x9e3779b97f4a7c15u64);
+    let (n, k) = (5usize, 384usize);
+    for splits in [2usize, 3, 7] {
+        let slab = n * 2 * k;
+        let slabs: Vec<f32> = (0..splits * slab)
+            .map(|i| match i % 97 {
+                0 => 0.0,
+                1 => -0.0,
+                _ => ((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * (1.0 + ((i / 128) % 5) as f32),
+            })
+            .collect();
+        let slabs_d = gpu.upload(&slabs).expect("slabs");
+        for ue8m0 in [false, true] {
+            let gu = gpu.alloc(slab * 4).expect("gu");
+            let reduce = (
+                ptr(gu.addr),
+                int(2 * k),
+                ptr(slabs_d.addr),
+                int(n),
+                int(2 * k),
+                int(splits),
+                int(0),
+            );
+            kernels::split_k_reduce
+                .launch_1d(&gpu, slab, reduce)
+                .expect("split_k_reduce");
+            let act = gpu.alloc(n * k * 4).expect("act");
+            kernels::swiglu
+                .launch_1d(&gpu, n * k, (ptr(act.addr), ptr(gu.addr), int(n), int(k)))
+                .expect("swiglu");
+            let after = QuantizedRows::new(&gpu, act.addr, k, None, n, k, None, ue8m0).expect("after");
+            let sums = SplitSums {
+                addr: slabs_d.addr,
+                splits,
+                stride: slab as u64,
+            };
+            let act_made = gpu.alloc(n * k * 4).expect("act made");
+            let made = QuantizedRows::swiglu(&gpu, sums, n, k, None, ue8m0, Some(act_made.addr)).expect("made");
+            let bits = |addr: u64, len: usize| -> Vec<u32> {
+                let f: Vec<f32> = gpu.download(addr, len).expect("download");
+                f.iter().map(|v| v.to_bits()).collect()
+            };
+            let case = format!("{splits} splits, ue8m0 {ue8m0}");
+            assert_eq!(bits(act.addr, n * k), bits(act_made.addr, n * k), "{case}: activations");
+            let codes = |q: &QuantizedRows| -> Vec<u8> { gpu.download(q.data.addr, n * k).expect("codes") };
+            assert_eq!(codes(&after), codes(&made), "{case}: codes");
+            let blocks = n * k / 128;
+            assert_eq!(
+                bits(after.scales.addr, blocks),
+                bits(made.scales.addr, blocks),
+                "{case}: scales"
+            );
         }
     }
 }
@@ -1384,7 +1457,8 @@ fn absorbed_query_in_bf16_equals_rounding_the_f32_one() {
 /// RMSNorm quantising its own output (`QuantizedRows::rms_norm`, what the products of a layer's
 /// normed rows take) writes the f32 rows, codes and scales of `rms_norm` followed by
 /// `QuantizedRows::new`, bit for bit: at a decode step's block sizes and a prefill's, with the
-/// input rows strided (the q_a norm reads its rows out of the wider q_a + kv_a product).
+/// input rows strided (the q_a norm reads its rows out of the wider q_a + kv_a product), rows held
+/// in registers and rows walked; the norm within 1e-5 of float64.
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn norm_quantised_where_made_equals_quantising_its_output() {
@@ -1396,13 +1470,17 @@ fn norm_quantised_where_made_equals_quantising_its_output() {
     let gpu = Gpu::open(0).expect("GPU");
     let mut next = xorshift(0x9e3779b97f4a7c15u64);
     let mut uniform = |lo: f32, hi: f32| lo + (hi - lo) * ((next() >> 40) as f32 / (1u64 << 24) as f32);
-    // (rows, width, input row stride, threads a block)
+    // (rows, width, input row stride, threads a block): rows held in registers at a decode
+    // step's block sizes and at others, rows walked (too wide for the block, or an input row
+    // not 16-byte aligned: stride 2113).
     for (rows, width, ld_in, threads) in [
-        (1usize, 7168usize, 7168usize, 1024usize),
-        (3, 1536, 2112, 1024),
+        (1usize, 7168usize, 7168usize, 896usize),
+        (1, 7168, 7168, 1024),
+        (3, 1536, 2112, 192),
+        (2, 1536, 2113, 192),
         (200, 7168, 7168, 256),
         (200, 1536, 2112, 256),
-        (5, 512, 640, 512),
+        (5, 512, 640, 64),
     ] {
         let x: Vec<f32> = (0..rows * ld_in).map(|_| uniform(-3.0, 3.0)).collect();
         let w: Vec<f32> = (0..width).map(|_| uniform(0.5, 1.5)).collect();
@@ -1440,6 +1518,21 @@ fn norm_quantised_where_made_equals_quantising_its_output() {
                 f.iter().map(|v| v.to_bits()).collect()
             };
             let case = format!("rows {rows} width {width} ld {ld_in} threads {threads} ue8m0 {ue8m0}");
+            // The norm itself against float64, held or walked.
+            let normed: Vec<f32> = gpu.download(plain.addr, rows * width).expect("normed");
+            for r in 0..rows {
+                let row = &x[r * ld_in..r * ld_in + width];
+                let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / width as f64;
+                let inv = 1.0 / (ms + eps as f64).sqrt();
+                for (c, (&v, &wc)) in row.iter().zip(&w).enumerate() {
+                    let want = v as f64 * inv * wc as f64;
+                    let got = normed[r * width + c] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{case}: row {r} [{c}] {got} vs {want}"
+                    );
+                }
+            }
             let (want, got) = (bits(plain.addr, rows * width), bits(made.addr, rows * width));
             assert_eq!(
                 want.iter().zip(&got).filter(|(a, b)| a != b).count(),

@@ -140,6 +140,49 @@ __device__ float block_max(float v, float* scratch) {
     return m;
 }
 
+// A row normed by a block (rms_norm, rms_norm_quantize_fp8, kv_latent) held in registers:
+// RMS_HELD (tiles.rs) float4s a thread, thread t holding float4s t, t + blockDim.x, ..., so that
+// at each step a warp holds 128 consecutive values (one quantisation block).
+
+// The row's float4s held in registers (`held_row`) and the weights beside them.
+struct HeldRow {
+    float4 x[RMS_HELD], w[RMS_HELD];
+};
+
+// Whether a row of `width` at x (weights w) is held by a block of blockDim.x threads.
+__device__ __forceinline__ bool row_fits_held(const float* x, const float* w, const float* y, int width) {
+    return width % 4 == 0 && width / 4 <= RMS_HELD * (int)blockDim.x &&
+           (((size_t)x | (size_t)w | (size_t)y) & 15) == 0;
+}
+
+// Loads the row and its weights (the weights' lines requested before the wait for the kernel
+// before), and returns this thread's share of the sum of squares.
+__device__ __forceinline__ float held_row(HeldRow& h, const float* x, const float* w, int width) {
+    for (int i = 32 * threadIdx.x; i < width; i += 32 * blockDim.x)  // one 128-byte line each
+        asm volatile("prefetch.global.L2 [%0];\n" ::"l"(w + i));
+    await_previous_kernel();
+    const int quads = width / 4;
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < RMS_HELD; ++j) {
+        const int f = threadIdx.x + j * blockDim.x;
+        const bool in = f < quads;
+        h.w[j] = in ? ((const float4*)w)[f] : make_float4(0.f, 0.f, 0.f, 0.f);
+        h.x[j] = in ? ((const float4*)x)[f] : make_float4(0.f, 0.f, 0.f, 0.f);
+        ss += h.x[j].x * h.x[j].x;
+        ss += h.x[j].y * h.x[j].y;
+        ss += h.x[j].z * h.x[j].z;
+        ss += h.x[j].w * h.x[j].w;
+    }
+    return ss;
+}
+
+// The held row's step j normed (x * inv * w, in the order the walked rows use).
+__device__ __forceinline__ float4 held_normed(const HeldRow& h, int j, float inv) {
+    return make_float4(h.x[j].x * inv * h.w[j].x, h.x[j].y * inv * h.w[j].y, h.x[j].z * inv * h.w[j].z,
+                       h.x[j].w * inv * h.w[j].w);
+}
+
 // A weight element of any format (FP8 with its 128x128 block scale, bf16, f32).
 __device__ __forceinline__ float weight_at(int fmt, const void* w, const float* scale, int scale_cols, u64 r, u64 c,
                                            int k) {

@@ -1,33 +1,44 @@
 // ---------------------------------------------------------------- elementwise, norms, weights
 
-// out[r, :width] = in[r, :width] * rsqrt(mean(in^2) + eps) * w; rows strided by ld_in / ld_out.
-// One block a row. Where the row fits RMS_HELD values a thread, they stay in registers between
-// the sum and the scaling, all loaded at once with their weights, which (written by no kernel)
+// One warp's 128 values: the e4m3 codes of its lane's four (packed, first in the low byte) and
+// the block's scale.
+__device__ __forceinline__ u32 quantize_lane(float4 v, int ue8m0, float& scale) {
+    float amax = warp_max(fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+    float inv;
+    block_scale(amax, ue8m0, scale, inv);
+    return f32_to_e4m3(v.x * inv) | (f32_to_e4m3(v.y * inv) << 8) | (f32_to_e4m3(v.z * inv) << 16) |
+           (f32_to_e4m3(v.w * inv) << 24);
+}
+
+// out[r, :width] = in[r, :width] * rsqrt(mean(in^2) + eps) * w for row r = blockIdx.x, rows
+// strided by ld_in / ld_out; with codes, the output also quantised per 128 values (a warp a
+// block: codes [rows][width], scales [width/128][rows]; width then a multiple of 128). Where the
+// row fits the block's registers (HeldRow; rows and weights 16-byte aligned) it stays there
+// between the sum and the scaling, loaded at once with its weights, which (written by no kernel)
 // are pulled into L2 before the wait for the kernel before: a decode step's norm is then one
-// load's latency, not a chain of them. Otherwise the row is walked twice.
-#define RMS_HELD 8
+// load's latency, not a chain of them, and each warp quantises the 128 values it holds.
+// Otherwise the row is walked twice and its quantisation read back.
 __device__ __forceinline__ void rms_norm_row(float* out, int ld_out, const float* in, int ld_in, const float* w,
-                                             int width, float eps) {
+                                             int width, float eps, u8* codes = nullptr, float* scales = nullptr,
+                                             int ue8m0 = 0) {
     __shared__ float scratch[32];
-    const float* x = in + (size_t)blockIdx.x * ld_in;
-    float* y = out + (size_t)blockIdx.x * ld_out;
-    if (width <= RMS_HELD * (int)blockDim.x) {
-        for (int i = 32 * threadIdx.x; i < width; i += 32 * blockDim.x)  // one 128-byte line each
-            asm volatile("prefetch.global.L2 [%0];\n" ::"l"(w + i));
-        await_previous_kernel();
-        float wv[RMS_HELD], xv[RMS_HELD], ss = 0.f;
+    const int r = blockIdx.x;
+    const float* x = in + (size_t)r * ld_in;
+    float* y = out + (size_t)r * ld_out;
+    if (row_fits_held(x, w, y, width)) {
+        HeldRow h;
+        const float inv = rsqrtf(block_sum(held_row(h, x, w, width), scratch) / (float)width + eps);
 #pragma unroll
         for (int j = 0; j < RMS_HELD; ++j) {
-            const int i = threadIdx.x + j * blockDim.x;
-            wv[j] = i < width ? w[i] : 0.f;
-            xv[j] = i < width ? x[i] : 0.f;
-            ss += xv[j] * xv[j];
-        }
-        const float inv = rsqrtf(block_sum(ss, scratch) / (float)width + eps);
-#pragma unroll
-        for (int j = 0; j < RMS_HELD; ++j) {
-            const int i = threadIdx.x + j * blockDim.x;
-            if (i < width) y[i] = xv[j] * inv * wv[j];
+            const int f = threadIdx.x + j * blockDim.x;
+            if (f >= width / 4) break;  // with codes, the same for the whole warp (width % 128 == 0)
+            const float4 v = held_normed(h, j, inv);
+            ((float4*)y)[f] = v;
+            if (codes) {
+                float scale;
+                *(u32*)(codes + (size_t)r * width + 4 * f) = quantize_lane(v, ue8m0, scale);
+                if ((threadIdx.x & 31) == 0) scales[(size_t)(f / 32) * gridDim.x + r] = scale;
+            }
         }
         return;
     }
@@ -37,6 +48,16 @@ __device__ __forceinline__ void rms_norm_row(float* out, int ld_out, const float
     ss = block_sum(ss, scratch);
     float inv = rsqrtf(ss / (float)width + eps);
     for (int i = threadIdx.x; i < width; i += blockDim.x) y[i] = x[i] * inv * w[i];
+    if (!codes) return;
+    // Quantised from the row as written (visible to the block past the barrier), a warp a block.
+    __syncthreads();
+    const int lane = threadIdx.x & 31;
+    for (int kb = threadIdx.x >> 5; kb < width / QBLOCK; kb += blockDim.x >> 5) {
+        float scale;
+        const u32 q = quantize_lane(*(const float4*)(y + kb * QBLOCK + lane * 4), ue8m0, scale);
+        *(u32*)(codes + (size_t)r * width + kb * QBLOCK + lane * 4) = q;
+        if (lane == 0) scales[(size_t)kb * gridDim.x + r] = scale;
+    }
 }
 
 extern "C" __global__ void rms_norm(float* out, int ld_out, const float* in, int ld_in, const float* w, int width,
@@ -246,16 +267,6 @@ __device__ __forceinline__ bool warp_block(int n, int k, int& r, int& kb) {
     return warp < n * blocks;
 }
 
-// One warp's 128 values: the e4m3 codes of its lane's four (packed, first in the low byte) and
-// the block's scale.
-__device__ __forceinline__ u32 quantize_lane(float4 v, int ue8m0, float& scale) {
-    float amax = warp_max(fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
-    float inv;
-    block_scale(amax, ue8m0, scale, inv);
-    return f32_to_e4m3(v.x * inv) | (f32_to_e4m3(v.y * inv) << 8) | (f32_to_e4m3(v.z * inv) << 16) |
-           (f32_to_e4m3(v.w * inv) << 24);
-}
-
 // Rows as e4m3 with one f32 scale per row per 128 columns, the activation operand of cuBLASLt's
 // block-scaled FP8 products and of the Hopper expert kernel. Output row r is row rows[r] of x
 // (rows null: row r). Scales are laid out per group of output rows, as each product reads them:
@@ -282,14 +293,26 @@ __device__ __forceinline__ bool scale_group(const int* offsets, int groups, int 
     return r < offsets[groups];
 }
 
+// Four values of a split-k product's output: p itself for one split, else the sum over the
+// slabs (split_stride floats apart) in split order from zero, split_k_reduce's bits.
+__device__ __forceinline__ float4 split_sum4(const float* p, int splits, u64 split_stride) {
+    if (splits == 1) return *(const float4*)p;
+    float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int i = 0; i < splits; ++i) {
+        const float4 v = *(const float4*)(p + i * split_stride);
+        s = make_float4(s.x + v.x, s.y + v.y, s.z + v.z, s.w + v.w);
+    }
+    return s;
+}
+
 // The body of quantize_rows_fp8; with SWIGLU the values are SiLU(gate) * up of rows of x that hold
-// each row's k gate values and then its k up values (ldx = 2k).
-// With SWIGLU, x holds the gate and up products side by side and the activations made from them
-// are also written in f32 to `act` (n rows of k) where it is not null.
+// each row's k gate values and then its k up values (ldx = 2k), the gate and up products' own
+// split-k slabs where `splits` > 1 (added here, as split_k_reduce would); the activations are
+// also written in f32 to `act` (n rows of k) where it is not null.
 template <bool SWIGLU>
 __device__ __forceinline__ void quantize_rows(u8* out, float* scales, const float* x, int ldx, const int* rows, int n,
                                               int k, const int* offsets, int groups, int ue8m0, int span,
-                                              float* act = nullptr) {
+                                              float* act = nullptr, int splits = 1, u64 split_stride = 0) {
     const int lane = threadIdx.x & 31, blocks = k / QBLOCK, spans = (blocks + span - 1) / span;
     const int warp = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5);
     if (warp >= n * spans) return;
@@ -300,12 +323,14 @@ __device__ __forceinline__ void quantize_rows(u8* out, float* scales, const floa
 #pragma unroll
     for (int j = 0; j < QUANT_SPAN; ++j) {
         if (j >= here) continue;
-        v[j] = *(const float4*)(in + j * QBLOCK);
         if (SWIGLU) {
-            const float4 u = *(const float4*)(in + k + j * QBLOCK);
+            v[j] = split_sum4(in + j * QBLOCK, splits, split_stride);
+            const float4 u = split_sum4(in + k + j * QBLOCK, splits, split_stride);
             v[j] = make_float4(silu_times(v[j].x, u.x), silu_times(v[j].y, u.y), silu_times(v[j].z, u.z),
                                silu_times(v[j].w, u.w));
             if (act) *(float4*)(act + (size_t)r * k + (kb0 + j) * QBLOCK + lane * 4) = v[j];
+        } else {
+            v[j] = *(const float4*)(in + j * QBLOCK);
         }
     }
     int first, count;
@@ -326,31 +351,24 @@ extern "C" __global__ void quantize_rows_fp8(u8* out, float* scales, const float
 }
 
 // rms_norm, then quantize_rows_fp8 of its output rows (gridDim.x of them, one group: scales
-// [width/128][rows]), in one launch: the norm is the products' input, quantised where it is made.
-// The block reads back the row it wrote (visible to it past the barrier), a warp per 128 values
-// as quantize_rows does, so the codes and scales are those of the two kernels. width a multiple of
-// 128, ld_out of 4.
+// [width/128][rows]), in one launch: the norm is the products' input, quantised where it is made,
+// with the codes and scales of the two kernels (a warp quantises 128 values it holds, or, for a
+// row walked twice, reads back). width a multiple of 128, ld_out of 4.
 extern "C" __global__ void rms_norm_quantize_fp8(float* out, int ld_out, const float* in, int ld_in, const float* w,
                                                  int width, float eps, u8* codes, float* scales, int ue8m0) {
-    rms_norm_row(out, ld_out, in, ld_in, w, width, eps);
-    __syncthreads();
-    const int r = blockIdx.x, lane = threadIdx.x & 31, blocks = width / QBLOCK;
-    const float* y = out + (size_t)r * ld_out;
-    for (int kb = threadIdx.x >> 5; kb < blocks; kb += blockDim.x >> 5) {
-        float scale;
-        const u32 q = quantize_lane(*(const float4*)(y + kb * QBLOCK + lane * 4), ue8m0, scale);
-        *(u32*)(codes + (size_t)r * width + kb * QBLOCK + lane * 4) = q;
-        if (lane == 0) scales[(size_t)kb * gridDim.x + r] = scale;
-    }
+    rms_norm_row(out, ld_out, in, ld_in, w, width, eps, codes, scales, ue8m0);
 }
 
 // quantize_rows_fp8 of swiglu's output, made from the gate and up products `gu` (n rows of 2k:
-// gate, then up), the f32 activations written to `act` only where it is not null: the codes and
-// scales (and activations) are those of swiglu followed by quantize_rows_fp8.
+// gate, then up; with `splits` > 1 the product's split-k slabs, split_stride floats apart, not yet
+// added up), the f32 activations written to `act` only where it is not null: the codes and scales
+// (and activations) are those of split_k_reduce, swiglu and quantize_rows_fp8 one after another.
 extern "C" __global__ void swiglu_quantize_fp8(u8* out, float* scales, const float* gu, int n, int k,
-                                               const int* offsets, int groups, int ue8m0, int span, float* act) {
+                                               const int* offsets, int groups, int ue8m0, int span, float* act,
+                                               int splits, u64 split_stride) {
     await_previous_kernel();
-    quantize_rows<true>(out, scales, gu, 2 * k, nullptr, n, k, offsets, groups, ue8m0, span, act);
+    quantize_rows<true>(out, scales, gu, 2 * k, nullptr, n, k, offsets, groups, ue8m0, span, act, splits,
+                        split_stride);
 }
 
 // quantize_rows_fp8's output for rows that repeat (a token routed to several experts), from the

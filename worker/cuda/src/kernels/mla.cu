@@ -66,23 +66,25 @@ extern "C" __global__ void mla_absorb_out(float* out, const float* o_lat, int m,
 // and a copy into the cache) and with their bits at the same block size: c_kv (the first `lora` values of
 // the row, row stride ld) RMS-normed with w, k_pe (the `rope` values after it) rotated for
 // position lens[r] - 1, both written back in place (f32) and, unless the row's slot is -1 (a
-// padding row of a graphed step), into the paged cache as bf16. One block a row.
+// padding row of a graphed step), into the paged cache as bf16. One block a row; the row is
+// held in registers as rms_norm holds it, and the rotation is made while its sum is reduced.
 extern "C" __global__ void kv_latent(float* kv, int ld, const float* w, int lora, int rope, float eps,
                                      const float* cos_t, const float* sin_t, const int* lens, bf16* cache,
                                      const int* slots) {
-    await_previous_kernel();
     __shared__ float scratch[32];
-    const int r = blockIdx.x, slot = slots[r];
+    const int r = blockIdx.x;
     float* x = kv + (size_t)r * ld;
-    bf16* dst = slot >= 0 ? cache + (size_t)slot * (lora + rope) : nullptr;
+    const bool held = row_fits_held(x, w, x, lora);
+    HeldRow h;
     float ss = 0.f;
-    for (int i = threadIdx.x; i < lora; i += blockDim.x) ss += x[i] * x[i];
-    const float inv = rsqrtf(block_sum(ss, scratch) / (float)lora + eps);
-    for (int i = threadIdx.x; i < lora; i += blockDim.x) {
-        const float v = x[i] * inv * w[i];
-        x[i] = v;
-        if (dst) dst[i] = f32_to_bf16(v);
+    if (held) {
+        ss = held_row(h, x, w, lora);
+    } else {
+        await_previous_kernel();
+        for (int i = threadIdx.x; i < lora; i += blockDim.x) ss += x[i] * x[i];
     }
+    const int slot = slots[r];
+    bf16* dst = slot >= 0 ? cache + (size_t)slot * (lora + rope) : nullptr;
     const int half = rope / 2;
     const size_t at = (size_t)max(lens[r] - 1, 0) * half;
     for (int j = threadIdx.x; j < half; j += blockDim.x) {
@@ -94,6 +96,23 @@ extern "C" __global__ void kv_latent(float* kv, int ld, const float* w, int lora
             dst[lora + 2 * j] = f32_to_bf16(p[0]);
             dst[lora + 2 * j + 1] = f32_to_bf16(p[1]);
         }
+    }
+    const float inv = rsqrtf(block_sum(ss, scratch) / (float)lora + eps);
+    if (held) {
+#pragma unroll
+        for (int j = 0; j < RMS_HELD; ++j) {
+            const int f = threadIdx.x + j * blockDim.x;
+            if (f >= lora / 4) break;
+            const float4 v = held_normed(h, j, inv);
+            ((float4*)x)[f] = v;
+            if (dst) *(uint2*)(dst + 4 * f) = make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
+        }
+        return;
+    }
+    for (int i = threadIdx.x; i < lora; i += blockDim.x) {
+        const float v = x[i] * inv * w[i];
+        x[i] = v;
+        if (dst) dst[i] = f32_to_bf16(v);
     }
 }
 

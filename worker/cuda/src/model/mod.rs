@@ -16,6 +16,8 @@ use crate::fp8_gemm::QuantizedRows;
 use crate::gpu::{DeviceBuf, Gpu};
 use crate::kernels;
 use crate::launch::{int, ptr};
+use crate::linear::linear_unsummed;
+use crate::tiles::RMS_HELD;
 use crate::weights::{load_vector, random_vector, DeviceMatrix, Format};
 use anyhow::{ensure, Context, Result};
 use dsv3_engine::{
@@ -724,12 +726,13 @@ impl CudaModel {
     }
 
     /// Threads of a block normalising one row of `width` among `rows`: a decode step's few rows
-    /// get the widest block (256 threads walking a 7168-wide row took 8 µs per norm at batch 1,
-    /// ncu, 21 norms per 5 layers). The sum's order follows the block size, so every kernel that
-    /// normalises a row takes its size from here.
+    /// get a block that holds the row in registers, [`RMS_HELD`] float4s a thread (one block a
+    /// row is then a load's latency and a block-wide sum; 256 threads walking a 7168-wide row
+    /// took 8 µs per norm at batch 1, ncu). The sum's order follows the block size, so every
+    /// kernel that normalises a row takes its size from here.
     pub(super) fn norm_threads(&self, width: usize, rows: usize) -> usize {
         if rows < self.gpu.sm_count {
-            width.next_multiple_of(32).min(1024)
+            width.div_ceil(4 * RMS_HELD).next_multiple_of(32).min(1024)
         } else {
             256
         }
@@ -832,15 +835,19 @@ impl CudaModel {
         let g = &self.gpu;
         let inter = mlp.inter();
         let gu = g.alloc(m * 2 * inter * 4)?;
-        self.linear_from(gu.addr, 2 * inter, x.addr, xq, m, &mlp.gate_up, false)?;
+        let (small, quant) = (self.kernels.small_batch, self.kernels.input_quant);
+        let gate_up = linear_unsummed(g, &self.dequant, small, quant, gu.addr, x.addr, xq, m, &mlp.gate_up)?;
         let act = g.alloc(m * inter * 4)?;
         let hidden = self.config.hidden_size;
         match self.kernels.input_quant {
+            // The product's split-k sum, SwiGLU and the down product's quantisation: one launch.
             Some(ue8m0) if !self.kernels.simt_linear() && inter.is_multiple_of(128) => {
-                let aq = QuantizedRows::swiglu(g, gu.addr, m, inter, None, ue8m0, Some(act.addr))?;
+                let aq = QuantizedRows::swiglu(g, gate_up.sums(), m, inter, None, ue8m0, Some(act.addr))?;
+                drop(gate_up);
                 self.linear_from(out, hidden, act.addr, Some(&aq), m, &mlp.down, true)
             }
             _ => {
+                gate_up.finish(g)?;
                 kernels::swiglu.launch_1d(g, m * inter, (ptr(act.addr), ptr(gu.addr), int(m), int(inter)))?;
                 self.linear(out, hidden, act.addr, m, &mlp.down, true)
             }

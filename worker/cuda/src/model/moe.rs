@@ -11,7 +11,7 @@ use crate::fp8_gemm::{quantize_rows_bf16, quantize_rows_f32, Fp8Gemm, QuantizedR
 use crate::gpu::{DeviceBuf, Gpu};
 use crate::kernels;
 use crate::launch::{int, ptr, Extend};
-use crate::linear::{mma_fits, SmallBatch, SplitK};
+use crate::linear::{mma_fits, SmallBatch, SplitK, SplitSums};
 use crate::switches;
 use crate::tiles::COMBINE_THREADS;
 use crate::weights::{ExpertBank, Stacked};
@@ -323,7 +323,7 @@ fn wgmma_bank(
     product(&bank.gate, &xq, gu.addr, 2 * inter)?;
     product(&bank.up, &xq, gu.addr + (inter * 4) as u64, 2 * inter)?;
     // The activations quantised where SwiGLU makes them (no f32 pass through memory).
-    let aq = QuantizedRows::swiglu(g, gu.addr, slots, inter, groups, ue8m0, None)?;
+    let aq = QuantizedRows::swiglu(g, SplitSums::whole(gu.addr), slots, inter, groups, ue8m0, None)?;
     let y = g.alloc(slots * width * 4)?;
     product(&bank.down, &aq, y.addr, width)?;
     combine(g, h, &y, width, plan, weights, m, k)
