@@ -36,6 +36,9 @@ kernels! {
     RopeInterleaved: rope_interleaved(
         x: Ptr, ld: i32, heads: i32, hs: i32, offset: i32, dim: i32, cos_t: Ptr, sin_t: Ptr, lens: Ptr,
     );
+    RopeInterleavedBf16: rope_interleaved_bf16(
+        x: Ptr, xb: Ptr, ld: i32, hs: i32, offset: i32, dim: i32, cos_t: Ptr, sin_t: Ptr, lens: Ptr,
+    );
     F32ToBf16Rows: f32_to_bf16_rows(out: Ptr, in_: Ptr, n: u64);
     F32ToBf16X8: f32_to_bf16_x8(out: Ptr, in_: Ptr, n8: u64);
     EmbedRows: embed_rows(out: Ptr, fmt: i32, table: Ptr, scale: Ptr, ids: Ptr, width: i32);

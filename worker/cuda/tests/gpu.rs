@@ -1454,6 +1454,103 @@ fn absorbed_query_in_bf16_equals_rounding_the_f32_one() {
     }
 }
 
+/// The decode step's queries rotated and converted to bf16 in one launch (`rope_interleaved_bf16`)
+/// give the bits of `rope_interleaved` followed by the bf16 conversion, in f32 and in bf16, and
+/// the rotation is the one float64 makes of the same table: rows at several positions, a padding
+/// row (length 0, position 0), heads of 192 with the rotary 64 at 128.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn queries_rotated_into_bf16_equal_rotating_then_converting() {
+    use dsv3_cuda::gpu::Gpu;
+    use dsv3_cuda::kernels;
+    use dsv3_cuda::launch::{int, ptr};
+    poison();
+    let gpu = Gpu::open(0).expect("GPU");
+    let mut next = xorshift(0x2545f4914f6cdd1du64);
+    let mut uniform = |lo: f32, hi: f32| lo + (hi - lo) * ((next() >> 40) as f32 / (1u64 << 24) as f32);
+    let (heads, qk, nope, rope, positions) = (16usize, 192usize, 128usize, 64usize, 300usize);
+    let ld = heads * qk;
+    let cos: Vec<f32> = (0..positions * rope / 2).map(|_| uniform(-1.0, 1.0)).collect();
+    let sin: Vec<f32> = (0..positions * rope / 2).map(|_| uniform(-1.0, 1.0)).collect();
+    let (cos_d, sin_d) = (gpu.upload(&cos).expect("cos"), gpu.upload(&sin).expect("sin"));
+    for lens in [vec![1i32], vec![7, 0, 300, 42, 129]] {
+        let m = lens.len();
+        let x: Vec<f32> = (0..m * ld).map(|_| uniform(-4.0, 4.0)).collect();
+        let lens_d = gpu.upload(&lens).expect("lens");
+        let (cos_p, sin_p, lens_p) = (ptr(cos_d.addr), ptr(sin_d.addr), ptr(lens_d.addr));
+        let two_kernels = gpu.upload(&x).expect("x");
+        let args = (
+            ptr(two_kernels.addr),
+            int(ld),
+            int(heads),
+            int(qk),
+            int(nope),
+            int(rope),
+            cos_p,
+            sin_p,
+            lens_p,
+        );
+        kernels::rope_interleaved
+            .launch(&gpu, (m as u32, 2, 1), 256, 0, args)
+            .expect("rope_interleaved");
+        let want_bf16 = gpu.to_bf16(two_kernels.addr, m * ld).expect("to_bf16");
+        let one_kernel = gpu.upload(&x).expect("x");
+        let got_bf16 = gpu.alloc(m * ld * 2).expect("bf16");
+        let args = (
+            ptr(one_kernel.addr),
+            ptr(got_bf16.addr),
+            int(ld),
+            int(qk),
+            int(nope),
+            int(rope),
+            cos_p,
+            sin_p,
+            lens_p,
+        );
+        kernels::rope_interleaved_bf16
+            .launch(&gpu, (m as u32, 5, 1), 256, 0, args)
+            .expect("rope_interleaved_bf16");
+        let f32_bits = |addr: u64| -> Vec<u32> {
+            let v: Vec<f32> = gpu.download(addr, m * ld).expect("f32");
+            v.iter().map(|v| v.to_bits()).collect()
+        };
+        let case = format!("lens {lens:?}");
+        assert_eq!(
+            f32_bits(two_kernels.addr),
+            f32_bits(one_kernel.addr),
+            "{case}: rotated f32"
+        );
+        let bf16 = |addr: u64| -> Vec<u16> { gpu.download(addr, m * ld).expect("bf16") };
+        assert_eq!(bf16(want_bf16.addr), bf16(got_bf16.addr), "{case}: bf16");
+        let rotated: Vec<f32> = gpu.download(one_kernel.addr, m * ld).expect("rotated");
+        for (r, &len) in lens.iter().enumerate() {
+            let at = (len.max(1) - 1) as usize * rope / 2;
+            for h in 0..heads {
+                for c in 0..qk {
+                    let i = r * ld + h * qk + c;
+                    let want = if c < nope {
+                        x[i] as f64
+                    } else {
+                        let j = (c - nope) / 2;
+                        let (a, b) = (x[i - (c - nope) % 2] as f64, x[i - (c - nope) % 2 + 1] as f64);
+                        let (co, si) = (cos[at + j] as f64, sin[at + j] as f64);
+                        if (c - nope) % 2 == 0 {
+                            a * co - b * si
+                        } else {
+                            a * si + b * co
+                        }
+                    };
+                    let got = rotated[i] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{case}: row {r} head {h} [{c}] {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// RMSNorm quantising its own output (`QuantizedRows::rms_norm`, what the products of a layer's
 /// normed rows take) writes the f32 rows, codes and scales of `rms_norm` followed by
 /// `QuantizedRows::new`, bit for bit: at a decode step's block sizes and a prefill's, with the

@@ -147,6 +147,29 @@ extern "C" __global__ void rope_interleaved(float* x, int ld, int heads, int hs,
     }
 }
 
+// rope_interleaved of `heads` heads of dim rotated values at `offset` in each head of hs values
+// (rows of ld = heads * hs), then the whole rows in bf16 (xb, same layout): one launch for the
+// queries of a decode step, which the absorption and the decode kernel read in bf16. The rotated
+// pairs are written back to x too; every value has the bits of the two kernels one after the
+// other. grid (rows, blocks a row), one pair a thread; hs, offset and dim even.
+extern "C" __global__ void rope_interleaved_bf16(float* x, u32* xb, int ld, int hs, int offset, int dim,
+                                                 const float* cos_t, const float* sin_t, const int* lens) {
+    await_previous_kernel();
+    const int r = blockIdx.x, half = dim / 2;
+    const size_t at = (size_t)max(lens[r] - 1, 0) * half;
+    for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < ld / 2; i += gridDim.y * blockDim.x) {
+        float2* p = (float2*)(x + (size_t)r * ld) + i;
+        float2 v = *p;
+        const int j = (2 * i) % hs - offset;  // the value's place in its head's rotary block
+        if (j >= 0 && j < dim) {
+            const float c = cos_t[at + j / 2], s = sin_t[at + j / 2];
+            v = make_float2(v.x * c - v.y * s, v.x * s + v.y * c);
+            *p = v;
+        }
+        xb[(size_t)r * (ld / 2) + i] = pack_bf16(v.x, v.y);
+    }
+}
+
 extern "C" __global__ void f32_to_bf16_rows(bf16* out, const float* in, u64 n) {
     await_previous_kernel();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;

@@ -60,11 +60,11 @@ impl CudaModel {
         let m = step.rows;
         let MlaDims {
             heads,
-            nope,
             rope,
             vdim,
             lora,
             qk,
+            ..
         } = MlaDims::of(c);
         let q = g.alloc(m * heads * qk * 4)?;
         // One product for q_a and kv_a: [m, q_lora + lora + rope], the latent kv at column q_lora.
@@ -105,26 +105,9 @@ impl CudaModel {
                 ptr(step.slots),
             ),
         )?;
-        // The queries' rotary part: one thread a rotated pair, 32 for each head.
-        kernels::rope_interleaved.launch(
-            g,
-            (m as u32, (heads * rope / 2).div_ceil(256).max(1) as u32, 1),
-            256,
-            0,
-            (
-                ptr(q.addr),
-                int(heads * qk),
-                int(heads),
-                int(qk),
-                int(nope),
-                int(rope),
-                ptr(step.rope_cos),
-                ptr(step.rope_sin),
-                ptr(step.lens),
-            ),
-        )?;
         let attn = g.alloc(m * heads * vdim * 4)?;
         if step.spans.iter().all(|sp| sp.rows >= NAIVE_MIN_ROWS) {
+            self.rotate_queries(&q, step, false)?;
             for sp in &step.spans {
                 self.attend_naive(layer, &q, &attn, step, sp)?;
             }
@@ -132,6 +115,49 @@ impl CudaModel {
             self.attend_absorbed(layer, &q, &attn, step)?;
         }
         self.linear(h.addr, c.hidden_size, attn.addr, m, &a.o, true)
+    }
+
+    /// The queries' rotary part rotated in place (one thread a pair), and with `bf16` the rotated
+    /// queries also returned in bf16 (the same launch).
+    fn rotate_queries(&self, q: &DeviceBuf, step: &StepLayout, bf16: bool) -> Result<Option<DeviceBuf>> {
+        let g = &self.gpu;
+        let m = step.rows;
+        let MlaDims {
+            heads, nope, rope, qk, ..
+        } = MlaDims::of(&self.config);
+        let ld = heads * qk;
+        let (cos, sin, lens) = (ptr(step.rope_cos), ptr(step.rope_sin), ptr(step.lens));
+        if !bf16 {
+            let blocks = (heads * rope / 2).div_ceil(256).max(1) as u32;
+            let args = (
+                ptr(q.addr),
+                int(ld),
+                int(heads),
+                int(qk),
+                int(nope),
+                int(rope),
+                cos,
+                sin,
+                lens,
+            );
+            kernels::rope_interleaved.launch(g, (m as u32, blocks, 1), 256, 0, args)?;
+            return Ok(None);
+        }
+        let qb = g.alloc(m * ld * 2)?;
+        let blocks = (ld / 2).div_ceil(256).max(1) as u32;
+        let args = (
+            ptr(q.addr),
+            ptr(qb.addr),
+            int(ld),
+            int(qk),
+            int(nope),
+            int(rope),
+            cos,
+            sin,
+            lens,
+        );
+        kernels::rope_interleaved_bf16.launch(g, (m as u32, blocks, 1), 256, 0, args)?;
+        Ok(Some(qb))
     }
 
     /// Weight-absorbed attention over the latent cache for every row of the step (decode).
@@ -166,11 +192,7 @@ impl CudaModel {
         let bf16_query = kernel.reads_bf16_query();
         let q_lat = g.alloc(m * heads * lora * if bf16_query { 2 } else { 4 })?;
         let mma_absorb = layer.attn.uk_t.is_some() && !self.kernels.simt_linear();
-        let qb = if mma_absorb || bf16_query {
-            Some(g.to_bf16(q.addr, m * heads * qk)?)
-        } else {
-            None
-        };
+        let qb = self.rotate_queries(q, step, mma_absorb || bf16_query)?;
         self.absorb_q(layer, q, qb.as_ref(), &q_lat, m, bf16_query)?;
         let query = match &qb {
             Some(qb) if bf16_query => DecodeQuery::Bf16 {
