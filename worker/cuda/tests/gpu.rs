@@ -1515,13 +1515,15 @@ fn queries_rotated_into_bf16_equal_rotating_then_converting() {
             v.iter().map(|v| v.to_bits()).collect()
         };
         let case = format!("lens {lens:?}");
-        assert_eq!(
-            f32_bits(two_kernels.addr),
-            f32_bits(one_kernel.addr),
-            "{case}: rotated f32"
-        );
-        let bf16 = |addr: u64| -> Vec<u16> { gpu.download(addr, m * ld).expect("bf16") };
-        assert_eq!(bf16(want_bf16.addr), bf16(got_bf16.addr), "{case}: bf16");
+        let differing = |a: &[u32], b: &[u32]| a.iter().zip(b).filter(|(x, y)| x != y).count();
+        let wrong = differing(&f32_bits(two_kernels.addr), &f32_bits(one_kernel.addr));
+        assert_eq!(wrong, 0, "{case}: {wrong} of {} rotated f32 values differ", m * ld);
+        let bf16 = |addr: u64| -> Vec<u32> {
+            let v: Vec<u16> = gpu.download(addr, m * ld).expect("bf16");
+            v.into_iter().map(u32::from).collect()
+        };
+        let wrong = differing(&bf16(want_bf16.addr), &bf16(got_bf16.addr));
+        assert_eq!(wrong, 0, "{case}: {wrong} of {} bf16 values differ", m * ld);
         let rotated: Vec<f32> = gpu.download(one_kernel.addr, m * ld).expect("rotated");
         for (r, &len) in lens.iter().enumerate() {
             let at = (len.max(1) - 1) as usize * rope / 2;

@@ -116,6 +116,12 @@ __device__ __forceinline__ void exponentiate(float* s, float m0, float m1, float
     }
 }
 
+// The rotary pair (a, b) turned by the angle of cosine c and sine s, its roundings spelled out
+// (no contraction left to the compiler) so that every kernel that rotates makes the same bits.
+__device__ __forceinline__ float2 rotate_pair(float a, float b, float c, float s) {
+    return make_float2(__fmaf_rn(a, c, -__fmul_rn(b, s)), __fmaf_rn(a, s, __fmul_rn(b, c)));
+}
+
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 __device__ float block_sum(float v, float* scratch) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;

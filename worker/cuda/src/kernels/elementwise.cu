@@ -140,10 +140,9 @@ extern "C" __global__ void rope_interleaved(float* x, int ld, int heads, int hs,
     for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < heads * half; i += gridDim.y * blockDim.x) {
         int h = i / half, j = i % half;
         float* p = x + (size_t)r * ld + (size_t)h * hs + offset + 2 * j;
-        float c = cos_t[at + j], s = sin_t[at + j];
-        float a = p[0], b = p[1];
-        p[0] = a * c - b * s;
-        p[1] = a * s + b * c;
+        const float2 v = rotate_pair(p[0], p[1], cos_t[at + j], sin_t[at + j]);
+        p[0] = v.x;
+        p[1] = v.y;
     }
 }
 
@@ -162,8 +161,7 @@ extern "C" __global__ void rope_interleaved_bf16(float* x, u32* xb, int ld, int 
         float2 v = *p;
         const int j = (2 * i) % hs - offset;  // the value's place in its head's rotary block
         if (j >= 0 && j < dim) {
-            const float c = cos_t[at + j / 2], s = sin_t[at + j / 2];
-            v = make_float2(v.x * c - v.y * s, v.x * s + v.y * c);
+            v = rotate_pair(v.x, v.y, cos_t[at + j / 2], sin_t[at + j / 2]);
             *p = v;
         }
         xb[(size_t)r * (ld / 2) + i] = pack_bf16(v.x, v.y);

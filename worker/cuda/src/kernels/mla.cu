@@ -89,13 +89,10 @@ extern "C" __global__ void kv_latent(float* kv, int ld, const float* w, int lora
     const size_t at = (size_t)max(lens[r] - 1, 0) * half;
     for (int j = threadIdx.x; j < half; j += blockDim.x) {
         float* p = x + lora + 2 * j;
-        const float c = cos_t[at + j], s = sin_t[at + j], a = p[0], b = p[1];
-        p[0] = a * c - b * s;
-        p[1] = a * s + b * c;
-        if (dst) {
-            dst[lora + 2 * j] = f32_to_bf16(p[0]);
-            dst[lora + 2 * j + 1] = f32_to_bf16(p[1]);
-        }
+        const float2 v = rotate_pair(p[0], p[1], cos_t[at + j], sin_t[at + j]);
+        p[0] = v.x;
+        p[1] = v.y;
+        if (dst) *(u32*)(dst + lora + 2 * j) = pack_bf16(v.x, v.y);
     }
     const float inv = rsqrtf(block_sum(ss, scratch) / (float)lora + eps);
     if (held) {
