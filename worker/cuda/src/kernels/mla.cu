@@ -1084,10 +1084,8 @@ extern "C" __global__ void __launch_bounds__(256, 1)
 
 // Merges the splits: o_lat[r, h, :] = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s. grid (heads, m);
 // dynamic shared memory: 2 * splits floats (each split's weight is computed once). The partial
-// outputs are read four channels a thread, the first COMBINE_AHEAD splits' loads issued with the
-// splits' maxima and sums, the rest sixteen at a time (one split at a time, this kernel waited on
-// a load per split per channel: 18 µs for one row of 32 splits).
-#define COMBINE_AHEAD 32
+// outputs are read four channels a thread, sixteen splits' loads in flight (one split at a time,
+// this kernel waited on a load per split per channel: 18 µs for one row of 32 splits).
 extern "C" __global__ void mla_combine(float* o_lat, const float* o_part, const float* ml_part, int heads, int splits,
                                        int lora) {
     await_previous_kernel();
@@ -1095,18 +1093,6 @@ extern "C" __global__ void mla_combine(float* o_lat, const float* o_part, const 
     __shared__ float scratch[32];
     int h = blockIdx.x, r = blockIdx.y;
     const float* ml = ml_part + ((size_t)r * heads + h) * splits * 2;
-    const float* op = o_part + ((size_t)r * heads + h) * splits * lora;
-    // The first COMBINE_AHEAD splits' partial outputs of this thread's first four channels,
-    // requested before the splits' weights are known, so that their loads and the weights' two
-    // reductions overlap (an empty split's slots are read here but not used: they may hold
-    // anything). Batch 1 over 4,096 positions has 32 splits.
-    const int c0 = 4 * threadIdx.x;
-    float4 ahead[COMBINE_AHEAD];
-    if (lora % 4 == 0 && c0 < lora) {
-#pragma unroll
-        for (int u = 0; u < COMBINE_AHEAD; ++u)
-            ahead[u] = u < splits ? *(const float4*)(op + (size_t)u * lora + c0) : make_float4(0.f, 0.f, 0.f, 0.f);
-    }
     float mx = -INFINITY;
     for (int s = threadIdx.x; s < splits; s += blockDim.x) {
         float m = ml[2 * s + 1] > 0.f ? ml[2 * s] : -INFINITY;  // empty splits do not count
@@ -1123,24 +1109,15 @@ extern "C" __global__ void mla_combine(float* o_lat, const float* o_part, const 
     float denom = block_sum(part, scratch);
     __syncthreads();
     const float* w = cw + splits;
+    const float* op = o_part + ((size_t)r * heads + h) * splits * lora;
     float* out = o_lat + ((size_t)r * heads + h) * lora;
     // Divided, not multiplied by 1 / denom: a row with one non-empty split then gets the bits
     // finish_split writes for a row's only split (a graphed step, split for the cache's capacity,
     // and a launched one agree). Empty rows get 0.
     if (lora % 4 == 0) {
-        for (int c = c0; c < lora; c += 4 * blockDim.x) {
+        for (int c = 4 * threadIdx.x; c < lora; c += 4 * blockDim.x) {
             float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-            int s0 = 0;
-            if (c == c0) {  // the splits loaded ahead, in the same order and terms as the rest
-#pragma unroll
-                for (int u = 0; u < COMBINE_AHEAD; ++u) {
-                    const float e = u < splits ? w[u] : 0.f;
-                    const float4 x = e > 0.f ? ahead[u] : make_float4(0.f, 0.f, 0.f, 0.f);
-                    v.x += e * x.x; v.y += e * x.y; v.z += e * x.z; v.w += e * x.w;
-                }
-                s0 = COMBINE_AHEAD;
-            }
-            for (; s0 < splits; s0 += 16) {
+            for (int s0 = 0; s0 < splits; s0 += 16) {
                 float4 x[16];
 #pragma unroll
                 for (int u = 0; u < 16; ++u)  // a split of weight 0 is not read: it may hold anything
