@@ -50,11 +50,13 @@ fn nvrtc_version() -> Result<(i32, i32)> {
     Ok((major, minor))
 }
 
-/// The options of every compile but the architecture: the fixed ones, the tile definitions and
-/// the kernels' probes when asked for ([`crate::probes`]).
+/// The options of every compile but the architecture: the fixed ones, the tile definitions, the
+/// small-batch products' depth ([`crate::linear::fp8_ahead`]) and the kernels' probes when asked
+/// for ([`crate::probes`]).
 pub(crate) fn base_options() -> Result<Vec<String>> {
     let mut options: Vec<String> = OPTIONS.iter().map(|o| o.to_string()).collect();
     options.extend(crate::tiles::defines());
+    options.push(format!("-DFP8_AHEAD={}", crate::linear::fp8_ahead()?));
     options.extend(crate::probes::options()?.0);
     Ok(options)
 }

@@ -17,6 +17,19 @@ pub fn mma_fits(rows: usize, cols: usize) -> bool {
     rows.is_multiple_of(16) && cols.is_multiple_of(128)
 }
 
+/// k chunks (128 bytes of each of a warp's 16 weight rows) each warp of the small-batch FP8 products
+/// (`fp8x8_mma_n1`, `fp8x8_mma_k_over_warps`) keeps in flight in registers.
+pub const FP8_AHEAD: usize = 4;
+
+/// [`FP8_AHEAD`], or `DSV3_FP8_AHEAD` (1 to 8): the switch is there to measure it. Compiled into
+/// the kernels (the kernel cache keeps each value's build apart).
+pub fn fp8_ahead() -> Result<usize> {
+    static AHEAD: std::sync::OnceLock<Result<usize, String>> = std::sync::OnceLock::new();
+    let ahead = crate::switches::positive_count_once(&AHEAD, "DSV3_FP8_AHEAD", FP8_AHEAD)?;
+    ensure!(ahead <= 8, "DSV3_FP8_AHEAD={ahead}: expected 1 to 8 chunks");
+    Ok(ahead)
+}
+
 /// Which kernels take a product's small batches (below cuBLASLt's threshold).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SmallBatch {

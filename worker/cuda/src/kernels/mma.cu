@@ -217,6 +217,61 @@ __device__ __forceinline__ void mma_e4m3(float c[4], u32 a0, u32 a1, u32 a2, u32
 #endif
 }
 
+// One 128-wide k chunk of fp8x8_mma_sum as a lane holds it: its 32 bytes of W's rows g and g + 8
+// and of its tokens, the weight block's scale and (when requested with them) its tokens' scales.
+template <int NT>
+struct Fp8x8Chunk {
+    u32 a[8], b[8], x[NT][8];
+    float sw, sx[NT][2];
+};
+
+// Requests chunk ch's operands (the loads stay in flight until the chunk is added); the tokens'
+// scales too where TOKEN_SCALES (else fp8x8_add reads them).
+template <int NT, bool TOKEN_SCALES>
+__device__ __forceinline__ void fp8x8_request(Fp8x8Chunk<NT>& c, const u8* w0, const u8* w1,
+                                              const u8* const (&xr)[NT], const bool (&live)[NT], const float* srow,
+                                              const float* x_scale, int x_scale_ld, int m, int t, int ch) {
+    const size_t c0 = (size_t)ch * 128;
+    load_words(c.a, w0 + c0);
+    load_words(c.b, w1 + c0);
+    load_token_words(c.x, xr, live, c0);
+    c.sw = srow[ch];
+    if (!TOKEN_SCALES) return;
+    const float* xs = x_scale + (size_t)ch * x_scale_ld;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        const int tok = 8 * j + 2 * t;
+        c.sx[j][0] = tok < m ? xs[tok] : 0.f;
+        c.sx[j][1] = tok + 1 < m ? xs[tok + 1] : 0.f;
+    }
+}
+
+// acc += chunk ch's products, each token's promoted by its scale times the weight block's (the
+// tokens' scales as requested, or read here).
+template <int NT, bool TOKEN_SCALES>
+__device__ __forceinline__ void fp8x8_add(float (&acc)[NT][4], const Fp8x8Chunk<NT>& c, const float* x_scale,
+                                          int x_scale_ld, int m, int t, int ch) {
+    float part[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) part[j][0] = part[j][1] = part[j][2] = part[j][3] = 0.f;
+#pragma unroll
+    for (int s = 0; s < 4; ++s)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+            mma_e4m3(part[j], c.a[2 * s], c.b[2 * s], c.a[2 * s + 1], c.b[2 * s + 1], c.x[j][2 * s], c.x[j][2 * s + 1]);
+    const float* xs = x_scale + (size_t)ch * x_scale_ld;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        const int tok = 8 * j + 2 * t;
+        const float s0 = tok < m ? c.sw * (TOKEN_SCALES ? c.sx[j][0] : xs[tok]) : 0.f;
+        const float s1 = tok + 1 < m ? c.sw * (TOKEN_SCALES ? c.sx[j][1] : xs[tok + 1]) : 0.f;
+        acc[j][0] += s0 * part[j][0];
+        acc[j][1] += s1 * part[j][1];
+        acc[j][2] += s0 * part[j][2];
+        acc[j][3] += s1 * part[j][3];
+    }
+}
+
 // FP8 x FP8 on the tensor cores: fp8_mma_impl with the activations as e4m3 bytes too
 // (quantize_rows_fp8's rows, ldx bytes apart; x_scale [k/128][x_scale_ld], token j's at column
 // j): half the activation bytes are read, and the widening is the hardware's (on sm_90 ptxas
@@ -224,8 +279,11 @@ __device__ __forceinline__ void mma_e4m3(float c[4], u32 a0, u32 a1, u32 a2, u32
 // spends four instructions per pair of weights). Lane (g, t) reads 32
 // contiguous bytes of W's rows g and g+8 and of token g per 128-wide chunk, as fp8_mma_impl
 // does; mma s of the chunk takes bytes 8s..8s+3 of each (a0/a1/b0) and 8s+4..8s+7 (a2/a3/b1),
-// the same permutation of k for W and x.
-template <int NT>
+// the same permutation of k for W and x. With AHEAD > 1 a ring of AHEAD chunks is in flight in
+// registers, each chunk requested AHEAD chunks before it is added: a warp that waits on one
+// chunk at a time keeps too few bytes in flight to stream the weights where few warps share an
+// SM. The wider token tiles (AHEAD 1) hold one chunk at a time in their registers.
+template <int NT, int AHEAD>
 __device__ __forceinline__ void fp8x8_mma_sum(float (&acc)[NT][4], const u8* x, int ldx, const float* x_scale,
                                               int x_scale_ld, int m, const u8* w, const float* scale, int k,
                                               int row0, int c_begin, int c_end) {
@@ -244,31 +302,30 @@ __device__ __forceinline__ void fp8x8_mma_sum(float (&acc)[NT][4], const u8* x, 
     }
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    if constexpr (AHEAD == 1) {
 #pragma unroll 2
-    for (int ch = c_begin; ch < c_end; ++ch) {
-        size_t c0 = (size_t)ch * 128;
-        u32 ra[8], rb[8], xv[NT][8];
-        load_words(ra, w0 + c0);
-        load_words(rb, w1 + c0);
-        load_token_words(xv, xr, live, c0);
-        float part[NT][4];
+        for (int ch = c_begin; ch < c_end; ++ch) {
+            Fp8x8Chunk<NT> c;
+            fp8x8_request<NT, false>(c, w0, w1, xr, live, srow, x_scale, x_scale_ld, m, t, ch);
+            fp8x8_add<NT, false>(acc, c, x_scale, x_scale_ld, m, t, ch);
+        }
+    } else {
+        Fp8x8Chunk<NT> ring[AHEAD];
 #pragma unroll
-        for (int j = 0; j < NT; ++j) part[j][0] = part[j][1] = part[j][2] = part[j][3] = 0.f;
+        for (int s = 0; s < AHEAD; ++s)
+            if (c_begin + s < c_end)
+                fp8x8_request<NT, true>(ring[s], w0, w1, xr, live, srow, x_scale, x_scale_ld, m, t, c_begin + s);
+        for (int ch0 = c_begin; ch0 < c_end; ch0 += AHEAD) {
 #pragma unroll
-        for (int s = 0; s < 4; ++s)
-#pragma unroll
-            for (int j = 0; j < NT; ++j)
-                mma_e4m3(part[j], ra[2 * s], rb[2 * s], ra[2 * s + 1], rb[2 * s + 1], xv[j][2 * s], xv[j][2 * s + 1]);
-        float sc = srow[ch];
-        const float* xs = x_scale + (size_t)ch * x_scale_ld;
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-            int tok = 8 * j + 2 * t;
-            float s0 = tok < m ? sc * xs[tok] : 0.f, s1 = tok + 1 < m ? sc * xs[tok + 1] : 0.f;
-            acc[j][0] += s0 * part[j][0];
-            acc[j][1] += s1 * part[j][1];
-            acc[j][2] += s0 * part[j][2];
-            acc[j][3] += s1 * part[j][3];
+            for (int s = 0; s < AHEAD; ++s) {
+                const int ch = ch0 + s;
+                if (ch < c_end) {
+                    fp8x8_add<NT, true>(acc, ring[s], x_scale, x_scale_ld, m, t, ch);
+                    if (ch + AHEAD < c_end)
+                        fp8x8_request<NT, true>(ring[s], w0, w1, xr, live, srow, x_scale, x_scale_ld, m, t,
+                                                ch + AHEAD);
+                }
+            }
         }
     }
 }
@@ -281,7 +338,8 @@ __device__ void fp8x8_mma_impl(float* y, int ldy, const u8* x, int ldx, const fl
     int c_begin, c_end;
     split_chunks(k / 128, c_begin, c_end);
     float acc[NT][4];
-    fp8x8_mma_sum<NT>(acc, x, ldx, x_scale, x_scale_ld, m, w, scale, k, row0, c_begin, c_end);
+    fp8x8_mma_sum<NT, NT == 1 ? FP8_AHEAD : 1>(acc, x, ldx, x_scale, x_scale_ld, m, w, scale, k, row0, c_begin,
+                                               c_end);
     store_tiles<NT>(y, ldy, m, row0, acc, mode, split_stride);
 }
 
@@ -319,7 +377,7 @@ extern "C" __global__ void __launch_bounds__(256) fp8x8_mma_k_over_warps(float* 
     prefetch_rows(w, n, k, row0, c_begin, c_end);
     await_previous_kernel();
     float acc[1][4];
-    fp8x8_mma_sum<1>(acc, x, k, x_scale, m, m, w, scale, k, row0, c_begin, c_end);
+    fp8x8_mma_sum<1, FP8_AHEAD>(acc, x, k, x_scale, m, m, w, scale, k, row0, c_begin, c_end);
     if (warp > 0) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) partial[warp - 1][lane][e] = acc[0][e];
