@@ -17,9 +17,13 @@ pub fn mma_fits(rows: usize, cols: usize) -> bool {
     rows.is_multiple_of(16) && cols.is_multiple_of(128)
 }
 
-/// k chunks (128 bytes of each of a warp's 16 weight rows) each warp of the small-batch FP8 products
-/// (`fp8x8_mma_n1`, `fp8x8_mma_k_over_warps`) keeps in flight in registers.
-pub const FP8_AHEAD: usize = 4;
+/// k chunks (128 bytes of each of a warp's 16 weight rows) each warp of the split-k FP8 product
+/// of up to 8 tokens (`fp8x8_mma_n1`, the dense gate + up) keeps in flight in registers: on one
+/// H200 the dense gate + up took 78.0 / 75.9 / 104.3 / 97.2 µs at batch 1 with 1 / 2 / 3 / 4
+/// (its occupancy falls as the ring's registers grow). `fp8x8_mma_k_over_warps` keeps one: two
+/// left o_proj level (38.9 → 39.1 µs) and made q_b slower (14.8 → 17.5), whose blocks then fit
+/// fewer to an SM.
+pub const FP8_AHEAD: usize = 2;
 
 /// [`FP8_AHEAD`], or `DSV3_FP8_AHEAD` (1 to 8): the switch is there to measure it. Compiled into
 /// the kernels (the kernel cache keeps each value's build apart).

@@ -377,7 +377,7 @@ extern "C" __global__ void __launch_bounds__(256) fp8x8_mma_k_over_warps(float* 
     prefetch_rows(w, n, k, row0, c_begin, c_end);
     await_previous_kernel();
     float acc[1][4];
-    fp8x8_mma_sum<1, FP8_AHEAD>(acc, x, k, x_scale, m, m, w, scale, k, row0, c_begin, c_end);
+    fp8x8_mma_sum<1, 1>(acc, x, k, x_scale, m, m, w, scale, k, row0, c_begin, c_end);
     if (warp > 0) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) partial[warp - 1][lane][e] = acc[0][e];
