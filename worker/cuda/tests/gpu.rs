@@ -1570,8 +1570,8 @@ fn norm_quantised_where_made_equals_quantising_its_output() {
     let mut next = xorshift(0x9e3779b97f4a7c15u64);
     let mut uniform = |lo: f32, hi: f32| lo + (hi - lo) * ((next() >> 40) as f32 / (1u64 << 24) as f32);
     // (rows, width, input row stride, threads a block): rows held in registers at a decode
-    // step's block sizes and at others, rows walked (too wide for the block, or an input row
-    // not 16-byte aligned: stride 2113).
+    // step's block sizes and at others, rows walked (too wide for the block, or input rows
+    // whose stride leaves some of them off 16-byte boundaries: 2113, every row then walked).
     for (rows, width, ld_in, threads) in [
         (1usize, 7168usize, 7168usize, 896usize),
         (1, 7168, 7168, 1024),

@@ -155,9 +155,12 @@ struct HeldRow {
     float4 x[RMS_HELD], w[RMS_HELD];
 };
 
-// Whether a row of `width` at x (weights w) is held by a block of blockDim.x threads.
-__device__ __forceinline__ bool row_fits_held(const float* x, const float* w, const float* y, int width) {
-    return width % 4 == 0 && width / 4 <= RMS_HELD * (int)blockDim.x &&
+// Whether the rows of `width` of x (row stride ld_x) normed with w into y (ld_y) are held by a
+// block of blockDim.x threads: decided from the bases and strides, so every row of a launch takes
+// the same path (the two paths add the squares in different orders).
+__device__ __forceinline__ bool rows_fit_held(const float* x, int ld_x, const float* w, const float* y, int ld_y,
+                                              int width) {
+    return width % 4 == 0 && width / 4 <= RMS_HELD * (int)blockDim.x && ld_x % 4 == 0 && ld_y % 4 == 0 &&
            (((size_t)x | (size_t)w | (size_t)y) & 15) == 0;
 }
 

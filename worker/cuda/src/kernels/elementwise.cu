@@ -13,7 +13,7 @@ __device__ __forceinline__ u32 quantize_lane(float4 v, int ue8m0, float& scale) 
 // out[r, :width] = in[r, :width] * rsqrt(mean(in^2) + eps) * w for row r = blockIdx.x, rows
 // strided by ld_in / ld_out; with codes, the output also quantised per 128 values (a warp a
 // block: codes [rows][width], scales [width/128][rows]; width then a multiple of 128). Where the
-// row fits the block's registers (HeldRow; rows and weights 16-byte aligned) it stays there
+// rows fit the block's registers (HeldRow; rows and weights 16-byte aligned) each stays there
 // between the sum and the scaling, loaded at once with its weights, which (written by no kernel)
 // are pulled into L2 before the wait for the kernel before: a decode step's norm is then one
 // load's latency, not a chain of them, and each warp quantises the 128 values it holds.
@@ -25,7 +25,7 @@ __device__ __forceinline__ void rms_norm_row(float* out, int ld_out, const float
     const int r = blockIdx.x;
     const float* x = in + (size_t)r * ld_in;
     float* y = out + (size_t)r * ld_out;
-    if (row_fits_held(x, w, y, width)) {
+    if (rows_fit_held(in, ld_in, w, out, ld_out, width)) {
         HeldRow h;
         const float inv = rsqrtf(block_sum(held_row(h, x, w, width), scratch) / (float)width + eps);
 #pragma unroll

@@ -74,7 +74,7 @@ extern "C" __global__ void kv_latent(float* kv, int ld, const float* w, int lora
     __shared__ float scratch[32];
     const int r = blockIdx.x;
     float* x = kv + (size_t)r * ld;
-    const bool held = row_fits_held(x, w, x, lora);
+    const bool held = rows_fit_held(kv, ld, w, kv, ld, lora);
     HeldRow h;
     float ss = 0.f;
     if (held) {
@@ -102,7 +102,15 @@ extern "C" __global__ void kv_latent(float* kv, int ld, const float* w, int lora
             if (f >= lora / 4) break;
             const float4 v = held_normed(h, j, inv);
             ((float4*)x)[f] = v;
-            if (dst) *(uint2*)(dst + 4 * f) = make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
+            if (dst) {  // a cache row is 8-byte aligned where lora + rope is a multiple of 4
+                const u32 lo = pack_bf16(v.x, v.y), hi = pack_bf16(v.z, v.w);
+                if ((lora + rope) % 4 == 0) {
+                    *(uint2*)(dst + 4 * f) = make_uint2(lo, hi);
+                } else {
+                    *(u32*)(dst + 4 * f) = lo;
+                    *(u32*)(dst + 4 * f + 2) = hi;
+                }
+            }
         }
         return;
     }
