@@ -16,7 +16,7 @@ use crate::fp8_gemm::QuantizedRows;
 use crate::gpu::{DeviceBuf, Gpu};
 use crate::kernels;
 use crate::launch::{int, ptr};
-use crate::linear::linear_unsummed;
+use crate::linear::Unsummed;
 use crate::tiles::RMS_HELD;
 use crate::weights::{load_vector, random_vector, DeviceMatrix, Format};
 use anyhow::{ensure, Context, Result};
@@ -771,9 +771,41 @@ impl CudaModel {
         )
     }
 
-    /// [`CudaModel::rms_norm`] of rows that feed FP8 products: with quantised activations (and
-    /// the tensor-core kernels, whole blocks of 128 channels, contiguous rows) the same rows also
-    /// quantised by the norm's kernel, for the products to take ([`CudaModel::linear_from`]).
+    /// [`crate::linear::linear_unsummed`] with the model's kernel choices: `y[m, w.rows]` whose
+    /// split-k slabs its reader may add up itself.
+    fn linear_unsummed(
+        &self,
+        y: u64,
+        x: u64,
+        x_quantised: Option<&QuantizedRows>,
+        m: usize,
+        w: &DeviceMatrix,
+    ) -> Result<Unsummed> {
+        crate::linear::linear_unsummed(
+            &self.gpu,
+            &self.dequant,
+            self.kernels.small_batch,
+            self.kernels.input_quant,
+            y,
+            x,
+            x_quantised,
+            m,
+            w,
+        )
+    }
+
+    /// The scale encoding (`ue8m0`) with which rows of `width` channels are quantised by the
+    /// kernel that makes them, for the products to take ([`CudaModel::linear_from`]): with
+    /// quantised activations, the tensor-core kernels and whole blocks of 128 channels.
+    fn quantised_where_made(&self, width: usize) -> Option<bool> {
+        self.kernels
+            .input_quant
+            .filter(|_| !self.kernels.simt_linear() && width.is_multiple_of(128))
+    }
+
+    /// [`CudaModel::rms_norm`] of rows that feed FP8 products: where
+    /// [`CudaModel::quantised_where_made`] says so, the same rows also quantised by the norm's
+    /// kernel.
     #[allow(clippy::too_many_arguments)]
     fn norm_for_products(
         &self,
@@ -785,8 +817,8 @@ impl CudaModel {
         rows: usize,
         eps: f32,
     ) -> Result<Option<QuantizedRows>> {
-        match self.kernels.input_quant {
-            Some(ue8m0) if !self.kernels.simt_linear() && width.is_multiple_of(128) => {
+        match self.quantised_where_made(width) {
+            Some(ue8m0) => {
                 let threads = self.norm_threads(width, rows);
                 QuantizedRows::rms_norm(
                     &self.gpu, out, width, x, ld_in, w.addr, width, rows, eps, threads, ue8m0,
@@ -835,13 +867,12 @@ impl CudaModel {
         let g = &self.gpu;
         let inter = mlp.inter();
         let gu = g.alloc(m * 2 * inter * 4)?;
-        let (small, quant) = (self.kernels.small_batch, self.kernels.input_quant);
-        let gate_up = linear_unsummed(g, &self.dequant, small, quant, gu.addr, x.addr, xq, m, &mlp.gate_up)?;
+        let gate_up = self.linear_unsummed(gu.addr, x.addr, xq, m, &mlp.gate_up)?;
         let act = g.alloc(m * inter * 4)?;
         let hidden = self.config.hidden_size;
-        match self.kernels.input_quant {
+        match self.quantised_where_made(inter) {
             // The product's split-k sum, SwiGLU and the down product's quantisation: one launch.
-            Some(ue8m0) if !self.kernels.simt_linear() && inter.is_multiple_of(128) => {
+            Some(ue8m0) => {
                 let aq = QuantizedRows::swiglu(g, gate_up.sums(), m, inter, None, ue8m0, Some(act.addr))?;
                 drop(gate_up);
                 self.linear_from(out, hidden, act.addr, Some(&aq), m, &mlp.down, true)
