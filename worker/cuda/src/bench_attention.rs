@@ -9,7 +9,7 @@ use crate::bench::{graphed_seconds, median};
 use crate::gpu::{DeviceBuf, Gpu};
 use crate::kernels;
 use crate::launch::ptr;
-use crate::mla_decode::{mla_decode, DecodeBuffers, DecodeKernel, DecodeQuery, LatentShape, PagedRows};
+use crate::mla_decode::{mla_decode, DecodeBuffers, DecodeKernel, DecodeOutput, DecodeQuery, LatentShape, PagedRows};
 use crate::mla_prefill::{prefill_with, PrefillBuffers, PrefillKernel, PrefillShape};
 use anyhow::{ensure, Context, Result};
 
@@ -40,6 +40,7 @@ pub struct AttentionCase {
     q_lat_bf16: DeviceBuf,
     q_bf16: DeviceBuf,
     o_lat: DeviceBuf,
+    o_lat_bf16: DeviceBuf,
     tables_d: DeviceBuf,
     offsets_d: DeviceBuf,
     lens_d: DeviceBuf,
@@ -126,6 +127,7 @@ impl AttentionCase {
             q_lat,
             q,
             o_lat: g.alloc(rows * shape.heads * shape.lora * 4)?,
+            o_lat_bf16: g.alloc(rows * shape.heads * shape.lora * 2)?,
         })
     }
 
@@ -143,8 +145,9 @@ impl AttentionCase {
         Ok(())
     }
 
-    /// Runs the decode attention with `kernel`.
-    pub fn run(&self, g: &Gpu, kernel: DecodeKernel) -> Result<()> {
+    /// Runs the decode attention with `kernel`, its output f32 ([`Self::output`]) or, with
+    /// `bf16_out`, bf16 ([`Self::output_bf16`]).
+    pub fn run(&self, g: &Gpu, kernel: DecodeKernel, bf16_out: bool) -> Result<()> {
         let rows = PagedRows {
             rows: self.lens.len(),
             max_len: self.lens.iter().copied().max().unwrap_or(0),
@@ -168,14 +171,26 @@ impl AttentionCase {
             query,
             cache: self.cache.addr,
             cache_slots: self.cache.bytes / (self.shape.width() * 2),
-            o_lat: self.o_lat.addr,
+            o_lat: if bf16_out {
+                DecodeOutput::Bf16(self.o_lat_bf16.addr)
+            } else {
+                DecodeOutput::F32(self.o_lat.addr)
+            },
         };
         mla_decode(g, &self.shape, &rows, &bufs, self.scale, kernel)
     }
 
-    /// The last run's `o_lat`, `[rows, heads, lora]`.
+    /// The last f32 run's `o_lat`, `[rows, heads, lora]`.
     pub fn output(&self, g: &Gpu) -> Result<Vec<f32>> {
         g.download(self.o_lat.addr, self.lens.len() * self.shape.heads * self.shape.lora)
+    }
+
+    /// The last bf16 run's `o_lat` (bf16 bits), `[rows, heads, lora]`.
+    pub fn output_bf16(&self, g: &Gpu) -> Result<Vec<u16>> {
+        g.download(
+            self.o_lat_bf16.addr,
+            self.lens.len() * self.shape.heads * self.shape.lora,
+        )
     }
 
     /// `o_lat` in float64 from the inputs as the GPU holds them (bf16 cache, f32 queries).
@@ -227,13 +242,15 @@ impl AttentionCase {
     }
 
     /// Bytes a step of `kernel` must move: every cached latent once, the queries (their latent
-    /// and rotary parts, bf16 or f32 as the kernel reads them), and the f32 output written.
-    pub fn bytes(&self, kernel: DecodeKernel) -> f64 {
+    /// and rotary parts, bf16 or f32 as the kernel reads them), and the output written (bf16 with
+    /// `bf16_out`, else f32).
+    pub fn bytes(&self, kernel: DecodeKernel, bf16_out: bool) -> f64 {
         let positions: usize = self.lens.iter().sum();
         let rows = self.lens.len();
         let s = &self.shape;
         let query = if kernel.reads_bf16_query() { 2 } else { 4 };
-        (positions * s.width() * 2 + rows * s.heads * ((s.lora + s.rope) * query + s.lora * 4)) as f64
+        let output = if bf16_out { 2 } else { 4 };
+        (positions * s.width() * 2 + rows * s.heads * ((s.lora + s.rope) * query + s.lora * output)) as f64
     }
 
     /// Tensor-core work: Q·Kᵀ over lora + rope and P·V over lora, per head and position.
@@ -297,8 +314,10 @@ pub fn run(g: &Gpu, batches: &[usize], ctx: usize, reps: usize) -> Result<String
                 false => None,
             };
             // Back to back in one graph, as in a decode step: timed one by one, the host's
-            // launches (not the GPU) set the time of a batch-1 run.
-            let s = graphed_seconds(g, GRAPHED_RUNS, reps, |_| case.run(g, kernel))?;
+            // launches (not the GPU) set the time of a batch-1 run. The output as the model has
+            // it written: bf16 for the tensor-core absorption.
+            let bf16_out = kernel.writes_bf16();
+            let s = graphed_seconds(g, GRAPHED_RUNS, reps, |_| case.run(g, kernel, bf16_out))?;
             if let Some((addr, bytes)) = record {
                 let stamps: Vec<u64> = g.download(addr, bytes / 8)?;
                 timelines += &format!("\n{kernel:?}, batch {b}, {ctx} positions. ");
@@ -309,7 +328,7 @@ pub fn run(g: &Gpu, batches: &[usize], ctx: usize, reps: usize) -> Result<String
                     &crate::probes::MLA_TIMELINE_LAPS,
                 )?;
             }
-            let bytes = case.bytes(kernel);
+            let bytes = case.bytes(kernel, bf16_out);
             let floor = bytes / read;
             eprintln!("mla decode {kernel:?} batch {b}: {:.1} µs", s * 1e6);
             table += &format!(

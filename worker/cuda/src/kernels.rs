@@ -119,14 +119,16 @@ kernels! {
     MlaDecodeMma: mla_decode_mma(
         o_part: Ptr, ml_part: Ptr, q_lat: Ptr, q: Ptr, qk: i32, nope: i32, heads: i32, hg: i32, lora: i32,
         rope: i32, cache: Ptr, tables: Ptr, table_off: Ptr, lens: Ptr, block: i32, scale: f32,
-        min_split: i32,
+        min_split: i32, bf16_out: i32,
     );
     MlaDecodeWgmma: mla_decode_wgmma(
         o_part: Ptr, ml_part: Ptr, heads: i32, hg: i32, tables: Ptr, table_off: Ptr, lens: Ptr, block: i32,
         scale: f32, min_split: i32, cache_map: TensorMap, tma_rows: i32, q_lat_map: TensorMap, q_map: TensorMap,
-        nope: i32,
+        nope: i32, bf16_out: i32,
     );
-    MlaCombine: mla_combine(o_lat: Ptr, o_part: Ptr, ml_part: Ptr, heads: i32, splits: i32, lora: i32);
+    MlaCombine: mla_combine(
+        o_lat: Ptr, o_part: Ptr, ml_part: Ptr, heads: i32, splits: i32, lora: i32, bf16_out: i32,
+    );
 
     // Prefill attention (`kernels/mla_prefill.cu`).
     GatherLatents: gather_latents(

@@ -110,6 +110,12 @@ impl DecodeKernel {
         self == DecodeKernel::Wgmma
     }
 
+    /// Whether this kernel can write its output as bf16 ([`DecodeOutput::Bf16`]); the CUDA-core
+    /// one writes f32 only.
+    pub fn writes_bf16(self) -> bool {
+        self != DecodeKernel::CudaCores
+    }
+
     /// Whether this kernel takes `shape` over cache blocks of `block` positions on `g`.
     pub fn takes(self, g: &Gpu, shape: &LatentShape, block: usize) -> bool {
         let heads_fit = shape.heads.is_multiple_of(shape.heads.min(DEC_HEADS)) && shape.nope.is_multiple_of(2);
@@ -163,15 +169,25 @@ pub enum DecodeQuery {
     Bf16 { q_lat: u64, q: u64 },
 }
 
+/// Where a call writes `o_lat` `[rows, heads, lora]`, and as what.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeOutput {
+    F32(u64),
+    /// bf16, rounded to nearest even from the f32 result (what the tensor-core absorption of
+    /// W_UV reads, so no conversion runs between them): the split kernels only
+    /// ([`DecodeKernel::writes_bf16`]).
+    Bf16(u64),
+}
+
 /// The device buffers of one call: the queries, `cache` bf16 `[slots, lora + rope]`, and the
-/// output `o_lat` f32 `[rows, heads, lora]`.
+/// output.
 #[derive(Clone, Copy, Debug)]
 pub struct DecodeBuffers {
     pub query: DecodeQuery,
     pub cache: u64,
     /// Cached positions `cache` holds (the layer's blocks times the block size).
     pub cache_slots: usize,
-    pub o_lat: u64,
+    pub o_lat: DecodeOutput,
 }
 
 fn cuda_core_shared_bytes(shape: &LatentShape) -> usize {
@@ -274,6 +290,11 @@ pub fn mla_decode(
         (false, DecodeQuery::F32 { q_lat, q }) | (true, DecodeQuery::Bf16 { q_lat, q }) => (q_lat, q),
         (_, query) => bail!("the {kernel:?} MLA decode kernel does not read {query:?}"),
     };
+    let (o_lat, bf16_out) = match bufs.o_lat {
+        DecodeOutput::F32(o) => (o, false),
+        DecodeOutput::Bf16(o) if kernel.writes_bf16() => (o, true),
+        DecodeOutput::Bf16(_) => bail!("the {kernel:?} MLA decode kernel writes f32 only"),
+    };
     let hg = match kernel {
         DecodeKernel::CudaCores => heads.min(MLA_HEAD_GROUP),
         _ => heads.min(DEC_HEADS),
@@ -303,7 +324,7 @@ pub fn mla_decode(
             ((heads / hg) as u32, m as u32, 1),
             MLA_THREADS as u32,
             smem as u32,
-            common.after(ptr(bufs.o_lat)),
+            common.after(ptr(o_lat)),
         );
     }
     // Split the positions so the grid fills the GPU (flash-decoding); each row divides its own
@@ -323,10 +344,14 @@ pub fn mla_decode(
     };
     let (o_part, ml_part) = match &parts {
         Some((o, ml)) => (o.addr, ml.addr),
-        None => (bufs.o_lat, 0),
+        None => (o_lat, 0),
     };
     let grid = ((heads / hg) as u32, m as u32, splits as u32);
-    let split = common.after(ptr(ml_part)).after(ptr(o_part)).then(int(min_split));
+    let split = common
+        .after(ptr(ml_part))
+        .after(ptr(o_part))
+        .then(int(min_split))
+        .then(int(bf16_out as usize));
     match kernel {
         DecodeKernel::Wgmma => {
             // Q and the tiles by TMA: the cache's view and its box rows, the queries' views.
@@ -350,6 +375,7 @@ pub fn mla_decode(
                 q_lat_map,
                 q_map,
                 int(nope),
+                int(bf16_out as usize),
             );
             kernels::mla_decode_wgmma.launch(g, grid, WGMMA_THREADS as u32, WGMMA_SHARED_BYTES as u32, args)?;
         }
@@ -368,12 +394,13 @@ pub fn mla_decode(
         128,
         (2 * splits * 4) as u32,
         (
-            ptr(bufs.o_lat),
+            ptr(o_lat),
             ptr(o_part),
             ptr(ml_part),
             int(heads),
             int(splits),
             int(lora),
+            int(bf16_out as usize),
         ),
     )
 }

@@ -1777,7 +1777,9 @@ fn block_scaled_fp8_products_match_f64_reference() {
 
 /// The MLA decode kernels against a float64 reference of the same inputs (bf16 cache, f32
 /// queries) over batch sizes and context lengths that cover one position, partial tiles, many
-/// splits of one row, rows of different lengths in one step, and fewer heads than a block takes.
+/// splits of one row, rows of different lengths in one step, and fewer heads than a block takes;
+/// and their bf16 output (what the tensor-core absorption reads) equal to rounding the f32 one to
+/// nearest even, bit for bit, whether a row's output came from its only split or from the merge.
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn mla_decode_matches_f64_reference() {
@@ -1812,7 +1814,7 @@ fn mla_decode_matches_f64_reference() {
         case.garbage_past_ends(&gpu).expect("garbage");
         let want = case.reference(&gpu).expect("reference");
         for kernel in DecodeKernel::ALL.into_iter().filter(|k| k.takes(&gpu, shape, *block)) {
-            case.run(&gpu, kernel).expect("attention");
+            case.run(&gpu, kernel, false).expect("attention");
             let got = case.output(&gpu).expect("output");
             let mut worst = 0.0f64;
             for (g, w) in got.chunks(shape.lora).zip(want.chunks(shape.lora)) {
@@ -1834,6 +1836,16 @@ fn mla_decode_matches_f64_reference() {
                 lens.iter().max().unwrap_or(&0)
             );
             assert!(worst < limit, "case {i} {kernel:?}: relative error {worst:.2e}");
+            if kernel.writes_bf16() {
+                case.run(&gpu, kernel, true).expect("attention, bf16 output");
+                let bits = case.output_bf16(&gpu).expect("bf16 output");
+                let differ = got
+                    .iter()
+                    .zip(&bits)
+                    .filter(|(&f, &b)| half::bf16::from_f32(f).to_bits() != b)
+                    .count();
+                assert_eq!(differ, 0, "case {i} {kernel:?}: bf16 outputs not the f32 ones rounded");
+            }
         }
     }
 }

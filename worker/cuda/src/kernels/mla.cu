@@ -256,11 +256,14 @@ extern "C" __global__ void gather_rows_f32(float* out, const float* x, int ldx, 
 // DEC_THREADS, DEC_TILE, DEC_STAGES, DEC_PAD: from tiles.rs (NVRTC -D).
 
 // A split with no positions: an empty partial (l = 0) that the merge skips, or, when the row has
-// only one split (its output written directly), zeros.
+// only one split (its output written directly, bf16 with `bf16_out`), zeros.
 __device__ __forceinline__ void empty_split(float* o_part, float* ml_part, size_t head0, int hg, int splits, int split,
-                                            int lora) {
+                                            int lora, int bf16_out) {
     if (splits == 1) {
-        for (int i = threadIdx.x; i < hg * lora; i += blockDim.x) o_part[head0 * lora + i] = 0.f;
+        if (bf16_out)
+            for (int i = threadIdx.x; i < hg * lora; i += blockDim.x) ((bf16*)o_part)[head0 * lora + i] = bf16(0);
+        else
+            for (int i = threadIdx.x; i < hg * lora; i += blockDim.x) o_part[head0 * lora + i] = 0.f;
         return;
     }
     if (threadIdx.x < hg) {
@@ -274,7 +277,8 @@ __device__ __forceinline__ void empty_split(float* o_part, float* ml_part, size_
 // (of 64) of half `half`: its running max (base 2) and partial row sums, and output columns
 // col0 + 8j + 2t, + 1 for j < n8 in acc[j] (rows row: [0], [1]; row + 8: [2], [3]). The halves'
 // sums meet in `red`; then the partial output goes to o_part with its max and sum in ml_part, or,
-// for a row's only split, the normalised output (o_part is then o_lat) — by a division, as
+// for a row's only split, the normalised output (o_part is then o_lat, bf16 with `bf16_out`: what
+// the tensor-core absorption reads, rounded as f32_to_bf16_x8 rounds) — by a division, as
 // mla_combine's, so one split or several with one non-empty give the same bits (a graphed step,
 // split for the cache's capacity, and a launched one agree). The outputs pass through `stage`
 // (64 x lora floats of shared memory no longer read: the tiles) so that each head's row leaves in
@@ -284,7 +288,7 @@ __device__ __forceinline__ void empty_split(float* o_part, float* ml_part, size_
 __device__ __forceinline__ void finish_split(float (*acc)[4], int n8, float l0, float l1, float m0, float m1,
                                              float* red, float* stage, int half, int row, int t, float* o_part,
                                              float* ml_part, size_t head0, int hg, int splits, int split, int lora,
-                                             int col0) {
+                                             int col0, int bf16_out) {
 #pragma unroll
     for (int x = 1; x < 4; x <<= 1) {
         l0 += __shfl_xor_sync(0xffffffffu, l0, x);
@@ -321,6 +325,16 @@ __device__ __forceinline__ void finish_split(float (*acc)[4], int n8, float l0, 
             }
     }
     __syncthreads();
+    if (splits == 1 && bf16_out) {  // two chunks a thread, one 16-byte store of eight bf16
+        const int pairs = chunks / 2;
+        for (int i = threadIdx.x; i < hg * pairs; i += blockDim.x) {
+            const int rr = i / pairs, c = 2 * (i - rr * pairs);
+            const float4 a = *(const float4*)staged(rr, c), b = *(const float4*)staged(rr, c + 1);
+            *(uint4*)((bf16*)o_part + (head0 + rr) * lora + 4 * c) =
+                make_uint4(pack_bf16(a.x, a.y), pack_bf16(a.z, a.w), pack_bf16(b.x, b.y), pack_bf16(b.z, b.w));
+        }
+        return;
+    }
     for (int i = threadIdx.x; i < hg * chunks; i += blockDim.x) {
         const int rr = i / chunks, c = i - rr * chunks;
         *(float4*)(o_part + ((head0 + rr) * splits + split) * lora + 4 * c) = *(const float4*)staged(rr, c);
@@ -386,7 +400,7 @@ __device__ __forceinline__ void pair_barrier(int id) { asm volatile("bar.sync %0
 extern "C" __global__ void __launch_bounds__(DEC_THREADS, 1)
 mla_decode_mma(float* o_part, float* ml_part, const float* q_lat, const float* q, int qk, int nope, int heads, int hg,
                int lora, int rope, const bf16* cache, const int* tables, const int* table_off, const int* lens,
-               int block, float scale, int min_split) {
+               int block, float scale, int min_split, int bf16_out) {
     await_previous_kernel();
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int width = lora + rope, row_bytes = width * 2, chunks = width / 8;
@@ -406,7 +420,7 @@ mla_decode_mma(float* o_part, float* ml_part, const float* q_lat, const float* q
     const int split_len = (max(min_split, (len + splits - 1) / splits) + DEC_TILE - 1) / DEC_TILE * DEC_TILE;
     const int begin = split * split_len, end = min(len, begin + split_len);
     if (begin >= end) {  // nothing here: an empty partial (l = 0) that the merge skips
-        empty_split(o_part, ml_part, (size_t)r * heads + h0, hg, splits, split, lora);
+        empty_split(o_part, ml_part, (size_t)r * heads + h0, hg, splits, split, lora, bf16_out);
         return;
     }
     const int* tab = tables + table_off[r];
@@ -537,7 +551,7 @@ mla_decode_mma(float* o_part, float* ml_part, const float* q_lat, const float* q
     asm volatile("cp.async.wait_group 0;\n" ::);
     finish_split(acc, 2 * col_pairs, l0, l1, m0, m1, red, (float*)(smem_raw + 64 * row_bytes), half, hw * 16 + g, t,
                  o_part, ml_part,
-                 (size_t)r * heads + h0, hg, splits, split, lora, half * (lora / 2));
+                 (size_t)r * heads + h0, hg, splits, split, lora, half * (lora / 2), bf16_out);
 }
 
 // ---------------------------------------------------------------- MLA decode on Hopper (wgmma)
@@ -834,7 +848,7 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
                                                       const int* tables, const int* table_off, const int* lens,
                                                       int block, float scale, int min_split, const TensorMap* cache_map,
                                                       int tma_rows, const TensorMap* q_lat_map, const TensorMap* q_map,
-                                                      int nope) {
+                                                      int nope, int bf16_out) {
     const MlaTime entry = mla_now();
     await_previous_kernel();  // lora == 512, rope == 64
     mla_stamp(0, entry);
@@ -855,7 +869,7 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
     const int split_len = (max(min_split, (len + splits - 1) / splits) + 63) / 64 * 64;
     const int begin = split * split_len, end = min(len, begin + split_len);
     if (begin >= end) {
-        empty_split(o_part, ml_part, (size_t)r * heads + h0, hg, splits, split, 512);
+        empty_split(o_part, ml_part, (size_t)r * heads + h0, hg, splits, split, 512, bf16_out);
         mla_stamp(MLA_TIMELINE_POINTS - 1);
         return;
     }
@@ -1074,7 +1088,7 @@ __device__ __forceinline__ void mla_decode_wgmma_body(float* o_part, float* ml_p
     // waited for before the handoff the other group waited on), the outputs leave through the tiles.
     finish_split(reinterpret_cast<float(*)[4]>(o), 32, l0, l1, m0, m1, (float*)(smem_raw + (qs - raw)),
                  (float*)(smem_raw + (tiles - raw)), h, row0, t, o_part, ml_part, (size_t)r * heads + h0, hg, splits,
-                 split, 512, h * 256);
+                 split, 512, h * 256, bf16_out);
     mla_stamp(MLA_TIMELINE_POINTS - 1);
 #endif
 }
@@ -1085,17 +1099,18 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     mla_decode_wgmma(float* o_part, float* ml_part, int heads, int hg, const int* tables, const int* table_off,
                      const int* lens, int block, float scale, int min_split, const __grid_constant__ TensorMap cache_map,
                      int tma_rows, const __grid_constant__ TensorMap q_lat_map, const __grid_constant__ TensorMap q_map,
-                     int nope) {
+                     int nope, int bf16_out) {
     mla_decode_wgmma_body(o_part, ml_part, heads, hg, tables, table_off, lens, block, scale, min_split, &cache_map,
-                          tma_rows, &q_lat_map, &q_map, nope);
+                          tma_rows, &q_lat_map, &q_map, nope, bf16_out);
 }
 
-// Merges the splits: o_lat[r, h, :] = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s. grid (heads, m);
+// Merges the splits: o_lat[r, h, :] = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s, f32 or (`bf16_out`)
+// bf16 as finish_split writes a row's only split. grid (heads, m);
 // dynamic shared memory: 2 * splits floats (each split's weight is computed once). The partial
 // outputs are read four channels a thread, sixteen splits' loads in flight (one split at a time,
 // this kernel waited on a load per split per channel: 18 µs for one row of 32 splits).
-extern "C" __global__ void mla_combine(float* o_lat, const float* o_part, const float* ml_part, int heads, int splits,
-                                       int lora) {
+extern "C" __global__ void mla_combine(void* o_lat, const float* o_part, const float* ml_part, int heads, int splits,
+                                       int lora, int bf16_out) {
     await_previous_kernel();
     extern __shared__ float cw[];  // [splits] m_s, then [splits] weights
     __shared__ float scratch[32];
@@ -1118,7 +1133,9 @@ extern "C" __global__ void mla_combine(float* o_lat, const float* o_part, const 
     __syncthreads();
     const float* w = cw + splits;
     const float* op = o_part + ((size_t)r * heads + h) * splits * lora;
-    float* out = o_lat + ((size_t)r * heads + h) * lora;
+    const size_t out_at = ((size_t)r * heads + h) * lora;
+    float* out = (float*)o_lat + out_at;
+    bf16* out_bf16 = (bf16*)o_lat + out_at;
     // Divided, not multiplied by 1 / denom: a row with one non-empty split then gets the bits
     // finish_split writes for a row's only split (a graphed step, split for the cache's capacity,
     // and a launched one agree). Empty rows get 0.
@@ -1137,8 +1154,12 @@ extern "C" __global__ void mla_combine(float* o_lat, const float* o_part, const 
                     v.x += e * x[u].x; v.y += e * x[u].y; v.z += e * x[u].z; v.w += e * x[u].w;
                 }
             }
-            *(float4*)(out + c) = denom > 0.f ? make_float4(v.x / denom, v.y / denom, v.z / denom, v.w / denom)
-                                              : make_float4(0.f, 0.f, 0.f, 0.f);
+            const float4 o = denom > 0.f ? make_float4(v.x / denom, v.y / denom, v.z / denom, v.w / denom)
+                                         : make_float4(0.f, 0.f, 0.f, 0.f);
+            if (bf16_out)
+                *(uint2*)(out_bf16 + c) = make_uint2(pack_bf16(o.x, o.y), pack_bf16(o.z, o.w));
+            else
+                *(float4*)(out + c) = o;
         }
         return;
     }
@@ -1146,6 +1167,10 @@ extern "C" __global__ void mla_combine(float* o_lat, const float* o_part, const 
         float v = 0.f;
         for (int s = 0; s < splits; ++s)
             if (w[s] > 0.f) v += w[s] * op[(size_t)s * lora + c];
-        out[c] = denom > 0.f ? v / denom : 0.f;
+        const float o = denom > 0.f ? v / denom : 0.f;
+        if (bf16_out)
+            out_bf16[c] = f32_to_bf16(o);
+        else
+            out[c] = o;
     }
 }

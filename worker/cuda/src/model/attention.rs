@@ -8,10 +8,10 @@ use crate::gpu::{DeviceBuf, Gpu};
 use crate::kernels;
 use crate::kernels::TokenTiles;
 use crate::launch::{int, ptr, Args, Kernel};
-use crate::mla_decode::{mla_decode, DecodeBuffers, DecodeKernel, DecodeQuery, LatentShape, PagedRows};
+use crate::mla_decode::{mla_decode, DecodeBuffers, DecodeKernel, DecodeOutput, DecodeQuery, LatentShape, PagedRows};
 use crate::mla_prefill::{flash_prefill, PrefillBuffers, PrefillShape};
 use crate::weights::Format;
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use dsv3_engine::rope::softmax_scale;
 
 pub(super) const LATENT_NORM_EPS: f32 = 1e-6;
@@ -204,7 +204,10 @@ impl CudaModel {
                 q: q.addr,
             },
         };
-        let o_lat = g.alloc(m * heads * lora * 4)?;
+        // The output as the absorption of W_UV reads it: bf16 for the tensor-core one, written so by
+        // the decode kernel itself where it can.
+        let bf16_out = self.absorbs_out_on_tensor_cores(layer) && kernel.writes_bf16();
+        let o_lat = g.alloc(m * heads * lora * if bf16_out { 2 } else { 4 })?;
         let rows = PagedRows {
             rows: m,
             max_len: step.max_len,
@@ -217,10 +220,14 @@ impl CudaModel {
             query,
             cache,
             cache_slots: self.cache.num_blocks() * self.cache.block_size(),
-            o_lat: o_lat.addr,
+            o_lat: if bf16_out {
+                DecodeOutput::Bf16(o_lat.addr)
+            } else {
+                DecodeOutput::F32(o_lat.addr)
+            },
         };
         mla_decode(g, &shape, &rows, &bufs, softmax_scale(c), kernel)?;
-        self.absorb_out(layer, &o_lat, attn, m)
+        self.absorb_out(layer, &o_lat, bf16_out, attn, m)
     }
 
     /// `q_lat[t, h] = q_nope[t, h] · W_UK[h]`, f32 or (`bf16_out`) bf16: on the tensor cores over
@@ -290,9 +297,18 @@ impl CudaModel {
         )
     }
 
-    /// `attn[t, h*v + j] = o_lat[t, h] · W_UV[h][j]`: on the tensor cores when kv_b is FP8 with
-    /// 128-aligned heads, else the CUDA-core kernel.
-    fn absorb_out(&self, layer: &Layer, o_lat: &DeviceBuf, attn: &DeviceBuf, m: usize) -> Result<()> {
+    /// Whether [`Self::absorb_out`] runs on the tensor cores (reading `o_lat` as bf16): when kv_b
+    /// is FP8 with 128-aligned heads.
+    fn absorbs_out_on_tensor_cores(&self, layer: &Layer) -> bool {
+        let MlaDims { nope, vdim, lora, .. } = MlaDims::of(&self.config);
+        let aligned = nope % 128 == 0 && vdim % 128 == 0 && lora % 128 == 0;
+        layer.attn.kv_b.format == Format::Fp8 && aligned && !self.kernels.simt_linear()
+    }
+
+    /// `attn[t, h*v + j] = o_lat[t, h] · W_UV[h][j]`, `o_lat` f32 or (`bf16_lat`) bf16: on the
+    /// tensor cores where [`Self::absorbs_out_on_tensor_cores`], else the CUDA-core kernel (f32
+    /// only).
+    fn absorb_out(&self, layer: &Layer, o_lat: &DeviceBuf, bf16_lat: bool, attn: &DeviceBuf, m: usize) -> Result<()> {
         let g = &self.gpu;
         let MlaDims {
             heads,
@@ -302,9 +318,13 @@ impl CudaModel {
             ..
         } = MlaDims::of(&self.config);
         let kvb = &layer.attn.kv_b;
-        let aligned = nope % 128 == 0 && vdim % 128 == 0 && lora % 128 == 0;
-        if kvb.format == Format::Fp8 && aligned && !self.kernels.simt_linear() {
-            let ob = g.to_bf16(o_lat.addr, m * heads * lora)?;
+        if self.absorbs_out_on_tensor_cores(layer) {
+            let converted = if bf16_lat {
+                None
+            } else {
+                Some(g.to_bf16(o_lat.addr, m * heads * lora)?)
+            };
+            let ob = converted.as_ref().unwrap_or(o_lat);
             return absorb_mma(
                 g,
                 kernels::MLA_ABSORB_OUT_MMA,
@@ -324,6 +344,7 @@ impl CudaModel {
                 ),
             );
         }
+        ensure!(!bf16_lat, "the CUDA-core absorption of W_UV reads o_lat as f32");
         kernels::mla_absorb_out.launch(
             g,
             (heads as u32, m.div_ceil(8) as u32, 1),
