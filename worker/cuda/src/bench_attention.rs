@@ -180,6 +180,14 @@ impl AttentionCase {
         mla_decode(g, &self.shape, &rows, &bufs, self.scale, kernel)
     }
 
+    /// Fills both outputs with NaN, so that a run that leaves any of its output unwritten cannot
+    /// pass for the run before it.
+    pub fn poison_outputs(&self, g: &Gpu) -> Result<()> {
+        let n = self.lens.len() * self.shape.heads * self.shape.lora;
+        g.copy_to(&self.o_lat, 0, &vec![f32::NAN; n])?;
+        g.copy_to(&self.o_lat_bf16, 0, &vec![0x7FC0u16; n])
+    }
+
     /// The last f32 run's `o_lat`, `[rows, heads, lora]`.
     pub fn output(&self, g: &Gpu) -> Result<Vec<f32>> {
         g.download(self.o_lat.addr, self.lens.len() * self.shape.heads * self.shape.lora)

@@ -1777,7 +1777,8 @@ fn block_scaled_fp8_products_match_f64_reference() {
 
 /// The MLA decode kernels against a float64 reference of the same inputs (bf16 cache, f32
 /// queries) over batch sizes and context lengths that cover one position, partial tiles, many
-/// splits of one row, rows of different lengths in one step, and fewer heads than a block takes;
+/// splits of one row, rows of different lengths in one step, empty rows (a graphed step's padding:
+/// zeros, whether the row has one split or several), and fewer heads than a block takes;
 /// and their bf16 output (what the tensor-core absorption reads) equal to rounding the f32 one to
 /// nearest even, bit for bit, whether a row's output came from its only split or from the merge.
 #[test]
@@ -1803,6 +1804,8 @@ fn mla_decode_matches_f64_reference() {
         (V3_SHAPE, vec![1, 33, 2000], 64),
         (V3_SHAPE, vec![17, 32, 64, 129, 256, 300, 700, 1], 64),
         (V3_SHAPE, cycle(70, &[1, 31, 100, 200, 257]), 64),
+        (V3_SHAPE, cycle(70, &[0, 1, 100]), 64),
+        (V3_SHAPE, vec![0, 5, 300, 0], 64),
         (sixteen, vec![5, 96, 1500], 64),
         (small, vec![1, 40, 65, 130, 500], 64),
         (V3_SHAPE, vec![1, 33, 70, 2000], 16),
@@ -1814,6 +1817,7 @@ fn mla_decode_matches_f64_reference() {
         case.garbage_past_ends(&gpu).expect("garbage");
         let want = case.reference(&gpu).expect("reference");
         for kernel in DecodeKernel::ALL.into_iter().filter(|k| k.takes(&gpu, shape, *block)) {
+            case.poison_outputs(&gpu).expect("poison");
             case.run(&gpu, kernel, false).expect("attention");
             let got = case.output(&gpu).expect("output");
             let mut worst = 0.0f64;
@@ -1837,6 +1841,7 @@ fn mla_decode_matches_f64_reference() {
             );
             assert!(worst < limit, "case {i} {kernel:?}: relative error {worst:.2e}");
             if kernel.writes_bf16() {
+                case.poison_outputs(&gpu).expect("poison");
                 case.run(&gpu, kernel, true).expect("attention, bf16 output");
                 let bits = case.output_bf16(&gpu).expect("bf16 output");
                 let differ = got

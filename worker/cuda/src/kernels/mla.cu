@@ -223,7 +223,7 @@ mla_attend(float* o_lat, const float* q_lat, const float* q, int qk, int nope, i
 #pragma unroll
         for (int hh = 0; hh < MLA_HG; ++hh)
             if (hh < hg) {
-                float inv = 1.f / l_run[hh];
+                const float inv = l_run[hh] > 0.f ? 1.f / l_run[hh] : 0.f;  // an empty row (padding): zeros
                 float* dst = o_lat + ((size_t)r * heads + h0 + hh) * lora + c0;
                 dst[0] = o[hh][0] * inv;
                 dst[1] = o[hh][1] * inv;
