@@ -183,22 +183,23 @@ impl AttentionCase {
     /// Fills both outputs with NaN, so that a run that leaves any of its output unwritten cannot
     /// pass for the run before it.
     pub fn poison_outputs(&self, g: &Gpu) -> Result<()> {
-        let n = self.lens.len() * self.shape.heads * self.shape.lora;
-        g.copy_to(&self.o_lat, 0, &vec![f32::NAN; n])?;
-        g.copy_to(&self.o_lat_bf16, 0, &vec![0x7FC0u16; n])
+        g.copy_to(&self.o_lat, 0, &vec![f32::NAN; self.output_len()])?;
+        g.copy_to(&self.o_lat_bf16, 0, &vec![0x7FC0u16; self.output_len()])
     }
 
-    /// The last f32 run's `o_lat`, `[rows, heads, lora]`.
+    /// Values in `o_lat`: `[rows, heads, lora]`.
+    fn output_len(&self) -> usize {
+        self.lens.len() * self.shape.heads * self.shape.lora
+    }
+
+    /// The last f32 run's `o_lat`.
     pub fn output(&self, g: &Gpu) -> Result<Vec<f32>> {
-        g.download(self.o_lat.addr, self.lens.len() * self.shape.heads * self.shape.lora)
+        g.download(self.o_lat.addr, self.output_len())
     }
 
-    /// The last bf16 run's `o_lat` (bf16 bits), `[rows, heads, lora]`.
+    /// The last bf16 run's `o_lat` (bf16 bits).
     pub fn output_bf16(&self, g: &Gpu) -> Result<Vec<u16>> {
-        g.download(
-            self.o_lat_bf16.addr,
-            self.lens.len() * self.shape.heads * self.shape.lora,
-        )
+        g.download(self.o_lat_bf16.addr, self.output_len())
     }
 
     /// `o_lat` in float64 from the inputs as the GPU holds them (bf16 cache, f32 queries).
