@@ -28,8 +28,8 @@
 #          BENCH_ARGS pick another kernel and sets
 #   ab     the worker against the one of BASE_REV (`BASE_REV=<commit> gpu.sh build`), alternating
 #          on AB_ARGS (bench-cuda's decode table by default), AB_ROUNDS times
-#   trace  one graphed decode step kernel by kernel under Nsight Systems: kernel times and the
-#          gaps between them (worker/bench/gpu_trace.py; TRACE_ARGS picks the bench-cuda run)
+#   trace  one graphed decode step kernel by kernel (CUPTI's kernel records, kernel_trace.cu):
+#          kernel times and the gaps between them (gpu_trace.py; TRACE_ARGS picks the run)
 #   peer   transformers on the same shapes (worker/bench/hf_gpu_peer.py), set beside ours
 # Logs and JSON go to $OUT (or target/gpu-out).
 set -euo pipefail
@@ -227,21 +227,19 @@ PY
         done
         ;;
     trace)
-        # One graphed decode step kernel by kernel under Nsight Systems (each graph node traced):
-        # what ran, for how long, and the gaps between kernels (worker/bench/gpu_trace.py).
-        # slice5 at batch 1 over 4,096 positions unless TRACE_ARGS says otherwise.
-        nsys=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1 || true)
-        if [[ -z "$nsys" ]]; then
-            echo "trace: Nsight Systems (nsys) is not on this machine" | tee "$out/trace.log"
-            failed=1
-            continue
-        fi
-        "$nsys" profile --cuda-graph-trace=node --trace=cuda --force-overwrite=true -o "$out/trace" \
+        # One graphed decode step kernel by kernel: every kernel's start and end on the GPU from
+        # CUPTI's activity records (worker/bench/kernel_trace.cu, injected into the worker; graph
+        # nodes recorded one by one), then what ran, for how long, and the gaps between kernels
+        # (worker/bench/gpu_trace.py). slice5 at batch 1 over 4,096 positions unless TRACE_ARGS
+        # says otherwise.
+        tracer=$(realpath "$out")/kernel_trace.so
+        nvcc -O2 -shared -Xcompiler -fPIC -o "$tracer" worker/bench/kernel_trace.cu -lcupti \
+            > "$out/trace.log" 2>&1 || { failed=1; continue; }
+        KERNEL_TRACE_CSV="$out/trace.csv" CUDA_INJECTION64_PATH="$tracer" \
             "$bundle/dsv3-worker" bench-cuda --reps 3 --prefill 0 \
-            ${TRACE_ARGS:---configs slice5 --batches 1 --context 4096} > "$out/trace.log" 2>&1 || failed=1
-        "$nsys" stats --report cuda_gpu_trace --format csv --force-export=true -o "$out/trace" "$out/trace.nsys-rep" \
-            >> "$out/trace.log" 2>&1 || failed=1
-        python3 worker/bench/gpu_trace.py --list "$out/trace_cuda_gpu_trace.csv" | tee "$out/trace.md" || failed=1
+            ${TRACE_ARGS:---configs slice5 --batches 1 --context 4096} >> "$out/trace.log" 2>&1 || failed=1
+        rm -f "$tracer"
+        python3 worker/bench/gpu_trace.py --list "$out/trace.csv" | tee "$out/trace.md" || failed=1
         ;;
     peer)
         timeout 330 python3 worker/bench/hf_gpu_peer.py --out "$out/hf.json" ${PEER_ARGS:-} 2>&1 | tee "$out/hf.log" || echo "transformers peer did not finish"

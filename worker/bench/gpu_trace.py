@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""Where one decode step's time goes on the GPU, from an Nsight Systems trace of the graphed step.
+"""Where one decode step's time goes on the GPU, from a kernel trace of the graphed step.
 
-`gpu.sh run trace` records `bench-cuda` under `nsys profile --cuda-graph-trace=node` (each kernel
-of the CUDA graph traced as it ran, not the graph as one launch) and exports the kernels with
-`nsys stats --report cuda_gpu_trace --format csv`; this script reads that CSV. A step starts with
-its `embed_rows` kernel, so the step taken is the one between the last two of them (a complete
-step that is not the last). Printed: the step's span, the time some kernel was running, the time
-none was (the gaps programmatic dependent launch did not hide), and per kernel name the launches,
-their time and the gaps before them. ncu times kernels alone; this shows them in the step.
+`gpu.sh run trace` records `bench-cuda` with `kernel_trace.cu` injected (CUPTI's record of every
+kernel, each node of a CUDA graph on its own, not the graph as one launch): a CSV of start,
+duration and name, as `nsys stats --report cuda_gpu_trace --format csv` also writes; this script
+reads either. A step starts with its `embed_rows` kernel, so the step taken is the one between the
+last two of them (a complete step that is not the last). Printed: the step's span, the time some
+kernel was running, the time none was (the gaps programmatic dependent launch did not hide), and
+per kernel name the launches, their time and the gaps before them. ncu times kernels alone; this
+shows them in the step.
 
     python3 worker/bench/gpu_trace.py trace_cuda_gpu_trace.csv [--list]
 """
@@ -28,7 +29,7 @@ def kernels(path):
     """(start ns, end ns, name) of every kernel in the trace, in start order."""
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    # nsys prints notes before the table: the header is the first row naming a start and a duration.
+    # nsys prints notes before its table: the header is the first row naming a start and a duration.
     at = next(i for i, r in enumerate(rows) if any("Start" in c for c in r) and any("Duration" in c for c in r))
     header, rows = rows[at], rows[at + 1:]
     start, duration, name = column(header, "start"), column(header, "duration"), column(header, "name")
