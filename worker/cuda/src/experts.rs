@@ -222,7 +222,20 @@ impl CudaExperts {
             counts: shard.stats.counts_addr(layer),
             touched: shard.stats.touched_addr(),
         };
-        run_bank(g, shard.kernels, bank, x, &h, m, k, ids, weights, valid.addr, &counters)?;
+        run_bank(
+            g,
+            shard.kernels,
+            bank,
+            x,
+            &h,
+            m,
+            k,
+            ids,
+            weights,
+            valid.addr,
+            &counters,
+            None,
+        )?;
         Ok(h)
     }
 }

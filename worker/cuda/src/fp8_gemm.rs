@@ -127,7 +127,7 @@ impl Fp8Gemm {
     }
 
     /// Workspaces for the main stream and `lanes` side lanes, made on the main stream (call
-    /// before [`Gpu::fan_out`], which must not allocate).
+    /// before [`Gpu::fork`]: a lane's workspace must outlive its work).
     pub fn reserve(&self, gpu: &Gpu, lanes: usize) -> Result<()> {
         let mut have = self.workspaces.borrow_mut();
         while have.len() <= lanes {

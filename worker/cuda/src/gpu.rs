@@ -5,7 +5,7 @@
 use crate::kernels;
 use crate::launch::{ptr, Arg, TensorMap};
 use crate::switches;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
     result as drv, sys as drv_sys, CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr,
@@ -273,7 +273,7 @@ pub struct Gpu {
     profile: Option<std::cell::RefCell<Vec<(String, cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>>>,
     /// Fill new allocations with 0xFF (NaN as f32 and bf16) so reads of unwritten memory show up.
     pub poison: bool,
-    /// Side streams with their own cuBLAS handles for independent work inside a step ([`Gpu::fan_out`]).
+    /// Side streams with their own cuBLAS handles for independent work inside a step ([`Gpu::fork`]).
     lanes: std::cell::RefCell<Vec<Lane>>,
     /// Where launches go: 0 = the main stream, i = side lane i - 1.
     current: std::cell::Cell<usize>,
@@ -315,6 +315,33 @@ struct Lane {
     blas: CudaBlas,
 }
 
+/// Work [`Gpu::fork`] queued on a side lane that the main stream has not waited for yet.
+#[must_use = "the main stream must wait for forked work (Forked::join) before using its results"]
+pub struct Forked<'g> {
+    gpu: &'g Gpu,
+    lane: usize,
+    joined: bool,
+}
+
+impl Forked<'_> {
+    /// The main stream waits here for the forked work (once; later calls do nothing).
+    pub fn join(&mut self) -> Result<()> {
+        if !self.joined {
+            self.joined = true;
+            self.gpu.join_lane(self.lane)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Forked<'_> {
+    /// Joins work left unjoined (an error path): a lane never races the main stream, and a
+    /// graph capture never ends with a stream not joined.
+    fn drop(&mut self) {
+        let _ = self.join();
+    }
+}
+
 impl Gpu {
     /// Opens GPU `ordinal`, compiles and loads the kernels.
     pub fn open(ordinal: usize) -> Result<Self> {
@@ -326,8 +353,9 @@ impl Gpu {
             bail!("CUDA device {ordinal} requested but {count} found");
         }
         let ctx = CudaContext::new(ordinal).context("creating the CUDA context")?;
-        // One stream, so the per-buffer event tracking only costs time.
-        // SAFETY: all work goes to the one stream below.
+        // Work goes to the main stream, or to side lanes ordered against it by the events of
+        // `fork` and its join; the per-buffer event tracking would only add waits.
+        // SAFETY: every buffer is used on the stream it was made on, or after such a join.
         unsafe { ctx.disable_event_tracking() };
         let (modules, kernel_arch) = load_kernels(&ctx)?;
         let mut funcs = HashMap::new();
@@ -414,17 +442,21 @@ impl Gpu {
         Ok(reserved)
     }
 
+    /// `bytes` of device memory, ordered on the stream launches go to now (a side lane's inside
+    /// [`Gpu::fork`]), and freed on that stream when dropped: stream-ordered, so the memory is
+    /// not handed out again before the work queued there has used it.
     pub fn alloc(&self, bytes: usize) -> Result<DeviceBuf> {
+        let stream = self.current_stream();
         // SAFETY: callers write before reading (tests poison buffers to check that).
-        let mem = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }
+        let mem = unsafe { stream.alloc::<u8>(bytes.max(1)) }
             .with_context(|| format!("allocating {bytes} bytes on the GPU"))?;
         let addr = {
-            let (a, _guard) = mem.device_ptr(&self.stream);
+            let (a, _guard) = mem.device_ptr(&stream);
             a
         };
         if self.poison {
             // SAFETY: the range is the allocation just made.
-            unsafe { drv::memset_d8_async(addr, 0xff, bytes.max(1), self.stream.cu_stream())? };
+            unsafe { drv::memset_d8_async(addr, 0xff, bytes.max(1), stream.cu_stream())? };
         }
         Ok(DeviceBuf { _mem: mem, addr, bytes })
     }
@@ -582,7 +614,7 @@ impl Gpu {
     pub fn zero(&self, addr: u64, bytes: usize) -> Result<()> {
         self.ctx.bind_to_thread()?;
         // SAFETY: callers pass a range inside one of their allocations.
-        unsafe { drv::memset_d8_async(addr, 0, bytes, self.stream.cu_stream())? };
+        unsafe { drv::memset_d8_async(addr, 0, bytes, self.launch_stream())? };
         Ok(())
     }
 
@@ -653,35 +685,74 @@ impl Gpu {
         Ok(rows)
     }
 
-    /// Runs `work(lane)` for lanes `0..lanes`, each lane's launches and cuBLAS calls on a stream of
-    /// its own: the lanes start after everything queued so far, run concurrently, and the main
-    /// stream waits for all of them. `work` must not allocate or copy (those stay on the main
-    /// stream); give it buffers made before.
+    /// Runs `work(lane)` for lanes `0..lanes`, each lane's launches, allocations and cuBLAS calls
+    /// on a stream of its own ([`Gpu::fork`]): the lanes start after everything queued so far, run
+    /// concurrently, and the main stream waits for all of them.
     pub fn fan_out(&self, lanes: usize, mut work: impl FnMut(usize) -> Result<()>) -> Result<()> {
-        if self.current.get() != 0 {
-            bail!("fan_out inside fan_out");
-        }
-        self.ensure_lanes(lanes)?;
-        let no_timing = Some(drv_sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
-        let start = self.ctx.new_event(no_timing)?;
-        start.record(&self.stream)?;
+        let mut forked = Vec::with_capacity(lanes);
         let mut result = Ok(());
         for lane in 0..lanes {
-            self.lanes.borrow()[lane].stream.wait(&start)?;
-            self.current.set(lane + 1);
-            result = work(lane);
-            self.current.set(0);
-            if result.is_err() {
-                break;
+            match self.fork(lane, || work(lane)) {
+                Ok((f, ())) => forked.push(f),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
             }
         }
         // Join every lane, also after an error, so nothing queued is left racing the main stream.
-        for lane in self.lanes.borrow().iter().take(lanes) {
-            let done = self.ctx.new_event(no_timing)?;
-            done.record(&lane.stream)?;
-            self.stream.wait(&done)?;
+        for mut f in forked {
+            f.join()?;
         }
         result
+    }
+
+    /// Runs `work` with its launches, allocations and cuBLAS calls on side lane `lane`: they start
+    /// after everything queued on the main stream so far and run beside what the main stream
+    /// queues next, until [`Forked::join`] makes the main stream wait for them (dropping the
+    /// handle joins too). Buffers the lane's work reads from the main stream must outlive the
+    /// join.
+    pub fn fork<T>(&self, lane: usize, work: impl FnOnce() -> Result<T>) -> Result<(Forked<'_>, T)> {
+        ensure!(self.current.get() == 0, "a fork inside forked work");
+        self.ensure_lanes(lane + 1)?;
+        let start = self
+            .ctx
+            .new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))?;
+        start.record(&self.stream)?;
+        self.lanes.borrow()[lane].stream.wait(&start)?;
+        self.current.set(lane + 1);
+        let out = work();
+        self.current.set(0);
+        let mut forked = Forked {
+            gpu: self,
+            lane,
+            joined: false,
+        };
+        match out {
+            Ok(v) => Ok((forked, v)),
+            Err(e) => {
+                forked.join()?;
+                Err(e)
+            }
+        }
+    }
+
+    /// The main stream waits for everything queued on side lane `lane` so far.
+    fn join_lane(&self, lane: usize) -> Result<()> {
+        let done = self
+            .ctx
+            .new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))?;
+        done.record(&self.lanes.borrow()[lane].stream)?;
+        self.stream.wait(&done)?;
+        Ok(())
+    }
+
+    /// The stream launches and allocations go to now ([`Gpu::lane`]).
+    fn current_stream(&self) -> Arc<CudaStream> {
+        match self.current.get() {
+            0 => self.stream.clone(),
+            i => self.lanes.borrow()[i - 1].stream.clone(),
+        }
     }
 
     fn ensure_lanes(&self, lanes: usize) -> Result<()> {
@@ -721,10 +792,7 @@ impl Gpu {
     }
 
     pub(crate) fn launch_stream(&self) -> drv_sys::CUstream {
-        match self.current.get() {
-            0 => self.stream.cu_stream(),
-            i => self.lanes.borrow()[i - 1].stream.cu_stream(),
-        }
+        self.current_stream().cu_stream()
     }
 
     fn blas_handle(&self) -> blas_sys::cublasHandle_t {
@@ -894,10 +962,7 @@ impl Gpu {
     /// An event recorded now on the stream; pass it to [`Gpu::seconds_since`].
     pub fn mark(&self) -> Result<cudarc::driver::CudaEvent> {
         let e = self.ctx.new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT))?;
-        match self.current.get() {
-            0 => e.record(&self.stream)?,
-            i => e.record(&self.lanes.borrow()[i - 1].stream)?,
-        }
+        e.record(&self.current_stream())?;
         Ok(e)
     }
 

@@ -81,7 +81,7 @@ kernels! {
 
     // The routed experts: routing, planning, gathering and combining (`kernels/moe.cu`).
     GatherRowsBf16: gather_rows_bf16(out: Ptr, x: Ptr, ldx: i32, rows: Ptr, width: i32);
-    CombineExperts: combine_experts(out: Ptr, y: Ptr, slot: Ptr, weight: Ptr, top_k: i32, width: i32);
+    CombineExperts: combine_experts(out: Ptr, y: Ptr, slot: Ptr, weight: Ptr, top_k: i32, width: i32, shared: Ptr);
     MoePlan: moe_plan(
         group_expert: Ptr, offsets: Ptr, x_rows: Ptr, slot_of: Ptr, counts: Ptr, touched: Ptr, chosen: Ptr,
         valid: Ptr, m: i32, top_k: i32, n_experts: i32, groups: i32, align: i32, capacity: i32,

@@ -7,13 +7,16 @@ extern "C" __global__ void gather_rows_bf16(bf16* out, const float* x, int ldx, 
     for (int i = threadIdx.x; i < width; i += blockDim.x) dst[i] = f32_to_bf16(src[i]);
 }
 
-// out[t, :] += sum_j weight[t, j] * y[slot[t, j], :] over the top-k slots of token t (-1 = skipped).
+// out[t, :] += sum_j weight[t, j] * y[slot[t, j], :] over the top-k slots of token t (-1 = skipped),
+// then, unless null, += shared[t, :] (the shared expert's rows, made beside the routing: the
+// same additions in the same order as the shared expert's down product adding into out after).
 // grid (tokens, ceil(width / (4 * COMBINE_THREADS))): four channels a thread, eight
 // slots' loads in flight together (one block a token, looping over the width, took 40 µs for one
 // token; the launch bounds leave ptxas the registers to issue the eight loads at once: without,
 // it kept three in flight).
 extern "C" __global__ void __launch_bounds__(COMBINE_THREADS, 4)
-    combine_experts(float* out, const float* y, const int* slot, const float* weight, int top_k, int width) {
+    combine_experts(float* out, const float* y, const int* slot, const float* weight, int top_k, int width,
+                    const float* shared) {
     await_previous_kernel();
     constexpr int U = 8;
     const int t = blockIdx.x, i = 4 * (blockIdx.y * blockDim.x + threadIdx.x);
@@ -50,7 +53,12 @@ extern "C" __global__ void __launch_bounds__(COMBINE_THREADS, 4)
                 }
         }
         float4 r = *(float4*)o;
-        *(float4*)o = make_float4(r.x + acc.x, r.y + acc.y, r.z + acc.z, r.w + acc.w);
+        r = make_float4(r.x + acc.x, r.y + acc.y, r.z + acc.z, r.w + acc.w);
+        if (shared) {
+            const float4 s = *(const float4*)(shared + (size_t)t * width + i);
+            r = make_float4(r.x + s.x, r.y + s.y, r.z + s.z, r.w + s.w);
+        }
+        *(float4*)o = r;
         return;
     }
     for (int c = 0; c < 4 && i + c < width; ++c) {
@@ -58,6 +66,7 @@ extern "C" __global__ void __launch_bounds__(COMBINE_THREADS, 4)
         for (int j = 0; j < top_k; ++j)
             if (st[j] >= 0) acc += wt[j] * y[(size_t)st[j] * width + i + c];
         o[c] += acc;
+        if (shared) o[c] += shared[(size_t)t * width + i + c];
     }
 }
 

@@ -849,7 +849,7 @@ impl CudaModel {
         self.attention(layer, &x, xq.as_ref(), h, step)?;
         let xq = self.norm_for_products(x.addr, h.addr, width, &layer.post_norm, width, m, eps)?;
         match &layer.ffn {
-            Ffn::Dense(mlp) => self.mlp(mlp, &x, xq.as_ref(), h.addr, m),
+            Ffn::Dense(mlp) => self.mlp(mlp, &x, xq.as_ref(), h.addr, m, true),
             Ffn::Moe(moe) => {
                 let routes = self.moe(layer.index, moe, &x, xq.as_ref(), h, m, step.valid, trace.is_some())?;
                 if let (Some(t), Some(routes)) = (trace, routes) {
@@ -860,10 +860,19 @@ impl CudaModel {
         }
     }
 
-    /// Dense SwiGLU MLP, added into `out` (x's rows quantised already where `xq` has them). With
-    /// quantised activations the down product's input is quantised where SwiGLU makes it (one
-    /// launch where there were two), as the norms quantise theirs.
-    fn mlp(&self, mlp: &Mlp, x: &DeviceBuf, xq: Option<&QuantizedRows>, out: u64, m: usize) -> Result<()> {
+    /// Dense SwiGLU MLP, added into `out` when `accumulate`, else written there (x's rows quantised
+    /// already where `xq` has them). With quantised activations the down product's input is
+    /// quantised where SwiGLU makes it (one launch where there were two), as the norms quantise
+    /// theirs.
+    fn mlp(
+        &self,
+        mlp: &Mlp,
+        x: &DeviceBuf,
+        xq: Option<&QuantizedRows>,
+        out: u64,
+        m: usize,
+        accumulate: bool,
+    ) -> Result<()> {
         let g = &self.gpu;
         let inter = mlp.inter();
         let gu = g.alloc(m * 2 * inter * 4)?;
@@ -875,12 +884,12 @@ impl CudaModel {
             Some(ue8m0) => {
                 let aq = QuantizedRows::swiglu(g, gate_up.sums(), m, inter, None, ue8m0, Some(act.addr))?;
                 drop(gate_up);
-                self.linear_from(out, hidden, act.addr, Some(&aq), m, &mlp.down, true)
+                self.linear_from(out, hidden, act.addr, Some(&aq), m, &mlp.down, accumulate)
             }
             _ => {
                 gate_up.finish(g)?;
                 kernels::swiglu.launch_1d(g, m * inter, (ptr(act.addr), ptr(gu.addr), int(m), int(inter)))?;
-                self.linear(out, hidden, act.addr, m, &mlp.down, true)
+                self.linear(out, hidden, act.addr, m, &mlp.down, accumulate)
             }
         }
     }

@@ -4,11 +4,11 @@
 //! whose experts live on other ranks, sent through an [`ExpertExecutor`] — and the shared expert.
 //! [`run_bank`] is the routed-expert computation alone, shared with the GPU expert shard.
 
-use super::layers::Moe;
+use super::layers::{Mlp, Moe};
 use super::CudaModel;
 use crate::expert_wgmma::{self, ExpertTiles};
 use crate::fp8_gemm::{quantize_rows_bf16, quantize_rows_f32, Fp8Gemm, QuantizedRows, ALIGN};
-use crate::gpu::{DeviceBuf, Gpu};
+use crate::gpu::{DeviceBuf, Forked, Gpu};
 use crate::kernels;
 use crate::launch::{int, ptr, Extend};
 use crate::linear::{mma_fits, SmallBatch, SplitK, SplitSums};
@@ -94,6 +94,7 @@ pub(crate) fn run_bank(
     weights: u64,
     valid: u64,
     counters: &BankCounters,
+    shared: Option<SharedExpert<'_>>,
 ) -> Result<()> {
     let e = bank.experts;
     let width = bank.gate.cols;
@@ -106,7 +107,7 @@ pub(crate) fn run_bank(
         );
         if m >= kernels.wgmma_rows && !kernels.simt_linear() && expert_wgmma::takes(g, bank) {
             let plan = DevicePlan::new(g, e, k, ids, valid, m, counters, 1)?;
-            return wgmma_bank(g, bank, &plan, x, h, m, k, weights, ue8m0);
+            return wgmma_bank(g, bank, &plan, x, h, m, k, weights, ue8m0, shared);
         }
     }
     // Large steps run their large groups through cuBLASLt's FP8 products (quantised activations,
@@ -188,6 +189,7 @@ pub(crate) fn run_bank(
     // The f32 (quantised) rows feed only cuBLAS groups on bf16 (no cuBLASLt) and the GEMV.
     let needs_wide = !large.is_empty() && fp8.is_none();
     let xin = GroupedInput::new(g, x.addr, (m, width), tensor_cores, needs_wide, input_quant)?;
+    let shared = shared.map(SharedExpert::start).transpose()?;
     let up_out = gu.addr + (inter * 4) as u64;
     grouped(gu.addr, 2 * inter, &xin, plan.x_rows, &bank.gate)?;
     grouped(up_out, 2 * inter, &xin, plan.x_rows, &bank.up)?;
@@ -221,7 +223,7 @@ pub(crate) fn run_bank(
         let ab = g.to_bf16(ain.wide, slots * inter)?;
         cublas_groups(g, &large, &bank.down, ab.addr, inter, y.addr, width)?;
     }
-    combine(g, h, &y, width, &plan, weights, m, k)
+    combine(g, h, &y, width, &plan, weights, m, k, shared)
 }
 
 /// The activation operand of the grouped kernels, `n` rows of `k`: for the tensor cores bf16
@@ -311,6 +313,7 @@ fn wgmma_bank(
     k: usize,
     weights: u64,
     ue8m0: bool,
+    shared: Option<SharedExpert<'_>>,
 ) -> Result<()> {
     let (e, slots, width, inter) = (bank.experts, plan.capacity, bank.gate.cols, bank.gate.rows);
     let tiles = ExpertTiles::new(g, plan.offsets, plan.groups, slots)?;
@@ -320,16 +323,37 @@ fn wgmma_bank(
     };
     let xq = quantize_routed_rows(g, x.addr, m, width, plan, slots, groups, ue8m0)?;
     let gu = g.alloc(slots * 2 * inter * 4)?;
+    let shared = shared.map(SharedExpert::start).transpose()?;
     product(&bank.gate, &xq, gu.addr, 2 * inter)?;
     product(&bank.up, &xq, gu.addr + (inter * 4) as u64, 2 * inter)?;
     // The activations quantised where SwiGLU makes them (no f32 pass through memory).
     let aq = QuantizedRows::swiglu(g, SplitSums::whole(gu.addr), slots, inter, groups, ue8m0, None)?;
     let y = g.alloc(slots * width * 4)?;
     product(&bank.down, &aq, y.addr, width)?;
-    combine(g, h, &y, width, plan, weights, m, k)
+    combine(g, h, &y, width, plan, weights, m, k, shared)
 }
 
-/// `h[t] += Σ_j weights[t, j] · y[slot of (t, j)]`: the experts' rows back to their tokens.
+/// The shared expert's output rows, made on a side lane beside the routed experts
+/// ([`Gpu::fork`]): [`combine`] waits for the lane and adds them after the routed experts' sum.
+pub(crate) struct SharedRows<'g> {
+    forked: Forked<'g>,
+    rows: DeviceBuf,
+}
+
+/// The shared expert of a MoE layer, not yet queued: the routed experts' path starts it on a side
+/// lane where their first product is queued.
+pub(crate) struct SharedExpert<'g> {
+    start: Box<dyn FnOnce() -> Result<SharedRows<'g>> + 'g>,
+}
+
+impl<'g> SharedExpert<'g> {
+    fn start(self) -> Result<SharedRows<'g>> {
+        (self.start)()
+    }
+}
+
+/// `h[t] += Σ_j weights[t, j] · y[slot of (t, j)]`: the experts' rows back to their tokens; then
+/// `h[t] += shared[t]` where the shared expert's rows were made beside the routing.
 #[allow(clippy::too_many_arguments)]
 fn combine(
     g: &Gpu,
@@ -340,7 +364,17 @@ fn combine(
     weights: u64,
     m: usize,
     k: usize,
+    shared: Option<SharedRows<'_>>,
 ) -> Result<()> {
+    // The main stream waits for the shared expert's lane here; its rows are freed after the
+    // combine, in stream order, when `shared` drops at the end.
+    let shared = match shared {
+        Some(mut s) => {
+            s.forked.join()?;
+            Some(s)
+        }
+        None => None,
+    };
     kernels::combine_experts.launch(
         g,
         (m as u32, width.div_ceil(4 * COMBINE_THREADS) as u32, 1),
@@ -353,6 +387,7 @@ fn combine(
             ptr(weights),
             int(k),
             int(width),
+            ptr(shared.as_ref().map_or(0, |s| s.rows.addr)),
         ),
     )
 }
@@ -462,7 +497,22 @@ impl CudaModel {
     ) -> Result<Option<Vec<u32>>> {
         let g = &self.gpu;
         let k = self.config.num_experts_per_tok;
-        let (ids, weights) = self.route(moe, x, m)?;
+        let e = self.config.n_routed_experts;
+        let logits = g.alloc(m * e * 4)?;
+        self.linear(logits.addr, e, x.addr, m, &moe.router, false)?;
+        // The shared expert does not depend on the routing: where the routed experts run here, it
+        // is queued on a side lane beside their first product, into rows of its own that the
+        // routed combine adds after the routed sum (the same additions in the same order). Both
+        // stream weights, so neither waits on the other's ramp and tail; queued earlier, beside
+        // the router's chain of small kernels, it slowed that chain threefold.
+        let routed_here = self.nccl_experts.is_none() && self.host_experts.is_none() && moe.experts.is_some();
+        let mut shared = match (&moe.shared, routed_here) {
+            (Some(mlp), true) => Some(SharedExpert {
+                start: Box::new(move || self.shared_expert_beside(mlp, x, xq, m)),
+            }),
+            _ => None,
+        };
+        let (ids, weights) = route_logits(g, logits.addr, moe.bias.addr, m, e, &Gate::of(&self.config))?;
         let counters = BankCounters {
             counts: self.moe_stats.counts_addr(layer),
             touched: self.moe_stats.touched_addr(),
@@ -487,6 +537,7 @@ impl CudaModel {
                     weights.addr,
                     valid,
                     &counters,
+                    shared.take(),
                 )?;
                 None
             }
@@ -501,10 +552,28 @@ impl CudaModel {
             (true, Some(chosen)) => Some(chosen),
             (true, None) => Some(g.download::<i32>(ids.addr, m * k)?.iter().map(|&v| v as u32).collect()),
         };
-        if let Some(shared) = &moe.shared {
-            self.mlp(shared, x, xq, h.addr, m)?;
+        if let (Some(mlp), false) = (&moe.shared, routed_here) {
+            self.mlp(mlp, x, xq, h.addr, m, true)?;
         }
         Ok(routes)
+    }
+
+    /// The shared expert of `x`'s rows queued on side lane 0, into rows of its own.
+    fn shared_expert_beside(
+        &self,
+        mlp: &Mlp,
+        x: &DeviceBuf,
+        xq: Option<&QuantizedRows>,
+        m: usize,
+    ) -> Result<SharedRows<'_>> {
+        let g = &self.gpu;
+        if let Some(fp8) = g.fp8_gemm()? {
+            fp8.reserve(g, 1)?;
+        }
+        // Made on the main stream before the fork, so it outlives the lane's work.
+        let rows = g.alloc(m * self.config.hidden_size * 4)?;
+        let (forked, ()) = g.fork(0, || self.mlp(mlp, x, xq, rows.addr, m, false))?;
+        Ok(SharedRows { forked, rows })
     }
 
     /// The routed experts through `experts` (remote shards): the normed rows, the chosen experts
@@ -555,7 +624,20 @@ impl CudaModel {
         let run_local = || match local {
             Some((bank, counters)) => {
                 let chosen = bank_ids.as_ref().map_or(ids.addr, |b| b.addr);
-                run_bank(g, self.kernels, bank, x, h, m, k, chosen, weights.addr, valid, counters)
+                run_bank(
+                    g,
+                    self.kernels,
+                    bank,
+                    x,
+                    h,
+                    m,
+                    k,
+                    chosen,
+                    weights.addr,
+                    valid,
+                    counters,
+                    None,
+                )
             }
             None => Ok(()),
         };
@@ -659,16 +741,6 @@ impl CudaModel {
             kernels::add_bf16_f32.launch_1d(g, m * width, (ptr(h.addr), ptr(back.addr), (m * width) as u64))?;
         }
         Ok(())
-    }
-
-    /// Router logits, then the group-limited top-k on the GPU: the chosen experts and their
-    /// weights, `[m, top_k]` each.
-    fn route(&self, moe: &Moe, x: &DeviceBuf, m: usize) -> Result<(DeviceBuf, DeviceBuf)> {
-        let g = &self.gpu;
-        let e = self.config.n_routed_experts;
-        let logits = g.alloc(m * e * 4)?;
-        self.linear(logits.addr, e, x.addr, m, &moe.router, false)?;
-        route_logits(g, logits.addr, moe.bias.addr, m, e, &Gate::of(&self.config))
     }
 }
 
