@@ -723,18 +723,13 @@ impl Gpu {
         self.current.set(lane + 1);
         let out = work();
         self.current.set(0);
-        let mut forked = Forked {
+        let forked = Forked {
             gpu: self,
             lane,
             joined: false,
         };
-        match out {
-            Ok(v) => Ok((forked, v)),
-            Err(e) => {
-                forked.join()?;
-                Err(e)
-            }
-        }
+        // On an error the handle drops here, joining what the work queued before it failed.
+        out.map(|v| (forked, v))
     }
 
     /// The main stream waits for everything queued on side lane `lane` so far.

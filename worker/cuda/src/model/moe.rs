@@ -340,15 +340,35 @@ pub(crate) struct SharedRows<'g> {
     rows: DeviceBuf,
 }
 
-/// The shared expert of a MoE layer, not yet queued: the routed experts' path starts it on a side
-/// lane where their first product is queued.
-pub(crate) struct SharedExpert<'g> {
-    start: Box<dyn FnOnce() -> Result<SharedRows<'g>> + 'g>,
+/// The shared expert of a MoE layer over the normed rows `x` (quantised already where `xq` has
+/// them), not yet queued: the routed experts' path starts it on a side lane where their first
+/// product is queued.
+pub(crate) struct SharedExpert<'a> {
+    model: &'a CudaModel,
+    mlp: &'a Mlp,
+    x: &'a DeviceBuf,
+    xq: Option<&'a QuantizedRows>,
+    m: usize,
 }
 
-impl<'g> SharedExpert<'g> {
-    fn start(self) -> Result<SharedRows<'g>> {
-        (self.start)()
+impl<'a> SharedExpert<'a> {
+    /// Queued on side lane 0, into rows of its own.
+    fn start(self) -> Result<SharedRows<'a>> {
+        let g = &self.model.gpu;
+        if let Some(fp8) = g.fp8_gemm()? {
+            fp8.reserve(g, 1)?;
+        }
+        // Made on the main stream before the fork, so it outlives the lane's work.
+        let rows = g.alloc(self.m * self.model.config.hidden_size * 4)?;
+        let (forked, ()) = g.fork(0, || {
+            self.model.mlp(self.mlp, self.x, self.xq, rows.addr, self.m, false)
+        })?;
+        Ok(SharedRows { forked, rows })
+    }
+
+    /// Run on the main stream, added into `h` (where the routed experts ran elsewhere).
+    fn add_into(self, h: u64) -> Result<()> {
+        self.model.mlp(self.mlp, self.x, self.xq, h, self.m, true)
     }
 }
 
@@ -368,13 +388,10 @@ fn combine(
 ) -> Result<()> {
     // The main stream waits for the shared expert's lane here; its rows are freed after the
     // combine, in stream order, when `shared` drops at the end.
-    let shared = match shared {
-        Some(mut s) => {
-            s.forked.join()?;
-            Some(s)
-        }
-        None => None,
-    };
+    let mut shared = shared;
+    if let Some(s) = shared.as_mut() {
+        s.forked.join()?;
+    }
     kernels::combine_experts.launch(
         g,
         (m as u32, width.div_ceil(4 * COMBINE_THREADS) as u32, 1),
@@ -505,13 +522,13 @@ impl CudaModel {
         // routed combine adds after the routed sum (the same additions in the same order). Both
         // stream weights, so neither waits on the other's ramp and tail; queued earlier, beside
         // the router's chain of small kernels, it slowed that chain threefold.
-        let routed_here = self.nccl_experts.is_none() && self.host_experts.is_none() && moe.experts.is_some();
-        let mut shared = match (&moe.shared, routed_here) {
-            (Some(mlp), true) => Some(SharedExpert {
-                start: Box::new(move || self.shared_expert_beside(mlp, x, xq, m)),
-            }),
-            _ => None,
-        };
+        let mut shared = moe.shared.as_ref().map(|mlp| SharedExpert {
+            model: self,
+            mlp,
+            x,
+            xq,
+            m,
+        });
         let (ids, weights) = route_logits(g, logits.addr, moe.bias.addr, m, e, &Gate::of(&self.config))?;
         let counters = BankCounters {
             counts: self.moe_stats.counts_addr(layer),
@@ -552,28 +569,11 @@ impl CudaModel {
             (true, Some(chosen)) => Some(chosen),
             (true, None) => Some(g.download::<i32>(ids.addr, m * k)?.iter().map(|&v| v as u32).collect()),
         };
-        if let (Some(mlp), false) = (&moe.shared, routed_here) {
-            self.mlp(mlp, x, xq, h.addr, m, true)?;
+        // Not taken by the routed experts' path (they ran elsewhere): after them, on this stream.
+        if let Some(s) = shared {
+            s.add_into(h.addr)?;
         }
         Ok(routes)
-    }
-
-    /// The shared expert of `x`'s rows queued on side lane 0, into rows of its own.
-    fn shared_expert_beside(
-        &self,
-        mlp: &Mlp,
-        x: &DeviceBuf,
-        xq: Option<&QuantizedRows>,
-        m: usize,
-    ) -> Result<SharedRows<'_>> {
-        let g = &self.gpu;
-        if let Some(fp8) = g.fp8_gemm()? {
-            fp8.reserve(g, 1)?;
-        }
-        // Made on the main stream before the fork, so it outlives the lane's work.
-        let rows = g.alloc(m * self.config.hidden_size * 4)?;
-        let (forked, ()) = g.fork(0, || self.mlp(mlp, x, xq, rows.addr, m, false))?;
-        Ok(SharedRows { forked, rows })
     }
 
     /// The routed experts through `experts` (remote shards): the normed rows, the chosen experts
