@@ -172,6 +172,10 @@ kernels! {
         mla_absorb_q_mma_bf16_n1, mla_absorb_q_mma_bf16_n2, mla_absorb_q_mma_bf16_n4, mla_absorb_q_mma_bf16_n8(
         q_lat: Ptr, q: Ptr, m: i32, heads: i32, qk: i32, nope: i32, lora: i32, uk_t: Ptr, scale_t: Ptr,
     );
+    MlaAbsorbWgmma: mla_absorb_wgmma, mla_absorb_wgmma_bf16(
+        y: Ptr, ldy: i32, y_head: i32, x: Ptr, ldx: i32, x_head: i32, m: i32, w: Ptr, w_head: u64, scale: Ptr,
+        scale_head: u64, k: i32,
+    );
     MlaUkTranspose: mla_uk_transpose(
         uk_t: Ptr, scale_t: Ptr, kv_b: Ptr, scale: Ptr, nope: i32, vdim: i32, lora: i32,
     );

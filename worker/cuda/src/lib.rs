@@ -6,6 +6,7 @@
 //! compiled by NVRTC on the first start and cached; large products go through cuBLAS(Lt). [`CudaModel`] is a [`dsv3_engine::StepBackend`] whose routed experts
 //! are on the GPU or reached through an executor; [`CudaExperts`] is an expert shard on the GPU.
 
+pub mod absorb;
 pub mod bench;
 pub mod bench_attention;
 pub mod bench_linear;

@@ -1454,6 +1454,147 @@ fn absorbed_query_in_bf16_equals_rounding_the_f32_one() {
     }
 }
 
+/// The Hopper absorptions (`mla_absorb_wgmma`) against float64 products of the same bf16 rows,
+/// e4m3 weights and 128 × 128 scales, read from kv_b as stored (so W_UK's per-head transpose is
+/// checked too): the query's (k = 128, 512 columns a head) and the output's (k = 512 over four
+/// scale blocks, 128 columns a head), at row counts that fill a token tile partly, once and
+/// several times, each weight block with a scale of its own so that a misplaced one shows. Rows
+/// past the step stay untouched; the bf16 query is the f32 one rounded to nearest even.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn absorptions_on_wgmma_match_f64_reference() {
+    use dsv3_cuda::absorb::{absorb_out, absorb_q, takes, HeadDims};
+    use dsv3_cuda::gpu::Gpu;
+    use dsv3_cuda::kernels;
+    use dsv3_cuda::launch::{int, ptr};
+    use dsv3_engine::fp8::E4M3_TO_F32;
+    poison();
+    let gpu = Gpu::open(0).expect("GPU");
+    let dims = HeadDims {
+        heads: 3,
+        nope: 128,
+        qk: 192,
+        vdim: 128,
+        lora: 512,
+    };
+    if !takes(&gpu, &dims) {
+        eprintln!("no wgmma absorption on this GPU: skipped");
+        return;
+    }
+    let HeadDims {
+        heads,
+        nope,
+        qk,
+        vdim,
+        lora,
+    } = dims;
+    let per_head = nope + vdim;
+    let mut next = xorshift(0x6a09e667f3bcc909u64);
+    // e4m3 codes short of NaN (0x7f, 0xff); a scale per block, none alike.
+    let codes: Vec<u8> = (0..heads * per_head * lora)
+        .map(|_| (next() >> 56) as u8 & 0xf7)
+        .collect();
+    let scales: Vec<f32> = (0..heads * per_head / 128 * (lora / 128))
+        .map(|i| (1.0 + 0.37 * i as f32) / 448.0)
+        .collect();
+    let weight = |row: usize, c: usize| -> f64 {
+        E4M3_TO_F32[codes[row * lora + c] as usize] as f64 * scales[(row / 128) * (lora / 128) + c / 128] as f64
+    };
+    let (kv_b, kv_scale) = (gpu.upload(&codes).expect("kv_b"), gpu.upload(&scales).expect("scales"));
+    let uk_t = gpu.alloc(heads * lora * nope).expect("uk_t");
+    let uk_t_scale = gpu.alloc(heads * (lora / 128) * (nope / 128) * 4).expect("uk_t scales");
+    kernels::mla_uk_transpose
+        .launch(
+            &gpu,
+            ((lora * nope).div_ceil(256) as u32, heads as u32, 1),
+            256,
+            0,
+            (
+                ptr(uk_t.addr),
+                ptr(uk_t_scale.addr),
+                ptr(kv_b.addr),
+                ptr(kv_scale.addr),
+                int(nope),
+                int(vdim),
+                int(lora),
+            ),
+        )
+        .expect("transpose");
+    let mut bf16_rows = |n: usize| -> Vec<u16> {
+        (0..n)
+            .map(|i| {
+                let v = ((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * (1.0 + (i % 7) as f32);
+                half::bf16::from_f32(v).to_bits()
+            })
+            .collect()
+    };
+    // Outputs sized for 64 rows past the step, filled with NaN: what the kernel leaves alone.
+    let nan_rows = |m: usize, width: usize| gpu.upload(&vec![f32::NAN; (m + 64) * width]).expect("out");
+    let check = |what: &str, m: usize, got: &[f32], width: usize, want: &dyn Fn(usize, usize) -> f64| {
+        let (mut err, mut norm) = (0f64, 0f64);
+        for t in 0..m {
+            for c in 0..width {
+                let (g, w) = (got[t * width + c] as f64, want(t, c));
+                assert!(g.is_finite(), "{what}, {m} rows: out[{t}, {c}] not written");
+                err += (g - w).powi(2);
+                norm += w.powi(2);
+            }
+        }
+        assert!(
+            got[m * width..].iter().all(|v| v.is_nan()),
+            "{what}, {m} rows: rows past the step written"
+        );
+        let rel = (err / norm).sqrt();
+        eprintln!("{what}, {m} rows: relative error {rel:.2e}");
+        // bf16 products summed in f32: ~1e-7; a misplaced scale, tile or row gives ~1.
+        assert!(rel < 1e-5, "{what}, {m} rows: relative error {rel}");
+    };
+    for m in [5usize, 64, 70, 200] {
+        // The query: q_lat[t, h, c] = sum_d q[t, h, d] W_UK[h][d, c], W_UK[h] = kv_b's rows h (nope + vdim) + d.
+        let q = bf16_rows(m * heads * qk);
+        let qd = gpu.upload(&q).expect("q");
+        let (f32_out, bf16_out) = (
+            nan_rows(m, heads * lora),
+            gpu.upload(&vec![0xffffu16; (m + 64) * heads * lora]).expect("bf16 out"),
+        );
+        let uk = (uk_t.addr, uk_t_scale.addr);
+        absorb_q(&gpu, &dims, m, (f32_out.addr, false), qd.addr, uk).expect("absorb q");
+        absorb_q(&gpu, &dims, m, (bf16_out.addr, true), qd.addr, uk).expect("absorb q, bf16");
+        let got: Vec<f32> = gpu.download(f32_out.addr, (m + 64) * heads * lora).expect("q_lat");
+        let qv = |i: usize| half::bf16::from_bits(q[i]).to_f64();
+        check("query", m, &got, heads * lora, &|t, col| {
+            let (h, c) = (col / lora, col % lora);
+            (0..nope)
+                .map(|d| qv((t * heads + h) * qk + d) * weight(h * per_head + d, c))
+                .sum()
+        });
+        let rounded: Vec<u16> = gpu.download(bf16_out.addr, m * heads * lora).expect("q_lat bf16");
+        let wrong = got[..m * heads * lora]
+            .iter()
+            .zip(&rounded)
+            .filter(|(f, b)| half::bf16::from_f32(**f).to_bits() != **b)
+            .count();
+        assert_eq!(
+            wrong, 0,
+            "query, {m} rows: {wrong} bf16 values are not the f32 ones rounded"
+        );
+        // The output: attn[t, h vdim + j] = sum_c o[t, h, c] W_UV[h][j, c], W_UV[h] = kv_b's rows
+        // h (nope + vdim) + nope + j.
+        let o = bf16_rows(m * heads * lora);
+        let od = gpu.upload(&o).expect("o_lat");
+        let attn = nan_rows(m, heads * vdim);
+        absorb_out(&gpu, &dims, m, attn.addr, od.addr, (kv_b.addr, kv_scale.addr)).expect("absorb out");
+        let got: Vec<f32> = gpu.download(attn.addr, (m + 64) * heads * vdim).expect("attn");
+        let ov = |i: usize| half::bf16::from_bits(o[i]).to_f64();
+        check("output", m, &got, heads * vdim, &|t, col| {
+            let (h, j) = (col / vdim, col % vdim);
+            (0..lora)
+                .map(|c| ov((t * heads + h) * lora + c) * weight(h * per_head + nope + j, c))
+                .sum()
+        });
+    }
+}
+
 /// The decode step's queries rotated and converted to bf16 in one launch (`rope_interleaved_bf16`)
 /// give the bits of `rope_interleaved` followed by the bf16 conversion, in f32 and in bf16, and
 /// the rotation is the one float64 makes of the same table: rows at several positions, a padding

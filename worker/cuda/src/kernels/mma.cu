@@ -531,6 +531,108 @@ ABSORB_Q_MMA_BF16(2)
 ABSORB_Q_MMA_BF16(4)
 ABSORB_Q_MMA_BF16(8)
 
+// ---------------------------------------------------------------- the absorptions on wgmma (Hopper)
+// Per head h (blockIdx.z): y[t, c] = sum_k x[t, k] · W_h[c, k] for FP8 W_h with 128 x 128 scales
+// and bf16 x: the product of mla_absorb_q_mma / mla_absorb_out_mma for many rows, where those
+// re-read and re-convert each weight tile for every 64 tokens on mma.sync. A block is one
+// warpgroup: 64 token rows by 128 of W_h's rows (one scale row). Per 128-wide k chunk, x's tile is
+// copied by cp.async and W's converted exactly to bf16 in registers (e4m3x2_to_bf16x2), both
+// stored in the 128-byte swizzle wgmma reads; the chunk's sum (wgmma m64n128k16, f32) is then
+// scaled by the weight block's scale into the running sum, as the mma.sync kernels do. Rows past
+// m read as zeros and are not stored. Head h's operands start h * x_head, h * w_head, h *
+// scale_head (scale rows of k / 128) and h * y_head elements in. n % 128 == 0, k % 128 == 0.
+// grid (n / 128, ceil(m / 64), heads), block 128.
+static_assert(ABSORB_ROWS == 64 && ABSORB_COLS == 128, "mla_absorb_wgmma is written for wgmma m64n128");
+template <typename Out>
+__device__ __forceinline__ void absorb_wgmma(Out* y, int ldy, int y_head, const bf16* x, int ldx, int x_head, int m,
+                                             const u8* w, u64 w_head, const float* scale, u64 scale_head, int k) {
+    await_previous_kernel();
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    const u32 raw = (u32)__cvta_generic_to_shared(smem_raw);
+    const u32 xs = (raw + 1023) & ~1023u;  // 1024-byte aligned: the swizzle atoms (the host adds 1 KB)
+    const u32 ws = xs + 2 * ABSORB_ROWS * 128;  // x: two 64-channel blocks of its rows, then W likewise
+    const int h = blockIdx.z, c0 = blockIdx.x * ABSORB_COLS, t0 = blockIdx.y * ABSORB_ROWS, tid = threadIdx.x;
+    const int chunks = k / 128;
+    x += (size_t)h * x_head;
+    w += h * w_head + (size_t)c0 * k;
+    scale += h * scale_head + (size_t)(c0 / 128) * chunks;
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+    for (int kc = 0; kc < chunks; ++kc) {
+        if (kc > 0) __syncthreads();  // every warp's products of the chunk before are done
+        // x: 64 rows of 16 16-byte units (unit u: channels 8u ..), zeros past m.
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int e = tid + 128 * i, r = e >> 4, u = e & 15;
+            const bool live = t0 + r < m;
+            const bf16* src = x + (size_t)(live ? t0 + r : 0) * ldx + kc * 128 + 8 * u;
+            const u32 dst = xs + (u >> 3) * (ABSORB_ROWS * 128) + r * 128 + (((u & 7) ^ (r & 7)) << 4);
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(live ? 16 : 0));
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+        // W: 128 rows of 8 16-byte units of e4m3 (unit u: channels 16u ..), each two bf16 units.
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int e = tid + 128 * i, r = e >> 3, u = e & 7;
+            const uint4 v = *(const uint4*)(w + (size_t)r * k + kc * 128 + 16 * u);
+            const u32 row = ws + (u >> 2) * (ABSORB_COLS * 128) + r * 128, b = (2 * u) & 7;
+            const u32 lo = row + ((b ^ (r & 7)) << 4), hi = row + (((b + 1) ^ (r & 7)) << 4);
+            asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(lo), "r"(e4m3x2_to_bf16x2(v.x, 0x1404u)),
+                         "r"(e4m3x2_to_bf16x2(v.x, 0x3424u)), "r"(e4m3x2_to_bf16x2(v.y, 0x1404u)),
+                         "r"(e4m3x2_to_bf16x2(v.y, 0x3424u)) : "memory");
+            asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(hi), "r"(e4m3x2_to_bf16x2(v.z, 0x1404u)),
+                         "r"(e4m3x2_to_bf16x2(v.z, 0x3424u)), "r"(e4m3x2_to_bf16x2(v.w, 0x1404u)),
+                         "r"(e4m3x2_to_bf16x2(v.w, 0x3424u)) : "memory");
+        }
+        asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+        fence_async_shared();
+        __syncthreads();
+        float part[64];
+#pragma unroll
+        for (int i = 0; i < 64; ++i) part[i] = 0.f;
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < 8; ++ks)
+            wgmma_m64n128_ss(part, k_major_sw128(xs, ABSORB_ROWS, 0, ks), k_major_sw128(ws, ABSORB_COLS, 0, ks), ks);
+        wgmma_commit();
+        wgmma_wait_all();
+        const float sc = scale[kc];
+#pragma unroll
+        for (int i = 0; i < 64; ++i) acc[i] += sc * part[i];
+    }
+    // acc[4j + e]: row 16 warp + g (+ 8 for e >= 2), column 8j + 2t (+ 1 for odd e).
+    const int warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
+    y += (size_t)h * y_head + c0;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = t0 + warp * 16 + g + 8 * half;
+        if (row >= m) continue;
+        Out* out = y + (size_t)row * ldy;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            const float a = acc[4 * j + 2 * half], b = acc[4 * j + 2 * half + 1];
+            if constexpr (sizeof(Out) == 2)
+                *(u32*)(out + 8 * j + 2 * t) = pack_bf16(a, b);
+            else
+                *(float2*)(out + 8 * j + 2 * t) = make_float2(a, b);
+        }
+    }
+#endif
+}
+extern "C" __global__ void __launch_bounds__(128) mla_absorb_wgmma(float* y, int ldy, int y_head, const bf16* x, int ldx,
+                                                                    int x_head, int m, const u8* w, u64 w_head,
+                                                                    const float* scale, u64 scale_head, int k) {
+    absorb_wgmma(y, ldy, y_head, x, ldx, x_head, m, w, w_head, scale, scale_head, k);
+}
+extern "C" __global__ void __launch_bounds__(128) mla_absorb_wgmma_bf16(bf16* y, int ldy, int y_head, const bf16* x,
+                                                                         int ldx, int x_head, int m, const u8* w,
+                                                                         u64 w_head, const float* scale, u64 scale_head,
+                                                                         int k) {
+    absorb_wgmma(y, ldy, y_head, x, ldx, x_head, m, w, w_head, scale, scale_head, k);
+}
+
 // W_UK of every head transposed, bytes and 128x128 scale blocks alike (no requantisation):
 // uk_t[h][c][d] = kv_b[h * (nope + vdim) + d][c], scale_t[h][c / 128][d / 128] = the block's
 // scale. nope, vdim and lora multiples of 128. grid (lora * nope / 256, heads), block 256.

@@ -3,6 +3,7 @@
 
 use super::layers::Layer;
 use super::{CudaModel, Span, StepLayout};
+use crate::absorb;
 use crate::fp8_gemm::QuantizedRows;
 use crate::gpu::{DeviceBuf, Gpu};
 use crate::kernels;
@@ -15,6 +16,10 @@ use anyhow::{ensure, Result};
 use dsv3_engine::rope::softmax_scale;
 
 pub(super) const LATENT_NORM_EPS: f32 = 1e-6;
+/// Decode steps of at least this many rows absorb on Hopper's wgmma kernel by default: below it,
+/// the mma.sync kernels' weight tiles, converted once per 64 rows, cost less than a wgmma
+/// block's set-up.
+pub const ABSORB_WGMMA_MIN_ROWS: usize = 32;
 /// Steps whose chunks all have at least this many rows (prefill) use the naive MLA form.
 pub const NAIVE_MIN_ROWS: usize = 64;
 
@@ -252,6 +257,10 @@ impl CudaModel {
         } = MlaDims::of(&self.config);
         let kvb = &layer.attn.kv_b;
         if let (Some(uk_t), false, Some(qb)) = (&layer.attn.uk_t, self.kernels.simt_linear(), qb) {
+            if self.absorbs_on_wgmma(m) {
+                let uk_t = (uk_t.data.addr, uk_t.scale_addr());
+                return absorb::absorb_q(g, &self.head_dims(), m, (q_lat.addr, bf16_out), qb.addr, uk_t);
+            }
             return absorb_mma(
                 g,
                 if bf16_out {
@@ -305,6 +314,30 @@ impl CudaModel {
         layer.attn.kv_b.format == Format::Fp8 && aligned && !self.kernels.simt_linear()
     }
 
+    /// Whether a step of `m` rows absorbs on Hopper's wgmma kernel (`mla_absorb_wgmma`), where the
+    /// tensor-core absorptions run at all.
+    fn absorbs_on_wgmma(&self, m: usize) -> bool {
+        m >= self.absorb_wgmma_rows && absorb::takes(&self.gpu, &self.head_dims())
+    }
+
+    fn head_dims(&self) -> absorb::HeadDims {
+        let MlaDims {
+            heads,
+            nope,
+            vdim,
+            lora,
+            qk,
+            ..
+        } = MlaDims::of(&self.config);
+        absorb::HeadDims {
+            heads,
+            nope,
+            qk,
+            vdim,
+            lora,
+        }
+    }
+
     /// `attn[t, h*v + j] = o_lat[t, h] · W_UV[h][j]`, `o_lat` f32 or (`bf16_lat`) bf16: on the
     /// tensor cores where [`Self::absorbs_out_on_tensor_cores`], else the CUDA-core kernel (f32
     /// only).
@@ -325,6 +358,10 @@ impl CudaModel {
                 Some(g.to_bf16(o_lat.addr, m * heads * lora)?)
             };
             let ob = converted.as_ref().unwrap_or(o_lat);
+            if self.absorbs_on_wgmma(m) {
+                let kv_b = (kvb.data.addr, kvb.scale_addr());
+                return absorb::absorb_out(g, &self.head_dims(), m, attn.addr, ob.addr, kv_b);
+            }
             return absorb_mma(
                 g,
                 kernels::MLA_ABSORB_OUT_MMA,

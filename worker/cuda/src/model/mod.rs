@@ -176,6 +176,9 @@ pub struct CudaModel {
     simt_attention: bool,
     /// The decode attention may run on the Hopper (wgmma) kernel (not DSV3_MLA_WGMMA=0).
     wgmma_attention: bool,
+    /// Decode steps of at least this many rows run the absorptions of W_UK and W_UV on Hopper's
+    /// wgmma kernel (DSV3_ABSORB_WGMMA_ROWS; 0: never).
+    absorb_wgmma_rows: usize,
     /// The prefill attention kernels allowed (DSV3_PREFILL_WGMMA, DSV3_PREFILL_PIPELINE).
     prefill_attention: crate::mla_prefill::PrefillSwitches,
     /// Kernel choices: CUDA-core GEMVs for every FP8 product (DSV3_LINEAR_SIMT=1), and the routed
@@ -348,6 +351,10 @@ impl CudaModel {
             use_graphs,
             simt_attention: crate::switches::flag("DSV3_MLA_SIMT", false)?,
             wgmma_attention: crate::mla_decode::wgmma_allowed()?,
+            absorb_wgmma_rows: match crate::switches::count("DSV3_ABSORB_WGMMA_ROWS")? {
+                Some(0) => usize::MAX,
+                rows => rows.unwrap_or(attention::ABSORB_WGMMA_MIN_ROWS),
+            },
             prefill_attention: crate::mla_prefill::PrefillSwitches::from_env()?,
             kernels,
         })
