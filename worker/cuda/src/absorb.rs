@@ -1,4 +1,4 @@
-//! The absorptions of MLA decode on Hopper's wgmma (`mla_absorb_wgmma`): per head, the step's rows
+//! The absorptions of MLA decode on Hopper's wgmma (`mla_absorb_q_wgmma`, `mla_absorb_out_wgmma`): per head, the step's rows
 //! times one head's block of kv_b, W_UK (as its per-head transpose) for the query, W_UV for the
 //! output; FP8 weights converted exactly to bf16 in shared memory, bf16 rows, f32 sums scaled per
 //! 128-wide k chunk as the mma.sync absorptions do, but each weight tile converted once per 64
@@ -23,10 +23,11 @@ pub struct HeadDims {
     pub lora: usize,
 }
 
-/// Whether `g` runs `mla_absorb_wgmma` for heads of `dims`: a Hopper GPU, 128-aligned head
-/// blocks (the weight scales' blocks), query rows in 16-byte units.
+/// Whether `g` runs the wgmma absorptions for heads of `dims`: a Hopper GPU, head blocks of whole
+/// 128 × 128 scale blocks, the query's without rotary exactly one (DeepSeek-V3's 128: its
+/// absorption sums one k chunk), query rows in 16-byte units.
 pub fn takes(g: &Gpu, dims: &HeadDims) -> bool {
-    let aligned = [dims.nope, dims.vdim, dims.lora].iter().all(|d| d.is_multiple_of(128));
+    let aligned = dims.nope == 128 && dims.vdim.is_multiple_of(128) && dims.lora.is_multiple_of(128);
     g.hopper && aligned && dims.qk.is_multiple_of(8) && ABSORB_SHARED <= g.max_shared_per_block
 }
 
@@ -43,15 +44,15 @@ pub fn absorb_q(
 ) -> Result<()> {
     ensure!(
         takes(g, dims),
-        "mla_absorb_wgmma does not take heads of {dims:?} on this GPU"
+        "the wgmma absorptions do not take heads of {dims:?} on this GPU"
     );
     let HeadDims {
         heads, nope, qk, lora, ..
     } = *dims;
     let kernel = if bf16_out {
-        kernels::mla_absorb_wgmma_bf16
+        kernels::mla_absorb_q_wgmma_bf16
     } else {
-        kernels::mla_absorb_wgmma
+        kernels::mla_absorb_q_wgmma
     };
     let args = (
         ptr(q_lat),
@@ -83,7 +84,7 @@ pub fn absorb_out(
 ) -> Result<()> {
     ensure!(
         takes(g, dims),
-        "mla_absorb_wgmma does not take heads of {dims:?} on this GPU"
+        "the wgmma absorptions do not take heads of {dims:?} on this GPU"
     );
     let HeadDims {
         heads,
@@ -107,7 +108,7 @@ pub fn absorb_out(
         ((per_head / 128) * (lora / 128)) as u64,
         int(lora),
     );
-    launch(g, kernels::mla_absorb_wgmma, vdim, m, heads, args)
+    launch(g, kernels::mla_absorb_out_wgmma, vdim, m, heads, args)
 }
 
 /// One block per 64 rows, 128 output columns and head.

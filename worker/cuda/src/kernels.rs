@@ -172,7 +172,7 @@ kernels! {
         mla_absorb_q_mma_bf16_n1, mla_absorb_q_mma_bf16_n2, mla_absorb_q_mma_bf16_n4, mla_absorb_q_mma_bf16_n8(
         q_lat: Ptr, q: Ptr, m: i32, heads: i32, qk: i32, nope: i32, lora: i32, uk_t: Ptr, scale_t: Ptr,
     );
-    MlaAbsorbWgmma: mla_absorb_wgmma, mla_absorb_wgmma_bf16(
+    MlaAbsorbWgmma: mla_absorb_q_wgmma, mla_absorb_q_wgmma_bf16, mla_absorb_out_wgmma(
         y: Ptr, ldy: i32, y_head: i32, x: Ptr, ldx: i32, x_head: i32, m: i32, w: Ptr, w_head: u64, scale: Ptr,
         scale_head: u64, k: i32,
     );

@@ -61,11 +61,11 @@ pub const RMS_HELD: usize = 2;
 /// Threads per block of the merge of the routed experts' rows (`combine_experts`: four channels a
 /// thread, a token's width over `ceil(width / (4 × this))` blocks).
 pub const COMBINE_THREADS: usize = 256;
-/// Token rows per block of the Hopper absorptions (`mla_absorb_wgmma`): one warpgroup's wgmma M.
+/// Token rows per block of the Hopper absorptions (`mla_absorb_*_wgmma`): one warpgroup's wgmma M.
 pub const ABSORB_ROWS: usize = 64;
-/// Weight rows per block of `mla_absorb_wgmma`: its wgmma N, one 128-row block of the scales.
+/// Weight rows per block of `mla_absorb_*_wgmma`: its wgmma N, one 128-row block of the scales.
 pub const ABSORB_COLS: usize = 128;
-/// Dynamic shared memory of `mla_absorb_wgmma`: one 128-wide k chunk of the tokens and of the
+/// Dynamic shared memory of `mla_absorb_*_wgmma`: one 128-wide k chunk of the tokens and of the
 /// weights as bf16, and room to align them to the 1024-byte swizzle atom.
 pub const ABSORB_SHARED: usize = (ABSORB_ROWS + ABSORB_COLS) * 128 * 2 + 1024;
 /// Threads per row of the token pick (`pick_tokens`).

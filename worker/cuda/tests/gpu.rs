@@ -1454,7 +1454,7 @@ fn absorbed_query_in_bf16_equals_rounding_the_f32_one() {
     }
 }
 
-/// The Hopper absorptions (`mla_absorb_wgmma`) against float64 products of the same bf16 rows,
+/// The Hopper absorptions (`mla_absorb_q_wgmma`, `_bf16`, `mla_absorb_out_wgmma`) against float64 products of the same bf16 rows,
 /// e4m3 weights and 128 × 128 scales, read from kv_b as stored (so W_UK's per-head transpose is
 /// checked too): the query's (k = 128, 512 columns a head) and the output's (k = 512 over four
 /// scale blocks, 128 columns a head), at row counts that fill a token tile partly, once and

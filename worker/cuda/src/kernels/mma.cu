@@ -538,12 +538,13 @@ ABSORB_Q_MMA_BF16(8)
 // warpgroup: 64 token rows by 128 of W_h's rows (one scale row). Per 128-wide k chunk, x's tile is
 // copied by cp.async and W's converted exactly to bf16 in registers (e4m3x2_to_bf16x2), both
 // stored in the 128-byte swizzle wgmma reads; the chunk's sum (wgmma m64n128k16, f32) is then
-// scaled by the weight block's scale into the running sum, as the mma.sync kernels do. Rows past
-// m read as zeros and are not stored. Head h's operands start h * x_head, h * w_head, h *
+// scaled by the weight block's scale into the running sum, as the mma.sync kernels do (ONE_CHUNK,
+// k = 128: the sum scaled once, with no second set of 64 registers for it, so that twice the
+// blocks fit on an SM). Rows past m read as zeros and are not stored. Head h's operands start h * x_head, h * w_head, h *
 // scale_head (scale rows of k / 128) and h * y_head elements in. n % 128 == 0, k % 128 == 0.
 // grid (n / 128, ceil(m / 64), heads), block 128.
-static_assert(ABSORB_ROWS == 64 && ABSORB_COLS == 128, "mla_absorb_wgmma is written for wgmma m64n128");
-template <typename Out>
+static_assert(ABSORB_ROWS == 64 && ABSORB_COLS == 128, "the wgmma absorptions are written for m64n128");
+template <typename Out, bool ONE_CHUNK>
 __device__ __forceinline__ void absorb_wgmma(Out* y, int ldy, int y_head, const bf16* x, int ldx, int x_head, int m,
                                              const u8* w, u64 w_head, const float* scale, u64 scale_head, int k) {
     await_previous_kernel();
@@ -589,18 +590,30 @@ __device__ __forceinline__ void absorb_wgmma(Out* y, int ldy, int y_head, const 
         asm volatile("cp.async.wait_group 0;\n" ::: "memory");
         fence_async_shared();
         __syncthreads();
-        float part[64];
-#pragma unroll
-        for (int i = 0; i < 64; ++i) part[i] = 0.f;
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < 8; ++ks)
-            wgmma_m64n128_ss(part, k_major_sw128(xs, ABSORB_ROWS, 0, ks), k_major_sw128(ws, ABSORB_COLS, 0, ks), ks);
-        wgmma_commit();
-        wgmma_wait_all();
         const float sc = scale[kc];
+        if constexpr (ONE_CHUNK) {
+            wgmma_fence();
 #pragma unroll
-        for (int i = 0; i < 64; ++i) acc[i] += sc * part[i];
+            for (int ks = 0; ks < 8; ++ks)
+                wgmma_m64n128_ss(acc, k_major_sw128(xs, ABSORB_ROWS, 0, ks), k_major_sw128(ws, ABSORB_COLS, 0, ks), ks);
+            wgmma_commit();
+            wgmma_wait_all();
+#pragma unroll
+            for (int i = 0; i < 64; ++i) acc[i] = 0.f + sc * acc[i];  // as a sum from zero makes it
+        } else {
+            float part[64];
+#pragma unroll
+            for (int i = 0; i < 64; ++i) part[i] = 0.f;
+            wgmma_fence();
+#pragma unroll
+            for (int ks = 0; ks < 8; ++ks)
+                wgmma_m64n128_ss(part, k_major_sw128(xs, ABSORB_ROWS, 0, ks), k_major_sw128(ws, ABSORB_COLS, 0, ks),
+                                 ks);
+            wgmma_commit();
+            wgmma_wait_all();
+#pragma unroll
+            for (int i = 0; i < 64; ++i) acc[i] += sc * part[i];
+        }
     }
     // acc[4j + e]: row 16 warp + g (+ 8 for e >= 2), column 8j + 2t (+ 1 for odd e).
     const int warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
@@ -621,16 +634,25 @@ __device__ __forceinline__ void absorb_wgmma(Out* y, int ldy, int y_head, const 
     }
 #endif
 }
-extern "C" __global__ void __launch_bounds__(128) mla_absorb_wgmma(float* y, int ldy, int y_head, const bf16* x, int ldx,
-                                                                    int x_head, int m, const u8* w, u64 w_head,
-                                                                    const float* scale, u64 scale_head, int k) {
-    absorb_wgmma(y, ldy, y_head, x, ldx, x_head, m, w, w_head, scale, scale_head, k);
+// The query's absorption (k = nope = 128) into f32 or bf16 (what the wgmma decode reads), and the
+// output's (k = lora).
+extern "C" __global__ void __launch_bounds__(128) mla_absorb_q_wgmma(float* y, int ldy, int y_head, const bf16* x,
+                                                                      int ldx, int x_head, int m, const u8* w,
+                                                                      u64 w_head, const float* scale, u64 scale_head,
+                                                                      int k) {
+    absorb_wgmma<float, true>(y, ldy, y_head, x, ldx, x_head, m, w, w_head, scale, scale_head, k);
 }
-extern "C" __global__ void __launch_bounds__(128) mla_absorb_wgmma_bf16(bf16* y, int ldy, int y_head, const bf16* x,
-                                                                         int ldx, int x_head, int m, const u8* w,
-                                                                         u64 w_head, const float* scale, u64 scale_head,
-                                                                         int k) {
-    absorb_wgmma(y, ldy, y_head, x, ldx, x_head, m, w, w_head, scale, scale_head, k);
+extern "C" __global__ void __launch_bounds__(128) mla_absorb_q_wgmma_bf16(bf16* y, int ldy, int y_head, const bf16* x,
+                                                                           int ldx, int x_head, int m, const u8* w,
+                                                                           u64 w_head, const float* scale,
+                                                                           u64 scale_head, int k) {
+    absorb_wgmma<bf16, true>(y, ldy, y_head, x, ldx, x_head, m, w, w_head, scale, scale_head, k);
+}
+extern "C" __global__ void __launch_bounds__(128) mla_absorb_out_wgmma(float* y, int ldy, int y_head, const bf16* x,
+                                                                        int ldx, int x_head, int m, const u8* w,
+                                                                        u64 w_head, const float* scale,
+                                                                        u64 scale_head, int k) {
+    absorb_wgmma<float, false>(y, ldy, y_head, x, ldx, x_head, m, w, w_head, scale, scale_head, k);
 }
 
 // W_UK of every head transposed, bytes and 128x128 scale blocks alike (no requantisation):

@@ -16,10 +16,10 @@ use anyhow::{ensure, Result};
 use dsv3_engine::rope::softmax_scale;
 
 pub(super) const LATENT_NORM_EPS: f32 = 1e-6;
-/// Decode steps of at least this many rows absorb on Hopper's wgmma kernel by default: below it,
-/// the mma.sync kernels' weight tiles, converted once per 64 rows, cost less than a wgmma
-/// block's set-up.
-pub const ABSORB_WGMMA_MIN_ROWS: usize = 32;
+/// Decode steps of at least this many rows absorb on Hopper's wgmma kernels by default: at 32
+/// rows they measured level with the mma.sync kernels (slice5 decode, one H100), at 64 1–2%
+/// faster, at 256 3%.
+pub const ABSORB_WGMMA_MIN_ROWS: usize = 64;
 /// Steps whose chunks all have at least this many rows (prefill) use the naive MLA form.
 pub const NAIVE_MIN_ROWS: usize = 64;
 
@@ -314,7 +314,7 @@ impl CudaModel {
         layer.attn.kv_b.format == Format::Fp8 && aligned && !self.kernels.simt_linear()
     }
 
-    /// Whether a step of `m` rows absorbs on Hopper's wgmma kernel (`mla_absorb_wgmma`), where the
+    /// Whether a step of `m` rows absorbs on Hopper's wgmma kernel (`mla_absorb_*_wgmma`), where the
     /// tensor-core absorptions run at all.
     fn absorbs_on_wgmma(&self, m: usize) -> bool {
         m >= self.absorb_wgmma_rows && absorb::takes(&self.gpu, &self.head_dims())
