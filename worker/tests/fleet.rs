@@ -1039,7 +1039,11 @@ fn a_partitioned_rollout_drops_no_request() {
         "half a generation serves: {}",
         ready_detail(&new.base)
     );
-    let prompts = client_prompts(13);
+    // Prompts whose greedy first tokens lead the runner-up clearly on the tiny model (the
+    // shifted three by 0.37 nats or more, the first, every test's, by 0.135): at step 13 two led
+    // by 0.005 and 0.107, and the GPU's batch-dependent sums flipped one once the shrunk
+    // generation took every request in larger batches.
+    let prompts = client_prompts(51);
     let expected = greedy_answers(&old.base, &prompts);
     for (answer, e) in greedy_answers(&new.base, &prompts).iter().zip(&expected) {
         assert!(answers_match(answer, e), "{answer:?} vs {e:?}");
