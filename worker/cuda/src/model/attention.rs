@@ -12,7 +12,7 @@ use crate::launch::{int, ptr, Args, Kernel};
 use crate::mla_decode::{mla_decode, DecodeBuffers, DecodeKernel, DecodeOutput, DecodeQuery, LatentShape, PagedRows};
 use crate::mla_prefill::{flash_prefill, PrefillBuffers, PrefillShape};
 use crate::weights::Format;
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use dsv3_engine::rope::softmax_scale;
 
 pub(super) const LATENT_NORM_EPS: f32 = 1e-6;
@@ -112,9 +112,12 @@ impl CudaModel {
         )?;
         let attn = g.alloc(m * heads * vdim * 4)?;
         if step.spans.iter().all(|sp| sp.rows >= NAIVE_MIN_ROWS) {
-            self.rotate_queries(&q, step, false)?;
+            // Rotated and converted in one pass: the attention reads the queries as bf16.
+            let qb = self
+                .rotate_queries(&q, step, true)?
+                .context("the rotated queries in bf16")?;
             for sp in &step.spans {
-                self.attend_naive(layer, &q, &attn, step, sp)?;
+                self.attend_naive(layer, &qb, &attn, step, sp)?;
             }
         } else {
             self.attend_absorbed(layer, &q, &attn, step)?;
@@ -404,10 +407,11 @@ impl CudaModel {
 
     /// Naive-form attention for one prefill chunk: K and V expanded from every cached latent of
     /// the sequence, then causal QKᵀ and PV per head on the tensor cores, a group of heads at a time.
+    /// `qb`: the step's rotated queries in bf16.
     fn attend_naive(
         &self,
         layer: &Layer,
-        q: &DeviceBuf,
+        qb: &DeviceBuf,
         attn: &DeviceBuf,
         step: &StepLayout,
         span: &Span,
@@ -453,7 +457,6 @@ impl CudaModel {
             total,
             &layer.attn.kv_b,
         )?;
-        let qb = g.to_bf16(q.at(span.first_row * heads * qk * 4), n * heads * qk)?;
         let shape = PrefillShape {
             heads,
             nope,
@@ -461,7 +464,7 @@ impl CudaModel {
             vdim,
         };
         let bufs = PrefillBuffers {
-            q: qb.addr,
+            q: qb.at(span.first_row * heads * qk * 2),
             kv: kv.addr,
             k_pe: k_pe.addr,
             out: attn.at(span.first_row * heads * vdim * 4),
