@@ -148,23 +148,49 @@ extern "C" __global__ void rope_interleaved(float* x, int ld, int heads, int hs,
 
 // rope_interleaved of `heads` heads of dim rotated values at `offset` in each head of hs values
 // (rows of ld = heads * hs), then the whole rows in bf16 (xb, same layout): one launch for the
-// queries of a decode step, which the absorption and the decode kernel read in bf16. The rotated
-// pairs are written back to x too; every value has the bits of the two kernels one after the
-// other. grid (rows, blocks a row), one pair a thread; hs, offset and dim even.
+// queries of a step, which the absorption, the decode kernel and the prefill attention read in
+// bf16. The rotated pairs are written back to x too; every value has the bits of the two kernels
+// one after the other. grid (rows, blocks a row); hs, offset and dim even. Four pairs a thread
+// (two 16-byte loads, one 16-byte store) where ld % 8 == 0, else one: a pair a thread moved a
+// prefill's queries at two thirds of the memory's rate.
+__device__ __forceinline__ float2 rope_pair(float2 v, int pair, int hs, int offset, int dim, const float* cos_t,
+                                            const float* sin_t, size_t at, bool& rotated) {
+    const int j = (2 * pair) % hs - offset;  // the value's place in its head's rotary block
+    if (j < 0 || j >= dim) return v;
+    rotated = true;
+    return rotate_pair(v.x, v.y, cos_t[at + j / 2], sin_t[at + j / 2]);
+}
 extern "C" __global__ void rope_interleaved_bf16(float* x, u32* xb, int ld, int hs, int offset, int dim,
                                                  const float* cos_t, const float* sin_t, const int* lens) {
     await_previous_kernel();
     const int r = blockIdx.x, half = dim / 2;
     const size_t at = (size_t)max(lens[r] - 1, 0) * half;
-    for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < ld / 2; i += gridDim.y * blockDim.x) {
-        float2* p = (float2*)(x + (size_t)r * ld) + i;
-        float2 v = *p;
-        const int j = (2 * i) % hs - offset;  // the value's place in its head's rotary block
-        if (j >= 0 && j < dim) {
-            v = rotate_pair(v.x, v.y, cos_t[at + j / 2], sin_t[at + j / 2]);
-            *p = v;
+    float* row = x + (size_t)r * ld;
+    u32* row_b = xb + (size_t)r * (ld / 2);
+    const int stride = gridDim.y * blockDim.x;
+    if (ld % 8 == 0) {
+        for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < ld / 8; i += stride) {
+            float4* p = (float4*)row + 2 * i;
+            const float4 a = p[0], b = p[1];
+            float2 v[4] = {make_float2(a.x, a.y), make_float2(a.z, a.w), make_float2(b.x, b.y), make_float2(b.z, b.w)};
+            bool rotated = false;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) v[q] = rope_pair(v[q], 4 * i + q, hs, offset, dim, cos_t, sin_t, at, rotated);
+            if (rotated) {
+                p[0] = make_float4(v[0].x, v[0].y, v[1].x, v[1].y);
+                p[1] = make_float4(v[2].x, v[2].y, v[3].x, v[3].y);
+            }
+            ((uint4*)row_b)[i] = make_uint4(pack_bf16(v[0].x, v[0].y), pack_bf16(v[1].x, v[1].y),
+                                            pack_bf16(v[2].x, v[2].y), pack_bf16(v[3].x, v[3].y));
         }
-        xb[(size_t)r * (ld / 2) + i] = pack_bf16(v.x, v.y);
+        return;
+    }
+    for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < ld / 2; i += stride) {
+        float2* p = (float2*)row + i;
+        bool rotated = false;
+        const float2 v = rope_pair(*p, i, hs, offset, dim, cos_t, sin_t, at, rotated);
+        if (rotated) *p = v;
+        row_b[i] = pack_bf16(v.x, v.y);
     }
 }
 

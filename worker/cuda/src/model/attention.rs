@@ -152,7 +152,9 @@ impl CudaModel {
             return Ok(None);
         }
         let qb = g.alloc(m * ld * 2)?;
-        let blocks = (ld / 2).div_ceil(256).max(1) as u32;
+        // Four pairs a thread where rows are whole 8-value groups (the kernel's rule), else one.
+        let per_thread = if ld.is_multiple_of(8) { 8 } else { 2 };
+        let blocks = (ld / per_thread).div_ceil(256).max(1) as u32;
         let args = (
             ptr(q.addr),
             ptr(qb.addr),
