@@ -326,20 +326,13 @@ impl CudaModel {
     }
 
     fn head_dims(&self) -> absorb::HeadDims {
-        let MlaDims {
-            heads,
-            nope,
-            vdim,
-            lora,
-            qk,
-            ..
-        } = MlaDims::of(&self.config);
+        let d = MlaDims::of(&self.config);
         absorb::HeadDims {
-            heads,
-            nope,
-            qk,
-            vdim,
-            lora,
+            heads: d.heads,
+            nope: d.nope,
+            qk: d.qk,
+            vdim: d.vdim,
+            lora: d.lora,
         }
     }
 
