@@ -1,8 +1,9 @@
-//! The absorptions of MLA decode on Hopper's wgmma (`mla_absorb_q_wgmma`, `mla_absorb_out_wgmma`): per head, the step's rows
-//! times one head's block of kv_b, W_UK (as its per-head transpose) for the query, W_UV for the
-//! output; FP8 weights converted exactly to bf16 in shared memory, bf16 rows, f32 sums scaled per
-//! 128-wide k chunk as the mma.sync absorptions do, but each weight tile converted once per 64
-//! rows, where those convert it again in every block of 8 to 64 rows.
+//! The absorptions of MLA decode on Hopper's wgmma (`mla_absorb_q_wgmma`,
+//! `mla_absorb_out_wgmma`): per head, the step's rows times one head's block of kv_b, W_UK (as
+//! its per-head transpose) for the query, W_UV for the output; FP8 weights converted exactly to
+//! bf16 in shared memory, bf16 rows, f32 sums scaled per 128-wide k chunk as the mma.sync
+//! absorptions do, but each weight tile converted once per 64 rows, where those convert it again
+//! in every block of 8 to 64 rows.
 
 use crate::gpu::Gpu;
 use crate::kernels;
