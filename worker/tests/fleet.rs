@@ -66,6 +66,8 @@ struct Fleet {
     _launcher: Proc,
     members: Vec<Member>,
     restarted: Vec<Proc>,
+    /// The launcher's (and so its members') stderr, removed with the fleet.
+    log: std::path::PathBuf,
 }
 
 impl Drop for Fleet {
@@ -77,7 +79,15 @@ impl Drop for Fleet {
                 .stderr(Stdio::null())
                 .status();
         }
+        let _ = std::fs::remove_file(&self.log);
     }
+}
+
+/// The last `lines` lines of the file at `path` (what a failed start left in its log).
+fn log_tail(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("(the log could not be read: {e})"));
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 fn wait_ready(base: &str, timeout: Duration) -> bool {
@@ -112,6 +122,7 @@ fn start_fleet() -> Fleet {
 /// A fleet of `attention` ranks and `experts` shards, with `extra` launcher flags.
 fn start_fleet_of(attention: usize, experts: usize, extra: &[&str]) -> Fleet {
     let port = free_port();
+    let log = std::env::temp_dir().join(format!("dsv3-fleet-{}-{port}.log", std::process::id()));
     let mut child = Command::new(bin())
         .args([
             "fleet",
@@ -133,7 +144,7 @@ fn start_fleet_of(attention: usize, experts: usize, extra: &[&str]) -> Fleet {
         )
         .args(extra)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(&log).expect("fleet log")))
         .spawn()
         .expect("start fleet");
     let stdout = child.stdout.take().expect("stdout");
@@ -153,12 +164,14 @@ fn start_fleet_of(attention: usize, experts: usize, extra: &[&str]) -> Fleet {
         _launcher: Proc(child),
         members,
         restarted: Vec::new(),
+        log,
     };
     // Generous: CI runs these tests side by side on two cores, each starting several processes
     // (a fleet took over 60 s there once, with serve and another fleet starting beside it).
     assert!(
         wait_ready(&fleet.base, Duration::from_secs(180)),
-        "fleet did not become ready"
+        "fleet did not become ready; its log ends:\n{}",
+        log_tail(&fleet.log, 40)
     );
     fleet
 }
