@@ -43,10 +43,6 @@ pub fn absorb_q(
     qb: u64,
     (uk_t, uk_t_scale): (u64, u64),
 ) -> Result<()> {
-    ensure!(
-        takes(g, dims),
-        "the wgmma absorptions do not take heads of {dims:?} on this GPU"
-    );
     let HeadDims {
         heads, nope, qk, lora, ..
     } = *dims;
@@ -69,7 +65,7 @@ pub fn absorb_q(
         ((lora / 128) * (nope / 128)) as u64,
         int(nope),
     );
-    launch(g, kernel, lora, m, heads, args)
+    launch(g, dims, kernel, lora, m, args)
 }
 
 /// `attn[t, h * vdim + j] = o_lat[t, h] · W_UV[h][j]` for `m` rows: `o_lat` bf16 `[m, heads,
@@ -83,10 +79,6 @@ pub fn absorb_out(
     o_lat: u64,
     (kv_b, kv_b_scale): (u64, u64),
 ) -> Result<()> {
-    ensure!(
-        takes(g, dims),
-        "the wgmma absorptions do not take heads of {dims:?} on this GPU"
-    );
     let HeadDims {
         heads,
         nope,
@@ -109,15 +101,19 @@ pub fn absorb_out(
         ((per_head / 128) * (lora / 128)) as u64,
         int(lora),
     );
-    launch(g, kernels::mla_absorb_out_wgmma, vdim, m, heads, args)
+    launch(g, dims, kernels::mla_absorb_out_wgmma, vdim, m, args)
 }
 
-/// One block per 64 rows, 128 output columns and head.
-fn launch<A: Args>(g: &Gpu, kernel: Kernel<A>, cols: usize, m: usize, heads: usize, args: A) -> Result<()> {
+/// One block per 64 rows, 128 output columns and head, for heads the kernels take ([`takes`]).
+fn launch<A: Args>(g: &Gpu, dims: &HeadDims, kernel: Kernel<A>, cols: usize, m: usize, args: A) -> Result<()> {
+    ensure!(
+        takes(g, dims),
+        "the wgmma absorptions do not take heads of {dims:?} on this GPU"
+    );
     let grid = (
         (cols / ABSORB_COLS) as u32,
         m.div_ceil(ABSORB_ROWS) as u32,
-        heads as u32,
+        dims.heads as u32,
     );
     kernel.launch(g, grid, 128, ABSORB_SHARED as u32, args)
 }

@@ -539,9 +539,10 @@ ABSORB_Q_MMA_BF16(8)
 // copied by cp.async and W's converted exactly to bf16 in registers (e4m3x2_to_bf16x2), both
 // stored in the 128-byte swizzle wgmma reads; the chunk's sum (wgmma m64n128k16, f32) is then
 // scaled by the weight block's scale into the running sum, as the mma.sync kernels do (ONE_CHUNK,
-// k = 128: the sum scaled once, with no second set of 64 registers for it, so that twice the
-// blocks fit on an SM). Rows past m read as zeros and are not stored. Head h's operands start h * x_head, h * w_head, h *
-// scale_head (scale rows of k / 128) and h * y_head elements in. n % 128 == 0, k % 128 == 0.
+// k = 128: the sum scaled once, with no second set of 64 registers for it, so that more blocks
+// fit on an SM). Rows past m read as zeros and are not stored. Head h's operands start
+// h * x_head, h * w_head, h * scale_head (scale rows of k / 128) and h * y_head elements in.
+// n % 128 == 0, k % 128 == 0.
 // grid (n / 128, ceil(m / 64), heads), block 128.
 static_assert(ABSORB_ROWS == 64 && ABSORB_COLS == 128, "the wgmma absorptions are written for m64n128");
 template <typename Out, bool ONE_CHUNK>
