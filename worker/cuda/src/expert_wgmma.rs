@@ -17,6 +17,24 @@ const TOKEN_BOX: usize = 16;
 /// Bytes of one k block of a weight row or a token row (128 e4m3 values).
 const K_BLOCK: usize = 128;
 
+/// The precision an expert product writes its rows in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowFormat {
+    F32,
+    /// Rounded to nearest even: half the bytes to write and to read back (SwiGLU, the combine),
+    /// where the next step rounds to e4m3 or adds eight rows weighted.
+    Bf16,
+}
+
+impl RowFormat {
+    pub fn bytes(self) -> usize {
+        match self {
+            RowFormat::F32 => 4,
+            RowFormat::Bf16 => 2,
+        }
+    }
+}
+
 /// Whether `grouped_fp8_wgmma` runs this bank here: a Hopper GPU (the kernels are built for
 /// sm_90a there), every matrix in whole 128 x 128 blocks, and room for the stages.
 pub fn takes(g: &Gpu, bank: &ExpertBank) -> bool {
@@ -68,9 +86,10 @@ fn byte_matrix_map(addr: u64, rows: usize, cols: usize, box_rows: usize) -> Resu
     )
 }
 
-/// `out[s] = x[s] · W_eᵀ` (f32, row stride `ldy`) for every slot s of every group (expert e =
-/// `group_expert[g]`, slots `offsets[g]..offsets[g + 1]`, as listed in `tiles`); `x` the slots
-/// quantised with per-group scales ([`QuantizedRows`] with the same groups), `slots` rows of it.
+/// `out[s] = x[s] · W_eᵀ` (in `format`, row stride `ldy` values) for every slot s of every group
+/// (expert e = `group_expert[g]`, slots `offsets[g]..offsets[g + 1]`, as listed in `tiles`); `x`
+/// the slots quantised with per-group scales ([`QuantizedRows`] with the same groups), `slots`
+/// rows of it.
 #[allow(clippy::too_many_arguments)]
 pub fn grouped_fp8(
     g: &Gpu,
@@ -82,6 +101,7 @@ pub fn grouped_fp8(
     x: &QuantizedRows,
     slots: usize,
     out: u64,
+    format: RowFormat,
     ldy: usize,
 ) -> Result<()> {
     ensure!(
@@ -99,6 +119,7 @@ pub fn grouped_fp8(
         GX_SHARED as u32,
         (
             ptr(out),
+            int((format == RowFormat::Bf16) as usize),
             int(ldy),
             x_map,
             ptr(x.scales.addr),

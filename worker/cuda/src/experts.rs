@@ -227,6 +227,7 @@ impl CudaExperts {
             shard.kernels,
             bank,
             x,
+            None,
             &h,
             m,
             k,

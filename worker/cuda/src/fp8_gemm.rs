@@ -327,6 +327,37 @@ impl QuantizedRows {
         })
     }
 
+    /// [`QuantizedRows::swiglu`] of gate and up products written as bf16 (`n` rows of `2k`,
+    /// whole): the codes and scales of those values widened to f32.
+    pub fn swiglu_bf16(
+        g: &Gpu,
+        gu: u64,
+        n: usize,
+        k: usize,
+        groups: Option<(u64, usize)>,
+        ue8m0: bool,
+    ) -> Result<Self> {
+        Self::launch(g, n, k, groups, ue8m0, |q| {
+            kernels::swiglu_quantize_fp8_bf16.launch(
+                g,
+                q.grid,
+                256,
+                0,
+                (
+                    q.data,
+                    q.scales,
+                    ptr(gu),
+                    int(n),
+                    int(k),
+                    q.offsets,
+                    q.groups,
+                    q.ue8m0,
+                    q.span,
+                ),
+            )
+        })
+    }
+
     /// [`QuantizedRows::new`] of RMSNorm's output, quantised where it is made: `rows` rows of
     /// `width` channels of `x` (row stride `ld_in`) normed with the weights at `w` into `out`
     /// (row stride `ld_out`, written too), one block of `threads` a row (the norm's sum follows
@@ -348,7 +379,12 @@ impl QuantizedRows {
     ) -> Result<Self> {
         let data = g.alloc(rows * width)?;
         let scales = g.alloc(rows * (width / 128) * 4)?;
-        kernels::rms_norm_quantize_fp8.launch(
+        let kernel = if kernels::norm_holds_many(width, threads) {
+            kernels::rms_norm_quantize_fp8_many
+        } else {
+            kernels::rms_norm_quantize_fp8
+        };
+        kernel.launch(
             g,
             (rows as u32, 1, 1),
             threads as u32,
@@ -420,6 +456,15 @@ impl QuantizedRows {
         ue8m0: bool,
     ) -> Result<Self> {
         let once = QuantizedRows::new(g, x, ldx, None, m, k, None, ue8m0)?;
+        once.gather(g, m, rows, n, groups)
+    }
+
+    /// `n` rows gathered by `rows` (device indices) from these `m` rows, quantised as one group
+    /// (scales `[k/128][m]`, as a norm quantises its output), their scales laid out per group
+    /// as [`QuantizedRows::new`] lays them out: the codes and scales of quantising the gathered
+    /// rows.
+    pub fn gather(&self, g: &Gpu, m: usize, rows: u64, n: usize, groups: Option<(u64, usize)>) -> Result<Self> {
+        let (once, k) = (self, self.k);
         let data = g.alloc(n * k)?;
         let scales = g.alloc(n * (k / 128) * 4)?;
         let (offsets, count) = groups.unwrap_or((0, 0));

@@ -51,12 +51,17 @@ fn nvrtc_version() -> Result<(i32, i32)> {
 }
 
 /// The options of every compile but the architecture: the fixed ones, the tile definitions, the
-/// small-batch products' depth ([`crate::linear::fp8_ahead`]) and the kernels' probes when asked
-/// for ([`crate::probes`]).
+/// small-batch products' depth ([`crate::linear::fp8_ahead`]), whether activations are rounded to
+/// e4m3 by the hardware's conversion (`DSV3_E4M3_CVT`, on by default: the same codes) and the
+/// kernels' probes when asked for ([`crate::probes`]).
 pub(crate) fn base_options() -> Result<Vec<String>> {
     let mut options: Vec<String> = OPTIONS.iter().map(|o| o.to_string()).collect();
     options.extend(crate::tiles::defines());
     options.push(format!("-DFP8_AHEAD={}", crate::linear::fp8_ahead()?));
+    options.push(format!(
+        "-DE4M3_CVT={}",
+        crate::switches::flag("DSV3_E4M3_CVT", true)? as u8
+    ));
     options.extend(crate::probes::options()?.0);
     Ok(options)
 }

@@ -8,6 +8,7 @@
 #![allow(non_upper_case_globals)]
 
 use crate::launch::{Kernel, Kind, Ptr, TensorMap};
+use crate::tiles::RMS_HELD;
 
 /// Declares, per C signature, a type `Kernel<(params)>` and one constant per kernel of that
 /// signature, and lists them all in [`ALL`].
@@ -25,7 +26,7 @@ macro_rules! kernels {
 kernels! {
     // Norms, conversions, RoPE, quantisation, embedding, routing bookkeeping, test data
     // (`kernels/elementwise.cu`).
-    RmsNorm: rms_norm(out: Ptr, ld_out: i32, in_: Ptr, ld_in: i32, w: Ptr, width: i32, eps: f32);
+    RmsNorm: rms_norm, rms_norm_many(out: Ptr, ld_out: i32, in_: Ptr, ld_in: i32, w: Ptr, width: i32, eps: f32);
     Swiglu: swiglu(act: Ptr, gu: Ptr, rows: i32, inter: i32);
     AddF32: add_f32(y: Ptr, x: Ptr, n: u64);
     BankExpertIds: bank_expert_ids(out: Ptr, ids: Ptr, bank_of: Ptr, n_experts: i32, n: i32);
@@ -52,13 +53,16 @@ kernels! {
         out: Ptr, scales: Ptr, x: Ptr, ldx: i32, rows: Ptr, n: i32, k: i32, offsets: Ptr, groups: i32,
         ue8m0: i32, span: i32,
     );
-    RmsNormQuantizeFp8: rms_norm_quantize_fp8(
+    RmsNormQuantizeFp8: rms_norm_quantize_fp8, rms_norm_quantize_fp8_many(
         out: Ptr, ld_out: i32, in_: Ptr, ld_in: i32, w: Ptr, width: i32, eps: f32, codes: Ptr, scales: Ptr,
         ue8m0: i32,
     );
     SwigluQuantizeFp8: swiglu_quantize_fp8(
         out: Ptr, scales: Ptr, gu: Ptr, n: i32, k: i32, offsets: Ptr, groups: i32, ue8m0: i32, span: i32,
         act: Ptr, splits: i32, split_stride: u64,
+    );
+    SwigluQuantizeFp8Bf16: swiglu_quantize_fp8_bf16(
+        out: Ptr, scales: Ptr, gu: Ptr, n: i32, k: i32, offsets: Ptr, groups: i32, ue8m0: i32, span: i32,
     );
     GatherQuantizedRows: gather_quantized_rows(
         out: Ptr, scales: Ptr, q: Ptr, q_scales: Ptr, m: i32, rows: Ptr, k: i32, offsets: Ptr, groups: i32,
@@ -81,7 +85,9 @@ kernels! {
 
     // The routed experts: routing, planning, gathering and combining (`kernels/moe.cu`).
     GatherRowsBf16: gather_rows_bf16(out: Ptr, x: Ptr, ldx: i32, rows: Ptr, width: i32);
-    CombineExperts: combine_experts(out: Ptr, y: Ptr, slot: Ptr, weight: Ptr, top_k: i32, width: i32, shared: Ptr);
+    CombineExperts: combine_experts, combine_experts_bf16(
+        out: Ptr, y: Ptr, slot: Ptr, weight: Ptr, top_k: i32, width: i32, shared: Ptr,
+    );
     MoePlan: moe_plan(
         group_expert: Ptr, offsets: Ptr, x_rows: Ptr, slot_of: Ptr, counts: Ptr, touched: Ptr, chosen: Ptr,
         valid: Ptr, m: i32, top_k: i32, n_experts: i32, groups: i32, align: i32, capacity: i32,
@@ -94,7 +100,7 @@ kernels! {
 
     // The Hopper routed-expert product (`kernels/moe_wgmma.cu`).
     GroupedFp8Wgmma: grouped_fp8_wgmma(
-        out: Ptr, ldy: i32, x_map: TensorMap, x_scales: Ptr, w_map: TensorMap, w_scales: Ptr,
+        out: Ptr, out_bf16: i32, ldy: i32, x_map: TensorMap, x_scales: Ptr, w_map: TensorMap, w_scales: Ptr,
         w_scale_stride: u64, tiles: Ptr, group_expert: Ptr, offsets: Ptr, rows: i32, k: i32,
     );
 
@@ -225,9 +231,25 @@ pub const MLA_ABSORB_OUT_MMA: TokenTiles<MlaAbsorbOutMma> = TokenTiles([
     mla_absorb_out_mma_n8,
 ]);
 
+/// Whether rows of `width` normalised by blocks of `threads` take the norms' `_many` kernels
+/// (`rms_norm_many`, `rms_norm_quantize_fp8_many`: [`RMS_HELD_MANY`](crate::tiles::RMS_HELD_MANY) float4s a thread held, for
+/// blocks of at most 256), where the plain ones ([`RMS_HELD`] a thread) would walk the row. Every
+/// launch of a norm asks here, so rows of one width and block size are summed in one order.
+pub fn norm_holds_many(width: usize, threads: usize) -> bool {
+    threads <= 256 && width.div_ceil(4) > RMS_HELD * threads
+}
+
 #[cfg(test)]
 mod tests {
-    use super::TokenTiles;
+    use super::{norm_holds_many, TokenTiles};
+
+    #[test]
+    fn only_rows_a_prefill_block_would_walk_take_the_many_norms() {
+        assert!(norm_holds_many(7168, 256), "a prefill's 7,168-wide rows");
+        assert!(!norm_holds_many(1536, 256), "q_a's rows are held by the plain kernel");
+        assert!(!norm_holds_many(7168, 896), "a decode step's block holds its row");
+        assert!(!norm_holds_many(7168, 1024));
+    }
 
     #[test]
     fn token_rows_take_the_fewest_tiles_that_hold_them() {

@@ -169,7 +169,7 @@ impl ShardBench {
         let kernels = ExpertKernels::new(&v3_config(1, 0)?.with_fp8_activations(Fp8Activations::Quantised))?;
         let mut run = || {
             run_bank(
-                g, kernels, &self.bank, &x, &h, m, k, idd.addr, wd.addr, valid.addr, &counters, None,
+                g, kernels, &self.bank, &x, None, &h, m, k, idd.addr, wd.addr, valid.addr, &counters, None,
             )
         };
         run()?;

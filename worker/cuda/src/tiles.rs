@@ -58,6 +58,9 @@ pub const QUANT_SPAN: usize = 4;
 /// float4s of its row each thread of a norm holds in registers (`HeldRow`): a decode step's
 /// 7,168-wide row on 896 threads, with room at 1,024 threads a block (64 registers a thread).
 pub const RMS_HELD: usize = 2;
+/// float4s of its row each thread of a norm's `_many` kernels holds: a prefill's rows of up to
+/// 8,192 on blocks of 256 threads.
+pub const RMS_HELD_MANY: usize = 8;
 /// Threads per block of the merge of the routed experts' rows (`combine_experts`: four channels a
 /// thread, a token's width over `ceil(width / (4 × this))` blocks).
 pub const COMBINE_THREADS: usize = 256;
@@ -98,6 +101,7 @@ pub fn defines() -> Vec<String> {
         ("PICK_THREADS", PICK_THREADS),
         ("QUANT_SPAN", QUANT_SPAN),
         ("RMS_HELD", RMS_HELD),
+        ("RMS_HELD_MANY", RMS_HELD_MANY),
         ("COMBINE_THREADS", COMBINE_THREADS),
     ]
     .iter()

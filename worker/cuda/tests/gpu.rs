@@ -212,6 +212,17 @@ thread_local! {
     static FLIPPED_STEPS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
+/// `v` rounded to bf16, to nearest even (finite values): its bits.
+fn bf16_bits(v: f32) -> u16 {
+    let u = v.to_bits();
+    ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
+}
+
+/// bf16 bits widened to f32 (exact).
+fn bf16_value(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
 /// A xorshift64 stream from `seed` (test inputs that need no better randomness).
 fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
     move || {
@@ -1172,6 +1183,13 @@ fn swiglu_quantised_where_made_equals_quantising_its_output() {
             .map(|i| ((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * (1.0 + ((i / 128) % 7) as f32))
             .collect();
         let gud = gpu.upload(&gu).expect("gu");
+        // The same rows as the Hopper expert product writes them in bf16, and widened back.
+        let gu_narrow: Vec<u16> = gu.iter().map(|&v| bf16_bits(v)).collect();
+        let gu_widened: Vec<f32> = gu_narrow.iter().map(|&b| bf16_value(b)).collect();
+        let (narrow_d, widened_d) = (
+            gpu.upload(&gu_narrow).expect("gu bf16"),
+            gpu.upload(&gu_widened).expect("gu widened"),
+        );
         let (a, b) = (n as i32 / 4, n as i32 * 3 / 4);
         let offsets = [0i32, a, a, b, n as i32 - 5];
         let od = gpu.upload(&offsets).expect("offsets");
@@ -1217,7 +1235,179 @@ fn swiglu_quantised_where_made_equals_quantising_its_output() {
             assert!(got
                 .iter()
                 .all(|&s| f32::from_bits(s).is_finite() && f32::from_bits(s) > 0.0));
+            // From bf16 rows: the codes and scales of the f32 kernel on the widened values.
+            let from_bf16 = QuantizedRows::swiglu_bf16(&gpu, narrow_d.addr, n, k, groups, ue8m0).expect("from bf16");
+            let widened = QuantizedRows::swiglu(&gpu, SplitSums::whole(widened_d.addr), n, k, groups, ue8m0, None)
+                .expect("widened");
+            let (want, got) = (codes(&widened), codes(&from_bf16));
+            let wrong = want.iter().zip(&got).filter(|(x, y)| x != y).count();
+            assert_eq!(
+                wrong,
+                0,
+                "n {n} ue8m0 {ue8m0}: {wrong} of {} codes from bf16 differ",
+                n * k
+            );
+            assert_eq!(
+                scales(&widened),
+                scales(&from_bf16),
+                "n {n} ue8m0 {ue8m0}: scales from bf16"
+            );
         }
+    }
+}
+
+/// Activations quantised on the GPU (`quantize_rows_fp8`: codes and per-128 scales) decode to the
+/// CPU reference's values (`fp8::quantize_block_in_place`), bit for bit, in both scale encodings:
+/// blocks of random values over twelve decades, blocks whose values fall exactly halfway between
+/// two e4m3 values (normal and subnormal: round to nearest even), blocks past the largest code,
+/// and zero blocks.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn activation_codes_decode_to_the_cpu_reference() {
+    use dsv3_cuda::fp8_gemm::QuantizedRows;
+    use dsv3_cuda::gpu::Gpu;
+    use dsv3_engine::fp8::{quantize_block_in_place, E4M3_TO_F32};
+    poison();
+    let gpu = Gpu::open(0).expect("GPU");
+    let mut next = xorshift(0x6a09e667f3bcc909u64);
+    let mut unit = move || (next() >> 40) as f32 / (1u64 << 24) as f32;
+    // The e4m3 magnitudes in order, and the points halfway between neighbours.
+    let mut codes: Vec<f32> = (0u8..=0x7e).map(|c| E4M3_TO_F32[c as usize]).collect();
+    codes.sort_by(f32::total_cmp);
+    let halfway: Vec<f32> = codes.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+    let (rows, k) = (64usize, 1024usize);
+    let mut x = Vec::with_capacity(rows * k);
+    for r in 0..rows {
+        for c in 0..k {
+            let sign = if (r + c) % 3 == 0 { -1.0 } else { 1.0 };
+            let v = match r % 4 {
+                // 448 leads the block, so its factor is 1 and each halfway point stays one.
+                0 => {
+                    if c % 128 == 0 {
+                        448.0
+                    } else {
+                        halfway[(c * 7 + r) % halfway.len()]
+                    }
+                }
+                1 => unit() * 10f32.powi((c % 12) as i32 - 8),
+                2 if (r / 4) % 2 == 0 => 0.0,
+                _ => (unit() - 0.5) * 1e3 * (1 + c % 5) as f32,
+            };
+            x.push(sign * v);
+        }
+    }
+    let xd = gpu.upload(&x).expect("x");
+    for ue8m0 in [false, true] {
+        let q = QuantizedRows::new(&gpu, xd.addr, k, None, rows, k, None, ue8m0).expect("quantise");
+        let got_codes: Vec<u8> = gpu.download(q.data.addr, rows * k).expect("codes");
+        let scales: Vec<f32> = gpu.download(q.scales.addr, rows * (k / 128)).expect("scales");
+        let mut want = x.clone();
+        for block in want.chunks_mut(128) {
+            quantize_block_in_place(block, ue8m0);
+        }
+        let mut wrong = 0;
+        for r in 0..rows {
+            for c in 0..k {
+                // Scales [k/128][rows]: one group of every row.
+                let scale = scales[(c / 128) * rows + r];
+                let got = E4M3_TO_F32[got_codes[r * k + c] as usize] * scale;
+                let expect = want[r * k + c];
+                // == and not the bits: a negative value rounded to zero is -0 here, +0 there.
+                if got != expect {
+                    wrong += 1;
+                    if wrong <= 5 {
+                        eprintln!(
+                            "ue8m0 {ue8m0}: x[{r}, {c}] = {:e}: {got:e}, reference {expect:e}",
+                            x[r * k + c]
+                        );
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            wrong,
+            0,
+            "ue8m0 {ue8m0}: {wrong} of {} values differ from the reference",
+            rows * k
+        );
+    }
+}
+
+/// `combine_experts_bf16` over bf16 expert rows gives the bits of `combine_experts` over the same
+/// rows widened to f32: the weighted sum, the shared expert's rows and skipped slots, on the
+/// 16-byte path (width a multiple of 4) and the one channel at a time path.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn combine_of_bf16_rows_equals_combining_them_widened() {
+    use dsv3_cuda::gpu::Gpu;
+    use dsv3_cuda::kernels;
+    use dsv3_cuda::launch::{int, ptr};
+    use dsv3_cuda::tiles::COMBINE_THREADS;
+    poison();
+    let gpu = Gpu::open(0).expect("GPU");
+    let mut next = xorshift(0x853c49e6748fea9bu64);
+    let mut value = move || ((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0;
+    for (tokens, top_k, width, with_shared) in [
+        (37usize, 8usize, 7168usize, true),
+        (5, 8, 130, false),
+        (3, 6, 512, true),
+    ] {
+        let slots = tokens * top_k;
+        let y: Vec<u16> = (0..slots * width).map(|_| bf16_bits(value())).collect();
+        let y_wide: Vec<f32> = y.iter().map(|&b| bf16_value(b)).collect();
+        // Slots in reverse order, every seventh skipped (a route handled elsewhere).
+        let slot: Vec<i32> = (0..slots)
+            .map(|i| if i % 7 == 3 { -1 } else { (slots - 1 - i) as i32 })
+            .collect();
+        let weight: Vec<f32> = (0..slots).map(|_| value().abs()).collect();
+        let h: Vec<f32> = (0..tokens * width).map(|_| value()).collect();
+        let shared: Vec<f32> = (0..tokens * width).map(|_| value()).collect();
+        let (yd, ywd, sd, wd, shd) = (
+            gpu.upload(&y).expect("y"),
+            gpu.upload(&y_wide).expect("y widened"),
+            gpu.upload(&slot).expect("slots"),
+            gpu.upload(&weight).expect("weights"),
+            gpu.upload(&shared).expect("shared"),
+        );
+        let run = |kernel: kernels::CombineExperts, y: u64| -> Vec<u32> {
+            let out = gpu.upload(&h).expect("h");
+            let shared = if with_shared { shd.addr } else { 0 };
+            kernel
+                .launch(
+                    &gpu,
+                    (tokens as u32, width.div_ceil(4 * COMBINE_THREADS) as u32, 1),
+                    COMBINE_THREADS as u32,
+                    0,
+                    (
+                        ptr(out.addr),
+                        ptr(y),
+                        ptr(sd.addr),
+                        ptr(wd.addr),
+                        int(top_k),
+                        int(width),
+                        ptr(shared),
+                    ),
+                )
+                .expect("combine");
+            let got: Vec<f32> = gpu.download(out.addr, tokens * width).expect("out");
+            got.iter().map(|v| v.to_bits()).collect()
+        };
+        let (want, got) = (
+            run(kernels::combine_experts, ywd.addr),
+            run(kernels::combine_experts_bf16, yd.addr),
+        );
+        let wrong = want.iter().zip(&got).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            wrong,
+            0,
+            "{tokens} tokens of {width}: {wrong} of {} values differ",
+            want.len()
+        );
+        // And the sum is there: a token's output moved from h where it has a route.
+        assert_ne!(
+            want[..width],
+            h[..width].iter().map(|v| v.to_bits()).collect::<Vec<_>>()[..]
+        );
     }
 }
 
@@ -1711,8 +1901,9 @@ fn norm_quantised_where_made_equals_quantising_its_output() {
     let mut next = xorshift(0x9e3779b97f4a7c15u64);
     let mut uniform = |lo: f32, hi: f32| lo + (hi - lo) * ((next() >> 40) as f32 / (1u64 << 24) as f32);
     // (rows, width, input row stride, threads a block): rows held in registers at a decode
-    // step's block sizes and at others, rows walked (too wide for the block, or input rows
-    // whose stride leaves some of them off 16-byte boundaries: 2113, every row then walked).
+    // step's block sizes and at others, a prefill's (200 rows of 7,168 on 256 threads: the
+    // `_many` kernels), rows walked (too wide for any, or input rows whose stride leaves some of
+    // them off 16-byte boundaries: 2113, every row then walked).
     for (rows, width, ld_in, threads) in [
         (1usize, 7168usize, 7168usize, 896usize),
         (1, 7168, 7168, 1024),
@@ -1720,6 +1911,8 @@ fn norm_quantised_where_made_equals_quantising_its_output() {
         (2, 1536, 2113, 192),
         (200, 7168, 7168, 256),
         (200, 1536, 2112, 256),
+        (200, 7168, 7169, 256),
+        (3, 9216, 9216, 256),
         (5, 512, 640, 64),
     ] {
         let x: Vec<f32> = (0..rows * ld_in).map(|_| uniform(-3.0, 3.0)).collect();
@@ -1731,7 +1924,12 @@ fn norm_quantised_where_made_equals_quantising_its_output() {
                 gpu.alloc(rows * width * 4).expect("out"),
                 gpu.alloc(rows * width * 4).expect("out"),
             );
-            kernels::rms_norm
+            let plain_kernel = if kernels::norm_holds_many(width, threads) {
+                kernels::rms_norm_many
+            } else {
+                kernels::rms_norm
+            };
+            plain_kernel
                 .launch(
                     &gpu,
                     (rows as u32, 1, 1),
@@ -2155,7 +2353,7 @@ fn prefill_error(
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn grouped_fp8_wgmma_matches_f64_reference() {
-    use dsv3_cuda::expert_wgmma::{grouped_fp8, takes, ExpertTiles};
+    use dsv3_cuda::expert_wgmma::{grouped_fp8, takes, ExpertTiles, RowFormat};
     use dsv3_cuda::fp8_gemm::QuantizedRows;
     use dsv3_cuda::weights::ExpertBank;
     use dsv3_engine::fp8::E4M3_TO_F32;
@@ -2205,8 +2403,48 @@ fn grouped_fp8_wgmma_matches_f64_reference() {
             .download(input.scales.addr, slots * (k / 128))
             .expect("input scales");
         let out = gpu.alloc(slots * ldy * 4).expect("out");
-        grouped_fp8(&gpu, &tiles, ged.addr, od.addr, s, experts, input, slots, out.addr, ldy).expect("product");
+        grouped_fp8(
+            &gpu,
+            &tiles,
+            ged.addr,
+            od.addr,
+            s,
+            experts,
+            input,
+            slots,
+            out.addr,
+            RowFormat::F32,
+            ldy,
+        )
+        .expect("product");
         let got: Vec<f32> = gpu.download(out.addr, slots * ldy).expect("out");
+        // Written as bf16: the f32 rows rounded to nearest even, bit for bit.
+        let out_bf16 = gpu.alloc(slots * ldy * 2).expect("out bf16");
+        grouped_fp8(
+            &gpu,
+            &tiles,
+            ged.addr,
+            od.addr,
+            s,
+            experts,
+            input,
+            slots,
+            out_bf16.addr,
+            RowFormat::Bf16,
+            ldy,
+        )
+        .expect("product bf16");
+        let got_bf16: Vec<u16> = gpu.download(out_bf16.addr, slots * ldy).expect("out bf16");
+        let wrong = (0..slots)
+            .flat_map(|slot| (0..n).map(move |o| slot * ldy + o))
+            .filter(|&i| got_bf16[i] != bf16_bits(got[i]))
+            .count();
+        assert_eq!(
+            wrong,
+            0,
+            "{name}: {wrong} of {} bf16 outputs are not the f32 ones rounded",
+            slots * n
+        );
         let w: Vec<u8> = gpu.download(s.data.addr, experts * n * k).expect("w");
         let ws: Vec<f32> = gpu
             .download(s.scales.addr, experts * s.scale_stride())

@@ -64,6 +64,23 @@ __device__ __forceinline__ u32 f32_to_e4m3(float v) {
     return sign | ((u32)field << 3) | m;
 }
 
+// Two values to e4m3, lo in the low byte: on sm_89 and later the hardware's conversion
+// (cvt.rn.satfinite: nearest even, saturating at ±448: f32_to_e4m3's codes for every finite
+// value, one instruction a pair where f32_to_e4m3 takes ~15 a value), unless E4M3_CVT is 0
+// (DSV3_E4M3_CVT=0, to measure it).
+#ifndef E4M3_CVT
+#define E4M3_CVT 1
+#endif
+__device__ __forceinline__ u32 e4m3_pair(float lo, float hi) {
+#if E4M3_CVT && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    unsigned short r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    return f32_to_e4m3(lo) | (f32_to_e4m3(hi) << 8);
+#endif
+}
+
 // The scale of an activation block whose largest magnitude is amax (amax / 448, or under ue8m0
 // the next power of two at or above it, taken from the bits) and the factor that maps the block
 // onto e4m3 (448 / amax, or 1 / scale). An all-zero block gets 1 and 1. The CPU reference
@@ -147,33 +164,38 @@ __device__ float block_max(float v, float* scratch) {
 }
 
 // A row normed by a block (rms_norm, rms_norm_quantize_fp8, kv_latent) held in registers:
-// RMS_HELD (tiles.rs) float4s a thread, thread t holding float4s t, t + blockDim.x, ..., so that
-// at each step a warp holds 128 consecutive values (one quantisation block).
+// HELD float4s a thread (RMS_HELD, tiles.rs, for a decode step's blocks of up to 1,024 threads;
+// RMS_HELD_MANY for the 256-thread blocks of a prefill's many rows), thread t holding float4s t,
+// t + blockDim.x, ..., so that at each step a warp holds 128 consecutive values (one
+// quantisation block).
 
 // The row's float4s held in registers (`held_row`) and the weights beside them.
+template <int HELD = RMS_HELD>
 struct HeldRow {
-    float4 x[RMS_HELD], w[RMS_HELD];
+    float4 x[HELD], w[HELD];
 };
 
 // Whether the rows of `width` of x (row stride ld_x) normed with w into y (ld_y) are held by a
 // block of blockDim.x threads: decided from the bases and strides, so every row of a launch takes
 // the same path (the two paths add the squares in different orders).
+template <int HELD = RMS_HELD>
 __device__ __forceinline__ bool rows_fit_held(const float* x, int ld_x, const float* w, const float* y, int ld_y,
                                               int width) {
-    return width % 4 == 0 && width / 4 <= RMS_HELD * (int)blockDim.x && ld_x % 4 == 0 && ld_y % 4 == 0 &&
+    return width % 4 == 0 && width / 4 <= HELD * (int)blockDim.x && ld_x % 4 == 0 && ld_y % 4 == 0 &&
            (((size_t)x | (size_t)w | (size_t)y) & 15) == 0;
 }
 
 // Loads the row and its weights (the weights' lines requested before the wait for the kernel
 // before), and returns this thread's share of the sum of squares.
-__device__ __forceinline__ float held_row(HeldRow& h, const float* x, const float* w, int width) {
+template <int HELD>
+__device__ __forceinline__ float held_row(HeldRow<HELD>& h, const float* x, const float* w, int width) {
     for (int i = 32 * threadIdx.x; i < width; i += 32 * blockDim.x)  // one 128-byte line each
         asm volatile("prefetch.global.L2 [%0];\n" ::"l"(w + i));
     await_previous_kernel();
     const int quads = width / 4;
     float ss = 0.f;
 #pragma unroll
-    for (int j = 0; j < RMS_HELD; ++j) {
+    for (int j = 0; j < HELD; ++j) {
         const int f = threadIdx.x + j * blockDim.x;
         const bool in = f < quads;
         h.w[j] = in ? ((const float4*)w)[f] : make_float4(0.f, 0.f, 0.f, 0.f);
@@ -187,7 +209,8 @@ __device__ __forceinline__ float held_row(HeldRow& h, const float* x, const floa
 }
 
 // The held row's step j normed (x * inv * w, in the order the walked rows use).
-__device__ __forceinline__ float4 held_normed(const HeldRow& h, int j, float inv) {
+template <int HELD>
+__device__ __forceinline__ float4 held_normed(const HeldRow<HELD>& h, int j, float inv) {
     return make_float4(h.x[j].x * inv * h.w[j].x, h.x[j].y * inv * h.w[j].y, h.x[j].z * inv * h.w[j].z,
                        h.x[j].w * inv * h.w[j].w);
 }

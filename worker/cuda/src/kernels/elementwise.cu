@@ -6,8 +6,7 @@ __device__ __forceinline__ u32 quantize_lane(float4 v, int ue8m0, float& scale) 
     float amax = warp_max(fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
     float inv;
     block_scale(amax, ue8m0, scale, inv);
-    return f32_to_e4m3(v.x * inv) | (f32_to_e4m3(v.y * inv) << 8) | (f32_to_e4m3(v.z * inv) << 16) |
-           (f32_to_e4m3(v.w * inv) << 24);
+    return e4m3_pair(v.x * inv, v.y * inv) | (e4m3_pair(v.z * inv, v.w * inv) << 16);
 }
 
 // out[r, :width] = in[r, :width] * rsqrt(mean(in^2) + eps) * w for row r = blockIdx.x, rows
@@ -17,7 +16,12 @@ __device__ __forceinline__ u32 quantize_lane(float4 v, int ue8m0, float& scale) 
 // between the sum and the scaling, loaded at once with its weights, which (written by no kernel)
 // are pulled into L2 before the wait for the kernel before: a decode step's norm is then one
 // load's latency, not a chain of them, and each warp quantises the 128 values it holds.
-// Otherwise the row is walked twice and its quantisation read back.
+// Otherwise the row is walked twice and its quantisation read back. HELD float4s a thread: the
+// kernels named _many hold RMS_HELD_MANY for a prefill's rows (256 threads each: a 7,168-wide row
+// walked streamed at half the memory's rate); every kernel that normalises rows of a width in
+// blocks of a size is the plain or the _many one alike (`kernels::norm_holds_many`), so they
+// add the squares in one order.
+template <int HELD>
 __device__ __forceinline__ void rms_norm_row(float* out, int ld_out, const float* in, int ld_in, const float* w,
                                              int width, float eps, u8* codes = nullptr, float* scales = nullptr,
                                              int ue8m0 = 0) {
@@ -25,11 +29,11 @@ __device__ __forceinline__ void rms_norm_row(float* out, int ld_out, const float
     const int r = blockIdx.x;
     const float* x = in + (size_t)r * ld_in;
     float* y = out + (size_t)r * ld_out;
-    if (rows_fit_held(in, ld_in, w, out, ld_out, width)) {
-        HeldRow h;
+    if (rows_fit_held<HELD>(in, ld_in, w, out, ld_out, width)) {
+        HeldRow<HELD> h;
         const float inv = rsqrtf(block_sum(held_row(h, x, w, width), scratch) / (float)width + eps);
 #pragma unroll
-        for (int j = 0; j < RMS_HELD; ++j) {
+        for (int j = 0; j < HELD; ++j) {
             const int f = threadIdx.x + j * blockDim.x;
             if (f >= width / 4) break;  // with codes, the same for the whole warp (width % 128 == 0)
             const float4 v = held_normed(h, j, inv);
@@ -62,7 +66,12 @@ __device__ __forceinline__ void rms_norm_row(float* out, int ld_out, const float
 
 extern "C" __global__ void rms_norm(float* out, int ld_out, const float* in, int ld_in, const float* w, int width,
                                     float eps) {
-    rms_norm_row(out, ld_out, in, ld_in, w, width, eps);
+    rms_norm_row<RMS_HELD>(out, ld_out, in, ld_in, w, width, eps);
+}
+
+extern "C" __global__ void __launch_bounds__(256) rms_norm_many(float* out, int ld_out, const float* in, int ld_in,
+                                                               const float* w, int width, float eps) {
+    rms_norm_row<RMS_HELD_MANY>(out, ld_out, in, ld_in, w, width, eps);
 }
 
 // act[r, j] = silu(gu[r, j]) * gu[r, inter + j]
@@ -211,15 +220,29 @@ extern "C" __global__ void f32_to_bf16_x8(uint4* out, const float4* in, u64 n8) 
 }
 
 // out[r] = the table's row ids[r]. grid (rows, blocks a row), the row's width spread over
-// gridDim.y blocks (one block walking a row of 7,168 took 13 µs of a decode step).
+// gridDim.y blocks (one block walking a row of 7,168 took 13 µs of a decode step). A bf16 table
+// (DeepSeek-V3's) moves eight values a thread a step, one 16-byte load and two 16-byte stores
+// (one value a thread moved a prefill's 4,096 rows at under half the memory's rate).
 extern "C" __global__ void embed_rows(float* out, int fmt, const void* table, const float* scale, const u32* ids,
                                       int width) {
     await_previous_kernel();
     float* dst = out + (size_t)blockIdx.x * width;
-    const int scale_cols = (width + QBLOCK - 1) / QBLOCK;
     const u32 id = ids[blockIdx.x];
-    for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < width; i += gridDim.y * blockDim.x)
-        dst[i] = weight_at(fmt, table, scale, scale_cols, id, i, width);
+    const int first = blockIdx.y * blockDim.x + threadIdx.x, step = gridDim.y * blockDim.x;
+    if (fmt == FMT_BF16 && width % 8 == 0) {
+        const uint4* src = (const uint4*)((const bf16*)table + (size_t)id * width);
+        float4* to = (float4*)dst;
+        for (int i = first; i < width / 8; i += step) {
+            const uint4 p = src[i];
+            to[2 * i] = make_float4(bf16_to_f32(p.x & 0xffffu), bf16_to_f32(p.x >> 16), bf16_to_f32(p.y & 0xffffu),
+                                    bf16_to_f32(p.y >> 16));
+            to[2 * i + 1] = make_float4(bf16_to_f32(p.z & 0xffffu), bf16_to_f32(p.z >> 16),
+                                        bf16_to_f32(p.w & 0xffffu), bf16_to_f32(p.w >> 16));
+        }
+        return;
+    }
+    const int scale_cols = (width + QBLOCK - 1) / QBLOCK;
+    for (int i = first; i < width; i += step) dst[i] = weight_at(fmt, table, scale, scale_cols, id, i, width);
 }
 
 // Dequantises rows [r0, r0+n) of a weight into bf16 for the tensor-core GEMM path.
@@ -340,13 +363,22 @@ __device__ __forceinline__ bool scale_group(const int* offsets, int groups, int 
     return r < offsets[groups];
 }
 
+// Four consecutive values as f32, from f32 or bf16 rows.
+__device__ __forceinline__ float4 load4(const float* p) { return *(const float4*)p; }
+__device__ __forceinline__ float4 load4(const bf16* p) {
+    const uint2 v = *(const uint2*)p;
+    return make_float4(bf16_to_f32(v.x & 0xffffu), bf16_to_f32(v.x >> 16), bf16_to_f32(v.y & 0xffffu),
+                       bf16_to_f32(v.y >> 16));
+}
+
 // Four values of a split-k product's output: p itself for one split, else the sum over the
-// slabs (split_stride floats apart) in split order from zero, split_k_reduce's bits.
-__device__ __forceinline__ float4 split_sum4(const float* p, int splits, u64 split_stride) {
-    if (splits == 1) return *(const float4*)p;
+// slabs (split_stride values apart) in split order from zero, split_k_reduce's bits.
+template <typename In>
+__device__ __forceinline__ float4 split_sum4(const In* p, int splits, u64 split_stride) {
+    if (splits == 1) return load4(p);
     float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int i = 0; i < splits; ++i) {
-        const float4 v = *(const float4*)(p + i * split_stride);
+        const float4 v = load4(p + i * split_stride);
         s = make_float4(s.x + v.x, s.y + v.y, s.z + v.z, s.w + v.w);
     }
     return s;
@@ -355,9 +387,9 @@ __device__ __forceinline__ float4 split_sum4(const float* p, int splits, u64 spl
 // The body of quantize_rows_fp8; with SWIGLU the values are SiLU(gate) * up of rows of x that hold
 // each row's k gate values and then its k up values (ldx = 2k), the gate and up products' own
 // split-k slabs where `splits` > 1 (added here, as split_k_reduce would); the activations are
-// also written in f32 to `act` (n rows of k) where it is not null.
-template <bool SWIGLU>
-__device__ __forceinline__ void quantize_rows(u8* out, float* scales, const float* x, int ldx, const int* rows, int n,
+// also written in f32 to `act` (n rows of k) where it is not null. x f32 or bf16.
+template <bool SWIGLU, typename In>
+__device__ __forceinline__ void quantize_rows(u8* out, float* scales, const In* x, int ldx, const int* rows, int n,
                                               int k, const int* offsets, int groups, int ue8m0, int span,
                                               float* act = nullptr, int splits = 1, u64 split_stride = 0) {
     const int lane = threadIdx.x & 31, blocks = k / QBLOCK, spans = (blocks + span - 1) / span;
@@ -365,7 +397,7 @@ __device__ __forceinline__ void quantize_rows(u8* out, float* scales, const floa
     if (warp >= n * spans) return;
     const int r = warp / spans, kb0 = (warp % spans) * span, here = min(span, blocks - kb0);
     const int src = rows ? rows[r] : r;
-    const float* in = x + (size_t)src * ldx + kb0 * QBLOCK + lane * 4;
+    const In* in = x + (size_t)src * ldx + kb0 * QBLOCK + lane * 4;
     float4 v[QUANT_SPAN];
 #pragma unroll
     for (int j = 0; j < QUANT_SPAN; ++j) {
@@ -377,7 +409,7 @@ __device__ __forceinline__ void quantize_rows(u8* out, float* scales, const floa
                                silu_times(v[j].w, u.w));
             if (act) *(float4*)(act + (size_t)r * k + (kb0 + j) * QBLOCK + lane * 4) = v[j];
         } else {
-            v[j] = *(const float4*)(in + j * QBLOCK);
+            v[j] = load4(in + j * QBLOCK);
         }
     }
     int first, count;
@@ -403,7 +435,13 @@ extern "C" __global__ void quantize_rows_fp8(u8* out, float* scales, const float
 // row walked twice, reads back). width a multiple of 128, ld_out of 4.
 extern "C" __global__ void rms_norm_quantize_fp8(float* out, int ld_out, const float* in, int ld_in, const float* w,
                                                  int width, float eps, u8* codes, float* scales, int ue8m0) {
-    rms_norm_row(out, ld_out, in, ld_in, w, width, eps, codes, scales, ue8m0);
+    rms_norm_row<RMS_HELD>(out, ld_out, in, ld_in, w, width, eps, codes, scales, ue8m0);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    rms_norm_quantize_fp8_many(float* out, int ld_out, const float* in, int ld_in, const float* w, int width,
+                               float eps, u8* codes, float* scales, int ue8m0) {
+    rms_norm_row<RMS_HELD_MANY>(out, ld_out, in, ld_in, w, width, eps, codes, scales, ue8m0);
 }
 
 // quantize_rows_fp8 of swiglu's output, made from the gate and up products `gu` (n rows of 2k:
@@ -416,6 +454,14 @@ extern "C" __global__ void swiglu_quantize_fp8(u8* out, float* scales, const flo
     await_previous_kernel();
     quantize_rows<true>(out, scales, gu, 2 * k, nullptr, n, k, offsets, groups, ue8m0, span, act, splits,
                         split_stride);
+}
+
+// swiglu_quantize_fp8 of gate and up products written as bf16 (n rows of 2k, whole): the codes and
+// scales of swiglu_quantize_fp8 of those bf16 values widened to f32.
+extern "C" __global__ void swiglu_quantize_fp8_bf16(u8* out, float* scales, const bf16* gu, int n, int k,
+                                                    const int* offsets, int groups, int ue8m0, int span) {
+    await_previous_kernel();
+    quantize_rows<true>(out, scales, gu, 2 * k, nullptr, n, k, offsets, groups, ue8m0, span);
 }
 
 // quantize_rows_fp8's output for rows that repeat (a token routed to several experts), from the

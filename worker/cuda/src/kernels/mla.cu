@@ -75,7 +75,7 @@ extern "C" __global__ void kv_latent(float* kv, int ld, const float* w, int lora
     const int r = blockIdx.x;
     float* x = kv + (size_t)r * ld;
     const bool held = rows_fit_held(kv, ld, w, kv, ld, lora);
-    HeldRow h;
+    HeldRow<> h;
     float ss = 0.f;
     if (held) {
         ss = held_row(h, x, w, lora);

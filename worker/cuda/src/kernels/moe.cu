@@ -7,17 +7,42 @@ extern "C" __global__ void gather_rows_bf16(bf16* out, const float* x, int ldx, 
     for (int i = threadIdx.x; i < width; i += blockDim.x) dst[i] = f32_to_bf16(src[i]);
 }
 
+// Four channels of expert row `src` (f32 or bf16) as f32 where `take`, else zeros: predicated in
+// asm (as plain loads, ptxas split a thread's eight 1 + 7).
+__device__ __forceinline__ float4 load4_if(bool take, const float* src) {
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    asm volatile(
+        "{\n .reg .pred p;\n setp.ne.b32 p, %4, 0;\n"
+        " @p ld.global.v4.f32 {%0, %1, %2, %3}, [%5];\n}\n"
+        : "+f"(v.x), "+f"(v.y), "+f"(v.z), "+f"(v.w)
+        : "r"((int)take), "l"(src));
+    return v;
+}
+__device__ __forceinline__ float4 load4_if(bool take, const bf16* src) {
+    u32 lo = 0, hi = 0;
+    asm volatile(
+        "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n"
+        " @p ld.global.v2.b32 {%0, %1}, [%3];\n}\n"
+        : "+r"(lo), "+r"(hi)
+        : "r"((int)take), "l"(src));
+    return make_float4(bf16_to_f32(lo & 0xffffu), bf16_to_f32(lo >> 16), bf16_to_f32(hi & 0xffffu),
+                       bf16_to_f32(hi >> 16));
+}
+__device__ __forceinline__ float load1(const float* p) { return *p; }
+__device__ __forceinline__ float load1(const bf16* p) { return bf16_to_f32(*p); }
+
 // out[t, :] += sum_j weight[t, j] * y[slot[t, j], :] over the top-k slots of token t (-1 = skipped),
 // then, unless null, += shared[t, :] (the shared expert's rows, made beside the routing: the
 // same additions in the same order as the shared expert's down product adding into out after).
+// y f32 (combine_experts) or bf16 (combine_experts_bf16: the expert product's rows rounded, half
+// the bytes to write and read back).
 // grid (tokens, ceil(width / (4 * COMBINE_THREADS))): four channels a thread, eight
 // slots' loads in flight together (one block a token, looping over the width, took 40 µs for one
 // token; the launch bounds leave ptxas the registers to issue the eight loads at once: without,
 // it kept three in flight).
-extern "C" __global__ void __launch_bounds__(COMBINE_THREADS, 4)
-    combine_experts(float* out, const float* y, const int* slot, const float* weight, int top_k, int width,
-                    const float* shared) {
-    await_previous_kernel();
+template <typename Y>
+__device__ __forceinline__ void combine_rows(float* out, const Y* y, const int* slot, const float* weight, int top_k,
+                                             int width, const float* shared) {
     constexpr int U = 8;
     const int t = blockIdx.x, i = 4 * (blockIdx.y * blockDim.x + threadIdx.x);
     if (i >= width) return;
@@ -37,15 +62,7 @@ extern "C" __global__ void __launch_bounds__(COMBINE_THREADS, 4)
                 w[u] = in ? wt[j0 + u] : 0.f;
             }
 #pragma unroll
-            for (int u = 0; u < U; ++u) {  // predicated in asm: as plain loads, ptxas split them 1 + 7
-                v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
-                const float* src = y + (size_t)max(s[u], 0) * width + i;
-                asm volatile(
-                    "{\n .reg .pred p;\n setp.ge.s32 p, %4, 0;\n"
-                    " @p ld.global.v4.f32 {%0, %1, %2, %3}, [%5];\n}\n"
-                    : "+f"(v[u].x), "+f"(v[u].y), "+f"(v[u].z), "+f"(v[u].w)
-                    : "r"(s[u]), "l"(src));
-            }
+            for (int u = 0; u < U; ++u) v[u] = load4_if(s[u] >= 0, y + (size_t)max(s[u], 0) * width + i);
 #pragma unroll
             for (int u = 0; u < U; ++u)
                 if (s[u] >= 0) {
@@ -64,10 +81,24 @@ extern "C" __global__ void __launch_bounds__(COMBINE_THREADS, 4)
     for (int c = 0; c < 4 && i + c < width; ++c) {
         float acc = 0.f;
         for (int j = 0; j < top_k; ++j)
-            if (st[j] >= 0) acc += wt[j] * y[(size_t)st[j] * width + i + c];
+            if (st[j] >= 0) acc += wt[j] * load1(y + (size_t)st[j] * width + i + c);
         o[c] += acc;
         if (shared) o[c] += shared[(size_t)t * width + i + c];
     }
+}
+
+extern "C" __global__ void __launch_bounds__(COMBINE_THREADS, 4)
+    combine_experts(float* out, const float* y, const int* slot, const float* weight, int top_k, int width,
+                    const float* shared) {
+    await_previous_kernel();
+    combine_rows(out, y, slot, weight, top_k, width, shared);
+}
+
+extern "C" __global__ void __launch_bounds__(COMBINE_THREADS, 4)
+    combine_experts_bf16(float* out, const bf16* y, const int* slot, const float* weight, int top_k, int width,
+                         const float* shared) {
+    await_previous_kernel();
+    combine_rows(out, y, slot, weight, top_k, width, shared);
 }
 
 // Exclusive prefix sum over the block (blockDim.x a multiple of 32, at most 1024); `total` gets

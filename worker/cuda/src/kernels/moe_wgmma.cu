@@ -119,11 +119,19 @@ __device__ __forceinline__ void wgmma_fp8_wide(float* d, u64 da, u32 b, int accu
     if constexpr (N > HEAD) wgmma_fp8_wide<N - HEAD>(d + HEAD / 2, da, b + HEAD * 128, accumulate);
 }
 
+// out[at] = v, out f32 or (out_bf16) bf16 rounded to nearest even.
+__device__ __forceinline__ void gx_store(void* out, int out_bf16, size_t at, float v) {
+    if (out_bf16)
+        ((bf16*)out)[at] = f32_to_bf16(v);
+    else
+        ((float*)out)[at] = v;
+}
+
 // Warpgroup `wg` (0 or 1) of the multiplying pair: weight rows wg * 64 .. + 64 of the tile by its N
 // token columns, over every k block; writes out[first + column, row] for the tile's `count` slots.
 template <int N>
-__device__ __forceinline__ void gx_multiply(float* out, int ldy, const GxStages& st, int kblocks, int row0, int first,
-                                            int count) {
+__device__ __forceinline__ void gx_multiply(void* out, int out_bf16, int ldy, const GxStages& st, int kblocks, int row0,
+                                            int first, int count) {
     const int tid = threadIdx.x - 128, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2,
               t = lane & 3;
     float acc[N / 2], part[N / 2];
@@ -178,25 +186,25 @@ __device__ __forceinline__ void gx_multiply(float* out, int ldy, const GxStages&
     for (int j = 0; j < N / 8; ++j) {
         const int c = 8 * j + 2 * t;
         if (c < count) {
-            float* o = out + (size_t)(first + c) * ldy + r;
-            o[0] = acc[4 * j];
-            o[8] = acc[4 * j + 2];
+            const size_t at = (size_t)(first + c) * ldy + r;
+            gx_store(out, out_bf16, at, acc[4 * j]);
+            gx_store(out, out_bf16, at + 8, acc[4 * j + 2]);
         }
         if (c + 1 < count) {
-            float* o = out + (size_t)(first + c + 1) * ldy + r;
-            o[0] = acc[4 * j + 1];
-            o[8] = acc[4 * j + 3];
+            const size_t at = (size_t)(first + c + 1) * ldy + r;
+            gx_store(out, out_bf16, at, acc[4 * j + 1]);
+            gx_store(out, out_bf16, at + 8, acc[4 * j + 3]);
         }
     }
 }
 #endif
 
-// x_map: the quantised slots, [slots][k] bytes, boxes of GX_BOX rows x 128; w_map: the bank's
-// weights, [experts * rows][k] bytes, boxes of GX_ROWS x 128; w_scales [experts][rows/128][k/128]
-// (w_scale_stride floats per expert); tiles: (group, first slot, slots) per tile, group -1 past the
-// last. rows and k multiples of 128.
+// out: f32, or bf16 where out_bf16 (row stride ldy values); x_map: the quantised slots, [slots][k]
+// bytes, boxes of GX_BOX rows x 128; w_map: the bank's weights, [experts * rows][k] bytes, boxes of
+// GX_ROWS x 128; w_scales [experts][rows/128][k/128] (w_scale_stride floats per expert); tiles:
+// (group, first slot, slots) per tile, group -1 past the last. rows and k multiples of 128.
 extern "C" __global__ void __launch_bounds__(GX_THREADS, 1)
-grouped_fp8_wgmma(float* out, int ldy, const __grid_constant__ TensorMap x_map, const float* x_scales,
+grouped_fp8_wgmma(void* out, int out_bf16, int ldy, const __grid_constant__ TensorMap x_map, const float* x_scales,
                   const __grid_constant__ TensorMap w_map, const float* w_scales, u64 w_scale_stride, const int* tiles,
                   const int* group_expert, const int* offsets, int rows, int k) {
     await_previous_kernel();
@@ -253,18 +261,18 @@ grouped_fp8_wgmma(float* out, int ldy, const __grid_constant__ TensorMap x_map, 
     if (wide) {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
         switch (n) {
-        case 144: gx_multiply<144>(out, ldy, st, kblocks, row0, first, count); break;
-        case 160: gx_multiply<160>(out, ldy, st, kblocks, row0, first, count); break;
-        default: gx_multiply<192>(out, ldy, st, kblocks, row0, first, count); break;
+        case 144: gx_multiply<144>(out, out_bf16, ldy, st, kblocks, row0, first, count); break;
+        case 160: gx_multiply<160>(out, out_bf16, ldy, st, kblocks, row0, first, count); break;
+        default: gx_multiply<192>(out, out_bf16, ldy, st, kblocks, row0, first, count); break;
         }
         return;
     }
     switch (n) {
-    case 16: gx_multiply<16>(out, ldy, st, kblocks, row0, first, count); break;
-    case 32: gx_multiply<32>(out, ldy, st, kblocks, row0, first, count); break;
-    case 64: gx_multiply<64>(out, ldy, st, kblocks, row0, first, count); break;
-    case 96: gx_multiply<96>(out, ldy, st, kblocks, row0, first, count); break;
-    default: gx_multiply<128>(out, ldy, st, kblocks, row0, first, count); break;
+    case 16: gx_multiply<16>(out, out_bf16, ldy, st, kblocks, row0, first, count); break;
+    case 32: gx_multiply<32>(out, out_bf16, ldy, st, kblocks, row0, first, count); break;
+    case 64: gx_multiply<64>(out, out_bf16, ldy, st, kblocks, row0, first, count); break;
+    case 96: gx_multiply<96>(out, out_bf16, ldy, st, kblocks, row0, first, count); break;
+    default: gx_multiply<128>(out, out_bf16, ldy, st, kblocks, row0, first, count); break;
     }
 #endif
 }

@@ -620,7 +620,9 @@ impl CudaModel {
         let width = self.config.hidden_size;
         kernels::embed_rows.launch(
             &self.gpu,
-            (step.rows as u32, width.div_ceil(256) as u32, 1),
+            // Blocks enough for a bf16 row at eight values a thread (other tables take more
+            // steps a thread).
+            (step.rows as u32, width.div_ceil(8 * 256) as u32, 1),
             256,
             0,
             (
@@ -723,10 +725,16 @@ impl CudaModel {
         rows: usize,
         eps: f32,
     ) -> Result<()> {
-        kernels::rms_norm.launch(
+        let threads = self.norm_threads(width, rows);
+        let kernel = if kernels::norm_holds_many(width, threads) {
+            kernels::rms_norm_many
+        } else {
+            kernels::rms_norm
+        };
+        kernel.launch(
             &self.gpu,
             (rows as u32, 1, 1),
-            self.norm_threads(width, rows) as u32,
+            threads as u32,
             0,
             (ptr(out), int(ld_out), ptr(x), int(ld_in), ptr(w.addr), int(width), eps),
         )

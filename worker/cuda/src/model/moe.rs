@@ -6,7 +6,7 @@
 
 use super::layers::{Mlp, Moe};
 use super::CudaModel;
-use crate::expert_wgmma::{self, ExpertTiles};
+use crate::expert_wgmma::{self, ExpertTiles, RowFormat};
 use crate::fp8_gemm::{quantize_rows_bf16, quantize_rows_f32, Fp8Gemm, QuantizedRows, ALIGN};
 use crate::gpu::{DeviceBuf, Forked, Gpu};
 use crate::kernels;
@@ -44,6 +44,9 @@ pub struct ExpertKernels {
     /// Hopper's FP8 wgmma kernel where it takes the bank (DSV3_EXPERT_WGMMA_ROWS; default 1,
     /// every step; 0 never): the same values and scales as the grouped mma.sync kernels.
     pub wgmma_rows: usize,
+    /// What Hopper's FP8 wgmma kernel writes the routed experts' rows in (bf16;
+    /// DSV3_EXPERT_BF16_ROWS=0: f32).
+    pub wgmma_out: RowFormat,
 }
 
 impl ExpertKernels {
@@ -65,6 +68,11 @@ impl ExpertKernels {
                 Some(rows) => rows,
                 None => 1,
             },
+            wgmma_out: if switches::flag("DSV3_EXPERT_BF16_ROWS", true)? {
+                RowFormat::Bf16
+            } else {
+                RowFormat::F32
+            },
         })
     }
 }
@@ -77,7 +85,8 @@ pub(crate) struct BankCounters {
 
 /// `h[t] += Σ_j weights[t,j] · Expert_{ids[t,j]}(x_t)` over the experts of `bank`, for `m` rows
 /// of which the first `*valid` are real. `ids` index the bank (`-1` or out of range: a slot
-/// handled elsewhere); `x` is f32 `[m, hidden]`. From `kernels.wgmma_rows` rows on Hopper,
+/// handled elsewhere); `x` is f32 `[m, hidden]`, `xq` its rows quantised already where the norm
+/// that made them quantised them (the routed slots' FP8 rows are then gathered from those). From `kernels.wgmma_rows` rows on Hopper,
 /// [`wgmma_bank`]. Otherwise every expert group up to `kernels.cublas_rows`
 /// rows runs in the grouped tensor-core kernels, weights streamed once per group; in steps above
 /// [`DEVICE_ONLY_MAX_ROWS`] larger groups go to cuBLAS (one copy of the group sizes to the host).
@@ -87,6 +96,7 @@ pub(crate) fn run_bank(
     kernels: ExpertKernels,
     bank: &ExpertBank,
     x: &DeviceBuf,
+    xq: Option<&QuantizedRows>,
     h: &DeviceBuf,
     m: usize,
     k: usize,
@@ -107,7 +117,19 @@ pub(crate) fn run_bank(
         );
         if m >= kernels.wgmma_rows && !kernels.simt_linear() && expert_wgmma::takes(g, bank) {
             let plan = DevicePlan::new(g, e, k, ids, valid, m, counters, 1)?;
-            return wgmma_bank(g, bank, &plan, x, h, m, k, weights, ue8m0, shared);
+            return wgmma_bank(
+                g,
+                bank,
+                &plan,
+                (x, xq),
+                h,
+                m,
+                k,
+                weights,
+                ue8m0,
+                kernels.wgmma_out,
+                shared,
+            );
         }
     }
     // Large steps run their large groups through cuBLASLt's FP8 products (quantised activations,
@@ -198,7 +220,7 @@ pub(crate) fn run_bank(
     let fp8 = fp8.filter(|_| !large.is_empty());
     let groups = Some((plan.offsets, plan.groups));
     if let Some((fp8, ue8m0)) = fp8 {
-        let xq = quantize_routed_rows(g, x.addr, m, width, &plan, slots, groups, ue8m0)?;
+        let xq = quantize_routed_rows(g, (x, xq), m, width, &plan, slots, groups, ue8m0)?;
         fp8_groups(g, fp8, &large, &bank.gate, &xq, gu.addr, 2 * inter)?;
         fp8_groups(g, fp8, &large, &bank.up, &xq, up_out, 2 * inter)?;
     } else if !large.is_empty() {
@@ -223,7 +245,7 @@ pub(crate) fn run_bank(
         let ab = g.to_bf16(ain.wide, slots * inter)?;
         cublas_groups(g, &large, &bank.down, ab.addr, inter, y.addr, width)?;
     }
-    combine(g, h, &y, width, &plan, weights, m, k, shared)
+    combine(g, h, &y, RowFormat::F32, width, &plan, weights, m, k, shared)
 }
 
 /// The activation operand of the grouped kernels, `n` rows of `k`: for the tensor cores bf16
@@ -281,11 +303,12 @@ impl GroupedInput {
 const QUANTISE_ONCE_MIN_ROWS: usize = 512;
 
 /// The routed slots' input rows (token `x_rows[s]` of the `m` rows of `x`) quantised per 128
-/// channels, their scales laid out per expert group.
+/// channels, their scales laid out per expert group: gathered from the rows the norm quantised
+/// where it did (`xq`; the same codes and scales).
 #[allow(clippy::too_many_arguments)]
 fn quantize_routed_rows(
     g: &Gpu,
-    x: u64,
+    (x, xq): (&DeviceBuf, Option<&QuantizedRows>),
     m: usize,
     width: usize,
     plan: &DevicePlan,
@@ -293,44 +316,63 @@ fn quantize_routed_rows(
     groups: Option<(u64, usize)>,
     ue8m0: bool,
 ) -> Result<QuantizedRows> {
-    if m >= QUANTISE_ONCE_MIN_ROWS {
-        QuantizedRows::gathered(g, x, width, m, plan.x_rows, slots, width, groups, ue8m0)
-    } else {
-        QuantizedRows::new(g, x, width, Some(plan.x_rows), slots, width, groups, ue8m0)
+    match xq {
+        Some(xq) if xq.k == width => xq.gather(g, m, plan.x_rows, slots, groups),
+        _ if m >= QUANTISE_ONCE_MIN_ROWS => {
+            QuantizedRows::gathered(g, x.addr, width, m, plan.x_rows, slots, width, groups, ue8m0)
+        }
+        _ => QuantizedRows::new(g, x.addr, width, Some(plan.x_rows), slots, width, groups, ue8m0),
     }
 }
 
 /// [`run_bank`] on Hopper: each matrix kind in one launch of the FP8 wgmma kernel over every
-/// group, the tiles listed on the device (no host round trip, at any step size).
+/// group, the tiles listed on the device (no host round trip, at any step size), their rows
+/// written in `rows`.
 #[allow(clippy::too_many_arguments)]
 fn wgmma_bank(
     g: &Gpu,
     bank: &ExpertBank,
     plan: &DevicePlan,
-    x: &DeviceBuf,
+    x: (&DeviceBuf, Option<&QuantizedRows>),
     h: &DeviceBuf,
     m: usize,
     k: usize,
     weights: u64,
     ue8m0: bool,
+    rows: RowFormat,
     shared: Option<SharedExpert<'_>>,
 ) -> Result<()> {
     let (e, slots, width, inter) = (bank.experts, plan.capacity, bank.gate.cols, bank.gate.rows);
     let tiles = ExpertTiles::new(g, plan.offsets, plan.groups, slots)?;
     let groups = Some((plan.offsets, plan.groups));
     let product = |s: &Stacked, input: &QuantizedRows, out: u64, ldy: usize| {
-        expert_wgmma::grouped_fp8(g, &tiles, plan.group_expert, plan.offsets, s, e, input, slots, out, ldy)
+        expert_wgmma::grouped_fp8(
+            g,
+            &tiles,
+            plan.group_expert,
+            plan.offsets,
+            s,
+            e,
+            input,
+            slots,
+            out,
+            rows,
+            ldy,
+        )
     };
-    let xq = quantize_routed_rows(g, x.addr, m, width, plan, slots, groups, ue8m0)?;
-    let gu = g.alloc(slots * 2 * inter * 4)?;
+    let xq = quantize_routed_rows(g, x, m, width, plan, slots, groups, ue8m0)?;
+    let gu = g.alloc(slots * 2 * inter * rows.bytes())?;
     let shared = shared.map(SharedExpert::start).transpose()?;
     product(&bank.gate, &xq, gu.addr, 2 * inter)?;
-    product(&bank.up, &xq, gu.addr + (inter * 4) as u64, 2 * inter)?;
+    product(&bank.up, &xq, gu.addr + (inter * rows.bytes()) as u64, 2 * inter)?;
     // The activations quantised where SwiGLU makes them (no f32 pass through memory).
-    let aq = QuantizedRows::swiglu(g, SplitSums::whole(gu.addr), slots, inter, groups, ue8m0, None)?;
-    let y = g.alloc(slots * width * 4)?;
+    let aq = match rows {
+        RowFormat::F32 => QuantizedRows::swiglu(g, SplitSums::whole(gu.addr), slots, inter, groups, ue8m0, None)?,
+        RowFormat::Bf16 => QuantizedRows::swiglu_bf16(g, gu.addr, slots, inter, groups, ue8m0)?,
+    };
+    let y = g.alloc(slots * width * rows.bytes())?;
     product(&bank.down, &aq, y.addr, width)?;
-    combine(g, h, &y, width, plan, weights, m, k, shared)
+    combine(g, h, &y, rows, width, plan, weights, m, k, shared)
 }
 
 /// The shared expert's output rows, made on a side lane beside the routed experts
@@ -372,13 +414,15 @@ impl<'a> SharedExpert<'a> {
     }
 }
 
-/// `h[t] += Σ_j weights[t, j] · y[slot of (t, j)]`: the experts' rows back to their tokens; then
-/// `h[t] += shared[t]` where the shared expert's rows were made beside the routing.
+/// `h[t] += Σ_j weights[t, j] · y[slot of (t, j)]`: the experts' rows (in `y_format`) back to
+/// their tokens; then `h[t] += shared[t]` where the shared expert's rows were made beside the
+/// routing.
 #[allow(clippy::too_many_arguments)]
 fn combine(
     g: &Gpu,
     h: &DeviceBuf,
     y: &DeviceBuf,
+    y_format: RowFormat,
     width: usize,
     plan: &DevicePlan,
     weights: u64,
@@ -392,7 +436,11 @@ fn combine(
     if let Some(s) = shared.as_mut() {
         s.forked.join()?;
     }
-    kernels::combine_experts.launch(
+    let kernel = match y_format {
+        RowFormat::F32 => kernels::combine_experts,
+        RowFormat::Bf16 => kernels::combine_experts_bf16,
+    };
+    kernel.launch(
         g,
         (m as u32, width.div_ceil(4 * COMBINE_THREADS) as u32, 1),
         COMBINE_THREADS as u32,
@@ -547,6 +595,7 @@ impl CudaModel {
                     self.kernels,
                     bank,
                     x,
+                    xq,
                     h,
                     m,
                     k,
@@ -629,6 +678,7 @@ impl CudaModel {
                     self.kernels,
                     bank,
                     x,
+                    None,
                     h,
                     m,
                     k,
