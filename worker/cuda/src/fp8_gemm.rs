@@ -379,11 +379,7 @@ impl QuantizedRows {
     ) -> Result<Self> {
         let data = g.alloc(rows * width)?;
         let scales = g.alloc(rows * (width / 128) * 4)?;
-        let kernel = if kernels::norm_holds_many(width, threads) {
-            kernels::rms_norm_quantize_fp8_many
-        } else {
-            kernels::rms_norm_quantize_fp8
-        };
+        let (_, kernel) = kernels::norm_kernels(width, threads);
         kernel.launch(
             g,
             (rows as u32, 1, 1),

@@ -232,11 +232,22 @@ pub const MLA_ABSORB_OUT_MMA: TokenTiles<MlaAbsorbOutMma> = TokenTiles([
 ]);
 
 /// Whether rows of `width` normalised by blocks of `threads` take the norms' `_many` kernels
-/// (`rms_norm_many`, `rms_norm_quantize_fp8_many`: [`RMS_HELD_MANY`](crate::tiles::RMS_HELD_MANY) float4s a thread held, for
-/// blocks of at most 256), where the plain ones ([`RMS_HELD`] a thread) would walk the row. Every
-/// launch of a norm asks here, so rows of one width and block size are summed in one order.
+/// (`rms_norm_many`, `rms_norm_quantize_fp8_many`: [`RMS_HELD_MANY`](crate::tiles::RMS_HELD_MANY)
+/// float4s a thread held, for blocks of at most 256), where the plain ones ([`RMS_HELD`] a
+/// thread) would walk the row.
 pub fn norm_holds_many(width: usize, threads: usize) -> bool {
     threads <= 256 && width.div_ceil(4) > RMS_HELD * threads
+}
+
+/// The norm kernels for rows of `width` on blocks of `threads`: (plain, quantising), both plain
+/// or both `_many` ([`norm_holds_many`]). Every launch of a norm takes its kernel from here, so
+/// rows of one width and block size are summed in one order.
+pub fn norm_kernels(width: usize, threads: usize) -> (RmsNorm, RmsNormQuantizeFp8) {
+    if norm_holds_many(width, threads) {
+        (rms_norm_many, rms_norm_quantize_fp8_many)
+    } else {
+        (rms_norm, rms_norm_quantize_fp8)
+    }
 }
 
 #[cfg(test)]

@@ -1924,11 +1924,7 @@ fn norm_quantised_where_made_equals_quantising_its_output() {
                 gpu.alloc(rows * width * 4).expect("out"),
                 gpu.alloc(rows * width * 4).expect("out"),
             );
-            let plain_kernel = if kernels::norm_holds_many(width, threads) {
-                kernels::rms_norm_many
-            } else {
-                kernels::rms_norm
-            };
+            let (plain_kernel, _) = kernels::norm_kernels(width, threads);
             plain_kernel
                 .launch(
                     &gpu,
@@ -2402,38 +2398,18 @@ fn grouped_fp8_wgmma_matches_f64_reference() {
         let is: Vec<f32> = gpu
             .download(input.scales.addr, slots * (k / 128))
             .expect("input scales");
+        let product = |out: u64, format: RowFormat| {
+            grouped_fp8(
+                &gpu, &tiles, ged.addr, od.addr, s, experts, input, slots, out, format, ldy,
+            )
+            .expect("product")
+        };
         let out = gpu.alloc(slots * ldy * 4).expect("out");
-        grouped_fp8(
-            &gpu,
-            &tiles,
-            ged.addr,
-            od.addr,
-            s,
-            experts,
-            input,
-            slots,
-            out.addr,
-            RowFormat::F32,
-            ldy,
-        )
-        .expect("product");
+        product(out.addr, RowFormat::F32);
         let got: Vec<f32> = gpu.download(out.addr, slots * ldy).expect("out");
         // Written as bf16: the f32 rows rounded to nearest even, bit for bit.
         let out_bf16 = gpu.alloc(slots * ldy * 2).expect("out bf16");
-        grouped_fp8(
-            &gpu,
-            &tiles,
-            ged.addr,
-            od.addr,
-            s,
-            experts,
-            input,
-            slots,
-            out_bf16.addr,
-            RowFormat::Bf16,
-            ldy,
-        )
-        .expect("product bf16");
+        product(out_bf16.addr, RowFormat::Bf16);
         let got_bf16: Vec<u16> = gpu.download(out_bf16.addr, slots * ldy).expect("out bf16");
         let wrong = (0..slots)
             .flat_map(|slot| (0..n).map(move |o| slot * ldy + o))

@@ -31,6 +31,12 @@ __device__ __forceinline__ void await_previous_kernel() {
 
 __device__ __forceinline__ float bf16_to_f32(u32 v) { return __uint_as_float(v << 16); }
 
+// Four bf16 values packed two a word (the first in the low half of lo) as f32.
+__device__ __forceinline__ float4 bf16x4_to_f32(u32 lo, u32 hi) {
+    return make_float4(bf16_to_f32(lo & 0xffffu), bf16_to_f32(lo >> 16), bf16_to_f32(hi & 0xffffu),
+                       bf16_to_f32(hi >> 16));
+}
+
 __device__ __forceinline__ bf16 f32_to_bf16(float f) {
     u32 u = __float_as_uint(f);
     u32 rounding = ((u >> 16) & 1u) + 0x7fffu;  // round to nearest even

@@ -234,10 +234,8 @@ extern "C" __global__ void embed_rows(float* out, int fmt, const void* table, co
         float4* to = (float4*)dst;
         for (int i = first; i < width / 8; i += step) {
             const uint4 p = src[i];
-            to[2 * i] = make_float4(bf16_to_f32(p.x & 0xffffu), bf16_to_f32(p.x >> 16), bf16_to_f32(p.y & 0xffffu),
-                                    bf16_to_f32(p.y >> 16));
-            to[2 * i + 1] = make_float4(bf16_to_f32(p.z & 0xffffu), bf16_to_f32(p.z >> 16),
-                                        bf16_to_f32(p.w & 0xffffu), bf16_to_f32(p.w >> 16));
+            to[2 * i] = bf16x4_to_f32(p.x, p.y);
+            to[2 * i + 1] = bf16x4_to_f32(p.z, p.w);
         }
         return;
     }
@@ -367,8 +365,7 @@ __device__ __forceinline__ bool scale_group(const int* offsets, int groups, int 
 __device__ __forceinline__ float4 load4(const float* p) { return *(const float4*)p; }
 __device__ __forceinline__ float4 load4(const bf16* p) {
     const uint2 v = *(const uint2*)p;
-    return make_float4(bf16_to_f32(v.x & 0xffffu), bf16_to_f32(v.x >> 16), bf16_to_f32(v.y & 0xffffu),
-                       bf16_to_f32(v.y >> 16));
+    return bf16x4_to_f32(v.x, v.y);
 }
 
 // Four values of a split-k product's output: p itself for one split, else the sum over the

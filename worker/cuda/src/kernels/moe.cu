@@ -25,8 +25,7 @@ __device__ __forceinline__ float4 load4_if(bool take, const bf16* src) {
         " @p ld.global.v2.b32 {%0, %1}, [%3];\n}\n"
         : "+r"(lo), "+r"(hi)
         : "r"((int)take), "l"(src));
-    return make_float4(bf16_to_f32(lo & 0xffffu), bf16_to_f32(lo >> 16), bf16_to_f32(hi & 0xffffu),
-                       bf16_to_f32(hi >> 16));
+    return bf16x4_to_f32(lo, hi);
 }
 __device__ __forceinline__ float load1(const float* p) { return *p; }
 __device__ __forceinline__ float load1(const bf16* p) { return bf16_to_f32(*p); }

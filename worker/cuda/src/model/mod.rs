@@ -726,11 +726,7 @@ impl CudaModel {
         eps: f32,
     ) -> Result<()> {
         let threads = self.norm_threads(width, rows);
-        let kernel = if kernels::norm_holds_many(width, threads) {
-            kernels::rms_norm_many
-        } else {
-            kernels::rms_norm
-        };
+        let (kernel, _) = kernels::norm_kernels(width, threads);
         kernel.launch(
             &self.gpu,
             (rows as u32, 1, 1),

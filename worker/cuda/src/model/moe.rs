@@ -86,10 +86,11 @@ pub(crate) struct BankCounters {
 /// `h[t] += Σ_j weights[t,j] · Expert_{ids[t,j]}(x_t)` over the experts of `bank`, for `m` rows
 /// of which the first `*valid` are real. `ids` index the bank (`-1` or out of range: a slot
 /// handled elsewhere); `x` is f32 `[m, hidden]`, `xq` its rows quantised already where the norm
-/// that made them quantised them (the routed slots' FP8 rows are then gathered from those). From `kernels.wgmma_rows` rows on Hopper,
-/// [`wgmma_bank`]. Otherwise every expert group up to `kernels.cublas_rows`
-/// rows runs in the grouped tensor-core kernels, weights streamed once per group; in steps above
-/// [`DEVICE_ONLY_MAX_ROWS`] larger groups go to cuBLAS (one copy of the group sizes to the host).
+/// that made them quantised them (the routed slots' FP8 rows are then gathered from those). From
+/// `kernels.wgmma_rows` rows on Hopper, [`wgmma_bank`]. Otherwise every expert group up to
+/// `kernels.cublas_rows` rows runs in the grouped tensor-core kernels, weights streamed once per
+/// group; in steps above [`DEVICE_ONLY_MAX_ROWS`] larger groups go to cuBLAS (one copy of the
+/// group sizes to the host).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run_bank(
     g: &Gpu,
