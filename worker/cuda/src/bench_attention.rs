@@ -10,7 +10,7 @@ use crate::gpu::{DeviceBuf, Gpu};
 use crate::kernels;
 use crate::launch::ptr;
 use crate::mla_decode::{mla_decode, DecodeBuffers, DecodeKernel, DecodeOutput, DecodeQuery, LatentShape, PagedRows};
-use crate::mla_prefill::{prefill_with, PrefillBuffers, PrefillKernel, PrefillShape};
+use crate::mla_prefill::{prefill_with, PrefillBuffers, PrefillKernel, PrefillOutput, PrefillShape};
 use anyhow::{ensure, Context, Result};
 
 /// DeepSeek-V3's latent attention: 128 heads, latent rank 512, rotary 64, 128 without rotary.
@@ -399,8 +399,10 @@ pub fn run_prefill(g: &Gpu, n: usize, reps: usize, peer: Option<&serde_json::Val
         q: q.addr,
         kv: kv.addr,
         k_pe: k_pe.addr,
-        out: out.addr,
-        ld_out: heads * vdim,
+        out: PrefillOutput::F32 {
+            out: out.addr,
+            ld: heads * vdim,
+        },
     };
     // Causal: row i sees i + 1 keys; Q·Kᵀ over qk and P·V over vdim per head and key.
     let flops = (n * (n + 1) / 2 * heads * 2 * (qk + vdim)) as f64;

@@ -110,6 +110,11 @@ pub fn grouped_fp8(
         x.k,
         s.cols
     );
+    // Each slot's sums leave as 16-byte pieces of its row.
+    ensure!(
+        out.is_multiple_of(16) && (ldy * format.bytes()).is_multiple_of(16),
+        "expert product: output rows must start 16-byte aligned"
+    );
     let x_map = byte_matrix_map(x.data.addr, slots, s.cols, TOKEN_BOX)?;
     let w_map = byte_matrix_map(s.data.addr, experts * s.rows, s.cols, GX_ROWS)?;
     kernels::grouped_fp8_wgmma.launch(

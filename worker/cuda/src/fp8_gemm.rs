@@ -31,6 +31,9 @@ pub fn cublaslt_present() -> bool {
 /// (slice5 decode on the H200: batch 64 12.1 -> 9.2 ms, batch 256 31.1 -> 17.3 ms).
 const DENSE_MIN_ROWS: usize = 17;
 
+/// (m, n, k, ldy, output type) of a product.
+type ProductShape = (usize, usize, usize, usize, u32);
+
 pub struct Fp8Gemm {
     /// Token rows from which [`crate::linear::linear`] uses these products for quantised
     /// activations (DSV3_FP8_CUBLASLT_ROWS; default [`DENSE_MIN_ROWS`]).
@@ -38,8 +41,8 @@ pub struct Fp8Gemm {
     handle: sys::cublasLtHandle_t,
     desc: sys::cublasLtMatmulDesc_t,
     pref: sys::cublasLtMatmulPreference_t,
-    /// The heuristic's algorithm per (m, n, k, ldy): asking costs tens of microseconds.
-    algos: RefCell<HashMap<(usize, usize, usize, usize), sys::cublasLtMatmulAlgo_t>>,
+    /// The heuristic's algorithm per product shape: asking costs tens of microseconds.
+    algos: RefCell<HashMap<ProductShape, sys::cublasLtMatmulAlgo_t>>,
     /// One workspace per stream (index 0 the main stream, i a side lane): concurrent products
     /// must not share one.
     workspaces: RefCell<Vec<DeviceBuf>>,
@@ -162,7 +165,47 @@ impl Fp8Gemm {
         k: usize,
         accumulate: bool,
     ) -> Result<()> {
+        let out = (y, ldy, sys::cudaDataType::CUDA_R_32F);
+        self.matmul(gpu, out, x, x_scales, w, w_scales, m, n, k, accumulate)
+    }
+
+    /// [`Fp8Gemm::gemm`] into bf16 rows (not accumulated): each f32 sum rounded to bf16 in the
+    /// product's epilogue, for a reader that takes bf16 (half the bytes written and read back).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_to_bf16(
+        &self,
+        gpu: &Gpu,
+        y: u64,
+        ldy: usize,
+        x: u64,
+        x_scales: u64,
+        w: u64,
+        w_scales: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        let out = (y, ldy, sys::cudaDataType::CUDA_R_16BF);
+        self.matmul(gpu, out, x, x_scales, w, w_scales, m, n, k, false)
+    }
+
+    /// The product into `out` (address, row stride in elements, element type).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &self,
+        gpu: &Gpu,
+        out: (u64, usize, sys::cudaDataType),
+        x: u64,
+        x_scales: u64,
+        w: u64,
+        w_scales: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+        accumulate: bool,
+    ) -> Result<()> {
         use sys::cublasLtMatmulDescAttributes_t as A;
+        let (y, ldy, out_type) = out;
         // cuBLASLt reads the activation scales in rows of 4 (16 bytes): it has no algorithm for
         // other m.
         if !Self::takes_weight(n, k) || !m.is_multiple_of(4) {
@@ -182,13 +225,9 @@ impl Fp8Gemm {
         attr(self.desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &x_scales)?;
         // Column-major view: yᵀ[n, m] = (w stored k×n)ᵀ · (x stored k×m).
         let e4m3 = sys::cudaDataType::CUDA_R_8F_E4M3;
-        let layouts = Layouts::new([
-            (e4m3, k, n, k),
-            (e4m3, k, m, k),
-            (sys::cudaDataType::CUDA_R_32F, n, m, ldy),
-        ])?;
+        let layouts = Layouts::new([(e4m3, k, n, k), (e4m3, k, m, k), (out_type, n, m, ldy)])?;
         let [a, b, d] = layouts.0;
-        let key = (m, n, k, ldy);
+        let key = (m, n, k, ldy, out_type as u32);
         let cached = self.algos.borrow().get(&key).copied();
         let algo = match cached {
             Some(algo) => algo,

@@ -40,6 +40,9 @@ kernels! {
     RopeInterleavedBf16: rope_interleaved_bf16(
         x: Ptr, xb: Ptr, ld: i32, hs: i32, offset: i32, dim: i32, cos_t: Ptr, sin_t: Ptr, lens: Ptr,
     );
+    RopeInterleavedBf16InPlace: rope_interleaved_bf16_in_place(
+        x: Ptr, ld: i32, heads: i32, hs: i32, offset: i32, dim: i32, cos_t: Ptr, sin_t: Ptr, lens: Ptr,
+    );
     F32ToBf16Rows: f32_to_bf16_rows(out: Ptr, in_: Ptr, n: u64);
     F32ToBf16X8: f32_to_bf16_x8(out: Ptr, in_: Ptr, n8: u64);
     EmbedRows: embed_rows(out: Ptr, fmt: i32, table: Ptr, scale: Ptr, ids: Ptr, width: i32);
@@ -146,7 +149,7 @@ kernels! {
         scale: f32,
     );
     MlaPrefillWgmma: mla_prefill_wgmma, mla_prefill_wgmma_serial(
-        out: Ptr, ld_out: i32, q_map: TensorMap, kv_map: TensorMap, kpe_map: TensorMap, n: i32, start: i32,
+        out: Ptr, ld_out: i32, codes: Ptr, code_scales: Ptr, ld_scales: i32, ue8m0: i32, q_map: TensorMap, kv_map: TensorMap, kpe_map: TensorMap, n: i32, start: i32,
         scale: f32,
     );
 

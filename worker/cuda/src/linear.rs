@@ -380,11 +380,7 @@ fn product(
     }
     // Larger steps: cuBLASLt's block-scaled FP8 product, the weights read as stored; the last
     // m % 4 rows (it takes multiples of 4) as below.
-    let fp8 = match input_quant {
-        Some(_) if !simt && Fp8Gemm::takes_weight(w.rows, w.cols) => g.fp8_gemm()?.filter(|f| m >= f.dense_min_rows),
-        _ => None,
-    };
-    if let (Some(fp8), Some(ue8m0)) = (fp8, input_quant) {
+    if let Some((fp8, ue8m0)) = block_scaled_fp8(g, simt, input_quant, m, w)? {
         let body = m / 4 * 4;
         let q = quantised_rows(body, ue8m0)?;
         let q = q.rows();
@@ -545,6 +541,100 @@ fn product(
     let xb = g.to_bf16(x, m * w.cols)?;
     g.gemm_bf16(y, ldy, xb.addr, w_bf16, m, w.rows, w.cols, accumulate)?;
     Ok(written())
+}
+
+/// cuBLASLt's block-scaled FP8 product and the activations' scale encoding, where [`product`]
+/// takes it for `m` rows of `w`.
+fn block_scaled_fp8<'g>(
+    g: &'g Gpu,
+    simt: bool,
+    input_quant: Option<bool>,
+    m: usize,
+    w: &DeviceMatrix,
+) -> Result<Option<(&'g Fp8Gemm, bool)>> {
+    let Some(ue8m0) = input_quant.filter(|_| !simt && w.format == Format::Fp8) else {
+        return Ok(None);
+    };
+    if !Fp8Gemm::takes_weight(w.rows, w.cols) {
+        return Ok(None);
+    }
+    Ok(g.fp8_gemm()?.filter(|f| m >= f.dense_min_rows).map(|f| (f, ue8m0)))
+}
+
+/// The scale encoding (`ue8m0`) of quantised rows from which [`linear_from`] computes all `m`
+/// rows of its product with `w`, never reading the unquantised rows: where it runs cuBLASLt's
+/// block-scaled FP8 product over every row (m a multiple of 4). `None` where it would read them,
+/// so their maker must write them.
+pub fn reads_quantised_only(
+    g: &Gpu,
+    small: SmallBatch,
+    input_quant: Option<bool>,
+    m: usize,
+    w: &DeviceMatrix,
+) -> Result<Option<bool>> {
+    Ok(block_scaled_fp8_whole(g, small, input_quant, m, w)?.map(|(_, ue8m0)| ue8m0))
+}
+
+/// [`block_scaled_fp8`] where [`product`] takes it for all `m` rows (none left for the kernels
+/// after it).
+fn block_scaled_fp8_whole<'g>(
+    g: &'g Gpu,
+    small: SmallBatch,
+    input_quant: Option<bool>,
+    m: usize,
+    w: &DeviceMatrix,
+) -> Result<Option<(&'g Fp8Gemm, bool)>> {
+    let simt = small == SmallBatch::CudaCores;
+    if bf16_tensor_cores(simt, m, w) || !m.is_multiple_of(4) {
+        return Ok(None);
+    }
+    block_scaled_fp8(g, simt, input_quant, m, w)
+}
+
+/// [`linear_from`] into new bf16 rows `[m, w.rows]` (not accumulated), for a reader that takes
+/// bf16: where cuBLASLt's block-scaled FP8 product takes every row, it rounds its sums to bf16
+/// itself (half the bytes written); elsewhere the f32 product is rounded.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_from_to_bf16(
+    g: &Gpu,
+    dequant: &DeviceBuf,
+    small: SmallBatch,
+    input_quant: Option<bool>,
+    x: u64,
+    x_quantised: Option<&QuantizedRows>,
+    m: usize,
+    w: &DeviceMatrix,
+) -> Result<DeviceBuf> {
+    if let Some((fp8, ue8m0)) = block_scaled_fp8_whole(g, small, input_quant, m, w)? {
+        let made;
+        let q = match x_quantised.filter(|q| q.k == w.cols) {
+            Some(q) => q,
+            None => {
+                made = QuantizedRows::new(g, x, w.cols, None, m, w.cols, None, ue8m0)?;
+                &made
+            }
+        };
+        let y = g.alloc(m * w.rows * 2)?;
+        fp8.reserve(g, 0)?;
+        let (x, xs, wd, ws) = (q.data.addr, q.scales.addr, w.data.addr, w.scale_addr());
+        fp8.gemm_to_bf16(g, y.addr, w.rows, x, xs, wd, ws, m, w.rows, w.cols)?;
+        return Ok(y);
+    }
+    let y = g.alloc(m * w.rows * 4)?;
+    linear_from(
+        g,
+        dequant,
+        small,
+        input_quant,
+        y.addr,
+        w.rows,
+        x,
+        x_quantised,
+        m,
+        w,
+        false,
+    )?;
+    g.to_bf16(y.addr, m * w.rows)
 }
 
 /// Quantised rows given by the caller or made for one product.

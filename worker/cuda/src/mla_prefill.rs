@@ -9,7 +9,7 @@ use crate::kernels;
 use crate::launch::{int, ptr, TensorMap};
 use crate::switches;
 use crate::tiles::{FL_K, FL_Q, FL_QK, FL_V, PF_K, PF_Q, PF_THREADS};
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 use cudarc::driver::sys as drv;
 
 /// Which kernel computes the prefill attention.
@@ -64,6 +64,22 @@ impl PrefillKernel {
         })
     }
 
+    /// [`PrefillKernel::best`], or an error naming the head sizes no kernel takes.
+    pub fn for_shape(g: &Gpu, shape: &PrefillShape, allowed: PrefillSwitches) -> Result<Self> {
+        Self::best(g, shape, allowed).ok_or_else(|| {
+            anyhow::anyhow!(
+                "no prefill attention kernel takes heads of {} (query/key) and {} (value): at most {FL_QK} and {FL_V} in multiples of 16",
+                shape.qk(),
+                shape.vdim
+            )
+        })
+    }
+
+    /// Whether this kernel can write its output quantised ([`PrefillOutput::Codes`]).
+    pub fn writes_codes(self) -> bool {
+        self != PrefillKernel::Mma
+    }
+
     /// Whether this kernel takes `shape` on `g`.
     pub fn takes(self, g: &Gpu, shape: &PrefillShape) -> bool {
         match self {
@@ -105,15 +121,31 @@ impl PrefillShape {
 /// The device buffers of one call, over `total = start + n` keys: `q` bf16 `[n, heads, nope +
 /// rope]`; `kv` kv_b's product, bf16 `[total, heads, nope + vdim]` (each head's key channels
 /// without rotary, then its value); `k_pe` the keys' rotary channels shared by every head, bf16
-/// `[total, rope]`. The output is f32, row `i` at `out + i * ld_out` floats, head `h` at
-/// `h * vdim` in it.
+/// `[total, rope]`; the output, row `i`'s head `h` at `h * vdim` in it.
 #[derive(Clone, Copy, Debug)]
 pub struct PrefillBuffers {
     pub q: u64,
     pub kv: u64,
     pub k_pe: u64,
-    pub out: u64,
-    pub ld_out: usize,
+    pub out: PrefillOutput,
+}
+
+/// Where a prefill's attention goes.
+#[derive(Clone, Copy, Debug)]
+pub enum PrefillOutput {
+    /// f32, row `i` at `out + i * ld` floats.
+    F32 { out: u64, ld: usize },
+    /// Quantised for the product that reads it ([`PrefillKernel::writes_codes`]; a head's 128
+    /// values one block): e4m3 codes, row `i` at `codes + i * ld` bytes, and row `i`'s head `h`
+    /// scale at `scales + (h * ld_scales + i) * 4` (`ue8m0`: powers of two): the codes and scales
+    /// `quantize_rows_fp8` makes of the f32 output, bit for bit.
+    Codes {
+        codes: u64,
+        ld: usize,
+        scales: u64,
+        ld_scales: usize,
+        ue8m0: bool,
+    },
 }
 
 /// Shared memory of one `mla_prefill_flash` block: Q, two K tiles (padded rows of qk + 8) and two V tiles (vdim + 8).
@@ -122,27 +154,7 @@ pub fn shared_bytes(shape: &PrefillShape) -> usize {
 }
 
 /// Launches the attention of `n` new rows at positions `start..start + n`, each seeing every
-/// position up to its own, on the fastest `allowed` kernel that takes `shape`.
-pub fn flash_prefill(
-    g: &Gpu,
-    shape: &PrefillShape,
-    bufs: &PrefillBuffers,
-    n: usize,
-    start: usize,
-    scale: f32,
-    allowed: PrefillSwitches,
-) -> Result<()> {
-    let kernel = PrefillKernel::best(g, shape, allowed).ok_or_else(|| {
-        anyhow::anyhow!(
-            "no prefill attention kernel takes heads of {} (query/key) and {} (value): at most {FL_QK} and {FL_V} in multiples of 16",
-            shape.qk(),
-            shape.vdim
-        )
-    })?;
-    prefill_with(g, kernel, shape, bufs, n, start, scale)
-}
-
-/// [`flash_prefill`] on a given kernel.
+/// position up to its own, on `kernel` ([`PrefillKernel::for_shape`]).
 pub fn prefill_with(
     g: &Gpu,
     kernel: PrefillKernel,
@@ -172,14 +184,28 @@ pub fn prefill_with(
                 PrefillKernel::Wgmma => kernels::mla_prefill_wgmma,
                 _ => kernels::mla_prefill_wgmma_serial,
             };
+            let (out, ld, codes, scales, ld_scales, ue8m0) = match bufs.out {
+                PrefillOutput::F32 { out, ld } => (out, ld, 0, 0, 0, false),
+                PrefillOutput::Codes {
+                    codes,
+                    ld,
+                    scales,
+                    ld_scales,
+                    ue8m0,
+                } => (0, ld, codes, scales, ld_scales, ue8m0),
+            };
             launcher.launch(
                 g,
                 (n.div_ceil(PF_Q) as u32, heads as u32, 1),
                 PF_THREADS as u32,
                 WGMMA_SHARED_BYTES as u32,
                 (
-                    ptr(bufs.out),
-                    int(bufs.ld_out),
+                    ptr(out),
+                    int(ld),
+                    ptr(codes),
+                    ptr(scales),
+                    int(ld_scales),
+                    int(ue8m0 as usize),
                     head_map(bufs.q, n, heads, qk, PF_Q, "the prefill queries")?,
                     head_map(bufs.kv, total, heads, nope + vdim, PF_K, "kv_b's product")?,
                     head_map(bufs.k_pe, total, 1, rope, PF_K, "the keys' rotary part")?,
@@ -190,6 +216,9 @@ pub fn prefill_with(
             )
         }
         PrefillKernel::Mma => {
+            let PrefillOutput::F32 { out, ld } = bufs.out else {
+                bail!("the mma.sync prefill kernel writes its output as f32 only");
+            };
             // This kernel reads each head's K and V whole.
             let k = g.alloc(total * heads * qk * 2)?;
             let v = g.alloc(total * heads * vdim * 2)?;
@@ -215,8 +244,8 @@ pub fn prefill_with(
                 128,
                 shared_bytes(shape) as u32,
                 (
-                    ptr(bufs.out),
-                    int(bufs.ld_out),
+                    ptr(out),
+                    int(ld),
                     ptr(bufs.q),
                     ptr(k.addr),
                     ptr(v.addr),

@@ -1787,8 +1787,10 @@ fn absorptions_on_wgmma_match_f64_reference() {
 
 /// The decode step's queries rotated and converted to bf16 in one launch (`rope_interleaved_bf16`)
 /// give the bits of `rope_interleaved` followed by the bf16 conversion, in f32 and in bf16, and
-/// the rotation is the one float64 makes of the same table: rows at several positions, a padding
-/// row (length 0, position 0), heads of 192 with the rotary 64 at 128.
+/// the rotation is the one float64 makes of the same table; a prefill's bf16 queries rotated in
+/// place (`rope_interleaved_bf16_in_place`) give the bits of `rope_interleaved_bf16` on them
+/// widened. Rows at several positions, a padding row (length 0, position 0), heads of 192 with
+/// the rotary 64 at 128 and heads of 24 with 10 at 14.
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn queries_rotated_into_bf16_equal_rotating_then_converting() {
@@ -1799,85 +1801,134 @@ fn queries_rotated_into_bf16_equal_rotating_then_converting() {
     let gpu = Gpu::open(0).expect("GPU");
     let mut next = xorshift(0x2545f4914f6cdd1du64);
     let mut uniform = |lo: f32, hi: f32| lo + (hi - lo) * ((next() >> 40) as f32 / (1u64 << 24) as f32);
-    let (heads, qk, nope, rope, positions) = (16usize, 192usize, 128usize, 64usize, 300usize);
-    let ld = heads * qk;
-    let cos: Vec<f32> = (0..positions * rope / 2).map(|_| uniform(-1.0, 1.0)).collect();
-    let sin: Vec<f32> = (0..positions * rope / 2).map(|_| uniform(-1.0, 1.0)).collect();
-    let (cos_d, sin_d) = (gpu.upload(&cos).expect("cos"), gpu.upload(&sin).expect("sin"));
-    for lens in [vec![1i32], vec![7, 0, 300, 42, 129]] {
-        let m = lens.len();
-        let x: Vec<f32> = (0..m * ld).map(|_| uniform(-4.0, 4.0)).collect();
-        let lens_d = gpu.upload(&lens).expect("lens");
-        let (cos_p, sin_p, lens_p) = (ptr(cos_d.addr), ptr(sin_d.addr), ptr(lens_d.addr));
-        let two_kernels = gpu.upload(&x).expect("x");
-        let args = (
-            ptr(two_kernels.addr),
-            int(ld),
-            int(heads),
-            int(qk),
-            int(nope),
-            int(rope),
-            cos_p,
-            sin_p,
-            lens_p,
-        );
-        kernels::rope_interleaved
-            .launch(&gpu, (m as u32, 2, 1), 256, 0, args)
-            .expect("rope_interleaved");
-        let want_bf16 = gpu.to_bf16(two_kernels.addr, m * ld).expect("to_bf16");
-        let one_kernel = gpu.upload(&x).expect("x");
-        let got_bf16 = gpu.alloc(m * ld * 2).expect("bf16");
-        let args = (
-            ptr(one_kernel.addr),
-            ptr(got_bf16.addr),
-            int(ld),
-            int(qk),
-            int(nope),
-            int(rope),
-            cos_p,
-            sin_p,
-            lens_p,
-        );
-        kernels::rope_interleaved_bf16
-            .launch(&gpu, (m as u32, 5, 1), 256, 0, args)
-            .expect("rope_interleaved_bf16");
-        let f32_bits = |addr: u64| -> Vec<u32> {
-            let v: Vec<f32> = gpu.download(addr, m * ld).expect("f32");
-            v.iter().map(|v| v.to_bits()).collect()
-        };
-        let case = format!("lens {lens:?}");
-        let differing = |a: &[u32], b: &[u32]| a.iter().zip(b).filter(|(x, y)| x != y).count();
-        let wrong = differing(&f32_bits(two_kernels.addr), &f32_bits(one_kernel.addr));
-        assert_eq!(wrong, 0, "{case}: {wrong} of {} rotated f32 values differ", m * ld);
-        let bf16 = |addr: u64| -> Vec<u32> {
-            let v: Vec<u16> = gpu.download(addr, m * ld).expect("bf16");
-            v.into_iter().map(u32::from).collect()
-        };
-        let wrong = differing(&bf16(want_bf16.addr), &bf16(got_bf16.addr));
-        assert_eq!(wrong, 0, "{case}: {wrong} of {} bf16 values differ", m * ld);
-        let rotated: Vec<f32> = gpu.download(one_kernel.addr, m * ld).expect("rotated");
-        for (r, &len) in lens.iter().enumerate() {
-            let at = (len.max(1) - 1) as usize * rope / 2;
-            for h in 0..heads {
-                for c in 0..qk {
-                    let i = r * ld + h * qk + c;
-                    let want = if c < nope {
-                        x[i] as f64
-                    } else {
-                        let j = (c - nope) / 2;
-                        let (a, b) = (x[i - (c - nope) % 2] as f64, x[i - (c - nope) % 2 + 1] as f64);
-                        let (co, si) = (cos[at + j] as f64, sin[at + j] as f64);
-                        if (c - nope) % 2 == 0 {
-                            a * co - b * si
+    let positions = 300usize;
+    // DeepSeek-V3's heads, and heads whose rotary part is not in whole 8-value groups.
+    for (heads, qk, nope, rope) in [(16usize, 192usize, 128usize, 64usize), (3, 24, 14, 10)] {
+        let ld = heads * qk;
+        let cos: Vec<f32> = (0..positions * rope / 2).map(|_| uniform(-1.0, 1.0)).collect();
+        let sin: Vec<f32> = (0..positions * rope / 2).map(|_| uniform(-1.0, 1.0)).collect();
+        let (cos_d, sin_d) = (gpu.upload(&cos).expect("cos"), gpu.upload(&sin).expect("sin"));
+        for lens in [vec![1i32], vec![7, 0, 300, 42, 129]] {
+            let m = lens.len();
+            let x: Vec<f32> = (0..m * ld).map(|_| uniform(-4.0, 4.0)).collect();
+            let lens_d = gpu.upload(&lens).expect("lens");
+            let (cos_p, sin_p, lens_p) = (ptr(cos_d.addr), ptr(sin_d.addr), ptr(lens_d.addr));
+            let two_kernels = gpu.upload(&x).expect("x");
+            let args = (
+                ptr(two_kernels.addr),
+                int(ld),
+                int(heads),
+                int(qk),
+                int(nope),
+                int(rope),
+                cos_p,
+                sin_p,
+                lens_p,
+            );
+            kernels::rope_interleaved
+                .launch(&gpu, (m as u32, 2, 1), 256, 0, args)
+                .expect("rope_interleaved");
+            let want_bf16 = gpu.to_bf16(two_kernels.addr, m * ld).expect("to_bf16");
+            let one_kernel = gpu.upload(&x).expect("x");
+            let got_bf16 = gpu.alloc(m * ld * 2).expect("bf16");
+            let args = (
+                ptr(one_kernel.addr),
+                ptr(got_bf16.addr),
+                int(ld),
+                int(qk),
+                int(nope),
+                int(rope),
+                cos_p,
+                sin_p,
+                lens_p,
+            );
+            kernels::rope_interleaved_bf16
+                .launch(&gpu, (m as u32, 5, 1), 256, 0, args)
+                .expect("rope_interleaved_bf16");
+            // A prefill's bf16 queries rotated in place: the bits of rope_interleaved_bf16 on the
+            // same bf16 values widened.
+            let in_place = gpu.to_bf16(gpu.upload(&x).expect("x").addr, m * ld).expect("to_bf16");
+            let widened: Vec<f32> = gpu
+                .download::<u16>(in_place.addr, m * ld)
+                .expect("bf16")
+                .into_iter()
+                .map(|b| half::bf16::from_bits(b).to_f32())
+                .collect();
+            let widened = gpu.upload(&widened).expect("widened");
+            let want_in_place = gpu.alloc(m * ld * 2).expect("bf16");
+            let args = (
+                ptr(widened.addr),
+                ptr(want_in_place.addr),
+                int(ld),
+                int(qk),
+                int(nope),
+                int(rope),
+                cos_p,
+                sin_p,
+                lens_p,
+            );
+            kernels::rope_interleaved_bf16
+                .launch(&gpu, (m as u32, 3, 1), 256, 0, args)
+                .expect("rope_interleaved_bf16 of the widened rows");
+            let args = (
+                ptr(in_place.addr),
+                int(ld),
+                int(heads),
+                int(qk),
+                int(nope),
+                int(rope),
+                cos_p,
+                sin_p,
+                lens_p,
+            );
+            kernels::rope_interleaved_bf16_in_place
+                .launch(&gpu, (m as u32, 2, 1), 256, 0, args)
+                .expect("rope_interleaved_bf16_in_place");
+            let f32_bits = |addr: u64| -> Vec<u32> {
+                let v: Vec<f32> = gpu.download(addr, m * ld).expect("f32");
+                v.iter().map(|v| v.to_bits()).collect()
+            };
+            let case = format!("heads of {qk} (rotary {rope} at {nope}), lens {lens:?}");
+            let differing = |a: &[u32], b: &[u32]| a.iter().zip(b).filter(|(x, y)| x != y).count();
+            let wrong = differing(&f32_bits(two_kernels.addr), &f32_bits(one_kernel.addr));
+            assert_eq!(wrong, 0, "{case}: {wrong} of {} rotated f32 values differ", m * ld);
+            let bf16 = |addr: u64| -> Vec<u32> {
+                let v: Vec<u16> = gpu.download(addr, m * ld).expect("bf16");
+                v.into_iter().map(u32::from).collect()
+            };
+            let wrong = differing(&bf16(want_bf16.addr), &bf16(got_bf16.addr));
+            assert_eq!(wrong, 0, "{case}: {wrong} of {} bf16 values differ", m * ld);
+            let wrong = differing(&bf16(want_in_place.addr), &bf16(in_place.addr));
+            assert_eq!(
+                wrong,
+                0,
+                "{case}: {wrong} of {} values rotated in place in bf16 differ",
+                m * ld
+            );
+            let rotated: Vec<f32> = gpu.download(one_kernel.addr, m * ld).expect("rotated");
+            for (r, &len) in lens.iter().enumerate() {
+                let at = (len.max(1) - 1) as usize * rope / 2;
+                for h in 0..heads {
+                    for c in 0..qk {
+                        let i = r * ld + h * qk + c;
+                        let want = if c < nope {
+                            x[i] as f64
                         } else {
-                            a * si + b * co
-                        }
-                    };
-                    let got = rotated[i] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "{case}: row {r} head {h} [{c}] {got} vs {want}"
-                    );
+                            let j = (c - nope) / 2;
+                            let (a, b) = (x[i - (c - nope) % 2] as f64, x[i - (c - nope) % 2 + 1] as f64);
+                            let (co, si) = (cos[at + j] as f64, sin[at + j] as f64);
+                            if (c - nope) % 2 == 0 {
+                                a * co - b * si
+                            } else {
+                                a * si + b * co
+                            }
+                        };
+                        let got = rotated[i] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "{case}: row {r} head {h} [{c}] {got} vs {want}"
+                        );
+                    }
                 }
             }
         }
@@ -2065,6 +2116,28 @@ fn block_scaled_fp8_products_match_f64_reference() {
         let refused = fp8.gemm(&gpu, y.addr, n, xq.addr, xs.addr, wd.addr, wsd.addr, 5, n, k, false);
         assert!(refused.is_err_and(|e| e.to_string().contains("m of 4")));
         let got: Vec<f32> = gpu.download(y.addr, m * n).expect("y");
+        // Into bf16 (a prefill's queries): the f32 sums rounded, within one rounding step, and
+        // within the FP8 accumulation's error (~2e-4 of the output's scale, below) where the two
+        // outputs' algorithms add in different orders.
+        let yb = gpu.alloc(m * n * 2).expect("y bf16");
+        let mut first = 0;
+        for &rows in &group_rows {
+            let (x, xsc) = (xq.at(first * k), xs.at(first * (k / 128) * 4));
+            fp8.gemm_to_bf16(&gpu, yb.at(first * n * 2), n, x, xsc, wd.addr, wsd.addr, rows, n, k)
+                .expect("FP8 product into bf16");
+            first += rows;
+        }
+        let got_bf16: Vec<u16> = gpu.download(yb.addr, m * n).expect("y bf16");
+        let rms = (got.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / got.len() as f64).sqrt() as f32;
+        for (i, (&b, &f)) in got_bf16.iter().zip(&got).enumerate() {
+            let b = half::bf16::from_bits(b).to_f32();
+            assert!(
+                (b - f).abs() <= f.abs() / 256.0 + 1e-3 * rms,
+                "k={k} n={n}: bf16 y[{}, {}] = {b} against the f32 product's {f}",
+                i / n,
+                i % n
+            );
+        }
         let q: Vec<u8> = gpu.download(xq.addr, m * k).expect("xq");
         let qs: Vec<f32> = gpu.download(xs.addr, m * (k / 128)).expect("xs");
         // Host copies: the quantised rows (scales read in the per-group layout) and the weights.
@@ -2198,8 +2271,9 @@ fn mla_decode_matches_f64_reference() {
 #[ignore = "needs an NVIDIA GPU"]
 fn flash_prefill_matches_f64_reference() {
     use dsv3_cuda::bench_attention::fill_random;
+    use dsv3_cuda::fp8_gemm::QuantizedRows;
     use dsv3_cuda::kernels;
-    use dsv3_cuda::mla_prefill::{prefill_with, PrefillBuffers, PrefillKernel, PrefillShape};
+    use dsv3_cuda::mla_prefill::{prefill_with, PrefillBuffers, PrefillKernel, PrefillOutput, PrefillShape};
     poison();
     let gpu = dsv3_cuda::Gpu::open(0).expect("GPU");
     let v3 = PrefillShape {
@@ -2261,8 +2335,10 @@ fn flash_prefill_matches_f64_reference() {
             q: q.addr,
             kv: kv.addr,
             k_pe: k_pe.addr,
-            out: out.addr,
-            ld_out: heads * vdim,
+            out: PrefillOutput::F32 {
+                out: out.addr,
+                ld: heads * vdim,
+            },
         };
         let host = |buf: &dsv3_cuda::gpu::DeviceBuf, len: usize| -> Vec<f64> {
             let bits: Vec<u16> = gpu.download(buf.addr, len).expect("download");
@@ -2296,6 +2372,60 @@ fn flash_prefill_matches_f64_reference() {
             let worst = prefill_error(&got, &qh, &kh, &vh, shape, n, start, scale);
             eprintln!("flash prefill {kernel:?} case {i} ({heads} heads, qk {qk}, v {vdim}, {n} rows after {start}): worst relative error {worst:.2e}");
             assert!(worst < 1e-2, "{kernel:?} case {i}: relative error {worst:.2e}");
+            if !kernel.writes_codes() {
+                continue;
+            }
+            // Quantised where made: quantize_rows_fp8's codes and scales of the f32 output, bit
+            // for bit, in both scale encodings (rows of the step past the call's own: scales laid
+            // out for a step of n + 3 rows, the call's rows from row 2 on).
+            let width = heads * vdim;
+            let step_rows = n + 3;
+            for ue8m0 in [false, true] {
+                let want = QuantizedRows::new(&gpu, out.addr, width, None, n, width, None, ue8m0).expect("quantised");
+                let codes = gpu.upload(&vec![0x7fu8; step_rows * width]).expect("codes");
+                let scales = gpu.upload(&vec![f32::NAN; step_rows * heads]).expect("scales");
+                let quantised = PrefillBuffers {
+                    out: PrefillOutput::Codes {
+                        codes: codes.addr + (2 * width) as u64,
+                        ld: width,
+                        scales: scales.addr + 2 * 4,
+                        ld_scales: step_rows,
+                        ue8m0,
+                    },
+                    ..bufs
+                };
+                prefill_with(&gpu, kernel, &shape, &quantised, n, start, scale).expect("prefill attention, quantised");
+                let got_codes: Vec<u8> = gpu.download(codes.addr, step_rows * width).expect("codes");
+                let want_codes: Vec<u8> = gpu.download(want.data.addr, n * width).expect("codes");
+                let wrong = (0..n * width)
+                    .filter(|&i| got_codes[2 * width + i] != want_codes[i])
+                    .count();
+                assert_eq!(
+                    wrong,
+                    0,
+                    "{kernel:?} case {i}, ue8m0 {ue8m0}: {wrong} of {} codes differ",
+                    n * width
+                );
+                let untouched = |i: usize| !(2 * width..(n + 2) * width).contains(&i);
+                assert!(
+                    (0..step_rows * width)
+                        .filter(|&i| untouched(i))
+                        .all(|i| got_codes[i] == 0x7f),
+                    "{kernel:?} case {i}: codes written outside the call's rows"
+                );
+                let got_scales: Vec<f32> = gpu.download(scales.addr, step_rows * heads).expect("scales");
+                let want_scales: Vec<f32> = gpu.download(want.scales.addr, n * heads).expect("scales");
+                for h in 0..heads {
+                    for r in 0..n {
+                        let (got, want) = (got_scales[h * step_rows + 2 + r], want_scales[h * n + r]);
+                        assert_eq!(
+                            got.to_bits(),
+                            want.to_bits(),
+                            "{kernel:?} case {i}, ue8m0 {ue8m0}: scale of row {r}, head {h}"
+                        );
+                    }
+                }
+            }
         }
     }
 }

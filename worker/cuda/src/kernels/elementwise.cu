@@ -203,6 +203,38 @@ extern "C" __global__ void rope_interleaved_bf16(float* x, u32* xb, int ld, int 
     }
 }
 
+// rope_interleaved on bf16 rows in place (a prefill's queries, which their product wrote as
+// bf16; ld bf16 values a row): each pair widened, rotated as rope_interleaved rotates it and
+// rounded back, so the bits are those of rope_interleaved_bf16 on the widened rows. Four pairs a
+// thread (one 16-byte load and store) where ld, hs, offset and dim are multiples of 8, else one.
+__device__ __forceinline__ u32 rotate_bf16_pair(u32 v, float c, float s) {
+    const float2 r = rotate_pair(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u), c, s);
+    return pack_bf16(r.x, r.y);
+}
+extern "C" __global__ void rope_interleaved_bf16_in_place(u32* x, int ld, int heads, int hs, int offset, int dim,
+                                                          const float* cos_t, const float* sin_t, const int* lens) {
+    await_previous_kernel();
+    const int r = blockIdx.x, half = dim / 2;
+    const size_t at = (size_t)max(lens[r] - 1, 0) * half;
+    u32* row = x + (size_t)r * (ld / 2);
+    const int per = (ld % 8 == 0 && hs % 8 == 0 && offset % 8 == 0 && dim % 8 == 0) ? 4 : 1;  // pairs a thread
+    const int runs = half / per;                                                              // a head's
+    for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < heads * runs; i += gridDim.y * blockDim.x) {
+        const int j = (i % runs) * per;
+        u32* p = row + ((i / runs) * hs + offset) / 2 + j;
+        const float* c = cos_t + at + j;
+        const float* s = sin_t + at + j;
+        if (per == 4) {
+            uint4 v = *(uint4*)p;
+            v = make_uint4(rotate_bf16_pair(v.x, c[0], s[0]), rotate_bf16_pair(v.y, c[1], s[1]),
+                           rotate_bf16_pair(v.z, c[2], s[2]), rotate_bf16_pair(v.w, c[3], s[3]));
+            *(uint4*)p = v;
+        } else {
+            *p = rotate_bf16_pair(*p, c[0], s[0]);
+        }
+    }
+}
+
 extern "C" __global__ void f32_to_bf16_rows(bf16* out, const float* in, u64 n) {
     await_previous_kernel();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;

@@ -34,13 +34,16 @@ extern "C" __global__ void build_kv(bf16* k, bf16* v, const bf16* kv, const bf16
 // partial row sums l0 and l1 (summed here over the quad that shares a row) and output columns
 // col0 + 8j + 2t, + 1 for j < n8 <= FL_V / 8 in o[j] (row r0: [0], [1]; r0 + 8: [2], [3]),
 // normalised into out.
-__device__ __forceinline__ void store_rows(float* out, int ld_out, const float (*o)[4], int n8, float l0, float l1,
-                                           int r0, int n, int col0, int t) {
+__device__ __forceinline__ void quad_sums(float& l0, float& l1) {
 #pragma unroll
     for (int x = 1; x < 4; x <<= 1) {
         l0 += __shfl_xor_sync(0xffffffffu, l0, x);
         l1 += __shfl_xor_sync(0xffffffffu, l1, x);
     }
+}
+__device__ __forceinline__ void store_rows(float* out, int ld_out, const float (*o)[4], int n8, float l0, float l1,
+                                           int r0, int n, int col0, int t) {
+    quad_sums(l0, l1);
     const int r1 = r0 + 8;
     const float inv0 = 1.f / l0, inv1 = 1.f / l1;
 #pragma unroll
@@ -49,6 +52,37 @@ __device__ __forceinline__ void store_rows(float* out, int ld_out, const float (
         const int c = col0 + 8 * j + 2 * t;
         if (r0 < n) *(float2*)(out + (size_t)r0 * ld_out + c) = make_float2(o[j][0] * inv0, o[j][1] * inv0);
         if (r1 < n) *(float2*)(out + (size_t)r1 * ld_out + c) = make_float2(o[j][2] * inv1, o[j][3] * inv1);
+    }
+}
+
+// store_rows of a 128-wide head quantised for the product that reads it (o_proj) in its place:
+// each row of the head is one block of 128 channels (the quad's 4 x 32 values), its e4m3 codes
+// at col0 of the row in codes (row stride ld bytes), its scale at scales[(col0 / 128) * ld_scales
+// + row]. The values are store_rows' f32 values, quantised as quantize_lane does, so the codes
+// and scales are quantize_rows_fp8's of store_rows' output, bit for bit, without those 4 bytes a
+// value written and read back.
+__device__ __forceinline__ void store_rows_e4m3(u8* codes, int ld, float* scales, int ld_scales, int ue8m0,
+                                                const float (*o)[4], float l0, float l1, int r0, int n, int col0,
+                                                int t) {
+    quad_sums(l0, l1);
+    const float inv_l[2] = {1.f / l0, 1.f / l1};
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int r = r0 + 8 * half;
+        float v[32], amax = 0.f;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            v[2 * j] = o[j][2 * half] * inv_l[half];
+            v[2 * j + 1] = o[j][2 * half + 1] * inv_l[half];
+            amax = fmaxf(amax, fmaxf(fabsf(v[2 * j]), fabsf(v[2 * j + 1])));
+        }
+        float scale, inv;
+        block_scale(quad_max(amax), ue8m0, scale, inv);
+        if (r >= n) continue;
+        u8* row = codes + (size_t)r * ld + col0 + 2 * t;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) *(unsigned short*)(row + 8 * j) = (unsigned short)e4m3_pair(v[2 * j] * inv, v[2 * j + 1] * inv);
+        if (t == 0) scales[(size_t)(col0 / 128) * ld_scales + r] = scale;
     }
 }
 
@@ -392,9 +426,11 @@ __device__ __forceinline__ void pf_consume(float o[64], PfRows& r, u32 qs, u32 s
 // product, bf16 [total][heads][128 + 128] (each head's K without rotary, then its V; boxes of 64 x
 // 1 x PF_K); kpe_map: the keys' rotary part shared by every head, bf16 [total][1][64] (boxes of
 // 64 x 1 x PF_K), so a K tile is two boxes of kv and one of k_pe, a V tile two of kv; out: f32 rows of
-// stride ld_out, head h's values at h * 128. grid (ceil(n / PF_Q), heads).
+// stride ld_out, head h's values at h * 128, or with codes those values quantised (store_rows_e4m3:
+// codes of row stride ld_out bytes, scales [heads][ld_scales]). grid (ceil(n / PF_Q), heads).
 template <bool PIPELINED>
-__device__ __forceinline__ void mla_prefill_wgmma_body(float* out, int ld_out, const TensorMap* q_map,
+__device__ __forceinline__ void mla_prefill_wgmma_body(float* out, int ld_out, u8* codes, float* code_scales,
+                                                       int ld_scales, int ue8m0, const TensorMap* q_map,
                                                        const TensorMap* kv_map, const TensorMap* kpe_map, int n,
                                                        int start, float scale) {
     await_previous_kernel();
@@ -456,16 +492,21 @@ __device__ __forceinline__ void mla_prefill_wgmma_body(float* out, int ld_out, c
     mbar_wait(q_full, 0);
     pf_consume<PIPELINED>(o, r, qs, stages, k_full, v_full, k_empty, v_empty, wg, t, tiles, first_pos,
                           scale * 1.4426950408889634f);
-    store_rows(out, ld_out, reinterpret_cast<const float(*)[4]>(o), 16, r.l0, r.l1, q0 + wg * 64 + row0, n, h * 128, t);
+    const float(*acc)[4] = reinterpret_cast<const float(*)[4]>(o);
+    if (codes)
+        store_rows_e4m3(codes, ld_out, code_scales, ld_scales, ue8m0, acc, r.l0, r.l1, q0 + wg * 64 + row0, n, h * 128, t);
+    else
+        store_rows(out, ld_out, acc, 16, r.l0, r.l1, q0 + wg * 64 + row0, n, h * 128, t);
 #endif
 }
 
 #define MLA_PREFILL_WGMMA_PARAMS                                                                                     \
-    float *out, int ld_out, const __grid_constant__ TensorMap q_map, const __grid_constant__ TensorMap kv_map,       \
+    float *out, int ld_out, u8 *codes, float *code_scales, int ld_scales, int ue8m0,                                 \
+        const __grid_constant__ TensorMap q_map, const __grid_constant__ TensorMap kv_map,                           \
         const __grid_constant__ TensorMap kpe_map, int n, int start, float scale
 extern "C" __global__ void __launch_bounds__(PF_THREADS, 1) mla_prefill_wgmma(MLA_PREFILL_WGMMA_PARAMS) {
-    mla_prefill_wgmma_body<true>(out, ld_out, &q_map, &kv_map, &kpe_map, n, start, scale);
+    mla_prefill_wgmma_body<true>(out, ld_out, codes, code_scales, ld_scales, ue8m0, &q_map, &kv_map, &kpe_map, n, start, scale);
 }
 extern "C" __global__ void __launch_bounds__(PF_THREADS, 1) mla_prefill_wgmma_serial(MLA_PREFILL_WGMMA_PARAMS) {
-    mla_prefill_wgmma_body<false>(out, ld_out, &q_map, &kv_map, &kpe_map, n, start, scale);
+    mla_prefill_wgmma_body<false>(out, ld_out, codes, code_scales, ld_scales, ue8m0, &q_map, &kv_map, &kpe_map, n, start, scale);
 }

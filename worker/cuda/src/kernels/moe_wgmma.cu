@@ -47,10 +47,12 @@ struct GxStages {
     u32 token_scales, weight_scales;  // shared addresses: each stage's n token scales; its weight block's
     const float* scales;               // the token scales, for reading
     const float* weight_scale;         // the weight blocks' scales, for reading
+    unsigned char* staging;            // the stages, for the sums on their way out (gx_write_out)
     int count;
     __device__ GxStages(unsigned char* raw, int n) {
         const u32 at = (u32)__cvta_generic_to_shared(raw);
         base = (at + 1023) & ~1023u;  // the swizzle atoms
+        staging = raw + (base - at);
         bytes = GX_W_BYTES + n * 128;
         count = min(GX_MAX_STAGES, (int)((GX_SHARED - 1024) / (bytes + n * 4 + 32)));
         token_scales = base + count * bytes;
@@ -119,12 +121,37 @@ __device__ __forceinline__ void wgmma_fp8_wide(float* d, u64 da, u32 b, int accu
     if constexpr (N > HEAD) wgmma_fp8_wide<N - HEAD>(d + HEAD / 2, da, b + HEAD * 128, accumulate);
 }
 
-// out[at] = v, out f32 or (out_bf16) bf16 rounded to nearest even.
-__device__ __forceinline__ void gx_store(void* out, int out_bf16, size_t at, float v) {
-    if (out_bf16)
-        ((bf16*)out)[at] = f32_to_bf16(v);
-    else
-        ((float*)out)[at] = v;
+// A multiplying warpgroup's sums (acc: rows rr and rr + 8 of its 64 by slots 8j + 2t, + 1) to
+// out[first + slot, col0 + row] for the tile's `count` slots, through `stage` ([N][LD] values a
+// slot's 64 rows padded to LD, so that the quads' slots fall in different banks), in 16-byte
+// stores (T: float, or bf16 rounded to nearest even). wtid: the thread's place
+// in its warpgroup, whose 128 threads alone sync on named barrier 2 + wg.
+template <int N, typename T, int LD>
+__device__ __forceinline__ void gx_write_out(const float* acc, T* stage, T* out, int ldy, int first, int count, int col0,
+                                             int rr, int t, int wg, int wtid) {
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j) {
+        const int c = 8 * j + 2 * t;
+        T* a = stage + c * LD + rr;
+        if constexpr (sizeof(T) == 2) {
+            a[0] = f32_to_bf16(acc[4 * j]);
+            a[8] = f32_to_bf16(acc[4 * j + 2]);
+            a[LD] = f32_to_bf16(acc[4 * j + 1]);
+            a[LD + 8] = f32_to_bf16(acc[4 * j + 3]);
+        } else {
+            a[0] = acc[4 * j];
+            a[8] = acc[4 * j + 2];
+            a[LD] = acc[4 * j + 1];
+            a[LD + 8] = acc[4 * j + 3];
+        }
+    }
+    asm volatile("bar.sync %0, 128;\n" ::"r"(2 + wg) : "memory");
+    constexpr int PER_ROW = 64 * (int)sizeof(T) / 16;  // 16-byte pieces of a slot's 64 values
+    for (int i = wtid; i < count * PER_ROW; i += 128) {
+        const int c = i / PER_ROW, piece = i % PER_ROW;
+        *(uint4*)(out + (size_t)(first + c) * ldy + col0 + piece * (16 / sizeof(T))) =
+            *(const uint4*)(stage + c * LD + piece * (16 / sizeof(T)));
+    }
 }
 
 // Warpgroup `wg` (0 or 1) of the multiplying pair: weight rows wg * 64 .. + 64 of the tile by its N
@@ -181,20 +208,15 @@ __device__ __forceinline__ void gx_multiply(void* out, int out_bf16, int ldy, co
         }
         mbar_arrive(st.empty + 8 * s);
     }
-    const int r = row0 + wg * 64 + warp * 16 + g;
-#pragma unroll
-    for (int j = 0; j < N / 8; ++j) {
-        const int c = 8 * j + 2 * t;
-        if (c < count) {
-            const size_t at = (size_t)(first + c) * ldy + r;
-            gx_store(out, out_bf16, at, acc[4 * j]);
-            gx_store(out, out_bf16, at + 8, acc[4 * j + 2]);
-        }
-        if (c + 1 < count) {
-            const size_t at = (size_t)(first + c + 1) * ldy + r;
-            gx_store(out, out_bf16, at, acc[4 * j + 1]);
-            gx_store(out, out_bf16, at + 8, acc[4 * j + 3]);
-        }
+    // The sums leave through shared memory, so that each slot's 64 values of this warpgroup go out
+    // as one row of 16-byte stores rather than 2- or 4-byte ones, 8 rows apart. The stages are
+    // free once both multiplying warpgroups are out of the loop (every copy was consumed).
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");
+    const int rr = warp * 16 + g, wtid = tid & 127;
+    if (out_bf16) {
+        gx_write_out<N, bf16, 72>(acc, (bf16*)st.staging + wg * N * 72, (bf16*)out, ldy, first, count, row0 + wg * 64, rr, t, wg, wtid);
+    } else {
+        gx_write_out<N, float, 68>(acc, (float*)st.staging + wg * N * 68, (float*)out, ldy, first, count, row0 + wg * 64, rr, t, wg, wtid);
     }
 }
 #endif

@@ -10,9 +10,9 @@ use crate::kernels;
 use crate::kernels::TokenTiles;
 use crate::launch::{int, ptr, Args, Kernel};
 use crate::mla_decode::{mla_decode, DecodeBuffers, DecodeKernel, DecodeOutput, DecodeQuery, LatentShape, PagedRows};
-use crate::mla_prefill::{flash_prefill, PrefillBuffers, PrefillShape};
+use crate::mla_prefill::{prefill_with, PrefillBuffers, PrefillKernel, PrefillOutput, PrefillShape};
 use crate::weights::Format;
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use dsv3_engine::rope::softmax_scale;
 
 pub(super) const LATENT_NORM_EPS: f32 = 1e-6;
@@ -48,6 +48,32 @@ impl MlaDims {
     }
 }
 
+/// A prefill's attention output, all the step's rows: f32, or quantised for o_proj (codes, and
+/// whether its scales are powers of two).
+enum AttentionRows {
+    F32(DeviceBuf, usize),
+    Quantised(QuantizedRows, bool),
+}
+
+impl AttentionRows {
+    /// Where the attention of the rows from `first` on goes, in a step of `rows` rows.
+    fn starting_at(&self, first: usize, rows: usize) -> PrefillOutput {
+        match self {
+            AttentionRows::F32(buf, width) => PrefillOutput::F32 {
+                out: buf.at(first * width * 4),
+                ld: *width,
+            },
+            AttentionRows::Quantised(q, ue8m0) => PrefillOutput::Codes {
+                codes: q.data.at(first * q.k),
+                ld: q.k,
+                scales: q.scales.at(first * 4),
+                ld_scales: rows,
+                ue8m0: *ue8m0,
+            },
+        }
+    }
+}
+
 impl CudaModel {
     /// The attention block of `layer` added into `h`, from the normed rows `x` (quantised already
     /// where `xq` has them).
@@ -71,22 +97,29 @@ impl CudaModel {
             qk,
             ..
         } = MlaDims::of(c);
-        let q = g.alloc(m * heads * qk * 4)?;
         // One product for q_a and kv_a: [m, q_lora + lora + rope], the latent kv at column q_lora.
         let down_w = a.x_down.rows;
         let down = g.alloc(m * down_w * 4)?;
         self.linear_from(down.addr, down_w, x.addr, xq, m, &a.x_down, false)?;
-        let q_lora = match &a.q_lora {
+        // q_b's input: the normed query latent, or x where the model has none.
+        let q_latent;
+        let (q_in, q_in_quantised, q_lora) = match &a.q_lora {
             Some((r, q_norm)) => {
                 let ca = g.alloc(m * r * 4)?;
                 let caq = self.norm_for_products(ca.addr, down.addr, down_w, q_norm, *r, m, LATENT_NORM_EPS)?;
-                self.linear_from(q.addr, heads * qk, ca.addr, caq.as_ref(), m, &a.q_b, false)?;
-                *r
+                q_latent = (ca, caq);
+                (q_latent.0.addr, q_latent.1.as_ref(), *r)
             }
-            None => {
-                self.linear_from(q.addr, heads * qk, x.addr, xq, m, &a.q_b, false)?;
-                0
-            }
+            None => (x.addr, xq, 0),
+        };
+        // A prefill's attention reads its queries only as bf16, which q_b's product writes.
+        let prefill = step.spans.iter().all(|sp| sp.rows >= NAIVE_MIN_ROWS);
+        let q = if prefill {
+            self.linear_from_to_bf16(q_in, q_in_quantised, m, &a.q_b)?
+        } else {
+            let q = g.alloc(m * heads * qk * 4)?;
+            self.linear_from(q.addr, heads * qk, q_in, q_in_quantised, m, &a.q_b, false)?;
+            q
         };
         // The latent: normed, rotated and written into the cache by one kernel.
         let kv = down.addr + (q_lora * 4) as u64;
@@ -110,18 +143,38 @@ impl CudaModel {
                 ptr(step.slots),
             ),
         )?;
-        let attn = g.alloc(m * heads * vdim * 4)?;
-        if step.spans.iter().all(|sp| sp.rows >= NAIVE_MIN_ROWS) {
-            // Rotated and converted in one pass: the attention reads the queries as bf16.
-            let qb = self
-                .rotate_queries(&q, step, true)?
-                .context("the rotated queries in bf16")?;
+        if prefill {
+            self.rotate_bf16_queries(&q, step)?;
+            let kernel = PrefillKernel::for_shape(g, &self.prefill_shape(), self.prefill_attention)?;
+            let width = heads * vdim;
+            // Quantised where made when o_proj reads nothing else: 4 bytes a value fewer written,
+            // and no pass to quantise them.
+            let quantised =
+                crate::linear::reads_quantised_only(g, self.kernels.small_batch, self.kernels.input_quant, m, &a.o)?
+                    .filter(|_| kernel.writes_codes() && width == a.o.cols);
+            let out = match quantised {
+                Some(ue8m0) => AttentionRows::Quantised(
+                    QuantizedRows {
+                        data: g.alloc(m * width)?,
+                        scales: g.alloc(m * heads * 4)?,
+                        k: width,
+                    },
+                    ue8m0,
+                ),
+                None => AttentionRows::F32(g.alloc(m * width * 4)?, width),
+            };
             for sp in &step.spans {
-                self.attend_naive(layer, &qb, &attn, step, sp)?;
+                self.attend_naive(layer, kernel, &q, out.starting_at(sp.first_row, m), step, sp)?;
             }
-        } else {
-            self.attend_absorbed(layer, &q, &attn, step)?;
+            return match &out {
+                AttentionRows::Quantised(rows, _) => {
+                    self.linear_from(h.addr, c.hidden_size, 0, Some(rows), m, &a.o, true)
+                }
+                AttentionRows::F32(rows, _) => self.linear(h.addr, c.hidden_size, rows.addr, m, &a.o, true),
+            };
         }
+        let attn = g.alloc(m * heads * vdim * 4)?;
+        self.attend_absorbed(layer, &q, &attn, step)?;
         self.linear(h.addr, c.hidden_size, attn.addr, m, &a.o, true)
     }
 
@@ -168,6 +221,33 @@ impl CudaModel {
         );
         kernels::rope_interleaved_bf16.launch(g, (m as u32, blocks, 1), 256, 0, args)?;
         Ok(Some(qb))
+    }
+
+    /// The rotary part of bf16 queries `q` (`[m, heads, qk]`, a prefill's) rotated in place.
+    fn rotate_bf16_queries(&self, q: &DeviceBuf, step: &StepLayout) -> Result<()> {
+        let MlaDims {
+            heads, nope, rope, qk, ..
+        } = MlaDims::of(&self.config);
+        let ld = heads * qk;
+        // Four pairs a thread where the kernel's rule allows, else one.
+        let per_thread = if [ld, qk, nope, rope].iter().all(|v| v.is_multiple_of(8)) {
+            4
+        } else {
+            1
+        };
+        let blocks = (heads * rope / 2 / per_thread).div_ceil(256).max(1) as u32;
+        let args = (
+            ptr(q.addr),
+            int(ld),
+            int(heads),
+            int(qk),
+            int(nope),
+            int(rope),
+            ptr(step.rope_cos),
+            ptr(step.rope_sin),
+            ptr(step.lens),
+        );
+        kernels::rope_interleaved_bf16_in_place.launch(&self.gpu, (step.rows as u32, blocks, 1), 256, 0, args)
     }
 
     /// Weight-absorbed attention over the latent cache for every row of the step (decode).
@@ -401,26 +481,22 @@ impl CudaModel {
     }
 
     /// Naive-form attention for one prefill chunk: K and V expanded from every cached latent of
-    /// the sequence, then causal QKᵀ and PV per head on the tensor cores, a group of heads at a time.
-    /// `qb`: the step's rotated queries in bf16.
+    /// the sequence, then causal QKᵀ and PV per head on the tensor cores, a group of heads at a time,
+    /// on `kernel` into `out`. `qb`: the step's rotated queries in bf16.
+    #[allow(clippy::too_many_arguments)]
     fn attend_naive(
         &self,
         layer: &Layer,
+        kernel: PrefillKernel,
         qb: &DeviceBuf,
-        attn: &DeviceBuf,
+        out: PrefillOutput,
         step: &StepLayout,
         span: &Span,
     ) -> Result<()> {
         let g = &self.gpu;
         let c = &self.config;
         let MlaDims {
-            heads,
-            nope,
-            rope,
-            vdim,
-            lora,
-            qk,
-            ..
+            heads, rope, lora, qk, ..
         } = MlaDims::of(c);
         let (n, total) = (span.rows, span.start + span.rows);
         let table = step.tables + (span.table_off * 4) as u64;
@@ -452,29 +528,30 @@ impl CudaModel {
             total,
             &layer.attn.kv_b,
         )?;
-        let shape = PrefillShape {
-            heads,
-            nope,
-            rope,
-            vdim,
-        };
         let bufs = PrefillBuffers {
             q: qb.at(span.first_row * heads * qk * 2),
             kv: kv.addr,
             k_pe: k_pe.addr,
-            out: attn.at(span.first_row * heads * vdim * 4),
-            ld_out: heads * vdim,
+            out,
         };
-        flash_prefill(
-            g,
-            &shape,
-            &bufs,
-            n,
-            span.start,
-            softmax_scale(c),
-            self.prefill_attention,
-        )?;
-        Ok(())
+        prefill_with(g, kernel, &self.prefill_shape(), &bufs, n, span.start, softmax_scale(c))
+    }
+
+    /// The naive form's head sizes.
+    fn prefill_shape(&self) -> PrefillShape {
+        let MlaDims {
+            heads,
+            nope,
+            rope,
+            vdim,
+            ..
+        } = MlaDims::of(&self.config);
+        PrefillShape {
+            heads,
+            nope,
+            rope,
+            vdim,
+        }
     }
 }
 

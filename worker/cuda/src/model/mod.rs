@@ -782,6 +782,27 @@ impl CudaModel {
         )
     }
 
+    /// [`crate::linear::linear_from_to_bf16`] with the model's kernel choices: new bf16 rows
+    /// `[m, w.rows]`.
+    fn linear_from_to_bf16(
+        &self,
+        x: u64,
+        x_quantised: Option<&QuantizedRows>,
+        m: usize,
+        w: &DeviceMatrix,
+    ) -> Result<DeviceBuf> {
+        crate::linear::linear_from_to_bf16(
+            &self.gpu,
+            &self.dequant,
+            self.kernels.small_batch,
+            self.kernels.input_quant,
+            x,
+            x_quantised,
+            m,
+            w,
+        )
+    }
+
     /// [`crate::linear::linear_unsummed`] with the model's kernel choices: `y[m, w.rows]` whose
     /// split-k slabs its reader may add up itself.
     fn linear_unsummed(
