@@ -319,14 +319,7 @@ fn product(
     accumulate: bool,
 ) -> Result<Unsummed> {
     let written = || Unsummed::written(y);
-    let x_quantised = x_quantised.filter(|q| q.k == w.cols);
-    // x's rows quantised: those given, or made here.
-    let quantised_rows = |rows: usize, ue8m0: bool| -> Result<Quantised> {
-        Ok(match x_quantised {
-            Some(q) if rows == m => Quantised::Given(q),
-            _ => Quantised::Made(QuantizedRows::new(g, x, w.cols, None, rows, w.cols, None, ue8m0)?),
-        })
-    };
+    let quantised_rows = |rows: usize, ue8m0: bool| Quantised::of(g, x, x_quantised, rows, m, w.cols, ue8m0);
     let simt = small == SmallBatch::CudaCores;
     let input_quant = input_quant.filter(|_| w.format == Format::Fp8);
     if input_quant.is_some() {
@@ -606,14 +599,8 @@ pub fn linear_from_to_bf16(
     w: &DeviceMatrix,
 ) -> Result<DeviceBuf> {
     if let Some((fp8, ue8m0)) = block_scaled_fp8_whole(g, small, input_quant, m, w)? {
-        let made;
-        let q = match x_quantised.filter(|q| q.k == w.cols) {
-            Some(q) => q,
-            None => {
-                made = QuantizedRows::new(g, x, w.cols, None, m, w.cols, None, ue8m0)?;
-                &made
-            }
-        };
+        let q = Quantised::of(g, x, x_quantised, m, m, w.cols, ue8m0)?;
+        let q = q.rows();
         let y = g.alloc(m * w.rows * 2)?;
         fp8.reserve(g, 0)?;
         let (x, xs, wd, ws) = (q.data.addr, q.scales.addr, w.data.addr, w.scale_addr());
@@ -643,7 +630,24 @@ enum Quantised<'a> {
     Made(QuantizedRows),
 }
 
-impl Quantised<'_> {
+impl<'a> Quantised<'a> {
+    /// The first `rows` of x's `m` rows, `k` wide, quantised for a product: the caller's where
+    /// they are all `m` rows at that width, else made now in the `ue8m0` encoding.
+    fn of(
+        g: &Gpu,
+        x: u64,
+        given: Option<&'a QuantizedRows>,
+        rows: usize,
+        m: usize,
+        k: usize,
+        ue8m0: bool,
+    ) -> Result<Self> {
+        Ok(match given.filter(|q| q.k == k) {
+            Some(q) if rows == m => Quantised::Given(q),
+            _ => Quantised::Made(QuantizedRows::new(g, x, k, None, rows, k, None, ue8m0)?),
+        })
+    }
+
     fn rows(&self) -> &QuantizedRows {
         match self {
             Quantised::Given(q) => q,
