@@ -134,6 +134,17 @@ __device__ int block_exclusive_scan(int v, int* scratch, int* total) {
 // takes one contiguous chunk of the pairs: it counts its chunk's pairs per expert, the counts of
 // the chunks before it place its first pair of each expert in that expert's group, and it hands
 // out its chunk's slots in pair order. Dynamic shared memory: warps * n_experts ints.
+#define PLAN_BATCH 8  // pairs a lane whose expert ids moe_plan loads before working on them
+
+// The experts of pairs base + 32u + lane (u < PLAN_BATCH; -1 from `end` on), loaded together.
+__device__ __forceinline__ void plan_load_batch(int (&es)[PLAN_BATCH], const int* chosen, int base, int end, int lane) {
+#pragma unroll
+    for (int u = 0; u < PLAN_BATCH; ++u) {
+        const int i = base + 32 * u + lane;
+        es[u] = i < end ? chosen[i] : -1;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(1024)
 moe_plan(int* group_expert, int* offsets, int* x_rows, int* slot_of, unsigned* counts, unsigned* touched,
          const int* chosen, const int* valid, int m, int top_k, int n_experts, int groups, int align,
@@ -150,9 +161,14 @@ moe_plan(int* group_expert, int* offsets, int* x_rows, int* slot_of, unsigned* c
     for (int e = lane; e < n_experts; e += 32) mine[e] = 0;
     for (int i = pairs + tid; i < m * top_k; i += blockDim.x) slot_of[i] = -1;
     __syncwarp();
-    for (int i = begin + lane; i < end; i += 32) {
-        int e = chosen[i];
-        if (e >= 0 && e < n_experts) atomicAdd(&mine[e], 1);
+    // A prefill's chunk is ~32 pairs a lane: their loads are made PLAN_BATCH at a time, before the
+    // work on them, so the chunk waits out a few load latencies rather than one a pair.
+    for (int base = begin; base < end; base += 32 * PLAN_BATCH) {
+        int es[PLAN_BATCH];
+        plan_load_batch(es, chosen, base, end, lane);
+#pragma unroll
+        for (int u = 0; u < PLAN_BATCH; ++u)
+            if (es[u] >= 0 && es[u] < n_experts) atomicAdd(&mine[es[u]], 1);
     }
     __syncthreads();
     // Per expert: its pairs in all, and the pairs of the chunks before each chunk.
@@ -183,17 +199,22 @@ moe_plan(int* group_expert, int* offsets, int* x_rows, int* slot_of, unsigned* c
     if (tid == 0) atomicAdd(touched, (unsigned)active);
     __syncthreads();
     // Each warp hands out its chunk's slots in pair order: lanes with the same expert rank themselves.
-    for (int base = begin; base < end; base += 32) {
-        int i = base + lane;
-        int e = i < end ? chosen[i] : -1;
-        bool ok = e >= 0 && e < n_experts;
-        unsigned peers = __match_any_sync(0xffffffffu, ok ? e : -1);
-        int s = ok ? next[e] + mine[e] + __popc(peers & ((1u << lane) - 1u)) : -1;
-        if (i < end) slot_of[i] = s;
-        if (ok) x_rows[s] = i / top_k;
-        __syncwarp();
-        if (ok && lane == __ffs(peers) - 1) mine[e] += __popc(peers);
-        __syncwarp();
+    for (int batch = begin; batch < end; batch += 32 * PLAN_BATCH) {
+        int es[PLAN_BATCH];
+        plan_load_batch(es, chosen, batch, end, lane);
+#pragma unroll
+        for (int u = 0; u < PLAN_BATCH; ++u) {
+            const int base = batch + 32 * u, i = base + lane, e = es[u];
+            if (base >= end) break;  // the same for the whole warp
+            bool ok = e >= 0 && e < n_experts;
+            unsigned peers = __match_any_sync(0xffffffffu, ok ? e : -1);
+            int s = ok ? next[e] + mine[e] + __popc(peers & ((1u << lane) - 1u)) : -1;
+            if (i < end) slot_of[i] = s;
+            if (ok) x_rows[s] = i / top_k;
+            __syncwarp();
+            if (ok && lane == __ffs(peers) - 1) mine[e] += __popc(peers);
+            __syncwarp();
+        }
     }
 }
 
