@@ -55,16 +55,35 @@ impl ExpertTiles {
     /// Lists the tiles of `groups` groups whose slots are `offsets[g]..offsets[g + 1]` (device),
     /// within `capacity` slots.
     pub fn new(g: &Gpu, offsets: u64, groups: usize, capacity: usize) -> Result<Self> {
-        let max = capacity.div_ceil(GX_TOKENS) + groups;
-        let buf = g.alloc(3 * max * 4)?;
+        let tiles = Self::unlisted(g, groups, capacity)?;
         kernels::expert_tiles.launch(
             g,
             (1, 1, 1),
             256,
             0,
-            (ptr(buf.addr), int(max), ptr(offsets), int(groups)),
+            (ptr(tiles.addr()), int(tiles.max), ptr(offsets), int(groups)),
         )?;
-        Ok(ExpertTiles { buf, max })
+        Ok(tiles)
+    }
+
+    /// Room for the tiles of `groups` groups within `capacity` slots, for a kernel that lists
+    /// them as `expert_tiles` does (`route_plan`).
+    pub fn unlisted(g: &Gpu, groups: usize, capacity: usize) -> Result<Self> {
+        let max = capacity.div_ceil(GX_TOKENS) + groups;
+        Ok(ExpertTiles {
+            buf: g.alloc(3 * max * 4)?,
+            max,
+        })
+    }
+
+    /// The list: (group, first slot, slots) per tile, group -1 past the last.
+    pub fn addr(&self) -> u64 {
+        self.buf.addr
+    }
+
+    /// Entries the list has room for.
+    pub fn max(&self) -> usize {
+        self.max
     }
 }
 
@@ -131,7 +150,7 @@ pub fn grouped_fp8(
             w_map,
             ptr(s.scales.addr),
             s.scale_stride() as u64,
-            ptr(tiles.buf.addr),
+            ptr(tiles.addr()),
             ptr(group_expert),
             ptr(offsets),
             int(s.rows),

@@ -100,6 +100,12 @@ kernels! {
         topk_group: i32, top_k: i32, normalize: i32, scaling: f32,
     );
     ExpertTiles: expert_tiles(tiles: Ptr, max_tiles: i32, offsets: Ptr, groups: i32);
+    RoutePlan: route_plan(
+        experts_out: Ptr, weights_out: Ptr, logits: Ptr, bias: Ptr, n_experts: i32, n_group: i32,
+        topk_group: i32, top_k: i32, normalize: i32, scaling: f32, route_threads: i32, route_stride: i32,
+        group_expert: Ptr, offsets: Ptr, x_rows: Ptr, slot_of: Ptr, counts: Ptr, touched: Ptr, valid: Ptr,
+        m: i32, groups: i32, capacity: i32, tiles: Ptr, max_tiles: i32,
+    );
 
     // The Hopper routed-expert product (`kernels/moe_wgmma.cu`).
     GroupedFp8Wgmma: grouped_fp8_wgmma(
@@ -175,6 +181,10 @@ kernels! {
     );
     MlaAbsorbOutMma: mla_absorb_out_mma_n1, mla_absorb_out_mma_n2, mla_absorb_out_mma_n4, mla_absorb_out_mma_n8(
         out: Ptr, o_lat: Ptr, m: i32, heads: i32, nope: i32, vdim: i32, lora: i32, w: Ptr, scale: Ptr,
+    );
+    MlaAbsorbOutMergedMma: mla_absorb_out_merged_mma(
+        out: Ptr, codes: Ptr, scales: Ptr, ue8m0: i32, o_part: Ptr, ml_part: Ptr, splits: i32, m: i32,
+        heads: i32, nope: i32, vdim: i32, lora: i32, w: Ptr, scale: Ptr,
     );
     SplitKReduce: split_k_reduce(y: Ptr, ldy: i32, part: Ptr, m: i32, n: i32, splits: i32, accumulate: i32);
     MlaAbsorbQMma: mla_absorb_q_mma_n1, mla_absorb_q_mma_n2, mla_absorb_q_mma_n4, mla_absorb_q_mma_n8,

@@ -128,7 +128,8 @@ macro_rules! tuple_args {
     };
 }
 tuple_args!(
-    A a, B b, C c, D d, E e, F f, G g, H h, I i, J j, K k, L l, M m, N n, O o, P p, Q q, R r, S s, T t
+    A a, B b, C c, D d, E e, F f, G g, H h, I i, J j, K k, L l, M m, N n, O o, P p, Q q, R r, S s, T t, U u,
+    V v, W w, Y y
 );
 
 /// A kernel of the loaded families, with its parameters' types `A` (a tuple).

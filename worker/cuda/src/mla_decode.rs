@@ -6,7 +6,7 @@
 //! (mma.sync) — both split each row's positions across blocks, and `mla_combine` merges the
 //! splits — and the CUDA-core `mla_attend` (f32 throughout) where neither fits, or on request.
 
-use crate::gpu::{tensor_map, Gpu};
+use crate::gpu::{tensor_map, DeviceBuf, Gpu};
 use crate::kernels;
 use crate::launch::{int, ptr, Extend, TensorMap};
 use crate::switches;
@@ -264,7 +264,18 @@ fn mma_shared_bytes(width: usize) -> usize {
     (DEC_HEADS + DEC_STAGES * DEC_TILE) * width * 2 + DEC_HEADS * (DEC_TILE + DEC_PAD) * 2 + 5 * DEC_HEADS * 4
 }
 
-/// Launches the decode attention of every row of `rows` on the GPU's current stream.
+/// A decode whose rows were split across blocks, left unmerged for its reader
+/// ([`mla_decode_unmerged`]): split `s` of row `r`, head `h` wrote its unnormalised output (`lora`
+/// floats) at `o_part[((r · heads + h) · count + s) · lora]` and its maximum and sum at
+/// `ml_part[((r · heads + h) · count + s) · 2]`, as `mla_combine` reads them.
+pub struct Splits {
+    pub o_part: DeviceBuf,
+    pub ml_part: DeviceBuf,
+    pub count: usize,
+}
+
+/// Launches the decode attention of every row of `rows` on the GPU's current stream, into
+/// `bufs.o_lat`.
 pub fn mla_decode(
     g: &Gpu,
     shape: &LatentShape,
@@ -273,6 +284,23 @@ pub fn mla_decode(
     scale: f32,
     kernel: DecodeKernel,
 ) -> Result<()> {
+    match mla_decode_unmerged(g, shape, rows, bufs, scale, kernel)? {
+        Some(splits) => merge(g, shape, rows.rows, &splits, bufs.o_lat),
+        None => Ok(()),
+    }
+}
+
+/// [`mla_decode`], but where its rows were split, their splits are left for the reader to merge
+/// (`bufs.o_lat` is then not written): the absorption of W_UV merges them as it reads them at
+/// small batches, where the merge's own launch was a tenth of the attention's chain.
+pub fn mla_decode_unmerged(
+    g: &Gpu,
+    shape: &LatentShape,
+    rows: &PagedRows,
+    bufs: &DecodeBuffers,
+    scale: f32,
+    kernel: DecodeKernel,
+) -> Result<Option<Splits>> {
     let LatentShape {
         heads,
         lora,
@@ -319,13 +347,14 @@ pub fn mla_decode(
     );
     if kernel == DecodeKernel::CudaCores {
         let smem = cuda_core_shared_bytes(shape);
-        return kernels::mla_attend.launch(
+        kernels::mla_attend.launch(
             g,
             ((heads / hg) as u32, m as u32, 1),
             MLA_THREADS as u32,
             smem as u32,
             common.after(ptr(o_lat)),
-        );
+        )?;
+        return Ok(None);
     }
     // Split the positions so the grid fills the GPU (flash-decoding); each row divides its own
     // length on the GPU, at least min_split() positions per split.
@@ -385,21 +414,31 @@ pub fn mla_decode(
             kernels::mla_decode_mma.launch(g, grid, DEC_THREADS as u32, smem, split)?
         }
     }
-    if splits == 1 {
-        return Ok(());
-    }
+    Ok(parts.map(|(o_part, ml_part)| Splits {
+        o_part,
+        ml_part,
+        count: splits,
+    }))
+}
+
+/// `mla_combine`: the splits of `rows` rows merged into `o_lat`.
+fn merge(g: &Gpu, shape: &LatentShape, rows: usize, splits: &Splits, o_lat: DecodeOutput) -> Result<()> {
+    let (o_lat, bf16_out) = match o_lat {
+        DecodeOutput::F32(o) => (o, false),
+        DecodeOutput::Bf16(o) => (o, true),
+    };
     kernels::mla_combine.launch(
         g,
-        (heads as u32, m as u32, 1),
+        (shape.heads as u32, rows as u32, 1),
         128,
-        (2 * splits * 4) as u32,
+        (2 * splits.count * 4) as u32,
         (
             ptr(o_lat),
-            ptr(o_part),
-            ptr(ml_part),
-            int(heads),
-            int(splits),
-            int(lora),
+            ptr(splits.o_part.addr),
+            ptr(splits.ml_part.addr),
+            int(shape.heads),
+            int(splits.count),
+            int(shape.lora),
             int(bf16_out as usize),
         ),
     )

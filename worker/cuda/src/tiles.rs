@@ -71,6 +71,14 @@ pub const ABSORB_COLS: usize = 128;
 /// Dynamic shared memory of `mla_absorb_*_wgmma`: one 128-wide k chunk of the tokens and of the
 /// weights as bf16, and room to align them to the 1024-byte swizzle atom.
 pub const ABSORB_SHARED: usize = (ABSORB_ROWS + ABSORB_COLS) * 128 * 2 + 1024;
+/// Most rows a step may have for the absorption of W_UV to merge the decode's splits itself
+/// (`mla_absorb_out_merged_mma`: one token tile of `mla_absorb_out_mma_n1`).
+pub const ABSORB_MERGED_ROWS: usize = 8;
+/// Widest latent `mla_absorb_out_merged_mma` holds in shared memory (DeepSeek-V3's 512).
+pub const ABSORB_MERGED_LORA: usize = 512;
+/// Widest head value `mla_absorb_out_merged_mma` takes (a warp per 16 of a head's value rows;
+/// DeepSeek-V3's 128).
+pub const ABSORB_MERGED_VDIM: usize = 256;
 /// Threads per row of the token pick (`pick_tokens`).
 pub const PICK_THREADS: usize = 1024;
 
@@ -98,6 +106,9 @@ pub fn defines() -> Vec<String> {
         ("GX_THREADS", GX_THREADS),
         ("ABSORB_ROWS", ABSORB_ROWS),
         ("ABSORB_COLS", ABSORB_COLS),
+        ("ABSORB_MERGED_ROWS", ABSORB_MERGED_ROWS),
+        ("ABSORB_MERGED_LORA", ABSORB_MERGED_LORA),
+        ("ABSORB_MERGED_VDIM", ABSORB_MERGED_VDIM),
         ("PICK_THREADS", PICK_THREADS),
         ("QUANT_SPAN", QUANT_SPAN),
         ("RMS_HELD", RMS_HELD),

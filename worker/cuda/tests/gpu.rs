@@ -1536,6 +1536,61 @@ fn routing_on_the_gpu_chooses_the_experts_of_the_cpu_gate() {
     }
 }
 
+/// A small step's routing, expert plan and tiles in one launch (`route_plan`) give the bits of
+/// `route_topk`, `moe_plan` and `expert_tiles` launched in turn, counters included: the routing
+/// test's four gates, with and without ties, 1 to 8 rows (routed four at a time), with and
+/// without a padding row.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn routing_and_plan_in_one_launch_equal_the_three_launches() {
+    use dsv3_cuda::gpu::Gpu;
+    use dsv3_cuda::model::plan_routes;
+    use dsv3_engine::moe::Gate;
+    poison();
+    let gpu = Gpu::open(0).expect("GPU");
+    let mut next = xorshift(0x9b05688c2b3e6c1fu64);
+    let mut uniform = |lo: f32, hi: f32| lo + (hi - lo) * ((next() >> 40) as f32 / (1u64 << 24) as f32);
+    // (experts, groups, groups kept, top-k, normalise, scaling)
+    for (n, n_group, topk_group, top_k, normalize, scaling) in [
+        (256usize, 8usize, 4usize, 8usize, true, 2.5f32),
+        (16, 4, 2, 4, true, 2.5),
+        (64, 1, 1, 6, false, 1.0),
+        (24, 4, 3, 5, true, 1.0),
+    ] {
+        let gate = Gate {
+            n_group,
+            topk_group,
+            top_k,
+            normalize,
+            scaling,
+        };
+        for ties in [false, true] {
+            for m in [1usize, 3, 4, 5, 8] {
+                let logits: Vec<f32> = (0..m * n)
+                    .map(|_| match ties {
+                        false => uniform(-4.0, 4.0),
+                        true => [-1.0, 0.0, 1.0][(uniform(0.0, 3.0) as usize).min(2)],
+                    })
+                    .collect();
+                let bias: Vec<f32> = (0..n).map(|_| if ties { 0.0 } else { uniform(-0.1, 0.1) }).collect();
+                let (ld, bd) = (gpu.upload(&logits).expect("logits"), gpu.upload(&bias).expect("bias"));
+                for valid in [m, m - 1] {
+                    let vd = gpu.upload(&[valid as i32]).expect("valid");
+                    let plan = |one| plan_routes(&gpu, ld.addr, bd.addr, m, n, &gate, vd.addr, one).expect("plan");
+                    let (three, one) = (plan(false), plan(true));
+                    let case = format!("{n} experts in {n_group} groups, ties {ties}, {m} rows, {valid} valid");
+                    assert!(
+                        three.counts[..n].iter().sum::<u32>() == (valid * top_k) as u32,
+                        "{case}: the three launches planned {:?}",
+                        three.counts
+                    );
+                    assert_eq!(one, three, "{case}");
+                }
+            }
+        }
+    }
+}
+
 /// The absorbed queries the wgmma decode copies by TMA as bf16 are the f32 ones rounded to
 /// nearest even, bit for bit: from the tensor-core absorption (`mla_absorb_q_mma_bf16_n*` against
 /// `mla_absorb_q_mma_n*`, each token tile width) and from the CUDA-core one (`bf16_out`).
@@ -1782,6 +1837,195 @@ fn absorptions_on_wgmma_match_f64_reference() {
                 .map(|c| ov((t * heads + h) * lora + c) * weight(h * per_head + nope + j, c))
                 .sum()
         });
+    }
+}
+
+/// The absorption of W_UV that merges a split decode's outputs as it reads them
+/// (`mla_absorb_out_merged_mma`) gives the bits of `mla_combine` into bf16, `mla_absorb_out_mma_n1`
+/// and `quantize_rows_fp8` in turn (codes and scales in both encodings), and the merge is the
+/// one float64 makes of the same partial outputs: 1, 3 and 8 rows; 5 splits and 37 (past one
+/// round of sixteen loads); empty splits holding NaN, which neither may read, and a row with no
+/// positions at all (zeros).
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn splits_merged_in_the_absorption_equal_merging_first() {
+    use dsv3_cuda::fp8_gemm::QuantizedRows;
+    use dsv3_cuda::gpu::Gpu;
+    use dsv3_cuda::kernels;
+    use dsv3_cuda::launch::{int, ptr};
+    use dsv3_engine::fp8::E4M3_TO_F32;
+    poison();
+    let gpu = Gpu::open(0).expect("GPU");
+    let (heads, nope, vdim, lora) = (3usize, 128usize, 128usize, 512usize);
+    let per_head = nope + vdim;
+    let mut next = xorshift(0x510e527fade682d1u64);
+    let mut unit = move || (next() >> 40) as f32 / (1u64 << 24) as f32;
+    let codes: Vec<u8> = (0..heads * per_head * lora)
+        .map(|i| ((i as u64).wrapping_mul(0x9e3779b97f4a7c15) >> 56) as u8 & 0xf7)
+        .collect();
+    let scales: Vec<f32> = (0..heads * per_head / 128 * (lora / 128))
+        .map(|i| (1.0 + 0.37 * i as f32) / 448.0)
+        .collect();
+    let (kv_b, kv_scale) = (gpu.upload(&codes).expect("kv_b"), gpu.upload(&scales).expect("scales"));
+    let weight = |row: usize, c: usize| -> f64 {
+        E4M3_TO_F32[codes[row * lora + c] as usize] as f64 * scales[(row / 128) * (lora / 128) + c / 128] as f64
+    };
+    for (m, splits) in [(1usize, 5usize), (3, 37), (8, 37)] {
+        // Split s of (row r, head h): its maximum, its sum (0: an empty split, output NaN) and its
+        // unnormalised output. Row 1 has no positions at all.
+        let pairs = m * heads;
+        let mut ml = vec![0f32; pairs * splits * 2];
+        let mut o = vec![f32::NAN; pairs * splits * lora];
+        for p in 0..pairs {
+            for s in 0..splits {
+                let empty = p / heads == 1 || (s + p) % 4 == 3;
+                let at = p * splits + s;
+                ml[2 * at] = if empty { f32::NAN } else { 8.0 * unit() - 4.0 };
+                ml[2 * at + 1] = if empty { 0.0 } else { 1.0 + 30.0 * unit() };
+                if !empty {
+                    for c in 0..lora {
+                        o[at * lora + c] = (unit() - 0.5) * 40.0;
+                    }
+                }
+            }
+        }
+        let (o_part, ml_part) = (gpu.upload(&o).expect("o_part"), gpu.upload(&ml).expect("ml_part"));
+        // Merging first: mla_combine into bf16, then the absorption of one token tile.
+        let o_lat = gpu.upload(&vec![0xffffu16; pairs * lora]).expect("o_lat");
+        kernels::mla_combine
+            .launch(
+                &gpu,
+                (heads as u32, m as u32, 1),
+                128,
+                (2 * splits * 4) as u32,
+                (
+                    ptr(o_lat.addr),
+                    ptr(o_part.addr),
+                    ptr(ml_part.addr),
+                    int(heads),
+                    int(splits),
+                    int(lora),
+                    int(1),
+                ),
+            )
+            .expect("combine");
+        let first = gpu.upload(&vec![f32::NAN; (m + 8) * heads * vdim]).expect("out");
+        kernels::mla_absorb_out_mma_n1
+            .launch(
+                &gpu,
+                ((vdim / 64) as u32, heads as u32, 1),
+                128,
+                0,
+                (
+                    ptr(first.addr),
+                    ptr(o_lat.addr),
+                    int(m),
+                    int(heads),
+                    int(nope),
+                    int(vdim),
+                    int(lora),
+                    ptr(kv_b.addr),
+                    ptr(kv_scale.addr),
+                ),
+            )
+            .expect("absorb out");
+        // Merging as it reads, and quantising for o_proj.
+        let ue8m0 = splits == 37;
+        let merged = gpu.upload(&vec![f32::NAN; (m + 8) * heads * vdim]).expect("out");
+        let codes = gpu.upload(&vec![0xa5u8; m * heads * vdim]).expect("codes");
+        let scales = gpu.upload(&vec![f32::NAN; heads * vdim / 128 * m]).expect("scales");
+        kernels::mla_absorb_out_merged_mma
+            .launch(
+                &gpu,
+                (1, heads as u32, 1),
+                (vdim / 16 * 32) as u32,
+                (2 * splits * 4) as u32,
+                (
+                    ptr(merged.addr),
+                    ptr(codes.addr),
+                    ptr(scales.addr),
+                    int(ue8m0 as usize),
+                    ptr(o_part.addr),
+                    ptr(ml_part.addr),
+                    int(splits),
+                    int(m),
+                    int(heads),
+                    int(nope),
+                    int(vdim),
+                    int(lora),
+                    ptr(kv_b.addr),
+                    ptr(kv_scale.addr),
+                ),
+            )
+            .expect("absorb out, merging");
+        let want: Vec<f32> = gpu.download(first.addr, (m + 8) * heads * vdim).expect("out");
+        let got: Vec<f32> = gpu.download(merged.addr, (m + 8) * heads * vdim).expect("out");
+        let width = heads * vdim;
+        assert!(
+            got[m * width..].iter().all(|v| v.is_nan()),
+            "{m} rows, {splits} splits: rows past the step written"
+        );
+        let differ = (0..m * width)
+            .filter(|&i| got[i].to_bits() != want[i].to_bits())
+            .count();
+        assert_eq!(
+            differ, 0,
+            "{m} rows, {splits} splits: {differ} outputs differ from merging first"
+        );
+        let quantised = QuantizedRows::new(&gpu, first.addr, width, None, m, width, None, ue8m0).expect("quantise");
+        let want_codes: Vec<u8> = gpu.download(quantised.data.addr, m * width).expect("codes");
+        let want_scales: Vec<f32> = gpu.download(quantised.scales.addr, m * width / 128).expect("scales");
+        let got_codes: Vec<u8> = gpu.download(codes.addr, m * width).expect("codes");
+        let got_scales: Vec<f32> = gpu.download(scales.addr, m * width / 128).expect("scales");
+        assert!(
+            got_codes == want_codes,
+            "{m} rows, {splits} splits: codes differ from quantize_rows_fp8's"
+        );
+        assert!(
+            got_scales
+                .iter()
+                .zip(&want_scales)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{m} rows, {splits} splits: scales {got_scales:?} against quantize_rows_fp8's {want_scales:?}"
+        );
+        // Against float64: the merge of the same partials, then the product.
+        let (mut err, mut norm) = (0f64, 0f64);
+        for r in 0..m {
+            for h in 0..heads {
+                let p = r * heads + h;
+                let live: Vec<usize> = (0..splits).filter(|&s| ml[2 * (p * splits + s) + 1] > 0.0).collect();
+                let top = live
+                    .iter()
+                    .map(|&s| ml[2 * (p * splits + s)] as f64)
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let w = |s: usize| (ml[2 * (p * splits + s)] as f64 - top).exp();
+                let denom: f64 = live.iter().map(|&s| w(s) * ml[2 * (p * splits + s) + 1] as f64).sum();
+                let o_lat: Vec<f64> = (0..lora)
+                    .map(|c| {
+                        let sum: f64 = live.iter().map(|&s| w(s) * o[(p * splits + s) * lora + c] as f64).sum();
+                        if live.is_empty() {
+                            0.0
+                        } else {
+                            sum / denom
+                        }
+                    })
+                    .collect();
+                for j in 0..vdim {
+                    let want: f64 = (0..lora).map(|c| o_lat[c] * weight(h * per_head + nope + j, c)).sum();
+                    let g = got[r * width + h * vdim + j] as f64;
+                    assert!(g.is_finite(), "{m} rows, {splits} splits: out[{r}, {h}, {j}] = {g}");
+                    if live.is_empty() {
+                        assert_eq!(g, 0.0, "{m} rows: row {r} has no positions, out[{h}, {j}] = {g}");
+                    }
+                    err += (g - want).powi(2);
+                    norm += want.powi(2);
+                }
+            }
+        }
+        let rel = (err / norm).sqrt();
+        eprintln!("{m} rows, {splits} splits: relative error against float64 {rel:.2e}");
+        // o_lat is rounded to bf16 (2^-9) before the product; a wrong weight or split gives ~1.
+        assert!(rel < 1e-2, "{m} rows, {splits} splits: relative error {rel}");
     }
 }
 

@@ -118,6 +118,15 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// One warp's 128 values: the e4m3 codes of its lane's four (packed, first in the low byte) and
+// the block's scale.
+__device__ __forceinline__ u32 quantize_lane(float4 v, int ue8m0, float& scale) {
+    float amax = warp_max(fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+    float inv;
+    block_scale(amax, ue8m0, scale, inv);
+    return e4m3_pair(v.x * inv, v.y * inv) | (e4m3_pair(v.z * inv, v.w * inv) << 16);
+}
+
 // Maximum over the 4 threads of a quad (the lanes holding one row of an mma accumulator).
 __device__ __forceinline__ float quad_max(float v) {
     v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
@@ -167,6 +176,57 @@ __device__ float block_max(float v, float* scratch) {
     float m = -INFINITY;
     for (int w = 0; w < warps; ++w) m = fmaxf(m, scratch[w]);
     return m;
+}
+
+// ---------------------------------------------------------------- a decode's splits merged
+// Split s of one (row, head) of a split decode (flash-decoding) leaves its unnormalised output
+// o_s (`lora` floats, splits in a row) and its maximum and sum (m_s, l_s) in ml. Merged:
+// o = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s. mla_combine and the absorption that merges
+// as it reads (mla_absorb_out_merged_mma) both merge through these two, for the same bits.
+
+// Each split's weight e^(m_s - M) into w[s] (0 for an empty split: l_s = 0), where `cw` is
+// 2 * splits floats of shared memory and w = cw + splits; the denominator, to every thread. A
+// block-wide call; the weights are ready when it returns.
+__device__ float split_weights(const float* ml, int splits, float* cw, float* scratch) {
+    float mx = -INFINITY;
+    for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+        float m = ml[2 * s + 1] > 0.f ? ml[2 * s] : -INFINITY;  // empty splits do not count
+        cw[s] = m;
+        mx = fmaxf(mx, m);
+    }
+    mx = block_max(mx, scratch);
+    float part = 0.f;
+    for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+        float e = cw[s] == -INFINITY ? 0.f : expf(cw[s] - mx);
+        cw[splits + s] = e;
+        part += e * ml[2 * s + 1];
+    }
+    float denom = block_sum(part, scratch);
+    __syncthreads();
+    return denom;
+}
+
+// Channels c .. c + 3 of the merged output from `op` (split s's output at op + s * lora) and the
+// weights w: sixteen splits' loads in flight at a time. Divided, not multiplied by 1 / denom, so
+// that a row with one non-empty split gets the bits the decode kernels write for a row's only
+// split; a row with no positions (denom 0) gets zeros.
+__device__ __forceinline__ float4 merged_channels(const float* op, const float* w, int splits, int lora, int c,
+                                                  float denom) {
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s0 = 0; s0 < splits; s0 += 16) {
+        float4 x[16];
+#pragma unroll
+        for (int u = 0; u < 16; ++u)  // a split of weight 0 is not read: it may hold anything
+            x[u] = s0 + u < splits && w[s0 + u] > 0.f ? *(const float4*)(op + (size_t)(s0 + u) * lora + c)
+                                                      : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (int u = 0; u < 16; ++u) {
+            const float e = s0 + u < splits ? w[s0 + u] : 0.f;
+            v.x += e * x[u].x; v.y += e * x[u].y; v.z += e * x[u].z; v.w += e * x[u].w;
+        }
+    }
+    return denom > 0.f ? make_float4(v.x / denom, v.y / denom, v.z / denom, v.w / denom)
+                       : make_float4(0.f, 0.f, 0.f, 0.f);
 }
 
 // A row normed by a block (rms_norm, rms_norm_quantize_fp8, kv_latent) held in registers:

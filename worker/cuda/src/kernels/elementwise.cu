@@ -1,13 +1,5 @@
 // ---------------------------------------------------------------- elementwise, norms, weights
 
-// One warp's 128 values: the e4m3 codes of its lane's four (packed, first in the low byte) and
-// the block's scale.
-__device__ __forceinline__ u32 quantize_lane(float4 v, int ue8m0, float& scale) {
-    float amax = warp_max(fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
-    float inv;
-    block_scale(amax, ue8m0, scale, inv);
-    return e4m3_pair(v.x * inv, v.y * inv) | (e4m3_pair(v.z * inv, v.w * inv) << 16);
-}
 
 // out[r, :width] = in[r, :width] * rsqrt(mean(in^2) + eps) * w for row r = blockIdx.x, rows
 // strided by ld_in / ld_out; with codes, the output also quantised per 128 values (a warp a

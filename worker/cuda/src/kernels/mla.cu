@@ -1104,58 +1104,26 @@ extern "C" __global__ void __launch_bounds__(256, 1)
                           tma_rows, &q_lat_map, &q_map, nope, bf16_out);
 }
 
-// Merges the splits: o_lat[r, h, :] = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s, f32 or (`bf16_out`)
-// bf16 as finish_split writes a row's only split. grid (heads, m);
-// dynamic shared memory: 2 * splits floats (each split's weight is computed once). The partial
-// outputs are read four channels a thread, sixteen splits' loads in flight (one split at a time,
-// this kernel waited on a load per split per channel: 18 µs for one row of 32 splits).
+// Merges the splits (split_weights, merged_channels): o_lat[r, h, :] in f32 or (`bf16_out`) bf16
+// as finish_split writes a row's only split. grid (heads, m); dynamic shared memory: 2 * splits
+// floats (each split's weight is computed once). The partial outputs are read four channels a
+// thread, sixteen splits' loads in flight (one split at a time, this kernel waited on a load per
+// split per channel: 18 µs for one row of 32 splits).
 extern "C" __global__ void mla_combine(void* o_lat, const float* o_part, const float* ml_part, int heads, int splits,
                                        int lora, int bf16_out) {
     await_previous_kernel();
     extern __shared__ float cw[];  // [splits] m_s, then [splits] weights
     __shared__ float scratch[32];
     int h = blockIdx.x, r = blockIdx.y;
-    const float* ml = ml_part + ((size_t)r * heads + h) * splits * 2;
-    float mx = -INFINITY;
-    for (int s = threadIdx.x; s < splits; s += blockDim.x) {
-        float m = ml[2 * s + 1] > 0.f ? ml[2 * s] : -INFINITY;  // empty splits do not count
-        cw[s] = m;
-        mx = fmaxf(mx, m);
-    }
-    mx = block_max(mx, scratch);
-    float part = 0.f;
-    for (int s = threadIdx.x; s < splits; s += blockDim.x) {
-        float e = cw[s] == -INFINITY ? 0.f : expf(cw[s] - mx);
-        cw[splits + s] = e;
-        part += e * ml[2 * s + 1];
-    }
-    float denom = block_sum(part, scratch);
-    __syncthreads();
+    const float denom = split_weights(ml_part + ((size_t)r * heads + h) * splits * 2, splits, cw, scratch);
     const float* w = cw + splits;
     const float* op = o_part + ((size_t)r * heads + h) * splits * lora;
     const size_t out_at = ((size_t)r * heads + h) * lora;
     float* out = (float*)o_lat + out_at;
     bf16* out_bf16 = (bf16*)o_lat + out_at;
-    // Divided, not multiplied by 1 / denom: a row with one non-empty split then gets the bits
-    // finish_split writes for a row's only split (a graphed step, split for the cache's capacity,
-    // and a launched one agree). Empty rows get 0.
     if (lora % 4 == 0) {
         for (int c = 4 * threadIdx.x; c < lora; c += 4 * blockDim.x) {
-            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-            for (int s0 = 0; s0 < splits; s0 += 16) {
-                float4 x[16];
-#pragma unroll
-                for (int u = 0; u < 16; ++u)  // a split of weight 0 is not read: it may hold anything
-                    x[u] = s0 + u < splits && w[s0 + u] > 0.f ? *(const float4*)(op + (size_t)(s0 + u) * lora + c)
-                                                              : make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-                for (int u = 0; u < 16; ++u) {
-                    const float e = s0 + u < splits ? w[s0 + u] : 0.f;
-                    v.x += e * x[u].x; v.y += e * x[u].y; v.z += e * x[u].z; v.w += e * x[u].w;
-                }
-            }
-            const float4 o = denom > 0.f ? make_float4(v.x / denom, v.y / denom, v.z / denom, v.w / denom)
-                                         : make_float4(0.f, 0.f, 0.f, 0.f);
+            const float4 o = merged_channels(op, w, splits, lora, c, denom);
             if (bf16_out)
                 *(uint2*)(out_bf16 + c) = make_uint2(pack_bf16(o.x, o.y), pack_bf16(o.z, o.w));
             else

@@ -483,6 +483,60 @@ ABSORB_OUT_MMA(2)
 ABSORB_OUT_MMA(4)
 ABSORB_OUT_MMA(8)
 
+// The absorption of W_UV for a small step read from its split decode's outputs unmerged (o_part,
+// ml_part: `splits` per row and head, as mla_combine reads them), one block a head: the block
+// merges its head's splits for the step's rows into bf16 rows of shared memory by mla_combine's
+// own code, multiplies them as mla_absorb_out_mma_n1 does (a warp per 16 of the head's vdim
+// rows), and writes out[t, h*vdim + j] in f32 and, where `codes` is not null, quantised as
+// quantize_rows_fp8 quantises those rows for o_proj (codes [m][heads*vdim], scales
+// [heads*vdim/128][m]; vdim a multiple of 128). The same bits as mla_combine into bf16,
+// mla_absorb_out_mma_n1 and quantize_rows_fp8 in turn, in one launch where those took three:
+// at a small batch the merge's launch alone was a tenth of the attention's chain of small
+// kernels. Up to ABSORB_MERGED_ROWS rows, lora up to ABSORB_MERGED_LORA, vdim up to
+// ABSORB_MERGED_VDIM (tiles.rs); grid (1, heads), vdim / 16 warps; dynamic shared memory
+// 2 * splits floats.
+#define ABSORB_MERGED_LD (ABSORB_MERGED_LORA + 8)  // a row's bf16 values padded 16 bytes: rows fall in other banks
+#define ABSORB_MERGED_OUT_LD (ABSORB_MERGED_VDIM + 4)
+extern "C" __global__ void __launch_bounds__(ABSORB_MERGED_VDIM * 2)
+    mla_absorb_out_merged_mma(float* out, u8* codes, float* scales, int ue8m0, const float* o_part,
+                              const float* ml_part, int splits, int m, int heads, int nope, int vdim, int lora,
+                              const u8* w, const float* scale) {
+    __shared__ __align__(16) bf16 rows[ABSORB_MERGED_ROWS * ABSORB_MERGED_LD];
+    __shared__ __align__(16) float sums[ABSORB_MERGED_ROWS * ABSORB_MERGED_OUT_LD];
+    __shared__ float scratch[32];
+    extern __shared__ float cw[];  // [splits] m_s, then [splits] weights
+    await_previous_kernel();
+    const int h = blockIdx.y, width = heads * vdim;
+    for (int r = 0; r < m; ++r) {
+        const size_t at = (size_t)r * heads + h;
+        const float denom = split_weights(ml_part + at * splits * 2, splits, cw, scratch);
+        const float* op = o_part + at * splits * lora;
+        for (int c = 4 * threadIdx.x; c < lora; c += 4 * blockDim.x) {
+            const float4 o = merged_channels(op, cw + splits, splits, lora, c, denom);
+            *(uint2*)(rows + r * ABSORB_MERGED_LD + c) = make_uint2(pack_bf16(o.x, o.y), pack_bf16(o.z, o.w));
+        }
+        __syncthreads();  // the weights are the next row's to write; the rows, the product's to read
+    }
+    const size_t row = (size_t)h * (nope + vdim) + nope;
+    fp8_mma_impl<1>(sums, ABSORB_MERGED_OUT_LD, rows, 0, ABSORB_MERGED_LD, 0, m, w + row * lora,
+                    scale + (row / 128) * (lora / 128), vdim, lora, 0, 0);
+    __syncthreads();
+    for (int i = threadIdx.x; i < m * vdim / 4; i += blockDim.x) {
+        const int r = i / (vdim / 4), c = 4 * (i % (vdim / 4));
+        *(float4*)(out + (size_t)r * width + h * vdim + c) = *(const float4*)(sums + r * ABSORB_MERGED_OUT_LD + c);
+    }
+    if (!codes) return;
+    // A warp a block of 128 values of a row, as quantize_rows_fp8.
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, blocks = vdim / 128;
+    for (int i = warp; i < m * blocks; i += blockDim.x >> 5) {
+        const int r = i / blocks, b = i % blocks, kb = h * blocks + b;
+        float s;
+        *(u32*)(codes + (size_t)r * width + kb * 128 + lane * 4) =
+            quantize_lane(*(const float4*)(sums + r * ABSORB_MERGED_OUT_LD + b * 128 + lane * 4), ue8m0, s);
+        if (lane == 0) scales[(size_t)kb * m + r] = s;
+    }
+}
+
 // y[r, c] (+)= sum over s in order of part[s][r][c]: the slabs of a split-k product, added in a
 // fixed order so a step gives the same bits every time (atomics would add in arrival order).
 extern "C" __global__ void split_k_reduce(float* y, int ldy, const float* part, int m, int n, int splits,

@@ -145,12 +145,11 @@ __device__ __forceinline__ void plan_load_batch(int (&es)[PLAN_BATCH], const int
     }
 }
 
-extern "C" __global__ void __launch_bounds__(1024)
-moe_plan(int* group_expert, int* offsets, int* x_rows, int* slot_of, unsigned* counts, unsigned* touched,
-         const int* chosen, const int* valid, int m, int top_k, int n_experts, int groups, int align,
-         int capacity) {
-    await_previous_kernel();
-    extern __shared__ int chunk_pairs[];  // [warps][n_experts]: counts, then each chunk's start
+// The plan's work, for moe_plan and route_plan; chunk_pairs: the dynamic shared memory above.
+__device__ __forceinline__ void plan_pairs(int* group_expert, int* offsets, int* x_rows, int* slot_of,
+                                           unsigned* counts, unsigned* touched, const int* chosen, const int* valid,
+                                           int m, int top_k, int n_experts, int groups, int align, int capacity,
+                                           int* chunk_pairs) {
     __shared__ int cnt[1024];
     __shared__ int next[1024];  // first slot of each expert's group
     __shared__ int scratch[32];
@@ -218,6 +217,16 @@ moe_plan(int* group_expert, int* offsets, int* x_rows, int* slot_of, unsigned* c
     }
 }
 
+extern "C" __global__ void __launch_bounds__(1024)
+moe_plan(int* group_expert, int* offsets, int* x_rows, int* slot_of, unsigned* counts, unsigned* touched,
+         const int* chosen, const int* valid, int m, int top_k, int n_experts, int groups, int align,
+         int capacity) {
+    await_previous_kernel();
+    extern __shared__ int chunk_pairs[];  // [warps][n_experts]: counts, then each chunk's start
+    plan_pairs(group_expert, offsets, x_rows, slot_of, counts, touched, chosen, valid, m, top_k, n_experts, groups,
+               align, capacity, chunk_pairs);
+}
+
 // ---------------------------------------------------------------- routing (spec §5)
 // One block per token, one thread per expert (n_experts <= 1024). Sigmoid scores; the bias is
 // used for selection only; groups ranked by the sum of their two best biased scores; top-k
@@ -228,20 +237,21 @@ moe_plan(int* group_expert, int* offsets, int* x_rows, int* slot_of, unsigned* c
 // latencies, not a chain of 256 shared loads a thread.
 __device__ __forceinline__ bool beats(float a, int ia, float b, int ib) { return a > b || (a == b && ia < ib); }
 
-extern "C" __global__ void route_topk(int* experts_out, float* weights_out, const float* logits, const float* bias,
-                                      int n_experts, int n_group, int topk_group, int top_k, int normalize,
-                                      float scaling) {
-    await_previous_kernel();
-    extern __shared__ float4 route_smem[];  // float4: the rank loop's 16-byte loads
-    float* sm = (float*)route_smem;
+// Routes token row t with the n_experts (rounded up to a warp) threads e of its group, on `sm`:
+// (2 * n_experts + 2 * n_group + top_k) floats of shared memory, 16-byte aligned. `live`: the
+// group has a row to route; a group without one still meets every block barrier.
+__device__ __forceinline__ void route_row(int* experts_out, float* weights_out, const float* logits, const float* bias,
+                                          int n_experts, int n_group, int topk_group, int top_k, int normalize,
+                                          float scaling, int t, int e, bool live, float* sm) {
     float* score = sm;                    // [n_experts]
     float* biased = sm + n_experts;       // [n_experts]
     float* gscore = biased + n_experts;   // [n_group]
     int* kept = (int*)(gscore + n_group);  // [n_group]: the group is among the best topk_group
     int* chosen = kept + n_group;          // [top_k]
-    int t = blockIdx.x, e = threadIdx.x, per = n_experts / n_group, lane = e & 31;
+    const int per = n_experts / n_group, lane = e & 31;
+    const bool expert = live && e < n_experts;
     float v = -INFINITY;
-    if (e < n_experts) {
+    if (expert) {
         float s = 1.f / (1.f + expf(-logits[(size_t)t * n_experts + e]));
         score[e] = s;
         v = s + bias[e];
@@ -251,10 +261,10 @@ extern "C" __global__ void route_topk(int* experts_out, float* weights_out, cons
         float b0 = warp_max(v);
         int first = __ffs(__ballot_sync(0xffffffffu, v == b0)) - 1;  // one of the best kept out
         float b1 = warp_max(lane == first ? -INFINITY : v);
-        if (lane == 0 && e < n_experts) gscore[e >> 5] = b0 + b1;
+        if (lane == 0 && expert) gscore[e >> 5] = b0 + b1;
     }
     __syncthreads();
-    if (per != 32 && e < n_group) {
+    if (live && per != 32 && e < n_group) {
         float b0 = -INFINITY, b1 = -INFINITY;
         for (int i = e * per; i < (e + 1) * per; ++i) {
             float u = biased[i];
@@ -263,13 +273,13 @@ extern "C" __global__ void route_topk(int* experts_out, float* weights_out, cons
         gscore[e] = per == 1 ? b0 : b0 + b1;
     }
     __syncthreads();
-    if (e < n_group) {  // how many groups beat this one
+    if (live && e < n_group) {  // how many groups beat this one
         int rank = 0;
         for (int o = 0; o < n_group; ++o) rank += beats(gscore[o], o, gscore[e], e);
         kept[e] = rank < topk_group;
     }
     __syncthreads();
-    if (e < n_experts && kept[e / per]) {
+    if (expert && kept[e / per]) {
         int rank = 0;
         for (int gr = 0; gr < n_group; ++gr) {
             if (!kept[gr]) continue;
@@ -288,7 +298,7 @@ extern "C" __global__ void route_topk(int* experts_out, float* weights_out, cons
         if (rank < top_k) chosen[rank] = e;
     }
     __syncthreads();
-    if (e == 0) {
+    if (live && e == 0) {
         // sort chosen ascending (as the CPU does) and weight from unbiased scores
         int ids[32];
         for (int j = 0; j < top_k; ++j) ids[j] = chosen[j];
@@ -305,12 +315,20 @@ extern "C" __global__ void route_topk(int* experts_out, float* weights_out, cons
     }
 }
 
+extern "C" __global__ void route_topk(int* experts_out, float* weights_out, const float* logits, const float* bias,
+                                      int n_experts, int n_group, int topk_group, int top_k, int normalize,
+                                      float scaling) {
+    await_previous_kernel();
+    extern __shared__ float4 route_smem[];  // float4: the rank loop's 16-byte loads
+    route_row(experts_out, weights_out, logits, bias, n_experts, n_group, topk_group, top_k, normalize, scaling,
+              blockIdx.x, threadIdx.x, true, (float*)route_smem);
+}
+
 // The tiles of grouped_fp8_wgmma: each group's slots in the fewest runs of at most GX_TOKENS, as
 // even as they go (300 slots: two of 150, not 192 and 108), as (group, first slot, slots), in
 // group order; entries past the last tile get group -1. One block; max_tiles bounds the list
 // (slots / GX_TOKENS + groups always fits).
-extern "C" __global__ void expert_tiles(int* tiles, int max_tiles, const int* offsets, int groups) {
-    await_previous_kernel();
+__device__ __forceinline__ void list_tiles(int* tiles, int max_tiles, const int* offsets, int groups) {
     __shared__ int scratch[32];
     int listed = 0;
     for (int base = 0; base < groups; base += blockDim.x) {
@@ -328,4 +346,42 @@ extern "C" __global__ void expert_tiles(int* tiles, int max_tiles, const int* of
         listed += total;
     }
     for (int i = listed + threadIdx.x; i < max_tiles; i += blockDim.x) tiles[3 * i] = -1;
+}
+
+extern "C" __global__ void expert_tiles(int* tiles, int max_tiles, const int* offsets, int groups) {
+    await_previous_kernel();
+    list_tiles(tiles, max_tiles, offsets, groups);
+}
+
+// A small step's routing, its plan and its tiles in one launch, where route_topk, moe_plan and
+// expert_tiles took three, each a kernel boundary on the step's critical path: route_row for
+// every row (blockDim.x / route_threads rows at a time, route_threads = n_experts rounded up to
+// a warp), then plan_pairs over the choices this block has just written, then, unless `tiles`
+// is null, list_tiles over the offsets it has just written: the bits of the three kernels. One
+// block of 1024 threads; dynamic shared memory: the plan's warps * n_experts ints, then a
+// routing slot of route_stride floats (16-byte multiple) per row routed at a time.
+extern "C" __global__ void __launch_bounds__(1024)
+route_plan(int* experts_out, float* weights_out, const float* logits, const float* bias, int n_experts, int n_group,
+           int topk_group, int top_k, int normalize, float scaling, int route_threads, int route_stride,
+           int* group_expert, int* offsets, int* x_rows, int* slot_of, unsigned* counts, unsigned* touched,
+           const int* valid, int m, int groups, int capacity, int* tiles, int max_tiles) {
+    await_previous_kernel();
+    extern __shared__ float4 plan_smem[];  // float4: the rank loop's 16-byte loads
+    int* chunk_pairs = (int*)plan_smem;
+    float* routing = (float*)plan_smem + (blockDim.x >> 5) * n_experts;
+    const int at_once = blockDim.x / route_threads, slot = threadIdx.x / route_threads;
+    const int e = threadIdx.x - slot * route_threads;
+    for (int r0 = 0; r0 < m; r0 += at_once) {
+        const int t = r0 + slot;
+        const bool live = slot < at_once && t < m;
+        route_row(experts_out, weights_out, logits, bias, n_experts, n_group, topk_group, top_k, normalize, scaling,
+                  t, e, live, routing + min(slot, at_once - 1) * route_stride);
+        __syncthreads();  // the slots are the next rows'; the choices, the plan's to read
+    }
+    plan_pairs(group_expert, offsets, x_rows, slot_of, counts, touched, experts_out, valid, m, top_k, n_experts,
+               groups, 1, capacity, chunk_pairs);
+    if (tiles) {
+        __syncthreads();  // the offsets written
+        list_tiles(tiles, max_tiles, offsets, groups);
+    }
 }

@@ -9,8 +9,12 @@ use crate::gpu::{DeviceBuf, Gpu};
 use crate::kernels;
 use crate::kernels::TokenTiles;
 use crate::launch::{int, ptr, Args, Kernel};
-use crate::mla_decode::{mla_decode, DecodeBuffers, DecodeKernel, DecodeOutput, DecodeQuery, LatentShape, PagedRows};
+use crate::mla_decode::{
+    mla_decode, mla_decode_unmerged, DecodeBuffers, DecodeKernel, DecodeOutput, DecodeQuery, LatentShape, PagedRows,
+    Splits,
+};
 use crate::mla_prefill::{prefill_with, PrefillBuffers, PrefillKernel, PrefillOutput, PrefillShape};
+use crate::tiles::{ABSORB_MERGED_LORA, ABSORB_MERGED_ROWS, ABSORB_MERGED_VDIM};
 use crate::weights::Format;
 use anyhow::{ensure, Result};
 use dsv3_engine::rope::softmax_scale;
@@ -112,16 +116,9 @@ impl CudaModel {
             }
             None => (x.addr, xq, 0),
         };
-        // A prefill's attention reads its queries only as bf16, which q_b's product writes.
-        let prefill = step.spans.iter().all(|sp| sp.rows >= NAIVE_MIN_ROWS);
-        let q = if prefill {
-            self.linear_from_to_bf16(q_in, q_in_quantised, m, &a.q_b)?
-        } else {
-            let q = g.alloc(m * heads * qk * 4)?;
-            self.linear_from(q.addr, heads * qk, q_in, q_in_quantised, m, &a.q_b, false)?;
-            q
-        };
-        // The latent: normed, rotated and written into the cache by one kernel.
+        // The latent: normed, rotated and written into the cache by one kernel, queued before q_b
+        // so that it runs while q_b's blocks pull their first weights into L2 (programmatic
+        // dependent launch), rather than as a latency of its own after q_b.
         let kv = down.addr + (q_lora * 4) as u64;
         let cache = self.cache.layer_addr(layer.index);
         kernels::kv_latent.launch(
@@ -143,6 +140,15 @@ impl CudaModel {
                 ptr(step.slots),
             ),
         )?;
+        // A prefill's attention reads its queries only as bf16, which q_b's product writes.
+        let prefill = step.spans.iter().all(|sp| sp.rows >= NAIVE_MIN_ROWS);
+        let q = if prefill {
+            self.linear_from_to_bf16(q_in, q_in_quantised, m, &a.q_b)?
+        } else {
+            let q = g.alloc(m * heads * qk * 4)?;
+            self.linear_from(q.addr, heads * qk, q_in, q_in_quantised, m, &a.q_b, false)?;
+            q
+        };
         if prefill {
             self.rotate_bf16_queries(&q, step)?;
             let kernel = PrefillKernel::for_shape(g, &self.prefill_shape(), self.prefill_attention)?;
@@ -174,8 +180,8 @@ impl CudaModel {
             };
         }
         let attn = g.alloc(m * heads * vdim * 4)?;
-        self.attend_absorbed(layer, &q, &attn, step)?;
-        self.linear(h.addr, c.hidden_size, attn.addr, m, &a.o, true)
+        let quantised = self.attend_absorbed(layer, &q, &attn, step)?;
+        self.linear_from(h.addr, c.hidden_size, attn.addr, quantised.as_ref(), m, &a.o, true)
     }
 
     /// The queries' rotary part rotated in place (one thread a pair), and with `bf16` the rotated
@@ -250,8 +256,15 @@ impl CudaModel {
         kernels::rope_interleaved_bf16_in_place.launch(&self.gpu, (step.rows as u32, blocks, 1), 256, 0, args)
     }
 
-    /// Weight-absorbed attention over the latent cache for every row of the step (decode).
-    fn attend_absorbed(&self, layer: &Layer, q: &DeviceBuf, attn: &DeviceBuf, step: &StepLayout) -> Result<()> {
+    /// Weight-absorbed attention over the latent cache for every row of the step (decode), into
+    /// `attn`; also quantised for o_proj where the absorption that wrote it quantised it.
+    fn attend_absorbed(
+        &self,
+        layer: &Layer,
+        q: &DeviceBuf,
+        attn: &DeviceBuf,
+        step: &StepLayout,
+    ) -> Result<Option<QuantizedRows>> {
         let g = &self.gpu;
         let c = &self.config;
         let m = step.rows;
@@ -316,8 +329,87 @@ impl CudaModel {
                 DecodeOutput::F32(o_lat.addr)
             },
         };
-        mla_decode(g, &shape, &rows, &bufs, softmax_scale(c), kernel)?;
-        self.absorb_out(layer, &o_lat, bf16_out, attn, m)
+        if bf16_out && self.merges_in_absorption(m) {
+            if let Some(splits) = mla_decode_unmerged(g, &shape, &rows, &bufs, softmax_scale(c), kernel)? {
+                return self.absorb_out_merging(layer, &splits, attn, m);
+            }
+        } else {
+            mla_decode(g, &shape, &rows, &bufs, softmax_scale(c), kernel)?;
+        }
+        self.absorb_out(layer, &o_lat, bf16_out, attn, m)?;
+        Ok(None)
+    }
+
+    /// Whether a step of `m` rows has the absorption of W_UV merge the decode's splits
+    /// ([`Self::absorb_out_merging`]), where it runs on mma.sync with bf16 `o_lat`.
+    fn merges_in_absorption(&self, m: usize) -> bool {
+        let MlaDims { lora, vdim, .. } = MlaDims::of(&self.config);
+        self.merge_in_absorption
+            && m <= ABSORB_MERGED_ROWS
+            && lora <= ABSORB_MERGED_LORA
+            && vdim <= ABSORB_MERGED_VDIM
+            && !self.absorbs_on_wgmma(m)
+    }
+
+    /// [`Self::absorb_out`] on the tensor cores from a decode's unmerged splits, its rows also
+    /// quantised for o_proj where [`CudaModel::quantised_where_made`] says so
+    /// (`mla_absorb_out_merged_mma`): the bits of `mla_combine` into bf16, `mla_absorb_out_mma_n1`
+    /// and `quantize_rows_fp8`, in one launch.
+    fn absorb_out_merging(
+        &self,
+        layer: &Layer,
+        splits: &Splits,
+        attn: &DeviceBuf,
+        m: usize,
+    ) -> Result<Option<QuantizedRows>> {
+        let g = &self.gpu;
+        let MlaDims {
+            heads,
+            nope,
+            vdim,
+            lora,
+            ..
+        } = MlaDims::of(&self.config);
+        let width = heads * vdim;
+        let quantised = match self.quantised_where_made(width) {
+            Some(ue8m0) => Some((
+                QuantizedRows {
+                    data: g.alloc(m * width)?,
+                    scales: g.alloc(m * (width / 128) * 4)?,
+                    k: width,
+                },
+                ue8m0,
+            )),
+            None => None,
+        };
+        let (codes, scales, ue8m0) = match &quantised {
+            Some((rows, ue8m0)) => (rows.data.addr, rows.scales.addr, *ue8m0),
+            None => (0, 0, false),
+        };
+        let kvb = &layer.attn.kv_b;
+        kernels::mla_absorb_out_merged_mma.launch(
+            g,
+            (1, heads as u32, 1),
+            (vdim / 16 * 32) as u32,
+            (2 * splits.count * 4) as u32,
+            (
+                ptr(attn.addr),
+                ptr(codes),
+                ptr(scales),
+                int(ue8m0 as usize),
+                ptr(splits.o_part.addr),
+                ptr(splits.ml_part.addr),
+                int(splits.count),
+                int(m),
+                int(heads),
+                int(nope),
+                int(vdim),
+                int(lora),
+                ptr(kvb.data.addr),
+                ptr(kvb.scale_addr()),
+            ),
+        )?;
+        Ok(quantised.map(|(rows, _)| rows))
     }
 
     /// `q_lat[t, h] = q_nope[t, h] · W_UK[h]`, f32 or (`bf16_out`) bf16: on the tensor cores over

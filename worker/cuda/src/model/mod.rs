@@ -32,7 +32,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 pub use attention::NAIVE_MIN_ROWS;
-pub use moe::{route_logits, ExpertKernels};
+pub use moe::{plan_routes, route_logits, ExpertKernels, PlannedRoutes};
 pub(crate) use moe::{run_bank, BankCounters, MoeStats};
 pub use pick::pick_tokens;
 
@@ -179,6 +179,9 @@ pub struct CudaModel {
     /// Decode steps of at least this many rows run the absorptions of W_UK and W_UV on Hopper's
     /// wgmma kernel (DSV3_ABSORB_WGMMA_ROWS; 0: never).
     absorb_wgmma_rows: usize,
+    /// At small batches the absorption of W_UV merges the decode's splits as it reads them, where
+    /// `mla_combine` merged them in a launch of its own (DSV3_MLA_MERGE_IN_ABSORB=0: the launch).
+    merge_in_absorption: bool,
     /// The prefill attention kernels allowed (DSV3_PREFILL_WGMMA, DSV3_PREFILL_PIPELINE).
     prefill_attention: crate::mla_prefill::PrefillSwitches,
     /// Kernel choices: CUDA-core GEMVs for every FP8 product (DSV3_LINEAR_SIMT=1), and the routed
@@ -355,6 +358,7 @@ impl CudaModel {
                 Some(0) => usize::MAX,
                 rows => rows.unwrap_or(attention::ABSORB_WGMMA_MIN_ROWS),
             },
+            merge_in_absorption: crate::switches::flag("DSV3_MLA_MERGE_IN_ABSORB", true)?,
             prefill_attention: crate::mla_prefill::PrefillSwitches::from_env()?,
             kernels,
         })

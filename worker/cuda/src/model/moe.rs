@@ -24,6 +24,9 @@ use std::collections::BTreeMap;
 /// Steps up to this many rows keep every expert group in the grouped kernels, so they never wait
 /// for the host (and can be captured as CUDA graphs).
 pub(super) const DEVICE_ONLY_MAX_ROWS: usize = 256;
+/// Most rows a step may have for its routing, expert plan and tiles to be made in one launch
+/// (`route_plan`, four rows routed at a time): 8, a small decode step.
+pub(super) const ROUTE_PLAN_MAX_ROWS: usize = 8;
 /// Side streams the cuBLAS experts of a prefill step are spread over.
 const EXPERT_LANES: usize = 8;
 /// In larger steps (prefill), experts with more routed rows than this use cuBLAS instead
@@ -47,6 +50,11 @@ pub struct ExpertKernels {
     /// What Hopper's FP8 wgmma kernel writes the routed experts' rows in (bf16;
     /// DSV3_EXPERT_BF16_ROWS=0: f32).
     pub wgmma_out: RowFormat,
+    /// Steps of up to this many rows whose routed experts all run here on the wgmma kernel route,
+    /// plan and list their tiles in one launch (`route_plan`; DSV3_ROUTE_PLAN_ROWS, default
+    /// [`ROUTE_PLAN_MAX_ROWS`]; 0 never): it routes four rows at a time where `route_topk`
+    /// takes a block a row.
+    pub route_plan_rows: usize,
 }
 
 impl ExpertKernels {
@@ -73,7 +81,24 @@ impl ExpertKernels {
             } else {
                 RowFormat::F32
             },
+            route_plan_rows: switches::count("DSV3_ROUTE_PLAN_ROWS")?.unwrap_or(ROUTE_PLAN_MAX_ROWS),
         })
+    }
+
+    /// `Some(ue8m0)` where a step of `m` rows runs `bank` on Hopper's FP8 wgmma kernel, its
+    /// activations quantised with power-of-two scales when ue8m0.
+    fn wgmma_takes(&self, g: &Gpu, bank: &ExpertBank, m: usize) -> Result<Option<bool>> {
+        let Some(ue8m0) = self.input_quant else {
+            return Ok(None);
+        };
+        let width = bank.gate.cols;
+        ensure!(
+            width.is_multiple_of(128) && bank.gate.rows.is_multiple_of(128),
+            "FP8 activations are quantised in blocks of 128 channels; experts of {width}→{} have a partial block (run with --fp8-activations unquantised)",
+            bank.gate.rows
+        );
+        let takes = m >= self.wgmma_rows && !self.simt_linear() && expert_wgmma::takes(g, bank);
+        Ok(takes.then_some(ue8m0))
     }
 }
 
@@ -110,28 +135,23 @@ pub(crate) fn run_bank(
     let e = bank.experts;
     let width = bank.gate.cols;
     let input_quant = kernels.input_quant;
-    if let Some(ue8m0) = input_quant {
-        ensure!(
-            width.is_multiple_of(128) && bank.gate.rows.is_multiple_of(128),
-            "FP8 activations are quantised in blocks of 128 channels; experts of {width}→{} have a partial block (run with --fp8-activations unquantised)",
-            bank.gate.rows
+    if let Some(ue8m0) = kernels.wgmma_takes(g, bank, m)? {
+        let plan = DevicePlan::new(g, e, k, ids, valid, m, counters, 1)?;
+        let tiles = ExpertTiles::new(g, plan.offsets, plan.groups, plan.capacity)?;
+        return wgmma_bank(
+            g,
+            bank,
+            &plan,
+            &tiles,
+            (x, xq),
+            h,
+            m,
+            k,
+            weights,
+            ue8m0,
+            kernels.wgmma_out,
+            shared,
         );
-        if m >= kernels.wgmma_rows && !kernels.simt_linear() && expert_wgmma::takes(g, bank) {
-            let plan = DevicePlan::new(g, e, k, ids, valid, m, counters, 1)?;
-            return wgmma_bank(
-                g,
-                bank,
-                &plan,
-                (x, xq),
-                h,
-                m,
-                k,
-                weights,
-                ue8m0,
-                kernels.wgmma_out,
-                shared,
-            );
-        }
     }
     // Large steps run their large groups through cuBLASLt's FP8 products (quantised activations,
     // where the GPU has them; those read each group's per-row scales in rows of 4, so groups
@@ -334,6 +354,7 @@ fn wgmma_bank(
     g: &Gpu,
     bank: &ExpertBank,
     plan: &DevicePlan,
+    tiles: &ExpertTiles,
     x: (&DeviceBuf, Option<&QuantizedRows>),
     h: &DeviceBuf,
     m: usize,
@@ -344,12 +365,11 @@ fn wgmma_bank(
     shared: Option<SharedExpert<'_>>,
 ) -> Result<()> {
     let (e, slots, width, inter) = (bank.experts, plan.capacity, bank.gate.cols, bank.gate.rows);
-    let tiles = ExpertTiles::new(g, plan.offsets, plan.groups, slots)?;
     let groups = Some((plan.offsets, plan.groups));
     let product = |s: &Stacked, input: &QuantizedRows, out: u64, ldy: usize| {
         expert_wgmma::grouped_fp8(
             g,
-            &tiles,
+            tiles,
             plan.group_expert,
             plan.offsets,
             s,
@@ -578,11 +598,39 @@ impl CudaModel {
             xq,
             m,
         });
-        let (ids, weights) = route_logits(g, logits.addr, moe.bias.addr, m, e, &Gate::of(&self.config))?;
         let counters = BankCounters {
             counts: self.moe_stats.counts_addr(layer),
             touched: self.moe_stats.touched_addr(),
         };
+        let gate = Gate::of(&self.config);
+        // A small step whose routed experts all run here on the wgmma kernel routes, plans and
+        // lists its tiles in one launch.
+        if let (Some(bank), None, None) = (&moe.experts, &self.host_experts, &self.nccl_experts) {
+            if m <= self.kernels.route_plan_rows && bank.experts == e {
+                if let Some(ue8m0) = self.kernels.wgmma_takes(g, bank, m)? {
+                    let routed = RoutedPlan::new(g, logits.addr, moe.bias.addr, m, e, &gate, valid, &counters)?;
+                    wgmma_bank(
+                        g,
+                        bank,
+                        &routed.plan,
+                        &routed.tiles,
+                        (x, xq),
+                        h,
+                        m,
+                        k,
+                        routed.weights.addr,
+                        ue8m0,
+                        self.kernels.wgmma_out,
+                        shared.take(),
+                    )?;
+                    return match want_routes {
+                        true => download_routes(g, &routed.ids, m * k).map(Some),
+                        false => Ok(None),
+                    };
+                }
+            }
+        }
+        let (ids, weights) = route_logits(g, logits.addr, moe.bias.addr, m, e, &gate)?;
         // The host path has the chosen experts on the host already; the device path reads them
         // back only when asked.
         let host_routes = match (&moe.experts, &self.host_experts) {
@@ -617,7 +665,7 @@ impl CudaModel {
         let routes = match (want_routes, host_routes) {
             (false, _) => None,
             (true, Some(chosen)) => Some(chosen),
-            (true, None) => Some(g.download::<i32>(ids.addr, m * k)?.iter().map(|&v| v as u32).collect()),
+            (true, None) => Some(download_routes(g, &ids, m * k)?),
         };
         // Not taken by the routed experts' path (they ran elsewhere): after them, on this stream.
         if let Some(s) = shared {
@@ -795,6 +843,38 @@ impl CudaModel {
     }
 }
 
+/// What the routing kernels take: experts and their groups.
+struct RouteShape {
+    experts: usize,
+    groups: usize,
+    top_k: usize,
+}
+
+impl RouteShape {
+    fn new(experts: usize, gate: &Gate) -> Result<Self> {
+        ensure!(
+            experts <= 1024 && gate.n_group > 0 && experts.is_multiple_of(gate.n_group) && gate.top_k <= 32,
+            "routing takes at most 1,024 experts in equal groups and a top-k of at most 32"
+        );
+        Ok(RouteShape {
+            experts,
+            groups: gate.n_group,
+            top_k: gate.top_k,
+        })
+    }
+
+    /// Shared memory one row's routing works in (`route_row`): scores and biased scores per
+    /// expert, a score and a flag per group, the choices.
+    fn shared_floats(&self) -> usize {
+        2 * self.experts + 2 * self.groups + self.top_k
+    }
+}
+
+/// The `pairs` chosen experts at `ids`, to the host.
+fn download_routes(g: &Gpu, ids: &DeviceBuf, pairs: usize) -> Result<Vec<u32>> {
+    Ok(g.download::<i32>(ids.addr, pairs)?.iter().map(|&v| v as u32).collect())
+}
+
 /// The experts `m` tokens choose from their router logits (`[m, n_experts]` f32 at `logits`)
 /// and the selection bias (`[n_experts]` f32 at `bias`), on the GPU as [`Gate::route_token`]
 /// on the CPU: the chosen experts, ascending, and their weights, `[m, top_k]` each.
@@ -806,14 +886,11 @@ pub fn route_logits(
     n_experts: usize,
     gate: &Gate,
 ) -> Result<(DeviceBuf, DeviceBuf)> {
-    ensure!(
-        n_experts <= 1024 && gate.n_group > 0 && n_experts.is_multiple_of(gate.n_group) && gate.top_k <= 32,
-        "routing takes at most 1,024 experts in equal groups and a top-k of at most 32"
-    );
+    let routing = RouteShape::new(n_experts, gate)?;
     let k = gate.top_k;
     let ids = g.alloc(m * k * 4)?;
     let weights = g.alloc(m * k * 4)?;
-    let smem = (2 * n_experts + 2 * gate.n_group + k) * 4;
+    let smem = routing.shared_floats() * 4;
     kernels::route_topk.launch(
         g,
         (m as u32, 1, 1),
@@ -833,6 +910,150 @@ pub fn route_logits(
         ),
     )?;
     Ok((ids, weights))
+}
+
+/// Threads of the expert plan's one block (`moe_plan`, `route_plan`): a thread per expert; one
+/// chunk of the pairs per warp, each counting its pairs per expert in shared memory.
+const PLAN_THREADS: usize = 1024;
+
+/// Shared memory of the plan's per-warp counts for `e` experts.
+fn plan_shared_bytes(e: usize) -> usize {
+    PLAN_THREADS / 32 * e * 4
+}
+
+/// A small step's routing, its expert plan and the wgmma kernel's tiles, made in one launch
+/// (`route_plan`): the bits of [`route_logits`], [`DevicePlan::new`] (groups unaligned) and
+/// [`ExpertTiles::new`], where those took three launches, each a kernel boundary on a decode
+/// step's critical path.
+struct RoutedPlan {
+    ids: DeviceBuf,
+    weights: DeviceBuf,
+    plan: DevicePlan,
+    tiles: ExpertTiles,
+}
+
+impl RoutedPlan {
+    /// Routes `m` rows from their router `logits` (`[m, e]` f32) and the selection `bias`, and
+    /// plans the first `*valid` rows' choices over a bank of all `e` experts.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        g: &Gpu,
+        logits: u64,
+        bias: u64,
+        m: usize,
+        e: usize,
+        gate: &Gate,
+        valid: u64,
+        counters: &BankCounters,
+    ) -> Result<Self> {
+        let routing = RouteShape::new(e, gate)?;
+        let k = gate.top_k;
+        let (ids, weights) = (g.alloc(m * k * 4)?, g.alloc(m * k * 4)?);
+        let plan = DevicePlan::alloc(g, e, k, m, 1)?;
+        let tiles = ExpertTiles::unlisted(g, plan.groups, plan.capacity)?;
+        // A routing slot per row routed at a time, 16-byte aligned for the rank loop's loads.
+        let (threads, stride) = (e.next_multiple_of(32), routing.shared_floats().next_multiple_of(4));
+        let at_once = PLAN_THREADS / threads;
+        kernels::route_plan.launch(
+            g,
+            (1, 1, 1),
+            PLAN_THREADS as u32,
+            (plan_shared_bytes(e) + at_once * stride * 4) as u32,
+            (
+                ptr(ids.addr),
+                ptr(weights.addr),
+                ptr(logits),
+                ptr(bias),
+                int(e),
+                int(gate.n_group),
+                int(gate.topk_group),
+                int(k),
+                int(gate.normalize as usize),
+                gate.scaling,
+                int(threads),
+                int(stride),
+                ptr(plan.group_expert),
+                ptr(plan.offsets),
+                ptr(plan.x_rows),
+                ptr(plan.slot_of),
+                ptr(counters.counts),
+                ptr(counters.touched),
+                ptr(valid),
+                int(m),
+                int(plan.groups),
+                int(plan.capacity),
+                ptr(tiles.addr()),
+                int(tiles.max()),
+            ),
+        )?;
+        Ok(RoutedPlan {
+            ids,
+            weights,
+            plan,
+            tiles,
+        })
+    }
+}
+
+/// A step's routing and expert plan as the host sees them: what [`plan_routes`] downloads.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PlannedRoutes {
+    pub ids: Vec<i32>,
+    /// The weights' bits.
+    pub weights: Vec<u32>,
+    pub group_expert: Vec<i32>,
+    pub offsets: Vec<i32>,
+    pub x_rows: Vec<i32>,
+    pub slot_of: Vec<i32>,
+    /// The wgmma kernel's tiles: (group, first slot, slots) each.
+    pub tiles: Vec<i32>,
+    /// What the plan added to the counters: tokens per expert, then experts touched.
+    pub counts: Vec<u32>,
+}
+
+/// Routes `m` rows (`*valid` real) from their router logits over a bank of all `e` experts and
+/// plans them for the wgmma kernel, in one launch (`route_plan`) or in the three it replaces,
+/// and downloads it all: for the test that both give the same bits.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_routes(
+    g: &Gpu,
+    logits: u64,
+    bias: u64,
+    m: usize,
+    e: usize,
+    gate: &Gate,
+    valid: u64,
+    one_launch: bool,
+) -> Result<PlannedRoutes> {
+    let counts = g.upload(&vec![0u32; e + 1])?;
+    let counters = BankCounters {
+        counts: counts.addr,
+        touched: counts.at(e * 4),
+    };
+    let routed = if one_launch {
+        RoutedPlan::new(g, logits, bias, m, e, gate, valid, &counters)?
+    } else {
+        let (ids, weights) = route_logits(g, logits, bias, m, e, gate)?;
+        let plan = DevicePlan::new(g, e, gate.top_k, ids.addr, valid, m, &counters, 1)?;
+        let tiles = ExpertTiles::new(g, plan.offsets, plan.groups, plan.capacity)?;
+        RoutedPlan {
+            ids,
+            weights,
+            plan,
+            tiles,
+        }
+    };
+    let (k, plan) = (gate.top_k, &routed.plan);
+    Ok(PlannedRoutes {
+        ids: g.download(routed.ids.addr, m * k)?,
+        weights: g.download(routed.weights.addr, m * k)?,
+        group_expert: g.download(plan.group_expert, plan.groups)?,
+        offsets: g.download(plan.offsets, plan.groups + 1)?,
+        x_rows: g.download(plan.x_rows, plan.capacity)?,
+        slot_of: g.download(plan.slot_of, m * k)?,
+        tiles: g.download(routed.tiles.addr(), 3 * routed.tiles.max())?,
+        counts: g.download(counts.addr, e + 1)?,
+    })
 }
 
 /// Token rows grouped by expert on the GPU (kernel `moe_plan`): slots `offsets[g]..offsets[g+1]`
@@ -878,28 +1099,17 @@ impl DevicePlan {
         counters: &BankCounters,
         align: usize,
     ) -> Result<Self> {
-        let groups = e.min(m * k);
-        let capacity = m * k + (align - 1) * groups;
-        let words = groups + (groups + 1) + capacity + m * k;
-        let buf = g.alloc(words * 4)?;
-        let group_expert = buf.addr;
-        let offsets = buf.at(groups * 4);
-        let x_rows = buf.at((2 * groups + 1) * 4);
-        let slot_of = buf.at((2 * groups + 1 + capacity) * 4);
-        // One block, a thread per expert; one chunk of the pairs per warp, each counting its
-        // pairs per expert in shared memory.
-        ensure!(e <= 1024, "the expert plan takes at most 1024 experts a bank, not {e}");
-        let chunk_counts = 1024 / 32 * e * 4;
+        let plan = Self::alloc(g, e, k, m, align)?;
         kernels::moe_plan.launch(
             g,
             (1, 1, 1),
-            1024,
-            chunk_counts as u32,
+            PLAN_THREADS as u32,
+            plan_shared_bytes(e) as u32,
             (
-                ptr(group_expert),
-                ptr(offsets),
-                ptr(x_rows),
-                ptr(slot_of),
+                ptr(plan.group_expert),
+                ptr(plan.offsets),
+                ptr(plan.x_rows),
+                ptr(plan.slot_of),
                 ptr(counters.counts),
                 ptr(counters.touched),
                 ptr(chosen),
@@ -907,17 +1117,27 @@ impl DevicePlan {
                 int(m),
                 int(k),
                 int(e),
-                int(groups),
+                int(plan.groups),
                 int(align),
-                int(capacity),
+                int(plan.capacity),
             ),
         )?;
+        Ok(plan)
+    }
+
+    /// The plan's buffers for `m` rows of `k` choices among `e` experts, not yet written.
+    fn alloc(g: &Gpu, e: usize, k: usize, m: usize, align: usize) -> Result<Self> {
+        ensure!(e <= 1024, "the expert plan takes at most 1024 experts a bank, not {e}");
+        let groups = e.min(m * k);
+        let capacity = m * k + (align - 1) * groups;
+        let words = groups + (groups + 1) + capacity + m * k;
+        let buf = g.alloc(words * 4)?;
         Ok(DevicePlan {
+            group_expert: buf.addr,
+            offsets: buf.at(groups * 4),
+            x_rows: buf.at((2 * groups + 1) * 4),
+            slot_of: buf.at((2 * groups + 1 + capacity) * 4),
             _buf: buf,
-            group_expert,
-            offsets,
-            x_rows,
-            slot_of,
             groups,
             capacity,
         })
