@@ -24,9 +24,6 @@ use std::collections::BTreeMap;
 /// Steps up to this many rows keep every expert group in the grouped kernels, so they never wait
 /// for the host (and can be captured as CUDA graphs).
 pub(super) const DEVICE_ONLY_MAX_ROWS: usize = 256;
-/// Most rows a step may have for its routing, expert plan and tiles to be made in one launch
-/// (`route_plan`, four rows routed at a time): 8, a small decode step.
-pub(super) const ROUTE_PLAN_MAX_ROWS: usize = 8;
 /// Side streams the cuBLAS experts of a prefill step are spread over.
 const EXPERT_LANES: usize = 8;
 /// In larger steps (prefill), experts with more routed rows than this use cuBLAS instead
@@ -51,9 +48,9 @@ pub struct ExpertKernels {
     /// DSV3_EXPERT_BF16_ROWS=0: f32).
     pub wgmma_out: RowFormat,
     /// Steps of up to this many rows whose routed experts all run here on the wgmma kernel route,
-    /// plan and list their tiles in one launch (`route_plan`; DSV3_ROUTE_PLAN_ROWS, default
-    /// [`ROUTE_PLAN_MAX_ROWS`]; 0 never): it routes four rows at a time where `route_topk`
-    /// takes a block a row.
+    /// plan and list their tiles in one launch (`route_plan`, DSV3_ROUTE_PLAN_ROWS; 0, never, by
+    /// default until it has run on a GPU; meant for small decode steps, up to 8 rows): it routes
+    /// four rows at a time where `route_topk` takes a block a row.
     pub route_plan_rows: usize,
 }
 
@@ -81,7 +78,7 @@ impl ExpertKernels {
             } else {
                 RowFormat::F32
             },
-            route_plan_rows: switches::count("DSV3_ROUTE_PLAN_ROWS")?.unwrap_or(ROUTE_PLAN_MAX_ROWS),
+            route_plan_rows: switches::count("DSV3_ROUTE_PLAN_ROWS")?.unwrap_or(0),
         })
     }
 
