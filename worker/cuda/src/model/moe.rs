@@ -603,7 +603,7 @@ impl CudaModel {
         // A small step whose routed experts all run here on the wgmma kernel routes, plans and
         // lists its tiles in one launch.
         if let (Some(bank), None, None) = (&moe.experts, &self.host_experts, &self.nccl_experts) {
-            if m <= self.kernels.route_plan_rows && bank.experts == e {
+            if (1..=self.kernels.route_plan_rows).contains(&m) && bank.experts == e {
                 if let Some(ue8m0) = self.kernels.wgmma_takes(g, bank, m)? {
                     let routed = RoutedPlan::new(g, logits.addr, moe.bias.addr, m, e, &gate, valid, &counters)?;
                     wgmma_bank(
