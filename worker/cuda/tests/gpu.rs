@@ -1481,41 +1481,62 @@ fn split_k_slabs_taken_by_swiglu_equal_adding_them_up_first() {
     }
 }
 
+/// The gates the routing tests route with: DeepSeek-V3's 256 experts in 8 groups (a warp a group),
+/// the tiny model's 16 in 4, one group of 64, groups of 6 (not a multiple of 4).
+fn test_gates() -> Vec<(usize, dsv3_engine::moe::Gate)> {
+    use dsv3_engine::moe::Gate;
+    // (experts, groups, groups kept, top-k, normalise, scaling)
+    [
+        (256usize, 8usize, 4usize, 8usize, true, 2.5f32),
+        (16, 4, 2, 4, true, 2.5),
+        (64, 1, 1, 6, false, 1.0),
+        (24, 4, 3, 5, true, 1.0),
+    ]
+    .into_iter()
+    .map(|(n, n_group, topk_group, top_k, normalize, scaling)| {
+        (
+            n,
+            Gate {
+                n_group,
+                topk_group,
+                top_k,
+                normalize,
+                scaling,
+            },
+        )
+    })
+    .collect()
+}
+
+/// Router logits for `m` tokens of `n` experts and a selection bias: with `ties`, logits drawn
+/// from three values and no bias, so that groups and experts tie.
+fn routing_inputs(uniform: &mut impl FnMut(f32, f32) -> f32, m: usize, n: usize, ties: bool) -> (Vec<f32>, Vec<f32>) {
+    let logits = (0..m * n)
+        .map(|_| match ties {
+            false => uniform(-4.0, 4.0),
+            true => [-1.0, 0.0, 1.0][(uniform(0.0, 3.0) as usize).min(2)],
+        })
+        .collect();
+    let bias = (0..n).map(|_| if ties { 0.0 } else { uniform(-0.1, 0.1) }).collect();
+    (logits, bias)
+}
+
 /// The routing kernel chooses the experts the CPU's gate (`Gate::route_token`) chooses, in the
-/// same order, with the same weights: DeepSeek-V3's 256 experts in 8 groups (a warp a group),
-/// the tiny model's 16 in 4, one group of 64, groups of 6 (not a multiple of 4), and logits
-/// drawn from three values so that groups and experts tie (ties go to the lower index).
+/// same order, with the same weights, for each of `test_gates`, with and without ties (ties go
+/// to the lower index).
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn routing_on_the_gpu_chooses_the_experts_of_the_cpu_gate() {
     use dsv3_cuda::gpu::Gpu;
-    use dsv3_engine::moe::Gate;
     poison();
     let gpu = Gpu::open(0).expect("GPU");
     let mut next = xorshift(0x2545f4914f6cdd1du64);
     let mut uniform = |lo: f32, hi: f32| lo + (hi - lo) * ((next() >> 40) as f32 / (1u64 << 24) as f32);
-    // (experts, groups, groups kept, top-k, normalise, scaling, tokens)
-    for (n, n_group, topk_group, top_k, normalize, scaling, m) in [
-        (256usize, 8usize, 4usize, 8usize, true, 2.5f32, 67usize),
-        (16, 4, 2, 4, true, 2.5, 9),
-        (64, 1, 1, 6, false, 1.0, 5),
-        (24, 4, 3, 5, true, 1.0, 5),
-    ] {
-        let gate = Gate {
-            n_group,
-            topk_group,
-            top_k,
-            normalize,
-            scaling,
-        };
+    // Tokens routed with each gate.
+    for ((n, gate), m) in test_gates().into_iter().zip([67usize, 9, 5, 5]) {
+        let (n_group, top_k) = (gate.n_group, gate.top_k);
         for ties in [false, true] {
-            let logits: Vec<f32> = (0..m * n)
-                .map(|_| match ties {
-                    false => uniform(-4.0, 4.0),
-                    true => [-1.0, 0.0, 1.0][(uniform(0.0, 3.0) as usize).min(2)],
-                })
-                .collect();
-            let bias: Vec<f32> = (0..n).map(|_| if ties { 0.0 } else { uniform(-0.1, 0.1) }).collect();
+            let (logits, bias) = routing_inputs(&mut uniform, m, n, ties);
             let (ld, bd) = (gpu.upload(&logits).expect("logits"), gpu.upload(&bias).expect("bias"));
             let (ids, weights) = dsv3_cuda::model::route_logits(&gpu, ld.addr, bd.addr, m, n, &gate).expect("route");
             let ids: Vec<i32> = gpu.download(ids.addr, m * top_k).expect("ids");
@@ -1545,34 +1566,15 @@ fn routing_on_the_gpu_chooses_the_experts_of_the_cpu_gate() {
 fn routing_and_plan_in_one_launch_equal_the_three_launches() {
     use dsv3_cuda::gpu::Gpu;
     use dsv3_cuda::model::plan_routes;
-    use dsv3_engine::moe::Gate;
     poison();
     let gpu = Gpu::open(0).expect("GPU");
     let mut next = xorshift(0x9b05688c2b3e6c1fu64);
     let mut uniform = |lo: f32, hi: f32| lo + (hi - lo) * ((next() >> 40) as f32 / (1u64 << 24) as f32);
-    // (experts, groups, groups kept, top-k, normalise, scaling)
-    for (n, n_group, topk_group, top_k, normalize, scaling) in [
-        (256usize, 8usize, 4usize, 8usize, true, 2.5f32),
-        (16, 4, 2, 4, true, 2.5),
-        (64, 1, 1, 6, false, 1.0),
-        (24, 4, 3, 5, true, 1.0),
-    ] {
-        let gate = Gate {
-            n_group,
-            topk_group,
-            top_k,
-            normalize,
-            scaling,
-        };
+    for (n, gate) in test_gates() {
+        let (n_group, top_k) = (gate.n_group, gate.top_k);
         for ties in [false, true] {
             for m in [1usize, 3, 4, 5, 8] {
-                let logits: Vec<f32> = (0..m * n)
-                    .map(|_| match ties {
-                        false => uniform(-4.0, 4.0),
-                        true => [-1.0, 0.0, 1.0][(uniform(0.0, 3.0) as usize).min(2)],
-                    })
-                    .collect();
-                let bias: Vec<f32> = (0..n).map(|_| if ties { 0.0 } else { uniform(-0.1, 0.1) }).collect();
+                let (logits, bias) = routing_inputs(&mut uniform, m, n, ties);
                 let (ld, bd) = (gpu.upload(&logits).expect("logits"), gpu.upload(&bias).expect("bias"));
                 for valid in [m, m - 1] {
                     let vd = gpu.upload(&[valid as i32]).expect("valid");
