@@ -289,6 +289,16 @@ pub struct QuantizedRows {
 }
 
 impl QuantizedRows {
+    /// Room for `n` rows of `k` channels (`k` a multiple of 128): the codes, and a scale per
+    /// 128 channels of each row; for a kernel to write.
+    pub fn alloc(g: &Gpu, n: usize, k: usize) -> Result<Self> {
+        Ok(QuantizedRows {
+            data: g.alloc(n * k)?,
+            scales: g.alloc(n * (k / 128) * 4)?,
+            k,
+        })
+    }
+
     /// `n` rows of `k` channels: row r is row `rows[r]` of `x` (row stride `ldx`), or row r. With
     /// `groups` (the device offsets of groups of rows, and their count), each group's scales are
     /// laid out `[k/128][group rows]` from its first row on, as its product reads them; without,
@@ -416,8 +426,7 @@ impl QuantizedRows {
         threads: usize,
         ue8m0: bool,
     ) -> Result<Self> {
-        let data = g.alloc(rows * width)?;
-        let scales = g.alloc(rows * (width / 128) * 4)?;
+        let q = Self::alloc(g, rows, width)?;
         let (_, kernel) = kernels::norm_kernels(width, threads);
         kernel.launch(
             g,
@@ -432,12 +441,12 @@ impl QuantizedRows {
                 ptr(w),
                 int(width),
                 eps,
-                ptr(data.addr),
-                ptr(scales.addr),
+                ptr(q.data.addr),
+                ptr(q.scales.addr),
                 int(ue8m0 as usize),
             ),
         )?;
-        Ok(QuantizedRows { data, scales, k: width })
+        Ok(q)
     }
 
     /// Quantises n rows of k by `run`, a quantising kernel's launch given where its output goes
@@ -452,8 +461,7 @@ impl QuantizedRows {
         ue8m0: bool,
         run: impl FnOnce(QuantLaunch) -> Result<()>,
     ) -> Result<Self> {
-        let data = g.alloc(n * k)?;
-        let scales = g.alloc(n * (k / 128) * 4)?;
+        let q = Self::alloc(g, n, k)?;
         let blocks = k / 128;
         let span = if n * blocks >= QUANT_SPAN * 64 * g.sm_count {
             QUANT_SPAN
@@ -464,14 +472,14 @@ impl QuantizedRows {
         let (offsets, count) = groups.unwrap_or((0, 0));
         run(QuantLaunch {
             grid: (warps.div_ceil(8) as u32, 1, 1),
-            data: ptr(data.addr),
-            scales: ptr(scales.addr),
+            data: ptr(q.data.addr),
+            scales: ptr(q.scales.addr),
             offsets: ptr(offsets),
             groups: int(count),
             ue8m0: int(ue8m0 as usize),
             span: int(span),
         })?;
-        Ok(QuantizedRows { data, scales, k })
+        Ok(q)
     }
 
     /// [`QuantizedRows::new`] of `n` rows gathered by `rows` (device indices) from the `m` rows
@@ -500,8 +508,7 @@ impl QuantizedRows {
     /// rows.
     pub fn gather(&self, g: &Gpu, m: usize, rows: u64, n: usize, groups: Option<(u64, usize)>) -> Result<Self> {
         let (once, k) = (self, self.k);
-        let data = g.alloc(n * k)?;
-        let scales = g.alloc(n * (k / 128) * 4)?;
+        let q = Self::alloc(g, n, k)?;
         let (offsets, count) = groups.unwrap_or((0, 0));
         kernels::gather_quantized_rows.launch(
             g,
@@ -509,8 +516,8 @@ impl QuantizedRows {
             256,
             0,
             (
-                ptr(data.addr),
-                ptr(scales.addr),
+                ptr(q.data.addr),
+                ptr(q.scales.addr),
                 ptr(once.data.addr),
                 ptr(once.scales.addr),
                 int(m),
@@ -520,7 +527,7 @@ impl QuantizedRows {
                 int(count),
             ),
         )?;
-        Ok(QuantizedRows { data, scales, k })
+        Ok(q)
     }
 }
 

@@ -1,6 +1,5 @@
 // ---------------------------------------------------------------- elementwise, norms, weights
 
-
 // out[r, :width] = in[r, :width] * rsqrt(mean(in^2) + eps) * w for row r = blockIdx.x, rows
 // strided by ld_in / ld_out; with codes, the output also quantised per 128 values (a warp a
 // block: codes [rows][width], scales [width/128][rows]; width then a multiple of 128). Where the

@@ -159,14 +159,7 @@ impl CudaModel {
                 crate::linear::reads_quantised_only(g, self.kernels.small_batch, self.kernels.input_quant, m, &a.o)?
                     .filter(|_| kernel.writes_codes() && width == a.o.cols);
             let out = match quantised {
-                Some(ue8m0) => AttentionRows::Quantised(
-                    QuantizedRows {
-                        data: g.alloc(m * width)?,
-                        scales: g.alloc(m * heads * 4)?,
-                        k: width,
-                    },
-                    ue8m0,
-                ),
+                Some(ue8m0) => AttentionRows::Quantised(QuantizedRows::alloc(g, m, width)?, ue8m0),
                 None => AttentionRows::F32(g.alloc(m * width * 4)?, width),
             };
             for sp in &step.spans {
@@ -372,14 +365,7 @@ impl CudaModel {
         } = MlaDims::of(&self.config);
         let width = heads * vdim;
         let quantised = match self.quantised_where_made(width) {
-            Some(ue8m0) => Some((
-                QuantizedRows {
-                    data: g.alloc(m * width)?,
-                    scales: g.alloc(m * (width / 128) * 4)?,
-                    k: width,
-                },
-                ue8m0,
-            )),
+            Some(ue8m0) => Some((QuantizedRows::alloc(g, m, width)?, ue8m0)),
             None => None,
         };
         let (codes, scales, ue8m0) = match &quantised {
