@@ -180,8 +180,8 @@ pub struct CudaModel {
     /// wgmma kernel (DSV3_ABSORB_WGMMA_ROWS; 0: never).
     absorb_wgmma_rows: usize,
     /// At small batches the absorption of W_UV merges the decode's splits as it reads them, where
-    /// `mla_combine` merges them in a launch of its own (DSV3_MLA_MERGE_IN_ABSORB=1; off by
-    /// default until it has run on a GPU).
+    /// `mla_combine` would merge them in a launch of its own (DSV3_MLA_MERGE_IN_ABSORB=0 keeps
+    /// that launch).
     merge_in_absorption: bool,
     /// The prefill attention kernels allowed (DSV3_PREFILL_WGMMA, DSV3_PREFILL_PIPELINE).
     prefill_attention: crate::mla_prefill::PrefillSwitches,
@@ -359,7 +359,7 @@ impl CudaModel {
                 Some(0) => usize::MAX,
                 rows => rows.unwrap_or(attention::ABSORB_WGMMA_MIN_ROWS),
             },
-            merge_in_absorption: crate::switches::flag("DSV3_MLA_MERGE_IN_ABSORB", false)?,
+            merge_in_absorption: crate::switches::flag("DSV3_MLA_MERGE_IN_ABSORB", true)?,
             prefill_attention: crate::mla_prefill::PrefillSwitches::from_env()?,
             kernels,
         })
