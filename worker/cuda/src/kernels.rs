@@ -102,9 +102,9 @@ kernels! {
     ExpertTiles: expert_tiles(tiles: Ptr, max_tiles: i32, offsets: Ptr, groups: i32);
     RoutePlan: route_plan(
         experts_out: Ptr, weights_out: Ptr, logits: Ptr, bias: Ptr, n_experts: i32, n_group: i32,
-        topk_group: i32, top_k: i32, normalize: i32, scaling: f32, route_threads: i32, route_stride: i32,
-        group_expert: Ptr, offsets: Ptr, x_rows: Ptr, slot_of: Ptr, counts: Ptr, touched: Ptr, valid: Ptr,
-        m: i32, groups: i32, capacity: i32, tiles: Ptr, max_tiles: i32,
+        topk_group: i32, top_k: i32, normalize: i32, scaling: f32, route_warp_floats: i32, group_expert: Ptr,
+        offsets: Ptr, x_rows: Ptr, slot_of: Ptr, counts: Ptr, touched: Ptr, valid: Ptr, m: i32, groups: i32,
+        capacity: i32, tiles: Ptr, max_tiles: i32,
     );
 
     // The Hopper routed-expert product (`kernels/moe_wgmma.cu`).

@@ -79,6 +79,12 @@ pub const ABSORB_MERGED_LORA: usize = 512;
 /// Widest head value `mla_absorb_out_merged_mma` takes (a warp per 16 of a head's value rows;
 /// DeepSeek-V3's 128).
 pub const ABSORB_MERGED_VDIM: usize = 256;
+/// Experts each lane of `route_plan` holds (a warp routes a row): it takes banks of up to 32 ×
+/// this many experts (DeepSeek-V3's 256).
+pub const ROUTE_LANE_EXPERTS: usize = 8;
+/// Threads of `route_plan`'s one block: a warp a row routed at a time, a thread a (row, choice)
+/// pair placed in the plan.
+pub const ROUTE_PLAN_THREADS: usize = 1024;
 /// Threads per row of the token pick (`pick_tokens`).
 pub const PICK_THREADS: usize = 1024;
 
@@ -110,6 +116,8 @@ pub fn defines() -> Vec<String> {
         ("ABSORB_MERGED_LORA", ABSORB_MERGED_LORA),
         ("ABSORB_MERGED_VDIM", ABSORB_MERGED_VDIM),
         ("PICK_THREADS", PICK_THREADS),
+        ("ROUTE_LANE_EXPERTS", ROUTE_LANE_EXPERTS),
+        ("ROUTE_PLAN_THREADS", ROUTE_PLAN_THREADS),
         ("QUANT_SPAN", QUANT_SPAN),
         ("RMS_HELD", RMS_HELD),
         ("RMS_HELD_MANY", RMS_HELD_MANY),

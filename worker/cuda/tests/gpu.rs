@@ -1559,8 +1559,8 @@ fn routing_on_the_gpu_chooses_the_experts_of_the_cpu_gate() {
 
 /// A small step's routing, expert plan and tiles in one launch (`route_plan`) give the bits of
 /// `route_topk`, `moe_plan` and `expert_tiles` launched in turn, counters included: the routing
-/// test's four gates, with and without ties, 1 to 8 rows (routed four at a time), with and
-/// without a padding row.
+/// test's four gates, with and without ties, 1 to 8 rows (a warp a row) and 40 (warps routing a
+/// second row), with and without a padding row.
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn routing_and_plan_in_one_launch_equal_the_three_launches() {
@@ -1573,7 +1573,7 @@ fn routing_and_plan_in_one_launch_equal_the_three_launches() {
     for (n, gate) in test_gates() {
         let (n_group, top_k) = (gate.n_group, gate.top_k);
         for ties in [false, true] {
-            for m in [1usize, 3, 4, 5, 8] {
+            for m in [1usize, 3, 4, 5, 8, 40] {
                 let (logits, bias) = routing_inputs(&mut uniform, m, n, ties);
                 let (ld, bd) = (gpu.upload(&logits).expect("logits"), gpu.upload(&bias).expect("bias"));
                 for valid in [m, m - 1] {

@@ -145,7 +145,7 @@ __device__ __forceinline__ void plan_load_batch(int (&es)[PLAN_BATCH], const int
     }
 }
 
-// The plan's work, for moe_plan and route_plan; chunk_pairs: the dynamic shared memory above.
+// The plan's work; chunk_pairs: the dynamic shared memory above.
 __device__ __forceinline__ void plan_pairs(int* group_expert, int* offsets, int* x_rows, int* slot_of,
                                            unsigned* counts, unsigned* touched, const int* chosen, const int* valid,
                                            int m, int top_k, int n_experts, int groups, int align, int capacity,
@@ -237,19 +237,18 @@ moe_plan(int* group_expert, int* offsets, int* x_rows, int* slot_of, unsigned* c
 // latencies, not a chain of 256 shared loads a thread.
 __device__ __forceinline__ bool beats(float a, int ia, float b, int ib) { return a > b || (a == b && ia < ib); }
 
-// Routes token row t with the n_experts (rounded up to a warp) threads e of its group, on `sm`:
-// (2 * n_experts + 2 * n_group + top_k) floats of shared memory, 16-byte aligned. `live`: the
-// group has a row to route; a group without one still meets every block barrier.
+// Routes token row t with the n_experts (rounded up to a warp) threads e of the block, on `sm`:
+// (2 * n_experts + 2 * n_group + top_k) floats of shared memory, 16-byte aligned.
 __device__ __forceinline__ void route_row(int* experts_out, float* weights_out, const float* logits, const float* bias,
                                           int n_experts, int n_group, int topk_group, int top_k, int normalize,
-                                          float scaling, int t, int e, bool live, float* sm) {
+                                          float scaling, int t, int e, float* sm) {
     float* score = sm;                    // [n_experts]
     float* biased = sm + n_experts;       // [n_experts]
     float* gscore = biased + n_experts;   // [n_group]
     int* kept = (int*)(gscore + n_group);  // [n_group]: the group is among the best topk_group
     int* chosen = kept + n_group;          // [top_k]
     const int per = n_experts / n_group, lane = e & 31;
-    const bool expert = live && e < n_experts;
+    const bool expert = e < n_experts;
     float v = -INFINITY;
     if (expert) {
         float s = 1.f / (1.f + expf(-logits[(size_t)t * n_experts + e]));
@@ -264,7 +263,7 @@ __device__ __forceinline__ void route_row(int* experts_out, float* weights_out, 
         if (lane == 0 && expert) gscore[e >> 5] = b0 + b1;
     }
     __syncthreads();
-    if (live && per != 32 && e < n_group) {
+    if (per != 32 && e < n_group) {
         float b0 = -INFINITY, b1 = -INFINITY;
         for (int i = e * per; i < (e + 1) * per; ++i) {
             float u = biased[i];
@@ -273,7 +272,7 @@ __device__ __forceinline__ void route_row(int* experts_out, float* weights_out, 
         gscore[e] = per == 1 ? b0 : b0 + b1;
     }
     __syncthreads();
-    if (live && e < n_group) {  // how many groups beat this one
+    if (e < n_group) {  // how many groups beat this one
         int rank = 0;
         for (int o = 0; o < n_group; ++o) rank += beats(gscore[o], o, gscore[e], e);
         kept[e] = rank < topk_group;
@@ -298,7 +297,7 @@ __device__ __forceinline__ void route_row(int* experts_out, float* weights_out, 
         if (rank < top_k) chosen[rank] = e;
     }
     __syncthreads();
-    if (live && e == 0) {
+    if (e == 0) {
         // sort chosen ascending (as the CPU does) and weight from unbiased scores
         int ids[32];
         for (int j = 0; j < top_k; ++j) ids[j] = chosen[j];
@@ -321,7 +320,7 @@ extern "C" __global__ void route_topk(int* experts_out, float* weights_out, cons
     await_previous_kernel();
     extern __shared__ float4 route_smem[];  // float4: the rank loop's 16-byte loads
     route_row(experts_out, weights_out, logits, bias, n_experts, n_group, topk_group, top_k, normalize, scaling,
-              blockIdx.x, threadIdx.x, true, (float*)route_smem);
+              blockIdx.x, threadIdx.x, (float*)route_smem);
 }
 
 // The tiles of grouped_fp8_wgmma: each group's slots in the fewest runs of at most GX_TOKENS, as
@@ -353,35 +352,179 @@ extern "C" __global__ void expert_tiles(int* tiles, int max_tiles, const int* of
     list_tiles(tiles, max_tiles, offsets, groups);
 }
 
-// A small step's routing, its plan and its tiles in one launch, where route_topk, moe_plan and
-// expert_tiles took three, each a kernel boundary on the step's critical path: route_row for
-// every row (blockDim.x / route_threads rows at a time, route_threads = n_experts rounded up to
-// a warp), then plan_pairs over the choices this block has just written, then, unless `tiles`
-// is null, list_tiles over the offsets it has just written: the bits of the three kernels. One
-// block of 1024 threads; dynamic shared memory: the plan's warps * n_experts ints, then a
-// routing slot of route_stride floats (16-byte multiple) per row routed at a time.
-extern "C" __global__ void __launch_bounds__(1024)
+// ---------------------------------------------------------------- a small step's routing, plan and tiles
+// route_topk, moe_plan and expert_tiles each cost a decode step 5-6 µs of serial latency on its
+// critical path, little of it their launches: a block's barriers, scans over 1,024 threads and a
+// 32-step loop per expert, for eight (token, choice) pairs. route_plan does their work for a
+// step of a few rows with a warp per row and a thread per pair, with the same bits.
+
+// Routes row t with one warp, as route_row does with a block: the same choices (ties to the
+// lower index) and the same weights, bit for bit (the same float operations in the same order).
+// Lane l holds experts l, l + 32, ... (ROUTE_LANE_EXPERTS at most); where groups are a warp wide
+// (DeepSeek-V3: 8 of 32) its j-th expert is in group j, and a group's two best are found by
+// shuffles. The top_k best of the kept groups are picked one at a time by a warp argmax. sm: this
+// warp's route_warp_floats: scores and biased scores per expert, a score per group, the choices
+// ascending. pair_expert gets the choices too, for the plan.
+__device__ __forceinline__ void route_row_warp(int* experts_out, float* weights_out, int* pair_expert,
+                                               const float* logits, const float* bias, int n_experts, int n_group,
+                                               int topk_group, int top_k, int normalize, float scaling, int t,
+                                               float* sm) {
+    float* score = sm;                   // [n_experts]
+    float* biased = sm + n_experts;      // [n_experts]
+    float* gscore = biased + n_experts;  // [n_group]
+    int* sorted = (int*)(gscore + n_group);  // [top_k]
+    const int lane = threadIdx.x & 31, per = n_experts / n_group;
+    float logit[ROUTE_LANE_EXPERTS], b[ROUTE_LANE_EXPERTS], v[ROUTE_LANE_EXPERTS];
+#pragma unroll
+    for (int j = 0; j < ROUTE_LANE_EXPERTS; ++j) {  // every load in flight before any is used
+        const int e = lane + 32 * j;
+        logit[j] = e < n_experts ? logits[(size_t)t * n_experts + e] : 0.f;
+        b[j] = e < n_experts ? bias[e] : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < ROUTE_LANE_EXPERTS; ++j) {
+        const int e = lane + 32 * j;
+        v[j] = -INFINITY;
+        if (e < n_experts) {
+            const float s = 1.f / (1.f + expf(-logit[j]));
+            score[e] = s;
+            v[j] = s + b[j];
+            biased[e] = v[j];
+        }
+    }
+    __syncwarp();
+    if (per == 32) {
+#pragma unroll
+        for (int j = 0; j < ROUTE_LANE_EXPERTS; ++j) {
+            if (j >= n_group) break;  // the same for the whole warp
+            const float b0 = warp_max(v[j]);
+            const int first = __ffs(__ballot_sync(0xffffffffu, v[j] == b0)) - 1;  // one of the best kept out
+            const float b1 = warp_max(lane == first ? -INFINITY : v[j]);
+            if (lane == 0) gscore[j] = b0 + b1;
+        }
+    } else if (lane < n_group) {
+        float b0 = -INFINITY, b1 = -INFINITY;
+        for (int i = lane * per; i < (lane + 1) * per; ++i) {
+            const float u = biased[i];
+            if (u > b0) { b1 = b0; b0 = u; } else if (u > b1) { b1 = u; }
+        }
+        gscore[lane] = per == 1 ? b0 : b0 + b1;
+    }
+    __syncwarp();
+    int group_rank = 0;  // how many groups beat lane's
+    if (lane < n_group)
+        for (int o = 0; o < n_group; ++o) group_rank += beats(gscore[o], o, gscore[lane], lane);
+    const unsigned kept = __ballot_sync(0xffffffffu, lane < n_group && group_rank < topk_group);
+    unsigned candidates = 0;  // bit j: expert lane + 32j, in a kept group, not yet chosen
+#pragma unroll
+    for (int j = 0; j < ROUTE_LANE_EXPERTS; ++j) {
+        const int e = lane + 32 * j;
+        if (e < n_experts && (kept >> (e / per) & 1u)) candidates |= 1u << j;
+    }
+    int mine = 0;  // lane r < top_k: the r-th best
+    for (int r = 0; r < top_k; ++r) {
+        float bv = -INFINITY;
+        int bi = -1;
+#pragma unroll
+        for (int j = 0; j < ROUTE_LANE_EXPERTS; ++j)
+            if ((candidates >> j & 1u) && (bi < 0 || beats(v[j], lane + 32 * j, bv, bi))) {
+                bv = v[j];
+                bi = lane + 32 * j;
+            }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (oi >= 0 && (bi < 0 || beats(ov, oi, bv, bi))) {
+                bv = ov;
+                bi = oi;
+            }
+        }
+        if (lane == r) mine = bi;
+        if (bi >= 0 && (bi & 31) == lane) candidates &= ~(1u << (bi >> 5));
+    }
+    // Ascending, as the CPU gives them; the weights from the unbiased scores, summed in that order.
+    int at = 0;
+    for (int r = 0; r < top_k; ++r) at += __shfl_sync(0xffffffffu, mine, r) < mine;
+    if (lane < top_k) sorted[at] = mine;
+    __syncwarp();
+    const int id = lane < top_k ? sorted[lane] : 0;
+    const float s = lane < top_k ? score[id] : 0.f;
+    float sum = 1e-20f;
+    for (int r = 0; r < top_k; ++r) sum += __shfl_sync(0xffffffffu, s, r);
+    if (lane < top_k) {
+        float w = s;
+        if (normalize) w /= sum;
+        experts_out[t * top_k + lane] = id;
+        weights_out[t * top_k + lane] = w * scaling;
+        pair_expert[t * top_k + lane] = id;
+    }
+    __syncwarp();  // sm read in full before the warp's next row writes it
+}
+
+// A step of m rows (m * top_k <= blockDim.x, each row's choices distinct, so m <= GX_TOKENS keeps
+// every group one tile): each warp routes rows warp, warp + 32, ... (route_row_warp), then thread
+// i places pair i of the first *valid rows. Its slot is the pairs of lower experts plus the pairs
+// of its own expert before it (groups unaligned, token order inside a group); its group, the
+// experts present below its own, from a bitmask of the experts present. What moe_plan and
+// expert_tiles write, this writes, with the same values; the counters get the same sums. One
+// block of ROUTE_PLAN_THREADS; dynamic shared memory: m * top_k ints (the choices), then
+// route_warp_floats floats a warp for min(m, warps) warps.
+extern "C" __global__ void __launch_bounds__(ROUTE_PLAN_THREADS)
 route_plan(int* experts_out, float* weights_out, const float* logits, const float* bias, int n_experts, int n_group,
-           int topk_group, int top_k, int normalize, float scaling, int route_threads, int route_stride,
-           int* group_expert, int* offsets, int* x_rows, int* slot_of, unsigned* counts, unsigned* touched,
-           const int* valid, int m, int groups, int capacity, int* tiles, int max_tiles) {
+           int topk_group, int top_k, int normalize, float scaling, int route_warp_floats, int* group_expert,
+           int* offsets, int* x_rows, int* slot_of, unsigned* counts, unsigned* touched, const int* valid, int m,
+           int groups, int capacity, int* tiles, int max_tiles) {
+    __shared__ unsigned present[32];  // bit e & 31 of word e >> 5: expert e has a pair
+    extern __shared__ int plan_smem[];
+    int* pair_expert = plan_smem;
+    float* routing = (float*)(plan_smem + m * top_k);
+    const int tid = threadIdx.x, warp = tid >> 5;
+    if (tid < 32) present[tid] = 0;
     await_previous_kernel();
-    extern __shared__ float4 plan_smem[];  // float4: the rank loop's 16-byte loads
-    int* chunk_pairs = (int*)plan_smem;
-    float* routing = (float*)plan_smem + (blockDim.x >> 5) * n_experts;
-    const int at_once = blockDim.x / route_threads, slot = threadIdx.x / route_threads;
-    const int e = threadIdx.x - slot * route_threads;
-    for (int r0 = 0; r0 < m; r0 += at_once) {
-        const int t = r0 + slot;
-        const bool live = slot < at_once && t < m;
-        route_row(experts_out, weights_out, logits, bias, n_experts, n_group, topk_group, top_k, normalize, scaling,
-                  t, e, live, routing + min(slot, at_once - 1) * route_stride);
-        __syncthreads();  // the slots are the next rows'; the choices, the plan's to read
+    for (int t = warp; t < m; t += blockDim.x >> 5)
+        route_row_warp(experts_out, weights_out, pair_expert, logits, bias, n_experts, n_group, topk_group, top_k,
+                       normalize, scaling, t, routing + warp * route_warp_floats);
+    __syncthreads();
+    const int pairs = min(*valid, m) * top_k;
+    const bool paired = tid < pairs;
+    const int e = paired ? pair_expert[tid] : 0;
+    if (paired) atomicOr(&present[e >> 5], 1u << (e & 31));
+    int below = 0, before = 0, count = 0;  // pairs of lower experts; of this one, before tid; in all
+    if (paired)
+        for (int j = 0; j < pairs; ++j) {
+            const int o = pair_expert[j];
+            below += o < e;
+            before += o == e && j < tid;
+            count += o == e;
+        }
+    __syncthreads();
+    int active = 0, group = 0;
+    for (int w = 0; w < (n_experts + 31) / 32; ++w) {
+        const unsigned bits = present[w];
+        active += __popc(bits);
+        group += w < e >> 5 ? __popc(bits) : w == e >> 5 ? __popc(bits & ((1u << (e & 31)) - 1u)) : 0;
     }
-    plan_pairs(group_expert, offsets, x_rows, slot_of, counts, touched, experts_out, valid, m, top_k, n_experts,
-               groups, 1, capacity, chunk_pairs);
-    if (tiles) {
-        __syncthreads();  // the offsets written
-        list_tiles(tiles, max_tiles, offsets, groups);
+    if (paired) {
+        const int slot = below + before;
+        slot_of[tid] = slot;
+        x_rows[slot] = tid / top_k;
+        if (before == 0) {  // the expert's first pair speaks for its group
+            group_expert[group] = e;
+            offsets[group] = below;
+            atomicAdd(&counts[e], (unsigned)count);
+            if (tiles && group < max_tiles) {
+                int* tile = tiles + 3 * group;
+                tile[0] = group;
+                tile[1] = below;
+                tile[2] = count;
+            }
+        }
     }
+    for (int i = pairs + tid; i < m * top_k; i += blockDim.x) slot_of[i] = -1;
+    for (int s = pairs + tid; s < capacity; s += blockDim.x) x_rows[s] = 0;
+    for (int g = active + tid; g <= groups; g += blockDim.x) offsets[g] = pairs;
+    if (tiles)
+        for (int i = active + tid; i < max_tiles; i += blockDim.x) tiles[3 * i] = -1;
+    if (tid == 0) atomicAdd(touched, (unsigned)active);
 }

@@ -13,7 +13,7 @@ use crate::kernels;
 use crate::launch::{int, ptr, Extend};
 use crate::linear::{mma_fits, SmallBatch, SplitK, SplitSums};
 use crate::switches;
-use crate::tiles::COMBINE_THREADS;
+use crate::tiles::{COMBINE_THREADS, GX_TOKENS, ROUTE_LANE_EXPERTS, ROUTE_PLAN_THREADS};
 use crate::weights::{ExpertBank, Stacked};
 use anyhow::{ensure, Context, Result};
 use dsv3_engine::backend::count_routes;
@@ -48,9 +48,9 @@ pub struct ExpertKernels {
     /// DSV3_EXPERT_BF16_ROWS=0: f32).
     pub wgmma_out: RowFormat,
     /// Steps of up to this many rows whose routed experts all run here on the wgmma kernel route,
-    /// plan and list their tiles in one launch (`route_plan`, DSV3_ROUTE_PLAN_ROWS; 0, never, by
-    /// default until it has run on a GPU; meant for small decode steps, up to 8 rows): it routes
-    /// four rows at a time where `route_topk` takes a block a row.
+    /// plan and list their tiles in one launch (`route_plan`: a warp routes a row and a thread
+    /// places a (row, choice) pair, where `route_topk`, `moe_plan` and `expert_tiles` each take a
+    /// block's barriers and scans; DSV3_ROUTE_PLAN_ROWS, default 8, 0 never).
     pub route_plan_rows: usize,
 }
 
@@ -78,7 +78,7 @@ impl ExpertKernels {
             } else {
                 RowFormat::F32
             },
-            route_plan_rows: switches::count("DSV3_ROUTE_PLAN_ROWS")?.unwrap_or(0),
+            route_plan_rows: switches::count("DSV3_ROUTE_PLAN_ROWS")?.unwrap_or(ROUTE_PLAN_ROWS),
         })
     }
 
@@ -603,7 +603,7 @@ impl CudaModel {
         // A small step whose routed experts all run here on the wgmma kernel routes, plans and
         // lists its tiles in one launch.
         if let (Some(bank), None, None) = (&moe.experts, &self.host_experts, &self.nccl_experts) {
-            if (1..=self.kernels.route_plan_rows).contains(&m) && bank.experts == e {
+            if m <= self.kernels.route_plan_rows && bank.experts == e && RoutedPlan::takes(e, &gate, m) {
                 if let Some(ue8m0) = self.kernels.wgmma_takes(g, bank, m)? {
                     let routed = RoutedPlan::new(g, logits.addr, moe.bias.addr, m, e, &gate, valid, &counters)?;
                     wgmma_bank(
@@ -865,6 +865,12 @@ impl RouteShape {
     fn shared_floats(&self) -> usize {
         2 * self.experts + 2 * self.groups + self.top_k
     }
+
+    /// Shared memory one warp's routing of a row works in (`route_row_warp`): scores and biased
+    /// scores per expert, a score per group, the choices.
+    fn warp_floats(&self) -> usize {
+        2 * self.experts + self.groups + self.top_k
+    }
 }
 
 /// The `pairs` chosen experts at `ids`, to the host.
@@ -909,8 +915,12 @@ pub fn route_logits(
     Ok((ids, weights))
 }
 
-/// Threads of the expert plan's one block (`moe_plan`, `route_plan`): a thread per expert; one
-/// chunk of the pairs per warp, each counting its pairs per expert in shared memory.
+/// Most rows of a step that routes, plans and lists its tiles in one launch (`route_plan`) by
+/// default: decode steps, where the three kernels it replaces are serial latency.
+const ROUTE_PLAN_ROWS: usize = 8;
+
+/// Threads of the expert plan's one block (`moe_plan`): a thread per expert; one chunk of the
+/// pairs per warp, each counting its pairs per expert in shared memory.
 const PLAN_THREADS: usize = 1024;
 
 /// Shared memory of the plan's per-warp counts for `e` experts.
@@ -920,8 +930,8 @@ fn plan_shared_bytes(e: usize) -> usize {
 
 /// A small step's routing, its expert plan and the wgmma kernel's tiles, made in one launch
 /// (`route_plan`): the bits of [`route_logits`], [`DevicePlan::new`] (groups unaligned) and
-/// [`ExpertTiles::new`], where those took three launches, each a kernel boundary on a decode
-/// step's critical path.
+/// [`ExpertTiles::new`], where those took three launches, each some µs of serial latency on a
+/// decode step's critical path.
 struct RoutedPlan {
     ids: DeviceBuf,
     weights: DeviceBuf,
@@ -930,8 +940,19 @@ struct RoutedPlan {
 }
 
 impl RoutedPlan {
+    /// Whether `route_plan` takes a step of `m` rows over a bank of all `e` experts: a warp's
+    /// lanes hold a row's experts, a thread of its block each (row, choice) pair, and each
+    /// expert's pairs are one tile of the wgmma kernel.
+    fn takes(e: usize, gate: &Gate, m: usize) -> bool {
+        (1..=GX_TOKENS).contains(&m)
+            && e <= 32 * ROUTE_LANE_EXPERTS
+            && gate.n_group <= 32
+            && m * gate.top_k <= ROUTE_PLAN_THREADS
+    }
+
     /// Routes `m` rows from their router `logits` (`[m, e]` f32) and the selection `bias`, and
-    /// plans the first `*valid` rows' choices over a bank of all `e` experts.
+    /// plans the first `*valid` rows' choices over a bank of all `e` experts; where
+    /// [`Self::takes`] the step.
     #[allow(clippy::too_many_arguments)]
     fn new(
         g: &Gpu,
@@ -944,18 +965,25 @@ impl RoutedPlan {
         counters: &BankCounters,
     ) -> Result<Self> {
         let routing = RouteShape::new(e, gate)?;
+        ensure!(
+            Self::takes(e, gate, m),
+            "route_plan takes up to {} experts in up to 32 groups and {ROUTE_PLAN_THREADS} (row, choice) pairs, not {e} experts in {} groups and {m} rows of {}",
+            32 * ROUTE_LANE_EXPERTS,
+            gate.n_group,
+            gate.top_k
+        );
         let k = gate.top_k;
         let (ids, weights) = (g.alloc(m * k * 4)?, g.alloc(m * k * 4)?);
         let plan = DevicePlan::alloc(g, e, k, m, 1)?;
         let tiles = ExpertTiles::unlisted(g, plan.groups, plan.capacity)?;
-        // A routing slot per row routed at a time, 16-byte aligned for the rank loop's loads.
-        let (threads, stride) = (e.next_multiple_of(32), routing.shared_floats().next_multiple_of(4));
-        let at_once = PLAN_THREADS / threads;
+        // The choices, then a routing slot per warp routing a row at a time.
+        let warp_floats = routing.warp_floats();
+        let routing_warps = m.min(ROUTE_PLAN_THREADS / 32);
         kernels::route_plan.launch(
             g,
             (1, 1, 1),
-            PLAN_THREADS as u32,
-            (plan_shared_bytes(e) + at_once * stride * 4) as u32,
+            ROUTE_PLAN_THREADS as u32,
+            ((m * k + routing_warps * warp_floats) * 4) as u32,
             (
                 ptr(ids.addr),
                 ptr(weights.addr),
@@ -967,8 +995,7 @@ impl RoutedPlan {
                 int(k),
                 int(gate.normalize as usize),
                 gate.scaling,
-                int(threads),
-                int(stride),
+                int(warp_floats),
                 ptr(plan.group_expert),
                 ptr(plan.offsets),
                 ptr(plan.x_rows),
