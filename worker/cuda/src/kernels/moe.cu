@@ -237,6 +237,30 @@ moe_plan(int* group_expert, int* offsets, int* x_rows, int* slot_of, unsigned* c
 // latencies, not a chain of 256 shared loads a thread.
 __device__ __forceinline__ bool beats(float a, int ia, float b, int ib) { return a > b || (a == b && ia < ib); }
 
+// An expert's score from its router logit. Like the two group scores below, one home for the
+// block's routing (route_row) and the warp's (route_row_warp), which give the same bits.
+__device__ __forceinline__ float route_score(float logit) { return 1.f / (1.f + expf(-logit)); }
+
+// A warp-wide group's score, the sum of its two best biased scores, from its lanes' `v` (all
+// lanes get it).
+__device__ __forceinline__ float warp_group_score(float v) {
+    const float b0 = warp_max(v);
+    const int first = __ffs(__ballot_sync(0xffffffffu, v == b0)) - 1;  // one of the best kept out
+    const float b1 = warp_max((int)(threadIdx.x & 31) == first ? -INFINITY : v);
+    return b0 + b1;
+}
+
+// Group g's score from `biased` in shared memory: its two best summed (the best alone for groups
+// of one).
+__device__ __forceinline__ float scanned_group_score(const float* biased, int g, int per) {
+    float b0 = -INFINITY, b1 = -INFINITY;
+    for (int i = g * per; i < (g + 1) * per; ++i) {
+        const float u = biased[i];
+        if (u > b0) { b1 = b0; b0 = u; } else if (u > b1) { b1 = u; }
+    }
+    return per == 1 ? b0 : b0 + b1;
+}
+
 // Routes token row t with the n_experts (rounded up to a warp) threads e of the block, on `sm`:
 // (2 * n_experts + 2 * n_group + top_k) floats of shared memory, 16-byte aligned.
 __device__ __forceinline__ void route_row(int* experts_out, float* weights_out, const float* logits, const float* bias,
@@ -251,26 +275,17 @@ __device__ __forceinline__ void route_row(int* experts_out, float* weights_out, 
     const bool expert = e < n_experts;
     float v = -INFINITY;
     if (expert) {
-        float s = 1.f / (1.f + expf(-logits[(size_t)t * n_experts + e]));
+        float s = route_score(logits[(size_t)t * n_experts + e]);
         score[e] = s;
         v = s + bias[e];
         biased[e] = v;
     }
     if (per == 32) {  // a warp a group, every lane an expert
-        float b0 = warp_max(v);
-        int first = __ffs(__ballot_sync(0xffffffffu, v == b0)) - 1;  // one of the best kept out
-        float b1 = warp_max(lane == first ? -INFINITY : v);
-        if (lane == 0 && expert) gscore[e >> 5] = b0 + b1;
+        const float group_score = warp_group_score(v);
+        if (lane == 0 && expert) gscore[e >> 5] = group_score;
     }
     __syncthreads();
-    if (per != 32 && e < n_group) {
-        float b0 = -INFINITY, b1 = -INFINITY;
-        for (int i = e * per; i < (e + 1) * per; ++i) {
-            float u = biased[i];
-            if (u > b0) { b1 = b0; b0 = u; } else if (u > b1) { b1 = u; }
-        }
-        gscore[e] = per == 1 ? b0 : b0 + b1;
-    }
+    if (per != 32 && e < n_group) gscore[e] = scanned_group_score(biased, e, per);
     __syncthreads();
     if (e < n_group) {  // how many groups beat this one
         int rank = 0;
@@ -386,7 +401,7 @@ __device__ __forceinline__ void route_row_warp(int* experts_out, float* weights_
         const int e = lane + 32 * j;
         v[j] = -INFINITY;
         if (e < n_experts) {
-            const float s = 1.f / (1.f + expf(-logit[j]));
+            const float s = route_score(logit[j]);
             score[e] = s;
             v[j] = s + b[j];
             biased[e] = v[j];
@@ -397,18 +412,11 @@ __device__ __forceinline__ void route_row_warp(int* experts_out, float* weights_
 #pragma unroll
         for (int j = 0; j < ROUTE_LANE_EXPERTS; ++j) {
             if (j >= n_group) break;  // the same for the whole warp
-            const float b0 = warp_max(v[j]);
-            const int first = __ffs(__ballot_sync(0xffffffffu, v[j] == b0)) - 1;  // one of the best kept out
-            const float b1 = warp_max(lane == first ? -INFINITY : v[j]);
-            if (lane == 0) gscore[j] = b0 + b1;
+            const float group_score = warp_group_score(v[j]);
+            if (lane == 0) gscore[j] = group_score;
         }
     } else if (lane < n_group) {
-        float b0 = -INFINITY, b1 = -INFINITY;
-        for (int i = lane * per; i < (lane + 1) * per; ++i) {
-            const float u = biased[i];
-            if (u > b0) { b1 = b0; b0 = u; } else if (u > b1) { b1 = u; }
-        }
-        gscore[lane] = per == 1 ? b0 : b0 + b1;
+        gscore[lane] = scanned_group_score(biased, lane, per);
     }
     __syncwarp();
     int group_rank = 0;  // how many groups beat lane's
