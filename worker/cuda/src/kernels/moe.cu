@@ -241,6 +241,15 @@ __device__ __forceinline__ bool beats(float a, int ia, float b, int ib) { return
 // block's routing (route_row) and the warp's (route_row_warp), which give the same bits.
 __device__ __forceinline__ float route_score(float logit) { return 1.f / (1.f + expf(-logit)); }
 
+// What a row's chosen scores are summed from (in ascending expert order), and a choice's weight
+// from its score and that sum: both routings' weights, bit for bit.
+#define ROUTE_SUM_START 1e-20f
+__device__ __forceinline__ float route_weight(float score, float sum, int normalize, float scaling) {
+    float w = score;
+    if (normalize) w /= sum;
+    return w * scaling;
+}
+
 // A warp-wide group's score, the sum of its two best biased scores, from its lanes' `v` (all
 // lanes get it).
 __device__ __forceinline__ float warp_group_score(float v) {
@@ -318,13 +327,11 @@ __device__ __forceinline__ void route_row(int* experts_out, float* weights_out, 
         for (int j = 0; j < top_k; ++j) ids[j] = chosen[j];
         for (int a = 1; a < top_k; ++a)
             for (int b = a; b > 0 && ids[b - 1] > ids[b]; --b) { int tmp = ids[b]; ids[b] = ids[b - 1]; ids[b - 1] = tmp; }
-        float sum = 1e-20f;
+        float sum = ROUTE_SUM_START;
         for (int j = 0; j < top_k; ++j) sum += score[ids[j]];
         for (int j = 0; j < top_k; ++j) {
-            float w = score[ids[j]];
-            if (normalize) w /= sum;
             experts_out[t * top_k + j] = ids[j];
-            weights_out[t * top_k + j] = w * scaling;
+            weights_out[t * top_k + j] = route_weight(score[ids[j]], sum, normalize, scaling);
         }
     }
 }
@@ -458,13 +465,11 @@ __device__ __forceinline__ void route_row_warp(int* experts_out, float* weights_
     __syncwarp();
     const int id = lane < top_k ? sorted[lane] : 0;
     const float s = lane < top_k ? score[id] : 0.f;
-    float sum = 1e-20f;
+    float sum = ROUTE_SUM_START;
     for (int r = 0; r < top_k; ++r) sum += __shfl_sync(0xffffffffu, s, r);
     if (lane < top_k) {
-        float w = s;
-        if (normalize) w /= sum;
         experts_out[t * top_k + lane] = id;
-        weights_out[t * top_k + lane] = w * scaling;
+        weights_out[t * top_k + lane] = route_weight(s, sum, normalize, scaling);
         pair_expert[t * top_k + lane] = id;
     }
     __syncwarp();  // sm read in full before the warp's next row writes it
