@@ -328,9 +328,15 @@ def test_speculative_decoding_answers_as_plain_decoding(mode):
         plain = answers(client)
     for client, base in launched(mode, *extra, "--speculative-tokens", "2"):
         assert answers(client) == plain
-        with urllib.request.urlopen(base + "/metrics") as r:
-            metrics = r.read().decode()
-        scored = [l for l in metrics.splitlines() if l.startswith("dsv3_spec_decode_draft_tokens_total{")]
+        # A rank's counters reach /metrics when the scheduler next probes it (every 500 ms).
+        deadline = time.time() + 10
+        while True:
+            with urllib.request.urlopen(base + "/metrics") as r:
+                metrics = r.read().decode()
+            scored = [l for l in metrics.splitlines() if l.startswith("dsv3_spec_decode_draft_tokens_total{")]
+            if scored or time.time() > deadline:
+                break
+            time.sleep(0.1)
         assert len(scored) == 2 and all(float(l.split()[-1]) > 0 for l in scored), scored
         rates = [l for l in metrics.splitlines() if l.startswith("dsv3_spec_decode_acceptance_rate{")]
         assert len(rates) == 2 and 'position="1"' in rates[0], rates
