@@ -140,7 +140,9 @@ def test_leftovers_that_cannot_be_resumed_are_cleared(hub, tmp_path):
 
 
 def test_two_runs_into_one_directory_take_turns(hub, tmp_path):
-    hub.delay = 0.5  # per transfer: the first run is still going when the second starts
+    # Per transfer: the first run still holds the lock when the second (a debug binary, started on
+    # a loaded machine) reaches it.
+    hub.delay = 3.0
     command, env = download_command(hub, tmp_path)
     first = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     lock = tmp_path / ".dsv3-download.lock"
