@@ -111,10 +111,7 @@ fn start_serve() -> (Proc, String) {
         .spawn()
         .expect("start serve");
     let base = format!("http://127.0.0.1:{port}");
-    assert!(
-        wait_ready(&base, Duration::from_secs(120)),
-        "serve did not become ready"
-    );
+    assert!(wait_ready(&base, MEMBER_START), "serve did not become ready");
     (Proc(child), base)
 }
 
@@ -387,10 +384,13 @@ fn respawn(fleet: &mut Fleet, i: usize) {
     fleet.restarted.push(Proc(child));
 }
 
-/// Waits up to 120 s for the router at `base` to report its fleet whole (nothing degraded):
-/// a restarted member reloads the model, slowly on a loaded CI machine.
+/// How long a started or restarted member may take to serve: it loads the model, slowly in a
+/// debug build on a loaded CI machine.
+const MEMBER_START: Duration = Duration::from_secs(120);
+
+/// Waits up to `MEMBER_START` for the router at `base` to report its fleet whole (nothing degraded).
 fn wait_whole(base: &str) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + MEMBER_START;
     while ready_detail(base).contains("degraded") && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -449,10 +449,7 @@ fn a_dead_worker_ends_its_requests_and_the_fleet_recovers() {
         assert!(status == 503 || status == 500, "{role}: got {status}");
         // The worker comes back; the other processes were never restarted.
         restart(&mut fleet, role);
-        assert!(
-            wait_ready(&fleet.base, Duration::from_secs(120)),
-            "{role}: fleet did not recover"
-        );
+        assert!(wait_ready(&fleet.base, MEMBER_START), "{role}: fleet did not recover");
         assert_eq!(
             completion_ids(&fleet.base, request(8, json!({"temperature": 0}))),
             greedy,
@@ -507,7 +504,7 @@ fn masked_a_dead_shards_experts_cost_no_request_and_every_response_says_so() {
     assert!(metric(&fleet.base, "dsv3_masked_expert_routes_total") >= masked as f64);
     // The shard back: the full model's tokens again, nothing masked.
     restart(&mut fleet, "expert");
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + MEMBER_START;
     while ready_detail(&fleet.base).contains("masked") {
         assert!(Instant::now() < deadline, "the shard never rejoined");
         std::thread::sleep(Duration::from_millis(100));
@@ -566,11 +563,7 @@ fn a_dead_attention_ranks_streams_move_to_another_rank_unbroken() {
     let detail = ready_detail(&fleet.base);
     assert!(detail.contains("degraded: 1 of 2 attention ranks serving"), "{detail}");
     restart(&mut fleet, "attention");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while ready_detail(&fleet.base).contains("degraded") && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(!ready_detail(&fleet.base).contains("degraded"), "the rank rejoined");
+    assert!(wait_whole(&fleet.base), "the rank rejoined");
 }
 
 #[test]
@@ -609,11 +602,7 @@ fn with_a_copy_of_every_expert_a_dead_shard_costs_no_request() {
     );
     // The shard comes back and is taken into use again.
     restart(&mut fleet, "expert");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while ready_detail(&fleet.base).contains("degraded") && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(!ready_detail(&fleet.base).contains("degraded"), "the shard rejoined");
+    assert!(wait_whole(&fleet.base), "the shard rejoined");
     assert_eq!(
         completion_ids(&fleet.base, request(120, json!({"temperature": 0}))),
         undisturbed
@@ -720,7 +709,7 @@ fn a_full_queue_answers_429() {
             .expect("serve"),
     );
     let base = format!("http://127.0.0.1:{port}");
-    assert!(wait_ready(&base, Duration::from_secs(120)));
+    assert!(wait_ready(&base, MEMBER_START));
     let statuses: Vec<u16> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..6)
             .map(|_| s.spawn(|| post(&base, "/v1/completions", request(200, json!({"temperature": 0}))).0))
